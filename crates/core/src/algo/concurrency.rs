@@ -1,0 +1,59 @@
+//! concurrency: at most `max` in flight per key. Admission takes a slot; the
+//! adapter releases it when the response ends or the client goes away.
+
+use super::{Earliest, Meter, Usage};
+use crate::units::Nanos;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConcurrencyParams {
+    pub max: u64,
+}
+
+/// Units in flight.
+pub type ConcurrencyState = u64;
+
+#[derive(Debug)]
+pub struct Concurrency<'a> {
+    pub params: &'a ConcurrencyParams,
+    pub in_flight: &'a mut ConcurrencyState,
+}
+
+impl Meter for Concurrency<'_> {
+    fn earliest(&self, _now: Nanos, cost: u64, from: Nanos) -> Earliest {
+        if cost > self.params.max {
+            Earliest::Never {
+                capacity: self.params.max,
+            }
+        } else if *self.in_flight + cost <= self.params.max {
+            Earliest::At(from)
+        } else {
+            Earliest::OnRelease
+        }
+    }
+
+    fn reservable(&self, _now: Nanos, _at: Nanos) -> bool {
+        // A slot frees up only on release, which no one can promise ahead of time.
+        false
+    }
+
+    fn commit(&mut self, _now: Nanos, cost: u64, _at: Nanos) {
+        *self.in_flight += cost;
+    }
+
+    fn debit(&mut self, _now: Nanos, _amount: u64) {}
+
+    fn release(&mut self, amount: u64) {
+        *self.in_flight = self.in_flight.saturating_sub(amount);
+    }
+
+    fn usage(&self, _now: Nanos) -> Usage {
+        Usage {
+            remaining: self.params.max.saturating_sub(*self.in_flight),
+            reset: 0,
+        }
+    }
+
+    fn at_rest(&self, _now: Nanos) -> bool {
+        *self.in_flight == 0
+    }
+}

@@ -1,0 +1,608 @@
+//! Parse and validate the policy language (TOML) into a `Policy`.
+//! Every error names the line and, where there is one, the limit and field.
+
+use crate::algo::concurrency::ConcurrencyParams;
+use crate::algo::fixed_window::FixedWindowParams;
+use crate::algo::gcra::GcraParams;
+use crate::algo::sliding_window::SlidingWindowParams;
+use crate::algo::tiered::{Tier, TieredParams};
+use crate::calendar::Calendar;
+use crate::policy::*;
+use crate::units::{parse_duration, Rate, NANOS_PER_MICRO};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use toml::Spanned;
+
+/// A config error: the line it is on (1-based) and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "line {line}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+/// Where `profile = "NAME"` looks up a profile's text.
+pub trait ProfileSource {
+    fn profile_text(&self, name: &str) -> Option<&str>;
+    fn profile_names(&self) -> Vec<String>;
+}
+
+/// No profiles: a config that includes one is an error.
+#[derive(Debug)]
+pub struct NoProfiles;
+
+impl ProfileSource for NoProfiles {
+    fn profile_text(&self, _name: &str) -> Option<&str> {
+        None
+    }
+    fn profile_names(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// Default sub-windows per sliding window: worst-case under-admission is one
+/// sub-window's events, i.e. 1/60 of the window.
+pub const DEFAULT_SEGMENTS: u32 = 60;
+
+/// Parse a config. Limits of an included profile come first; a config limit
+/// with the same name replaces the profile's.
+pub fn parse(text: &str, profiles: &dyn ProfileSource) -> Result<Policy, ConfigError> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+        line: e.span().map(|s| line_of(text, s.start)),
+        message: e.message().to_string(),
+    })?;
+    let ctx = Ctx { text };
+    let mut limits: Vec<Limit> = Vec::new();
+    let mut classes: Vec<Class> = Vec::new();
+    let profile = raw.profile.as_ref().map(|p| p.get_ref().clone());
+    if let Some(name) = &raw.profile {
+        let Some(profile_text) = profiles.profile_text(name.get_ref()) else {
+            return Err(ctx.err(
+                name.span().start,
+                format!(
+                    "profile '{}' is not known; known profiles: {}",
+                    name.get_ref(),
+                    profiles.profile_names().join(", ")
+                ),
+            ));
+        };
+        let included = parse(profile_text, &NoProfiles).map_err(|e| ConfigError {
+            line: Some(line_of(text, name.span().start)),
+            message: format!("in profile '{}': {e}", name.get_ref()),
+        })?;
+        limits = included.limits;
+        classes = included.classes;
+    }
+
+    for raw_class in &raw.class {
+        let class = ctx.class(raw_class)?;
+        classes.retain(|c| c.name != class.name);
+        classes.push(class);
+    }
+    let mut own_names = BTreeMap::new();
+    for raw_limit in &raw.limit {
+        let limit = ctx.limit(raw_limit, &classes)?;
+        if let Some(first) = own_names.insert(limit.name.clone(), limit.line) {
+            return Err(ConfigError {
+                line: Some(limit.line),
+                message: format!(
+                    "limit '{}' is defined twice (first on line {first}); names must be unique",
+                    limit.name
+                ),
+            });
+        }
+        match limits.iter_mut().find(|l| l.name == limit.name) {
+            Some(existing) => *existing = limit,
+            None => limits.push(limit),
+        }
+    }
+    // Profile limits were built before this config's classes: give them every class.
+    for limit in &mut limits {
+        let base = limit.variants[0].clone();
+        limit.variants = std::iter::once(base.clone())
+            .chain(classes.iter().map(|c| base.scaled(c.scale)))
+            .collect();
+    }
+    if limits.is_empty() {
+        return Err(ConfigError {
+            line: None,
+            message: "the config has no [[limit]] entries (and no profile)".into(),
+        });
+    }
+    let mut store = StoreSettings::default();
+    if let Some(s) = &raw.store {
+        if let Some(kind) = &s.kind {
+            if kind.get_ref() != "memory" {
+                return Err(ctx.err(
+                    kind.span().start,
+                    format!(
+                        "store kind '{}' is not available; use \"memory\"",
+                        kind.get_ref()
+                    ),
+                ));
+            }
+        }
+        if let Some(max) = &s.max_keys {
+            if *max.get_ref() == 0 {
+                return Err(ctx.err(max.span().start, "store max_keys must be at least 1".into()));
+            }
+            store.max_keys = *max.get_ref() as usize;
+        }
+    }
+    Ok(Policy {
+        limits,
+        classes,
+        store,
+        profile,
+    })
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    profile: Option<Spanned<String>>,
+    #[serde(default)]
+    limit: Vec<Spanned<RawLimit>>,
+    #[serde(default)]
+    class: Vec<Spanned<RawClass>>,
+    store: Option<RawStore>,
+    /// Profile metadata (name, source, notes): documentation only.
+    #[serde(rename = "about")]
+    _about: Option<toml::Table>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    kind: Option<Spanned<String>>,
+    max_keys: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClass {
+    name: Spanned<String>,
+    #[serde(rename = "match")]
+    matcher: Option<Spanned<RawMatch>>,
+    scale: Spanned<f64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    #[serde(default)]
+    methods: Vec<String>,
+    path_prefix: Option<String>,
+    host: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimit {
+    name: Spanned<String>,
+    key: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(rename = "match")]
+    matcher: Option<Spanned<RawMatch>>,
+    algorithm: Spanned<String>,
+    capacity: Option<Spanned<u64>>,
+    refill: Option<Spanned<String>>,
+    hold: Option<Spanned<String>>,
+    cost: Option<Spanned<RawCost>>,
+    mode: Option<Spanned<String>>,
+    every: Option<Spanned<String>>,
+    quota: Option<Spanned<RawAmount>>,
+    timezone: Option<Spanned<String>>,
+    segments: Option<Spanned<u32>>,
+    tiers: Option<Spanned<Vec<Spanned<RawTier>>>>,
+    max: Option<Spanned<u64>>,
+    missing_key: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTier {
+    every: Spanned<String>,
+    quota: Spanned<RawAmount>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawAmount {
+    Count(u64),
+    Text(String),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawCost {
+    Name(String),
+    Table(BTreeMap<String, String>),
+}
+
+struct Ctx<'a> {
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, offset: usize, message: String) -> ConfigError {
+        ConfigError {
+            line: Some(line_of(self.text, offset)),
+            message,
+        }
+    }
+
+    fn class(&self, raw: &Spanned<RawClass>) -> Result<Class, ConfigError> {
+        let c = raw.get_ref();
+        let name = c.name.get_ref().clone();
+        let scale = *c.scale.get_ref();
+        if !(scale > 0.0 && scale.is_finite()) {
+            return Err(self.err(
+                c.scale.span().start,
+                format!("class '{name}': scale must be a positive number, got {scale}"),
+            ));
+        }
+        Ok(Class {
+            matcher: c
+                .matcher
+                .as_ref()
+                .map(|m| matcher(m.get_ref()))
+                .unwrap_or_default(),
+            name,
+            scale,
+        })
+    }
+
+    fn limit(&self, raw: &Spanned<RawLimit>, classes: &[Class]) -> Result<Limit, ConfigError> {
+        let l = raw.get_ref();
+        let name = l.name.get_ref().clone();
+        let line = line_of(self.text, raw.span().start);
+        let fail = |span: std::ops::Range<usize>, msg: String| {
+            self.err(span.start, format!("limit '{name}': {msg}"))
+        };
+        if name.is_empty() || name.contains(['"', ';', ',', '=']) {
+            return Err(fail(
+                l.name.span(),
+                "name must be non-empty and free of quotes, ';', ',' and '='".into(),
+            ));
+        }
+        let algorithm = AlgorithmKind::parse(l.algorithm.get_ref()).ok_or_else(|| {
+            fail(
+                l.algorithm.span(),
+                format!(
+                    "algorithm '{}' is not known; use one of {}",
+                    l.algorithm.get_ref(),
+                    AlgorithmKind::NAMES
+                ),
+            )
+        })?;
+
+        let mut key = Vec::new();
+        if let Some(parts) = &l.key {
+            for part in parts.get_ref() {
+                key.push(KeyPart::parse(part.get_ref()).map_err(|m| fail(part.span(), m))?);
+            }
+        }
+        let cost = match &l.cost {
+            None => Cost::Requests,
+            Some(c) => match c.get_ref() {
+                RawCost::Name(n) if n == "requests" => Cost::Requests,
+                RawCost::Name(n) if n == "latency" => Cost::Latency,
+                RawCost::Table(t) if t.len() == 1 && t.contains_key("header") => Cost::Header(t["header"].to_ascii_lowercase()),
+                RawCost::Table(t) if t.len() == 1 && t.contains_key("json_array") => {
+                    let pointer = t["json_array"].clone();
+                    if !(pointer.is_empty() || pointer.starts_with('/')) {
+                        return Err(fail(c.span(), format!("cost json_array '{pointer}' is not a JSON pointer; write e.g. \"/variables/ids\"")));
+                    }
+                    Cost::JsonArray(pointer)
+                }
+                _ => return Err(fail(c.span(), "cost must be \"requests\", \"latency\", { header = \"NAME\" } or { json_array = \"/pointer\" }".into())),
+            },
+        };
+        let latency = cost == Cost::Latency;
+        let amount = |raw: &Spanned<RawAmount>, what: &str| -> Result<u64, ConfigError> {
+            match (raw.get_ref(), latency) {
+                (RawAmount::Count(n), false) if *n > 0 => Ok(*n),
+                (RawAmount::Count(_), false) => Err(fail(raw.span(), format!("{what} must be at least 1"))),
+                (RawAmount::Text(t), true) => parse_duration(t)
+                    .map(|ns| ns / NANOS_PER_MICRO)
+                    .map_err(|m| fail(raw.span(), format!("{what}: {m}"))),
+                (RawAmount::Text(t), false) => Err(fail(raw.span(), format!("{what} '{t}' is a duration, but cost is not \"latency\"; give a count"))),
+                (RawAmount::Count(n), true) => Err(fail(raw.span(), format!("{what} {n} is a count, but cost is \"latency\"; give a duration like \"30s\""))),
+            }
+        };
+        let timezone = l.timezone.as_ref().map_or("UTC", |t| t.get_ref().as_str());
+        let calendar = |every: &Spanned<String>| -> Result<Calendar, ConfigError> {
+            let ns = parse_duration(every.get_ref())
+                .map_err(|m| fail(every.span(), format!("every: {m}")))?;
+            Calendar::new(ns, timezone).map_err(|m| {
+                let span = if m.contains("time zone") {
+                    l.timezone.as_ref().map_or(every.span(), |t| t.span())
+                } else {
+                    every.span()
+                };
+                fail(span, m)
+            })
+        };
+        let require = |field: &str| {
+            fail(
+                raw.span(),
+                format!("algorithm '{}' needs `{field}`", algorithm.name()),
+            )
+        };
+        let allowed: &[&str] = match algorithm {
+            AlgorithmKind::TokenBucket | AlgorithmKind::LeakyBucket => &["capacity", "refill"],
+            AlgorithmKind::FixedWindow => &["every", "quota", "timezone"],
+            AlgorithmKind::SlidingWindow => &["every", "quota", "segments"],
+            AlgorithmKind::Tiered => &["tiers", "timezone"],
+            AlgorithmKind::Concurrency => &["max"],
+        };
+        let present = [
+            ("capacity", l.capacity.as_ref().map(|s| s.span())),
+            ("refill", l.refill.as_ref().map(|s| s.span())),
+            ("every", l.every.as_ref().map(|s| s.span())),
+            ("quota", l.quota.as_ref().map(|s| s.span())),
+            ("timezone", l.timezone.as_ref().map(|s| s.span())),
+            ("segments", l.segments.as_ref().map(|s| s.span())),
+            ("tiers", l.tiers.as_ref().map(|s| s.span())),
+            ("max", l.max.as_ref().map(|s| s.span())),
+        ];
+        for (field, span) in present {
+            if let Some(span) = span {
+                if !allowed.contains(&field) {
+                    return Err(fail(
+                        span,
+                        format!(
+                            "`{field}` does not apply to algorithm '{}' (it takes {})",
+                            algorithm.name(),
+                            allowed.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        if latency
+            && !matches!(
+                algorithm,
+                AlgorithmKind::FixedWindow | AlgorithmKind::SlidingWindow | AlgorithmKind::Tiered
+            )
+        {
+            return Err(fail(l.cost.as_ref().map_or(raw.span(), |c| c.span()), format!("cost \"latency\" needs a windowed algorithm (fixed_window, sliding_window or tiered), not '{}'", algorithm.name())));
+        }
+
+        let params = match algorithm {
+            AlgorithmKind::TokenBucket | AlgorithmKind::LeakyBucket => {
+                let capacity = l.capacity.as_ref().ok_or_else(|| require("capacity"))?;
+                if *capacity.get_ref() == 0 {
+                    return Err(fail(capacity.span(), "capacity must be at least 1".into()));
+                }
+                let refill = l.refill.as_ref().ok_or_else(|| require("refill"))?;
+                let rate = Rate::parse(refill.get_ref())
+                    .map_err(|m| fail(refill.span(), format!("refill {m}")))?;
+                Params::Gcra(GcraParams::new(*capacity.get_ref(), rate.interval()))
+            }
+            AlgorithmKind::FixedWindow => {
+                let every = l.every.as_ref().ok_or_else(|| require("every"))?;
+                let quota = l.quota.as_ref().ok_or_else(|| require("quota"))?;
+                Params::FixedWindow(FixedWindowParams {
+                    quota: amount(quota, "quota")?,
+                    calendar: calendar(every)?,
+                })
+            }
+            AlgorithmKind::SlidingWindow => {
+                let every = l.every.as_ref().ok_or_else(|| require("every"))?;
+                let quota = l.quota.as_ref().ok_or_else(|| require("quota"))?;
+                let span = parse_duration(every.get_ref())
+                    .map_err(|m| fail(every.span(), format!("every: {m}")))?;
+                let segments = l
+                    .segments
+                    .as_ref()
+                    .map_or(DEFAULT_SEGMENTS, |s| *s.get_ref());
+                if !(1..=3600).contains(&segments) {
+                    return Err(fail(
+                        l.segments.as_ref().map_or(raw.span(), |s| s.span()),
+                        "segments must be between 1 and 3600".into(),
+                    ));
+                }
+                if span < u64::from(segments) {
+                    return Err(fail(
+                        every.span(),
+                        "every is shorter than its segments".into(),
+                    ));
+                }
+                Params::SlidingWindow(SlidingWindowParams::new(
+                    amount(quota, "quota")?,
+                    span,
+                    segments,
+                ))
+            }
+            AlgorithmKind::Tiered => {
+                let tiers_raw = l.tiers.as_ref().ok_or_else(|| require("tiers"))?;
+                if tiers_raw.get_ref().is_empty() {
+                    return Err(fail(
+                        tiers_raw.span(),
+                        "tiers must list at least one { every, quota }".into(),
+                    ));
+                }
+                let mut tiers = Vec::new();
+                for t in tiers_raw.get_ref() {
+                    let t = t.get_ref();
+                    tiers.push(Tier {
+                        quota: amount(&t.quota, "tier quota")?,
+                        calendar: calendar(&t.every)?,
+                    });
+                }
+                tiers.sort_by_key(|t| t.calendar.every());
+                if tiers
+                    .windows(2)
+                    .any(|w| w[0].calendar.every() == w[1].calendar.every())
+                {
+                    return Err(fail(
+                        tiers_raw.span(),
+                        "two tiers have the same `every`; each tier needs its own window".into(),
+                    ));
+                }
+                Params::Tiered(TieredParams { tiers })
+            }
+            AlgorithmKind::Concurrency => {
+                let max = l.max.as_ref().ok_or_else(|| require("max"))?;
+                if *max.get_ref() == 0 {
+                    return Err(fail(max.span(), "max must be at least 1".into()));
+                }
+                Params::Concurrency(ConcurrencyParams {
+                    max: *max.get_ref(),
+                })
+            }
+        };
+        let hold = match &l.hold {
+            None => 0,
+            Some(h) => {
+                parse_duration(h.get_ref()).map_err(|m| fail(h.span(), format!("hold: {m}")))?
+            }
+        };
+        let mode = match l.mode.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+            None | Some(("enforce", _)) => Mode::Enforce,
+            Some(("shadow", _)) => Mode::Shadow,
+            Some((other, span)) => {
+                return Err(fail(
+                    span,
+                    format!("mode '{other}' is not known; use \"enforce\" or \"shadow\""),
+                ))
+            }
+        };
+        let missing_key = match l
+            .missing_key
+            .as_ref()
+            .map(|m| (m.get_ref().as_str(), m.span()))
+        {
+            None | Some(("anonymous", _)) => MissingKey::Anonymous,
+            Some(("reject", _)) => MissingKey::Reject,
+            Some(("skip", _)) => MissingKey::Skip,
+            Some((other, span)) => return Err(fail(
+                span,
+                format!(
+                    "missing_key '{other}' is not known; use \"anonymous\", \"reject\" or \"skip\""
+                ),
+            )),
+        };
+        let variants = std::iter::once(params.clone())
+            .chain(classes.iter().map(|c| params.scaled(c.scale)))
+            .collect();
+        Ok(Limit {
+            name,
+            key,
+            matcher: l
+                .matcher
+                .as_ref()
+                .map(|m| matcher(m.get_ref()))
+                .unwrap_or_default(),
+            algorithm,
+            variants,
+            hold,
+            cost,
+            mode,
+            missing_key,
+            line,
+        })
+    }
+}
+
+fn matcher(raw: &RawMatch) -> Matcher {
+    Matcher {
+        methods: raw.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
+        path_prefix: raw.path_prefix.clone(),
+        host: raw.host.as_ref().map(|h| h.to_ascii_lowercase()),
+        headers: raw
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        parse(text, &NoProfiles).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_design_example_parses() {
+        let policy = parse(include_str!("../../../examples/design.toml"), &NoProfiles).unwrap();
+        assert_eq!(policy.limits.len(), 6);
+        assert_eq!(policy.limits[0].hold, 2_000_000_000);
+        let Params::Tiered(t) = policy.limits[4].params(0) else {
+            panic!("tiered")
+        };
+        assert_eq!(t.tiers[2].quota, 172_500_000);
+    }
+
+    #[test]
+    fn errors_name_line_limit_and_field() {
+        let e = err("[[limit]]\nname = \"tenant\"\nalgorithm = \"token_bucket\"\ncapacity = 60\nrefill = \"10/sec2\"\n");
+        assert_eq!(e, "line 5: limit 'tenant': refill '10/sec2' is not a rate; use N/s, N/min, N/h, N/d (or N/30s)");
+        let e = err("[[limit]]\nname = \"t\"\nalgorithm = \"token_bukket\"\n");
+        assert!(
+            e.starts_with("line 3: limit 't': algorithm 'token_bukket' is not known"),
+            "{e}"
+        );
+        let e = err("[[limit]]\nname = \"t\"\nalgorithm = \"fixed_window\"\nevery = \"1d\"\nquota = 5\ntimezone = \"Mars/Base\"\n");
+        assert!(
+            e.starts_with("line 6: limit 't': 'Mars/Base' is not an IANA time zone"),
+            "{e}"
+        );
+        let e =
+            err("[[limit]]\nname = \"t\"\nalgorithm = \"concurrency\"\nmax = 3\ncapacity = 4\n");
+        assert!(
+            e.starts_with("line 5: limit 't': `capacity` does not apply"),
+            "{e}"
+        );
+        let e = err("[[limit]]\nname = \"t\"\nalgorithm = \"concurrency\"\nmaxx = 3\n");
+        assert!(e.starts_with("line 4: unknown field `maxx`"), "{e}");
+        let e = err("[[limit]]\nname = \"t\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = \"30s\"\n");
+        assert!(
+            e.contains("is a duration, but cost is not \"latency\""),
+            "{e}"
+        );
+        let e = err("[[limit]]\nname = \"a\"\nalgorithm = \"concurrency\"\nmax = 1\n[[limit]]\nname = \"a\"\nalgorithm = \"concurrency\"\nmax = 1\n");
+        assert!(
+            e.starts_with("line 5: limit 'a' is defined twice (first on line 1)"),
+            "{e}"
+        );
+        assert!(err("x = ").starts_with("line 1:"));
+        assert_eq!(
+            err(""),
+            "the config has no [[limit]] entries (and no profile)"
+        );
+    }
+
+    #[test]
+    fn classes_scale_every_limit() {
+        let p = parse("[[class]]\nname = \"sandbox\"\nmatch = { headers = { x-env = \"sandbox\" } }\nscale = 0.5\n[[limit]]\nname = \"t\"\nalgorithm = \"token_bucket\"\ncapacity = 1000\nrefill = \"300/s\"\n", &NoProfiles).unwrap();
+        let Params::Gcra(g) = p.limits[0].params(1) else {
+            panic!("gcra")
+        };
+        assert_eq!(g.capacity, 500);
+        assert_eq!(g.interval, 6_666_668);
+    }
+}

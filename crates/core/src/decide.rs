@@ -1,0 +1,428 @@
+//! One decision over every limit that applies to a request.
+//!
+//! All limits are checked and committed together: a request denied by one
+//! limit consumes nothing from the others. The instant a request can run is the
+//! smallest `t >= now` at which every enforcing limit admits it (a fixpoint over
+//! the meters' `earliest`). If `t == now` it runs now; if every limit that makes
+//! it wait allows a hold that long, the slot at `t` is reserved and the request
+//! waits `t - now`; otherwise it is denied with `retry_after = t - now`, which is
+//! exact: at `t` it would be admitted, one nanosecond earlier it would not.
+
+use crate::algo::{Earliest, Meter};
+use crate::units::Nanos;
+use smallvec::SmallVec;
+
+/// One limit's part in a decision.
+#[derive(Debug)]
+pub struct Slot<'a> {
+    pub meter: &'a mut dyn Meter,
+    /// Units that must fit to admit (1 for latency limits: "some time left").
+    pub cost: u64,
+    /// Units recorded at admission (0 for latency limits, debited at completion).
+    pub charge: u64,
+    /// How long this limit lets a request wait for capacity.
+    pub hold: Nanos,
+    /// Decide and report, never deny.
+    pub shadow: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Run after `delay` nanoseconds (0: at once).
+    Admit { delay: Nanos },
+    /// Denied by the slot at index `limit`; `retry_after` is None when only a
+    /// release (concurrency) can make room.
+    Deny {
+        limit: usize,
+        retry_after: Option<Nanos>,
+    },
+    /// The cost can never fit the slot at index `limit`: not a 429.
+    Never {
+        limit: usize,
+        cost: u64,
+        capacity: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Outcome {
+    pub allowed: bool,
+    pub remaining: u64,
+    pub reset: Nanos,
+    /// For a limit that would deny on its own: how long until it alone admits.
+    pub retry_after: Option<Nanos>,
+    pub shadow: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    /// One per slot, in slot order.
+    pub outcomes: SmallVec<[Outcome; 4]>,
+}
+
+impl Decision {
+    pub fn allowed(&self) -> bool {
+        matches!(self.verdict, Verdict::Admit { .. })
+    }
+}
+
+const MAX_ROUNDS: usize = 16;
+
+pub fn decide(now: Nanos, slots: &mut [Slot<'_>]) -> Decision {
+    let own: SmallVec<[Earliest; 4]> = slots
+        .iter()
+        .map(|s| s.meter.earliest(now, s.cost, now))
+        .collect();
+
+    if let Some((i, capacity)) = own.iter().enumerate().find_map(|(i, e)| match e {
+        Earliest::Never { capacity } if !slots[i].shadow => Some((i, *capacity)),
+        _ => None,
+    }) {
+        let verdict = Verdict::Never {
+            limit: i,
+            cost: slots[i].cost,
+            capacity,
+        };
+        return report(now, slots, &own, verdict);
+    }
+
+    let (start, blocked) = fixpoint(now, slots, &own);
+    let wait = start.saturating_sub(now);
+    let hold = slots
+        .iter()
+        .zip(&own)
+        .filter(|(s, e)| !s.shadow && **e != Earliest::At(now))
+        .map(|(s, _)| s.hold)
+        .min()
+        .unwrap_or(0);
+    let fits = !blocked
+        && (wait == 0
+            || (wait <= hold
+                && slots
+                    .iter()
+                    .all(|s| s.shadow || s.meter.reservable(now, start))));
+
+    if !fits {
+        let limit = binding_slot(now, slots, &own);
+        let retry_after = (!blocked).then_some(wait);
+        return report(now, slots, &own, Verdict::Deny { limit, retry_after });
+    }
+
+    let mut outcomes = SmallVec::with_capacity(slots.len());
+    for s in slots.iter_mut() {
+        let mut allowed = true;
+        let mut retry_after = None;
+        if s.shadow {
+            match s.meter.earliest(now, s.cost, start) {
+                Earliest::At(t) if t == start && s.meter.reservable(now, start) => {
+                    s.meter.commit(now, s.charge, start)
+                }
+                Earliest::At(t) => (allowed, retry_after) = (false, Some(t - now)),
+                _ => allowed = false,
+            }
+        } else {
+            s.meter.commit(now, s.charge, start);
+        }
+        let usage = s.meter.usage(now);
+        outcomes.push(Outcome {
+            allowed,
+            remaining: usage.remaining,
+            reset: usage.reset,
+            retry_after,
+            shadow: s.shadow,
+        });
+    }
+    Decision {
+        verdict: Verdict::Admit { delay: wait },
+        outcomes,
+    }
+}
+
+/// The smallest instant at which every enforcing slot admits, and whether
+/// some slot can only admit after a release.
+fn fixpoint(now: Nanos, slots: &[Slot<'_>], own: &[Earliest]) -> (Nanos, bool) {
+    let mut t = now;
+    for (s, e) in slots.iter().zip(own) {
+        match e {
+            _ if s.shadow => {}
+            Earliest::At(x) => t = t.max(*x),
+            _ => return (now, true),
+        }
+    }
+    if slots.len() == 1 {
+        return (t, false);
+    }
+    for _ in 0..MAX_ROUNDS {
+        let mut moved = false;
+        for s in slots.iter().filter(|s| !s.shadow) {
+            match s.meter.earliest(now, s.cost, t) {
+                Earliest::At(x) if x > t => (t, moved) = (x, true),
+                Earliest::At(_) => {}
+                _ => return (now, true),
+            }
+        }
+        if !moved {
+            return (t, false);
+        }
+    }
+    (t, false)
+}
+
+/// The enforcing slot that alone would make the request wait longest.
+fn binding_slot(now: Nanos, slots: &[Slot<'_>], own: &[Earliest]) -> usize {
+    let rank = |e: &Earliest| match e {
+        Earliest::At(t) => t.saturating_sub(now),
+        _ => Nanos::MAX,
+    };
+    (0..slots.len())
+        .filter(|&i| !slots[i].shadow)
+        .max_by_key(|&i| (rank(&own[i]), std::cmp::Reverse(i)))
+        .unwrap_or(0)
+}
+
+/// Outcomes for a request that is not admitted: nothing is committed.
+fn report(now: Nanos, slots: &[Slot<'_>], own: &[Earliest], verdict: Verdict) -> Decision {
+    let outcomes = slots
+        .iter()
+        .zip(own)
+        .map(|(s, e)| {
+            let usage = s.meter.usage(now);
+            let (allowed, retry_after) = match e {
+                Earliest::At(t) if *t == now => (true, None),
+                Earliest::At(t) => (false, Some(t - now)),
+                _ => (false, None),
+            };
+            Outcome {
+                allowed,
+                remaining: usage.remaining,
+                reset: usage.reset,
+                retry_after,
+                shadow: s.shadow,
+            }
+        })
+        .collect();
+    Decision { verdict, outcomes }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::algo::fixed_window::{FixedWindow, FixedWindowParams, FixedWindowState};
+    use crate::algo::gcra::{Gcra, GcraParams};
+    use crate::calendar::Calendar;
+    use crate::units::NANOS_PER_SEC;
+    const S: Nanos = NANOS_PER_SEC;
+
+    fn slot(meter: &mut dyn Meter, hold: Nanos) -> Slot<'_> {
+        Slot {
+            meter,
+            cost: 1,
+            charge: 1,
+            hold,
+            shadow: false,
+        }
+    }
+
+    #[test]
+    fn denied_by_one_limit_consumes_nothing_from_the_other() {
+        let (pa, pb) = (GcraParams::new(10, S), GcraParams::new(1, 10 * S));
+        let (mut a, mut b) = (0, 0);
+        let now = 1_000 * S;
+        let d = decide(
+            now,
+            &mut [
+                slot(
+                    &mut Gcra {
+                        params: &pa,
+                        tat: &mut a,
+                    },
+                    0,
+                ),
+                slot(
+                    &mut Gcra {
+                        params: &pb,
+                        tat: &mut b,
+                    },
+                    0,
+                ),
+            ],
+        );
+        assert!(d.allowed());
+        let before = a;
+        let d = decide(
+            now,
+            &mut [
+                slot(
+                    &mut Gcra {
+                        params: &pa,
+                        tat: &mut a,
+                    },
+                    0,
+                ),
+                slot(
+                    &mut Gcra {
+                        params: &pb,
+                        tat: &mut b,
+                    },
+                    0,
+                ),
+            ],
+        );
+        assert_eq!(
+            d.verdict,
+            Verdict::Deny {
+                limit: 1,
+                retry_after: Some(10 * S)
+            }
+        );
+        assert_eq!(a, before, "the admitting limit must not be charged");
+        assert!(d.outcomes[0].allowed && !d.outcomes[1].allowed);
+    }
+
+    #[test]
+    fn hold_reserves_the_future_slot() {
+        let p = GcraParams::new(1, S);
+        let mut tat = 0;
+        let now = 50 * S;
+        assert!(decide(
+            now,
+            &mut [slot(
+                &mut Gcra {
+                    params: &p,
+                    tat: &mut tat
+                },
+                2 * S
+            )]
+        )
+        .allowed());
+        let d = decide(
+            now,
+            &mut [slot(
+                &mut Gcra {
+                    params: &p,
+                    tat: &mut tat,
+                },
+                2 * S,
+            )],
+        );
+        assert_eq!(d.verdict, Verdict::Admit { delay: S });
+        let d = decide(
+            now,
+            &mut [slot(
+                &mut Gcra {
+                    params: &p,
+                    tat: &mut tat,
+                },
+                2 * S,
+            )],
+        );
+        assert_eq!(d.verdict, Verdict::Admit { delay: 2 * S });
+        let d = decide(
+            now,
+            &mut [slot(
+                &mut Gcra {
+                    params: &p,
+                    tat: &mut tat,
+                },
+                2 * S,
+            )],
+        );
+        assert_eq!(
+            d.verdict,
+            Verdict::Deny {
+                limit: 0,
+                retry_after: Some(3 * S)
+            }
+        );
+    }
+
+    #[test]
+    fn fixpoint_crosses_limits() {
+        // Bucket frees at +1.5s, but the window is then full until the next minute.
+        let pg = GcraParams::new(1, 1_500_000_000);
+        let pw = FixedWindowParams {
+            quota: 1,
+            calendar: Calendar::utc(60 * S),
+        };
+        let (mut tat, mut win) = (0, FixedWindowState::default());
+        let now = 600 * S + 59 * S;
+        let mk = |tat: &mut u64, win: &mut FixedWindowState| {
+            decide(
+                now,
+                &mut [
+                    slot(&mut Gcra { params: &pg, tat }, 0),
+                    slot(
+                        &mut FixedWindow {
+                            params: &pw,
+                            state: win,
+                        },
+                        0,
+                    ),
+                ],
+            )
+        };
+        assert!(mk(&mut tat, &mut win).allowed());
+        // Now the window is spent (free at 660s) and the bucket frees at 660.5s.
+        let d = mk(&mut tat, &mut win);
+        assert_eq!(
+            d.verdict,
+            Verdict::Deny {
+                limit: 0,
+                retry_after: Some(1_500_000_000)
+            }
+        );
+    }
+
+    #[test]
+    fn shadow_reports_but_never_denies() {
+        let p = GcraParams::new(1, S);
+        let mut tat = 0;
+        let now = 10 * S;
+        let shadow = |tat: &mut u64| {
+            decide(
+                now,
+                &mut [Slot {
+                    meter: &mut Gcra { params: &p, tat },
+                    cost: 1,
+                    charge: 1,
+                    hold: 0,
+                    shadow: true,
+                }],
+            )
+        };
+        assert!(shadow(&mut tat).outcomes[0].allowed);
+        let d = shadow(&mut tat);
+        assert!(d.allowed());
+        assert!(!d.outcomes[0].allowed);
+        assert_eq!(d.outcomes[0].retry_after, Some(S));
+    }
+
+    #[test]
+    fn never_fits_is_not_a_denial() {
+        let p = GcraParams::new(5, S);
+        let mut tat = 0;
+        let d = decide(
+            0,
+            &mut [Slot {
+                meter: &mut Gcra {
+                    params: &p,
+                    tat: &mut tat,
+                },
+                cost: 6,
+                charge: 6,
+                hold: 0,
+                shadow: false,
+            }],
+        );
+        assert_eq!(
+            d.verdict,
+            Verdict::Never {
+                limit: 0,
+                cost: 6,
+                capacity: 5
+            }
+        );
+        assert_eq!(tat, 0);
+    }
+}

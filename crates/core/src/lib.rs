@@ -1,0 +1,21 @@
+//! tollgate-core: the pure rate-limit engine.
+//!
+//! No I/O, no async: each algorithm is a function of (state, now, cost,
+//! params), time is passed in by the caller, and stores decide how state is
+//! kept. See `decide` for how the limits of one request combine.
+
+pub mod algo;
+pub mod calendar;
+pub mod clock;
+pub mod config;
+pub mod decide;
+pub mod policy;
+pub mod request;
+pub mod units;
+
+pub use clock::{Clock, FakeClock};
+pub use config::{parse, ConfigError, NoProfiles, ProfileSource};
+pub use decide::{decide, Decision, Outcome, Slot, Verdict};
+pub use policy::Policy;
+pub use request::{Attrs, Item, Request, RequestError};
+pub use units::Nanos;

@@ -1,0 +1,243 @@
+//! The policy model: what `[[limit]]` and `[[class]]` entries mean once parsed.
+//! Parsing and validation of the TOML text is in `crate::config`.
+
+use crate::algo::concurrency::ConcurrencyParams;
+use crate::algo::fixed_window::FixedWindowParams;
+use crate::algo::gcra::GcraParams;
+use crate::algo::sliding_window::SlidingWindowParams;
+use crate::algo::tiered::{Tier, TieredParams};
+use crate::units::{Nanos, NANOS_PER_SEC};
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub limits: Vec<Limit>,
+    pub classes: Vec<Class>,
+    pub store: StoreSettings,
+    /// Name of the profile this policy includes, if any.
+    pub profile: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreSettings {
+    /// Most keys tracked at once, over all limits; idle keys are evicted first.
+    pub max_keys: usize,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings {
+            max_keys: 1_000_000,
+        }
+    }
+}
+
+/// A request class (seed 003's sandbox) that scales every limit.
+#[derive(Debug, Clone)]
+pub struct Class {
+    pub name: String,
+    pub matcher: Matcher,
+    pub scale: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limit {
+    pub name: String,
+    pub key: Vec<KeyPart>,
+    pub matcher: Matcher,
+    pub algorithm: AlgorithmKind,
+    /// Parameters for the default class (index 0) and each `[[class]]` (index i + 1).
+    pub variants: Vec<Params>,
+    pub hold: Nanos,
+    pub cost: Cost,
+    pub mode: Mode,
+    pub missing_key: MissingKey,
+    /// Line of the `[[limit]]` entry in its file, for messages.
+    pub line: usize,
+}
+
+impl Limit {
+    pub fn params(&self, class: usize) -> &Params {
+        &self.variants[class.min(self.variants.len() - 1)]
+    }
+    pub fn is_latency(&self) -> bool {
+        self.cost == Cost::Latency
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlgorithmKind {
+    TokenBucket,
+    LeakyBucket,
+    FixedWindow,
+    SlidingWindow,
+    Tiered,
+    Concurrency,
+}
+
+impl AlgorithmKind {
+    pub const NAMES: &'static str =
+        "token_bucket, leaky_bucket, fixed_window, sliding_window, tiered, concurrency";
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "token_bucket" => Self::TokenBucket,
+            "leaky_bucket" => Self::LeakyBucket,
+            "fixed_window" => Self::FixedWindow,
+            "sliding_window" => Self::SlidingWindow,
+            "tiered" => Self::Tiered,
+            "concurrency" => Self::Concurrency,
+            _ => return None,
+        })
+    }
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::TokenBucket => "token_bucket",
+            Self::LeakyBucket => "leaky_bucket",
+            Self::FixedWindow => "fixed_window",
+            Self::SlidingWindow => "sliding_window",
+            Self::Tiered => "tiered",
+            Self::Concurrency => "concurrency",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Params {
+    Gcra(GcraParams),
+    FixedWindow(FixedWindowParams),
+    SlidingWindow(SlidingWindowParams),
+    Tiered(TieredParams),
+    Concurrency(ConcurrencyParams),
+}
+
+impl Params {
+    /// The quota and window advertised in `RateLimit-Policy` (`q` and `w`, seconds).
+    pub fn policy(&self) -> (u64, u64) {
+        let secs = |n: Nanos| n.div_ceil(NANOS_PER_SEC);
+        match self {
+            Params::Gcra(p) => (p.capacity, secs(p.tau())),
+            Params::FixedWindow(p) => (p.quota, secs(p.calendar.every())),
+            Params::SlidingWindow(p) => (p.quota, secs(p.segment * u64::from(p.segments))),
+            Params::Tiered(p) => p
+                .tiers
+                .first()
+                .map_or((0, 0), |t| (t.quota, secs(t.calendar.every()))),
+            Params::Concurrency(p) => (p.max, 0),
+        }
+    }
+
+    /// The same limit with every quota multiplied by `factor` (at least 1 unit).
+    pub fn scaled(&self, factor: f64) -> Params {
+        let scale = |n: u64| ((n as f64 * factor).floor() as u64).max(1);
+        match self {
+            Params::Gcra(p) => Params::Gcra(GcraParams::new(
+                scale(p.capacity),
+                ((p.interval as f64 / factor).ceil() as u64).max(1),
+            )),
+            Params::FixedWindow(p) => Params::FixedWindow(FixedWindowParams {
+                quota: scale(p.quota),
+                calendar: p.calendar.clone(),
+            }),
+            Params::SlidingWindow(p) => Params::SlidingWindow(SlidingWindowParams {
+                quota: scale(p.quota),
+                ..*p
+            }),
+            Params::Tiered(p) => Params::Tiered(TieredParams {
+                tiers: p
+                    .tiers
+                    .iter()
+                    .map(|t| Tier {
+                        quota: scale(t.quota),
+                        calendar: t.calendar.clone(),
+                    })
+                    .collect(),
+            }),
+            Params::Concurrency(p) => Params::Concurrency(ConcurrencyParams { max: scale(p.max) }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyPart {
+    /// Lower-cased header name.
+    Header(String),
+    Query(String),
+    Ip,
+    Method,
+    Path,
+    Host,
+    Const(String),
+}
+
+impl KeyPart {
+    pub fn parse(text: &str) -> Result<KeyPart, String> {
+        let bad = || {
+            format!("'{text}' is not a key part; use header:NAME, query:NAME, ip, method, path, host or const:TEXT")
+        };
+        Ok(match text.split_once(':') {
+            Some(("header", name)) if !name.is_empty() => {
+                KeyPart::Header(name.to_ascii_lowercase())
+            }
+            Some(("query", name)) if !name.is_empty() => KeyPart::Query(name.to_string()),
+            Some(("const", value)) => KeyPart::Const(value.to_string()),
+            Some(_) => return Err(bad()),
+            None => match text {
+                "ip" => KeyPart::Ip,
+                "method" => KeyPart::Method,
+                "path" => KeyPart::Path,
+                "host" => KeyPart::Host,
+                _ => return Err(bad()),
+            },
+        })
+    }
+    pub fn describe(&self) -> String {
+        match self {
+            KeyPart::Header(n) => format!("header:{n}"),
+            KeyPart::Query(n) => format!("query:{n}"),
+            KeyPart::Ip => "ip".into(),
+            KeyPart::Method => "method".into(),
+            KeyPart::Path => "path".into(),
+            KeyPart::Host => "host".into(),
+            KeyPart::Const(v) => format!("const:{v}"),
+        }
+    }
+}
+
+/// Which requests a limit (or class) applies to. Empty matches everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Matcher {
+    /// Upper-cased methods.
+    pub methods: Vec<String>,
+    pub path_prefix: Option<String>,
+    pub host: Option<String>,
+    /// Lower-cased header names with the exact value they must have.
+    pub headers: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cost {
+    Requests,
+    /// Microseconds of upstream time, debited at completion.
+    Latency,
+    /// Units given by a request header (lower-cased name); 1 if absent.
+    Header(String),
+    /// The length of the array at this JSON pointer in the body; 1 if absent.
+    JsonArray(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    Shadow,
+}
+
+/// What to do with a request that lacks a key part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingKey {
+    /// Count it in one shared anonymous bucket.
+    Anonymous,
+    /// Refuse the request (400).
+    Reject,
+    /// The limit does not apply to it.
+    Skip,
+}

@@ -1,0 +1,18 @@
+//! tollgate-store: where the engine's state lives.
+//!
+//! A store keeps one state value per (limit, class, key) and applies the core's
+//! pure `decide` to the states of one request atomically. `MemoryStore` is the
+//! embedded default. `Engine` pairs a policy with a store and is what adapters
+//! (simulate, gateway, runner) call.
+
+mod clock;
+mod direct;
+mod engine;
+mod memory;
+mod state;
+
+pub use clock::SystemClock;
+pub use direct::DirectLimiter;
+pub use engine::{Checked, Engine, EngineError};
+pub use memory::{MemoryStore, StoreError, StoreStats};
+pub use state::AnyState;

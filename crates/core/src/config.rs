@@ -496,12 +496,14 @@ impl Ctx<'_> {
             None | Some(("anonymous", _)) => MissingKey::Anonymous,
             Some(("reject", _)) => MissingKey::Reject,
             Some(("skip", _)) => MissingKey::Skip,
-            Some((other, span)) => return Err(fail(
-                span,
-                format!(
+            Some((other, span)) => {
+                return Err(fail(
+                    span,
+                    format!(
                     "missing_key '{other}' is not known; use \"anonymous\", \"reject\" or \"skip\""
                 ),
-            )),
+                ))
+            }
         };
         let variants = std::iter::once(params.clone())
             .chain(classes.iter().map(|c| params.scaled(c.scale)))

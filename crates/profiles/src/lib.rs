@@ -1,0 +1,1 @@
+//! Bundled profiles (filled in by the profiles work).

@@ -5,6 +5,8 @@
 use crate::units::{Nanos, NANOS_PER_SEC};
 use jiff::tz::TimeZone;
 use jiff::{civil, Timestamp, ToSpan};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::Arc;
 
 const DAY: Nanos = 86_400 * NANOS_PER_SEC;
 
@@ -19,6 +21,50 @@ pub struct Window {
 pub struct Calendar {
     every: Nanos,
     zone: Zone,
+    /// The last window computed for a named zone: asking jiff is ~100x slower
+    /// than reading this, and nearly every decision falls in the same window.
+    cache: Arc<[LastWindow; 2]>,
+}
+
+/// A seqlock over one `Window`, so readers on many threads never block and
+/// never see a torn pair: a writer makes `seq` odd while it writes.
+#[derive(Debug, Default)]
+struct LastWindow {
+    seq: AtomicU64,
+    start: AtomicU64,
+    end: AtomicU64,
+}
+
+impl LastWindow {
+    fn get(&self, t: Nanos) -> Option<Window> {
+        let before = self.seq.load(Ordering::Acquire);
+        if before % 2 == 1 {
+            return None;
+        }
+        let w = Window {
+            start: self.start.load(Ordering::Relaxed),
+            end: self.end.load(Ordering::Relaxed),
+        };
+        fence(Ordering::Acquire);
+        let stable = self.seq.load(Ordering::Relaxed) == before;
+        (stable && w.start <= t && t < w.end).then_some(w)
+    }
+
+    fn put(&self, w: Window) {
+        let seq = self.seq.load(Ordering::Relaxed);
+        if seq % 2 == 1
+            || self
+                .seq
+                .compare_exchange(seq, seq + 1, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+        {
+            return; // another thread is writing; caching is optional
+        }
+        fence(Ordering::Release);
+        self.start.store(w.start, Ordering::Relaxed);
+        self.end.store(w.end, Ordering::Relaxed);
+        self.seq.store(seq + 2, Ordering::Release);
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -53,13 +99,18 @@ impl Calendar {
             },
             Err(_) => Zone::Named(tz),
         };
-        Ok(Calendar { every, zone })
+        Ok(Calendar {
+            every,
+            zone,
+            cache: Arc::default(),
+        })
     }
 
     pub fn utc(every: Nanos) -> Calendar {
         Calendar {
             every,
             zone: Zone::Fixed { offset: 0 },
+            cache: Arc::default(),
         }
     }
 
@@ -78,7 +129,12 @@ impl Calendar {
                     end: start + self.every,
                 }
             }
-            Zone::Named(tz) => self.named_window(tz, t),
+            // Two entries: the current window and the next (asked for by holds).
+            Zone::Named(tz) => self.cache.iter().find_map(|c| c.get(t)).unwrap_or_else(|| {
+                let w = self.named_window(tz, t);
+                self.cache[((w.start / self.every) % 2) as usize].put(w);
+                w
+            }),
         }
     }
 

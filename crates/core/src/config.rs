@@ -561,8 +561,8 @@ mod tests {
 
     #[test]
     fn errors_name_line_limit_and_field() {
-        let e = err("[[limit]]\nname = \"tenant\"\nalgorithm = \"token_bucket\"\ncapacity = 60\nrefill = \"10/sec2\"\n");
-        assert_eq!(e, "line 5: limit 'tenant': refill '10/sec2' is not a rate; use N/s, N/min, N/h, N/d (or N/30s)");
+        let e = err("[[limit]]\nname = \"tenant\"\nalgorithm = \"token_bucket\"\ncapacity = 60\nrefill = \"10/sec\"\n");
+        assert_eq!(e, "line 5: limit 'tenant': refill '10/sec' is not a rate; use N/s, N/min, N/h, N/d (or N/30s)");
         let e = err("[[limit]]\nname = \"t\"\nalgorithm = \"token_bukket\"\n");
         assert!(
             e.starts_with("line 3: limit 't': algorithm 'token_bukket' is not known"),

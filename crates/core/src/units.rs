@@ -22,7 +22,7 @@ pub fn parse_duration(text: &str) -> Result<Nanos, String> {
         "ns" => 1,
         "us" | "µs" => NANOS_PER_MICRO,
         "ms" => 1_000_000,
-        "s" | "sec" => NANOS_PER_SEC,
+        "s" => NANOS_PER_SEC,
         "m" | "min" => 60 * NANOS_PER_SEC,
         "h" => 3_600 * NANOS_PER_SEC,
         "d" => 86_400 * NANOS_PER_SEC,
@@ -57,7 +57,7 @@ impl Rate {
         let amount: u64 = amount.trim().parse().map_err(|_| bad())?;
         let period = period.trim();
         let per = match period {
-            "s" | "sec" => NANOS_PER_SEC,
+            "s" => NANOS_PER_SEC,
             "min" | "m" => 60 * NANOS_PER_SEC,
             "h" => 3_600 * NANOS_PER_SEC,
             "d" => 86_400 * NANOS_PER_SEC,
@@ -111,7 +111,7 @@ mod tests {
             Rate::parse("1/min").map(|r| r.interval()),
             Ok(60 * NANOS_PER_SEC)
         );
-        let err = Rate::parse("10/sec2").unwrap_err();
+        let err = Rate::parse("10/sec").unwrap_err();
         assert!(
             err.contains("is not a rate; use N/s, N/min, N/h, N/d"),
             "{err}"

@@ -1,1 +1,282 @@
-//! simulate
+//! `tollgate simulate`: replay a trace through the real engine on a virtual
+//! clock and write one decision per request, in input order.
+//!
+//! Streaming: one line is read, decided and written at a time. Memory is the
+//! engine's state (bounded by `max_keys`), the requests still in flight
+//! (latency/concurrency completions), and the summary's per-key table, which
+//! keeps at most `MAX_SUMMARY_KEYS` keys per limit and counts the rest together.
+
+mod summary;
+mod trace;
+
+pub use summary::{Counts, LimitSummary, Summary, MAX_SUMMARY_KEYS};
+pub use trace::{TraceLine, TraceRequest};
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io::{self, BufRead, Write};
+use tollgate_core::policy::{AlgorithmKind, Cost, Policy};
+use tollgate_core::units::{Nanos, NANOS_PER_SEC};
+use tollgate_core::{Item, Verdict};
+use tollgate_store::{Engine, EngineError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("trace line {line}: {message}")]
+    Line { line: u64, message: String },
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+const OUT_CHUNK: usize = 1 << 16;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// The instant `t = 0` stands for.
+    pub start: Nanos,
+    /// Write one decision line per request.
+    pub decisions: bool,
+}
+
+/// A request still in flight: what to settle when it completes.
+#[derive(Debug)]
+struct Pending {
+    at: Nanos,
+    seq: u64,
+    latency_us: u64,
+    items: Vec<Item>,
+}
+
+// Completions are ordered by instant, then by arrival.
+impl PartialEq for Pending {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Pending {}
+impl PartialOrd for Pending {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Pending {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+pub fn simulate(
+    engine: &Engine,
+    options: Options,
+    input: impl BufRead,
+    mut output: impl Write,
+) -> Result<Summary, SimError> {
+    let policy = engine.policy().clone();
+    let wants_body = policy
+        .limits
+        .iter()
+        .any(|l| matches!(l.cost, Cost::JsonArray(_)));
+    let settles: Vec<bool> = policy
+        .limits
+        .iter()
+        .map(|l| l.is_latency() || l.algorithm == AlgorithmKind::Concurrency)
+        .collect();
+    let mut summary = Summary::new(&policy);
+    let mut pending: BinaryHeap<Reverse<Pending>> = BinaryHeap::new();
+    let mut items = Vec::with_capacity(policy.limits.len());
+    // Decisions are written here and handed to `output` in large chunks.
+    let mut out = Vec::with_capacity(OUT_CHUNK + 4096);
+    let mut last_t = f64::NEG_INFINITY;
+    let mut line_no = 0u64;
+    let mut seq = 0u64;
+
+    let mut input = input;
+    let mut line = String::with_capacity(512);
+    let mut spare: Vec<Vec<Item>> = Vec::new();
+    loop {
+        line.clear();
+        if input.read_line(&mut line)? == 0 {
+            break;
+        }
+        line_no += 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let fail = |message: String| SimError::Line {
+            line: line_no,
+            message,
+        };
+        let parsed: TraceLine<'_> =
+            serde_json::from_str(&line).map_err(|e| fail(describe_json_error(&e)))?;
+        if !parsed.t.is_finite() || parsed.t < 0.0 {
+            return Err(fail(format!(
+                "t must be a number of seconds >= 0, got {}",
+                parsed.t
+            )));
+        }
+        if parsed.t < last_t {
+            return Err(fail(format!(
+                "t {} is before the previous line's {last_t}; the trace must be sorted by t",
+                parsed.t
+            )));
+        }
+        last_t = parsed.t;
+        let latency = match parsed.latency {
+            Some(l) if !(l.is_finite() && l >= 0.0) => {
+                return Err(fail(format!("latency must be seconds >= 0, got {l}")))
+            }
+            Some(l) => (l * 1e6).round() as u64,
+            None => 0,
+        };
+        let body = match (wants_body, parsed.body) {
+            (true, Some(raw)) => {
+                Some(serde_json::from_str(raw.get()).map_err(|e| fail(format!("body: {e}")))?)
+            }
+            _ => None,
+        };
+        let now = options.start + (parsed.t * NANOS_PER_SEC as f64).round() as Nanos;
+
+        // Settle everything that completed before this request arrives.
+        while pending.peek().is_some_and(|p| p.0.at <= now) {
+            if let Some(Reverse(p)) = pending.pop() {
+                engine.finish(&p.items, p.at, p.latency_us);
+                spare.push(p.items);
+            }
+        }
+
+        let request = TraceRequest {
+            line: &parsed,
+            body,
+        };
+        let result = engine.check_into(&request, now, &mut items);
+        match &result {
+            Ok(decision) => {
+                summary.record(&policy, &items, decision);
+                if let Verdict::Admit { delay } = decision.verdict {
+                    if items.iter().any(|i| settles[i.limit]) {
+                        seq += 1;
+                        let mut kept = spare.pop().unwrap_or_default();
+                        kept.clone_from(&items);
+                        pending.push(Reverse(Pending {
+                            at: now + delay + latency * 1_000,
+                            seq,
+                            latency_us: latency,
+                            items: kept,
+                        }));
+                    }
+                }
+                if options.decisions {
+                    write_decision(&mut out, parsed.t, &policy, &items, decision);
+                }
+            }
+            Err(error) => {
+                summary.errors += 1;
+                summary.requests += 1;
+                if options.decisions {
+                    write_error(&mut out, parsed.t, error);
+                }
+            }
+        }
+        if out.len() >= OUT_CHUNK {
+            output.write_all(&out)?;
+            out.clear();
+        }
+    }
+    output.write_all(&out)?;
+    output.flush()?;
+    Ok(summary)
+}
+
+fn describe_json_error(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    // serde_json appends " at line 1 column N"; the line is ours, keep the column.
+    match text.rsplit_once(" at line ") {
+        Some((what, pos)) => format!(
+            "{what} (at {})",
+            pos.split_once(' ').map_or(pos, |(_, c)| c)
+        ),
+        None => text,
+    }
+}
+
+fn write_decision(
+    out: &mut Vec<u8>,
+    t: f64,
+    policy: &Policy,
+    items: &[Item],
+    d: &tollgate_core::Decision,
+) {
+    let (allowed, delay, limit, retry_after) = match d.verdict {
+        Verdict::Admit { delay } => (true, delay, None, None),
+        Verdict::Deny { limit, retry_after } => (false, 0, Some(limit), retry_after),
+        Verdict::Never { limit, .. } => (false, 0, Some(limit), None),
+    };
+    out.extend_from_slice(b"{\"t\":");
+    push_f64(out, t);
+    out.extend_from_slice(if allowed {
+        b",\"allowed\":true"
+    } else {
+        b",\"allowed\":false"
+    });
+    out.extend_from_slice(b",\"delay\":");
+    push_f64(out, delay as f64 / NANOS_PER_SEC as f64);
+    out.extend_from_slice(b",\"limit\":");
+    match limit {
+        Some(i) => push_str(out, &policy.limits[items[i].limit].name),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"retry_after\":");
+    match retry_after {
+        Some(r) => push_f64(out, r as f64 / NANOS_PER_SEC as f64),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"remaining\":{");
+    for (n, (item, outcome)) in items.iter().zip(&d.outcomes).enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        let limit = &policy.limits[item.limit];
+        push_str(out, &limit.name);
+        out.push(b':');
+        if limit.is_latency() {
+            push_f64(out, outcome.remaining as f64 / 1e6);
+        } else {
+            out.extend_from_slice(itoa::Buffer::new().format(outcome.remaining).as_bytes());
+        }
+    }
+    out.push(b'}');
+    if let Verdict::Never { cost, capacity, .. } = d.verdict {
+        let name = limit.map_or("", |i| policy.limits[items[i].limit].name.as_str());
+        out.extend_from_slice(b",\"error\":");
+        push_str(
+            out,
+            &format!(
+                "limit '{name}': a cost of {cost} can never fit (the most it admits is {capacity})"
+            ),
+        );
+    }
+    out.extend_from_slice(b"}\n");
+}
+
+fn write_error(out: &mut Vec<u8>, t: f64, error: &EngineError) {
+    out.extend_from_slice(b"{\"t\":");
+    push_f64(out, t);
+    out.extend_from_slice(b",\"allowed\":false,\"delay\":0.0,\"limit\":null,\"retry_after\":null,\"remaining\":{},\"error\":");
+    push_str(out, &error.to_string());
+    out.extend_from_slice(b"}\n");
+}
+
+fn push_f64(out: &mut Vec<u8>, v: f64) {
+    out.extend_from_slice(ryu::Buffer::new().format(v).as_bytes());
+}
+
+fn push_str(out: &mut Vec<u8>, s: &str) {
+    // serde_json escapes exactly as JSON needs; strings here are short.
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else if serde_json::to_writer(&mut *out, s).is_err() {
+        out.extend_from_slice(b"\"?\"");
+    }
+}

@@ -32,10 +32,12 @@ impl Meter for Concurrency<'_> {
     }
 
     fn reservable(&self, _now: Nanos, _at: Nanos) -> bool {
-        // A slot frees up only on release, which no one can promise ahead of time.
-        false
+        // A held request takes its slot at once and keeps it while it waits:
+        // it is in flight from the moment it is admitted.
+        true
     }
 
+    /// Takes the slot now, whatever `at`: see `reservable`.
     fn commit(&mut self, _now: Nanos, cost: u64, _at: Nanos) {
         *self.in_flight += cost;
     }

@@ -1,0 +1,275 @@
+//! Runs the built `tollgate` binary on example configs and traces.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn tollgate(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("run tollgate")
+}
+
+fn tollgate_stdin(args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .current_dir(repo())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tollgate");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("wait")
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn temp_file(name: &str, contents: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tollgate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(name);
+    std::fs::write(&path, contents).expect("write temp file");
+    path
+}
+
+#[test]
+fn check_accepts_the_examples() {
+    for config in ["examples/quickstart.toml", "examples/design.toml"] {
+        let out = tollgate(&["check", config]);
+        assert!(out.status.success(), "{config}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stdout).starts_with(&format!("{config}: ok")),
+            "{}",
+            text(&out.stdout)
+        );
+    }
+}
+
+#[test]
+fn check_names_file_line_limit_and_field() {
+    let bad = temp_file(
+        "bad.toml",
+        "[[limit]]\nname = \"tenant\"\nalgorithm = \"token_bucket\"\ncapacity = 60\nrefill = \"10/sec\"\n",
+    );
+    let out = tollgate(&["check", bad.to_str().expect("utf8 path")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(
+            "bad.toml:5: limit 'tenant': refill '10/sec' is not a rate; use N/s, N/min, N/h, N/d"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"));
+
+    let syntax = temp_file("syntax.toml", "[[limit]]\nname = \"x\"\nalgorithm = \n");
+    let out = tollgate(&["check", syntax.to_str().expect("utf8 path")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("syntax.toml:3:"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = tollgate(&["check", "no/such/file.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("cannot read config no/such/file.toml"));
+}
+
+const EXACT: &str = "[[limit]]\nname = \"t\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 2\nrefill = \"1/s\"\n";
+
+#[test]
+fn simulate_is_exact_and_in_input_order() {
+    let config = temp_file("exact.toml", EXACT);
+    let trace = "\
+{\"t\": 0, \"headers\": {\"x-tenant-id\": \"a\"}}
+{\"t\": 0, \"headers\": {\"X-Tenant-Id\": \"a\"}}
+{\"t\": 0, \"headers\": {\"x-tenant-id\": \"a\"}}
+{\"t\": 0.5, \"headers\": {\"x-tenant-id\": \"a\"}}
+{\"t\": 0.5, \"headers\": {\"x-tenant-id\": \"b\"}}
+{\"t\": 1.0, \"headers\": {\"x-tenant-id\": \"a\"}}
+";
+    let out = tollgate_stdin(
+        &[
+            "simulate",
+            "--config",
+            config.to_str().expect("utf8"),
+            "--trace",
+            "-",
+        ],
+        trace,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each output line is JSON"))
+        .collect();
+    let allowed: Vec<bool> = lines
+        .iter()
+        .map(|l| l["allowed"].as_bool().expect("allowed"))
+        .collect();
+    assert_eq!(allowed, [true, true, false, false, true, true]);
+    assert_eq!(lines[2]["retry_after"], 1.0);
+    assert_eq!(lines[2]["limit"], "t");
+    assert_eq!(lines[3]["retry_after"], 0.5);
+    assert_eq!(lines[4]["remaining"]["t"], 1);
+    assert_eq!(lines[5]["remaining"]["t"], 0);
+    assert_eq!(lines[0]["t"], 0.0);
+    assert_eq!(lines[0]["delay"], 0.0);
+    assert_eq!(lines[0]["limit"], serde_json::Value::Null);
+}
+
+#[test]
+fn simulate_reports_holds_and_summary() {
+    let out = tollgate(&[
+        "simulate",
+        "--config",
+        "examples/quickstart.toml",
+        "--trace",
+        "examples/quickstart.jsonl",
+        "--summary",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let summary = text(&out.stdout);
+    assert!(summary.starts_with("requests 400: admitted "), "{summary}");
+    for name in ["tenant", "daily", "in-flight", "acme", "globex"] {
+        assert!(summary.contains(name), "summary lacks {name}: {summary}");
+    }
+    // Decisions and summary agree.
+    let decisions = temp_file("quickstart-out.jsonl", "");
+    let out = tollgate(&[
+        "simulate",
+        "--config",
+        "examples/quickstart.toml",
+        "--trace",
+        "examples/quickstart.jsonl",
+        "--summary",
+        "--out",
+        decisions.to_str().expect("utf8"),
+    ]);
+    assert!(out.status.success());
+    let written = std::fs::read_to_string(&decisions).expect("decisions written");
+    let decided: Vec<serde_json::Value> = written
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let held = decided
+        .iter()
+        .filter(|d| d["allowed"] == true && d["delay"].as_f64() > Some(0.0))
+        .count();
+    let denied = decided.iter().filter(|d| d["allowed"] == false).count();
+    // A held request waits no longer than the 1 s hold of the 'tenant' limit.
+    assert!(decided
+        .iter()
+        .all(|d| d["delay"].as_f64().is_some_and(|x| x <= 1.0)));
+    assert_eq!(written.lines().count(), 400);
+    assert!(
+        held > 0 && denied > 0,
+        "the quickstart shows holds ({held}) and denials ({denied})"
+    );
+    let first = text(&out.stdout)
+        .lines()
+        .next()
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert!(first.contains(&format!("held {held}")), "{first}");
+    assert!(first.contains(&format!("denied {denied}")), "{first}");
+}
+
+#[test]
+fn malformed_trace_lines_name_the_line() {
+    let config = temp_file("exact2.toml", EXACT);
+    let config = config.to_str().expect("utf8");
+    let cases = [
+        (
+            "{\"t\": 0}\n{\"t\": \"soon\"}\n",
+            "trace line 2: invalid type: string \"soon\", expected f64",
+        ),
+        (
+            "{\"t\": 1}\n\n{\"t\": 0.5}\n",
+            "trace line 3: t 0.5 is before the previous line's 1; the trace must be sorted by t",
+        ),
+        (
+            "{\"t\": 0, \"headerz\": {}}\n",
+            "trace line 1: unknown field `headerz`",
+        ),
+        (
+            "{\"t\": 0, \"latency\": -1}\n",
+            "trace line 1: latency must be seconds >= 0, got -1",
+        ),
+        ("not json\n", "trace line 1: expected ident"),
+        (
+            "{\"t\": 0, \"headers\": {\"x\": 1}}\n",
+            "trace line 1: invalid type: integer `1`, expected a string",
+        ),
+    ];
+    for (trace, expected) in cases {
+        let out = tollgate_stdin(&["simulate", "--config", config, "--trace", "-"], trace);
+        assert_eq!(out.status.code(), Some(1), "{trace:?}");
+        let err = text(&out.stderr);
+        assert!(err.contains(expected), "for {trace:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn request_errors_are_reported_per_line_not_fatal() {
+    let config = temp_file(
+        "reject.toml",
+        "[[limit]]\nname = \"t\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 5\nrefill = \"1/s\"\nmissing_key = \"reject\"\ncost = { header = \"x-cost\" }\n",
+    );
+    let trace = "{\"t\": 0}\n{\"t\": 0, \"headers\": {\"x-tenant-id\": \"a\", \"x-cost\": \"9\"}}\n{\"t\": 0, \"headers\": {\"x-tenant-id\": \"a\", \"x-cost\": \"2\"}}\n";
+    let out = tollgate_stdin(
+        &[
+            "simulate",
+            "--config",
+            config.to_str().expect("utf8"),
+            "--trace",
+            "-",
+        ],
+        trace,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["error"], "limit 't': the request has no header:x-tenant-id, and the limit rejects requests without it");
+    assert_eq!(
+        lines[1]["error"],
+        "limit 't': a cost of 9 can never fit (the most it admits is 5)"
+    );
+    assert_eq!(lines[1]["retry_after"], serde_json::Value::Null);
+    assert_eq!(lines[2]["allowed"], true);
+    assert_eq!(lines[2]["remaining"]["t"], 3);
+}
+
+#[test]
+fn start_must_be_an_instant() {
+    let out = tollgate(&[
+        "simulate",
+        "--config",
+        "examples/quickstart.toml",
+        "--trace",
+        "examples/quickstart.jsonl",
+        "--start",
+        "yesterday",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("--start 'yesterday' is not an RFC 3339 instant"));
+}

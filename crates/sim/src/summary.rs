@@ -1,0 +1,179 @@
+//! `--summary`: per limit and per key, how many requests were admitted at
+//! once, held, and denied.
+
+use compact_str::CompactString;
+use std::collections::HashMap;
+use std::fmt;
+use tollgate_core::policy::{Mode, Policy};
+use tollgate_core::{Decision, Item, Verdict};
+
+/// Keys listed individually per limit; the rest are summed as "(other keys)".
+pub const MAX_SUMMARY_KEYS: usize = 10_000;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub admitted: u64,
+    pub held: u64,
+    pub denied: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct LimitSummary {
+    pub name: String,
+    pub shadow: bool,
+    pub counts: Counts,
+    /// Shadow limits: requests they would have denied.
+    pub would_deny: u64,
+    pub keys: HashMap<CompactString, Counts>,
+    pub other_keys: Counts,
+}
+
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub requests: u64,
+    pub admitted: u64,
+    pub held: u64,
+    pub denied: u64,
+    /// Requests that could not be decided (bad request, never fits, store full).
+    pub errors: u64,
+    pub limits: Vec<LimitSummary>,
+}
+
+impl Summary {
+    pub fn new(policy: &Policy) -> Self {
+        Summary {
+            requests: 0,
+            admitted: 0,
+            held: 0,
+            denied: 0,
+            errors: 0,
+            limits: policy
+                .limits
+                .iter()
+                .map(|l| LimitSummary {
+                    name: l.name.clone(),
+                    shadow: l.mode == Mode::Shadow,
+                    counts: Counts::default(),
+                    would_deny: 0,
+                    keys: HashMap::new(),
+                    other_keys: Counts::default(),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn record(&mut self, _policy: &Policy, items: &[Item], decision: &Decision) {
+        self.requests += 1;
+        let bump: fn(&mut Counts) = match decision.verdict {
+            Verdict::Admit { delay: 0 } => {
+                self.admitted += 1;
+                |c| c.admitted += 1
+            }
+            Verdict::Admit { .. } => {
+                self.held += 1;
+                |c| c.held += 1
+            }
+            Verdict::Deny { .. } => {
+                self.denied += 1;
+                |c| c.denied += 1
+            }
+            Verdict::Never { .. } => {
+                self.errors += 1;
+                return;
+            }
+        };
+        let denied_by = match decision.verdict {
+            Verdict::Deny { limit, .. } => Some(limit),
+            _ => None,
+        };
+        for (i, (item, outcome)) in items.iter().zip(&decision.outcomes).enumerate() {
+            let limit = &mut self.limits[item.limit];
+            if limit.shadow && !outcome.allowed {
+                limit.would_deny += 1;
+            }
+            // A denial is counted against the limit that denied, not the others.
+            if denied_by.is_some_and(|d| d != i) {
+                continue;
+            }
+            bump(&mut limit.counts);
+            let tracked = limit.keys.len();
+            match limit.keys.get_mut(item.key.as_str()) {
+                Some(c) => bump(c),
+                None if tracked < MAX_SUMMARY_KEYS => {
+                    bump(limit.keys.entry(item.key.clone()).or_default())
+                }
+                None => bump(&mut limit.other_keys),
+            }
+        }
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "requests {}: admitted {}, held {}, denied {}, errors {}",
+            self.requests, self.admitted, self.held, self.denied, self.errors
+        )?;
+        writeln!(
+            f,
+            "{:<24} {:<28} {:>10} {:>10} {:>10}",
+            "limit", "key", "admitted", "held", "denied"
+        )?;
+        for l in &self.limits {
+            let name = if l.shadow {
+                format!("{} (shadow)", l.name)
+            } else {
+                l.name.clone()
+            };
+            let c = l.counts;
+            writeln!(
+                f,
+                "{:<24} {:<28} {:>10} {:>10} {:>10}",
+                name, "(all keys)", c.admitted, c.held, c.denied
+            )?;
+            if l.shadow {
+                writeln!(
+                    f,
+                    "{:<24} {:<28} {:>10}",
+                    "", "would have denied", l.would_deny
+                )?;
+            }
+            let mut keys: Vec<_> = l.keys.iter().collect();
+            keys.sort_by(|a, b| {
+                (b.1.admitted + b.1.held + b.1.denied)
+                    .cmp(&(a.1.admitted + a.1.held + a.1.denied))
+                    .then(a.0.cmp(b.0))
+            });
+            for (key, c) in keys.iter().take(20) {
+                let shown = if key.is_empty() {
+                    "(anonymous)".to_string()
+                } else {
+                    key.replace('\u{1f}', "|")
+                };
+                writeln!(
+                    f,
+                    "{:<24} {:<28} {:>10} {:>10} {:>10}",
+                    "", shown, c.admitted, c.held, c.denied
+                )?;
+            }
+            let hidden = keys.len().saturating_sub(20);
+            let o = l.other_keys;
+            if hidden > 0 || o != Counts::default() {
+                writeln!(
+                    f,
+                    "{:<24} {:<28} {:>10} {:>10} {:>10}",
+                    "",
+                    format!(
+                        "(+{} more keys)",
+                        hidden + usize::from(o != Counts::default())
+                    ),
+                    "",
+                    "",
+                    ""
+                )?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,94 @@
+//! One line of a trace: the request attributes of DESIGN.md, borrowed from
+//! the line where possible so replay allocates little.
+
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use std::borrow::Cow;
+use std::fmt;
+use tollgate_core::request::query_param;
+use tollgate_core::Request;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceLine<'a> {
+    /// Seconds after the start of the simulation.
+    pub t: f64,
+    #[serde(borrow, default)]
+    pub method: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub path: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub host: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub ip: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub query: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub headers: Headers<'a>,
+    #[serde(borrow, default)]
+    pub body: Option<&'a serde_json::value::RawValue>,
+    /// Seconds the upstream took; charged (latency limits) and released
+    /// (concurrency) at completion.
+    #[serde(default)]
+    pub latency: Option<f64>,
+}
+
+/// Header names as given; looked up case-insensitively.
+#[derive(Debug, Default)]
+pub struct Headers<'a>(pub Vec<(Cow<'a, str>, Cow<'a, str>)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Headers<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Headers<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of header names to string values")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Headers<'a>, M::Error> {
+                let mut out = Vec::new();
+                while let Some((k, v)) = map.next_entry::<Cow<'a, str>, Cow<'a, str>>()? {
+                    out.push((k, v));
+                }
+                Ok(Headers(out))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+/// A trace line as the engine sees it, with its body parsed on demand.
+#[derive(Debug)]
+pub struct TraceRequest<'l, 'a> {
+    pub line: &'l TraceLine<'a>,
+    pub body: Option<serde_json::Value>,
+}
+
+impl Request for TraceRequest<'_, '_> {
+    fn method(&self) -> &str {
+        self.line.method.as_deref().unwrap_or("GET")
+    }
+    fn path(&self) -> &str {
+        self.line.path.as_deref().unwrap_or("/")
+    }
+    fn host(&self) -> Option<&str> {
+        self.line.host.as_deref()
+    }
+    fn ip(&self) -> Option<&str> {
+        self.line.ip.as_deref()
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.line
+            .headers
+            .0
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_ref())
+    }
+    fn query(&self, name: &str) -> Option<Cow<'_, str>> {
+        query_param(self.line.query.as_deref()?, name)
+    }
+    fn json_body(&self) -> Option<&serde_json::Value> {
+        self.body.as_ref()
+    }
+}

@@ -38,7 +38,7 @@ struct LastWindow {
 impl LastWindow {
     fn get(&self, t: Nanos) -> Option<Window> {
         let before = self.seq.load(Ordering::Acquire);
-        if before % 2 == 1 {
+        if !before.is_multiple_of(2) {
             return None;
         }
         let w = Window {
@@ -52,7 +52,7 @@ impl LastWindow {
 
     fn put(&self, w: Window) {
         let seq = self.seq.load(Ordering::Relaxed);
-        if seq % 2 == 1
+        if !seq.is_multiple_of(2)
             || self
                 .seq
                 .compare_exchange(seq, seq + 1, Ordering::Acquire, Ordering::Relaxed)
@@ -81,13 +81,13 @@ impl Calendar {
         if every == 0 {
             return Err("window length must be positive".into());
         }
-        if every < DAY && DAY % every != 0 {
+        if every < DAY && !DAY.is_multiple_of(every) {
             return Err(format!(
                 "window of {}s does not divide a day; windows align to clock boundaries",
                 every / NANOS_PER_SEC
             ));
         }
-        if every > DAY && every % DAY != 0 {
+        if every > DAY && !every.is_multiple_of(DAY) {
             return Err("windows longer than a day must be whole days".into());
         }
         let tz = TimeZone::get(tz_name).map_err(|_| {
@@ -144,11 +144,9 @@ impl Calendar {
     }
 
     fn named_window(&self, tz: &TimeZone, t: Nanos) -> Window {
-        let ts = to_ts(t);
-        let zdt = ts.to_zoned(tz.clone());
         if self.every >= DAY {
             let days = (self.every / DAY) as i64;
-            let date = zdt.date();
+            let date = to_ts(t).to_zoned(tz.clone()).date();
             let since_epoch = date
                 .since(civil::date(1970, 1, 1))
                 .map(|s| s.get_days() as i64)
@@ -162,31 +160,89 @@ impl Calendar {
                 end: day_start(tz, end_date),
             };
         }
-        // Sub-day: step back by the wall-clock remainder, so the start shows a
-        // multiple of `every` on the local clock (both occurrences of a repeated hour count).
-        let start = t - wall_remainder(&zdt, self.every).min(t);
-        let candidate = start + self.every;
-        let mut end =
-            candidate - wall_remainder(&to_ts(candidate).to_zoned(tz.clone()), self.every);
-        if end <= start {
-            // The clock fell back inside this window: the boundary is the next wall multiple.
-            end = candidate - wall_remainder(&to_ts(candidate).to_zoned(tz.clone()), self.every)
-                + self.every;
+        Window {
+            start: self.last_boundary(tz, t, 4),
+            end: self.next_boundary(tz, t, 4),
         }
-        Window { start, end }
     }
+
+    // Sub-day windows in a zone with transitions. A boundary is an instant at
+    // which the local clock reaches a multiple of `every` (counted from local
+    // midnight), jumps past one (spring forward), or shows one again (fall
+    // back: each occurrence of a repeated hour is its own window). Between
+    // transitions the wall clock runs linearly, so boundaries are arithmetic;
+    // a transition is checked on its own. `depth` bounds the recursion
+    // (transitions are months apart; two suffice).
+
+    /// The last boundary at or before `t`.
+    fn last_boundary(&self, tz: &TimeZone, t: Nanos, depth: u8) -> Nanos {
+        let linear = t - wall_of_day(tz, t) % self.every;
+        match tz
+            .preceding(to_ts(t + 1))
+            .next()
+            .map(|tr| nanos(tr.timestamp()))
+        {
+            Some(p) if p > linear && p <= t && depth > 0 => {
+                if self.is_boundary(tz, p) {
+                    p
+                } else {
+                    self.last_boundary(tz, p - 1, depth - 1)
+                }
+            }
+            _ => linear,
+        }
+    }
+
+    /// The first boundary after `t`.
+    fn next_boundary(&self, tz: &TimeZone, t: Nanos, depth: u8) -> Nanos {
+        let linear = t + (self.every - wall_of_day(tz, t) % self.every);
+        match tz
+            .following(to_ts(t))
+            .next()
+            .map(|tr| nanos(tr.timestamp()))
+        {
+            Some(n) if n > t && n <= linear && depth > 0 => {
+                if self.is_boundary(tz, n) {
+                    n
+                } else {
+                    self.next_boundary(tz, n, depth - 1)
+                }
+            }
+            _ => linear,
+        }
+    }
+
+    /// Whether the transition at `p` is a boundary.
+    fn is_boundary(&self, tz: &TimeZone, p: Nanos) -> bool {
+        let before = to_ts(p - 1).to_zoned(tz.clone()).datetime();
+        let after = to_ts(p).to_zoned(tz.clone()).datetime();
+        if after < before {
+            // Fell back: a boundary if the clock now shows a multiple.
+            wall(after).is_multiple_of(self.every)
+        } else {
+            // Sprang forward: a boundary if the jump crossed into another window.
+            after.date() != before.date() || wall(after) / self.every != wall(before) / self.every
+        }
+    }
+}
+
+fn nanos(ts: Timestamp) -> Nanos {
+    ts.as_nanosecond().max(0) as Nanos
+}
+
+/// Nanoseconds since local midnight on the local clock at `t`.
+fn wall_of_day(tz: &TimeZone, t: Nanos) -> Nanos {
+    wall(to_ts(t).to_zoned(tz.clone()).datetime())
+}
+
+fn wall(dt: civil::DateTime) -> Nanos {
+    let tm = dt.time();
+    (tm.hour() as u64 * 3_600 + tm.minute() as u64 * 60 + tm.second() as u64) * NANOS_PER_SEC
+        + tm.subsec_nanosecond() as u64
 }
 
 fn to_ts(t: Nanos) -> Timestamp {
     Timestamp::from_nanosecond(t as i128).unwrap_or(Timestamp::MAX)
-}
-
-fn wall_remainder(zdt: &jiff::Zoned, every: Nanos) -> Nanos {
-    let time = zdt.time();
-    let wall = (time.hour() as u64 * 3_600 + time.minute() as u64 * 60 + time.second() as u64)
-        * NANOS_PER_SEC
-        + time.subsec_nanosecond() as u64;
-    wall % every
 }
 
 fn day_start(tz: &TimeZone, date: civil::Date) -> Nanos {

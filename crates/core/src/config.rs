@@ -397,7 +397,7 @@ impl Ctx<'_> {
                 let refill = l.refill.as_ref().ok_or_else(|| require("refill"))?;
                 let rate = Rate::parse(refill.get_ref())
                     .map_err(|m| fail(refill.span(), format!("refill {m}")))?;
-                Params::Gcra(GcraParams::new(*capacity.get_ref(), rate.interval()))
+                Params::Gcra(GcraParams::with_rate(*capacity.get_ref(), rate))
             }
             AlgorithmKind::FixedWindow => {
                 let every = l.every.as_ref().ok_or_else(|| require("every"))?;
@@ -605,6 +605,6 @@ mod tests {
             panic!("gcra")
         };
         assert_eq!(g.capacity, 500);
-        assert_eq!(g.interval, 6_666_668);
+        assert_eq!(g.interval(), 6_666_667);
     }
 }

@@ -5,8 +5,9 @@
 //! smallest `t >= now` at which every enforcing limit admits it (a fixpoint over
 //! the meters' `earliest`). If `t == now` it runs now; if every limit that makes
 //! it wait allows a hold that long, the slot at `t` is reserved and the request
-//! waits `t - now`; otherwise it is denied with `retry_after = t - now`, which is
-//! exact: at `t` it would be admitted, one nanosecond earlier it would not.
+//! waits `t - now`; otherwise it is denied with `retry_after`, the earliest
+//! arrival that would be admitted (at once, or held): exact, so arriving one
+//! nanosecond earlier is still denied.
 
 use crate::algo::{Earliest, Meter};
 use crate::units::Nanos;
@@ -105,7 +106,7 @@ pub fn decide(now: Nanos, slots: &mut [Slot<'_>]) -> Decision {
 
     if !fits {
         let limit = binding_slot(now, slots, &own);
-        let retry_after = (!blocked).then_some(wait);
+        let retry_after = (!blocked).then(|| retry_instant(now, start, slots) - now);
         return report(now, slots, &own, Verdict::Deny { limit, retry_after });
     }
 
@@ -169,6 +170,61 @@ fn fixpoint(now: Nanos, slots: &[Slot<'_>], own: &[Earliest]) -> (Nanos, bool) {
     (t, false)
 }
 
+/// The earliest arrival instant at which this request would be admitted,
+/// at once or after a hold, if nothing else arrived. From any arrival `x` in
+/// `[now, start]` it runs at `start` (no earlier instant suits every limit),
+/// so arriving at `x` it waits `start - x`: admitted if every limit that does
+/// not admit at `x` on its own holds that long, and every limit can reserve
+/// `start` from `x`. Walk `x` forward from `now` through the instants where
+/// that can become true: a limit starts admitting on its own, the wait falls
+/// to the hold in force, or `start` comes within reach of a reservation.
+fn retry_instant(now: Nanos, start: Nanos, slots: &[Slot<'_>]) -> Nanos {
+    let reservable = |x: Nanos| {
+        slots
+            .iter()
+            .all(|s| s.shadow || s.meter.reservable(x, start))
+    };
+    let mut x = now;
+    for _ in 0..64 {
+        if x >= start {
+            break;
+        }
+        let mut hold = Nanos::MAX;
+        let mut next = start;
+        for s in slots.iter().filter(|s| !s.shadow) {
+            match s.meter.earliest(x, s.cost, x) {
+                Earliest::At(t) if t == x => {}
+                Earliest::At(t) => {
+                    hold = hold.min(s.hold);
+                    next = next.min(t);
+                }
+                _ => hold = hold.min(s.hold),
+            }
+        }
+        let within_hold = start - x <= hold;
+        if within_hold && reservable(x) {
+            return x;
+        }
+        if !within_hold {
+            next = next.min(start - hold);
+        } else {
+            // Reach only grows with the arrival instant: find where it covers `start`.
+            let (mut lo, mut hi) = (x, next);
+            while hi - lo > 1 {
+                let mid = lo + (hi - lo) / 2;
+                if reservable(mid) {
+                    hi = mid;
+                } else {
+                    lo = mid;
+                }
+            }
+            next = hi;
+        }
+        x = next.max(x + 1);
+    }
+    start
+}
+
 /// The enforcing slot that alone would make the request wait longest.
 fn binding_slot(now: Nanos, slots: &[Slot<'_>], own: &[Earliest]) -> usize {
     let rank = |e: &Earliest| match e {
@@ -209,7 +265,7 @@ fn report(now: Nanos, slots: &[Slot<'_>], own: &[Earliest], verdict: Verdict) ->
 mod tests {
     use super::*;
     use crate::algo::fixed_window::{FixedWindow, FixedWindowParams, FixedWindowState};
-    use crate::algo::gcra::{Gcra, GcraParams};
+    use crate::algo::gcra::{Gcra, GcraParams, GcraState};
     use crate::calendar::Calendar;
     use crate::units::NANOS_PER_SEC;
     const S: Nanos = NANOS_PER_SEC;
@@ -227,7 +283,7 @@ mod tests {
     #[test]
     fn denied_by_one_limit_consumes_nothing_from_the_other() {
         let (pa, pb) = (GcraParams::new(10, S), GcraParams::new(1, 10 * S));
-        let (mut a, mut b) = (0, 0);
+        let (mut a, mut b) = (GcraState::default(), GcraState::default());
         let now = 1_000 * S;
         let d = decide(
             now,
@@ -283,58 +339,34 @@ mod tests {
     #[test]
     fn hold_reserves_the_future_slot() {
         let p = GcraParams::new(1, S);
-        let mut tat = 0;
+        let mut tat = GcraState::default();
         let now = 50 * S;
-        assert!(decide(
-            now,
-            &mut [slot(
-                &mut Gcra {
-                    params: &p,
-                    tat: &mut tat
-                },
-                2 * S
-            )]
-        )
-        .allowed());
-        let d = decide(
-            now,
-            &mut [slot(
-                &mut Gcra {
-                    params: &p,
-                    tat: &mut tat,
-                },
-                2 * S,
-            )],
-        );
-        assert_eq!(d.verdict, Verdict::Admit { delay: S });
-        let d = decide(
-            now,
-            &mut [slot(
-                &mut Gcra {
-                    params: &p,
-                    tat: &mut tat,
-                },
-                2 * S,
-            )],
-        );
-        assert_eq!(d.verdict, Verdict::Admit { delay: 2 * S });
-        let d = decide(
-            now,
-            &mut [slot(
-                &mut Gcra {
-                    params: &p,
-                    tat: &mut tat,
-                },
-                2 * S,
-            )],
-        );
+        let mut at = |t: Nanos| {
+            decide(
+                t,
+                &mut [slot(
+                    &mut Gcra {
+                        params: &p,
+                        tat: &mut tat,
+                    },
+                    2 * S,
+                )],
+            )
+            .verdict
+        };
+        assert_eq!(at(now), Verdict::Admit { delay: 0 });
+        assert_eq!(at(now), Verdict::Admit { delay: S });
+        assert_eq!(at(now), Verdict::Admit { delay: 2 * S });
+        // It would run at +3 s; arriving at +1 s it would be held 2 s: that is the retry instant.
         assert_eq!(
-            d.verdict,
+            at(now),
             Verdict::Deny {
                 limit: 0,
-                retry_after: Some(3 * S)
+                retry_after: Some(S)
             }
         );
+        assert!(matches!(at(now + S - 1), Verdict::Deny { .. }));
+        assert_eq!(at(now + S), Verdict::Admit { delay: 2 * S });
     }
 
     #[test]
@@ -345,9 +377,9 @@ mod tests {
             quota: 1,
             calendar: Calendar::utc(60 * S),
         };
-        let (mut tat, mut win) = (0, FixedWindowState::default());
+        let (mut tat, mut win) = (GcraState::default(), FixedWindowState::default());
         let now = 600 * S + 59 * S;
-        let mk = |tat: &mut u64, win: &mut FixedWindowState| {
+        let mk = |tat: &mut GcraState, win: &mut FixedWindowState| {
             decide(
                 now,
                 &mut [
@@ -377,9 +409,9 @@ mod tests {
     #[test]
     fn shadow_reports_but_never_denies() {
         let p = GcraParams::new(1, S);
-        let mut tat = 0;
+        let mut tat = GcraState::default();
         let now = 10 * S;
-        let shadow = |tat: &mut u64| {
+        let shadow = |tat: &mut GcraState| {
             decide(
                 now,
                 &mut [Slot {
@@ -401,7 +433,7 @@ mod tests {
     #[test]
     fn never_fits_is_not_a_denial() {
         let p = GcraParams::new(5, S);
-        let mut tat = 0;
+        let mut tat = GcraState::default();
         let d = decide(
             0,
             &mut [Slot {
@@ -423,6 +455,6 @@ mod tests {
                 capacity: 5
             }
         );
-        assert_eq!(tat, 0);
+        assert_eq!(tat, GcraState::default());
     }
 }

@@ -6,7 +6,7 @@ use crate::algo::fixed_window::FixedWindowParams;
 use crate::algo::gcra::GcraParams;
 use crate::algo::sliding_window::SlidingWindowParams;
 use crate::algo::tiered::{Tier, TieredParams};
-use crate::units::{Nanos, NANOS_PER_SEC};
+use crate::units::{Nanos, Rate, NANOS_PER_SEC};
 
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -130,9 +130,9 @@ impl Params {
     pub fn scaled(&self, factor: f64) -> Params {
         let scale = |n: u64| ((n as f64 * factor).floor() as u64).max(1);
         match self {
-            Params::Gcra(p) => Params::Gcra(GcraParams::new(
+            Params::Gcra(p) => Params::Gcra(GcraParams::with_rate(
                 scale(p.capacity),
-                ((p.interval as f64 / factor).ceil() as u64).max(1),
+                scaled_rate(p.amount, p.period, factor),
             )),
             Params::FixedWindow(p) => Params::FixedWindow(FixedWindowParams {
                 quota: scale(p.quota),
@@ -155,6 +155,25 @@ impl Params {
             Params::Concurrency(p) => Params::Concurrency(ConcurrencyParams { max: scale(p.max) }),
         }
     }
+}
+
+/// `amount * factor` per `period`, kept exact to a millionth of a unit.
+fn scaled_rate(amount: u64, period: Nanos, factor: f64) -> Rate {
+    const MICRO: u64 = 1_000_000;
+    let scaled = ((amount as f64 * factor * MICRO as f64).round() as u64).max(1);
+    let per = period.saturating_mul(MICRO);
+    let g = gcd(scaled, per);
+    Rate {
+        amount: scaled / g,
+        per: per / g,
+    }
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a.max(1)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

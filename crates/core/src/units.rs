@@ -36,7 +36,7 @@ pub fn parse_duration(text: &str) -> Result<Nanos, String> {
         .parse()
         .map_err(|_| format!("'{text}' is not a duration; use e.g. 500ms, 2s, 1m, 1h, 1d"))?;
     let nanos = value * unit_nanos as f64;
-    if !nanos.is_finite() || nanos < 0.0 || nanos > 1e18 {
+    if !(0.0..=1e18).contains(&nanos) {
         return Err(format!("'{text}' is out of range"));
     }
     Ok(nanos.round() as u64)

@@ -132,7 +132,6 @@ impl MemoryStore {
                     },
                     |e| hasher.hash_one(e.key.as_str()),
                 );
-                self.keys.fetch_add(1, Ordering::Relaxed);
             }
             inserted.push(!found);
         }
@@ -212,7 +211,6 @@ impl MemoryStore {
                     },
                     |e| hasher.hash_one(e.key.as_str()),
                 );
-                self.keys.fetch_add(1, Ordering::Relaxed);
             }
             let Some(entry) = shard.find_mut(hash, |e| e.key == key) else {
                 continue;
@@ -263,8 +261,19 @@ impl MemoryStore {
         evicted
     }
 
-    /// Ensure a new key fits under `max_keys`: evict at-rest keys from this
-    /// shard, then from every shard not locked right now.
+    /// Claim one of the `max_keys` places for a new key (the caller then
+    /// inserts it). Claiming is one atomic step, so racing threads cannot
+    /// overshoot the bound.
+    fn claim_key(&self) -> bool {
+        self.keys
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |k| {
+                (k < self.max_keys).then_some(k + 1)
+            })
+            .is_ok()
+    }
+
+    /// Claim a place for a new key; if the store is full, first evict at-rest
+    /// keys from this shard, then from every shard not locked right now.
     fn make_room(
         &self,
         policy: &Policy,
@@ -272,7 +281,7 @@ impl MemoryStore {
         item: &Item,
         now: Nanos,
     ) -> Result<(), StoreError> {
-        if self.keys.load(Ordering::Relaxed) < self.max_keys {
+        if self.claim_key() {
             return Ok(());
         }
         let table = self.table(item);
@@ -285,7 +294,7 @@ impl MemoryStore {
                 }
             }
         }
-        if self.keys.load(Ordering::Relaxed) < self.max_keys {
+        if self.claim_key() {
             return Ok(());
         }
         self.refused.fetch_add(1, Ordering::Relaxed);

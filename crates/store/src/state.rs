@@ -22,7 +22,7 @@ pub enum AnyState {
 impl AnyState {
     pub fn fresh(params: &Params) -> AnyState {
         match params {
-            Params::Gcra(_) => AnyState::Gcra(0),
+            Params::Gcra(_) => AnyState::Gcra(GcraState::default()),
             Params::FixedWindow(_) => AnyState::FixedWindow(Box::default()),
             Params::SlidingWindow(_) => AnyState::SlidingWindow(Box::default()),
             Params::Tiered(_) => AnyState::Tiered(Box::default()),

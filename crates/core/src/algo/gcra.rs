@@ -1,35 +1,130 @@
 //! token_bucket and leaky_bucket: the generic cell rate algorithm.
 //!
-//! The whole state is one instant, the theoretical arrival time (TAT). A full
-//! bucket admits `capacity` at once; it refills one unit every `interval`.
-//! A reservation for a future instant is exact: it just moves TAT further.
+//! The state is one instant, the theoretical arrival time (TAT). A full bucket
+//! admits `capacity` at once; it refills `amount` units every `period` ns,
+//! continuously. TAT is kept exactly: whole nanoseconds plus a remainder in
+//! 1/`amount` ns, so 300/s admits exactly 300 in every second after a drain
+//! (the k-th unit arrives at exactly k·period/amount), never 299 or 301.
+//! A reservation for a future instant is exact too: it just moves TAT further.
 
 use super::{Earliest, Meter, Usage};
-use crate::units::Nanos;
+use crate::units::{Nanos, Rate};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GcraParams {
-    /// Nanoseconds per unit of refill.
-    pub interval: Nanos,
     /// Burst size in units.
     pub capacity: u64,
+    /// `amount` units refill every `period` ns.
+    pub amount: u64,
+    pub period: Nanos,
+    /// The interval per unit as `whole + rem / amount` ns.
+    whole: Nanos,
+    rem: u64,
+    /// The burst tolerance `capacity * interval`, the same way.
+    tau: Exact,
+}
+
+/// An instant or span as `ns + frac / amount` nanoseconds, `frac < amount`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Exact {
+    pub ns: Nanos,
+    pub frac: u64,
 }
 
 impl GcraParams {
+    /// One unit every `interval` ns.
     pub fn new(capacity: u64, interval: Nanos) -> Self {
-        GcraParams {
-            interval: interval.max(1),
-            capacity: capacity.max(1),
+        Self::with_rate(
+            capacity,
+            Rate {
+                amount: 1,
+                per: interval.max(1),
+            },
+        )
+    }
+
+    pub fn with_rate(capacity: u64, rate: Rate) -> Self {
+        let capacity = capacity.max(1);
+        let amount = rate.amount.max(1);
+        let period = rate.per.max(1);
+        let mut p = GcraParams {
+            capacity,
+            amount,
+            period,
+            whole: period / amount,
+            rem: period % amount,
+            tau: Exact::default(),
+        };
+        p.tau = p.span(capacity);
+        p
+    }
+
+    /// `cost` intervals, exactly.
+    #[inline]
+    fn span(&self, cost: u64) -> Exact {
+        if cost == 1 {
+            return Exact {
+                ns: self.whole,
+                frac: self.rem,
+            };
+        }
+        let rem = u128::from(cost) * u128::from(self.rem);
+        let amount = u128::from(self.amount);
+        Exact {
+            ns: cost
+                .saturating_mul(self.whole)
+                .saturating_add((rem / amount) as u64),
+            frac: (rem % amount) as u64,
         }
     }
-    /// The burst tolerance: how far TAT may run ahead of now.
+
+    #[inline]
+    fn add(&self, a: Exact, b: Exact) -> Exact {
+        let frac = a.frac + b.frac;
+        if frac >= self.amount {
+            Exact {
+                ns: a.ns.saturating_add(b.ns).saturating_add(1),
+                frac: frac - self.amount,
+            }
+        } else {
+            Exact {
+                ns: a.ns.saturating_add(b.ns),
+                frac,
+            }
+        }
+    }
+
+    /// `a - b` rounded up to a whole nanosecond, or 0 if negative.
+    #[inline]
+    fn sub_ceil(&self, a: Exact, b: Exact) -> Nanos {
+        if a <= b {
+            return 0;
+        }
+        let (ns, frac) = if a.frac >= b.frac {
+            (a.ns - b.ns, a.frac - b.frac)
+        } else {
+            (a.ns - b.ns - 1, a.frac + self.amount - b.frac)
+        };
+        ns + u64::from(frac > 0)
+    }
+
+    /// The burst tolerance rounded up to whole nanoseconds: the time a drained bucket takes to refill.
     pub fn tau(&self) -> Nanos {
-        self.capacity.saturating_mul(self.interval)
+        self.tau.ns + u64::from(self.tau.frac > 0)
+    }
+
+    /// The interval per unit rounded up to whole nanoseconds.
+    pub fn interval(&self) -> Nanos {
+        self.whole + u64::from(self.rem > 0)
     }
 }
 
-/// The theoretical arrival time; 0 is a fresh, full bucket.
-pub type GcraState = Nanos;
+/// The theoretical arrival time; the default is a fresh, full bucket.
+pub type GcraState = Exact;
+
+fn at(ns: Nanos) -> Exact {
+    Exact { ns, frac: 0 }
+}
 
 #[derive(Debug)]
 pub struct Gcra<'a> {
@@ -38,63 +133,85 @@ pub struct Gcra<'a> {
 }
 
 impl Meter for Gcra<'_> {
+    #[inline]
     fn earliest(&self, _now: Nanos, cost: u64, from: Nanos) -> Earliest {
-        if cost > self.params.capacity {
+        let p = self.params;
+        if cost > p.capacity {
             return Earliest::Never {
-                capacity: self.params.capacity,
+                capacity: p.capacity,
             };
         }
-        let need = cost * self.params.interval;
-        Earliest::At(from.max((*self.tat + need).saturating_sub(self.params.tau())))
+        // Admissible at x iff max(tat, x) + need - x <= tau, i.e. x >= tat + need - tau.
+        let due = p.add(*self.tat, p.span(cost));
+        Earliest::At(from.max(p.sub_ceil(due, p.tau)))
     }
 
     fn reservable(&self, _now: Nanos, _at: Nanos) -> bool {
         true
     }
 
-    fn commit(&mut self, _now: Nanos, cost: u64, at: Nanos) {
-        *self.tat = (*self.tat).max(at) + cost * self.params.interval;
+    #[inline]
+    fn commit(&mut self, _now: Nanos, cost: u64, at_ns: Nanos) {
+        let p = self.params;
+        *self.tat = p.add((*self.tat).max(at(at_ns)), p.span(cost));
     }
 
     fn debit(&mut self, now: Nanos, amount: u64) {
-        *self.tat = (*self.tat)
-            .max(now)
-            .saturating_add(amount.saturating_mul(self.params.interval));
+        let p = self.params;
+        *self.tat = p.add((*self.tat).max(at(now)), p.span(amount));
     }
 
+    #[inline]
     fn usage(&self, now: Nanos) -> Usage {
-        gcra_usage(self.params, *self.tat, now)
+        let p = self.params;
+        let tat = *self.tat;
+        if tat <= at(now) {
+            return Usage {
+                remaining: p.capacity,
+                reset: 0,
+            };
+        }
+        let full = p.add(at(now), p.tau);
+        if tat >= full {
+            // Overdrawn (latency debits) or exactly empty: the next unit comes one interval after `full`.
+            let next = p.add(tat, p.span(1));
+            return Usage {
+                remaining: 0,
+                reset: p.sub_ceil(next, full),
+            };
+        }
+        // slack = full - tat in units of 1/amount ns; one unit is `period` of them.
+        let amount = u128::from(p.amount);
+        let scaled = |e: Exact| u128::from(e.ns) * amount + u128::from(e.frac);
+        let slack = scaled(full) - scaled(tat);
+        let period = u128::from(p.period);
+        let remaining = slack / period;
+        let reset = ((remaining + 1) * period - slack).div_ceil(amount);
+        Usage {
+            remaining: remaining as u64,
+            reset: reset as u64,
+        }
     }
 
+    #[inline]
     fn at_rest(&self, now: Nanos) -> bool {
-        *self.tat <= now
+        *self.tat <= at(now)
     }
 }
 
-pub fn gcra_usage(p: &GcraParams, tat: Nanos, now: Nanos) -> Usage {
-    if tat <= now {
-        return Usage {
-            remaining: p.capacity,
-            reset: 0,
-        };
-    }
-    let slack = (now + p.tau()).saturating_sub(tat);
-    let remaining = slack / p.interval;
-    // The next unit becomes available when the slack reaches (remaining + 1) intervals.
-    let reset = (remaining + 1) * p.interval - slack;
-    Usage { remaining, reset }
-}
-
-/// The single-key, single-limit path: decide and commit in one step.
-/// Returns `Ok(())` or `Err(earliest admission instant)`. Used by the lock-free
-/// cell in the store and by benchmarks against governor's direct limiter.
+/// The single-key, single-limit path over a whole-nanosecond TAT, for the
+/// lock-free `DirectLimiter` (one atomic word). Its interval is rounded up to
+/// a whole nanosecond, so it never runs faster than configured (300/s is one
+/// unit per 3,333,334 ns). Returns the new TAT, or the instant it would admit.
 #[inline]
-pub fn check(p: &GcraParams, tat: GcraState, now: Nanos, cost: u64) -> Result<GcraState, Nanos> {
-    let new_tat = tat.max(now) + cost * p.interval;
-    if new_tat - now <= p.tau() {
+pub fn check(p: &GcraParams, tat: Nanos, now: Nanos, cost: u64) -> Result<Nanos, Nanos> {
+    let interval = p.interval();
+    let tau = p.capacity.saturating_mul(interval);
+    let new_tat = tat.max(now) + cost * interval;
+    if new_tat - now <= tau {
         Ok(new_tat)
     } else {
-        Err(new_tat - p.tau())
+        Err(new_tat - tau)
     }
 }
 
@@ -108,7 +225,7 @@ mod tests {
     #[test]
     fn burst_then_refill() {
         let p = GcraParams::new(3, S); // 3 at once, then 1/s
-        let mut tat = 0;
+        let mut tat = GcraState::default();
         let now = 1_000 * S;
         for _ in 0..3 {
             let mut m = Gcra {
@@ -141,6 +258,35 @@ mod tests {
         );
         assert!(m.at_rest(now + 3 * S));
         assert!(!m.at_rest(now + 3 * S - 1));
+    }
+
+    #[test]
+    fn exactly_300_per_second_after_a_drain() {
+        let p = GcraParams::with_rate(
+            1000,
+            Rate {
+                amount: 300,
+                per: S,
+            },
+        );
+        let mut tat = GcraState::default();
+        let t0 = 5_000 * S;
+        let mut m = Gcra {
+            params: &p,
+            tat: &mut tat,
+        };
+        m.commit(t0, 1000, t0);
+        // The first unit is due 1/300 s later, rounded up to a whole nanosecond.
+        assert_eq!(m.earliest(t0, 1, t0), Earliest::At(t0 + 3_333_334));
+        for second in 1..=3600u64 {
+            let now = t0 + second * S;
+            let mut admitted = 0;
+            while m.earliest(now, 1, now) == Earliest::At(now) {
+                m.commit(now, 1, now);
+                admitted += 1;
+            }
+            assert_eq!(admitted, 300, "second {second}");
+        }
     }
 
     #[test]

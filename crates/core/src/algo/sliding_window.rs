@@ -2,11 +2,12 @@
 //!
 //! Precision: the window is split into `segments` sub-windows of length
 //! g = ceil(every / segments). A decision at t counts every sub-window that
-//! overlaps (t - every, t], including the oldest one whole. So it never admits
-//! more than `quota` in any window of length `every` (zero over-admission), and
-//! it denies only if the exact log holds more than `quota - cost` events in the
-//! slightly longer window (t - every - g, t]: the worst-case under-admission is
-//! the events of one sub-window. `retry_after` is exact for this model.
+//! overlaps (t - every, t], the oldest one whole, plus any reservation already
+//! made in the next sub-window. So it never admits more than `quota` in any
+//! window of length `every` (zero over-admission), and it denies only if the
+//! exact log holds more than `quota - cost` events in (t - every - g, t] or
+//! reserved ahead: the worst-case under-admission is the events of one
+//! sub-window. `retry_after` is exact for this model.
 
 use super::{Earliest, Meter, Usage};
 use crate::units::Nanos;
@@ -14,32 +15,42 @@ use crate::units::Nanos;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlidingWindowParams {
     pub quota: u64,
+    pub every: Nanos,
     /// Length of one sub-window.
     pub segment: Nanos,
-    /// Sub-windows per window; the window counts `segments + 1` of them.
+    /// Sub-windows per window.
     pub segments: u32,
 }
 
 impl SlidingWindowParams {
     pub fn new(quota: u64, every: Nanos, segments: u32) -> Self {
         let segments = segments.max(1);
+        let every = every.max(1);
         SlidingWindowParams {
             quota,
+            every,
             segment: every.div_ceil(u64::from(segments)).max(1),
             segments,
         }
     }
+    /// Sub-windows kept: all that can overlap a window, and one reserved ahead.
     fn ring(&self) -> u64 {
         u64::from(self.segments) + 2
     }
+    /// The oldest sub-window a decision at `t` counts.
+    fn first(&self, t: Nanos) -> u64 {
+        (t + 1).saturating_sub(self.every) / self.segment
+    }
 }
 
-/// `head` is the newest sub-window index written; `counts` is a ring over
-/// sub-windows `head - segments - 1 ..= head`.
+/// `head` is the newest sub-window written; `counts` is a ring over
+/// sub-windows `head + 1 - ring ..= head`; `total` is their sum, so the
+/// usual decision costs O(1), not O(segments).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SlidingWindowState {
     pub head: u64,
     pub counts: Box<[u64]>,
+    pub total: u64,
 }
 
 #[derive(Debug)]
@@ -57,10 +68,18 @@ impl SlidingWindow<'_> {
         s.counts[(segment % self.params.ring()) as usize]
     }
 
-    /// Events counted by a decision made during sub-window `b`.
-    fn counted(&self, b: u64) -> u64 {
-        let first = b.saturating_sub(u64::from(self.params.segments));
-        (first..=b).map(|i| self.count_in(i)).sum()
+    /// Units counted by a decision at `t`: sub-windows `first(t) ..= head`.
+    fn counted(&self, t: Nanos) -> u64 {
+        let s = &self.state;
+        if s.counts.is_empty() {
+            return 0;
+        }
+        let first = self.params.first(t);
+        if first > s.head {
+            return 0;
+        }
+        let oldest = (s.head + 1).saturating_sub(self.params.ring());
+        s.total - (oldest..first).map(|i| self.count_in(i)).sum::<u64>()
     }
 
     fn add(&mut self, segment: u64, amount: u64) {
@@ -73,12 +92,18 @@ impl SlidingWindow<'_> {
         if segment > s.head {
             let gap = (segment - s.head).min(ring);
             for i in 1..=gap {
-                s.counts[((s.head + i) % ring) as usize] = 0;
+                let slot = &mut s.counts[((s.head + i) % ring) as usize];
+                s.total -= *slot;
+                *slot = 0;
             }
             s.head = segment;
         }
+        if s.head - segment >= ring {
+            return; // older than any window that is still counted
+        }
         let slot = &mut s.counts[(segment % ring) as usize];
         *slot = slot.saturating_add(amount);
+        s.total = s.total.saturating_add(amount);
     }
 }
 
@@ -88,23 +113,16 @@ impl Meter for SlidingWindow<'_> {
         if cost > p.quota {
             return Earliest::Never { capacity: p.quota };
         }
-        let mut b = from / p.segment;
-        let mut counted = self.counted(b);
-        if counted + cost <= p.quota {
-            return Earliest::At(from);
-        }
-        // Step to each later sub-window: the oldest one leaves, a (reserved) new one enters.
-        for _ in 0..=p.ring() {
-            let leaving = b
-                .checked_sub(u64::from(p.segments))
-                .map_or(0, |old| self.count_in(old));
-            counted = counted - leaving + self.count_in(b + 1);
-            b += 1;
-            if counted + cost <= p.quota {
-                return Earliest::At(b * p.segment);
+        // The count only falls when the oldest counted sub-window leaves the
+        // window: at t with first(t) one higher, i.e. t = k * g + every - 1.
+        let mut t = from;
+        for _ in 0..=p.ring() + 1 {
+            if self.counted(t) + cost <= p.quota {
+                return Earliest::At(t);
             }
+            t = (p.first(t) + 1) * p.segment + p.every - 1;
         }
-        Earliest::At((b + 1) * p.segment)
+        Earliest::At(t)
     }
 
     fn reservable(&self, now: Nanos, at: Nanos) -> bool {
@@ -121,22 +139,20 @@ impl Meter for SlidingWindow<'_> {
 
     fn usage(&self, now: Nanos) -> Usage {
         let p = self.params;
-        let b = now / p.segment;
-        let counted = self.counted(b);
-        let first = b.saturating_sub(u64::from(p.segments));
-        let reset = (first..=b)
+        let counted = self.counted(now);
+        let reset = (p.first(now)..=self.state.head)
             .find(|&i| self.count_in(i) > 0)
-            .map_or(0, |i| (i + u64::from(p.segments) + 1) * p.segment - now);
+            .map_or(0, |i| {
+                ((i + 1) * p.segment + p.every - 1).saturating_sub(now)
+            });
         Usage {
             remaining: p.quota.saturating_sub(counted),
-            reset,
+            reset: if counted == 0 { 0 } else { reset },
         }
     }
 
     fn at_rest(&self, now: Nanos) -> bool {
-        let b = now / self.params.segment;
-        self.state.counts.is_empty()
-            || b.saturating_sub(u64::from(self.params.segments)) > self.state.head
+        self.state.counts.is_empty() || self.params.first(now) > self.state.head
     }
 }
 
@@ -146,7 +162,7 @@ mod tests {
 
     #[test]
     fn counts_roll_off_one_segment_at_a_time() {
-        // quota 3 in any 10 ns, segments of 1 ns.
+        // quota 3 in any 10 ns, sub-windows of 1 ns: exact.
         let p = SlidingWindowParams::new(3, 10, 10);
         let mut st = SlidingWindowState::default();
         let mut m = SlidingWindow {
@@ -155,22 +171,23 @@ mod tests {
         };
         m.commit(100, 1, 100);
         m.commit(103, 2, 103);
-        assert_eq!(m.earliest(105, 1, 105), Earliest::At(111));
-        assert_eq!(m.earliest(105, 3, 105), Earliest::At(114));
+        // (100, 110] no longer holds the event at 100.
+        assert_eq!(m.earliest(105, 1, 105), Earliest::At(110));
+        assert_eq!(m.earliest(105, 3, 105), Earliest::At(113));
         assert_eq!(
             m.usage(105),
             Usage {
                 remaining: 0,
-                reset: 6
+                reset: 5
             }
         );
-        assert!(!m.at_rest(113));
-        assert!(m.at_rest(114));
+        assert!(!m.at_rest(112));
+        assert!(m.at_rest(113));
         assert_eq!(m.earliest(105, 4, 105), Earliest::Never { capacity: 3 });
     }
 
     #[test]
-    fn reservation_in_next_segment_counts_only_from_there() {
+    fn reservation_in_next_segment_counts_from_now() {
         let p = SlidingWindowParams::new(2, 100, 10);
         let mut st = SlidingWindowState::default();
         let mut m = SlidingWindow {
@@ -178,11 +195,26 @@ mod tests {
             state: &mut st,
         };
         m.commit(5, 2, 5);
-        assert_eq!(m.earliest(50, 1, 50), Earliest::At(110));
-        assert!(!m.reservable(50, 110));
+        // Sub-window 0 leaves the count once (t - 100, t] starts past 10.
+        assert_eq!(m.earliest(50, 1, 50), Earliest::At(109));
+        assert!(!m.reservable(50, 109));
         assert!(m.reservable(105, 110));
         m.commit(105, 1, 110);
+        // A reservation ahead counts for decisions made now, too.
         assert_eq!(m.usage(105).remaining, 0);
         assert_eq!(m.usage(110).remaining, 1);
+    }
+
+    #[test]
+    fn uneven_segments_count_only_what_overlaps_the_window() {
+        // every 14 in 3 sub-windows of 5: at 15 the window (1, 15] skips [0, 1].
+        let p = SlidingWindowParams::new(1, 14, 3);
+        let mut st = SlidingWindowState::default();
+        let mut m = SlidingWindow {
+            params: &p,
+            state: &mut st,
+        };
+        m.commit(0, 1, 0);
+        assert_eq!(m.earliest(0, 1, 0), Earliest::At(18));
     }
 }

@@ -1,0 +1,691 @@
+//! The store conformance suite, written once for every store.
+//!
+//! Each test is a generic function over `Backend`: a policy goes in, requests
+//! are checked at fake instants, and the decisions must be exactly what the
+//! policy language promises (DESIGN.md, "Semantics"). A store joins the suite
+//! by implementing `Backend` and adding one line to the bottom of this file:
+//!
+//! ```text
+//! conformance!(redis: RedisEngine);
+//! ```
+
+use serde_json::json;
+use tollgate_core::{
+    parse, Attrs, Decision, Item, Nanos, NoProfiles, Policy, RequestError, Verdict,
+};
+use tollgate_store::{Checked, Engine, EngineError, StoreError};
+
+const MS: Nanos = 1_000_000;
+const SEC: Nanos = 1_000_000_000;
+const MINUTE: Nanos = 60 * SEC;
+const HOUR: Nanos = 60 * MINUTE;
+const DAY: Nanos = 24 * HOUR;
+/// 2026-01-01T00:00:00Z, a UTC midnight.
+const T0: Nanos = 1_767_225_600 * SEC;
+
+/// What the suite needs of a store, behind the engine that drives it.
+pub trait Backend: Sized {
+    fn open(policy: Policy) -> Self;
+    fn check(&self, req: &Attrs, now: Nanos) -> Result<Checked, EngineError>;
+    fn finish(&self, items: &[Item], now: Nanos, latency_us: u64);
+    /// Keys tracked right now, over all limits.
+    fn keys(&self) -> usize;
+    fn sweep(&self, now: Nanos) -> usize;
+}
+
+impl Backend for Engine {
+    fn open(policy: Policy) -> Self {
+        Engine::new(policy)
+    }
+    fn check(&self, req: &Attrs, now: Nanos) -> Result<Checked, EngineError> {
+        Engine::check(self, req, now)
+    }
+    fn finish(&self, items: &[Item], now: Nanos, latency_us: u64) {
+        Engine::finish(self, items, now, latency_us);
+    }
+    fn keys(&self) -> usize {
+        self.store().stats().keys
+    }
+    fn sweep(&self, now: Nanos) -> usize {
+        Engine::sweep(self, now)
+    }
+}
+
+/// Instantiate every test of the suite for one store.
+macro_rules! conformance {
+    ($store:ident: $backend:ty) => {
+        conformance!(@each $store: $backend;
+            token_bucket_burst_then_refill,
+            leaky_bucket_is_token_bucket,
+            fixed_window_resets_at_the_boundary,
+            fixed_window_day_starts_at_local_midnight,
+            sliding_window_rolls_segment_by_segment,
+            tiered_falls_through_and_a_day_is_the_sum_of_refills,
+            concurrency_acquires_and_releases_via_finish,
+            latency_is_debited_at_completion,
+            hold_delays_and_reserves,
+            sliding_window_hold_reservation_is_counted,
+            shadow_never_denies_but_reports,
+            several_limits_are_all_or_nothing,
+            missing_key_anonymous,
+            missing_key_reject,
+            missing_key_skip,
+            cost_from_header,
+            cost_from_json_array,
+            class_scales_limits,
+            max_keys_bounds_memory_and_never_changes_a_decision,
+        );
+    };
+    (@each $store:ident: $backend:ty; $($test:ident),* $(,)?) => {
+        mod $store {
+            $(
+                #[test]
+                fn $test() {
+                    super::$test::<$backend>();
+                }
+            )*
+        }
+    };
+}
+
+conformance!(memory: tollgate_store::Engine);
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+fn open<B: Backend>(toml: &str) -> B {
+    B::open(parse(toml, &NoProfiles).expect("a valid policy"))
+}
+
+fn req(headers: &[(&str, &str)]) -> Attrs {
+    Attrs {
+        method: "GET".into(),
+        path: "/v1/jobs".into(),
+        ip: Some("10.0.0.1".into()),
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Attrs::default()
+    }
+}
+
+fn tenant(name: &str) -> Attrs {
+    req(&[("x-tenant", name)])
+}
+
+fn check<B: Backend>(b: &B, r: &Attrs, now: Nanos) -> Checked {
+    b.check(r, now).expect("the request is well-formed")
+}
+
+fn decide<B: Backend>(b: &B, r: &Attrs, now: Nanos) -> Decision {
+    check(b, r, now).decision
+}
+
+fn admitted(d: &Decision) -> bool {
+    d.verdict == Verdict::Admit { delay: 0 }
+}
+
+fn denied(limit: usize, retry_after: Nanos) -> Verdict {
+    Verdict::Deny {
+        limit,
+        retry_after: Some(retry_after),
+    }
+}
+
+const NOW: Verdict = Verdict::Admit { delay: 0 };
+
+fn bucket(algorithm: &str, extra: &str) -> String {
+    format!(
+        "[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"{algorithm}\"\ncapacity = 3\nrefill = \"1/s\"\n{extra}"
+    )
+}
+
+// ---------------------------------------------------------------------------
+// token_bucket / leaky_bucket
+// ---------------------------------------------------------------------------
+
+fn token_bucket_burst_then_refill<B: Backend>() {
+    let b: B = open(&bucket("token_bucket", ""));
+    let t = T0 + 10 * SEC;
+    for left in [2, 1, 0] {
+        let d = decide(&b, &tenant("acme"), t);
+        assert_eq!(d.verdict, NOW);
+        assert_eq!(d.outcomes[0].remaining, left);
+    }
+    let d = decide(&b, &tenant("acme"), t);
+    assert_eq!(d.verdict, denied(0, SEC));
+    let o = d.outcomes[0];
+    assert_eq!(
+        (o.allowed, o.remaining, o.reset, o.retry_after),
+        (false, 0, SEC, Some(SEC))
+    );
+    // Another tenant has its own bucket.
+    assert_eq!(decide(&b, &tenant("other"), t).verdict, NOW);
+    // Exactly one unit back after one second, not a nanosecond earlier.
+    assert_eq!(
+        decide(&b, &tenant("acme"), t + SEC - 1).verdict,
+        denied(0, 1)
+    );
+    let d = decide(&b, &tenant("acme"), t + SEC);
+    assert_eq!((d.verdict, d.outcomes[0].remaining), (NOW, 0));
+    // Full again three seconds after that: a burst of 3.
+    let later = t + 4 * SEC;
+    for left in [2, 1, 0] {
+        assert_eq!(
+            decide(&b, &tenant("acme"), later).outcomes[0].remaining,
+            left
+        );
+    }
+    assert_eq!(decide(&b, &tenant("acme"), later).verdict, denied(0, SEC));
+}
+
+fn leaky_bucket_is_token_bucket<B: Backend>() {
+    let cost = "cost = { header = \"x-n\" }\n";
+    let token: B = open(&bucket("token_bucket", cost));
+    let leaky: B = open(&bucket("leaky_bucket", cost));
+    let (mut admitted_units, mut denials) = (0, 0);
+    let mut t = T0;
+    for i in 0..200u64 {
+        t += (i * 7_919 % 13) * 100 * MS; // 0 to 1.2 s, irregular
+        let cost = 1 + i % 3;
+        let r = req(&[("x-tenant", "acme"), ("x-n", &cost.to_string())]);
+        let d = decide(&token, &r, t);
+        assert_eq!(d, decide(&leaky, &r, t), "request {i} at {t}");
+        if admitted(&d) {
+            admitted_units += cost;
+        } else {
+            denials += 1;
+        }
+    }
+    // Both outcomes occur, and the units admitted stay within burst + refill.
+    assert!(denials > 0 && admitted_units > 0);
+    assert!(admitted_units <= 3 + (t - T0) / SEC);
+}
+
+// ---------------------------------------------------------------------------
+// fixed_window / sliding_window
+// ---------------------------------------------------------------------------
+
+fn fixed_window_resets_at_the_boundary<B: Backend>() {
+    let b: B = open(
+        "[[limit]]\nname = \"minute\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 2\n",
+    );
+    let t = T0 + 59 * SEC + 500 * MS; // half a second before a minute boundary
+    assert_eq!(decide(&b, &tenant("a"), t).outcomes[0].remaining, 1);
+    let d = decide(&b, &tenant("a"), t);
+    assert_eq!(
+        (d.verdict, d.outcomes[0].remaining, d.outcomes[0].reset),
+        (NOW, 0, 500 * MS)
+    );
+    assert_eq!(decide(&b, &tenant("a"), t).verdict, denied(0, 500 * MS));
+    assert_eq!(
+        decide(&b, &tenant("a"), T0 + MINUTE - 1).verdict,
+        denied(0, 1)
+    );
+    let d = decide(&b, &tenant("a"), T0 + MINUTE);
+    assert_eq!((d.verdict, d.outcomes[0].remaining), (NOW, 1));
+    assert_eq!(decide(&b, &tenant("a"), T0 + MINUTE).verdict, NOW);
+    assert_eq!(
+        decide(&b, &tenant("a"), T0 + MINUTE + 30 * SEC).verdict,
+        denied(0, 30 * SEC)
+    );
+}
+
+fn fixed_window_day_starts_at_local_midnight<B: Backend>() {
+    let b: B = open(
+        "[[limit]]\nname = \"daily\"\nalgorithm = \"fixed_window\"\nevery = \"1d\"\nquota = 1\ntimezone = \"Europe/Amsterdam\"\n",
+    );
+    // 2026-01-01T22:59:59Z is 23:59:59 in Amsterdam (CET, UTC+1).
+    let t = T0 + 22 * HOUR + 59 * MINUTE + 59 * SEC;
+    assert_eq!(decide(&b, &req(&[]), t).verdict, NOW);
+    assert_eq!(decide(&b, &req(&[]), t).verdict, denied(0, SEC));
+    assert_eq!(decide(&b, &req(&[]), T0 + 23 * HOUR).verdict, NOW);
+    assert_eq!(
+        decide(&b, &req(&[]), T0 + 23 * HOUR).verdict,
+        denied(0, DAY)
+    );
+}
+
+fn sliding_window_rolls_segment_by_segment<B: Backend>() {
+    // 2 in any 10 s, counted in 1 s segments. A decision counts the oldest
+    // overlapping segment whole (sliding_window.rs), so a unit admitted at
+    // T0 is counted until T0 + 11 s.
+    let b: B = open(
+        "[[limit]]\nname = \"rolling\"\nalgorithm = \"sliding_window\"\nevery = \"10s\"\nquota = 2\nsegments = 10\n",
+    );
+    assert_eq!(decide(&b, &req(&[]), T0).verdict, NOW);
+    assert_eq!(decide(&b, &req(&[]), T0 + 5 * SEC).verdict, NOW);
+    let d = decide(&b, &req(&[]), T0 + 9 * SEC);
+    assert_eq!(d.verdict, denied(0, 2 * SEC));
+    assert_eq!((d.outcomes[0].remaining, d.outcomes[0].reset), (0, 2 * SEC));
+    assert_eq!(
+        decide(&b, &req(&[]), T0 + 11 * SEC - 1).verdict,
+        denied(0, 1)
+    );
+    assert_eq!(decide(&b, &req(&[]), T0 + 11 * SEC).verdict, NOW);
+    // Now T0+5 s and T0+11 s are in the window: full until T0+5 s leaves at T0+16 s.
+    assert_eq!(
+        decide(&b, &req(&[]), T0 + 12 * SEC).verdict,
+        denied(0, 4 * SEC)
+    );
+    assert_eq!(decide(&b, &req(&[]), T0 + 16 * SEC).verdict, NOW);
+}
+
+// ---------------------------------------------------------------------------
+// tiered
+// ---------------------------------------------------------------------------
+
+fn tiered_falls_through_and_a_day_is_the_sum_of_refills<B: Backend>() {
+    let b: B = open(
+        "[[limit]]\nname = \"count\"\nalgorithm = \"tiered\"\ntiers = [ { every = \"1m\", quota = 2 }, { every = \"1h\", quota = 3 }, { every = \"1d\", quota = 1 } ]\n",
+    );
+    let r = req(&[]);
+    // Minute pool, then hour pool, then day pool.
+    for left in [5, 4, 3, 2, 1, 0] {
+        let d = decide(&b, &r, T0);
+        assert_eq!((d.verdict, d.outcomes[0].remaining), (NOW, left));
+    }
+    let d = decide(&b, &r, T0);
+    assert_eq!(d.verdict, denied(0, MINUTE));
+    assert_eq!(d.outcomes[0].reset, MINUTE);
+    // A minute later only the minute pool is back.
+    assert_eq!(decide(&b, &r, T0 + MINUTE).outcomes[0].remaining, 1);
+    assert_eq!(decide(&b, &r, T0 + MINUTE).outcomes[0].remaining, 0);
+    assert_eq!(decide(&b, &r, T0 + MINUTE).verdict, denied(0, MINUTE));
+    // Hammer the rest of the day: every minute until denied.
+    let mut total = 8;
+    for minute in 2..24 * 60 {
+        let t = T0 + minute * MINUTE;
+        while admitted(&decide(&b, &r, t)) {
+            total += 1;
+        }
+    }
+    assert_eq!(total, 2 * 24 * 60 + 3 * 24 + 1);
+    // The next day starts over with all three pools.
+    assert_eq!(decide(&b, &r, T0 + DAY).outcomes[0].remaining, 5);
+}
+
+// ---------------------------------------------------------------------------
+// concurrency and latency: through finish
+// ---------------------------------------------------------------------------
+
+fn concurrency_acquires_and_releases_via_finish<B: Backend>() {
+    let b: B = open(
+        "[[limit]]\nname = \"in-flight\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"concurrency\"\nmax = 2\n",
+    );
+    let t = T0;
+    let first = check(&b, &tenant("a"), t);
+    let second = check(&b, &tenant("a"), t);
+    assert_eq!(
+        (first.decision.verdict, second.decision.verdict),
+        (NOW, NOW)
+    );
+    assert_eq!(second.decision.outcomes[0].remaining, 0);
+    // Full: only a release can make room, so no retry_after is promised.
+    let d = decide(&b, &tenant("a"), t + HOUR);
+    assert_eq!(
+        d.verdict,
+        Verdict::Deny {
+            limit: 0,
+            retry_after: None
+        }
+    );
+    assert_eq!(
+        decide(&b, &tenant("b"), t).verdict,
+        NOW,
+        "another key is separate"
+    );
+    b.finish(&first.items, t + HOUR, 0);
+    let third = check(&b, &tenant("a"), t + HOUR);
+    assert_eq!(
+        (third.decision.verdict, third.decision.outcomes[0].remaining),
+        (NOW, 0)
+    );
+    b.finish(&second.items, t + HOUR, 0);
+    b.finish(&third.items, t + HOUR, 0);
+    let d = decide(&b, &tenant("a"), t + HOUR);
+    assert_eq!((d.verdict, d.outcomes[0].remaining), (NOW, 1));
+}
+
+fn latency_is_debited_at_completion<B: Backend>() {
+    // Seconds of upstream time: 2 s a minute, then 3 s an hour.
+    let b: B = open(
+        "[[limit]]\nname = \"duration\"\nalgorithm = \"tiered\"\ncost = \"latency\"\ntiers = [ { every = \"1m\", quota = \"2s\" }, { every = \"1h\", quota = \"3s\" } ]\n",
+    );
+    let us = 1_000_000; // microseconds in a second
+    let r = req(&[]);
+    let t = T0 + 10 * SEC;
+    let a = check(&b, &r, t);
+    assert_eq!(
+        (a.decision.verdict, a.decision.outcomes[0].remaining),
+        (NOW, 5 * us)
+    );
+    // Admission charges nothing; completion debits 2.5 s, minute pool first.
+    let c = check(&b, &r, t);
+    assert_eq!(c.decision.outcomes[0].remaining, 5 * us);
+    b.finish(&a.items, t + SEC, 2_500_000);
+    let d = check(&b, &r, t + SEC);
+    assert_eq!(
+        (d.decision.verdict, d.decision.outcomes[0].remaining),
+        (NOW, 2_500_000)
+    );
+    // 3 s more: the hour pool empties (a pool never goes below empty).
+    b.finish(&d.items, t + 2 * SEC, 3 * us);
+    b.finish(&c.items, t + 2 * SEC, us);
+    let e = decide(&b, &r, t + 2 * SEC);
+    assert_eq!(e.verdict, denied(0, MINUTE - 12 * SEC));
+    assert_eq!(e.outcomes[0].remaining, 0);
+    // The next minute brings the minute pool back: 2 s.
+    let f = check(&b, &r, T0 + MINUTE);
+    assert_eq!(
+        (f.decision.verdict, f.decision.outcomes[0].remaining),
+        (NOW, 2 * us)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// hold, shadow, several limits
+// ---------------------------------------------------------------------------
+
+fn hold_delays_and_reserves<B: Backend>() {
+    let b: B = open(
+        "[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"token_bucket\"\ncapacity = 1\nrefill = \"1/s\"\nhold = \"2s\"\n",
+    );
+    let t = T0;
+    assert_eq!(decide(&b, &tenant("a"), t).verdict, NOW);
+    assert_eq!(
+        decide(&b, &tenant("a"), t).verdict,
+        Verdict::Admit { delay: SEC }
+    );
+    assert_eq!(
+        decide(&b, &tenant("a"), t).verdict,
+        Verdict::Admit { delay: 2 * SEC }
+    );
+    // The next slot is 3 s away, beyond the hold: denied. retry_after is the
+    // earliest arrival that would be admitted: at +1 s, held the 2 s allowed.
+    assert_eq!(decide(&b, &tenant("a"), t).verdict, denied(0, SEC));
+    assert_eq!(decide(&b, &tenant("a"), t + SEC - 1).verdict, denied(0, 1));
+    // Later requests queue behind the reservations.
+    assert_eq!(
+        decide(&b, &tenant("a"), t + 1500 * MS).verdict,
+        Verdict::Admit { delay: 1500 * MS }
+    );
+    assert_eq!(decide(&b, &tenant("a"), t + 4 * SEC).verdict, NOW);
+}
+
+fn sliding_window_hold_reservation_is_counted<B: Backend>() {
+    // 3 in any 10 s, in 5 s segments; requests may wait up to 5 s.
+    let b: B = open(
+        "[[limit]]\nname = \"rolling\"\nalgorithm = \"sliding_window\"\nevery = \"10s\"\nquota = 3\nsegments = 2\nhold = \"5s\"\ncost = { header = \"x-n\" }\n",
+    );
+    let n = |units: &str| req(&[("x-n", units)]);
+    assert_eq!(decide(&b, &n("1"), T0).verdict, NOW);
+    // At T0+10 s three units fit only once T0's segment has left, at T0+15 s.
+    assert_eq!(
+        decide(&b, &n("3"), T0 + 10 * SEC).verdict,
+        Verdict::Admit { delay: 5 * SEC }
+    );
+    // One more unit now would put 4 in (T0+5 s, T0+15 s].
+    let d = decide(&b, &n("1"), T0 + 10 * SEC);
+    assert!(
+        d.verdict != NOW,
+        "admitted at once although 3 units are reserved at T0+15 s: 4 in 10 s, quota 3"
+    );
+}
+
+fn shadow_never_denies_but_reports<B: Backend>() {
+    let b: B = open(&bucket("token_bucket", "mode = \"shadow\"\n"));
+    let t = T0;
+    for i in 0..10u64 {
+        let d = decide(&b, &tenant("a"), t);
+        assert_eq!(d.verdict, NOW, "shadow denied request {i}");
+        let o = d.outcomes[0];
+        assert!(o.shadow);
+        if i < 3 {
+            assert!(o.allowed && o.retry_after.is_none());
+        } else {
+            assert!(!o.allowed, "request {i} would have been denied");
+            assert_eq!(o.retry_after, Some(SEC));
+        }
+    }
+    // Only what it would have admitted was counted: a second refills one unit.
+    let o = decide(&b, &tenant("a"), t + SEC).outcomes[0];
+    assert!(o.allowed);
+    assert!(!decide(&b, &tenant("a"), t + SEC).outcomes[0].allowed);
+}
+
+fn several_limits_are_all_or_nothing<B: Backend>() {
+    // A per-tenant bucket of 3 and one shared window of 4 a minute.
+    let b: B = open(&format!(
+        "{}\n[[limit]]\nname = \"global\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 4\n",
+        bucket("token_bucket", "")
+    ));
+    let t = T0 + 30 * SEC;
+    for _ in 0..3 {
+        assert_eq!(decide(&b, &tenant("a"), t).verdict, NOW);
+    }
+    // Tenant a's bucket is empty: denied by it, the window is not charged.
+    let d = decide(&b, &tenant("a"), t);
+    assert_eq!(d.verdict, denied(0, SEC));
+    assert!(!d.outcomes[0].allowed && d.outcomes[1].allowed);
+    assert_eq!(d.outcomes[1].remaining, 1);
+    assert_eq!(decide(&b, &tenant("b"), t).verdict, NOW);
+    // The window is full: denied by it, tenant c's bucket is not charged.
+    let d = decide(&b, &tenant("c"), t);
+    assert_eq!(d.verdict, denied(1, 30 * SEC));
+    assert!(d.outcomes[0].allowed && !d.outcomes[1].allowed);
+    assert_eq!(d.outcomes[0].remaining, 3);
+    // Both must allow: a's bucket refills at t+1s but the window only at t+30s.
+    assert_eq!(decide(&b, &tenant("a"), t).verdict, denied(1, 30 * SEC));
+    let d = decide(&b, &tenant("c"), T0 + MINUTE);
+    assert_eq!((d.verdict, d.outcomes[0].remaining), (NOW, 2));
+}
+
+// ---------------------------------------------------------------------------
+// Keys and costs from the request
+// ---------------------------------------------------------------------------
+
+fn missing_key_anonymous<B: Backend>() {
+    let b: B = open(&bucket("token_bucket", "missing_key = \"anonymous\"\n"));
+    let t = T0;
+    for _ in 0..3 {
+        assert_eq!(decide(&b, &req(&[]), t).verdict, NOW);
+    }
+    // Every request without the header shares one anonymous bucket.
+    assert_eq!(
+        decide(&b, &req(&[("x-other", "1")]), t).verdict,
+        denied(0, SEC)
+    );
+    assert_eq!(decide(&b, &tenant("acme"), t).verdict, NOW);
+}
+
+fn missing_key_reject<B: Backend>() {
+    let b: B = open(&bucket("token_bucket", "missing_key = \"reject\"\n"));
+    match b.check(&req(&[]), T0) {
+        Err(EngineError::Request(RequestError::MissingKey { limit, part })) => {
+            assert_eq!(
+                (limit.as_str(), part.as_str()),
+                ("tenant", "header:x-tenant")
+            );
+        }
+        other => panic!("expected a missing-key error, got {other:?}"),
+    }
+    assert_eq!(b.keys(), 0, "a rejected request is not tracked");
+    assert_eq!(decide(&b, &tenant("acme"), T0).verdict, NOW);
+}
+
+fn missing_key_skip<B: Backend>() {
+    let b: B = open(&bucket("token_bucket", "missing_key = \"skip\"\n"));
+    for _ in 0..10 {
+        let c = check(&b, &req(&[]), T0);
+        assert_eq!(c.decision.verdict, NOW);
+        assert!(c.items.is_empty() && c.decision.outcomes.is_empty());
+    }
+    assert_eq!(b.keys(), 0);
+    for _ in 0..3 {
+        assert_eq!(decide(&b, &tenant("acme"), T0).verdict, NOW);
+    }
+    assert_eq!(decide(&b, &tenant("acme"), T0).verdict, denied(0, SEC));
+}
+
+fn cost_from_header<B: Backend>() {
+    let b: B = open(
+        "[[limit]]\nname = \"weighted\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 10\ncost = { header = \"X-Cost\" }\n",
+    );
+    let t = T0 + 45 * SEC;
+    let d = decide(&b, &req(&[("x-cost", "7")]), t);
+    assert_eq!((d.verdict, d.outcomes[0].remaining), (NOW, 3));
+    assert_eq!(
+        decide(&b, &req(&[("x-cost", "4")]), t).verdict,
+        denied(0, 15 * SEC)
+    );
+    assert_eq!(
+        decide(&b, &req(&[("x-cost", "3")]), t).outcomes[0].remaining,
+        0
+    );
+    // Absent: one unit.
+    assert_eq!(decide(&b, &req(&[]), t).verdict, denied(0, 15 * SEC));
+    // More than the quota can ever hold is not a 429.
+    assert_eq!(
+        decide(&b, &req(&[("x-cost", "11")]), T0 + MINUTE).verdict,
+        Verdict::Never {
+            limit: 0,
+            cost: 11,
+            capacity: 10
+        }
+    );
+    match b.check(&req(&[("x-cost", "lots")]), t) {
+        Err(EngineError::Request(RequestError::BadCostHeader { header, value, .. })) => {
+            assert_eq!((header.as_str(), value.as_str()), ("x-cost", "lots"));
+        }
+        other => panic!("expected a bad cost header error, got {other:?}"),
+    }
+    let d = decide(&b, &req(&[("x-cost", "10")]), T0 + MINUTE);
+    assert_eq!((d.verdict, d.outcomes[0].remaining), (NOW, 0));
+}
+
+fn cost_from_json_array<B: Backend>() {
+    let b: B = open(
+        "[[limit]]\nname = \"bulk\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 5\ncost = { json_array = \"/variables/ids\" }\n",
+    );
+    let with = |body: serde_json::Value| Attrs {
+        body: Some(body),
+        ..req(&[])
+    };
+    let t = T0;
+    let d = decide(&b, &with(json!({"variables": {"ids": [1, 2, 3]}})), t);
+    assert_eq!((d.verdict, d.outcomes[0].remaining), (NOW, 2));
+    assert_eq!(
+        decide(&b, &with(json!({"variables": {"ids": [1, 2, 3]}})), t).verdict,
+        denied(0, MINUTE)
+    );
+    // No array at the pointer (or no body): one unit.
+    assert_eq!(
+        decide(&b, &with(json!({"query": "{}"})), t).outcomes[0].remaining,
+        1
+    );
+    assert_eq!(decide(&b, &req(&[]), t).outcomes[0].remaining, 0);
+    match b.check(&with(json!({"variables": {"ids": "1,2"}})), t) {
+        Err(EngineError::Request(RequestError::BadCostBody { pointer, .. })) => {
+            assert_eq!(pointer, "/variables/ids");
+        }
+        other => panic!("expected a bad cost body error, got {other:?}"),
+    }
+    let d = decide(&b, &with(json!({"variables": {"ids": []}})), t);
+    assert_eq!(
+        (d.verdict, d.outcomes[0].remaining),
+        (NOW, 0),
+        "an empty array costs 0"
+    );
+}
+
+fn class_scales_limits<B: Backend>() {
+    let b: B = open(
+        "[[class]]\nname = \"sandbox\"\nmatch = { headers = { x-env = \"sandbox\" } }\nscale = 0.5\n\n[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"token_bucket\"\ncapacity = 10\nrefill = \"10/s\"\n",
+    );
+    let sandbox = req(&[("x-tenant", "acme"), ("x-env", "sandbox")]);
+    let t = T0;
+    for left in (0..5).rev() {
+        let d = decide(&b, &sandbox, t);
+        assert_eq!((d.verdict, d.outcomes[0].remaining), (NOW, left));
+    }
+    // Half the burst, half the rate: one unit every 200 ms.
+    assert_eq!(decide(&b, &sandbox, t).verdict, denied(0, 200 * MS));
+    // The same tenant outside the sandbox has its own, full-size bucket.
+    for left in (0..10).rev() {
+        assert_eq!(decide(&b, &tenant("acme"), t).outcomes[0].remaining, left);
+    }
+    assert_eq!(decide(&b, &tenant("acme"), t).verdict, denied(0, 100 * MS));
+}
+
+// ---------------------------------------------------------------------------
+// Bounded keys
+// ---------------------------------------------------------------------------
+
+fn max_keys_bounds_memory_and_never_changes_a_decision<B: Backend>() {
+    const N: usize = 8;
+    let policy = format!(
+        "[store]\nmax_keys = {N}\n\n[[limit]]\nname = \"per-key\"\nkey = [\"header:x-key\"]\nalgorithm = \"token_bucket\"\ncapacity = 2\nrefill = \"1/m\"\n"
+    );
+    let flooded: B = open(&policy);
+    let quiet: B = open(&policy);
+    let victim = req(&[("x-key", "victim")]);
+    let key = |i: usize| req(&[("x-key", &format!("flood-{i}"))]);
+    // The victim's decisions must be the same with and without the flood.
+    let same = |now: Nanos| {
+        let a = decide(&flooded, &victim, now);
+        let b = decide(&quiet, &victim, now);
+        assert_eq!(
+            a, b,
+            "the victim's decision at {now} changed under the flood"
+        );
+        a
+    };
+    assert_eq!(same(T0).verdict, NOW);
+    assert_eq!(same(T0).verdict, NOW);
+
+    // Phase 1: a new key every minute; each is idle (full again) by the next.
+    // The victim takes one unit a minute, so it is never at rest.
+    for i in 0..N * 10 {
+        let t = T0 + (i as Nanos + 1) * MINUTE;
+        assert_eq!(same(t).verdict, NOW);
+        assert_eq!(same(t).verdict, denied(0, MINUTE));
+        assert_eq!(
+            decide(&flooded, &key(i), t + 1).verdict,
+            NOW,
+            "flood key {i}"
+        );
+        assert!(flooded.keys() <= N, "{} keys tracked", flooded.keys());
+    }
+
+    // Phase 2: N * 10 new keys at one instant. Only the victim is busy, so
+    // N - 1 of them fit; the rest are refused rather than tracked.
+    let t = T0 + (N as Nanos * 10 + 1) * MINUTE + 1;
+    let (mut ok, mut full) = (0, 0);
+    for i in N * 10..N * 20 {
+        match flooded.check(&key(i), t) {
+            Ok(c) => {
+                assert_eq!(c.decision.verdict, NOW);
+                ok += 1;
+            }
+            Err(EngineError::Store(StoreError::Full { max_keys, .. })) => {
+                assert_eq!(max_keys, N);
+                full += 1;
+            }
+            Err(e) => panic!("unexpected error {e}"),
+        }
+        assert!(flooded.keys() <= N, "{} keys tracked", flooded.keys());
+    }
+    assert_eq!((ok, full), (N - 1, N * 10 - (N - 1)));
+    // The victim was never evicted: same decisions as without any flood.
+    assert_eq!(same(t).verdict, NOW);
+    assert_eq!(same(t).verdict, denied(0, MINUTE - 1));
+    assert_eq!(same(t + MINUTE - 1).verdict, NOW);
+    assert_eq!(same(t + 5 * MINUTE).verdict, NOW);
+    // Once everything is idle a sweep forgets every key.
+    flooded.sweep(t + HOUR);
+    assert_eq!(flooded.keys(), 0);
+    assert_eq!(same(t + HOUR).verdict, NOW);
+}

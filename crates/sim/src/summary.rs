@@ -20,6 +20,8 @@ pub struct Counts {
 #[derive(Debug, Clone)]
 pub struct LimitSummary {
     pub name: String,
+    /// Whether the limit has key parts (else it has one shared bucket).
+    pub keyed: bool,
     pub shadow: bool,
     pub counts: Counts,
     /// Shadow limits: requests they would have denied.
@@ -52,6 +54,7 @@ impl Summary {
                 .iter()
                 .map(|l| LimitSummary {
                     name: l.name.clone(),
+                    keyed: !l.key.is_empty(),
                     shadow: l.mode == Mode::Shadow,
                     counts: Counts::default(),
                     would_deny: 0,
@@ -138,6 +141,9 @@ impl fmt::Display for Summary {
                     "{:<24} {:<28} {:>10}",
                     "", "would have denied", l.would_deny
                 )?;
+            }
+            if !l.keyed {
+                continue; // one shared bucket: the line above says it all
             }
             let mut keys: Vec<_> = l.keys.iter().collect();
             keys.sort_by(|a, b| {

@@ -197,7 +197,7 @@ fn malformed_trace_lines_name_the_line() {
     let cases = [
         (
             "{\"t\": 0}\n{\"t\": \"soon\"}\n",
-            "trace line 2: invalid type: string \"soon\", expected f64",
+            "trace line 2: t must be a number of seconds >= 0, got \"soon\"",
         ),
         (
             "{\"t\": 1}\n\n{\"t\": 0.5}\n",

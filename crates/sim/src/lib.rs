@@ -91,15 +91,15 @@ pub fn simulate(
     let mut seq = 0u64;
 
     let mut input = input;
-    let mut line = String::with_capacity(512);
+    let mut line = Vec::with_capacity(512);
     let mut spare: Vec<Vec<Item>> = Vec::new();
     loop {
         line.clear();
-        if input.read_line(&mut line)? == 0 {
+        if input.read_until(b'\n', &mut line)? == 0 {
             break;
         }
         line_no += 1;
-        if line.trim().is_empty() {
+        if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
         let fail = |message: String| SimError::Line {
@@ -107,20 +107,22 @@ pub fn simulate(
             message,
         };
         let parsed: TraceLine<'_> =
-            serde_json::from_str(&line).map_err(|e| fail(describe_json_error(&e)))?;
-        if !parsed.t.is_finite() || parsed.t < 0.0 {
+            serde_json::from_slice(&line).map_err(|e| fail(describe_json_error(&e)))?;
+        let t_text = parsed.t.get();
+        let t: f64 = match t_text.parse() {
+            Ok(t) if t >= 0.0 && f64::is_finite(t) => t,
+            _ => {
+                return Err(fail(format!(
+                    "t must be a number of seconds >= 0, got {t_text}"
+                )))
+            }
+        };
+        if t < last_t {
             return Err(fail(format!(
-                "t must be a number of seconds >= 0, got {}",
-                parsed.t
+                "t {t_text} is before the previous line's {last_t}; the trace must be sorted by t"
             )));
         }
-        if parsed.t < last_t {
-            return Err(fail(format!(
-                "t {} is before the previous line's {last_t}; the trace must be sorted by t",
-                parsed.t
-            )));
-        }
-        last_t = parsed.t;
+        last_t = t;
         let latency = match parsed.latency {
             Some(l) if !(l.is_finite() && l >= 0.0) => {
                 return Err(fail(format!("latency must be seconds >= 0, got {l}")))
@@ -134,7 +136,7 @@ pub fn simulate(
             }
             _ => None,
         };
-        let now = options.start + (parsed.t * NANOS_PER_SEC as f64).round() as Nanos;
+        let now = options.start + (t * NANOS_PER_SEC as f64).round() as Nanos;
 
         // Settle everything that completed before this request arrives.
         while pending.peek().is_some_and(|p| p.0.at <= now) {
@@ -166,14 +168,14 @@ pub fn simulate(
                     }
                 }
                 if options.decisions {
-                    write_decision(&mut out, parsed.t, &policy, &items, decision);
+                    write_decision(&mut out, t_text, &policy, &items, decision);
                 }
             }
             Err(error) => {
                 summary.errors += 1;
                 summary.requests += 1;
                 if options.decisions {
-                    write_error(&mut out, parsed.t, error);
+                    write_error(&mut out, t_text, error);
                 }
             }
         }
@@ -201,7 +203,7 @@ fn describe_json_error(e: &serde_json::Error) -> String {
 
 fn write_decision(
     out: &mut Vec<u8>,
-    t: f64,
+    t: &str,
     policy: &Policy,
     items: &[Item],
     d: &tollgate_core::Decision,
@@ -212,7 +214,7 @@ fn write_decision(
         Verdict::Never { limit, .. } => (false, 0, Some(limit), None),
     };
     out.extend_from_slice(b"{\"t\":");
-    push_f64(out, t);
+    out.extend_from_slice(t.as_bytes());
     out.extend_from_slice(if allowed {
         b",\"allowed\":true"
     } else {
@@ -258,15 +260,19 @@ fn write_decision(
     out.extend_from_slice(b"}\n");
 }
 
-fn write_error(out: &mut Vec<u8>, t: f64, error: &EngineError) {
+fn write_error(out: &mut Vec<u8>, t: &str, error: &EngineError) {
     out.extend_from_slice(b"{\"t\":");
-    push_f64(out, t);
+    out.extend_from_slice(t.as_bytes());
     out.extend_from_slice(b",\"allowed\":false,\"delay\":0.0,\"limit\":null,\"retry_after\":null,\"remaining\":{},\"error\":");
     push_str(out, &error.to_string());
     out.extend_from_slice(b"}\n");
 }
 
 fn push_f64(out: &mut Vec<u8>, v: f64) {
+    if v == 0.0 {
+        out.extend_from_slice(b"0.0");
+        return;
+    }
     out.extend_from_slice(ryu::Buffer::new().format(v).as_bytes());
 }
 

@@ -3,6 +3,7 @@
 
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
+use smallvec::SmallVec;
 use std::borrow::Cow;
 use std::fmt;
 use tollgate_core::request::query_param;
@@ -11,8 +12,9 @@ use tollgate_core::Request;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TraceLine<'a> {
-    /// Seconds after the start of the simulation.
-    pub t: f64,
+    /// Seconds after the start of the simulation, as written (echoed back).
+    #[serde(borrow)]
+    pub t: &'a serde_json::value::RawValue,
     #[serde(borrow, default)]
     pub method: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -33,9 +35,10 @@ pub struct TraceLine<'a> {
     pub latency: Option<f64>,
 }
 
-/// Header names as given; looked up case-insensitively.
+/// Header names as given; looked up case-insensitively. Inline up to two,
+/// so a typical line allocates nothing.
 #[derive(Debug, Default)]
-pub struct Headers<'a>(pub Vec<(Cow<'a, str>, Cow<'a, str>)>);
+pub struct Headers<'a>(pub SmallVec<[(Cow<'a, str>, Cow<'a, str>); 2]>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for Headers<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -46,7 +49,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Headers<'a> {
                 f.write_str("an object of header names to string values")
             }
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Headers<'a>, M::Error> {
-                let mut out = Vec::new();
+                let mut out = SmallVec::new();
                 while let Some((k, v)) = map.next_entry::<Cow<'a, str>, Cow<'a, str>>()? {
                     out.push((k, v));
                 }

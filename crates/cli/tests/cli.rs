@@ -209,7 +209,7 @@ fn malformed_trace_lines_name_the_line() {
         ),
         (
             "{\"t\": 0, \"latency\": -1}\n",
-            "trace line 1: latency must be seconds >= 0, got -1",
+            "trace line 1: latency must be seconds between 0 and 1000000000, got -1",
         ),
         ("not json\n", "trace line 1: expected ident"),
         (

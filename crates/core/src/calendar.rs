@@ -176,7 +176,7 @@ impl Calendar {
 
     /// The last boundary at or before `t`.
     fn last_boundary(&self, tz: &TimeZone, t: Nanos, depth: u8) -> Nanos {
-        let linear = t - wall_of_day(tz, t) % self.every;
+        let linear = t.saturating_sub(wall_of_day(tz, t) % self.every);
         match tz
             .preceding(to_ts(t + 1))
             .next()
@@ -195,7 +195,7 @@ impl Calendar {
 
     /// The first boundary after `t`.
     fn next_boundary(&self, tz: &TimeZone, t: Nanos, depth: u8) -> Nanos {
-        let linear = t + (self.every - wall_of_day(tz, t) % self.every);
+        let linear = t.saturating_add(self.every - wall_of_day(tz, t) % self.every);
         match tz
             .following(to_ts(t))
             .next()

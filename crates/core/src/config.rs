@@ -52,13 +52,24 @@ impl ProfileSource for NoProfiles {
 /// Default sub-windows per sliding window: worst-case under-admission is one
 /// sub-window's events, i.e. 1/60 of the window.
 pub const DEFAULT_SEGMENTS: u32 = 60;
+/// Each sub-window costs 8 bytes per tracked key.
+pub const MAX_SEGMENTS: u32 = 1000;
+/// Largest class scale: keeps scaled quotas far from overflow.
+pub const MAX_SCALE: f64 = 1e6;
 
 /// Parse a config. Limits of an included profile come first; a config limit
 /// with the same name replaces the profile's.
 pub fn parse(text: &str, profiles: &dyn ProfileSource) -> Result<Policy, ConfigError> {
-    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
-        line: e.span().map(|s| line_of(text, s.start)),
-        message: e.message().to_string(),
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let at = e.span().map(|s| s.start);
+        let message = match at.and_then(|at| enclosing_limit(text, at)) {
+            Some(name) => format!("limit '{name}': {}", e.message()),
+            None => e.message().to_string(),
+        };
+        ConfigError {
+            line: at.map(|at| line_of(text, at)),
+            message,
+        }
     })?;
     let ctx = Ctx { text };
     let mut limits: Vec<Limit> = Vec::new();
@@ -83,14 +94,29 @@ pub fn parse(text: &str, profiles: &dyn ProfileSource) -> Result<Policy, ConfigE
         classes = included.classes;
     }
 
+    let mut own_classes = BTreeMap::new();
     for raw_class in &raw.class {
         let class = ctx.class(raw_class)?;
-        classes.retain(|c| c.name != class.name);
-        classes.push(class);
+        let line = line_of(text, raw_class.span().start);
+        if let Some(first) = own_classes.insert(class.name.clone(), line) {
+            return Err(ConfigError {
+                line: Some(line),
+                message: format!(
+                    "class '{}' is defined twice (first on line {first}); names must be unique",
+                    class.name
+                ),
+            });
+        }
+        // A class named like one of the profile's replaces it in place, so
+        // which class matches first does not change.
+        match classes.iter_mut().find(|c| c.name == class.name) {
+            Some(existing) => *existing = class,
+            None => classes.push(class),
+        }
     }
     let mut own_names = BTreeMap::new();
     for raw_limit in &raw.limit {
-        let limit = ctx.limit(raw_limit, &classes)?;
+        let limit = ctx.limit(raw_limit)?;
         if let Some(first) = own_names.insert(limit.name.clone(), limit.line) {
             return Err(ConfigError {
                 line: Some(limit.line),
@@ -143,6 +169,22 @@ pub fn parse(text: &str, profiles: &dyn ProfileSource) -> Result<Policy, ConfigE
         classes,
         store,
         profile,
+    })
+}
+
+/// The name of the `[[limit]]` whose text contains `offset`, if any.
+fn enclosing_limit(text: &str, offset: usize) -> Option<String> {
+    let before = &text[..offset.min(text.len())];
+    let start = before.rfind("[[limit]]")?;
+    if before[start + 9..].contains("\n[") {
+        return None; // another table began after it
+    }
+    let end = text[start + 9..]
+        .find("\n[")
+        .map_or(text.len(), |i| start + 9 + i);
+    text[start..end].lines().find_map(|line| {
+        let (key, value) = line.split_once('=')?;
+        (key.trim() == "name").then(|| value.trim().trim_matches('"').to_string())
     })
 }
 
@@ -254,10 +296,12 @@ impl Ctx<'_> {
         let c = raw.get_ref();
         let name = c.name.get_ref().clone();
         let scale = *c.scale.get_ref();
-        if !(scale > 0.0 && scale.is_finite()) {
+        if !(scale > 0.0 && scale <= MAX_SCALE) {
             return Err(self.err(
                 c.scale.span().start,
-                format!("class '{name}': scale must be a positive number, got {scale}"),
+                format!(
+                    "class '{name}': scale must be above 0 and at most {MAX_SCALE}, got {scale}"
+                ),
             ));
         }
         Ok(Class {
@@ -271,17 +315,22 @@ impl Ctx<'_> {
         })
     }
 
-    fn limit(&self, raw: &Spanned<RawLimit>, classes: &[Class]) -> Result<Limit, ConfigError> {
+    fn limit(&self, raw: &Spanned<RawLimit>) -> Result<Limit, ConfigError> {
         let l = raw.get_ref();
         let name = l.name.get_ref().clone();
         let line = line_of(self.text, raw.span().start);
         let fail = |span: std::ops::Range<usize>, msg: String| {
             self.err(span.start, format!("limit '{name}': {msg}"))
         };
-        if name.is_empty() || name.contains(['"', ';', ',', '=']) {
+        // Names go into structured-field headers and logs: keep them plain.
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"\"\\;,=".contains(&b))
+        {
             return Err(fail(
                 l.name.span(),
-                "name must be non-empty and free of quotes, ';', ',' and '='".into(),
+                "name must be non-empty printable ASCII without spaces, quotes, '\\', ';', ',' or '='".into(),
             ));
         }
         let algorithm = AlgorithmKind::parse(l.algorithm.get_ref()).ok_or_else(|| {
@@ -322,9 +371,11 @@ impl Ctx<'_> {
             match (raw.get_ref(), latency) {
                 (RawAmount::Count(n), false) if *n > 0 => Ok(*n),
                 (RawAmount::Count(_), false) => Err(fail(raw.span(), format!("{what} must be at least 1"))),
-                (RawAmount::Text(t), true) => parse_duration(t)
-                    .map(|ns| ns / NANOS_PER_MICRO)
-                    .map_err(|m| fail(raw.span(), format!("{what}: {m}"))),
+                (RawAmount::Text(t), true) => match parse_duration(t) {
+                    Ok(ns) if ns >= NANOS_PER_MICRO => Ok(ns / NANOS_PER_MICRO),
+                    Ok(_) => Err(fail(raw.span(), format!("{what} '{t}' must be at least 1us"))),
+                    Err(m) => Err(fail(raw.span(), format!("{what}: {m}"))),
+                },
                 (RawAmount::Text(t), false) => Err(fail(raw.span(), format!("{what} '{t}' is a duration, but cost is not \"latency\"; give a count"))),
                 (RawAmount::Count(n), true) => Err(fail(raw.span(), format!("{what} {n} is a count, but cost is \"latency\"; give a duration like \"30s\""))),
             }
@@ -416,10 +467,10 @@ impl Ctx<'_> {
                     .segments
                     .as_ref()
                     .map_or(DEFAULT_SEGMENTS, |s| *s.get_ref());
-                if !(1..=3600).contains(&segments) {
+                if !(1..=MAX_SEGMENTS).contains(&segments) {
                     return Err(fail(
                         l.segments.as_ref().map_or(raw.span(), |s| s.span()),
-                        "segments must be between 1 and 3600".into(),
+                        format!("segments must be between 1 and {MAX_SEGMENTS}"),
                     ));
                 }
                 if span < u64::from(segments) {
@@ -505,9 +556,6 @@ impl Ctx<'_> {
                 ))
             }
         };
-        let variants = std::iter::once(params.clone())
-            .chain(classes.iter().map(|c| params.scaled(c.scale)))
-            .collect();
         Ok(Limit {
             name,
             key,
@@ -517,7 +565,8 @@ impl Ctx<'_> {
                 .map(|m| matcher(m.get_ref()))
                 .unwrap_or_default(),
             algorithm,
-            variants,
+            // The default class; `parse` adds one variant per class once all are known.
+            variants: vec![params],
             hold,
             cost,
             mode,
@@ -580,7 +629,24 @@ mod tests {
             "{e}"
         );
         let e = err("[[limit]]\nname = \"t\"\nalgorithm = \"concurrency\"\nmaxx = 3\n");
-        assert!(e.starts_with("line 4: unknown field `maxx`"), "{e}");
+        assert!(
+            e.starts_with("line 4: limit 't': unknown field `maxx`"),
+            "{e}"
+        );
+        let e = err("[[limit]]\nname = \"t\"\nalgorithm = \"token_bucket\"\ncapacity = \"60\"\nrefill = \"1/s\"\n");
+        assert!(
+            e.starts_with("line 4: limit 't': invalid type: string"),
+            "{e}"
+        );
+        let e = err("[[limit]]\nname = \"t v\"\nalgorithm = \"concurrency\"\nmax = 1\n");
+        assert!(e.starts_with("line 2: limit 't v': name must be"), "{e}");
+        let e = err("[[limit]]\nname = \"t\"\nalgorithm = \"fixed_window\"\ncost = \"latency\"\nevery = \"1m\"\nquota = \"500ns\"\n");
+        assert!(e.contains("quota '500ns' must be at least 1us"), "{e}");
+        let e = err("[[class]]\nname = \"s\"\nscale = 0.5\n[[class]]\nname = \"s\"\nscale = 0.5\n[[limit]]\nname = \"t\"\nalgorithm = \"concurrency\"\nmax = 1\n");
+        assert!(
+            e.starts_with("line 4: class 's' is defined twice (first on line 1)"),
+            "{e}"
+        );
         let e = err("[[limit]]\nname = \"t\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = \"30s\"\n");
         assert!(
             e.contains("is a duration, but cost is not \"latency\""),
@@ -596,6 +662,16 @@ mod tests {
             err(""),
             "the config has no [[limit]] entries (and no profile)"
         );
+    }
+
+    #[test]
+    fn scaling_a_slow_refill_stays_exact() {
+        // 1000/d at half is 500/d, not (as an overflowing scale once gave) ~2,300/d.
+        let p = parse("[[class]]\nname = \"half\"\nscale = 0.5\n[[limit]]\nname = \"t\"\nalgorithm = \"token_bucket\"\ncapacity = 10\nrefill = \"1000/d\"\n", &NoProfiles).unwrap();
+        let Params::Gcra(g) = p.limits[0].params(1) else {
+            panic!("gcra")
+        };
+        assert_eq!(g.interval(), 86_400_000_000_000 / 500);
     }
 
     #[test]

@@ -68,7 +68,7 @@ impl Decision {
     }
 }
 
-const MAX_ROUNDS: usize = 16;
+const MAX_ROUNDS: usize = 64;
 
 pub fn decide(now: Nanos, slots: &mut [Slot<'_>]) -> Decision {
     let own: SmallVec<[Earliest; 4]> = slots
@@ -154,6 +154,9 @@ fn fixpoint(now: Nanos, slots: &[Slot<'_>], own: &[Earliest]) -> (Nanos, bool) {
     if slots.len() == 1 {
         return (t, false);
     }
+    // Each meter moves `t` only a bounded number of times (to its next window
+    // or refill), so this settles quickly; if it ever did not, deny rather
+    // than commit at an instant some limit has not agreed to.
     for _ in 0..MAX_ROUNDS {
         let mut moved = false;
         for s in slots.iter().filter(|s| !s.shadow) {
@@ -167,7 +170,7 @@ fn fixpoint(now: Nanos, slots: &[Slot<'_>], own: &[Earliest]) -> (Nanos, bool) {
             return (t, false);
         }
     }
-    (t, false)
+    (now, true)
 }
 
 /// The earliest arrival instant at which this request would be admitted,

@@ -157,19 +157,25 @@ impl Params {
     }
 }
 
-/// `amount * factor` per `period`, kept exact to a millionth of a unit.
+/// `amount * factor` per `period`, kept exact to a millionth of a unit. If
+/// the exact fraction does not fit in u64, the interval is rounded up (one
+/// unit per that many ns): never faster than configured.
 fn scaled_rate(amount: u64, period: Nanos, factor: f64) -> Rate {
-    const MICRO: u64 = 1_000_000;
-    let scaled = ((amount as f64 * factor * MICRO as f64).round() as u64).max(1);
-    let per = period.saturating_mul(MICRO);
+    const MICRO: u128 = 1_000_000;
+    let scaled = ((amount as f64 * factor * MICRO as f64).round() as u128).max(1);
+    let per = u128::from(period) * MICRO;
     let g = gcd(scaled, per);
-    Rate {
-        amount: scaled / g,
-        per: per / g,
+    let (amount, per) = (scaled / g, per / g);
+    match (u64::try_from(amount), u64::try_from(per)) {
+        (Ok(amount), Ok(per)) => Rate { amount, per },
+        _ => Rate {
+            amount: 1,
+            per: u64::try_from(per.div_ceil(amount)).unwrap_or(u64::MAX),
+        },
     }
 }
 
-fn gcd(mut a: u64, mut b: u64) -> u64 {
+fn gcd(mut a: u128, mut b: u128) -> u128 {
     while b != 0 {
         (a, b) = (b, a % b);
     }

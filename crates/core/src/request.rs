@@ -1,7 +1,7 @@
 //! From a request's attributes to the limits it touches: which limits match,
 //! under which key, at what cost, in which class. Pure; adapters implement `Request`.
 
-use crate::policy::{Cost, KeyPart, Limit, Matcher, MissingKey, Policy};
+use crate::policy::{Cost, KeyPart, Limit, Matcher, MissingKey, Mode, Policy};
 use compact_str::CompactString;
 use std::borrow::Cow;
 
@@ -44,8 +44,12 @@ pub enum RequestError {
     BadCostBody { limit: String, pointer: String },
 }
 
-/// Separates key parts; cannot occur in header values.
+/// Separates key parts. A value holding a separator, marker or escape char
+/// has it escaped, and a missing part is a marker of its own, so two
+/// different requests never build the same key.
 const KEY_SEPARATOR: char = '\u{1f}';
+const KEY_MISSING: char = '\u{1e}';
+const KEY_ESCAPE: char = '\u{1d}';
 
 impl Matcher {
     pub fn matches(&self, req: &impl Request) -> bool {
@@ -86,10 +90,14 @@ impl Policy {
             if !limit.matcher.matches(req) {
                 continue;
             }
-            let Some(key) = key_of(limit, req)? else {
-                continue;
+            // A shadow limit never fails a request: if it cannot apply, it is skipped.
+            let planned = key_of(limit, req).and_then(|key| Ok((key, cost_of(limit, req)?)));
+            let (key, (cost, charge)) = match planned {
+                Ok((Some(key), cost)) => (key, cost),
+                Ok((None, _)) => continue,
+                Err(_) if limit.mode == Mode::Shadow => continue,
+                Err(e) => return Err(e),
             };
-            let (cost, charge) = cost_of(limit, req)?;
             out.push(Item {
                 limit: index,
                 class,
@@ -114,12 +122,12 @@ fn key_of(limit: &Limit, req: &impl Request) -> Result<Option<CompactString>, Re
             KeyPart::Ip => req.ip().map(Cow::Borrowed),
             KeyPart::Method => Some(Cow::Borrowed(req.method())),
             KeyPart::Path => Some(Cow::Borrowed(req.path())),
-            KeyPart::Host => req.host().map(Cow::Borrowed),
+            KeyPart::Host => req.host().map(normalize_host),
             KeyPart::Const(text) => Some(Cow::Borrowed(text.as_str())),
         };
         match (value, limit.missing_key) {
-            (Some(v), _) => key.push_str(&v),
-            (None, MissingKey::Anonymous) => {}
+            (Some(v), _) => push_escaped(&mut key, &v),
+            (None, MissingKey::Anonymous) => key.push(KEY_MISSING),
             (None, MissingKey::Skip) => return Ok(None),
             (None, MissingKey::Reject) => {
                 return Err(RequestError::MissingKey {
@@ -132,21 +140,48 @@ fn key_of(limit: &Limit, req: &impl Request) -> Result<Option<CompactString>, Re
     Ok(Some(key))
 }
 
+fn push_escaped(key: &mut CompactString, value: &str) {
+    if !value.contains([KEY_SEPARATOR, KEY_MISSING, KEY_ESCAPE]) {
+        key.push_str(value);
+        return;
+    }
+    for c in value.chars() {
+        if matches!(c, KEY_SEPARATOR | KEY_MISSING | KEY_ESCAPE) {
+            key.push(KEY_ESCAPE);
+        }
+        key.push(c);
+    }
+}
+
+/// Hosts are case-insensitive and may carry a trailing dot.
+fn normalize_host(host: &str) -> Cow<'_, str> {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
+}
+
+/// Units a request costs. Never 0: a request that costs nothing would pass
+/// an exhausted limit; an empty bulk call or `x-cost: 0` still costs one.
 fn cost_of(limit: &Limit, req: &impl Request) -> Result<(u64, u64), RequestError> {
     let units = match &limit.cost {
         Cost::Requests => 1,
         Cost::Latency => return Ok((1, 0)),
         Cost::Header(name) => match req.header(name) {
             None => 1,
-            Some(v) => v.trim().parse().map_err(|_| RequestError::BadCostHeader {
-                limit: limit.name.clone(),
-                header: name.clone(),
-                value: v.chars().take(64).collect(),
+            Some(v) => v.trim().parse::<u64>().map(|n| n.max(1)).map_err(|_| {
+                RequestError::BadCostHeader {
+                    limit: limit.name.clone(),
+                    header: name.clone(),
+                    value: v.chars().take(64).collect(),
+                }
             })?,
         },
         Cost::JsonArray(pointer) => match req.json_body().and_then(|b| b.pointer(pointer)) {
             None => 1,
-            Some(serde_json::Value::Array(items)) => items.len() as u64,
+            Some(serde_json::Value::Array(items)) => items.len().max(1) as u64,
             Some(_) => {
                 return Err(RequestError::BadCostBody {
                     limit: limit.name.clone(),
@@ -217,7 +252,10 @@ fn percent_decode(text: &str) -> Cow<'_, str> {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
+            b'%' if i + 2 < bytes.len()
+                && bytes[i + 1].is_ascii_hexdigit()
+                && bytes[i + 2].is_ascii_hexdigit() =>
+            {
                 match text.get(i + 1..i + 3).map(|h| u8::from_str_radix(h, 16)) {
                     Some(Ok(b)) => {
                         out.push(b);
@@ -290,6 +328,7 @@ cost = { header = "X-Cost" }
         policy.plan(&r, &mut out).unwrap();
         assert_eq!(out.len(), 3);
         assert_eq!(out[0].key, "acme\u{1f}GET");
+        assert_eq!(query_param("k=%+1", "k").as_deref(), Some("% 1"));
         assert_eq!((out[1].cost, out[2].cost), (3, 7));
 
         let r = req("GET", "/v1/jobs", &[]);
@@ -301,6 +340,68 @@ cost = { header = "X-Cost" }
             e.to_string(),
             "limit 'weighted': header x-cost must be a whole number of units, got 'lots'"
         );
+    }
+
+    #[test]
+    fn distinct_requests_never_share_a_key() {
+        let policy = parse(
+            "[[limit]]\nname = \"k\"\nkey = [\"query:user\", \"query:org\", \"header:x-a\"]\nalgorithm = \"concurrency\"\nmax = 1\n[[limit]]\nname = \"h\"\nkey = [\"host\"]\nalgorithm = \"concurrency\"\nmax = 1\n",
+            &NoProfiles,
+        )
+        .unwrap();
+        let key = |query: &str, header: Option<&str>, host: &str| {
+            let mut r = req("GET", "/", &[]);
+            r.query = Some(query.into());
+            r.host = Some(host.into());
+            if let Some(h) = header {
+                r.headers.push(("x-a".into(), h.into()));
+            }
+            let mut out = Vec::new();
+            policy.plan(&r, &mut out).unwrap();
+            (out[0].key.clone(), out[1].key.clone())
+        };
+        // A separator smuggled through a value does not shift parts.
+        assert_ne!(
+            key("user=a%1Fb&org=c", None, "x").0,
+            key("user=a&org=b%1Fc", None, "x").0
+        );
+        // A missing part is not an empty one.
+        assert_ne!(
+            key("user=a&org=b", None, "x").0,
+            key("user=a&org=b", Some(""), "x").0
+        );
+        // Hosts are case-insensitive.
+        assert_eq!(
+            key("", None, "API.Example.com.").1,
+            key("", None, "api.example.com").1
+        );
+    }
+
+    #[test]
+    fn a_request_never_costs_zero() {
+        let policy = parse(
+            "[[limit]]\nname = \"h\"\nalgorithm = \"concurrency\"\nmax = 5\ncost = { header = \"x-cost\" }\n[[limit]]\nname = \"j\"\nalgorithm = \"concurrency\"\nmax = 5\ncost = { json_array = \"/ids\" }\n",
+            &NoProfiles,
+        )
+        .unwrap();
+        let mut r = req("POST", "/", &[("x-cost", "0")]);
+        r.body = Some(serde_json::json!({"ids": []}));
+        let mut out = Vec::new();
+        policy.plan(&r, &mut out).unwrap();
+        assert_eq!((out[0].cost, out[1].cost), (1, 1));
+    }
+
+    #[test]
+    fn a_shadow_limit_never_fails_a_request() {
+        let policy = parse(
+            "[[limit]]\nname = \"s\"\nkey = [\"header:x-t\"]\nmode = \"shadow\"\nmissing_key = \"reject\"\nalgorithm = \"concurrency\"\nmax = 1\n[[limit]]\nname = \"e\"\nalgorithm = \"concurrency\"\nmax = 1\n",
+            &NoProfiles,
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        policy.plan(&req("GET", "/", &[]), &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].limit, 1);
     }
 
     #[test]

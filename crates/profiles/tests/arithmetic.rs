@@ -81,7 +81,7 @@ fn burst(e: &Engine, r: &Attrs, t: Nanos) -> (u64, Verdict) {
         let c = check(e, r, t);
         match c.decision.verdict {
             Verdict::Admit { delay: 0 } => {
-                e.finish(&c.items, t, 0);
+                e.finish(&c, t, 0);
                 n += 1;
             }
             other => return (n, other),
@@ -118,7 +118,7 @@ fn greedy(e: &Engine, r: &Attrs, from: Nanos, until: Nanos) -> Vec<Nanos> {
                     break;
                 }
                 runs.push(t + delay);
-                e.finish(&c.items, t + delay, 0);
+                e.finish(&c, t + delay, 0);
             }
             other => {
                 let wait = retry_after(other);
@@ -381,7 +381,7 @@ fn latency_minute(sandbox: bool) -> u64 {
     assert!(c.decision.allowed());
     assert_eq!(c.decision.outcomes[latency].remaining, all_pools);
     let done = T0 + all_pools * 1_000;
-    e.finish(&c.items, done, all_pools);
+    e.finish(&c, done, all_pools);
     // Every pool is empty: denied by latency until the minute pool refreshes.
     let next_minute = (done / MIN + 1) * MIN;
     let c = check(&e, &r, done);
@@ -402,7 +402,7 @@ fn latency_minute(sandbox: bool) -> u64 {
             return n;
         }
         t += 600 * MS;
-        e.finish(&c.items, t, 600_000);
+        e.finish(&c, t, 600_000);
         n += 1;
     }
 }
@@ -420,7 +420,7 @@ fn data_api_latency_pools_debit_at_completion_and_deny_when_spent() {
     let latency = limit_index(&e, "latency");
     let r = data_api(false);
     let c = check(&e, &r, T0);
-    e.finish(&c.items, T0 + 45 * S, 45 * US);
+    e.finish(&c, T0 + 45 * S, 45 * US);
     let c = check(&e, &r, T0 + 45 * S);
     assert!(c.decision.allowed());
     assert_eq!(
@@ -440,7 +440,7 @@ fn data_api_latency_pools_debit_at_completion_and_deny_when_spent() {
             14 * US - 98 * 141_000
         };
         t += us * 1_000;
-        e.finish(&c.items, t, us);
+        e.finish(&c, t, us);
     }
     let c = check(&e, &r, t);
     assert_eq!(
@@ -575,7 +575,7 @@ fn salesforce_100_000_per_rolling_24_h() {
             let c = check(&e, &r, t);
             match c.decision.verdict {
                 Verdict::Admit { delay: 0 } => {
-                    e.finish(&c.items, t, 0);
+                    e.finish(&c, t, 0);
                     runs.push(t);
                     n += 1;
                 }
@@ -633,7 +633,7 @@ fn salesforce_25_in_flight() {
     );
     // The denied call took nothing from the daily quota.
     assert_eq!(c.decision.outcomes[rolling].remaining, 100_000 - 25);
-    e.finish(&in_flight[0].items, T0 + 2 * S, 0);
+    e.finish(&in_flight[0], T0 + 2 * S, 0);
     let c = check(&e, &r, T0 + 2 * S);
     assert_eq!(c.decision.verdict, Verdict::Admit { delay: 0 });
     assert_eq!(c.decision.outcomes[rolling].remaining, 100_000 - 26);

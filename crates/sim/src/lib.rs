@@ -29,6 +29,8 @@ pub enum SimError {
 }
 
 const OUT_CHUNK: usize = 1 << 16;
+/// Bound on `t` and `latency` (about 31 years): keeps instants far from overflow.
+const MAX_SECONDS: f64 = 1e9;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
@@ -93,100 +95,118 @@ pub fn simulate(
     let mut input = input;
     let mut line = Vec::with_capacity(512);
     let mut spare: Vec<Vec<Item>> = Vec::new();
-    loop {
-        line.clear();
-        if input.read_until(b'\n', &mut line)? == 0 {
-            break;
-        }
-        line_no += 1;
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        let fail = |message: String| SimError::Line {
-            line: line_no,
-            message,
-        };
-        let parsed: TraceLine<'_> =
-            serde_json::from_slice(&line).map_err(|e| fail(describe_json_error(&e)))?;
-        let t_text = parsed.t.get();
-        let t: f64 = match t_text.parse() {
-            Ok(t) if t >= 0.0 && f64::is_finite(t) => t,
-            _ => {
-                return Err(fail(format!(
-                    "t must be a number of seconds >= 0, got {t_text}"
-                )))
+    // Run in a closure so that, whatever happens, the decisions made so far
+    // are written before an error is reported.
+    let result = (|| -> Result<(), SimError> {
+        loop {
+            line.clear();
+            if input.read_until(b'\n', &mut line)? == 0 {
+                break;
             }
-        };
-        if t < last_t {
-            return Err(fail(format!(
+            line_no += 1;
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let fail = |message: String| SimError::Line {
+                line: line_no,
+                message,
+            };
+            let parsed: TraceLine<'_> =
+                serde_json::from_slice(&line).map_err(|e| fail(describe_json_error(&e)))?;
+            let t_text = parsed.t.get();
+            let t: f64 = match t_text.parse() {
+                Ok(t) if t >= 0.0 && f64::is_finite(t) => t,
+                _ => {
+                    return Err(fail(format!(
+                        "t must be a number of seconds >= 0, got {t_text}"
+                    )))
+                }
+            };
+            if t < last_t {
+                return Err(fail(format!(
                 "t {t_text} is before the previous line's {last_t}; the trace must be sorted by t"
             )));
-        }
-        last_t = t;
-        let latency = match parsed.latency {
-            Some(l) if !(l.is_finite() && l >= 0.0) => {
-                return Err(fail(format!("latency must be seconds >= 0, got {l}")))
             }
-            Some(l) => (l * 1e6).round() as u64,
-            None => 0,
-        };
-        let body = match (wants_body, parsed.body) {
-            (true, Some(raw)) => {
-                Some(serde_json::from_str(raw.get()).map_err(|e| fail(format!("body: {e}")))?)
-            }
-            _ => None,
-        };
-        let now = options.start + (t * NANOS_PER_SEC as f64).round() as Nanos;
+            last_t = t;
+            let latency = match parsed.latency {
+                Some(l) if !(0.0..=MAX_SECONDS).contains(&l) => {
+                    return Err(fail(format!(
+                        "latency must be seconds between 0 and {MAX_SECONDS}, got {l}"
+                    )))
+                }
+                Some(l) => (l * 1e6).round() as u64,
+                None => 0,
+            };
+            let body = match (wants_body, parsed.body) {
+                (true, Some(raw)) => {
+                    Some(serde_json::from_str(raw.get()).map_err(|e| fail(format!("body: {e}")))?)
+                }
+                _ => None,
+            };
+            let now = match options
+                .start
+                .checked_add((t * NANOS_PER_SEC as f64).round() as Nanos)
+            {
+                Some(now) if t <= MAX_SECONDS => now,
+                _ => {
+                    return Err(fail(format!(
+                        "t {t_text} is too far after --start (at most {MAX_SECONDS} s)"
+                    )))
+                }
+            };
 
-        // Settle everything that completed before this request arrives.
-        while pending.peek().is_some_and(|p| p.0.at <= now) {
-            if let Some(Reverse(p)) = pending.pop() {
-                engine.finish(&p.items, p.at, p.latency_us);
-                spare.push(p.items);
+            // Settle everything that completed before this request arrives.
+            while pending.peek().is_some_and(|p| p.0.at <= now) {
+                if let Some(Reverse(p)) = pending.pop() {
+                    engine.finish_committed(&p.items, p.at, p.latency_us);
+                    spare.push(p.items);
+                }
             }
-        }
 
-        let request = TraceRequest {
-            line: &parsed,
-            body,
-        };
-        let result = engine.check_into(&request, now, &mut items);
-        match &result {
-            Ok(decision) => {
-                summary.record(&policy, &items, decision);
-                if let Verdict::Admit { delay } = decision.verdict {
-                    if items.iter().any(|i| settles[i.limit]) {
-                        seq += 1;
-                        let mut kept = spare.pop().unwrap_or_default();
-                        kept.clone_from(&items);
-                        pending.push(Reverse(Pending {
-                            at: now + delay + latency * 1_000,
-                            seq,
-                            latency_us: latency,
-                            items: kept,
-                        }));
+            let request = TraceRequest {
+                line: &parsed,
+                body,
+            };
+            let result = engine.check_into(&request, now, &mut items);
+            match &result {
+                Ok(decision) => {
+                    summary.record(&policy, &items, decision);
+                    if let Verdict::Admit { delay } = decision.verdict {
+                        if items.iter().any(|i| settles[i.limit]) {
+                            seq += 1;
+                            let mut kept = spare.pop().unwrap_or_default();
+                            kept.clear();
+                            kept.extend(tollgate_store::committed(&items, decision).cloned());
+                            pending.push(Reverse(Pending {
+                                at: now.saturating_add(delay).saturating_add(latency * 1_000),
+                                seq,
+                                latency_us: latency,
+                                items: kept,
+                            }));
+                        }
+                    }
+                    if options.decisions {
+                        write_decision(&mut out, t_text, &policy, &items, decision);
                     }
                 }
-                if options.decisions {
-                    write_decision(&mut out, t_text, &policy, &items, decision);
+                Err(error) => {
+                    summary.errors += 1;
+                    summary.requests += 1;
+                    if options.decisions {
+                        write_error(&mut out, t_text, error);
+                    }
                 }
             }
-            Err(error) => {
-                summary.errors += 1;
-                summary.requests += 1;
-                if options.decisions {
-                    write_error(&mut out, t_text, error);
-                }
+            if out.len() >= OUT_CHUNK {
+                output.write_all(&out)?;
+                out.clear();
             }
         }
-        if out.len() >= OUT_CHUNK {
-            output.write_all(&out)?;
-            out.clear();
-        }
-    }
+        Ok(())
+    })();
     output.write_all(&out)?;
     output.flush()?;
-    Ok(summary)
+    result.map(|()| summary)
 }
 
 fn describe_json_error(e: &serde_json::Error) -> String {

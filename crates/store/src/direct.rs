@@ -6,6 +6,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tollgate_core::algo::gcra::{self, GcraParams};
 use tollgate_core::Nanos;
 
+/// Why `DirectLimiter::check_n` refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    /// Not now; this cost fits at that instant if nothing else arrives.
+    NotUntil(Nanos),
+    /// The cost is more than the bucket ever holds.
+    Never { capacity: u64 },
+}
+
 #[derive(Debug)]
 pub struct DirectLimiter {
     params: GcraParams,
@@ -23,14 +32,25 @@ impl DirectLimiter {
     /// Admit one unit at `now`, or say when it would be admitted.
     #[inline]
     pub fn check(&self, now: Nanos) -> Result<(), Nanos> {
-        self.check_n(now, 1)
+        match self.check_n(now, 1) {
+            Ok(()) => Ok(()),
+            Err(Denied::NotUntil(t)) => Err(t),
+            // Capacity is at least 1, so one unit always fits eventually.
+            Err(Denied::Never { .. }) => Err(Nanos::MAX),
+        }
     }
 
+    /// Admit `cost` units at `now`; a cost above the capacity can never fit.
     #[inline]
-    pub fn check_n(&self, now: Nanos, cost: u64) -> Result<(), Nanos> {
+    pub fn check_n(&self, now: Nanos, cost: u64) -> Result<(), Denied> {
+        if cost > self.params.capacity {
+            return Err(Denied::Never {
+                capacity: self.params.capacity,
+            });
+        }
         let mut tat = self.tat.load(Ordering::Acquire);
         loop {
-            let next = gcra::check(&self.params, tat, now, cost)?;
+            let next = gcra::check(&self.params, tat, now, cost).map_err(Denied::NotUntil)?;
             match self
                 .tat
                 .compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire)

@@ -22,6 +22,24 @@ pub struct Checked {
     pub decision: Decision,
 }
 
+impl Checked {
+    /// The items whose limits this decision charged: every limit of an
+    /// admitted request, except shadow limits that would have denied it.
+    pub fn committed(&self) -> impl Iterator<Item = &Item> {
+        committed(&self.items, &self.decision)
+    }
+}
+
+/// See `Checked::committed`.
+pub fn committed<'a>(items: &'a [Item], decision: &'a Decision) -> impl Iterator<Item = &'a Item> {
+    let admitted = decision.allowed();
+    items
+        .iter()
+        .zip(&decision.outcomes)
+        .filter(move |(_, outcome)| admitted && outcome.allowed)
+        .map(|(item, _)| item)
+}
+
 #[derive(Debug)]
 pub struct Engine {
     policy: Arc<Policy>,
@@ -62,9 +80,17 @@ impl Engine {
         Ok(self.store.decide(&self.policy, items, now)?)
     }
 
-    /// The request completed at `now` after `latency_us` of upstream time.
-    pub fn finish(&self, items: &[Item], now: Nanos, latency_us: u64) {
-        self.store.finish(&self.policy, items, now, latency_us);
+    /// The request completed at `now` after `latency_us` of upstream time:
+    /// debit its latency limits and release its concurrency slots, for the
+    /// limits its decision committed.
+    pub fn finish(&self, checked: &Checked, now: Nanos, latency_us: u64) {
+        let committed: Vec<Item> = checked.committed().cloned().collect();
+        self.finish_committed(&committed, now, latency_us);
+    }
+
+    /// Like `finish`, for a caller that kept only `Checked::committed()`.
+    pub fn finish_committed(&self, committed: &[Item], now: Nanos, latency_us: u64) {
+        self.store.finish(&self.policy, committed, now, latency_us);
     }
 
     pub fn sweep(&self, now: Nanos) -> usize {

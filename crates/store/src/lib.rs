@@ -12,7 +12,7 @@ mod memory;
 mod state;
 
 pub use clock::SystemClock;
-pub use direct::DirectLimiter;
-pub use engine::{Checked, Engine, EngineError};
+pub use direct::{Denied, DirectLimiter};
+pub use engine::{committed, Checked, Engine, EngineError};
 pub use memory::{MemoryStore, StoreError, StoreStats};
 pub use state::AnyState;

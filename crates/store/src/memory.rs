@@ -102,12 +102,15 @@ impl MemoryStore {
 
     fn lock(&self, item: &Item) -> (MutexGuard<'_, Shard>, u64) {
         let hash = self.hasher.hash_one(item.key.as_str());
-        let shard = (hash >> 58) as usize % SHARDS;
+        // Middle bits: hashbrown uses the top 7 as its tag, the bottom for the bucket.
+        let shard = (hash >> 32) as usize % SHARDS;
         (self.table(item).shards[shard].lock(), hash)
     }
 
     /// Decide and commit all of a request's limits at `now`, atomically.
     /// `policy` must be the policy this store was built for.
+    /// `items` must name each limit at most once, in policy order (as
+    /// `Policy::plan` gives them): shards are locked in that order.
     pub fn decide(
         &self,
         policy: &Policy,
@@ -196,11 +199,14 @@ impl MemoryStore {
             let (mut shard, hash) = self.lock(item);
             let key = item.key.as_str();
             if shard.find(hash, |e| e.key == key).is_none() {
-                if concurrency
-                    || latency_us == 0
-                    || self.make_room(policy, &mut shard, item, now).is_err()
-                {
-                    continue;
+                if concurrency || latency_us == 0 {
+                    continue; // a released slot or a zero debit changes nothing
+                }
+                // A debit is owed for work already done: it is never dropped.
+                // If the store is full it goes in over the bound, which is then
+                // exceeded by at most the requests in flight.
+                if self.make_room(policy, &mut shard, item, now).is_err() {
+                    self.keys.fetch_add(1, Ordering::Relaxed);
                 }
                 let hasher = &self.hasher;
                 shard.insert_unique(

@@ -47,8 +47,8 @@ impl AnyState {
                 AnyMeter::Concurrency(Concurrency { params, in_flight })
             }
             (params, state) => {
-                // A table is built for one algorithm, so this cannot happen;
-                // recover by starting the key afresh rather than panicking.
+                // A table is built for one algorithm, so this cannot happen.
+                debug_assert!(false, "state {state:?} under params {params:?}");
                 *state = AnyState::fresh(params);
                 state.meter(params)
             }

@@ -196,7 +196,7 @@ fn concurrency_limit_never_has_more_than_max_in_flight() {
                 assert!(now_in <= 5, "{now_in} in flight");
                 std::thread::yield_now();
                 in_flight.fetch_sub(1, Ordering::SeqCst);
-                e.finish(&c.items, T0, 0);
+                e.finish(&c, T0, 0);
                 n += 1;
             } else {
                 assert_eq!(

@@ -10,9 +10,7 @@
 //! ```
 
 use serde_json::json;
-use tollgate_core::{
-    parse, Attrs, Decision, Item, Nanos, NoProfiles, Policy, RequestError, Verdict,
-};
+use tollgate_core::{parse, Attrs, Decision, Nanos, NoProfiles, Policy, RequestError, Verdict};
 use tollgate_store::{Checked, Engine, EngineError, StoreError};
 
 const MS: Nanos = 1_000_000;
@@ -27,7 +25,7 @@ const T0: Nanos = 1_767_225_600 * SEC;
 pub trait Backend: Sized {
     fn open(policy: Policy) -> Self;
     fn check(&self, req: &Attrs, now: Nanos) -> Result<Checked, EngineError>;
-    fn finish(&self, items: &[Item], now: Nanos, latency_us: u64);
+    fn finish(&self, checked: &Checked, now: Nanos, latency_us: u64);
     /// Keys tracked right now, over all limits.
     fn keys(&self) -> usize;
     fn sweep(&self, now: Nanos) -> usize;
@@ -40,8 +38,8 @@ impl Backend for Engine {
     fn check(&self, req: &Attrs, now: Nanos) -> Result<Checked, EngineError> {
         Engine::check(self, req, now)
     }
-    fn finish(&self, items: &[Item], now: Nanos, latency_us: u64) {
-        Engine::finish(self, items, now, latency_us);
+    fn finish(&self, checked: &Checked, now: Nanos, latency_us: u64) {
+        Engine::finish(self, checked, now, latency_us);
     }
     fn keys(&self) -> usize {
         self.store().stats().keys
@@ -66,6 +64,7 @@ macro_rules! conformance {
             hold_delays_and_reserves,
             sliding_window_hold_reservation_is_counted,
             shadow_never_denies_but_reports,
+            shadow_settles_only_what_it_charged,
             several_limits_are_all_or_nothing,
             missing_key_anonymous,
             missing_key_reject,
@@ -249,28 +248,32 @@ fn fixed_window_day_starts_at_local_midnight<B: Backend>() {
 }
 
 fn sliding_window_rolls_segment_by_segment<B: Backend>() {
-    // 2 in any 10 s, counted in 1 s segments. A decision counts the oldest
-    // overlapping segment whole (sliding_window.rs), so a unit admitted at
-    // T0 is counted until T0 + 11 s.
+    // 2 in any 10 s, counted in 1 s segments. A decision at t counts every
+    // segment overlapping (t - 10 s, t], the oldest whole (sliding_window.rs):
+    // a unit admitted at T0 is counted until (t - 10 s, t] stops overlapping
+    // [T0, T0 + 1 s), at T0 + 11 s - 1 ns.
     let b: B = open(
         "[[limit]]\nname = \"rolling\"\nalgorithm = \"sliding_window\"\nevery = \"10s\"\nquota = 2\nsegments = 10\n",
     );
     assert_eq!(decide(&b, &req(&[]), T0).verdict, NOW);
     assert_eq!(decide(&b, &req(&[]), T0 + 5 * SEC).verdict, NOW);
     let d = decide(&b, &req(&[]), T0 + 9 * SEC);
-    assert_eq!(d.verdict, denied(0, 2 * SEC));
-    assert_eq!((d.outcomes[0].remaining, d.outcomes[0].reset), (0, 2 * SEC));
+    assert_eq!(d.verdict, denied(0, 2 * SEC - 1));
     assert_eq!(
-        decide(&b, &req(&[]), T0 + 11 * SEC - 1).verdict,
+        (d.outcomes[0].remaining, d.outcomes[0].reset),
+        (0, 2 * SEC - 1)
+    );
+    assert_eq!(
+        decide(&b, &req(&[]), T0 + 11 * SEC - 2).verdict,
         denied(0, 1)
     );
-    assert_eq!(decide(&b, &req(&[]), T0 + 11 * SEC).verdict, NOW);
-    // Now T0+5 s and T0+11 s are in the window: full until T0+5 s leaves at T0+16 s.
+    assert_eq!(decide(&b, &req(&[]), T0 + 11 * SEC - 1).verdict, NOW);
+    // Now T0+5 s and T0+11 s-1 ns are counted: full until T0+5 s's segment leaves, at T0+16 s-1 ns.
     assert_eq!(
         decide(&b, &req(&[]), T0 + 12 * SEC).verdict,
-        denied(0, 4 * SEC)
+        denied(0, 4 * SEC - 1)
     );
-    assert_eq!(decide(&b, &req(&[]), T0 + 16 * SEC).verdict, NOW);
+    assert_eq!(decide(&b, &req(&[]), T0 + 16 * SEC - 1).verdict, NOW);
 }
 
 // ---------------------------------------------------------------------------
@@ -337,14 +340,14 @@ fn concurrency_acquires_and_releases_via_finish<B: Backend>() {
         NOW,
         "another key is separate"
     );
-    b.finish(&first.items, t + HOUR, 0);
+    b.finish(&first, t + HOUR, 0);
     let third = check(&b, &tenant("a"), t + HOUR);
     assert_eq!(
         (third.decision.verdict, third.decision.outcomes[0].remaining),
         (NOW, 0)
     );
-    b.finish(&second.items, t + HOUR, 0);
-    b.finish(&third.items, t + HOUR, 0);
+    b.finish(&second, t + HOUR, 0);
+    b.finish(&third, t + HOUR, 0);
     let d = decide(&b, &tenant("a"), t + HOUR);
     assert_eq!((d.verdict, d.outcomes[0].remaining), (NOW, 1));
 }
@@ -365,15 +368,15 @@ fn latency_is_debited_at_completion<B: Backend>() {
     // Admission charges nothing; completion debits 2.5 s, minute pool first.
     let c = check(&b, &r, t);
     assert_eq!(c.decision.outcomes[0].remaining, 5 * us);
-    b.finish(&a.items, t + SEC, 2_500_000);
+    b.finish(&a, t + SEC, 2_500_000);
     let d = check(&b, &r, t + SEC);
     assert_eq!(
         (d.decision.verdict, d.decision.outcomes[0].remaining),
         (NOW, 2_500_000)
     );
     // 3 s more: the hour pool empties (a pool never goes below empty).
-    b.finish(&d.items, t + 2 * SEC, 3 * us);
-    b.finish(&c.items, t + 2 * SEC, us);
+    b.finish(&d, t + 2 * SEC, 3 * us);
+    b.finish(&c, t + 2 * SEC, us);
     let e = decide(&b, &r, t + 2 * SEC);
     assert_eq!(e.verdict, denied(0, MINUTE - 12 * SEC));
     assert_eq!(e.outcomes[0].remaining, 0);
@@ -422,10 +425,11 @@ fn sliding_window_hold_reservation_is_counted<B: Backend>() {
     );
     let n = |units: &str| req(&[("x-n", units)]);
     assert_eq!(decide(&b, &n("1"), T0).verdict, NOW);
-    // At T0+10 s three units fit only once T0's segment has left, at T0+15 s.
+    // At T0+10 s three units fit only once (t - 10 s, t] stops overlapping
+    // T0's segment [T0, T0+5 s), at T0+15 s-1 ns.
     assert_eq!(
         decide(&b, &n("3"), T0 + 10 * SEC).verdict,
-        Verdict::Admit { delay: 5 * SEC }
+        Verdict::Admit { delay: 5 * SEC - 1 }
     );
     // One more unit now would put 4 in (T0+5 s, T0+15 s].
     let d = decide(&b, &n("1"), T0 + 10 * SEC);
@@ -433,6 +437,25 @@ fn sliding_window_hold_reservation_is_counted<B: Backend>() {
         d.verdict != NOW,
         "admitted at once although 3 units are reserved at T0+15 s: 4 in 10 s, quota 3"
     );
+}
+
+fn shadow_settles_only_what_it_charged<B: Backend>() {
+    // A shadow concurrency limit of 1: the second request would have been
+    // denied, so it took no slot and its completion must not free the first's.
+    let b: B =
+        open("[[limit]]\nname = \"c\"\nalgorithm = \"concurrency\"\nmax = 1\nmode = \"shadow\"\n");
+    let first = b.check(&req(&[]), T0).expect("first");
+    let second = b.check(&req(&[]), T0).expect("second");
+    assert!(first.decision.outcomes[0].allowed);
+    assert!(second.decision.allowed() && !second.decision.outcomes[0].allowed);
+    b.finish(&second, T0 + SEC, 0);
+    let third = decide(&b, &req(&[]), T0 + SEC);
+    assert!(
+        !third.outcomes[0].allowed,
+        "the first request is still in flight"
+    );
+    b.finish(&first, T0 + 2 * SEC, 0);
+    assert!(decide(&b, &req(&[]), T0 + 2 * SEC).outcomes[0].allowed);
 }
 
 fn shadow_never_denies_but_reports<B: Backend>() {
@@ -593,11 +616,13 @@ fn cost_from_json_array<B: Backend>() {
         }
         other => panic!("expected a bad cost body error, got {other:?}"),
     }
+    // An empty bulk call is still a call: it costs one, so it cannot slip
+    // past an exhausted limit.
     let d = decide(&b, &with(json!({"variables": {"ids": []}})), t);
     assert_eq!(
-        (d.verdict, d.outcomes[0].remaining),
-        (NOW, 0),
-        "an empty array costs 0"
+        (d.allowed(), d.outcomes[0].remaining),
+        (false, 0),
+        "an empty array costs one"
     );
 }
 

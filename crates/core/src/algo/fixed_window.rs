@@ -29,7 +29,7 @@ impl Meter for FixedWindow<'_> {
         let mut w = self.params.calendar.window(from);
         // At most the current and the next window hold counts; the third is empty.
         for _ in 0..3 {
-            if self.state.used(w.start) + cost <= self.params.quota {
+            if self.state.used(w.start).saturating_add(cost) <= self.params.quota {
                 return Earliest::At(from.max(w.start));
             }
             w = self.params.calendar.next(w);

@@ -207,7 +207,7 @@ impl Meter for Gcra<'_> {
 pub fn check(p: &GcraParams, tat: Nanos, now: Nanos, cost: u64) -> Result<Nanos, Nanos> {
     let interval = p.interval();
     let tau = p.capacity.saturating_mul(interval);
-    let new_tat = tat.max(now) + cost * interval;
+    let new_tat = tat.max(now).saturating_add(cost.saturating_mul(interval));
     if new_tat - now <= tau {
         Ok(new_tat)
     } else {

@@ -79,7 +79,8 @@ impl SlidingWindow<'_> {
             return 0;
         }
         let oldest = (s.head + 1).saturating_sub(self.params.ring());
-        s.total - (oldest..first).map(|i| self.count_in(i)).sum::<u64>()
+        s.total
+            .saturating_sub((oldest..first).map(|i| self.count_in(i)).sum::<u64>())
     }
 
     fn add(&mut self, segment: u64, amount: u64) {
@@ -93,7 +94,7 @@ impl SlidingWindow<'_> {
             let gap = (segment - s.head).min(ring);
             for i in 1..=gap {
                 let slot = &mut s.counts[((s.head + i) % ring) as usize];
-                s.total -= *slot;
+                s.total = s.total.saturating_sub(*slot);
                 *slot = 0;
             }
             s.head = segment;
@@ -116,11 +117,14 @@ impl Meter for SlidingWindow<'_> {
         // The count only falls when the oldest counted sub-window leaves the
         // window: at t with first(t) one higher, i.e. t = k * g + every - 1.
         let mut t = from;
+        let mut counted = self.counted(t);
         for _ in 0..=p.ring() + 1 {
-            if self.counted(t) + cost <= p.quota {
+            if counted.saturating_add(cost) <= p.quota {
                 return Earliest::At(t);
             }
-            t = (p.first(t) + 1) * p.segment + p.every - 1;
+            let first = p.first(t);
+            counted = counted.saturating_sub(self.count_in(first));
+            t = (first + 1) * p.segment + p.every - 1;
         }
         Earliest::At(t)
     }

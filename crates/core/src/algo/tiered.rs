@@ -22,7 +22,9 @@ pub struct TieredParams {
 
 impl TieredParams {
     pub fn total(&self) -> u64 {
-        self.tiers.iter().map(|t| t.quota).sum()
+        self.tiers
+            .iter()
+            .fold(0, |sum, t| sum.saturating_add(t.quota))
     }
 }
 
@@ -48,7 +50,7 @@ impl Tiered<'_> {
                 tier.quota
                     .saturating_sub(self.used(i, tier.calendar.window(t)))
             })
-            .sum()
+            .fold(0, u64::saturating_add)
     }
 
     /// Take `amount` from the pools at instant `at`, most frequent first.

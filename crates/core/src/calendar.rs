@@ -122,7 +122,10 @@ impl Calendar {
     pub fn window(&self, t: Nanos) -> Window {
         match &self.zone {
             Zone::Fixed { offset } => {
-                let local = (t as i128 + *offset as i128).rem_euclid(self.every as i128) as u64;
+                // Instants up to 2262 fit in i64, and offsets are under a day.
+                let local = (t as i64)
+                    .saturating_add(*offset)
+                    .rem_euclid(self.every as i64) as u64;
                 let start = t - local.min(t);
                 Window {
                     start,

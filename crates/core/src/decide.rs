@@ -71,6 +71,13 @@ impl Decision {
 const MAX_ROUNDS: usize = 64;
 
 pub fn decide(now: Nanos, slots: &mut [Slot<'_>]) -> Decision {
+    // The common case, one enforcing limit with room now, needs none of the
+    // combination below.
+    if let [slot] = slots {
+        if let Some(decision) = admit_single_now(now, slot) {
+            return decision;
+        }
+    }
     let own: SmallVec<[Earliest; 4]> = slots
         .iter()
         .map(|s| s.meter.earliest(now, s.cost, now))
@@ -140,6 +147,29 @@ pub fn decide(now: Nanos, slots: &mut [Slot<'_>]) -> Decision {
     }
 }
 
+/// One enforcing slot that admits at `now`: commit and report, or `None` to
+/// take the general path (shadow, hold, denial, never).
+#[inline]
+pub fn admit_single_now(now: Nanos, s: &mut Slot<'_>) -> Option<Decision> {
+    if s.shadow || s.meter.earliest(now, s.cost, now) != Earliest::At(now) {
+        return None;
+    }
+    s.meter.commit(now, s.charge, now);
+    let usage = s.meter.usage(now);
+    let mut outcomes = SmallVec::new();
+    outcomes.push(Outcome {
+        allowed: true,
+        remaining: usage.remaining,
+        reset: usage.reset,
+        retry_after: None,
+        shadow: false,
+    });
+    Some(Decision {
+        verdict: Verdict::Admit { delay: 0 },
+        outcomes,
+    })
+}
+
 /// The smallest instant at which every enforcing slot admits, and whether
 /// some slot can only admit after a release.
 fn fixpoint(now: Nanos, slots: &[Slot<'_>], own: &[Earliest]) -> (Nanos, bool) {
@@ -151,7 +181,8 @@ fn fixpoint(now: Nanos, slots: &[Slot<'_>], own: &[Earliest]) -> (Nanos, bool) {
             _ => return (now, true),
         }
     }
-    if slots.len() == 1 {
+    // One limit, or every limit admits now (t is the largest own earliest): settled.
+    if slots.len() == 1 || t == now {
         return (t, false);
     }
     // Each meter moves `t` only a bounded number of times (to its next window

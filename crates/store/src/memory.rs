@@ -16,7 +16,7 @@
 
 use crate::state::AnyState;
 use compact_str::CompactString;
-use hashbrown::HashTable;
+use hashbrown::{hash_table, HashTable};
 use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
 use std::hash::BuildHasher;
@@ -48,11 +48,17 @@ struct Entry {
 
 type Shard = HashTable<Entry>;
 
+/// One shard per cache line pair (128 bytes, what x86 prefetches together),
+/// so threads locking neighbouring shards do not contend on the line.
+#[derive(Debug)]
+#[repr(align(128))]
+struct Padded<T>(T);
+
 #[derive(Debug)]
 struct Table {
     limit: usize,
     class: usize,
-    shards: Box<[Mutex<Shard>]>,
+    shards: Box<[Padded<Mutex<Shard>>]>,
 }
 
 #[derive(Debug)]
@@ -74,7 +80,9 @@ impl MemoryStore {
             .map(|(limit, class)| Table {
                 limit,
                 class,
-                shards: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
+                shards: (0..SHARDS)
+                    .map(|_| Padded(Mutex::new(HashTable::new())))
+                    .collect(),
             })
             .collect();
         MemoryStore {
@@ -104,7 +112,7 @@ impl MemoryStore {
         let hash = self.hasher.hash_one(item.key.as_str());
         // Middle bits: hashbrown uses the top 7 as its tag, the bottom for the bucket.
         let shard = (hash >> 32) as usize % SHARDS;
-        (self.table(item).shards[shard].lock(), hash)
+        (self.table(item).shards[shard].0.lock(), hash)
     }
 
     /// Decide and commit all of a request's limits at `now`, atomically.
@@ -117,35 +125,133 @@ impl MemoryStore {
         items: &[Item],
         now: Nanos,
     ) -> Result<Decision, StoreError> {
+        match items {
+            [item] => self.decide_one(policy, item, now),
+            _ => self.decide_many(policy, items, now),
+        }
+    }
+
+    /// One limit: one lock and, for a known key, one probe of the table.
+    fn decide_one(&self, policy: &Policy, item: &Item, now: Nanos) -> Result<Decision, StoreError> {
+        let limit = &policy.limits[item.limit];
+        let params = limit.params(item.class);
+        let (mut shard, hash) = self.lock(item);
+        let key = item.key.as_str();
+        let hasher = &self.hasher;
+        let mut added = false;
+        let entry = match shard.entry(hash, |e| e.key == key, |e| hasher.hash_one(e.key.as_str())) {
+            hash_table::Entry::Occupied(found) => Some(found.into_mut()),
+            hash_table::Entry::Vacant(place) if self.claim_key() => {
+                added = true;
+                let fresh = Entry {
+                    key: item.key.clone(),
+                    state: AnyState::fresh(params),
+                };
+                Some(place.insert(fresh).into_mut())
+            }
+            // Full: the general path evicts what it can, or refuses.
+            hash_table::Entry::Vacant(_) => None,
+        };
+        let Some(entry) = entry else {
+            drop(shard);
+            return self.decide_many(policy, std::slice::from_ref(item), now);
+        };
+        let mut meter = entry.state.meter(params);
+        let mut slot = Slot {
+            meter: &mut meter,
+            cost: item.cost,
+            charge: item.charge,
+            hold: limit.hold,
+            shadow: limit.mode == tollgate_core::policy::Mode::Shadow,
+        };
+        let decision = decide(now, std::slice::from_mut(&mut slot));
+        let unused = added && slot.meter.at_rest(now);
+        if unused {
+            // A key added for this request that it left untouched is not kept.
+            if let Ok(found) = shard.find_entry(hash, |e| e.key == key) {
+                found.remove();
+                self.keys.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        Ok(decision)
+    }
+
+    /// Several limits: their shards are locked in policy order, each key is
+    /// found (or added) with one probe, and the core decides over all of them.
+    fn decide_many(
+        &self,
+        policy: &Policy,
+        items: &[Item],
+        now: Nanos,
+    ) -> Result<Decision, StoreError> {
         let mut guards: SmallVec<[(MutexGuard<'_, Shard>, u64); 4]> =
             items.iter().map(|i| self.lock(i)).collect();
-        let mut inserted: SmallVec<[bool; 4]> = SmallVec::new();
-        for ((shard, hash), item) in guards.iter_mut().zip(items) {
+        // Keys this request added; if it leaves them untouched they go again.
+        let mut added: SmallVec<[bool; 4]> = smallvec::smallvec![false; items.len()];
+        loop {
+            match self.try_decide(policy, items, now, &mut guards, &mut added) {
+                Ok((decision, unused)) => {
+                    for (i, _) in unused.iter().enumerate().filter(|(_, u)| **u) {
+                        self.remove(&mut guards[i], &items[i]);
+                    }
+                    return Ok(decision);
+                }
+                Err(full) => {
+                    let (shard, hash) = &mut guards[full];
+                    if let Err(e) = self.make_room(policy, shard, &items[full], now) {
+                        for (i, _) in added.clone().iter().enumerate().filter(|(_, a)| **a) {
+                            self.remove(&mut guards[i], &items[i]);
+                        }
+                        return Err(e);
+                    }
+                    let params = policy.limits[items[full].limit].params(items[full].class);
+                    let hasher = &self.hasher;
+                    shard.insert_unique(
+                        *hash,
+                        Entry {
+                            key: items[full].key.clone(),
+                            state: AnyState::fresh(params),
+                        },
+                        |e| hasher.hash_one(e.key.as_str()),
+                    );
+                    added[full] = true;
+                }
+            }
+        }
+    }
+
+    /// Decide with every key present or addable; `Err(i)` if item `i` is new
+    /// and the store is full (the caller makes room and tries again).
+    fn try_decide(
+        &self,
+        policy: &Policy,
+        items: &[Item],
+        now: Nanos,
+        guards: &mut [(MutexGuard<'_, Shard>, u64)],
+        added: &mut [bool],
+    ) -> Result<(Decision, SmallVec<[bool; 4]>), usize> {
+        let hasher = &self.hasher;
+        let mut entries: SmallVec<[&mut Entry; 4]> = SmallVec::new();
+        for (i, ((shard, hash), item)) in guards.iter_mut().zip(items).enumerate() {
             let key = item.key.as_str();
-            let found = shard.find(*hash, |e| e.key == key).is_some();
-            if !found {
-                let params = policy.limits[item.limit].params(item.class);
-                self.make_room(policy, shard, item, now)?;
-                let hasher = &self.hasher;
-                shard.insert_unique(
-                    *hash,
-                    Entry {
+            match shard.entry(*hash, |e| e.key == key, |e| hasher.hash_one(e.key.as_str())) {
+                hash_table::Entry::Occupied(found) => entries.push(found.into_mut()),
+                hash_table::Entry::Vacant(place) if self.claim_key() => {
+                    added[i] = true;
+                    let params = policy.limits[item.limit].params(item.class);
+                    let fresh = Entry {
                         key: item.key.clone(),
                         state: AnyState::fresh(params),
-                    },
-                    |e| hasher.hash_one(e.key.as_str()),
-                );
+                    };
+                    entries.push(place.insert(fresh).into_mut());
+                }
+                hash_table::Entry::Vacant(_) => return Err(i),
             }
-            inserted.push(!found);
         }
-        let mut meters: SmallVec<[_; 4]> = guards
+        let mut meters: SmallVec<[_; 4]> = entries
             .iter_mut()
             .zip(items)
-            .map(|((shard, hash), item)| {
-                let key = item.key.as_str();
-                let entry = shard
-                    .find_mut(*hash, |e| e.key == key)
-                    .expect("present: found or just inserted");
+            .map(|(entry, item)| {
                 entry
                     .state
                     .meter(policy.limits[item.limit].params(item.class))
@@ -166,26 +272,22 @@ impl MemoryStore {
             })
             .collect();
         let decision = decide(now, &mut slots);
-        let rested: SmallVec<[bool; 4]> = slots.iter().map(|s| s.meter.at_rest(now)).collect();
-        drop(slots);
-        drop(meters);
-        // A key added for this request that it left untouched is not kept.
-        for (((shard, hash), item), (added, rest)) in guards
-            .iter_mut()
-            .zip(items)
-            .zip(inserted.iter().zip(&rested))
-        {
-            if *added && *rest {
-                let key = item.key.as_str();
-                if let Ok(entry) = shard.find_entry(*hash, |e| e.key == key) {
-                    entry.remove();
-                    self.keys.fetch_sub(1, Ordering::Relaxed);
-                }
-            }
-        }
-        Ok(decision)
+        let unused = slots
+            .iter()
+            .zip(added.iter())
+            .map(|(s, added)| *added && s.meter.at_rest(now))
+            .collect();
+        Ok((decision, unused))
     }
 
+    /// Forget a key this request added (it is still fresh).
+    fn remove(&self, (shard, hash): &mut (MutexGuard<'_, Shard>, u64), item: &Item) {
+        let key = item.key.as_str();
+        if let Ok(found) = shard.find_entry(*hash, |e| e.key == key) {
+            found.remove();
+            self.keys.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
     /// After a request completes: debit latency limits by `latency_us` and
     /// release concurrency slots.
     pub fn finish(&self, policy: &Policy, items: &[Item], now: Nanos, latency_us: u64) {
@@ -249,7 +351,7 @@ impl MemoryStore {
             .map(|t| {
                 t.shards
                     .iter()
-                    .map(|s| self.sweep_shard(policy, t, &mut s.lock(), now))
+                    .map(|s| self.sweep_shard(policy, t, &mut s.0.lock(), now))
                     .sum::<usize>()
             })
             .sum()
@@ -294,7 +396,7 @@ impl MemoryStore {
         if self.sweep_shard(policy, table, shard, now) == 0 {
             for t in &self.tables {
                 for s in t.shards.iter() {
-                    if let Some(mut other) = s.try_lock() {
+                    if let Some(mut other) = s.0.try_lock() {
                         self.sweep_shard(policy, t, &mut other, now);
                     }
                 }

@@ -184,6 +184,16 @@ impl Meter for Gcra<'_> {
         let amount = u128::from(p.amount);
         let scaled = |e: Exact| u128::from(e.ns) * amount + u128::from(e.frac);
         let slack = scaled(full) - scaled(tat);
+        // The usual case fits 64 bits, where division is several times cheaper.
+        if let (Ok(slack), Ok(amount)) = (u64::try_from(slack), u64::try_from(amount)) {
+            let remaining = slack / p.period;
+            if let Some(next) = (remaining + 1).checked_mul(p.period) {
+                return Usage {
+                    remaining,
+                    reset: (next - slack).div_ceil(amount),
+                };
+            }
+        }
         let period = u128::from(p.period);
         let remaining = slack / period;
         let reset = ((remaining + 1) * period - slack).div_ceil(amount);

@@ -44,13 +44,15 @@ impl SlidingWindowParams {
 }
 
 /// `head` is the newest sub-window written; `counts` is a ring over
-/// sub-windows `head + 1 - ring ..= head`; `total` is their sum, so the
-/// usual decision costs O(1), not O(segments).
+/// sub-windows `head + 1 - ring ..= head`; `total` is their sum and `oldest`
+/// the oldest one holding anything (or `head`), so the usual decision costs
+/// O(1), not O(segments).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SlidingWindowState {
     pub head: u64,
     pub counts: Box<[u64]>,
     pub total: u64,
+    pub oldest: u64,
 }
 
 #[derive(Debug)]
@@ -66,6 +68,28 @@ impl SlidingWindow<'_> {
             return 0;
         }
         s.counts[(segment % self.params.ring()) as usize]
+    }
+
+    /// The oldest sub-window from `first` on that holds anything.
+    fn oldest_counted(&self, first: u64) -> Option<u64> {
+        let s = &self.state;
+        let ring = self.params.ring();
+        if s.counts.is_empty() || first > s.head {
+            return None;
+        }
+        let first = first.max(s.oldest).max((s.head + 1).saturating_sub(ring));
+        // Walk the ring without a division per step.
+        let mut slot = (first % ring) as usize;
+        for segment in first..=s.head {
+            if s.counts[slot] > 0 {
+                return Some(segment);
+            }
+            slot += 1;
+            if slot == s.counts.len() {
+                slot = 0;
+            }
+        }
+        None
     }
 
     /// Units counted by a decision at `t`: sub-windows `first(t) ..= head`.
@@ -89,6 +113,7 @@ impl SlidingWindow<'_> {
         if s.counts.is_empty() {
             s.counts = vec![0; ring as usize].into_boxed_slice();
             s.head = segment;
+            s.oldest = segment;
         }
         if segment > s.head {
             let gap = (segment - s.head).min(ring);
@@ -105,6 +130,15 @@ impl SlidingWindow<'_> {
         let slot = &mut s.counts[(segment % ring) as usize];
         *slot = slot.saturating_add(amount);
         s.total = s.total.saturating_add(amount);
+        // Keep `oldest` on the oldest sub-window holding anything (it only
+        // moves forward, so this is O(1) amortised).
+        s.oldest = s.oldest.max((s.head + 1).saturating_sub(ring));
+        if amount > 0 && segment < s.oldest {
+            s.oldest = segment;
+        }
+        while s.oldest < s.head && s.counts[(s.oldest % ring) as usize] == 0 {
+            s.oldest += 1;
+        }
     }
 }
 
@@ -144,17 +178,17 @@ impl Meter for SlidingWindow<'_> {
     fn usage(&self, now: Nanos) -> Usage {
         let p = self.params;
         let counted = self.counted(now);
-        let reset = (p.first(now)..=self.state.head)
-            .find(|&i| self.count_in(i) > 0)
-            .map_or(0, |i| {
+        let reset = match counted {
+            0 => 0,
+            _ => self.oldest_counted(p.first(now)).map_or(0, |i| {
                 ((i + 1) * p.segment + p.every - 1).saturating_sub(now)
-            });
+            }),
+        };
         Usage {
             remaining: p.quota.saturating_sub(counted),
-            reset: if counted == 0 { 0 } else { reset },
+            reset,
         }
     }
-
     fn at_rest(&self, now: Nanos) -> bool {
         self.state.counts.is_empty() || self.params.first(now) > self.state.head
     }

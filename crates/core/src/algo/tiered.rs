@@ -66,7 +66,11 @@ impl Tiered<'_> {
             let room = tier.quota.saturating_sub(self.state[i].used(w.start));
             let take = room.min(amount);
             if take > 0 {
-                let current = tier.calendar.window(now).start;
+                let current = if at == now {
+                    w.start
+                } else {
+                    tier.calendar.window(now).start
+                };
                 self.state[i].add(w.start, current, take);
                 amount -= take;
             }
@@ -80,9 +84,12 @@ impl Meter for Tiered<'_> {
         if cost > total {
             return Earliest::Never { capacity: total };
         }
+        if self.available_at(from) >= cost {
+            return Earliest::At(from);
+        }
         // Availability changes only when a pool refreshes, and past each pool's
         // second refresh (beyond any reservation) that pool is full: so the
-        // answer is `from` or one of those refresh instants.
+        // answer is one of those refresh instants.
         let mut candidates: Vec<Nanos> = vec![from];
         for tier in &self.params.tiers {
             let w = tier.calendar.window(from);
@@ -112,20 +119,19 @@ impl Meter for Tiered<'_> {
     }
 
     fn usage(&self, now: Nanos) -> Usage {
-        let mut reset = 0;
+        // One window per pool: what is left, and when the first used pool refreshes.
+        let (mut remaining, mut reset) = (0u64, 0);
         for (i, tier) in self.params.tiers.iter().enumerate() {
             let w = tier.calendar.window(now);
-            if self.used(i, w) > 0 {
+            let used = self.used(i, w);
+            remaining = remaining.saturating_add(tier.quota.saturating_sub(used));
+            if used > 0 {
                 let until = w.end - now;
                 reset = if reset == 0 { until } else { reset.min(until) };
             }
         }
-        Usage {
-            remaining: self.available_at(now),
-            reset,
-        }
+        Usage { remaining, reset }
     }
-
     fn at_rest(&self, now: Nanos) -> bool {
         self.state
             .iter()

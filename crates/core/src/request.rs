@@ -207,6 +207,21 @@ pub struct Attrs {
     pub body: Option<serde_json::Value>,
 }
 
+impl Attrs {
+    /// A request with these headers (names are lower-cased here).
+    pub fn new(method: &str, path: &str, headers: &[(&str, &str)]) -> Attrs {
+        Attrs {
+            method: method.into(),
+            path: path.into(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), (*v).to_string()))
+                .collect(),
+            ..Attrs::default()
+        }
+    }
+}
+
 impl Request for Attrs {
     fn method(&self) -> &str {
         &self.method
@@ -277,15 +292,7 @@ mod tests {
     use crate::config::{parse, NoProfiles};
 
     fn req(method: &str, path: &str, headers: &[(&str, &str)]) -> Attrs {
-        Attrs {
-            method: method.into(),
-            path: path.into(),
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            ..Attrs::default()
-        }
+        Attrs::new(method, path, headers)
     }
 
     #[test]

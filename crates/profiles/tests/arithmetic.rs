@@ -50,15 +50,7 @@ fn limit_index(engine: &Engine, name: &str) -> usize {
 }
 
 fn req(method: &str, path: &str, headers: &[(&str, &str)]) -> Attrs {
-    Attrs {
-        method: method.into(),
-        path: path.into(),
-        headers: headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ..Attrs::default()
-    }
+    Attrs::new(method, path, headers)
 }
 
 fn with_host(mut r: Attrs, host: &str) -> Attrs {

@@ -99,14 +99,8 @@ fn open<B: Backend>(toml: &str) -> B {
 
 fn req(headers: &[(&str, &str)]) -> Attrs {
     Attrs {
-        method: "GET".into(),
-        path: "/v1/jobs".into(),
         ip: Some("10.0.0.1".into()),
-        headers: headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ..Attrs::default()
+        ..Attrs::new("GET", "/v1/jobs", headers)
     }
 }
 

@@ -114,7 +114,11 @@ fn run(cli: Cli) -> Result<()> {
                 Some(path) => Box::new(File::create(path).with_context(|| format!("cannot write {}", path.display()))?),
                 None => Box::new(io::stdout().lock()),
             };
-            let options = tollgate_sim::Options { start, decisions };
+            let options = tollgate_sim::Options {
+                start,
+                decisions,
+                per_key: summary,
+            };
             let result = tollgate_sim::simulate(&engine, options, input, output)
                 .with_context(|| format!("{}", trace.display()))?;
             if summary {

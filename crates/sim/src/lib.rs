@@ -38,6 +38,8 @@ pub struct Options {
     pub start: Nanos,
     /// Write one decision line per request.
     pub decisions: bool,
+    /// Count per key too (for `--summary`); totals per limit are always kept.
+    pub per_key: bool,
 }
 
 /// A request still in flight: what to settle when it completes.
@@ -170,7 +172,7 @@ pub fn simulate(
             let result = engine.check_into(&request, now, &mut items);
             match &result {
                 Ok(decision) => {
-                    summary.record(&policy, &items, decision);
+                    summary.record(&items, decision, options.per_key);
                     if let Verdict::Admit { delay } = decision.verdict {
                         if items.iter().any(|i| settles[i.limit]) {
                             seq += 1;

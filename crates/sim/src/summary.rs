@@ -65,7 +65,7 @@ impl Summary {
         }
     }
 
-    pub fn record(&mut self, _policy: &Policy, items: &[Item], decision: &Decision) {
+    pub fn record(&mut self, items: &[Item], decision: &Decision, per_key: bool) {
         self.requests += 1;
         let bump: fn(&mut Counts) = match decision.verdict {
             Verdict::Admit { delay: 0 } => {
@@ -99,6 +99,9 @@ impl Summary {
                 continue;
             }
             bump(&mut limit.counts);
+            if !per_key || !limit.keyed {
+                continue;
+            }
             let tracked = limit.keys.len();
             match limit.keys.get_mut(item.key.as_str()) {
                 Some(c) => bump(c),

@@ -273,3 +273,27 @@ fn start_must_be_an_instant() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("--start 'yesterday' is not an RFC 3339 instant"));
 }
+
+#[test]
+fn a_last_line_without_newline_is_decided() {
+    let config = temp_file("exact3.toml", EXACT);
+    let trace = "{\"t\": 0, \"headers\": {\"x-tenant-id\": \"a\"}}\n{\"t\": 0.25, \"headers\": {\"x-tenant-id\": \"a\"}}";
+    let out = tollgate_stdin(
+        &[
+            "simulate",
+            "--config",
+            config.to_str().expect("utf8"),
+            "--trace",
+            "-",
+        ],
+        trace,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["t"], 0.25);
+    assert_eq!(lines[1]["remaining"]["t"], 0);
+}

@@ -101,108 +101,126 @@ pub fn simulate(
     // are written before an error is reported.
     let result = (|| -> Result<(), SimError> {
         loop {
-            line.clear();
-            if input.read_until(b'\n', &mut line)? == 0 {
+            // Parse the line where it lies in the read buffer; only a line cut
+            // by the buffer's end is copied out first.
+            let buf = input.fill_buf()?;
+            if buf.is_empty() {
                 break;
             }
-            line_no += 1;
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            let fail = |message: String| SimError::Line {
-                line: line_no,
-                message,
-            };
-            let parsed: TraceLine<'_> =
-                serde_json::from_slice(&line).map_err(|e| fail(describe_json_error(&e)))?;
-            let t_text = parsed.t.get();
-            let t: f64 = match t_text.parse() {
-                Ok(t) if t >= 0.0 && f64::is_finite(t) => t,
-                _ => {
-                    return Err(fail(format!(
-                        "t must be a number of seconds >= 0, got {t_text}"
-                    )))
+            let (bytes, used): (&[u8], usize) = match memchr::memchr(b'\n', buf) {
+                Some(end) => (&buf[..end], end + 1),
+                None => {
+                    line.clear();
+                    line.extend_from_slice(buf);
+                    let taken = buf.len();
+                    input.consume(taken);
+                    input.read_until(b'\n', &mut line)?;
+                    (&line[..], 0)
                 }
             };
-            if t < last_t {
-                return Err(fail(format!(
+            line_no += 1;
+            let step = (|| -> Result<(), SimError> {
+                if bytes.iter().all(u8::is_ascii_whitespace) {
+                    return Ok(());
+                }
+                let fail = |message: String| SimError::Line {
+                    line: line_no,
+                    message,
+                };
+                let parsed: TraceLine<'_> =
+                    serde_json::from_slice(bytes).map_err(|e| fail(describe_json_error(&e)))?;
+                let t_text = parsed.t.get();
+                let t: f64 = match t_text.parse() {
+                    Ok(t) if t >= 0.0 && f64::is_finite(t) => t,
+                    _ => {
+                        return Err(fail(format!(
+                            "t must be a number of seconds >= 0, got {t_text}"
+                        )))
+                    }
+                };
+                if t < last_t {
+                    return Err(fail(format!(
                 "t {t_text} is before the previous line's {last_t}; the trace must be sorted by t"
             )));
-            }
-            last_t = t;
-            let latency = match parsed.latency {
-                Some(l) if !(0.0..=MAX_SECONDS).contains(&l) => {
-                    return Err(fail(format!(
-                        "latency must be seconds between 0 and {MAX_SECONDS}, got {l}"
-                    )))
                 }
-                Some(l) => (l * 1e6).round() as u64,
-                None => 0,
-            };
-            let body = match (wants_body, parsed.body) {
-                (true, Some(raw)) => {
-                    Some(serde_json::from_str(raw.get()).map_err(|e| fail(format!("body: {e}")))?)
-                }
-                _ => None,
-            };
-            let now = match options
-                .start
-                .checked_add((t * NANOS_PER_SEC as f64).round() as Nanos)
-            {
-                Some(now) if t <= MAX_SECONDS => now,
-                _ => {
-                    return Err(fail(format!(
-                        "t {t_text} is too far after --start (at most {MAX_SECONDS} s)"
-                    )))
-                }
-            };
+                last_t = t;
+                let latency = match parsed.latency {
+                    Some(l) if !(0.0..=MAX_SECONDS).contains(&l) => {
+                        return Err(fail(format!(
+                            "latency must be seconds between 0 and {MAX_SECONDS}, got {l}"
+                        )))
+                    }
+                    Some(l) => (l * 1e6).round() as u64,
+                    None => 0,
+                };
+                let body = match (wants_body, parsed.body) {
+                    (true, Some(raw)) => Some(
+                        serde_json::from_str(raw.get()).map_err(|e| fail(format!("body: {e}")))?,
+                    ),
+                    _ => None,
+                };
+                let now = match options
+                    .start
+                    .checked_add((t * NANOS_PER_SEC as f64).round() as Nanos)
+                {
+                    Some(now) if t <= MAX_SECONDS => now,
+                    _ => {
+                        return Err(fail(format!(
+                            "t {t_text} is too far after --start (at most {MAX_SECONDS} s)"
+                        )))
+                    }
+                };
 
-            // Settle everything that completed before this request arrives.
-            while pending.peek().is_some_and(|p| p.0.at <= now) {
-                if let Some(Reverse(p)) = pending.pop() {
-                    engine.finish_committed(&p.items, p.at, p.latency_us);
-                    spare.push(p.items);
+                // Settle everything that completed before this request arrives.
+                while pending.peek().is_some_and(|p| p.0.at <= now) {
+                    if let Some(Reverse(p)) = pending.pop() {
+                        engine.finish_committed(&p.items, p.at, p.latency_us);
+                        spare.push(p.items);
+                    }
                 }
-            }
 
-            let request = TraceRequest {
-                line: &parsed,
-                body,
-            };
-            let result = engine.check_into(&request, now, &mut items);
-            match &result {
-                Ok(decision) => {
-                    summary.record(&items, decision, options.per_key);
-                    if let Verdict::Admit { delay } = decision.verdict {
-                        if items.iter().any(|i| settles[i.limit]) {
-                            seq += 1;
-                            let mut kept = spare.pop().unwrap_or_default();
-                            kept.clear();
-                            kept.extend(tollgate_store::committed(&items, decision).cloned());
-                            pending.push(Reverse(Pending {
-                                at: now.saturating_add(delay).saturating_add(latency * 1_000),
-                                seq,
-                                latency_us: latency,
-                                items: kept,
-                            }));
+                let request = TraceRequest {
+                    line: &parsed,
+                    body,
+                };
+                let result = engine.check_into(&request, now, &mut items);
+                match &result {
+                    Ok(decision) => {
+                        summary.record(&items, decision, options.per_key);
+                        if let Verdict::Admit { delay } = decision.verdict {
+                            if items.iter().any(|i| settles[i.limit]) {
+                                seq += 1;
+                                let mut kept = spare.pop().unwrap_or_default();
+                                kept.clear();
+                                kept.extend(tollgate_store::committed(&items, decision).cloned());
+                                pending.push(Reverse(Pending {
+                                    at: now.saturating_add(delay).saturating_add(latency * 1_000),
+                                    seq,
+                                    latency_us: latency,
+                                    items: kept,
+                                }));
+                            }
+                        }
+                        if options.decisions {
+                            write_decision(&mut out, t_text, &policy, &items, decision);
                         }
                     }
-                    if options.decisions {
-                        write_decision(&mut out, t_text, &policy, &items, decision);
+                    Err(error) => {
+                        summary.errors += 1;
+                        summary.requests += 1;
+                        if options.decisions {
+                            write_error(&mut out, t_text, error);
+                        }
                     }
                 }
-                Err(error) => {
-                    summary.errors += 1;
-                    summary.requests += 1;
-                    if options.decisions {
-                        write_error(&mut out, t_text, error);
-                    }
+                if out.len() >= OUT_CHUNK {
+                    output.write_all(&out)?;
+                    out.clear();
                 }
-            }
-            if out.len() >= OUT_CHUNK {
-                output.write_all(&out)?;
-                out.clear();
-            }
+                Ok(())
+            })();
+            input.consume(used);
+            step?;
         }
         Ok(())
     })();

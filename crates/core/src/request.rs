@@ -141,7 +141,8 @@ fn key_of(limit: &Limit, req: &impl Request) -> Result<Option<CompactString>, Re
 }
 
 fn push_escaped(key: &mut CompactString, value: &str) {
-    if !value.contains([KEY_SEPARATOR, KEY_MISSING, KEY_ESCAPE]) {
+    // The three reserved chars are the bytes 0x1d..=0x1f.
+    if !value.bytes().any(|b| (0x1d..=0x1f).contains(&b)) {
         key.push_str(value);
         return;
     }

@@ -264,7 +264,7 @@ fn write_decision(
     push_f64(out, delay as f64 / NANOS_PER_SEC as f64);
     out.extend_from_slice(b",\"limit\":");
     match limit {
-        Some(i) => push_str(out, &policy.limits[items[i].limit].name),
+        Some(i) => push_name(out, &policy.limits[items[i].limit].name),
         None => out.extend_from_slice(b"null"),
     }
     out.extend_from_slice(b",\"retry_after\":");
@@ -278,7 +278,7 @@ fn write_decision(
             out.push(b',');
         }
         let limit = &policy.limits[item.limit];
-        push_str(out, &limit.name);
+        push_name(out, &limit.name);
         out.push(b':');
         if limit.is_latency() {
             push_f64(out, outcome.remaining as f64 / 1e6);
@@ -314,6 +314,14 @@ fn push_f64(out: &mut Vec<u8>, v: f64) {
         return;
     }
     out.extend_from_slice(ryu::Buffer::new().format(v).as_bytes());
+}
+
+/// A limit name: plain ASCII without quotes or backslashes (checked when the
+/// config is loaded), so it needs no escaping.
+fn push_name(out: &mut Vec<u8>, name: &str) {
+    out.push(b'"');
+    out.extend_from_slice(name.as_bytes());
+    out.push(b'"');
 }
 
 fn push_str(out: &mut Vec<u8>, s: &str) {

@@ -30,6 +30,21 @@ fn tollgate_stdin(args: &[&str], stdin: &str) -> Output {
     child.wait_with_output().expect("wait")
 }
 
+/// `tollgate simulate --config CONFIG --trace -` on `trace`: it must succeed;
+/// its decisions, one JSON value per line.
+fn simulate_stdin(config: &Path, trace: &str) -> Vec<serde_json::Value> {
+    let config = config.to_str().expect("utf8 path");
+    let out = tollgate_stdin(&["simulate", "--config", config, "--trace", "-"], trace);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    json_lines(&text(&out.stdout))
+}
+
+fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).expect("each output line is JSON"))
+        .collect()
+}
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -103,21 +118,7 @@ fn simulate_is_exact_and_in_input_order() {
 {\"t\": 0.5, \"headers\": {\"x-tenant-id\": \"b\"}}
 {\"t\": 1.0, \"headers\": {\"x-tenant-id\": \"a\"}}
 ";
-    let out = tollgate_stdin(
-        &[
-            "simulate",
-            "--config",
-            config.to_str().expect("utf8"),
-            "--trace",
-            "-",
-        ],
-        trace,
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let lines: Vec<serde_json::Value> = text(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("each output line is JSON"))
-        .collect();
+    let lines = simulate_stdin(&config, trace);
     let allowed: Vec<bool> = lines
         .iter()
         .map(|l| l["allowed"].as_bool().expect("allowed"))
@@ -163,10 +164,7 @@ fn simulate_reports_holds_and_summary() {
     ]);
     assert!(out.status.success());
     let written = std::fs::read_to_string(&decisions).expect("decisions written");
-    let decided: Vec<serde_json::Value> = written
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .collect();
+    let decided = json_lines(&written);
     let held = decided
         .iter()
         .filter(|d| d["allowed"] == true && d["delay"].as_f64() > Some(0.0))
@@ -233,21 +231,7 @@ fn request_errors_are_reported_per_line_not_fatal() {
         "[[limit]]\nname = \"t\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 5\nrefill = \"1/s\"\nmissing_key = \"reject\"\ncost = { header = \"x-cost\" }\n",
     );
     let trace = "{\"t\": 0}\n{\"t\": 0, \"headers\": {\"x-tenant-id\": \"a\", \"x-cost\": \"9\"}}\n{\"t\": 0, \"headers\": {\"x-tenant-id\": \"a\", \"x-cost\": \"2\"}}\n";
-    let out = tollgate_stdin(
-        &[
-            "simulate",
-            "--config",
-            config.to_str().expect("utf8"),
-            "--trace",
-            "-",
-        ],
-        trace,
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let lines: Vec<serde_json::Value> = text(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .collect();
+    let lines = simulate_stdin(&config, trace);
     assert_eq!(lines.len(), 3);
     assert_eq!(lines[0]["error"], "limit 't': the request has no header:x-tenant-id, and the limit rejects requests without it");
     assert_eq!(
@@ -278,21 +262,7 @@ fn start_must_be_an_instant() {
 fn a_last_line_without_newline_is_decided() {
     let config = temp_file("exact3.toml", EXACT);
     let trace = "{\"t\": 0, \"headers\": {\"x-tenant-id\": \"a\"}}\n{\"t\": 0.25, \"headers\": {\"x-tenant-id\": \"a\"}}";
-    let out = tollgate_stdin(
-        &[
-            "simulate",
-            "--config",
-            config.to_str().expect("utf8"),
-            "--trace",
-            "-",
-        ],
-        trace,
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let lines: Vec<serde_json::Value> = text(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .collect();
+    let lines = simulate_stdin(&config, trace);
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[1]["t"], 0.25);
     assert_eq!(lines[1]["remaining"]["t"], 0);

@@ -94,42 +94,23 @@ pub fn parse(text: &str, profiles: &dyn ProfileSource) -> Result<Policy, ConfigE
         classes = included.classes;
     }
 
-    let mut own_classes = BTreeMap::new();
+    let mut seen = BTreeMap::new();
     for raw_class in &raw.class {
-        let class = ctx.class(raw_class)?;
         let line = line_of(text, raw_class.span().start);
-        if let Some(first) = own_classes.insert(class.name.clone(), line) {
-            return Err(ConfigError {
-                line: Some(line),
-                message: format!(
-                    "class '{}' is defined twice (first on line {first}); names must be unique",
-                    class.name
-                ),
-            });
-        }
-        // A class named like one of the profile's replaces it in place, so
-        // which class matches first does not change.
-        match classes.iter_mut().find(|c| c.name == class.name) {
-            Some(existing) => *existing = class,
-            None => classes.push(class),
-        }
+        add_named(
+            &mut classes,
+            &mut seen,
+            "class",
+            ctx.class(raw_class)?,
+            line,
+            |c| &c.name,
+        )?;
     }
-    let mut own_names = BTreeMap::new();
+    let mut seen = BTreeMap::new();
     for raw_limit in &raw.limit {
         let limit = ctx.limit(raw_limit)?;
-        if let Some(first) = own_names.insert(limit.name.clone(), limit.line) {
-            return Err(ConfigError {
-                line: Some(limit.line),
-                message: format!(
-                    "limit '{}' is defined twice (first on line {first}); names must be unique",
-                    limit.name
-                ),
-            });
-        }
-        match limits.iter_mut().find(|l| l.name == limit.name) {
-            Some(existing) => *existing = limit,
-            None => limits.push(limit),
-        }
+        let line = limit.line;
+        add_named(&mut limits, &mut seen, "limit", limit, line, |l| &l.name)?;
     }
     // Profile limits were built before this config's classes: give them every class.
     for limit in &mut limits {
@@ -170,6 +151,33 @@ pub fn parse(text: &str, profiles: &dyn ProfileSource) -> Result<Policy, ConfigE
         store,
         profile,
     })
+}
+
+/// Add a limit or class defined on `line`. Names are unique within a file;
+/// one named like an entry of the included profile replaces it in place (so
+/// order, e.g. which class matches first, does not change).
+fn add_named<T>(
+    list: &mut Vec<T>,
+    seen: &mut BTreeMap<String, usize>,
+    kind: &str,
+    entry: T,
+    line: usize,
+    name_of: impl Fn(&T) -> &String,
+) -> Result<(), ConfigError> {
+    let name = name_of(&entry).clone();
+    if let Some(first) = seen.insert(name.clone(), line) {
+        return Err(ConfigError {
+            line: Some(line),
+            message: format!(
+                "{kind} '{name}' is defined twice (first on line {first}); names must be unique"
+            ),
+        });
+    }
+    match list.iter_mut().find(|e| *name_of(e) == name) {
+        Some(existing) => *existing = entry,
+        None => list.push(entry),
+    }
+    Ok(())
 }
 
 /// The name of the `[[limit]]` whose text contains `offset`, if any.

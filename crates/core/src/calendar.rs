@@ -8,7 +8,7 @@ use jiff::{civil, Timestamp, ToSpan};
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Arc;
 
-const DAY: Nanos = 86_400 * NANOS_PER_SEC;
+use crate::units::DAY;
 
 /// A half-open window `[start, end)` in nanoseconds since the epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

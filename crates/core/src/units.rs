@@ -11,6 +11,13 @@ pub const NANOS_PER_MICRO: u64 = 1_000;
 pub const NANOS_PER_SEC: u64 = 1_000_000_000;
 pub const MICROS_PER_SEC: u64 = 1_000_000;
 
+/// Spans in nanoseconds.
+pub const MILLISECOND: Nanos = 1_000_000;
+pub const SECOND: Nanos = NANOS_PER_SEC;
+pub const MINUTE: Nanos = 60 * SECOND;
+pub const HOUR: Nanos = 60 * MINUTE;
+pub const DAY: Nanos = 24 * HOUR;
+
 /// Parse a duration such as `2s`, `500ms`, `1m`, `1min`, `1h`, `1d`, `172.5s`, `30s`.
 pub fn parse_duration(text: &str) -> Result<Nanos, String> {
     let text = text.trim();

@@ -38,10 +38,7 @@ use tollgate_core::units::Rate;
 use tollgate_core::{decide, Decision, Nanos, NoProfiles, Slot, Verdict};
 
 const CASES: u32 = 256;
-const SEC: Nanos = 1_000_000_000;
-const MINUTE: Nanos = 60 * SEC;
-const HOUR: Nanos = 3_600 * SEC;
-const DAY: Nanos = 24 * HOUR;
+use tollgate_core::units::{DAY, HOUR, MINUTE, SECOND as SEC};
 /// 2026-03-29T01:00:00Z: Amsterdam goes from CET (UTC+1) to CEST (UTC+2).
 const SPRING_2026: Nanos = 1_774_746_000 * SEC;
 /// 2026-10-25T01:00:00Z: Amsterdam goes back from CEST to CET.

@@ -7,12 +7,7 @@ use tollgate_core::{parse, Attrs, NoProfiles, Policy, ProfileSource, Verdict};
 use tollgate_profiles::{get, list, Bundled};
 use tollgate_store::{Checked, Engine};
 
-type Nanos = u64;
-const MS: Nanos = 1_000_000;
-const S: Nanos = 1_000_000_000;
-const MIN: Nanos = 60 * S;
-const H: Nanos = 3_600 * S;
-const DAY: Nanos = 86_400 * S;
+use tollgate_core::units::{Nanos, DAY, HOUR as H, MILLISECOND as MS, MINUTE as MIN, SECOND as S};
 /// 2026-01-01T00:00:00Z: a UTC midnight, so every clock-aligned window starts here.
 const T0: Nanos = 1_767_225_600 * S;
 /// Microseconds per second (latency amounts are microseconds).

@@ -13,11 +13,7 @@ use serde_json::json;
 use tollgate_core::{parse, Attrs, Decision, Nanos, NoProfiles, Policy, RequestError, Verdict};
 use tollgate_store::{Checked, Engine, EngineError, StoreError};
 
-const MS: Nanos = 1_000_000;
-const SEC: Nanos = 1_000_000_000;
-const MINUTE: Nanos = 60 * SEC;
-const HOUR: Nanos = 60 * MINUTE;
-const DAY: Nanos = 24 * HOUR;
+use tollgate_core::units::{DAY, HOUR, MILLISECOND as MS, MINUTE, SECOND as SEC};
 /// 2026-01-01T00:00:00Z, a UTC midnight.
 const T0: Nanos = 1_767_225_600 * SEC;
 

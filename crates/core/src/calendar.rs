@@ -128,10 +128,8 @@ impl Calendar {
         }
         let w = match &self.zone {
             Zone::Fixed { offset } => {
-                // Instants up to 2262 fit in i64, and offsets are under a day.
-                let local = (t as i64)
-                    .saturating_add(*offset)
-                    .rem_euclid(self.every as i64) as u64;
+                // i128: instants past 2262 do not fit i64 (this runs only on a cache miss).
+                let local = (t as i128 + *offset as i128).rem_euclid(self.every as i128) as u64;
                 let start = t - local.min(t);
                 Window {
                     start,
@@ -264,6 +262,22 @@ mod tests {
 
     fn at(s: &str) -> Nanos {
         s.parse::<Timestamp>().unwrap().as_nanosecond() as u64
+    }
+
+    #[test]
+    fn windows_after_2262_still_align() {
+        // Past 2^63 ns an i64 wraps; a day must still start at UTC midnight.
+        let c = Calendar::new(DAY, "UTC").unwrap();
+        let w = c.window(at("2300-01-01T23:00:00Z"));
+        assert_eq!(
+            (w.start, w.end),
+            (at("2300-01-01T00:00:00Z"), at("2300-01-02T00:00:00Z"))
+        );
+        let fixed = Calendar::new(DAY, "Etc/GMT-3").unwrap(); // UTC+3, a fixed offset
+        assert_eq!(
+            fixed.window(at("2300-01-01T12:00:00Z")).start,
+            at("2299-12-31T21:00:00Z")
+        );
     }
 
     #[test]

@@ -103,7 +103,12 @@ pub fn simulate(
         loop {
             // Parse the line where it lies in the read buffer; only a line cut
             // by the buffer's end is copied out first.
-            let buf = input.fill_buf()?;
+            let buf = loop {
+                match input.fill_buf() {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    other => break other?,
+                }
+            };
             if buf.is_empty() {
                 break;
             }
@@ -115,6 +120,10 @@ pub fn simulate(
                     let taken = buf.len();
                     input.consume(taken);
                     input.read_until(b'\n', &mut line)?;
+                    // Parse it as a line found in the buffer would be: without its newline.
+                    if line.last() == Some(&b'\n') {
+                        line.pop();
+                    }
                     (&line[..], 0)
                 }
             };

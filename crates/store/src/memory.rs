@@ -5,8 +5,8 @@
 //! over all of them, and the locks are released together.
 //!
 //! Memory: an entry is the key (`CompactString`, 24 bytes, inline up to 24
-//! bytes of key) and an `AnyState` (16 bytes; a token bucket's state is inline,
-//! windowed states are boxed). Measured per token-bucket key including the
+//! bytes of key) and an `AnyState` (24 bytes; a token bucket's exact state is
+//! inline, larger windowed states are boxed). Measured per token-bucket key including the
 //! table's slack: see `bench/RESULTS.md`.
 //!
 //! Bounded keys: at most `max_keys` entries over all tables. A new key that

@@ -9,7 +9,6 @@ pub type Nanos = u64;
 
 pub const NANOS_PER_MICRO: u64 = 1_000;
 pub const NANOS_PER_SEC: u64 = 1_000_000_000;
-pub const MICROS_PER_SEC: u64 = 1_000_000;
 
 /// Spans in nanoseconds.
 pub const MILLISECOND: Nanos = 1_000_000;
@@ -78,16 +77,6 @@ impl Rate {
         }
         Ok(Rate { amount, per })
     }
-
-    /// Nanoseconds per unit, rounded up so the meter never runs faster than configured.
-    pub fn interval(&self) -> Nanos {
-        self.per.div_ceil(self.amount).max(1)
-    }
-}
-
-/// Render nanoseconds as seconds for JSON and headers.
-pub fn secs(nanos: Nanos) -> f64 {
-    nanos as f64 / NANOS_PER_SEC as f64
 }
 
 #[cfg(test)]
@@ -109,15 +98,18 @@ mod tests {
 
     #[test]
     fn rates() {
-        assert_eq!(Rate::parse("300/s").map(|r| r.interval()), Ok(3_333_334));
+        assert_eq!(
+            Rate::parse("300/s"),
+            Ok(Rate {
+                amount: 300,
+                per: NANOS_PER_SEC
+            })
+        );
         assert_eq!(
             Rate::parse("100/30s").map(|r| r.per),
             Ok(30 * NANOS_PER_SEC)
         );
-        assert_eq!(
-            Rate::parse("1/min").map(|r| r.interval()),
-            Ok(60 * NANOS_PER_SEC)
-        );
+        assert_eq!(Rate::parse("1/min").map(|r| r.per), Ok(60 * NANOS_PER_SEC));
         let err = Rate::parse("10/sec").unwrap_err();
         assert!(
             err.contains("is not a rate; use N/s, N/min, N/h, N/d"),

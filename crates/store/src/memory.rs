@@ -288,6 +288,7 @@ impl MemoryStore {
             self.keys.fetch_sub(1, Ordering::Relaxed);
         }
     }
+
     /// After a request completes: debit latency limits by `latency_us` and
     /// release concurrency slots.
     pub fn finish(&self, policy: &Policy, items: &[Item], now: Nanos, latency_us: u64) {
@@ -298,37 +299,40 @@ impl MemoryStore {
                 continue;
             }
             let params = limit.params(item.class);
+            let settle = |state: &mut AnyState| {
+                let mut meter = state.meter(params);
+                if concurrency {
+                    meter.release(item.charge);
+                } else {
+                    meter.debit(now, latency_us);
+                }
+            };
             let (mut shard, hash) = self.lock(item);
             let key = item.key.as_str();
-            if shard.find(hash, |e| e.key == key).is_none() {
-                if concurrency || latency_us == 0 {
-                    continue; // a released slot or a zero debit changes nothing
-                }
-                // A debit is owed for work already done: it is never dropped.
-                // If the store is full it goes in over the bound, which is then
-                // exceeded by at most the requests in flight.
-                if self.make_room(policy, &mut shard, item, now).is_err() {
-                    self.keys.fetch_add(1, Ordering::Relaxed);
-                }
-                let hasher = &self.hasher;
-                shard.insert_unique(
-                    hash,
-                    Entry {
-                        key: item.key.clone(),
-                        state: AnyState::fresh(params),
-                    },
-                    |e| hasher.hash_one(e.key.as_str()),
-                );
-            }
-            let Some(entry) = shard.find_mut(hash, |e| e.key == key) else {
+            if let Some(entry) = shard.find_mut(hash, |e| e.key == key) {
+                settle(&mut entry.state);
                 continue;
-            };
-            let mut meter = entry.state.meter(params);
-            if concurrency {
-                meter.release(item.charge);
-            } else {
-                meter.debit(now, latency_us);
             }
+            if concurrency || latency_us == 0 {
+                continue; // a released slot or a zero debit changes nothing
+            }
+            // A debit is owed for work already done: it is never dropped.
+            // If the store is full it goes in over the bound, which is then
+            // exceeded by at most the requests in flight.
+            if self.make_room(policy, &mut shard, item, now).is_err() {
+                self.keys.fetch_add(1, Ordering::Relaxed);
+            }
+            let mut state = AnyState::fresh(params);
+            settle(&mut state);
+            let hasher = &self.hasher;
+            shard.insert_unique(
+                hash,
+                Entry {
+                    key: item.key.clone(),
+                    state,
+                },
+                |e| hasher.hash_one(e.key.as_str()),
+            );
         }
     }
 

@@ -45,6 +45,27 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Enforce a config's limits in front of an HTTP API (reverse proxy,
+    /// admin listener with metrics, usage, reload and the check API).
+    Serve {
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// Where admitted requests go (overrides `[gateway] upstream`).
+        #[arg(long, conflicts_with = "demo_upstream")]
+        upstream: Option<String>,
+        /// Start a small bundled echo upstream on a free port and proxy to it.
+        #[arg(long)]
+        demo_upstream: bool,
+        /// Proxy listener (overrides `[gateway] listen`; default 127.0.0.1:8080).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Admin listener (overrides `[gateway] admin_listen`; default 127.0.0.1:9090).
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+        /// Access log on stdout: off, text or json (overrides `[gateway] access_log`).
+        #[arg(long)]
+        access_log: Option<String>,
+    },
     /// The bundled profiles of the APIs tollgate knows.
     Profiles {
         #[command(subcommand)]
@@ -85,6 +106,11 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Check { config } => {
             let policy = load_config(&config)?;
+            let text = std::fs::read_to_string(&config)?;
+            tollgate_gateway::Settings::parse(&text).map_err(|e| match e.line {
+                Some(line) => anyhow::anyhow!("{}:{line}: {}", config.display(), e.message),
+                None => anyhow::anyhow!("{}: {}", config.display(), e.message),
+            })?;
             let names: Vec<_> = policy
                 .limits
                 .iter()
@@ -126,6 +152,14 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Serve {
+            policy,
+            upstream,
+            demo_upstream,
+            listen,
+            admin,
+            access_log,
+        } => serve(policy, upstream, demo_upstream, listen, admin, access_log),
         Command::Profiles { command } => match command {
             ProfilesCommand::List => {
                 for p in tollgate_profiles::list() {
@@ -142,6 +176,90 @@ fn run(cli: Cli) -> Result<()> {
             },
         },
     }
+}
+
+fn serve(
+    policy: PolicyArgs,
+    upstream: Option<String>,
+    demo_upstream: bool,
+    listen: Option<std::net::SocketAddr>,
+    admin: Option<std::net::SocketAddr>,
+    access_log: Option<String>,
+) -> Result<()> {
+    use tollgate_gateway::{
+        AccessLog, Gateway, Listeners, Overrides, Source, TokioClock, Upstream,
+    };
+    tracing_subscriber::fmt()
+        .with_writer(io::stderr)
+        .with_target(false)
+        .init();
+    let source = match (policy.config, policy.profile) {
+        (Some(path), _) => Source::File(path),
+        (None, Some(name)) => Source::Profile(name),
+        (None, None) => bail!("give --config FILE or --profile NAME"),
+    };
+    let access_log = match access_log.as_deref() {
+        None => None,
+        Some("off") => Some(AccessLog::Off),
+        Some("text") => Some(AccessLog::Text),
+        Some("json") => Some(AccessLog::Json),
+        Some(other) => bail!("--access-log '{other}' is not known; use off, text or json"),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let upstream = match (upstream, demo_upstream) {
+            (Some(url), _) => Some(Upstream::parse(&url).map_err(|m| anyhow::anyhow!("--upstream: {m}"))?),
+            (None, true) => {
+                let at = tollgate_gateway::demo::start(([127, 0, 0, 1], 0).into()).await?;
+                tracing::info!("demo upstream listening on http://{at}");
+                Some(Upstream::parse(&format!("http://{at}")).map_err(anyhow::Error::msg)?)
+            }
+            (None, false) => None,
+        };
+        let overrides = Overrides {
+            listen,
+            admin_listen: admin,
+            upstream,
+            access_log,
+        };
+        let gateway = Gateway::new(source, overrides, Box::new(tollgate_profiles::Bundled), TokioClock::system())?;
+        let generation = gateway.current();
+        if generation.settings.upstream.is_none() && generation.settings.routes.is_empty() {
+            tracing::warn!("no upstream: the proxy answers 404; give --upstream URL or [gateway] upstream (the check API works without one)");
+        }
+        let listeners = Listeners::bind(&gateway).await?;
+        tracing::info!(
+            "tollgate serving on http://{} (admin on {}), {} limits: {}",
+            listeners.proxy.local_addr()?,
+            listeners.admin.as_ref().and_then(|a| a.local_addr().ok()).map_or("off".into(), |a| format!("http://{a}")),
+            generation.engine.policy().limits.len(),
+            generation.engine.policy().limits.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", ")
+        );
+        drop(generation);
+        tollgate_gateway::serve(std::sync::Arc::new(gateway), listeners, shutdown_signal()).await;
+        Ok(())
+    })
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn load_policy(args: &PolicyArgs) -> Result<Policy> {

@@ -71,6 +71,14 @@ pub fn parse(text: &str, profiles: &dyn ProfileSource) -> Result<Policy, ConfigE
             message,
         }
     })?;
+    // Parsed once more as plain values: the fingerprints of limits and classes.
+    let values: toml::Table = toml::from_str(text).unwrap_or_default();
+    let fingerprint_of = |table: &str, i: usize| -> String {
+        values
+            .get(table)
+            .and_then(|v| v.get(i))
+            .map_or_else(String::new, |v| format!("{v:?}"))
+    };
     let ctx = Ctx { text };
     let mut limits: Vec<Limit> = Vec::new();
     let mut classes: Vec<Class> = Vec::new();
@@ -107,17 +115,25 @@ pub fn parse(text: &str, profiles: &dyn ProfileSource) -> Result<Policy, ConfigE
         )?;
     }
     let mut seen = BTreeMap::new();
-    for raw_limit in &raw.limit {
-        let limit = ctx.limit(raw_limit)?;
+    for (i, raw_limit) in raw.limit.iter().enumerate() {
+        let mut limit = ctx.limit(raw_limit)?;
+        limit.fingerprint = fingerprint_of("limit", i);
         let line = limit.line;
         add_named(&mut limits, &mut seen, "limit", limit, line, |l| &l.name)?;
     }
-    // Profile limits were built before this config's classes: give them every class.
+    // Profile limits were built before this config's classes: give them every
+    // class, then each override. A limit's counters depend on the classes too.
+    let classes_fingerprint: String = (0..raw.class.len())
+        .map(|i| fingerprint_of("class", i))
+        .chain(classes.iter().map(|c| format!("{}={}", c.name, c.scale)))
+        .collect();
     for limit in &mut limits {
         let base = limit.variants[0].clone();
         limit.variants = std::iter::once(base.clone())
             .chain(classes.iter().map(|c| base.scaled(c.scale)))
+            .chain(limit.overrides.iter().map(|o| base.scaled(o.scale)))
             .collect();
+        limit.fingerprint.push_str(&classes_fingerprint);
     }
     if limits.is_empty() {
         return Err(ConfigError {
@@ -216,6 +232,13 @@ struct RawConfig {
     /// Profile metadata (name, source, notes): documentation only.
     #[serde(rename = "about")]
     _about: Option<toml::Table>,
+    /// The faces' own tables, read and checked by the gateway and runner.
+    #[serde(rename = "gateway")]
+    _gateway: Option<toml::Value>,
+    #[serde(rename = "response")]
+    _response: Option<toml::Value>,
+    #[serde(rename = "upstream")]
+    _upstream: Option<toml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -265,6 +288,21 @@ struct RawLimit {
     tiers: Option<Spanned<Vec<Spanned<RawTier>>>>,
     max: Option<Spanned<u64>>,
     missing_key: Option<Spanned<String>>,
+    overrides: Option<Vec<Spanned<RawOverride>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOverride {
+    key: Spanned<RawKey>,
+    scale: Spanned<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawKey {
+    One(String),
+    Parts(Vec<String>),
 }
 
 #[derive(Deserialize)]
@@ -564,6 +602,43 @@ impl Ctx<'_> {
                 ))
             }
         };
+        let mut overrides: Vec<Override> = Vec::new();
+        for o in l.overrides.iter().flatten() {
+            let o = o.get_ref();
+            let parts: Vec<&str> = match o.key.get_ref() {
+                RawKey::One(k) => vec![k.as_str()],
+                RawKey::Parts(p) => p.iter().map(String::as_str).collect(),
+            };
+            if parts.len() != key.len() {
+                return Err(fail(
+                    o.key.span(),
+                    format!(
+                        "override key has {} part(s) but the limit's key has {}; give one value per part of `key`",
+                        parts.len(),
+                        key.len()
+                    ),
+                ));
+            }
+            let scale = *o.scale.get_ref();
+            if !(scale > 0.0 && scale <= MAX_SCALE) {
+                return Err(fail(
+                    o.scale.span(),
+                    format!("override scale must be above 0 and at most {MAX_SCALE}, got {scale}"),
+                ));
+            }
+            let encoded = crate::request::encode_key(&parts);
+            if overrides.iter().any(|x| x.key == encoded) {
+                return Err(fail(
+                    o.key.span(),
+                    format!("override key {parts:?} is given twice"),
+                ));
+            }
+            overrides.push(Override {
+                key: encoded,
+                scale,
+            });
+        }
+        overrides.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(Limit {
             name,
             key,
@@ -579,7 +654,9 @@ impl Ctx<'_> {
             cost,
             mode,
             missing_key,
+            overrides,
             line,
+            fingerprint: String::new(),
         })
     }
 }
@@ -690,5 +767,74 @@ mod tests {
         };
         assert_eq!(g.capacity, 500);
         assert_eq!(g.interval(), 6_666_667);
+    }
+}
+
+#[cfg(test)]
+mod override_tests {
+    use super::*;
+    use crate::request::Attrs;
+
+    const PREMIUM: &str = "[[limit]]\nname = \"t\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 10\nrefill = \"1/s\"\noverrides = [{ key = \"acme\", scale = 10 }, { key = \"tiny\", scale = 0.5 }]\n";
+
+    #[test]
+    fn a_premium_key_gets_its_own_scaled_variant() {
+        let p = parse(PREMIUM, &NoProfiles).unwrap();
+        let mut items = Vec::new();
+        let capacity = |items: &Vec<crate::Item>| match p.limits[0].params(items[0].class) {
+            Params::Gcra(g) => g.capacity,
+            _ => panic!("gcra"),
+        };
+        p.plan(
+            &Attrs::new("GET", "/", &[("x-tenant-id", "acme")]),
+            &mut items,
+        )
+        .unwrap();
+        assert_eq!(capacity(&items), 100);
+        p.plan(
+            &Attrs::new("GET", "/", &[("x-tenant-id", "tiny")]),
+            &mut items,
+        )
+        .unwrap();
+        assert_eq!(capacity(&items), 5);
+        p.plan(
+            &Attrs::new("GET", "/", &[("x-tenant-id", "other")]),
+            &mut items,
+        )
+        .unwrap();
+        assert_eq!((items[0].class, capacity(&items)), (0, 10));
+    }
+
+    #[test]
+    fn override_errors_name_the_line() {
+        let e = parse(
+            &PREMIUM.replace("key = \"tiny\"", "key = [\"a\", \"b\"]"),
+            &NoProfiles,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with(
+                "line 7: limit 't': override key has 2 part(s) but the limit's key has 1"
+            ),
+            "{e}"
+        );
+        let e = parse(&PREMIUM.replace("scale = 0.5", "scale = 0"), &NoProfiles)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("override scale must be above 0"), "{e}");
+    }
+
+    #[test]
+    fn fingerprints_change_with_the_definition_only() {
+        let a = parse(PREMIUM, &NoProfiles).unwrap();
+        let b = parse(&format!("# a comment\n{PREMIUM}"), &NoProfiles).unwrap();
+        let c = parse(
+            &PREMIUM.replace("capacity = 10", "capacity = 11"),
+            &NoProfiles,
+        )
+        .unwrap();
+        assert_eq!(a.limits[0].fingerprint, b.limits[0].fingerprint);
+        assert_ne!(a.limits[0].fingerprint, c.limits[0].fingerprint);
     }
 }

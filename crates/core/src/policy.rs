@@ -51,13 +51,35 @@ pub struct Limit {
     pub cost: Cost,
     pub mode: Mode,
     pub missing_key: MissingKey,
+    /// Keys with their own quota (a premium tenant), sorted by key. Their
+    /// parameters are the last variants, in this order.
+    pub overrides: Vec<Override>,
     /// Line of the `[[limit]]` entry in its file, for messages.
     pub line: usize,
+    /// The limit's definition and the classes it is scaled by, as parsed: two
+    /// limits with the same fingerprint count alike, so a reload keeps their
+    /// counters.
+    pub fingerprint: String,
+}
+
+/// One key's own scale of a limit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Override {
+    /// The key as the engine builds it (parts joined, see `request::encode_key`).
+    pub key: compact_str::CompactString,
+    pub scale: f64,
 }
 
 impl Limit {
     pub fn params(&self, class: usize) -> &Params {
         &self.variants[class.min(self.variants.len() - 1)]
+    }
+    /// The variant for a key: its override's, or `class`.
+    pub fn variant_for(&self, key: &str, class: usize) -> usize {
+        match self.overrides.binary_search_by(|o| o.key.as_str().cmp(key)) {
+            Ok(i) => self.variants.len() - self.overrides.len() + i,
+            Err(_) => class,
+        }
     }
     pub fn is_latency(&self) -> bool {
         self.cost == Cost::Latency

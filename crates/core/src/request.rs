@@ -100,7 +100,11 @@ impl Policy {
             };
             out.push(Item {
                 limit: index,
-                class,
+                class: if limit.overrides.is_empty() {
+                    class
+                } else {
+                    limit.variant_for(&key, class)
+                },
                 key,
                 cost,
                 charge,
@@ -138,6 +142,19 @@ fn key_of(limit: &Limit, req: &impl Request) -> Result<Option<CompactString>, Re
         }
     }
     Ok(Some(key))
+}
+
+/// The key a limit builds from these part values (for overrides, the usage
+/// API and tests): the same bytes `Policy::plan` builds.
+pub fn encode_key(parts: &[&str]) -> CompactString {
+    let mut key = CompactString::default();
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            key.push(KEY_SEPARATOR);
+        }
+        push_escaped(&mut key, part);
+    }
+    key
 }
 
 fn push_escaped(key: &mut CompactString, value: &str) {

@@ -250,7 +250,8 @@ fn describe_json_error(e: &serde_json::Error) -> String {
     }
 }
 
-fn write_decision(
+/// One decision as the JSON object of DESIGN.md (`t` echoed as written), newline-terminated.
+pub fn write_decision(
     out: &mut Vec<u8>,
     t: &str,
     policy: &Policy,
@@ -309,7 +310,8 @@ fn write_decision(
     out.extend_from_slice(b"}\n");
 }
 
-fn write_error(out: &mut Vec<u8>, t: &str, error: &EngineError) {
+/// A request the engine could not decide (bad key, cost or store full), as a decision line.
+pub fn write_error(out: &mut Vec<u8>, t: &str, error: &EngineError) {
     out.extend_from_slice(b"{\"t\":");
     out.extend_from_slice(t.as_bytes());
     out.extend_from_slice(b",\"allowed\":false,\"delay\":0.0,\"limit\":null,\"retry_after\":null,\"remaining\":{},\"error\":");

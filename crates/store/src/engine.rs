@@ -55,6 +55,17 @@ impl Engine {
         }
     }
 
+    /// The engine for a reloaded `policy`: limits whose definition did not
+    /// change keep their counters (their tables are shared with this engine,
+    /// so requests still finishing here settle on the same state).
+    pub fn reloaded(&self, policy: Policy) -> Self {
+        let store = MemoryStore::carry_over(&policy, &self.store, &self.policy);
+        Engine {
+            policy: Arc::new(policy),
+            store,
+        }
+    }
+
     pub fn policy(&self) -> &Arc<Policy> {
         &self.policy
     }
@@ -80,6 +91,12 @@ impl Engine {
         Ok(self.store.decide(&self.policy, items, now)?)
     }
 
+    /// Decide items already planned (by `Policy::plan` on this engine's
+    /// policy); with `hold` false no request is held.
+    pub fn decide(&self, items: &[Item], now: Nanos, hold: bool) -> Result<Decision, EngineError> {
+        Ok(self.store.decide_with(&self.policy, items, now, hold)?)
+    }
+
     /// The request completed at `now` after `latency_us` of upstream time:
     /// debit its latency limits and release its concurrency slots, for the
     /// limits its decision committed.
@@ -95,5 +112,37 @@ impl Engine {
 
     pub fn sweep(&self, now: Nanos) -> usize {
         self.store.sweep(&self.policy, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_core::{Attrs, NoProfiles};
+
+    fn policy(daily_quota: u64) -> Policy {
+        tollgate_core::parse(
+            &format!("[[limit]]\nname = \"burst\"\nkey = [\"header:k\"]\nalgorithm = \"token_bucket\"\ncapacity = 3\nrefill = \"1/h\"\n[[limit]]\nname = \"daily\"\nkey = [\"header:k\"]\nalgorithm = \"fixed_window\"\nevery = \"1d\"\nquota = {daily_quota}\n"),
+            &NoProfiles,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_reload_keeps_the_counters_of_unchanged_limits_only() {
+        let engine = Engine::new(policy(100));
+        let req = Attrs::new("GET", "/", &[("k", "a")]);
+        for _ in 0..3 {
+            assert!(engine.check(&req, 0).unwrap().decision.allowed());
+        }
+        assert_eq!(engine.store().stats().keys, 2);
+        let next = engine.reloaded(policy(50));
+        let checked = next.check(&req, 0).unwrap();
+        // burst kept its counter (empty); daily started over.
+        assert!(!checked.decision.allowed());
+        assert_eq!(checked.decision.outcomes[1].remaining, 50);
+        drop(engine);
+        // The old daily table is gone with the old engine; burst's is shared.
+        assert_eq!(next.store().stats().keys, 1);
     }
 }

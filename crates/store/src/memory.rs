@@ -21,6 +21,7 @@ use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use tollgate_core::algo::{Meter, Usage};
 use tollgate_core::policy::{AlgorithmKind, Policy};
 use tollgate_core::{decide, Decision, Item, Nanos, Slot};
@@ -54,58 +55,125 @@ type Shard = HashTable<Entry>;
 #[repr(align(128))]
 struct Padded<T>(T);
 
+/// One (limit, variant)'s keys. Shared by the stores of successive policies
+/// while the limit's definition does not change, so a reload keeps counters.
 #[derive(Debug)]
 struct Table {
-    limit: usize,
-    class: usize,
     shards: Box<[Padded<Mutex<Shard>>]>,
+    counters: Arc<Counters>,
 }
 
-#[derive(Debug)]
-pub struct MemoryStore {
-    tables: Vec<Table>,
-    classes: usize,
-    hasher: foldhash::fast::RandomState,
+impl Table {
+    fn new(counters: &Arc<Counters>) -> Self {
+        Table {
+            shards: (0..SHARDS)
+                .map(|_| Padded(Mutex::new(HashTable::new())))
+                .collect(),
+            counters: counters.clone(),
+        }
+    }
+}
+
+impl Drop for Table {
+    /// The last store using this table is gone: its keys no longer count.
+    fn drop(&mut self) {
+        let keys: usize = self.shards.iter_mut().map(|s| s.0.get_mut().len()).sum();
+        self.counters.keys.fetch_sub(keys, Ordering::Relaxed);
+    }
+}
+
+/// Counts shared by every store that shares tables (successive reloads).
+#[derive(Debug, Default)]
+struct Counters {
     keys: AtomicUsize,
-    max_keys: usize,
     evictions: AtomicU64,
     refused: AtomicU64,
 }
 
+#[derive(Debug)]
+struct Placed {
+    limit: usize,
+    class: usize,
+    table: Arc<Table>,
+}
+
+#[derive(Debug)]
+pub struct MemoryStore {
+    /// Every limit's variants, limit by limit; `first[l]` is limit l's first.
+    tables: Vec<Placed>,
+    first: Vec<usize>,
+    hasher: foldhash::fast::RandomState,
+    counters: Arc<Counters>,
+    max_keys: usize,
+}
+
 impl MemoryStore {
     pub fn new(policy: &Policy) -> Self {
-        let classes = policy.classes.len() + 1;
-        let tables = (0..policy.limits.len())
-            .flat_map(|limit| (0..classes).map(move |class| (limit, class)))
-            .map(|(limit, class)| Table {
-                limit,
-                class,
-                shards: (0..SHARDS)
-                    .map(|_| Padded(Mutex::new(HashTable::new())))
-                    .collect(),
-            })
-            .collect();
+        Self::build(
+            policy,
+            Arc::default(),
+            foldhash::fast::RandomState::default(),
+            |_, _| None,
+        )
+    }
+
+    /// A store for `policy` after a reload from `old` (built for
+    /// `old_policy`): limits whose definition is unchanged keep their keys and
+    /// counters; the others start fresh.
+    pub fn carry_over(policy: &Policy, old: &MemoryStore, old_policy: &Policy) -> Self {
+        Self::build(
+            policy,
+            old.counters.clone(),
+            old.hasher.clone(),
+            |limit, class| {
+                let new = &policy.limits[limit];
+                let same = old_policy
+                    .limits
+                    .iter()
+                    .position(|l| l.name == new.name && l.fingerprint == new.fingerprint)?;
+                Some(old.tables[old.first[same] + class].table.clone())
+            },
+        )
+    }
+
+    fn build(
+        policy: &Policy,
+        counters: Arc<Counters>,
+        hasher: foldhash::fast::RandomState,
+        reuse: impl Fn(usize, usize) -> Option<Arc<Table>>,
+    ) -> Self {
+        let mut tables = Vec::new();
+        let mut first = Vec::new();
+        for (limit, l) in policy.limits.iter().enumerate() {
+            first.push(tables.len());
+            for class in 0..l.variants.len() {
+                let table = reuse(limit, class).unwrap_or_else(|| Arc::new(Table::new(&counters)));
+                tables.push(Placed {
+                    limit,
+                    class,
+                    table,
+                });
+            }
+        }
         MemoryStore {
             tables,
-            classes,
-            hasher: foldhash::fast::RandomState::default(),
-            keys: AtomicUsize::new(0),
+            first,
+            hasher,
+            counters,
             max_keys: policy.store.max_keys,
-            evictions: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
         }
     }
 
     pub fn stats(&self) -> StoreStats {
         StoreStats {
-            keys: self.keys.load(Ordering::Relaxed),
-            evictions: self.evictions.load(Ordering::Relaxed),
-            refused: self.refused.load(Ordering::Relaxed),
+            keys: self.counters.keys.load(Ordering::Relaxed),
+            evictions: self.counters.evictions.load(Ordering::Relaxed),
+            refused: self.counters.refused.load(Ordering::Relaxed),
         }
     }
 
     fn table(&self, item: &Item) -> &Table {
-        &self.tables[item.limit * self.classes + item.class]
+        &self.tables[self.first[item.limit] + item.class].table
     }
 
     fn lock(&self, item: &Item) -> (MutexGuard<'_, Shard>, u64) {
@@ -125,14 +193,32 @@ impl MemoryStore {
         items: &[Item],
         now: Nanos,
     ) -> Result<Decision, StoreError> {
+        self.decide_with(policy, items, now, true)
+    }
+
+    /// Like `decide`; with `hold` false no request is held (a gateway whose
+    /// queue of held requests is full denies instead).
+    pub fn decide_with(
+        &self,
+        policy: &Policy,
+        items: &[Item],
+        now: Nanos,
+        hold: bool,
+    ) -> Result<Decision, StoreError> {
         match items {
-            [item] => self.decide_one(policy, item, now),
-            _ => self.decide_many(policy, items, now),
+            [item] => self.decide_one(policy, item, now, hold),
+            _ => self.decide_many(policy, items, now, hold),
         }
     }
 
     /// One limit: one lock and, for a known key, one probe of the table.
-    fn decide_one(&self, policy: &Policy, item: &Item, now: Nanos) -> Result<Decision, StoreError> {
+    fn decide_one(
+        &self,
+        policy: &Policy,
+        item: &Item,
+        now: Nanos,
+        hold: bool,
+    ) -> Result<Decision, StoreError> {
         let limit = &policy.limits[item.limit];
         let params = limit.params(item.class);
         let (mut shard, hash) = self.lock(item);
@@ -154,14 +240,14 @@ impl MemoryStore {
         };
         let Some(entry) = entry else {
             drop(shard);
-            return self.decide_many(policy, std::slice::from_ref(item), now);
+            return self.decide_many(policy, std::slice::from_ref(item), now, hold);
         };
         let mut meter = entry.state.meter(params);
         let mut slot = Slot {
             meter: &mut meter,
             cost: item.cost,
             charge: item.charge,
-            hold: limit.hold,
+            hold: if hold { limit.hold } else { 0 },
             shadow: limit.mode == tollgate_core::policy::Mode::Shadow,
         };
         let decision = decide(now, std::slice::from_mut(&mut slot));
@@ -170,7 +256,7 @@ impl MemoryStore {
             // A key added for this request that it left untouched is not kept.
             if let Ok(found) = shard.find_entry(hash, |e| e.key == key) {
                 found.remove();
-                self.keys.fetch_sub(1, Ordering::Relaxed);
+                self.counters.keys.fetch_sub(1, Ordering::Relaxed);
             }
         }
         Ok(decision)
@@ -183,13 +269,14 @@ impl MemoryStore {
         policy: &Policy,
         items: &[Item],
         now: Nanos,
+        hold: bool,
     ) -> Result<Decision, StoreError> {
         let mut guards: SmallVec<[(MutexGuard<'_, Shard>, u64); 4]> =
             items.iter().map(|i| self.lock(i)).collect();
         // Keys this request added; if it leaves them untouched they go again.
         let mut added: SmallVec<[bool; 4]> = smallvec::smallvec![false; items.len()];
         loop {
-            match self.try_decide(policy, items, now, &mut guards, &mut added) {
+            match self.try_decide(policy, items, now, hold, &mut guards, &mut added) {
                 Ok((decision, unused)) => {
                     for (i, _) in unused.iter().enumerate().filter(|(_, u)| **u) {
                         self.remove(&mut guards[i], &items[i]);
@@ -227,6 +314,7 @@ impl MemoryStore {
         policy: &Policy,
         items: &[Item],
         now: Nanos,
+        hold: bool,
         guards: &mut [(MutexGuard<'_, Shard>, u64)],
         added: &mut [bool],
     ) -> Result<(Decision, SmallVec<[bool; 4]>), usize> {
@@ -266,7 +354,7 @@ impl MemoryStore {
                     meter,
                     cost: item.cost,
                     charge: item.charge,
-                    hold: limit.hold,
+                    hold: if hold { limit.hold } else { 0 },
                     shadow: limit.mode == tollgate_core::policy::Mode::Shadow,
                 }
             })
@@ -285,7 +373,7 @@ impl MemoryStore {
         let key = item.key.as_str();
         if let Ok(found) = shard.find_entry(*hash, |e| e.key == key) {
             found.remove();
-            self.keys.fetch_sub(1, Ordering::Relaxed);
+            self.counters.keys.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -320,7 +408,7 @@ impl MemoryStore {
             // If the store is full it goes in over the bound, which is then
             // exceeded by at most the requests in flight.
             if self.make_room(policy, &mut shard, item, now).is_err() {
-                self.keys.fetch_add(1, Ordering::Relaxed);
+                self.counters.keys.fetch_add(1, Ordering::Relaxed);
             }
             let mut state = AnyState::fresh(params);
             settle(&mut state);
@@ -353,7 +441,8 @@ impl MemoryStore {
         self.tables
             .iter()
             .map(|t| {
-                t.shards
+                t.table
+                    .shards
                     .iter()
                     .map(|s| self.sweep_shard(policy, t, &mut s.0.lock(), now))
                     .sum::<usize>()
@@ -361,14 +450,16 @@ impl MemoryStore {
             .sum()
     }
 
-    fn sweep_shard(&self, policy: &Policy, table: &Table, shard: &mut Shard, now: Nanos) -> usize {
-        let params = policy.limits[table.limit].params(table.class);
+    fn sweep_shard(&self, policy: &Policy, at: &Placed, shard: &mut Shard, now: Nanos) -> usize {
+        let params = policy.limits[at.limit].params(at.class);
         let before = shard.len();
         shard.retain(|e| !e.state.meter(params).at_rest(now));
         let evicted = before - shard.len();
         if evicted > 0 {
-            self.keys.fetch_sub(evicted, Ordering::Relaxed);
-            self.evictions.fetch_add(evicted as u64, Ordering::Relaxed);
+            self.counters.keys.fetch_sub(evicted, Ordering::Relaxed);
+            self.counters
+                .evictions
+                .fetch_add(evicted as u64, Ordering::Relaxed);
         }
         evicted
     }
@@ -377,7 +468,8 @@ impl MemoryStore {
     /// inserts it). Claiming is one atomic step, so racing threads cannot
     /// overshoot the bound.
     fn claim_key(&self) -> bool {
-        self.keys
+        self.counters
+            .keys
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |k| {
                 (k < self.max_keys).then_some(k + 1)
             })
@@ -396,10 +488,10 @@ impl MemoryStore {
         if self.claim_key() {
             return Ok(());
         }
-        let table = self.table(item);
-        if self.sweep_shard(policy, table, shard, now) == 0 {
+        let at = &self.tables[self.first[item.limit] + item.class];
+        if self.sweep_shard(policy, at, shard, now) == 0 {
             for t in &self.tables {
-                for s in t.shards.iter() {
+                for s in t.table.shards.iter() {
                     if let Some(mut other) = s.0.try_lock() {
                         self.sweep_shard(policy, t, &mut other, now);
                     }
@@ -409,7 +501,7 @@ impl MemoryStore {
         if self.claim_key() {
             return Ok(());
         }
-        self.refused.fetch_add(1, Ordering::Relaxed);
+        self.counters.refused.fetch_add(1, Ordering::Relaxed);
         Err(StoreError::Full {
             limit: policy.limits[item.limit].name.clone(),
             max_keys: self.max_keys,

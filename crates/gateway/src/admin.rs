@@ -1,0 +1,394 @@
+//! The admin listener: health, metrics, usage, config, reload, and the check
+//! API for services that ask instead of proxying. With a token set (the
+//! environment variable named by `admin_token_env`), every path but
+//! `/healthz` needs `Authorization: Bearer TOKEN`.
+
+use crate::gateway::{Gateway, PendingCheck, MAX_PENDING_CHECKS};
+use crate::proxy::ResponseBody;
+use crate::respond::Refusal;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tollgate_core::request::{encode_key, query_param};
+use tollgate_core::units::{NANOS_PER_MICRO, NANOS_PER_SEC};
+use tollgate_core::{Attrs, Clock, Item};
+
+/// Largest admin request body (a check's attributes, a report).
+const MAX_ADMIN_BODY: usize = 1 << 20;
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<ResponseBody> {
+    let mut r = Response::new(ResponseBody::from(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<ResponseBody> {
+    reply(status, "application/json", value.to_string() + "\n")
+}
+
+/// An admin error as problem+json.
+fn problem(status: StatusCode, title: &str, detail: String) -> Response<ResponseBody> {
+    let body = serde_json::json!({
+        "type": "about:blank",
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    reply(status, "application/problem+json", body.to_string() + "\n")
+}
+
+impl From<String> for ResponseBody {
+    fn from(s: String) -> Self {
+        ResponseBody::from_bytes(Bytes::from(s))
+    }
+}
+
+/// `POST /v1/check`: the request attributes of a trace line (`t` is not needed).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckBody {
+    #[serde(default)]
+    t: Option<serde_json::Value>,
+    method: Option<String>,
+    path: Option<String>,
+    host: Option<String>,
+    ip: Option<String>,
+    query: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    body: Option<serde_json::Value>,
+}
+
+/// `POST /v1/report`: a checked request completed after `latency` seconds.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportBody {
+    id: String,
+    #[serde(default)]
+    latency: f64,
+}
+
+impl Gateway {
+    pub async fn admin(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<ResponseBody>, std::convert::Infallible> {
+        let path = req.uri().path().to_string();
+        if path != "/healthz" && !self.authorized(&req) {
+            let generation = self.current();
+            return Ok(Refusal::Unauthorized
+                .response(&generation.settings.response, "admin")
+                .map(ResponseBody::local));
+        }
+        let method = req.method().clone();
+        Ok(match (method, path.as_str()) {
+            (Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+            (Method::GET, "/metrics") => {
+                let stats = self.current().engine.store().stats();
+                self.metrics.held_now.set(self.holds.held() as i64);
+                reply(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    self.metrics.render(stats),
+                )
+            }
+            (Method::GET, "/v1/usage") => self.usage(req.uri().query().unwrap_or("")),
+            (Method::GET, "/v1/config") => {
+                let generation = self.current();
+                let mut r = reply(
+                    StatusCode::OK,
+                    "application/toml",
+                    generation.text.clone(),
+                );
+                if let Ok(v) = HeaderValue::from_str(&generation.loaded_at.to_string()) {
+                    r.headers_mut().insert("x-tollgate-loaded-at", v);
+                }
+                r
+            }
+            (Method::POST, "/v1/reload") => match self.reload().await {
+                Ok(r) => json(StatusCode::OK, serde_json::json!({ "reloaded": true, "limits": r.limits, "kept": r.kept })),
+                Err(e) => problem(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Config rejected; the previous config keeps serving",
+                    e.to_string(),
+                ),
+            },
+            (Method::POST, "/v1/check") => match read_json::<CheckBody>(req).await {
+                Ok(body) => self.check(body),
+                Err(e) => e,
+            },
+            (Method::POST, "/v1/report") => match read_json::<ReportBody>(req).await {
+                Ok(body) => self.report(body),
+                Err(e) => e,
+            },
+            (_, "/healthz" | "/metrics" | "/v1/usage" | "/v1/config" | "/v1/reload" | "/v1/check" | "/v1/report") => problem(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "Method not allowed",
+                format!("{path} does not take this method"),
+            ),
+            _ => problem(
+                StatusCode::NOT_FOUND,
+                "Not found",
+                format!("{path} is not an admin path; see /healthz, /metrics, /v1/usage, /v1/config, /v1/reload, /v1/check, /v1/report"),
+            ),
+        })
+    }
+
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let Some(token) = &self.admin_token else {
+            return true;
+        };
+        let given = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        // Constant time in the token's length: no timing hint of a prefix.
+        given.is_some_and(|g| {
+            g.len() == token.len()
+                && g.bytes()
+                    .zip(token.bytes())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0
+        })
+    }
+
+    /// `GET /v1/usage?key=PART[&key=PART..][&class=NAME][&limit=NAME]`: what
+    /// one key has left of each limit keyed by that many parts.
+    fn usage(&self, query: &str) -> Response<ResponseBody> {
+        let parts: Vec<Cow<'_, str>> = query
+            .split('&')
+            .filter(|p| p.starts_with("key="))
+            .filter_map(|p| query_param(p, "key"))
+            .collect();
+        if parts.is_empty() {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "Bad request",
+                "give the key as ?key=VALUE (one key= per part of a multi-part key)".into(),
+            );
+        }
+        let generation = self.current();
+        let policy = generation.engine.policy();
+        let class = match query_param(query, "class") {
+            None => 0,
+            Some(name) => match policy.classes.iter().position(|c| c.name == name) {
+                Some(i) => i + 1,
+                None => {
+                    return problem(
+                        StatusCode::BAD_REQUEST,
+                        "Bad request",
+                        format!("class '{name}' is not in the config"),
+                    )
+                }
+            },
+        };
+        let only = query_param(query, "limit");
+        let refs: Vec<&str> = parts.iter().map(|p| p.as_ref()).collect();
+        let key = encode_key(&refs);
+        let now = self.clock.now();
+        let mut limits = serde_json::Map::new();
+        for (index, limit) in policy.limits.iter().enumerate() {
+            if limit.key.len() != parts.len() || only.as_deref().is_some_and(|o| o != limit.name) {
+                continue;
+            }
+            let item = Item {
+                limit: index,
+                class: limit.variant_for(&key, class),
+                key: key.clone(),
+                cost: 1,
+                charge: 1,
+            };
+            let usage = generation.engine.store().usage(policy, &item, now);
+            let (quota, window) = limit.params(item.class).policy();
+            limits.insert(
+                limit.name.clone(),
+                serde_json::json!({
+                    "algorithm": limit.algorithm.name(),
+                    "remaining": usage.remaining,
+                    "quota": quota,
+                    "window_seconds": window,
+                    "reset_seconds": usage.reset as f64 / NANOS_PER_SEC as f64,
+                    "unit": if limit.is_latency() { "microseconds" } else { "requests" },
+                }),
+            );
+        }
+        json(
+            StatusCode::OK,
+            serde_json::json!({ "key": refs, "limits": limits }),
+        )
+    }
+
+    /// `POST /v1/check`: decide (and commit) as if the request had come
+    /// through the proxy. Holds are not applied: the answer is immediate, with
+    /// `retry_after` for the caller to wait. A decision that owes a
+    /// completion (latency or concurrency limits) carries an `id` for
+    /// `/v1/report`.
+    fn check(&self, body: CheckBody) -> Response<ResponseBody> {
+        let generation = self.current();
+        let attrs = Attrs {
+            method: body.method.unwrap_or_else(|| "GET".into()),
+            path: body.path.unwrap_or_else(|| "/".into()),
+            host: body.host,
+            ip: body.ip,
+            headers: body
+                .headers
+                .into_iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                .collect(),
+            query: body.query,
+            body: body.body,
+        };
+        let now = self.clock.now();
+        let t = body
+            .t
+            .map_or_else(|| format!("{:.6}", now as f64 / 1e9), |t| t.to_string());
+        let mut items = Vec::new();
+        let engine = &generation.engine;
+        let result = engine
+            .policy()
+            .plan(&attrs, &mut items)
+            .map_err(tollgate_store::EngineError::from)
+            .and_then(|()| engine.decide(&items, now, false));
+        let mut out = Vec::new();
+        let decision = match result {
+            Err(e) => {
+                tollgate_sim::write_error(&mut out, &t, &e);
+                let status = match e {
+                    tollgate_store::EngineError::Request(_) => StatusCode::BAD_REQUEST,
+                    tollgate_store::EngineError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+                };
+                return reply(
+                    status,
+                    "application/json",
+                    String::from_utf8_lossy(&out).into(),
+                );
+            }
+            Ok(d) => d,
+        };
+        tollgate_sim::write_decision(&mut out, &t, engine.policy(), &items, &decision);
+        let mut text = String::from_utf8_lossy(&out).into_owned();
+        let committed: Vec<Item> = tollgate_store::committed(&items, &decision)
+            .filter(|i| {
+                let l = &engine.policy().limits[i.limit];
+                l.is_latency() || l.algorithm == tollgate_core::policy::AlgorithmKind::Concurrency
+            })
+            .cloned()
+            .collect();
+        if !committed.is_empty() {
+            let id = self.next_request_id().replacen("req_", "chk_", 1);
+            let mut pending = self.pending.lock();
+            if pending.len() >= MAX_PENDING_CHECKS {
+                drop(pending);
+                // It could never be reported: release it now rather than leak the slot.
+                engine.finish_committed(&committed, now, 0);
+                return problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Too many unreported checks",
+                    format!(
+                        "{MAX_PENDING_CHECKS} checks are waiting for /v1/report; report them first"
+                    ),
+                );
+            }
+            pending.insert(
+                id.clone(),
+                PendingCheck {
+                    generation: generation.clone(),
+                    items: committed,
+                    created: tokio::time::Instant::now(),
+                },
+            );
+            // Splice the id into the decision object.
+            text.truncate(text.trim_end().len() - 1);
+            text.push_str(&format!(",\"id\":\"{id}\"}}\n"));
+        }
+        reply(StatusCode::OK, "application/json", text)
+    }
+
+    /// `POST /v1/report`: debit the latency and release the concurrency of a check.
+    fn report(&self, body: ReportBody) -> Response<ResponseBody> {
+        if !(body.latency.is_finite() && (0.0..=1e9).contains(&body.latency)) {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "Bad request",
+                format!(
+                    "latency must be seconds between 0 and 1e9, got {}",
+                    body.latency
+                ),
+            );
+        }
+        let Some(pending) = self.pending.lock().remove(&body.id) else {
+            return problem(
+                StatusCode::NOT_FOUND,
+                "Unknown check",
+                format!("no check '{}' is waiting for a report (already reported, expired, or never issued)", body.id),
+            );
+        };
+        let now = self.clock.now();
+        let latency_us = (body.latency * 1e6).round() as u64;
+        pending
+            .generation
+            .engine
+            .finish_committed(&pending.items, now, latency_us);
+        json(
+            StatusCode::OK,
+            serde_json::json!({ "reported": body.id, "latency_us": latency_us, "at_us": now / NANOS_PER_MICRO }),
+        )
+    }
+
+    /// Settle checks never reported within `ttl`: release their concurrency
+    /// slots (charging no latency). Returns how many.
+    pub fn expire_checks(&self, ttl: std::time::Duration) -> usize {
+        let now = self.clock.now();
+        let expired: Vec<PendingCheck> = {
+            let mut pending = self.pending.lock();
+            let old: Vec<String> = pending
+                .iter()
+                .filter(|(_, p)| p.created.elapsed() >= ttl)
+                .map(|(id, _)| id.clone())
+                .collect();
+            old.iter().filter_map(|id| pending.remove(id)).collect()
+        };
+        for p in &expired {
+            p.generation.engine.finish_committed(&p.items, now, 0);
+        }
+        expired.len()
+    }
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+) -> Result<T, Response<ResponseBody>> {
+    let bytes = Limited::new(req.into_body(), MAX_ADMIN_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            problem(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Body not read",
+                format!("the body could not be read (at most {MAX_ADMIN_BODY} bytes): {e}"),
+            )
+        })?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| {
+        problem(
+            StatusCode::BAD_REQUEST,
+            "Bad JSON",
+            format!("the body is not the expected JSON: {e}"),
+        )
+    })
+}
+
+impl ResponseBody {
+    pub fn from_bytes(bytes: Bytes) -> Self {
+        ResponseBody::local(Full::new(bytes))
+    }
+}

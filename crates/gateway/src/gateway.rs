@@ -1,0 +1,330 @@
+//! The gateway's shared state: the config in force (a `Generation`, swapped
+//! whole on reload), the clock, the upstream client, metrics and bounds.
+
+use crate::access::AccessLogger;
+use crate::clock::TokioClock;
+use crate::holds::Holds;
+use crate::metrics::{LimitCounters, Metrics};
+use crate::respond::PolicyItems;
+use crate::settings::{Settings, Upstream};
+use arc_swap::ArcSwap;
+use hyper::header::HeaderName;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+use tollgate_core::config::ConfigError;
+use tollgate_core::policy::{Cost, KeyPart};
+use tollgate_core::{Item, ProfileSource};
+use tollgate_store::Engine;
+
+/// Where the config comes from; read again on every reload.
+#[derive(Debug, Clone)]
+pub enum Source {
+    File(PathBuf),
+    /// `--profile NAME`: the bundled profile alone.
+    Profile(String),
+    /// Text given directly (tests, embedding).
+    Text(String),
+}
+
+/// Settings given on the command line; they win over the file's on every load.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub upstream: Option<Upstream>,
+    pub access_log: Option<crate::settings::AccessLog>,
+}
+
+/// Everything read from one version of the config.
+#[derive(Debug)]
+pub struct Generation {
+    pub engine: Engine,
+    pub settings: Settings,
+    pub text: String,
+    pub loaded_at: jiff::Timestamp,
+    pub policy_items: PolicyItems,
+    pub counters: Vec<LimitCounters>,
+    /// Some limit's cost reads the JSON body.
+    pub reads_body: bool,
+    /// Headers read for keys and costs: their values must be visible ASCII.
+    pub read_headers: Vec<HeaderName>,
+}
+
+/// A `/v1/check` decision waiting for its `/v1/report`.
+#[derive(Debug)]
+pub struct PendingCheck {
+    pub generation: Arc<Generation>,
+    pub items: Vec<Item>,
+    pub created: tokio::time::Instant,
+}
+
+/// Most checks waiting for a report; past it `/v1/check` of latency or
+/// concurrency limits answers 503.
+pub const MAX_PENDING_CHECKS: usize = 100_000;
+
+pub type UpstreamClient = Client<HttpConnector, crate::proxy::ProxyBody>;
+
+pub struct Gateway {
+    current: ArcSwap<Generation>,
+    source: Source,
+    overrides: Overrides,
+    profiles: Box<dyn ProfileSource + Send + Sync>,
+    pub clock: TokioClock,
+    pub client: UpstreamClient,
+    pub metrics: Metrics,
+    pub holds: Arc<Holds>,
+    pub access: AccessLogger,
+    pub admin_token: Option<String>,
+    ids: AtomicU64,
+    id_prefix: u64,
+    pub pending: Mutex<HashMap<String, PendingCheck>>,
+    reload_lock: tokio::sync::Mutex<Option<SystemTime>>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// `FILE:LINE: message`, as compilers write it.
+    #[error("{path}{}: {}", error.line.map_or(String::new(), |l| format!(":{l}")), error.message)]
+    Config { path: String, error: ConfigError },
+    #[error("{0}")]
+    Io(String),
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Reloaded {
+    pub limits: Vec<String>,
+    /// Limits whose definition did not change: their counters were kept.
+    pub kept: Vec<String>,
+}
+
+impl Gateway {
+    /// Load the config and build the gateway. `clock` is the engine's time.
+    pub fn new(
+        source: Source,
+        overrides: Overrides,
+        profiles: Box<dyn ProfileSource + Send + Sync>,
+        clock: TokioClock,
+    ) -> Result<Gateway, LoadError> {
+        let metrics = Metrics::default();
+        let (text, modified) = read_source(&source)?;
+        let (policy, settings) = parse_all(&source, &text, &overrides, profiles.as_ref())?;
+        let engine = Engine::new(policy);
+        let generation = Generation::new(engine, settings, text, &metrics);
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(generation.settings.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .build(connector);
+        let admin_token = std::env::var(&generation.settings.admin_token_env)
+            .ok()
+            .filter(|t| !t.is_empty());
+        let access = AccessLogger::start(generation.settings.access_log);
+        let id_prefix = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id()).rotate_left(32);
+        Ok(Gateway {
+            current: ArcSwap::from_pointee(generation),
+            source,
+            overrides,
+            profiles,
+            clock,
+            client,
+            metrics,
+            holds: Arc::default(),
+            access,
+            admin_token,
+            ids: AtomicU64::new(0),
+            id_prefix: id_prefix & 0xffff_ffff,
+            pending: Mutex::default(),
+            reload_lock: tokio::sync::Mutex::new(modified),
+        })
+    }
+
+    pub fn current(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
+    /// `req_` and 16 hex digits: unique per process, and across restarts.
+    pub fn next_request_id(&self) -> String {
+        let n = self.ids.fetch_add(1, Ordering::Relaxed);
+        format!("req_{:08x}{:08x}", self.id_prefix, n & 0xffff_ffff)
+    }
+
+    /// Read the config again and swap it in. An invalid config is rejected
+    /// and the old one keeps serving. Counters of unchanged limits are kept;
+    /// requests in flight finish on the generation they started in.
+    pub async fn reload(&self) -> Result<Reloaded, LoadError> {
+        let mut last_modified = self.reload_lock.lock().await;
+        let result = self.load_next().map(|(reloaded, modified)| {
+            *last_modified = modified;
+            reloaded
+        });
+        self.metrics.reload(result.is_ok());
+        match &result {
+            Ok(r) => tracing::info!(
+                limits = ?r.limits,
+                kept = ?r.kept,
+                "config reloaded; counters kept for unchanged limits"
+            ),
+            Err(e) => {
+                tracing::error!("config reload rejected, the previous config keeps serving: {e}")
+            }
+        }
+        result
+    }
+
+    /// Reload if the config file changed since it was last read (the file
+    /// watcher's poll).
+    pub async fn reload_if_changed(&self) -> Option<Result<Reloaded, LoadError>> {
+        let Source::File(path) = &self.source else {
+            return None;
+        };
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        if modified.is_none() || *self.reload_lock.lock().await == modified {
+            return None;
+        }
+        Some(self.reload().await)
+    }
+
+    fn load_next(&self) -> Result<(Reloaded, Option<SystemTime>), LoadError> {
+        let (text, modified) = read_source(&self.source)?;
+        let (policy, settings) =
+            parse_all(&self.source, &text, &self.overrides, self.profiles.as_ref())?;
+        let old = self.current.load_full();
+        if settings.listen != old.settings.listen
+            || settings.admin_listen != old.settings.admin_listen
+        {
+            tracing::warn!("listen addresses changed in the config; they take effect on restart");
+        }
+        let engine = old.engine.reloaded(policy);
+        let old_policy = old.engine.policy();
+        let kept = engine
+            .policy()
+            .limits
+            .iter()
+            .filter(|l| {
+                old_policy
+                    .limits
+                    .iter()
+                    .any(|o| o.name == l.name && o.fingerprint == l.fingerprint)
+            })
+            .map(|l| l.name.clone())
+            .collect();
+        let limits = engine
+            .policy()
+            .limits
+            .iter()
+            .map(|l| l.name.clone())
+            .collect();
+        let next = Generation::new(engine, settings, text, &self.metrics);
+        self.current.store(Arc::new(next));
+        Ok((Reloaded { limits, kept }, modified))
+    }
+}
+
+impl Generation {
+    fn new(engine: Engine, settings: Settings, text: String, metrics: &Metrics) -> Generation {
+        let policy = engine.policy().clone();
+        let mut read_headers: Vec<HeaderName> = policy
+            .limits
+            .iter()
+            .flat_map(|l| {
+                let cost = match &l.cost {
+                    Cost::Header(h) => Some(h.clone()),
+                    _ => None,
+                };
+                l.key
+                    .iter()
+                    .filter_map(|k| match k {
+                        KeyPart::Header(h) => Some(h.clone()),
+                        _ => None,
+                    })
+                    .chain(cost)
+            })
+            .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
+            .collect();
+        read_headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        read_headers.dedup();
+        Generation {
+            policy_items: PolicyItems::new(&policy),
+            counters: metrics.limit_counters(&policy),
+            reads_body: policy
+                .limits
+                .iter()
+                .any(|l| matches!(l.cost, Cost::JsonArray(_))),
+            read_headers,
+            engine,
+            settings,
+            text,
+            loaded_at: jiff::Timestamp::now(),
+        }
+    }
+}
+
+fn read_source(source: &Source) -> Result<(String, Option<SystemTime>), LoadError> {
+    match source {
+        Source::File(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| LoadError::Io(format!("{}: {e}", path.display())))?;
+            let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+            Ok((text, modified))
+        }
+        Source::Profile(name) => Ok((format!("profile = {name:?}\n"), None)),
+        Source::Text(text) => Ok((text.clone(), None)),
+    }
+}
+
+fn parse_all(
+    source: &Source,
+    text: &str,
+    overrides: &Overrides,
+    profiles: &dyn ProfileSource,
+) -> Result<(tollgate_core::Policy, Settings), LoadError> {
+    let name = match source {
+        Source::File(p) => p.display().to_string(),
+        Source::Profile(n) => format!("profile {n}"),
+        Source::Text(_) => "config".into(),
+    };
+    let fail = |error| LoadError::Config {
+        path: name.clone(),
+        error,
+    };
+    let policy = tollgate_core::parse(text, profiles).map_err(fail)?;
+    let mut settings = Settings::parse(text).map_err(fail)?;
+    if let Some(a) = overrides.listen {
+        settings.listen = a;
+    }
+    if let Some(a) = overrides.admin_listen {
+        settings.admin_listen = Some(a);
+    }
+    if let Some(u) = &overrides.upstream {
+        settings.upstream = Some(u.clone());
+    }
+    if let Some(l) = overrides.access_log {
+        settings.access_log = l;
+    }
+    Ok((policy, settings))
+}

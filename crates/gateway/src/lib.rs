@@ -1,0 +1,23 @@
+//! tollgate-gateway: `tollgate serve`, the enforcing face.
+//!
+//! An adapter over the engine: it turns HTTP requests into engine calls and
+//! decisions into HTTP behaviour (hold, 429, headers), proxies admitted
+//! requests to the upstream, and serves an admin listener (health, metrics,
+//! usage, config, reload, and the check API).
+
+mod access;
+mod admin;
+mod clock;
+pub mod demo;
+mod gateway;
+mod holds;
+mod metrics;
+mod proxy;
+mod respond;
+mod server;
+pub mod settings;
+
+pub use clock::TokioClock;
+pub use gateway::{Gateway, LoadError, Overrides, Reloaded, Source};
+pub use server::{serve, Listeners};
+pub use settings::{AccessLog, ErrorFormat, Settings, Upstream};

@@ -1,0 +1,180 @@
+//! Prometheus metrics of the gateway (text format on the admin listener's
+//! `/metrics`). Per-limit counters are resolved once per config, so the hot
+//! path only bumps an atomic.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tollgate_core::Policy;
+use tollgate_store::StoreStats;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    limit: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// How one limit took part in one decision.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome {
+    Admitted = 0,
+    Held = 1,
+    Denied = 2,
+    /// A shadow limit that would have denied.
+    ShadowDenied = 3,
+}
+
+const OUTCOMES: [&str; 4] = ["admitted", "held", "denied", "shadow_denied"];
+
+/// The counters of one limit, by outcome.
+#[derive(Debug, Clone)]
+pub struct LimitCounters([Counter; 4]);
+
+impl LimitCounters {
+    pub fn count(&self, outcome: Outcome) {
+        self.0[outcome as usize].inc();
+    }
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    decisions: Family<DecisionLabels, Counter>,
+    responses: Family<StatusLabels, Counter>,
+    reloads: Family<ResultLabels, Counter>,
+    pub hold_seconds: Histogram,
+    pub upstream_seconds: Histogram,
+    pub held_now: Gauge,
+    keys: Gauge,
+    evictions: Counter,
+    refused: Counter,
+    /// Store totals already added to the counters above.
+    seen_evictions: AtomicU64,
+    seen_refused: AtomicU64,
+    pub access_log_dropped: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("tollgate");
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        let responses = Family::<StatusLabels, Counter>::default();
+        let reloads = Family::<ResultLabels, Counter>::default();
+        // 100 us .. ~100 s
+        let hold_seconds = Histogram::new(exponential_buckets(0.0001, 4.0, 11));
+        let upstream_seconds = Histogram::new(exponential_buckets(0.0001, 4.0, 11));
+        let held_now = Gauge::default();
+        let keys = Gauge::default();
+        let evictions = Counter::default();
+        let refused = Counter::default();
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "decisions",
+            "Rate-limit decisions by limit and outcome",
+            decisions.clone(),
+        );
+        registry.register("responses", "Responses by status code", responses.clone());
+        registry.register("reloads", "Config reloads by result", reloads.clone());
+        registry.register(
+            "hold_seconds",
+            "Time admitted requests were held",
+            hold_seconds.clone(),
+        );
+        registry.register(
+            "upstream_seconds",
+            "Upstream time until the response head",
+            upstream_seconds.clone(),
+        );
+        registry.register("held", "Requests held right now", held_now.clone());
+        registry.register("keys", "Keys tracked by the store", keys.clone());
+        registry.register(
+            "evictions",
+            "Idle keys evicted from the store",
+            evictions.clone(),
+        );
+        registry.register(
+            "keys_refused",
+            "New keys refused because the store was full",
+            refused.clone(),
+        );
+        registry.register(
+            "access_log_dropped",
+            "Access log lines dropped because the writer fell behind",
+            access_log_dropped.clone(),
+        );
+        Metrics {
+            registry,
+            decisions,
+            responses,
+            reloads,
+            hold_seconds,
+            upstream_seconds,
+            held_now,
+            keys,
+            evictions,
+            refused,
+            seen_evictions: AtomicU64::new(0),
+            seen_refused: AtomicU64::new(0),
+            access_log_dropped,
+        }
+    }
+}
+
+impl Metrics {
+    /// The counters of each limit of `policy`, in policy order.
+    pub fn limit_counters(&self, policy: &Policy) -> Vec<LimitCounters> {
+        policy
+            .limits
+            .iter()
+            .map(|l| {
+                LimitCounters(OUTCOMES.map(|outcome| {
+                    self.decisions
+                        .get_or_create(&DecisionLabels {
+                            limit: l.name.clone(),
+                            outcome,
+                        })
+                        .clone()
+                }))
+            })
+            .collect()
+    }
+
+    pub fn response(&self, code: u16) {
+        self.responses.get_or_create(&StatusLabels { code }).inc();
+    }
+
+    pub fn reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "rejected" };
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// The text exposition, with the store's figures read now.
+    pub fn render(&self, store: StoreStats) -> String {
+        self.keys.set(store.keys as i64);
+        let add = |seen: &AtomicU64, now: u64, counter: &Counter| {
+            let before = seen.swap(now, Ordering::Relaxed);
+            counter.inc_by(now.saturating_sub(before));
+        };
+        add(&self.seen_evictions, store.evictions, &self.evictions);
+        add(&self.seen_refused, store.refused, &self.refused);
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out = "# metrics could not be encoded\n".into();
+        }
+        out
+    }
+}

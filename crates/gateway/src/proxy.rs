@@ -1,0 +1,479 @@
+//! The proxy path: a request in, a decision, then either a refusal or the
+//! upstream's response streamed back with the rate-limit headers.
+//!
+//! Phases, in order: route → read the body (only if a limit's cost needs it)
+//! → plan (keys, costs) → decide (with a hold place if the limit holds) →
+//! hold → forward → stream the response; the limits' completion (latency
+//! debit, concurrency release) runs when the response body ends or is
+//! dropped (the client went away).
+
+use crate::access::Entry;
+use crate::gateway::{Gateway, Generation};
+use crate::metrics::Outcome;
+use crate::respond::{add_rate_headers, Refusal, X_REQUEST_ID};
+use crate::settings::Upstream;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST};
+use hyper::http::request::Parts;
+use hyper::{Request, Response, Uri};
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tollgate_core::policy::{AlgorithmKind, Cost};
+use tollgate_core::request::query_param;
+use tollgate_core::units::NANOS_PER_MICRO;
+use tollgate_core::{Clock, Item, Nanos, Verdict};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// What goes to the upstream: the client's body streamed, or the bytes read
+/// for a JSON cost.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// A request as the engine reads it.
+struct HttpView<'a> {
+    parts: &'a Parts,
+    ip: &'a str,
+    body: Option<&'a serde_json::Value>,
+}
+
+impl tollgate_core::Request for HttpView<'_> {
+    fn method(&self) -> &str {
+        self.parts.method.as_str()
+    }
+    fn path(&self) -> &str {
+        self.parts.uri.path()
+    }
+    fn host(&self) -> Option<&str> {
+        let host = match self.parts.uri.host() {
+            Some(h) => h,
+            None => self.parts.headers.get(HOST)?.to_str().ok()?,
+        };
+        // Without the port; an IPv6 literal keeps its brackets.
+        Some(match host.rfind(':') {
+            Some(i) if !host[i..].contains(']') => &host[..i],
+            _ => host,
+        })
+    }
+    fn ip(&self) -> Option<&str> {
+        Some(self.ip)
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.parts.headers.get(name)?.to_str().ok()
+    }
+    fn query(&self, name: &str) -> Option<Cow<'_, str>> {
+        query_param(self.parts.uri.query()?, name)
+    }
+    fn json_body(&self) -> Option<&serde_json::Value> {
+        self.body
+    }
+}
+
+/// The response body: the upstream's, streamed, or one the gateway made. It
+/// carries the request's completion, run when the body ends or is dropped.
+#[derive(Debug)]
+pub struct ResponseBody {
+    inner: Either<Incoming, Full<Bytes>>,
+    completion: Option<Completion>,
+}
+
+impl ResponseBody {
+    pub fn local(full: Full<Bytes>) -> Self {
+        ResponseBody {
+            inner: Either::Right(full),
+            completion: None,
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.completion = None; // the response ended: settle now
+        }
+        polled
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What an admitted request owes its limits when it completes: the latency
+/// debit and the concurrency release. Runs on drop, so a request that ends
+/// any way at all (finished, failed, client gone) settles exactly once.
+#[derive(Debug)]
+pub struct Completion {
+    generation: Arc<Generation>,
+    items: Vec<Item>,
+    clock: crate::clock::TokioClock,
+    started: Nanos,
+}
+
+impl Completion {
+    /// For the committed items that settle at completion; None if none do.
+    pub fn new(
+        generation: &Arc<Generation>,
+        committed: impl Iterator<Item = Item>,
+        clock: &crate::clock::TokioClock,
+    ) -> Option<Completion> {
+        let policy = generation.engine.policy();
+        let items: Vec<Item> = committed
+            .filter(|i| {
+                let l = &policy.limits[i.limit];
+                l.is_latency() || l.algorithm == AlgorithmKind::Concurrency
+            })
+            .collect();
+        (!items.is_empty()).then(|| Completion {
+            generation: generation.clone(),
+            items,
+            clock: clock.clone(),
+            started: clock.now(),
+        })
+    }
+
+    /// Latency is counted from here (the request goes to the upstream).
+    fn start(&mut self) {
+        self.started = self.clock.now();
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        let now = self.clock.now();
+        let latency_us = now.saturating_sub(self.started) / NANOS_PER_MICRO;
+        self.generation
+            .engine
+            .finish_committed(&self.items, now, latency_us);
+    }
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 7.6.1).
+static HOP_BY_HOP: [HeaderName; 7] = [
+    HeaderName::from_static("connection"),
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("te"),
+    HeaderName::from_static("trailer"),
+    HeaderName::from_static("transfer-encoding"),
+    HeaderName::from_static("upgrade"),
+];
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in HOP_BY_HOP.iter().chain(&named) {
+        headers.remove(name);
+    }
+}
+
+fn client_ip(gen: &Generation, parts: &Parts, peer: SocketAddr) -> String {
+    if gen.settings.trust_forwarded_for {
+        let first = parts
+            .headers
+            .get(&X_FORWARDED_FOR)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(str::trim)
+            .filter(|v| !v.is_empty());
+        if let Some(ip) = first {
+            return ip.to_string();
+        }
+    }
+    peer.ip().to_string()
+}
+
+/// The request's first key, readable: parts separated by '|'.
+fn key_text(items: &[Item]) -> Option<String> {
+    items.first().map(|i| {
+        i.key
+            .chars()
+            .map(|c| match c {
+                '\u{1f}' => '|',
+                '\u{1e}' => '-',
+                c => c,
+            })
+            .filter(|c| *c != '\u{1d}')
+            .collect()
+    })
+}
+
+impl Gateway {
+    /// Serve one request on the proxy listener.
+    pub async fn proxy(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<ResponseBody>, std::convert::Infallible> {
+        let generation = self.current();
+        let request_id = self.next_request_id();
+        let (parts, body) = req.into_parts();
+        let ip = client_ip(&generation, &parts, peer);
+        let mut log = Entry {
+            request_id: &request_id,
+            ip: &ip,
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+            decision: "error",
+            ..Entry::default()
+        };
+        let response = self
+            .proxy_inner(&generation, &request_id, &parts, &ip, body, &mut log)
+            .await;
+        let response = response.unwrap_or_else(|refusal| {
+            refusal
+                .response(&generation.settings.response, &request_id)
+                .map(ResponseBody::local)
+        });
+        log.status = response.status().as_u16();
+        self.metrics.response(log.status);
+        if self.access.enabled()
+            && generation.settings.access_log != crate::settings::AccessLog::Off
+            && !self.access.log(&log)
+        {
+            self.metrics.access_log_dropped.inc();
+        }
+        Ok(response)
+    }
+
+    async fn proxy_inner<'a>(
+        &self,
+        generation: &'a Arc<Generation>,
+        request_id: &str,
+        parts: &'a Parts,
+        ip: &'a str,
+        body: Incoming,
+        log: &mut Entry<'a>,
+    ) -> Result<Response<ResponseBody>, Refusal> {
+        let settings = &generation.settings;
+        let policy = generation.engine.policy();
+        let mut view = HttpView {
+            parts,
+            ip,
+            body: None,
+        };
+        let upstream = settings
+            .upstream_for(&view)
+            .cloned()
+            .ok_or(Refusal::NoRoute)?;
+        for name in &generation.read_headers {
+            if let Some(v) = parts.headers.get(name) {
+                if v.to_str().is_err() {
+                    return Err(Refusal::BadRequest(format!(
+                        "header {name} must be visible ASCII; its value has other bytes"
+                    )));
+                }
+            }
+        }
+
+        // The body is read only when a limit that applies counts its JSON.
+        let needs_body = generation.reads_body
+            && policy
+                .limits
+                .iter()
+                .any(|l| matches!(l.cost, Cost::JsonArray(_)) && l.matcher.matches(&view));
+        let json;
+        let body: ProxyBody = if needs_body {
+            let max = settings.max_body_bytes;
+            let bytes = match Limited::new(body, max).collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    return Err(Refusal::BodyTooLarge { max })
+                }
+                Err(e) => {
+                    return Err(Refusal::BadRequest(format!(
+                        "the request body could not be read: {e}"
+                    )))
+                }
+            };
+            json = serde_json::from_slice::<serde_json::Value>(&bytes).ok();
+            view.body = json.as_ref();
+            Either::Right(Full::new(bytes))
+        } else {
+            Either::Left(body)
+        };
+
+        let mut items = Vec::with_capacity(policy.limits.len());
+        policy
+            .plan(&view, &mut items)
+            .map_err(|e| Refusal::BadRequest(e.to_string()))?;
+        log.key = key_text(&items);
+
+        // A request that may be held first claims a place in the bounded queue.
+        let held_item = items.iter().find(|i| policy.limits[i.limit].hold > 0);
+        let place = held_item.and_then(|i| {
+            self.holds
+                .claim(&i.key, settings.max_held, settings.max_held_per_key)
+        });
+        let now = self.clock.now();
+        let decision = generation
+            .engine
+            .decide(&items, now, held_item.is_none() || place.is_some())
+            .map_err(|e| Refusal::StoreFull(e.to_string()))?;
+        log.remaining = items
+            .iter()
+            .zip(&decision.outcomes)
+            .filter(|(_, o)| !o.shadow)
+            .map(|(i, o)| (policy.limits[i.limit].name.as_str(), o.remaining))
+            .collect();
+        for (item, outcome) in items.iter().zip(&decision.outcomes) {
+            if outcome.shadow && !outcome.allowed {
+                generation.counters[item.limit].count(Outcome::ShadowDenied);
+            }
+        }
+        let delay = match decision.verdict {
+            Verdict::Admit { delay } => delay,
+            Verdict::Deny { limit, retry_after } => {
+                let name = &policy.limits[items[limit].limit].name;
+                generation.counters[items[limit].limit].count(Outcome::Denied);
+                log.decision = "denied";
+                log.limit = Some(name);
+                let refusal = Refusal::RateLimited {
+                    limit: name.clone(),
+                    retry_after,
+                };
+                let mut response = refusal
+                    .response(&settings.response, request_id)
+                    .map(ResponseBody::local);
+                add_rate_headers(
+                    response.headers_mut(),
+                    &settings.response,
+                    policy,
+                    &generation.policy_items,
+                    &items,
+                    &decision,
+                );
+                return Ok(response);
+            }
+            Verdict::Never {
+                limit,
+                cost,
+                capacity,
+            } => {
+                let name = &policy.limits[items[limit].limit].name;
+                log.limit = Some(name);
+                return Err(Refusal::CostTooLarge {
+                    limit: name.clone(),
+                    cost,
+                    capacity,
+                });
+            }
+        };
+        let outcome = if delay > 0 {
+            Outcome::Held
+        } else {
+            Outcome::Admitted
+        };
+        for (item, o) in items.iter().zip(&decision.outcomes) {
+            if !o.shadow {
+                generation.counters[item.limit].count(outcome);
+            }
+        }
+        log.decision = if delay > 0 { "held" } else { "admitted" };
+        // Created before the hold: a client that leaves while held still releases.
+        let mut completion = Completion::new(
+            generation,
+            tollgate_store::committed(&items, &decision).cloned(),
+            &self.clock,
+        );
+        if delay > 0 {
+            tokio::time::sleep_until(self.clock.instant_at(now + delay)).await;
+            log.hold_ms = delay as f64 / 1e6;
+            self.metrics.hold_seconds.observe(delay as f64 / 1e9);
+        }
+        drop(place);
+
+        if let Some(c) = completion.as_mut() {
+            c.start();
+        }
+        let sent = tokio::time::Instant::now();
+        let outgoing = upstream_request(parts, &upstream, body, ip, request_id)?;
+        let response =
+            match tokio::time::timeout(settings.upstream_timeout, self.client.request(outgoing))
+                .await
+            {
+                Err(_) => return Err(Refusal::UpstreamTimeout),
+                Ok(Err(e)) => {
+                    let cause = std::error::Error::source(&e)
+                        .map_or_else(|| e.to_string(), |s| s.to_string());
+                    return Err(Refusal::UpstreamFailed(format!(
+                        "the upstream {} could not be reached: {cause}",
+                        upstream.authority
+                    )));
+                }
+                Ok(Ok(response)) => response,
+            };
+        let upstream_time = sent.elapsed().as_secs_f64();
+        self.metrics.upstream_seconds.observe(upstream_time);
+        log.upstream_ms = Some(upstream_time * 1e3);
+
+        let (mut head, body) = response.into_parts();
+        strip_hop_by_hop(&mut head.headers);
+        add_rate_headers(
+            &mut head.headers,
+            &settings.response,
+            policy,
+            &generation.policy_items,
+            &items,
+            &decision,
+        );
+        if let Ok(id) = HeaderValue::from_str(request_id) {
+            head.headers.insert(X_REQUEST_ID.clone(), id);
+        }
+        Ok(Response::from_parts(
+            head,
+            ResponseBody {
+                inner: Either::Left(body),
+                completion,
+            },
+        ))
+    }
+}
+
+fn upstream_request(
+    parts: &Parts,
+    upstream: &Upstream,
+    body: ProxyBody,
+    ip: &str,
+    request_id: &str,
+) -> Result<Request<ProxyBody>, Refusal> {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(upstream.authority.clone())
+        .path_and_query(format!("{}{path}", upstream.base_path))
+        .build()
+        .map_err(|e| Refusal::BadRequest(format!("the request target cannot be forwarded: {e}")))?;
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri;
+    let headers = request.headers_mut();
+    headers.clone_from(&parts.headers);
+    strip_hop_by_hop(headers);
+    if let Ok(v) = HeaderValue::from_str(ip) {
+        headers.append(X_FORWARDED_FOR.clone(), v);
+    }
+    if let Ok(id) = HeaderValue::from_str(request_id) {
+        headers.insert(X_REQUEST_ID.clone(), id);
+    }
+    Ok(request)
+}

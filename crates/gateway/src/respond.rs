@@ -1,0 +1,266 @@
+//! What the gateway answers: the rate-limit headers of every response, and
+//! every refusal (429 and the other errors) with its status decided in one place.
+
+use crate::settings::{ErrorFormat, ResponseSettings};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Response, StatusCode};
+use std::fmt::Write;
+use tollgate_core::units::NANOS_PER_SEC;
+use tollgate_core::{Decision, Item, Nanos, Policy};
+
+pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Why the gateway answers a request itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// 429: `limit` is out of quota; `retry_after` is None when only a
+    /// release (concurrency) can make room.
+    RateLimited {
+        limit: String,
+        retry_after: Option<Nanos>,
+    },
+    /// 413: the request's cost is more than the limit can ever admit.
+    CostTooLarge {
+        limit: String,
+        cost: u64,
+        capacity: u64,
+    },
+    /// 413: a body read for a JSON cost is larger than `max_body_bytes`.
+    BodyTooLarge { max: usize },
+    /// 400: the request cannot be keyed or costed (names the header or field).
+    BadRequest(String),
+    /// 404: no route and no default upstream.
+    NoRoute,
+    /// 503: the store tracks `max_keys` keys and none is idle.
+    StoreFull(String),
+    /// 502: the upstream refused or broke the connection.
+    UpstreamFailed(String),
+    /// 504: the upstream did not answer within `upstream_timeout`.
+    UpstreamTimeout,
+    /// 401 on the admin listener.
+    Unauthorized,
+}
+
+impl Refusal {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::CostTooLarge { .. } | Refusal::BodyTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Refusal::NoRoute => StatusCode::NOT_FOUND,
+            Refusal::StoreFull(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
+            Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::Unauthorized => StatusCode::UNAUTHORIZED,
+        }
+    }
+
+    /// A stable code for machines (the `errors` format's `code`, the problem type's last part).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::RateLimited { .. } => "rate_limited",
+            Refusal::CostTooLarge { .. } => "cost_too_large",
+            Refusal::BodyTooLarge { .. } => "body_too_large",
+            Refusal::BadRequest(_) => "bad_request",
+            Refusal::NoRoute => "no_route",
+            Refusal::StoreFull(_) => "store_full",
+            Refusal::UpstreamFailed(_) => "upstream_failed",
+            Refusal::UpstreamTimeout => "upstream_timeout",
+            Refusal::Unauthorized => "unauthorized",
+        }
+    }
+
+    pub fn title(&self) -> String {
+        match self {
+            Refusal::RateLimited { limit, .. } => {
+                format!("Rate-limit budget for purpose '{limit}' exhausted")
+            }
+            Refusal::CostTooLarge { limit, .. } => {
+                format!("Request costs more than limit '{limit}' can ever admit")
+            }
+            Refusal::BodyTooLarge { .. } => "Request body too large".into(),
+            Refusal::BadRequest(_) => "Bad request".into(),
+            Refusal::NoRoute => "No upstream for this request".into(),
+            Refusal::StoreFull(_) => "Rate-limit store full".into(),
+            Refusal::UpstreamFailed(_) => "Upstream unavailable".into(),
+            Refusal::UpstreamTimeout => "Upstream timed out".into(),
+            Refusal::Unauthorized => "Unauthorized".into(),
+        }
+    }
+
+    pub fn detail(&self) -> String {
+        match self {
+            Refusal::RateLimited { retry_after, .. } => match retry_after {
+                Some(r) => format!(
+                    "Too many requests. Retry after {} seconds.",
+                    whole_seconds(*r)
+                ),
+                None => "Too many requests in flight. Retry when one completes.".into(),
+            },
+            Refusal::CostTooLarge { cost, capacity, .. } => {
+                format!("The request costs {cost} units; the most this limit admits is {capacity}. Split it.")
+            }
+            Refusal::BodyTooLarge { max } => {
+                format!("A body read to count its cost may be at most {max} bytes.")
+            }
+            Refusal::BadRequest(m) | Refusal::StoreFull(m) | Refusal::UpstreamFailed(m) => {
+                m.clone()
+            }
+            Refusal::NoRoute => {
+                "No route matches this request and no default upstream is set.".into()
+            }
+            Refusal::UpstreamTimeout => "The upstream did not answer in time.".into(),
+            Refusal::Unauthorized => {
+                "Send the admin token as 'Authorization: Bearer TOKEN'.".into()
+            }
+        }
+    }
+
+    /// The response: body in the configured format, `Retry-After` on a 429
+    /// when configured (whole seconds, rounded up).
+    pub fn response(&self, settings: &ResponseSettings, request_id: &str) -> Response<Full<Bytes>> {
+        let status = self.status();
+        let (content_type, body) = match settings.format {
+            ErrorFormat::Problem => {
+                let kind = if matches!(self, Refusal::RateLimited { .. }) {
+                    settings.problem_type.clone()
+                } else {
+                    format!("https://tollgate.dev/errors/{}", self.code())
+                };
+                let body = serde_json::json!({
+                    "type": kind,
+                    "title": self.title(),
+                    "status": status.as_u16(),
+                    "detail": self.detail(),
+                    "instance": request_id,
+                });
+                ("application/problem+json", body)
+            }
+            ErrorFormat::Errors => (
+                "application/json",
+                serde_json::json!({ "errors": [{ "code": self.code(), "message": self.detail() }] }),
+            ),
+        };
+        let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        if let Refusal::RateLimited {
+            retry_after: Some(r),
+            ..
+        } = self
+        {
+            if settings.retry_after {
+                headers.insert(RETRY_AFTER, HeaderValue::from(whole_seconds(*r)));
+            }
+        }
+        if let Ok(id) = HeaderValue::from_str(request_id) {
+            headers.insert(X_REQUEST_ID.clone(), id);
+        }
+        response
+    }
+}
+
+/// Seconds rounded up: waiting that long is always enough.
+pub fn whole_seconds(ns: Nanos) -> u64 {
+    ns.div_ceil(NANOS_PER_SEC)
+}
+
+/// `"name";q=Q;w=W` for every (limit, variant) of a policy, built once per
+/// config: the `RateLimit-Policy` items a response is assembled from.
+#[derive(Debug)]
+pub struct PolicyItems(Vec<Vec<String>>);
+
+impl PolicyItems {
+    pub fn new(policy: &Policy) -> Self {
+        PolicyItems(
+            policy
+                .limits
+                .iter()
+                .map(|limit| {
+                    limit
+                        .variants
+                        .iter()
+                        .map(|params| {
+                            let (q, w) = params.policy();
+                            let mut item = format!("\"{}\";q={q}", limit.name);
+                            if w > 0 {
+                                let _ = write!(item, ";w={w}");
+                            }
+                            item
+                        })
+                        .collect()
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Add `RateLimit-Policy`, `RateLimit` (and the legacy `X-RateLimit-*` for the
+/// limit with the least left) for the enforcing limits of a decision.
+pub fn add_rate_headers(
+    headers: &mut HeaderMap,
+    settings: &ResponseSettings,
+    policy: &Policy,
+    items_text: &PolicyItems,
+    items: &[Item],
+    decision: &Decision,
+) {
+    if !settings.ratelimit_headers && !settings.legacy_headers {
+        return;
+    }
+    let mut policy_field = String::new();
+    let mut state_field = String::new();
+    // (remaining, quota, reset) of the limit with the least left.
+    let mut tightest: Option<(u64, u64, u64)> = None;
+    for (item, outcome) in items.iter().zip(&decision.outcomes) {
+        if outcome.shadow {
+            continue;
+        }
+        let limit = &policy.limits[item.limit];
+        if !policy_field.is_empty() {
+            policy_field.push_str(", ");
+            state_field.push_str(", ");
+        }
+        policy_field.push_str(&items_text.0[item.limit][item.class]);
+        let reset = whole_seconds(outcome.reset);
+        let _ = write!(
+            state_field,
+            "\"{}\";r={};t={reset}",
+            limit.name, outcome.remaining
+        );
+        if tightest.is_none_or(|(r, _, _)| outcome.remaining < r) {
+            tightest = Some((
+                outcome.remaining,
+                limit.params(item.class).policy().0,
+                reset,
+            ));
+        }
+    }
+    if policy_field.is_empty() {
+        return;
+    }
+    if settings.ratelimit_headers {
+        if let (Ok(p), Ok(s)) = (
+            HeaderValue::from_str(&policy_field),
+            HeaderValue::from_str(&state_field),
+        ) {
+            headers.insert(RATELIMIT_POLICY.clone(), p);
+            headers.insert(RATELIMIT.clone(), s);
+        }
+    }
+    if let (true, Some((remaining, quota, reset))) = (settings.legacy_headers, tightest) {
+        headers.insert(X_LIMIT.clone(), HeaderValue::from(quota));
+        headers.insert(X_REMAINING.clone(), HeaderValue::from(remaining));
+        headers.insert(X_RESET.clone(), HeaderValue::from(reset));
+    }
+}

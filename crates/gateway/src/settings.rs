@@ -1,0 +1,374 @@
+//! The gateway's own tables of a config: `[gateway]` (listeners, upstreams,
+//! bounds) and `[response]` (what a 429 looks like). The `[[limit]]` entries
+//! are the core's; both are read from the same text.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tollgate_core::config::ConfigError;
+use tollgate_core::policy::Matcher;
+use tollgate_core::units::parse_duration;
+use toml::Spanned;
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    /// Name of the environment variable holding the admin bearer token.
+    pub admin_token_env: String,
+    /// Where requests go when no route matches; `None`: only routes (or the
+    /// check API) are served.
+    pub upstream: Option<Upstream>,
+    pub routes: Vec<Route>,
+    pub upstream_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Largest body read when a limit's cost needs the JSON body (413 past it).
+    pub max_body_bytes: usize,
+    /// Most requests held at once, in total and per key; past them a request
+    /// that would be held is denied at once.
+    pub max_held: usize,
+    pub max_held_per_key: usize,
+    pub access_log: AccessLog,
+    pub shutdown_grace: Duration,
+    /// Take the client address from the first `X-Forwarded-For` entry (only
+    /// behind a proxy you trust).
+    pub trust_forwarded_for: bool,
+    /// Seconds between reads of the config file's modification time.
+    pub watch_interval: Duration,
+    pub response: ResponseSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `http://host:port` with no path.
+    pub authority: hyper::http::uri::Authority,
+    /// Path prefix put before the request's path (from the URL, without a trailing '/').
+    pub base_path: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub matcher: Matcher,
+    pub upstream: Upstream,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLog {
+    Off,
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorFormat {
+    /// RFC 9457 `application/problem+json` (seed 001).
+    Problem,
+    /// `{"errors":[{"code":"rate_limited","message":...}]}` (seed 004).
+    Errors,
+}
+
+#[derive(Debug, Clone)]
+pub struct ResponseSettings {
+    pub format: ErrorFormat,
+    /// `Retry-After` in whole seconds on 429s.
+    pub retry_after: bool,
+    /// IETF `RateLimit-Policy` / `RateLimit` on every response.
+    pub ratelimit_headers: bool,
+    /// `X-RateLimit-Limit/Remaining/Reset` for the tightest limit.
+    pub legacy_headers: bool,
+    /// The problem `type` URI.
+    pub problem_type: String,
+}
+
+impl Default for ResponseSettings {
+    fn default() -> Self {
+        ResponseSettings {
+            format: ErrorFormat::Problem,
+            retry_after: true,
+            ratelimit_headers: true,
+            legacy_headers: false,
+            problem_type: "https://tollgate.dev/errors/rate-limited".into(),
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+            admin_token_env: "TOLLGATE_ADMIN_TOKEN".into(),
+            upstream: None,
+            routes: Vec::new(),
+            upstream_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            max_body_bytes: 1 << 20,
+            max_held: 10_000,
+            max_held_per_key: 100,
+            access_log: AccessLog::Text,
+            shutdown_grace: Duration::from_secs(10),
+            trust_forwarded_for: false,
+            watch_interval: Duration::from_secs(2),
+            response: ResponseSettings::default(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawFile {
+    gateway: Option<RawGateway>,
+    response: Option<RawResponse>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    listen: Option<Spanned<String>>,
+    admin_listen: Option<Spanned<String>>,
+    admin_token_env: Option<String>,
+    upstream: Option<Spanned<String>>,
+    #[serde(default)]
+    route: Vec<RawRoute>,
+    upstream_timeout: Option<Spanned<String>>,
+    connect_timeout: Option<Spanned<String>>,
+    max_body_bytes: Option<Spanned<u64>>,
+    max_held: Option<usize>,
+    max_held_per_key: Option<usize>,
+    access_log: Option<Spanned<String>>,
+    shutdown_grace: Option<Spanned<String>>,
+    trust_forwarded_for: Option<bool>,
+    watch_interval: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    path_prefix: Option<String>,
+    host: Option<String>,
+    #[serde(default)]
+    methods: Vec<String>,
+    upstream: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResponse {
+    format: Option<Spanned<String>>,
+    retry_after: Option<bool>,
+    ratelimit_headers: Option<bool>,
+    legacy_headers: Option<bool>,
+    problem_type: Option<String>,
+}
+
+impl Settings {
+    /// Read `[gateway]` and `[response]` from a config's text (the other
+    /// tables are left to their readers). Errors name the line and field.
+    pub fn parse(text: &str) -> Result<Settings, ConfigError> {
+        let err = |offset: usize, message: String| ConfigError {
+            line: Some(text[..offset.min(text.len())].matches('\n').count() + 1),
+            message,
+        };
+        let raw: RawFile = toml::from_str(text).map_err(|e| match e.span() {
+            Some(span) => err(span.start, e.message().to_string()),
+            None => ConfigError {
+                line: None,
+                message: e.message().to_string(),
+            },
+        })?;
+        let mut s = Settings::default();
+        let duration = |v: &Spanned<String>, field: &str| {
+            parse_duration(v.get_ref())
+                .map(Duration::from_nanos)
+                .map_err(|m| err(v.span().start, format!("gateway {field}: {m}")))
+        };
+        let address = |v: &Spanned<String>, field: &str| {
+            v.get_ref().parse::<SocketAddr>().map_err(|_| {
+                err(
+                    v.span().start,
+                    format!(
+                        "gateway {field} '{}' is not an address; write e.g. \"127.0.0.1:8080\"",
+                        v.get_ref()
+                    ),
+                )
+            })
+        };
+        let upstream = |v: &Spanned<String>, field: &str| {
+            Upstream::parse(v.get_ref())
+                .map_err(|m| err(v.span().start, format!("gateway {field}: {m}")))
+        };
+        if let Some(g) = raw.gateway {
+            if let Some(v) = &g.listen {
+                s.listen = address(v, "listen")?;
+            }
+            if let Some(v) = &g.admin_listen {
+                s.admin_listen = match v.get_ref().as_str() {
+                    "off" | "" => None,
+                    _ => Some(address(v, "admin_listen")?),
+                };
+            }
+            if let Some(v) = g.admin_token_env {
+                s.admin_token_env = v;
+            }
+            if let Some(v) = &g.upstream {
+                s.upstream = Some(upstream(v, "upstream")?);
+            }
+            for r in &g.route {
+                s.routes.push(Route {
+                    matcher: Matcher {
+                        methods: r.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
+                        path_prefix: r.path_prefix.clone(),
+                        host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
+                        headers: Vec::new(),
+                    },
+                    upstream: upstream(&r.upstream, "route upstream")?,
+                });
+            }
+            if let Some(v) = &g.upstream_timeout {
+                s.upstream_timeout = duration(v, "upstream_timeout")?;
+            }
+            if let Some(v) = &g.connect_timeout {
+                s.connect_timeout = duration(v, "connect_timeout")?;
+            }
+            if let Some(v) = &g.shutdown_grace {
+                s.shutdown_grace = duration(v, "shutdown_grace")?;
+            }
+            if let Some(v) = &g.watch_interval {
+                s.watch_interval = duration(v, "watch_interval")?;
+            }
+            if let Some(v) = &g.max_body_bytes {
+                s.max_body_bytes = usize::try_from(*v.get_ref()).map_err(|_| {
+                    err(v.span().start, "gateway max_body_bytes is too large".into())
+                })?;
+            }
+            if let Some(v) = g.max_held {
+                s.max_held = v;
+            }
+            if let Some(v) = g.max_held_per_key {
+                s.max_held_per_key = v;
+            }
+            if let Some(v) = &g.access_log {
+                s.access_log = match v.get_ref().as_str() {
+                    "off" => AccessLog::Off,
+                    "text" => AccessLog::Text,
+                    "json" => AccessLog::Json,
+                    other => {
+                        return Err(err(
+                            v.span().start,
+                            format!("gateway access_log '{other}' is not known; use \"off\", \"text\" or \"json\""),
+                        ))
+                    }
+                };
+            }
+            if let Some(v) = g.trust_forwarded_for {
+                s.trust_forwarded_for = v;
+            }
+        }
+        if let Some(r) = raw.response {
+            if let Some(v) = &r.format {
+                s.response.format = match v.get_ref().as_str() {
+                    "problem" => ErrorFormat::Problem,
+                    "errors" => ErrorFormat::Errors,
+                    other => {
+                        return Err(err(
+                            v.span().start,
+                            format!("response format '{other}' is not known; use \"problem\" (RFC 9457) or \"errors\""),
+                        ))
+                    }
+                };
+            }
+            if let Some(v) = r.retry_after {
+                s.response.retry_after = v;
+            }
+            if let Some(v) = r.ratelimit_headers {
+                s.response.ratelimit_headers = v;
+            }
+            if let Some(v) = r.legacy_headers {
+                s.response.legacy_headers = v;
+            }
+            if let Some(v) = r.problem_type {
+                s.response.problem_type = v;
+            }
+        }
+        Ok(s)
+    }
+
+    /// The upstream for a request: the first route that matches, else the default.
+    pub fn upstream_for(&self, req: &impl tollgate_core::Request) -> Option<&Upstream> {
+        self.routes
+            .iter()
+            .find(|r| r.matcher.matches(req))
+            .map(|r| &r.upstream)
+            .or(self.upstream.as_ref())
+    }
+}
+
+impl Upstream {
+    /// `http://host:port[/base]`. Only plain HTTP: TLS to the upstream is
+    /// left to a sidecar or a later version.
+    pub fn parse(url: &str) -> Result<Upstream, String> {
+        let uri: hyper::Uri = url
+            .parse()
+            .map_err(|_| format!("'{url}' is not a URL; write e.g. \"http://127.0.0.1:9000\""))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(format!(
+                "'{url}' must start with http:// (TLS upstreams are not supported)"
+            ));
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("'{url}' has no host"))?;
+        if uri.query().is_some() {
+            return Err(format!("'{url}' must not have a query"));
+        }
+        Ok(Upstream {
+            authority,
+            base_path: uri.path().trim_end_matches('/').to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_fields() {
+        let s = Settings::parse("[[limit]]\nname='x'\n").unwrap();
+        assert_eq!(s.response.format, ErrorFormat::Problem);
+        assert!(s.upstream.is_none());
+        let s = Settings::parse(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\nupstream = \"http://127.0.0.1:9000/api/\"\nhold_queue = 1\n",
+        )
+        .unwrap_err();
+        assert_eq!(s.line, Some(4));
+        assert!(s.message.contains("unknown field `hold_queue`"), "{s}");
+        let s = Settings::parse(
+            "[gateway]\nupstream = \"http://127.0.0.1:9000/api/\"\n[response]\nformat = \"errors\"\nretry_after = false\n",
+        )
+        .unwrap();
+        let up = s.upstream.unwrap();
+        assert_eq!(up.authority.as_str(), "127.0.0.1:9000");
+        assert_eq!(up.base_path, "/api");
+        assert_eq!(s.response.format, ErrorFormat::Errors);
+        assert!(!s.response.retry_after);
+    }
+
+    #[test]
+    fn bad_values_name_line_and_field() {
+        let e = Settings::parse("\n[gateway]\nupstream = \"https://x\"\n").unwrap_err();
+        assert_eq!(e.to_string(), "line 3: gateway upstream: 'https://x' must start with http:// (TLS upstreams are not supported)");
+        let e = Settings::parse("[gateway]\nlisten = \"localhost\"\n").unwrap_err();
+        assert!(e
+            .to_string()
+            .starts_with("line 2: gateway listen 'localhost' is not an address"));
+        let e = Settings::parse("[response]\nformat = \"xml\"\n").unwrap_err();
+        assert!(e.to_string().starts_with("line 2: response format 'xml'"));
+        let e = Settings::parse("[gateway]\nupstream_timeout = \"soon\"\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("line 2: gateway upstream_timeout:"),
+            "{e}"
+        );
+    }
+}

@@ -275,6 +275,17 @@ impl Gateway {
             .upstream_for(&view)
             .cloned()
             .ok_or(Refusal::NoRoute)?;
+        // hyper bounds the head it buffers only loosely (by read chunks).
+        let head_bytes: usize = parts
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum();
+        if head_bytes > crate::server::MAX_HEAD_BYTES {
+            return Err(Refusal::HeadersTooLarge {
+                max: crate::server::MAX_HEAD_BYTES,
+            });
+        }
         for name in &generation.read_headers {
             if let Some(v) = parts.headers.get(name) {
                 if v.to_str().is_err() {

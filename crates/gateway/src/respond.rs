@@ -36,6 +36,8 @@ pub enum Refusal {
     BodyTooLarge { max: usize },
     /// 400: the request cannot be keyed or costed (names the header or field).
     BadRequest(String),
+    /// 431: the request's headers add up to more than `max` bytes.
+    HeadersTooLarge { max: usize },
     /// 404: no route and no default upstream.
     NoRoute,
     /// 503: the store tracks `max_keys` keys and none is idle.
@@ -56,6 +58,7 @@ impl Refusal {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Refusal::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refusal::NoRoute => StatusCode::NOT_FOUND,
             Refusal::StoreFull(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
@@ -71,6 +74,7 @@ impl Refusal {
             Refusal::CostTooLarge { .. } => "cost_too_large",
             Refusal::BodyTooLarge { .. } => "body_too_large",
             Refusal::BadRequest(_) => "bad_request",
+            Refusal::HeadersTooLarge { .. } => "headers_too_large",
             Refusal::NoRoute => "no_route",
             Refusal::StoreFull(_) => "store_full",
             Refusal::UpstreamFailed(_) => "upstream_failed",
@@ -89,6 +93,7 @@ impl Refusal {
             }
             Refusal::BodyTooLarge { .. } => "Request body too large".into(),
             Refusal::BadRequest(_) => "Bad request".into(),
+            Refusal::HeadersTooLarge { .. } => "Request headers too large".into(),
             Refusal::NoRoute => "No upstream for this request".into(),
             Refusal::StoreFull(_) => "Rate-limit store full".into(),
             Refusal::UpstreamFailed(_) => "Upstream unavailable".into(),
@@ -108,6 +113,9 @@ impl Refusal {
             },
             Refusal::CostTooLarge { cost, capacity, .. } => {
                 format!("The request costs {cost} units; the most this limit admits is {capacity}. Split it.")
+            }
+            Refusal::HeadersTooLarge { max } => {
+                format!("The request's headers may add up to at most {max} bytes.")
             }
             Refusal::BodyTooLarge { max } => {
                 format!("A body read to count its cost may be at most {max} bytes.")

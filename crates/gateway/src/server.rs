@@ -20,7 +20,7 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(10);
 /// A `/v1/check` not reported within this is settled without latency.
 const CHECK_TTL: Duration = Duration::from_secs(600);
 /// Largest request head (line and headers) read; past it the client gets 431.
-const MAX_HEAD_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// The listeners a gateway serves on.
 #[derive(Debug)]

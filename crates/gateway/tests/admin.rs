@@ -1,0 +1,295 @@
+//! The admin listener, live reload, the check API, and exactness under
+//! concurrent connections compared with `tollgate simulate`.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+fn limits(up: std::net::SocketAddr, tenant_quota: u64, extra: &str) -> String {
+    format!(
+        "{}[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = {tenant_quota}\n{extra}",
+        gateway_section(up)
+    )
+}
+
+async fn post(client: &reqwest::Client, url: &str, body: &str) -> (u16, serde_json::Value) {
+    let r = client
+        .post(url)
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("admin request");
+    let status = r.status().as_u16();
+    (status, r.json().await.expect("a JSON body"))
+}
+
+#[tokio::test]
+async fn a_reload_keeps_counters_of_unchanged_limits_and_rejects_bad_configs() {
+    let up = upstream().await;
+    let dir = TempDir::new("reload");
+    let path = dir.0.join("gateway.toml");
+    let daily = "[[limit]]\nname = \"daily\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"fixed_window\"\nevery = \"1d\"\nquota = 100\n";
+    std::fs::write(&path, limits(up.addr, 2, daily)).unwrap();
+    let gw = start_file(path.clone()).await;
+    let client = client();
+    for _ in 0..2 {
+        assert_eq!(get(&client, &gw.url("/"), "acme").await.status(), 200);
+    }
+    assert_eq!(get(&client, &gw.url("/"), "acme").await.status(), 429);
+
+    // Change only the daily limit: tenant keeps its count (still exhausted),
+    // daily starts over with its new quota.
+    std::fs::write(&path, limits(up.addr, 2, &daily.replace("100", "50"))).unwrap();
+    let (status, body) = post(&client, &gw.admin_url("/v1/reload"), "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["kept"], serde_json::json!(["tenant"]));
+    let denied = get(&client, &gw.url("/"), "acme").await;
+    assert_eq!(denied.status(), 429);
+    assert_eq!(
+        header(&denied, "ratelimit").as_deref(),
+        Some("\"tenant\";r=0;t=3600, \"daily\";r=50;t=0")
+    );
+
+    // An invalid config is rejected with its line; the old one keeps serving.
+    std::fs::write(
+        &path,
+        limits(
+            up.addr,
+            2,
+            "[[limit]]\nname = \"broken\"\nalgorithm = \"token_bukket\"\n",
+        ),
+    )
+    .unwrap();
+    let (status, body) = post(&client, &gw.admin_url("/v1/reload"), "").await;
+    assert_eq!(status, 422);
+    let detail = body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("gateway.toml:14: limit 'broken': algorithm 'token_bukket' is not known"),
+        "{detail}"
+    );
+    assert_eq!(get(&client, &gw.url("/"), "globex").await.status(), 200);
+    let config = client
+        .get(gw.admin_url("/v1/config"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        config.contains("quota = 50") && !config.contains("broken"),
+        "{config}"
+    );
+
+    // A change of the file is picked up by the watcher too.
+    std::fs::write(&path, limits(up.addr, 5, daily)).unwrap();
+    let reloaded = gw.gateway.reload_if_changed().await;
+    assert!(matches!(reloaded, Some(Ok(_))), "{reloaded:?}");
+    assert_eq!(get(&client, &gw.url("/"), "acme").await.status(), 200);
+}
+
+#[tokio::test]
+async fn the_admin_token_protects_everything_but_healthz() {
+    std::env::set_var("TOLLGATE_TEST_ADMIN_TOKEN", "s3cret");
+    let up = upstream().await;
+    let config = limits(up.addr, 2, "").replace(
+        "access_log = \"off\"\n",
+        "access_log = \"off\"\nadmin_token_env = \"TOLLGATE_TEST_ADMIN_TOKEN\"\n",
+    );
+    let gw = start(&config).await;
+    let client = client();
+    assert_eq!(
+        client
+            .get(gw.admin_url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    for path in ["/metrics", "/v1/config", "/v1/usage?key=a"] {
+        let r = client.get(gw.admin_url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+        let r = client
+            .get(gw.admin_url(path))
+            .bearer_auth("wrong!")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+        let r = client
+            .get(gw.admin_url(path))
+            .bearer_auth("s3cret")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    let r = client
+        .post(gw.admin_url("/v1/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+#[tokio::test]
+async fn metrics_and_usage_report_decisions_and_keys() {
+    let up = upstream().await;
+    let gw = start(&limits(up.addr, 2, "")).await;
+    let client = client();
+    for tenant in ["a", "a", "a", "b"] {
+        get(&client, &gw.url("/"), tenant).await;
+    }
+    let metrics = client
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "tollgate_decisions_total{limit=\"tenant\",outcome=\"admitted\"} 3",
+        "tollgate_decisions_total{limit=\"tenant\",outcome=\"denied\"} 1",
+        "tollgate_responses_total{code=\"429\"} 1",
+        "tollgate_keys 2",
+        "tollgate_upstream_seconds_count 3",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    let usage: serde_json::Value = client
+        .get(gw.admin_url("/v1/usage?key=b"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(usage["limits"]["tenant"]["remaining"], 1);
+    assert_eq!(usage["limits"]["tenant"]["quota"], 2);
+    let r = client.get(gw.admin_url("/v1/usage")).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let r = client
+        .get(gw.admin_url("/v2/nothing"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_check_api_decides_and_report_debits_latency() {
+    let up = upstream().await;
+    let extra = "[[limit]]\nname = \"duration\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"tiered\"\ncost = \"latency\"\ntiers = [{ every = \"1m\", quota = \"1s\" }]\n";
+    let gw = start(&limits(up.addr, 3, extra)).await;
+    let client = client();
+    let check = r#"{"method": "GET", "path": "/v1/jobs", "headers": {"X-Tenant-Id": "acme"}}"#;
+    let (status, decision) = post(&client, &gw.admin_url("/v1/check"), check).await;
+    assert_eq!(status, 200);
+    assert_eq!(decision["allowed"], true);
+    assert_eq!(decision["remaining"]["tenant"], 2);
+    let id = decision["id"]
+        .as_str()
+        .expect("a latency limit needs a report")
+        .to_string();
+    let (status, report) = post(
+        &client,
+        &gw.admin_url("/v1/report"),
+        &format!(r#"{{"id": "{id}", "latency": 1.5}}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{report}");
+    // 1.5 s of a 1 s pool: the next check is denied by the duration limit.
+    let (_, decision) = post(&client, &gw.admin_url("/v1/check"), check).await;
+    assert_eq!(decision["allowed"], false);
+    assert_eq!(decision["limit"], "duration");
+    assert!(decision["retry_after"].as_f64().unwrap() > 0.0);
+    // A report is taken once; bad input names what is wrong.
+    let (status, _) = post(
+        &client,
+        &gw.admin_url("/v1/report"),
+        &format!(r#"{{"id": "{id}"}}"#),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, body) = post(&client, &gw.admin_url("/v1/check"), r#"{"methd": "GET"}"#).await;
+    assert_eq!(status, 400);
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `methd`"),
+        "{body}"
+    );
+    // After a minute the pool refills. (A new client: the server closed the
+    // idle keep-alive connection meanwhile.)
+    tokio::time::advance(Duration::from_secs(60)).await;
+    let (_, decision) = post(&common::client(), &gw.admin_url("/v1/check"), check).await;
+    assert_eq!(decision["allowed"], true);
+}
+
+/// Many connections at once admit exactly what `tollgate simulate` admits for
+/// the same arrivals: no over-admission under concurrency, all-or-nothing
+/// across limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_connections_admit_exactly_what_simulate_admits() {
+    let up = upstream().await;
+    let policy = "[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 40\nrefill = \"1/h\"\n[[limit]]\nname = \"global\"\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 100\n";
+    let gw = start(&format!("{}{policy}", gateway_section(up.addr))).await;
+    let tenants = ["a", "b", "c", "d"];
+    const PER_TENANT: usize = 60;
+    const CONNECTIONS: usize = 32;
+    let mut tasks = Vec::new();
+    for c in 0..CONNECTIONS {
+        let url = gw.url("/");
+        tasks.push(tokio::spawn(async move {
+            // One client per task: its own keep-alive connection.
+            let client = client();
+            let mut got: BTreeMap<&str, usize> = BTreeMap::new();
+            for n in 0..(tenants.len() * PER_TENANT / CONNECTIONS + 1) {
+                let i = c + n * CONNECTIONS;
+                if i >= tenants.len() * PER_TENANT {
+                    break;
+                }
+                let tenant = tenants[i % tenants.len()];
+                if get(&client, &url, tenant).await.status() == 200 {
+                    *got.entry(tenant).or_default() += 1;
+                }
+            }
+            got
+        }));
+    }
+    let mut admitted: BTreeMap<&str, usize> = BTreeMap::new();
+    for t in tasks {
+        for (tenant, n) in t.await.unwrap() {
+            *admitted.entry(tenant).or_default() += n;
+        }
+    }
+    // The same arrivals, one instant, through the simulator.
+    let trace: String = (0..tenants.len() * PER_TENANT)
+        .map(|i| {
+            format!(
+                "{{\"t\": 0, \"headers\": {{\"x-tenant-id\": \"{}\"}}}}\n",
+                tenants[i % tenants.len()]
+            )
+        })
+        .collect();
+    let engine = tollgate_store::Engine::new(
+        tollgate_core::parse(policy, &tollgate_core::NoProfiles).unwrap(),
+    );
+    let options = tollgate_sim::Options {
+        start: EPOCH,
+        decisions: false,
+        per_key: false,
+    };
+    let summary =
+        tollgate_sim::simulate(&engine, options, trace.as_bytes(), std::io::sink()).unwrap();
+    let total: usize = admitted.values().sum();
+    assert_eq!(total as u64, summary.admitted, "{admitted:?}");
+    assert_eq!(total, 100, "the global window admits 100 in all");
+    assert!(admitted.values().all(|n| *n <= 40), "{admitted:?}");
+    assert_eq!(up.received(), 100);
+}

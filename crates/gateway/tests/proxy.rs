@@ -1,0 +1,547 @@
+//! The proxy end to end: a real upstream, the gateway, a real HTTP client.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Send `n` requests one after another; the statuses.
+async fn statuses(client: &reqwest::Client, url: &str, tenant: &str, n: usize) -> Vec<u16> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(get(client, url, tenant).await.status().as_u16());
+    }
+    out
+}
+
+fn count(statuses: &[u16], code: u16) -> usize {
+    statuses.iter().filter(|s| **s == code).count()
+}
+
+#[tokio::test]
+async fn a_token_bucket_answers_429_problem_json_with_headers() {
+    let up = upstream().await;
+    let config = format!(
+        "{}[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 3\nrefill = \"1/min\"\n",
+        gateway_section(up.addr)
+    );
+    let gw = start(&config).await;
+    let client = client();
+    let first = get(&client, &gw.url("/v1/jobs"), "acme").await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(
+        header(&first, "ratelimit-policy").as_deref(),
+        Some("\"tenant\";q=3;w=180")
+    );
+    assert_eq!(
+        header(&first, "ratelimit").as_deref(),
+        Some("\"tenant\";r=2;t=60")
+    );
+    assert!(header(&first, "x-request-id").is_some_and(|id| id.starts_with("req_")));
+    assert_eq!(
+        first.text().await.unwrap(),
+        "ok /v1/jobs body=0 xff=127.0.0.1"
+    );
+    assert_eq!(
+        statuses(&client, &gw.url("/v1/jobs"), "acme", 2).await,
+        [200, 200]
+    );
+
+    let denied = get(&client, &gw.url("/v1/jobs"), "acme").await;
+    assert_eq!(denied.status(), 429);
+    assert_eq!(
+        header(&denied, "content-type").as_deref(),
+        Some("application/problem+json")
+    );
+    assert_eq!(header(&denied, "retry-after").as_deref(), Some("60"));
+    assert_eq!(
+        header(&denied, "ratelimit").as_deref(),
+        Some("\"tenant\";r=0;t=60")
+    );
+    let id = header(&denied, "x-request-id").unwrap();
+    let body: serde_json::Value = denied.json().await.unwrap();
+    assert_eq!(body["type"], "https://tollgate.dev/errors/rate-limited");
+    assert_eq!(
+        body["title"],
+        "Rate-limit budget for purpose 'tenant' exhausted"
+    );
+    assert_eq!(body["status"], 429);
+    assert_eq!(body["instance"], id.as_str());
+    // Another tenant has its own bucket; the denied request never reached the upstream.
+    assert_eq!(get(&client, &gw.url("/"), "globex").await.status(), 200);
+    assert_eq!(up.received(), 4);
+}
+
+#[tokio::test]
+async fn the_errors_format_has_retry_after_and_legacy_headers() {
+    let up = upstream().await;
+    // Seed 004: a 1-request bucket refilling 1 per 2 s, `errors` body, Retry-After.
+    let config = format!(
+        "{}[response]\nformat = \"errors\"\nlegacy_headers = true\n[[limit]]\nname = \"api\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"leaky_bucket\"\ncapacity = 1\nrefill = \"1/2s\"\n",
+        gateway_section(up.addr)
+    );
+    let gw = start(&config).await;
+    let client = client();
+    let ok = get(&client, &gw.url("/"), "a").await;
+    assert_eq!(header(&ok, "x-ratelimit-limit").as_deref(), Some("1"));
+    assert_eq!(header(&ok, "x-ratelimit-remaining").as_deref(), Some("0"));
+    let denied = get(&client, &gw.url("/"), "a").await;
+    assert_eq!(denied.status(), 429);
+    assert_eq!(header(&denied, "retry-after").as_deref(), Some("2"));
+    assert_eq!(
+        header(&denied, "content-type").as_deref(),
+        Some("application/json")
+    );
+    let body: serde_json::Value = denied.json().await.unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"errors": [{"code": "rate_limited", "message": "Too many requests. Retry after 2 seconds."}]})
+    );
+}
+
+#[tokio::test]
+async fn retry_after_can_be_turned_off_as_seed_001_does() {
+    let up = upstream().await;
+    let config = format!(
+        "{}[response]\nretry_after = false\nratelimit_headers = false\n[[limit]]\nname = \"tenant\"\nalgorithm = \"token_bucket\"\ncapacity = 1\nrefill = \"1/h\"\n",
+        gateway_section(up.addr)
+    );
+    let gw = start(&config).await;
+    let client = client();
+    let ok = get(&client, &gw.url("/"), "a").await;
+    assert_eq!(header(&ok, "ratelimit"), None);
+    let denied = get(&client, &gw.url("/"), "a").await;
+    assert_eq!(denied.status(), 429);
+    assert_eq!(header(&denied, "retry-after"), None);
+}
+
+#[tokio::test]
+async fn every_algorithm_admits_exactly_its_quota() {
+    let up = upstream().await;
+    let cases = [
+        ("algorithm = \"token_bucket\"\ncapacity = 5\nrefill = \"1/h\"", 5),
+        ("algorithm = \"leaky_bucket\"\ncapacity = 4\nrefill = \"1/h\"", 4),
+        ("algorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 6", 6),
+        ("algorithm = \"sliding_window\"\nevery = \"1h\"\nquota = 7", 7),
+        // Seed 003: pools tried most frequent first; 2 + 3 + 1 in all.
+        (
+            "algorithm = \"tiered\"\ntiers = [{ every = \"1m\", quota = 2 }, { every = \"1h\", quota = 3 }, { every = \"1d\", quota = 1 }]",
+            6,
+        ),
+    ];
+    let client = client();
+    for (limit, quota) in cases {
+        let config = format!(
+            "{}[[limit]]\nname = \"l\"\nkey = [\"header:x-tenant-id\"]\n{limit}\n",
+            gateway_section(up.addr)
+        );
+        let gw = start(&config).await;
+        let got = statuses(&client, &gw.url("/"), "t", quota + 3).await;
+        assert_eq!(count(&got, 200), quota, "{limit}: {got:?}");
+        assert_eq!(count(&got, 429), 3, "{limit}: {got:?}");
+        assert!(got[..quota].iter().all(|s| *s == 200), "{limit}: {got:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn held_requests_wait_in_fifo_order_then_run() {
+    let up = upstream().await;
+    // Seed 001: wait up to 2 s for a token. One token per second.
+    let config = format!(
+        "{}[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 1\nrefill = \"1/s\"\nhold = \"2s\"\n",
+        gateway_section(up.addr)
+    );
+    let gw = start(&config).await;
+    let client = client();
+    let t0 = Instant::now();
+    let url = gw.url("/");
+    let send = |delay_ms: u64| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            let r = get(&client, &url, "acme").await;
+            (r.status().as_u16(), t0.elapsed())
+        }
+    };
+    // Arrivals 1 ms apart: the first runs, the next two wait 1 s and 2 s
+    // (FIFO), the fourth would wait 3 s > hold and is denied at once.
+    let (a, b, c, d) = tokio::join!(send(0), send(1), send(2), send(3));
+    assert_eq!(a.0, 200);
+    assert!(a.1 < Duration::from_millis(100), "{a:?}");
+    assert_eq!(b.0, 200);
+    assert!(
+        b.1 >= Duration::from_secs(1) && b.1 < Duration::from_millis(1100),
+        "{b:?}"
+    );
+    assert_eq!(c.0, 200);
+    assert!(
+        c.1 >= Duration::from_secs(2) && c.1 < Duration::from_millis(2100),
+        "{c:?}"
+    );
+    assert_eq!(d.0, 429);
+    assert!(d.1 < Duration::from_millis(100), "{d:?}");
+    assert_eq!(up.received(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_hold_queue_is_bounded_per_key() {
+    let up = upstream().await;
+    let config = format!(
+        "{}max_held_per_key = 1\n[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 1\nrefill = \"1/s\"\nhold = \"5s\"\n",
+        gateway_section(up.addr)
+    );
+    let gw = start(&config).await;
+    let client = client();
+    let url = gw.url("/");
+    let send = |delay_ms: u64, tenant: &'static str| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            get(&client, &url, tenant).await.status().as_u16()
+        }
+    };
+    // acme: one runs, one is held, the third finds the key's queue full.
+    // globex has its own place in the queue.
+    let got = tokio::join!(
+        send(0, "acme"),
+        send(1, "acme"),
+        send(2, "acme"),
+        send(3, "globex"),
+        send(4, "globex")
+    );
+    assert_eq!(got, (200, 200, 429, 200, 200));
+}
+
+#[tokio::test(start_paused = true)]
+async fn latency_is_debited_when_the_response_completes() {
+    let up = upstream().await;
+    // Seed 003's duration limit, small: 1 s of upstream time per minute.
+    let config = format!(
+        "{}[[limit]]\nname = \"duration\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"tiered\"\ncost = \"latency\"\ntiers = [{{ every = \"1m\", quota = \"1s\" }}]\n",
+        gateway_section(up.addr)
+    );
+    let gw = start(&config).await;
+    let client = client();
+    let remaining = |gw: &Running| {
+        let url = gw.admin_url("/v1/usage?key=acme");
+        let client = client.clone();
+        async move {
+            let usage: serde_json::Value =
+                client.get(url).send().await.unwrap().json().await.unwrap();
+            usage["limits"]["duration"]["remaining"].as_u64().unwrap()
+        }
+    };
+    let r = get(&client, &gw.url("/slow/600"), "acme").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "slept 600");
+    let left = remaining(&gw).await;
+    assert!(
+        (399_000..=400_000).contains(&left),
+        "{left} us left after 0.6 s"
+    );
+    // Some time is left, so the next is admitted; it overdraws the pool.
+    assert_eq!(
+        get(&client, &gw.url("/slow/600"), "acme").await.status(),
+        200
+    );
+    assert_eq!(remaining(&gw).await, 0);
+    let denied = get(&client, &gw.url("/slow/600"), "acme").await;
+    assert_eq!(denied.status(), 429);
+    assert_eq!(up.received(), 2);
+}
+
+#[tokio::test]
+async fn a_concurrency_slot_is_released_when_the_client_goes_away() {
+    let up = upstream().await;
+    let config = format!(
+        "{}[[limit]]\nname = \"in-flight\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"concurrency\"\nmax = 1\n",
+        gateway_section(up.addr)
+    );
+    let gw = start(&config).await;
+    let client = client();
+    let streaming = get(&client, &gw.url("/trickle"), "acme").await;
+    assert_eq!(streaming.status(), 200);
+    // The first response is still streaming: the slot is taken.
+    let denied = get(&client, &gw.url("/"), "acme").await;
+    assert_eq!(denied.status(), 429);
+    assert_eq!(header(&denied, "retry-after"), None);
+    drop(streaming); // the client hangs up mid-body
+    let mut status = 0;
+    for _ in 0..200 {
+        status = get(&client, &gw.url("/"), "acme").await.status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(status, 200, "the slot came back after the disconnect");
+    // A completed response releases too: again and again.
+    assert_eq!(
+        statuses(&client, &gw.url("/"), "acme", 3).await,
+        [200, 200, 200]
+    );
+}
+
+#[tokio::test]
+async fn shadow_limits_decide_but_never_deny() {
+    let up = upstream().await;
+    let config = format!(
+        "{}[[limit]]\nname = \"trial\"\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 2\nmode = \"shadow\"\n",
+        gateway_section(up.addr)
+    );
+    let gw = start(&config).await;
+    let client = client();
+    assert_eq!(statuses(&client, &gw.url("/"), "a", 5).await, [200; 5]);
+    let metrics = client
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tollgate_decisions_total{limit=\"trial\",outcome=\"shadow_denied\"} 3"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn classes_scale_and_overrides_give_a_key_its_own_quota() {
+    let up = upstream().await;
+    let config = format!(
+        "{}[[class]]\nname = \"sandbox\"\nmatch = {{ headers = {{ x-env = \"sandbox\" }} }}\nscale = 0.5\n[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 4\noverrides = [{{ key = \"premium\", scale = 3 }}]\n",
+        gateway_section(up.addr)
+    );
+    let gw = start(&config).await;
+    let client = client();
+    assert_eq!(
+        count(&statuses(&client, &gw.url("/"), "plain", 6).await, 200),
+        4
+    );
+    assert_eq!(
+        count(&statuses(&client, &gw.url("/"), "premium", 14).await, 200),
+        12
+    );
+    let mut sandbox = 0;
+    for _ in 0..5 {
+        let r = client
+            .get(gw.url("/"))
+            .header("x-tenant-id", "sb")
+            .header("x-env", "sandbox")
+            .send()
+            .await
+            .unwrap();
+        sandbox += usize::from(r.status() == 200);
+    }
+    assert_eq!(sandbox, 2);
+}
+
+#[tokio::test]
+async fn a_missing_key_gets_an_anonymous_bucket_or_a_400() {
+    let up = upstream().await;
+    let config = format!(
+        "{}[[limit]]\nname = \"anon\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 1\n[[limit]]\nname = \"strict\"\nkey = [\"header:x-api-key\"]\nmatch = {{ path_prefix = \"/strict/\" }}\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 100\nmissing_key = \"reject\"\n",
+        gateway_section(up.addr)
+    );
+    let gw = start(&config).await;
+    let client = client();
+    // No tenant header: one shared anonymous bucket.
+    assert_eq!(client.get(gw.url("/")).send().await.unwrap().status(), 200);
+    assert_eq!(client.get(gw.url("/")).send().await.unwrap().status(), 429);
+    let r = get(&client, &gw.url("/strict/x"), "t").await;
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        body["detail"],
+        "limit 'strict': the request has no header:x-api-key, and the limit rejects requests without it"
+    );
+}
+
+#[tokio::test]
+async fn malformed_requests_get_clear_errors() {
+    let up = upstream().await;
+    let config = format!(
+        "{}max_body_bytes = 64\n[[limit]]\nname = \"ids\"\nkey = [\"header:x-tenant-id\"]\nmatch = {{ path_prefix = \"/bulk\" }}\nalgorithm = \"token_bucket\"\ncapacity = 10\nrefill = \"1/h\"\ncost = {{ json_array = \"/ids\" }}\n[[limit]]\nname = \"weighted\"\nkey = [\"header:x-tenant-id\"]\nmatch = {{ path_prefix = \"/weighted\" }}\nalgorithm = \"token_bucket\"\ncapacity = 10\nrefill = \"1/h\"\ncost = {{ header = \"x-cost\" }}\n",
+        gateway_section(up.addr)
+    );
+    let gw = start(&config).await;
+    let client = client();
+    // A key header with bytes that are not visible ASCII.
+    let bad = reqwest::header::HeaderValue::from_bytes(b"acme\xff").unwrap();
+    let r = client
+        .get(gw.url("/"))
+        .header("x-tenant-id", bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("header x-tenant-id"),
+        "{body}"
+    );
+    // A cost header that is not a number.
+    let r = client
+        .get(gw.url("/weighted"))
+        .header("x-tenant-id", "a")
+        .header("x-cost", "lots")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // Huge headers: refused by the HTTP layer, not a crash.
+    let r = client
+        .get(gw.url("/"))
+        .header("x-big", "x".repeat(100_000))
+        .send()
+        .await;
+    let r = r.map(|r| r.status().as_u16());
+    assert!(
+        r.as_ref().map_or(true, |s| *s == 431),
+        "huge headers are refused: {r:?}"
+    );
+    // A JSON body costs its array's length ...
+    let r = client
+        .post(gw.url("/bulk"))
+        .header("x-tenant-id", "a")
+        .body(r#"{"ids":[1,2,3,4,5,6]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ok /bulk body=21 xff=127.0.0.1");
+    let r = client
+        .post(gw.url("/bulk"))
+        .header("x-tenant-id", "a")
+        .body(r#"{"ids":[1,2,3,4,5]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429, "6 + 5 > 10");
+    // ... a cost above capacity is not a 429 ...
+    let r = client
+        .post(gw.url("/bulk"))
+        .header("x-tenant-id", "b")
+        .body(r#"{"ids":[1,2,3,4,5,6,7,8,9,10,11]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        body["title"],
+        "Request costs more than limit 'ids' can ever admit"
+    );
+    // ... and a body past the cap is refused before it is counted.
+    let r = client
+        .post(gw.url("/bulk"))
+        .header("x-tenant-id", "c")
+        .body(format!("{{\"ids\":[{}1]}}", "1,".repeat(100)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["title"], "Request body too large");
+    assert!(gw.proxy.port() > 0);
+}
+
+#[tokio::test]
+async fn upstream_failures_are_502_and_504_problems() {
+    // A port nobody listens on.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closed_addr = closed.local_addr().unwrap();
+    drop(closed);
+    let config = format!(
+        "{}[[limit]]\nname = \"all\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 100\n",
+        gateway_section(closed_addr)
+    );
+    let gw = start(&config).await;
+    let client = client();
+    let r = get(&client, &gw.url("/"), "x").await;
+    assert_eq!(r.status(), 502);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["type"], "https://tollgate.dev/errors/upstream_failed");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&closed_addr.to_string()),
+        "{body}"
+    );
+    // The request was admitted before the upstream failed: it used quota (documented).
+    let usage: serde_json::Value = client
+        .get(gw.admin_url("/v1/usage?key=x"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(usage["limits"]["all"]["remaining"], 99);
+
+    let up = upstream().await;
+    let config = format!(
+        "{}upstream_timeout = \"200ms\"\n[[limit]]\nname = \"all\"\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 100\n",
+        gateway_section(up.addr)
+    );
+    let gw = start(&config).await;
+    let r = client.get(gw.url("/slow/5000")).send().await.unwrap();
+    assert_eq!(r.status(), 504);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["title"], "Upstream timed out");
+}
+
+#[tokio::test]
+async fn routes_pick_the_upstream_by_path_prefix() {
+    let default = upstream().await;
+    let reports = upstream().await;
+    let config = format!(
+        "{}[[gateway.route]]\npath_prefix = \"/reports/\"\nupstream = \"http://{}\"\n[[limit]]\nname = \"all\"\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 100\n",
+        gateway_section(default.addr),
+        reports.addr
+    );
+    let gw = start(&config).await;
+    let client = client();
+    assert_eq!(
+        client
+            .get(gw.url("/reports/1"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        client.get(gw.url("/jobs")).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!((default.received(), reports.received()), (1, 1));
+}
+
+#[tokio::test]
+async fn shutdown_lets_requests_in_flight_finish_and_refuses_new_ones() {
+    let up = upstream().await;
+    let config = format!(
+        "{}shutdown_grace = \"5s\"\n[[limit]]\nname = \"all\"\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 100\n",
+        gateway_section(up.addr)
+    );
+    let mut gw = start(&config).await;
+    let client = client();
+    let slow = tokio::spawn({
+        let (client, url) = (client.clone(), gw.url("/slow/300"));
+        async move { client.get(url).send().await.unwrap().text().await.unwrap() }
+    });
+    while up.received() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    gw.shutdown().await;
+    assert_eq!(slow.await.unwrap(), "slept 300");
+    let fresh = reqwest::Client::new().get(gw.url("/")).send().await;
+    assert!(fresh.is_err(), "no new connections after shutdown");
+}

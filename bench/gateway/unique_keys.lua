@@ -2,8 +2,12 @@
 -- and the thread stops once it has `count` responses, so exactly the keys
 -- k<start> .. k<start+count-1> are sent (plus at most one request per
 -- connection in flight at the stop, which reuse keys of that range).
--- usage: wrk -t 1 -c N -d MAX -s unique_keys.lua URL -- START COUNT
+-- usage: wrk -t 1 -c N -d MAX -s unique_keys.lua URL -- START COUNT [DONE_FILE]
+-- wrk's main thread sleeps for the whole -d even when every thread has
+-- stopped, so the thread also creates DONE_FILE; the caller then sends wrk
+-- SIGINT, which ends the run at once with the usual report.
 -- Statuses are tallied per thread and printed by done(): "status CODE N".
+-- Meant for -t 1 (with more threads, each would send the same range).
 local threads = {}
 
 function setup(thread)
@@ -13,6 +17,7 @@ end
 function init(args)
   first = tonumber(args[1] or "0")
   count = tonumber(args[2] or "1000000")
+  done_file = args[3]
   nextk = 0
   seen = 0
   statuses = {}
@@ -27,7 +32,11 @@ end
 function response(status, headers, body)
   statuses[status] = (statuses[status] or 0) + 1
   seen = seen + 1
-  if seen >= count then
+  if seen == count then
+    if done_file then
+      local f = io.open(done_file, "w")
+      if f then f:write("done\n"); f:close() end
+    end
     wrk.thread:stop()
   end
 end

@@ -186,11 +186,13 @@ fn serve(
     admin: Option<std::net::SocketAddr>,
     access_log: Option<String>,
 ) -> Result<()> {
+    use std::io::IsTerminal;
     use tollgate_gateway::{
         AccessLog, Gateway, Listeners, Overrides, Source, TokioClock, Upstream,
     };
     tracing_subscriber::fmt()
         .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal())
         .with_target(false)
         .init();
     let source = match (policy.config, policy.profile) {

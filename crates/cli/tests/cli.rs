@@ -258,3 +258,133 @@ fn a_last_line_without_newline_is_decided() {
     assert_eq!(lines[1]["t"], 0.25);
     assert_eq!(lines[1]["remaining"]["t"], 0);
 }
+
+/// One HTTP/1.1 request on a fresh connection: (status, headers+body text).
+fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n"
+    );
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    (status, response)
+}
+
+/// `tollgate serve` as the README runs it, on free ports: proxy, admin,
+/// SIGHUP reload, JSON access log, and a clean exit on SIGTERM.
+#[test]
+fn serve_runs_the_readme_gateway_and_reloads_on_sighup() {
+    use std::io::BufRead;
+    let config = temp_file(
+        "serve.toml",
+        &std::fs::read_to_string(repo().join("examples/gateway.toml")).expect("example"),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args([
+            "serve",
+            "--config",
+            config.to_str().expect("utf8"),
+            "--demo-upstream",
+        ])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--access-log",
+            "json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    while !line.contains("tollgate serving on") {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).expect("log") > 0,
+            "serve exited early"
+        );
+    }
+    // "... serving on http://PROXY (admin on http://ADMIN), ..."
+    let addrs: Vec<&str> = line
+        .split("http://")
+        .skip(1)
+        .map(|s| s.split([' ', ')']).next().expect("addr"))
+        .collect();
+    let (proxy, admin) = (addrs[0], addrs[1]);
+
+    let tenant = [("x-tenant-id", "acme")];
+    for _ in 0..5 {
+        let (status, text) = http(proxy, "GET", "/v1/jobs", &tenant);
+        assert_eq!(status, 200, "{text}");
+        assert!(
+            text.contains("\"tenant\":\"acme\""),
+            "the demo upstream answered: {text}"
+        );
+        assert!(
+            text.to_ascii_lowercase()
+                .contains("ratelimit-policy: \"tenant\";q=5;w=5"),
+            "{text}"
+        );
+    }
+    let (status, config_text) = http(admin, "GET", "/v1/config", &[]);
+    assert_eq!(status, 200);
+    assert!(config_text.contains("quota = 1000"));
+
+    // Edit the file and send SIGHUP: the new config serves.
+    let edited = std::fs::read_to_string(&config)
+        .expect("read")
+        .replace("quota = 1000", "quota = 2000");
+    std::fs::write(&config, edited).expect("write");
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let mut reloaded = false;
+    for _ in 0..200 {
+        if http(admin, "GET", "/v1/config", &[])
+            .1
+            .contains("quota = 2000")
+        {
+            reloaded = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(reloaded, "SIGHUP reloaded the config");
+    let (status, response) = http(proxy, "GET", "/v1/jobs", &[("x-tenant-id", "globex")]);
+    assert_eq!(status, 200);
+    assert!(
+        response.contains("\"daily\";r=1999;"),
+        "the new daily quota: {response}"
+    );
+
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "SIGTERM is a clean shutdown");
+    let access = json_lines(&text(&out.stdout));
+    assert!(access.len() >= 6, "{access:?}");
+    assert_eq!(access[0]["key"], "acme");
+    assert_eq!(access[0]["decision"], "admitted");
+    assert_eq!(access[0]["remaining"]["tenant"], 4);
+    assert_eq!(access[4]["remaining"]["tenant"], 0);
+}

@@ -11,6 +11,8 @@ const BACKLOG: usize = 1 << 16;
 /// One request as logged.
 #[derive(Debug, Default)]
 pub struct Entry<'a> {
+    /// Whether this request is logged (else the costlier fields stay empty).
+    pub enabled: bool,
     pub request_id: &'a str,
     pub ip: &'a str,
     pub method: &'a str,
@@ -153,6 +155,7 @@ mod tests {
     #[test]
     fn lines_carry_key_decision_remaining_and_hold() {
         let e = Entry {
+            enabled: true,
             request_id: "req_1",
             ip: "127.0.0.1",
             method: "GET",

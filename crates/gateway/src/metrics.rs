@@ -55,6 +55,8 @@ pub struct Metrics {
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
     responses: Family<StatusLabels, Counter>,
+    /// `responses` by status code, resolved once: the hot path only bumps.
+    by_status: Box<[std::sync::OnceLock<Counter>]>,
     reloads: Family<ResultLabels, Counter>,
     pub hold_seconds: Histogram,
     pub upstream_seconds: Histogram,
@@ -120,6 +122,7 @@ impl Default for Metrics {
             registry,
             decisions,
             responses,
+            by_status: (0..600).map(|_| std::sync::OnceLock::new()).collect(),
             reloads,
             hold_seconds,
             upstream_seconds,
@@ -154,7 +157,11 @@ impl Metrics {
     }
 
     pub fn response(&self, code: u16) {
-        self.responses.get_or_create(&StatusLabels { code }).inc();
+        let family = || self.responses.get_or_create(&StatusLabels { code }).clone();
+        match self.by_status.get(usize::from(code)) {
+            Some(cell) => cell.get_or_init(family).inc(),
+            None => family().inc(),
+        };
     }
 
     pub fn reload(&self, ok: bool) {

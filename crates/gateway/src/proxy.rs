@@ -229,6 +229,8 @@ impl Gateway {
         let (parts, body) = req.into_parts();
         let ip = client_ip(&generation, &parts, peer);
         let mut log = Entry {
+            enabled: self.access.enabled()
+                && generation.settings.access_log != crate::settings::AccessLog::Off,
             request_id: &request_id,
             ip: &ip,
             method: parts.method.as_str(),
@@ -246,10 +248,7 @@ impl Gateway {
         });
         log.status = response.status().as_u16();
         self.metrics.response(log.status);
-        if self.access.enabled()
-            && generation.settings.access_log != crate::settings::AccessLog::Off
-            && !self.access.log(&log)
-        {
+        if log.enabled && !self.access.log(&log) {
             self.metrics.access_log_dropped.inc();
         }
         Ok(response)
@@ -327,7 +326,10 @@ impl Gateway {
         policy
             .plan(&view, &mut items)
             .map_err(|e| Refusal::BadRequest(e.to_string()))?;
-        log.key = key_text(&items);
+        let logging = log.enabled;
+        if logging {
+            log.key = key_text(&items);
+        }
 
         // A request that may be held first claims a place in the bounded queue.
         let held_item = items.iter().find(|i| policy.limits[i.limit].hold > 0);
@@ -340,12 +342,14 @@ impl Gateway {
             .engine
             .decide(&items, now, held_item.is_none() || place.is_some())
             .map_err(|e| Refusal::StoreFull(e.to_string()))?;
-        log.remaining = items
-            .iter()
-            .zip(&decision.outcomes)
-            .filter(|(_, o)| !o.shadow)
-            .map(|(i, o)| (policy.limits[i.limit].name.as_str(), o.remaining))
-            .collect();
+        if logging {
+            log.remaining = items
+                .iter()
+                .zip(&decision.outcomes)
+                .filter(|(_, o)| !o.shadow)
+                .map(|(i, o)| (policy.limits[i.limit].name.as_str(), o.remaining))
+                .collect();
+        }
         for (item, outcome) in items.iter().zip(&decision.outcomes) {
             if outcome.shadow && !outcome.allowed {
                 generation.counters[item.limit].count(Outcome::ShadowDenied);

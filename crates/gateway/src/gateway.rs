@@ -313,7 +313,23 @@ fn parse_all(
         error,
     };
     let policy = tollgate_core::parse(text, profiles).map_err(fail)?;
-    let mut settings = Settings::parse(text).map_err(fail)?;
+    // A profile may bring its vendor's response shape; the config's own tables win.
+    let base = match policy
+        .profile
+        .as_deref()
+        .and_then(|p| profiles.profile_text(p))
+    {
+        Some(profile_text) => {
+            Settings::default()
+                .parse_onto(profile_text)
+                .map_err(|e| LoadError::Config {
+                    path: format!("profile {}", policy.profile.as_deref().unwrap_or_default()),
+                    error: e,
+                })?
+        }
+        None => Settings::default(),
+    };
+    let mut settings = base.parse_onto(text).map_err(fail)?;
     if let Some(a) = overrides.listen {
         settings.listen = a;
     }

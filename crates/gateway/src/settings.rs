@@ -164,6 +164,12 @@ impl Settings {
     /// Read `[gateway]` and `[response]` from a config's text (the other
     /// tables are left to their readers). Errors name the line and field.
     pub fn parse(text: &str) -> Result<Settings, ConfigError> {
+        Settings::default().parse_onto(text)
+    }
+
+    /// Like `parse`, with `self` as the defaults: a profile's `[response]`
+    /// (a vendor's 429 shape) under the config's own tables.
+    pub fn parse_onto(self, text: &str) -> Result<Settings, ConfigError> {
         let err = |offset: usize, message: String| ConfigError {
             line: Some(text[..offset.min(text.len())].matches('\n').count() + 1),
             message,
@@ -175,7 +181,7 @@ impl Settings {
                 message: e.message().to_string(),
             },
         })?;
-        let mut s = Settings::default();
+        let mut s = self;
         let duration = |v: &Spanned<String>, field: &str| {
             parse_duration(v.get_ref())
                 .map(Duration::from_nanos)

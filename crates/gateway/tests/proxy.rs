@@ -545,3 +545,48 @@ async fn shutdown_lets_requests_in_flight_finish_and_refuses_new_ones() {
     let fresh = reqwest::Client::new().get(gw.url("/")).send().await;
     assert!(fresh.is_err(), "no new connections after shutdown");
 }
+
+#[tokio::test]
+async fn a_profile_brings_its_vendors_429_shape() {
+    let up = upstream().await;
+    // Seed 004's bucket, shrunk to 2 so the test reaches the limit quickly.
+    let config = format!(
+        "profile = \"celigo\"\n{}[[limit]]\nname = \"account\"\nkey = [\"header:authorization\"]\nalgorithm = \"leaky_bucket\"\ncapacity = 2\nrefill = \"1/3s\"\n",
+        gateway_section(up.addr)
+    );
+    let gw = start_with_profiles(&config).await;
+    let client = client();
+    let send = || {
+        client
+            .get(gw.url("/v1/flows"))
+            .bearer_auth("token-1")
+            .send()
+    };
+    assert_eq!(send().await.unwrap().status(), 200);
+    assert_eq!(send().await.unwrap().status(), 200);
+    let denied = send().await.unwrap();
+    assert_eq!(denied.status(), 429);
+    assert_eq!(header(&denied, "retry-after").as_deref(), Some("3"));
+    let body: serde_json::Value = denied.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "rate_limited");
+
+    // Seed 001's gateway: problem+json with its own type, and no Retry-After.
+    let config = format!(
+        "profile = \"gateway\"\n{}[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 1\nrefill = \"1/min\"\n",
+        gateway_section(up.addr)
+    );
+    let gw = start_with_profiles(&config).await;
+    assert_eq!(
+        get(&client, &gw.url("/v1/jobs"), "acme").await.status(),
+        200
+    );
+    let denied = get(&client, &gw.url("/v1/jobs"), "acme").await;
+    assert_eq!(denied.status(), 429);
+    assert_eq!(header(&denied, "retry-after"), None);
+    let body: serde_json::Value = denied.json().await.unwrap();
+    assert_eq!(body["type"], "https://gateway/errors/rate-limited");
+    assert_eq!(
+        body["title"],
+        "Rate-limit budget for purpose 'tenant' exhausted"
+    );
+}

@@ -179,11 +179,27 @@ pub async fn start_file(path: PathBuf) -> Running {
     start_from(Source::File(path)).await
 }
 
+/// With the bundled profiles available to `profile = "NAME"`.
+pub async fn start_with_profiles(config: &str) -> Running {
+    start_with(
+        Source::Text(config.to_string()),
+        Box::new(tollgate_profiles::Bundled),
+    )
+    .await
+}
+
 async fn start_from(source: Source) -> Running {
+    start_with(source, Box::new(NoProfiles)).await
+}
+
+async fn start_with(
+    source: Source,
+    profiles: Box<dyn tollgate_core::ProfileSource + Send + Sync>,
+) -> Running {
     let gateway = Gateway::new(
         source,
         Overrides::default(),
-        Box::new(NoProfiles),
+        profiles,
         TokioClock::starting_at(EPOCH),
     )
     .expect("config loads");

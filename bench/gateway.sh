@@ -192,8 +192,8 @@ start_tollgate() {
     --listen "127.0.0.1:$PROXY_PORT" --admin "127.0.0.1:$ADMIN_PORT" --access-log off \
     2>>"$work/tollgate.log" &
   PX_PID=$!; pids+=("$PX_PID")
+  # Not a probe of the proxy port: a request without the header would add a key.
   wait_http "$ADMIN/healthz" "$PX_PID"
-  wait_http "$PROXY/" "$PX_PID"
 }
 
 tollgate_config() { # tollgate_config MAX_KEYS CAPACITY REFILL
@@ -214,6 +214,14 @@ metric() { # metric NAME_WITH_LABELS: one value from tollgate's /metrics (0 if a
   curl -s "$ADMIN/metrics" | awk -v m="$1" '$1 == m { v = $2 } END { print (v == "" ? 0 : v) }'
 }
 
+FOREIGN_MAX=0
+foreign_begin() { python3 "$ROOT/bench/gateway/foreign_cpu.py" snap "$work/foreign.before" $$; }
+foreign_end() { # sets FOREIGN (% of a core used by other processes during the run)
+  python3 "$ROOT/bench/gateway/foreign_cpu.py" snap "$work/foreign.after" $$
+  FOREIGN=$(python3 "$ROOT/bench/gateway/foreign_cpu.py" diff "$work/foreign.before" "$work/foreign.after")
+  [ "$FOREIGN" -le "$FOREIGN_MAX" ] || FOREIGN_MAX=$FOREIGN
+  [ "$FOREIGN" -le 5 ] || log "  WARNING: other processes used ${FOREIGN}% of a core during this run"
+}
 cpu_sample() { awk '/^cpu[0-9]/ { print $1, $2+$3+$4+$7+$8, $5+$6 }' /proc/stat; }
 cpu_busy() { # cpu_busy BEFORE AFTER CPU: percent busy of cpuN between two samples
   awk -v c="cpu$3" 'NR==FNR { if ($1 == c) { b = $2; i = $3 } next }
@@ -223,9 +231,11 @@ cpu_busy() { # cpu_busy BEFORE AFTER CPU: percent busy of cpuN between two sampl
 # run_wrk NAME URL [wrk args...]: writes $work/NAME.wrk; sets RPS, REQS, NON2XX, CPU_P, CPU_L
 run_wrk() {
   local name=$1 url=$2; shift 2
+  foreign_begin
   cpu_sample > "$work/cpu.before"
   taskset -c "$LOAD_CPU" wrk -t 1 -c "$CONNS" -d "${DUR}s" --latency "$@" "$url" > "$work/$name.wrk"
   cpu_sample > "$work/cpu.after"
+  foreign_end
   RPS=$(awk '/^Requests\/sec:/ { print $2 }' "$work/$name.wrk")
   REQS=$(awk '/requests in/ { print $1 }' "$work/$name.wrk")
   NON2XX=$(awk '/Non-2xx or 3xx responses:/ { print $5 }' "$work/$name.wrk")
@@ -242,6 +252,11 @@ share() { python3 -c "import sys; print(f'{100 * int(sys.argv[1]) / max(int(sys.
 declare -A R  # results, printed at the end
 TENANT=(-H "x-tenant-id: acme")
 
+read -r load1 _ < /proc/loadavg
+if python3 -c "import sys; sys.exit(not float(sys.argv[1]) > 0.5)" "$load1"; then
+  log "WARNING: load average $load1 before the run: other work on this 2-core machine skews every figure"
+fi
+R[load_before]=$load1
 start_upstream
 log "upstream $UPSTREAM (nginx, cpu $LOAD_CPU), proxies on $PROXY (cpu $PROXY_CPU), load: wrk/oha -c $CONNS on cpu $LOAD_CPU"
 
@@ -277,10 +292,14 @@ R[t_allow]=$best_t; R[n_allow]=$best_n
 # ---------------------------------------------------------------- 2. 90% denied
 log ""
 log "== 2. ~90% denied (one tenant over its limit; rate = 10% of what each side serves)"
-# deny_case SIDE GUESS_RPS: calibrate for 3 s, then the measured run
+# deny_case SIDE ALLOW_RPS: calibrate for 3 s, then the measured run.
+# A closed loop serves X req/s; the limit admits `rate`, so the denied share is
+# 1 - rate/X, and X itself grows as the share grows (a denial is cheaper than a
+# proxied request). Model the time per request as s/X_allow + (1-s)*d, where s
+# is the admitted share; the calibration run gives d, hence the X at s = 10%.
 deny_case() {
-  local side=$1 rate burst run
-  rate=$(python3 -c "import sys; print(max(int(float(sys.argv[1]) / 10), 100))" "$2")
+  local side=$1 allow=$2 rate burst run
+  rate=$(python3 -c "import sys; print(max(int(float(sys.argv[1]) / 10), 100))" "$allow")
   for run in calibrate measure; do
     burst=$(( rate / 10 ))
     if [ "$side" = tollgate ]; then
@@ -289,11 +308,21 @@ deny_case() {
       start_nginx_proxy "$rate" "$burst"
     fi
     if [ $run = calibrate ]; then
-      DUR_SAVED=$DUR; DUR=3
+      local saved=$DUR; DUR=3
       run_wrk "$side-deny-cal" "$PROXY/" "${TENANT[@]}"
-      DUR=$DUR_SAVED
-      log "  $side calibration at ${rate}/s: $RPS req/s, denied $(share "$NON2XX" "$REQS")%"
-      rate=$(python3 -c "import sys; print(max(int(float(sys.argv[1]) / 10), 100))" "$RPS")
+      DUR=$saved
+      local next
+      next=$(python3 - "$allow" "$RPS" "$REQS" "$NON2XX" <<'PY'
+import sys
+allow, x1, reqs, denied = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+a, s1 = 1 / allow, 1 - denied / reqs
+d = (1 / x1 - s1 * a) / (1 - s1) if s1 < 1 else 0
+x = 1 / (0.1 * a + 0.9 * d) if d > 0 else x1
+print(max(int(x / 10), 100), int(x))
+PY
+)
+      log "  $side calibration at ${rate}/s: $RPS req/s, denied $(share "$NON2XX" "$REQS")%; expect ${next#* } req/s at 90%"
+      rate=${next% *}
     else
       run_wrk "$side-deny" "$PROXY/" "${TENANT[@]}"
       local denied
@@ -305,8 +334,7 @@ deny_case() {
         local m429 m_denied
         m429=$(metric 'tollgate_responses_total{code="429"}')
         m_denied=$(metric 'tollgate_decisions_total{limit="tenant",outcome="denied"}')
-        log "  tollgate /metrics: responses 429 = $m429, decisions denied = $m_denied (wrk counted $NON2XX non-2xx in the measured run)"
-        R[tollgate_deny_metric]=$m_denied
+        log "  tollgate /metrics: responses 429 = $m429, decisions denied = $m_denied (wrk counted $NON2XX non-2xx; it does not count responses in flight when it stops)"
       fi
     fi
     stop "$PX_PID"
@@ -322,9 +350,11 @@ log "== 3. p99 at a constant ${half} req/s (half of tollgate's peak), oha -c $CO
 R[half]=$half
 run_oha() { # run_oha NAME URL: sets P50 P99 (microseconds), OHA_RPS, OHA_OK
   local name=$1 url=$2
+  foreign_begin
   taskset -c "$LOAD_CPU" "$OHA" --no-tui --output-format json -z "${DUR}s" -c "$CONNS" -q "$half" \
     --latency-correction -H "x-tenant-id: acme" "$url" > "$work/$name.json" 2>"$work/$name.err" || {
     log "oha failed: $(cat "$work/$name.err")"; return 1; }
+  foreign_end
   read -r P50 P99 OHA_RPS OHA_OK OHA_ALL < <(python3 - "$work/$name.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
@@ -358,6 +388,7 @@ hwm_kb() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
 drive_keys() {
   local start=$1 count=$2 name=$3 wpid t0 t1
   rm -f "$work/keys.done"
+  foreign_begin
   t0=$(date +%s.%N)
   taskset -c "$LOAD_CPU" wrk -t 1 -c "$CONNS" -d 600s -s "$LUA_KEYS" "$PROXY/" -- "$start" "$count" "$work/keys.done" \
     > "$work/$name.wrk" &
@@ -367,6 +398,7 @@ drive_keys() {
   wait "$wpid" 2>/dev/null || true
   forget "$wpid"
   t1=$(date +%s.%N)
+  foreign_end
   KEY_SECS=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$t0" "$t1")
 }
 status_count() { awk -v c="$2" '$1 == "status" && $2 == c { print $3 }' "$work/$1.wrk" | grep . || echo 0; }
@@ -416,6 +448,7 @@ fi
 # ---------------------------------------------------------------- table
 {
   for k in "${!R[@]}"; do printf '%s=%s\n' "$k" "${R[$k]}"; done
+  printf 'foreign_max=%s\n' "$FOREIGN_MAX"
   printf 'conns=%s\ndur=%s\nkeys=%s\nflood_max=%s\nflood_keys=%s\n' "$CONNS" "$DUR" "$KEYS" "$FLOOD_MAX_KEYS" "$FLOOD_KEYS"
 } > "$work/results"
 echo
@@ -457,5 +490,6 @@ print(f"never-deny: upstream direct {f('direct_rps'):,.0f} req/s; cpu busy % (pr
 print(f"90% denied: rates tollgate {r['tollgate_deny_rate']}/s, nginx {r['nginx_deny_rate']}/s; cpu busy % "
       f"tollgate {r['tollgate_deny_cpu']}, nginx {r['nginx_deny_cpu']}")
 print(f"p50 at half load: direct {r['lat_direct_p50']} us, tollgate {r['lat_tollgate_p50']} us, nginx {r['lat_nginx_p50']} us")
+print(f"other processes: load average {r['load_before']} at the start; at most {r['foreign_max']}% of a core during a measured run")
 print(f"memory: peak VmHWM {f('hwm') / 1024:.1f} MiB; flood: keys_refused_total {r['frefused']}, evictions {r['fevict']}")
 PY

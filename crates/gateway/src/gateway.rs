@@ -123,7 +123,8 @@ impl Gateway {
         clock: TokioClock,
     ) -> Result<Gateway, LoadError> {
         let metrics = Metrics::default();
-        let (text, modified) = read_source(&source)?;
+        let modified = modified_time(&source);
+        let text = read_source(&source)?;
         let (policy, settings) = parse_all(&source, &text, &overrides, profiles.as_ref())?;
         let engine = Engine::new(policy);
         let generation = Generation::new(engine, settings, text, &metrics);
@@ -178,10 +179,11 @@ impl Gateway {
     /// requests in flight finish on the generation they started in.
     pub async fn reload(&self) -> Result<Reloaded, LoadError> {
         let mut last_modified = self.reload_lock.lock().await;
-        let result = self.load_next().map(|(reloaded, modified)| {
-            *last_modified = modified;
-            reloaded
-        });
+        // Read before the text: an edit landing after this is seen next time.
+        // Kept even when the config is rejected, so a broken file is
+        // reported once, not at every poll.
+        *last_modified = modified_time(&self.source);
+        let result = self.load_next();
         self.metrics.reload(result.is_ok());
         match &result {
             Ok(r) => tracing::info!(
@@ -199,18 +201,15 @@ impl Gateway {
     /// Reload if the config file changed since it was last read (the file
     /// watcher's poll).
     pub async fn reload_if_changed(&self) -> Option<Result<Reloaded, LoadError>> {
-        let Source::File(path) = &self.source else {
-            return None;
-        };
-        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        let modified = modified_time(&self.source);
         if modified.is_none() || *self.reload_lock.lock().await == modified {
-            return None;
+            return None; // not a file, or unchanged
         }
         Some(self.reload().await)
     }
 
-    fn load_next(&self) -> Result<(Reloaded, Option<SystemTime>), LoadError> {
-        let (text, modified) = read_source(&self.source)?;
+    fn load_next(&self) -> Result<Reloaded, LoadError> {
+        let text = read_source(&self.source)?;
         let (policy, settings) =
             parse_all(&self.source, &text, &self.overrides, self.profiles.as_ref())?;
         let old = self.current.load_full();
@@ -241,7 +240,7 @@ impl Gateway {
             .collect();
         let next = Generation::new(engine, settings, text, &self.metrics);
         self.current.store(Arc::new(next));
-        Ok((Reloaded { limits, kept }, modified))
+        Ok(Reloaded { limits, kept })
     }
 }
 
@@ -284,16 +283,20 @@ impl Generation {
     }
 }
 
-fn read_source(source: &Source) -> Result<(String, Option<SystemTime>), LoadError> {
+fn read_source(source: &Source) -> Result<String, LoadError> {
     match source {
-        Source::File(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| LoadError::Io(format!("{}: {e}", path.display())))?;
-            let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-            Ok((text, modified))
-        }
-        Source::Profile(name) => Ok((format!("profile = {name:?}\n"), None)),
-        Source::Text(text) => Ok((text.clone(), None)),
+        Source::File(path) => std::fs::read_to_string(path)
+            .map_err(|e| LoadError::Io(format!("{}: {e}", path.display()))),
+        Source::Profile(name) => Ok(format!("profile = {name:?}\n")),
+        Source::Text(text) => Ok(text.clone()),
+    }
+}
+
+/// The config file's modification time (None for other sources).
+fn modified_time(source: &Source) -> Option<SystemTime> {
+    match source {
+        Source::File(path) => std::fs::metadata(path).and_then(|m| m.modified()).ok(),
+        _ => None,
     }
 }
 

@@ -1,6 +1,7 @@
 //! Bounds on held requests: at most `max_held` in total and `max_held_per_key`
-//! per key. A place is claimed before deciding (so the bound holds under
-//! concurrency) and given back when the hold ends or the request is dropped.
+//! per key of each holding limit. A place is claimed before the decision that
+//! may hold (so the bound holds under concurrency) and given back when the
+//! hold ends or the request is dropped.
 
 use compact_str::CompactString;
 use parking_lot::Mutex;
@@ -11,14 +12,15 @@ use std::sync::Arc;
 #[derive(Debug, Default)]
 pub struct Holds {
     total: AtomicUsize,
-    per_key: Mutex<HashMap<CompactString, usize>>,
+    /// Requests held per (limit, key); only keys with some held are present.
+    per_key: Mutex<HashMap<(usize, CompactString), usize>>,
 }
 
 /// A claimed place; dropping it gives the place back.
 #[derive(Debug)]
 pub struct HoldPlace {
     holds: Arc<Holds>,
-    key: CompactString,
+    key: (usize, CompactString),
 }
 
 impl Holds {
@@ -26,8 +28,10 @@ impl Holds {
         self.total.load(Ordering::Relaxed)
     }
 
+    /// A place for one request held by `limit` under `key`, if both bounds allow.
     pub fn claim(
         self: &Arc<Self>,
+        limit: usize,
         key: &str,
         max_total: usize,
         max_per_key: usize,
@@ -37,17 +41,18 @@ impl Holds {
                 (n < max_total).then_some(n + 1)
             })
             .ok()?;
+        let key = (limit, CompactString::from(key));
         let mut per_key = self.per_key.lock();
-        let n = per_key.entry(CompactString::from(key)).or_insert(0);
-        if *n >= max_per_key {
+        // Checked before inserting: a full (or zero) bound leaves no entry behind.
+        if per_key.get(&key).copied().unwrap_or(0) >= max_per_key {
             drop(per_key);
             self.total.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        *n += 1;
+        *per_key.entry(key.clone()).or_insert(0) += 1;
         Some(HoldPlace {
             holds: self.clone(),
-            key: key.into(),
+            key,
         })
     }
 }
@@ -72,14 +77,24 @@ mod tests {
     #[test]
     fn bounds_total_and_per_key_and_gives_places_back() {
         let holds = Arc::new(Holds::default());
-        let a1 = holds.claim("a", 3, 2).unwrap();
-        let _a2 = holds.claim("a", 3, 2).unwrap();
-        assert!(holds.claim("a", 3, 2).is_none(), "per key");
-        let _b1 = holds.claim("b", 3, 2).unwrap();
-        assert!(holds.claim("c", 3, 2).is_none(), "total");
+        let a1 = holds.claim(0, "a", 3, 2).unwrap();
+        let _a2 = holds.claim(0, "a", 3, 2).unwrap();
+        assert!(holds.claim(0, "a", 3, 2).is_none(), "per key");
+        let _b1 = holds.claim(1, "a", 3, 2).unwrap();
+        assert!(holds.claim(0, "c", 3, 2).is_none(), "total");
         assert_eq!(holds.held(), 3);
         drop(a1);
         assert_eq!(holds.held(), 2);
-        assert!(holds.claim("a", 3, 2).is_some());
+        assert!(holds.claim(0, "a", 3, 2).is_some());
+    }
+
+    #[test]
+    fn a_zero_bound_holds_nothing_and_keeps_no_entries() {
+        let holds = Arc::new(Holds::default());
+        for k in 0..100 {
+            assert!(holds.claim(0, &k.to_string(), 10, 0).is_none());
+        }
+        assert_eq!(holds.held(), 0);
+        assert!(holds.per_key.lock().is_empty());
     }
 }

@@ -37,6 +37,8 @@ pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 /// A request as the engine reads it.
 struct HttpView<'a> {
     parts: &'a Parts,
+    /// The path as matched, keyed and forwarded (see `normalize_path`).
+    path: &'a str,
     ip: &'a str,
     body: Option<&'a serde_json::Value>,
 }
@@ -46,7 +48,7 @@ impl tollgate_core::Request for HttpView<'_> {
         self.parts.method.as_str()
     }
     fn path(&self) -> &str {
-        self.parts.uri.path()
+        self.path
     }
     fn host(&self) -> Option<&str> {
         let host = match self.parts.uri.host() {
@@ -120,7 +122,9 @@ pub struct Completion {
     generation: Arc<Generation>,
     items: Vec<Item>,
     clock: crate::clock::TokioClock,
-    started: Nanos,
+    /// When the request went to the upstream; None if it never did (the
+    /// client left while held): nothing to debit, only slots to release.
+    started: Option<Nanos>,
 }
 
 impl Completion {
@@ -141,20 +145,22 @@ impl Completion {
             generation: generation.clone(),
             items,
             clock: clock.clone(),
-            started: clock.now(),
+            started: None,
         })
     }
 
     /// Latency is counted from here (the request goes to the upstream).
     fn start(&mut self) {
-        self.started = self.clock.now();
+        self.started = Some(self.clock.now());
     }
 }
 
 impl Drop for Completion {
     fn drop(&mut self) {
         let now = self.clock.now();
-        let latency_us = now.saturating_sub(self.started) / NANOS_PER_MICRO;
+        let latency_us = self
+            .started
+            .map_or(0, |started| now.saturating_sub(started) / NANOS_PER_MICRO);
         self.generation
             .engine
             .finish_committed(&self.items, now, latency_us);
@@ -228,19 +234,41 @@ impl Gateway {
         let request_id = self.next_request_id();
         let (parts, body) = req.into_parts();
         let ip = client_ip(&generation, &parts, peer);
+        let path = normalize_path(parts.uri.path());
         let mut log = Entry {
             enabled: self.access.enabled()
                 && generation.settings.access_log != crate::settings::AccessLog::Off,
             request_id: &request_id,
             ip: &ip,
             method: parts.method.as_str(),
-            path: parts.uri.path(),
+            path: &path,
             decision: "error",
             ..Entry::default()
         };
+        // If the client goes away before the answer, this logs it (as 499).
+        let mut abandoned = Abandoned {
+            gateway: &self,
+            entry: Some(Entry {
+                enabled: log.enabled,
+                request_id: &request_id,
+                ip: &ip,
+                method: parts.method.as_str(),
+                path: &path,
+                status: 499,
+                decision: "abandoned",
+                ..Entry::default()
+            }),
+        };
+        let request = Incoming_ {
+            parts: &parts,
+            path: &path,
+            ip: &ip,
+            peer,
+        };
         let response = self
-            .proxy_inner(&generation, &request_id, &parts, &ip, body, &mut log)
+            .proxy_inner(&generation, &request_id, request, body, &mut log)
             .await;
+        abandoned.entry = None;
         let response = response.unwrap_or_else(|refusal| {
             refusal
                 .response(&generation.settings.response, &request_id)
@@ -258,16 +286,20 @@ impl Gateway {
         &self,
         generation: &'a Arc<Generation>,
         request_id: &str,
-        parts: &'a Parts,
-        ip: &'a str,
+        request: Incoming_<'a>,
         body: Incoming,
         log: &mut Entry<'a>,
     ) -> Result<Response<ResponseBody>, Refusal> {
         let settings = &generation.settings;
         let policy = generation.engine.policy();
+        let parts = request.parts;
+        if parts.method == hyper::Method::CONNECT {
+            return Err(Refusal::MethodNotAllowed("CONNECT".into()));
+        }
         let mut view = HttpView {
             parts,
-            ip,
+            path: request.path,
+            ip: request.ip,
             body: None,
         };
         let upstream = settings
@@ -331,17 +363,43 @@ impl Gateway {
             log.key = key_text(&items);
         }
 
-        // A request that may be held first claims a place in the bounded queue.
-        let held_item = items.iter().find(|i| policy.limits[i.limit].hold > 0);
-        let place = held_item.and_then(|i| {
-            self.holds
-                .claim(&i.key, settings.max_held, settings.max_held_per_key)
-        });
-        let now = self.clock.now();
-        let decision = generation
+        // First without holding: most requests are admitted (or denied for
+        // longer than any hold) here, and a denial consumes nothing. Only a
+        // request that a hold could save claims places in the bounded queue
+        // (one per holding limit's key) and is decided again, holding.
+        let mut now = self.clock.now();
+        let mut decision = generation
             .engine
-            .decide(&items, now, held_item.is_none() || place.is_some())
+            .decide(&items, now, false)
             .map_err(|e| Refusal::StoreFull(e.to_string()))?;
+        let mut places = Vec::new();
+        if let Verdict::Deny {
+            retry_after: Some(wait),
+            ..
+        } = decision.verdict
+        {
+            let holding = || items.iter().filter(|i| policy.limits[i.limit].hold > 0);
+            let longest = holding().map(|i| policy.limits[i.limit].hold).max();
+            if longest.is_some_and(|hold| wait <= hold) {
+                places = holding()
+                    .map_while(|i| {
+                        self.holds.claim(
+                            i.limit,
+                            &i.key,
+                            settings.max_held,
+                            settings.max_held_per_key,
+                        )
+                    })
+                    .collect();
+                if places.len() == holding().count() {
+                    now = self.clock.now();
+                    decision = generation
+                        .engine
+                        .decide(&items, now, true)
+                        .map_err(|e| Refusal::StoreFull(e.to_string()))?;
+                }
+            }
+        }
         if logging {
             log.remaining = items
                 .iter()
@@ -415,32 +473,71 @@ impl Gateway {
             log.hold_ms = delay as f64 / 1e6;
             self.metrics.hold_seconds.observe(delay as f64 / 1e9);
         }
-        drop(place);
+        drop(places);
 
         if let Some(c) = completion.as_mut() {
             c.start();
         }
         let sent = tokio::time::Instant::now();
-        let outgoing = upstream_request(parts, &upstream, body, ip, request_id)?;
-        let response =
-            match tokio::time::timeout(settings.upstream_timeout, self.client.request(outgoing))
-                .await
-            {
-                Err(_) => return Err(Refusal::UpstreamTimeout),
-                Ok(Err(e)) => {
-                    let cause = std::error::Error::source(&e)
-                        .map_or_else(|| e.to_string(), |s| s.to_string());
-                    return Err(Refusal::UpstreamFailed(format!(
-                        "the upstream {} could not be reached: {cause}",
-                        upstream.authority
-                    )));
-                }
-                Ok(Ok(response)) => response,
-            };
-        let upstream_time = sent.elapsed().as_secs_f64();
-        self.metrics.upstream_seconds.observe(upstream_time);
-        log.upstream_ms = Some(upstream_time * 1e3);
+        let outgoing = upstream_request(&request, &upstream, body, request_id)?;
+        let failed = match tokio::time::timeout(
+            settings.upstream_timeout,
+            self.client.request(outgoing),
+        )
+        .await
+        {
+            Err(_) => Some(Refusal::UpstreamTimeout),
+            Ok(Err(e)) => {
+                let cause =
+                    std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+                // The detail goes to clients: the upstream's address stays in the log.
+                tracing::warn!(upstream = %upstream.authority, "upstream request failed: {cause}");
+                Some(if e.is_connect() {
+                    Refusal::UpstreamFailed("The upstream could not be reached.".into())
+                } else {
+                    Refusal::UpstreamFailed(
+                        "The upstream connection failed before a response (or the request body was cut short).".into(),
+                    )
+                })
+            }
+            Ok(Ok(response)) => {
+                let upstream_time = sent.elapsed().as_secs_f64();
+                self.metrics.upstream_seconds.observe(upstream_time);
+                log.upstream_ms = Some(upstream_time * 1e3);
+                return Ok(self.relay(
+                    generation, request_id, &items, &decision, response, completion,
+                ));
+            }
+        };
+        // Admitted, so it used quota: the answer still says what is left.
+        let mut response = failed
+            .unwrap_or(Refusal::UpstreamTimeout)
+            .response(&settings.response, request_id)
+            .map(ResponseBody::local);
+        add_rate_headers(
+            response.headers_mut(),
+            &settings.response,
+            policy,
+            &generation.policy_items,
+            &items,
+            &decision,
+        );
+        Ok(response)
+    }
 
+    /// The upstream's response, with the rate-limit headers, streamed back;
+    /// the request's completion runs when its body ends.
+    fn relay(
+        &self,
+        generation: &Generation,
+        request_id: &str,
+        items: &[Item],
+        decision: &tollgate_core::Decision,
+        response: Response<Incoming>,
+        completion: Option<Completion>,
+    ) -> Response<ResponseBody> {
+        let settings = &generation.settings;
+        let policy = generation.engine.policy();
         let (mut head, body) = response.into_parts();
         strip_hop_by_hop(&mut head.headers);
         add_rate_headers(
@@ -448,47 +545,171 @@ impl Gateway {
             &settings.response,
             policy,
             &generation.policy_items,
-            &items,
-            &decision,
+            items,
+            decision,
         );
         if let Ok(id) = HeaderValue::from_str(request_id) {
             head.headers.insert(X_REQUEST_ID.clone(), id);
         }
-        Ok(Response::from_parts(
+        Response::from_parts(
             head,
             ResponseBody {
                 inner: Either::Left(body),
                 completion,
             },
-        ))
+        )
     }
 }
 
+/// What `proxy` hands its phases: the request head and who sent it.
+struct Incoming_<'a> {
+    parts: &'a Parts,
+    path: &'a str,
+    /// The client address the limits see (maybe from X-Forwarded-For).
+    ip: &'a str,
+    /// The connection's peer: the hop appended to X-Forwarded-For.
+    peer: SocketAddr,
+}
+
+/// Logs a request whose client went away before it was answered (held, or
+/// waiting for the upstream's head), as nginx does, with status 499.
+struct Abandoned<'a> {
+    gateway: &'a Gateway,
+    entry: Option<Entry<'a>>,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if let Some(entry) = self.entry.take() {
+            self.gateway.metrics.response(entry.status);
+            if entry.enabled && !self.gateway.access.log(&entry) {
+                self.gateway.metrics.access_log_dropped.inc();
+            }
+        }
+    }
+}
+
+/// The path with percent-encoded unreserved characters decoded, `//`
+/// merged and dot segments removed (RFC 3986 6.2.2), so that `/v1/x`,
+/// `//v1/x`, `/%76%31/x` and `/a/../v1/x` all match, key and reach the
+/// upstream as `/v1/x`: a path prefix cannot be sidestepped by spelling.
+pub fn normalize_path(path: &str) -> Cow<'_, str> {
+    let plain = !path.contains('%') && !path.contains("//") && !path.contains("/.");
+    if plain {
+        return Cow::Borrowed(path);
+    }
+    let bytes = path.as_bytes();
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                let c = (h * 16 + l) as u8;
+                if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
+                    decoded.push(c as char);
+                } else {
+                    decoded.push('%');
+                    decoded.push_str(&path[i + 1..i + 3].to_ascii_uppercase());
+                }
+                i += 3;
+                continue;
+            }
+        }
+        decoded.push(bytes[i] as char);
+        i += 1;
+    }
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    if out.is_empty() || (trailing && !segments.is_empty()) {
+        out.push('/');
+    }
+    Cow::Owned(out)
+}
+
 fn upstream_request(
-    parts: &Parts,
+    request: &Incoming_<'_>,
     upstream: &Upstream,
     body: ProxyBody,
-    ip: &str,
     request_id: &str,
 ) -> Result<Request<ProxyBody>, Refusal> {
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let parts = request.parts;
+    let target = if parts.uri.path() == "*" && parts.method == hyper::Method::OPTIONS {
+        // OPTIONS * asks about the server: ask the upstream's base.
+        if upstream.base_path.is_empty() {
+            "*".to_string()
+        } else {
+            upstream.base_path.clone()
+        }
+    } else {
+        match parts.uri.query() {
+            Some(q) => format!("{}{}?{q}", upstream.base_path, request.path),
+            None => format!("{}{}", upstream.base_path, request.path),
+        }
+    };
     let uri = Uri::builder()
         .scheme("http")
         .authority(upstream.authority.clone())
-        .path_and_query(format!("{}{path}", upstream.base_path))
+        .path_and_query(target)
         .build()
         .map_err(|e| Refusal::BadRequest(format!("the request target cannot be forwarded: {e}")))?;
-    let mut request = Request::new(body);
-    *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = uri;
-    let headers = request.headers_mut();
+    let mut outgoing = Request::new(body);
+    *outgoing.method_mut() = parts.method.clone();
+    *outgoing.uri_mut() = uri;
+    let headers = outgoing.headers_mut();
     headers.clone_from(&parts.headers);
     strip_hop_by_hop(headers);
-    if let Ok(v) = HeaderValue::from_str(ip) {
-        headers.append(X_FORWARDED_FOR.clone(), v);
+    // One X-Forwarded-For value: the client's chain, then this hop's peer.
+    let peer = request.peer.ip().to_string();
+    let chain: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .chain([peer.as_str()])
+        .collect();
+    if let Ok(v) = HeaderValue::from_str(&chain.join(", ")) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     if let Ok(id) = HeaderValue::from_str(request_id) {
         headers.insert(X_REQUEST_ID.clone(), id);
     }
-    Ok(request)
+    Ok(outgoing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_path;
+
+    #[test]
+    fn paths_are_normalized_before_matching() {
+        for (raw, normal) in [
+            ("/v1/jobs", "/v1/jobs"),
+            ("//v1/jobs", "/v1/jobs"),
+            ("/%76%31/jobs", "/v1/jobs"),
+            ("/x/../v1/jobs", "/v1/jobs"),
+            ("/v1/./jobs/", "/v1/jobs/"),
+            ("/../../etc", "/etc"),
+            ("/a%2fb", "/a%2Fb"),
+            ("/a%2", "/a%2"),
+            ("/%", "/%"),
+            ("/", "/"),
+            ("/v1/..", "/"),
+        ] {
+            assert_eq!(normalize_path(raw), normal, "{raw}");
+        }
+    }
 }

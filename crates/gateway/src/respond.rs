@@ -40,6 +40,8 @@ pub enum Refusal {
     HeadersTooLarge { max: usize },
     /// 404: no route and no default upstream.
     NoRoute,
+    /// 405: a method the gateway does not proxy (CONNECT).
+    MethodNotAllowed(String),
     /// 503: the store tracks `max_keys` keys and none is idle.
     StoreFull(String),
     /// 502: the upstream refused or broke the connection.
@@ -60,6 +62,7 @@ impl Refusal {
             Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
             Refusal::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refusal::NoRoute => StatusCode::NOT_FOUND,
+            Refusal::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::StoreFull(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -76,6 +79,7 @@ impl Refusal {
             Refusal::BadRequest(_) => "bad_request",
             Refusal::HeadersTooLarge { .. } => "headers_too_large",
             Refusal::NoRoute => "no_route",
+            Refusal::MethodNotAllowed(_) => "method_not_allowed",
             Refusal::StoreFull(_) => "store_full",
             Refusal::UpstreamFailed(_) => "upstream_failed",
             Refusal::UpstreamTimeout => "upstream_timeout",
@@ -95,6 +99,7 @@ impl Refusal {
             Refusal::BadRequest(_) => "Bad request".into(),
             Refusal::HeadersTooLarge { .. } => "Request headers too large".into(),
             Refusal::NoRoute => "No upstream for this request".into(),
+            Refusal::MethodNotAllowed(_) => "Method not allowed".into(),
             Refusal::StoreFull(_) => "Rate-limit store full".into(),
             Refusal::UpstreamFailed(_) => "Upstream unavailable".into(),
             Refusal::UpstreamTimeout => "Upstream timed out".into(),
@@ -123,6 +128,7 @@ impl Refusal {
             Refusal::BadRequest(m) | Refusal::StoreFull(m) | Refusal::UpstreamFailed(m) => {
                 m.clone()
             }
+            Refusal::MethodNotAllowed(m) => format!("The gateway does not proxy {m} requests."),
             Refusal::NoRoute => {
                 "No route matches this request and no default upstream is set.".into()
             }

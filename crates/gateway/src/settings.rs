@@ -182,10 +182,13 @@ impl Settings {
             },
         })?;
         let mut s = self;
-        let duration = |v: &Spanned<String>, field: &str| {
-            parse_duration(v.get_ref())
-                .map(Duration::from_nanos)
-                .map_err(|m| err(v.span().start, format!("gateway {field}: {m}")))
+        let duration = |v: &Spanned<String>, field: &str| match parse_duration(v.get_ref()) {
+            Ok(0) if field != "shutdown_grace" => Err(err(
+                v.span().start,
+                format!("gateway {field} must be above 0"),
+            )),
+            Ok(ns) => Ok(Duration::from_nanos(ns)),
+            Err(m) => Err(err(v.span().start, format!("gateway {field}: {m}"))),
         };
         let address = |v: &Spanned<String>, field: &str| {
             v.get_ref().parse::<SocketAddr>().map_err(|_| {
@@ -370,6 +373,11 @@ mod tests {
             .starts_with("line 2: gateway listen 'localhost' is not an address"));
         let e = Settings::parse("[response]\nformat = \"xml\"\n").unwrap_err();
         assert!(e.to_string().starts_with("line 2: response format 'xml'"));
+        let e = Settings::parse("[gateway]\nwatch_interval = \"0s\"\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "line 2: gateway watch_interval must be above 0"
+        );
         let e = Settings::parse("[gateway]\nupstream_timeout = \"soon\"\n").unwrap_err();
         assert!(
             e.to_string()

@@ -145,4 +145,66 @@ mod tests {
         // The old daily table is gone with the old engine; burst's is shared.
         assert_eq!(next.store().stats().keys, 1);
     }
+
+    #[test]
+    fn engines_of_a_reload_that_reorders_limits_do_not_deadlock() {
+        let a = "[[limit]]\nname = \"a\"\nkey = [\"header:k\"]\nalgorithm = \"token_bucket\"\ncapacity = 1000000\nrefill = \"1/s\"\n";
+        let b = "[[limit]]\nname = \"b\"\nkey = [\"header:k\"]\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 1000000\n";
+        let first = Engine::new(tollgate_core::parse(&format!("{a}{b}"), &NoProfiles).unwrap());
+        let second = first.reloaded(tollgate_core::parse(&format!("{b}{a}"), &NoProfiles).unwrap());
+        assert_eq!(second.store().stats().keys, 0);
+        // Both engines share both tables, in opposite policy orders: one
+        // busy key on each at once (this hung when locks followed policy order).
+        std::thread::scope(|s| {
+            for engine in [&first, &second] {
+                s.spawn(move || {
+                    let req = Attrs::new("GET", "/", &[("k", "t")]);
+                    for n in 0..20_000u64 {
+                        assert!(engine.check(&req, n).unwrap().decision.allowed());
+                    }
+                });
+            }
+        });
+        assert_eq!(second.store().stats().keys, 2);
+    }
+
+    #[test]
+    fn keys_of_a_changed_limit_stop_counting_at_the_reload() {
+        let text = |quota: u64| {
+            format!("[store]\nmax_keys = 3\n[[limit]]\nname = \"w\"\nkey = [\"header:k\"]\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = {quota}\n")
+        };
+        let old = Engine::new(tollgate_core::parse(&text(5), &NoProfiles).unwrap());
+        for k in ["a", "b", "c"] {
+            assert!(old
+                .check(&Attrs::new("GET", "/", &[("k", k)]), 0)
+                .unwrap()
+                .decision
+                .allowed());
+        }
+        assert!(
+            old.check(&Attrs::new("GET", "/", &[("k", "d")]), 0)
+                .is_err(),
+            "full"
+        );
+        // The old engine stays alive (requests still finishing on it), yet
+        // the new one has room: the old table's keys no longer count.
+        let new = old.reloaded(tollgate_core::parse(&text(6), &NoProfiles).unwrap());
+        assert_eq!(new.store().stats().keys, 0);
+        for k in ["d", "e", "f"] {
+            assert!(new
+                .check(&Attrs::new("GET", "/", &[("k", k)]), 0)
+                .unwrap()
+                .decision
+                .allowed());
+        }
+        // Old requests keep working on the retired table, uncounted.
+        assert!(old
+            .check(&Attrs::new("GET", "/", &[("k", "z")]), 0)
+            .unwrap()
+            .decision
+            .allowed());
+        assert_eq!(new.store().stats().keys, 3);
+        drop(old);
+        assert_eq!(new.store().stats().keys, 3);
+    }
 }

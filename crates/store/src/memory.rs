@@ -1,8 +1,13 @@
 //! The embedded store: one sharded hash table per (limit, class).
 //!
 //! Atomicity: a request's limits live in different tables; their shards are
-//! locked in table order (the policy order, so no deadlock), the core decides
-//! over all of them, and the locks are released together.
+//! locked in table order (a process-wide id, so even stores of successive
+//! reloads, which share tables in any order, cannot deadlock), the core
+//! decides over all of them, and the locks are released together.
+//!
+//! Reload: a store built by `carry_over` shares the tables of limits whose
+//! definition did not change; the old store's other tables are retired (their
+//! keys stop counting against `max_keys`) and freed with the old store.
 //!
 //! Memory: an entry is the key (`CompactString`, 24 bytes, inline up to 24
 //! bytes of key) and an `AnyState` (24 bytes; a token bucket's exact state is
@@ -20,7 +25,7 @@ use hashbrown::{hash_table, HashTable};
 use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tollgate_core::algo::{Meter, Usage};
 use tollgate_core::policy::{AlgorithmKind, Policy};
@@ -48,6 +53,8 @@ struct Entry {
 }
 
 type Shard = HashTable<Entry>;
+/// A locked shard and the key's hash.
+type Locked<'a> = (MutexGuard<'a, Shard>, u64);
 
 /// One shard per cache line pair (128 bytes, what x86 prefetches together),
 /// so threads locking neighbouring shards do not contend on the line.
@@ -59,17 +66,66 @@ struct Padded<T>(T);
 /// while the limit's definition does not change, so a reload keeps counters.
 #[derive(Debug)]
 struct Table {
+    /// Unique over the process: shards of several tables are locked in id
+    /// order, so stores of successive policies, which share tables in any
+    /// order, never deadlock.
+    id: u64,
     shards: Box<[Padded<Mutex<Shard>>]>,
     counters: Arc<Counters>,
+    /// A table a reload dropped: it lives on only for requests still
+    /// finishing on the old policy, and its keys no longer count against
+    /// `max_keys`. Changed only with every shard locked, and read under one.
+    retired: AtomicBool,
 }
+
+static NEXT_TABLE_ID: AtomicU64 = AtomicU64::new(0);
 
 impl Table {
     fn new(counters: &Arc<Counters>) -> Self {
         Table {
+            id: NEXT_TABLE_ID.fetch_add(1, Ordering::Relaxed),
             shards: (0..SHARDS)
                 .map(|_| Padded(Mutex::new(HashTable::new())))
                 .collect(),
             counters: counters.clone(),
+            retired: AtomicBool::new(false),
+        }
+    }
+
+    /// Count one new key (the caller holds its shard's lock): false if the
+    /// store already tracks `max` keys. Claiming is one atomic step, so
+    /// racing threads cannot overshoot the bound.
+    fn claim(&self, max: usize) -> bool {
+        self.retired.load(Ordering::Relaxed)
+            || self
+                .counters
+                .keys
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |k| {
+                    (k < max).then_some(k + 1)
+                })
+                .is_ok()
+    }
+
+    /// Count a key past the bound (a debit owed for work already done).
+    fn claim_over(&self) {
+        if !self.retired.load(Ordering::Relaxed) {
+            self.counters.keys.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `n` keys left (the caller holds their shard's lock).
+    fn forget(&self, n: usize) {
+        if n > 0 && !self.retired.load(Ordering::Relaxed) {
+            self.counters.keys.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Stop counting this table's keys (a reload dropped it).
+    fn retire(&self) {
+        let mut guards: Vec<_> = self.shards.iter().map(|s| s.0.lock()).collect();
+        if !self.retired.swap(true, Ordering::Relaxed) {
+            let keys: usize = guards.iter_mut().map(|g| g.len()).sum();
+            self.counters.keys.fetch_sub(keys, Ordering::Relaxed);
         }
     }
 }
@@ -77,8 +133,10 @@ impl Table {
 impl Drop for Table {
     /// The last store using this table is gone: its keys no longer count.
     fn drop(&mut self) {
-        let keys: usize = self.shards.iter_mut().map(|s| s.0.get_mut().len()).sum();
-        self.counters.keys.fetch_sub(keys, Ordering::Relaxed);
+        if !*self.retired.get_mut() {
+            let keys: usize = self.shards.iter_mut().map(|s| s.0.get_mut().len()).sum();
+            self.counters.keys.fetch_sub(keys, Ordering::Relaxed);
+        }
     }
 }
 
@@ -121,7 +179,7 @@ impl MemoryStore {
     /// `old_policy`): limits whose definition is unchanged keep their keys and
     /// counters; the others start fresh.
     pub fn carry_over(policy: &Policy, old: &MemoryStore, old_policy: &Policy) -> Self {
-        Self::build(
+        let store = Self::build(
             policy,
             old.counters.clone(),
             old.hasher.clone(),
@@ -133,7 +191,17 @@ impl MemoryStore {
                     .position(|l| l.name == new.name && l.fingerprint == new.fingerprint)?;
                 Some(old.tables[old.first[same] + class].table.clone())
             },
-        )
+        );
+        for old_table in &old.tables {
+            if !store
+                .tables
+                .iter()
+                .any(|t| Arc::ptr_eq(&t.table, &old_table.table))
+            {
+                old_table.table.retire();
+            }
+        }
+        store
     }
 
     fn build(
@@ -176,7 +244,7 @@ impl MemoryStore {
         &self.tables[self.first[item.limit] + item.class].table
     }
 
-    fn lock(&self, item: &Item) -> (MutexGuard<'_, Shard>, u64) {
+    fn lock(&self, item: &Item) -> Locked<'_> {
         let hash = self.hasher.hash_one(item.key.as_str());
         // Middle bits: hashbrown uses the top 7 as its tag, the bottom for the bucket.
         let shard = (hash >> 32) as usize % SHARDS;
@@ -185,8 +253,8 @@ impl MemoryStore {
 
     /// Decide and commit all of a request's limits at `now`, atomically.
     /// `policy` must be the policy this store was built for.
-    /// `items` must name each limit at most once, in policy order (as
-    /// `Policy::plan` gives them): shards are locked in that order.
+    /// `items` must name each limit at most once (as `Policy::plan` gives
+    /// them); their shards are locked in table order.
     pub fn decide(
         &self,
         policy: &Policy,
@@ -227,7 +295,7 @@ impl MemoryStore {
         let mut added = false;
         let entry = match shard.entry(hash, |e| e.key == key, |e| hasher.hash_one(e.key.as_str())) {
             hash_table::Entry::Occupied(found) => Some(found.into_mut()),
-            hash_table::Entry::Vacant(place) if self.claim_key() => {
+            hash_table::Entry::Vacant(place) if self.table(item).claim(self.max_keys) => {
                 added = true;
                 let fresh = Entry {
                     key: item.key.clone(),
@@ -256,13 +324,13 @@ impl MemoryStore {
             // A key added for this request that it left untouched is not kept.
             if let Ok(found) = shard.find_entry(hash, |e| e.key == key) {
                 found.remove();
-                self.counters.keys.fetch_sub(1, Ordering::Relaxed);
+                self.table(item).forget(1);
             }
         }
         Ok(decision)
     }
 
-    /// Several limits: their shards are locked in policy order, each key is
+    /// Several limits: their shards are locked in table order, each key is
     /// found (or added) with one probe, and the core decides over all of them.
     fn decide_many(
         &self,
@@ -271,8 +339,14 @@ impl MemoryStore {
         now: Nanos,
         hold: bool,
     ) -> Result<Decision, StoreError> {
-        let mut guards: SmallVec<[(MutexGuard<'_, Shard>, u64); 4]> =
-            items.iter().map(|i| self.lock(i)).collect();
+        // Locked in table-id order; kept in item order.
+        let mut order: SmallVec<[usize; 4]> = (0..items.len()).collect();
+        order.sort_unstable_by_key(|&i| self.table(&items[i]).id);
+        let mut locked: SmallVec<[Option<Locked<'_>>; 4]> = items.iter().map(|_| None).collect();
+        for i in order {
+            locked[i] = Some(self.lock(&items[i]));
+        }
+        let mut guards: SmallVec<[Locked<'_>; 4]> = locked.into_iter().flatten().collect();
         // Keys this request added; if it leaves them untouched they go again.
         let mut added: SmallVec<[bool; 4]> = smallvec::smallvec![false; items.len()];
         loop {
@@ -315,7 +389,7 @@ impl MemoryStore {
         items: &[Item],
         now: Nanos,
         hold: bool,
-        guards: &mut [(MutexGuard<'_, Shard>, u64)],
+        guards: &mut [Locked<'_>],
         added: &mut [bool],
     ) -> Result<(Decision, SmallVec<[bool; 4]>), usize> {
         let hasher = &self.hasher;
@@ -324,7 +398,7 @@ impl MemoryStore {
             let key = item.key.as_str();
             match shard.entry(*hash, |e| e.key == key, |e| hasher.hash_one(e.key.as_str())) {
                 hash_table::Entry::Occupied(found) => entries.push(found.into_mut()),
-                hash_table::Entry::Vacant(place) if self.claim_key() => {
+                hash_table::Entry::Vacant(place) if self.table(item).claim(self.max_keys) => {
                     added[i] = true;
                     let params = policy.limits[item.limit].params(item.class);
                     let fresh = Entry {
@@ -369,11 +443,11 @@ impl MemoryStore {
     }
 
     /// Forget a key this request added (it is still fresh).
-    fn remove(&self, (shard, hash): &mut (MutexGuard<'_, Shard>, u64), item: &Item) {
+    fn remove(&self, (shard, hash): &mut Locked<'_>, item: &Item) {
         let key = item.key.as_str();
         if let Ok(found) = shard.find_entry(*hash, |e| e.key == key) {
             found.remove();
-            self.counters.keys.fetch_sub(1, Ordering::Relaxed);
+            self.table(item).forget(1);
         }
     }
 
@@ -408,7 +482,7 @@ impl MemoryStore {
             // If the store is full it goes in over the bound, which is then
             // exceeded by at most the requests in flight.
             if self.make_room(policy, &mut shard, item, now).is_err() {
-                self.counters.keys.fetch_add(1, Ordering::Relaxed);
+                self.table(item).claim_over();
             }
             let mut state = AnyState::fresh(params);
             settle(&mut state);
@@ -456,24 +530,12 @@ impl MemoryStore {
         shard.retain(|e| !e.state.meter(params).at_rest(now));
         let evicted = before - shard.len();
         if evicted > 0 {
-            self.counters.keys.fetch_sub(evicted, Ordering::Relaxed);
+            at.table.forget(evicted);
             self.counters
                 .evictions
                 .fetch_add(evicted as u64, Ordering::Relaxed);
         }
         evicted
-    }
-
-    /// Claim one of the `max_keys` places for a new key (the caller then
-    /// inserts it). Claiming is one atomic step, so racing threads cannot
-    /// overshoot the bound.
-    fn claim_key(&self) -> bool {
-        self.counters
-            .keys
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |k| {
-                (k < self.max_keys).then_some(k + 1)
-            })
-            .is_ok()
     }
 
     /// Claim a place for a new key; if the store is full, first evict at-rest
@@ -485,10 +547,10 @@ impl MemoryStore {
         item: &Item,
         now: Nanos,
     ) -> Result<(), StoreError> {
-        if self.claim_key() {
+        let at = &self.tables[self.first[item.limit] + item.class];
+        if at.table.claim(self.max_keys) {
             return Ok(());
         }
-        let at = &self.tables[self.first[item.limit] + item.class];
         if self.sweep_shard(policy, at, shard, now) == 0 {
             for t in &self.tables {
                 for s in t.table.shards.iter() {
@@ -498,7 +560,7 @@ impl MemoryStore {
                 }
             }
         }
-        if self.claim_key() {
+        if at.table.claim(self.max_keys) {
             return Ok(());
         }
         self.counters.refused.fetch_add(1, Ordering::Relaxed);

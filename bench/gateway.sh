@@ -8,7 +8,7 @@
 # Cases (issue: the gateway's performance targets):
 #   1. never-deny throughput      wrk -t1 -c$CONNS -d$DUR, tollgate vs nginx   >= 1.0x
 #   2. ~90%-denied throughput     same, each side's rate set to 10% of what it
-#                                 serves (one 3 s calibration run each)        >= 1.0x
+#                                 serves (two 3 s calibration runs each)       >= 1.0x
 #   3. added p99 latency at half of tollgate's peak, constant rate (oha -q,
 #      latency correction): p99(through tollgate) - p99(upstream direct)       <= 200 us
 #   4. 1,000,000 distinct keys: RSS(1M keys) - RSS(1 key)                      <= 128 MB
@@ -23,7 +23,9 @@
 #
 # Needs: nginx and wrk (installed with apt-get if missing), oha (cargo install
 # into $OHA_ROOT if missing: wrk has no constant-rate mode, and Debian has no
-# wrk2), python3, curl, taskset.
+# wrk2), python3, curl, taskset. Helpers: bench/gateway/unique_keys.lua (a new
+# x-tenant-id per request, for the key cases) and bench/gateway/foreign_cpu.py
+# (warns when other processes took CPU during a measured run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -35,7 +37,7 @@ PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 KEYS=${KEYS:-1000000}          # distinct keys for the memory case
 FLOOD_MAX_KEYS=${FLOOD_MAX_KEYS:-10000}
-FLOOD_KEYS=${FLOOD_KEYS:-150000}
+FLOOD_KEYS=${FLOOD_KEYS:-120000}
 OHA_ROOT=${OHA_ROOT:-/work/tools-oha}
 target=${CARGO_TARGET_DIR:-target}
 case $target in /*) ;; *) target="$ROOT/$target" ;; esac
@@ -172,6 +174,10 @@ start_nginx_proxy() {
       proxy_pass http://shared;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
+      # tollgate adds this too. It also sends an x-request-id both ways; that
+      # is left out here: nginx's \$request_id calls OpenSSL's RAND_bytes per
+      # request, which cost nginx about 20% in a (noisy) trial.
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
     }
   }
 }
@@ -222,7 +228,7 @@ foreign_end() { # sets FOREIGN (% of a core used by other processes during the r
   [ "$FOREIGN" -le "$FOREIGN_MAX" ] || FOREIGN_MAX=$FOREIGN
   [ "$FOREIGN" -le 5 ] || log "  WARNING: other processes used ${FOREIGN}% of a core during this run"
 }
-cpu_sample() { awk '/^cpu[0-9]/ { print $1, $2+$3+$4+$7+$8, $5+$6 }' /proc/stat; }
+cpu_sample() { awk '/^cpu[0-9]/ { print $1, $2+$3+$4+$7+$8, $5+$6, $9 }' /proc/stat; }
 cpu_busy() { # cpu_busy BEFORE AFTER CPU: percent busy of cpuN between two samples
   awk -v c="cpu$3" 'NR==FNR { if ($1 == c) { b = $2; i = $3 } next }
     $1 == c { db = $2 - b; di = $3 - i; printf "%.0f", 100 * db / (db + di) }' "$1" "$2"
@@ -242,6 +248,11 @@ run_wrk() {
   NON2XX=${NON2XX:-0}
   CPU_P=$(cpu_busy "$work/cpu.before" "$work/cpu.after" "$PROXY_CPU")
   CPU_L=$(cpu_busy "$work/cpu.before" "$work/cpu.after" "$LOAD_CPU")
+  local steal
+  steal=$(awk 'NR==FNR { t[$1] = $2 + $3 + $4; s[$1] = $4; next }
+    { dt += $2 + $3 + $4 - t[$1]; ds += $4 - s[$1] } END { printf "%.0f", 100 * ds / dt }' \
+    "$work/cpu.before" "$work/cpu.after")
+  [ "$steal" -le 2 ] || log "  WARNING: the hypervisor took ${steal}% of the CPU time (steal) during this run"
   if grep -q "Socket errors" "$work/$name.wrk"; then
     log "  note: wrk $(grep 'Socket errors' "$work/$name.wrk" | sed 's/^ *//')"
   fi
@@ -252,11 +263,8 @@ share() { python3 -c "import sys; print(f'{100 * int(sys.argv[1]) / max(int(sys.
 declare -A R  # results, printed at the end
 TENANT=(-H "x-tenant-id: acme")
 
-read -r load1 _ < /proc/loadavg
-if python3 -c "import sys; sys.exit(not float(sys.argv[1]) > 0.5)" "$load1"; then
-  log "WARNING: load average $load1 before the run: other work on this 2-core machine skews every figure"
-fi
-R[load_before]=$load1
+foreign_begin; sleep 2; foreign_end
+R[foreign_start]=$FOREIGN; FOREIGN_MAX=0
 start_upstream
 log "upstream $UPSTREAM (nginx, cpu $LOAD_CPU), proxies on $PROXY (cpu $PROXY_CPU), load: wrk/oha -c $CONNS on cpu $LOAD_CPU"
 
@@ -292,7 +300,7 @@ R[t_allow]=$best_t; R[n_allow]=$best_n
 # ---------------------------------------------------------------- 2. 90% denied
 log ""
 log "== 2. ~90% denied (one tenant over its limit; rate = 10% of what each side serves)"
-# deny_case SIDE ALLOW_RPS: calibrate for 3 s, then the measured run.
+# deny_case SIDE ALLOW_RPS: calibrate (two 3 s runs), then the measured run.
 # A closed loop serves X req/s; the limit admits `rate`, so the denied share is
 # 1 - rate/X, and X itself grows as the share grows (a denial is cheaper than a
 # proxied request). Model the time per request as s/X_allow + (1-s)*d, where s
@@ -300,7 +308,7 @@ log "== 2. ~90% denied (one tenant over its limit; rate = 10% of what each side 
 deny_case() {
   local side=$1 allow=$2 rate burst run
   rate=$(python3 -c "import sys; print(max(int(float(sys.argv[1]) / 10), 100))" "$allow")
-  for run in calibrate measure; do
+  for run in calibrate calibrate measure; do
     burst=$(( rate / 10 ))
     if [ "$side" = tollgate ]; then
       start_tollgate "$(tollgate_config 1000000 "$burst" "$rate/s")"
@@ -384,16 +392,27 @@ stop "$PX_PID"
 # ---------------------------------------------------------------- 4. memory and the max_keys bound
 rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 hwm_kb() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
-# drive_keys START COUNT NAME: COUNT new keys through wrk + unique_keys.lua; sets KEY_SECS
+# drive_keys START COUNT NAME [PROBE_KEY]: COUNT new keys through wrk +
+# unique_keys.lua; sets KEY_SECS. With PROBE_KEY, 3 s in, three requests for
+# that (existing) key are timed while the keys keep coming: sets PROBE.
 drive_keys() {
-  local start=$1 count=$2 name=$3 wpid t0 t1
+  local start=$1 count=$2 name=$3 probe_key=${4:-} wpid t0 t1 i
+  PROBE=""
   rm -f "$work/keys.done"
   foreign_begin
   t0=$(date +%s.%N)
   taskset -c "$LOAD_CPU" wrk -t 1 -c "$CONNS" -d 600s -s "$LUA_KEYS" "$PROXY/" -- "$start" "$count" "$work/keys.done" \
     > "$work/$name.wrk" &
   wpid=$!; pids+=("$wpid")
-  while kill -0 "$wpid" 2>/dev/null && [ ! -e "$work/keys.done" ]; do sleep 0.2; done
+  i=0
+  while kill -0 "$wpid" 2>/dev/null && [ ! -e "$work/keys.done" ]; do
+    sleep 0.2; i=$((i + 1))
+    if [ -n "$probe_key" ] && [ $i = 15 ]; then
+      for _ in 1 2 3; do
+        PROBE+="$(curl -s -o /dev/null -m 60 -w '%{http_code} in %{time_total}s' -H "x-tenant-id: $probe_key" "$PROXY/"); "
+      done
+    fi
+  done
   kill -INT "$wpid" 2>/dev/null || true
   wait "$wpid" 2>/dev/null || true
   forget "$wpid"
@@ -415,7 +434,8 @@ drive_keys 0 "$KEYS" keys
 sleep 1
 rssn=$(rss_kb "$PX_PID"); hwm=$(hwm_kb "$PX_PID"); keysn=$(metric tollgate_keys)
 refused=$(metric tollgate_keys_refused_total)
-log "  $KEYS keys sent in ${KEY_SECS}s ($(grep -o '^status.*' "$work/keys.wrk" | tr '\n' ' ')): tollgate_keys = $keysn, refused = $refused"
+krps=$(awk '/^Requests\/sec:/ { printf "%d", $2 }' "$work/keys.wrk")
+log "  $KEYS keys sent in ${KEY_SECS}s ($krps req/s; $(grep -o '^status.*' "$work/keys.wrk" | tr '\n' ' ')): tollgate_keys = $keysn, refused = $refused"
 log "  VmRSS = $((rssn / 1024)) MiB (peak VmHWM $((hwm / 1024)) MiB)"
 R[rss1]=$rss1; R[rssn]=$rssn; R[hwm]=$hwm; R[keysn]=$keysn; R[keys1]=$keys1
 stop "$PX_PID"
@@ -431,14 +451,16 @@ key = [\"header:x-tenant-id\"]
 algorithm = \"fixed_window\"
 every = \"1h\"
 quota = 5"
-drive_keys 0 "$FLOOD_KEYS" flood
+drive_keys 0 "$FLOOD_KEYS" flood k5
 fkeys=$(metric tollgate_keys); frefused=$(metric tollgate_keys_refused_total)
 fevict=$(metric tollgate_evictions_total)
 f200=$(status_count flood 200); f503=$(status_count flood 503)
 frss=$(rss_kb "$PX_PID")
-log "  sent $FLOOD_KEYS in ${KEY_SECS}s: 200 = $f200, 503 = $f503 ($(grep -o '^status.*' "$work/flood.wrk" | tr '\n' ' '))"
+frps=$(awk '/^Requests\/sec:/ { printf "%d", $2 }' "$work/flood.wrk")
+log "  sent $FLOOD_KEYS in ${KEY_SECS}s ($frps req/s): 200 = $f200, 503 = $f503 ($(grep -o '^status.*' "$work/flood.wrk" | tr '\n' ' '))"
+log "  an existing key (k5) during the flood: $PROBE"
 log "  tollgate_keys = $fkeys (max_keys $FLOOD_MAX_KEYS), keys_refused_total = $frefused, evictions_total = $fevict, VmRSS $((frss / 1024)) MiB"
-R[fkeys]=$fkeys; R[frefused]=$frefused; R[f200]=$f200; R[f503]=$f503; R[fevict]=$fevict
+R[fprobe]=$PROBE; R[frps]=$frps; R[fkeys]=$fkeys; R[frefused]=$frefused; R[f200]=$f200; R[f503]=$f503; R[fevict]=$fevict
 stop "$PX_PID"
 
 if grep -Eqi "panic|error" "$work/tollgate.log"; then
@@ -490,6 +512,8 @@ print(f"never-deny: upstream direct {f('direct_rps'):,.0f} req/s; cpu busy % (pr
 print(f"90% denied: rates tollgate {r['tollgate_deny_rate']}/s, nginx {r['nginx_deny_rate']}/s; cpu busy % "
       f"tollgate {r['tollgate_deny_cpu']}, nginx {r['nginx_deny_cpu']}")
 print(f"p50 at half load: direct {r['lat_direct_p50']} us, tollgate {r['lat_tollgate_p50']} us, nginx {r['lat_nginx_p50']} us")
-print(f"other processes: load average {r['load_before']} at the start; at most {r['foreign_max']}% of a core during a measured run")
-print(f"memory: peak VmHWM {f('hwm') / 1024:.1f} MiB; flood: keys_refused_total {r['frefused']}, evictions {r['fevict']}")
+print(f"other processes: {r['foreign_start']}% of a core just before the start; at most {r['foreign_max']}% of a core during a measured run")
+print(f"memory: peak VmHWM {f('hwm') / 1024:.1f} MiB; flood: keys_refused_total {r['frefused']}, evictions {r['fevict']}, "
+      f"{r['frps']} req/s while refusing (wrk with a Lua script per request)")
+print(f"flood: an existing key's requests during it: {r['fprobe']}")
 PY

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CPU used by processes outside the benchmark, between two snapshots.
+"""CPU used by user processes outside the benchmark, between two snapshots.
 
     foreign_cpu.py snap FILE ROOT_PID   # record utime+stime of every process
                                         # that is not ROOT_PID or below it
@@ -44,7 +44,10 @@ def snap(path, root):
             if ppid in ours and pid not in ours:
                 ours.add(pid)
                 changed = True
-    foreign = {f"{pid}:{start}": cpu for pid, (_, cpu, start) in procs.items() if pid not in ours}
+    # Kernel threads (kthreadd's children) are left out: ksoftirqd and the
+    # like mostly carry the benchmark's own loopback traffic.
+    foreign = {f"{pid}:{start}": cpu for pid, (ppid, cpu, start) in procs.items()
+               if pid not in ours and pid != 2 and ppid != 2}
     with open(path, "w") as f:
         json.dump({"t": time.monotonic(), "cpu": foreign}, f)
 

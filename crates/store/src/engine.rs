@@ -207,4 +207,26 @@ mod tests {
         drop(old);
         assert_eq!(new.store().stats().keys, 3);
     }
+
+    #[test]
+    fn a_full_store_finds_room_again_once_keys_go_idle() {
+        let text = "[store]\nmax_keys = 2\n[[limit]]\nname = \"w\"\nkey = [\"header:k\"]\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 5\n";
+        let engine = Engine::new(tollgate_core::parse(text, &NoProfiles).unwrap());
+        let req = |k: &str| Attrs::new("GET", "/", &[("k", k)]);
+        let hour = 3_600_000_000_000;
+        assert!(engine.check(&req("a"), 1).is_ok());
+        assert!(engine.check(&req("b"), 1).is_ok());
+        // Full of busy keys: refused, again and again (cheaply: the whole
+        // store is swept at most once a second).
+        for n in 0..100 {
+            assert!(engine.check(&req(&format!("new{n}")), 2 + n).is_err());
+        }
+        // Next window: a and b are at rest, wherever their shards are.
+        assert!(engine
+            .check(&req("c"), hour + 1)
+            .unwrap()
+            .decision
+            .allowed());
+        assert_eq!(engine.store().stats().refused, 100);
+    }
 }

@@ -146,7 +146,14 @@ struct Counters {
     keys: AtomicUsize,
     evictions: AtomicU64,
     refused: AtomicU64,
+    /// When a full store last swept every shard for room (ns, the engine's clock).
+    last_full_sweep: AtomicU64,
 }
+
+/// A full store sweeps every shard for room at most this often: a flood of
+/// new keys is then refused at the cost of one shard's sweep each, instead of
+/// the whole store's (which took seconds per request with a million keys).
+const FULL_SWEEP_EVERY: Nanos = 1_000_000_000;
 
 #[derive(Debug)]
 struct Placed {
@@ -538,8 +545,19 @@ impl MemoryStore {
         evicted
     }
 
+    /// True for one caller per `FULL_SWEEP_EVERY`.
+    fn full_sweep_due(&self, now: Nanos) -> bool {
+        let last = &self.counters.last_full_sweep;
+        let before = last.load(Ordering::Relaxed);
+        (before == 0 || now.saturating_sub(before) >= FULL_SWEEP_EVERY)
+            && last
+                .compare_exchange(before, now.max(1), Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+    }
+
     /// Claim a place for a new key; if the store is full, first evict at-rest
-    /// keys from this shard, then from every shard not locked right now.
+    /// keys from this shard, then (at most once a second) from every shard
+    /// not locked right now.
     fn make_room(
         &self,
         policy: &Policy,
@@ -551,7 +569,7 @@ impl MemoryStore {
         if at.table.claim(self.max_keys) {
             return Ok(());
         }
-        if self.sweep_shard(policy, at, shard, now) == 0 {
+        if self.sweep_shard(policy, at, shard, now) == 0 && self.full_sweep_due(now) {
             for t in &self.tables {
                 for s in t.table.shards.iter() {
                     if let Some(mut other) = s.0.try_lock() {

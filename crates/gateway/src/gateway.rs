@@ -170,8 +170,15 @@ impl Gateway {
 
     /// `req_` and 16 hex digits: unique per process, and across restarts.
     pub fn next_request_id(&self) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.ids.fetch_add(1, Ordering::Relaxed);
-        format!("req_{:08x}{:08x}", self.id_prefix, n & 0xffff_ffff)
+        let v = (self.id_prefix << 32) | (n & 0xffff_ffff);
+        let mut id = String::with_capacity(20);
+        id.push_str("req_");
+        for shift in (0..16).rev() {
+            id.push(char::from(HEX[((v >> (shift * 4)) & 0xf) as usize]));
+        }
+        id
     }
 
     /// Read the config again and swap it in. An invalid config is rejected

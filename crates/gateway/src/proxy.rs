@@ -37,6 +37,8 @@ pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 /// A request as the engine reads it.
 struct HttpView<'a> {
     parts: &'a Parts,
+    /// The request's headers (moved out of `parts`, to move on upstream uncopied).
+    headers: &'a HeaderMap,
     /// The path as matched, keyed and forwarded (see `normalize_path`).
     path: &'a str,
     ip: &'a str,
@@ -53,7 +55,7 @@ impl tollgate_core::Request for HttpView<'_> {
     fn host(&self) -> Option<&str> {
         let host = match self.parts.uri.host() {
             Some(h) => h,
-            None => self.parts.headers.get(HOST)?.to_str().ok()?,
+            None => self.headers.get(HOST)?.to_str().ok()?,
         };
         // Without the port; an IPv6 literal keeps its brackets.
         Some(match host.rfind(':') {
@@ -65,7 +67,7 @@ impl tollgate_core::Request for HttpView<'_> {
         Some(self.ip)
     }
     fn header(&self, name: &str) -> Option<&str> {
-        self.parts.headers.get(name)?.to_str().ok()
+        self.headers.get(name)?.to_str().ok()
     }
     fn query(&self, name: &str) -> Option<Cow<'_, str>> {
         query_param(self.parts.uri.query()?, name)
@@ -180,22 +182,28 @@ static HOP_BY_HOP: [HeaderName; 7] = [
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in HOP_BY_HOP.iter().chain(&named) {
-        headers.remove(name);
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for name in &named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        if headers.contains_key(name) {
+            headers.remove(name);
+        }
     }
 }
 
-fn client_ip(gen: &Generation, parts: &Parts, peer: SocketAddr) -> String {
+fn client_ip(gen: &Generation, headers: &HeaderMap, peer: SocketAddr) -> String {
     if gen.settings.trust_forwarded_for {
-        let first = parts
-            .headers
+        let first = headers
             .get(&X_FORWARDED_FOR)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split(',').next())
@@ -232,8 +240,9 @@ impl Gateway {
     ) -> Result<Response<ResponseBody>, std::convert::Infallible> {
         let generation = self.current();
         let request_id = self.next_request_id();
-        let (parts, body) = req.into_parts();
-        let ip = client_ip(&generation, &parts, peer);
+        let (mut parts, body) = req.into_parts();
+        let headers = std::mem::take(&mut parts.headers);
+        let ip = client_ip(&generation, &headers, peer);
         let path = normalize_path(parts.uri.path());
         let mut log = Entry {
             enabled: self.access.enabled()
@@ -261,6 +270,7 @@ impl Gateway {
         };
         let request = Incoming_ {
             parts: &parts,
+            headers,
             path: &path,
             ip: &ip,
             peer,
@@ -298,6 +308,7 @@ impl Gateway {
         }
         let mut view = HttpView {
             parts,
+            headers: &request.headers,
             path: request.path,
             ip: request.ip,
             body: None,
@@ -307,7 +318,7 @@ impl Gateway {
             .cloned()
             .ok_or(Refusal::NoRoute)?;
         // hyper bounds the head it buffers only loosely (by read chunks).
-        let head_bytes: usize = parts
+        let head_bytes: usize = view
             .headers
             .iter()
             .map(|(n, v)| n.as_str().len() + v.len() + 4)
@@ -318,7 +329,7 @@ impl Gateway {
             });
         }
         for name in &generation.read_headers {
-            if let Some(v) = parts.headers.get(name) {
+            if let Some(v) = view.headers.get(name) {
                 if v.to_str().is_err() {
                     return Err(Refusal::BadRequest(format!(
                         "header {name} must be visible ASCII; its value has other bytes"
@@ -479,7 +490,7 @@ impl Gateway {
             c.start();
         }
         let sent = tokio::time::Instant::now();
-        let outgoing = upstream_request(&request, &upstream, body, request_id)?;
+        let outgoing = upstream_request(request, &upstream, body, request_id)?;
         let failed = match tokio::time::timeout(
             settings.upstream_timeout,
             self.client.request(outgoing),
@@ -563,7 +574,9 @@ impl Gateway {
 
 /// What `proxy` hands its phases: the request head and who sent it.
 struct Incoming_<'a> {
+    /// Everything of the request head but its headers.
     parts: &'a Parts,
+    headers: HeaderMap,
     path: &'a str,
     /// The client address the limits see (maybe from X-Forwarded-For).
     ip: &'a str,
@@ -642,36 +655,46 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
 }
 
 fn upstream_request(
-    request: &Incoming_<'_>,
+    request: Incoming_<'_>,
     upstream: &Upstream,
     body: ProxyBody,
     request_id: &str,
 ) -> Result<Request<ProxyBody>, Refusal> {
     let parts = request.parts;
-    let target = if parts.uri.path() == "*" && parts.method == hyper::Method::OPTIONS {
-        // OPTIONS * asks about the server: ask the upstream's base.
-        if upstream.base_path.is_empty() {
-            "*".to_string()
-        } else {
-            upstream.base_path.clone()
-        }
-    } else {
-        match parts.uri.query() {
-            Some(q) => format!("{}{}?{q}", upstream.base_path, request.path),
-            None => format!("{}{}", upstream.base_path, request.path),
+    let unchanged = upstream.base_path.is_empty() && request.path == parts.uri.path();
+    let target = match parts.uri.path_and_query() {
+        // The common case: the target as received (a cheap clone of its bytes).
+        Some(pq) if unchanged => pq.clone(),
+        _ => {
+            let text = if parts.uri.path() == "*" && parts.method == hyper::Method::OPTIONS {
+                // OPTIONS * asks about the server: ask the upstream's base.
+                if upstream.base_path.is_empty() {
+                    "*".to_string()
+                } else {
+                    upstream.base_path.clone()
+                }
+            } else {
+                match parts.uri.query() {
+                    Some(q) => format!("{}{}?{q}", upstream.base_path, request.path),
+                    None => format!("{}{}", upstream.base_path, request.path),
+                }
+            };
+            hyper::http::uri::PathAndQuery::try_from(text).map_err(|e| {
+                Refusal::BadRequest(format!("the request target cannot be forwarded: {e}"))
+            })?
         }
     };
-    let uri = Uri::builder()
-        .scheme("http")
-        .authority(upstream.authority.clone())
-        .path_and_query(target)
-        .build()
+    let mut uri = hyper::http::uri::Parts::default();
+    uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
+    uri.authority = Some(upstream.authority.clone());
+    uri.path_and_query = Some(target);
+    let uri = Uri::from_parts(uri)
         .map_err(|e| Refusal::BadRequest(format!("the request target cannot be forwarded: {e}")))?;
     let mut outgoing = Request::new(body);
     *outgoing.method_mut() = parts.method.clone();
     *outgoing.uri_mut() = uri;
+    *outgoing.headers_mut() = request.headers;
     let headers = outgoing.headers_mut();
-    headers.clone_from(&parts.headers);
     strip_hop_by_hop(headers);
     // One X-Forwarded-For value: the client's chain, then this hop's peer.
     let peer = request.peer.ip().to_string();

@@ -207,7 +207,8 @@ fn serve(
         Some("json") => Some(AccessLog::Json),
         Some(other) => bail!("--access-log '{other}' is not known; use off, text or json"),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // Thread per core: this runtime is the first worker; serve_workers starts the others.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
@@ -233,15 +234,20 @@ fn serve(
             tracing::warn!("no upstream: the proxy answers 404; give --upstream URL or [gateway] upstream (the check API works without one)");
         }
         let listeners = Listeners::bind(&gateway).await?;
+        let workers = match generation.settings.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
         tracing::info!(
-            "tollgate serving on http://{} (admin on {}), {} limits: {}",
+            "tollgate serving on http://{} (admin on {}), {} worker threads, {} limits: {}",
             listeners.proxy.local_addr()?,
             listeners.admin.as_ref().and_then(|a| a.local_addr().ok()).map_or("off".into(), |a| format!("http://{a}")),
+            workers,
             generation.engine.policy().limits.len(),
             generation.engine.policy().limits.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", ")
         );
         drop(generation);
-        tollgate_gateway::serve(std::sync::Arc::new(gateway), listeners, shutdown_signal()).await;
+        tollgate_gateway::serve_workers(std::sync::Arc::new(gateway), listeners, workers, shutdown_signal()).await?;
         Ok(())
     })
 }

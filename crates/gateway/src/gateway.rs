@@ -72,13 +72,18 @@ pub const MAX_PENDING_CHECKS: usize = 100_000;
 
 pub type UpstreamClient = Client<HttpConnector, crate::proxy::ProxyBody>;
 
+/// Most worker threads (`serve_workers`); more share clients round robin.
+pub const MAX_WORKERS: usize = 64;
+
 pub struct Gateway {
     current: ArcSwap<Generation>,
     source: Source,
     overrides: Overrides,
     profiles: Box<dyn ProfileSource + Send + Sync>,
     pub clock: TokioClock,
-    pub client: UpstreamClient,
+    /// One upstream client (and connection pool) per worker thread, so a
+    /// worker's requests use connections driven on its own runtime.
+    clients: Box<[UpstreamClient]>,
     pub metrics: Metrics,
     pub holds: Arc<Holds>,
     pub access: AccessLogger,
@@ -128,12 +133,16 @@ impl Gateway {
         let (policy, settings) = parse_all(&source, &text, &overrides, profiles.as_ref())?;
         let engine = Engine::new(policy);
         let generation = Generation::new(engine, settings, text, &metrics);
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(generation.settings.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(60))
-            .build(connector);
+        let clients = (0..MAX_WORKERS)
+            .map(|_| {
+                let mut connector = HttpConnector::new();
+                connector.set_connect_timeout(Some(generation.settings.connect_timeout));
+                connector.set_nodelay(true);
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(std::time::Duration::from_secs(60))
+                    .build(connector)
+            })
+            .collect();
         let admin_token = std::env::var(&generation.settings.admin_token_env)
             .ok()
             .filter(|t| !t.is_empty());
@@ -148,7 +157,7 @@ impl Gateway {
             overrides,
             profiles,
             clock,
-            client,
+            clients,
             metrics,
             holds: Arc::default(),
             access,
@@ -158,6 +167,11 @@ impl Gateway {
             pending: Mutex::default(),
             reload_lock: tokio::sync::Mutex::new(modified),
         })
+    }
+
+    /// The upstream client of a worker thread.
+    pub fn client(&self, worker: usize) -> &UpstreamClient {
+        &self.clients[worker % self.clients.len()]
     }
 
     pub fn current(&self) -> Arc<Generation> {

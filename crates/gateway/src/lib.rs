@@ -19,5 +19,5 @@ pub mod settings;
 
 pub use clock::TokioClock;
 pub use gateway::{Gateway, LoadError, Overrides, Reloaded, Source};
-pub use server::{serve, Listeners};
+pub use server::{serve, serve_workers, Listeners};
 pub use settings::{AccessLog, ErrorFormat, Settings, Upstream};

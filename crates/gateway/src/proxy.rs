@@ -237,6 +237,7 @@ impl Gateway {
         self: Arc<Self>,
         req: Request<Incoming>,
         peer: SocketAddr,
+        worker: usize,
     ) -> Result<Response<ResponseBody>, std::convert::Infallible> {
         let generation = self.current();
         let request_id = self.next_request_id();
@@ -276,7 +277,7 @@ impl Gateway {
             peer,
         };
         let response = self
-            .proxy_inner(&generation, &request_id, request, body, &mut log)
+            .proxy_inner(&generation, &request_id, request, body, worker, &mut log)
             .await;
         abandoned.entry = None;
         let response = response.unwrap_or_else(|refusal| {
@@ -298,6 +299,7 @@ impl Gateway {
         request_id: &str,
         request: Incoming_<'a>,
         body: Incoming,
+        worker: usize,
         log: &mut Entry<'a>,
     ) -> Result<Response<ResponseBody>, Refusal> {
         let settings = &generation.settings;
@@ -493,7 +495,7 @@ impl Gateway {
         let outgoing = upstream_request(request, &upstream, body, request_id)?;
         let failed = match tokio::time::timeout(
             settings.upstream_timeout,
-            self.client.request(outgoing),
+            self.client(worker).request(outgoing),
         )
         .await
         {

@@ -22,48 +22,150 @@ const CHECK_TTL: Duration = Duration::from_secs(600);
 /// Largest request head (line and headers) read; past it the client gets 431.
 pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
 
-/// The listeners a gateway serves on.
+/// The listeners a gateway serves on. The proxy socket is bound with
+/// SO_REUSEPORT so that each worker thread can accept on its own socket of
+/// the same address (the kernel spreads connections over them).
 #[derive(Debug)]
 pub struct Listeners {
     pub proxy: TcpListener,
     pub admin: Option<TcpListener>,
 }
 
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
 impl Listeners {
     /// Bind the addresses of the gateway's current config.
     pub async fn bind(gateway: &Gateway) -> std::io::Result<Listeners> {
         let settings = &gateway.current().settings;
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+        let named = |addr: SocketAddr| {
+            move |e: std::io::Error| {
+                std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
+            }
         };
-        let proxy = bind(settings.listen).await?;
+        let proxy = reuseport_listener(settings.listen)
+            .and_then(TcpListener::from_std)
+            .map_err(named(settings.listen))?;
         let admin = match settings.admin_listen {
-            Some(a) => Some(bind(a).await?),
+            Some(a) => Some(TcpListener::bind(a).await.map_err(named(a))?),
             None => None,
         };
         Ok(Listeners { proxy, admin })
     }
 }
 
-/// Serve until `shutdown` completes, then drain.
+/// Serve on the current tokio runtime until `shutdown` completes, then drain.
 pub async fn serve(
     gateway: Arc<Gateway>,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) {
-    let graceful = GracefulShutdown::new();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let upkeep = tokio::spawn(upkeep(gateway.clone()));
     let reloads = tokio::spawn(reload_triggers(gateway.clone()));
-    let mut shutdown = std::pin::pin!(shutdown);
+    let serving = accept_loop(
+        gateway.clone(),
+        listeners.proxy,
+        listeners.admin,
+        0,
+        stopped,
+    );
+    let mut serving = std::pin::pin!(serving);
+    tokio::select! {
+        () = &mut serving => {}
+        () = shutdown => {
+            let _ = stop.send(true);
+            serving.await;
+        }
+    }
+    upkeep.abort();
+    reloads.abort();
+}
+
+/// Serve on `workers` threads, each with its own single-threaded runtime and
+/// its own socket of the proxy address (thread per core, as nginx runs one
+/// process per core: no work stealing, no cross-thread wakeups per request).
+/// The calling runtime runs the first worker, the admin listener, reloads
+/// and upkeep. Returns when `shutdown` completes and every worker drained.
+pub async fn serve_workers(
+    gateway: Arc<Gateway>,
+    listeners: Listeners,
+    workers: usize,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let addr = listeners.proxy.local_addr()?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut threads = Vec::new();
+    for worker in 1..workers.max(1) {
+        let listener = reuseport_listener(addr)?;
+        let (gateway, stopped) = (gateway.clone(), stopped.clone());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("tollgate-worker-{worker}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        match TcpListener::from_std(listener) {
+                            Ok(l) => accept_loop(gateway, l, None, worker, stopped).await,
+                            Err(e) => tracing::error!("worker {worker} cannot listen: {e}"),
+                        }
+                    })
+                })?,
+        );
+    }
+    let upkeep = tokio::spawn(upkeep(gateway.clone()));
+    let reloads = tokio::spawn(reload_triggers(gateway.clone()));
+    let serving = accept_loop(
+        gateway.clone(),
+        listeners.proxy,
+        listeners.admin,
+        0,
+        stopped,
+    );
+    let mut serving = std::pin::pin!(serving);
+    tokio::select! {
+        () = &mut serving => {}
+        () = shutdown => {
+            let _ = stop.send(true);
+            serving.await;
+        }
+    }
+    upkeep.abort();
+    reloads.abort();
+    for t in threads {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
+    Ok(())
+}
+
+/// Accept and serve connections until `stopped` turns true, then stop
+/// accepting and wait (up to the grace) for the connections to finish.
+async fn accept_loop(
+    gateway: Arc<Gateway>,
+    proxy: TcpListener,
+    admin: Option<TcpListener>,
+    worker: usize,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
     loop {
         let accepted = tokio::select! {
-            () = &mut shutdown => break,
-            a = listeners.proxy.accept() => a.map(|(s, p)| (s, p, false)),
-            a = accept_admin(listeners.admin.as_ref()) => a.map(|(s, p)| (s, p, true)),
+            _ = stopped.wait_for(|s| *s) => break,
+            a = proxy.accept() => a.map(|(s, p)| (s, p, false)),
+            a = accept_admin(admin.as_ref()) => a.map(|(s, p)| (s, p, true)),
         };
-        let (stream, peer, admin) = match accepted {
+        let (stream, peer, is_admin) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 // Out of file descriptors and the like: back off, keep serving.
@@ -80,28 +182,31 @@ pub async fn serve(
             .max_buf_size(MAX_HEAD_BYTES)
             .timer(TokioTimer::new())
             .header_read_timeout(Duration::from_secs(30));
-        if admin {
+        if is_admin {
             let conn = builder.serve_connection(io, service_fn(move |req| gw.clone().admin(req)));
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
                 let _ = conn.await;
             });
         } else {
-            let conn =
-                builder.serve_connection(io, service_fn(move |req| gw.clone().proxy(req, peer)));
+            let conn = builder.serve_connection(
+                io,
+                service_fn(move |req| gw.clone().proxy(req, peer, worker)),
+            );
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
                 let _ = conn.await;
             });
         }
     }
-    drop(listeners);
-    upkeep.abort();
-    reloads.abort();
+    drop(proxy);
+    drop(admin);
     let grace = gateway.current().settings.shutdown_grace;
-    tracing::info!(
-        "shutting down: no new connections; waiting up to {grace:?} for requests in flight"
-    );
+    if worker == 0 {
+        tracing::info!(
+            "shutting down: no new connections; waiting up to {grace:?} for requests in flight"
+        );
+    }
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()

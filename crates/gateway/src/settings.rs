@@ -35,6 +35,8 @@ pub struct Settings {
     pub trust_forwarded_for: bool,
     /// Seconds between reads of the config file's modification time.
     pub watch_interval: Duration,
+    /// Worker threads (one single-threaded runtime each); 0: one per CPU.
+    pub workers: usize,
     pub response: ResponseSettings,
 }
 
@@ -109,6 +111,7 @@ impl Default for Settings {
             shutdown_grace: Duration::from_secs(10),
             trust_forwarded_for: false,
             watch_interval: Duration::from_secs(2),
+            workers: 0,
             response: ResponseSettings::default(),
         }
     }
@@ -138,6 +141,7 @@ struct RawGateway {
     shutdown_grace: Option<Spanned<String>>,
     trust_forwarded_for: Option<bool>,
     watch_interval: Option<Spanned<String>>,
+    workers: Option<Spanned<usize>>,
 }
 
 #[derive(Deserialize)]
@@ -267,6 +271,18 @@ impl Settings {
                         ))
                     }
                 };
+            }
+            if let Some(v) = &g.workers {
+                if *v.get_ref() > crate::gateway::MAX_WORKERS {
+                    return Err(err(
+                        v.span().start,
+                        format!(
+                            "gateway workers must be at most {}",
+                            crate::gateway::MAX_WORKERS
+                        ),
+                    ));
+                }
+                s.workers = *v.get_ref();
             }
             if let Some(v) = g.trust_forwarded_for {
                 s.trust_forwarded_for = v;

@@ -233,12 +233,25 @@ async fn the_check_api_decides_and_report_debits_latency() {
 
 /// Many connections at once admit exactly what `tollgate simulate` admits for
 /// the same arrivals: no over-admission under concurrency, all-or-nothing
-/// across limits.
+/// across limits. On one runtime, and on two worker threads as `serve` runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_connections_admit_exactly_what_simulate_admits() {
     let up = upstream().await;
-    let policy = "[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 40\nrefill = \"1/h\"\n[[limit]]\nname = \"global\"\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 100\n";
-    let gw = start(&format!("{}{policy}", gateway_section(up.addr))).await;
+    let gw = start(&format!("{}{EXACT_POLICY}", gateway_section(up.addr))).await;
+    admits_exactly_what_simulate_admits(&gw, &up).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_worker_threads_admit_exactly_what_simulate_admits() {
+    let up = upstream().await;
+    let mut gw = start_workers(&format!("{}{EXACT_POLICY}", gateway_section(up.addr)), 2).await;
+    admits_exactly_what_simulate_admits(&gw, &up).await;
+    gw.shutdown().await;
+}
+
+const EXACT_POLICY: &str = "[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 40\nrefill = \"1/h\"\n[[limit]]\nname = \"global\"\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 100\n";
+
+async fn admits_exactly_what_simulate_admits(gw: &Running, up: &Upstream) {
     let tenants = ["a", "b", "c", "d"];
     const PER_TENANT: usize = 60;
     const CONNECTIONS: usize = 32;
@@ -264,7 +277,7 @@ async fn concurrent_connections_admit_exactly_what_simulate_admits() {
     }
     let mut admitted: BTreeMap<&str, usize> = BTreeMap::new();
     for t in tasks {
-        for (tenant, n) in t.await.unwrap() {
+        for (tenant, n) in t.await.expect("client task") {
             *admitted.entry(tenant).or_default() += n;
         }
     }
@@ -277,16 +290,15 @@ async fn concurrent_connections_admit_exactly_what_simulate_admits() {
             )
         })
         .collect();
-    let engine = tollgate_store::Engine::new(
-        tollgate_core::parse(policy, &tollgate_core::NoProfiles).unwrap(),
-    );
+    let policy = tollgate_core::parse(EXACT_POLICY, &tollgate_core::NoProfiles).expect("policy");
+    let engine = tollgate_store::Engine::new(policy);
     let options = tollgate_sim::Options {
         start: EPOCH,
         decisions: false,
         per_key: false,
     };
-    let summary =
-        tollgate_sim::simulate(&engine, options, trace.as_bytes(), std::io::sink()).unwrap();
+    let summary = tollgate_sim::simulate(&engine, options, trace.as_bytes(), std::io::sink())
+        .expect("simulate");
     let total: usize = admitted.values().sum();
     assert_eq!(total as u64, summary.admitted, "{admitted:?}");
     assert_eq!(total, 100, "the global window admits 100 in all");

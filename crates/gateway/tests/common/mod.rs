@@ -192,6 +192,40 @@ async fn start_from(source: Source) -> Running {
     start_with(source, Box::new(NoProfiles)).await
 }
 
+/// On `workers` threads (`serve_workers`), as `tollgate serve` runs.
+pub async fn start_workers(config: &str, workers: usize) -> Running {
+    let gateway = Gateway::new(
+        Source::Text(config.to_string()),
+        Overrides::default(),
+        Box::new(NoProfiles),
+        TokioClock::starting_at(EPOCH),
+    )
+    .expect("config loads");
+    let gateway = Arc::new(gateway);
+    let listeners = Listeners::bind(&gateway).await.expect("bind");
+    let proxy = listeners.proxy.local_addr().expect("addr");
+    let admin = listeners
+        .admin
+        .as_ref()
+        .expect("admin listener")
+        .local_addr()
+        .expect("addr");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = tollgate_gateway::serve_workers(gateway.clone(), listeners, workers, async {
+        let _ = rx.await;
+    });
+    let task = tokio::spawn(async move {
+        serving.await.expect("workers start");
+    });
+    Running {
+        gateway,
+        proxy,
+        admin,
+        shutdown: Some(tx),
+        task: Some(task),
+    }
+}
+
 async fn start_with(
     source: Source,
     profiles: Box<dyn tollgate_core::ProfileSource + Send + Sync>,

@@ -201,7 +201,23 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn client_ip(gen: &Generation, headers: &HeaderMap, peer: SocketAddr) -> String {
+/// The other end of a connection, formatted once per connection.
+#[derive(Debug)]
+pub struct Peer {
+    pub ip: String,
+    /// `ip` as a header value: this hop's part of X-Forwarded-For.
+    ip_header: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        let ip = addr.ip().to_string();
+        let ip_header = HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown"));
+        Peer { ip, ip_header }
+    }
+}
+
+fn client_ip<'p>(gen: &Generation, headers: &HeaderMap, peer: &'p Peer) -> Cow<'p, str> {
     if gen.settings.trust_forwarded_for {
         let first = headers
             .get(&X_FORWARDED_FOR)
@@ -210,10 +226,10 @@ fn client_ip(gen: &Generation, headers: &HeaderMap, peer: SocketAddr) -> String 
             .map(str::trim)
             .filter(|v| !v.is_empty());
         if let Some(ip) = first {
-            return ip.to_string();
+            return Cow::Owned(ip.to_string());
         }
     }
-    peer.ip().to_string()
+    Cow::Borrowed(&peer.ip)
 }
 
 /// The request's first key, readable: parts separated by '|'.
@@ -236,14 +252,14 @@ impl Gateway {
     pub async fn proxy(
         self: Arc<Self>,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        peer: Arc<Peer>,
         worker: usize,
     ) -> Result<Response<ResponseBody>, std::convert::Infallible> {
         let generation = self.current();
         let request_id = self.next_request_id();
         let (mut parts, body) = req.into_parts();
         let headers = std::mem::take(&mut parts.headers);
-        let ip = client_ip(&generation, &headers, peer);
+        let ip = client_ip(&generation, &headers, &peer);
         let path = normalize_path(parts.uri.path());
         let mut log = Entry {
             enabled: self.access.enabled()
@@ -274,7 +290,7 @@ impl Gateway {
             headers,
             path: &path,
             ip: &ip,
-            peer,
+            peer: &peer,
         };
         let response = self
             .proxy_inner(&generation, &request_id, request, body, worker, &mut log)
@@ -492,7 +508,9 @@ impl Gateway {
             c.start();
         }
         let sent = tokio::time::Instant::now();
-        let outgoing = upstream_request(request, &upstream, body, request_id)?;
+        // Validated once, shared by the upstream request and the response.
+        let id_header = HeaderValue::from_str(request_id).ok();
+        let outgoing = upstream_request(request, &upstream, body, id_header.clone())?;
         let failed = match tokio::time::timeout(
             settings.upstream_timeout,
             self.client(worker).request(outgoing),
@@ -518,7 +536,7 @@ impl Gateway {
                 self.metrics.upstream_seconds.observe(upstream_time);
                 log.upstream_ms = Some(upstream_time * 1e3);
                 return Ok(self.relay(
-                    generation, request_id, &items, &decision, response, completion,
+                    generation, id_header, &items, &decision, response, completion,
                 ));
             }
         };
@@ -543,7 +561,7 @@ impl Gateway {
     fn relay(
         &self,
         generation: &Generation,
-        request_id: &str,
+        id_header: Option<HeaderValue>,
         items: &[Item],
         decision: &tollgate_core::Decision,
         response: Response<Incoming>,
@@ -561,7 +579,7 @@ impl Gateway {
             items,
             decision,
         );
-        if let Ok(id) = HeaderValue::from_str(request_id) {
+        if let Some(id) = id_header {
             head.headers.insert(X_REQUEST_ID.clone(), id);
         }
         Response::from_parts(
@@ -583,7 +601,7 @@ struct Incoming_<'a> {
     /// The client address the limits see (maybe from X-Forwarded-For).
     ip: &'a str,
     /// The connection's peer: the hop appended to X-Forwarded-For.
-    peer: SocketAddr,
+    peer: &'a Peer,
 }
 
 /// Logs a request whose client went away before it was answered (held, or
@@ -660,7 +678,7 @@ fn upstream_request(
     request: Incoming_<'_>,
     upstream: &Upstream,
     body: ProxyBody,
-    request_id: &str,
+    id_header: Option<HeaderValue>,
 ) -> Result<Request<ProxyBody>, Refusal> {
     let parts = request.parts;
     let unchanged = upstream.base_path.is_empty() && request.path == parts.uri.path();
@@ -699,17 +717,20 @@ fn upstream_request(
     let headers = outgoing.headers_mut();
     strip_hop_by_hop(headers);
     // One X-Forwarded-For value: the client's chain, then this hop's peer.
-    let peer = request.peer.ip().to_string();
-    let chain: Vec<&str> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .chain([peer.as_str()])
-        .collect();
-    if let Ok(v) = HeaderValue::from_str(&chain.join(", ")) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
+    if headers.contains_key(&X_FORWARDED_FOR) {
+        let chain: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .chain([request.peer.ip.as_str()])
+            .collect();
+        if let Ok(v) = HeaderValue::from_str(&chain.join(", ")) {
+            headers.insert(X_FORWARDED_FOR.clone(), v);
+        }
+    } else {
+        headers.insert(X_FORWARDED_FOR.clone(), request.peer.ip_header.clone());
     }
-    if let Ok(id) = HeaderValue::from_str(request_id) {
+    if let Some(id) = id_header {
         headers.insert(X_REQUEST_ID.clone(), id);
     }
     Ok(outgoing)

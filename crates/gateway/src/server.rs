@@ -189,9 +189,10 @@ async fn accept_loop(
                 let _ = conn.await;
             });
         } else {
+            let peer = Arc::new(crate::proxy::Peer::new(peer));
             let conn = builder.serve_connection(
                 io,
-                service_fn(move |req| gw.clone().proxy(req, peer, worker)),
+                service_fn(move |req| gw.clone().proxy(req, peer.clone(), worker)),
             );
             let conn = graceful.watch(conn);
             tokio::spawn(async move {

@@ -143,28 +143,38 @@ impl Refusal {
     /// when configured (whole seconds, rounded up).
     pub fn response(&self, settings: &ResponseSettings, request_id: &str) -> Response<Full<Bytes>> {
         let status = self.status();
+        let (title, detail) = (self.title(), self.detail());
         let (content_type, body) = match settings.format {
             ErrorFormat::Problem => {
+                let generic;
                 let kind = if matches!(self, Refusal::RateLimited { .. }) {
-                    settings.problem_type.clone()
+                    settings.problem_type.as_str()
                 } else {
-                    format!("https://tollgate.dev/errors/{}", self.code())
+                    generic = format!("https://tollgate.dev/errors/{}", self.code());
+                    generic.as_str()
                 };
-                let body = serde_json::json!({
-                    "type": kind,
-                    "title": self.title(),
-                    "status": status.as_u16(),
-                    "detail": self.detail(),
-                    "instance": request_id,
-                });
-                ("application/problem+json", body)
+                let problem = Problem {
+                    kind,
+                    title: &title,
+                    status: status.as_u16(),
+                    detail: &detail,
+                    instance: request_id,
+                };
+                ("application/problem+json", serde_json::to_vec(&problem))
             }
-            ErrorFormat::Errors => (
-                "application/json",
-                serde_json::json!({ "errors": [{ "code": self.code(), "message": self.detail() }] }),
-            ),
+            ErrorFormat::Errors => {
+                let errors = Errors {
+                    errors: [ErrorItem {
+                        code: self.code(),
+                        message: &detail,
+                    }],
+                };
+                ("application/json", serde_json::to_vec(&errors))
+            }
         };
-        let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+        // Serializing plain strings and numbers cannot fail.
+        let body = body.unwrap_or_default();
+        let mut response = Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = status;
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -182,6 +192,29 @@ impl Refusal {
         }
         response
     }
+}
+
+/// RFC 9457 problem details, in the RFC's field order.
+#[derive(serde::Serialize)]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    title: &'a str,
+    status: u16,
+    detail: &'a str,
+    instance: &'a str,
+}
+
+/// Seed 004's error body.
+#[derive(serde::Serialize)]
+struct Errors<'a> {
+    errors: [ErrorItem<'a>; 1],
+}
+
+#[derive(serde::Serialize)]
+struct ErrorItem<'a> {
+    code: &'a str,
+    message: &'a str,
 }
 
 /// Seconds rounded up: waiting that long is always enough.

@@ -235,7 +235,9 @@ fn serve(
         }
         let listeners = Listeners::bind(&gateway).await?;
         let workers = match generation.settings.workers {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(tollgate_gateway::MAX_WORKERS),
             n => n,
         };
         tracing::info!(

@@ -407,10 +407,19 @@ impl Gateway {
             ..
         } = decision.verdict
         {
-            let holding = || items.iter().filter(|i| policy.limits[i.limit].hold > 0);
-            let longest = holding().map(|i| policy.limits[i.limit].hold).max();
-            if longest.is_some_and(|hold| wait <= hold) {
-                places = holding()
+            // The limits that make it wait (enforcing, denying on their own):
+            // as in `decide`, the shortest of their holds bounds the wait, and
+            // only their keys' queues take a place.
+            let blocking: Vec<&Item> = items
+                .iter()
+                .zip(&decision.outcomes)
+                .filter(|(_, o)| !o.shadow && !o.allowed)
+                .map(|(i, _)| i)
+                .collect();
+            let hold = blocking.iter().map(|i| policy.limits[i.limit].hold).min();
+            if hold.is_some_and(|hold| wait <= hold) {
+                places = blocking
+                    .iter()
                     .map_while(|i| {
                         self.holds.claim(
                             i.limit,
@@ -420,7 +429,7 @@ impl Gateway {
                         )
                     })
                     .collect();
-                if places.len() == holding().count() {
+                if places.len() == blocking.len() {
                     now = self.clock.now();
                     decision = generation
                         .engine

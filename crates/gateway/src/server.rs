@@ -52,6 +52,11 @@ impl Listeners {
                 std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
             }
         };
+        // SO_REUSEPORT would let a second tollgate share the address and
+        // split the traffic (and the quotas): first make sure it is free.
+        if settings.listen.port() != 0 {
+            drop(std::net::TcpListener::bind(settings.listen).map_err(named(settings.listen))?);
+        }
         let proxy = reuseport_listener(settings.listen)
             .and_then(TcpListener::from_std)
             .map_err(named(settings.listen))?;

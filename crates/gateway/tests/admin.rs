@@ -305,3 +305,28 @@ async fn admits_exactly_what_simulate_admits(gw: &Running, up: &Upstream) {
     assert!(admitted.values().all(|n| *n <= 40), "{admitted:?}");
     assert_eq!(up.received(), 100);
 }
+
+#[tokio::test]
+async fn a_second_gateway_cannot_take_a_listening_address() {
+    let up = upstream().await;
+    let first = start(&limits(up.addr, 2, "")).await;
+    let taken = limits(up.addr, 2, "").replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"{}\"", first.proxy),
+    );
+    let second = tollgate_gateway::Gateway::new(
+        tollgate_gateway::Source::Text(taken),
+        tollgate_gateway::Overrides::default(),
+        Box::new(tollgate_core::NoProfiles),
+        tollgate_gateway::TokioClock::starting_at(EPOCH),
+    )
+    .unwrap();
+    let e = tollgate_gateway::Listeners::bind(&second)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with(&format!("cannot listen on {}", first.proxy)),
+        "{e}"
+    );
+}

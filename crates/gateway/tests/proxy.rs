@@ -688,3 +688,29 @@ async fn a_client_that_leaves_while_held_is_not_charged_latency() {
         "{metrics}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn only_the_limits_that_make_a_request_wait_take_hold_places() {
+    let up = upstream().await;
+    // A shadow limit with a hold, keyed by ip (every test request shares it),
+    // must never turn a hold into a 429 by filling its queue.
+    let config = format!(
+        "{}max_held_per_key = 1\n[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 1\nrefill = \"1/s\"\nhold = \"2s\"\n[[limit]]\nname = \"ip-shadow\"\nkey = [\"ip\"]\nalgorithm = \"token_bucket\"\ncapacity = 1000\nrefill = \"1/s\"\nhold = \"2s\"\nmode = \"shadow\"\n",
+        gateway_section(up.addr)
+    );
+    let gw = start(&config).await;
+    let client = client();
+    for tenant in ["a", "b"] {
+        assert_eq!(get(&client, &gw.url("/"), tenant).await.status(), 200);
+    }
+    let url = gw.url("/");
+    let send = |delay_ms: u64, tenant: &'static str| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            get(&client, &url, tenant).await.status().as_u16()
+        }
+    };
+    // Each tenant's own queue has room for one: both are held, then run.
+    assert_eq!(tokio::join!(send(0, "a"), send(1, "b")), (200, 200));
+}

@@ -105,12 +105,8 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Check { config } => {
-            let policy = load_config(&config)?;
-            let text = std::fs::read_to_string(&config)?;
-            tollgate_gateway::Settings::parse(&text).map_err(|e| match e.line {
-                Some(line) => anyhow::anyhow!("{}:{line}: {}", config.display(), e.message),
-                None => anyhow::anyhow!("{}: {}", config.display(), e.message),
-            })?;
+            // Exactly what `serve` loads: the limits and the gateway's tables.
+            let policy = load_policy(&tollgate_gateway::Source::File(config.clone()))?;
             let names: Vec<_> = policy
                 .limits
                 .iter()
@@ -126,7 +122,7 @@ fn run(cli: Cli) -> Result<()> {
             summary,
             out,
         } => {
-            let policy = load_policy(&policy)?;
+            let policy = load_policy(&source_of(&policy)?)?;
             let start = parse_start(&start)?;
             let engine = Engine::new(policy);
             let input: Box<dyn BufRead> = if trace == Path::new("-") {
@@ -187,19 +183,13 @@ fn serve(
     access_log: Option<String>,
 ) -> Result<()> {
     use std::io::IsTerminal;
-    use tollgate_gateway::{
-        AccessLog, Gateway, Listeners, Overrides, Source, TokioClock, Upstream,
-    };
+    use tollgate_gateway::{AccessLog, Gateway, Listeners, Overrides, TokioClock, Upstream};
     tracing_subscriber::fmt()
         .with_writer(io::stderr)
         .with_ansi(io::stderr().is_terminal())
         .with_target(false)
         .init();
-    let source = match (policy.config, policy.profile) {
-        (Some(path), _) => Source::File(path),
-        (None, Some(name)) => Source::Profile(name),
-        (None, None) => bail!("give --config FILE or --profile NAME"),
-    };
+    let source = source_of(&policy)?;
     let access_log = match access_log.as_deref() {
         None => None,
         Some("off") => Some(AccessLog::Off),
@@ -272,25 +262,19 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-fn load_policy(args: &PolicyArgs) -> Result<Policy> {
+fn source_of(args: &PolicyArgs) -> Result<tollgate_gateway::Source> {
     match (&args.config, &args.profile) {
-        (Some(path), _) => load_config(path),
-        (None, Some(name)) => {
-            let text = format!("profile = {name:?}\n");
-            tollgate_core::parse(&text, &tollgate_profiles::Bundled)
-                .map_err(|e| anyhow::anyhow!("{}", e.message))
-        }
+        (Some(path), _) => Ok(tollgate_gateway::Source::File(path.clone())),
+        (None, Some(name)) => Ok(tollgate_gateway::Source::Profile(name.clone())),
         (None, None) => bail!("give --config FILE or --profile NAME"),
     }
 }
 
-fn load_config(path: &Path) -> Result<Policy> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read config {}", path.display()))?;
-    tollgate_core::parse(&text, &tollgate_profiles::Bundled).map_err(|e| match e.line {
-        Some(line) => anyhow::anyhow!("{}:{line}: {}", path.display(), e.message),
-        None => anyhow::anyhow!("{}: {}", path.display(), e.message),
-    })
+/// A config's policy, loaded and checked as `serve` loads it.
+fn load_policy(source: &tollgate_gateway::Source) -> Result<Policy> {
+    let overrides = tollgate_gateway::Overrides::default();
+    let (_, policy, _) = tollgate_gateway::load(source, &overrides, &tollgate_profiles::Bundled)?;
+    Ok(policy)
 }
 
 fn parse_start(text: &str) -> Result<Nanos> {

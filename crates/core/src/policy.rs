@@ -84,6 +84,11 @@ impl Limit {
     pub fn is_latency(&self) -> bool {
         self.cost == Cost::Latency
     }
+    /// Whether a request it admits owes it something when the request
+    /// completes: a latency debit or a concurrency release.
+    pub fn settles_at_completion(&self) -> bool {
+        self.is_latency() || self.algorithm == AlgorithmKind::Concurrency
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 const BACKLOG: usize = 1 << 16;
 
 /// One request as logged.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Entry<'a> {
     /// Whether this request is logged (else the costlier fields stay empty).
     pub enabled: bool,

@@ -277,10 +277,7 @@ impl Gateway {
         tollgate_sim::write_decision(&mut out, &t, engine.policy(), &items, &decision);
         let mut text = String::from_utf8_lossy(&out).into_owned();
         let committed: Vec<Item> = tollgate_store::committed(&items, &decision)
-            .filter(|i| {
-                let l = &engine.policy().limits[i.limit];
-                l.is_latency() || l.algorithm == tollgate_core::policy::AlgorithmKind::Concurrency
-            })
+            .filter(|i| engine.policy().limits[i.limit].settles_at_completion())
             .cloned()
             .collect();
         if !committed.is_empty() {

@@ -129,8 +129,7 @@ impl Gateway {
     ) -> Result<Gateway, LoadError> {
         let metrics = Metrics::default();
         let modified = modified_time(&source);
-        let text = read_source(&source)?;
-        let (policy, settings) = parse_all(&source, &text, &overrides, profiles.as_ref())?;
+        let (text, policy, settings) = load(&source, &overrides, profiles.as_ref())?;
         let engine = Engine::new(policy);
         let generation = Generation::new(engine, settings, text, &metrics);
         let clients = (0..MAX_WORKERS)
@@ -230,9 +229,7 @@ impl Gateway {
     }
 
     fn load_next(&self) -> Result<Reloaded, LoadError> {
-        let text = read_source(&self.source)?;
-        let (policy, settings) =
-            parse_all(&self.source, &text, &self.overrides, self.profiles.as_ref())?;
+        let (text, policy, settings) = load(&self.source, &self.overrides, self.profiles.as_ref())?;
         let old = self.current.load_full();
         if settings.listen != old.settings.listen
             || settings.admin_listen != old.settings.admin_listen
@@ -304,13 +301,22 @@ impl Generation {
     }
 }
 
-fn read_source(source: &Source) -> Result<String, LoadError> {
-    match source {
+/// Read and check a config as `serve` loads it (limits, `[gateway]`,
+/// `[response]` over its profile's, then the command line's overrides):
+/// its text, policy and settings. `tollgate check` runs exactly this.
+pub fn load(
+    source: &Source,
+    overrides: &Overrides,
+    profiles: &dyn ProfileSource,
+) -> Result<(String, tollgate_core::Policy, Settings), LoadError> {
+    let text = match source {
         Source::File(path) => std::fs::read_to_string(path)
-            .map_err(|e| LoadError::Io(format!("{}: {e}", path.display()))),
-        Source::Profile(name) => Ok(format!("profile = {name:?}\n")),
-        Source::Text(text) => Ok(text.clone()),
-    }
+            .map_err(|e| LoadError::Io(format!("cannot read config {}: {e}", path.display())))?,
+        Source::Profile(name) => format!("profile = {name:?}\n"),
+        Source::Text(text) => text.clone(),
+    };
+    let (policy, settings) = parse_all(source, &text, overrides, profiles)?;
+    Ok((text, policy, settings))
 }
 
 /// The config file's modification time (None for other sources).
@@ -332,9 +338,14 @@ fn parse_all(
         Source::Profile(n) => format!("profile {n}"),
         Source::Text(_) => "config".into(),
     };
-    let fail = |error| LoadError::Config {
-        path: name.clone(),
-        error,
+    let fail = |mut error: ConfigError| {
+        if let Source::Profile(_) = source {
+            error.line = None; // the one-line text is ours, not the user's
+        }
+        LoadError::Config {
+            path: name.clone(),
+            error,
+        }
     };
     let policy = tollgate_core::parse(text, profiles).map_err(fail)?;
     // A profile may bring its vendor's response shape; the config's own tables win.

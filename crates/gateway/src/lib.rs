@@ -18,6 +18,6 @@ mod server;
 pub mod settings;
 
 pub use clock::TokioClock;
-pub use gateway::{Gateway, LoadError, Overrides, Reloaded, Source, MAX_WORKERS};
-pub use server::{serve, serve_workers, Listeners};
+pub use gateway::{load, Gateway, LoadError, Overrides, Reloaded, Source, MAX_WORKERS};
+pub use server::{serve_workers, Listeners};
 pub use settings::{AccessLog, ErrorFormat, Settings, Upstream};

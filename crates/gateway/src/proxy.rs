@@ -24,10 +24,10 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use tollgate_core::policy::{AlgorithmKind, Cost};
+use tollgate_core::policy::Cost;
 use tollgate_core::request::query_param;
 use tollgate_core::units::NANOS_PER_MICRO;
-use tollgate_core::{Clock, Item, Nanos, Verdict};
+use tollgate_core::{Clock, Decision, Item, Nanos, Verdict};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// What goes to the upstream: the client's body streamed, or the bytes read
@@ -138,10 +138,7 @@ impl Completion {
     ) -> Option<Completion> {
         let policy = generation.engine.policy();
         let items: Vec<Item> = committed
-            .filter(|i| {
-                let l = &policy.limits[i.limit];
-                l.is_latency() || l.algorithm == AlgorithmKind::Concurrency
-            })
+            .filter(|i| policy.limits[i.limit].settles_at_completion())
             .collect();
         (!items.is_empty()).then(|| Completion {
             generation: generation.clone(),
@@ -275,14 +272,9 @@ impl Gateway {
         let mut abandoned = Abandoned {
             gateway: &self,
             entry: Some(Entry {
-                enabled: log.enabled,
-                request_id: &request_id,
-                ip: &ip,
-                method: parts.method.as_str(),
-                path: &path,
                 status: 499,
                 decision: "abandoned",
-                ..Entry::default()
+                ..log.clone()
             }),
         };
         let request = Incoming_ {
@@ -462,18 +454,7 @@ impl Gateway {
                     limit: name.clone(),
                     retry_after,
                 };
-                let mut response = refusal
-                    .response(&settings.response, request_id)
-                    .map(ResponseBody::local);
-                add_rate_headers(
-                    response.headers_mut(),
-                    &settings.response,
-                    policy,
-                    &generation.policy_items,
-                    &items,
-                    &decision,
-                );
-                return Ok(response);
+                return Ok(generation.answer(refusal, request_id, &items, &decision));
             }
             Verdict::Never {
                 limit,
@@ -520,24 +501,22 @@ impl Gateway {
         // Validated once, shared by the upstream request and the response.
         let id_header = HeaderValue::from_str(request_id).ok();
         let outgoing = upstream_request(request, &upstream, body, id_header.clone())?;
-        let failed = match tokio::time::timeout(
+        let refusal = match tokio::time::timeout(
             settings.upstream_timeout,
             self.client(worker).request(outgoing),
         )
         .await
         {
-            Err(_) => Some(Refusal::UpstreamTimeout),
+            Err(_) => Refusal::UpstreamTimeout,
             Ok(Err(e)) => {
                 let cause =
                     std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
                 // The detail goes to clients: the upstream's address stays in the log.
                 tracing::warn!(upstream = %upstream.authority, "upstream request failed: {cause}");
-                Some(if e.is_connect() {
-                    Refusal::UpstreamFailed("The upstream could not be reached.".into())
+                Refusal::UpstreamFailed(if e.is_connect() {
+                    "The upstream could not be reached.".into()
                 } else {
-                    Refusal::UpstreamFailed(
-                        "The upstream connection failed before a response (or the request body was cut short).".into(),
-                    )
+                    "The upstream connection failed before a response (or the request body was cut short).".into()
                 })
             }
             Ok(Ok(response)) => {
@@ -550,19 +529,7 @@ impl Gateway {
             }
         };
         // Admitted, so it used quota: the answer still says what is left.
-        let mut response = failed
-            .unwrap_or(Refusal::UpstreamTimeout)
-            .response(&settings.response, request_id)
-            .map(ResponseBody::local);
-        add_rate_headers(
-            response.headers_mut(),
-            &settings.response,
-            policy,
-            &generation.policy_items,
-            &items,
-            &decision,
-        );
-        Ok(response)
+        Ok(generation.answer(refusal, request_id, &items, &decision))
     }
 
     /// The upstream's response, with the rate-limit headers, streamed back;
@@ -572,22 +539,13 @@ impl Gateway {
         generation: &Generation,
         id_header: Option<HeaderValue>,
         items: &[Item],
-        decision: &tollgate_core::Decision,
+        decision: &Decision,
         response: Response<Incoming>,
         completion: Option<Completion>,
     ) -> Response<ResponseBody> {
-        let settings = &generation.settings;
-        let policy = generation.engine.policy();
         let (mut head, body) = response.into_parts();
         strip_hop_by_hop(&mut head.headers);
-        add_rate_headers(
-            &mut head.headers,
-            &settings.response,
-            policy,
-            &generation.policy_items,
-            items,
-            decision,
-        );
+        generation.add_rate_headers(&mut head.headers, items, decision);
         if let Some(id) = id_header {
             head.headers.insert(X_REQUEST_ID.clone(), id);
         }
@@ -598,6 +556,35 @@ impl Gateway {
                 completion,
             },
         )
+    }
+}
+
+impl Generation {
+    /// The rate-limit headers of this config for a decision.
+    fn add_rate_headers(&self, headers: &mut HeaderMap, items: &[Item], decision: &Decision) {
+        add_rate_headers(
+            headers,
+            &self.settings.response,
+            self.engine.policy(),
+            &self.policy_items,
+            items,
+            decision,
+        );
+    }
+
+    /// The gateway's own answer to a decided request, with its rate-limit headers.
+    fn answer(
+        &self,
+        refusal: Refusal,
+        request_id: &str,
+        items: &[Item],
+        decision: &Decision,
+    ) -> Response<ResponseBody> {
+        let mut response = refusal
+            .response(&self.settings.response, request_id)
+            .map(ResponseBody::local);
+        self.add_rate_headers(response.headers_mut(), items, decision);
+        response
     }
 }
 

@@ -68,37 +68,11 @@ impl Listeners {
     }
 }
 
-/// Serve on the current tokio runtime until `shutdown` completes, then drain.
-pub async fn serve(
-    gateway: Arc<Gateway>,
-    listeners: Listeners,
-    shutdown: impl Future<Output = ()>,
-) {
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let upkeep = tokio::spawn(upkeep(gateway.clone()));
-    let reloads = tokio::spawn(reload_triggers(gateway.clone()));
-    let serving = accept_loop(
-        gateway.clone(),
-        listeners.proxy,
-        listeners.admin,
-        0,
-        stopped,
-    );
-    let mut serving = std::pin::pin!(serving);
-    tokio::select! {
-        () = &mut serving => {}
-        () = shutdown => {
-            let _ = stop.send(true);
-            serving.await;
-        }
-    }
-    upkeep.abort();
-    reloads.abort();
-}
-
-/// Serve on `workers` threads, each with its own single-threaded runtime and
-/// its own socket of the proxy address (thread per core, as nginx runs one
-/// process per core: no work stealing, no cross-thread wakeups per request).
+/// Serve until `shutdown` completes, then drain. With more than one worker,
+/// the others run on threads of their own, each with a single-threaded
+/// runtime and its own socket of the proxy address (thread per core, as nginx
+/// runs one process per core: no work stealing, no cross-thread wakeups per
+/// request). One worker runs on the calling runtime alone and cannot fail.
 /// The calling runtime runs the first worker, the admin listener, reloads
 /// and upkeep. Returns when `shutdown` completes and every worker drained.
 pub async fn serve_workers(
@@ -107,11 +81,10 @@ pub async fn serve_workers(
     workers: usize,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let addr = listeners.proxy.local_addr()?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut threads = Vec::new();
     for worker in 1..workers.max(1) {
-        let listener = reuseport_listener(addr)?;
+        let listener = reuseport_listener(listeners.proxy.local_addr()?)?;
         let (gateway, stopped) = (gateway.clone(), stopped.clone());
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -188,21 +161,12 @@ async fn accept_loop(
             .timer(TokioTimer::new())
             .header_read_timeout(Duration::from_secs(30));
         if is_admin {
-            let conn = builder.serve_connection(io, service_fn(move |req| gw.clone().admin(req)));
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
+            let service = service_fn(move |req| gw.clone().admin(req));
+            tokio::spawn(graceful.watch(builder.serve_connection(io, service)));
         } else {
             let peer = Arc::new(crate::proxy::Peer::new(peer));
-            let conn = builder.serve_connection(
-                io,
-                service_fn(move |req| gw.clone().proxy(req, peer.clone(), worker)),
-            );
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
+            let service = service_fn(move |req| gw.clone().proxy(req, peer.clone(), worker));
+            tokio::spawn(graceful.watch(builder.serve_connection(io, service)));
         }
     }
     drop(proxy);

@@ -70,11 +70,8 @@ async fn a_reload_keeps_counters_of_unchanged_limits_and_rejects_bad_configs() {
         "{detail}"
     );
     assert_eq!(get(&client, &gw.url("/"), "globex").await.status(), 200);
-    let config = client
-        .get(gw.admin_url("/v1/config"))
-        .send()
+    let config = send(client.get(gw.admin_url("/v1/config")))
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();
@@ -101,37 +98,18 @@ async fn the_admin_token_protects_everything_but_healthz() {
     let gw = start(&config).await;
     let client = client();
     assert_eq!(
-        client
-            .get(gw.admin_url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        send(client.get(gw.admin_url("/healthz"))).await.status(),
         200
     );
     for path in ["/metrics", "/v1/config", "/v1/usage?key=a"] {
-        let r = client.get(gw.admin_url(path)).send().await.unwrap();
+        let r = send(client.get(gw.admin_url(path))).await;
         assert_eq!(r.status(), 401, "{path}");
-        let r = client
-            .get(gw.admin_url(path))
-            .bearer_auth("wrong!")
-            .send()
-            .await
-            .unwrap();
+        let r = send(client.get(gw.admin_url(path)).bearer_auth("wrong!")).await;
         assert_eq!(r.status(), 401, "{path}");
-        let r = client
-            .get(gw.admin_url(path))
-            .bearer_auth("s3cret")
-            .send()
-            .await
-            .unwrap();
+        let r = send(client.get(gw.admin_url(path)).bearer_auth("s3cret")).await;
         assert_eq!(r.status(), 200, "{path}");
     }
-    let r = client
-        .post(gw.admin_url("/v1/reload"))
-        .send()
-        .await
-        .unwrap();
+    let r = send(client.post(gw.admin_url("/v1/reload"))).await;
     assert_eq!(r.status(), 401);
 }
 
@@ -143,11 +121,8 @@ async fn metrics_and_usage_report_decisions_and_keys() {
     for tenant in ["a", "a", "a", "b"] {
         get(&client, &gw.url("/"), tenant).await;
     }
-    let metrics = client
-        .get(gw.admin_url("/metrics"))
-        .send()
+    let metrics = send(client.get(gw.admin_url("/metrics")))
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();
@@ -160,23 +135,16 @@ async fn metrics_and_usage_report_decisions_and_keys() {
     ] {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }
-    let usage: serde_json::Value = client
-        .get(gw.admin_url("/v1/usage?key=b"))
-        .send()
+    let usage: serde_json::Value = send(client.get(gw.admin_url("/v1/usage?key=b")))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
     assert_eq!(usage["limits"]["tenant"]["remaining"], 1);
     assert_eq!(usage["limits"]["tenant"]["quota"], 2);
-    let r = client.get(gw.admin_url("/v1/usage")).send().await.unwrap();
+    let r = send(client.get(gw.admin_url("/v1/usage"))).await;
     assert_eq!(r.status(), 400);
-    let r = client
-        .get(gw.admin_url("/v2/nothing"))
-        .send()
-        .await
-        .unwrap();
+    let r = send(client.get(gw.admin_url("/v2/nothing"))).await;
     assert_eq!(r.status(), 404);
 }
 

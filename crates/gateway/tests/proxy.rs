@@ -227,8 +227,7 @@ async fn latency_is_debited_when_the_response_completes() {
         let url = gw.admin_url("/v1/usage?key=acme");
         let client = client.clone();
         async move {
-            let usage: serde_json::Value =
-                client.get(url).send().await.unwrap().json().await.unwrap();
+            let usage: serde_json::Value = send(client.get(url)).await.json().await.unwrap();
             usage["limits"]["duration"]["remaining"].as_u64().unwrap()
         }
     };
@@ -293,11 +292,8 @@ async fn shadow_limits_decide_but_never_deny() {
     let gw = start(&config).await;
     let client = client();
     assert_eq!(statuses(&client, &gw.url("/"), "a", 5).await, [200; 5]);
-    let metrics = client
-        .get(gw.admin_url("/metrics"))
-        .send()
+    let metrics = send(client.get(gw.admin_url("/metrics")))
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();
@@ -326,13 +322,13 @@ async fn classes_scale_and_overrides_give_a_key_its_own_quota() {
     );
     let mut sandbox = 0;
     for _ in 0..5 {
-        let r = client
-            .get(gw.url("/"))
-            .header("x-tenant-id", "sb")
-            .header("x-env", "sandbox")
-            .send()
-            .await
-            .unwrap();
+        let r = send(
+            client
+                .get(gw.url("/"))
+                .header("x-tenant-id", "sb")
+                .header("x-env", "sandbox"),
+        )
+        .await;
         sandbox += usize::from(r.status() == 200);
     }
     assert_eq!(sandbox, 2);
@@ -348,8 +344,8 @@ async fn a_missing_key_gets_an_anonymous_bucket_or_a_400() {
     let gw = start(&config).await;
     let client = client();
     // No tenant header: one shared anonymous bucket.
-    assert_eq!(client.get(gw.url("/")).send().await.unwrap().status(), 200);
-    assert_eq!(client.get(gw.url("/")).send().await.unwrap().status(), 429);
+    assert_eq!(send(client.get(gw.url("/"))).await.status(), 200);
+    assert_eq!(send(client.get(gw.url("/"))).await.status(), 429);
     let r = get(&client, &gw.url("/strict/x"), "t").await;
     assert_eq!(r.status(), 400);
     let body: serde_json::Value = r.json().await.unwrap();
@@ -370,12 +366,7 @@ async fn malformed_requests_get_clear_errors() {
     let client = client();
     // A key header with bytes that are not visible ASCII.
     let bad = reqwest::header::HeaderValue::from_bytes(b"acme\xff").unwrap();
-    let r = client
-        .get(gw.url("/"))
-        .header("x-tenant-id", bad)
-        .send()
-        .await
-        .unwrap();
+    let r = send(client.get(gw.url("/")).header("x-tenant-id", bad)).await;
     assert_eq!(r.status(), 400);
     let body: serde_json::Value = r.json().await.unwrap();
     assert!(
@@ -386,13 +377,13 @@ async fn malformed_requests_get_clear_errors() {
         "{body}"
     );
     // A cost header that is not a number.
-    let r = client
-        .get(gw.url("/weighted"))
-        .header("x-tenant-id", "a")
-        .header("x-cost", "lots")
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        client
+            .get(gw.url("/weighted"))
+            .header("x-tenant-id", "a")
+            .header("x-cost", "lots"),
+    )
+    .await;
     assert_eq!(r.status(), 400);
     // Huge headers: refused by the HTTP layer, not a crash.
     let r = client
@@ -406,31 +397,31 @@ async fn malformed_requests_get_clear_errors() {
         "huge headers are refused: {r:?}"
     );
     // A JSON body costs its array's length ...
-    let r = client
-        .post(gw.url("/bulk"))
-        .header("x-tenant-id", "a")
-        .body(r#"{"ids":[1,2,3,4,5,6]}"#)
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        client
+            .post(gw.url("/bulk"))
+            .header("x-tenant-id", "a")
+            .body(r#"{"ids":[1,2,3,4,5,6]}"#),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "ok /bulk body=21 xff=127.0.0.1");
-    let r = client
-        .post(gw.url("/bulk"))
-        .header("x-tenant-id", "a")
-        .body(r#"{"ids":[1,2,3,4,5]}"#)
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        client
+            .post(gw.url("/bulk"))
+            .header("x-tenant-id", "a")
+            .body(r#"{"ids":[1,2,3,4,5]}"#),
+    )
+    .await;
     assert_eq!(r.status(), 429, "6 + 5 > 10");
     // ... a cost above capacity is not a 429 ...
-    let r = client
-        .post(gw.url("/bulk"))
-        .header("x-tenant-id", "b")
-        .body(r#"{"ids":[1,2,3,4,5,6,7,8,9,10,11]}"#)
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        client
+            .post(gw.url("/bulk"))
+            .header("x-tenant-id", "b")
+            .body(r#"{"ids":[1,2,3,4,5,6,7,8,9,10,11]}"#),
+    )
+    .await;
     assert_eq!(r.status(), 413);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(
@@ -438,17 +429,16 @@ async fn malformed_requests_get_clear_errors() {
         "Request costs more than limit 'ids' can ever admit"
     );
     // ... and a body past the cap is refused before it is counted.
-    let r = client
-        .post(gw.url("/bulk"))
-        .header("x-tenant-id", "c")
-        .body(format!("{{\"ids\":[{}1]}}", "1,".repeat(100)))
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        client
+            .post(gw.url("/bulk"))
+            .header("x-tenant-id", "c")
+            .body(format!("{{\"ids\":[{}1]}}", "1,".repeat(100))),
+    )
+    .await;
     assert_eq!(r.status(), 413);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["title"], "Request body too large");
-    assert!(gw.proxy.port() > 0);
 }
 
 #[tokio::test]
@@ -475,11 +465,8 @@ async fn upstream_failures_are_502_and_504_problems() {
     // The upstream's address stays in the gateway's log, not in the answer.
     assert_eq!(body["detail"], "The upstream could not be reached.");
     // The request was admitted before the upstream failed: it used quota (documented).
-    let usage: serde_json::Value = client
-        .get(gw.admin_url("/v1/usage?key=x"))
-        .send()
+    let usage: serde_json::Value = send(client.get(gw.admin_url("/v1/usage?key=x")))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -491,7 +478,7 @@ async fn upstream_failures_are_502_and_504_problems() {
         gateway_section(up.addr)
     );
     let gw = start(&config).await;
-    let r = client.get(gw.url("/slow/5000")).send().await.unwrap();
+    let r = send(client.get(gw.url("/slow/5000"))).await;
     assert_eq!(r.status(), 504);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["title"], "Upstream timed out");
@@ -508,19 +495,8 @@ async fn routes_pick_the_upstream_by_path_prefix() {
     );
     let gw = start(&config).await;
     let client = client();
-    assert_eq!(
-        client
-            .get(gw.url("/reports/1"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        client.get(gw.url("/jobs")).send().await.unwrap().status(),
-        200
-    );
+    assert_eq!(send(client.get(gw.url("/reports/1"))).await.status(), 200);
+    assert_eq!(send(client.get(gw.url("/jobs"))).await.status(), 200);
     assert_eq!((default.received(), reports.received()), (1, 1));
 }
 
@@ -535,7 +511,7 @@ async fn shutdown_lets_requests_in_flight_finish_and_refuses_new_ones() {
     let client = client();
     let slow = tokio::spawn({
         let (client, url) = (client.clone(), gw.url("/slow/300"));
-        async move { client.get(url).send().await.unwrap().text().await.unwrap() }
+        async move { send(client.get(url)).await.text().await.unwrap() }
     });
     while up.received() == 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -600,14 +576,14 @@ async fn a_path_prefix_cannot_be_sidestepped_by_spelling_the_path_differently() 
     );
     let gw = start(&config).await;
     let client = client();
-    let first = client.get(gw.url("/v1/jobs?x=1")).send().await.unwrap();
+    let first = send(client.get(gw.url("/v1/jobs?x=1"))).await;
     assert_eq!(first.status(), 200);
     for spelling in ["//v1/jobs", "/%76%31/jobs", "/x/../v1/jobs", "/v1/./jobs"] {
-        let r = client.get(gw.url(spelling)).send().await.unwrap();
+        let r = send(client.get(gw.url(spelling))).await;
         assert_eq!(r.status(), 429, "{spelling}");
     }
     // What reaches the upstream is the normalized path the limit saw.
-    let other = client.get(gw.url("/a//b/../c")).send().await.unwrap();
+    let other = send(client.get(gw.url("/a//b/../c"))).await;
     assert_eq!(other.text().await.unwrap(), "ok /a/c body=0 xff=127.0.0.1");
     assert_eq!(up.received(), 2);
 }
@@ -621,29 +597,25 @@ async fn forwarded_for_names_the_real_hop_and_connect_is_refused() {
     );
     let gw = start(&config).await;
     let client = client();
-    let r = client
-        .get(gw.url("/"))
-        .header("x-forwarded-for", "203.0.113.7")
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        client
+            .get(gw.url("/"))
+            .header("x-forwarded-for", "203.0.113.7"),
+    )
+    .await;
     // The limit keys on the trusted client address; the chain gains our peer.
     assert_eq!(
         r.text().await.unwrap(),
         "ok / body=0 xff=203.0.113.7, 127.0.0.1"
     );
-    let r = client
-        .get(gw.url("/"))
-        .header("x-forwarded-for", "203.0.113.8")
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        client
+            .get(gw.url("/"))
+            .header("x-forwarded-for", "203.0.113.8"),
+    )
+    .await;
     assert_eq!(r.status(), 200, "another client address has its own quota");
-    let r = client
-        .request(reqwest::Method::CONNECT, gw.url("/"))
-        .send()
-        .await
-        .unwrap();
+    let r = send(client.request(reqwest::Method::CONNECT, gw.url("/"))).await;
     assert_eq!(r.status(), 405);
 }
 
@@ -662,11 +634,8 @@ async fn a_client_that_leaves_while_held_is_not_charged_latency() {
         tokio::time::timeout(Duration::from_secs(2), get(&client, &gw.url("/"), "acme")).await;
     assert!(gave_up.is_err());
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let usage: serde_json::Value = client
-        .get(gw.admin_url("/v1/usage?key=acme"))
-        .send()
+    let usage: serde_json::Value = send(client.get(gw.admin_url("/v1/usage?key=acme")))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -675,11 +644,8 @@ async fn a_client_that_leaves_while_held_is_not_charged_latency() {
         left >= 9_990_000,
         "only the first request's upstream time: {left}"
     );
-    let metrics = client
-        .get(gw.admin_url("/metrics"))
-        .send()
+    let metrics = send(client.get(gw.admin_url("/metrics")))
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();

@@ -15,7 +15,7 @@ pub use trace::{TraceLine, TraceRequest};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io::{self, BufRead, Write};
-use tollgate_core::policy::{AlgorithmKind, Cost, Policy};
+use tollgate_core::policy::{Cost, Policy};
 use tollgate_core::units::{Nanos, NANOS_PER_SEC};
 use tollgate_core::{Item, Verdict};
 use tollgate_store::{Engine, EngineError};
@@ -83,7 +83,7 @@ pub fn simulate(
     let settles: Vec<bool> = policy
         .limits
         .iter()
-        .map(|l| l.is_latency() || l.algorithm == AlgorithmKind::Concurrency)
+        .map(|l| l.settles_at_completion())
         .collect();
     let mut summary = Summary::new(&policy);
     let mut pending: BinaryHeap<Reverse<Pending>> = BinaryHeap::new();

@@ -271,8 +271,8 @@ impl MemoryStore {
         self.decide_with(policy, items, now, true)
     }
 
-    /// Like `decide`; with `hold` false no request is held (a gateway whose
-    /// queue of held requests is full denies instead).
+    /// Like `decide`; with `hold` false no request is held (the gateway
+    /// decides so first, and holds only once its bounded queue has room).
     pub fn decide_with(
         &self,
         policy: &Policy,

@@ -172,32 +172,38 @@ pub fn gateway_section(upstream: SocketAddr) -> String {
 }
 
 pub async fn start(config: &str) -> Running {
-    start_from(Source::Text(config.to_string())).await
+    start_with(Source::Text(config.to_string()), Box::new(NoProfiles), 1).await
 }
 
 pub async fn start_file(path: PathBuf) -> Running {
-    start_from(Source::File(path)).await
+    start_with(Source::File(path), Box::new(NoProfiles), 1).await
 }
 
 /// With the bundled profiles available to `profile = "NAME"`.
 pub async fn start_with_profiles(config: &str) -> Running {
+    let profiles = Box::new(tollgate_profiles::Bundled);
+    start_with(Source::Text(config.to_string()), profiles, 1).await
+}
+
+/// On `workers` threads, as `tollgate serve` runs (1: on the test's runtime alone).
+pub async fn start_workers(config: &str, workers: usize) -> Running {
     start_with(
         Source::Text(config.to_string()),
-        Box::new(tollgate_profiles::Bundled),
+        Box::new(NoProfiles),
+        workers,
     )
     .await
 }
 
-async fn start_from(source: Source) -> Running {
-    start_with(source, Box::new(NoProfiles)).await
-}
-
-/// On `workers` threads (`serve_workers`), as `tollgate serve` runs.
-pub async fn start_workers(config: &str, workers: usize) -> Running {
+async fn start_with(
+    source: Source,
+    profiles: Box<dyn tollgate_core::ProfileSource + Send + Sync>,
+    workers: usize,
+) -> Running {
     let gateway = Gateway::new(
-        Source::Text(config.to_string()),
+        source,
         Overrides::default(),
-        Box::new(NoProfiles),
+        profiles,
         TokioClock::starting_at(EPOCH),
     )
     .expect("config loads");
@@ -226,37 +232,9 @@ pub async fn start_workers(config: &str, workers: usize) -> Running {
     }
 }
 
-async fn start_with(
-    source: Source,
-    profiles: Box<dyn tollgate_core::ProfileSource + Send + Sync>,
-) -> Running {
-    let gateway = Gateway::new(
-        source,
-        Overrides::default(),
-        profiles,
-        TokioClock::starting_at(EPOCH),
-    )
-    .expect("config loads");
-    let gateway = Arc::new(gateway);
-    let listeners = Listeners::bind(&gateway).await.expect("bind");
-    let proxy = listeners.proxy.local_addr().expect("addr");
-    let admin = listeners
-        .admin
-        .as_ref()
-        .expect("admin listener")
-        .local_addr()
-        .expect("addr");
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(tollgate_gateway::serve(gateway.clone(), listeners, async {
-        let _ = rx.await;
-    }));
-    Running {
-        gateway,
-        proxy,
-        admin,
-        shutdown: Some(tx),
-        task: Some(task),
-    }
+/// Send a request; the response (any status).
+pub async fn send(request: reqwest::RequestBuilder) -> reqwest::Response {
+    request.send().await.expect("request")
 }
 
 pub fn client() -> reqwest::Client {
@@ -267,12 +245,7 @@ pub fn client() -> reqwest::Client {
 }
 
 pub async fn get(client: &reqwest::Client, url: &str, tenant: &str) -> reqwest::Response {
-    client
-        .get(url)
-        .header("x-tenant-id", tenant)
-        .send()
-        .await
-        .expect("request")
+    send(client.get(url).header("x-tenant-id", tenant)).await
 }
 
 pub fn header(r: &reqwest::Response, name: &str) -> Option<String> {

@@ -47,7 +47,7 @@ fn problem(status: StatusCode, title: &str, detail: String) -> Response<Response
 
 impl From<String> for ResponseBody {
     fn from(s: String) -> Self {
-        ResponseBody::from_bytes(Bytes::from(s))
+        ResponseBody::local(Full::new(Bytes::from(s)))
     }
 }
 
@@ -382,10 +382,4 @@ async fn read_json<T: serde::de::DeserializeOwned>(
             format!("the body is not the expected JSON: {e}"),
         )
     })
-}
-
-impl ResponseBody {
-    pub fn from_bytes(bytes: Bytes) -> Self {
-        ResponseBody::local(Full::new(bytes))
-    }
 }

@@ -177,10 +177,6 @@ impl Gateway {
         self.current.load_full()
     }
 
-    pub fn source(&self) -> &Source {
-        &self.source
-    }
-
     /// `req_` and 16 hex digits: unique per process, and across restarts.
     pub fn next_request_id(&self) -> String {
         const HEX: &[u8; 16] = b"0123456789abcdef";

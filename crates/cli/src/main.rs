@@ -9,6 +9,8 @@ use std::process::ExitCode;
 use tollgate_core::{Nanos, Policy};
 use tollgate_store::Engine;
 
+mod comply;
+
 #[derive(Parser)]
 #[command(
     name = "tollgate",
@@ -66,6 +68,41 @@ enum Command {
         #[arg(long)]
         access_log: Option<String>,
     },
+    /// Send jobs through other people's rate limits: at the fastest pace
+    /// their limits allow, retried as they say, recorded in --state so a
+    /// crash or Ctrl-C resumes, failures dead-lettered.
+    Run {
+        /// The config with the [[upstream]] entries.
+        #[arg(long)]
+        config: PathBuf,
+        #[command(flatten)]
+        jobs: comply::JobArgs,
+        /// The state directory (SQLite state, results.jsonl).
+        #[arg(long, default_value = ".tollgate")]
+        state: PathBuf,
+        #[arg(long, value_enum, default_value = "auto")]
+        progress: comply::Progress,
+        /// After Ctrl-C, how long requests in flight may take to finish.
+        #[arg(long, default_value = "10s")]
+        grace: String,
+    },
+    /// How many calls a job set makes, and the least time the limits allow
+    /// for them, before anything is sent.
+    Plan {
+        #[arg(long)]
+        config: PathBuf,
+        #[command(flatten)]
+        jobs: comply::JobArgs,
+        /// How long each call is assumed to take (matters for concurrency
+        /// and latency limits).
+        #[arg(long, default_value = "0s")]
+        latency: String,
+    },
+    /// Dead letters: list, show, retry, export.
+    Dlq {
+        #[command(subcommand)]
+        command: comply::DlqCommand,
+    },
     /// The bundled profiles of the APIs tollgate knows.
     Profiles {
         #[command(subcommand)]
@@ -94,7 +131,7 @@ struct PolicyArgs {
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("tollgate: {e:#}");
             ExitCode::FAILURE
@@ -102,9 +139,51 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli) -> Result<ExitCode> {
+    let duration = |text: &str, flag: &str| {
+        tollgate_core::units::parse_duration(text)
+            .map(std::time::Duration::from_nanos)
+            .map_err(|e| anyhow::anyhow!("{flag} '{text}': {e}"))
+    };
     match cli.command {
+        Command::Run {
+            config,
+            jobs,
+            state,
+            progress,
+            grace,
+        } => comply::run(
+            &config,
+            &jobs,
+            &state,
+            progress,
+            duration(&grace, "--grace")?,
+        ),
+        Command::Plan {
+            config,
+            jobs,
+            latency,
+        } => comply::plan(&config, &jobs, duration(&latency, "--latency")?)
+            .map(|()| ExitCode::SUCCESS),
+        Command::Dlq { command } => comply::dlq(command),
+        command => other(command).map(|()| ExitCode::SUCCESS),
+    }
+}
+
+fn other(command: Command) -> Result<()> {
+    match command {
         Command::Check { config } => {
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("cannot read config {}", config.display()))?;
+            if text.contains("[[upstream]]") {
+                // A runner's config: exactly what `run` loads.
+                let runner = comply::load_config(&config)?;
+                for u in &runner.upstreams {
+                    let names: Vec<_> = u.policy.limits.iter().map(|l| format!("{} ({})", l.name, l.algorithm.name())).collect();
+                    println!("{}: upstream {} at {}: {} limits: {}", config.display(), u.name, u.base_url, names.len(), names.join(", "));
+                }
+                return Ok(());
+            }
             // Exactly what `serve` loads: the limits and the gateway's tables.
             let policy = load_policy(&tollgate_gateway::Source::File(config.clone()))?;
             let names: Vec<_> = policy
@@ -156,6 +235,7 @@ fn run(cli: Cli) -> Result<()> {
             admin,
             access_log,
         } => serve(policy, upstream, demo_upstream, listen, admin, access_log),
+        Command::Run { .. } | Command::Plan { .. } | Command::Dlq { .. } => unreachable!("handled in run"),
         Command::Profiles { command } => match command {
             ProfilesCommand::List => {
                 for p in tollgate_profiles::list() {
@@ -245,7 +325,7 @@ fn serve(
 }
 
 /// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     #[cfg(unix)]
     {
         let mut term =

@@ -58,9 +58,96 @@ pub const MAX_SEGMENTS: u32 = 1000;
 pub const MAX_SCALE: f64 = 1e6;
 
 /// Parse a config. Limits of an included profile come first; a config limit
-/// with the same name replaces the profile's.
+/// with the same name replaces the profile's. A config may hold no top-level
+/// limit when it has `[[upstream]]` entries (a runner's config); see
+/// [`parse_upstreams`] for theirs.
 pub fn parse(text: &str, profiles: &dyn ProfileSource) -> Result<Policy, ConfigError> {
-    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+    let raw: RawConfig = from_toml(text)?;
+    // Parsed once more as plain values: the fingerprints of limits and classes.
+    let values: toml::Table = toml::from_str(text).unwrap_or_default();
+    let ctx = Ctx { text };
+    let mut policy = ctx.assemble(
+        raw.profile.as_ref(),
+        &raw.class,
+        &raw.limit,
+        |table, i| fingerprint(values.get(table), i),
+        profiles,
+    )?;
+    if policy.limits.is_empty() && raw.upstream.is_empty() {
+        return Err(ConfigError {
+            line: None,
+            message: "the config has no [[limit]] entries (and no profile)".into(),
+        });
+    }
+    policy.store = ctx.store(raw.store.as_ref())?;
+    Ok(policy)
+}
+
+/// One `[[upstream]]` of a runner's config: its name, the line it starts
+/// on, and its policy (its `profile` and its own `[[upstream.limit]]`
+/// entries, with the config's `[store]`).
+#[derive(Debug, Clone)]
+pub struct UpstreamPolicy {
+    pub name: String,
+    pub line: usize,
+    pub policy: Policy,
+}
+
+/// The policies of a config's `[[upstream]]` entries, in file order. Their
+/// other fields (base_url, timeouts, bulk templates) belong to the runner.
+pub fn parse_upstreams(
+    text: &str,
+    profiles: &dyn ProfileSource,
+) -> Result<Vec<UpstreamPolicy>, ConfigError> {
+    let raw: RawConfig = from_toml(text)?;
+    let values: toml::Table = toml::from_str(text).unwrap_or_default();
+    let ctx = Ctx { text };
+    let store = ctx.store(raw.store.as_ref())?;
+    let mut seen = BTreeMap::new();
+    let mut upstreams = Vec::with_capacity(raw.upstream.len());
+    for (u, raw_upstream) in raw.upstream.iter().enumerate() {
+        let up = raw_upstream.get_ref();
+        let name = up.name.get_ref().clone();
+        let line = line_of(text, raw_upstream.span().start);
+        if let Some(first) = seen.insert(name.clone(), line) {
+            return Err(ConfigError {
+                line: Some(line),
+                message: format!(
+                    "upstream '{name}' is defined twice (first on line {first}); names must be unique"
+                ),
+            });
+        }
+        let own = values
+            .get("upstream")
+            .and_then(|v| v.get(u))
+            .cloned()
+            .unwrap_or(toml::Value::Table(Default::default()));
+        let mut policy = ctx
+            .assemble(
+                up.profile.as_ref(),
+                &up.class,
+                &up.limit,
+                |table, i| fingerprint(own.get(table), i),
+                profiles,
+            )
+            .map_err(|e| ConfigError {
+                line: e.line,
+                message: format!("upstream '{name}': {}", e.message),
+            })?;
+        if policy.limits.is_empty() {
+            return Err(ctx.err(
+                raw_upstream.span().start,
+                format!("upstream '{name}' has no limits: give it a profile or [[upstream.limit]] entries"),
+            ));
+        }
+        policy.store = store.clone();
+        upstreams.push(UpstreamPolicy { name, line, policy });
+    }
+    Ok(upstreams)
+}
+
+fn from_toml(text: &str) -> Result<RawConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| {
         let at = e.span().map(|s| s.start);
         let message = match at.and_then(|at| enclosing_limit(text, at)) {
             Some(name) => format!("limit '{name}': {}", e.message()),
@@ -70,103 +157,117 @@ pub fn parse(text: &str, profiles: &dyn ProfileSource) -> Result<Policy, ConfigE
             line: at.map(|at| line_of(text, at)),
             message,
         }
-    })?;
-    // Parsed once more as plain values: the fingerprints of limits and classes.
-    let values: toml::Table = toml::from_str(text).unwrap_or_default();
-    let fingerprint_of = |table: &str, i: usize| -> String {
-        values
-            .get(table)
-            .and_then(|v| v.get(i))
-            .map_or_else(String::new, |v| format!("{v:?}"))
-    };
-    let ctx = Ctx { text };
-    let mut limits: Vec<Limit> = Vec::new();
-    let mut classes: Vec<Class> = Vec::new();
-    let profile = raw.profile.as_ref().map(|p| p.get_ref().clone());
-    if let Some(name) = &raw.profile {
-        let Some(profile_text) = profiles.profile_text(name.get_ref()) else {
-            return Err(ctx.err(
-                name.span().start,
-                format!(
-                    "profile '{}' is not known; known profiles: {}",
-                    name.get_ref(),
-                    profiles.profile_names().join(", ")
-                ),
-            ));
-        };
-        let included = parse(profile_text, &NoProfiles).map_err(|e| ConfigError {
-            line: Some(line_of(text, name.span().start)),
-            message: format!("in profile '{}': {e}", name.get_ref()),
-        })?;
-        limits = included.limits;
-        classes = included.classes;
-    }
+    })
+}
 
-    let mut seen = BTreeMap::new();
-    for raw_class in &raw.class {
-        let line = line_of(text, raw_class.span().start);
-        add_named(
-            &mut classes,
-            &mut seen,
-            "class",
-            ctx.class(raw_class)?,
-            line,
-            |c| &c.name,
-        )?;
-    }
-    let mut seen = BTreeMap::new();
-    for (i, raw_limit) in raw.limit.iter().enumerate() {
-        let mut limit = ctx.limit(raw_limit)?;
-        limit.fingerprint = fingerprint_of("limit", i);
-        let line = limit.line;
-        add_named(&mut limits, &mut seen, "limit", limit, line, |l| &l.name)?;
-    }
-    // Profile limits were built before this config's classes: give them every
-    // class, then each override. A limit's counters depend on the classes too.
-    let classes_fingerprint: String = (0..raw.class.len())
-        .map(|i| fingerprint_of("class", i))
-        .chain(classes.iter().map(|c| format!("{}={}", c.name, c.scale)))
-        .collect();
-    for limit in &mut limits {
-        let base = limit.variants[0].clone();
-        limit.variants = std::iter::once(base.clone())
-            .chain(classes.iter().map(|c| base.scaled(c.scale)))
-            .chain(limit.overrides.iter().map(|o| base.scaled(o.scale)))
-            .collect();
-        limit.fingerprint.push_str(&classes_fingerprint);
-    }
-    if limits.is_empty() {
-        return Err(ConfigError {
-            line: None,
-            message: "the config has no [[limit]] entries (and no profile)".into(),
-        });
-    }
-    let mut store = StoreSettings::default();
-    if let Some(s) = &raw.store {
-        if let Some(kind) = &s.kind {
-            if kind.get_ref() != "memory" {
-                return Err(ctx.err(
-                    kind.span().start,
+/// The `i`th entry of an array of tables, as parsed: two limits with the same
+/// fingerprint count alike.
+fn fingerprint(array: Option<&toml::Value>, i: usize) -> String {
+    array
+        .and_then(|v| v.get(i))
+        .map_or_else(String::new, |v| format!("{v:?}"))
+}
+
+impl Ctx<'_> {
+    /// A policy from an optional profile, classes and limits (without the
+    /// store settings, which are the config's).
+    fn assemble(
+        &self,
+        profile_name: Option<&Spanned<String>>,
+        raw_classes: &[Spanned<RawClass>],
+        raw_limits: &[Spanned<RawLimit>],
+        fingerprint_of: impl Fn(&str, usize) -> String,
+        profiles: &dyn ProfileSource,
+    ) -> Result<Policy, ConfigError> {
+        let text = self.text;
+        let mut limits: Vec<Limit> = Vec::new();
+        let mut classes: Vec<Class> = Vec::new();
+        let profile = profile_name.map(|p| p.get_ref().clone());
+        if let Some(name) = profile_name {
+            let Some(profile_text) = profiles.profile_text(name.get_ref()) else {
+                return Err(self.err(
+                    name.span().start,
                     format!(
-                        "store kind '{}' is not available; use \"memory\"",
-                        kind.get_ref()
+                        "profile '{}' is not known; known profiles: {}",
+                        name.get_ref(),
+                        profiles.profile_names().join(", ")
                     ),
                 ));
-            }
+            };
+            let included = parse(profile_text, &NoProfiles).map_err(|e| ConfigError {
+                line: Some(line_of(text, name.span().start)),
+                message: format!("in profile '{}': {e}", name.get_ref()),
+            })?;
+            limits = included.limits;
+            classes = included.classes;
         }
-        if let Some(max) = &s.max_keys {
-            if *max.get_ref() == 0 {
-                return Err(ctx.err(max.span().start, "store max_keys must be at least 1".into()));
-            }
-            store.max_keys = *max.get_ref() as usize;
+
+        let mut seen = BTreeMap::new();
+        for raw_class in raw_classes {
+            let line = line_of(text, raw_class.span().start);
+            add_named(
+                &mut classes,
+                &mut seen,
+                "class",
+                self.class(raw_class)?,
+                line,
+                |c| &c.name,
+            )?;
         }
+        let mut seen = BTreeMap::new();
+        for (i, raw_limit) in raw_limits.iter().enumerate() {
+            let mut limit = self.limit(raw_limit)?;
+            limit.fingerprint = fingerprint_of("limit", i);
+            let line = limit.line;
+            add_named(&mut limits, &mut seen, "limit", limit, line, |l| &l.name)?;
+        }
+        // Profile limits were built before this config's classes: give them every
+        // class, then each override. A limit's counters depend on the classes too.
+        let classes_fingerprint: String = (0..raw_classes.len())
+            .map(|i| fingerprint_of("class", i))
+            .chain(classes.iter().map(|c| format!("{}={}", c.name, c.scale)))
+            .collect();
+        for limit in &mut limits {
+            let base = limit.variants[0].clone();
+            limit.variants = std::iter::once(base.clone())
+                .chain(classes.iter().map(|c| base.scaled(c.scale)))
+                .chain(limit.overrides.iter().map(|o| base.scaled(o.scale)))
+                .collect();
+            limit.fingerprint.push_str(&classes_fingerprint);
+        }
+        Ok(Policy {
+            limits,
+            classes,
+            store: StoreSettings::default(),
+            profile,
+        })
     }
-    Ok(Policy {
-        limits,
-        classes,
-        store,
-        profile,
-    })
+
+    fn store(&self, raw: Option<&RawStore>) -> Result<StoreSettings, ConfigError> {
+        let mut store = StoreSettings::default();
+        if let Some(s) = raw {
+            if let Some(kind) = &s.kind {
+                if kind.get_ref() != "memory" {
+                    return Err(self.err(
+                        kind.span().start,
+                        format!(
+                            "store kind '{}' is not available; use \"memory\"",
+                            kind.get_ref()
+                        ),
+                    ));
+                }
+            }
+            if let Some(max) = &s.max_keys {
+                if *max.get_ref() == 0 {
+                    return Err(
+                        self.err(max.span().start, "store max_keys must be at least 1".into())
+                    );
+                }
+                store.max_keys = *max.get_ref() as usize;
+            }
+        }
+        Ok(store)
+    }
 }
 
 /// Add a limit or class defined on `line`. Names are unique within a file;
@@ -237,8 +338,21 @@ struct RawConfig {
     _gateway: Option<toml::Value>,
     #[serde(rename = "response")]
     _response: Option<toml::Value>,
-    #[serde(rename = "upstream")]
-    _upstream: Option<toml::Value>,
+    /// A runner's upstreams: their limits are read here, their other
+    /// fields by the runner.
+    #[serde(default)]
+    upstream: Vec<Spanned<RawUpstream>>,
+}
+
+/// The policy part of an `[[upstream]]`; other fields are ignored here.
+#[derive(Deserialize)]
+struct RawUpstream {
+    name: Spanned<String>,
+    profile: Option<Spanned<String>>,
+    #[serde(default)]
+    limit: Vec<Spanned<RawLimit>>,
+    #[serde(default)]
+    class: Vec<Spanned<RawClass>>,
 }
 
 #[derive(Deserialize)]

@@ -14,7 +14,7 @@ pub mod request;
 pub mod units;
 
 pub use clock::{Clock, FakeClock};
-pub use config::{parse, ConfigError, NoProfiles, ProfileSource};
+pub use config::{parse, parse_upstreams, ConfigError, NoProfiles, ProfileSource, UpstreamPolicy};
 pub use decide::{decide, Decision, Outcome, Slot, Verdict};
 pub use policy::Policy;
 pub use request::{Attrs, Item, Request, RequestError};

@@ -2,7 +2,6 @@
 //! whole on reload), the clock, the upstream client, metrics and bounds.
 
 use crate::access::AccessLogger;
-use crate::clock::TokioClock;
 use crate::holds::Holds;
 use crate::metrics::{LimitCounters, Metrics};
 use crate::respond::PolicyItems;
@@ -23,6 +22,7 @@ use tollgate_core::config::ConfigError;
 use tollgate_core::policy::{Cost, KeyPart};
 use tollgate_core::{Item, ProfileSource};
 use tollgate_store::Engine;
+use tollgate_store::TokioClock;
 
 /// Where the config comes from; read again on every reload.
 #[derive(Debug, Clone)]
@@ -344,6 +344,12 @@ fn parse_all(
         }
     };
     let policy = tollgate_core::parse(text, profiles).map_err(fail)?;
+    if policy.limits.is_empty() {
+        return Err(fail(ConfigError {
+            line: None,
+            message: "the config has no [[limit]] entries (and no profile) for the gateway; [[upstream]] entries are for `tollgate run`".into(),
+        }));
+    }
     // A profile may bring its vendor's response shape; the config's own tables win.
     let base = match policy
         .profile

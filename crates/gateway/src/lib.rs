@@ -7,7 +7,6 @@
 
 mod access;
 mod admin;
-mod clock;
 pub mod demo;
 mod gateway;
 mod holds;
@@ -17,7 +16,7 @@ mod respond;
 mod server;
 pub mod settings;
 
-pub use clock::TokioClock;
 pub use gateway::{load, Gateway, LoadError, Overrides, Reloaded, Source, MAX_WORKERS};
 pub use server::{serve_workers, Listeners};
 pub use settings::{AccessLog, ErrorFormat, Settings, Upstream};
+pub use tollgate_store::TokioClock;

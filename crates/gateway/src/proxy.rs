@@ -123,7 +123,7 @@ impl Body for ResponseBody {
 pub struct Completion {
     generation: Arc<Generation>,
     items: Vec<Item>,
-    clock: crate::clock::TokioClock,
+    clock: tollgate_store::TokioClock,
     /// When the request went to the upstream; None if it never did (the
     /// client left while held): nothing to debit, only slots to release.
     started: Option<Nanos>,
@@ -134,7 +134,7 @@ impl Completion {
     pub fn new(
         generation: &Arc<Generation>,
         committed: impl Iterator<Item = Item>,
-        clock: &crate::clock::TokioClock,
+        clock: &tollgate_store::TokioClock,
     ) -> Option<Completion> {
         let policy = generation.engine.policy();
         let items: Vec<Item> = committed

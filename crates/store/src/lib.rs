@@ -10,9 +10,13 @@ mod direct;
 mod engine;
 mod memory;
 mod state;
+#[cfg(feature = "tokio")]
+mod tokio_clock;
 
 pub use clock::SystemClock;
 pub use direct::{Denied, DirectLimiter};
 pub use engine::{committed, Checked, Engine, EngineError};
 pub use memory::{MemoryStore, StoreError, StoreStats};
 pub use state::AnyState;
+#[cfg(feature = "tokio")]
+pub use tokio_clock::TokioClock;

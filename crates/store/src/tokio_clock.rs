@@ -1,6 +1,6 @@
-//! The gateway's clock: wall time at start plus tokio's monotonic time since.
+//! The adapters' clock: wall time at start plus tokio's monotonic time since.
 //! Under a paused tokio runtime (tests) it moves only when tokio's time
-//! does, so holds and windows are exact without sleeping.
+//! does, so holds, windows and backoffs are exact without sleeping.
 
 use tokio::time::Instant;
 use tollgate_core::{Clock, Nanos};

@@ -1,0 +1,540 @@
+//! Jobs: one HTTP request each, read from a JSONL file or cut from records
+//! by a bulk template. Bad lines are errors naming the line; nothing is sent
+//! until every line is good.
+
+use crate::settings::{RunnerConfig, RECORDS_PLACEHOLDER};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+use std::io::BufRead;
+use url::Url;
+
+/// Most bad lines reported at once.
+const MAX_ERRORS: usize = 20;
+/// The header through which a job's workflow reaches the policy (never sent).
+pub const WORKFLOW_HEADER: &str = "tollgate-workflow";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    High,
+    Normal,
+    Low,
+}
+
+impl Priority {
+    pub fn parse(text: &str) -> Result<Priority, String> {
+        match text {
+            "high" => Ok(Priority::High),
+            "normal" => Ok(Priority::Normal),
+            "low" => Ok(Priority::Low),
+            other => Err(format!(
+                "priority '{other}' is not known; use high, normal or low"
+            )),
+        }
+    }
+
+    pub fn rank(self) -> usize {
+        self as usize
+    }
+}
+
+/// A job as stored: what is sent, and how it is scheduled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub method: String,
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
+    /// The body as sent (JSON text when `json` is true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    #[serde(default)]
+    pub json: bool,
+    pub priority: Priority,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
+    pub idempotency_key: String,
+}
+
+/// The upstream index of each job, next to it.
+#[derive(Debug, Clone)]
+pub struct Routed {
+    pub upstream: usize,
+    pub job: Job,
+}
+
+/// Bad input: the line (1-based) of the jobs or records file, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineError {
+    pub line: usize,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobsError {
+    #[error("{}", describe(.0))]
+    Lines(Vec<LineError>),
+    #[error("bulk '{name}' is not in the config; known: {known}")]
+    UnknownBulk { name: String, known: String },
+    #[error("cannot read {what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+fn describe(errors: &[LineError]) -> String {
+    let mut text: Vec<String> = errors
+        .iter()
+        .map(|e| format!("line {}: {}", e.line, e.message))
+        .collect();
+    if errors.len() >= MAX_ERRORS {
+        text.push(format!("(stopped after {MAX_ERRORS} bad lines)"));
+    }
+    format!(
+        "{} bad line(s), nothing was queued:\n  {}",
+        errors.len(),
+        text.join("\n  ")
+    )
+}
+
+/// One line of a jobs file. Only `method` and `url` are required.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobLine {
+    id: Option<IdText>,
+    method: String,
+    url: String,
+    #[serde(default)]
+    headers: HashMap<String, String>,
+    body: Option<serde_json::Value>,
+    body_text: Option<String>,
+    priority: Option<String>,
+    workflow: Option<String>,
+    idempotency_key: Option<String>,
+    /// Written by `tollgate dlq export` (why it failed); ignored on input.
+    #[serde(rename = "dead_letter")]
+    _dead_letter: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum IdText {
+    Text(String),
+    Number(u64),
+}
+
+/// Read a JSONL jobs file: every line a job, routed to its upstream.
+pub fn read_jobs(input: impl BufRead, config: &RunnerConfig) -> Result<Vec<Routed>, JobsError> {
+    let mut jobs = Vec::new();
+    let mut errors = Vec::new();
+    let mut ids: HashMap<String, usize> = HashMap::new();
+    let mut seen_content: HashMap<String, u32> = HashMap::new();
+    for (i, line) in input.lines().enumerate() {
+        let line_no = i + 1;
+        let line = line.map_err(|source| JobsError::Io {
+            what: "the jobs file".into(),
+            source,
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match job_from_line(&line, config, &mut seen_content) {
+            Ok(routed) => match ids.insert(routed.job.id.clone(), line_no) {
+                Some(first) => errors.push(LineError {
+                    line: line_no,
+                    message: format!(
+                        "id '{}' is also on line {first}; ids must be unique",
+                        routed.job.id
+                    ),
+                }),
+                None => jobs.push(routed),
+            },
+            Err(message) => errors.push(LineError {
+                line: line_no,
+                message,
+            }),
+        }
+        if errors.len() >= MAX_ERRORS {
+            break;
+        }
+    }
+    if errors.is_empty() {
+        Ok(jobs)
+    } else {
+        Err(JobsError::Lines(errors))
+    }
+}
+
+fn job_from_line(
+    line: &str,
+    config: &RunnerConfig,
+    seen_content: &mut HashMap<String, u32>,
+) -> Result<Routed, String> {
+    let raw: JobLine = serde_json::from_str(line).map_err(|e| format!("not a job: {e}"))?;
+    let method = raw.method.to_ascii_uppercase();
+    if reqwest::Method::from_bytes(method.as_bytes()).is_err() || method.is_empty() {
+        return Err(format!("method '{}' is not an HTTP method", raw.method));
+    }
+    let url = Url::parse(&raw.url).map_err(|e| format!("url '{}': {e}", raw.url))?;
+    let upstream = config.upstream_for(&url).ok_or_else(|| {
+        let known: Vec<String> = config
+            .upstreams
+            .iter()
+            .map(|u| format!("{} = {}", u.name, u.base_url))
+            .collect();
+        format!(
+            "url '{}' is under no [[upstream]] base_url (known: {}); tollgate only sends to configured upstreams",
+            raw.url,
+            known.join(", ")
+        )
+    })?;
+    let mut headers = Vec::with_capacity(raw.headers.len());
+    for (name, value) in raw.headers {
+        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(format!("header '{name}' is not a valid header name"));
+        }
+        if reqwest::header::HeaderValue::from_str(&value).is_err() {
+            return Err(format!(
+                "header {name}: the value is not a valid header value"
+            ));
+        }
+        headers.push((name.to_ascii_lowercase(), value));
+    }
+    headers.sort();
+    let (body, json) = match (raw.body, raw.body_text) {
+        (Some(_), Some(_)) => return Err("give either body (JSON) or body_text, not both".into()),
+        (Some(value), None) => (Some(value.to_string()), true),
+        (None, Some(text)) => (Some(text), false),
+        (None, None) => (None, false),
+    };
+    let priority = match raw.priority {
+        Some(p) => Priority::parse(&p)?,
+        None => Priority::Normal,
+    };
+    let content = digest(&[&method, url.as_str(), body.as_deref().unwrap_or("")]);
+    let id = match raw.id {
+        Some(IdText::Text(id)) if id.is_empty() => return Err("id must not be empty".into()),
+        Some(IdText::Text(id)) => id,
+        Some(IdText::Number(n)) => n.to_string(),
+        None => {
+            // Derived from the content (stable when lines are added or moved),
+            // counted so identical lines stay distinct jobs.
+            let n = seen_content.entry(content.clone()).or_insert(0);
+            *n += 1;
+            format!("{}.{}", &content[..16], n)
+        }
+    };
+    let idempotency_key = match raw.idempotency_key {
+        Some(key) if reqwest::header::HeaderValue::from_str(&key).is_err() || key.is_empty() => {
+            return Err("idempotency_key is not a valid header value".into())
+        }
+        Some(key) => key,
+        None => format!("tollgate-{}", &digest(&[&id, &content])[..32]),
+    };
+    Ok(Routed {
+        upstream,
+        job: Job {
+            id,
+            method,
+            url: url.to_string(),
+            headers,
+            body,
+            json,
+            priority,
+            workflow: raw.workflow,
+            idempotency_key,
+        },
+    })
+}
+
+/// Cut records (one JSON value per line) into calls of `bulk.max_items`.
+pub fn read_bulk(
+    input: impl BufRead,
+    config: &RunnerConfig,
+    bulk_name: &str,
+) -> Result<Vec<Routed>, JobsError> {
+    let Some((upstream, bulk)) = config.bulk(bulk_name) else {
+        let known: Vec<&str> = config
+            .upstreams
+            .iter()
+            .flat_map(|u| u.bulk.iter().map(|b| b.name.as_str()))
+            .collect();
+        return Err(JobsError::UnknownBulk {
+            name: bulk_name.into(),
+            known: known.join(", "),
+        });
+    };
+    let mut records = Vec::new();
+    let mut errors = Vec::new();
+    for (i, line) in input.lines().enumerate() {
+        let line = line.map_err(|source| JobsError::Io {
+            what: "the records file".into(),
+            source,
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<serde_json::Value>(&line) {
+            Ok(v) => records.push(v),
+            Err(e) => errors.push(LineError {
+                line: i + 1,
+                message: format!(
+                    "a record must be one JSON value (write text in quotes, e.g. \"0f8c-42\"): {e}"
+                ),
+            }),
+        }
+        if errors.len() >= MAX_ERRORS {
+            break;
+        }
+    }
+    if !errors.is_empty() {
+        return Err(JobsError::Lines(errors));
+    }
+    let base = &config.upstreams[upstream].base_url;
+    let url = format!("{}{}", base.as_str().trim_end_matches('/'), bulk.path);
+    let priority = match &bulk.priority {
+        Some(p) => Priority::parse(p).unwrap_or(Priority::Normal),
+        None => Priority::Normal,
+    };
+    Ok(records
+        .chunks(bulk.max_items)
+        .enumerate()
+        .map(|(n, chunk)| {
+            let body = fill(&bulk.body, chunk).to_string();
+            let content = digest(&[&bulk.method, &url, &body]);
+            let id = format!("{}:{}:{}", bulk.name, n + 1, &content[..12]);
+            Routed {
+                upstream,
+                job: Job {
+                    idempotency_key: format!("tollgate-{}", &digest(&[&id, &content])[..32]),
+                    id,
+                    method: bulk.method.clone(),
+                    url: url.clone(),
+                    headers: Vec::new(),
+                    body: Some(body),
+                    json: true,
+                    priority,
+                    workflow: bulk.workflow.clone(),
+                },
+            }
+        })
+        .collect())
+}
+
+/// The template with the chunk in place of the placeholder.
+fn fill(template: &serde_json::Value, chunk: &[serde_json::Value]) -> serde_json::Value {
+    use serde_json::Value;
+    match template {
+        Value::String(s) if s == RECORDS_PLACEHOLDER => Value::Array(chunk.to_vec()),
+        Value::Array(items) => Value::Array(items.iter().map(|v| fill(v, chunk)).collect()),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), fill(v, chunk)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// Hex SHA-256 of the parts, each followed by a NUL.
+pub fn digest(parts: &[&str]) -> String {
+    let mut hash = Sha256::new();
+    for part in parts {
+        hash.update(part.as_bytes());
+        hash.update([0]);
+    }
+    hex(&hash.finalize())
+}
+
+/// Hex SHA-256 of bytes.
+pub fn digest_bytes(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::with_capacity(64), |mut out, b| {
+        use fmt::Write;
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
+/// A job as the policy sees it: method, path, host, query, headers (the
+/// upstream's, the job's, and its workflow as `tollgate-workflow`) and body.
+#[derive(Debug)]
+pub struct JobRequest<'a> {
+    job: &'a Job,
+    url: Url,
+    defaults: &'a [(String, String)],
+    body: Option<serde_json::Value>,
+}
+
+impl<'a> JobRequest<'a> {
+    pub fn new(job: &'a Job, defaults: &'a [(String, String)]) -> Result<Self, String> {
+        let url = Url::parse(&job.url).map_err(|e| format!("url '{}': {e}", job.url))?;
+        let body = match (&job.body, job.json) {
+            (Some(text), true) => {
+                Some(serde_json::from_str(text).map_err(|e| format!("body: {e}"))?)
+            }
+            _ => None,
+        };
+        Ok(JobRequest {
+            job,
+            url,
+            defaults,
+            body,
+        })
+    }
+}
+
+impl tollgate_core::Request for JobRequest<'_> {
+    fn method(&self) -> &str {
+        &self.job.method
+    }
+    fn path(&self) -> &str {
+        self.url.path()
+    }
+    fn host(&self) -> Option<&str> {
+        self.url.host_str()
+    }
+    fn ip(&self) -> Option<&str> {
+        None
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        if name == WORKFLOW_HEADER {
+            return self.job.workflow.as_deref();
+        }
+        self.job
+            .headers
+            .iter()
+            .chain(self.defaults)
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+    fn query(&self, name: &str) -> Option<Cow<'_, str>> {
+        self.url
+            .query()
+            .and_then(|q| tollgate_core::request::query_param(q, name))
+    }
+    fn json_body(&self) -> Option<&serde_json::Value> {
+        self.body.as_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_core::NoProfiles;
+
+    fn config() -> RunnerConfig {
+        crate::settings::parse(
+            "[[upstream]]\nname = \"crm\"\nbase_url = \"http://127.0.0.1:9/\"\n[[upstream.limit]]\nname = \"api\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 100\n[[upstream.bulk]]\nname = \"probability\"\nmethod = \"POST\"\npath = \"/graphql\"\nmax_items = 200\nbody = { query = \"mutation($ids: [UUID!]!) { updateOpportunities(data: {probability: 75}, filter: {id: {in: $ids}}) { affectedCount } }\", variables = { ids = \"{{records}}\" } }\n",
+            &NoProfiles,
+            &|_| None,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_job_line_needs_only_method_and_url() {
+        let jobs = read_jobs(
+            "{\"method\":\"patch\",\"url\":\"http://127.0.0.1:9/rest/1\",\"body\":{\"p\":75}}\n\n{\"id\":7,\"method\":\"GET\",\"url\":\"http://127.0.0.1:9/x\",\"priority\":\"high\",\"idempotency_key\":\"k7\"}\n".as_bytes(),
+            &config(),
+        )
+        .unwrap();
+        assert_eq!(jobs.len(), 2);
+        let first = &jobs[0].job;
+        assert_eq!(first.method, "PATCH");
+        assert_eq!(first.body.as_deref(), Some("{\"p\":75}"));
+        assert!(first.json);
+        assert_eq!(first.priority, Priority::Normal);
+        assert!(first.idempotency_key.starts_with("tollgate-"));
+        assert_eq!(jobs[1].job.id, "7");
+        assert_eq!(jobs[1].job.idempotency_key, "k7");
+        assert_eq!(jobs[1].job.priority, Priority::High);
+    }
+
+    #[test]
+    fn identical_lines_are_distinct_jobs_with_stable_ids() {
+        let line = "{\"method\":\"POST\",\"url\":\"http://127.0.0.1:9/x\",\"body_text\":\"hi\"}\n";
+        let a = read_jobs(line.repeat(2).as_bytes(), &config()).unwrap();
+        let b = read_jobs(
+            format!(
+                "{{\"method\":\"GET\",\"url\":\"http://127.0.0.1:9/y\"}}\n{}",
+                line.repeat(2)
+            )
+            .as_bytes(),
+            &config(),
+        )
+        .unwrap();
+        assert_ne!(a[0].job.id, a[1].job.id);
+        assert_eq!(a[0].job.id, b[1].job.id);
+        assert_eq!(a[1].job.idempotency_key, b[2].job.idempotency_key);
+    }
+
+    #[test]
+    fn bad_lines_are_named_and_nothing_is_returned() {
+        let text = "{\"method\":\"GET\",\"url\":\"http://127.0.0.1:9/ok\"}\n{\"method\":\"GET\"}\nnot json\n{\"method\":\"GET\",\"url\":\"http://evil.example/x\"}\n{\"method\":\"GET\",\"url\":\"http://127.0.0.1:9/x\",\"prority\":\"high\"}\n{\"method\":\"GET\",\"url\":\"http://127.0.0.1:9/x\",\"priority\":\"urgent\"}\n{\"id\":\"a\",\"method\":\"GET\",\"url\":\"http://127.0.0.1:9/x\"}\n{\"id\":\"a\",\"method\":\"GET\",\"url\":\"http://127.0.0.1:9/y\"}\n";
+        let JobsError::Lines(errors) = read_jobs(text.as_bytes(), &config()).unwrap_err() else {
+            panic!("expected line errors")
+        };
+        let lines: Vec<usize> = errors.iter().map(|e| e.line).collect();
+        assert_eq!(lines, vec![2, 3, 4, 5, 6, 8]);
+        assert!(
+            errors[0].message.contains("missing field `url`"),
+            "{}",
+            errors[0].message
+        );
+        assert!(
+            errors[2]
+                .message
+                .contains("under no [[upstream]] base_url (known: crm = http://127.0.0.1:9/)"),
+            "{}",
+            errors[2].message
+        );
+        assert!(
+            errors[3].message.contains("unknown field `prority`"),
+            "{}",
+            errors[3].message
+        );
+        assert_eq!(
+            errors[4].message,
+            "priority 'urgent' is not known; use high, normal or low"
+        );
+        assert_eq!(
+            errors[5].message,
+            "id 'a' is also on line 7; ids must be unique"
+        );
+    }
+
+    #[test]
+    fn ten_thousand_ids_become_fifty_calls_of_two_hundred() {
+        let records: String = (0..10_000).map(|i| format!("\"id-{i}\"\n")).collect();
+        let jobs = read_bulk(records.as_bytes(), &config(), "probability").unwrap();
+        assert_eq!(jobs.len(), 50);
+        let body: serde_json::Value =
+            serde_json::from_str(jobs[49].job.body.as_deref().unwrap()).unwrap();
+        let ids = body["variables"]["ids"].as_array().unwrap();
+        assert_eq!(ids.len(), 200);
+        assert_eq!(ids[199], "id-9999");
+        assert!(body["query"].as_str().unwrap().starts_with("mutation"));
+        assert_eq!(jobs[0].job.url, "http://127.0.0.1:9/graphql");
+        let e = read_bulk("\"a\"\nb-unquoted\n".as_bytes(), &config(), "probability").unwrap_err();
+        assert!(
+            e.to_string().starts_with(
+                "1 bad line(s), nothing was queued:\n  line 2: a record must be one JSON value"
+            ),
+            "{e}"
+        );
+        let e = read_bulk("".as_bytes(), &config(), "nope").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "bulk 'nope' is not in the config; known: probability"
+        );
+    }
+}

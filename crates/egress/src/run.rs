@@ -1,0 +1,633 @@
+//! `tollgate run`: drive every pending job of a state to a final outcome, at
+//! the pace the schedulers allow, on tokio with reqwest. One task decides
+//! (the schedulers are not shared); each request runs in its own task and
+//! reports back on a channel. Outcomes go to the state's writer thread.
+
+use crate::job::{Job, Priority};
+use crate::plan;
+use crate::schedule::{Event, Next, Reply, Scheduler, Settled};
+use crate::settings::{RunnerConfig, Upstream};
+use crate::signals;
+use crate::state::{Record, State, StateError, Writer};
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+use tollgate_core::{Clock, Item, Nanos};
+use tollgate_store::{Engine, TokioClock};
+
+/// A response body up to this size goes into `results.jsonl` as is; a longer
+/// one as its SHA-256.
+const BODY_INLINE: usize = 2048;
+/// Without a terminal, a progress line every this many finished jobs (seed 000).
+const LOG_EVERY: u64 = 500;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub progress: ProgressMode,
+    /// After Ctrl-C, how long requests in flight may take to finish.
+    pub grace: Duration,
+    /// Seeds the retry jitter.
+    pub seed: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            progress: ProgressMode::Auto,
+            grace: Duration::from_secs(10),
+            seed: fastrand::u64(..),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressMode {
+    /// A bar on a terminal, log lines otherwise.
+    Auto,
+    Lines,
+    Quiet,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("the state has {jobs} pending job(s) for upstream '{upstream}', which the config no longer has")]
+    UnknownUpstream { upstream: String, jobs: usize },
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamSummary {
+    pub name: String,
+    pub calls: u64,
+    pub done: u64,
+    pub dead: u64,
+    pub retried: u64,
+    pub throttled: u64,
+    /// The least time the limits allow for these calls (from the plan).
+    pub shortest: Duration,
+    pub binding: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub upstreams: Vec<UpstreamSummary>,
+    pub elapsed: Duration,
+    /// Stopped by Ctrl-C: `pending` jobs are left for the next run.
+    pub interrupted: bool,
+    pub pending: u64,
+}
+
+impl Summary {
+    fn total(&self, f: impl Fn(&UpstreamSummary) -> u64) -> u64 {
+        self.upstreams.iter().map(f).sum()
+    }
+    pub fn done(&self) -> u64 {
+        self.total(|u| u.done)
+    }
+    pub fn dead(&self) -> u64 {
+        self.total(|u| u.dead)
+    }
+    pub fn calls(&self) -> u64 {
+        self.total(|u| u.calls)
+    }
+    pub fn retried(&self) -> u64 {
+        self.total(|u| u.retried)
+    }
+    pub fn throttled(&self) -> u64 {
+        self.total(|u| u.throttled)
+    }
+
+    /// Achieved rate over allowed rate: the least time the limits allow for
+    /// the calls made, over the time they took. None when the limits never
+    /// made a call wait (a job within the burst has no rate to compare).
+    pub fn utilisation(&self) -> Option<f64> {
+        let shortest = self.upstreams.iter().map(|u| u.shortest).max()?;
+        (shortest >= Duration::from_millis(100) && !self.elapsed.is_zero())
+            .then(|| (shortest.as_secs_f64() / self.elapsed.as_secs_f64()).min(1.0))
+    }
+
+    /// The summary block printed at the end.
+    pub fn describe(&self) -> String {
+        let minutes = self.elapsed.as_secs_f64() / 60.0;
+        let per_minute = if minutes > 0.0 {
+            self.calls() as f64 / minutes
+        } else {
+            0.0
+        };
+        let mut text = format!(
+            "done {}, dead-lettered {}, retried {}, 429s received {}, calls {}, elapsed {}, {:.1} calls/min",
+            self.done(),
+            self.dead(),
+            self.retried(),
+            self.throttled(),
+            self.calls(),
+            human(self.elapsed),
+            per_minute,
+        );
+        match self.utilisation() {
+            Some(u) => text.push_str(&format!(", quota utilisation {:.1}%", u * 100.0)),
+            None => text.push_str(", quota utilisation n/a (the limits never made a call wait)"),
+        }
+        for u in &self.upstreams {
+            text.push_str(&format!(
+                "\n  {}: {} calls, {} done, {} dead, {} retried, {} 429s; the limits allow it in {}{}",
+                u.name,
+                u.calls,
+                u.done,
+                u.dead,
+                u.retried,
+                u.throttled,
+                human(u.shortest),
+                u.binding.as_deref().map(|b| format!(" (binding: {b})")).unwrap_or_default()
+            ));
+        }
+        text
+    }
+}
+
+/// `1h 02m 03s`, `4m 05s`, `6.7s`.
+pub fn human(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0..=59 => format!("{:.1}s", d.as_secs_f64()),
+        60..=3599 => format!("{}m {:02}s", secs / 60, secs % 60),
+        _ => format!(
+            "{}h {:02}m {:02}s",
+            secs / 3600,
+            secs % 3600 / 60,
+            secs % 60
+        ),
+    }
+}
+
+/// A job being worked on.
+#[derive(Debug)]
+struct Active {
+    upstream: usize,
+    job: Arc<Job>,
+    /// Every attempt's limits, for the utilisation estimate.
+    items: Vec<Item>,
+    first_sent: Option<Nanos>,
+    sent: Nanos,
+    /// Attempts made, this run and before.
+    attempts: u32,
+}
+
+struct Completion {
+    seq: u64,
+    reply: Reply,
+    body: Option<bytes::Bytes>,
+}
+
+/// Run every pending job of `state` until each has a final outcome, or
+/// `shutdown` resolves (then requests in flight get `options.grace`).
+pub async fn run(
+    config: &RunnerConfig,
+    state: &State,
+    clock: TokioClock,
+    options: Options,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Summary, RunError> {
+    let pending = state.pending()?;
+    let index: HashMap<&str, usize> = config
+        .upstreams
+        .iter()
+        .enumerate()
+        .map(|(i, u)| (u.name.as_str(), i))
+        .collect();
+    if let Some(p) = pending
+        .iter()
+        .find(|p| !index.contains_key(p.upstream.as_str()))
+    {
+        return Err(RunError::UnknownUpstream {
+            jobs: pending.iter().filter(|q| q.upstream == p.upstream).count(),
+            upstream: p.upstream.clone(),
+        });
+    }
+    let mut schedulers: Vec<Scheduler> = config
+        .upstreams
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            Scheduler::new(
+                Engine::new(u.policy.clone()),
+                u.max_attempts,
+                u.concurrency,
+                u.breaker,
+                options.seed.wrapping_add(i as u64),
+            )
+        })
+        .collect();
+    let writer = state.writer()?;
+    let progress = Progress::new(options.progress, pending.len() as u64);
+    let mut sent_calls: Vec<Vec<(Priority, Vec<Item>)>> = vec![Vec::new(); config.upstreams.len()];
+    let mut active: HashMap<u64, Active> = HashMap::with_capacity(pending.len());
+    let start = clock.now();
+    for p in pending {
+        let upstream = index[p.upstream.as_str()];
+        let u = &config.upstreams[upstream];
+        match u.items(&p.job) {
+            Ok(items) => {
+                schedulers[upstream].push(p.seq, p.job.priority, p.attempts, items.clone());
+                active.insert(
+                    p.seq,
+                    Active {
+                        upstream,
+                        job: Arc::new(p.job),
+                        items,
+                        first_sent: None,
+                        sent: 0,
+                        attempts: p.attempts,
+                    },
+                );
+            }
+            Err(reason) => {
+                let dead = Active {
+                    upstream,
+                    job: Arc::new(p.job),
+                    items: Vec::new(),
+                    first_sent: None,
+                    sent: 0,
+                    attempts: p.attempts,
+                };
+                finish(
+                    &writer,
+                    p.seq,
+                    &dead,
+                    config,
+                    &Settled::Dead { reason },
+                    None,
+                    None,
+                    start,
+                );
+                progress.finished(true);
+            }
+        }
+    }
+
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(256)
+        .build()
+        .map_err(|e| RunError::Client(e.to_string()))?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<Completion>();
+    let mut in_flight = HashMap::new();
+    let mut stopping = false;
+    let mut deadline = None;
+    let mut last_reply = start;
+    tokio::pin!(shutdown);
+    loop {
+        let now = clock.now();
+        let mut wake: Option<Nanos> = None;
+        if !stopping {
+            for (u, scheduler) in schedulers.iter_mut().enumerate() {
+                loop {
+                    match scheduler.next(now) {
+                        Next::Send { seq, attempt } => {
+                            let Some(a) = active.get_mut(&seq) else {
+                                continue;
+                            };
+                            a.first_sent.get_or_insert(now);
+                            a.sent = now;
+                            a.attempts = attempt;
+                            sent_calls[u].push((a.job.priority, a.items.clone()));
+                            let task = send(
+                                &client,
+                                &config.upstreams[u],
+                                &a.job,
+                                seq,
+                                clock.clone(),
+                                tx.clone(),
+                            );
+                            in_flight.insert(seq, tokio::spawn(task));
+                        }
+                        Next::Reject { seq, reason } => {
+                            if let Some(a) = active.remove(&seq) {
+                                finish(
+                                    &writer,
+                                    seq,
+                                    &a,
+                                    config,
+                                    &Settled::Dead { reason },
+                                    None,
+                                    None,
+                                    now,
+                                );
+                                progress.finished(true);
+                            }
+                        }
+                        Next::Wait(at) => {
+                            wake = Some(wake.map_or(at, |w: Nanos| w.min(at)));
+                            break;
+                        }
+                        Next::Blocked | Next::Idle => break,
+                    }
+                }
+                for event in scheduler.drain_events() {
+                    progress.log(&describe_event(&config.upstreams[u].name, &event, now));
+                }
+            }
+        }
+        if in_flight.is_empty()
+            && (stopping || (wake.is_none() && schedulers.iter().all(|s| s.queued() == 0)))
+        {
+            break;
+        }
+        tokio::select! {
+            Some(done) = rx.recv() => {
+                let mut batch = vec![done];
+                while let Ok(more) = rx.try_recv() {
+                    batch.push(more);
+                }
+                let now = clock.now();
+                for c in batch {
+                    in_flight.remove(&c.seq);
+                    let Some(a) = active.get(&c.seq) else { continue };
+                    let scheduler = &mut schedulers[a.upstream];
+                    let latency = Duration::from_nanos(now.saturating_sub(a.sent));
+                    let settled = scheduler.complete(c.seq, &c.reply, latency, now);
+                    last_reply = now;
+                    if let Settled::Retry { .. } = settled {
+                        writer.record(Record::Retry { seq: c.seq, attempts: a.attempts });
+                        continue;
+                    }
+                    let status = match c.reply { Reply::Status { status, .. } => Some(status), Reply::Failed { .. } => None };
+                    let dead = matches!(settled, Settled::Dead { .. });
+                    finish(&writer, c.seq, a, config, &settled, status, c.body.as_deref(), now);
+                    progress.finished(dead);
+                    active.remove(&c.seq);
+                }
+            }
+            _ = sleep_until(&clock, wake), if wake.is_some() => {}
+            _ = &mut shutdown, if !stopping => {
+                stopping = true;
+                deadline = Some(tokio::time::Instant::now() + options.grace);
+                progress.log(&format!("stopping: waiting up to {} for {} request(s) in flight", human(options.grace), in_flight.len()));
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                for (_, task) in in_flight.drain() {
+                    task.abort();
+                }
+                break;
+            }
+        }
+    }
+    progress.done();
+    writer.finish()?;
+    let elapsed = Duration::from_nanos(last_reply.saturating_sub(start));
+    let upstreams = config
+        .upstreams
+        .iter()
+        .zip(&schedulers)
+        .zip(sent_calls)
+        .map(|((u, s), calls)| {
+            let c = s.counters();
+            let estimate = plan::estimate(&u.policy, calls, start, Duration::ZERO, u.concurrency);
+            UpstreamSummary {
+                name: u.name.clone(),
+                calls: c.sent,
+                done: c.done,
+                dead: c.dead,
+                retried: c.retried,
+                throttled: c.throttled,
+                shortest: estimate.shortest,
+                binding: s.binding_limit().map(str::to_owned),
+            }
+        })
+        .collect();
+    Ok(Summary {
+        upstreams,
+        elapsed,
+        interrupted: stopping,
+        pending: state.counts()?.pending,
+    })
+}
+
+async fn sleep_until(clock: &TokioClock, at: Option<Nanos>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(clock.instant_at(at)).await;
+    }
+}
+
+/// One attempt of a job: a future that sends it and reports how it came back.
+fn send(
+    client: &reqwest::Client,
+    upstream: &Upstream,
+    job: &Job,
+    seq: u64,
+    clock: TokioClock,
+    tx: mpsc::UnboundedSender<Completion>,
+) -> impl Future<Output = ()> + Send + 'static {
+    let method = reqwest::Method::from_bytes(job.method.as_bytes()).unwrap_or(reqwest::Method::GET);
+    let mut request = client.request(method, &job.url).timeout(upstream.timeout);
+    for (name, value) in &upstream.headers {
+        if !job.headers.iter().any(|(n, _)| n == name) {
+            request = request.header(name, value);
+        }
+    }
+    for (name, value) in &job.headers {
+        request = request.header(name, value);
+    }
+    request = request.header("idempotency-key", &job.idempotency_key);
+    if let Some(body) = &job.body {
+        if job.json && !job.headers.iter().any(|(n, _)| n == "content-type") {
+            request = request.header("content-type", "application/json");
+        }
+        request = request.body(body.clone());
+    }
+    async move {
+        let (reply, body) = match request.send().await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let headers = response.headers().clone();
+                let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+                let retry_after = signals::retry_after(get("retry-after"), wall(clock.now()));
+                let corrections = signals::corrections(get);
+                match response.bytes().await {
+                    Ok(body) => (
+                        Reply::Status {
+                            status,
+                            retry_after,
+                            corrections,
+                        },
+                        Some(body),
+                    ),
+                    Err(e) => (Reply::Failed { error: failure(&e) }, None),
+                }
+            }
+            Err(e) => (Reply::Failed { error: failure(&e) }, None),
+        };
+        let _ = tx.send(Completion { seq, reply, body });
+    }
+}
+
+fn failure(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_connect() {
+        format!("connection failed ({})", root_cause(e))
+    } else {
+        format!("request failed ({})", root_cause(e))
+    }
+}
+
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+/// Record a final outcome with its `results.jsonl` line.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    writer: &Writer,
+    seq: u64,
+    a: &Active,
+    config: &RunnerConfig,
+    settled: &Settled,
+    status: Option<u16>,
+    body: Option<&[u8]>,
+    now: Nanos,
+) {
+    let attempts = a.attempts;
+    let dead = !matches!(settled, Settled::Done);
+    let reason = match settled {
+        Settled::Dead { reason } => Some(reason.clone()),
+        _ => None,
+    };
+    let mut line = serde_json::json!({
+        "id": a.job.id,
+        "upstream": config.upstreams[a.upstream].name,
+        "outcome": if dead { "dead" } else { "done" },
+        "status": status,
+        "attempts": attempts,
+        "elapsed_ms": a.first_sent.map(|f| (now.saturating_sub(f)) as f64 / 1e6),
+        "latency_ms": (a.sent > 0).then(|| now.saturating_sub(a.sent) as f64 / 1e6),
+    });
+    if let Some(reason) = &reason {
+        line["error"] = reason.clone().into();
+    }
+    if let Some(body) = body {
+        if body.len() <= BODY_INLINE {
+            line["body"] = serde_json::from_slice(body)
+                .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned().into());
+        } else {
+            line["body_sha256"] = crate::job::digest_bytes(body).into();
+            line["body_bytes"] = body.len().into();
+        }
+    }
+    writer.record(Record::Final {
+        seq,
+        dead,
+        attempts,
+        status,
+        reason,
+        excerpt: body.filter(|_| dead).map(excerpt),
+        line: line.to_string(),
+    });
+}
+
+fn describe_event(upstream: &str, event: &Event, now: Nanos) -> String {
+    let secs = |at: Nanos| human(Duration::from_nanos(at.saturating_sub(now)));
+    match event {
+        Event::Paused { until, status } => {
+            format!("{upstream}: HTTP {status}, pausing the upstream for {}", secs(*until))
+        }
+        Event::BreakerOpened { failures, until } => format!(
+            "{upstream}: circuit breaker open after {failures} consecutive failures; probing again in {}",
+            secs(*until)
+        ),
+        Event::BreakerHalfOpen => format!("{upstream}: circuit breaker half-open, sending one probe"),
+        Event::BreakerClosed => format!("{upstream}: circuit breaker closed, the upstream answers again"),
+    }
+}
+
+/// Progress: a bar on a terminal, a line every 500 jobs otherwise.
+struct Progress {
+    mode: ProgressMode,
+    bar: Option<indicatif::ProgressBar>,
+    total: u64,
+    finished: std::cell::Cell<u64>,
+    dead: std::cell::Cell<u64>,
+    started: std::time::Instant,
+}
+
+impl Progress {
+    fn new(mode: ProgressMode, total: u64) -> Self {
+        let bar = (mode == ProgressMode::Auto && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} jobs  {per_sec}  eta {eta}  {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar
+        });
+        Progress {
+            mode,
+            bar,
+            total,
+            finished: Default::default(),
+            dead: Default::default(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    fn finished(&self, dead: bool) {
+        let n = self.finished.get() + 1;
+        self.finished.set(n);
+        if dead {
+            self.dead.set(self.dead.get() + 1);
+        }
+        if let Some(bar) = &self.bar {
+            bar.set_position(n);
+            if dead {
+                bar.set_message(format!("{} dead", self.dead.get()));
+            }
+        } else if self.mode != ProgressMode::Quiet && n.is_multiple_of(LOG_EVERY) {
+            let elapsed = self.started.elapsed().as_secs_f64();
+            let rate = n as f64 / elapsed.max(1e-9);
+            let eta =
+                Duration::from_secs_f64((self.total.saturating_sub(n)) as f64 / rate.max(1e-9));
+            eprintln!(
+                "tollgate run: {n}/{} jobs finished ({} dead), {rate:.1} jobs/s, eta {}",
+                self.total,
+                self.dead.get(),
+                human(eta)
+            );
+        }
+    }
+
+    fn log(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(format!("tollgate run: {line}")),
+            None if self.mode != ProgressMode::Quiet => eprintln!("tollgate run: {line}"),
+            None => {}
+        }
+    }
+
+    fn done(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// The start of a body, as text, kept with a dead letter.
+fn excerpt(body: &[u8]) -> String {
+    String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned()
+}
+
+/// The wall time a clock reading stands for (for `Retry-After` dates).
+fn wall(now: Nanos) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(now)
+}

@@ -1,0 +1,797 @@
+//! The scheduler of one upstream, without I/O: which job goes next and when,
+//! and what a reply means (done, retry when, dead letter). The runner drives
+//! it on the real clock; `plan` drives it on a virtual one.
+//!
+//! Jobs that touch the same limits under the same keys form a lane (FIFO per
+//! priority). The head of each lane is asked of the engine: the first one
+//! admitted now (high before normal before low, then oldest) is sent;
+//! otherwise the scheduler waits until the earliest instant some head is
+//! admitted (the engine's exact `retry_after`), never a fixed sleep.
+
+use crate::job::Priority;
+use crate::settings::BreakerSettings;
+use crate::signals::{Correction, Target};
+use compact_str::CompactString;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::time::Duration;
+use tollgate_core::decide::Verdict;
+use tollgate_core::policy::AlgorithmKind;
+use tollgate_core::{Item, Nanos};
+use tollgate_store::Engine;
+
+/// Lane heads asked per call: bounds the work when jobs spread over many keys.
+const MAX_HEADS: usize = 64;
+/// Exponential backoff stops doubling here (seed 002: "a maximum wait time
+/// (30-60 seconds)").
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Jitter added to a Retry-After wait (seed 004: "a small jitter (≤ 250 ms)").
+const RETRY_AFTER_JITTER_MS: u64 = 250;
+/// Jitter added to an exponential backoff (seeds 000, 002: 0 to 1 s).
+const BACKOFF_JITTER_MS: u64 = 1000;
+
+/// What to do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Send this job now; `attempt` counts from 1.
+    Send { seq: u64, attempt: u32 },
+    /// This job can never be sent (its cost exceeds a limit, or the policy
+    /// rejects it): dead-letter it.
+    Reject { seq: u64, reason: String },
+    /// Nothing can go before this instant (a reply may change that).
+    Wait(Nanos),
+    /// Nothing can go until a reply comes back.
+    Blocked,
+    /// No job is queued, waiting or in flight.
+    Idle,
+}
+
+/// How a sent job came back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Status {
+        status: u16,
+        retry_after: Option<Duration>,
+        corrections: Vec<Correction>,
+    },
+    /// No response: connection refused or dropped, or the timeout passed.
+    Failed { error: String },
+}
+
+/// What became of a job after its reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    Done,
+    /// It is queued again and may go at `at`.
+    Retry {
+        at: Nanos,
+    },
+    Dead {
+        reason: String,
+    },
+}
+
+/// Something worth a log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The whole upstream waits (a 429 said so).
+    Paused {
+        until: Nanos,
+        status: u16,
+    },
+    BreakerOpened {
+        failures: u32,
+        until: Nanos,
+    },
+    BreakerHalfOpen,
+    BreakerClosed,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    pub sent: u64,
+    pub done: u64,
+    pub dead: u64,
+    pub retried: u64,
+    pub throttled: u64,
+    pub failures: u64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    seq: u64,
+    priority: Priority,
+    attempts: u32,
+    items: Vec<Item>,
+    /// The items the admitting decision charged (settled at completion).
+    committed: Vec<Item>,
+    lane: usize,
+}
+
+#[derive(Debug, Default)]
+struct Lane {
+    /// One queue per priority, oldest (lowest seq) first.
+    queues: [BTreeMap<u64, Entry>; 3],
+}
+
+impl Lane {
+    fn head(&self) -> Option<&Entry> {
+        self.queues.iter().find_map(|q| q.values().next())
+    }
+    fn pop(&mut self) -> Option<Entry> {
+        self.queues
+            .iter_mut()
+            .find_map(|q| q.pop_first().map(|(_, e)| e))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Breaker {
+    Closed { failures: u32 },
+    Open { until: Nanos },
+    HalfOpen { probing: bool },
+}
+
+type LaneKey = Vec<(usize, usize, CompactString)>;
+
+#[derive(Debug)]
+pub struct Scheduler {
+    engine: Engine,
+    max_attempts: u32,
+    concurrency: usize,
+    breaker_settings: BreakerSettings,
+    breaker: Breaker,
+    lanes: Vec<Lane>,
+    lane_of: HashMap<LaneKey, usize>,
+    queued: usize,
+    backoff: BinaryHeap<Reverse<(Nanos, u64)>>,
+    backing_off: HashMap<u64, Entry>,
+    in_flight: HashMap<u64, Entry>,
+    paused_until: Nanos,
+    rng: fastrand::Rng,
+    events: Vec<Event>,
+    counters: Counters,
+    /// Per limit: how often it was the one a lane head waited for.
+    waits: Vec<u64>,
+}
+
+impl Scheduler {
+    pub fn new(
+        engine: Engine,
+        max_attempts: u32,
+        concurrency: usize,
+        breaker: BreakerSettings,
+        seed: u64,
+    ) -> Self {
+        let limits = engine.policy().limits.len();
+        Scheduler {
+            engine,
+            max_attempts,
+            concurrency,
+            breaker_settings: breaker,
+            breaker: Breaker::Closed { failures: 0 },
+            lanes: Vec::new(),
+            lane_of: HashMap::new(),
+            queued: 0,
+            backoff: BinaryHeap::new(),
+            backing_off: HashMap::new(),
+            in_flight: HashMap::new(),
+            paused_until: 0,
+            rng: fastrand::Rng::with_seed(seed),
+            events: Vec::new(),
+            counters: Counters::default(),
+            waits: vec![0; limits],
+        }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// The limit lane heads waited for most, if any waited.
+    pub fn binding_limit(&self) -> Option<&str> {
+        let (i, &n) = self.waits.iter().enumerate().max_by_key(|(_, n)| **n)?;
+        (n > 0).then(|| self.engine.policy().limits[i].name.as_str())
+    }
+
+    pub fn drain_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Queue a job: `items` from `Policy::plan`, `attempts` already made (a
+    /// resumed job keeps its count).
+    pub fn push(&mut self, seq: u64, priority: Priority, attempts: u32, items: Vec<Item>) {
+        let key: LaneKey = items
+            .iter()
+            .map(|i| (i.limit, i.class, i.key.clone()))
+            .collect();
+        let next = self.lanes.len();
+        let lane = *self.lane_of.entry(key).or_insert(next);
+        if lane == next {
+            self.lanes.push(Lane::default());
+        }
+        self.enqueue(Entry {
+            seq,
+            priority,
+            attempts,
+            items,
+            committed: Vec::new(),
+            lane,
+        });
+    }
+
+    fn enqueue(&mut self, entry: Entry) {
+        self.queued += 1;
+        self.lanes[entry.lane].queues[entry.priority.rank()].insert(entry.seq, entry);
+    }
+
+    pub fn next(&mut self, now: Nanos) -> Next {
+        if self.in_flight.len() >= self.concurrency {
+            return Next::Blocked;
+        }
+        while let Some(&Reverse((at, seq))) = self.backoff.peek() {
+            if at > now {
+                break;
+            }
+            self.backoff.pop();
+            if let Some(entry) = self.backing_off.remove(&seq) {
+                self.enqueue(entry);
+            }
+        }
+        let later = self.backoff.peek().map(|Reverse((at, _))| *at);
+        if self.queued == 0 {
+            return match later {
+                Some(at) => Next::Wait(at),
+                None if self.in_flight.is_empty() => Next::Idle,
+                None => Next::Blocked,
+            };
+        }
+        if now < self.paused_until {
+            return Next::Wait(self.paused_until);
+        }
+        match self.breaker {
+            Breaker::Open { until } if now < until => return Next::Wait(until),
+            Breaker::Open { .. } => {
+                self.breaker = Breaker::HalfOpen { probing: false };
+                self.events.push(Event::BreakerHalfOpen);
+            }
+            Breaker::HalfOpen { probing: true } => return Next::Blocked,
+            _ => {}
+        }
+
+        let mut heads: Vec<(Priority, u64, usize)> = self
+            .lanes
+            .iter()
+            .enumerate()
+            .filter_map(|(lane, l)| l.head().map(|e| (e.priority, e.seq, lane)))
+            .collect();
+        heads.sort_unstable();
+        let mut wake = later;
+        for &(_, _, lane) in heads.iter().take(MAX_HEADS) {
+            let Some(head) = self.lanes[lane].head() else {
+                continue;
+            };
+            let decision = match self.engine.decide(&head.items, now, false) {
+                Ok(d) => d,
+                Err(e) => return self.reject(lane, e.to_string()),
+            };
+            match decision.verdict {
+                Verdict::Admit { .. } => {
+                    let committed = tollgate_store::committed(&head.items, &decision)
+                        .cloned()
+                        .collect();
+                    return self.send(lane, committed);
+                }
+                Verdict::Deny { limit, retry_after } => {
+                    let limit = head.items[limit].limit;
+                    self.waits[limit] += 1;
+                    if let Some(after) = retry_after {
+                        wake = Some(wake.map_or(now + after, |w| w.min(now + after)));
+                    }
+                }
+                Verdict::Never {
+                    limit,
+                    cost,
+                    capacity,
+                } => {
+                    let name = &self.engine.policy().limits[head.items[limit].limit].name;
+                    let reason = format!(
+                        "its cost ({cost}) can never fit limit '{name}' (capacity {capacity})"
+                    );
+                    return self.reject(lane, reason);
+                }
+            }
+        }
+        match wake {
+            Some(at) => Next::Wait(at),
+            None => Next::Blocked,
+        }
+    }
+
+    fn send(&mut self, lane: usize, committed: Vec<Item>) -> Next {
+        let Some(mut entry) = self.lanes[lane].pop() else {
+            return Next::Blocked;
+        };
+        self.queued -= 1;
+        entry.attempts += 1;
+        entry.committed = committed;
+        if let Breaker::HalfOpen { probing } = &mut self.breaker {
+            *probing = true;
+        }
+        self.counters.sent += 1;
+        let next = Next::Send {
+            seq: entry.seq,
+            attempt: entry.attempts,
+        };
+        self.in_flight.insert(entry.seq, entry);
+        next
+    }
+
+    fn reject(&mut self, lane: usize, reason: String) -> Next {
+        let Some(entry) = self.lanes[lane].pop() else {
+            return Next::Blocked;
+        };
+        self.queued -= 1;
+        self.counters.dead += 1;
+        Next::Reject {
+            seq: entry.seq,
+            reason,
+        }
+    }
+
+    /// A sent job's reply, `latency` after it was sent.
+    pub fn complete(&mut self, seq: u64, reply: &Reply, latency: Duration, now: Nanos) -> Settled {
+        let Some(mut entry) = self.in_flight.remove(&seq) else {
+            return Settled::Dead {
+                reason: format!("job {seq} was not in flight"),
+            };
+        };
+        let latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.engine
+            .finish_committed(&entry.committed, now, latency_us);
+        let committed = std::mem::take(&mut entry.committed);
+        let (wait, reason) = match reply {
+            Reply::Status {
+                status,
+                retry_after,
+                corrections,
+            } => {
+                self.correct(&committed, corrections, now);
+                match *status {
+                    200..=399 => {
+                        self.succeeded();
+                        self.counters.done += 1;
+                        return Settled::Done;
+                    }
+                    429 => {
+                        // The upstream is alive: a 429 is no breaker failure.
+                        self.succeeded();
+                        self.counters.throttled += 1;
+                        let wait = match retry_after {
+                            Some(after) => *after + self.jitter(RETRY_AFTER_JITTER_MS),
+                            None => self.backoff_after(entry.attempts),
+                        };
+                        let until = now + nanos(wait);
+                        if until > self.paused_until {
+                            self.paused_until = until;
+                            self.events.push(Event::Paused { until, status: 429 });
+                        }
+                        (wait, format!("HTTP 429 after {} attempts", entry.attempts))
+                    }
+                    408 | 500..=599 => {
+                        self.failed(now);
+                        (
+                            self.backoff_after(entry.attempts),
+                            format!("HTTP {status} after {} attempts", entry.attempts),
+                        )
+                    }
+                    _ => {
+                        // Other 4xx: the request itself is wrong; retrying
+                        // only spends quota.
+                        self.succeeded();
+                        self.counters.dead += 1;
+                        return Settled::Dead {
+                            reason: format!("HTTP {status} (not retried)"),
+                        };
+                    }
+                }
+            }
+            Reply::Failed { error } => {
+                self.failed(now);
+                (
+                    self.backoff_after(entry.attempts),
+                    format!("{error} after {} attempts", entry.attempts),
+                )
+            }
+        };
+        if entry.attempts >= self.max_attempts {
+            self.counters.dead += 1;
+            return Settled::Dead { reason };
+        }
+        self.counters.retried += 1;
+        let at = now + nanos(wait);
+        self.backoff.push(Reverse((at, entry.seq)));
+        self.backing_off.insert(entry.seq, entry);
+        Settled::Retry { at }
+    }
+
+    /// Jobs queued or waiting out a backoff (not in flight).
+    pub fn queued(&self) -> usize {
+        self.queued + self.backing_off.len()
+    }
+
+    /// Exponential backoff after `attempts` failed attempts: 1, 2, 4, 8,
+    /// 16 s ... up to a minute, plus up to 1 s of jitter.
+    fn backoff_after(&mut self, attempts: u32) -> Duration {
+        let base = Duration::from_secs(1u64 << attempts.saturating_sub(1).min(6)).min(MAX_BACKOFF);
+        base + self.jitter(BACKOFF_JITTER_MS)
+    }
+
+    fn jitter(&mut self, max_ms: u64) -> Duration {
+        Duration::from_micros(self.rng.u64(0..=max_ms * 1000))
+    }
+
+    fn succeeded(&mut self) {
+        match self.breaker {
+            Breaker::HalfOpen { .. } => {
+                self.breaker = Breaker::Closed { failures: 0 };
+                self.events.push(Event::BreakerClosed);
+            }
+            Breaker::Closed { .. } => self.breaker = Breaker::Closed { failures: 0 },
+            Breaker::Open { .. } => {}
+        }
+    }
+
+    fn failed(&mut self, now: Nanos) {
+        self.counters.failures += 1;
+        match self.breaker {
+            Breaker::Closed { failures } if failures + 1 >= self.breaker_settings.failures => {
+                self.open(now, failures + 1);
+            }
+            Breaker::Closed { failures } => {
+                self.breaker = Breaker::Closed {
+                    failures: failures + 1,
+                }
+            }
+            Breaker::HalfOpen { .. } => self.open(now, 1),
+            Breaker::Open { .. } => {}
+        }
+    }
+
+    fn open(&mut self, now: Nanos, failures: u32) {
+        let until = now + nanos(self.breaker_settings.cooldown);
+        self.breaker = Breaker::Open { until };
+        self.events.push(Event::BreakerOpened { failures, until });
+    }
+
+    /// Lower the local view of a limit to what the upstream reports left.
+    fn correct(&self, items: &[Item], corrections: &[Correction], now: Nanos) {
+        if corrections.is_empty() {
+            return;
+        }
+        let policy = self.engine.policy();
+        let store = self.engine.store();
+        let counted: Vec<&Item> = items
+            .iter()
+            .filter(|i| {
+                let limit = &policy.limits[i.limit];
+                i.charge > 0 && limit.algorithm != AlgorithmKind::Concurrency
+            })
+            .collect();
+        let remaining = |item: &Item| store.usage(policy, item, now).remaining;
+        let window = |item: &Item| policy.limits[item.limit].params(item.class).policy().1;
+        let binding = || counted.iter().copied().min_by_key(|i| remaining(i));
+        for correction in corrections {
+            let item = match &correction.target {
+                Target::Named(name) => counted
+                    .iter()
+                    .copied()
+                    .find(|i| policy.limits[i.limit].name == *name)
+                    .or_else(binding),
+                Target::Shortest => counted.iter().copied().min_by_key(|i| window(i)),
+                Target::Longest => counted.iter().copied().max_by_key(|i| window(i)),
+                Target::Binding => binding(),
+            };
+            let Some(item) = item else { continue };
+            let local = remaining(item);
+            if correction.remaining < local {
+                let extra = local - correction.remaining;
+                let charge = Item {
+                    cost: extra,
+                    charge: extra,
+                    ..item.clone()
+                };
+                // Denied only if the local view moved meanwhile: then it is
+                // already lower.
+                let _ = self
+                    .engine
+                    .decide(std::slice::from_ref(&charge), now, false);
+            }
+        }
+    }
+}
+
+fn nanos(d: Duration) -> Nanos {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_core::{Attrs, NoProfiles, Policy};
+
+    const SEC: Nanos = 1_000_000_000;
+
+    fn scheduler(limits: &str, concurrency: usize) -> Scheduler {
+        let policy: Policy = tollgate_core::parse(limits, &NoProfiles).unwrap();
+        let breaker = BreakerSettings {
+            failures: 3,
+            cooldown: Duration::from_secs(30),
+        };
+        Scheduler::new(Engine::new(policy), 5, concurrency, breaker, 7)
+    }
+
+    fn push(s: &mut Scheduler, seq: u64, priority: Priority, workflow: &str) {
+        let req = Attrs::new("POST", "/x", &[("tollgate-workflow", workflow)]);
+        let mut items = Vec::new();
+        s.engine().policy().plan(&req, &mut items).unwrap();
+        s.push(seq, priority, 0, items);
+    }
+
+    fn status(status: u16, retry_after: Option<u64>) -> Reply {
+        Reply::Status {
+            status,
+            retry_after: retry_after.map(Duration::from_secs),
+            corrections: Vec::new(),
+        }
+    }
+
+    fn sent(next: Next) -> u64 {
+        match next {
+            Next::Send { seq, .. } => seq,
+            other => panic!("expected a send, got {other:?}"),
+        }
+    }
+
+    const BUCKET: &str = "[[limit]]\nname = \"account\"\nalgorithm = \"token_bucket\"\ncapacity = 2\nrefill = \"1/s\"\n";
+
+    #[test]
+    fn jobs_go_at_the_earliest_admissible_instant_high_priority_first() {
+        let mut s = scheduler(BUCKET, 10);
+        push(&mut s, 1, Priority::Low, "");
+        push(&mut s, 2, Priority::Normal, "");
+        push(&mut s, 3, Priority::High, "");
+        push(&mut s, 4, Priority::Normal, "");
+        assert_eq!(sent(s.next(0)), 3);
+        assert_eq!(sent(s.next(0)), 2);
+        // The burst is spent: the next token comes exactly 1 s later.
+        assert_eq!(s.next(0), Next::Wait(SEC));
+        assert_eq!(s.next(SEC - 1), Next::Wait(SEC));
+        assert_eq!(sent(s.next(SEC)), 4);
+        assert_eq!(s.next(SEC), Next::Wait(2 * SEC));
+        assert_eq!(sent(s.next(2 * SEC)), 1);
+        assert_eq!(s.next(2 * SEC), Next::Blocked, "replies outstanding");
+        for seq in [3, 2, 4, 1] {
+            assert_eq!(
+                s.complete(seq, &status(200, None), Duration::ZERO, 2 * SEC),
+                Settled::Done
+            );
+        }
+        assert_eq!(s.next(2 * SEC), Next::Idle);
+        assert_eq!(s.binding_limit(), Some("account"));
+    }
+
+    #[test]
+    fn a_workflow_budget_holds_back_only_its_own_lane() {
+        let limits = "[[limit]]\nname = \"backfill\"\nkey = [\"header:tollgate-workflow\"]\nmatch = { headers = { tollgate-workflow = \"backfill\" } }\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 1\n[[limit]]\nname = \"account\"\nalgorithm = \"token_bucket\"\ncapacity = 100\nrefill = \"1/s\"\n";
+        let mut s = scheduler(limits, 10);
+        push(&mut s, 1, Priority::High, "backfill");
+        push(&mut s, 2, Priority::High, "backfill");
+        push(&mut s, 3, Priority::Low, "live");
+        assert_eq!(sent(s.next(0)), 1);
+        // Job 2 waits an hour for its budget; job 3 is not stuck behind it.
+        assert_eq!(sent(s.next(0)), 3);
+        assert_eq!(s.next(0), Next::Wait(3600 * SEC));
+    }
+
+    #[test]
+    fn concurrency_caps_what_is_in_flight() {
+        let mut s = scheduler(BUCKET.replace("capacity = 2", "capacity = 100").as_str(), 2);
+        for seq in 1..=3 {
+            push(&mut s, seq, Priority::Normal, "");
+        }
+        sent(s.next(0));
+        sent(s.next(0));
+        assert_eq!(s.next(0), Next::Blocked);
+        s.complete(1, &status(200, None), Duration::ZERO, 0);
+        assert_eq!(sent(s.next(0)), 3);
+    }
+
+    #[test]
+    fn a_429_with_retry_after_pauses_the_whole_upstream_plus_at_most_250ms() {
+        for seed in 0..20 {
+            let mut s = scheduler(&BUCKET.replace("capacity = 2", "capacity = 100"), 10);
+            s.rng = fastrand::Rng::with_seed(seed);
+            push(&mut s, 1, Priority::Normal, "");
+            push(&mut s, 2, Priority::Normal, "");
+            sent(s.next(0));
+            let Settled::Retry { at } = s.complete(1, &status(429, Some(2)), Duration::ZERO, 0)
+            else {
+                panic!("expected a retry")
+            };
+            assert!((2 * SEC..=2 * SEC + 250_000_000).contains(&at), "{at}");
+            // Job 2 has its token, yet waits with the rest of the upstream.
+            assert_eq!(s.next(SEC), Next::Wait(at));
+            assert_eq!(
+                s.drain_events(),
+                vec![Event::Paused {
+                    until: at,
+                    status: 429
+                }]
+            );
+            assert_eq!(sent(s.next(at)), 1, "the older job first");
+            assert_eq!(sent(s.next(at)), 2);
+            assert_eq!(s.counters().throttled, 1);
+        }
+    }
+
+    #[test]
+    fn without_retry_after_backoff_is_1_2_4_8_s_then_dead_at_5_attempts() {
+        let mut s = scheduler(&BUCKET.replace("capacity = 2", "capacity = 100"), 10);
+        push(&mut s, 1, Priority::Normal, "");
+        let mut now = 0;
+        for (attempt, base) in [1u64, 2, 4, 8].into_iter().enumerate() {
+            assert_eq!(
+                s.next(now),
+                Next::Send {
+                    seq: 1,
+                    attempt: attempt as u32 + 1
+                }
+            );
+            let Settled::Retry { at } = s.complete(1, &status(429, None), Duration::ZERO, now)
+            else {
+                panic!("expected a retry")
+            };
+            let wait = at - now;
+            assert!(
+                (base * SEC..=(base + 1) * SEC).contains(&wait),
+                "attempt {attempt}: {wait}"
+            );
+            now = at;
+        }
+        assert_eq!(s.next(now), Next::Send { seq: 1, attempt: 5 });
+        assert_eq!(
+            s.complete(1, &status(429, None), Duration::ZERO, now),
+            Settled::Dead {
+                reason: "HTTP 429 after 5 attempts".into()
+            }
+        );
+        assert_eq!(s.next(now), Next::Idle);
+    }
+
+    #[test]
+    fn other_4xx_is_dead_at_once_and_5xx_is_retried() {
+        let mut s = scheduler(&BUCKET.replace("capacity = 2", "capacity = 100"), 10);
+        push(&mut s, 1, Priority::Normal, "");
+        push(&mut s, 2, Priority::Normal, "");
+        sent(s.next(0));
+        sent(s.next(0));
+        assert_eq!(
+            s.complete(1, &status(400, None), Duration::ZERO, 0),
+            Settled::Dead {
+                reason: "HTTP 400 (not retried)".into()
+            }
+        );
+        assert!(matches!(
+            s.complete(2, &status(503, None), Duration::ZERO, 0),
+            Settled::Retry { .. }
+        ));
+        assert_eq!(s.counters().dead, 1);
+        assert_eq!(s.counters().retried, 1);
+    }
+
+    #[test]
+    fn the_breaker_opens_after_consecutive_failures_probes_once_and_closes() {
+        let mut s = scheduler(&BUCKET.replace("capacity = 2", "capacity = 100"), 10);
+        for seq in 1..=5 {
+            push(&mut s, seq, Priority::Normal, "");
+        }
+        for _ in 0..3 {
+            sent(s.next(0));
+        }
+        let failed = Reply::Failed {
+            error: "connection failed".into(),
+        };
+        for seq in 1..=3 {
+            s.complete(seq, &failed, Duration::ZERO, 0);
+        }
+        let until = 30 * SEC;
+        assert_eq!(
+            s.drain_events(),
+            vec![Event::BreakerOpened { failures: 3, until }]
+        );
+        assert_eq!(s.next(0), Next::Wait(until));
+        // Half-open: one probe, nothing else until it answers.
+        let probe = sent(s.next(until));
+        assert_eq!(s.next(until), Next::Blocked);
+        s.complete(probe, &status(200, None), Duration::ZERO, until);
+        assert_eq!(
+            s.drain_events(),
+            vec![Event::BreakerHalfOpen, Event::BreakerClosed]
+        );
+        sent(s.next(until));
+    }
+
+    #[test]
+    fn a_cost_that_can_never_fit_is_rejected() {
+        let limits = "[[limit]]\nname = \"ids\"\nalgorithm = \"token_bucket\"\ncapacity = 10\nrefill = \"10/s\"\ncost = { json_array = \"/ids\" }\n";
+        let mut s = scheduler(limits, 10);
+        let item = Item {
+            limit: 0,
+            class: 0,
+            key: "".into(),
+            cost: 11,
+            charge: 11,
+        };
+        s.push(1, Priority::Normal, 0, vec![item]);
+        assert_eq!(
+            s.next(0),
+            Next::Reject {
+                seq: 1,
+                reason: "its cost (11) can never fit limit 'ids' (capacity 10)".into()
+            }
+        );
+    }
+
+    #[test]
+    fn rate_limit_headers_lower_the_local_view_only() {
+        let limits = "[[limit]]\nname = \"account\"\nalgorithm = \"token_bucket\"\ncapacity = 100\nrefill = \"1/s\"\n[[limit]]\nname = \"daily\"\nalgorithm = \"fixed_window\"\nevery = \"1d\"\nquota = 1000\n";
+        let mut s = scheduler(limits, 10);
+        for seq in 1..=3 {
+            push(&mut s, seq, Priority::Normal, "");
+        }
+        sent(s.next(0));
+        let reply = |target: Target, remaining| Reply::Status {
+            status: 200,
+            retry_after: None,
+            corrections: vec![Correction { target, remaining }],
+        };
+        // Another client used 89 of the account's 100: 10 left after ours.
+        s.complete(
+            1,
+            &reply(Target::Named("account".into()), 10),
+            Duration::ZERO,
+            0,
+        );
+        let usage = |s: &Scheduler, limit: usize| {
+            let item = Item {
+                limit,
+                class: 0,
+                key: "".into(),
+                cost: 1,
+                charge: 1,
+            };
+            s.engine()
+                .store()
+                .usage(s.engine().policy(), &item, 0)
+                .remaining
+        };
+        assert_eq!(usage(&s, 0), 10);
+        assert_eq!(usage(&s, 1), 999, "the daily count is not touched");
+        // A higher count never raises it; the longest window is the daily one.
+        sent(s.next(0));
+        s.complete(2, &reply(Target::Binding, 50), Duration::ZERO, 0);
+        assert_eq!(usage(&s, 0), 9);
+        sent(s.next(0));
+        s.complete(3, &reply(Target::Longest, 500), Duration::ZERO, 0);
+        assert_eq!(usage(&s, 1), 500);
+    }
+}

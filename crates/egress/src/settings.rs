@@ -1,0 +1,443 @@
+//! The runner's part of a config: `[[upstream]]` entries with their base URL,
+//! policy (profile and `[[upstream.limit]]`), request settings, circuit
+//! breaker and `[[upstream.bulk]]` templates. Every error names its line.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tollgate_core::config::{ConfigError, ProfileSource};
+use tollgate_core::units::parse_duration;
+use tollgate_core::Policy;
+use toml::Spanned;
+use url::Url;
+
+/// What a bulk template's body holds where the chunk of records goes.
+pub const RECORDS_PLACEHOLDER: &str = "{{records}}";
+
+/// Every upstream of a runner's config, in file order.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    pub upstreams: Vec<Upstream>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub name: String,
+    /// Jobs whose URL starts with this (scheme, host, port and path prefix)
+    /// go to this upstream.
+    pub base_url: Url,
+    pub policy: Policy,
+    /// Per attempt, from sending until the whole response body is read.
+    pub timeout: Duration,
+    /// Attempts per job before it is dead-lettered.
+    pub max_attempts: u32,
+    /// Requests in flight at once, whatever the limits allow.
+    pub concurrency: usize,
+    /// Sent with every request (a job's own header of the same name wins).
+    pub headers: Vec<(String, String)>,
+    pub breaker: BreakerSettings,
+    pub bulk: Vec<Bulk>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerSettings {
+    /// Consecutive failures (5xx, timeouts, connection errors) that open it.
+    pub failures: u32,
+    /// How long it stays open before one probe is let through.
+    pub cooldown: Duration,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        BreakerSettings {
+            failures: 5,
+            cooldown: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A bulk call: `max_items` records per call, placed in `body` where the
+/// string `"{{records}}"` stands.
+#[derive(Debug, Clone)]
+pub struct Bulk {
+    pub name: String,
+    pub method: String,
+    pub path: String,
+    pub body: serde_json::Value,
+    pub max_items: usize,
+    pub priority: Option<String>,
+    pub workflow: Option<String>,
+    pub line: usize,
+}
+
+impl Upstream {
+    /// The limits a job touches, as the engine plans them.
+    pub fn items(&self, job: &crate::job::Job) -> Result<Vec<tollgate_core::Item>, String> {
+        let req = crate::job::JobRequest::new(job, &self.headers)?;
+        let mut items = Vec::new();
+        self.policy
+            .plan(&req, &mut items)
+            .map_err(|e| e.to_string())?;
+        Ok(items)
+    }
+}
+
+impl RunnerConfig {
+    /// The upstream a URL belongs to: the longest matching base URL.
+    pub fn upstream_for(&self, url: &Url) -> Option<usize> {
+        self.upstreams
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| under(url, &u.base_url))
+            .max_by_key(|(_, u)| u.base_url.path().len())
+            .map(|(i, _)| i)
+    }
+
+    pub fn bulk(&self, name: &str) -> Option<(usize, &Bulk)> {
+        self.upstreams
+            .iter()
+            .enumerate()
+            .find_map(|(i, u)| u.bulk.iter().find(|b| b.name == name).map(|b| (i, b)))
+    }
+}
+
+/// Whether `url` is `base` or below it: same origin, and the path continues
+/// base's path at a segment boundary.
+fn under(url: &Url, base: &Url) -> bool {
+    if url.scheme() != base.scheme()
+        || url.host_str() != base.host_str()
+        || url.port_or_known_default() != base.port_or_known_default()
+    {
+        return false;
+    }
+    let prefix = base.path().trim_end_matches('/');
+    let path = url.path();
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// Parse the upstreams of a config. `env` resolves `${NAME}` in header values
+/// (tokens stay out of the file).
+pub fn parse(
+    text: &str,
+    profiles: &dyn ProfileSource,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<RunnerConfig, ConfigError> {
+    // The top level is checked by the policy parser (unknown tables, [store]).
+    tollgate_core::parse(text, profiles)?;
+    let policies = tollgate_core::parse_upstreams(text, profiles)?;
+    let raw: RawRunner = toml::from_str(text).map_err(|e| ConfigError {
+        line: e.span().map(|s| line_of(text, s.start)),
+        message: e.message().to_string(),
+    })?;
+    if raw.upstream.is_empty() {
+        return Err(ConfigError {
+            line: None,
+            message: "the config has no [[upstream]] entries; `tollgate run` sends jobs only to upstreams it knows".into(),
+        });
+    }
+    let mut upstreams = Vec::with_capacity(raw.upstream.len());
+    let mut bulk_names = BTreeMap::new();
+    for (raw, policy) in raw.upstream.iter().zip(policies) {
+        let upstream = upstream(text, raw, policy.policy, env)?;
+        for bulk in &upstream.bulk {
+            if let Some(first) = bulk_names.insert(bulk.name.clone(), bulk.line) {
+                return Err(ConfigError {
+                    line: Some(bulk.line),
+                    message: format!(
+                        "bulk '{}' is defined twice (first on line {first}); names must be unique",
+                        bulk.name
+                    ),
+                });
+            }
+        }
+        upstreams.push(upstream);
+    }
+    Ok(RunnerConfig { upstreams })
+}
+
+fn upstream(
+    text: &str,
+    raw: &Spanned<RawUpstream>,
+    policy: Policy,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Upstream, ConfigError> {
+    let u = raw.get_ref();
+    let name = u.name.get_ref().clone();
+    let err = |offset: usize, msg: String| ConfigError {
+        line: Some(line_of(text, offset)),
+        message: format!("upstream '{name}': {msg}"),
+    };
+    let base_url = Url::parse(u.base_url.get_ref())
+        .ok()
+        .filter(|b| matches!(b.scheme(), "http" | "https") && b.host_str().is_some())
+        .ok_or_else(|| {
+            err(
+                u.base_url.span().start,
+                format!(
+                    "base_url '{}' is not an http(s) URL with a host",
+                    u.base_url.get_ref()
+                ),
+            )
+        })?;
+    let duration = |raw: &Option<Spanned<String>>, field: &str, default: Duration| match raw {
+        None => Ok(default),
+        Some(v) => match parse_duration(v.get_ref()) {
+            Ok(n) if n > 0 => Ok(Duration::from_nanos(n)),
+            Ok(_) => Err(err(v.span().start, format!("{field} must be above zero"))),
+            Err(e) => Err(err(v.span().start, format!("{field}: {e}"))),
+        },
+    };
+    let positive = |raw: &Option<Spanned<u64>>, field: &str, default: u64, max: u64| match raw {
+        None => Ok(default),
+        Some(v) if (1..=max).contains(v.get_ref()) => Ok(*v.get_ref()),
+        Some(v) => Err(err(
+            v.span().start,
+            format!("{field} must be from 1 to {max}, got {}", v.get_ref()),
+        )),
+    };
+    let mut breaker = BreakerSettings::default();
+    if let Some(b) = &u.breaker {
+        breaker.failures = positive(&b.failures, "breaker failures", 5, 1000)? as u32;
+        breaker.cooldown = duration(&b.cooldown, "breaker cooldown", breaker.cooldown)?;
+    }
+    let mut headers = Vec::new();
+    for (header, value) in &u.headers {
+        let value_text = expand_env(value.get_ref(), env).map_err(|var| {
+            err(
+                value.span().start,
+                format!("header {header}: environment variable {var} is not set"),
+            )
+        })?;
+        reqwest::header::HeaderName::from_bytes(header.as_bytes()).map_err(|_| {
+            err(
+                value.span().start,
+                format!("'{header}' is not a valid header name"),
+            )
+        })?;
+        reqwest::header::HeaderValue::from_str(&value_text).map_err(|_| {
+            err(
+                value.span().start,
+                format!("header {header}: the value is not a valid header value"),
+            )
+        })?;
+        headers.push((header.to_ascii_lowercase(), value_text));
+    }
+    let mut bulk = Vec::new();
+    for raw_bulk in &u.bulk {
+        bulk.push(bulk_template(text, raw_bulk, &name)?);
+    }
+    Ok(Upstream {
+        base_url,
+        policy,
+        timeout: duration(&u.timeout, "timeout", Duration::from_secs(30))?,
+        max_attempts: positive(&u.max_attempts, "max_attempts", 5, 100)? as u32,
+        concurrency: positive(&u.concurrency, "concurrency", 16, 4096)? as usize,
+        headers,
+        breaker,
+        bulk,
+        name,
+    })
+}
+
+fn bulk_template(text: &str, raw: &Spanned<RawBulk>, upstream: &str) -> Result<Bulk, ConfigError> {
+    let b = raw.get_ref();
+    let line = line_of(text, raw.span().start);
+    let name = b.name.get_ref().clone();
+    let err = |offset: usize, msg: String| ConfigError {
+        line: Some(line_of(text, offset)),
+        message: format!("upstream '{upstream}', bulk '{name}': {msg}"),
+    };
+    let method = b.method.get_ref().to_ascii_uppercase();
+    if reqwest::Method::from_bytes(method.as_bytes()).is_err() {
+        return Err(err(
+            b.method.span().start,
+            format!("'{}' is not an HTTP method", b.method.get_ref()),
+        ));
+    }
+    if !b.path.get_ref().starts_with('/') {
+        return Err(err(
+            b.path.span().start,
+            format!("path '{}' must start with '/'", b.path.get_ref()),
+        ));
+    }
+    let body = serde_json::to_value(b.body.get_ref())
+        .map_err(|e| err(b.body.span().start, format!("body: {e}")))?;
+    let places = count_placeholders(&body);
+    if places != 1 {
+        return Err(err(
+            b.body.span().start,
+            format!("body must hold the string \"{RECORDS_PLACEHOLDER}\" exactly once (where each chunk of records goes), found it {places} times"),
+        ));
+    }
+    let max_items = *b.max_items.get_ref();
+    if !(1..=1_000_000).contains(&max_items) {
+        return Err(err(
+            b.max_items.span().start,
+            format!("max_items must be from 1 to 1000000, got {max_items}"),
+        ));
+    }
+    if let Some(p) = &b.priority {
+        crate::job::Priority::parse(p.get_ref()).map_err(|m| err(p.span().start, m))?;
+    }
+    Ok(Bulk {
+        name,
+        method,
+        path: b.path.get_ref().clone(),
+        body,
+        max_items: max_items as usize,
+        priority: b.priority.as_ref().map(|p| p.get_ref().clone()),
+        workflow: b.workflow.clone(),
+        line,
+    })
+}
+
+fn count_placeholders(value: &serde_json::Value) -> usize {
+    match value {
+        serde_json::Value::String(s) => usize::from(s == RECORDS_PLACEHOLDER),
+        serde_json::Value::Array(items) => items.iter().map(count_placeholders).sum(),
+        serde_json::Value::Object(map) => map.values().map(count_placeholders).sum(),
+        _ => 0,
+    }
+}
+
+/// `${NAME}` replaced by the variable's value; Err(NAME) when it is not set.
+fn expand_env(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        let Some(len) = rest[start + 2..].find('}') else {
+            break;
+        };
+        let var = &rest[start + 2..start + 2 + len];
+        out.push_str(&rest[..start]);
+        out.push_str(&env(var).ok_or_else(|| var.to_string())?);
+        rest = &rest[start + 3 + len..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+#[derive(Deserialize)]
+struct RawRunner {
+    #[serde(default)]
+    upstream: Vec<Spanned<RawUpstream>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    name: Spanned<String>,
+    base_url: Spanned<String>,
+    timeout: Option<Spanned<String>>,
+    max_attempts: Option<Spanned<u64>>,
+    concurrency: Option<Spanned<u64>>,
+    #[serde(default)]
+    headers: BTreeMap<String, Spanned<String>>,
+    breaker: Option<RawBreaker>,
+    #[serde(default)]
+    bulk: Vec<Spanned<RawBulk>>,
+    /// Read by the policy parser.
+    #[serde(rename = "profile")]
+    _profile: Option<toml::Value>,
+    #[serde(rename = "limit")]
+    _limit: Option<toml::Value>,
+    #[serde(rename = "class")]
+    _class: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    failures: Option<Spanned<u64>>,
+    cooldown: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBulk {
+    name: Spanned<String>,
+    method: Spanned<String>,
+    path: Spanned<String>,
+    body: Spanned<toml::Value>,
+    max_items: Spanned<u64>,
+    priority: Option<Spanned<String>>,
+    workflow: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_core::NoProfiles;
+
+    const BASE: &str = "[[upstream]]\nname = \"crm\"\nbase_url = \"http://127.0.0.1:9/api\"\n[[upstream.limit]]\nname = \"api\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 100\n";
+
+    fn err(text: &str) -> String {
+        parse(text, &NoProfiles, &|_| None).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn upstream_fields_and_defaults() {
+        let c = parse(BASE, &NoProfiles, &|_| None).unwrap();
+        let u = &c.upstreams[0];
+        assert_eq!(u.name, "crm");
+        assert_eq!(u.max_attempts, 5);
+        assert_eq!(u.timeout, Duration::from_secs(30));
+        assert_eq!(u.policy.limits[0].name, "api");
+        let url = |s: &str| Url::parse(s).unwrap();
+        assert_eq!(c.upstream_for(&url("http://127.0.0.1:9/api/x")), Some(0));
+        assert_eq!(c.upstream_for(&url("http://127.0.0.1:9/api")), Some(0));
+        assert_eq!(c.upstream_for(&url("http://127.0.0.1:9/apix")), None);
+        assert_eq!(c.upstream_for(&url("http://127.0.0.1:10/api/x")), None);
+        assert_eq!(c.upstream_for(&url("https://127.0.0.1:9/api/x")), None);
+    }
+
+    #[test]
+    fn headers_take_environment_variables() {
+        let text = BASE.replace(
+            "[[upstream.limit]]",
+            "headers = { authorization = \"Bearer ${TOKEN}\" }\n[[upstream.limit]]",
+        );
+        let env = |name: &str| (name == "TOKEN").then(|| "s3cret".to_string());
+        let c = parse(&text, &NoProfiles, &env).unwrap();
+        assert_eq!(
+            c.upstreams[0].headers,
+            vec![("authorization".to_string(), "Bearer s3cret".to_string())]
+        );
+        let e = parse(&text, &NoProfiles, &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "line 4: upstream 'crm': header authorization: environment variable TOKEN is not set"
+        );
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        assert_eq!(
+            err(&BASE.replace("http://127.0.0.1:9/api", "ftp://x")),
+            "line 3: upstream 'crm': base_url 'ftp://x' is not an http(s) URL with a host"
+        );
+        assert!(
+            err(&BASE.replace("base_url", "base_ur")).contains("line 3"),
+            "{}",
+            err(&BASE.replace("base_url", "base_ur"))
+        );
+        assert_eq!(
+            err(&format!("{BASE}[[upstream.bulk]]\nname = \"b\"\nmethod = \"POST\"\npath = \"/graphql\"\nmax_items = 200\nbody = {{ ids = \"records\" }}\n")),
+            "line 14: upstream 'crm', bulk 'b': body must hold the string \"{{records}}\" exactly once (where each chunk of records goes), found it 0 times"
+        );
+        assert!(err(&BASE.replace("quota = 100", "quota = 0"))
+            .starts_with("line 8: upstream 'crm': limit 'api': quota must be at least 1"));
+        assert_eq!(err("[[limit]]\nname = \"a\"\nalgorithm = \"concurrency\"\nmax = 1\n"), "the config has no [[upstream]] entries; `tollgate run` sends jobs only to upstreams it knows");
+    }
+}

@@ -1,0 +1,505 @@
+//! Durable state under `--state DIR`: `state.sqlite` records every job before
+//! it is sent and its outcome after; `results.jsonl` holds one line per final
+//! outcome. A run on the same state resumes what is still pending.
+//!
+//! Outcomes are written by one thread in batched transactions (WAL,
+//! synchronous=NORMAL: a killed process loses nothing committed; a power cut
+//! may lose the last batch, whose jobs are then sent again: at-least-once).
+//! `results.jsonl` is written from the `results` table after each commit, in
+//! order, so at startup it is a prefix of the table and the rest is appended.
+
+use crate::job::{Job, Routed};
+use crate::settings::RunnerConfig;
+use rusqlite::{params, Connection, OptionalExtension};
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+/// Most outcomes committed in one transaction.
+const BATCH: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state {path}: {source}")]
+    Sqlite {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error("state {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("state {path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+/// A job still to be sent, as stored.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub seq: u64,
+    pub upstream: String,
+    pub attempts: u32,
+    pub job: Job,
+}
+
+/// A dead-lettered job and why.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetter {
+    pub id: String,
+    pub upstream: String,
+    pub attempts: u32,
+    pub status: Option<u16>,
+    pub reason: String,
+    /// The start of the last response body, if there was one.
+    pub excerpt: Option<String>,
+    pub finished: Option<String>,
+    pub job: Job,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub pending: u64,
+    pub done: u64,
+    pub dead: u64,
+}
+
+/// What the runner records as jobs progress.
+#[derive(Debug, Clone)]
+pub enum Record {
+    /// An attempt failed and the job waits for another (the count survives a crash).
+    Retry { seq: u64, attempts: u32 },
+    /// The job's final outcome and its line for `results.jsonl`.
+    Final {
+        seq: u64,
+        dead: bool,
+        attempts: u32,
+        status: Option<u16>,
+        reason: Option<String>,
+        excerpt: Option<String>,
+        line: String,
+    },
+}
+
+#[derive(Debug)]
+pub struct State {
+    conn: Connection,
+    dir: PathBuf,
+}
+
+impl State {
+    /// Open (or create) the state in `dir`, and bring `results.jsonl` up to
+    /// date with what was committed.
+    pub fn open(dir: &Path) -> Result<State, StateError> {
+        std::fs::create_dir_all(dir).map_err(|source| io_err(dir, source))?;
+        let conn = connect(dir)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS jobs (
+                seq INTEGER PRIMARY KEY,
+                id TEXT NOT NULL UNIQUE,
+                upstream TEXT NOT NULL,
+                priority INTEGER NOT NULL,
+                spec TEXT NOT NULL,
+                state TEXT NOT NULL DEFAULT 'pending',
+                attempts INTEGER NOT NULL DEFAULT 0,
+                status INTEGER,
+                reason TEXT,
+                excerpt TEXT,
+                finished TEXT
+            );
+            CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+            CREATE TABLE IF NOT EXISTS results (n INTEGER PRIMARY KEY, seq INTEGER NOT NULL, line TEXT NOT NULL);",
+        )
+        .map_err(|e| sql_err(dir, e))?;
+        let state = State {
+            conn,
+            dir: dir.to_path_buf(),
+        };
+        state.sync_results()?;
+        Ok(state)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Record jobs (one transaction, before anything is sent). A job whose id
+    /// is already in the state is left as it is: that is how a re-run resumes.
+    /// Returns (added, already there).
+    pub fn import(
+        &mut self,
+        jobs: &[Routed],
+        config: &RunnerConfig,
+    ) -> Result<(u64, u64), StateError> {
+        let dir = self.dir.clone();
+        let tx = self.conn.transaction().map_err(|e| sql_err(&dir, e))?;
+        let mut added = 0;
+        {
+            let mut insert = tx
+                .prepare("INSERT OR IGNORE INTO jobs (id, upstream, priority, spec) VALUES (?1, ?2, ?3, ?4)")
+                .map_err(|e| sql_err(&dir, e))?;
+            for routed in jobs {
+                let spec = serde_json::to_string(&routed.job).unwrap_or_default();
+                added += insert
+                    .execute(params![
+                        routed.job.id,
+                        config.upstreams[routed.upstream].name,
+                        routed.job.priority.rank() as i64,
+                        spec
+                    ])
+                    .map_err(|e| sql_err(&dir, e))? as u64;
+            }
+        }
+        tx.commit().map_err(|e| sql_err(&dir, e))?;
+        Ok((added, jobs.len() as u64 - added))
+    }
+
+    pub fn counts(&self) -> Result<Counts, StateError> {
+        let mut counts = Counts::default();
+        let mut stmt = self
+            .conn
+            .prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+            .map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(|e| self.sql(e))?;
+        for row in rows {
+            let (state, n) = row.map_err(|e| self.sql(e))?;
+            match state.as_str() {
+                "pending" => counts.pending = n,
+                "done" => counts.done = n,
+                _ => counts.dead = n,
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Every pending job, oldest first.
+    pub fn pending(&self) -> Result<Vec<Pending>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, upstream, attempts, spec FROM jobs WHERE state = 'pending' ORDER BY seq")
+            .map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, u32>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })
+            .map_err(|e| self.sql(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, upstream, attempts, spec) = row.map_err(|e| self.sql(e))?;
+            out.push(Pending {
+                seq,
+                upstream,
+                attempts,
+                job: self.job(&spec)?,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, StateError> {
+        self.dead_where("state = 'dead' ORDER BY seq", None)
+    }
+
+    pub fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StateError> {
+        Ok(self
+            .dead_where("state = 'dead' AND id = ?1", Some(id))?
+            .pop())
+    }
+
+    fn dead_where(&self, filter: &str, id: Option<&str>) -> Result<Vec<DeadLetter>, StateError> {
+        let sql = format!("SELECT id, upstream, attempts, status, reason, excerpt, finished, spec FROM jobs WHERE {filter}");
+        let mut stmt = self.conn.prepare(&sql).map_err(|e| self.sql(e))?;
+        let map = |r: &rusqlite::Row<'_>| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, Option<u16>>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, Option<String>>(6)?,
+                r.get::<_, String>(7)?,
+            ))
+        };
+        let rows: Vec<_> = match id {
+            Some(id) => stmt.query_map([id], map),
+            None => stmt.query_map([], map),
+        }
+        .map_err(|e| self.sql(e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| self.sql(e))?;
+        rows.into_iter()
+            .map(
+                |(id, upstream, attempts, status, reason, excerpt, finished, spec)| {
+                    Ok(DeadLetter {
+                        id,
+                        upstream,
+                        attempts,
+                        status,
+                        reason: reason.unwrap_or_default(),
+                        excerpt,
+                        finished,
+                        job: self.job(&spec)?,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    /// Queue dead letters again with a fresh attempt count: the ones named,
+    /// or all when `ids` is empty. Returns the ids requeued, and the ids named
+    /// that are not dead letters.
+    pub fn requeue_dead(
+        &mut self,
+        ids: &[String],
+    ) -> Result<(Vec<String>, Vec<String>), StateError> {
+        let dir = self.dir.clone();
+        let tx = self.conn.transaction().map_err(|e| sql_err(&dir, e))?;
+        let mut requeued = Vec::new();
+        let mut unknown = Vec::new();
+        {
+            let targets: Vec<String> = if ids.is_empty() {
+                let mut stmt = tx
+                    .prepare("SELECT id FROM jobs WHERE state = 'dead' ORDER BY seq")
+                    .map_err(|e| sql_err(&dir, e))?;
+                let ids = stmt
+                    .query_map([], |r| r.get::<_, String>(0))
+                    .map_err(|e| sql_err(&dir, e))?
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| sql_err(&dir, e))?;
+                ids
+            } else {
+                ids.to_vec()
+            };
+            let mut update = tx
+                .prepare("UPDATE jobs SET state = 'pending', attempts = 0, status = NULL, reason = NULL, excerpt = NULL, finished = NULL WHERE id = ?1 AND state = 'dead'")
+                .map_err(|e| sql_err(&dir, e))?;
+            for id in targets {
+                if update.execute([&id]).map_err(|e| sql_err(&dir, e))? == 1 {
+                    requeued.push(id);
+                } else {
+                    unknown.push(id);
+                }
+            }
+        }
+        tx.commit().map_err(|e| sql_err(&dir, e))?;
+        Ok((requeued, unknown))
+    }
+
+    /// Start the thread that records outcomes.
+    pub fn writer(&self) -> Result<Writer, StateError> {
+        let conn = connect(&self.dir)?;
+        let results = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.results_path())
+            .map_err(|source| io_err(&self.results_path(), source))?;
+        let (tx, rx) = mpsc::channel::<Record>();
+        let dir = self.dir.clone();
+        let handle = std::thread::Builder::new()
+            .name("tollgate-state".into())
+            .spawn(move || write_records(conn, BufWriter::new(results), rx, &dir))
+            .map_err(|source| io_err(&self.dir, source))?;
+        Ok(Writer { tx, handle })
+    }
+
+    pub fn results_path(&self) -> PathBuf {
+        self.dir.join("results.jsonl")
+    }
+
+    /// Append to `results.jsonl` what the table has past its last full line
+    /// (after a crash between a commit and the file write), dropping a torn
+    /// last line.
+    fn sync_results(&self) -> Result<(), StateError> {
+        let path = self.results_path();
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|source| io_err(&path, source))?;
+        let mut text = Vec::new();
+        file.read_to_end(&mut text)
+            .map_err(|source| io_err(&path, source))?;
+        let complete = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        if complete < text.len() {
+            file.set_len(complete as u64)
+                .map_err(|source| io_err(&path, source))?;
+        }
+        let lines = text[..complete].iter().filter(|&&b| b == b'\n').count() as i64;
+        file.seek(SeekFrom::End(0))
+            .map_err(|source| io_err(&path, source))?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT line FROM results ORDER BY n LIMIT -1 OFFSET ?1")
+            .map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map([lines], |r| r.get::<_, String>(0))
+            .map_err(|e| self.sql(e))?;
+        let mut out = BufWriter::new(&mut file);
+        for line in rows {
+            let line = line.map_err(|e| self.sql(e))?;
+            writeln!(out, "{line}").map_err(|source| io_err(&path, source))?;
+        }
+        out.flush().map_err(|source| io_err(&path, source))
+    }
+
+    fn job(&self, spec: &str) -> Result<Job, StateError> {
+        serde_json::from_str(spec).map_err(|e| StateError::Invalid {
+            path: self.dir.display().to_string(),
+            message: format!("a stored job cannot be read: {e}"),
+        })
+    }
+
+    fn sql(&self, e: rusqlite::Error) -> StateError {
+        sql_err(&self.dir, e)
+    }
+}
+
+/// The handle of the thread that records outcomes.
+#[derive(Debug)]
+pub struct Writer {
+    tx: mpsc::Sender<Record>,
+    handle: JoinHandle<Result<(), StateError>>,
+}
+
+impl Writer {
+    pub fn record(&self, record: Record) {
+        // If the thread has stopped, `finish` reports why.
+        let _ = self.tx.send(record);
+    }
+
+    /// Commit what is queued and stop.
+    pub fn finish(self) -> Result<(), StateError> {
+        drop(self.tx);
+        self.handle.join().unwrap_or_else(|_| {
+            Err(StateError::Invalid {
+                path: String::new(),
+                message: "the state writer panicked".into(),
+            })
+        })
+    }
+}
+
+fn write_records(
+    mut conn: Connection,
+    mut results: BufWriter<File>,
+    rx: mpsc::Receiver<Record>,
+    dir: &Path,
+) -> Result<(), StateError> {
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut lines = Vec::new();
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let tx = conn.transaction().map_err(|e| sql_err(dir, e))?;
+        {
+            let mut retry = tx
+                .prepare_cached(
+                    "UPDATE jobs SET attempts = ?2 WHERE seq = ?1 AND state = 'pending'",
+                )
+                .map_err(|e| sql_err(dir, e))?;
+            let mut finish = tx
+                .prepare_cached("UPDATE jobs SET state = ?2, attempts = ?3, status = ?4, reason = ?5, excerpt = ?6, finished = ?7 WHERE seq = ?1 AND state = 'pending'")
+                .map_err(|e| sql_err(dir, e))?;
+            let mut result = tx
+                .prepare_cached("INSERT INTO results (seq, line) VALUES (?1, ?2)")
+                .map_err(|e| sql_err(dir, e))?;
+            let now = jiff::Timestamp::now().to_string();
+            for record in batch.drain(..) {
+                match record {
+                    Record::Retry { seq, attempts } => {
+                        retry
+                            .execute(params![seq as i64, attempts])
+                            .map_err(|e| sql_err(dir, e))?;
+                    }
+                    Record::Final {
+                        seq,
+                        dead,
+                        attempts,
+                        status,
+                        reason,
+                        excerpt,
+                        line,
+                    } => {
+                        let state = if dead { "dead" } else { "done" };
+                        let changed = finish
+                            .execute(params![
+                                seq as i64, state, attempts, status, reason, excerpt, now
+                            ])
+                            .map_err(|e| sql_err(dir, e))?;
+                        // One result per final outcome, even if a record repeats.
+                        if changed == 1 {
+                            result
+                                .execute(params![seq as i64, line])
+                                .map_err(|e| sql_err(dir, e))?;
+                            lines.push(line);
+                        }
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(|e| sql_err(dir, e))?;
+        for line in lines.drain(..) {
+            writeln!(results, "{line}").map_err(|source| io_err(dir, source))?;
+        }
+        results.flush().map_err(|source| io_err(dir, source))?;
+    }
+    results
+        .get_ref()
+        .sync_data()
+        .map_err(|source| io_err(dir, source))
+}
+
+fn connect(dir: &Path) -> Result<Connection, StateError> {
+    let path = dir.join("state.sqlite");
+    let conn = Connection::open(&path).map_err(|e| sql_err(&path, e))?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(|e| sql_err(&path, e))?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(|e| sql_err(&path, e))?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(|e| sql_err(&path, e))?;
+    Ok(conn)
+}
+
+fn sql_err(path: &Path, source: rusqlite::Error) -> StateError {
+    StateError::Sqlite {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> StateError {
+    StateError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl State {
+    /// A job's state (pending, done or dead), if the id is known.
+    pub fn job_state(&self, id: &str) -> Result<Option<String>, StateError> {
+        self.conn
+            .query_row("SELECT state FROM jobs WHERE id = ?1", [id], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.sql(e))
+    }
+}

@@ -1,0 +1,428 @@
+//! The runner against real HTTP servers on 127.0.0.1: a scripted upstream
+//! (429 with and without Retry-After, 5xx, dropped connections, slow
+//! answers, 400s) and the tollgate gateway enforcing the runner's own
+//! profile. Time is tokio's paused clock: waits are exact and instant.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tollgate_egress::state::State;
+use tollgate_egress::{Options, ProgressMode, Summary};
+use tollgate_store::TokioClock;
+
+const EPOCH: u64 = 1_767_225_600_000_000_000;
+
+/// A value shared between the test and the upstream's tasks.
+type Shared<T> = Arc<std::sync::Mutex<T>>;
+
+/// What the scripted upstream does with the n-th request (from 1) to a path.
+#[derive(Clone)]
+enum Answer {
+    Status(u16, Vec<(&'static str, &'static str)>, &'static str),
+    /// Close the connection without answering.
+    Drop,
+    /// Answer 200 after this long.
+    Slow(Duration),
+}
+
+#[derive(Debug, Clone)]
+struct Seen {
+    path: String,
+    at: Instant,
+    idempotency_key: String,
+    authorization: Option<String>,
+}
+
+type Script = Arc<dyn Fn(&str, usize) -> Answer + Send + Sync>;
+
+struct Scripted {
+    addr: SocketAddr,
+    seen: Shared<Vec<Seen>>,
+}
+
+impl Scripted {
+    fn seen(&self, path: &str) -> Vec<Seen> {
+        self.seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|s| s.path == path)
+            .cloned()
+            .collect()
+    }
+}
+
+async fn scripted(script: impl Fn(&str, usize) -> Answer + Send + Sync + 'static) -> Scripted {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen: Shared<Vec<Seen>> = Default::default();
+    let counts: Shared<HashMap<String, usize>> = Default::default();
+    let script: Script = Arc::new(script);
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (log, counts, script) = (log.clone(), counts.clone(), script.clone());
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let (log, counts, script) = (log.clone(), counts.clone(), script.clone());
+                    async move {
+                        let path = req.uri().path().to_string();
+                        let header = |name: &str| {
+                            req.headers()
+                                .get(name)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_owned)
+                        };
+                        log.lock().expect("lock").push(Seen {
+                            path: path.clone(),
+                            at: Instant::now(),
+                            idempotency_key: header("idempotency-key").unwrap_or_default(),
+                            authorization: header("authorization"),
+                        });
+                        let n = {
+                            let mut counts = counts.lock().expect("lock");
+                            let n = counts.entry(path.clone()).or_insert(0);
+                            *n += 1;
+                            *n
+                        };
+                        let _ = req.into_body().collect().await;
+                        match script(&path, n) {
+                            Answer::Status(status, headers, body) => {
+                                let mut r = Response::builder().status(status);
+                                for (k, v) in headers {
+                                    r = r.header(k, v);
+                                }
+                                Ok(r.body(Full::new(Bytes::from(body))).expect("response"))
+                            }
+                            Answer::Drop => Err("dropped on purpose"),
+                            Answer::Slow(d) => {
+                                tokio::time::sleep(d).await;
+                                Ok(Response::new(Full::new(Bytes::from("slow ok"))))
+                            }
+                        }
+                    }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Scripted { addr, seen }
+}
+
+fn ok() -> Answer {
+    Answer::Status(200, vec![], "{\"ok\":true}")
+}
+
+struct Ran {
+    summary: Summary,
+    results: Vec<serde_json::Value>,
+    state: State,
+    _dir: tempfile::TempDir,
+}
+
+impl Ran {
+    fn result(&self, id: &str) -> &serde_json::Value {
+        self.results
+            .iter()
+            .find(|r| r["id"] == id)
+            .unwrap_or_else(|| panic!("no result for {id}"))
+    }
+}
+
+/// Queue `jobs` (JSONL lines) under `config` and run them to the end.
+async fn run(config: &str, jobs: &str) -> Ran {
+    let config = tollgate_egress::parse_config(config, &tollgate_profiles::Bundled, &|name| {
+        (name == "TOKEN").then(|| "t0ken".to_string())
+    })
+    .expect("config");
+    let routed = tollgate_egress::read_jobs(jobs.as_bytes(), &config).expect("jobs");
+    run_routed(&config, &routed).await
+}
+
+async fn run_routed(
+    config: &tollgate_egress::RunnerConfig,
+    routed: &[tollgate_egress::Routed],
+) -> Ran {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut state = State::open(dir.path()).expect("state");
+    state.import(routed, config).expect("import");
+    let options = Options {
+        progress: ProgressMode::Quiet,
+        grace: Duration::from_secs(1),
+        seed: 1,
+    };
+    let summary = tollgate_egress::run(
+        config,
+        &state,
+        TokioClock::starting_at(EPOCH),
+        options,
+        std::future::pending(),
+    )
+    .await
+    .expect("run");
+    let results = std::fs::read_to_string(state.results_path())
+        .expect("results")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("result line"))
+        .collect();
+    Ran {
+        summary,
+        results,
+        state,
+        _dir: dir,
+    }
+}
+
+fn upstream(addr: SocketAddr, extra: &str) -> String {
+    format!("[[upstream]]\nname = \"vendor\"\nbase_url = \"http://{addr}\"\n{extra}\n[[upstream.limit]]\nname = \"rate\"\nalgorithm = \"token_bucket\"\ncapacity = 1000\nrefill = \"1000/s\"\n")
+}
+
+fn job(id: &str, addr: SocketAddr, path: &str) -> String {
+    format!("{{\"id\":\"{id}\",\"method\":\"POST\",\"url\":\"http://{addr}{path}\",\"body\":{{\"n\":1}}}}\n")
+}
+
+fn secs(from: Instant, to: Instant) -> f64 {
+    (to - from).as_secs_f64()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_with_retry_after_pauses_the_whole_upstream_for_that_long() {
+    let up = scripted(|path, n| match (path, n) {
+        ("/a", 1) => Answer::Status(429, vec![("retry-after", "2")], "slow down"),
+        _ => ok(),
+    })
+    .await;
+    let jobs = [job("a", up.addr, "/a"), job("b", up.addr, "/b")].concat();
+    let ran = run(&upstream(up.addr, "concurrency = 1"), &jobs).await;
+    let a = up.seen("/a");
+    let b = up.seen("/b");
+    assert_eq!(a.len(), 2);
+    let wait = secs(a[0].at, a[1].at);
+    assert!((2.0..=2.25).contains(&wait), "retried after {wait} s");
+    // b was free to go by its own limits, yet waited with the upstream.
+    assert!(b[0].at >= a[1].at, "b went during the pause");
+    assert_eq!(a[0].idempotency_key, a[1].idempotency_key);
+    assert!(a[0].idempotency_key.starts_with("tollgate-"));
+    assert_eq!(ran.result("a")["attempts"], 2);
+    assert_eq!(ran.result("a")["outcome"], "done");
+    assert_eq!(ran.summary.throttled(), 1);
+    assert_eq!(ran.summary.retried(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_retry_after_backoff_doubles_and_five_attempts_end_in_a_dead_letter() {
+    let up = scripted(|_, _| Answer::Status(429, vec![], "{\"error\":\"quota\"}")).await;
+    let ran = run(&upstream(up.addr, ""), &job("x", up.addr, "/x")).await;
+    let seen = up.seen("/x");
+    assert_eq!(seen.len(), 5);
+    for (i, base) in [1.0, 2.0, 4.0, 8.0].iter().enumerate() {
+        let gap = secs(seen[i].at, seen[i + 1].at);
+        assert!(gap >= *base && gap <= base + 1.0, "gap {i}: {gap} s");
+    }
+    let result = ran.result("x");
+    assert_eq!(result["outcome"], "dead");
+    assert_eq!(result["status"], 429);
+    assert_eq!(result["error"], "HTTP 429 after 5 attempts");
+    let dead = ran.state.dead_letters().expect("dlq");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, "x");
+    assert_eq!(dead[0].status, Some(429));
+    assert_eq!(dead[0].excerpt.as_deref(), Some("{\"error\":\"quota\"}"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn server_errors_dropped_connections_and_timeouts_are_retried_a_400_is_not() {
+    let up = scripted(|path, n| match (path, n) {
+        ("/flaky", 1 | 2) => Answer::Status(503, vec![], "down"),
+        ("/drop", 1) => Answer::Drop,
+        ("/slow", 1) => Answer::Slow(Duration::from_secs(5)),
+        ("/bad", _) => Answer::Status(400, vec![], "{\"error\":\"field x is required\"}"),
+        _ => ok(),
+    })
+    .await;
+    let jobs = [
+        job("flaky", up.addr, "/flaky"),
+        job("drop", up.addr, "/drop"),
+        job("slow", up.addr, "/slow"),
+        job("bad", up.addr, "/bad"),
+    ]
+    .concat();
+    let ran = run(&upstream(up.addr, "timeout = \"1s\""), &jobs).await;
+    assert_eq!(ran.result("flaky")["attempts"], 3);
+    assert_eq!(ran.result("flaky")["outcome"], "done");
+    assert_eq!(ran.result("drop")["attempts"], 2);
+    assert_eq!(ran.result("drop")["outcome"], "done");
+    assert_eq!(ran.result("slow")["attempts"], 2);
+    assert_eq!(
+        ran.result("slow")["body"]["ok"],
+        true,
+        "the second attempt answered"
+    );
+    let bad = ran.result("bad");
+    assert_eq!(bad["outcome"], "dead");
+    assert_eq!(bad["attempts"], 1);
+    assert_eq!(bad["error"], "HTTP 400 (not retried)");
+    assert_eq!(up.seen("/bad").len(), 1);
+    assert_eq!(ran.summary.done(), 3);
+    assert_eq!(ran.summary.dead(), 1);
+    assert_eq!(ran.results.len(), 4, "one final result per job");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_5xx_storm_opens_the_breaker_until_a_probe_succeeds() {
+    let up = scripted(|path, n| match (path, n) {
+        ("/x", 1..=3) => Answer::Status(500, vec![], "storm"),
+        _ => ok(),
+    })
+    .await;
+    let jobs: String = (0..6)
+        .map(|i| job(&format!("j{i}"), up.addr, "/x"))
+        .collect();
+    let config = upstream(
+        up.addr,
+        "concurrency = 1\nbreaker = { failures = 3, cooldown = \"10s\" }",
+    );
+    let ran = run(&config, &jobs).await;
+    let seen = up.seen("/x");
+    // Three failures in a row (other jobs go while the first backs off),
+    // then nothing for the cooldown, then one probe, then the rest.
+    assert!(secs(seen[0].at, seen[2].at) < 1.0);
+    let quiet = secs(seen[2].at, seen[3].at);
+    assert!((10.0..10.5).contains(&quiet), "probe after {quiet} s");
+    assert_eq!(ran.summary.done(), 6);
+    assert_eq!(ran.summary.dead(), 0);
+}
+
+/// The tollgate gateway enforcing `profile` in front of an echo upstream.
+async fn gateway(profile: &str) -> (SocketAddr, Arc<tollgate_gateway::Gateway>) {
+    let echo = scripted(|_, _| ok()).await;
+    let config = format!(
+        "profile = \"{profile}\"\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\naccess_log = \"off\"\nupstream = \"http://{}\"\n",
+        echo.addr
+    );
+    let gateway = Arc::new(
+        tollgate_gateway::Gateway::new(
+            tollgate_gateway::Source::Text(config),
+            tollgate_gateway::Overrides::default(),
+            Box::new(tollgate_profiles::Bundled),
+            TokioClock::starting_at(EPOCH),
+        )
+        .expect("gateway config"),
+    );
+    let listeners = tollgate_gateway::Listeners::bind(&gateway)
+        .await
+        .expect("bind");
+    let addr = listeners.proxy.local_addr().expect("addr");
+    let serving =
+        tollgate_gateway::serve_workers(gateway.clone(), listeners, 1, std::future::pending());
+    tokio::spawn(async move {
+        let _ = serving.await;
+    });
+    (addr, gateway)
+}
+
+fn profiled(addr: SocketAddr, profile: &str, concurrency: usize, extra: &str) -> String {
+    format!("[[upstream]]\nname = \"{profile}\"\nbase_url = \"http://{addr}\"\nprofile = \"{profile}\"\nheaders = {{ authorization = \"Bearer ${{TOKEN}}\" }}\nconcurrency = {concurrency}\n{extra}\n")
+}
+
+#[tokio::test(start_paused = true)]
+async fn seed_004_a_full_job_through_the_gateway_gets_no_429_at_the_full_rate() {
+    let (addr, _gateway) = gateway("celigo").await;
+    let jobs: String = (0..1600)
+        .map(|i| job(&format!("j{i}"), addr, "/v1/imports"))
+        .collect();
+    let ran = run(&profiled(addr, "celigo", 32, ""), &jobs).await;
+    assert_eq!(ran.summary.done(), 1600);
+    assert_eq!(ran.summary.throttled(), 0);
+    assert!(ran.results.iter().all(|r| r["status"] == 200));
+    // 1,000 at once, then 600 at 300/s: 2 s, and the runner takes that long.
+    let elapsed = ran.summary.elapsed.as_secs_f64();
+    assert!((1.99..2.05).contains(&elapsed), "elapsed {elapsed} s");
+    let utilisation = ran
+        .summary
+        .utilisation()
+        .expect("the limits made calls wait");
+    assert!(utilisation >= 0.98, "utilisation {utilisation}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn seed_000_ten_thousand_records_become_fifty_bulk_calls_under_the_crm_quota() {
+    let (addr, _gateway) = gateway("crm").await;
+    let bulk = "[[upstream.bulk]]\nname = \"probability\"\nmethod = \"POST\"\npath = \"/graphql\"\nmax_items = 200\nbody = { query = \"mutation($ids: [UUID!]!) { updateOpportunities(data: {probability: 75}, filter: {id: {in: $ids}}) { affectedCount } }\", variables = { ids = \"{{records}}\" } }\n";
+    let config = tollgate_egress::parse_config(
+        &profiled(addr, "crm", 32, bulk),
+        &tollgate_profiles::Bundled,
+        &|_| Some("t0ken".into()),
+    )
+    .expect("config");
+    let records: String = (0..10_000).map(|i| format!("\"opp-{i}\"\n")).collect();
+    let mut routed =
+        tollgate_egress::read_bulk(records.as_bytes(), &config, "probability").expect("records");
+    // And 150 single PATCHes sharing the quota: 200 calls, 100 per 60 s.
+    let singles: String = (0..150).map(|i| format!("{{\"method\":\"PATCH\",\"url\":\"http://{addr}/rest/opportunities/{i}\",\"body\":{{\"probability\":75}}}}\n")).collect();
+    routed.extend(tollgate_egress::read_jobs(singles.as_bytes(), &config).expect("jobs"));
+    let ran = run_routed(&config, &routed).await;
+    assert_eq!(ran.summary.calls(), 200);
+    assert_eq!(ran.summary.throttled(), 0);
+    assert_eq!(ran.summary.done(), 200);
+    // Two full windows of the rolling quota (and its 1 s sub-window).
+    let elapsed = ran.summary.elapsed.as_secs_f64();
+    assert!((60.0..62.0).contains(&elapsed), "elapsed {elapsed} s");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_quota_shared_with_another_client_is_corrected_from_the_rate_limit_headers() {
+    let (addr, _gateway) = gateway("celigo").await;
+    // Another client of the same account takes 900 of the 1,000 burst.
+    let other = reqwest::Client::new();
+    for _ in 0..900 {
+        let r = other
+            .post(format!("http://{addr}/v1/other"))
+            .header("authorization", "Bearer t0ken")
+            .send()
+            .await
+            .expect("other client");
+        assert_eq!(r.status(), 200);
+    }
+    let jobs: String = (0..400)
+        .map(|i| job(&format!("j{i}"), addr, "/v1/imports"))
+        .collect();
+    let ran = run(&profiled(addr, "celigo", 16, ""), &jobs).await;
+    assert_eq!(ran.summary.done(), 400);
+    // Without corrections the runner believes in 1,000 and sends into
+    // 429s each time a pause ends (12 here, a full window in flight each
+    // time); the RateLimit header of the first replies brings its view down.
+    let throttled = ran.summary.throttled();
+    assert!(throttled <= 2, "{throttled} 429s");
+}
+
+#[tokio::test(start_paused = true)]
+async fn upstream_headers_and_the_job_s_own_headers_are_sent() {
+    let up = scripted(|_, _| ok()).await;
+    let jobs = format!(
+        "{{\"id\":\"own\",\"method\":\"GET\",\"url\":\"http://{0}/a\",\"headers\":{{\"authorization\":\"Bearer mine\"}},\"idempotency_key\":\"k-1\"}}\n{{\"id\":\"default\",\"method\":\"GET\",\"url\":\"http://{0}/b\"}}\n",
+        up.addr
+    );
+    let config = upstream(up.addr, "headers = { authorization = \"Bearer ${TOKEN}\" }");
+    run(&config, &jobs).await;
+    assert_eq!(
+        up.seen("/a")[0].authorization.as_deref(),
+        Some("Bearer mine")
+    );
+    assert_eq!(up.seen("/a")[0].idempotency_key, "k-1");
+    assert_eq!(
+        up.seen("/b")[0].authorization.as_deref(),
+        Some("Bearer t0ken")
+    );
+}

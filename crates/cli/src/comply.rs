@@ -43,6 +43,48 @@ pub fn load_config(path: &Path) -> Result<RunnerConfig> {
     .with_context(|| path.display().to_string())
 }
 
+/// `tollgate check` on a runner's config: everything `run` checks, except
+/// that an unset `${VAR}` (a token) is reported, not an error.
+pub fn check(path: &Path, text: &str) -> Result<()> {
+    let missing = std::cell::RefCell::new(Vec::new());
+    let config = tollgate_egress::parse_config(text, &tollgate_profiles::Bundled, &|name| {
+        std::env::var(name).ok().or_else(|| {
+            missing.borrow_mut().push(name.to_string());
+            Some(String::new())
+        })
+    })
+    .with_context(|| path.display().to_string())?;
+    println!(
+        "{}: ok, {} upstream(s)",
+        path.display(),
+        config.upstreams.len()
+    );
+    for u in &config.upstreams {
+        let limits: Vec<_> = u
+            .policy
+            .limits
+            .iter()
+            .map(|l| format!("{} ({})", l.name, l.algorithm.name()))
+            .collect();
+        let bulk: Vec<_> = u.bulk.iter().map(|b| b.name.as_str()).collect();
+        println!(
+            "  {} at {}: limits {}{}",
+            u.name,
+            u.base_url,
+            limits.join(", "),
+            if bulk.is_empty() {
+                String::new()
+            } else {
+                format!("; bulk {}", bulk.join(", "))
+            }
+        );
+    }
+    for name in missing.into_inner() {
+        println!("  note: environment variable {name} is not set; `tollgate run` will need it");
+    }
+    Ok(())
+}
+
 fn read_jobs(args: &JobArgs, config: &RunnerConfig) -> Result<Option<Vec<Routed>>> {
     let open = |path: &Path| {
         File::open(path)

@@ -176,13 +176,8 @@ fn other(command: Command) -> Result<()> {
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("cannot read config {}", config.display()))?;
             if text.contains("[[upstream]]") {
-                // A runner's config: exactly what `run` loads.
-                let runner = comply::load_config(&config)?;
-                for u in &runner.upstreams {
-                    let names: Vec<_> = u.policy.limits.iter().map(|l| format!("{} ({})", l.name, l.algorithm.name())).collect();
-                    println!("{}: upstream {} at {}: {} limits: {}", config.display(), u.name, u.base_url, names.len(), names.join(", "));
-                }
-                return Ok(());
+                // A runner's config: what `run` loads.
+                return comply::check(&config, &text);
             }
             // Exactly what `serve` loads: the limits and the gateway's tables.
             let policy = load_policy(&tollgate_gateway::Source::File(config.clone()))?;

@@ -63,7 +63,11 @@ fn temp_file(name: &str, contents: &str) -> PathBuf {
 
 #[test]
 fn check_accepts_the_examples() {
-    for config in ["examples/quickstart.toml", "examples/design.toml"] {
+    for config in [
+        "examples/quickstart.toml",
+        "examples/design.toml",
+        "examples/runner.toml",
+    ] {
         let out = tollgate(&["check", config]);
         assert!(out.status.success(), "{config}: {}", text(&out.stderr));
         assert!(

@@ -503,27 +503,32 @@ fn finish(
         Settled::Dead { reason } => Some(reason.clone()),
         _ => None,
     };
-    let mut line = serde_json::json!({
-        "id": a.job.id,
-        "upstream": config.upstreams[a.upstream].name,
-        "outcome": if dead { "dead" } else { "done" },
-        "status": status,
-        "attempts": attempts,
-        "elapsed_ms": a.first_sent.map(|f| (now.saturating_sub(f)) as f64 / 1e6),
-        "latency_ms": (a.sent > 0).then(|| now.saturating_sub(a.sent) as f64 / 1e6),
-    });
-    if let Some(reason) = &reason {
-        line["error"] = reason.clone().into();
-    }
-    if let Some(body) = body {
-        if body.len() <= BODY_INLINE {
-            line["body"] = serde_json::from_slice(body)
-                .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned().into());
-        } else {
-            line["body_sha256"] = crate::job::digest_bytes(body).into();
-            line["body_bytes"] = body.len().into();
-        }
-    }
+    let (body_json, body_sha256, body_bytes) = match body {
+        Some(b) if b.len() <= BODY_INLINE => (
+            Some(
+                serde_json::from_slice(b)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(b).into_owned().into()),
+            ),
+            None,
+            None,
+        ),
+        Some(b) => (None, Some(crate::job::digest_bytes(b)), Some(b.len())),
+        None => (None, None, None),
+    };
+    let line = ResultLine {
+        id: &a.job.id,
+        upstream: &config.upstreams[a.upstream].name,
+        outcome: if dead { "dead" } else { "done" },
+        status,
+        attempts,
+        elapsed_ms: a.first_sent.map(|f| now.saturating_sub(f) as f64 / 1e6),
+        latency_ms: (a.sent > 0).then(|| now.saturating_sub(a.sent) as f64 / 1e6),
+        error: reason.as_deref(),
+        body: body_json,
+        body_sha256,
+        body_bytes,
+    };
+    let line = serde_json::to_string(&line).unwrap_or_default();
     writer.record(Record::Final {
         seq,
         dead,
@@ -531,8 +536,28 @@ fn finish(
         status,
         reason,
         excerpt: body.filter(|_| dead).map(excerpt),
-        line: line.to_string(),
+        line,
     });
+}
+
+/// One line of `results.jsonl`, fields in this order.
+#[derive(serde::Serialize)]
+struct ResultLine<'a> {
+    id: &'a str,
+    upstream: &'a str,
+    outcome: &'static str,
+    status: Option<u16>,
+    attempts: u32,
+    elapsed_ms: Option<f64>,
+    latency_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body_sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body_bytes: Option<usize>,
 }
 
 fn describe_event(upstream: &str, event: &Event, now: Nanos) -> String {

@@ -261,11 +261,16 @@ pub enum DlqCommand {
 }
 
 pub fn dlq(command: DlqCommand) -> Result<ExitCode> {
-    let open = |dir: &Path| -> Result<State> {
+    let exists = |dir: &Path| -> Result<()> {
         if !dir.join("state.sqlite").exists() {
             bail!("no tollgate state in {} (give --state DIR)", dir.display());
         }
-        Ok(State::open(dir)?)
+        Ok(())
+    };
+    // Reading never takes the state from a run that owns it.
+    let open = |dir: &Path| -> Result<State> {
+        exists(dir)?;
+        Ok(State::open_read_only(dir)?)
     };
     match command {
         DlqCommand::List { state } => {
@@ -303,7 +308,8 @@ pub fn dlq(command: DlqCommand) -> Result<ExitCode> {
                 bail!("name the dead letters to retry, or give --all");
             }
             let runner = load_config(&config)?;
-            let mut opened = open(&state)?;
+            exists(&state)?;
+            let mut opened = State::open(&state)?;
             let (requeued, unknown) = opened.requeue_dead(&ids)?;
             if !unknown.is_empty() {
                 eprintln!(

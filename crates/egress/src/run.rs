@@ -57,6 +57,14 @@ pub enum RunError {
     State(#[from] StateError),
     #[error("the state has {jobs} pending job(s) for upstream '{upstream}', which the config no longer has")]
     UnknownUpstream { upstream: String, jobs: usize },
+    #[error("pending job '{id}' of upstream '{upstream}' has url {url}, which is no longer under that upstream's base_url; tollgate only sends to configured upstreams (restore the base_url, or use another --state)")]
+    Moved {
+        id: String,
+        upstream: String,
+        url: String,
+    },
+    #[error("the state could not be written, so the run stopped (jobs in flight will be sent again): {0}")]
+    Writer(StateError),
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
 }
@@ -210,6 +218,19 @@ pub async fn run(
             upstream: p.upstream.clone(),
         });
     }
+    // A pending job goes only where the current config would send it.
+    for p in &pending {
+        let routed = url::Url::parse(&p.job.url)
+            .ok()
+            .and_then(|url| config.upstream_for(&url));
+        if routed != Some(index[p.upstream.as_str()]) {
+            return Err(RunError::Moved {
+                id: p.job.id.clone(),
+                upstream: p.upstream.clone(),
+                url: p.job.url.clone(),
+            });
+        }
+    }
     let mut schedulers: Vec<Scheduler> = config
         .upstreams
         .iter()
@@ -229,6 +250,8 @@ pub async fn run(
     let mut sent_calls: Vec<Vec<(Priority, Vec<Item>)>> = vec![Vec::new(); config.upstreams.len()];
     let mut active: HashMap<u64, Active> = HashMap::with_capacity(pending.len());
     let start = clock.now();
+    replay_sends(config, state, &schedulers, &index, start)?;
+    let mut startup_dead = vec![0u64; config.upstreams.len()];
     for p in pending {
         let upstream = index[p.upstream.as_str()];
         let u = &config.upstreams[upstream];
@@ -266,6 +289,7 @@ pub async fn run(
                     None,
                     start,
                 );
+                startup_dead[upstream] += 1;
                 progress.finished(true);
             }
         }
@@ -282,9 +306,16 @@ pub async fn run(
     let mut deadline = None;
     let mut last_reply = start;
     tokio::pin!(shutdown);
+    let mut writer_failed = false;
     loop {
         let now = clock.now();
         let mut wake: Option<Nanos> = None;
+        if !stopping && !writer.alive() {
+            writer_failed = true;
+            stopping = true;
+            deadline = Some(tokio::time::Instant::now() + options.grace);
+            progress.log("the state writer stopped; sending no more");
+        }
         if !stopping {
             for (u, scheduler) in schedulers.iter_mut().enumerate() {
                 loop {
@@ -296,6 +327,7 @@ pub async fn run(
                             a.first_sent.get_or_insert(now);
                             a.sent = now;
                             a.attempts = attempt;
+                            writer.record(Record::Sent { seq, at: now });
                             sent_calls[u].push((a.job.priority, a.items.clone()));
                             let task = send(
                                 &client,
@@ -341,27 +373,13 @@ pub async fn run(
         }
         tokio::select! {
             Some(done) = rx.recv() => {
-                let mut batch = vec![done];
-                while let Ok(more) = rx.try_recv() {
-                    batch.push(more);
-                }
                 let now = clock.now();
-                for c in batch {
+                last_reply = now;
+                let mut next = Some(done);
+                while let Some(c) = next {
                     in_flight.remove(&c.seq);
-                    let Some(a) = active.get(&c.seq) else { continue };
-                    let scheduler = &mut schedulers[a.upstream];
-                    let latency = Duration::from_nanos(now.saturating_sub(a.sent));
-                    let settled = scheduler.complete(c.seq, &c.reply, latency, now);
-                    last_reply = now;
-                    if let Settled::Retry { .. } = settled {
-                        writer.record(Record::Retry { seq: c.seq, attempts: a.attempts });
-                        continue;
-                    }
-                    let status = match c.reply { Reply::Status { status, .. } => Some(status), Reply::Failed { .. } => None };
-                    let dead = matches!(settled, Settled::Dead { .. });
-                    finish(&writer, c.seq, a, config, &settled, status, c.body.as_deref(), now);
-                    progress.finished(dead);
-                    active.remove(&c.seq);
+                    settle(c, now, &mut active, &mut schedulers, &writer, config, &progress);
+                    next = rx.try_recv().ok();
                 }
             }
             _ = sleep_until(&clock, wake), if wake.is_some() => {}
@@ -374,26 +392,35 @@ pub async fn run(
                 for (_, task) in in_flight.drain() {
                     task.abort();
                 }
+                // Replies that made it before the deadline still count.
+                let now = clock.now();
+                while let Ok(c) = rx.try_recv() {
+                    settle(c, now, &mut active, &mut schedulers, &writer, config, &progress);
+                }
                 break;
             }
         }
     }
     progress.done();
-    writer.finish()?;
+    match writer.finish() {
+        Err(e) if writer_failed => return Err(RunError::Writer(e)),
+        other => other?,
+    }
     let elapsed = Duration::from_nanos(last_reply.saturating_sub(start));
     let upstreams = config
         .upstreams
         .iter()
         .zip(&schedulers)
         .zip(sent_calls)
-        .map(|((u, s), calls)| {
+        .zip(startup_dead)
+        .map(|(((u, s), calls), startup_dead)| {
             let c = s.counters();
             let estimate = plan::estimate(&u.policy, calls, start, Duration::ZERO, u.concurrency);
             UpstreamSummary {
                 name: u.name.clone(),
                 calls: c.sent,
                 done: c.done,
-                dead: c.dead,
+                dead: c.dead + startup_dead,
                 retried: c.retried,
                 throttled: c.throttled,
                 shortest: estimate.shortest,
@@ -407,6 +434,80 @@ pub async fn run(
         interrupted: stopping,
         pending: state.counts()?.pending,
     })
+}
+
+/// A reply: the scheduler decides what it means, and a final outcome is
+/// recorded.
+fn settle(
+    c: Completion,
+    now: Nanos,
+    active: &mut HashMap<u64, Active>,
+    schedulers: &mut [Scheduler],
+    writer: &Writer,
+    config: &RunnerConfig,
+    progress: &Progress,
+) {
+    let Some(a) = active.get(&c.seq) else { return };
+    let latency = Duration::from_nanos(now.saturating_sub(a.sent));
+    let settled = schedulers[a.upstream].complete(c.seq, &c.reply, latency, now);
+    if let Settled::Retry { .. } = settled {
+        writer.record(Record::Retry {
+            seq: c.seq,
+            attempts: a.attempts,
+        });
+        return;
+    }
+    let status = match c.reply {
+        Reply::Status { status, .. } => Some(status),
+        Reply::Failed { .. } => None,
+    };
+    let dead = matches!(settled, Settled::Dead { .. });
+    finish(
+        writer,
+        c.seq,
+        a,
+        config,
+        &settled,
+        status,
+        c.body.as_deref(),
+        now,
+    );
+    progress.finished(dead);
+    active.remove(&c.seq);
+}
+
+/// Longest any window looks back (a day's quota, a rolling 24 h); sends
+/// older than this are forgotten.
+const REPLAY_HORIZON: Nanos = 2 * 86_400 * 1_000_000_000;
+
+/// Charge the sends of earlier runs still inside their windows, so a
+/// resumed run starts from the quota the last one left (not a full burst).
+fn replay_sends(
+    config: &RunnerConfig,
+    state: &State,
+    schedulers: &[Scheduler],
+    index: &HashMap<&str, usize>,
+    now: Nanos,
+) -> Result<(), StateError> {
+    let since = now.saturating_sub(REPLAY_HORIZON);
+    state.prune_sends(since)?;
+    for (at, upstream, job) in state.sends_since(since)? {
+        let Some(&u) = index.get(upstream.as_str()) else {
+            continue;
+        };
+        let Ok(items) = config.upstreams[u].items(&job) else {
+            continue;
+        };
+        let engine = schedulers[u].engine();
+        if let Ok(decision) = engine.decide(&items, at.min(now), false) {
+            // Long finished: release concurrency slots at once.
+            let committed: Vec<Item> = tollgate_store::committed(&items, &decision)
+                .cloned()
+                .collect();
+            engine.finish_committed(&committed, at.min(now), 0);
+        }
+    }
+    Ok(())
 }
 
 async fn sleep_until(clock: &TokioClock, at: Option<Nanos>) {
@@ -425,20 +526,30 @@ fn send(
     tx: mpsc::UnboundedSender<Completion>,
 ) -> impl Future<Output = ()> + Send + 'static {
     let method = reqwest::Method::from_bytes(job.method.as_bytes()).unwrap_or(reqwest::Method::GET);
-    let mut request = client.request(method, &job.url).timeout(upstream.timeout);
-    for (name, value) in &upstream.headers {
-        if !job.headers.iter().any(|(n, _)| n == name) {
-            request = request.header(name, value);
+    // One value per name: the upstream's headers, then the job's (which
+    // win), then what the runner adds unless the job set it.
+    let mut headers = reqwest::header::HeaderMap::new();
+    for (name, value) in upstream.headers.iter().chain(&job.headers) {
+        if let (Ok(name), Ok(value)) = (
+            reqwest::header::HeaderName::from_bytes(name.as_bytes()),
+            reqwest::header::HeaderValue::from_str(value),
+        ) {
+            headers.insert(name, value);
         }
     }
-    for (name, value) in &job.headers {
-        request = request.header(name, value);
+    if let Ok(key) = reqwest::header::HeaderValue::from_str(&job.idempotency_key) {
+        headers.entry("idempotency-key").or_insert(key);
     }
-    request = request.header("idempotency-key", &job.idempotency_key);
+    if job.body.is_some() && job.json {
+        headers.entry(reqwest::header::CONTENT_TYPE).or_insert(
+            reqwest::header::HeaderValue::from_static("application/json"),
+        );
+    }
+    let mut request = client
+        .request(method, &job.url)
+        .timeout(upstream.timeout)
+        .headers(headers);
     if let Some(body) = &job.body {
-        if job.json && !job.headers.iter().any(|(n, _)| n == "content-type") {
-            request = request.header("content-type", "application/json");
-        }
         request = request.body(body.clone());
     }
     async move {

@@ -20,8 +20,10 @@ use tollgate_core::policy::AlgorithmKind;
 use tollgate_core::{Item, Nanos};
 use tollgate_store::Engine;
 
-/// Lane heads asked per call: bounds the work when jobs spread over many keys.
-const MAX_HEADS: usize = 64;
+/// When only a release could admit a job yet nothing is in flight (which
+/// the engine should never answer), look again after this long rather than
+/// wait for a reply that cannot come.
+const IDLE_RECHECK: Nanos = 1_000_000_000;
 /// Exponential backoff stops doubling here (seed 002: "a maximum wait time
 /// (30-60 seconds)").
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -103,8 +105,10 @@ struct Entry {
     priority: Priority,
     attempts: u32,
     items: Vec<Item>,
-    /// The items the admitting decision charged (settled at completion).
-    committed: Vec<Item>,
+    /// The items the admitting decision charged (settled at completion),
+    /// with what each had left just after: a window limit with more left at
+    /// the reply has rolled over, and the reply's count is of the old window.
+    committed: Vec<(Item, u64)>,
     lane: usize,
 }
 
@@ -143,6 +147,8 @@ pub struct Scheduler {
     breaker: Breaker,
     lanes: Vec<Lane>,
     lane_of: HashMap<LaneKey, usize>,
+    /// Lanes with a job queued: the ones `next` asks.
+    busy: std::collections::BTreeSet<usize>,
     queued: usize,
     backoff: BinaryHeap<Reverse<(Nanos, u64)>>,
     backing_off: HashMap<u64, Entry>,
@@ -172,6 +178,7 @@ impl Scheduler {
             breaker: Breaker::Closed { failures: 0 },
             lanes: Vec::new(),
             lane_of: HashMap::new(),
+            busy: Default::default(),
             queued: 0,
             backoff: BinaryHeap::new(),
             backing_off: HashMap::new(),
@@ -230,6 +237,7 @@ impl Scheduler {
 
     fn enqueue(&mut self, entry: Entry) {
         self.queued += 1;
+        self.busy.insert(entry.lane);
         self.lanes[entry.lane].queues[entry.priority.rank()].insert(entry.seq, entry);
     }
 
@@ -268,17 +276,28 @@ impl Scheduler {
         }
 
         let mut heads: Vec<(Priority, u64, usize)> = self
-            .lanes
+            .busy
             .iter()
-            .enumerate()
-            .filter_map(|(lane, l)| l.head().map(|e| (e.priority, e.seq, lane)))
+            .filter_map(|&lane| self.lanes[lane].head().map(|e| (e.priority, e.seq, lane)))
             .collect();
         heads.sort_unstable();
         let mut wake = later;
-        for &(_, _, lane) in heads.iter().take(MAX_HEADS) {
+        let mut waits_for_release = false;
+        // A limit and key an earlier head (by priority, then age) waits
+        // for: later heads must not take it first, or a big bulk call
+        // would starve behind a stream of small ones.
+        let mut claimed: Vec<(usize, usize, &CompactString)> = Vec::new();
+        for &(_, _, lane) in &heads {
             let Some(head) = self.lanes[lane].head() else {
                 continue;
             };
+            if head
+                .items
+                .iter()
+                .any(|i| claimed.contains(&(i.limit, i.class, &i.key)))
+            {
+                continue;
+            }
             let decision = match self.engine.decide(&head.items, now, false) {
                 Ok(d) => d,
                 Err(e) => return self.reject(lane, e.to_string()),
@@ -287,14 +306,25 @@ impl Scheduler {
                 Verdict::Admit { .. } => {
                     let committed = tollgate_store::committed(&head.items, &decision)
                         .cloned()
+                        .zip(
+                            decision
+                                .outcomes
+                                .iter()
+                                .filter(|o| o.allowed)
+                                .map(|o| o.remaining),
+                        )
                         .collect();
                     return self.send(lane, committed);
                 }
                 Verdict::Deny { limit, retry_after } => {
-                    let limit = head.items[limit].limit;
-                    self.waits[limit] += 1;
-                    if let Some(after) = retry_after {
-                        wake = Some(wake.map_or(now + after, |w| w.min(now + after)));
+                    let item = &head.items[limit];
+                    self.waits[item.limit] += 1;
+                    claimed.push((item.limit, item.class, &item.key));
+                    match retry_after {
+                        Some(after) => {
+                            wake = Some(wake.map_or(now + after, |w| w.min(now + after)))
+                        }
+                        None => waits_for_release = true,
                     }
                 }
                 Verdict::Never {
@@ -312,15 +342,15 @@ impl Scheduler {
         }
         match wake {
             Some(at) => Next::Wait(at),
-            None => Next::Blocked,
+            None if waits_for_release && !self.in_flight.is_empty() => Next::Blocked,
+            None => Next::Wait(now + IDLE_RECHECK),
         }
     }
 
-    fn send(&mut self, lane: usize, committed: Vec<Item>) -> Next {
-        let Some(mut entry) = self.lanes[lane].pop() else {
+    fn send(&mut self, lane: usize, committed: Vec<(Item, u64)>) -> Next {
+        let Some(mut entry) = self.pop(lane) else {
             return Next::Blocked;
         };
-        self.queued -= 1;
         entry.attempts += 1;
         entry.committed = committed;
         if let Breaker::HalfOpen { probing } = &mut self.breaker {
@@ -335,11 +365,19 @@ impl Scheduler {
         next
     }
 
+    fn pop(&mut self, lane: usize) -> Option<Entry> {
+        let entry = self.lanes[lane].pop()?;
+        self.queued -= 1;
+        if self.lanes[lane].head().is_none() {
+            self.busy.remove(&lane);
+        }
+        Some(entry)
+    }
+
     fn reject(&mut self, lane: usize, reason: String) -> Next {
-        let Some(entry) = self.lanes[lane].pop() else {
+        let Some(entry) = self.pop(lane) else {
             return Next::Blocked;
         };
-        self.queued -= 1;
         self.counters.dead += 1;
         Next::Reject {
             seq: entry.seq,
@@ -355,18 +393,29 @@ impl Scheduler {
             };
         };
         let latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        self.engine
-            .finish_committed(&entry.committed, now, latency_us);
         let committed = std::mem::take(&mut entry.committed);
+        let items: Vec<Item> = committed.iter().map(|(item, _)| item.clone()).collect();
+        self.engine.finish_committed(&items, now, latency_us);
         let (wait, reason) = match reply {
             Reply::Status {
                 status,
                 retry_after,
                 corrections,
             } => {
-                self.correct(&committed, corrections, now);
+                match (*status, corrections.is_empty()) {
+                    // A 429 that says nothing of what is left: nothing is.
+                    (429, true) => self.correct(
+                        &committed,
+                        &[Correction {
+                            target: Target::Binding,
+                            remaining: 0,
+                        }],
+                        now,
+                    ),
+                    _ => self.correct(&committed, corrections, now),
+                }
                 match *status {
-                    200..=399 => {
+                    200..=299 | 304 => {
                         self.succeeded();
                         self.counters.done += 1;
                         return Settled::Done;
@@ -392,6 +441,14 @@ impl Scheduler {
                             self.backoff_after(entry.attempts),
                             format!("HTTP {status} after {} attempts", entry.attempts),
                         )
+                    }
+                    300..=399 => {
+                        // Not followed: a job redirected did not happen.
+                        self.succeeded();
+                        self.counters.dead += 1;
+                        return Settled::Dead {
+                            reason: format!("HTTP {status} (a redirect; tollgate does not follow them: fix the job's url)"),
+                        };
                     }
                     _ => {
                         // Other 4xx: the request itself is wrong; retrying
@@ -473,21 +530,28 @@ impl Scheduler {
     }
 
     /// Lower the local view of a limit to what the upstream reports left.
-    fn correct(&self, items: &[Item], corrections: &[Correction], now: Nanos) {
+    /// `committed` pairs each item charged with what it had left just after.
+    fn correct(&self, committed: &[(Item, u64)], corrections: &[Correction], now: Nanos) {
         if corrections.is_empty() {
             return;
         }
         let policy = self.engine.policy();
         let store = self.engine.store();
-        let counted: Vec<&Item> = items
-            .iter()
-            .filter(|i| {
-                let limit = &policy.limits[i.limit];
-                i.charge > 0 && limit.algorithm != AlgorithmKind::Concurrency
-            })
-            .collect();
         let remaining = |item: &Item| store.usage(policy, item, now).remaining;
+        let counted: Vec<&Item> = committed
+            .iter()
+            .filter(|(item, left_then)| {
+                let algorithm = policy.limits[item.limit].algorithm;
+                let rolled_over = !matches!(
+                    algorithm,
+                    AlgorithmKind::TokenBucket | AlgorithmKind::LeakyBucket
+                ) && remaining(item) > *left_then;
+                item.charge > 0 && algorithm != AlgorithmKind::Concurrency && !rolled_over
+            })
+            .map(|(item, _)| item)
+            .collect();
         let window = |item: &Item| policy.limits[item.limit].params(item.class).policy().1;
+        let quota = |item: &Item| policy.limits[item.limit].params(item.class).policy().0;
         let binding = || counted.iter().copied().min_by_key(|i| remaining(i));
         for correction in corrections {
             let item = match &correction.target {
@@ -495,6 +559,11 @@ impl Scheduler {
                     .iter()
                     .copied()
                     .find(|i| policy.limits[i.limit].name == *name)
+                    .or_else(binding),
+                Target::Quota(q) => counted
+                    .iter()
+                    .copied()
+                    .find(|i| quota(i) == *q)
                     .or_else(binding),
                 Target::Shortest => counted.iter().copied().min_by_key(|i| window(i)),
                 Target::Longest => counted.iter().copied().max_by_key(|i| window(i)),
@@ -793,5 +862,92 @@ mod tests {
         sent(s.next(0));
         s.complete(3, &reply(Target::Longest, 500), Duration::ZERO, 0);
         assert_eq!(usage(&s, 1), 500);
+    }
+}
+
+#[cfg(test)]
+mod review_tests {
+    use super::*;
+    use tollgate_core::{NoProfiles, Policy};
+
+    const SEC: Nanos = 1_000_000_000;
+
+    fn scheduler(limits: &str) -> Scheduler {
+        let policy: Policy = tollgate_core::parse(limits, &NoProfiles).unwrap();
+        Scheduler::new(Engine::new(policy), 5, 100, BreakerSettings::default(), 3)
+    }
+
+    fn item(limit: usize, cost: u64) -> Item {
+        Item {
+            limit,
+            class: 0,
+            key: "".into(),
+            cost,
+            charge: cost,
+        }
+    }
+
+    fn reply(status: u16) -> Reply {
+        Reply::Status {
+            status,
+            retry_after: Some(Duration::ZERO),
+            corrections: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_big_high_priority_call_is_not_starved_by_small_low_priority_ones() {
+        let mut s = scheduler("[[limit]]\nname = \"account\"\nalgorithm = \"token_bucket\"\ncapacity = 10\nrefill = \"10/s\"\n");
+        s.push(1, Priority::Low, 0, vec![item(0, 1)]);
+        assert_eq!(s.next(0), Next::Send { seq: 1, attempt: 1 });
+        // 9 tokens left; a bulk call of 10 waits 0.1 s for the tenth.
+        s.push(2, Priority::High, 0, vec![item(0, 10)]);
+        s.push(3, Priority::Low, 0, vec![item(0, 1)]);
+        assert_eq!(s.next(0), Next::Wait(SEC / 10));
+        assert_eq!(s.next(SEC / 10), Next::Send { seq: 2, attempt: 1 });
+    }
+
+    #[test]
+    fn a_redirect_is_a_dead_letter_and_a_bare_429_empties_the_local_view() {
+        let mut s = scheduler("[[limit]]\nname = \"account\"\nalgorithm = \"token_bucket\"\ncapacity = 100\nrefill = \"1/s\"\n");
+        s.push(1, Priority::Normal, 0, vec![item(0, 1)]);
+        s.push(2, Priority::Normal, 0, vec![item(0, 1)]);
+        s.next(0);
+        s.next(0);
+        assert!(
+            matches!(s.complete(1, &reply(301), Duration::ZERO, 0), Settled::Dead { reason } if reason.contains("redirect"))
+        );
+        // The runner believed in 98 more; the upstream says none.
+        assert!(matches!(
+            s.complete(2, &reply(429), Duration::ZERO, 0),
+            Settled::Retry { .. }
+        ));
+        let usage = s
+            .engine()
+            .store()
+            .usage(s.engine().policy(), &item(0, 1), 0);
+        assert_eq!(usage.remaining, 0);
+    }
+
+    #[test]
+    fn a_count_from_before_a_window_rolled_over_is_ignored() {
+        let mut s = scheduler("[[limit]]\nname = \"minute\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 100\n");
+        s.push(1, Priority::Normal, 0, vec![item(0, 1)]);
+        s.next(59 * SEC);
+        // Sent in the old minute, answered in the new one with the old count.
+        let old_count = Reply::Status {
+            status: 200,
+            retry_after: None,
+            corrections: vec![Correction {
+                target: Target::Named("minute".into()),
+                remaining: 3,
+            }],
+        };
+        s.complete(1, &old_count, Duration::from_secs(2), 61 * SEC);
+        let usage = s
+            .engine()
+            .store()
+            .usage(s.engine().policy(), &item(0, 1), 61 * SEC);
+        assert_eq!(usage.remaining, 100);
     }
 }

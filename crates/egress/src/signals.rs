@@ -10,6 +10,9 @@ pub enum Target {
     /// A limit of this name (IETF `RateLimit` names its policy); if none is
     /// named so, the binding one.
     Named(String),
+    /// The limit whose quota is this (`X-RateLimit-Limit`); if none, the
+    /// binding one.
+    Quota(u64),
     /// The limit with the shortest window (HubSpot's per-second counter).
     Shortest,
     /// The limit with the longest window (daily counters).
@@ -55,7 +58,7 @@ pub fn corrections<'a>(header: impl Fn(&str) -> Option<&'a str>) -> Vec<Correcti
     let count = |name: &str| header(name).and_then(|v| v.trim().parse::<u64>().ok());
     if let Some(remaining) = count("x-ratelimit-remaining") {
         out.push(Correction {
-            target: Target::Binding,
+            target: count("x-ratelimit-limit").map_or(Target::Binding, Target::Quota),
             remaining,
         });
     }
@@ -93,10 +96,15 @@ pub fn corrections<'a>(header: impl Fn(&str) -> Option<&'a str>) -> Vec<Correcti
 fn ietf_ratelimit(value: &str) -> Vec<Correction> {
     let mut out = Vec::new();
     let mut unnamed = None;
+    let mut limit = None;
     for item in value.split(',') {
         let item = item.trim();
         if let Some(r) = item.strip_prefix("remaining=") {
             unnamed = r.trim().parse().ok();
+            continue;
+        }
+        if let Some(l) = item.strip_prefix("limit=") {
+            limit = l.trim().parse().ok();
             continue;
         }
         let mut params = item.split(';');
@@ -111,7 +119,7 @@ fn ietf_ratelimit(value: &str) -> Vec<Correction> {
     }
     if let Some(remaining) = unnamed {
         out.push(Correction {
-            target: Target::Binding,
+            target: limit.map_or(Target::Binding, Target::Quota),
             remaining,
         });
     }
@@ -166,7 +174,7 @@ mod tests {
         assert_eq!(
             from(&[("ratelimit", "limit=100, remaining=7, reset=3")]),
             vec![Correction {
-                target: Target::Binding,
+                target: Target::Quota(100),
                 remaining: 7
             }]
         );
@@ -198,6 +206,16 @@ mod tests {
             vec![Correction {
                 target: Target::Longest,
                 remaining: 99_975
+            }]
+        );
+        assert_eq!(
+            from(&[
+                ("x-ratelimit-remaining", "42"),
+                ("x-ratelimit-limit", "600")
+            ]),
+            vec![Correction {
+                target: Target::Quota(600),
+                remaining: 42
             }]
         );
         assert_eq!(from(&[("x-ratelimit-remaining", "lots")]), vec![]);

@@ -69,6 +69,8 @@ pub struct Counts {
 /// What the runner records as jobs progress.
 #[derive(Debug, Clone)]
 pub enum Record {
+    /// An attempt was sent at `at` (ns since the epoch).
+    Sent { seq: u64, at: u64 },
     /// An attempt failed and the job waits for another (the count survives a crash).
     Retry { seq: u64, attempts: u32 },
     /// The job's final outcome and its line for `results.jsonl`.
@@ -87,13 +89,29 @@ pub enum Record {
 pub struct State {
     conn: Connection,
     dir: PathBuf,
+    /// Held while this process owns the state (None: read-only).
+    _lock: Option<File>,
 }
 
 impl State {
     /// Open (or create) the state in `dir`, and bring `results.jsonl` up to
     /// date with what was committed.
+    /// One process at a time owns a state: a second `run` (or `dlq retry`)
+    /// on it is refused while the first holds `DIR/lock`.
     pub fn open(dir: &Path) -> Result<State, StateError> {
         std::fs::create_dir_all(dir).map_err(|source| io_err(dir, source))?;
+        let lock_path = dir.join("lock");
+        let lock = File::create(&lock_path).map_err(|source| io_err(&lock_path, source))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StateError::Invalid {
+                    path: dir.display().to_string(),
+                    message: "another tollgate process is using this state (wait for it, or give another --state)".into(),
+                })
+            }
+            Err(std::fs::TryLockError::Error(source)) => return Err(io_err(&lock_path, source)),
+        }
         let conn = connect(dir)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS jobs (
@@ -110,15 +128,66 @@ impl State {
                 finished TEXT
             );
             CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
-            CREATE TABLE IF NOT EXISTS results (n INTEGER PRIMARY KEY, seq INTEGER NOT NULL, line TEXT NOT NULL);",
+            CREATE TABLE IF NOT EXISTS results (n INTEGER PRIMARY KEY, seq INTEGER NOT NULL, line TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS sends (seq INTEGER NOT NULL, at INTEGER NOT NULL);
+            CREATE INDEX IF NOT EXISTS sends_at ON sends(at);",
         )
         .map_err(|e| sql_err(dir, e))?;
         let state = State {
             conn,
             dir: dir.to_path_buf(),
+            _lock: Some(lock),
         };
         state.sync_results()?;
         Ok(state)
+    }
+
+    /// Open a state to read it (`dlq list`, `show`, `export`) while a run
+    /// may own it: no lock taken, nothing written.
+    pub fn open_read_only(dir: &Path) -> Result<State, StateError> {
+        let path = dir.join("state.sqlite");
+        let conn = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| sql_err(&path, e))?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(|e| sql_err(&path, e))?;
+        Ok(State {
+            conn,
+            dir: dir.to_path_buf(),
+            _lock: None,
+        })
+    }
+
+    /// Sends recorded since `since` (ns since the epoch), oldest first, with
+    /// their job: a resumed run replays them into its counters so it starts
+    /// from the quota the last run left, not a full one.
+    pub fn sends_since(&self, since: u64) -> Result<Vec<(u64, String, Job)>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT s.at, j.upstream, j.spec FROM sends s JOIN jobs j ON j.seq = s.seq WHERE s.at >= ?1 ORDER BY s.at")
+            .map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map([since as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .map_err(|e| self.sql(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (at, upstream, spec) = row.map_err(|e| self.sql(e))?;
+            out.push((at, upstream, self.job(&spec)?));
+        }
+        Ok(out)
+    }
+
+    /// Forget sends before `before` (older than any window replays).
+    pub fn prune_sends(&self, before: u64) -> Result<(), StateError> {
+        self.conn
+            .execute("DELETE FROM sends WHERE at < ?1", [before as i64])
+            .map(|_| ())
+            .map_err(|e| self.sql(e))
     }
 
     pub fn dir(&self) -> &Path {
@@ -140,9 +209,12 @@ impl State {
             let mut insert = tx
                 .prepare("INSERT OR IGNORE INTO jobs (id, upstream, priority, spec) VALUES (?1, ?2, ?3, ?4)")
                 .map_err(|e| sql_err(&dir, e))?;
+            let mut stored = tx
+                .prepare("SELECT spec FROM jobs WHERE id = ?1")
+                .map_err(|e| sql_err(&dir, e))?;
             for routed in jobs {
                 let spec = serde_json::to_string(&routed.job).unwrap_or_default();
-                added += insert
+                let inserted = insert
                     .execute(params![
                         routed.job.id,
                         config.upstreams[routed.upstream].name,
@@ -150,6 +222,20 @@ impl State {
                         spec
                     ])
                     .map_err(|e| sql_err(&dir, e))? as u64;
+                if inserted == 0 {
+                    // Resuming is fine; the same id for another request is
+                    // a mistake that would silently skip the new one.
+                    let before: String = stored
+                        .query_row([&routed.job.id], |r| r.get(0))
+                        .map_err(|e| sql_err(&dir, e))?;
+                    if before != spec {
+                        return Err(StateError::Invalid {
+                            path: dir.display().to_string(),
+                            message: format!("job id '{}' is already in this state for a different request; nothing was queued (give the new job another id, or use another --state)", routed.job.id),
+                        });
+                    }
+                }
+                added += inserted;
             }
         }
         tx.commit().map_err(|e| sql_err(&dir, e))?;
@@ -381,6 +467,12 @@ impl Writer {
         let _ = self.tx.send(record);
     }
 
+    /// False once the thread has stopped (on an error): the run must stop
+    /// sending, since nothing it learns can be recorded.
+    pub fn alive(&self) -> bool {
+        !self.handle.is_finished()
+    }
+
     /// Commit what is queued and stop.
     pub fn finish(self) -> Result<(), StateError> {
         drop(self.tx);
@@ -422,9 +514,16 @@ fn write_records(
             let mut result = tx
                 .prepare_cached("INSERT INTO results (seq, line) VALUES (?1, ?2)")
                 .map_err(|e| sql_err(dir, e))?;
+            let mut sent = tx
+                .prepare_cached("INSERT INTO sends (seq, at) VALUES (?1, ?2)")
+                .map_err(|e| sql_err(dir, e))?;
             let now = jiff::Timestamp::now().to_string();
             for record in batch.drain(..) {
                 match record {
+                    Record::Sent { seq, at } => {
+                        sent.execute(params![seq as i64, at as i64])
+                            .map_err(|e| sql_err(dir, e))?;
+                    }
                     Record::Retry { seq, attempts } => {
                         retry
                             .execute(params![seq as i64, attempts])

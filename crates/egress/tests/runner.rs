@@ -426,3 +426,91 @@ async fn upstream_headers_and_the_job_s_own_headers_are_sent() {
         Some("Bearer t0ken")
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_resumed_run_starts_from_the_quota_the_last_run_left() {
+    let (addr, _gateway) = gateway("celigo").await;
+    let clock = TokioClock::starting_at(EPOCH);
+    let config = tollgate_egress::parse_config(
+        &profiled(addr, "celigo", 32, ""),
+        &tollgate_profiles::Bundled,
+        &|_| Some("t0ken".into()),
+    )
+    .expect("config");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = || Options {
+        progress: ProgressMode::Quiet,
+        grace: Duration::from_secs(1),
+        seed: 1,
+    };
+    let batch = |from: usize, n: usize| -> String {
+        (from..from + n)
+            .map(|i| job(&format!("j{i}"), addr, "/v1/imports"))
+            .collect()
+    };
+    // The first run spends the whole burst of 1,000 ...
+    {
+        let mut state = State::open(dir.path()).expect("state");
+        let jobs = tollgate_egress::read_jobs(batch(0, 1000).as_bytes(), &config).expect("jobs");
+        state.import(&jobs, &config).expect("import");
+        let first = tollgate_egress::run(
+            &config,
+            &state,
+            clock.clone(),
+            options(),
+            std::future::pending(),
+        )
+        .await
+        .expect("run");
+        assert_eq!(first.done(), 1000);
+    }
+    // ... so the next one, on the same state, paces at 300/s from the start.
+    let mut state = State::open(dir.path()).expect("state");
+    let jobs = tollgate_egress::read_jobs(batch(1000, 300).as_bytes(), &config).expect("jobs");
+    state.import(&jobs, &config).expect("import");
+    let second = tollgate_egress::run(
+        &config,
+        &state,
+        clock.clone(),
+        options(),
+        std::future::pending(),
+    )
+    .await
+    .expect("run");
+    assert_eq!(second.done(), 300);
+    assert_eq!(second.throttled(), 0);
+    let elapsed = second.elapsed.as_secs_f64();
+    assert!((0.95..1.05).contains(&elapsed), "elapsed {elapsed} s");
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_process_owns_a_state_and_a_reused_id_for_another_request_is_refused() {
+    let up = scripted(|_, _| ok()).await;
+    let config =
+        tollgate_egress::parse_config(&upstream(up.addr, ""), &tollgate_profiles::Bundled, &|_| {
+            None
+        })
+        .expect("config");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut state = State::open(dir.path()).expect("state");
+    let second = State::open(dir.path()).expect_err("locked");
+    assert!(
+        second
+            .to_string()
+            .contains("another tollgate process is using this state"),
+        "{second}"
+    );
+    assert!(State::open_read_only(dir.path()).is_ok(), "reading is fine");
+    let a = tollgate_egress::read_jobs(job("x", up.addr, "/a").as_bytes(), &config).expect("jobs");
+    assert_eq!(state.import(&a, &config).expect("import"), (1, 0));
+    assert_eq!(state.import(&a, &config).expect("same job again"), (0, 1));
+    let b = tollgate_egress::read_jobs(job("x", up.addr, "/b").as_bytes(), &config).expect("jobs");
+    let e = state
+        .import(&b, &config)
+        .expect_err("same id, other request");
+    assert!(
+        e.to_string()
+            .contains("job id 'x' is already in this state for a different request"),
+        "{e}"
+    );
+}

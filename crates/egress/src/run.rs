@@ -180,7 +180,7 @@ struct Active {
     upstream: usize,
     job: Arc<Job>,
     /// Every attempt's limits, for the utilisation estimate.
-    items: Vec<Item>,
+    items: Arc<Vec<Item>>,
     first_sent: Option<Nanos>,
     sent: Nanos,
     /// Attempts made, this run and before.
@@ -247,7 +247,8 @@ pub async fn run(
         .collect();
     let writer = state.writer()?;
     let progress = Progress::new(options.progress, pending.len() as u64);
-    let mut sent_calls: Vec<Vec<(Priority, Vec<Item>)>> = vec![Vec::new(); config.upstreams.len()];
+    let mut sent_calls: Vec<Vec<(Priority, Arc<Vec<Item>>)>> =
+        vec![Vec::new(); config.upstreams.len()];
     let mut active: HashMap<u64, Active> = HashMap::with_capacity(pending.len());
     let start = clock.now();
     replay_sends(config, state, &schedulers, &index, start)?;
@@ -263,7 +264,7 @@ pub async fn run(
                     Active {
                         upstream,
                         job: Arc::new(p.job),
-                        items,
+                        items: Arc::new(items),
                         first_sent: None,
                         sent: 0,
                         attempts: p.attempts,
@@ -274,7 +275,7 @@ pub async fn run(
                 let dead = Active {
                     upstream,
                     job: Arc::new(p.job),
-                    items: Vec::new(),
+                    items: Arc::default(),
                     first_sent: None,
                     sent: 0,
                     attempts: p.attempts,
@@ -327,7 +328,6 @@ pub async fn run(
                             a.first_sent.get_or_insert(now);
                             a.sent = now;
                             a.attempts = attempt;
-                            writer.record(Record::Sent { seq, at: now });
                             sent_calls[u].push((a.job.priority, a.items.clone()));
                             let task = send(
                                 &client,
@@ -415,6 +415,7 @@ pub async fn run(
         .zip(startup_dead)
         .map(|(((u, s), calls), startup_dead)| {
             let c = s.counters();
+            let calls = calls.into_iter().map(|(p, items)| (p, items.to_vec()));
             let estimate = plan::estimate(&u.policy, calls, start, Duration::ZERO, u.concurrency);
             UpstreamSummary {
                 name: u.name.clone(),
@@ -454,6 +455,7 @@ fn settle(
         writer.record(Record::Retry {
             seq: c.seq,
             attempts: a.attempts,
+            sent_at: a.sent,
         });
         return;
     }
@@ -490,7 +492,6 @@ fn replay_sends(
     now: Nanos,
 ) -> Result<(), StateError> {
     let since = now.saturating_sub(REPLAY_HORIZON);
-    state.prune_sends(since)?;
     for (at, upstream, job) in state.sends_since(since)? {
         let Some(&u) = index.get(upstream.as_str()) else {
             continue;
@@ -644,6 +645,7 @@ fn finish(
         seq,
         dead,
         attempts,
+        sent_at: (a.sent > 0).then_some(a.sent),
         status,
         reason,
         excerpt: body.filter(|_| dead).map(excerpt),

@@ -110,6 +110,9 @@ struct Entry {
     /// the reply has rolled over, and the reply's count is of the old window.
     committed: Vec<(Item, u64)>,
     lane: usize,
+    /// Order of sending: replies count only what reached the upstream
+    /// before them, so requests sent after this one are not in its count.
+    sent_order: u64,
 }
 
 #[derive(Debug, Default)]
@@ -157,6 +160,7 @@ pub struct Scheduler {
     rng: fastrand::Rng,
     events: Vec<Event>,
     counters: Counters,
+    sends: u64,
     /// Per limit: how often it was the one a lane head waited for.
     waits: Vec<u64>,
 }
@@ -187,6 +191,7 @@ impl Scheduler {
             rng: fastrand::Rng::with_seed(seed),
             events: Vec::new(),
             counters: Counters::default(),
+            sends: 0,
             waits: vec![0; limits],
         }
     }
@@ -232,6 +237,7 @@ impl Scheduler {
             items,
             committed: Vec::new(),
             lane,
+            sent_order: 0,
         });
     }
 
@@ -353,6 +359,8 @@ impl Scheduler {
         };
         entry.attempts += 1;
         entry.committed = committed;
+        self.sends += 1;
+        entry.sent_order = self.sends;
         if let Breaker::HalfOpen { probing } = &mut self.breaker {
             *probing = true;
         }
@@ -406,13 +414,14 @@ impl Scheduler {
                     // A 429 that says nothing of what is left: nothing is.
                     (429, true) => self.correct(
                         &committed,
+                        entry.sent_order,
                         &[Correction {
                             target: Target::Binding,
                             remaining: 0,
                         }],
                         now,
                     ),
-                    _ => self.correct(&committed, corrections, now),
+                    _ => self.correct(&committed, entry.sent_order, corrections, now),
                 }
                 match *status {
                     200..=299 | 304 => {
@@ -531,7 +540,13 @@ impl Scheduler {
 
     /// Lower the local view of a limit to what the upstream reports left.
     /// `committed` pairs each item charged with what it had left just after.
-    fn correct(&self, committed: &[(Item, u64)], corrections: &[Correction], now: Nanos) {
+    fn correct(
+        &self,
+        committed: &[(Item, u64)],
+        sent_order: u64,
+        corrections: &[Correction],
+        now: Nanos,
+    ) {
         if corrections.is_empty() {
             return;
         }
@@ -570,9 +585,22 @@ impl Scheduler {
                 Target::Binding => binding(),
             };
             let Some(item) = item else { continue };
+            // Ours sent after this request are charged locally but not yet
+            // in the upstream's count.
+            let later: u64 = self
+                .in_flight
+                .values()
+                .filter(|e| e.sent_order > sent_order)
+                .flat_map(|e| &e.committed)
+                .filter(|(i, _)| {
+                    i.limit == item.limit && i.class == item.class && i.key == item.key
+                })
+                .map(|(i, _)| i.charge)
+                .sum();
+            let reported = correction.remaining.saturating_sub(later);
             let local = remaining(item);
-            if correction.remaining < local {
-                let extra = local - correction.remaining;
+            if reported < local {
+                let extra = local - reported;
                 let charge = Item {
                     cost: extra,
                     charge: extra,

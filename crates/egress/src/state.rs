@@ -69,15 +69,19 @@ pub struct Counts {
 /// What the runner records as jobs progress.
 #[derive(Debug, Clone)]
 pub enum Record {
-    /// An attempt was sent at `at` (ns since the epoch).
-    Sent { seq: u64, at: u64 },
     /// An attempt failed and the job waits for another (the count survives a crash).
-    Retry { seq: u64, attempts: u32 },
+    /// `sent_at`: when the last attempt went (ns since the epoch).
+    Retry {
+        seq: u64,
+        attempts: u32,
+        sent_at: u64,
+    },
     /// The job's final outcome and its line for `results.jsonl`.
     Final {
         seq: u64,
         dead: bool,
         attempts: u32,
+        sent_at: Option<u64>,
         status: Option<u16>,
         reason: Option<String>,
         excerpt: Option<String>,
@@ -125,12 +129,11 @@ impl State {
                 status INTEGER,
                 reason TEXT,
                 excerpt TEXT,
-                finished TEXT
+                finished TEXT,
+                sent_at INTEGER
             );
             CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
-            CREATE TABLE IF NOT EXISTS results (n INTEGER PRIMARY KEY, seq INTEGER NOT NULL, line TEXT NOT NULL);
-            CREATE TABLE IF NOT EXISTS sends (seq INTEGER NOT NULL, at INTEGER NOT NULL);
-            CREATE INDEX IF NOT EXISTS sends_at ON sends(at);",
+            CREATE TABLE IF NOT EXISTS results (n INTEGER PRIMARY KEY, seq INTEGER NOT NULL, line TEXT NOT NULL);",
         )
         .map_err(|e| sql_err(dir, e))?;
         let state = State {
@@ -157,13 +160,17 @@ impl State {
         })
     }
 
-    /// Sends recorded since `since` (ns since the epoch), oldest first, with
-    /// their job: a resumed run replays them into its counters so it starts
-    /// from the quota the last run left, not a full one.
+    /// Jobs whose last attempt went at or after `since` (ns since the
+    /// epoch), oldest first, with that instant: a resumed run replays them
+    /// into its counters so it starts from the quota the last run left.
+    /// (Earlier attempts of a retried job, and attempts in flight at a
+    /// crash, are not counted.)
     pub fn sends_since(&self, since: u64) -> Result<Vec<(u64, String, Job)>, StateError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT s.at, j.upstream, j.spec FROM sends s JOIN jobs j ON j.seq = s.seq WHERE s.at >= ?1 ORDER BY s.at")
+            .prepare(
+                "SELECT sent_at, upstream, spec FROM jobs WHERE sent_at >= ?1 ORDER BY sent_at",
+            )
             .map_err(|e| self.sql(e))?;
         let rows = stmt
             .query_map([since as i64], |r| {
@@ -180,14 +187,6 @@ impl State {
             out.push((at, upstream, self.job(&spec)?));
         }
         Ok(out)
-    }
-
-    /// Forget sends before `before` (older than any window replays).
-    pub fn prune_sends(&self, before: u64) -> Result<(), StateError> {
-        self.conn
-            .execute("DELETE FROM sends WHERE at < ?1", [before as i64])
-            .map(|_| ())
-            .map_err(|e| self.sql(e))
     }
 
     pub fn dir(&self) -> &Path {
@@ -505,34 +504,32 @@ fn write_records(
         {
             let mut retry = tx
                 .prepare_cached(
-                    "UPDATE jobs SET attempts = ?2 WHERE seq = ?1 AND state = 'pending'",
+                    "UPDATE jobs SET attempts = ?2, sent_at = ?3 WHERE seq = ?1 AND state = 'pending'",
                 )
                 .map_err(|e| sql_err(dir, e))?;
             let mut finish = tx
-                .prepare_cached("UPDATE jobs SET state = ?2, attempts = ?3, status = ?4, reason = ?5, excerpt = ?6, finished = ?7 WHERE seq = ?1 AND state = 'pending'")
+                .prepare_cached("UPDATE jobs SET state = ?2, attempts = ?3, status = ?4, reason = ?5, excerpt = ?6, finished = ?7, sent_at = ?8 WHERE seq = ?1 AND state = 'pending'")
                 .map_err(|e| sql_err(dir, e))?;
             let mut result = tx
                 .prepare_cached("INSERT INTO results (seq, line) VALUES (?1, ?2)")
                 .map_err(|e| sql_err(dir, e))?;
-            let mut sent = tx
-                .prepare_cached("INSERT INTO sends (seq, at) VALUES (?1, ?2)")
-                .map_err(|e| sql_err(dir, e))?;
             let now = jiff::Timestamp::now().to_string();
             for record in batch.drain(..) {
                 match record {
-                    Record::Sent { seq, at } => {
-                        sent.execute(params![seq as i64, at as i64])
-                            .map_err(|e| sql_err(dir, e))?;
-                    }
-                    Record::Retry { seq, attempts } => {
+                    Record::Retry {
+                        seq,
+                        attempts,
+                        sent_at,
+                    } => {
                         retry
-                            .execute(params![seq as i64, attempts])
+                            .execute(params![seq as i64, attempts, sent_at as i64])
                             .map_err(|e| sql_err(dir, e))?;
                     }
                     Record::Final {
                         seq,
                         dead,
                         attempts,
+                        sent_at,
                         status,
                         reason,
                         excerpt,
@@ -541,7 +538,14 @@ fn write_records(
                         let state = if dead { "dead" } else { "done" };
                         let changed = finish
                             .execute(params![
-                                seq as i64, state, attempts, status, reason, excerpt, now
+                                seq as i64,
+                                state,
+                                attempts,
+                                status,
+                                reason,
+                                excerpt,
+                                now,
+                                sent_at.map(|at| at as i64)
                             ])
                             .map_err(|e| sql_err(dir, e))?;
                         // One result per final outcome, even if a record repeats.

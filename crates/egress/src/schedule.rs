@@ -586,11 +586,17 @@ impl Scheduler {
             };
             let Some(item) = item else { continue };
             // Ours sent after this request are charged locally but not yet
-            // in the upstream's count.
+            // in a bucket's count. (A window's count is taken as it is: its
+            // burst at the window start arrives out of order, and subtracting
+            // would count some twice, losing whole windows.)
+            let bucket = matches!(
+                policy.limits[item.limit].algorithm,
+                AlgorithmKind::TokenBucket | AlgorithmKind::LeakyBucket
+            );
             let later: u64 = self
                 .in_flight
                 .values()
-                .filter(|e| e.sent_order > sent_order)
+                .filter(|e| bucket && e.sent_order > sent_order)
                 .flat_map(|e| &e.committed)
                 .filter(|(i, _)| {
                     i.limit == item.limit && i.class == item.class && i.key == item.key

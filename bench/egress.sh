@@ -1,0 +1,351 @@
+#!/usr/bin/env bash
+# `tollgate run` (the egress runner) against `tollgate serve` enforcing the
+# same limits, against another client sharing the quota, against seed 000's
+# own sleep loop, and against an unlimited local upstream (its own overhead).
+#
+#   bench/egress.sh                       # about 2 min 40 s (plus the first build)
+#   nice -n -10 bench/egress.sh
+#   CONCURRENCIES="64" OVERHEAD_JOBS=20000 bench/egress.sh
+#
+# Scenarios and targets:
+#   1. the runner's limits match the gateway's; zero 429s, utilisation >= 98%
+#      (the runner's own figure: least time the limits allow / elapsed)
+#      a. fixed_window 200 per 1 s per Authorization (seed 000's shape, scaled),
+#         bench/egress/fixed_window.toml read by both sides, $FIXED_JOBS jobs
+#      b. seed 004: --profile celigo / profile = "celigo" (leaky bucket 1,000
+#         refilling 300/s), $CELIGO_JOBS jobs
+#   2. the same two, while oha sends at a constant half of the allowed rate
+#      with the same Authorization header for the whole run (started 0.5 s
+#      before the runner, stopped when it ends): <= 1% of the runner's calls
+#      get a 429, and utilisation of what is left (allowed rate - the other
+#      client's 2xx rate, from oha's status counts; also from the gateway's
+#      log over the same span, and the verdict takes the lower) >= 90%. How it
+#      is computed: bench/egress/analyse.py (shared).
+#   3. seed 000's job: 10,000 ids in chunks of 200 (50 calls) via --records
+#      --bulk against --profile crm (100 per rolling 60 s), vs the seed's own
+#      pattern (bench/egress/seed000_loop.py: urllib, time.sleep(0.9) after
+#      each call) against the same gateway under another key: wall times, ratio.
+#   4. runner overhead: $OVERHEAD_JOBS jobs against nginx `return 200`, limits
+#      that never bind, concurrency each of $CONCURRENCIES: >= 20,000 jobs/s,
+#      counting the wall time of the whole `tollgate run` (import included).
+#
+# Everything listens on 127.0.0.1 on free ports; every process started here is
+# stopped on exit. Nothing is pinned (the runner is multi-threaded; at these
+# rates the gateway uses little CPU). Each runner gets `timeout $RUN_TIMEOUT`.
+#
+# Needs: nginx (apt-get if missing), oha (cargo install into $OHA_ROOT if
+# missing), python3, curl, GNU time (/usr/bin/time, optional: CPU figures).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+FIXED_JOBS=${FIXED_JOBS:-3000}
+CELIGO_JOBS=${CELIGO_JOBS:-6000}
+OVERHEAD_JOBS=${OVERHEAD_JOBS:-100000}
+CONCURRENCIES=${CONCURRENCIES:-"32 64 128"}
+RUNNER_CONCURRENCY=${RUNNER_CONCURRENCY:-32}   # scenarios 1-3
+OTHER_SHARE=${OTHER_SHARE:-0.5}                # scenario 2: the other client's rate / allowed rate
+RUN_TIMEOUT=${RUN_TIMEOUT:-180}
+SCENARIOS=${SCENARIOS:-"1a 2a 1b 2b 3 4"}      # a subset to run
+# KEEP_WORK=1: keep the work directory (configs, jobs, access logs, oha output, states)
+OHA_ROOT=${OHA_ROOT:-/work/tools-oha}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-egbench}
+target=$CARGO_TARGET_DIR
+case $target in /*) ;; *) target="$ROOT/$target" ;; esac
+TOLLGATE="$target/release/tollgate"
+EG="$ROOT/bench/egress"
+FOREIGN="$ROOT/bench/gateway/foreign_cpu.py"   # CPU other processes took during a run
+ANALYSE="python3 $EG/analyse.py"
+
+log() { printf '%s\n' "$*" >&2; }
+
+# ---------------------------------------------------------------- tools
+need_apt=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "installing ${need_apt[*]} (apt-get)..."
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q "${need_apt[@]}" >/dev/null 2>&1 ||
+    { apt-get update -q >/dev/null && apt-get install -y -q "${need_apt[@]}" >/dev/null; }
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+OHA=$(command -v oha || true)
+if [ -z "$OHA" ]; then
+  OHA="$OHA_ROOT/bin/oha"
+  if [ ! -x "$OHA" ]; then
+    log "installing oha into $OHA_ROOT (cargo install, a few minutes once)..."
+    cargo install oha --locked --root "$OHA_ROOT" -q
+  fi
+fi
+TIME=""
+[ -x /usr/bin/time ] && TIME=/usr/bin/time
+log "building tollgate (release, $target)..."
+cargo build --release -q -p tollgate
+rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "?")
+git -C "$ROOT" diff --quiet HEAD -- crates Cargo.toml Cargo.lock 2>/dev/null || rev+=" with uncommitted changes under crates/ or Cargo files"
+log "tollgate $("$TOLLGATE" --version | awk '{print $2}') ($rev), nginx $($NGINX -v 2>&1 | sed 's/.*\///'), oha $($OHA --version | awk '{print $2}'), $(nproc) cpus, nice $(nice)"
+
+# ---------------------------------------------------------------- processes
+work=$(mktemp -d /tmp/egbench.XXXXXX)
+pids=()
+cleanup() {
+  local p
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  if [ -n "${KEEP_WORK:-}" ]; then log "kept $work"; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+forget() {
+  local q keep=()
+  for q in "${pids[@]}"; do [ "$q" = "$1" ] || keep+=("$q"); done
+  pids=("${keep[@]}")
+}
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; forget "$1"; }
+
+read -r GW_PORT ADMIN_PORT UP_PORT < <(python3 - <<'PY'
+import socket
+socks = [socket.socket() for _ in range(3)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))
+PY
+)
+GATEWAY="127.0.0.1:$GW_PORT"
+ADMIN="http://127.0.0.1:$ADMIN_PORT"
+
+wait_http() { # wait_http URL [PID]
+  local i
+  for i in $(seq 1 100); do
+    curl -s -o /dev/null "$1" && return 0
+    if [ -n "${2:-}" ] && ! kill -0 "$2" 2>/dev/null; then break; fi
+    sleep 0.1
+  done
+  log "ERROR: $1 did not come up"; return 1
+}
+
+# render TEMPLATE OUT CONCURRENCY: fill in the addresses
+render() {
+  sed -e "s/@GATEWAY@/$GATEWAY/g" -e "s/@UPSTREAM@/127.0.0.1:$UP_PORT/g" -e "s/@CONCURRENCY@/$3/g" "$1" > "$2"
+}
+
+# start_gateway NAME (--config FILE | --profile P): JSON access log to $work/NAME.access
+start_gateway() {
+  local name=$1; shift
+  "$TOLLGATE" serve "$@" --demo-upstream --listen "$GATEWAY" --admin "127.0.0.1:$ADMIN_PORT" \
+    --access-log json > "$work/$name.access" 2>>"$work/gateway.err" &
+  GW_PID=$!; pids+=("$GW_PID")
+  wait_http "$ADMIN/healthz" "$GW_PID"
+}
+
+# jobs N PATH OUT: N POST jobs to the gateway's PATH
+make_jobs() {
+  python3 - "$1" "$2" "$3" "$4" <<'PY'
+import sys
+n, base, path, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+with open(out, "w") as f:
+    for i in range(n):
+        f.write(f'{{"id":"j{i}","method":"POST","url":"http://{base}{path}/{i}","body":{{"i":{i}}}}}\n')
+PY
+}
+
+# runner NAME CONFIG ARGS...: `tollgate run` into $work/NAME.state; sets WALL,
+# CPU (user+sys s), RSS (MiB), RC and the summary's fields (done, throttled, ...)
+runner() {
+  local name=$1 cfg=$2; shift 2
+  rm -rf "$work/$name.state"
+  local t0 t1
+  python3 "$FOREIGN" snap "$work/foreign.before" $$
+  cpu_sample > "$work/cpu.before"
+  t0=$(date +%s.%N)
+  set +e
+  if [ -n "$TIME" ]; then
+    TOKEN=${TOKEN:-t0ken} timeout "$RUN_TIMEOUT" "$TIME" -o "$work/$name.time" -f "%U %S %M" \
+      "$TOLLGATE" run --config "$cfg" --state "$work/$name.state" --progress quiet "$@" \
+      > "$work/$name.out" 2> "$work/$name.err"
+  else
+    TOKEN=${TOKEN:-t0ken} timeout "$RUN_TIMEOUT" \
+      "$TOLLGATE" run --config "$cfg" --state "$work/$name.state" --progress quiet "$@" \
+      > "$work/$name.out" 2> "$work/$name.err"
+  fi
+  RC=$?
+  set -e
+  t1=$(date +%s.%N)
+  cpu_sample > "$work/cpu.after"
+  python3 "$FOREIGN" snap "$work/foreign.after" $$
+  FOREIGN_PCT=$(python3 "$FOREIGN" diff "$work/foreign.before" "$work/foreign.after")
+  STEAL=$(awk 'NR==FNR { t[$1] = $2; s[$1] = $3; next } { dt += $2 - t[$1]; ds += $3 - s[$1] }
+    END { printf "%.0f", (dt > 0 ? 100 * ds / dt : 0) }' "$work/cpu.before" "$work/cpu.after")
+  if [ "$FOREIGN_PCT" -gt 5 ] || [ "$STEAL" -gt 2 ]; then
+    log "  WARNING: during this run other processes used ${FOREIGN_PCT}% of a core, steal ${STEAL}%"
+  fi
+  WALL=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.3f}')" "$t0" "$t1")
+  CPU="?"; RSS="?"
+  if [ -s "$work/$name.time" ]; then
+    read -r CPU RSS < <(awk 'END { printf "%.2f %.0f\n", $1 + $2, $3 / 1024 }' "$work/$name.time")
+  fi
+  eval "$($ANALYSE summary "$work/$name.out")"
+  if [ "$RC" != 0 ] || [ "$summary_ok" != 1 ]; then
+    log "  runner $name: exit $RC"; sed 's/^/    /' "$work/$name.err" | tail -5 >&2
+  fi
+  if [ "$summary_ok" != 1 ]; then
+    done=0 dead=0 retried=0 throttled=0 calls=0 elapsed_s=0 elapsed_h=? per_min=0 util=n/a
+  fi
+  SUMMARY=$(grep '^tollgate run:' "$work/$name.out" || echo "(no summary; exit $RC)")
+}
+
+cpu_sample() { awk '/^cpu[0-9]/ { print $1, $2+$3+$4+$5+$6+$7+$8+$9, $9 }' /proc/stat; }  # cpuN total steal
+want() { case " $SCENARIOS " in *" $1 "*) return 0 ;; esac; return 1; }
+verdict() { if python3 -c "import sys; sys.exit(0 if ($1) else 1)"; then echo PASS; else echo MISS; fi; }
+declare -a TABLE=()
+row() { TABLE+=("$(printf '%s|' "$@")"); }
+
+# ---------------------------------------------------------------- 1 and 2
+# shape NAME GATEWAY_ARGS CONFIG JOBS ALLOWED_RATE SHAPE_SPEC
+shape() {
+  local name=$1 gw_args=$2 cfg=$3 n=$4 allowed=$5 spec=$6
+  make_jobs "$n" "$GATEWAY" /v1/imports "$work/$name.jobs"
+  local v
+  if want "1$name"; then
+  log ""
+  log "== 1$name. limits match, nobody else: $n jobs ($gw_args), concurrency $RUNNER_CONCURRENCY"
+  # shellcheck disable=SC2086
+  start_gateway "1$name" $gw_args
+  TOKEN=alone runner "1$name" "$cfg" --jobs "$work/$name.jobs"
+  stop "$GW_PID"
+  eval "$($ANALYSE gateway "$work/1$name.access" /v1/imports)"
+  log "  $SUMMARY"
+  log "  wall $WALL s (cpu ${CPU} s, max RSS ${RSS} MiB); gateway saw $gw_count calls: $gw_2xx 2xx, $gw_429 429"
+  v=$(verdict "$throttled == 0 and $gw_429 == 0 and '$util' != 'n/a' and float('$util') >= 98 and $done == $n")
+  log "  target zero 429s, utilisation >= 98%: $v (429s $throttled, utilisation $util%)"
+  row "1$name" "$calls calls, elapsed $elapsed_h, 429s $throttled, utilisation $util%" "0 429s, util >= 98%" "$v"
+  fi
+  want "2$name" || return 0
+
+  local rate
+  rate=$(python3 -c "import sys; print(round(float(sys.argv[1]) * float(sys.argv[2])))" "$allowed" "$OTHER_SHARE")
+  log ""
+  log "== 2$name. quota shared: oha -q $rate (of $allowed/s) with the same key for the whole run"
+  # shellcheck disable=SC2086
+  start_gateway "2$name" $gw_args
+  "$OHA" --no-tui --output-format json -z 600s -q "$rate" -c 4 -m POST -d '{"other":true}' \
+    -H "authorization: Bearer shared" "http://$GATEWAY/v1/other" > "$work/2$name.oha" 2> "$work/2$name.oha.err" &
+  local oha_pid=$!; pids+=("$oha_pid")
+  sleep 0.5
+  TOKEN=shared runner "2$name" "$cfg" --jobs "$work/$name.jobs"
+  kill -INT "$oha_pid" 2>/dev/null || true
+  wait "$oha_pid" 2>/dev/null || true
+  forget "$oha_pid"
+  stop "$GW_PID"
+  log "  $SUMMARY"
+  eval "$($ANALYSE shared "$spec" "$work/2$name.access" "$work/2$name.oha" /v1/imports /v1/other)"
+  local share429
+  share429=$(python3 -c "import sys; print(f'{100 * int(sys.argv[1]) / max(int(sys.argv[2]), 1):.2f}')" "$throttled" "$calls")
+  log "  other client: $sh_o_ok 2xx, $sh_o_429 429 in $sh_o_secs s (oha) = $sh_o 2xx/s; gateway log, while the runner was measured: $sh_o_log 2xx/s"
+  log "  left for the runner: $allowed - $sh_o = $sh_left/s (gateway log: $sh_left_log/s); $sh_how"
+  log "  runner: $calls calls, $throttled 429s ($share429%; gateway log: $sh_r_429), retried $retried, done $done, wall $WALL s"
+  v=$(verdict "float('$share429') <= 1 and float('$sh_util_min') >= 90 and $done == $n")
+  log "  target <= 1% 429s, utilisation of what is left >= 90%: $v (429s $share429%; utilisation $sh_util% with oha's rate, $sh_util_log% with the log's; runner's own figure $util%)"
+  row "2$name" "$calls calls, elapsed $elapsed_h, 429s $throttled ($share429%), other $sh_o/s admitted (log $sh_o_log/s), runner $sh_got/s of $sh_left/s left = $sh_util% (log $sh_util_log%)" "<= 1% 429s, util >= 90%" "$v"
+}
+
+render "$EG/fixed_window.toml" "$work/fixed.toml" "$RUNNER_CONCURRENCY"
+render "$EG/celigo.toml" "$work/celigo.toml" "$RUNNER_CONCURRENCY"
+"$TOLLGATE" check "$work/fixed.toml" >/dev/null
+shape a "--config $work/fixed.toml" "$work/fixed.toml" "$FIXED_JOBS" 200 fixed:200:1
+shape b "--profile celigo" "$work/celigo.toml" "$CELIGO_JOBS" 300 bucket:1000:300
+
+# ---------------------------------------------------------------- 3
+if want 3; then
+log ""
+log "== 3. seed 000: 10,000 ids in chunks of 200 against --profile crm (100 per rolling 60 s)"
+python3 -c "
+import sys
+with open(sys.argv[1], 'w') as f:
+    for i in range(10000): f.write(f'\"opp-{i}\"\n')" "$work/ids.jsonl"
+render "$EG/crm_bulk.toml" "$work/crm.toml" "$RUNNER_CONCURRENCY"
+start_gateway 3 --profile crm
+TOKEN=crm-runner runner 3 "$work/crm.toml" --records "$work/ids.jsonl" --bulk probability
+log "  $SUMMARY"
+log "  tollgate run: wall $WALL s (import included), elapsed $elapsed_h, cpu $CPU s"
+read -r py_calls py_bad py_wall < <(python3 "$EG/seed000_loop.py" "http://$GATEWAY" crm-python "$work/ids.jsonl")
+eval "$($ANALYSE gateway "$work/3.access" /graphql)"
+stop "$GW_PID"
+ratio=$(python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.0f}')" "$py_wall" "$WALL")
+log "  seed's loop:  $py_calls calls, $py_bad non-2xx, wall $py_wall s"
+log "  gateway saw $gw_count /graphql calls: $gw_2xx 2xx, $gw_429 429"
+v=$(verdict "$done == 50 and $throttled == 0 and $py_bad == 0 and float('$py_wall') > float('$WALL')")
+log "  loop / runner: ${ratio}x ($v: 50 calls each, zero 429s, the runner faster)"
+row 3 "runner $calls calls in $WALL s (429s $throttled) vs loop $py_calls calls in $py_wall s (non-2xx $py_bad): ${ratio}x" "faster, 0 429s" "$v"
+fi
+
+# ---------------------------------------------------------------- 4
+if want 4; then
+log ""
+log "== 4. runner overhead: $OVERHEAD_JOBS jobs, nginx return 200 on 127.0.0.1:$UP_PORT, limits that never bind"
+up="$work/nginx"; mkdir -p "$up/tmp"
+cat > "$up/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $up/nginx.pid;
+error_log $up/error.log warn;
+$( [ "$(id -u)" = 0 ] && echo "user $(id -un);" )
+worker_rlimit_nofile 65536;
+events { worker_connections 16384; multi_accept on; }
+http {
+  access_log off;
+  client_body_temp_path $up/tmp/body; proxy_temp_path $up/tmp/proxy;
+  fastcgi_temp_path $up/tmp/fastcgi; uwsgi_temp_path $up/tmp/uwsgi; scgi_temp_path $up/tmp/scgi;
+  keepalive_requests 100000000;
+  keepalive_timeout 300s;
+  server {
+    listen 127.0.0.1:$UP_PORT backlog=4096;
+    location / { default_type application/json; return 200 '{"ok":true}'; }
+  }
+}
+EOF
+"$NGINX" -p "$up" -c "$up/nginx.conf" -e "$up/error.log" &
+UP_PID=$!; pids+=("$UP_PID")
+wait_http "http://127.0.0.1:$UP_PORT/" "$UP_PID"
+python3 - "$OVERHEAD_JOBS" "127.0.0.1:$UP_PORT" "$work/overhead.jobs" <<'PY'
+import sys
+n, base, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+with open(out, "w") as f:
+    for i in range(n):
+        f.write(f'{{"id":"j{i}","method":"POST","url":"http://{base}/v1/items/{i}","body":{{"i":{i}}}}}\n')
+PY
+for c in $CONCURRENCIES; do
+  render "$EG/unlimited.toml" "$work/unlimited-$c.toml" "$c"
+  runner "4-c$c" "$work/unlimited-$c.toml" --jobs "$work/overhead.jobs"
+  results=$(wc -l < "$work/4-c$c.state/results.jsonl" 2>/dev/null || echo 0)
+  read -r jps jps_el < <(python3 -c "
+import sys
+n, wall, el = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+print(f'{n / wall:.0f}', f'{n / el:.0f}' if el > 0 else 'n/a')" "$OVERHEAD_JOBS" "$WALL" "$elapsed_s")
+  log "  concurrency $c: $SUMMARY"
+  log "    wall $WALL s -> $jps jobs/s (import included); summary elapsed $elapsed_h -> $jps_el jobs/s; cpu $CPU s, max RSS $RSS MiB; results.jsonl $results lines; other processes ${FOREIGN_PCT}% of a core"
+  v=$(verdict "$done == $OVERHEAD_JOBS and $results == $OVERHEAD_JOBS and $jps >= 20000")
+  log "    target >= 20,000 jobs/s: $v"
+  row "4 c=$c" "$OVERHEAD_JOBS jobs, wall $WALL s = $jps jobs/s (elapsed $elapsed_h = $jps_el/s), cpu $CPU s, RSS $RSS MiB, foreign ${FOREIGN_PCT}%" ">= 20,000 jobs/s" "$v"
+  rm -rf "$work/4-c$c.state"
+done
+stop "$UP_PID"
+fi
+
+if [ -s "$work/gateway.err" ] && grep -Eqi "panic|error" "$work/gateway.err"; then
+  log ""; log "the gateway's stderr had errors:"; grep -Ei "panic|error" "$work/gateway.err" | sort | uniq -c | head >&2
+fi
+
+# ---------------------------------------------------------------- table
+echo
+echo "tollgate run (bench/egress.sh): $(nproc) cpus, loopback, runner concurrency $RUNNER_CONCURRENCY (1-3)"
+printf '%s\n' "${TABLE[@]}" | python3 -c '
+import sys
+rows = [l.rstrip("\n").rstrip("|").split("|") for l in sys.stdin if l.strip()]
+rows.insert(0, ["case", "figures", "target", ""])
+w = [max(len(r[i]) for r in rows) for i in range(4)]
+for i, r in enumerate(rows):
+    print("  ".join(c.ljust(w[j]) for j, c in enumerate(r)).rstrip())
+    if i == 0: print("  ".join("-" * x for x in w))
+'

@@ -57,27 +57,10 @@ EG="$ROOT/bench/egress"
 FOREIGN="$ROOT/bench/gateway/foreign_cpu.py"   # CPU other processes took during a run
 ANALYSE="python3 $EG/analyse.py"
 
-log() { printf '%s\n' "$*" >&2; }
+source bench/tools.sh
 
 # ---------------------------------------------------------------- tools
-need_apt=()
-command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
-command -v curl >/dev/null 2>&1 || need_apt+=(curl)
-if [ ${#need_apt[@]} -gt 0 ]; then
-  log "installing ${need_apt[*]} (apt-get)..."
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -q "${need_apt[@]}" >/dev/null 2>&1 ||
-    { apt-get update -q >/dev/null && apt-get install -y -q "${need_apt[@]}" >/dev/null; }
-fi
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-OHA=$(command -v oha || true)
-if [ -z "$OHA" ]; then
-  OHA="$OHA_ROOT/bin/oha"
-  if [ ! -x "$OHA" ]; then
-    log "installing oha into $OHA_ROOT (cargo install, a few minutes once)..."
-    cargo install oha --locked --root "$OHA_ROOT" -q
-  fi
-fi
+ensure_tools nginx:nginx curl:curl
 TIME=""
 [ -x /usr/bin/time ] && TIME=/usr/bin/time
 log "building tollgate (release, $target)..."

@@ -44,29 +44,10 @@ case $target in /*) ;; *) target="$ROOT/$target" ;; esac
 TOLLGATE="$target/release/tollgate"
 LUA_KEYS="$ROOT/bench/gateway/unique_keys.lua"
 
-log() { printf '%s\n' "$*" >&2; }
+source bench/tools.sh
 
 # ---------------------------------------------------------------- tools
-need_apt=()
-command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
-command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
-command -v taskset >/dev/null 2>&1 || need_apt+=(util-linux)
-command -v curl >/dev/null 2>&1 || need_apt+=(curl)
-if [ ${#need_apt[@]} -gt 0 ]; then
-  log "installing ${need_apt[*]} (apt-get)..."
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -q "${need_apt[@]}" >/dev/null 2>&1 ||
-    { apt-get update -q >/dev/null && apt-get install -y -q "${need_apt[@]}" >/dev/null; }
-fi
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-OHA=$(command -v oha || true)
-if [ -z "$OHA" ]; then
-  OHA="$OHA_ROOT/bin/oha"
-  if [ ! -x "$OHA" ]; then
-    log "installing oha into $OHA_ROOT (cargo install, a few minutes once)..."
-    cargo install oha --locked --root "$OHA_ROOT" -q
-  fi
-fi
+ensure_tools nginx:nginx wrk:wrk taskset:util-linux curl:curl
 log "building tollgate (release, $target)..."
 cargo build --release -q -p tollgate
 log "nginx: $($NGINX -v 2>&1 | sed 's/.*: //'), wrk: $(wrk -v 2>&1 | head -1 | awk '{print $2}'), oha: $($OHA --version | awk '{print $2}')"

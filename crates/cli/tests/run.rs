@@ -118,6 +118,16 @@ fn tollgate(args: &[&str]) -> Output {
         .expect("run tollgate")
 }
 
+/// `run --config C [--jobs J] --state S --progress quiet`.
+fn run_args<'a>(config: &'a str, jobs: Option<&'a str>, state: &'a str) -> Vec<&'a str> {
+    let mut args = vec!["run", "--config", config];
+    if let Some(jobs) = jobs {
+        args.extend(["--jobs", jobs]);
+    }
+    args.extend(["--state", state, "--progress", "quiet"]);
+    args
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -153,17 +163,7 @@ fn a_run_killed_at_random_points_resumes_and_every_job_has_exactly_one_result() 
     let mut kills = 0;
     for _ in 0..6 {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args([
-                "run",
-                "--config",
-                &config,
-                "--jobs",
-                &jobs,
-                "--state",
-                state_arg,
-                "--progress",
-                "quiet",
-            ])
+            .args(run_args(&config, Some(&jobs), state_arg))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -175,17 +175,7 @@ fn a_run_killed_at_random_points_resumes_and_every_job_has_exactly_one_result() 
         }
         child.wait().expect("reap");
     }
-    let out = tollgate(&[
-        "run",
-        "--config",
-        &config,
-        "--jobs",
-        &jobs,
-        "--state",
-        state_arg,
-        "--progress",
-        "quiet",
-    ]);
+    let out = tollgate(&run_args(&config, Some(&jobs), state_arg));
     assert!(out.status.success(), "seed {seed}: {}", text(&out.stderr));
     let results = results(&state);
     let mut per_id: HashMap<String, usize> = HashMap::new();
@@ -236,17 +226,7 @@ fn dead_letters_are_listed_exported_and_retried_alone() {
     );
     let state = dir.join("state");
     let state_arg = state.to_str().expect("utf8");
-    let out = tollgate(&[
-        "run",
-        "--config",
-        &config,
-        "--jobs",
-        &jobs,
-        "--state",
-        state_arg,
-        "--progress",
-        "quiet",
-    ]);
+    let out = tollgate(&run_args(&config, Some(&jobs), state_arg));
     assert_eq!(
         out.status.code(),
         Some(2),
@@ -325,17 +305,7 @@ fn ctrl_c_stops_cleanly_and_says_how_to_resume() {
     let state = dir.join("state");
     let state_arg = state.to_str().expect("utf8");
     let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args([
-            "run",
-            "--config",
-            &config,
-            "--jobs",
-            &jobs,
-            "--state",
-            state_arg,
-            "--progress",
-            "quiet",
-        ])
+        .args(run_args(&config, Some(&jobs), state_arg))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -360,15 +330,7 @@ fn ctrl_c_stops_cleanly_and_says_how_to_resume() {
         "{done_first} done before Ctrl-C"
     );
     // Resuming needs no jobs file: the state has them.
-    let out = tollgate(&[
-        "run",
-        "--config",
-        &config,
-        "--state",
-        state_arg,
-        "--progress",
-        "quiet",
-    ]);
+    let out = tollgate(&run_args(&config, None, state_arg));
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(results(&state).len(), 100);
     let _ = std::fs::remove_dir_all(&dir);

@@ -179,7 +179,7 @@ pub fn human(d: Duration) -> String {
 struct Active {
     upstream: usize,
     job: Arc<Job>,
-    /// Every attempt's limits, for the utilisation estimate.
+    /// The job's limits, noted at each send for the utilisation estimate.
     items: Arc<Vec<Item>>,
     first_sent: Option<Nanos>,
     sent: Nanos,
@@ -209,21 +209,18 @@ pub async fn run(
         .enumerate()
         .map(|(i, u)| (u.name.as_str(), i))
         .collect();
-    if let Some(p) = pending
-        .iter()
-        .find(|p| !index.contains_key(p.upstream.as_str()))
-    {
-        return Err(RunError::UnknownUpstream {
-            jobs: pending.iter().filter(|q| q.upstream == p.upstream).count(),
-            upstream: p.upstream.clone(),
-        });
-    }
     // A pending job goes only where the current config would send it.
     for p in &pending {
+        let Some(&upstream) = index.get(p.upstream.as_str()) else {
+            return Err(RunError::UnknownUpstream {
+                jobs: pending.iter().filter(|q| q.upstream == p.upstream).count(),
+                upstream: p.upstream.clone(),
+            });
+        };
         let routed = url::Url::parse(&p.job.url)
             .ok()
             .and_then(|url| config.upstream_for(&url));
-        if routed != Some(index[p.upstream.as_str()]) {
+        if routed != Some(upstream) {
             return Err(RunError::Moved {
                 id: p.job.id.clone(),
                 upstream: p.upstream.clone(),

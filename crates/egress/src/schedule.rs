@@ -204,10 +204,6 @@ impl Scheduler {
         self.counters
     }
 
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.len()
-    }
-
     /// The limit lane heads waited for most, if any waited.
     pub fn binding_limit(&self) -> Option<&str> {
         let (i, &n) = self.waits.iter().enumerate().max_by_key(|(_, n)| **n)?;

@@ -5,7 +5,7 @@
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tollgate_core::config::{ConfigError, ProfileSource};
+use tollgate_core::config::{line_of, ConfigError, ProfileSource};
 use tollgate_core::units::parse_duration;
 use tollgate_core::Policy;
 use toml::Spanned;
@@ -316,14 +316,6 @@ fn expand_env(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String
     }
     out.push_str(rest);
     Ok(out)
-}
-
-fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
 }
 
 #[derive(Deserialize)]

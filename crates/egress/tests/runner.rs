@@ -155,22 +155,8 @@ async fn run_routed(
     routed: &[tollgate_egress::Routed],
 ) -> Ran {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut state = State::open(dir.path()).expect("state");
-    state.import(routed, config).expect("import");
-    let options = Options {
-        progress: ProgressMode::Quiet,
-        grace: Duration::from_secs(1),
-        seed: 1,
-    };
-    let summary = tollgate_egress::run(
-        config,
-        &state,
-        TokioClock::starting_at(EPOCH),
-        options,
-        std::future::pending(),
-    )
-    .await
-    .expect("run");
+    let (state, summary) =
+        import_and_run(dir.path(), config, routed, TokioClock::starting_at(EPOCH)).await;
     let results = std::fs::read_to_string(state.results_path())
         .expect("results")
         .lines()
@@ -182,6 +168,26 @@ async fn run_routed(
         state,
         _dir: dir,
     }
+}
+
+/// Queue `routed` in the state at `dir` and run it to the end on `clock`.
+async fn import_and_run(
+    dir: &std::path::Path,
+    config: &tollgate_egress::RunnerConfig,
+    routed: &[tollgate_egress::Routed],
+    clock: TokioClock,
+) -> (State, Summary) {
+    let mut state = State::open(dir).expect("state");
+    state.import(routed, config).expect("import");
+    let options = Options {
+        progress: ProgressMode::Quiet,
+        grace: Duration::from_secs(1),
+        seed: 1,
+    };
+    let summary = tollgate_egress::run(config, &state, clock, options, std::future::pending())
+        .await
+        .expect("run");
+    (state, summary)
 }
 
 fn upstream(addr: SocketAddr, extra: &str) -> String {
@@ -438,45 +444,19 @@ async fn a_resumed_run_starts_from_the_quota_the_last_run_left() {
     )
     .expect("config");
     let dir = tempfile::tempdir().expect("tempdir");
-    let options = || Options {
-        progress: ProgressMode::Quiet,
-        grace: Duration::from_secs(1),
-        seed: 1,
-    };
-    let batch = |from: usize, n: usize| -> String {
-        (from..from + n)
+    let batch = |from: usize, n: usize| {
+        let lines: String = (from..from + n)
             .map(|i| job(&format!("j{i}"), addr, "/v1/imports"))
-            .collect()
+            .collect();
+        tollgate_egress::read_jobs(lines.as_bytes(), &config).expect("jobs")
     };
     // The first run spends the whole burst of 1,000 ...
-    {
-        let mut state = State::open(dir.path()).expect("state");
-        let jobs = tollgate_egress::read_jobs(batch(0, 1000).as_bytes(), &config).expect("jobs");
-        state.import(&jobs, &config).expect("import");
-        let first = tollgate_egress::run(
-            &config,
-            &state,
-            clock.clone(),
-            options(),
-            std::future::pending(),
-        )
-        .await
-        .expect("run");
-        assert_eq!(first.done(), 1000);
-    }
+    let (first_state, first) =
+        import_and_run(dir.path(), &config, &batch(0, 1000), clock.clone()).await;
+    assert_eq!(first.done(), 1000);
+    drop(first_state);
     // ... so the next one, on the same state, paces at 300/s from the start.
-    let mut state = State::open(dir.path()).expect("state");
-    let jobs = tollgate_egress::read_jobs(batch(1000, 300).as_bytes(), &config).expect("jobs");
-    state.import(&jobs, &config).expect("import");
-    let second = tollgate_egress::run(
-        &config,
-        &state,
-        clock.clone(),
-        options(),
-        std::future::pending(),
-    )
-    .await
-    .expect("run");
+    let (_, second) = import_and_run(dir.path(), &config, &batch(1000, 300), clock.clone()).await;
     assert_eq!(second.done(), 300);
     assert_eq!(second.throttled(), 0);
     let elapsed = second.elapsed.as_secs_f64();

@@ -6,10 +6,32 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)"; exit 1; }
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+# A real redis-server for the Redis store's tests (DESIGN.md: nothing of our
+# own is mocked): installed from Debian when missing, started on a free
+# loopback port, stopped on exit. Tests that kill and restart Redis start
+# their own servers with the same binary.
+if ! command -v redis-server >/dev/null; then
+  echo "installing redis-server (apt-get)"
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq >/dev/null && $sudo apt-get install -y -qq redis-server >/dev/null
+fi
+redis_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+redis_dir=$(mktemp -d)
+redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$redis_dir" >"$redis_dir/log" 2>&1 &
+redis_pid=$!
+cleanup() { kill "$redis_pid" 2>/dev/null || true; rm -rf "$redis_dir" "${log:-}"; }
+trap cleanup EXIT
+for _ in $(seq 100); do
+  redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break
+  sleep 0.1
+done
+redis-cli -p "$redis_port" ping >/dev/null || { echo "redis-server did not start:"; cat "$redis_dir/log"; exit 1; }
+export TOLLGATE_TEST_REDIS="redis://127.0.0.1:$redis_port"
+echo "redis-server $(redis-server --version | awk '{print $3}') on $TOLLGATE_TEST_REDIS"
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --locked 2>&1 | tee "$log" || status=$?
 # cargo prints one "test result" line per test binary (doc-tests last, often

@@ -246,16 +246,32 @@ impl Ctx<'_> {
     fn store(&self, raw: Option<&RawStore>) -> Result<StoreSettings, ConfigError> {
         let mut store = StoreSettings::default();
         if let Some(s) = raw {
-            if let Some(kind) = &s.kind {
-                if kind.get_ref() != "memory" {
+            let redis = match s.kind.as_ref().map(|k| (k.get_ref().as_str(), k.span())) {
+                None | Some(("memory", _)) => false,
+                Some(("redis", _)) => true,
+                Some((other, span)) => {
                     return Err(self.err(
-                        kind.span().start,
-                        format!(
-                            "store kind '{}' is not available; use \"memory\"",
-                            kind.get_ref()
-                        ),
+                        span.start,
+                        format!("store kind '{other}' is not known; use \"memory\" or \"redis\""),
+                    ))
+                }
+            };
+            let redis_only = [
+                ("url", s.url.as_ref().map(|v| v.span())),
+                ("prefix", s.prefix.as_ref().map(|v| v.span())),
+                ("timeout", s.timeout.as_ref().map(|v| v.span())),
+                ("pool", s.pool.as_ref().map(|v| v.span())),
+                ("local_share", s.local_share.as_ref().map(|v| v.span())),
+            ];
+            if !redis {
+                if let Some((field, Some(span))) = redis_only.iter().find(|(_, sp)| sp.is_some()) {
+                    return Err(self.err(
+                        span.start,
+                        format!("store {field} applies to kind = \"redis\" only"),
                     ));
                 }
+            } else {
+                store.redis = Some(self.redis(s)?);
             }
             if let Some(max) = &s.max_keys {
                 if *max.get_ref() == 0 {
@@ -267,6 +283,75 @@ impl Ctx<'_> {
             }
         }
         Ok(store)
+    }
+
+    fn redis(&self, s: &RawStore) -> Result<RedisSettings, ConfigError> {
+        let Some(url) = &s.url else {
+            return Err(self.err(
+                s.kind.as_ref().map_or(0, |k| k.span().start),
+                "store kind = \"redis\" needs url = \"redis://host:port\"".into(),
+            ));
+        };
+        let schemes = ["redis://", "rediss://", "redis+unix://", "unix://"];
+        if !schemes.iter().any(|p| url.get_ref().starts_with(p)) {
+            return Err(self.err(
+                url.span().start,
+                format!(
+                    "store url '{}' is not a Redis URL; use redis://host:port[/db], rediss://... or redis+unix:///path",
+                    url.get_ref()
+                ),
+            ));
+        }
+        let prefix = match &s.prefix {
+            None => "tollgate".to_string(),
+            Some(p) if p.get_ref().is_empty() || p.get_ref().contains(char::is_whitespace) => {
+                return Err(self.err(
+                    p.span().start,
+                    "store prefix must be a non-empty word without spaces".into(),
+                ))
+            }
+            Some(p) => p.get_ref().clone(),
+        };
+        let timeout = match &s.timeout {
+            None => 100 * crate::units::NANOS_PER_SEC / 1000,
+            Some(t) => match parse_duration(t.get_ref()) {
+                Ok(0) => {
+                    return Err(self.err(t.span().start, "store timeout must be above 0".into()))
+                }
+                Ok(n) => n,
+                Err(m) => return Err(self.err(t.span().start, format!("store timeout: {m}"))),
+            },
+        };
+        let pool = match &s.pool {
+            None => 4,
+            Some(p) if (1..=64).contains(p.get_ref()) => *p.get_ref() as usize,
+            Some(p) => {
+                return Err(self.err(
+                    p.span().start,
+                    "store pool must be 1 to 64 connections".into(),
+                ))
+            }
+        };
+        let local_share = match &s.local_share {
+            None => 1.0,
+            Some(f) if *f.get_ref() > 0.0 && *f.get_ref() <= 1.0 => *f.get_ref(),
+            Some(f) => {
+                return Err(self.err(
+                    f.span().start,
+                    format!(
+                        "store local_share must be above 0 and at most 1, got {}",
+                        f.get_ref()
+                    ),
+                ))
+            }
+        };
+        Ok(RedisSettings {
+            url: url.get_ref().clone(),
+            prefix,
+            timeout,
+            pool,
+            local_share,
+        })
     }
 }
 
@@ -361,6 +446,11 @@ struct RawUpstream {
 struct RawStore {
     kind: Option<Spanned<String>>,
     max_keys: Option<Spanned<u64>>,
+    url: Option<Spanned<String>>,
+    prefix: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    pool: Option<Spanned<u64>>,
+    local_share: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]
@@ -403,6 +493,7 @@ struct RawLimit {
     tiers: Option<Spanned<Vec<Spanned<RawTier>>>>,
     max: Option<Spanned<u64>>,
     missing_key: Option<Spanned<String>>,
+    fail: Option<Spanned<String>>,
     overrides: Option<Vec<Spanned<RawOverride>>>,
 }
 
@@ -717,6 +808,17 @@ impl Ctx<'_> {
                 ))
             }
         };
+        let fail_mode = match l.fail.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+            None | Some(("closed", _)) => FailMode::Closed,
+            Some(("open", _)) => FailMode::Open,
+            Some(("local", _)) => FailMode::Local,
+            Some((other, span)) => {
+                return Err(fail(
+                    span,
+                    format!("fail '{other}' is not known; use \"open\", \"closed\" or \"local\""),
+                ))
+            }
+        };
         let mut overrides: Vec<Override> = Vec::new();
         for o in l.overrides.iter().flatten() {
             let o = o.get_ref();
@@ -769,6 +871,7 @@ impl Ctx<'_> {
             cost,
             mode,
             missing_key,
+            fail: fail_mode,
             overrides,
             line,
             fingerprint: String::new(),

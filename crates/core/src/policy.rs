@@ -17,16 +17,59 @@ pub struct Policy {
     pub profile: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoreSettings {
-    /// Most keys tracked at once, over all limits; idle keys are evicted first.
+    /// Most keys tracked at once, over all limits; idle keys are evicted first
+    /// (the memory store, and the in-process fallback of a Redis store).
     pub max_keys: usize,
+    /// `kind = "redis"`: counters live in Redis, shared by every process
+    /// pointed at it (fleet mode). `None`: the embedded memory store.
+    pub redis: Option<RedisSettings>,
 }
 
 impl Default for StoreSettings {
     fn default() -> Self {
         StoreSettings {
             max_keys: 1_000_000,
+            redis: None,
+        }
+    }
+}
+
+/// `[store] kind = "redis"`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisSettings {
+    /// `redis://[user:password@]host:port[/db]`, `rediss://...` or `redis+unix:///path`.
+    pub url: String,
+    /// Namespace of every key tollgate writes (`PREFIX:...`).
+    pub prefix: String,
+    /// A decision slower than this counts as Redis being down.
+    pub timeout: Nanos,
+    /// Multiplexed connections per process; each pipelines the decisions sent on it.
+    pub pool: usize,
+    /// The fraction of each limit this process enforces on its own while
+    /// Redis is down, for limits with `fail = "local"` (e.g. 1/3 in a fleet of 3).
+    pub local_share: f64,
+}
+
+/// What a limit does when its store (Redis) cannot answer in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailMode {
+    /// Admit, and count it (`tollgate_store_fail_open_total`).
+    Open,
+    /// Refuse: a 503 at the gateway, a wait in the runner.
+    #[default]
+    Closed,
+    /// Decide in process, with `local_share` of the limit.
+    Local,
+}
+
+impl FailMode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            FailMode::Open => "open",
+            FailMode::Closed => "closed",
+            FailMode::Local => "local",
         }
     }
 }
@@ -51,6 +94,8 @@ pub struct Limit {
     pub cost: Cost,
     pub mode: Mode,
     pub missing_key: MissingKey,
+    /// What this limit does while a shared store is down.
+    pub fail: FailMode,
     /// Keys with their own quota (a premium tenant), sorted by key. Their
     /// parameters are the last variants, in this order.
     pub overrides: Vec<Override>,

@@ -22,6 +22,9 @@ pub struct RedisServer {
     dir: PathBuf,
     child: Option<Child>,
     password: Option<String>,
+    /// Append-only file, fsynced on every write: a killed server restarts
+    /// with everything it acknowledged.
+    persistent: bool,
 }
 
 impl RedisServer {
@@ -32,6 +35,16 @@ impl RedisServer {
 
     /// Start a server that requires `password` (AUTH) from every client.
     pub fn start_with(password: Option<&str>) -> RedisServer {
+        Self::launch(password, false)
+    }
+
+    /// Start a server that keeps its data across `kill` + `restart` (AOF,
+    /// `appendfsync always`): what a fleet's job queue needs.
+    pub fn start_persistent() -> RedisServer {
+        Self::launch(None, true)
+    }
+
+    fn launch(password: Option<&str>, persistent: bool) -> RedisServer {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!(
             "tollgate-redis-{}-{port}",
@@ -43,6 +56,7 @@ impl RedisServer {
             dir,
             child: None,
             password: password.map(str::to_owned),
+            persistent,
         };
         server.restart();
         server
@@ -65,12 +79,17 @@ impl RedisServer {
         }
     }
 
-    /// Start it again on the same port, empty (nothing was persisted).
+    /// Start it again on the same port: empty, or with its data if persistent.
     pub fn restart(&mut self) {
         self.kill();
         let mut cmd = Command::new(redis_server());
         cmd.args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--bind", "127.0.0.1", "--save", ""])
+            .args(if self.persistent {
+                ["--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "everysec"]
+            })
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::piped())

@@ -119,6 +119,15 @@ impl Calendar {
         self.every
     }
 
+    /// The zone's offset from UTC in ns if it never changes (UTC, fixed
+    /// offsets), so windows are pure arithmetic; `None` for zones with DST.
+    pub fn fixed_offset(&self) -> Option<i64> {
+        match self.zone {
+            Zone::Fixed { offset } => Some(offset),
+            Zone::Named(_) => None,
+        }
+    }
+
     /// The window that contains `t`.
     pub fn window(&self, t: Nanos) -> Window {
         // Two cached entries (the current window and the next, asked for by

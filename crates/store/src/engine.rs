@@ -1,8 +1,13 @@
 //! A policy and its store: what adapters call with a request and a `now`.
+//!
+//! The store is the embedded memory store, or (fleet mode, `[store] kind =
+//! "redis"`) Redis, with the memory store kept as the in-process fallback
+//! that limits with `fail = "local"` use while Redis cannot answer.
 
 use crate::memory::{MemoryStore, StoreError};
 use std::sync::Arc;
-use tollgate_core::{Decision, Item, Nanos, Policy, Request, RequestError};
+use tollgate_core::policy::FailMode;
+use tollgate_core::{Decision, Item, Nanos, Outcome, Policy, Request, RequestError, Verdict};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
@@ -12,6 +17,12 @@ pub enum EngineError {
     /// The store cannot track the request's key (a 503).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The shared store did not answer and this limit fails closed (a 503).
+    #[error("limit '{limit}' fails closed while its store is unavailable: {reason}")]
+    Unavailable { limit: String, reason: String },
+    /// The policy cannot be served by its configured store.
+    #[error("{0}")]
+    Config(String),
 }
 
 /// The limits a request touched and what was decided. Keep it until the
@@ -20,6 +31,9 @@ pub enum EngineError {
 pub struct Checked {
     pub items: Vec<Item>,
     pub decision: Decision,
+    /// Decided in process because the shared store was unavailable: settle
+    /// it in process too.
+    pub local: bool,
 }
 
 impl Checked {
@@ -43,27 +57,118 @@ pub fn committed<'a>(items: &'a [Item], decision: &'a Decision) -> impl Iterator
 #[derive(Debug)]
 pub struct Engine {
     policy: Arc<Policy>,
+    /// The store (memory mode), or the in-process fallback (fleet mode).
     store: MemoryStore,
+    #[cfg(feature = "redis")]
+    shared: Option<crate::fleet::Shared>,
 }
 
 impl Engine {
+    /// An engine on the embedded memory store, whatever `[store]` says.
     pub fn new(policy: Policy) -> Self {
         let store = MemoryStore::new(&policy);
         Engine {
             policy: Arc::new(policy),
             store,
+            #[cfg(feature = "redis")]
+            shared: None,
         }
+    }
+
+    /// The engine `[store]` asks for: memory, or Redis shared by every
+    /// process using the same `namespace` ("gateway", "upstream:NAME").
+    /// Nothing is sent to Redis yet (see `connect`).
+    pub fn open(policy: Policy, namespace: &str) -> Result<Self, EngineError> {
+        #[cfg(feature = "redis")]
+        return Self::open_with(policy, namespace, crate::redis::TimeSource::Server);
+        #[cfg(not(feature = "redis"))]
+        if policy.store.redis.is_some() {
+            let _ = namespace;
+            return Err(EngineError::Config(
+                "[store] kind = \"redis\" needs tollgate built with the redis feature".into(),
+            ));
+        }
+        #[cfg(not(feature = "redis"))]
+        Ok(Self::new(policy))
+    }
+
+    /// `open`, taking decisions' instants from `time` (tests with a fake
+    /// clock use `TimeSource::Caller`).
+    #[cfg(feature = "redis")]
+    pub fn open_with(
+        policy: Policy,
+        namespace: &str,
+        time: crate::redis::TimeSource,
+    ) -> Result<Self, EngineError> {
+        if policy.store.redis.is_some() {
+            let shared = crate::fleet::Shared::new(&policy, namespace, time)?;
+            let store = MemoryStore::new(shared.local_policy());
+            return Ok(Engine {
+                policy: Arc::new(policy),
+                store,
+                shared: Some(shared),
+            });
+        }
+        Ok(Self::new(policy))
     }
 
     /// The engine for a reloaded `policy`: limits whose definition did not
     /// change keep their counters (their tables are shared with this engine,
-    /// so requests still finishing here settle on the same state).
-    pub fn reloaded(&self, policy: Policy) -> Self {
+    /// so requests still finishing here settle on the same state; in Redis
+    /// their keys are the same).
+    pub fn reloaded(&self, policy: Policy) -> Result<Self, EngineError> {
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.shared {
+            let next = shared.reloaded(&policy)?;
+            let store =
+                MemoryStore::carry_over(next.local_policy(), &self.store, shared.local_policy());
+            return Ok(Engine {
+                policy: Arc::new(policy),
+                store,
+                shared: Some(next),
+            });
+        }
         let store = MemoryStore::carry_over(&policy, &self.store, &self.policy);
-        Engine {
+        Ok(Engine {
             policy: Arc::new(policy),
             store,
+            #[cfg(feature = "redis")]
+            shared: None,
+        })
+    }
+
+    /// Whether counters live in a shared store (Redis).
+    pub fn is_shared(&self) -> bool {
+        #[cfg(feature = "redis")]
+        return self.shared.is_some();
+        #[cfg(not(feature = "redis"))]
+        false
+    }
+
+    /// The shared store's health and failure counters, in fleet mode.
+    #[cfg(feature = "redis")]
+    pub fn health(&self) -> Option<&Arc<crate::fleet::StoreHealth>> {
+        self.shared.as_ref().map(|s| s.health())
+    }
+
+    /// Reach the shared store now (an error names an unreachable server or
+    /// a refused password); nothing to do in memory mode.
+    pub async fn connect(&self) -> Result<(), EngineError> {
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.shared {
+            return shared.connect().await;
         }
+        Ok(())
+    }
+
+    /// The policy the in-process store decides with: the policy itself, or
+    /// in fleet mode its `local_share`.
+    fn local_policy(&self) -> &Policy {
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.shared {
+            return shared.local_policy();
+        }
+        &self.policy
     }
 
     pub fn policy(&self) -> &Arc<Policy> {
@@ -74,10 +179,17 @@ impl Engine {
         &self.store
     }
 
+    /// Plan and decide a request. In fleet mode this blocks for one Redis
+    /// round trip: async callers use `check_async`.
     pub fn check(&self, req: &impl Request, now: Nanos) -> Result<Checked, EngineError> {
         let mut items = Vec::with_capacity(self.policy.limits.len());
-        let decision = self.check_into(req, now, &mut items)?;
-        Ok(Checked { items, decision })
+        self.policy.plan(req, &mut items)?;
+        let (decision, local) = self.decide_where(&items, now, true)?;
+        Ok(Checked {
+            items,
+            decision,
+            local,
+        })
     }
 
     /// Like `check`, reusing the caller's buffer for the items.
@@ -88,30 +200,193 @@ impl Engine {
         items: &mut Vec<Item>,
     ) -> Result<Decision, EngineError> {
         self.policy.plan(req, items)?;
-        Ok(self.store.decide(&self.policy, items, now)?)
+        Ok(self.decide_where(items, now, true)?.0)
     }
 
     /// Decide items already planned (by `Policy::plan` on this engine's
-    /// policy); with `hold` false no request is held.
+    /// policy); with `hold` false no request is held. In fleet mode this
+    /// blocks for one Redis round trip (the decision is at Redis's clock).
     pub fn decide(&self, items: &[Item], now: Nanos, hold: bool) -> Result<Decision, EngineError> {
-        Ok(self.store.decide_with(&self.policy, items, now, hold)?)
+        Ok(self.decide_where(items, now, hold)?.0)
+    }
+
+    /// `decide`, and whether it was made in process (the shared store was
+    /// unavailable): settle such a decision with `finish_local`.
+    pub fn decide_where(
+        &self,
+        items: &[Item],
+        now: Nanos,
+        hold: bool,
+    ) -> Result<(Decision, bool), EngineError> {
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.shared {
+            return match shared.decide_blocking(&self.policy, items, now, hold) {
+                Ok(decision) => Ok((decision, false)),
+                Err(reason) => Ok((self.fallback(items, now, hold, reason)?, true)),
+            };
+        }
+        Ok((
+            self.store.decide_with(&self.policy, items, now, hold)?,
+            false,
+        ))
+    }
+
+    /// Plan and decide a request without blocking the caller's thread.
+    pub async fn check_async(
+        &self,
+        req: &impl Request,
+        now: Nanos,
+    ) -> Result<Checked, EngineError> {
+        let mut items = Vec::with_capacity(self.policy.limits.len());
+        self.policy.plan(req, &mut items)?;
+        let (decision, local) = self.decide_async(&items, now, true).await?;
+        Ok(Checked {
+            items,
+            decision,
+            local,
+        })
+    }
+
+    /// `decide_where` without blocking: one pipelined Redis round trip in
+    /// fleet mode, at once in memory.
+    pub async fn decide_async(
+        &self,
+        items: &[Item],
+        now: Nanos,
+        hold: bool,
+    ) -> Result<(Decision, bool), EngineError> {
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.shared {
+            return match shared.decide(&self.policy, items, now, hold).await {
+                Ok(decision) => Ok((decision, false)),
+                Err(reason) => Ok((self.fallback(items, now, hold, reason)?, true)),
+            };
+        }
+        Ok((
+            self.store.decide_with(&self.policy, items, now, hold)?,
+            false,
+        ))
+    }
+
+    /// Redis did not answer: each limit of the request does what its `fail`
+    /// says. One that fails closed refuses the request; the others are
+    /// admitted (open) or decided in process with `local_share` (local).
+    #[cfg(feature = "redis")]
+    fn fallback(
+        &self,
+        items: &[Item],
+        now: Nanos,
+        hold: bool,
+        reason: String,
+    ) -> Result<Decision, EngineError> {
+        let health = self.health().map(Arc::as_ref);
+        let fail = |item: &Item| self.policy.limits[item.limit].fail;
+        if let Some(item) = items.iter().find(|i| fail(i) == FailMode::Closed) {
+            if let Some(h) = health {
+                h.count_closed();
+            }
+            return Err(EngineError::Unavailable {
+                limit: self.policy.limits[item.limit].name.clone(),
+                reason,
+            });
+        }
+        let local_at: Vec<usize> = (0..items.len())
+            .filter(|&i| fail(&items[i]) == FailMode::Local)
+            .collect();
+        let local_items: Vec<Item> = local_at.iter().map(|&i| items[i].clone()).collect();
+        let local = if local_items.is_empty() {
+            None
+        } else {
+            Some(
+                self.store
+                    .decide_with(self.local_policy(), &local_items, now, hold)?,
+            )
+        };
+        let verdict = match local.as_ref().map(|d| d.verdict) {
+            None => Verdict::Admit { delay: 0 },
+            Some(Verdict::Deny { limit, retry_after }) => Verdict::Deny {
+                limit: local_at[limit],
+                retry_after,
+            },
+            Some(Verdict::Never {
+                limit,
+                cost,
+                capacity,
+            }) => Verdict::Never {
+                limit: local_at[limit],
+                cost,
+                capacity,
+            },
+            Some(admit) => admit,
+        };
+        let mut local_outcomes = local.iter().flat_map(|d| d.outcomes.iter().copied());
+        let outcomes = items
+            .iter()
+            .map(|item| match fail(item) {
+                FailMode::Local => local_outcomes.next().unwrap_or_default(),
+                _ => {
+                    let limit = &self.policy.limits[item.limit];
+                    Outcome {
+                        allowed: true,
+                        remaining: limit.params(item.class).policy().0,
+                        reset: 0,
+                        retry_after: None,
+                        shadow: limit.mode == tollgate_core::policy::Mode::Shadow,
+                    }
+                }
+            })
+            .collect();
+        if let Some(h) = health {
+            h.count_fallback(items.len() - local_at.len(), local_at.len());
+        }
+        Ok(Decision { verdict, outcomes })
     }
 
     /// The request completed at `now` after `latency_us` of upstream time:
     /// debit its latency limits and release its concurrency slots, for the
-    /// limits its decision committed.
+    /// limits its decision committed, where it was decided.
     pub fn finish(&self, checked: &Checked, now: Nanos, latency_us: u64) {
         let committed: Vec<Item> = checked.committed().cloned().collect();
-        self.finish_committed(&committed, now, latency_us);
+        if checked.local {
+            self.finish_local(&committed, now, latency_us);
+        } else {
+            self.finish_committed(&committed, now, latency_us);
+        }
     }
 
-    /// Like `finish`, for a caller that kept only `Checked::committed()`.
+    /// Like `finish`, for a caller that kept only `Checked::committed()` of
+    /// a decision made in the engine's store (in fleet mode, one blocking
+    /// round trip; a settlement Redis cannot take is logged and dropped: the
+    /// key's counters then heal when it expires).
     pub fn finish_committed(&self, committed: &[Item], now: Nanos, latency_us: u64) {
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.shared {
+            shared.finish_blocking(&self.policy, committed, now, latency_us);
+            return;
+        }
         self.store.finish(&self.policy, committed, now, latency_us);
     }
 
+    /// `finish_committed` without blocking.
+    pub async fn finish_async(&self, committed: &[Item], now: Nanos, latency_us: u64) {
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.shared {
+            shared
+                .finish(&self.policy, committed, now, latency_us)
+                .await;
+            return;
+        }
+        self.store.finish(&self.policy, committed, now, latency_us);
+    }
+
+    /// Settle a decision made in process (`decide_where` said so).
+    pub fn finish_local(&self, committed: &[Item], now: Nanos, latency_us: u64) {
+        self.store
+            .finish(self.local_policy(), committed, now, latency_us);
+    }
+
     pub fn sweep(&self, now: Nanos) -> usize {
-        self.store.sweep(&self.policy, now)
+        self.store.sweep(self.local_policy(), now)
     }
 }
 
@@ -136,7 +411,7 @@ mod tests {
             assert!(engine.check(&req, 0).unwrap().decision.allowed());
         }
         assert_eq!(engine.store().stats().keys, 2);
-        let next = engine.reloaded(policy(50));
+        let next = engine.reloaded(policy(50)).unwrap();
         let checked = next.check(&req, 0).unwrap();
         // burst kept its counter (empty); daily started over.
         assert!(!checked.decision.allowed());
@@ -151,7 +426,9 @@ mod tests {
         let a = "[[limit]]\nname = \"a\"\nkey = [\"header:k\"]\nalgorithm = \"token_bucket\"\ncapacity = 1000000\nrefill = \"1/s\"\n";
         let b = "[[limit]]\nname = \"b\"\nkey = [\"header:k\"]\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 1000000\n";
         let first = Engine::new(tollgate_core::parse(&format!("{a}{b}"), &NoProfiles).unwrap());
-        let second = first.reloaded(tollgate_core::parse(&format!("{b}{a}"), &NoProfiles).unwrap());
+        let second = first
+            .reloaded(tollgate_core::parse(&format!("{b}{a}"), &NoProfiles).unwrap())
+            .unwrap();
         assert_eq!(second.store().stats().keys, 0);
         // Both engines share both tables, in opposite policy orders: one
         // busy key on each at once (this hung when locks followed policy order).
@@ -188,7 +465,9 @@ mod tests {
         );
         // The old engine stays alive (requests still finishing on it), yet
         // the new one has room: the old table's keys no longer count.
-        let new = old.reloaded(tollgate_core::parse(&text(6), &NoProfiles).unwrap());
+        let new = old
+            .reloaded(tollgate_core::parse(&text(6), &NoProfiles).unwrap())
+            .unwrap();
         assert_eq!(new.store().stats().keys, 0);
         for k in ["d", "e", "f"] {
             assert!(new

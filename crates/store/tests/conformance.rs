@@ -8,9 +8,14 @@
 //! ```text
 //! conformance!(redis: RedisEngine);
 //! ```
+//!
+//! The Redis store runs it against a real redis-server (`TOLLGATE_TEST_REDIS`,
+//! started by scripts/test.sh, or one this test binary starts).
 
 use serde_json::json;
 use tollgate_core::{parse, Attrs, Decision, Nanos, NoProfiles, Policy, RequestError, Verdict};
+use tollgate_core::policy::RedisSettings;
+use tollgate_store::redis::TimeSource;
 use tollgate_store::{Checked, Engine, EngineError, StoreError};
 
 use tollgate_core::units::{DAY, HOUR, MILLISECOND as MS, MINUTE, SECOND as SEC};
@@ -68,7 +73,6 @@ macro_rules! conformance {
             cost_from_header,
             cost_from_json_array,
             class_scales_limits,
-            max_keys_bounds_memory_and_never_changes_a_decision,
         );
     };
     (@each $store:ident: $backend:ty; $($test:ident),* $(,)?) => {
@@ -84,6 +88,91 @@ macro_rules! conformance {
 }
 
 conformance!(memory: tollgate_store::Engine);
+conformance!(redis_store: crate::RedisEngine);
+
+/// Bounding keys by count is the memory store's; Redis bounds them by
+/// expiry (see `redis_keys_at_rest_are_deleted_and_busy_ones_expire`).
+#[test]
+fn memory_max_keys_bounds_memory_and_never_changes_a_decision() {
+    max_keys_bounds_memory_and_never_changes_a_decision::<Engine>();
+}
+
+/// The engine on a real redis-server, deciding at the suite's fake instants
+/// (`TimeSource::Caller`); each store has its own key prefix.
+#[derive(Debug)]
+pub struct RedisEngine {
+    engine: Engine,
+    prefix: String,
+}
+
+fn redis_conn() -> redis::Connection {
+    redis::Client::open(tollgate_testkit::redis_url())
+        .and_then(|c| c.get_connection())
+        .expect("the test redis-server answers")
+}
+
+impl Backend for RedisEngine {
+    fn open(mut policy: Policy) -> Self {
+        let prefix = tollgate_testkit::unique_prefix("conformance");
+        policy.store.redis = Some(RedisSettings {
+            url: tollgate_testkit::redis_url(),
+            prefix: prefix.clone(),
+            timeout: 5 * SEC,
+            pool: 1,
+            local_share: 1.0,
+        });
+        let engine = Engine::open_with(policy, "conformance", TimeSource::Caller)
+            .expect("a policy the Redis store can run");
+        RedisEngine { engine, prefix }
+    }
+    fn check(&self, req: &Attrs, now: Nanos) -> Result<Checked, EngineError> {
+        let checked = self.engine.check(req, now)?;
+        assert!(!checked.local, "decided in Redis, not in process");
+        Ok(checked)
+    }
+    fn finish(&self, checked: &Checked, now: Nanos, latency_us: u64) {
+        self.engine.finish(checked, now, latency_us);
+    }
+    fn keys(&self) -> usize {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.prefix))
+            .query(&mut redis_conn())
+            .expect("KEYS");
+        keys.len()
+    }
+    fn sweep(&self, _now: Nanos) -> usize {
+        0 // keys at rest are deleted by the script, the rest expire
+    }
+}
+
+#[test]
+fn redis_keys_at_rest_are_deleted_and_busy_ones_expire() {
+    let b: RedisEngine = open(&bucket("token_bucket", ""));
+    let a = tenant("a");
+    assert_eq!(decide(&b, &a, T0).verdict, NOW);
+    assert_eq!(b.keys(), 1);
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:*", b.prefix))
+        .query(&mut redis_conn())
+        .expect("KEYS");
+    // One unit of 3 at 1/s: the bucket is full again 1 s on; the key lives
+    // that long plus a second of margin.
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&keys[0])
+        .query(&mut redis_conn())
+        .expect("PTTL");
+    assert!((1_000..=2_000).contains(&ttl), "ttl {ttl} ms");
+    // Denied by a concurrency limit of one: nothing is written.
+    let c: RedisEngine = open(
+        "[[limit]]\nname = \"c\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"concurrency\"\nmax = 1\n",
+    );
+    let first = check(&c, &a, T0);
+    assert_eq!(c.keys(), 1);
+    assert!(!admitted(&decide(&c, &a, T0)));
+    // Released: the in-flight count is back to zero, so the key is gone.
+    c.finish(&first, T0, 0);
+    assert_eq!(c.keys(), 0);
+}
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -703,4 +792,76 @@ fn max_keys_bounds_memory_and_never_changes_a_decision<B: Backend>() {
     flooded.sweep(t + HOUR);
     assert_eq!(flooded.keys(), 0);
     assert_eq!(same(t + HOUR).verdict, NOW);
+}
+
+/// Differential: the same random traffic (keys, costs, holds, completions,
+/// instants from nanoseconds to days apart) through the memory store and the
+/// Redis store must get the same decisions, outcome for outcome.
+#[test]
+fn redis_decides_exactly_as_memory_under_random_traffic() {
+    let policies = [
+        bucket("token_bucket", "hold = \"2s\"\ncost = { header = \"x-cost\" }"),
+        "[[limit]]\nname = \"odd\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"token_bucket\"\ncapacity = 7\nrefill = \"3/10s\"\ncost = { header = \"x-cost\" }\n".to_string(),
+        "[[limit]]\nname = \"w\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 5\nhold = \"30s\"\ncost = { header = \"x-cost\" }\n[[limit]]\nname = \"day\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"fixed_window\"\nevery = \"1d\"\ntimezone = \"America/New_York\"\nquota = 40\n".to_string(),
+        "[[limit]]\nname = \"s\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"sliding_window\"\nevery = \"10s\"\nsegments = 7\nquota = 6\nhold = \"3s\"\ncost = { header = \"x-cost\" }\n".to_string(),
+        "[[limit]]\nname = \"t\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"tiered\"\ntiers = [{ every = \"1m\", quota = 3 }, { every = \"1h\", quota = 2 }, { every = \"1d\", quota = 2 }]\nhold = \"40s\"\ncost = { header = \"x-cost\" }\n[[limit]]\nname = \"c\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"concurrency\"\nmax = 2\n".to_string(),
+        "[[limit]]\nname = \"lat\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"sliding_window\"\nevery = \"10s\"\nquota = \"4s\"\ncost = \"latency\"\n[[limit]]\nname = \"shadow\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"fixed_window\"\nevery = \"10s\"\nquota = 2\nmode = \"shadow\"\n".to_string(),
+    ];
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    for text in &policies {
+        let memory: Engine = open(text);
+        let shared: RedisEngine = open(text);
+        let mut now = T0 + 3 * HOUR + 17;
+        let mut open_requests: Vec<(Checked, Checked)> = Vec::new();
+        let (mut held, mut refused) = (0, 0);
+        for step in 0..300 {
+            now += match next(10) {
+                0 => next(1_000),
+                1..=5 => next(2 * SEC),
+                6..=8 => next(40 * SEC),
+                _ => next(DAY),
+            };
+            if !open_requests.is_empty() && next(3) == 0 {
+                let (m, r) = open_requests.swap_remove(next(open_requests.len() as u64) as usize);
+                let latency = next(3_000_000);
+                Backend::finish(&memory, &m, now, latency);
+                shared.finish(&r, now, latency);
+                continue;
+            }
+            let cost = (1 + next(3)).to_string();
+            let name = ["a", "b"][next(2) as usize];
+            let r = req(&[("x-tenant", name), ("x-cost", &cost)]);
+            let (m, d) = match (Backend::check(&memory, &r, now), shared.check(&r, now)) {
+                (Ok(m), Ok(d)) => (m, d),
+                (m, d) => {
+                    assert_eq!(m.map(|c| c.decision), d.map(|c| c.decision));
+                    continue;
+                }
+            };
+            assert_eq!(
+                m.decision, d.decision,
+                "step {step} at T0+{}ns, policy:\n{text}",
+                now - T0
+            );
+            match m.decision.verdict {
+                Verdict::Admit { delay: 0 } => {}
+                Verdict::Admit { .. } => held += 1,
+                _ => refused += 1,
+            }
+            if m.decision.allowed() {
+                open_requests.push((m, d));
+            }
+        }
+        // The traffic reached the interesting paths, not only "admit now".
+        assert!(refused > 0, "nothing refused under:\n{text}");
+        if text.contains("hold") {
+            assert!(held > 0, "nothing held under:\n{text}");
+        }
+    }
 }

@@ -113,6 +113,13 @@ impl GcraParams {
         self.tau.ns + u64::from(self.tau.frac > 0)
     }
 
+    /// The interval per unit as (whole ns, remainder in 1/`amount` ns), and
+    /// the burst tolerance the same way: for stores that run this algorithm
+    /// elsewhere (the Redis store's script).
+    pub fn exact_parts(&self) -> (Nanos, u64, Exact) {
+        (self.whole, self.rem, self.tau)
+    }
+
     /// The interval per unit rounded up to whole nanoseconds.
     pub fn interval(&self) -> Nanos {
         self.whole + u64::from(self.rem > 0)

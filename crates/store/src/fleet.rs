@@ -1,0 +1,205 @@
+//! Fleet mode: an engine's counters in Redis, with its health and failure
+//! counters (what `/metrics` shows) and transitions logged once each way.
+
+use crate::engine::EngineError;
+use crate::redis::{RedisError, RedisStore, TimeSource};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use tollgate_core::{Decision, Item, Nanos, Policy};
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    redis: RedisStore,
+    /// The policy at `local_share`, for limits with `fail = "local"`.
+    local_policy: Policy,
+    health: Arc<StoreHealth>,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        policy: &Policy,
+        namespace: &str,
+        time: TimeSource,
+    ) -> Result<Self, EngineError> {
+        let settings = policy
+            .store
+            .redis
+            .as_ref()
+            .ok_or_else(|| EngineError::Config("[store] is not kind = \"redis\"".into()))?;
+        let redis = RedisStore::new(settings, policy, namespace, time).map_err(config)?;
+        let health = Arc::new(StoreHealth::new(redis.url()));
+        Ok(Shared {
+            local_policy: scaled(policy, settings.local_share),
+            redis,
+            health,
+        })
+    }
+
+    pub(crate) fn reloaded(&self, policy: &Policy) -> Result<Self, EngineError> {
+        let redis = self.redis.reloaded(policy).map_err(config)?;
+        let share = policy.store.redis.as_ref().map_or(1.0, |s| s.local_share);
+        Ok(Shared {
+            local_policy: scaled(policy, share),
+            redis,
+            health: self.health.clone(),
+        })
+    }
+
+    pub(crate) fn local_policy(&self) -> &Policy {
+        &self.local_policy
+    }
+
+    pub(crate) fn health(&self) -> &Arc<StoreHealth> {
+        &self.health
+    }
+
+    pub(crate) async fn connect(&self) -> Result<(), EngineError> {
+        self.redis.connect().await.map_err(config)
+    }
+
+    /// A decision, or why Redis could not make it (the caller falls back).
+    pub(crate) async fn decide(
+        &self,
+        policy: &Policy,
+        items: &[Item],
+        now: Nanos,
+        hold: bool,
+    ) -> Result<Decision, String> {
+        let result = self.redis.decide(policy, items, now, hold).await;
+        self.health.note(result)
+    }
+
+    pub(crate) fn decide_blocking(
+        &self,
+        policy: &Policy,
+        items: &[Item],
+        now: Nanos,
+        hold: bool,
+    ) -> Result<Decision, String> {
+        let result = self.redis.decide_blocking(policy, items, now, hold);
+        self.health.note(result)
+    }
+
+    pub(crate) async fn finish(
+        &self,
+        policy: &Policy,
+        committed: &[Item],
+        now: Nanos,
+        latency_us: u64,
+    ) {
+        let result = self.redis.finish(policy, committed, now, latency_us).await;
+        let _ = self.health.note(result);
+    }
+
+    pub(crate) fn finish_blocking(
+        &self,
+        policy: &Policy,
+        committed: &[Item],
+        now: Nanos,
+        latency_us: u64,
+    ) {
+        let result = self
+            .redis
+            .finish_blocking(policy, committed, now, latency_us);
+        let _ = self.health.note(result);
+    }
+}
+
+fn config(e: RedisError) -> EngineError {
+    EngineError::Config(e.to_string())
+}
+
+/// `policy` with every limit at `share` of its quota (at least 1 unit).
+fn scaled(policy: &Policy, share: f64) -> Policy {
+    let mut local = policy.clone();
+    if share < 1.0 {
+        for limit in &mut local.limits {
+            for params in &mut limit.variants {
+                *params = params.scaled(share);
+            }
+        }
+    }
+    local
+}
+
+/// Whether the shared store answers, and what the limits did while it did not.
+#[derive(Debug)]
+pub struct StoreHealth {
+    url: String,
+    up: AtomicBool,
+    errors: AtomicU64,
+    fail_open: AtomicU64,
+    fail_local: AtomicU64,
+    fail_closed: AtomicU64,
+}
+
+impl StoreHealth {
+    fn new(url: &str) -> Self {
+        StoreHealth {
+            url: url.to_string(),
+            up: AtomicBool::new(true),
+            errors: AtomicU64::new(0),
+            fail_open: AtomicU64::new(0),
+            fail_local: AtomicU64::new(0),
+            fail_closed: AtomicU64::new(0),
+        }
+    }
+
+    /// Record how a round trip went; log the first failure and the recovery.
+    fn note<T>(&self, result: Result<T, RedisError>) -> Result<T, String> {
+        match result {
+            Ok(v) => {
+                if !self.up.swap(true, Ordering::AcqRel) {
+                    tracing::info!(store = %self.url, "redis answers again: decisions are shared again");
+                }
+                Ok(v)
+            }
+            Err(e) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                let reason = e.to_string();
+                if self.up.swap(false, Ordering::AcqRel) {
+                    tracing::warn!(store = %self.url, error = %reason, "redis is unavailable: limits follow their fail mode (open, closed, local) until it answers");
+                }
+                Err(reason)
+            }
+        }
+    }
+
+    pub(crate) fn count_closed(&self) {
+        self.fail_closed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_fallback(&self, open: usize, local: usize) {
+        if open > 0 {
+            self.fail_open.fetch_add(1, Ordering::Relaxed);
+        }
+        if local > 0 {
+            self.fail_local.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The URL (password hidden).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+    /// False from the first failed round trip until one succeeds.
+    pub fn up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+    /// Round trips that failed (timeouts, refused connections, errors).
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+    /// Requests admitted unchecked by a `fail = "open"` limit.
+    pub fn fail_open(&self) -> u64 {
+        self.fail_open.load(Ordering::Relaxed)
+    }
+    /// Requests decided in process by `fail = "local"` limits.
+    pub fn fail_local(&self) -> u64 {
+        self.fail_local.load(Ordering::Relaxed)
+    }
+    /// Requests refused by a `fail = "closed"` limit.
+    pub fn fail_closed(&self) -> u64 {
+        self.fail_closed.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,625 @@
+//! The Redis store: counters shared by every process pointed at one Redis.
+//!
+//! A decision is one `EVALSHA` of `decide.lua` (loaded once per connection,
+//! loaded again when Redis answers NOSCRIPT, e.g. after a restart): all
+//! limits of the request are read, decided all-or-nothing and written in one
+//! atomic step on the server, in one round trip, at Redis's clock.
+//!
+//! Key layout (one string per tracked key, expiring once at rest):
+//! `{prefix}:{namespace}:{limit}:{fingerprint}:{variant}:{key}`, where
+//! `namespace` separates the faces and upstreams sharing one Redis
+//! ("gateway", "upstream:NAME"), `fingerprint` (8 hex digits) changes with
+//! the limit's definition, so an edited limit starts from fresh counters as a
+//! reload does in memory, and `variant` is the class or override index.
+//!
+//! Precision: the script computes in Lua's doubles, exact below 2^53; every
+//! instant in it is relative to now, so limits must keep their state within
+//! about 52 days of now (`check_policy` refuses the rest, naming the limit).
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::OnceCell;
+use tollgate_core::algo::Usage;
+use tollgate_core::calendar::Calendar;
+use tollgate_core::policy::{AlgorithmKind, Mode, Params, Policy, RedisSettings};
+use tollgate_core::units::NANOS_PER_SEC;
+use tollgate_core::{Decision, Item, Nanos, Outcome, Verdict};
+
+const SCRIPT: &str = include_str!("decide.lua");
+/// Doubles are exact below 2^53; instants relative to now stay below 2^52.
+const EXACT: u64 = 1 << 52;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RedisError {
+    /// The config cannot work on Redis (bad URL, a limit beyond the script's precision).
+    #[error("store: {0}")]
+    Config(String),
+    /// Redis did not answer in time, refused, or is down.
+    #[error("redis at {url}: {reason}")]
+    Unavailable { url: String, reason: String },
+}
+
+/// Where the instant of a decision comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeSource {
+    /// Redis `TIME`: one clock for the whole fleet (the default).
+    Server,
+    /// The `now` the caller passes (tests with a fake clock).
+    Caller,
+}
+
+/// A policy's view of one Redis: its key names, over connections that the
+/// stores of successive reloads share.
+#[derive(Debug)]
+pub struct RedisStore {
+    conns: Arc<Conns>,
+    namespace: String,
+    /// `{prefix}:{namespace}:{limit}:{fingerprint}:` per limit, then the variant.
+    key_prefixes: Vec<String>,
+    time: TimeSource,
+}
+
+struct Conns {
+    client: redis::Client,
+    url: String,
+    settings: RedisSettings,
+    script: redis::Script,
+    pool: OnceCell<Vec<ConnectionManager>>,
+    next: AtomicUsize,
+    blocking: parking_lot::Mutex<Option<redis::Connection>>,
+}
+
+impl std::fmt::Debug for Conns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conns").field("url", &self.url).finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// A store for `policy` under `namespace`. Checks the URL and the
+    /// policy; connects on first use (`connect` to do it now).
+    pub fn new(
+        settings: &RedisSettings,
+        policy: &Policy,
+        namespace: &str,
+        time: TimeSource,
+    ) -> Result<RedisStore, RedisError> {
+        let url = redacted(&settings.url);
+        let client = redis::Client::open(settings.url.as_str())
+            .map_err(|e| RedisError::Config(format!("url '{url}' is not usable: {e}")))?;
+        let conns = Arc::new(Conns {
+            client,
+            url,
+            settings: settings.clone(),
+            script: redis::Script::new(SCRIPT),
+            pool: OnceCell::new(),
+            next: AtomicUsize::new(0),
+            blocking: parking_lot::Mutex::new(None),
+        });
+        Self::over(conns, policy, namespace, time)
+    }
+
+    /// The store for a reloaded `policy`: the same connections; limits whose
+    /// definition did not change keep their keys (and so their counters).
+    pub fn reloaded(&self, policy: &Policy) -> Result<RedisStore, RedisError> {
+        if policy.store.redis.as_ref() != Some(&self.conns.settings) {
+            let settings = policy.store.redis.as_ref().ok_or_else(|| {
+                RedisError::Config("a reload cannot leave Redis for memory; restart instead".into())
+            })?;
+            return Self::new(settings, policy, &self.namespace, self.time);
+        }
+        Self::over(self.conns.clone(), policy, &self.namespace, self.time)
+    }
+
+    fn over(
+        conns: Arc<Conns>,
+        policy: &Policy,
+        namespace: &str,
+        time: TimeSource,
+    ) -> Result<RedisStore, RedisError> {
+        check_policy(policy)?;
+        let key_prefixes = policy
+            .limits
+            .iter()
+            .map(|l| {
+                format!(
+                    "{}:{namespace}:{}:{:08x}:",
+                    conns.settings.prefix,
+                    l.name,
+                    fnv32(&l.fingerprint)
+                )
+            })
+            .collect();
+        Ok(RedisStore {
+            conns,
+            namespace: namespace.to_string(),
+            key_prefixes,
+            time,
+        })
+    }
+
+    /// The URL without its password, for messages.
+    pub fn url(&self) -> &str {
+        &self.conns.url
+    }
+
+    /// Open the connection pool now: an unreachable server or a refused
+    /// password is an error here rather than at the first request.
+    pub async fn connect(&self) -> Result<(), RedisError> {
+        self.connections().await.map(|_| ())
+    }
+
+    async fn connections(&self) -> Result<&[ConnectionManager], RedisError> {
+        let c = &*self.conns;
+        let timeout = Duration::from_nanos(c.settings.timeout);
+        c.pool
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout.max(Duration::from_secs(1))))
+                    .set_response_timeout(Some(timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_secs(2));
+                let mut pool = Vec::with_capacity(c.settings.pool);
+                for _ in 0..c.settings.pool {
+                    let conn = ConnectionManager::new_with_config(c.client.clone(), config.clone())
+                        .await
+                        .map_err(|e| self.unavailable(&e))?;
+                    pool.push(conn);
+                }
+                Ok(pool)
+            })
+            .await
+            .map(Vec::as_slice)
+    }
+
+    fn unavailable(&self, e: &redis::RedisError) -> RedisError {
+        let reason = match e.kind() {
+            redis::ErrorKind::AuthenticationFailed => {
+                format!("authentication failed (check the user and password in [store] url): {e}")
+            }
+            _ if e.is_timeout() => format!(
+                "no answer within {} ms ([store] timeout)",
+                self.conns.settings.timeout / 1_000_000
+            ),
+            _ => e.to_string(),
+        };
+        RedisError::Unavailable {
+            url: self.conns.url.clone(),
+            reason,
+        }
+    }
+
+    /// Decide `items` (planned by `policy`) in one round trip.
+    pub async fn decide(
+        &self,
+        policy: &Policy,
+        items: &[Item],
+        now: Nanos,
+        hold: bool,
+    ) -> Result<Decision, RedisError> {
+        let invocation =
+            self.invocation(policy, items, now, if hold { "1" } else { "0" }, Op::Decide);
+        let reply: Vec<i64> = self.run(&invocation).await?;
+        decode(policy, items, &reply).map_err(|reason| self.bad_reply(reason))
+    }
+
+    /// What a client may see of each item's limit, without changing anything.
+    pub async fn usage(
+        &self,
+        policy: &Policy,
+        items: &[Item],
+        now: Nanos,
+    ) -> Result<Vec<Usage>, RedisError> {
+        let invocation = self.invocation(policy, items, now, "0", Op::Usage);
+        let reply: Vec<i64> = self.run(&invocation).await?;
+        let decision = decode(policy, items, &reply).map_err(|reason| self.bad_reply(reason))?;
+        Ok(decision
+            .outcomes
+            .iter()
+            .map(|o| Usage {
+                remaining: o.remaining,
+                reset: o.reset,
+            })
+            .collect())
+    }
+
+    /// Settle a completed request: debit latency limits, release concurrency.
+    pub async fn finish(
+        &self,
+        policy: &Policy,
+        committed: &[Item],
+        now: Nanos,
+        latency_us: u64,
+    ) -> Result<(), RedisError> {
+        let settling: Vec<Item> = settling(policy, committed);
+        if settling.is_empty() {
+            return Ok(());
+        }
+        let invocation =
+            self.invocation(policy, &settling, now, &latency_us.to_string(), Op::Finish);
+        let _: Vec<i64> = self.run(&invocation).await?;
+        Ok(())
+    }
+
+    /// `decide` over a blocking connection, for synchronous callers (the
+    /// runner's scheduler): one round trip, at most `timeout` long.
+    pub fn decide_blocking(
+        &self,
+        policy: &Policy,
+        items: &[Item],
+        now: Nanos,
+        hold: bool,
+    ) -> Result<Decision, RedisError> {
+        let invocation =
+            self.invocation(policy, items, now, if hold { "1" } else { "0" }, Op::Decide);
+        let reply: Vec<i64> = self.run_blocking(&invocation)?;
+        decode(policy, items, &reply).map_err(|reason| self.bad_reply(reason))
+    }
+
+    /// `finish` over the blocking connection.
+    pub fn finish_blocking(
+        &self,
+        policy: &Policy,
+        committed: &[Item],
+        now: Nanos,
+        latency_us: u64,
+    ) -> Result<(), RedisError> {
+        let settling = settling(policy, committed);
+        if settling.is_empty() {
+            return Ok(());
+        }
+        let invocation =
+            self.invocation(policy, &settling, now, &latency_us.to_string(), Op::Finish);
+        let _: Vec<i64> = self.run_blocking(&invocation)?;
+        Ok(())
+    }
+
+    async fn run(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<Vec<i64>, RedisError> {
+        let pool = self.connections().await?;
+        // Round robin: each connection pipelines what is sent on it, so
+        // concurrent decisions never wait for one another's replies.
+        let mut conn = pool[self.conns.next.fetch_add(1, Ordering::Relaxed) % pool.len()].clone();
+        let timeout = Duration::from_nanos(self.conns.settings.timeout);
+        match tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(e)) => Err(self.unavailable(&e)),
+            Err(_) => Err(RedisError::Unavailable {
+                url: self.conns.url.clone(),
+                reason: format!(
+                    "no answer within {} ms ([store] timeout)",
+                    self.conns.settings.timeout / 1_000_000
+                ),
+            }),
+        }
+    }
+
+    fn run_blocking(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<Vec<i64>, RedisError> {
+        let mut slot = self.conns.blocking.lock();
+        if slot.is_none() {
+            let timeout =
+                Duration::from_nanos(self.conns.settings.timeout).max(Duration::from_millis(1));
+            let conn = self
+                .conns
+                .client
+                .get_connection_with_timeout(timeout.max(Duration::from_secs(1)))
+                .map_err(|e| self.unavailable(&e))?;
+            conn.set_read_timeout(Some(timeout))
+                .and_then(|()| conn.set_write_timeout(Some(timeout)))
+                .map_err(|e| self.unavailable(&e))?;
+            *slot = Some(conn);
+        }
+        let Some(conn) = slot.as_mut() else {
+            unreachable!("connected above")
+        };
+        match invocation.invoke(conn) {
+            Ok(reply) => Ok(reply),
+            Err(e) => {
+                // A broken or timed-out connection may hold a late reply: start over.
+                *slot = None;
+                Err(self.unavailable(&e))
+            }
+        }
+    }
+
+    fn bad_reply(&self, reason: String) -> RedisError {
+        RedisError::Unavailable {
+            url: self.conns.url.clone(),
+            reason: format!("unexpected reply from the decision script: {reason}"),
+        }
+    }
+
+    fn invocation<'a>(
+        &'a self,
+        policy: &Policy,
+        items: &[Item],
+        now: Nanos,
+        third: &str,
+        op: Op,
+    ) -> redis::ScriptInvocation<'a> {
+        let mut inv = self.conns.script.prepare_invoke();
+        let time = match self.time {
+            TimeSource::Server => String::new(),
+            TimeSource::Caller => format!("{}:{}", now / NANOS_PER_SEC, now % NANOS_PER_SEC),
+        };
+        inv.arg(op.code()).arg(time).arg(third);
+        let mut key = String::new();
+        let mut fields: Vec<String> = Vec::with_capacity(16);
+        for item in items {
+            let limit = &policy.limits[item.limit];
+            key.clear();
+            let _ = write!(
+                key,
+                "{}{}:{}",
+                self.key_prefixes[item.limit], item.class, item.key
+            );
+            inv.key(key.as_bytes());
+            fields.clear();
+            let settle = match op {
+                Op::Finish if limit.algorithm == AlgorithmKind::Concurrency => 1,
+                Op::Finish if limit.is_latency() => 2,
+                _ => 0,
+            };
+            fields.extend([
+                String::new(),
+                item.cost.to_string(),
+                item.charge.to_string(),
+                limit.hold.to_string(),
+                u8::from(limit.mode == Mode::Shadow).to_string(),
+                settle.to_string(),
+            ]);
+            push_params(limit.params(item.class), now, &mut fields);
+            inv.arg(fields.len());
+            for f in &fields {
+                inv.arg(f.as_str());
+            }
+        }
+        inv
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Decide,
+    Usage,
+    Finish,
+}
+
+impl Op {
+    fn code(self) -> &'static str {
+        match self {
+            Op::Decide => "d",
+            Op::Usage => "u",
+            Op::Finish => "f",
+        }
+    }
+}
+
+/// The items a completion owes something: latency debits, concurrency releases.
+fn settling(policy: &Policy, committed: &[Item]) -> Vec<Item> {
+    committed
+        .iter()
+        .filter(|i| policy.limits[i.limit].settles_at_completion())
+        .cloned()
+        .collect()
+}
+
+/// The algorithm's code and parameters, as the script reads them (see its header).
+/// `fields[0]` is a placeholder the algorithm code replaces.
+fn push_params(params: &Params, now: Nanos, fields: &mut Vec<String>) {
+    match params {
+        Params::Gcra(p) => {
+            let (whole, rem, tau) = p.exact_parts();
+            fields[0] = "g".into();
+            fields.extend(
+                [p.capacity, p.amount, p.period, whole, rem, tau.ns, tau.frac]
+                    .map(|n| n.to_string()),
+            );
+        }
+        Params::FixedWindow(p) => {
+            fields[0] = "f".into();
+            fields.push(p.quota.to_string());
+            push_calendar(&p.calendar, now, fields);
+        }
+        Params::SlidingWindow(p) => {
+            fields[0] = "s".into();
+            fields.extend(
+                [p.quota, p.every, p.segment, u64::from(p.segments)].map(|n| n.to_string()),
+            );
+        }
+        Params::Tiered(p) => {
+            fields[0] = "t".into();
+            fields.push(p.tiers.len().to_string());
+            for tier in &p.tiers {
+                fields.push(tier.quota.to_string());
+                push_calendar(&tier.calendar, now, fields);
+            }
+        }
+        Params::Concurrency(p) => {
+            fields[0] = "c".into();
+            fields.push(p.max.to_string());
+        }
+    }
+}
+
+/// "F every offset" for fixed zones; "N every count boundaries.." for zones
+/// with DST: the boundaries of the windows around `now` (the script
+/// extrapolates beyond them by `every`, which is exact unless a DST change
+/// falls outside them, i.e. unless the clocks disagree by days).
+fn push_calendar(calendar: &Calendar, now: Nanos, fields: &mut Vec<String>) {
+    let every = calendar.every();
+    match calendar.fixed_offset() {
+        Some(offset) => fields.extend([
+            "F".to_string(),
+            every.to_string(),
+            (i128::from(offset).rem_euclid(i128::from(every))).to_string(),
+        ]),
+        None => {
+            let mut w = calendar.window(now);
+            for _ in 0..2 {
+                w = calendar.window(w.start.saturating_sub(1));
+            }
+            let mut bounds = vec![w.start];
+            for _ in 0..7 {
+                w = calendar.next(w);
+                bounds.push(w.start);
+            }
+            fields.extend(["N".to_string(), every.to_string(), bounds.len().to_string()]);
+            fields.extend(
+                bounds
+                    .iter()
+                    .map(|b| format!("{}:{}", b / NANOS_PER_SEC, b % NANOS_PER_SEC)),
+            );
+        }
+    }
+}
+
+fn decode(policy: &Policy, items: &[Item], reply: &[i64]) -> Result<Decision, String> {
+    if reply.len() != 4 + 4 * items.len() {
+        return Err(format!("{} values for {} limits", reply.len(), items.len()));
+    }
+    let ns = |v: i64| u64::try_from(v).unwrap_or(0);
+    let slot = |v: i64| usize::try_from(v).ok().filter(|&i| i < items.len());
+    let verdict = match reply[0] {
+        0 => Verdict::Admit {
+            delay: ns(reply[1]),
+        },
+        1 => Verdict::Deny {
+            limit: slot(reply[1]).ok_or("bad slot")?,
+            retry_after: (reply[2] >= 0).then(|| ns(reply[2])),
+        },
+        2 => Verdict::Never {
+            limit: slot(reply[1]).ok_or("bad slot")?,
+            cost: ns(reply[2]),
+            capacity: ns(reply[3]),
+        },
+        other => return Err(format!("verdict {other}")),
+    };
+    let outcomes = items
+        .iter()
+        .zip(reply[4..].chunks_exact(4))
+        .map(|(item, o)| Outcome {
+            allowed: o[0] == 1,
+            remaining: ns(o[1]),
+            reset: ns(o[2]),
+            retry_after: (o[3] >= 0).then(|| ns(o[3])),
+            shadow: policy.limits[item.limit].mode == Mode::Shadow,
+        })
+        .collect();
+    Ok(Decision { verdict, outcomes })
+}
+
+/// Refuse limits the script cannot decide exactly, naming them.
+pub fn check_policy(policy: &Policy) -> Result<(), RedisError> {
+    let too_long = |limit: &str, what: &str| {
+        RedisError::Config(format!(
+            "limit '{limit}': {what} is too long for the Redis store (its state must stay within 52 days of now)"
+        ))
+    };
+    for limit in &policy.limits {
+        let name = limit.name.as_str();
+        if limit.hold >= EXACT / 4 {
+            return Err(too_long(name, "hold"));
+        }
+        for params in &limit.variants {
+            let calendar_ok = |c: &Calendar| {
+                let every = c.every();
+                every < EXACT / 8
+                    && (every.is_multiple_of(NANOS_PER_SEC) || every < 900_000_000_000_000)
+            };
+            match params {
+                Params::Gcra(p) => {
+                    let tau = p.tau();
+                    if tau >= EXACT / 4 {
+                        return Err(too_long(
+                            name,
+                            "capacity / refill (the time to refill a drained bucket)",
+                        ));
+                    }
+                    if u128::from(tau) * u128::from(p.amount) >= u128::from(EXACT)
+                        || u128::from(p.capacity) * u128::from(p.amount) >= u128::from(EXACT)
+                    {
+                        return Err(RedisError::Config(format!(
+                            "limit '{name}': capacity {} with refill {}/{}ns needs more precision than the Redis store keeps; use a smaller refill amount per period",
+                            p.capacity, p.amount, p.period
+                        )));
+                    }
+                }
+                Params::FixedWindow(p) if !calendar_ok(&p.calendar) => {
+                    return Err(too_long(name, "every"))
+                }
+                Params::Tiered(p) if !p.tiers.iter().all(|t| calendar_ok(&t.calendar)) => {
+                    return Err(too_long(name, "a tier's every"))
+                }
+                Params::SlidingWindow(p)
+                    if p.every >= EXACT / 8
+                        || !(p.segment.is_multiple_of(NANOS_PER_SEC)
+                            || p.segment < 900_000_000_000_000) =>
+                {
+                    return Err(too_long(name, "every"))
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The URL with any password replaced, for messages and logs.
+pub fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            let shown = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                "***".into()
+            };
+            format!("{}{shown}{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// FNV-1a: a short, stable hash of a limit's definition for its key names
+/// (stable across processes and versions, unlike the std hasher).
+fn fnv32(text: &str) -> u32 {
+    text.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(
+            redacted("redis://:s3cret@h:6379/0"),
+            "redis://:***@h:6379/0"
+        );
+        assert_eq!(
+            redacted("redis://bob:s3cret@h:6379"),
+            "redis://bob:***@h:6379"
+        );
+        assert_eq!(redacted("redis://h:6379"), "redis://h:6379");
+    }
+
+    #[test]
+    fn limits_beyond_the_scripts_precision_are_refused_by_name() {
+        let policy = tollgate_core::parse(
+            "[[limit]]\nname = \"yearly\"\nalgorithm = \"token_bucket\"\ncapacity = 1000000\nrefill = \"1/min\"\n",
+            &tollgate_core::NoProfiles,
+        )
+        .unwrap();
+        let err = check_policy(&policy).unwrap_err().to_string();
+        assert!(err.contains("limit 'yearly'"), "{err}");
+    }
+}

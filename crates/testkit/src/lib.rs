@@ -46,10 +46,8 @@ impl RedisServer {
 
     fn launch(password: Option<&str>, persistent: bool) -> RedisServer {
         let port = free_port();
-        let dir = std::env::temp_dir().join(format!(
-            "tollgate-redis-{}-{port}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("tollgate-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("create the redis dir");
         let mut server = RedisServer {
             port,
@@ -110,7 +108,11 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start on {}", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on {}",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }

@@ -295,6 +295,16 @@ fn serve(
         };
         let gateway = Gateway::new(source, overrides, Box::new(tollgate_profiles::Bundled), TokioClock::system())?;
         let generation = gateway.current();
+        // Fleet mode: a wrong URL, password or an unreachable Redis is an
+        // error now, not a 503 on the first request.
+        generation
+            .engine
+            .connect()
+            .await
+            .map_err(|e| anyhow::anyhow!("[store]: {e}"))?;
+        if let Some(health) = generation.engine.health() {
+            tracing::info!(store = %health.url(), "fleet mode: counters are shared in redis");
+        }
         if generation.settings.upstream.is_none() && generation.settings.routes.is_empty() {
             tracing::warn!("no upstream: the proxy answers 404; give --upstream URL or [gateway] upstream (the check API works without one)");
         }

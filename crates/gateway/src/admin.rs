@@ -92,8 +92,12 @@ impl Gateway {
         Ok(match (method, path.as_str()) {
             (Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", "ok\n".into()),
             (Method::GET, "/metrics") => {
-                let stats = self.current().engine.store().stats();
+                let generation = self.current();
+                let stats = generation.engine.store().stats();
                 self.metrics.held_now.set(self.holds.held() as i64);
+                if let Some(health) = generation.engine.health() {
+                    self.metrics.shared_store(health);
+                }
                 reply(
                     StatusCode::OK,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -207,7 +211,7 @@ impl Gateway {
                 cost: 1,
                 charge: 1,
             };
-            let usage = generation.engine.store().usage(policy, &item, now);
+            let usage = generation.engine.usage(&item, now);
             let (quota, window) = limit.params(item.class).policy();
             limits.insert(
                 limit.name.clone(),
@@ -257,14 +261,14 @@ impl Gateway {
             .policy()
             .plan(&attrs, &mut items)
             .map_err(tollgate_store::EngineError::from)
-            .and_then(|()| engine.decide(&items, now, false));
+            .and_then(|()| engine.decide_where(&items, now, false));
         let mut out = Vec::new();
         let decision = match result {
             Err(e) => {
                 tollgate_sim::write_error(&mut out, &t, &e);
                 let status = match e {
                     tollgate_store::EngineError::Request(_) => StatusCode::BAD_REQUEST,
-                    tollgate_store::EngineError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+                    _ => StatusCode::SERVICE_UNAVAILABLE,
                 };
                 return reply(
                     status,
@@ -274,6 +278,7 @@ impl Gateway {
             }
             Ok(d) => d,
         };
+        let (decision, local) = decision;
         tollgate_sim::write_decision(&mut out, &t, engine.policy(), &items, &decision);
         let mut text = String::from_utf8_lossy(&out).into_owned();
         let committed: Vec<Item> = tollgate_store::committed(&items, &decision)
@@ -286,7 +291,7 @@ impl Gateway {
             if pending.len() >= MAX_PENDING_CHECKS {
                 drop(pending);
                 // It could never be reported: release it now rather than leak the slot.
-                engine.finish_committed(&committed, now, 0);
+                engine.finish_where(&committed, now, 0, local);
                 return problem(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "Too many unreported checks",
@@ -301,6 +306,7 @@ impl Gateway {
                     generation: generation.clone(),
                     items: committed,
                     created: tokio::time::Instant::now(),
+                    local,
                 },
             );
             // Splice the id into the decision object.
@@ -334,7 +340,7 @@ impl Gateway {
         pending
             .generation
             .engine
-            .finish_committed(&pending.items, now, latency_us);
+            .finish_where(&pending.items, now, latency_us, pending.local);
         json(
             StatusCode::OK,
             serde_json::json!({ "reported": body.id, "latency_us": latency_us, "at_us": now / NANOS_PER_MICRO }),
@@ -355,7 +361,7 @@ impl Gateway {
             old.iter().filter_map(|id| pending.remove(id)).collect()
         };
         for p in &expired {
-            p.generation.engine.finish_committed(&p.items, now, 0);
+            p.generation.engine.finish_where(&p.items, now, 0, p.local);
         }
         expired.len()
     }

@@ -64,6 +64,8 @@ pub struct PendingCheck {
     pub generation: Arc<Generation>,
     pub items: Vec<Item>,
     pub created: tokio::time::Instant,
+    /// Decided in process (Redis was down): settled in process.
+    pub local: bool,
 }
 
 /// Most checks waiting for a report; past it `/v1/check` of latency or
@@ -130,7 +132,7 @@ impl Gateway {
         let metrics = Metrics::default();
         let modified = modified_time(&source);
         let (text, policy, settings) = load(&source, &overrides, profiles.as_ref())?;
-        let engine = Engine::new(policy);
+        let engine = Engine::open(policy, "gateway").map_err(|e| LoadError::Io(e.to_string()))?;
         let generation = Generation::new(engine, settings, text, &metrics);
         let clients = (0..MAX_WORKERS)
             .map(|_| {
@@ -232,7 +234,10 @@ impl Gateway {
         {
             tracing::warn!("listen addresses changed in the config; they take effect on restart");
         }
-        let engine = old.engine.reloaded(policy);
+        let engine = old
+            .engine
+            .reloaded(policy)
+            .map_err(|e| LoadError::Io(e.to_string()))?;
         let old_policy = old.engine.policy();
         let kept = engine
             .policy()

@@ -28,6 +28,11 @@ struct ResultLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: &'static str,
+}
+
 /// How one limit took part in one decision.
 #[derive(Debug, Clone, Copy)]
 pub enum Outcome {
@@ -68,6 +73,13 @@ pub struct Metrics {
     seen_evictions: AtomicU64,
     seen_refused: AtomicU64,
     pub access_log_dropped: Counter,
+    /// Fleet mode: 1 while Redis answers.
+    store_up: Gauge,
+    store_errors: Counter,
+    /// Requests decided by a limit's `fail` mode while Redis was down.
+    store_fallbacks: Family<ModeLabels, Counter>,
+    /// Health totals already added: errors, then open, local, closed.
+    seen_store: [AtomicU64; 4],
 }
 
 impl Default for Metrics {
@@ -118,7 +130,29 @@ impl Default for Metrics {
             "Access log lines dropped because the writer fell behind",
             access_log_dropped.clone(),
         );
+        let store_up = Gauge::default();
+        let store_errors = Counter::default();
+        let store_fallbacks = Family::<ModeLabels, Counter>::default();
+        registry.register(
+            "store_up",
+            "Fleet mode: 1 while the shared store (Redis) answers, 0 after a failed round trip",
+            store_up.clone(),
+        );
+        registry.register(
+            "store_errors",
+            "Fleet mode: round trips to the shared store that failed or timed out",
+            store_errors.clone(),
+        );
+        registry.register(
+            "store_fail",
+            "Fleet mode: requests decided by a limit's fail mode while the shared store was down",
+            store_fallbacks.clone(),
+        );
         Metrics {
+            store_up,
+            store_errors,
+            store_fallbacks,
+            seen_store: Default::default(),
             registry,
             decisions,
             responses,
@@ -167,6 +201,30 @@ impl Metrics {
     pub fn reload(&self, ok: bool) {
         let result = if ok { "ok" } else { "rejected" };
         self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Fleet mode: whether Redis answers, and what limits did while it did not.
+    pub fn shared_store(&self, health: &tollgate_store::StoreHealth) {
+        let add = |seen: &AtomicU64, now: u64, counter: &Counter| {
+            let before = seen.swap(now, Ordering::Relaxed);
+            counter.inc_by(now.saturating_sub(before));
+        };
+        self.store_up.set(i64::from(health.up()));
+        add(&self.seen_store[0], health.errors(), &self.store_errors);
+        for (i, (mode, n)) in [
+            ("open", health.fail_open()),
+            ("local", health.fail_local()),
+            ("closed", health.fail_closed()),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let counter = self
+                .store_fallbacks
+                .get_or_create(&ModeLabels { mode })
+                .clone();
+            add(&self.seen_store[i + 1], n, &counter);
+        }
     }
 
     /// The text exposition, with the store's figures read now.

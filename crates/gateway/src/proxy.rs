@@ -127,6 +127,8 @@ pub struct Completion {
     /// When the request went to the upstream; None if it never did (the
     /// client left while held): nothing to debit, only slots to release.
     started: Option<Nanos>,
+    /// Decided in process (Redis was down): settled in process.
+    local: bool,
 }
 
 impl Completion {
@@ -135,6 +137,7 @@ impl Completion {
         generation: &Arc<Generation>,
         committed: impl Iterator<Item = Item>,
         clock: &tollgate_store::TokioClock,
+        local: bool,
     ) -> Option<Completion> {
         let policy = generation.engine.policy();
         let items: Vec<Item> = committed
@@ -145,6 +148,7 @@ impl Completion {
             items,
             clock: clock.clone(),
             started: None,
+            local,
         })
     }
 
@@ -160,9 +164,33 @@ impl Drop for Completion {
         let latency_us = self
             .started
             .map_or(0, |started| now.saturating_sub(started) / NANOS_PER_MICRO);
-        self.generation
-            .engine
-            .finish_committed(&self.items, now, latency_us);
+        let engine = &self.generation.engine;
+        if self.local {
+            engine.finish_local(&self.items, now, latency_us);
+        } else if engine.is_shared() {
+            // Settling in Redis is a round trip: not on this (dropping) thread.
+            let generation = self.generation.clone();
+            let items = std::mem::take(&mut self.items);
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    generation
+                        .engine
+                        .finish_async(&items, now, latency_us)
+                        .await;
+                });
+            }
+        } else {
+            engine.finish_committed(&self.items, now, latency_us);
+        }
+    }
+}
+
+/// The gateway's answer when the engine cannot decide.
+fn refusal(e: tollgate_store::EngineError) -> Refusal {
+    match e {
+        tollgate_store::EngineError::Request(e) => Refusal::BadRequest(e.to_string()),
+        tollgate_store::EngineError::Unavailable { .. } => Refusal::StoreUnavailable(e.to_string()),
+        e => Refusal::StoreFull(e.to_string()),
     }
 }
 
@@ -389,10 +417,11 @@ impl Gateway {
         // request that a hold could save claims places in the bounded queue
         // (one per holding limit's key) and is decided again, holding.
         let mut now = self.clock.now();
-        let mut decision = generation
+        let (mut decision, mut local) = generation
             .engine
-            .decide(&items, now, false)
-            .map_err(|e| Refusal::StoreFull(e.to_string()))?;
+            .decide_async(&items, now, false)
+            .await
+            .map_err(refusal)?;
         let mut places = Vec::new();
         if let Verdict::Deny {
             retry_after: Some(wait),
@@ -423,10 +452,11 @@ impl Gateway {
                     .collect();
                 if places.len() == blocking.len() {
                     now = self.clock.now();
-                    decision = generation
+                    (decision, local) = generation
                         .engine
-                        .decide(&items, now, true)
-                        .map_err(|e| Refusal::StoreFull(e.to_string()))?;
+                        .decide_async(&items, now, true)
+                        .await
+                        .map_err(refusal)?;
                 }
             }
         }
@@ -486,6 +516,7 @@ impl Gateway {
             generation,
             tollgate_store::committed(&items, &decision).cloned(),
             &self.clock,
+            local,
         );
         if delay > 0 {
             tokio::time::sleep_until(self.clock.instant_at(now + delay)).await;

@@ -44,6 +44,9 @@ pub enum Refusal {
     MethodNotAllowed(String),
     /// 503: the store tracks `max_keys` keys and none is idle.
     StoreFull(String),
+    /// 503: the shared store (Redis) did not answer and a limit of the
+    /// request fails closed.
+    StoreUnavailable(String),
     /// 502: the upstream refused or broke the connection.
     UpstreamFailed(String),
     /// 504: the upstream did not answer within `upstream_timeout`.
@@ -63,7 +66,7 @@ impl Refusal {
             Refusal::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refusal::NoRoute => StatusCode::NOT_FOUND,
             Refusal::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Refusal::StoreFull(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::StoreFull(_) | Refusal::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Refusal::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -81,6 +84,7 @@ impl Refusal {
             Refusal::NoRoute => "no_route",
             Refusal::MethodNotAllowed(_) => "method_not_allowed",
             Refusal::StoreFull(_) => "store_full",
+            Refusal::StoreUnavailable(_) => "store_unavailable",
             Refusal::UpstreamFailed(_) => "upstream_failed",
             Refusal::UpstreamTimeout => "upstream_timeout",
             Refusal::Unauthorized => "unauthorized",
@@ -101,6 +105,7 @@ impl Refusal {
             Refusal::NoRoute => "No upstream for this request".into(),
             Refusal::MethodNotAllowed(_) => "Method not allowed".into(),
             Refusal::StoreFull(_) => "Rate-limit store full".into(),
+            Refusal::StoreUnavailable(_) => "Rate-limit store unavailable".into(),
             Refusal::UpstreamFailed(_) => "Upstream unavailable".into(),
             Refusal::UpstreamTimeout => "Upstream timed out".into(),
             Refusal::Unauthorized => "Unauthorized".into(),
@@ -125,9 +130,10 @@ impl Refusal {
             Refusal::BodyTooLarge { max } => {
                 format!("A body read to count its cost may be at most {max} bytes.")
             }
-            Refusal::BadRequest(m) | Refusal::StoreFull(m) | Refusal::UpstreamFailed(m) => {
-                m.clone()
-            }
+            Refusal::BadRequest(m)
+            | Refusal::StoreFull(m)
+            | Refusal::StoreUnavailable(m)
+            | Refusal::UpstreamFailed(m) => m.clone(),
             Refusal::MethodNotAllowed(m) => format!("The gateway does not proxy {m} requests."),
             Refusal::NoRoute => {
                 "No route matches this request and no default upstream is set.".into()

@@ -379,6 +379,27 @@ impl Engine {
         self.store.finish(&self.policy, committed, now, latency_us);
     }
 
+    /// What a client may see of `item`'s limit now (the admin API). In
+    /// fleet mode a blocking round trip; the local view if Redis is down.
+    pub fn usage(&self, item: &Item, now: Nanos) -> tollgate_core::algo::Usage {
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.shared {
+            if let Ok(usage) = shared.usage_blocking(&self.policy, item, now) {
+                return usage;
+            }
+        }
+        self.store.usage(self.local_policy(), item, now)
+    }
+
+    /// Settle a decision where it was made: in process if `local`.
+    pub fn finish_where(&self, committed: &[Item], now: Nanos, latency_us: u64, local: bool) {
+        if local {
+            self.finish_local(committed, now, latency_us);
+        } else {
+            self.finish_committed(committed, now, latency_us);
+        }
+    }
+
     /// Settle a decision made in process (`decide_where` said so).
     pub fn finish_local(&self, committed: &[Item], now: Nanos, latency_us: u64) {
         self.store

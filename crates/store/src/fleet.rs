@@ -80,6 +80,19 @@ impl Shared {
         self.health.note(result)
     }
 
+    pub(crate) fn usage_blocking(
+        &self,
+        policy: &Policy,
+        item: &Item,
+        now: Nanos,
+    ) -> Result<tollgate_core::algo::Usage, String> {
+        let result = self
+            .redis
+            .usage_blocking(policy, std::slice::from_ref(item), now)
+            .map(|u| u.first().copied().unwrap_or_default());
+        self.health.note(result)
+    }
+
     pub(crate) async fn finish(
         &self,
         policy: &Policy,

@@ -13,8 +13,8 @@
 //! started by scripts/test.sh, or one this test binary starts).
 
 use serde_json::json;
-use tollgate_core::{parse, Attrs, Decision, Nanos, NoProfiles, Policy, RequestError, Verdict};
 use tollgate_core::policy::RedisSettings;
+use tollgate_core::{parse, Attrs, Decision, Nanos, NoProfiles, Policy, RequestError, Verdict};
 use tollgate_store::redis::TimeSource;
 use tollgate_store::{Checked, Engine, EngineError, StoreError};
 
@@ -845,7 +845,8 @@ fn redis_decides_exactly_as_memory_under_random_traffic() {
                 }
             };
             assert_eq!(
-                m.decision, d.decision,
+                m.decision,
+                d.decision,
                 "step {step} at T0+{}ns, policy:\n{text}",
                 now - T0
             );

@@ -74,7 +74,9 @@ struct Conns {
 
 impl std::fmt::Debug for Conns {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Conns").field("url", &self.url).finish_non_exhaustive()
+        f.debug_struct("Conns")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
     }
 }
 
@@ -215,6 +217,26 @@ impl RedisStore {
     ) -> Result<Vec<Usage>, RedisError> {
         let invocation = self.invocation(policy, items, now, "0", Op::Usage);
         let reply: Vec<i64> = self.run(&invocation).await?;
+        let decision = decode(policy, items, &reply).map_err(|reason| self.bad_reply(reason))?;
+        Ok(decision
+            .outcomes
+            .iter()
+            .map(|o| Usage {
+                remaining: o.remaining,
+                reset: o.reset,
+            })
+            .collect())
+    }
+
+    /// `usage` over the blocking connection.
+    pub fn usage_blocking(
+        &self,
+        policy: &Policy,
+        items: &[Item],
+        now: Nanos,
+    ) -> Result<Vec<Usage>, RedisError> {
+        let invocation = self.invocation(policy, items, now, "0", Op::Usage);
+        let reply: Vec<i64> = self.run_blocking(&invocation)?;
         let decision = decode(policy, items, &reply).map_err(|reason| self.bad_reply(reason))?;
         Ok(decision
             .outcomes
@@ -523,7 +545,7 @@ pub fn check_policy(policy: &Policy) -> Result<(), RedisError> {
     };
     for limit in &policy.limits {
         let name = limit.name.as_str();
-        if limit.hold >= EXACT / 4 {
+        if limit.hold >= EXACT / 2 {
             return Err(too_long(name, "hold"));
         }
         for params in &limit.variants {
@@ -535,7 +557,7 @@ pub fn check_policy(policy: &Policy) -> Result<(), RedisError> {
             match params {
                 Params::Gcra(p) => {
                     let tau = p.tau();
-                    if tau >= EXACT / 4 {
+                    if tau.saturating_add(limit.hold) >= EXACT {
                         return Err(too_long(
                             name,
                             "capacity / refill (the time to refill a drained bucket)",

@@ -1,0 +1,268 @@
+//! Fleet mode for the gateway: several `tollgate serve` processes sharing one
+//! real redis-server, on loopback, with Redis killed and restarted mid-run.
+
+use std::io::{BufRead, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tollgate_testkit::RedisServer;
+
+/// A running `tollgate serve` and its proxy and admin addresses; killed on drop.
+struct Serve {
+    child: Child,
+    proxy: String,
+    admin: String,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config_file(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tollgate-fleet-gw-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+fn command(config: &std::path::Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    cmd.args(["serve", "--config", config.to_str().expect("utf8")])
+        .args([
+            "--demo-upstream",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+fn serve(config: &std::path::Path) -> Serve {
+    let mut child = command(config).spawn().expect("spawn serve");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    while !line.contains("tollgate serving on") {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).expect("log") > 0,
+            "serve exited early"
+        );
+    }
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in stderr.lines() {});
+    let addrs: Vec<String> = line
+        .split("http://")
+        .skip(1)
+        .map(|s| s.split([' ', ')']).next().expect("addr").to_string())
+        .collect();
+    Serve {
+        child,
+        proxy: addrs[0].clone(),
+        admin: addrs[1].clone(),
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection: (status, head and body).
+fn http(addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    let mut request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n"
+    );
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    (status, response)
+}
+
+fn metric(admin: &str, name: &str) -> f64 {
+    let (_, text) = http(admin, "/metrics", &[]);
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+}
+
+fn store(url: &str, extra: &str) -> String {
+    format!(
+        "[store]\nkind = \"redis\"\nurl = \"{url}\"\nprefix = \"{}\"\ntimeout = \"300ms\"\n{extra}\n",
+        tollgate_testkit::unique_prefix("gw")
+    )
+}
+
+/// Three gateways, one quota: together they admit exactly what one would,
+/// under concurrent load on all three; with Redis killed a `fail = "closed"`
+/// limit answers 503, and once Redis is back decisions are shared again.
+#[test]
+fn three_gateways_admit_exactly_one_quota_and_fail_closed_while_redis_is_down() {
+    let mut redis = RedisServer::start();
+    // 150 per tenant and a refill of one an hour: the count is exact for the
+    // test's duration. The second limit makes every decision two-limit.
+    let config = config_file(
+        "three.toml",
+        &format!(
+            "{}[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 150\nrefill = \"1/h\"\n\n[[limit]]\nname = \"all\"\nkey = [\"const:all\"]\nalgorithm = \"fixed_window\"\nevery = \"1d\"\nquota = 100000\n",
+            store(&redis.url(), "")
+        ),
+    );
+    let gateways: Vec<Serve> = (0..3).map(|_| serve(&config)).collect();
+    let admitted = std::sync::atomic::AtomicUsize::new(0);
+    let limited = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for g in &gateways {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..50 {
+                        match http(&g.proxy, "/v1/jobs", &[("x-tenant-id", "acme")]).0 {
+                            200 => admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                            429 => limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                            other => panic!("unexpected status {other}"),
+                        };
+                    }
+                });
+            }
+        }
+    });
+    // 600 requests over 3 processes and 12 connections at once: 150 admitted.
+    assert_eq!(
+        admitted.into_inner(),
+        150,
+        "zero over-admission across the fleet"
+    );
+    assert_eq!(limited.into_inner(), 450);
+
+    // Redis goes away: the limits fail closed (the default) with a 503.
+    redis.kill();
+    let (status, text) = http(&gateways[0].proxy, "/v1/jobs", &[("x-tenant-id", "other")]);
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("store_unavailable"), "{text}");
+    assert!(text.contains("fails closed"), "{text}");
+    assert_eq!(metric(&gateways[0].admin, "tollgate_store_up "), 0.0);
+
+    // Back (empty: nothing was persisted): decisions are shared again, with
+    // no restart of the gateways.
+    redis.restart();
+    let mut status = 0;
+    for _ in 0..100 {
+        status = http(&gateways[0].proxy, "/v1/jobs", &[("x-tenant-id", "other")]).0;
+        if status == 200 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(status, 200, "recovered once Redis answered again");
+    assert_eq!(metric(&gateways[0].admin, "tollgate_store_up "), 1.0);
+    assert!(metric(&gateways[0].admin, "tollgate_store_errors_total ") >= 1.0);
+    assert!(
+        metric(
+            &gateways[0].admin,
+            "tollgate_store_fail_total{mode=\"closed\"} "
+        ) >= 1.0
+    );
+}
+
+/// While Redis is down, `fail = "open"` admits (and counts it) and
+/// `fail = "local"` enforces this node's share in process.
+#[test]
+fn open_and_local_limits_keep_serving_while_redis_is_down() {
+    let mut redis = RedisServer::start();
+    let config = config_file(
+        "modes.toml",
+        &format!(
+            "{}[[limit]]\nname = \"per-tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 30\nrefill = \"1/h\"\nfail = \"local\"\n\n[[limit]]\nname = \"global\"\nkey = [\"const:all\"]\nalgorithm = \"token_bucket\"\ncapacity = 2\nrefill = \"1/d\"\nfail = \"open\"\n",
+            store(&redis.url(), "local_share = 0.34")
+        ),
+    );
+    let gateway = serve(&config);
+    let tenant = [("x-tenant-id", "acme")];
+    // Redis up: the global limit of 2 binds.
+    let up: Vec<u16> = (0..3)
+        .map(|_| http(&gateway.proxy, "/v1/jobs", &tenant).0)
+        .collect();
+    assert_eq!(up, [200, 200, 429]);
+
+    redis.kill();
+    // Down: global fails open; per-tenant is enforced here at 0.34 of 30 = 10.
+    let down: Vec<u16> = (0..14)
+        .map(|_| http(&gateway.proxy, "/v1/jobs", &tenant).0)
+        .collect();
+    assert_eq!(down.iter().filter(|&&s| s == 200).count(), 10, "{down:?}");
+    assert!(down[10..].iter().all(|&s| s == 429), "{down:?}");
+    assert_eq!(
+        metric(&gateway.admin, "tollgate_store_fail_total{mode=\"open\"} "),
+        14.0
+    );
+    assert_eq!(
+        metric(&gateway.admin, "tollgate_store_fail_total{mode=\"local\"} "),
+        14.0
+    );
+
+    // Back: requests admitted in the meantime are 200s either way, so
+    // watch the store come up, then see the shared limit bind again.
+    redis.restart();
+    for _ in 0..100 {
+        http(&gateway.proxy, "/v1/jobs", &[("x-tenant-id", "new")]);
+        if metric(&gateway.admin, "tollgate_store_up ") == 1.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(metric(&gateway.admin, "tollgate_store_up "), 1.0);
+    // Redis restarted empty; global (2) binds again in Redis.
+    let after: Vec<u16> = (0..3)
+        .map(|_| http(&gateway.proxy, "/v1/jobs", &[("x-tenant-id", "later")]).0)
+        .collect();
+    assert_eq!(
+        after[2], 429,
+        "the shared global limit binds again: {after:?}"
+    );
+}
+
+/// Wrong passwords, unreachable servers and malformed URLs stop `serve` at
+/// start with a message naming the store, never a panic.
+#[test]
+fn bad_redis_urls_and_passwords_are_clear_errors() {
+    let redis = RedisServer::start_with(Some("right-password"));
+    let limit =
+        "[[limit]]\nname = \"t\"\nalgorithm = \"token_bucket\"\ncapacity = 1\nrefill = \"1/s\"\n";
+    let cases = [
+        (
+            format!("redis://:wrong-password@127.0.0.1:{}", redis.port()),
+            "authentication failed",
+        ),
+        (
+            format!("redis://127.0.0.1:{}", tollgate_testkit::free_port()),
+            "[store]",
+        ),
+        ("redis://127.0.0.1:notaport".to_string(), "is not usable"),
+        ("http://127.0.0.1:6379".to_string(), "is not a Redis URL"),
+    ];
+    for (url, expected) in cases {
+        let config = config_file("bad.toml", &format!("{}{limit}", store(&url, "")));
+        let out = command(&config).output().expect("run serve");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{url}: serve must not start");
+        assert!(stderr.contains(expected), "{url}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{url}: {stderr}");
+        assert!(
+            !stderr.contains("wrong-password"),
+            "the password is never shown: {stderr}"
+        );
+    }
+}

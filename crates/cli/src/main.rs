@@ -77,9 +77,12 @@ enum Command {
         config: PathBuf,
         #[command(flatten)]
         jobs: comply::JobArgs,
-        /// The state directory (SQLite state, results.jsonl).
-        #[arg(long, default_value = ".tollgate")]
-        state: PathBuf,
+        /// The state directory (SQLite state, results.jsonl; default
+        /// .tollgate). Not with a fleet config ([store] kind = "redis").
+        #[arg(long)]
+        state: Option<PathBuf>,
+        #[command(flatten)]
+        fleet: comply::FleetArgs,
         #[arg(long, value_enum, default_value = "auto")]
         progress: comply::Progress,
         /// After Ctrl-C, how long requests in flight may take to finish.
@@ -102,6 +105,15 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         command: comply::DlqCommand,
+    },
+    /// Every finished job's result line (as in results.jsonl), from a
+    /// state directory or a fleet's queue in Redis.
+    Results {
+        #[command(flatten)]
+        from: comply::StoreArgs,
+        /// Write here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// The bundled profiles of the APIs tollgate knows.
     Profiles {
@@ -150,12 +162,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             config,
             jobs,
             state,
+            fleet,
             progress,
             grace,
         } => comply::run(
             &config,
             &jobs,
-            &state,
+            state.as_deref(),
+            &fleet,
             progress,
             duration(&grace, "--grace")?,
         ),
@@ -166,6 +180,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => comply::plan(&config, &jobs, duration(&latency, "--latency")?)
             .map(|()| ExitCode::SUCCESS),
         Command::Dlq { command } => comply::dlq(command),
+        Command::Results { from, out } => comply::results(&from, out.as_deref()),
         command => other(command).map(|()| ExitCode::SUCCESS),
     }
 }
@@ -181,6 +196,9 @@ fn other(command: Command) -> Result<()> {
             }
             // Exactly what `serve` loads: the limits and the gateway's tables.
             let policy = load_policy(&tollgate_gateway::Source::File(config.clone()))?;
+            // Fleet mode: the limits the Redis store cannot run exactly.
+            tollgate_store::redis::check_policy(&policy)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
             let names: Vec<_> = policy
                 .limits
                 .iter()
@@ -230,7 +248,9 @@ fn other(command: Command) -> Result<()> {
             admin,
             access_log,
         } => serve(policy, upstream, demo_upstream, listen, admin, access_log),
-        Command::Run { .. } | Command::Plan { .. } | Command::Dlq { .. } => unreachable!("handled in run"),
+        Command::Run { .. } | Command::Plan { .. } | Command::Dlq { .. } | Command::Results { .. } => {
+            unreachable!("handled in run")
+        }
         Command::Profiles { command } => match command {
             ProfilesCommand::List => {
                 for p in tollgate_profiles::list() {

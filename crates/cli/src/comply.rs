@@ -6,9 +6,17 @@ use std::io::{self, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
+use tollgate_core::policy::RedisSettings;
 use tollgate_core::Clock;
-use tollgate_egress::{run::human, Options, ProgressMode, Routed, RunnerConfig, State};
+use tollgate_egress::fleet::{FleetOptions, Queue};
+use tollgate_egress::state::DeadLetter;
+use tollgate_egress::{run::human, Options, ProgressMode, Routed, RunnerConfig, State, Summary};
 use tollgate_store::TokioClock;
+
+/// The state directory of a runner on its own, when none is given.
+const DEFAULT_STATE: &str = ".tollgate";
+/// The fleet queue, when none is given.
+const DEFAULT_QUEUE: &str = "default";
 
 /// Where the jobs come from: a JSONL file, or records cut by a bulk template.
 #[derive(clap::Args, Debug)]
@@ -22,6 +30,34 @@ pub struct JobArgs {
     /// The [[upstream.bulk]] template that turns records into calls.
     #[arg(long, requires = "records")]
     pub bulk: Option<String>,
+}
+
+/// `run`'s fleet-mode flags (a config with `[store] kind = "redis"`).
+#[derive(clap::Args, Debug)]
+pub struct FleetArgs {
+    /// Fleet mode: the job queue in Redis; runners given the same queue
+    /// share one job set (default "default").
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Fleet mode: how long a runner holds a job without renewing its lease;
+    /// a runner that dies leaves its jobs to the others after this long.
+    #[arg(long, default_value = "30s")]
+    pub lease: String,
+}
+
+/// Where a run's jobs, results and dead letters are: a state directory, or
+/// the queue in Redis of a fleet config.
+#[derive(clap::Args, Debug)]
+pub struct StoreArgs {
+    /// A fleet config ([store] kind = "redis"): read its queue in Redis.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The fleet queue (with --config; default "default").
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// The state directory of a runner on its own (default .tollgate).
+    #[arg(long)]
+    pub state: Option<PathBuf>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -104,16 +140,51 @@ fn read_jobs(args: &JobArgs, config: &RunnerConfig) -> Result<Option<Vec<Routed>
     })
 }
 
-/// `tollgate run`: queue the jobs in the state, then send every pending one.
+/// `tollgate run`: queue the jobs in the state (or the fleet's queue), then
+/// send every pending one.
 pub fn run(
     config_path: &Path,
     jobs: &JobArgs,
-    state_dir: &Path,
+    state_dir: Option<&Path>,
+    fleet: &FleetArgs,
     progress: Progress,
     grace: Duration,
 ) -> Result<ExitCode> {
     let config = load_config(config_path)?;
     let routed = read_jobs(jobs, &config)?;
+    if let Some(settings) = config.redis() {
+        if let Some(dir) = state_dir {
+            bail!(
+                "--state {} is for a runner on its own; {} has [store] kind = \"redis\", so the jobs live in Redis (use --queue NAME to keep job sets apart)",
+                dir.display(),
+                config_path.display()
+            );
+        }
+        let queue = queue_name(fleet.queue.as_deref())?;
+        let lease = parse_duration(&fleet.lease, "--lease")?;
+        let settings = settings.clone();
+        let prepare = match routed {
+            Some(routed) => Prepare::Import(routed),
+            None => Prepare::Nothing,
+        };
+        return run_fleet(
+            &config,
+            config_path,
+            &settings,
+            &queue,
+            prepare,
+            lease,
+            progress,
+            grace,
+        );
+    }
+    if fleet.queue.is_some() {
+        bail!(
+            "--queue is for fleet mode: {} has no [store] kind = \"redis\"",
+            config_path.display()
+        );
+    }
+    let state_dir = state_dir.unwrap_or(Path::new(DEFAULT_STATE));
     let mut state = State::open(state_dir)?;
     if let Some(routed) = &routed {
         let (added, already) = state.import(routed, &config)?;
@@ -130,6 +201,133 @@ pub fn run(
     execute(&config, &state, config_path, progress, grace)
 }
 
+fn parse_duration(text: &str, flag: &str) -> Result<Duration> {
+    tollgate_core::units::parse_duration(text)
+        .map(Duration::from_nanos)
+        .map_err(|e| anyhow::anyhow!("{flag} '{text}': {e}"))
+}
+
+/// A queue name is part of Redis key names: letters, digits, `-`, `_`, `.`.
+fn queue_name(name: Option<&str>) -> Result<String> {
+    let name = name.unwrap_or(DEFAULT_QUEUE);
+    if name.is_empty()
+        || name.len() > 100
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        bail!("--queue '{name}': use 1 to 100 letters, digits, '-', '_' or '.'");
+    }
+    Ok(name.to_string())
+}
+
+fn options(progress: Progress, grace: Duration) -> Options {
+    Options {
+        progress: match progress {
+            Progress::Auto => ProgressMode::Auto,
+            Progress::Lines => ProgressMode::Lines,
+            Progress::Quiet => ProgressMode::Quiet,
+        },
+        grace,
+        ..Options::default()
+    }
+}
+
+/// What a fleet run does with the queue before it works it.
+enum Prepare {
+    Import(Vec<Routed>),
+    /// `dlq retry`: these dead letters (all when empty) are queued again.
+    Requeue(Vec<String>),
+    Nothing,
+}
+
+/// Fleet mode: prepare the queue, then work it with the other runners and
+/// print this runner's summary and the queue's.
+#[allow(clippy::too_many_arguments)]
+fn run_fleet(
+    config: &RunnerConfig,
+    config_path: &Path,
+    settings: &RedisSettings,
+    name: &str,
+    prepare: Prepare,
+    lease: Duration,
+    progress: Progress,
+    grace: Duration,
+) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let summary: Summary = runtime.block_on(async {
+        let queue = Queue::connect(settings, name).await?;
+        match prepare {
+            Prepare::Import(routed) => {
+                let (added, already) = queue.import(&routed, config).await?;
+                eprintln!(
+                    "tollgate run: {added} job(s) queued in queue '{name}' at {}{}",
+                    queue.url(),
+                    if already > 0 {
+                        format!(" ({already} already there, left as they were)")
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            Prepare::Requeue(ids) => {
+                let (requeued, unknown) = queue.requeue_dead(&ids).await?;
+                if !unknown.is_empty() {
+                    eprintln!(
+                        "not dead letters (left as they are): {}",
+                        unknown.join(", ")
+                    );
+                }
+                eprintln!(
+                    "tollgate dlq: {} dead letter(s) queued again",
+                    requeued.len()
+                );
+            }
+            Prepare::Nothing => {}
+        }
+        let summary = tollgate_egress::fleet::run(
+            config,
+            &queue,
+            TokioClock::system(),
+            options(progress, grace),
+            FleetOptions { lease },
+            crate::shutdown_signal(),
+        )
+        .await?;
+        anyhow::Ok(summary)
+    })?;
+    println!("tollgate run: {}", summary.describe());
+    let args = format!(
+        "--config {}{}",
+        config_path.display(),
+        if name == DEFAULT_QUEUE {
+            String::new()
+        } else {
+            format!(" --queue {name}")
+        }
+    );
+    println!("results: tollgate results {args}");
+    let totals = summary.fleet.clone().unwrap_or_default();
+    if summary.interrupted {
+        println!(
+            "stopped; {} job(s) of the queue are not finished: other runners go on with them, or resume with: tollgate run {args}",
+            totals.pending
+        );
+        return Ok(ExitCode::from(130));
+    }
+    if totals.dead > 0 {
+        println!(
+            "{} dead letter(s): tollgate dlq list {args}; re-run them with tollgate dlq retry --all {args}",
+            totals.dead
+        );
+        return Ok(ExitCode::from(2));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Send every pending job of the state and print the summary.
 fn execute(
     config: &RunnerConfig,
@@ -142,15 +340,7 @@ fn execute(
     if pending == 0 {
         eprintln!("tollgate run: nothing pending in {}", state.dir().display());
     }
-    let options = Options {
-        progress: match progress {
-            Progress::Auto => ProgressMode::Auto,
-            Progress::Lines => ProgressMode::Lines,
-            Progress::Quiet => ProgressMode::Quiet,
-        },
-        grace,
-        ..Options::default()
-    };
+    let options = options(progress, grace);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -227,14 +417,14 @@ pub fn plan(config_path: &Path, jobs: &JobArgs, latency: Duration) -> Result<()>
 pub enum DlqCommand {
     /// One line per dead letter: id, upstream, attempts, status, reason.
     List {
-        #[arg(long, default_value = ".tollgate")]
-        state: PathBuf,
+        #[command(flatten)]
+        from: StoreArgs,
     },
     /// A dead letter in full: the request, its reason, the response's start.
     Show {
         id: String,
-        #[arg(long, default_value = ".tollgate")]
-        state: PathBuf,
+        #[command(flatten)]
+        from: StoreArgs,
     },
     /// Queue dead letters again (fresh attempts) and run them now.
     Retry {
@@ -244,37 +434,119 @@ pub enum DlqCommand {
         all: bool,
         #[arg(long)]
         config: PathBuf,
-        #[arg(long, default_value = ".tollgate")]
-        state: PathBuf,
+        /// The state directory of a runner on its own (default .tollgate).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// The fleet queue (a config with [store] kind = "redis").
+        #[arg(long)]
+        queue: Option<String>,
         #[arg(long, value_enum, default_value = "auto")]
         progress: Progress,
     },
     /// Write dead letters as job lines (`--jobs` reads them back), each with
     /// a `dead_letter` field saying why.
     Export {
-        #[arg(long, default_value = ".tollgate")]
-        state: PathBuf,
+        #[command(flatten)]
+        from: StoreArgs,
         /// Write here instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
     },
 }
 
-pub fn dlq(command: DlqCommand) -> Result<ExitCode> {
-    let exists = |dir: &Path| -> Result<()> {
-        if !dir.join("state.sqlite").exists() {
-            bail!("no tollgate state in {} (give --state DIR)", dir.display());
+/// Where `dlq` and `results` read.
+enum Where {
+    State(PathBuf),
+    Fleet {
+        settings: RedisSettings,
+        queue: String,
+    },
+}
+
+/// A state directory, or the fleet queue of `--config`. The config's
+/// `${VAR}`s need not be set: nothing is sent.
+fn locate(from: &StoreArgs) -> Result<Where> {
+    let state = || {
+        from.state
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE))
+    };
+    let Some(path) = &from.config else {
+        if from.queue.is_some() {
+            bail!("--queue needs --config with [store] kind = \"redis\" (the fleet's config)");
         }
-        Ok(())
+        return Ok(Where::State(state()));
     };
-    // Reading never takes the state from a run that owns it.
-    let open = |dir: &Path| -> Result<State> {
-        exists(dir)?;
-        Ok(State::open_read_only(dir)?)
-    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config {}", path.display()))?;
+    let config = tollgate_egress::parse_config(&text, &tollgate_profiles::Bundled, &|name| {
+        Some(std::env::var(name).unwrap_or_default())
+    })
+    .with_context(|| path.display().to_string())?;
+    match config.redis() {
+        Some(settings) => {
+            if let Some(dir) = &from.state {
+                bail!(
+                    "give --state {} or a fleet --config, not both: {} has [store] kind = \"redis\"",
+                    dir.display(),
+                    path.display()
+                );
+            }
+            Ok(Where::Fleet {
+                settings: settings.clone(),
+                queue: queue_name(from.queue.as_deref())?,
+            })
+        }
+        None if from.queue.is_some() => bail!(
+            "--queue is for fleet mode: {} has no [store] kind = \"redis\"",
+            path.display()
+        ),
+        None => Ok(Where::State(state())),
+    }
+}
+
+/// Run `f` on the fleet's queue, on a small runtime of its own.
+fn with_queue<T>(
+    settings: &RedisSettings,
+    name: &str,
+    f: impl AsyncFnOnce(&Queue) -> Result<T>,
+) -> Result<T> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let queue = Queue::connect(settings, name).await?;
+        f(&queue).await
+    })
+}
+
+fn state_exists(dir: &Path) -> Result<()> {
+    if !dir.join("state.sqlite").exists() {
+        bail!("no tollgate state in {} (give --state DIR)", dir.display());
+    }
+    Ok(())
+}
+
+/// Reading never takes the state from a run that owns it.
+fn open_read_only(dir: &Path) -> Result<State> {
+    state_exists(dir)?;
+    Ok(State::open_read_only(dir)?)
+}
+
+fn dead_letters(from: &StoreArgs) -> Result<Vec<DeadLetter>> {
+    match locate(from)? {
+        Where::State(dir) => Ok(open_read_only(&dir)?.dead_letters()?),
+        Where::Fleet { settings, queue } => {
+            with_queue(&settings, &queue, async |q| Ok(q.dead_letters().await?))
+        }
+    }
+}
+
+pub fn dlq(command: DlqCommand) -> Result<ExitCode> {
     match command {
-        DlqCommand::List { state } => {
-            let letters = open(&state)?.dead_letters()?;
+        DlqCommand::List { from } => {
+            let letters = dead_letters(&from)?;
             for d in &letters {
                 println!(
                     "{}\t{}\tattempts={}\tstatus={}\t{}",
@@ -287,14 +559,28 @@ pub fn dlq(command: DlqCommand) -> Result<ExitCode> {
             }
             eprintln!("{} dead letter(s)", letters.len());
         }
-        DlqCommand::Show { id, state } => {
-            let state = open(&state)?;
-            match state.dead_letter(&id)? {
-                Some(d) => println!("{}", serde_json::to_string_pretty(&d)?),
-                None => match state.job_state(&id)? {
-                    Some(s) => bail!("job '{id}' is not a dead letter (it is {s})"),
-                    None => bail!("no job '{id}' in {}", state.dir().display()),
-                },
+        DlqCommand::Show { id, from } => {
+            let (letter, job_state, place) = match locate(&from)? {
+                Where::State(dir) => {
+                    let state = open_read_only(&dir)?;
+                    (
+                        state.dead_letter(&id)?,
+                        state.job_state(&id)?,
+                        dir.display().to_string(),
+                    )
+                }
+                Where::Fleet { settings, queue } => with_queue(&settings, &queue, async |q| {
+                    Ok((
+                        q.dead_letter(&id).await?,
+                        q.job_state(&id).await?,
+                        format!("queue '{}' at {}", q.name(), q.url()),
+                    ))
+                })?,
+            };
+            match (letter, job_state) {
+                (Some(d), _) => println!("{}", serde_json::to_string_pretty(&d)?),
+                (None, Some(s)) => bail!("job '{id}' is not a dead letter (it is {s})"),
+                (None, None) => bail!("no job '{id}' in {place}"),
             }
         }
         DlqCommand::Retry {
@@ -302,13 +588,43 @@ pub fn dlq(command: DlqCommand) -> Result<ExitCode> {
             all,
             config,
             state,
+            queue,
             progress,
         } => {
             if ids.is_empty() && !all {
                 bail!("name the dead letters to retry, or give --all");
             }
             let runner = load_config(&config)?;
-            exists(&state)?;
+            let grace = Duration::from_secs(10);
+            if let Some(settings) = runner.redis() {
+                if let Some(dir) = &state {
+                    bail!(
+                        "give --state {} or a fleet --config, not both: {} has [store] kind = \"redis\"",
+                        dir.display(),
+                        config.display()
+                    );
+                }
+                let name = queue_name(queue.as_deref())?;
+                let settings = settings.clone();
+                return run_fleet(
+                    &runner,
+                    &config,
+                    &settings,
+                    &name,
+                    Prepare::Requeue(ids),
+                    FleetOptions::default().lease,
+                    progress,
+                    grace,
+                );
+            }
+            if queue.is_some() {
+                bail!(
+                    "--queue is for fleet mode: {} has no [store] kind = \"redis\"",
+                    config.display()
+                );
+            }
+            let state = state.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE));
+            state_exists(&state)?;
             let mut opened = State::open(&state)?;
             let (requeued, unknown) = opened.requeue_dead(&ids)?;
             if !unknown.is_empty() {
@@ -321,51 +637,81 @@ pub fn dlq(command: DlqCommand) -> Result<ExitCode> {
                 "tollgate dlq: {} dead letter(s) queued again",
                 requeued.len()
             );
-            return execute(&runner, &opened, &config, progress, Duration::from_secs(10));
+            return execute(&runner, &opened, &config, progress, grace);
         }
-        DlqCommand::Export { state, out } => {
-            let letters = open(&state)?.dead_letters()?;
-            let mut output: Box<dyn Write> = match &out {
-                Some(path) => Box::new(
-                    File::create(path)
-                        .with_context(|| format!("cannot write {}", path.display()))?,
-                ),
-                None => Box::new(io::stdout().lock()),
-            };
+        DlqCommand::Export { from, out } => {
+            let letters = dead_letters(&from)?;
+            let mut output = output(out.as_deref())?;
             for d in &letters {
-                let mut line = serde_json::json!({
-                    "id": d.job.id,
-                    "method": d.job.method,
-                    "url": d.job.url,
-                    "priority": d.job.priority,
-                    "idempotency_key": d.job.idempotency_key,
-                    "dead_letter": { "reason": d.reason, "status": d.status, "attempts": d.attempts },
-                });
-                if !d.job.headers.is_empty() {
-                    line["headers"] = d
-                        .job
-                        .headers
-                        .iter()
-                        .map(|(k, v)| (k.clone(), serde_json::Value::from(v.clone())))
-                        .collect::<serde_json::Map<_, _>>()
-                        .into();
-                }
-                if let Some(w) = &d.job.workflow {
-                    line["workflow"] = w.clone().into();
-                }
-                match (&d.job.body, d.job.json) {
-                    (Some(body), true) => {
-                        line["body"] =
-                            serde_json::from_str(body).unwrap_or_else(|_| body.clone().into());
-                    }
-                    (Some(body), false) => line["body_text"] = body.clone().into(),
-                    (None, _) => {}
-                }
-                writeln!(output, "{line}")?;
+                writeln!(output, "{}", export_line(d))?;
             }
             output.flush()?;
             eprintln!("{} dead letter(s) exported", letters.len());
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `tollgate results`: every finished job's current result line.
+pub fn results(from: &StoreArgs, out: Option<&Path>) -> Result<ExitCode> {
+    let lines = match locate(from)? {
+        Where::State(dir) => {
+            state_exists(&dir)?;
+            let path = dir.join("results.jsonl");
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            text.lines().map(str::to_owned).collect::<Vec<_>>()
+        }
+        Where::Fleet { settings, queue } => {
+            with_queue(&settings, &queue, async |q| Ok(q.results().await?))?
+        }
+    };
+    let mut output = output(out)?;
+    for line in &lines {
+        writeln!(output, "{line}")?;
+    }
+    output.flush()?;
+    eprintln!("{} result(s)", lines.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn output(out: Option<&Path>) -> Result<Box<dyn Write>> {
+    Ok(match out {
+        Some(path) => Box::new(
+            File::create(path).with_context(|| format!("cannot write {}", path.display()))?,
+        ),
+        None => Box::new(io::stdout().lock()),
+    })
+}
+
+/// A dead letter as a job line that `--jobs` reads back.
+fn export_line(d: &DeadLetter) -> serde_json::Value {
+    let mut line = serde_json::json!({
+        "id": d.job.id,
+        "method": d.job.method,
+        "url": d.job.url,
+        "priority": d.job.priority,
+        "idempotency_key": d.job.idempotency_key,
+        "dead_letter": { "reason": d.reason, "status": d.status, "attempts": d.attempts },
+    });
+    if !d.job.headers.is_empty() {
+        line["headers"] = d
+            .job
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::from(v.clone())))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+    }
+    if let Some(w) = &d.job.workflow {
+        line["workflow"] = w.clone().into();
+    }
+    match (&d.job.body, d.job.json) {
+        (Some(body), true) => {
+            line["body"] = serde_json::from_str(body).unwrap_or_else(|_| body.clone().into());
+        }
+        (Some(body), false) => line["body_text"] = body.clone().into(),
+        (None, _) => {}
+    }
+    line
 }

@@ -10,7 +10,9 @@
 //! - `state`: SQLite state, results.jsonl, dead letters.
 //! - `plan`: the least time the limits allow, on a virtual clock.
 //! - `run`: the tokio driver.
+//! - `fleet`: fleet mode: N runners, one job queue and one quota in Redis.
 
+pub mod fleet;
 pub mod job;
 pub mod plan;
 pub mod run;
@@ -20,6 +22,6 @@ pub mod signals;
 pub mod state;
 
 pub use job::{read_bulk, read_jobs, Job, JobsError, Priority, Routed};
-pub use run::{run, Options, ProgressMode, RunError, Summary};
+pub use run::{run, FleetTotals, Options, ProgressMode, RunError, Summary};
 pub use settings::{parse as parse_config, RunnerConfig, Upstream};
 pub use state::State;

@@ -67,6 +67,19 @@ pub enum RunError {
     Writer(StateError),
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
+    #[error(transparent)]
+    Queue(#[from] crate::fleet::QueueError),
+    #[error("queue '{queue}' has {jobs} unfinished job(s) for upstream '{upstream}', which this config does not have; run them with a config that has it (or use another --queue)")]
+    FleetUnknownUpstream {
+        queue: String,
+        upstream: String,
+        jobs: u64,
+    },
+    #[error("upstream '{upstream}': {source}")]
+    Engine {
+        upstream: String,
+        source: tollgate_store::EngineError,
+    },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -89,6 +102,26 @@ pub struct Summary {
     /// Stopped by Ctrl-C: `pending` jobs are left for the next run.
     pub interrupted: bool,
     pub pending: u64,
+    /// Fleet mode: the whole queue's figures (this summary's upstreams are
+    /// this runner's share).
+    pub fleet: Option<FleetTotals>,
+}
+
+/// A fleet queue at the end of one runner's run.
+#[derive(Debug, Clone, Default)]
+pub struct FleetTotals {
+    pub queue: String,
+    pub jobs: u64,
+    pub done: u64,
+    pub dead: u64,
+    /// Not finished: pending, or leased by a runner.
+    pub pending: u64,
+    /// Results this runner had but another runner had recorded first
+    /// (a job taken over after its lease expired): not recorded twice.
+    pub duplicates: u64,
+    /// Outcomes still in memory when the run stopped (Redis unreachable):
+    /// their jobs' leases expire and they are sent again.
+    pub unwritten: u64,
 }
 
 impl Summary {
@@ -115,6 +148,11 @@ impl Summary {
     /// the calls made, over the time they took. None when the limits never
     /// made a call wait (a job within the burst has no rate to compare).
     pub fn utilisation(&self) -> Option<f64> {
+        // In a fleet the quota is shared: one runner's calls say nothing
+        // of how well the quota was used.
+        if self.fleet.is_some() {
+            return None;
+        }
         let shortest = self.upstreams.iter().map(|u| u.shortest).max()?;
         (shortest >= Duration::from_millis(100) && !self.elapsed.is_zero())
             .then(|| (shortest.as_secs_f64() / self.elapsed.as_secs_f64()).min(1.0))
@@ -138,9 +176,14 @@ impl Summary {
             human(self.elapsed),
             per_minute,
         );
-        match self.utilisation() {
-            Some(u) => text.push_str(&format!(", quota utilisation {:.1}%", u * 100.0)),
-            None => text.push_str(", quota utilisation n/a (the limits never made a call wait)"),
+        match (self.utilisation(), &self.fleet) {
+            (Some(u), _) => text.push_str(&format!(", quota utilisation {:.1}%", u * 100.0)),
+            (None, Some(_)) => {
+                text.push_str(", quota utilisation n/a (fleet mode: the quota is shared)")
+            }
+            (None, None) => {
+                text.push_str(", quota utilisation n/a (the limits never made a call wait)")
+            }
         }
         for u in &self.upstreams {
             text.push_str(&format!(
@@ -154,6 +197,24 @@ impl Summary {
                 human(u.shortest),
                 u.binding.as_deref().map(|b| format!(" (binding: {b})")).unwrap_or_default()
             ));
+        }
+        if let Some(f) = &self.fleet {
+            text.push_str(&format!(
+                "\nqueue '{}' (all runners): {} job(s), {} done, {} dead-lettered, {} not finished",
+                f.queue, f.jobs, f.done, f.dead, f.pending
+            ));
+            if f.duplicates > 0 {
+                text.push_str(&format!(
+                    "; {} result(s) of this runner were already recorded by another (a lease taken over) and were not recorded twice",
+                    f.duplicates
+                ));
+            }
+            if f.unwritten > 0 {
+                text.push_str(&format!(
+                    "; {} outcome(s) could not be written to Redis: their jobs will be sent again",
+                    f.unwritten
+                ));
+            }
         }
         text
     }
@@ -176,21 +237,299 @@ pub fn human(d: Duration) -> String {
 
 /// A job being worked on.
 #[derive(Debug)]
-struct Active {
-    upstream: usize,
-    job: Arc<Job>,
+pub(crate) struct Active {
+    pub(crate) upstream: usize,
+    pub(crate) job: Arc<Job>,
     /// The job's limits, noted at each send for the utilisation estimate.
-    items: Arc<Vec<Item>>,
-    first_sent: Option<Nanos>,
-    sent: Nanos,
+    pub(crate) items: Arc<Vec<Item>>,
+    pub(crate) first_sent: Option<Nanos>,
+    pub(crate) sent: Nanos,
     /// Attempts made, this run and before.
-    attempts: u32,
+    pub(crate) attempts: u32,
 }
 
-struct Completion {
-    seq: u64,
+impl Active {
+    pub(crate) fn new(upstream: usize, job: Job, items: Vec<Item>, attempts: u32) -> Self {
+        Active {
+            upstream,
+            job: Arc::new(job),
+            items: Arc::new(items),
+            first_sent: None,
+            sent: 0,
+            attempts,
+        }
+    }
+}
+
+pub(crate) struct Completion {
+    pub(crate) seq: u64,
     reply: Reply,
     body: Option<bytes::Bytes>,
+}
+
+/// Where a run's records go: the SQLite writer, or the fleet's Redis queue.
+pub(crate) trait Sink {
+    /// `a` is the job the record is about (still known to the driver).
+    fn record(&self, a: &Active, record: Record);
+}
+
+impl Sink for Writer {
+    fn record(&self, _: &Active, record: Record) {
+        Writer::record(self, record);
+    }
+}
+
+/// What both runs share: the schedulers, the jobs being worked on, the
+/// requests in flight and their replies. The run around it decides where
+/// jobs come from and where outcomes go.
+pub(crate) struct Driver<'a> {
+    pub(crate) config: &'a RunnerConfig,
+    pub(crate) clock: TokioClock,
+    pub(crate) schedulers: Vec<Scheduler>,
+    pub(crate) active: HashMap<u64, Active>,
+    sent_calls: Vec<Vec<(Priority, Arc<Vec<Item>>)>>,
+    pub(crate) in_flight: HashMap<u64, tokio::task::JoinHandle<()>>,
+    client: reqwest::Client,
+    tx: mpsc::UnboundedSender<Completion>,
+    pub(crate) rx: mpsc::UnboundedReceiver<Completion>,
+    pub(crate) progress: Progress,
+    /// Jobs dead-lettered before they reached a scheduler, per upstream.
+    early_dead: Vec<u64>,
+    pub(crate) start: Nanos,
+    pub(crate) last_reply: Nanos,
+}
+
+impl<'a> Driver<'a> {
+    pub(crate) fn new(
+        config: &'a RunnerConfig,
+        schedulers: Vec<Scheduler>,
+        clock: TokioClock,
+        progress: Progress,
+    ) -> Result<Self, RunError> {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(256)
+            .build()
+            .map_err(|e| RunError::Client(e.to_string()))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let start = clock.now();
+        Ok(Driver {
+            config,
+            clock,
+            schedulers,
+            active: HashMap::new(),
+            sent_calls: vec![Vec::new(); config.upstreams.len()],
+            in_flight: HashMap::new(),
+            client,
+            tx,
+            rx,
+            progress,
+            early_dead: vec![0; config.upstreams.len()],
+            start,
+            last_reply: start,
+        })
+    }
+
+    pub(crate) fn now(&self) -> Nanos {
+        self.clock.now()
+    }
+
+    /// Hand a job to its upstream's scheduler, or dead-letter it at once
+    /// when its limits cannot be planned.
+    pub(crate) fn admit(
+        &mut self,
+        seq: u64,
+        upstream: usize,
+        job: Job,
+        attempts: u32,
+        sink: &impl Sink,
+    ) {
+        match self.config.upstreams[upstream].items(&job) {
+            Ok(items) => {
+                self.schedulers[upstream].push(seq, job.priority, attempts, items.clone());
+                self.active
+                    .insert(seq, Active::new(upstream, job, items, attempts));
+            }
+            Err(reason) => self.dead_on_arrival(seq, upstream, job, attempts, reason, sink),
+        }
+    }
+
+    /// Dead-letter a job that never reached a scheduler.
+    pub(crate) fn dead_on_arrival(
+        &mut self,
+        seq: u64,
+        upstream: usize,
+        job: Job,
+        attempts: u32,
+        reason: String,
+        sink: &impl Sink,
+    ) {
+        let dead = Active::new(upstream, job, Vec::new(), attempts);
+        let now = self.now();
+        finish(
+            sink,
+            seq,
+            &dead,
+            self.config,
+            &Settled::Dead { reason },
+            None,
+            None,
+            now,
+        );
+        self.early_dead[upstream] += 1;
+        self.progress.finished(true);
+    }
+
+    /// Send what the schedulers allow now; the earliest instant something
+    /// may go next, if they are waiting for one.
+    pub(crate) fn dispatch(&mut self, now: Nanos, sink: &impl Sink) -> Option<Nanos> {
+        let mut wake: Option<Nanos> = None;
+        for u in 0..self.schedulers.len() {
+            loop {
+                match self.schedulers[u].next(now) {
+                    Next::Send { seq, attempt } => {
+                        let Some(a) = self.active.get_mut(&seq) else {
+                            continue;
+                        };
+                        a.first_sent.get_or_insert(now);
+                        a.sent = now;
+                        a.attempts = attempt;
+                        self.sent_calls[u].push((a.job.priority, a.items.clone()));
+                        let task = send(
+                            &self.client,
+                            &self.config.upstreams[u],
+                            &a.job,
+                            seq,
+                            self.clock.clone(),
+                            self.tx.clone(),
+                        );
+                        self.in_flight.insert(seq, tokio::spawn(task));
+                    }
+                    Next::Reject { seq, reason } => {
+                        if let Some(a) = self.active.remove(&seq) {
+                            finish(
+                                sink,
+                                seq,
+                                &a,
+                                self.config,
+                                &Settled::Dead { reason },
+                                None,
+                                None,
+                                now,
+                            );
+                            self.progress.finished(true);
+                        }
+                    }
+                    Next::Wait(at) => {
+                        wake = Some(wake.map_or(at, |w: Nanos| w.min(at)));
+                        break;
+                    }
+                    Next::Blocked | Next::Idle => break,
+                }
+            }
+            for event in self.schedulers[u].drain_events() {
+                self.progress
+                    .log(&describe_event(&self.config.upstreams[u].name, &event, now));
+            }
+        }
+        wake
+    }
+
+    /// Nothing queued, waiting out a backoff or in flight.
+    pub(crate) fn idle(&self) -> bool {
+        self.in_flight.is_empty() && self.schedulers.iter().all(|s| s.queued() == 0)
+    }
+
+    /// A reply: the scheduler decides what it means, and a final outcome is
+    /// recorded.
+    pub(crate) fn settle(&mut self, c: Completion, now: Nanos, sink: &impl Sink) {
+        self.in_flight.remove(&c.seq);
+        self.last_reply = now;
+        let Some(a) = self.active.get(&c.seq) else {
+            return;
+        };
+        let latency = Duration::from_nanos(now.saturating_sub(a.sent));
+        let settled = self.schedulers[a.upstream].complete(c.seq, &c.reply, latency, now);
+        if let Settled::Retry { .. } = settled {
+            sink.record(
+                a,
+                Record::Retry {
+                    seq: c.seq,
+                    attempts: a.attempts,
+                    sent_at: a.sent,
+                },
+            );
+            return;
+        }
+        let status = match c.reply {
+            Reply::Status { status, .. } => Some(status),
+            Reply::Failed { .. } => None,
+        };
+        let dead = matches!(settled, Settled::Dead { .. });
+        finish(
+            sink,
+            c.seq,
+            a,
+            self.config,
+            &settled,
+            status,
+            c.body.as_deref(),
+            now,
+        );
+        self.progress.finished(dead);
+        self.active.remove(&c.seq);
+    }
+
+    /// Abort what is still in flight (after the grace period); replies that
+    /// made it before count.
+    pub(crate) fn abort_in_flight(&mut self, sink: &impl Sink) {
+        for (_, task) in self.in_flight.drain() {
+            task.abort();
+        }
+        let now = self.now();
+        while let Ok(c) = self.rx.try_recv() {
+            self.settle(c, now, sink);
+        }
+    }
+
+    /// Per upstream: calls, outcomes and the least time the limits allow
+    /// for the calls made.
+    pub(crate) fn summary(self, interrupted: bool, pending: u64) -> Summary {
+        self.progress.done();
+        let elapsed = Duration::from_nanos(self.last_reply.saturating_sub(self.start));
+        let start = self.start;
+        let upstreams = self
+            .config
+            .upstreams
+            .iter()
+            .zip(&self.schedulers)
+            .zip(self.sent_calls)
+            .zip(self.early_dead)
+            .map(|(((u, s), calls), early_dead)| {
+                let c = s.counters();
+                let calls = calls.into_iter().map(|(p, items)| (p, items.to_vec()));
+                let estimate =
+                    plan::estimate(&u.policy, calls, start, Duration::ZERO, u.concurrency);
+                UpstreamSummary {
+                    name: u.name.clone(),
+                    calls: c.sent,
+                    done: c.done,
+                    dead: c.dead + early_dead,
+                    retried: c.retried,
+                    throttled: c.throttled,
+                    shortest: estimate.shortest,
+                    binding: s.binding_limit().map(str::to_owned),
+                }
+            })
+            .collect();
+        Summary {
+            upstreams,
+            elapsed,
+            interrupted,
+            pending,
+            fleet: None,
+        }
+    }
 }
 
 /// Run every pending job of `state` until each has a final outcome, or
@@ -228,7 +567,7 @@ pub async fn run(
             });
         }
     }
-    let mut schedulers: Vec<Scheduler> = config
+    let schedulers: Vec<Scheduler> = config
         .upstreams
         .iter()
         .enumerate()
@@ -244,235 +583,64 @@ pub async fn run(
         .collect();
     let writer = state.writer()?;
     let progress = Progress::new(options.progress, pending.len() as u64);
-    let mut sent_calls: Vec<Vec<(Priority, Arc<Vec<Item>>)>> =
-        vec![Vec::new(); config.upstreams.len()];
-    let mut active: HashMap<u64, Active> = HashMap::with_capacity(pending.len());
-    let start = clock.now();
-    replay_sends(config, state, &schedulers, &index, start)?;
-    let mut startup_dead = vec![0u64; config.upstreams.len()];
+    let mut driver = Driver::new(config, schedulers, clock, progress)?;
+    replay_sends(config, state, &driver.schedulers, &index, driver.start)?;
     for p in pending {
         let upstream = index[p.upstream.as_str()];
-        let u = &config.upstreams[upstream];
-        match u.items(&p.job) {
-            Ok(items) => {
-                schedulers[upstream].push(p.seq, p.job.priority, p.attempts, items.clone());
-                active.insert(
-                    p.seq,
-                    Active {
-                        upstream,
-                        job: Arc::new(p.job),
-                        items: Arc::new(items),
-                        first_sent: None,
-                        sent: 0,
-                        attempts: p.attempts,
-                    },
-                );
-            }
-            Err(reason) => {
-                let dead = Active {
-                    upstream,
-                    job: Arc::new(p.job),
-                    items: Arc::default(),
-                    first_sent: None,
-                    sent: 0,
-                    attempts: p.attempts,
-                };
-                finish(
-                    &writer,
-                    p.seq,
-                    &dead,
-                    config,
-                    &Settled::Dead { reason },
-                    None,
-                    None,
-                    start,
-                );
-                startup_dead[upstream] += 1;
-                progress.finished(true);
-            }
-        }
+        driver.admit(p.seq, upstream, p.job, p.attempts, &writer);
     }
 
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .pool_max_idle_per_host(256)
-        .build()
-        .map_err(|e| RunError::Client(e.to_string()))?;
-    let (tx, mut rx) = mpsc::unbounded_channel::<Completion>();
-    let mut in_flight = HashMap::new();
     let mut stopping = false;
     let mut deadline = None;
-    let mut last_reply = start;
     tokio::pin!(shutdown);
     let mut writer_failed = false;
     loop {
-        let now = clock.now();
+        let now = driver.now();
         let mut wake: Option<Nanos> = None;
         if !stopping && !writer.alive() {
             writer_failed = true;
             stopping = true;
             deadline = Some(tokio::time::Instant::now() + options.grace);
-            progress.log("the state writer stopped; sending no more");
+            driver
+                .progress
+                .log("the state writer stopped; sending no more");
         }
         if !stopping {
-            for (u, scheduler) in schedulers.iter_mut().enumerate() {
-                loop {
-                    match scheduler.next(now) {
-                        Next::Send { seq, attempt } => {
-                            let Some(a) = active.get_mut(&seq) else {
-                                continue;
-                            };
-                            a.first_sent.get_or_insert(now);
-                            a.sent = now;
-                            a.attempts = attempt;
-                            sent_calls[u].push((a.job.priority, a.items.clone()));
-                            let task = send(
-                                &client,
-                                &config.upstreams[u],
-                                &a.job,
-                                seq,
-                                clock.clone(),
-                                tx.clone(),
-                            );
-                            in_flight.insert(seq, tokio::spawn(task));
-                        }
-                        Next::Reject { seq, reason } => {
-                            if let Some(a) = active.remove(&seq) {
-                                finish(
-                                    &writer,
-                                    seq,
-                                    &a,
-                                    config,
-                                    &Settled::Dead { reason },
-                                    None,
-                                    None,
-                                    now,
-                                );
-                                progress.finished(true);
-                            }
-                        }
-                        Next::Wait(at) => {
-                            wake = Some(wake.map_or(at, |w: Nanos| w.min(at)));
-                            break;
-                        }
-                        Next::Blocked | Next::Idle => break,
-                    }
-                }
-                for event in scheduler.drain_events() {
-                    progress.log(&describe_event(&config.upstreams[u].name, &event, now));
-                }
-            }
+            wake = driver.dispatch(now, &writer);
         }
-        if in_flight.is_empty()
-            && (stopping || (wake.is_none() && schedulers.iter().all(|s| s.queued() == 0)))
-        {
+        if driver.in_flight.is_empty() && (stopping || (wake.is_none() && driver.idle())) {
             break;
         }
         tokio::select! {
-            Some(done) = rx.recv() => {
-                let now = clock.now();
-                last_reply = now;
+            Some(done) = driver.rx.recv() => {
+                let now = driver.now();
                 let mut next = Some(done);
                 while let Some(c) = next {
-                    in_flight.remove(&c.seq);
-                    settle(c, now, &mut active, &mut schedulers, &writer, config, &progress);
-                    next = rx.try_recv().ok();
+                    driver.settle(c, now, &writer);
+                    next = driver.rx.try_recv().ok();
                 }
             }
-            _ = sleep_until(&clock, wake), if wake.is_some() => {}
+            _ = sleep_until(&driver.clock, wake), if wake.is_some() => {}
             _ = &mut shutdown, if !stopping => {
                 stopping = true;
                 deadline = Some(tokio::time::Instant::now() + options.grace);
-                progress.log(&format!("stopping: waiting up to {} for {} request(s) in flight", human(options.grace), in_flight.len()));
+                driver.progress.log(&format!("stopping: waiting up to {} for {} request(s) in flight", human(options.grace), driver.in_flight.len()));
             }
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
-                for (_, task) in in_flight.drain() {
-                    task.abort();
-                }
-                // Replies that made it before the deadline still count.
-                let now = clock.now();
-                while let Ok(c) = rx.try_recv() {
-                    settle(c, now, &mut active, &mut schedulers, &writer, config, &progress);
-                }
+                driver.abort_in_flight(&writer);
                 break;
             }
         }
     }
-    progress.done();
+    let summary = driver.summary(stopping, 0);
     match writer.finish() {
         Err(e) if writer_failed => return Err(RunError::Writer(e)),
         other => other?,
     }
-    let elapsed = Duration::from_nanos(last_reply.saturating_sub(start));
-    let upstreams = config
-        .upstreams
-        .iter()
-        .zip(&schedulers)
-        .zip(sent_calls)
-        .zip(startup_dead)
-        .map(|(((u, s), calls), startup_dead)| {
-            let c = s.counters();
-            let calls = calls.into_iter().map(|(p, items)| (p, items.to_vec()));
-            let estimate = plan::estimate(&u.policy, calls, start, Duration::ZERO, u.concurrency);
-            UpstreamSummary {
-                name: u.name.clone(),
-                calls: c.sent,
-                done: c.done,
-                dead: c.dead + startup_dead,
-                retried: c.retried,
-                throttled: c.throttled,
-                shortest: estimate.shortest,
-                binding: s.binding_limit().map(str::to_owned),
-            }
-        })
-        .collect();
     Ok(Summary {
-        upstreams,
-        elapsed,
-        interrupted: stopping,
         pending: state.counts()?.pending,
+        ..summary
     })
-}
-
-/// A reply: the scheduler decides what it means, and a final outcome is
-/// recorded.
-fn settle(
-    c: Completion,
-    now: Nanos,
-    active: &mut HashMap<u64, Active>,
-    schedulers: &mut [Scheduler],
-    writer: &Writer,
-    config: &RunnerConfig,
-    progress: &Progress,
-) {
-    let Some(a) = active.get(&c.seq) else { return };
-    let latency = Duration::from_nanos(now.saturating_sub(a.sent));
-    let settled = schedulers[a.upstream].complete(c.seq, &c.reply, latency, now);
-    if let Settled::Retry { .. } = settled {
-        writer.record(Record::Retry {
-            seq: c.seq,
-            attempts: a.attempts,
-            sent_at: a.sent,
-        });
-        return;
-    }
-    let status = match c.reply {
-        Reply::Status { status, .. } => Some(status),
-        Reply::Failed { .. } => None,
-    };
-    let dead = matches!(settled, Settled::Dead { .. });
-    finish(
-        writer,
-        c.seq,
-        a,
-        config,
-        &settled,
-        status,
-        c.body.as_deref(),
-        now,
-    );
-    progress.finished(dead);
-    active.remove(&c.seq);
 }
 
 /// Longest any window looks back (a day's quota, a rolling 24 h); sends
@@ -508,7 +676,7 @@ fn replay_sends(
     Ok(())
 }
 
-async fn sleep_until(clock: &TokioClock, at: Option<Nanos>) {
+pub(crate) async fn sleep_until(clock: &TokioClock, at: Option<Nanos>) {
     if let Some(at) = at {
         tokio::time::sleep_until(clock.instant_at(at)).await;
     }
@@ -597,7 +765,7 @@ fn root_cause(e: &dyn std::error::Error) -> String {
 /// Record a final outcome with its `results.jsonl` line.
 #[allow(clippy::too_many_arguments)]
 fn finish(
-    writer: &Writer,
+    sink: &impl Sink,
     seq: u64,
     a: &Active,
     config: &RunnerConfig,
@@ -638,16 +806,19 @@ fn finish(
         body_bytes,
     };
     let line = serde_json::to_string(&line).unwrap_or_default();
-    writer.record(Record::Final {
-        seq,
-        dead,
-        attempts,
-        sent_at: (a.sent > 0).then_some(a.sent),
-        status,
-        reason,
-        excerpt: body.filter(|_| dead).map(excerpt),
-        line,
-    });
+    sink.record(
+        a,
+        Record::Final {
+            seq,
+            dead,
+            attempts,
+            sent_at: (a.sent > 0).then_some(a.sent),
+            status,
+            reason,
+            excerpt: body.filter(|_| dead).map(excerpt),
+            line,
+        },
+    );
 }
 
 /// One line of `results.jsonl`, fields in this order.
@@ -682,11 +853,15 @@ fn describe_event(upstream: &str, event: &Event, now: Nanos) -> String {
         ),
         Event::BreakerHalfOpen => format!("{upstream}: circuit breaker half-open, sending one probe"),
         Event::BreakerClosed => format!("{upstream}: circuit breaker closed, the upstream answers again"),
+        Event::StoreUnavailable { error } => format!(
+            "{upstream}: the shared store cannot decide ({error}); limits with fail = \"closed\" hold every send until it answers"
+        ),
+        Event::StoreBack => format!("{upstream}: the shared store decides again"),
     }
 }
 
 /// Progress: a bar on a terminal, a line every 500 jobs otherwise.
-struct Progress {
+pub(crate) struct Progress {
     mode: ProgressMode,
     bar: Option<indicatif::ProgressBar>,
     total: u64,
@@ -696,7 +871,7 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(mode: ProgressMode, total: u64) -> Self {
+    pub(crate) fn new(mode: ProgressMode, total: u64) -> Self {
         let bar = (mode == ProgressMode::Auto && std::io::stderr().is_terminal()).then(|| {
             let bar = indicatif::ProgressBar::new(total);
             bar.set_style(
@@ -717,7 +892,7 @@ impl Progress {
         }
     }
 
-    fn finished(&self, dead: bool) {
+    pub(crate) fn finished(&self, dead: bool) {
         let n = self.finished.get() + 1;
         self.finished.set(n);
         if dead {
@@ -742,7 +917,7 @@ impl Progress {
         }
     }
 
-    fn log(&self, line: &str) {
+    pub(crate) fn log(&self, line: &str) {
         match &self.bar {
             Some(bar) => bar.println(format!("tollgate run: {line}")),
             None if self.mode != ProgressMode::Quiet => eprintln!("tollgate run: {line}"),
@@ -750,7 +925,7 @@ impl Progress {
         }
     }
 
-    fn done(&self) {
+    pub(crate) fn done(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }

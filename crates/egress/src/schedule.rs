@@ -24,6 +24,10 @@ use tollgate_store::Engine;
 /// the engine should never answer), look again after this long rather than
 /// wait for a reply that cannot come.
 const IDLE_RECHECK: Nanos = 1_000_000_000;
+/// When the shared store (Redis) cannot answer for a limit with
+/// `fail = "closed"`, ask again after this long: the job waits, it is not
+/// a dead letter.
+const UNAVAILABLE_RECHECK: Nanos = 250_000_000;
 /// Exponential backoff stops doubling here (seed 002: "a maximum wait time
 /// (30-60 seconds)").
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -87,6 +91,12 @@ pub enum Event {
     },
     BreakerHalfOpen,
     BreakerClosed,
+    /// The shared store cannot decide (Redis down, a limit fails closed):
+    /// nothing is sent until it answers again.
+    StoreUnavailable {
+        error: String,
+    },
+    StoreBack,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +120,9 @@ struct Entry {
     /// the reply has rolled over, and the reply's count is of the old window.
     committed: Vec<(Item, u64)>,
     lane: usize,
+    /// Decided in process while the shared store was down (`fail =
+    /// "local"`): settled in process too.
+    local: bool,
     /// Order of sending: replies count only what reached the upstream
     /// before them, so requests sent after this one are not in its count.
     sent_order: u64,
@@ -163,6 +176,8 @@ pub struct Scheduler {
     sends: u64,
     /// Per limit: how often it was the one a lane head waited for.
     waits: Vec<u64>,
+    /// The shared store last said it cannot decide (logged once per outage).
+    store_down: bool,
 }
 
 impl Scheduler {
@@ -193,6 +208,7 @@ impl Scheduler {
             counters: Counters::default(),
             sends: 0,
             waits: vec![0; limits],
+            store_down: false,
         }
     }
 
@@ -233,6 +249,7 @@ impl Scheduler {
             items,
             committed: Vec::new(),
             lane,
+            local: false,
             sent_order: 0,
         });
     }
@@ -300,10 +317,24 @@ impl Scheduler {
             {
                 continue;
             }
-            let decision = match self.engine.decide(&head.items, now, false) {
+            let (decision, local) = match self.engine.decide_where(&head.items, now, false) {
                 Ok(d) => d,
+                Err(e) if store_unavailable(&e) => {
+                    // Not the job's fault: wait for the store, lose nothing.
+                    if !self.store_down {
+                        self.store_down = true;
+                        self.events.push(Event::StoreUnavailable {
+                            error: e.to_string(),
+                        });
+                    }
+                    return Next::Wait(now + UNAVAILABLE_RECHECK);
+                }
                 Err(e) => return self.reject(lane, e.to_string()),
             };
+            if self.store_down {
+                self.store_down = false;
+                self.events.push(Event::StoreBack);
+            }
             match decision.verdict {
                 Verdict::Admit { .. } => {
                     let committed = tollgate_store::committed(&head.items, &decision)
@@ -316,7 +347,7 @@ impl Scheduler {
                                 .map(|o| o.remaining),
                         )
                         .collect();
-                    return self.send(lane, committed);
+                    return self.send(lane, committed, local);
                 }
                 Verdict::Deny { limit, retry_after } => {
                     let item = &head.items[limit];
@@ -349,12 +380,13 @@ impl Scheduler {
         }
     }
 
-    fn send(&mut self, lane: usize, committed: Vec<(Item, u64)>) -> Next {
+    fn send(&mut self, lane: usize, committed: Vec<(Item, u64)>, local: bool) -> Next {
         let Some(mut entry) = self.pop(lane) else {
             return Next::Blocked;
         };
         entry.attempts += 1;
         entry.committed = committed;
+        entry.local = local;
         self.sends += 1;
         entry.sent_order = self.sends;
         if let Breaker::HalfOpen { probing } = &mut self.breaker {
@@ -399,7 +431,11 @@ impl Scheduler {
         let latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         let committed = std::mem::take(&mut entry.committed);
         let items: Vec<Item> = committed.iter().map(|(item, _)| item.clone()).collect();
-        self.engine.finish_committed(&items, now, latency_us);
+        if entry.local {
+            self.engine.finish_local(&items, now, latency_us);
+        } else {
+            self.engine.finish_committed(&items, now, latency_us);
+        }
         let (wait, reason) = match reply {
             Reply::Status {
                 status,
@@ -485,6 +521,30 @@ impl Scheduler {
         Settled::Retry { at }
     }
 
+    /// Drop a job that is queued or waiting out a backoff (fleet mode: its
+    /// lease went to another runner). False if it is not here, or in flight.
+    pub fn forget(&mut self, seq: u64) -> bool {
+        if self.backing_off.remove(&seq).is_some() {
+            // Its backoff heap entry finds nothing when it comes due.
+            return true;
+        }
+        let busy: Vec<usize> = self.busy.iter().copied().collect();
+        for lane in busy {
+            let found = self.lanes[lane]
+                .queues
+                .iter_mut()
+                .any(|q| q.remove(&seq).is_some());
+            if found {
+                self.queued -= 1;
+                if self.lanes[lane].head().is_none() {
+                    self.busy.remove(&lane);
+                }
+                return true;
+            }
+        }
+        false
+    }
+
     /// Jobs queued or waiting out a backoff (not in flight).
     pub fn queued(&self) -> usize {
         self.queued + self.backing_off.len()
@@ -543,7 +603,10 @@ impl Scheduler {
         corrections: &[Correction],
         now: Nanos,
     ) {
-        if corrections.is_empty() {
+        // On a shared (Redis) engine the counters are the fleet's, kept
+        // exact by every runner's decisions; one runner's reading of a
+        // header is not applied to them (docs/runner.md, Fleet mode).
+        if corrections.is_empty() || self.engine.is_shared() {
             return;
         }
         let policy = self.engine.policy();
@@ -616,6 +679,12 @@ impl Scheduler {
             }
         }
     }
+}
+
+/// The store could not answer (Redis down, and a limit of the request fails
+/// closed): wait and ask again.
+fn store_unavailable(e: &tollgate_store::EngineError) -> bool {
+    matches!(e, tollgate_store::EngineError::Unavailable { .. })
 }
 
 fn nanos(d: Duration) -> Nanos {
@@ -957,6 +1026,57 @@ mod review_tests {
             .store()
             .usage(s.engine().policy(), &item(0, 1), 0);
         assert_eq!(usage.remaining, 0);
+    }
+
+    #[test]
+    fn a_forgotten_job_leaves_its_lane_and_its_backoff() {
+        let mut s = scheduler("[[limit]]\nname = \"account\"\nalgorithm = \"token_bucket\"\ncapacity = 100\nrefill = \"1/s\"\n");
+        for seq in 1..=3 {
+            s.push(seq, Priority::Normal, 0, vec![item(0, 1)]);
+        }
+        assert_eq!(s.next(0), Next::Send { seq: 1, attempt: 1 });
+        let failed = Reply::Failed {
+            error: "connection failed".into(),
+        };
+        assert!(matches!(
+            s.complete(1, &failed, Duration::ZERO, 0),
+            Settled::Retry { .. }
+        ));
+        // Taken over by another runner: one backing off, one queued.
+        assert!(s.forget(1));
+        assert!(s.forget(3));
+        assert!(!s.forget(3));
+        assert_eq!(s.queued(), 1);
+        assert_eq!(s.next(0), Next::Send { seq: 2, attempt: 1 });
+        s.complete(2, &reply(200), Duration::ZERO, 0);
+        assert_eq!(s.next(60 * SEC), Next::Idle);
+    }
+
+    #[test]
+    fn a_shared_store_that_cannot_answer_makes_jobs_wait_not_dead_letters() {
+        // Redis on a port nothing listens on: the limit fails closed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let policy: Policy = tollgate_core::parse(
+            &format!("[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{port}\"\n[[limit]]\nname = \"account\"\nalgorithm = \"token_bucket\"\ncapacity = 10\nrefill = \"1/s\"\n"),
+            &NoProfiles,
+        )
+        .unwrap();
+        let engine = Engine::open(policy, "upstream:test").unwrap();
+        assert!(engine.is_shared());
+        let mut s = Scheduler::new(engine, 5, 10, BreakerSettings::default(), 3);
+        s.push(1, Priority::Normal, 0, vec![item(0, 1)]);
+        assert_eq!(s.next(0), Next::Wait(UNAVAILABLE_RECHECK));
+        assert_eq!(s.next(SEC), Next::Wait(SEC + UNAVAILABLE_RECHECK));
+        let events = s.drain_events();
+        assert_eq!(events.len(), 1, "logged once: {events:?}");
+        assert!(
+            matches!(&events[0], Event::StoreUnavailable { error } if error.contains("'account' fails closed")),
+            "{events:?}"
+        );
+        assert_eq!(s.queued(), 1, "still queued");
     }
 
     #[test]

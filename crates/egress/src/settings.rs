@@ -93,6 +93,12 @@ impl RunnerConfig {
             .map(|(i, _)| i)
     }
 
+    /// Fleet mode: the config's `[store] kind = "redis"` (every upstream
+    /// carries the same `[store]`).
+    pub fn redis(&self) -> Option<&tollgate_core::policy::RedisSettings> {
+        self.upstreams.first()?.policy.store.redis.as_ref()
+    }
+
     pub fn bulk(&self, name: &str) -> Option<(usize, &Bulk)> {
         self.upstreams
             .iter()

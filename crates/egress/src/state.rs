@@ -46,7 +46,7 @@ pub struct Pending {
 }
 
 /// A dead-lettered job and why.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DeadLetter {
     pub id: String,
     pub upstream: String,

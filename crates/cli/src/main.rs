@@ -197,8 +197,10 @@ fn other(command: Command) -> Result<()> {
             // Exactly what `serve` loads: the limits and the gateway's tables.
             let policy = load_policy(&tollgate_gateway::Source::File(config.clone()))?;
             // Fleet mode: the limits the Redis store cannot run exactly.
-            tollgate_store::redis::check_policy(&policy)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+            if policy.store.redis.is_some() {
+                tollgate_store::redis::check_policy(&policy)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+            }
             let names: Vec<_> = policy
                 .limits
                 .iter()

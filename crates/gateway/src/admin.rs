@@ -126,11 +126,11 @@ impl Gateway {
                 ),
             },
             (Method::POST, "/v1/check") => match read_json::<CheckBody>(req).await {
-                Ok(body) => self.check(body),
+                Ok(body) => self.check(body).await,
                 Err(e) => e,
             },
             (Method::POST, "/v1/report") => match read_json::<ReportBody>(req).await {
-                Ok(body) => self.report(body),
+                Ok(body) => self.report(body).await,
                 Err(e) => e,
             },
             (_, "/healthz" | "/metrics" | "/v1/usage" | "/v1/config" | "/v1/reload" | "/v1/check" | "/v1/report") => problem(
@@ -236,7 +236,7 @@ impl Gateway {
     /// `retry_after` for the caller to wait. A decision that owes a
     /// completion (latency or concurrency limits) carries an `id` for
     /// `/v1/report`.
-    fn check(&self, body: CheckBody) -> Response<ResponseBody> {
+    async fn check(&self, body: CheckBody) -> Response<ResponseBody> {
         let generation = self.current();
         let attrs = Attrs {
             method: body.method.unwrap_or_else(|| "GET".into()),
@@ -257,11 +257,10 @@ impl Gateway {
             .map_or_else(|| format!("{:.6}", now as f64 / 1e9), |t| t.to_string());
         let mut items = Vec::new();
         let engine = &generation.engine;
-        let result = engine
-            .policy()
-            .plan(&attrs, &mut items)
-            .map_err(tollgate_store::EngineError::from)
-            .and_then(|()| engine.decide_where(&items, now, false));
+        let result = match engine.policy().plan(&attrs, &mut items) {
+            Ok(()) => engine.decide_async(&items, now, false).await,
+            Err(e) => Err(e.into()),
+        };
         let mut out = Vec::new();
         let decision = match result {
             Err(e) => {
@@ -287,11 +286,27 @@ impl Gateway {
             .collect();
         if !committed.is_empty() {
             let id = self.next_request_id().replacen("req_", "chk_", 1);
-            let mut pending = self.pending.lock();
-            if pending.len() >= MAX_PENDING_CHECKS {
-                drop(pending);
+            // The lock is released before any await.
+            let unplaced = {
+                let mut pending = self.pending.lock();
+                if pending.len() >= MAX_PENDING_CHECKS {
+                    Some(committed)
+                } else {
+                    pending.insert(
+                        id.clone(),
+                        PendingCheck {
+                            generation: generation.clone(),
+                            items: committed,
+                            created: tokio::time::Instant::now(),
+                            local,
+                        },
+                    );
+                    None
+                }
+            };
+            if let Some(committed) = unplaced {
                 // It could never be reported: release it now rather than leak the slot.
-                engine.finish_where(&committed, now, 0, local);
+                engine.settle(&committed, now, 0, local).await;
                 return problem(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "Too many unreported checks",
@@ -300,15 +315,6 @@ impl Gateway {
                     ),
                 );
             }
-            pending.insert(
-                id.clone(),
-                PendingCheck {
-                    generation: generation.clone(),
-                    items: committed,
-                    created: tokio::time::Instant::now(),
-                    local,
-                },
-            );
             // Splice the id into the decision object.
             text.truncate(text.trim_end().len() - 1);
             text.push_str(&format!(",\"id\":\"{id}\"}}\n"));
@@ -317,7 +323,7 @@ impl Gateway {
     }
 
     /// `POST /v1/report`: debit the latency and release the concurrency of a check.
-    fn report(&self, body: ReportBody) -> Response<ResponseBody> {
+    async fn report(&self, body: ReportBody) -> Response<ResponseBody> {
         if !(body.latency.is_finite() && (0.0..=1e9).contains(&body.latency)) {
             return problem(
                 StatusCode::BAD_REQUEST,
@@ -340,7 +346,8 @@ impl Gateway {
         pending
             .generation
             .engine
-            .finish_where(&pending.items, now, latency_us, pending.local);
+            .settle(&pending.items, now, latency_us, pending.local)
+            .await;
         json(
             StatusCode::OK,
             serde_json::json!({ "reported": body.id, "latency_us": latency_us, "at_us": now / NANOS_PER_MICRO }),

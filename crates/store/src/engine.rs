@@ -59,7 +59,6 @@ pub struct Engine {
     policy: Arc<Policy>,
     /// The store (memory mode), or the in-process fallback (fleet mode).
     store: MemoryStore,
-    #[cfg(feature = "redis")]
     shared: Option<crate::fleet::Shared>,
 }
 
@@ -70,7 +69,6 @@ impl Engine {
         Engine {
             policy: Arc::new(policy),
             store,
-            #[cfg(feature = "redis")]
             shared: None,
         }
     }
@@ -79,22 +77,11 @@ impl Engine {
     /// process using the same `namespace` ("gateway", "upstream:NAME").
     /// Nothing is sent to Redis yet (see `connect`).
     pub fn open(policy: Policy, namespace: &str) -> Result<Self, EngineError> {
-        #[cfg(feature = "redis")]
-        return Self::open_with(policy, namespace, crate::redis::TimeSource::Server);
-        #[cfg(not(feature = "redis"))]
-        if policy.store.redis.is_some() {
-            let _ = namespace;
-            return Err(EngineError::Config(
-                "[store] kind = \"redis\" needs tollgate built with the redis feature".into(),
-            ));
-        }
-        #[cfg(not(feature = "redis"))]
-        Ok(Self::new(policy))
+        Self::open_with(policy, namespace, crate::redis::TimeSource::Server)
     }
 
     /// `open`, taking decisions' instants from `time` (tests with a fake
     /// clock use `TimeSource::Caller`).
-    #[cfg(feature = "redis")]
     pub fn open_with(
         policy: Policy,
         namespace: &str,
@@ -117,7 +104,6 @@ impl Engine {
     /// so requests still finishing here settle on the same state; in Redis
     /// their keys are the same).
     pub fn reloaded(&self, policy: Policy) -> Result<Self, EngineError> {
-        #[cfg(feature = "redis")]
         if let Some(shared) = &self.shared {
             let next = shared.reloaded(&policy)?;
             let store =
@@ -132,21 +118,16 @@ impl Engine {
         Ok(Engine {
             policy: Arc::new(policy),
             store,
-            #[cfg(feature = "redis")]
             shared: None,
         })
     }
 
     /// Whether counters live in a shared store (Redis).
     pub fn is_shared(&self) -> bool {
-        #[cfg(feature = "redis")]
-        return self.shared.is_some();
-        #[cfg(not(feature = "redis"))]
-        false
+        self.shared.is_some()
     }
 
     /// The shared store's health and failure counters, in fleet mode.
-    #[cfg(feature = "redis")]
     pub fn health(&self) -> Option<&Arc<crate::fleet::StoreHealth>> {
         self.shared.as_ref().map(|s| s.health())
     }
@@ -154,7 +135,6 @@ impl Engine {
     /// Reach the shared store now (an error names an unreachable server or
     /// a refused password); nothing to do in memory mode.
     pub async fn connect(&self) -> Result<(), EngineError> {
-        #[cfg(feature = "redis")]
         if let Some(shared) = &self.shared {
             return shared.connect().await;
         }
@@ -164,7 +144,6 @@ impl Engine {
     /// The policy the in-process store decides with: the policy itself, or
     /// in fleet mode its `local_share`.
     fn local_policy(&self) -> &Policy {
-        #[cfg(feature = "redis")]
         if let Some(shared) = &self.shared {
             return shared.local_policy();
         }
@@ -218,17 +197,16 @@ impl Engine {
         now: Nanos,
         hold: bool,
     ) -> Result<(Decision, bool), EngineError> {
-        #[cfg(feature = "redis")]
-        if let Some(shared) = &self.shared {
-            return match shared.decide_blocking(&self.policy, items, now, hold) {
-                Ok(decision) => Ok((decision, false)),
-                Err(reason) => Ok((self.fallback(items, now, hold, reason)?, true)),
-            };
+        match &self.shared {
+            Some(shared) => {
+                let answer = shared.decide_blocking(&self.policy, items, now, hold);
+                self.shared_or_fallback(answer, items, now, hold)
+            }
+            None => Ok((
+                self.store.decide_with(&self.policy, items, now, hold)?,
+                false,
+            )),
         }
-        Ok((
-            self.store.decide_with(&self.policy, items, now, hold)?,
-            false,
-        ))
     }
 
     /// Plan and decide a request without blocking the caller's thread.
@@ -255,23 +233,35 @@ impl Engine {
         now: Nanos,
         hold: bool,
     ) -> Result<(Decision, bool), EngineError> {
-        #[cfg(feature = "redis")]
-        if let Some(shared) = &self.shared {
-            return match shared.decide(&self.policy, items, now, hold).await {
-                Ok(decision) => Ok((decision, false)),
-                Err(reason) => Ok((self.fallback(items, now, hold, reason)?, true)),
-            };
+        match &self.shared {
+            Some(shared) => {
+                let answer = shared.decide(&self.policy, items, now, hold).await;
+                self.shared_or_fallback(answer, items, now, hold)
+            }
+            None => Ok((
+                self.store.decide_with(&self.policy, items, now, hold)?,
+                false,
+            )),
         }
-        Ok((
-            self.store.decide_with(&self.policy, items, now, hold)?,
-            false,
-        ))
+    }
+
+    /// Redis's decision, or (it did not answer) the fallback's, marked local.
+    fn shared_or_fallback(
+        &self,
+        answer: Result<Decision, String>,
+        items: &[Item],
+        now: Nanos,
+        hold: bool,
+    ) -> Result<(Decision, bool), EngineError> {
+        match answer {
+            Ok(decision) => Ok((decision, false)),
+            Err(reason) => Ok((self.fallback(items, now, hold, reason)?, true)),
+        }
     }
 
     /// Redis did not answer: each limit of the request does what its `fail`
     /// says. One that fails closed refuses the request; the others are
     /// admitted (open) or decided in process with `local_share` (local).
-    #[cfg(feature = "redis")]
     fn fallback(
         &self,
         items: &[Item],
@@ -347,11 +337,7 @@ impl Engine {
     /// limits its decision committed, where it was decided.
     pub fn finish(&self, checked: &Checked, now: Nanos, latency_us: u64) {
         let committed: Vec<Item> = checked.committed().cloned().collect();
-        if checked.local {
-            self.finish_local(&committed, now, latency_us);
-        } else {
-            self.finish_committed(&committed, now, latency_us);
-        }
+        self.finish_where(&committed, now, latency_us, checked.local);
     }
 
     /// Like `finish`, for a caller that kept only `Checked::committed()` of
@@ -359,7 +345,6 @@ impl Engine {
     /// round trip; a settlement Redis cannot take is logged and dropped: the
     /// key's counters then heal when it expires).
     pub fn finish_committed(&self, committed: &[Item], now: Nanos, latency_us: u64) {
-        #[cfg(feature = "redis")]
         if let Some(shared) = &self.shared {
             shared.finish_blocking(&self.policy, committed, now, latency_us);
             return;
@@ -369,7 +354,6 @@ impl Engine {
 
     /// `finish_committed` without blocking.
     pub async fn finish_async(&self, committed: &[Item], now: Nanos, latency_us: u64) {
-        #[cfg(feature = "redis")]
         if let Some(shared) = &self.shared {
             shared
                 .finish(&self.policy, committed, now, latency_us)
@@ -382,7 +366,6 @@ impl Engine {
     /// What a client may see of `item`'s limit now (the admin API). In
     /// fleet mode a blocking round trip; the local view if Redis is down.
     pub fn usage(&self, item: &Item, now: Nanos) -> tollgate_core::algo::Usage {
-        #[cfg(feature = "redis")]
         if let Some(shared) = &self.shared {
             if let Ok(usage) = shared.usage_blocking(&self.policy, item, now) {
                 return usage;
@@ -397,6 +380,15 @@ impl Engine {
             self.finish_local(committed, now, latency_us);
         } else {
             self.finish_committed(committed, now, latency_us);
+        }
+    }
+
+    /// `finish_where` without blocking the caller's thread.
+    pub async fn settle(&self, committed: &[Item], now: Nanos, latency_us: u64, local: bool) {
+        if local {
+            self.finish_local(committed, now, latency_us);
+        } else {
+            self.finish_async(committed, now, latency_us).await;
         }
     }
 

@@ -162,7 +162,8 @@ impl StoreHealth {
     fn note<T>(&self, result: Result<T, RedisError>) -> Result<T, String> {
         match result {
             Ok(v) => {
-                if !self.up.swap(true, Ordering::AcqRel) {
+                // A load first: the usual answer writes nothing shared.
+                if !self.up.load(Ordering::Acquire) && !self.up.swap(true, Ordering::AcqRel) {
                     tracing::info!(store = %self.url, "redis answers again: decisions are shared again");
                 }
                 Ok(v)

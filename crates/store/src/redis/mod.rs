@@ -178,14 +178,13 @@ impl RedisStore {
     }
 
     fn unavailable(&self, e: &redis::RedisError) -> RedisError {
+        if e.is_timeout() {
+            return self.timed_out();
+        }
         let reason = match e.kind() {
             redis::ErrorKind::AuthenticationFailed => {
                 format!("authentication failed (check the user and password in [store] url): {e}")
             }
-            _ if e.is_timeout() => format!(
-                "no answer within {} ms ([store] timeout)",
-                self.conns.settings.timeout / 1_000_000
-            ),
             _ => e.to_string(),
         };
         RedisError::Unavailable {
@@ -202,42 +201,35 @@ impl RedisStore {
         now: Nanos,
         hold: bool,
     ) -> Result<Decision, RedisError> {
-        let invocation =
-            self.invocation(policy, items, now, if hold { "1" } else { "0" }, Op::Decide);
-        let reply: Vec<i64> = self.run(&invocation).await?;
-        decode(policy, items, &reply).map_err(|reason| self.bad_reply(reason))
+        let reply = self
+            .run(&self.decide_call(policy, items, now, hold))
+            .await?;
+        self.decoded(policy, items, &reply)
     }
 
-    /// What a client may see of each item's limit, without changing anything.
-    pub async fn usage(
+    /// `decide` over a blocking connection, for synchronous callers (the
+    /// runner's scheduler): one round trip, at most `timeout` long.
+    pub fn decide_blocking(
         &self,
         policy: &Policy,
         items: &[Item],
         now: Nanos,
-    ) -> Result<Vec<Usage>, RedisError> {
-        let invocation = self.invocation(policy, items, now, "0", Op::Usage);
-        let reply: Vec<i64> = self.run(&invocation).await?;
-        let decision = decode(policy, items, &reply).map_err(|reason| self.bad_reply(reason))?;
-        Ok(decision
-            .outcomes
-            .iter()
-            .map(|o| Usage {
-                remaining: o.remaining,
-                reset: o.reset,
-            })
-            .collect())
+        hold: bool,
+    ) -> Result<Decision, RedisError> {
+        let reply = self.run_blocking(&self.decide_call(policy, items, now, hold))?;
+        self.decoded(policy, items, &reply)
     }
 
-    /// `usage` over the blocking connection.
+    /// What a client may see of each item's limit, without changing
+    /// anything (blocking: the admin API asks for it).
     pub fn usage_blocking(
         &self,
         policy: &Policy,
         items: &[Item],
         now: Nanos,
     ) -> Result<Vec<Usage>, RedisError> {
-        let invocation = self.invocation(policy, items, now, "0", Op::Usage);
-        let reply: Vec<i64> = self.run_blocking(&invocation)?;
-        let decision = decode(policy, items, &reply).map_err(|reason| self.bad_reply(reason))?;
+        let reply = self.run_blocking(&self.invocation(policy, items, now, "0", Op::Usage))?;
+        let decision = self.decoded(policy, items, &reply)?;
         Ok(decision
             .outcomes
             .iter()
@@ -256,29 +248,10 @@ impl RedisStore {
         now: Nanos,
         latency_us: u64,
     ) -> Result<(), RedisError> {
-        let settling: Vec<Item> = settling(policy, committed);
-        if settling.is_empty() {
-            return Ok(());
+        if let Some(call) = self.finish_call(policy, committed, now, latency_us) {
+            self.run(&call).await?;
         }
-        let invocation =
-            self.invocation(policy, &settling, now, &latency_us.to_string(), Op::Finish);
-        let _: Vec<i64> = self.run(&invocation).await?;
         Ok(())
-    }
-
-    /// `decide` over a blocking connection, for synchronous callers (the
-    /// runner's scheduler): one round trip, at most `timeout` long.
-    pub fn decide_blocking(
-        &self,
-        policy: &Policy,
-        items: &[Item],
-        now: Nanos,
-        hold: bool,
-    ) -> Result<Decision, RedisError> {
-        let invocation =
-            self.invocation(policy, items, now, if hold { "1" } else { "0" }, Op::Decide);
-        let reply: Vec<i64> = self.run_blocking(&invocation)?;
-        decode(policy, items, &reply).map_err(|reason| self.bad_reply(reason))
     }
 
     /// `finish` over the blocking connection.
@@ -289,14 +262,60 @@ impl RedisStore {
         now: Nanos,
         latency_us: u64,
     ) -> Result<(), RedisError> {
-        let settling = settling(policy, committed);
-        if settling.is_empty() {
-            return Ok(());
+        if let Some(call) = self.finish_call(policy, committed, now, latency_us) {
+            self.run_blocking(&call)?;
         }
-        let invocation =
-            self.invocation(policy, &settling, now, &latency_us.to_string(), Op::Finish);
-        let _: Vec<i64> = self.run_blocking(&invocation)?;
         Ok(())
+    }
+
+    fn decide_call(
+        &self,
+        policy: &Policy,
+        items: &[Item],
+        now: Nanos,
+        hold: bool,
+    ) -> redis::ScriptInvocation<'_> {
+        self.invocation(policy, items, now, if hold { "1" } else { "0" }, Op::Decide)
+    }
+
+    /// The settlement of `committed`, or None if none of its limits settles
+    /// at completion (nothing to send).
+    fn finish_call(
+        &self,
+        policy: &Policy,
+        committed: &[Item],
+        now: Nanos,
+        latency_us: u64,
+    ) -> Option<redis::ScriptInvocation<'_>> {
+        let settling: Vec<Item> = committed
+            .iter()
+            .filter(|i| policy.limits[i.limit].settles_at_completion())
+            .cloned()
+            .collect();
+        (!settling.is_empty())
+            .then(|| self.invocation(policy, &settling, now, &latency_us.to_string(), Op::Finish))
+    }
+
+    fn decoded(
+        &self,
+        policy: &Policy,
+        items: &[Item],
+        reply: &[i64],
+    ) -> Result<Decision, RedisError> {
+        decode(policy, items, reply).map_err(|reason| RedisError::Unavailable {
+            url: self.conns.url.clone(),
+            reason: format!("unexpected reply from the decision script: {reason}"),
+        })
+    }
+
+    fn timed_out(&self) -> RedisError {
+        RedisError::Unavailable {
+            url: self.conns.url.clone(),
+            reason: format!(
+                "no answer within {} ms ([store] timeout)",
+                self.conns.settings.timeout / 1_000_000
+            ),
+        }
     }
 
     async fn run(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<Vec<i64>, RedisError> {
@@ -308,13 +327,7 @@ impl RedisStore {
         match tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(e)) => Err(self.unavailable(&e)),
-            Err(_) => Err(RedisError::Unavailable {
-                url: self.conns.url.clone(),
-                reason: format!(
-                    "no answer within {} ms ([store] timeout)",
-                    self.conns.settings.timeout / 1_000_000
-                ),
-            }),
+            Err(_) => Err(self.timed_out()),
         }
     }
 
@@ -346,13 +359,6 @@ impl RedisStore {
                 *slot = None;
                 Err(self.unavailable(&e))
             }
-        }
-    }
-
-    fn bad_reply(&self, reason: String) -> RedisError {
-        RedisError::Unavailable {
-            url: self.conns.url.clone(),
-            reason: format!("unexpected reply from the decision script: {reason}"),
         }
     }
 
@@ -420,15 +426,6 @@ impl Op {
             Op::Finish => "f",
         }
     }
-}
-
-/// The items a completion owes something: latency debits, concurrency releases.
-fn settling(policy: &Policy, committed: &[Item]) -> Vec<Item> {
-    committed
-        .iter()
-        .filter(|i| policy.limits[i.limit].settles_at_completion())
-        .cloned()
-        .collect()
 }
 
 /// The algorithm's code and parameters, as the script reads them (see its header).

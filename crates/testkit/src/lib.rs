@@ -4,8 +4,9 @@
 //! `TOLLGATE_TEST_REDIS` (its URL); tests that only need *a* Redis use it
 //! through `redis_url()`, each under its own key prefix. Tests that stop and
 //! restart Redis own a private server (`RedisServer::start`), killed when the
-//! value drops. Without the variable, `redis_url()` starts a private server
-//! too, so `cargo test` alone works wherever `redis-server` is installed.
+//! value drops. Without the variable, `redis_url()` starts a server for the
+//! test process (stopped once the process is gone), so `cargo test` alone
+//! works wherever `redis-server` is installed.
 
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
@@ -131,12 +132,34 @@ pub fn redis_url() -> String {
     if let Ok(url) = std::env::var("TOLLGATE_TEST_REDIS") {
         return url;
     }
-    // Lives as long as the test binary; the OS reaps it when its parent
-    // goes only if it is killed, so prefer the shared server (scripts/test.sh).
+    // A static is never dropped, so this server is not killed by `Drop`: a
+    // small shell watches this test process and stops the server once the
+    // process is gone (statics outliving their process leaked servers).
     static OWN: OnceLock<String> = OnceLock::new();
     OWN.get_or_init(|| {
-        let server = Box::leak(Box::new(RedisServer::start()));
-        server.url()
+        let port = free_port();
+        let script = format!(
+            "{} --port {port} --bind 127.0.0.1 --save '' --appendonly no >/dev/null 2>&1 & r=$!; \
+             while kill -0 {} 2>/dev/null; do sleep 0.5; done; kill $r",
+            redis_server(),
+            std::process::id()
+        );
+        let mut watcher = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start a redis-server watcher: {e}"));
+        std::thread::spawn(move || watcher.wait());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "{} did not start on {port} (install redis-server, or run bash scripts/test.sh)",
+                redis_server()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        format!("redis://127.0.0.1:{port}")
     })
     .clone()
 }

@@ -1,5 +1,7 @@
 //! Runs the built `tollgate` binary on example configs and traces.
 
+mod common;
+use common::http;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -261,28 +263,6 @@ fn a_last_line_without_newline_is_decided() {
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[1]["t"], 0.25);
     assert_eq!(lines[1]["remaining"]["t"], 0);
-}
-
-/// One HTTP/1.1 request on a fresh connection: (status, headers+body text).
-fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
-    use std::io::Read;
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n"
-    );
-    for (k, v) in headers {
-        request.push_str(&format!("{k}: {v}\r\n"));
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status line");
-    (status, response)
 }
 
 /// `tollgate serve` as the README runs it, on free ports: proxy, admin,

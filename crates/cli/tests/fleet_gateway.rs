@@ -1,11 +1,17 @@
 //! Fleet mode for the gateway: several `tollgate serve` processes sharing one
 //! real redis-server, on loopback, with Redis killed and restarted mid-run.
 
-use std::io::{BufRead, Read, Write};
+use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tollgate_testkit::RedisServer;
+
+mod common;
+
+fn http(addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    common::http(addr, "GET", path, headers)
+}
 
 /// A running `tollgate serve` and its proxy and admin addresses; killed on drop.
 struct Serve {
@@ -67,27 +73,6 @@ fn serve(config: &std::path::Path) -> Serve {
         proxy: addrs[0].clone(),
         admin: addrs[1].clone(),
     }
-}
-
-/// One HTTP/1.1 request on a fresh connection: (status, head and body).
-fn http(addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-    let mut request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n"
-    );
-    for (k, v) in headers {
-        request.push_str(&format!("{k}: {v}\r\n"));
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status line");
-    (status, response)
 }
 
 fn metric(admin: &str, name: &str) -> f64 {

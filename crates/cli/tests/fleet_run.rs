@@ -3,19 +3,13 @@
 //! The upstream records when each request arrived; the queue's result log
 //! (one entry per final result recorded) is read from Redis.
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+mod common;
+use common::{text, write, Upstream};
 use tollgate_testkit::{redis_url, unique_prefix, RedisServer};
 
 /// The fleet's shared limit: a burst of 10, then 40 a second.
@@ -25,92 +19,6 @@ const RATE: f64 = 40.0;
 /// (send latency and scheduling on a busy two-core machine). Arrivals are
 /// checked against the limit widened by this much.
 const ARRIVAL_SLACK: f64 = 0.1;
-
-/// An upstream on its own runtime: 200 (or 400 to paths under /bad while
-/// `failing`), recording each request's arrival and Idempotency-Key.
-struct Upstream {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<(Instant, String)>>>,
-    failing: Arc<AtomicBool>,
-    _runtime: tokio::runtime::Runtime,
-}
-
-impl Upstream {
-    fn start() -> Upstream {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let seen: Arc<Mutex<Vec<(Instant, String)>>> = Default::default();
-        let failing = Arc::new(AtomicBool::new(true));
-        let (log, f) = (seen.clone(), failing.clone());
-        runtime.spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let (log, f) = (log.clone(), f.clone());
-                tokio::spawn(async move {
-                    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let (log, f) = (log.clone(), f.clone());
-                        async move {
-                            let at = Instant::now();
-                            let key = req
-                                .headers()
-                                .get("idempotency-key")
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("")
-                                .to_string();
-                            let bad =
-                                req.uri().path().starts_with("/bad") && f.load(Ordering::SeqCst);
-                            let _ = req.into_body().collect().await;
-                            log.lock().expect("lock").push((at, key));
-                            let (status, body) = if bad {
-                                (400, "{\"error\":\"invalid stage\"}")
-                            } else {
-                                (200, "{\"ok\":true}")
-                            };
-                            Response::builder()
-                                .status(status)
-                                .body(Full::new(Bytes::from(body)))
-                        }
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        Upstream {
-            addr,
-            seen,
-            failing,
-            _runtime: runtime,
-        }
-    }
-
-    fn arrivals(&self) -> Vec<Instant> {
-        let mut at: Vec<Instant> = self
-            .seen
-            .lock()
-            .expect("lock")
-            .iter()
-            .map(|s| s.0)
-            .collect();
-        at.sort();
-        at
-    }
-
-    fn distinct_keys(&self) -> usize {
-        let seen = self.seen.lock().expect("lock");
-        let mut keys: Vec<&String> = seen.iter().map(|s| &s.1).collect();
-        keys.sort();
-        keys.dedup();
-        keys.len()
-    }
-}
 
 /// A fleet's files: the config (Redis at `url`, keys under a fresh prefix)
 /// and `n` jobs, `bad` of them to paths the upstream refuses.
@@ -218,16 +126,6 @@ impl Drop for Fleet {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, text).expect("write");
-    path.to_str().expect("utf8").to_string()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// Wait for a runner, failing (and killing it) if it runs for a minute.
@@ -386,7 +284,7 @@ fn dead_letters_of_a_fleet_are_listed_shown_exported_and_retried_from_redis() {
     );
 
     up.failing.store(false, Ordering::SeqCst);
-    let before = up.seen.lock().expect("lock").len();
+    let before = up.requests();
     let retry = fleet.tollgate(&[
         "dlq",
         "retry",
@@ -397,11 +295,7 @@ fn dead_letters_of_a_fleet_are_listed_shown_exported_and_retried_from_redis() {
         "quiet",
     ]);
     assert!(retry.status.success(), "{}", text(&retry.stderr));
-    assert_eq!(
-        up.seen.lock().expect("lock").len() - before,
-        2,
-        "only the two"
-    );
+    assert_eq!(up.requests() - before, 2, "only the two");
     assert!(text(
         &fleet
             .tollgate(&["dlq", "list", "--config", &fleet.config])

@@ -1,104 +1,20 @@
 //! `tollgate run`, `plan` and `dlq` as a user runs them: the built binary
 //! against an HTTP upstream on 127.0.0.1, killed and resumed.
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+mod common;
+use common::{text, write, Upstream};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
-
-/// An upstream on its own runtime: answers 200 (or 400 to paths under /bad
-/// while `failing`), and counts requests per Idempotency-Key.
-struct Upstream {
-    addr: SocketAddr,
-    keys: Arc<Mutex<HashMap<String, usize>>>,
-    failing: Arc<AtomicBool>,
-    _runtime: tokio::runtime::Runtime,
-}
-
-impl Upstream {
-    fn start() -> Upstream {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let keys: Arc<Mutex<HashMap<String, usize>>> = Default::default();
-        let failing = Arc::new(AtomicBool::new(true));
-        let (k, f) = (keys.clone(), failing.clone());
-        runtime.spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let (k, f) = (k.clone(), f.clone());
-                tokio::spawn(async move {
-                    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let (k, f) = (k.clone(), f.clone());
-                        async move {
-                            let key = req
-                                .headers()
-                                .get("idempotency-key")
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("")
-                                .to_string();
-                            let bad =
-                                req.uri().path().starts_with("/bad") && f.load(Ordering::SeqCst);
-                            let _ = req.into_body().collect().await;
-                            *k.lock().expect("lock").entry(key).or_insert(0) += 1;
-                            let (status, body) = if bad {
-                                (400, "{\"error\":\"invalid stage\"}")
-                            } else {
-                                (200, "{\"ok\":true}")
-                            };
-                            Response::builder()
-                                .status(status)
-                                .body(Full::new(Bytes::from(body)))
-                        }
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        Upstream {
-            addr,
-            keys,
-            failing,
-            _runtime: runtime,
-        }
-    }
-
-    fn requests(&self) -> usize {
-        self.keys.lock().expect("lock").values().sum()
-    }
-
-    fn distinct_keys(&self) -> usize {
-        self.keys.lock().expect("lock").len()
-    }
-}
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tollgate-run-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, text).expect("write");
-    path.to_str().expect("utf8").to_string()
 }
 
 fn config(addr: SocketAddr, limit: &str) -> String {
@@ -126,10 +42,6 @@ fn run_args<'a>(config: &'a str, jobs: Option<&'a str>, state: &'a str) -> Vec<&
     }
     args.extend(["--state", state, "--progress", "quiet"]);
     args
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 fn results(state: &Path) -> Vec<serde_json::Value> {

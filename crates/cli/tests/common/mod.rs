@@ -1,0 +1,143 @@
+//! What the CLI's test binaries share: a real HTTP upstream on 127.0.0.1,
+//! a raw HTTP/1.1 client, and small file helpers.
+
+#![allow(dead_code)] // each test binary uses its own part of the harness
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// An upstream on its own runtime: 200 (or 400 to paths under /bad while
+/// `failing`), recording each request's arrival and Idempotency-Key.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<(Instant, String)>>>,
+    /// While true, paths under /bad answer 400.
+    pub failing: Arc<AtomicBool>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Upstream {
+    pub fn start() -> Upstream {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let seen: Arc<Mutex<Vec<(Instant, String)>>> = Default::default();
+        let failing = Arc::new(AtomicBool::new(true));
+        let (log, f) = (seen.clone(), failing.clone());
+        runtime.spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (log, f) = (log.clone(), f.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let (log, f) = (log.clone(), f.clone());
+                        async move {
+                            let at = Instant::now();
+                            let key = req
+                                .headers()
+                                .get("idempotency-key")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_string();
+                            let bad =
+                                req.uri().path().starts_with("/bad") && f.load(Ordering::SeqCst);
+                            let _ = req.into_body().collect().await;
+                            log.lock().expect("lock").push((at, key));
+                            let (status, body) = if bad {
+                                (400, "{\"error\":\"invalid stage\"}")
+                            } else {
+                                (200, "{\"ok\":true}")
+                            };
+                            Response::builder()
+                                .status(status)
+                                .body(Full::new(Bytes::from(body)))
+                        }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            seen,
+            failing,
+            _runtime: runtime,
+        }
+    }
+
+    pub fn arrivals(&self) -> Vec<Instant> {
+        let mut at: Vec<Instant> = self
+            .seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|s| s.0)
+            .collect();
+        at.sort();
+        at
+    }
+
+    pub fn distinct_keys(&self) -> usize {
+        let seen = self.seen.lock().expect("lock");
+        let mut keys: Vec<&String> = seen.iter().map(|s| &s.1).collect();
+        keys.sort();
+        keys.dedup();
+        keys.len()
+    }
+}
+
+impl Upstream {
+    /// Requests received, retries included.
+    pub fn requests(&self) -> usize {
+        self.seen.lock().expect("lock").len()
+    }
+}
+
+/// Write `text` to `dir/name`; its path as a string.
+pub fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write");
+    path.to_str().expect("utf8").to_string()
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// One HTTP/1.1 request on a fresh connection: (status, head and body).
+pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n"
+    );
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    (status, response)
+}

@@ -70,31 +70,8 @@ git -C "$ROOT" diff --quiet HEAD -- crates Cargo.toml Cargo.lock 2>/dev/null || 
 log "tollgate $("$TOLLGATE" --version | awk '{print $2}') ($rev), nginx $($NGINX -v 2>&1 | sed 's/.*\///'), oha $($OHA --version | awk '{print $2}'), $(nproc) cpus, nice $(nice)"
 
 # ---------------------------------------------------------------- processes
-work=$(mktemp -d /tmp/egbench.XXXXXX)
-pids=()
-cleanup() {
-  local p
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  if [ -n "${KEEP_WORK:-}" ]; then log "kept $work"; else rm -rf "$work"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-forget() {
-  local q keep=()
-  for q in "${pids[@]}"; do [ "$q" = "$1" ] || keep+=("$q"); done
-  pids=("${keep[@]}")
-}
-stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; forget "$1"; }
-
-read -r GW_PORT ADMIN_PORT UP_PORT < <(python3 - <<'PY'
-import socket
-socks = [socket.socket() for _ in range(3)]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in socks))
-PY
-)
+start_work egbench
+read -r GW_PORT ADMIN_PORT UP_PORT < <(free_ports 3)
 GATEWAY="127.0.0.1:$GW_PORT"
 ADMIN="http://127.0.0.1:$ADMIN_PORT"
 

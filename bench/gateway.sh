@@ -53,35 +53,8 @@ cargo build --release -q -p tollgate
 log "nginx: $($NGINX -v 2>&1 | sed 's/.*: //'), wrk: $(wrk -v 2>&1 | head -1 | awk '{print $2}'), oha: $($OHA --version | awk '{print $2}')"
 
 # ---------------------------------------------------------------- processes
-work=$(mktemp -d /tmp/gwbench.XXXXXX)
-pids=()
-cleanup() {
-  local p
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-forget() { # forget PID: no longer ours to stop
-  local q keep=()
-  for q in "${pids[@]}"; do [ "$q" = "$1" ] || keep+=("$q"); done
-  pids=("${keep[@]}")
-}
-stop() { # stop PID: end one process we started, wait for it
-  kill "$1" 2>/dev/null || true
-  wait "$1" 2>/dev/null || true
-  forget "$1"
-}
-
-read -r UP_PORT PROXY_PORT ADMIN_PORT < <(python3 - <<'PY'
-import socket
-socks = [socket.socket() for _ in range(3)]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in socks))
-PY
-)
+start_work gwbench
+read -r UP_PORT PROXY_PORT ADMIN_PORT < <(free_ports 3)
 UPSTREAM="http://127.0.0.1:$UP_PORT"
 PROXY="http://127.0.0.1:$PROXY_PORT"
 ADMIN="http://127.0.0.1:$ADMIN_PORT"

@@ -79,30 +79,8 @@ REDIS_VERSION=$(redis-server --version | sed 's/.* v=\([^ ]*\).*/\1/')
 log "tollgate $rev; redis-server $REDIS_VERSION; oha $($OHA --version | awk '{print $2}'); $(nproc) cpus"
 
 # ---------------------------------------------------------------- processes
-work=$(mktemp -d /tmp/rbench.XXXXXX)
-pids=()
-cleanup() {
-  local p
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  if [ -n "${KEEP_WORK:-}" ]; then log "kept $work"; else rm -rf "$work"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-forget() {
-  local q keep=()
-  for q in "${pids[@]}"; do [ "$q" = "$1" ] || keep+=("$q"); done
-  pids=("${keep[@]}")
-}
-stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; forget "$1"; }
-
-read -r REDIS_PORT GW_PORT ADMIN_PORT < <(python3 - <<'PY'
-import socket
-socks = [socket.socket() for _ in range(3)]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in socks))
-PY
-)
+start_work rbench
+read -r REDIS_PORT GW_PORT ADMIN_PORT < <(free_ports 3)
 URL="redis://127.0.0.1:$REDIS_PORT"
 cli() { redis-cli -p "$REDIS_PORT" "$@"; }
 

@@ -26,3 +26,39 @@ ensure_tools() {
     fi
   fi
 }
+
+# start_work NAME: a work directory ($work) and the list of processes this
+# script started ($pids); on exit every one is stopped and the directory
+# removed (KEEP_WORK=1 keeps it). forget PID / stop PID manage the list.
+start_work() {
+  work=$(mktemp -d "/tmp/$1.XXXXXX")
+  pids=()
+  trap cleanup EXIT
+  trap 'exit 130' INT TERM
+}
+cleanup() {
+  local p
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  if [ -n "${KEEP_WORK:-}" ]; then log "kept $work"; else rm -rf "$work"; fi
+}
+forget() { # forget PID: no longer ours to stop
+  local q keep=()
+  for q in "${pids[@]}"; do [ "$q" = "$1" ] || keep+=("$q"); done
+  pids=("${keep[@]}")
+}
+stop() { # stop PID: end one process we started, wait for it
+  kill "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+  forget "$1"
+}
+
+# free_ports N: N loopback ports nothing listens on, space-separated.
+free_ports() {
+  python3 - "$1" <<'PY'
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))
+PY
+}

@@ -75,6 +75,15 @@ pub enum RunError {
         upstream: String,
         jobs: u64,
     },
+    #[error("the job queue refused {refused}, and asking again will not change that (its keys are not as tollgate wrote them, or a script failed): this runner stopped. {writes} write(s) were refused and {unwritten} not made: those results and attempt counts are not recorded, and their jobs will be sent again")]
+    QueueRefused {
+        /// The first command refused, with Redis's answer.
+        refused: String,
+        /// Writes (results, attempt counts, leases given back) refused.
+        writes: u64,
+        /// Outcomes still unwritten when the runner stopped.
+        unwritten: u64,
+    },
     #[error("upstream '{upstream}': {source}")]
     Engine {
         upstream: String,

@@ -13,5 +13,5 @@ pub mod queue;
 mod run;
 mod scripts;
 
-pub use queue::{Lease, Leased, Queue, QueueError, Recorded};
+pub use queue::{Lease, Leased, Queue, QueueError, Recorded, Write};
 pub use run::{run, FleetOptions};

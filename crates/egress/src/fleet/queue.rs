@@ -8,16 +8,23 @@ use crate::job::{Job, Routed};
 use crate::settings::RunnerConfig;
 use crate::state::{Counts, DeadLetter};
 use redis::aio::ConnectionManager;
-use redis::AsyncCommands;
+use redis::{AsyncCommands, FromRedisValue, ToRedisArgs};
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::Duration;
 use tollgate_core::policy::RedisSettings;
+use tollgate_store::redis::redacted;
 
 /// Jobs per script call when importing: a batch is all-or-none, and
 /// small enough that Redis is never blocked for long.
 const IMPORT_BATCH: usize = 500;
-/// Most leases renewed or given back per script call.
-const IDS_PER_CALL: usize = 1000;
+/// Most ids per call: leases renewed or given back per script call, fields
+/// read per HMGET.
+pub(crate) const IDS_PER_CALL: usize = 1000;
+/// Most writes a runner makes in one call (`Queue::write`).
+pub(crate) const WRITES_PER_CALL: usize = 100;
+/// How much of a stored job that cannot be read a dead letter quotes.
+const QUOTE: usize = 200;
 /// How long one queue command may take before Redis counts as unreachable.
 /// (Decisions have `[store] timeout`; these are off the hot path.)
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -42,6 +49,15 @@ pub enum QueueError {
         queue: String,
         url: String,
         message: String,
+    },
+    /// Redis answered a command with an error that asking again will not
+    /// change (a key of another type than tollgate wrote, a script error).
+    #[error("queue '{queue}' at {url}: Redis refused the command: {reason}")]
+    Refused {
+        queue: String,
+        url: String,
+        /// Redis's own message.
+        reason: String,
     },
 }
 
@@ -71,10 +87,15 @@ impl Keys {
 /// A job leased to this runner.
 #[derive(Debug, Clone)]
 pub struct Leased {
-    /// Its place in the queue (priority, then arrival): the scheduler's seq.
+    pub id: String,
+    /// Its place in the queue (priority, then arrival): the scheduler's seq
+    /// (`u64::MAX` when it cannot be read; `job` then says so).
     pub seq: u64,
     pub attempts: u32,
-    pub job: Job,
+    /// The job, or why it cannot run as stored (its JSON does not parse, or
+    /// its place is not a whole number): such a job is dead-lettered with
+    /// this reason, and the rest of the lease goes on.
+    pub job: Result<Job, String>,
 }
 
 /// What a lease call returned, with the upstream's figures after it.
@@ -100,6 +121,50 @@ pub enum Recorded {
     /// Another result was recorded first (another runner took the job over
     /// after this runner's lease expired): this one is dropped.
     Other,
+}
+
+/// A change a runner makes to the queue as it works. The run's writer task
+/// makes them in order, several per call (`Queue::write`).
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// Note the attempts made on a job this runner holds.
+    Attempts { id: String, attempts: u32 },
+    /// Record a job's final result (as `Queue::finish`).
+    Finish {
+        upstream: String,
+        id: String,
+        line: String,
+        attempts: u32,
+        dead: Option<Box<DeadLetter>>,
+    },
+    /// Give leases back (as `Queue::release`; at most `IDS_PER_CALL` ids).
+    Release { upstream: String, ids: Vec<String> },
+}
+
+impl Write {
+    /// The jobs it is about.
+    pub fn ids(&self) -> &[String] {
+        match self {
+            Write::Attempts { id, .. } | Write::Finish { id, .. } => std::slice::from_ref(id),
+            Write::Release { ids, .. } => ids,
+        }
+    }
+
+    /// What it writes, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Write::Attempts { id, attempts } => {
+                format!("the attempt count ({attempts}) of job '{id}'")
+            }
+            Write::Finish { id, .. } => format!("the final result of job '{id}'"),
+            Write::Release { upstream, ids } => {
+                format!(
+                    "giving back {} lease(s) of upstream '{upstream}'",
+                    ids.len()
+                )
+            }
+        }
+    }
 }
 
 /// One queue in one Redis, as one runner (its token) sees it.
@@ -128,7 +193,7 @@ impl Queue {
     /// Connect to the queue `name` of the Redis in `settings`: a bad
     /// address or password is an error now, naming the store's URL.
     pub async fn connect(settings: &RedisSettings, name: &str) -> Result<Queue, QueueError> {
-        let url = redact(&settings.url);
+        let url = redacted(&settings.url);
         let unavailable = |reason: String| QueueError::Unavailable {
             url: url.clone(),
             reason,
@@ -176,11 +241,6 @@ impl Queue {
         &self.url
     }
 
-    /// This runner's lease token.
-    pub fn token(&self) -> &str {
-        &self.token
-    }
-
     /// Queue jobs. A job whose id is already queued with the same request
     /// is left as it is (every runner of a fleet imports the same file, and
     /// a re-run resumes); an id queued for a different request is an error,
@@ -197,26 +257,15 @@ impl Queue {
         // First a read-only pass over everything, so a conflict anywhere
         // queues nothing. Each batch's script checks again before writing:
         // this pass only gives the all-or-nothing answer for the whole file.
-        let jobs_key = self.keys.key("jobs");
         for (chunk, spec_chunk) in jobs.chunks(IMPORT_BATCH).zip(specs.chunks(IMPORT_BATCH)) {
-            let ids: Vec<&str> = chunk.iter().map(|r| r.job.id.as_str()).collect();
-            let before: Vec<Option<String>> = self
-                .command(|mut c| {
-                    let ids = ids.clone();
-                    let key = jobs_key.clone();
-                    async move {
-                        redis::cmd("HMGET")
-                            .arg(key)
-                            .arg(ids)
-                            .query_async(&mut c)
-                            .await
-                    }
-                })
-                .await?;
-            for ((routed, spec), before) in chunk.iter().zip(spec_chunk).zip(before) {
-                if before.is_some_and(|b| b != *spec) {
-                    return Err(self.conflict(&routed.job.id, 0));
-                }
+            let mut invocation = Scripts::get().check.prepare_invoke();
+            invocation.key(self.keys.key("jobs"));
+            for (routed, spec) in chunk.iter().zip(spec_chunk) {
+                invocation.arg(&routed.job.id).arg(spec.as_str());
+            }
+            let conflict: Option<String> = self.invoke(&invocation).await?;
+            if let Some(id) = conflict {
+                return Err(self.conflict(&id, 0));
             }
         }
         let (mut added, mut already) = (0u64, 0u64);
@@ -262,7 +311,8 @@ impl Queue {
 
     /// Lease up to `n` jobs of `upstream` for `lease` (best priority, then
     /// oldest, across the whole queue), after returning expired leases to
-    /// pending. `n = 0` only reaps and counts.
+    /// pending. `n = 0` only reaps and counts. A job that cannot be read as
+    /// stored is leased all the same, with `job` saying why.
     pub async fn lease(
         &self,
         upstream: &str,
@@ -294,11 +344,23 @@ impl Queue {
             reaped: int(&reply[2]),
         };
         for leased in reply[3..].chunks(4) {
-            let id = text(&leased[0]);
-            let job: Job = serde_json::from_str(&text(&leased[3]))
-                .map_err(|e| self.invalid(format!("job '{id}' as stored cannot be read: {e}")))?;
+            let (id, place, stored) = (text(&leased[0]), text(&leased[1]), text(&leased[3]));
+            let seq = place.parse::<u64>();
+            let job = match (&seq, serde_json::from_str::<Job>(&stored)) {
+                (Ok(_), Ok(job)) => Ok(job),
+                (_, Err(e)) => Err(format!(
+                    "the job as stored in queue '{}' cannot be read ({e}); it starts: {}",
+                    self.name,
+                    quote(&stored)
+                )),
+                (Err(_), Ok(_)) => Err(format!(
+                    "its place in queue '{}' is {place:?}, not a whole number, so it cannot be ordered",
+                    self.name
+                )),
+            };
             out.jobs.push(Leased {
-                seq: text(&leased[1]).parse().unwrap_or(u64::MAX),
+                id,
+                seq: seq.unwrap_or(u64::MAX),
                 attempts: text(&leased[2]).parse().unwrap_or(0),
                 job,
             });
@@ -321,7 +383,6 @@ impl Queue {
                 .key(self.keys.pending(upstream))
                 .key(self.keys.leases(upstream))
                 .key(self.keys.key("owner"))
-                .key(self.keys.key("results"))
                 .arg(&self.token)
                 .arg(millis(lease))
                 .arg(chunk);
@@ -335,15 +396,7 @@ impl Queue {
     pub async fn release(&self, upstream: &str, ids: &[String]) -> Result<u64, QueueError> {
         let mut released = 0;
         for chunk in ids.chunks(IDS_PER_CALL) {
-            let mut invocation = Scripts::get().release.prepare_invoke();
-            invocation
-                .key(self.keys.pending(upstream))
-                .key(self.keys.leases(upstream))
-                .key(self.keys.key("owner"))
-                .key(self.keys.key("arrival"))
-                .arg(&self.token)
-                .arg(chunk);
-            let n: u64 = self.invoke(&invocation).await?;
+            let n: u64 = self.invoke(&self.release_call(upstream, chunk)).await?;
             released += n;
         }
         Ok(released)
@@ -351,14 +404,7 @@ impl Queue {
 
     /// Note the attempts made on a job this runner holds.
     pub async fn record_attempts(&self, id: &str, attempts: u32) -> Result<(), QueueError> {
-        let mut invocation = Scripts::get().attempts.prepare_invoke();
-        invocation
-            .key(self.keys.key("owner"))
-            .key(self.keys.key("attempts"))
-            .arg(&self.token)
-            .arg(id)
-            .arg(attempts);
-        let _: i64 = self.invoke(&invocation).await?;
+        let _: i64 = self.invoke(&self.attempts_call(id, attempts)).await?;
         Ok(())
     }
 
@@ -373,38 +419,76 @@ impl Queue {
         attempts: u32,
         dead: Option<&DeadLetter>,
     ) -> Result<Recorded, QueueError> {
-        let dead = dead
-            .map(|d| serde_json::to_string(d).unwrap_or_default())
-            .unwrap_or_default();
-        let mut invocation = Scripts::get().finish.prepare_invoke();
-        invocation
-            .key(self.keys.key("results"))
-            .key(self.keys.key("log"))
-            .key(self.keys.key("dead"))
-            .key(self.keys.key("attempts"))
-            .key(self.keys.leases(upstream))
-            .key(self.keys.pending(upstream))
-            .key(self.keys.key("owner"))
-            .arg(id)
-            .arg(line)
-            .arg(attempts)
-            .arg(dead);
-        let n: i64 = self.invoke(&invocation).await?;
-        Ok(match n {
-            1 => Recorded::New,
-            2 => Recorded::Again,
-            _ => Recorded::Other,
-        })
+        let n: i64 = self
+            .invoke(&self.finish_call(upstream, id, line, attempts, dead))
+            .await?;
+        Ok(recorded(n))
+    }
+
+    /// Make `writes` in order, in one call (at most `WRITES_PER_CALL`).
+    /// Err: the call failed as a whole (Redis unreachable), and then none
+    /// or some of them were made (each write is safe to make again, in
+    /// order). Ok: one result per write, with a final result's `Recorded`;
+    /// a write Redis refused is `Err(QueueError::Refused)`, one it turned
+    /// down for now (busy, out of memory) `Err(QueueError::Unavailable)`,
+    /// and the ones after either were made all the same: a caller that
+    /// makes a write again later keeps two writes of one job out of one
+    /// call, so that none overtakes the other.
+    pub async fn write(
+        &self,
+        writes: &[Write],
+    ) -> Result<Vec<Result<Option<Recorded>, QueueError>>, QueueError> {
+        let calls: Vec<(&'static redis::Script, redis::ScriptInvocation<'static>)> =
+            writes.iter().map(|w| self.write_call(w)).collect();
+        let replies: Vec<Result<i64, QueueError>> = match calls.as_slice() {
+            // One write: EVALSHA, loading the script if Redis lacks it.
+            [(_, call)] => match self.invoke(call).await {
+                Ok(n) => vec![Ok(n)],
+                Err(e @ QueueError::Refused { .. }) => vec![Err(e)],
+                Err(e) => return Err(e),
+            },
+            // Several: one pipeline. Pipelined EVALSHAs are not loaded on
+            // NOSCRIPT (a restarted Redis has no scripts), so the scripts
+            // it uses are loaded first, in the same pipeline.
+            _ => {
+                let mut pipe = redis::pipe();
+                let mut loaded: Vec<&str> = Vec::new();
+                for (script, _) in &calls {
+                    if !loaded.contains(&script.get_hash()) {
+                        loaded.push(script.get_hash());
+                        pipe.load_script(script).ignore();
+                    }
+                }
+                for (_, call) in &calls {
+                    pipe.invoke_script(call);
+                }
+                pipe.ignore_errors();
+                let replies: Vec<redis::RedisResult<i64>> =
+                    self.timed(pipe.query_async(&mut self.conn())).await?;
+                if replies.len() != writes.len() {
+                    return Err(self.invalid(format!(
+                        "{} writes answered {} values",
+                        writes.len(),
+                        replies.len()
+                    )));
+                }
+                replies
+                    .into_iter()
+                    .map(|r| r.map_err(|e| self.error(&e)))
+                    .collect()
+            }
+        };
+        Ok(writes
+            .iter()
+            .zip(replies)
+            .map(|(w, reply)| reply.map(|n| matches!(w, Write::Finish { .. }).then(|| recorded(n))))
+            .collect())
     }
 
     /// The upstreams that have jobs in this queue.
     pub async fn upstreams(&self) -> Result<Vec<String>, QueueError> {
-        let key = self.keys.key("upstreams");
         let mut names: Vec<String> = self
-            .command(|mut c| {
-                let key = key.clone();
-                async move { c.smembers(key).await }
-            })
+            .timed(self.conn().smembers(self.keys.key("upstreams")))
             .await?;
         names.sort();
         Ok(names)
@@ -412,18 +496,10 @@ impl Queue {
 
     /// Jobs of `upstream` not finished: (pending, leased).
     pub async fn unfinished(&self, upstream: &str) -> Result<(u64, u64), QueueError> {
-        let (pending, leases) = (self.keys.pending(upstream), self.keys.leases(upstream));
-        self.command(|mut c| {
-            let (pending, leases) = (pending.clone(), leases.clone());
-            async move {
-                redis::pipe()
-                    .zcard(pending)
-                    .zcard(leases)
-                    .query_async(&mut c)
-                    .await
-            }
-        })
-        .await
+        let mut pipe = redis::pipe();
+        pipe.zcard(self.keys.pending(upstream))
+            .zcard(self.keys.leases(upstream));
+        self.timed(pipe.query_async(&mut self.conn())).await
     }
 
     /// Jobs in the queue: not finished (pending or leased), done, dead.
@@ -433,19 +509,10 @@ impl Queue {
             let (pending, leased) = self.unfinished(&upstream).await?;
             counts.pending += pending + leased;
         }
-        let (results, dead) = (self.keys.key("results"), self.keys.key("dead"));
-        let (finished, dead): (u64, u64) = self
-            .command(|mut c| {
-                let (results, dead) = (results.clone(), dead.clone());
-                async move {
-                    redis::pipe()
-                        .hlen(results)
-                        .hlen(dead)
-                        .query_async(&mut c)
-                        .await
-                }
-            })
-            .await?;
+        let mut pipe = redis::pipe();
+        pipe.hlen(self.keys.key("results"))
+            .hlen(self.keys.key("dead"));
+        let (finished, dead): (u64, u64) = self.timed(pipe.query_async(&mut self.conn())).await?;
         counts.done = finished.saturating_sub(dead);
         counts.dead = dead;
         Ok(counts)
@@ -453,12 +520,8 @@ impl Queue {
 
     /// Every dead letter, in queue order.
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, QueueError> {
-        let key = self.keys.key("dead");
         let all: HashMap<String, String> = self
-            .command(|mut c| {
-                let key = key.clone();
-                async move { c.hgetall(key).await }
-            })
+            .timed(self.conn().hgetall(self.keys.key("dead")))
             .await?;
         let ids: Vec<String> = all.keys().cloned().collect();
         let order = self.arrivals(&ids).await?;
@@ -473,13 +536,8 @@ impl Queue {
     }
 
     pub async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, QueueError> {
-        let key = self.keys.key("dead");
         let text: Option<String> = self
-            .command(|mut c| {
-                let key = key.clone();
-                let id = id.to_string();
-                async move { c.hget(key, id).await }
-            })
+            .timed(self.conn().hget(self.keys.key("dead"), id))
             .await?;
         text.map(|t| {
             serde_json::from_str(&t)
@@ -490,25 +548,12 @@ impl Queue {
 
     /// A job's state (pending, leased, done or dead), if the id is queued.
     pub async fn job_state(&self, id: &str) -> Result<Option<String>, QueueError> {
-        let keys = [
-            self.keys.key("jobs"),
-            self.keys.key("results"),
-            self.keys.key("dead"),
-            self.keys.key("owner"),
-        ];
-        let (job, result, dead, owner): (bool, bool, bool, bool) = self
-            .command(|mut c| {
-                let keys = keys.clone();
-                let id = id.to_string();
-                async move {
-                    let mut pipe = redis::pipe();
-                    for key in keys {
-                        pipe.hexists(key, &id);
-                    }
-                    pipe.query_async(&mut c).await
-                }
-            })
-            .await?;
+        let mut pipe = redis::pipe();
+        for name in ["jobs", "results", "dead", "owner"] {
+            pipe.hexists(self.keys.key(name), id);
+        }
+        let (job, result, dead, owner): (bool, bool, bool, bool) =
+            self.timed(pipe.query_async(&mut self.conn())).await?;
         Ok(match (job, result, dead, owner) {
             (false, ..) => None,
             (_, _, true, _) => Some("dead".into()),
@@ -537,20 +582,8 @@ impl Queue {
         if targets.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
-        let key = self.keys.key("upstream");
-        let upstreams: Vec<Option<String>> = self
-            .command(|mut c| {
-                let key = key.clone();
-                let targets = targets.clone();
-                async move {
-                    redis::cmd("HMGET")
-                        .arg(key)
-                        .arg(targets)
-                        .query_async(&mut c)
-                        .await
-                }
-            })
-            .await?;
+        let upstreams: Vec<Option<String>> =
+            self.hmget(&self.keys.key("upstream"), &targets).await?;
         let mut groups: HashMap<String, Vec<String>> = HashMap::new();
         let mut unknown = Vec::new();
         for (id, upstream) in targets.iter().zip(upstreams) {
@@ -588,12 +621,8 @@ impl Queue {
     /// The current final result of every finished job, as results.jsonl
     /// lines, in the order they were recorded.
     pub async fn results(&self) -> Result<Vec<String>, QueueError> {
-        let (log, results) = (self.keys.key("log"), self.keys.key("results"));
         let order: Vec<String> = self
-            .command(|mut c| {
-                let log = log.clone();
-                async move { c.lrange(log, 0, -1).await }
-            })
+            .timed(self.conn().lrange(self.keys.key("log"), 0, -1))
             .await?;
         // A job retried from the dead letters is in the log twice: its
         // result is at its last place.
@@ -605,45 +634,13 @@ impl Queue {
             .filter(|(i, id)| last[id] == *i)
             .map(|(_, id)| id)
             .collect();
-        let mut lines = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(IDS_PER_CALL) {
-            let got: Vec<Option<String>> = self
-                .command(|mut c| {
-                    let results = results.clone();
-                    let chunk: Vec<String> = chunk.iter().map(|s| s.to_string()).collect();
-                    async move {
-                        redis::cmd("HMGET")
-                            .arg(results)
-                            .arg(chunk)
-                            .query_async(&mut c)
-                            .await
-                    }
-                })
-                .await?;
-            lines.extend(got.into_iter().flatten());
-        }
-        Ok(lines)
+        let lines: Vec<Option<String>> = self.hmget(&self.keys.key("results"), &ids).await?;
+        Ok(lines.into_iter().flatten().collect())
     }
 
     /// Each id's place in the queue (priority, then arrival).
     async fn arrivals(&self, ids: &[String]) -> Result<HashMap<String, u64>, QueueError> {
-        if ids.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let key = self.keys.key("arrival");
-        let scores: Vec<Option<u64>> = self
-            .command(|mut c| {
-                let key = key.clone();
-                let ids = ids.to_vec();
-                async move {
-                    redis::cmd("HMGET")
-                        .arg(key)
-                        .arg(ids)
-                        .query_async(&mut c)
-                        .await
-                }
-            })
-            .await?;
+        let scores: Vec<Option<u64>> = self.hmget(&self.keys.key("arrival"), ids).await?;
         Ok(ids
             .iter()
             .zip(scores)
@@ -651,43 +648,145 @@ impl Queue {
             .collect())
     }
 
-    async fn invoke<T: redis::FromRedisValue>(
+    /// HMGET of `fields` of the hash `key`, at most `IDS_PER_CALL` per call.
+    async fn hmget<F: ToRedisArgs + Sync, T: FromRedisValue>(
+        &self,
+        key: &str,
+        fields: &[F],
+    ) -> Result<Vec<Option<T>>, QueueError> {
+        let mut values = Vec::with_capacity(fields.len());
+        for chunk in fields.chunks(IDS_PER_CALL) {
+            let part: Vec<Option<T>> = self
+                .timed(
+                    redis::cmd("HMGET")
+                        .arg(key)
+                        .arg(chunk)
+                        .query_async(&mut self.conn()),
+                )
+                .await?;
+            values.extend(part);
+        }
+        Ok(values)
+    }
+
+    /// The script call that makes `write`, with its script.
+    fn write_call(
+        &self,
+        write: &Write,
+    ) -> (&'static redis::Script, redis::ScriptInvocation<'static>) {
+        let scripts = Scripts::get();
+        match write {
+            Write::Attempts { id, attempts } => {
+                (&scripts.attempts, self.attempts_call(id, *attempts))
+            }
+            Write::Finish {
+                upstream,
+                id,
+                line,
+                attempts,
+                dead,
+            } => (
+                &scripts.finish,
+                self.finish_call(upstream, id, line, *attempts, dead.as_deref()),
+            ),
+            Write::Release { upstream, ids } => {
+                (&scripts.release, self.release_call(upstream, ids))
+            }
+        }
+    }
+
+    fn attempts_call(&self, id: &str, attempts: u32) -> redis::ScriptInvocation<'static> {
+        let mut invocation = Scripts::get().attempts.prepare_invoke();
+        invocation
+            .key(self.keys.key("owner"))
+            .key(self.keys.key("attempts"))
+            .arg(&self.token)
+            .arg(id)
+            .arg(attempts);
+        invocation
+    }
+
+    fn finish_call(
+        &self,
+        upstream: &str,
+        id: &str,
+        line: &str,
+        attempts: u32,
+        dead: Option<&DeadLetter>,
+    ) -> redis::ScriptInvocation<'static> {
+        let dead = dead
+            .map(|d| serde_json::to_string(d).unwrap_or_default())
+            .unwrap_or_default();
+        let mut invocation = Scripts::get().finish.prepare_invoke();
+        invocation
+            .key(self.keys.key("results"))
+            .key(self.keys.key("log"))
+            .key(self.keys.key("dead"))
+            .key(self.keys.key("attempts"))
+            .key(self.keys.leases(upstream))
+            .key(self.keys.pending(upstream))
+            .key(self.keys.key("owner"))
+            .arg(id)
+            .arg(line)
+            .arg(attempts)
+            .arg(dead);
+        invocation
+    }
+
+    fn release_call(&self, upstream: &str, ids: &[String]) -> redis::ScriptInvocation<'static> {
+        let mut invocation = Scripts::get().release.prepare_invoke();
+        invocation
+            .key(self.keys.pending(upstream))
+            .key(self.keys.leases(upstream))
+            .key(self.keys.key("owner"))
+            .key(self.keys.key("arrival"))
+            .arg(&self.token)
+            .arg(ids);
+        invocation
+    }
+
+    /// A clone of the connection (they share one multiplexed connection).
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// A script call (EVALSHA, loading the script if Redis lacks it).
+    async fn invoke<T: FromRedisValue>(
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, QueueError> {
-        let mut conn = self.conn.clone();
-        match tokio::time::timeout(COMMAND_TIMEOUT, invocation.invoke_async(&mut conn)).await {
+        self.timed(invocation.invoke_async(&mut self.conn())).await
+    }
+
+    /// Any command, pipeline or script call, within the command timeout,
+    /// its error in the queue's terms.
+    async fn timed<T>(
+        &self,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, QueueError> {
+        match tokio::time::timeout(COMMAND_TIMEOUT, call).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.unavailable(&e)),
-            Err(_) => Err(self.timed_out()),
+            Ok(Err(e)) => Err(self.error(&e)),
+            Err(_) => Err(QueueError::Unavailable {
+                url: self.url.clone(),
+                reason: format!("no answer within {} s", COMMAND_TIMEOUT.as_secs()),
+            }),
         }
     }
 
-    /// One command (or pipeline) on a clone of the connection, within the
-    /// command timeout.
-    async fn command<T, F, Fut>(&self, f: F) -> Result<T, QueueError>
-    where
-        F: FnOnce(ConnectionManager) -> Fut,
-        Fut: std::future::Future<Output = redis::RedisResult<T>>,
-    {
-        match tokio::time::timeout(COMMAND_TIMEOUT, f(self.conn.clone())).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.unavailable(&e)),
-            Err(_) => Err(self.timed_out()),
-        }
-    }
-
-    fn unavailable(&self, e: &redis::RedisError) -> QueueError {
-        QueueError::Unavailable {
-            url: self.url.clone(),
-            reason: describe(e),
-        }
-    }
-
-    fn timed_out(&self) -> QueueError {
-        QueueError::Unavailable {
-            url: self.url.clone(),
-            reason: format!("no answer within {} s", COMMAND_TIMEOUT.as_secs()),
+    /// A Redis error: refused (asking again will not help) or unavailable.
+    fn error(&self, e: &redis::RedisError) -> QueueError {
+        if refused(e) {
+            QueueError::Refused {
+                queue: self.name.clone(),
+                url: self.url.clone(),
+                reason: e.to_string(),
+            }
+        } else {
+            QueueError::Unavailable {
+                url: self.url.clone(),
+                reason: describe(e),
+            }
         }
     }
 
@@ -715,6 +814,42 @@ impl Queue {
     }
 }
 
+fn recorded(n: i64) -> Recorded {
+    match n {
+        1 => Recorded::New,
+        2 => Recorded::Again,
+        _ => Recorded::Other,
+    }
+}
+
+/// Whether Redis answered with an error that asking again will not change:
+/// a key of another type (WRONGTYPE), a script error, a reply of an
+/// unexpected shape. Not: no connection, no answer in time, or a server
+/// that is busy for now (loading its data, a long script, out of memory,
+/// failing over, too many clients).
+fn refused(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    match e.kind() {
+        ErrorKind::Server(kind) => match kind {
+            ServerErrorKind::ResponseError => !e
+                .detail()
+                .is_some_and(|d| d.starts_with("max number of clients")),
+            ServerErrorKind::ExecAbort
+            | ServerErrorKind::CrossSlot
+            | ServerErrorKind::NoPerm
+            | ServerErrorKind::NotBusy
+            | ServerErrorKind::NoSub => true,
+            _ => false,
+        },
+        ErrorKind::Extension => !matches!(
+            e.code(),
+            Some("BUSY" | "OOM" | "MISCONF" | "NOREPLICAS" | "NOAUTH" | "WRONGPASS")
+        ),
+        ErrorKind::UnexpectedReturnType => true,
+        _ => false,
+    }
+}
+
 /// What went wrong talking to Redis, in words a user can act on.
 fn describe(e: &redis::RedisError) -> String {
     let auth = e.kind() == redis::ErrorKind::AuthenticationFailed
@@ -730,14 +865,11 @@ fn describe(e: &redis::RedisError) -> String {
     }
 }
 
-/// `redis://user:secret@host` as `redis://user:***@host`.
-pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        _ => url.to_string(),
+/// The start of a stored text, for a message.
+fn quote(text: &str) -> String {
+    match text.char_indices().nth(QUOTE) {
+        Some((end, _)) => format!("{:?}...", &text[..end]),
+        None => format!("{text:?}"),
     }
 }
 

@@ -13,13 +13,14 @@
 //! - The quota is shared: each upstream's engine keeps its counters in
 //!   Redis under `upstream:NAME`, so every runner asks the same counters.
 
-use super::queue::{Queue, QueueError, Recorded};
+use super::queue::{Queue, QueueError, Recorded, Write, IDS_PER_CALL, WRITES_PER_CALL};
+use crate::job::{Job, Priority};
 use crate::run::{human, sleep_until, Active, Driver, FleetTotals, Progress, RunError, Sink};
 use crate::schedule::Scheduler;
 use crate::settings::RunnerConfig;
 use crate::state::{DeadLetter, Record};
 use crate::{Options, Summary};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -52,17 +53,22 @@ impl Default for FleetOptions {
 }
 
 /// Whether the queue answers, seen by the loop and the writer task; the
-/// loop logs each change once.
+/// loop logs each change once. A command Redis refused (asking again would
+/// not change its answer) stops the run.
 #[derive(Debug, Default)]
 struct Health {
     down: AtomicBool,
     error: Mutex<String>,
+    /// The first command refused: what it was, and Redis's answer.
+    refused: Mutex<Option<String>>,
 }
 
 impl Health {
-    fn note<T>(&self, result: &Result<T, QueueError>) {
+    /// How a call went (`what` it was, for a refusal).
+    fn note<T>(&self, what: impl FnOnce() -> String, result: &Result<T, QueueError>) {
         match result {
             Ok(_) => self.down.store(false, Ordering::Relaxed),
+            Err(e @ QueueError::Refused { .. }) => self.refuse(&what(), e),
             Err(e) => {
                 if let Ok(mut error) = self.error.lock() {
                     *error = e.to_string();
@@ -71,22 +77,90 @@ impl Health {
             }
         }
     }
+
+    fn refuse(&self, what: &str, e: &QueueError) {
+        // It answered.
+        self.down.store(false, Ordering::Relaxed);
+        if let Ok(mut refused) = self.refused.lock() {
+            refused.get_or_insert_with(|| format!("{what} ({e})"));
+        }
+    }
+
+    fn refused(&self) -> Option<String> {
+        self.refused.lock().ok().and_then(|r| r.clone())
+    }
 }
 
-/// A write for the queue, made by the writer task in order.
-#[derive(Debug)]
-enum Write {
-    Attempts {
-        id: String,
-        attempts: u32,
-    },
-    Finish {
-        upstream: String,
-        id: String,
-        line: String,
-        attempts: u32,
-        dead: Option<Box<DeadLetter>>,
-    },
+/// What the loop, the sink and the writer task share about writes.
+#[derive(Debug, Default)]
+struct Ledger {
+    /// Outcomes (attempt counts, final results) sent to the writer and not
+    /// yet taken by Redis.
+    outstanding: AtomicU64,
+    /// Final results another runner had recorded first.
+    duplicates: AtomicU64,
+    /// Writes Redis refused: dropped, not tried again.
+    refused: AtomicU64,
+    /// Per upstream, the jobs whose final result waits in the writer (and
+    /// how many of their results wait). This runner still holds their
+    /// leases: it renews them with the rest, gives them back after the
+    /// result when it stops, and does not take such a job up again.
+    unwritten: Mutex<HashMap<String, HashMap<String, u32>>>,
+}
+
+impl Ledger {
+    /// `write` is on its way to the writer.
+    fn queued(&self, write: &Write) {
+        match write {
+            Write::Attempts { .. } => {}
+            Write::Finish { upstream, id, .. } => {
+                if let Ok(mut unwritten) = self.unwritten.lock() {
+                    *unwritten
+                        .entry(upstream.clone())
+                        .or_default()
+                        .entry(id.clone())
+                        .or_default() += 1;
+                }
+            }
+            Write::Release { .. } => return,
+        }
+        self.outstanding.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// `write` is done with: made, refused, or never sent.
+    fn written(&self, write: &Write) {
+        match write {
+            Write::Attempts { .. } => {}
+            Write::Finish { upstream, id, .. } => {
+                if let Ok(mut unwritten) = self.unwritten.lock() {
+                    if let Some(ids) = unwritten.get_mut(upstream) {
+                        if let Some(n) = ids.get_mut(id) {
+                            *n -= 1;
+                            if *n == 0 {
+                                ids.remove(id);
+                            }
+                        }
+                    }
+                }
+            }
+            Write::Release { .. } => return,
+        }
+        self.outstanding.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn is_unwritten(&self, upstream: &str, id: &str) -> bool {
+        self.unwritten
+            .lock()
+            .is_ok_and(|u| u.get(upstream).is_some_and(|ids| ids.contains_key(id)))
+    }
+
+    fn unwritten_ids(&self, upstream: &str) -> Vec<String> {
+        self.unwritten
+            .lock()
+            .ok()
+            .and_then(|u| u.get(upstream).map(|ids| ids.keys().cloned().collect()))
+            .unwrap_or_default()
+    }
 }
 
 /// The run's sink: records go to the writer task, which writes them to
@@ -94,14 +168,21 @@ enum Write {
 struct Recorder {
     tx: mpsc::UnboundedSender<Write>,
     upstreams: Vec<String>,
-    /// Writes sent and not yet acknowledged by Redis.
-    outstanding: Arc<AtomicU64>,
-    duplicates: Arc<AtomicU64>,
+    ledger: Arc<Ledger>,
+}
+
+impl Recorder {
+    fn send(&self, write: Write) {
+        self.ledger.queued(&write);
+        if let Err(mpsc::error::SendError(write)) = self.tx.send(write) {
+            self.ledger.written(&write);
+        }
+    }
 }
 
 impl Sink for Recorder {
     fn record(&self, a: &Active, record: Record) {
-        let write = match record {
+        self.send(match record {
             Record::Retry { attempts, .. } => Write::Attempts {
                 id: a.job.id.clone(),
                 attempts,
@@ -132,20 +213,16 @@ impl Sink for Recorder {
                     })
                 }),
             },
-        };
-        self.outstanding.fetch_add(1, Ordering::SeqCst);
-        if self.tx.send(write).is_err() {
-            self.outstanding.fetch_sub(1, Ordering::SeqCst);
-        }
+        });
     }
 }
 
-/// The writer task: each write in order, retried until Redis takes it.
+/// The writer task: the writes in order, several per call, each tried
+/// again until Redis takes it, or dropped when Redis refuses it.
 async fn write_all(
     queue: Queue,
     mut rx: mpsc::UnboundedReceiver<Write>,
-    outstanding: Arc<AtomicU64>,
-    duplicates: Arc<AtomicU64>,
+    ledger: Arc<Ledger>,
     health: Arc<Health>,
 ) {
     let mut backlog: VecDeque<Write> = VecDeque::new();
@@ -160,39 +237,80 @@ async fn write_all(
         while let Ok(w) = rx.try_recv() {
             backlog.push_back(w);
         }
-        let Some(write) = backlog.front() else {
-            continue;
-        };
-        let result = match write {
-            Write::Attempts { id, attempts } => {
-                queue.record_attempts(id, *attempts).await.map(|()| None)
+        let n = batch(&backlog);
+        let replies = queue.write(&backlog.make_contiguous()[..n]).await;
+        let mut failed = false;
+        match replies {
+            Err(e) => {
+                health.note(|| "writing".into(), &Err::<(), _>(e));
+                failed = true;
             }
-            Write::Finish {
-                upstream,
-                id,
-                line,
-                attempts,
-                dead,
-            } => queue
-                .finish(upstream, id, line, *attempts, dead.as_deref())
-                .await
-                .map(Some),
-        };
-        health.note(&result);
-        match result {
-            Ok(recorded) => {
-                if recorded == Some(Recorded::Other) {
-                    duplicates.fetch_add(1, Ordering::SeqCst);
+            Ok(replies) => {
+                for reply in replies {
+                    let Some(write) = backlog.pop_front() else {
+                        break;
+                    };
+                    match reply {
+                        Ok(recorded) => {
+                            health.note(|| "writing".into(), &Ok(()));
+                            if recorded == Some(Recorded::Other) {
+                                ledger.duplicates.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                        Err(e @ QueueError::Refused { .. }) => {
+                            ledger.refused.fetch_add(1, Ordering::SeqCst);
+                            health.refuse(&write.describe(), &e);
+                        }
+                        Err(e) => {
+                            // Busy for now: this one and the rest again later.
+                            health.note(|| "writing".into(), &Err::<(), _>(e));
+                            backlog.push_front(write);
+                            failed = true;
+                            break;
+                        }
+                    }
+                    ledger.written(&write);
                 }
-                backlog.pop_front();
-                outstanding.fetch_sub(1, Ordering::SeqCst);
-                delay = WRITE_RETRY;
-            }
-            Err(_) => {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(1));
             }
         }
+        if failed {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(1));
+        } else {
+            delay = WRITE_RETRY;
+        }
+    }
+}
+
+/// How many writes from the front of `backlog` go in one call: at most
+/// `WRITES_PER_CALL`, and no job in two of them. Redis makes the writes of
+/// a call that come after one it turns down for now; the writer makes that
+/// one again later, and it must not then land after a later write of its
+/// own job (a lease given back before its attempt count: the count would
+/// be ignored).
+fn batch(backlog: &VecDeque<Write>) -> usize {
+    let mut seen: HashSet<&str> = HashSet::new();
+    for (i, write) in backlog.iter().take(WRITES_PER_CALL).enumerate() {
+        if !write.ids().iter().all(|id| seen.insert(id)) {
+            return i.max(1);
+        }
+    }
+    backlog.len().min(WRITES_PER_CALL)
+}
+
+/// A job whose stored JSON cannot be read: only its id is known, for its
+/// dead letter.
+fn unreadable(id: &str) -> Job {
+    Job {
+        id: id.to_string(),
+        method: String::new(),
+        url: String::new(),
+        headers: Vec::new(),
+        body: None,
+        json: false,
+        priority: Priority::Normal,
+        workflow: None,
+        idempotency_key: String::new(),
     }
 }
 
@@ -241,20 +359,14 @@ pub async fn run(
     }
 
     let health = Arc::new(Health::default());
+    let ledger = Arc::new(Ledger::default());
     let (tx, rx) = mpsc::unbounded_channel();
     let recorder = Recorder {
         tx,
         upstreams: names.clone(),
-        outstanding: Arc::default(),
-        duplicates: Arc::default(),
+        ledger: ledger.clone(),
     };
-    let writer = tokio::spawn(write_all(
-        queue.clone(),
-        rx,
-        recorder.outstanding.clone(),
-        recorder.duplicates.clone(),
-        health.clone(),
-    ));
+    let writer = tokio::spawn(write_all(queue.clone(), rx, ledger.clone(), health.clone()));
     let progress = Progress::new(options.progress, unfinished_at_start);
     let mut driver = Driver::new(config, schedulers, clock, progress)?;
 
@@ -262,18 +374,23 @@ pub async fn run(
     let poll = (lease / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let renew_every = lease / 3;
     let mut next_renew = Instant::now() + renew_every;
-    // Per upstream: when to ask for jobs next, and what the last answer
-    // said is left in the whole queue (pending, leased).
+    // Per upstream: when to ask for jobs next, and whether the last answer
+    // said nothing is left of it in the whole queue (none pending or
+    // leased).
     let mut lease_at = vec![Instant::now(); n];
-    let mut left: Vec<Option<(u64, u64)>> = vec![None; n];
+    let mut drained = vec![false; n];
     let hold: Vec<usize> = config
         .upstreams
         .iter()
         .map(|u| u.concurrency + u.concurrency.min(HOLD_EXTRA_MAX))
         .collect();
+    let holding =
+        |driver: &Driver<'_>, u: usize| driver.active.values().filter(|a| a.upstream == u).count();
     let mut said_down = false;
     let mut stopping = false;
     let mut deadline: Option<Instant> = None;
+    // The first command Redis refused: the run stops, and fails with it.
+    let mut refusal: Option<String> = None;
     tokio::pin!(shutdown);
     loop {
         let down = health.down.load(Ordering::Relaxed);
@@ -288,26 +405,38 @@ pub async fn run(
                 driver.progress.log("the job queue answers again");
             }
         }
+        if refusal.is_none() {
+            if let Some(refused) = health.refused() {
+                driver.progress.log(&format!(
+                    "the job queue refused {refused}; asking again will not change that, so this runner stops: no new leases or sends, up to {} for {} request(s) in flight",
+                    human(options.grace),
+                    driver.in_flight.len()
+                ));
+                refusal = Some(refused);
+                if !stopping {
+                    stopping = true;
+                    deadline = Some(Instant::now() + options.grace);
+                }
+            }
+        }
         if !stopping {
             for u in 0..n {
-                let held = driver.active.values().filter(|a| a.upstream == u).count();
+                let held = holding(&driver, u);
                 if held >= hold[u] || Instant::now() < lease_at[u] {
                     continue;
                 }
                 let got = queue.lease(&names[u], hold[u] - held, lease).await;
-                health.note(&got);
+                health.note(|| format!("leasing jobs of upstream '{}'", names[u]), &got);
                 let Ok(got) = got else {
                     lease_at[u] = Instant::now() + poll;
                     continue;
                 };
-                left[u] = Some((got.pending, got.leased));
-                // Asked for more than there was: the queue is drained for
-                // now; look again after a poll (a lease may expire).
-                lease_at[u] = if got.jobs.len() < hold[u] - held {
-                    Instant::now() + poll
-                } else {
-                    Instant::now()
-                };
+                drained[u] = (got.pending, got.leased) == (0, 0);
+                // Next: once the runner holds no more than its concurrency
+                // (see the replies below), or after a poll, whichever
+                // comes first (if there was less than asked for, a lease
+                // may expire meanwhile).
+                lease_at[u] = Instant::now() + poll;
                 if got.reaped > 0 {
                     driver.progress.log(&format!(
                         "{}: {} expired lease(s) returned to the queue (a runner stopped without finishing them)",
@@ -315,23 +444,43 @@ pub async fn run(
                     ));
                 }
                 for leased in got.jobs {
-                    if driver.active.contains_key(&leased.seq) {
+                    // Already this runner's (its lease ran out while Redis
+                    // was away): being worked on, or its result is on its
+                    // way to Redis. Either way, not twice.
+                    if driver.active.contains_key(&leased.seq)
+                        || ledger.is_unwritten(&names[u], &leased.id)
+                    {
                         continue;
                     }
-                    let routed = url::Url::parse(&leased.job.url)
+                    let job = match leased.job {
+                        Ok(job) => job,
+                        Err(reason) => {
+                            let job = unreadable(&leased.id);
+                            driver.dead_on_arrival(
+                                leased.seq,
+                                u,
+                                job,
+                                leased.attempts,
+                                reason,
+                                &recorder,
+                            );
+                            continue;
+                        }
+                    };
+                    let routed = url::Url::parse(&job.url)
                         .ok()
                         .and_then(|url| config.upstream_for(&url));
                     if routed == Some(u) {
-                        driver.admit(leased.seq, u, leased.job, leased.attempts, &recorder);
+                        driver.admit(leased.seq, u, job, leased.attempts, &recorder);
                     } else {
                         let reason = format!(
                             "its url {} is not under upstream '{}''s base_url in this runner's config; tollgate only sends to configured upstreams (fix the config, then tollgate dlq retry)",
-                            leased.job.url, names[u]
+                            job.url, names[u]
                         );
                         driver.dead_on_arrival(
                             leased.seq,
                             u,
-                            leased.job,
+                            job,
                             leased.attempts,
                             reason,
                             &recorder,
@@ -342,7 +491,7 @@ pub async fn run(
         }
         if Instant::now() >= next_renew {
             next_renew = Instant::now()
-                + if renew(queue, &mut driver, &names, lease, &health).await {
+                + if renew(queue, &mut driver, &ledger, &names, lease, &health).await {
                     renew_every
                 } else {
                     poll
@@ -357,11 +506,10 @@ pub async fn run(
         if stopping && driver.in_flight.is_empty() {
             break;
         }
-        let finished = left.iter().all(|l| *l == Some((0, 0)));
         if driver.idle()
             && driver.active.is_empty()
-            && recorder.outstanding.load(Ordering::SeqCst) == 0
-            && finished
+            && ledger.outstanding.load(Ordering::SeqCst) == 0
+            && drained.iter().all(|d| *d)
         {
             break;
         }
@@ -376,17 +524,26 @@ pub async fn run(
         tokio::select! {
             Some(done) = driver.rx.recv() => {
                 let now = driver.now();
+                let mut settled = vec![false; n];
                 blocking(|| {
                     let mut next = Some(done);
                     while let Some(c) = next {
+                        if let Some(a) = driver.active.get(&c.seq) {
+                            settled[a.upstream] = true;
+                        }
                         driver.settle(c, now, &recorder);
                         next = driver.rx.try_recv().ok();
                     }
                 });
-                // Jobs finished: the drained check must look again.
-                left.fill(None);
-                for at in &mut lease_at {
-                    *at = (*at).min(Instant::now());
+                for u in (0..n).filter(|&u| settled[u]) {
+                    // Its jobs finished: the drained check must look again,
+                    // and once the runner holds no more than it can send at
+                    // once, it leases more (not on every reply: the extra
+                    // it holds keeps it sending meanwhile).
+                    drained[u] = false;
+                    if holding(&driver, u) <= config.upstreams[u].concurrency {
+                        lease_at[u] = lease_at[u].min(Instant::now());
+                    }
                 }
             }
             _ = sleep_until(&driver.clock, wake), if wake.is_some() => {}
@@ -404,27 +561,22 @@ pub async fn run(
     }
 
     // Jobs still held (stopped early) go back to the queue at once, rather
-    // than when their leases expire.
+    // than when their leases expire: through the writer, after the writes
+    // queued before (a release first would clear the owner, and Redis
+    // would then ignore their attempt counts).
     if stopping {
-        let mut held: Vec<Vec<String>> = vec![Vec::new(); n];
-        for a in driver.active.values() {
-            held[a.upstream].push(a.job.id.clone());
-        }
-        for (u, ids) in held.iter().enumerate() {
-            if !ids.is_empty() {
-                let _ = queue.release(&names[u], ids).await;
+        for (u, ids) in held_ids(&driver, &ledger, &names).iter().enumerate() {
+            for chunk in ids.chunks(IDS_PER_CALL) {
+                recorder.send(Write::Release {
+                    upstream: names[u].clone(),
+                    ids: chunk.to_vec(),
+                });
             }
         }
     }
     // Every outcome written (a normal end waits for that already); after
     // Ctrl-C, at most until the grace period is over.
-    let Recorder {
-        tx,
-        outstanding,
-        duplicates,
-        ..
-    } = recorder;
-    drop(tx);
+    drop(recorder);
     match deadline {
         // A normal end comes only once everything is written.
         None => {
@@ -438,7 +590,16 @@ pub async fn run(
             }
         }
     }
-    let unwritten = outstanding.load(Ordering::SeqCst);
+    let unwritten = ledger.outstanding.load(Ordering::SeqCst);
+    // Refused after the loop's last look (the last write, or a release).
+    if let Some(refused) = refusal.or_else(|| health.refused()) {
+        driver.progress.done();
+        return Err(RunError::QueueRefused {
+            refused,
+            writes: ledger.refused.load(Ordering::SeqCst),
+            unwritten,
+        });
+    }
     let counts = queue.counts().await.unwrap_or_default();
     let mut summary = driver.summary(stopping, counts.pending);
     summary.fleet = Some(FleetTotals {
@@ -447,10 +608,20 @@ pub async fn run(
         done: counts.done,
         dead: counts.dead,
         pending: counts.pending,
-        duplicates: duplicates.load(Ordering::SeqCst),
+        duplicates: ledger.duplicates.load(Ordering::SeqCst),
         unwritten,
     });
     Ok(summary)
+}
+
+/// The ids of every job this runner holds a lease on, per upstream: the
+/// ones it works on, and the ones whose final result waits in the writer.
+fn held_ids(driver: &Driver<'_>, ledger: &Ledger, names: &[String]) -> Vec<Vec<String>> {
+    let mut held: Vec<Vec<String>> = names.iter().map(|n| ledger.unwritten_ids(n)).collect();
+    for a in driver.active.values() {
+        held[a.upstream].push(a.job.id.clone());
+    }
+    held
 }
 
 /// Renew the leases of every job this runner holds; drop the ones lost to
@@ -459,29 +630,35 @@ pub async fn run(
 async fn renew(
     queue: &Queue,
     driver: &mut Driver<'_>,
+    ledger: &Ledger,
     names: &[String],
     lease: Duration,
     health: &Health,
 ) -> bool {
-    let mut held: Vec<Vec<String>> = vec![Vec::new(); names.len()];
-    let mut seq_of: HashMap<String, u64> = HashMap::new();
-    for (&seq, a) in &driver.active {
-        held[a.upstream].push(a.job.id.clone());
-        seq_of.insert(a.job.id.clone(), seq);
-    }
+    let held = held_ids(driver, ledger, names);
+    let seq_of: HashMap<String, u64> = driver
+        .active
+        .iter()
+        .map(|(&seq, a)| (a.job.id.clone(), seq))
+        .collect();
     let mut ok = true;
     for (u, ids) in held.iter().enumerate() {
         if ids.is_empty() {
             continue;
         }
         let result = queue.renew(&names[u], ids, lease).await;
-        health.note(&result);
+        health.note(
+            || format!("renewing leases of upstream '{}'", names[u]),
+            &result,
+        );
         let Ok(lost) = result else {
             ok = false;
             continue;
         };
         let mut dropped = 0;
         for id in lost {
+            // A job whose result waits in the writer is not dropped: its
+            // result is recorded if it is the first.
             let Some(&seq) = seq_of.get(&id) else {
                 continue;
             };
@@ -506,5 +683,35 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
         _ => f(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attempts(id: &str) -> Write {
+        Write::Attempts {
+            id: id.into(),
+            attempts: 1,
+        }
+    }
+
+    #[test]
+    fn a_batch_of_writes_holds_no_job_twice_and_at_most_writes_per_call() {
+        let release = Write::Release {
+            upstream: "u".into(),
+            ids: vec!["j3".into(), "j1".into()],
+        };
+        let backlog: VecDeque<Write> =
+            [attempts("j1"), attempts("j2"), release, attempts("j4")].into();
+        assert_eq!(batch(&backlog), 2, "the release waits for j1's count");
+        let backlog: VecDeque<Write> = [attempts("j1"), attempts("j1")].into();
+        assert_eq!(batch(&backlog), 1);
+        let many: VecDeque<Write> = (0..WRITES_PER_CALL + 5)
+            .map(|i| attempts(&format!("j{i}")))
+            .collect();
+        assert_eq!(batch(&many), WRITES_PER_CALL);
+        assert_eq!(batch(&VecDeque::new()), 0);
     }
 }

@@ -35,6 +35,33 @@ local function reap(pending, leases, owner, arrival, now)
 end
 "#;
 
+/// Shared by the scripts that compare jobs about to be queued with what is
+/// queued: `first_conflict(jobs, from, stride)` walks ARGV from `from` in
+/// steps of `stride`, where each step starts with an id and ends with its
+/// job JSON, and returns the first id queued (in `jobs`) with another JSON.
+const CONFLICT: &str = r#"
+local function first_conflict(jobs, from, stride)
+  for i = from, #ARGV, stride do
+    local before = redis.call('HGET', jobs, ARGV[i])
+    if before and before ~= ARGV[i + stride - 1] then
+      return ARGV[i]
+    end
+  end
+  return nil
+end
+"#;
+
+/// Find the first id already queued for a different request, writing
+/// nothing: an import checks its whole file with it before queuing any of
+/// it. (The jobs go up, rather than every stored job coming down.)
+///
+/// KEYS: 1 `Q:jobs`
+/// ARGV: per job two values: id, job JSON
+/// Returns that id, or nil when there is none.
+const CHECK: &str = r#"
+return first_conflict(KEYS[1], 1, 2)
+"#;
+
 /// Queue jobs of one upstream, all or none of this batch.
 ///
 /// KEYS: 1 `Q:jobs`, 2 `Q:upstream`, 3 `Q:arrival`, 4 `Q:seq`,
@@ -42,15 +69,12 @@ end
 /// ARGV: 1 U, then per job three values: id, priority rank (0..2), job JSON
 /// Returns `{added, already}`, or `{-1, id}` when an id is already queued
 /// for a different request (then nothing of this batch is written).
-pub const IMPORT: &str = r#"
-local n = (#ARGV - 1) / 3
-for i = 0, n - 1 do
-  local id = ARGV[2 + i * 3]
-  local before = redis.call('HGET', KEYS[1], id)
-  if before and before ~= ARGV[4 + i * 3] then
-    return {-1, id}
-  end
+const IMPORT: &str = r#"
+local conflict = first_conflict(KEYS[1], 2, 3)
+if conflict then
+  return {-1, conflict}
 end
+local n = (#ARGV - 1) / 3
 local added = 0
 for i = 0, n - 1 do
   local id = ARGV[2 + i * 3]
@@ -102,10 +126,11 @@ return out
 "#;
 
 /// Extend this runner's leases. A job whose lease expired but that no one
-/// took yet (still pending, no result) is taken back; one that another
-/// runner holds, or that has its final result, is lost to this runner.
+/// took yet (still pending) is taken back; one that another runner holds,
+/// or that has its final result (finish takes it out of pending and
+/// leases), is lost to this runner.
 ///
-/// KEYS: 1 `Q:pending:U`, 2 `Q:leases:U`, 3 `Q:owner`, 4 `Q:results`
+/// KEYS: 1 `Q:pending:U`, 2 `Q:leases:U`, 3 `Q:owner`
 /// ARGV: 1 the runner's token, 2 lease length (ms), 3.. ids
 /// Returns the ids lost.
 const RENEW: &str = r#"
@@ -117,8 +142,7 @@ for i = 3, #ARGV do
   local owner = redis.call('HGET', KEYS[3], id)
   if owner == ARGV[1] then
     redis.call('ZADD', KEYS[2], expiry, id)
-  elseif (not owner) and redis.call('HEXISTS', KEYS[4], id) == 0
-      and redis.call('ZSCORE', KEYS[1], id) then
+  elseif (not owner) and redis.call('ZSCORE', KEYS[1], id) then
     redis.call('ZREM', KEYS[1], id)
     redis.call('ZADD', KEYS[2], expiry, id)
     redis.call('HSET', KEYS[3], id, ARGV[1])
@@ -218,6 +242,7 @@ return out
 /// script again when a restarted server answers NOSCRIPT).
 #[derive(Debug)]
 pub struct Scripts {
+    pub check: redis::Script,
     pub import: redis::Script,
     pub lease: redis::Script,
     pub renew: redis::Script,
@@ -231,7 +256,8 @@ impl Scripts {
     pub fn get() -> &'static Scripts {
         static SCRIPTS: std::sync::OnceLock<Scripts> = std::sync::OnceLock::new();
         SCRIPTS.get_or_init(|| Scripts {
-            import: redis::Script::new(IMPORT),
+            check: redis::Script::new(&format!("{CONFLICT}{CHECK}")),
+            import: redis::Script::new(&format!("{CONFLICT}{IMPORT}")),
             lease: redis::Script::new(&format!("{PRELUDE}{LEASE}")),
             renew: redis::Script::new(&format!("{PRELUDE}{RENEW}")),
             release: redis::Script::new(RELEASE),

@@ -171,7 +171,9 @@ fn open_and_local_limits_keep_serving_while_redis_is_down() {
         "modes.toml",
         &format!(
             "{}[[limit]]\nname = \"per-tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 30\nrefill = \"1/h\"\nfail = \"local\"\n\n[[limit]]\nname = \"global\"\nkey = [\"const:all\"]\nalgorithm = \"token_bucket\"\ncapacity = 2\nrefill = \"1/d\"\nfail = \"open\"\n",
-            store(&redis.url(), "local_share = 0.34")
+            // The third request below is denied for a day: not remembered,
+            // so that once Redis is down it meets the fail modes.
+            store(&redis.url(), "local_share = 0.34\nremember_denials = false")
         ),
     );
     let gateway = serve(&config);

@@ -262,6 +262,10 @@ impl Ctx<'_> {
                 ("timeout", s.timeout.as_ref().map(|v| v.span())),
                 ("pool", s.pool.as_ref().map(|v| v.span())),
                 ("local_share", s.local_share.as_ref().map(|v| v.span())),
+                (
+                    "remember_denials",
+                    s.remember_denials.as_ref().map(|v| v.span()),
+                ),
             ];
             if !redis {
                 if let Some((field, Some(span))) = redis_only.iter().find(|(_, sp)| sp.is_some()) {
@@ -351,6 +355,7 @@ impl Ctx<'_> {
             timeout,
             pool,
             local_share,
+            remember_denials: s.remember_denials.as_ref().is_none_or(|r| *r.get_ref()),
         })
     }
 }
@@ -451,6 +456,7 @@ struct RawStore {
     timeout: Option<Spanned<String>>,
     pool: Option<Spanned<u64>>,
     local_share: Option<Spanned<f64>>,
+    remember_denials: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]

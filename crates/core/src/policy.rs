@@ -45,11 +45,16 @@ pub struct RedisSettings {
     pub prefix: String,
     /// A decision slower than this counts as Redis being down.
     pub timeout: Nanos,
-    /// Multiplexed connections per process; each pipelines the decisions sent on it.
+    /// Connections per async runtime (the gateway runs one per worker
+    /// thread); each has one script call in flight, and the decisions
+    /// queued meanwhile go together in its next call.
     pub pool: usize,
     /// The fraction of each limit this process enforces on its own while
     /// Redis is down, for limits with `fail = "local"` (e.g. 1/3 in a fleet of 3).
     pub local_share: f64,
+    /// Answer a request like one Redis denied, until the instant it gave to
+    /// retry, without asking Redis again (`[store] remember_denials`).
+    pub remember_denials: bool,
 }
 
 /// What a limit does when its store (Redis) cannot answer in time.

@@ -17,7 +17,7 @@ pub trait Request {
 }
 
 /// One limit that applies to a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Item {
     pub limit: usize,
     pub class: usize,

@@ -116,6 +116,7 @@ fn settings(url: &str, prefix: &str) -> RedisSettings {
         timeout: 100_000_000,
         pool: 1,
         local_share: 1.0,
+        remember_denials: true,
     }
 }
 

@@ -120,6 +120,7 @@ impl Backend for RedisEngine {
             timeout: 5 * SEC,
             pool: 1,
             local_share: 1.0,
+            remember_denials: true,
         });
         let engine = Engine::open_with(policy, "conformance", TimeSource::Caller)
             .expect("a policy the Redis store can run");
@@ -865,4 +866,191 @@ fn redis_decides_exactly_as_memory_under_random_traffic() {
             assert!(held > 0, "nothing held under:\n{text}");
         }
     }
+}
+
+/// Decisions sent together (queued while the connection was busy) are made
+/// in one script call, in the order they were queued, each exactly as if it
+/// had been a call of its own: a memory engine deciding the same requests
+/// one by one agrees with every decision.
+#[test]
+fn redis_decisions_queued_together_share_a_call_and_decide_as_one_by_one() {
+    use std::sync::Arc;
+    use tollgate_store::redis::RedisStore;
+    let text = "[[limit]]\nname = \"b\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"token_bucket\"\ncapacity = 5\nrefill = \"2/s\"\nhold = \"1s\"\ncost = { header = \"x-cost\" }\n[[limit]]\nname = \"w\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"fixed_window\"\nevery = \"10s\"\nquota = 12\n";
+    let mut policy = parse(text, &NoProfiles).expect("a valid policy");
+    policy.store.redis = Some(RedisSettings {
+        url: tollgate_testkit::redis_url(),
+        prefix: tollgate_testkit::unique_prefix("batched"),
+        timeout: 5 * SEC,
+        pool: 1,
+        local_share: 1.0,
+        // Every decision from Redis (remembered denials are tested below).
+        remember_denials: false,
+    });
+    let memory = Engine::new(policy.clone());
+    let policy = Arc::new(policy);
+    let store = Arc::new(
+        RedisStore::new(
+            policy.store.redis.as_ref().expect("redis settings"),
+            &policy,
+            "batched",
+            TimeSource::Caller,
+        )
+        .expect("a policy the Redis store can run"),
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    runtime.block_on(store.connect()).expect("redis answers");
+    let (mut decisions, mut refused, mut held) = (0u64, 0, 0);
+    let mut now = T0 + 5 * HOUR;
+    for round in 0..12 {
+        now += next(4 * SEC);
+        // 40 requests at once: more than one call carries (32).
+        let batch: Vec<Vec<tollgate_core::Item>> = (0..40)
+            .map(|_| {
+                let cost = (1 + next(2)).to_string();
+                let name = ["a", "b", "c"][next(3) as usize];
+                let mut items = Vec::new();
+                policy
+                    .plan(&req(&[("x-tenant", name), ("x-cost", &cost)]), &mut items)
+                    .expect("planned");
+                items
+            })
+            .collect();
+        let shared: Vec<Decision> = runtime.block_on(async {
+            let tasks: Vec<_> = batch
+                .iter()
+                .map(|items| {
+                    let (store, policy, items) = (store.clone(), policy.clone(), items.clone());
+                    tokio::spawn(async move { store.decide(&policy, &items, now, true).await })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for task in tasks {
+                out.push(task.await.expect("task").expect("redis decides"));
+            }
+            out
+        });
+        for (i, (items, d)) in batch.iter().zip(&shared).enumerate() {
+            let m = memory.decide(items, now, true).expect("memory decides");
+            assert_eq!(m, *d, "round {round}, request {i}");
+            match m.verdict {
+                Verdict::Admit { delay: 0 } => {}
+                Verdict::Admit { .. } => held += 1,
+                _ => refused += 1,
+            }
+            decisions += 1;
+        }
+    }
+    assert!(refused > 0 && held > 0, "refused {refused}, held {held}");
+    let calls = store.calls();
+    assert!(
+        calls < decisions / 4,
+        "{decisions} decisions took {calls} calls"
+    );
+}
+
+/// A denial with a retry instant is remembered: the same request is denied
+/// again without a call until then, with the wait that is left; at that
+/// instant Redis decides again. A request with a concurrency limit is never
+/// answered from memory (a release frees room at any moment).
+#[test]
+fn redis_remembers_a_denial_until_its_retry_instant() {
+    use std::sync::Arc;
+    use tollgate_store::redis::RedisStore;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let store = |text: &str| {
+        let mut policy = parse(text, &NoProfiles).expect("a valid policy");
+        policy.store.redis = Some(RedisSettings {
+            url: tollgate_testkit::redis_url(),
+            prefix: tollgate_testkit::unique_prefix("denials"),
+            timeout: 5 * SEC,
+            pool: 1,
+            local_share: 1.0,
+            remember_denials: true,
+        });
+        let store = RedisStore::new(
+            policy.store.redis.as_ref().expect("redis settings"),
+            &policy,
+            "denials",
+            TimeSource::Caller,
+        )
+        .expect("a policy the Redis store can run");
+        (Arc::new(policy), store)
+    };
+    let items = |policy: &Policy, tenant: &str| {
+        let mut items = Vec::new();
+        policy
+            .plan(&req(&[("x-tenant", tenant)]), &mut items)
+            .expect("planned");
+        items
+    };
+    runtime.block_on(async {
+        // 3 tokens, one more each second.
+        let (policy, s) = store(&bucket("token_bucket", ""));
+        let memory = Engine::new((*policy).clone());
+        let a = items(&policy, "a");
+        let t = T0 + HOUR;
+        let decide = |now: Nanos| s.decide(&policy, &a, now, false);
+        for _ in 0..3 {
+            assert_eq!(decide(t).await.expect("decided").verdict, NOW);
+            memory.decide(&a, t, false).expect("memory");
+        }
+        let calls = s.calls();
+        assert_eq!(decide(t).await.expect("decided").verdict, denied(0, SEC));
+        assert_eq!(s.calls(), calls + 1, "the first denial asks Redis");
+        for later in [0, 300 * MS, SEC - 1] {
+            let remembered = decide(t + later).await.expect("decided");
+            let m = memory.decide(&a, t + later, false).expect("memory");
+            assert_eq!(remembered, m, "{later} ns after the denial");
+            assert_eq!(remembered.verdict, denied(0, SEC - later));
+        }
+        assert_eq!(s.calls(), calls + 1, "denied again without a call");
+        // Another tenant is its own request: Redis decides it.
+        assert_eq!(decide_for(&s, &policy, &items(&policy, "b"), t).await, NOW);
+        assert_eq!(s.calls(), calls + 2);
+        // At the retry instant Redis decides again, and admits.
+        assert_eq!(decide(t + SEC).await.expect("decided").verdict, NOW);
+        assert_eq!(s.calls(), calls + 3);
+
+        // Concurrency: every denial asks Redis.
+        let (policy, s) = store(
+            "[[limit]]\nname = \"c\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"concurrency\"\nmax = 1\n[[limit]]\nname = \"w\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 1\n",
+        );
+        let a = items(&policy, "a");
+        assert_eq!(decide_for(&s, &policy, &a, t).await, NOW);
+        let calls = s.calls();
+        for _ in 0..3 {
+            assert!(matches!(
+                decide_for(&s, &policy, &a, t).await,
+                Verdict::Deny { .. }
+            ));
+        }
+        assert_eq!(s.calls(), calls + 3);
+    });
+}
+
+async fn decide_for(
+    store: &tollgate_store::redis::RedisStore,
+    policy: &Policy,
+    items: &[tollgate_core::Item],
+    now: Nanos,
+) -> Verdict {
+    store
+        .decide(policy, items, now, false)
+        .await
+        .expect("decided")
+        .verdict
 }

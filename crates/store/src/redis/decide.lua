@@ -13,13 +13,21 @@
 -- side refuses limits that would need more). Stored instants are absolute,
 -- "SECONDS:NANOS".
 --
--- KEYS[i]  the state of slot i: {prefix}:{namespace}:{limit}:{fingerprint}:{variant}:{key}
--- ARGV[1]  op: "d" decide, "u" usage only (writes nothing),
+-- One call makes one or more decisions, in order, each all-or-nothing over
+-- its own limits, as if each were a call of its own: under load the store
+-- sends the decisions queued meanwhile together (fewer calls than
+-- decisions; each decision still takes exactly one round trip).
+--
+-- KEYS     the states of every decision's slots, decision after decision:
+--          {prefix}:{namespace}:{limit}:{fingerprint}:{variant}:{key}
+-- ARGV     per decision: four values, then its slots' fields:
+--   op     "d" decide, "u" usage only (writes nothing),
 --          "f" finish: debit latency (latency limits) or release (concurrency)
--- ARGV[2]  now: "" for Redis TIME, else "SECONDS:NANOS"
--- ARGV[3]  "1" if the request may be held (reserve a future instant), else "0";
+--   now    "" for Redis TIME (read once per call), else "SECONDS:NANOS"
+--   third  "1" if the request may be held (reserve a future instant), else "0";
 --          for "f": the latency to debit, in microseconds
--- ARGV[4..] per slot, in KEYS order: a field count n, then n fields:
+--   n      its slot count (it takes the next n KEYS)
+--   then per slot, in KEYS order: a field count, then that many fields:
 --          algorithm, cost, charge, hold (ns), shadow (0/1), settle (f: 1 release, 2 debit, 0 none),
 --          then the algorithm's parameters:
 --   g  token/leaky bucket (GCRA): capacity amount period whole rem tau_ns tau_frac
@@ -30,7 +38,7 @@
 --   CALENDAR is "F every offset" (a fixed UTC offset, ns, 0 <= offset < every)
 --   or "N every count b1 .. bcount" (window boundaries of a zone with DST,
 --   computed by the caller around its clock; extrapolated by `every` beyond).
--- Returns for "d" and "u": {kind, a, b, c, then per slot: allowed, remaining, reset, retry_after}
+-- Returns the decisions' replies one after the other; for "d" and "u": {kind, a, b, c, then per slot: allowed, remaining, reset, retry_after}
 --   kind 0 admit (a = delay ns); 1 deny (a = slot, 0-based; b = retry_after ns or -1 when only a
 --   release can make room); 2 never (a = slot, b = cost, c = capacity). retry_after -1 = none.
 -- Returns for "f": {0}.
@@ -42,14 +50,10 @@ local CONCURRENCY_TTL_MS = 3600000
 local AT, ON_RELEASE, NEVER = 0, 1, 2
 local INF = math.huge
 
+-- now, for the decision being made (set per decision); Redis TIME is read
+-- once per call.
 local nowS, nowN
-if ARGV[2] == '' then
-  local t = redis.call('TIME')
-  nowS, nowN = tonumber(t[1]), tonumber(t[2]) * 1000
-else
-  local s, n = string.match(ARGV[2], '^(%d+):(%d+)$')
-  nowS, nowN = tonumber(s), tonumber(n)
-end
+local server_time
 
 -- "S:N" -> ns relative to now; "x" (nothing stored) -> nil.
 local function rel(text)
@@ -75,7 +79,7 @@ local function nowmod(g)
 end
 
 local argv = ARGV
-local pos = 4
+local pos = 1
 local function field()
   local v = argv[pos]
   pos = pos + 1
@@ -448,176 +452,200 @@ end
 local METERS = { g = gcra, f = fixed_window, s = sliding_window, t = tiered, c = concurrency }
 
 ---------------------------------------------------------------- slots
-local slots = {}
-for i = 1, #KEYS do
-  local count = num()
-  local next_slot = pos + count
-  local alg = field()
-  local s = { cost = num(), charge = num(), hold = num(), shadow = field() == '1', settle = num() }
-  s.m = METERS[alg](redis.call('GET', KEYS[i]) or nil)
-  pos = next_slot
-  slots[i] = s
-end
-
-local function save(i)
-  local text, ttl = slots[i].m.save()
-  if text then
-    redis.call('SET', KEYS[i], text, 'PX', math.max(1, ttl) + 1000)
+-- One decision (or usage, or finish) from ARGV at `pos`, over KEYS after
+-- `keybase`: its reply, and how many keys it used.
+local function one(keybase)
+  local op, time, third, n = field(), field(), field(), num()
+  if time == '' then
+    if not server_time then
+      local t = redis.call('TIME')
+      server_time = { tonumber(t[1]), tonumber(t[2]) * 1000 }
+    end
+    nowS, nowN = server_time[1], server_time[2]
   else
-    redis.call('DEL', KEYS[i])
+    local s, ns = string.match(time, '^(%d+):(%d+)$')
+    nowS, nowN = tonumber(s), tonumber(ns)
   end
-end
-
-local op = ARGV[1]
-if op == 'f' then
-  local latency = tonumber(ARGV[3])
-  for i, s in ipairs(slots) do
-    if s.settle == 1 then s.m.release(s.charge) save(i)
-    elseif s.settle == 2 and latency > 0 then s.m.debit(0, latency) save(i) end
+  local keys = {}
+  local slots = {}
+  for i = 1, n do
+    keys[i] = KEYS[keybase + i]
+    local count = num()
+    local next_slot = pos + count
+    local alg = field()
+    local s = { cost = num(), charge = num(), hold = num(), shadow = field() == '1', settle = num() }
+    s.m = METERS[alg](redis.call('GET', keys[i]) or nil)
+    pos = next_slot
+    slots[i] = s
   end
-  return { 0 }
-end
 
----------------------------------------------------------------- decide
-local function report(kind, a, b, c, own)
-  local out = { kind, a, b, c }
+  local function save(i)
+    local text, ttl = slots[i].m.save()
+    if text then
+      redis.call('SET', keys[i], text, 'PX', math.max(1, ttl) + 1000)
+    else
+      redis.call('DEL', keys[i])
+    end
+  end
+
+  if op == 'f' then
+    local latency = tonumber(third)
+    for i, s in ipairs(slots) do
+      if s.settle == 1 then s.m.release(s.charge) save(i)
+      elseif s.settle == 2 and latency > 0 then s.m.debit(0, latency) save(i) end
+    end
+    return { 0 }, n
+  end
+
+  ---------------------------------------------------------------- decide
+  local function report(kind, a, b, c, own)
+    local out = { kind, a, b, c }
+    for i, s in ipairs(slots) do
+      local remaining, reset = s.m.usage(0)
+      local allowed, retry = 0, -1
+      local k, t = own[i][1], own[i][2]
+      if k == AT and t == 0 then allowed = 1 elseif k == AT then retry = t end
+      out[#out + 1] = allowed
+      out[#out + 1] = remaining
+      out[#out + 1] = reset
+      out[#out + 1] = retry
+    end
+    return out
+  end
+
+  local own = {}
+  for i, s in ipairs(slots) do own[i] = { s.m.earliest(0, s.cost, 0) } end
+
+  if op == 'u' then return report(0, 0, 0, 0, own), n end
+
+  local may_hold = third == '1'
+
   for i, s in ipairs(slots) do
+    if own[i][1] == NEVER and not s.shadow then
+      return report(2, i - 1, s.cost, own[i][2], own), n
+    end
+  end
+
+  -- The smallest instant at which every enforcing slot admits (core's fixpoint).
+  local function fixpoint()
+    local t = 0
+    for i, s in ipairs(slots) do
+      if not s.shadow then
+        if own[i][1] ~= AT then return 0, true end
+        t = math.max(t, own[i][2])
+      end
+    end
+    if #slots == 1 or t == 0 then return t, false end
+    for _ = 1, 64 do
+      local moved = false
+      for _, s in ipairs(slots) do
+        if not s.shadow then
+          local k, x = s.m.earliest(0, s.cost, t)
+          if k ~= AT then return 0, true end
+          if x > t then t, moved = x, true end
+        end
+      end
+      if not moved then return t, false end
+    end
+    return 0, true
+  end
+
+  -- The earliest arrival that would be admitted, at once or held (core's retry_instant).
+  local function retry_instant(start)
+    local function reservable(x)
+      for _, s in ipairs(slots) do
+        if not s.shadow and not s.m.reservable(x, start) then return false end
+      end
+      return true
+    end
+    local x = 0
+    for _ = 1, 64 do
+      if x >= start then break end
+      local hold, nxt = INF, start
+      for _, s in ipairs(slots) do
+        if not s.shadow then
+          local k, t = s.m.earliest(x, s.cost, x)
+          local h = may_hold and s.hold or 0
+          if k == AT and t == x then
+          elseif k == AT then hold, nxt = math.min(hold, h), math.min(nxt, t)
+          else hold = math.min(hold, h) end
+        end
+      end
+      local within = start - x <= hold
+      if within and reservable(x) then return x end
+      if not within then
+        nxt = math.min(nxt, start - hold)
+      else
+        local lo, hi = x, nxt
+        while hi - lo > 1 do
+          local mid = lo + math.floor((hi - lo) / 2)
+          if reservable(mid) then hi = mid else lo = mid end
+        end
+        nxt = hi
+      end
+      x = math.max(nxt, x + 1)
+    end
+    return start
+  end
+
+  local start, blocked = fixpoint()
+  local hold, any = INF, false
+  for i, s in ipairs(slots) do
+    if not s.shadow and not (own[i][1] == AT and own[i][2] == 0) then
+      hold, any = math.min(hold, may_hold and s.hold or 0), true
+    end
+  end
+  if not any then hold = 0 end
+  local fits = not blocked and start == 0
+  if not blocked and start > 0 and start <= hold then
+    fits = true
+    for _, s in ipairs(slots) do
+      if not s.shadow and not s.m.reservable(0, start) then fits = false end
+    end
+  end
+
+  if not fits then
+    local limit, rank = 0, -1
+    for i, s in ipairs(slots) do
+      if not s.shadow then
+        local r = own[i][1] == AT and math.max(0, own[i][2]) or INF
+        if r > rank then limit, rank = i - 1, r end
+      end
+    end
+    local retry = -1
+    if not blocked then retry = retry_instant(start) end
+    return report(1, limit, retry, 0, own), n
+  end
+
+  local out = { 0, start, 0, 0 }
+  for i, s in ipairs(slots) do
+    local allowed, retry = 1, -1
+    if s.shadow then
+      local k, t = s.m.earliest(0, s.cost, start)
+      if k == AT and t == start and s.m.reservable(0, start) then
+        s.m.commit(0, s.charge, start)
+      elseif k == AT then
+        allowed, retry = 0, t
+      else
+        allowed = 0
+      end
+    else
+      s.m.commit(0, s.charge, start)
+    end
+    save(i)
     local remaining, reset = s.m.usage(0)
-    local allowed, retry = 0, -1
-    local k, t = own[i][1], own[i][2]
-    if k == AT and t == 0 then allowed = 1 elseif k == AT then retry = t end
     out[#out + 1] = allowed
     out[#out + 1] = remaining
     out[#out + 1] = reset
     out[#out + 1] = retry
   end
-  return out
+  return out, n
 end
 
-local own = {}
-for i, s in ipairs(slots) do own[i] = { s.m.earliest(0, s.cost, 0) } end
-
-if op == 'u' then return report(0, 0, 0, 0, own) end
-
-local may_hold = ARGV[3] == '1'
-
-for i, s in ipairs(slots) do
-  if own[i][1] == NEVER and not s.shadow then
-    return report(2, i - 1, s.cost, own[i][2], own)
-  end
-end
-
--- The smallest instant at which every enforcing slot admits (core's fixpoint).
-local function fixpoint()
-  local t = 0
-  for i, s in ipairs(slots) do
-    if not s.shadow then
-      if own[i][1] ~= AT then return 0, true end
-      t = math.max(t, own[i][2])
-    end
-  end
-  if #slots == 1 or t == 0 then return t, false end
-  for _ = 1, 64 do
-    local moved = false
-    for _, s in ipairs(slots) do
-      if not s.shadow then
-        local k, x = s.m.earliest(0, s.cost, t)
-        if k ~= AT then return 0, true end
-        if x > t then t, moved = x, true end
-      end
-    end
-    if not moved then return t, false end
-  end
-  return 0, true
-end
-
--- The earliest arrival that would be admitted, at once or held (core's retry_instant).
-local function retry_instant(start)
-  local function reservable(x)
-    for _, s in ipairs(slots) do
-      if not s.shadow and not s.m.reservable(x, start) then return false end
-    end
-    return true
-  end
-  local x = 0
-  for _ = 1, 64 do
-    if x >= start then break end
-    local hold, nxt = INF, start
-    for _, s in ipairs(slots) do
-      if not s.shadow then
-        local k, t = s.m.earliest(x, s.cost, x)
-        local h = may_hold and s.hold or 0
-        if k == AT and t == x then
-        elseif k == AT then hold, nxt = math.min(hold, h), math.min(nxt, t)
-        else hold = math.min(hold, h) end
-      end
-    end
-    local within = start - x <= hold
-    if within and reservable(x) then return x end
-    if not within then
-      nxt = math.min(nxt, start - hold)
-    else
-      local lo, hi = x, nxt
-      while hi - lo > 1 do
-        local mid = lo + math.floor((hi - lo) / 2)
-        if reservable(mid) then hi = mid else lo = mid end
-      end
-      nxt = hi
-    end
-    x = math.max(nxt, x + 1)
-  end
-  return start
-end
-
-local start, blocked = fixpoint()
-local hold, any = INF, false
-for i, s in ipairs(slots) do
-  if not s.shadow and not (own[i][1] == AT and own[i][2] == 0) then
-    hold, any = math.min(hold, may_hold and s.hold or 0), true
-  end
-end
-if not any then hold = 0 end
-local fits = not blocked and start == 0
-if not blocked and start > 0 and start <= hold then
-  fits = true
-  for _, s in ipairs(slots) do
-    if not s.shadow and not s.m.reservable(0, start) then fits = false end
-  end
-end
-
-if not fits then
-  local limit, rank = 0, -1
-  for i, s in ipairs(slots) do
-    if not s.shadow then
-      local r = own[i][1] == AT and math.max(0, own[i][2]) or INF
-      if r > rank then limit, rank = i - 1, r end
-    end
-  end
-  local retry = -1
-  if not blocked then retry = retry_instant(start) end
-  return report(1, limit, retry, 0, own)
-end
-
-local out = { 0, start, 0, 0 }
-for i, s in ipairs(slots) do
-  local allowed, retry = 1, -1
-  if s.shadow then
-    local k, t = s.m.earliest(0, s.cost, start)
-    if k == AT and t == start and s.m.reservable(0, start) then
-      s.m.commit(0, s.charge, start)
-    elseif k == AT then
-      allowed, retry = 0, t
-    else
-      allowed = 0
-    end
-  else
-    s.m.commit(0, s.charge, start)
-  end
-  save(i)
-  local remaining, reset = s.m.usage(0)
-  out[#out + 1] = allowed
-  out[#out + 1] = remaining
-  out[#out + 1] = reset
-  out[#out + 1] = retry
+local out, keybase = {}, 0
+while pos <= #ARGV do
+  local reply, n = one(keybase)
+  keybase = keybase + n
+  for _, v in ipairs(reply) do out[#out + 1] = v end
 end
 return out

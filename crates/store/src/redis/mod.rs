@@ -1,9 +1,12 @@
 //! The Redis store: counters shared by every process pointed at one Redis.
 //!
-//! A decision is one `EVALSHA` of `decide.lua` (loaded once per connection,
-//! loaded again when Redis answers NOSCRIPT, e.g. after a restart): all
-//! limits of the request are read, decided all-or-nothing and written in one
-//! atomic step on the server, in one round trip, at Redis's clock.
+//! A decision is made by one `EVALSHA` of `decide.lua` (loaded again when
+//! Redis answers NOSCRIPT, e.g. after a restart): all limits of the request
+//! are read, decided all-or-nothing and written in one atomic step on the
+//! server, in one round trip, at Redis's clock. Decisions that queue while
+//! the pool's connections wait for Redis go together in their next call (a
+//! group commit: an idle store sends each decision at once), so a busy
+//! Redis runs one script call for many decisions instead of one each.
 //!
 //! Key layout (one string per tracked key, expiring once at rest):
 //! `{prefix}:{namespace}:{limit}:{fingerprint}:{variant}:{key}`, where
@@ -16,12 +19,15 @@
 //! instant in it is relative to now, so limits must keep their state within
 //! about 52 days of now (`check_policy` refuses the rest, naming the limit).
 
+mod denials;
+
+use denials::Denials;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::OnceCell;
+use tokio::sync::{mpsc, oneshot, OnceCell};
 use tollgate_core::algo::Usage;
 use tollgate_core::calendar::Calendar;
 use tollgate_core::policy::{AlgorithmKind, Mode, Params, Policy, RedisSettings};
@@ -60,6 +66,8 @@ pub struct RedisStore {
     /// `{prefix}:{namespace}:{limit}:{fingerprint}:` per limit, then the variant.
     key_prefixes: Vec<String>,
     time: TimeSource,
+    /// Denials that hold until a known instant (the async path's).
+    denials: Denials,
 }
 
 struct Conns {
@@ -67,9 +75,35 @@ struct Conns {
     url: String,
     settings: RedisSettings,
     script: redis::Script,
-    pool: OnceCell<Vec<ConnectionManager>>,
-    next: AtomicUsize,
+    /// Per tokio runtime (the gateway runs one per core), the queue of
+    /// decisions its pool's connections take their calls from, set once that
+    /// pool is connected: a decision is sent and answered on its own thread,
+    /// never waking another.
+    queues: parking_lot::Mutex<HashMap<tokio::runtime::Id, Arc<OnceCell<Sender>>>>,
     blocking: parking_lot::Mutex<Option<redis::Connection>>,
+    /// Script calls sent, however many decisions each carried.
+    calls: AtomicU64,
+}
+
+/// Most decisions in one script call: Redis runs a call as one step, so a
+/// call stays well under a millisecond.
+const MOST_PER_CALL: usize = 32;
+
+/// One decision's share of a script call: its keys, its arguments (see
+/// decide.lua's header), and how many integers its reply has.
+#[derive(Debug, Default)]
+struct Part {
+    keys: Vec<String>,
+    args: Vec<String>,
+    reply_len: usize,
+}
+
+type Sender = mpsc::UnboundedSender<Queued>;
+
+/// A decision waiting for a connection, and where its reply goes.
+struct Queued {
+    part: Part,
+    reply: oneshot::Sender<Result<Vec<i64>, RedisError>>,
 }
 
 impl std::fmt::Debug for Conns {
@@ -97,8 +131,8 @@ impl RedisStore {
             url,
             settings: settings.clone(),
             script: redis::Script::new(SCRIPT),
-            pool: OnceCell::new(),
-            next: AtomicUsize::new(0),
+            queues: parking_lot::Mutex::default(),
+            calls: AtomicU64::new(0),
             blocking: parking_lot::Mutex::new(None),
         });
         Self::over(conns, policy, namespace, time)
@@ -140,7 +174,14 @@ impl RedisStore {
             namespace: namespace.to_string(),
             key_prefixes,
             time,
+            denials: Denials::default(),
         })
+    }
+
+    /// Script calls sent so far over these connections (a call carries one
+    /// decision, or several that queued together).
+    pub fn calls(&self) -> u64 {
+        self.conns.calls.load(Ordering::Relaxed)
     }
 
     /// The URL without its password, for messages.
@@ -151,49 +192,46 @@ impl RedisStore {
     /// Open the connection pool now: an unreachable server or a refused
     /// password is an error here rather than at the first request.
     pub async fn connect(&self) -> Result<(), RedisError> {
-        self.connections().await.map(|_| ())
+        self.queue().await.map(|_| ())
     }
 
-    async fn connections(&self) -> Result<&[ConnectionManager], RedisError> {
-        let c = &*self.conns;
+    /// This runtime's decision queue, connecting its pool on first use: one
+    /// task per connection takes whatever decisions are queued (up to
+    /// `MOST_PER_CALL`) and makes them in one call, so concurrent decisions
+    /// neither wait for one another's replies nor cost a call each.
+    async fn queue(&self) -> Result<Sender, RedisError> {
+        let c = &self.conns;
+        let runtime = tokio::runtime::Handle::current().id();
+        let cell = c.queues.lock().entry(runtime).or_default().clone();
         let timeout = Duration::from_nanos(c.settings.timeout);
-        c.pool
-            .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(timeout.max(Duration::from_secs(1))))
-                    .set_response_timeout(Some(timeout))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_secs(2));
-                let mut pool = Vec::with_capacity(c.settings.pool);
-                for _ in 0..c.settings.pool {
-                    let conn = ConnectionManager::new_with_config(c.client.clone(), config.clone())
-                        .await
-                        .map_err(|e| self.unavailable(&e))?;
-                    pool.push(conn);
-                }
-                Ok(pool)
-            })
-            .await
-            .map(Vec::as_slice)
-    }
-
-    fn unavailable(&self, e: &redis::RedisError) -> RedisError {
-        if e.is_timeout() {
-            return self.timed_out();
-        }
-        let reason = match e.kind() {
-            redis::ErrorKind::AuthenticationFailed => {
-                format!("authentication failed (check the user and password in [store] url): {e}")
+        cell.get_or_try_init(|| async {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout.max(Duration::from_secs(1))))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_secs(2));
+            let mut pool = Vec::with_capacity(c.settings.pool);
+            for _ in 0..c.settings.pool {
+                let conn = ConnectionManager::new_with_config(c.client.clone(), config.clone())
+                    .await
+                    .map_err(|e| c.unavailable(&e))?;
+                pool.push(conn);
             }
-            _ => e.to_string(),
-        };
-        RedisError::Unavailable {
-            url: self.conns.url.clone(),
-            reason,
-        }
+            let (tx, rx) = mpsc::unbounded_channel();
+            let rx = Arc::new(tokio::sync::Mutex::new(rx));
+            for conn in pool {
+                tokio::spawn(serve_queue(c.clone(), conn, rx.clone()));
+            }
+            Ok(tx)
+        })
+        .await
+        .cloned()
     }
 
-    /// Decide `items` (planned by `policy`) in one round trip.
+    /// Decide `items` (planned by `policy`) in one round trip. With
+    /// `[store] remember_denials` (the default), a denial with a retry
+    /// instant is remembered: the same request is denied again without a
+    /// round trip until then (denials.rs says why that is exact).
     pub async fn decide(
         &self,
         policy: &Policy,
@@ -201,10 +239,22 @@ impl RedisStore {
         now: Nanos,
         hold: bool,
     ) -> Result<Decision, RedisError> {
-        let reply = self
-            .run(&self.decide_call(policy, items, now, hold))
-            .await?;
-        self.decoded(policy, items, &reply)
+        let remember = self.conns.settings.remember_denials;
+        if let Some(denied) = remember
+            .then(|| self.denials.get(items, hold, now))
+            .flatten()
+        {
+            return Ok(denied);
+        }
+        let reply = self.run(self.decide_call(policy, items, now, hold)).await?;
+        let decision = self.decoded(policy, items, &reply)?;
+        let releases = items
+            .iter()
+            .any(|i| policy.limits[i.limit].algorithm == AlgorithmKind::Concurrency);
+        if remember {
+            self.denials.note(items, hold, now, &decision, releases);
+        }
+        Ok(decision)
     }
 
     /// `decide` over a blocking connection, for synchronous callers (the
@@ -216,7 +266,7 @@ impl RedisStore {
         now: Nanos,
         hold: bool,
     ) -> Result<Decision, RedisError> {
-        let reply = self.run_blocking(&self.decide_call(policy, items, now, hold))?;
+        let reply = self.run_blocking(self.decide_call(policy, items, now, hold))?;
         self.decoded(policy, items, &reply)
     }
 
@@ -228,7 +278,7 @@ impl RedisStore {
         items: &[Item],
         now: Nanos,
     ) -> Result<Vec<Usage>, RedisError> {
-        let reply = self.run_blocking(&self.invocation(policy, items, now, "0", Op::Usage))?;
+        let reply = self.run_blocking(self.part(policy, items, now, "0", Op::Usage))?;
         let decision = self.decoded(policy, items, &reply)?;
         Ok(decision
             .outcomes
@@ -249,7 +299,7 @@ impl RedisStore {
         latency_us: u64,
     ) -> Result<(), RedisError> {
         if let Some(call) = self.finish_call(policy, committed, now, latency_us) {
-            self.run(&call).await?;
+            self.run(call).await?;
         }
         Ok(())
     }
@@ -263,19 +313,13 @@ impl RedisStore {
         latency_us: u64,
     ) -> Result<(), RedisError> {
         if let Some(call) = self.finish_call(policy, committed, now, latency_us) {
-            self.run_blocking(&call)?;
+            self.run_blocking(call)?;
         }
         Ok(())
     }
 
-    fn decide_call(
-        &self,
-        policy: &Policy,
-        items: &[Item],
-        now: Nanos,
-        hold: bool,
-    ) -> redis::ScriptInvocation<'_> {
-        self.invocation(policy, items, now, if hold { "1" } else { "0" }, Op::Decide)
+    fn decide_call(&self, policy: &Policy, items: &[Item], now: Nanos, hold: bool) -> Part {
+        self.part(policy, items, now, if hold { "1" } else { "0" }, Op::Decide)
     }
 
     /// The settlement of `committed`, or None if none of its limits settles
@@ -286,14 +330,14 @@ impl RedisStore {
         committed: &[Item],
         now: Nanos,
         latency_us: u64,
-    ) -> Option<redis::ScriptInvocation<'_>> {
+    ) -> Option<Part> {
         let settling: Vec<Item> = committed
             .iter()
             .filter(|i| policy.limits[i.limit].settles_at_completion())
             .cloned()
             .collect();
         (!settling.is_empty())
-            .then(|| self.invocation(policy, &settling, now, &latency_us.to_string(), Op::Finish))
+            .then(|| self.part(policy, &settling, now, &latency_us.to_string(), Op::Finish))
     }
 
     fn decoded(
@@ -308,33 +352,23 @@ impl RedisStore {
         })
     }
 
-    fn timed_out(&self) -> RedisError {
-        RedisError::Unavailable {
-            url: self.conns.url.clone(),
-            reason: format!(
-                "no answer within {} ms ([store] timeout)",
-                self.conns.settings.timeout / 1_000_000
-            ),
+    /// Queue `part` for the pool and wait, at most `[store] timeout`, for
+    /// its reply.
+    async fn run(&self, part: Part) -> Result<Vec<i64>, RedisError> {
+        let queue = self.queue().await?;
+        let (reply, answer) = oneshot::channel();
+        if queue.send(Queued { part, reply }).is_err() {
+            return Err(self.conns.stopped());
         }
-    }
-
-    async fn run(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<Vec<i64>, RedisError> {
-        let pool = self.connections().await?;
-        // Round robin: each connection pipelines what is sent on it, so
-        // concurrent decisions never wait for one another's replies.
-        let mut conn = pool[self.conns.next.fetch_add(1, Ordering::Relaxed) % pool.len()].clone();
         let timeout = Duration::from_nanos(self.conns.settings.timeout);
-        match tokio::time::timeout(timeout, invocation.invoke_async(&mut conn)).await {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(e)) => Err(self.unavailable(&e)),
-            Err(_) => Err(self.timed_out()),
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => Err(self.conns.stopped()),
+            Err(_) => Err(self.conns.timed_out()),
         }
     }
 
-    fn run_blocking(
-        &self,
-        invocation: &redis::ScriptInvocation<'_>,
-    ) -> Result<Vec<i64>, RedisError> {
+    fn run_blocking(&self, part: Part) -> Result<Vec<i64>, RedisError> {
         let mut slot = self.conns.blocking.lock();
         if slot.is_none() {
             let timeout =
@@ -343,50 +377,61 @@ impl RedisStore {
                 .conns
                 .client
                 .get_connection_with_timeout(timeout.max(Duration::from_secs(1)))
-                .map_err(|e| self.unavailable(&e))?;
+                .map_err(|e| self.conns.unavailable(&e))?;
             conn.set_read_timeout(Some(timeout))
                 .and_then(|()| conn.set_write_timeout(Some(timeout)))
-                .map_err(|e| self.unavailable(&e))?;
+                .map_err(|e| self.conns.unavailable(&e))?;
             *slot = Some(conn);
         }
         let Some(conn) = slot.as_mut() else {
             unreachable!("connected above")
         };
-        match invocation.invoke(conn) {
-            Ok(reply) => Ok(reply),
-            Err(e) => {
-                // A broken or timed-out connection may hold a late reply: start over.
-                *slot = None;
-                Err(self.unavailable(&e))
-            }
+        let call = self.conns.call(&[&part]);
+        let mut result = call.query::<Vec<i64>>(conn);
+        if result
+            .as_ref()
+            .is_err_and(|e| e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
+        {
+            result = self
+                .conns
+                .load()
+                .query::<String>(conn)
+                .and_then(|_| call.query(conn));
         }
+        result.map_err(|e| {
+            // A broken or timed-out connection may hold a late reply: start over.
+            *slot = None;
+            self.conns.unavailable(&e)
+        })
     }
 
-    fn invocation<'a>(
-        &'a self,
-        policy: &Policy,
-        items: &[Item],
-        now: Nanos,
-        third: &str,
-        op: Op,
-    ) -> redis::ScriptInvocation<'a> {
-        let mut inv = self.conns.script.prepare_invoke();
+    /// One decision's keys and arguments (decide.lua's header has the layout).
+    fn part(&self, policy: &Policy, items: &[Item], now: Nanos, third: &str, op: Op) -> Part {
         let time = match self.time {
             TimeSource::Server => String::new(),
             TimeSource::Caller => format!("{}:{}", now / NANOS_PER_SEC, now % NANOS_PER_SEC),
         };
-        inv.arg(op.code()).arg(time).arg(third);
-        let mut key = String::new();
+        let mut part = Part {
+            keys: Vec::with_capacity(items.len()),
+            args: Vec::with_capacity(4 + 16 * items.len()),
+            reply_len: match op {
+                Op::Finish => 1,
+                Op::Decide | Op::Usage => 4 + 4 * items.len(),
+            },
+        };
+        part.args.extend([
+            op.code().to_string(),
+            time,
+            third.to_string(),
+            items.len().to_string(),
+        ]);
         let mut fields: Vec<String> = Vec::with_capacity(16);
         for item in items {
             let limit = &policy.limits[item.limit];
-            key.clear();
-            let _ = write!(
-                key,
+            part.keys.push(format!(
                 "{}{}:{}",
                 self.key_prefixes[item.limit], item.class, item.key
-            );
-            inv.key(key.as_bytes());
+            ));
             fields.clear();
             let settle = match op {
                 Op::Finish if limit.algorithm == AlgorithmKind::Concurrency => 1,
@@ -402,12 +447,144 @@ impl RedisStore {
                 settle.to_string(),
             ]);
             push_params(limit.params(item.class), now, &mut fields);
-            inv.arg(fields.len());
-            for f in &fields {
-                inv.arg(f.as_str());
+            part.args.push(fields.len().to_string());
+            part.args.append(&mut fields);
+        }
+        part
+    }
+}
+
+impl Conns {
+    fn unavailable(&self, e: &redis::RedisError) -> RedisError {
+        if e.is_timeout() {
+            return self.timed_out();
+        }
+        let reason = match e.kind() {
+            redis::ErrorKind::AuthenticationFailed => {
+                format!("authentication failed (check the user and password in [store] url): {e}")
+            }
+            _ => e.to_string(),
+        };
+        RedisError::Unavailable {
+            url: self.url.clone(),
+            reason,
+        }
+    }
+
+    fn timed_out(&self) -> RedisError {
+        RedisError::Unavailable {
+            url: self.url.clone(),
+            reason: format!(
+                "no answer within {} ms ([store] timeout)",
+                self.settings.timeout / 1_000_000
+            ),
+        }
+    }
+
+    fn stopped(&self) -> RedisError {
+        RedisError::Unavailable {
+            url: self.url.clone(),
+            reason: "the store's connection tasks have stopped (their runtime is gone)".into(),
+        }
+    }
+
+    /// `EVALSHA` of the script over `parts`: every part's keys, then every
+    /// part's arguments.
+    fn call(&self, parts: &[&Part]) -> redis::Cmd {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let keys: usize = parts.iter().map(|p| p.keys.len()).sum();
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash()).arg(keys);
+        for part in parts {
+            cmd.arg(&part.keys);
+        }
+        for part in parts {
+            cmd.arg(&part.args);
+        }
+        cmd
+    }
+
+    fn load(&self) -> redis::Cmd {
+        let mut cmd = redis::cmd("SCRIPT");
+        cmd.arg("LOAD").arg(SCRIPT);
+        cmd
+    }
+
+    /// Make `batch` in one call (loading the script first if Redis lacks
+    /// it) and hand each decision its share of the reply.
+    async fn make(&self, conn: &mut ConnectionManager, batch: Vec<Queued>) {
+        let parts: Vec<&Part> = batch.iter().map(|q| &q.part).collect();
+        let call = self.call(&parts);
+        let expected: usize = parts.iter().map(|p| p.reply_len).sum();
+        let mut result = call.query_async::<Vec<i64>>(conn).await;
+        if result
+            .as_ref()
+            .is_err_and(|e| e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
+        {
+            result = match self.load().query_async::<String>(conn).await {
+                Ok(_) => call.query_async(conn).await,
+                Err(e) => Err(e),
+            };
+        }
+        let failed = |reason: String| RedisError::Unavailable {
+            url: self.url.clone(),
+            reason,
+        };
+        match result {
+            Ok(reply) if reply.len() == expected => {
+                let mut reply = reply.into_iter();
+                answer_all(batch, |part| {
+                    Ok(reply.by_ref().take(part.reply_len).collect())
+                });
+            }
+            Ok(reply) => {
+                let reason = format!(
+                    "unexpected reply from the decision script: {} values for {} decisions expecting {expected}",
+                    reply.len(),
+                    batch.len()
+                );
+                answer_all(batch, |_| Err(failed(reason.clone())));
+            }
+            Err(e) => answer_all(batch, |_| Err(self.unavailable(&e))),
+        }
+    }
+}
+
+fn answer_all(batch: Vec<Queued>, mut answer: impl FnMut(&Part) -> Result<Vec<i64>, RedisError>) {
+    for q in batch {
+        // A caller that gave up (timed out) no longer listens.
+        let _ = q.reply.send(answer(&q.part));
+    }
+}
+
+/// One connection's task: take the queued decisions and make them in one
+/// call, again and again, until the store is gone.
+async fn serve_queue(
+    conns: Arc<Conns>,
+    mut conn: ConnectionManager,
+    queue: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Queued>>>,
+) {
+    loop {
+        let mut batch = Vec::new();
+        {
+            let mut queue = queue.lock().await;
+            let Some(first) = queue.recv().await else {
+                return;
+            };
+            batch.push(first);
+            while batch.len() < MOST_PER_CALL {
+                match queue.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
             }
         }
-        inv
+        // A decision whose caller has given up is not made: it would count
+        // a request that was answered without it.
+        batch.retain(|q| !q.reply.is_closed());
+        if !batch.is_empty() {
+            conns.make(&mut conn, batch).await;
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """bench/redis.sh's helpers: read Redis's statistics and the bench's output.
 
-  stats.py roundtrips COMMANDSTATS MONITOR DECISIONS
+  stats.py roundtrips COMMANDSTATS MONITOR DECISIONS CALLS
       Commands per decision: every command that reached Redis between
       CONFIG RESETSTAT and the end of the run (INFO commandstats), split by
       MONITOR into those a client sent (one round trip each, or part of
@@ -46,9 +46,12 @@ def monitor(path):
     return seen
 
 
-def roundtrips(stats_path, monitor_path, decisions):
+def roundtrips(stats_path, monitor_path, decisions, calls):
+    """Every decision took one call: the client's count of script calls is
+    the server's count of EVALSHA, no more calls than decisions (several
+    decisions queued together share one), nothing else sent."""
     stats, mon = commandstats(stats_path), monitor(monitor_path)
-    n = int(decisions)
+    n, sent = int(decisions), int(calls)
     ok = True
     client = {c: k for (s, c), k in mon.items() if s == "client"}
     lua = {c: k for (s, c), k in mon.items() if s == "lua"}
@@ -62,8 +65,9 @@ def roundtrips(stats_path, monitor_path, decisions):
     for (source, cmd), k in sorted(mon.items()):
         print(f"      {source:<6} {cmd:<16} {k:>8,} = {k / n:6.3f} per decision")
     other = sum(k for c, k in client.items() if c != "evalsha")
-    if evalsha_ok != n or evalsha_failed:
-        print(f"    FAIL: {evalsha_ok:,} successful EVALSHA for {n:,} decisions ({evalsha_failed} failed)")
+    if evalsha_ok != sent or evalsha_failed or sent > n or sent == 0:
+        print(f"    FAIL: {evalsha_ok:,} successful EVALSHA for {n:,} decisions in {sent:,} calls "
+              f"({evalsha_failed} failed)")
         ok = False
     if client.get("evalsha", 0) != evalsha_calls:
         print(f"    FAIL: MONITOR saw {client.get('evalsha', 0):,} EVALSHA from clients, commandstats {evalsha_calls:,}")
@@ -73,6 +77,7 @@ def roundtrips(stats_path, monitor_path, decisions):
         ok = False
     inner = sum(lua.values())
     print(f"    inside the script: {inner / n:.2f} commands per decision ({', '.join(f'{c} {k / n:.2f}' for c, k in sorted(lua.items()))})")
+    print(f"    {n / max(sent, 1):.2f} decisions per call")
     print(f"evalsha_per_decision={evalsha_ok / n:.4f} client_other={other} inner_per_decision={inner / n:.2f}")
     return 0 if ok else 1
 

@@ -11,7 +11,9 @@
 //!
 //! `tollgate` plans each request (`Policy::plan` over a tenant header) and
 //! decides it with `RedisStore::decide`: one EVALSHA of `decide.lua` over
-//! every limit of the request, at Redis's clock. `envoy` does what envoy's
+//! every limit of the request, at Redis's clock (decisions queued while the
+//! store's connections were busy share a call; `calls=` in the result line
+//! counts the calls). `envoy` does what envoy's
 //! ratelimit service does for one descriptor on its Redis fixed-window cache
 //! (src/redis/fixed_cache_impl.go): one pipeline per request of
 //! `INCRBY key hits` + `EXPIRE key unit_seconds`, the key being
@@ -25,7 +27,7 @@
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::io::BufRead as _;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tollgate_core::{parse, Attrs, Item, Nanos, NoProfiles, Policy, Verdict};
@@ -131,6 +133,8 @@ fn cpu_secs() -> f64 {
 
 /// One client: decide the request of tenant `t`; true if admitted.
 trait Client: Send + Sync + 'static {
+    /// Calls (script calls, or pipelines) sent so far.
+    fn calls(&self) -> u64;
     fn decide(
         &self,
         t: usize,
@@ -145,6 +149,9 @@ struct Tollgate {
 }
 
 impl Client for Tollgate {
+    fn calls(&self) -> u64 {
+        self.store.calls()
+    }
     async fn decide(&self, t: usize, items: &mut Vec<Item>) -> Result<bool, String> {
         self.policy
             .plan(&self.requests[t], items)
@@ -165,9 +172,13 @@ struct Envoy {
     quota: u64,
     window: u64,
     tenants: Vec<String>,
+    pipelines: AtomicU64,
 }
 
 impl Client for Envoy {
+    fn calls(&self) -> u64 {
+        self.pipelines.load(Ordering::Relaxed)
+    }
     async fn decide(&self, t: usize, _items: &mut Vec<Item>) -> Result<bool, String> {
         let hits: u64 = 1;
         let now = SystemTime::now()
@@ -178,6 +189,7 @@ impl Client for Envoy {
         let key = format!("bench_tenant_{}_{}", self.tenants[t], window_start);
         let mut conn =
             self.pool[self.next.fetch_add(1, Ordering::Relaxed) % self.pool.len()].clone();
+        self.pipelines.fetch_add(1, Ordering::Relaxed);
         let (after,): (u64,) = redis::pipe()
             .cmd("INCRBY")
             .arg(&key)
@@ -311,8 +323,10 @@ async fn run<C: Client>(client: Arc<C>, o: &Opts) {
         let _ = std::io::stdin().lock().read_line(&mut line);
     }
     let cpu0 = cpu_secs();
-    let (mut tally, secs) = drive(client, o, o.decisions, o.secs, true).await;
+    let calls0 = client.calls();
+    let (mut tally, secs) = drive(client.clone(), o, o.decisions, o.secs, true).await;
     let cpu = cpu_secs() - cpu0;
+    let calls = client.calls() - calls0;
     tally.latencies_us.sort_unstable();
     let pct = |p: f64| -> u32 {
         let l = &tally.latencies_us;
@@ -324,7 +338,7 @@ async fn run<C: Client>(client: Arc<C>, o: &Opts) {
     let n = tally.admitted + tally.denied + tally.errors;
     println!(
         "client={} decisions={} admitted={} denied={} errors={} secs={:.3} rate={:.0} \
-         p50_us={} p99_us={} max_us={} cpu_pct={:.0} cpu_us_per_decision={:.2}",
+         p50_us={} p99_us={} max_us={} cpu_pct={:.0} cpu_us_per_decision={:.2} calls={calls}",
         o.client,
         n,
         tally.admitted,
@@ -355,6 +369,7 @@ async fn main() {
             quota: o.quota,
             window: o.window.max(1),
             tenants,
+            pipelines: AtomicU64::new(0),
         };
         return run(Arc::new(client), &o).await;
     }

@@ -354,18 +354,22 @@ impl RedisStore {
 
     /// Queue `part` for the pool and wait, at most `[store] timeout`, for
     /// its reply.
+    /// (Connecting this runtime's pool counts against the timeout too: a
+    /// worker whose first decision meets Redis down falls back at once
+    /// rather than waiting for a connection attempt.)
     async fn run(&self, part: Part) -> Result<Vec<i64>, RedisError> {
-        let queue = self.queue().await?;
-        let (reply, answer) = oneshot::channel();
-        if queue.send(Queued { part, reply }).is_err() {
-            return Err(self.conns.stopped());
-        }
+        let ask = async {
+            let queue = self.queue().await?;
+            let (reply, answer) = oneshot::channel();
+            queue
+                .send(Queued { part, reply })
+                .map_err(|_| self.conns.stopped())?;
+            answer.await.map_err(|_| self.conns.stopped())?
+        };
         let timeout = Duration::from_nanos(self.conns.settings.timeout);
-        match tokio::time::timeout(timeout, answer).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(_)) => Err(self.conns.stopped()),
-            Err(_) => Err(self.conns.timed_out()),
-        }
+        tokio::time::timeout(timeout, ask)
+            .await
+            .unwrap_or_else(|_| Err(self.conns.timed_out()))
     }
 
     fn run_blocking(&self, part: Part) -> Result<Vec<i64>, RedisError> {

@@ -275,16 +275,7 @@ fn run_fleet(
             }
             Prepare::Requeue(ids) => {
                 let (requeued, unknown) = queue.requeue_dead(&ids).await?;
-                if !unknown.is_empty() {
-                    eprintln!(
-                        "not dead letters (left as they are): {}",
-                        unknown.join(", ")
-                    );
-                }
-                eprintln!(
-                    "tollgate dlq: {} dead letter(s) queued again",
-                    requeued.len()
-                );
+                say_requeued(requeued.len(), &unknown);
             }
             Prepare::Nothing => {}
         }
@@ -627,16 +618,7 @@ pub fn dlq(command: DlqCommand) -> Result<ExitCode> {
             state_exists(&state)?;
             let mut opened = State::open(&state)?;
             let (requeued, unknown) = opened.requeue_dead(&ids)?;
-            if !unknown.is_empty() {
-                eprintln!(
-                    "not dead letters (left as they are): {}",
-                    unknown.join(", ")
-                );
-            }
-            eprintln!(
-                "tollgate dlq: {} dead letter(s) queued again",
-                requeued.len()
-            );
+            say_requeued(requeued.len(), &unknown);
             return execute(&runner, &opened, &config, progress, grace);
         }
         DlqCommand::Export { from, out } => {
@@ -714,4 +696,15 @@ fn export_line(d: &DeadLetter) -> serde_json::Value {
         (None, _) => {}
     }
     line
+}
+
+/// What `tollgate dlq retry` queued again, and the ids that were not dead letters.
+fn say_requeued(requeued: usize, unknown: &[String]) {
+    if !unknown.is_empty() {
+        eprintln!(
+            "not dead letters (left as they are): {}",
+            unknown.join(", ")
+        );
+    }
+    eprintln!("tollgate dlq: {requeued} dead letter(s) queued again");
 }

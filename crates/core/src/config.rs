@@ -306,8 +306,9 @@ impl Ctx<'_> {
                 ),
             ));
         }
+        let defaults = RedisSettings::new(url.get_ref().clone());
         let prefix = match &s.prefix {
-            None => "tollgate".to_string(),
+            None => defaults.prefix.clone(),
             Some(p) if p.get_ref().is_empty() || p.get_ref().contains(char::is_whitespace) => {
                 return Err(self.err(
                     p.span().start,
@@ -317,7 +318,7 @@ impl Ctx<'_> {
             Some(p) => p.get_ref().clone(),
         };
         let timeout = match &s.timeout {
-            None => 100 * crate::units::NANOS_PER_SEC / 1000,
+            None => defaults.timeout,
             Some(t) => match parse_duration(t.get_ref()) {
                 Ok(0) => {
                     return Err(self.err(t.span().start, "store timeout must be above 0".into()))
@@ -327,7 +328,7 @@ impl Ctx<'_> {
             },
         };
         let pool = match &s.pool {
-            None => 4,
+            None => defaults.pool,
             Some(p) if (1..=64).contains(p.get_ref()) => *p.get_ref() as usize,
             Some(p) => {
                 return Err(self.err(
@@ -337,7 +338,7 @@ impl Ctx<'_> {
             }
         };
         let local_share = match &s.local_share {
-            None => 1.0,
+            None => defaults.local_share,
             Some(f) if *f.get_ref() > 0.0 && *f.get_ref() <= 1.0 => *f.get_ref(),
             Some(f) => {
                 return Err(self.err(
@@ -350,12 +351,15 @@ impl Ctx<'_> {
             }
         };
         Ok(RedisSettings {
-            url: url.get_ref().clone(),
             prefix,
             timeout,
             pool,
             local_share,
-            remember_denials: s.remember_denials.as_ref().is_none_or(|r| *r.get_ref()),
+            remember_denials: s
+                .remember_denials
+                .as_ref()
+                .map_or(defaults.remember_denials, |r| *r.get_ref()),
+            ..defaults
         })
     }
 }

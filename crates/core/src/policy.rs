@@ -57,6 +57,20 @@ pub struct RedisSettings {
     pub remember_denials: bool,
 }
 
+impl RedisSettings {
+    /// The settings `[store] kind = "redis"` with only `url` gives.
+    pub fn new(url: impl Into<String>) -> RedisSettings {
+        RedisSettings {
+            url: url.into(),
+            prefix: "tollgate".into(),
+            timeout: 100 * crate::units::NANOS_PER_SEC / 1000,
+            pool: 4,
+            local_share: 1.0,
+            remember_denials: true,
+        }
+    }
+}
+
 /// What a limit does when its store (Redis) cannot answer in time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FailMode {

@@ -16,12 +16,9 @@ const LONG: Duration = Duration::from_secs(60);
 
 fn settings(url: &str, prefix: &str) -> RedisSettings {
     RedisSettings {
-        url: url.to_string(),
         prefix: prefix.to_string(),
-        timeout: 100_000_000,
         pool: 1,
-        local_share: 1.0,
-        remember_denials: true,
+        ..RedisSettings::new(url)
     }
 }
 

@@ -111,12 +111,9 @@ fn config(up: &Upstream, concurrency: usize) -> RunnerConfig {
 
 fn settings(url: &str, prefix: &str) -> RedisSettings {
     RedisSettings {
-        url: url.to_string(),
         prefix: prefix.to_string(),
-        timeout: 100_000_000,
         pool: 1,
-        local_share: 1.0,
-        remember_denials: true,
+        ..RedisSettings::new(url)
     }
 }
 

@@ -105,6 +105,16 @@ pub struct RedisEngine {
     prefix: String,
 }
 
+/// The test server, one connection, a generous timeout, keys under `prefix`.
+fn redis_settings(prefix: String) -> RedisSettings {
+    RedisSettings {
+        prefix,
+        timeout: 5 * SEC,
+        pool: 1,
+        ..RedisSettings::new(tollgate_testkit::redis_url())
+    }
+}
+
 fn redis_conn() -> redis::Connection {
     redis::Client::open(tollgate_testkit::redis_url())
         .and_then(|c| c.get_connection())
@@ -114,14 +124,7 @@ fn redis_conn() -> redis::Connection {
 impl Backend for RedisEngine {
     fn open(mut policy: Policy) -> Self {
         let prefix = tollgate_testkit::unique_prefix("conformance");
-        policy.store.redis = Some(RedisSettings {
-            url: tollgate_testkit::redis_url(),
-            prefix: prefix.clone(),
-            timeout: 5 * SEC,
-            pool: 1,
-            local_share: 1.0,
-            remember_denials: true,
-        });
+        policy.store.redis = Some(redis_settings(prefix.clone()));
         let engine = Engine::open_with(policy, "conformance", TimeSource::Caller)
             .expect("a policy the Redis store can run");
         RedisEngine { engine, prefix }
@@ -879,13 +882,9 @@ fn redis_decisions_queued_together_share_a_call_and_decide_as_one_by_one() {
     let text = "[[limit]]\nname = \"b\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"token_bucket\"\ncapacity = 5\nrefill = \"2/s\"\nhold = \"1s\"\ncost = { header = \"x-cost\" }\n[[limit]]\nname = \"w\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"fixed_window\"\nevery = \"10s\"\nquota = 12\n";
     let mut policy = parse(text, &NoProfiles).expect("a valid policy");
     policy.store.redis = Some(RedisSettings {
-        url: tollgate_testkit::redis_url(),
-        prefix: tollgate_testkit::unique_prefix("batched"),
-        timeout: 5 * SEC,
-        pool: 1,
-        local_share: 1.0,
         // Every decision from Redis (remembered denials are tested below).
         remember_denials: false,
+        ..redis_settings(tollgate_testkit::unique_prefix("batched"))
     });
     let memory = Engine::new(policy.clone());
     let policy = Arc::new(policy);
@@ -973,14 +972,7 @@ fn redis_remembers_a_denial_until_its_retry_instant() {
         .expect("a runtime");
     let store = |text: &str| {
         let mut policy = parse(text, &NoProfiles).expect("a valid policy");
-        policy.store.redis = Some(RedisSettings {
-            url: tollgate_testkit::redis_url(),
-            prefix: tollgate_testkit::unique_prefix("denials"),
-            timeout: 5 * SEC,
-            pool: 1,
-            local_share: 1.0,
-            remember_denials: true,
-        });
+        policy.store.redis = Some(redis_settings(tollgate_testkit::unique_prefix("denials")));
         let store = RedisStore::new(
             policy.store.redis.as_ref().expect("redis settings"),
             &policy,

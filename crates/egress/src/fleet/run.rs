@@ -452,39 +452,31 @@ pub async fn run(
                     {
                         continue;
                     }
-                    let job = match leased.job {
-                        Ok(job) => job,
-                        Err(reason) => {
-                            let job = unreadable(&leased.id);
-                            driver.dead_on_arrival(
-                                leased.seq,
-                                u,
-                                job,
-                                leased.attempts,
-                                reason,
-                                &recorder,
-                            );
-                            continue;
+                    // A job that cannot run as stored, or not here, is
+                    // dead-lettered with why.
+                    let (job, refused) = match leased.job {
+                        Err(reason) => (unreadable(&leased.id), Some(reason)),
+                        Ok(job) => {
+                            let routed = url::Url::parse(&job.url)
+                                .ok()
+                                .and_then(|url| config.upstream_for(&url));
+                            let refused = (routed != Some(u)).then(|| format!(
+                                "its url {} is not under upstream '{}''s base_url in this runner's config; tollgate only sends to configured upstreams (fix the config, then tollgate dlq retry)",
+                                job.url, names[u]
+                            ));
+                            (job, refused)
                         }
                     };
-                    let routed = url::Url::parse(&job.url)
-                        .ok()
-                        .and_then(|url| config.upstream_for(&url));
-                    if routed == Some(u) {
-                        driver.admit(leased.seq, u, job, leased.attempts, &recorder);
-                    } else {
-                        let reason = format!(
-                            "its url {} is not under upstream '{}''s base_url in this runner's config; tollgate only sends to configured upstreams (fix the config, then tollgate dlq retry)",
-                            job.url, names[u]
-                        );
-                        driver.dead_on_arrival(
+                    match refused {
+                        None => driver.admit(leased.seq, u, job, leased.attempts, &recorder),
+                        Some(reason) => driver.dead_on_arrival(
                             leased.seq,
                             u,
                             job,
                             leased.attempts,
                             reason,
                             &recorder,
-                        );
+                        ),
                     }
                 }
             }

@@ -248,10 +248,10 @@ impl RedisStore {
         }
         let reply = self.run(self.decide_call(policy, items, now, hold)).await?;
         let decision = self.decoded(policy, items, &reply)?;
-        let releases = items
-            .iter()
-            .any(|i| policy.limits[i.limit].algorithm == AlgorithmKind::Concurrency);
-        if remember {
+        if remember && matches!(decision.verdict, Verdict::Deny { .. }) {
+            let releases = items
+                .iter()
+                .any(|i| policy.limits[i.limit].algorithm == AlgorithmKind::Concurrency);
             self.denials.note(items, hold, now, &decision, releases);
         }
         Ok(decision)

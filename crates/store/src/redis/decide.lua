@@ -7,11 +7,27 @@
 -- algorithms are tollgate-core's (decide.rs, algo/*.rs), ported line by line;
 -- the conformance suite (crates/store/tests/conformance.rs) runs against both.
 --
+-- Loaded once as a Redis Function library (FUNCTION LOAD, then FCALL, Redis
+-- >= 7 and Valkey): its functions and the limit specs it has parsed stay in
+-- the server between calls. On a server without functions the same source
+-- runs as an EVALSHA script (the last lines tell the two apart).
+--
 -- Time: Redis TIME (one clock for the whole fleet), or a caller's instant for
 -- tests with a fake clock. Every instant here is nanoseconds RELATIVE to that
 -- now, so Lua's doubles stay exact (|t| < 2^53 ns, about 104 days; the Rust
--- side refuses limits that would need more). Stored instants are absolute,
--- "SECONDS:NANOS".
+-- side refuses limits that would need more).
+--
+-- State: numbers separated by "|", the first the whole second B it was
+-- written at, every instant after it in ns from B (so it stays small and
+-- exact, and costs no "S:N" parsing):
+--   g  B|tat|tat_frac
+--   f  B|start|used[|start|used]         (the current window and a reserved next)
+--   t  B then per tier: start|used|start|used (used 0: nothing)
+--   s  B|head_start|count,count,..       (newest segment first)
+--   c  n                                  (in flight)
+-- A key's expiry is the whole second after its state comes to rest, plus a
+-- second; a write that leaves that second unchanged keeps the TTL (SET
+-- KEEPTTL costs half a SET PX).
 --
 -- One call makes one or more decisions, in order, each all-or-nothing over
 -- its own limits, as if each were a call of its own: under load the store
@@ -20,15 +36,17 @@
 --
 -- KEYS     the states of every decision's slots, decision after decision:
 --          {prefix}:{namespace}:{limit}:{fingerprint}:{variant}:{key}
--- ARGV     per decision: four values, then its slots' fields:
---   op     "d" decide, "u" usage only (writes nothing),
---          "f" finish: debit latency (latency limits) or release (concurrency)
---   now    "" for Redis TIME (read once per call), else "SECONDS:NANOS"
---   third  "1" if the request may be held (reserve a future instant), else "0";
---          for "f": the latency to debit, in microseconds
---   n      its slot count (it takes the next n KEYS)
---   then per slot, in KEYS order: a field count, then that many fields:
---          algorithm, cost, charge, hold (ns), shadow (0/1), settle (f: 1 release, 2 debit, 0 none),
+-- ARGV     per decision:
+--   head   op and slot count n, e.g. "d1", then "@SECONDS:NANOS" for a
+--          caller's instant (none: Redis TIME, read once per call). op is
+--          "d" decide, "h" decide and the request may be held (reserve a
+--          future instant), "u" usage only (writes nothing), "f" finish:
+--          debit latency (latency limits) or release (concurrency)
+--   (f)    for "f" only: the latency to debit, in microseconds
+--   then per slot, in KEYS order, two values: spec, and "cost" (the charge
+--   is the same) or "cost/charge".
+--   spec   the limit's static fields, comma-separated (parsed once and kept):
+--          algorithm, hold (ns), shadow (0/1), latency (0/1: debited at finish),
 --          then the algorithm's parameters:
 --   g  token/leaky bucket (GCRA): capacity amount period whole rem tau_ns tau_frac
 --   f  fixed window: quota CALENDAR
@@ -36,11 +54,15 @@
 --   t  tiered: tiers, then per tier: quota CALENDAR
 --   c  concurrency: max
 --   CALENDAR is "F every offset" (a fixed UTC offset, ns, 0 <= offset < every)
---   or "N every count b1 .. bcount" (window boundaries of a zone with DST,
---   computed by the caller around its clock; extrapolated by `every` beyond).
--- Returns the decisions' replies one after the other; for "d" and "u": {kind, a, b, c, then per slot: allowed, remaining, reset, retry_after}
+--   or "N every count b1 .. bcount" (window boundaries "S:N" of a zone with
+--   DST, computed by the caller around its clock; extrapolated by `every`
+--   beyond).
+-- Returns the decisions' replies one after the other; for "d", "h" and "u":
+--   {kind, a, b, c, then per slot: allowed, remaining, reset, retry_after}
 --   kind 0 admit (a = delay ns); 1 deny (a = slot, 0-based; b = retry_after ns or -1 when only a
 --   release can make room); 2 never (a = slot, b = cost, c = capacity). retry_after -1 = none.
+--   kind 3 is the short form of an admission at once where every slot
+--   admits: {3, then per slot: remaining, reset}.
 -- Returns for "f": {0}.
 -- Keys expire on their own once their state is at rest (a fresh state would
 -- decide the same); an in-flight count lives CONCURRENCY_TTL past its last change.
@@ -48,25 +70,33 @@
 local BIL = 1000000000
 local CONCURRENCY_TTL_MS = 3600000
 local AT, ON_RELEASE, NEVER = 0, 1, 2
-local INF = math.huge
+-- Redis 7.0 loads a library with no standard globals in sight: the run's
+-- first call binds these (see `bind`).
+local INF, floor, ceil, max, min, match, format, gmatch, concat, sort, spread
+-- Small whole numbers by their text: argument costs without tonumber's strtod.
+local SMALL = {}
+local function bind(library)
+  INF, floor, ceil, max, min = math.huge, math.floor, math.ceil, math.max, math.min
+  match, format, gmatch = string.match, string.format, string.gmatch
+  concat, sort, spread = table.concat, table.sort, unpack
+  if library then
+    for i = 0, 64 do SMALL[tostring(i)] = i end
+  end
+end
 
 -- now, for the decision being made (set per decision); Redis TIME is read
 -- once per call.
 local nowS, nowN
-local server_time
 
--- "S:N" -> ns relative to now; "x" (nothing stored) -> nil.
+-- "S:N" (a window boundary the caller sent) -> ns relative to now.
 local function rel(text)
-  local s, n = string.match(text, '^(-?%d+):(%d+)$')
-  if not s then return nil end
-  return (tonumber(s) - nowS) * BIL + (tonumber(n) - nowN)
+  local sec, n = match(text, '^(-?%d+):(%d+)$')
+  return (tonumber(sec) - nowS) * BIL + (tonumber(n) - nowN)
 end
 
-local function abs(r)
-  local total = nowN + r
-  local s = math.floor(total / BIL)
-  return string.format('%d:%d', nowS + s, total - s * BIL)
-end
+-- A stored state's base second -> the ns to add to its instants to make them
+-- relative to now; a relative instant is stored as r + nowN (base nowS).
+local function since(base) return (base - nowS) * BIL - nowN end
 
 -- now (absolute) modulo g, exactly: g is whole seconds, or below 9e14 ns.
 local function nowmod(g)
@@ -78,55 +108,64 @@ local function nowmod(g)
   return (x + nowN) % g
 end
 
-local argv = ARGV
-local pos = 1
-local function field()
-  local v = argv[pos]
-  pos = pos + 1
-  return v
-end
-local function num() return tonumber(field()) end
+---------------------------------------------------------------- calendars
+-- A calendar (from a spec): { fixed = true, every, offset } or { every,
+-- bounds = { "S:N", .. } }. Per decision it is seen from now: `view` gives
+-- the phase of a fixed one, or its boundaries relative to now; `win(cal, v, t)`
+-- the start and end of the window holding t.
 
--- A calendar: win(t) -> start, end of the window holding t.
-local function calendar()
-  local kind, every = field(), num()
-  if kind == 'F' then
-    local phase = (nowmod(every) + num()) % every
-    return function(t)
-      local s = t - (phase + t) % every
-      return s, s + every
-    end
-  end
+local function view(cal)
+  if cal.fixed then return (nowmod(cal.every) + cal.offset) % cal.every end
   local b = {}
-  for i = 1, num() do b[i] = rel(field()) end
-  local n = #b
-  return function(t)
-    if t < b[1] then
-      local s = b[1] - math.ceil((b[1] - t) / every) * every
-      return s, s + every
-    end
-    if t >= b[n] then
-      local s = b[n] + math.floor((t - b[n]) / every) * every
-      return s, s + every
-    end
-    local lo, hi = 1, n
-    while hi - lo > 1 do
-      local mid = math.floor((lo + hi) / 2)
-      if b[mid] <= t then lo = mid else hi = mid end
-    end
-    return b[lo], b[hi]
+  for i, text in ipairs(cal.bounds) do b[i] = rel(text) end
+  return b
+end
+
+local function win(cal, v, t)
+  local every = cal.every
+  if cal.fixed then
+    local s = t - (v + t) % every
+    return s, s + every
   end
+  local n = #v
+  if t < v[1] then
+    local s = v[1] - ceil((v[1] - t) / every) * every
+    return s, s + every
+  end
+  if t >= v[n] then
+    local s = v[n] + floor((t - v[n]) / every) * every
+    return s, s + every
+  end
+  local lo, hi = 1, n
+  while hi - lo > 1 do
+    local mid = floor((lo + hi) / 2)
+    if v[mid] <= t then lo = mid else hi = mid end
+  end
+  return v[lo], v[hi]
+end
+
+local function win_start(cal, v, t)
+  local s = win(cal, v, t)
+  return s
 end
 
 -- Two window counters {start, used, start, used}: the current window and,
--- for reservations, the next (core's TwoWindows).
-local function two_load(text, i)
-  local s1, u1, s2, u2 = string.match(text, '([^|]+)|(%d+)|([^|]+)|(%d+)', i)
-  return { rel(s1) or -INF, tonumber(u1), rel(s2) or -INF, tonumber(u2) }
+-- for reservations, the next (core's TwoWindows); used 0 is an empty slot.
+local function two_new() return { -INF, 0, -INF, 0 } end
+-- A window as loaded: an empty one has no start.
+local function two_set(w, i, shift, start, used)
+  if used > 0 then w[i], w[i + 1] = shift + start, used end
 end
-local function two_save(w)
-  local function one(s, u) return (u > 0 and abs(s) or 'x') .. '|' .. string.format('%d', u) end
-  return one(w[1], w[2]) .. '|' .. one(w[3], w[4])
+-- The windows into a state `a` from index i on: both (`all`, empty ones as
+-- 0, 0), or only those with something used.
+local function two_put(a, i, w, all)
+  if all or w[2] > 0 then
+    a[i], a[i + 1] = w[2] > 0 and w[1] + nowN or 0, w[2]
+    i = i + 2
+  end
+  if all or w[4] > 0 then
+    a[i], a[i + 1] = w[4] > 0 and w[3] + nowN or 0, w[4]
+  end
 end
 local function two_used(w, start)
   if w[1] == start and w[2] > 0 then return w[2] end
@@ -144,11 +183,11 @@ local function two_rest(w, current)
   return (w[2] == 0 or w[1] < current) and (w[4] == 0 or w[3] < current)
 end
 -- Until when a TwoWindows is not at rest (relative ns), or nil.
-local function two_busy_until(w, win)
+local function two_busy_until(w, cal, v)
   local last
   for j = 1, 3, 2 do
     if w[j + 1] > 0 then
-      local _, e = win(w[j])
+      local _, e = win(cal, v, w[j])
       if not last or e > last then last = e end
     end
   end
@@ -156,496 +195,725 @@ local function two_busy_until(w, win)
 end
 
 ---------------------------------------------------------------- meters
--- Each meter: earliest(now, cost, from) -> kind, value; reservable(now, at);
--- commit(now, cost, at); debit(now, amount); release(amount); usage(now) ->
--- remaining, reset; save() -> text or nil (at rest: delete), ttl in ms.
+-- Each algorithm is a table of plain functions over a slot `s` (its spec
+-- `s.p`, and the state `load` parsed into it); every instant is relative to
+-- now (0):
+--   load(s, state or nil); earliest(s, cost, from) -> kind, value;
+--   reservable(s, x, at); commit(s, cost, at); debit(s, amount);
+--   release(s, amount); usage(s) -> remaining, reset;
+--   rest(s) -> the instant the state comes to rest, or nil if it is;
+--   save(s) -> state or nil (at rest: delete).
+-- A state is an array of whole numbers (see "State" above); `load` copies
+-- what it needs out of it, `save` returns a new one.
+-- `parse(fields, i)` reads the algorithm's parameters from a spec's fields.
 
-local function gcra(state)
-  local cap, amount, period, whole, rem, taun, tauf = num(), num(), num(), num(), num(), num(), num()
-  local tn, tf = -INF, 0
-  if state then
-    local s, f = string.match(state, '^([^|]+)|(%d+)$')
-    tn, tf = rel(s), tonumber(f)
-  end
-  local function add(an, af, bn, bf)
-    local f = af + bf
-    if f >= amount then return an + bn + 1, f - amount end
-    return an + bn, f
-  end
-  local function span(cost)
-    if cost == 1 then return whole, rem end
-    local r = cost * rem
-    return cost * whole + math.floor(r / amount), r % amount
-  end
-  local function le(an, af, bn, bf) return an < bn or (an == bn and af <= bf) end
-  -- a - b rounded up to a whole ns (an instant minus a span: may be negative)
-  local function diff_ceil(an, af, bn, bf)
-    local ns, f = an - bn, af - bf
-    if f < 0 then ns, f = ns - 1, f + amount end
-    if f > 0 then ns = ns + 1 end
-    return ns
-  end
-  local m = {}
-  function m.earliest(_, cost, from)
-    if cost > cap then return NEVER, cap end
-    local sn, sf = span(cost)
-    local dn, df = add(tn, tf, sn, sf)
-    return AT, math.max(from, diff_ceil(dn, df, taun, tauf))
-  end
-  function m.reservable() return true end
-  function m.commit(_, cost, at)
-    local bn, bf = tn, tf
-    if le(bn, bf, at, 0) then bn, bf = at, 0 end
-    local sn, sf = span(cost)
-    tn, tf = add(bn, bf, sn, sf)
-  end
-  function m.debit(now, amount_) m.commit(now, amount_, now) end
-  function m.release() end
-  function m.usage(now)
-    if le(tn, tf, now, 0) then return cap, 0 end
-    local fn, ff = add(now, 0, taun, tauf)
-    if le(fn, ff, tn, tf) then
-      local nn, nf = add(tn, tf, whole, rem)
-      return 0, math.max(0, diff_ceil(nn, nf, fn, ff))
-    end
-    local slack = (fn - tn) * amount + (ff - tf)
-    local remaining = math.floor(slack / period)
-    return remaining, math.ceil(((remaining + 1) * period - slack) / amount)
-  end
-  function m.save()
-    if le(tn, tf, 0, 0) then return nil end
-    return abs(tn) .. '|' .. string.format('%d', tf), math.ceil(tn / 1000000)
-  end
-  return m
+local function yes() return true end
+local function nothing() end
+
+-- GCRA instants are exact: whole ns plus a fraction in 1/amount ns.
+local function g_add(p, an, af, bn, bf)
+  local f = af + bf
+  if f >= p.amount then return an + bn + 1, f - p.amount end
+  return an + bn, f
+end
+local function g_span(p, cost)
+  if cost == 1 then return p.whole, p.rem end
+  local r = cost * p.rem
+  return cost * p.whole + floor(r / p.amount), r % p.amount
+end
+local function g_le(an, af, bn, bf) return an < bn or (an == bn and af <= bf) end
+-- a - b rounded up to a whole ns (an instant minus a span: may be negative)
+local function g_diff_ceil(p, an, af, bn, bf)
+  local ns, f = an - bn, af - bf
+  if f < 0 then ns, f = ns - 1, f + p.amount end
+  if f > 0 then ns = ns + 1 end
+  return ns
 end
 
-local function fixed_window(state)
-  local quota = num()
-  local win = calendar()
-  local w = state and two_load(state, 1) or { -INF, 0, -INF, 0 }
-  local m = {}
-  function m.earliest(_, cost, from)
-    if cost > quota then return NEVER, quota end
-    local s, e = win(from)
-    for _ = 1, 3 do
-      if two_used(w, s) + cost <= quota then return AT, math.max(from, s) end
-      s, e = win(e)
-    end
-    return AT, s
+local GCRA = { reservable = yes, release = nothing }
+function GCRA.parse(f, i)
+  return { cap = tonumber(f[i]), amount = tonumber(f[i + 1]), period = tonumber(f[i + 2]),
+    whole = tonumber(f[i + 3]), rem = tonumber(f[i + 4]), taun = tonumber(f[i + 5]),
+    tauf = tonumber(f[i + 6]) }
+end
+function GCRA.load(s, a)
+  if a then
+    s.tn, s.tf = since(a[1]) + a[2], a[3]
+  else
+    s.tn, s.tf = -INF, 0
   end
-  function m.reservable(now, at)
-    local _, e = win(now)
-    local _, e2 = win(e)
-    return at < e2
+end
+function GCRA.rest(s)
+  if g_le(s.tn, s.tf, 0, 0) then return nil end
+  return s.tf > 0 and s.tn + 1 or s.tn
+end
+function GCRA.earliest(s, cost, from)
+  local p = s.p
+  if cost > p.cap then return NEVER, p.cap end
+  local sn, sf = g_span(p, cost)
+  local dn, df = g_add(p, s.tn, s.tf, sn, sf)
+  return AT, max(from, g_diff_ceil(p, dn, df, p.taun, p.tauf))
+end
+function GCRA.commit(s, cost, at)
+  local p = s.p
+  local bn, bf = s.tn, s.tf
+  if g_le(bn, bf, at, 0) then bn, bf = at, 0 end
+  local sn, sf = g_span(p, cost)
+  s.tn, s.tf = g_add(p, bn, bf, sn, sf)
+end
+function GCRA.debit(s, amount) GCRA.commit(s, amount, 0) end
+function GCRA.usage(s)
+  local p = s.p
+  local tn, tf = s.tn, s.tf
+  if g_le(tn, tf, 0, 0) then return p.cap, 0 end
+  local fn, ff = g_add(p, 0, 0, p.taun, p.tauf)
+  if g_le(fn, ff, tn, tf) then
+    local nn, nf = g_add(p, tn, tf, p.whole, p.rem)
+    return 0, max(0, g_diff_ceil(p, nn, nf, fn, ff))
   end
-  function m.commit(now, cost, at)
-    local current = win(now)
-    two_add(w, (win(at)), current, cost)
-  end
-  function m.debit(now, amount)
-    local current = win(now)
-    two_add(w, current, current, amount)
-  end
-  function m.release() end
-  function m.usage(now)
-    local s, e = win(now)
-    local used = two_used(w, s)
-    return math.max(0, quota - used), used == 0 and 0 or e - now
-  end
-  function m.save()
-    if two_rest(w, (win(0))) then return nil end
-    return two_save(w), math.ceil(two_busy_until(w, win) / 1000000)
-  end
-  return m
+  local slack = (fn - tn) * p.amount + (ff - tf)
+  local remaining = floor(slack / p.period)
+  return remaining, ceil(((remaining + 1) * p.period - slack) / p.amount)
+end
+function GCRA.save(s)
+  if g_le(s.tn, s.tf, 0, 0) then return nil end
+  return { nowS, s.tn + nowN, s.tf }
 end
 
-local function sliding_window(state)
-  local quota, every, g, segments = num(), num(), num(), num()
-  local ring = segments + 2
-  local mod = nowmod(g)
-  local head, c
-  if state then
-    local h, rest = string.match(state, '^([^|]+)|(.*)$')
-    head = math.floor((rel(h) + mod) / g + 0.5)
-    c = {}
-    for v in string.gmatch(rest, '%d+') do c[#c + 1] = tonumber(v) end
+-- A calendar from a spec's fields at i: the calendar and the next index.
+local function parse_calendar(f, i)
+  local every = tonumber(f[i + 1])
+  if f[i] == 'F' then
+    return { fixed = true, every = every, offset = tonumber(f[i + 2]) }, i + 3
   end
-  local function seg(t) return math.floor((mod + t) / g) end
-  local function first(t) return math.floor((mod + t + 1 - every) / g) end
-  local function count_in(k)
-    if not c or k > head or head - k >= ring then return 0 end
-    return c[head - k + 1]
-  end
-  local function counted(t)
-    if not c then return 0 end
-    local f = first(t)
-    if f > head then return 0 end
-    local sum = 0
-    for k = math.max(f, head - ring + 1), head do sum = sum + c[head - k + 1] end
-    return sum
-  end
-  local function oldest_counted(f)
-    if not c then return nil end
-    for k = math.max(f, head - ring + 1), head do
-      if c[head - k + 1] > 0 then return k end
-    end
-    return nil
-  end
-  local function add(k, amount)
-    if not c then
-      c = {}
-      for j = 1, ring do c[j] = 0 end
-      head = k
-    end
-    if k > head then
-      local gap = math.min(k - head, ring)
-      for j = ring, 1, -1 do c[j] = j > gap and c[j - gap] or 0 end
-      head = k
-    end
-    if head - k >= ring then return end
-    c[head - k + 1] = c[head - k + 1] + amount
-  end
-  local m = {}
-  function m.earliest(_, cost, from)
-    if cost > quota then return NEVER, quota end
-    local t = from
-    local n = counted(t)
-    for _ = 0, ring + 1 do
-      if n + cost <= quota then return AT, t end
-      local f = first(t)
-      n = math.max(0, n - count_in(f))
-      t = (f + 1) * g - mod + every - 1
-    end
-    return AT, t
-  end
-  function m.reservable(now, at) return seg(at) <= seg(now) + 1 end
-  function m.commit(_, cost, at) add(seg(at), cost) end
-  function m.debit(now, amount) add(seg(now), amount) end
-  function m.release() end
-  function m.usage(now)
-    local n = counted(now)
-    local reset = 0
-    if n > 0 then
-      local k = oldest_counted(first(now))
-      if k then reset = math.max(0, (k + 1) * g - mod + every - 1 - now) end
-    end
-    return math.max(0, quota - n), reset
-  end
-  function m.save()
-    if not c or first(0) > head then return nil end
-    local parts = {}
-    for j = 1, ring do parts[j] = string.format('%d', c[j]) end
-    local rest_at = (head + 1) * g - mod + every - 1
-    return abs(head * g - mod) .. '|' .. table.concat(parts, ','), math.ceil(rest_at / 1000000)
-  end
-  return m
+  local count = tonumber(f[i + 2])
+  local bounds = {}
+  for j = 1, count do bounds[j] = f[i + 2 + j] end
+  return { every = every, bounds = bounds }, i + 3 + count
 end
 
-local function tiered(state)
-  local tiers = {}
-  local total = 0
-  for i = 1, num() do
-    tiers[i] = { quota = num(), win = calendar() }
-    total = total + tiers[i].quota
+local FIXED = { release = nothing }
+function FIXED.parse(f, i)
+  return { quota = tonumber(f[i]), cal = (parse_calendar(f, i + 1)) }
+end
+function FIXED.load(s, a)
+  s.v = view(s.p.cal)
+  local w = two_new()
+  if a then
+    local shift = since(a[1])
+    two_set(w, 1, shift, a[2], a[3])
+    if a[5] then two_set(w, 3, shift, a[4], a[5]) end
   end
-  local w = {}
-  if state then
-    local i = 1
-    for part in string.gmatch(state, '[^;]+') do
-      w[i] = two_load(part, 1)
-      i = i + 1
+  s.w = w
+end
+function FIXED.rest(s)
+  local cal, v, w = s.p.cal, s.v, s.w
+  if two_rest(w, win_start(cal, v, 0)) then return nil end
+  return two_busy_until(w, cal, v)
+end
+function FIXED.earliest(s, cost, from)
+  local quota, cal, v, w = s.p.quota, s.p.cal, s.v, s.w
+  if cost > quota then return NEVER, quota end
+  local st, e = win(cal, v, from)
+  for _ = 1, 3 do
+    if two_used(w, st) + cost <= quota then return AT, max(from, st) end
+    st, e = win(cal, v, e)
+  end
+  return AT, st
+end
+function FIXED.reservable(s, x, at)
+  local _, e = win(s.p.cal, s.v, x)
+  local _, e2 = win(s.p.cal, s.v, e)
+  return at < e2
+end
+function FIXED.commit(s, cost, at)
+  local cal, v = s.p.cal, s.v
+  two_add(s.w, win_start(cal, v, at), win_start(cal, v, 0), cost)
+end
+function FIXED.debit(s, amount)
+  local current = win_start(s.p.cal, s.v, 0)
+  two_add(s.w, current, current, amount)
+end
+function FIXED.usage(s)
+  local st, e = win(s.p.cal, s.v, 0)
+  local used = two_used(s.w, st)
+  return max(0, s.p.quota - used), used == 0 and 0 or e
+end
+function FIXED.save(s)
+  if two_rest(s.w, win_start(s.p.cal, s.v, 0)) then return nil end
+  local a = { nowS }
+  two_put(a, 2, s.w, false)
+  return a
+end
+
+local SLIDING = { release = nothing }
+function SLIDING.parse(f, i)
+  local segments = tonumber(f[i + 3])
+  return { quota = tonumber(f[i]), every = tonumber(f[i + 1]), g = tonumber(f[i + 2]),
+    ring = segments + 2 }
+end
+function SLIDING.load(s, a)
+  local p = s.p
+  s.mod = nowmod(p.g)
+  s.head, s.c = nil, nil
+  if a then
+    s.head = floor((since(a[1]) + a[2] + s.mod) / p.g + 0.5)
+    local c = {}
+    for j = 1, p.ring do c[j] = a[j + 2] or 0 end
+    s.c = c
+  end
+end
+local function sw_seg(s, t) return floor((s.mod + t) / s.p.g) end
+local function sw_first(s, t) return floor((s.mod + t + 1 - s.p.every) / s.p.g) end
+local function sw_count_in(s, k)
+  if not s.c or k > s.head or s.head - k >= s.p.ring then return 0 end
+  return s.c[s.head - k + 1]
+end
+local function sw_counted(s, t)
+  local c, head = s.c, s.head
+  if not c then return 0 end
+  local f = sw_first(s, t)
+  if f > head then return 0 end
+  local sum = 0
+  for k = max(f, head - s.p.ring + 1), head do sum = sum + c[head - k + 1] end
+  return sum
+end
+local function sw_oldest_counted(s, f)
+  local c, head = s.c, s.head
+  if not c then return nil end
+  for k = max(f, head - s.p.ring + 1), head do
+    if c[head - k + 1] > 0 then return k end
+  end
+  return nil
+end
+local function sw_add(s, k, amount)
+  local ring = s.p.ring
+  if not s.c then
+    local c = {}
+    for j = 1, ring do c[j] = 0 end
+    s.c, s.head = c, k
+  end
+  local c = s.c
+  if k > s.head then
+    local gap = min(k - s.head, ring)
+    for j = ring, 1, -1 do c[j] = j > gap and c[j - gap] or 0 end
+    s.head = k
+  end
+  if s.head - k >= ring then return end
+  c[s.head - k + 1] = c[s.head - k + 1] + amount
+end
+function SLIDING.earliest(s, cost, from)
+  local p = s.p
+  if cost > p.quota then return NEVER, p.quota end
+  local t = from
+  local n = sw_counted(s, t)
+  for _ = 0, p.ring + 1 do
+    if n + cost <= p.quota then return AT, t end
+    local f = sw_first(s, t)
+    n = max(0, n - sw_count_in(s, f))
+    t = (f + 1) * p.g - s.mod + p.every - 1
+  end
+  return AT, t
+end
+function SLIDING.reservable(s, x, at) return sw_seg(s, at) <= sw_seg(s, x) + 1 end
+function SLIDING.commit(s, cost, at) sw_add(s, sw_seg(s, at), cost) end
+function SLIDING.debit(s, amount) sw_add(s, sw_seg(s, 0), amount) end
+function SLIDING.usage(s)
+  local p = s.p
+  local n = sw_counted(s, 0)
+  local reset = 0
+  if n > 0 then
+    local k = sw_oldest_counted(s, sw_first(s, 0))
+    if k then reset = max(0, (k + 1) * p.g - s.mod + p.every - 1) end
+  end
+  return max(0, p.quota - n), reset
+end
+function SLIDING.rest(s)
+  if not s.c or sw_first(s, 0) > s.head then return nil end
+  return (s.head + 1) * s.p.g - s.mod + s.p.every - 1
+end
+function SLIDING.save(s)
+  local p, c = s.p, s.c
+  if not c or sw_first(s, 0) > s.head then return nil end
+  local a = { nowS, s.head * p.g - s.mod + nowN }
+  for j = 1, p.ring do a[j + 2] = c[j] end
+  return a
+end
+
+local TIERED = { release = nothing }
+function TIERED.parse(f, i)
+  local tiers, total = {}, 0
+  local j = i + 1
+  for k = 1, tonumber(f[i]) do
+    local quota = tonumber(f[j])
+    local cal
+    cal, j = parse_calendar(f, j + 1)
+    tiers[k] = { quota = quota, cal = cal }
+    total = total + quota
+  end
+  return { tiers = tiers, total = total }
+end
+function TIERED.load(s, a)
+  local tiers = s.p.tiers
+  local w, v = {}, {}
+  local n, shift = a or {}, 0
+  if a then shift = since(a[1]) end
+  for k, tier in ipairs(tiers) do
+    local i = 4 * k - 2
+    w[k] = two_new()
+    if n[i] then
+      two_set(w[k], 1, shift, n[i], n[i + 1])
+      two_set(w[k], 3, shift, n[i + 2], n[i + 3])
+    end
+    v[k] = view(tier.cal)
+  end
+  s.w, s.v = w, v
+end
+local function t_available_at(s, t)
+  local sum = 0
+  for k, tier in ipairs(s.p.tiers) do
+    sum = sum + max(0, tier.quota - two_used(s.w[k], win_start(tier.cal, s.v[k], t)))
+  end
+  return sum
+end
+local function t_spill(s, at, amount)
+  for k, tier in ipairs(s.p.tiers) do
+    if amount == 0 then break end
+    local st = win_start(tier.cal, s.v[k], at)
+    local take = min(max(0, tier.quota - two_used(s.w[k], st)), amount)
+    if take > 0 then
+      local current = at == 0 and st or win_start(tier.cal, s.v[k], 0)
+      two_add(s.w[k], st, current, take)
+      amount = amount - take
     end
   end
-  for i = 1, #tiers do w[i] = w[i] or { -INF, 0, -INF, 0 } end
-  local function available_at(t)
-    local sum = 0
-    for i, tier in ipairs(tiers) do
-      sum = sum + math.max(0, tier.quota - two_used(w[i], (tier.win(t))))
-    end
-    return sum
+end
+function TIERED.earliest(s, cost, from)
+  local total = s.p.total
+  if cost > total then return NEVER, total end
+  if t_available_at(s, from) >= cost then return AT, from end
+  local candidates = { from }
+  for k, tier in ipairs(s.p.tiers) do
+    local _, e = win(tier.cal, s.v[k], from)
+    local _, e2 = win(tier.cal, s.v[k], e)
+    candidates[#candidates + 1] = e
+    candidates[#candidates + 1] = e2
   end
-  local function spill(now, at, amount)
-    for i, tier in ipairs(tiers) do
-      if amount == 0 then break end
-      local s = tier.win(at)
-      local take = math.min(math.max(0, tier.quota - two_used(w[i], s)), amount)
-      if take > 0 then
-        local current = at == now and s or (tier.win(now))
-        two_add(w[i], s, current, take)
-        amount = amount - take
+  sort(candidates)
+  for _, t in ipairs(candidates) do
+    if t_available_at(s, t) >= cost then return AT, t end
+  end
+  return NEVER, total
+end
+function TIERED.reservable(s, x, at)
+  for k, tier in ipairs(s.p.tiers) do
+    local _, e = win(tier.cal, s.v[k], x)
+    local _, e2 = win(tier.cal, s.v[k], e)
+    if at >= e2 then return false end
+  end
+  return true
+end
+function TIERED.commit(s, cost, at) t_spill(s, at, cost) end
+function TIERED.debit(s, amount) t_spill(s, 0, amount) end
+function TIERED.usage(s)
+  local remaining, reset = 0, 0
+  for k, tier in ipairs(s.p.tiers) do
+    local st, e = win(tier.cal, s.v[k], 0)
+    local used = two_used(s.w[k], st)
+    remaining = remaining + max(0, tier.quota - used)
+    if used > 0 then reset = reset == 0 and e or min(reset, e) end
+  end
+  return remaining, reset
+end
+function TIERED.rest(s)
+  local rest, until_ = true, 0
+  for k, tier in ipairs(s.p.tiers) do
+    local w, v = s.w[k], s.v[k]
+    if not two_rest(w, win_start(tier.cal, v, 0)) then rest = false end
+    until_ = max(until_, two_busy_until(w, tier.cal, v) or 0)
+  end
+  if rest then return nil end
+  return until_
+end
+function TIERED.save(s)
+  if not TIERED.rest(s) then return nil end
+  local a = { nowS }
+  for k, w in ipairs(s.w) do two_put(a, 4 * k - 2, w, true) end
+  return a
+end
+
+local CONCURRENCY = { reservable = yes, debit = nothing }
+function CONCURRENCY.parse(f, i) return { max = tonumber(f[i]) } end
+function CONCURRENCY.load(s, a) s.n = a and a[1] or 0 end
+function CONCURRENCY.earliest(s, cost, from)
+  local m = s.p.max
+  if cost > m then return NEVER, m end
+  if s.n + cost <= m then return AT, from end
+  return ON_RELEASE, 0
+end
+function CONCURRENCY.commit(s, cost) s.n = s.n + cost end
+function CONCURRENCY.release(s, amount) s.n = max(0, s.n - amount) end
+function CONCURRENCY.usage(s) return max(0, s.p.max - s.n), 0 end
+-- An in-flight count lives CONCURRENCY_TTL past its last change: never at
+-- rest by the clock, so every write sets its TTL.
+function CONCURRENCY.rest() return nil end
+function CONCURRENCY.save(s)
+  if s.n == 0 then return nil end
+  return { s.n }
+end
+
+local ALGORITHMS = { g = GCRA, f = FIXED, s = SLIDING, t = TIERED, c = CONCURRENCY }
+
+---------------------------------------------------------------- specs
+-- A limit's spec, parsed once per distinct text and kept while the library
+-- is loaded (a bounded cache: specs of zones with DST change once a window).
+local SPECS, spec_count = {}, 0
+local function spec(text)
+  local sp = SPECS[text]
+  if sp then return sp end
+  local f = {}
+  for v in gmatch(text, '[^,]+') do f[#f + 1] = v end
+  local alg = ALGORITHMS[f[1]]
+  if not alg then error('tollgate: unknown algorithm in spec ' .. text) end
+  sp = alg.parse(f, 5)
+  sp.alg, sp.hold, sp.shadow, sp.latency = alg, tonumber(f[2]), f[3] == '1', f[4] == '1'
+  if spec_count >= 4096 then SPECS, spec_count = {}, 0 end
+  SPECS[text], spec_count = sp, spec_count + 1
+  return sp
+end
+
+---------------------------------------------------------------- decide
+
+-- The whole second (absolute) after a relative instant.
+local function second_after(r) return nowS + ceil((nowN + r) / BIL) end
+
+-- States as text: their numbers joined by "|". The numbers of the texts
+-- this library wrote (or read) are kept, so reading a state back costs no
+-- parsing (strtod is most of a decision's cost otherwise): a bounded memo
+-- of a pure function, whoever wrote the key.
+local NUMBERS, numbers_count = {}, 0
+local FORMATS = {}
+local function remember(text, a)
+  if numbers_count >= 20000 then NUMBERS, numbers_count = {}, 0 end
+  NUMBERS[text], numbers_count = a, numbers_count + 1
+end
+local function encode(a)
+  local n = #a
+  local f = FORMATS[n]
+  if not f then
+    f = string.rep('%d|', n - 1) .. '%d'
+    FORMATS[n] = f
+  end
+  local text = format(f, spread(a))
+  remember(text, a)
+  return text
+end
+local function decode(text)
+  local a = NUMBERS[text]
+  if a then return a end
+  a = {}
+  for x in gmatch(text, '[^|]+') do a[#a + 1] = tonumber(x) end
+  remember(text, a)
+  return a
+end
+
+-- Write a slot's state back: delete it at rest, else set it with its TTL
+-- (kept when the expiry second has not moved since the load, see `load`).
+local function save(s)
+  local alg = s.p.alg
+  local a = alg.save(s)
+  if not a then
+    if s.stored then redis.call('DEL', s.key) end
+    return
+  end
+  local text = encode(a)
+  local ttl
+  if alg == CONCURRENCY then
+    ttl = CONCURRENCY_TTL_MS
+  else
+    local expiry = second_after(alg.rest(s))
+    if s.expiry and expiry <= s.expiry then
+      redis.call('SET', s.key, text, 'KEEPTTL')
+      return
+    end
+    ttl = (expiry - nowS) * 1000 - floor(nowN / 1000000)
+  end
+  redis.call('SET', s.key, text, 'PX', ttl + 1000)
+end
+
+-- A slot's state from its key; `expiry` is the second its TTL was set for
+-- (every write keeps TTL >= the second after the state's rest instant).
+local function load(s)
+  local text = redis.call('GET', s.key)
+  local alg = s.p.alg
+  if text then
+    s.stored = true
+    alg.load(s, decode(text))
+    local rest = alg.rest(s)
+    if rest then s.expiry = second_after(rest) end
+  else
+    alg.load(s, nil)
+  end
+end
+
+local function earliest(s, from) return s.p.alg.earliest(s, s.cost, from) end
+local function reservable(s, x, at) return s.p.alg.reservable(s, x, at) end
+
+-- Every slot's outcome after a verdict, appended to `out`.
+local function report(out, slots, own)
+  for i, s in ipairs(slots) do
+    local remaining, reset = s.p.alg.usage(s)
+    local allowed, retry = 0, -1
+    local k, t = own[2 * i - 1], own[2 * i]
+    if k == AT and t == 0 then allowed = 1 elseif k == AT then retry = t end
+    out[#out + 1] = allowed
+    out[#out + 1] = remaining
+    out[#out + 1] = reset
+    out[#out + 1] = retry
+  end
+end
+
+-- The smallest instant at which every enforcing slot admits (core's
+-- fixpoint); true as the second value when some slot can never admit.
+local function fixpoint(slots, own)
+  local t = 0
+  for i, s in ipairs(slots) do
+    if not s.p.shadow then
+      if own[2 * i - 1] ~= AT then return 0, true end
+      t = max(t, own[2 * i])
+    end
+  end
+  if #slots == 1 or t == 0 then return t, false end
+  for _ = 1, 64 do
+    local moved = false
+    for _, s in ipairs(slots) do
+      if not s.p.shadow then
+        local k, x = earliest(s, t)
+        if k ~= AT then return 0, true end
+        if x > t then t, moved = x, true end
       end
     end
+    if not moved then return t, false end
   end
-  local m = {}
-  function m.earliest(_, cost, from)
-    if cost > total then return NEVER, total end
-    if available_at(from) >= cost then return AT, from end
-    local candidates = { from }
-    for _, tier in ipairs(tiers) do
-      local _, e = tier.win(from)
-      local _, e2 = tier.win(e)
-      candidates[#candidates + 1] = e
-      candidates[#candidates + 1] = e2
-    end
-    table.sort(candidates)
-    for _, t in ipairs(candidates) do
-      if available_at(t) >= cost then return AT, t end
-    end
-    return NEVER, total
-  end
-  function m.reservable(now, at)
-    for _, tier in ipairs(tiers) do
-      local _, e = tier.win(now)
-      local _, e2 = tier.win(e)
-      if at >= e2 then return false end
-    end
-    return true
-  end
-  function m.commit(now, cost, at) spill(now, at, cost) end
-  function m.debit(now, amount) spill(now, now, amount) end
-  function m.release() end
-  function m.usage(now)
-    local remaining, reset = 0, 0
-    for i, tier in ipairs(tiers) do
-      local s, e = tier.win(now)
-      local used = two_used(w[i], s)
-      remaining = remaining + math.max(0, tier.quota - used)
-      if used > 0 then reset = reset == 0 and e - now or math.min(reset, e - now) end
-    end
-    return remaining, reset
-  end
-  function m.save()
-    local rest, until_ = true, 0
-    local parts = {}
-    for i, tier in ipairs(tiers) do
-      if not two_rest(w[i], (tier.win(0))) then rest = false end
-      until_ = math.max(until_, two_busy_until(w[i], tier.win) or 0)
-      parts[i] = two_save(w[i])
-    end
-    if rest then return nil end
-    return table.concat(parts, ';'), math.ceil(until_ / 1000000)
-  end
-  return m
+  return 0, true
 end
 
-local function concurrency(state)
-  local max = num()
-  local n = state and tonumber(state) or 0
-  local m = {}
-  function m.earliest(_, cost, from)
-    if cost > max then return NEVER, max end
-    if n + cost <= max then return AT, from end
-    return ON_RELEASE, 0
+local function all_reservable(slots, x, at)
+  for _, s in ipairs(slots) do
+    if not s.p.shadow and not reservable(s, x, at) then return false end
   end
-  function m.reservable() return true end
-  function m.commit(_, cost) n = n + cost end
-  function m.debit() end
-  function m.release(amount) n = math.max(0, n - amount) end
-  function m.usage() return math.max(0, max - n), 0 end
-  function m.save()
-    if n == 0 then return nil end
-    return string.format('%d', n), CONCURRENCY_TTL_MS
-  end
-  return m
+  return true
 end
 
-local METERS = { g = gcra, f = fixed_window, s = sliding_window, t = tiered, c = concurrency }
-
----------------------------------------------------------------- slots
--- One decision (or usage, or finish) from ARGV at `pos`, over KEYS after
--- `keybase`: its reply, and how many keys it used.
-local function one(keybase)
-  local op, time, third, n = field(), field(), field(), num()
-  if time == '' then
-    if not server_time then
-      local t = redis.call('TIME')
-      server_time = { tonumber(t[1]), tonumber(t[2]) * 1000 }
+-- The earliest arrival that would be admitted, at once or held (core's retry_instant).
+local function retry_instant(slots, may_hold, start)
+  local x = 0
+  for _ = 1, 64 do
+    if x >= start then break end
+    local hold, nxt = INF, start
+    for _, s in ipairs(slots) do
+      if not s.p.shadow then
+        local k, t = earliest(s, x)
+        local h = may_hold and s.p.hold or 0
+        if k == AT and t == x then
+        elseif k == AT then hold, nxt = min(hold, h), min(nxt, t)
+        else hold = min(hold, h) end
+      end
     end
-    nowS, nowN = server_time[1], server_time[2]
-  else
-    local s, ns = string.match(time, '^(%d+):(%d+)$')
-    nowS, nowN = tonumber(s), tonumber(ns)
-  end
-  local keys = {}
-  local slots = {}
-  for i = 1, n do
-    keys[i] = KEYS[keybase + i]
-    local count = num()
-    local next_slot = pos + count
-    local alg = field()
-    local s = { cost = num(), charge = num(), hold = num(), shadow = field() == '1', settle = num() }
-    s.m = METERS[alg](redis.call('GET', keys[i]) or nil)
-    pos = next_slot
-    slots[i] = s
-  end
-
-  local function save(i)
-    local text, ttl = slots[i].m.save()
-    if text then
-      redis.call('SET', keys[i], text, 'PX', math.max(1, ttl) + 1000)
+    local within = start - x <= hold
+    if within and all_reservable(slots, x, start) then return x end
+    if not within then
+      nxt = min(nxt, start - hold)
     else
-      redis.call('DEL', keys[i])
+      local lo, hi = x, nxt
+      while hi - lo > 1 do
+        local mid = lo + floor((hi - lo) / 2)
+        if all_reservable(slots, mid, start) then hi = mid else lo = mid end
+      end
+      nxt = hi
+    end
+    x = max(nxt, x + 1)
+  end
+  return start
+end
+
+-- One decision over `slots`, its reply appended to `out`.
+local function decide(out, slots, op)
+  -- The common case, one enforcing limit with room now, needs none of the
+  -- combination below (core's admit_single_now).
+  local only = slots[2] == nil and slots[1]
+  if only and op ~= 'u' and not only.p.shadow then
+    local alg = only.p.alg
+    local k, t = alg.earliest(only, only.cost, 0)
+    if k == AT and t == 0 then
+      alg.commit(only, only.charge, 0)
+      save(only)
+      local n = #out
+      out[n + 1] = 3
+      out[n + 2], out[n + 3] = alg.usage(only)
+      return
     end
   end
-
-  if op == 'f' then
-    local latency = tonumber(third)
-    for i, s in ipairs(slots) do
-      if s.settle == 1 then s.m.release(s.charge) save(i)
-      elseif s.settle == 2 and latency > 0 then s.m.debit(0, latency) save(i) end
-    end
-    return { 0 }, n
-  end
-
-  ---------------------------------------------------------------- decide
-  local function report(kind, a, b, c, own)
-    local out = { kind, a, b, c }
-    for i, s in ipairs(slots) do
-      local remaining, reset = s.m.usage(0)
-      local allowed, retry = 0, -1
-      local k, t = own[i][1], own[i][2]
-      if k == AT and t == 0 then allowed = 1 elseif k == AT then retry = t end
-      out[#out + 1] = allowed
-      out[#out + 1] = remaining
-      out[#out + 1] = reset
-      out[#out + 1] = retry
-    end
-    return out
-  end
-
   local own = {}
-  for i, s in ipairs(slots) do own[i] = { s.m.earliest(0, s.cost, 0) } end
+  for i, s in ipairs(slots) do own[2 * i - 1], own[2 * i] = earliest(s, 0) end
+  local base = #out
+  out[base + 1], out[base + 2], out[base + 3], out[base + 4] = 0, 0, 0, 0
 
-  if op == 'u' then return report(0, 0, 0, 0, own), n end
-
-  local may_hold = third == '1'
+  if op == 'u' then return report(out, slots, own) end
+  local may_hold = op == 'h'
 
   for i, s in ipairs(slots) do
-    if own[i][1] == NEVER and not s.shadow then
-      return report(2, i - 1, s.cost, own[i][2], own), n
+    if own[2 * i - 1] == NEVER and not s.p.shadow then
+      out[base + 1], out[base + 2], out[base + 3], out[base + 4] = 2, i - 1, s.cost, own[2 * i]
+      return report(out, slots, own)
     end
   end
 
-  -- The smallest instant at which every enforcing slot admits (core's fixpoint).
-  local function fixpoint()
-    local t = 0
-    for i, s in ipairs(slots) do
-      if not s.shadow then
-        if own[i][1] ~= AT then return 0, true end
-        t = math.max(t, own[i][2])
-      end
-    end
-    if #slots == 1 or t == 0 then return t, false end
-    for _ = 1, 64 do
-      local moved = false
-      for _, s in ipairs(slots) do
-        if not s.shadow then
-          local k, x = s.m.earliest(0, s.cost, t)
-          if k ~= AT then return 0, true end
-          if x > t then t, moved = x, true end
-        end
-      end
-      if not moved then return t, false end
-    end
-    return 0, true
-  end
-
-  -- The earliest arrival that would be admitted, at once or held (core's retry_instant).
-  local function retry_instant(start)
-    local function reservable(x)
-      for _, s in ipairs(slots) do
-        if not s.shadow and not s.m.reservable(x, start) then return false end
-      end
-      return true
-    end
-    local x = 0
-    for _ = 1, 64 do
-      if x >= start then break end
-      local hold, nxt = INF, start
-      for _, s in ipairs(slots) do
-        if not s.shadow then
-          local k, t = s.m.earliest(x, s.cost, x)
-          local h = may_hold and s.hold or 0
-          if k == AT and t == x then
-          elseif k == AT then hold, nxt = math.min(hold, h), math.min(nxt, t)
-          else hold = math.min(hold, h) end
-        end
-      end
-      local within = start - x <= hold
-      if within and reservable(x) then return x end
-      if not within then
-        nxt = math.min(nxt, start - hold)
-      else
-        local lo, hi = x, nxt
-        while hi - lo > 1 do
-          local mid = lo + math.floor((hi - lo) / 2)
-          if reservable(mid) then hi = mid else lo = mid end
-        end
-        nxt = hi
-      end
-      x = math.max(nxt, x + 1)
-    end
-    return start
-  end
-
-  local start, blocked = fixpoint()
+  local start, blocked = fixpoint(slots, own)
   local hold, any = INF, false
   for i, s in ipairs(slots) do
-    if not s.shadow and not (own[i][1] == AT and own[i][2] == 0) then
-      hold, any = math.min(hold, may_hold and s.hold or 0), true
+    if not s.p.shadow and not (own[2 * i - 1] == AT and own[2 * i] == 0) then
+      hold, any = min(hold, may_hold and s.p.hold or 0), true
     end
   end
   if not any then hold = 0 end
   local fits = not blocked and start == 0
   if not blocked and start > 0 and start <= hold then
-    fits = true
-    for _, s in ipairs(slots) do
-      if not s.shadow and not s.m.reservable(0, start) then fits = false end
-    end
+    fits = all_reservable(slots, 0, start)
   end
 
   if not fits then
     local limit, rank = 0, -1
     for i, s in ipairs(slots) do
-      if not s.shadow then
-        local r = own[i][1] == AT and math.max(0, own[i][2]) or INF
+      if not s.p.shadow then
+        local r = own[2 * i - 1] == AT and max(0, own[2 * i]) or INF
         if r > rank then limit, rank = i - 1, r end
       end
     end
     local retry = -1
-    if not blocked then retry = retry_instant(start) end
-    return report(1, limit, retry, 0, own), n
+    if not blocked then retry = retry_instant(slots, may_hold, start) end
+    out[base + 1], out[base + 2], out[base + 3] = 1, limit, retry
+    return report(out, slots, own)
   end
 
-  local out = { 0, start, 0, 0 }
-  for i, s in ipairs(slots) do
+  out[base + 2] = start
+  local all = start == 0
+  for _, s in ipairs(slots) do
+    local alg = s.p.alg
     local allowed, retry = 1, -1
-    if s.shadow then
-      local k, t = s.m.earliest(0, s.cost, start)
-      if k == AT and t == start and s.m.reservable(0, start) then
-        s.m.commit(0, s.charge, start)
+    if s.p.shadow then
+      local k, t = earliest(s, start)
+      if k == AT and t == start and alg.reservable(s, 0, start) then
+        alg.commit(s, s.charge, start)
       elseif k == AT then
         allowed, retry = 0, t
       else
         allowed = 0
       end
     else
-      s.m.commit(0, s.charge, start)
+      alg.commit(s, s.charge, start)
     end
-    save(i)
-    local remaining, reset = s.m.usage(0)
+    save(s)
+    local remaining, reset = alg.usage(s)
     out[#out + 1] = allowed
     out[#out + 1] = remaining
     out[#out + 1] = reset
     out[#out + 1] = retry
+    all = all and allowed == 1
   end
-  return out, n
+  if all then
+    -- the short form: {3, then per slot: remaining, reset}
+    out[base + 1] = 3
+    local n = #slots
+    for i = 1, n do
+      local at = base + 4 + 4 * (i - 1)
+      out[base + 2 * i], out[base + 2 * i + 1] = out[at + 2], out[at + 3]
+    end
+    for i = #out, base + 2 * n + 2, -1 do out[i] = nil end
+  end
 end
 
-local out, keybase = {}, 0
-while pos <= #ARGV do
-  local reply, n = one(keybase)
-  keybase = keybase + n
-  for _, v in ipairs(reply) do out[#out + 1] = v end
+-- Settle a completed request: release concurrency, debit latency.
+local function finish(slots, latency)
+  for _, s in ipairs(slots) do
+    local alg = s.p.alg
+    if alg == CONCURRENCY then alg.release(s, s.charge) save(s)
+    elseif s.p.latency and latency > 0 then alg.debit(s, latency) save(s) end
+  end
 end
-return out
+
+-- A decision's head: op, slot count, and a caller's instant if any.
+local HEADS = {}
+local function head(text)
+  local h = HEADS[text]
+  if h then return h[1], h[2], h[3] end
+  local op, n, sec, ns = match(text, '^(%a)(%d+)@?(%d*):?(%d*)$')
+  if not op then error('tollgate: bad decision head ' .. text) end
+  n = tonumber(n)
+  if sec == '' then
+    HEADS[text] = { op, n }
+    return op, n
+  end
+  return op, n, { tonumber(sec), tonumber(ns) }
+end
+
+-- "cost" or "cost/charge" -> cost, charge
+local function amounts(text)
+  local c = SMALL[text]
+  if c then return c, c end
+  local cost, charge = match(text, '^(%d+)/?(%d*)$')
+  cost = tonumber(cost)
+  if charge == '' then return cost, cost end
+  return cost, tonumber(charge)
+end
+
+local function run(keys, argv)
+  local out, pos, keybase = {}, 1, 0
+  local server_time
+  while argv[pos] do
+    local op, n, caller = head(argv[pos])
+    local latency = 0
+    if op == 'f' then
+      latency = tonumber(argv[pos + 1])
+      pos = pos + 1
+    end
+    pos = pos + 1
+    if caller then
+      nowS, nowN = caller[1], caller[2]
+    else
+      if not server_time then
+        local t = redis.call('TIME')
+        server_time = { tonumber(t[1]), tonumber(t[2]) * 1000 }
+      end
+      nowS, nowN = server_time[1], server_time[2]
+    end
+    local slots = {}
+    for i = 1, n do
+      -- every field a slot gets, named here so the table is sized once
+      local cost, charge = amounts(argv[pos + 1])
+      local s = { key = keys[keybase + i], p = spec(argv[pos]), cost = cost, charge = charge,
+        stored = false, expiry = false, tn = false, tf = false, v = false, w = false }
+      pos = pos + 2
+      load(s)
+      slots[i] = s
+    end
+    keybase = keybase + n
+    if op == 'f' then
+      finish(slots, latency)
+      out[#out + 1] = 0
+    else
+      decide(out, slots, op)
+    end
+  end
+  return out
+end
+
+if redis.register_function then
+  redis.register_function('TOLLGATE_FUNCTION', function(keys, argv)
+    if not floor then bind(true) end
+    return run(keys, argv)
+  end)
+else
+  bind(false)
+  return run(KEYS, ARGV)
+end

@@ -1,12 +1,15 @@
 //! The Redis store: counters shared by every process pointed at one Redis.
 //!
-//! A decision is made by one `EVALSHA` of `decide.lua` (loaded again when
-//! Redis answers NOSCRIPT, e.g. after a restart): all limits of the request
-//! are read, decided all-or-nothing and written in one atomic step on the
-//! server, in one round trip, at Redis's clock. Decisions that queue while
-//! the pool's connections wait for Redis go together in their next call (a
-//! group commit: an idle store sends each decision at once), so a busy
-//! Redis runs one script call for many decisions instead of one each.
+//! A decision is made by one `FCALL` of `decide.lua`, loaded once as a Redis
+//! Function library (`FUNCTION LOAD`, again when Redis answers that the
+//! function is gone, e.g. after a restart without persistence; on a server
+//! without functions, Redis < 7, the same source runs by `EVALSHA`): all
+//! limits of the request are read, decided all-or-nothing and written in one
+//! atomic step on the server, in one round trip, at Redis's clock. Decisions
+//! that queue while the pool's connections wait for Redis go together in
+//! their next call (a group commit: an idle store sends each decision at
+//! once), so a busy Redis runs one call for many decisions instead of one
+//! each.
 //!
 //! Key layout (one string per tracked key, expiring once at rest):
 //! `{prefix}:{namespace}:{limit}:{fingerprint}:{variant}:{key}`, where
@@ -24,17 +27,22 @@ mod denials;
 use denials::Denials;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, OnceCell};
 use tollgate_core::algo::Usage;
 use tollgate_core::calendar::Calendar;
-use tollgate_core::policy::{AlgorithmKind, Mode, Params, Policy, RedisSettings};
+use tollgate_core::policy::{AlgorithmKind, Limit, Mode, Params, Policy, RedisSettings};
 use tollgate_core::units::NANOS_PER_SEC;
 use tollgate_core::{Decision, Item, Nanos, Outcome, Verdict};
 
-const SCRIPT: &str = include_str!("decide.lua");
+const SOURCE: &str = include_str!("decide.lua");
+/// The placeholder in `decide.lua` for the name it registers its function under.
+const FUNCTION_PLACEHOLDER: &str = "TOLLGATE_FUNCTION";
+/// The version of the states `decide.lua` writes, part of every key's
+/// fingerprint: a version that stores them differently uses other keys.
+const STATE_FORMAT: &str = "state 2;";
 /// Doubles are exact below 2^53; instants relative to now stay below 2^52.
 const EXACT: u64 = 1 << 52;
 
@@ -65,6 +73,9 @@ pub struct RedisStore {
     namespace: String,
     /// `{prefix}:{namespace}:{limit}:{fingerprint}:` per limit, then the variant.
     key_prefixes: Vec<String>,
+    /// Per limit, per variant: its spec as the script reads it, or None
+    /// when it depends on now (a calendar with DST) and is built per call.
+    specs: Vec<Vec<Option<Box<[u8]>>>>,
     time: TimeSource,
     /// Denials that hold until a known instant (the async path's).
     denials: Denials,
@@ -74,7 +85,14 @@ struct Conns {
     client: redis::Client,
     url: String,
     settings: RedisSettings,
+    /// The script, for servers without functions.
     script: redis::Script,
+    /// The function library's name, and its function's: one per version of
+    /// `decide.lua`, so processes of two versions sharing a Redis each call
+    /// their own.
+    function: String,
+    /// Set once the server has refused `FUNCTION` (Redis < 7): EVALSHA then.
+    eval_only: AtomicBool,
     /// Per tokio runtime (the gateway runs one per core), the queue of
     /// decisions its pool's connections take their calls from, set once that
     /// pool is connected: a decision is sent and answered on its own thread,
@@ -89,13 +107,42 @@ struct Conns {
 /// call stays well under a millisecond.
 const MOST_PER_CALL: usize = 32;
 
-/// One decision's share of a script call: its keys, its arguments (see
-/// decide.lua's header), and how many integers its reply has.
+/// One decision's share of a script call: its keys, and its arguments (see
+/// decide.lua's header) back to back in one buffer.
 #[derive(Debug, Default)]
 struct Part {
     keys: Vec<String>,
-    args: Vec<String>,
-    reply_len: usize,
+    args: Vec<u8>,
+    /// Where each argument in `args` ends.
+    ends: Vec<usize>,
+    finish: bool,
+}
+
+impl Part {
+    fn push(&mut self, arg: &[u8]) {
+        self.args.extend_from_slice(arg);
+        self.ends.push(self.args.len());
+    }
+
+    fn push_number(&mut self, n: u64) {
+        self.push(itoa::Buffer::new().format(n).as_bytes());
+    }
+
+    /// How many values of a call's reply, from `rest` on, are this part's.
+    fn share(&self, rest: &[i64]) -> usize {
+        match (self.finish, rest.first()) {
+            (true, _) => 1,
+            (false, Some(&SHORT_ADMIT)) => 1 + 2 * self.keys.len(),
+            (false, _) => 4 + 4 * self.keys.len(),
+        }
+    }
+
+    fn args(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts
+            .zip(self.ends.iter().copied())
+            .map(|(from, to)| &self.args[from..to])
+    }
 }
 
 type Sender = mpsc::UnboundedSender<Queued>;
@@ -126,11 +173,15 @@ impl RedisStore {
         let url = redacted(&settings.url);
         let client = redis::Client::open(settings.url.as_str())
             .map_err(|e| RedisError::Config(format!("url '{url}' is not usable: {e}")))?;
+        let script = redis::Script::new(SOURCE);
+        let function = format!("tollgate_{}", &script.get_hash()[..16]);
         let conns = Arc::new(Conns {
             client,
             url,
             settings: settings.clone(),
-            script: redis::Script::new(SCRIPT),
+            script,
+            function,
+            eval_only: AtomicBool::new(false),
             queues: parking_lot::Mutex::default(),
             calls: AtomicU64::new(0),
             blocking: parking_lot::Mutex::new(None),
@@ -165,14 +216,30 @@ impl RedisStore {
                     "{}:{namespace}:{}:{:08x}:",
                     conns.settings.prefix,
                     l.name,
-                    fnv32(&l.fingerprint)
+                    fnv32(&format!("{STATE_FORMAT}{}", l.fingerprint))
                 )
+            })
+            .collect();
+        let specs = policy
+            .limits
+            .iter()
+            .map(|limit| {
+                (limit.variants.iter())
+                    .map(|params| {
+                        (!params_need_now(params)).then(|| {
+                            let mut spec = Vec::new();
+                            write_spec(limit, params, 0, &mut spec);
+                            spec.into_boxed_slice()
+                        })
+                    })
+                    .collect()
             })
             .collect();
         Ok(RedisStore {
             conns,
             namespace: namespace.to_string(),
             key_prefixes,
+            specs,
             time,
             denials: Denials::default(),
         })
@@ -278,7 +345,7 @@ impl RedisStore {
         items: &[Item],
         now: Nanos,
     ) -> Result<Vec<Usage>, RedisError> {
-        let reply = self.run_blocking(self.part(policy, items, now, "0", Op::Usage))?;
+        let reply = self.run_blocking(self.part(policy, items, now, Op::Usage))?;
         let decision = self.decoded(policy, items, &reply)?;
         Ok(decision
             .outcomes
@@ -319,7 +386,7 @@ impl RedisStore {
     }
 
     fn decide_call(&self, policy: &Policy, items: &[Item], now: Nanos, hold: bool) -> Part {
-        self.part(policy, items, now, if hold { "1" } else { "0" }, Op::Decide)
+        self.part(policy, items, now, Op::Decide { hold })
     }
 
     /// The settlement of `committed`, or None if none of its limits settles
@@ -336,8 +403,7 @@ impl RedisStore {
             .filter(|i| policy.limits[i.limit].settles_at_completion())
             .cloned()
             .collect();
-        (!settling.is_empty())
-            .then(|| self.part(policy, &settling, now, &latency_us.to_string(), Op::Finish))
+        (!settling.is_empty()).then(|| self.part(policy, &settling, now, Op::Finish { latency_us }))
     }
 
     fn decoded(
@@ -390,17 +456,15 @@ impl RedisStore {
         let Some(conn) = slot.as_mut() else {
             unreachable!("connected above")
         };
-        let call = self.conns.call(&[&part]);
-        let mut result = call.query::<Vec<i64>>(conn);
-        if result
-            .as_ref()
-            .is_err_and(|e| e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
-        {
+        let mut result = self.conns.call(&[&part]).query::<Vec<i64>>(conn);
+        for _ in 0..2 {
+            let Some(load) = result.as_ref().err().and_then(|e| self.conns.lacking(e)) else {
+                break;
+            };
             result = self
                 .conns
-                .load()
-                .query::<String>(conn)
-                .and_then(|_| call.query(conn));
+                .loaded(load.query(conn))
+                .and_then(|()| self.conns.call(&[&part]).query(conn));
         }
         result.map_err(|e| {
             // A broken or timed-out connection may hold a late reply: start over.
@@ -410,49 +474,45 @@ impl RedisStore {
     }
 
     /// One decision's keys and arguments (decide.lua's header has the layout).
-    fn part(&self, policy: &Policy, items: &[Item], now: Nanos, third: &str, op: Op) -> Part {
-        let time = match self.time {
-            TimeSource::Server => String::new(),
-            TimeSource::Caller => format!("{}:{}", now / NANOS_PER_SEC, now % NANOS_PER_SEC),
-        };
+    fn part(&self, policy: &Policy, items: &[Item], now: Nanos, op: Op) -> Part {
         let mut part = Part {
             keys: Vec::with_capacity(items.len()),
-            args: Vec::with_capacity(4 + 16 * items.len()),
-            reply_len: match op {
-                Op::Finish => 1,
-                Op::Decide | Op::Usage => 4 + 4 * items.len(),
-            },
+            args: Vec::with_capacity(16 + 64 * items.len()),
+            ends: Vec::with_capacity(2 + 2 * items.len()),
+            finish: matches!(op, Op::Finish { .. }),
         };
-        part.args.extend([
-            op.code().to_string(),
-            time,
-            third.to_string(),
-            items.len().to_string(),
-        ]);
-        let mut fields: Vec<String> = Vec::with_capacity(16);
+        let mut head = format!("{}{}", op.code(), items.len());
+        if self.time == TimeSource::Caller {
+            head = format!("{head}@{}:{}", now / NANOS_PER_SEC, now % NANOS_PER_SEC);
+        }
+        part.push(head.as_bytes());
+        if let Op::Finish { latency_us } = op {
+            part.push_number(latency_us);
+        }
+        let mut spec = Vec::new();
         for item in items {
             let limit = &policy.limits[item.limit];
             part.keys.push(format!(
                 "{}{}:{}",
                 self.key_prefixes[item.limit], item.class, item.key
             ));
-            fields.clear();
-            let settle = match op {
-                Op::Finish if limit.algorithm == AlgorithmKind::Concurrency => 1,
-                Op::Finish if limit.is_latency() => 2,
-                _ => 0,
-            };
-            fields.extend([
-                String::new(),
-                item.cost.to_string(),
-                item.charge.to_string(),
-                limit.hold.to_string(),
-                u8::from(limit.mode == Mode::Shadow).to_string(),
-                settle.to_string(),
-            ]);
-            push_params(limit.params(item.class), now, &mut fields);
-            part.args.push(fields.len().to_string());
-            part.args.append(&mut fields);
+            let variant = item.class.min(limit.variants.len() - 1);
+            match &self.specs[item.limit][variant] {
+                Some(fixed) => part.push(fixed),
+                None => {
+                    spec.clear();
+                    write_spec(limit, limit.params(item.class), now, &mut spec);
+                    part.push(&spec);
+                }
+            }
+            if item.charge == item.cost {
+                part.push_number(item.cost);
+            } else {
+                let mut amounts = itoa::Buffer::new().format(item.cost).to_string();
+                amounts.push('/');
+                amounts.push_str(itoa::Buffer::new().format(item.charge));
+                part.push(amounts.as_bytes());
+            }
         }
         part
     }
@@ -492,41 +552,79 @@ impl Conns {
         }
     }
 
-    /// `EVALSHA` of the script over `parts`: every part's keys, then every
-    /// part's arguments.
+    /// One call over `parts`: every part's keys, then every part's
+    /// arguments, to the function (or the script, on a server without
+    /// functions).
     fn call(&self, parts: &[&Part]) -> redis::Cmd {
         self.calls.fetch_add(1, Ordering::Relaxed);
         let keys: usize = parts.iter().map(|p| p.keys.len()).sum();
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash()).arg(keys);
+        let mut cmd = if self.eval_only.load(Ordering::Relaxed) {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(self.script.get_hash());
+            cmd
+        } else {
+            let mut cmd = redis::cmd("FCALL");
+            cmd.arg(&self.function);
+            cmd
+        };
+        cmd.arg(keys);
         for part in parts {
             cmd.arg(&part.keys);
         }
         for part in parts {
-            cmd.arg(&part.args);
+            for arg in part.args() {
+                cmd.arg(arg);
+            }
         }
         cmd
     }
 
-    fn load(&self) -> redis::Cmd {
-        let mut cmd = redis::cmd("SCRIPT");
-        cmd.arg("LOAD").arg(SCRIPT);
-        cmd
+    /// When a call failed because the server lacks our code, the command
+    /// that loads it: the function library, or the script on a server that
+    /// has no functions (Redis < 7, which this switches to EVALSHA for good).
+    fn lacking(&self, e: &redis::RedisError) -> Option<redis::Cmd> {
+        let detail = e.detail().unwrap_or("");
+        let mut cmd;
+        if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+            || detail.starts_with("unknown command")
+        {
+            self.eval_only.store(true, Ordering::Relaxed);
+            cmd = redis::cmd("SCRIPT");
+            cmd.arg("LOAD").arg(SOURCE);
+        } else if detail.starts_with("Function not found") {
+            let library = format!(
+                "#!lua name={}\n{}",
+                self.function,
+                SOURCE.replace(FUNCTION_PLACEHOLDER, &self.function)
+            );
+            cmd = redis::cmd("FUNCTION");
+            cmd.arg("LOAD").arg(library);
+        } else {
+            return None;
+        }
+        Some(cmd)
     }
 
-    /// Make `batch` in one call (loading the script first if Redis lacks
-    /// it) and hand each decision its share of the reply.
+    /// The outcome of a `lacking` load: another process may have loaded the
+    /// same library first, which is as good.
+    fn loaded(&self, result: redis::RedisResult<redis::Value>) -> redis::RedisResult<()> {
+        match result {
+            Err(e) if !e.detail().is_some_and(|d| d.contains("already exists")) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Make `batch` in one call (loading the code first if Redis lacks it)
+    /// and hand each decision its share of the reply.
     async fn make(&self, conn: &mut ConnectionManager, batch: Vec<Queued>) {
         let parts: Vec<&Part> = batch.iter().map(|q| &q.part).collect();
-        let call = self.call(&parts);
-        let expected: usize = parts.iter().map(|p| p.reply_len).sum();
-        let mut result = call.query_async::<Vec<i64>>(conn).await;
-        if result
-            .as_ref()
-            .is_err_and(|e| e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
-        {
-            result = match self.load().query_async::<String>(conn).await {
-                Ok(_) => call.query_async(conn).await,
+        let mut result = self.call(&parts).query_async::<Vec<i64>>(conn).await;
+        for _ in 0..2 {
+            let Some(load) = result.as_ref().err().and_then(|e| self.lacking(e)) else {
+                break;
+            };
+            result = match self.loaded(load.query_async(conn).await) {
+                Ok(()) => self.call(&parts).query_async(conn).await,
                 Err(e) => Err(e),
             };
         }
@@ -535,19 +633,28 @@ impl Conns {
             reason,
         };
         match result {
-            Ok(reply) if reply.len() == expected => {
-                let mut reply = reply.into_iter();
-                answer_all(batch, |part| {
-                    Ok(reply.by_ref().take(part.reply_len).collect())
-                });
-            }
             Ok(reply) => {
-                let reason = format!(
-                    "unexpected reply from the decision script: {} values for {} decisions expecting {expected}",
-                    reply.len(),
-                    batch.len()
-                );
-                answer_all(batch, |_| Err(failed(reason.clone())));
+                let mut at = 0;
+                let shares: Vec<std::ops::Range<usize>> = (parts.iter())
+                    .map(|part| {
+                        let from = at.min(reply.len());
+                        at += part.share(&reply[from..]);
+                        from..at
+                    })
+                    .collect();
+                if at == reply.len() {
+                    let mut shares = shares.into_iter();
+                    answer_all(batch, |_| {
+                        Ok(shares.next().map_or_else(Vec::new, |r| reply[r].to_vec()))
+                    });
+                } else {
+                    let reason = format!(
+                        "unexpected reply from the decision script: {} values for {} decisions expecting {at}",
+                        reply.len(),
+                        batch.len()
+                    );
+                    answer_all(batch, |_| Err(failed(reason.clone())));
+                }
             }
             Err(e) => answer_all(batch, |_| Err(self.unavailable(&e))),
         }
@@ -594,57 +701,75 @@ async fn serve_queue(
 
 #[derive(Debug, Clone, Copy)]
 enum Op {
-    Decide,
+    Decide { hold: bool },
     Usage,
-    Finish,
+    Finish { latency_us: u64 },
 }
 
 impl Op {
     fn code(self) -> &'static str {
         match self {
-            Op::Decide => "d",
+            Op::Decide { hold: false } => "d",
+            Op::Decide { hold: true } => "h",
             Op::Usage => "u",
-            Op::Finish => "f",
+            Op::Finish { .. } => "f",
         }
     }
 }
 
-/// The algorithm's code and parameters, as the script reads them (see its header).
-/// `fields[0]` is a placeholder the algorithm code replaces.
-fn push_params(params: &Params, now: Nanos, fields: &mut Vec<String>) {
+/// Whether a limit's spec depends on now: a calendar with DST carries the
+/// window boundaries around now.
+fn params_need_now(params: &Params) -> bool {
+    match params {
+        Params::FixedWindow(p) => p.calendar.fixed_offset().is_none(),
+        Params::Tiered(p) => p.tiers.iter().any(|t| t.calendar.fixed_offset().is_none()),
+        Params::Gcra(_) | Params::SlidingWindow(_) | Params::Concurrency(_) => false,
+    }
+}
+
+/// A limit's spec as the script reads it (see its header): algorithm, hold,
+/// shadow, latency, then the algorithm's parameters, comma-separated.
+fn write_spec(limit: &Limit, params: &Params, now: Nanos, out: &mut Vec<u8>) {
+    let code = match params {
+        Params::Gcra(_) => "g",
+        Params::FixedWindow(_) => "f",
+        Params::SlidingWindow(_) => "s",
+        Params::Tiered(_) => "t",
+        Params::Concurrency(_) => "c",
+    };
+    let mut fields = vec![
+        code.to_string(),
+        limit.hold.to_string(),
+        u8::from(limit.mode == Mode::Shadow).to_string(),
+        u8::from(limit.is_latency()).to_string(),
+    ];
     match params {
         Params::Gcra(p) => {
             let (whole, rem, tau) = p.exact_parts();
-            fields[0] = "g".into();
             fields.extend(
                 [p.capacity, p.amount, p.period, whole, rem, tau.ns, tau.frac]
                     .map(|n| n.to_string()),
             );
         }
         Params::FixedWindow(p) => {
-            fields[0] = "f".into();
             fields.push(p.quota.to_string());
-            push_calendar(&p.calendar, now, fields);
+            push_calendar(&p.calendar, now, &mut fields);
         }
         Params::SlidingWindow(p) => {
-            fields[0] = "s".into();
             fields.extend(
                 [p.quota, p.every, p.segment, u64::from(p.segments)].map(|n| n.to_string()),
             );
         }
         Params::Tiered(p) => {
-            fields[0] = "t".into();
             fields.push(p.tiers.len().to_string());
             for tier in &p.tiers {
                 fields.push(tier.quota.to_string());
-                push_calendar(&tier.calendar, now, fields);
+                push_calendar(&tier.calendar, now, &mut fields);
             }
         }
-        Params::Concurrency(p) => {
-            fields[0] = "c".into();
-            fields.push(p.max.to_string());
-        }
+        Params::Concurrency(p) => fields.push(p.max.to_string()),
     }
+    out.extend_from_slice(fields.join(",").as_bytes());
 }
 
 /// "F every offset" for fixed zones; "N every count boundaries.." for zones
@@ -679,11 +804,35 @@ fn push_calendar(calendar: &Calendar, now: Nanos, fields: &mut Vec<String>) {
     }
 }
 
+/// The reply's kind for an admission at once by every limit, in its short
+/// form: then per limit only remaining and reset.
+const SHORT_ADMIT: i64 = 3;
+
 fn decode(policy: &Policy, items: &[Item], reply: &[i64]) -> Result<Decision, String> {
+    let ns = |v: i64| u64::try_from(v).unwrap_or(0);
+    if reply.first() == Some(&SHORT_ADMIT) {
+        if reply.len() != 1 + 2 * items.len() {
+            return Err(format!("{} values for {} limits", reply.len(), items.len()));
+        }
+        let outcomes = items
+            .iter()
+            .zip(reply[1..].chunks_exact(2))
+            .map(|(item, o)| Outcome {
+                allowed: true,
+                remaining: ns(o[0]),
+                reset: ns(o[1]),
+                retry_after: None,
+                shadow: policy.limits[item.limit].mode == Mode::Shadow,
+            })
+            .collect();
+        return Ok(Decision {
+            verdict: Verdict::Admit { delay: 0 },
+            outcomes,
+        });
+    }
     if reply.len() != 4 + 4 * items.len() {
         return Err(format!("{} values for {} limits", reply.len(), items.len()));
     }
-    let ns = |v: i64| u64::try_from(v).unwrap_or(0);
     let slot = |v: i64| usize::try_from(v).ok().filter(|&i| i < items.len());
     let verdict = match reply[0] {
         0 => Verdict::Admit {

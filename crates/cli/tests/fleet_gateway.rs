@@ -201,16 +201,28 @@ fn open_and_local_limits_keep_serving_while_redis_is_down() {
     );
 
     // Back: requests admitted in the meantime are 200s either way, so
-    // watch the store come up, then see the shared limit bind again.
+    // watch the store come up, then see the shared limit bind again. Each
+    // pooled connection (per worker) fails its first call after the
+    // restart, and that decision follows `fail`: wait until eight requests
+    // in a row were decided in Redis (the fallback counter stands still).
     redis.restart();
-    for _ in 0..100 {
+    let fallbacks = || metric(&gateway.admin, "tollgate_store_fail_total{mode=\"open\"} ");
+    let mut in_redis = 0;
+    for _ in 0..200 {
+        let before = fallbacks();
         http(&gateway.proxy, "/v1/jobs", &[("x-tenant-id", "new")]);
-        if metric(&gateway.admin, "tollgate_store_up ") == 1.0 {
+        let up = metric(&gateway.admin, "tollgate_store_up ") == 1.0;
+        in_redis = if up && fallbacks() == before {
+            in_redis + 1
+        } else {
+            0
+        };
+        if in_redis == 8 {
             break;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(metric(&gateway.admin, "tollgate_store_up "), 1.0);
+    assert_eq!(in_redis, 8, "the gateway decides in Redis again");
     // Redis restarted empty; global (2) binds again in Redis.
     let after: Vec<u16> = (0..3)
         .map(|_| http(&gateway.proxy, "/v1/jobs", &[("x-tenant-id", "later")]).0)

@@ -21,7 +21,7 @@
 -- written at, every instant after it in ns from B (so it stays small and
 -- exact, and costs no "S:N" parsing):
 --   g  B|tat|tat_frac
---   f  B|start|used[|start|used]         (the current window and a reserved next)
+--   f  no state of its own: a counter per window under "KEY|START" (see FIXED)
 --   t  B then per tier: start|used|start|used (used 0: nothing)
 --   s  B|head_start|count,count,..       (newest segment first)
 --   c  n                                  (in flight)
@@ -292,31 +292,51 @@ local function parse_calendar(f, i)
   return { every = every, bounds = bounds }, i + 3 + count
 end
 
+-- A fixed window keeps one counter per window instead of a state: the key
+-- "KEY|START" (START the window's start, whole seconds or "S.N"), an integer
+-- that INCRBY adds to and that expires a second after its window ends. The
+-- counters a decision reads are cached in `s.counts` by relative start, and
+-- its commits gathered in `s.adds` until `persist`. Only the current window
+-- and a reserved next one are ever counted (as core's TwoWindows).
 local FIXED = { release = nothing }
 function FIXED.parse(f, i)
   return { quota = tonumber(f[i]), cal = (parse_calendar(f, i + 1)) }
 end
-function FIXED.load(s, a)
+function FIXED.load(s)
   s.v = view(s.p.cal)
-  local w = two_new()
-  if a then
-    local shift = since(a[1])
-    two_set(w, 1, shift, a[2], a[3])
-    if a[5] then two_set(w, 3, shift, a[4], a[5]) end
-  end
-  s.w = w
 end
-function FIXED.rest(s)
-  local cal, v, w = s.p.cal, s.v, s.w
-  if two_rest(w, win_start(cal, v, 0)) then return nil end
-  return two_busy_until(w, cal, v)
+-- The counter's key of the window starting at relative `st` (the spec keeps
+-- the last start's text: a window's start is formatted once).
+local function fw_key(s, st)
+  local total = nowN + st
+  local sec = floor(total / BIL)
+  local S, N = nowS + sec, total - sec * BIL
+  local cal = s.p.cal
+  if cal.kS ~= S or cal.kN ~= N then
+    cal.kS, cal.kN = S, N
+    cal.kid = N == 0 and format('%d', S) or format('%d.%09d', S, N)
+  end
+  return s.key .. '|' .. cal.kid
+end
+local function fw_used(s, st)
+  local counts = s.counts
+  if not counts then
+    counts = {}
+    s.counts = counts
+  end
+  local c = counts[st]
+  if c then return c end
+  local v = redis.call('GET', fw_key(s, st))
+  c = v and (SMALL[v] or tonumber(v)) or 0
+  counts[st] = c
+  return c
 end
 function FIXED.earliest(s, cost, from)
-  local quota, cal, v, w = s.p.quota, s.p.cal, s.v, s.w
+  local quota, cal, v = s.p.quota, s.p.cal, s.v
   if cost > quota then return NEVER, quota end
   local st, e = win(cal, v, from)
   for _ = 1, 3 do
-    if two_used(w, st) + cost <= quota then return AT, max(from, st) end
+    if fw_used(s, st) + cost <= quota then return AT, max(from, st) end
     st, e = win(cal, v, e)
   end
   return AT, st
@@ -327,23 +347,49 @@ function FIXED.reservable(s, x, at)
   return at < e2
 end
 function FIXED.commit(s, cost, at)
-  local cal, v = s.p.cal, s.v
-  two_add(s.w, win_start(cal, v, at), win_start(cal, v, 0), cost)
+  local st = win_start(s.p.cal, s.v, at)
+  s.counts[st] = fw_used(s, st) + cost -- fw_used made s.counts
+  local adds = s.adds or {}
+  adds[st] = (adds[st] or 0) + cost
+  s.adds = adds
 end
-function FIXED.debit(s, amount)
-  local current = win_start(s.p.cal, s.v, 0)
-  two_add(s.w, current, current, amount)
-end
+function FIXED.debit(s, amount) FIXED.commit(s, amount, 0) end
 function FIXED.usage(s)
   local st, e = win(s.p.cal, s.v, 0)
-  local used = two_used(s.w, st)
+  local used = fw_used(s, st)
   return max(0, s.p.quota - used), used == 0 and 0 or e
 end
-function FIXED.save(s)
-  if two_rest(s.w, win_start(s.p.cal, s.v, 0)) then return nil end
-  local a = { nowS }
-  two_put(a, 2, s.w, false)
-  return a
+-- A new counter gets its TTL: its window's end plus a second.
+local function fw_add(s, st, amount)
+  local key = fw_key(s, st)
+  local used = redis.call('INCRBY', key, amount)
+  if used == amount then
+    local _, e = win(s.p.cal, s.v, st)
+    redis.call('PEXPIRE', key, ceil(e / 1000000) + 1000)
+  end
+  return used
+end
+function FIXED.persist(s)
+  if not s.adds then return end
+  for st, amount in pairs(s.adds) do
+    if amount > 0 then fw_add(s, st, amount) end
+  end
+end
+-- An admission at once in one INCRBY: true if it was (its reply in `out`);
+-- else nothing has changed and the count is cached for the general path.
+function FIXED.fast(s, out)
+  local cost, quota = s.cost, s.p.quota
+  if cost ~= s.charge or cost <= 0 or cost > quota then return false end
+  local st, e = win(s.p.cal, s.v, 0)
+  local used = fw_add(s, st, cost)
+  if used > quota then
+    -- used - cost > quota - cost >= 0: the counter stays, without this
+    s.counts = { [st] = redis.call('DECRBY', fw_key(s, st), cost) }
+    return false
+  end
+  local n = #out
+  out[n + 1], out[n + 2], out[n + 3] = 3, quota - used, e
+  return true
 end
 
 local SLIDING = { release = nothing }
@@ -621,6 +667,7 @@ end
 -- (kept when the expiry second has not moved since the load, see `load`).
 local function save(s)
   local alg = s.p.alg
+  if alg.persist then return alg.persist(s) end
   local a = alg.save(s)
   if not a then
     if s.stored then redis.call('DEL', s.key) end
@@ -644,8 +691,9 @@ end
 -- A slot's state from its key; `expiry` is the second its TTL was set for
 -- (every write keeps TTL >= the second after the state's rest instant).
 local function load(s)
-  local text = redis.call('GET', s.key)
   local alg = s.p.alg
+  if alg.persist then return alg.load(s) end
+  local text = redis.call('GET', s.key)
   if text then
     s.stored = true
     alg.load(s, decode(text))
@@ -742,6 +790,13 @@ local function decide(out, slots, op)
   -- The common case, one enforcing limit with room now, needs none of the
   -- combination below (core's admit_single_now).
   local only = slots[2] == nil and slots[1]
+  if only and op ~= 'u' and not only.p.shadow then
+    local alg = only.p.alg
+    if alg.fast then
+      if alg.fast(only, out) then return end
+      only = false
+    end
+  end
   if only and op ~= 'u' and not only.p.shadow then
     local alg = only.p.alg
     local k, t = alg.earliest(only, only.cost, 0)
@@ -867,6 +922,21 @@ local function amounts(text)
   return cost, tonumber(charge)
 end
 
+-- Slot tables, reused from decision to decision (a table costs more than
+-- the rest of a simple decision): every field a slot gets is named here, so
+-- each is sized once; `run` resets the fields an algorithm's load does not.
+local POOL, SLOTS, slots_n = {}, {}, 0
+local function slot(i)
+  local s = POOL[i]
+  if not s then
+    s = { key = false, p = false, cost = 0, charge = 0, stored = false, expiry = false,
+      tn = false, tf = false, v = false, w = false, counts = false, adds = false,
+      mod = false, head = false, c = false, n = false }
+    POOL[i] = s
+  end
+  return s
+end
+
 local function run(keys, argv)
   local out, pos, keybase = {}, 1, 0
   local server_time
@@ -887,12 +957,14 @@ local function run(keys, argv)
       end
       nowS, nowN = server_time[1], server_time[2]
     end
-    local slots = {}
+    local slots = SLOTS
+    for i = n + 1, slots_n do slots[i] = nil end
+    slots_n = n
     for i = 1, n do
-      -- every field a slot gets, named here so the table is sized once
-      local cost, charge = amounts(argv[pos + 1])
-      local s = { key = keys[keybase + i], p = spec(argv[pos]), cost = cost, charge = charge,
-        stored = false, expiry = false, tn = false, tf = false, v = false, w = false }
+      local s = slot(i)
+      s.key, s.p = keys[keybase + i], spec(argv[pos])
+      s.cost, s.charge = amounts(argv[pos + 1])
+      s.stored, s.expiry, s.counts, s.adds = false, false, false, false
       pos = pos + 2
       load(s)
       slots[i] = s

@@ -12,8 +12,8 @@
 #      (token bucket + fixed window + tiered), one at a time and 16 in
 #      flight. CONFIG RESETSTAT before, INFO commandstats after, MONITOR
 #      during (it tells the commands clients sent from those decide.lua ran
-#      inside Redis): one at a time, exactly 1 EVALSHA per decision; 16 in
-#      flight, decisions queued together share one EVALSHA (the client's
+#      inside Redis): one at a time, exactly 1 FCALL per decision; 16 in
+#      flight, decisions queued together share one FCALL (the client's
 #      count of calls equals Redis's, at most one per decision); nothing
 #      else from the client. The script stops here, failing, if that does
 #      not hold.
@@ -34,10 +34,11 @@
 #      same config with [store] memory and with [store] kind = "redis", the
 #      same load (oha -c $GW_CONNS -z ${GW_DUR}s, one tenant): never-deny, and
 #      most denied (capacity 100, refill 1000/s). redis/memory req/s    >= 0.5x
-#      The Redis runs count EVALSHA per request; if the gateway did not
+#      The Redis runs count FCALL per request; if the gateway did not
 #      decide on Redis (not wired yet) the case is reported as PENDING.
-#   PROFILE=auto (default) runs bench/redis/profile/script_cost.sh when a/b
-#   misses 0.8x: where decide.lua's server time goes (PROFILE=1 always, 0 never).
+#   PROFILE=auto (default) runs bench/redis/profile/instructions.sh when a/b
+#   misses 0.8x: redis-server's instructions per decision of decide.lua,
+#   counted exactly by callgrind (PROFILE=1 always, 0 never).
 #
 # Nothing is pinned: redis-server, the client (2 tokio workers), the gateway
 # and oha share the 2 cores. Everything listens on 127.0.0.1; every process
@@ -152,7 +153,7 @@ roundtrips() { # roundtrips LABEL POLICY IN_FLIGHT
   if ! $STATS roundtrips "$work/stats.$label" "$work/monitor.$label" "$(kv "$work/rt.$label" decisions)" "$(kv "$work/rt.$label" calls)" > "$work/rt-report.$label"; then
     cat "$work/rt-report.$label" >&2
     log ""
-    log "FAILED: a decision with $label did not take exactly one Redis round trip (one EVALSHA)."
+    log "FAILED: a decision with $label did not take exactly one Redis round trip (one FCALL)."
     exit 1
   fi
   if [ "$3" = 1 ] && [ "$(kv "$work/rt.$label" calls)" != "$(kv "$work/rt.$label" decisions)" ]; then
@@ -232,7 +233,7 @@ capacity = $2
 refill = "$3"
 EOF
 }
-# gateway_run NAME STORE CAPACITY REFILL: sets GW_RPS GW_2XX GW_429 GW_ALL GW_EVALSHA GW_ERR
+# gateway_run NAME STORE CAPACITY REFILL: sets GW_RPS GW_2XX GW_429 GW_ALL GW_FCALL GW_ERR
 gateway_run() {
   local name=$1 store=$2 cfg="$work/gw-$1.toml" gw
   gateway_config "$store" "$3" "$4" > "$cfg"
@@ -266,8 +267,8 @@ ok = sum(v for k, v in codes.items() if k.startswith("2"))
 print(round(d["summary"]["requestsPerSec"]), ok, codes.get("429", 0), sum(codes.values()))
 PY
 )
-  GW_EVALSHA=$(awk -F'[=,]' '/^cmdstat_evalsha:/ { print $2 }' "$work/gw-$name.stats"); GW_EVALSHA=${GW_EVALSHA:-0}
-  GW_EVALSHA_US=$(awk -F'[=,]' '/^cmdstat_evalsha:/ { print $6 }' "$work/gw-$name.stats"); GW_EVALSHA_US=${GW_EVALSHA_US:-0}
+  GW_FCALL=$(awk -F'[=,]' '/^cmdstat_fcall:/ { print $2 }' "$work/gw-$name.stats"); GW_FCALL=${GW_FCALL:-0}
+  GW_FCALL_US=$(awk -F'[=,]' '/^cmdstat_fcall:/ { print $6 }' "$work/gw-$name.stats"); GW_FCALL_US=${GW_FCALL_US:-0}
   if grep -Eqi "panic|error" "$work/gw-$name.log"; then
     log "  $name: tollgate's stderr had errors: $(grep -Ei 'panic|error' "$work/gw-$name.log" | sort | uniq -c | head -3 | tr '\n' ' ')"
   fi
@@ -287,12 +288,12 @@ if [ "$GATEWAY_BUILT" = 1 ]; then
       fi
       note=""
       if [ "$store" = redis ]; then
-        note=", requests per EVALSHA $(python3 -c "import sys; print(f'{int(sys.argv[2]) / max(int(sys.argv[1]), 1):.1f}')" "$GW_EVALSHA" "$GW_ALL") at $GW_EVALSHA_US us each, redis-server cpu $GW_REDIS_CPU%"
-        R[gw_${load}_evalsha_us]=$GW_EVALSHA_US; R[gw_${load}_redis_cpu]=$GW_REDIS_CPU
-        # The gateway on Redis sends an EVALSHA per decision, or one for
+        note=", requests per FCALL $(python3 -c "import sys; print(f'{int(sys.argv[2]) / max(int(sys.argv[1]), 1):.1f}')" "$GW_FCALL" "$GW_ALL") at $GW_FCALL_US us each, redis-server cpu $GW_REDIS_CPU%"
+        R[gw_${load}_fcall_us]=$GW_FCALL_US; R[gw_${load}_redis_cpu]=$GW_REDIS_CPU
+        # The gateway on Redis sends an FCALL per decision, or one for
         # several queued together; none means it decided in memory.
-        if [ "$GW_EVALSHA" = 0 ]; then
-          R[gw_${load}_redis_pending]="$GW_EVALSHA EVALSHA for $GW_ALL requests: the gateway did not decide on Redis"
+        if [ "$GW_FCALL" = 0 ]; then
+          R[gw_${load}_redis_pending]="$GW_FCALL FCALL for $GW_ALL requests: the gateway did not decide on Redis"
         fi
       fi
       log "  $load, $store: $GW_RPS req/s, 2xx $GW_2XX, 429 $GW_429 of $GW_ALL$note"
@@ -309,8 +310,8 @@ case $PROFILE in
 esac
 if [ $run_profile = 1 ]; then
   log ""
-  log "== profile: decide.lua's server time, cut short at successive points (bench/redis/profile/script_cost.sh)"
-  REPS=3 bench/redis/profile/script_cost.sh "$REDIS_PORT" > "$work/profile.txt"
+  log "== profile: redis-server's instructions per decision, counted by callgrind (bench/redis/profile/instructions.sh)"
+  bench/redis/profile/instructions.sh > "$work/profile.txt"
   log "  (printed with the summary)"
 fi
 
@@ -329,15 +330,15 @@ r = dict(line.rstrip("\n").split("=", 1) for line in open(sys.argv[1]))
 def verdict(ok): return "PASS" if ok else "MISS"
 def rt(key):
     d = dict(p.split("=") for p in r[key].split())
-    return float(d["evalsha_per_decision"]), int(d["client_other"]), float(d["inner_per_decision"])
+    return float(d["fcall_per_decision"]), int(d["client_other"]), float(d["inner_per_decision"])
 rows = []
 for label, name in (("1 limit", "one"), ("3 limits", "three")):
     e, o, inner = rt(f"rt_{name}")
     rows.append((f"round trips per decision, {label}, one at a time ({int(r['decisions']):,} decisions)",
-                 f"{e:.2f} EVALSHA, {o} other", "", "", "1 EVALSHA, 0 other", verdict(e == 1.0 and o == 0)))
+                 f"{e:.2f} FCALL, {o} other", "", "", "1 FCALL, 0 other", verdict(e == 1.0 and o == 0)))
     e, o, inner = rt(f"rt_{name}16")
     rows.append((f"round trips per decision, {label}, 16 in flight (queued ones share a call)",
-                 f"{e:.2f} EVALSHA, {o} other", "", "", "<= 1 EVALSHA, 0 other", verdict(e <= 1.0 and o == 0)))
+                 f"{e:.2f} FCALL, {o} other", "", "", "<= 1 FCALL, 0 other", verdict(e <= 1.0 and o == 0)))
 t1, env, t3 = float(r["tollgate1_rate"]), float(r["envoy_rate"]), float(r["tollgate3_rate"])
 rows.append((f"store decisions/s, 1 fixed window, {r['conc']} in flight", f"{t1:,.0f}", f"{env:,.0f}",
              f"{t1 / env:.2f}x", ">= 0.8x", verdict(t1 / env >= 0.8)))
@@ -374,8 +375,8 @@ for row in rows:
     print("  ".join(c.ljust(w[i]) if i in (0, 4, 5) else c.rjust(w[i]) for i, c in enumerate(row)).rstrip())
 print()
 for load in ("allow", "deny"):
-    if r.get(f"gw_{load}_evalsha_us"):
-        print(f"gateway {load} on Redis: {r[f'gw_{load}_evalsha_us']} us of Redis time per EVALSHA, redis-server cpu {r[f'gw_{load}_redis_cpu']}%")
+    if r.get(f"gw_{load}_fcall_us"):
+        print(f"gateway {load} on Redis: {r[f'gw_{load}_fcall_us']} us of Redis time per FCALL, redis-server cpu {r[f'gw_{load}_redis_cpu']}%")
 print(f"other processes took at most {r['foreign_max']}% of a core during a measured run")
 print(f"store runs: best of {r['rounds']} x {r['secs']} s; gateway runs: oha -c {r['gw_conns']} -z {r['gw_dur']}s after a 2 s warm-up")
 print(f"Redis per decision: tollgate 1 limit {r['tollgate1_server']}; 3 limits {r['tollgate3_server']} "

@@ -107,11 +107,15 @@ pub struct RedisEngine {
 
 /// The test server, one connection, a generous timeout, keys under `prefix`.
 fn redis_settings(prefix: String) -> RedisSettings {
+    redis_settings_at(prefix, tollgate_testkit::redis_url())
+}
+
+fn redis_settings_at(prefix: String, url: String) -> RedisSettings {
     RedisSettings {
         prefix,
         timeout: 5 * SEC,
         pool: 1,
-        ..RedisSettings::new(tollgate_testkit::redis_url())
+        ..RedisSettings::new(url)
     }
 }
 
@@ -119,6 +123,17 @@ fn redis_conn() -> redis::Connection {
     redis::Client::open(tollgate_testkit::redis_url())
         .and_then(|c| c.get_connection())
         .expect("the test redis-server answers")
+}
+
+impl RedisEngine {
+    /// The engine on the Redis server at `url`.
+    fn open_at(mut policy: Policy, url: &str) -> Self {
+        let prefix = tollgate_testkit::unique_prefix("conformance");
+        policy.store.redis = Some(redis_settings_at(prefix.clone(), url.to_string()));
+        let engine = Engine::open_with(policy, "conformance", TimeSource::Caller)
+            .expect("a policy the Redis store can run");
+        RedisEngine { engine, prefix }
+    }
 }
 
 impl Backend for RedisEngine {
@@ -803,6 +818,33 @@ fn max_keys_bounds_memory_and_never_changes_a_decision<B: Backend>() {
 /// Redis store must get the same decisions, outcome for outcome.
 #[test]
 fn redis_decides_exactly_as_memory_under_random_traffic() {
+    differential(&tollgate_testkit::redis_url());
+}
+
+/// The same on a server without Redis Functions (as Redis 6): the store
+/// falls back to running decide.lua by EVALSHA, and decides the same.
+#[test]
+fn redis_without_functions_decides_by_script_exactly_as_memory() {
+    let server = tollgate_testkit::RedisServer::start_without_functions();
+    differential(&server.url());
+    let scripts: Vec<String> = redis::cmd("SCRIPT")
+        .arg("EXISTS")
+        .arg(redis::Script::new(DECIDE_LUA).get_hash())
+        .query::<Vec<i64>>(
+            &mut redis::Client::open(server.url())
+                .and_then(|c| c.get_connection())
+                .expect("the scripts-only server answers"),
+        )
+        .expect("SCRIPT EXISTS")
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(scripts, ["1"], "decide.lua was loaded as a script");
+}
+
+const DECIDE_LUA: &str = include_str!("../src/redis/decide.lua");
+
+fn differential(url: &str) {
     let policies = [
         bucket("token_bucket", "hold = \"2s\"\ncost = { header = \"x-cost\" }"),
         "[[limit]]\nname = \"odd\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"token_bucket\"\ncapacity = 7\nrefill = \"3/10s\"\ncost = { header = \"x-cost\" }\n".to_string(),
@@ -820,7 +862,7 @@ fn redis_decides_exactly_as_memory_under_random_traffic() {
     };
     for text in &policies {
         let memory: Engine = open(text);
-        let shared: RedisEngine = open(text);
+        let shared = RedisEngine::open_at(parse(text, &NoProfiles).expect("a valid policy"), url);
         let mut now = T0 + 3 * HOUR + 17;
         let mut open_requests: Vec<(Checked, Checked)> = Vec::new();
         let (mut held, mut refused) = (0, 0);

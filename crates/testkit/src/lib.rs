@@ -26,6 +26,9 @@ pub struct RedisServer {
     /// Append-only file, fsynced on every write: a killed server restarts
     /// with everything it acknowledged.
     persistent: bool,
+    /// FUNCTION and FCALL renamed away: a server as Redis 6 was, with
+    /// scripts only.
+    scripts_only: bool,
 }
 
 impl RedisServer {
@@ -45,6 +48,15 @@ impl RedisServer {
         Self::launch(None, true)
     }
 
+    /// Start a server without Redis Functions (`FUNCTION` and `FCALL`
+    /// disabled, as on Redis < 7): clients must fall back to scripts.
+    pub fn start_without_functions() -> RedisServer {
+        let mut server = Self::launch(None, false);
+        server.scripts_only = true;
+        server.restart();
+        server
+    }
+
     fn launch(password: Option<&str>, persistent: bool) -> RedisServer {
         let port = free_port();
         let dir =
@@ -56,6 +68,7 @@ impl RedisServer {
             child: None,
             password: password.map(str::to_owned),
             persistent,
+            scripts_only: false,
         };
         server.restart();
         server
@@ -95,6 +108,16 @@ impl RedisServer {
             .stderr(Stdio::null());
         if let Some(p) = &self.password {
             cmd.args(["--requirepass", p]);
+        }
+        if self.scripts_only {
+            cmd.args([
+                "--rename-command",
+                "FCALL",
+                "",
+                "--rename-command",
+                "FUNCTION",
+                "",
+            ]);
         }
         let mut child = cmd.spawn().unwrap_or_else(|e| {
             panic!(

@@ -10,7 +10,7 @@
 //! ```
 //!
 //! `tollgate` plans each request (`Policy::plan` over a tenant header) and
-//! decides it with `RedisStore::decide`: one EVALSHA of `decide.lua` over
+//! decides it with `RedisStore::decide`: one FCALL of `decide.lua` over
 //! every limit of the request, at Redis's clock (decisions queued while the
 //! store's connections were busy share a call; `calls=` in the result line
 //! counts the calls). `envoy` does what envoy's

@@ -11,12 +11,14 @@
 //! once), so a busy Redis runs one call for many decisions instead of one
 //! each.
 //!
-//! Key layout (one string per tracked key, expiring once at rest):
+//! Key layout (one string per tracked key, expiring once at rest; a fixed
+//! window keeps a counter per window under that name plus `|START`):
 //! `{prefix}:{namespace}:{limit}:{fingerprint}:{variant}:{key}`, where
 //! `namespace` separates the faces and upstreams sharing one Redis
 //! ("gateway", "upstream:NAME"), `fingerprint` (8 hex digits) changes with
-//! the limit's definition, so an edited limit starts from fresh counters as a
-//! reload does in memory, and `variant` is the class or override index.
+//! the limit's definition (and the script's state format), so an edited
+//! limit starts from fresh counters as a reload does in memory, and
+//! `variant` is the class or override index.
 //!
 //! Precision: the script computes in Lua's doubles, exact below 2^53; every
 //! instant in it is relative to now, so limits must keep their state within

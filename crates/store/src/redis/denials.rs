@@ -17,11 +17,8 @@
 //! The same holds for a request that arrives while an identical one is on
 //! its way to Redis: it waits for that one's answer (`Ask::Join`), and if it
 //! was a denial that still holds, it is denied too, without a call of its
-//! own; otherwise it asks again, and at most once more it may wait for
-//! another. A client hammering a spent limit then costs about two calls per
-//! retry instant, not one per request. Only requests whose remembered denial
-//! lapsed lately (within its own length, at most a second) wait so: a limit
-//! with room is asked without waiting for anyone.
+//! own; otherwise it asks Redis itself. A client hammering a spent limit
+//! then costs about one call per retry instant, not one per request.
 
 use super::RedisError;
 use parking_lot::Mutex;
@@ -70,20 +67,6 @@ pub(super) struct Flight<'a> {
     key: Option<u64>,
 }
 
-/// A remembered denial as seen at some instant (returned, never stored:
-/// boxing the decision would cost an allocation per remembered answer).
-#[allow(clippy::large_enum_variant)]
-enum Lookup {
-    Holds(Decision),
-    /// It lapsed lately: identical requests are likely denied again soon.
-    Lapsed,
-    Nothing,
-}
-
-/// How long after its retry instant a denial still makes identical
-/// requests wait for one another (also at most its own length).
-const LAPSED: Nanos = 1_000_000_000;
-
 #[derive(Debug)]
 struct Denied {
     items: Vec<Item>,
@@ -97,26 +80,19 @@ struct Denied {
 
 impl Denials {
     /// The remembered denial of this request, or else whether to wait for an
-    /// identical one on its way to Redis, or to ask Redis: as the one others
-    /// will wait for when its denial lapsed lately, `may_join` and not
-    /// `releases` (see `note`).
-    pub(super) fn ask(
-        &self,
-        items: &[Item],
-        hold: bool,
-        now: Nanos,
-        releases: bool,
-        may_join: bool,
-    ) -> Ask<'_> {
+    /// identical one on its way to Redis, or to ask Redis (as the one others
+    /// will wait for, unless `releases`: see `note`).
+    pub(super) fn ask(&self, items: &[Item], hold: bool, now: Nanos, releases: bool) -> Ask<'_> {
         let key = fingerprint(items, hold);
+        if let Some(denied) = self.remembered(key, items, hold, now) {
+            return Ask::Denied(denied);
+        }
         let mut flight = Flight {
             denials: self,
             key: None,
         };
-        match self.remembered(key, items, hold, now) {
-            Lookup::Holds(denied) => return Ask::Denied(denied),
-            Lookup::Lapsed if may_join && !releases => {}
-            Lookup::Lapsed | Lookup::Nothing => return Ask::Lead(flight),
+        if releases {
+            return Ask::Lead(flight);
         }
         let mut in_flight = self.in_flight.lock();
         match in_flight.get_mut(&key) {
@@ -141,27 +117,22 @@ impl Denials {
         }
     }
 
-    fn remembered(&self, key: u64, items: &[Item], hold: bool, now: Nanos) -> Lookup {
+    /// The denial of this request if one is remembered and still holds at
+    /// `now`, its waits shortened by the time since.
+    pub(super) fn get(&self, items: &[Item], hold: bool, now: Nanos) -> Option<Decision> {
+        self.remembered(fingerprint(items, hold), items, hold, now)
+    }
+
+    fn remembered(&self, key: u64, items: &[Item], hold: bool, now: Nanos) -> Option<Decision> {
         let mut remembered = self.remembered.lock();
-        let Some(denied) = remembered.get(&key) else {
-            return Lookup::Nothing;
-        };
+        let denied = remembered.get(&key)?;
         if denied.items != items || denied.hold != hold {
-            return Lookup::Nothing;
+            return None;
         }
         // A clock that went back cannot say how long is left: ask Redis.
-        if now < denied.at {
+        if now >= denied.until || now < denied.at {
             remembered.remove(&key);
-            return Lookup::Nothing;
-        }
-        if now >= denied.until {
-            let lately = (denied.until - denied.at).min(LAPSED);
-            return if now - denied.until < lately {
-                Lookup::Lapsed
-            } else {
-                remembered.remove(&key);
-                Lookup::Nothing
-            };
+            return None;
         }
         let elapsed = now - denied.at;
         let mut decision = denied.decision.clone();
@@ -172,7 +143,7 @@ impl Denials {
             o.reset = o.reset.saturating_sub(elapsed);
             o.retry_after = o.retry_after.map(|r| r.saturating_sub(elapsed));
         }
-        Lookup::Holds(decision)
+        Some(decision)
     }
 
     /// Remember `decision` for this request if it is a denial that holds

@@ -325,24 +325,23 @@ impl RedisStore {
         let releases = items
             .iter()
             .any(|i| policy.limits[i.limit].algorithm == AlgorithmKind::Concurrency);
-        // Wait for an identical request on its way at most twice (see
-        // denials.rs), then ask Redis.
-        let mut asked = 0;
-        let flight = loop {
-            match self.denials.ask(items, hold, now, releases, asked < 2) {
-                Ask::Denied(denied) => return Ok(denied),
-                Ask::Lead(flight) => break flight,
-                Ask::Join(answer) => {
-                    // Its answer, at most `timeout` away; a denial of it that
-                    // still holds is this request's too.
-                    let timeout = Duration::from_nanos(self.conns.settings.timeout);
-                    match tokio::time::timeout(timeout, answer).await {
-                        Ok(Ok(Err(e))) => return Err(e),
-                        Err(_) => return Err(self.conns.timed_out()),
-                        Ok(_) => asked += 1,
-                    }
+        let flight = match self.denials.ask(items, hold, now, releases) {
+            Ask::Denied(denied) => return Ok(denied),
+            Ask::Join(answer) => {
+                // The identical request's answer, at most `timeout` away; a
+                // denial of it that still holds is this one's too.
+                let timeout = Duration::from_nanos(self.conns.settings.timeout);
+                match tokio::time::timeout(timeout, answer).await {
+                    Ok(Ok(Err(e))) => return Err(e),
+                    Err(_) => return Err(self.conns.timed_out()),
+                    Ok(_) => {}
                 }
+                if let Some(denied) = self.denials.get(items, hold, now) {
+                    return Ok(denied);
+                }
+                None
             }
+            Ask::Lead(flight) => Some(flight),
         };
         let answer = match self.run(self.decide_call(policy, items, now, hold)).await {
             Ok(reply) => self.decoded(policy, items, &reply),
@@ -353,7 +352,9 @@ impl RedisStore {
                 self.denials.note(items, hold, now, decision, releases);
             }
         }
-        flight.land(answer.as_ref().map(|_| ()));
+        if let Some(flight) = flight {
+            flight.land(answer.as_ref().map(|_| ()));
+        }
         answer
     }
 

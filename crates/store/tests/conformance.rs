@@ -1059,26 +1059,6 @@ fn redis_remembers_a_denial_until_its_retry_instant() {
         assert_eq!(decide(t + SEC).await.expect("decided").verdict, NOW);
         assert_eq!(s.calls(), calls + 3);
 
-        // Identical requests arriving while one of them is on its way to
-        // Redis wait for its answer: its denial is theirs, one decision sent.
-        let (policy, s) = store(&bucket("token_bucket", ""));
-        let (s, a) = (Arc::new(s), items(&policy, "a"));
-        for _ in 0..3 {
-            assert_eq!(decide_for(&s, &policy, &a, t).await, NOW);
-        }
-        let sent = s.sent();
-        let together: Vec<_> = (0..40)
-            .map(|_| {
-                let (s, policy, a) = (s.clone(), policy.clone(), a.clone());
-                tokio::spawn(async move { s.decide(&policy, &a, t, false).await })
-            })
-            .collect();
-        for one in together {
-            let decision = one.await.expect("joined").expect("decided");
-            assert_eq!(decision.verdict, denied(0, SEC));
-        }
-        assert_eq!(s.sent(), sent + 1, "one decision sent for 40 requests");
-
         // Concurrency: every denial asks Redis.
         let (policy, s) = store(
             "[[limit]]\nname = \"c\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"concurrency\"\nmax = 1\n[[limit]]\nname = \"w\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 1\n",

@@ -26,7 +26,7 @@
 
 mod denials;
 
-use denials::{Ask, Denials};
+use denials::Denials;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -103,8 +103,6 @@ struct Conns {
     blocking: parking_lot::Mutex<Option<redis::Connection>>,
     /// Script calls sent, however many decisions each carried.
     calls: AtomicU64,
-    /// Decisions (and settlements) sent, in those calls.
-    sent: AtomicU64,
 }
 
 /// Most decisions in one script call: Redis runs a call as one step, so a
@@ -188,7 +186,6 @@ impl RedisStore {
             eval_only: AtomicBool::new(false),
             queues: parking_lot::Mutex::default(),
             calls: AtomicU64::new(0),
-            sent: AtomicU64::new(0),
             blocking: parking_lot::Mutex::new(None),
         });
         Self::over(conns, policy, namespace, time)
@@ -256,12 +253,6 @@ impl RedisStore {
         self.conns.calls.load(Ordering::Relaxed)
     }
 
-    /// Decisions (and settlements) sent so far, however they shared calls:
-    /// what Redis was asked, unlike the denials answered in process.
-    pub fn sent(&self) -> u64 {
-        self.conns.sent.load(Ordering::Relaxed)
-    }
-
     /// The URL without its password, for messages.
     pub fn url(&self) -> &str {
         &self.conns.url
@@ -318,44 +309,21 @@ impl RedisStore {
         hold: bool,
     ) -> Result<Decision, RedisError> {
         let remember = self.conns.settings.remember_denials;
-        if !remember {
-            let reply = self.run(self.decide_call(policy, items, now, hold)).await?;
-            return self.decoded(policy, items, &reply);
+        if let Some(denied) = remember
+            .then(|| self.denials.get(items, hold, now))
+            .flatten()
+        {
+            return Ok(denied);
         }
-        let releases = items
-            .iter()
-            .any(|i| policy.limits[i.limit].algorithm == AlgorithmKind::Concurrency);
-        let flight = match self.denials.ask(items, hold, now, releases) {
-            Ask::Denied(denied) => return Ok(denied),
-            Ask::Join(answer) => {
-                // The identical request's answer, at most `timeout` away; a
-                // denial of it that still holds is this one's too.
-                let timeout = Duration::from_nanos(self.conns.settings.timeout);
-                match tokio::time::timeout(timeout, answer).await {
-                    Ok(Ok(Err(e))) => return Err(e),
-                    Err(_) => return Err(self.conns.timed_out()),
-                    Ok(_) => {}
-                }
-                if let Some(denied) = self.denials.get(items, hold, now) {
-                    return Ok(denied);
-                }
-                None
-            }
-            Ask::Lead(flight) => Some(flight),
-        };
-        let answer = match self.run(self.decide_call(policy, items, now, hold)).await {
-            Ok(reply) => self.decoded(policy, items, &reply),
-            Err(e) => Err(e),
-        };
-        if let Ok(decision) = &answer {
-            if matches!(decision.verdict, Verdict::Deny { .. }) {
-                self.denials.note(items, hold, now, decision, releases);
-            }
+        let reply = self.run(self.decide_call(policy, items, now, hold)).await?;
+        let decision = self.decoded(policy, items, &reply)?;
+        if remember && matches!(decision.verdict, Verdict::Deny { .. }) {
+            let releases = items
+                .iter()
+                .any(|i| policy.limits[i.limit].algorithm == AlgorithmKind::Concurrency);
+            self.denials.note(items, hold, now, &decision, releases);
         }
-        if let Some(flight) = flight {
-            flight.land(answer.as_ref().map(|_| ()));
-        }
-        answer
+        Ok(decision)
     }
 
     /// `decide` over a blocking connection, for synchronous callers (the
@@ -591,7 +559,6 @@ impl Conns {
     /// functions).
     fn call(&self, parts: &[&Part]) -> redis::Cmd {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        self.sent.fetch_add(parts.len() as u64, Ordering::Relaxed);
         let keys: usize = parts.iter().map(|p| p.keys.len()).sum();
         let mut cmd = if self.eval_only.load(Ordering::Relaxed) {
             let mut cmd = redis::cmd("EVALSHA");

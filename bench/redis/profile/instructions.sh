@@ -16,8 +16,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 LIB=${1:-crates/store/src/redis/decide.lua}
-source bench/tools.sh
-ensure_tools redis-server:redis-server redis-cli:redis-tools valgrind:valgrind
+for need in redis-server:redis-server redis-cli:redis-tools valgrind:valgrind; do
+  command -v "${need%%:*}" > /dev/null || { apt-get update -qq > /dev/null; apt-get install -y -qq "${need#*:}" > /dev/null; }
+done
 work=$(mktemp -d /tmp/rbinstr.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 

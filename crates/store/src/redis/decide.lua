@@ -8,9 +8,11 @@
 -- the conformance suite (crates/store/tests/conformance.rs) runs against both.
 --
 -- Loaded once as a Redis Function library (FUNCTION LOAD, then FCALL, Redis
--- >= 7 and Valkey): its functions and the limit specs it has parsed stay in
--- the server between calls. On a server without functions the same source
--- runs as an EVALSHA script (the last lines tell the two apart).
+-- >= 7 and Valkey): its functions, the limit specs it has parsed and the
+-- numbers of the states it wrote stay in the server between calls (caches
+-- of pure functions of their text, so any node's library reads any node's
+-- keys). On a server without functions the same source runs as an EVALSHA
+-- script (the last lines tell the two apart), its caches then per call.
 --
 -- Time: Redis TIME (one clock for the whole fleet), or a caller's instant for
 -- tests with a fake clock. Every instant here is nanoseconds RELATIVE to that
@@ -23,7 +25,7 @@
 --   g  B|tat|tat_frac
 --   f  no state of its own: a counter per window under "KEY|START" (see FIXED)
 --   t  B then per tier: start|used|start|used (used 0: nothing)
---   s  B|head_start|count,count,..       (newest segment first)
+--   s  B|head_start|count|count|..       (newest segment first)
 --   c  n                                  (in flight)
 -- A key's expiry is the whole second after its state comes to rest, plus a
 -- second; a write that leaves that second unchanged keeps the TTL (SET

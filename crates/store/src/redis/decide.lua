@@ -158,16 +158,10 @@ local function two_new() return { -INF, 0, -INF, 0 } end
 local function two_set(w, i, shift, start, used)
   if used > 0 then w[i], w[i + 1] = shift + start, used end
 end
--- The windows into a state `a` from index i on: both (`all`, empty ones as
--- 0, 0), or only those with something used.
-local function two_put(a, i, w, all)
-  if all or w[2] > 0 then
-    a[i], a[i + 1] = w[2] > 0 and w[1] + nowN or 0, w[2]
-    i = i + 2
-  end
-  if all or w[4] > 0 then
-    a[i], a[i + 1] = w[4] > 0 and w[3] + nowN or 0, w[4]
-  end
+-- Both windows into a state `a` from index i on, an empty one as 0, 0.
+local function two_put(a, i, w)
+  a[i], a[i + 1] = w[2] > 0 and w[1] + nowN or 0, w[2]
+  a[i + 2], a[i + 3] = w[4] > 0 and w[3] + nowN or 0, w[4]
 end
 local function two_used(w, start)
   if w[1] == start and w[2] > 0 then return w[2] end
@@ -206,7 +200,10 @@ end
 --   rest(s) -> the instant the state comes to rest, or nil if it is;
 --   save(s) -> state or nil (at rest: delete).
 -- A state is an array of whole numbers (see "State" above); `load` copies
--- what it needs out of it, `save` returns a new one.
+-- what it needs out of it, `save` returns a new one. FIXED keeps counters
+-- instead: `load(s)` reads nothing and `persist(s)` writes its counts, in
+-- place of rest and save. `fast(s, out, may_hold)`, where there is one,
+-- decides a request of that limit alone, or returns false.
 -- `parse(fields, i)` reads the algorithm's parameters from a spec's fields.
 
 local function yes() return true end
@@ -586,7 +583,7 @@ end
 function TIERED.save(s)
   if not TIERED.rest(s) then return nil end
   local a = { nowS }
-  for k, w in ipairs(s.w) do two_put(a, 4 * k - 2, w, true) end
+  for k, w in ipairs(s.w) do two_put(a, 4 * k - 2, w) end
   return a
 end
 
@@ -665,29 +662,31 @@ local function decode(text)
   return a
 end
 
--- Write a slot's state back: delete it at rest, else set it with its TTL
--- (kept when the expiry second has not moved since the load, see `load`).
+-- Set a slot's key to state `a`, with a TTL a second past the whole second
+-- `expiry` (nil: CONCURRENCY_TTL from now), kept as it is when that second
+-- has not moved since the load (see `load`).
+local function write(s, a, expiry)
+  local text = encode(a)
+  if expiry and s.expiry and expiry <= s.expiry then
+    redis.call('SET', s.key, text, 'KEEPTTL')
+    return
+  end
+  local ttl = expiry and (expiry - nowS) * 1000 - floor(nowN / 1000000) or CONCURRENCY_TTL_MS
+  redis.call('SET', s.key, text, 'PX', ttl + 1000)
+end
+
+-- Write a slot's state back: delete it at rest, else set it.
 local function save(s)
   local alg = s.p.alg
   if alg.persist then return alg.persist(s) end
   local a = alg.save(s)
   if not a then
     if s.stored then redis.call('DEL', s.key) end
-    return
-  end
-  local text = encode(a)
-  local ttl
-  if alg == CONCURRENCY then
-    ttl = CONCURRENCY_TTL_MS
+  elseif alg == CONCURRENCY then
+    write(s, a, nil)
   else
-    local expiry = second_after(alg.rest(s))
-    if s.expiry and expiry <= s.expiry then
-      redis.call('SET', s.key, text, 'KEEPTTL')
-      return
-    end
-    ttl = (expiry - nowS) * 1000 - floor(nowN / 1000000)
+    write(s, a, second_after(alg.rest(s)))
   end
-  redis.call('SET', s.key, text, 'PX', ttl + 1000)
 end
 
 -- A slot's state from its key; `expiry` is the second its TTL was set for
@@ -709,7 +708,8 @@ end
 -- One token bucket on its own, its rate a whole number of ns per unit (no
 -- fractions anywhere): the whole decision in a few lines, the same as the
 -- general path below makes it (admit now, reserve within the hold, or deny
--- with retry_after = start - hold). False when it does not apply.
+-- with retry_after = start - hold). False when it does not apply. (Defined
+-- here, after `write`, which it shares with `save`.)
 function GCRA.fast(s, out, may_hold)
   local p, cost = s.p, s.cost
   if cost ~= s.charge or cost <= 0 or cost > p.cap or p.rem ~= 0 or p.tauf ~= 0 or s.tf ~= 0
@@ -730,19 +730,10 @@ function GCRA.fast(s, out, may_hold)
   end
   tat = max(tat, start) + span
   s.tn = tat
-  local a = { nowS, tat + nowN, 0 }
-  local text = format('%d|%d|0', a[1], a[2])
-  remember(text, a)
-  local expiry = second_after(tat)
-  if s.expiry and expiry <= s.expiry then
-    redis.call('SET', s.key, text, 'KEEPTTL')
-  else
-    redis.call('SET', s.key, text, 'PX', (expiry - nowS) * 1000 - floor(nowN / 1000000) + 1000)
-  end
-  local remaining, reset
-  if taun <= tat then
-    remaining, reset = 0, max(0, tat + p.whole - taun)
-  else
+  write(s, { nowS, tat + nowN, 0 }, second_after(tat))
+  -- GCRA.usage without fractions (tat > 0 here)
+  local remaining, reset = 0, max(0, tat + p.whole - taun)
+  if tat < taun then
     local slack = (taun - tat) * p.amount
     remaining = floor(slack / p.period)
     reset = ceil(((remaining + 1) * p.period - slack) / p.amount)
@@ -846,19 +837,16 @@ local function decide(out, slots, op)
     local alg = only.p.alg
     if alg.fast then
       if alg.fast(only, out, op == 'h') then return end
-      only = false
-    end
-  end
-  if only and op ~= 'u' and not only.p.shadow then
-    local alg = only.p.alg
-    local k, t = alg.earliest(only, only.cost, 0)
-    if k == AT and t == 0 then
-      alg.commit(only, only.charge, 0)
-      save(only)
-      local n = #out
-      out[n + 1] = 3
-      out[n + 2], out[n + 3] = alg.usage(only)
-      return
+    else
+      local k, t = alg.earliest(only, only.cost, 0)
+      if k == AT and t == 0 then
+        alg.commit(only, only.charge, 0)
+        save(only)
+        local n = #out
+        out[n + 1] = 3
+        out[n + 2], out[n + 3] = alg.usage(only)
+        return
+      end
     end
   end
   local own = {}

@@ -130,12 +130,24 @@ impl Part {
         self.push(itoa::Buffer::new().format(n).as_bytes());
     }
 
+    /// "cost", or "cost/charge" when they differ.
+    fn push_amounts(&mut self, cost: u64, charge: u64) {
+        let mut digits = itoa::Buffer::new();
+        self.args.extend_from_slice(digits.format(cost).as_bytes());
+        if charge != cost {
+            self.args.push(b'/');
+            self.args
+                .extend_from_slice(digits.format(charge).as_bytes());
+        }
+        self.ends.push(self.args.len());
+    }
+
     /// How many values of a call's reply, from `rest` on, are this part's.
     fn share(&self, rest: &[i64]) -> usize {
-        match (self.finish, rest.first()) {
-            (true, _) => 1,
-            (false, Some(&SHORT_ADMIT)) => 1 + 2 * self.keys.len(),
-            (false, _) => 4 + 4 * self.keys.len(),
+        if self.finish {
+            1
+        } else {
+            reply_len(rest.first().copied(), self.keys.len())
         }
     }
 
@@ -507,14 +519,7 @@ impl RedisStore {
                     part.push(&spec);
                 }
             }
-            if item.charge == item.cost {
-                part.push_number(item.cost);
-            } else {
-                let mut amounts = itoa::Buffer::new().format(item.cost).to_string();
-                amounts.push('/');
-                amounts.push_str(itoa::Buffer::new().format(item.charge));
-                part.push(amounts.as_bytes());
-            }
+            part.push_amounts(item.cost, item.charge);
         }
         part
     }
@@ -636,26 +641,28 @@ impl Conns {
         };
         match result {
             Ok(reply) => {
-                let mut at = 0;
-                let shares: Vec<std::ops::Range<usize>> = (parts.iter())
+                // Each part's share, in order; None if the reply falls short.
+                let mut rest = reply.as_slice();
+                let shares: Option<Vec<Vec<i64>>> = (parts.iter())
                     .map(|part| {
-                        let from = at.min(reply.len());
-                        at += part.share(&reply[from..]);
-                        from..at
+                        let (mine, others) = rest.split_at_checked(part.share(rest))?;
+                        rest = others;
+                        Some(mine.to_vec())
                     })
                     .collect();
-                if at == reply.len() {
-                    let mut shares = shares.into_iter();
-                    answer_all(batch, |_| {
-                        Ok(shares.next().map_or_else(Vec::new, |r| reply[r].to_vec()))
-                    });
-                } else {
-                    let reason = format!(
-                        "unexpected reply from the decision script: {} values for {} decisions expecting {at}",
-                        reply.len(),
-                        batch.len()
-                    );
-                    answer_all(batch, |_| Err(failed(reason.clone())));
+                match shares {
+                    Some(shares) if rest.is_empty() => {
+                        let mut shares = shares.into_iter();
+                        answer_all(batch, |_| Ok(shares.next().unwrap_or_default()));
+                    }
+                    _ => {
+                        let reason = format!(
+                            "unexpected reply from the decision script: {} values for {} decisions",
+                            reply.len(),
+                            batch.len()
+                        );
+                        answer_all(batch, |_| Err(failed(reason.clone())));
+                    }
                 }
             }
             Err(e) => answer_all(batch, |_| Err(self.unavailable(&e))),
@@ -810,12 +817,21 @@ fn push_calendar(calendar: &Calendar, now: Nanos, fields: &mut Vec<String>) {
 /// form: then per limit only remaining and reset.
 const SHORT_ADMIT: i64 = 3;
 
+/// How many values a decision's reply over `limits` has, by its kind.
+fn reply_len(kind: Option<i64>, limits: usize) -> usize {
+    if kind == Some(SHORT_ADMIT) {
+        1 + 2 * limits
+    } else {
+        4 + 4 * limits
+    }
+}
+
 fn decode(policy: &Policy, items: &[Item], reply: &[i64]) -> Result<Decision, String> {
     let ns = |v: i64| u64::try_from(v).unwrap_or(0);
+    if reply.len() != reply_len(reply.first().copied(), items.len()) {
+        return Err(format!("{} values for {} limits", reply.len(), items.len()));
+    }
     if reply.first() == Some(&SHORT_ADMIT) {
-        if reply.len() != 1 + 2 * items.len() {
-            return Err(format!("{} values for {} limits", reply.len(), items.len()));
-        }
         let outcomes = items
             .iter()
             .zip(reply[1..].chunks_exact(2))
@@ -831,9 +847,6 @@ fn decode(policy: &Policy, items: &[Item], reply: &[i64]) -> Result<Decision, St
             verdict: Verdict::Admit { delay: 0 },
             outcomes,
         });
-    }
-    if reply.len() != 4 + 4 * items.len() {
-        return Err(format!("{} values for {} limits", reply.len(), items.len()));
     }
     let slot = |v: i64| usize::try_from(v).ok().filter(|&i| i < items.len());
     let verdict = match reply[0] {

@@ -137,12 +137,8 @@ impl RedisEngine {
 }
 
 impl Backend for RedisEngine {
-    fn open(mut policy: Policy) -> Self {
-        let prefix = tollgate_testkit::unique_prefix("conformance");
-        policy.store.redis = Some(redis_settings(prefix.clone()));
-        let engine = Engine::open_with(policy, "conformance", TimeSource::Caller)
-            .expect("a policy the Redis store can run");
-        RedisEngine { engine, prefix }
+    fn open(policy: Policy) -> Self {
+        Self::open_at(policy, &tollgate_testkit::redis_url())
     }
     fn check(&self, req: &Attrs, now: Nanos) -> Result<Checked, EngineError> {
         let checked = self.engine.check(req, now)?;
@@ -827,19 +823,16 @@ fn redis_decides_exactly_as_memory_under_random_traffic() {
 fn redis_without_functions_decides_by_script_exactly_as_memory() {
     let server = tollgate_testkit::RedisServer::start_without_functions();
     differential(&server.url());
-    let scripts: Vec<String> = redis::cmd("SCRIPT")
+    let loaded: Vec<i64> = redis::cmd("SCRIPT")
         .arg("EXISTS")
         .arg(redis::Script::new(DECIDE_LUA).get_hash())
-        .query::<Vec<i64>>(
+        .query(
             &mut redis::Client::open(server.url())
                 .and_then(|c| c.get_connection())
                 .expect("the scripts-only server answers"),
         )
-        .expect("SCRIPT EXISTS")
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    assert_eq!(scripts, ["1"], "decide.lua was loaded as a script");
+        .expect("SCRIPT EXISTS");
+    assert_eq!(loaded, [1], "decide.lua was loaded as a script");
 }
 
 const DECIDE_LUA: &str = include_str!("../src/redis/decide.lua");

@@ -39,25 +39,22 @@ impl RedisServer {
 
     /// Start a server that requires `password` (AUTH) from every client.
     pub fn start_with(password: Option<&str>) -> RedisServer {
-        Self::launch(password, false)
+        Self::launch(password, false, false)
     }
 
     /// Start a server that keeps its data across `kill` + `restart` (AOF,
     /// `appendfsync always`): what a fleet's job queue needs.
     pub fn start_persistent() -> RedisServer {
-        Self::launch(None, true)
+        Self::launch(None, true, false)
     }
 
     /// Start a server without Redis Functions (`FUNCTION` and `FCALL`
     /// disabled, as on Redis < 7): clients must fall back to scripts.
     pub fn start_without_functions() -> RedisServer {
-        let mut server = Self::launch(None, false);
-        server.scripts_only = true;
-        server.restart();
-        server
+        Self::launch(None, false, true)
     }
 
-    fn launch(password: Option<&str>, persistent: bool) -> RedisServer {
+    fn launch(password: Option<&str>, persistent: bool, scripts_only: bool) -> RedisServer {
         let port = free_port();
         let dir =
             std::env::temp_dir().join(format!("tollgate-redis-{}-{port}", std::process::id()));
@@ -68,7 +65,7 @@ impl RedisServer {
             child: None,
             password: password.map(str::to_owned),
             persistent,
-            scripts_only: false,
+            scripts_only,
         };
         server.restart();
         server

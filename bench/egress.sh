@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `tollgate run` (the egress runner) against `tollgate serve` enforcing the
-# same limits, against another client sharing the quota, against seed 000's
-# own sleep loop, and against an unlimited local upstream (its own overhead).
+# same limits, against another client sharing the quota, against the sleep
+# loop of a CRM's rate-limit page, and against an unlimited local upstream (its
+# own overhead).
 #
 #   bench/egress.sh                       # about 2 min 40 s (plus the first build)
 #   nice -n -10 bench/egress.sh
@@ -10,10 +11,10 @@
 # Scenarios and targets:
 #   1. the runner's limits match the gateway's; zero 429s, utilisation >= 98%
 #      (the runner's own figure: least time the limits allow / elapsed)
-#      a. fixed_window 200 per 1 s per Authorization (seed 000's shape, scaled),
+#      a. fixed_window 200 per 1 s per Authorization (the CRM page's shape, scaled),
 #         bench/egress/fixed_window.toml read by both sides, $FIXED_JOBS jobs
-#      b. seed 004: --profile celigo / profile = "celigo" (leaky bucket 1,000
-#         refilling 300/s), $CELIGO_JOBS jobs
+#      b. Celigo's rate-limit page: --profile celigo / profile = "celigo" (leaky
+#         bucket 1,000 refilling 300/s), $CELIGO_JOBS jobs
 #   2. the same two, while oha sends at a constant half of the allowed rate
 #      with the same Authorization header for the whole run (started 0.5 s
 #      before the runner, stopped when it ends): <= 1% of the runner's calls
@@ -21,9 +22,9 @@
 #      client's 2xx rate, from oha's status counts; also from the gateway's
 #      log over the same span, and the verdict takes the lower) >= 90%. How it
 #      is computed: bench/egress/analyse.py (shared).
-#   3. seed 000's job: 10,000 ids in chunks of 200 (50 calls) via --records
-#      --bulk against --profile crm (100 per rolling 60 s), vs the seed's own
-#      pattern (bench/egress/seed000_loop.py: urllib, time.sleep(0.9) after
+#   3. the CRM page's job: 10,000 ids in chunks of 200 (50 calls) via --records
+#      --bulk against --profile crm (100 per rolling 60 s), vs the page's own
+#      pattern (bench/egress/crm_loop.py: urllib, time.sleep(0.9) after
 #      each call) against the same gateway under another key: wall times, ratio.
 #   4. runner overhead: $OVERHEAD_JOBS jobs against nginx `return 200`, limits
 #      that never bind, concurrency each of $CONCURRENCIES: >= 20,000 jobs/s,
@@ -219,7 +220,7 @@ shape b "--profile celigo" "$work/celigo.toml" "$CELIGO_JOBS" 300 bucket:1000:30
 # ---------------------------------------------------------------- 3
 if want 3; then
 log ""
-log "== 3. seed 000: 10,000 ids in chunks of 200 against --profile crm (100 per rolling 60 s)"
+log "== 3. the CRM page's job: 10,000 ids in chunks of 200 against --profile crm (100 per rolling 60 s)"
 python3 -c "
 import sys
 with open(sys.argv[1], 'w') as f:
@@ -229,11 +230,11 @@ start_gateway 3 --profile crm
 TOKEN=crm-runner runner 3 "$work/crm.toml" --records "$work/ids.jsonl" --bulk probability
 log "  $SUMMARY"
 log "  tollgate run: wall $WALL s (import included), elapsed $elapsed_h, cpu $CPU s"
-read -r py_calls py_bad py_wall < <(python3 "$EG/seed000_loop.py" "http://$GATEWAY" crm-python "$work/ids.jsonl")
+read -r py_calls py_bad py_wall < <(python3 "$EG/crm_loop.py" "http://$GATEWAY" crm-python "$work/ids.jsonl")
 eval "$($ANALYSE gateway "$work/3.access" /graphql)"
 stop "$GW_PID"
 ratio=$(python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.0f}')" "$py_wall" "$WALL")
-log "  seed's loop:  $py_calls calls, $py_bad non-2xx, wall $py_wall s"
+log "  page's loop:  $py_calls calls, $py_bad non-2xx, wall $py_wall s"
 log "  gateway saw $gw_count /graphql calls: $gw_2xx 2xx, $gw_429 429"
 v=$(verdict "$done == 50 and $throttled == 0 and $py_bad == 0 and float('$py_wall') > float('$WALL')")
 log "  loop / runner: ${ratio}x ($v: 50 calls each, zero 429s, the runner faster)"

@@ -6,10 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)"; exit 1; }
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
-# A real redis-server for the Redis store's tests (DESIGN.md: nothing of our
-# own is mocked): installed from Debian when missing, started on a free
-# loopback port, stopped on exit. Tests that kill and restart Redis start
-# their own servers with the same binary.
+# A real redis-server for the Redis store's tests (docs/architecture.md:
+# nothing of our own is mocked): installed from Debian when missing, started on
+# a free loopback port, stopped on exit. Tests that kill and restart Redis
+# start their own servers with the same binary.
 if ! command -v redis-server >/dev/null; then
   echo "installing redis-server (apt-get)"
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"

@@ -93,7 +93,7 @@ impl FailMode {
     }
 }
 
-/// A request class (seed 003's sandbox) that scales every limit.
+/// A request class (the data API's sandbox) that scales every limit.
 #[derive(Debug, Clone)]
 pub struct Class {
     pub name: String,

@@ -1,5 +1,6 @@
-//! The bundled profiles: policy files for the APIs the seeds describe, compiled
-//! into the binary from `profiles/*.toml`.
+//! The bundled profiles: policy files for the APIs whose published rate-limit
+//! pages and guides tollgate follows, compiled into the binary from
+//! `profiles/*.toml`.
 //!
 //! A config includes one with `profile = "NAME"`, resolved through [`Bundled`].
 //! Each file says where its numbers come from in its `[about]` table (name,

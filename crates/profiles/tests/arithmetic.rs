@@ -171,7 +171,7 @@ fn every_profile_states_title_source_and_assumptions() {
         let about = about["about"].as_table().expect("an [about] table");
         assert_eq!(about["name"].as_str(), Some(info.name.as_str()));
         assert!(!info.title.is_empty(), "{}: title", info.name);
-        assert!(info.source.starts_with("seeds/00"), "{}: source", info.name);
+        assert!(!info.source.is_empty(), "{}: source", info.name);
         for list in ["notes", "assumptions"] {
             let items = about[list].as_array().expect("an array of sentences");
             assert!(!items.is_empty(), "{}: {list}", info.name);
@@ -179,7 +179,7 @@ fn every_profile_states_title_source_and_assumptions() {
     }
 }
 
-// ---------------------------------------------------------------- seed 000
+// -------------------------------------------- crm: a CRM's rate-limit page
 
 #[test]
 fn crm_100_per_60_s_shared_by_rest_and_graphql() {
@@ -213,7 +213,7 @@ fn crm_100_per_60_s_shared_by_rest_and_graphql() {
     assert_eq!(max_in_any(60 * S, &runs), 100);
 }
 
-// ---------------------------------------------------------------- seed 001
+// ------------------------------- gateway: an API gateway's rate-limit page
 
 #[test]
 fn gateway_bursts_60_then_1_per_s_and_holds_up_to_2_s() {
@@ -286,7 +286,7 @@ fn gateway_writes_take_both_buckets_and_refill_every_1_5_s() {
     let runs = greedy(&e, &post, T0, T0 + 10 * MIN);
     assert_eq!(runs.len(), 40 + 399); // 1.5 s, 3 s, ..., 598.5 s
     assert!(runs[40..].windows(2).all(|w| w[1] - w[0] == 1_500 * MS));
-    // The seed's nightly import at one create every 2 s is never held.
+    // The gateway page's nightly import at one create every 2 s is never held.
     let e = engine("gateway");
     for k in 0..500 {
         assert_eq!(
@@ -296,7 +296,7 @@ fn gateway_writes_take_both_buckets_and_refill_every_1_5_s() {
     }
 }
 
-// ---------------------------------------------------------------- seed 003
+// ----------------------------- data-api: the data API's rate-limit article
 
 fn data_api(sandbox: bool) -> Attrs {
     let headers: &[(&str, &str)] = if sandbox {
@@ -309,8 +309,8 @@ fn data_api(sandbox: bool) -> Attrs {
 
 #[test]
 fn data_api_largest_day_is_207_550() {
-    // Seed 003: "The max requests you can do per day is: (100 * 60 * 24) +
-    // (2600 * 24) + 1150", which is 144,000 + 62,400 + 1,150 = 207,550.
+    // The data API's article: "The max requests you can do per day is: (100 *
+    // 60 * 24) + (2600 * 24) + 1150", which is 144,000 + 62,400 + 1,150 = 207,550.
     let e = engine("data-api");
     let r = data_api(false);
     let runs = greedy(&e, &r, T0, T0 + DAY);
@@ -396,7 +396,7 @@ fn latency_minute(sandbox: bool) -> u64 {
 
 #[test]
 fn data_api_latency_pools_debit_at_completion_and_deny_when_spent() {
-    // The seed's example: "if 25 requests are being sent which in total sum up
+    // The article's example: "if 25 requests are being sent which in total sum up
     // to 15 seconds, the limit is reached" (the sandbox's 15 s minute pool).
     assert_eq!(latency_minute(true), 25);
     // Production has the table's 30 s per minute.
@@ -436,7 +436,7 @@ fn data_api_latency_pools_debit_at_completion_and_deny_when_spent() {
     );
 }
 
-// ---------------------------------------------------------------- seed 004
+// ---------------------------------------- celigo: Celigo's rate-limit page
 
 #[test]
 fn celigo_bursts_1000_and_denies_for_one_token() {
@@ -470,7 +470,7 @@ fn celigo_refills_exactly_300_per_second() {
     }
 }
 
-// ---------------------------------------------------------------- seed 002
+// ---------------------------------- the GTM rate-limiting guide's profiles
 
 /// A rolling-window profile: a burst of exactly `quota` at once, the next
 /// denied until (t - every, t] stops overlapping the burst's sub-window

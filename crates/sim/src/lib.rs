@@ -250,7 +250,7 @@ fn describe_json_error(e: &serde_json::Error) -> String {
     }
 }
 
-/// One decision as the JSON object of DESIGN.md (`t` echoed as written), newline-terminated.
+/// One decision as the JSON object of docs/config.md ("Trace format") (`t` echoed as written), newline-terminated.
 pub fn write_decision(
     out: &mut Vec<u8>,
     t: &str,

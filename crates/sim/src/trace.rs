@@ -1,5 +1,5 @@
-//! One line of a trace: the request attributes of DESIGN.md, borrowed from
-//! the line where possible so replay allocates little.
+//! One line of a trace: the request attributes of docs/config.md ("Trace format"),
+//! borrowed from the line where possible so replay allocates little.
 
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};

@@ -2,8 +2,9 @@
 //!
 //! Each test is a generic function over `Backend`: a policy goes in, requests
 //! are checked at fake instants, and the decisions must be exactly what the
-//! policy language promises (DESIGN.md, "Semantics"). A store joins the suite
-//! by implementing `Backend` and adding one line to the bottom of this file:
+//! policy language promises (docs/config.md, "Exact semantics"). A store joins
+//! the suite by implementing `Backend` and adding one line to the bottom of this
+//! file:
 //!
 //! ```text
 //! conformance!(redis: RedisEngine);

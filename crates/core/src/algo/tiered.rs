@@ -1,6 +1,7 @@
-//! tiered (seed 003): separate pools, each refilled completely at its own clock
-//! boundary. A request takes from the most frequently refreshing pool first and
-//! spills into the next; it is denied only when all pools together cannot cover it.
+//! tiered (from the data API's rate-limit article): separate pools, each
+//! refilled completely at its own clock boundary. A request takes from the most
+//! frequently refreshing pool first and spills into the next; it is denied only
+//! when all pools together cannot cover it.
 //! Latency costs are admitted while any pool has time left and debited at
 //! completion with the same spill; a pool never goes below empty.
 
@@ -146,7 +147,7 @@ mod tests {
     use crate::units::NANOS_PER_SEC;
     const S: Nanos = NANOS_PER_SEC;
 
-    fn seed_003_count() -> TieredParams {
+    fn data_api_count() -> TieredParams {
         TieredParams {
             tiers: vec![
                 Tier {
@@ -167,7 +168,7 @@ mod tests {
 
     #[test]
     fn falls_through_minute_then_hour_then_day() {
-        let p = seed_003_count();
+        let p = data_api_count();
         let mut st = TieredState::default();
         let t0 = 86_400 * S * 100; // midnight UTC
         let mut m = Tiered {

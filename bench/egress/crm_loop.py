@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Seed 000's own script pattern ("Pattern: chunked bulk update"), stdlib only:
+"""The script pattern of a CRM's rate-limit page ("Operators > Rate Limits",
+"Pattern: chunked bulk update"), stdlib only:
 POST the ids in chunks of 200 to /graphql, raise on a non-2xx, then
 time.sleep(0.9) after each call "to stay comfortably under the 100-per-minute
 quota". Prints: calls, non-2xx, wall seconds.
 
-    seed000_loop.py BASE_URL TOKEN IDS_JSONL
+    crm_loop.py BASE_URL TOKEN IDS_JSONL
 """
 import json
 import sys
@@ -30,7 +31,7 @@ def main():
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 r.read()
-        except urllib.error.HTTPError as e:  # r.raise_for_status() in the seed
+        except urllib.error.HTTPError as e:  # r.raise_for_status() on the page
             bad += 1
             print(f"call {calls}: HTTP {e.code}", file=sys.stderr)
         time.sleep(0.9)

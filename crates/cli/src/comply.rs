@@ -10,7 +10,7 @@ use tollgate_core::policy::RedisSettings;
 use tollgate_core::Clock;
 use tollgate_egress::fleet::{FleetOptions, Queue};
 use tollgate_egress::state::DeadLetter;
-use tollgate_egress::{run::human, Options, ProgressMode, Routed, RunnerConfig, State, Summary};
+use tollgate_egress::{human, Options, ProgressMode, Routed, State, Summary, UpstreamsConfig};
 use tollgate_store::TokioClock;
 
 /// The state directory of a runner on its own, when none is given.
@@ -70,7 +70,7 @@ pub enum Progress {
     Quiet,
 }
 
-pub fn load_config(path: &Path) -> Result<RunnerConfig> {
+pub fn load_config(path: &Path) -> Result<UpstreamsConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config {}", path.display()))?;
     tollgate_egress::parse_config(&text, &tollgate_profiles::Bundled, &|name| {
@@ -121,7 +121,7 @@ pub fn check(path: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
-fn read_jobs(args: &JobArgs, config: &RunnerConfig) -> Result<Option<Vec<Routed>>> {
+fn read_jobs(args: &JobArgs, config: &UpstreamsConfig) -> Result<Option<Vec<Routed>>> {
     let open = |path: &Path| {
         File::open(path)
             .map(|f| BufReader::with_capacity(1 << 20, f))
@@ -245,7 +245,7 @@ enum Prepare {
 /// print this runner's summary and the queue's.
 #[allow(clippy::too_many_arguments)]
 fn run_fleet(
-    config: &RunnerConfig,
+    config: &UpstreamsConfig,
     config_path: &Path,
     settings: &RedisSettings,
     name: &str,
@@ -321,7 +321,7 @@ fn run_fleet(
 
 /// Send every pending job of the state and print the summary.
 fn execute(
-    config: &RunnerConfig,
+    config: &UpstreamsConfig,
     state: &State,
     config_path: &Path,
     progress: Progress,

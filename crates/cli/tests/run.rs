@@ -249,7 +249,7 @@ fn ctrl_c_stops_cleanly_and_says_how_to_resume() {
 }
 
 #[test]
-fn plan_counts_seed_000_calls_and_bad_input_is_named_without_queueing_anything() {
+fn plan_counts_crm_bulk_calls_and_bad_input_is_named_without_queueing_anything() {
     let dir = temp_dir("plan");
     let addr: SocketAddr = "127.0.0.1:9".parse().expect("addr");
     let bulk = "[[upstream]]\nname = \"crm\"\nbase_url = \"http://127.0.0.1:9\"\nprofile = \"crm\"\n[[upstream.bulk]]\nname = \"probability\"\nmethod = \"POST\"\npath = \"/graphql\"\nmax_items = 200\nbody = { query = \"mutation\", variables = { ids = \"{{records}}\" } }\n";

@@ -2,44 +2,20 @@
 //! by a bulk template. Bad lines are errors naming the line; nothing is sent
 //! until every line is good.
 
-use crate::settings::{RunnerConfig, RECORDS_PLACEHOLDER};
+use crate::settings::{Upstream, UpstreamsConfig, RECORDS_PLACEHOLDER};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::io::BufRead;
+pub use tollgate_comply::Priority;
 use url::Url;
 
 /// Most bad lines reported at once.
 const MAX_ERRORS: usize = 20;
 /// The header through which a job's workflow reaches the policy (never sent).
 pub const WORKFLOW_HEADER: &str = "tollgate-workflow";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Priority {
-    High,
-    Normal,
-    Low,
-}
-
-impl Priority {
-    pub fn parse(text: &str) -> Result<Priority, String> {
-        match text {
-            "high" => Ok(Priority::High),
-            "normal" => Ok(Priority::Normal),
-            "low" => Ok(Priority::Low),
-            other => Err(format!(
-                "priority '{other}' is not known; use high, normal or low"
-            )),
-        }
-    }
-
-    pub fn rank(self) -> usize {
-        self as usize
-    }
-}
 
 /// A job as stored: what is sent, and how it is scheduled.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -129,7 +105,7 @@ enum IdText {
 }
 
 /// Read a JSONL jobs file: every line a job, routed to its upstream.
-pub fn read_jobs(input: impl BufRead, config: &RunnerConfig) -> Result<Vec<Routed>, JobsError> {
+pub fn read_jobs(input: impl BufRead, config: &UpstreamsConfig) -> Result<Vec<Routed>, JobsError> {
     let mut jobs = Vec::new();
     let mut errors = Vec::new();
     let mut ids: HashMap<String, usize> = HashMap::new();
@@ -172,7 +148,7 @@ pub fn read_jobs(input: impl BufRead, config: &RunnerConfig) -> Result<Vec<Route
 
 fn job_from_line(
     line: &str,
-    config: &RunnerConfig,
+    config: &UpstreamsConfig,
     seen_content: &mut HashMap<String, u32>,
 ) -> Result<Routed, String> {
     let raw: JobLine = serde_json::from_str(line).map_err(|e| format!("not a job: {e}"))?;
@@ -255,7 +231,7 @@ fn job_from_line(
 /// Cut records (one JSON value per line) into calls of `bulk.max_items`.
 pub fn read_bulk(
     input: impl BufRead,
-    config: &RunnerConfig,
+    config: &UpstreamsConfig,
     bulk_name: &str,
 ) -> Result<Vec<Routed>, JobsError> {
     let Some((upstream, bulk)) = config.bulk(bulk_name) else {
@@ -426,13 +402,24 @@ impl tollgate_core::Request for JobRequest<'_> {
     }
 }
 
+/// The limits a job touches, as its upstream's engine plans them.
+pub fn items(upstream: &Upstream, job: &Job) -> Result<Vec<tollgate_core::Item>, String> {
+    let req = JobRequest::new(job, &upstream.headers)?;
+    let mut items = Vec::new();
+    upstream
+        .policy
+        .plan(&req, &mut items)
+        .map_err(|e| e.to_string())?;
+    Ok(items)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tollgate_core::NoProfiles;
 
-    fn config() -> RunnerConfig {
-        crate::settings::parse(
+    fn config() -> UpstreamsConfig {
+        tollgate_comply::settings::parse(
             "[[upstream]]\nname = \"crm\"\nbase_url = \"http://127.0.0.1:9/\"\n[[upstream.limit]]\nname = \"api\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 100\n[[upstream.bulk]]\nname = \"probability\"\nmethod = \"POST\"\npath = \"/graphql\"\nmax_items = 200\nbody = { query = \"mutation($ids: [UUID!]!) { updateOpportunities(data: {probability: 75}, filter: {id: {in: $ids}}) { affectedCount } }\", variables = { ids = \"{{records}}\" } }\n",
             &NoProfiles,
             &|_| None,

@@ -3,10 +3,10 @@
 //! published limits allow, keeps every job in durable state, retries what
 //! the upstream says to retry, and dead-letters what truly fails.
 //!
-//! - `settings`: the `[[upstream]]` tables of a config.
+//! The scheduler, the `[[upstream]]` settings and what a response means are
+//! the comply engine's (`tollgate-comply`), shared with `tollgate proxy`.
+//!
 //! - `job`: jobs from a JSONL file or cut from records by a bulk template.
-//! - `schedule`: one upstream's scheduler, without I/O (the product's core).
-//! - `signals`: what responses say (Retry-After, remaining quota).
 //! - `state`: SQLite state, results.jsonl, dead letters.
 //! - `plan`: the least time the limits allow, on a virtual clock.
 //! - `run`: the tokio driver.
@@ -16,12 +16,10 @@ pub mod fleet;
 pub mod job;
 pub mod plan;
 pub mod run;
-pub mod schedule;
-pub mod settings;
-pub mod signals;
 pub mod state;
 
-pub use job::{read_bulk, read_jobs, Job, JobsError, Priority, Routed};
+pub use job::{read_bulk, read_jobs, Job, JobsError, Routed};
 pub use run::{run, FleetTotals, Options, ProgressMode, RunError, Summary};
-pub use settings::{parse as parse_config, RunnerConfig, Upstream};
 pub use state::State;
+pub use tollgate_comply::settings::{self, parse as parse_config, Upstream, UpstreamsConfig};
+pub use tollgate_comply::{human, Priority};

@@ -5,11 +5,11 @@
 
 use crate::job::Priority;
 use crate::job::Routed;
-use crate::schedule::{Next, Reply, Scheduler};
-use crate::settings::{BreakerSettings, RunnerConfig};
+use crate::settings::UpstreamsConfig;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::Duration;
+use tollgate_comply::{BreakerSettings, Next, Reply, Scheduler};
 use tollgate_core::{Item, Nanos, Policy};
 use tollgate_store::Engine;
 
@@ -89,7 +89,7 @@ pub struct UpstreamPlan {
 /// `tollgate plan`: the calls of `jobs` per upstream, and the least time
 /// the limits allow for them from `start`.
 pub fn plan_jobs(
-    config: &RunnerConfig,
+    config: &UpstreamsConfig,
     jobs: &[Routed],
     start: Nanos,
     latency: Duration,
@@ -104,7 +104,7 @@ pub fn plan_jobs(
             let calls: Vec<(Priority, Vec<Item>)> = jobs
                 .iter()
                 .filter(|r| r.upstream == i)
-                .filter_map(|r| match u.items(&r.job) {
+                .filter_map(|r| match crate::job::items(u, &r.job) {
                     Ok(items) => Some((r.job.priority, items)),
                     Err(e) => {
                         invalid.push((r.job.id.clone(), e));
@@ -142,7 +142,7 @@ mod tests {
     }
 
     #[test]
-    fn seed_000_fifty_calls_fit_one_window() {
+    fn crm_fifty_calls_fit_one_window() {
         let p = policy("[[limit]]\nname = \"api\"\nkey = [\"header:authorization\"]\nalgorithm = \"sliding_window\"\nevery = \"60s\"\nquota = 100\nsegments = 60\n");
         let e = estimate(&p, calls(&p, 50), 0, Duration::ZERO, 16);
         assert_eq!(e.shortest, Duration::ZERO);
@@ -159,7 +159,7 @@ mod tests {
     }
 
     #[test]
-    fn seed_004_burst_then_the_refill_rate() {
+    fn celigo_burst_then_the_refill_rate() {
         let p = policy("[[limit]]\nname = \"account\"\nalgorithm = \"leaky_bucket\"\ncapacity = 1000\nrefill = \"300/s\"\n");
         // 1,000 at once, then 3,000 more at 300/s: 10 s.
         let e = estimate(&p, calls(&p, 4000), 0, Duration::ZERO, 16);

@@ -5,9 +5,7 @@
 
 use crate::job::{Job, Priority};
 use crate::plan;
-use crate::schedule::{Event, Next, Reply, Scheduler, Settled};
-use crate::settings::{RunnerConfig, Upstream};
-use crate::signals;
+use crate::settings::{Upstream, UpstreamsConfig};
 use crate::state::{Record, State, StateError, Writer};
 use std::collections::HashMap;
 use std::future::Future;
@@ -15,13 +13,16 @@ use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
+use tollgate_comply::{human, Next, Reply, Scheduler, Settled};
 use tollgate_core::{Clock, Item, Nanos};
+use tollgate_http::ratelimit as signals;
 use tollgate_store::{Engine, TokioClock};
 
 /// A response body up to this size goes into `results.jsonl` as is; a longer
 /// one as its SHA-256.
 const BODY_INLINE: usize = 2048;
-/// Without a terminal, a progress line every this many finished jobs (seed 000).
+/// Without a terminal, a progress line every this many finished jobs (as a
+/// CRM's rate-limit page suggests).
 const LOG_EVERY: u64 = 500;
 
 #[derive(Debug, Clone)]
@@ -229,21 +230,6 @@ impl Summary {
     }
 }
 
-/// `1h 02m 03s`, `4m 05s`, `6.7s`.
-pub fn human(d: Duration) -> String {
-    let secs = d.as_secs();
-    match secs {
-        0..=59 => format!("{:.1}s", d.as_secs_f64()),
-        60..=3599 => format!("{}m {:02}s", secs / 60, secs % 60),
-        _ => format!(
-            "{}h {:02}m {:02}s",
-            secs / 3600,
-            secs % 3600 / 60,
-            secs % 60
-        ),
-    }
-}
-
 /// A job being worked on.
 #[derive(Debug)]
 pub(crate) struct Active {
@@ -292,7 +278,7 @@ impl Sink for Writer {
 /// requests in flight and their replies. The run around it decides where
 /// jobs come from and where outcomes go.
 pub(crate) struct Driver<'a> {
-    pub(crate) config: &'a RunnerConfig,
+    pub(crate) config: &'a UpstreamsConfig,
     pub(crate) clock: TokioClock,
     pub(crate) schedulers: Vec<Scheduler>,
     pub(crate) active: HashMap<u64, Active>,
@@ -310,7 +296,7 @@ pub(crate) struct Driver<'a> {
 
 impl<'a> Driver<'a> {
     pub(crate) fn new(
-        config: &'a RunnerConfig,
+        config: &'a UpstreamsConfig,
         schedulers: Vec<Scheduler>,
         clock: TokioClock,
         progress: Progress,
@@ -353,7 +339,7 @@ impl<'a> Driver<'a> {
         attempts: u32,
         sink: &impl Sink,
     ) {
-        match self.config.upstreams[upstream].items(&job) {
+        match crate::job::items(&self.config.upstreams[upstream], &job) {
             Ok(items) => {
                 self.schedulers[upstream].push(seq, job.priority, attempts, items.clone());
                 self.active
@@ -438,7 +424,7 @@ impl<'a> Driver<'a> {
             }
             for event in self.schedulers[u].drain_events() {
                 self.progress
-                    .log(&describe_event(&self.config.upstreams[u].name, &event, now));
+                    .log(&event.describe(&self.config.upstreams[u].name, now));
             }
         }
         wake
@@ -544,7 +530,7 @@ impl<'a> Driver<'a> {
 /// Run every pending job of `state` until each has a final outcome, or
 /// `shutdown` resolves (then requests in flight get `options.grace`).
 pub async fn run(
-    config: &RunnerConfig,
+    config: &UpstreamsConfig,
     state: &State,
     clock: TokioClock,
     options: Options,
@@ -659,7 +645,7 @@ const REPLAY_HORIZON: Nanos = 2 * 86_400 * 1_000_000_000;
 /// Charge the sends of earlier runs still inside their windows, so a
 /// resumed run starts from the quota the last one left (not a full burst).
 fn replay_sends(
-    config: &RunnerConfig,
+    config: &UpstreamsConfig,
     state: &State,
     schedulers: &[Scheduler],
     index: &HashMap<&str, usize>,
@@ -670,7 +656,7 @@ fn replay_sends(
         let Some(&u) = index.get(upstream.as_str()) else {
             continue;
         };
-        let Ok(items) = config.upstreams[u].items(&job) else {
+        let Ok(items) = crate::job::items(&config.upstreams[u], &job) else {
             continue;
         };
         let engine = schedulers[u].engine();
@@ -777,7 +763,7 @@ fn finish(
     sink: &impl Sink,
     seq: u64,
     a: &Active,
-    config: &RunnerConfig,
+    config: &UpstreamsConfig,
     settled: &Settled,
     status: Option<u16>,
     body: Option<&[u8]>,
@@ -848,25 +834,6 @@ struct ResultLine<'a> {
     body_sha256: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     body_bytes: Option<usize>,
-}
-
-fn describe_event(upstream: &str, event: &Event, now: Nanos) -> String {
-    let secs = |at: Nanos| human(Duration::from_nanos(at.saturating_sub(now)));
-    match event {
-        Event::Paused { until, status } => {
-            format!("{upstream}: HTTP {status}, pausing the upstream for {}", secs(*until))
-        }
-        Event::BreakerOpened { failures, until } => format!(
-            "{upstream}: circuit breaker open after {failures} consecutive failures; probing again in {}",
-            secs(*until)
-        ),
-        Event::BreakerHalfOpen => format!("{upstream}: circuit breaker half-open, sending one probe"),
-        Event::BreakerClosed => format!("{upstream}: circuit breaker closed, the upstream answers again"),
-        Event::StoreUnavailable { error } => format!(
-            "{upstream}: the shared store cannot decide ({error}); limits with fail = \"closed\" hold every send until it answers"
-        ),
-        Event::StoreBack => format!("{upstream}: the shared store decides again"),
-    }
 }
 
 /// Progress: a bar on a terminal, a line every 500 jobs otherwise.

@@ -9,7 +9,7 @@
 //! order, so at startup it is a prefix of the table and the rest is appended.
 
 use crate::job::{Job, Routed};
-use crate::settings::RunnerConfig;
+use crate::settings::UpstreamsConfig;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
@@ -199,7 +199,7 @@ impl State {
     pub fn import(
         &mut self,
         jobs: &[Routed],
-        config: &RunnerConfig,
+        config: &UpstreamsConfig,
     ) -> Result<(u64, u64), StateError> {
         let dir = self.dir.clone();
         let tx = self.conn.transaction().map_err(|e| sql_err(&dir, e))?;

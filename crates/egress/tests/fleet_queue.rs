@@ -9,7 +9,7 @@ use std::time::Duration;
 use tollgate_core::policy::RedisSettings;
 use tollgate_egress::fleet::{Queue, QueueError, Recorded, Write};
 use tollgate_egress::state::DeadLetter;
-use tollgate_egress::{read_jobs, Job, Priority, Routed, RunnerConfig};
+use tollgate_egress::{read_jobs, Job, Priority, Routed, UpstreamsConfig};
 use tollgate_testkit::{redis_url, unique_prefix, RedisServer};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -22,7 +22,7 @@ fn settings(url: &str, prefix: &str) -> RedisSettings {
     }
 }
 
-fn config() -> RunnerConfig {
+fn config() -> UpstreamsConfig {
     tollgate_egress::parse_config(
         "[[upstream]]\nname = \"crm\"\nbase_url = \"http://127.0.0.1:9/\"\n[[upstream.limit]]\nname = \"api\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 100\n[[upstream]]\nname = \"mail\"\nbase_url = \"http://127.0.0.1:10/\"\n[[upstream.limit]]\nname = \"api\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 100\n",
         &tollgate_core::NoProfiles,

@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tollgate_core::policy::RedisSettings;
 use tollgate_egress::fleet::{FleetOptions, Queue};
-use tollgate_egress::{Options, ProgressMode, RunError, RunnerConfig, Summary};
+use tollgate_egress::{Options, ProgressMode, RunError, Summary, UpstreamsConfig};
 use tollgate_store::TokioClock;
 use tollgate_testkit::{redis_url, unique_prefix, RedisServer};
 
@@ -97,7 +97,7 @@ fn ok(_: &str) -> (u16, &'static str) {
     (200, "")
 }
 
-fn config(up: &Upstream, concurrency: usize) -> RunnerConfig {
+fn config(up: &Upstream, concurrency: usize) -> UpstreamsConfig {
     tollgate_egress::parse_config(
         &format!(
             "[[upstream]]\nname = \"vendor\"\nbase_url = \"http://{}/\"\nconcurrency = {concurrency}\n[[upstream.limit]]\nname = \"rate\"\nalgorithm = \"token_bucket\"\ncapacity = 1000\nrefill = \"1000/s\"\n",
@@ -141,7 +141,7 @@ async fn queued(url: &str, up: &Upstream, n: usize, concurrency: usize) -> (Queu
 /// Run one runner on `queue` until it ends (or `stop` fires).
 async fn run(
     queue: &Queue,
-    config: &RunnerConfig,
+    config: &UpstreamsConfig,
     lease: Duration,
     stop: oneshot::Receiver<()>,
 ) -> Result<Summary, RunError> {

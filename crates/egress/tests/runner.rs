@@ -151,7 +151,7 @@ async fn run(config: &str, jobs: &str) -> Ran {
 }
 
 async fn run_routed(
-    config: &tollgate_egress::RunnerConfig,
+    config: &tollgate_egress::UpstreamsConfig,
     routed: &[tollgate_egress::Routed],
 ) -> Ran {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -173,7 +173,7 @@ async fn run_routed(
 /// Queue `routed` in the state at `dir` and run it to the end on `clock`.
 async fn import_and_run(
     dir: &std::path::Path,
-    config: &tollgate_egress::RunnerConfig,
+    config: &tollgate_egress::UpstreamsConfig,
     routed: &[tollgate_egress::Routed],
     clock: TokioClock,
 ) -> (State, Summary) {
@@ -343,7 +343,7 @@ fn profiled(addr: SocketAddr, profile: &str, concurrency: usize, extra: &str) ->
 }
 
 #[tokio::test(start_paused = true)]
-async fn seed_004_a_full_job_through_the_gateway_gets_no_429_at_the_full_rate() {
+async fn celigo_a_full_job_through_the_gateway_gets_no_429_at_the_full_rate() {
     let (addr, _gateway) = gateway("celigo").await;
     let jobs: String = (0..1600)
         .map(|i| job(&format!("j{i}"), addr, "/v1/imports"))
@@ -363,7 +363,7 @@ async fn seed_004_a_full_job_through_the_gateway_gets_no_429_at_the_full_rate() 
 }
 
 #[tokio::test(start_paused = true)]
-async fn seed_000_ten_thousand_records_become_fifty_bulk_calls_under_the_crm_quota() {
+async fn crm_ten_thousand_records_become_fifty_bulk_calls_under_the_crm_quota() {
     let (addr, _gateway) = gateway("crm").await;
     let bulk = "[[upstream.bulk]]\nname = \"probability\"\nmethod = \"POST\"\npath = \"/graphql\"\nmax_items = 200\nbody = { query = \"mutation($ids: [UUID!]!) { updateOpportunities(data: {probability: 75}, filter: {id: {in: $ids}}) { affectedCount } }\", variables = { ids = \"{{records}}\" } }\n";
     let config = tollgate_egress::parse_config(

@@ -5,7 +5,6 @@
 
 use crate::gateway::{Gateway, PendingCheck, MAX_PENDING_CHECKS};
 use crate::proxy::ResponseBody;
-use crate::respond::Refusal;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -18,6 +17,7 @@ use std::sync::Arc;
 use tollgate_core::request::{encode_key, query_param};
 use tollgate_core::units::{NANOS_PER_MICRO, NANOS_PER_SEC};
 use tollgate_core::{Attrs, Clock, Item};
+use tollgate_http::Refusal;
 
 /// Largest admin request body (a check's attributes, a report).
 const MAX_ADMIN_BODY: usize = 1 << 20;

@@ -1,10 +1,7 @@
 //! The gateway's shared state: the config in force (a `Generation`, swapped
 //! whole on reload), the clock, the upstream client, metrics and bounds.
 
-use crate::access::AccessLogger;
-use crate::holds::Holds;
 use crate::metrics::{LimitCounters, Metrics};
-use crate::respond::PolicyItems;
 use crate::settings::{Settings, Upstream};
 use arc_swap::ArcSwap;
 use hyper::header::HeaderName;
@@ -21,7 +18,10 @@ use std::time::SystemTime;
 use tollgate_core::config::ConfigError;
 use tollgate_core::policy::{Cost, KeyPart};
 use tollgate_core::{Item, ProfileSource};
+use tollgate_http::ratelimit::PolicyItems;
+use tollgate_http::AccessLogger;
 use tollgate_store::Engine;
+use tollgate_store::Holds;
 use tollgate_store::TokioClock;
 
 /// Where the config comes from; read again on every reload.
@@ -46,7 +46,8 @@ pub struct Overrides {
 /// Everything read from one version of the config.
 #[derive(Debug)]
 pub struct Generation {
-    pub engine: Engine,
+    /// Shared with the admissions of requests still finishing on it.
+    pub engine: Arc<Engine>,
     pub settings: Settings,
     pub text: String,
     pub loaded_at: jiff::Timestamp,
@@ -294,7 +295,7 @@ impl Generation {
                 .iter()
                 .any(|l| matches!(l.cost, Cost::JsonArray(_))),
             read_headers,
-            engine,
+            engine: Arc::new(engine),
             settings,
             text,
             loaded_at: jiff::Timestamp::now(),

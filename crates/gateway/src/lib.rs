@@ -5,18 +5,16 @@
 //! requests to the upstream, and serves an admin listener (health, metrics,
 //! usage, config, reload, and the check API).
 
-mod access;
 mod admin;
 pub mod demo;
 mod gateway;
-mod holds;
 mod metrics;
 mod proxy;
-mod respond;
 mod server;
 pub mod settings;
 
 pub use gateway::{load, Gateway, LoadError, Overrides, Reloaded, Source, MAX_WORKERS};
 pub use server::{serve_workers, Listeners};
-pub use settings::{AccessLog, ErrorFormat, Settings, Upstream};
+pub use settings::{Settings, Upstream};
+pub use tollgate_http::{AccessLog, ErrorFormat};
 pub use tollgate_store::TokioClock;

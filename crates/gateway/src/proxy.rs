@@ -7,27 +7,28 @@
 //! debit, concurrency release) runs when the response body ends or is
 //! dropped (the client went away).
 
-use crate::access::Entry;
 use crate::gateway::{Gateway, Generation};
 use crate::metrics::Outcome;
-use crate::respond::{add_rate_headers, Refusal, X_REQUEST_ID};
 use crate::settings::Upstream;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST};
+use hyper::header::{HeaderMap, HeaderValue, HOST};
 use hyper::http::request::Parts;
 use hyper::{Request, Response, Uri};
 use std::borrow::Cow;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tollgate_core::policy::Cost;
 use tollgate_core::request::query_param;
-use tollgate_core::units::NANOS_PER_MICRO;
-use tollgate_core::{Clock, Decision, Item, Nanos, Verdict};
+use tollgate_core::{Decision, Item, Verdict};
+use tollgate_http::access::Entry;
+use tollgate_http::forward::X_FORWARDED_FOR;
+use tollgate_http::ratelimit::add_rate_headers;
+use tollgate_http::{normalize_path, strip_hop_by_hop, Peer, Refusal, X_REQUEST_ID};
+use tollgate_store::{decide_holding, Admission, HoldBounds};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// What goes to the upstream: the client's body streamed, or the bytes read
@@ -82,7 +83,7 @@ impl tollgate_core::Request for HttpView<'_> {
 #[derive(Debug)]
 pub struct ResponseBody {
     inner: Either<Incoming, Full<Bytes>>,
-    completion: Option<Completion>,
+    completion: Option<Admission>,
 }
 
 impl ResponseBody {
@@ -116,129 +117,12 @@ impl Body for ResponseBody {
     }
 }
 
-/// What an admitted request owes its limits when it completes: the latency
-/// debit and the concurrency release. Runs on drop, so a request that ends
-/// any way at all (finished, failed, client gone) settles exactly once.
-#[derive(Debug)]
-pub struct Completion {
-    generation: Arc<Generation>,
-    items: Vec<Item>,
-    clock: tollgate_store::TokioClock,
-    /// When the request went to the upstream; None if it never did (the
-    /// client left while held): nothing to debit, only slots to release.
-    started: Option<Nanos>,
-    /// Decided in process (Redis was down): settled in process.
-    local: bool,
-}
-
-impl Completion {
-    /// For the committed items that settle at completion; None if none do.
-    pub fn new(
-        generation: &Arc<Generation>,
-        committed: impl Iterator<Item = Item>,
-        clock: &tollgate_store::TokioClock,
-        local: bool,
-    ) -> Option<Completion> {
-        let policy = generation.engine.policy();
-        let items: Vec<Item> = committed
-            .filter(|i| policy.limits[i.limit].settles_at_completion())
-            .collect();
-        (!items.is_empty()).then(|| Completion {
-            generation: generation.clone(),
-            items,
-            clock: clock.clone(),
-            started: None,
-            local,
-        })
-    }
-
-    /// Latency is counted from here (the request goes to the upstream).
-    fn start(&mut self) {
-        self.started = Some(self.clock.now());
-    }
-}
-
-impl Drop for Completion {
-    fn drop(&mut self) {
-        let now = self.clock.now();
-        let latency_us = self
-            .started
-            .map_or(0, |started| now.saturating_sub(started) / NANOS_PER_MICRO);
-        let engine = &self.generation.engine;
-        if self.local {
-            engine.finish_local(&self.items, now, latency_us);
-        } else if engine.is_shared() {
-            // Settling in Redis is a round trip: not on this (dropping) thread.
-            let generation = self.generation.clone();
-            let items = std::mem::take(&mut self.items);
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    generation
-                        .engine
-                        .finish_async(&items, now, latency_us)
-                        .await;
-                });
-            }
-        } else {
-            engine.finish_committed(&self.items, now, latency_us);
-        }
-    }
-}
-
 /// The gateway's answer when the engine cannot decide.
 fn refusal(e: tollgate_store::EngineError) -> Refusal {
     match e {
         tollgate_store::EngineError::Request(e) => Refusal::BadRequest(e.to_string()),
         tollgate_store::EngineError::Unavailable { .. } => Refusal::StoreUnavailable(e.to_string()),
         e => Refusal::StoreFull(e.to_string()),
-    }
-}
-
-/// Headers that describe one connection, not the message (RFC 9110 7.6.1).
-static HOP_BY_HOP: [HeaderName; 7] = [
-    HeaderName::from_static("connection"),
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    HeaderName::from_static("te"),
-    HeaderName::from_static("trailer"),
-    HeaderName::from_static("transfer-encoding"),
-    HeaderName::from_static("upgrade"),
-];
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for name in &named {
-            headers.remove(name);
-        }
-    }
-    for name in &HOP_BY_HOP {
-        if headers.contains_key(name) {
-            headers.remove(name);
-        }
-    }
-}
-
-/// The other end of a connection, formatted once per connection.
-#[derive(Debug)]
-pub struct Peer {
-    pub ip: String,
-    /// `ip` as a header value: this hop's part of X-Forwarded-For.
-    ip_header: HeaderValue,
-}
-
-impl Peer {
-    pub fn new(addr: SocketAddr) -> Peer {
-        let ip = addr.ip().to_string();
-        let ip_header = HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown"));
-        Peer { ip, ip_header }
     }
 }
 
@@ -361,9 +245,9 @@ impl Gateway {
             .iter()
             .map(|(n, v)| n.as_str().len() + v.len() + 4)
             .sum();
-        if head_bytes > crate::server::MAX_HEAD_BYTES {
+        if head_bytes > tollgate_http::listen::MAX_HEAD_BYTES {
             return Err(Refusal::HeadersTooLarge {
-                max: crate::server::MAX_HEAD_BYTES,
+                max: tollgate_http::listen::MAX_HEAD_BYTES,
             });
         }
         for name in &generation.read_headers {
@@ -412,54 +296,15 @@ impl Gateway {
             log.key = key_text(&items);
         }
 
-        // First without holding: most requests are admitted (or denied for
-        // longer than any hold) here, and a denial consumes nothing. Only a
-        // request that a hold could save claims places in the bounded queue
-        // (one per holding limit's key) and is decided again, holding.
-        let mut now = self.clock.now();
-        let (mut decision, mut local) = generation
-            .engine
-            .decide_async(&items, now, false)
-            .await
-            .map_err(refusal)?;
-        let mut places = Vec::new();
-        if let Verdict::Deny {
-            retry_after: Some(wait),
-            ..
-        } = decision.verdict
-        {
-            // The limits that make it wait (enforcing, denying on their own):
-            // as in `decide`, the shortest of their holds bounds the wait, and
-            // only their keys' queues take a place.
-            let blocking: Vec<&Item> = items
-                .iter()
-                .zip(&decision.outcomes)
-                .filter(|(_, o)| !o.shadow && !o.allowed)
-                .map(|(i, _)| i)
-                .collect();
-            let hold = blocking.iter().map(|i| policy.limits[i.limit].hold).min();
-            if hold.is_some_and(|hold| wait <= hold) {
-                places = blocking
-                    .iter()
-                    .map_while(|i| {
-                        self.holds.claim(
-                            i.limit,
-                            &i.key,
-                            settings.max_held,
-                            settings.max_held_per_key,
-                        )
-                    })
-                    .collect();
-                if places.len() == blocking.len() {
-                    now = self.clock.now();
-                    (decision, local) = generation
-                        .engine
-                        .decide_async(&items, now, true)
-                        .await
-                        .map_err(refusal)?;
-                }
-            }
-        }
+        let bounds = HoldBounds {
+            total: settings.max_held,
+            per_key: settings.max_held_per_key,
+        };
+        let mut decided =
+            decide_holding(&generation.engine, &items, &self.clock, &self.holds, bounds)
+                .await
+                .map_err(refusal)?;
+        let decision = &decided.decision;
         if logging {
             log.remaining = items
                 .iter()
@@ -484,7 +329,7 @@ impl Gateway {
                     limit: name.clone(),
                     retry_after,
                 };
-                return Ok(generation.answer(refusal, request_id, &items, &decision));
+                return Ok(generation.answer(refusal, request_id, &items, decision));
             }
             Verdict::Never {
                 limit,
@@ -512,18 +357,13 @@ impl Gateway {
         }
         log.decision = if delay > 0 { "held" } else { "admitted" };
         // Created before the hold: a client that leaves while held still releases.
-        let mut completion = Completion::new(
-            generation,
-            tollgate_store::committed(&items, &decision).cloned(),
-            &self.clock,
-            local,
-        );
+        let mut completion = Admission::new(&generation.engine, &items, &decided, &self.clock);
+        decided.hold(&self.clock).await;
         if delay > 0 {
-            tokio::time::sleep_until(self.clock.instant_at(now + delay)).await;
             log.hold_ms = delay as f64 / 1e6;
             self.metrics.hold_seconds.observe(delay as f64 / 1e9);
         }
-        drop(places);
+        let decision = &decided.decision;
 
         if let Some(c) = completion.as_mut() {
             c.start();
@@ -555,12 +395,12 @@ impl Gateway {
                 self.metrics.upstream_seconds.observe(upstream_time);
                 log.upstream_ms = Some(upstream_time * 1e3);
                 return Ok(self.relay(
-                    generation, id_header, &items, &decision, response, completion,
+                    generation, id_header, &items, decision, response, completion,
                 ));
             }
         };
         // Admitted, so it used quota: the answer still says what is left.
-        Ok(generation.answer(refusal, request_id, &items, &decision))
+        Ok(generation.answer(refusal, request_id, &items, decision))
     }
 
     /// The upstream's response, with the rate-limit headers, streamed back;
@@ -572,7 +412,7 @@ impl Gateway {
         items: &[Item],
         decision: &Decision,
         response: Response<Incoming>,
-        completion: Option<Completion>,
+        completion: Option<Admission>,
     ) -> Response<ResponseBody> {
         let (mut head, body) = response.into_parts();
         strip_hop_by_hop(&mut head.headers);
@@ -649,58 +489,6 @@ impl Drop for Abandoned<'_> {
     }
 }
 
-/// The path with percent-encoded unreserved characters decoded, `//`
-/// merged and dot segments removed (RFC 3986 6.2.2), so that `/v1/x`,
-/// `//v1/x`, `/%76%31/x` and `/a/../v1/x` all match, key and reach the
-/// upstream as `/v1/x`: a path prefix cannot be sidestepped by spelling.
-pub fn normalize_path(path: &str) -> Cow<'_, str> {
-    let plain = !path.contains('%') && !path.contains("//") && !path.contains("/.");
-    if plain {
-        return Cow::Borrowed(path);
-    }
-    let bytes = path.as_bytes();
-    let mut decoded = String::with_capacity(path.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                let c = (h * 16 + l) as u8;
-                if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
-                    decoded.push(c as char);
-                } else {
-                    decoded.push('%');
-                    decoded.push_str(&path[i + 1..i + 3].to_ascii_uppercase());
-                }
-                i += 3;
-                continue;
-            }
-        }
-        decoded.push(bytes[i] as char);
-        i += 1;
-    }
-    let mut segments: Vec<&str> = Vec::new();
-    for segment in decoded.split('/') {
-        match segment {
-            "" | "." => {}
-            ".." => {
-                segments.pop();
-            }
-            s => segments.push(s),
-        }
-    }
-    let mut out = String::with_capacity(decoded.len());
-    for s in &segments {
-        out.push('/');
-        out.push_str(s);
-    }
-    let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
-    if out.is_empty() || (trailing && !segments.is_empty()) {
-        out.push('/');
-    }
-    Cow::Owned(out)
-}
-
 fn upstream_request(
     request: Incoming_<'_>,
     upstream: &Upstream,
@@ -743,46 +531,9 @@ fn upstream_request(
     *outgoing.headers_mut() = request.headers;
     let headers = outgoing.headers_mut();
     strip_hop_by_hop(headers);
-    // One X-Forwarded-For value: the client's chain, then this hop's peer.
-    if headers.contains_key(&X_FORWARDED_FOR) {
-        let chain: Vec<&str> = headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .chain([request.peer.ip.as_str()])
-            .collect();
-        if let Ok(v) = HeaderValue::from_str(&chain.join(", ")) {
-            headers.insert(X_FORWARDED_FOR.clone(), v);
-        }
-    } else {
-        headers.insert(X_FORWARDED_FOR.clone(), request.peer.ip_header.clone());
-    }
+    request.peer.append_forwarded_for(headers);
     if let Some(id) = id_header {
         headers.insert(X_REQUEST_ID.clone(), id);
     }
     Ok(outgoing)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::normalize_path;
-
-    #[test]
-    fn paths_are_normalized_before_matching() {
-        for (raw, normal) in [
-            ("/v1/jobs", "/v1/jobs"),
-            ("//v1/jobs", "/v1/jobs"),
-            ("/%76%31/jobs", "/v1/jobs"),
-            ("/x/../v1/jobs", "/v1/jobs"),
-            ("/v1/./jobs/", "/v1/jobs/"),
-            ("/../../etc", "/etc"),
-            ("/a%2fb", "/a%2Fb"),
-            ("/a%2", "/a%2"),
-            ("/%", "/%"),
-            ("/", "/"),
-            ("/v1/..", "/"),
-        ] {
-            assert_eq!(normalize_path(raw), normal, "{raw}");
-        }
-    }
 }

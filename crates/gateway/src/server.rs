@@ -4,24 +4,18 @@
 //! `shutdown_grace`).
 
 use crate::gateway::Gateway;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tollgate_core::Clock;
+use tollgate_http::{listen, Peer};
 
 /// How often idle keys are swept and unreported checks expired.
 const UPKEEP_EVERY: Duration = Duration::from_secs(10);
 /// A `/v1/check` not reported within this is settled without latency.
 const CHECK_TTL: Duration = Duration::from_secs(600);
-/// Largest request head (line and headers) read; past it the client gets 431.
-pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
-
 /// The listeners a gateway serves on. The proxy socket is bound with
 /// SO_REUSEPORT so that each worker thread can accept on its own socket of
 /// the same address (the kernel spreads connections over them).
@@ -31,37 +25,13 @@ pub struct Listeners {
     pub admin: Option<TcpListener>,
 }
 
-fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    #[cfg(unix)]
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    Ok(socket.into())
-}
-
 impl Listeners {
     /// Bind the addresses of the gateway's current config.
     pub async fn bind(gateway: &Gateway) -> std::io::Result<Listeners> {
         let settings = &gateway.current().settings;
-        let named = |addr: SocketAddr| {
-            move |e: std::io::Error| {
-                std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
-            }
-        };
-        // SO_REUSEPORT would let a second tollgate share the address and
-        // split the traffic (and the quotas): first make sure it is free.
-        if settings.listen.port() != 0 {
-            drop(std::net::TcpListener::bind(settings.listen).map_err(named(settings.listen))?);
-        }
-        let proxy = reuseport_listener(settings.listen)
-            .and_then(TcpListener::from_std)
-            .map_err(named(settings.listen))?;
+        let proxy = listen::bind_workers(settings.listen)?;
         let admin = match settings.admin_listen {
-            Some(a) => Some(TcpListener::bind(a).await.map_err(named(a))?),
+            Some(a) => Some(listen::bind(a).await?),
             None => None,
         };
         Ok(Listeners { proxy, admin })
@@ -84,7 +54,7 @@ pub async fn serve_workers(
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut threads = Vec::new();
     for worker in 1..workers.max(1) {
-        let listener = reuseport_listener(listeners.proxy.local_addr()?)?;
+        let listener = listen::reuseport_listener(listeners.proxy.local_addr()?)?;
         let (gateway, stopped) = (gateway.clone(), stopped.clone());
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -127,71 +97,35 @@ pub async fn serve_workers(
     Ok(())
 }
 
-/// Accept and serve connections until `stopped` turns true, then stop
-/// accepting and wait (up to the grace) for the connections to finish.
+/// Accept and serve connections until `stopped` turns true, then drain.
 async fn accept_loop(
     gateway: Arc<Gateway>,
     proxy: TcpListener,
     admin: Option<TcpListener>,
     worker: usize,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
+    stopped: tokio::sync::watch::Receiver<bool>,
 ) {
-    let graceful = GracefulShutdown::new();
-    loop {
-        let accepted = tokio::select! {
-            _ = stopped.wait_for(|s| *s) => break,
-            a = proxy.accept() => a.map(|(s, p)| (s, p, false)),
-            a = accept_admin(admin.as_ref()) => a.map(|(s, p)| (s, p, true)),
-        };
-        let (stream, peer, is_admin) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors and the like: back off, keep serving.
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(stream);
-        let gw = gateway.clone();
-        let mut builder = http1::Builder::new();
-        builder
-            .max_buf_size(MAX_HEAD_BYTES)
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30));
-        if is_admin {
-            let service = service_fn(move |req| gw.clone().admin(req));
-            tokio::spawn(graceful.watch(builder.serve_connection(io, service)));
-        } else {
-            let peer = Arc::new(crate::proxy::Peer::new(peer));
-            let service = service_fn(move |req| gw.clone().proxy(req, peer.clone(), worker));
-            tokio::spawn(graceful.watch(builder.serve_connection(io, service)));
-        }
-    }
-    drop(proxy);
-    drop(admin);
     let grace = gateway.current().settings.shutdown_grace;
-    if worker == 0 {
-        tracing::info!(
-            "shutting down: no new connections; waiting up to {grace:?} for requests in flight"
-        );
-    }
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("requests still in flight after {grace:?}; closing them");
-    }
-}
-
-async fn accept_admin(
-    admin: Option<&TcpListener>,
-) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
-    match admin {
-        Some(l) => l.accept().await,
-        None => std::future::pending().await,
-    }
+    let gw = gateway.clone();
+    listen::accept_loop(
+        proxy,
+        admin,
+        stopped,
+        grace,
+        worker == 0,
+        move |accepted, graceful| {
+            let gw = gw.clone();
+            if accepted.admin {
+                let service = service_fn(move |req| gw.clone().admin(req));
+                listen::serve_http1(accepted.stream, service, graceful);
+            } else {
+                let peer = Arc::new(Peer::new(accepted.peer));
+                let service = service_fn(move |req| gw.clone().proxy(req, peer.clone(), worker));
+                listen::serve_http1(accepted.stream, service, graceful);
+            }
+        },
+    )
+    .await;
 }
 
 /// Sweep idle keys and expire unreported checks, now and then.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tollgate_core::config::ConfigError;
 use tollgate_core::policy::Matcher;
 use tollgate_core::units::parse_duration;
+pub use tollgate_http::{AccessLog, ErrorFormat, ResponseSettings};
 use toml::Spanned;
 
 #[derive(Debug, Clone)]
@@ -52,46 +53,6 @@ pub struct Upstream {
 pub struct Route {
     pub matcher: Matcher,
     pub upstream: Upstream,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AccessLog {
-    Off,
-    Text,
-    Json,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorFormat {
-    /// RFC 9457 `application/problem+json` (seed 001).
-    Problem,
-    /// `{"errors":[{"code":"rate_limited","message":...}]}` (seed 004).
-    Errors,
-}
-
-#[derive(Debug, Clone)]
-pub struct ResponseSettings {
-    pub format: ErrorFormat,
-    /// `Retry-After` in whole seconds on 429s.
-    pub retry_after: bool,
-    /// IETF `RateLimit-Policy` / `RateLimit` on every response.
-    pub ratelimit_headers: bool,
-    /// `X-RateLimit-Limit/Remaining/Reset` for the tightest limit.
-    pub legacy_headers: bool,
-    /// The problem `type` URI.
-    pub problem_type: String,
-}
-
-impl Default for ResponseSettings {
-    fn default() -> Self {
-        ResponseSettings {
-            format: ErrorFormat::Problem,
-            retry_after: true,
-            ratelimit_headers: true,
-            legacy_headers: false,
-            problem_type: "https://tollgate.dev/errors/rate-limited".into(),
-        }
-    }
 }
 
 impl Default for Settings {

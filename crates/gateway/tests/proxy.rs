@@ -76,7 +76,8 @@ async fn a_token_bucket_answers_429_problem_json_with_headers() {
 #[tokio::test]
 async fn the_errors_format_has_retry_after_and_legacy_headers() {
     let up = upstream().await;
-    // Seed 004: a 1-request bucket refilling 1 per 2 s, `errors` body, Retry-After.
+    // Celigo's rate-limit page, small: a 1-request bucket refilling 1 per 2 s,
+    // `errors` body, Retry-After.
     let config = format!(
         "{}[response]\nformat = \"errors\"\nlegacy_headers = true\n[[limit]]\nname = \"api\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"leaky_bucket\"\ncapacity = 1\nrefill = \"1/2s\"\n",
         gateway_section(up.addr)
@@ -101,7 +102,7 @@ async fn the_errors_format_has_retry_after_and_legacy_headers() {
 }
 
 #[tokio::test]
-async fn retry_after_can_be_turned_off_as_seed_001_does() {
+async fn retry_after_can_be_turned_off_as_the_gateway_profile_does() {
     let up = upstream().await;
     let config = format!(
         "{}[response]\nretry_after = false\nratelimit_headers = false\n[[limit]]\nname = \"tenant\"\nalgorithm = \"token_bucket\"\ncapacity = 1\nrefill = \"1/h\"\n",
@@ -124,7 +125,8 @@ async fn every_algorithm_admits_exactly_its_quota() {
         ("algorithm = \"leaky_bucket\"\ncapacity = 4\nrefill = \"1/h\"", 4),
         ("algorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 6", 6),
         ("algorithm = \"sliding_window\"\nevery = \"1h\"\nquota = 7", 7),
-        // Seed 003: pools tried most frequent first; 2 + 3 + 1 in all.
+        // The data API's rate-limit article: pools tried most frequent first;
+        // 2 + 3 + 1 in all.
         (
             "algorithm = \"tiered\"\ntiers = [{ every = \"1m\", quota = 2 }, { every = \"1h\", quota = 3 }, { every = \"1d\", quota = 1 }]",
             6,
@@ -147,7 +149,8 @@ async fn every_algorithm_admits_exactly_its_quota() {
 #[tokio::test(start_paused = true)]
 async fn held_requests_wait_in_fifo_order_then_run() {
     let up = upstream().await;
-    // Seed 001: wait up to 2 s for a token. One token per second.
+    // The API gateway's rate-limit page: wait up to 2 s for a token. One token
+    // per second.
     let config = format!(
         "{}[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 1\nrefill = \"1/s\"\nhold = \"2s\"\n",
         gateway_section(up.addr)
@@ -216,7 +219,7 @@ async fn the_hold_queue_is_bounded_per_key() {
 #[tokio::test(start_paused = true)]
 async fn latency_is_debited_when_the_response_completes() {
     let up = upstream().await;
-    // Seed 003's duration limit, small: 1 s of upstream time per minute.
+    // The data API article's duration limit, small: 1 s of upstream time per minute.
     let config = format!(
         "{}[[limit]]\nname = \"duration\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"tiered\"\ncost = \"latency\"\ntiers = [{{ every = \"1m\", quota = \"1s\" }}]\n",
         gateway_section(up.addr)
@@ -525,7 +528,7 @@ async fn shutdown_lets_requests_in_flight_finish_and_refuses_new_ones() {
 #[tokio::test]
 async fn a_profile_brings_its_vendors_429_shape() {
     let up = upstream().await;
-    // Seed 004's bucket, shrunk to 2 so the test reaches the limit quickly.
+    // Celigo's bucket, shrunk to 2 so the test reaches the limit quickly.
     let config = format!(
         "profile = \"celigo\"\n{}[[limit]]\nname = \"account\"\nkey = [\"header:authorization\"]\nalgorithm = \"leaky_bucket\"\ncapacity = 2\nrefill = \"1/3s\"\n",
         gateway_section(up.addr)
@@ -546,7 +549,8 @@ async fn a_profile_brings_its_vendors_429_shape() {
     let body: serde_json::Value = denied.json().await.unwrap();
     assert_eq!(body["errors"][0]["code"], "rate_limited");
 
-    // Seed 001's gateway: problem+json with its own type, and no Retry-After.
+    // The API gateway's rate-limit page: problem+json with its own type, and no
+    // Retry-After.
     let config = format!(
         "profile = \"gateway\"\n{}[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 1\nrefill = \"1/min\"\n",
         gateway_section(up.addr)

@@ -5,7 +5,7 @@
 
 use super::scripts::Scripts;
 use crate::job::{Job, Routed};
-use crate::settings::RunnerConfig;
+use crate::settings::UpstreamsConfig;
 use crate::state::{Counts, DeadLetter};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, FromRedisValue, ToRedisArgs};
@@ -248,7 +248,7 @@ impl Queue {
     pub async fn import(
         &self,
         jobs: &[Routed],
-        config: &RunnerConfig,
+        config: &UpstreamsConfig,
     ) -> Result<(u64, u64), QueueError> {
         let specs: Vec<String> = jobs
             .iter()

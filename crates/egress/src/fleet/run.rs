@@ -14,10 +14,10 @@
 //!   Redis under `upstream:NAME`, so every runner asks the same counters.
 
 use super::queue::{Queue, QueueError, Recorded, Write, IDS_PER_CALL, WRITES_PER_CALL};
+use crate::human;
 use crate::job::{Job, Priority};
-use crate::run::{human, sleep_until, Active, Driver, FleetTotals, Progress, RunError, Sink};
-use crate::schedule::Scheduler;
-use crate::settings::RunnerConfig;
+use crate::run::{sleep_until, Active, Driver, FleetTotals, Progress, RunError, Sink};
+use crate::settings::UpstreamsConfig;
 use crate::state::{DeadLetter, Record};
 use crate::{Options, Summary};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tollgate_comply::Scheduler;
 use tollgate_store::{Engine, TokioClock};
 
 /// Most jobs a runner holds per upstream beyond its concurrency: enough to
@@ -317,7 +318,7 @@ fn unreadable(id: &str) -> Job {
 /// Run jobs leased from `queue` until no job of this config's upstreams is
 /// pending or leased anywhere in the fleet, or `shutdown` resolves.
 pub async fn run(
-    config: &RunnerConfig,
+    config: &UpstreamsConfig,
     queue: &Queue,
     clock: TokioClock,
     options: Options,

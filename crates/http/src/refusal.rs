@@ -1,23 +1,51 @@
-//! What the gateway answers: the rate-limit headers of every response, and
-//! every refusal (429 and the other errors) with its status decided in one place.
+//! Every answer tollgate makes itself (a 429 and the other errors), with its
+//! status decided in one place, as RFC 9457 problem+json or Celigo's
+//! `errors` shape, per `[response]`.
 
-use crate::settings::{ErrorFormat, ResponseSettings};
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
-use std::fmt::Write;
 use tollgate_core::units::NANOS_PER_SEC;
-use tollgate_core::{Decision, Item, Nanos, Policy};
+use tollgate_core::Nanos;
 
-pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
-static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
-static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
-static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Why the gateway answers a request itself.
+/// How refusals look: `[response]` of a config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorFormat {
+    /// RFC 9457 `application/problem+json` (an API gateway's rate-limit page).
+    Problem,
+    /// `{"errors":[{"code":"rate_limited","message":...}]}` (Celigo's rate-limit page).
+    Errors,
+}
+
+#[derive(Debug, Clone)]
+pub struct ResponseSettings {
+    pub format: ErrorFormat,
+    /// `Retry-After` in whole seconds on 429s.
+    pub retry_after: bool,
+    /// IETF `RateLimit-Policy` / `RateLimit` on every response.
+    pub ratelimit_headers: bool,
+    /// `X-RateLimit-Limit/Remaining/Reset` for the tightest limit.
+    pub legacy_headers: bool,
+    /// The problem `type` URI.
+    pub problem_type: String,
+}
+
+impl Default for ResponseSettings {
+    fn default() -> Self {
+        ResponseSettings {
+            format: ErrorFormat::Problem,
+            retry_after: true,
+            ratelimit_headers: true,
+            legacy_headers: false,
+            problem_type: "https://tollgate.dev/errors/rate-limited".into(),
+        }
+    }
+}
+
+/// Why tollgate answers a request itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     /// 429: `limit` is out of quota; `retry_after` is None when only a
@@ -211,7 +239,7 @@ struct Problem<'a> {
     instance: &'a str,
 }
 
-/// Seed 004's error body.
+/// Celigo's error body.
 #[derive(serde::Serialize)]
 struct Errors<'a> {
     errors: [ErrorItem<'a>; 1],
@@ -226,94 +254,4 @@ struct ErrorItem<'a> {
 /// Seconds rounded up: waiting that long is always enough.
 pub fn whole_seconds(ns: Nanos) -> u64 {
     ns.div_ceil(NANOS_PER_SEC)
-}
-
-/// `"name";q=Q;w=W` for every (limit, variant) of a policy, built once per
-/// config: the `RateLimit-Policy` items a response is assembled from.
-#[derive(Debug)]
-pub struct PolicyItems(Vec<Vec<String>>);
-
-impl PolicyItems {
-    pub fn new(policy: &Policy) -> Self {
-        PolicyItems(
-            policy
-                .limits
-                .iter()
-                .map(|limit| {
-                    limit
-                        .variants
-                        .iter()
-                        .map(|params| {
-                            let (q, w) = params.policy();
-                            let mut item = format!("\"{}\";q={q}", limit.name);
-                            if w > 0 {
-                                let _ = write!(item, ";w={w}");
-                            }
-                            item
-                        })
-                        .collect()
-                })
-                .collect(),
-        )
-    }
-}
-
-/// Add `RateLimit-Policy`, `RateLimit` (and the legacy `X-RateLimit-*` for the
-/// limit with the least left) for the enforcing limits of a decision.
-pub fn add_rate_headers(
-    headers: &mut HeaderMap,
-    settings: &ResponseSettings,
-    policy: &Policy,
-    items_text: &PolicyItems,
-    items: &[Item],
-    decision: &Decision,
-) {
-    if !settings.ratelimit_headers && !settings.legacy_headers {
-        return;
-    }
-    let mut policy_field = String::new();
-    let mut state_field = String::new();
-    // (remaining, quota, reset) of the limit with the least left.
-    let mut tightest: Option<(u64, u64, u64)> = None;
-    for (item, outcome) in items.iter().zip(&decision.outcomes) {
-        if outcome.shadow {
-            continue;
-        }
-        let limit = &policy.limits[item.limit];
-        if !policy_field.is_empty() {
-            policy_field.push_str(", ");
-            state_field.push_str(", ");
-        }
-        policy_field.push_str(&items_text.0[item.limit][item.class]);
-        let reset = whole_seconds(outcome.reset);
-        let _ = write!(
-            state_field,
-            "\"{}\";r={};t={reset}",
-            limit.name, outcome.remaining
-        );
-        if tightest.is_none_or(|(r, _, _)| outcome.remaining < r) {
-            tightest = Some((
-                outcome.remaining,
-                limit.params(item.class).policy().0,
-                reset,
-            ));
-        }
-    }
-    if policy_field.is_empty() {
-        return;
-    }
-    if settings.ratelimit_headers {
-        if let (Ok(p), Ok(s)) = (
-            HeaderValue::from_str(&policy_field),
-            HeaderValue::from_str(&state_field),
-        ) {
-            headers.insert(RATELIMIT_POLICY.clone(), p);
-            headers.insert(RATELIMIT.clone(), s);
-        }
-    }
-    if let (true, Some((remaining, quota, reset))) = (settings.legacy_headers, tightest) {
-        headers.insert(X_LIMIT.clone(), HeaderValue::from(quota));
-        headers.insert(X_REMAINING.clone(), HeaderValue::from(remaining));
-        headers.insert(X_RESET.clone(), HeaderValue::from(reset));
-    }
 }

@@ -2,11 +2,18 @@
 //! so a slow terminal or pipe never slows requests (lines past a bounded
 //! backlog are dropped and counted).
 
-use crate::settings::AccessLog;
 use std::io::Write;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 
 const BACKLOG: usize = 1 << 16;
+
+/// The access log's format (`access_log = "off" | "text" | "json"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLog {
+    Off,
+    Text,
+    Json,
+}
 
 /// One request as logged.
 #[derive(Debug, Default, Clone)]

@@ -1,23 +1,26 @@
 //! The scheduler of one upstream, without I/O: which job goes next and when,
 //! and what a reply means (done, retry when, dead letter). The runner drives
-//! it on the real clock; `plan` drives it on a virtual one.
+//! it on the real clock, `plan` on a virtual one, and `shared::Gate` lets
+//! many callers (the proxy's requests) use one at once.
 //!
-//! Jobs that touch the same limits under the same keys form a lane (FIFO per
-//! priority). The head of each lane is asked of the engine: the first one
+//! The head of each lane (`lanes`) is asked of the engine: the first one
 //! admitted now (high before normal before low, then oldest) is sent;
 //! otherwise the scheduler waits until the earliest instant some head is
-//! admitted (the engine's exact `retry_after`), never a fixed sleep.
+//! admitted (the engine's exact `retry_after`), never a fixed sleep. Budgets
+//! are limits like any other (matched on the workflow), so a workflow out of
+//! budget holds back only its own lane. What a reply means is `retry`'s;
+//! the breaker is `breaker`'s; what the reply's headers say of the quota
+//! left is applied by `corrections`.
 
-use crate::job::Priority;
-use crate::settings::BreakerSettings;
-use crate::signals::{Correction, Target};
-use compact_str::CompactString;
+use crate::breaker::{Breaker, BreakerSettings, Gate};
+use crate::lanes::{Entry, Lanes, Priority};
+use crate::retry::{classify, nanos, Backoff, Class};
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap};
 use std::time::Duration;
 use tollgate_core::decide::Verdict;
-use tollgate_core::policy::AlgorithmKind;
 use tollgate_core::{Item, Nanos};
+use tollgate_http::ratelimit::{Correction, Target};
 use tollgate_store::Engine;
 
 /// When only a release could admit a job yet nothing is in flight (which
@@ -28,13 +31,6 @@ const IDLE_RECHECK: Nanos = 1_000_000_000;
 /// `fail = "closed"`, ask again after this long: the job waits, it is not
 /// a dead letter.
 const UNAVAILABLE_RECHECK: Nanos = 250_000_000;
-/// Exponential backoff stops doubling here (seed 002: "a maximum wait time
-/// (30-60 seconds)").
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// Jitter added to a Retry-After wait (seed 004: "a small jitter (≤ 250 ms)").
-const RETRY_AFTER_JITTER_MS: u64 = 250;
-/// Jitter added to an exponential backoff (seeds 000, 002: 0 to 1 s).
-const BACKOFF_JITTER_MS: u64 = 1000;
 
 /// What to do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,68 +105,26 @@ pub struct Counters {
     pub failures: u64,
 }
 
-#[derive(Debug)]
-struct Entry {
-    seq: u64,
-    priority: Priority,
-    attempts: u32,
-    items: Vec<Item>,
-    /// The items the admitting decision charged (settled at completion),
-    /// with what each had left just after: a window limit with more left at
-    /// the reply has rolled over, and the reply's count is of the old window.
-    committed: Vec<(Item, u64)>,
-    lane: usize,
-    /// Decided in process while the shared store was down (`fail =
-    /// "local"`): settled in process too.
-    local: bool,
-    /// Order of sending: replies count only what reached the upstream
-    /// before them, so requests sent after this one are not in its count.
-    sent_order: u64,
-}
-
-#[derive(Debug, Default)]
-struct Lane {
-    /// One queue per priority, oldest (lowest seq) first.
-    queues: [BTreeMap<u64, Entry>; 3],
-}
-
-impl Lane {
-    fn head(&self) -> Option<&Entry> {
-        self.queues.iter().find_map(|q| q.values().next())
-    }
-    fn pop(&mut self) -> Option<Entry> {
-        self.queues
-            .iter_mut()
-            .find_map(|q| q.pop_first().map(|(_, e)| e))
-    }
-}
-
+/// What the scheduler last waited for: the instant, and the limit a lane
+/// head waited for (None when it was a pause, the breaker or a backoff).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Breaker {
-    Closed { failures: u32 },
-    Open { until: Nanos },
-    HalfOpen { probing: bool },
+pub struct Waiting {
+    pub until: Nanos,
+    pub limit: Option<usize>,
 }
-
-type LaneKey = Vec<(usize, usize, CompactString)>;
 
 #[derive(Debug)]
 pub struct Scheduler {
     engine: Engine,
     max_attempts: u32,
     concurrency: usize,
-    breaker_settings: BreakerSettings,
     breaker: Breaker,
-    lanes: Vec<Lane>,
-    lane_of: HashMap<LaneKey, usize>,
-    /// Lanes with a job queued: the ones `next` asks.
-    busy: std::collections::BTreeSet<usize>,
-    queued: usize,
+    lanes: Lanes,
     backoff: BinaryHeap<Reverse<(Nanos, u64)>>,
     backing_off: HashMap<u64, Entry>,
     in_flight: HashMap<u64, Entry>,
     paused_until: Nanos,
-    rng: fastrand::Rng,
+    retry: Backoff,
     events: Vec<Event>,
     counters: Counters,
     sends: u64,
@@ -178,6 +132,7 @@ pub struct Scheduler {
     waits: Vec<u64>,
     /// The shared store last said it cannot decide (logged once per outage).
     store_down: bool,
+    waiting: Option<Waiting>,
 }
 
 impl Scheduler {
@@ -193,22 +148,19 @@ impl Scheduler {
             engine,
             max_attempts,
             concurrency,
-            breaker_settings: breaker,
-            breaker: Breaker::Closed { failures: 0 },
-            lanes: Vec::new(),
-            lane_of: HashMap::new(),
-            busy: Default::default(),
-            queued: 0,
+            breaker: Breaker::new(breaker),
+            lanes: Lanes::default(),
             backoff: BinaryHeap::new(),
             backing_off: HashMap::new(),
             in_flight: HashMap::new(),
             paused_until: 0,
-            rng: fastrand::Rng::with_seed(seed),
+            retry: Backoff::new(seed),
             events: Vec::new(),
             counters: Counters::default(),
             sends: 0,
             waits: vec![0; limits],
             store_down: false,
+            waiting: None,
         }
     }
 
@@ -226,6 +178,21 @@ impl Scheduler {
         (n > 0).then(|| self.engine.policy().limits[i].name.as_str())
     }
 
+    /// What the last `next` that answered `Wait` waited for.
+    pub fn waiting(&self) -> Option<Waiting> {
+        self.waiting
+    }
+
+    /// Until when a 429 paused the whole upstream (0 if it never did).
+    pub fn paused_until(&self) -> Nanos {
+        self.paused_until
+    }
+
+    /// The instant an open breaker lets its probe through.
+    pub fn breaker_open_until(&self) -> Option<Nanos> {
+        self.breaker.open_until()
+    }
+
     pub fn drain_events(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.events)
     }
@@ -233,34 +200,45 @@ impl Scheduler {
     /// Queue a job: `items` from `Policy::plan`, `attempts` already made (a
     /// resumed job keeps its count).
     pub fn push(&mut self, seq: u64, priority: Priority, attempts: u32, items: Vec<Item>) {
-        let key: LaneKey = items
-            .iter()
-            .map(|i| (i.limit, i.class, i.key.clone()))
-            .collect();
-        let next = self.lanes.len();
-        let lane = *self.lane_of.entry(key).or_insert(next);
-        if lane == next {
-            self.lanes.push(Lane::default());
-        }
-        self.enqueue(Entry {
+        self.push_capped(seq, priority, attempts, self.max_attempts, items);
+    }
+
+    /// `push`, allowing this job at most `max_attempts` (1 for a request that
+    /// is not safe to send twice).
+    pub fn push_capped(
+        &mut self,
+        seq: u64,
+        priority: Priority,
+        attempts: u32,
+        max_attempts: u32,
+        items: Vec<Item>,
+    ) {
+        let lane = self.lanes.lane_for(&items);
+        self.lanes.enqueue(Entry {
             seq,
             priority,
             attempts,
+            max_attempts: max_attempts.clamp(1, self.max_attempts.max(1)),
             items,
             committed: Vec::new(),
             lane,
             local: false,
             sent_order: 0,
+            sent_at: 0,
         });
     }
 
-    fn enqueue(&mut self, entry: Entry) {
-        self.queued += 1;
-        self.busy.insert(entry.lane);
-        self.lanes[entry.lane].queues[entry.priority.rank()].insert(entry.seq, entry);
+    pub fn next(&mut self, now: Nanos) -> Next {
+        let next = self.next_inner(now);
+        if let Next::Wait(until) = next {
+            if self.waiting.is_none_or(|w| w.until != until) {
+                self.waiting = Some(Waiting { until, limit: None });
+            }
+        }
+        next
     }
 
-    pub fn next(&mut self, now: Nanos) -> Next {
+    fn next_inner(&mut self, now: Nanos) -> Next {
         if self.in_flight.len() >= self.concurrency {
             return Next::Blocked;
         }
@@ -270,11 +248,11 @@ impl Scheduler {
             }
             self.backoff.pop();
             if let Some(entry) = self.backing_off.remove(&seq) {
-                self.enqueue(entry);
+                self.lanes.enqueue(entry);
             }
         }
         let later = self.backoff.peek().map(|Reverse((at, _))| *at);
-        if self.queued == 0 {
+        if self.lanes.queued() == 0 {
             return match later {
                 Some(at) => Next::Wait(at),
                 None if self.in_flight.is_empty() => Next::Idle,
@@ -284,30 +262,20 @@ impl Scheduler {
         if now < self.paused_until {
             return Next::Wait(self.paused_until);
         }
-        match self.breaker {
-            Breaker::Open { until } if now < until => return Next::Wait(until),
-            Breaker::Open { .. } => {
-                self.breaker = Breaker::HalfOpen { probing: false };
-                self.events.push(Event::BreakerHalfOpen);
-            }
-            Breaker::HalfOpen { probing: true } => return Next::Blocked,
-            _ => {}
+        match self.breaker.gate(now, &mut self.events) {
+            Gate::OpenUntil(until) => return Next::Wait(until),
+            Gate::Probing => return Next::Blocked,
+            Gate::Pass => {}
         }
 
-        let mut heads: Vec<(Priority, u64, usize)> = self
-            .busy
-            .iter()
-            .filter_map(|&lane| self.lanes[lane].head().map(|e| (e.priority, e.seq, lane)))
-            .collect();
-        heads.sort_unstable();
-        let mut wake = later;
+        let mut wake = later.map(|until| Waiting { until, limit: None });
         let mut waits_for_release = false;
         // A limit and key an earlier head (by priority, then age) waits
         // for: later heads must not take it first, or a big bulk call
         // would starve behind a stream of small ones.
-        let mut claimed: Vec<(usize, usize, &CompactString)> = Vec::new();
-        for &(_, _, lane) in &heads {
-            let Some(head) = self.lanes[lane].head() else {
+        let mut claimed: Vec<(usize, usize, &compact_str::CompactString)> = Vec::new();
+        for lane in self.lanes.heads_in_order() {
+            let Some(head) = self.lanes.head(lane) else {
                 continue;
             };
             if head
@@ -347,7 +315,7 @@ impl Scheduler {
                                 .map(|o| o.remaining),
                         )
                         .collect();
-                    return self.send(lane, committed, local);
+                    return self.send(lane, committed, local, now);
                 }
                 Verdict::Deny { limit, retry_after } => {
                     let item = &head.items[limit];
@@ -355,7 +323,12 @@ impl Scheduler {
                     claimed.push((item.limit, item.class, &item.key));
                     match retry_after {
                         Some(after) => {
-                            wake = Some(wake.map_or(now + after, |w| w.min(now + after)))
+                            if wake.is_none_or(|w| now + after < w.until) {
+                                wake = Some(Waiting {
+                                    until: now + after,
+                                    limit: Some(item.limit),
+                                });
+                            }
                         }
                         None => waits_for_release = true,
                     }
@@ -374,24 +347,26 @@ impl Scheduler {
             }
         }
         match wake {
-            Some(at) => Next::Wait(at),
+            Some(w) => {
+                self.waiting = Some(w);
+                Next::Wait(w.until)
+            }
             None if waits_for_release && !self.in_flight.is_empty() => Next::Blocked,
             None => Next::Wait(now + IDLE_RECHECK),
         }
     }
 
-    fn send(&mut self, lane: usize, committed: Vec<(Item, u64)>, local: bool) -> Next {
-        let Some(mut entry) = self.pop(lane) else {
+    fn send(&mut self, lane: usize, committed: Vec<(Item, u64)>, local: bool, now: Nanos) -> Next {
+        let Some(mut entry) = self.lanes.pop(lane) else {
             return Next::Blocked;
         };
         entry.attempts += 1;
         entry.committed = committed;
         entry.local = local;
+        entry.sent_at = now;
         self.sends += 1;
         entry.sent_order = self.sends;
-        if let Breaker::HalfOpen { probing } = &mut self.breaker {
-            *probing = true;
-        }
+        self.breaker.sent();
         self.counters.sent += 1;
         let next = Next::Send {
             seq: entry.seq,
@@ -401,17 +376,8 @@ impl Scheduler {
         next
     }
 
-    fn pop(&mut self, lane: usize) -> Option<Entry> {
-        let entry = self.lanes[lane].pop()?;
-        self.queued -= 1;
-        if self.lanes[lane].head().is_none() {
-            self.busy.remove(&lane);
-        }
-        Some(entry)
-    }
-
     fn reject(&mut self, lane: usize, reason: String) -> Next {
-        let Some(entry) = self.pop(lane) else {
+        let Some(entry) = self.lanes.pop(lane) else {
             return Next::Blocked;
         };
         self.counters.dead += 1;
@@ -421,6 +387,19 @@ impl Scheduler {
         }
     }
 
+    /// Settle the limits a sent job's admission charged: latency debits and
+    /// concurrency releases, where it was decided.
+    fn settle(&self, entry: &mut Entry, latency: Duration, now: Nanos) {
+        let latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        let items: Vec<Item> = entry
+            .committed
+            .iter()
+            .map(|(item, _)| item.clone())
+            .collect();
+        self.engine
+            .finish_where(&items, now, latency_us, entry.local);
+    }
+
     /// A sent job's reply, `latency` after it was sent.
     pub fn complete(&mut self, seq: u64, reply: &Reply, latency: Duration, now: Nanos) -> Settled {
         let Some(mut entry) = self.in_flight.remove(&seq) else {
@@ -428,47 +407,47 @@ impl Scheduler {
                 reason: format!("job {seq} was not in flight"),
             };
         };
-        let latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.settle(&mut entry, latency, now);
         let committed = std::mem::take(&mut entry.committed);
-        let items: Vec<Item> = committed.iter().map(|(item, _)| item.clone()).collect();
-        if entry.local {
-            self.engine.finish_local(&items, now, latency_us);
-        } else {
-            self.engine.finish_committed(&items, now, latency_us);
-        }
         let (wait, reason) = match reply {
             Reply::Status {
                 status,
                 retry_after,
                 corrections,
             } => {
-                match (*status, corrections.is_empty()) {
-                    // A 429 that says nothing of what is left: nothing is.
-                    (429, true) => self.correct(
-                        &committed,
-                        entry.sent_order,
-                        &[Correction {
-                            target: Target::Binding,
-                            remaining: 0,
-                        }],
-                        now,
-                    ),
-                    _ => self.correct(&committed, entry.sent_order, corrections, now),
+                // A 429 that says nothing of what is left: nothing is.
+                let bare_429 = [Correction {
+                    target: Target::Binding,
+                    remaining: 0,
+                }];
+                let corrections = match (*status, corrections.is_empty()) {
+                    (429, true) => &bare_429[..],
+                    _ => &corrections[..],
+                };
+                crate::corrections::apply(
+                    &self.engine,
+                    &committed,
+                    entry.sent_order,
+                    corrections,
+                    &self.in_flight,
+                    now,
+                );
+                let class = classify(*status);
+                if class == Class::Transient {
+                    self.breaker.failed(now, &mut self.events);
+                } else {
+                    // Any other answer says the upstream is alive (a 429 is
+                    // no breaker failure).
+                    self.breaker.succeeded(&mut self.events);
                 }
-                match *status {
-                    200..=299 | 304 => {
-                        self.succeeded();
+                match class {
+                    Class::Success => {
                         self.counters.done += 1;
                         return Settled::Done;
                     }
-                    429 => {
-                        // The upstream is alive: a 429 is no breaker failure.
-                        self.succeeded();
+                    Class::Throttled => {
                         self.counters.throttled += 1;
-                        let wait = match retry_after {
-                            Some(after) => *after + self.jitter(RETRY_AFTER_JITTER_MS),
-                            None => self.backoff_after(entry.attempts),
-                        };
+                        let wait = self.retry.after_throttle(*retry_after, entry.attempts);
                         let until = now + nanos(wait);
                         if until > self.paused_until {
                             self.paused_until = until;
@@ -476,25 +455,18 @@ impl Scheduler {
                         }
                         (wait, format!("HTTP 429 after {} attempts", entry.attempts))
                     }
-                    408 | 500..=599 => {
-                        self.failed(now);
-                        (
-                            self.backoff_after(entry.attempts),
-                            format!("HTTP {status} after {} attempts", entry.attempts),
-                        )
-                    }
-                    300..=399 => {
+                    Class::Transient => (
+                        self.retry.after_failure(entry.attempts),
+                        format!("HTTP {status} after {} attempts", entry.attempts),
+                    ),
+                    Class::Redirect => {
                         // Not followed: a job redirected did not happen.
-                        self.succeeded();
                         self.counters.dead += 1;
                         return Settled::Dead {
                             reason: format!("HTTP {status} (a redirect; tollgate does not follow them: fix the job's url)"),
                         };
                     }
-                    _ => {
-                        // Other 4xx: the request itself is wrong; retrying
-                        // only spends quota.
-                        self.succeeded();
+                    Class::Rejected => {
                         self.counters.dead += 1;
                         return Settled::Dead {
                             reason: format!("HTTP {status} (not retried)"),
@@ -503,14 +475,14 @@ impl Scheduler {
                 }
             }
             Reply::Failed { error } => {
-                self.failed(now);
+                self.breaker.failed(now, &mut self.events);
                 (
-                    self.backoff_after(entry.attempts),
+                    self.retry.after_failure(entry.attempts),
                     format!("{error} after {} attempts", entry.attempts),
                 )
             }
         };
-        if entry.attempts >= self.max_attempts {
+        if entry.attempts >= entry.max_attempts {
             self.counters.dead += 1;
             return Settled::Dead { reason };
         }
@@ -521,163 +493,40 @@ impl Scheduler {
         Settled::Retry { at }
     }
 
+    /// A sent job whose caller went away before its reply (a proxy client
+    /// that disconnected): its limits are settled, and it counts neither as
+    /// an answer nor as a failure. False if it was not in flight.
+    pub fn abandon(&mut self, seq: u64, now: Nanos) -> bool {
+        let Some(mut entry) = self.in_flight.remove(&seq) else {
+            return false;
+        };
+        let latency = Duration::from_nanos(now.saturating_sub(entry.sent_at));
+        self.settle(&mut entry, latency, now);
+        self.breaker.probe_abandoned();
+        true
+    }
+
     /// Drop a job that is queued or waiting out a backoff (fleet mode: its
-    /// lease went to another runner). False if it is not here, or in flight.
+    /// lease went to another runner; the proxy: its client left or its
+    /// deadline passed). False if it is not here, or in flight.
     pub fn forget(&mut self, seq: u64) -> bool {
-        if self.backing_off.remove(&seq).is_some() {
-            // Its backoff heap entry finds nothing when it comes due.
-            return true;
-        }
-        let busy: Vec<usize> = self.busy.iter().copied().collect();
-        for lane in busy {
-            let found = self.lanes[lane]
-                .queues
-                .iter_mut()
-                .any(|q| q.remove(&seq).is_some());
-            if found {
-                self.queued -= 1;
-                if self.lanes[lane].head().is_none() {
-                    self.busy.remove(&lane);
-                }
-                return true;
-            }
-        }
-        false
+        // A backing-off job's heap entry finds nothing when it comes due.
+        self.backing_off.remove(&seq).is_some() || self.lanes.remove(seq).is_some()
     }
 
     /// Jobs queued or waiting out a backoff (not in flight).
     pub fn queued(&self) -> usize {
-        self.queued + self.backing_off.len()
+        self.lanes.queued() + self.backing_off.len()
     }
 
-    /// Exponential backoff after `attempts` failed attempts: 1, 2, 4, 8,
-    /// 16 s ... up to a minute, plus up to 1 s of jitter.
-    fn backoff_after(&mut self, attempts: u32) -> Duration {
-        let base = Duration::from_secs(1u64 << attempts.saturating_sub(1).min(6)).min(MAX_BACKOFF);
-        base + self.jitter(BACKOFF_JITTER_MS)
+    /// Jobs sent and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
     }
 
-    fn jitter(&mut self, max_ms: u64) -> Duration {
-        Duration::from_micros(self.rng.u64(0..=max_ms * 1000))
-    }
-
-    fn succeeded(&mut self) {
-        match self.breaker {
-            Breaker::HalfOpen { .. } => {
-                self.breaker = Breaker::Closed { failures: 0 };
-                self.events.push(Event::BreakerClosed);
-            }
-            Breaker::Closed { .. } => self.breaker = Breaker::Closed { failures: 0 },
-            Breaker::Open { .. } => {}
-        }
-    }
-
-    fn failed(&mut self, now: Nanos) {
-        self.counters.failures += 1;
-        match self.breaker {
-            Breaker::Closed { failures } if failures + 1 >= self.breaker_settings.failures => {
-                self.open(now, failures + 1);
-            }
-            Breaker::Closed { failures } => {
-                self.breaker = Breaker::Closed {
-                    failures: failures + 1,
-                }
-            }
-            Breaker::HalfOpen { .. } => self.open(now, 1),
-            Breaker::Open { .. } => {}
-        }
-    }
-
-    fn open(&mut self, now: Nanos, failures: u32) {
-        let until = now + nanos(self.breaker_settings.cooldown);
-        self.breaker = Breaker::Open { until };
-        self.events.push(Event::BreakerOpened { failures, until });
-    }
-
-    /// Lower the local view of a limit to what the upstream reports left.
-    /// `committed` pairs each item charged with what it had left just after.
-    fn correct(
-        &self,
-        committed: &[(Item, u64)],
-        sent_order: u64,
-        corrections: &[Correction],
-        now: Nanos,
-    ) {
-        // On a shared (Redis) engine the counters are the fleet's, kept
-        // exact by every runner's decisions; one runner's reading of a
-        // header is not applied to them (docs/runner.md, Fleet mode).
-        if corrections.is_empty() || self.engine.is_shared() {
-            return;
-        }
-        let policy = self.engine.policy();
-        let store = self.engine.store();
-        let remaining = |item: &Item| store.usage(policy, item, now).remaining;
-        let counted: Vec<&Item> = committed
-            .iter()
-            .filter(|(item, left_then)| {
-                let algorithm = policy.limits[item.limit].algorithm;
-                let rolled_over = !matches!(
-                    algorithm,
-                    AlgorithmKind::TokenBucket | AlgorithmKind::LeakyBucket
-                ) && remaining(item) > *left_then;
-                item.charge > 0 && algorithm != AlgorithmKind::Concurrency && !rolled_over
-            })
-            .map(|(item, _)| item)
-            .collect();
-        let window = |item: &Item| policy.limits[item.limit].params(item.class).policy().1;
-        let quota = |item: &Item| policy.limits[item.limit].params(item.class).policy().0;
-        let binding = || counted.iter().copied().min_by_key(|i| remaining(i));
-        for correction in corrections {
-            let item = match &correction.target {
-                Target::Named(name) => counted
-                    .iter()
-                    .copied()
-                    .find(|i| policy.limits[i.limit].name == *name)
-                    .or_else(binding),
-                Target::Quota(q) => counted
-                    .iter()
-                    .copied()
-                    .find(|i| quota(i) == *q)
-                    .or_else(binding),
-                Target::Shortest => counted.iter().copied().min_by_key(|i| window(i)),
-                Target::Longest => counted.iter().copied().max_by_key(|i| window(i)),
-                Target::Binding => binding(),
-            };
-            let Some(item) = item else { continue };
-            // Ours sent after this request are charged locally but not yet
-            // in a bucket's count. (A window's count is taken as it is: its
-            // burst at the window start arrives out of order, and subtracting
-            // would count some twice, losing whole windows.)
-            let bucket = matches!(
-                policy.limits[item.limit].algorithm,
-                AlgorithmKind::TokenBucket | AlgorithmKind::LeakyBucket
-            );
-            let later: u64 = self
-                .in_flight
-                .values()
-                .filter(|e| bucket && e.sent_order > sent_order)
-                .flat_map(|e| &e.committed)
-                .filter(|(i, _)| {
-                    i.limit == item.limit && i.class == item.class && i.key == item.key
-                })
-                .map(|(i, _)| i.charge)
-                .sum();
-            let reported = correction.remaining.saturating_sub(later);
-            let local = remaining(item);
-            if reported < local {
-                let extra = local - reported;
-                let charge = Item {
-                    cost: extra,
-                    charge: extra,
-                    ..item.clone()
-                };
-                // Denied only if the local view moved meanwhile: then it is
-                // already lower.
-                let _ = self
-                    .engine
-                    .decide(std::slice::from_ref(&charge), now, false);
-            }
-        }
+    /// How many jobs of a queued job's lane go before it.
+    pub fn ahead_of(&self, seq: u64) -> Option<usize> {
+        self.lanes.position(seq).map(|(_, ahead)| ahead)
     }
 }
 
@@ -685,10 +534,6 @@ impl Scheduler {
 /// closed): wait and ask again.
 fn store_unavailable(e: &tollgate_store::EngineError) -> bool {
     matches!(e, tollgate_store::EngineError::Unavailable { .. })
-}
-
-fn nanos(d: Duration) -> Nanos {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -787,7 +632,7 @@ mod tests {
     fn a_429_with_retry_after_pauses_the_whole_upstream_plus_at_most_250ms() {
         for seed in 0..20 {
             let mut s = scheduler(&BUCKET.replace("capacity = 2", "capacity = 100"), 10);
-            s.rng = fastrand::Rng::with_seed(seed);
+            s.retry = Backoff::new(seed);
             push(&mut s, 1, Priority::Normal, "");
             push(&mut s, 2, Priority::Normal, "");
             sent(s.next(0));

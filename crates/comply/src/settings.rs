@@ -1,7 +1,9 @@
-//! The runner's part of a config: `[[upstream]]` entries with their base URL,
+//! The comply face's part of a config (read by `tollgate run` and `tollgate
+//! proxy` alike): `[[upstream]]` entries with their base URL,
 //! policy (profile and `[[upstream.limit]]`), request settings, circuit
 //! breaker and `[[upstream.bulk]]` templates. Every error names its line.
 
+use crate::breaker::BreakerSettings;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -16,7 +18,7 @@ pub const RECORDS_PLACEHOLDER: &str = "{{records}}";
 
 /// Every upstream of a runner's config, in file order.
 #[derive(Debug, Clone)]
-pub struct RunnerConfig {
+pub struct UpstreamsConfig {
     pub upstreams: Vec<Upstream>,
 }
 
@@ -39,23 +41,6 @@ pub struct Upstream {
     pub bulk: Vec<Bulk>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BreakerSettings {
-    /// Consecutive failures (5xx, timeouts, connection errors) that open it.
-    pub failures: u32,
-    /// How long it stays open before one probe is let through.
-    pub cooldown: Duration,
-}
-
-impl Default for BreakerSettings {
-    fn default() -> Self {
-        BreakerSettings {
-            failures: 5,
-            cooldown: Duration::from_secs(30),
-        }
-    }
-}
-
 /// A bulk call: `max_items` records per call, placed in `body` where the
 /// string `"{{records}}"` stands.
 #[derive(Debug, Clone)]
@@ -70,19 +55,7 @@ pub struct Bulk {
     pub line: usize,
 }
 
-impl Upstream {
-    /// The limits a job touches, as the engine plans them.
-    pub fn items(&self, job: &crate::job::Job) -> Result<Vec<tollgate_core::Item>, String> {
-        let req = crate::job::JobRequest::new(job, &self.headers)?;
-        let mut items = Vec::new();
-        self.policy
-            .plan(&req, &mut items)
-            .map_err(|e| e.to_string())?;
-        Ok(items)
-    }
-}
-
-impl RunnerConfig {
+impl UpstreamsConfig {
     /// The upstream a URL belongs to: the longest matching base URL.
     pub fn upstream_for(&self, url: &Url) -> Option<usize> {
         self.upstreams
@@ -128,7 +101,7 @@ pub fn parse(
     text: &str,
     profiles: &dyn ProfileSource,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<RunnerConfig, ConfigError> {
+) -> Result<UpstreamsConfig, ConfigError> {
     // The top level is checked by the policy parser (unknown tables, [store]).
     tollgate_core::parse(text, profiles)?;
     let policies = tollgate_core::parse_upstreams(text, profiles)?;
@@ -159,7 +132,7 @@ pub fn parse(
         }
         upstreams.push(upstream);
     }
-    Ok(RunnerConfig { upstreams })
+    Ok(UpstreamsConfig { upstreams })
 }
 
 fn upstream(
@@ -215,13 +188,13 @@ fn upstream(
                 format!("header {header}: environment variable {var} is not set"),
             )
         })?;
-        reqwest::header::HeaderName::from_bytes(header.as_bytes()).map_err(|_| {
+        http::header::HeaderName::from_bytes(header.as_bytes()).map_err(|_| {
             err(
                 value.span().start,
                 format!("'{header}' is not a valid header name"),
             )
         })?;
-        reqwest::header::HeaderValue::from_str(&value_text).map_err(|_| {
+        http::header::HeaderValue::from_str(&value_text).map_err(|_| {
             err(
                 value.span().start,
                 format!("header {header}: the value is not a valid header value"),
@@ -255,7 +228,7 @@ fn bulk_template(text: &str, raw: &Spanned<RawBulk>, upstream: &str) -> Result<B
         message: format!("upstream '{upstream}', bulk '{name}': {msg}"),
     };
     let method = b.method.get_ref().to_ascii_uppercase();
-    if reqwest::Method::from_bytes(method.as_bytes()).is_err() {
+    if http::Method::from_bytes(method.as_bytes()).is_err() {
         return Err(err(
             b.method.span().start,
             format!("'{}' is not an HTTP method", b.method.get_ref()),
@@ -284,7 +257,7 @@ fn bulk_template(text: &str, raw: &Spanned<RawBulk>, upstream: &str) -> Result<B
         ));
     }
     if let Some(p) = &b.priority {
-        crate::job::Priority::parse(p.get_ref()).map_err(|m| err(p.span().start, m))?;
+        crate::lanes::Priority::parse(p.get_ref()).map_err(|m| err(p.span().start, m))?;
     }
     Ok(Bulk {
         name,

@@ -1,0 +1,519 @@
+//! One upstream's scheduler for many callers at once (the proxy's requests,
+//! each on its own task): a caller enters the line with its priority, limits
+//! and attempt cap, waits for its turn (up to its deadline), sends, and
+//! reports the response; the scheduler says whether it is done or when it
+//! goes again. A driver task per upstream hands out the turns at the
+//! instants the limits allow.
+//!
+//! A caller that goes away leaves the line: a queued ticket is forgotten,
+//! and one in flight is settled (its concurrency slot comes back) without
+//! counting as an answer.
+
+use crate::lanes::Priority;
+use crate::scheduler::{Event, Next, Reply, Scheduler, Settled, Waiting};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::sync::{oneshot, Notify};
+use tollgate_core::{Clock, Item, Nanos};
+use tollgate_store::TokioClock;
+
+/// What a caller asks for.
+#[derive(Debug, Clone)]
+pub struct Ask {
+    pub priority: Priority,
+    /// The limits the call touches (`Policy::plan`).
+    pub items: Vec<Item>,
+    /// At most this many attempts (1: not safe to send twice); capped by
+    /// the upstream's `max_attempts`.
+    pub max_attempts: u32,
+}
+
+/// Why a caller gets no turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// Its deadline passed while it waited; what the line was waiting for.
+    Expired { waiting: Option<Waiting> },
+    /// It can never be sent (its cost exceeds a limit, or the policy
+    /// rejects it).
+    Rejected(String),
+}
+
+/// A turn handed to a caller.
+#[derive(Debug)]
+enum Turn {
+    Send { attempt: u32 },
+    Reject { reason: String },
+}
+
+#[derive(Debug)]
+struct Line {
+    core: Scheduler,
+    /// The callers waiting for a turn, by seq.
+    waiters: HashMap<u64, oneshot::Sender<Turn>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    name: String,
+    line: Mutex<Line>,
+    /// Wakes the driver (its own `Arc`: the driver waits on it without
+    /// keeping the line alive).
+    wake: Arc<Notify>,
+    clock: TokioClock,
+    seqs: AtomicU64,
+}
+
+impl Inner {
+    /// Run `f` on the line; on a shared (Redis) engine the scheduler's
+    /// round trips block, so the runtime is told (where it can be).
+    fn with_line<R>(&self, f: impl FnOnce(&mut Line) -> R) -> R {
+        let mut line = self.line.lock();
+        let shared = line.core.engine().is_shared();
+        let multi = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if shared && multi {
+            tokio::task::block_in_place(|| f(&mut line))
+        } else {
+            f(&mut line)
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The driver wakes, finds the line gone, and ends.
+        self.wake.notify_one();
+    }
+}
+
+/// The handle many callers share; cloning it shares the line.
+#[derive(Debug, Clone)]
+pub struct SharedScheduler {
+    inner: Arc<Inner>,
+}
+
+impl SharedScheduler {
+    /// Start serving `core`'s line (on the current tokio runtime). The
+    /// driver task ends when the last handle and ticket are gone.
+    pub fn start(name: &str, core: Scheduler, clock: TokioClock) -> Self {
+        let inner = Arc::new(Inner {
+            name: name.to_string(),
+            line: Mutex::new(Line {
+                core,
+                waiters: HashMap::new(),
+            }),
+            wake: Arc::new(Notify::new()),
+            clock,
+            seqs: AtomicU64::new(1),
+        });
+        tokio::spawn(drive(Arc::downgrade(&inner)));
+        SharedScheduler { inner }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Enter the line. The ticket leaves it when dropped.
+    pub fn enter(&self, ask: Ask) -> Ticket {
+        let seq = self.inner.seqs.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut line = self.inner.line.lock();
+            line.core
+                .push_capped(seq, ask.priority, 0, ask.max_attempts, ask.items);
+            line.waiters.insert(seq, tx);
+        }
+        self.inner.wake.notify_one();
+        Ticket {
+            inner: self.inner.clone(),
+            seq,
+            turn: Some(rx),
+            sent_at: None,
+        }
+    }
+
+    /// Look at the scheduler (counters, the engine's view of the quota).
+    pub fn inspect<R>(&self, f: impl FnOnce(&Scheduler) -> R) -> R {
+        f(&self.inner.line.lock().core)
+    }
+
+    /// The clock the line runs on.
+    pub fn clock(&self) -> &TokioClock {
+        &self.inner.clock
+    }
+}
+
+/// A caller's place in the line, then its call in flight.
+#[derive(Debug)]
+pub struct Ticket {
+    inner: Arc<Inner>,
+    seq: u64,
+    /// Waiting for a turn.
+    turn: Option<oneshot::Receiver<Turn>>,
+    /// In flight since.
+    sent_at: Option<Nanos>,
+}
+
+impl Ticket {
+    /// Wait for the turn to send (attempt number, from 1), or until
+    /// `deadline` (then it leaves the line).
+    pub async fn turn(&mut self, deadline: Option<Nanos>) -> Result<u32, Refused> {
+        let until = deadline.map(|at| self.inner.clock.instant_at(at));
+        let Some(rx) = self.turn.as_mut() else {
+            return Err(Refused::Rejected(
+                "this call has no turn to wait for".into(),
+            ));
+        };
+        let expired = async move {
+            match until {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        // The receiver stays in the ticket while it waits: a caller that
+        // goes away mid-wait drops the ticket, which leaves the line.
+        let woke = tokio::select! {
+            turn = &mut *rx => Some(turn),
+            () = expired => None,
+        };
+        let turn = match woke {
+            Some(turn) => turn,
+            None => {
+                let forgotten = {
+                    let mut line = self.inner.line.lock();
+                    let forgotten = line.core.forget(self.seq);
+                    if forgotten {
+                        line.waiters.remove(&self.seq);
+                    }
+                    forgotten.then(|| line.core.waiting())
+                };
+                if let Some(waiting) = forgotten {
+                    self.turn = None;
+                    self.inner.wake.notify_one();
+                    return Err(Refused::Expired { waiting });
+                }
+                // Not queued any more: its turn was given just now.
+                match self.turn.as_mut() {
+                    Some(rx) => rx.await,
+                    None => return Err(Refused::Rejected("no turn".into())),
+                }
+            }
+        };
+        self.turn = None;
+        match turn {
+            Ok(Turn::Send { attempt }) => {
+                self.sent_at = Some(self.inner.clock.now());
+                Ok(attempt)
+            }
+            Ok(Turn::Reject { reason }) => Err(Refused::Rejected(reason)),
+            Err(_) => Err(Refused::Rejected("the upstream's line was closed".into())),
+        }
+    }
+
+    /// The response to the call in flight: done, dead (the caller relays
+    /// the last response), or a retry at an instant (wait for the next
+    /// turn with `turn`).
+    pub fn report(&mut self, reply: &Reply) -> Settled {
+        let Some(sent_at) = self.sent_at.take() else {
+            return Settled::Dead {
+                reason: "no call of this ticket is in flight".into(),
+            };
+        };
+        let now = self.inner.clock.now();
+        let latency = Duration::from_nanos(now.saturating_sub(sent_at));
+        let seq = self.seq;
+        let (settled, turn) = self.inner.with_line(|line| {
+            let settled = line.core.complete(seq, reply, latency, now);
+            let turn = matches!(settled, Settled::Retry { .. }).then(|| {
+                let (tx, rx) = oneshot::channel();
+                line.waiters.insert(seq, tx);
+                rx
+            });
+            (settled, turn)
+        });
+        self.turn = turn;
+        self.inner.wake.notify_one();
+        settled
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let now = self.inner.clock.now();
+        let seq = self.seq;
+        let (turn, sent) = (self.turn.is_some(), self.sent_at.is_some());
+        if !turn && !sent {
+            return;
+        }
+        self.inner.with_line(|line| {
+            if sent || !line.core.forget(seq) {
+                // In flight, or handed its turn as it left: settle the call.
+                line.core.abandon(seq, now);
+            }
+            line.waiters.remove(&seq);
+        });
+        self.inner.wake.notify_one();
+    }
+}
+
+/// Hand out turns when the limits allow, until the line is gone.
+async fn drive(inner: Weak<Inner>) {
+    loop {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let wake = strong.wake.clone();
+        let notified = wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let now = strong.clock.now();
+        let (wake, events) = strong.with_line(|line| {
+            let wake = loop {
+                match line.core.next(now) {
+                    Next::Send { seq, attempt } => {
+                        let delivered = line
+                            .waiters
+                            .remove(&seq)
+                            .is_some_and(|tx| tx.send(Turn::Send { attempt }).is_ok());
+                        if !delivered {
+                            // Its caller left just now: nothing was sent.
+                            line.core.abandon(seq, now);
+                        }
+                    }
+                    Next::Reject { seq, reason } => {
+                        if let Some(tx) = line.waiters.remove(&seq) {
+                            let _ = tx.send(Turn::Reject { reason });
+                        }
+                    }
+                    Next::Wait(at) => break Some(at),
+                    Next::Blocked | Next::Idle => break None,
+                }
+            };
+            (wake, line.core.drain_events())
+        });
+        for event in &events {
+            tracing::info!("{}", event.describe(&strong.name, now));
+        }
+        let sleep = wake.map(|at| strong.clock.instant_at(at));
+        drop(strong);
+        match sleep {
+            Some(at) => {
+                tokio::select! {
+                    () = &mut notified => {}
+                    () = tokio::time::sleep_until(at) => {}
+                }
+            }
+            None => notified.await,
+        }
+    }
+}
+
+impl Event {
+    /// The log line for this event of upstream `name`.
+    pub fn describe(&self, name: &str, now: Nanos) -> String {
+        let secs = |at: Nanos| human(Duration::from_nanos(at.saturating_sub(now)));
+        match self {
+            Event::Paused { until, status } => {
+                format!("{name}: HTTP {status}, pausing the upstream for {}", secs(*until))
+            }
+            Event::BreakerOpened { failures, until } => format!(
+                "{name}: circuit breaker open after {failures} consecutive failures; probing again in {}",
+                secs(*until)
+            ),
+            Event::BreakerHalfOpen => format!("{name}: circuit breaker half-open, sending one probe"),
+            Event::BreakerClosed => format!("{name}: circuit breaker closed, the upstream answers again"),
+            Event::StoreUnavailable { error } => format!(
+                "{name}: the shared store cannot decide ({error}); limits with fail = \"closed\" hold every send until it answers"
+            ),
+            Event::StoreBack => format!("{name}: the shared store decides again"),
+        }
+    }
+}
+
+/// `1h 02m 03s`, `4m 05s`, `6.7s`.
+pub fn human(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0..=59 => format!("{:.1}s", d.as_secs_f64()),
+        60..=3599 => format!("{}m {:02}s", secs / 60, secs % 60),
+        _ => format!(
+            "{}h {:02}m {:02}s",
+            secs / 3600,
+            secs % 3600 / 60,
+            secs % 60
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::BreakerSettings;
+    use tollgate_core::{NoProfiles, Policy};
+
+    const SEC: Nanos = 1_000_000_000;
+    const BUCKET: &str = "[[limit]]\nname = \"account\"\nalgorithm = \"token_bucket\"\ncapacity = 2\nrefill = \"1/s\"\n";
+
+    fn line(limits: &str, concurrency: usize) -> SharedScheduler {
+        let policy: Policy = tollgate_core::parse(limits, &NoProfiles).unwrap();
+        let engine = tollgate_store::Engine::new(policy);
+        let core = Scheduler::new(engine, 3, concurrency, BreakerSettings::default(), 1);
+        SharedScheduler::start("vendor", core, TokioClock::starting_at(0))
+    }
+
+    fn ask(line: &SharedScheduler, priority: Priority) -> Ask {
+        let mut items = Vec::new();
+        let req = tollgate_core::Attrs::new("GET", "/x", &[]);
+        line.inspect(|s| s.engine().policy().plan(&req, &mut items))
+            .unwrap();
+        Ask {
+            priority,
+            items,
+            max_attempts: 3,
+        }
+    }
+
+    fn ok() -> Reply {
+        Reply::Status {
+            status: 200,
+            retry_after: None,
+            corrections: Vec::new(),
+        }
+    }
+
+    /// Callers that enter now, in order; each reports 200 at its turn.
+    /// Returns (caller, instant of its turn) in the order turns came.
+    async fn run_callers(line: &SharedScheduler, priorities: &[Priority]) -> Vec<(usize, Nanos)> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for (i, &p) in priorities.iter().enumerate() {
+            let mut ticket = line.enter(ask(line, p));
+            let (tx, clock) = (tx.clone(), line.clock().clone());
+            tokio::spawn(async move {
+                ticket.turn(None).await.unwrap();
+                tx.send((i, clock.now())).unwrap();
+                assert_eq!(ticket.report(&ok()), Settled::Done);
+            });
+        }
+        drop(tx);
+        let mut turns = Vec::new();
+        while let Some(t) = rx.recv().await {
+            turns.push(t);
+        }
+        turns
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn callers_wait_in_line_for_the_instant_the_limit_admits_them() {
+        let line = line(BUCKET, 10);
+        let turns = run_callers(&line, &[Priority::Normal; 5]).await;
+        assert_eq!(
+            turns,
+            vec![(0, 0), (1, 0), (2, SEC), (3, 2 * SEC), (4, 3 * SEC)],
+            "FIFO, each at its token's instant"
+        );
+        assert_eq!(line.inspect(|s| s.counters().done), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_high_priority_caller_takes_the_next_slot_before_queued_low_ones() {
+        let line = line(BUCKET, 10);
+        let lows = {
+            let line = line.clone();
+            tokio::spawn(async move { run_callers(&line, &[Priority::Low; 6]).await })
+        };
+        // The lows have the burst and queue for the rest; then high comes.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut high = line.enter(ask(&line, Priority::High));
+        assert_eq!(high.turn(None).await, Ok(1));
+        assert_eq!(line.clock().now(), SEC, "the next slot");
+        assert_eq!(high.report(&ok()), Settled::Done);
+        let lows = lows.await.unwrap();
+        let at: Vec<Nanos> = lows.iter().map(|(_, at)| *at).collect();
+        assert_eq!(at, vec![0, 0, 2 * SEC, 3 * SEC, 4 * SEC, 5 * SEC]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_that_passes_leaves_the_line_and_spends_nothing() {
+        let line = line(BUCKET, 10);
+        run_callers(&line, &[Priority::Normal; 2]).await; // the burst is spent
+        let mut late = line.enter(ask(&line, Priority::Normal));
+        let refused = late.turn(Some(SEC / 2)).await.unwrap_err();
+        assert_eq!(
+            refused,
+            Refused::Expired {
+                waiting: Some(Waiting {
+                    until: SEC,
+                    limit: Some(0)
+                })
+            }
+        );
+        assert_eq!(line.clock().now(), SEC / 2);
+        assert_eq!(line.inspect(|s| s.queued()), 0);
+        drop(late);
+        // Its token is still there for the next caller, at 1 s.
+        let turns = run_callers(&line, &[Priority::Normal]).await;
+        assert_eq!(turns, vec![(0, SEC)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_leaves_gives_its_place_and_its_slot_back() {
+        let line = line(
+            "[[limit]]\nname = \"in-flight\"\nalgorithm = \"concurrency\"\nmax = 1\n",
+            10,
+        );
+        let mut first = line.enter(ask(&line, Priority::Normal));
+        assert_eq!(first.turn(None).await, Ok(1));
+        // Queued behind the one in flight, then gone.
+        let queued = line.enter(ask(&line, Priority::Normal));
+        tokio::task::yield_now().await;
+        drop(queued);
+        assert_eq!(line.inspect(|s| s.queued()), 0);
+        // The one in flight leaves without a response: its slot comes back.
+        drop(first);
+        let mut next = line.enter(ask(&line, Priority::Normal));
+        let turned = tokio::time::timeout(std::time::Duration::from_secs(1), next.turn(None)).await;
+        assert_eq!(turned, Ok(Ok(1)));
+        assert_eq!(line.inspect(|s| (s.counters().done, s.in_flight())), (0, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_sends_the_caller_back_in_line_and_pauses_everyone() {
+        let line = line(&BUCKET.replace("capacity = 2", "capacity = 10"), 10);
+        let mut a = line.enter(ask(&line, Priority::Normal));
+        assert_eq!(a.turn(None).await, Ok(1));
+        let throttled = Reply::Status {
+            status: 429,
+            retry_after: Some(Duration::from_secs(2)),
+            corrections: Vec::new(),
+        };
+        let Settled::Retry { at } = a.report(&throttled) else {
+            panic!("expected a retry");
+        };
+        assert!((2 * SEC..=2 * SEC + SEC / 4).contains(&at), "{at}");
+        // Another caller, with tokens left, waits out the pause too.
+        let mut b = line.enter(ask(&line, Priority::Normal));
+        assert_eq!(b.turn(None).await, Ok(1));
+        // (tokio's timers fire on whole milliseconds)
+        let now = line.clock().now();
+        assert!((at..at + 1_000_000).contains(&now), "{now} {at}");
+        assert_eq!(a.turn(None).await, Ok(2));
+        assert_eq!(a.report(&ok()), Settled::Done);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_that_is_not_safe_to_repeat_gets_one_attempt() {
+        let line = line(&BUCKET.replace("capacity = 2", "capacity = 10"), 10);
+        let mut ask = ask(&line, Priority::Normal);
+        ask.max_attempts = 1;
+        let mut t = line.enter(ask);
+        assert_eq!(t.turn(None).await, Ok(1));
+        let failed = Reply::Failed {
+            error: "connection reset".into(),
+        };
+        assert!(matches!(t.report(&failed), Settled::Dead { .. }));
+    }
+}

@@ -1,0 +1,148 @@
+//! What a proxy of either face does to a request or response on its way
+//! through: hop-by-hop headers removed (RFC 9110 7.6.1), the path
+//! normalized before it is matched, and this hop added to X-Forwarded-For.
+
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION};
+use std::borrow::Cow;
+use std::net::SocketAddr;
+
+/// Headers that describe one connection, not the message (RFC 9110 7.6.1).
+static HOP_BY_HOP: [HeaderName; 7] = [
+    HeaderName::from_static("connection"),
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("te"),
+    HeaderName::from_static("trailer"),
+    HeaderName::from_static("transfer-encoding"),
+    HeaderName::from_static("upgrade"),
+];
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for name in &named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        if headers.contains_key(name) {
+            headers.remove(name);
+        }
+    }
+}
+
+/// The other end of a connection, formatted once per connection.
+#[derive(Debug)]
+pub struct Peer {
+    pub ip: String,
+    /// `ip` as a header value: this hop's part of X-Forwarded-For.
+    ip_header: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        let ip = addr.ip().to_string();
+        let ip_header = HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown"));
+        Peer { ip, ip_header }
+    }
+
+    /// One X-Forwarded-For value: the client's chain, then this hop's peer.
+    pub fn append_forwarded_for(&self, headers: &mut HeaderMap) {
+        if headers.contains_key(&X_FORWARDED_FOR) {
+            let chain: Vec<&str> = headers
+                .get_all(&X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .chain([self.ip.as_str()])
+                .collect();
+            if let Ok(v) = HeaderValue::from_str(&chain.join(", ")) {
+                headers.insert(X_FORWARDED_FOR.clone(), v);
+            }
+        } else {
+            headers.insert(X_FORWARDED_FOR.clone(), self.ip_header.clone());
+        }
+    }
+}
+
+/// The path with percent-encoded unreserved characters decoded, `//`
+/// merged and dot segments removed (RFC 3986 6.2.2), so that `/v1/x`,
+/// `//v1/x`, `/%76%31/x` and `/a/../v1/x` all match, key and reach the
+/// upstream as `/v1/x`: a path prefix cannot be sidestepped by spelling.
+pub fn normalize_path(path: &str) -> Cow<'_, str> {
+    let plain = !path.contains('%') && !path.contains("//") && !path.contains("/.");
+    if plain {
+        return Cow::Borrowed(path);
+    }
+    let bytes = path.as_bytes();
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                let c = (h * 16 + l) as u8;
+                if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
+                    decoded.push(c as char);
+                } else {
+                    decoded.push('%');
+                    decoded.push_str(&path[i + 1..i + 3].to_ascii_uppercase());
+                }
+                i += 3;
+                continue;
+            }
+        }
+        decoded.push(bytes[i] as char);
+        i += 1;
+    }
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    if out.is_empty() || (trailing && !segments.is_empty()) {
+        out.push('/');
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_path;
+
+    #[test]
+    fn paths_are_normalized_before_matching() {
+        for (raw, normal) in [
+            ("/v1/jobs", "/v1/jobs"),
+            ("//v1/jobs", "/v1/jobs"),
+            ("/%76%31/jobs", "/v1/jobs"),
+            ("/x/../v1/jobs", "/v1/jobs"),
+            ("/v1/./jobs/", "/v1/jobs/"),
+            ("/../../etc", "/etc"),
+            ("/a%2fb", "/a%2Fb"),
+            ("/a%2", "/a%2"),
+            ("/%", "/%"),
+            ("/", "/"),
+            ("/v1/..", "/"),
+        ] {
+            assert_eq!(normalize_path(raw), normal, "{raw}");
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! tollgate-http: the HTTP plumbing both faces share, so the gateway and
+//! the proxy (and the runner, for what it reads of responses) behave alike.
+//!
+//! - `listen`: listeners, worker sockets, HTTP/1.1 connections, graceful drain.
+//! - `forward`: hop-by-hop headers, path normalization, X-Forwarded-For.
+//! - `ratelimit`: the RateLimit headers, written from a decision and parsed
+//!   from a vendor's response (with `Retry-After`).
+//! - `refusal`: every answer tollgate makes itself, as problem+json (or
+//!   Celigo's `errors` shape), its status decided in one place.
+//! - `access`: the access log, written off the request path.
+
+pub mod access;
+pub mod forward;
+pub mod listen;
+pub mod ratelimit;
+pub mod refusal;
+
+pub use access::{AccessLog, AccessLogger};
+pub use forward::{normalize_path, strip_hop_by_hop, Peer};
+pub use refusal::{ErrorFormat, Refusal, ResponseSettings, X_REQUEST_ID};

@@ -1,0 +1,143 @@
+//! Listeners and connections, the same for every face: a proxy port bound
+//! with SO_REUSEPORT (one socket per worker thread), HTTP/1.1 with bounded
+//! heads and a header timeout, an accept loop that survives accept errors,
+//! and a graceful drain when told to stop.
+
+use hyper::body::{Body, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::Service;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+
+/// Largest request head (line and headers) read; past it the client gets 431.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// A client has this long to send a request head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A listening socket with SO_REUSEPORT, so that each worker thread can
+/// accept on its own socket of the same address (the kernel spreads
+/// connections over them).
+pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// The first socket of a worker group on `addr`. SO_REUSEPORT would let a
+/// second tollgate share the address and split the traffic (and the quotas):
+/// first make sure it is free. Errors name the address.
+pub fn bind_workers(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    if addr.port() != 0 {
+        drop(std::net::TcpListener::bind(addr).map_err(named(addr))?);
+    }
+    reuseport_listener(addr)
+        .and_then(TcpListener::from_std)
+        .map_err(named(addr))
+}
+
+/// A plain listener (admin ports); errors name the address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(named(addr))
+}
+
+fn named(addr: SocketAddr) -> impl Fn(std::io::Error) -> std::io::Error {
+    move |e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
+}
+
+/// A connection accepted by `accept_loop`.
+#[derive(Debug)]
+pub struct Accepted {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    /// Accepted on the admin listener.
+    pub admin: bool,
+}
+
+/// Serve one connection with HTTP/1.1 under the shared bounds, watched by
+/// `graceful` so a shutdown lets its request finish.
+pub fn serve_http1<S, B>(stream: TcpStream, service: S, graceful: &GracefulShutdown)
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let _ = stream.set_nodelay(true);
+    let mut builder = http1::Builder::new();
+    builder
+        .max_buf_size(MAX_HEAD_BYTES)
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::spawn(graceful.watch(connection));
+}
+
+/// Accept on `main` (and `admin`) until `stopped` turns true, handing each
+/// connection to `serve`; then stop accepting and wait up to `grace` for
+/// the connections to finish. `announce` logs the drain (one worker does).
+pub async fn accept_loop(
+    main: TcpListener,
+    admin: Option<TcpListener>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+    grace: Duration,
+    announce: bool,
+    mut serve: impl FnMut(Accepted, &GracefulShutdown),
+) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = stopped.wait_for(|s| *s) => break,
+            a = main.accept() => a.map(|(s, p)| (s, p, false)),
+            a = accept_admin(admin.as_ref()) => a.map(|(s, p)| (s, p, true)),
+        };
+        match accepted {
+            Ok((stream, peer, admin)) => serve(
+                Accepted {
+                    stream,
+                    peer,
+                    admin,
+                },
+                &graceful,
+            ),
+            Err(e) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(main);
+    drop(admin);
+    if announce {
+        tracing::info!(
+            "shutting down: no new connections; waiting up to {grace:?} for requests in flight"
+        );
+    }
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still in flight after {grace:?}; closing them");
+    }
+}
+
+async fn accept_admin(admin: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match admin {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}

@@ -115,8 +115,27 @@ pub fn check(path: &Path, text: &str) -> Result<()> {
             }
         );
     }
+    if text.contains("[proxy") {
+        // What `tollgate proxy` reads besides: [proxy] and its clients.
+        let proxy = tollgate_proxy::ProxySettings::parse(text, &|name| {
+            std::env::var(name).ok().or_else(|| {
+                missing.borrow_mut().push(name.to_string());
+                Some(format!("unset {name}"))
+            })
+        })
+        .with_context(|| path.display().to_string())?;
+        println!(
+            "  proxy on {} (admin {}), requests wait up to {}, {} client(s)",
+            proxy.listen,
+            proxy
+                .admin_listen
+                .map_or("off".to_string(), |a| a.to_string()),
+            human(proxy.max_wait),
+            proxy.clients.len()
+        );
+    }
     for name in missing.into_inner() {
-        println!("  note: environment variable {name} is not set; `tollgate run` will need it");
+        println!("  note: environment variable {name} is not set; `tollgate run` and `tollgate proxy` will need it");
     }
     Ok(())
 }

@@ -68,6 +68,20 @@ enum Command {
         #[arg(long)]
         access_log: Option<String>,
     },
+    /// One throttling layer for live calls to other people's APIs: every
+    /// request to an upstream waits for its slot (instead of failing), is
+    /// retried when safe, and shares the upstream's quota with all others.
+    Proxy {
+        /// The config with the [[upstream]] entries (and [proxy]).
+        #[arg(long)]
+        config: PathBuf,
+        /// Proxy listener (overrides `[proxy] listen`; default 127.0.0.1:7070).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Admin listener (overrides `[proxy] admin_listen`; default 127.0.0.1:9091).
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+    },
     /// Send jobs through other people's rate limits: at the fastest pace
     /// their limits allow, retried as they say, recorded in --state so a
     /// crash or Ctrl-C resumes, failures dead-lettered.
@@ -250,6 +264,11 @@ fn other(command: Command) -> Result<()> {
             admin,
             access_log,
         } => serve(policy, upstream, demo_upstream, listen, admin, access_log),
+        Command::Proxy {
+            config,
+            listen,
+            admin,
+        } => proxy(config, listen, admin),
         Command::Run { .. } | Command::Plan { .. } | Command::Dlq { .. } | Command::Results { .. } => {
             unreachable!("handled in run")
         }
@@ -269,6 +288,55 @@ fn other(command: Command) -> Result<()> {
             },
         },
     }
+}
+
+fn proxy(
+    config: PathBuf,
+    listen: Option<std::net::SocketAddr>,
+    admin: Option<std::net::SocketAddr>,
+) -> Result<()> {
+    use std::io::IsTerminal;
+    use tollgate_proxy::{Listeners, Overrides, Proxy, Source};
+    tracing_subscriber::fmt()
+        .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+    // Many callers share each upstream's line: a multi-threaded runtime.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let overrides = Overrides {
+            listen,
+            admin_listen: admin,
+        };
+        let proxy = Proxy::new(
+            Source::File(config),
+            overrides,
+            Box::new(tollgate_profiles::Bundled),
+            tollgate_store::TokioClock::system(),
+        )?;
+        proxy.connect().await?;
+        let listeners = Listeners::bind(&proxy).await?;
+        let generation = proxy.current();
+        let names: Vec<&str> = generation.config.upstreams.iter().map(|u| u.name.as_str()).collect();
+        tracing::info!(
+            "proxy listening on http://{} (call http://{}/<upstream>/<path>, or set HTTP_PROXY) for {}; admin on {}",
+            listeners.proxy.local_addr()?,
+            listeners.proxy.local_addr()?,
+            names.join(", "),
+            listeners
+                .admin
+                .as_ref()
+                .and_then(|a| a.local_addr().ok())
+                .map_or("none".to_string(), |a| format!("http://{a}")),
+        );
+        let proxy = std::sync::Arc::new(proxy);
+        tollgate_proxy::serve(proxy, listeners, shutdown_signal()).await?;
+        Ok(())
+    })
 }
 
 fn serve(

@@ -39,6 +39,8 @@ pub struct Upstream {
     pub headers: Vec<(String, String)>,
     pub breaker: BreakerSettings,
     pub bulk: Vec<Bulk>,
+    /// Extra roots (PEM) trusted for this upstream's TLS, besides the system's.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// A bulk call: `max_items` records per call, placed in `body` where the
@@ -215,6 +217,7 @@ fn upstream(
         headers,
         breaker,
         bulk,
+        ca_file: u.ca_file.as_ref().map(|f| f.get_ref().into()),
         name,
     })
 }
@@ -316,6 +319,7 @@ struct RawUpstream {
     breaker: Option<RawBreaker>,
     #[serde(default)]
     bulk: Vec<Spanned<RawBulk>>,
+    ca_file: Option<Spanned<String>>,
     /// Read by the policy parser.
     #[serde(rename = "profile")]
     _profile: Option<toml::Value>,

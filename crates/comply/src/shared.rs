@@ -55,6 +55,34 @@ struct Line {
     waiters: HashMap<u64, oneshot::Sender<Turn>>,
 }
 
+impl Line {
+    /// Hand out every turn the limits allow at `now`; the instant to look
+    /// again, if the line waits for one.
+    fn dispatch(&mut self, now: Nanos) -> Option<Nanos> {
+        loop {
+            match self.core.next(now) {
+                Next::Send { seq, attempt } => {
+                    let delivered = self
+                        .waiters
+                        .remove(&seq)
+                        .is_some_and(|tx| tx.send(Turn::Send { attempt }).is_ok());
+                    if !delivered {
+                        // Its caller left just now: nothing was sent.
+                        self.core.abandon(seq, now);
+                    }
+                }
+                Next::Reject { seq, reason } => {
+                    if let Some(tx) = self.waiters.remove(&seq) {
+                        let _ = tx.send(Turn::Reject { reason });
+                    }
+                }
+                Next::Wait(at) => return Some(at),
+                Next::Blocked | Next::Idle => return None,
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     name: String,
@@ -67,6 +95,30 @@ struct Inner {
 }
 
 impl Inner {
+    /// Run `f` on the line, then hand out every turn the limits allow now;
+    /// the driver is woken when something must happen at a later instant.
+    /// Turns go out here, on the caller's task, whenever they can: only
+    /// timed wake-ups need the driver.
+    fn step<R>(&self, f: impl FnOnce(&mut Line) -> R) -> R {
+        let now = self.clock.now();
+        let (result, wake, events) = self.with_line(|line| {
+            let result = f(line);
+            let wake = line.dispatch(now);
+            (result, wake, line.core.drain_events())
+        });
+        self.log(&events, now);
+        if wake.is_some() {
+            self.wake.notify_one();
+        }
+        result
+    }
+
+    fn log(&self, events: &[Event], now: Nanos) {
+        for event in events {
+            tracing::info!("{}", event.describe(&self.name, now));
+        }
+    }
+
     /// Run `f` on the line; on a shared (Redis) engine the scheduler's
     /// round trips block, so the runtime is told (where it can be).
     fn with_line<R>(&self, f: impl FnOnce(&mut Line) -> R) -> R {
@@ -121,13 +173,11 @@ impl SharedScheduler {
     pub fn enter(&self, ask: Ask) -> Ticket {
         let seq = self.inner.seqs.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        {
-            let mut line = self.inner.line.lock();
+        self.inner.step(|line| {
             line.core
                 .push_capped(seq, ask.priority, 0, ask.max_attempts, ask.items);
             line.waiters.insert(seq, tx);
-        }
-        self.inner.wake.notify_one();
+        });
         Ticket {
             inner: self.inner.clone(),
             seq,
@@ -226,7 +276,7 @@ impl Ticket {
         let now = self.inner.clock.now();
         let latency = Duration::from_nanos(now.saturating_sub(sent_at));
         let seq = self.seq;
-        let (settled, turn) = self.inner.with_line(|line| {
+        let (settled, turn) = self.inner.step(|line| {
             let settled = line.core.complete(seq, reply, latency, now);
             let turn = matches!(settled, Settled::Retry { .. }).then(|| {
                 let (tx, rx) = oneshot::channel();
@@ -236,7 +286,6 @@ impl Ticket {
             (settled, turn)
         });
         self.turn = turn;
-        self.inner.wake.notify_one();
         settled
     }
 }
@@ -249,14 +298,13 @@ impl Drop for Ticket {
         if !turn && !sent {
             return;
         }
-        self.inner.with_line(|line| {
+        self.inner.step(|line| {
             if sent || !line.core.forget(seq) {
                 // In flight, or handed its turn as it left: settle the call.
                 line.core.abandon(seq, now);
             }
             line.waiters.remove(&seq);
         });
-        self.inner.wake.notify_one();
     }
 }
 
@@ -271,33 +319,9 @@ async fn drive(inner: Weak<Inner>) {
         tokio::pin!(notified);
         notified.as_mut().enable();
         let now = strong.clock.now();
-        let (wake, events) = strong.with_line(|line| {
-            let wake = loop {
-                match line.core.next(now) {
-                    Next::Send { seq, attempt } => {
-                        let delivered = line
-                            .waiters
-                            .remove(&seq)
-                            .is_some_and(|tx| tx.send(Turn::Send { attempt }).is_ok());
-                        if !delivered {
-                            // Its caller left just now: nothing was sent.
-                            line.core.abandon(seq, now);
-                        }
-                    }
-                    Next::Reject { seq, reason } => {
-                        if let Some(tx) = line.waiters.remove(&seq) {
-                            let _ = tx.send(Turn::Reject { reason });
-                        }
-                    }
-                    Next::Wait(at) => break Some(at),
-                    Next::Blocked | Next::Idle => break None,
-                }
-            };
-            (wake, line.core.drain_events())
-        });
-        for event in &events {
-            tracing::info!("{}", event.describe(&strong.name, now));
-        }
+        let (wake, events) =
+            strong.with_line(|line| (line.dispatch(now), line.core.drain_events()));
+        strong.log(&events, now);
         let sleep = wake.map(|at| strong.clock.instant_at(at));
         drop(strong);
         match sleep {

@@ -433,6 +433,8 @@ struct RawConfig {
     _gateway: Option<toml::Value>,
     #[serde(rename = "response")]
     _response: Option<toml::Value>,
+    #[serde(rename = "proxy")]
+    _proxy: Option<toml::Value>,
     /// A runner's upstreams: their limits are read here, their other
     /// fields by the runner.
     #[serde(default)]

@@ -3,126 +3,16 @@
 //! answers, 400s) and the tollgate gateway enforcing the runner's own
 //! profile. Time is tokio's paused clock: waits are exact and instant.
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tollgate_egress::state::State;
 use tollgate_egress::{Options, ProgressMode, Summary};
 use tollgate_store::TokioClock;
+use tollgate_testkit::upstream::{ok, scripted, Answer};
 
 const EPOCH: u64 = 1_767_225_600_000_000_000;
-
-/// A value shared between the test and the upstream's tasks.
-type Shared<T> = Arc<std::sync::Mutex<T>>;
-
-/// What the scripted upstream does with the n-th request (from 1) to a path.
-#[derive(Clone)]
-enum Answer {
-    Status(u16, Vec<(&'static str, &'static str)>, &'static str),
-    /// Close the connection without answering.
-    Drop,
-    /// Answer 200 after this long.
-    Slow(Duration),
-}
-
-#[derive(Debug, Clone)]
-struct Seen {
-    path: String,
-    at: Instant,
-    idempotency_key: String,
-    authorization: Option<String>,
-}
-
-type Script = Arc<dyn Fn(&str, usize) -> Answer + Send + Sync>;
-
-struct Scripted {
-    addr: SocketAddr,
-    seen: Shared<Vec<Seen>>,
-}
-
-impl Scripted {
-    fn seen(&self, path: &str) -> Vec<Seen> {
-        self.seen
-            .lock()
-            .expect("lock")
-            .iter()
-            .filter(|s| s.path == path)
-            .cloned()
-            .collect()
-    }
-}
-
-async fn scripted(script: impl Fn(&str, usize) -> Answer + Send + Sync + 'static) -> Scripted {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let seen: Shared<Vec<Seen>> = Default::default();
-    let counts: Shared<HashMap<String, usize>> = Default::default();
-    let script: Script = Arc::new(script);
-    let log = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (log, counts, script) = (log.clone(), counts.clone(), script.clone());
-            tokio::spawn(async move {
-                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let (log, counts, script) = (log.clone(), counts.clone(), script.clone());
-                    async move {
-                        let path = req.uri().path().to_string();
-                        let header = |name: &str| {
-                            req.headers()
-                                .get(name)
-                                .and_then(|v| v.to_str().ok())
-                                .map(str::to_owned)
-                        };
-                        log.lock().expect("lock").push(Seen {
-                            path: path.clone(),
-                            at: Instant::now(),
-                            idempotency_key: header("idempotency-key").unwrap_or_default(),
-                            authorization: header("authorization"),
-                        });
-                        let n = {
-                            let mut counts = counts.lock().expect("lock");
-                            let n = counts.entry(path.clone()).or_insert(0);
-                            *n += 1;
-                            *n
-                        };
-                        let _ = req.into_body().collect().await;
-                        match script(&path, n) {
-                            Answer::Status(status, headers, body) => {
-                                let mut r = Response::builder().status(status);
-                                for (k, v) in headers {
-                                    r = r.header(k, v);
-                                }
-                                Ok(r.body(Full::new(Bytes::from(body))).expect("response"))
-                            }
-                            Answer::Drop => Err("dropped on purpose"),
-                            Answer::Slow(d) => {
-                                tokio::time::sleep(d).await;
-                                Ok(Response::new(Full::new(Bytes::from("slow ok"))))
-                            }
-                        }
-                    }
-                });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    Scripted { addr, seen }
-}
-
-fn ok() -> Answer {
-    Answer::Status(200, vec![], "{\"ok\":true}")
-}
 
 struct Ran {
     summary: Summary,
@@ -312,30 +202,7 @@ async fn a_5xx_storm_opens_the_breaker_until_a_probe_succeeds() {
 
 /// The tollgate gateway enforcing `profile` in front of an echo upstream.
 async fn gateway(profile: &str) -> (SocketAddr, Arc<tollgate_gateway::Gateway>) {
-    let echo = scripted(|_, _| ok()).await;
-    let config = format!(
-        "profile = \"{profile}\"\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\naccess_log = \"off\"\nupstream = \"http://{}\"\n",
-        echo.addr
-    );
-    let gateway = Arc::new(
-        tollgate_gateway::Gateway::new(
-            tollgate_gateway::Source::Text(config),
-            tollgate_gateway::Overrides::default(),
-            Box::new(tollgate_profiles::Bundled),
-            TokioClock::starting_at(EPOCH),
-        )
-        .expect("gateway config"),
-    );
-    let listeners = tollgate_gateway::Listeners::bind(&gateway)
-        .await
-        .expect("bind");
-    let addr = listeners.proxy.local_addr().expect("addr");
-    let serving =
-        tollgate_gateway::serve_workers(gateway.clone(), listeners, 1, std::future::pending());
-    tokio::spawn(async move {
-        let _ = serving.await;
-    });
-    (addr, gateway)
+    tollgate_testkit::vendor::gateway(profile, TokioClock::starting_at(EPOCH)).await
 }
 
 fn profiled(addr: SocketAddr, profile: &str, concurrency: usize, extra: &str) -> String {

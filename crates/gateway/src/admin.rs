@@ -8,7 +8,7 @@ use crate::proxy::ResponseBody;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::header::HeaderValue;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use std::borrow::Cow;
@@ -17,32 +17,21 @@ use std::sync::Arc;
 use tollgate_core::request::{encode_key, query_param};
 use tollgate_core::units::{NANOS_PER_MICRO, NANOS_PER_SEC};
 use tollgate_core::{Attrs, Clock, Item};
-use tollgate_http::Refusal;
+use tollgate_http::{admin, Refusal};
 
 /// Largest admin request body (a check's attributes, a report).
 const MAX_ADMIN_BODY: usize = 1 << 20;
 
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<ResponseBody> {
-    let mut r = Response::new(ResponseBody::from(body));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    r
+    admin::reply(status, content_type, body).map(ResponseBody::local)
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response<ResponseBody> {
-    reply(status, "application/json", value.to_string() + "\n")
+    admin::json(status, value).map(ResponseBody::local)
 }
 
-/// An admin error as problem+json.
 fn problem(status: StatusCode, title: &str, detail: String) -> Response<ResponseBody> {
-    let body = serde_json::json!({
-        "type": "about:blank",
-        "title": title,
-        "status": status.as_u16(),
-        "detail": detail,
-    });
-    reply(status, "application/problem+json", body.to_string() + "\n")
+    admin::problem(status, title, detail).map(ResponseBody::local)
 }
 
 impl From<String> for ResponseBody {
@@ -98,11 +87,7 @@ impl Gateway {
                 if let Some(health) = generation.engine.health() {
                     self.metrics.shared_store(health);
                 }
-                reply(
-                    StatusCode::OK,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    self.metrics.render(stats),
-                )
+                reply(StatusCode::OK, admin::OPENMETRICS, self.metrics.render(stats))
             }
             (Method::GET, "/v1/usage") => self.usage(req.uri().query().unwrap_or("")),
             (Method::GET, "/v1/config") => {
@@ -147,22 +132,7 @@ impl Gateway {
     }
 
     fn authorized(&self, req: &Request<Incoming>) -> bool {
-        let Some(token) = &self.admin_token else {
-            return true;
-        };
-        let given = req
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        // Constant time in the token's length: no timing hint of a prefix.
-        given.is_some_and(|g| {
-            g.len() == token.len()
-                && g.bytes()
-                    .zip(token.bytes())
-                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                    == 0
-        })
+        admin::bearer_allowed(req.headers(), self.admin_token.as_deref())
     }
 
     /// `GET /v1/usage?key=PART[&key=PART..][&class=NAME][&limit=NAME]`: what

@@ -8,8 +8,10 @@
 //! - `refusal`: every answer tollgate makes itself, as problem+json (or
 //!   Celigo's `errors` shape), its status decided in one place.
 //! - `access`: the access log, written off the request path.
+//! - `admin`: admin replies and the bearer-token check.
 
 pub mod access;
+pub mod admin;
 pub mod forward;
 pub mod listen;
 pub mod ratelimit;

@@ -4,7 +4,9 @@
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{
+    HeaderName, HeaderValue, CONTENT_TYPE, PROXY_AUTHENTICATE, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use hyper::{Response, StatusCode};
 use tollgate_core::units::NANOS_PER_SEC;
 use tollgate_core::Nanos;
@@ -81,6 +83,26 @@ pub enum Refusal {
     UpstreamTimeout,
     /// 401 on the admin listener.
     Unauthorized,
+    /// 429 from the proxy: the request waited `waited` for its slot and
+    /// none came before its deadline; nothing was sent to the upstream.
+    WaitExceeded {
+        upstream: String,
+        /// The limit the line was waiting for, if it was one.
+        limit: Option<String>,
+        waited: Nanos,
+        retry_after: Nanos,
+    },
+    /// 503 from the proxy: the upstream's circuit breaker is open.
+    BreakerOpen {
+        upstream: String,
+        retry_after: Nanos,
+    },
+    /// 403 from the proxy: no upstream names this host.
+    HostNotConfigured { host: String },
+    /// 404 from the proxy: the first path segment names no upstream.
+    UnknownUpstream { name: String, known: Vec<String> },
+    /// 407 (forward proxy) or 401 (alias): no client token, or an unknown one.
+    ClientToken { proxy: bool, reason: String },
 }
 
 impl Refusal {
@@ -98,6 +120,12 @@ impl Refusal {
             Refusal::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Refusal::Unauthorized => StatusCode::UNAUTHORIZED,
+            Refusal::WaitExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::BreakerOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::HostNotConfigured { .. } => StatusCode::FORBIDDEN,
+            Refusal::UnknownUpstream { .. } => StatusCode::NOT_FOUND,
+            Refusal::ClientToken { proxy: true, .. } => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            Refusal::ClientToken { proxy: false, .. } => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -116,6 +144,11 @@ impl Refusal {
             Refusal::UpstreamFailed(_) => "upstream_failed",
             Refusal::UpstreamTimeout => "upstream_timeout",
             Refusal::Unauthorized => "unauthorized",
+            Refusal::WaitExceeded { .. } => "wait_exceeded",
+            Refusal::BreakerOpen { .. } => "breaker_open",
+            Refusal::HostNotConfigured { .. } => "host_not_configured",
+            Refusal::UnknownUpstream { .. } => "unknown_upstream",
+            Refusal::ClientToken { .. } => "client_token",
         }
     }
 
@@ -137,6 +170,16 @@ impl Refusal {
             Refusal::UpstreamFailed(_) => "Upstream unavailable".into(),
             Refusal::UpstreamTimeout => "Upstream timed out".into(),
             Refusal::Unauthorized => "Unauthorized".into(),
+            Refusal::WaitExceeded { upstream, .. } => {
+                format!("No slot of upstream '{upstream}' within the wait allowed")
+            }
+            Refusal::BreakerOpen { upstream, .. } => {
+                format!("Upstream '{upstream}' is failing (circuit breaker open)")
+            }
+            Refusal::HostNotConfigured { .. } => "Host not configured".into(),
+            Refusal::UnknownUpstream { .. } => "No such upstream".into(),
+            Refusal::ClientToken { proxy: true, .. } => "Proxy authentication required".into(),
+            Refusal::ClientToken { proxy: false, .. } => "Unauthorized".into(),
         }
     }
 
@@ -170,6 +213,36 @@ impl Refusal {
             Refusal::Unauthorized => {
                 "Send the admin token as 'Authorization: Bearer TOKEN'.".into()
             }
+            Refusal::WaitExceeded {
+                upstream,
+                limit,
+                waited,
+                retry_after,
+            } => {
+                let of = limit
+                    .as_deref()
+                    .map_or_else(String::new, |l| format!(" (limit '{l}')"));
+                format!(
+                    "Waited {:.1} s for a slot of upstream '{upstream}'{of}; the next is about {} s away. Nothing was sent to the upstream. Raise Tollgate-Max-Wait to wait longer.",
+                    *waited as f64 / NANOS_PER_SEC as f64,
+                    whole_seconds(*retry_after)
+                )
+            }
+            Refusal::BreakerOpen {
+                upstream,
+                retry_after,
+            } => format!(
+                "Upstream '{upstream}' failed repeatedly; tollgate sends it nothing for {} s more, then one probe.",
+                whole_seconds(*retry_after)
+            ),
+            Refusal::HostNotConfigured { host } => format!(
+                "No upstream names host '{host}'; tollgate relays only to the upstreams of its config."
+            ),
+            Refusal::UnknownUpstream { name, known } => format!(
+                "No upstream is named '{name}'; call http://PROXY/<upstream>/<path> with one of: {}.",
+                known.join(", ")
+            ),
+            Refusal::ClientToken { reason, .. } => reason.clone(),
         }
     }
 
@@ -212,14 +285,34 @@ impl Refusal {
         *response.status_mut() = status;
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-        if let Refusal::RateLimited {
-            retry_after: Some(r),
-            ..
-        } = self
-        {
-            if settings.retry_after {
+        match self {
+            Refusal::RateLimited {
+                retry_after: Some(r),
+                ..
+            } if settings.retry_after => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(whole_seconds(*r)));
             }
+            Refusal::WaitExceeded { retry_after, .. }
+            | Refusal::BreakerOpen { retry_after, .. } => {
+                // The proxy's clients retry by it: always sent, at least 1 s.
+                headers.insert(
+                    RETRY_AFTER,
+                    HeaderValue::from(whole_seconds(*retry_after).max(1)),
+                );
+            }
+            Refusal::ClientToken { proxy: true, .. } => {
+                headers.insert(
+                    PROXY_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"tollgate\""),
+                );
+            }
+            Refusal::ClientToken { proxy: false, .. } => {
+                headers.insert(
+                    WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"tollgate\""),
+                );
+            }
+            _ => {}
         }
         if let Ok(id) = HeaderValue::from_str(request_id) {
             headers.insert(X_REQUEST_ID.clone(), id);

@@ -1,4 +1,5 @@
-//! Test support: a real `redis-server` on a free 127.0.0.1 port.
+//! Test support: a real `redis-server` on a free 127.0.0.1 port, a scripted
+//! HTTP upstream (`upstream`), and the gateway playing a vendor (`vendor`).
 //!
 //! `bash scripts/test.sh` starts one server for the whole run and exports
 //! `TOLLGATE_TEST_REDIS` (its URL); tests that only need *a* Redis use it
@@ -7,6 +8,9 @@
 //! value drops. Without the variable, `redis_url()` starts a server for the
 //! test process (stopped once the process is gone), so `cargo test` alone
 //! works wherever `redis-server` is installed.
+
+pub mod upstream;
+pub mod vendor;
 
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};

@@ -1,0 +1,172 @@
+//! The proxy's admin listener: `/healthz`, `/metrics`, `/v1/usage`,
+//! `/v1/config` and `POST /v1/reload`, as `serve` has them, behind the
+//! admin token when one is set.
+
+use crate::call::ResponseBody;
+use crate::state::Proxy;
+use hyper::body::Incoming;
+use hyper::header::HeaderValue;
+use hyper::{Method, Request, Response, StatusCode};
+use std::borrow::Cow;
+use std::sync::Arc;
+use tollgate_core::request::query_param;
+use tollgate_core::units::NANOS_PER_SEC;
+use tollgate_core::{Clock, Item};
+use tollgate_http::{admin, Refusal};
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<ResponseBody> {
+    admin::reply(status, content_type, body).map(ResponseBody::local)
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<ResponseBody> {
+    admin::json(status, value).map(ResponseBody::local)
+}
+
+fn problem(status: StatusCode, title: &str, detail: String) -> Response<ResponseBody> {
+    admin::problem(status, title, detail).map(ResponseBody::local)
+}
+
+const PATHS: &str = "/healthz, /metrics, /v1/usage, /v1/config, /v1/reload";
+
+impl Proxy {
+    pub async fn admin(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<ResponseBody>, std::convert::Infallible> {
+        let path = req.uri().path().to_string();
+        if path != "/healthz" && !admin::bearer_allowed(req.headers(), self.admin_token.as_deref())
+        {
+            return Ok(Refusal::Unauthorized
+                .response(&tollgate_http::ResponseSettings::default(), "admin")
+                .map(ResponseBody::local));
+        }
+        Ok(match (req.method().clone(), path.as_str()) {
+            (Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+            (Method::GET, "/metrics") => {
+                let generation = self.current();
+                let lines = generation
+                    .config
+                    .upstreams
+                    .iter()
+                    .zip(&generation.lines)
+                    .map(|(u, l)| {
+                        let (waiting, in_flight) = l.line.inspect(|s| (s.queued(), s.in_flight()));
+                        (u.name.clone(), waiting, in_flight)
+                    });
+                reply(
+                    StatusCode::OK,
+                    admin::OPENMETRICS,
+                    self.metrics.render(lines),
+                )
+            }
+            (Method::GET, "/v1/usage") => self.usage(req.uri().query().unwrap_or("")),
+            (Method::GET, "/v1/config") => {
+                let generation = self.current();
+                // The file's text: secrets stay `${VARIABLES}` there.
+                let mut r = reply(StatusCode::OK, "application/toml", generation.text.clone());
+                if let Ok(v) = HeaderValue::from_str(&generation.loaded_at.to_string()) {
+                    r.headers_mut().insert("x-tollgate-loaded-at", v);
+                }
+                r
+            }
+            (Method::POST, "/v1/reload") => match self.reload().await {
+                Ok(r) => json(
+                    StatusCode::OK,
+                    serde_json::json!({ "reloaded": true, "upstreams": r.upstreams, "kept": r.kept }),
+                ),
+                Err(e) => problem(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Config rejected; the previous config keeps serving",
+                    e.to_string(),
+                ),
+            },
+            (_, "/healthz" | "/metrics" | "/v1/usage" | "/v1/config" | "/v1/reload") => problem(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "Method not allowed",
+                format!("{path} does not take this method"),
+            ),
+            _ => problem(
+                StatusCode::NOT_FOUND,
+                "Not found",
+                format!("{path} is not an admin path; see {PATHS}"),
+            ),
+        })
+    }
+
+    /// `GET /v1/usage[?upstream=NAME][&key=PART..]`: per upstream, its line
+    /// (waiting, in flight, paused, breaker) and what is left of each limit
+    /// under the key (the limits' one key when they have no key parts).
+    fn usage(&self, query: &str) -> Response<ResponseBody> {
+        let generation = self.current();
+        let only = query_param(query, "upstream");
+        let parts: Vec<Cow<'_, str>> = query
+            .split('&')
+            .filter(|p| p.starts_with("key="))
+            .filter_map(|p| query_param(p, "key"))
+            .collect();
+        let refs: Vec<&str> = parts.iter().map(|p| p.as_ref()).collect();
+        let key = tollgate_core::request::encode_key(&refs);
+        if let Some(name) = &only {
+            if generation.upstream(name).is_none() {
+                return problem(
+                    StatusCode::NOT_FOUND,
+                    "No such upstream",
+                    format!("no upstream is named '{name}'"),
+                );
+            }
+        }
+        let now = self.clock.now();
+        let secs = |ns: u64| ns as f64 / NANOS_PER_SEC as f64;
+        let upstreams: Vec<serde_json::Value> = generation
+            .config
+            .upstreams
+            .iter()
+            .zip(&generation.lines)
+            .filter(|(u, _)| only.as_deref().is_none_or(|n| n == u.name))
+            .map(|(u, l)| {
+                l.line.inspect(|s| {
+                    let engine = s.engine();
+                    let limits: Vec<serde_json::Value> = engine
+                        .policy()
+                        .limits
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, limit)| limit.key.len() == parts.len())
+                        .map(|(i, limit)| {
+                            let item = Item {
+                                limit: i,
+                                class: 0,
+                                key: key.clone(),
+                                cost: 1,
+                                charge: 1,
+                            };
+                            let usage = engine.usage(&item, now);
+                            serde_json::json!({
+                                "limit": limit.name,
+                                "quota": limit.params(0).policy().0,
+                                "remaining": usage.remaining,
+                                "reset": secs(usage.reset),
+                            })
+                        })
+                        .collect();
+                    let c = s.counters();
+                    serde_json::json!({
+                        "upstream": u.name,
+                        "waiting": s.queued(),
+                        "in_flight": s.in_flight(),
+                        "paused_for": secs(s.paused_until().saturating_sub(now)),
+                        "breaker_open_for": s.breaker_open_until().map(|t| secs(t.saturating_sub(now))),
+                        "sent": c.sent,
+                        "throttled": c.throttled,
+                        "retried": c.retried,
+                        "limits": limits,
+                    })
+                })
+            })
+            .collect();
+        json(
+            StatusCode::OK,
+            serde_json::json!({ "upstreams": upstreams }),
+        )
+    }
+}

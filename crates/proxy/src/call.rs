@@ -1,0 +1,700 @@
+//! One request through the proxy, in phases: route → who is calling →
+//! control headers → body (kept for a replay up to a cap) → plan (the
+//! upstream's limits, keys, costs) → wait in the upstream's line → send →
+//! retry what is safe to retry → relay the final response, streamed.
+//!
+//! A request that waits past its deadline gets tollgate's own 429 and the
+//! upstream sees nothing of it. A client that goes away leaves the line
+//! (its ticket is dropped), and one whose call is in flight gives its slot
+//! back when the response is dropped.
+
+use crate::metrics::status_class;
+use crate::route::{self, Routed};
+use crate::settings::Client;
+use crate::state::{Generation, Proxy};
+use base64::Engine as _;
+use bytes::{Bytes, BytesMut};
+use futures_util::{StreamExt, TryStreamExt};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, HOST, PROXY_AUTHORIZATION};
+use hyper::{Method, Request, Response};
+use std::borrow::Cow;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tollgate_comply::{Ask, Priority, Refused, Reply, Settled, Ticket, Upstream};
+use tollgate_core::policy::Cost;
+use tollgate_core::request::query_param;
+use tollgate_core::units::{parse_duration, NANOS_PER_SEC};
+use tollgate_core::{Clock, Item, Nanos};
+use tollgate_http::access::Entry;
+use tollgate_http::{ratelimit, strip_hop_by_hop, Peer, Refusal};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The control headers a client may send; every `tollgate-*` header is
+/// removed before the request goes on.
+static PRIORITY: HeaderName = HeaderName::from_static("tollgate-priority");
+static WORKFLOW: HeaderName = HeaderName::from_static("tollgate-workflow");
+static MAX_WAIT: HeaderName = HeaderName::from_static("tollgate-max-wait");
+static TOKEN: HeaderName = HeaderName::from_static("tollgate-token");
+/// On every answer: how many calls to the upstream it took (0: none).
+pub static ATTEMPTS: HeaderName = HeaderName::from_static("tollgate-attempts");
+static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// The header through which a request's workflow reaches the policy (as
+/// `tollgate run` passes a job's).
+const WORKFLOW_KEY: &str = "tollgate-workflow";
+/// The longest `Tollgate-Max-Wait` taken: a day.
+const LONGEST_WAIT: Duration = Duration::from_secs(86_400);
+/// A failed attempt's body (429, 5xx) kept to relay if it is the last one.
+const MAX_FAILURE_BODY: usize = 1 << 20;
+
+/// The response body: the upstream's, streamed, or one tollgate made. A
+/// streamed body carries its call's report, made when the body ends or is
+/// dropped (the client went away): the call's concurrency slot and latency
+/// are settled then.
+pub struct ResponseBody {
+    inner: BoxBody<Bytes, BoxError>,
+    finish: Option<Finish>,
+}
+
+impl std::fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("reports", &self.finish.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResponseBody {
+    pub fn local(full: Full<Bytes>) -> Self {
+        ResponseBody {
+            inner: full.map_err(|never| match never {}).boxed(),
+            finish: None,
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.finish = None; // the response ended: report now
+        }
+        polled
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A call's report, made on drop.
+struct Finish {
+    ticket: Ticket,
+    reply: Reply,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        self.ticket.report(&self.reply);
+    }
+}
+
+/// What a request asks of its line.
+#[derive(Debug)]
+struct Control {
+    priority: Priority,
+    workflow: Option<String>,
+    max_wait: Duration,
+}
+
+/// The request body, kept whole up to the replay cap, or streamed once.
+enum Outgoing {
+    Kept(Bytes),
+    Once(Option<reqwest::Body>),
+}
+
+impl Outgoing {
+    fn replayable(&self) -> bool {
+        matches!(self, Outgoing::Kept(_))
+    }
+    fn take(&mut self) -> Option<reqwest::Body> {
+        match self {
+            Outgoing::Kept(b) if b.is_empty() => None,
+            Outgoing::Kept(b) => Some(reqwest::Body::from(b.clone())),
+            Outgoing::Once(body) => body.take(),
+        }
+    }
+}
+
+/// A request as the upstream's policy reads it: what will be sent.
+struct View<'a> {
+    method: &'a str,
+    url: &'a url::Url,
+    headers: &'a HeaderMap,
+    upstream: &'a Upstream,
+    workflow: Option<&'a str>,
+    ip: &'a str,
+    body: Option<&'a serde_json::Value>,
+}
+
+impl tollgate_core::Request for View<'_> {
+    fn method(&self) -> &str {
+        self.method
+    }
+    fn path(&self) -> &str {
+        self.url.path()
+    }
+    fn host(&self) -> Option<&str> {
+        self.url.host_str()
+    }
+    fn ip(&self) -> Option<&str> {
+        Some(self.ip)
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        if name == WORKFLOW_KEY {
+            return self.workflow;
+        }
+        // The upstream's own headers win, as they do on the wire.
+        self.upstream
+            .headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .or_else(|| self.headers.get(name)?.to_str().ok())
+    }
+    fn query(&self, name: &str) -> Option<Cow<'_, str>> {
+        query_param(self.url.query()?, name)
+    }
+    fn json_body(&self) -> Option<&serde_json::Value> {
+        self.body
+    }
+}
+
+/// How a request ended, for the access log and the metrics.
+struct Outcome<'a> {
+    upstream: Option<&'a str>,
+    metric: &'static str,
+    decision: &'static str,
+    limit: Option<String>,
+    attempts: u32,
+    waited: Nanos,
+    upstream_ms: Option<f64>,
+}
+
+impl Proxy {
+    /// Serve one request on the proxy listener.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: Arc<Peer>,
+    ) -> Result<Response<ResponseBody>, std::convert::Infallible> {
+        let generation = self.current();
+        let request_id = self.next_request_id();
+        let (parts, body) = req.into_parts();
+        let mut outcome = Outcome {
+            upstream: None,
+            metric: "refused",
+            decision: "error",
+            limit: None,
+            attempts: 0,
+            waited: 0,
+            upstream_ms: None,
+        };
+        let result = self
+            .call(&generation, &request_id, &parts, body, &peer, &mut outcome)
+            .await;
+        let mut response = result.unwrap_or_else(|refusal| {
+            refusal
+                .response(&tollgate_http::ResponseSettings::default(), &request_id)
+                .map(ResponseBody::local)
+        });
+        response
+            .headers_mut()
+            .insert(ATTEMPTS.clone(), HeaderValue::from(outcome.attempts));
+        let status = response.status().as_u16();
+        if let Some(upstream) = outcome.upstream {
+            let metric = match outcome.metric {
+                "response" => status_class(status),
+                other => other,
+            };
+            self.metrics.request(upstream, metric);
+        }
+        if self.access.enabled() {
+            let path = parts.uri.path();
+            let entry = Entry {
+                enabled: true,
+                request_id: &request_id,
+                ip: &peer.ip,
+                method: parts.method.as_str(),
+                path,
+                status,
+                decision: outcome.decision,
+                limit: outcome.limit.as_deref(),
+                key: outcome.upstream.map(str::to_string),
+                remaining: Vec::new(),
+                hold_ms: outcome.waited as f64 / 1e6,
+                upstream_ms: outcome.upstream_ms,
+            };
+            self.access.log(&entry);
+        }
+        Ok(response)
+    }
+
+    async fn call<'g>(
+        &self,
+        generation: &'g Generation,
+        request_id: &str,
+        parts: &hyper::http::request::Parts,
+        body: Incoming,
+        peer: &Peer,
+        outcome: &mut Outcome<'g>,
+    ) -> Result<Response<ResponseBody>, Refusal> {
+        let head_bytes: usize = parts
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum();
+        if head_bytes > tollgate_http::listen::MAX_HEAD_BYTES {
+            return Err(Refusal::HeadersTooLarge {
+                max: tollgate_http::listen::MAX_HEAD_BYTES,
+            });
+        }
+        let forward = route::is_forward(parts);
+        // Who is calling comes first: nothing about the upstreams is told
+        // to a caller without a token.
+        let client = client(generation, &parts.headers, forward)?;
+        let Routed { upstream, url, .. } = route::route(generation, parts)?;
+        let settings = &generation.config.upstreams[upstream];
+        let line = &generation.lines[upstream];
+        outcome.upstream = Some(&settings.name);
+        let control = control(&parts.headers, generation, client)?;
+
+        let policy = &settings.policy;
+        let needs_json = policy
+            .limits
+            .iter()
+            .any(|l| matches!(l.cost, Cost::JsonArray(_)));
+        let mut outgoing = read_body(body, generation.settings.max_replay_bytes).await?;
+        let json = match (&outgoing, needs_json) {
+            (Outgoing::Kept(bytes), true) => serde_json::from_slice(bytes).ok(),
+            _ => None,
+        };
+        let view = View {
+            method: parts.method.as_str(),
+            url: &url,
+            headers: &parts.headers,
+            upstream: settings,
+            workflow: control.workflow.as_deref(),
+            ip: &peer.ip,
+            body: json.as_ref(),
+        };
+        let mut items: Vec<Item> = Vec::with_capacity(policy.limits.len());
+        policy
+            .plan(&view, &mut items)
+            .map_err(|e| Refusal::BadRequest(format!("upstream '{}': {e}", settings.name)))?;
+
+        let now = self.clock.now();
+        if let Some(until) = line.line.inspect(|s| s.breaker_open_until()) {
+            if until > now {
+                outcome.metric = "breaker_open";
+                return Err(Refusal::BreakerOpen {
+                    upstream: settings.name.clone(),
+                    retry_after: until - now,
+                });
+            }
+        }
+        let safe = matches!(
+            parts.method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        ) || parts.headers.contains_key(&IDEMPOTENCY_KEY);
+        let max_attempts = if safe && outgoing.replayable() {
+            settings.max_attempts
+        } else {
+            1
+        };
+        let arrived = now;
+        let deadline = arrived.saturating_add(control.max_wait.as_nanos() as Nanos);
+        let mut ticket = line.line.enter(Ask {
+            priority: control.priority,
+            items,
+            max_attempts,
+        });
+        let headers = outgoing_headers(&parts.headers, settings);
+        // A failed attempt's response, relayed if no other attempt comes.
+        let mut last: Option<Response<ResponseBody>> = None;
+        loop {
+            let attempt = match ticket.turn(Some(deadline)).await {
+                Ok(attempt) => attempt,
+                Err(Refused::Expired { waiting }) => {
+                    let now = self.clock.now();
+                    outcome.waited = now - arrived;
+                    if let Some(response) = last {
+                        outcome.metric = "response";
+                        outcome.decision = "retried";
+                        return Ok(response);
+                    }
+                    let limit = waiting
+                        .and_then(|w| w.limit)
+                        .map(|l| policy.limits[l].name.clone());
+                    outcome.metric = "wait_exceeded";
+                    outcome.decision = "denied";
+                    outcome.limit = limit.clone();
+                    return Err(Refusal::WaitExceeded {
+                        upstream: settings.name.clone(),
+                        limit,
+                        waited: now - arrived,
+                        retry_after: waiting.map_or(NANOS_PER_SEC, |w| w.until.saturating_sub(now)),
+                    });
+                }
+                Err(Refused::Rejected(reason)) => {
+                    return Err(Refusal::BadRequest(format!(
+                        "upstream '{}': this request {reason}",
+                        settings.name
+                    )))
+                }
+            };
+            outcome.attempts = attempt;
+            let sent = self.clock.now();
+            if attempt == 1 {
+                outcome.waited = sent - arrived;
+                self.metrics
+                    .waited(&settings.name, outcome.waited as f64 / NANOS_PER_SEC as f64);
+                outcome.decision = if outcome.waited > 0 {
+                    "waited"
+                } else {
+                    "admitted"
+                };
+            }
+            if attempt > 1 && !outgoing.replayable() {
+                // (max_attempts is 1 for these: a guard, not a path)
+                return Err(Refusal::UpstreamFailed(format!(
+                    "upstream '{}': the request body was streamed once and cannot be sent again",
+                    settings.name
+                )));
+            }
+            let body = outgoing.take();
+            let mut request = line
+                .client
+                .request(parts.method.clone(), url.clone())
+                .timeout(settings.timeout)
+                .headers(headers.clone());
+            if let Some(body) = body {
+                request = request.body(body);
+            }
+            let response = match request.send().await {
+                Ok(response) => response,
+                Err(e) => {
+                    let timed_out = e.is_timeout();
+                    let reply = Reply::Failed { error: failure(&e) };
+                    self.metrics.call(&settings.name, "network_error");
+                    tracing::warn!(upstream = %settings.name, attempt, "upstream call failed: {}", failure(&e));
+                    match ticket.report(&reply) {
+                        Settled::Retry { at } if at <= deadline => continue,
+                        _ => {
+                            outcome.metric = "network_error";
+                            return Err(if timed_out {
+                                Refusal::UpstreamTimeout
+                            } else {
+                                Refusal::UpstreamFailed(format!(
+                                    "Upstream '{}' could not be reached or broke the connection ({attempt} attempt(s)).",
+                                    settings.name
+                                ))
+                            });
+                        }
+                    }
+                }
+            };
+            outcome.upstream_ms = Some((self.clock.now() - sent) as f64 / 1e6);
+            let status = response.status().as_u16();
+            self.metrics.call(&settings.name, status_class(status));
+            let get = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok());
+            let retry_after =
+                ratelimit::retry_after(get("retry-after"), std::time::SystemTime::now());
+            let corrections = ratelimit::corrections(get);
+            let reply = Reply::Status {
+                status,
+                retry_after,
+                corrections,
+            };
+            outcome.metric = "response";
+            let mut head = Response::builder()
+                .status(response.status())
+                .body(())
+                .map_err(|e| {
+                    Refusal::UpstreamFailed(format!(
+                        "the upstream's response cannot be relayed: {e}"
+                    ))
+                })?;
+            *head.headers_mut() = response.headers().clone();
+            strip_hop_by_hop(head.headers_mut());
+            let (head, ()) = head.into_parts();
+            if !matches!(status, 429 | 408 | 500..=599) {
+                // The final answer: streamed, reported when it ends.
+                let stream = response
+                    .bytes_stream()
+                    .map_ok(Frame::data)
+                    .map_err(|e| Box::new(e) as BoxError);
+                let body = ResponseBody {
+                    inner: BodyExt::boxed(StreamBody::new(stream)),
+                    finish: Some(Finish { ticket, reply }),
+                };
+                return Ok(Response::from_parts(head, body));
+            }
+            // A failed attempt: its body is kept, in case it is the last.
+            let bytes = read_capped(response, MAX_FAILURE_BODY).await;
+            let settled = ticket.report(&reply);
+            let kept = Response::from_parts(head, ResponseBody::local(Full::new(bytes)));
+            match settled {
+                Settled::Retry { at } if at <= deadline => {
+                    tracing::info!(upstream = %settings.name, status, attempt, request_id, "retrying");
+                    last = Some(kept);
+                }
+                _ => return Ok(kept),
+            }
+        }
+    }
+}
+
+/// The client a request comes from, by its token; None when the proxy has
+/// no clients (loopback only). Tokens are compared in constant time and
+/// never echoed.
+fn client<'g>(
+    generation: &'g Generation,
+    headers: &HeaderMap,
+    forward: bool,
+) -> Result<Option<&'g Client>, Refusal> {
+    let clients = &generation.settings.clients;
+    if clients.is_empty() {
+        return Ok(None);
+    }
+    let how = if forward {
+        "send your client token as Proxy-Authorization (Bearer TOKEN, or Basic with the token as the password: http://NAME:TOKEN@proxy:port in HTTP_PROXY)"
+    } else {
+        "send your client token as Tollgate-Token: TOKEN (or Proxy-Authorization: Bearer TOKEN)"
+    };
+    let given = headers
+        .get(&PROXY_AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(token_of)
+        .or_else(|| {
+            headers
+                .get(&TOKEN)
+                .and_then(|v| v.to_str().ok())
+                .map(|t| t.trim().to_string())
+        });
+    let Some(given) = given else {
+        return Err(Refusal::ClientToken {
+            proxy: forward,
+            reason: format!("No client token: {how}."),
+        });
+    };
+    clients
+        .iter()
+        .find(|c| tollgate_http::admin::same_secret(&given, &c.token))
+        .map(Some)
+        .ok_or_else(|| Refusal::ClientToken {
+            proxy: forward,
+            reason: format!("The client token is not known to this proxy: {how}."),
+        })
+}
+
+/// The token of a `Proxy-Authorization` value: `Bearer TOKEN`, or `Basic`
+/// with the token as the password (or the user, with no password).
+fn token_of(value: &str) -> Option<String> {
+    let (scheme, rest) = value.trim().split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some(rest.trim().to_string());
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(rest.trim())
+            .ok()?;
+        let text = String::from_utf8(decoded).ok()?;
+        let (user, password) = text.split_once(':').unwrap_or((&text, ""));
+        return Some(if password.is_empty() { user } else { password }.to_string());
+    }
+    None
+}
+
+/// The request's control headers, over its client's defaults.
+fn control(
+    headers: &HeaderMap,
+    generation: &Generation,
+    client: Option<&Client>,
+) -> Result<Control, Refusal> {
+    let text = |name: &HeaderName| -> Result<Option<&str>, Refusal> {
+        match headers.get(name) {
+            None => Ok(None),
+            Some(v) => v
+                .to_str()
+                .map(|t| Some(t.trim()))
+                .map_err(|_| Refusal::BadRequest(format!("header {name} must be visible ASCII"))),
+        }
+    };
+    let priority = match text(&PRIORITY)? {
+        Some(p) => Priority::parse(&p.to_ascii_lowercase())
+            .map_err(|m| Refusal::BadRequest(format!("header Tollgate-Priority: {m}")))?,
+        None => client.map_or(Priority::Normal, |c| c.priority),
+    };
+    let workflow = match text(&WORKFLOW)? {
+        Some("") => {
+            return Err(Refusal::BadRequest(
+                "header Tollgate-Workflow is empty; name the workflow (e.g. crm-sync)".into(),
+            ))
+        }
+        Some(w) if w.len() > 128 => {
+            return Err(Refusal::BadRequest(
+                "header Tollgate-Workflow is longer than 128 characters".into(),
+            ))
+        }
+        Some(w) => Some(w.to_string()),
+        None => client.and_then(|c| c.workflow.clone()),
+    };
+    let max_wait = match text(&MAX_WAIT)? {
+        Some(w) => wait_of(w).ok_or_else(|| {
+            Refusal::BadRequest(format!(
+                "header Tollgate-Max-Wait: '{w}' is not a wait; write e.g. 5s, 500ms or 2m (at most 1d)"
+            ))
+        })?,
+        None => generation.settings.max_wait,
+    };
+    Ok(Control {
+        priority,
+        workflow,
+        max_wait,
+    })
+}
+
+/// `5s`, `500ms`, `2m`, or plain seconds (`5`, `0.5`); at most a day.
+fn wait_of(text: &str) -> Option<Duration> {
+    let wait = match text.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs.min(1e6)),
+        Ok(_) => return None,
+        Err(_) => Duration::from_nanos(parse_duration(text).ok()?),
+    };
+    (wait <= LONGEST_WAIT).then_some(wait)
+}
+
+/// What goes to the upstream: the client's headers without hop-by-hop
+/// ones, tollgate's own, the proxy credentials and Host (the URL gives it),
+/// then the upstream's configured headers, which win.
+fn outgoing_headers(client: &HeaderMap, upstream: &Upstream) -> HeaderMap {
+    let mut headers = client.clone();
+    strip_hop_by_hop(&mut headers);
+    headers.remove(HOST);
+    headers.remove(PROXY_AUTHORIZATION);
+    let ours: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().starts_with("tollgate-"))
+        .cloned()
+        .collect();
+    for name in ours {
+        headers.remove(name);
+    }
+    for (name, value) in &upstream.headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.insert(name, value);
+        }
+    }
+    headers
+}
+
+/// The client's body: kept whole up to `cap` (so it can be sent again), or
+/// streamed once when larger.
+async fn read_body(mut body: Incoming, cap: usize) -> Result<Outgoing, Refusal> {
+    let mut kept = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| Refusal::BadRequest(format!("the request body could not be read: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers are not relayed
+        };
+        if kept.len() + data.len() > cap {
+            kept.extend_from_slice(&data);
+            let first = futures_util::stream::once(std::future::ready(Ok::<Bytes, hyper::Error>(
+                kept.freeze(),
+            )));
+            let rest = http_body_util::BodyDataStream::new(body);
+            let stream = first.chain(rest);
+            return Ok(Outgoing::Once(Some(reqwest::Body::wrap_stream(stream))));
+        }
+        kept.extend_from_slice(&data);
+    }
+    Ok(Outgoing::Kept(kept.freeze()))
+}
+
+/// A response body, up to `cap` bytes (the rest is dropped).
+async fn read_capped(response: reqwest::Response, cap: usize) -> Bytes {
+    let mut kept = BytesMut::new();
+    let mut stream = response.bytes_stream();
+    while let Some(Ok(chunk)) = stream.next().await {
+        let room = cap - kept.len();
+        kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if kept.len() >= cap {
+            break;
+        }
+    }
+    kept.freeze()
+}
+
+fn failure(e: &reqwest::Error) -> String {
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_connect() {
+        format!("connection failed ({cause})")
+    } else {
+        format!("request failed ({cause})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_are_durations_or_plain_seconds_up_to_a_day() {
+        assert_eq!(wait_of("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(wait_of("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(wait_of("0.5"), Some(Duration::from_millis(500)));
+        assert_eq!(wait_of("0"), Some(Duration::ZERO));
+        assert_eq!(wait_of("2d"), None);
+        assert_eq!(wait_of("soon"), None);
+        assert_eq!(wait_of("-1"), None);
+    }
+
+    #[test]
+    fn proxy_credentials_carry_the_token_as_bearer_or_basic_password() {
+        assert_eq!(token_of("Bearer abc"), Some("abc".into()));
+        let basic = base64::engine::general_purpose::STANDARD.encode("sync:abc");
+        assert_eq!(token_of(&format!("Basic {basic}")), Some("abc".into()));
+        let user_only = base64::engine::general_purpose::STANDARD.encode("abc:");
+        assert_eq!(token_of(&format!("basic {user_only}")), Some("abc".into()));
+        assert_eq!(token_of("Digest x"), None);
+    }
+}

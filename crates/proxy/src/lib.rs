@@ -1,0 +1,33 @@
+//! tollgate-proxy: `tollgate proxy`, the comply face for live calls. Every
+//! script, worker and low-code tool calls its vendors through one local (or
+//! shared) proxy that knows each vendor's published limits: a request waits
+//! for its slot in its upstream's line instead of failing, is retried when
+//! that is safe, and shares one quota with every other request, proxy and
+//! `tollgate run` (through Redis in fleet mode).
+//!
+//! An adapter over the comply engine (`tollgate-comply`): it turns HTTP
+//! requests into tickets in an upstream's line and the line's answers into
+//! HTTP behaviour.
+//!
+//! - `settings`: `[proxy]` and `[[proxy.client]]`.
+//! - `state`: the config in force, one line (scheduler and client) per upstream.
+//! - `route`: which upstream a request is for (alias or forward proxy).
+//! - `call`: one request: wait in line, send, retry, relay.
+//! - `admin`: health, metrics, usage, config, reload.
+//! - `server`: listeners and lifecycle.
+
+mod admin;
+pub mod call;
+mod metrics;
+pub mod route;
+mod server;
+pub mod settings;
+mod state;
+
+pub use server::{serve, Listeners};
+pub use settings::{Client, ProxySettings};
+pub use state::{load, Generation, LoadError, Overrides, Proxy, Reloaded, Source};
+
+/// The first path segment tollgate keeps for its own endpoints: no
+/// upstream may take this name.
+pub const RESERVED: &str = "_tollgate";

@@ -1,0 +1,131 @@
+//! Prometheus metrics of the proxy (text format on the admin listener's
+//! `/metrics`): what clients got, what the upstreams answered, how long
+//! requests waited for their slot, and each line's length right now.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    upstream: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+}
+
+/// How a status counts: 2xx, 3xx, 4xx, 429 or 5xx.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        429 => "429",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<OutcomeLabels, Counter>,
+    calls: Family<OutcomeLabels, Counter>,
+    wait_seconds: Family<UpstreamLabels, Histogram>,
+    waiting: Family<UpstreamLabels, Gauge>,
+    in_flight: Family<UpstreamLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("tollgate_proxy");
+        let requests = Family::<OutcomeLabels, Counter>::default();
+        let calls = Family::<OutcomeLabels, Counter>::default();
+        // 1 ms .. ~4 min
+        let wait_seconds = Family::<UpstreamLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 4.0, 10))
+        });
+        let waiting = Family::<UpstreamLabels, Gauge>::default();
+        let in_flight = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "requests",
+            "Client requests by upstream and what the client got (2xx, 3xx, 4xx, 429, 5xx; wait_exceeded and breaker_open are tollgate's own answers, network_error a call that never got a response)",
+            requests.clone(),
+        );
+        registry.register(
+            "upstream_calls",
+            "Calls sent to upstreams, by what the upstream answered (retries included)",
+            calls.clone(),
+        );
+        registry.register(
+            "wait_seconds",
+            "Time requests waited in line for their slot",
+            wait_seconds.clone(),
+        );
+        registry.register(
+            "waiting",
+            "Requests waiting in an upstream's line right now (queued or backing off)",
+            waiting.clone(),
+        );
+        registry.register(
+            "in_flight",
+            "Calls sent to an upstream and not yet answered",
+            in_flight.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            calls,
+            wait_seconds,
+            waiting,
+            in_flight,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn request(&self, upstream: &str, outcome: &'static str) {
+        self.requests
+            .get_or_create(&OutcomeLabels {
+                upstream: upstream.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn call(&self, upstream: &str, outcome: &'static str) {
+        self.calls
+            .get_or_create(&OutcomeLabels {
+                upstream: upstream.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn waited(&self, upstream: &str, seconds: f64) {
+        self.wait_seconds
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    /// The text exposition; `lines` gives each upstream's (waiting, in flight) now.
+    pub fn render(&self, lines: impl Iterator<Item = (String, usize, usize)>) -> String {
+        for (upstream, waiting, in_flight) in lines {
+            let labels = UpstreamLabels { upstream };
+            self.waiting.get_or_create(&labels).set(waiting as i64);
+            self.in_flight.get_or_create(&labels).set(in_flight as i64);
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out = "# metrics could not be encoded\n".into();
+        }
+        out
+    }
+}

@@ -1,0 +1,101 @@
+//! Which upstream a request is for, and the URL it goes to. Two ways in:
+//! an alias (`/<upstream>/<path>` on the proxy's own address: the client
+//! changes only its base URL) and a forward proxy for `http://` URLs
+//! (absolute-form, as `HTTP_PROXY` sends them). A request for a host no
+//! upstream names is refused: tollgate never relays anywhere else.
+
+use crate::state::Generation;
+use hyper::http::request::Parts;
+use tollgate_http::{normalize_path, Refusal};
+use url::Url;
+
+/// How the request reached the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    Alias,
+    Forward,
+}
+
+#[derive(Debug)]
+pub struct Routed {
+    pub upstream: usize,
+    pub way: Way,
+    /// Where the request goes.
+    pub url: Url,
+}
+
+/// Whether a request of this head is an absolute-form (forward proxy) or
+/// CONNECT request: a refusal then is a 407, not a 401.
+pub fn is_forward(parts: &Parts) -> bool {
+    parts.method == hyper::Method::CONNECT || parts.uri.scheme().is_some()
+}
+
+pub fn route(generation: &Generation, parts: &Parts) -> Result<Routed, Refusal> {
+    let uri = &parts.uri;
+    if parts.method == hyper::Method::CONNECT {
+        // A tunnel would carry requests tollgate cannot see, so it cannot
+        // pace them: only the alias and plain-http forms are served.
+        let host = uri.authority().map_or("", |a| a.as_str()).to_string();
+        return Err(match configured(generation, uri.host().unwrap_or("")) {
+            Some(name) => Refusal::BadRequest(format!(
+                "CONNECT to {host}: tollgate paces only the requests it sees; call http://PROXY/{name}/<path> instead of tunnelling to the upstream"
+            )),
+            None => Refusal::HostNotConfigured { host },
+        });
+    }
+    if let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) {
+        let host = authority.host().to_string();
+        let path = normalize_path(uri.path());
+        let text = match uri.query() {
+            Some(q) => format!("{scheme}://{authority}{path}?{q}"),
+            None => format!("{scheme}://{authority}{path}"),
+        };
+        let url = Url::parse(&text).map_err(|e| {
+            Refusal::BadRequest(format!("the request URL {text} is not valid: {e}"))
+        })?;
+        let upstream = generation
+            .config
+            .upstream_for(&url)
+            .ok_or(Refusal::HostNotConfigured { host })?;
+        return Ok(Routed {
+            upstream,
+            way: Way::Forward,
+            url,
+        });
+    }
+    // The alias: normalized first, so `..` cannot climb out of the base path.
+    let path = normalize_path(uri.path());
+    let rest = path.trim_start_matches('/');
+    let (name, rest) = rest.split_once('/').unwrap_or((rest, ""));
+    let upstream = generation
+        .upstream(name)
+        .ok_or_else(|| Refusal::UnknownUpstream {
+            name: name.to_string(),
+            known: generation
+                .config
+                .upstreams
+                .iter()
+                .map(|u| u.name.clone())
+                .collect(),
+        })?;
+    let base = &generation.config.upstreams[upstream].base_url;
+    let mut url = base.clone();
+    let joined = format!("{}/{rest}", base.path().trim_end_matches('/'));
+    url.set_path(&joined);
+    url.set_query(uri.query());
+    Ok(Routed {
+        upstream,
+        way: Way::Alias,
+        url,
+    })
+}
+
+/// The upstream whose base URL has this host, if any.
+fn configured<'g>(generation: &'g Generation, host: &str) -> Option<&'g str> {
+    generation
+        .config
+        .upstreams
+        .iter()
+        .find(|u| u.base_url.host_str() == Some(host))
+        .map(|u| u.name.as_str())
+}

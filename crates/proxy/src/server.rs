@@ -1,0 +1,89 @@
+//! Listeners and lifecycle: the proxy and admin ports, reload on SIGHUP,
+//! and a graceful drain on shutdown (requests waiting in line or in flight
+//! get `shutdown_grace` to finish).
+
+use crate::state::Proxy;
+use hyper::service::service_fn;
+use std::future::Future;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tollgate_http::{listen, Peer};
+
+/// The listeners a proxy serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    pub proxy: TcpListener,
+    pub admin: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Bind the addresses of the proxy's current config.
+    pub async fn bind(proxy: &Proxy) -> std::io::Result<Listeners> {
+        let settings = &proxy.current().settings;
+        let admin = match settings.admin_listen {
+            Some(a) => Some(listen::bind(a).await?),
+            None => None,
+        };
+        Ok(Listeners {
+            proxy: listen::bind(settings.listen).await?,
+            admin,
+        })
+    }
+}
+
+/// Serve until `shutdown` completes, then drain.
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let reloads = tokio::spawn(reload_on_hangup(proxy.clone()));
+    let grace = proxy.current().settings.shutdown_grace;
+    let served = proxy.clone();
+    let serving = listen::accept_loop(
+        listeners.proxy,
+        listeners.admin,
+        stopped,
+        grace,
+        true,
+        move |accepted, graceful| {
+            let proxy = served.clone();
+            if accepted.admin {
+                let service = service_fn(move |req| proxy.clone().admin(req));
+                listen::serve_http1(accepted.stream, service, graceful);
+            } else {
+                let peer = Arc::new(Peer::new(accepted.peer));
+                let service = service_fn(move |req| proxy.clone().handle(req, peer.clone()));
+                listen::serve_http1(accepted.stream, service, graceful);
+            }
+        },
+    );
+    let mut serving = std::pin::pin!(serving);
+    tokio::select! {
+        () = &mut serving => {}
+        () = shutdown => {
+            let _ = stop.send(true);
+            serving.await;
+        }
+    }
+    reloads.abort();
+    Ok(())
+}
+
+/// Reload on SIGHUP (and `POST /v1/reload` on the admin listener).
+async fn reload_on_hangup(proxy: Arc<Proxy>) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the config");
+            let _ = proxy.reload().await;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = proxy;
+}

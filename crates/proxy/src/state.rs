@@ -1,0 +1,348 @@
+//! The proxy's shared state: the config in force (a `Generation`, swapped
+//! whole on reload), one line per upstream (its scheduler and HTTP client),
+//! the clock, metrics and the access log.
+
+use crate::metrics::Metrics;
+use crate::settings::ProxySettings;
+use arc_swap::ArcSwap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tollgate_comply::{Scheduler, SharedScheduler, Upstream, UpstreamsConfig};
+use tollgate_core::config::ConfigError;
+use tollgate_core::ProfileSource;
+use tollgate_http::AccessLogger;
+use tollgate_store::{Engine, TokioClock};
+
+/// Where the config comes from; read again on every reload.
+#[derive(Debug, Clone)]
+pub enum Source {
+    File(PathBuf),
+    /// Text given directly (tests, embedding).
+    Text(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// `FILE:LINE: message`, as compilers write it.
+    #[error("{path}{}: {}", error.line.map_or(String::new(), |l| format!(":{l}")), error.message)]
+    Config { path: String, error: ConfigError },
+    #[error("{0}")]
+    Io(String),
+}
+
+/// One upstream as the proxy serves it: its line (the scheduler every
+/// request to it waits in) and its HTTP client.
+#[derive(Debug)]
+pub struct UpstreamLine {
+    pub line: SharedScheduler,
+    pub client: reqwest::Client,
+    /// What the upstream was built from: a reload keeps the line (and its
+    /// queue and counters) when this is unchanged.
+    fingerprint: String,
+}
+
+/// Everything read from one version of the config.
+#[derive(Debug)]
+pub struct Generation {
+    pub settings: ProxySettings,
+    /// The `[[upstream]]` tables, and each one's line (same order).
+    pub config: UpstreamsConfig,
+    pub lines: Vec<Arc<UpstreamLine>>,
+    pub text: String,
+    pub loaded_at: jiff::Timestamp,
+}
+
+impl Generation {
+    pub fn upstream(&self, name: &str) -> Option<usize> {
+        self.config.upstreams.iter().position(|u| u.name == name)
+    }
+}
+
+/// Settings given on the command line; they win over the file's on every load.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<std::net::SocketAddr>,
+    pub admin_listen: Option<std::net::SocketAddr>,
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Reloaded {
+    pub upstreams: Vec<String>,
+    /// Upstreams whose definition did not change: their lines (queue,
+    /// quota, breaker) were kept.
+    pub kept: Vec<String>,
+}
+
+pub struct Proxy {
+    current: ArcSwap<Generation>,
+    source: Source,
+    overrides: Overrides,
+    profiles: Box<dyn ProfileSource + Send + Sync>,
+    pub clock: TokioClock,
+    pub metrics: Metrics,
+    pub access: AccessLogger,
+    pub admin_token: Option<String>,
+    ids: AtomicU64,
+    id_prefix: u64,
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Read and check a config as `tollgate proxy` loads it: its text, its
+/// `[[upstream]]` tables and its `[proxy]` table. `tollgate check` runs
+/// exactly this.
+pub fn load(
+    source: &Source,
+    overrides: &Overrides,
+    profiles: &dyn ProfileSource,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(String, tollgate_comply::UpstreamsConfig, ProxySettings), LoadError> {
+    let (name, text) = match source {
+        Source::File(path) => (
+            path.display().to_string(),
+            std::fs::read_to_string(path).map_err(|e| {
+                LoadError::Io(format!("cannot read config {}: {e}", path.display()))
+            })?,
+        ),
+        Source::Text(text) => ("config".to_string(), text.clone()),
+    };
+    let fail = |error: ConfigError| LoadError::Config {
+        path: name.clone(),
+        error,
+    };
+    let upstreams = tollgate_comply::parse_config(&text, profiles, env).map_err(fail)?;
+    let mut settings = ProxySettings::parse(&text, env).map_err(fail)?;
+    if let Some(a) = overrides.listen {
+        settings.listen = a;
+    }
+    if let Some(a) = overrides.admin_listen {
+        settings.admin_listen = Some(a);
+    }
+    for u in &upstreams.upstreams {
+        if u.name == crate::RESERVED {
+            return Err(fail(ConfigError {
+                line: None,
+                message: format!(
+                    "upstream name '{}' is reserved for tollgate's own paths; choose another",
+                    crate::RESERVED
+                ),
+            }));
+        }
+        if u.policy.store.redis.is_some() {
+            tollgate_store::redis::check_policy(&u.policy).map_err(|e| {
+                fail(ConfigError {
+                    line: None,
+                    message: format!("upstream '{}': {e}", u.name),
+                })
+            })?;
+        }
+    }
+    Ok((text, upstreams, settings))
+}
+
+impl Proxy {
+    /// Load the config and start a line per upstream (on the current tokio
+    /// runtime). `clock` is the engine's time.
+    pub fn new(
+        source: Source,
+        overrides: Overrides,
+        profiles: Box<dyn ProfileSource + Send + Sync>,
+        clock: TokioClock,
+    ) -> Result<Proxy, LoadError> {
+        let (text, upstreams, settings) = load(&source, &overrides, profiles.as_ref(), &env)?;
+        let lines = upstreams
+            .upstreams
+            .iter()
+            .map(|u| start_line(u, &clock).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let admin_token = std::env::var(&settings.admin_token_env)
+            .ok()
+            .filter(|t| !t.is_empty());
+        let access = AccessLogger::start(settings.access_log);
+        let metrics = Metrics::default();
+        let id_prefix = std::time::SystemTime::now()
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id()).rotate_left(32);
+        Ok(Proxy {
+            current: ArcSwap::from_pointee(Generation {
+                settings,
+                config: upstreams,
+                lines,
+                text,
+                loaded_at: jiff::Timestamp::now(),
+            }),
+            source,
+            overrides,
+            profiles,
+            clock,
+            metrics,
+            access,
+            admin_token,
+            ids: AtomicU64::new(0),
+            id_prefix: id_prefix & 0xffff_ffff,
+            reload_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Fleet mode: reach every upstream's shared store now, so a wrong URL,
+    /// password or an unreachable Redis is an error at start, not a wait.
+    pub async fn connect(&self) -> Result<(), LoadError> {
+        let generation = self.current();
+        for (u, line) in generation.config.upstreams.iter().zip(&generation.lines) {
+            let engine = line.line.inspect(|s| s.engine().is_shared());
+            if engine {
+                // (connecting needs the engine outside the line's lock)
+                let policy = u.policy.clone();
+                let probe = Engine::open(policy, &format!("upstream:{}", u.name))
+                    .map_err(|e| LoadError::Io(format!("upstream '{}': {e}", u.name)))?;
+                probe
+                    .connect()
+                    .await
+                    .map_err(|e| LoadError::Io(format!("upstream '{}': [store]: {e}", u.name)))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn current(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    /// `req_` and 16 hex digits: unique per process, and across restarts.
+    pub fn next_request_id(&self) -> String {
+        let n = self.ids.fetch_add(1, Ordering::Relaxed);
+        format!("req_{:016x}", (self.id_prefix << 32) | (n & 0xffff_ffff))
+    }
+
+    /// Read the config again and swap it in. An invalid config is rejected
+    /// and the old one keeps serving. Upstreams whose definition did not
+    /// change keep their lines; requests in flight finish on the line they
+    /// started in.
+    pub async fn reload(&self) -> Result<Reloaded, LoadError> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let result = self.load_next();
+        match &result {
+            Ok(r) => tracing::info!(upstreams = ?r.upstreams, kept = ?r.kept, "config reloaded"),
+            Err(e) => {
+                tracing::error!("config reload rejected, the previous config keeps serving: {e}")
+            }
+        }
+        result
+    }
+
+    fn load_next(&self) -> Result<Reloaded, LoadError> {
+        let (text, upstreams, settings) =
+            load(&self.source, &self.overrides, self.profiles.as_ref(), &env)?;
+        let old = self.current();
+        if settings.listen != old.settings.listen
+            || settings.admin_listen != old.settings.admin_listen
+        {
+            tracing::warn!("listen addresses changed in the config; they take effect on restart");
+        }
+        let mut kept = Vec::new();
+        let mut lines = Vec::new();
+        for u in &upstreams.upstreams {
+            let same = old.lines.iter().find(|o| o.fingerprint == fingerprint(u));
+            match same {
+                Some(line) => {
+                    kept.push(u.name.clone());
+                    lines.push(line.clone());
+                }
+                None => lines.push(Arc::new(start_line(u, &self.clock)?)),
+            }
+        }
+        let names = upstreams.upstreams.iter().map(|u| u.name.clone()).collect();
+        self.current.store(Arc::new(Generation {
+            settings,
+            config: upstreams,
+            lines,
+            text,
+            loaded_at: jiff::Timestamp::now(),
+        }));
+        Ok(Reloaded {
+            upstreams: names,
+            kept,
+        })
+    }
+}
+
+/// The process environment: `${NAME}` in header values, client tokens.
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+fn fingerprint(u: &Upstream) -> String {
+    format!("{u:?}")
+}
+
+/// An upstream's line: its engine (memory, or the fleet's Redis under the
+/// same namespace `tollgate run` uses, so proxies and runners share one
+/// quota), its scheduler, and its HTTP client.
+fn start_line(u: &Upstream, clock: &TokioClock) -> Result<UpstreamLine, LoadError> {
+    let engine = Engine::open(u.policy.clone(), &format!("upstream:{}", u.name))
+        .map_err(|e| LoadError::Io(format!("upstream '{}': {e}", u.name)))?;
+    let core = Scheduler::new(
+        engine,
+        u.max_attempts,
+        u.concurrency,
+        u.breaker,
+        fastrand_seed(),
+    );
+    let mut client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(256)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .connect_timeout(u.timeout.min(Duration::from_secs(10)))
+        .tcp_nodelay(true);
+    if let Some(path) = &u.ca_file {
+        let pem = std::fs::read(path).map_err(|e| {
+            LoadError::Io(format!(
+                "upstream '{}': ca_file {}: {e}",
+                u.name,
+                path.display()
+            ))
+        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            LoadError::Io(format!(
+                "upstream '{}': ca_file {} holds no PEM certificate: {e}",
+                u.name,
+                path.display()
+            ))
+        })?;
+        for cert in certs {
+            client = client.add_root_certificate(cert);
+        }
+    }
+    let client = client.build().map_err(|e| {
+        LoadError::Io(format!(
+            "upstream '{}': cannot build its HTTP client: {e}",
+            u.name
+        ))
+    })?;
+    let line = SharedScheduler::start(&u.name, core, clock.clone());
+    Ok(UpstreamLine {
+        fingerprint: fingerprint(u),
+        line,
+        client,
+    })
+}
+
+/// Seeds the retry jitter: different in every process, so a fleet's
+/// retries spread out.
+fn fastrand_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id())
+}

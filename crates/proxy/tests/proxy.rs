@@ -1,0 +1,587 @@
+//! The proxy over real sockets on 127.0.0.1: the tollgate gateway playing a
+//! vendor with a bundled profile, or a scripted upstream (429s, 5xx, slow
+//! answers). Time is tokio's paused clock: waits are exact and instant.
+
+mod common;
+
+use common::{bucket, client, start, upstream, EPOCH};
+use std::time::Duration;
+use tokio::time::Instant;
+use tollgate_store::TokioClock;
+use tollgate_testkit::upstream::{ok, scripted, Answer};
+
+async fn get(url: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut r = client().get(url);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    r.send().await.expect("response")
+}
+
+fn attempts(r: &reqwest::Response) -> u32 {
+    r.headers()["tollgate-attempts"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("number")
+}
+
+async fn problem(r: reqwest::Response) -> serde_json::Value {
+    assert_eq!(
+        r.headers()["content-type"],
+        "application/problem+json",
+        "a problem+json body"
+    );
+    r.json().await.expect("json")
+}
+
+/// 64 clients with no retry logic of their own, each sending as fast as
+/// it can through the proxy to the gateway enforcing `profile`: no 429
+/// reaches a client or the upstream, and the quota is used fully.
+async fn sixty_four_clients(profile: &str, requests: usize, least: Duration) {
+    let (vendor, _gateway) =
+        tollgate_testkit::vendor::gateway(profile, TokioClock::starting_at(EPOCH)).await;
+    let config = upstream(
+        profile,
+        vendor,
+        &format!("profile = \"{profile}\"\nheaders = {{ authorization = \"Bearer key-1\" }}\nconcurrency = 64\n"),
+    );
+    let proxy = start(&config).await;
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..64 {
+        let (url, next) = (proxy.url(profile, "/v1/jobs"), next.clone());
+        clients.push(tokio::spawn(async move {
+            let c = client();
+            let mut codes = Vec::new();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < requests {
+                let r = c.get(&url).send().await.expect("response");
+                codes.push(r.status().as_u16());
+            }
+            codes
+        }));
+    }
+    let mut codes = Vec::new();
+    for c in clients {
+        codes.extend(c.await.expect("client"));
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(codes.len(), requests);
+    assert!(codes.iter().all(|c| *c == 200), "every client got 200");
+    let usage = client()
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        !usage.contains("outcome=\"429\""),
+        "the upstream answered no 429:\n{usage}"
+    );
+    // Quota used at >= 98 %: the requests took at most 1/0.98 of the
+    // least time the vendor's limits allow for them.
+    let used = least.as_secs_f64() / elapsed.as_secs_f64();
+    assert!(
+        (0.98..=1.0).contains(&used),
+        "{profile}: {requests} requests in {elapsed:?}, the limits allow them in {least:?} ({:.1} %)",
+        used * 100.0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn celigo_sixty_four_clients_get_no_429_and_use_the_quota_fully() {
+    // 1,000 at once, then 300 a second: 2,200 requests take 4 s.
+    sixty_four_clients("celigo", 2200, Duration::from_secs(4)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn hubspot_sixty_four_clients_get_no_429_and_use_the_quota_fully() {
+    // At most 200 in any second (rolling; a window's quota comes back 1.01 s
+    // after a burst): 1,000 requests take 4 windows.
+    sixty_four_clients("hubspot", 1000, Duration::from_millis(4040)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_waits_for_its_slot_instead_of_failing() {
+    let up = scripted(|_, _| ok()).await;
+    let proxy = start(&upstream("crm", up.addr, &bucket("api", 1, "1/s"))).await;
+    let started = Instant::now();
+    let first = get(&proxy.url("crm", "/v1/a"), &[]).await;
+    let second = get(&proxy.url("crm", "/v1/b"), &[]).await;
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
+    let waited = started.elapsed().as_secs_f64();
+    assert!(
+        (1.0..1.01).contains(&waited),
+        "the second waited 1 s: {waited}"
+    );
+    assert_eq!((attempts(&first), attempts(&second)), (1, 1));
+    assert_eq!(up.seen("/v1/b").len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_its_deadline_a_request_gets_tollgates_429_and_the_upstream_sees_nothing() {
+    let up = scripted(|_, _| ok()).await;
+    let proxy = start(&upstream("crm", up.addr, &bucket("api", 1, "1/min"))).await;
+    assert_eq!(get(&proxy.url("crm", "/v1/a"), &[]).await.status(), 200);
+    let started = Instant::now();
+    let r = get(&proxy.url("crm", "/v1/b"), &[("tollgate-max-wait", "5s")]).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(attempts(&r), 0);
+    let retry_after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert_eq!(retry_after, 55, "the slot is 60 s after the first request");
+    let body = problem(r).await;
+    assert_eq!(body["status"], 429);
+    let detail = body["detail"].as_str().expect("detail");
+    assert!(
+        detail.contains("upstream 'crm'") && detail.contains("limit 'api'"),
+        "{detail}"
+    );
+    let waited = started.elapsed().as_secs_f64();
+    assert!((5.0..5.01).contains(&waited), "{waited}");
+    assert!(
+        up.seen("/v1/b").is_empty(),
+        "the upstream saw nothing of it"
+    );
+    // Its slot was never taken: the next request goes at 60 s.
+    let r = get(&proxy.url("crm", "/v1/c"), &[("tollgate-max-wait", "60s")]).await;
+    assert_eq!(r.status(), 200);
+    let at = started.elapsed().as_secs_f64();
+    assert!((60.0..60.01).contains(&at), "{at}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_high_priority_request_waits_at_most_one_slot_behind_saturating_low_ones() {
+    let up = scripted(|_, _| ok()).await;
+    let proxy = start(&upstream("crm", up.addr, &bucket("api", 1, "10/s"))).await;
+    let mut lows = Vec::new();
+    for i in 0..30 {
+        let url = proxy.url("crm", &format!("/low/{i}"));
+        lows.push(tokio::spawn(async move {
+            get(&url, &[("tollgate-priority", "low")]).await.status()
+        }));
+    }
+    // The lows fill the line: one slot every 100 ms.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let started = Instant::now();
+    let high = get(&proxy.url("crm", "/high"), &[("tollgate-priority", "high")]).await;
+    assert_eq!(high.status(), 200);
+    let waited = started.elapsed().as_secs_f64();
+    assert!(
+        waited <= 0.1 + 1e-3,
+        "high waited {waited} s: more than one slot"
+    );
+    for low in lows {
+        assert_eq!(low.await.expect("low"), 200);
+    }
+    let seen = up.seen.lock().expect("lock").clone();
+    let high_at = seen
+        .iter()
+        .position(|s| s.path == "/high")
+        .expect("high sent");
+    assert!(high_at <= 4, "high went {high_at}th of 31");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_is_retried_after_retry_after_and_pauses_every_client() {
+    let up = scripted(|path, n| match (path, n) {
+        ("/a", 1) => Answer::Status(429, vec![("retry-after", "2")], "slow down"),
+        _ => ok(),
+    })
+    .await;
+    let proxy = start(&upstream("crm", up.addr, &bucket("api", 100, "100/s"))).await;
+    let started = Instant::now();
+    let a = {
+        let url = proxy.url("crm", "/a");
+        tokio::spawn(async move { get(&url, &[]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Another client's request, with tokens left, waits out the pause.
+    let b = get(&proxy.url("crm", "/b"), &[]).await;
+    let b_at = started.elapsed().as_secs_f64();
+    let a = a.await.expect("a");
+    assert_eq!((a.status().as_u16(), attempts(&a)), (200, 2));
+    assert_eq!((b.status().as_u16(), attempts(&b)), (200, 1));
+    assert!((2.0..2.26).contains(&b_at), "b went at {b_at} s");
+    let seen = up.seen("/a");
+    let gap = seen[1].at.duration_since(seen[0].at).as_secs_f64();
+    assert!(
+        (2.0..=2.25).contains(&gap),
+        "Retry-After plus at most 250 ms: {gap}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_requests_safe_to_repeat_are_retried_after_a_5xx() {
+    let up = scripted(|_, n| match n {
+        1 => Answer::Status(503, vec![], "down"),
+        _ => ok(),
+    })
+    .await;
+    let proxy = start(&upstream("crm", up.addr, &bucket("api", 100, "100/s"))).await;
+    let c = client();
+    let get = c.get(proxy.url("crm", "/get")).send().await.expect("get");
+    assert_eq!((get.status().as_u16(), attempts(&get)), (200, 2));
+    let post = c
+        .post(proxy.url("crm", "/post"))
+        .body("{\"n\":1}")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!((post.status().as_u16(), attempts(&post)), (503, 1));
+    assert_eq!(
+        post.text().await.expect("body"),
+        "down",
+        "the upstream's own answer"
+    );
+    let keyed = c
+        .post(proxy.url("crm", "/keyed"))
+        .header("idempotency-key", "job-7")
+        .body("{\"n\":2}")
+        .send()
+        .await
+        .expect("keyed");
+    assert_eq!((keyed.status().as_u16(), attempts(&keyed)), (200, 2));
+    let sent = up.seen("/keyed");
+    assert_eq!(sent.len(), 2);
+    assert!(
+        sent.iter().all(|s| &s.body[..] == b"{\"n\":2}"),
+        "the body replayed"
+    );
+    assert_eq!(up.seen("/post").len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn tollgate_headers_and_proxy_credentials_stay_here_and_the_vendor_key_is_added() {
+    let up = scripted(|_, _| ok()).await;
+    let config = upstream(
+        "crm",
+        up.addr,
+        &format!(
+            "headers = {{ authorization = \"Bearer vendor-key\" }}\n{}",
+            bucket("api", 10, "1/s")
+        ),
+    );
+    let proxy = start(&config).await;
+    let r = get(
+        &proxy.url("crm", "/v1/x?q=1"),
+        &[
+            ("tollgate-priority", "high"),
+            ("tollgate-workflow", "sync"),
+            ("tollgate-max-wait", "1s"),
+            ("authorization", "Bearer client-guess"),
+            ("x-custom", "kept"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let seen = &up.seen("/v1/x")[0];
+    assert_eq!(seen.target, "/v1/x?q=1");
+    let header = |name: &str| {
+        seen.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(header("authorization"), Some("Bearer vendor-key"));
+    assert_eq!(header("x-custom"), Some("kept"));
+    assert!(
+        seen.headers
+            .iter()
+            .all(|(n, _)| !n.starts_with("tollgate-")),
+        "{:?}",
+        seen.headers
+    );
+    assert_eq!(header("host"), Some(up.addr.to_string().as_str()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_workflow_budget_holds_back_only_its_own_requests() {
+    let up = scripted(|_, _| ok()).await;
+    let limits = "[[upstream.limit]]\nname = \"backfill\"\nkey = [\"header:tollgate-workflow\"]\nmatch = { headers = { tollgate-workflow = \"backfill\" } }\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 1\n";
+    let proxy = start(&upstream(
+        "crm",
+        up.addr,
+        &format!("{limits}{}", bucket("api", 100, "10/s")),
+    ))
+    .await;
+    let backfill = [
+        ("tollgate-workflow", "backfill"),
+        ("tollgate-max-wait", "2s"),
+    ];
+    assert_eq!(get(&proxy.url("crm", "/b1"), &backfill).await.status(), 200);
+    let started = Instant::now();
+    let r = get(&proxy.url("crm", "/b2"), &backfill).await;
+    assert_eq!(r.status(), 429, "out of budget for the hour");
+    assert!(problem(r).await["detail"]
+        .as_str()
+        .expect("detail")
+        .contains("limit 'backfill'"));
+    let live = get(&proxy.url("crm", "/live"), &[("tollgate-workflow", "live")]).await;
+    assert_eq!(live.status(), 200);
+    assert!(started.elapsed() < Duration::from_millis(2010));
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_input_and_unknown_destinations_are_refused_naming_what_was_wrong() {
+    let up = scripted(|_, _| ok()).await;
+    let proxy = start(&upstream("crm", up.addr, &bucket("api", 10, "1/s"))).await;
+    /// (path, headers, status, what the detail says)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], u16, &'a str);
+    let cases: [Case; 4] = [
+        (
+            "/crm/x",
+            &[("tollgate-max-wait", "soon")],
+            400,
+            "header Tollgate-Max-Wait: 'soon' is not a wait",
+        ),
+        (
+            "/crm/x",
+            &[("tollgate-priority", "urgent")],
+            400,
+            "header Tollgate-Priority: priority 'urgent' is not known",
+        ),
+        (
+            "/crm/x",
+            &[("tollgate-workflow", "")],
+            400,
+            "header Tollgate-Workflow is empty",
+        ),
+        ("/billing/x", &[], 404, "No upstream is named 'billing'"),
+    ];
+    for (path, headers, status, says) in cases {
+        let r = get(&format!("http://{}{path}", proxy.addr), headers).await;
+        assert_eq!(r.status(), status, "{path} {headers:?}");
+        let detail = problem(r).await["detail"]
+            .as_str()
+            .expect("detail")
+            .to_string();
+        assert!(detail.contains(says), "{detail}");
+    }
+    // Forward proxy: a configured http:// upstream is served, any other host refused.
+    let via = |target: &str| {
+        reqwest::Client::builder()
+            .proxy(reqwest::Proxy::http(format!("http://{}", proxy.addr)).expect("proxy"))
+            .build()
+            .expect("client")
+            .get(target.to_string())
+            .send()
+    };
+    let served = via(&format!("http://{}/v1/x", up.addr))
+        .await
+        .expect("forward");
+    assert_eq!((served.status().as_u16(), attempts(&served)), (200, 1));
+    assert_eq!(up.seen("/v1/x").len(), 1);
+    let other = via("http://example.com/v1/x").await.expect("forward");
+    assert_eq!(other.status(), 403);
+    assert!(problem(other).await["detail"]
+        .as_str()
+        .expect("detail")
+        .contains("No upstream names host 'example.com'"));
+    // A CONNECT is refused: a tunnel would carry requests tollgate cannot pace.
+    let mut raw = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    raw.write_all(b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = vec![0; 4096];
+    let n = raw.read(&mut answer).await.expect("read");
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("example.com"), "{answer}");
+    // Headers past 64 KiB in all: 431.
+    let big = "x".repeat(40_000);
+    let r = get(&proxy.url("crm", "/x"), &[("x-a", &big), ("x-b", &big)]).await;
+    assert_eq!(r.status(), 431);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_disconnects_while_waiting_leaves_the_line() {
+    let up = scripted(|_, _| Answer::Slow(Duration::from_secs(10))).await;
+    let limits = "[[upstream.limit]]\nname = \"in-flight\"\nalgorithm = \"concurrency\"\nmax = 1\n";
+    let proxy = start(&upstream("crm", up.addr, limits)).await;
+    let first = {
+        let url = proxy.url("crm", "/first");
+        tokio::spawn(async move { get(&url, &[]).await.status() })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiting = {
+        let url = proxy.url("crm", "/gone");
+        tokio::spawn(async move { get(&url, &[]).await.status() })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let line = |proxy: &common::Running| {
+        let generation = proxy.proxy.current();
+        generation.lines[0]
+            .line
+            .inspect(|s| (s.queued(), s.in_flight()))
+    };
+    assert_eq!(line(&proxy), (1, 1), "one waiting, one in flight");
+    waiting.abort();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(line(&proxy), (0, 1), "the one that left is out of the line");
+    assert_eq!(first.await.expect("first"), 200);
+    assert!(up.seen("/gone").is_empty());
+    // Its place came back: the next request goes at once.
+    let started = Instant::now();
+    let next = {
+        let url = proxy.url("crm", "/next");
+        tokio::spawn(async move { get(&url, &[]).await.status() })
+    };
+    assert_eq!(next.await.expect("next"), 200);
+    assert!(started.elapsed() < Duration::from_millis(10_100));
+    assert_eq!(line(&proxy), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_open_breaker_answers_503_at_once_with_the_cooldown_left() {
+    let up = scripted(|_, _| Answer::Status(500, vec![], "broken")).await;
+    let config = upstream(
+        "crm",
+        up.addr,
+        &format!(
+            "max_attempts = 1\nbreaker = {{ failures = 2, cooldown = \"30s\" }}\n{}",
+            bucket("api", 100, "100/s")
+        ),
+    );
+    let proxy = start(&config).await;
+    for _ in 0..2 {
+        assert_eq!(get(&proxy.url("crm", "/x"), &[]).await.status(), 500);
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let r = get(&proxy.url("crm", "/x"), &[]).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "20");
+    assert_eq!(attempts(&r), 0);
+    assert!(problem(r).await["title"]
+        .as_str()
+        .expect("title")
+        .contains("circuit breaker open"));
+    assert_eq!(up.seen("/x").len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_tokens_gate_the_proxy_and_are_never_echoed() {
+    std::env::set_var("TOLLGATE_TEST_SYNC_TOKEN", "sync-secret-1");
+    let up = scripted(|_, _| ok()).await;
+    let config = format!(
+        "[proxy]\naccess_log = \"off\"\n[[proxy.client]]\nname = \"sync\"\ntoken_env = \"TOLLGATE_TEST_SYNC_TOKEN\"\nworkflow = \"crm-sync\"\n{}",
+        upstream("crm", up.addr, &bucket("api", 10, "1/s"))
+    );
+    let proxy = start(&config).await;
+    let r = get(&proxy.url("crm", "/x"), &[]).await;
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().contains_key("www-authenticate"));
+    let r = get(
+        &proxy.url("crm", "/x"),
+        &[("tollgate-token", "guess-secret")],
+    )
+    .await;
+    assert_eq!(r.status(), 401);
+    let text = r.text().await.expect("body");
+    assert!(
+        text.contains("not known") && !text.contains("guess-secret"),
+        "{text}"
+    );
+    let r = get(
+        &proxy.url("crm", "/x"),
+        &[("tollgate-token", "sync-secret-1")],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    // Through HTTP_PROXY: 407 without credentials, served with them.
+    let forward = |user: Option<&str>| {
+        let mut p = reqwest::Proxy::http(format!("http://{}", proxy.addr)).expect("proxy");
+        if let Some(token) = user {
+            p = p.basic_auth("sync", token);
+        }
+        reqwest::Client::builder()
+            .proxy(p)
+            .build()
+            .expect("client")
+            .get(format!("http://{}/y", up.addr))
+            .send()
+    };
+    let r = forward(None).await.expect("forward");
+    assert_eq!(r.status(), 407);
+    assert!(r.headers().contains_key("proxy-authenticate"));
+    assert_eq!(
+        forward(Some("sync-secret-1"))
+            .await
+            .expect("forward")
+            .status(),
+        200
+    );
+    let sent = &up.seen("/y")[0];
+    assert!(
+        sent.headers
+            .iter()
+            .all(|(n, v)| n != "proxy-authorization" && !v.contains("sync-secret")),
+        "the client token went no further: {:?}",
+        sent.headers
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_admin_listener_shows_the_lines_and_reloads() {
+    let up = scripted(|_, _| ok()).await;
+    let proxy = start(&upstream("crm", up.addr, &bucket("api", 10, "1/s"))).await;
+    assert_eq!(get(&proxy.url("crm", "/x"), &[]).await.status(), 200);
+    let usage: serde_json::Value = client()
+        .get(proxy.admin_url("/v1/usage?upstream=crm"))
+        .send()
+        .await
+        .expect("usage")
+        .json()
+        .await
+        .expect("json");
+    let crm = &usage["upstreams"][0];
+    assert_eq!(crm["upstream"], "crm");
+    assert_eq!(crm["sent"], 1);
+    assert_eq!(crm["limits"][0]["limit"], "api");
+    assert_eq!(crm["limits"][0]["remaining"], 9);
+    let metrics = client()
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("tollgate_proxy_requests_total{upstream=\"crm\",outcome=\"2xx\"} 1"),
+        "{metrics}"
+    );
+    let reloaded: serde_json::Value = client()
+        .post(proxy.admin_url("/v1/reload"))
+        .send()
+        .await
+        .expect("reload")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        reloaded["kept"][0], "crm",
+        "an unchanged upstream keeps its line"
+    );
+    let config = client()
+        .get(proxy.admin_url("/v1/config"))
+        .send()
+        .await
+        .expect("config")
+        .text()
+        .await
+        .expect("text");
+    assert!(config.contains("name = \"crm\""));
+}

@@ -1,0 +1,157 @@
+//! A scripted HTTP upstream on a free 127.0.0.1 port: it answers each
+//! request as the test's script says (a status with headers, a dropped
+//! connection, a slow answer) and records what it received. The runner's
+//! and the proxy's tests play vendors with it.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+
+/// A value shared between the test and the upstream's tasks.
+pub type Shared<T> = Arc<std::sync::Mutex<T>>;
+
+/// What the scripted upstream does with the n-th request (from 1) to a path.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    Status(u16, Vec<(&'static str, &'static str)>, &'static str),
+    /// Close the connection without answering.
+    Drop,
+    /// Answer 200 after this long.
+    Slow(Duration),
+}
+
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub path: String,
+    pub at: Instant,
+    pub idempotency_key: String,
+    pub authorization: Option<String>,
+    /// Every header, lower-case names.
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    pub method: String,
+    /// The path and query as received.
+    pub target: String,
+}
+
+type Script = Arc<dyn Fn(&str, usize) -> Answer + Send + Sync>;
+
+#[derive(Debug)]
+pub struct Scripted {
+    pub addr: SocketAddr,
+    pub seen: Shared<Vec<Seen>>,
+}
+
+impl Scripted {
+    /// The requests to `path` so far.
+    pub fn seen(&self, path: &str) -> Vec<Seen> {
+        self.seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|s| s.path == path)
+            .cloned()
+            .collect()
+    }
+}
+
+/// An upstream on a free 127.0.0.1 port that answers the n-th request
+/// (from 1) to a path as `script` says, and records every request.
+pub async fn scripted(script: impl Fn(&str, usize) -> Answer + Send + Sync + 'static) -> Scripted {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen: Shared<Vec<Seen>> = Default::default();
+    let counts: Shared<HashMap<String, usize>> = Default::default();
+    let script: Script = Arc::new(script);
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (log, counts, script) = (log.clone(), counts.clone(), script.clone());
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let (log, counts, script) = (log.clone(), counts.clone(), script.clone());
+                    async move {
+                        let path = req.uri().path().to_string();
+                        let header = |name: &str| {
+                            req.headers()
+                                .get(name)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_owned)
+                        };
+                        let headers = req
+                            .headers()
+                            .iter()
+                            .map(|(k, v)| {
+                                (
+                                    k.as_str().to_string(),
+                                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                                )
+                            })
+                            .collect();
+                        let method = req.method().to_string();
+                        let target = req
+                            .uri()
+                            .path_and_query()
+                            .map_or_else(String::new, |p| p.to_string());
+                        let idempotency_key = header("idempotency-key").unwrap_or_default();
+                        let authorization = header("authorization");
+                        let n = {
+                            let mut counts = counts.lock().expect("lock");
+                            let n = counts.entry(path.clone()).or_insert(0);
+                            *n += 1;
+                            *n
+                        };
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        log.lock().expect("lock").push(Seen {
+                            path: path.clone(),
+                            at: Instant::now(),
+                            idempotency_key,
+                            authorization,
+                            headers,
+                            body,
+                            method,
+                            target,
+                        });
+                        match script(&path, n) {
+                            Answer::Status(status, headers, body) => {
+                                let mut r = Response::builder().status(status);
+                                for (k, v) in headers {
+                                    r = r.header(k, v);
+                                }
+                                Ok(r.body(Full::new(Bytes::from(body))).expect("response"))
+                            }
+                            Answer::Drop => Err("dropped on purpose"),
+                            Answer::Slow(d) => {
+                                tokio::time::sleep(d).await;
+                                Ok(Response::new(Full::new(Bytes::from("slow ok"))))
+                            }
+                        }
+                    }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Scripted { addr, seen }
+}
+
+/// A 200 with a small JSON body.
+pub fn ok() -> Answer {
+    Answer::Status(200, vec![], "{\"ok\":true}")
+}

@@ -15,6 +15,20 @@ if ! command -v redis-server >/dev/null; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
   $sudo apt-get update -qq >/dev/null && $sudo apt-get install -y -qq redis-server >/dev/null
 fi
+# Clients others wrote, as the proxy's users call it (crates/proxy/tests/clients.rs):
+# Python's requests and httpx, curl, Node's fetch.
+if ! python3 -c 'import requests, httpx' 2>/dev/null; then
+  echo "installing requests and httpx (pip)"
+  python3 -m pip install -q requests httpx >/dev/null 2>&1 || python3 -m pip install -q --break-system-packages requests httpx >/dev/null
+fi
+missing=""
+command -v curl >/dev/null || missing="$missing curl"
+command -v node >/dev/null || missing="$missing nodejs"
+if [ -n "$missing" ]; then
+  echo "installing$missing (apt-get)"
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq >/dev/null && $sudo apt-get install -y -qq $missing >/dev/null
+fi
 redis_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 redis_dir=$(mktemp -d)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$redis_dir" >"$redis_dir/log" 2>&1 &

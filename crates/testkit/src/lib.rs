@@ -9,6 +9,7 @@
 //! test process (stopped once the process is gone), so `cargo test` alone
 //! works wherever `redis-server` is installed.
 
+pub mod tls;
 pub mod upstream;
 pub mod vendor;
 

@@ -67,6 +67,23 @@ impl Scripted {
 /// An upstream on a free 127.0.0.1 port that answers the n-th request
 /// (from 1) to a path as `script` says, and records every request.
 pub async fn scripted(script: impl Fn(&str, usize) -> Answer + Send + Sync + 'static) -> Scripted {
+    scripted_with(script, None).await
+}
+
+/// `scripted` over TLS, with a certificate for 127.0.0.1 and localhost
+/// from a fresh test CA (its PEM file is the second value).
+pub async fn scripted_tls(
+    script: impl Fn(&str, usize) -> Answer + Send + Sync + 'static,
+) -> (Scripted, crate::tls::TestCa) {
+    let ca = crate::tls::TestCa::new();
+    let up = scripted_with(script, Some(ca.acceptor())).await;
+    (up, ca)
+}
+
+async fn scripted_with(
+    script: impl Fn(&str, usize) -> Answer + Send + Sync + 'static,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> Scripted {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let seen: Shared<Vec<Seen>> = Default::default();
@@ -76,6 +93,7 @@ pub async fn scripted(script: impl Fn(&str, usize) -> Answer + Send + Sync + 'st
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let (log, counts, script) = (log.clone(), counts.clone(), script.clone());
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                     let (log, counts, script) = (log.clone(), counts.clone(), script.clone());
@@ -142,9 +160,20 @@ pub async fn scripted(script: impl Fn(&str, usize) -> Answer + Send + Sync + 'st
                         }
                     }
                 });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                match tls {
+                    Some(acceptor) => {
+                        if let Ok(stream) = acceptor.accept(stream).await {
+                            let _ = http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                    }
+                    None => {
+                        let _ = http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    }
+                }
             });
         }
     });

@@ -1,0 +1,177 @@
+//! The proxy as its users call it: with clients others wrote (Python's
+//! `requests` and `httpx`, curl, Node's `fetch`), in alias mode and through
+//! `HTTP_PROXY`, in front of an HTTPS upstream whose certificate comes from
+//! a test CA that only the proxy's `ca_file` trusts. Real time, real sockets.
+
+mod common;
+
+use common::{bucket, start_at, upstream};
+use tollgate_store::TokioClock;
+use tollgate_testkit::upstream::{ok, scripted, scripted_tls};
+
+/// Run a program; its stdout (trimmed). A missing program fails the test
+/// with its name: CI installs them (scripts/test.sh).
+async fn output(program: &str, args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .env_remove("HTTP_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("ALL_PROXY")
+        .env_remove("NO_PROXY")
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{program} could not run ({e}); scripts/test.sh installs it"));
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() || program == "curl",
+        "{program} {args:?} failed: {stdout}\n{stderr}"
+    );
+    stdout
+}
+
+const PYTHON_ALIAS: &str = r#"
+import sys, requests, httpx
+base = sys.argv[1]
+r = requests.get(base + "/crm/v1/contacts?limit=2", headers={"Tollgate-Priority": "high", "Tollgate-Workflow": "enrich"})
+print("requests", r.status_code, r.headers["Tollgate-Attempts"], r.json()["ok"])
+r = httpx.post(base + "/crm/v1/contacts", json={"email": "a@example.com"}, headers={"Idempotency-Key": "k-1"})
+print("httpx", r.status_code, r.headers["tollgate-attempts"])
+r = requests.get(base + "/crm/v1/x", headers={"Tollgate-Max-Wait": "later"})
+print("bad", r.status_code, r.headers["Content-Type"], r.json()["detail"].split(":")[0])
+"#;
+
+const PYTHON_FORWARD: &str = r#"
+import sys, os, requests, httpx
+plain = sys.argv[1]
+r = requests.get(plain + "/v1/forward")   # HTTP_PROXY from the environment
+print("requests", r.status_code, r.headers["Tollgate-Attempts"])
+with httpx.Client(proxy=os.environ["HTTP_PROXY"]) as c:
+    r = c.get(plain + "/v1/forward")
+    print("httpx", r.status_code)
+    r = c.get("http://example.com/")
+    print("other", r.status_code, r.json()["title"])
+"#;
+
+const NODE_FETCH: &str = r#"
+const base = process.argv[1];
+fetch(base + "/crm/v1/node", { headers: { "Tollgate-Priority": "low" } })
+  .then(async (r) => console.log("fetch", r.status, r.headers.get("tollgate-attempts"), (await r.json()).ok))
+  .catch((e) => { console.error(e); process.exit(1); });
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_curl_and_node_call_an_https_vendor_through_the_proxy() {
+    let (vendor, ca) = scripted_tls(|_, _| ok()).await;
+    let plain = scripted(|_, _| ok()).await;
+    // The vendor over HTTPS: only `ca_file` makes the proxy trust it.
+    let config = format!(
+        "[[upstream]]\nname = \"crm\"\nbase_url = \"https://127.0.0.1:{}\"\nca_file = \"{}\"\nheaders = {{ authorization = \"Bearer vendor-key\" }}\n{}\n{}",
+        vendor.addr.port(),
+        ca.path.display(),
+        bucket("api", 100, "100/s"),
+        upstream("plain", plain.addr, &bucket("api", 100, "100/s")),
+    );
+    let proxy = start_at(&config, TokioClock::system()).await;
+    let base = format!("http://{}", proxy.addr);
+    let proxy_url = base.clone();
+
+    let alias = output("python3", &["-c", PYTHON_ALIAS, &base], &[]).await;
+    assert_eq!(
+        alias.lines().collect::<Vec<_>>(),
+        [
+            "requests 200 1 True",
+            "httpx 200 1",
+            "bad 400 application/problem+json header Tollgate-Max-Wait",
+        ],
+        "{alias}"
+    );
+    let plain_base = format!("http://{}", plain.addr);
+    let forward = output(
+        "python3",
+        &["-c", PYTHON_FORWARD, &plain_base],
+        &[("HTTP_PROXY", &proxy_url), ("http_proxy", &proxy_url)],
+    )
+    .await;
+    assert_eq!(
+        forward.lines().collect::<Vec<_>>(),
+        [
+            "requests 200 1",
+            "httpx 200",
+            "other 403 Host not configured"
+        ],
+        "{forward}"
+    );
+
+    let curl_alias = output(
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("{base}/crm/v1/curl"),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(curl_alias, "200");
+    let curl_forward = output(
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-x",
+            &proxy_url,
+            &format!("{plain_base}/v1/curl"),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(curl_forward, "200");
+    // HTTPS_PROXY without interception: the CONNECT is refused, naming the host.
+    let tunnel = output(
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_connect}",
+            "-x",
+            &proxy_url,
+            "https://example.com/",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(tunnel, "403");
+
+    let node = output("node", &["-e", NODE_FETCH, &base], &[]).await;
+    assert_eq!(node, "fetch 200 1 true");
+
+    // The vendor saw its key, over TLS, and nothing of tollgate's headers.
+    let seen = vendor.seen.lock().expect("lock").clone();
+    assert_eq!(
+        seen.len(),
+        4,
+        "{:?}",
+        seen.iter().map(|s| &s.path).collect::<Vec<_>>()
+    );
+    for s in &seen {
+        assert_eq!(s.authorization.as_deref(), Some("Bearer vendor-key"));
+        assert!(s.headers.iter().all(|(n, _)| !n.starts_with("tollgate-")));
+    }
+    let post = seen.iter().find(|s| s.method == "POST").expect("the POST");
+    assert_eq!(&post.body[..], br#"{"email":"a@example.com"}"#);
+    assert_eq!(post.idempotency_key, "k-1");
+    assert_eq!(plain.seen("/v1/forward").len(), 2);
+    assert_eq!(plain.seen("/v1/curl").len(), 1);
+}

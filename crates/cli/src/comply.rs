@@ -170,6 +170,13 @@ pub fn run(
     grace: Duration,
 ) -> Result<ExitCode> {
     let config = load_config(config_path)?;
+    if let Some(u) = config.upstreams.iter().find(|u| !u.keys.is_empty()) {
+        bail!(
+            "{}: upstream '{}' has a key pool (keys), which `tollgate proxy` serves; `tollgate run` sends with one key: give it in headers instead",
+            config_path.display(),
+            u.name
+        );
+    }
     let routed = read_jobs(jobs, &config)?;
     if let Some(settings) = config.redis() {
         if let Some(dir) = state_dir {

@@ -41,6 +41,32 @@ pub struct Upstream {
     pub bulk: Vec<Bulk>,
     /// Extra roots (PEM) trusted for this upstream's TLS, besides the system's.
     pub ca_file: Option<std::path::PathBuf>,
+    /// A pool of vendor keys (`keys`, `key_header`, `key_format`): the
+    /// limits apply per key and each call takes one. Empty: no pool.
+    pub keys: Vec<PooledKey>,
+    /// The header a pooled key goes in (lower case).
+    pub key_header: String,
+}
+
+/// One key of an upstream's pool.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PooledKey {
+    /// How the config names it (`${HS_KEY_1}`): safe to show.
+    pub label: String,
+    /// The header value sent (`key_format` applied): a secret.
+    pub value: String,
+}
+
+impl std::fmt::Debug for PooledKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The value is a vendor's secret: never printed. Its digest tells
+        // keys apart (a reload notices a changed secret).
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self.value.bytes() {
+            hash = (hash ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+        write!(f, "PooledKey({}, #{hash:016x})", self.label)
+    }
 }
 
 /// A bulk call: `max_items` records per call, placed in `body` where the
@@ -204,6 +230,68 @@ fn upstream(
         })?;
         headers.push((header.to_ascii_lowercase(), value_text));
     }
+    let key_header = match &u.key_header {
+        Some(h) => {
+            http::header::HeaderName::from_bytes(h.get_ref().as_bytes()).map_err(|_| {
+                err(
+                    h.span().start,
+                    format!("key_header '{}' is not a valid header name", h.get_ref()),
+                )
+            })?;
+            h.get_ref().to_ascii_lowercase()
+        }
+        None => "authorization".to_string(),
+    };
+    let key_format = match &u.key_format {
+        Some(f) if f.get_ref().matches("{key}").count() == 1 => f.get_ref().clone(),
+        Some(f) => {
+            return Err(err(
+                f.span().start,
+                format!("key_format '{}' must hold {{key}} exactly once (where the key goes), e.g. \"Bearer {{key}}\"", f.get_ref()),
+            ))
+        }
+        None if key_header == "authorization" => "Bearer {key}".to_string(),
+        None => "{key}".to_string(),
+    };
+    let mut keys: Vec<PooledKey> = Vec::new();
+    for (i, raw) in u.keys.iter().enumerate() {
+        // Named by its variable (`${HS_KEY_1}`) or its place, never by a
+        // key written in the file.
+        let text = raw.get_ref();
+        let by_variable =
+            text.starts_with("${") && text.ends_with('}') && text.matches("${").count() == 1;
+        let label = if by_variable {
+            text.clone()
+        } else {
+            format!("key {}", i + 1)
+        };
+        let at = raw.span().start;
+        let key = expand_env(text, env)
+            .map_err(|var| err(at, format!("keys: environment variable {var} is not set")))?;
+        if key.is_empty() {
+            return Err(err(at, format!("keys: {label} is empty")));
+        }
+        let value = key_format.replace("{key}", &key);
+        if http::header::HeaderValue::from_str(&value).is_err() {
+            return Err(err(
+                at,
+                format!("keys: {label} does not make a valid header value"),
+            ));
+        }
+        if let Some(same) = keys.iter().find(|k| k.value == value) {
+            return Err(err(
+                at,
+                format!("keys: {label} is the same key as {}", same.label),
+            ));
+        }
+        keys.push(PooledKey { label, value });
+    }
+    if !keys.is_empty() && headers.iter().any(|(h, _)| *h == key_header) {
+        return Err(err(
+            raw.span().start,
+            format!("both headers.{key_header} and keys are set: the pool's key goes in {key_header}; drop one"),
+        ));
+    }
     let mut bulk = Vec::new();
     for raw_bulk in &u.bulk {
         bulk.push(bulk_template(text, raw_bulk, &name)?);
@@ -218,6 +306,8 @@ fn upstream(
         breaker,
         bulk,
         ca_file: u.ca_file.as_ref().map(|f| f.get_ref().into()),
+        keys,
+        key_header,
         name,
     })
 }
@@ -320,6 +410,10 @@ struct RawUpstream {
     #[serde(default)]
     bulk: Vec<Spanned<RawBulk>>,
     ca_file: Option<Spanned<String>>,
+    #[serde(default)]
+    keys: Vec<Spanned<String>>,
+    key_header: Option<Spanned<String>>,
+    key_format: Option<Spanned<String>>,
     /// Read by the policy parser.
     #[serde(rename = "profile")]
     _profile: Option<toml::Value>,
@@ -393,6 +487,56 @@ mod tests {
         assert_eq!(
             e,
             "line 4: upstream 'crm': header authorization: environment variable TOKEN is not set"
+        );
+    }
+
+    #[test]
+    fn a_key_pool_takes_its_keys_from_the_environment_and_never_prints_them() {
+        let with =
+            |keys: &str| BASE.replace("[[upstream.limit]]", &format!("{keys}\n[[upstream.limit]]"));
+        let env = |name: &str| match name {
+            "K1" => Some("s3cret-1".to_string()),
+            "K2" => Some("s3cret-2".to_string()),
+            _ => None,
+        };
+        let c = parse(&with("keys = [\"${K1}\", \"${K2}\"]"), &NoProfiles, &env).unwrap();
+        let u = &c.upstreams[0];
+        assert_eq!(u.key_header, "authorization");
+        assert_eq!(u.keys[0].value, "Bearer s3cret-1");
+        assert_eq!(u.keys[1].label, "${K2}");
+        let shown = format!("{u:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        let c = parse(
+            &with("keys = [\"${K1}\"]\nkey_header = \"X-Api-Key\""),
+            &NoProfiles,
+            &env,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.upstreams[0].key_header.as_str(),
+                c.upstreams[0].keys[0].value.as_str()
+            ),
+            ("x-api-key", "s3cret-1")
+        );
+        let err = |keys: &str| {
+            parse(&with(keys), &NoProfiles, &env)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err("keys = [\"${K3}\"]"),
+            "line 4: upstream 'crm': keys: environment variable K3 is not set"
+        );
+        assert_eq!(
+            err("keys = [\"${K1}\", \"s3cret-1\"]"),
+            "line 4: upstream 'crm': keys: key 2 is the same key as ${K1}"
+        );
+        assert!(err("keys = [\"${K1}\"]\nkey_format = \"Token\"")
+            .contains("key_format 'Token' must hold {key} exactly once"));
+        assert!(
+            err("keys = [\"${K1}\"]\nheaders = { authorization = \"x\" }")
+                .contains("both headers.authorization and keys are set")
         );
     }
 

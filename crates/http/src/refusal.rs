@@ -103,6 +103,12 @@ pub enum Refusal {
     UnknownUpstream { name: String, known: Vec<String> },
     /// 407 (forward proxy) or 401 (alias): no client token, or an unknown one.
     ClientToken { proxy: bool, reason: String },
+    /// 503 from the proxy: the vendor refused every key of the upstream's
+    /// pool (each key's reason, in pool order).
+    KeysParked {
+        upstream: String,
+        reasons: Vec<String>,
+    },
 }
 
 impl Refusal {
@@ -126,6 +132,7 @@ impl Refusal {
             Refusal::UnknownUpstream { .. } => StatusCode::NOT_FOUND,
             Refusal::ClientToken { proxy: true, .. } => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             Refusal::ClientToken { proxy: false, .. } => StatusCode::UNAUTHORIZED,
+            Refusal::KeysParked { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -149,6 +156,7 @@ impl Refusal {
             Refusal::HostNotConfigured { .. } => "host_not_configured",
             Refusal::UnknownUpstream { .. } => "unknown_upstream",
             Refusal::ClientToken { .. } => "client_token",
+            Refusal::KeysParked { .. } => "keys_parked",
         }
     }
 
@@ -180,6 +188,9 @@ impl Refusal {
             Refusal::UnknownUpstream { .. } => "No such upstream".into(),
             Refusal::ClientToken { proxy: true, .. } => "Proxy authentication required".into(),
             Refusal::ClientToken { proxy: false, .. } => "Unauthorized".into(),
+            Refusal::KeysParked { upstream, .. } => {
+                format!("Every key of upstream '{upstream}' is parked")
+            }
         }
     }
 
@@ -243,6 +254,15 @@ impl Refusal {
                 known.join(", ")
             ),
             Refusal::ClientToken { reason, .. } => reason.clone(),
+            Refusal::KeysParked { upstream, reasons } => format!(
+                "The vendor refused every key of upstream '{upstream}' ({}); fix the keys and reload the config.",
+                reasons
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| format!("key {}: {r}", i + 1))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         }
     }
 

@@ -150,6 +150,19 @@ impl Proxy {
                         })
                         .collect();
                     let c = s.counters();
+                    // Keys by how the config names them: never their values.
+                    let keys: Vec<serde_json::Value> = u
+                        .keys
+                        .iter()
+                        .zip(l.keys.status())
+                        .map(|(k, status)| {
+                            serde_json::json!({
+                                "key": k.label,
+                                "waiting": status.waiting,
+                                "parked": status.parked,
+                            })
+                        })
+                        .collect();
                     serde_json::json!({
                         "upstream": u.name,
                         "waiting": s.queued(),
@@ -160,6 +173,7 @@ impl Proxy {
                         "throttled": c.throttled,
                         "retried": c.retried,
                         "limits": limits,
+                        "keys": keys,
                     })
                 })
             })

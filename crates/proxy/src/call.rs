@@ -147,6 +147,8 @@ struct View<'a> {
     headers: &'a HeaderMap,
     upstream: &'a Upstream,
     workflow: Option<&'a str>,
+    /// The pool's key this call would carry (in `upstream.key_header`).
+    key: Option<&'a str>,
     ip: &'a str,
     body: Option<&'a serde_json::Value>,
 }
@@ -167,6 +169,9 @@ impl tollgate_core::Request for View<'_> {
     fn header(&self, name: &str) -> Option<&str> {
         if name == WORKFLOW_KEY {
             return self.workflow;
+        }
+        if self.key.is_some() && name == self.upstream.key_header {
+            return self.key;
         }
         // The upstream's own headers win, as they do on the wire.
         self.upstream
@@ -293,20 +298,6 @@ impl Proxy {
             (Outgoing::Kept(bytes), true) => serde_json::from_slice(bytes).ok(),
             _ => None,
         };
-        let view = View {
-            method: parts.method.as_str(),
-            url: &url,
-            headers: &parts.headers,
-            upstream: settings,
-            workflow: control.workflow.as_deref(),
-            ip: &peer.ip,
-            body: json.as_ref(),
-        };
-        let mut items: Vec<Item> = Vec::with_capacity(policy.limits.len());
-        policy
-            .plan(&view, &mut items)
-            .map_err(|e| Refusal::BadRequest(format!("upstream '{}': {e}", settings.name)))?;
-
         let now = self.clock.now();
         if let Some(until) = line.line.inspect(|s| s.breaker_open_until()) {
             if until > now {
@@ -333,142 +324,218 @@ impl Proxy {
         };
         let arrived = now;
         let deadline = arrived.saturating_add(control.max_wait.as_nanos() as Nanos);
-        let mut ticket = line.line.enter(Ask {
-            priority: control.priority,
-            items,
-            max_attempts,
-        });
-        let headers = outgoing_headers(&parts.headers, settings);
         // A failed attempt's response, relayed if no other attempt comes.
         let mut last: Option<Response<ResponseBody>> = None;
-        loop {
-            let attempt = match ticket.turn(Some(deadline)).await {
-                Ok(attempt) => attempt,
-                Err(Refused::Expired { waiting }) => {
-                    let now = self.clock.now();
-                    outcome.waited = now - arrived;
+        let mut attempts_before = 0;
+        // With a key pool, a key the vendor refuses (401, 402, 403) is
+        // parked and the request goes again with another.
+        'keys: loop {
+            let key = match line.keys.choose() {
+                Ok(key) => key,
+                Err(parked) => {
+                    outcome.metric = "keys_parked";
                     if let Some(response) = last {
-                        outcome.metric = "response";
-                        outcome.decision = "retried";
                         return Ok(response);
                     }
-                    let limit = waiting
-                        .and_then(|w| w.limit)
-                        .map(|l| policy.limits[l].name.clone());
-                    outcome.metric = "wait_exceeded";
-                    outcome.decision = "denied";
-                    outcome.limit = limit.clone();
-                    return Err(Refusal::WaitExceeded {
+                    return Err(Refusal::KeysParked {
                         upstream: settings.name.clone(),
-                        limit,
-                        waited: now - arrived,
-                        retry_after: waiting.map_or(NANOS_PER_SEC, |w| w.until.saturating_sub(now)),
+                        reasons: parked,
                     });
                 }
-                Err(Refused::Rejected(reason)) => {
-                    return Err(Refusal::BadRequest(format!(
-                        "upstream '{}': this request {reason}",
-                        settings.name
-                    )))
-                }
             };
-            outcome.attempts = attempt;
-            let sent = self.clock.now();
-            if attempt == 1 {
-                outcome.waited = sent - arrived;
-                self.metrics
-                    .waited(&settings.name, outcome.waited as f64 / NANOS_PER_SEC as f64);
-                outcome.decision = if outcome.waited > 0 {
-                    "waited"
-                } else {
-                    "admitted"
-                };
+            let pooled = key
+                .as_ref()
+                .map(|k| settings.keys[k.index()].value.as_str());
+            let view = View {
+                method: parts.method.as_str(),
+                url: &url,
+                headers: &parts.headers,
+                upstream: settings,
+                workflow: control.workflow.as_deref(),
+                key: pooled,
+                ip: &peer.ip,
+                body: json.as_ref(),
+            };
+            let mut items: Vec<Item> = Vec::with_capacity(policy.limits.len());
+            policy
+                .plan(&view, &mut items)
+                .map_err(|e| Refusal::BadRequest(format!("upstream '{}': {e}", settings.name)))?;
+            let mut ticket = line.line.enter(Ask {
+                priority: control.priority,
+                items,
+                max_attempts,
+            });
+            let mut headers = outgoing_headers(&parts.headers, settings);
+            if let Some(value) = pooled.and_then(|v| HeaderValue::from_str(v).ok()) {
+                if let Ok(name) = HeaderName::from_bytes(settings.key_header.as_bytes()) {
+                    headers.insert(name, value);
+                }
             }
-            if attempt > 1 && !outgoing.replayable() {
-                // (max_attempts is 1 for these: a guard, not a path)
-                return Err(Refusal::UpstreamFailed(format!(
+            loop {
+                let turned = match &key {
+                    Some(k) => tokio::select! {
+                        turned = ticket.turn(Some(deadline)) => Some(turned),
+                        () = k.parked() => None,
+                    },
+                    None => Some(ticket.turn(Some(deadline)).await),
+                };
+                let Some(turned) = turned else {
+                    // Its key was parked while it waited: it leaves that line.
+                    continue 'keys;
+                };
+                let attempt = match turned {
+                    Ok(attempt) => attempt,
+                    Err(Refused::Expired { waiting }) => {
+                        let now = self.clock.now();
+                        outcome.waited = now - arrived;
+                        if let Some(response) = last {
+                            outcome.metric = "response";
+                            outcome.decision = "retried";
+                            return Ok(response);
+                        }
+                        let limit = waiting
+                            .and_then(|w| w.limit)
+                            .map(|l| policy.limits[l].name.clone());
+                        outcome.metric = "wait_exceeded";
+                        outcome.decision = "denied";
+                        outcome.limit = limit.clone();
+                        return Err(Refusal::WaitExceeded {
+                            upstream: settings.name.clone(),
+                            limit,
+                            waited: now - arrived,
+                            retry_after: waiting
+                                .map_or(NANOS_PER_SEC, |w| w.until.saturating_sub(now)),
+                        });
+                    }
+                    Err(Refused::Rejected(reason)) => {
+                        return Err(Refusal::BadRequest(format!(
+                            "upstream '{}': this request {reason}",
+                            settings.name
+                        )))
+                    }
+                };
+                if let Some(key) = &key {
+                    key.sent();
+                    if key.is_parked() {
+                        // Refused while this call waited: take another key
+                        // (the slot of a dead key is no loss).
+                        continue 'keys;
+                    }
+                }
+                let attempt = attempts_before + attempt;
+                outcome.attempts = attempt;
+                let sent = self.clock.now();
+                if attempt == 1 {
+                    outcome.waited = sent - arrived;
+                    self.metrics
+                        .waited(&settings.name, outcome.waited as f64 / NANOS_PER_SEC as f64);
+                    outcome.decision = if outcome.waited > 0 {
+                        "waited"
+                    } else {
+                        "admitted"
+                    };
+                }
+                if attempt > 1 && !outgoing.replayable() && attempts_before == 0 {
+                    // (max_attempts is 1 for these: a guard, not a path)
+                    return Err(Refusal::UpstreamFailed(format!(
                     "upstream '{}': the request body was streamed once and cannot be sent again",
                     settings.name
                 )));
-            }
-            let body = outgoing.take();
-            let mut request = line
-                .client
-                .request(parts.method.clone(), url.clone())
-                .timeout(settings.timeout)
-                .headers(headers.clone());
-            if let Some(body) = body {
-                request = request.body(body);
-            }
-            let response = match request.send().await {
-                Ok(response) => response,
-                Err(e) => {
-                    let timed_out = e.is_timeout();
-                    let reply = Reply::Failed { error: failure(&e) };
-                    self.metrics.call(&settings.name, "network_error");
-                    tracing::warn!(upstream = %settings.name, attempt, "upstream call failed: {}", failure(&e));
-                    match ticket.report(&reply) {
-                        Settled::Retry { at } if at <= deadline => continue,
-                        _ => {
-                            outcome.metric = "network_error";
-                            return Err(if timed_out {
-                                Refusal::UpstreamTimeout
-                            } else {
-                                Refusal::UpstreamFailed(format!(
+                }
+                let body = outgoing.take();
+                let mut request = line
+                    .client
+                    .request(parts.method.clone(), url.clone())
+                    .timeout(settings.timeout)
+                    .headers(headers.clone());
+                if let Some(body) = body {
+                    request = request.body(body);
+                }
+                let response = match request.send().await {
+                    Ok(response) => response,
+                    Err(e) => {
+                        let timed_out = e.is_timeout();
+                        let reply = Reply::Failed { error: failure(&e) };
+                        self.metrics.call(&settings.name, "network_error");
+                        tracing::warn!(upstream = %settings.name, attempt, "upstream call failed: {}", failure(&e));
+                        match ticket.report(&reply) {
+                            Settled::Retry { at } if at <= deadline => continue,
+                            _ => {
+                                outcome.metric = "network_error";
+                                return Err(if timed_out {
+                                    Refusal::UpstreamTimeout
+                                } else {
+                                    Refusal::UpstreamFailed(format!(
                                     "Upstream '{}' could not be reached or broke the connection ({attempt} attempt(s)).",
                                     settings.name
                                 ))
-                            });
+                                });
+                            }
                         }
                     }
-                }
-            };
-            outcome.upstream_ms = Some((self.clock.now() - sent) as f64 / 1e6);
-            let status = response.status().as_u16();
-            self.metrics.call(&settings.name, status_class(status));
-            let get = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok());
-            let retry_after =
-                ratelimit::retry_after(get("retry-after"), std::time::SystemTime::now());
-            let corrections = ratelimit::corrections(get);
-            let reply = Reply::Status {
-                status,
-                retry_after,
-                corrections,
-            };
-            outcome.metric = "response";
-            let mut head = Response::builder()
-                .status(response.status())
-                .body(())
-                .map_err(|e| {
-                    Refusal::UpstreamFailed(format!(
-                        "the upstream's response cannot be relayed: {e}"
-                    ))
-                })?;
-            *head.headers_mut() = response.headers().clone();
-            strip_hop_by_hop(head.headers_mut());
-            let (head, ()) = head.into_parts();
-            if !matches!(status, 429 | 408 | 500..=599) {
-                // The final answer: streamed, reported when it ends.
-                let stream = response
-                    .bytes_stream()
-                    .map_ok(Frame::data)
-                    .map_err(|e| Box::new(e) as BoxError);
-                let body = ResponseBody {
-                    inner: BodyExt::boxed(StreamBody::new(stream)),
-                    finish: Some(Finish { ticket, reply }),
                 };
-                return Ok(Response::from_parts(head, body));
-            }
-            // A failed attempt: its body is kept, in case it is the last.
-            let bytes = read_capped(response, MAX_FAILURE_BODY).await;
-            let settled = ticket.report(&reply);
-            let kept = Response::from_parts(head, ResponseBody::local(Full::new(bytes)));
-            match settled {
-                Settled::Retry { at } if at <= deadline => {
-                    tracing::info!(upstream = %settings.name, status, attempt, request_id, "retrying");
-                    last = Some(kept);
+                outcome.upstream_ms = Some((self.clock.now() - sent) as f64 / 1e6);
+                let status = response.status().as_u16();
+                self.metrics.call(&settings.name, status_class(status));
+                let get = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok());
+                let retry_after =
+                    ratelimit::retry_after(get("retry-after"), std::time::SystemTime::now());
+                let corrections = ratelimit::corrections(get);
+                let reply = Reply::Status {
+                    status,
+                    retry_after,
+                    corrections,
+                };
+                outcome.metric = "response";
+                if let (Some(key), 401..=403) = (&key, status) {
+                    // The vendor refuses the key itself: park it; the request
+                    // (which it did not serve) goes again with another.
+                    key.park(format!("HTTP {status}"));
+                    tracing::warn!(
+                        upstream = %settings.name,
+                        key = %settings.keys[key.index()].label,
+                        "the vendor answered HTTP {status} to a pooled key: parked; the other keys carry on"
+                    );
+                    if outgoing.replayable() {
+                        ticket.report(&reply);
+                        attempts_before = attempt;
+                        continue 'keys;
+                    }
                 }
-                _ => return Ok(kept),
+                let mut head = Response::builder()
+                    .status(response.status())
+                    .body(())
+                    .map_err(|e| {
+                        Refusal::UpstreamFailed(format!(
+                            "the upstream's response cannot be relayed: {e}"
+                        ))
+                    })?;
+                *head.headers_mut() = response.headers().clone();
+                strip_hop_by_hop(head.headers_mut());
+                let (head, ()) = head.into_parts();
+                if !matches!(status, 429 | 408 | 500..=599) {
+                    // The final answer: streamed, reported when it ends.
+                    let stream = response
+                        .bytes_stream()
+                        .map_ok(Frame::data)
+                        .map_err(|e| Box::new(e) as BoxError);
+                    let body = ResponseBody {
+                        inner: BodyExt::boxed(StreamBody::new(stream)),
+                        finish: Some(Finish { ticket, reply }),
+                    };
+                    return Ok(Response::from_parts(head, body));
+                }
+                // A failed attempt: its body is kept, in case it is the last.
+                let bytes = read_capped(response, MAX_FAILURE_BODY).await;
+                let settled = ticket.report(&reply);
+                let kept = Response::from_parts(head, ResponseBody::local(Full::new(bytes)));
+                match settled {
+                    Settled::Retry { at } if at <= deadline => {
+                        tracing::info!(upstream = %settings.name, status, attempt, request_id, "retrying");
+                        last = Some(kept);
+                    }
+                    _ => return Ok(kept),
+                }
             }
         }
     }

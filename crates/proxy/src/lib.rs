@@ -11,6 +11,7 @@
 //!
 //! - `settings`: `[proxy]` and `[[proxy.client]]`.
 //! - `state`: the config in force, one line (scheduler and client) per upstream.
+//! - `keys`: an upstream's pool of vendor keys.
 //! - `route`: which upstream a request is for (alias or forward proxy).
 //! - `call`: one request: wait in line, send, retry, relay.
 //! - `admin`: health, metrics, usage, config, reload.
@@ -18,6 +19,7 @@
 
 mod admin;
 pub mod call;
+mod keys;
 mod metrics;
 pub mod route;
 mod server;

@@ -37,6 +37,8 @@ pub enum LoadError {
 #[derive(Debug)]
 pub struct UpstreamLine {
     pub line: SharedScheduler,
+    /// Its pool of vendor keys (empty without `keys`).
+    pub keys: crate::keys::KeyPool,
     pub client: reqwest::Client,
     /// What the upstream was built from: a reload keeps the line (and its
     /// queue and counters) when this is unchanged.
@@ -333,6 +335,7 @@ fn start_line(u: &Upstream, clock: &TokioClock) -> Result<UpstreamLine, LoadErro
     let line = SharedScheduler::start(&u.name, core, clock.clone());
     Ok(UpstreamLine {
         fingerprint: fingerprint(u),
+        keys: crate::keys::KeyPool::new(u.keys.len()),
         line,
         client,
     })

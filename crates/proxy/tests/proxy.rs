@@ -39,12 +39,24 @@ async fn problem(r: reqwest::Response) -> serde_json::Value {
 /// it can through the proxy to the gateway enforcing `profile`: no 429
 /// reaches a client or the upstream, and the quota is used fully.
 async fn sixty_four_clients(profile: &str, requests: usize, least: Duration) {
+    let key = "headers = { authorization = \"Bearer key-1\" }";
+    sixty_four_clients_with(profile, key, requests, least).await;
+}
+
+/// `sixty_four_clients`, with `credentials` (one key in `headers`, or a
+/// pool of `keys`) in the upstream's table.
+async fn sixty_four_clients_with(
+    profile: &str,
+    credentials: &str,
+    requests: usize,
+    least: Duration,
+) {
     let (vendor, _gateway) =
         tollgate_testkit::vendor::gateway(profile, TokioClock::starting_at(EPOCH)).await;
     let config = upstream(
         profile,
         vendor,
-        &format!("profile = \"{profile}\"\nheaders = {{ authorization = \"Bearer key-1\" }}\nconcurrency = 64\n"),
+        &format!("profile = \"{profile}\"\n{credentials}\nconcurrency = 64\n"),
     );
     let proxy = start(&config).await;
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -584,4 +596,95 @@ async fn the_admin_listener_shows_the_lines_and_reloads() {
         .await
         .expect("text");
     assert!(config.contains("name = \"crm\""));
+}
+
+#[tokio::test(start_paused = true)]
+async fn three_keys_give_three_times_the_rate_of_one_with_no_429() {
+    // Celigo's limits apply per key: three keys admit 3,000 at once and
+    // then 900 a second, so 4,800 requests take 2 s (one key: 6 s).
+    let keys = "keys = [\"k-1\", \"k-2\", \"k-3\"]";
+    sixty_four_clients_with("celigo", keys, 4800, Duration::from_secs(2)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_the_vendor_revokes_is_parked_and_its_share_moves_to_the_others() {
+    let revoked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gone = revoked.clone();
+    let up = tollgate_testkit::upstream::scripted_seen(move |seen, _| {
+        let k2 = seen.authorization.as_deref() == Some("Bearer k-2");
+        if k2 && gone.load(std::sync::atomic::Ordering::SeqCst) {
+            Answer::Status(401, vec![], "{\"error\":\"token revoked\"}")
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let limits = "keys = [\"k-1\", \"k-2\", \"k-3\"]\n[[upstream.limit]]\nname = \"per-key\"\nkey = [\"header:authorization\"]\nalgorithm = \"token_bucket\"\ncapacity = 1\nrefill = \"10/s\"\n";
+    let proxy = start(&upstream("crm", up.addr, limits)).await;
+    let burst = |n: usize, from: usize| {
+        let urls: Vec<String> = (from..from + n)
+            .map(|i| proxy.url("crm", &format!("/r/{i}")))
+            .collect();
+        async move {
+            let mut all = Vec::new();
+            for url in urls {
+                all.push(tokio::spawn(async move {
+                    get(&url, &[]).await.status().as_u16()
+                }));
+            }
+            let mut codes = Vec::new();
+            for c in all {
+                codes.push(c.await.expect("client"));
+            }
+            codes
+        }
+    };
+    // Three keys: 30 requests in about a second (10/s each).
+    let started = Instant::now();
+    assert!(burst(30, 0).await.iter().all(|c| *c == 200));
+    let three = started.elapsed().as_secs_f64();
+    assert!((0.85..1.0).contains(&three), "three keys: {three} s");
+    revoked.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = Instant::now();
+    let codes = burst(30, 100).await;
+    assert!(
+        codes.iter().all(|c| *c == 200),
+        "the client never saw the 401: {codes:?}"
+    );
+    let two = started.elapsed().as_secs_f64();
+    assert!(
+        (1.35..1.45).contains(&two),
+        "two keys carry on at 20/s: {two} s"
+    );
+    let refused: Vec<_> = up
+        .seen
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|s| {
+            let second = s.path[3..].parse::<usize>().is_ok_and(|i| i >= 100);
+            second && s.authorization.as_deref() == Some("Bearer k-2")
+        })
+        .map(|s| s.path.clone())
+        .collect();
+    assert_eq!(
+        refused.len(),
+        1,
+        "k-2 is asked once, then parked: {refused:?}"
+    );
+    let usage: serde_json::Value = client()
+        .get(proxy.admin_url("/v1/usage?upstream=crm"))
+        .send()
+        .await
+        .expect("usage")
+        .json()
+        .await
+        .expect("json");
+    let keys = &usage["upstreams"][0]["keys"];
+    assert_eq!(keys[1]["key"], "key 2", "keys written in the file are named by place");
+    assert_eq!(keys[1]["parked"], "HTTP 401");
+    assert!(keys[0]["parked"].is_null());
+    let text = usage.to_string();
+    assert!(!text.contains("Bearer k-"), "no key value is shown: {text}");
 }

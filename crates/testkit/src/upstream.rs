@@ -43,7 +43,7 @@ pub struct Seen {
     pub target: String,
 }
 
-type Script = Arc<dyn Fn(&str, usize) -> Answer + Send + Sync>;
+type Script = Arc<dyn Fn(&Seen, usize) -> Answer + Send + Sync>;
 
 #[derive(Debug)]
 pub struct Scripted {
@@ -67,7 +67,15 @@ impl Scripted {
 /// An upstream on a free 127.0.0.1 port that answers the n-th request
 /// (from 1) to a path as `script` says, and records every request.
 pub async fn scripted(script: impl Fn(&str, usize) -> Answer + Send + Sync + 'static) -> Scripted {
-    scripted_with(script, None).await
+    scripted_with(Arc::new(move |seen: &Seen, n| script(&seen.path, n)), None).await
+}
+
+/// `scripted`, with the whole request (its headers, body) given to the
+/// script; `n` still counts the requests to its path.
+pub async fn scripted_seen(
+    script: impl Fn(&Seen, usize) -> Answer + Send + Sync + 'static,
+) -> Scripted {
+    scripted_with(Arc::new(script), None).await
 }
 
 /// `scripted` over TLS, with a certificate for 127.0.0.1 and localhost
@@ -76,19 +84,16 @@ pub async fn scripted_tls(
     script: impl Fn(&str, usize) -> Answer + Send + Sync + 'static,
 ) -> (Scripted, crate::tls::TestCa) {
     let ca = crate::tls::TestCa::new();
+    let script: Script = Arc::new(move |seen: &Seen, n| script(&seen.path, n));
     let up = scripted_with(script, Some(ca.acceptor())).await;
     (up, ca)
 }
 
-async fn scripted_with(
-    script: impl Fn(&str, usize) -> Answer + Send + Sync + 'static,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-) -> Scripted {
+async fn scripted_with(script: Script, tls: Option<tokio_rustls::TlsAcceptor>) -> Scripted {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let seen: Shared<Vec<Seen>> = Default::default();
     let counts: Shared<HashMap<String, usize>> = Default::default();
-    let script: Script = Arc::new(script);
     let log = seen.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
@@ -134,7 +139,7 @@ async fn scripted_with(
                             .await
                             .map(|b| b.to_bytes())
                             .unwrap_or_default();
-                        log.lock().expect("lock").push(Seen {
+                        let seen = Seen {
                             path: path.clone(),
                             at: Instant::now(),
                             idempotency_key,
@@ -143,8 +148,10 @@ async fn scripted_with(
                             body,
                             method,
                             target,
-                        });
-                        match script(&path, n) {
+                        };
+                        let answer = script(&seen, n);
+                        log.lock().expect("lock").push(seen);
+                        match answer {
                             Answer::Status(status, headers, body) => {
                                 let mut r = Response::builder().status(status);
                                 for (k, v) in headers {

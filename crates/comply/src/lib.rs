@@ -24,4 +24,4 @@ pub use breaker::BreakerSettings;
 pub use lanes::Priority;
 pub use scheduler::{Counters, Event, Next, Reply, Scheduler, Settled, Waiting};
 pub use settings::{parse as parse_config, Upstream, UpstreamsConfig};
-pub use shared::{human, Ask, Refused, SharedScheduler, Ticket};
+pub use shared::{human, Ask, Refused, SharedScheduler, Ticket, WeakScheduler};

@@ -188,6 +188,16 @@ impl Scheduler {
         self.paused_until
     }
 
+    /// Pause the whole upstream until `until` (another process of the fleet
+    /// got a 429); false if it was already paused that long.
+    pub fn pause(&mut self, until: Nanos) -> bool {
+        let longer = until > self.paused_until;
+        if longer {
+            self.paused_until = until;
+        }
+        longer
+    }
+
     /// The instant an open breaker lets its probe through.
     pub fn breaker_open_until(&self) -> Option<Nanos> {
         self.breaker.open_until()

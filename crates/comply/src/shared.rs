@@ -83,7 +83,6 @@ impl Line {
     }
 }
 
-#[derive(Debug)]
 struct Inner {
     name: String,
     line: Mutex<Line>,
@@ -92,6 +91,18 @@ struct Inner {
     wake: Arc<Notify>,
     clock: TokioClock,
     seqs: AtomicU64,
+    /// Told of every event (the proxy tells its fleet of a pause).
+    on_event: std::sync::OnceLock<EventHook>,
+}
+
+type EventHook = Box<dyn Fn(&Event) + Send + Sync>;
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Inner {
@@ -116,6 +127,9 @@ impl Inner {
     fn log(&self, events: &[Event], now: Nanos) {
         for event in events {
             tracing::info!("{}", event.describe(&self.name, now));
+            if let Some(hook) = self.on_event.get() {
+                hook(event);
+            }
         }
     }
 
@@ -160,6 +174,7 @@ impl SharedScheduler {
             wake: Arc::new(Notify::new()),
             clock,
             seqs: AtomicU64::new(1),
+            on_event: std::sync::OnceLock::new(),
         });
         tokio::spawn(drive(Arc::downgrade(&inner)));
         SharedScheduler { inner }
@@ -186,6 +201,22 @@ impl SharedScheduler {
         }
     }
 
+    /// Have `hook` told of every event from now on (once per line).
+    pub fn on_event(&self, hook: impl Fn(&Event) + Send + Sync + 'static) {
+        let _ = self.inner.on_event.set(Box::new(hook));
+    }
+
+    /// Pause the whole line until `until` (another process of the fleet got
+    /// a 429); false if it was already paused that long.
+    pub fn pause(&self, until: Nanos) -> bool {
+        self.inner.step(|line| line.core.pause(until))
+    }
+
+    /// A handle that does not keep the line alive.
+    pub fn downgrade(&self) -> WeakScheduler {
+        WeakScheduler(Arc::downgrade(&self.inner))
+    }
+
     /// Look at the scheduler (counters, the engine's view of the quota).
     pub fn inspect<R>(&self, f: impl FnOnce(&Scheduler) -> R) -> R {
         f(&self.inner.line.lock().core)
@@ -194,6 +225,16 @@ impl SharedScheduler {
     /// The clock the line runs on.
     pub fn clock(&self) -> &TokioClock {
         &self.inner.clock
+    }
+}
+
+/// A `SharedScheduler` that may be gone.
+#[derive(Debug, Clone)]
+pub struct WeakScheduler(Weak<Inner>);
+
+impl WeakScheduler {
+    pub fn upgrade(&self) -> Option<SharedScheduler> {
+        self.0.upgrade().map(|inner| SharedScheduler { inner })
     }
 }
 

@@ -13,7 +13,7 @@ use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
-use tollgate_comply::{human, Next, Reply, Scheduler, Settled};
+use tollgate_comply::{human, Event, Next, Reply, Scheduler, Settled};
 use tollgate_core::{Clock, Item, Nanos};
 use tollgate_http::ratelimit as signals;
 use tollgate_store::{Engine, TokioClock};
@@ -292,6 +292,8 @@ pub(crate) struct Driver<'a> {
     early_dead: Vec<u64>,
     pub(crate) start: Nanos,
     pub(crate) last_reply: Nanos,
+    /// Fleet mode: per upstream, where a 429's pause is told to the fleet.
+    pub(crate) pauses: Vec<Option<tollgate_store::redis::Pauses>>,
 }
 
 impl<'a> Driver<'a> {
@@ -322,6 +324,7 @@ impl<'a> Driver<'a> {
             early_dead: vec![0; config.upstreams.len()],
             start,
             last_reply: start,
+            pauses: Vec::new(),
         })
     }
 
@@ -425,6 +428,12 @@ impl<'a> Driver<'a> {
             for event in self.schedulers[u].drain_events() {
                 self.progress
                     .log(&event.describe(&self.config.upstreams[u].name, now));
+                if let (Event::Paused { until, .. }, Some(Some(pauses))) =
+                    (&event, self.pauses.get(u))
+                {
+                    let (pauses, until) = (pauses.clone(), *until);
+                    tokio::spawn(async move { pauses.publish(until).await });
+                }
             }
         }
         wake

@@ -43,6 +43,16 @@ pub struct UpstreamLine {
     /// What the upstream was built from: a reload keeps the line (and its
     /// queue and counters) when this is unchanged.
     fingerprint: String,
+    /// Fleet mode: the task that applies the pauses other processes publish.
+    pause_listener: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for UpstreamLine {
+    fn drop(&mut self) {
+        if let Some(task) = &self.pause_listener {
+            task.abort();
+        }
+    }
 }
 
 /// Everything read from one version of the config.
@@ -333,12 +343,54 @@ fn start_line(u: &Upstream, clock: &TokioClock) -> Result<UpstreamLine, LoadErro
         ))
     })?;
     let line = SharedScheduler::start(&u.name, core, clock.clone());
+    let pause_listener = match &u.policy.store.redis {
+        Some(settings) => Some(share_pauses(u, settings, &line)?),
+        None => None,
+    };
     Ok(UpstreamLine {
+        pause_listener,
         fingerprint: fingerprint(u),
         keys: crate::keys::KeyPool::new(u.keys.len()),
         line,
         client,
     })
+}
+
+/// Fleet mode: a 429 this process gets pauses the upstream in every
+/// process on the same Redis, and theirs pause it here.
+fn share_pauses(
+    u: &Upstream,
+    settings: &tollgate_core::policy::RedisSettings,
+    line: &SharedScheduler,
+) -> Result<tokio::task::JoinHandle<()>, LoadError> {
+    let pauses = tollgate_store::redis::Pauses::new(settings, &format!("upstream:{}", u.name))
+        .map_err(|e| LoadError::Io(format!("upstream '{}': [store]: {e}", u.name)))?;
+    let publisher = pauses.clone();
+    line.on_event(move |event| {
+        if let tollgate_comply::Event::Paused { until, .. } = event {
+            let (publisher, until) = (publisher.clone(), *until);
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move { publisher.publish(until).await });
+            }
+        }
+    });
+    let weak = line.downgrade();
+    let name = u.name.clone();
+    Ok(tokio::spawn(async move {
+        pauses
+            .listen(|until| match weak.upgrade() {
+                Some(line) => {
+                    if line.pause(until) {
+                        tracing::info!(
+                            "{name}: another process of the fleet got a 429; pausing here too"
+                        );
+                    }
+                    true
+                }
+                None => false,
+            })
+            .await;
+    }))
 }
 
 /// Seeds the retry jitter: different in every process, so a fleet's

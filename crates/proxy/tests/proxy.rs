@@ -682,7 +682,10 @@ async fn a_key_the_vendor_revokes_is_parked_and_its_share_moves_to_the_others() 
         .await
         .expect("json");
     let keys = &usage["upstreams"][0]["keys"];
-    assert_eq!(keys[1]["key"], "key 2", "keys written in the file are named by place");
+    assert_eq!(
+        keys[1]["key"], "key 2",
+        "keys written in the file are named by place"
+    );
     assert_eq!(keys[1]["parked"], "HTTP 401");
     assert!(keys[0]["parked"].is_null());
     let text = usage.to_string();

@@ -370,6 +370,28 @@ pub async fn run(
     let writer = tokio::spawn(write_all(queue.clone(), rx, ledger.clone(), health.clone()));
     let progress = Progress::new(options.progress, unfinished_at_start);
     let mut driver = Driver::new(config, schedulers, clock, progress)?;
+    // A 429 any process of the fleet gets pauses the upstream here too.
+    let (pause_tx, mut pause_rx) = mpsc::unbounded_channel::<(usize, tollgate_core::Nanos)>();
+    let mut listeners = Vec::new();
+    if let Some(settings) = config.redis() {
+        for (u, upstream) in config.upstreams.iter().enumerate() {
+            let pauses = tollgate_store::redis::Pauses::new(
+                settings,
+                &format!("upstream:{}", upstream.name),
+            )
+            .map_err(|e| RunError::Engine {
+                upstream: upstream.name.clone(),
+                source: tollgate_store::EngineError::Config(e.to_string()),
+            })?;
+            let tx = pause_tx.clone();
+            let listening = pauses.clone();
+            listeners.push(tokio::spawn(async move {
+                listening.listen(|until| tx.send((u, until)).is_ok()).await;
+            }));
+            driver.pauses.push(Some(pauses));
+        }
+    }
+    drop(pause_tx);
 
     let n = config.upstreams.len();
     let poll = (lease / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
@@ -539,6 +561,14 @@ pub async fn run(
                     }
                 }
             }
+            Some((u, until)) = pause_rx.recv() => {
+                if driver.schedulers[u].pause(until) {
+                    driver.progress.log(&format!(
+                        "{}: another process of the fleet got a 429; pausing here too",
+                        config.upstreams[u].name
+                    ));
+                }
+            }
             _ = sleep_until(&driver.clock, wake), if wake.is_some() => {}
             _ = tokio::time::sleep_until(tick) => {}
             _ = &mut shutdown, if !stopping => {
@@ -566,6 +596,9 @@ pub async fn run(
                 });
             }
         }
+    }
+    for listener in &listeners {
+        listener.abort();
     }
     // Every outcome written (a normal end waits for that already); after
     // Ctrl-C, at most until the grace period is over.

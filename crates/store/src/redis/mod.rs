@@ -25,6 +25,9 @@
 //! about 52 days of now (`check_policy` refuses the rest, naming the limit).
 
 mod denials;
+mod pauses;
+
+pub use pauses::Pauses;
 
 use denials::Denials;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};

@@ -23,6 +23,31 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum ProxyCommand {
+    /// The local CA that answers intercepted HTTPS_PROXY tunnels.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create the CA: ca.pem for clients to trust, ca-key.pem (0600).
+    Init {
+        /// Where to put it (default: the config's [proxy] ca_dir, else .tollgate/proxy-ca).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Read [proxy] ca_dir from this config.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Replace an existing CA (clients that trust it must trust the new one).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Validate a config; errors name the line, the limit and the field.
     Check {
@@ -71,10 +96,13 @@ enum Command {
     /// One throttling layer for live calls to other people's APIs: every
     /// request to an upstream waits for its slot (instead of failing), is
     /// retried when safe, and shares the upstream's quota with all others.
+    #[command(args_conflicts_with_subcommands = true)]
     Proxy {
+        #[command(subcommand)]
+        command: Option<ProxyCommand>,
         /// The config with the [[upstream]] entries (and [proxy]).
-        #[arg(long)]
-        config: PathBuf,
+        #[arg(long, required = true)]
+        config: Option<PathBuf>,
         /// Proxy listener (overrides `[proxy] listen`; default 127.0.0.1:7070).
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
@@ -265,10 +293,17 @@ fn other(command: Command) -> Result<()> {
             access_log,
         } => serve(policy, upstream, demo_upstream, listen, admin, access_log),
         Command::Proxy {
+            command: Some(ProxyCommand::Ca {
+                command: CaCommand::Init { dir, config, force },
+            }),
+            ..
+        } => ca_init(dir, config, force),
+        Command::Proxy {
+            command: None,
             config,
             listen,
             admin,
-        } => proxy(config, listen, admin),
+        } => proxy(config.context("--config is required")?, listen, admin),
         Command::Run { .. } | Command::Plan { .. } | Command::Dlq { .. } | Command::Results { .. } => {
             unreachable!("handled in run")
         }
@@ -288,6 +323,34 @@ fn other(command: Command) -> Result<()> {
             },
         },
     }
+}
+
+/// `tollgate proxy ca init`: the local CA for intercepted tunnels.
+fn ca_init(dir: Option<PathBuf>, config: Option<PathBuf>, force: bool) -> Result<()> {
+    let dir = match (dir, config) {
+        (Some(dir), _) => dir,
+        (None, Some(config)) => {
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("cannot read config {}", config.display()))?;
+            // Only [proxy] ca_dir matters here: tokens need not be set.
+            tollgate_proxy::ProxySettings::parse(&text, &|_| Some("unset".into()))
+                .with_context(|| config.display().to_string())?
+                .ca_dir
+        }
+        (None, None) => PathBuf::from(tollgate_proxy::settings::DEFAULT_CA_DIR),
+    };
+    let cert = tollgate_proxy::intercept::init(&dir, force).map_err(anyhow::Error::msg)?;
+    println!("created a local CA for the proxy's intercepted tunnels:");
+    println!(
+        "  {}   give this certificate to your clients to trust",
+        cert.display()
+    );
+    println!(
+        "  {}   its key (mode 0600): keep it here, share it with no one",
+        dir.join(tollgate_proxy::intercept::KEY_FILE).display()
+    );
+    println!("then set intercept = true on the https upstreams to see inside their tunnels; docs/proxy.md shows how each client trusts the certificate");
+    Ok(())
 }
 
 fn proxy(

@@ -41,6 +41,10 @@ pub struct Upstream {
     pub bulk: Vec<Bulk>,
     /// Extra roots (PEM) trusted for this upstream's TLS, besides the system's.
     pub ca_file: Option<std::path::PathBuf>,
+    /// `tollgate proxy`: answer a CONNECT to this (https) upstream's host
+    /// with a certificate from the local CA, to see and pace each request
+    /// inside the tunnel.
+    pub intercept: bool,
     /// A pool of vendor keys (`keys`, `key_header`, `key_format`): the
     /// limits apply per key and each call takes one. Empty: no pool.
     pub keys: Vec<PooledKey>,
@@ -292,6 +296,16 @@ fn upstream(
             format!("both headers.{key_header} and keys are set: the pool's key goes in {key_header}; drop one"),
         ));
     }
+    let intercept = match &u.intercept {
+        Some(i) if *i.get_ref() && base_url.scheme() != "https" => {
+            return Err(err(
+                i.span().start,
+                format!("intercept = true is for https upstreams; {base_url} is reached over http, which the proxy sees without it"),
+            ))
+        }
+        Some(i) => *i.get_ref(),
+        None => false,
+    };
     let mut bulk = Vec::new();
     for raw_bulk in &u.bulk {
         bulk.push(bulk_template(text, raw_bulk, &name)?);
@@ -308,6 +322,7 @@ fn upstream(
         ca_file: u.ca_file.as_ref().map(|f| f.get_ref().into()),
         keys,
         key_header,
+        intercept,
         name,
     })
 }
@@ -410,6 +425,7 @@ struct RawUpstream {
     #[serde(default)]
     bulk: Vec<Spanned<RawBulk>>,
     ca_file: Option<Spanned<String>>,
+    intercept: Option<Spanned<bool>>,
     #[serde(default)]
     keys: Vec<Spanned<String>>,
     key_header: Option<Spanned<String>>,

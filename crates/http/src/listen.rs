@@ -86,6 +86,33 @@ where
     tokio::spawn(graceful.watch(connection));
 }
 
+/// `serve_http1` for a connection that may ask for an upgrade (a forward
+/// proxy's `CONNECT`): the service answers it, then takes the connection
+/// over with `hyper::upgrade::on`.
+pub fn serve_http1_with_upgrades<S, B>(stream: TcpStream, service: S, graceful: &GracefulShutdown)
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let _ = stream.set_nodelay(true);
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .http1_only();
+    builder
+        .http1()
+        .max_buf_size(MAX_HEAD_BYTES)
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let connection = builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+        .into_owned();
+    tokio::spawn(graceful.watch(connection));
+}
+
 /// Accept on `main` (and `admin`) until `stopped` turns true, handing each
 /// connection to `serve`; then stop accepting and wait up to `grace` for
 /// the connections to finish. `announce` logs the drain (one worker does).

@@ -99,6 +99,8 @@ pub enum Refusal {
     },
     /// 403 from the proxy: no upstream names this host.
     HostNotConfigured { host: String },
+    /// 403 from the proxy: a CONNECT to an upstream that does not intercept.
+    NotIntercepted { host: String, upstream: String },
     /// 404 from the proxy: the first path segment names no upstream.
     UnknownUpstream { name: String, known: Vec<String> },
     /// 407 (forward proxy) or 401 (alias): no client token, or an unknown one.
@@ -128,7 +130,9 @@ impl Refusal {
             Refusal::Unauthorized => StatusCode::UNAUTHORIZED,
             Refusal::WaitExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Refusal::BreakerOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Refusal::HostNotConfigured { .. } => StatusCode::FORBIDDEN,
+            Refusal::HostNotConfigured { .. } | Refusal::NotIntercepted { .. } => {
+                StatusCode::FORBIDDEN
+            }
             Refusal::UnknownUpstream { .. } => StatusCode::NOT_FOUND,
             Refusal::ClientToken { proxy: true, .. } => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             Refusal::ClientToken { proxy: false, .. } => StatusCode::UNAUTHORIZED,
@@ -154,6 +158,7 @@ impl Refusal {
             Refusal::WaitExceeded { .. } => "wait_exceeded",
             Refusal::BreakerOpen { .. } => "breaker_open",
             Refusal::HostNotConfigured { .. } => "host_not_configured",
+            Refusal::NotIntercepted { .. } => "not_intercepted",
             Refusal::UnknownUpstream { .. } => "unknown_upstream",
             Refusal::ClientToken { .. } => "client_token",
             Refusal::KeysParked { .. } => "keys_parked",
@@ -185,6 +190,7 @@ impl Refusal {
                 format!("Upstream '{upstream}' is failing (circuit breaker open)")
             }
             Refusal::HostNotConfigured { .. } => "Host not configured".into(),
+            Refusal::NotIntercepted { .. } => "Tunnel not intercepted".into(),
             Refusal::UnknownUpstream { .. } => "No such upstream".into(),
             Refusal::ClientToken { proxy: true, .. } => "Proxy authentication required".into(),
             Refusal::ClientToken { proxy: false, .. } => "Unauthorized".into(),
@@ -248,6 +254,9 @@ impl Refusal {
             ),
             Refusal::HostNotConfigured { host } => format!(
                 "No upstream names host '{host}'; tollgate relays only to the upstreams of its config."
+            ),
+            Refusal::NotIntercepted { host, upstream } => format!(
+                "CONNECT to {host}: upstream '{upstream}' does not intercept its tunnels, and tollgate paces only the requests it sees; call http://PROXY/{upstream}/<path>, or set intercept = true on the upstream and trust the proxy's CA (tollgate proxy ca init)."
             ),
             Refusal::UnknownUpstream { name, known } => format!(
                 "No upstream is named '{name}'; call http://PROXY/<upstream>/<path> with one of: {}.",

@@ -207,6 +207,43 @@ impl Proxy {
         req: Request<Incoming>,
         peer: Arc<Peer>,
     ) -> Result<Response<ResponseBody>, std::convert::Infallible> {
+        if req.method() == Method::CONNECT {
+            return Ok(self.tunnel(req, peer));
+        }
+        Ok(self.serve(req, &peer, None).await)
+    }
+
+    /// A request inside an intercepted tunnel: as if it had been sent to
+    /// `https://AUTHORITY/...` through the forward proxy, by the client that
+    /// opened the tunnel.
+    pub(crate) async fn handle_inside(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: Arc<Peer>,
+        tunnel: Arc<Tunnel>,
+    ) -> Result<Response<ResponseBody>, std::convert::Infallible> {
+        let (mut parts, body) = req.into_parts();
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        match format!("https://{}{target}", tunnel.authority).parse() {
+            Ok(uri) => parts.uri = uri,
+            Err(e) => {
+                let refusal =
+                    Refusal::BadRequest(format!("the request target cannot be read: {e}"));
+                return Ok(refusal
+                    .response(&tollgate_http::ResponseSettings::default(), "tunnel")
+                    .map(ResponseBody::local));
+            }
+        }
+        let req = Request::from_parts(parts, body);
+        Ok(self.serve(req, &peer, Some(&tunnel)).await)
+    }
+
+    async fn serve(
+        &self,
+        req: Request<Incoming>,
+        peer: &Peer,
+        via: Option<&Tunnel>,
+    ) -> Response<ResponseBody> {
         let generation = self.current();
         let request_id = self.next_request_id();
         let (parts, body) = req.into_parts();
@@ -220,7 +257,15 @@ impl Proxy {
             upstream_ms: None,
         };
         let result = self
-            .call(&generation, &request_id, &parts, body, &peer, &mut outcome)
+            .call(
+                &generation,
+                &request_id,
+                &parts,
+                body,
+                peer,
+                via,
+                &mut outcome,
+            )
             .await;
         let mut response = result.unwrap_or_else(|refusal| {
             refusal
@@ -256,9 +301,10 @@ impl Proxy {
             };
             self.access.log(&entry);
         }
-        Ok(response)
+        response
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn call<'g>(
         &self,
         generation: &'g Generation,
@@ -266,6 +312,7 @@ impl Proxy {
         parts: &hyper::http::request::Parts,
         body: Incoming,
         peer: &Peer,
+        via: Option<&Tunnel>,
         outcome: &mut Outcome<'g>,
     ) -> Result<Response<ResponseBody>, Refusal> {
         let head_bytes: usize = parts
@@ -281,7 +328,11 @@ impl Proxy {
         let forward = route::is_forward(parts);
         // Who is calling comes first: nothing about the upstreams is told
         // to a caller without a token.
-        let client = client(generation, &parts.headers, forward)?;
+        let client = match via {
+            // Inside a tunnel: the client that opened it.
+            Some(tunnel) => tunnel.client(generation)?,
+            None => client(generation, &parts.headers, forward)?,
+        };
         let Routed { upstream, url, .. } = route::route(generation, parts)?;
         let settings = &generation.config.upstreams[upstream];
         let line = &generation.lines[upstream];
@@ -538,6 +589,126 @@ impl Proxy {
                 }
             }
         }
+    }
+}
+
+/// An intercepted `CONNECT` tunnel: where it goes, and who opened it.
+#[derive(Debug)]
+pub(crate) struct Tunnel {
+    authority: String,
+    /// The client's name (None: the proxy has no clients).
+    client: Option<String>,
+}
+
+impl Tunnel {
+    /// The client that opened the tunnel, as the config in force knows it.
+    fn client<'g>(&self, generation: &'g Generation) -> Result<Option<&'g Client>, Refusal> {
+        let clients = &generation.settings.clients;
+        if clients.is_empty() {
+            return Ok(None);
+        }
+        self.client
+            .as_deref()
+            .and_then(|name| clients.iter().find(|c| c.name == name))
+            .map(Some)
+            .ok_or_else(|| Refusal::ClientToken {
+                proxy: true,
+                reason: "The client that opened this tunnel is no longer known to this proxy; connect again with a client token.".into(),
+            })
+    }
+}
+
+impl Proxy {
+    /// `CONNECT host:port`: refused unless an upstream with `intercept =
+    /// true` is at that address; then answered 200, and the tunnel's TLS is
+    /// ended here with a certificate for the host from the local CA, so
+    /// each request inside is served like any other.
+    fn tunnel(self: Arc<Self>, req: Request<Incoming>, peer: Arc<Peer>) -> Response<ResponseBody> {
+        let generation = self.current();
+        let request_id = self.next_request_id();
+        let refuse = |refusal: Refusal| {
+            let mut response = refusal
+                .response(&tollgate_http::ResponseSettings::default(), &request_id)
+                .map(ResponseBody::local);
+            response
+                .headers_mut()
+                .insert(ATTEMPTS.clone(), HeaderValue::from(0));
+            response
+        };
+        let client = match client(&generation, req.headers(), true) {
+            Ok(client) => client,
+            Err(refusal) => return refuse(refusal),
+        };
+        let Some(authority) = req.uri().authority().cloned() else {
+            return refuse(Refusal::BadRequest(
+                "CONNECT needs a host:port target".into(),
+            ));
+        };
+        let (host, port) = (authority.host(), authority.port_u16().unwrap_or(443));
+        let at = |u: &&Upstream| {
+            u.base_url.host_str() == Some(host) && u.base_url.port_or_known_default() == Some(port)
+        };
+        let upstreams = &generation.config.upstreams;
+        let upstream = match upstreams.iter().find(|u| at(u) && u.intercept) {
+            Some(u) => u,
+            None => {
+                return refuse(match upstreams.iter().find(at) {
+                    Some(u) => Refusal::NotIntercepted {
+                        host: authority.to_string(),
+                        upstream: u.name.clone(),
+                    },
+                    None => Refusal::HostNotConfigured {
+                        host: authority.to_string(),
+                    },
+                })
+            }
+        };
+        let tls = match generation.ca.as_ref().map(|ca| ca.server_config(host)) {
+            Some(Ok(tls)) => tls,
+            Some(Err(e)) => return refuse(Refusal::UpstreamFailed(e)),
+            None => {
+                return refuse(Refusal::UpstreamFailed(
+                    "the proxy has no local CA loaded".into(),
+                ))
+            }
+        };
+        tracing::debug!(upstream = %upstream.name, "tunnel opened; its requests are intercepted");
+        let tunnel = Arc::new(Tunnel {
+            authority: authority.to_string(),
+            client: client.map(|c| c.name.clone()),
+        });
+        let proxy = self.clone();
+        tokio::spawn(async move {
+            let upgraded = match hyper::upgrade::on(req).await {
+                Ok(upgraded) => upgraded,
+                Err(e) => {
+                    tracing::debug!("a CONNECT was not followed by its tunnel: {e}");
+                    return;
+                }
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+            let stream = match acceptor
+                .accept(hyper_util::rt::TokioIo::new(upgraded))
+                .await
+            {
+                Ok(stream) => stream,
+                Err(e) => {
+                    // Most often: the client does not trust the local CA.
+                    tracing::warn!("a client did not complete TLS in its tunnel (does it trust the proxy's CA?): {e}");
+                    return;
+                }
+            };
+            let service = hyper::service::service_fn(move |inner| {
+                proxy
+                    .clone()
+                    .handle_inside(inner, peer.clone(), tunnel.clone())
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .max_buf_size(tollgate_http::listen::MAX_HEAD_BYTES)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+        Response::new(ResponseBody::local(Full::new(Bytes::new())))
     }
 }
 

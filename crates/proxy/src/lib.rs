@@ -11,6 +11,7 @@
 //!
 //! - `settings`: `[proxy]` and `[[proxy.client]]`.
 //! - `state`: the config in force, one line (scheduler and client) per upstream.
+//! - `intercept`: `HTTPS_PROXY` tunnels seen through a local CA.
 //! - `keys`: an upstream's pool of vendor keys.
 //! - `route`: which upstream a request is for (alias or forward proxy).
 //! - `call`: one request: wait in line, send, retry, relay.
@@ -19,6 +20,7 @@
 
 mod admin;
 pub mod call;
+pub mod intercept;
 mod keys;
 mod metrics;
 pub mod route;

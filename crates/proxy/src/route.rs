@@ -32,17 +32,6 @@ pub fn is_forward(parts: &Parts) -> bool {
 
 pub fn route(generation: &Generation, parts: &Parts) -> Result<Routed, Refusal> {
     let uri = &parts.uri;
-    if parts.method == hyper::Method::CONNECT {
-        // A tunnel would carry requests tollgate cannot see, so it cannot
-        // pace them: only the alias and plain-http forms are served.
-        let host = uri.authority().map_or("", |a| a.as_str()).to_string();
-        return Err(match configured(generation, uri.host().unwrap_or("")) {
-            Some(name) => Refusal::BadRequest(format!(
-                "CONNECT to {host}: tollgate paces only the requests it sees; call http://PROXY/{name}/<path> instead of tunnelling to the upstream"
-            )),
-            None => Refusal::HostNotConfigured { host },
-        });
-    }
     if let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) {
         let host = authority.host().to_string();
         let path = normalize_path(uri.path());
@@ -88,14 +77,4 @@ pub fn route(generation: &Generation, parts: &Parts) -> Result<Routed, Refusal> 
         way: Way::Alias,
         url,
     })
-}
-
-/// The upstream whose base URL has this host, if any.
-fn configured<'g>(generation: &'g Generation, host: &str) -> Option<&'g str> {
-    generation
-        .config
-        .upstreams
-        .iter()
-        .find(|u| u.base_url.host_str() == Some(host))
-        .map(|u| u.name.as_str())
 }

@@ -55,7 +55,8 @@ pub async fn serve(
             } else {
                 let peer = Arc::new(Peer::new(accepted.peer));
                 let service = service_fn(move |req| proxy.clone().handle(req, peer.clone()));
-                listen::serve_http1(accepted.stream, service, graceful);
+                // (a CONNECT takes its connection over for an intercepted tunnel)
+                listen::serve_http1_with_upgrades(accepted.stream, service, graceful);
             }
         },
     );

@@ -5,6 +5,10 @@
 
 use serde::Deserialize;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Where `tollgate proxy ca init` puts the local CA unless told otherwise.
+pub const DEFAULT_CA_DIR: &str = ".tollgate/proxy-ca";
 use std::time::Duration;
 use tollgate_comply::Priority;
 use tollgate_core::config::{line_of, ConfigError};
@@ -27,6 +31,8 @@ pub struct ProxySettings {
     pub access_log: AccessLog,
     pub shutdown_grace: Duration,
     pub clients: Vec<Client>,
+    /// Where the local CA for interception lives (`tollgate proxy ca init`).
+    pub ca_dir: PathBuf,
 }
 
 /// A client allowed to use the proxy, known by its token.
@@ -53,6 +59,7 @@ impl Default for ProxySettings {
             access_log: AccessLog::Text,
             shutdown_grace: Duration::from_secs(10),
             clients: Vec::new(),
+            ca_dir: PathBuf::from(DEFAULT_CA_DIR),
         }
     }
 }
@@ -72,6 +79,7 @@ struct RawProxy {
     max_replay_bytes: Option<Spanned<u64>>,
     access_log: Option<Spanned<String>>,
     shutdown_grace: Option<Spanned<String>>,
+    ca_dir: Option<String>,
     #[serde(default)]
     client: Vec<Spanned<RawClient>>,
 }
@@ -132,6 +140,9 @@ impl ProxySettings {
         }
         if let Some(v) = p.admin_token_env {
             s.admin_token_env = v;
+        }
+        if let Some(v) = p.ca_dir {
+            s.ca_dir = PathBuf::from(v);
         }
         if let Some(v) = &p.max_wait {
             s.max_wait = duration(v, "max_wait")?;

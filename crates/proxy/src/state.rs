@@ -62,6 +62,8 @@ pub struct Generation {
     /// The `[[upstream]]` tables, and each one's line (same order).
     pub config: UpstreamsConfig,
     pub lines: Vec<Arc<UpstreamLine>>,
+    /// The local CA, when some upstream intercepts `HTTPS_PROXY` tunnels.
+    pub ca: Option<Arc<crate::intercept::LocalCa>>,
     pub text: String,
     pub loaded_at: jiff::Timestamp,
 }
@@ -172,6 +174,7 @@ impl Proxy {
         clock: TokioClock,
     ) -> Result<Proxy, LoadError> {
         let (text, upstreams, settings) = load(&source, &overrides, profiles.as_ref(), &env)?;
+        let ca = local_ca(&upstreams, &settings)?;
         let lines = upstreams
             .upstreams
             .iter()
@@ -191,6 +194,7 @@ impl Proxy {
                 settings,
                 config: upstreams,
                 lines,
+                ca,
                 text,
                 loaded_at: jiff::Timestamp::now(),
             }),
@@ -256,6 +260,7 @@ impl Proxy {
     fn load_next(&self) -> Result<Reloaded, LoadError> {
         let (text, upstreams, settings) =
             load(&self.source, &self.overrides, self.profiles.as_ref(), &env)?;
+        let ca = local_ca(&upstreams, &settings)?;
         let old = self.current();
         if settings.listen != old.settings.listen
             || settings.admin_listen != old.settings.admin_listen
@@ -279,6 +284,7 @@ impl Proxy {
             settings,
             config: upstreams,
             lines,
+            ca,
             text,
             loaded_at: jiff::Timestamp::now(),
         }));
@@ -287,6 +293,19 @@ impl Proxy {
             kept,
         })
     }
+}
+
+/// The local CA, loaded when some upstream intercepts.
+fn local_ca(
+    upstreams: &UpstreamsConfig,
+    settings: &ProxySettings,
+) -> Result<Option<Arc<crate::intercept::LocalCa>>, LoadError> {
+    if !upstreams.upstreams.iter().any(|u| u.intercept) {
+        return Ok(None);
+    }
+    crate::intercept::LocalCa::load(&settings.ca_dir)
+        .map(|ca| Some(Arc::new(ca)))
+        .map_err(LoadError::Io)
 }
 
 /// The process environment: `${NAME}` in header values, client tokens.

@@ -175,3 +175,102 @@ async fn python_curl_and_node_call_an_https_vendor_through_the_proxy() {
     assert_eq!(plain.seen("/v1/forward").len(), 2);
     assert_eq!(plain.seen("/v1/curl").len(), 1);
 }
+
+const PYTHON_TUNNEL: &str = r#"
+import os, sys, time, requests, httpx
+vendor, proxy, ca = sys.argv[1], sys.argv[2], sys.argv[3]
+# requests: HTTPS_PROXY and REQUESTS_CA_BUNDLE from the environment
+r = requests.get(vendor + "/v1/tunnel/requests", headers={"Tollgate-Priority": "high"})
+print("requests", r.status_code, r.headers["Tollgate-Attempts"], r.json()["ok"])
+with httpx.Client(proxy=proxy, verify=ca) as c:
+    started = time.monotonic()
+    codes = [c.get(vendor + "/v1/tunnel/httpx/%d" % i).status_code for i in range(3)]
+    print("httpx", codes, "paced" if time.monotonic() - started >= 0.35 else "not paced")
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_proxy_tunnels_are_intercepted_with_the_local_ca_and_paced() {
+    let (vendor, vendor_ca) = scripted_tls(|_, _| ok()).await;
+    let dir = std::env::temp_dir().join(format!(
+        "tollgate-intercept-{}",
+        tollgate_testkit::unique_prefix("ca")
+    ));
+    let local_ca = tollgate_proxy::intercept::init(&dir, false).expect("ca init");
+    let config = format!(
+        "[proxy]\naccess_log = \"off\"\nca_dir = \"{}\"\n[[upstream]]\nname = \"crm\"\nbase_url = \"https://127.0.0.1:{}\"\nintercept = true\nca_file = \"{}\"\nheaders = {{ authorization = \"Bearer vendor-key\" }}\n{}",
+        dir.display(),
+        vendor.addr.port(),
+        vendor_ca.path.display(),
+        // One call at once, then 5 a second: three calls take 0.4 s.
+        bucket("api", 1, "5/s"),
+    );
+    let proxy = start_at(&config, TokioClock::system()).await;
+    let proxy_url = format!("http://{}", proxy.addr);
+    let vendor_url = format!("https://127.0.0.1:{}", vendor.addr.port());
+    let ca = local_ca.display().to_string();
+    let python = output(
+        "python3",
+        &["-c", PYTHON_TUNNEL, &vendor_url, &proxy_url, &ca],
+        &[
+            ("HTTPS_PROXY", &proxy_url),
+            ("https_proxy", &proxy_url),
+            ("REQUESTS_CA_BUNDLE", &ca),
+        ],
+    )
+    .await;
+    assert_eq!(
+        python.lines().collect::<Vec<_>>(),
+        ["requests 200 1 True", "httpx [200, 200, 200] paced"],
+        "{python}"
+    );
+    let curl = output(
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-x",
+            &proxy_url,
+            "--cacert",
+            &ca,
+            &format!("{vendor_url}/v1/tunnel/curl"),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(curl, "200");
+    // Without trusting the local CA, the client refuses the tunnel's certificate.
+    let untrusted = output(
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-x",
+            &proxy_url,
+            &format!("{vendor_url}/v1/tunnel/untrusted"),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(untrusted, "000");
+    let seen = vendor.seen.lock().expect("lock").clone();
+    assert_eq!(
+        seen.len(),
+        5,
+        "{:?}",
+        seen.iter().map(|s| &s.path).collect::<Vec<_>>()
+    );
+    for s in &seen {
+        assert_eq!(s.authorization.as_deref(), Some("Bearer vendor-key"));
+        assert!(s
+            .headers
+            .iter()
+            .all(|(n, _)| !n.starts_with("tollgate-") && n != "proxy-authorization"));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -325,6 +325,16 @@ fn other(command: Command) -> Result<()> {
     }
 }
 
+/// Log lines on stderr (colored on a terminal): the servers' own messages.
+fn init_logging() {
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+}
+
 /// `tollgate proxy ca init`: the local CA for intercepted tunnels.
 fn ca_init(dir: Option<PathBuf>, config: Option<PathBuf>, force: bool) -> Result<()> {
     let dir = match (dir, config) {
@@ -358,13 +368,8 @@ fn proxy(
     listen: Option<std::net::SocketAddr>,
     admin: Option<std::net::SocketAddr>,
 ) -> Result<()> {
-    use std::io::IsTerminal;
-    use tollgate_proxy::{Listeners, Overrides, Proxy, Source};
-    tracing_subscriber::fmt()
-        .with_writer(io::stderr)
-        .with_ansi(io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+    use tollgate_proxy::{Overrides, Proxy, Source};
+    init_logging();
     // Many callers share each upstream's line: a multi-threaded runtime.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -382,7 +387,7 @@ fn proxy(
             tollgate_store::TokioClock::system(),
         )?;
         proxy.connect().await?;
-        let listeners = Listeners::bind(&proxy).await?;
+        let listeners = proxy.listeners().await?;
         let generation = proxy.current();
         let names: Vec<&str> = generation.config.upstreams.iter().map(|u| u.name.as_str()).collect();
         tracing::info!(
@@ -410,13 +415,8 @@ fn serve(
     admin: Option<std::net::SocketAddr>,
     access_log: Option<String>,
 ) -> Result<()> {
-    use std::io::IsTerminal;
-    use tollgate_gateway::{AccessLog, Gateway, Listeners, Overrides, TokioClock, Upstream};
-    tracing_subscriber::fmt()
-        .with_writer(io::stderr)
-        .with_ansi(io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+    use tollgate_gateway::{AccessLog, Gateway, Overrides, TokioClock, Upstream};
+    init_logging();
     let source = source_of(&policy)?;
     let access_log = match access_log.as_deref() {
         None => None,
@@ -461,7 +461,7 @@ fn serve(
         if generation.settings.upstream.is_none() && generation.settings.routes.is_empty() {
             tracing::warn!("no upstream: the proxy answers 404; give --upstream URL or [gateway] upstream (the check API works without one)");
         }
-        let listeners = Listeners::bind(&gateway).await?;
+        let listeners = gateway.listeners().await?;
         let workers = match generation.settings.workers {
             0 => std::thread::available_parallelism()
                 .map_or(1, |n| n.get())

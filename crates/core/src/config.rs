@@ -30,6 +30,16 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// A config file that could not be loaded: its error with the file's name
+/// (`FILE:LINE: message`, as compilers write it), or what could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}{}: {}", error.line.map_or(String::new(), |l| format!(":{l}")), error.message)]
+    Config { path: String, error: ConfigError },
+    #[error("{0}")]
+    Io(String),
+}
+
 /// Where `profile = "NAME"` looks up a profile's text.
 pub trait ProfileSource {
     fn profile_text(&self, name: &str) -> Option<&str>;

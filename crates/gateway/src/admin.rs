@@ -5,8 +5,7 @@
 
 use crate::gateway::{Gateway, PendingCheck, MAX_PENDING_CHECKS};
 use crate::proxy::ResponseBody;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
 use hyper::{Method, Request, Response, StatusCode};
@@ -17,28 +16,11 @@ use std::sync::Arc;
 use tollgate_core::request::{encode_key, query_param};
 use tollgate_core::units::{NANOS_PER_MICRO, NANOS_PER_SEC};
 use tollgate_core::{Attrs, Clock, Item};
-use tollgate_http::{admin, Refusal};
+use tollgate_http::admin::{self, json, problem, reply};
+use tollgate_http::Refusal;
 
 /// Largest admin request body (a check's attributes, a report).
 const MAX_ADMIN_BODY: usize = 1 << 20;
-
-fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<ResponseBody> {
-    admin::reply(status, content_type, body).map(ResponseBody::local)
-}
-
-fn json(status: StatusCode, value: serde_json::Value) -> Response<ResponseBody> {
-    admin::json(status, value).map(ResponseBody::local)
-}
-
-fn problem(status: StatusCode, title: &str, detail: String) -> Response<ResponseBody> {
-    admin::problem(status, title, detail).map(ResponseBody::local)
-}
-
-impl From<String> for ResponseBody {
-    fn from(s: String) -> Self {
-        ResponseBody::local(Full::new(Bytes::from(s)))
-    }
-}
 
 /// `POST /v1/check`: the request attributes of a trace line (`t` is not needed).
 #[derive(Debug, Deserialize)]
@@ -75,7 +57,7 @@ impl Gateway {
             let generation = self.current();
             return Ok(Refusal::Unauthorized
                 .response(&generation.settings.response, "admin")
-                .map(ResponseBody::local));
+                .map(Into::into));
         }
         let method = req.method().clone();
         Ok(match (method, path.as_str()) {

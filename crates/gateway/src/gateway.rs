@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
-use tollgate_core::config::ConfigError;
+use tollgate_core::config::{ConfigError, LoadError};
 use tollgate_core::policy::{Cost, KeyPart};
 use tollgate_core::{Item, ProfileSource};
 use tollgate_http::ratelimit::PolicyItems;
@@ -103,15 +103,6 @@ impl std::fmt::Debug for Gateway {
             .field("source", &self.source)
             .finish_non_exhaustive()
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    /// `FILE:LINE: message`, as compilers write it.
-    #[error("{path}{}: {}", error.line.map_or(String::new(), |l| format!(":{l}")), error.message)]
-    Config { path: String, error: ConfigError },
-    #[error("{0}")]
-    Io(String),
 }
 
 /// What a reload did.

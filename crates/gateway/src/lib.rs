@@ -13,8 +13,10 @@ mod proxy;
 mod server;
 pub mod settings;
 
-pub use gateway::{load, Gateway, LoadError, Overrides, Reloaded, Source, MAX_WORKERS};
-pub use server::{serve_workers, Listeners};
+pub use gateway::{load, Gateway, Overrides, Reloaded, Source, MAX_WORKERS};
+pub use server::serve_workers;
 pub use settings::{Settings, Upstream};
+pub use tollgate_core::config::LoadError;
+pub use tollgate_http::listen::Listeners;
 pub use tollgate_http::{AccessLog, ErrorFormat};
 pub use tollgate_store::TokioClock;

@@ -11,26 +11,23 @@ use crate::gateway::{Gateway, Generation};
 use crate::metrics::Outcome;
 use crate::settings::Upstream;
 use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderValue, HOST};
 use hyper::http::request::Parts;
 use hyper::{Request, Response, Uri};
 use std::borrow::Cow;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use tollgate_core::policy::Cost;
 use tollgate_core::request::query_param;
 use tollgate_core::{Decision, Item, Verdict};
 use tollgate_http::access::Entry;
+use tollgate_http::body::{EitherBody, GuardedBody};
 use tollgate_http::forward::X_FORWARDED_FOR;
 use tollgate_http::ratelimit::add_rate_headers;
 use tollgate_http::{normalize_path, strip_hop_by_hop, Peer, Refusal, X_REQUEST_ID};
 use tollgate_store::{decide_holding, Admission, HoldBounds};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// What goes to the upstream: the client's body streamed, or the bytes read
 /// for a JSON cost.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -79,43 +76,8 @@ impl tollgate_core::Request for HttpView<'_> {
 }
 
 /// The response body: the upstream's, streamed, or one the gateway made. It
-/// carries the request's completion, run when the body ends or is dropped.
-#[derive(Debug)]
-pub struct ResponseBody {
-    inner: Either<Incoming, Full<Bytes>>,
-    completion: Option<Admission>,
-}
-
-impl ResponseBody {
-    pub fn local(full: Full<Bytes>) -> Self {
-        ResponseBody {
-            inner: Either::Right(full),
-            completion: None,
-        }
-    }
-}
-
-impl Body for ResponseBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            self.completion = None; // the response ended: settle now
-        }
-        polled
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
+/// carries the request's admission, settled when the body ends or is dropped.
+pub type ResponseBody = GuardedBody<EitherBody, Admission>;
 
 /// The gateway's answer when the engine cannot decide.
 fn refusal(e: tollgate_store::EngineError) -> Refusal {
@@ -203,7 +165,7 @@ impl Gateway {
         let response = response.unwrap_or_else(|refusal| {
             refusal
                 .response(&generation.settings.response, &request_id)
-                .map(ResponseBody::local)
+                .map(Into::into)
         });
         log.status = response.status().as_u16();
         self.metrics.response(log.status);
@@ -420,13 +382,7 @@ impl Gateway {
         if let Some(id) = id_header {
             head.headers.insert(X_REQUEST_ID.clone(), id);
         }
-        Response::from_parts(
-            head,
-            ResponseBody {
-                inner: Either::Left(body),
-                completion,
-            },
-        )
+        Response::from_parts(head, GuardedBody::new(Either::Left(body), completion))
     }
 }
 
@@ -453,7 +409,7 @@ impl Generation {
     ) -> Response<ResponseBody> {
         let mut response = refusal
             .response(&self.settings.response, request_id)
-            .map(ResponseBody::local);
+            .map(Into::into);
         self.add_rate_headers(response.headers_mut(), items, decision);
         response
     }

@@ -10,31 +10,20 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tollgate_core::Clock;
-use tollgate_http::{listen, Peer};
+use tollgate_http::listen::{self, Listeners};
+use tollgate_http::Peer;
 
 /// How often idle keys are swept and unreported checks expired.
 const UPKEEP_EVERY: Duration = Duration::from_secs(10);
 /// A `/v1/check` not reported within this is settled without latency.
 const CHECK_TTL: Duration = Duration::from_secs(600);
-/// The listeners a gateway serves on. The proxy socket is bound with
-/// SO_REUSEPORT so that each worker thread can accept on its own socket of
-/// the same address (the kernel spreads connections over them).
-#[derive(Debug)]
-pub struct Listeners {
-    pub proxy: TcpListener,
-    pub admin: Option<TcpListener>,
-}
-
-impl Listeners {
-    /// Bind the addresses of the gateway's current config.
-    pub async fn bind(gateway: &Gateway) -> std::io::Result<Listeners> {
-        let settings = &gateway.current().settings;
-        let proxy = listen::bind_workers(settings.listen)?;
-        let admin = match settings.admin_listen {
-            Some(a) => Some(listen::bind(a).await?),
-            None => None,
-        };
-        Ok(Listeners { proxy, admin })
+impl Gateway {
+    /// Bind the addresses of the gateway's current config. The proxy socket
+    /// is bound with SO_REUSEPORT so that each worker thread can accept on
+    /// its own socket of the same address.
+    pub async fn listeners(&self) -> std::io::Result<Listeners> {
+        let settings = &self.current().settings;
+        Listeners::bind(settings.listen, settings.admin_listen, true).await
     }
 }
 

@@ -289,9 +289,7 @@ async fn a_second_gateway_cannot_take_a_listening_address() {
         tollgate_gateway::TokioClock::starting_at(EPOCH),
     )
     .unwrap();
-    let e = tollgate_gateway::Listeners::bind(&second)
-        .await
-        .unwrap_err();
+    let e = second.listeners().await.unwrap_err();
     assert!(
         e.to_string()
             .starts_with(&format!("cannot listen on {}", first.proxy)),

@@ -6,24 +6,28 @@ use http_body_util::Full;
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 
-pub fn reply(
+pub fn reply<B: From<Full<Bytes>>>(
     status: StatusCode,
     content_type: &'static str,
     body: String,
-) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+) -> Response<B> {
+    let mut r = Response::new(B::from(Full::new(Bytes::from(body))));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 
-pub fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
+pub fn json<B: From<Full<Bytes>>>(status: StatusCode, value: serde_json::Value) -> Response<B> {
     reply(status, "application/json", value.to_string() + "\n")
 }
 
 /// An admin error as problem+json.
-pub fn problem(status: StatusCode, title: &str, detail: String) -> Response<Full<Bytes>> {
+pub fn problem<B: From<Full<Bytes>>>(
+    status: StatusCode,
+    title: &str,
+    detail: String,
+) -> Response<B> {
     let body = serde_json::json!({
         "type": "about:blank",
         "title": title,

@@ -9,9 +9,11 @@
 //!   Celigo's `errors` shape), its status decided in one place.
 //! - `access`: the access log, written off the request path.
 //! - `admin`: admin replies and the bearer-token check.
+//! - `body`: a response body that settles its request when it ends.
 
 pub mod access;
 pub mod admin;
+pub mod body;
 pub mod forward;
 pub mod listen;
 pub mod ratelimit;

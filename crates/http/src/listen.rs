@@ -56,6 +56,35 @@ fn named(addr: SocketAddr) -> impl Fn(std::io::Error) -> std::io::Error {
     move |e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
 }
 
+/// The listeners a face serves on: its main port (the proxy or gateway
+/// port) and its admin port.
+#[derive(Debug)]
+pub struct Listeners {
+    pub proxy: TcpListener,
+    pub admin: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Bind `main` (for worker threads of their own with `workers`, see
+    /// `bind_workers`) and `admin`; errors name the address.
+    pub async fn bind(
+        main: SocketAddr,
+        admin: Option<SocketAddr>,
+        workers: bool,
+    ) -> std::io::Result<Listeners> {
+        let proxy = if workers {
+            bind_workers(main)?
+        } else {
+            bind(main).await?
+        };
+        let admin = match admin {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        };
+        Ok(Listeners { proxy, admin })
+    }
+}
+
 /// A connection accepted by `accept_loop`.
 #[derive(Debug)]
 pub struct Accepted {

@@ -12,19 +12,8 @@ use std::sync::Arc;
 use tollgate_core::request::query_param;
 use tollgate_core::units::NANOS_PER_SEC;
 use tollgate_core::{Clock, Item};
-use tollgate_http::{admin, Refusal};
-
-fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<ResponseBody> {
-    admin::reply(status, content_type, body).map(ResponseBody::local)
-}
-
-fn json(status: StatusCode, value: serde_json::Value) -> Response<ResponseBody> {
-    admin::json(status, value).map(ResponseBody::local)
-}
-
-fn problem(status: StatusCode, title: &str, detail: String) -> Response<ResponseBody> {
-    admin::problem(status, title, detail).map(ResponseBody::local)
-}
+use tollgate_http::admin::{self, json, problem, reply};
+use tollgate_http::Refusal;
 
 const PATHS: &str = "/healthz, /metrics, /v1/usage, /v1/config, /v1/reload";
 
@@ -38,7 +27,7 @@ impl Proxy {
         {
             return Ok(Refusal::Unauthorized
                 .response(&tollgate_http::ResponseSettings::default(), "admin")
-                .map(ResponseBody::local));
+                .map(Into::into));
         }
         Ok(match (req.method().clone(), path.as_str()) {
             (Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", "ok\n".into()),

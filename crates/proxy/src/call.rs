@@ -15,16 +15,13 @@ use crate::state::{Generation, Proxy};
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use futures_util::{StreamExt, TryStreamExt};
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::combinators::BoxBody;
+use http_body::Frame;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, HOST, PROXY_AUTHORIZATION};
 use hyper::{Method, Request, Response};
 use std::borrow::Cow;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 use tollgate_comply::{Ask, Priority, Refused, Reply, Settled, Ticket, Upstream};
 use tollgate_core::policy::Cost;
@@ -32,9 +29,8 @@ use tollgate_core::request::query_param;
 use tollgate_core::units::{parse_duration, NANOS_PER_SEC};
 use tollgate_core::{Clock, Item, Nanos};
 use tollgate_http::access::Entry;
+use tollgate_http::body::{AnyBody, BoxError, GuardedBody};
 use tollgate_http::{ratelimit, strip_hop_by_hop, Peer, Refusal};
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The control headers a client may send; every `tollgate-*` header is
 /// removed before the request goes on.
@@ -57,52 +53,11 @@ const MAX_FAILURE_BODY: usize = 1 << 20;
 /// streamed body carries its call's report, made when the body ends or is
 /// dropped (the client went away): the call's concurrency slot and latency
 /// are settled then.
-pub struct ResponseBody {
-    inner: BoxBody<Bytes, BoxError>,
-    finish: Option<Finish>,
-}
-
-impl std::fmt::Debug for ResponseBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseBody")
-            .field("reports", &self.finish.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-impl ResponseBody {
-    pub fn local(full: Full<Bytes>) -> Self {
-        ResponseBody {
-            inner: full.map_err(|never| match never {}).boxed(),
-            finish: None,
-        }
-    }
-}
-
-impl Body for ResponseBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            self.finish = None; // the response ended: report now
-        }
-        polled
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
+pub type ResponseBody = GuardedBody<AnyBody, Finish>;
 
 /// A call's report, made on drop.
-struct Finish {
+#[derive(Debug)]
+pub struct Finish {
     ticket: Ticket,
     reply: Reply,
 }
@@ -231,7 +186,7 @@ impl Proxy {
                     Refusal::BadRequest(format!("the request target cannot be read: {e}"));
                 return Ok(refusal
                     .response(&tollgate_http::ResponseSettings::default(), "tunnel")
-                    .map(ResponseBody::local));
+                    .map(Into::into));
             }
         }
         let req = Request::from_parts(parts, body);
@@ -270,7 +225,7 @@ impl Proxy {
         let mut response = result.unwrap_or_else(|refusal| {
             refusal
                 .response(&tollgate_http::ResponseSettings::default(), &request_id)
-                .map(ResponseBody::local)
+                .map(Into::into)
         });
         response
             .headers_mut()
@@ -570,16 +525,16 @@ impl Proxy {
                         .bytes_stream()
                         .map_ok(Frame::data)
                         .map_err(|e| Box::new(e) as BoxError);
-                    let body = ResponseBody {
-                        inner: BodyExt::boxed(StreamBody::new(stream)),
-                        finish: Some(Finish { ticket, reply }),
-                    };
+                    let body = GuardedBody::new(
+                        StreamBody::new(stream).boxed_unsync(),
+                        Some(Finish { ticket, reply }),
+                    );
                     return Ok(Response::from_parts(head, body));
                 }
                 // A failed attempt: its body is kept, in case it is the last.
                 let bytes = read_capped(response, MAX_FAILURE_BODY).await;
                 let settled = ticket.report(&reply);
-                let kept = Response::from_parts(head, ResponseBody::local(Full::new(bytes)));
+                let kept = Response::from_parts(head, Full::new(bytes).into());
                 match settled {
                     Settled::Retry { at } if at <= deadline => {
                         tracing::info!(upstream = %settings.name, status, attempt, request_id, "retrying");
@@ -629,7 +584,7 @@ impl Proxy {
         let refuse = |refusal: Refusal| {
             let mut response = refusal
                 .response(&tollgate_http::ResponseSettings::default(), &request_id)
-                .map(ResponseBody::local);
+                .map(Into::into);
             response
                 .headers_mut()
                 .insert(ATTEMPTS.clone(), HeaderValue::from(0));
@@ -708,7 +663,7 @@ impl Proxy {
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await;
         });
-        Response::new(ResponseBody::local(Full::new(Bytes::new())))
+        Response::new(Full::new(Bytes::new()).into())
     }
 }
 

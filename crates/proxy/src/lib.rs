@@ -28,9 +28,11 @@ mod server;
 pub mod settings;
 mod state;
 
-pub use server::{serve, Listeners};
+pub use server::serve;
 pub use settings::{Client, ProxySettings};
-pub use state::{load, Generation, LoadError, Overrides, Proxy, Reloaded, Source};
+pub use state::{load, Generation, Overrides, Proxy, Reloaded, Source};
+pub use tollgate_core::config::LoadError;
+pub use tollgate_http::listen::Listeners;
 
 /// The first path segment tollgate keeps for its own endpoints: no
 /// upstream may take this name.

@@ -6,28 +6,14 @@ use crate::state::Proxy;
 use hyper::service::service_fn;
 use std::future::Future;
 use std::sync::Arc;
-use tokio::net::TcpListener;
-use tollgate_http::{listen, Peer};
+use tollgate_http::listen::{self, Listeners};
+use tollgate_http::Peer;
 
-/// The listeners a proxy serves on.
-#[derive(Debug)]
-pub struct Listeners {
-    pub proxy: TcpListener,
-    pub admin: Option<TcpListener>,
-}
-
-impl Listeners {
+impl Proxy {
     /// Bind the addresses of the proxy's current config.
-    pub async fn bind(proxy: &Proxy) -> std::io::Result<Listeners> {
-        let settings = &proxy.current().settings;
-        let admin = match settings.admin_listen {
-            Some(a) => Some(listen::bind(a).await?),
-            None => None,
-        };
-        Ok(Listeners {
-            proxy: listen::bind(settings.listen).await?,
-            admin,
-        })
+    pub async fn listeners(&self) -> std::io::Result<Listeners> {
+        let settings = &self.current().settings;
+        Listeners::bind(settings.listen, settings.admin_listen, false).await
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tollgate_comply::{Scheduler, SharedScheduler, Upstream, UpstreamsConfig};
-use tollgate_core::config::ConfigError;
+use tollgate_core::config::{ConfigError, LoadError};
 use tollgate_core::ProfileSource;
 use tollgate_http::AccessLogger;
 use tollgate_store::{Engine, TokioClock};
@@ -21,15 +21,6 @@ pub enum Source {
     File(PathBuf),
     /// Text given directly (tests, embedding).
     Text(String),
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    /// `FILE:LINE: message`, as compilers write it.
-    #[error("{path}{}: {}", error.line.map_or(String::new(), |l| format!(":{l}")), error.message)]
-    Config { path: String, error: ConfigError },
-    #[error("{0}")]
-    Io(String),
 }
 
 /// One upstream as the proxy serves it: its line (the scheduler every

@@ -33,6 +33,13 @@ async fn output(program: &str, args: &[&str], env: &[(&str, &str)]) -> String {
     stdout
 }
 
+/// curl, printing only what `format` (`-w`) asks of the answer.
+async fn curl(format: &str, args: &[&str]) -> String {
+    let mut all = vec!["-s", "-o", "/dev/null", "-w", format];
+    all.extend_from_slice(args);
+    output("curl", &all, &[]).await
+}
+
 const PYTHON_ALIAS: &str = r#"
 import sys, requests, httpx
 base = sys.argv[1]
@@ -106,50 +113,18 @@ async fn python_curl_and_node_call_an_https_vendor_through_the_proxy() {
         "{forward}"
     );
 
-    let curl_alias = output(
-        "curl",
-        &[
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("{base}/crm/v1/curl"),
-        ],
-        &[],
-    )
-    .await;
+    let curl_alias = curl("%{http_code}", &[&format!("{base}/crm/v1/curl")]).await;
     assert_eq!(curl_alias, "200");
-    let curl_forward = output(
-        "curl",
-        &[
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-x",
-            &proxy_url,
-            &format!("{plain_base}/v1/curl"),
-        ],
-        &[],
+    let curl_forward = curl(
+        "%{http_code}",
+        &["-x", &proxy_url, &format!("{plain_base}/v1/curl")],
     )
     .await;
     assert_eq!(curl_forward, "200");
     // HTTPS_PROXY without interception: the CONNECT is refused, naming the host.
-    let tunnel = output(
-        "curl",
-        &[
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_connect}",
-            "-x",
-            &proxy_url,
-            "https://example.com/",
-        ],
-        &[],
+    let tunnel = curl(
+        "%{http_connect}",
+        &["-x", &proxy_url, "https://example.com/"],
     )
     .await;
     assert_eq!(tunnel, "403");
@@ -223,38 +198,26 @@ async fn https_proxy_tunnels_are_intercepted_with_the_local_ca_and_paced() {
         ["requests 200 1 True", "httpx [200, 200, 200] paced"],
         "{python}"
     );
-    let curl = output(
-        "curl",
+    let trusted = curl(
+        "%{http_code}",
         &[
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
             "-x",
             &proxy_url,
             "--cacert",
             &ca,
             &format!("{vendor_url}/v1/tunnel/curl"),
         ],
-        &[],
     )
     .await;
-    assert_eq!(curl, "200");
+    assert_eq!(trusted, "200");
     // Without trusting the local CA, the client refuses the tunnel's certificate.
-    let untrusted = output(
-        "curl",
+    let untrusted = curl(
+        "%{http_code}",
         &[
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
             "-x",
             &proxy_url,
             &format!("{vendor_url}/v1/tunnel/untrusted"),
         ],
-        &[],
     )
     .await;
     assert_eq!(untrusted, "000");

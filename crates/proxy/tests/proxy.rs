@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{bucket, client, start, upstream, EPOCH};
+use common::{bucket, client, json, start, text, upstream, EPOCH};
 use std::time::Duration;
 use tokio::time::Instant;
 use tollgate_store::TokioClock;
@@ -81,14 +81,7 @@ async fn sixty_four_clients_with(
     let elapsed = started.elapsed();
     assert_eq!(codes.len(), requests);
     assert!(codes.iter().all(|c| *c == 200), "every client got 200");
-    let usage = client()
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let usage = text(&proxy.admin_url("/metrics")).await;
     assert!(
         !usage.contains("outcome=\"429\""),
         "the upstream answered no 429:\n{usage}"
@@ -550,27 +543,13 @@ async fn the_admin_listener_shows_the_lines_and_reloads() {
     let up = scripted(|_, _| ok()).await;
     let proxy = start(&upstream("crm", up.addr, &bucket("api", 10, "1/s"))).await;
     assert_eq!(get(&proxy.url("crm", "/x"), &[]).await.status(), 200);
-    let usage: serde_json::Value = client()
-        .get(proxy.admin_url("/v1/usage?upstream=crm"))
-        .send()
-        .await
-        .expect("usage")
-        .json()
-        .await
-        .expect("json");
+    let usage: serde_json::Value = json(&proxy.admin_url("/v1/usage?upstream=crm")).await;
     let crm = &usage["upstreams"][0];
     assert_eq!(crm["upstream"], "crm");
     assert_eq!(crm["sent"], 1);
     assert_eq!(crm["limits"][0]["limit"], "api");
     assert_eq!(crm["limits"][0]["remaining"], 9);
-    let metrics = client()
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = text(&proxy.admin_url("/metrics")).await;
     assert!(
         metrics.contains("tollgate_proxy_requests_total{upstream=\"crm\",outcome=\"2xx\"} 1"),
         "{metrics}"
@@ -587,14 +566,7 @@ async fn the_admin_listener_shows_the_lines_and_reloads() {
         reloaded["kept"][0], "crm",
         "an unchanged upstream keeps its line"
     );
-    let config = client()
-        .get(proxy.admin_url("/v1/config"))
-        .send()
-        .await
-        .expect("config")
-        .text()
-        .await
-        .expect("text");
+    let config = text(&proxy.admin_url("/v1/config")).await;
     assert!(config.contains("name = \"crm\""));
 }
 
@@ -673,14 +645,7 @@ async fn a_key_the_vendor_revokes_is_parked_and_its_share_moves_to_the_others() 
         1,
         "k-2 is asked once, then parked: {refused:?}"
     );
-    let usage: serde_json::Value = client()
-        .get(proxy.admin_url("/v1/usage?upstream=crm"))
-        .send()
-        .await
-        .expect("usage")
-        .json()
-        .await
-        .expect("json");
+    let usage: serde_json::Value = json(&proxy.admin_url("/v1/usage?upstream=crm")).await;
     let keys = &usage["upstreams"][0]["keys"];
     assert_eq!(
         keys[1]["key"], "key 2",

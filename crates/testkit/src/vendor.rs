@@ -27,9 +27,7 @@ pub async fn gateway(
         )
         .expect("gateway config"),
     );
-    let listeners = tollgate_gateway::Listeners::bind(&gateway)
-        .await
-        .expect("bind");
+    let listeners = gateway.listeners().await.expect("bind");
     let addr = listeners.proxy.local_addr().expect("addr");
     let serving =
         tollgate_gateway::serve_workers(gateway.clone(), listeners, 1, std::future::pending());

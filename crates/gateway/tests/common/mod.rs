@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tollgate_core::NoProfiles;
-use tollgate_gateway::{Gateway, Listeners, Overrides, Source, TokioClock};
+use tollgate_gateway::{Gateway, Overrides, Source, TokioClock};
 
 /// 2026-01-01T00:00:00Z: windows in tests start on known boundaries.
 pub const EPOCH: u64 = 1_767_225_600_000_000_000;
@@ -208,7 +208,7 @@ async fn start_with(
     )
     .expect("config loads");
     let gateway = Arc::new(gateway);
-    let listeners = Listeners::bind(&gateway).await.expect("bind");
+    let listeners = gateway.listeners().await.expect("bind");
     let proxy = listeners.proxy.local_addr().expect("addr");
     let admin = listeners
         .admin

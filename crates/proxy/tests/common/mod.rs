@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tollgate_proxy::{Listeners, Overrides, Proxy, Source};
+use tollgate_proxy::{Overrides, Proxy, Source};
 use tollgate_store::TokioClock;
 
 /// 2026-01-01T00:00:00Z.
@@ -53,7 +53,7 @@ pub async fn start_at(config: &str, clock: TokioClock) -> Running {
         )
         .expect("proxy config"),
     );
-    let listeners = Listeners::bind(&proxy).await.expect("bind");
+    let listeners = proxy.listeners().await.expect("bind");
     let addr = listeners.proxy.local_addr().expect("addr");
     let admin = listeners
         .admin
@@ -84,4 +84,28 @@ pub fn client() -> reqwest::Client {
 /// A token bucket for an upstream: `capacity` at once, `refill` after.
 pub fn bucket(name: &str, capacity: u64, refill: &str) -> String {
     format!("[[upstream.limit]]\nname = \"{name}\"\nalgorithm = \"token_bucket\"\ncapacity = {capacity}\nrefill = \"{refill}\"\n")
+}
+
+/// GET `url`; its body as JSON.
+pub async fn json(url: &str) -> serde_json::Value {
+    client()
+        .get(url)
+        .send()
+        .await
+        .expect("response")
+        .json()
+        .await
+        .expect("json")
+}
+
+/// GET `url`; its body as text.
+pub async fn text(url: &str) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .expect("response")
+        .text()
+        .await
+        .expect("text")
 }

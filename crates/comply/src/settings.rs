@@ -137,10 +137,7 @@ pub fn parse(
     // The top level is checked by the policy parser (unknown tables, [store]).
     tollgate_core::parse(text, profiles)?;
     let policies = tollgate_core::parse_upstreams(text, profiles)?;
-    let raw: RawRunner = toml::from_str(text).map_err(|e| ConfigError {
-        line: e.span().map(|s| line_of(text, s.start)),
-        message: e.message().to_string(),
-    })?;
+    let raw: RawRunner = tollgate_core::config::read_tables(text)?;
     if raw.upstream.is_empty() {
         return Err(ConfigError {
             line: None,

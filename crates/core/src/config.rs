@@ -417,6 +417,32 @@ fn enclosing_limit(text: &str, offset: usize) -> Option<String> {
     })
 }
 
+/// Read a face's own tables (`[gateway]`, `[proxy]`, `[[upstream]]`) from
+/// a config's text; a TOML error names its line.
+pub fn read_tables<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError {
+        line: e.span().map(|s| line_of(text, s.start)),
+        message: e.message().to_string(),
+    })
+}
+
+/// A `host:port` field (`what` names it, e.g. "proxy listen"), or an error
+/// on its line with an example of one.
+pub fn socket_address(
+    text: &str,
+    value: &Spanned<String>,
+    what: &str,
+    example: &str,
+) -> Result<std::net::SocketAddr, ConfigError> {
+    value.get_ref().parse().map_err(|_| ConfigError {
+        line: Some(line_of(text, value.span().start)),
+        message: format!(
+            "{what} '{}' is not an address; write e.g. \"{example}\"",
+            value.get_ref()
+        ),
+    })
+}
+
 /// The 1-based line of byte `offset` in `text` (for errors naming a line).
 pub fn line_of(text: &str, offset: usize) -> usize {
     text.as_bytes()[..offset.min(text.len())]

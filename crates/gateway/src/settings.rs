@@ -5,7 +5,7 @@
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tollgate_core::config::ConfigError;
+use tollgate_core::config::{read_tables, socket_address, ConfigError};
 use tollgate_core::policy::Matcher;
 use tollgate_core::units::parse_duration;
 pub use tollgate_http::{AccessLog, ErrorFormat, ResponseSettings};
@@ -139,13 +139,7 @@ impl Settings {
             line: Some(text[..offset.min(text.len())].matches('\n').count() + 1),
             message,
         };
-        let raw: RawFile = toml::from_str(text).map_err(|e| match e.span() {
-            Some(span) => err(span.start, e.message().to_string()),
-            None => ConfigError {
-                line: None,
-                message: e.message().to_string(),
-            },
-        })?;
+        let raw: RawFile = read_tables(text)?;
         let mut s = self;
         let duration = |v: &Spanned<String>, field: &str| match parse_duration(v.get_ref()) {
             Ok(0) if field != "shutdown_grace" => Err(err(
@@ -156,15 +150,7 @@ impl Settings {
             Err(m) => Err(err(v.span().start, format!("gateway {field}: {m}"))),
         };
         let address = |v: &Spanned<String>, field: &str| {
-            v.get_ref().parse::<SocketAddr>().map_err(|_| {
-                err(
-                    v.span().start,
-                    format!(
-                        "gateway {field} '{}' is not an address; write e.g. \"127.0.0.1:8080\"",
-                        v.get_ref()
-                    ),
-                )
-            })
+            socket_address(text, v, &format!("gateway {field}"), "127.0.0.1:8080")
         };
         let upstream = |v: &Spanned<String>, field: &str| {
             Upstream::parse(v.get_ref())

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 pub const DEFAULT_CA_DIR: &str = ".tollgate/proxy-ca";
 use std::time::Duration;
 use tollgate_comply::Priority;
-use tollgate_core::config::{line_of, ConfigError};
+use tollgate_core::config::{line_of, read_tables, socket_address, ConfigError};
 use tollgate_core::units::parse_duration;
 use tollgate_http::AccessLog;
 use toml::Spanned;
@@ -106,10 +106,7 @@ impl ProxySettings {
             line: Some(line_of(text, offset)),
             message,
         };
-        let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError {
-            line: e.span().map(|s| line_of(text, s.start)),
-            message: e.message().to_string(),
-        })?;
+        let raw: RawFile = read_tables(text)?;
         let mut s = ProxySettings::default();
         let Some(raw) = raw.proxy else {
             return Ok(s);
@@ -117,15 +114,7 @@ impl ProxySettings {
         let table_at = raw.span().start;
         let p = raw.into_inner();
         let address = |v: &Spanned<String>, field: &str| {
-            v.get_ref().parse::<SocketAddr>().map_err(|_| {
-                err(
-                    v.span().start,
-                    format!(
-                        "proxy {field} '{}' is not an address; write e.g. \"127.0.0.1:7070\"",
-                        v.get_ref()
-                    ),
-                )
-            })
+            socket_address(text, v, &format!("proxy {field}"), "127.0.0.1:7070")
         };
         let duration = |v: &Spanned<String>, field: &str| {
             parse_duration(v.get_ref())

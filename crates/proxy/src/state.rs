@@ -60,6 +60,23 @@ pub struct Generation {
 }
 
 impl Generation {
+    fn new(
+        settings: ProxySettings,
+        config: UpstreamsConfig,
+        lines: Vec<Arc<UpstreamLine>>,
+        ca: Option<Arc<crate::intercept::LocalCa>>,
+        text: String,
+    ) -> Generation {
+        Generation {
+            settings,
+            config,
+            lines,
+            ca,
+            text,
+            loaded_at: jiff::Timestamp::now(),
+        }
+    }
+
     pub fn upstream(&self, name: &str) -> Option<usize> {
         self.config.upstreams.iter().position(|u| u.name == name)
     }
@@ -181,14 +198,7 @@ impl Proxy {
             .map_or(0, |d| d.as_nanos() as u64)
             ^ u64::from(std::process::id()).rotate_left(32);
         Ok(Proxy {
-            current: ArcSwap::from_pointee(Generation {
-                settings,
-                config: upstreams,
-                lines,
-                ca,
-                text,
-                loaded_at: jiff::Timestamp::now(),
-            }),
+            current: ArcSwap::from_pointee(Generation::new(settings, upstreams, lines, ca, text)),
             source,
             overrides,
             profiles,
@@ -271,14 +281,9 @@ impl Proxy {
             }
         }
         let names = upstreams.upstreams.iter().map(|u| u.name.clone()).collect();
-        self.current.store(Arc::new(Generation {
-            settings,
-            config: upstreams,
-            lines,
-            ca,
-            text,
-            loaded_at: jiff::Timestamp::now(),
-        }));
+        self.current.store(Arc::new(Generation::new(
+            settings, upstreams, lines, ca, text,
+        )));
         Ok(Reloaded {
             upstreams: names,
             kept,

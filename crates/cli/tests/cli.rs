@@ -69,6 +69,7 @@ fn check_accepts_the_examples() {
         "examples/quickstart.toml",
         "examples/design.toml",
         "examples/runner.toml",
+        "examples/proxy.toml",
     ] {
         let out = tollgate(&["check", config]);
         assert!(out.status.success(), "{config}: {}", text(&out.stderr));
@@ -78,6 +79,65 @@ fn check_accepts_the_examples() {
             text(&out.stdout)
         );
     }
+}
+
+#[test]
+fn check_reads_a_proxy_config_and_names_what_is_wrong() {
+    let out = tollgate(&["check", "examples/proxy.toml"]);
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("proxy on 127.0.0.1:7070 (admin 127.0.0.1:9091), requests wait up to 30.0s, 0 client(s)"),
+        "{said}"
+    );
+    let open = temp_file(
+        "open-proxy.toml",
+        "[proxy]\nlisten = \"0.0.0.0:7070\"\n[[upstream]]\nname = \"crm\"\nbase_url = \"http://127.0.0.1:9\"\n[[upstream.limit]]\nname = \"api\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 100\n",
+    );
+    let out = tollgate(&["check", open.to_str().expect("utf8 path")]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("line 1: proxy listen 0.0.0.0:7070 is not a loopback address: add [[proxy.client]] entries"),
+        "{}",
+        text(&out.stderr)
+    );
+    let http_intercept = temp_file(
+        "intercept.toml",
+        "[[upstream]]\nname = \"crm\"\nbase_url = \"http://127.0.0.1:9\"\nintercept = true\n[[upstream.limit]]\nname = \"api\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 100\n",
+    );
+    let out = tollgate(&["check", http_intercept.to_str().expect("utf8 path")]);
+    assert!(
+        text(&out.stderr)
+            .contains("line 4: upstream 'crm': intercept = true is for https upstreams"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn proxy_ca_init_writes_the_ca_and_keeps_its_key_private() {
+    let dir = std::env::temp_dir().join(format!("tollgate-cli-ca-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let dir_text = dir.to_str().expect("utf8 path");
+    let out = tollgate(&["proxy", "ca", "init", "--dir", dir_text]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("ca.pem   give this certificate to your clients to trust"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("ca-key.pem"))
+            .expect("key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let again = tollgate(&["proxy", "ca", "init", "--dir", dir_text]);
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("already holds a CA"),
+        "{}",
+        text(&again.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -158,7 +158,6 @@ runner() {
 
 cpu_sample() { awk '/^cpu[0-9]/ { print $1, $2+$3+$4+$5+$6+$7+$8+$9, $9 }' /proc/stat; }  # cpuN total steal
 want() { case " $SCENARIOS " in *" $1 "*) return 0 ;; esac; return 1; }
-verdict() { if python3 -c "import sys; sys.exit(0 if ($1) else 1)"; then echo PASS; else echo MISS; fi; }
 declare -a TABLE=()
 row() { TABLE+=("$(printf '%s|' "$@")"); }
 

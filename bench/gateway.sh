@@ -182,7 +182,6 @@ foreign_end() { # sets FOREIGN (% of a core used by other processes during the r
   [ "$FOREIGN" -le "$FOREIGN_MAX" ] || FOREIGN_MAX=$FOREIGN
   [ "$FOREIGN" -le 5 ] || log "  WARNING: other processes used ${FOREIGN}% of a core during this run"
 }
-cpu_sample() { awk '/^cpu[0-9]/ { print $1, $2+$3+$4+$7+$8, $5+$6, $9 }' /proc/stat; }
 cpu_busy() { # cpu_busy BEFORE AFTER CPU: percent busy of cpuN between two samples
   awk -v c="cpu$3" 'NR==FNR { if ($1 == c) { b = $2; i = $3 } next }
     $1 == c { db = $2 - b; di = $3 - i; printf "%.0f", 100 * db / (db + di) }' "$1" "$2"

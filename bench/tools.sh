@@ -62,3 +62,103 @@ for s in socks: s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))
 PY
 }
+
+# Shared by the scripts that start servers (proxy.sh; gateway.sh and egress.sh
+# still have their own copies of wait_http and the nginx and foreign-CPU
+# helpers, which win there since they are defined after this file is sourced).
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+wait_http() { # wait_http URL [PID]: until it answers at all
+  local i
+  for i in $(seq 1 100); do
+    curl -s -m 2 -o /dev/null "$1" && return 0
+    if [ -n "${2:-}" ] && ! kill -0 "$2" 2>/dev/null; then break; fi
+    sleep 0.1
+  done
+  log "ERROR: $1 did not come up"; return 1
+}
+
+nginx_common() { # nginx_common DIR: the main-context lines of a one-worker nginx living in DIR
+  local dir=$1
+  mkdir -p "$dir/tmp"
+  cat <<EOT
+worker_processes 1;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+$( [ "$(id -u)" = 0 ] && echo "user $(id -un);" )
+worker_rlimit_nofile 65536;
+events { worker_connections 16384; multi_accept on; }
+EOT
+}
+nginx_http_common() { # nginx_http_common DIR: the http-context lines (no access log, long keep-alive)
+  local dir=$1
+  cat <<EOT
+  access_log off;
+  client_body_temp_path $dir/tmp/body; proxy_temp_path $dir/tmp/proxy;
+  fastcgi_temp_path $dir/tmp/fastcgi; uwsgi_temp_path $dir/tmp/uwsgi; scgi_temp_path $dir/tmp/scgi;
+  keepalive_requests 100000000;
+  keepalive_timeout 300s;
+EOT
+}
+
+# prom_value URL NAME{LABELS}: one sample of a Prometheus text page (0 if absent)
+prom_value() {
+  curl -s -m 5 "$1" | awk -v m="$2" '$1 == m { v = $2 } END { print (v == "" ? 0 : v) }'
+}
+
+# foreign_begin / foreign_end: CPU other processes used in between (FOREIGN,
+# % of a core; FOREIGN_MAX the most seen), warning past 5% (bench/gateway/foreign_cpu.py)
+foreign_begin() { python3 "$BENCH_DIR/gateway/foreign_cpu.py" snap "$work/foreign.before" $$; }
+foreign_end() {
+  python3 "$BENCH_DIR/gateway/foreign_cpu.py" snap "$work/foreign.after" $$
+  FOREIGN=$(python3 "$BENCH_DIR/gateway/foreign_cpu.py" diff "$work/foreign.before" "$work/foreign.after")
+  [ "$FOREIGN" -le "${FOREIGN_MAX:-0}" ] || FOREIGN_MAX=$FOREIGN
+  [ "$FOREIGN" -le 5 ] || log "  WARNING: other processes used ${FOREIGN}% of a core during this run"
+}
+
+# oha_figures JSON: "p50_us p99_us req_per_s 2xx all" from oha --output-format json
+oha_figures() {
+  python3 - "$1" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+p = d["latencyPercentiles"]
+codes = d.get("statusCodeDistribution", {})
+ok = sum(v for k, v in codes.items() if k.startswith("2"))
+us = lambda v: round(v * 1e6) if v is not None else -1
+print(us(p["p50"]), us(p["p99"]), round(d["summary"]["requestsPerSec"]), ok, sum(codes.values()))
+PY
+}
+
+# cpu_sample > FILE, then cpu_busy BEFORE AFTER N: percent busy of cpuN in between
+cpu_sample() { awk '/^cpu[0-9]/ { print $1, $2+$3+$4+$7+$8, $5+$6, $9 }' /proc/stat; }
+cpu_busy() {
+  awk -v c="cpu$3" 'NR==FNR { if ($1 == c) { b = $2; i = $3 } next }
+    $1 == c { db = $2 - b; di = $3 - i; printf "%.0f", 100 * db / (db + di) }' "$1" "$2"
+}
+
+# verdict PYTHON_EXPRESSION: PASS or MISS
+verdict() { if python3 -c "import sys; sys.exit(0 if ($1) else 1)"; then echo PASS; else echo MISS; fi; }
+
+# tree_cpu_s PID: CPU seconds (user + sys) used so far by PID and everything below it
+tree_cpu_s() {
+  python3 - "$1" <<'PY'
+import os, sys
+root, kids, cpu = int(sys.argv[1]), {}, {}
+for name in os.listdir("/proc"):
+    if name.isdigit():
+        try:
+            stat = open(f"/proc/{name}/stat").read()
+        except OSError:
+            continue
+        rest = stat[stat.rindex(")") + 2:].split()
+        kids.setdefault(int(rest[1]), []).append(int(name))
+        cpu[int(name)] = int(rest[11]) + int(rest[12])
+todo, total = [root], 0
+while todo:
+    p = todo.pop()
+    total += cpu.get(p, 0)
+    todo += kids.get(p, [])
+print(f"{total / os.sysconf('SC_CLK_TCK'):.2f}")
+PY
+}

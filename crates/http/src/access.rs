@@ -35,6 +35,9 @@ pub struct Entry<'a> {
     pub remaining: Vec<(&'a str, u64)>,
     pub hold_ms: f64,
     pub upstream_ms: Option<f64>,
+    /// The proxy: the upstream it went to, and the calls it took.
+    pub upstream: Option<&'a str>,
+    pub attempts: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -110,6 +113,9 @@ fn text_line(e: &Entry<'_>) -> String {
         e.status,
         e.decision
     );
+    if let Some(upstream) = e.upstream {
+        let _ = write!(line, " upstream={upstream}");
+    }
     if let Some(limit) = e.limit {
         let _ = write!(line, " limit={limit}");
     }
@@ -125,6 +131,9 @@ fn text_line(e: &Entry<'_>) -> String {
     let _ = write!(line, " hold_ms={:.1}", e.hold_ms);
     if let Some(ms) = e.upstream_ms {
         let _ = write!(line, " upstream_ms={ms:.1}");
+    }
+    if let Some(n) = e.attempts {
+        let _ = write!(line, " attempts={n}");
     }
     line.push('\n');
     line
@@ -149,8 +158,17 @@ fn json_line(e: &Entry<'_>) -> String {
         "remaining": remaining,
         "hold_ms": e.hold_ms,
         "upstream_ms": e.upstream_ms,
-    })
-    .to_string();
+    });
+    // The proxy's fields, only on its lines.
+    if let Some(map) = line.as_object_mut() {
+        if let Some(upstream) = e.upstream {
+            map.insert("upstream".into(), upstream.into());
+        }
+        if let Some(n) = e.attempts {
+            map.insert("attempts".into(), n.into());
+        }
+    }
+    let mut line = line.to_string();
     line.push('\n');
     line
 }
@@ -174,6 +192,8 @@ mod tests {
             remaining: vec![("tenant", 0), ("daily", 41)],
             hold_ms: 2000.0,
             upstream_ms: None,
+            upstream: None,
+            attempts: None,
         };
         let text = text_line(&e);
         assert!(text.ends_with(" req_1 127.0.0.1 GET /v1/x 429 decision=denied limit=tenant key=acme remaining=tenant:0,daily:41 hold_ms=2000.0\n"), "{text}");
@@ -181,5 +201,34 @@ mod tests {
         assert_eq!(json["remaining"]["daily"], 41);
         assert_eq!(json["key"], "acme");
         assert_eq!(json["hold_ms"], 2000.0);
+        assert!(
+            json.get("upstream").is_none(),
+            "the proxy's fields only on its lines"
+        );
+    }
+
+    #[test]
+    fn proxy_lines_name_the_upstream_and_the_attempts() {
+        let e = Entry {
+            enabled: true,
+            request_id: "req_2",
+            ip: "127.0.0.1",
+            method: "POST",
+            path: "/crm/v1/x",
+            status: 200,
+            decision: "waited",
+            upstream: Some("crm"),
+            attempts: Some(2),
+            hold_ms: 150.0,
+            upstream_ms: Some(3.5),
+            ..Entry::default()
+        };
+        let text = text_line(&e);
+        assert!(text.ends_with(" req_2 127.0.0.1 POST /crm/v1/x 200 decision=waited upstream=crm hold_ms=150.0 upstream_ms=3.5 attempts=2\n"), "{text}");
+        let json: serde_json::Value = serde_json::from_str(&json_line(&e)).unwrap();
+        assert_eq!(
+            (json["upstream"].as_str(), json["attempts"].as_u64()),
+            (Some("crm"), Some(2))
+        );
     }
 }

@@ -249,10 +249,13 @@ impl Proxy {
                 status,
                 decision: outcome.decision,
                 limit: outcome.limit.as_deref(),
-                key: outcome.upstream.map(str::to_string),
+                // (its rate-limit key may be a vendor's key: never logged)
+                key: None,
                 remaining: Vec::new(),
                 hold_ms: outcome.waited as f64 / 1e6,
                 upstream_ms: outcome.upstream_ms,
+                upstream: outcome.upstream,
+                attempts: Some(outcome.attempts),
             };
             self.access.log(&entry);
         }

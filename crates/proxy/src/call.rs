@@ -79,18 +79,23 @@ struct Control {
 /// The request body, kept whole up to the replay cap, or streamed once.
 enum Outgoing {
     Kept(Bytes),
-    Once(Option<reqwest::Body>),
+    Once(Option<AnyBody>),
 }
 
 impl Outgoing {
     fn replayable(&self) -> bool {
         matches!(self, Outgoing::Kept(_))
     }
-    fn take(&mut self) -> Option<reqwest::Body> {
+    fn take(&mut self) -> AnyBody {
         match self {
-            Outgoing::Kept(b) if b.is_empty() => None,
-            Outgoing::Kept(b) => Some(reqwest::Body::from(b.clone())),
-            Outgoing::Once(body) => body.take(),
+            Outgoing::Kept(b) => Full::new(b.clone())
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+            Outgoing::Once(body) => body.take().unwrap_or_else(|| {
+                Full::new(Bytes::new())
+                    .map_err(|never| match never {})
+                    .boxed_unsync()
+            }),
         }
     }
 }
@@ -333,6 +338,9 @@ impl Proxy {
         };
         let arrived = now;
         let deadline = arrived.saturating_add(control.max_wait.as_nanos() as Nanos);
+        let target: hyper::Uri = url.as_str().parse().map_err(|e| {
+            Refusal::BadRequest(format!("the request target cannot be forwarded: {e}"))
+        })?;
         // A failed attempt's response, relayed if no other attempt comes.
         let mut last: Option<Response<ResponseBody>> = None;
         let mut attempts_before = 0;
@@ -452,21 +460,23 @@ impl Proxy {
                 )));
                 }
                 let body = outgoing.take();
-                let mut request = line
-                    .client
-                    .request(parts.method.clone(), url.clone())
-                    .timeout(settings.timeout)
-                    .headers(headers.clone());
-                if let Some(body) = body {
-                    request = request.body(body);
-                }
-                let response = match request.send().await {
+                let mut request = Request::new(body);
+                *request.method_mut() = parts.method.clone();
+                *request.uri_mut() = target.clone();
+                *request.headers_mut() = headers.clone();
+                let sent_call =
+                    tokio::time::timeout(settings.timeout, line.client.request(request));
+                let failed = match sent_call.await {
+                    Ok(Ok(response)) => Ok(response),
+                    Ok(Err(e)) => Err((false, failure(&e))),
+                    Err(_) => Err((true, "timed out".to_string())),
+                };
+                let response = match failed {
                     Ok(response) => response,
-                    Err(e) => {
-                        let timed_out = e.is_timeout();
-                        let reply = Reply::Failed { error: failure(&e) };
+                    Err((timed_out, error)) => {
                         self.metrics.call(&settings.name, "network_error");
-                        tracing::warn!(upstream = %settings.name, attempt, "upstream call failed: {}", failure(&e));
+                        tracing::warn!(upstream = %settings.name, attempt, "upstream call failed: {error}");
+                        let reply = Reply::Failed { error };
                         match ticket.report(&reply) {
                             Settled::Retry { at } if at <= deadline => continue,
                             _ => {
@@ -522,20 +532,17 @@ impl Proxy {
                 *head.headers_mut() = response.headers().clone();
                 strip_hop_by_hop(head.headers_mut());
                 let (head, ()) = head.into_parts();
+                let body = response.into_body();
                 if !matches!(status, 429 | 408 | 500..=599) {
                     // The final answer: streamed, reported when it ends.
-                    let stream = response
-                        .bytes_stream()
-                        .map_ok(Frame::data)
-                        .map_err(|e| Box::new(e) as BoxError);
                     let body = GuardedBody::new(
-                        StreamBody::new(stream).boxed_unsync(),
+                        body.map_err(BoxError::from).boxed_unsync(),
                         Some(Finish { ticket, reply }),
                     );
                     return Ok(Response::from_parts(head, body));
                 }
                 // A failed attempt: its body is kept, in case it is the last.
-                let bytes = read_capped(response, MAX_FAILURE_BODY).await;
+                let bytes = read_capped(body, MAX_FAILURE_BODY).await;
                 let settled = ticket.report(&reply);
                 let kept = Response::from_parts(head, Full::new(bytes).into());
                 match settled {
@@ -833,8 +840,11 @@ async fn read_body(mut body: Incoming, cap: usize) -> Result<Outgoing, Refusal> 
                 kept.freeze(),
             )));
             let rest = http_body_util::BodyDataStream::new(body);
-            let stream = first.chain(rest);
-            return Ok(Outgoing::Once(Some(reqwest::Body::wrap_stream(stream))));
+            let stream = first
+                .chain(rest)
+                .map_ok(Frame::data)
+                .map_err(BoxError::from);
+            return Ok(Outgoing::Once(Some(StreamBody::new(stream).boxed_unsync())));
         }
         kept.extend_from_slice(&data);
     }
@@ -842,10 +852,12 @@ async fn read_body(mut body: Incoming, cap: usize) -> Result<Outgoing, Refusal> 
 }
 
 /// A response body, up to `cap` bytes (the rest is dropped).
-async fn read_capped(response: reqwest::Response, cap: usize) -> Bytes {
+async fn read_capped(mut body: Incoming, cap: usize) -> Bytes {
     let mut kept = BytesMut::new();
-    let mut stream = response.bytes_stream();
-    while let Some(Ok(chunk)) = stream.next().await {
+    while let Some(Ok(frame)) = body.frame().await {
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
         let room = cap - kept.len();
         kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
         if kept.len() >= cap {
@@ -855,14 +867,12 @@ async fn read_capped(response: reqwest::Response, cap: usize) -> Bytes {
     kept.freeze()
 }
 
-fn failure(e: &reqwest::Error) -> String {
+fn failure(e: &hyper_util::client::legacy::Error) -> String {
     let mut cause: &dyn std::error::Error = e;
     while let Some(next) = cause.source() {
         cause = next;
     }
-    if e.is_timeout() {
-        "timed out".into()
-    } else if e.is_connect() {
+    if e.is_connect() {
         format!("connection failed ({cause})")
     } else {
         format!("request failed ({cause})")

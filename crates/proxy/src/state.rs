@@ -23,14 +23,21 @@ pub enum Source {
     Text(String),
 }
 
+/// An upstream's HTTP client: its own connection pool, TLS with the
+/// system's roots and its `ca_file`.
+pub type UpstreamClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    tollgate_http::body::AnyBody,
+>;
+
 /// One upstream as the proxy serves it: its line (the scheduler every
 /// request to it waits in) and its HTTP client.
 #[derive(Debug)]
 pub struct UpstreamLine {
     pub line: SharedScheduler,
+    pub client: UpstreamClient,
     /// Its pool of vendor keys (empty without `keys`).
     pub keys: crate::keys::KeyPool,
-    pub client: reqwest::Client,
     /// What the upstream was built from: a reload keeps the line (and its
     /// queue and counters) when this is unchanged.
     fingerprint: String,
@@ -326,37 +333,7 @@ fn start_line(u: &Upstream, clock: &TokioClock) -> Result<UpstreamLine, LoadErro
         u.breaker,
         fastrand_seed(),
     );
-    let mut client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .pool_max_idle_per_host(256)
-        .pool_idle_timeout(Duration::from_secs(60))
-        .connect_timeout(u.timeout.min(Duration::from_secs(10)))
-        .tcp_nodelay(true);
-    if let Some(path) = &u.ca_file {
-        let pem = std::fs::read(path).map_err(|e| {
-            LoadError::Io(format!(
-                "upstream '{}': ca_file {}: {e}",
-                u.name,
-                path.display()
-            ))
-        })?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-            LoadError::Io(format!(
-                "upstream '{}': ca_file {} holds no PEM certificate: {e}",
-                u.name,
-                path.display()
-            ))
-        })?;
-        for cert in certs {
-            client = client.add_root_certificate(cert);
-        }
-    }
-    let client = client.build().map_err(|e| {
-        LoadError::Io(format!(
-            "upstream '{}': cannot build its HTTP client: {e}",
-            u.name
-        ))
-    })?;
+    let client = upstream_client(u)?;
     let line = SharedScheduler::start(&u.name, core, clock.clone());
     let pause_listener = match &u.policy.store.redis {
         Some(settings) => Some(share_pauses(u, settings, &line)?),
@@ -369,6 +346,56 @@ fn start_line(u: &Upstream, clock: &TokioClock) -> Result<UpstreamLine, LoadErro
         line,
         client,
     })
+}
+
+/// The upstream's client: HTTP/1.1 over TCP or TLS (rustls: the system's
+/// roots plus the upstream's `ca_file`), with a pool of idle connections.
+fn upstream_client(u: &Upstream) -> Result<UpstreamClient, LoadError> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = &u.ca_file {
+        let named = |what: String| {
+            LoadError::Io(format!(
+                "upstream '{}': ca_file {}: {what}",
+                u.name,
+                path.display()
+            ))
+        };
+        let pem = std::fs::read(path).map_err(|e| named(e.to_string()))?;
+        let mut added = 0;
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| named(format!("not a PEM certificate ({e})")))?;
+            roots.add(cert).map_err(|e| named(e.to_string()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(named("holds no PEM certificate".into()));
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| LoadError::Io(format!("upstream '{}': TLS: {e}", u.name)))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(u.timeout.min(Duration::from_secs(10))));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .build(https),
+    )
 }
 
 /// Fleet mode: a 429 this process gets pauses the upstream in every

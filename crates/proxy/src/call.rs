@@ -241,7 +241,9 @@ impl Proxy {
                 "response" => status_class(status),
                 other => other,
             };
-            self.metrics.request(upstream, metric);
+            if let Some(i) = generation.upstream(upstream) {
+                generation.lines[i].metrics.request(metric);
+            }
         }
         if self.access.enabled() {
             let path = parts.uri.path();
@@ -444,8 +446,8 @@ impl Proxy {
                 let sent = self.clock.now();
                 if attempt == 1 {
                     outcome.waited = sent - arrived;
-                    self.metrics
-                        .waited(&settings.name, outcome.waited as f64 / NANOS_PER_SEC as f64);
+                    line.metrics
+                        .waited(outcome.waited as f64 / NANOS_PER_SEC as f64);
                     outcome.decision = if outcome.waited > 0 {
                         "waited"
                     } else {
@@ -474,7 +476,7 @@ impl Proxy {
                 let response = match failed {
                     Ok(response) => response,
                     Err((timed_out, error)) => {
-                        self.metrics.call(&settings.name, "network_error");
+                        line.metrics.call("network_error");
                         tracing::warn!(upstream = %settings.name, attempt, "upstream call failed: {error}");
                         let reply = Reply::Failed { error };
                         match ticket.report(&reply) {
@@ -495,7 +497,7 @@ impl Proxy {
                 };
                 outcome.upstream_ms = Some((self.clock.now() - sent) as f64 / 1e6);
                 let status = response.status().as_u16();
-                self.metrics.call(&settings.name, status_class(status));
+                line.metrics.call(status_class(status));
                 let get = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok());
                 let retry_after =
                     ratelimit::retry_after(get("retry-after"), std::time::SystemTime::now());

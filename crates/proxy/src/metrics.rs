@@ -31,6 +31,53 @@ pub fn status_class(status: u16) -> &'static str {
     }
 }
 
+/// Every outcome a request or call is counted under.
+const OUTCOMES: [&str; 10] = [
+    "2xx",
+    "3xx",
+    "4xx",
+    "429",
+    "5xx",
+    "network_error",
+    "wait_exceeded",
+    "breaker_open",
+    "refused",
+    "keys_parked",
+];
+
+/// One upstream's series, resolved once per line: the request path only
+/// bumps atomics (no label strings built, no map looked up).
+#[derive(Debug, Clone)]
+pub struct UpstreamMetrics {
+    requests: Vec<Counter>,
+    calls: Vec<Counter>,
+    wait_seconds: Histogram,
+}
+
+impl UpstreamMetrics {
+    fn index(outcome: &str) -> Option<usize> {
+        OUTCOMES.iter().position(|o| *o == outcome)
+    }
+
+    /// A client request ended so (`status_class`, or tollgate's own answer).
+    pub fn request(&self, outcome: &str) {
+        if let Some(i) = Self::index(outcome) {
+            self.requests[i].inc();
+        }
+    }
+
+    /// A call to the upstream came back so.
+    pub fn call(&self, outcome: &str) {
+        if let Some(i) = Self::index(outcome) {
+            self.calls[i].inc();
+        }
+    }
+
+    pub fn waited(&self, seconds: f64) {
+        self.wait_seconds.observe(seconds);
+    }
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -89,30 +136,31 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn request(&self, upstream: &str, outcome: &'static str) {
-        self.requests
-            .get_or_create(&OutcomeLabels {
-                upstream: upstream.to_string(),
-                outcome,
-            })
-            .inc();
-    }
-
-    pub fn call(&self, upstream: &str, outcome: &'static str) {
-        self.calls
-            .get_or_create(&OutcomeLabels {
-                upstream: upstream.to_string(),
-                outcome,
-            })
-            .inc();
-    }
-
-    pub fn waited(&self, upstream: &str, seconds: f64) {
-        self.wait_seconds
-            .get_or_create(&UpstreamLabels {
-                upstream: upstream.to_string(),
-            })
-            .observe(seconds);
+    /// The series of upstream `name`.
+    pub fn upstream(&self, name: &str) -> UpstreamMetrics {
+        let of = |family: &Family<OutcomeLabels, Counter>| {
+            OUTCOMES
+                .iter()
+                .map(|outcome| {
+                    family
+                        .get_or_create(&OutcomeLabels {
+                            upstream: name.to_string(),
+                            outcome,
+                        })
+                        .clone()
+                })
+                .collect()
+        };
+        UpstreamMetrics {
+            requests: of(&self.requests),
+            calls: of(&self.calls),
+            wait_seconds: self
+                .wait_seconds
+                .get_or_create(&UpstreamLabels {
+                    upstream: name.to_string(),
+                })
+                .clone(),
+        }
     }
 
     /// The text exposition; `lines` gives each upstream's (waiting, in flight) now.

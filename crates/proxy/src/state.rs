@@ -35,6 +35,7 @@ pub type UpstreamClient = hyper_util::client::legacy::Client<
 #[derive(Debug)]
 pub struct UpstreamLine {
     pub line: SharedScheduler,
+    pub metrics: crate::metrics::UpstreamMetrics,
     pub client: UpstreamClient,
     /// Its pool of vendor keys (empty without `keys`).
     pub keys: crate::keys::KeyPool,
@@ -190,16 +191,16 @@ impl Proxy {
     ) -> Result<Proxy, LoadError> {
         let (text, upstreams, settings) = load(&source, &overrides, profiles.as_ref(), &env)?;
         let ca = local_ca(&upstreams, &settings)?;
+        let metrics = Metrics::default();
         let lines = upstreams
             .upstreams
             .iter()
-            .map(|u| start_line(u, &clock).map(Arc::new))
+            .map(|u| start_line(u, &clock, &metrics).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let admin_token = std::env::var(&settings.admin_token_env)
             .ok()
             .filter(|t| !t.is_empty());
         let access = AccessLogger::start(settings.access_log);
-        let metrics = Metrics::default();
         let id_prefix = std::time::SystemTime::now()
             .duration_since(std::time::SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
@@ -284,7 +285,7 @@ impl Proxy {
                     kept.push(u.name.clone());
                     lines.push(line.clone());
                 }
-                None => lines.push(Arc::new(start_line(u, &self.clock)?)),
+                None => lines.push(Arc::new(start_line(u, &self.clock, &self.metrics)?)),
             }
         }
         let names = upstreams.upstreams.iter().map(|u| u.name.clone()).collect();
@@ -323,7 +324,11 @@ fn fingerprint(u: &Upstream) -> String {
 /// An upstream's line: its engine (memory, or the fleet's Redis under the
 /// same namespace `tollgate run` uses, so proxies and runners share one
 /// quota), its scheduler, and its HTTP client.
-fn start_line(u: &Upstream, clock: &TokioClock) -> Result<UpstreamLine, LoadError> {
+fn start_line(
+    u: &Upstream,
+    clock: &TokioClock,
+    metrics: &Metrics,
+) -> Result<UpstreamLine, LoadError> {
     let engine = Engine::open(u.policy.clone(), &format!("upstream:{}", u.name))
         .map_err(|e| LoadError::Io(format!("upstream '{}': {e}", u.name)))?;
     let core = Scheduler::new(
@@ -340,6 +345,7 @@ fn start_line(u: &Upstream, clock: &TokioClock) -> Result<UpstreamLine, LoadErro
         None => None,
     };
     Ok(UpstreamLine {
+        metrics: metrics.upstream(&u.name),
         pause_listener,
         fingerprint: fingerprint(u),
         keys: crate::keys::KeyPool::new(u.keys.len()),

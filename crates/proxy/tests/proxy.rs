@@ -81,10 +81,25 @@ async fn sixty_four_clients_with(
     let elapsed = started.elapsed();
     assert_eq!(codes.len(), requests);
     assert!(codes.iter().all(|c| *c == 200), "every client got 200");
-    let usage = text(&proxy.admin_url("/metrics")).await;
-    assert!(
-        !usage.contains("outcome=\"429\""),
-        "the upstream answered no 429:\n{usage}"
+    let metrics = text(&proxy.admin_url("/metrics")).await;
+    let calls = |outcome: &str| {
+        let series = format!(
+            "tollgate_proxy_upstream_calls_total{{upstream=\"{profile}\",outcome=\"{outcome}\"}} "
+        );
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    assert_eq!(
+        calls("429"),
+        Some(0),
+        "the upstream answered no 429:\n{metrics}"
+    );
+    assert_eq!(
+        calls("2xx"),
+        Some(requests as u64),
+        "one call per request:\n{metrics}"
     );
     // Quota used at >= 98 %: the requests took at most 1/0.98 of the
     // least time the vendor's limits allow for them.

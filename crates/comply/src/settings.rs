@@ -36,7 +36,7 @@ pub struct Upstream {
     /// Requests in flight at once, whatever the limits allow.
     pub concurrency: usize,
     /// Sent with every request (a job's own header of the same name wins).
-    pub headers: Vec<(String, String)>,
+    pub headers: Headers,
     pub breaker: BreakerSettings,
     pub bulk: Vec<Bulk>,
     /// Extra roots (PEM) trusted for this upstream's TLS, besides the system's.
@@ -52,6 +52,36 @@ pub struct Upstream {
     pub key_header: String,
 }
 
+/// The headers sent with every request (lower-case names): they carry
+/// vendor keys, so they print as names and a digest, never values.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Headers(pub Vec<(String, String)>);
+
+impl std::ops::Deref for Headers {
+    type Target = Vec<(String, String)>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Headers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.0.iter().map(|(n, _)| n.as_str()).collect();
+        let values: String = self.0.iter().map(|(_, v)| v.as_str()).collect();
+        write!(f, "Headers({names:?}, #{:016x})", digest(&values))
+    }
+}
+
+/// FNV-1a: tells secrets apart (a reload notices a changed key) without
+/// showing them.
+fn digest(text: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        hash = (hash ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+    }
+    hash
+}
+
 /// One key of an upstream's pool.
 #[derive(Clone, PartialEq, Eq)]
 pub struct PooledKey {
@@ -63,13 +93,13 @@ pub struct PooledKey {
 
 impl std::fmt::Debug for PooledKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The value is a vendor's secret: never printed. Its digest tells
-        // keys apart (a reload notices a changed secret).
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in self.value.bytes() {
-            hash = (hash ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-        }
-        write!(f, "PooledKey({}, #{hash:016x})", self.label)
+        // The value is a vendor's secret: never printed.
+        write!(
+            f,
+            "PooledKey({}, #{:016x})",
+            self.label,
+            digest(&self.value)
+        )
     }
 }
 
@@ -313,7 +343,7 @@ fn upstream(
         timeout: duration(&u.timeout, "timeout", Duration::from_secs(30))?,
         max_attempts: positive(&u.max_attempts, "max_attempts", 5, 100)? as u32,
         concurrency: positive(&u.concurrency, "concurrency", 16, 4096)? as usize,
-        headers,
+        headers: Headers(headers),
         breaker,
         bulk,
         ca_file: u.ca_file.as_ref().map(|f| f.get_ref().into()),
@@ -491,7 +521,7 @@ mod tests {
         let env = |name: &str| (name == "TOKEN").then(|| "s3cret".to_string());
         let c = parse(&text, &NoProfiles, &env).unwrap();
         assert_eq!(
-            c.upstreams[0].headers,
+            c.upstreams[0].headers.0,
             vec![("authorization".to_string(), "Bearer s3cret".to_string())]
         );
         let e = parse(&text, &NoProfiles, &|_| None)
@@ -519,6 +549,13 @@ mod tests {
         assert_eq!(u.keys[1].label, "${K2}");
         let shown = format!("{u:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
+        let with_header = with("headers = { x-api-key = \"${K1}\" }");
+        let c = parse(&with_header, &NoProfiles, &env).unwrap();
+        let shown = format!("{:?}", c.upstreams[0]);
+        assert!(
+            shown.contains("x-api-key") && !shown.contains("s3cret"),
+            "{shown}"
+        );
         let c = parse(
             &with("keys = [\"${K1}\"]\nkey_header = \"X-Api-Key\""),
             &NoProfiles,

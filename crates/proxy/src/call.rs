@@ -815,7 +815,7 @@ fn outgoing_headers(client: &HeaderMap, upstream: &Upstream) -> HeaderMap {
     for name in ours {
         headers.remove(name);
     }
-    for (name, value) in &upstream.headers {
+    for (name, value) in upstream.headers.iter() {
         if let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(name.as_bytes()),
             HeaderValue::from_str(value),

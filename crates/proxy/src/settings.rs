@@ -36,7 +36,7 @@ pub struct ProxySettings {
 }
 
 /// A client allowed to use the proxy, known by its token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Client {
     pub name: String,
     /// The environment variable that holds its token (tokens stay out of
@@ -46,6 +46,18 @@ pub struct Client {
     /// Its requests' workflow and priority unless they say otherwise.
     pub workflow: Option<String>,
     pub priority: Priority,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a secret: only the variable that holds it is shown.
+        f.debug_struct("Client")
+            .field("name", &self.name)
+            .field("token_env", &self.token_env)
+            .field("workflow", &self.workflow)
+            .field("priority", &self.priority)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for ProxySettings {
@@ -244,6 +256,10 @@ mod tests {
         assert_eq!(s.clients[0].token, "secret-a");
         assert_eq!(s.clients[0].workflow.as_deref(), Some("crm-sync"));
         assert_eq!(s.clients[0].priority, Priority::Low);
+        assert!(
+            !format!("{s:?}").contains("secret-a"),
+            "a token is never printed"
+        );
     }
 
     #[test]

@@ -420,10 +420,9 @@ fn serve(
     let source = source_of(&policy)?;
     let access_log = match access_log.as_deref() {
         None => None,
-        Some("off") => Some(AccessLog::Off),
-        Some("text") => Some(AccessLog::Text),
-        Some("json") => Some(AccessLog::Json),
-        Some(other) => bail!("--access-log '{other}' is not known; use off, text or json"),
+        Some(text) => {
+            Some(AccessLog::parse(text).map_err(|m| anyhow::anyhow!("--access-log {m}"))?)
+        }
     };
     // Thread per core: this runtime is the first worker; serve_workers starts the others.
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -201,17 +201,7 @@ impl Gateway {
             .upstream_for(&view)
             .cloned()
             .ok_or(Refusal::NoRoute)?;
-        // hyper bounds the head it buffers only loosely (by read chunks).
-        let head_bytes: usize = view
-            .headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + 4)
-            .sum();
-        if head_bytes > tollgate_http::listen::MAX_HEAD_BYTES {
-            return Err(Refusal::HeadersTooLarge {
-                max: tollgate_http::listen::MAX_HEAD_BYTES,
-            });
-        }
+        tollgate_http::listen::check_head_size(view.headers)?;
         for name in &generation.read_headers {
             if let Some(v) = view.headers.get(name) {
                 if v.to_str().is_err() {

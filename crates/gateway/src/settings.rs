@@ -207,17 +207,8 @@ impl Settings {
                 s.max_held_per_key = v;
             }
             if let Some(v) = &g.access_log {
-                s.access_log = match v.get_ref().as_str() {
-                    "off" => AccessLog::Off,
-                    "text" => AccessLog::Text,
-                    "json" => AccessLog::Json,
-                    other => {
-                        return Err(err(
-                            v.span().start,
-                            format!("gateway access_log '{other}' is not known; use \"off\", \"text\" or \"json\""),
-                        ))
-                    }
-                };
+                s.access_log = AccessLog::parse(v.get_ref())
+                    .map_err(|m| err(v.span().start, format!("gateway access_log {m}")))?;
             }
             if let Some(v) = &g.workers {
                 if *v.get_ref() > crate::gateway::MAX_WORKERS {

@@ -15,6 +15,20 @@ pub enum AccessLog {
     Json,
 }
 
+impl AccessLog {
+    /// `off`, `text` or `json`; the error says which are known.
+    pub fn parse(text: &str) -> Result<AccessLog, String> {
+        match text {
+            "off" => Ok(AccessLog::Off),
+            "text" => Ok(AccessLog::Text),
+            "json" => Ok(AccessLog::Json),
+            other => Err(format!(
+                "'{other}' is not known; use \"off\", \"text\" or \"json\""
+            )),
+        }
+    }
+}
+
 /// One request as logged.
 #[derive(Debug, Default, Clone)]
 pub struct Entry<'a> {

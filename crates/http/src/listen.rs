@@ -15,6 +15,21 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// Largest request head (line and headers) read; past it the client gets 431.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// 431 when a request's headers add up to more than `MAX_HEAD_BYTES`
+/// (hyper bounds the head it buffers only loosely, by read chunks).
+pub fn check_head_size(headers: &hyper::HeaderMap) -> Result<(), crate::Refusal> {
+    let bytes: usize = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    if bytes > MAX_HEAD_BYTES {
+        return Err(crate::Refusal::HeadersTooLarge {
+            max: MAX_HEAD_BYTES,
+        });
+    }
+    Ok(())
+}
+
 /// A client has this long to send a request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 

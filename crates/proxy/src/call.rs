@@ -280,16 +280,7 @@ impl Proxy {
         via: Option<&Tunnel>,
         outcome: &mut Outcome<'g>,
     ) -> Result<Response<ResponseBody>, Refusal> {
-        let head_bytes: usize = parts
-            .headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + 4)
-            .sum();
-        if head_bytes > tollgate_http::listen::MAX_HEAD_BYTES {
-            return Err(Refusal::HeadersTooLarge {
-                max: tollgate_http::listen::MAX_HEAD_BYTES,
-            });
-        }
+        tollgate_http::listen::check_head_size(&parts.headers)?;
         let forward = route::is_forward(parts);
         // Who is calling comes first: nothing about the upstreams is told
         // to a caller without a token.

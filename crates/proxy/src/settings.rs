@@ -163,17 +163,8 @@ impl ProxySettings {
                 })?;
         }
         if let Some(v) = &p.access_log {
-            s.access_log = match v.get_ref().as_str() {
-                "off" => AccessLog::Off,
-                "text" => AccessLog::Text,
-                "json" => AccessLog::Json,
-                other => {
-                    return Err(err(
-                        v.span().start,
-                        format!("proxy access_log '{other}' is not known; use off, text or json"),
-                    ))
-                }
-            };
+            s.access_log = AccessLog::parse(v.get_ref())
+                .map_err(|m| err(v.span().start, format!("proxy access_log {m}")))?;
         }
         for raw_client in &p.client {
             let c = raw_client.get_ref();

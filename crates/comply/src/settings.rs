@@ -37,6 +37,9 @@ pub struct Upstream {
     pub concurrency: usize,
     /// Sent with every request (a job's own header of the same name wins).
     pub headers: Headers,
+    /// `headers` as the limits see them: each value by its `stand_in`, so
+    /// a vendor key never becomes a counter's key (in Redis, a key name).
+    pub limit_headers: Vec<(String, String)>,
     pub breaker: BreakerSettings,
     pub bulk: Vec<Bulk>,
     /// Extra roots (PEM) trusted for this upstream's TLS, besides the system's.
@@ -72,6 +75,15 @@ impl std::fmt::Debug for Headers {
     }
 }
 
+/// What a limit keyed by a secret header sees instead of the secret: a
+/// digest, the same in every process (runners and proxies share buckets).
+pub fn stand_in(secret: &str) -> String {
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(secret.as_bytes());
+    let hex: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
 /// FNV-1a: tells secrets apart (a reload notices a changed key) without
 /// showing them.
 fn digest(text: &str) -> u64 {
@@ -89,6 +101,8 @@ pub struct PooledKey {
     pub label: String,
     /// The header value sent (`key_format` applied): a secret.
     pub value: String,
+    /// What the limits see of it (`stand_in`).
+    pub stand_in: String,
 }
 
 impl std::fmt::Debug for PooledKey {
@@ -144,7 +158,7 @@ impl UpstreamsConfig {
 
 /// Whether `url` is `base` or below it: same origin, and the path continues
 /// base's path at a segment boundary.
-fn under(url: &Url, base: &Url) -> bool {
+pub fn under(url: &Url, base: &Url) -> bool {
     if url.scheme() != base.scheme()
         || url.host_str() != base.host_str()
         || url.port_or_known_default() != base.port_or_known_default()
@@ -291,12 +305,15 @@ fn upstream(
         let text = raw.get_ref();
         let by_variable =
             text.starts_with("${") && text.ends_with('}') && text.matches("${").count() == 1;
-        let label = if by_variable {
-            text.clone()
-        } else {
-            format!("key {}", i + 1)
-        };
         let at = raw.span().start;
+        // Keys stay out of the file (which /v1/config shows as written).
+        if !by_variable {
+            return Err(err(
+                at,
+                format!("keys: key {} is written in the file; give it as \"${{VARIABLE}}\" and set the variable", i + 1),
+            ));
+        }
+        let label = text.clone();
         let key = expand_env(text, env)
             .map_err(|var| err(at, format!("keys: environment variable {var} is not set")))?;
         if key.is_empty() {
@@ -315,7 +332,11 @@ fn upstream(
                 format!("keys: {label} is the same key as {}", same.label),
             ));
         }
-        keys.push(PooledKey { label, value });
+        keys.push(PooledKey {
+            label,
+            stand_in: stand_in(&value),
+            value,
+        });
     }
     if !keys.is_empty() && headers.iter().any(|(h, _)| *h == key_header) {
         return Err(err(
@@ -343,6 +364,10 @@ fn upstream(
         timeout: duration(&u.timeout, "timeout", Duration::from_secs(30))?,
         max_attempts: positive(&u.max_attempts, "max_attempts", 5, 100)? as u32,
         concurrency: positive(&u.concurrency, "concurrency", 16, 4096)? as usize,
+        limit_headers: headers
+            .iter()
+            .map(|(name, value)| (name.clone(), stand_in(value)))
+            .collect(),
         headers: Headers(headers),
         breaker,
         bulk,
@@ -540,6 +565,7 @@ mod tests {
         let env = |name: &str| match name {
             "K1" => Some("s3cret-1".to_string()),
             "K2" => Some("s3cret-2".to_string()),
+            "K3" => Some("s3cret-1".to_string()),
             _ => None,
         };
         let c = parse(&with("keys = [\"${K1}\", \"${K2}\"]"), &NoProfiles, &env).unwrap();
@@ -575,12 +601,16 @@ mod tests {
                 .to_string()
         };
         assert_eq!(
-            err("keys = [\"${K3}\"]"),
-            "line 4: upstream 'crm': keys: environment variable K3 is not set"
+            err("keys = [\"${K4}\"]"),
+            "line 4: upstream 'crm': keys: environment variable K4 is not set"
         );
         assert_eq!(
-            err("keys = [\"${K1}\", \"s3cret-1\"]"),
-            "line 4: upstream 'crm': keys: key 2 is the same key as ${K1}"
+            err("keys = [\"${K1}\", \"${K3}\"]"),
+            "line 4: upstream 'crm': keys: ${K3} is the same key as ${K1}"
+        );
+        assert_eq!(
+            err("keys = [\"${K1}\", \"s3cret-9\"]"),
+            "line 4: upstream 'crm': keys: key 2 is written in the file; give it as \"${VARIABLE}\" and set the variable"
         );
         assert!(err("keys = [\"${K1}\"]\nkey_format = \"Token\"")
             .contains("key_format 'Token' must hold {key} exactly once"));

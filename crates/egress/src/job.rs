@@ -404,7 +404,8 @@ impl tollgate_core::Request for JobRequest<'_> {
 
 /// The limits a job touches, as its upstream's engine plans them.
 pub fn items(upstream: &Upstream, job: &Job) -> Result<Vec<tollgate_core::Item>, String> {
-    let req = JobRequest::new(job, &upstream.headers)?;
+    // (the upstream's own headers, vendor keys, as the limits see them)
+    let req = JobRequest::new(job, &upstream.limit_headers)?;
     let mut items = Vec::new();
     upstream
         .policy

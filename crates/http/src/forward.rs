@@ -81,7 +81,9 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
         return Cow::Borrowed(path);
     }
     let bytes = path.as_bytes();
-    let mut decoded = String::with_capacity(path.len());
+    // Bytes, not chars: a raw UTF-8 path keeps its bytes (only ASCII escapes
+    // are decoded, so the result is UTF-8 again).
+    let mut decoded: Vec<u8> = Vec::with_capacity(path.len());
     let mut i = 0;
     while i < bytes.len() {
         let hex = |b: u8| (b as char).to_digit(16);
@@ -89,18 +91,20 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
             if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
                 let c = (h * 16 + l) as u8;
                 if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
-                    decoded.push(c as char);
+                    decoded.push(c);
                 } else {
-                    decoded.push('%');
-                    decoded.push_str(&path[i + 1..i + 3].to_ascii_uppercase());
+                    decoded.push(b'%');
+                    decoded.extend_from_slice(path[i + 1..i + 3].to_ascii_uppercase().as_bytes());
                 }
                 i += 3;
                 continue;
             }
         }
-        decoded.push(bytes[i] as char);
+        decoded.push(bytes[i]);
         i += 1;
     }
+    let decoded = String::from_utf8(decoded)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
     let mut segments: Vec<&str> = Vec::new();
     for segment in decoded.split('/') {
         match segment {
@@ -141,6 +145,7 @@ mod tests {
             ("/%", "/%"),
             ("/", "/"),
             ("/v1/..", "/"),
+            ("/crm//café", "/crm/café"),
         ] {
             assert_eq!(normalize_path(raw), normal, "{raw}");
         }

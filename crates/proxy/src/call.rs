@@ -133,9 +133,10 @@ impl tollgate_core::Request for View<'_> {
         if self.key.is_some() && name == self.upstream.key_header {
             return self.key;
         }
-        // The upstream's own headers win, as they do on the wire.
+        // The upstream's own headers win, as they do on the wire; the
+        // limits see them (vendor keys) by their stand-ins.
         self.upstream
-            .headers
+            .limit_headers
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
@@ -292,6 +293,14 @@ impl Proxy {
         let Routed { upstream, url, .. } = route::route(generation, parts)?;
         let settings = &generation.config.upstreams[upstream];
         let line = &generation.lines[upstream];
+        if via.is_some() && !settings.intercept {
+            // A tunnel is opened for an intercepting upstream; another
+            // upstream on the same host is not reached through it.
+            return Err(Refusal::NotIntercepted {
+                host: url.host_str().unwrap_or_default().to_string(),
+                upstream: settings.name.clone(),
+            });
+        }
         outcome.upstream = Some(&settings.name);
         let control = control(&parts.headers, generation, client)?;
 
@@ -303,6 +312,12 @@ impl Proxy {
         let mut outgoing = read_body(body, generation.settings.max_replay_bytes).await?;
         let json = match (&outgoing, needs_json) {
             (Outgoing::Kept(bytes), true) => serde_json::from_slice(bytes).ok(),
+            // A limit counts the body's JSON: it must be read whole.
+            (Outgoing::Once(_), true) => {
+                return Err(Refusal::BodyTooLarge {
+                    max: generation.settings.max_replay_bytes,
+                })
+            }
             _ => None,
         };
         let now = self.clock.now();
@@ -356,13 +371,16 @@ impl Proxy {
             let pooled = key
                 .as_ref()
                 .map(|k| settings.keys[k.index()].value.as_str());
+            let pooled_stand_in = key
+                .as_ref()
+                .map(|k| settings.keys[k.index()].stand_in.as_str());
             let view = View {
                 method: parts.method.as_str(),
                 url: &url,
                 headers: &parts.headers,
                 upstream: settings,
                 workflow: control.workflow.as_deref(),
-                key: pooled,
+                key: pooled_stand_in,
                 ip: &peer.ip,
                 body: json.as_ref(),
             };
@@ -391,6 +409,7 @@ impl Proxy {
                 };
                 let Some(turned) = turned else {
                     // Its key was parked while it waited: it leaves that line.
+                    attempts_before = outcome.attempts;
                     continue 'keys;
                 };
                 let attempt = match turned {
@@ -429,6 +448,7 @@ impl Proxy {
                     if key.is_parked() {
                         // Refused while this call waited: take another key
                         // (the slot of a dead key is no loss).
+                        attempts_before = outcome.attempts;
                         continue 'keys;
                     }
                 }
@@ -508,7 +528,11 @@ impl Proxy {
                         key = %settings.keys[key.index()].label,
                         "the vendor answered HTTP {status} to a pooled key: parked; the other keys carry on"
                     );
-                    if outgoing.replayable() {
+                    // 401 and 402 say the key itself is refused, so the request
+                    // goes again with another; a 403 may be about this request
+                    // (a scope the keys lack): its answer is relayed, so one
+                    // such request parks one key at most.
+                    if status != 403 && outgoing.replayable() {
                         ticket.report(&reply);
                         attempts_before = attempt;
                         continue 'keys;
@@ -535,8 +559,14 @@ impl Proxy {
                     return Ok(Response::from_parts(head, body));
                 }
                 // A failed attempt: its body is kept, in case it is the last.
-                let bytes = read_capped(body, MAX_FAILURE_BODY).await;
+                let bytes =
+                    tokio::time::timeout(settings.timeout, read_capped(body, MAX_FAILURE_BODY))
+                        .await
+                        .unwrap_or_default();
                 let settled = ticket.report(&reply);
+                let mut head = head;
+                // (what was kept may be shorter than the upstream's length)
+                head.headers.remove(hyper::header::CONTENT_LENGTH);
                 let kept = Response::from_parts(head, Full::new(bytes).into());
                 match settled {
                     Settled::Retry { at } if at <= deadline => {
@@ -602,7 +632,8 @@ impl Proxy {
                 "CONNECT needs a host:port target".into(),
             ));
         };
-        let (host, port) = (authority.host(), authority.port_u16().unwrap_or(443));
+        let host = authority.host().to_ascii_lowercase();
+        let (host, port) = (host.as_str(), authority.port_u16().unwrap_or(443));
         let at = |u: &&Upstream| {
             u.base_url.host_str() == Some(host) && u.base_url.port_or_known_default() == Some(port)
         };
@@ -663,6 +694,8 @@ impl Proxy {
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .max_buf_size(tollgate_http::listen::MAX_HEAD_BYTES)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(30))
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await;
         });

@@ -58,6 +58,13 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
     let mut file = options
         .open(path)
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    // (the mode above applies only to a new file: a replaced one is set too)
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("cannot restrict {}: {e}", path.display()))?;
+    }
     file.write_all(bytes)
         .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }

@@ -76,6 +76,15 @@ impl KeyPool {
         }
     }
 
+    /// Put every parked key back in use (a reload: the keys may be fixed).
+    /// The number that were parked.
+    pub fn unpark_all(&self) -> usize {
+        self.keys
+            .iter()
+            .filter(|k| k.parked.lock().take().is_some())
+            .count()
+    }
+
     pub fn status(&self) -> Vec<KeyStatus> {
         self.keys
             .iter()

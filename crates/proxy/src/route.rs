@@ -72,6 +72,14 @@ pub fn route(generation: &Generation, parts: &Parts) -> Result<Routed, Refusal> 
     let joined = format!("{}/{rest}", base.path().trim_end_matches('/'));
     url.set_path(&joined);
     url.set_query(uri.query());
+    // The URL parser reads more than '/' as a separator ('\\' in http URLs):
+    // what it made must still be under the upstream's base.
+    if !tollgate_comply::settings::under(&url, base) {
+        return Err(Refusal::BadRequest(format!(
+            "the path {} leaves upstream '{name}''s base URL",
+            uri.path()
+        )));
+    }
     Ok(Routed {
         upstream,
         way: Way::Alias,

@@ -198,16 +198,30 @@ impl ProxySettings {
                 priority,
             });
         }
-        if !s.listen.ip().is_loopback() && s.clients.is_empty() {
-            return Err(err(
-                table_at,
-                format!(
-                    "proxy listen {} is not a loopback address: add [[proxy.client]] entries (name, token_env) so only your clients can spend the vendor's quota",
-                    s.listen
-                ),
+        s.check_exposure(env).map_err(|m| err(table_at, m))?;
+        Ok(s)
+    }
+
+    /// Off loopback, the proxy needs client tokens (an open relay would
+    /// spend the vendor's quota with its keys) and the admin listener its
+    /// token. Checked again after command-line overrides.
+    pub fn check_exposure(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), String> {
+        if !self.listen.ip().is_loopback() && self.clients.is_empty() {
+            return Err(format!(
+                "proxy listen {} is not a loopback address: add [[proxy.client]] entries (name, token_env) so only your clients can spend the vendor's quota",
+                self.listen
             ));
         }
-        Ok(s)
+        if let Some(admin) = self.admin_listen {
+            let token = env(&self.admin_token_env).filter(|t| !t.is_empty());
+            if !admin.ip().is_loopback() && token.is_none() {
+                return Err(format!(
+                    "proxy admin_listen {admin} is not a loopback address: set {} to an admin token first",
+                    self.admin_token_env
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -158,6 +158,12 @@ pub fn load(
     if let Some(a) = overrides.admin_listen {
         settings.admin_listen = Some(a);
     }
+    settings.check_exposure(env).map_err(|message| {
+        fail(ConfigError {
+            line: None,
+            message,
+        })
+    })?;
     for u in &upstreams.upstreams {
         if u.name == crate::RESERVED {
             return Err(fail(ConfigError {
@@ -275,6 +281,14 @@ impl Proxy {
             || settings.admin_listen != old.settings.admin_listen
         {
             tracing::warn!("listen addresses changed in the config; they take effect on restart");
+            // Until then the sockets bound at start serve: judge the new
+            // config's clients and tokens against them.
+            let mut bound = settings.clone();
+            bound.listen = old.settings.listen;
+            bound.admin_listen = old.settings.admin_listen;
+            bound
+                .check_exposure(&env)
+                .map_err(|message| LoadError::Io(format!("config rejected: {message}")))?;
         }
         let mut kept = Vec::new();
         let mut lines = Vec::new();
@@ -283,6 +297,10 @@ impl Proxy {
             match same {
                 Some(line) => {
                     kept.push(u.name.clone());
+                    let unparked = line.keys.unpark_all();
+                    if unparked > 0 {
+                        tracing::info!(upstream = %u.name, "reload: {unparked} parked key(s) back in use");
+                    }
                     lines.push(line.clone());
                 }
                 None => lines.push(Arc::new(start_line(u, &self.clock, &self.metrics)?)),

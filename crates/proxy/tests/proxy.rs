@@ -585,12 +585,20 @@ async fn the_admin_listener_shows_the_lines_and_reloads() {
     assert!(config.contains("name = \"crm\""));
 }
 
+/// A pool of three keys, k-1 to k-3, from the environment (as keys must be).
+fn pool_keys() -> String {
+    for i in 1..=3 {
+        std::env::set_var(format!("TOLLGATE_TEST_POOL_K{i}"), format!("k-{i}"));
+    }
+    "keys = [\"${TOLLGATE_TEST_POOL_K1}\", \"${TOLLGATE_TEST_POOL_K2}\", \"${TOLLGATE_TEST_POOL_K3}\"]".to_string()
+}
+
 #[tokio::test(start_paused = true)]
 async fn three_keys_give_three_times_the_rate_of_one_with_no_429() {
     // Celigo's limits apply per key: three keys admit 3,000 at once and
     // then 900 a second, so 4,800 requests take 2 s (one key: 6 s).
-    let keys = "keys = [\"k-1\", \"k-2\", \"k-3\"]";
-    sixty_four_clients_with("celigo", keys, 4800, Duration::from_secs(2)).await;
+    let keys = pool_keys();
+    sixty_four_clients_with("celigo", &keys, 4800, Duration::from_secs(2)).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -606,8 +614,8 @@ async fn a_key_the_vendor_revokes_is_parked_and_its_share_moves_to_the_others() 
         }
     })
     .await;
-    let limits = "keys = [\"k-1\", \"k-2\", \"k-3\"]\n[[upstream.limit]]\nname = \"per-key\"\nkey = [\"header:authorization\"]\nalgorithm = \"token_bucket\"\ncapacity = 1\nrefill = \"10/s\"\n";
-    let proxy = start(&upstream("crm", up.addr, limits)).await;
+    let limits = format!("{}\n[[upstream.limit]]\nname = \"per-key\"\nkey = [\"header:authorization\"]\nalgorithm = \"token_bucket\"\ncapacity = 1\nrefill = \"10/s\"\n", pool_keys());
+    let proxy = start(&upstream("crm", up.addr, &limits)).await;
     let burst = |n: usize, from: usize| {
         let urls: Vec<String> = (from..from + n)
             .map(|i| proxy.url("crm", &format!("/r/{i}")))
@@ -663,11 +671,63 @@ async fn a_key_the_vendor_revokes_is_parked_and_its_share_moves_to_the_others() 
     let usage: serde_json::Value = json(&proxy.admin_url("/v1/usage?upstream=crm")).await;
     let keys = &usage["upstreams"][0]["keys"];
     assert_eq!(
-        keys[1]["key"], "key 2",
-        "keys written in the file are named by place"
+        keys[1]["key"], "${TOLLGATE_TEST_POOL_K2}",
+        "named by its variable"
     );
     assert_eq!(keys[1]["parked"], "HTTP 401");
     assert!(keys[0]["parked"].is_null());
     let text = usage.to_string();
     assert!(!text.contains("Bearer k-"), "no key value is shown: {text}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_alias_path_cannot_climb_out_of_its_upstreams_base_path() {
+    let up = scripted(|_, _| ok()).await;
+    let config = format!(
+        "[[upstream]]\nname = \"crm\"\nbase_url = \"http://{}/v3\"\n{}",
+        up.addr,
+        bucket("api", 10, "1/s")
+    );
+    let proxy = start(&config).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for target in [
+        "/crm/..\\..\\admin",
+        "/crm/%2e%2e/admin",
+        "/crm/../../admin",
+    ] {
+        let mut raw = tokio::net::TcpStream::connect(proxy.addr)
+            .await
+            .expect("connect");
+        let head = format!("GET {target} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        raw.write_all(head.as_bytes()).await.expect("write");
+        let mut answer = Vec::new();
+        raw.read_to_end(&mut answer).await.expect("read");
+        let answer = String::from_utf8_lossy(&answer);
+        let served = answer.starts_with("HTTP/1.1 200");
+        let seen = up.seen.lock().expect("lock").clone();
+        assert!(
+            seen.iter().all(|s| s.path.starts_with("/v3/")),
+            "{target} reached {:?} ({answer})",
+            seen.iter().map(|s| &s.path).collect::<Vec<_>>()
+        );
+        let refused = answer.starts_with("HTTP/1.1 400") || answer.starts_with("HTTP/1.1 404");
+        assert!(served || refused, "{target}: {answer}");
+    }
+}
+
+#[tokio::test]
+async fn listening_off_loopback_without_client_tokens_is_refused_even_from_the_command_line() {
+    let config = "[proxy]\naccess_log = \"off\"\n[[upstream]]\nname = \"crm\"\nbase_url = \"http://127.0.0.1:9\"\n[[upstream.limit]]\nname = \"api\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 1\n";
+    let open = tollgate_proxy::Overrides {
+        listen: Some("0.0.0.0:0".parse().expect("addr")),
+        admin_listen: None,
+    };
+    let e = tollgate_proxy::Proxy::new(
+        tollgate_proxy::Source::Text(config.into()),
+        open,
+        Box::new(tollgate_profiles::Bundled),
+        TokioClock::starting_at(EPOCH),
+    )
+    .expect_err("an open relay");
+    assert!(e.to_string().contains("is not a loopback address"), "{e}");
 }

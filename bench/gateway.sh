@@ -69,29 +69,6 @@ wait_http() { # wait_http URL [PID]: until it answers at all
   log "ERROR: $1 did not come up"; return 1
 }
 
-nginx_common() { # nginx_common DIR: the main-context lines both nginx instances share
-  local dir=$1
-  mkdir -p "$dir/tmp"
-  cat <<EOF
-worker_processes 1;
-daemon off;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-$( [ "$(id -u)" = 0 ] && echo "user $(id -un);" )
-worker_rlimit_nofile 65536;
-events { worker_connections 16384; multi_accept on; }
-EOF
-}
-nginx_http_common() {
-  local dir=$1
-  cat <<EOF
-  access_log off;
-  client_body_temp_path $dir/tmp/body; proxy_temp_path $dir/tmp/proxy;
-  fastcgi_temp_path $dir/tmp/fastcgi; uwsgi_temp_path $dir/tmp/uwsgi; scgi_temp_path $dir/tmp/scgi;
-  keepalive_requests 100000000;
-  keepalive_timeout 300s;
-EOF
-}
 
 start_upstream() {
   local dir="$work/upstream"

@@ -69,7 +69,6 @@ wait_http() { # wait_http URL [PID]: until it answers at all
   log "ERROR: $1 did not come up"; return 1
 }
 
-
 start_upstream() {
   local dir="$work/upstream"
   mkdir -p "$dir"

@@ -9,6 +9,7 @@ use hyper::header::HeaderValue;
 use hyper::{Method, Request, Response, StatusCode};
 use std::borrow::Cow;
 use std::sync::Arc;
+use tollgate_core::policy::KeyPart;
 use tollgate_core::request::query_param;
 use tollgate_core::units::NANOS_PER_SEC;
 use tollgate_core::{Clock, Item};
@@ -84,7 +85,8 @@ impl Proxy {
 
     /// `GET /v1/usage[?upstream=NAME][&key=PART..]`: per upstream, its line
     /// (waiting, in flight, paused, breaker) and what is left of each limit
-    /// under the key (the limits' one key when they have no key parts).
+    /// under the key, or without one under the upstream's own credentials
+    /// (a row per pooled key) for limits keyed by them.
     fn usage(&self, query: &str) -> Response<ResponseBody> {
         let generation = self.current();
         let only = query_param(query, "upstream");
@@ -115,29 +117,69 @@ impl Proxy {
             .map(|(u, l)| {
                 l.line.inspect(|s| {
                     let engine = s.engine();
-                    let limits: Vec<serde_json::Value> = engine
-                        .policy()
-                        .limits
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, limit)| limit.key.len() == parts.len())
-                        .map(|(i, limit)| {
+                    // Without ?key=, each limit is shown under the upstream's
+                    // own credentials (each pooled key's, or its headers'), as
+                    // the limits see them.
+                    let pool: Vec<(Option<&str>, Option<&str>)> = if u.keys.is_empty() {
+                        vec![(None, None)]
+                    } else {
+                        u.keys
+                            .iter()
+                            .map(|k| (Some(k.label.as_str()), Some(k.stand_in.as_str())))
+                            .collect()
+                    };
+                    let own = |limit: &tollgate_core::policy::Limit, pooled: Option<&str>| {
+                        let values: Option<Vec<&str>> = limit
+                            .key
+                            .iter()
+                            .map(|part| match part {
+                                KeyPart::Header(name) if pooled.is_some() && *name == u.key_header => {
+                                    pooled
+                                }
+                                KeyPart::Header(name) => u
+                                    .limit_headers
+                                    .iter()
+                                    .find(|(n, _)| n == name)
+                                    .map(|(_, v)| v.as_str()),
+                                KeyPart::Const(text) => Some(text.as_str()),
+                                _ => None,
+                            })
+                            .collect();
+                        values.map(|v| tollgate_core::request::encode_key(&v))
+                    };
+                    let mut limits: Vec<serde_json::Value> = Vec::new();
+                    for (i, limit) in engine.policy().limits.iter().enumerate() {
+                        for (label, pooled) in &pool {
+                            let key = if parts.is_empty() {
+                                match own(limit, *pooled) {
+                                    Some(k) => k,
+                                    None => continue,
+                                }
+                            } else if limit.key.len() == parts.len() {
+                                key.clone()
+                            } else {
+                                continue;
+                            };
                             let item = Item {
                                 limit: i,
                                 class: 0,
-                                key: key.clone(),
+                                key,
                                 cost: 1,
                                 charge: 1,
                             };
                             let usage = engine.usage(&item, now);
-                            serde_json::json!({
+                            let mut row = serde_json::json!({
                                 "limit": limit.name,
                                 "quota": limit.params(0).policy().0,
                                 "remaining": usage.remaining,
                                 "reset": secs(usage.reset),
-                            })
-                        })
-                        .collect();
+                            });
+                            if let (Some(label), true) = (label, parts.is_empty()) {
+                                row["key"] = (*label).into();
+                            }
+                            limits.push(row);
+                        }
+                    }
                     let c = s.counters();
                     // Keys by how the config names them: never their values.
                     let keys: Vec<serde_json::Value> = u

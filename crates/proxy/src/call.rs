@@ -459,7 +459,8 @@ impl Proxy {
                     outcome.waited = sent - arrived;
                     line.metrics
                         .waited(outcome.waited as f64 / NANOS_PER_SEC as f64);
-                    outcome.decision = if outcome.waited > 0 {
+                    // (under a millisecond is the handing over, not a wait)
+                    outcome.decision = if outcome.waited >= 1_000_000 {
                         "waited"
                     } else {
                         "admitted"

@@ -675,6 +675,11 @@ async fn a_key_the_vendor_revokes_is_parked_and_its_share_moves_to_the_others() 
         "named by its variable"
     );
     assert_eq!(keys[1]["parked"], "HTTP 401");
+    // What is left, per key (as the limits see the keys: never their values).
+    let limits = usage["upstreams"][0]["limits"].as_array().expect("limits");
+    assert_eq!(limits.len(), 3, "{limits:?}");
+    assert_eq!(limits[1]["key"], "${TOLLGATE_TEST_POOL_K2}");
+    assert_eq!(limits[1]["limit"], "per-key");
     assert!(keys[0]["parked"].is_null());
     let text = usage.to_string();
     assert!(!text.contains("Bearer k-"), "no key value is shown: {text}");

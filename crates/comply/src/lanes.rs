@@ -34,14 +34,6 @@ impl Priority {
     pub fn rank(self) -> usize {
         self as usize
     }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Priority::High => "high",
-            Priority::Normal => "normal",
-            Priority::Low => "low",
-        }
-    }
 }
 
 /// One job in a scheduler: queued, backing off, or in flight.
@@ -166,20 +158,5 @@ impl Lanes {
             }
         }
         None
-    }
-
-    /// Where a queued job stands: its priority, and how many jobs of its
-    /// lane go before it.
-    pub(crate) fn position(&self, seq: u64) -> Option<(usize, usize)> {
-        self.busy.iter().find_map(|&lane| {
-            let mut ahead = 0;
-            for q in &self.lanes[lane].queues {
-                if q.contains_key(&seq) {
-                    return Some((lane, ahead + q.range(..seq).count()));
-                }
-                ahead += q.len();
-            }
-            None
-        })
     }
 }

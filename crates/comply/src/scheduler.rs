@@ -115,7 +115,9 @@ pub struct Waiting {
 
 #[derive(Debug)]
 pub struct Scheduler {
-    engine: Engine,
+    /// Shared, so a caller can reach the store (connect, in fleet mode)
+    /// without holding a shared line's lock.
+    engine: std::sync::Arc<Engine>,
     max_attempts: u32,
     concurrency: usize,
     breaker: Breaker,
@@ -145,7 +147,7 @@ impl Scheduler {
     ) -> Self {
         let limits = engine.policy().limits.len();
         Scheduler {
-            engine,
+            engine: std::sync::Arc::new(engine),
             max_attempts,
             concurrency,
             breaker: Breaker::new(breaker),
@@ -166,6 +168,11 @@ impl Scheduler {
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The engine, to use outside of the scheduler (e.g. across an await).
+    pub fn shared_engine(&self) -> std::sync::Arc<Engine> {
+        self.engine.clone()
     }
 
     pub fn counters(&self) -> Counters {
@@ -532,11 +539,6 @@ impl Scheduler {
     /// Jobs sent and not yet answered.
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
-    }
-
-    /// How many jobs of a queued job's lane go before it.
-    pub fn ahead_of(&self, seq: u64) -> Option<usize> {
-        self.lanes.position(seq).map(|(_, ahead)| ahead)
     }
 }
 

@@ -180,10 +180,6 @@ impl SharedScheduler {
         SharedScheduler { inner }
     }
 
-    pub fn name(&self) -> &str {
-        &self.inner.name
-    }
-
     /// Enter the line. The ticket leaves it when dropped.
     pub fn enter(&self, ask: Ask) -> Ticket {
         let seq = self.inner.seqs.fetch_add(1, Ordering::Relaxed);

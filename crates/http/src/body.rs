@@ -20,11 +20,6 @@ impl<B, G> GuardedBody<B, G> {
     pub fn new(inner: B, guard: Option<G>) -> Self {
         GuardedBody { inner, guard }
     }
-
-    /// Whether it still carries its guard (the response has not ended).
-    pub fn guarded(&self) -> bool {
-        self.guard.is_some()
-    }
 }
 
 impl<B, G> std::fmt::Debug for GuardedBody<B, G> {

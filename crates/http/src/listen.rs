@@ -109,6 +109,17 @@ pub struct Accepted {
     pub admin: bool,
 }
 
+/// An HTTP/1.1 server connection builder with the shared bounds: the head
+/// size and the time a client has to send it.
+pub fn http1_server() -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .max_buf_size(MAX_HEAD_BYTES)
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+}
+
 /// Serve one connection with HTTP/1.1 under the shared bounds, watched by
 /// `graceful` so a shutdown lets its request finish.
 pub fn serve_http1<S, B>(stream: TcpStream, service: S, graceful: &GracefulShutdown)
@@ -121,12 +132,7 @@ where
     B::Error: Into<BoxError>,
 {
     let _ = stream.set_nodelay(true);
-    let mut builder = http1::Builder::new();
-    builder
-        .max_buf_size(MAX_HEAD_BYTES)
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    let connection = http1_server().serve_connection(TokioIo::new(stream), service);
     tokio::spawn(graceful.watch(connection));
 }
 

@@ -153,6 +153,8 @@ impl tollgate_core::Request for View<'_> {
 /// How a request ended, for the access log and the metrics.
 struct Outcome<'a> {
     upstream: Option<&'a str>,
+    /// The upstream's series, once the request is routed.
+    metrics: Option<&'a crate::metrics::UpstreamMetrics>,
     metric: &'static str,
     decision: &'static str,
     limit: Option<String>,
@@ -210,6 +212,7 @@ impl Proxy {
         let (parts, body) = req.into_parts();
         let mut outcome = Outcome {
             upstream: None,
+            metrics: None,
             metric: "refused",
             decision: "error",
             limit: None,
@@ -237,14 +240,11 @@ impl Proxy {
             .headers_mut()
             .insert(ATTEMPTS.clone(), HeaderValue::from(outcome.attempts));
         let status = response.status().as_u16();
-        if let Some(upstream) = outcome.upstream {
-            let metric = match outcome.metric {
+        if let Some(metrics) = outcome.metrics {
+            metrics.request(match outcome.metric {
                 "response" => status_class(status),
                 other => other,
-            };
-            if let Some(i) = generation.upstream(upstream) {
-                generation.lines[i].metrics.request(metric);
-            }
+            });
         }
         if self.access.enabled() {
             let path = parts.uri.path();
@@ -290,7 +290,7 @@ impl Proxy {
             Some(tunnel) => tunnel.client(generation)?,
             None => client(generation, &parts.headers, forward)?,
         };
-        let Routed { upstream, url, .. } = route::route(generation, parts)?;
+        let Routed { upstream, url } = route::route(generation, parts)?;
         let settings = &generation.config.upstreams[upstream];
         let line = &generation.lines[upstream];
         if via.is_some() && !settings.intercept {
@@ -302,6 +302,7 @@ impl Proxy {
             });
         }
         outcome.upstream = Some(&settings.name);
+        outcome.metrics = Some(&line.metrics);
         let control = control(&parts.headers, generation, client)?;
 
         let policy = &settings.policy;
@@ -693,10 +694,7 @@ impl Proxy {
                     .clone()
                     .handle_inside(inner, peer.clone(), tunnel.clone())
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .max_buf_size(tollgate_http::listen::MAX_HEAD_BYTES)
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(30))
+            let _ = tollgate_http::listen::http1_server()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await;
         });

@@ -9,17 +9,9 @@ use hyper::http::request::Parts;
 use tollgate_http::{normalize_path, Refusal};
 use url::Url;
 
-/// How the request reached the proxy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Way {
-    Alias,
-    Forward,
-}
-
 #[derive(Debug)]
 pub struct Routed {
     pub upstream: usize,
-    pub way: Way,
     /// Where the request goes.
     pub url: Url,
 }
@@ -46,11 +38,7 @@ pub fn route(generation: &Generation, parts: &Parts) -> Result<Routed, Refusal> 
             .config
             .upstream_for(&url)
             .ok_or(Refusal::HostNotConfigured { host })?;
-        return Ok(Routed {
-            upstream,
-            way: Way::Forward,
-            url,
-        });
+        return Ok(Routed { upstream, url });
     }
     // The alias: normalized first, so `..` cannot climb out of the base path.
     let path = normalize_path(uri.path());
@@ -80,9 +68,5 @@ pub fn route(generation: &Generation, parts: &Parts) -> Result<Routed, Refusal> 
             uri.path()
         )));
     }
-    Ok(Routed {
-        upstream,
-        way: Way::Alias,
-        url,
-    })
+    Ok(Routed { upstream, url })
 }

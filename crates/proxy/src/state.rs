@@ -231,17 +231,12 @@ impl Proxy {
     pub async fn connect(&self) -> Result<(), LoadError> {
         let generation = self.current();
         for (u, line) in generation.config.upstreams.iter().zip(&generation.lines) {
-            let engine = line.line.inspect(|s| s.engine().is_shared());
-            if engine {
-                // (connecting needs the engine outside the line's lock)
-                let policy = u.policy.clone();
-                let probe = Engine::open(policy, &format!("upstream:{}", u.name))
-                    .map_err(|e| LoadError::Io(format!("upstream '{}': {e}", u.name)))?;
-                probe
-                    .connect()
-                    .await
-                    .map_err(|e| LoadError::Io(format!("upstream '{}': [store]: {e}", u.name)))?;
-            }
+            // (connecting awaits: the engine is taken out of the line's lock)
+            let engine = line.line.inspect(|s| s.shared_engine());
+            engine
+                .connect()
+                .await
+                .map_err(|e| LoadError::Io(format!("upstream '{}': [store]: {e}", u.name)))?;
         }
         Ok(())
     }

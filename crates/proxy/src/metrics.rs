@@ -31,7 +31,8 @@ pub fn status_class(status: u16) -> &'static str {
     }
 }
 
-/// Every outcome a request or call is counted under.
+/// Every outcome a request is counted under; a call to the upstream only
+/// under the first `CALL_OUTCOMES` (what came back, or no response).
 const OUTCOMES: [&str; 10] = [
     "2xx",
     "3xx",
@@ -44,6 +45,7 @@ const OUTCOMES: [&str; 10] = [
     "refused",
     "keys_parked",
 ];
+const CALL_OUTCOMES: usize = 6;
 
 /// One upstream's series, resolved once per line: the request path only
 /// bumps atomics (no label strings built, no map looked up).
@@ -68,8 +70,8 @@ impl UpstreamMetrics {
 
     /// A call to the upstream came back so.
     pub fn call(&self, outcome: &str) {
-        if let Some(i) = Self::index(outcome) {
-            self.calls[i].inc();
+        if let Some(counter) = Self::index(outcome).and_then(|i| self.calls.get(i)) {
+            counter.inc();
         }
     }
 
@@ -138,8 +140,8 @@ impl Default for Metrics {
 impl Metrics {
     /// The series of upstream `name`.
     pub fn upstream(&self, name: &str) -> UpstreamMetrics {
-        let of = |family: &Family<OutcomeLabels, Counter>| {
-            OUTCOMES
+        let of = |family: &Family<OutcomeLabels, Counter>, outcomes: &[&'static str]| {
+            outcomes
                 .iter()
                 .map(|outcome| {
                     family
@@ -152,8 +154,8 @@ impl Metrics {
                 .collect()
         };
         UpstreamMetrics {
-            requests: of(&self.requests),
-            calls: of(&self.calls),
+            requests: of(&self.requests, &OUTCOMES),
+            calls: of(&self.calls, &OUTCOMES[..CALL_OUTCOMES]),
             wait_seconds: self
                 .wait_seconds
                 .get_or_create(&UpstreamLabels {

@@ -101,6 +101,11 @@ async fn sixty_four_clients_with(
         Some(requests as u64),
         "one call per request:\n{metrics}"
     );
+    assert_eq!(
+        calls("wait_exceeded"),
+        None,
+        "a call to the upstream is counted by what came back, not by tollgate's own answers:\n{metrics}"
+    );
     // Quota used at >= 98 %: the requests took at most 1/0.98 of the
     // least time the vendor's limits allow for them.
     let used = least.as_secs_f64() / elapsed.as_secs_f64();

@@ -264,6 +264,8 @@ impl Ticket {
         // The receiver stays in the ticket while it waits: a caller that
         // goes away mid-wait drops the ticket, which leaves the line.
         let woke = tokio::select! {
+            // (the turn first: most are given at once, and then no timer is set)
+            biased;
             turn = &mut *rx => Some(turn),
             () = expired => None,
         };

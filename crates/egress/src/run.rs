@@ -729,7 +729,7 @@ fn send(
                 let headers = response.headers().clone();
                 let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
                 let retry_after = signals::retry_after(get("retry-after"), wall(clock.now()));
-                let corrections = signals::corrections(get);
+                let corrections = signals::corrections_in(&headers);
                 match response.bytes().await {
                     Ok(body) => (
                         Reply::Status {

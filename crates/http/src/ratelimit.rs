@@ -4,7 +4,7 @@
 
 mod parse;
 
-pub use parse::{corrections, retry_after, Correction, Target};
+pub use parse::{corrections, corrections_in, retry_after, Correction, Target};
 
 use crate::refusal::{whole_seconds, ResponseSettings};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};

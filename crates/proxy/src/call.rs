@@ -208,8 +208,7 @@ impl Proxy {
         via: Option<&Tunnel>,
     ) -> Response<ResponseBody> {
         let generation = self.current();
-        let request_id = self.next_request_id();
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let mut outcome = Outcome {
             upstream: None,
             metrics: None,
@@ -221,19 +220,16 @@ impl Proxy {
             upstream_ms: None,
         };
         let result = self
-            .call(
-                &generation,
-                &request_id,
-                &parts,
-                body,
-                peer,
-                via,
-                &mut outcome,
-            )
+            .call(&generation, &mut parts, body, peer, via, &mut outcome)
             .await;
+        // (made only when an answer or a log line shows it)
+        let mut request_id = None;
         let mut response = result.unwrap_or_else(|refusal| {
             refusal
-                .response(&tollgate_http::ResponseSettings::default(), &request_id)
+                .response(
+                    &tollgate_http::ResponseSettings::default(),
+                    request_id.insert(self.next_request_id()),
+                )
                 .map(Into::into)
         });
         response
@@ -248,6 +244,7 @@ impl Proxy {
         }
         if self.access.enabled() {
             let path = parts.uri.path();
+            let request_id = request_id.unwrap_or_else(|| self.next_request_id());
             let entry = Entry {
                 enabled: true,
                 request_id: &request_id,
@@ -274,8 +271,7 @@ impl Proxy {
     async fn call<'g>(
         &self,
         generation: &'g Generation,
-        request_id: &str,
-        parts: &hyper::http::request::Parts,
+        parts: &mut hyper::http::request::Parts,
         body: Incoming,
         peer: &Peer,
         via: Option<&Tunnel>,
@@ -350,6 +346,14 @@ impl Proxy {
         let target: hyper::Uri = url.as_str().parse().map_err(|e| {
             Refusal::BadRequest(format!("the request target cannot be forwarded: {e}"))
         })?;
+        // What is sent: the client's headers, moved (not copied), made ready
+        // once; each attempt sends a copy only if another may follow.
+        let mut headers = outgoing_headers(std::mem::take(&mut parts.headers), settings);
+        let key_header = match settings.keys.is_empty() {
+            true => None,
+            false => HeaderName::from_bytes(settings.key_header.as_bytes()).ok(),
+        };
+        let sent_again = outgoing.replayable() && (max_attempts > 1 || key_header.is_some());
         // A failed attempt's response, relayed if no other attempt comes.
         let mut last: Option<Response<ResponseBody>> = None;
         let mut attempts_before = 0;
@@ -375,10 +379,16 @@ impl Proxy {
             let pooled_stand_in = key
                 .as_ref()
                 .map(|k| settings.keys[k.index()].stand_in.as_str());
+            if let (Some(name), Some(value)) = (
+                &key_header,
+                pooled.and_then(|v| HeaderValue::from_str(v).ok()),
+            ) {
+                headers.insert(name.clone(), value);
+            }
             let view = View {
                 method: parts.method.as_str(),
                 url: &url,
-                headers: &parts.headers,
+                headers: &headers,
                 upstream: settings,
                 workflow: control.workflow.as_deref(),
                 key: pooled_stand_in,
@@ -394,12 +404,6 @@ impl Proxy {
                 items,
                 max_attempts,
             });
-            let mut headers = outgoing_headers(&parts.headers, settings);
-            if let Some(value) = pooled.and_then(|v| HeaderValue::from_str(v).ok()) {
-                if let Ok(name) = HeaderName::from_bytes(settings.key_header.as_bytes()) {
-                    headers.insert(name, value);
-                }
-            }
             loop {
                 let turned = match &key {
                     Some(k) => tokio::select! {
@@ -478,7 +482,10 @@ impl Proxy {
                 let mut request = Request::new(body);
                 *request.method_mut() = parts.method.clone();
                 *request.uri_mut() = target.clone();
-                *request.headers_mut() = headers.clone();
+                *request.headers_mut() = match sent_again {
+                    true => headers.clone(),
+                    false => std::mem::take(&mut headers),
+                };
                 let sent_call =
                     tokio::time::timeout(settings.timeout, line.client.request(request));
                 let failed = match sent_call.await {
@@ -511,10 +518,14 @@ impl Proxy {
                 outcome.upstream_ms = Some((self.clock.now() - sent) as f64 / 1e6);
                 let status = response.status().as_u16();
                 line.metrics.call(status_class(status));
-                let get = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok());
-                let retry_after =
-                    ratelimit::retry_after(get("retry-after"), std::time::SystemTime::now());
-                let corrections = ratelimit::corrections(get);
+                let retry_after = ratelimit::retry_after(
+                    response
+                        .headers()
+                        .get(hyper::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok()),
+                    std::time::SystemTime::now(),
+                );
+                let corrections = ratelimit::corrections_in(response.headers());
                 let reply = Reply::Status {
                     status,
                     retry_after,
@@ -540,18 +551,11 @@ impl Proxy {
                         continue 'keys;
                     }
                 }
-                let mut head = Response::builder()
-                    .status(response.status())
-                    .body(())
-                    .map_err(|e| {
-                        Refusal::UpstreamFailed(format!(
-                            "the upstream's response cannot be relayed: {e}"
-                        ))
-                    })?;
-                *head.headers_mut() = response.headers().clone();
-                strip_hop_by_hop(head.headers_mut());
-                let (head, ()) = head.into_parts();
-                let body = response.into_body();
+                let (mut head, body) = response.into_parts();
+                strip_hop_by_hop(&mut head.headers);
+                // (the upstream's HTTP version and extensions are not relayed)
+                head.version = hyper::Version::HTTP_11;
+                head.extensions.clear();
                 if !matches!(status, 429 | 408 | 500..=599) {
                     // The final answer: streamed, reported when it ends.
                     let body = GuardedBody::new(
@@ -572,7 +576,7 @@ impl Proxy {
                 let kept = Response::from_parts(head, Full::new(bytes).into());
                 match settled {
                     Settled::Retry { at } if at <= deadline => {
-                        tracing::info!(upstream = %settings.name, status, attempt, request_id, "retrying");
+                        tracing::info!(upstream = %settings.name, status, attempt, "retrying");
                         last = Some(kept);
                     }
                     _ => return Ok(kept),
@@ -825,8 +829,8 @@ fn wait_of(text: &str) -> Option<Duration> {
 /// What goes to the upstream: the client's headers without hop-by-hop
 /// ones, tollgate's own, the proxy credentials and Host (the URL gives it),
 /// then the upstream's configured headers, which win.
-fn outgoing_headers(client: &HeaderMap, upstream: &Upstream) -> HeaderMap {
-    let mut headers = client.clone();
+fn outgoing_headers(client: HeaderMap, upstream: &Upstream) -> HeaderMap {
+    let mut headers = client;
     strip_hop_by_hop(&mut headers);
     headers.remove(HOST);
     headers.remove(PROXY_AUTHORIZATION);

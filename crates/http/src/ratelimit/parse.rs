@@ -91,6 +91,23 @@ pub fn corrections<'a>(header: impl Fn(&str) -> Option<&'a str>) -> Vec<Correcti
     out
 }
 
+/// Every remaining count a response's headers report. Most responses carry
+/// none: one pass over the names comes first, instead of a lookup (a hash)
+/// per header that could.
+pub fn corrections_in(headers: &hyper::HeaderMap) -> Vec<Correction> {
+    let may_report = headers.keys().any(|name| {
+        let name = name.as_str();
+        name.starts_with("ratelimit")
+            || name.starts_with("x-ratelimit")
+            || name.starts_with("x-hubspot-ratelimit")
+            || name == "sforce-limit-info"
+    });
+    if !may_report {
+        return Vec::new();
+    }
+    corrections(|name| headers.get(name).and_then(|v| v.to_str().ok()))
+}
+
 /// `RateLimit` in the structured form (`"tenant";r=12;t=3, "daily";r=900;t=40`)
 /// or the older `limit=100, remaining=12, reset=3`.
 fn ietf_ratelimit(value: &str) -> Vec<Correction> {
@@ -132,6 +149,28 @@ mod tests {
 
     fn from(headers: &[(&'static str, &'static str)]) -> Vec<Correction> {
         corrections(|name| headers.iter().find(|(n, _)| *n == name).map(|(_, v)| *v))
+    }
+
+    #[test]
+    fn corrections_in_a_header_map_are_those_of_its_names() {
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert("content-type", "text/plain".parse().unwrap());
+        assert!(corrections_in(&headers).is_empty());
+        headers.insert("x-hubspot-ratelimit-remaining", "7".parse().unwrap());
+        headers.insert("sforce-limit-info", "api-usage=25/100".parse().unwrap());
+        assert_eq!(
+            corrections_in(&headers),
+            [
+                Correction {
+                    target: Target::Shortest,
+                    remaining: 7
+                },
+                Correction {
+                    target: Target::Longest,
+                    remaining: 75
+                }
+            ]
+        );
     }
 
     #[test]

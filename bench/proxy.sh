@@ -32,7 +32,11 @@
 #      oha -c $CONNS, ${DUR} s runs (each proxy warmed for 2 s first):
 #      i.  peak throughput of nginx direct, nginx as a plain reverse proxy
 #          (proxy_pass, keepalive upstream) and tollgate proxy, both in front
-#          of the same nginx: tollgate / nginx proxy >= 1.0
+#          of the same nginx: tollgate / nginx proxy >= 1.0. Also the floor
+#          of the crates tollgate is built on: a bare hyper reverse proxy
+#          (crates/bench/src/bin/bare-proxy.rs: hyper's server, hyper-util's
+#          pooled client, nothing else), pinned as tollgate is; printed
+#          with tollgate / bare and bare / nginx proxy.
 #      ii. at half of tollgate proxy's peak (oha -q, --latency-correction),
 #          p50 and p99 direct and through tollgate proxy: added p50 <= 150 us,
 #          added p99 <= 1 ms (nginx proxy measured too, for reference).
@@ -65,6 +69,7 @@ OHA_ROOT=${OHA_ROOT:-/work/tools-oha}
 target=${CARGO_TARGET_DIR:-target}
 case $target in /*) ;; *) target="$ROOT/$target" ;; esac
 TOLLGATE="$target/release/tollgate"
+BARE="$target/release/bare-proxy"
 PX="$ROOT/bench/proxy"
 CAPACITY=1000 RATE=300                    # Celigo's limits (the bundled profile)
 
@@ -86,6 +91,7 @@ tree_state() {
 rev=$(tree_state)
 log "building tollgate (release, $target) from $rev..."
 cargo build --release -q -p tollgate
+want 2 && cargo build --release -q -p tollgate-bench --bin bare-proxy
 if [ "$(tree_state)" != "$rev" ]; then
   log "WARNING: the code changed during the build (now $(tree_state)): the binary may be either"
   rev+=" (changed during the build)"
@@ -94,7 +100,7 @@ log "$(date -u '+%Y-%m-%d %H:%M UTC'): tollgate $("$TOLLGATE" --version | awk '{
 
 # ---------------------------------------------------------------- processes
 start_work pxbench
-read -r UP_PORT GW_PORT GW_ADMIN_PORT PX_PORT PX_ADMIN_PORT NPX_PORT < <(free_ports 6)
+read -r UP_PORT GW_PORT GW_ADMIN_PORT PX_PORT PX_ADMIN_PORT NPX_PORT BARE_PORT < <(free_ports 7)
 UPSTREAM="127.0.0.1:$UP_PORT"
 GATEWAY="127.0.0.1:$GW_PORT"
 GW_ADMIN="http://127.0.0.1:$GW_ADMIN_PORT"
@@ -163,6 +169,12 @@ start_proxy() {
     2>>"$work/proxy.err" &
   PX_PID=$!; pids+=("$PX_PID")
   wait_http "$PX_ADMIN/healthz" "$PX_PID"
+}
+
+start_bare() { # the bare hyper proxy to the backend, on PROXY_CPU
+  taskset -c "$PROXY_CPU" "$BARE" "127.0.0.1:$BARE_PORT" "http://$UPSTREAM" 2>>"$work/bare.err" &
+  BARE_PID=$!; pids+=("$BARE_PID")
+  wait_http "http://127.0.0.1:$BARE_PORT/" "$BARE_PID"
 }
 
 FOREIGN_MAX=0
@@ -245,6 +257,8 @@ if want 2; then
   start_backend
   start_nginx_proxy
   start_proxy "$PX/unlimited.toml" taskset -c "$PROXY_CPU"
+  start_bare
+  B_URL="http://127.0.0.1:$BARE_PORT/v1/items"
   D_URL="http://$UPSTREAM/v1/items"; N_URL="http://$NGINX_PROXY/v1/items"; T_URL="http://$PROXY/local/v1/items"
   warm "$D_URL"
   run_oha peak-direct "$D_URL" -
@@ -258,10 +272,16 @@ if want 2; then
   run_oha peak-tollgate "$T_URL" "$PX_PID"
   peak_t=$RPS cpu_t=$CPU_US
   log "     peak, tollgate proxy:   $RPS req/s ($OK/$ALL 2xx; proxy cpu $BUSY% busy; tollgate $CPU_US us of CPU per request)"
-  ratio=$(python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}')" "$peak_t" "$peak_n")
+  warm "$B_URL"
+  run_oha peak-bare "$B_URL" "$BARE_PID"
+  peak_b=$RPS cpu_b=$CPU_US
+  log "     peak, bare hyper proxy: $RPS req/s ($OK/$ALL 2xx; proxy cpu $BUSY% busy; $CPU_US us of CPU per request)"
+  ratio_of() { python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}')" "$1" "$2"; }
+  ratio=$(ratio_of "$peak_t" "$peak_n")
   v=$(verdict "$peak_t >= $peak_n")
-  log "     tollgate / nginx proxy: ${ratio}x (target >= 1.0: $v)"
+  log "     tollgate / nginx proxy: ${ratio}x (target >= 1.0: $v); tollgate / bare hyper: $(ratio_of "$peak_t" "$peak_b")x; bare hyper / nginx proxy: $(ratio_of "$peak_b" "$peak_n")x"
   row "2i" "peak req/s: direct $peak_d, nginx proxy $peak_n, tollgate proxy $peak_t = ${ratio}x (CPU/request: nginx $cpu_n us, tollgate $cpu_t us)" ">= 1.0x nginx proxy" "$v"
+  row "2i floor" "bare hyper proxy $peak_b req/s ($cpu_b us/request) = $(ratio_of "$peak_b" "$peak_n")x nginx proxy; tollgate = $(ratio_of "$peak_t" "$peak_b")x bare hyper" "(reference)" ""
 
   half=$((peak_t / 2))
   log "  ii. at a constant $half req/s (half of tollgate proxy's peak), oha -q $half --latency-correction"
@@ -280,10 +300,10 @@ if want 2; then
   row "2ii p50" "at $half req/s: direct $d50 us, tollgate $t50 us (+$add50), nginx proxy $n50 us (+$((n50 - d50)))" "<= +150 us" "$v50"
   row "2ii p99" "at $half req/s: direct $d99 us, tollgate $t99 us (+$add99), nginx proxy $n99 us (+$((n99 - d99)))" "<= +1,000 us" "$v99"
   curl -s -m 5 "$PX_ADMIN/metrics" | grep -E '^tollgate_proxy_(requests|upstream_calls)_total' | sed 's/^/  tollgate proxy: /' >&2 || true
-  stop "$PX_PID"; stop "$NPX_PID"; stop "$UP_PID"
+  stop "$PX_PID"; stop "$NPX_PID"; stop "$BARE_PID"; stop "$UP_PID"
 fi
 
-for f in gateway proxy; do
+for f in gateway proxy bare; do
   if [ -s "$work/$f.err" ] && grep -Eqi "panic|error|warn" "$work/$f.err"; then
     log ""; log "the $f's stderr had warnings or errors:"; grep -Ei "panic|error|warn" "$work/$f.err" | sed 's/^[^ ]* //' | sort | uniq -c | head >&2
   fi

@@ -8,6 +8,7 @@
 //! (its ticket is dropped), and one whose call is in flight gives its slot
 //! back when the response is dropped.
 
+use crate::keys::KeyLease;
 use crate::metrics::status_class;
 use crate::route::{self, Routed};
 use crate::settings::Client;
@@ -86,16 +87,15 @@ impl Outgoing {
     fn replayable(&self) -> bool {
         matches!(self, Outgoing::Kept(_))
     }
-    fn take(&mut self) -> AnyBody {
+    /// The body for one attempt; None when a streamed body was sent already.
+    fn take(&mut self) -> Option<AnyBody> {
         match self {
-            Outgoing::Kept(b) => Full::new(b.clone())
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-            Outgoing::Once(body) => body.take().unwrap_or_else(|| {
-                Full::new(Bytes::new())
+            Outgoing::Kept(b) => Some(
+                Full::new(b.clone())
                     .map_err(|never| match never {})
-                    .boxed_unsync()
-            }),
+                    .boxed_unsync(),
+            ),
+            Outgoing::Once(body) => body.take(),
         }
     }
 }
@@ -306,7 +306,7 @@ impl Proxy {
             .limits
             .iter()
             .any(|l| matches!(l.cost, Cost::JsonArray(_)));
-        let mut outgoing = read_body(body, generation.settings.max_replay_bytes).await?;
+        let outgoing = read_body(body, generation.settings.max_replay_bytes).await?;
         let json = match (&outgoing, needs_json) {
             (Outgoing::Kept(bytes), true) => serde_json::from_slice(bytes).ok(),
             // A limit counts the body's JSON: it must be read whole.
@@ -348,50 +348,54 @@ impl Proxy {
         })?;
         // What is sent: the client's headers, moved (not copied), made ready
         // once; each attempt sends a copy only if another may follow.
-        let mut headers = outgoing_headers(std::mem::take(&mut parts.headers), settings);
+        let headers = outgoing_headers(std::mem::take(&mut parts.headers), settings);
         let key_header = match settings.keys.is_empty() {
             true => None,
             false => HeaderName::from_bytes(settings.key_header.as_bytes()).ok(),
         };
-        let sent_again = outgoing.replayable() && (max_attempts > 1 || key_header.is_some());
-        // A failed attempt's response, relayed if no other attempt comes.
-        let mut last: Option<Response<ResponseBody>> = None;
-        let mut attempts_before = 0;
-        // With a key pool, a key the vendor refuses (401, 402, 403) is
-        // parked and the request goes again with another.
-        'keys: loop {
+        let mut calls = Calls {
+            settings,
+            line,
+            method: parts.method.clone(),
+            target,
+            sent_again: outgoing.replayable() && (max_attempts > 1 || key_header.is_some()),
+            headers,
+            body: outgoing,
+            arrived,
+            deadline,
+            last: None,
+            attempts_before: 0,
+        };
+        // With a key pool, a key the vendor refuses (401, 402) is parked and
+        // the request goes again with another.
+        loop {
             let key = match line.keys.choose() {
                 Ok(key) => key,
                 Err(parked) => {
                     outcome.metric = "keys_parked";
-                    if let Some(response) = last {
-                        return Ok(response);
-                    }
-                    return Err(Refusal::KeysParked {
-                        upstream: settings.name.clone(),
-                        reasons: parked,
-                    });
+                    return match calls.last {
+                        Some(response) => Ok(response),
+                        None => Err(Refusal::KeysParked {
+                            upstream: settings.name.clone(),
+                            reasons: parked,
+                        }),
+                    };
                 }
             };
-            let pooled = key
-                .as_ref()
-                .map(|k| settings.keys[k.index()].value.as_str());
-            let pooled_stand_in = key
-                .as_ref()
-                .map(|k| settings.keys[k.index()].stand_in.as_str());
+            let pooled = key.as_ref().map(|k| &settings.keys[k.index()]);
             if let (Some(name), Some(value)) = (
                 &key_header,
-                pooled.and_then(|v| HeaderValue::from_str(v).ok()),
+                pooled.and_then(|k| HeaderValue::from_str(&k.value).ok()),
             ) {
-                headers.insert(name.clone(), value);
+                calls.headers.insert(name.clone(), value);
             }
             let view = View {
                 method: parts.method.as_str(),
                 url: &url,
-                headers: &headers,
+                headers: &calls.headers,
                 upstream: settings,
                 workflow: control.workflow.as_deref(),
-                key: pooled_stand_in,
+                key: pooled.map(|k| k.stand_in.as_str()),
                 ip: &peer.ip,
                 body: json.as_ref(),
             };
@@ -399,190 +403,237 @@ impl Proxy {
             policy
                 .plan(&view, &mut items)
                 .map_err(|e| Refusal::BadRequest(format!("upstream '{}': {e}", settings.name)))?;
-            let mut ticket = line.line.enter(Ask {
+            let ticket = line.line.enter(Ask {
                 priority: control.priority,
                 items,
                 max_attempts,
             });
-            loop {
-                let turned = match &key {
-                    Some(k) => tokio::select! {
-                        turned = ticket.turn(Some(deadline)) => Some(turned),
-                        () = k.parked() => None,
-                    },
-                    None => Some(ticket.turn(Some(deadline)).await),
-                };
-                let Some(turned) = turned else {
-                    // Its key was parked while it waited: it leaves that line.
-                    attempts_before = outcome.attempts;
-                    continue 'keys;
-                };
-                let attempt = match turned {
-                    Ok(attempt) => attempt,
-                    Err(Refused::Expired { waiting }) => {
-                        let now = self.clock.now();
-                        outcome.waited = now - arrived;
-                        if let Some(response) = last {
-                            outcome.metric = "response";
-                            outcome.decision = "retried";
-                            return Ok(response);
-                        }
-                        let limit = waiting
-                            .and_then(|w| w.limit)
-                            .map(|l| policy.limits[l].name.clone());
-                        outcome.metric = "wait_exceeded";
-                        outcome.decision = "denied";
-                        outcome.limit = limit.clone();
-                        return Err(Refusal::WaitExceeded {
-                            upstream: settings.name.clone(),
-                            limit,
-                            waited: now - arrived,
-                            retry_after: waiting
-                                .map_or(NANOS_PER_SEC, |w| w.until.saturating_sub(now)),
-                        });
+            if let Some(answer) = self.with_key(&mut calls, ticket, key, outcome).await {
+                return answer;
+            }
+        }
+    }
+
+    /// The attempts of one request with one key of the pool (or with the
+    /// upstream's own credentials): wait for the turn, send, retry what is
+    /// safe to retry, relay the final answer. None: the key was parked, and
+    /// the request goes again with another.
+    async fn with_key<'g>(
+        &self,
+        calls: &mut Calls<'g>,
+        mut ticket: Ticket,
+        key: Option<KeyLease<'_>>,
+        outcome: &mut Outcome<'g>,
+    ) -> Option<Answer> {
+        let settings = calls.settings;
+        loop {
+            let turned = match &key {
+                Some(k) => tokio::select! {
+                    turned = ticket.turn(Some(calls.deadline)) => turned,
+                    () = k.parked() => {
+                        // Its key was parked while it waited: it leaves that line.
+                        calls.attempts_before = outcome.attempts;
+                        return None;
                     }
-                    Err(Refused::Rejected(reason)) => {
-                        return Err(Refusal::BadRequest(format!(
-                            "upstream '{}': this request {reason}",
-                            settings.name
-                        )))
-                    }
-                };
-                if let Some(key) = &key {
-                    key.sent();
-                    if key.is_parked() {
-                        // Refused while this call waited: take another key
-                        // (the slot of a dead key is no loss).
-                        attempts_before = outcome.attempts;
-                        continue 'keys;
-                    }
+                },
+                None => ticket.turn(Some(calls.deadline)).await,
+            };
+            let attempt = match turned {
+                Ok(attempt) => attempt,
+                Err(Refused::Expired { waiting }) => {
+                    return Some(calls.expired(waiting, self.clock.now(), outcome))
                 }
-                let attempt = attempts_before + attempt;
-                outcome.attempts = attempt;
-                let sent = self.clock.now();
-                if attempt == 1 {
-                    outcome.waited = sent - arrived;
-                    line.metrics
-                        .waited(outcome.waited as f64 / NANOS_PER_SEC as f64);
-                    // (under a millisecond is the handing over, not a wait)
-                    outcome.decision = if outcome.waited >= 1_000_000 {
-                        "waited"
-                    } else {
-                        "admitted"
-                    };
+                Err(Refused::Rejected(reason)) => {
+                    return Some(Err(Refusal::BadRequest(format!(
+                        "upstream '{}': this request {reason}",
+                        settings.name
+                    ))))
                 }
-                if attempt > 1 && !outgoing.replayable() && attempts_before == 0 {
-                    // (max_attempts is 1 for these: a guard, not a path)
-                    return Err(Refusal::UpstreamFailed(format!(
-                    "upstream '{}': the request body was streamed once and cannot be sent again",
-                    settings.name
-                )));
+            };
+            if let Some(key) = &key {
+                key.sent();
+                if key.is_parked() {
+                    // Refused while this call waited: take another key
+                    // (the slot of a dead key is no loss).
+                    calls.attempts_before = outcome.attempts;
+                    return None;
                 }
-                let body = outgoing.take();
-                let mut request = Request::new(body);
-                *request.method_mut() = parts.method.clone();
-                *request.uri_mut() = target.clone();
-                *request.headers_mut() = match sent_again {
-                    true => headers.clone(),
-                    false => std::mem::take(&mut headers),
+            }
+            let attempt = calls.attempts_before + attempt;
+            outcome.attempts = attempt;
+            let sent = self.clock.now();
+            if attempt == 1 {
+                outcome.waited = sent - calls.arrived;
+                calls
+                    .line
+                    .metrics
+                    .waited(outcome.waited as f64 / NANOS_PER_SEC as f64);
+                // (under a millisecond is the handing over, not a wait)
+                outcome.decision = if outcome.waited >= 1_000_000 {
+                    "waited"
+                } else {
+                    "admitted"
                 };
-                let sent_call =
-                    tokio::time::timeout(settings.timeout, line.client.request(request));
-                let failed = match sent_call.await {
-                    Ok(Ok(response)) => Ok(response),
-                    Ok(Err(e)) => Err((false, failure(&e))),
-                    Err(_) => Err((true, "timed out".to_string())),
-                };
-                let response = match failed {
-                    Ok(response) => response,
-                    Err((timed_out, error)) => {
-                        line.metrics.call("network_error");
-                        tracing::warn!(upstream = %settings.name, attempt, "upstream call failed: {error}");
-                        let reply = Reply::Failed { error };
-                        match ticket.report(&reply) {
-                            Settled::Retry { at } if at <= deadline => continue,
-                            _ => {
-                                outcome.metric = "network_error";
-                                return Err(if timed_out {
-                                    Refusal::UpstreamTimeout
-                                } else {
-                                    Refusal::UpstreamFailed(format!(
+            }
+            let response = match calls.send().await {
+                Ok(response) => response,
+                Err((timed_out, error)) => {
+                    calls.line.metrics.call("network_error");
+                    tracing::warn!(upstream = %settings.name, attempt, "upstream call failed: {error}");
+                    match ticket.report(&Reply::Failed { error }) {
+                        Settled::Retry { at } if at <= calls.deadline => continue,
+                        _ => {
+                            outcome.metric = "network_error";
+                            return Some(Err(if timed_out {
+                                Refusal::UpstreamTimeout
+                            } else {
+                                Refusal::UpstreamFailed(format!(
                                     "Upstream '{}' could not be reached or broke the connection ({attempt} attempt(s)).",
                                     settings.name
                                 ))
-                                });
-                            }
+                            }));
                         }
                     }
-                };
-                outcome.upstream_ms = Some((self.clock.now() - sent) as f64 / 1e6);
-                let status = response.status().as_u16();
-                line.metrics.call(status_class(status));
-                let retry_after = ratelimit::retry_after(
+                }
+            };
+            outcome.upstream_ms = Some((self.clock.now() - sent) as f64 / 1e6);
+            outcome.metric = "response";
+            let status = response.status().as_u16();
+            calls.line.metrics.call(status_class(status));
+            let reply = Reply::Status {
+                status,
+                retry_after: ratelimit::retry_after(
                     response
                         .headers()
                         .get(hyper::header::RETRY_AFTER)
                         .and_then(|v| v.to_str().ok()),
                     std::time::SystemTime::now(),
+                ),
+                corrections: ratelimit::corrections_in(response.headers()),
+            };
+            if let (Some(key), 401..=403) = (&key, status) {
+                // The vendor refuses the key itself: park it.
+                key.park(format!("HTTP {status}"));
+                tracing::warn!(
+                    upstream = %settings.name,
+                    key = %settings.keys[key.index()].label,
+                    "the vendor answered HTTP {status} to a pooled key: parked; the other keys carry on"
                 );
-                let corrections = ratelimit::corrections_in(response.headers());
-                let reply = Reply::Status {
-                    status,
-                    retry_after,
-                    corrections,
-                };
-                outcome.metric = "response";
-                if let (Some(key), 401..=403) = (&key, status) {
-                    // The vendor refuses the key itself: park it; the request
-                    // (which it did not serve) goes again with another.
-                    key.park(format!("HTTP {status}"));
-                    tracing::warn!(
-                        upstream = %settings.name,
-                        key = %settings.keys[key.index()].label,
-                        "the vendor answered HTTP {status} to a pooled key: parked; the other keys carry on"
-                    );
-                    // 401 and 402 say the key itself is refused, so the request
-                    // goes again with another; a 403 may be about this request
-                    // (a scope the keys lack): its answer is relayed, so one
-                    // such request parks one key at most.
-                    if status != 403 && outgoing.replayable() {
-                        ticket.report(&reply);
-                        attempts_before = attempt;
-                        continue 'keys;
-                    }
-                }
-                let (mut head, body) = response.into_parts();
-                strip_hop_by_hop(&mut head.headers);
-                // (the upstream's HTTP version and extensions are not relayed)
-                head.version = hyper::Version::HTTP_11;
-                head.extensions.clear();
-                if !matches!(status, 429 | 408 | 500..=599) {
-                    // The final answer: streamed, reported when it ends.
-                    let body = GuardedBody::new(
-                        body.map_err(BoxError::from).boxed_unsync(),
-                        Some(Finish { ticket, reply }),
-                    );
-                    return Ok(Response::from_parts(head, body));
-                }
-                // A failed attempt: its body is kept, in case it is the last.
-                let bytes =
-                    tokio::time::timeout(settings.timeout, read_capped(body, MAX_FAILURE_BODY))
-                        .await
-                        .unwrap_or_default();
-                let settled = ticket.report(&reply);
-                let mut head = head;
-                // (what was kept may be shorter than the upstream's length)
-                head.headers.remove(hyper::header::CONTENT_LENGTH);
-                let kept = Response::from_parts(head, Full::new(bytes).into());
-                match settled {
-                    Settled::Retry { at } if at <= deadline => {
-                        tracing::info!(upstream = %settings.name, status, attempt, "retrying");
-                        last = Some(kept);
-                    }
-                    _ => return Ok(kept),
+                // 401 and 402 say the key itself is refused, so the request
+                // (which it did not serve) goes again with another; a 403 may
+                // be about this request (a scope the keys lack): its answer
+                // is relayed, so one such request parks one key at most.
+                if status != 403 && calls.body.replayable() {
+                    ticket.report(&reply);
+                    calls.attempts_before = attempt;
+                    return None;
                 }
             }
+            let (mut head, body) = response.into_parts();
+            strip_hop_by_hop(&mut head.headers);
+            // (the upstream's HTTP version and extensions are not relayed)
+            head.version = hyper::Version::HTTP_11;
+            head.extensions.clear();
+            if !matches!(status, 429 | 408 | 500..=599) {
+                // The final answer: streamed, reported when it ends.
+                let body = GuardedBody::new(
+                    body.map_err(BoxError::from).boxed_unsync(),
+                    Some(Finish { ticket, reply }),
+                );
+                return Some(Ok(Response::from_parts(head, body)));
+            }
+            // A failed attempt: its body is kept, in case it is the last.
+            let bytes = tokio::time::timeout(settings.timeout, read_capped(body, MAX_FAILURE_BODY))
+                .await
+                .unwrap_or_default();
+            // (what was kept may be shorter than the upstream's length)
+            head.headers.remove(hyper::header::CONTENT_LENGTH);
+            let kept = Response::from_parts(head, Full::new(bytes).into());
+            match ticket.report(&reply) {
+                Settled::Retry { at } if at <= calls.deadline => {
+                    tracing::info!(upstream = %settings.name, status, attempt, "retrying");
+                    calls.last = Some(kept);
+                }
+                _ => return Some(Ok(kept)),
+            }
         }
+    }
+}
+
+/// What a request gets: the upstream's response, or tollgate's refusal.
+type Answer = Result<Response<ResponseBody>, Refusal>;
+
+/// What every attempt of one request shares.
+struct Calls<'g> {
+    settings: &'g Upstream,
+    line: &'g crate::state::UpstreamLine,
+    method: Method,
+    target: hyper::Uri,
+    /// Ready to send, the pooled key (if any) in place.
+    headers: HeaderMap,
+    /// Whether an attempt may follow this one (then each sends a copy).
+    sent_again: bool,
+    body: Outgoing,
+    arrived: Nanos,
+    deadline: Nanos,
+    /// A failed attempt's response, relayed if no other attempt comes.
+    last: Option<Response<ResponseBody>>,
+    /// Attempts made with keys parked since.
+    attempts_before: u32,
+}
+
+impl<'g> Calls<'g> {
+    /// One call to the upstream: the response head, or whether it timed out
+    /// and what failed.
+    async fn send(&mut self) -> Result<Response<Incoming>, (bool, String)> {
+        let Some(body) = self.body.take() else {
+            // (such a request has one attempt: a guard, not a path)
+            return Err((
+                false,
+                "the request body was streamed once and cannot be sent again".into(),
+            ));
+        };
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.target.clone();
+        *request.headers_mut() = match self.sent_again {
+            true => self.headers.clone(),
+            false => std::mem::take(&mut self.headers),
+        };
+        let call = self.line.client.request(request);
+        match tokio::time::timeout(self.settings.timeout, call).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err((false, failure(&e))),
+            Err(_) => Err((true, "timed out".to_string())),
+        }
+    }
+
+    /// The deadline passed while the request waited: the last failed
+    /// attempt's answer if there was one, else tollgate's 429.
+    fn expired(
+        &mut self,
+        waiting: Option<tollgate_comply::Waiting>,
+        now: Nanos,
+        outcome: &mut Outcome<'g>,
+    ) -> Result<Response<ResponseBody>, Refusal> {
+        outcome.waited = now - self.arrived;
+        if let Some(response) = self.last.take() {
+            outcome.metric = "response";
+            outcome.decision = "retried";
+            return Ok(response);
+        }
+        let limit = waiting
+            .and_then(|w| w.limit)
+            .map(|l| self.settings.policy.limits[l].name.clone());
+        outcome.metric = "wait_exceeded";
+        outcome.decision = "denied";
+        outcome.limit = limit.clone();
+        Err(Refusal::WaitExceeded {
+            upstream: self.settings.name.clone(),
+            limit,
+            waited: now - self.arrived,
+            retry_after: waiting.map_or(NANOS_PER_SEC, |w| w.until.saturating_sub(now)),
+        })
     }
 }
 

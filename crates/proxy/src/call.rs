@@ -299,6 +299,14 @@ impl Proxy {
         }
         outcome.upstream = Some(&settings.name);
         outcome.metrics = Some(&line.metrics);
+        if matches!(parts.method, Method::TRACE | Method::CONNECT) {
+            // A TRACE is echoed back with the credentials the proxy adds;
+            // a CONNECT inside a tunnel has nowhere to go.
+            return Err(Refusal::MethodNotAllowed(format!(
+                "{} is not relayed to upstreams",
+                parts.method
+            )));
+        }
         let control = control(&parts.headers, generation, client)?;
 
         let policy = &settings.policy;
@@ -329,12 +337,7 @@ impl Proxy {
         }
         let safe = matches!(
             parts.method,
-            Method::GET
-                | Method::HEAD
-                | Method::OPTIONS
-                | Method::TRACE
-                | Method::PUT
-                | Method::DELETE
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
         ) || parts.headers.contains_key(&IDEMPOTENCY_KEY);
         let max_attempts = if safe && outgoing.replayable() {
             settings.max_attempts
@@ -358,16 +361,19 @@ impl Proxy {
             line,
             method: parts.method.clone(),
             target,
-            sent_again: outgoing.replayable() && (max_attempts > 1 || key_header.is_some()),
+            sent_again: max_attempts > 1,
+            max_attempts,
             headers,
             body: outgoing,
             arrived,
             deadline,
             last: None,
+            failed: None,
+            parked_a_key: false,
             attempts_before: 0,
         };
         // With a key pool, a key the vendor refuses (401, 402) is parked and
-        // the request goes again with another.
+        // the request, if it may be sent again, goes with another.
         loop {
             let key = match line.keys.choose() {
                 Ok(key) => key,
@@ -480,18 +486,23 @@ impl Proxy {
                 Err((timed_out, error)) => {
                     calls.line.metrics.call("network_error");
                     tracing::warn!(upstream = %settings.name, attempt, "upstream call failed: {error}");
+                    let refusal = if timed_out {
+                        Refusal::UpstreamTimeout
+                    } else {
+                        Refusal::UpstreamFailed(format!(
+                            "Upstream '{}' could not be reached or broke the connection ({attempt} attempt(s)).",
+                            settings.name
+                        ))
+                    };
                     match ticket.report(&Reply::Failed { error }) {
-                        Settled::Retry { at } if at <= calls.deadline => continue,
+                        Settled::Retry { at } if at <= calls.deadline => {
+                            // (the answer if the wait for the retry runs out)
+                            calls.failed = Some(refusal);
+                            continue;
+                        }
                         _ => {
                             outcome.metric = "network_error";
-                            return Some(Err(if timed_out {
-                                Refusal::UpstreamTimeout
-                            } else {
-                                Refusal::UpstreamFailed(format!(
-                                    "Upstream '{}' could not be reached or broke the connection ({attempt} attempt(s)).",
-                                    settings.name
-                                ))
-                            }));
+                            return Some(Err(refusal));
                         }
                     }
                 }
@@ -511,19 +522,21 @@ impl Proxy {
                 ),
                 corrections: ratelimit::corrections_in(response.headers()),
             };
-            if let (Some(key), 401..=403) = (&key, status) {
-                // The vendor refuses the key itself: park it.
+            // 401 and 402 say the key itself is refused: it is parked, and
+            // the request (which it did not serve) goes again with another
+            // when it may be sent again. One request parks one key at most:
+            // if the next key is refused too, the request itself may be the
+            // cause, and its answer is relayed. (A 403 is often about the
+            // request, a scope the keys lack: relayed, nothing parked.)
+            if let (Some(key), 401 | 402, false) = (&key, status, calls.parked_a_key) {
                 key.park(format!("HTTP {status}"));
+                calls.parked_a_key = true;
                 tracing::warn!(
                     upstream = %settings.name,
                     key = %settings.keys[key.index()].label,
                     "the vendor answered HTTP {status} to a pooled key: parked; the other keys carry on"
                 );
-                // 401 and 402 say the key itself is refused, so the request
-                // (which it did not serve) goes again with another; a 403 may
-                // be about this request (a scope the keys lack): its answer
-                // is relayed, so one such request parks one key at most.
-                if status != 403 && calls.body.replayable() {
+                if calls.sent_again {
                     ticket.report(&reply);
                     calls.attempts_before = attempt;
                     return None;
@@ -534,7 +547,8 @@ impl Proxy {
             // (the upstream's HTTP version and extensions are not relayed)
             head.version = hyper::Version::HTTP_11;
             head.extensions.clear();
-            if !matches!(status, 429 | 408 | 500..=599) {
+            let retryable = matches!(status, 429 | 408 | 500..=599);
+            if !retryable || attempt - calls.attempts_before >= calls.max_attempts {
                 // The final answer: streamed, reported when it ends.
                 let body = GuardedBody::new(
                     body.map_err(BoxError::from).boxed_unsync(),
@@ -543,9 +557,7 @@ impl Proxy {
                 return Some(Ok(Response::from_parts(head, body)));
             }
             // A failed attempt: its body is kept, in case it is the last.
-            let bytes = tokio::time::timeout(settings.timeout, read_capped(body, MAX_FAILURE_BODY))
-                .await
-                .unwrap_or_default();
+            let bytes = read_capped(body, MAX_FAILURE_BODY, settings.timeout).await;
             // (what was kept may be shorter than the upstream's length)
             head.headers.remove(hyper::header::CONTENT_LENGTH);
             let kept = Response::from_parts(head, Full::new(bytes).into());
@@ -578,6 +590,12 @@ struct Calls<'g> {
     deadline: Nanos,
     /// A failed attempt's response, relayed if no other attempt comes.
     last: Option<Response<ResponseBody>>,
+    /// An attempt that got no response, answered if no other attempt comes.
+    failed: Option<Refusal>,
+    /// Attempts per turn-taking (retry-safe requests), from 1.
+    max_attempts: u32,
+    /// A key of the pool was parked for this request.
+    parked_a_key: bool,
     /// Attempts made with keys parked since.
     attempts_before: u32,
 }
@@ -621,6 +639,12 @@ impl<'g> Calls<'g> {
             outcome.metric = "response";
             outcome.decision = "retried";
             return Ok(response);
+        }
+        if let Some(refusal) = self.failed.take() {
+            // Something was sent: not "nothing was sent" (tollgate's 429).
+            outcome.metric = "network_error";
+            outcome.decision = "retried";
+            return Err(refusal);
         }
         let limit = waiting
             .and_then(|w| w.limit)
@@ -931,10 +955,12 @@ async fn read_body(mut body: Incoming, cap: usize) -> Result<Outgoing, Refusal> 
     Ok(Outgoing::Kept(kept.freeze()))
 }
 
-/// A response body, up to `cap` bytes (the rest is dropped).
-async fn read_capped(mut body: Incoming, cap: usize) -> Bytes {
+/// A response body, up to `cap` bytes (the rest is dropped), read for at
+/// most `within`: what came by then is kept.
+async fn read_capped(mut body: Incoming, cap: usize, within: Duration) -> Bytes {
+    let until = tokio::time::Instant::now() + within;
     let mut kept = BytesMut::new();
-    while let Some(Ok(frame)) = body.frame().await {
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(until, body.frame()).await {
         let Ok(chunk) = frame.into_data() else {
             continue;
         };

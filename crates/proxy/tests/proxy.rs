@@ -691,6 +691,66 @@ async fn a_key_the_vendor_revokes_is_parked_and_its_share_moves_to_the_others() 
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_request_parks_one_key_at_most_and_is_sent_again_only_when_safe() {
+    // Every key gets 401 on /pay and 403 on /scope: the request is the
+    // cause there, not the keys.
+    let up = tollgate_testkit::upstream::scripted_seen(|seen, _| match seen.path.as_str() {
+        "/pay" => Answer::Status(401, vec![], "{\"error\":\"card declined\"}"),
+        "/scope" => Answer::Status(403, vec![], "{\"error\":\"missing scope\"}"),
+        _ => ok(),
+    })
+    .await;
+    let limits = format!("{}\n{}", pool_keys(), bucket("api", 100, "100/s"));
+    let proxy = start(&upstream("crm", up.addr, &limits)).await;
+    let parked = || async {
+        let usage: serde_json::Value = json(&proxy.admin_url("/v1/usage?upstream=crm")).await;
+        let keys = usage["upstreams"][0]["keys"]
+            .as_array()
+            .expect("keys")
+            .clone();
+        keys.iter().filter(|k| !k["parked"].is_null()).count()
+    };
+    let seen = |path: &str, method: &str| {
+        let seen = up.seen.lock().expect("lock");
+        seen.iter()
+            .filter(|s| s.path == path && s.method == method)
+            .count()
+    };
+
+    // A 403 parks nothing.
+    assert_eq!(get(&proxy.url("crm", "/scope"), &[]).await.status(), 403);
+    assert_eq!(parked().await, 0, "a 403 is about the request");
+
+    // A GET refused with 401: its key is parked, it goes again with
+    // another, refused again: that answer is relayed, that key kept.
+    let refused = get(&proxy.url("crm", "/pay"), &[]).await;
+    assert_eq!(refused.status(), 401);
+    assert_eq!(refused.headers()["tollgate-attempts"], "2");
+    assert_eq!(seen("/pay", "GET"), 2);
+    assert_eq!(parked().await, 1, "one request parks one key at most");
+
+    // A POST without Idempotency-Key is sent once, whatever the answer.
+    let post = client()
+        .post(proxy.url("crm", "/pay"))
+        .body("{\"amount\": 10}")
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(post.status(), 401);
+    assert_eq!(seen("/pay", "POST"), 1, "a POST is never sent twice");
+    assert_eq!(parked().await, 2);
+
+    // TRACE would echo the vendor key the proxy adds: refused here.
+    let trace = client()
+        .request(reqwest::Method::TRACE, proxy.url("crm", "/ok"))
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(trace.status(), 405);
+    assert_eq!(seen("/ok", "TRACE"), 0, "the upstream saw no TRACE");
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_alias_path_cannot_climb_out_of_its_upstreams_base_path() {
     let up = scripted(|_, _| ok()).await;
     let config = format!(

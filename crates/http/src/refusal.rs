@@ -70,7 +70,8 @@ pub enum Refusal {
     HeadersTooLarge { max: usize },
     /// 404: no route and no default upstream.
     NoRoute,
-    /// 405: a method the gateway does not proxy (CONNECT).
+    /// 405: a method tollgate does not relay (the gateway: CONNECT; the
+    /// proxy: TRACE, and CONNECT inside a tunnel).
     MethodNotAllowed(String),
     /// 503: the store tracks `max_keys` keys and none is idle.
     StoreFull(String),
@@ -222,7 +223,7 @@ impl Refusal {
             | Refusal::StoreFull(m)
             | Refusal::StoreUnavailable(m)
             | Refusal::UpstreamFailed(m) => m.clone(),
-            Refusal::MethodNotAllowed(m) => format!("The gateway does not proxy {m} requests."),
+            Refusal::MethodNotAllowed(m) => format!("tollgate does not relay {m} requests."),
             Refusal::NoRoute => {
                 "No route matches this request and no default upstream is set.".into()
             }

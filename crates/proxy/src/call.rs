@@ -302,10 +302,7 @@ impl Proxy {
         if matches!(parts.method, Method::TRACE | Method::CONNECT) {
             // A TRACE is echoed back with the credentials the proxy adds;
             // a CONNECT inside a tunnel has nowhere to go.
-            return Err(Refusal::MethodNotAllowed(format!(
-                "{} is not relayed to upstreams",
-                parts.method
-            )));
+            return Err(Refusal::MethodNotAllowed(parts.method.to_string()));
         }
         let control = control(&parts.headers, generation, client)?;
 

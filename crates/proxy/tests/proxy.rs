@@ -747,6 +747,8 @@ async fn a_request_parks_one_key_at_most_and_is_sent_again_only_when_safe() {
         .await
         .expect("response");
     assert_eq!(trace.status(), 405);
+    let problem: serde_json::Value = trace.json().await.expect("problem+json");
+    assert_eq!(problem["detail"], "tollgate does not relay TRACE requests.");
     assert_eq!(seen("/ok", "TRACE"), 0, "the upstream saw no TRACE");
 }
 

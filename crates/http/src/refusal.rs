@@ -112,6 +112,9 @@ pub enum Refusal {
         upstream: String,
         reasons: Vec<String>,
     },
+    /// 503 from the proxy: the request bodies it keeps for waiting and
+    /// in-flight requests already add up to `max` bytes.
+    BodiesFull { max: usize },
 }
 
 impl Refusal {
@@ -137,7 +140,9 @@ impl Refusal {
             Refusal::UnknownUpstream { .. } => StatusCode::NOT_FOUND,
             Refusal::ClientToken { proxy: true, .. } => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             Refusal::ClientToken { proxy: false, .. } => StatusCode::UNAUTHORIZED,
-            Refusal::KeysParked { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::KeysParked { .. } | Refusal::BodiesFull { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -163,6 +168,7 @@ impl Refusal {
             Refusal::UnknownUpstream { .. } => "unknown_upstream",
             Refusal::ClientToken { .. } => "client_token",
             Refusal::KeysParked { .. } => "keys_parked",
+            Refusal::BodiesFull { .. } => "bodies_full",
         }
     }
 
@@ -198,6 +204,7 @@ impl Refusal {
             Refusal::KeysParked { upstream, .. } => {
                 format!("Every key of upstream '{upstream}' is parked")
             }
+            Refusal::BodiesFull { .. } => "The proxy keeps too many request bodies".into(),
         }
     }
 
@@ -273,6 +280,9 @@ impl Refusal {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
+            Refusal::BodiesFull { max } => format!(
+                "The bodies of the requests waiting here or in flight add up to the {max} bytes this proxy keeps for them ([proxy] max_kept_bytes); retry in a moment."
+            ),
         }
     }
 
@@ -329,6 +339,9 @@ impl Refusal {
                     RETRY_AFTER,
                     HeaderValue::from(whole_seconds(*retry_after).max(1)),
                 );
+            }
+            Refusal::BodiesFull { .. } => {
+                headers.insert(RETRY_AFTER, HeaderValue::from(1));
             }
             Refusal::ClientToken { proxy: true, .. } => {
                 headers.insert(

@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, HOST, PROXY_AUTHORIZATION};
 use hyper::{Method, Request, Response};
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tollgate_comply::{Ask, Priority, Refused, Reply, Settled, Ticket, Upstream};
@@ -311,7 +312,8 @@ impl Proxy {
             .limits
             .iter()
             .any(|l| matches!(l.cost, Cost::JsonArray(_)));
-        let outgoing = read_body(body, generation.settings.max_replay_bytes).await?;
+        let (outgoing, held) = read_body(body, generation.settings.max_replay_bytes).await?;
+        let kept = KeptBytes::count(&self.kept_bytes, held, generation.settings.max_kept_bytes)?;
         let json = match (&outgoing, needs_json) {
             (Outgoing::Kept(bytes), true) => serde_json::from_slice(bytes).ok(),
             // A limit counts the body's JSON: it must be read whole.
@@ -366,6 +368,7 @@ impl Proxy {
             deadline,
             last: None,
             failed: None,
+            _kept: kept,
             parked_a_key: false,
             attempts_before: 0,
         };
@@ -593,6 +596,9 @@ struct Calls<'g> {
     max_attempts: u32,
     /// A key of the pool was parked for this request.
     parked_a_key: bool,
+    /// The body's bytes, counted against `[proxy] max_kept_bytes` while
+    /// the request lasts.
+    _kept: Option<KeptBytes>,
     /// Attempts made with keys parked since.
     attempts_before: u32,
 }
@@ -925,9 +931,44 @@ fn outgoing_headers(client: HeaderMap, upstream: &Upstream) -> HeaderMap {
     headers
 }
 
+/// Bytes of one request's body counted in the proxy's total until dropped.
+struct KeptBytes {
+    total: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl KeptBytes {
+    /// Count `bytes` in `total`, unless that would pass `max` (503: the
+    /// request waits nowhere and nothing of it is sent).
+    fn count(
+        total: &Arc<AtomicUsize>,
+        bytes: usize,
+        max: usize,
+    ) -> Result<Option<KeptBytes>, Refusal> {
+        if bytes == 0 {
+            return Ok(None);
+        }
+        let before = total.fetch_add(bytes, Ordering::Relaxed);
+        if before.saturating_add(bytes) > max {
+            total.fetch_sub(bytes, Ordering::Relaxed);
+            return Err(Refusal::BodiesFull { max });
+        }
+        Ok(Some(KeptBytes {
+            total: total.clone(),
+            bytes,
+        }))
+    }
+}
+
+impl Drop for KeptBytes {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
 /// The client's body: kept whole up to `cap` (so it can be sent again), or
-/// streamed once when larger.
-async fn read_body(mut body: Incoming, cap: usize) -> Result<Outgoing, Refusal> {
+/// streamed once when larger; and the bytes held of it.
+async fn read_body(mut body: Incoming, cap: usize) -> Result<(Outgoing, usize), Refusal> {
     let mut kept = BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame
@@ -937,6 +978,7 @@ async fn read_body(mut body: Incoming, cap: usize) -> Result<Outgoing, Refusal> 
         };
         if kept.len() + data.len() > cap {
             kept.extend_from_slice(&data);
+            let held = kept.len();
             let first = futures_util::stream::once(std::future::ready(Ok::<Bytes, hyper::Error>(
                 kept.freeze(),
             )));
@@ -945,11 +987,13 @@ async fn read_body(mut body: Incoming, cap: usize) -> Result<Outgoing, Refusal> 
                 .chain(rest)
                 .map_ok(Frame::data)
                 .map_err(BoxError::from);
-            return Ok(Outgoing::Once(Some(StreamBody::new(stream).boxed_unsync())));
+            let once = Outgoing::Once(Some(StreamBody::new(stream).boxed_unsync()));
+            return Ok((once, held));
         }
         kept.extend_from_slice(&data);
     }
-    Ok(Outgoing::Kept(kept.freeze()))
+    let held = kept.len();
+    Ok((Outgoing::Kept(kept.freeze()), held))
 }
 
 /// A response body, up to `cap` bytes (the rest is dropped), read for at

@@ -28,6 +28,10 @@ pub struct ProxySettings {
     /// A request body up to this size is kept so the request can be sent
     /// again; a larger one is streamed once and never retried.
     pub max_replay_bytes: usize,
+    /// The most bytes of request bodies kept at once, over every request
+    /// waiting or in flight; a request past it gets 503 (memory stays
+    /// bounded however many wait).
+    pub max_kept_bytes: usize,
     pub access_log: AccessLog,
     pub shutdown_grace: Duration,
     pub clients: Vec<Client>,
@@ -68,6 +72,7 @@ impl Default for ProxySettings {
             admin_token_env: "TOLLGATE_ADMIN_TOKEN".into(),
             max_wait: Duration::from_secs(30),
             max_replay_bytes: 1 << 20,
+            max_kept_bytes: 256 << 20,
             access_log: AccessLog::Text,
             shutdown_grace: Duration::from_secs(10),
             clients: Vec::new(),
@@ -89,6 +94,7 @@ struct RawProxy {
     admin_token_env: Option<String>,
     max_wait: Option<Spanned<String>>,
     max_replay_bytes: Option<Spanned<u64>>,
+    max_kept_bytes: Option<Spanned<u64>>,
     access_log: Option<Spanned<String>>,
     shutdown_grace: Option<Spanned<String>>,
     ca_dir: Option<String>,
@@ -159,6 +165,20 @@ impl ProxySettings {
                     err(
                         v.span().start,
                         "proxy max_replay_bytes must be at most 1073741824 (1 GiB)".into(),
+                    )
+                })?;
+        }
+        if let Some(v) = &p.max_kept_bytes {
+            s.max_kept_bytes = usize::try_from(*v.get_ref())
+                .ok()
+                .filter(|n| *n >= s.max_replay_bytes)
+                .ok_or_else(|| {
+                    err(
+                        v.span().start,
+                        format!(
+                            "proxy max_kept_bytes must be at least max_replay_bytes ({}), or no body could be kept",
+                            s.max_replay_bytes
+                        ),
                     )
                 })?;
         }
@@ -291,5 +311,9 @@ mod tests {
         assert!(err("[proxy]\nlisten = \"here\"\n")
             .starts_with("line 2: proxy listen 'here' is not an address"));
         assert!(err("[proxy]\nlisen = \"x\"\n").contains("unknown field `lisen`"));
+        assert_eq!(
+            err("[proxy]\nmax_replay_bytes = 2000\nmax_kept_bytes = 1000\n"),
+            "line 3: proxy max_kept_bytes must be at least max_replay_bytes (2000), or no body could be kept"
+        );
     }
 }

@@ -118,6 +118,9 @@ pub struct Proxy {
     ids: AtomicU64,
     id_prefix: u64,
     reload_lock: tokio::sync::Mutex<()>,
+    /// Bytes of request bodies kept now, over every request waiting or in
+    /// flight (bounded by `[proxy] max_kept_bytes`).
+    pub(crate) kept_bytes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -221,6 +224,7 @@ impl Proxy {
             access,
             admin_token,
             ids: AtomicU64::new(0),
+            kept_bytes: Arc::default(),
             id_prefix: id_prefix & 0xffff_ffff,
             reload_lock: tokio::sync::Mutex::new(()),
         })

@@ -470,6 +470,44 @@ async fn a_client_that_disconnects_while_waiting_leaves_the_line() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn request_bodies_kept_while_waiting_are_bounded_in_bytes() {
+    let up = scripted(|_, _| ok()).await;
+    let config = format!(
+        "[proxy]\nmax_replay_bytes = 1000\nmax_kept_bytes = 1500\n{}",
+        upstream("crm", up.addr, &bucket("api", 1, "1/s"))
+    );
+    let proxy = start(&config).await;
+    let post = |path: &str| {
+        let url = proxy.url("crm", path);
+        async move {
+            client()
+                .put(url)
+                .body(vec![b'x'; 1000])
+                .send()
+                .await
+                .expect("response")
+        }
+    };
+    assert_eq!(get(&proxy.url("crm", "/first"), &[]).await.status(), 200);
+    // The bucket is empty: this one waits about a second, its body kept.
+    let waiting = tokio::spawn(post("/waiting"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let queued = proxy.proxy.current().lines[0].line.inspect(|s| s.queued());
+    assert_eq!(queued, 1);
+    // A second body would pass the 1,500 bytes kept: refused at once.
+    let full = post("/full").await;
+    assert_eq!(full.status(), 503);
+    assert_eq!(full.headers()["retry-after"], "1");
+    let problem: serde_json::Value = full.json().await.expect("problem+json");
+    assert_eq!(problem["type"], "https://tollgate.dev/errors/bodies_full");
+    assert!(up.seen("/full").is_empty(), "nothing of it was sent");
+    assert_eq!(waiting.await.expect("waiting").status(), 200);
+    // Its bytes came back with its answer.
+    assert_eq!(post("/after").await.status(), 200);
+    assert_eq!(up.seen("/after").len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_open_breaker_answers_503_at_once_with_the_cooldown_left() {
     let up = scripted(|_, _| Answer::Status(500, vec![], "broken")).await;
     let config = upstream(

@@ -25,6 +25,7 @@ use std::borrow::Cow;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tollgate_comply::settings::stand_in;
 use tollgate_comply::{Ask, Priority, Refused, Reply, Settled, Ticket, Upstream};
 use tollgate_core::policy::Cost;
 use tollgate_core::request::query_param;
@@ -668,8 +669,9 @@ impl<'g> Calls<'g> {
 #[derive(Debug)]
 pub(crate) struct Tunnel {
     authority: String,
-    /// The client's name (None: the proxy has no clients).
-    client: Option<String>,
+    /// The client's name and its token's digest (None: the proxy has no
+    /// clients): a token changed by a reload no longer opens this tunnel.
+    client: Option<(String, String)>,
 }
 
 impl Tunnel {
@@ -680,12 +682,16 @@ impl Tunnel {
             return Ok(None);
         }
         self.client
-            .as_deref()
-            .and_then(|name| clients.iter().find(|c| c.name == name))
+            .as_ref()
+            .and_then(|(name, token)| {
+                clients
+                    .iter()
+                    .find(|c| c.name == *name && stand_in(&c.token) == *token)
+            })
             .map(Some)
             .ok_or_else(|| Refusal::ClientToken {
                 proxy: true,
-                reason: "The client that opened this tunnel is no longer known to this proxy; connect again with a client token.".into(),
+                reason: "The client that opened this tunnel is no longer known to this proxy, or its token changed; connect again with a client token.".into(),
             })
     }
 }
@@ -748,7 +754,7 @@ impl Proxy {
         tracing::debug!(upstream = %upstream.name, "tunnel opened; its requests are intercepted");
         let tunnel = Arc::new(Tunnel {
             authority: authority.to_string(),
-            client: client.map(|c| c.name.clone()),
+            client: client.map(|c| (c.name.clone(), stand_in(&c.token))),
         });
         let proxy = self.clone();
         tokio::spawn(async move {

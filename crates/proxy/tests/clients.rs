@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{bucket, start_at, upstream};
+use common::{bucket, start_at, start_from, upstream};
 use tollgate_store::TokioClock;
 use tollgate_testkit::upstream::{ok, scripted, scripted_tls};
 
@@ -235,5 +235,71 @@ async fn https_proxy_tunnels_are_intercepted_with_the_local_ca_and_paced() {
             .iter()
             .all(|(n, _)| !n.starts_with("tollgate-") && n != "proxy-authorization"));
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+const PYTHON_ROTATION: &str = r#"
+import sys, httpx, urllib.request
+vendor, proxy, ca, config_path, new_config, admin = sys.argv[1:7]
+with httpx.Client(proxy=proxy, verify=ca) as c:
+    before = c.get(vendor + "/v1/rotate/before").status_code
+    with open(config_path, "w") as f:
+        f.write(new_config)
+    urllib.request.urlopen(urllib.request.Request(admin + "/v1/reload", method="POST")).read()
+    # The same client, the same tunnel: its token is no longer the client's.
+    after = c.get(vendor + "/v1/rotate/after").status_code
+    print(before, after)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_token_changed_by_a_reload_no_longer_opens_its_tunnel() {
+    let (vendor, vendor_ca) = scripted_tls(|_, _| ok()).await;
+    let dir = std::env::temp_dir().join(format!(
+        "tollgate-rotation-{}",
+        tollgate_testkit::unique_prefix("ca")
+    ));
+    let local_ca = tollgate_proxy::intercept::init(&dir, false).expect("ca init");
+    std::env::set_var("TOLLGATE_TEST_ROTATE_OLD", "old-token");
+    std::env::set_var("TOLLGATE_TEST_ROTATE_NEW", "new-token");
+    let config = |token_env: &str| {
+        format!(
+            "[proxy]\naccess_log = \"off\"\nca_dir = \"{}\"\n[[proxy.client]]\nname = \"sync\"\ntoken_env = \"{token_env}\"\n[[upstream]]\nname = \"crm\"\nbase_url = \"https://127.0.0.1:{}\"\nintercept = true\nca_file = \"{}\"\n{}",
+            dir.display(),
+            vendor.addr.port(),
+            vendor_ca.path.display(),
+            bucket("api", 100, "100/s"),
+        )
+    };
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, config("TOLLGATE_TEST_ROTATE_OLD")).expect("config");
+    let proxy = start_from(
+        tollgate_proxy::Source::File(path.clone()),
+        TokioClock::system(),
+    )
+    .await;
+    let python = output(
+        "python3",
+        &[
+            "-c",
+            PYTHON_ROTATION,
+            &format!("https://127.0.0.1:{}", vendor.addr.port()),
+            &format!("http://sync:old-token@{}", proxy.addr),
+            &local_ca.display().to_string(),
+            &path.display().to_string(),
+            &config("TOLLGATE_TEST_ROTATE_NEW"),
+            &format!("http://{}", proxy.admin),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(python, "200 407", "{python}");
+    let seen: Vec<String> = vendor
+        .seen
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|s| s.path.clone())
+        .collect();
+    assert_eq!(seen, ["/v1/rotate/before"]);
     let _ = std::fs::remove_dir_all(&dir);
 }

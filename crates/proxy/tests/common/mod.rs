@@ -40,13 +40,18 @@ pub async fn start_at(config: &str, clock: TokioClock) -> Running {
     } else {
         format!("[proxy]\naccess_log = \"off\"\n{config}\n")
     };
+    start_from(Source::Text(text), clock).await
+}
+
+/// A proxy serving the config `source` gives (a file, to reload a change).
+pub async fn start_from(source: Source, clock: TokioClock) -> Running {
     let overrides = Overrides {
         listen: Some("127.0.0.1:0".parse().expect("addr")),
         admin_listen: Some("127.0.0.1:0".parse().expect("addr")),
     };
     let proxy = Arc::new(
         Proxy::new(
-            Source::Text(text),
+            source,
             overrides,
             Box::new(tollgate_profiles::Bundled),
             clock,

@@ -39,7 +39,8 @@
 #          with tollgate / bare and bare / nginx proxy.
 #      ii. at half of tollgate proxy's peak (oha -q, --latency-correction),
 #          p50 and p99 direct and through tollgate proxy: added p50 <= 150 us,
-#          added p99 <= 1 ms (nginx proxy measured too, for reference).
+#          added p99 <= 1 ms (nginx proxy and the bare hyper proxy measured
+#          too, for reference).
 #
 # Layout on this 2-core machine: scenario 1 pins nothing. In scenario 2, as in
 # bench/gateway.sh, the proxy under test (nginx: one worker; tollgate: its
@@ -294,11 +295,15 @@ if want 2; then
   run_oha half-nginx "$N_URL" "$NPX_PID" -q "$half" --latency-correction
   n50=$P50 n99=$P99
   log "     nginx proxy:    p50 $P50 us, p99 $P99 us ($RPS req/s, $OK/$ALL 2xx; proxy cpu $BUSY% busy; $CPU_US us of CPU per request)"
+  run_oha half-bare "$B_URL" "$BARE_PID" -q "$half" --latency-correction
+  b50=$P50 b99=$P99
+  log "     bare hyper:     p50 $P50 us, p99 $P99 us ($RPS req/s, $OK/$ALL 2xx; proxy cpu $BUSY% busy; $CPU_US us of CPU per request)"
   add50=$((t50 - d50)) add99=$((t99 - d99))
   v50=$(verdict "$add50 <= 150"); v99=$(verdict "$add99 <= 1000")
   log "     added by tollgate proxy: p50 +$add50 us (target <= 150 us: $v50), p99 +$add99 us (target <= 1,000 us: $v99); by nginx proxy: p50 +$((n50 - d50)) us, p99 +$((n99 - d99)) us"
   row "2ii p50" "at $half req/s: direct $d50 us, tollgate $t50 us (+$add50), nginx proxy $n50 us (+$((n50 - d50)))" "<= +150 us" "$v50"
   row "2ii p99" "at $half req/s: direct $d99 us, tollgate $t99 us (+$add99), nginx proxy $n99 us (+$((n99 - d99)))" "<= +1,000 us" "$v99"
+  row "2ii floor" "at $half req/s: bare hyper proxy p50 $b50 us (+$((b50 - d50))), p99 $b99 us (+$((b99 - d99)))" "(reference)" ""
   curl -s -m 5 "$PX_ADMIN/metrics" | grep -E '^tollgate_proxy_(requests|upstream_calls)_total' | sed 's/^/  tollgate proxy: /' >&2 || true
   stop "$PX_PID"; stop "$NPX_PID"; stop "$BARE_PID"; stop "$UP_PID"
 fi

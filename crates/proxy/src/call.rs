@@ -371,22 +371,24 @@ impl Proxy {
             failed: None,
             _kept: kept,
             parked_a_key: false,
+            suspect: None,
             attempts_before: 0,
         };
-        // With a key pool, a key the vendor refuses (401, 402) is parked and
-        // the request, if it may be sent again, goes with another.
+        // With a key pool, a key the vendor refuses is parked and the
+        // request, if it may be sent again, goes with another (judge_key).
         loop {
-            let key = match line.keys.choose() {
+            let key = match line.keys.choose_except(calls.suspect) {
                 Ok(key) => key,
                 Err(parked) => {
+                    // No other key: the last answer, if one came.
+                    if let Some(response) = calls.last.take() {
+                        return Ok(response);
+                    }
                     outcome.metric = "keys_parked";
-                    return match calls.last {
-                        Some(response) => Ok(response),
-                        None => Err(Refusal::KeysParked {
-                            upstream: settings.name.clone(),
-                            reasons: parked,
-                        }),
-                    };
+                    return Err(Refusal::KeysParked {
+                        upstream: settings.name.clone(),
+                        reasons: parked,
+                    });
                 }
             };
             let pooled = key.as_ref().map(|k| &settings.keys[k.index()]);
@@ -523,31 +525,25 @@ impl Proxy {
                 ),
                 corrections: ratelimit::corrections_in(response.headers()),
             };
-            // 401 and 402 say the key itself is refused: it is parked, and
-            // the request (which it did not serve) goes again with another
-            // when it may be sent again. One request parks one key at most:
-            // if the next key is refused too, the request itself may be the
-            // cause, and its answer is relayed. (A 403 is often about the
-            // request, a scope the keys lack: relayed, nothing parked.)
-            if let (Some(key), 401 | 402, false) = (&key, status, calls.parked_a_key) {
-                key.park(format!("HTTP {status}"));
-                calls.parked_a_key = true;
-                tracing::warn!(
-                    upstream = %settings.name,
-                    key = %settings.keys[key.index()].label,
-                    "the vendor answered HTTP {status} to a pooled key: parked; the other keys carry on"
-                );
-                if calls.sent_again {
-                    ticket.report(&reply);
-                    calls.attempts_before = attempt;
-                    return None;
-                }
-            }
+            let another_key = match &key {
+                Some(key) => calls.judge_key(key.index(), status),
+                None => false,
+            };
             let (mut head, body) = response.into_parts();
             strip_hop_by_hop(&mut head.headers);
             // (the upstream's HTTP version and extensions are not relayed)
             head.version = hyper::Version::HTTP_11;
             head.extensions.clear();
+            if another_key {
+                // The request (which the key did not serve) goes again with
+                // another; this answer is kept in case no key is left.
+                let bytes = read_capped(body, MAX_FAILURE_BODY, settings.timeout).await;
+                head.headers.remove(hyper::header::CONTENT_LENGTH);
+                calls.last = Some(Response::from_parts(head, Full::new(bytes).into()));
+                ticket.report(&reply);
+                calls.attempts_before = attempt;
+                return None;
+            }
             let retryable = matches!(status, 429 | 408 | 500..=599);
             if !retryable || attempt - calls.attempts_before >= calls.max_attempts {
                 // The final answer: streamed, reported when it ends.
@@ -597,6 +593,9 @@ struct Calls<'g> {
     max_attempts: u32,
     /// A key of the pool was parked for this request.
     parked_a_key: bool,
+    /// A key that answered this request 403: parked if another key is
+    /// served, cleared if another key gets 403 too.
+    suspect: Option<usize>,
     /// The body's bytes, counted against `[proxy] max_kept_bytes` while
     /// the request lasts.
     _kept: Option<KeptBytes>,
@@ -627,6 +626,45 @@ impl<'g> Calls<'g> {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => Err((false, failure(&e))),
             Err(_) => Err((true, "timed out".to_string())),
+        }
+    }
+
+    /// What an answer says of pooled key `index`; true when the request
+    /// goes again with another key.
+    /// - 401 and 402 say the key itself is refused: it is parked. One
+    ///   request parks one key at most: if the next key is refused too, the
+    ///   request itself is the likely cause, and its answer is relayed.
+    /// - A 403 may be about the key (suspended) or the request (a scope the
+    ///   keys lack): the key is suspected, and parked only if another key
+    ///   is then served; if that one gets 403 too, nothing is parked.
+    ///
+    /// Only a request safe to send again goes again.
+    fn judge_key(&mut self, index: usize, status: u16) -> bool {
+        let park = |calls: &mut Calls<'g>, index: usize, reason: String| {
+            calls.line.keys.park(index, reason.clone());
+            calls.parked_a_key = true;
+            tracing::warn!(
+                upstream = %calls.settings.name,
+                key = %calls.settings.keys[index].label,
+                "the vendor refused a pooled key ({reason}): parked; the other keys carry on"
+            );
+        };
+        match status {
+            401 | 402 if !self.parked_a_key => {
+                park(self, index, format!("HTTP {status}"));
+                self.sent_again
+            }
+            403 if self.suspect.is_none() && !self.parked_a_key && self.sent_again => {
+                self.suspect = Some(index);
+                true
+            }
+            200..=299 => {
+                if let Some(suspect) = self.suspect.take() {
+                    park(self, suspect, "HTTP 403 (another key was served)".into());
+                }
+                false
+            }
+            _ => false,
         }
     }
 

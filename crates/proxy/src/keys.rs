@@ -50,6 +50,11 @@ impl KeyPool {
     /// The key for the next call: None when the upstream has no pool; Err
     /// with each key's reason when every key is parked.
     pub fn choose(&self) -> Result<Option<KeyLease<'_>>, Vec<String>> {
+        self.choose_except(None)
+    }
+
+    /// `choose`, never taking key `skip` (a key under suspicion).
+    pub fn choose_except(&self, skip: Option<usize>) -> Result<Option<KeyLease<'_>>, Vec<String>> {
         if self.keys.is_empty() {
             return Ok(None);
         }
@@ -57,7 +62,7 @@ impl KeyPool {
         let n = self.keys.len();
         let best = (0..n)
             .map(|i| (start + i) % n)
-            .filter(|&i| self.keys[i].parked.lock().is_none())
+            .filter(|&i| Some(i) != skip && self.keys[i].parked.lock().is_none())
             .min_by_key(|&i| self.keys[i].waiting.load(Ordering::Relaxed));
         match best {
             Some(index) => {
@@ -74,6 +79,14 @@ impl KeyPool {
                 .map(|k| k.parked.lock().clone().unwrap_or_default())
                 .collect()),
         }
+    }
+
+    /// The vendor refused key `index`: no call takes it any more, and the
+    /// calls waiting with it take another.
+    pub fn park(&self, index: usize, reason: String) {
+        let state = &self.keys[index];
+        *state.parked.lock() = Some(reason);
+        state.on_park.notify_waiters();
     }
 
     /// Put every parked key back in use (a reload: the keys may be fixed).
@@ -131,9 +144,7 @@ impl KeyLease<'_> {
     /// The vendor refused this key: no call takes it any more, and the
     /// calls waiting with it take another.
     pub fn park(&self, reason: String) {
-        let state = &self.pool.keys[self.index];
-        *state.parked.lock() = Some(reason);
-        state.on_park.notify_waiters();
+        self.pool.park(self.index, reason);
     }
 }
 
@@ -173,6 +184,20 @@ mod tests {
         let reasons = pool.choose().unwrap_err();
         assert_eq!(reasons.len(), 3);
         assert_eq!(pool.status()[last].parked.as_deref(), Some("HTTP 402"));
+    }
+
+    #[test]
+    fn a_suspected_key_is_skipped_until_it_is_cleared_or_parked() {
+        let pool = KeyPool::new(2);
+        for _ in 0..4 {
+            assert_eq!(pool.choose_except(Some(0)).unwrap().unwrap().index(), 1);
+        }
+        pool.park(1, "HTTP 401".into());
+        assert!(
+            pool.choose_except(Some(0)).is_err(),
+            "no key but the suspect"
+        );
+        assert_eq!(pool.choose().unwrap().unwrap().index(), 0);
     }
 
     #[test]

@@ -473,7 +473,7 @@ async fn a_client_that_disconnects_while_waiting_leaves_the_line() {
 async fn request_bodies_kept_while_waiting_are_bounded_in_bytes() {
     let up = scripted(|_, _| ok()).await;
     let config = format!(
-        "[proxy]\nmax_replay_bytes = 1000\nmax_kept_bytes = 1500\n{}",
+        "[proxy]\naccess_log = \"off\"\nmax_replay_bytes = 1000\nmax_kept_bytes = 1500\n{}",
         upstream("crm", up.addr, &bucket("api", 1, "1/s"))
     );
     let proxy = start(&config).await;
@@ -755,9 +755,12 @@ async fn a_request_parks_one_key_at_most_and_is_sent_again_only_when_safe() {
             .count()
     };
 
-    // A 403 parks nothing.
-    assert_eq!(get(&proxy.url("crm", "/scope"), &[]).await.status(), 403);
-    assert_eq!(parked().await, 0, "a 403 is about the request");
+    // A 403 that every key gets is about the request: tried with a second
+    // key, relayed, nothing parked.
+    let scope = get(&proxy.url("crm", "/scope"), &[]).await;
+    assert_eq!(scope.status(), 403);
+    assert_eq!(scope.headers()["tollgate-attempts"], "2");
+    assert_eq!(parked().await, 0, "a 403 every key gets parks nothing");
 
     // A GET refused with 401: its key is parked, it goes again with
     // another, refused again: that answer is relayed, that key kept.
@@ -788,6 +791,36 @@ async fn a_request_parks_one_key_at_most_and_is_sent_again_only_when_safe() {
     let problem: serde_json::Value = trace.json().await.expect("problem+json");
     assert_eq!(problem["detail"], "tollgate does not relay TRACE requests.");
     assert_eq!(seen("/ok", "TRACE"), 0, "the upstream saw no TRACE");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_the_vendor_suspends_with_403_is_parked_once_another_key_is_served() {
+    let up =
+        tollgate_testkit::upstream::scripted_seen(|seen, _| match seen.authorization.as_deref() {
+            Some("Bearer k-2") => Answer::Status(403, vec![], "{\"error\":\"key suspended\"}"),
+            _ => ok(),
+        })
+        .await;
+    let limits = format!("{}\n{}", pool_keys(), bucket("api", 100, "100/s"));
+    let proxy = start(&upstream("crm", up.addr, &limits)).await;
+    // Round robin: one of these three takes k-2, is refused, and goes
+    // again with another key; no client sees the 403.
+    for i in 0..3 {
+        let r = get(&proxy.url("crm", &format!("/r/{i}")), &[]).await;
+        assert_eq!(r.status(), 200);
+    }
+    let usage: serde_json::Value = json(&proxy.admin_url("/v1/usage?upstream=crm")).await;
+    let keys = &usage["upstreams"][0]["keys"];
+    assert_eq!(keys[1]["parked"], "HTTP 403 (another key was served)");
+    assert!(keys[0]["parked"].is_null() && keys[2]["parked"].is_null());
+    let k2 = up
+        .seen
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|s| s.authorization.as_deref() == Some("Bearer k-2"))
+        .count();
+    assert_eq!(k2, 1, "k-2 asked once, then parked");
 }
 
 #[tokio::test(start_paused = true)]

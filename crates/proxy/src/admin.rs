@@ -52,8 +52,7 @@ impl Proxy {
             (Method::GET, "/v1/usage") => self.usage(req.uri().query().unwrap_or("")),
             (Method::GET, "/v1/config") => {
                 let generation = self.current();
-                // The file's text: secrets stay `${VARIABLES}` there.
-                let mut r = reply(StatusCode::OK, "application/toml", generation.text.clone());
+                let mut r = reply(StatusCode::OK, "application/toml", shown(&generation.text));
                 if let Ok(v) = HeaderValue::from_str(&generation.loaded_at.to_string()) {
                     r.headers_mut().insert("x-tollgate-loaded-at", v);
                 }
@@ -213,5 +212,55 @@ impl Proxy {
             StatusCode::OK,
             serde_json::json!({ "upstreams": upstreams }),
         )
+    }
+}
+
+/// The config's text as `/v1/config` shows it: as written, except that an
+/// upstream header whose value is written in the file (not taken from the
+/// environment with `${VAR}`) shows its stand-in: a vendor key written
+/// there is never served. (Keys and client tokens come from the
+/// environment only.)
+fn shown(text: &str) -> String {
+    let Ok(mut doc) = text.parse::<toml_edit::DocumentMut>() else {
+        return "# the config in force cannot be shown\n".into();
+    };
+    let upstreams = doc
+        .get_mut("upstream")
+        .and_then(|u| u.as_array_of_tables_mut());
+    for upstream in upstreams.into_iter().flat_map(|u| u.iter_mut()) {
+        let Some(headers) = upstream
+            .get_mut("headers")
+            .and_then(|h| h.as_table_like_mut())
+        else {
+            continue;
+        };
+        for (_, value) in headers.iter_mut() {
+            let written = value.as_str().filter(|v| !v.contains("${"));
+            if let Some(secret) = written {
+                *value = toml_edit::value(tollgate_comply::settings::stand_in(secret));
+            }
+        }
+    }
+    doc.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown;
+
+    #[test]
+    fn header_values_written_in_the_file_are_shown_by_their_stand_ins() {
+        let text = "[proxy]\nmax_wait = \"5s\"\n\n[[upstream]]\nname = \"crm\"\nheaders = { authorization = \"Bearer sk-live-123\", x-version = \"${CRM_VERSION}\" }\n\n[[upstream]]\nname = \"erp\"\n[upstream.headers]\nx-api-key = \"k-456\"\n";
+        let out = shown(text);
+        assert!(
+            !out.contains("sk-live-123") && !out.contains("k-456"),
+            "{out}"
+        );
+        assert!(out.contains("sha256:"), "{out}");
+        assert!(out.contains("x-version = \"${CRM_VERSION}\""), "{out}");
+        assert!(
+            out.starts_with("[proxy]\nmax_wait = \"5s\"\n"),
+            "the rest as written: {out}"
+        );
     }
 }

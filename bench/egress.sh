@@ -136,7 +136,8 @@ runner() {
   cpu_sample > "$work/cpu.after"
   python3 "$FOREIGN" snap "$work/foreign.after" $$
   FOREIGN_PCT=$(python3 "$FOREIGN" diff "$work/foreign.before" "$work/foreign.after")
-  STEAL=$(awk 'NR==FNR { t[$1] = $2; s[$1] = $3; next } { dt += $2 - t[$1]; ds += $3 - s[$1] }
+  # (cpu_sample's columns: cpuN busy idle steal)
+  STEAL=$(awk 'NR==FNR { t[$1] = $2 + $3 + $4; s[$1] = $4; next } { dt += $2 + $3 + $4 - t[$1]; ds += $4 - s[$1] }
     END { printf "%.0f", (dt > 0 ? 100 * ds / dt : 0) }' "$work/cpu.before" "$work/cpu.after")
   if [ "$FOREIGN_PCT" -gt 5 ] || [ "$STEAL" -gt 2 ]; then
     log "  WARNING: during this run other processes used ${FOREIGN_PCT}% of a core, steal ${STEAL}%"
@@ -156,10 +157,7 @@ runner() {
   SUMMARY=$(grep '^tollgate run:' "$work/$name.out" || echo "(no summary; exit $RC)")
 }
 
-cpu_sample() { awk '/^cpu[0-9]/ { print $1, $2+$3+$4+$5+$6+$7+$8+$9, $9 }' /proc/stat; }  # cpuN total steal
 want() { case " $SCENARIOS " in *" $1 "*) return 0 ;; esac; return 1; }
-declare -a TABLE=()
-row() { TABLE+=("$(printf '%s|' "$@")"); }
 
 # ---------------------------------------------------------------- 1 and 2
 # shape NAME GATEWAY_ARGS CONFIG JOBS ALLOWED_RATE SHAPE_SPEC

@@ -151,17 +151,6 @@ metric() { # metric NAME_WITH_LABELS: one value from tollgate's /metrics (0 if a
 }
 
 FOREIGN_MAX=0
-foreign_begin() { python3 "$ROOT/bench/gateway/foreign_cpu.py" snap "$work/foreign.before" $$; }
-foreign_end() { # sets FOREIGN (% of a core used by other processes during the run)
-  python3 "$ROOT/bench/gateway/foreign_cpu.py" snap "$work/foreign.after" $$
-  FOREIGN=$(python3 "$ROOT/bench/gateway/foreign_cpu.py" diff "$work/foreign.before" "$work/foreign.after")
-  [ "$FOREIGN" -le "$FOREIGN_MAX" ] || FOREIGN_MAX=$FOREIGN
-  [ "$FOREIGN" -le 5 ] || log "  WARNING: other processes used ${FOREIGN}% of a core during this run"
-}
-cpu_busy() { # cpu_busy BEFORE AFTER CPU: percent busy of cpuN between two samples
-  awk -v c="cpu$3" 'NR==FNR { if ($1 == c) { b = $2; i = $3 } next }
-    $1 == c { db = $2 - b; di = $3 - i; printf "%.0f", 100 * db / (db + di) }' "$1" "$2"
-}
 
 # run_wrk NAME URL [wrk args...]: writes $work/NAME.wrk; sets RPS, REQS, NON2XX, CPU_P, CPU_L
 run_wrk() {

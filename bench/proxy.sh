@@ -179,8 +179,6 @@ start_bare() { # the bare hyper proxy to the backend, on PROXY_CPU
 }
 
 FOREIGN_MAX=0
-declare -a TABLE=()
-row() { TABLE+=("$(printf '%s|' "$@")"); }
 
 # ---------------------------------------------------------------- 1
 # celigo_case NAME URL CLIENT_ARGS...: a fresh gateway (and, for 1b, proxy);

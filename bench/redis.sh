@@ -126,13 +126,6 @@ client_wait() {
 kv() { $STATS kv "$1" "$2"; }
 # CPU other processes (not this script's) took during a measured run, % of a core.
 FOREIGN_MAX=0
-foreign_begin() { python3 "$ROOT/bench/gateway/foreign_cpu.py" snap "$work/foreign.before" $$; }
-foreign_end() {
-  python3 "$ROOT/bench/gateway/foreign_cpu.py" snap "$work/foreign.after" $$
-  FOREIGN=$(python3 "$ROOT/bench/gateway/foreign_cpu.py" diff "$work/foreign.before" "$work/foreign.after")
-  [ "$FOREIGN" -le "$FOREIGN_MAX" ] || FOREIGN_MAX=$FOREIGN
-  [ "$FOREIGN" -le 5 ] || log "  WARNING: other processes used ${FOREIGN}% of a core during this run"
-}
 
 # ---------------------------------------------------------------- 1. round trips
 log ""

@@ -130,7 +130,12 @@ print(us(p["p50"]), us(p["p99"]), round(d["summary"]["requestsPerSec"]), ok, sum
 PY
 }
 
-# cpu_sample > FILE, then cpu_busy BEFORE AFTER N: percent busy of cpuN in between
+# The summary table's rows: row CASE FIGURES TARGET VERDICT (printed at the end)
+declare -a TABLE=()
+row() { TABLE+=("$(printf '%s|' "$@")"); }
+
+# cpu_sample > FILE (cpuN busy idle steal), then cpu_busy BEFORE AFTER N:
+# percent busy of cpuN in between
 cpu_sample() { awk '/^cpu[0-9]/ { print $1, $2+$3+$4+$7+$8, $5+$6, $9 }' /proc/stat; }
 cpu_busy() {
   awk -v c="cpu$3" 'NR==FNR { if ($1 == c) { b = $2; i = $3 } next }

@@ -91,6 +91,8 @@ struct Inner {
     wake: Arc<Notify>,
     clock: TokioClock,
     seqs: AtomicU64,
+    /// Its engine decides in a shared store (Redis): its round trips block.
+    shared: bool,
     /// Told of every event (the proxy tells its fleet of a pause).
     on_event: std::sync::OnceLock<EventHook>,
 }
@@ -133,17 +135,19 @@ impl Inner {
         }
     }
 
-    /// Run `f` on the line; on a shared (Redis) engine the scheduler's
-    /// round trips block, so the runtime is told (where it can be).
+    /// Run `f` on the line. On a shared (Redis) engine the scheduler's
+    /// round trips block, and so does waiting for the line while another
+    /// caller's round trip holds it: both are done with the runtime told
+    /// (where it can be), so its other tasks go on meanwhile.
     fn with_line<R>(&self, f: impl FnOnce(&mut Line) -> R) -> R {
-        let mut line = self.line.lock();
-        let shared = line.core.engine().is_shared();
-        let multi = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        if shared && multi {
-            tokio::task::block_in_place(|| f(&mut line))
+        let multi = || {
+            tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+        };
+        if self.shared && multi() {
+            tokio::task::block_in_place(|| f(&mut self.line.lock()))
         } else {
-            f(&mut line)
+            f(&mut self.line.lock())
         }
     }
 }
@@ -167,6 +171,7 @@ impl SharedScheduler {
     pub fn start(name: &str, core: Scheduler, clock: TokioClock) -> Self {
         let inner = Arc::new(Inner {
             name: name.to_string(),
+            shared: core.engine().is_shared(),
             line: Mutex::new(Line {
                 core,
                 waiters: HashMap::new(),
@@ -215,7 +220,7 @@ impl SharedScheduler {
 
     /// Look at the scheduler (counters, the engine's view of the quota).
     pub fn inspect<R>(&self, f: impl FnOnce(&Scheduler) -> R) -> R {
-        f(&self.inner.line.lock().core)
+        self.inner.with_line(|line| f(&line.core))
     }
 
     /// The clock the line runs on.
@@ -272,14 +277,14 @@ impl Ticket {
         let turn = match woke {
             Some(turn) => turn,
             None => {
-                let forgotten = {
-                    let mut line = self.inner.line.lock();
-                    let forgotten = line.core.forget(self.seq);
+                let seq = self.seq;
+                let forgotten = self.inner.with_line(|line| {
+                    let forgotten = line.core.forget(seq);
                     if forgotten {
-                        line.waiters.remove(&self.seq);
+                        line.waiters.remove(&seq);
                     }
                     forgotten.then(|| line.core.waiting())
-                };
+                });
                 if let Some(waiting) = forgotten {
                     self.turn = None;
                     self.inner.wake.notify_one();

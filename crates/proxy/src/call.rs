@@ -165,17 +165,25 @@ struct Outcome<'a> {
     upstream_ms: Option<f64>,
 }
 
+/// A client's connection to the proxy listener.
+pub(crate) struct Downstream {
+    pub(crate) peer: Arc<Peer>,
+    /// Watches the tunnel a CONNECT turns this connection into, so a
+    /// shutdown drains the requests inside it too (there is one at most).
+    pub(crate) tunnel_watcher: parking_lot::Mutex<Option<hyper_util::server::graceful::Watcher>>,
+}
+
 impl Proxy {
     /// Serve one request on the proxy listener.
-    pub async fn handle(
+    pub(crate) async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        peer: Arc<Peer>,
+        downstream: Arc<Downstream>,
     ) -> Result<Response<ResponseBody>, std::convert::Infallible> {
         if req.method() == Method::CONNECT {
-            return Ok(self.tunnel(req, peer));
+            return Ok(self.tunnel(req, &downstream));
         }
-        Ok(self.serve(req, &peer, None).await)
+        Ok(self.serve(req, &downstream.peer, None).await)
     }
 
     /// A request inside an intercepted tunnel: as if it had been sent to
@@ -739,7 +747,11 @@ impl Proxy {
     /// true` is at that address; then answered 200, and the tunnel's TLS is
     /// ended here with a certificate for the host from the local CA, so
     /// each request inside is served like any other.
-    fn tunnel(self: Arc<Self>, req: Request<Incoming>, peer: Arc<Peer>) -> Response<ResponseBody> {
+    fn tunnel(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        downstream: &Downstream,
+    ) -> Response<ResponseBody> {
         let generation = self.current();
         let request_id = self.next_request_id();
         let refuse = |refusal: Refusal| {
@@ -795,6 +807,8 @@ impl Proxy {
             client: client.map(|c| (c.name.clone(), stand_in(&c.token))),
         });
         let proxy = self.clone();
+        let peer = downstream.peer.clone();
+        let watcher = downstream.tunnel_watcher.lock().take();
         tokio::spawn(async move {
             let upgraded = match hyper::upgrade::on(req).await {
                 Ok(upgraded) => upgraded,
@@ -820,9 +834,12 @@ impl Proxy {
                     .clone()
                     .handle_inside(inner, peer.clone(), tunnel.clone())
             });
-            let _ = tollgate_http::listen::http1_server()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
+            let inside = tollgate_http::listen::http1_server()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = match watcher {
+                Some(watcher) => watcher.watch(inside).await,
+                None => inside.await,
+            };
         });
         Response::new(Full::new(Bytes::new()).into())
     }

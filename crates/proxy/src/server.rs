@@ -2,6 +2,7 @@
 //! and a graceful drain on shutdown (requests waiting in line or in flight
 //! get `shutdown_grace` to finish).
 
+use crate::call::Downstream;
 use crate::state::Proxy;
 use hyper::service::service_fn;
 use std::future::Future;
@@ -39,8 +40,11 @@ pub async fn serve(
                 let service = service_fn(move |req| proxy.clone().admin(req));
                 listen::serve_http1(accepted.stream, service, graceful);
             } else {
-                let peer = Arc::new(Peer::new(accepted.peer));
-                let service = service_fn(move |req| proxy.clone().handle(req, peer.clone()));
+                let downstream = Arc::new(Downstream {
+                    peer: Arc::new(Peer::new(accepted.peer)),
+                    tunnel_watcher: parking_lot::Mutex::new(Some(graceful.watcher())),
+                });
+                let service = service_fn(move |req| proxy.clone().handle(req, downstream.clone()));
                 // (a CONNECT takes its connection over for an intercepted tunnel)
                 listen::serve_http1_with_upgrades(accepted.stream, service, graceful);
             }

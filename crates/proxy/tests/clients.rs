@@ -5,9 +5,9 @@
 
 mod common;
 
-use common::{bucket, start_at, start_from, upstream};
+use common::{bucket, start_at, start_from, start_until, upstream};
 use tollgate_store::TokioClock;
-use tollgate_testkit::upstream::{ok, scripted, scripted_tls};
+use tollgate_testkit::upstream::{ok, scripted, scripted_tls, Answer};
 
 /// Run a program; its stdout (trimmed). A missing program fails the test
 /// with its name: CI installs them (scripts/test.sh).
@@ -301,5 +301,57 @@ async fn a_client_token_changed_by_a_reload_no_longer_opens_its_tunnel() {
         .map(|s| s.path.clone())
         .collect();
     assert_eq!(seen, ["/v1/rotate/before"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_lets_a_request_inside_an_intercepted_tunnel_finish() {
+    let slow = std::time::Duration::from_millis(1500);
+    let (vendor, vendor_ca) = scripted_tls(move |path, _| match path {
+        "/v1/slow" => Answer::Slow(slow),
+        _ => ok(),
+    })
+    .await;
+    let dir = std::env::temp_dir().join(format!(
+        "tollgate-drain-{}",
+        tollgate_testkit::unique_prefix("ca")
+    ));
+    let local_ca = tollgate_proxy::intercept::init(&dir, false).expect("ca init");
+    let config = format!(
+        "[proxy]\naccess_log = \"off\"\nshutdown_grace = \"10s\"\nca_dir = \"{}\"\n[[upstream]]\nname = \"crm\"\nbase_url = \"https://127.0.0.1:{}\"\nintercept = true\nca_file = \"{}\"\n{}",
+        dir.display(),
+        vendor.addr.port(),
+        vendor_ca.path.display(),
+        bucket("api", 100, "100/s"),
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (proxy, served) = start_until(
+        tollgate_proxy::Source::Text(config),
+        TokioClock::system(),
+        async move {
+            let _ = stopped.await;
+        },
+    )
+    .await;
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&local_ca).expect("ca")).expect("pem");
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::https(format!("http://{}", proxy.addr)).expect("proxy"))
+        .add_root_certificate(ca)
+        .build()
+        .expect("client");
+    let url = format!("https://127.0.0.1:{}/v1/slow", vendor.addr.port());
+    let call = tokio::spawn(async move { client.get(url).send().await.map(|r| r.status()) });
+    while vendor.seen("/v1/slow").is_empty() {
+        tokio::task::yield_now().await;
+    }
+    let stopping = std::time::Instant::now();
+    let _ = stop.send(());
+    served.await.expect("the proxy stopped");
+    let drained = stopping.elapsed();
+    assert_eq!(call.await.expect("call").expect("an answer"), 200);
+    assert!(
+        drained >= slow / 2,
+        "the proxy waited for the request inside the tunnel ({drained:?})"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -45,6 +45,16 @@ pub async fn start_at(config: &str, clock: TokioClock) -> Running {
 
 /// A proxy serving the config `source` gives (a file, to reload a change).
 pub async fn start_from(source: Source, clock: TokioClock) -> Running {
+    start_until(source, clock, std::future::pending()).await.0
+}
+
+/// `start_from`, serving until `shutdown` completes; the handle ends when
+/// the proxy has drained.
+pub async fn start_until(
+    source: Source,
+    clock: TokioClock,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (Running, tokio::task::JoinHandle<()>) {
     let overrides = Overrides {
         listen: Some("127.0.0.1:0".parse().expect("addr")),
         admin_listen: Some("127.0.0.1:0".parse().expect("addr")),
@@ -65,11 +75,11 @@ pub async fn start_from(source: Source, clock: TokioClock) -> Running {
         .as_ref()
         .and_then(|a| a.local_addr().ok())
         .expect("admin addr");
-    let serving = tollgate_proxy::serve(proxy.clone(), listeners, std::future::pending());
-    tokio::spawn(async move {
+    let serving = tollgate_proxy::serve(proxy.clone(), listeners, shutdown);
+    let served = tokio::spawn(async move {
         let _ = serving.await;
     });
-    Running { addr, admin, proxy }
+    (Running { addr, admin, proxy }, served)
 }
 
 /// An `[[upstream]]` named `name` at `addr` with `extra` lines (limits...).

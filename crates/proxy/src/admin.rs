@@ -215,33 +215,84 @@ impl Proxy {
     }
 }
 
-/// The config's text as `/v1/config` shows it: as written, except that an
-/// upstream header whose value is written in the file (not taken from the
-/// environment with `${VAR}`) shows its stand-in: a vendor key written
-/// there is never served. (Keys and client tokens come from the
-/// environment only.)
+/// The config's text as `/v1/config` shows it: as written, except
+/// - an upstream header whose value is written in the file shows its
+///   stand-in (`sha256:...`): only what comes from the environment
+///   (`${VAR}`, with at most a short word such as `Bearer` around it) is
+///   shown as written, so a vendor key written there is never served;
+/// - `[store] url` shows no password.
+///
+/// (Pool keys and client tokens come from the environment only.)
 fn shown(text: &str) -> String {
     let Ok(mut doc) = text.parse::<toml_edit::DocumentMut>() else {
         return "# the config in force cannot be shown\n".into();
     };
-    let upstreams = doc
-        .get_mut("upstream")
-        .and_then(|u| u.as_array_of_tables_mut());
-    for upstream in upstreams.into_iter().flat_map(|u| u.iter_mut()) {
-        let Some(headers) = upstream
-            .get_mut("headers")
-            .and_then(|h| h.as_table_like_mut())
-        else {
-            continue;
-        };
+    let redact = |headers: &mut dyn toml_edit::TableLike| {
         for (_, value) in headers.iter_mut() {
-            let written = value.as_str().filter(|v| !v.contains("${"));
-            if let Some(secret) = written {
+            let secret = value.as_str().filter(|v| !from_environment(v));
+            if let Some(secret) = secret {
                 *value = toml_edit::value(tollgate_comply::settings::stand_in(secret));
             }
         }
+    };
+    match doc.get_mut("upstream") {
+        // [[upstream]] tables
+        Some(toml_edit::Item::ArrayOfTables(upstreams)) => {
+            for upstream in upstreams.iter_mut() {
+                if let Some(h) = upstream
+                    .get_mut("headers")
+                    .and_then(|h| h.as_table_like_mut())
+                {
+                    redact(h);
+                }
+            }
+        }
+        // upstream = [{ ... }, ...]
+        Some(toml_edit::Item::Value(toml_edit::Value::Array(upstreams))) => {
+            for upstream in upstreams.iter_mut() {
+                let headers = upstream
+                    .as_inline_table_mut()
+                    .and_then(|u| u.get_mut("headers"))
+                    .and_then(|h| h.as_inline_table_mut());
+                if let Some(h) = headers {
+                    redact(h);
+                }
+            }
+        }
+        _ => {}
+    }
+    let url = doc
+        .get_mut("store")
+        .and_then(|s| s.as_table_like_mut())
+        .and_then(|s| s.get_mut("url"));
+    if let Some(url) = url {
+        if let Some(written) = url.as_str().map(tollgate_store::redis::redacted) {
+            *url = toml_edit::value(written);
+        }
     }
     doc.to_string()
+}
+
+/// Whether a header value is taken from the environment: `${VAR}`
+/// references with at most a short word (`Bearer`, `Token`) around them.
+fn from_environment(value: &str) -> bool {
+    let mut rest = value;
+    let mut literal = String::new();
+    let mut references = 0;
+    while let Some(at) = rest.find("${") {
+        let Some(end) = rest[at..].find('}') else {
+            return false;
+        };
+        literal.push_str(&rest[..at]);
+        literal.push(' ');
+        rest = &rest[at + end + 1..];
+        references += 1;
+    }
+    literal.push_str(rest);
+    references > 0
+        && literal
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .all(|word| word.len() <= 12)
 }
 
 #[cfg(test)]
@@ -262,5 +313,26 @@ mod tests {
             out.starts_with("[proxy]\nmax_wait = \"5s\"\n"),
             "the rest as written: {out}"
         );
+    }
+
+    #[test]
+    fn inline_upstreams_mixed_values_and_the_store_password_are_not_shown() {
+        let text = "upstream = [{ name = \"crm\", headers = { authorization = \"Bearer sk-live-123\" } }]\n\n[store]\nkind = \"redis\"\nurl = \"redis://:hunter2-pass@127.0.0.1:6379\"\n";
+        let out = shown(text);
+        assert!(
+            !out.contains("sk-live-123") && !out.contains("hunter2"),
+            "{out}"
+        );
+        assert!(out.contains("redis://:***@127.0.0.1:6379"), "{out}");
+        for (value, env) in [
+            ("${TOKEN}", true),
+            ("Bearer ${TOKEN}", true),
+            ("Token token=${A}, user=${B}", true),
+            ("Bearer sk-live-abcdefghijklmnop${SUFFIX}", false),
+            ("Bearer ${UNCLOSED", false),
+            ("Bearer sk-live-123", false),
+        ] {
+            assert_eq!(super::from_environment(value), env, "{value}");
+        }
     }
 }

@@ -309,9 +309,13 @@ impl Proxy {
         }
         outcome.upstream = Some(&settings.name);
         outcome.metrics = Some(&line.metrics);
-        if matches!(parts.method, Method::TRACE | Method::CONNECT) {
-            // A TRACE is echoed back with the credentials the proxy adds;
-            // a CONNECT inside a tunnel has nowhere to go.
+        let method = parts.method.as_str();
+        if ["TRACE", "TRACK", "CONNECT"]
+            .iter()
+            .any(|m| m.eq_ignore_ascii_case(method))
+        {
+            // A TRACE (or IIS's TRACK) is echoed back with the credentials
+            // the proxy adds; a CONNECT inside a tunnel has nowhere to go.
             return Err(Refusal::MethodNotAllowed(parts.method.to_string()));
         }
         let control = control(&parts.headers, generation, client)?;
@@ -369,8 +373,8 @@ impl Proxy {
             line,
             method: parts.method.clone(),
             target,
-            sent_again: max_attempts > 1,
-            max_attempts,
+            // (another key, after a refusal, is another attempt too)
+            sent_again: safe && outgoing.replayable() && (max_attempts > 1 || key_header.is_some()),
             headers,
             body: outgoing,
             arrived,
@@ -388,9 +392,13 @@ impl Proxy {
             let key = match line.keys.choose_except(calls.suspect) {
                 Ok(key) => key,
                 Err(parked) => {
-                    // No other key: the last answer, if one came.
+                    // No other key: the last answer or failure, if one came.
                     if let Some(response) = calls.last.take() {
                         return Ok(response);
+                    }
+                    if let Some(refusal) = calls.failed.take() {
+                        outcome.metric = "network_error";
+                        return Err(refusal);
                     }
                     outcome.metric = "keys_parked";
                     return Err(Refusal::KeysParked {
@@ -509,6 +517,7 @@ impl Proxy {
                         Settled::Retry { at } if at <= calls.deadline => {
                             // (the answer if the wait for the retry runs out)
                             calls.failed = Some(refusal);
+                            calls.last = None;
                             continue;
                         }
                         _ => {
@@ -548,12 +557,12 @@ impl Proxy {
                 let bytes = read_capped(body, MAX_FAILURE_BODY, settings.timeout).await;
                 head.headers.remove(hyper::header::CONTENT_LENGTH);
                 calls.last = Some(Response::from_parts(head, Full::new(bytes).into()));
+                calls.failed = None;
                 ticket.report(&reply);
                 calls.attempts_before = attempt;
                 return None;
             }
-            let retryable = matches!(status, 429 | 408 | 500..=599);
-            if !retryable || attempt - calls.attempts_before >= calls.max_attempts {
+            if !matches!(status, 429 | 408 | 500..=599) {
                 // The final answer: streamed, reported when it ends.
                 let body = GuardedBody::new(
                     body.map_err(BoxError::from).boxed_unsync(),
@@ -570,6 +579,7 @@ impl Proxy {
                 Settled::Retry { at } if at <= calls.deadline => {
                     tracing::info!(upstream = %settings.name, status, attempt, "retrying");
                     calls.last = Some(kept);
+                    calls.failed = None;
                 }
                 _ => return Some(Ok(kept)),
             }
@@ -597,8 +607,6 @@ struct Calls<'g> {
     last: Option<Response<ResponseBody>>,
     /// An attempt that got no response, answered if no other attempt comes.
     failed: Option<Refusal>,
-    /// Attempts per turn-taking (retry-safe requests), from 1.
-    max_attempts: u32,
     /// A key of the pool was parked for this request.
     parked_a_key: bool,
     /// A key that answered this request 403: parked if another key is
@@ -658,7 +666,7 @@ impl<'g> Calls<'g> {
             );
         };
         match status {
-            401 | 402 if !self.parked_a_key => {
+            401 | 402 if !self.parked_a_key && self.suspect.is_none() => {
                 park(self, index, format!("HTTP {status}"));
                 self.sent_again
             }
@@ -1039,7 +1047,9 @@ async fn read_body(mut body: Incoming, cap: usize) -> Result<(Outgoing, usize), 
         };
         if kept.len() + data.len() > cap {
             kept.extend_from_slice(&data);
-            let held = kept.len();
+            // (counted at the cap: what a streamed body keeps at most, give
+            // or take one read)
+            let held = kept.len().min(cap);
             let first = futures_util::stream::once(std::future::ready(Ok::<Bytes, hyper::Error>(
                 kept.freeze(),
             )));

@@ -169,18 +169,19 @@ impl ProxySettings {
                 })?;
         }
         if let Some(v) = &p.max_kept_bytes {
-            s.max_kept_bytes = usize::try_from(*v.get_ref())
-                .ok()
-                .filter(|n| *n >= s.max_replay_bytes)
-                .ok_or_else(|| {
-                    err(
-                        v.span().start,
-                        format!(
-                            "proxy max_kept_bytes must be at least max_replay_bytes ({}), or no body could be kept",
-                            s.max_replay_bytes
-                        ),
-                    )
-                })?;
+            s.max_kept_bytes = usize::try_from(*v.get_ref()).unwrap_or(usize::MAX);
+        }
+        if s.max_kept_bytes < s.max_replay_bytes {
+            let at = (p.max_kept_bytes.as_ref())
+                .or(p.max_replay_bytes.as_ref())
+                .map_or(table_at, |v| v.span().start);
+            return Err(err(
+                at,
+                format!(
+                    "proxy max_kept_bytes ({}) must be at least max_replay_bytes ({}), or a body could never be kept",
+                    s.max_kept_bytes, s.max_replay_bytes
+                ),
+            ));
         }
         if let Some(v) = &p.access_log {
             s.access_log = AccessLog::parse(v.get_ref())
@@ -313,7 +314,7 @@ mod tests {
         assert!(err("[proxy]\nlisen = \"x\"\n").contains("unknown field `lisen`"));
         assert_eq!(
             err("[proxy]\nmax_replay_bytes = 2000\nmax_kept_bytes = 1000\n"),
-            "line 3: proxy max_kept_bytes must be at least max_replay_bytes (2000), or no body could be kept"
+            "line 3: proxy max_kept_bytes (1000) must be at least max_replay_bytes (2000), or a body could never be kept"
         );
     }
 }

@@ -790,7 +790,41 @@ async fn a_request_parks_one_key_at_most_and_is_sent_again_only_when_safe() {
     assert_eq!(trace.status(), 405);
     let problem: serde_json::Value = trace.json().await.expect("problem+json");
     assert_eq!(problem["detail"], "tollgate does not relay TRACE requests.");
+    for method in ["TRACK", "trace"] {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let echo = client()
+            .request(m, proxy.url("crm", "/ok"))
+            .send()
+            .await
+            .expect("response");
+        assert_eq!(echo.status(), 405, "{method}");
+    }
     assert_eq!(seen("/ok", "TRACE"), 0, "the upstream saw no TRACE");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_whose_key_is_suspected_parks_no_other_key() {
+    // k-1 answers 403, k-2 401: the first request tries k-1 (suspected),
+    // then k-2, whose 401 is relayed without parking it: one request
+    // parks one key at most, and a suspect counts as that one.
+    let up =
+        tollgate_testkit::upstream::scripted_seen(|seen, _| match seen.authorization.as_deref() {
+            Some("Bearer k-1") => Answer::Status(403, vec![], "{\"error\":\"forbidden\"}"),
+            Some("Bearer k-2") => Answer::Status(401, vec![], "{\"error\":\"unauthorized\"}"),
+            _ => ok(),
+        })
+        .await;
+    let limits = format!("{}\n{}", pool_keys(), bucket("api", 100, "100/s"));
+    let proxy = start(&upstream("crm", up.addr, &limits)).await;
+    let r = get(&proxy.url("crm", "/x"), &[]).await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["tollgate-attempts"], "2");
+    let usage: serde_json::Value = json(&proxy.admin_url("/v1/usage?upstream=crm")).await;
+    let keys = usage["upstreams"][0]["keys"]
+        .as_array()
+        .expect("keys")
+        .clone();
+    assert!(keys.iter().all(|k| k["parked"].is_null()), "{keys:?}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -21,7 +21,8 @@ const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
 const PUBLISH_PAUSE: &str = r#"
 local stored = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) > stored then
-  redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[2])
+  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('PEXPIREAT', KEYS[1], ARGV[2])
 end
 return redis.call('PUBLISH', ARGV[3], ARGV[1])
 "#;

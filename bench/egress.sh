@@ -29,6 +29,18 @@
 #   4. runner overhead: $OVERHEAD_JOBS jobs against nginx `return 200`, limits
 #      that never bind, concurrency each of $CONCURRENCIES: >= 20,000 jobs/s,
 #      counting the wall time of the whole `tollgate run` (import included).
+#   5. against an enforcer that is not tollgate: nginx's limit_req, 100 r/s
+#      per Authorization header, burst 20, nodelay (arrival times to the
+#      millisecond, no Retry-After). The runner paces by a token bucket of
+#      capacity 20 refilling at the profile's rate:
+#      a. the right profile (100/s), $LR_RIGHT_JOBS jobs: 0 429s;
+#      b. a profile 1.6x too fast (160/s) and c. 3x too fast (300/s), for
+#         $LR_SECONDS s at most: within 10 s at >= 85% (b) / 80% (c) of the
+#         real rate, and <= 2% (b) / 3% (c) of calls answered 429 (the
+#         adaptive pacing's targets).
+#      Each prints calls, the 429 share, 2xx/s against the real 100/s, and
+#      the time to converge (the first second from which every full second
+#      has at least that share of 100 2xx), all from nginx's access log.
 #
 # Everything listens on 127.0.0.1 on free ports; every process started here is
 # stopped on exit. Nothing is pinned (the runner is multi-threaded; at these
@@ -47,7 +59,9 @@ CONCURRENCIES=${CONCURRENCIES:-"32 64 128"}
 RUNNER_CONCURRENCY=${RUNNER_CONCURRENCY:-32}   # scenarios 1-3
 OTHER_SHARE=${OTHER_SHARE:-0.5}                # scenario 2: the other client's rate / allowed rate
 RUN_TIMEOUT=${RUN_TIMEOUT:-180}
-SCENARIOS=${SCENARIOS:-"1a 2a 1b 2b 3 4"}      # a subset to run
+LR_RIGHT_JOBS=${LR_RIGHT_JOBS:-1000}      # scenario 5a (10 s at the real rate)
+LR_SECONDS=${LR_SECONDS:-30}              # scenarios 5b, 5c: the runner is stopped after this
+SCENARIOS=${SCENARIOS:-"1a 2a 1b 2b 3 4 5a 5b 5c"}      # a subset to run
 # KEEP_WORK=1: keep the work directory (configs, jobs, access logs, oha output, states)
 OHA_ROOT=${OHA_ROOT:-/work/tools-oha}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-egbench}
@@ -72,7 +86,7 @@ log "tollgate $("$TOLLGATE" --version | awk '{print $2}') ($rev), nginx $($NGINX
 
 # ---------------------------------------------------------------- processes
 start_work egbench
-read -r GW_PORT ADMIN_PORT UP_PORT < <(free_ports 3)
+read -r GW_PORT ADMIN_PORT UP_PORT LR_PORT < <(free_ports 4)
 GATEWAY="127.0.0.1:$GW_PORT"
 ADMIN="http://127.0.0.1:$ADMIN_PORT"
 
@@ -290,6 +304,90 @@ print(f'{n / wall:.0f}', f'{n / el:.0f}' if el > 0 else 'n/a')" "$OVERHEAD_JOBS"
 done
 stop "$UP_PID"
 fi
+
+# ---------------------------------------------------------------- 5
+# limit_req_case NAME PROFILE_RATE JOBS SECONDS SHARE MAX429: the runner with
+# a profile of PROFILE_RATE/s against nginx's 100 r/s; verdict: converged
+# (SHARE of 100/s) within 10 s and at most MAX429 % of calls answered 429
+limit_req_case() {
+  local name=$1 rate=$2 jobs=$3 secs=$4 share=$5 max429=$6
+  local dir="$work/limit-req-$name"
+  mkdir -p "$dir/www"
+  echo '{"ok":true}' > "$dir/www/ok.json"
+  { nginx_common "$dir"
+    echo "http {"; nginx_http_common "$dir"
+    cat <<EOT
+  log_format arrivals '\$msec \$status';
+  limit_req_zone \$http_authorization zone=perkey:16m rate=100r/s;
+  limit_req_status 429;
+  server {
+    listen 127.0.0.1:$LR_PORT backlog=4096;
+    access_log $dir/access.log arrivals;
+    root $dir/www;
+    # (a file, not \`return\`, which answers before limit_req is applied;
+    # the jobs POST, which a file answers 405: made a 200 after the limit)
+    location / { limit_req zone=perkey burst=20 nodelay; error_page 405 =200 @ok; try_files /ok.json =404; }
+    location @ok { default_type application/json; return 200 '{"ok":true}'; }
+  }
+}
+EOT
+  } > "$dir/nginx.conf"
+  "$NGINX" -t -q -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log"
+  "$NGINX" -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" &
+  local lr_pid=$!; pids+=("$lr_pid")
+  wait_http "http://127.0.0.1:$LR_PORT/warm" "$lr_pid"
+  : > "$dir/access.log"
+  sed -e "s/@LIMIT_REQ@/127.0.0.1:$LR_PORT/g" -e "s/@CAPACITY@/20/g" -e "s/@RATE@/$rate/g" \
+    -e "s/@CONCURRENCY@/$RUNNER_CONCURRENCY/g" "$EG/limit_req.toml" > "$dir/runner.toml"
+  make_jobs "$jobs" "127.0.0.1:$LR_PORT" /v1/items "$dir/jobs"
+  RUN_TIMEOUT=$secs TOKEN=lr-$name runner "5$name" "$dir/runner.toml" --jobs "$dir/jobs"
+  sleep 0.2
+  stop "$lr_pid"
+  read -r lr_calls lr_ok lr_429 lr_pct lr_rate lr_conv lr_secs < <(python3 - "$dir/access.log" "$share" <<'PY'
+import sys
+share = float(sys.argv[2])
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+times = [float(t) for t, _ in rows]
+codes = [c for _, c in rows]
+if not times:
+    print(0, 0, 0, "0.00", "0.0", "never", "0.0"); sys.exit()
+t0, t1 = times[0], times[-1]
+ok = codes.count("200"); n429 = codes.count("429")
+span = max(t1 - t0, 1e-9)
+per = {}
+for t, c in zip(times, codes):
+    if c == "200":
+        per[int(t - t0)] = per.get(int(t - t0), 0) + 1
+full = int(span)  # whole seconds observed
+conv = "never"
+for w in range(full):
+    if all(per.get(x, 0) >= share * 100 for x in range(w, full)):
+        conv = str(w); break
+print(len(codes), ok, n429, f"{100 * n429 / len(codes):.2f}", f"{ok / span:.1f}", conv, f"{span:.1f}")
+PY
+)
+  log "  nginx saw $lr_calls calls in $lr_secs s: $lr_ok 2xx, $lr_429 429 ($lr_pct%); $lr_rate 2xx/s of the real 100/s; at >= $(python3 -c "print(round(100 * $share))")% of it from second $lr_conv"
+  log "  runner: $SUMMARY"
+}
+
+if want 5a; then
+  log ""
+  log "== 5a. nginx limit_req (100 r/s, burst 20, nodelay), the right profile: $LR_RIGHT_JOBS jobs"
+  limit_req_case a 100 "$LR_RIGHT_JOBS" "$RUN_TIMEOUT" 0.85 0
+  v=$(verdict "$lr_429 == 0 and $lr_calls > 0")
+  log "  target zero 429s: $v"
+  row 5a "$lr_calls calls in $lr_secs s, 429s $lr_429 ($lr_pct%), $lr_rate 2xx/s of 100/s" "0 429s" "$v"
+fi
+for c in "b 160 1.6 0.85 2" "c 300 3 0.80 3"; do
+  read -r case rate factor share max429 <<< "$c"
+  want "5$case" || continue
+  log ""
+  log "== 5$case. nginx limit_req (100 r/s, burst 20, nodelay), a profile ${factor}x too fast (${rate}/s), stopped after $LR_SECONDS s"
+  limit_req_case "$case" "$rate" $((LR_SECONDS * rate)) "$LR_SECONDS" "$share" "$max429"
+  v=$(verdict "'$lr_conv' != 'never' and int('$lr_conv' if '$lr_conv' != 'never' else 99) <= 10 and float('$lr_pct') <= $max429")
+  log "  target at >= $(python3 -c "print(round(100 * $share))")% of the real rate within 10 s, <= $max429% 429s: $v"
+  row "5$case" "$lr_calls calls in $lr_secs s, 429s $lr_429 ($lr_pct%), $lr_rate 2xx/s of 100/s, >= $(python3 -c "print(round(100 * $share))")% from second $lr_conv" ">= $(python3 -c "print(round(100 * $share))")% within 10 s, <= $max429% 429s" "$v"
+done
 
 if [ -s "$work/gateway.err" ] && grep -Eqi "panic|error" "$work/gateway.err"; then
   log ""; log "the gateway's stderr had errors:"; grep -Ei "panic|error" "$work/gateway.err" | sort | uniq -c | head >&2

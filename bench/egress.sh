@@ -4,7 +4,7 @@
 # loop of a CRM's rate-limit page, and against an unlimited local upstream (its
 # own overhead).
 #
-#   bench/egress.sh                       # about 2 min 40 s (plus the first build)
+#   bench/egress.sh                       # about 4 min (plus the first build)
 #   nice -n -10 bench/egress.sh
 #   CONCURRENCIES="64" OVERHEAD_JOBS=20000 bench/egress.sh
 #

@@ -33,7 +33,8 @@
 #      per Authorization header, burst 20, nodelay (arrival times to the
 #      millisecond, no Retry-After). The runner paces by a token bucket of
 #      capacity 20 refilling at the profile's rate:
-#      a. the right profile (100/s), $LR_RIGHT_JOBS jobs: 0 429s;
+#      a. the right profile (100/s), $LR_RIGHT_RUNS runs of $LR_RIGHT_JOBS jobs:
+#         0 429s in every run;
 #      b. a profile 1.6x too fast (160/s) and c. 3x too fast (300/s), for
 #         $LR_SECONDS s at most: within 10 s at >= 85% (b) / 80% (c) of the
 #         real rate, and <= 2% (b) / 3% (c) of calls answered 429 (the
@@ -59,7 +60,8 @@ CONCURRENCIES=${CONCURRENCIES:-"32 64 128"}
 RUNNER_CONCURRENCY=${RUNNER_CONCURRENCY:-32}   # scenarios 1-3
 OTHER_SHARE=${OTHER_SHARE:-0.5}                # scenario 2: the other client's rate / allowed rate
 RUN_TIMEOUT=${RUN_TIMEOUT:-180}
-LR_RIGHT_JOBS=${LR_RIGHT_JOBS:-1000}      # scenario 5a (10 s at the real rate)
+LR_RIGHT_JOBS=${LR_RIGHT_JOBS:-1000}      # scenario 5a (10 s at the real rate)...
+LR_RIGHT_RUNS=${LR_RIGHT_RUNS:-3}         # ...this many times (the adaptive-pacing issue asks for 20)
 LR_SECONDS=${LR_SECONDS:-30}              # scenarios 5b, 5c: the runner is stopped after this
 SCENARIOS=${SCENARIOS:-"1a 2a 1b 2b 3 4 5a 5b 5c"}      # a subset to run
 # KEEP_WORK=1: keep the work directory (configs, jobs, access logs, oha output, states)
@@ -372,11 +374,16 @@ PY
 
 if want 5a; then
   log ""
-  log "== 5a. nginx limit_req (100 r/s, burst 20, nodelay), the right profile: $LR_RIGHT_JOBS jobs"
-  limit_req_case a 100 "$LR_RIGHT_JOBS" "$RUN_TIMEOUT" 0.85 0
-  v=$(verdict "$lr_429 == 0 and $lr_calls > 0")
-  log "  target zero 429s: $v"
-  row 5a "$lr_calls calls in $lr_secs s, 429s $lr_429 ($lr_pct%), $lr_rate 2xx/s of 100/s" "0 429s" "$v"
+  log "== 5a. nginx limit_req (100 r/s, burst 20, nodelay), the right profile: $LR_RIGHT_RUNS runs of $LR_RIGHT_JOBS jobs"
+  runs_429="" runs_rate="" clean=0
+  for run in $(seq 1 "$LR_RIGHT_RUNS"); do
+    limit_req_case "a$run" 100 "$LR_RIGHT_JOBS" "$RUN_TIMEOUT" 0.85 0
+    runs_429+="${runs_429:+ }$lr_429"; runs_rate+="${runs_rate:+ }$lr_rate"
+    [ "$lr_429" = 0 ] && [ "$lr_calls" -gt 0 ] && clean=$((clean + 1))
+  done
+  v=$(verdict "$clean == $LR_RIGHT_RUNS")
+  log "  target zero 429s in every run: $v ($clean of $LR_RIGHT_RUNS runs clean; 429s per run: $runs_429)"
+  row 5a "$LR_RIGHT_RUNS runs of $LR_RIGHT_JOBS jobs: 429s per run $runs_429; 2xx/s $runs_rate" "0 429s in every run" "$v"
 fi
 for c in "b 160 1.6 0.85 2" "c 300 3 0.80 3"; do
   read -r case rate factor share max429 <<< "$c"

@@ -7,6 +7,7 @@
 
 use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tollgate_core::{Item, Nanos};
 
@@ -78,7 +79,9 @@ impl Lane {
     }
 }
 
-type LaneKey = Vec<(usize, usize, CompactString)>;
+/// A lane's limits and keys (inline: most calls have one or two limits,
+/// and looking a lane up then allocates nothing).
+type LaneKey = SmallVec<[(usize, usize, CompactString); 2]>;
 
 /// Every lane of one upstream, and which of them have a job queued.
 #[derive(Debug, Default)]
@@ -122,8 +125,8 @@ impl Lanes {
 
     /// The heads of the busy lanes, in the order they are served: by
     /// priority, then age.
-    pub(crate) fn heads_in_order(&self) -> Vec<usize> {
-        let mut heads: Vec<(Priority, u64, usize)> = self
+    pub(crate) fn heads_in_order(&self) -> SmallVec<[usize; 8]> {
+        let mut heads: SmallVec<[(Priority, u64, usize); 8]> = self
             .busy
             .iter()
             .filter_map(|&lane| self.lanes[lane].head().map(|e| (e.priority, e.seq, lane)))

@@ -408,7 +408,7 @@ impl Scheduler {
     /// concurrency releases, where it was decided.
     fn settle(&self, entry: &mut Entry, latency: Duration, now: Nanos) {
         let latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        let items: Vec<Item> = entry
+        let items: smallvec::SmallVec<[Item; 4]> = entry
             .committed
             .iter()
             .map(|(item, _)| item.clone())

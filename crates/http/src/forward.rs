@@ -3,6 +3,7 @@
 //! normalized before it is matched, and this hop added to X-Forwarded-For.
 
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION};
+use smallvec::SmallVec;
 use std::borrow::Cow;
 use std::net::SocketAddr;
 
@@ -21,7 +22,7 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the (few) names first: a lookup per hop-by-hop name
     // would cost a hash each, and most messages carry only `Connection`.
-    let present: Vec<HeaderName> = headers
+    let present: SmallVec<[HeaderName; 4]> = headers
         .keys()
         .filter(|name| HOP_BY_HOP.contains(name))
         .cloned()
@@ -31,7 +32,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     // Headers `Connection` names are hop-by-hop too (`keep-alive` and
     // `close`, the usual values, name none beyond the list).
-    let named: Vec<HeaderName> = headers
+    let named: SmallVec<[HeaderName; 2]> = headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())

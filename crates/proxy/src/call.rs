@@ -92,6 +92,12 @@ impl Outgoing {
     /// The body for one attempt; None when a streamed body was sent already.
     fn take(&mut self) -> Option<AnyBody> {
         match self {
+            // (an empty body boxes a zero-sized value: no allocation)
+            Outgoing::Kept(b) if b.is_empty() => Some(
+                http_body_util::Empty::new()
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            ),
             Outgoing::Kept(b) => Some(
                 Full::new(b.clone())
                     .map_err(|never| match never {})

@@ -9,12 +9,14 @@
 //! - `retry`: what a status means, and the backoff before the next attempt.
 //! - `breaker`: the circuit breaker.
 //! - `corrections`: the vendor's rate-limit headers lower the local view.
+//! - `pace`: 429s the profile did not predict lower an effective rate.
 //! - `scheduler`: one upstream's scheduler, without I/O (one driver).
 //! - `shared`: the same scheduler for many callers at once (async).
 
 mod breaker;
 mod corrections;
 pub mod lanes;
+mod pace;
 pub mod retry;
 pub mod scheduler;
 pub mod settings;

@@ -74,7 +74,7 @@ pub enum Settled {
 }
 
 /// Something worth a log line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// The whole upstream waits (a 429 said so).
     Paused {
@@ -93,6 +93,12 @@ pub enum Event {
         error: String,
     },
     StoreBack,
+    /// 429s without `Retry-After` at the profile's pace: sends go at
+    /// `rate` per second, below the profile's `profile`.
+    Slowed {
+        rate: f64,
+        profile: f64,
+    },
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +133,8 @@ pub struct Scheduler {
     in_flight: HashMap<u64, Entry>,
     paused_until: Nanos,
     retry: Backoff,
+    /// The effective pace, when 429s showed the profile too fast.
+    pace: crate::pace::Pace,
     events: Vec<Event>,
     counters: Counters,
     sends: u64,
@@ -146,6 +154,7 @@ impl Scheduler {
         seed: u64,
     ) -> Self {
         let limits = engine.policy().limits.len();
+        let pace = crate::pace::Pace::new(engine.policy());
         Scheduler {
             engine: std::sync::Arc::new(engine),
             max_attempts,
@@ -157,6 +166,7 @@ impl Scheduler {
             in_flight: HashMap::new(),
             paused_until: 0,
             retry: Backoff::new(seed),
+            pace,
             events: Vec::new(),
             counters: Counters::default(),
             sends: 0,
@@ -284,6 +294,9 @@ impl Scheduler {
             Gate::Probing => return Next::Blocked,
             Gate::Pass => {}
         }
+        if let Some(at) = self.pace.gate(now) {
+            return Next::Wait(at);
+        }
 
         let mut wake = later.map(|until| Waiting { until, limit: None });
         let mut waits_for_release = false;
@@ -381,6 +394,7 @@ impl Scheduler {
         entry.committed = committed;
         entry.local = local;
         entry.sent_at = now;
+        self.pace.sent(now);
         self.sends += 1;
         entry.sent_order = self.sends;
         self.breaker.sent();
@@ -459,12 +473,31 @@ impl Scheduler {
                 }
                 match class {
                     Class::Success => {
+                        self.pace.succeeded();
                         self.counters.done += 1;
                         return Settled::Done;
                     }
                     Class::Throttled => {
                         self.counters.throttled += 1;
-                        let wait = self.retry.after_throttle(*retry_after, entry.attempts);
+                        // Without Retry-After, the pace learns: a 429 at the
+                        // profile's pace waits one interval of a lowered
+                        // rate; only 429s that keep coming back off.
+                        let paced = match retry_after {
+                            Some(_) => None,
+                            None => {
+                                let (wait, lowered) = self.pace.throttled(entry.sent_at, now);
+                                if let (true, Some(rate), Some(profile)) =
+                                    (lowered, self.pace.effective(), self.pace.profile())
+                                {
+                                    self.events.push(Event::Slowed { rate, profile });
+                                }
+                                wait.map(Duration::from_nanos)
+                            }
+                        };
+                        let wait = match paced {
+                            Some(wait) => wait,
+                            None => self.retry.after_throttle(*retry_after, entry.attempts),
+                        };
                         let until = now + nanos(wait);
                         if until > self.paused_until {
                             self.paused_until = until;
@@ -588,6 +621,102 @@ mod tests {
 
     const BUCKET: &str = "[[limit]]\nname = \"account\"\nalgorithm = \"token_bucket\"\ncapacity = 2\nrefill = \"1/s\"\n";
 
+    /// A vendor that is not tollgate's engine: a token bucket counting
+    /// arrivals to the nanosecond, answering 429 with no Retry-After.
+    struct VendorBucket {
+        capacity: f64,
+        per_sec: f64,
+        tokens: f64,
+        at: Nanos,
+    }
+
+    impl VendorBucket {
+        fn admits(&mut self, now: Nanos) -> bool {
+            let refill = (now - self.at) as f64 / SEC as f64 * self.per_sec;
+            self.tokens = (self.tokens + refill).min(self.capacity);
+            self.at = now;
+            if self.tokens >= 1.0 {
+                self.tokens -= 1.0;
+                true
+            } else {
+                false
+            }
+        }
+    }
+
+    /// `seconds` of a runner whose profile says `profile_rate`/s (burst
+    /// 20) against a vendor allowing 100/s (burst 20), replies 1 ms after
+    /// each send: (calls, 429s, 2xx per second from second 10 on).
+    fn against_a_vendor_of_100_per_s(profile_rate: u64, seconds: u64) -> (u64, u64, f64) {
+        let limits = format!("[[limit]]\nname = \"profile\"\nalgorithm = \"token_bucket\"\ncapacity = 20\nrefill = \"{profile_rate}/s\"\n");
+        let mut s = scheduler(&limits, 32);
+        let jobs = profile_rate * seconds + 100;
+        for seq in 1..=jobs {
+            push(&mut s, seq, Priority::Normal, "");
+        }
+        let mut vendor = VendorBucket {
+            capacity: 20.0,
+            per_sec: 100.0,
+            tokens: 20.0,
+            at: 0,
+        };
+        let mut replies: std::collections::BTreeMap<(Nanos, u64), bool> = Default::default();
+        let (mut now, end) = (0, seconds * SEC);
+        let (mut calls, mut throttled, mut late_ok) = (0, 0, 0);
+        while now < end {
+            while let Some((&(at, seq), &ok)) = replies.iter().next() {
+                if at > now {
+                    break;
+                }
+                replies.remove(&(at, seq));
+                let reply = status(if ok { 200 } else { 429 }, None);
+                s.complete(seq, &reply, Duration::from_millis(1), at);
+            }
+            match s.next(now) {
+                Next::Send { seq, .. } => {
+                    calls += 1;
+                    let ok = vendor.admits(now);
+                    throttled += u64::from(!ok);
+                    late_ok += u64::from(ok && now >= 10 * SEC);
+                    replies.insert((now + 1_000_000, seq), ok);
+                    continue;
+                }
+                Next::Wait(at) => {
+                    let reply_at = replies.keys().next().map_or(at, |(r, _)| *r);
+                    now = at.min(reply_at).max(now + 1);
+                }
+                Next::Blocked | Next::Idle => match replies.keys().next() {
+                    Some((at, _)) => now = (*at).max(now + 1),
+                    None => break,
+                },
+                Next::Reject { .. } => {}
+            }
+        }
+        (calls, throttled, late_ok as f64 / (seconds - 10) as f64)
+    }
+
+    #[test]
+    fn a_profile_too_fast_is_paced_down_to_what_the_vendor_allows() {
+        // The right profile: no 429 at all.
+        let (calls, throttled, rate) = against_a_vendor_of_100_per_s(100, 30);
+        assert_eq!(throttled, 0, "{calls} calls");
+        assert!(rate >= 99.0, "{rate}/s");
+        // 1.6x too fast: within 10 s at >= 85% of the real rate, <= 2% 429s.
+        let (calls, throttled, rate) = against_a_vendor_of_100_per_s(160, 30);
+        assert!(
+            throttled as f64 <= 0.02 * calls as f64,
+            "1.6x: {throttled} of {calls} calls answered 429"
+        );
+        assert!(rate >= 85.0, "1.6x: {rate}/s of 100/s after 10 s");
+        // 3x too fast: >= 80%, <= 3%.
+        let (calls, throttled, rate) = against_a_vendor_of_100_per_s(300, 30);
+        assert!(
+            throttled as f64 <= 0.03 * calls as f64,
+            "3x: {throttled} of {calls} calls answered 429"
+        );
+        assert!(rate >= 80.0, "3x: {rate}/s of 100/s after 10 s");
+    }
+
     #[test]
     fn jobs_go_at_the_earliest_admissible_instant_high_priority_first() {
         let mut s = scheduler(BUCKET, 10);
@@ -669,11 +798,21 @@ mod tests {
     }
 
     #[test]
-    fn without_retry_after_backoff_is_1_2_4_8_s_then_dead_at_5_attempts() {
+    fn without_retry_after_a_429_waits_at_a_lowered_pace_then_backs_off_4_8_s_then_dead() {
+        // The profile: 1/s. The first two rounds of 429s lower the pace
+        // (0.8, then 0.64 of it) and wait one interval of it; a third 429
+        // in a row, with nothing succeeding between, backs off as for an
+        // exhausted quota (4 s, then 8 s, plus up to 1 s of jitter).
         let mut s = scheduler(&BUCKET.replace("capacity = 2", "capacity = 100"), 10);
         push(&mut s, 1, Priority::Normal, "");
         let mut now = 0;
-        for (attempt, base) in [1u64, 2, 4, 8].into_iter().enumerate() {
+        let waits = [
+            (SEC * 5 / 4, SEC * 5 / 4),
+            (SEC * 25 / 16, SEC * 25 / 16),
+            (4 * SEC, 5 * SEC),
+            (8 * SEC, 9 * SEC),
+        ];
+        for (attempt, (least, most)) in waits.into_iter().enumerate() {
             assert_eq!(
                 s.next(now),
                 Next::Send {
@@ -687,8 +826,9 @@ mod tests {
             };
             let wait = at - now;
             assert!(
-                (base * SEC..=(base + 1) * SEC).contains(&wait),
-                "attempt {attempt}: {wait}"
+                (least - 1..=most).contains(&wait),
+                "attempt {}: {wait}",
+                attempt + 1
             );
             now = at;
         }

@@ -398,6 +398,9 @@ impl Event {
                 "{name}: the shared store cannot decide ({error}); limits with fail = \"closed\" hold every send until it answers"
             ),
             Event::StoreBack => format!("{name}: the shared store decides again"),
+            Event::Slowed { rate, profile } => format!(
+                "{name}: HTTP 429 without Retry-After at the profile's pace: sending at {rate:.1}/s of the profile's {profile:.1}/s, rising again while calls succeed"
+            ),
         }
     }
 }

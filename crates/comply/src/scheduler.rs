@@ -487,7 +487,7 @@ impl Scheduler {
                             None => {
                                 let (wait, lowered) = self.pace.throttled(entry.sent_at, now);
                                 if let (true, Some(rate), Some(profile)) =
-                                    (lowered, self.pace.effective(), self.pace.profile())
+                                    (lowered, self.pace.effective(), self.pace.ceiling())
                                 {
                                     self.events.push(Event::Slowed { rate, profile });
                                 }

@@ -194,7 +194,10 @@ mod tests {
         assert!((7.9..8.1).contains(&rate), "{rate}/s");
         assert_eq!(wait, Some(125 * MS));
         // A call of the same round: no second decrease.
-        assert_eq!(pace.throttled(1950 * MS, 2001 * MS), (Some(125 * MS), false));
+        assert_eq!(
+            pace.throttled(1950 * MS, 2001 * MS),
+            (Some(125 * MS), false)
+        );
         // Successes raise it (0.2 a second at this pace), until the limits bind.
         for _ in 0..8 {
             pace.succeeded();

@@ -151,6 +151,28 @@ async fn python_curl_and_node_call_an_https_vendor_through_the_proxy() {
     assert_eq!(plain.seen("/v1/curl").len(), 1);
 }
 
+/// A fresh local CA for a test (its directory, its certificate), and the
+/// `[[upstream]]` of `crm`: the HTTPS vendor at `vendor`, whose certificate
+/// `vendor_ca` signed, intercepted; `extra` adds lines (limits, headers).
+fn intercepted_crm(
+    test: &str,
+    vendor: std::net::SocketAddr,
+    vendor_ca: &std::path::Path,
+    extra: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let dir = std::env::temp_dir().join(format!(
+        "tollgate-{test}-{}",
+        tollgate_testkit::unique_prefix("ca")
+    ));
+    let local_ca = tollgate_proxy::intercept::init(&dir, false).expect("ca init");
+    let upstream = format!(
+        "[[upstream]]\nname = \"crm\"\nbase_url = \"https://127.0.0.1:{}\"\nintercept = true\nca_file = \"{}\"\n{extra}",
+        vendor.port(),
+        vendor_ca.display(),
+    );
+    (dir, local_ca, upstream)
+}
+
 const PYTHON_TUNNEL: &str = r#"
 import os, sys, time, requests, httpx
 vendor, proxy, ca = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -166,18 +188,19 @@ with httpx.Client(proxy=proxy, verify=ca) as c:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_proxy_tunnels_are_intercepted_with_the_local_ca_and_paced() {
     let (vendor, vendor_ca) = scripted_tls(|_, _| ok()).await;
-    let dir = std::env::temp_dir().join(format!(
-        "tollgate-intercept-{}",
-        tollgate_testkit::unique_prefix("ca")
-    ));
-    let local_ca = tollgate_proxy::intercept::init(&dir, false).expect("ca init");
+    let (dir, local_ca, upstream) = intercepted_crm(
+        "intercept",
+        vendor.addr,
+        &vendor_ca.path,
+        &format!(
+            "headers = {{ authorization = \"Bearer vendor-key\" }}\n{}",
+            // One call at once, then 5 a second: three calls take 0.4 s.
+            bucket("api", 1, "5/s")
+        ),
+    );
     let config = format!(
-        "[proxy]\naccess_log = \"off\"\nca_dir = \"{}\"\n[[upstream]]\nname = \"crm\"\nbase_url = \"https://127.0.0.1:{}\"\nintercept = true\nca_file = \"{}\"\nheaders = {{ authorization = \"Bearer vendor-key\" }}\n{}",
-        dir.display(),
-        vendor.addr.port(),
-        vendor_ca.path.display(),
-        // One call at once, then 5 a second: three calls take 0.4 s.
-        bucket("api", 1, "5/s"),
+        "[proxy]\naccess_log = \"off\"\nca_dir = \"{}\"\n{upstream}",
+        dir.display()
     );
     let proxy = start_at(&config, TokioClock::system()).await;
     let proxy_url = format!("http://{}", proxy.addr);
@@ -254,20 +277,18 @@ with httpx.Client(proxy=proxy, verify=ca) as c:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_token_changed_by_a_reload_no_longer_opens_its_tunnel() {
     let (vendor, vendor_ca) = scripted_tls(|_, _| ok()).await;
-    let dir = std::env::temp_dir().join(format!(
-        "tollgate-rotation-{}",
-        tollgate_testkit::unique_prefix("ca")
-    ));
-    let local_ca = tollgate_proxy::intercept::init(&dir, false).expect("ca init");
+    let (dir, local_ca, upstream) = intercepted_crm(
+        "rotation",
+        vendor.addr,
+        &vendor_ca.path,
+        &bucket("api", 100, "100/s"),
+    );
     std::env::set_var("TOLLGATE_TEST_ROTATE_OLD", "old-token");
     std::env::set_var("TOLLGATE_TEST_ROTATE_NEW", "new-token");
     let config = |token_env: &str| {
         format!(
-            "[proxy]\naccess_log = \"off\"\nca_dir = \"{}\"\n[[proxy.client]]\nname = \"sync\"\ntoken_env = \"{token_env}\"\n[[upstream]]\nname = \"crm\"\nbase_url = \"https://127.0.0.1:{}\"\nintercept = true\nca_file = \"{}\"\n{}",
-            dir.display(),
-            vendor.addr.port(),
-            vendor_ca.path.display(),
-            bucket("api", 100, "100/s"),
+            "[proxy]\naccess_log = \"off\"\nca_dir = \"{}\"\n[[proxy.client]]\nname = \"sync\"\ntoken_env = \"{token_env}\"\n{upstream}",
+            dir.display()
         )
     };
     let path = dir.join("proxy.toml");
@@ -312,17 +333,15 @@ async fn a_shutdown_lets_a_request_inside_an_intercepted_tunnel_finish() {
         _ => ok(),
     })
     .await;
-    let dir = std::env::temp_dir().join(format!(
-        "tollgate-drain-{}",
-        tollgate_testkit::unique_prefix("ca")
-    ));
-    let local_ca = tollgate_proxy::intercept::init(&dir, false).expect("ca init");
+    let (dir, local_ca, upstream) = intercepted_crm(
+        "drain",
+        vendor.addr,
+        &vendor_ca.path,
+        &bucket("api", 100, "100/s"),
+    );
     let config = format!(
-        "[proxy]\naccess_log = \"off\"\nshutdown_grace = \"10s\"\nca_dir = \"{}\"\n[[upstream]]\nname = \"crm\"\nbase_url = \"https://127.0.0.1:{}\"\nintercept = true\nca_file = \"{}\"\n{}",
-        dir.display(),
-        vendor.addr.port(),
-        vendor_ca.path.display(),
-        bucket("api", 100, "100/s"),
+        "[proxy]\naccess_log = \"off\"\nshutdown_grace = \"10s\"\nca_dir = \"{}\"\n{upstream}",
+        dir.display()
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (proxy, served) = start_until(

@@ -137,19 +137,16 @@ impl Pace {
     /// A 429 without `Retry-After` for a call sent at `sent_at`: how long
     /// to wait (one interval at the lowered pace), or None when 429s keep
     /// coming although the pace was lowered (back off as for an exhausted
-    /// quota). True in the second field when the rate went down.
-    pub(crate) fn throttled(&mut self, sent_at: Nanos, now: Nanos) -> (Option<Nanos>, bool) {
-        let Some(ceiling) = self.ceiling else {
-            return (None, false);
-        };
+    /// quota).
+    pub(crate) fn throttled(&mut self, sent_at: Nanos, now: Nanos) -> Option<Nanos> {
+        let ceiling = self.ceiling?;
         if self.lowered_at.is_some_and(|at| sent_at < at) {
             // Sent before the pace went down: the same round.
-            let rate = self.rate.unwrap_or(ceiling);
-            return (Some(Self::interval(rate)), false);
+            return Some(Self::interval(self.rate.unwrap_or(ceiling)));
         }
         self.rounds += 1;
         if self.rounds > ROUNDS_BEFORE_BACKOFF {
-            return (None, false);
+            return None;
         }
         let came_at = match self.rate {
             Some(rate) => rate,
@@ -163,7 +160,7 @@ impl Pace {
         self.rate = Some(rate);
         self.lowered_at = Some(now);
         self.next_send = now + Self::interval(rate);
-        (Some(Self::interval(rate)), true)
+        Some(Self::interval(rate))
     }
 }
 
@@ -188,16 +185,13 @@ mod tests {
             pace.sent(i * 100 * MS);
         }
         assert_eq!(pace.gate(2000 * MS), None, "no pacing before a 429");
-        let (wait, lowered) = pace.throttled(1900 * MS, 2000 * MS);
-        assert!(lowered);
+        let wait = pace.throttled(1900 * MS, 2000 * MS);
         let rate = pace.effective().unwrap();
         assert!((7.9..8.1).contains(&rate), "{rate}/s");
         assert_eq!(wait, Some(125 * MS));
         // A call of the same round: no second decrease.
-        assert_eq!(
-            pace.throttled(1950 * MS, 2001 * MS),
-            (Some(125 * MS), false)
-        );
+        assert_eq!(pace.throttled(1950 * MS, 2001 * MS), Some(125 * MS));
+        assert_eq!(pace.effective(), Some(rate));
         // Successes raise it (0.2 a second at this pace), until the limits bind.
         for _ in 0..8 {
             pace.succeeded();

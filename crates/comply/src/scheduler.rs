@@ -93,8 +93,8 @@ pub enum Event {
         error: String,
     },
     StoreBack,
-    /// 429s without `Retry-After` at the profile's pace: sends go at
-    /// `rate` per second, below the profile's `profile`.
+    /// A 429 without `Retry-After`: sends go at `rate` per second, below
+    /// the limits' fastest sustained rate `profile`.
     Slowed {
         rate: f64,
         profile: f64,
@@ -479,23 +479,23 @@ impl Scheduler {
                     }
                     Class::Throttled => {
                         self.counters.throttled += 1;
-                        // Without Retry-After, the pace learns: a 429 at the
-                        // profile's pace waits one interval of a lowered
-                        // rate; only 429s that keep coming back off.
+                        // Without Retry-After, the pace learns: a 429 waits one
+                        // interval of a rate below the one it came at; only
+                        // 429s that keep coming back off.
+                        let before = self.pace.effective();
                         let paced = match retry_after {
                             Some(_) => None,
-                            None => {
-                                let (wait, lowered) = self.pace.throttled(entry.sent_at, now);
-                                if let (true, Some(rate), Some(profile)) =
-                                    (lowered, self.pace.effective(), self.pace.ceiling())
-                                {
-                                    self.events.push(Event::Slowed { rate, profile });
-                                }
-                                wait.map(Duration::from_nanos)
-                            }
+                            None => self.pace.throttled(entry.sent_at, now),
                         };
+                        if let (Some(rate), Some(profile)) =
+                            (self.pace.effective(), self.pace.ceiling())
+                        {
+                            if before != Some(rate) {
+                                self.events.push(Event::Slowed { rate, profile });
+                            }
+                        }
                         let wait = match paced {
-                            Some(wait) => wait,
+                            Some(wait) => Duration::from_nanos(wait),
                             None => self.retry.after_throttle(*retry_after, entry.attempts),
                         };
                         let until = now + nanos(wait);

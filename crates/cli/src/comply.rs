@@ -393,13 +393,22 @@ fn execute(
 }
 
 /// `tollgate plan`: calls per upstream and the least time the limits allow.
-pub fn plan(config_path: &Path, jobs: &JobArgs, latency: Duration) -> Result<()> {
+pub fn plan(
+    config_path: &Path,
+    jobs: &JobArgs,
+    latency: Duration,
+    state: Option<&Path>,
+) -> Result<()> {
     let config = load_config(config_path)?;
     let Some(routed) = read_jobs(jobs, &config)? else {
         bail!("give --jobs FILE, or --records FILE --bulk NAME");
     };
+    let paces = match state {
+        Some(dir) => open_read_only(dir)?.paces()?,
+        None => Default::default(),
+    };
     let start = TokioClock::system().now();
-    let plans = tollgate_egress::plan::plan_jobs(&config, &routed, start, latency);
+    let plans = tollgate_egress::plan::plan_jobs(&config, &routed, start, latency, &paces);
     let mut slowest = Duration::ZERO;
     for p in &plans {
         let e = &p.estimate;
@@ -414,6 +423,18 @@ pub fn plan(config_path: &Path, jobs: &JobArgs, latency: Duration) -> Result<()>
                 .map(|b| format!(" (binding limit: {b})"))
                 .unwrap_or_else(|| " (within the burst: no call waits)".into())
         );
+        if let Some(dir) = state {
+            match (e.paced_at, p.profile_rate) {
+                (Some(rate), Some(profile)) => println!(
+                    "  paced at {rate:.1}/s, learnt by an earlier run and kept in {} (the profile allows {profile:.1}/s)",
+                    dir.display()
+                ),
+                _ => println!(
+                    "  at the profile's rates: {} keeps no slower pace for it",
+                    dir.display()
+                ),
+            }
+        }
         if e.impossible > 0 {
             println!("  {} call(s) can never be admitted (cost above a limit's capacity): they would be dead-lettered", e.impossible);
         }

@@ -142,6 +142,10 @@ enum Command {
         /// and latency limits).
         #[arg(long, default_value = "0s")]
         latency: String,
+        /// Plan with the paces earlier runs learnt and kept in this state
+        /// directory (a vendor that allowed less than its profile says).
+        #[arg(long)]
+        state: Option<PathBuf>,
     },
     /// Dead letters: list, show, retry, export.
     Dlq {
@@ -219,8 +223,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             config,
             jobs,
             latency,
-        } => comply::plan(&config, &jobs, duration(&latency, "--latency")?)
-            .map(|()| ExitCode::SUCCESS),
+            state,
+        } => comply::plan(
+            &config,
+            &jobs,
+            duration(&latency, "--latency")?,
+            state.as_deref(),
+        )
+        .map(|()| ExitCode::SUCCESS),
         Command::Dlq { command } => comply::dlq(command),
         Command::Results { from, out } => comply::results(&from, out.as_deref()),
         command => other(command).map(|()| ExitCode::SUCCESS),

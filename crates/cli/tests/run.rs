@@ -310,3 +310,67 @@ fn plan_counts_crm_bulk_calls_and_bad_input_is_named_without_queueing_anything()
     assert!(text(&out.stderr).contains("line 10: upstream 'crm', bulk 'probability': body must hold the string \"{{records}}\" exactly once"), "{}", text(&out.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn plan_with_a_state_paces_at_the_rate_a_run_learnt_and_says_so() {
+    let dir = temp_dir("plan-state");
+    let addr: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    // The profile: 20 at once, then 100/s. A run learnt that the vendor
+    // allows 50/s, and kept it in its state.
+    let config = write(
+        &dir,
+        "vendor.toml",
+        &config(addr, "capacity = 20\nrefill = \"100/s\""),
+    );
+    let state = dir.join("state");
+    let writer = tollgate_egress::State::open(&state)
+        .expect("state")
+        .writer()
+        .expect("writer");
+    writer.record(tollgate_egress::state::Record::Pace {
+        upstream: "vendor".into(),
+        rate: Some(50.0),
+    });
+    writer.finish().expect("written");
+    let jobs = write(&dir, "jobs.jsonl", &jobs(addr, 1020, |i| format!("/x/{i}")));
+    let plain = tollgate(&["plan", "--config", &config, "--jobs", &jobs]);
+    assert!(
+        text(&plain.stdout).starts_with("vendor: 1020 call(s); the limits allow them in 10.0s"),
+        "{}",
+        text(&plain.stdout)
+    );
+    let state_arg = state.to_str().expect("utf-8");
+    let out = tollgate(&[
+        "plan", "--config", &config, "--jobs", &jobs, "--state", state_arg,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with("vendor: 1020 call(s); the limits allow them in 20.4s"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "paced at 50.0/s, learnt by an earlier run and kept in {state_arg} (the profile allows 100.0/s)"
+        )),
+        "{stdout}"
+    );
+    // A state that does not exist is named, not created.
+    let missing = dir.join("nowhere");
+    let out = tollgate(&[
+        "plan",
+        "--config",
+        &config,
+        "--jobs",
+        &jobs,
+        "--state",
+        missing.to_str().expect("utf-8"),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no tollgate state in"),
+        "{}",
+        text(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

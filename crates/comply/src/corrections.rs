@@ -13,6 +13,8 @@ use tollgate_store::Engine;
 /// `committed` pairs each item the reply's request was charged with what it
 /// had left just after; `in_flight` are the requests still out, of which
 /// those sent after it (`sent_order`) are not in the reply's count yet.
+/// Returns the most calls any one limit's count held beyond all this
+/// scheduler sent: another client's, on the same quota.
 pub(crate) fn apply(
     engine: &Engine,
     committed: &[(Item, u64)],
@@ -20,13 +22,14 @@ pub(crate) fn apply(
     corrections: &[Correction],
     in_flight: &HashMap<u64, Entry>,
     now: Nanos,
-) {
+) -> u64 {
     // On a shared (Redis) engine the counters are the fleet's, kept exact
     // by every process's decisions; one process's reading of a header is
     // not applied to them (docs/runner.md, Fleet mode).
     if corrections.is_empty() || engine.is_shared() {
-        return;
+        return 0;
     }
+    let mut others = 0;
     let policy = engine.policy();
     let store = engine.store();
     let remaining = |item: &Item| store.usage(policy, item, now).remaining;
@@ -79,6 +82,12 @@ pub(crate) fn apply(
             .sum();
         let reported = correction.remaining.saturating_sub(later);
         let local = remaining(item);
+        // Another client's calls: what the vendor counted beyond all this
+        // scheduler sent, those still in flight included (on loopback they
+        // have mostly arrived, and counting them as not yet would take a
+        // burst of this scheduler's own for someone else's).
+        let unexplained = local.saturating_sub(correction.remaining);
+        others = others.max(unexplained);
         if reported < local {
             let extra = local - reported;
             let charge = Item {
@@ -91,4 +100,5 @@ pub(crate) fn apply(
             let _ = engine.decide(std::slice::from_ref(&charge), now, false);
         }
     }
+    others
 }

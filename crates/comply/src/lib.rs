@@ -16,7 +16,7 @@
 mod breaker;
 mod corrections;
 pub mod lanes;
-mod pace;
+pub mod pace;
 pub mod retry;
 pub mod scheduler;
 pub mod settings;

@@ -1,36 +1,66 @@
 //! Pacing by what the vendor does, not only by what its profile says.
 //!
 //! A published limit can be wrong or shared with another client. When the
-//! vendor answers 429 without `Retry-After`, the line was sending faster
-//! than the vendor allows: an effective rate is set below the rate the 429
-//! came at (multiplicatively, once per round of calls), and calls that
-//! succeed raise it back (additively) until the limits alone bind again.
+//! vendor answers a 429 the local count did not predict, the line was
+//! sending faster than the vendor allows: an effective rate is set below
+//! the rate the 429 came at (multiplicatively, once per round of calls),
+//! and calls that succeed raise it back until the limits alone bind again,
+//! along a cubic curve: quickly at first, flat near the rate the 429 came
+//! at, then faster and faster (a vendor that restores its limit is followed
+//! within seconds).
 //! Sends are spaced at the effective rate on top of the limits: the limits
 //! still say what the profile allows, the pace what the vendor was seen to
 //! allow. (The rate a 429 came at is the one observed over the last sends,
 //! so a profile with a short window and a daily one is slowed from its
 //! short window's pace, not down to its daily average.)
 //!
-//! A 429 now costs one interval of the effective rate, not the backoff
-//! meant for an exhausted quota; only 429s that keep coming while the pace
-//! is already lowered back off as before.
+//! A 429 without `Retry-After` now costs one interval of the effective
+//! rate, not the backoff meant for an exhausted quota; only 429s that keep
+//! coming while the pace is already lowered back off as before. (A
+//! `Retry-After` is still waited out as the vendor says.)
+//!
+//! When the vendor's rate-limit headers count calls this scheduler did not
+//! send, another client spends the same quota: sends are paced at a little
+//! less than what it leaves (the limits' rate minus its rate over the last
+//! seconds), so the two share the quota without a 429 instead of one
+//! bursting into the other's calls.
 
 use std::collections::VecDeque;
+use tollgate_core::algo::gcra::GcraParams;
+use tollgate_core::algo::sliding_window::SlidingWindowParams;
 use tollgate_core::policy::Params;
+use tollgate_core::units::Rate;
 use tollgate_core::{Nanos, Policy};
 
-/// Each 429 round keeps this share of the rate the 429 came at.
+/// Each 429 round keeps this share of the rate the 429 came at ...
 const DECREASE: f64 = 0.8;
+/// ... except a lone one (no other 429 in the `LONE_AFTER` before it),
+/// which tightens the pace only a little: one call that raced a window's
+/// edge, or another client's burst, says little about the rate.
+const LONE_DECREASE: f64 = 0.95;
+const LONE_AFTER: Nanos = 10_000_000_000;
 /// The rate never goes below this share of the limits' fastest one.
 const FLOOR: f64 = 0.05;
-/// While calls succeed, the rate rises a second by this share of the rate
-/// the first 429 came at.
-const INCREASE_PER_SECOND: f64 = 0.02;
+/// While calls succeed, the rate rises back along a cubic curve (as TCP's
+/// CUBIC does): quickly at first, flat near the rate the last 429 came at,
+/// then faster and faster above it. It is back at that rate this long
+/// after the first success, and twice it about 2.7 times as long after.
+const RISE: f64 = 4.0;
 /// A third 429 in a row (no call succeeded between, each of a call sent
 /// after the pace was lowered) backs off as an exhausted quota does.
 const ROUNDS_BEFORE_BACKOFF: u32 = 2;
 /// Sends remembered to know the rate a 429 came at.
 const RECENT_SENDS: usize = 32;
+/// Another client's spending is measured over at least this long, and over
+/// at least `SHARE_INTERVALS` intervals of the limits' rate.
+const SHARE_SPAN: Nanos = 2_000_000_000;
+const SHARE_INTERVALS: f64 = 20.0;
+/// Another client spending less than this share of the limits' rate is
+/// noise (a reply that raced a window's end), not a client to make room for.
+const SHARE_NOTICED: f64 = 0.02;
+/// What another client leaves is paced a little inside, so its own bursts
+/// do not make the next call of this one a 429.
+const SHARE_KEPT: f64 = 0.95;
 
 const NANOS_PER_SEC: f64 = 1e9;
 
@@ -43,8 +73,18 @@ pub(crate) struct Pace {
     /// The effective rate, per second, while it is below what the limits
     /// allow (None: the limits alone).
     rate: Option<f64>,
-    /// How much the rate rises a second while calls succeed.
-    step: f64,
+    /// The rate the last 429 came at: the curve the rate rises along is
+    /// flat there.
+    came_at: f64,
+    /// When the rise began (the first success after the rate went down);
+    /// None while it has not.
+    rising_since: Option<Nanos>,
+    /// Whether successes raise the rate (a plan holds a learnt one).
+    rises: bool,
+    /// The share of `came_at` the rate last went down to.
+    decreased_to: f64,
+    /// When the last 429 came.
+    last_throttled: Option<Nanos>,
     /// The last sends, to know the rate a 429 came at.
     recent: VecDeque<Nanos>,
     /// No send before this, while pacing.
@@ -54,35 +94,95 @@ pub(crate) struct Pace {
     lowered_at: Option<Nanos>,
     /// Rounds of 429s since the last call that succeeded.
     rounds: u32,
+    /// Calls the vendor's rate-limit headers counted that were not this
+    /// scheduler's (another client on the same quota), and when.
+    others: VecDeque<(Nanos, u64)>,
+}
+
+/// How far inside the profile's rates the runner and the proxy pace: 1 %.
+/// An enforcer that times arrivals to the millisecond refuses a call that
+/// arrives even 1 ms early after one that was delayed (connection set-up,
+/// scheduler jitter). Two margins give its bucket the slack to absorb
+/// that: one call of every burst is kept in reserve (so a call may arrive
+/// a whole interval early, from the first burst on), and the bucket is
+/// refilled 1 % slower (after a second at full pace, another 1 % of a
+/// second of slack, up to the burst).
+const MARGIN_PER_MILLE: u64 = 10;
+
+/// `policy` with every rate-based limit refilling a little slower than the
+/// profile says: token and leaky buckets by `MARGIN_PER_MILLE` and with one
+/// call of their burst in reserve, sliding
+/// windows by one sub-window more (1/60 of the rate for a minute of
+/// seconds). Fixed windows and tiers are unchanged: their counts
+/// reset at calendar boundaries, so the spacing of sends within a window
+/// cannot make a call early; a 429 at a boundary (a clock apart from the
+/// vendor's) lowers the pace like any other.
+pub fn with_margin(policy: &Policy) -> Policy {
+    let slower = |period: Nanos| period + period * MARGIN_PER_MILLE / 1000;
+    let mut paced = policy.clone();
+    for limit in &mut paced.limits {
+        for params in &mut limit.variants {
+            match params {
+                Params::Gcra(p) => {
+                    *p = GcraParams::with_rate(
+                        p.capacity.saturating_sub(1).max(1),
+                        Rate {
+                            amount: p.amount,
+                            per: slower(p.period),
+                        },
+                    );
+                }
+                Params::SlidingWindow(p) => {
+                    // One sub-window longer, on the same boundaries: the
+                    // vendor's sub-windows are counted whole, so a window
+                    // stretched by a fraction of one would end mid-way
+                    // through its and let a call through early.
+                    *p = SlidingWindowParams::new(p.quota, p.every + p.segment, p.segments + 1);
+                }
+                Params::FixedWindow(_) | Params::Tiered(_) | Params::Concurrency(_) => {}
+            }
+        }
+    }
+    paced
+}
+
+/// The fastest sustained rate a policy's limits allow, per second (None
+/// when no limit has a rate: concurrency only).
+pub fn sustained_rate(policy: &Policy) -> Option<f64> {
+    let per_second = |amount: u64, period: Nanos| {
+        (period > 0).then(|| amount as f64 * NANOS_PER_SEC / period as f64)
+    };
+    policy
+        .limits
+        .iter()
+        .filter_map(|limit| match limit.variants.first()? {
+            Params::Gcra(p) => per_second(p.amount, p.period),
+            Params::FixedWindow(p) => per_second(p.quota, p.calendar.every()),
+            Params::SlidingWindow(p) => per_second(p.quota, p.every),
+            Params::Tiered(p) => {
+                let tier = p.tiers.first()?;
+                per_second(tier.quota, tier.calendar.every())
+            }
+            Params::Concurrency(_) => None,
+        })
+        .max_by(f64::total_cmp)
 }
 
 impl Pace {
     pub(crate) fn new(policy: &Policy) -> Pace {
-        let per_second = |amount: u64, period: Nanos| {
-            (period > 0).then(|| amount as f64 * NANOS_PER_SEC / period as f64)
-        };
-        let ceiling = policy
-            .limits
-            .iter()
-            .filter_map(|limit| match limit.variants.first()? {
-                Params::Gcra(p) => per_second(p.amount, p.period),
-                Params::FixedWindow(p) => per_second(p.quota, p.calendar.every()),
-                Params::SlidingWindow(p) => per_second(p.quota, p.every),
-                Params::Tiered(p) => {
-                    let tier = p.tiers.first()?;
-                    per_second(tier.quota, tier.calendar.every())
-                }
-                Params::Concurrency(_) => None,
-            })
-            .max_by(f64::total_cmp);
         Pace {
-            ceiling,
+            ceiling: sustained_rate(policy),
             rate: None,
-            step: 0.0,
+            came_at: 0.0,
+            rising_since: None,
+            rises: true,
+            decreased_to: DECREASE,
+            last_throttled: None,
             recent: VecDeque::with_capacity(RECENT_SENDS),
             next_send: 0,
             lowered_at: None,
             rounds: 0,
+            others: VecDeque::new(),
         }
     }
 
@@ -96,6 +196,24 @@ impl Pace {
         self.ceiling
     }
 
+    /// Start from a rate learnt before (a resumed run, or a plan), if it is
+    /// below what the limits allow. `rising`: whether calls that succeed
+    /// raise it (a plan holds it where it was learnt).
+    pub(crate) fn resume(&mut self, rate: f64, rising: bool) {
+        let Some(ceiling) = self.ceiling else {
+            return;
+        };
+        if rate.is_finite() && rate > 0.0 && rate < ceiling {
+            let rate = rate.max(FLOOR * ceiling);
+            self.rate = Some(rate);
+            // The curve is flat here first: probing above it comes later.
+            self.came_at = rate;
+            self.decreased_to = DECREASE;
+            self.rising_since = None;
+            self.rises = rising;
+        }
+    }
+
     /// The rate of the last sends, per second.
     fn observed(&self) -> Option<f64> {
         let (first, last) = (self.recent.front()?, self.recent.back()?);
@@ -107,9 +225,59 @@ impl Pace {
         (NANOS_PER_SEC / rate) as Nanos
     }
 
+    /// How long another client's spending is measured over.
+    fn share_span(&self) -> Nanos {
+        let intervals = self
+            .ceiling
+            .map_or(0, |c| (SHARE_INTERVALS * NANOS_PER_SEC / c) as Nanos);
+        SHARE_SPAN.max(intervals)
+    }
+
+    /// The vendor's rate-limit headers counted `calls` this scheduler did
+    /// not send: another client spends the same quota.
+    pub(crate) fn spent_by_others(&mut self, calls: u64, now: Nanos) {
+        let span = self.share_span();
+        while self.others.front().is_some_and(|(at, _)| at + span < now) {
+            self.others.pop_front();
+        }
+        if calls > 0 {
+            self.others.push_back((now, calls));
+        }
+    }
+
+    /// The rate another client is seen to spend, when it is enough to make
+    /// room for, and the rate that leaves this scheduler.
+    pub(crate) fn shared(&self, now: Nanos) -> Option<(f64, f64)> {
+        let ceiling = self.ceiling?;
+        let span = self.share_span();
+        let recent = || self.others.iter().filter(|(at, _)| at + span >= now);
+        let (first, last) = (recent().next()?.0, recent().next_back()?.0);
+        let spent: u64 = recent().map(|(_, calls)| calls).sum();
+        let others = spent as f64 * NANOS_PER_SEC / span as f64;
+        // A client that spends steadily shows in many replies across the
+        // span. One that took a burst (or a rate above the limits') shows
+        // as a lump: the corrections already took it off the local view,
+        // and pacing for it would slow this scheduler for nothing.
+        let steady = last - first >= span / 2 && others < ceiling;
+        (steady && others > SHARE_NOTICED * ceiling).then(|| {
+            let left = ((ceiling - others) * SHARE_KEPT).max(FLOOR * ceiling);
+            (others, left)
+        })
+    }
+
+    /// The rate sends go at now: the learnt rate, or what another client
+    /// leaves if that is less (None: the limits alone).
+    pub(crate) fn pacing(&self, now: Nanos) -> Option<f64> {
+        let left = self.shared(now).map(|(_, left)| left);
+        match (self.rate, left) {
+            (Some(rate), Some(left)) => Some(rate.min(left)),
+            (rate, left) => rate.or(left),
+        }
+    }
+
     /// When the next send may go, if not now.
     pub(crate) fn gate(&self, now: Nanos) -> Option<Nanos> {
-        (self.rate.is_some() && now < self.next_send).then_some(self.next_send)
+        (now < self.next_send).then_some(self.next_send)
     }
 
     /// A call was sent at `now`.
@@ -118,28 +286,47 @@ impl Pace {
             self.recent.pop_front();
         }
         self.recent.push_back(now);
-        if let Some(rate) = self.rate {
-            self.next_send = self.next_send.max(now) + Self::interval(rate);
+        if let Some(rate) = self.pacing(now) {
+            // From when this send was due, not when it went: a timer that
+            // fires late (tokio's tick is a millisecond) must not slow the
+            // whole pace by its lateness. Up to half an interval is made up.
+            let interval = Self::interval(rate);
+            let due = if now.saturating_sub(self.next_send) <= interval / 2 {
+                self.next_send
+            } else {
+                now
+            };
+            self.next_send = due + interval;
         }
     }
 
-    /// A call succeeded: the rate rises, and pacing ends when it reaches
-    /// what the limits allow.
-    pub(crate) fn succeeded(&mut self) {
+    /// A call succeeded at `now`: the rate rises, and pacing ends when it
+    /// reaches what the limits allow.
+    pub(crate) fn succeeded(&mut self, now: Nanos) {
         self.rounds = 0;
-        if let Some(rate) = self.rate {
-            // Per call at this rate: `step` a second.
-            let raised = rate + self.step / rate;
-            self.rate = self.ceiling.filter(|c| raised < *c).map(|_| raised);
-        }
+        let Some(rate) = self.rate.filter(|_| self.rises) else {
+            return;
+        };
+        let since = *self.rising_since.get_or_insert(now);
+        // came_at · (1 + c·(t − RISE)³), through the rate it went down to
+        // at t = 0.
+        let t = (now - since) as f64 / NANOS_PER_SEC;
+        let c = (1.0 - self.decreased_to) / RISE.powi(3);
+        let curve = self.came_at * (1.0 + c * (t - RISE).powi(3));
+        let raised = rate.max(curve);
+        self.rate = self.ceiling.filter(|c| raised < *c).map(|_| raised);
     }
 
-    /// A 429 without `Retry-After` for a call sent at `sent_at`: how long
-    /// to wait (one interval at the lowered pace), or None when 429s keep
-    /// coming although the pace was lowered (back off as for an exhausted
-    /// quota).
+    /// A 429 for a call sent at `sent_at`: how long to wait without a
+    /// `Retry-After` (one interval at the lowered pace), or None when 429s
+    /// keep coming although the pace was lowered (back off as for an
+    /// exhausted quota).
     pub(crate) fn throttled(&mut self, sent_at: Nanos, now: Nanos) -> Option<Nanos> {
         let ceiling = self.ceiling?;
+        let lone = self
+            .last_throttled
+            .is_none_or(|at| now.saturating_sub(at) > LONE_AFTER);
+        self.last_throttled = Some(now);
         if self.lowered_at.is_some_and(|at| sent_at < at) {
             // Sent before the pace went down: the same round.
             return Some(Self::interval(self.rate.unwrap_or(ceiling)));
@@ -148,16 +335,15 @@ impl Pace {
         if self.rounds > ROUNDS_BEFORE_BACKOFF {
             return None;
         }
-        let came_at = match self.rate {
+        let came_at = match self.pacing(now) {
             Some(rate) => rate,
-            None => {
-                let came_at = self.observed().unwrap_or(ceiling).min(ceiling);
-                self.step = INCREASE_PER_SECOND * came_at;
-                came_at
-            }
+            None => self.observed().unwrap_or(ceiling).min(ceiling),
         };
-        let rate = (came_at * DECREASE).max(FLOOR * ceiling);
+        self.decreased_to = if lone { LONE_DECREASE } else { DECREASE };
+        let rate = (came_at * self.decreased_to).max(FLOOR * ceiling);
         self.rate = Some(rate);
+        self.came_at = came_at;
+        self.rising_since = None;
         self.lowered_at = Some(now);
         self.next_send = now + Self::interval(rate);
         Some(Self::interval(rate))
@@ -185,22 +371,102 @@ mod tests {
             pace.sent(i * 100 * MS);
         }
         assert_eq!(pace.gate(2000 * MS), None, "no pacing before a 429");
+        // A lone 429: the pace tightens a little, to 0.95 of the 10/s.
         let wait = pace.throttled(1900 * MS, 2000 * MS);
         let rate = pace.effective().unwrap();
-        assert!((7.9..8.1).contains(&rate), "{rate}/s");
-        assert_eq!(wait, Some(125 * MS));
+        assert!((9.4..9.6).contains(&rate), "{rate}/s");
+        assert_eq!(wait, Some(105_263_157));
         // A call of the same round: no second decrease.
-        assert_eq!(pace.throttled(1950 * MS, 2001 * MS), Some(125 * MS));
+        assert_eq!(pace.throttled(1950 * MS, 2001 * MS), Some(105_263_157));
         assert_eq!(pace.effective(), Some(rate));
-        // Successes raise it (0.2 a second at this pace), until the limits bind.
-        for _ in 0..8 {
-            pace.succeeded();
-        }
+        // Successes raise it along the curve: flat near the 10/s the 429
+        // came at, 4 s after the first success, and past it the limits bind.
+        pace.succeeded(2100 * MS);
+        assert_eq!(pace.effective(), Some(rate));
+        pace.succeeded(4100 * MS);
         let raised = pace.effective().unwrap();
-        assert!((8.1..8.3).contains(&raised), "{raised}/s");
-        for _ in 0..2000 {
-            pace.succeeded();
-        }
+        assert!((9.9..9.95).contains(&raised), "{raised}/s");
+        pace.succeeded(6100 * MS);
         assert_eq!(pace.effective(), None, "back to the limits alone");
+    }
+
+    fn policy(text: &str) -> Policy {
+        tollgate_core::parse(text, &NoProfiles).unwrap()
+    }
+
+    #[test]
+    fn a_halved_limit_is_followed_down_and_back_up_within_seconds() {
+        let mut pace = Pace::new(&policy("[[limit]]\nname = \"api\"\nalgorithm = \"token_bucket\"\ncapacity = 20\nrefill = \"100/s\"\n"));
+        // Paced down to about 50/s (a vendor that halved its limit) ...
+        pace.resume(50.0, true);
+        let mut now = 0;
+        let mut at = |secs: u64| {
+            // calls succeed every 10 ms until `secs`
+            while now < secs * 1000 * MS {
+                now += 10 * MS;
+                pace.succeeded(now);
+            }
+            pace.effective()
+        };
+        // ... it holds there while the vendor may still be at 50/s ...
+        let held = at(4).unwrap();
+        assert!((50.0..50.5).contains(&held), "{held}/s");
+        // ... then probes faster and faster: twice as fast by about 11 s.
+        let probing = at(8).unwrap();
+        assert!((55.0..65.0).contains(&probing), "{probing}/s");
+        assert_eq!(at(12), None, "back at the limits' 100/s");
+    }
+
+    #[test]
+    fn a_plan_holds_a_learnt_rate_and_one_at_or_above_the_limits_is_none() {
+        let bucket = policy("[[limit]]\nname = \"api\"\nalgorithm = \"token_bucket\"\ncapacity = 20\nrefill = \"100/s\"\n");
+        let mut pace = Pace::new(&bucket);
+        pace.resume(40.0, false);
+        pace.succeeded(0);
+        pace.succeeded(60_000 * MS);
+        assert_eq!(pace.effective(), Some(40.0));
+        let mut pace = Pace::new(&bucket);
+        pace.resume(100.0, true);
+        assert_eq!(pace.effective(), None);
+    }
+
+    #[test]
+    fn another_client_on_the_quota_leaves_a_pace_a_little_inside_what_it_leaves() {
+        let mut pace = Pace::new(&policy("[[limit]]\nname = \"api\"\nalgorithm = \"fixed_window\"\nquota = 200\nevery = \"1s\"\n"));
+        // Headers counted 19 calls not sent from here every 200 ms: 95/s.
+        for i in 1..=10 {
+            pace.spent_by_others(19, i * 200 * MS);
+        }
+        let (others, left) = pace.shared(2000 * MS).unwrap();
+        assert!((94.9..95.1).contains(&others), "{others}/s");
+        assert!((99.7..99.8).contains(&left), "{left}/s");
+        assert_eq!(pace.pacing(2000 * MS), Some(left));
+        pace.sent(2000 * MS);
+        assert_eq!(pace.gate(2000 * MS), Some(2000 * MS + 10_025_062));
+        // A stray call or two is noise; and when the other client stops,
+        // the limits alone pace again.
+        assert_eq!(pace.shared(4100 * MS), None);
+        pace.spent_by_others(2, 4100 * MS);
+        assert_eq!(pace.pacing(4100 * MS), None);
+    }
+
+    #[test]
+    fn the_margin_slows_buckets_by_one_percent_and_sliding_windows_by_a_sub_window() {
+        let paced = with_margin(&policy("[[limit]]\nname = \"bucket\"\nalgorithm = \"token_bucket\"\ncapacity = 20\nrefill = \"100/s\"\n[[limit]]\nname = \"rolling\"\nalgorithm = \"sliding_window\"\nquota = 100\nevery = \"60s\"\nsegments = 60\n[[limit]]\nname = \"window\"\nalgorithm = \"fixed_window\"\nquota = 200\nevery = \"1s\"\n"));
+        let Params::Gcra(bucket) = &paced.limits[0].variants[0] else {
+            panic!("a bucket")
+        };
+        assert_eq!((bucket.capacity, bucket.amount), (19, 100));
+        assert_eq!(bucket.period, 1_010 * MS);
+        let Params::SlidingWindow(rolling) = &paced.limits[1].variants[0] else {
+            panic!("a sliding window")
+        };
+        assert_eq!((rolling.quota, rolling.segments), (100, 61));
+        assert_eq!((rolling.every, rolling.segment), (61_000 * MS, 1_000 * MS));
+        let Params::FixedWindow(window) = &paced.limits[2].variants[0] else {
+            panic!("a fixed window")
+        };
+        assert_eq!(window.quota, 200);
+        assert_eq!(window.calendar.every(), 1_000 * MS);
     }
 }

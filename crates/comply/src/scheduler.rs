@@ -93,10 +93,20 @@ pub enum Event {
         error: String,
     },
     StoreBack,
-    /// A 429 without `Retry-After`: sends go at `rate` per second, below
-    /// the limits' fastest sustained rate `profile`.
+    /// A 429 the local count did not predict: sends go at `rate` per
+    /// second, below the limits' fastest sustained rate `profile`.
     Slowed {
         rate: f64,
+        profile: f64,
+    },
+    /// The vendor's rate-limit headers show another client spending
+    /// `others` per second of the same quota: sends go at `left` per second.
+    Shared {
+        others: f64,
+        left: f64,
+    },
+    /// Calls that succeeded raised the pace back to what the limits allow.
+    Restored {
         profile: f64,
     },
 }
@@ -198,6 +208,36 @@ impl Scheduler {
     /// What the last `next` that answered `Wait` waited for.
     pub fn waiting(&self) -> Option<Waiting> {
         self.waiting
+    }
+
+    /// The rate sends are paced at, per second, while 429s the local count
+    /// did not predict keep it below what the limits allow (None: the
+    /// limits alone).
+    pub fn effective_rate(&self) -> Option<f64> {
+        self.pace.effective()
+    }
+
+    /// The rate sends go at `now`, per second, when below what the limits
+    /// allow: the learnt pace, or what another client on the same quota
+    /// leaves if that is less.
+    pub fn pacing_rate(&self, now: Nanos) -> Option<f64> {
+        self.pace.pacing(now)
+    }
+
+    /// The fastest sustained rate the limits allow, per second.
+    pub fn limits_rate(&self) -> Option<f64> {
+        self.pace.ceiling()
+    }
+
+    /// Start from a rate learnt before (kept in a run's state): it rises
+    /// while calls succeed, as if it had just been learnt.
+    pub fn resume_pace(&mut self, rate: f64) {
+        self.pace.resume(rate, true);
+    }
+
+    /// Pace at a rate learnt before and keep it there (`tollgate plan`).
+    pub fn hold_pace(&mut self, rate: f64) {
+        self.pace.resume(rate, false);
     }
 
     /// Until when a 429 paused the whole upstream (0 if it never did).
@@ -451,11 +491,13 @@ impl Scheduler {
                     target: Target::Binding,
                     remaining: 0,
                 }];
-                let corrections = match (*status, corrections.is_empty()) {
-                    (429, true) => &bare_429[..],
-                    _ => &corrections[..],
+                let bare = *status == 429 && corrections.is_empty();
+                let corrections = if bare {
+                    &bare_429[..]
+                } else {
+                    &corrections[..]
                 };
-                crate::corrections::apply(
+                let by_others = crate::corrections::apply(
                     &self.engine,
                     &committed,
                     entry.sent_order,
@@ -463,6 +505,15 @@ impl Scheduler {
                     &self.in_flight,
                     now,
                 );
+                // (A bare 429's "nothing left" is this scheduler's guess,
+                // not a count of another client's calls.)
+                if !bare {
+                    let shared_before = self.pace.shared(now).is_some();
+                    self.pace.spent_by_others(by_others, now);
+                    if let (false, Some((others, left))) = (shared_before, self.pace.shared(now)) {
+                        self.events.push(Event::Shared { others, left });
+                    }
+                }
                 let class = classify(*status);
                 if class == Class::Transient {
                     self.breaker.failed(now, &mut self.events);
@@ -473,20 +524,26 @@ impl Scheduler {
                 }
                 match class {
                     Class::Success => {
-                        self.pace.succeeded();
+                        let was_paced = self.pace.effective().is_some();
+                        self.pace.succeeded(now);
+                        if let (true, None, Some(profile)) =
+                            (was_paced, self.pace.effective(), self.pace.ceiling())
+                        {
+                            self.events.push(Event::Restored { profile });
+                        }
                         self.counters.done += 1;
                         return Settled::Done;
                     }
                     Class::Throttled => {
                         self.counters.throttled += 1;
-                        // Without Retry-After, the pace learns: a 429 waits one
-                        // interval of a rate below the one it came at; only
-                        // 429s that keep coming back off.
+                        // Every 429 is evidence the vendor allows less than
+                        // was sent (a wrong profile, or another client on
+                        // the same quota): the pace goes below the rate it
+                        // came at, so sends resume evenly instead of in a
+                        // burst. Without Retry-After it waits one interval
+                        // of that pace; only 429s that keep coming back off.
                         let before = self.pace.effective();
-                        let paced = match retry_after {
-                            Some(_) => None,
-                            None => self.pace.throttled(entry.sent_at, now),
-                        };
+                        let paced = self.pace.throttled(entry.sent_at, now);
                         if let (Some(rate), Some(profile)) =
                             (self.pace.effective(), self.pace.ceiling())
                         {
@@ -494,9 +551,9 @@ impl Scheduler {
                                 self.events.push(Event::Slowed { rate, profile });
                             }
                         }
-                        let wait = match paced {
-                            Some(wait) => Duration::from_nanos(wait),
-                            None => self.retry.after_throttle(*retry_after, entry.attempts),
+                        let wait = match (retry_after, paced) {
+                            (None, Some(wait)) => Duration::from_nanos(wait),
+                            _ => self.retry.after_throttle(*retry_after, entry.attempts),
                         };
                         let until = now + nanos(wait);
                         if until > self.paused_until {
@@ -786,13 +843,23 @@ mod tests {
             assert_eq!(s.next(SEC), Next::Wait(at));
             assert_eq!(
                 s.drain_events(),
-                vec![Event::Paused {
-                    until: at,
-                    status: 429
-                }]
+                vec![
+                    Event::Slowed {
+                        rate: 0.95,
+                        profile: 1.0
+                    },
+                    Event::Paused {
+                        until: at,
+                        status: 429
+                    }
+                ]
             );
             assert_eq!(sent(s.next(at)), 1, "the older job first");
-            assert_eq!(sent(s.next(at)), 2);
+            // Then the pace the 429 set: a lone one, 0.95 of the 1/s it
+            // came at.
+            let paced = at + 1_052_631_578;
+            assert_eq!(s.next(at), Next::Wait(paced));
+            assert_eq!(sent(s.next(paced)), 2);
             assert_eq!(s.counters().throttled, 1);
         }
     }
@@ -800,15 +867,16 @@ mod tests {
     #[test]
     fn without_retry_after_a_429_waits_at_a_lowered_pace_then_backs_off_4_8_s_then_dead() {
         // The profile: 1/s. The first two rounds of 429s lower the pace
-        // (0.8, then 0.64 of it) and wait one interval of it; a third 429
+        // (0.95 for a lone one, then 0.8 of that) and wait one interval of
+        // it; a third 429
         // in a row, with nothing succeeding between, backs off as for an
         // exhausted quota (4 s, then 8 s, plus up to 1 s of jitter).
         let mut s = scheduler(&BUCKET.replace("capacity = 2", "capacity = 100"), 10);
         push(&mut s, 1, Priority::Normal, "");
         let mut now = 0;
         let waits = [
-            (SEC * 5 / 4, SEC * 5 / 4),
-            (SEC * 25 / 16, SEC * 25 / 16),
+            (1_052_631_578, 1_052_631_578),
+            (1_315_789_473, 1_315_789_473),
             (4 * SEC, 5 * SEC),
             (8 * SEC, 9 * SEC),
         ];

@@ -399,7 +399,13 @@ impl Event {
             ),
             Event::StoreBack => format!("{name}: the shared store decides again"),
             Event::Slowed { rate, profile } => format!(
-                "{name}: HTTP 429 without Retry-After at the profile's pace: sending at {rate:.1}/s of the profile's {profile:.1}/s, rising again while calls succeed"
+                "{name}: HTTP 429 the local count did not predict: sending at {rate:.1}/s of the {profile:.1}/s the limits allow, rising again while calls succeed"
+            ),
+            Event::Shared { others, left } => format!(
+                "{name}: the vendor's rate-limit headers count calls not sent from here (another client, about {others:.1}/s): sending at {left:.1}/s, what it leaves"
+            ),
+            Event::Restored { profile } => format!(
+                "{name}: calls succeed at the {profile:.1}/s the limits allow again; pacing by the limits alone"
             ),
         }
     }
@@ -565,12 +571,16 @@ mod tests {
             panic!("expected a retry");
         };
         assert!((2 * SEC..=2 * SEC + SEC / 4).contains(&at), "{at}");
-        // Another caller, with tokens left, waits out the pause too.
+        // Another caller, with tokens left, waits out the pause too, and
+        // then one interval of the pace the 429 set (a lone one: 0.95 of
+        // the 1/s it came at): the older call goes first when the pause ends.
         let mut b = line.enter(ask(&line, Priority::Normal));
         assert_eq!(b.turn(None).await, Ok(1));
-        // (tokio's timers fire on whole milliseconds)
+        // (tokio's timers fire on whole milliseconds: the pause's end and
+        // the interval after it are each rounded up)
         let now = line.clock().now();
-        assert!((at..at + 1_000_000).contains(&now), "{now} {at}");
+        let paced = at + 1_052_631_578;
+        assert!((paced..paced + 2_000_000).contains(&now), "{now} {at}");
         assert_eq!(a.turn(None).await, Ok(2));
         assert_eq!(a.report(&ok()), Settled::Done);
     }

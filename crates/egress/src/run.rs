@@ -103,6 +103,11 @@ pub struct UpstreamSummary {
     /// The least time the limits allow for these calls (from the plan).
     pub shortest: Duration,
     pub binding: Option<String>,
+    /// The pace learnt from 429s the limits did not predict, per second,
+    /// when the run ended below what the profile allows.
+    pub learnt: Option<f64>,
+    /// The fastest sustained rate the profile's limits allow, per second.
+    pub profile_rate: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -207,6 +212,11 @@ impl Summary {
                 human(u.shortest),
                 u.binding.as_deref().map(|b| format!(" (binding: {b})")).unwrap_or_default()
             ));
+            if let (Some(learnt), Some(profile)) = (u.learnt, u.profile_rate) {
+                text.push_str(&format!(
+                    "; learnt {learnt:.1}/s of the profile's {profile:.1}/s"
+                ));
+            }
         }
         if let Some(f) = &self.fleet {
             text.push_str(&format!(
@@ -266,11 +276,24 @@ pub(crate) struct Completion {
 pub(crate) trait Sink {
     /// `a` is the job the record is about (still known to the driver).
     fn record(&self, a: &Active, record: Record);
+    /// The pace learnt for `upstream` changed (None: back to its limits).
+    /// Kept where a resumed run finds it; a fleet's runners each learn
+    /// their own.
+    fn learnt(&self, _upstream: &str, _rate: Option<f64>) {}
 }
 
 impl Sink for Writer {
     fn record(&self, _: &Active, record: Record) {
         Writer::record(self, record);
+    }
+    fn learnt(&self, upstream: &str, rate: Option<f64>) {
+        Writer::record(
+            self,
+            Record::Pace {
+                upstream: upstream.to_owned(),
+                rate,
+            },
+        );
     }
 }
 
@@ -426,8 +449,13 @@ impl<'a> Driver<'a> {
                 }
             }
             for event in self.schedulers[u].drain_events() {
-                self.progress
-                    .log(&event.describe(&self.config.upstreams[u].name, now));
+                let name = &self.config.upstreams[u].name;
+                self.progress.log(&event.describe(name, now));
+                match event {
+                    Event::Slowed { rate, .. } => sink.learnt(name, Some(rate)),
+                    Event::Restored { .. } => sink.learnt(name, None),
+                    _ => {}
+                }
                 if let (Event::Paused { until, .. }, Some(Some(pauses))) =
                     (&event, self.pauses.get(u))
                 {
@@ -437,6 +465,22 @@ impl<'a> Driver<'a> {
             }
         }
         wake
+    }
+
+    /// Start each upstream at the pace earlier runs learnt for it.
+    pub(crate) fn resume_paces(&mut self, paces: &HashMap<String, f64>) {
+        for (u, s) in self.config.upstreams.iter().zip(&mut self.schedulers) {
+            let Some(&rate) = paces.get(&u.name) else {
+                continue;
+            };
+            s.resume_pace(rate);
+            if let (Some(rate), Some(limits)) = (s.effective_rate(), s.limits_rate()) {
+                self.progress.log(&format!(
+                    "{}: starting at the {rate:.1}/s an earlier run learnt (the limits allow {limits:.1}/s), rising while calls succeed",
+                    u.name
+                ));
+            }
+        }
     }
 
     /// Nothing queued, waiting out a backoff or in flight.
@@ -513,7 +557,7 @@ impl<'a> Driver<'a> {
                 let c = s.counters();
                 let calls = calls.into_iter().map(|(p, items)| (p, items.to_vec()));
                 let estimate =
-                    plan::estimate(&u.policy, calls, start, Duration::ZERO, u.concurrency);
+                    plan::estimate(&u.policy, calls, start, Duration::ZERO, u.concurrency, None);
                 UpstreamSummary {
                     name: u.name.clone(),
                     calls: c.sent,
@@ -523,6 +567,8 @@ impl<'a> Driver<'a> {
                     throttled: c.throttled,
                     shortest: estimate.shortest,
                     binding: s.binding_limit().map(str::to_owned),
+                    learnt: s.effective_rate(),
+                    profile_rate: tollgate_comply::pace::sustained_rate(&u.policy),
                 }
             })
             .collect();
@@ -577,7 +623,7 @@ pub async fn run(
         .enumerate()
         .map(|(i, u)| {
             Scheduler::new(
-                Engine::new(u.policy.clone()),
+                Engine::new(tollgate_comply::pace::with_margin(&u.policy)),
                 u.max_attempts,
                 u.concurrency,
                 u.breaker,
@@ -588,6 +634,7 @@ pub async fn run(
     let writer = state.writer()?;
     let progress = Progress::new(options.progress, pending.len() as u64);
     let mut driver = Driver::new(config, schedulers, clock, progress)?;
+    driver.resume_paces(&state.paces()?);
     replay_sends(config, state, &driver.schedulers, &index, driver.start)?;
     for p in pending {
         let upstream = index[p.upstream.as_str()];
@@ -635,6 +682,9 @@ pub async fn run(
                 break;
             }
         }
+    }
+    for (u, s) in config.upstreams.iter().zip(&driver.schedulers) {
+        writer.learnt(&u.name, s.effective_rate());
     }
     let summary = driver.summary(stopping, 0);
     match writer.finish() {

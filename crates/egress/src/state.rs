@@ -11,6 +11,7 @@
 use crate::job::{Job, Routed};
 use crate::settings::UpstreamsConfig;
 use rusqlite::{params, Connection, OptionalExtension};
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -76,6 +77,9 @@ pub enum Record {
         attempts: u32,
         sent_at: u64,
     },
+    /// The pace learnt for an upstream (per second), or None when calls
+    /// succeed at what its limits allow: a resumed run starts from it.
+    Pace { upstream: String, rate: Option<f64> },
     /// The job's final outcome and its line for `results.jsonl`.
     Final {
         seq: u64,
@@ -133,7 +137,8 @@ impl State {
                 sent_at INTEGER
             );
             CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
-            CREATE TABLE IF NOT EXISTS results (n INTEGER PRIMARY KEY, seq INTEGER NOT NULL, line TEXT NOT NULL);",
+            CREATE TABLE IF NOT EXISTS results (n INTEGER PRIMARY KEY, seq INTEGER NOT NULL, line TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS paces (upstream TEXT PRIMARY KEY, rate REAL NOT NULL, learnt TEXT NOT NULL);",
         )
         .map_err(|e| sql_err(dir, e))?;
         let state = State {
@@ -187,6 +192,31 @@ impl State {
             out.push((at, upstream, self.job(&spec)?));
         }
         Ok(out)
+    }
+
+    /// The pace learnt per upstream (per second) by the runs before: the
+    /// upstreams whose vendor allowed less than their limits say.
+    pub fn paces(&self) -> Result<HashMap<String, f64>, StateError> {
+        // A state written before paces were kept has no such table.
+        let exists: bool = self
+            .conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'paces')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.sql(e))?;
+        if !exists {
+            return Ok(HashMap::new());
+        }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT upstream, rate FROM paces")
+            .map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?)))
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
     }
 
     pub fn dir(&self) -> &Path {
@@ -513,6 +543,14 @@ fn write_records(
             let mut result = tx
                 .prepare_cached("INSERT INTO results (seq, line) VALUES (?1, ?2)")
                 .map_err(|e| sql_err(dir, e))?;
+            let mut learnt = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO paces (upstream, rate, learnt) VALUES (?1, ?2, ?3)",
+                )
+                .map_err(|e| sql_err(dir, e))?;
+            let mut forgotten = tx
+                .prepare_cached("DELETE FROM paces WHERE upstream = ?1")
+                .map_err(|e| sql_err(dir, e))?;
             let now = jiff::Timestamp::now().to_string();
             for record in batch.drain(..) {
                 match record {
@@ -524,6 +562,13 @@ fn write_records(
                         retry
                             .execute(params![seq as i64, attempts, sent_at as i64])
                             .map_err(|e| sql_err(dir, e))?;
+                    }
+                    Record::Pace { upstream, rate } => {
+                        match rate {
+                            Some(rate) => learnt.execute(params![upstream, rate, now]),
+                            None => forgotten.execute(params![upstream]),
+                        }
+                        .map_err(|e| sql_err(dir, e))?;
                     }
                     Record::Final {
                         seq,

@@ -40,8 +40,14 @@ impl Proxy {
                     .iter()
                     .zip(&generation.lines)
                     .map(|(u, l)| {
-                        let (waiting, in_flight) = l.line.inspect(|s| (s.queued(), s.in_flight()));
-                        (u.name.clone(), waiting, in_flight)
+                        let now = l.line.clock().now();
+                        l.line.inspect(|s| crate::metrics::LineNow {
+                            upstream: u.name.clone(),
+                            waiting: s.queued(),
+                            in_flight: s.in_flight(),
+                            effective_rate: s.pacing_rate(now),
+                            limits_rate: s.limits_rate(),
+                        })
                     });
                 reply(
                     StatusCode::OK,

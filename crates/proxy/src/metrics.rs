@@ -8,6 +8,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
@@ -88,6 +89,20 @@ pub struct Metrics {
     wait_seconds: Family<UpstreamLabels, Histogram>,
     waiting: Family<UpstreamLabels, Gauge>,
     in_flight: Family<UpstreamLabels, Gauge>,
+    effective_rate: Family<UpstreamLabels, Gauge<f64, AtomicU64>>,
+    limits_rate: Family<UpstreamLabels, Gauge<f64, AtomicU64>>,
+}
+
+/// One upstream's line right now, as `/metrics` shows it.
+#[derive(Debug, Clone)]
+pub struct LineNow {
+    pub upstream: String,
+    pub waiting: usize,
+    pub in_flight: usize,
+    /// Per second: what sends go at, and what the limits allow (None when
+    /// no limit has a rate).
+    pub effective_rate: Option<f64>,
+    pub limits_rate: Option<f64>,
 }
 
 impl Default for Metrics {
@@ -101,6 +116,8 @@ impl Default for Metrics {
         });
         let waiting = Family::<UpstreamLabels, Gauge>::default();
         let in_flight = Family::<UpstreamLabels, Gauge>::default();
+        let effective_rate = Family::<UpstreamLabels, Gauge<f64, AtomicU64>>::default();
+        let limits_rate = Family::<UpstreamLabels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "requests",
             "Client requests by upstream and what the client got (2xx, 3xx, 4xx, 429, 5xx; wait_exceeded and breaker_open are tollgate's own answers, network_error a call that never got a response)",
@@ -126,6 +143,16 @@ impl Default for Metrics {
             "Calls sent to an upstream and not yet answered",
             in_flight.clone(),
         );
+        registry.register(
+            "upstream_effective_rate",
+            "Calls per second sent to an upstream right now: below its limits' rate while 429s the limits did not predict, or another client's calls counted in its rate-limit headers, keep the pace lower",
+            effective_rate.clone(),
+        );
+        registry.register(
+            "upstream_limits_rate",
+            "The fastest sustained calls per second an upstream's limits allow",
+            limits_rate.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -133,6 +160,8 @@ impl Default for Metrics {
             wait_seconds,
             waiting,
             in_flight,
+            effective_rate,
+            limits_rate,
         }
     }
 }
@@ -165,12 +194,21 @@ impl Metrics {
         }
     }
 
-    /// The text exposition; `lines` gives each upstream's (waiting, in flight) now.
-    pub fn render(&self, lines: impl Iterator<Item = (String, usize, usize)>) -> String {
-        for (upstream, waiting, in_flight) in lines {
-            let labels = UpstreamLabels { upstream };
-            self.waiting.get_or_create(&labels).set(waiting as i64);
-            self.in_flight.get_or_create(&labels).set(in_flight as i64);
+    /// The text exposition, with each upstream's line as it is now.
+    pub fn render(&self, lines: impl Iterator<Item = LineNow>) -> String {
+        for line in lines {
+            let labels = UpstreamLabels {
+                upstream: line.upstream,
+            };
+            self.waiting.get_or_create(&labels).set(line.waiting as i64);
+            self.in_flight
+                .get_or_create(&labels)
+                .set(line.in_flight as i64);
+            if let Some(limits) = line.limits_rate {
+                self.limits_rate.get_or_create(&labels).set(limits);
+                let effective = line.effective_rate.unwrap_or(limits);
+                self.effective_rate.get_or_create(&labels).set(effective);
+            }
         }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {

@@ -346,8 +346,11 @@ fn start_line(
     clock: &TokioClock,
     metrics: &Metrics,
 ) -> Result<UpstreamLine, LoadError> {
-    let engine = Engine::open(u.policy.clone(), &format!("upstream:{}", u.name))
-        .map_err(|e| LoadError::Io(format!("upstream '{}': {e}", u.name)))?;
+    let engine = Engine::open(
+        tollgate_comply::pace::with_margin(&u.policy),
+        &format!("upstream:{}", u.name),
+    )
+    .map_err(|e| LoadError::Io(format!("upstream '{}': {e}", u.name)))?;
     let core = Scheduler::new(
         engine,
         u.max_attempts,

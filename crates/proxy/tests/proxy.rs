@@ -140,10 +140,11 @@ async fn a_request_waits_for_its_slot_instead_of_failing() {
         (first.status().as_u16(), second.status().as_u16()),
         (200, 200)
     );
+    // 1 s, and the 1 % the proxy keeps inside a profile's rates.
     let waited = started.elapsed().as_secs_f64();
     assert!(
-        (1.0..1.01).contains(&waited),
-        "the second waited 1 s: {waited}"
+        (1.01..1.02).contains(&waited),
+        "the second waited 1.01 s: {waited}"
     );
     assert_eq!((attempts(&first), attempts(&second)), (1, 1));
     assert_eq!(up.seen("/v1/b").len(), 1);
@@ -163,7 +164,10 @@ async fn past_its_deadline_a_request_gets_tollgates_429_and_the_upstream_sees_no
         .expect("ascii")
         .parse()
         .expect("seconds");
-    assert_eq!(retry_after, 55, "the slot is 60 s after the first request");
+    assert_eq!(
+        retry_after, 56,
+        "the slot is 60.6 s after the first request (1 % inside the profile)"
+    );
     let body = problem(r).await;
     assert_eq!(body["status"], 429);
     let detail = body["detail"].as_str().expect("detail");
@@ -177,11 +181,11 @@ async fn past_its_deadline_a_request_gets_tollgates_429_and_the_upstream_sees_no
         up.seen("/v1/b").is_empty(),
         "the upstream saw nothing of it"
     );
-    // Its slot was never taken: the next request goes at 60 s.
+    // Its slot was never taken: the next request goes at 60.6 s.
     let r = get(&proxy.url("crm", "/v1/c"), &[("tollgate-max-wait", "60s")]).await;
     assert_eq!(r.status(), 200);
     let at = started.elapsed().as_secs_f64();
-    assert!((60.0..60.01).contains(&at), "{at}");
+    assert!((60.6..60.61).contains(&at), "{at}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -606,12 +610,22 @@ async fn the_admin_listener_shows_the_lines_and_reloads() {
     assert_eq!(crm["upstream"], "crm");
     assert_eq!(crm["sent"], 1);
     assert_eq!(crm["limits"][0]["limit"], "api");
-    assert_eq!(crm["limits"][0]["remaining"], 9);
+    // 10 less the one sent, less the one the proxy keeps in reserve.
+    assert_eq!(crm["limits"][0]["remaining"], 8);
     let metrics = text(&proxy.admin_url("/metrics")).await;
     assert!(
         metrics.contains("tollgate_proxy_requests_total{upstream=\"crm\",outcome=\"2xx\"} 1"),
         "{metrics}"
     );
+    // The pace: nothing learnt, so the limits' 1/s (1 % inside it).
+    for gauge in ["upstream_limits_rate", "upstream_effective_rate"] {
+        assert!(
+            metrics.contains(&format!(
+                "tollgate_proxy_{gauge}{{upstream=\"crm\"}} 0.990099"
+            )),
+            "{metrics}"
+        );
+    }
     let reloaded: serde_json::Value = client()
         .post(proxy.admin_url("/v1/reload"))
         .send()
@@ -907,4 +921,76 @@ async fn listening_off_loopback_without_client_tokens_is_refused_even_from_the_c
     )
     .expect_err("an open relay");
     assert!(e.to_string().contains("is not a loopback address"), "{e}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_profile_too_fast_for_the_vendor_is_paced_to_it_for_every_client() {
+    // The vendor allows 100/s (burst 20) and sends no rate-limit headers;
+    // the profile says 160/s. 32 clients send 1,500 GETs as fast as they can.
+    let (vendor, verdicts) = tollgate_testkit::vendor::token_bucket(20, |_| 100.0).await;
+    let config = upstream(
+        "crm",
+        vendor.addr,
+        &format!("concurrency = 32\n{}", bucket("api", 20, "160/s")),
+    );
+    let proxy = start(&config).await;
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..32 {
+        let (url, next) = (proxy.url("crm", "/v1/deals"), next.clone());
+        clients.push(tokio::spawn(async move {
+            let c = client();
+            let mut codes = Vec::new();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 1500 {
+                codes.push(
+                    c.get(&url)
+                        .send()
+                        .await
+                        .expect("response")
+                        .status()
+                        .as_u16(),
+                );
+            }
+            codes
+        }));
+    }
+    let mut codes = Vec::new();
+    for c in clients {
+        codes.extend(c.await.expect("client"));
+    }
+    assert_eq!(codes.len(), 1500);
+    assert!(
+        codes.iter().all(|c| *c == 200),
+        "a 429 is retried for the client"
+    );
+    let seen = verdicts.lock().expect("lock").clone();
+    let refused = seen.iter().filter(|(_, ok)| !ok).count();
+    assert!(
+        refused as f64 <= 0.02 * seen.len() as f64,
+        "{refused} of {} calls got a 429",
+        seen.len()
+    );
+    let end = seen.last().expect("calls").0.as_secs_f64();
+    let admitted = seen
+        .iter()
+        .filter(|(at, ok)| *ok && at.as_secs_f64() >= 2.0)
+        .count() as f64
+        / (end - 2.0);
+    assert!(admitted >= 85.0, "{admitted:.1}/s of the vendor's 100/s");
+    // /metrics shows the pace below what the limits allow.
+    let metrics = text(&proxy.admin_url("/metrics")).await;
+    let gauge = |name: &str| {
+        let series = format!("tollgate_proxy_{name}{{upstream=\"crm\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    };
+    let (effective, limits) = (
+        gauge("upstream_effective_rate"),
+        gauge("upstream_limits_rate"),
+    );
+    assert!((158.0..159.0).contains(&limits), "{limits}");
+    assert!(effective < 120.0, "paced at {effective}/s");
 }

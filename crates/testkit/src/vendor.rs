@@ -36,3 +36,51 @@ pub async fn gateway(
     });
     (addr, gateway)
 }
+
+/// What a `token_bucket` vendor decided: when (from its first request) and
+/// whether the call was admitted.
+pub type Verdicts = crate::upstream::Shared<Vec<(std::time::Duration, bool)>>;
+
+/// A vendor that is not tollgate's engine: a token bucket of `capacity`
+/// over arrival times, refilling at `rate(t)` per second at `t` after its
+/// first request (a vendor that changes its limit mid-run), answering 429
+/// with no `Retry-After` and no rate-limit headers, as nginx's `limit_req`
+/// does. It starts full.
+pub async fn token_bucket(
+    capacity: u64,
+    rate: impl Fn(std::time::Duration) -> f64 + Send + Sync + 'static,
+) -> (crate::upstream::Scripted, Verdicts) {
+    use crate::upstream::{scripted_seen, Answer};
+    struct Bucket {
+        first: Option<tokio::time::Instant>,
+        /// Tokens, and when they were counted (seconds from the first).
+        tokens: f64,
+        at: f64,
+    }
+    let bucket = std::sync::Mutex::new(Bucket {
+        first: None,
+        tokens: capacity as f64,
+        at: 0.0,
+    });
+    let verdicts: Verdicts = Default::default();
+    let kept = verdicts.clone();
+    let upstream = scripted_seen(move |seen, _| {
+        let mut b = bucket.lock().expect("lock");
+        let first = *b.first.get_or_insert(seen.at);
+        let t = seen.at - first;
+        let now = t.as_secs_f64();
+        b.tokens = (b.tokens + (now - b.at) * rate(t)).min(capacity as f64);
+        b.at = now;
+        let admitted = b.tokens >= 1.0;
+        if admitted {
+            b.tokens -= 1.0;
+        }
+        kept.lock().expect("lock").push((t, admitted));
+        match admitted {
+            true => ok(),
+            false => Answer::Status(429, vec![], "{\"error\":\"rate limited\"}"),
+        }
+    })
+    .await;
+    (upstream, verdicts)
+}

@@ -184,6 +184,8 @@ impl Recorder {
 impl Sink for Recorder {
     fn record(&self, a: &Active, record: Record) {
         self.send(match record {
+            // Not kept in a fleet: each runner learns its own pace.
+            Record::Pace { .. } => return,
             Record::Retry { attempts, .. } => Write::Attempts {
                 id: a.job.id.clone(),
                 attempts,
@@ -347,8 +349,11 @@ pub async fn run(
             source,
         };
         // One quota per upstream for the whole fleet.
-        let engine = Engine::open(u.policy.clone(), &format!("upstream:{}", u.name))
-            .map_err(engine_error)?;
+        let engine = Engine::open(
+            tollgate_comply::pace::with_margin(&u.policy),
+            &format!("upstream:{}", u.name),
+        )
+        .map_err(engine_error)?;
         engine.connect().await.map_err(engine_error)?;
         schedulers.push(Scheduler::new(
             engine,

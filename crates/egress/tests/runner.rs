@@ -403,6 +403,21 @@ fn refused_share(verdicts: &[(Duration, bool)]) -> f64 {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_right_profile_meets_no_429_from_a_vendor_timing_arrivals_exactly() {
+    // The vendor's own bucket, the profile's numbers: the runner (inside
+    // them by its margin) never sends ahead of it, and loses little pace.
+    let (up, verdicts) = token_bucket(20, |_| 100.0).await;
+    let config = bucket_profile(up.addr, 100);
+    let ran = run_routed(&config, &jobs_to(&config, up.addr, 0, 1000)).await;
+    assert_eq!(ran.summary.done(), 1000);
+    let seen = verdicts.lock().expect("lock").clone();
+    assert_eq!(refused_share(&seen), 0.0, "a 429 from the right profile");
+    // 19 at once, then 99/s: 9.9 s (10.0 s at the profile's own pace).
+    let end = seen.last().expect("calls").0.as_secs_f64();
+    assert!((9.8..10.0).contains(&end), "1,000 calls took {end} s");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_profile_too_fast_for_the_vendor_is_paced_to_it_and_the_next_run_starts_there() {
     // The vendor allows 100/s (burst 20); the profile says 160/s.
     let (up, verdicts) = token_bucket(20, |_| 100.0).await;

@@ -25,12 +25,13 @@
 //! seconds), so the two share the quota without a 429 instead of one
 //! bursting into the other's calls.
 
-use std::collections::VecDeque;
+use compact_str::CompactString;
+use std::collections::{HashMap, VecDeque};
 use tollgate_core::algo::gcra::GcraParams;
 use tollgate_core::algo::sliding_window::SlidingWindowParams;
 use tollgate_core::policy::Params;
 use tollgate_core::units::Rate;
-use tollgate_core::{Nanos, Policy};
+use tollgate_core::{Item, Nanos, Policy};
 
 /// Each round of 429s keeps this share of the rate the 429 came at ...
 const DECREASE: f64 = 0.8;
@@ -64,7 +65,7 @@ const SHARE_KEPT: f64 = 0.97;
 
 const NANOS_PER_SEC: f64 = 1e9;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Pace {
     /// The limits' fastest sustained rate, per second: pacing at or above
     /// it is left to the limits. None when no limit has a rate
@@ -145,26 +146,149 @@ pub fn with_margin(policy: &Policy) -> Policy {
     paced
 }
 
-/// The fastest sustained rate a policy's limits allow, per second (None
-/// when no limit has a rate: concurrency only).
-pub fn sustained_rate(policy: &Policy) -> Option<f64> {
+/// Each limit with a rate, and that rate per second (its default class).
+fn limit_rates(policy: &Policy) -> impl Iterator<Item = (usize, f64)> + '_ {
     let per_second = |amount: u64, period: Nanos| {
         (period > 0).then(|| amount as f64 * NANOS_PER_SEC / period as f64)
     };
     policy
         .limits
         .iter()
-        .filter_map(|limit| match limit.variants.first()? {
-            Params::Gcra(p) => per_second(p.amount, p.period),
-            Params::FixedWindow(p) => per_second(p.quota, p.calendar.every()),
-            Params::SlidingWindow(p) => per_second(p.quota, p.every),
-            Params::Tiered(p) => {
-                let tier = p.tiers.first()?;
-                per_second(tier.quota, tier.calendar.every())
-            }
-            Params::Concurrency(_) => None,
+        .enumerate()
+        .filter_map(move |(i, limit)| {
+            let rate = match limit.variants.first()? {
+                Params::Gcra(p) => per_second(p.amount, p.period),
+                Params::FixedWindow(p) => per_second(p.quota, p.calendar.every()),
+                Params::SlidingWindow(p) => per_second(p.quota, p.every),
+                Params::Tiered(p) => {
+                    let tier = p.tiers.first()?;
+                    per_second(tier.quota, tier.calendar.every())
+                }
+                Params::Concurrency(_) => None,
+            }?;
+            Some((i, rate))
         })
+}
+
+/// The fastest sustained rate a policy's limits allow, per second (None
+/// when no limit has a rate: concurrency only).
+pub fn sustained_rate(policy: &Policy) -> Option<f64> {
+    limit_rates(policy)
+        .map(|(_, rate)| rate)
         .max_by(f64::total_cmp)
+}
+
+/// One pace per key of the limit that sets the pace (the one with the
+/// fastest sustained rate): a vendor that counts per API key is learnt per
+/// key, so a key it holds to less does not slow the others, while an
+/// upstream-wide limit gives the whole upstream one pace.
+#[derive(Debug)]
+pub(crate) struct Paces {
+    /// The limit whose key tells paces apart.
+    by_limit: Option<usize>,
+    /// A pace at rest, the start of every key's.
+    fresh: Pace,
+    paces: HashMap<CompactString, Pace>,
+    /// A rate learnt before, that every key starts from, and whether it
+    /// rises (a plan holds it).
+    resumed: Option<(f64, bool)>,
+    /// No key's pace holds a send past this: until a pace is lowered, the
+    /// scheduler asks no key's (the common case costs one comparison).
+    latest_gate: Nanos,
+}
+
+impl Paces {
+    pub(crate) fn new(policy: &Policy) -> Paces {
+        let by_limit = limit_rates(policy)
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(i, _)| i);
+        Paces {
+            by_limit,
+            fresh: Pace::new(policy),
+            paces: HashMap::new(),
+            resumed: None,
+            latest_gate: 0,
+        }
+    }
+
+    /// The key of the pace a call with these items goes by ("" for a call
+    /// the pacing limit does not count, or an upstream-wide one).
+    pub(crate) fn key_of<'i>(&self, items: &'i [Item]) -> &'i str {
+        self.by_limit
+            .and_then(|limit| items.iter().find(|i| i.limit == limit))
+            .map_or("", |i| i.key.as_str())
+    }
+
+    /// The pace of `key`, started if it was not.
+    pub(crate) fn of(&mut self, key: &str) -> &mut Pace {
+        if !self.paces.contains_key(key) {
+            let mut pace = self.fresh.clone();
+            if let Some((rate, rising)) = self.resumed {
+                pace.resume(rate, rising);
+            }
+            self.paces.insert(key.into(), pace);
+        }
+        self.paces.get_mut(key).expect("just inserted")
+    }
+
+    /// A call of `key` was sent at `now`.
+    pub(crate) fn sent(&mut self, key: &str, now: Nanos) {
+        let pace = self.of(key);
+        pace.sent(now);
+        let gate = pace.next_send;
+        self.latest_gate = self.latest_gate.max(gate);
+    }
+
+    /// `key`'s pace may hold sends later than before (a 429 lowered it).
+    pub(crate) fn lowered(&mut self, key: &str) {
+        if let Some(pace) = self.paces.get(key) {
+            self.latest_gate = self.latest_gate.max(pace.next_send);
+        }
+    }
+
+    /// When a call of `key` may go next, if not now.
+    pub(crate) fn gate(&self, key: &str, now: Nanos) -> Option<Nanos> {
+        if now >= self.latest_gate {
+            return None;
+        }
+        self.paces.get(key)?.gate(now)
+    }
+
+    /// Every key, and those to come, start from `rate`.
+    pub(crate) fn resume(&mut self, rate: f64, rising: bool) {
+        self.resumed = Some((rate, rising));
+        for pace in self.paces.values_mut() {
+            pace.resume(rate, rising);
+        }
+    }
+
+    /// The slowest key's learnt rate (None: every key at the limits').
+    pub(crate) fn learnt(&self) -> Option<f64> {
+        if self.paces.is_empty() {
+            // Before the first call: what every key will start from.
+            let (rate, rising) = self.resumed?;
+            let mut pace = self.fresh.clone();
+            pace.resume(rate, rising);
+            return pace.effective();
+        }
+        self.paces
+            .values()
+            .filter_map(Pace::effective)
+            .min_by(f64::total_cmp)
+    }
+
+    /// The slowest key's pace at `now` (None: every key at the limits').
+    pub(crate) fn pacing(&self, now: Nanos) -> Option<f64> {
+        self.paces
+            .values()
+            .filter_map(|p| p.pacing(now))
+            .min_by(f64::total_cmp)
+    }
+
+    /// The limits' fastest sustained rate, per second.
+    pub(crate) fn ceiling(&self) -> Option<f64> {
+        self.fresh.ceiling()
+    }
 }
 
 impl Pace {

@@ -95,19 +95,23 @@ pub enum Event {
     StoreBack,
     /// A 429 the local count did not predict: sends go at `rate` per
     /// second, below the limits' fastest sustained rate `profile`.
+    /// `keyed`: the pace is one vendor key's (the others keep theirs).
     Slowed {
         rate: f64,
         profile: f64,
+        keyed: bool,
     },
     /// The vendor's rate-limit headers show another client spending
     /// `others` per second of the same quota: sends go at `left` per second.
     Shared {
         others: f64,
         left: f64,
+        keyed: bool,
     },
     /// Calls that succeeded raised the pace back to what the limits allow.
     Restored {
         profile: f64,
+        keyed: bool,
     },
 }
 
@@ -143,8 +147,9 @@ pub struct Scheduler {
     in_flight: HashMap<u64, Entry>,
     paused_until: Nanos,
     retry: Backoff,
-    /// The effective pace, when 429s showed the profile too fast.
-    pace: crate::pace::Pace,
+    /// The effective pace per key, when 429s showed the profile too fast
+    /// or another client shares the quota.
+    paces: crate::pace::Paces,
     events: Vec<Event>,
     counters: Counters,
     sends: u64,
@@ -164,7 +169,7 @@ impl Scheduler {
         seed: u64,
     ) -> Self {
         let limits = engine.policy().limits.len();
-        let pace = crate::pace::Pace::new(engine.policy());
+        let paces = crate::pace::Paces::new(engine.policy());
         Scheduler {
             engine: std::sync::Arc::new(engine),
             max_attempts,
@@ -176,7 +181,7 @@ impl Scheduler {
             in_flight: HashMap::new(),
             paused_until: 0,
             retry: Backoff::new(seed),
-            pace,
+            paces,
             events: Vec::new(),
             counters: Counters::default(),
             sends: 0,
@@ -214,30 +219,30 @@ impl Scheduler {
     /// did not predict keep it below what the limits allow (None: the
     /// limits alone).
     pub fn effective_rate(&self) -> Option<f64> {
-        self.pace.effective()
+        self.paces.learnt()
     }
 
     /// The rate sends go at `now`, per second, when below what the limits
     /// allow: the learnt pace, or what another client on the same quota
     /// leaves if that is less.
     pub fn pacing_rate(&self, now: Nanos) -> Option<f64> {
-        self.pace.pacing(now)
+        self.paces.pacing(now)
     }
 
     /// The fastest sustained rate the limits allow, per second.
     pub fn limits_rate(&self) -> Option<f64> {
-        self.pace.ceiling()
+        self.paces.ceiling()
     }
 
     /// Start from a rate learnt before (kept in a run's state): it rises
     /// while calls succeed, as if it had just been learnt.
     pub fn resume_pace(&mut self, rate: f64) {
-        self.pace.resume(rate, true);
+        self.paces.resume(rate, true);
     }
 
     /// Pace at a rate learnt before and keep it there (`tollgate plan`).
     pub fn hold_pace(&mut self, rate: f64) {
-        self.pace.resume(rate, false);
+        self.paces.resume(rate, false);
     }
 
     /// Until when a 429 paused the whole upstream (0 if it never did).
@@ -334,9 +339,6 @@ impl Scheduler {
             Gate::Probing => return Next::Blocked,
             Gate::Pass => {}
         }
-        if let Some(at) = self.pace.gate(now) {
-            return Next::Wait(at);
-        }
 
         let mut wake = later.map(|until| Waiting { until, limit: None });
         let mut waits_for_release = false;
@@ -353,6 +355,16 @@ impl Scheduler {
                 .iter()
                 .any(|i| claimed.contains(&(i.limit, i.class, &i.key)))
             {
+                continue;
+            }
+            // Its key's pace, learnt from the vendor, on top of the limits.
+            if let Some(at) = self.paces.gate(self.paces.key_of(&head.items), now) {
+                if wake.is_none_or(|w| at < w.until) {
+                    wake = Some(Waiting {
+                        until: at,
+                        limit: None,
+                    });
+                }
                 continue;
             }
             let (decision, local) = match self.engine.decide_where(&head.items, now, false) {
@@ -434,7 +446,8 @@ impl Scheduler {
         entry.committed = committed;
         entry.local = local;
         entry.sent_at = now;
-        self.pace.sent(now);
+        let key = self.paces.key_of(&entry.items);
+        self.paces.sent(key, now);
         self.sends += 1;
         entry.sent_order = self.sends;
         self.breaker.sent();
@@ -507,11 +520,18 @@ impl Scheduler {
                 );
                 // (A bare 429's "nothing left" is this scheduler's guess,
                 // not a count of another client's calls.)
+                let key = self.paces.key_of(&entry.items);
+                let keyed = !key.is_empty();
+                let pace = self.paces.of(key);
                 if !bare {
-                    let shared_before = self.pace.shared(now).is_some();
-                    self.pace.spent_by_others(by_others, now);
-                    if let (false, Some((others, left))) = (shared_before, self.pace.shared(now)) {
-                        self.events.push(Event::Shared { others, left });
+                    let shared_before = pace.shared(now).is_some();
+                    pace.spent_by_others(by_others, now);
+                    if let (false, Some((others, left))) = (shared_before, pace.shared(now)) {
+                        self.events.push(Event::Shared {
+                            others,
+                            left,
+                            keyed,
+                        });
                     }
                 }
                 let class = classify(*status);
@@ -524,12 +544,12 @@ impl Scheduler {
                 }
                 match class {
                     Class::Success => {
-                        let was_paced = self.pace.effective().is_some();
-                        self.pace.succeeded(now);
+                        let was_paced = pace.effective().is_some();
+                        pace.succeeded(now);
                         if let (true, None, Some(profile)) =
-                            (was_paced, self.pace.effective(), self.pace.ceiling())
+                            (was_paced, pace.effective(), pace.ceiling())
                         {
-                            self.events.push(Event::Restored { profile });
+                            self.events.push(Event::Restored { profile, keyed });
                         }
                         self.counters.done += 1;
                         return Settled::Done;
@@ -542,21 +562,27 @@ impl Scheduler {
                         // came at, so sends resume evenly instead of in a
                         // burst. Without Retry-After it waits one interval
                         // of that pace; only 429s that keep coming back off.
-                        let before = self.pace.effective();
-                        let paced = self.pace.throttled(entry.sent_at, now);
-                        if let (Some(rate), Some(profile)) =
-                            (self.pace.effective(), self.pace.ceiling())
-                        {
+                        let before = pace.effective();
+                        let paced = pace.throttled(entry.sent_at, now);
+                        if let (Some(rate), Some(profile)) = (pace.effective(), pace.ceiling()) {
                             if before != Some(rate) {
-                                self.events.push(Event::Slowed { rate, profile });
+                                self.events.push(Event::Slowed {
+                                    rate,
+                                    profile,
+                                    keyed,
+                                });
                             }
                         }
+                        self.paces.lowered(key);
                         let wait = match (retry_after, paced) {
                             (None, Some(wait)) => Duration::from_nanos(wait),
                             _ => self.retry.after_throttle(*retry_after, entry.attempts),
                         };
+                        // The vendor's Retry-After, or 429s that keep coming,
+                        // pause the whole upstream; one interval of a lowered
+                        // pace holds only that pace's key (its gate does).
                         let until = now + nanos(wait);
-                        if until > self.paused_until {
+                        if (retry_after.is_some() || paced.is_none()) && until > self.paused_until {
                             self.paused_until = until;
                             self.events.push(Event::Paused { until, status: 429 });
                         }
@@ -753,6 +779,39 @@ mod tests {
     }
 
     #[test]
+    fn a_429_on_one_key_slows_that_key_only() {
+        // A limit per key (as a vendor counts per API key): 10/s each.
+        let mut s = scheduler("[[limit]]\nname = \"per-key\"\nkey = [\"header:tollgate-workflow\"]\nalgorithm = \"token_bucket\"\ncapacity = 100\nrefill = \"10/s\"\n", 10);
+        for (seq, key) in [(1, "a"), (2, "b"), (3, "a"), (4, "b")] {
+            push(&mut s, seq, Priority::Normal, key);
+        }
+        assert_eq!(sent(s.next(0)), 1);
+        assert_eq!(sent(s.next(0)), 2);
+        // Key a's vendor allows less: a lone 429 lowers a's pace to 0.95
+        // of the 10/s it came at; key b goes on at once.
+        let Settled::Retry { .. } = s.complete(1, &status(429, None), Duration::ZERO, 0) else {
+            panic!("expected a retry")
+        };
+        assert_eq!(
+            s.drain_events(),
+            vec![Event::Slowed {
+                rate: 9.5,
+                profile: 10.0,
+                keyed: true
+            }]
+        );
+        assert_eq!(
+            s.complete(2, &status(200, None), Duration::ZERO, 0),
+            Settled::Done
+        );
+        assert_eq!(sent(s.next(0)), 4, "b is not held by a's pace");
+        let interval = 105_263_157;
+        assert_eq!(s.next(0), Next::Wait(interval));
+        assert_eq!(sent(s.next(interval)), 1, "a, at its own pace");
+        assert_eq!(s.effective_rate(), Some(9.5), "the slowest key's");
+    }
+
+    #[test]
     fn a_profile_too_fast_is_paced_down_to_what_the_vendor_allows() {
         // The right profile: no 429 at all.
         let (calls, throttled, rate) = against_a_vendor_of_100_per_s(100, 30);
@@ -846,7 +905,8 @@ mod tests {
                 vec![
                     Event::Slowed {
                         rate: 0.95,
-                        profile: 1.0
+                        profile: 1.0,
+                        keyed: false
                     },
                     Event::Paused {
                         until: at,

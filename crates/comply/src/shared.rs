@@ -398,16 +398,36 @@ impl Event {
                 "{name}: the shared store cannot decide ({error}); limits with fail = \"closed\" hold every send until it answers"
             ),
             Event::StoreBack => format!("{name}: the shared store decides again"),
-            Event::Slowed { rate, profile } => format!(
-                "{name}: HTTP 429 the local count did not predict: sending at {rate:.1}/s of the {profile:.1}/s the limits allow, rising again while calls succeed"
+            Event::Slowed {
+                rate,
+                profile,
+                keyed,
+            } => format!(
+                "{name}{}: HTTP 429 the local count did not predict: sending at {rate:.1}/s of the {profile:.1}/s the limits allow, rising again while calls succeed",
+                one_key(*keyed)
             ),
-            Event::Shared { others, left } => format!(
-                "{name}: the vendor's rate-limit headers count calls not sent from here (another client, about {others:.1}/s): sending at {left:.1}/s, what it leaves"
+            Event::Shared {
+                others,
+                left,
+                keyed,
+            } => format!(
+                "{name}{}: the vendor's rate-limit headers count calls not sent from here (another client, about {others:.1}/s): sending at {left:.1}/s, what it leaves",
+                one_key(*keyed)
             ),
-            Event::Restored { profile } => format!(
-                "{name}: calls succeed at the {profile:.1}/s the limits allow again; pacing by the limits alone"
+            Event::Restored { profile, keyed } => format!(
+                "{name}{}: calls succeed at the {profile:.1}/s the limits allow again; pacing by the limits alone",
+                one_key(*keyed)
             ),
         }
+    }
+}
+
+/// How a log line names a pace that is one vendor key's (never the key).
+fn one_key(keyed: bool) -> &'static str {
+    if keyed {
+        " (one of its keys)"
+    } else {
+        ""
     }
 }
 

@@ -451,10 +451,9 @@ impl<'a> Driver<'a> {
             for event in self.schedulers[u].drain_events() {
                 let name = &self.config.upstreams[u].name;
                 self.progress.log(&event.describe(name, now));
-                match event {
-                    Event::Slowed { rate, .. } => sink.learnt(name, Some(rate)),
-                    Event::Restored { .. } => sink.learnt(name, None),
-                    _ => {}
+                // (Kept per upstream: the slowest key's pace.)
+                if matches!(event, Event::Slowed { .. } | Event::Restored { .. }) {
+                    sink.learnt(name, self.schedulers[u].effective_rate());
                 }
                 if let (Event::Paused { until, .. }, Some(Some(pauses))) =
                     (&event, self.pauses.get(u))

@@ -996,3 +996,62 @@ async fn a_profile_too_fast_for_the_vendor_is_paced_to_it_for_every_client() {
     assert!((158.0..159.0).contains(&limits), "{limits}");
     assert!(effective < 120.0, "paced at {effective}/s");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_key_the_vendor_holds_to_less_is_paced_alone_and_the_pool_sends_the_rest_by_the_others() {
+    // Two keys, each 100/s by the profile; the vendor holds k-2 to 25/s.
+    let (vendor, verdicts) = tollgate_testkit::vendor::token_bucket_per_key(20, |key, _| {
+        if key == "Bearer k-2" {
+            25.0
+        } else {
+            100.0
+        }
+    })
+    .await;
+    let keys = "keys = [\"${TOLLGATE_TEST_PACE_K1}\", \"${TOLLGATE_TEST_PACE_K2}\"]";
+    std::env::set_var("TOLLGATE_TEST_PACE_K1", "k-1");
+    std::env::set_var("TOLLGATE_TEST_PACE_K2", "k-2");
+    let limits = format!("{keys}\nconcurrency = 32\n[[upstream.limit]]\nname = \"per-key\"\nkey = [\"header:authorization\"]\nalgorithm = \"token_bucket\"\ncapacity = 20\nrefill = \"100/s\"\n");
+    let proxy = start(&upstream("crm", vendor.addr, &limits)).await;
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..32 {
+        let (url, next) = (proxy.url("crm", "/v1/deals"), next.clone());
+        clients.push(tokio::spawn(async move {
+            let c = client();
+            let mut codes = Vec::new();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 1500 {
+                codes.push(
+                    c.get(&url)
+                        .send()
+                        .await
+                        .expect("response")
+                        .status()
+                        .as_u16(),
+                );
+            }
+            codes
+        }));
+    }
+    let mut codes = Vec::new();
+    for c in clients {
+        codes.extend(c.await.expect("client"));
+    }
+    assert!(codes.iter().all(|c| *c == 200), "every client got 200");
+    let seen = verdicts.lock().expect("lock").clone();
+    let refused = seen.iter().filter(|(_, ok)| !ok).count();
+    assert!(
+        refused as f64 <= 0.03 * seen.len() as f64,
+        "{refused} of {} calls got a 429",
+        seen.len()
+    );
+    // One pace for both keys would hold both to what k-2 gets (25/s, 50/s
+    // in all); a pace per key lets k-1 go on at its 100/s.
+    let end = seen.last().expect("calls").0.as_secs_f64();
+    let admitted = seen
+        .iter()
+        .filter(|(at, ok)| *ok && at.as_secs_f64() >= 2.0)
+        .count() as f64
+        / (end - 2.0);
+    assert!(admitted >= 100.0, "{admitted:.1}/s of the keys' 125/s");
+}

@@ -50,26 +50,36 @@ pub async fn token_bucket(
     capacity: u64,
     rate: impl Fn(std::time::Duration) -> f64 + Send + Sync + 'static,
 ) -> (crate::upstream::Scripted, Verdicts) {
+    token_bucket_per_key(capacity, move |_, t| rate(t)).await
+}
+
+/// `token_bucket`, with a bucket per `Authorization` header (a vendor that
+/// counts per API key), refilling at `rate(authorization, t)`.
+pub async fn token_bucket_per_key(
+    capacity: u64,
+    rate: impl Fn(&str, std::time::Duration) -> f64 + Send + Sync + 'static,
+) -> (crate::upstream::Scripted, Verdicts) {
     use crate::upstream::{scripted_seen, Answer};
+    /// Tokens, and when they were counted (seconds from the first arrival).
     struct Bucket {
-        first: Option<tokio::time::Instant>,
-        /// Tokens, and when they were counted (seconds from the first).
         tokens: f64,
         at: f64,
     }
-    let bucket = std::sync::Mutex::new(Bucket {
-        first: None,
-        tokens: capacity as f64,
-        at: 0.0,
-    });
+    let first = std::sync::Mutex::new(None::<tokio::time::Instant>);
+    let buckets = std::sync::Mutex::new(std::collections::HashMap::<String, Bucket>::new());
     let verdicts: Verdicts = Default::default();
     let kept = verdicts.clone();
     let upstream = scripted_seen(move |seen, _| {
-        let mut b = bucket.lock().expect("lock");
-        let first = *b.first.get_or_insert(seen.at);
+        let first = *first.lock().expect("lock").get_or_insert(seen.at);
         let t = seen.at - first;
         let now = t.as_secs_f64();
-        b.tokens = (b.tokens + (now - b.at) * rate(t)).min(capacity as f64);
+        let key = seen.authorization.clone().unwrap_or_default();
+        let mut buckets = buckets.lock().expect("lock");
+        let b = buckets.entry(key.clone()).or_insert(Bucket {
+            tokens: capacity as f64,
+            at: now,
+        });
+        b.tokens = (b.tokens + (now - b.at) * rate(&key, t)).min(capacity as f64);
         b.at = now;
         let admitted = b.tokens >= 1.0;
         if admitted {

@@ -184,11 +184,12 @@ pub fn sustained_rate(policy: &Policy) -> Option<f64> {
 /// upstream-wide limit gives the whole upstream one pace.
 #[derive(Debug)]
 pub(crate) struct Paces {
-    /// The limit whose key tells paces apart.
+    /// The limit whose key tells paces apart (None: it has no key, or no
+    /// limit has a rate; the upstream has one pace).
     by_limit: Option<usize>,
     /// A pace at rest, the start of every key's.
     fresh: Pace,
-    paces: HashMap<CompactString, Pace>,
+    paces: HashMap<CompactString, Pace, foldhash::fast::RandomState>,
     /// A rate learnt before, that every key starts from, and whether it
     /// rises (a plan holds it).
     resumed: Option<(f64, bool)>,
@@ -201,11 +202,12 @@ impl Paces {
     pub(crate) fn new(policy: &Policy) -> Paces {
         let by_limit = limit_rates(policy)
             .max_by(|a, b| a.1.total_cmp(&b.1))
-            .map(|(i, _)| i);
+            .map(|(i, _)| i)
+            .filter(|&i| !policy.limits[i].key.is_empty());
         Paces {
             by_limit,
             fresh: Pace::new(policy),
-            paces: HashMap::new(),
+            paces: HashMap::default(),
             resumed: None,
             latest_gate: 0,
         }
@@ -221,14 +223,14 @@ impl Paces {
 
     /// The pace of `key`, started if it was not.
     pub(crate) fn of(&mut self, key: &str) -> &mut Pace {
-        if !self.paces.contains_key(key) {
+        // (A key is short: held inline, no allocation to look it up.)
+        self.paces.entry(key.into()).or_insert_with(|| {
             let mut pace = self.fresh.clone();
             if let Some((rate, rising)) = self.resumed {
                 pace.resume(rate, rising);
             }
-            self.paces.insert(key.into(), pace);
-        }
-        self.paces.get_mut(key).expect("just inserted")
+            pace
+        })
     }
 
     /// A call of `key` was sent at `now`.

@@ -29,7 +29,7 @@ use compact_str::CompactString;
 use std::collections::{HashMap, VecDeque};
 use tollgate_core::algo::gcra::GcraParams;
 use tollgate_core::algo::sliding_window::SlidingWindowParams;
-use tollgate_core::policy::Params;
+use tollgate_core::policy::{Cost, Params};
 use tollgate_core::units::Rate;
 use tollgate_core::{Item, Nanos, Policy};
 
@@ -62,6 +62,8 @@ const SHARE_NOTICED: f64 = 0.02;
 /// What another client leaves is paced a little inside, so its own bursts
 /// do not make the next call of this one a 429.
 const SHARE_KEPT: f64 = 0.97;
+/// Paces kept before those at rest are forgotten (per-key paces).
+const KEPT_AT_REST: usize = 1024;
 
 const NANOS_PER_SEC: f64 = 1e9;
 
@@ -109,6 +111,9 @@ pub(crate) struct Pace {
 /// refilled 1 % slower (after a second at full pace, another 1 % of a
 /// second of slack, up to the burst).
 const MARGIN_PER_MILLE: u64 = 10;
+/// A sliding window of fewer sub-windows gets no margin: one sub-window
+/// more would cost more than 5 % of its rate.
+const MARGIN_MIN_SEGMENTS: u32 = 20;
 
 /// `policy` with every rate-based limit a little inside the profile: token
 /// and leaky buckets refill `MARGIN_PER_MILLE` slower and keep one call of
@@ -118,27 +123,33 @@ const MARGIN_PER_MILLE: u64 = 10;
 /// sends within a window cannot make a call early; a 429 at a boundary (a
 /// clock apart from the vendor's) lowers the pace like any other.
 pub fn with_margin(policy: &Policy) -> Policy {
-    let slower = |period: Nanos| period + period * MARGIN_PER_MILLE / 1000;
+    let slower = |period: Nanos| period.saturating_add(period / 1000 * MARGIN_PER_MILLE);
     let mut paced = policy.clone();
     for limit in &mut paced.limits {
+        // A call may cost more than one unit (a header, an array's length):
+        // then a unit less could leave a call that fills the bucket never
+        // fitting, so only the rate gets the margin.
+        let per_call = matches!(limit.cost, Cost::Requests);
         for params in &mut limit.variants {
             match params {
                 Params::Gcra(p) => {
+                    let reserve = u64::from(per_call && p.capacity > 1);
                     *p = GcraParams::with_rate(
-                        p.capacity.saturating_sub(1).max(1),
+                        p.capacity - reserve,
                         Rate {
                             amount: p.amount,
                             per: slower(p.period),
                         },
                     );
                 }
-                Params::SlidingWindow(p) => {
+                Params::SlidingWindow(p) if p.segments >= MARGIN_MIN_SEGMENTS => {
                     // One sub-window longer, on the same boundaries: the
                     // vendor's sub-windows are counted whole, so a window
                     // stretched by a fraction of one would end mid-way
                     // through its and let a call through early.
                     *p = SlidingWindowParams::new(p.quota, p.every + p.segment, p.segments + 1);
                 }
+                Params::SlidingWindow(_) => {}
                 Params::FixedWindow(_) | Params::Tiered(_) | Params::Concurrency(_) => {}
             }
         }
@@ -155,6 +166,9 @@ fn limit_rates(policy: &Policy) -> impl Iterator<Item = (usize, f64)> + '_ {
         .limits
         .iter()
         .enumerate()
+        // (Only limits that count calls: a latency budget or a count of
+        // records says nothing of how many calls a second go.)
+        .filter(|(_, limit)| matches!(limit.cost, Cost::Requests))
         .filter_map(move |(i, limit)| {
             let rate = match limit.variants.first()? {
                 Params::Gcra(p) => per_second(p.amount, p.period),
@@ -235,6 +249,11 @@ impl Paces {
 
     /// A call of `key` was sent at `now`.
     pub(crate) fn sent(&mut self, key: &str, now: Nanos) {
+        if self.paces.len() >= KEPT_AT_REST && !self.paces.contains_key(key) {
+            // Many keys (a limit per tenant): forget the paces that hold
+            // nothing, as the store forgets idle keys.
+            self.paces.retain(|_, pace| !pace.at_rest(now));
+        }
         let pace = self.of(key);
         pace.sent(now);
         let gate = pace.next_send;
@@ -254,6 +273,12 @@ impl Paces {
             return None;
         }
         self.paces.get(key)?.gate(now)
+    }
+
+    /// A key's pace is back at the limits': keys seen from now on start
+    /// there too, not at the rate an earlier run learnt.
+    pub(crate) fn restored(&mut self) {
+        self.resumed = None;
     }
 
     /// Every key, and those to come, start from `rate`.
@@ -362,7 +387,11 @@ impl Pace {
     /// not send: another client spends the same quota.
     pub(crate) fn spent_by_others(&mut self, calls: u64, now: Nanos) {
         let span = self.share_span();
-        while self.others.front().is_some_and(|(at, _)| at + span < now) {
+        while self
+            .others
+            .front()
+            .is_some_and(|(at, _)| at.saturating_add(span) < now)
+        {
             self.others.pop_front();
         }
         if calls > 0 {
@@ -375,7 +404,11 @@ impl Pace {
     pub(crate) fn shared(&self, now: Nanos) -> Option<(f64, f64)> {
         let ceiling = self.ceiling?;
         let span = self.share_span();
-        let recent = || self.others.iter().filter(|(at, _)| at + span >= now);
+        let recent = || {
+            self.others
+                .iter()
+                .filter(|(at, _)| at.saturating_add(span) >= now)
+        };
         let (first, last) = (recent().next()?.0, recent().next_back()?.0);
         let spent: u64 = recent().map(|(_, calls)| calls).sum();
         let others = spent as f64 * NANOS_PER_SEC / span as f64;
@@ -383,7 +416,7 @@ impl Pace {
         // span. One that took a burst (or a rate above the limits') shows
         // as a lump: the corrections already took it off the local view,
         // and pacing for it would slow this scheduler for nothing.
-        let steady = last - first >= span / 2 && others < ceiling;
+        let steady = last.saturating_sub(first) >= span / 2 && others < ceiling;
         (steady && others > SHARE_NOTICED * ceiling).then(|| {
             let left = ((ceiling - others) * SHARE_KEPT).max(FLOOR * ceiling);
             (others, left)
@@ -398,6 +431,18 @@ impl Pace {
             (Some(rate), Some(left)) => Some(rate.min(left)),
             (rate, left) => rate.or(left),
         }
+    }
+
+    /// Nothing learnt, nobody else seen, nothing held: forgetting this pace
+    /// loses only its last sends.
+    fn at_rest(&self, now: Nanos) -> bool {
+        let span = self.share_span();
+        self.rate.is_none()
+            && now >= self.next_send
+            && self
+                .others
+                .back()
+                .is_none_or(|(at, _)| at.saturating_add(span) < now)
     }
 
     /// When the next send may go, if not now.
@@ -421,7 +466,7 @@ impl Pace {
             } else {
                 now
             };
-            self.next_send = due + interval;
+            self.next_send = due.saturating_add(interval);
         }
     }
 
@@ -435,7 +480,8 @@ impl Pace {
         let since = *self.rising_since.get_or_insert(now);
         // came_at · (1 + c·(t − RISE)³), through the rate it went down to
         // at t = 0.
-        let t = (now - since) as f64 / NANOS_PER_SEC;
+        // (Replies may be reported a little out of order: never negative.)
+        let t = now.saturating_sub(since) as f64 / NANOS_PER_SEC;
         let c = (1.0 - self.decreased_to) / RISE.powi(3);
         let curve = self.came_at * (1.0 + c * (t - RISE).powi(3));
         let raised = rate.max(curve);
@@ -470,7 +516,7 @@ impl Pace {
         self.came_at = came_at;
         self.rising_since = None;
         self.lowered_at = Some(now);
-        self.next_send = now + Self::interval(rate);
+        self.next_send = now.saturating_add(Self::interval(rate));
         Some(Self::interval(rate))
     }
 }
@@ -573,6 +619,51 @@ mod tests {
         assert_eq!(pace.shared(4100 * MS), None);
         pace.spent_by_others(2, 4100 * MS);
         assert_eq!(pace.pacing(4100 * MS), None);
+    }
+
+    #[test]
+    fn a_reply_reported_out_of_order_does_not_end_a_pace() {
+        let mut pace = Pace::new(&policy("[[limit]]\nname = \"api\"\nalgorithm = \"token_bucket\"\ncapacity = 20\nrefill = \"100/s\"\n"));
+        pace.resume(50.0, true);
+        pace.succeeded(2000 * MS);
+        // A success stamped a little earlier, counted after it.
+        pace.succeeded(1999 * MS);
+        assert_eq!(pace.effective(), Some(50.0));
+    }
+
+    #[test]
+    fn many_keys_keep_only_the_paces_that_hold_something() {
+        let mut paces = Paces::new(&policy("[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"token_bucket\"\ncapacity = 20\nrefill = \"100/s\"\n"));
+        // One key slowed by a 429, then thousands of keys at rest.
+        paces.sent("slow", 0);
+        paces.of("slow").throttled(0, MS);
+        for i in 0..5000 {
+            paces.sent(&format!("tenant-{i}"), 10_000 * MS + i);
+        }
+        assert!(paces.paces.len() <= KEPT_AT_REST, "{}", paces.paces.len());
+        assert!(
+            paces.paces.contains_key("slow"),
+            "the slowed key's pace is kept"
+        );
+        assert_eq!(paces.learnt(), Some(95.0));
+    }
+
+    #[test]
+    fn the_margin_keeps_no_reserve_where_a_call_may_cost_more_than_one_unit() {
+        let paced = with_margin(&policy("[[limit]]\nname = \"records\"\nalgorithm = \"token_bucket\"\ncapacity = 200\nrefill = \"200/s\"\ncost = { header = \"x-records\" }\n[[limit]]\nname = \"coarse\"\nalgorithm = \"sliding_window\"\nquota = 100\nevery = \"60s\"\nsegments = 6\n"));
+        let Params::Gcra(records) = &paced.limits[0].variants[0] else {
+            panic!("a bucket")
+        };
+        assert_eq!(records.capacity, 200, "a 200-record call still fits");
+        assert_eq!(records.period, 1_010 * MS);
+        let Params::SlidingWindow(coarse) = &paced.limits[1].variants[0] else {
+            panic!("a sliding window")
+        };
+        assert_eq!(
+            (coarse.every, coarse.segments),
+            (60_000 * MS, 6),
+            "a sub-window more would cost 1/6"
+        );
     }
 
     #[test]

@@ -550,6 +550,7 @@ impl Scheduler {
                             (was_paced, pace.effective(), pace.ceiling())
                         {
                             self.events.push(Event::Restored { profile, keyed });
+                            self.paces.restored();
                         }
                         self.counters.done += 1;
                         return Settled::Done;

@@ -244,6 +244,11 @@ async fn a_429_is_retried_after_retry_after_and_pauses_every_client() {
     // of the pace the 429 lowered (0.95 of the limits' 99/s: about 11 ms).
     assert!((2.0..2.265).contains(&b_at), "b went at {b_at} s");
     let seen = up.seen("/a");
+    let behind = up.seen("/b")[0].at.duration_since(seen[1].at);
+    assert!(
+        behind >= Duration::from_millis(10),
+        "b went {behind:?} after a's retry: one interval of the lowered pace"
+    );
     let gap = seen[1].at.duration_since(seen[0].at).as_secs_f64();
     assert!(
         (2.0..=2.25).contains(&gap),

@@ -11,7 +11,7 @@ use tollgate_egress::state::State;
 use tollgate_egress::{Options, ProgressMode, Summary};
 use tollgate_store::TokioClock;
 use tollgate_testkit::upstream::{ok, scripted, Answer};
-use tollgate_testkit::vendor::token_bucket;
+use tollgate_testkit::vendor::{admitted_rate, admitted_since, refused_share, token_bucket};
 
 const EPOCH: u64 = 1_767_225_600_000_000_000;
 
@@ -389,19 +389,6 @@ fn jobs_to(
     tollgate_egress::read_jobs(lines.as_bytes(), config).expect("jobs")
 }
 
-/// Calls the vendor admitted per second between `from` and `to` seconds.
-fn admitted_rate(verdicts: &[(Duration, bool)], from: f64, to: f64) -> f64 {
-    let admitted = verdicts
-        .iter()
-        .filter(|(at, ok)| *ok && (from..to).contains(&at.as_secs_f64()))
-        .count();
-    admitted as f64 / (to - from)
-}
-
-fn refused_share(verdicts: &[(Duration, bool)]) -> f64 {
-    verdicts.iter().filter(|(_, ok)| !ok).count() as f64 / verdicts.len() as f64
-}
-
 #[tokio::test(start_paused = true)]
 async fn the_right_profile_meets_no_429_from_a_vendor_timing_arrivals_exactly() {
     // The vendor's own bucket, the profile's numbers: the runner (inside
@@ -438,8 +425,7 @@ async fn a_profile_too_fast_for_the_vendor_is_paced_to_it_and_the_next_run_start
         "{:.2}% of calls got a 429",
         refused * 100.0
     );
-    let end = seen.last().expect("calls").0.as_secs_f64();
-    let pace = admitted_rate(&seen, 2.0, end);
+    let pace = admitted_since(&seen, 2.0);
     assert!(pace >= 85.0, "{pace:.1}/s of the vendor's 100/s");
     // The summary says what was learnt, and the state keeps it.
     let vendor = &summary.upstreams[0];
@@ -491,8 +477,7 @@ async fn a_profile_three_times_too_fast_still_gets_most_of_the_vendor_s_rate() {
         "{:.2}% of calls got a 429",
         refused * 100.0
     );
-    let end = seen.last().expect("calls").0.as_secs_f64();
-    let pace = admitted_rate(&seen, 2.0, end);
+    let pace = admitted_since(&seen, 2.0);
     assert!(pace >= 80.0, "{pace:.1}/s of the vendor's 100/s");
 }
 

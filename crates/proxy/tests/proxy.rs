@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tollgate_store::TokioClock;
 use tollgate_testkit::upstream::{ok, scripted, Answer};
+use tollgate_testkit::vendor::{admitted_since, refused_share};
 
 async fn get(url: &str, headers: &[(&str, &str)]) -> reqwest::Response {
     let mut r = client().get(url);
@@ -35,6 +36,30 @@ async fn problem(r: reqwest::Response) -> serde_json::Value {
     r.json().await.expect("json")
 }
 
+/// `clients` clients with no retry logic of their own GET `url` as fast as
+/// they can, `requests` in all; the statuses they got.
+async fn clients_send(url: &str, clients: usize, requests: usize) -> Vec<u16> {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (url, next) = (url.to_string(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            let mut codes = Vec::new();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < requests {
+                let r = c.get(&url).send().await.expect("response");
+                codes.push(r.status().as_u16());
+            }
+            codes
+        }));
+    }
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.extend(t.await.expect("client"));
+    }
+    codes
+}
+
 /// 64 clients with no retry logic of their own, each sending as fast as
 /// it can through the proxy to the gateway enforcing `profile`: no 429
 /// reaches a client or the upstream, and the quota is used fully.
@@ -59,25 +84,8 @@ async fn sixty_four_clients_with(
         &format!("profile = \"{profile}\"\n{credentials}\nconcurrency = 64\n"),
     );
     let proxy = start(&config).await;
-    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
-    let mut clients = Vec::new();
-    for _ in 0..64 {
-        let (url, next) = (proxy.url(profile, "/v1/jobs"), next.clone());
-        clients.push(tokio::spawn(async move {
-            let c = client();
-            let mut codes = Vec::new();
-            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < requests {
-                let r = c.get(&url).send().await.expect("response");
-                codes.push(r.status().as_u16());
-            }
-            codes
-        }));
-    }
-    let mut codes = Vec::new();
-    for c in clients {
-        codes.extend(c.await.expect("client"));
-    }
+    let codes = clients_send(&proxy.url(profile, "/v1/jobs"), 64, requests).await;
     let elapsed = started.elapsed();
     assert_eq!(codes.len(), requests);
     assert!(codes.iter().all(|c| *c == 200), "every client got 200");
@@ -941,48 +949,20 @@ async fn a_profile_too_fast_for_the_vendor_is_paced_to_it_for_every_client() {
         &format!("concurrency = 32\n{}", bucket("api", 20, "160/s")),
     );
     let proxy = start(&config).await;
-    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut clients = Vec::new();
-    for _ in 0..32 {
-        let (url, next) = (proxy.url("crm", "/v1/deals"), next.clone());
-        clients.push(tokio::spawn(async move {
-            let c = client();
-            let mut codes = Vec::new();
-            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 1500 {
-                codes.push(
-                    c.get(&url)
-                        .send()
-                        .await
-                        .expect("response")
-                        .status()
-                        .as_u16(),
-                );
-            }
-            codes
-        }));
-    }
-    let mut codes = Vec::new();
-    for c in clients {
-        codes.extend(c.await.expect("client"));
-    }
+    let codes = clients_send(&proxy.url("crm", "/v1/deals"), 32, 1500).await;
     assert_eq!(codes.len(), 1500);
     assert!(
         codes.iter().all(|c| *c == 200),
         "a 429 is retried for the client"
     );
     let seen = verdicts.lock().expect("lock").clone();
-    let refused = seen.iter().filter(|(_, ok)| !ok).count();
+    let refused = refused_share(&seen);
     assert!(
-        refused as f64 <= 0.02 * seen.len() as f64,
-        "{refused} of {} calls got a 429",
-        seen.len()
+        refused <= 0.02,
+        "{:.2}% of calls got a 429",
+        refused * 100.0
     );
-    let end = seen.last().expect("calls").0.as_secs_f64();
-    let admitted = seen
-        .iter()
-        .filter(|(at, ok)| *ok && at.as_secs_f64() >= 2.0)
-        .count() as f64
-        / (end - 2.0);
+    let admitted = admitted_since(&seen, 2.0);
     assert!(admitted >= 85.0, "{admitted:.1}/s of the vendor's 100/s");
     // /metrics shows the pace below what the limits allow.
     let metrics = text(&proxy.admin_url("/metrics")).await;
@@ -1018,45 +998,17 @@ async fn a_key_the_vendor_holds_to_less_is_paced_alone_and_the_pool_sends_the_re
     std::env::set_var("TOLLGATE_TEST_PACE_K2", "k-2");
     let limits = format!("{keys}\nconcurrency = 32\n[[upstream.limit]]\nname = \"per-key\"\nkey = [\"header:authorization\"]\nalgorithm = \"token_bucket\"\ncapacity = 20\nrefill = \"100/s\"\n");
     let proxy = start(&upstream("crm", vendor.addr, &limits)).await;
-    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut clients = Vec::new();
-    for _ in 0..32 {
-        let (url, next) = (proxy.url("crm", "/v1/deals"), next.clone());
-        clients.push(tokio::spawn(async move {
-            let c = client();
-            let mut codes = Vec::new();
-            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 1500 {
-                codes.push(
-                    c.get(&url)
-                        .send()
-                        .await
-                        .expect("response")
-                        .status()
-                        .as_u16(),
-                );
-            }
-            codes
-        }));
-    }
-    let mut codes = Vec::new();
-    for c in clients {
-        codes.extend(c.await.expect("client"));
-    }
+    let codes = clients_send(&proxy.url("crm", "/v1/deals"), 32, 1500).await;
     assert!(codes.iter().all(|c| *c == 200), "every client got 200");
     let seen = verdicts.lock().expect("lock").clone();
-    let refused = seen.iter().filter(|(_, ok)| !ok).count();
+    let refused = refused_share(&seen);
     assert!(
-        refused as f64 <= 0.03 * seen.len() as f64,
-        "{refused} of {} calls got a 429",
-        seen.len()
+        refused <= 0.03,
+        "{:.2}% of calls got a 429",
+        refused * 100.0
     );
     // One pace for both keys would hold both to what k-2 gets (25/s, 50/s
     // in all); a pace per key lets k-1 go on at its 100/s.
-    let end = seen.last().expect("calls").0.as_secs_f64();
-    let admitted = seen
-        .iter()
-        .filter(|(at, ok)| *ok && at.as_secs_f64() >= 2.0)
-        .count() as f64
-        / (end - 2.0);
+    let admitted = admitted_since(&seen, 2.0);
     assert!(admitted >= 100.0, "{admitted:.1}/s of the keys' 125/s");
 }

@@ -41,6 +41,32 @@ pub async fn gateway(
 /// whether the call was admitted.
 pub type Verdicts = crate::upstream::Shared<Vec<(std::time::Duration, bool)>>;
 
+/// The share of calls a `token_bucket` vendor refused.
+pub fn refused_share(verdicts: &[(std::time::Duration, bool)]) -> f64 {
+    verdicts.iter().filter(|(_, ok)| !ok).count() as f64 / verdicts.len() as f64
+}
+
+/// Calls a `token_bucket` vendor admitted per second between `from` and
+/// `to` seconds after its first request.
+pub fn admitted_rate(verdicts: &[(std::time::Duration, bool)], from: f64, to: f64) -> f64 {
+    let admitted = verdicts
+        .iter()
+        .filter(|(at, ok)| *ok && (from..to).contains(&at.as_secs_f64()))
+        .count();
+    admitted as f64 / (to - from)
+}
+
+/// Calls admitted per second from `from` seconds to the last call the
+/// vendor saw (that one included).
+pub fn admitted_since(verdicts: &[(std::time::Duration, bool)], from: f64) -> f64 {
+    let end = verdicts.last().expect("calls").0.as_secs_f64();
+    let admitted = verdicts
+        .iter()
+        .filter(|(at, ok)| *ok && at.as_secs_f64() >= from)
+        .count();
+    admitted as f64 / (end - from)
+}
+
 /// A vendor that is not tollgate's engine: a token bucket of `capacity`
 /// over arrival times, refilling at `rate(t)` per second at `t` after its
 /// first request (a vendor that changes its limit mid-run), answering 429

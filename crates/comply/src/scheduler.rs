@@ -518,11 +518,11 @@ impl Scheduler {
                     &self.in_flight,
                     now,
                 );
-                // (A bare 429's "nothing left" is this scheduler's guess,
-                // not a count of another client's calls.)
                 let key = self.paces.key_of(&entry.items);
                 let keyed = !key.is_empty();
                 let pace = self.paces.of(key);
+                // (A bare 429's "nothing left" is this scheduler's guess,
+                // not a count of another client's calls.)
                 if !bare {
                     let shared_before = pace.shared(now).is_some();
                     pace.spent_by_others(by_others, now);

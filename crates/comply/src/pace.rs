@@ -100,6 +100,13 @@ pub(crate) struct Pace {
     /// Calls the vendor's rate-limit headers counted that were not this
     /// scheduler's (another client on the same quota), and when.
     others: VecDeque<(Nanos, u64)>,
+    /// A `Retry-After` cut short at the local window's reset: sends from
+    /// the first instant to the second (the vendor's own figure) were
+    /// early if the vendor's window is not where the profile puts it.
+    early: Option<(Nanos, Nanos)>,
+    /// False once a call sent early by that rule got a 429: this vendor's
+    /// resets are not the profile's, and its `Retry-After` is waited out.
+    resets_line_up: bool,
 }
 
 /// How far inside the profile's rates the runner and the proxy pace: 1 %.
@@ -333,6 +340,8 @@ impl Pace {
             lowered_at: None,
             rounds: 0,
             others: VecDeque::new(),
+            early: None,
+            resets_line_up: true,
         }
     }
 
@@ -486,6 +495,29 @@ impl Pace {
         let curve = self.came_at * (1.0 + c * (t - RISE).powi(3));
         let raised = rate.max(curve);
         self.rate = self.ceiling.filter(|c| raised < *c).map(|_| raised);
+    }
+
+    /// Whether a `Retry-After` may be cut short at the reset the local view
+    /// holds (the scheduler's rule, `Scheduler::vendor_reset`).
+    pub(crate) fn resets_line_up(&self) -> bool {
+        self.resets_line_up
+    }
+
+    /// A `Retry-After` that ran to `vendor_until` was cut short to `until`.
+    pub(crate) fn cut_short(&mut self, until: Nanos, vendor_until: Nanos) {
+        self.early = Some((until, vendor_until));
+    }
+
+    /// A 429 for a call sent at `sent_at`, before the pace is lowered: if it
+    /// was sent in a `Retry-After` that was cut short, the vendor's window
+    /// did not reset where the profile's did.
+    pub(crate) fn refused_early(&mut self, sent_at: Nanos) {
+        if self
+            .early
+            .is_some_and(|(from, to)| (from..to).contains(&sent_at))
+        {
+            self.resets_line_up = false;
+        }
     }
 
     /// A 429 for a call sent at `sent_at`: how long to wait without a

@@ -10,6 +10,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Jitter added to a Retry-After wait (Celigo's rate-limit page: "a small
 /// jitter (≤ 250 ms)").
 const RETRY_AFTER_JITTER_MS: u64 = 250;
+/// Jitter added to a wait cut short at a window's reset: a little, as every
+/// caller of the window resumes there anyway.
+const RESET_JITTER_MS: u64 = 25;
 /// Jitter added to an exponential backoff (a CRM's rate-limit page and the
 /// GTM rate-limiting guide: 0 to 1 s).
 const BACKOFF_JITTER_MS: u64 = 1000;
@@ -63,6 +66,22 @@ impl Backoff {
             Some(after) => after + self.jitter(RETRY_AFTER_JITTER_MS),
             None => self.after_failure(attempts),
         }
+    }
+
+    /// After a 429 whose `Retry-After` is `retry_after`: the local view's
+    /// `reset` (plus a little jitter) when it falls in that Retry-After's
+    /// last second, else None. A `Retry-After` in whole seconds is the
+    /// vendor's time to its reset rounded up; with a window of a second or
+    /// so, waiting it out whole skips the next window for a reset that came
+    /// a fraction of a second later.
+    pub(crate) fn until_reset(
+        &mut self,
+        retry_after: Duration,
+        reset: Duration,
+    ) -> Option<Duration> {
+        let last_second = retry_after.saturating_sub(Duration::from_secs(1));
+        (!reset.is_zero() && reset > last_second && reset <= retry_after)
+            .then(|| (reset + self.jitter(RESET_JITTER_MS)).min(retry_after))
     }
 
     /// Exponential backoff after `attempts` failed attempts: 1, 2, 4, 8,

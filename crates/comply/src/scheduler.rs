@@ -484,6 +484,26 @@ impl Scheduler {
             .finish_where(&items, now, latency_us, entry.local);
     }
 
+    /// When the local view of the limits a reply's call was charged with
+    /// next frees quota, if one of them has none left: the latest such
+    /// reset. None on a shared (Redis) engine, whose view no reply corrects.
+    fn local_reset(&self, committed: &[(Item, u64)], now: Nanos) -> Option<Duration> {
+        if self.engine.is_shared() {
+            return None;
+        }
+        let policy = self.engine.policy();
+        committed
+            .iter()
+            .filter(|(item, _)| {
+                policy.limits[item.limit].algorithm
+                    != tollgate_core::policy::AlgorithmKind::Concurrency
+            })
+            .map(|(item, _)| self.engine.store().usage(policy, item, now))
+            .filter(|usage| usage.remaining == 0)
+            .map(|usage| Duration::from_nanos(usage.reset))
+            .max()
+    }
+
     /// A sent job's reply, `latency` after it was sent.
     pub fn complete(&mut self, seq: u64, reply: &Reply, latency: Duration, now: Nanos) -> Settled {
         let Some(mut entry) = self.in_flight.remove(&seq) else {
@@ -518,6 +538,11 @@ impl Scheduler {
                     &self.in_flight,
                     now,
                 );
+                let reset = if *status == 429 && retry_after.is_some() {
+                    self.local_reset(&committed, now)
+                } else {
+                    None
+                };
                 let key = self.paces.key_of(&entry.items);
                 let keyed = !key.is_empty();
                 let pace = self.paces.of(key);
@@ -563,6 +588,7 @@ impl Scheduler {
                         // came at, so sends resume evenly instead of in a
                         // burst. Without Retry-After it waits one interval
                         // of that pace; only 429s that keep coming back off.
+                        pace.refused_early(entry.sent_at);
                         let before = pace.effective();
                         let paced = pace.throttled(entry.sent_at, now);
                         if let (Some(rate), Some(profile)) = (pace.effective(), pace.ceiling()) {
@@ -574,11 +600,26 @@ impl Scheduler {
                                 });
                             }
                         }
-                        self.paces.lowered(key);
-                        let wait = match (retry_after, paced) {
-                            (None, Some(wait)) => Duration::from_nanos(wait),
+                        // A whole-second Retry-After whose last second
+                        // holds the local view's reset (the profile's
+                        // window, lowered to the vendor's count by this
+                        // reply) is waited out only to that reset, until a
+                        // call sent early by it is refused.
+                        let to_reset = match (retry_after, reset) {
+                            (Some(after), Some(reset)) if pace.resets_line_up() => {
+                                self.retry.until_reset(*after, reset)
+                            }
+                            _ => None,
+                        };
+                        let wait = match (retry_after, paced, to_reset) {
+                            (Some(after), _, Some(wait)) => {
+                                pace.cut_short(now + nanos(wait), now + nanos(*after));
+                                wait
+                            }
+                            (None, Some(wait), _) => Duration::from_nanos(wait),
                             _ => self.retry.after_throttle(*retry_after, entry.attempts),
                         };
+                        self.paces.lowered(key);
                         // The vendor's Retry-After, or 429s that keep coming,
                         // pause the whole upstream; one interval of a lowered
                         // pace holds only that pace's key (its gate does).
@@ -923,6 +964,75 @@ mod tests {
             assert_eq!(sent(s.next(paced)), 2);
             assert_eq!(s.counters().throttled, 1);
         }
+    }
+
+    const WINDOW_OF_A_SECOND: &str =
+        "[[limit]]\nname = \"api\"\nalgorithm = \"fixed_window\"\nevery = \"1s\"\nquota = 100\n";
+
+    #[test]
+    fn a_retry_after_that_rounds_up_a_windows_end_waits_to_that_end_only() {
+        // A 429 at 0.8 s with `Retry-After: 1` (0.2 s to the window's end,
+        // rounded up): the next window is not skipped.
+        for seed in 0..20 {
+            let mut s = scheduler(WINDOW_OF_A_SECOND, 10);
+            s.retry = Backoff::new(seed);
+            push(&mut s, 1, Priority::Normal, "");
+            let at_08 = 800_000_000;
+            sent(s.next(at_08));
+            let Settled::Retry { at } = s.complete(1, &status(429, Some(1)), Duration::ZERO, at_08)
+            else {
+                panic!("expected a retry")
+            };
+            assert!((SEC..=SEC + 25_000_000).contains(&at), "{at}");
+            assert!(s.drain_events().contains(&Event::Paused {
+                until: at,
+                status: 429
+            }));
+            assert_eq!(sent(s.next(at)), 1);
+        }
+        // At 0.2 s the end is 0.8 s away: inside the last second of
+        // `Retry-After: 2` it is not (the vendor's window is not the
+        // profile's), so the whole Retry-After is waited out.
+        let mut s = scheduler(WINDOW_OF_A_SECOND, 10);
+        push(&mut s, 1, Priority::Normal, "");
+        sent(s.next(200_000_000));
+        let Settled::Retry { at } =
+            s.complete(1, &status(429, Some(2)), Duration::ZERO, 200_000_000)
+        else {
+            panic!("expected a retry")
+        };
+        assert!(at >= 2_200_000_000, "{at}");
+    }
+
+    #[test]
+    fn a_call_refused_after_a_cut_short_retry_after_makes_every_later_one_whole() {
+        // The vendor's windows are not at whole seconds: the call sent at
+        // the profile's reset is refused too; from then on its Retry-After
+        // is waited out in full.
+        let mut s = scheduler(WINDOW_OF_A_SECOND, 10);
+        push(&mut s, 1, Priority::Normal, "");
+        sent(s.next(800_000_000));
+        let Settled::Retry { at } =
+            s.complete(1, &status(429, Some(1)), Duration::ZERO, 800_000_000)
+        else {
+            panic!("expected a retry")
+        };
+        assert!(at < 1_100_000_000, "cut short to the window's end: {at}");
+        assert_eq!(sent(s.next(at)), 1);
+        let refused = at + 1_000_000;
+        let Settled::Retry { at } = s.complete(1, &status(429, Some(1)), Duration::ZERO, refused)
+        else {
+            panic!("expected a retry")
+        };
+        assert!(at >= refused + SEC, "waited out in full: {at}");
+        // And so is the next one, though it too could be cut short.
+        let later = 5 * SEC + 800_000_000;
+        assert_eq!(sent(s.next(later)), 1);
+        let Settled::Retry { at } = s.complete(1, &status(429, Some(1)), Duration::ZERO, later)
+        else {
+            panic!("expected a retry")
+        };
+        assert!(at >= later + SEC, "{at}");
     }
 
     #[test]

@@ -4,28 +4,12 @@
 
 mod common;
 
-use common::{bucket, client, json, start, text, upstream, EPOCH};
+use common::{attempts, bucket, client, get, json, start, text, upstream, EPOCH};
 use std::time::Duration;
 use tokio::time::Instant;
 use tollgate_store::TokioClock;
 use tollgate_testkit::upstream::{ok, scripted, Answer};
 use tollgate_testkit::vendor::{admitted_since, refused_share};
-
-async fn get(url: &str, headers: &[(&str, &str)]) -> reqwest::Response {
-    let mut r = client().get(url);
-    for (k, v) in headers {
-        r = r.header(*k, *v);
-    }
-    r.send().await.expect("response")
-}
-
-fn attempts(r: &reqwest::Response) -> u32 {
-    r.headers()["tollgate-attempts"]
-        .to_str()
-        .expect("ascii")
-        .parse()
-        .expect("number")
-}
 
 async fn problem(r: reqwest::Response) -> serde_json::Value {
     assert_eq!(

@@ -27,6 +27,10 @@ pub enum Answer {
     Drop,
     /// Answer 200 after this long.
     Slow(Duration),
+    /// A status, headers and body made for this request.
+    Text(u16, Vec<(String, String)>, String),
+    /// The answer, after this long.
+    After(Duration, Box<Answer>),
 }
 
 #[derive(Debug, Clone)]
@@ -149,17 +153,21 @@ async fn scripted_with(script: Script, tls: Option<tokio_rustls::TlsAcceptor>) -
                             method,
                             target,
                         };
-                        let answer = script(&seen, n);
+                        let mut answer = script(&seen, n);
                         log.lock().expect("lock").push(seen);
+                        while let Answer::After(delay, then) = answer {
+                            tokio::time::sleep(delay).await;
+                            answer = *then;
+                        }
                         match answer {
                             Answer::Status(status, headers, body) => {
-                                let mut r = Response::builder().status(status);
-                                for (k, v) in headers {
-                                    r = r.header(k, v);
-                                }
-                                Ok(r.body(Full::new(Bytes::from(body))).expect("response"))
+                                Ok(response(status, headers.into_iter(), body.into()))
                             }
-                            Answer::Drop => Err("dropped on purpose"),
+                            Answer::Text(status, headers, body) => {
+                                Ok(response(status, headers.into_iter(), body.into()))
+                            }
+                            // (an After was waited out above)
+                            Answer::Drop | Answer::After(..) => Err("dropped on purpose"),
                             Answer::Slow(d) => {
                                 tokio::time::sleep(d).await;
                                 Ok(Response::new(Full::new(Bytes::from("slow ok"))))
@@ -185,6 +193,18 @@ async fn scripted_with(script: Script, tls: Option<tokio_rustls::TlsAcceptor>) -
         }
     });
     Scripted { addr, seen }
+}
+
+fn response<K: AsRef<str>, V: AsRef<str>>(
+    status: u16,
+    headers: impl Iterator<Item = (K, V)>,
+    body: Bytes,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::builder().status(status);
+    for (k, v) in headers {
+        r = r.header(k.as_ref(), v.as_ref());
+    }
+    r.body(Full::new(body)).expect("response")
 }
 
 /// A 200 with a small JSON body.

@@ -101,6 +101,24 @@ pub fn bucket(name: &str, capacity: u64, refill: &str) -> String {
     format!("[[upstream.limit]]\nname = \"{name}\"\nalgorithm = \"token_bucket\"\ncapacity = {capacity}\nrefill = \"{refill}\"\n")
 }
 
+/// GET `url` with `headers`.
+pub async fn get(url: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut r = client().get(url);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    r.send().await.expect("response")
+}
+
+/// `Tollgate-Attempts`: the calls to the upstream an answer took.
+pub fn attempts(r: &reqwest::Response) -> u32 {
+    r.headers()["tollgate-attempts"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("number")
+}
+
 /// GET `url`; its body as JSON.
 pub async fn json(url: &str) -> serde_json::Value {
     client()

@@ -53,6 +53,8 @@ pub struct Upstream {
     pub keys: Vec<PooledKey>,
     /// The header a pooled key goes in (lower case).
     pub key_header: String,
+    /// `[[upstream.cache]]`: reads kept for a while (docs/cache.md).
+    pub cache: Vec<tollgate_http::cache::CacheRoute>,
 }
 
 /// The headers sent with every request (lower-case names): they carry
@@ -358,6 +360,10 @@ fn upstream(
     for raw_bulk in &u.bulk {
         bulk.push(bulk_template(text, raw_bulk, &name)?);
     }
+    let mut cache = Vec::new();
+    for raw_cache in &u.cache {
+        cache.push(cache_route(text, raw_cache, &name)?);
+    }
     Ok(Upstream {
         base_url,
         policy,
@@ -375,7 +381,94 @@ fn upstream(
         keys,
         key_header,
         intercept,
+        cache,
         name,
+    })
+}
+
+/// A cache route's bytes when `max_bytes` is not given: 64 MiB.
+const CACHE_BYTES: u64 = 64 << 20;
+/// The largest body kept by default: a sixteenth of the route's bytes (so
+/// one large response does not empty the route), at most 8 MiB.
+const CACHE_ENTRY_SHARE: u64 = 16;
+const CACHE_ENTRY_BYTES: u64 = 8 << 20;
+
+fn cache_route(
+    text: &str,
+    raw: &Spanned<RawCache>,
+    upstream: &str,
+) -> Result<tollgate_http::cache::CacheRoute, ConfigError> {
+    let c = raw.get_ref();
+    let prefix = c.path_prefix.get_ref().clone();
+    let err = |offset: usize, msg: String| ConfigError {
+        line: Some(line_of(text, offset)),
+        message: format!("upstream '{upstream}', cache '{prefix}': {msg}"),
+    };
+    if !prefix.starts_with('/') {
+        return Err(err(
+            c.path_prefix.span().start,
+            format!("path_prefix '{prefix}' must start with '/'"),
+        ));
+    }
+    let methods = match &c.methods {
+        None => vec!["GET".to_string(), "HEAD".to_string()],
+        Some(m) => {
+            let methods: Vec<String> = m.get_ref().iter().map(|m| m.to_ascii_uppercase()).collect();
+            if methods.is_empty() || methods.iter().any(|m| m != "GET" && m != "HEAD") {
+                return Err(err(
+                    m.span().start,
+                    format!(
+                        "methods {:?}: only GET and HEAD are cached (writes evict instead)",
+                        m.get_ref()
+                    ),
+                ));
+            }
+            methods
+        }
+    };
+    let duration = |raw: &Spanned<String>, field: &str| match parse_duration(raw.get_ref()) {
+        Ok(n) => Ok(Duration::from_nanos(n)),
+        Err(e) => Err(err(raw.span().start, format!("{field}: {e}"))),
+    };
+    let ttl = duration(&c.ttl, "ttl")?;
+    if ttl.is_zero() {
+        return Err(err(c.ttl.span().start, "ttl must be above zero".into()));
+    }
+    let max_bytes = match &c.max_bytes {
+        None => CACHE_BYTES,
+        Some(b) if *b.get_ref() >= 4096 => *b.get_ref(),
+        Some(b) => {
+            return Err(err(
+                b.span().start,
+                format!("max_bytes must be at least 4096, got {}", b.get_ref()),
+            ))
+        }
+    };
+    let max_entry_bytes = match &c.max_entry_bytes {
+        None => (max_bytes / CACHE_ENTRY_SHARE).min(CACHE_ENTRY_BYTES),
+        Some(b) if (1..=max_bytes).contains(b.get_ref()) => *b.get_ref(),
+        Some(b) => {
+            return Err(err(
+                b.span().start,
+                format!(
+                    "max_entry_bytes must be from 1 to max_bytes ({max_bytes}), got {}",
+                    b.get_ref()
+                ),
+            ))
+        }
+    };
+    let stale_if_error = match &c.stale_if_error {
+        None => Duration::ZERO,
+        Some(s) => duration(s, "stale_if_error")?,
+    };
+    Ok(tollgate_http::cache::CacheRoute {
+        path_prefix: prefix,
+        methods,
+        ttl,
+        max_bytes,
+        max_entry_bytes,
+        override_headers: c.override_headers.unwrap_or(false),
+        stale_if_error,
     })
 }
 
@@ -482,6 +575,8 @@ struct RawUpstream {
     keys: Vec<Spanned<String>>,
     key_header: Option<Spanned<String>>,
     key_format: Option<Spanned<String>>,
+    #[serde(default)]
+    cache: Vec<Spanned<RawCache>>,
     /// Read by the policy parser.
     #[serde(rename = "profile")]
     _profile: Option<toml::Value>,
@@ -489,6 +584,19 @@ struct RawUpstream {
     _limit: Option<toml::Value>,
     #[serde(rename = "class")]
     _class: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    path_prefix: Spanned<String>,
+    methods: Option<Spanned<Vec<String>>>,
+    ttl: Spanned<String>,
+    max_bytes: Option<Spanned<u64>>,
+    max_entry_bytes: Option<Spanned<u64>>,
+    #[serde(rename = "override")]
+    override_headers: Option<bool>,
+    stale_if_error: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -638,5 +746,41 @@ mod tests {
         assert!(err(&BASE.replace("quota = 100", "quota = 0"))
             .starts_with("line 8: upstream 'crm': limit 'api': quota must be at least 1"));
         assert_eq!(err("[[limit]]\nname = \"a\"\nalgorithm = \"concurrency\"\nmax = 1\n"), "the config has no [[upstream]] entries; `tollgate run` sends jobs only to upstreams it knows");
+    }
+
+    #[test]
+    fn cache_routes_take_defaults_and_refuse_what_cannot_work() {
+        let with = |table: &str| format!("{BASE}[[upstream.cache]]\n{table}\n");
+        let c = parse(
+            &with("path_prefix = \"/v1/sites\"\nttl = \"10m\""),
+            &NoProfiles,
+            &|_| None,
+        )
+        .unwrap();
+        let route = &c.upstreams[0].cache[0];
+        assert_eq!(route.path_prefix, "/v1/sites");
+        assert_eq!(route.methods, ["GET", "HEAD"]);
+        assert_eq!(route.ttl, Duration::from_secs(600));
+        assert_eq!(
+            (route.max_bytes, route.max_entry_bytes),
+            (64 << 20, 4 << 20)
+        );
+        assert!(!route.override_headers);
+        assert_eq!(route.stale_if_error, Duration::ZERO);
+        for (table, message) in [
+            ("path_prefix = \"v1\"\nttl = \"1m\"", "line 10: upstream 'crm', cache 'v1': path_prefix 'v1' must start with '/'"),
+            ("path_prefix = \"/v1\"\nttl = \"0s\"", "line 11: upstream 'crm', cache '/v1': ttl must be above zero"),
+            ("path_prefix = \"/v1\"\nttl = \"1m\"\nmethods = [\"POST\"]", "line 12: upstream 'crm', cache '/v1': methods [\"POST\"]: only GET and HEAD are cached (writes evict instead)"),
+            ("path_prefix = \"/v1\"\nttl = \"1m\"\nmax_bytes = 10", "line 12: upstream 'crm', cache '/v1': max_bytes must be at least 4096, got 10"),
+            ("path_prefix = \"/v1\"\nttl = \"1m\"\nmax_bytes = 4096\nmax_entry_bytes = 8192", "line 13: upstream 'crm', cache '/v1': max_entry_bytes must be from 1 to max_bytes (4096), got 8192"),
+        ] {
+            assert_eq!(err(&with(table)), message);
+        }
+        assert!(
+            err(&with("path_prefix = \"/v1\"")).contains("ttl"),
+            "{}",
+            err(&with("path_prefix = \"/v1\""))
+        );
+        assert!(err(&with("path_prefix = \"/v1\"\nttl = \"1m\"\nttl_max = 1")).contains("ttl_max"));
     }
 }

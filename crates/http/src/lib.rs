@@ -14,6 +14,7 @@
 pub mod access;
 pub mod admin;
 pub mod body;
+pub mod cache;
 pub mod forward;
 pub mod listen;
 pub mod ratelimit;

@@ -1,6 +1,6 @@
 //! The proxy's admin listener: `/healthz`, `/metrics`, `/v1/usage`,
-//! `/v1/config` and `POST /v1/reload`, as `serve` has them, behind the
-//! admin token when one is set.
+//! `/v1/config` and `POST /v1/reload`, as `serve` has them, and `POST
+//! /v1/cache/purge`, behind the admin token when one is set.
 
 use crate::call::ResponseBody;
 use crate::state::Proxy;
@@ -16,7 +16,9 @@ use tollgate_core::{Clock, Item};
 use tollgate_http::admin::{self, json, problem, reply};
 use tollgate_http::Refusal;
 
-const PATHS: &str = "/healthz, /metrics, /v1/usage, /v1/config, /v1/reload";
+const PATHS: &str = "/healthz, /metrics, /v1/usage, /v1/config, /v1/reload, /v1/cache/purge";
+/// The most of a purge request's body read.
+const MAX_PURGE_BODY: usize = 64 * 1024;
 
 impl Proxy {
     pub async fn admin(
@@ -47,6 +49,7 @@ impl Proxy {
                             in_flight: s.in_flight(),
                             effective_rate: s.pacing_rate(now),
                             limits_rate: s.limits_rate(),
+                            cache: (!l.cache.is_empty()).then(|| l.cache.sizes().into_iter().sum()),
                         })
                     });
                 reply(
@@ -75,7 +78,12 @@ impl Proxy {
                     e.to_string(),
                 ),
             },
-            (_, "/healthz" | "/metrics" | "/v1/usage" | "/v1/config" | "/v1/reload") => problem(
+            (Method::POST, "/v1/cache/purge") => self.purge(req).await,
+            (
+                _,
+                "/healthz" | "/metrics" | "/v1/usage" | "/v1/config" | "/v1/reload"
+                | "/v1/cache/purge",
+            ) => problem(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "Method not allowed",
                 format!("{path} does not take this method"),
@@ -86,6 +94,74 @@ impl Proxy {
                 format!("{path} is not an admin path; see {PATHS}"),
             ),
         })
+    }
+
+    /// `POST /v1/cache/purge {"upstream": NAME, "prefix": "/path"}`: the
+    /// upstream's cached entries at or under the prefix go (`/`: all).
+    async fn purge(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Purge {
+            upstream: String,
+            prefix: String,
+        }
+        let shape = "the body must be {\"upstream\": NAME, \"prefix\": \"/path\"}";
+        let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(
+            req.into_body(),
+            MAX_PURGE_BODY,
+        ))
+        .await
+        {
+            Ok(body) => body.to_bytes(),
+            Err(e) => {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    "Bad request",
+                    format!("{shape}; it could not be read: {e}"),
+                )
+            }
+        };
+        let purge: Purge = match serde_json::from_slice(&body) {
+            Ok(p) => p,
+            Err(e) => {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    "Bad request",
+                    format!("{shape}: {e}"),
+                )
+            }
+        };
+        if !purge.prefix.starts_with('/') {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "Bad request",
+                format!("prefix '{}' must start with '/'", purge.prefix),
+            );
+        }
+        let generation = self.current();
+        let Some(index) = generation.upstream(&purge.upstream) else {
+            return problem(
+                StatusCode::NOT_FOUND,
+                "No such upstream",
+                format!("no upstream is named '{}'", purge.upstream),
+            );
+        };
+        let cache = &generation.lines[index].cache;
+        if cache.is_empty() {
+            return problem(
+                StatusCode::NOT_FOUND,
+                "No cache",
+                format!(
+                    "upstream '{}' has no [[upstream.cache]] routes",
+                    purge.upstream
+                ),
+            );
+        }
+        cache.purge(&purge.prefix);
+        json(
+            StatusCode::OK,
+            serde_json::json!({ "purged": true, "upstream": purge.upstream, "prefix": purge.prefix }),
+        )
     }
 
     /// `GET /v1/usage[?upstream=NAME][&key=PART..]`: per upstream, its line

@@ -33,6 +33,7 @@ use tollgate_core::units::{parse_duration, NANOS_PER_SEC};
 use tollgate_core::{Clock, Item, Nanos};
 use tollgate_http::access::Entry;
 use tollgate_http::body::{AnyBody, BoxError, GuardedBody};
+use tollgate_http::cache::TOLLGATE_CACHE;
 use tollgate_http::{ratelimit, strip_hop_by_hop, Peer, Refusal};
 
 /// The control headers a client may send; every `tollgate-*` header is
@@ -73,7 +74,7 @@ impl Drop for Finish {
 
 /// What a request asks of its line.
 #[derive(Debug)]
-struct Control {
+pub(crate) struct Control {
     priority: Priority,
     workflow: Option<String>,
     max_wait: Duration,
@@ -159,16 +160,53 @@ impl tollgate_core::Request for View<'_> {
 }
 
 /// How a request ended, for the access log and the metrics.
-struct Outcome<'a> {
+pub(crate) struct Outcome<'a> {
     upstream: Option<&'a str>,
     /// The upstream's series, once the request is routed.
     metrics: Option<&'a crate::metrics::UpstreamMetrics>,
-    metric: &'static str,
-    decision: &'static str,
+    pub(crate) metric: &'static str,
+    pub(crate) decision: &'static str,
     limit: Option<String>,
     attempts: u32,
     waited: Nanos,
     upstream_ms: Option<f64>,
+    /// On a cached route's answers: `Tollgate-Cache` (hit, miss, ...).
+    pub(crate) cache: Option<&'static str>,
+}
+
+impl Outcome<'_> {
+    pub(crate) fn new() -> Outcome<'static> {
+        Outcome {
+            upstream: None,
+            metrics: None,
+            metric: "refused",
+            decision: "error",
+            limit: None,
+            attempts: 0,
+            waited: 0,
+            upstream_ms: None,
+            cache: None,
+        }
+    }
+
+    /// How a fetch made in a task of its own ended, for the request that
+    /// waited on it (its upstream and series are the request's).
+    pub(crate) fn ended_as(&mut self, fetch: Outcome<'_>) {
+        self.metric = fetch.metric;
+        self.decision = fetch.decision;
+        self.limit = fetch.limit;
+        self.attempts = fetch.attempts;
+        self.waited = fetch.waited;
+        self.upstream_ms = fetch.upstream_ms;
+        self.cache = fetch.cache;
+    }
+
+    /// The same, without the borrows of its generation (to leave a task).
+    pub(crate) fn detached(self) -> Outcome<'static> {
+        let mut out = Outcome::new();
+        out.ended_as(self);
+        out
+    }
 }
 
 /// A client's connection to the proxy listener.
@@ -218,23 +256,14 @@ impl Proxy {
     }
 
     async fn serve(
-        &self,
+        self: &Arc<Self>,
         req: Request<Incoming>,
-        peer: &Peer,
+        peer: &Arc<Peer>,
         via: Option<&Tunnel>,
     ) -> Response<ResponseBody> {
         let generation = self.current();
         let (mut parts, body) = req.into_parts();
-        let mut outcome = Outcome {
-            upstream: None,
-            metrics: None,
-            metric: "refused",
-            decision: "error",
-            limit: None,
-            attempts: 0,
-            waited: 0,
-            upstream_ms: None,
-        };
+        let mut outcome = Outcome::new();
         let result = self
             .call(&generation, &mut parts, body, peer, via, &mut outcome)
             .await;
@@ -251,6 +280,11 @@ impl Proxy {
         response
             .headers_mut()
             .insert(ATTEMPTS.clone(), HeaderValue::from(outcome.attempts));
+        if let Some(cache) = outcome.cache {
+            response
+                .headers_mut()
+                .insert(TOLLGATE_CACHE.clone(), HeaderValue::from_static(cache));
+        }
         let status = response.status().as_u16();
         if let Some(metrics) = outcome.metrics {
             metrics.request(match outcome.metric {
@@ -285,11 +319,11 @@ impl Proxy {
 
     #[allow(clippy::too_many_arguments)]
     async fn call<'g>(
-        &self,
-        generation: &'g Generation,
+        self: &Arc<Self>,
+        generation: &'g Arc<Generation>,
         parts: &mut hyper::http::request::Parts,
         body: Incoming,
-        peer: &Peer,
+        peer: &Arc<Peer>,
         via: Option<&Tunnel>,
         outcome: &mut Outcome<'g>,
     ) -> Result<Response<ResponseBody>, Refusal> {
@@ -325,13 +359,68 @@ impl Proxy {
             return Err(Refusal::MethodNotAllowed(parts.method.to_string()));
         }
         let control = control(&parts.headers, generation, client)?;
+        let cache = &line.cache;
+        if !cache.is_empty() {
+            let has_body = !http_body::Body::is_end_stream(&body);
+            if let Some(read) =
+                crate::cached::Read::of(cache, settings, client, parts, &url, has_body)
+            {
+                return self
+                    .read_through(
+                        generation, upstream, &url, read, parts, peer, control, outcome,
+                    )
+                    .await;
+            }
+        }
+        let write = matches!(
+            parts.method,
+            Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+        );
+        let answer = self
+            .fetch(
+                generation,
+                upstream,
+                &url,
+                parts,
+                Some(body),
+                peer,
+                &control,
+                outcome,
+            )
+            .await;
+        if write {
+            // What the write changed is not served from the cache again.
+            cache.written(url.path());
+        }
+        answer
+    }
 
+    /// A request past the cache: read its body, wait in the upstream's
+    /// line, send, retry what is safe to retry, relay the answer. `body`:
+    /// None for a read the cache took (it has none).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn fetch<'g>(
+        &self,
+        generation: &'g Generation,
+        upstream: usize,
+        url: &url::Url,
+        parts: &mut hyper::http::request::Parts,
+        body: Option<Incoming>,
+        peer: &Peer,
+        control: &Control,
+        outcome: &mut Outcome<'g>,
+    ) -> Answer {
+        let settings = &generation.config.upstreams[upstream];
+        let line = &generation.lines[upstream];
         let policy = &settings.policy;
         let needs_json = policy
             .limits
             .iter()
             .any(|l| matches!(l.cost, Cost::JsonArray(_)));
-        let (outgoing, held) = read_body(body, generation.settings.max_replay_bytes).await?;
+        let (outgoing, held) = match body {
+            Some(body) => read_body(body, generation.settings.max_replay_bytes).await?,
+            None => (Outgoing::Kept(Bytes::new()), 0),
+        };
         let kept = KeptBytes::count(&self.kept_bytes, held, generation.settings.max_kept_bytes)?;
         let json = match (&outgoing, needs_json) {
             (Outgoing::Kept(bytes), true) => serde_json::from_slice(bytes).ok(),
@@ -422,7 +511,7 @@ impl Proxy {
             }
             let view = View {
                 method: parts.method.as_str(),
-                url: &url,
+                url,
                 headers: &calls.headers,
                 upstream: settings,
                 workflow: control.workflow.as_deref(),
@@ -594,7 +683,7 @@ impl Proxy {
 }
 
 /// What a request gets: the upstream's response, or tollgate's refusal.
-type Answer = Result<Response<ResponseBody>, Refusal>;
+pub(crate) type Answer = Result<Response<ResponseBody>, Refusal>;
 
 /// What every attempt of one request shares.
 struct Calls<'g> {

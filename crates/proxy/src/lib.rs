@@ -19,6 +19,7 @@
 //! - `server`: listeners and lifecycle.
 
 mod admin;
+mod cached;
 pub mod call;
 pub mod intercept;
 mod keys;

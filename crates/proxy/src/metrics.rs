@@ -17,6 +17,12 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SavedLabels {
+    upstream: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamLabels {
     upstream: String,
 }
@@ -48,12 +54,17 @@ const OUTCOMES: [&str; 10] = [
 ];
 const CALL_OUTCOMES: usize = 6;
 
+/// Why a request was answered without a call of its own: from a fresh
+/// cache entry, or from another request's call in flight.
+const SAVED_REASONS: [&str; 2] = ["hit", "coalesced"];
+
 /// One upstream's series, resolved once per line: the request path only
 /// bumps atomics (no label strings built, no map looked up).
 #[derive(Debug, Clone)]
 pub struct UpstreamMetrics {
     requests: Vec<Counter>,
     calls: Vec<Counter>,
+    saved: Vec<Counter>,
     wait_seconds: Histogram,
 }
 
@@ -76,6 +87,13 @@ impl UpstreamMetrics {
         }
     }
 
+    /// A request was answered without a call (`SAVED_REASONS`).
+    pub fn saved(&self, reason: &str) {
+        if let Some(i) = SAVED_REASONS.iter().position(|r| *r == reason) {
+            self.saved[i].inc();
+        }
+    }
+
     pub fn waited(&self, seconds: f64) {
         self.wait_seconds.observe(seconds);
     }
@@ -86,6 +104,9 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<OutcomeLabels, Counter>,
     calls: Family<OutcomeLabels, Counter>,
+    saved: Family<SavedLabels, Counter>,
+    cache_entries: Family<UpstreamLabels, Gauge>,
+    cache_bytes: Family<UpstreamLabels, Gauge>,
     wait_seconds: Family<UpstreamLabels, Histogram>,
     waiting: Family<UpstreamLabels, Gauge>,
     in_flight: Family<UpstreamLabels, Gauge>,
@@ -103,6 +124,8 @@ pub struct LineNow {
     /// no limit has a rate).
     pub effective_rate: Option<f64>,
     pub limits_rate: Option<f64>,
+    /// What its cache holds (None without `[[upstream.cache]]`).
+    pub cache: Option<tollgate_http::cache::Size>,
 }
 
 impl Default for Metrics {
@@ -110,6 +133,9 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("tollgate_proxy");
         let requests = Family::<OutcomeLabels, Counter>::default();
         let calls = Family::<OutcomeLabels, Counter>::default();
+        let saved = Family::<SavedLabels, Counter>::default();
+        let cache_entries = Family::<UpstreamLabels, Gauge>::default();
+        let cache_bytes = Family::<UpstreamLabels, Gauge>::default();
         // 1 ms .. ~4 min
         let wait_seconds = Family::<UpstreamLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.001, 4.0, 10))
@@ -127,6 +153,21 @@ impl Default for Metrics {
             "upstream_calls",
             "Calls sent to upstreams, by what the upstream answered (retries included)",
             calls.clone(),
+        );
+        registry.register(
+            "calls_saved",
+            "Client requests answered without a call to the upstream, by reason (hit: a fresh cache entry; coalesced: another request's call in flight)",
+            saved.clone(),
+        );
+        registry.register(
+            "cache_entries",
+            "Responses an upstream's cache holds",
+            cache_entries.clone(),
+        );
+        registry.register(
+            "cache_bytes",
+            "What an upstream's cache holds, in bytes (bodies, headers and 256 bytes of bookkeeping per entry)",
+            cache_bytes.clone(),
         );
         registry.register(
             "wait_seconds",
@@ -157,6 +198,9 @@ impl Default for Metrics {
             registry,
             requests,
             calls,
+            saved,
+            cache_entries,
+            cache_bytes,
             wait_seconds,
             waiting,
             in_flight,
@@ -185,6 +229,17 @@ impl Metrics {
         UpstreamMetrics {
             requests: of(&self.requests, &OUTCOMES),
             calls: of(&self.calls, &OUTCOMES[..CALL_OUTCOMES]),
+            saved: SAVED_REASONS
+                .iter()
+                .map(|reason| {
+                    self.saved
+                        .get_or_create(&SavedLabels {
+                            upstream: name.to_string(),
+                            reason,
+                        })
+                        .clone()
+                })
+                .collect(),
             wait_seconds: self
                 .wait_seconds
                 .get_or_create(&UpstreamLabels {
@@ -204,6 +259,15 @@ impl Metrics {
             self.in_flight
                 .get_or_create(&labels)
                 .set(line.in_flight as i64);
+            if let Some(size) = line.cache {
+                let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+                self.cache_entries
+                    .get_or_create(&labels)
+                    .set(gauge(size.entries));
+                self.cache_bytes
+                    .get_or_create(&labels)
+                    .set(gauge(size.bytes));
+            }
             if let Some(limits) = line.limits_rate {
                 self.limits_rate.get_or_create(&labels).set(limits);
                 let effective = line.effective_rate.unwrap_or(limits);

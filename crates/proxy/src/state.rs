@@ -39,6 +39,8 @@ pub struct UpstreamLine {
     pub client: UpstreamClient,
     /// Its pool of vendor keys (empty without `keys`).
     pub keys: crate::keys::KeyPool,
+    /// Its reads kept (`[[upstream.cache]]`; empty without).
+    pub cache: tollgate_http::cache::Cache,
     /// What the upstream was built from: a reload keeps the line (and its
     /// queue and counters) when this is unchanged.
     fingerprint: String,
@@ -369,6 +371,7 @@ fn start_line(
         pause_listener,
         fingerprint: fingerprint(u),
         keys: crate::keys::KeyPool::new(u.keys.len()),
+        cache: tollgate_http::cache::Cache::new(&u.cache),
         line,
         client,
     })

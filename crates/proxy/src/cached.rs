@@ -1,0 +1,397 @@
+//! Reads through an upstream's cache (`[[upstream.cache]]`, docs/cache.md).
+//!
+//! A fresh entry answers without a call. Identical reads in flight share
+//! one call: the first leads it in a task of its own, so a leader that goes
+//! away does not cut it short for the others, and a leader that fails
+//! leaves each follower to call on its own (never a hang). A stale entry
+//! is revalidated with a conditional request, or served for
+//! `stale_if_error` when the upstream fails or its breaker is open. Writes
+//! evict (`call`).
+
+use crate::call::{Answer, Control, Outcome, ResponseBody};
+use crate::settings::Client;
+use crate::state::{Generation, Proxy};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::header::{HeaderValue, AGE, IF_MODIFIED_SINCE, IF_NONE_MATCH, PRAGMA};
+use hyper::http::request::Parts;
+use hyper::{Method, Response, StatusCode};
+use std::sync::Arc;
+use std::time::SystemTime;
+use tollgate_comply::Upstream;
+use tollgate_core::{Clock, Nanos};
+use tollgate_http::body::{BoxError, GuardedBody};
+use tollgate_http::cache::{directives, freshness, Flight, Key, Landed, Leader, Partition, Stored};
+use tollgate_http::{Peer, Refusal};
+
+/// Request headers that say who is calling, besides the upstream's own
+/// configured headers and its key header: part of an entry's partition.
+const CREDENTIALS: [&str; 3] = ["authorization", "cookie", "x-api-key"];
+
+/// A read the cache takes: its route, its key, and whether the client
+/// asked to go past the cache.
+pub(crate) struct Read {
+    route: usize,
+    key: Key,
+    /// `Cache-Control: no-cache` or `no-store`, `Pragma: no-cache`, or a
+    /// conditional request of the client's own: fetched alone (no entry
+    /// served, no flight joined); kept unless `no-store`.
+    bypass: bool,
+}
+
+impl Read {
+    /// The read this request is, if a cache route of its upstream covers
+    /// it (GET or HEAD as the route says, no body).
+    pub(crate) fn of(
+        cache: &tollgate_http::cache::Cache,
+        settings: &Upstream,
+        client: Option<&Client>,
+        parts: &Parts,
+        url: &url::Url,
+        has_body: bool,
+    ) -> Option<Read> {
+        let (route, _) = cache.route_for(parts.method.as_str(), url.path())?;
+        if has_body {
+            return None;
+        }
+        let asked = directives(&parts.headers);
+        let pragma_no_cache = parts
+            .headers
+            .get(PRAGMA)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().contains("no-cache"));
+        let conditional = parts.headers.contains_key(IF_NONE_MATCH)
+            || parts.headers.contains_key(IF_MODIFIED_SINCE);
+        Some(Read {
+            route,
+            key: Key {
+                method: parts.method.to_string(),
+                url: url.to_string(),
+                partition: partition(settings, client, parts),
+            },
+            bypass: asked.no_cache || asked.no_store || pragma_no_cache || conditional,
+        })
+    }
+}
+
+/// Who a read is for: the proxy client (when tokens are configured) and
+/// the credentials its call carries (the upstream's configured headers win
+/// over the client's, as they do when sent). A key pool's keys are one
+/// tenant's: they share a partition.
+fn partition(settings: &Upstream, client: Option<&Client>, parts: &Parts) -> Partition {
+    let mut names: Vec<&str> = CREDENTIALS.to_vec();
+    names.push(&settings.key_header);
+    names.extend(settings.headers.iter().map(|(n, _)| n.as_str()));
+    names.sort_unstable();
+    names.dedup();
+    let mut pieces: Vec<&[u8]> = vec![client.map_or(&b""[..], |c| c.name.as_bytes())];
+    for name in names {
+        let configured = settings.headers.iter().find(|(n, _)| n == name);
+        let value = match configured {
+            Some((_, v)) => Some(v.as_bytes()),
+            None => parts.headers.get(name).map(HeaderValue::as_bytes),
+        };
+        if let Some(value) = value {
+            pieces.push(name.as_bytes());
+            pieces.push(value);
+        }
+    }
+    Partition::of(pieces)
+}
+
+impl Proxy {
+    /// A read under a cache route: from the cache, from another request's
+    /// call, or from a call of its own.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn read_through<'g>(
+        self: &Arc<Self>,
+        generation: &'g Arc<Generation>,
+        upstream: usize,
+        url: &url::Url,
+        read: Read,
+        parts: &mut Parts,
+        peer: &Arc<Peer>,
+        control: Control,
+        outcome: &mut Outcome<'g>,
+    ) -> Answer {
+        let line = &generation.lines[upstream];
+        let cache = &line.cache;
+        let kept = match read.bypass {
+            true => None,
+            false => cache
+                .get(read.route, &read.key)
+                .filter(|s| s.matches(&parts.headers)),
+        };
+        let now = self.clock.now();
+        if let Some(stored) = kept.as_ref().filter(|s| s.is_fresh(now)) {
+            return Ok(from_cache(stored, now, "hit", &parts.method, outcome, line));
+        }
+        let flight = match read.bypass {
+            true => None,
+            false => Some(cache.flight(read.route, &read.key)),
+        };
+        let leader = match flight {
+            None => None,
+            Some(Flight::Lead(leader)) => Some(leader),
+            Some(Flight::Follow(mut landing)) => {
+                let landed = landing
+                    .wait_for(Option::is_some)
+                    .await
+                    .ok()
+                    .and_then(|l| l.clone());
+                if let Some(Landed::Response(stored)) = landed {
+                    if stored.matches(&parts.headers) {
+                        let now = self.clock.now();
+                        return Ok(from_cache(
+                            &stored,
+                            now,
+                            "coalesced",
+                            &parts.method,
+                            outcome,
+                            line,
+                        ));
+                    }
+                }
+                // Nothing to share: a call of its own.
+                outcome.cache = Some("miss");
+                return self
+                    .fetch(
+                        generation, upstream, url, parts, None, peer, &control, outcome,
+                    )
+                    .await;
+            }
+        };
+        let bypass = read.bypass;
+        let lead = self.clone().lead(
+            generation.clone(),
+            upstream,
+            url.clone(),
+            read,
+            copy_of(parts),
+            peer.clone(),
+            control,
+            kept,
+            leader,
+        );
+        let (answer, ended) = match bypass {
+            // Nobody waits on it: it is this request's alone.
+            true => lead.await,
+            // Others may: it goes on if this client goes away.
+            false => match tokio::spawn(lead).await {
+                Ok(done) => done,
+                Err(e) => {
+                    tracing::error!(upstream = %generation.config.upstreams[upstream].name, "a cached read's call failed: {e}");
+                    (
+                        Err(Refusal::UpstreamFailed(
+                            "The call for this read failed.".into(),
+                        )),
+                        Outcome::new(),
+                    )
+                }
+            },
+        };
+        outcome.ended_as(ended);
+        if bypass {
+            outcome.cache = Some("bypass");
+        }
+        answer
+    }
+
+    /// The call of a read (its flight's, when `leader` is set): revalidate
+    /// `kept` if it can be, keep what may be kept, land the flight.
+    #[allow(clippy::too_many_arguments)]
+    async fn lead(
+        self: Arc<Self>,
+        generation: Arc<Generation>,
+        upstream: usize,
+        url: url::Url,
+        read: Read,
+        mut parts: Parts,
+        peer: Arc<Peer>,
+        control: Control,
+        kept: Option<Arc<Stored>>,
+        leader: Option<Leader>,
+    ) -> (Answer, Outcome<'static>) {
+        let line = &generation.lines[upstream];
+        let settings = &generation.config.upstreams[upstream];
+        let route = line.cache.route(read.route).clone();
+        let asked = parts.headers.clone();
+        let revalidating = kept.as_ref().filter(|s| s.revalidates()).cloned();
+        if let Some(stored) = &revalidating {
+            for (name, value) in stored.conditions() {
+                parts.headers.insert(name, value);
+            }
+        }
+        let mut outcome = Outcome::new();
+        let fetched = self
+            .fetch(
+                &generation,
+                upstream,
+                &url,
+                &mut parts,
+                None,
+                &peer,
+                &control,
+                &mut outcome,
+            )
+            .await;
+        let head = parts.method == Method::HEAD;
+        let stale = {
+            let now = self.clock.now();
+            kept.filter(|s| s.within_stale(now, route.stale_if_error))
+        };
+        let failed = match &fetched {
+            Ok(response) => response.status().is_server_error(),
+            Err(refusal) => matches!(
+                refusal,
+                Refusal::UpstreamFailed(_) | Refusal::UpstreamTimeout | Refusal::BreakerOpen { .. }
+            ),
+        };
+        let (answer, landed, state) = match (fetched, revalidating, stale) {
+            (_, _, Some(stale)) if failed => {
+                // The upstream failed: the entry, stale but within
+                // stale_if_error, rather than the failure.
+                let now = self.clock.now();
+                let answer = from_cache(&stale, now, "stale", &parts.method, &mut outcome, line);
+                (Ok(answer), Landed::Response(stale), "stale")
+            }
+            (Ok(response), Some(stored), _) if response.status() == StatusCode::NOT_MODIFIED => {
+                let ttl = freshness(
+                    &route,
+                    stored.status,
+                    &asked,
+                    response.headers(),
+                    SystemTime::now(),
+                )
+                .unwrap_or_default();
+                let now = self.clock.now();
+                let fresh = Arc::new(stored.refreshed(response.headers(), ttl, now));
+                drop(response);
+                line.cache.put(read.route, read.key.clone(), fresh.clone());
+                (
+                    Ok(stored_response(&fresh, now, head)),
+                    Landed::Response(fresh),
+                    "revalidated",
+                )
+            }
+            (Ok(response), _, _) => {
+                match tokio::time::timeout(settings.timeout, whole(response, route.max_entry_bytes))
+                    .await
+                {
+                    Ok(Ok((status, headers, body))) => {
+                        let now = self.clock.now();
+                        let ttl = freshness(&route, status, &asked, &headers, SystemTime::now());
+                        let stored = Arc::new(Stored::new(
+                            status,
+                            headers,
+                            body,
+                            &asked,
+                            ttl.unwrap_or_default(),
+                            now,
+                        ));
+                        if ttl.is_some() {
+                            line.cache.put(read.route, read.key.clone(), stored.clone());
+                        }
+                        (
+                            Ok(stored_response(&stored, now, head)),
+                            Landed::Response(stored),
+                            "miss",
+                        )
+                    }
+                    Ok(Err(relayed)) => (relayed, Landed::Alone, "miss"),
+                    Err(_) => (Err(Refusal::UpstreamTimeout), Landed::Alone, "miss"),
+                }
+            }
+            (Err(refusal), _, _) => (Err(refusal), Landed::Alone, "miss"),
+        };
+        if let Some(leader) = leader {
+            leader.land(landed);
+        }
+        outcome.cache = Some(state);
+        (answer, outcome.detached())
+    }
+}
+
+/// An answer from the cache (`hit` and `coalesced` count as calls saved;
+/// a `stale` one stands in for a failure).
+fn from_cache(
+    stored: &Stored,
+    now: Nanos,
+    state: &'static str,
+    method: &Method,
+    outcome: &mut Outcome<'_>,
+    line: &crate::state::UpstreamLine,
+) -> Response<ResponseBody> {
+    outcome.metric = "response";
+    outcome.decision = state;
+    outcome.cache = Some(state);
+    line.metrics.saved(state);
+    stored_response(stored, now, method == Method::HEAD)
+}
+
+/// A kept response as sent: its headers, `Age`, and its body (none for a
+/// HEAD, whose `Content-Length` is the upstream's).
+fn stored_response(stored: &Stored, now: Nanos, head: bool) -> Response<ResponseBody> {
+    let body = match head {
+        true => Bytes::new(),
+        false => stored.body.clone(),
+    };
+    let mut response = Response::new(Full::new(body).into());
+    *response.status_mut() = stored.status;
+    let headers = response.headers_mut();
+    *headers = stored.headers.clone();
+    if !head {
+        // (the body's own length is sent)
+        headers.remove(hyper::header::CONTENT_LENGTH);
+    }
+    headers.insert(AGE, HeaderValue::from(stored.age(now)));
+    response
+}
+
+/// What is kept of a response: its status, headers and whole body; or,
+/// when the body is over `cap`, the response as it comes (the part read
+/// first, then the rest).
+async fn whole(
+    response: Response<ResponseBody>,
+    cap: u64,
+) -> Result<(StatusCode, hyper::HeaderMap, Bytes), Answer> {
+    let (head, mut body) = response.into_parts();
+    let mut read = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            Err(Refusal::UpstreamFailed(format!(
+                "The upstream broke off the response body: {e}"
+            )))
+        })?;
+        // (trailers are not kept)
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        read.extend_from_slice(&data);
+        if read.len() as u64 > cap {
+            let first = futures_util::stream::once(std::future::ready(Ok::<_, BoxError>(
+                Frame::data(read.freeze()),
+            )));
+            let rest = http_body_util::BodyStream::new(body);
+            let relayed = StreamBody::new(first.chain(rest)).boxed_unsync();
+            return Err(Ok(Response::from_parts(
+                head,
+                GuardedBody::new(relayed, None),
+            )));
+        }
+    }
+    Ok((head.status, head.headers, read.freeze()))
+}
+
+/// A request head to send again: method, URI, version and headers (not its
+/// extensions).
+fn copy_of(parts: &Parts) -> Parts {
+    let mut copy = hyper::Request::new(()).into_parts().0;
+    copy.method = parts.method.clone();
+    copy.uri = parts.uri.clone();
+    copy.version = parts.version;
+    copy.headers = parts.headers.clone();
+    copy
+}

@@ -55,6 +55,8 @@ pub struct Upstream {
     pub key_header: String,
     /// `[[upstream.cache]]`: reads kept for a while (docs/cache.md).
     pub cache: Vec<tollgate_http::cache::CacheRoute>,
+    /// `dedup`, `skip_unchanged`: writes done once (docs/cache.md).
+    pub dedup: tollgate_http::dedup::DedupSettings,
 }
 
 /// The headers sent with every request (lower-case names): they carry
@@ -364,6 +366,36 @@ fn upstream(
     for raw_cache in &u.cache {
         cache.push(cache_route(text, raw_cache, &name)?);
     }
+    for prefix in &u.skip_unchanged {
+        if !prefix.get_ref().starts_with('/') {
+            return Err(err(
+                prefix.span().start,
+                format!("skip_unchanged: '{}' must start with '/'", prefix.get_ref()),
+            ));
+        }
+    }
+    let dedup = tollgate_http::dedup::DedupSettings {
+        idempotency: u.dedup.is_some(),
+        skip_unchanged: u
+            .skip_unchanged
+            .iter()
+            .map(|p| p.get_ref().clone())
+            .collect(),
+        window: match &u.dedup {
+            Some(d) => duration(&Some(d.clone()), "dedup", DEDUP_WINDOW)?,
+            None => DEDUP_WINDOW,
+        },
+        max_bytes: match &u.dedup_max_bytes {
+            None => CACHE_BYTES,
+            Some(b) if *b.get_ref() >= 4096 => *b.get_ref(),
+            Some(b) => {
+                return Err(err(
+                    b.span().start,
+                    format!("dedup_max_bytes must be at least 4096, got {}", b.get_ref()),
+                ))
+            }
+        },
+    };
     Ok(Upstream {
         base_url,
         policy,
@@ -382,11 +414,16 @@ fn upstream(
         key_header,
         intercept,
         cache,
+        dedup,
         name,
     })
 }
 
-/// A cache route's bytes when `max_bytes` is not given: 64 MiB.
+/// How long a write's answer is remembered when `dedup` does not say:
+/// 10 minutes.
+const DEDUP_WINDOW: Duration = Duration::from_secs(600);
+/// A cache route's bytes when `max_bytes` is not given (and the writes'
+/// when `dedup_max_bytes` is not): 64 MiB.
 const CACHE_BYTES: u64 = 64 << 20;
 /// The largest body kept by default: a sixteenth of the route's bytes (so
 /// one large response does not empty the route), at most 8 MiB.
@@ -577,6 +614,10 @@ struct RawUpstream {
     key_format: Option<Spanned<String>>,
     #[serde(default)]
     cache: Vec<Spanned<RawCache>>,
+    dedup: Option<Spanned<String>>,
+    #[serde(default)]
+    skip_unchanged: Vec<Spanned<String>>,
+    dedup_max_bytes: Option<Spanned<u64>>,
     /// Read by the policy parser.
     #[serde(rename = "profile")]
     _profile: Option<toml::Value>,
@@ -782,5 +823,49 @@ mod tests {
             err(&with("path_prefix = \"/v1\""))
         );
         assert!(err(&with("path_prefix = \"/v1\"\nttl = \"1m\"\nttl_max = 1")).contains("ttl_max"));
+    }
+
+    #[test]
+    fn dedup_and_skip_unchanged_take_a_window_and_paths() {
+        let with = |lines: &str| {
+            BASE.replace(
+                "[[upstream.limit]]",
+                &format!("{lines}\n[[upstream.limit]]"),
+            )
+        };
+        let c = parse(
+            &with("dedup = \"5m\"\nskip_unchanged = [\"/v1/contacts\"]"),
+            &NoProfiles,
+            &|_| None,
+        )
+        .unwrap();
+        let d = &c.upstreams[0].dedup;
+        assert!(d.idempotency);
+        assert_eq!(d.window, Duration::from_secs(300));
+        assert_eq!(d.skip_unchanged, ["/v1/contacts"]);
+        let c = parse(
+            &with("skip_unchanged = [\"/v1/contacts\"]"),
+            &NoProfiles,
+            &|_| None,
+        )
+        .unwrap();
+        let d = &c.upstreams[0].dedup;
+        assert!(!d.idempotency, "repeated keys go through without dedup");
+        assert_eq!(d.window, Duration::from_secs(600));
+        assert!(parse(BASE, &NoProfiles, &|_| None).unwrap().upstreams[0]
+            .dedup
+            .is_off());
+        assert_eq!(
+            err(&with("skip_unchanged = [\"v1\"]")),
+            "line 4: upstream 'crm': skip_unchanged: 'v1' must start with '/'"
+        );
+        assert_eq!(
+            err(&with("dedup = \"0s\"")),
+            "line 4: upstream 'crm': dedup must be above zero"
+        );
+        assert_eq!(
+            err(&with("dedup = \"10m\"\ndedup_max_bytes = 1")),
+            "line 5: upstream 'crm': dedup_max_bytes must be at least 4096, got 1"
+        );
     }
 }

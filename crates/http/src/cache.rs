@@ -178,7 +178,7 @@ fn date(value: &HeaderValue) -> Option<SystemTime> {
 /// credentials its call carried. An entry is served only within its
 /// partition, so one tenant's response never reaches another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Partition([u8; 32]);
+pub struct Partition(pub(crate) [u8; 32]);
 
 impl Partition {
     /// Each part is length-prefixed, so ("ab", "c") and ("a", "bc") differ.
@@ -347,13 +347,36 @@ pub enum Flight {
     Follow(watch::Receiver<Option<Landed>>),
 }
 
-type Flights = Mutex<HashMap<(usize, Key), watch::Receiver<Option<Landed>>>>;
+type Landings = Mutex<HashMap<(usize, Key), watch::Receiver<Option<Landed>>>>;
+
+/// Requests in flight that others may wait on, by a number (a route) and
+/// a key.
+#[derive(Debug, Default)]
+pub struct Flights(Arc<Landings>);
+
+impl Flights {
+    /// Join the flight fetching `key`, or lead a new one.
+    pub fn join(&self, route: usize, key: &Key) -> Flight {
+        let mut flights = self.0.lock();
+        let id = (route, key.clone());
+        if let Some(rx) = flights.get(&id) {
+            return Flight::Follow(rx.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        flights.insert(id.clone(), rx);
+        Flight::Lead(Leader {
+            flights: self.0.clone(),
+            id: Some(id),
+            tx,
+        })
+    }
+}
 
 /// The request that fetches for a flight. Dropped without landing (its
 /// task failed), the flight lands `Alone`: followers never hang.
 #[derive(Debug)]
 pub struct Leader {
-    flights: Arc<Flights>,
+    flights: Arc<Landings>,
     id: Option<(usize, Key)>,
     tx: watch::Sender<Option<Landed>>,
 }
@@ -398,7 +421,7 @@ impl std::iter::Sum for Size {
 /// An upstream's cache: a store per route, and the flights in progress.
 pub struct Cache {
     routes: Vec<(CacheRoute, moka::sync::Cache<Key, Arc<Stored>>)>,
-    flights: Arc<Flights>,
+    flights: Flights,
 }
 
 impl std::fmt::Debug for Cache {
@@ -427,7 +450,7 @@ impl Cache {
             .collect();
         Cache {
             routes,
-            flights: Arc::default(),
+            flights: Flights::default(),
         }
     }
 
@@ -468,20 +491,9 @@ impl Cache {
         }
     }
 
-    /// Join the flight fetching `key`, or lead a new one.
+    /// Join the flight fetching `key` under `route`, or lead a new one.
     pub fn flight(&self, route: usize, key: &Key) -> Flight {
-        let mut flights = self.flights.lock();
-        let id = (route, key.clone());
-        if let Some(rx) = flights.get(&id) {
-            return Flight::Follow(rx.clone());
-        }
-        let (tx, rx) = watch::channel(None);
-        flights.insert(id.clone(), rx);
-        Flight::Lead(Leader {
-            flights: self.flights.clone(),
-            id: Some(id),
-            tx,
-        })
+        self.flights.join(route, key)
     }
 
     /// A write to `path` changes what the reads of its own path, the paths
@@ -536,7 +548,7 @@ impl Cache {
 }
 
 /// The path of a URL as sent (no query).
-fn url_path(url: &str) -> String {
+pub(crate) fn url_path(url: &str) -> String {
     let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
     let path = after_scheme.find('/').map_or("/", |at| &after_scheme[at..]);
     let path = path.split(['?', '#']).next().unwrap_or("/");
@@ -549,7 +561,7 @@ fn under(path: &str, prefix: &str) -> bool {
 }
 
 /// One path is at, under or above the other.
-fn related(a: &str, b: &str) -> bool {
+pub(crate) fn related(a: &str, b: &str) -> bool {
     under(a, b) || under(b, a)
 }
 

@@ -15,6 +15,7 @@ pub mod access;
 pub mod admin;
 pub mod body;
 pub mod cache;
+pub mod dedup;
 pub mod forward;
 pub mod listen;
 pub mod ratelimit;

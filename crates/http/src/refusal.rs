@@ -115,6 +115,9 @@ pub enum Refusal {
     /// 503 from the proxy: the request bodies it keeps for waiting and
     /// in-flight requests already add up to `max` bytes.
     BodiesFull { max: usize },
+    /// 422 from the proxy: an `Idempotency-Key` it remembers was first sent
+    /// with another request (method, URL or body).
+    KeyReused { key: String },
 }
 
 impl Refusal {
@@ -143,6 +146,7 @@ impl Refusal {
             Refusal::KeysParked { .. } | Refusal::BodiesFull { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            Refusal::KeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         }
     }
 
@@ -169,6 +173,7 @@ impl Refusal {
             Refusal::ClientToken { .. } => "client_token",
             Refusal::KeysParked { .. } => "keys_parked",
             Refusal::BodiesFull { .. } => "bodies_full",
+            Refusal::KeyReused { .. } => "idempotency_key_reused",
         }
     }
 
@@ -205,6 +210,7 @@ impl Refusal {
                 format!("Every key of upstream '{upstream}' is parked")
             }
             Refusal::BodiesFull { .. } => "The proxy keeps too many request bodies".into(),
+            Refusal::KeyReused { .. } => "Idempotency-Key reused for another request".into(),
         }
     }
 
@@ -282,6 +288,9 @@ impl Refusal {
             ),
             Refusal::BodiesFull { max } => format!(
                 "The bodies of the requests waiting here or in flight add up to the {max} bytes this proxy keeps for them ([proxy] max_kept_bytes); retry in a moment."
+            ),
+            Refusal::KeyReused { key } => format!(
+                "Idempotency-Key '{key}' was first sent with another request (its method, URL or body differ); nothing was sent to the upstream. Send a new request with a new key."
             ),
         }
     }

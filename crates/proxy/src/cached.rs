@@ -8,7 +8,7 @@
 //! `stale_if_error` when the upstream fails or its breaker is open. Writes
 //! evict (`call`).
 
-use crate::call::{Answer, Control, Outcome, ResponseBody};
+use crate::call::{Answer, Control, Outcome, Outgoing, ResponseBody};
 use crate::settings::Client;
 use crate::state::{Generation, Proxy};
 use bytes::{Bytes, BytesMut};
@@ -80,7 +80,7 @@ impl Read {
 /// the credentials its call carries (the upstream's configured headers win
 /// over the client's, as they do when sent). A key pool's keys are one
 /// tenant's: they share a partition.
-fn partition(settings: &Upstream, client: Option<&Client>, parts: &Parts) -> Partition {
+pub(crate) fn partition(settings: &Upstream, client: Option<&Client>, parts: &Parts) -> Partition {
     let mut names: Vec<&str> = CREDENTIALS.to_vec();
     names.push(&settings.key_header);
     names.extend(settings.headers.iter().map(|(n, _)| n.as_str()));
@@ -158,7 +158,15 @@ impl Proxy {
                 outcome.cache = Some("miss");
                 return self
                     .fetch(
-                        generation, upstream, url, parts, None, peer, &control, outcome,
+                        generation,
+                        upstream,
+                        url,
+                        parts,
+                        Outgoing::empty(),
+                        0,
+                        peer,
+                        &control,
+                        outcome,
                     )
                     .await;
             }
@@ -231,7 +239,8 @@ impl Proxy {
                 upstream,
                 &url,
                 &mut parts,
-                None,
+                Outgoing::empty(),
+                0,
                 &peer,
                 &control,
                 &mut outcome,
@@ -333,7 +342,7 @@ fn from_cache(
 
 /// A kept response as sent: its headers, `Age`, and its body (none for a
 /// HEAD, whose `Content-Length` is the upstream's).
-fn stored_response(stored: &Stored, now: Nanos, head: bool) -> Response<ResponseBody> {
+pub(crate) fn stored_response(stored: &Stored, now: Nanos, head: bool) -> Response<ResponseBody> {
     let body = match head {
         true => Bytes::new(),
         false => stored.body.clone(),
@@ -353,7 +362,7 @@ fn stored_response(stored: &Stored, now: Nanos, head: bool) -> Response<Response
 /// What is kept of a response: its status, headers and whole body; or,
 /// when the body is over `cap`, the response as it comes (the part read
 /// first, then the rest).
-async fn whole(
+pub(crate) async fn whole(
     response: Response<ResponseBody>,
     cap: u64,
 ) -> Result<(StatusCode, hyper::HeaderMap, Bytes), Answer> {
@@ -387,7 +396,7 @@ async fn whole(
 
 /// A request head to send again: method, URI, version and headers (not its
 /// extensions).
-fn copy_of(parts: &Parts) -> Parts {
+pub(crate) fn copy_of(parts: &Parts) -> Parts {
     let mut copy = hyper::Request::new(()).into_parts().0;
     copy.method = parts.method.clone();
     copy.uri = parts.uri.clone();

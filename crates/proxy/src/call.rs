@@ -34,6 +34,7 @@ use tollgate_core::{Clock, Item, Nanos};
 use tollgate_http::access::Entry;
 use tollgate_http::body::{AnyBody, BoxError, GuardedBody};
 use tollgate_http::cache::TOLLGATE_CACHE;
+use tollgate_http::dedup::TOLLGATE_DEDUP;
 use tollgate_http::{ratelimit, strip_hop_by_hop, Peer, Refusal};
 
 /// The control headers a client may send; every `tollgate-*` header is
@@ -81,12 +82,17 @@ pub(crate) struct Control {
 }
 
 /// The request body, kept whole up to the replay cap, or streamed once.
-enum Outgoing {
+pub(crate) enum Outgoing {
     Kept(Bytes),
     Once(Option<AnyBody>),
 }
 
 impl Outgoing {
+    /// No body (a read).
+    pub(crate) fn empty() -> Outgoing {
+        Outgoing::Kept(Bytes::new())
+    }
+
     fn replayable(&self) -> bool {
         matches!(self, Outgoing::Kept(_))
     }
@@ -172,6 +178,8 @@ pub(crate) struct Outcome<'a> {
     upstream_ms: Option<f64>,
     /// On a cached route's answers: `Tollgate-Cache` (hit, miss, ...).
     pub(crate) cache: Option<&'static str>,
+    /// On answers from remembered writes: `Tollgate-Dedup` (hit, unchanged).
+    pub(crate) dedup: Option<&'static str>,
 }
 
 impl Outcome<'_> {
@@ -186,6 +194,7 @@ impl Outcome<'_> {
             waited: 0,
             upstream_ms: None,
             cache: None,
+            dedup: None,
         }
     }
 
@@ -199,6 +208,7 @@ impl Outcome<'_> {
         self.waited = fetch.waited;
         self.upstream_ms = fetch.upstream_ms;
         self.cache = fetch.cache;
+        self.dedup = fetch.dedup;
     }
 
     /// The same, without the borrows of its generation (to leave a task).
@@ -284,6 +294,11 @@ impl Proxy {
             response
                 .headers_mut()
                 .insert(TOLLGATE_CACHE.clone(), HeaderValue::from_static(cache));
+        }
+        if let Some(dedup) = outcome.dedup {
+            response
+                .headers_mut()
+                .insert(TOLLGATE_DEDUP.clone(), HeaderValue::from_static(dedup));
         }
         let status = response.status().as_u16();
         if let Some(metrics) = outcome.metrics {
@@ -376,16 +391,17 @@ impl Proxy {
             parts.method,
             Method::POST | Method::PUT | Method::PATCH | Method::DELETE
         );
+        if write && !line.writes.is_off() {
+            return self
+                .write_through(
+                    generation, upstream, &url, parts, body, peer, client, control, outcome,
+                )
+                .await;
+        }
+        let (outgoing, held) = read_body(body, generation.settings.max_replay_bytes).await?;
         let answer = self
             .fetch(
-                generation,
-                upstream,
-                &url,
-                parts,
-                Some(body),
-                peer,
-                &control,
-                outcome,
+                generation, upstream, &url, parts, outgoing, held, peer, &control, outcome,
             )
             .await;
         if write {
@@ -395,9 +411,9 @@ impl Proxy {
         answer
     }
 
-    /// A request past the cache: read its body, wait in the upstream's
-    /// line, send, retry what is safe to retry, relay the answer. `body`:
-    /// None for a read the cache took (it has none).
+    /// A request past the cache, its body read (`held`: the bytes kept):
+    /// wait in the upstream's line, send, retry what is safe to retry,
+    /// relay the answer.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn fetch<'g>(
         &self,
@@ -405,7 +421,8 @@ impl Proxy {
         upstream: usize,
         url: &url::Url,
         parts: &mut hyper::http::request::Parts,
-        body: Option<Incoming>,
+        outgoing: Outgoing,
+        held: usize,
         peer: &Peer,
         control: &Control,
         outcome: &mut Outcome<'g>,
@@ -417,10 +434,6 @@ impl Proxy {
             .limits
             .iter()
             .any(|l| matches!(l.cost, Cost::JsonArray(_)));
-        let (outgoing, held) = match body {
-            Some(body) => read_body(body, generation.settings.max_replay_bytes).await?,
-            None => (Outgoing::Kept(Bytes::new()), 0),
-        };
         let kept = KeptBytes::count(&self.kept_bytes, held, generation.settings.max_kept_bytes)?;
         let json = match (&outgoing, needs_json) {
             (Outgoing::Kept(bytes), true) => serde_json::from_slice(bytes).ok(),
@@ -1132,7 +1145,10 @@ impl Drop for KeptBytes {
 
 /// The client's body: kept whole up to `cap` (so it can be sent again), or
 /// streamed once when larger; and the bytes held of it.
-async fn read_body(mut body: Incoming, cap: usize) -> Result<(Outgoing, usize), Refusal> {
+pub(crate) async fn read_body(
+    mut body: Incoming,
+    cap: usize,
+) -> Result<(Outgoing, usize), Refusal> {
     let mut kept = BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame

@@ -21,6 +21,7 @@
 mod admin;
 mod cached;
 pub mod call;
+mod deduped;
 pub mod intercept;
 mod keys;
 mod metrics;

@@ -55,8 +55,9 @@ const OUTCOMES: [&str; 10] = [
 const CALL_OUTCOMES: usize = 6;
 
 /// Why a request was answered without a call of its own: from a fresh
-/// cache entry, or from another request's call in flight.
-const SAVED_REASONS: [&str; 2] = ["hit", "coalesced"];
+/// cache entry, from another request's call in flight, from a repeated
+/// Idempotency-Key's first answer, or as a write that changes nothing.
+const SAVED_REASONS: [&str; 4] = ["hit", "coalesced", "dedup", "unchanged"];
 
 /// One upstream's series, resolved once per line: the request path only
 /// bumps atomics (no label strings built, no map looked up).
@@ -156,7 +157,7 @@ impl Default for Metrics {
         );
         registry.register(
             "calls_saved",
-            "Client requests answered without a call to the upstream, by reason (hit: a fresh cache entry; coalesced: another request's call in flight)",
+            "Client requests answered without a call to the upstream, by reason (hit: a fresh cache entry; coalesced: another request's call in flight; dedup: a repeated Idempotency-Key, answered as the first was; unchanged: a PATCH or PUT that sends what the last one sent)",
             saved.clone(),
         );
         registry.register(

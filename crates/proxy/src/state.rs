@@ -41,6 +41,8 @@ pub struct UpstreamLine {
     pub keys: crate::keys::KeyPool,
     /// Its reads kept (`[[upstream.cache]]`; empty without).
     pub cache: tollgate_http::cache::Cache,
+    /// Its writes remembered (`dedup`, `skip_unchanged`; off without).
+    pub writes: tollgate_http::dedup::Writes,
     /// What the upstream was built from: a reload keeps the line (and its
     /// queue and counters) when this is unchanged.
     fingerprint: String,
@@ -372,6 +374,7 @@ fn start_line(
         fingerprint: fingerprint(u),
         keys: crate::keys::KeyPool::new(u.keys.len()),
         cache: tollgate_http::cache::Cache::new(&u.cache),
+        writes: tollgate_http::dedup::Writes::new(&u.dedup),
         line,
         client,
     })

@@ -484,3 +484,204 @@ async fn calls_saved_and_the_cache_size_are_in_the_metrics() {
         .expect("number");
     assert!((256..1024).contains(&bytes), "{bytes}");
 }
+
+/// An upstream with limits that never bind and `extra` (dedup settings).
+fn writes(name: &str, addr: std::net::SocketAddr, extra: &str) -> String {
+    upstream(
+        name,
+        addr,
+        &format!("{extra}\n{}", bucket("plenty", 1000, "1000/s")),
+    )
+}
+
+async fn post(
+    c: &reqwest::Client,
+    url: &str,
+    key: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut r = c
+        .post(url)
+        .header("idempotency-key", key)
+        .body(body.to_string());
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    r.send().await.expect("response")
+}
+
+fn dedup_state(r: &reqwest::Response) -> Option<String> {
+    r.headers()
+        .get("tollgate-dedup")
+        .map(|v| v.to_str().expect("ascii").to_string())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_repeated_idempotency_key_gets_the_first_answer_and_another_request_with_it_a_422() {
+    let up =
+        scripted_seen(|_, n| text(201, &[("location", "/v1/jobs/9")], format!("created #{n}")))
+            .await;
+    let proxy = start(&writes("api", up.addr, "dedup = \"10m\"")).await;
+    let url = proxy.url("api", "/v1/jobs");
+    let c = client();
+    let r = post(&c, &url, "k1", "{\"a\":1}", &[]).await;
+    assert_eq!(
+        (r.status().as_u16(), dedup_state(&r), attempts(&r)),
+        (201, None, 1)
+    );
+    assert_eq!(r.text().await.expect("body"), "created #1");
+    let r = post(&c, &url, "k1", "{\"a\":1}", &[]).await;
+    assert_eq!(
+        (
+            r.status().as_u16(),
+            dedup_state(&r).as_deref(),
+            attempts(&r)
+        ),
+        (201, Some("hit"), 0)
+    );
+    assert_eq!(r.headers()["location"], "/v1/jobs/9");
+    assert_eq!(r.text().await.expect("body"), "created #1");
+    // The same key for another request: refused, and nothing is sent.
+    let r = post(&c, &url, "k1", "{\"a\":2}", &[]).await;
+    assert_eq!(r.status(), 422);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let detail = r.text().await.expect("body");
+    assert!(
+        detail.contains("Idempotency-Key 'k1'") && detail.contains("differ"),
+        "{detail}"
+    );
+    // Another key, another tenant: calls of their own.
+    assert_eq!(
+        post(&c, &url, "k2", "{\"a\":1}", &[])
+            .await
+            .text()
+            .await
+            .expect("body"),
+        "created #2"
+    );
+    let other = post(
+        &c,
+        &url,
+        "k1",
+        "{\"a\":1}",
+        &[("authorization", "Bearer tenant-b")],
+    )
+    .await;
+    assert_eq!(other.text().await.expect("body"), "created #3");
+    assert_eq!(up.seen("/v1/jobs").len(), 3);
+    // Past the window, the key is forgotten.
+    tokio::time::sleep(Duration::from_secs(601)).await;
+    assert_eq!(
+        post(&c, &url, "k1", "{\"a\":1}", &[])
+            .await
+            .text()
+            .await
+            .expect("body"),
+        "created #4"
+    );
+}
+
+#[tokio::test]
+async fn a_repeat_while_the_first_is_in_flight_waits_and_the_first_completes_without_its_client() {
+    let up = scripted_seen(|_, n| {
+        Answer::After(
+            Duration::from_millis(400),
+            Box::new(text(201, &[], format!("created #{n}"))),
+        )
+    })
+    .await;
+    let proxy = start(&writes("api", up.addr, "dedup = \"10m\"")).await;
+    let url = proxy.url("api", "/v1/jobs");
+    let c = client();
+    let first = {
+        let (c, url) = (c.clone(), url.clone());
+        tokio::spawn(async move { post(&c, &url, "k1", "{}", &[]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Its client goes away; a retry with the same key comes.
+    first.abort();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let retry = post(&c, &url, "k1", "{}", &[]).await;
+    assert_eq!(
+        (retry.status().as_u16(), dedup_state(&retry).as_deref()),
+        (201, Some("hit"))
+    );
+    assert_eq!(retry.text().await.expect("body"), "created #1");
+    assert_eq!(up.seen("/v1/jobs").len(), 1, "the vendor created it once");
+}
+
+#[tokio::test]
+async fn a_failed_write_is_not_remembered_and_a_restart_forgets_but_the_vendor_sees_the_key() {
+    let up = scripted_seen(|_, n| match n {
+        1 => text(503, &[], "down".into()),
+        _ => text(201, &[], format!("created #{n}")),
+    })
+    .await;
+    let config = writes("api", up.addr, "dedup = \"10m\"\nmax_attempts = 1");
+    let proxy = start(&config).await;
+    let c = client();
+    let url = proxy.url("api", "/v1/jobs");
+    assert_eq!(post(&c, &url, "k1", "{}", &[]).await.status(), 503);
+    assert_eq!(
+        post(&c, &url, "k1", "{}", &[])
+            .await
+            .text()
+            .await
+            .expect("body"),
+        "created #2"
+    );
+    assert_eq!(
+        dedup_state(&post(&c, &url, "k1", "{}", &[]).await).as_deref(),
+        Some("hit")
+    );
+    // A new proxy (a restart) remembers nothing: the repeat is sent again,
+    // with its Idempotency-Key, for a vendor that honours it.
+    let restarted = start(&config).await;
+    let r = post(&c, &restarted.url("api", "/v1/jobs"), "k1", "{}", &[]).await;
+    assert_eq!((r.status().as_u16(), dedup_state(&r)), (201, None));
+    let seen = up.seen("/v1/jobs");
+    assert_eq!(seen.len(), 3);
+    assert!(seen.iter().all(|s| s.idempotency_key == "k1"));
+}
+
+#[tokio::test]
+async fn a_patch_that_changes_nothing_is_answered_from_memory() {
+    let up = scripted_seen(|seen, n| text(200, &[], format!("{} #{n}", seen.method))).await;
+    let proxy = start(&writes(
+        "api",
+        up.addr,
+        "skip_unchanged = [\"/v1/contacts\"]",
+    ))
+    .await;
+    let c = client();
+    let url = proxy.url("api", "/v1/contacts/5");
+    let patch = |body: &'static str| {
+        let (c, url) = (c.clone(), url.clone());
+        async move {
+            let r = c.patch(&url).body(body).send().await.expect("response");
+            let state = dedup_state(&r);
+            (r.text().await.expect("body"), state)
+        }
+    };
+    assert_eq!(patch("{\"name\":\"Ada\"}").await, ("PATCH #1".into(), None));
+    assert_eq!(
+        patch("{\"name\":\"Ada\"}").await,
+        ("PATCH #1".into(), Some("unchanged".into()))
+    );
+    assert_eq!(
+        patch("{\"name\":\"Grace\"}").await,
+        ("PATCH #2".into(), None)
+    );
+    assert_eq!(patch("{\"name\":\"Ada\"}").await, ("PATCH #3".into(), None));
+    // Another write to the record: its state is no longer known.
+    let r = c.delete(&url).send().await.expect("response");
+    assert_eq!(r.text().await.expect("body"), "DELETE #4");
+    assert_eq!(patch("{\"name\":\"Ada\"}").await, ("PATCH #5".into(), None));
+    // Outside the prefix, every PATCH goes.
+    let other = proxy.url("api", "/v1/deals/1");
+    for n in 1..=2 {
+        let r = c.patch(&other).body("{}").send().await.expect("response");
+        assert_eq!(r.text().await.expect("body"), format!("PATCH #{n}"));
+    }
+}

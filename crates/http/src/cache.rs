@@ -14,6 +14,7 @@ use hyper::header::{
 use hyper::StatusCode;
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
@@ -26,6 +27,8 @@ pub static TOLLGATE_CACHE: HeaderName = HeaderName::from_static("tollgate-cache"
 /// slot, the bookkeeping): counted against `max_bytes`, so the bound holds
 /// for many small entries too.
 const ENTRY_OVERHEAD: usize = 256;
+/// The largest `Age` taken (RFC 9111 1.2.2: 2^31 seconds).
+const MAX_AGE_SECONDS: u64 = 1 << 31;
 
 /// `[[upstream.cache]]`: reads under a path prefix, kept for a while.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,6 +76,8 @@ pub struct Directives {
     pub no_store: bool,
     pub no_cache: bool,
     pub private: bool,
+    /// `must-revalidate` or `proxy-revalidate`: never served stale.
+    pub must_revalidate: bool,
     pub max_age: Option<u64>,
     pub s_maxage: Option<u64>,
 }
@@ -94,6 +99,7 @@ pub fn directives(headers: &HeaderMap) -> Directives {
                 "no-store" => d.no_store = true,
                 "no-cache" => d.no_cache = true,
                 "private" => d.private = true,
+                "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
                 "max-age" => d.max_age = seconds().or(d.max_age),
                 "s-maxage" => d.s_maxage = seconds().or(d.s_maxage),
                 _ => {}
@@ -116,7 +122,8 @@ fn cacheable_status(status: StatusCode) -> bool {
 /// kept: RFC 9111's rules for a shared cache (`no-store` on either side,
 /// `private`, `Vary: *`; `s-maxage`, then `max-age`, then `Expires` less
 /// `Age`, never past the route's `ttl`; `no-cache` keeps it only to
-/// revalidate), or the route's `ttl` alone when it overrides them.
+/// revalidate), or the route's `ttl` alone when it overrides them. A
+/// response that sets a cookie is never kept: the cookie is its caller's.
 pub fn freshness(
     route: &CacheRoute,
     status: StatusCode,
@@ -124,7 +131,10 @@ pub fn freshness(
     response: &HeaderMap,
     now: SystemTime,
 ) -> Option<Duration> {
-    if !cacheable_status(status) || directives(request).no_store {
+    if !cacheable_status(status)
+        || directives(request).no_store
+        || response.contains_key(hyper::header::SET_COOKIE)
+    {
         return None;
     }
     if route.override_headers {
@@ -143,10 +153,7 @@ pub fn freshness(
             expires.duration_since(date).unwrap_or_default()
         }),
     };
-    let age = response
-        .get(AGE)
-        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-        .map_or(Duration::ZERO, Duration::from_secs);
+    let age = Duration::from_secs(age_of(response));
     let ttl = match lifetime {
         Some(lifetime) => lifetime.saturating_sub(age).min(route.ttl),
         None => route.ttl,
@@ -156,8 +163,23 @@ pub fn freshness(
     (!ttl.is_zero() || revalidates).then_some(ttl)
 }
 
+/// `Vary: *`, or a name that is no header name (which no request could
+/// be matched on).
 fn varies_on_everything(response: &HeaderMap) -> bool {
-    vary_names(response).any(|n| n == "*")
+    vary_names(response).any(|n| n == "*" || HeaderName::from_bytes(n.as_bytes()).is_err())
+}
+
+/// The `Age` a response came with, in seconds (at most 2^31).
+fn age_of(headers: &HeaderMap) -> u64 {
+    headers
+        .get(AGE)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+        .map_or(0, |age| age.min(MAX_AGE_SECONDS))
+}
+
+/// Every value of `name` in `headers`, in order.
+fn values(headers: &HeaderMap, name: &HeaderName) -> Vec<HeaderValue> {
+    headers.get_all(name).iter().cloned().collect()
 }
 
 fn vary_names(response: &HeaderMap) -> impl Iterator<Item = String> + '_ {
@@ -209,8 +231,9 @@ pub struct Stored {
     /// The upstream's end-to-end headers.
     pub headers: HeaderMap,
     pub body: Bytes,
-    /// The request headers the response varies on, and their values then.
-    pub vary: Vec<(HeaderName, Option<HeaderValue>)>,
+    /// The request headers the response varies on, and their values then
+    /// (every line of each).
+    pub vary: Vec<(HeaderName, Vec<HeaderValue>)>,
     /// When it was received, and until when it is fresh (caller's clock).
     pub stored_at: Nanos,
     pub fresh_until: Nanos,
@@ -231,14 +254,11 @@ impl Stored {
         let vary = vary_names(&headers)
             .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
             .map(|n| {
-                let value = request.get(&n).cloned();
+                let value = values(request, &n);
                 (n, value)
             })
             .collect();
-        let age_then = headers
-            .get(AGE)
-            .and_then(|v| v.to_str().ok()?.trim().parse().ok())
-            .unwrap_or(0);
+        let age_then = age_of(&headers);
         Stored {
             status,
             headers,
@@ -254,7 +274,7 @@ impl Stored {
     pub fn matches(&self, request: &HeaderMap) -> bool {
         self.vary
             .iter()
-            .all(|(name, value)| request.get(name) == value.as_ref())
+            .all(|(name, then)| request.get_all(name).iter().eq(then.iter()))
     }
 
     pub fn is_fresh(&self, now: Nanos) -> bool {
@@ -299,10 +319,11 @@ impl Stored {
                 headers.append(name.clone(), value.clone());
             }
         }
-        let age_then = not_modified
-            .get(AGE)
-            .and_then(|v| v.to_str().ok()?.trim().parse().ok())
-            .unwrap_or(0);
+        // Just validated: its age is the 304's (none: the origin's own).
+        if !not_modified.contains_key(AGE) {
+            headers.remove(AGE);
+        }
+        let age_then = age_of(not_modified);
         Stored {
             headers,
             stored_at: now,
@@ -312,9 +333,18 @@ impl Stored {
         }
     }
 
+    /// The same, fresh for `ttl` from `now`.
+    pub fn fresh_for(&self, ttl: Duration, now: Nanos) -> Stored {
+        Stored {
+            fresh_until: now.saturating_add(ttl.as_nanos() as Nanos),
+            ..self.clone()
+        }
+    }
+
     /// Its `Age` at `now`, in seconds.
     pub fn age(&self, now: Nanos) -> u64 {
-        self.age_then + now.saturating_sub(self.stored_at) / 1_000_000_000
+        self.age_then
+            .saturating_add(now.saturating_sub(self.stored_at) / 1_000_000_000)
     }
 
     /// What it costs the route's `max_bytes`.
@@ -324,7 +354,12 @@ impl Stored {
             .iter()
             .map(|(n, v)| n.as_str().len() + v.len())
             .sum();
-        u32::try_from(self.body.len() + headers + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
+        let vary: usize = self
+            .vary
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.iter().map(HeaderValue::len).sum::<usize>())
+            .sum();
+        u32::try_from(self.body.len() + headers + vary + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
     }
 }
 
@@ -333,6 +368,8 @@ impl Stored {
 pub enum Landed {
     /// The leader's response, read whole (kept or not).
     Response(Arc<Stored>),
+    /// A stale entry, served for the upstream's failure.
+    Stale(Arc<Stored>),
     /// Nothing to share (the body was too large to keep, tollgate refused
     /// the leader, or it went away): each follower calls on its own.
     Alone,
@@ -347,18 +384,20 @@ pub enum Flight {
     Follow(watch::Receiver<Option<Landed>>),
 }
 
-type Landings = Mutex<HashMap<(usize, Key), watch::Receiver<Option<Landed>>>>;
+/// A flight: a route, the route's epoch (a write starts a new one), a key.
+type FlightId = (usize, u64, Key);
+type Landings = Mutex<HashMap<FlightId, watch::Receiver<Option<Landed>>>>;
 
-/// Requests in flight that others may wait on, by a number (a route) and
-/// a key.
+/// Requests in flight that others may wait on.
 #[derive(Debug, Default)]
 pub struct Flights(Arc<Landings>);
 
 impl Flights {
-    /// Join the flight fetching `key`, or lead a new one.
-    pub fn join(&self, route: usize, key: &Key) -> Flight {
+    /// Join the flight fetching `key` (under `route`, in `epoch`), or
+    /// lead a new one.
+    pub fn join(&self, route: usize, epoch: u64, key: &Key) -> Flight {
         let mut flights = self.0.lock();
-        let id = (route, key.clone());
+        let id = (route, epoch, key.clone());
         if let Some(rx) = flights.get(&id) {
             return Flight::Follow(rx.clone());
         }
@@ -377,7 +416,7 @@ impl Flights {
 #[derive(Debug)]
 pub struct Leader {
     flights: Arc<Landings>,
-    id: Option<(usize, Key)>,
+    id: Option<FlightId>,
     tx: watch::Sender<Option<Landed>>,
 }
 
@@ -421,6 +460,10 @@ impl std::iter::Sum for Size {
 /// An upstream's cache: a store per route, and the flights in progress.
 pub struct Cache {
     routes: Vec<(CacheRoute, moka::sync::Cache<Key, Arc<Stored>>)>,
+    /// Per route, bumped by each write or purge that touches it: a read
+    /// that started before keeps nothing (`put`) and shares no flight with
+    /// reads after.
+    epochs: Vec<AtomicU64>,
     flights: Flights,
 }
 
@@ -442,13 +485,22 @@ impl Cache {
             .map(|route| {
                 let store = moka::sync::Cache::builder()
                     .max_capacity(route.max_bytes)
-                    .weigher(|_: &Key, stored: &Arc<Stored>| stored.weight())
+                    .weigher(|key: &Key, stored: &Arc<Stored>| {
+                        let key =
+                            u32::try_from(key.url.len() + key.method.len()).unwrap_or(u32::MAX);
+                        stored.weight().saturating_add(key)
+                    })
+                    // Past its ttl and stale_if_error an entry can serve
+                    // only to revalidate; then it goes (in real time: this
+                    // bounds memory, freshness is the caller's clock).
+                    .time_to_live(route.ttl.saturating_add(route.stale_if_error))
                     .support_invalidation_closures()
                     .build();
                 (route.clone(), store)
             })
-            .collect();
+            .collect::<Vec<_>>();
         Cache {
+            epochs: routes.iter().map(|_| AtomicU64::new(0)).collect(),
             routes,
             flights: Flights::default(),
         }
@@ -476,12 +528,28 @@ impl Cache {
         self.routes.get(route)?.1.get(key)
     }
 
-    /// Keep `stored` unless its body is over the route's `max_entry_bytes`.
-    pub fn put(&self, route: usize, key: Key, stored: Arc<Stored>) {
-        if let Some((r, store)) = self.routes.get(route) {
-            if stored.body.len() as u64 <= r.max_entry_bytes {
-                store.insert(key, stored);
-            }
+    /// The route's epoch now (a read's call records it when it starts).
+    pub fn epoch(&self, route: usize) -> u64 {
+        self.epochs
+            .get(route)
+            .map_or(0, |e| e.load(Ordering::Acquire))
+    }
+
+    /// Keep `stored`, fetched by a call that started in `epoch`, unless a
+    /// write or purge touched the route since (it may be older than the
+    /// write) or its body is over the route's `max_entry_bytes`.
+    pub fn put(&self, route: usize, key: Key, stored: Arc<Stored>, epoch: u64) {
+        let Some((r, store)) = self.routes.get(route) else {
+            return;
+        };
+        if stored.body.len() as u64 > r.max_entry_bytes {
+            return;
+        }
+        // Inserted first, then checked: a write bumps the epoch before it
+        // evicts, so an entry is either evicted by it or seen here.
+        store.insert(key.clone(), stored);
+        if self.epoch(route) != epoch {
+            store.invalidate(&key);
         }
     }
 
@@ -493,20 +561,22 @@ impl Cache {
 
     /// Join the flight fetching `key` under `route`, or lead a new one.
     pub fn flight(&self, route: usize, key: &Key) -> Flight {
-        self.flights.join(route, key)
+        self.flights.join(route, self.epoch(route), key)
     }
 
     /// A write to `path` changes what the reads of its own path, the paths
     /// under it and the paths above it return: their entries go, in every
-    /// route that covers it. Returns how many routes were touched.
+    /// route whose prefix is at, under or above it. Returns how many routes
+    /// were touched.
     pub fn written(&self, path: &str) -> usize {
         let path = path.trim_end_matches('/').to_string();
         let mut touched = 0;
-        for (route, store) in &self.routes {
-            if !route.covers(&path) {
+        for (i, (route, store)) in self.routes.iter().enumerate() {
+            if !related(route.path_prefix.trim_end_matches('/'), &path) {
                 continue;
             }
             touched += 1;
+            self.epochs[i].fetch_add(1, Ordering::AcqRel);
             let written = path.clone();
             let _ =
                 store.invalidate_entries_if(move |key, _| related(&url_path(&key.url), &written));
@@ -515,10 +585,11 @@ impl Cache {
     }
 
     /// `POST /v1/cache/purge`: every entry whose path is at or under
-    /// `prefix` goes (all of them when it is `/` or empty).
+    /// `prefix` goes (all of them when it is `/`).
     pub fn purge(&self, prefix: &str) {
         let prefix = prefix.trim_end_matches('/').to_string();
-        for (_, store) in &self.routes {
+        for (i, (_, store)) in self.routes.iter().enumerate() {
+            self.epochs[i].fetch_add(1, Ordering::AcqRel);
             if prefix.is_empty() {
                 store.invalidate_all();
                 continue;
@@ -753,7 +824,7 @@ mod tests {
             "http://h/v1/sites/6",
             "http://h/v1/job-types",
         ] {
-            cache.put(0, key(url), stored(b"x"));
+            cache.put(0, key(url), stored(b"x"), cache.epoch(0));
         }
         assert_eq!(cache.written("/v1/sites/5"), 1);
         let kept: Vec<bool> = [
@@ -782,14 +853,58 @@ mod tests {
             ..route("/")
         }]);
         for i in 0..100_000 {
-            cache.put(0, key(&format!("http://h/{i}")), stored(b"12345678"));
+            cache.put(0, key(&format!("http://h/{i}")), stored(b"12345678"), 0);
         }
         let size = cache.sizes()[0];
-        // Each weighs its 8 bytes and 256 of bookkeeping.
+        // Each weighs its 8 bytes, its key and 256 of bookkeeping.
         assert!(size.bytes <= 100 * 300, "{size:?}");
         assert!((50..=100 * 300 / 264).contains(&size.entries), "{size:?}");
-        cache.put(0, key("http://h/big"), stored(b"123456789"));
+        cache.put(0, key("http://h/big"), stored(b"123456789"), 0);
         assert!(cache.get(0, &key("http://h/big")).is_none());
+    }
+
+    #[test]
+    fn a_read_that_started_before_a_write_keeps_nothing() {
+        let cache = Cache::new(&[route("/v1")]);
+        let before = cache.epoch(0);
+        cache.written("/v1/sites/5");
+        cache.put(0, key("http://h/v1/sites/5"), stored(b"old"), before);
+        assert!(cache.get(0, &key("http://h/v1/sites/5")).is_none());
+        // A write elsewhere leaves the route's epoch alone.
+        let now = cache.epoch(0);
+        assert_eq!(cache.written("/v2/other"), 0);
+        cache.put(0, key("http://h/v1/sites/5"), stored(b"new"), now);
+        assert!(cache.get(0, &key("http://h/v1/sites/5")).is_some());
+        // A write above the route's prefix touches it too.
+        assert_eq!(cache.written("/v1"), 1);
+        assert!(cache.get(0, &key("http://h/v1/sites/5")).is_none());
+    }
+
+    #[test]
+    fn long_urls_weigh_what_they_take() {
+        let cache = Cache::new(&[CacheRoute {
+            max_bytes: 64 * 1024,
+            ..route("/")
+        }]);
+        let long = "x".repeat(8 * 1024);
+        for i in 0..100 {
+            cache.put(0, key(&format!("http://h/{i}?{long}")), stored(b"1"), 0);
+        }
+        let size = cache.sizes()[0];
+        assert!(size.bytes <= 64 * 1024 && size.entries <= 8, "{size:?}");
+    }
+
+    #[test]
+    fn a_hostile_age_neither_overflows_nor_ages_past_2_to_the_31() {
+        let stored = Stored::new(
+            StatusCode::OK,
+            headers(&[("age", "18446744073709551615")]),
+            Bytes::new(),
+            &HeaderMap::new(),
+            Duration::from_secs(1),
+            0,
+        );
+        assert_eq!(stored.age(u64::MAX), (1 << 31) + u64::MAX / 1_000_000_000);
     }
 
     #[tokio::test]

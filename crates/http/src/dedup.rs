@@ -134,7 +134,7 @@ impl Writes {
             url: key.into(),
             partition,
         };
-        self.flights.join(0, &id)
+        self.flights.join(0, 0, &id)
     }
 
     /// Whether a `method` to `path` is skipped when unchanged.

@@ -15,11 +15,14 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use http_body::Frame;
 use http_body_util::{BodyExt, Full, StreamBody};
-use hyper::header::{HeaderValue, AGE, IF_MODIFIED_SINCE, IF_NONE_MATCH, PRAGMA};
+use hyper::header::{
+    HeaderName, HeaderValue, AGE, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE,
+    IF_UNMODIFIED_SINCE, PRAGMA, RANGE, SET_COOKIE,
+};
 use hyper::http::request::Parts;
-use hyper::{Method, Response, StatusCode};
+use hyper::{HeaderMap, Method, Response, StatusCode};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 use tollgate_comply::Upstream;
 use tollgate_core::{Clock, Nanos};
 use tollgate_http::body::{BoxError, GuardedBody};
@@ -27,8 +30,28 @@ use tollgate_http::cache::{directives, freshness, Flight, Key, Landed, Leader, P
 use tollgate_http::{Peer, Refusal};
 
 /// Request headers that say who is calling, besides the upstream's own
-/// configured headers and its key header: part of an entry's partition.
-const CREDENTIALS: [&str; 3] = ["authorization", "cookie", "x-api-key"];
+/// configured headers and its key header: part of an entry's partition
+/// (every line of each).
+const CREDENTIALS: [&str; 7] = [
+    "authorization",
+    "cookie",
+    "x-api-key",
+    "api-key",
+    "x-auth-token",
+    "x-access-token",
+    "x-api-token",
+];
+/// Request headers that ask for part of a resource, or for an answer only
+/// under a condition: such a read is fetched alone (its answer is not what
+/// a plain read of the URL gets).
+const CONDITIONS: [HeaderName; 6] = [
+    IF_NONE_MATCH,
+    IF_MODIFIED_SINCE,
+    IF_MATCH,
+    IF_UNMODIFIED_SINCE,
+    IF_RANGE,
+    RANGE,
+];
 
 /// A read the cache takes: its route, its key, and whether the client
 /// asked to go past the cache.
@@ -36,8 +59,8 @@ pub(crate) struct Read {
     route: usize,
     key: Key,
     /// `Cache-Control: no-cache` or `no-store`, `Pragma: no-cache`, or a
-    /// conditional request of the client's own: fetched alone (no entry
-    /// served, no flight joined); kept unless `no-store`.
+    /// conditional or range request of the client's own: fetched alone
+    /// (no entry served, no flight joined); kept unless `no-store`.
     bypass: bool,
 }
 
@@ -62,8 +85,7 @@ impl Read {
             .get(PRAGMA)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.to_ascii_lowercase().contains("no-cache"));
-        let conditional = parts.headers.contains_key(IF_NONE_MATCH)
-            || parts.headers.contains_key(IF_MODIFIED_SINCE);
+        let conditional = CONDITIONS.iter().any(|h| parts.headers.contains_key(h));
         Some(Read {
             route,
             key: Key {
@@ -88,14 +110,17 @@ pub(crate) fn partition(settings: &Upstream, client: Option<&Client>, parts: &Pa
     names.dedup();
     let mut pieces: Vec<&[u8]> = vec![client.map_or(&b""[..], |c| c.name.as_bytes())];
     for name in names {
-        let configured = settings.headers.iter().find(|(n, _)| n == name);
-        let value = match configured {
-            Some((_, v)) => Some(v.as_bytes()),
-            None => parts.headers.get(name).map(HeaderValue::as_bytes),
-        };
-        if let Some(value) = value {
-            pieces.push(name.as_bytes());
-            pieces.push(value);
+        match settings.headers.iter().find(|(n, _)| n == name) {
+            Some((_, configured)) => {
+                pieces.push(name.as_bytes());
+                pieces.push(configured.as_bytes());
+            }
+            None => {
+                for value in parts.headers.get_all(name) {
+                    pieces.push(name.as_bytes());
+                    pieces.push(value.as_bytes());
+                }
+            }
         }
     }
     Partition::of(pieces)
@@ -136,23 +161,28 @@ impl Proxy {
             None => None,
             Some(Flight::Lead(leader)) => Some(leader),
             Some(Flight::Follow(mut landing)) => {
-                let landed = landing
-                    .wait_for(Option::is_some)
-                    .await
-                    .ok()
-                    .and_then(|l| l.clone());
-                if let Some(Landed::Response(stored)) = landed {
-                    if stored.matches(&parts.headers) {
-                        let now = self.clock.now();
-                        return Ok(from_cache(
-                            &stored,
-                            now,
-                            "coalesced",
-                            &parts.method,
-                            outcome,
-                            line,
-                        ));
-                    }
+                // At most as long as this request would wait in line.
+                let landed =
+                    tokio::time::timeout(control.max_wait, landing.wait_for(Option::is_some))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .and_then(|l| l.clone());
+                let (stored, state) = match landed {
+                    Some(Landed::Response(stored)) => (Some(stored), "coalesced"),
+                    Some(Landed::Stale(stored)) => (Some(stored), "stale"),
+                    _ => (None, "miss"),
+                };
+                if let Some(stored) = stored.filter(|s| s.matches(&parts.headers)) {
+                    let now = self.clock.now();
+                    return Ok(from_cache(
+                        &stored,
+                        now,
+                        state,
+                        &parts.method,
+                        outcome,
+                        line,
+                    ));
                 }
                 // Nothing to share: a call of its own.
                 outcome.cache = Some("miss");
@@ -191,11 +221,13 @@ impl Proxy {
                 Ok(done) => done,
                 Err(e) => {
                     tracing::error!(upstream = %generation.config.upstreams[upstream].name, "a cached read's call failed: {e}");
+                    let mut ended = Outcome::new();
+                    ended.cache = Some("miss");
                     (
                         Err(Refusal::UpstreamFailed(
                             "The call for this read failed.".into(),
                         )),
-                        Outcome::new(),
+                        ended,
                     )
                 }
             },
@@ -225,6 +257,8 @@ impl Proxy {
         let line = &generation.lines[upstream];
         let settings = &generation.config.upstreams[upstream];
         let route = line.cache.route(read.route).clone();
+        // (what it fetches is kept only if no write came meanwhile)
+        let epoch = line.cache.epoch(read.route);
         let asked = parts.headers.clone();
         let revalidating = kept.as_ref().filter(|s| s.revalidates()).cloned();
         if let Some(stored) = &revalidating {
@@ -249,7 +283,9 @@ impl Proxy {
         let head = parts.method == Method::HEAD;
         let stale = {
             let now = self.clock.now();
-            kept.filter(|s| s.within_stale(now, route.stale_if_error))
+            kept.filter(|s| {
+                s.within_stale(now, route.stale_if_error) && !directives(&s.headers).must_revalidate
+            })
         };
         let failed = match &fetched {
             Ok(response) => response.status().is_server_error(),
@@ -264,23 +300,30 @@ impl Proxy {
                 // stale_if_error, rather than the failure.
                 let now = self.clock.now();
                 let answer = from_cache(&stale, now, "stale", &parts.method, &mut outcome, line);
-                (Ok(answer), Landed::Response(stale), "stale")
+                (Ok(answer), Landed::Stale(stale), "stale")
             }
             (Ok(response), Some(stored), _) if response.status() == StatusCode::NOT_MODIFIED => {
+                // Fresh again by the stored headers with the 304's in
+                // place (a 304 need not repeat Cache-Control).
+                let now = self.clock.now();
+                let updated = stored.refreshed(response.headers(), Duration::ZERO, now);
+                drop(response);
                 let ttl = freshness(
                     &route,
-                    stored.status,
+                    updated.status,
                     &asked,
-                    response.headers(),
+                    &updated.headers,
                     SystemTime::now(),
-                )
-                .unwrap_or_default();
-                let now = self.clock.now();
-                let fresh = Arc::new(stored.refreshed(response.headers(), ttl, now));
-                drop(response);
-                line.cache.put(read.route, read.key.clone(), fresh.clone());
+                );
+                let fresh = Arc::new(updated.fresh_for(ttl.unwrap_or_default(), now));
+                match ttl {
+                    Some(_) => line
+                        .cache
+                        .put(read.route, read.key.clone(), fresh.clone(), epoch),
+                    None => line.cache.remove(read.route, &read.key),
+                }
                 (
-                    Ok(stored_response(&fresh, now, head)),
+                    Ok(stored_response(&fresh, now, head, true)),
                     Landed::Response(fresh),
                     "revalidated",
                 )
@@ -289,9 +332,11 @@ impl Proxy {
                 match tokio::time::timeout(settings.timeout, whole(response, route.max_entry_bytes))
                     .await
                 {
-                    Ok(Ok((status, headers, body))) => {
+                    Ok(Whole::Read(status, headers, body)) => {
                         let now = self.clock.now();
                         let ttl = freshness(&route, status, &asked, &headers, SystemTime::now());
+                        // A cookie it sets is the leader's: not shared.
+                        let shared = !headers.contains_key(SET_COOKIE);
                         let stored = Arc::new(Stored::new(
                             status,
                             headers,
@@ -301,15 +346,18 @@ impl Proxy {
                             now,
                         ));
                         if ttl.is_some() {
-                            line.cache.put(read.route, read.key.clone(), stored.clone());
+                            line.cache
+                                .put(read.route, read.key.clone(), stored.clone(), epoch);
                         }
-                        (
-                            Ok(stored_response(&stored, now, head)),
-                            Landed::Response(stored),
-                            "miss",
-                        )
+                        let answer = stored_response(&stored, now, head, false);
+                        let landed = match shared {
+                            true => Landed::Response(stored),
+                            false => Landed::Alone,
+                        };
+                        (Ok(answer), landed, "miss")
                     }
-                    Ok(Err(relayed)) => (relayed, Landed::Alone, "miss"),
+                    Ok(Whole::Relayed(response)) => (Ok(response), Landed::Alone, "miss"),
+                    Ok(Whole::Broken(refusal)) => (Err(refusal), Landed::Alone, "miss"),
                     Err(_) => (Err(Refusal::UpstreamTimeout), Landed::Alone, "miss"),
                 }
             }
@@ -337,12 +385,18 @@ fn from_cache(
     outcome.decision = state;
     outcome.cache = Some(state);
     line.metrics.saved(state);
-    stored_response(stored, now, method == Method::HEAD)
+    stored_response(stored, now, method == Method::HEAD, true)
 }
 
-/// A kept response as sent: its headers, `Age`, and its body (none for a
-/// HEAD, whose `Content-Length` is the upstream's).
-pub(crate) fn stored_response(stored: &Stored, now: Nanos, head: bool) -> Response<ResponseBody> {
+/// A kept response as sent: its headers, `Age` when it is served from
+/// memory (`kept`), and its body (none for a HEAD, whose `Content-Length`
+/// is the upstream's).
+pub(crate) fn stored_response(
+    stored: &Stored,
+    now: Nanos,
+    head: bool,
+    kept: bool,
+) -> Response<ResponseBody> {
     let body = match head {
         true => Bytes::new(),
         false => stored.body.clone(),
@@ -355,25 +409,36 @@ pub(crate) fn stored_response(stored: &Stored, now: Nanos, head: bool) -> Respon
         // (the body's own length is sent)
         headers.remove(hyper::header::CONTENT_LENGTH);
     }
-    headers.insert(AGE, HeaderValue::from(stored.age(now)));
+    if kept {
+        headers.insert(AGE, HeaderValue::from(stored.age(now)));
+    }
     response
 }
 
-/// What is kept of a response: its status, headers and whole body; or,
-/// when the body is over `cap`, the response as it comes (the part read
-/// first, then the rest).
-pub(crate) async fn whole(
-    response: Response<ResponseBody>,
-    cap: u64,
-) -> Result<(StatusCode, hyper::HeaderMap, Bytes), Answer> {
+/// A response body read for keeping.
+pub(crate) enum Whole {
+    /// Whole: its status, headers and body.
+    Read(StatusCode, HeaderMap, Bytes),
+    /// Over the cap: the response as it comes (the part read first, then
+    /// the rest), not kept.
+    Relayed(Response<ResponseBody>),
+    /// The upstream broke it off.
+    Broken(Refusal),
+}
+
+/// A response read whole if its body is at most `cap` bytes.
+pub(crate) async fn whole(response: Response<ResponseBody>, cap: u64) -> Whole {
     let (head, mut body) = response.into_parts();
     let mut read = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            Err(Refusal::UpstreamFailed(format!(
-                "The upstream broke off the response body: {e}"
-            )))
-        })?;
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(e) => {
+                return Whole::Broken(Refusal::UpstreamFailed(format!(
+                    "The upstream broke off the response body: {e}"
+                )))
+            }
+        };
         // (trailers are not kept)
         let Ok(data) = frame.into_data() else {
             continue;
@@ -385,13 +450,10 @@ pub(crate) async fn whole(
             )));
             let rest = http_body_util::BodyStream::new(body);
             let relayed = StreamBody::new(first.chain(rest)).boxed_unsync();
-            return Err(Ok(Response::from_parts(
-                head,
-                GuardedBody::new(relayed, None),
-            )));
+            return Whole::Relayed(Response::from_parts(head, GuardedBody::new(relayed, None)));
         }
     }
-    Ok((head.status, head.headers, read.freeze()))
+    Whole::Read(head.status, head.headers, read.freeze())
 }
 
 /// A request head to send again: method, URI, version and headers (not its

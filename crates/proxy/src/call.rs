@@ -78,7 +78,7 @@ impl Drop for Finish {
 pub(crate) struct Control {
     priority: Priority,
     workflow: Option<String>,
-    max_wait: Duration,
+    pub(crate) max_wait: Duration,
 }
 
 /// The request body, kept whole up to the replay cap, or streamed once.

@@ -10,7 +10,7 @@
 //! what the last successful one to its URL sent is answered as that one
 //! was.
 
-use crate::cached::{copy_of, partition, stored_response, whole};
+use crate::cached::{copy_of, partition, stored_response, whole, Whole};
 use crate::call::{read_body, Answer, Control, Outcome, Outgoing};
 use crate::settings::Client;
 use crate::state::{Generation, Proxy};
@@ -198,7 +198,7 @@ impl Proxy {
                 if keyed || state {
                     let cap = writes.settings().max_entry_bytes();
                     match tokio::time::timeout(settings.timeout, whole(response, cap)).await {
-                        Ok(Ok((status, headers, body))) => {
+                        Ok(Whole::Read(status, headers, body)) => {
                             let now = self.clock.now();
                             let answer = Arc::new(Stored::new(
                                 status,
@@ -223,9 +223,10 @@ impl Proxy {
                                 };
                                 writes.succeeded(last, done);
                             }
-                            Ok(stored_response(&answer, now, false))
+                            Ok(stored_response(&answer, now, false, false))
                         }
-                        Ok(Err(relayed)) => relayed,
+                        Ok(Whole::Relayed(response)) => Ok(response),
+                        Ok(Whole::Broken(refusal)) => Err(refusal),
                         Err(_) => Err(Refusal::UpstreamTimeout),
                     }
                 } else {
@@ -273,5 +274,5 @@ fn from_memory(
     outcome.decision = reason;
     outcome.dedup = Some(state);
     line.metrics.saved(reason);
-    stored_response(answer, now, false)
+    stored_response(answer, now, false, true)
 }

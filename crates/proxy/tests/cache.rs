@@ -417,8 +417,13 @@ async fn a_write_evicts_what_it_changed_and_purge_empties_a_prefix() {
 
 #[tokio::test(start_paused = true)]
 async fn while_the_upstream_fails_a_stale_entry_is_served_for_stale_if_error() {
-    let up = scripted_seen(|_, n| match n {
-        1 => text(200, &[("cache-control", "max-age=1")], "kept".into()),
+    let up = scripted_seen(|seen, n| match (seen.path.as_str(), n) {
+        ("/v1/strict", 1) => text(
+            200,
+            &[("cache-control", "max-age=1, must-revalidate")],
+            "strict".into(),
+        ),
+        (_, 1) => text(200, &[("cache-control", "max-age=1")], "kept".into()),
         _ => text(503, &[], "down".into()),
     })
     .await;
@@ -437,16 +442,24 @@ async fn while_the_upstream_fails_a_stale_entry_is_served_for_stale_if_error() {
         body_and_state(&url, &[]).await,
         ("kept".into(), "miss".into())
     );
+    let strict = proxy.url("api", "/v1/strict");
+    assert_eq!(
+        body_and_state(&strict, &[]).await,
+        ("strict".into(), "miss".into())
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    // Two 503s (the breaker opens on the second), then the breaker: the
-    // entry each time, the upstream not asked while the breaker is open.
+    // must-revalidate: never served stale; the failure is the answer (and
+    // the breaker's first failure).
+    assert_eq!(get(&strict, &[]).await.status(), 503);
+    // A 503 (the breaker opens on this second failure), then the breaker:
+    // the entry each time, the upstream not asked while the breaker is open.
     for _ in 0..4 {
         assert_eq!(
             body_and_state(&url, &[]).await,
             ("kept".into(), "stale".into())
         );
     }
-    assert_eq!(up.seen("/v1/account").len(), 3);
+    assert_eq!(up.seen("/v1/account").len(), 2);
     // Past stale_if_error the failure is the answer.
     tokio::time::sleep(Duration::from_secs(60)).await;
     let r = get(&url, &[]).await;
@@ -684,4 +697,164 @@ async fn a_patch_that_changes_nothing_is_answered_from_memory() {
         let r = c.patch(&other).body("{}").send().await.expect("response");
         assert_eq!(r.text().await.expect("body"), format!("PATCH #{n}"));
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn heads_ranges_and_cookies_are_kept_apart() {
+    let up = scripted_seen(
+        |seen, n| match (seen.path.as_str(), header(seen, "range")) {
+            ("/v1/login", _) => text(
+                200,
+                &[("set-cookie", "session=s3cret")],
+                format!("welcome #{n}"),
+            ),
+            (_, Some(_)) => text(206, &[("content-range", "bytes 0-2/14")], "GET".into()),
+            _ => text(200, &[], format!("{} {} #{n}", seen.method, seen.path)),
+        },
+    )
+    .await;
+    let proxy = start(&cached("api", up.addr, "/v1", "")).await;
+    let url = |path: &str| proxy.url("api", path);
+    let c = client();
+    // HEAD has entries of its own, with the upstream's Content-Length.
+    for state in ["miss", "hit"] {
+        let r = c.head(url("/v1/doc")).send().await.expect("response");
+        assert_eq!(r.headers()["tollgate-cache"], state);
+        assert_eq!(
+            r.headers()["content-length"],
+            "15",
+            "the length of \"HEAD /v1/doc #1\""
+        );
+    }
+    // A range asks for part of the resource: fetched alone, the full
+    // entry neither served nor replaced.
+    assert_eq!(
+        body_and_state(&url("/v1/doc"), &[]).await,
+        ("GET /v1/doc #2".into(), "miss".into())
+    );
+    let r = c
+        .get(url("/v1/doc"))
+        .header("range", "bytes=0-2")
+        .send()
+        .await
+        .expect("response");
+    assert_eq!((r.status().as_u16(), state(&r).as_str()), (206, "bypass"));
+    assert_eq!(r.text().await.expect("body"), "GET");
+    assert_eq!(
+        body_and_state(&url("/v1/doc"), &[]).await,
+        ("GET /v1/doc #2".into(), "hit".into())
+    );
+    // A response that sets a cookie is never kept.
+    for n in 1..=2 {
+        let (body, state) = body_and_state(&url("/v1/login"), &[]).await;
+        assert_eq!((body, state.as_str()), (format!("welcome #{n}"), "miss"));
+    }
+    let _ = up; // (the upstream lives as long as the test)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_304_without_cache_control_keeps_the_entrys_own_lifetime() {
+    let up = scripted_seen(|seen, _| match header(seen, "if-none-match") {
+        Some("\"v1\"") => text(304, &[("etag", "\"v1\"")], String::new()),
+        _ => text(
+            200,
+            &[("etag", "\"v1\""), ("cache-control", "max-age=10")],
+            "the record".into(),
+        ),
+    })
+    .await;
+    let proxy = start(&cached("api", up.addr, "/v1", "")).await;
+    let url = proxy.url("api", "/v1/record");
+    assert_eq!(body_and_state(&url, &[]).await.1, "miss");
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(
+        body_and_state(&url, &[]).await,
+        ("the record".into(), "revalidated".into())
+    );
+    // Fresh for the stored max-age=10 again, not for the route's hour.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(body_and_state(&url, &[]).await.1, "hit");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(body_and_state(&url, &[]).await.1, "revalidated");
+    assert_eq!(up.seen("/v1/record").len(), 3);
+}
+
+#[tokio::test]
+async fn a_read_in_flight_when_a_write_lands_does_not_keep_what_it_fetched() {
+    // GETs answer slowly, with the version the PATCH sets.
+    let version = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(1));
+    let v = version.clone();
+    let up = scripted_seen(move |seen, _| match seen.method.as_str() {
+        "GET" => {
+            let then = v.load(std::sync::atomic::Ordering::SeqCst);
+            Answer::After(
+                Duration::from_millis(400),
+                Box::new(text(200, &[], format!("v{then}"))),
+            )
+        }
+        _ => {
+            v.store(2, std::sync::atomic::Ordering::SeqCst);
+            text(200, &[], "patched".into())
+        }
+    })
+    .await;
+    let proxy = start(&cached("api", up.addr, "/v1", "")).await;
+    let url = proxy.url("api", "/v1/sites/5");
+    let c = client();
+    let before = {
+        let (c, url) = (c.clone(), url.clone());
+        tokio::spawn(async move { read(&c, &url, &[]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = c.patch(&url).body("{}").send().await.expect("response");
+    assert_eq!(r.status(), 200);
+    // A read after the write does not join the flight from before it.
+    let after = read(&c, &url, &[]).await;
+    assert_eq!(after, ("v2".into(), "miss".into()));
+    assert_eq!(before.await.expect("read").0, "v1");
+    // And what the read from before fetched was not kept over it.
+    assert_eq!(read(&c, &url, &[]).await, ("v2".into(), "hit".into()));
+}
+
+#[tokio::test]
+async fn every_line_of_a_credential_header_partitions() {
+    let up = scripted_seen(|seen, _| {
+        let cookies: Vec<&str> = seen
+            .headers
+            .iter()
+            .filter(|(n, _)| n == "cookie")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        text(200, &[], cookies.join("; "))
+    })
+    .await;
+    let proxy = start(&cached("api", up.addr, "/v1", "")).await;
+    let url = proxy.url("api", "/v1/me");
+    let c = client();
+    let send = |session: &'static str| {
+        let (c, url) = (c.clone(), url.clone());
+        async move {
+            let r = c
+                .get(&url)
+                .header("cookie", "theme=dark")
+                .header("cookie", session)
+                .send()
+                .await
+                .expect("response");
+            let state = state(&r);
+            (r.text().await.expect("body"), state)
+        }
+    };
+    assert_eq!(
+        send("session=a").await,
+        ("theme=dark; session=a".into(), "miss".into())
+    );
+    assert_eq!(
+        send("session=b").await,
+        ("theme=dark; session=b".into(), "miss".into())
+    );
+    assert_eq!(
+        send("session=a").await,
+        ("theme=dark; session=a".into(), "hit".into())
+    );
 }

@@ -59,6 +59,45 @@ pub struct Upstream {
     pub dedup: tollgate_http::dedup::DedupSettings,
 }
 
+/// Request headers that say who is calling, besides an upstream's own
+/// configured headers and its key header: part of a cache entry's
+/// partition (every line of each).
+const CREDENTIALS: [&str; 7] = [
+    "authorization",
+    "cookie",
+    "x-api-key",
+    "api-key",
+    "x-auth-token",
+    "x-access-token",
+    "x-api-token",
+];
+
+impl Upstream {
+    /// Who a call is for, as the cache and the memory of writes partition
+    /// them (docs/cache.md): the proxy client's name, if any, and the
+    /// credentials `sent` carries (the headers as they go to the vendor).
+    /// A key pool's keys are one tenant's: they share a partition.
+    pub fn partition(
+        &self,
+        client: Option<&str>,
+        sent: &http::HeaderMap,
+    ) -> tollgate_http::cache::Partition {
+        let mut names: Vec<&str> = CREDENTIALS.to_vec();
+        names.push(&self.key_header);
+        names.extend(self.headers.iter().map(|(n, _)| n.as_str()));
+        names.sort_unstable();
+        names.dedup();
+        let mut pieces: Vec<&[u8]> = vec![client.unwrap_or_default().as_bytes()];
+        for name in names {
+            for value in sent.get_all(name) {
+                pieces.push(name.as_bytes());
+                pieces.push(value.as_bytes());
+            }
+        }
+        tollgate_http::cache::Partition::of(pieces)
+    }
+}
+
 /// The headers sent with every request (lower-case names): they carry
 /// vendor keys, so they print as names and a digest, never values.
 #[derive(Clone, Default, PartialEq, Eq)]

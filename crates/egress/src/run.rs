@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tollgate_comply::{human, Event, Next, Reply, Scheduler, Settled};
 use tollgate_core::{Clock, Item, Nanos};
+use tollgate_http::cache::{freshness, Cache, Key, Stored};
 use tollgate_http::ratelimit as signals;
 use tollgate_store::{Engine, TokioClock};
 
@@ -108,6 +109,9 @@ pub struct UpstreamSummary {
     pub learnt: Option<f64>,
     /// The fastest sustained rate the profile's limits allow, per second.
     pub profile_rate: Option<f64>,
+    /// Jobs answered without a call: from the cache, or from a job alike
+    /// whose call was in flight (`[[upstream.cache]]`).
+    pub saved: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -217,6 +221,12 @@ impl Summary {
                     "; learnt {learnt:.1}/s of the profile's {profile:.1}/s"
                 ));
             }
+            if u.saved > 0 {
+                text.push_str(&format!(
+                    "; {} job(s) answered without a call (the cache, or a job alike in flight)",
+                    u.saved
+                ));
+            }
         }
         if let Some(f) = &self.fleet {
             text.push_str(&format!(
@@ -251,6 +261,8 @@ pub(crate) struct Active {
     pub(crate) sent: Nanos,
     /// Attempts made, this run and before.
     pub(crate) attempts: u32,
+    /// A read under a cache route: what its answer is kept by.
+    read: Option<Read>,
 }
 
 impl Active {
@@ -262,13 +274,28 @@ impl Active {
             first_sent: None,
             sent: 0,
             attempts,
+            read: None,
         }
     }
+}
+
+/// A GET or HEAD job without a body under one of its upstream's cache
+/// routes.
+#[derive(Debug, Clone)]
+struct Read {
+    route: usize,
+    key: Key,
+    /// The headers it is sent with (what a kept answer varies on).
+    sent: reqwest::header::HeaderMap,
+    /// The route's epoch when it was admitted: a write since, and its
+    /// answer is not kept.
+    epoch: u64,
 }
 
 pub(crate) struct Completion {
     pub(crate) seq: u64,
     reply: Reply,
+    headers: Option<reqwest::header::HeaderMap>,
     body: Option<bytes::Bytes>,
 }
 
@@ -317,6 +344,15 @@ pub(crate) struct Driver<'a> {
     pub(crate) last_reply: Nanos,
     /// Fleet mode: per upstream, where a 429's pause is told to the fleet.
     pub(crate) pauses: Vec<Option<tollgate_store::redis::Pauses>>,
+    /// Per upstream, its reads kept (`[[upstream.cache]]`), in this process.
+    caches: Vec<Cache>,
+    /// Reads queued or in flight, by upstream, route and key: the job that
+    /// makes the call ...
+    reading: HashMap<(usize, usize, Key), u64>,
+    /// ... and the jobs alike that wait for its answer.
+    followers: HashMap<u64, Vec<u64>>,
+    /// Per upstream, jobs answered without a call: done, dead.
+    saved: Vec<(u64, u64)>,
 }
 
 impl<'a> Driver<'a> {
@@ -348,6 +384,14 @@ impl<'a> Driver<'a> {
             start,
             last_reply: start,
             pauses: Vec::new(),
+            caches: config
+                .upstreams
+                .iter()
+                .map(|u| Cache::new(&u.cache))
+                .collect(),
+            reading: HashMap::new(),
+            followers: HashMap::new(),
+            saved: vec![(0, 0); config.upstreams.len()],
         })
     }
 
@@ -367,12 +411,68 @@ impl<'a> Driver<'a> {
     ) {
         match crate::job::items(&self.config.upstreams[upstream], &job) {
             Ok(items) => {
-                self.schedulers[upstream].push(seq, job.priority, attempts, items.clone());
-                self.active
-                    .insert(seq, Active::new(upstream, job, items, attempts));
+                let read = self.read_of(upstream, &job);
+                let mut active = Active::new(upstream, job, items.clone(), attempts);
+                if let Some(read) = &read {
+                    let now = self.now();
+                    let kept = self.caches[upstream]
+                        .get(read.route, &read.key)
+                        .filter(|s| s.is_fresh(now) && s.matches(&read.sent));
+                    if let Some(kept) = kept {
+                        // Answered from the cache: no call, no quota.
+                        let settled = Settled::Done;
+                        finish(
+                            sink,
+                            seq,
+                            &active,
+                            self.config,
+                            &settled,
+                            Some(kept.status.as_u16()),
+                            Some(&kept.body),
+                            now,
+                        );
+                        self.saved[upstream].0 += 1;
+                        self.progress.finished(false);
+                        return;
+                    }
+                    let id = (upstream, read.route, read.key.clone());
+                    if let Some(leader) = self.reading.get(&id) {
+                        // A job alike is queued or in flight: its answer
+                        // is this one's too.
+                        self.followers.entry(*leader).or_default().push(seq);
+                        self.active.insert(seq, active);
+                        return;
+                    }
+                    self.reading.insert(id, seq);
+                }
+                active.read = read;
+                self.schedulers[upstream].push(seq, active.job.priority, attempts, items);
+                self.active.insert(seq, active);
             }
             Err(reason) => self.dead_on_arrival(seq, upstream, job, attempts, reason, sink),
         }
+    }
+
+    /// The read `job` is, if a cache route of its upstream covers it.
+    fn read_of(&self, upstream: usize, job: &Job) -> Option<Read> {
+        let cache = &self.caches[upstream];
+        if cache.is_empty() || job.body.is_some() {
+            return None;
+        }
+        let url = url::Url::parse(&job.url).ok()?;
+        let (route, _) = cache.route_for(&job.method, url.path())?;
+        let u = &self.config.upstreams[upstream];
+        let sent = sent_headers(u, job);
+        Some(Read {
+            route,
+            key: Key {
+                method: job.method.clone(),
+                url: job.url.clone(),
+                partition: u.partition(None, &sent),
+            },
+            sent,
+            epoch: cache.epoch(route),
+        })
     }
 
     /// Dead-letter a job that never reached a scheduler.
@@ -524,7 +624,84 @@ impl<'a> Driver<'a> {
             now,
         );
         self.progress.finished(dead);
-        self.active.remove(&c.seq);
+        let Some(a) = self.active.remove(&c.seq) else {
+            return;
+        };
+        let cache = &self.caches[a.upstream];
+        if !cache.is_empty() && !matches!(a.job.method.as_str(), "GET" | "HEAD") {
+            // What a write changed is not answered from the cache again.
+            if let Ok(url) = url::Url::parse(&a.job.url) {
+                cache.written(url.path());
+            }
+        }
+        if let Some(read) = a.read {
+            self.landed(
+                a.upstream, c.seq, read, &settled, status, c.headers, c.body, now, sink,
+            );
+        }
+    }
+
+    /// A read's final answer: kept if the rules allow it, and given to the
+    /// jobs alike that waited for it (when there was an answer; else they
+    /// go on their own).
+    #[allow(clippy::too_many_arguments)]
+    fn landed(
+        &mut self,
+        upstream: usize,
+        seq: u64,
+        read: Read,
+        settled: &Settled,
+        status: Option<u16>,
+        headers: Option<reqwest::header::HeaderMap>,
+        body: Option<bytes::Bytes>,
+        now: Nanos,
+        sink: &impl Sink,
+    ) {
+        self.reading
+            .remove(&(upstream, read.route, read.key.clone()));
+        let followers = self.followers.remove(&seq).unwrap_or_default();
+        let answered = status
+            .and_then(|s| reqwest::StatusCode::from_u16(s).ok())
+            .zip(headers);
+        let Some((status, headers)) = answered else {
+            for follower in followers {
+                if let Some(f) = self.active.get_mut(&follower) {
+                    let items = f.items.to_vec();
+                    self.schedulers[upstream].push(follower, f.job.priority, f.attempts, items);
+                }
+            }
+            return;
+        };
+        let cache = &self.caches[upstream];
+        let route = cache.route(read.route);
+        let ttl = freshness(route, status, &read.sent, &headers, wall(now));
+        let body = body.unwrap_or_default();
+        if let (Some(ttl), Settled::Done) = (ttl, settled) {
+            let stored = Stored::new(status, headers, body.clone(), &read.sent, ttl, now);
+            cache.put(read.route, read.key, Arc::new(stored), read.epoch);
+        }
+        let dead = matches!(settled, Settled::Dead { .. });
+        for follower in followers {
+            if let Some(f) = self.active.remove(&follower) {
+                finish(
+                    sink,
+                    follower,
+                    &f,
+                    self.config,
+                    settled,
+                    Some(status.as_u16()),
+                    Some(&body),
+                    now,
+                );
+                let saved = &mut self.saved[upstream];
+                if dead {
+                    saved.1 += 1
+                } else {
+                    saved.0 += 1
+                }
+                self.progress.finished(dead);
+            }
+        }
     }
 
     /// Abort what is still in flight (after the grace period); replies that
@@ -552,24 +729,34 @@ impl<'a> Driver<'a> {
             .zip(&self.schedulers)
             .zip(self.sent_calls)
             .zip(self.early_dead)
-            .map(|(((u, s), calls), early_dead)| {
-                let c = s.counters();
-                let calls = calls.into_iter().map(|(p, items)| (p, items.to_vec()));
-                let estimate =
-                    plan::estimate(&u.policy, calls, start, Duration::ZERO, u.concurrency, None);
-                UpstreamSummary {
-                    name: u.name.clone(),
-                    calls: c.sent,
-                    done: c.done,
-                    dead: c.dead + early_dead,
-                    retried: c.retried,
-                    throttled: c.throttled,
-                    shortest: estimate.shortest,
-                    binding: s.binding_limit().map(str::to_owned),
-                    learnt: s.effective_rate(),
-                    profile_rate: tollgate_comply::pace::sustained_rate(&u.policy),
-                }
-            })
+            .zip(self.saved)
+            .map(
+                |((((u, s), calls), early_dead), (saved_done, saved_dead))| {
+                    let c = s.counters();
+                    let calls = calls.into_iter().map(|(p, items)| (p, items.to_vec()));
+                    let estimate = plan::estimate(
+                        &u.policy,
+                        calls,
+                        start,
+                        Duration::ZERO,
+                        u.concurrency,
+                        None,
+                    );
+                    UpstreamSummary {
+                        name: u.name.clone(),
+                        calls: c.sent,
+                        done: c.done + saved_done,
+                        dead: c.dead + early_dead + saved_dead,
+                        retried: c.retried,
+                        throttled: c.throttled,
+                        shortest: estimate.shortest,
+                        binding: s.binding_limit().map(str::to_owned),
+                        learnt: s.effective_rate(),
+                        profile_rate: tollgate_comply::pace::sustained_rate(&u.policy),
+                        saved: saved_done + saved_dead,
+                    }
+                },
+            )
             .collect();
         Summary {
             upstreams,
@@ -735,6 +922,21 @@ pub(crate) async fn sleep_until(clock: &TokioClock, at: Option<Nanos>) {
     }
 }
 
+/// A job's headers as sent, one value per name: the upstream's, then the
+/// job's (which win).
+fn sent_headers(upstream: &Upstream, job: &Job) -> reqwest::header::HeaderMap {
+    let mut headers = reqwest::header::HeaderMap::new();
+    for (name, value) in upstream.headers.iter().chain(&job.headers) {
+        if let (Ok(name), Ok(value)) = (
+            reqwest::header::HeaderName::from_bytes(name.as_bytes()),
+            reqwest::header::HeaderValue::from_str(value),
+        ) {
+            headers.insert(name, value);
+        }
+    }
+    headers
+}
+
 /// One attempt of a job: a future that sends it and reports how it came back.
 fn send(
     client: &reqwest::Client,
@@ -745,17 +947,8 @@ fn send(
     tx: mpsc::UnboundedSender<Completion>,
 ) -> impl Future<Output = ()> + Send + 'static {
     let method = reqwest::Method::from_bytes(job.method.as_bytes()).unwrap_or(reqwest::Method::GET);
-    // One value per name: the upstream's headers, then the job's (which
-    // win), then what the runner adds unless the job set it.
-    let mut headers = reqwest::header::HeaderMap::new();
-    for (name, value) in upstream.headers.iter().chain(&job.headers) {
-        if let (Ok(name), Ok(value)) = (
-            reqwest::header::HeaderName::from_bytes(name.as_bytes()),
-            reqwest::header::HeaderValue::from_str(value),
-        ) {
-            headers.insert(name, value);
-        }
-    }
+    // What the runner adds goes on unless the job set it.
+    let mut headers = sent_headers(upstream, job);
     if let Ok(key) = reqwest::header::HeaderValue::from_str(&job.idempotency_key) {
         headers.entry("idempotency-key").or_insert(key);
     }
@@ -772,7 +965,7 @@ fn send(
         request = request.body(body.clone());
     }
     async move {
-        let (reply, body) = match request.send().await {
+        let (reply, headers, body) = match request.send().await {
             Ok(response) => {
                 let status = response.status().as_u16();
                 let headers = response.headers().clone();
@@ -786,14 +979,20 @@ fn send(
                             retry_after,
                             corrections,
                         },
+                        Some(headers),
                         Some(body),
                     ),
-                    Err(e) => (Reply::Failed { error: failure(&e) }, None),
+                    Err(e) => (Reply::Failed { error: failure(&e) }, None, None),
                 }
             }
-            Err(e) => (Reply::Failed { error: failure(&e) }, None),
+            Err(e) => (Reply::Failed { error: failure(&e) }, None, None),
         };
-        let _ = tx.send(Completion { seq, reply, body });
+        let _ = tx.send(Completion {
+            seq,
+            reply,
+            headers,
+            body,
+        });
     }
 }
 

@@ -563,3 +563,91 @@ async fn another_client_spending_the_same_quota_steadily_is_left_its_share() {
         ok + refused
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_nightly_import_done_naively_makes_503_calls_with_cache_routes() {
+    // The API gateway's rate-limit page: "Importing 500 jobs nightly: cache
+    // /v1/sites, /v1/job-types, and /v1/custom-fields once at the start of
+    // the run (3 requests)". Here the jobs file looks them up before every
+    // create, and the config's cache routes make it the page's 503 calls.
+    let up = tollgate_testkit::upstream::scripted_seen(|seen, n| {
+        let body = match seen.method.as_str() {
+            "GET" => format!("{{\"of\":\"{}\",\"call\":{n}}}", seen.path),
+            _ => format!("{{\"created\":{n}}}"),
+        };
+        Answer::Text(201 - u16::from(seen.method == "GET"), vec![], body)
+    })
+    .await;
+    let lookups = ["/v1/sites", "/v1/job-types", "/v1/custom-fields"];
+    let mut jobs = String::new();
+    for i in 0..500 {
+        for path in lookups {
+            jobs.push_str(&format!(
+                "{{\"id\":\"{i}{path}\",\"method\":\"GET\",\"url\":\"http://{}{path}\"}}\n",
+                up.addr
+            ));
+        }
+        jobs.push_str(&job(&format!("create-{i}"), up.addr, "/v1/jobs"));
+    }
+    let routes: String = lookups
+        .iter()
+        .map(|p| format!("[[upstream.cache]]\npath_prefix = \"{p}\"\nttl = \"1h\"\n"))
+        .collect();
+    let config = format!(
+        "[[upstream]]\nname = \"vendor\"\nbase_url = \"http://{}\"\nprofile = \"gateway\"\nheaders = {{ x-tenant-id = \"acme\" }}\n{routes}",
+        up.addr
+    );
+    let ran = run(&config, &jobs).await;
+    assert_eq!(up.seen.lock().expect("lock").len(), 503);
+    let vendor = &ran.summary.upstreams[0];
+    assert_eq!(
+        (vendor.calls, vendor.done, vendor.dead, vendor.saved),
+        (503, 2000, 0, 1497)
+    );
+    assert!(ran
+        .summary
+        .describe()
+        .contains("1497 job(s) answered without a call"));
+    // Every lookup's result is the one answer the vendor gave.
+    for i in [0, 1, 250, 499] {
+        for path in lookups {
+            let result = ran.result(&format!("{i}{path}"));
+            assert_eq!(
+                (result["outcome"].as_str(), result["status"].as_u64()),
+                (Some("done"), Some(200))
+            );
+            assert_eq!(result["body"], serde_json::json!({"of": path, "call": 1}));
+        }
+    }
+    assert_eq!(ran.results.len(), 2000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reads_alike_wait_for_one_call_and_get_its_answer_after_a_retry() {
+    let up = tollgate_testkit::upstream::scripted_seen(|seen, n| match n {
+        1 => Answer::Drop,
+        _ => Answer::Text(200, vec![], format!("{} {} #{n}", seen.method, seen.path)),
+    })
+    .await;
+    let config = format!(
+        "{}[[upstream.cache]]\npath_prefix = \"/v1\"\nttl = \"1h\"\n",
+        upstream(up.addr, "max_attempts = 2")
+    );
+    let jobs: String = ["a", "b", "c"]
+        .iter()
+        .map(|id| {
+            format!(
+                "{{\"id\":\"{id}\",\"method\":\"GET\",\"url\":\"http://{}/v1/flaky\"}}\n",
+                up.addr
+            )
+        })
+        .collect();
+    let ran = run(&config, &jobs).await;
+    // The first call broke off and was retried; the jobs alike waited for
+    // it and got its answer.
+    for id in ["a", "b", "c"] {
+        assert_eq!(ran.result(id)["body"], "GET /v1/flaky #2", "{id}");
+    }
+    assert_eq!(up.seen("/v1/flaky").len(), 2);
+    assert_eq!(ran.summary.upstreams[0].saved, 2);
+}

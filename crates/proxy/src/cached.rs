@@ -8,7 +8,7 @@
 //! `stale_if_error` when the upstream fails or its breaker is open. Writes
 //! evict (`call`).
 
-use crate::call::{Answer, Control, Outcome, Outgoing, ResponseBody};
+use crate::call::{outgoing_headers, Answer, Control, Outcome, Outgoing, ResponseBody};
 use crate::settings::Client;
 use crate::state::{Generation, Proxy};
 use bytes::{Bytes, BytesMut};
@@ -29,18 +29,6 @@ use tollgate_http::body::{BoxError, GuardedBody};
 use tollgate_http::cache::{directives, freshness, Flight, Key, Landed, Leader, Partition, Stored};
 use tollgate_http::{Peer, Refusal};
 
-/// Request headers that say who is calling, besides the upstream's own
-/// configured headers and its key header: part of an entry's partition
-/// (every line of each).
-const CREDENTIALS: [&str; 7] = [
-    "authorization",
-    "cookie",
-    "x-api-key",
-    "api-key",
-    "x-auth-token",
-    "x-access-token",
-    "x-api-token",
-];
 /// Request headers that ask for part of a resource, or for an answer only
 /// under a condition: such a read is fetched alone (its answer is not what
 /// a plain read of the URL gets).
@@ -98,32 +86,11 @@ impl Read {
     }
 }
 
-/// Who a read is for: the proxy client (when tokens are configured) and
-/// the credentials its call carries (the upstream's configured headers win
-/// over the client's, as they do when sent). A key pool's keys are one
-/// tenant's: they share a partition.
+/// Who a request is for (`Upstream::partition`), by the headers it is
+/// sent with.
 pub(crate) fn partition(settings: &Upstream, client: Option<&Client>, parts: &Parts) -> Partition {
-    let mut names: Vec<&str> = CREDENTIALS.to_vec();
-    names.push(&settings.key_header);
-    names.extend(settings.headers.iter().map(|(n, _)| n.as_str()));
-    names.sort_unstable();
-    names.dedup();
-    let mut pieces: Vec<&[u8]> = vec![client.map_or(&b""[..], |c| c.name.as_bytes())];
-    for name in names {
-        match settings.headers.iter().find(|(n, _)| n == name) {
-            Some((_, configured)) => {
-                pieces.push(name.as_bytes());
-                pieces.push(configured.as_bytes());
-            }
-            None => {
-                for value in parts.headers.get_all(name) {
-                    pieces.push(name.as_bytes());
-                    pieces.push(value.as_bytes());
-                }
-            }
-        }
-    }
-    Partition::of(pieces)
+    let sent = outgoing_headers(parts.headers.clone(), settings);
+    settings.partition(client.map(|c| c.name.as_str()), &sent)
 }
 
 impl Proxy {

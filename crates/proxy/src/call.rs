@@ -1084,7 +1084,7 @@ fn wait_of(text: &str) -> Option<Duration> {
 /// What goes to the upstream: the client's headers without hop-by-hop
 /// ones, tollgate's own, the proxy credentials and Host (the URL gives it),
 /// then the upstream's configured headers, which win.
-fn outgoing_headers(client: HeaderMap, upstream: &Upstream) -> HeaderMap {
+pub(crate) fn outgoing_headers(client: HeaderMap, upstream: &Upstream) -> HeaderMap {
     let mut headers = client;
     strip_hop_by_hop(&mut headers);
     headers.remove(HOST);

@@ -816,28 +816,22 @@ mod tests {
     #[test]
     fn a_write_evicts_its_path_the_paths_under_it_and_above_it_only() {
         let cache = Cache::new(&[route("/v1")]);
-        for url in [
+        let urls = [
             "http://h/v1/sites",
             "http://h/v1/sites?page=2",
             "http://h/v1/sites/5",
             "http://h/v1/sites/5/notes",
             "http://h/v1/sites/6",
             "http://h/v1/job-types",
-        ] {
+        ];
+        for url in urls {
             cache.put(0, key(url), stored(b"x"), cache.epoch(0));
         }
         assert_eq!(cache.written("/v1/sites/5"), 1);
-        let kept: Vec<bool> = [
-            "http://h/v1/sites",
-            "http://h/v1/sites?page=2",
-            "http://h/v1/sites/5",
-            "http://h/v1/sites/5/notes",
-            "http://h/v1/sites/6",
-            "http://h/v1/job-types",
-        ]
-        .iter()
-        .map(|u| cache.get(0, &key(u)).is_some())
-        .collect();
+        let kept: Vec<bool> = urls
+            .iter()
+            .map(|u| cache.get(0, &key(u)).is_some())
+            .collect();
         assert_eq!(kept, [false, false, false, false, true, true]);
         cache.purge("/v1/job-types");
         assert!(cache.get(0, &key("http://h/v1/job-types")).is_none());

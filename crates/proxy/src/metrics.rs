@@ -131,7 +131,9 @@ pub struct LineNow {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("tollgate_proxy");
+        // `tollgate_proxy_*`, and the pace of each upstream under the name both
+        // comply faces use (`tollgate_upstream_*`).
+        let mut registry = Registry::with_prefix("tollgate");
         let requests = Family::<OutcomeLabels, Counter>::default();
         let calls = Family::<OutcomeLabels, Counter>::default();
         let saved = Family::<SavedLabels, Counter>::default();
@@ -146,42 +148,42 @@ impl Default for Metrics {
         let effective_rate = Family::<UpstreamLabels, Gauge<f64, AtomicU64>>::default();
         let limits_rate = Family::<UpstreamLabels, Gauge<f64, AtomicU64>>::default();
         registry.register(
-            "requests",
+            "proxy_requests",
             "Client requests by upstream and what the client got (2xx, 3xx, 4xx, 429, 5xx; wait_exceeded and breaker_open are tollgate's own answers, network_error a call that never got a response)",
             requests.clone(),
         );
         registry.register(
-            "upstream_calls",
+            "proxy_upstream_calls",
             "Calls sent to upstreams, by what the upstream answered (retries included)",
             calls.clone(),
         );
         registry.register(
-            "calls_saved",
+            "proxy_calls_saved",
             "Client requests answered without a call to the upstream, by reason (hit: a fresh cache entry; coalesced: another request's call in flight; dedup: a repeated Idempotency-Key, answered as the first was; unchanged: a PATCH or PUT that sends what the last one sent)",
             saved.clone(),
         );
         registry.register(
-            "cache_entries",
+            "proxy_cache_entries",
             "Responses an upstream's cache holds",
             cache_entries.clone(),
         );
         registry.register(
-            "cache_bytes",
+            "proxy_cache_bytes",
             "What an upstream's cache holds, in bytes (bodies, headers and 256 bytes of bookkeeping per entry)",
             cache_bytes.clone(),
         );
         registry.register(
-            "wait_seconds",
+            "proxy_wait_seconds",
             "Time requests waited in line for their slot",
             wait_seconds.clone(),
         );
         registry.register(
-            "waiting",
+            "proxy_waiting",
             "Requests waiting in an upstream's line right now (queued or backing off)",
             waiting.clone(),
         );
         registry.register(
-            "in_flight",
+            "proxy_in_flight",
             "Calls sent to an upstream and not yet answered",
             in_flight.clone(),
         );

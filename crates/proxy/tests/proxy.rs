@@ -620,7 +620,7 @@ async fn the_admin_listener_shows_the_lines_and_reloads() {
     for gauge in ["upstream_limits_rate", "upstream_effective_rate"] {
         assert!(
             metrics.contains(&format!(
-                "tollgate_proxy_{gauge}{{upstream=\"crm\"}} 0.990099"
+                "tollgate_{gauge}{{upstream=\"crm\"}} 0.990099"
             )),
             "{metrics}"
         );
@@ -951,7 +951,7 @@ async fn a_profile_too_fast_for_the_vendor_is_paced_to_it_for_every_client() {
     // /metrics shows the pace below what the limits allow.
     let metrics = text(&proxy.admin_url("/metrics")).await;
     let gauge = |name: &str| {
-        let series = format!("tollgate_proxy_{name}{{upstream=\"crm\"}} ");
+        let series = format!("tollgate_{name}{{upstream=\"crm\"}} ");
         metrics
             .lines()
             .find_map(|l| l.strip_prefix(series.as_str()))

@@ -48,18 +48,29 @@ pub(crate) fn apply(
     let window = |item: &Item| policy.limits[item.limit].params(item.class).policy().1;
     let quota = |item: &Item| policy.limits[item.limit].params(item.class).policy().0;
     let binding = || counted.iter().copied().min_by_key(|i| remaining(i));
+    // A count for a limit the request was charged with but that is not
+    // counted (its window rolled over since) is old news for that limit,
+    // not a count for another: only a vendor's name the profile does not
+    // have falls back to the binding limit.
+    let charged = |matches: &dyn Fn(&Item) -> bool| -> Option<Option<&Item>> {
+        committed
+            .iter()
+            .map(|(item, _)| item)
+            .find(|i| matches(i))
+            .map(|i| counted.iter().copied().find(|c| *c == i))
+    };
     for correction in corrections {
         let item = match &correction.target {
-            Target::Named(name) => counted
-                .iter()
-                .copied()
-                .find(|i| policy.limits[i.limit].name == *name)
-                .or_else(binding),
-            Target::Quota(q) => counted
-                .iter()
-                .copied()
-                .find(|i| quota(i) == *q)
-                .or_else(binding),
+            Target::Named(name) => {
+                match charged(&|i: &Item| policy.limits[i.limit].name == *name) {
+                    Some(counted) => counted,
+                    None => binding(),
+                }
+            }
+            Target::Quota(q) => match charged(&|i: &Item| quota(i) == *q) {
+                Some(counted) => counted,
+                None => binding(),
+            },
             Target::Shortest => counted.iter().copied().min_by_key(|i| window(i)),
             Target::Longest => counted.iter().copied().max_by_key(|i| window(i)),
             Target::Binding => binding(),

@@ -1316,6 +1316,31 @@ mod review_tests {
     }
 
     #[test]
+    fn a_count_for_a_limit_that_rolled_over_never_lands_on_another() {
+        // The vendor's per-second count arrives after that window rolled
+        // over: it says nothing of the daily limit (it once lowered the
+        // daily count to the per-second one, and the line stopped for the
+        // day).
+        let mut s = scheduler("[[limit]]\nname = \"per-second\"\nalgorithm = \"fixed_window\"\nevery = \"1s\"\nquota = 200\n[[limit]]\nname = \"daily\"\nalgorithm = \"fixed_window\"\nevery = \"1d\"\nquota = 500000\n");
+        s.push(1, Priority::Normal, 0, vec![item(0, 1), item(1, 1)]);
+        s.next(SEC - 1_000_000);
+        let per_second = Reply::Status {
+            status: 200,
+            retry_after: None,
+            corrections: vec![Correction {
+                target: Target::Named("per-second".into()),
+                remaining: 150,
+            }],
+        };
+        s.complete(1, &per_second, Duration::from_millis(5), SEC + 4_000_000);
+        let daily = s
+            .engine()
+            .store()
+            .usage(s.engine().policy(), &item(1, 1), SEC + 4_000_000);
+        assert_eq!(daily.remaining, 499_999);
+    }
+
+    #[test]
     fn a_count_from_before_a_window_rolled_over_is_ignored() {
         let mut s = scheduler("[[limit]]\nname = \"minute\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 100\n");
         s.push(1, Priority::Normal, 0, vec![item(0, 1)]);

@@ -619,9 +619,7 @@ async fn the_admin_listener_shows_the_lines_and_reloads() {
     // The pace: nothing learnt, so the limits' 1/s (1 % inside it).
     for gauge in ["upstream_limits_rate", "upstream_effective_rate"] {
         assert!(
-            metrics.contains(&format!(
-                "tollgate_{gauge}{{upstream=\"crm\"}} 0.990099"
-            )),
+            metrics.contains(&format!("tollgate_{gauge}{{upstream=\"crm\"}} 0.990099")),
             "{metrics}"
         );
     }

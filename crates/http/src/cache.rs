@@ -177,6 +177,26 @@ fn age_of(headers: &HeaderMap) -> u64 {
         .map_or(0, |age| age.min(MAX_AGE_SECONDS))
 }
 
+/// A response's headers less those that tell of the quota when it was
+/// made (`RateLimit`, `RateLimit-Policy`, `X-RateLimit-*`, a vendor's own
+/// such as `X-HubSpot-RateLimit-Daily-Remaining`, `Retry-After`):
+/// an answer served again spent none, and what they said is stale.
+fn without_quota_headers(mut headers: HeaderMap) -> HeaderMap {
+    let quota: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| {
+            let n = n.as_str();
+            n.contains("ratelimit") || n.contains("rate-limit")
+        })
+        .cloned()
+        .collect();
+    for name in quota {
+        headers.remove(name);
+    }
+    headers.remove(hyper::header::RETRY_AFTER);
+    headers
+}
+
 /// Every value of `name` in `headers`, in order.
 fn values(headers: &HeaderMap, name: &HeaderName) -> Vec<HeaderValue> {
     headers.get_all(name).iter().cloned().collect()
@@ -251,6 +271,7 @@ impl Stored {
         ttl: Duration,
         now: Nanos,
     ) -> Stored {
+        let headers = without_quota_headers(headers);
         let vary = vary_names(&headers)
             .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
             .map(|n| {
@@ -768,6 +789,22 @@ mod tests {
             0,
         );
         assert!(stored.matches(&headers(&[("accept-language", "fr")])));
+        let with_quota = Stored::new(
+            StatusCode::OK,
+            headers(&[
+                ("ratelimit", "\"per-second\";r=199;t=1"),
+                ("ratelimit-policy", "\"per-second\";q=200;w=1"),
+                ("x-ratelimit-remaining", "9"),
+                ("x-hubspot-ratelimit-daily-remaining", "499"),
+                ("etag", "\"a\""),
+            ]),
+            Bytes::new(),
+            &HeaderMap::new(),
+            Duration::from_secs(10),
+            0,
+        );
+        let kept: Vec<&str> = with_quota.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(kept, ["etag"]);
         assert!(!stored.matches(&headers(&[("accept-language", "de")])));
         assert!(!stored.matches(&HeaderMap::new()));
         assert!(stored.is_fresh(9_999_999_999));

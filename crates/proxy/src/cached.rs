@@ -126,7 +126,26 @@ impl Proxy {
         };
         let leader = match flight {
             None => None,
-            Some(Flight::Lead(leader)) => Some(leader),
+            Some(Flight::Lead(leader)) => {
+                // The flight before this one may have landed (and kept its
+                // answer) between the look above and now: look again.
+                let now = self.clock.now();
+                let landed = cache
+                    .get(read.route, &read.key)
+                    .filter(|s| s.is_fresh(now) && s.matches(&parts.headers));
+                if let Some(stored) = landed {
+                    leader.land(Landed::Response(stored.clone()));
+                    return Ok(from_cache(
+                        &stored,
+                        now,
+                        "hit",
+                        &parts.method,
+                        outcome,
+                        line,
+                    ));
+                }
+                Some(leader)
+            }
             Some(Flight::Follow(mut landing)) => {
                 // At most as long as this request would wait in line.
                 let landed =

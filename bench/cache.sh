@@ -405,23 +405,10 @@ if want 2; then
   stop "$PX_PID"; stop "$UP_PID"; stop "$DIRECT_PID"
 fi
 
-for f in gateway proxy; do
-  if [ -s "$work/$f.err" ] && grep -Eqi "panic|error|warn" "$work/$f.err"; then
-    log ""; log "the $f's stderr had warnings or errors:"; grep -Ei "panic|error|warn" "$work/$f.err" | sed 's/^[^ ]* //' | sort | uniq -c | head >&2
-  fi
-done
+stderr_warnings gateway proxy
 
 # ---------------------------------------------------------------- table
 echo
 echo "tollgate proxy cache (bench/cache.sh) at $rev, $(date -u '+%Y-%m-%d %H:%M UTC'): $(nproc) cpus, loopback; 1: $COMPANIES companies x 3 workflows, $THREADS threads each; 2: oha -c $CONNS, ${DUR} s"
 echo "other processes used at most ${FOREIGN_MAX}% of a core during a measured run"
-printf '%s\n' "${TABLE[@]}" | python3 -c '
-import sys
-rows = [l.rstrip("\n").rstrip("|").split("|") for l in sys.stdin if l.strip()]
-rows = [r + [""] * (4 - len(r)) for r in rows]
-rows.insert(0, ["case", "figures", "target", ""])
-w = [max(len(r[i]) for r in rows) for i in range(4)]
-for i, r in enumerate(rows):
-    print("  ".join(c.ljust(w[j]) for j, c in enumerate(r)).rstrip())
-    if i == 0: print("  ".join("-" * x for x in w))
-'
+print_table

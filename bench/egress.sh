@@ -394,12 +394,4 @@ fi
 # ---------------------------------------------------------------- table
 echo
 echo "tollgate run (bench/egress.sh): $(nproc) cpus, loopback, runner concurrency $RUNNER_CONCURRENCY (1-3)"
-printf '%s\n' "${TABLE[@]}" | python3 -c '
-import sys
-rows = [l.rstrip("\n").rstrip("|").split("|") for l in sys.stdin if l.strip()]
-rows.insert(0, ["case", "figures", "target", ""])
-w = [max(len(r[i]) for r in rows) for i in range(4)]
-for i, r in enumerate(rows):
-    print("  ".join(c.ljust(w[j]) for j, c in enumerate(r)).rstrip())
-    if i == 0: print("  ".join("-" * x for x in w))
-'
+print_table

@@ -167,3 +167,29 @@ while todo:
 print(f"{total / os.sysconf('SC_CLK_TCK'):.2f}")
 PY
 }
+
+# print_table: the rows of TABLE ("case|figures|target|verdict") as aligned
+# columns under a header.
+print_table() {
+  printf '%s\n' "${TABLE[@]}" | python3 -c '
+import sys
+rows = [l.rstrip("\n").rstrip("|").split("|") for l in sys.stdin if l.strip()]
+rows = [r + [""] * (4 - len(r)) for r in rows]
+rows.insert(0, ["case", "figures", "target", ""])
+w = [max(len(r[i]) for r in rows) for i in range(4)]
+for i, r in enumerate(rows):
+    print("  ".join(c.ljust(w[j]) for j, c in enumerate(r)).rstrip())
+    if i == 0: print("  ".join("-" * x for x in w))
+'
+}
+
+# stderr_warnings NAME...: what $work/NAME.err said of panics, errors and
+# warnings, counted, if anything.
+stderr_warnings() {
+  local f
+  for f in "$@"; do
+    if [ -s "$work/$f.err" ] && grep -Eqi "panic|error|warn" "$work/$f.err"; then
+      log ""; log "the $f's stderr had warnings or errors:"; grep -Ei "panic|error|warn" "$work/$f.err" | sed 's/^[^ ]* //' | sort | uniq -c | head >&2
+    fi
+  done
+}

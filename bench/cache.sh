@@ -113,15 +113,6 @@ want() { case " $SCENARIOS " in *" $1 "* | *" ${1:0:1} "*) return 0 ;; esac; ret
 
 # ---------------------------------------------------------------- tools
 ensure_tools nginx:nginx curl:curl taskset:util-linux python3:python3
-# tree_state: the commit, and a digest of any uncommitted change to the code
-# built (tracked diffs and untracked files under crates/ and the Cargo files)
-tree_state() {
-  local r d
-  r=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "?")
-  d=$( { git -C "$ROOT" diff HEAD -- crates Cargo.toml Cargo.lock
-         git -C "$ROOT" ls-files --others --exclude-standard -- crates | sort | (cd "$ROOT" && xargs -r cat); } 2>/dev/null | sha1sum | cut -c1-8)
-  if [ "$d" = "$(printf '' | sha1sum | cut -c1-8)" ]; then echo "$r"; else echo "$r + uncommitted changes under crates/ or Cargo files (digest $d)"; fi
-}
 if [ -n "${TOLLGATE:-}" ]; then
   rev="the given binary $TOLLGATE (the tree is at $(tree_state))"
 else
@@ -171,19 +162,6 @@ start_gateway() { # tollgate serve --profile hubspot with its demo upstream
   wait_http "$GW_ADMIN/healthz" "$GW_PID"
 }
 
-# start_proxy TEMPLATE [CMD_PREFIX...]: tollgate proxy with the template's
-# @GATEWAY@, @UPSTREAM@ and @CONCURRENCY@ filled in
-start_proxy() {
-  local template=$1; shift
-  local cfg="$work/$(basename "$template")"
-  sed -e "s/@GATEWAY@/$GATEWAY/g" -e "s/@UPSTREAM@/$UPSTREAM/g" -e "s/@CONCURRENCY@/$PROXY_CONCURRENCY/g" \
-    "$template" > "$cfg"
-  "$TOLLGATE" check "$cfg" >/dev/null
-  "$@" "$TOLLGATE" proxy --config "$cfg" --listen "$PROXY" --admin "127.0.0.1:$PX_ADMIN_PORT" \
-    2>>"$work/proxy.err" &
-  PX_PID=$!; pids+=("$PX_PID")
-  wait_http "$PX_ADMIN/healthz" "$PX_PID"
-}
 
 # prom_sum URL REGEX: the sum of the samples whose name{labels} match REGEX
 prom_sum() {
@@ -311,24 +289,6 @@ if want 1b; then
   row "1b identical" "$identical/$COMPANIES ids: 3 equal answers naming their path; pass a = pass b: ${across/None/-}; direct sample $fetched: equal $same" "all identical" "$ident"
 fi
 
-# ---------------------------------------------------------------- 2
-# run_oha NAME URL PID [oha args]: $work/NAME.json; sets P50 P99 (us) RPS OK ALL,
-# BUSY (proxy cpu % busy) and CPU_US (CPU per request of process tree PID; - for none)
-run_oha() {
-  local name=$1 url=$2 pid=$3 c0=0 c1=0; shift 3
-  foreign_begin
-  [ "$pid" = - ] || c0=$(tree_cpu_s "$pid")
-  cpu_sample > "$work/cpu.before"
-  taskset -c "$LOAD_CPU" "$OHA" --no-tui --output-format json -z "${DUR}s" -c "$CONNS" "$@" "$url" \
-    > "$work/$name.json" 2> "$work/$name.err" || { log "oha failed: $(cat "$work/$name.err")"; return 1; }
-  cpu_sample > "$work/cpu.after"
-  [ "$pid" = - ] || c1=$(tree_cpu_s "$pid")
-  foreign_end
-  BUSY=$(cpu_busy "$work/cpu.before" "$work/cpu.after" "$PROXY_CPU")
-  read -r P50 P99 RPS OK ALL < <(oha_figures "$work/$name.json")
-  CPU_US=$(python3 -c "import sys; c, n = float(sys.argv[1]), int(sys.argv[2]); print(f'{1e6 * c / n:.0f}' if n and c else '-')" "$(python3 -c "import sys; print(float(sys.argv[2]) - float(sys.argv[1]))" "$c0" "$c1")" "$ALL")
-  [ "$OK" = "$ALL" ] || log "  WARNING: $((ALL - OK)) of $ALL answers were not 2xx: $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("statusCodeDistribution"))' "$work/$name.json")"
-}
 warm() { taskset -c "$LOAD_CPU" "$OHA" --no-tui -z 2s -c "$CONNS" "$@" > /dev/null 2>&1; }
 # cache_of URL: the Tollgate-Cache header of one GET (none: -)
 cache_of() { curl -s -m 5 -o /dev/null -D - "$1" | awk -F': *' 'tolower($1) == "tollgate-cache" { v = $2 } END { gsub(/\r/, "", v); print (v == "" ? "-" : v) }'; }

@@ -53,11 +53,8 @@ pub(crate) fn apply(
     // not a count for another: only a vendor's name the profile does not
     // have falls back to the binding limit.
     let charged = |matches: &dyn Fn(&Item) -> bool| -> Option<Option<&Item>> {
-        committed
-            .iter()
-            .map(|(item, _)| item)
-            .find(|i| matches(i))
-            .map(|i| counted.iter().copied().find(|c| *c == i))
+        let (item, _) = committed.iter().find(|(item, _)| matches(item))?;
+        Some(counted.contains(&item).then_some(item))
     };
     for correction in corrections {
         let item = match &correction.target {

@@ -633,10 +633,6 @@ impl Cache {
             })
             .collect()
     }
-
-    pub fn routes(&self) -> impl Iterator<Item = &CacheRoute> {
-        self.routes.iter().map(|(r, _)| r)
-    }
 }
 
 /// The path of a URL as sent (no query).

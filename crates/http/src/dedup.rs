@@ -110,11 +110,6 @@ impl Writes {
         self.settings.is_off()
     }
 
-    /// How long an answer is kept, from `now`.
-    pub fn remembered_until(&self, now: Nanos) -> Nanos {
-        now.saturating_add(self.settings.window.as_nanos() as Nanos)
-    }
-
     /// The answer the first request with Idempotency-Key `key` got, while
     /// it is remembered.
     pub fn answered(&self, partition: Partition, key: &str, now: Nanos) -> Option<Arc<Done>> {

@@ -748,7 +748,6 @@ async fn heads_ranges_and_cookies_are_kept_apart() {
         let (body, state) = body_and_state(&url("/v1/login"), &[]).await;
         assert_eq!((body, state.as_str()), (format!("welcome #{n}"), "miss"));
     }
-    let _ = up; // (the upstream lives as long as the test)
 }
 
 #[tokio::test]

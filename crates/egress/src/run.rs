@@ -415,9 +415,7 @@ impl<'a> Driver<'a> {
                 let mut active = Active::new(upstream, job, items.clone(), attempts);
                 if let Some(read) = &read {
                     let now = self.now();
-                    let kept = self.caches[upstream]
-                        .get(read.route, &read.key)
-                        .filter(|s| s.is_fresh(now) && s.matches(&read.sent));
+                    let kept = self.caches[upstream].fresh(read.route, &read.key, &read.sent, now);
                     if let Some(kept) = kept {
                         // Answered from the cache: no call, no quota.
                         let settled = Settled::Done;

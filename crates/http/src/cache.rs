@@ -549,6 +549,19 @@ impl Cache {
         self.routes.get(route)?.1.get(key)
     }
 
+    /// The entry that answers `request` now without a call: kept, fresh,
+    /// and alike in what it varies on.
+    pub fn fresh(
+        &self,
+        route: usize,
+        key: &Key,
+        request: &HeaderMap,
+        now: Nanos,
+    ) -> Option<Arc<Stored>> {
+        self.get(route, key)
+            .filter(|s| s.is_fresh(now) && s.matches(request))
+    }
+
     /// The route's epoch now (a read's call records it when it starts).
     pub fn epoch(&self, route: usize) -> u64 {
         self.epochs

@@ -130,9 +130,7 @@ impl Proxy {
                 // The flight before this one may have landed (and kept its
                 // answer) between the look above and now: look again.
                 let now = self.clock.now();
-                let landed = cache
-                    .get(read.route, &read.key)
-                    .filter(|s| s.is_fresh(now) && s.matches(&parts.headers));
+                let landed = cache.fresh(read.route, &read.key, &parts.headers, now);
                 if let Some(stored) = landed {
                     leader.land(Landed::Response(stored.clone()));
                     return Ok(from_cache(

@@ -26,8 +26,10 @@
 
 mod denials;
 mod pauses;
+mod shelf;
 
 pub use pauses::Pauses;
+pub use shelf::{SharedCache, Stamp, MAX_DEPTH};
 
 use denials::Denials;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};

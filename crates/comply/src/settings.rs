@@ -55,6 +55,8 @@ pub struct Upstream {
     pub key_header: String,
     /// `[[upstream.cache]]`: reads kept for a while (docs/cache.md).
     pub cache: Vec<tollgate_http::cache::CacheRoute>,
+    /// `cache_store`: in this process, or the fleet's Redis.
+    pub cache_store: tollgate_http::cache::CacheStore,
     /// `dedup`, `skip_unchanged`: writes done once (docs/cache.md).
     pub dedup: tollgate_http::dedup::DedupSettings,
 }
@@ -405,6 +407,31 @@ fn upstream(
     for raw_cache in &u.cache {
         cache.push(cache_route(text, raw_cache, &name)?);
     }
+    let cache_store = match &u.cache_store {
+        None => tollgate_http::cache::CacheStore::Memory,
+        Some(store) => {
+            let at = store.span().start;
+            let named = match store.get_ref().as_str() {
+                "memory" => tollgate_http::cache::CacheStore::Memory,
+                "redis" => tollgate_http::cache::CacheStore::Redis,
+                other => {
+                    return Err(err(
+                        at,
+                        format!("cache_store '{other}': expected \"memory\" or \"redis\""),
+                    ))
+                }
+            };
+            if named == tollgate_http::cache::CacheStore::Redis {
+                if policy.store.redis.is_none() {
+                    return Err(err(at, "cache_store = \"redis\" keeps the cache in the fleet's Redis: add [store] kind = \"redis\" (or drop cache_store)".into()));
+                }
+                if cache.is_empty() {
+                    return Err(err(at, "cache_store = \"redis\" has nothing to share: the upstream has no [[upstream.cache]] routes".into()));
+                }
+            }
+            named
+        }
+    };
     for prefix in &u.skip_unchanged {
         if !prefix.get_ref().starts_with('/') {
             return Err(err(
@@ -453,6 +480,7 @@ fn upstream(
         key_header,
         intercept,
         cache,
+        cache_store,
         dedup,
         name,
     })
@@ -653,6 +681,7 @@ struct RawUpstream {
     key_format: Option<Spanned<String>>,
     #[serde(default)]
     cache: Vec<Spanned<RawCache>>,
+    cache_store: Option<Spanned<String>>,
     dedup: Option<Spanned<String>>,
     #[serde(default)]
     skip_unchanged: Vec<Spanned<String>>,
@@ -862,6 +891,49 @@ mod tests {
             err(&with("path_prefix = \"/v1\""))
         );
         assert!(err(&with("path_prefix = \"/v1\"\nttl = \"1m\"\nttl_max = 1")).contains("ttl_max"));
+    }
+
+    #[test]
+    fn cache_store_is_memory_or_the_fleets_redis() {
+        let with = |store: &str, line: &str| {
+            format!(
+                "{store}{}",
+                BASE.replace("[[upstream.limit]]", &format!("{line}\n[[upstream.limit]]"))
+            ) + "[[upstream.cache]]\npath_prefix = \"/v1\"\nttl = \"1m\"\n"
+        };
+        let redis = "[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\n";
+        let store =
+            |text: &str| parse(text, &NoProfiles, &|_| None).unwrap().upstreams[0].cache_store;
+        use tollgate_http::cache::CacheStore;
+        assert_eq!(store(&with("", "")), CacheStore::Memory);
+        assert_eq!(
+            store(&with(redis, "cache_store = \"redis\"")),
+            CacheStore::Redis
+        );
+        assert_eq!(
+            store(&with(redis, "cache_store = \"memory\"")),
+            CacheStore::Memory
+        );
+        assert_eq!(
+            err(&with("", "cache_store = \"redis\"")),
+            "line 4: upstream 'crm': cache_store = \"redis\" keeps the cache in the fleet's Redis: add [store] kind = \"redis\" (or drop cache_store)"
+        );
+        assert_eq!(
+            err(&with(redis, "cache_store = \"disk\"")),
+            "line 7: upstream 'crm': cache_store 'disk': expected \"memory\" or \"redis\""
+        );
+        let without_routes = format!(
+            "{redis}{}",
+            BASE.replace(
+                "[[upstream.limit]]",
+                "cache_store = \"redis\"\n[[upstream.limit]]"
+            )
+        );
+        assert!(
+            err(&without_routes).contains("has nothing to share"),
+            "{}",
+            err(&without_routes)
+        );
     }
 
     #[test]

@@ -15,8 +15,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tollgate_comply::{human, Event, Next, Reply, Scheduler, Settled};
 use tollgate_core::{Clock, Item, Nanos};
-use tollgate_http::cache::{freshness, Cache, Key, Stored};
+use tollgate_http::cache::{freshness, shared_store, Cache, CacheStore, Key, Stored};
 use tollgate_http::ratelimit as signals;
+use tollgate_store::redis::SharedCache;
 use tollgate_store::{Engine, TokioClock};
 
 /// A response body up to this size goes into `results.jsonl` as is; a longer
@@ -69,6 +70,8 @@ pub enum RunError {
     Writer(StateError),
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
+    #[error("upstream '{0}': cache_store: {1}")]
+    SharedCache(String, tollgate_store::redis::RedisError),
     #[error(transparent)]
     Queue(#[from] crate::fleet::QueueError),
     #[error("queue '{queue}' has {jobs} unfinished job(s) for upstream '{upstream}', which this config does not have; run them with a config that has it (or use another --queue)")]
@@ -346,6 +349,11 @@ pub(crate) struct Driver<'a> {
     pub(crate) pauses: Vec<Option<tollgate_store::redis::Pauses>>,
     /// Per upstream, its reads kept (`[[upstream.cache]]`), in this process.
     caches: Vec<Cache>,
+    /// Per upstream with `cache_store = "redis"`, the fleet's shared cache,
+    /// which this run's writes evict from (its own reads are kept above).
+    shared: Vec<Option<Arc<SharedCache>>>,
+    /// Those evictions under way (a run waits for them before it ends).
+    evicting: tokio::task::JoinSet<()>,
     /// Reads queued or in flight, by upstream, route and key: the job that
     /// makes the call ...
     reading: HashMap<(usize, usize, Key), u64>,
@@ -389,6 +397,19 @@ impl<'a> Driver<'a> {
                 .iter()
                 .map(|u| Cache::new(&u.cache))
                 .collect(),
+            shared: config
+                .upstreams
+                .iter()
+                .map(|u| match (u.cache_store, &u.policy.store.redis) {
+                    (CacheStore::Redis, Some(settings)) => {
+                        shared_store(&u.cache, settings, &u.name)
+                            .map(|store| Some(Arc::new(store)))
+                            .map_err(|e| RunError::SharedCache(u.name.clone(), e))
+                    }
+                    _ => Ok(None),
+                })
+                .collect::<Result<_, _>>()?,
+            evicting: tokio::task::JoinSet::new(),
             reading: HashMap::new(),
             followers: HashMap::new(),
             saved: vec![(0, 0); config.upstreams.len()],
@@ -564,6 +585,12 @@ impl<'a> Driver<'a> {
         wake
     }
 
+    /// Wait until what this run's writes changed is evicted from the
+    /// fleet's shared cache (each within `[store] timeout`).
+    pub(crate) async fn evicted(&mut self) {
+        while self.evicting.join_next().await.is_some() {}
+    }
+
     /// Start each upstream at the pace earlier runs learnt for it.
     pub(crate) fn resume_paces(&mut self, paces: &HashMap<String, f64>) {
         for (u, s) in self.config.upstreams.iter().zip(&mut self.schedulers) {
@@ -629,7 +656,13 @@ impl<'a> Driver<'a> {
         if !cache.is_empty() && !matches!(a.job.method.as_str(), "GET" | "HEAD") {
             // What a write changed is not answered from the cache again.
             if let Ok(url) = url::Url::parse(&a.job.url) {
-                cache.written(url.path());
+                let touched = cache.written(url.path());
+                if let (Some(shared), true) = (&self.shared[a.upstream], touched > 0) {
+                    let (shared, path) = (shared.clone(), url.path().to_string());
+                    self.evicting.spawn(async move {
+                        let _ = shared.written(&path).await;
+                    });
+                }
             }
         }
         if let Some(read) = a.read {
@@ -867,6 +900,7 @@ pub async fn run(
             }
         }
     }
+    driver.evicted().await;
     for (u, s) in config.upstreams.iter().zip(&driver.schedulers) {
         writer.learnt(&u.name, s.effective_rate());
     }

@@ -651,3 +651,65 @@ async fn reads_alike_wait_for_one_call_and_get_its_answer_after_a_retry() {
     assert_eq!(up.seen("/v1/flaky").len(), 2);
     assert_eq!(ran.summary.upstreams[0].saved, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_s_writes_evict_the_fleet_s_shared_cache() {
+    use tollgate_http::cache::{shared_store, Cache, Key, Stored};
+    let up = scripted(|_, _| ok()).await;
+    let config = format!(
+        "[store]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{}\"\n{}[[upstream.cache]]\npath_prefix = \"/v1\"\nttl = \"1h\"\n",
+        tollgate_testkit::redis_url(),
+        tollgate_testkit::unique_prefix("runner-shared-cache"),
+        upstream(up.addr, "cache_store = \"redis\"")
+    );
+    // What a proxy of the fleet keeps (parsed from the same config).
+    let parsed = tollgate_egress::parse_config(&config, &tollgate_profiles::Bundled, &|_| None)
+        .expect("config");
+    let u = &parsed.upstreams[0];
+    let settings = u.policy.store.redis.as_ref().expect("redis");
+    let proxy_cache = Cache::shared(
+        &u.cache,
+        shared_store(&u.cache, settings, &u.name).expect("store"),
+    );
+    let key = |path: &str| Key {
+        method: "GET".into(),
+        url: format!("http://{}{path}", up.addr),
+        partition: u.partition(None, &hyper::HeaderMap::new()),
+    };
+    let now = tollgate_store::TokioClock::system();
+    for path in ["/v1/sites/5", "/v1/job-types"] {
+        let look = proxy_cache.look(0, &key(path)).await;
+        let stored = Stored::new(
+            hyper::StatusCode::OK,
+            hyper::HeaderMap::new(),
+            bytes::Bytes::from_static(b"kept"),
+            &hyper::HeaderMap::new(),
+            Duration::from_secs(3600),
+            tollgate_core::Clock::now(&now),
+        );
+        proxy_cache
+            .keep(0, key(path), Arc::new(stored), look.epoch)
+            .await;
+        assert!(
+            proxy_cache.look(0, &key(path)).await.kept.is_some(),
+            "{path}"
+        );
+    }
+    let jobs = format!(
+        "{{\"id\":\"edit\",\"method\":\"PATCH\",\"url\":\"http://{}/v1/sites/5\",\"body\":{{\"name\":\"b\"}}}}\n",
+        up.addr
+    );
+    let ran = run(&config, &jobs).await;
+    assert_eq!(ran.summary.done(), 1);
+    // When the run has ended, the record it changed is gone for the fleet.
+    assert!(proxy_cache
+        .look(0, &key("/v1/sites/5"))
+        .await
+        .kept
+        .is_none());
+    assert!(proxy_cache
+        .look(0, &key("/v1/job-types"))
+        .await
+        .kept
+        .is_some());
+}

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tollgate_core::Nanos;
+use tollgate_store::redis::{SharedCache, Stamp};
 
 /// On every answer of a cached route: where it came from.
 pub static TOLLGATE_CACHE: HeaderName = HeaderName::from_static("tollgate-cache");
@@ -53,6 +54,12 @@ pub struct CacheRoute {
 }
 
 impl CacheRoute {
+    /// How long an entry may be used at all: fresh, then stale for
+    /// `stale_if_error`.
+    pub fn life(&self) -> Duration {
+        self.ttl.saturating_add(self.stale_if_error)
+    }
+
     /// Whether a request with this method and (upstream) path is one of
     /// this route's reads.
     pub fn reads(&self, method: &str, path: &str) -> bool {
@@ -244,6 +251,19 @@ pub struct Key {
     pub partition: Partition,
 }
 
+impl Key {
+    /// Its name in the fleet's shared cache: a hash, so neither the URL
+    /// nor anything of the credential is a Redis key.
+    pub fn id(&self) -> [u8; 32] {
+        let parts: [&[u8]; 3] = [
+            self.method.as_bytes(),
+            self.url.as_bytes(),
+            &self.partition.0,
+        ];
+        Partition::of(parts).0
+    }
+}
+
 /// A response kept whole.
 #[derive(Debug, Clone)]
 pub struct Stored {
@@ -382,6 +402,108 @@ impl Stored {
             .sum();
         u32::try_from(self.body.len() + headers + vary + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
     }
+
+    /// As kept in the fleet's shared cache: a version tag, the status, the
+    /// three instants, the headers and the varied request headers (each a
+    /// length-prefixed name and values), then the body, length-prefixed.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.weight() as usize);
+        out.extend_from_slice(SHARED_FORMAT);
+        out.extend_from_slice(&self.status.as_u16().to_be_bytes());
+        for instant in [self.stored_at, self.fresh_until, self.age_then] {
+            out.extend_from_slice(&instant.to_be_bytes());
+        }
+        let lines: Vec<_> = (self.headers.keys())
+            .map(|n| (n, self.headers.get_all(n).iter().collect::<Vec<_>>()))
+            .collect();
+        put_lines(&mut out, &lines);
+        let vary: Vec<_> = (self.vary.iter())
+            .map(|(n, values)| (n, values.iter().collect::<Vec<_>>()))
+            .collect();
+        put_lines(&mut out, &vary);
+        put_u32(&mut out, self.body.len());
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    /// What `encode` wrote; `None` for anything else (another version's
+    /// format, a damaged value): the read then calls instead.
+    pub fn decode(bytes: &[u8]) -> Option<Stored> {
+        let mut r = Reader(bytes.strip_prefix(SHARED_FORMAT)?);
+        let status = StatusCode::from_u16(u16::from_be_bytes(r.take(2)?.try_into().ok()?)).ok()?;
+        let mut instant = || Some(u64::from_be_bytes(r.take(8)?.try_into().ok()?));
+        let (stored_at, fresh_until, age_then) = (instant()?, instant()?, instant()?);
+        let mut groups = [Vec::new(), Vec::new()];
+        for group in &mut groups {
+            for _ in 0..r.u32()? {
+                let len = r.u32()?;
+                let name = HeaderName::from_bytes(r.take(len)?).ok()?;
+                let mut values = Vec::new();
+                for _ in 0..r.u32()? {
+                    let len = r.u32()?;
+                    values.push(HeaderValue::from_bytes(r.take(len)?).ok()?);
+                }
+                group.push((name, values));
+            }
+        }
+        let [lines, vary] = groups;
+        let mut headers = HeaderMap::new();
+        for (name, values) in lines {
+            for value in values {
+                headers.append(name.clone(), value);
+            }
+        }
+        let len = r.u32()?;
+        let body = r.take(len).filter(|_| r.0.is_empty())?;
+        Some(Stored {
+            status,
+            headers,
+            body: Bytes::copy_from_slice(body),
+            vary,
+            stored_at,
+            fresh_until,
+            age_then,
+        })
+    }
+}
+
+/// The version of `Stored::encode`'s format.
+const SHARED_FORMAT: &[u8] = b"tollgate-cache 1\n";
+
+/// Each header's name and its values, length-prefixed.
+fn put_lines(out: &mut Vec<u8>, lines: &[(&HeaderName, Vec<&HeaderValue>)]) {
+    put_u32(out, lines.len());
+    for (name, values) in lines {
+        put_u32(out, name.as_str().len());
+        out.extend_from_slice(name.as_str().as_bytes());
+        put_u32(out, values.len());
+        for value in values {
+            put_u32(out, value.len());
+            out.extend_from_slice(value.as_bytes());
+        }
+    }
+}
+
+fn put_u32(out: &mut Vec<u8>, n: usize) {
+    out.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes());
+}
+
+/// Reads `Stored::encode`'s fields in order.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (taken, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(taken)
+    }
+
+    fn u32(&mut self) -> Option<usize> {
+        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?) as usize)
+    }
 }
 
 /// How a flight of identical reads ended, for those who waited on it.
@@ -478,7 +600,52 @@ impl std::iter::Sum for Size {
     }
 }
 
-/// An upstream's cache: a store per route, and the flights in progress.
+/// `cache_store`: where an upstream's entries are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheStore {
+    /// In this process (the default).
+    #[default]
+    Memory,
+    /// In the fleet's Redis (`[store] kind = "redis"`): what one process
+    /// keeps, all serve, and a write through any evicts in all.
+    Redis,
+}
+
+/// The fleet's shared entries of `upstream`'s routes.
+pub fn shared_store(
+    routes: &[CacheRoute],
+    settings: &tollgate_core::policy::RedisSettings,
+    upstream: &str,
+) -> Result<SharedCache, tollgate_store::redis::RedisError> {
+    let longest = routes.iter().map(CacheRoute::life).max();
+    SharedCache::new(
+        settings,
+        &format!("upstream:{upstream}"),
+        longest.unwrap_or_default(),
+    )
+}
+
+/// When a read looked: a write (here, or in the fleet) after it means its
+/// answer is not kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Epoch {
+    /// The route's epoch in this process.
+    pub local: u64,
+    /// The fleet's write clock (shared store only; `None` when Redis did
+    /// not answer: then nothing is kept there).
+    fleet: Option<Stamp>,
+}
+
+/// What a read found: the entry kept for its key (fresh or not, alike in
+/// what it varies on or not), and when it looked.
+#[derive(Debug)]
+pub struct Look {
+    pub kept: Option<Arc<Stored>>,
+    pub epoch: Epoch,
+}
+
+/// An upstream's cache: a store per route (or the fleet's, shared), and
+/// the flights in progress.
 pub struct Cache {
     routes: Vec<(CacheRoute, moka::sync::Cache<Key, Arc<Stored>>)>,
     /// Per route, bumped by each write or purge that touches it: a read
@@ -486,6 +653,9 @@ pub struct Cache {
     /// reads after.
     epochs: Vec<AtomicU64>,
     flights: Flights,
+    /// `cache_store = "redis"`: entries are kept there instead (the
+    /// per-route stores stay empty; flights are still this process's).
+    shared: Option<SharedCache>,
 }
 
 impl std::fmt::Debug for Cache {
@@ -514,7 +684,7 @@ impl Cache {
                     // Past its ttl and stale_if_error an entry can serve
                     // only to revalidate; then it goes (in real time: this
                     // bounds memory, freshness is the caller's clock).
-                    .time_to_live(route.ttl.saturating_add(route.stale_if_error))
+                    .time_to_live(route.life())
                     .support_invalidation_closures()
                     .build();
                 (route.clone(), store)
@@ -524,7 +694,89 @@ impl Cache {
             epochs: routes.iter().map(|_| AtomicU64::new(0)).collect(),
             routes,
             flights: Flights::default(),
+            shared: None,
         }
+    }
+
+    /// A cache whose entries the fleet shares through Redis.
+    pub fn shared(routes: &[CacheRoute], store: SharedCache) -> Cache {
+        Cache {
+            shared: Some(store),
+            ..Cache::new(routes)
+        }
+    }
+
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// The entry kept for `key` and the epoch now (from Redis for a shared
+    /// cache: one round trip; if it fails, nothing is found or kept).
+    pub async fn look(&self, route: usize, key: &Key) -> Look {
+        let local = self.epoch(route);
+        let Some(shared) = &self.shared else {
+            return Look {
+                kept: self.get(route, key),
+                epoch: Epoch { local, fleet: None },
+            };
+        };
+        let (kept, fleet) = match shared.look(&key.id(), &url_path(&key.url)).await {
+            Ok(Some((value, stamp))) => (value.and_then(|v| Stored::decode(&v)), Some(stamp)),
+            Ok(None) | Err(_) => (None, None),
+        };
+        Look {
+            kept: kept.map(Arc::new),
+            epoch: Epoch { local, fleet },
+        }
+    }
+
+    /// The entry that answers `request` now without a call (`fresh`,
+    /// through the shared store when there is one).
+    pub async fn fresh_now(
+        &self,
+        route: usize,
+        key: &Key,
+        request: &HeaderMap,
+        now: Nanos,
+    ) -> Option<Arc<Stored>> {
+        (self.look(route, key).await.kept).filter(|s| s.is_fresh(now) && s.matches(request))
+    }
+
+    /// `put`, into the shared store when there is one (awaited: when the
+    /// answer goes out, every process of the fleet can serve it).
+    pub async fn keep(&self, route: usize, key: Key, stored: Arc<Stored>, epoch: Epoch) {
+        let Some(shared) = &self.shared else {
+            return self.put(route, key, stored, epoch.local);
+        };
+        let (Some(r), Some(looked)) = (self.routes.get(route), epoch.fleet) else {
+            return;
+        };
+        if stored.body.len() as u64 > r.0.max_entry_bytes || self.epoch(route) != epoch.local {
+            return;
+        }
+        let path = url_path(&key.url);
+        let _ = (shared.keep(&key.id(), &path, looked, stored.encode(), r.0.life())).await;
+    }
+
+    /// `remove`, from the shared store when there is one.
+    pub async fn forget(&self, route: usize, key: &Key) {
+        match &self.shared {
+            Some(shared) => {
+                let _ = shared.forget(&key.id()).await;
+            }
+            None => self.remove(route, key),
+        }
+    }
+
+    /// `written`, and in the fleet's shared store when there is one (a
+    /// failure there is logged: other processes may then serve what this
+    /// write changed until their entries' ttl).
+    pub async fn written_through(&self, path: &str) -> usize {
+        let touched = self.written(path);
+        if let (Some(shared), true) = (&self.shared, touched > 0) {
+            let _ = shared.written(path).await;
+        }
+        touched
     }
 
     pub fn is_empty(&self) -> bool {
@@ -619,8 +871,16 @@ impl Cache {
     }
 
     /// `POST /v1/cache/purge`: every entry whose path is at or under
-    /// `prefix` goes (all of them when it is `/`).
-    pub fn purge(&self, prefix: &str) {
+    /// `prefix` goes (all of them when it is `/`), in the fleet too.
+    pub async fn purge(&self, prefix: &str) -> Result<(), tollgate_store::redis::RedisError> {
+        self.purge_here(prefix);
+        match &self.shared {
+            Some(shared) => shared.purged(prefix).await,
+            None => Ok(()),
+        }
+    }
+
+    fn purge_here(&self, prefix: &str) {
         let prefix = prefix.trim_end_matches('/').to_string();
         for (i, (_, store)) in self.routes.iter().enumerate() {
             self.epochs[i].fetch_add(1, Ordering::AcqRel);
@@ -860,7 +1120,44 @@ mod tests {
     }
 
     #[test]
-    fn a_write_evicts_its_path_the_paths_under_it_and_above_it_only() {
+    fn a_stored_response_survives_its_shared_encoding_and_damage_is_refused() {
+        let mut headers = headers(&[
+            ("content-type", "application/json"),
+            ("vary", "accept"),
+            ("etag", "\"v1\""),
+        ]);
+        headers.append("link", HeaderValue::from_static("<a>; rel=next"));
+        headers.append("link", HeaderValue::from_static("<b>; rel=last"));
+        let request = self::headers(&[("accept", "application/json")]);
+        let stored = Stored::new(
+            StatusCode::NON_AUTHORITATIVE_INFORMATION,
+            headers,
+            Bytes::from_static(b"{\"id\":7}"),
+            &request,
+            Duration::from_secs(90),
+            1_700_000_000_000_000_000,
+        );
+        let encoded = stored.encode();
+        let back = Stored::decode(&encoded).expect("decoded");
+        assert_eq!(back.status, stored.status);
+        assert_eq!(back.headers, stored.headers);
+        assert_eq!(back.body, stored.body);
+        assert_eq!(back.vary, stored.vary);
+        assert_eq!(
+            (back.stored_at, back.fresh_until, back.age_then),
+            (stored.stored_at, stored.fresh_until, stored.age_then)
+        );
+        for cut in 0..encoded.len() {
+            assert!(Stored::decode(&encoded[..cut]).is_none(), "cut at {cut}");
+        }
+        let mut longer = encoded.clone();
+        longer.push(b'x');
+        assert!(Stored::decode(&longer).is_none());
+        assert!(Stored::decode(b"tollgate-cache 9\n...").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_write_evicts_its_path_the_paths_under_it_and_above_it_only() {
         let cache = Cache::new(&[route("/v1")]);
         let urls = [
             "http://h/v1/sites",
@@ -879,7 +1176,7 @@ mod tests {
             .map(|u| cache.get(0, &key(u)).is_some())
             .collect();
         assert_eq!(kept, [false, false, false, false, true, true]);
-        cache.purge("/v1/job-types");
+        cache.purge("/v1/job-types").await.expect("memory");
         assert!(cache.get(0, &key("http://h/v1/job-types")).is_none());
         assert!(cache.get(0, &key("http://h/v1/sites/6")).is_some());
         assert_eq!(cache.written("/v2/x"), 0);

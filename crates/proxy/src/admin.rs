@@ -49,7 +49,8 @@ impl Proxy {
                             in_flight: s.in_flight(),
                             effective_rate: s.pacing_rate(now),
                             limits_rate: s.limits_rate(),
-                            cache: (!l.cache.is_empty()).then(|| l.cache.sizes().into_iter().sum()),
+                            cache: (!l.cache.is_empty() && !l.cache.is_shared())
+                                .then(|| l.cache.sizes().into_iter().sum()),
                         })
                     });
                 reply(
@@ -157,7 +158,13 @@ impl Proxy {
                 ),
             );
         }
-        cache.purge(&purge.prefix);
+        if let Err(e) = cache.purge(&purge.prefix).await {
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Purged here only",
+                format!("the entries kept in this process went, but the fleet's shared cache was not purged: {e}"),
+            );
+        }
         json(
             StatusCode::OK,
             serde_json::json!({ "purged": true, "upstream": purge.upstream, "prefix": purge.prefix }),

@@ -26,7 +26,9 @@ use std::time::{Duration, SystemTime};
 use tollgate_comply::Upstream;
 use tollgate_core::{Clock, Nanos};
 use tollgate_http::body::{BoxError, GuardedBody};
-use tollgate_http::cache::{directives, freshness, Flight, Key, Landed, Leader, Partition, Stored};
+use tollgate_http::cache::{
+    directives, freshness, Epoch, Flight, Key, Landed, Leader, Partition, Stored,
+};
 use tollgate_http::{Peer, Refusal};
 
 /// Request headers that ask for part of a resource, or for an answer only
@@ -110,11 +112,12 @@ impl Proxy {
     ) -> Answer {
         let line = &generation.lines[upstream];
         let cache = &line.cache;
+        // (a bypass keeps what it fetches, unless a write came meanwhile)
+        let look = cache.look(read.route, &read.key).await;
+        let epoch = look.epoch;
         let kept = match read.bypass {
             true => None,
-            false => cache
-                .get(read.route, &read.key)
-                .filter(|s| s.matches(&parts.headers)),
+            false => look.kept.filter(|s| s.matches(&parts.headers)),
         };
         let now = self.clock.now();
         if let Some(stored) = kept.as_ref().filter(|s| s.is_fresh(now)) {
@@ -130,7 +133,9 @@ impl Proxy {
                 // The flight before this one may have landed (and kept its
                 // answer) between the look above and now: look again.
                 let now = self.clock.now();
-                let landed = cache.fresh(read.route, &read.key, &parts.headers, now);
+                let landed = cache
+                    .fresh_now(read.route, &read.key, &parts.headers, now)
+                    .await;
                 if let Some(stored) = landed {
                     leader.land(Landed::Response(stored.clone()));
                     return Ok(from_cache(
@@ -194,7 +199,7 @@ impl Proxy {
             copy_of(parts),
             peer.clone(),
             control,
-            kept,
+            (kept, epoch),
             leader,
         );
         let (answer, ended) = match bypass {
@@ -235,14 +240,12 @@ impl Proxy {
         mut parts: Parts,
         peer: Arc<Peer>,
         control: Control,
-        kept: Option<Arc<Stored>>,
+        (kept, epoch): (Option<Arc<Stored>>, Epoch),
         leader: Option<Leader>,
     ) -> (Answer, Outcome<'static>) {
         let line = &generation.lines[upstream];
         let settings = &generation.config.upstreams[upstream];
         let route = line.cache.route(read.route).clone();
-        // (what it fetches is kept only if no write came meanwhile)
-        let epoch = line.cache.epoch(read.route);
         let asked = parts.headers.clone();
         let revalidating = kept.as_ref().filter(|s| s.revalidates()).cloned();
         if let Some(stored) = &revalidating {
@@ -301,10 +304,12 @@ impl Proxy {
                 );
                 let fresh = Arc::new(updated.fresh_for(ttl.unwrap_or_default(), now));
                 match ttl {
-                    Some(_) => line
-                        .cache
-                        .put(read.route, read.key.clone(), fresh.clone(), epoch),
-                    None => line.cache.remove(read.route, &read.key),
+                    Some(_) => {
+                        (line.cache)
+                            .keep(read.route, read.key.clone(), fresh.clone(), epoch)
+                            .await
+                    }
+                    None => line.cache.forget(read.route, &read.key).await,
                 }
                 (
                     Ok(stored_response(&fresh, now, head, true)),
@@ -330,8 +335,9 @@ impl Proxy {
                             now,
                         ));
                         if ttl.is_some() {
-                            line.cache
-                                .put(read.route, read.key.clone(), stored.clone(), epoch);
+                            (line.cache)
+                                .keep(read.route, read.key.clone(), stored.clone(), epoch)
+                                .await;
                         }
                         let answer = stored_response(&stored, now, head, false);
                         let landed = match shared {

@@ -406,7 +406,7 @@ impl Proxy {
             .await;
         if write {
             // What the write changed is not served from the cache again.
-            cache.written(url.path());
+            cache.written_through(url.path()).await;
         }
         answer
     }

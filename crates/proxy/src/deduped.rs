@@ -82,7 +82,7 @@ impl Proxy {
                         generation, upstream, url, parts, outgoing, held, peer, &control, outcome,
                     )
                     .await;
-                line.cache.written(url.path());
+                line.cache.written_through(url.path()).await;
                 writes.written(url.path());
                 return answer;
             }
@@ -187,7 +187,7 @@ impl Proxy {
             )
             .await;
         // What it changed is asked again (before its own state is kept).
-        line.cache.written(url.path());
+        line.cache.written_through(url.path()).await;
         writes.written(url.path());
         let answer = match fetched {
             Ok(response) => {

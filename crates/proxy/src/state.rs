@@ -373,11 +373,23 @@ fn start_line(
         pause_listener,
         fingerprint: fingerprint(u),
         keys: crate::keys::KeyPool::new(u.keys.len()),
-        cache: tollgate_http::cache::Cache::new(&u.cache),
+        cache: cache_of(u)?,
         writes: tollgate_http::dedup::Writes::new(&u.dedup),
         line,
         client,
     })
+}
+
+/// The upstream's cache: in this process, or shared through the fleet's
+/// Redis (`cache_store = "redis"`).
+fn cache_of(u: &Upstream) -> Result<tollgate_http::cache::Cache, LoadError> {
+    use tollgate_http::cache::{shared_store, Cache, CacheStore};
+    match (&u.cache_store, &u.policy.store.redis) {
+        (CacheStore::Redis, Some(settings)) => shared_store(&u.cache, settings, &u.name)
+            .map(|store| Cache::shared(&u.cache, store))
+            .map_err(|e| LoadError::Io(format!("upstream '{}': cache_store: {e}", u.name))),
+        _ => Ok(Cache::new(&u.cache)),
+    }
 }
 
 /// The upstream's client: HTTP/1.1 over TCP or TLS (rustls: the system's

@@ -6,7 +6,7 @@ mod common;
 use common::{client, start_at, upstream};
 use std::time::{Duration, Instant};
 use tollgate_store::TokioClock;
-use tollgate_testkit::upstream::{ok, scripted, Answer};
+use tollgate_testkit::upstream::{ok, scripted, scripted_seen, Answer};
 use tollgate_testkit::{redis_url, unique_prefix};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,4 +54,138 @@ async fn a_429_one_proxy_gets_pauses_the_upstream_in_every_proxy() {
         gap >= 1.95,
         "nothing reached the upstream during the pause: {gap:.2} s"
     );
+}
+
+/// Fleet mode with `cache_store = "redis"`: an upstream `api` at `addr`
+/// whose reads under /v1 are kept an hour in the Redis at `url`.
+fn shared_cache(url: &str, prefix: &str, addr: std::net::SocketAddr, limit: &str) -> String {
+    format!(
+        "[store]\nkind = \"redis\"\nurl = \"{url}\"\nprefix = \"{prefix}\"\n{}",
+        upstream(
+            "api",
+            addr,
+            &format!("cache_store = \"redis\"\n{limit}\n[[upstream.cache]]\npath_prefix = \"/v1\"\nttl = \"1h\"\n")
+        )
+    )
+}
+
+/// A GET through `proxy` as `tenant` (its Authorization): the body and
+/// `Tollgate-Cache`.
+async fn read_as(proxy: &common::Running, path: &str, tenant: &str) -> (String, String) {
+    let r = client()
+        .get(proxy.url("api", path))
+        .header("authorization", format!("Bearer {tenant}"))
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(r.status(), 200, "{path}");
+    let state = r.headers()["tollgate-cache"]
+        .to_str()
+        .expect("ascii")
+        .to_string();
+    (r.text().await.expect("body"), state)
+}
+
+async fn patch_as(proxy: &common::Running, path: &str, tenant: &str) {
+    let r = client()
+        .patch(proxy.url("api", path))
+        .header("authorization", format!("Bearer {tenant}"))
+        .body("{}")
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(r.status(), 200, "{path}");
+}
+
+const PLENTY: &str = "[[upstream.limit]]\nname = \"plenty\"\nalgorithm = \"token_bucket\"\ncapacity = 1000\nrefill = \"1000/s\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_one_proxy_fetched_another_serves_and_a_write_through_either_evicts_it() {
+    let up = scripted_seen(|seen, n| {
+        Answer::Text(200, vec![], format!("{} {} #{n}", seen.method, seen.path))
+    })
+    .await;
+    let prefix = unique_prefix("proxy-shared-cache");
+    let config = shared_cache(&redis_url(), &prefix, up.addr, PLENTY);
+    let one = start_at(&config, TokioClock::system()).await;
+    let two = start_at(&config, TokioClock::system()).await;
+    let first = read_as(&one, "/v1/sites/5", "tenant-a").await;
+    assert_eq!(first, ("GET /v1/sites/5 #1".into(), "miss".into()));
+    // The other proxy serves what the first kept, without a call ...
+    assert_eq!(
+        read_as(&two, "/v1/sites/5", "tenant-a").await,
+        ("GET /v1/sites/5 #1".into(), "hit".into())
+    );
+    // ... but never to another tenant.
+    assert_eq!(
+        read_as(&two, "/v1/sites/5", "tenant-b").await,
+        ("GET /v1/sites/5 #2".into(), "miss".into())
+    );
+    assert_eq!(read_as(&one, "/v1/sites", "tenant-a").await.1, "miss");
+    assert_eq!(read_as(&one, "/v1/job-types", "tenant-a").await.1, "miss");
+    // A write through the second proxy evicts the record and the list
+    // above it from the first's view too; other paths stay.
+    patch_as(&two, "/v1/sites/5", "tenant-a").await;
+    assert_eq!(
+        read_as(&one, "/v1/sites/5", "tenant-a").await,
+        ("GET /v1/sites/5 #4".into(), "miss".into())
+    );
+    assert_eq!(read_as(&one, "/v1/sites", "tenant-a").await.1, "miss");
+    assert_eq!(read_as(&two, "/v1/job-types", "tenant-a").await.1, "hit");
+    assert_eq!(up.seen("/v1/job-types").len(), 1);
+    // A purge on one admin listener empties the prefix for the fleet.
+    let purged = client()
+        .post(one.admin_url("/v1/cache/purge"))
+        .json(&serde_json::json!({"upstream": "api", "prefix": "/v1/job-types"}))
+        .send()
+        .await
+        .expect("purge");
+    assert_eq!(purged.status(), 200);
+    assert_eq!(read_as(&two, "/v1/job-types", "tenant-a").await.1, "miss");
+    assert_eq!(read_as(&one, "/v1/job-types", "tenant-a").await.1, "hit");
+    // Nothing of a credential names a key in Redis.
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query(
+            &mut redis::Client::open(redis_url())
+                .expect("client")
+                .get_connection()
+                .expect("conn"),
+        )
+        .expect("keys");
+    assert!(
+        keys.iter().any(|k| k.contains(":cache:upstream:api:e:")),
+        "{keys:?}"
+    );
+    assert!(
+        keys.iter()
+            .all(|k| !k.contains("tenant") && !k.contains("sites")),
+        "{keys:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_still_go_through_when_the_shared_cache_cannot_be_reached() {
+    let up =
+        scripted_seen(|seen, n| Answer::Text(200, vec![], format!("{} #{n}", seen.path))).await;
+    let gone = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").port()
+    };
+    let limit = format!("{PLENTY}fail = \"open\"\n");
+    let config = shared_cache(
+        &format!("redis://127.0.0.1:{gone}"),
+        "gone",
+        up.addr,
+        &limit,
+    );
+    let proxy = start_at(&config, TokioClock::system()).await;
+    for n in 1..=3 {
+        let (body, state) = read_as(&proxy, "/v1/sites", "tenant-a").await;
+        assert_eq!(
+            (body, state),
+            (format!("/v1/sites #{n}"), "miss".to_string())
+        );
+    }
+    patch_as(&proxy, "/v1/sites", "tenant-a").await;
 }

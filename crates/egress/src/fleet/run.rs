@@ -588,6 +588,7 @@ pub async fn run(
         }
     }
 
+    driver.evicted().await;
     // Jobs still held (stopped early) go back to the queue at once, rather
     // than when their leases expire: through the writer, after the writes
     // queued before (a release first would clear the owner, and Redis

@@ -259,12 +259,12 @@ impl SharedCache {
     }
 
     fn entry(&self, id: &[u8; 32]) -> String {
-        format!("{}e:{}", self.keys, hex(id))
+        hex_after(&format!("{}e:", self.keys), id)
     }
 
     fn guard(&self, kind: &str, path: &str) -> String {
         let hash: [u8; 32] = Sha256::digest(path.as_bytes()).into();
-        format!("{}{kind}:{}", self.keys, hex(&hash[..16]))
+        hex_after(&format!("{}{kind}:", self.keys), &hash[..16])
     }
 
     fn name(&self, what: &str) -> String {
@@ -369,13 +369,27 @@ fn levels(path: &str) -> Vec<&str> {
     levels
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// `bytes` in lower-case hex, after `prefix` (one allocation: this is on
+/// every read's path).
+fn hex_after(prefix: &str, bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(prefix.len() + 2 * bytes.len());
+    out.push_str(prefix);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_is_two_lower_case_digits_a_byte() {
+        assert_eq!(hex_after("e:", &[0, 9, 10, 255]), "e:00090aff");
+    }
 
     #[test]
     fn levels_run_from_the_root_to_the_path() {

@@ -5,7 +5,7 @@
 #
 #   bench/cache.sh                        # about 5 min (plus the build: 2-3 min when the code changed)
 #   COMPANIES=2000 DUR=5 bench/cache.sh   # about 1 min 40 s
-#   SCENARIOS=1 bench/cache.sh            # a subset: 1 (= 1a 1b), 1a, 1b, 2
+#   SCENARIOS=1 bench/cache.sh            # a subset: 1 (= 1a 1b), 1a, 1b, 2, 3
 #   TOLLGATE=/path/to/tollgate bench/cache.sh   # that binary, no build
 #
 # Scenarios and targets:
@@ -65,6 +65,13 @@
 #          Target: added p99 (hits - nginx direct) <= 200 us. The same
 #          again at $LOW_RATE req/s, for reference (at half the hit peak
 #          oha's core is busy, and its stalls reach both p99s).
+#   3. the fleet's shared cache (cache_store = "redis", bench/cache/shared.toml:
+#      scenario 2's config on a redis-server this script starts, pinned to
+#      LOAD_CPU, no persistence): (a) the peak of hits, each one round trip
+#      to Redis, and the proxy's CPU per hit; (b) p50 / p99 of shared hits
+#      at $LOW_RATE req/s against nginx `return 200` directly on the
+#      proxy's cpu at the same rate. No target: what sharing a fleet's cache
+#      costs a hit (reference).
 #
 # Layout on this 2-core machine: scenario 1 pins nothing (the gateway, the
 # proxy and the Python clients share both cores; the pace is the gateway's
@@ -78,7 +85,7 @@
 # started here is stopped on exit, and every client run is bounded
 # (timeout, oha -z).
 #
-# Needs: nginx (apt-get if missing), oha (cargo install into $OHA_ROOT if
+# Needs: nginx and (for 3) redis-server (apt-get if missing), oha (cargo install into $OHA_ROOT if
 # missing), python3, curl, taskset. Helpers: bench/cache/workflows.py (the
 # workflows and the direct check), bench/cache/*.toml (the proxy configs),
 # bench/tools.sh.
@@ -98,7 +105,7 @@ CONNS=${CONNS:-64}                        # scenario 2: oha connections
 LOW_RATE=${LOW_RATE:-5000}                # scenario 2 ii: also at this rate (0: not)
 PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
-SCENARIOS=${SCENARIOS:-"1a 1b 2"}
+SCENARIOS=${SCENARIOS:-"1a 1b 2 3"}
 OHA_ROOT=${OHA_ROOT:-/work/tools-oha}
 # KEEP_WORK=1: keep the work directory (configs, client and oha output, hashes, logs)
 target=${CARGO_TARGET_DIR:-target}
@@ -112,7 +119,7 @@ source bench/tools.sh
 want() { case " $SCENARIOS " in *" $1 "* | *" ${1:0:1} "*) return 0 ;; esac; return 1; }
 
 # ---------------------------------------------------------------- tools
-ensure_tools nginx:nginx curl:curl taskset:util-linux python3:python3
+ensure_tools nginx:nginx curl:curl taskset:util-linux python3:python3 redis-server:redis-server
 if [ -n "${TOLLGATE:-}" ]; then
   rev="the given binary $TOLLGATE (the tree is at $(tree_state))"
 else
@@ -129,9 +136,10 @@ log "$(date -u '+%Y-%m-%d %H:%M UTC'): tollgate $("$TOLLGATE" --version | awk '{
 
 # ---------------------------------------------------------------- processes
 start_work cachebench
-read -r UP_PORT GW_PORT GW_ADMIN_PORT PX_PORT PX_ADMIN_PORT DIRECT_PORT < <(free_ports 6)
+read -r UP_PORT GW_PORT GW_ADMIN_PORT PX_PORT PX_ADMIN_PORT DIRECT_PORT REDIS_PORT < <(free_ports 7)
 UPSTREAM="127.0.0.1:$UP_PORT"
 DIRECT="127.0.0.1:$DIRECT_PORT"
+REDIS="127.0.0.1:$REDIS_PORT"
 GATEWAY="127.0.0.1:$GW_PORT"
 GW_ADMIN="http://127.0.0.1:$GW_ADMIN_PORT"
 PROXY="127.0.0.1:$PX_PORT"
@@ -363,6 +371,40 @@ if want 2; then
   fi
   curl -s -m 5 "$PX_ADMIN/metrics" | grep -E '^tollgate_proxy_(requests|upstream_calls|calls_saved)_total' | sed 's/^/  tollgate proxy: /' >&2 || true
   stop "$PX_PID"; stop "$UP_PID"; stop "$DIRECT_PID"
+fi
+
+if want 3; then
+  log ""
+  log "== 3. hits from the fleet's shared cache: redis-server and nginx return 200 on cpu $LOAD_CPU, tollgate proxy (bench/cache/shared.toml) on cpu $PROXY_CPU, oha -c $CONNS on cpu $LOAD_CPU, ${DUR} s runs"
+  taskset -c "$LOAD_CPU" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+    --loglevel warning > "$work/redis.log" 2>&1 &
+  RD_PID=$!; pids+=("$RD_PID")
+  for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  start_nginx backend3 "$UPSTREAM" "$LOAD_CPU"; UP_PID=$NG_PID
+  mkdir -p "$work/redis"; cfg3="$work/redis/shared.toml"
+  sed -e "s/@REDIS@/$REDIS/g" "$CX/shared.toml" > "$cfg3"
+  start_proxy "$cfg3" taskset -c "$PROXY_CPU"
+  S_URL="http://$PROXY/local/v1/cached/company"
+  first=$(cache_of "$S_URL"); second=$(cache_of "$S_URL")
+  log "  Tollgate-Cache: the URL's first read $first, second $second; Redis keys: $(redis-cli -p "$REDIS_PORT" dbsize)"
+  [ "$second" = hit ] || log "  WARNING: the URL is not served from the shared cache"
+  s0=$(px_saved); k0=$(px_calls)
+  r0=$(redis-cli -p "$REDIS_PORT" info stats | awk -F: '/^total_commands_processed/ { print $2 + 0 }')
+  warm "$S_URL"
+  run_oha shared-hit "$S_URL" "$PX_PID"
+  peak_s=$RPS cpu_s=$CPU_US busy_s=$BUSY
+  s1=$(px_saved); k1=$(px_calls)
+  r1=$(redis-cli -p "$REDIS_PORT" info stats | awk -F: '/^total_commands_processed/ { print $2 + 0 }')
+  log "  a. peak, shared hit: $RPS req/s ($OK/$ALL 2xx; proxy cpu $BUSY% busy; $CPU_US us of CPU per request); saved as hits during warm-up + run: $((s1 - s0)), upstream calls: $((k1 - k0)), Redis commands: $((r1 - r0))"
+  row "3a" "peak shared hits: $peak_s req/s, proxy $cpu_s us CPU/request (core busy $busy_s%); $((s1 - s0)) hits, $((k1 - k0)) upstream calls, $((r1 - r0)) Redis commands" "(reference)" ""
+  start_nginx direct3 "$DIRECT" "$PROXY_CPU"; DIRECT_PID=$NG_PID
+  rate=$LOW_RATE; [ "$rate" -gt 0 ] || rate=5000
+  run_oha shared-low-direct "http://$DIRECT/v1/cached/company" - -q "$rate" --latency-correction
+  sd50=$P50 sd99=$P99
+  run_oha shared-low-hit "$S_URL" "$PX_PID" -q "$rate" --latency-correction
+  log "  b. at $rate req/s: nginx direct p50 $sd50 us, p99 $sd99 us; shared hits p50 $P50 us, p99 $P99 us ($OK/$ALL 2xx; $CPU_US us of CPU per request): +$((P50 - sd50)) / +$((P99 - sd99)) us"
+  row "3b" "at $rate req/s: nginx direct p50/p99 $sd50/$sd99 us, shared hits $P50/$P99 us (+$((P50 - sd50))/+$((P99 - sd99)))" "(reference)" ""
+  stop "$PX_PID"; stop "$UP_PID"; stop "$DIRECT_PID"; stop "$RD_PID"
 fi
 
 stderr_warnings gateway proxy

@@ -176,7 +176,6 @@ prom_sum() {
   curl -s -m 5 "$1" | awk -v re="$2" '$0 !~ /^#/ && $1 ~ re { s += $2 } END { printf "%d\n", s }'
 }
 pct_of() { python3 -c "import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); print(f'{100 * a / b:.1f}' if b else '-')" "$1" "$2"; }
-ratio_of() { python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}')" "$1" "$2"; }
 json_get() { python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print(' '.join(str(d[k]) for k in sys.argv[2:]))" "$@"; }
 
 # watch_line FILE: every second until stopped, "t calls calls_429 waiting

@@ -235,7 +235,6 @@ if want 2; then
   run_oha peak-bare "$B_URL" "$BARE_PID"
   peak_b=$RPS cpu_b=$CPU_US
   log "     peak, bare hyper proxy: $RPS req/s ($OK/$ALL 2xx; proxy cpu $BUSY% busy; $CPU_US us of CPU per request)"
-  ratio_of() { python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}')" "$1" "$2"; }
   ratio=$(ratio_of "$peak_t" "$peak_n")
   v=$(verdict "$peak_t >= $peak_n")
   log "     tollgate / nginx proxy: ${ratio}x (target >= 1.0: $v); tollgate / bare hyper: $(ratio_of "$peak_t" "$peak_b")x; bare hyper / nginx proxy: $(ratio_of "$peak_b" "$peak_n")x"

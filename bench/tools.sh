@@ -142,6 +142,9 @@ cpu_busy() {
     $1 == c { db = $2 - b; di = $3 - i; printf "%.0f", 100 * db / (db + di) }' "$1" "$2"
 }
 
+# ratio_of A B: A / B to two decimals
+ratio_of() { python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}')" "$1" "$2"; }
+
 # verdict PYTHON_EXPRESSION: PASS or MISS
 verdict() { if python3 -c "import sys; sys.exit(0 if ($1) else 1)"; then echo PASS; else echo MISS; fi; }
 

@@ -471,6 +471,8 @@ struct RawConfig {
     _response: Option<toml::Value>,
     #[serde(rename = "proxy")]
     _proxy: Option<toml::Value>,
+    #[serde(rename = "rls")]
+    _rls: Option<toml::Value>,
     /// A runner's upstreams: their limits are read here, their other
     /// fields by the runner.
     #[serde(default)]
@@ -519,6 +521,11 @@ struct RawMatch {
     host: Option<String>,
     #[serde(default)]
     headers: BTreeMap<String, String>,
+    domain: Option<String>,
+    #[serde(default)]
+    descriptor_keys: Vec<String>,
+    #[serde(default)]
+    descriptors: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -936,6 +943,13 @@ fn matcher(raw: &RawMatch) -> Matcher {
             .headers
             .iter()
             .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect(),
+        domain: raw.domain.clone(),
+        descriptor_keys: raw.descriptor_keys.clone(),
+        descriptors: raw
+            .descriptors
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
     }
 }

@@ -283,12 +283,15 @@ pub enum KeyPart {
     Path,
     Host,
     Const(String),
+    /// An entry of an Envoy rate limit descriptor (`tollgate serve`'s RLS
+    /// listener): the value of its key NAME.
+    Descriptor(String),
 }
 
 impl KeyPart {
     pub fn parse(text: &str) -> Result<KeyPart, String> {
         let bad = || {
-            format!("'{text}' is not a key part; use header:NAME, query:NAME, ip, method, path, host or const:TEXT")
+            format!("'{text}' is not a key part; use header:NAME, query:NAME, descriptor:NAME, ip, method, path, host or const:TEXT")
         };
         Ok(match text.split_once(':') {
             Some(("header", name)) if !name.is_empty() => {
@@ -296,6 +299,7 @@ impl KeyPart {
             }
             Some(("query", name)) if !name.is_empty() => KeyPart::Query(name.to_string()),
             Some(("const", value)) => KeyPart::Const(value.to_string()),
+            Some(("descriptor", name)) if !name.is_empty() => KeyPart::Descriptor(name.to_string()),
             Some(_) => return Err(bad()),
             None => match text {
                 "ip" => KeyPart::Ip,
@@ -315,6 +319,7 @@ impl KeyPart {
             KeyPart::Path => "path".into(),
             KeyPart::Host => "host".into(),
             KeyPart::Const(v) => format!("const:{v}"),
+            KeyPart::Descriptor(n) => format!("descriptor:{n}"),
         }
     }
 }
@@ -328,6 +333,12 @@ pub struct Matcher {
     pub host: Option<String>,
     /// Lower-cased header names with the exact value they must have.
     pub headers: Vec<(String, String)>,
+    /// Envoy RLS only: the request's domain.
+    pub domain: Option<String>,
+    /// Envoy RLS only: descriptor keys that must be present ...
+    pub descriptor_keys: Vec<String>,
+    /// ... and descriptor keys with the exact value they must have.
+    pub descriptors: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,6 +14,15 @@ pub trait Request {
     fn header(&self, name: &str) -> Option<&str>;
     fn query(&self, name: &str) -> Option<Cow<'_, str>>;
     fn json_body(&self) -> Option<&serde_json::Value>;
+    /// The domain of an Envoy rate limit request (none for HTTP requests).
+    fn domain(&self) -> Option<&str> {
+        None
+    }
+    /// The value of `key` in the Envoy rate limit descriptor decided (none
+    /// for HTTP requests).
+    fn descriptor(&self, _key: &str) -> Option<&str> {
+        None
+    }
 }
 
 /// One limit that applies to a request.
@@ -70,6 +79,9 @@ impl Matcher {
                 .headers
                 .iter()
                 .all(|(name, value)| req.header(name) == Some(value.as_str()))
+            && (self.domain.as_deref()).is_none_or(|d| req.domain() == Some(d))
+            && (self.descriptor_keys.iter()).all(|k| req.descriptor(k).is_some())
+            && (self.descriptors.iter()).all(|(k, v)| req.descriptor(k) == Some(v.as_str()))
     }
 }
 
@@ -128,6 +140,7 @@ fn key_of(limit: &Limit, req: &impl Request) -> Result<Option<CompactString>, Re
             KeyPart::Path => Some(Cow::Borrowed(req.path())),
             KeyPart::Host => req.host().map(normalize_host),
             KeyPart::Const(text) => Some(Cow::Borrowed(text.as_str())),
+            KeyPart::Descriptor(name) => req.descriptor(name).map(Cow::Borrowed),
         };
         match (value, limit.missing_key) {
             (Some(v), _) => push_escaped(&mut key, &v),
@@ -311,6 +324,96 @@ mod tests {
 
     fn req(method: &str, path: &str, headers: &[(&str, &str)]) -> Attrs {
         Attrs::new(method, path, headers)
+    }
+
+    /// An Envoy rate limit descriptor as the RLS listener presents it.
+    struct Descriptor(&'static str, Vec<(&'static str, &'static str)>);
+
+    impl Request for Descriptor {
+        fn method(&self) -> &str {
+            ""
+        }
+        fn path(&self) -> &str {
+            ""
+        }
+        fn host(&self) -> Option<&str> {
+            None
+        }
+        fn ip(&self) -> Option<&str> {
+            None
+        }
+        fn header(&self, _: &str) -> Option<&str> {
+            None
+        }
+        fn query(&self, _: &str) -> Option<Cow<'_, str>> {
+            None
+        }
+        fn json_body(&self) -> Option<&serde_json::Value> {
+            None
+        }
+        fn domain(&self) -> Option<&str> {
+            Some(self.0)
+        }
+        fn descriptor(&self, key: &str) -> Option<&str> {
+            self.1.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+        }
+    }
+
+    #[test]
+    fn descriptors_match_by_domain_keys_and_values_and_key_by_entry() {
+        let policy = parse(
+            r#"
+[[limit]]
+name = "tenant"
+key = ["descriptor:tenant"]
+match = { domain = "edge", descriptor_keys = ["tenant"] }
+algorithm = "fixed_window"
+every = "1m"
+quota = 10
+
+[[limit]]
+name = "free"
+match = { domain = "edge", descriptors = { plan = "free" } }
+algorithm = "fixed_window"
+every = "1m"
+quota = 1
+"#,
+            &NoProfiles,
+        )
+        .unwrap();
+        let planned = |d: &Descriptor| {
+            let mut items = Vec::new();
+            policy.plan(d, &mut items).unwrap();
+            items
+                .iter()
+                .map(|i| (policy.limits[i.limit].name.clone(), i.key.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let acme = Descriptor("edge", vec![("tenant", "acme"), ("plan", "free")]);
+        assert_eq!(
+            planned(&acme),
+            [
+                ("tenant".to_string(), "acme".to_string()),
+                ("free".into(), String::new())
+            ]
+        );
+        assert!(planned(&Descriptor("edge", vec![("plan", "pro")])).is_empty());
+        assert!(planned(&Descriptor("other", vec![("tenant", "acme")])).is_empty());
+        // An HTTP request has no domain: RLS limits never apply to one.
+        assert!(planned_http(&policy).is_empty());
+        assert_eq!(
+            KeyPart::parse("descriptor:tenant"),
+            Ok(KeyPart::Descriptor("tenant".into()))
+        );
+        assert!(KeyPart::parse("descriptor:").is_err());
+    }
+
+    fn planned_http(policy: &Policy) -> Vec<Item> {
+        let mut items = Vec::new();
+        policy
+            .plan(&req("GET", "/", &[("tenant", "acme")]), &mut items)
+            .unwrap();
+        items
     }
 
     #[test]

@@ -29,6 +29,12 @@ pub struct TraceLine<'a> {
     pub headers: Headers<'a>,
     #[serde(borrow, default)]
     pub body: Option<&'a serde_json::value::RawValue>,
+    /// An Envoy rate limit request's domain and one of its descriptors'
+    /// entries (what `tollgate serve`'s RLS listener decides).
+    #[serde(borrow, default)]
+    pub domain: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub descriptor: Headers<'a>,
     /// Seconds the upstream took; charged (latency limits) and released
     /// (concurrency) at completion.
     #[serde(default)]
@@ -93,5 +99,13 @@ impl Request for TraceRequest<'_, '_> {
     }
     fn json_body(&self) -> Option<&serde_json::Value> {
         self.body.as_ref()
+    }
+    fn domain(&self) -> Option<&str> {
+        self.line.domain.as_deref()
+    }
+    fn descriptor(&self, key: &str) -> Option<&str> {
+        (self.line.descriptor.0.iter())
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_ref())
     }
 }

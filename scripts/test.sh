@@ -21,6 +21,12 @@ if ! python3 -c 'import requests, httpx' 2>/dev/null; then
   echo "installing requests and httpx (pip)"
   python3 -m pip install -q requests httpx >/dev/null 2>&1 || python3 -m pip install -q --break-system-packages requests httpx >/dev/null
 fi
+# Envoy's rate limit service as Envoy's users' tools see it
+# (crates/gateway/tests/rls.rs): grpcio with Envoy's API from xds-protos.
+if ! python3 -c 'import grpc, envoy.service.ratelimit.v3.rls_pb2_grpc' 2>/dev/null; then
+  echo "installing grpcio and xds-protos (pip)"
+  python3 -m pip install -q grpcio xds-protos >/dev/null 2>&1 || python3 -m pip install -q --break-system-packages grpcio xds-protos >/dev/null
+fi
 missing=""
 command -v curl >/dev/null || missing="$missing curl"
 command -v node >/dev/null || missing="$missing nodejs"

@@ -485,6 +485,9 @@ fn serve(
             generation.engine.policy().limits.len(),
             generation.engine.policy().limits.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", ")
         );
+        if let Some(rls) = listeners.rls.as_ref().and_then(|l| l.local_addr().ok()) {
+            tracing::info!("Envoy's rate limit service (gRPC, envoy.service.ratelimit.v3) on {rls}");
+        }
         drop(generation);
         tollgate_gateway::serve_workers(std::sync::Arc::new(gateway), listeners, workers, shutdown_signal()).await?;
         Ok(())

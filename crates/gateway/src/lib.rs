@@ -3,13 +3,15 @@
 //! An adapter over the engine: it turns HTTP requests into engine calls and
 //! decisions into HTTP behaviour (hold, 429, headers), proxies admitted
 //! requests to the upstream, and serves an admin listener (health, metrics,
-//! usage, config, reload, and the check API).
+//! usage, config, reload, and the check API), and Envoy's rate limit
+//! service over gRPC (`[rls]`).
 
 mod admin;
 pub mod demo;
 mod gateway;
 mod metrics;
 mod proxy;
+mod rls;
 mod server;
 pub mod settings;
 

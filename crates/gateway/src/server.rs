@@ -23,7 +23,11 @@ impl Gateway {
     /// its own socket of the same address.
     pub async fn listeners(&self) -> std::io::Result<Listeners> {
         let settings = &self.current().settings;
-        Listeners::bind(settings.listen, settings.admin_listen, true).await
+        let mut listeners = Listeners::bind(settings.listen, settings.admin_listen, true).await?;
+        if let Some(addr) = settings.rls_listen {
+            listeners.rls = Some(listen::bind(addr).await?);
+        }
+        Ok(listeners)
     }
 }
 
@@ -61,6 +65,20 @@ pub async fn serve_workers(
                 })?,
         );
     }
+    let rls = listeners.rls.map(|listener| {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let mut stopped = stopped.clone();
+        let server = tonic::transport::Server::builder()
+            .add_service(crate::rls::Rls::server(gateway.clone()))
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            });
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!("the rate limit service (gRPC) stopped: {e}");
+            }
+        })
+    });
     let upkeep = tokio::spawn(upkeep(gateway.clone()));
     let reloads = tokio::spawn(reload_triggers(gateway.clone()));
     let serving = accept_loop(
@@ -80,6 +98,9 @@ pub async fn serve_workers(
     }
     upkeep.abort();
     reloads.abort();
+    if let Some(rls) = rls {
+        let _ = rls.await;
+    }
     for t in threads {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }

@@ -39,6 +39,9 @@ pub struct Settings {
     /// Worker threads (one single-threaded runtime each); 0: one per CPU.
     pub workers: usize,
     pub response: ResponseSettings,
+    /// `[rls] listen`: where Envoy's rate limit service (gRPC) is served;
+    /// `None`: not served.
+    pub rls_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +77,7 @@ impl Default for Settings {
             watch_interval: Duration::from_secs(2),
             workers: 0,
             response: ResponseSettings::default(),
+            rls_listen: None,
         }
     }
 }
@@ -82,6 +86,13 @@ impl Default for Settings {
 struct RawFile {
     gateway: Option<RawGateway>,
     response: Option<RawResponse>,
+    rls: Option<RawRls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRls {
+    listen: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -178,7 +189,7 @@ impl Settings {
                         methods: r.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
                         path_prefix: r.path_prefix.clone(),
                         host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
-                        headers: Vec::new(),
+                        ..Matcher::default()
                     },
                     upstream: upstream(&r.upstream, "route upstream")?,
                 });
@@ -225,6 +236,14 @@ impl Settings {
             if let Some(v) = g.trust_forwarded_for {
                 s.trust_forwarded_for = v;
             }
+        }
+        if let Some(rls) = &raw.rls {
+            s.rls_listen = Some(socket_address(
+                text,
+                &rls.listen,
+                "rls listen",
+                "127.0.0.1:8081",
+            )?);
         }
         if let Some(r) = raw.response {
             if let Some(v) = &r.format {
@@ -315,6 +334,24 @@ mod tests {
         assert_eq!(up.base_path, "/api");
         assert_eq!(s.response.format, ErrorFormat::Errors);
         assert!(!s.response.retry_after);
+    }
+
+    #[test]
+    fn rls_listens_where_asked() {
+        assert_eq!(
+            Settings::parse("[[limit]]\nname='x'\n").unwrap().rls_listen,
+            None
+        );
+        let s = Settings::parse("[rls]\nlisten = \"127.0.0.1:8081\"\n").unwrap();
+        assert_eq!(s.rls_listen, Some(SocketAddr::from(([127, 0, 0, 1], 8081))));
+        let e = Settings::parse("[gateway]\n[rls]\nlisten = \"8081\"\n").unwrap_err();
+        assert_eq!(e.line, Some(3));
+        assert!(
+            e.message.contains("rls listen '8081' is not an address"),
+            "{e}"
+        );
+        let e = Settings::parse("[rls]\nport = 8081\n").unwrap_err();
+        assert!(e.message.contains("unknown field `port`"), "{e}");
     }
 
     #[test]

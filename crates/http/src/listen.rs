@@ -77,6 +77,8 @@ fn named(addr: SocketAddr) -> impl Fn(std::io::Error) -> std::io::Error {
 pub struct Listeners {
     pub proxy: TcpListener,
     pub admin: Option<TcpListener>,
+    /// The gateway's Envoy rate limit service (gRPC), when `[rls]` asks.
+    pub rls: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -96,7 +98,11 @@ impl Listeners {
             Some(a) => Some(bind(a).await?),
             None => None,
         };
-        Ok(Listeners { proxy, admin })
+        Ok(Listeners {
+            proxy,
+            admin,
+            rls: None,
+        })
     }
 }
 

@@ -136,6 +136,8 @@ pub struct Running {
     pub gateway: Arc<Gateway>,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
+    /// The Envoy rate limit service, when the config has `[rls]`.
+    pub rls: Option<SocketAddr>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     pub task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -216,6 +218,10 @@ async fn start_with(
         .expect("admin listener")
         .local_addr()
         .expect("addr");
+    let rls = listeners
+        .rls
+        .as_ref()
+        .map(|l| l.local_addr().expect("addr"));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let serving = tollgate_gateway::serve_workers(gateway.clone(), listeners, workers, async {
         let _ = rx.await;
@@ -227,6 +233,7 @@ async fn start_with(
         gateway,
         proxy,
         admin,
+        rls,
         shutdown: Some(tx),
         task: Some(task),
     }

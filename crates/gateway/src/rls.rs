@@ -1,0 +1,239 @@
+//! Envoy's rate limit service (`envoy.service.ratelimit.v3`, gRPC) on
+//! `[rls] listen`: Envoy, Istio, Gloo, Contour and Emissary ask it whether
+//! a request may go, and tollgate's engine answers. The gateway's config
+//! and reloads apply, and so do its counters and its store (fleet mode
+//! included).
+//!
+//! One `ShouldRateLimit` is one decision. Each descriptor is a request as
+//! the limits see it: `match.domain` and `match.descriptors` /
+//! `match.descriptor_keys` pick the limits that apply to it, and the key
+//! part `descriptor:NAME` reads an entry's value. Its `hits_addend` (or the
+//! request's; 0 means 1) is the cost. The limits of all descriptors are
+//! decided together, all or nothing, as one HTTP request's limits are.
+//! Limits that settle when a request completes (latency, concurrency) do
+//! not apply here: Envoy reports no completion.
+
+use crate::gateway::Gateway;
+use crate::metrics::Outcome;
+use envoy_types::pb::envoy::config::core::v3::HeaderValue;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
+    Code, DescriptorStatus, RateLimit,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
+    RateLimitService, RateLimitServiceServer,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use std::borrow::Cow;
+use std::sync::Arc;
+use tollgate_core::policy::Cost;
+use tollgate_core::units::NANOS_PER_SEC;
+use tollgate_core::{Clock, Item, Verdict};
+use tonic::{Request, Response, Status};
+
+/// The gRPC service, over the gateway's current generation.
+#[derive(Debug, Clone)]
+pub struct Rls {
+    gateway: Arc<Gateway>,
+}
+
+impl Rls {
+    pub fn server(gateway: Arc<Gateway>) -> RateLimitServiceServer<Rls> {
+        RateLimitServiceServer::new(Rls { gateway })
+    }
+}
+
+/// One descriptor as the limits read it.
+struct DescriptorView<'a> {
+    domain: &'a str,
+    descriptor: &'a RateLimitDescriptor,
+}
+
+impl tollgate_core::Request for DescriptorView<'_> {
+    fn method(&self) -> &str {
+        ""
+    }
+    fn path(&self) -> &str {
+        ""
+    }
+    fn host(&self) -> Option<&str> {
+        None
+    }
+    fn ip(&self) -> Option<&str> {
+        None
+    }
+    fn header(&self, _name: &str) -> Option<&str> {
+        None
+    }
+    fn query(&self, _name: &str) -> Option<Cow<'_, str>> {
+        None
+    }
+    fn json_body(&self) -> Option<&serde_json::Value> {
+        None
+    }
+    fn domain(&self) -> Option<&str> {
+        Some(self.domain)
+    }
+    fn descriptor(&self, key: &str) -> Option<&str> {
+        (self.descriptor.entries.iter())
+            .find(|e| e.key == key)
+            .map(|e| e.value.as_str())
+    }
+}
+
+#[tonic::async_trait]
+impl RateLimitService for Rls {
+    async fn should_rate_limit(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
+        let request = request.into_inner();
+        let generation = self.gateway.current();
+        let policy = generation.engine.policy();
+        // (0 means 1, at the request's level and the descriptor's)
+        let request_hits = u64::from(request.hits_addend.max(1));
+        let mut items: Vec<Item> = Vec::new();
+        let mut owners: Vec<usize> = Vec::new();
+        let mut planned = Vec::new();
+        for (index, descriptor) in request.descriptors.iter().enumerate() {
+            let hits = (descriptor.hits_addend.as_ref())
+                .map(|h| h.value)
+                .filter(|&v| v > 0)
+                .unwrap_or(request_hits);
+            let view = DescriptorView {
+                domain: &request.domain,
+                descriptor,
+            };
+            policy
+                .plan(&view, &mut planned)
+                .map_err(|e| Status::invalid_argument(format!("descriptor {index}: {e}")))?;
+            for mut item in planned.drain(..) {
+                let limit = &policy.limits[item.limit];
+                if limit.settles_at_completion() {
+                    continue;
+                }
+                if limit.cost == Cost::Requests {
+                    (item.cost, item.charge) = (hits, hits);
+                }
+                items.push(item);
+                owners.push(index);
+            }
+        }
+        let now = self.gateway.clock.now();
+        let (decision, _local) = generation
+            .engine
+            .decide_async(&items, now, false)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let denied = !decision.allowed();
+        for (item, outcome) in items.iter().zip(&decision.outcomes) {
+            let counted = match (outcome.shadow, outcome.allowed, denied) {
+                (true, false, _) => Outcome::ShadowDenied,
+                (true, true, _) => continue,
+                (false, _, true) if !outcome.allowed => Outcome::Denied,
+                (false, _, true) => continue,
+                (false, _, false) => Outcome::Admitted,
+            };
+            generation.counters[item.limit].count(counted);
+        }
+        if let Verdict::Never {
+            limit,
+            cost,
+            capacity,
+        } = decision.verdict
+        {
+            // A cost no limit could ever admit: refused, and said why.
+            let name = &policy.limits[items[limit].limit].name;
+            tracing::debug!("rls: limit '{name}': cost {cost} over capacity {capacity}");
+        }
+        let statuses = (0..request.descriptors.len())
+            .map(|index| {
+                let mine = || {
+                    (items.iter().zip(&decision.outcomes))
+                        .zip(&owners)
+                        .filter(move |(_, &o)| o == index)
+                        .map(|(pair, _)| pair)
+                        .filter(|(_, outcome)| !outcome.shadow)
+                };
+                let over = denied && mine().any(|(_, o)| !o.allowed);
+                // The limit nearest to refusing speaks for the descriptor.
+                let tightest = mine().min_by_key(|(_, o)| o.remaining);
+                DescriptorStatus {
+                    code: if over { Code::OverLimit } else { Code::Ok } as i32,
+                    current_limit: tightest.map(|(item, _)| current_limit(policy, item)),
+                    limit_remaining: tightest
+                        .map_or(0, |(_, o)| u32::try_from(o.remaining).unwrap_or(u32::MAX)),
+                    duration_until_reset: tightest.map(|(_, o)| {
+                        let left = o.reset.saturating_sub(now);
+                        prost_types_duration(left)
+                    }),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        let mut headers = hyper::HeaderMap::new();
+        tollgate_http::ratelimit::add_rate_headers(
+            &mut headers,
+            &generation.settings.response,
+            policy,
+            &generation.policy_items,
+            &items,
+            &decision,
+        );
+        if let (
+            Verdict::Deny {
+                retry_after: Some(wait),
+                ..
+            },
+            true,
+        ) = (&decision.verdict, generation.settings.response.retry_after)
+        {
+            headers.insert(
+                hyper::header::RETRY_AFTER,
+                hyper::header::HeaderValue::from(wait.div_ceil(NANOS_PER_SEC).max(1)),
+            );
+        }
+        let response_headers_to_add = headers
+            .iter()
+            .map(|(name, value)| HeaderValue {
+                key: name.as_str().to_string(),
+                value: value.to_str().unwrap_or_default().to_string(),
+                ..Default::default()
+            })
+            .collect();
+        Ok(Response::new(RateLimitResponse {
+            overall_code: if denied { Code::OverLimit } else { Code::Ok } as i32,
+            statuses,
+            response_headers_to_add,
+            ..Default::default()
+        }))
+    }
+}
+
+/// A limit as Envoy states one: so many requests per second, minute, hour
+/// or day (the nearest unit not longer than its window, the quota scaled).
+fn current_limit(policy: &tollgate_core::Policy, item: &Item) -> RateLimit {
+    let limit = &policy.limits[item.limit];
+    let (quota, window) = limit.variants[item.class].policy();
+    let window = window.max(1);
+    let (unit, seconds) = match window {
+        w if w < 60 => (Unit::Second, 1),
+        w if w < 3_600 => (Unit::Minute, 60),
+        w if w < 86_400 => (Unit::Hour, 3_600),
+        _ => (Unit::Day, 86_400),
+    };
+    let per_unit = (quota as f64 * seconds as f64 / window as f64).round();
+    RateLimit {
+        name: limit.name.clone(),
+        requests_per_unit: per_unit.clamp(0.0, f64::from(u32::MAX)) as u32,
+        unit: unit as i32,
+    }
+}
+
+fn prost_types_duration(nanos: u64) -> envoy_types::pb::google::protobuf::Duration {
+    envoy_types::pb::google::protobuf::Duration {
+        seconds: (nanos / NANOS_PER_SEC) as i64,
+        nanos: (nanos % NANOS_PER_SEC) as i32,
+    }
+}

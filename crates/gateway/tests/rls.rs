@@ -279,3 +279,30 @@ async fn a_store_that_is_down_answers_as_each_limit_s_fail_says() {
     assert!(!answers[0]["details"].as_str().expect("details").is_empty());
     assert_eq!(answers[1]["overall"], "OK", "{}", answers[1]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_to_the_next_rls_request() {
+    let dir = common::TempDir::new("rls-reload");
+    let path = dir.0.join("gateway.toml");
+    let limit = |quota: u32| {
+        format!("{GATEWAY}[[limit]]\nname = \"edge\"\nkey = [\"descriptor:tenant\"]\nmatch = {{ domain = \"edge\" }}\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = {quota}\n")
+    };
+    std::fs::write(&path, limit(2)).expect("write");
+    let gateway = common::start_file(path.clone()).await;
+    let addr = gateway.rls.expect("rls listener");
+    let acme = request("edge", &[descriptor(&[("tenant", "acme")])]);
+    let before = ask(addr, 1, &[acme.clone(), acme.clone(), acme.clone()]).await;
+    assert_eq!(before[2]["overall"], "OVER_LIMIT");
+    // A new quota (a new limit definition: its counters start over).
+    std::fs::write(&path, limit(10)).expect("write");
+    let reloaded = reqwest::Client::new()
+        .post(format!("http://{}/v1/reload", gateway.admin))
+        .send()
+        .await
+        .expect("reload");
+    assert_eq!(reloaded.status(), 200);
+    let after = ask(addr, 1, &[acme]).await;
+    assert_eq!(after[0]["overall"], "OK");
+    assert_eq!(after[0]["statuses"][0]["limit"]["per_unit"], 10);
+    assert_eq!(after[0]["statuses"][0]["remaining"], 9);
+}

@@ -11,8 +11,8 @@
 #
 # limitador: LIMITADOR names a built limitador-server; without it the
 # script runs `cargo install limitador-server` (crates.io, its own release
-# profile) into $LIMITADOR_ROOT once. It needs protoc (apt-get
-# protobuf-compiler).
+# profile) into $LIMITADOR_ROOT once. It needs protoc and libclang (apt-get
+# protobuf-compiler libclang-dev; the script installs them when missing).
 #
 # Cases (each server pinned to PROXY_CPU, the load tool to LOAD_CPU):
 #   1. one fixed window of 10^9 a minute per tenant (no request is
@@ -46,6 +46,11 @@ case $target in /*) ;; *) target="$ROOT/$target" ;; esac
 
 source bench/tools.sh
 ensure_tools curl:curl taskset:util-linux python3:python3 protoc:protobuf-compiler
+# (limitador's storages build zstd and rocksdb bindings: bindgen needs libclang)
+if [ -z "${LIMITADOR:-}" ] && ! ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1; then
+  log "installing libclang-dev (apt-get), for building limitador-server..."
+  apt-get install -y -q libclang-dev >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q libclang-dev >/dev/null; }
+fi
 rev=$(tree_state)
 log "building tollgate and rls-load (release, $target) from $rev..."
 cargo build --release -q -p tollgate -p tollgate-bench --bin tollgate --bin rls-load

@@ -280,6 +280,49 @@ impl Request for Attrs {
     }
 }
 
+/// One descriptor of an Envoy rate limit request as the limits see it: its
+/// request's domain and its entries. It has no method, path, host,
+/// address, header, query or body, so limits that match on those never
+/// apply to it.
+#[derive(Debug, Clone)]
+pub struct Descriptor<'a> {
+    pub domain: &'a str,
+    /// (key, value), in the order Envoy sent them.
+    pub entries: Vec<(&'a str, &'a str)>,
+}
+
+impl Request for Descriptor<'_> {
+    fn method(&self) -> &str {
+        ""
+    }
+    fn path(&self) -> &str {
+        ""
+    }
+    fn host(&self) -> Option<&str> {
+        None
+    }
+    fn ip(&self) -> Option<&str> {
+        None
+    }
+    fn header(&self, _name: &str) -> Option<&str> {
+        None
+    }
+    fn query(&self, _name: &str) -> Option<Cow<'_, str>> {
+        None
+    }
+    fn json_body(&self) -> Option<&serde_json::Value> {
+        None
+    }
+    fn domain(&self) -> Option<&str> {
+        Some(self.domain)
+    }
+    fn descriptor(&self, key: &str) -> Option<&str> {
+        (self.entries.iter())
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+    }
+}
+
 /// The first value of `name` in a query string (percent-decoding `%XX` and `+`).
 pub fn query_param<'a>(query: &'a str, name: &str) -> Option<Cow<'a, str>> {
     query.split('&').find_map(|pair| {
@@ -326,39 +369,6 @@ mod tests {
         Attrs::new(method, path, headers)
     }
 
-    /// An Envoy rate limit descriptor as the RLS listener presents it.
-    struct Descriptor(&'static str, Vec<(&'static str, &'static str)>);
-
-    impl Request for Descriptor {
-        fn method(&self) -> &str {
-            ""
-        }
-        fn path(&self) -> &str {
-            ""
-        }
-        fn host(&self) -> Option<&str> {
-            None
-        }
-        fn ip(&self) -> Option<&str> {
-            None
-        }
-        fn header(&self, _: &str) -> Option<&str> {
-            None
-        }
-        fn query(&self, _: &str) -> Option<Cow<'_, str>> {
-            None
-        }
-        fn json_body(&self) -> Option<&serde_json::Value> {
-            None
-        }
-        fn domain(&self) -> Option<&str> {
-            Some(self.0)
-        }
-        fn descriptor(&self, key: &str) -> Option<&str> {
-            self.1.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
-        }
-    }
-
     #[test]
     fn descriptors_match_by_domain_keys_and_values_and_key_by_entry() {
         let policy = parse(
@@ -389,7 +399,8 @@ quota = 1
                 .map(|i| (policy.limits[i.limit].name.clone(), i.key.to_string()))
                 .collect::<Vec<_>>()
         };
-        let acme = Descriptor("edge", vec![("tenant", "acme"), ("plan", "free")]);
+        let d = |domain, entries| Descriptor { domain, entries };
+        let acme = d("edge", vec![("tenant", "acme"), ("plan", "free")]);
         assert_eq!(
             planned(&acme),
             [
@@ -397,8 +408,8 @@ quota = 1
                 ("free".into(), String::new())
             ]
         );
-        assert!(planned(&Descriptor("edge", vec![("plan", "pro")])).is_empty());
-        assert!(planned(&Descriptor("other", vec![("tenant", "acme")])).is_empty());
+        assert!(planned(&d("edge", vec![("plan", "pro")])).is_empty());
+        assert!(planned(&d("other", vec![("tenant", "acme")])).is_empty());
         // An HTTP request has no domain: RLS limits never apply to one.
         assert!(planned_http(&policy).is_empty());
         assert_eq!(

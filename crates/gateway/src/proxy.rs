@@ -13,7 +13,7 @@ use crate::settings::Upstream;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderValue, HOST};
+use hyper::header::{HeaderMap, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Request, Response, Uri};
 use std::borrow::Cow;
@@ -51,15 +51,7 @@ impl tollgate_core::Request for HttpView<'_> {
         self.path
     }
     fn host(&self) -> Option<&str> {
-        let host = match self.parts.uri.host() {
-            Some(h) => h,
-            None => self.headers.get(HOST)?.to_str().ok()?,
-        };
-        // Without the port; an IPv6 literal keeps its brackets.
-        Some(match host.rfind(':') {
-            Some(i) if !host[i..].contains(']') => &host[..i],
-            _ => host,
-        })
+        tollgate_http::forward::request_host(&self.parts.uri, self.headers)
     }
     fn ip(&self) -> Option<&str> {
         Some(self.ip)

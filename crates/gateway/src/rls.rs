@@ -16,7 +16,6 @@
 use crate::gateway::Gateway;
 use crate::metrics::Outcome;
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
     Code, DescriptorStatus, RateLimit,
@@ -25,11 +24,10 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
     RateLimitService, RateLimitServiceServer,
 };
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
-use std::borrow::Cow;
 use std::sync::Arc;
 use tollgate_core::policy::Cost;
 use tollgate_core::units::NANOS_PER_SEC;
-use tollgate_core::{Clock, Item, Verdict};
+use tollgate_core::{Clock, Descriptor, Item, Verdict};
 use tonic::{Request, Response, Status};
 
 /// The gRPC service, over the gateway's current generation.
@@ -41,44 +39,6 @@ pub struct Rls {
 impl Rls {
     pub fn server(gateway: Arc<Gateway>) -> RateLimitServiceServer<Rls> {
         RateLimitServiceServer::new(Rls { gateway })
-    }
-}
-
-/// One descriptor as the limits read it.
-struct DescriptorView<'a> {
-    domain: &'a str,
-    descriptor: &'a RateLimitDescriptor,
-}
-
-impl tollgate_core::Request for DescriptorView<'_> {
-    fn method(&self) -> &str {
-        ""
-    }
-    fn path(&self) -> &str {
-        ""
-    }
-    fn host(&self) -> Option<&str> {
-        None
-    }
-    fn ip(&self) -> Option<&str> {
-        None
-    }
-    fn header(&self, _name: &str) -> Option<&str> {
-        None
-    }
-    fn query(&self, _name: &str) -> Option<Cow<'_, str>> {
-        None
-    }
-    fn json_body(&self) -> Option<&serde_json::Value> {
-        None
-    }
-    fn domain(&self) -> Option<&str> {
-        Some(self.domain)
-    }
-    fn descriptor(&self, key: &str) -> Option<&str> {
-        (self.descriptor.entries.iter())
-            .find(|e| e.key == key)
-            .map(|e| e.value.as_str())
     }
 }
 
@@ -101,9 +61,11 @@ impl RateLimitService for Rls {
                 .map(|h| h.value)
                 .filter(|&v| v > 0)
                 .unwrap_or(request_hits);
-            let view = DescriptorView {
+            let view = Descriptor {
                 domain: &request.domain,
-                descriptor,
+                entries: (descriptor.entries.iter())
+                    .map(|e| (e.key.as_str(), e.value.as_str()))
+                    .collect(),
             };
             policy
                 .plan(&view, &mut planned)

@@ -318,6 +318,12 @@ impl Stored {
             .all(|(name, then)| request.get_all(name).iter().eq(then.iter()))
     }
 
+    /// Whether it answers `request` at `now` without a call: fresh, and
+    /// alike in what it varies on.
+    pub fn answers(&self, request: &HeaderMap, now: Nanos) -> bool {
+        self.is_fresh(now) && self.matches(request)
+    }
+
     pub fn is_fresh(&self, now: Nanos) -> bool {
         now < self.fresh_until
     }
@@ -739,7 +745,7 @@ impl Cache {
         request: &HeaderMap,
         now: Nanos,
     ) -> Option<Arc<Stored>> {
-        (self.look(route, key).await.kept).filter(|s| s.is_fresh(now) && s.matches(request))
+        (self.look(route, key).await.kept).filter(|s| s.answers(request, now))
     }
 
     /// `put`, into the shared store when there is one (awaited: when the
@@ -810,8 +816,7 @@ impl Cache {
         request: &HeaderMap,
         now: Nanos,
     ) -> Option<Arc<Stored>> {
-        self.get(route, key)
-            .filter(|s| s.is_fresh(now) && s.matches(request))
+        self.get(route, key).filter(|s| s.answers(request, now))
     }
 
     /// The route's epoch now (a read's call records it when it starts).

@@ -84,6 +84,19 @@ impl Peer {
     }
 }
 
+/// The host a request is for: the URI's (absolute form), else its `Host`
+/// header; without the port (an IPv6 literal keeps its brackets).
+pub fn request_host<'a>(uri: &'a hyper::Uri, headers: &'a hyper::HeaderMap) -> Option<&'a str> {
+    let host = match uri.host() {
+        Some(h) => h,
+        None => headers.get(hyper::header::HOST)?.to_str().ok()?,
+    };
+    Some(match host.rfind(':') {
+        Some(i) if !host[i..].contains(']') => &host[..i],
+        _ => host,
+    })
+}
+
 /// The path with percent-encoded unreserved characters decoded, `//`
 /// merged and dot segments removed (RFC 3986 6.2.2), so that `/v1/x`,
 /// `//v1/x`, `/%76%31/x` and `/a/../v1/x` all match, key and reach the

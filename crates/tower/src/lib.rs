@@ -408,15 +408,7 @@ impl tollgate_core::Request for View<'_> {
         self.path
     }
     fn host(&self) -> Option<&str> {
-        let host = match self.parts.uri.host() {
-            Some(h) => h,
-            None => self.parts.headers.get(http::header::HOST)?.to_str().ok()?,
-        };
-        // Without the port; an IPv6 literal keeps its brackets.
-        Some(match host.rfind(':') {
-            Some(i) if !host[i..].contains(']') => &host[..i],
-            _ => host,
-        })
+        tollgate_http::forward::request_host(&self.parts.uri, &self.parts.headers)
     }
     fn ip(&self) -> Option<&str> {
         self.ip

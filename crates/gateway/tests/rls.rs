@@ -261,7 +261,8 @@ async fn a_store_that_is_down_answers_as_each_limit_s_fail_says() {
     let config = format!(
         "{GATEWAY}[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{gone}\"\ntimeout = \"50ms\"\n\
          [[limit]]\nname = \"strict\"\nmatch = {{ domain = \"strict\" }}\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 10\nfail = \"closed\"\n\
-         [[limit]]\nname = \"lenient\"\nmatch = {{ domain = \"lenient\" }}\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 10\nfail = \"open\"\n"
+         [[limit]]\nname = \"lenient\"\nmatch = {{ domain = \"lenient\" }}\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 10\nfail = \"open\"\n\
+         [[limit]]\nname = \"on-its-own\"\nmatch = {{ domain = \"local\" }}\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 2\nfail = \"local\"\n"
     );
     let gateway = start(&config).await;
     let addr = gateway.rls.expect("rls listener");
@@ -271,6 +272,9 @@ async fn a_store_that_is_down_answers_as_each_limit_s_fail_says() {
         &[
             request("strict", &[descriptor(&[("k", "v")])]),
             request("lenient", &[descriptor(&[("k", "v")])]),
+            request("local", &[descriptor(&[("k", "v")])]),
+            request("local", &[descriptor(&[("k", "v")])]),
+            request("local", &[descriptor(&[("k", "v")])]),
         ],
     )
     .await;
@@ -278,6 +282,9 @@ async fn a_store_that_is_down_answers_as_each_limit_s_fail_says() {
     assert_eq!(answers[0]["error"], "UNAVAILABLE", "{}", answers[0]);
     assert!(!answers[0]["details"].as_str().expect("details").is_empty());
     assert_eq!(answers[1]["overall"], "OK", "{}", answers[1]);
+    // `fail = "local"`: decided in this process, with its share of the quota.
+    let local: Vec<&Value> = answers[2..].iter().map(|a| &a["overall"]).collect();
+    assert_eq!(local, ["OK", "OK", "OVER_LIMIT"], "{answers:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

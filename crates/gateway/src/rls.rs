@@ -126,10 +126,8 @@ impl RateLimitService for Rls {
                     current_limit: tightest.map(|(item, _)| current_limit(policy, item)),
                     limit_remaining: tightest
                         .map_or(0, |(_, o)| u32::try_from(o.remaining).unwrap_or(u32::MAX)),
-                    duration_until_reset: tightest.map(|(_, o)| {
-                        let left = o.reset.saturating_sub(now);
-                        prost_types_duration(left)
-                    }),
+                    // (`reset` is how long until the limit is whole again)
+                    duration_until_reset: tightest.map(|(_, o)| duration(o.reset)),
                     ..Default::default()
                 }
             })
@@ -193,7 +191,7 @@ fn current_limit(policy: &tollgate_core::Policy, item: &Item) -> RateLimit {
     }
 }
 
-fn prost_types_duration(nanos: u64) -> envoy_types::pb::google::protobuf::Duration {
+fn duration(nanos: u64) -> envoy_types::pb::google::protobuf::Duration {
     envoy_types::pb::google::protobuf::Duration {
         seconds: (nanos / NANOS_PER_SEC) as i64,
         nanos: (nanos % NANOS_PER_SEC) as i32,

@@ -120,6 +120,9 @@ async fn descriptors_are_decided_all_or_nothing_with_statuses_in_order() {
         json!({"name": "per-tenant", "per_unit": 5, "unit": "HOUR"})
     );
     assert_eq!(first["statuses"][0]["remaining"], 4);
+    // The hourly window started at the clock's start: it resets within the hour.
+    let reset_ms = first["statuses"][0]["reset_ms"].as_u64().expect("reset");
+    assert!((3_590_000..=3_600_000).contains(&reset_ms), "{reset_ms}");
     assert_eq!(first["statuses"][1]["limit"]["name"], "per-path");
     assert_eq!(first["statuses"][1]["remaining"], 2);
     assert!(

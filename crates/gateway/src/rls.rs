@@ -53,8 +53,10 @@ impl RateLimitService for Rls {
         let policy = generation.engine.policy();
         // (0 means 1, at the request's level and the descriptor's)
         let request_hits = u64::from(request.hits_addend.max(1));
+        // One item per (limit, class, key): two descriptors that meet the
+        // same counter charge it once, with both costs.
         let mut items: Vec<Item> = Vec::new();
-        let mut owners: Vec<usize> = Vec::new();
+        let mut of_descriptor: Vec<Vec<usize>> = vec![Vec::new(); request.descriptors.len()];
         let mut planned = Vec::new();
         for (index, descriptor) in request.descriptors.iter().enumerate() {
             let hits = (descriptor.hits_addend.as_ref())
@@ -78,8 +80,22 @@ impl RateLimitService for Rls {
                 if limit.cost == Cost::Requests {
                     (item.cost, item.charge) = (hits, hits);
                 }
-                items.push(item);
-                owners.push(index);
+                let same =
+                    |i: &Item| (i.limit, i.class, &i.key) == (item.limit, item.class, &item.key);
+                let at = match items.iter().position(same) {
+                    Some(at) => {
+                        items[at].cost = items[at].cost.saturating_add(item.cost);
+                        items[at].charge = items[at].charge.saturating_add(item.charge);
+                        at
+                    }
+                    None => {
+                        items.push(item);
+                        items.len() - 1
+                    }
+                };
+                if !of_descriptor[index].contains(&at) {
+                    of_descriptor[index].push(at);
+                }
             }
         }
         let now = self.gateway.clock.now();
@@ -112,10 +128,8 @@ impl RateLimitService for Rls {
         let statuses = (0..request.descriptors.len())
             .map(|index| {
                 let mine = || {
-                    (items.iter().zip(&decision.outcomes))
-                        .zip(&owners)
-                        .filter(move |(_, &o)| o == index)
-                        .map(|(pair, _)| pair)
+                    (of_descriptor[index].iter())
+                        .map(|&at| (&items[at], &decision.outcomes[at]))
                         .filter(|(_, outcome)| !outcome.shadow)
                 };
                 let over = denied && mine().any(|(_, o)| !o.allowed);

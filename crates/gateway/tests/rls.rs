@@ -78,6 +78,13 @@ algorithm = "tiered"
 tiers = [{ every = "1m", quota = 4 }, { every = "1h", quota = 100 }]
 
 [[limit]]
+name = "shared"
+match = { domain = "shared" }
+algorithm = "fixed_window"
+every = "1h"
+quota = 3
+
+[[limit]]
 name = "drip"
 match = { domain = "drip" }
 algorithm = "leaky_bucket"
@@ -193,6 +200,24 @@ async fn hits_addend_is_the_cost_and_domains_and_values_pick_the_limits() {
         answers[7]["statuses"][0]["limit"],
         json!({"name": "pooled", "per_unit": 4, "unit": "MINUTE"})
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descriptors_that_meet_one_counter_charge_it_with_both_costs() {
+    let gateway = start(&format!("{GATEWAY}{LIMITS}")).await;
+    let addr = gateway.rls.expect("rls listener");
+    let two = request(
+        "shared",
+        &[descriptor(&[("a", "1")]), descriptor(&[("b", "2")])],
+    );
+    let answers = ask(addr, 1, &[two.clone(), two]).await;
+    // Both descriptors meet the one domain-wide window: 2 of its 3.
+    assert_eq!(answers[0]["overall"], "OK");
+    assert_eq!(answers[0]["statuses"][0]["remaining"], 1);
+    assert_eq!(answers[0]["statuses"][1]["remaining"], 1);
+    // Two more do not fit in the 1 left, and both descriptors say so.
+    assert_eq!(answers[1]["overall"], "OVER_LIMIT");
+    assert_eq!(codes(&answers[1]), ["OVER_LIMIT", "OVER_LIMIT"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

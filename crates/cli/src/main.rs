@@ -467,7 +467,8 @@ fn serve(
         if let Some(health) = generation.engine.health() {
             tracing::info!(store = %health.url(), "fleet mode: counters are shared in redis");
         }
-        if generation.settings.upstream.is_none() && generation.settings.routes.is_empty() {
+        let settings = &generation.settings;
+        if settings.upstream.is_none() && settings.routes.is_empty() && settings.rls_listen.is_none() {
             tracing::warn!("no upstream: the proxy answers 404; give --upstream URL or [gateway] upstream (the check API works without one)");
         }
         let listeners = gateway.listeners().await?;

@@ -88,7 +88,7 @@ algorithm = "fixed_window"
 every = "1m"
 quota = 1000000000
 EOT
-    [ "$2" = three ] && cat <<EOT
+    if [ "$2" = three ]; then cat <<EOT
 
 [[limit]]
 name = "tenant-burst"
@@ -105,6 +105,7 @@ algorithm = "sliding_window"
 every = "1m"
 quota = 1000000000
 EOT
+    fi
   } > "$1"
 }
 tollgate_config "$work/one.toml" one

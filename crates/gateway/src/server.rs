@@ -66,7 +66,10 @@ pub async fn serve_workers(
         );
     }
     let rls = listeners.rls.map(|listener| {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // (no Nagle: an answer written as several frames would wait for
+        // the client's delayed ACK, 40 ms)
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let mut stopped = stopped.clone();
         let server = tonic::transport::Server::builder()
             .add_service(crate::rls::Rls::server(gateway.clone()))

@@ -1161,6 +1161,42 @@ mod tests {
         assert!(Stored::decode(b"tollgate-cache 9\n...").is_none());
     }
 
+    proptest::proptest! {
+        /// What the shared store hands back is read as hostile input: any
+        /// bytes decode to a response or to nothing, never a panic; any
+        /// response survives its encoding.
+        #[test]
+        fn shared_entries_decode_or_are_refused(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512),
+            status in 200u16..600,
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..256),
+            value in "[ -~]{0,40}",
+            age in 0u64..(1 << 40),
+        ) {
+            let _ = Stored::decode(&bytes);
+            let mut tagged = SHARED_FORMAT.to_vec();
+            tagged.extend_from_slice(&bytes);
+            let _ = Stored::decode(&tagged);
+            let headers = headers(&[("x-value", value.as_str()), ("vary", "accept")]);
+            let request = self::headers(&[("accept", value.as_str())]);
+            let mut stored = Stored::new(
+                StatusCode::from_u16(status).expect("status"),
+                headers,
+                Bytes::from(body),
+                &request,
+                Duration::from_secs(60),
+                7,
+            );
+            stored.age_then = age;
+            let back = Stored::decode(&stored.encode()).expect("decoded");
+            proptest::prop_assert_eq!(back.status, stored.status);
+            proptest::prop_assert_eq!(&back.headers, &stored.headers);
+            proptest::prop_assert_eq!(&back.body, &stored.body);
+            proptest::prop_assert_eq!(&back.vary, &stored.vary);
+            proptest::prop_assert_eq!(back.age_then, age);
+        }
+    }
+
     #[tokio::test]
     async fn a_write_evicts_its_path_the_paths_under_it_and_above_it_only() {
         let cache = Cache::new(&[route("/v1")]);

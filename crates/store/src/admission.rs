@@ -14,7 +14,9 @@ use tollgate_core::{Clock, Decision, Item, Nanos, Verdict};
 /// Most requests held at once: in total, and per key of each holding limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HoldBounds {
+    /// Requests held at once, all keys together.
     pub total: usize,
+    /// Requests held at once on one key of one limit.
     pub per_key: usize,
 }
 
@@ -22,6 +24,7 @@ pub struct HoldBounds {
 /// hold places until `hold` has waited it out.
 #[derive(Debug)]
 pub struct Decided {
+    /// What the limits decided (with the delay to hold for, if any).
     pub decision: Decision,
     /// Decided in process (the shared store was unavailable).
     pub local: bool,

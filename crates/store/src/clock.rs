@@ -12,6 +12,8 @@ pub struct SystemClock {
 }
 
 impl SystemClock {
+    /// A clock reading the wall time now, then advancing by the CPU's
+    /// time-stamp counter (cheap to read, monotonic).
     pub fn new() -> Self {
         let tsc = Tsc::new();
         let start_raw = tsc.raw();

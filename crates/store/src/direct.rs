@@ -12,9 +12,14 @@ pub enum Denied {
     /// Not now; this cost fits at that instant if nothing else arrives.
     NotUntil(Nanos),
     /// The cost is more than the bucket ever holds.
-    Never { capacity: u64 },
+    Never {
+        /// What the bucket holds at most.
+        capacity: u64,
+    },
 }
 
+/// One token bucket (GCRA) without keys or a store: a single atomic, for
+/// one shared limit decided in process.
 #[derive(Debug)]
 pub struct DirectLimiter {
     params: GcraParams,
@@ -22,6 +27,7 @@ pub struct DirectLimiter {
 }
 
 impl DirectLimiter {
+    /// A full bucket with these parameters.
     pub fn new(params: GcraParams) -> Self {
         DirectLimiter {
             params,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tollgate_core::policy::FailMode;
 use tollgate_core::{Decision, Item, Nanos, Outcome, Policy, Request, RequestError, Verdict};
 
+/// Why the engine could not decide a request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
     /// The request itself is malformed for this policy (a 400).
@@ -19,7 +20,12 @@ pub enum EngineError {
     Store(#[from] StoreError),
     /// The shared store did not answer and this limit fails closed (a 503).
     #[error("limit '{limit}' fails closed while its store is unavailable: {reason}")]
-    Unavailable { limit: String, reason: String },
+    Unavailable {
+        /// The limit that fails closed.
+        limit: String,
+        /// What the store said (or that it did not answer in time).
+        reason: String,
+    },
     /// The policy cannot be served by its configured store.
     #[error("{0}")]
     Config(String),
@@ -29,7 +35,9 @@ pub enum EngineError {
 /// request completes and pass it to `Engine::finish`.
 #[derive(Debug, Clone)]
 pub struct Checked {
+    /// One per limit that applies to the request (its key and cost).
     pub items: Vec<Item>,
+    /// What the limits decided, one outcome per item.
     pub decision: Decision,
     /// Decided in process because the shared store was unavailable: settle
     /// it in process too.
@@ -54,6 +62,11 @@ pub fn committed<'a>(items: &'a [Item], decision: &'a Decision) -> impl Iterator
         .map(|(item, _)| item)
 }
 
+/// A policy's limits and the store that keeps their state: in process
+/// (the default), or in Redis shared by a fleet (`[store] kind = "redis"`),
+/// with an in-process fallback for limits that `fail = "local"`. Every
+/// adapter (the gateway, the proxy, the runner, the tower layer, the RLS
+/// listener) decides through one.
 #[derive(Debug)]
 pub struct Engine {
     policy: Arc<Policy>,
@@ -150,10 +163,12 @@ impl Engine {
         &self.policy
     }
 
+    /// The policy it enforces.
     pub fn policy(&self) -> &Arc<Policy> {
         &self.policy
     }
 
+    /// The in-process store (in fleet mode, the fallback's).
     pub fn store(&self) -> &MemoryStore {
         &self.store
     }
@@ -398,6 +413,8 @@ impl Engine {
             .finish(self.local_policy(), committed, now, latency_us);
     }
 
+    /// Forget the keys whose state is at rest at `now` (a fresh state would
+    /// decide the same); how many went.
     pub fn sweep(&self, now: Nanos) -> usize {
         self.store.sweep(self.local_policy(), now)
     }

@@ -9,6 +9,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+/// The bounded queue of requests held for a slot: a count in all and per
+/// (limit, key), so a hot key cannot take every place.
 #[derive(Debug, Default)]
 pub struct Holds {
     total: AtomicUsize,
@@ -24,6 +26,7 @@ pub struct HoldPlace {
 }
 
 impl Holds {
+    /// Requests held now, all keys together.
     pub fn held(&self) -> usize {
         self.total.load(Ordering::Relaxed)
     }

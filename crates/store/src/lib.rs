@@ -2,10 +2,13 @@
 //!
 //! A store keeps one state value per (limit, class, key) and applies the core's
 //! pure `decide` to the states of one request atomically. `MemoryStore` is the
-//! embedded default; `redis::RedisStore` shares counters
-//! across a fleet. `Engine` pairs a policy with a store and is what adapters
-//! (simulate, gateway, runner, proxy) call, and `Admission` is what an
-//! admitted request owes its limits until it completes.
+//! embedded default; `redis::RedisStore` shares counters across a fleet.
+//! `Engine` pairs a policy with a store and is what adapters call (simulate,
+//! gateway, runner, proxy, the tower layer, the RLS listener), and
+//! `Admission` is what an admitted request owes its limits until it
+//! completes.
+
+#![warn(missing_docs)]
 
 mod admission;
 mod clock;

@@ -33,16 +33,27 @@ use tollgate_core::{decide, Decision, Item, Nanos, Slot};
 
 const SHARDS: usize = 64;
 
+/// Why the in-process store could not take a request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
+    /// Every tracked key is busy and `max_keys` is reached.
     #[error("limit '{limit}': the store tracks max_keys = {max_keys} keys and none is idle; new keys are refused until some are")]
-    Full { limit: String, max_keys: usize },
+    Full {
+        /// The limit whose new key was refused.
+        limit: String,
+        /// `[store] max_keys`.
+        max_keys: usize,
+    },
 }
 
+/// What the in-process store holds and has done, for `/metrics`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StoreStats {
+    /// Keys tracked now.
     pub keys: usize,
+    /// Idle keys forgotten to make room.
     pub evictions: u64,
+    /// New keys refused because none could be forgotten.
     pub refused: u64,
 }
 
@@ -162,6 +173,9 @@ struct Placed {
     table: Arc<Table>,
 }
 
+/// The embedded store: one sharded table per limit and class, each key's
+/// state updated in place under its shard's lock, bounded by
+/// `[store] max_keys`.
 #[derive(Debug)]
 pub struct MemoryStore {
     /// Every limit's variants, limit by limit; `first[l]` is limit l's first.
@@ -173,6 +187,7 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
+    /// Empty tables for `policy`'s limits.
     pub fn new(policy: &Policy) -> Self {
         Self::build(
             policy,
@@ -239,6 +254,7 @@ impl MemoryStore {
         }
     }
 
+    /// Keys, evictions and refusals so far.
     pub fn stats(&self) -> StoreStats {
         StoreStats {
             keys: self.counters.keys.load(Ordering::Relaxed),

@@ -10,17 +10,24 @@ use tollgate_core::algo::{Earliest, Meter, Usage};
 use tollgate_core::policy::Params;
 use tollgate_core::Nanos;
 
+/// One key's state, whichever algorithm its limit runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AnyState {
+    /// Token or leaky bucket: the theoretical arrival time.
     Gcra(GcraState),
+    /// The current window's start and count.
     FixedWindow(Box<FixedWindowState>),
+    /// The sub-windows' counts.
     SlidingWindow(Box<SlidingWindowState>),
     // Already a boxed slice (16 bytes): no second box.
+    /// Each tier's pool.
     Tiered(TieredState),
+    /// Requests in flight.
     Concurrency(ConcurrencyState),
 }
 
 impl AnyState {
+    /// The state of a key never seen, for `params`.
     pub fn fresh(params: &Params) -> AnyState {
         match params {
             Params::Gcra(_) => AnyState::Gcra(GcraState::default()),

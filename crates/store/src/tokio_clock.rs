@@ -5,6 +5,8 @@
 use tokio::time::Instant;
 use tollgate_core::{Clock, Nanos};
 
+/// Wall time at its start, then tokio's monotonic time since (see the
+/// module's note on paused time).
 #[derive(Debug, Clone)]
 pub struct TokioClock {
     epoch: Nanos,

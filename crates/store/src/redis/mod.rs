@@ -53,6 +53,8 @@ const STATE_FORMAT: &str = "state 2;";
 /// Doubles are exact below 2^53; instants relative to now stay below 2^52.
 const EXACT: u64 = 1 << 52;
 
+/// Why the Redis store (or the shared cache, or the pauses) could not be
+/// used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RedisError {
     /// The config cannot work on Redis (bad URL, a limit beyond the script's precision).
@@ -60,7 +62,12 @@ pub enum RedisError {
     Config(String),
     /// Redis did not answer in time, refused, or is down.
     #[error("redis at {url}: {reason}")]
-    Unavailable { url: String, reason: String },
+    Unavailable {
+        /// The server's URL, its password hidden.
+        url: String,
+        /// What the client said.
+        reason: String,
+    },
 }
 
 /// Where the instant of a decision comes from.

@@ -27,6 +27,7 @@ end
 return redis.call('PUBLISH', ARGV[3], ARGV[1])
 "#;
 
+/// One upstream's pause channel on the fleet's Redis.
 #[derive(Debug, Clone)]
 pub struct Pauses {
     client: redis::Client,

@@ -13,10 +13,14 @@ use crate::units::DAY;
 /// A half-open window `[start, end)` in nanoseconds since the epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
+    /// Its first instant.
     pub start: Nanos,
+    /// The first instant after it.
     pub end: Nanos,
 }
 
+/// Where a fixed window's boundaries fall: every so long, aligned to a time
+/// zone's wall clock (DST-correct).
 #[derive(Debug, Clone)]
 pub struct Calendar {
     every: Nanos,
@@ -107,6 +111,7 @@ impl Calendar {
         })
     }
 
+    /// Windows of `every`, aligned to UTC.
     pub fn utc(every: Nanos) -> Calendar {
         Calendar {
             every,
@@ -115,6 +120,7 @@ impl Calendar {
         }
     }
 
+    /// The windows' length.
     pub fn every(&self) -> Nanos {
         self.every
     }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 /// A source of "now" in nanoseconds since the Unix epoch.
 pub trait Clock: Send + Sync {
+    /// Nanoseconds since the Unix epoch.
     fn now(&self) -> Nanos;
 }
 
@@ -17,14 +18,17 @@ pub struct FakeClock {
 }
 
 impl FakeClock {
+    /// A clock that reads `now` until moved.
     pub fn at(now: Nanos) -> Self {
         FakeClock {
             now: Arc::new(AtomicU64::new(now)),
         }
     }
+    /// Move it forward by `by`.
     pub fn advance(&self, by: Nanos) {
         self.now.fetch_add(by, Ordering::SeqCst);
     }
+    /// Set it to `to`.
     pub fn set(&self, to: Nanos) {
         self.now.store(to, Ordering::SeqCst);
     }

@@ -17,7 +17,9 @@ use toml::Spanned;
 /// A config error: the line it is on (1-based) and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigError {
+    /// The 1-based line the error is on, when it is known.
     pub line: Option<usize>,
+    /// What is wrong, naming the field.
     pub message: String,
 }
 
@@ -34,15 +36,24 @@ impl fmt::Display for ConfigError {
 /// (`FILE:LINE: message`, as compilers write it), or what could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// The file was read, and its config is not valid.
     #[error("{path}{}: {}", error.line.map_or(String::new(), |l| format!(":{l}")), error.message)]
-    Config { path: String, error: ConfigError },
+    Config {
+        /// The file.
+        path: String,
+        /// What is wrong, and on which line.
+        error: ConfigError,
+    },
+    /// The file could not be read.
     #[error("{0}")]
     Io(String),
 }
 
 /// Where `profile = "NAME"` looks up a profile's text.
 pub trait ProfileSource {
+    /// The text of the profile `name`, if there is one.
     fn profile_text(&self, name: &str) -> Option<&str>;
+    /// Every profile's name, for messages.
     fn profile_names(&self) -> Vec<String>;
 }
 
@@ -98,8 +109,11 @@ pub fn parse(text: &str, profiles: &dyn ProfileSource) -> Result<Policy, ConfigE
 /// entries, with the config's `[store]`).
 #[derive(Debug, Clone)]
 pub struct UpstreamPolicy {
+    /// The upstream's name.
     pub name: String,
+    /// The line its table starts on.
     pub line: usize,
+    /// Its limits.
     pub policy: Policy,
 }
 

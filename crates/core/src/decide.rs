@@ -16,6 +16,7 @@ use smallvec::SmallVec;
 /// One limit's part in a decision.
 #[derive(Debug)]
 pub struct Slot<'a> {
+    /// The algorithm bound to the key's state.
     pub meter: &'a mut dyn Meter,
     /// Units that must fit to admit (1 for latency limits: "some time left").
     pub cost: u64,
@@ -27,42 +28,59 @@ pub struct Slot<'a> {
     pub shadow: bool,
 }
 
+/// What a decision says of the request as a whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     /// Run after `delay` nanoseconds (0: at once).
-    Admit { delay: Nanos },
+    Admit {
+        /// How long the request is held first.
+        delay: Nanos,
+    },
     /// Denied by the slot at index `limit`; `retry_after` is None when only a
     /// release (concurrency) can make room.
     Deny {
+        /// The slot (the request's item) that denied it.
         limit: usize,
+        /// How long until that limit alone would admit it.
         retry_after: Option<Nanos>,
     },
     /// The cost can never fit the slot at index `limit`: not a 429.
     Never {
+        /// The slot (the request's item) it can never fit.
         limit: usize,
+        /// What the request costs.
         cost: u64,
+        /// The most that limit admits at once.
         capacity: u64,
     },
 }
 
+/// What one limit says of the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Outcome {
+    /// Whether this limit admits it.
     pub allowed: bool,
+    /// Units left after this request.
     pub remaining: u64,
+    /// Nanoseconds until the limit is whole again.
     pub reset: Nanos,
     /// For a limit that would deny on its own: how long until it alone admits.
     pub retry_after: Option<Nanos>,
+    /// The limit only reports (`mode = "shadow"`).
     pub shadow: bool,
 }
 
+/// A request's decision: the verdict, and each limit's outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
+    /// Admitted or not, and why.
     pub verdict: Verdict,
     /// One per slot, in slot order.
     pub outcomes: SmallVec<[Outcome; 4]>,
 }
 
 impl Decision {
+    /// Whether the request is admitted.
     pub fn allowed(&self) -> bool {
         matches!(self.verdict, Verdict::Admit { .. })
     }
@@ -70,6 +88,9 @@ impl Decision {
 
 const MAX_ROUNDS: usize = 64;
 
+/// Decide the limits of one request at `now`, all or nothing: admitted
+/// only if every enforcing limit admits it (after a hold, when one allows
+/// it), and then charged to all of them.
 pub fn decide(now: Nanos, slots: &mut [Slot<'_>]) -> Decision {
     // The common case, one enforcing limit with room now, needs none of the
     // combination below.

@@ -4,6 +4,8 @@
 //! params), time is passed in by the caller, and stores decide how state is
 //! kept. See `decide` for how the limits of one request combine.
 
+#![warn(missing_docs)]
+
 pub mod algo;
 pub mod calendar;
 pub mod clock;

@@ -8,15 +8,20 @@ use crate::algo::sliding_window::SlidingWindowParams;
 use crate::algo::tiered::{Tier, TieredParams};
 use crate::units::{Nanos, Rate, NANOS_PER_SEC};
 
+/// A parsed config: its limits, its classes and its store.
 #[derive(Debug, Clone)]
 pub struct Policy {
+    /// In config order (a profile's first).
     pub limits: Vec<Limit>,
+    /// `[[class]]` entries, in config order.
     pub classes: Vec<Class>,
+    /// `[store]`.
     pub store: StoreSettings,
     /// Name of the profile this policy includes, if any.
     pub profile: Option<String>,
 }
 
+/// `[store]`: where the limits' state lives.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoreSettings {
     /// Most keys tracked at once, over all limits; idle keys are evicted first
@@ -84,6 +89,7 @@ pub enum FailMode {
 }
 
 impl FailMode {
+    /// The name the config uses for it.
     pub fn name(&self) -> &'static str {
         match self {
             FailMode::Open => "open",
@@ -96,22 +102,34 @@ impl FailMode {
 /// A request class (the data API's sandbox) that scales every limit.
 #[derive(Debug, Clone)]
 pub struct Class {
+    /// Its name.
     pub name: String,
+    /// Which requests are in it.
     pub matcher: Matcher,
+    /// What its requests' quotas are multiplied by.
     pub scale: f64,
 }
 
+/// One `[[limit]]`.
 #[derive(Debug, Clone)]
 pub struct Limit {
+    /// Its name (in headers, metrics and refusals).
     pub name: String,
+    /// What its counters are keyed by.
     pub key: Vec<KeyPart>,
+    /// Which requests it applies to.
     pub matcher: Matcher,
+    /// Its algorithm.
     pub algorithm: AlgorithmKind,
     /// Parameters for the default class (index 0) and each `[[class]]` (index i + 1).
     pub variants: Vec<Params>,
+    /// The longest a request is held for it instead of refused (0: never held).
     pub hold: Nanos,
+    /// What one request costs it.
     pub cost: Cost,
+    /// Enforced, or only reported.
     pub mode: Mode,
+    /// What a request without one of its key parts does.
     pub missing_key: MissingKey,
     /// What this limit does while a shared store is down.
     pub fail: FailMode,
@@ -131,10 +149,12 @@ pub struct Limit {
 pub struct Override {
     /// The key as the engine builds it (parts joined, see `request::encode_key`).
     pub key: compact_str::CompactString,
+    /// What its quota is multiplied by.
     pub scale: f64,
 }
 
 impl Limit {
+    /// The parameters that apply to `class` (a class or override variant).
     pub fn params(&self, class: usize) -> &Params {
         &self.variants[class.min(self.variants.len() - 1)]
     }
@@ -145,6 +165,7 @@ impl Limit {
             Err(_) => class,
         }
     }
+    /// Whether it counts upstream time (`cost = "latency"`).
     pub fn is_latency(&self) -> bool {
         self.cost == Cost::Latency
     }
@@ -155,20 +176,29 @@ impl Limit {
     }
 }
 
+/// A limit's algorithm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AlgorithmKind {
+    /// GCRA: bursts up to `capacity`, refilled at `refill`.
     TokenBucket,
+    /// GCRA without bursts beyond `capacity`, drained at `refill`.
     LeakyBucket,
+    /// A count per clock-aligned window.
     FixedWindow,
+    /// A count over a window that slides, in sub-windows.
     SlidingWindow,
+    /// Pools refilled at their own boundaries (minute, hour, day, ...).
     Tiered,
+    /// Requests in flight at once.
     Concurrency,
 }
 
 impl AlgorithmKind {
+    /// The names `algorithm` takes, for messages.
     pub const NAMES: &'static str =
         "token_bucket, leaky_bucket, fixed_window, sliding_window, tiered, concurrency";
 
+    /// The algorithm named `text`.
     pub fn parse(text: &str) -> Option<Self> {
         Some(match text {
             "token_bucket" => Self::TokenBucket,
@@ -180,6 +210,7 @@ impl AlgorithmKind {
             _ => return None,
         })
     }
+    /// The name the config uses for it.
     pub fn name(&self) -> &'static str {
         match self {
             Self::TokenBucket => "token_bucket",
@@ -192,12 +223,18 @@ impl AlgorithmKind {
     }
 }
 
+/// A limit's parameters, by algorithm.
 #[derive(Debug, Clone)]
 pub enum Params {
+    /// Token or leaky bucket.
     Gcra(GcraParams),
+    /// Fixed window.
     FixedWindow(FixedWindowParams),
+    /// Sliding window.
     SlidingWindow(SlidingWindowParams),
+    /// Tiered pools.
     Tiered(TieredParams),
+    /// Concurrency.
     Concurrency(ConcurrencyParams),
 }
 
@@ -273,15 +310,22 @@ fn gcd(mut a: u128, mut b: u128) -> u128 {
     a.max(1)
 }
 
+/// One part of a limit's key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyPart {
     /// Lower-cased header name.
     Header(String),
+    /// A query parameter's value.
     Query(String),
+    /// The client's address.
     Ip,
+    /// The request's method.
     Method,
+    /// The request's (normalized) path.
     Path,
+    /// The host the request is for, lower-cased.
     Host,
+    /// A fixed text.
     Const(String),
     /// An entry of an Envoy rate limit descriptor (`tollgate serve`'s RLS
     /// listener): the value of its key NAME.
@@ -289,6 +333,8 @@ pub enum KeyPart {
 }
 
 impl KeyPart {
+    /// A part as written in `key`: `header:NAME`, `query:NAME`,
+    /// `descriptor:NAME`, `ip`, `method`, `path`, `host` or `const:TEXT`.
     pub fn parse(text: &str) -> Result<KeyPart, String> {
         let bad = || {
             format!("'{text}' is not a key part; use header:NAME, query:NAME, descriptor:NAME, ip, method, path, host or const:TEXT")
@@ -310,6 +356,7 @@ impl KeyPart {
             },
         })
     }
+    /// The part as written in the config.
     pub fn describe(&self) -> String {
         match self {
             KeyPart::Header(n) => format!("header:{n}"),
@@ -329,7 +376,9 @@ impl KeyPart {
 pub struct Matcher {
     /// Upper-cased methods.
     pub methods: Vec<String>,
+    /// Paths at or under this.
     pub path_prefix: Option<String>,
+    /// The host (lower-cased).
     pub host: Option<String>,
     /// Lower-cased header names with the exact value they must have.
     pub headers: Vec<(String, String)>,
@@ -341,8 +390,10 @@ pub struct Matcher {
     pub descriptors: Vec<(String, String)>,
 }
 
+/// What one request costs a limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cost {
+    /// One unit per request.
     Requests,
     /// Microseconds of upstream time, debited at completion.
     Latency,
@@ -352,9 +403,12 @@ pub enum Cost {
     JsonArray(String),
 }
 
+/// Whether a limit enforces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
+    /// Refuses what it does not admit.
     Enforce,
+    /// Decides and reports, never refuses.
     Shadow,
 }
 

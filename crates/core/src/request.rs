@@ -7,12 +7,19 @@ use std::borrow::Cow;
 
 /// What the engine may read of a request. Header names are asked lower-cased.
 pub trait Request {
+    /// The method (upper case).
     fn method(&self) -> &str;
+    /// The path, normalized.
     fn path(&self) -> &str;
+    /// The host it is for, without the port.
     fn host(&self) -> Option<&str>;
+    /// The client's address.
     fn ip(&self) -> Option<&str>;
+    /// A header's value (`name` lower case).
     fn header(&self, name: &str) -> Option<&str>;
+    /// A query parameter's first value, percent-decoded.
     fn query(&self, name: &str) -> Option<Cow<'_, str>>;
+    /// The body as JSON, when a limit's cost reads it.
     fn json_body(&self) -> Option<&serde_json::Value>;
     /// The domain of an Envoy rate limit request (none for HTTP requests).
     fn domain(&self) -> Option<&str> {
@@ -28,8 +35,11 @@ pub trait Request {
 /// One limit that applies to a request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Item {
+    /// The limit's index in the policy.
     pub limit: usize,
+    /// Its class or override variant (0: the default).
     pub class: usize,
+    /// The key its counter is kept under.
     pub key: CompactString,
     /// Units that must fit (1 for latency limits).
     pub cost: u64,
@@ -37,20 +47,37 @@ pub struct Item {
     pub charge: u64,
 }
 
+/// Why a request cannot be planned against a policy (a 400).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
+    /// A key part is missing and the limit has `missing_key = "reject"`.
     #[error(
         "limit '{limit}': the request has no {part}, and the limit rejects requests without it"
     )]
-    MissingKey { limit: String, part: String },
+    MissingKey {
+        /// The limit.
+        limit: String,
+        /// The part, as written in `key`.
+        part: String,
+    },
+    /// A `cost = { header = ... }` header is not a whole number.
     #[error("limit '{limit}': header {header} must be a whole number of units, got '{value}'")]
     BadCostHeader {
+        /// The limit.
         limit: String,
+        /// The header's name.
         header: String,
+        /// What it held.
         value: String,
     },
+    /// A `cost = { json_array = ... }` pointer does not find an array.
     #[error("limit '{limit}': {pointer} in the body must be an array")]
-    BadCostBody { limit: String, pointer: String },
+    BadCostBody {
+        /// The limit.
+        limit: String,
+        /// The JSON pointer.
+        pointer: String,
+    },
 }
 
 /// Separates key parts. A value holding a separator, marker or escape char
@@ -61,6 +88,7 @@ const KEY_MISSING: char = '\u{1e}';
 const KEY_ESCAPE: char = '\u{1d}';
 
 impl Matcher {
+    /// Whether the request meets every condition given.
     pub fn matches(&self, req: &impl Request) -> bool {
         (self.methods.is_empty()
             || self
@@ -228,13 +256,19 @@ fn cost_of(limit: &Limit, req: &impl Request) -> Result<(u64, u64), RequestError
 /// the body of the check API, and tests.
 #[derive(Debug, Clone, Default)]
 pub struct Attrs {
+    /// The method.
     pub method: String,
+    /// The path.
     pub path: String,
+    /// The host, if known.
     pub host: Option<String>,
+    /// The client's address, if known.
     pub ip: Option<String>,
     /// Lower-cased names.
     pub headers: Vec<(String, String)>,
+    /// The raw query string.
     pub query: Option<String>,
+    /// The body, if it is JSON.
     pub body: Option<serde_json::Value>,
 }
 
@@ -286,6 +320,7 @@ impl Request for Attrs {
 /// apply to it.
 #[derive(Debug, Clone)]
 pub struct Descriptor<'a> {
+    /// The request's domain.
     pub domain: &'a str,
     /// (key, value), in the order Envoy sent them.
     pub entries: Vec<(&'a str, &'a str)>,

@@ -7,14 +7,20 @@
 /// Nanoseconds since the Unix epoch (or a span of nanoseconds).
 pub type Nanos = u64;
 
+/// Nanoseconds in a microsecond.
 pub const NANOS_PER_MICRO: u64 = 1_000;
+/// Nanoseconds in a second.
 pub const NANOS_PER_SEC: u64 = 1_000_000_000;
 
 /// Spans in nanoseconds.
 pub const MILLISECOND: Nanos = 1_000_000;
+/// A second, in ns.
 pub const SECOND: Nanos = NANOS_PER_SEC;
+/// A minute, in ns.
 pub const MINUTE: Nanos = 60 * SECOND;
+/// An hour, in ns.
 pub const HOUR: Nanos = 60 * MINUTE;
+/// A day, in ns.
 pub const DAY: Nanos = 24 * HOUR;
 
 /// Parse a duration such as `2s`, `500ms`, `1m`, `1min`, `1h`, `1d`, `172.5s`, `30s`.
@@ -51,7 +57,9 @@ pub fn parse_duration(text: &str) -> Result<Nanos, String> {
 /// A rate `amount` per `per` nanoseconds, e.g. `300/s` or `100/30s`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
+    /// Units ...
     pub amount: u64,
+    /// ... per this many ns.
     pub per: Nanos,
 }
 

@@ -4,17 +4,22 @@
 use super::{Earliest, Meter, Usage};
 use crate::units::Nanos;
 
+/// A `concurrency` limit's parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConcurrencyParams {
+    /// Requests in flight at once, per key.
     pub max: u64,
 }
 
 /// Units in flight.
 pub type ConcurrencyState = u64;
 
+/// A concurrency limit bound to one key's count, as the decision reads it.
 #[derive(Debug)]
 pub struct Concurrency<'a> {
+    /// The limit's parameters.
     pub params: &'a ConcurrencyParams,
+    /// The key's requests in flight.
     pub in_flight: &'a mut ConcurrencyState,
 }
 

@@ -5,17 +5,24 @@ use super::{Earliest, Meter, TwoWindows, Usage};
 use crate::calendar::Calendar;
 use crate::units::Nanos;
 
+/// A `fixed_window` limit's parameters.
 #[derive(Debug, Clone)]
 pub struct FixedWindowParams {
+    /// Units per window.
     pub quota: u64,
+    /// Where windows start and end (length and time zone).
     pub calendar: Calendar,
 }
 
+/// A key's count in the current window (and the next, for reservations).
 pub type FixedWindowState = TwoWindows;
 
+/// A fixed window bound to one key's state, as the decision reads it.
 #[derive(Debug)]
 pub struct FixedWindow<'a> {
+    /// The limit's parameters.
     pub params: &'a FixedWindowParams,
+    /// The key's counts.
     pub state: &'a mut FixedWindowState,
 }
 

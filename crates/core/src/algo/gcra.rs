@@ -10,12 +10,14 @@
 use super::{Earliest, Meter, Usage};
 use crate::units::{Nanos, Rate};
 
+/// A token or leaky bucket's parameters (GCRA), kept exact in integers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GcraParams {
     /// Burst size in units.
     pub capacity: u64,
     /// `amount` units refill every `period` ns.
     pub amount: u64,
+    /// See `amount`.
     pub period: Nanos,
     /// The interval per unit as `whole + rem / amount` ns.
     whole: Nanos,
@@ -27,7 +29,9 @@ pub struct GcraParams {
 /// An instant or span as `ns + frac / amount` nanoseconds, `frac < amount`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct Exact {
+    /// Whole nanoseconds.
     pub ns: Nanos,
+    /// The fraction of a nanosecond, in `amount`ths.
     pub frac: u64,
 }
 
@@ -43,6 +47,7 @@ impl GcraParams {
         )
     }
 
+    /// `rate.amount` units every `rate.per` ns, bursts of `capacity`.
     pub fn with_rate(capacity: u64, rate: Rate) -> Self {
         let capacity = capacity.max(1);
         let amount = rate.amount.max(1);
@@ -133,9 +138,12 @@ fn at(ns: Nanos) -> Exact {
     Exact { ns, frac: 0 }
 }
 
+/// A bucket bound to one key's state, as the decision reads it.
 #[derive(Debug)]
 pub struct Gcra<'a> {
+    /// The limit's parameters.
     pub params: &'a GcraParams,
+    /// The key's theoretical arrival time.
     pub tat: &'a mut GcraState,
 }
 

@@ -19,7 +19,10 @@ pub enum Earliest {
     /// Only when something in flight is released: no instant can be promised.
     OnRelease,
     /// The cost is larger than the limit could ever admit; `capacity` is the most it can.
-    Never { capacity: u64 },
+    Never {
+        /// The most the limit admits at once.
+        capacity: u64,
+    },
 }
 
 /// What a client may see of a limit for one key.
@@ -44,6 +47,7 @@ pub trait Meter: std::fmt::Debug {
     fn debit(&mut self, now: Nanos, amount: u64);
     /// Give back `amount` (concurrency release). A no-op for rate meters.
     fn release(&mut self, _amount: u64) {}
+    /// What is left for this key at `now`, and when it next grows.
     fn usage(&self, now: Nanos) -> Usage;
     /// True when the state is indistinguishable from a fresh one at `now`:
     /// evicting it cannot change any decision.
@@ -53,7 +57,9 @@ pub trait Meter: std::fmt::Debug {
 /// A counter for one clock-aligned window, keyed by the window's start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WindowCount {
+    /// The window's start (ns since the epoch).
     pub start: Nanos,
+    /// Units counted in it.
     pub used: u64,
 }
 
@@ -62,6 +68,7 @@ pub struct WindowCount {
 pub struct TwoWindows(pub [WindowCount; 2]);
 
 impl TwoWindows {
+    /// Units counted in the window starting at `start` (0 if neither is it).
     pub fn used(&self, start: Nanos) -> u64 {
         self.0
             .iter()
@@ -93,6 +100,7 @@ impl TwoWindows {
         };
     }
 
+    /// Whether nothing is counted in the window containing `current` or later.
     pub fn at_rest(&self, current: Nanos) -> bool {
         self.0.iter().all(|w| w.used == 0 || w.start < current)
     }

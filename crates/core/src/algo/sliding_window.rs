@@ -12,9 +12,12 @@
 use super::{Earliest, Meter, Usage};
 use crate::units::Nanos;
 
+/// A `sliding_window` limit's parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlidingWindowParams {
+    /// Units per window.
     pub quota: u64,
+    /// The window's length.
     pub every: Nanos,
     /// Length of one sub-window.
     pub segment: Nanos,
@@ -23,6 +26,7 @@ pub struct SlidingWindowParams {
 }
 
 impl SlidingWindowParams {
+    /// `quota` per `every`, counted in `segments` sub-windows.
     pub fn new(quota: u64, every: Nanos, segments: u32) -> Self {
         let segments = segments.max(1);
         let every = every.max(1);
@@ -49,15 +53,22 @@ impl SlidingWindowParams {
 /// O(1), not O(segments).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SlidingWindowState {
+    /// The newest sub-window written.
     pub head: u64,
+    /// A ring of sub-window counts.
     pub counts: Box<[u64]>,
+    /// Their sum.
     pub total: u64,
+    /// The oldest sub-window holding anything.
     pub oldest: u64,
 }
 
+/// A sliding window bound to one key's state, as the decision reads it.
 #[derive(Debug)]
 pub struct SlidingWindow<'a> {
+    /// The limit's parameters.
     pub params: &'a SlidingWindowParams,
+    /// The key's sub-window counts.
     pub state: &'a mut SlidingWindowState,
 }
 

@@ -9,19 +9,24 @@ use super::{Earliest, Meter, TwoWindows, Usage};
 use crate::calendar::{Calendar, Window};
 use crate::units::Nanos;
 
+/// One pool of a `tiered` limit.
 #[derive(Debug, Clone)]
 pub struct Tier {
+    /// Units the pool holds when full.
     pub quota: u64,
+    /// When it refills completely (its window's boundaries).
     pub calendar: Calendar,
 }
 
 /// Tiers sorted most frequent (shortest window) first.
 #[derive(Debug, Clone)]
 pub struct TieredParams {
+    /// The pools, the most frequently refreshing first.
     pub tiers: Vec<Tier>,
 }
 
 impl TieredParams {
+    /// What all pools hold when full.
     pub fn total(&self) -> u64 {
         self.tiers
             .iter()
@@ -29,11 +34,15 @@ impl TieredParams {
     }
 }
 
+/// Each pool's count, in `tiers` order.
 pub type TieredState = Box<[TwoWindows]>;
 
+/// A tiered limit bound to one key's pools, as the decision reads it.
 #[derive(Debug)]
 pub struct Tiered<'a> {
+    /// The limit's parameters.
     pub params: &'a TieredParams,
+    /// The key's pools.
     pub state: &'a mut TieredState,
 }
 

@@ -1,0 +1,90 @@
+//! Hostile input at volume against `tollgate simulate`'s trace reader:
+//! valid trace lines damaged byte by byte. 0 panics; a malformed line stops
+//! the run with an error naming that line (the lines before it decided).
+//! `TOLLGATE_FUZZ_CASES` sets the cases (256 by default, in CI;
+//! `bench/fuzz.sh` runs many more).
+
+use proptest::prelude::*;
+use tollgate_core::{parse, NoProfiles};
+use tollgate_sim::{simulate, Options, SimError};
+use tollgate_store::Engine;
+
+fn config() -> ProptestConfig {
+    let cases = std::env::var("TOLLGATE_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    ProptestConfig::with_cases(cases)
+}
+
+const POLICY: &str = "[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 5\nrefill = \"1/s\"\n[[limit]]\nname = \"rows\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 100\ncost = { json_array = \"/rows\" }\n[[limit]]\nname = \"slow\"\nalgorithm = \"concurrency\"\nmax = 2\n";
+
+const LINES: &[&str] = &[
+    r#"{"t": 0, "method": "GET", "path": "/v1/jobs", "headers": {"x-tenant-id": "acme"}}"#,
+    r#"{"t": 0.5, "path": "/v1/rows", "body": {"rows": [1, 2, 3]}, "latency": 0.25}"#,
+    r#"{"t": 1e-3, "ip": "10.0.0.1", "query": "a=1&b=%20", "host": "api.example.com"}"#,
+    r#"{"t": 2, "domain": "edge", "descriptor": {"tenant": "acme"}}"#,
+];
+
+fn damaged(line: &str, edits: &[(u8, f64, char)]) -> String {
+    let mut chars: Vec<char> = line.chars().collect();
+    for &(kind, at, c) in edits {
+        let i = ((chars.len() as f64) * at) as usize;
+        match kind {
+            0 if i < chars.len() => {
+                chars.remove(i);
+            }
+            1 => chars.insert(i.min(chars.len()), c),
+            _ if i < chars.len() => chars[i] = c,
+            _ => chars.push(c),
+        }
+    }
+    chars.into_iter().collect()
+}
+
+fn edit() -> impl Strategy<Value = (u8, f64, char)> {
+    (
+        0u8..3,
+        0.0f64..1.0,
+        prop_oneof![
+            Just('"'),
+            Just('{'),
+            Just('}'),
+            Just(':'),
+            Just(','),
+            Just('-'),
+            Just('e'),
+            Just('9'),
+            Just('\\'),
+            any::<char>(),
+        ],
+    )
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn a_damaged_trace_decides_or_names_its_line(
+        picks in proptest::collection::vec((0..LINES.len(), proptest::collection::vec(edit(), 0..4)), 1..8),
+    ) {
+        let lines: Vec<String> = picks.iter().map(|(i, e)| damaged(LINES[*i], e)).collect();
+        let trace = lines.join("\n") + "\n";
+        // (an edit may be a newline: count the lines the reader sees)
+        let count = trace.lines().count();
+        let engine = Engine::new(parse(POLICY, &NoProfiles).expect("policy"));
+        let options = Options { start: 1_767_225_600_000_000_000, decisions: true, per_key: true };
+        let mut out = Vec::new();
+        match simulate(&engine, options, trace.as_bytes(), &mut out) {
+            Ok(summary) => prop_assert!(summary.requests as usize <= count),
+            Err(SimError::Line { line, message }) => {
+                prop_assert!((1..=count as u64).contains(&line), "line {line}: {trace:?}");
+                prop_assert!(!message.is_empty());
+                // The lines before it were decided and written.
+                let written = String::from_utf8_lossy(&out).lines().count() as u64;
+                prop_assert!(written < line, "{written} decisions before line {line}");
+            }
+            Err(e) => prop_assert!(false, "{e}"),
+        }
+    }
+}

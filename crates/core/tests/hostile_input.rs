@@ -4,17 +4,12 @@
 //! names one. `TOLLGATE_FUZZ_CASES` sets the cases per property (256 by
 //! default, in CI; `bench/fuzz.sh` runs many more).
 
+#[path = "../../testkit/hostile_input.rs"]
+mod hostile;
+
 use proptest::prelude::*;
 use tollgate_core::policy::KeyPart;
 use tollgate_core::{parse, NoProfiles};
-
-fn config() -> ProptestConfig {
-    let cases = std::env::var("TOLLGATE_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
-    ProptestConfig::with_cases(cases)
-}
 
 /// Configs that parse, one per algorithm and feature.
 const VALID: &[&str] = &[
@@ -26,55 +21,18 @@ const VALID: &[&str] = &[
     "[[limit]]\nname = \"rls\"\nkey = [\"descriptor:tenant\"]\nmatch = { domain = \"edge\", descriptors = { plan = \"free\" } }\nalgorithm = \"leaky_bucket\"\ncapacity = 5\nrefill = \"1/s\"\n[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\n",
 ];
 
-/// One edit: delete, insert or replace a byte at a position (as a share of
-/// the text's length), with bytes a TOML lexer cares about.
-fn edit() -> impl Strategy<Value = (u8, f64, char)> {
-    (
-        0u8..3,
-        0.0f64..1.0,
-        prop_oneof![
-            Just('"'),
-            Just('='),
-            Just('['),
-            Just(']'),
-            Just('{'),
-            Just('\n'),
-            Just('#'),
-            Just('.'),
-            Just('-'),
-            Just('0'),
-            Just('9'),
-            Just('/'),
-            any::<char>(),
-        ],
-    )
-}
-
-fn damaged(text: &str, edits: &[(u8, f64, char)]) -> String {
-    let mut chars: Vec<char> = text.chars().collect();
-    for &(kind, at, c) in edits {
-        let i = ((chars.len() as f64) * at) as usize;
-        match kind {
-            0 if i < chars.len() => {
-                chars.remove(i);
-            }
-            1 => chars.insert(i.min(chars.len()), c),
-            _ if i < chars.len() => chars[i] = c,
-            _ => chars.push(c),
-        }
-    }
-    chars.into_iter().collect()
-}
+/// Chars this input's lexer cares about.
+const SPECIAL: &[char] = &['"', '=', '[', ']', '{', '\n', '#', '.', '-', '0', '9', '/'];
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(hostile::cases())]
 
     #[test]
     fn a_damaged_config_parses_or_says_where(
         which in 0..VALID.len(),
-        edits in proptest::collection::vec(edit(), 1..6),
+        edits in proptest::collection::vec(hostile::edit(SPECIAL), 1..6),
     ) {
-        let text = damaged(VALID[which], &edits);
+        let text = hostile::damaged(VALID[which], &edits);
         if let Err(e) = parse(&text, &NoProfiles) {
             prop_assert!(!e.message.is_empty(), "{text:?}");
             if let Some(line) = e.line {

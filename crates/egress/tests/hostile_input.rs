@@ -4,16 +4,11 @@
 //! `TOLLGATE_FUZZ_CASES` sets the cases (256 by default, in CI;
 //! `bench/fuzz.sh` runs many more).
 
+#[path = "../../testkit/hostile_input.rs"]
+mod hostile;
+
 use proptest::prelude::*;
 use tollgate_egress::{parse_config, read_jobs, JobsError};
-
-fn config() -> ProptestConfig {
-    let cases = std::env::var("TOLLGATE_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
-    ProptestConfig::with_cases(cases)
-}
 
 const CONFIG: &str = "[[upstream]]\nname = \"crm\"\nbase_url = \"http://127.0.0.1:9/api\"\n[[upstream.limit]]\nname = \"api\"\nalgorithm = \"token_bucket\"\ncapacity = 10\nrefill = \"10/s\"\n";
 
@@ -23,50 +18,18 @@ const LINES: &[&str] = &[
     r#"{"method": "PATCH", "url": "http://127.0.0.1:9/api/v1/sites/5", "body": "text", "workflow": "sync"}"#,
 ];
 
-fn damaged(line: &str, edits: &[(u8, f64, char)]) -> String {
-    let mut chars: Vec<char> = line.chars().collect();
-    for &(kind, at, c) in edits {
-        let i = ((chars.len() as f64) * at) as usize;
-        match kind {
-            0 if i < chars.len() => {
-                chars.remove(i);
-            }
-            1 => chars.insert(i.min(chars.len()), c),
-            _ if i < chars.len() => chars[i] = c,
-            _ => chars.push(c),
-        }
-    }
-    chars.into_iter().collect()
-}
-
-fn edit() -> impl Strategy<Value = (u8, f64, char)> {
-    (
-        0u8..3,
-        0.0f64..1.0,
-        prop_oneof![
-            Just('"'),
-            Just('{'),
-            Just('}'),
-            Just(':'),
-            Just('/'),
-            Just('.'),
-            Just('%'),
-            Just('\\'),
-            Just('@'),
-            any::<char>(),
-        ],
-    )
-}
+/// Chars this input's lexer cares about.
+const SPECIAL: &[char] = &['"', '{', '}', ':', '/', '.', '%', '\\', '@'];
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(hostile::cases())]
 
     #[test]
     fn damaged_job_lines_are_read_or_named(
-        picks in proptest::collection::vec((0..LINES.len(), proptest::collection::vec(edit(), 0..4)), 1..8),
+        picks in proptest::collection::vec((0..LINES.len(), proptest::collection::vec(hostile::edit(SPECIAL), 0..4)), 1..8),
     ) {
         let upstreams = parse_config(CONFIG, &tollgate_core::NoProfiles, &|_| None).expect("config");
-        let lines: Vec<String> = picks.iter().map(|(i, e)| damaged(LINES[*i], e)).collect();
+        let lines: Vec<String> = picks.iter().map(|(i, e)| hostile::damaged(LINES[*i], e)).collect();
         let text = lines.join("\n") + "\n";
         // (an edit may be a newline: count the lines the reader sees)
         let count = text.lines().count();

@@ -5,18 +5,13 @@
 //! `X-RateLimit-*`). 0 panics. `TOLLGATE_FUZZ_CASES` sets the cases per
 //! property (256 by default, in CI; `bench/fuzz.sh` runs many more).
 
+#[path = "../../testkit/hostile_input.rs"]
+mod hostile;
+
 use proptest::prelude::*;
 use std::time::{Duration, SystemTime};
 use tollgate_http::normalize_path;
 use tollgate_http::ratelimit::{corrections, retry_after};
-
-fn config() -> ProptestConfig {
-    let cases = std::env::var("TOLLGATE_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
-    ProptestConfig::with_cases(cases)
-}
 
 /// Path pieces an attacker would combine: dot segments plain and encoded,
 /// doubled slashes, encoded slashes and backslashes, raw UTF-8, bare `%`.
@@ -70,7 +65,7 @@ fn decoded(segment: &str) -> String {
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(hostile::cases())]
 
     #[test]
     fn a_normalized_path_has_no_dot_or_empty_segment(path in hostile_path()) {

@@ -4,18 +4,13 @@
 //! `TOLLGATE_FUZZ_CASES` sets the cases (256 by default, in CI;
 //! `bench/fuzz.sh` runs many more).
 
+#[path = "../../testkit/hostile_input.rs"]
+mod hostile;
+
 use proptest::prelude::*;
 use tollgate_core::{parse, NoProfiles};
 use tollgate_sim::{simulate, Options, SimError};
 use tollgate_store::Engine;
-
-fn config() -> ProptestConfig {
-    let cases = std::env::var("TOLLGATE_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
-    ProptestConfig::with_cases(cases)
-}
 
 const POLICY: &str = "[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 5\nrefill = \"1/s\"\n[[limit]]\nname = \"rows\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 100\ncost = { json_array = \"/rows\" }\n[[limit]]\nname = \"slow\"\nalgorithm = \"concurrency\"\nmax = 2\n";
 
@@ -26,49 +21,17 @@ const LINES: &[&str] = &[
     r#"{"t": 2, "domain": "edge", "descriptor": {"tenant": "acme"}}"#,
 ];
 
-fn damaged(line: &str, edits: &[(u8, f64, char)]) -> String {
-    let mut chars: Vec<char> = line.chars().collect();
-    for &(kind, at, c) in edits {
-        let i = ((chars.len() as f64) * at) as usize;
-        match kind {
-            0 if i < chars.len() => {
-                chars.remove(i);
-            }
-            1 => chars.insert(i.min(chars.len()), c),
-            _ if i < chars.len() => chars[i] = c,
-            _ => chars.push(c),
-        }
-    }
-    chars.into_iter().collect()
-}
-
-fn edit() -> impl Strategy<Value = (u8, f64, char)> {
-    (
-        0u8..3,
-        0.0f64..1.0,
-        prop_oneof![
-            Just('"'),
-            Just('{'),
-            Just('}'),
-            Just(':'),
-            Just(','),
-            Just('-'),
-            Just('e'),
-            Just('9'),
-            Just('\\'),
-            any::<char>(),
-        ],
-    )
-}
+/// Chars this input's lexer cares about.
+const SPECIAL: &[char] = &['"', '{', '}', ':', ',', '-', 'e', '9', '\\'];
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(hostile::cases())]
 
     #[test]
     fn a_damaged_trace_decides_or_names_its_line(
-        picks in proptest::collection::vec((0..LINES.len(), proptest::collection::vec(edit(), 0..4)), 1..8),
+        picks in proptest::collection::vec((0..LINES.len(), proptest::collection::vec(hostile::edit(SPECIAL), 0..4)), 1..8),
     ) {
-        let lines: Vec<String> = picks.iter().map(|(i, e)| damaged(LINES[*i], e)).collect();
+        let lines: Vec<String> = picks.iter().map(|(i, e)| hostile::damaged(LINES[*i], e)).collect();
         let trace = lines.join("\n") + "\n";
         // (an edit may be a newline: count the lines the reader sees)
         let count = trace.lines().count();

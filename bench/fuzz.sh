@@ -16,7 +16,9 @@
 #           would decode it, and normalizing again changes nothing;
 #           Retry-After, RateLimit and X-RateLimit-* values of any text
 #   sim:    trace lines damaged byte by byte
-#   egress: job lines damaged byte by byte
+#   egress: job lines, bulk templates (in the config) and bulk records
+#           damaged byte by byte; what is read is sent only under the
+#           upstream's base URL
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CASES=${CASES:-100000}

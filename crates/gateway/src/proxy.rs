@@ -19,66 +19,21 @@ use hyper::{Request, Response, Uri};
 use std::borrow::Cow;
 use std::sync::Arc;
 use tollgate_core::policy::Cost;
-use tollgate_core::request::query_param;
 use tollgate_core::{Decision, Item, Verdict};
 use tollgate_http::access::Entry;
 use tollgate_http::body::{EitherBody, GuardedBody};
 use tollgate_http::forward::X_FORWARDED_FOR;
 use tollgate_http::ratelimit::add_rate_headers;
-use tollgate_http::{normalize_path, strip_hop_by_hop, Peer, Refusal, X_REQUEST_ID};
+use tollgate_http::{normalize_path, strip_hop_by_hop, HttpRequest, Peer, Refusal, X_REQUEST_ID};
 use tollgate_store::{decide_holding, Admission, HoldBounds};
 
 /// What goes to the upstream: the client's body streamed, or the bytes read
 /// for a JSON cost.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
-/// A request as the engine reads it.
-struct HttpView<'a> {
-    parts: &'a Parts,
-    /// The request's headers (moved out of `parts`, to move on upstream uncopied).
-    headers: &'a HeaderMap,
-    /// The path as matched, keyed and forwarded (see `normalize_path`).
-    path: &'a str,
-    ip: &'a str,
-    body: Option<&'a serde_json::Value>,
-}
-
-impl tollgate_core::Request for HttpView<'_> {
-    fn method(&self) -> &str {
-        self.parts.method.as_str()
-    }
-    fn path(&self) -> &str {
-        self.path
-    }
-    fn host(&self) -> Option<&str> {
-        tollgate_http::forward::request_host(&self.parts.uri, self.headers)
-    }
-    fn ip(&self) -> Option<&str> {
-        Some(self.ip)
-    }
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name)?.to_str().ok()
-    }
-    fn query(&self, name: &str) -> Option<Cow<'_, str>> {
-        query_param(self.parts.uri.query()?, name)
-    }
-    fn json_body(&self) -> Option<&serde_json::Value> {
-        self.body
-    }
-}
-
 /// The response body: the upstream's, streamed, or one the gateway made. It
 /// carries the request's admission, settled when the body ends or is dropped.
 pub type ResponseBody = GuardedBody<EitherBody, Admission>;
-
-/// The gateway's answer when the engine cannot decide.
-fn refusal(e: tollgate_store::EngineError) -> Refusal {
-    match e {
-        tollgate_store::EngineError::Request(e) => Refusal::BadRequest(e.to_string()),
-        tollgate_store::EngineError::Unavailable { .. } => Refusal::StoreUnavailable(e.to_string()),
-        e => Refusal::StoreFull(e.to_string()),
-    }
-}
 
 fn client_ip<'p>(gen: &Generation, headers: &HeaderMap, peer: &'p Peer) -> Cow<'p, str> {
     if gen.settings.trust_forwarded_for {
@@ -182,11 +137,11 @@ impl Gateway {
         if parts.method == hyper::Method::CONNECT {
             return Err(Refusal::MethodNotAllowed("CONNECT".into()));
         }
-        let mut view = HttpView {
+        let mut view = HttpRequest {
             parts,
             headers: &request.headers,
             path: request.path,
-            ip: request.ip,
+            ip: Some(request.ip),
             body: None,
         };
         let upstream = settings
@@ -247,7 +202,7 @@ impl Gateway {
         let mut decided =
             decide_holding(&generation.engine, &items, &self.clock, &self.holds, bounds)
                 .await
-                .map_err(refusal)?;
+                .map_err(Refusal::from)?;
         let decision = &decided.decision;
         if logging {
             log.remaining = items

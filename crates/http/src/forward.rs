@@ -84,6 +84,44 @@ impl Peer {
     }
 }
 
+/// An HTTP request as the limits read it (the gateway's and the tower
+/// layer's): its head, its headers (which the gateway moves out of the head
+/// to send on uncopied), the normalized path, the client's address, and the
+/// JSON body when a limit's cost reads it.
+#[derive(Debug)]
+pub struct HttpRequest<'a> {
+    pub parts: &'a hyper::http::request::Parts,
+    pub headers: &'a HeaderMap,
+    /// The path as matched, keyed and forwarded (see `normalize_path`).
+    pub path: &'a str,
+    pub ip: Option<&'a str>,
+    pub body: Option<&'a serde_json::Value>,
+}
+
+impl tollgate_core::Request for HttpRequest<'_> {
+    fn method(&self) -> &str {
+        self.parts.method.as_str()
+    }
+    fn path(&self) -> &str {
+        self.path
+    }
+    fn host(&self) -> Option<&str> {
+        request_host(&self.parts.uri, self.headers)
+    }
+    fn ip(&self) -> Option<&str> {
+        self.ip
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name)?.to_str().ok()
+    }
+    fn query(&self, name: &str) -> Option<Cow<'_, str>> {
+        tollgate_core::request::query_param(self.parts.uri.query()?, name)
+    }
+    fn json_body(&self) -> Option<&serde_json::Value> {
+        self.body
+    }
+}
+
 /// The host a request is for: the URI's (absolute form), else its `Host`
 /// header; without the port (an IPv6 literal keeps its brackets).
 pub fn request_host<'a>(uri: &'a hyper::Uri, headers: &'a hyper::HeaderMap) -> Option<&'a str> {

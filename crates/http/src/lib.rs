@@ -22,5 +22,5 @@ pub mod ratelimit;
 pub mod refusal;
 
 pub use access::{AccessLog, AccessLogger};
-pub use forward::{normalize_path, strip_hop_by_hop, Peer};
+pub use forward::{normalize_path, strip_hop_by_hop, HttpRequest, Peer};
 pub use refusal::{ErrorFormat, Refusal, ResponseSettings, X_REQUEST_ID};

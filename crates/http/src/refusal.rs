@@ -120,6 +120,20 @@ pub enum Refusal {
     KeyReused { key: String },
 }
 
+/// As the enforce face answers when the engine cannot decide: a 400 for a
+/// request the policy cannot read, a 503 for a store that is down or full.
+impl From<tollgate_store::EngineError> for Refusal {
+    fn from(e: tollgate_store::EngineError) -> Refusal {
+        match e {
+            tollgate_store::EngineError::Request(e) => Refusal::BadRequest(e.to_string()),
+            tollgate_store::EngineError::Unavailable { .. } => {
+                Refusal::StoreUnavailable(e.to_string())
+            }
+            e => Refusal::StoreFull(e.to_string()),
+        }
+    }
+}
+
 impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {

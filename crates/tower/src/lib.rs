@@ -56,17 +56,15 @@ use http::request::Parts;
 use http::{HeaderMap, Request, Response};
 use http_body::Frame;
 use http_body_util::Full;
-use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tollgate_core::policy::Cost;
-use tollgate_core::request::query_param;
 use tollgate_core::{Policy, Verdict};
 use tollgate_http::ratelimit::{add_rate_headers, PolicyItems};
-use tollgate_http::{normalize_path, Refusal};
+use tollgate_http::{normalize_path, HttpRequest, Refusal};
 use tollgate_store::{decide_holding, Admission, Engine, HoldBounds, Holds};
 
 pub use tollgate_http::{ErrorFormat, ResponseSettings};
@@ -295,10 +293,12 @@ impl Shared {
         let policy = self.engine.policy();
         let path = normalize_path(parts.uri.path());
         let ip = self.client_ip.as_ref().and_then(|f| f(&parts));
-        let view = View {
+        let view = HttpRequest {
             parts: &parts,
+            headers: &parts.headers,
             path: &path,
             ip: ip.as_deref(),
+            body: None,
         };
         let mut items = Vec::with_capacity(policy.limits.len());
         if let Err(e) = policy.plan(&view, &mut items) {
@@ -308,7 +308,7 @@ impl Shared {
             decide_holding(&self.engine, &items, &self.clock, &self.holds, self.bounds).await;
         let mut decided = match decided {
             Ok(decided) => decided,
-            Err(e) => return Ok(self.refused(engine_refusal(e), None)),
+            Err(e) => return Ok(self.refused(Refusal::from(e), None)),
         };
         let limit_name = |index: usize| policy.limits[items[index].limit].name.clone();
         match decided.decision.verdict {
@@ -381,46 +381,6 @@ impl Shared {
             items,
             decision,
         );
-    }
-}
-
-/// As the gateway answers when the engine cannot decide.
-fn engine_refusal(e: tollgate_store::EngineError) -> Refusal {
-    match e {
-        tollgate_store::EngineError::Request(e) => Refusal::BadRequest(e.to_string()),
-        tollgate_store::EngineError::Unavailable { .. } => Refusal::StoreUnavailable(e.to_string()),
-        e => Refusal::StoreFull(e.to_string()),
-    }
-}
-
-/// A request as the engine reads it.
-struct View<'a> {
-    parts: &'a Parts,
-    path: &'a str,
-    ip: Option<&'a str>,
-}
-
-impl tollgate_core::Request for View<'_> {
-    fn method(&self) -> &str {
-        self.parts.method.as_str()
-    }
-    fn path(&self) -> &str {
-        self.path
-    }
-    fn host(&self) -> Option<&str> {
-        tollgate_http::forward::request_host(&self.parts.uri, &self.parts.headers)
-    }
-    fn ip(&self) -> Option<&str> {
-        self.ip
-    }
-    fn header(&self, name: &str) -> Option<&str> {
-        self.parts.headers.get(name)?.to_str().ok()
-    }
-    fn query(&self, name: &str) -> Option<Cow<'_, str>> {
-        query_param(self.parts.uri.query()?, name)
-    }
-    fn json_body(&self) -> Option<&serde_json::Value> {
-        None
     }
 }
 

@@ -636,7 +636,7 @@ pub fn shared_store(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Epoch {
     /// The route's epoch in this process.
-    pub local: u64,
+    local: u64,
     /// The fleet's write clock (shared store only; `None` when Redis did
     /// not answer: then nothing is kept there).
     fleet: Option<Stamp>,

@@ -142,11 +142,6 @@ impl SharedCache {
         })
     }
 
-    /// The URL without its password, for messages.
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
     /// The entry `id` at `path` if it is kept and no write since evicted
     /// it, and the write clock now (for `keep`). `None` for a path deeper
     /// than `MAX_DEPTH`.

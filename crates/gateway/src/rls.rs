@@ -121,7 +121,8 @@ impl RateLimitService for Rls {
             capacity,
         } = decision.verdict
         {
-            // A cost no limit could ever admit: refused, and said why.
+            // A cost the limit can never admit: OVER_LIMIT, and the
+            // answer has no field for why, so the log says it.
             let name = &policy.limits[items[limit].limit].name;
             tracing::debug!("rls: limit '{name}': cost {cost} over capacity {capacity}");
         }

@@ -8,7 +8,7 @@ use crate::algo::sliding_window::SlidingWindowParams;
 use crate::algo::tiered::{Tier, TieredParams};
 use crate::calendar::Calendar;
 use crate::policy::*;
-use crate::units::{parse_duration, Rate, NANOS_PER_MICRO};
+use crate::units::{parse_duration, Nanos, Rate, NANOS_PER_MICRO, NANOS_PER_SEC};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -101,6 +101,14 @@ pub fn parse(text: &str, profiles: &dyn ProfileSource) -> Result<Policy, ConfigE
         });
     }
     policy.store = ctx.store(raw.store.as_ref())?;
+    if let Some(limit) = policy.limits.iter().find(|l| l.lease.is_some()) {
+        if policy.store.redis.is_none() {
+            return Err(ConfigError {
+                line: Some(limit.line),
+                message: format!("limit '{}': lease needs [store] kind = \"redis\" (it lends a slice of a quota a fleet shares; in memory every decision is already local)", limit.name),
+            });
+        }
+    }
     Ok(policy)
 }
 
@@ -158,6 +166,12 @@ pub fn parse_upstreams(
                 line: e.line,
                 message: format!("upstream '{name}': {}", e.message),
             })?;
+        if let Some(limit) = policy.limits.iter().find(|l| l.lease.is_some()) {
+            return Err(ConfigError {
+                line: Some(limit.line),
+                message: format!("upstream '{name}': limit '{}': lease applies to `tollgate serve`'s limits; the comply side decides each call on the shared quota", limit.name),
+            });
+        }
         if policy.limits.is_empty() {
             return Err(ctx.err(
                 raw_upstream.span().start,
@@ -187,9 +201,13 @@ fn from_toml(text: &str) -> Result<RawConfig, ConfigError> {
 /// The `i`th entry of an array of tables, as parsed: two limits with the same
 /// fingerprint count alike.
 fn fingerprint(array: Option<&toml::Value>, i: usize) -> String {
-    array
-        .and_then(|v| v.get(i))
-        .map_or_else(String::new, |v| format!("{v:?}"))
+    // A lease changes who decides, not how a key counts: adding or editing
+    // one keeps the counters.
+    let mut entry = array.and_then(|v| v.get(i)).cloned();
+    if let Some(toml::Value::Table(t)) = entry.as_mut() {
+        t.remove("lease");
+    }
+    entry.map_or_else(String::new, |v| format!("{v:?}"))
 }
 
 impl Ctx<'_> {
@@ -563,7 +581,15 @@ struct RawLimit {
     max: Option<Spanned<u64>>,
     missing_key: Option<Spanned<String>>,
     fail: Option<Spanned<String>>,
+    lease: Option<Spanned<RawLease>>,
     overrides: Option<Vec<Spanned<RawOverride>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLease {
+    max: Spanned<u64>,
+    ttl: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -888,6 +914,11 @@ impl Ctx<'_> {
                 ))
             }
         };
+        let lease = l
+            .lease
+            .as_ref()
+            .map(|raw| lease(raw, algorithm, latency, &fail))
+            .transpose()?;
         let mut overrides: Vec<Override> = Vec::new();
         for o in l.overrides.iter().flatten() {
             let o = o.get_ref();
@@ -941,11 +972,54 @@ impl Ctx<'_> {
             mode,
             missing_key,
             fail: fail_mode,
+            lease,
             overrides,
             line,
             fingerprint: String::new(),
         })
     }
+}
+
+/// The longest `ttl` a lease may have: a slice is a short loan, not a quota.
+const MOST_LEASE_TTL: Nanos = 3600 * NANOS_PER_SEC;
+
+/// A limit's `lease`, checked: only the algorithms whose unused units can be
+/// given back exactly (buckets and windows counted per request), and not for
+/// latency budgets, which are debited after the fact.
+fn lease(
+    raw: &Spanned<RawLease>,
+    algorithm: AlgorithmKind,
+    latency: bool,
+    fail: &dyn Fn(std::ops::Range<usize>, String) -> ConfigError,
+) -> Result<Lease, ConfigError> {
+    let l = raw.get_ref();
+    match algorithm {
+        AlgorithmKind::Tiered | AlgorithmKind::Concurrency => {
+            return Err(fail(raw.span(), format!("lease is not available for '{}': leases apply to token_bucket, leaky_bucket, fixed_window and sliding_window limits", algorithm.name())))
+        }
+        _ if latency => {
+            return Err(fail(raw.span(), "lease is not available with cost = \"latency\" (a latency budget is debited after the request, not at admission)".into()))
+        }
+        _ => {}
+    }
+    if *l.max.get_ref() == 0 {
+        return Err(fail(l.max.span(), "lease max must be at least 1".into()));
+    }
+    let ttl = parse_duration(l.ttl.get_ref())
+        .map_err(|m| fail(l.ttl.span(), format!("lease ttl: {m}")))?;
+    if ttl == 0 || ttl > MOST_LEASE_TTL {
+        return Err(fail(
+            l.ttl.span(),
+            format!(
+                "lease ttl '{}' must be above 0 and at most 1h",
+                l.ttl.get_ref()
+            ),
+        ));
+    }
+    Ok(Lease {
+        max: *l.max.get_ref(),
+        ttl,
+    })
 }
 
 fn matcher(raw: &RawMatch) -> Matcher {
@@ -1130,5 +1204,93 @@ mod override_tests {
         .unwrap();
         assert_eq!(a.limits[0].fingerprint, b.limits[0].fingerprint);
         assert_ne!(a.limits[0].fingerprint, c.limits[0].fingerprint);
+    }
+}
+
+#[cfg(test)]
+mod lease_tests {
+    use super::*;
+
+    const STORE: &str = "[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\n\n";
+    const HOT: &str = "[[limit]]\nname = \"hot\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 100\nrefill = \"100/s\"\nlease = { max = 10, ttl = \"500ms\" }\n";
+
+    fn err(text: &str) -> String {
+        parse(text, &NoProfiles).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_lease_is_parsed_and_leaves_the_counters_alone() {
+        let leased = parse(&format!("{STORE}{HOT}"), &NoProfiles).unwrap();
+        assert_eq!(
+            leased.limits[0].lease,
+            Some(Lease {
+                max: 10,
+                ttl: 500_000_000
+            })
+        );
+        let plain = parse(
+            &format!(
+                "{STORE}{}",
+                HOT.replace("lease = { max = 10, ttl = \"500ms\" }\n", "")
+            ),
+            &NoProfiles,
+        )
+        .unwrap();
+        assert_eq!(plain.limits[0].lease, None);
+        // Adding a lease (or editing it) keeps the key's counters.
+        assert_eq!(leased.limits[0].fingerprint, plain.limits[0].fingerprint);
+    }
+
+    #[test]
+    fn bad_leases_are_refused_naming_the_line() {
+        let e = err(HOT);
+        assert!(
+            e.starts_with("line 1: limit 'hot': lease needs [store] kind = \"redis\""),
+            "{e}"
+        );
+        let e = err(&format!("{STORE}{}", HOT.replace("max = 10", "max = 0")));
+        assert!(
+            e.starts_with("line 11: limit 'hot': lease max must be at least 1"),
+            "{e}"
+        );
+        let e = err(&format!("{STORE}{}", HOT.replace("500ms", "0s")));
+        assert!(
+            e.contains("lease ttl '0s' must be above 0 and at most 1h"),
+            "{e}"
+        );
+        let e = err(&format!("{STORE}{}", HOT.replace("500ms", "soon")));
+        assert!(e.contains("limit 'hot': lease ttl:"), "{e}");
+        let e = err(&format!("{STORE}{}", HOT.replace("max = 10", "most = 10")));
+        assert!(e.contains("most"), "{e}");
+        let e = err(&format!(
+            "{STORE}[[limit]]\nname = \"c\"\nalgorithm = \"concurrency\"\nmax = 5\nlease = {{ max = 1, ttl = \"1s\" }}\n"
+        ));
+        assert!(
+            e.starts_with("line 9: limit 'c': lease is not available for 'concurrency'"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{STORE}[[limit]]\nname = \"slow\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = \"10s\"\ncost = \"latency\"\nlease = {{ max = 1, ttl = \"1s\" }}\n"
+        ));
+        assert!(
+            e.contains("lease is not available with cost = \"latency\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_comply_side_refuses_leases() {
+        let e = parse_upstreams(
+            &format!(
+                "{STORE}[[upstream]]\nname = \"crm\"\nbase_url = \"http://127.0.0.1:1\"\n\n[[upstream.limit]]\nname = \"hot\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 10\nlease = {{ max = 1, ttl = \"1s\" }}\n"
+            ),
+            &NoProfiles,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("upstream 'crm': limit 'hot': lease applies to `tollgate serve`"),
+            "{e}"
+        );
     }
 }

@@ -133,6 +133,9 @@ pub struct Limit {
     pub missing_key: MissingKey,
     /// What this limit does while a shared store is down.
     pub fail: FailMode,
+    /// `lease = { max, ttl }`: in fleet mode a process takes a slice of a
+    /// key's quota from Redis and decides on it locally (see `Lease`).
+    pub lease: Option<Lease>,
     /// Keys with their own quota (a premium tenant), sorted by key. Their
     /// parameters are the last variants, in this order.
     pub overrides: Vec<Override>,
@@ -142,6 +145,20 @@ pub struct Limit {
     /// limits with the same fingerprint count alike, so a reload keeps their
     /// counters.
     pub fingerprint: String,
+}
+
+/// A limit's `lease = { max = N, ttl = "..." }`: on Redis, a process takes
+/// up to `max` units of a key's quota in one call and admits requests of
+/// that key locally until they are spent or `ttl` has passed, returning what
+/// it did not use with its next call for the key. Admissions then exceed the
+/// limit by at most the units of the slices outstanding at once (at most
+/// `max` per process and key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// Most units in one slice.
+    pub max: u64,
+    /// Longest a slice is used for.
+    pub ttl: Nanos,
 }
 
 /// One key's own scale of a limit.

@@ -78,8 +78,10 @@ pub struct Metrics {
     store_errors: Counter,
     /// Requests decided by a limit's `fail` mode while Redis was down.
     store_fallbacks: Family<ModeLabels, Counter>,
-    /// Health totals already added: errors, then open, local, closed.
-    seen_store: [AtomicU64; 4],
+    /// Requests admitted from leased slices without a round trip.
+    store_leased: Counter,
+    /// Health totals already added: errors, then open, local, closed, leased.
+    seen_store: [AtomicU64; 5],
 }
 
 impl Default for Metrics {
@@ -148,7 +150,14 @@ impl Default for Metrics {
             "Fleet mode: requests decided by a limit's fail mode while the shared store was down",
             store_fallbacks.clone(),
         );
+        let store_leased = Counter::default();
+        registry.register(
+            "store_leased",
+            "Fleet mode: requests admitted from this process's slices of leased limits, without a round trip",
+            store_leased.clone(),
+        );
         Metrics {
+            store_leased,
             store_up,
             store_errors,
             store_fallbacks,
@@ -211,6 +220,7 @@ impl Metrics {
         };
         self.store_up.set(i64::from(health.up()));
         add(&self.seen_store[0], health.errors(), &self.store_errors);
+        add(&self.seen_store[4], health.leased(), &self.store_leased);
         for (i, (mode, n)) in [
             ("open", health.fail_open()),
             ("local", health.fail_local()),

@@ -416,6 +416,9 @@ impl Engine {
     /// Forget the keys whose state is at rest at `now` (a fresh state would
     /// decide the same); how many went.
     pub fn sweep(&self, now: Nanos) -> usize {
+        if let Some(shared) = &self.shared {
+            shared.sweep(now);
+        }
         self.store.sweep(self.local_policy(), now)
     }
 }

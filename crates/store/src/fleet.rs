@@ -2,6 +2,7 @@
 //! counters (what `/metrics` shows) and transitions logged once each way.
 
 use crate::engine::EngineError;
+use crate::lease::Leases;
 use crate::redis::{RedisError, RedisStore, TimeSource};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,6 +14,9 @@ pub(crate) struct Shared {
     /// The policy at `local_share`, for limits with `fail = "local"`.
     local_policy: Policy,
     health: Arc<StoreHealth>,
+    /// Slices of leased limits' quotas (None: no limit has `lease`). A
+    /// reload starts with none: the old slices' units are not given back.
+    leases: Option<Leases>,
 }
 
 impl Shared {
@@ -32,6 +36,7 @@ impl Shared {
             local_policy: scaled(policy, settings.local_share),
             redis,
             health,
+            leases: leases_for(policy),
         })
     }
 
@@ -42,6 +47,7 @@ impl Shared {
             local_policy: scaled(policy, share),
             redis,
             health: self.health.clone(),
+            leases: leases_for(policy),
         })
     }
 
@@ -58,6 +64,8 @@ impl Shared {
     }
 
     /// A decision, or why Redis could not make it (the caller falls back).
+    /// Leased limits are decided on this process's slices when they cover
+    /// the request, and otherwise take a new slice in the same round trip.
     pub(crate) async fn decide(
         &self,
         policy: &Policy,
@@ -65,8 +73,33 @@ impl Shared {
         now: Nanos,
         hold: bool,
     ) -> Result<Decision, String> {
+        if let Some(leases) = &self.leases {
+            if let Some(decision) = leases.take(policy, items, now) {
+                self.health.leased.fetch_add(1, Ordering::Relaxed);
+                return Ok(decision);
+            }
+            let refill = leases.ask(policy, items, now);
+            if refill.any() {
+                let result = self
+                    .redis
+                    .lease(policy, items, refill.asks(), now, hold)
+                    .await;
+                let result = result.map(|(mut decision, grants)| {
+                    refill.settle(items, Some((&mut decision, &grants)), now);
+                    decision
+                });
+                return self.health.note(result);
+            }
+        }
         let result = self.redis.decide(policy, items, now, hold).await;
         self.health.note(result)
+    }
+
+    /// Forget slices whose keys went quiet.
+    pub(crate) fn sweep(&self, now: Nanos) {
+        if let Some(leases) = &self.leases {
+            leases.sweep(now);
+        }
     }
 
     pub(crate) fn decide_blocking(
@@ -118,6 +151,14 @@ impl Shared {
     }
 }
 
+fn leases_for(policy: &Policy) -> Option<Leases> {
+    policy
+        .limits
+        .iter()
+        .any(|l| l.lease.is_some())
+        .then(Leases::default)
+}
+
 fn config(e: RedisError) -> EngineError {
     EngineError::Config(e.to_string())
 }
@@ -144,6 +185,7 @@ pub struct StoreHealth {
     fail_open: AtomicU64,
     fail_local: AtomicU64,
     fail_closed: AtomicU64,
+    leased: AtomicU64,
 }
 
 impl StoreHealth {
@@ -155,6 +197,7 @@ impl StoreHealth {
             fail_open: AtomicU64::new(0),
             fail_local: AtomicU64::new(0),
             fail_closed: AtomicU64::new(0),
+            leased: AtomicU64::new(0),
         }
     }
 
@@ -215,5 +258,10 @@ impl StoreHealth {
     /// Requests refused by a `fail = "closed"` limit.
     pub fn fail_closed(&self) -> u64 {
         self.fail_closed.load(Ordering::Relaxed)
+    }
+    /// Requests admitted from this process's slices of leased limits,
+    /// without a round trip.
+    pub fn leased(&self) -> u64 {
+        self.leased.load(Ordering::Relaxed)
     }
 }

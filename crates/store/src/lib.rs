@@ -16,6 +16,7 @@ mod direct;
 mod engine;
 mod fleet;
 mod holds;
+mod lease;
 mod memory;
 pub mod redis;
 mod state;

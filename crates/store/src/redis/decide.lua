@@ -43,10 +43,12 @@
 --          caller's instant (none: Redis TIME, read once per call). op is
 --          "d" decide, "h" decide and the request may be held (reserve a
 --          future instant), "u" usage only (writes nothing), "f" finish:
---          debit latency (latency limits) or release (concurrency)
+--          debit latency (latency limits) or release (concurrency), "l"
+--          and "m" decide as "d" and "h" taking leases (see `lease`)
 --   (f)    for "f" only: the latency to debit, in microseconds
 --   then per slot, in KEYS order, two values: spec, and "cost" (the charge
---   is the same) or "cost/charge".
+--   is the same) or "cost/charge"; for "l" and "m" a third, the lease
+--   argument: "-", "want", or "want:refund:markS:markN".
 --   spec   the limit's static fields, comma-separated (parsed once and kept):
 --          algorithm, hold (ns), shadow (0/1), latency (0/1: debited at finish),
 --          then the algorithm's parameters:
@@ -65,6 +67,8 @@
 --   release can make room); 2 never (a = slot, b = cost, c = capacity). retry_after -1 = none.
 --   kind 3 is the short form of an admission at once where every slot
 --   admits: {3, then per slot: remaining, reset}.
+-- Returns for "l" and "m": the decision's reply, then per slot four values:
+--   units lent, the slice's mark (whole second, ns), until (ns from now).
 -- Returns for "f": {0}.
 -- Keys expire on their own once their state is at rest (a fresh state would
 -- decide the same); an in-flight count lives CONCURRENCY_TTL past its last change.
@@ -278,6 +282,24 @@ function GCRA.save(s)
   if g_le(s.tn, s.tf, 0, 0) then return nil end
   return { nowS, s.tn + nowN, s.tf }
 end
+-- Leases (see `lease` below). A slice's units sit on the bucket's timeline
+-- just before its mark, the TAT its grant left. Units whose place there is
+-- still ahead of now are given back exactly (the TAT moves back by their
+-- span: as if they had never been taken); those behind now have refilled
+-- anyway and are not given back. A slice is used for its ttl: its units
+-- were taken before any of them is used, so in any span admissions exceed
+-- the bucket's by at most what slices held at the span's start.
+function GCRA.refund(s, units, mark)
+  local p = s.p
+  if mark <= 0 then return end
+  local r = min(units, floor(mark * p.amount / p.period))
+  if r <= 0 then return end
+  local sn, sf = g_span(p, r)
+  local tn, tf = s.tn - sn, s.tf - sf
+  if tf < 0 then tn, tf = tn - 1, tf + p.amount end
+  s.tn, s.tf, s.dirty = tn, tf, true
+end
+function GCRA.grant(s) return s.tn, -1 end
 
 -- A calendar from a spec's fields at i: the calendar and the next index.
 local function parse_calendar(f, i)
@@ -391,6 +413,20 @@ function FIXED.fast(s, out)
   return true
 end
 
+-- A slice of a window is used within that window only, and what it did not
+-- use goes back to that window's counter while it is the current one.
+function FIXED.refund(s, units, mark)
+  local st = win_start(s.p.cal, s.v, 0)
+  if win_start(s.p.cal, s.v, mark) ~= st then return end
+  local r = min(units, fw_used(s, st))
+  if r <= 0 then return end
+  s.counts[st] = redis.call('DECRBY', fw_key(s, st), r)
+end
+function FIXED.grant(s)
+  local _, e = win(s.p.cal, s.v, 0)
+  return 0, e
+end
+
 local SLIDING = { release = nothing }
 function SLIDING.parse(f, i)
   local segments = tonumber(f[i + 3])
@@ -483,6 +519,21 @@ function SLIDING.save(s)
   local a = { nowS, s.head * p.g - s.mod + nowN }
   for j = 1, p.ring do a[j + 2] = c[j] end
   return a
+end
+
+-- A slice's units go back to the segment they were counted in, while it is
+-- still counted; a slice is used until that segment leaves the window.
+function SLIDING.refund(s, units, mark)
+  local k, c = sw_seg(s, mark), s.c
+  if not c or k > s.head or s.head - k >= s.p.ring or k < sw_first(s, 0) then return end
+  local i = s.head - k + 1
+  local r = min(units, c[i])
+  if r <= 0 then return end
+  c[i], s.dirty = c[i] - r, true
+end
+function SLIDING.grant(s)
+  local p = s.p
+  return 0, (sw_seg(s, 0) + 1) * p.g - s.mod + p.every - 1
 end
 
 local TIERED = { release = nothing }
@@ -666,6 +717,7 @@ end
 -- `expiry` (nil: CONCURRENCY_TTL from now), kept as it is when that second
 -- has not moved since the load (see `load`).
 local function write(s, a, expiry)
+  s.dirty = false
   local text = encode(a)
   if expiry and s.expiry and expiry <= s.expiry then
     redis.call('SET', s.key, text, 'KEEPTTL')
@@ -681,6 +733,7 @@ local function save(s)
   if alg.persist then return alg.persist(s) end
   local a = alg.save(s)
   if not a then
+    s.dirty = false
     if s.stored then redis.call('DEL', s.key) end
   elseif alg == CONCURRENCY then
     write(s, a, nil)
@@ -928,6 +981,68 @@ local function decide(out, slots, op)
   end
 end
 
+-- Leases: op "l" ("m" when the request may be held). A slot with a lease
+-- argument first gives back the units its previous slice did not use (with
+-- the mark that slice's grant returned), then asks for a slice: the most of
+-- `want` units its key has now, at least the request's cost, taken with the
+-- request's other limits all-or-nothing. When no slice can be had the
+-- request is decided as "d" ("h") decides it. After the decision's reply,
+-- per slot: units granted (0: none), the mark (whole second, ns) and until
+-- when the slice may be used (ns from now).
+local function lease(out, slots, asks, may_hold)
+  for i, s in ipairs(slots) do
+    local a = asks[i]
+    if a and a.refund > 0 and s.p.alg.refund then
+      s.p.alg.refund(s, a.refund, since(a.markS) + a.markN)
+    end
+  end
+  local base, asked = #out, false
+  for i, s in ipairs(slots) do
+    local a = asks[i]
+    s.lent = false
+    if a and s.p.alg.grant and s.cost == s.charge and s.cost > 0 then
+      local k = min(a.want, (s.p.alg.usage(s)))
+      if k >= s.cost then s.lent, s.cost, s.charge, asked = s.cost, k, k, true end
+    end
+  end
+  local lent = false
+  if asked then
+    decide(out, slots, 'd')
+    local kind = out[base + 1]
+    lent = kind == 3 or (kind == 0 and out[base + 2] == 0)
+    if not lent then
+      for i = #out, base + 1, -1 do out[i] = nil end
+      for _, s in ipairs(slots) do
+        if s.lent then s.cost, s.charge, s.lent = s.lent, s.lent, false end
+      end
+    end
+  end
+  if not lent then decide(out, slots, may_hold and 'h' or 'd') end
+  for _, s in ipairs(slots) do
+    if s.dirty then save(s) end
+  end
+  for _, s in ipairs(slots) do
+    local n = #out
+    if lent and s.lent then
+      local mark, until_ = s.p.alg.grant(s)
+      local total = nowN + mark
+      local sec = floor(total / BIL)
+      out[n + 1], out[n + 2], out[n + 3], out[n + 4] = s.cost, nowS + sec, total - sec * BIL, until_
+    else
+      out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 0, 0, 0, -1
+    end
+  end
+end
+
+-- A lease argument: "-" (none), or "want" or "want:refund:markS:markN".
+local function ask(text)
+  if text == '-' then return false end
+  local want, refund, ms, mn = match(text, '^(%d+):?(%d*):?(%d*):?(%d*)$')
+  if not want then error('tollgate: bad lease argument ' .. text) end
+  return { want = tonumber(want), refund = tonumber(refund) or 0, markS = tonumber(ms) or 0,
+    markN = tonumber(mn) or 0 }
+end
+
 -- Settle a completed request: release concurrency, debit latency.
 local function finish(slots, latency)
   for _, s in ipairs(slots) do
@@ -971,7 +1086,7 @@ local function slot(i)
   if not s then
     s = { key = false, p = false, cost = 0, charge = 0, stored = false, expiry = false,
       tn = false, tf = false, v = false, w = false, counts = false, adds = false,
-      mod = false, head = false, c = false, n = false }
+      mod = false, head = false, c = false, n = false, dirty = false, lent = false }
     POOL[i] = s
   end
   return s
@@ -1000,12 +1115,18 @@ local function run(keys, argv)
     local slots = SLOTS
     for i = n + 1, slots_n do slots[i] = nil end
     slots_n = n
+    local leasing = op == 'l' or op == 'm'
+    local asks = leasing and {}
     for i = 1, n do
       local s = slot(i)
       s.key, s.p = keys[keybase + i], spec(argv[pos])
       s.cost, s.charge = amounts(argv[pos + 1])
-      s.stored, s.expiry, s.counts, s.adds = false, false, false, false
+      s.stored, s.expiry, s.counts, s.adds, s.dirty = false, false, false, false, false
       pos = pos + 2
+      if leasing then
+        asks[i] = ask(argv[pos])
+        pos = pos + 1
+      end
       load(s)
       slots[i] = s
     end
@@ -1013,6 +1134,8 @@ local function run(keys, argv)
     if op == 'f' then
       finish(slots, latency)
       out[#out + 1] = 0
+    elseif leasing then
+      lease(out, slots, asks, op == 'm')
     else
       decide(out, slots, op)
     end

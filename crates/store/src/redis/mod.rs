@@ -31,6 +31,7 @@ mod shelf;
 pub use pauses::Pauses;
 pub use shelf::{SharedCache, Stamp, MAX_DEPTH};
 
+use crate::lease::{Ask, Grant, Mark};
 use denials::Denials;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::collections::HashMap;
@@ -130,6 +131,8 @@ struct Part {
     /// Where each argument in `args` ends.
     ends: Vec<usize>,
     finish: bool,
+    /// A lease call: four more values per slot after the decision's.
+    lease: bool,
 }
 
 impl Part {
@@ -159,7 +162,8 @@ impl Part {
         if self.finish {
             1
         } else {
-            reply_len(rest.first().copied(), self.keys.len())
+            let leases = if self.lease { 4 * self.keys.len() } else { 0 };
+            reply_len(rest.first().copied(), self.keys.len()) + leases
         }
     }
 
@@ -415,6 +419,46 @@ impl RedisStore {
         self.part(policy, items, now, Op::Decide { hold })
     }
 
+    /// `decide`, taking slices of leased limits as `asks` says (one per
+    /// item; decide.lua's `lease`): the decision, and per item what was lent.
+    pub(crate) async fn lease(
+        &self,
+        policy: &Policy,
+        items: &[Item],
+        asks: &[Option<Ask>],
+        now: Nanos,
+        hold: bool,
+    ) -> Result<(Decision, Vec<Grant>), RedisError> {
+        let remember = self.conns.settings.remember_denials;
+        let refunds = asks.iter().flatten().any(|a| a.refund > 0);
+        if let Some(denied) = (remember && !refunds)
+            .then(|| self.denials.get(items, hold, now))
+            .flatten()
+        {
+            return Ok((denied, Vec::new()));
+        }
+        let reply = self
+            .run(self.part(policy, items, now, Op::Lease { hold, asks }))
+            .await?;
+        let (head, lent) = reply.split_at(reply.len().saturating_sub(4 * items.len()));
+        let decision = self.decoded(policy, items, head)?;
+        let grants = lent
+            .chunks_exact(4)
+            .map(|g| Grant {
+                units: u64::try_from(g[0]).unwrap_or(0),
+                mark: Mark {
+                    secs: u64::try_from(g[1]).unwrap_or(0),
+                    nanos: u64::try_from(g[2]).unwrap_or(0),
+                },
+                usable: u64::try_from(g[3]).ok(),
+            })
+            .collect();
+        if remember && matches!(decision.verdict, Verdict::Deny { .. }) {
+            self.denials.note(items, hold, now, &decision, false);
+        }
+        Ok((decision, grants))
+    }
+
     /// The settlement of `committed`, or None if none of its limits settles
     /// at completion (nothing to send).
     fn finish_call(
@@ -504,8 +548,9 @@ impl RedisStore {
         let mut part = Part {
             keys: Vec::with_capacity(items.len()),
             args: Vec::with_capacity(16 + 64 * items.len()),
-            ends: Vec::with_capacity(2 + 2 * items.len()),
+            ends: Vec::with_capacity(2 + 3 * items.len()),
             finish: matches!(op, Op::Finish { .. }),
+            lease: matches!(op, Op::Lease { .. }),
         };
         let mut head = format!("{}{}", op.code(), items.len());
         if self.time == TimeSource::Caller {
@@ -532,6 +577,10 @@ impl RedisStore {
                 }
             }
             part.push_amounts(item.cost, item.charge);
+            if let Op::Lease { asks, .. } = op {
+                let ask = asks.get(part.keys.len() - 1).and_then(Option::as_ref);
+                part.push(Ask::argument(ask).as_bytes());
+            }
         }
         part
     }
@@ -721,17 +770,20 @@ async fn serve_queue(
 }
 
 #[derive(Debug, Clone, Copy)]
-enum Op {
+enum Op<'a> {
     Decide { hold: bool },
+    Lease { hold: bool, asks: &'a [Option<Ask>] },
     Usage,
     Finish { latency_us: u64 },
 }
 
-impl Op {
+impl Op<'_> {
     fn code(self) -> &'static str {
         match self {
             Op::Decide { hold: false } => "d",
             Op::Decide { hold: true } => "h",
+            Op::Lease { hold: false, .. } => "l",
+            Op::Lease { hold: true, .. } => "m",
             Op::Usage => "u",
             Op::Finish { .. } => "f",
         }

@@ -1,0 +1,275 @@
+//! Leased quota for hot keys (a limit's `lease = { max, ttl }`, fleet mode).
+//!
+//! A process takes a slice of a key's quota from Redis in the same call as a
+//! request of that key, then admits the key's next requests from the slice
+//! without a round trip, until the slice is spent or no longer usable. Its
+//! next call for the key gives back what the slice did not use (decide.lua's
+//! `lease` says how each algorithm takes it back exactly).
+//!
+//! The bound: a slice is taken from the key's counter before any of it is
+//! used, and is used only while its units still count there (within the
+//! fixed window it came from, before a sliding window drops its segment,
+//! before a bucket's TAT passes it), so over any span admissions exceed what
+//! the limit admits by at most the units of the slices outstanding at once:
+//! one per process and key, each at most `max`.
+//!
+//! A process keeps at most one slice per key and one refill in flight: a
+//! request that finds the slice short while another refill is on its way is
+//! decided on Redis as without a lease.
+
+use compact_str::CompactString;
+use std::collections::HashMap;
+use tollgate_core::{Decision, Item, Nanos, Outcome, Policy, Verdict};
+
+/// Where a slice's units sit on its key's counter (decide.lua's mark): an
+/// absolute instant as a whole second and nanoseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Mark {
+    pub secs: u64,
+    pub nanos: u64,
+}
+
+/// What one item asks of Redis: a slice of at most `want` units, after
+/// giving back `refund` units of the slice marked `mark`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ask {
+    pub want: u64,
+    pub refund: u64,
+    pub mark: Mark,
+}
+
+impl Ask {
+    /// decide.lua's lease argument.
+    pub(crate) fn argument(ask: Option<&Ask>) -> String {
+        match ask {
+            None => "-".into(),
+            Some(a) if a.refund == 0 => a.want.to_string(),
+            Some(a) => format!("{}:{}:{}:{}", a.want, a.refund, a.mark.secs, a.mark.nanos),
+        }
+    }
+}
+
+/// What Redis lent an item: `units` (0: nothing) including the request's own
+/// cost, usable for `usable` ns from the decision at most.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Grant {
+    pub units: u64,
+    pub mark: Mark,
+    pub usable: Option<Nanos>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct SliceKey {
+    limit: usize,
+    class: usize,
+    key: CompactString,
+}
+
+impl SliceKey {
+    fn of(item: &Item) -> Self {
+        SliceKey {
+            limit: item.limit,
+            class: item.class,
+            key: item.key.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Slice {
+    /// Units left to admit locally.
+    units: u64,
+    /// The last instant (this process's clock) they may be used at.
+    until: Nanos,
+    mark: Mark,
+    /// The key's remaining as Redis counted it at the grant (the slice aside).
+    remaining: u64,
+    /// When the key's limit resets, as of the grant.
+    reset_at: Nanos,
+    /// A refill for this key is in flight since then.
+    asking: Option<Nanos>,
+    ttl: Nanos,
+}
+
+/// This process's slices, by key.
+#[derive(Debug, Default)]
+pub(crate) struct Leases {
+    slices: parking_lot::Mutex<HashMap<SliceKey, Slice>>,
+}
+
+/// Whether an item may be decided on a slice at all.
+fn leasable(policy: &Policy, item: &Item) -> Option<tollgate_core::policy::Lease> {
+    let lease = policy.limits[item.limit].lease?;
+    (item.cost == item.charge && item.cost > 0).then_some(lease)
+}
+
+impl Leases {
+    /// Admit `items` at `now` from this process's slices, if every item is
+    /// leased and its slice covers its cost: the decision, made without Redis.
+    pub(crate) fn take(&self, policy: &Policy, items: &[Item], now: Nanos) -> Option<Decision> {
+        if items.is_empty() || !items.iter().all(|i| leasable(policy, i).is_some()) {
+            return None;
+        }
+        let mut slices = self.slices.lock();
+        let covered = items.iter().all(|item| {
+            slices
+                .get(&SliceKey::of(item))
+                .is_some_and(|s| s.asking.is_none() && now <= s.until && s.units >= item.cost)
+        });
+        if !covered {
+            return None;
+        }
+        let outcomes = items
+            .iter()
+            .map(|item| {
+                let slice = slices
+                    .get_mut(&SliceKey::of(item))
+                    .expect("checked above under the same lock");
+                slice.units -= item.cost;
+                Outcome {
+                    allowed: true,
+                    remaining: slice.remaining + slice.units,
+                    reset: slice.reset_at.saturating_sub(now),
+                    retry_after: None,
+                    shadow: policy.limits[item.limit].mode == tollgate_core::policy::Mode::Shadow,
+                }
+            })
+            .collect();
+        Some(Decision {
+            verdict: Verdict::Admit { delay: 0 },
+            outcomes,
+        })
+    }
+
+    /// What each item asks of Redis with the request: a new slice (giving
+    /// back the old one's units) for leased items whose slice is short,
+    /// unless another refill of the key is in flight. The refill ends with
+    /// `Refill::settle`, or, if the caller gives up, when it is dropped.
+    pub(crate) fn ask<'a>(&'a self, policy: &Policy, items: &[Item], now: Nanos) -> Refill<'a> {
+        let mut slices = self.slices.lock();
+        let asks = items
+            .iter()
+            .map(|item| {
+                let lease = leasable(policy, item)?;
+                let slice = slices.entry(SliceKey::of(item)).or_insert(Slice {
+                    units: 0,
+                    until: 0,
+                    mark: Mark::default(),
+                    remaining: 0,
+                    reset_at: 0,
+                    asking: None,
+                    ttl: lease.ttl,
+                });
+                if slice.asking.is_some_and(|since| now <= since + lease.ttl) {
+                    return None;
+                }
+                if now <= slice.until && slice.units >= item.cost {
+                    // Enough here: another item of the request is what is short.
+                    return None;
+                }
+                let refund = std::mem::take(&mut slice.units);
+                slice.asking = Some(now);
+                Some(Ask {
+                    want: lease.max.max(item.cost),
+                    refund,
+                    mark: slice.mark,
+                })
+            })
+            .collect();
+        Refill {
+            leases: self,
+            keys: items.iter().map(SliceKey::of).collect(),
+            asks,
+            settled: false,
+        }
+    }
+
+    /// Forget slices unusable for a while (their keys went quiet): their
+    /// units are not given back, so the key admits less, never more.
+    pub(crate) fn sweep(&self, now: Nanos) {
+        self.slices.lock().retain(|_, s| {
+            now <= s.until.saturating_add(s.ttl) || s.asking.is_some_and(|t| now <= t + s.ttl)
+        });
+    }
+}
+
+/// One request's refills in flight.
+#[derive(Debug)]
+pub(crate) struct Refill<'a> {
+    leases: &'a Leases,
+    keys: Vec<SliceKey>,
+    asks: Vec<Option<Ask>>,
+    settled: bool,
+}
+
+impl Refill<'_> {
+    /// Per item, what it asks (None: decided as without a lease).
+    pub(crate) fn asks(&self) -> &[Option<Ask>] {
+        &self.asks
+    }
+
+    /// Whether anything is asked at all.
+    pub(crate) fn any(&self) -> bool {
+        self.asks.iter().any(Option::is_some)
+    }
+
+    /// Keep what Redis lent (`grants`, per item, with the request's own cost
+    /// in it) as the items' slices; None: nothing was lent.
+    pub(crate) fn settle(
+        mut self,
+        items: &[Item],
+        decision: Option<(&mut Decision, &[Grant])>,
+        now: Nanos,
+    ) {
+        self.settled = true;
+        let mut slices = self.leases.slices.lock();
+        let (mut decision, grants) = match decision {
+            Some((d, g)) => (Some(d), g),
+            None => (None, &[][..]),
+        };
+        for (i, ask) in self.asks.iter().enumerate() {
+            if ask.is_none() {
+                continue;
+            }
+            let Some(slice) = slices.get_mut(&self.keys[i]) else {
+                continue;
+            };
+            slice.asking = None;
+            let grant = grants.get(i).copied().unwrap_or_default();
+            let Some(outcome) = decision
+                .as_deref_mut()
+                .and_then(|d| d.outcomes.get_mut(i))
+                .filter(|_| grant.units >= items[i].cost && grant.units > 0)
+            else {
+                slice.units = 0;
+                continue;
+            };
+            slice.units = grant.units - items[i].cost;
+            slice.mark = grant.mark;
+            slice.until = now.saturating_add(grant.usable.map_or(slice.ttl, |u| u.min(slice.ttl)));
+            slice.remaining = outcome.remaining;
+            slice.reset_at = now.saturating_add(outcome.reset);
+            // The client sees the key's remaining with this process's slice in it.
+            outcome.remaining += slice.units;
+        }
+    }
+}
+
+impl Drop for Refill<'_> {
+    /// A caller that gave up (or a failed call): the refills are over; the
+    /// units taken out of the old slices are not given back (the key admits
+    /// less, never more).
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let mut slices = self.leases.slices.lock();
+        for (key, ask) in self.keys.iter().zip(&self.asks) {
+            if ask.is_some() {
+                if let Some(slice) = slices.get_mut(key) {
+                    slice.asking = None;
+                }
+            }
+        }
+    }
+}

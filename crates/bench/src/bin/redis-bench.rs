@@ -6,6 +6,7 @@
 //! ```text
 //! redis-bench tollgate --url URL --policy FILE [--decisions N | --secs S] [options]
 //! redis-bench envoy    --url URL --quota Q --window SECS [--decisions N | --secs S] [options]
+//! redis-bench engine   --url URL --policy FILE [--decisions N | --secs S] [options]
 //! options: --concurrency C (64)  --tenants T (1000)  --pool P (4)  --warmup SECS (1)  --handshake
 //! ```
 //!
@@ -18,7 +19,9 @@
 //! (src/redis/fixed_cache_impl.go): one pipeline per request of
 //! `INCRBY key hits` + `EXPIRE key unit_seconds`, the key being
 //! `domain_descriptorkey_value_windowstart` at the client's clock, and the
-//! returned count compared to the limit afterwards.
+//! returned count compared to the limit afterwards. `engine` decides as the
+//! gateway does, through `Engine::decide_async` (so a limit's `lease` applies:
+//! `bench/lease.sh`); it does not count calls (`calls=-`).
 //!
 //! With `--handshake` the client connects and warms up, prints `ready`, and
 //! waits for a line on stdin before the measured run (the script resets
@@ -32,6 +35,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tollgate_core::{parse, Attrs, Item, Nanos, NoProfiles, Policy, Verdict};
 use tollgate_store::redis::{RedisStore, TimeSource};
+use tollgate_store::Engine;
 
 #[derive(Debug, Clone)]
 struct Opts {
@@ -61,7 +65,7 @@ fn usage(msg: &str) -> ! {
 fn opts() -> Opts {
     let mut args = std::env::args().skip(1);
     let client = args.next().unwrap_or_else(|| usage("which client?"));
-    if client != "tollgate" && client != "envoy" {
+    if !["tollgate", "envoy", "engine"].contains(&client.as_str()) {
         usage(&format!("unknown client '{client}'"));
     }
     let mut o = Opts {
@@ -107,7 +111,7 @@ fn opts() -> Opts {
     if o.url.is_empty() {
         usage("--url is required");
     }
-    if o.client == "tollgate" && o.policy.is_none() {
+    if o.client != "envoy" && o.policy.is_none() {
         usage("tollgate needs --policy FILE");
     }
     o
@@ -133,8 +137,8 @@ fn cpu_secs() -> f64 {
 
 /// One client: decide the request of tenant `t`; true if admitted.
 trait Client: Send + Sync + 'static {
-    /// Calls (script calls, or pipelines) sent so far.
-    fn calls(&self) -> u64;
+    /// Calls (script calls, or pipelines) sent so far, if counted.
+    fn calls(&self) -> Option<u64>;
     fn decide(
         &self,
         t: usize,
@@ -149,8 +153,8 @@ struct Tollgate {
 }
 
 impl Client for Tollgate {
-    fn calls(&self) -> u64 {
-        self.store.calls()
+    fn calls(&self) -> Option<u64> {
+        Some(self.store.calls())
     }
     async fn decide(&self, t: usize, items: &mut Vec<Item>) -> Result<bool, String> {
         self.policy
@@ -161,6 +165,33 @@ impl Client for Tollgate {
             .decide(&self.policy, items, now_nanos(), true)
             .await
             .map_err(|e| e.to_string())?;
+        Ok(matches!(d.verdict, Verdict::Admit { .. }))
+    }
+}
+
+/// The gateway's way: the engine in fleet mode (leases included).
+struct ThroughEngine {
+    engine: Engine,
+    requests: Vec<Attrs>,
+}
+
+impl Client for ThroughEngine {
+    fn calls(&self) -> Option<u64> {
+        None
+    }
+    async fn decide(&self, t: usize, items: &mut Vec<Item>) -> Result<bool, String> {
+        self.engine
+            .policy()
+            .plan(&self.requests[t], items)
+            .map_err(|e| e.to_string())?;
+        let (d, local) = self
+            .engine
+            .decide_async(items, now_nanos(), true)
+            .await
+            .map_err(|e| e.to_string())?;
+        if local {
+            return Err("redis did not answer (decided by the fail mode)".into());
+        }
         Ok(matches!(d.verdict, Verdict::Admit { .. }))
     }
 }
@@ -176,8 +207,8 @@ struct Envoy {
 }
 
 impl Client for Envoy {
-    fn calls(&self) -> u64 {
-        self.pipelines.load(Ordering::Relaxed)
+    fn calls(&self) -> Option<u64> {
+        Some(self.pipelines.load(Ordering::Relaxed))
     }
     async fn decide(&self, t: usize, _items: &mut Vec<Item>) -> Result<bool, String> {
         let hits: u64 = 1;
@@ -326,7 +357,10 @@ async fn run<C: Client>(client: Arc<C>, o: &Opts) {
     let calls0 = client.calls();
     let (mut tally, secs) = drive(client.clone(), o, o.decisions, o.secs, true).await;
     let cpu = cpu_secs() - cpu0;
-    let calls = client.calls() - calls0;
+    let calls = match (client.calls(), calls0) {
+        (Some(after), Some(before)) => (after - before).to_string(),
+        _ => "-".into(),
+    };
     tally.latencies_us.sort_unstable();
     let pct = |p: f64| -> u32 {
         let l = &tally.latencies_us;
@@ -396,6 +430,14 @@ async fn main() {
         .iter()
         .map(|t| Attrs::new("GET", "/v1/items", &[("x-tenant-id", t)]))
         .collect();
+    if o.client == "engine" {
+        let engine = Engine::open(policy, "bench").unwrap_or_else(|e| usage(&e.to_string()));
+        if let Err(e) = engine.connect().await {
+            eprintln!("redis-bench: {e}");
+            std::process::exit(1);
+        }
+        return run(Arc::new(ThroughEngine { engine, requests }), &o).await;
+    }
     let client = Tollgate {
         store,
         policy,

@@ -36,6 +36,7 @@
 #      most denied (capacity 100, refill 1000/s). redis/memory req/s    >= 0.5x
 #      The Redis runs count FCALL per request; if the gateway did not
 #      decide on Redis (not wired yet) the case is reported as PENDING.
+#   (A hot key on 3 processes with and without a lease: bench/lease.sh.)
 #   PROFILE=auto (default) runs bench/redis/profile/instructions.sh when a/b
 #   misses 0.8x: redis-server's instructions per decision of decide.lua,
 #   counted exactly by callgrind (PROFILE=1 always, 0 never).

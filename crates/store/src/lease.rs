@@ -143,14 +143,18 @@ impl Leases {
 
     /// What each item asks of Redis with the request: a new slice (giving
     /// back the old one's units) for leased items whose slice is short,
-    /// unless another refill of the key is in flight. The refill ends with
-    /// `Refill::settle`, or, if the caller gives up, when it is dropped.
+    /// unless another refill of the key is in flight. Only requests whose
+    /// every limit is leased ask (slices are spent only by such requests: a
+    /// slice taken by another would sit unused while it is charged again).
+    /// The refill ends with `Refill::settle`, or, if the caller gives up,
+    /// when it is dropped.
     pub(crate) fn ask<'a>(&'a self, policy: &Policy, items: &[Item], now: Nanos) -> Refill<'a> {
+        let all = items.iter().all(|i| leasable(policy, i).is_some());
         let mut slices = self.slices.lock();
         let asks = items
             .iter()
             .map(|item| {
-                let lease = leasable(policy, item)?;
+                let lease = leasable(policy, item).filter(|_| all)?;
                 let slice = slices.entry(SliceKey::of(item)).or_insert(Slice {
                     units: 0,
                     until: 0,

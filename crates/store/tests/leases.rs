@@ -218,6 +218,24 @@ fn a_hot_key_under_its_limit_is_decided_on_slices() {
     });
 }
 
+/// A request that also meets a limit without `lease` is decided on Redis,
+/// all of it: no slice is taken, the leased limit counts each request once.
+#[test]
+fn a_request_that_also_meets_an_unleased_limit_takes_no_slice() {
+    runtime().block_on(async {
+        let nodes = fleet(
+            "algorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 100\nlease = { max = 10, ttl = \"1s\" }\n\n[[limit]]\nname = \"cap\"\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 5\n",
+            1,
+        );
+        let node = &nodes[0];
+        assert_eq!(until_denied(node, T0).await, 5, "the unleased limit's quota");
+        let mut items = Vec::new();
+        node.policy().plan(&hot(), &mut items).expect("planned");
+        assert_eq!(node.usage(&items[0], T0).remaining, 95, "five counted, no slice");
+        assert_eq!(node.health().map(|h| h.leased()), Some(0));
+    });
+}
+
 /// The same traffic without `lease`: exactly the quota per window, every
 /// decision a round trip.
 #[test]

@@ -345,13 +345,26 @@ impl RedisStore {
         }
         let reply = self.run(self.decide_call(policy, items, now, hold)).await?;
         let decision = self.decoded(policy, items, &reply)?;
-        if remember && matches!(decision.verdict, Verdict::Deny { .. }) {
+        self.remember(policy, items, now, hold, &decision);
+        Ok(decision)
+    }
+
+    /// Note a denial (with `remember_denials`) to answer it again locally.
+    fn remember(
+        &self,
+        policy: &Policy,
+        items: &[Item],
+        now: Nanos,
+        hold: bool,
+        decision: &Decision,
+    ) {
+        if self.conns.settings.remember_denials && matches!(decision.verdict, Verdict::Deny { .. })
+        {
             let releases = items
                 .iter()
                 .any(|i| policy.limits[i.limit].algorithm == AlgorithmKind::Concurrency);
-            self.denials.note(items, hold, now, &decision, releases);
+            self.denials.note(items, hold, now, decision, releases);
         }
-        Ok(decision)
     }
 
     /// `decide` over a blocking connection, for synchronous callers (the
@@ -453,9 +466,7 @@ impl RedisStore {
                 usable: u64::try_from(g[3]).ok(),
             })
             .collect();
-        if remember && matches!(decision.verdict, Verdict::Deny { .. }) {
-            self.denials.note(items, hold, now, &decision, false);
-        }
+        self.remember(policy, items, now, hold, &decision);
         Ok((decision, grants))
     }
 

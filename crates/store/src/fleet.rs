@@ -2,7 +2,11 @@
 //! counters (what `/metrics` shows) and transitions logged once each way.
 
 use crate::engine::EngineError;
-use crate::lease::Leases;
+use crate::lease::{Asked, Leases};
+
+/// Refills by other requests one request waits for before deciding without
+/// its slices.
+const MOST_REFILL_WAITS: usize = 3;
 use crate::redis::{RedisError, RedisStore, TimeSource};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -74,21 +78,31 @@ impl Shared {
         hold: bool,
     ) -> Result<Decision, String> {
         if let Some(leases) = &self.leases {
-            if let Some(decision) = leases.take(policy, items, now) {
-                self.health.leased.fetch_add(1, Ordering::Relaxed);
-                return Ok(decision);
-            }
-            let refill = leases.ask(policy, items, now);
-            if refill.any() {
-                let result = self
-                    .redis
-                    .lease(policy, items, refill.asks(), now, hold)
-                    .await;
-                let result = result.map(|(mut decision, grants)| {
-                    refill.settle(items, Some((&mut decision, &grants)), now);
-                    decision
-                });
-                return self.health.note(result);
+            // A request waits for at most a few refills by others (each a
+            // round trip it would otherwise make itself) before deciding
+            // on Redis as without a lease.
+            for _ in 0..MOST_REFILL_WAITS {
+                if let Some(decision) = leases.take(policy, items, now) {
+                    self.health.leased.fetch_add(1, Ordering::Relaxed);
+                    return Ok(decision);
+                }
+                match leases.ask(policy, items, now) {
+                    Asked::Wait(mut refill) => {
+                        let _ = tokio::time::timeout(self.redis.timeout(), refill.changed()).await;
+                    }
+                    Asked::Refill(refill) if refill.any() => {
+                        let result = self
+                            .redis
+                            .lease(policy, items, refill.asks(), now, hold)
+                            .await;
+                        let result = result.map(|(mut decision, grants)| {
+                            refill.settle(items, Some((&mut decision, &grants)), now);
+                            decision
+                        });
+                        return self.health.note(result);
+                    }
+                    Asked::Refill(_) => break,
+                }
             }
         }
         let result = self.redis.decide(policy, items, now, hold).await;

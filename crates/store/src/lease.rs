@@ -14,8 +14,9 @@
 //! one per process and key, each at most `max`.
 //!
 //! A process keeps at most one slice per key and one refill in flight: a
-//! request that finds the slice short while another refill is on its way is
-//! decided on Redis as without a lease.
+//! request that finds the slice short while another refill is on its way
+//! waits for that refill (one round trip, as its own would take) and tries
+//! the new slice.
 
 use compact_str::CompactString;
 use std::collections::HashMap;
@@ -86,8 +87,9 @@ struct Slice {
     remaining: u64,
     /// When the key's limit resets, as of the grant.
     reset_at: Nanos,
-    /// A refill for this key is in flight since then.
-    asking: Option<Nanos>,
+    /// A refill for this key is in flight since then; waiters subscribe to
+    /// the sender, which is dropped (waking them) when the refill ends.
+    asking: Option<(Nanos, std::sync::Arc<tokio::sync::watch::Sender<()>>)>,
     ttl: Nanos,
 }
 
@@ -142,15 +144,26 @@ impl Leases {
     }
 
     /// What each item asks of Redis with the request: a new slice (giving
-    /// back the old one's units) for leased items whose slice is short,
-    /// unless another refill of the key is in flight. Only requests whose
+    /// back the old one's units) for leased items whose slice is short; or,
+    /// when another refill of such a key is in flight, the refill to wait
+    /// for before taking from the slices again. Only requests whose
     /// every limit is leased ask (slices are spent only by such requests: a
     /// slice taken by another would sit unused while it is charged again).
     /// The refill ends with `Refill::settle`, or, if the caller gives up,
     /// when it is dropped.
-    pub(crate) fn ask<'a>(&'a self, policy: &Policy, items: &[Item], now: Nanos) -> Refill<'a> {
+    pub(crate) fn ask<'a>(&'a self, policy: &Policy, items: &[Item], now: Nanos) -> Asked<'a> {
         let all = items.iter().all(|i| leasable(policy, i).is_some());
         let mut slices = self.slices.lock();
+        if all {
+            let busy = items.iter().find_map(|item| {
+                let lease = leasable(policy, item)?;
+                let (since, refill) = slices.get(&SliceKey::of(item))?.asking.as_ref()?;
+                (now <= since + lease.ttl).then(|| refill.subscribe())
+            });
+            if let Some(refill) = busy {
+                return Asked::Wait(refill);
+            }
+        }
         let asks = items
             .iter()
             .map(|item| {
@@ -164,15 +177,12 @@ impl Leases {
                     asking: None,
                     ttl: lease.ttl,
                 });
-                if slice.asking.is_some_and(|since| now <= since + lease.ttl) {
-                    return None;
-                }
                 if now <= slice.until && slice.units >= item.cost {
                     // Enough here: another item of the request is what is short.
                     return None;
                 }
                 let refund = std::mem::take(&mut slice.units);
-                slice.asking = Some(now);
+                slice.asking = Some((now, std::sync::Arc::new(tokio::sync::watch::channel(()).0)));
                 Some(Ask {
                     want: lease.max.max(item.cost),
                     refund,
@@ -180,21 +190,31 @@ impl Leases {
                 })
             })
             .collect();
-        Refill {
+        Asked::Refill(Refill {
             leases: self,
             keys: items.iter().map(SliceKey::of).collect(),
             asks,
             settled: false,
-        }
+        })
     }
 
     /// Forget slices unusable for a while (their keys went quiet): their
     /// units are not given back, so the key admits less, never more.
     pub(crate) fn sweep(&self, now: Nanos) {
         self.slices.lock().retain(|_, s| {
-            now <= s.until.saturating_add(s.ttl) || s.asking.is_some_and(|t| now <= t + s.ttl)
+            now <= s.until.saturating_add(s.ttl)
+                || s.asking.as_ref().is_some_and(|(t, _)| now <= t + s.ttl)
         });
     }
+}
+
+/// What a request not covered by its slices does next.
+#[derive(Debug)]
+pub(crate) enum Asked<'a> {
+    /// Ask Redis (some items may ask nothing: see `Refill::any`).
+    Refill(Refill<'a>),
+    /// Wait for another request's refill of one of its keys, then look again.
+    Wait(tokio::sync::watch::Receiver<()>),
 }
 
 /// One request's refills in flight.

@@ -281,6 +281,11 @@ impl RedisStore {
         self.conns.calls.load(Ordering::Relaxed)
     }
 
+    /// `[store] timeout`: the longest a call may take.
+    pub(crate) fn timeout(&self) -> Duration {
+        Duration::from_nanos(self.conns.settings.timeout)
+    }
+
     /// The URL without its password, for messages.
     pub fn url(&self) -> &str {
         &self.conns.url

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Leased quota for hot keys (a limit's `lease`, docs/fleet.md): one hot key
 # decided by 3 processes on one redis-server (started here on a free loopback
-# port, --save "" --appendonly no), without and with `lease = { max = 100,
-# ttl = "1s" }`, the same quota that never binds (bench/lease/hot.toml).
+# port, --save "" --appendonly no), without and with `lease = { max =
+# $LEASE_MAX, ttl = "1s" }`, the same quota that never binds
+# (bench/lease/hot.toml). A slice should cover what a process admits for the
+# key in a few round trips: at ~150k decisions/s per process, 1,000 (the
+# default); LEASE_MAX=100 shows an undersized slice.
 #
 #   bench/lease.sh                 # about 2 min (plus the first release build;
 #                                  # CARGO_TARGET_DIR defaults to /work/target-rbench)
@@ -14,6 +17,8 @@
 #      measured together for $SECS s; decisions/s summed.
 #   2. the gateway: 3 `tollgate serve --demo-upstream`, each driven by its own
 #      oha -c $GW_CONNS -z ${GW_DUR}s on the one key; requests/s summed.
+#      For reference, the ceiling: the same 3 gateways on the memory store
+#      (each its own quota: no Redis at all).
 #   Target (issue "leased quota"): with / without >= 5x, at the stated bound.
 #   Each case also counts Redis's FCALLs per decision (INFO commandstats).
 #
@@ -28,6 +33,7 @@ SECS=${SECS:-5}
 GW_DUR=${GW_DUR:-5}
 ROUNDS=${ROUNDS:-2}
 CONC=${CONC:-64}
+LEASE_MAX=${LEASE_MAX:-1000}
 GW_CONNS=${GW_CONNS:-16}
 OHA_ROOT=${OHA_ROOT:-/work/tools-oha}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-rbench}
@@ -58,7 +64,7 @@ cli ping >/dev/null
 
 # policy LEASE: the hot limit, with its lease line or without.
 policy() {
-  if [ "$1" = with ]; then cat "$HOT"; else grep -v '^lease' "$HOT"; fi
+  if [ "$1" = with ]; then sed "s/^lease = { max = [0-9]*/lease = { max = $LEASE_MAX/" "$HOT"; else grep -v '^lease' "$HOT"; fi
 }
 fcalls() { cli info commandstats | awk -F'[=,]' '/^cmdstat_fcall:/ { print $2 }'; }
 kv() { tr ' ' '\n' < "$1" | awk -F= -v k="$2" '$1 == k { print $2 }'; }
@@ -104,9 +110,13 @@ log "  with / without: ${ENGINE_RATIO}x (best runs; target >= 5x)"
 # ---------------------------------------------------------------- 2. gateway
 log ""
 log "== 2. the gateway: 3 tollgate serve, one oha -c $GW_CONNS -z ${GW_DUR}s each, one key"
-gateway_run() { # gateway_run with|without ROUND
+gateway_run() { # gateway_run with|without|memory ROUND
   local cfg="$work/gw-$1.toml" i gws=() ohas=() listen admin total=0 all=0 ok=0
-  { printf '[store]\nkind = "redis"\nurl = "%s"\n\n' "$URL"; policy "$1"; } > "$cfg"
+  if [ "$1" = memory ]; then
+    policy without > "$cfg"
+  else
+    { printf '[store]\nkind = "redis"\nurl = "%s"\n\n' "$URL"; policy "$1"; } > "$cfg"
+  fi
   cli flushall > /dev/null
   local ports=("$P1:$A1" "$P2:$A2" "$P3:$A3")
   for i in 0 1 2; do
@@ -138,18 +148,20 @@ gateway_run() { # gateway_run with|without ROUND
     leased=$(python3 -c "print(round($leased + $(prom_value "http://127.0.0.1:${ports[$i]##*:}/metrics" tollgate_store_leased_total)))")
   done
   for i in "${gws[@]}"; do stop "$i"; done
-  log "  $1 lease, run $2: $total req/s (per gateway: ${per% }), 2xx $ok of $all, $leased decided on slices, $(python3 -c "print(f'{$f / max($all, 1):.3f}')") FCALL per request"
+  log "  $1$([ "$1" = memory ] && echo " store" || echo " lease"), run $2: $total req/s (per gateway: ${per% }), 2xx $ok of $all, $leased decided on slices, $(python3 -c "print(f'{$f / max($all, 1):.3f}')") FCALL per request"
   note_best "gw_$1" "$total"
 }
 for round in $(seq 1 "$ROUNDS"); do
   gateway_run without "$round"
   gateway_run with "$round"
+  gateway_run memory "$round"
 done
 GW_RATIO=$(ratio_of "${BEST[gw_with]}" "${BEST[gw_without]}")
-log "  with / without: ${GW_RATIO}x (best runs; target >= 5x)"
+log "  with / without: ${GW_RATIO}x (best runs; target >= 5x); with / memory store: $(ratio_of "${BEST[gw_with]}" "${BEST[gw_memory]}")x"
 
 echo
-echo "hot key on 3 processes, one redis-server, tollgate $rev"
+echo "hot key on 3 processes, one redis-server, lease max $LEASE_MAX, tollgate $rev"
 printf '%-34s %14s %14s %8s %s\n' case without with ratio verdict
 printf '%-34s %14s %14s %8s %s\n' "engine (decisions/s)" "${BEST[engine_without]}" "${BEST[engine_with]}" "${ENGINE_RATIO}x" "$(verdict "$ENGINE_RATIO >= 5")"
 printf '%-34s %14s %14s %8s %s\n' "gateway (requests/s)" "${BEST[gw_without]}" "${BEST[gw_with]}" "${GW_RATIO}x" "$(verdict "$GW_RATIO >= 5")"
+printf '%-34s %14s %14s %8s\n' "gateway, memory store (ceiling)" "" "${BEST[gw_memory]}" "$(ratio_of "${BEST[gw_with]}" "${BEST[gw_memory]}")x"

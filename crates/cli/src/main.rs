@@ -479,7 +479,8 @@ fn serve(
             n => n,
         };
         tracing::info!(
-            "tollgate serving on http://{} (admin on {}), {} worker threads, {} limits: {}",
+            "tollgate serving on {}://{} (admin on {}), {} worker threads, {} limits: {}",
+            if gateway.tls.is_some() { "https" } else { "http" },
             listeners.proxy.local_addr()?,
             listeners.admin.as_ref().and_then(|a| a.local_addr().ok()).map_or("off".into(), |a| format!("http://{a}")),
             workers,

@@ -1,9 +1,6 @@
 //! Fleet mode for the gateway: several `tollgate serve` processes sharing one
 //! real redis-server, on loopback, with Redis killed and restarted mid-run.
 
-use std::io::BufRead;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tollgate_testkit::RedisServer;
 
@@ -11,68 +8,6 @@ mod common;
 
 fn http(addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
     common::http(addr, "GET", path, headers)
-}
-
-/// A running `tollgate serve` and its proxy and admin addresses; killed on drop.
-struct Serve {
-    child: Child,
-    proxy: String,
-    admin: String,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn config_file(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tollgate-fleet-gw-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join(name);
-    std::fs::write(&path, text).expect("write config");
-    path
-}
-
-fn command(config: &std::path::Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
-    cmd.args(["serve", "--config", config.to_str().expect("utf8")])
-        .args([
-            "--demo-upstream",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    cmd
-}
-
-fn serve(config: &std::path::Path) -> Serve {
-    let mut child = command(config).spawn().expect("spawn serve");
-    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    while !line.contains("tollgate serving on") {
-        line.clear();
-        assert!(
-            stderr.read_line(&mut line).expect("log") > 0,
-            "serve exited early"
-        );
-    }
-    // Keep draining its log so it never blocks on a full pipe.
-    std::thread::spawn(move || for _ in stderr.lines() {});
-    let addrs: Vec<String> = line
-        .split("http://")
-        .skip(1)
-        .map(|s| s.split([' ', ')']).next().expect("addr").to_string())
-        .collect();
-    Serve {
-        child,
-        proxy: addrs[0].clone(),
-        admin: addrs[1].clone(),
-    }
 }
 
 fn metric(admin: &str, name: &str) -> f64 {
@@ -99,14 +34,14 @@ fn three_gateways_admit_exactly_one_quota_and_fail_closed_while_redis_is_down() 
     let mut redis = RedisServer::start();
     // 150 per tenant and a refill of one an hour: the count is exact for the
     // test's duration. The second limit makes every decision two-limit.
-    let config = config_file(
+    let config = common::config_file(
         "three.toml",
         &format!(
             "{}[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 150\nrefill = \"1/h\"\n\n[[limit]]\nname = \"all\"\nkey = [\"const:all\"]\nalgorithm = \"fixed_window\"\nevery = \"1d\"\nquota = 100000\n",
             store(&redis.url(), "")
         ),
     );
-    let gateways: Vec<Serve> = (0..3).map(|_| serve(&config)).collect();
+    let gateways: Vec<common::Serve> = (0..3).map(|_| common::serve(&config)).collect();
     let admitted = std::sync::atomic::AtomicUsize::new(0);
     let limited = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|s| {
@@ -171,14 +106,14 @@ fn three_gateways_admit_exactly_one_quota_and_fail_closed_while_redis_is_down() 
 fn leased_hot_key_on_three_gateways_stays_within_the_stated_bound() {
     let redis = RedisServer::start();
     for lease in ["", "lease = { max = 20, ttl = \"10s\" }\n"] {
-        let config = config_file(
+        let config = common::config_file(
             if lease.is_empty() { "unleased.toml" } else { "leased.toml" },
             &format!(
                 "{}[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 300\nrefill = \"1/h\"\n{lease}",
                 store(&redis.url(), "")
             ),
         );
-        let gateways: Vec<Serve> = (0..3).map(|_| serve(&config)).collect();
+        let gateways: Vec<common::Serve> = (0..3).map(|_| common::serve(&config)).collect();
         let admitted = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|s| {
             for g in &gateways {
@@ -232,7 +167,7 @@ fn leased_hot_key_on_three_gateways_stays_within_the_stated_bound() {
 #[test]
 fn open_and_local_limits_keep_serving_while_redis_is_down() {
     let mut redis = RedisServer::start();
-    let config = config_file(
+    let config = common::config_file(
         "modes.toml",
         &format!(
             "{}[[limit]]\nname = \"per-tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 30\nrefill = \"1/h\"\nfail = \"local\"\n\n[[limit]]\nname = \"global\"\nkey = [\"const:all\"]\nalgorithm = \"token_bucket\"\ncapacity = 2\nrefill = \"1/d\"\nfail = \"open\"\n",
@@ -241,7 +176,7 @@ fn open_and_local_limits_keep_serving_while_redis_is_down() {
             store(&redis.url(), "local_share = 0.34\nremember_denials = false")
         ),
     );
-    let gateway = serve(&config);
+    let gateway = common::serve(&config);
     let tenant = [("x-tenant-id", "acme")];
     // Redis up: the global limit of 2 binds.
     let up: Vec<u16> = (0..3)
@@ -318,8 +253,8 @@ fn bad_redis_urls_and_passwords_are_clear_errors() {
         ("http://127.0.0.1:6379".to_string(), "is not a Redis URL"),
     ];
     for (url, expected) in cases {
-        let config = config_file("bad.toml", &format!("{}{limit}", store(&url, "")));
-        let out = command(&config).output().expect("run serve");
+        let config = common::config_file("bad.toml", &format!("{}{limit}", store(&url, "")));
+        let out = common::serve_command(&config).output().expect("run serve");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{url}: serve must not start");
         assert!(stderr.contains(expected), "{url}: {stderr}");

@@ -95,6 +95,9 @@ pub struct Gateway {
     id_prefix: u64,
     pub pending: Mutex<HashMap<String, PendingCheck>>,
     reload_lock: tokio::sync::Mutex<Option<SystemTime>>,
+    /// `[gateway] tls`: the certificate the listener presents (a restart
+    /// turns TLS on or off; a reload or a change of the files replaces it).
+    pub tls: Option<Arc<tollgate_http::tls::Certificates>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -125,6 +128,13 @@ impl Gateway {
         let modified = modified_time(&source);
         let (text, policy, settings) = load(&source, &overrides, profiles.as_ref())?;
         let engine = Engine::open(policy, "gateway").map_err(|e| LoadError::Io(e.to_string()))?;
+        let tls = match &settings.tls {
+            Some(files) => Some(
+                tollgate_http::tls::Certificates::load(files.clone())
+                    .map_err(|e| LoadError::Io(format!("[gateway] {e}")))?,
+            ),
+            None => None,
+        };
         let generation = Generation::new(engine, settings, text, &metrics);
         let clients = (0..MAX_WORKERS)
             .map(|_| {
@@ -159,6 +169,7 @@ impl Gateway {
             id_prefix: id_prefix & 0xffff_ffff,
             pending: Mutex::default(),
             reload_lock: tokio::sync::Mutex::new(modified),
+            tls,
         })
     }
 
@@ -208,6 +219,19 @@ impl Gateway {
         result
     }
 
+    /// Read the TLS certificate's files again if they changed since they
+    /// were loaded (the file watcher's poll); a pair that does not load is
+    /// logged and the current one keeps serving.
+    pub fn reload_certificate_if_changed(&self) {
+        match self.tls.as_ref().and_then(|c| c.reload_if_changed()) {
+            Some(Ok(())) => tracing::info!("TLS certificate reloaded (its files changed)"),
+            Some(Err(e)) => {
+                tracing::error!("TLS certificate not reloaded, the previous one keeps serving: {e}")
+            }
+            None => {}
+        }
+    }
+
     /// Reload if the config file changed since it was last read (the file
     /// watcher's poll).
     pub async fn reload_if_changed(&self) -> Option<Result<Reloaded, LoadError>> {
@@ -225,6 +249,13 @@ impl Gateway {
             || settings.admin_listen != old.settings.admin_listen
         {
             tracing::warn!("listen addresses changed in the config; they take effect on restart");
+        }
+        match (&self.tls, &settings.tls) {
+            (Some(certs), Some(files)) => certs
+                .reload(Some(files.clone()))
+                .map_err(|e| LoadError::Io(format!("[gateway] {e}")))?,
+            (None, None) => {}
+            _ => tracing::warn!("[gateway] tls was turned on or off; that takes effect on restart"),
         }
         let engine = old
             .engine
@@ -375,6 +406,20 @@ fn parse_all(
     }
     if let Some(l) = overrides.access_log {
         settings.access_log = l;
+    }
+    if let Some(files) = &mut settings.tls {
+        // Relative to the config file, wherever serve was started.
+        if let Source::File(path) = source {
+            let dir = path.parent().unwrap_or(std::path::Path::new(""));
+            files.cert = dir.join(&files.cert);
+            files.key = dir.join(&files.key);
+        }
+        tollgate_http::tls::load(files).map_err(|message| {
+            fail(ConfigError {
+                line: None,
+                message: format!("[gateway] {message}"),
+            })
+        })?;
     }
     Ok((policy, settings))
 }

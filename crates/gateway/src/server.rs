@@ -120,6 +120,15 @@ async fn accept_loop(
 ) {
     let grace = gateway.current().settings.shutdown_grace;
     let gw = gateway.clone();
+    // One acceptor per worker; each handshake asks it for the current certificate.
+    let acceptor = match gateway.tls.as_ref().map(|certs| certs.acceptor()) {
+        Some(Ok(acceptor)) => Some(acceptor),
+        Some(Err(e)) => {
+            tracing::error!("worker {worker} cannot serve TLS: {e}");
+            return;
+        }
+        None => None,
+    };
     listen::accept_loop(
         proxy,
         admin,
@@ -134,7 +143,10 @@ async fn accept_loop(
             } else {
                 let peer = Arc::new(Peer::new(accepted.peer));
                 let service = service_fn(move |req| gw.clone().proxy(req, peer.clone(), worker));
-                listen::serve_http1(accepted.stream, service, graceful);
+                match &acceptor {
+                    Some(tls) => listen::serve_tls(accepted.stream, tls.clone(), service, graceful),
+                    None => listen::serve_any_version(accepted.stream, service, graceful),
+                }
             }
         },
     )
@@ -182,6 +194,7 @@ async fn reload_triggers(gateway: Arc<Gateway>) {
             }
             () = tokio::time::sleep(interval) => {
                 let _ = gateway.reload_if_changed().await;
+                gateway.reload_certificate_if_changed();
             }
         }
     }

@@ -42,6 +42,10 @@ pub struct Settings {
     /// `[rls] listen`: where Envoy's rate limit service (gRPC) is served;
     /// `None`: not served.
     pub rls_listen: Option<SocketAddr>,
+    /// `[gateway] tls = { cert, key }`: the listener speaks TLS (HTTP/2 or
+    /// HTTP/1.1 by ALPN); `None`: cleartext (HTTP/1.1, or HTTP/2 by prior
+    /// knowledge). Relative paths are from the config file's directory.
+    pub tls: Option<tollgate_http::tls::CertFiles>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +82,7 @@ impl Default for Settings {
             workers: 0,
             response: ResponseSettings::default(),
             rls_listen: None,
+            tls: None,
         }
     }
 }
@@ -114,6 +119,14 @@ struct RawGateway {
     trust_forwarded_for: Option<bool>,
     watch_interval: Option<Spanned<String>>,
     workers: Option<Spanned<usize>>,
+    tls: Option<Spanned<RawTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: String,
+    key: String,
 }
 
 #[derive(Deserialize)]
@@ -235,6 +248,19 @@ impl Settings {
             }
             if let Some(v) = g.trust_forwarded_for {
                 s.trust_forwarded_for = v;
+            }
+            if let Some(v) = &g.tls {
+                let t = v.get_ref();
+                if t.cert.is_empty() || t.key.is_empty() {
+                    return Err(err(
+                        v.span().start,
+                        "gateway tls needs cert = \"PATH\" and key = \"PATH\" (PEM files)".into(),
+                    ));
+                }
+                s.tls = Some(tollgate_http::tls::CertFiles {
+                    cert: t.cert.clone().into(),
+                    key: t.key.clone().into(),
+                });
             }
         }
         if let Some(rls) = &raw.rls {
@@ -375,5 +401,23 @@ mod tests {
                 .starts_with("line 2: gateway upstream_timeout:"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn tls_needs_both_files() {
+        let s =
+            Settings::parse("[gateway]\ntls = { cert = \"a.crt\", key = \"a.key\" }\n").unwrap();
+        let files = s.tls.unwrap();
+        assert_eq!(
+            (files.cert.to_str(), files.key.to_str()),
+            (Some("a.crt"), Some("a.key"))
+        );
+        let e = Settings::parse("[gateway]\ntls = { cert = \"\", key = \"a.key\" }\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "line 2: gateway tls needs cert = \"PATH\" and key = \"PATH\" (PEM files)"
+        );
+        let e = Settings::parse("[gateway]\ntls = { cert = \"a.crt\" }\n").unwrap_err();
+        assert!(e.to_string().contains("key"), "{e}");
     }
 }

@@ -1,7 +1,9 @@
 //! tollgate-http: the HTTP plumbing both faces share, so the gateway and
 //! the proxy (and the runner, for what it reads of responses) behave alike.
 //!
-//! - `listen`: listeners, worker sockets, HTTP/1.1 connections, graceful drain.
+//! - `listen`: listeners, worker sockets, HTTP/1.1 and HTTP/2 connections,
+//!   graceful drain.
+//! - `tls`: certificates for a listener, reloaded when their files change.
 //! - `forward`: hop-by-hop headers, path normalization, X-Forwarded-For.
 //! - `ratelimit`: the RateLimit headers, written from a decision and parsed
 //!   from a vendor's response (with `Retry-After`).
@@ -20,6 +22,7 @@ pub mod forward;
 pub mod listen;
 pub mod ratelimit;
 pub mod refusal;
+pub mod tls;
 
 pub use access::{AccessLog, AccessLogger};
 pub use forward::{normalize_path, strip_hop_by_hop, HttpRequest, Peer};

@@ -1,6 +1,7 @@
 //! Listeners and connections, the same for every face: a proxy port bound
-//! with SO_REUSEPORT (one socket per worker thread), HTTP/1.1 with bounded
-//! heads and a header timeout, an accept loop that survives accept errors,
+//! with SO_REUSEPORT (one socket per worker thread), HTTP/1.1 (and for the
+//! gateway HTTP/2, over TLS or by prior knowledge) with bounded heads and a
+//! header timeout, an accept loop that survives accept errors,
 //! and a graceful drain when told to stop.
 
 use hyper::body::{Body, Incoming};
@@ -167,6 +168,89 @@ where
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .into_owned();
     tokio::spawn(graceful.watch(connection));
+}
+
+/// Longest a client may take to complete a TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection builder for HTTP/1.1 and HTTP/2 under the shared bounds: the
+/// head size (HTTP/2's header list too) and the time a client has to send an
+/// HTTP/1.1 head.
+fn any_version_server() -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http1()
+        .max_buf_size(MAX_HEAD_BYTES)
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD_BYTES as u32);
+    builder
+}
+
+/// Serve one cleartext connection with HTTP/1.1, or HTTP/2 when the client
+/// opens with HTTP/2's preface (h2c by prior knowledge), watched by
+/// `graceful`.
+pub fn serve_any_version<S, B>(stream: TcpStream, service: S, graceful: &GracefulShutdown)
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let _ = stream.set_nodelay(true);
+    let connection = any_version_server()
+        .serve_connection(TokioIo::new(stream), service)
+        .into_owned();
+    tokio::spawn(graceful.watch(connection));
+}
+
+/// Serve one connection over TLS: the handshake (at most
+/// `HANDSHAKE_TIMEOUT`), then the protocol ALPN chose (HTTP/2 or HTTP/1.1;
+/// without ALPN, as `serve_any_version`), watched by `graceful`.
+pub fn serve_tls<S, B>(
+    stream: TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    service: S,
+    graceful: &GracefulShutdown,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let _ = stream.set_nodelay(true);
+    let watcher = graceful.watcher();
+    tokio::spawn(async move {
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!("TLS handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("TLS handshake not completed within {HANDSHAKE_TIMEOUT:?}");
+                return;
+            }
+        };
+        let builder = any_version_server();
+        let builder = match tls.get_ref().1.alpn_protocol() {
+            Some(b"h2") => builder.http2_only(),
+            Some(_) => builder.http1_only(),
+            None => builder,
+        };
+        let connection = builder
+            .serve_connection(TokioIo::new(tls), service)
+            .into_owned();
+        let _ = watcher.watch(connection).await;
+    });
 }
 
 /// Accept on `main` (and `admin`) until `stopped` turns true, handing each

@@ -15,6 +15,8 @@ pub struct TestCa {
     pub path: PathBuf,
     server_cert: CertificateDer<'static>,
     server_key: Vec<u8>,
+    server_cert_pem: String,
+    server_key_pem: String,
 }
 
 impl TestCa {
@@ -23,7 +25,11 @@ impl TestCa {
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca_params
             .distinguished_name
-            .push(DnType::CommonName, "tollgate test CA");
+            // Each CA its own name: a client trusting two finds the right one.
+            .push(
+                DnType::CommonName,
+                format!("tollgate test CA {}", crate::unique_prefix("ca")),
+            );
         let ca_key = KeyPair::generate().expect("ca key");
         let ca = ca_params.self_signed(&ca_key).expect("ca cert");
         let server_params =
@@ -45,7 +51,26 @@ impl TestCa {
             path,
             server_cert: server.der().clone(),
             server_key: server_key.serialize_der(),
+            server_cert_pem: server.pem(),
+            server_key_pem: server_key.serialize_pem(),
         }
+    }
+
+    /// The server certificate and its key as PEM files `NAME.crt` and
+    /// `NAME.key` in `dir` (replaced atomically if they exist, as a
+    /// certificate renewal would): their paths.
+    pub fn write_server_files(&self, dir: &std::path::Path, name: &str) -> (PathBuf, PathBuf) {
+        let write = |file: String, text: &str| {
+            let path = dir.join(file);
+            let temp = path.with_extension("tmp");
+            std::fs::write(&temp, text).expect("write a PEM file");
+            std::fs::rename(&temp, &path).expect("move the PEM file in place");
+            path
+        };
+        (
+            write(format!("{name}.crt"), &self.server_cert_pem),
+            write(format!("{name}.key"), &self.server_key_pem),
+        )
     }
 
     /// A TLS acceptor presenting the server certificate.

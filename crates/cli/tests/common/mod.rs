@@ -141,3 +141,70 @@ pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> (
         .expect("a status line");
     (status, response)
 }
+
+/// A running `tollgate serve` and its proxy and admin addresses; killed on drop.
+pub struct Serve {
+    pub child: std::process::Child,
+    pub proxy: String,
+    pub admin: String,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `text` in a file of this test process's own directory.
+pub fn config_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tollgate-serve-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// `tollgate serve` on `config` with the demo upstream, on ephemeral ports.
+pub fn serve_command(config: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    cmd.args(["serve", "--config", config.to_str().expect("utf8")])
+        .args([
+            "--demo-upstream",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    cmd
+}
+
+/// Start `serve_command(config)` and wait until it serves; its addresses
+/// from its log line (host:port, without the scheme).
+pub fn serve(config: &Path) -> Serve {
+    use std::io::BufRead;
+    let mut child = serve_command(config).spawn().expect("spawn serve");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    while !line.contains("tollgate serving on") {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).expect("log") > 0,
+            "serve exited early"
+        );
+    }
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in stderr.lines() {});
+    let addrs: Vec<String> = line
+        .split("://")
+        .skip(1)
+        .map(|s| s.split([' ', ')']).next().expect("addr").to_string())
+        .collect();
+    Serve {
+        child,
+        proxy: addrs[0].clone(),
+        admin: addrs[1].clone(),
+    }
+}

@@ -1,0 +1,120 @@
+//! TLS for a listener: a certificate chain and its key (PEM files) served by
+//! rustls, offering HTTP/2 and HTTP/1.1 by ALPN. The files are read again
+//! when they change (or on `reload`, which SIGHUP calls) without dropping a
+//! connection: each handshake takes the certificate current at that moment,
+//! and a pair that does not load leaves the current one in place.
+
+use parking_lot::{Mutex, RwLock};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// Where a listener's certificate chain and private key are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    /// The chain, leaf first (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// The certificate a listener presents, reloadable.
+#[derive(Debug)]
+pub struct Certificates {
+    files: Mutex<CertFiles>,
+    current: RwLock<Arc<CertifiedKey>>,
+    /// The files' modification times when last loaded.
+    loaded_at: Mutex<(Option<SystemTime>, Option<SystemTime>)>,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Read and check a pair; errors name the file and what is wrong with it.
+pub fn load(files: &CertFiles) -> Result<CertifiedKey, String> {
+    let cert = files.cert.display();
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .map_err(|e| format!("tls cert {cert}: {e}"))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("tls cert {cert}: {e}"))?;
+    if chain.is_empty() {
+        return Err(format!("tls cert {cert}: no CERTIFICATE in the file"));
+    }
+    let key_path = files.key.display();
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
+        format!("tls key {key_path}: {e} (a PEM private key: PKCS#8, PKCS#1 or SEC1)")
+    })?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| format!("tls key {key_path}: {e}"))?;
+    let pair = CertifiedKey::new(chain, signing);
+    pair.keys_match().map_err(|e| {
+        format!("tls key {key_path} does not belong to the certificate in {cert}: {e}")
+    })?;
+    Ok(pair)
+}
+
+impl Certificates {
+    /// Load `files` now (an error names the file).
+    pub fn load(files: CertFiles) -> Result<Arc<Certificates>, String> {
+        let pair = load(&files)?;
+        let stamps = (modified(&files.cert), modified(&files.key));
+        Ok(Arc::new(Certificates {
+            files: Mutex::new(files),
+            current: RwLock::new(Arc::new(pair)),
+            loaded_at: Mutex::new(stamps),
+        }))
+    }
+
+    /// Read the files again (perhaps new ones); on error the current pair
+    /// stays and the error says why.
+    pub fn reload(&self, files: Option<CertFiles>) -> Result<(), String> {
+        if let Some(files) = files {
+            *self.files.lock() = files;
+        }
+        let files = self.files.lock().clone();
+        let stamps = (modified(&files.cert), modified(&files.key));
+        let pair = load(&files)?;
+        *self.current.write() = Arc::new(pair);
+        *self.loaded_at.lock() = stamps;
+        Ok(())
+    }
+
+    /// `reload` if either file changed since it was loaded; None if neither did.
+    pub fn reload_if_changed(&self) -> Option<Result<(), String>> {
+        let files = self.files.lock().clone();
+        let stamps = (modified(&files.cert), modified(&files.key));
+        if *self.loaded_at.lock() == stamps {
+            return None;
+        }
+        Some(self.reload(None))
+    }
+
+    /// A TLS acceptor presenting the current certificate at each handshake,
+    /// offering HTTP/2 first, then HTTP/1.1.
+    pub fn acceptor(self: &Arc<Self>) -> Result<tokio_rustls::TlsAcceptor, String> {
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("tls: {e}"))?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    }
+}
+
+impl ResolvesServerCert for Certificates {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().clone())
+    }
+}

@@ -11,10 +11,18 @@ use tollgate_store::Engine;
 
 mod comply;
 
+/// `tollgate --version`: the release and the commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("TOLLGATE_COMMIT"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "tollgate",
-    version,
+    version = VERSION,
     about = "One rate-limit engine with two faces: enforce quotas, comply with them."
 )]
 struct Cli {

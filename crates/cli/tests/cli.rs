@@ -63,6 +63,26 @@ fn temp_file(name: &str, contents: &str) -> PathBuf {
     path
 }
 
+/// `--version` names the release and the commit (git's, in a checkout).
+#[test]
+fn version_names_the_commit() {
+    let out = tollgate(&["--version"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short=10", "HEAD"])
+        .current_dir(repo())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or("unknown".into(), |o| {
+            String::from_utf8_lossy(&o.stdout).trim().to_string()
+        });
+    assert_eq!(
+        text.trim(),
+        format!("tollgate {} (commit {commit})", env!("CARGO_PKG_VERSION"))
+    );
+}
+
 #[test]
 fn check_accepts_the_examples() {
     for config in [

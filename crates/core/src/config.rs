@@ -599,8 +599,6 @@ struct RawOverride {
     scale: Spanned<f64>,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum RawKey {
     One(String),
     Parts(Vec<String>),
@@ -613,18 +611,86 @@ struct RawTier {
     quota: Spanned<RawAmount>,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum RawAmount {
     Count(u64),
     Text(String),
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum RawCost {
     Name(String),
     Table(BTreeMap<String, String>),
+}
+
+// The values that take one of several shapes say which shapes, and name
+// their field, when given another (serde's untagged enums only say that
+// "data did not match any variant").
+use serde::de::{self, value::MapAccessDeserializer, value::SeqAccessDeserializer, Visitor};
+
+const AMOUNT_SHAPES: &str =
+    "quota: a whole number of at least 1, or a duration such as \"30s\" when cost = \"latency\"";
+
+impl<'de> Deserialize<'de> for RawAmount {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Amount;
+        impl Visitor<'_> for Amount {
+            type Value = RawAmount;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(AMOUNT_SHAPES)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawAmount, E> {
+                Ok(RawAmount::Count(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawAmount, E> {
+                u64::try_from(v)
+                    .map(RawAmount::Count)
+                    .map_err(|_| E::custom(format!("{v} is negative; expected {AMOUNT_SHAPES}")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawAmount, E> {
+                Ok(RawAmount::Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(Amount)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawCost {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct CostShape;
+        impl<'de> Visitor<'de> for CostShape {
+            type Value = RawCost;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("cost: \"requests\", \"latency\", { header = \"NAME\" } or { json_array = \"/pointer\" }")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawCost, E> {
+                Ok(RawCost::Name(v.to_string()))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<RawCost, A::Error> {
+                BTreeMap::deserialize(MapAccessDeserializer::new(map)).map(RawCost::Table)
+            }
+        }
+        d.deserialize_any(CostShape)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyShape;
+        impl<'de> Visitor<'de> for KeyShape {
+            type Value = RawKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "override key: a text, or a list of texts (one per part of the limit's key)",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawKey, E> {
+                Ok(RawKey::One(v.to_string()))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<RawKey, A::Error> {
+                Vec::deserialize(SeqAccessDeserializer::new(seq)).map(RawKey::Parts)
+            }
+        }
+        d.deserialize_any(KeyShape)
+    }
 }
 
 struct Ctx<'a> {
@@ -1292,5 +1358,35 @@ mod lease_tests {
             e.contains("upstream 'crm': limit 'hot': lease applies to `tollgate serve`"),
             "{e}"
         );
+    }
+}
+
+#[cfg(test)]
+mod shape_tests {
+    use super::*;
+
+    fn err(line: &str) -> String {
+        let text = format!(
+            "[[limit]]\nname = \"x\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\n{line}\n"
+        );
+        let text = if line.starts_with("quota") {
+            text
+        } else {
+            format!("{text}quota = 5\n")
+        };
+        parse(&text, &NoProfiles).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_value_of_another_shape_names_its_field_and_the_shapes_it_takes() {
+        let e = err("quota = -5");
+        assert_eq!(e, "line 5: limit 'x': -5 is negative; expected quota: a whole number of at least 1, or a duration such as \"30s\" when cost = \"latency\"");
+        assert!(err("quota = 1.5").contains("floating point `1.5`, expected quota: a whole number"));
+        assert!(err("cost = 5").contains("expected cost: \"requests\", \"latency\""));
+        assert!(err("overrides = [{ key = 5, scale = 2 }]")
+            .contains("expected override key: a text, or a list of texts"));
+        for e in [err("quota = true"), err("cost = [\"a\"]")] {
+            assert!(!e.contains("untagged"), "{e}");
+        }
     }
 }

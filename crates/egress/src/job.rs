@@ -97,11 +97,37 @@ struct JobLine {
     _dead_letter: Option<serde_json::Value>,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum IdText {
     Text(String),
     Number(u64),
+}
+
+impl<'de> Deserialize<'de> for IdText {
+    /// A text or a whole number; anything else is named as what `id` takes
+    /// (serde's untagged enums only say that "data did not match").
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Id;
+        impl serde::de::Visitor<'_> for Id {
+            type Value = IdText;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("id: a text or a whole number of at least 0")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<IdText, E> {
+                Ok(IdText::Number(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<IdText, E> {
+                u64::try_from(v).map(IdText::Number).map_err(|_| {
+                    E::custom(format!(
+                        "{v} is negative; expected id: a text or a whole number"
+                    ))
+                })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<IdText, E> {
+                Ok(IdText::Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(Id)
+    }
 }
 
 /// Read a JSONL jobs file: every line a job, routed to its upstream.
@@ -426,6 +452,23 @@ mod tests {
             &|_| None,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn an_id_of_another_shape_is_named() {
+        for (id, says) in [
+            ("-3", "-3 is negative; expected id"),
+            ("1.5", "expected id: a text or a whole number"),
+            ("[1]", "expected id: a text"),
+        ] {
+            let line =
+                format!("{{\"id\":{id},\"method\":\"GET\",\"url\":\"http://127.0.0.1:9/x\"}}\n");
+            let err = read_jobs(line.as_bytes(), &config())
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(err.contains("line 1") && err.contains(says), "{id}: {err}");
+        }
     }
 
     #[test]

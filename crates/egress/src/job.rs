@@ -463,10 +463,10 @@ mod tests {
         ] {
             let line =
                 format!("{{\"id\":{id},\"method\":\"GET\",\"url\":\"http://127.0.0.1:9/x\"}}\n");
-            let err = read_jobs(line.as_bytes(), &config())
-                .err()
-                .expect("refused")
-                .to_string();
+            let err = match read_jobs(line.as_bytes(), &config()) {
+                Ok(_) => panic!("id {id} accepted"),
+                Err(e) => e.to_string(),
+            };
             assert!(err.contains("line 1") && err.contains(says), "{id}: {err}");
         }
     }

@@ -73,7 +73,8 @@ pub struct PendingCheck {
 /// concurrency limits answers 503.
 pub const MAX_PENDING_CHECKS: usize = 100_000;
 
-pub type UpstreamClient = Client<HttpConnector, crate::proxy::ProxyBody>;
+pub type UpstreamClient =
+    Client<hyper_rustls::HttpsConnector<HttpConnector>, crate::proxy::ProxyBody>;
 
 /// Most worker threads (`serve_workers`); more share clients round robin.
 pub const MAX_WORKERS: usize = 64;
@@ -136,11 +137,24 @@ impl Gateway {
             None => None,
         };
         let generation = Generation::new(engine, settings, text, &metrics);
+        // https upstreams: the system's roots plus upstream_ca_file (read
+        // once: a change takes a restart).
+        let upstream_tls = tollgate_http::tls::client_config(
+            generation.settings.upstream_ca_file.as_deref(),
+            generation.settings.upstream_client_cert.as_ref(),
+        )
+        .map_err(|e| LoadError::Io(format!("[gateway] upstream {e}")))?;
         let clients = (0..MAX_WORKERS)
             .map(|_| {
                 let mut connector = HttpConnector::new();
                 connector.set_connect_timeout(Some(generation.settings.connect_timeout));
                 connector.set_nodelay(true);
+                connector.enforce_http(false);
+                let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(upstream_tls.clone())
+                    .https_or_http()
+                    .enable_http1()
+                    .wrap_connector(connector);
                 Client::builder(TokioExecutor::new())
                     .pool_idle_timeout(std::time::Duration::from_secs(60))
                     .build(connector)
@@ -407,19 +421,38 @@ fn parse_all(
     if let Some(l) = overrides.access_log {
         settings.access_log = l;
     }
-    if let Some(files) = &mut settings.tls {
-        // Relative to the config file, wherever serve was started.
-        if let Source::File(path) = source {
-            let dir = path.parent().unwrap_or(std::path::Path::new(""));
-            files.cert = dir.join(&files.cert);
-            files.key = dir.join(&files.key);
-        }
-        tollgate_http::tls::load(files).map_err(|message| {
+    // Files are relative to the config file, wherever serve was started.
+    let dir = match source {
+        Source::File(path) => path.parent().unwrap_or(std::path::Path::new("")),
+        _ => std::path::Path::new(""),
+    };
+    let checked = |what: &str, result: Result<(), String>| {
+        result.map_err(|message| {
             fail(ConfigError {
                 line: None,
-                message: format!("[gateway] {message}"),
+                message: format!("[gateway] {what}{message}"),
             })
-        })?;
+        })
+    };
+    if let Some(files) = &mut settings.tls {
+        files.cert = dir.join(&files.cert);
+        files.key = dir.join(&files.key);
+        checked("", tollgate_http::tls::load(files).map(|_| ()))?;
+    }
+    if let Some(files) = &mut settings.upstream_client_cert {
+        files.cert = dir.join(&files.cert);
+        files.key = dir.join(&files.key);
+    }
+    if let Some(path) = &mut settings.upstream_ca_file {
+        *path = dir.join(&*path);
+    }
+    if let Some(path) = &settings.upstream_ca_file {
+        let config = tollgate_http::tls::client_config(Some(path), None);
+        checked("upstream_", config.map(|_| ()))?;
+    }
+    if let Some(files) = &settings.upstream_client_cert {
+        let pair = tollgate_http::tls::load(files);
+        checked("upstream_client_cert: ", pair.map(|_| ()))?;
     }
     Ok((policy, settings))
 }

@@ -413,7 +413,7 @@ fn upstream_request(
         }
     };
     let mut uri = hyper::http::uri::Parts::default();
-    uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
+    uri.scheme = Some(upstream.scheme.clone());
     uri.authority = Some(upstream.authority.clone());
     uri.path_and_query = Some(target);
     let uri = Uri::from_parts(uri)

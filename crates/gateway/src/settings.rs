@@ -46,11 +46,19 @@ pub struct Settings {
     /// HTTP/1.1 by ALPN); `None`: cleartext (HTTP/1.1, or HTTP/2 by prior
     /// knowledge). Relative paths are from the config file's directory.
     pub tls: Option<tollgate_http::tls::CertFiles>,
+    /// `[gateway] upstream_ca_file`: certificates (PEM) trusted for `https`
+    /// upstreams besides the system's roots.
+    pub upstream_ca_file: Option<std::path::PathBuf>,
+    /// `[gateway] upstream_client_cert = { cert, key }`: presented to
+    /// `https` upstreams that ask for a client certificate.
+    pub upstream_client_cert: Option<tollgate_http::tls::CertFiles>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
-    /// `http://host:port` with no path.
+    /// `http` or `https`.
+    pub scheme: hyper::http::uri::Scheme,
+    /// `host:port` of the URL.
     pub authority: hyper::http::uri::Authority,
     /// Path prefix put before the request's path (from the URL, without a trailing '/').
     pub base_path: String,
@@ -83,6 +91,8 @@ impl Default for Settings {
             response: ResponseSettings::default(),
             rls_listen: None,
             tls: None,
+            upstream_ca_file: None,
+            upstream_client_cert: None,
         }
     }
 }
@@ -120,6 +130,8 @@ struct RawGateway {
     watch_interval: Option<Spanned<String>>,
     workers: Option<Spanned<usize>>,
     tls: Option<Spanned<RawTls>>,
+    upstream_ca_file: Option<String>,
+    upstream_client_cert: Option<Spanned<RawTls>>,
 }
 
 #[derive(Deserialize)]
@@ -249,18 +261,29 @@ impl Settings {
             if let Some(v) = g.trust_forwarded_for {
                 s.trust_forwarded_for = v;
             }
-            if let Some(v) = &g.tls {
+            let cert_files = |v: &Spanned<RawTls>, field: &str| {
                 let t = v.get_ref();
                 if t.cert.is_empty() || t.key.is_empty() {
                     return Err(err(
                         v.span().start,
-                        "gateway tls needs cert = \"PATH\" and key = \"PATH\" (PEM files)".into(),
+                        format!(
+                            "gateway {field} needs cert = \"PATH\" and key = \"PATH\" (PEM files)"
+                        ),
                     ));
                 }
-                s.tls = Some(tollgate_http::tls::CertFiles {
+                Ok(tollgate_http::tls::CertFiles {
                     cert: t.cert.clone().into(),
                     key: t.key.clone().into(),
-                });
+                })
+            };
+            if let Some(v) = &g.tls {
+                s.tls = Some(cert_files(v, "tls")?);
+            }
+            if let Some(v) = &g.upstream_client_cert {
+                s.upstream_client_cert = Some(cert_files(v, "upstream_client_cert")?);
+            }
+            if let Some(v) = &g.upstream_ca_file {
+                s.upstream_ca_file = Some(v.into());
             }
         }
         if let Some(rls) = &raw.rls {
@@ -311,17 +334,17 @@ impl Settings {
 }
 
 impl Upstream {
-    /// `http://host:port[/base]`. Only plain HTTP: TLS to the upstream is
-    /// left to a sidecar or a later version.
+    /// `http://host:port[/base]` or `https://...` (TLS: the system's roots
+    /// plus `[gateway] upstream_ca_file`).
     pub fn parse(url: &str) -> Result<Upstream, String> {
         let uri: hyper::Uri = url
             .parse()
             .map_err(|_| format!("'{url}' is not a URL; write e.g. \"http://127.0.0.1:9000\""))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(format!(
-                "'{url}' must start with http:// (TLS upstreams are not supported)"
-            ));
-        }
+        let scheme = match uri.scheme_str() {
+            Some("http") => hyper::http::uri::Scheme::HTTP,
+            Some("https") => hyper::http::uri::Scheme::HTTPS,
+            _ => return Err(format!("'{url}' must start with http:// or https://")),
+        };
         let authority = uri
             .authority()
             .cloned()
@@ -330,6 +353,7 @@ impl Upstream {
             return Err(format!("'{url}' must not have a query"));
         }
         Ok(Upstream {
+            scheme,
             authority,
             base_path: uri.path().trim_end_matches('/').to_string(),
         })
@@ -382,8 +406,11 @@ mod tests {
 
     #[test]
     fn bad_values_name_line_and_field() {
-        let e = Settings::parse("\n[gateway]\nupstream = \"https://x\"\n").unwrap_err();
-        assert_eq!(e.to_string(), "line 3: gateway upstream: 'https://x' must start with http:// (TLS upstreams are not supported)");
+        let e = Settings::parse("\n[gateway]\nupstream = \"ftp://x\"\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "line 3: gateway upstream: 'ftp://x' must start with http:// or https://"
+        );
         let e = Settings::parse("[gateway]\nlisten = \"localhost\"\n").unwrap_err();
         assert!(e
             .to_string()

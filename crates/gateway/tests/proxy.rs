@@ -684,3 +684,46 @@ async fn only_the_limits_that_make_a_request_wait_take_hold_places() {
     // Each tenant's own queue has room for one: both are held, then run.
     assert_eq!(tokio::join!(send(0, "a"), send(1, "b")), (200, 200));
 }
+
+/// An `https` upstream: trusted through `upstream_ca_file` (a test CA the
+/// system does not know), the request relayed over TLS with its path and
+/// limits as over HTTP; without the CA file the handshake fails and the
+/// client gets a 502 naming no secret.
+#[tokio::test]
+async fn an_https_upstream_is_reached_over_tls_with_its_ca_file() {
+    let (up, ca) = tollgate_testkit::upstream::scripted_tls(|_, _| {
+        tollgate_testkit::upstream::Answer::Status(200, vec![], "over tls")
+    })
+    .await;
+    let limit = "[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 2\nrefill = \"1/h\"\n";
+    let section = |ca_line: &str| {
+        format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nupstream = \"https://localhost:{}/base\"\naccess_log = \"off\"\n{ca_line}\n{limit}",
+            up.addr.port()
+        )
+    };
+    let gw = start(&section(&format!("upstream_ca_file = {:?}", ca.path))).await;
+    let client = client();
+    let first = get(&client, &gw.url("/v1/jobs?x=1"), "acme").await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.text().await.unwrap(), "over tls");
+    assert_eq!(
+        up.seen("/base/v1/jobs").len(),
+        1,
+        "the base path and the target"
+    );
+    assert_eq!(
+        statuses(&client, &gw.url("/v1/jobs"), "acme", 2).await,
+        [200, 429]
+    );
+
+    // The same upstream without its CA: not trusted, a 502.
+    let untrusted = start(&section("")).await;
+    let answer = get(&client, &untrusted.url("/v1/jobs"), "acme").await;
+    assert_eq!(answer.status(), 502);
+    assert_eq!(
+        up.seen("/base/v1/jobs").len(),
+        2,
+        "the untrusted call never arrived"
+    );
+}

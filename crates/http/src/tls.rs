@@ -118,3 +118,44 @@ impl ResolvesServerCert for Certificates {
         Some(self.current.read().clone())
     }
 }
+
+/// A client's TLS config for `https` upstreams: the system's roots plus the
+/// certificates in `ca_file` (PEM), and a client certificate when the
+/// upstream asks for one. Errors name the file and what is wrong with it.
+pub fn client_config(
+    ca_file: Option<&Path>,
+    client_cert: Option<&CertFiles>,
+) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        let named = |what: String| format!("ca_file {}: {what}", path.display());
+        let pem = std::fs::read(path).map_err(|e| named(e.to_string()))?;
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| named(format!("not a PEM certificate ({e})")))?;
+            roots.add(cert).map_err(|e| named(e.to_string()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(named("holds no PEM certificate".into()));
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots);
+    match client_cert {
+        None => Ok(builder.with_no_client_auth()),
+        Some(files) => {
+            let pair = load(files)?;
+            let key = PrivateKeyDer::from_pem_file(&files.key)
+                .map_err(|e| format!("tls key {}: {e}", files.key.display()))?;
+            builder
+                .with_client_auth_cert(pair.cert.clone(), key)
+                .map_err(|e| format!("client certificate {}: {e}", files.cert.display()))
+        }
+    }
+}

@@ -395,36 +395,8 @@ fn cache_of(u: &Upstream) -> Result<tollgate_http::cache::Cache, LoadError> {
 /// The upstream's client: HTTP/1.1 over TCP or TLS (rustls: the system's
 /// roots plus the upstream's `ca_file`), with a pool of idle connections.
 fn upstream_client(u: &Upstream) -> Result<UpstreamClient, LoadError> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
-    }
-    if let Some(path) = &u.ca_file {
-        let named = |what: String| {
-            LoadError::Io(format!(
-                "upstream '{}': ca_file {}: {what}",
-                u.name,
-                path.display()
-            ))
-        };
-        let pem = std::fs::read(path).map_err(|e| named(e.to_string()))?;
-        let mut added = 0;
-        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| named(format!("not a PEM certificate ({e})")))?;
-            roots.add(cert).map_err(|e| named(e.to_string()))?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(named("holds no PEM certificate".into()));
-        }
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| LoadError::Io(format!("upstream '{}': TLS: {e}", u.name)))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let tls = tollgate_http::tls::client_config(u.ca_file.as_deref(), None)
+        .map_err(|e| LoadError::Io(format!("upstream '{}': {e}", u.name)))?;
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);

@@ -16,10 +16,10 @@ if ! command -v redis-server >/dev/null; then
   $sudo apt-get update -qq >/dev/null && $sudo apt-get install -y -qq redis-server >/dev/null
 fi
 # Clients others wrote, as the proxy's users call it (crates/proxy/tests/clients.rs):
-# Python's requests and httpx, curl, Node's fetch.
-if ! python3 -c 'import requests, httpx, h2' 2>/dev/null; then
-  echo "installing requests, httpx and h2 (pip)"
-  python3 -m pip install -q requests httpx h2 >/dev/null 2>&1 || python3 -m pip install -q --break-system-packages requests httpx h2 >/dev/null
+# Python's requests, httpx (with h2) and websockets, curl, Node's fetch.
+if ! python3 -c 'import requests, httpx, h2, websockets' 2>/dev/null; then
+  echo "installing requests, httpx, h2 and websockets (pip)"
+  python3 -m pip install -q requests httpx h2 websockets >/dev/null 2>&1 || python3 -m pip install -q --break-system-packages requests httpx h2 websockets >/dev/null
 fi
 # Envoy's rate limit service as Envoy's users' tools see it
 # (crates/gateway/tests/rls.rs): grpcio with Envoy's API from xds-protos.

@@ -13,9 +13,11 @@ use crate::settings::Upstream;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderValue};
+use hyper::header::{HeaderMap, HeaderValue, CONNECTION, UPGRADE};
 use hyper::http::request::Parts;
+use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, Uri};
+use hyper_util::rt::TokioIo;
 use std::borrow::Cow;
 use std::sync::Arc;
 use tollgate_core::policy::Cost;
@@ -77,6 +79,9 @@ impl Gateway {
         let request_id = self.next_request_id();
         let (mut parts, body) = req.into_parts();
         let headers = std::mem::take(&mut parts.headers);
+        // A WebSocket handshake: the connection is taken over once the upstream agrees.
+        let upgrade = websocket_upgrade(&headers)
+            .and_then(|protocol| Some((protocol, parts.extensions.remove::<OnUpgrade>()?)));
         let ip = client_ip(&generation, &headers, &peer);
         let path = normalize_path(parts.uri.path());
         let mut log = Entry {
@@ -104,6 +109,7 @@ impl Gateway {
             path: &path,
             ip: &ip,
             peer: &peer,
+            upgrade,
         };
         let response = self
             .proxy_inner(&generation, &request_id, request, body, worker, &mut log)
@@ -126,7 +132,7 @@ impl Gateway {
         &self,
         generation: &'a Arc<Generation>,
         request_id: &str,
-        request: Incoming_<'a>,
+        mut request: Incoming_<'a>,
         body: Incoming,
         worker: usize,
         log: &mut Entry<'a>,
@@ -270,7 +276,15 @@ impl Gateway {
         let sent = tokio::time::Instant::now();
         // Validated once, shared by the upstream request and the response.
         let id_header = HeaderValue::from_str(request_id).ok();
-        let outgoing = upstream_request(request, &upstream, body, id_header.clone())?;
+        let upgrade = request.upgrade.take();
+        let mut outgoing = upstream_request(request, &upstream, body, id_header.clone())?;
+        if let Some((protocol, _)) = &upgrade {
+            // Hop-by-hop, so stripped above; asked of the upstream again.
+            outgoing
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            outgoing.headers_mut().insert(UPGRADE, protocol.clone());
+        }
         let refusal = match tokio::time::timeout(
             settings.upstream_timeout,
             self.client(worker).request(outgoing),
@@ -289,10 +303,22 @@ impl Gateway {
                     "The upstream connection failed before a response (or the request body was cut short).".into()
                 })
             }
-            Ok(Ok(response)) => {
+            Ok(Ok(mut response)) => {
                 let upstream_time = sent.elapsed().as_secs_f64();
                 self.metrics.upstream_seconds.observe(upstream_time);
                 log.upstream_ms = Some(upstream_time * 1e3);
+                if let Some((_, client)) = upgrade {
+                    if response.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
+                        let upstream = hyper::upgrade::on(&mut response);
+                        let (mut head, _) = response.into_parts();
+                        generation.add_rate_headers(&mut head.headers, &items, decision);
+                        if let Some(id) = id_header {
+                            head.headers.insert(X_REQUEST_ID.clone(), id);
+                        }
+                        tokio::spawn(tunnel(client, upstream, completion));
+                        return Ok(Response::from_parts(head, Full::new(Bytes::new()).into()));
+                    }
+                }
                 return Ok(self.relay(
                     generation, id_header, &items, decision, response, completion,
                 ));
@@ -352,6 +378,42 @@ impl Generation {
     }
 }
 
+/// The protocol a WebSocket handshake asks to switch to (`Upgrade:
+/// websocket` with `Connection: upgrade`), or None for any other request.
+fn websocket_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let protocol = headers.get(UPGRADE)?;
+    let upgrading = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    (upgrading && protocol.as_bytes().eq_ignore_ascii_case(b"websocket")).then(|| protocol.clone())
+}
+
+/// Carry a switched connection both ways until either side closes it. The
+/// request's admission is held for as long: a concurrency slot stays taken
+/// while the WebSocket is open, and is released when it closes.
+async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, admission: Option<Admission>) {
+    let _admission = admission;
+    let (client, upstream) = match tokio::join!(client, upstream) {
+        (Ok(c), Ok(u)) => (c, u),
+        (c, u) => {
+            let e = c
+                .err()
+                .or(u.err())
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            tracing::debug!("a WebSocket could not be taken over: {e}");
+            return;
+        }
+    };
+    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!("a WebSocket ended: {e}");
+    }
+}
+
 /// What `proxy` hands its phases: the request head and who sent it.
 struct Incoming_<'a> {
     /// Everything of the request head but its headers.
@@ -362,6 +424,9 @@ struct Incoming_<'a> {
     ip: &'a str,
     /// The connection's peer: the hop appended to X-Forwarded-For.
     peer: &'a Peer,
+    /// A WebSocket handshake: the protocol asked for, and the client's side
+    /// of the connection once it is switched.
+    upgrade: Option<(HeaderValue, OnUpgrade)>,
 }
 
 /// Logs a request whose client went away before it was answered (held, or

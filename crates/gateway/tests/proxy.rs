@@ -727,3 +727,51 @@ async fn an_https_upstream_is_reached_over_tls_with_its_ca_file() {
         "the untrusted call never arrived"
     );
 }
+
+/// A WebSocket through the gateway, Python's `websockets` on both ends (an
+/// echo upstream and a client): the handshake is one request, the socket
+/// holds its tenant's concurrency slot while open (a second socket gets
+/// 429), and closing it gives the slot back.
+#[tokio::test]
+async fn a_websocket_holds_its_concurrency_slot_while_open() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/websocket.py");
+    let mut python = tokio::process::Command::new("python3")
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 runs");
+    let mut lines = tokio::io::BufReader::new(python.stdout.take().expect("stdout")).lines();
+    let port = lines
+        .next_line()
+        .await
+        .expect("read")
+        .expect("the echo server's port");
+    let config = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nupstream = \"http://127.0.0.1:{port}\"\naccess_log = \"off\"\n\n[[limit]]\nname = \"sockets\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"concurrency\"\nmax = 1\n"
+    );
+    let gw = start(&config).await;
+    let mut stdin = python.stdin.take().expect("stdin");
+    stdin
+        .write_all(format!("{}\n", gw.proxy).as_bytes())
+        .await
+        .expect("write");
+    let mut said = Vec::new();
+    while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("in time")
+    {
+        said.push(line);
+    }
+    assert_eq!(
+        said,
+        [
+            "echo hello",
+            "second 429 \"sockets\";r=0;t=0",
+            "third again"
+        ],
+        "what the client saw"
+    );
+}

@@ -193,7 +193,9 @@ fn any_version_server() -> hyper_util::server::conn::auto::Builder<hyper_util::r
 
 /// Serve one cleartext connection with HTTP/1.1, or HTTP/2 when the client
 /// opens with HTTP/2's preface (h2c by prior knowledge), watched by
-/// `graceful`.
+/// `graceful`. An HTTP/1.1 request may switch protocols (a WebSocket): the
+/// service answers 101 and takes the connection over with
+/// `hyper::upgrade::on`.
 pub fn serve_any_version<S, B>(stream: TcpStream, service: S, graceful: &GracefulShutdown)
 where
     S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
@@ -205,7 +207,7 @@ where
 {
     let _ = stream.set_nodelay(true);
     let connection = any_version_server()
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .into_owned();
     tokio::spawn(graceful.watch(connection));
 }
@@ -247,7 +249,7 @@ pub fn serve_tls<S, B>(
             None => builder,
         };
         let connection = builder
-            .serve_connection(TokioIo::new(tls), service)
+            .serve_connection_with_upgrades(TokioIo::new(tls), service)
             .into_owned();
         let _ = watcher.watch(connection).await;
     });

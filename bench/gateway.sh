@@ -4,6 +4,8 @@
 #
 #   bench/gateway.sh                     # about 3 minutes (plus the first build)
 #   DUR=10 CONNS=64 ROUNDS=1 bench/gateway.sh
+#   TLS=1 bench/gateway.sh               # cases 1-3 over TLS: both proxies terminate
+#                                        # TLS with the same certificate (case 4 skipped)
 #
 # Cases (issue: the gateway's performance targets):
 #   1. never-deny throughput      wrk -t1 -c$CONNS -d$DUR, tollgate vs nginx   >= 1.0x
@@ -39,6 +41,7 @@ KEYS=${KEYS:-1000000}          # distinct keys for the memory case
 FLOOD_MAX_KEYS=${FLOOD_MAX_KEYS:-10000}
 FLOOD_KEYS=${FLOOD_KEYS:-120000}
 OHA_ROOT=${OHA_ROOT:-/work/tools-oha}
+TLS=${TLS:-0}
 target=${CARGO_TARGET_DIR:-target}
 case $target in /*) ;; *) target="$ROOT/$target" ;; esac
 TOLLGATE="$target/release/tollgate"
@@ -57,12 +60,26 @@ start_work gwbench
 read -r UP_PORT PROXY_PORT ADMIN_PORT < <(free_ports 3)
 UPSTREAM="http://127.0.0.1:$UP_PORT"
 PROXY="http://127.0.0.1:$PROXY_PORT"
+# TLS=1: one self-signed certificate (P-256) for both proxies; the load
+# tools do not verify it (wrk never does; oha with --insecure).
+NGINX_TLS=""; TOLLGATE_TLS=""; OHA_TLS=()
+if [ "$TLS" = 1 ]; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+    -subj /CN=localhost -addext subjectAltName=IP:127.0.0.1 \
+    -keyout "$work/tls.key" -out "$work/tls.crt" 2>/dev/null
+  PROXY="https://127.0.0.1:$PROXY_PORT"
+  NGINX_TLS=" ssl;
+    ssl_certificate $work/tls.crt; ssl_certificate_key $work/tls.key;
+    ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:SSL:10m"
+  TOLLGATE_TLS=$(printf '\n[gateway]\ntls = { cert = "%s", key = "%s" }\n' "$work/tls.crt" "$work/tls.key")
+  OHA_TLS=(--insecure)
+fi
 ADMIN="http://127.0.0.1:$ADMIN_PORT"
 
 wait_http() { # wait_http URL [PID]: until it answers at all
   local i
   for i in $(seq 1 100); do
-    curl -s -o /dev/null "$1" && return 0
+    curl -s -k -o /dev/null "$1" && return 0
     if [ -n "${2:-}" ] && ! kill -0 "$2" 2>/dev/null; then break; fi
     sleep 0.1
   done
@@ -98,7 +115,7 @@ start_nginx_proxy() {
   limit_req_zone \$http_x_tenant_id zone=tenant:64m rate=${rate}r/s;
   limit_req_status 429;
   server {
-    listen 127.0.0.1:$PROXY_PORT backlog=4096;
+    listen 127.0.0.1:$PROXY_PORT backlog=4096$NGINX_TLS;
     location / {
       limit_req zone=tenant burst=$burst nodelay;
       proxy_pass http://shared;
@@ -143,6 +160,7 @@ key = ["header:x-tenant-id"]
 algorithm = "token_bucket"
 capacity = $2
 refill = "$3"
+$TOLLGATE_TLS
 EOF
 }
 
@@ -277,7 +295,7 @@ R[half]=$half
 run_oha() { # run_oha NAME URL: sets P50 P99 (microseconds), OHA_RPS, OHA_OK
   local name=$1 url=$2
   foreign_begin
-  taskset -c "$LOAD_CPU" "$OHA" --no-tui --output-format json -z "${DUR}s" -c "$CONNS" -q "$half" \
+  taskset -c "$LOAD_CPU" "$OHA" --no-tui --output-format json -z "${DUR}s" -c "$CONNS" -q "$half" "${OHA_TLS[@]}" \
     --latency-correction -H "x-tenant-id: acme" "$url" > "$work/$name.json" 2>"$work/$name.err" || {
     log "oha failed: $(cat "$work/$name.err")"; return 1; }
   foreign_end
@@ -340,6 +358,7 @@ drive_keys() {
 }
 status_count() { awk -v c="$2" '$1 == "status" && $2 == c { print $3 }' "$work/$1.wrk" | grep . || echo 0; }
 
+if [ "$TLS" != 1 ]; then
 log ""
 log "== 4a. memory: $KEYS distinct keys (max_keys = 1000000, token bucket 10 per key, refill 10/h)"
 start_tollgate "$(tollgate_config 1000000 10 10/h)"
@@ -380,6 +399,7 @@ log "  an existing key (k5) during the flood: $PROBE"
 log "  tollgate_keys = $fkeys (max_keys $FLOOD_MAX_KEYS), keys_refused_total = $frefused, evictions_total = $fevict, VmRSS $((frss / 1024)) MiB"
 R[fprobe]=$PROBE; R[frps]=$frps; R[fkeys]=$fkeys; R[frefused]=$frefused; R[f200]=$f200; R[f503]=$f503; R[fevict]=$fevict
 stop "$PX_PID"
+fi
 
 if grep -Eqi "panic|error" "$work/tollgate.log"; then
   log ""; log "tollgate's stderr had errors:"; grep -Ei "panic|error" "$work/tollgate.log" | sort | uniq -c | head -20 >&2
@@ -389,7 +409,7 @@ fi
 {
   for k in "${!R[@]}"; do printf '%s=%s\n' "$k" "${R[$k]}"; done
   printf 'foreign_max=%s\n' "$FOREIGN_MAX"
-  printf 'conns=%s\ndur=%s\nkeys=%s\nflood_max=%s\nflood_keys=%s\n' "$CONNS" "$DUR" "$KEYS" "$FLOOD_MAX_KEYS" "$FLOOD_KEYS"
+  printf 'conns=%s\ndur=%s\nkeys=%s\nflood_max=%s\nflood_keys=%s\ntls=%s\n' "$CONNS" "$DUR" "$KEYS" "$FLOOD_MAX_KEYS" "$FLOOD_KEYS" "$TLS"
 } > "$work/results"
 echo
 python3 - "$work/results" <<'PY'
@@ -406,14 +426,15 @@ rows.append((f"~90% denied throughput (req/s; denied {r['tollgate_deny_share']}%
 d, tl, nl = f("lat_direct"), f("lat_tollgate"), f("lat_nginx")
 rows.append((f"p99 at {int(f('half')):,} req/s (direct {d:.0f} us)", f"{tl:.0f} us", f"{nl:.0f} us", f"{tl / nl:.2f}x", "", ""))
 rows.append(("  added p99 over direct", f"{tl - d:+.0f} us", f"{nl - d:+.0f} us", "", "<= 200 us", verdict(tl - d <= 200)))
-rss1, rssn = f("rss1") / 1024, f("rssn") / 1024
+tls = r["tls"] == "1"
+rss1, rssn = (f("rss1") / 1024, f("rssn") / 1024) if not tls else (0, 0)
 delta = rssn - rss1
-keys = int(f("keysn"))
-rows.append((f"RSS, 1 key -> {keys:,} keys (MiB)", f"{rss1:.1f} -> {rssn:.1f}", "", "", "", ""))
-rows.append(("  RSS added by the keys", f"{delta:.1f} MiB ({delta * 1048576 / max(keys - 1, 1):.0f} B/key)", "", "",
+keys = int(f("keysn")) if not tls else 0
+if not tls: rows.append((f"RSS, 1 key -> {keys:,} keys (MiB)", f"{rss1:.1f} -> {rssn:.1f}", "", "", "", ""))
+if not tls: rows.append(("  RSS added by the keys", f"{delta:.1f} MiB ({delta * 1048576 / max(keys - 1, 1):.0f} B/key)", "", "",
              "<= 128 MB", verdict(delta * 1.048576 <= 128 and keys >= int(r["keys"]))))
-fk, fm = int(f("fkeys")), int(r["flood_max"])
-rows.append((f"flood {int(r['flood_keys']):,} new keys, max_keys {fm:,}",
+fk, fm = (int(f("fkeys")) if not tls else 0), int(r["flood_max"])
+if not tls: rows.append((f"flood {int(r['flood_keys']):,} new keys, max_keys {fm:,}",
              f"keys {fk:,}, 503 {int(f('f503')):,}, 200 {int(f('f200')):,}", "", "", "keys <= max_keys",
              # The bound holds: never more than max_keys tracked, and every key past
              # it refused. (A few 200s past max_keys are requests in flight when wrk
@@ -421,7 +442,7 @@ rows.append((f"flood {int(r['flood_keys']):,} new keys, max_keys {fm:,}",
              verdict(fk <= fm and int(f("f503")) >= int(r["flood_keys"]) - fm)))
 w = [max(len(row[i]) for row in rows + [("case", "tollgate", "nginx", "ratio", "target", "")]) for i in range(6)]
 head = ("case", "tollgate", "nginx", "ratio", "target", "")
-print(f"tollgate serve vs nginx limit_req: wrk/oha -c {r['conns']}, {r['dur']} s runs")
+print(f"tollgate serve vs nginx limit_req{', both terminating TLS' if tls else ''}: wrk/oha -c {r['conns']}, {r['dur']} s runs")
 print("  ".join(h.ljust(w[i]) for i, h in enumerate(head)).rstrip())
 print("  ".join("-" * w[i] for i in range(6)).rstrip())
 for row in rows:
@@ -434,7 +455,7 @@ print(f"90% denied: rates tollgate {r['tollgate_deny_rate']}/s, nginx {r['nginx_
       f"tollgate {r['tollgate_deny_cpu']}, nginx {r['nginx_deny_cpu']}")
 print(f"p50 at half load: direct {r['lat_direct_p50']} us, tollgate {r['lat_tollgate_p50']} us, nginx {r['lat_nginx_p50']} us")
 print(f"other processes: {r['foreign_start']}% of a core just before the start; at most {r['foreign_max']}% of a core during a measured run")
-print(f"memory: peak VmHWM {f('hwm') / 1024:.1f} MiB; flood: keys_refused_total {r['frefused']}, evictions {r['fevict']}, "
+if not tls: print(f"memory: peak VmHWM {f('hwm') / 1024:.1f} MiB; flood: keys_refused_total {r['frefused']}, evictions {r['fevict']}, "
       f"{r['frps']} req/s while refusing (wrk with a Lua script per request)")
-print(f"flood: an existing key's requests during it: {r['fprobe']}")
+if not tls: print(f"flood: an existing key's requests during it: {r['fprobe']}")
 PY

@@ -19,6 +19,9 @@
 #   egress: job lines, bulk templates (in the config) and bulk records
 #           damaged byte by byte; what is read is sent only under the
 #           upstream's base URL
+#   store:  random policies and traffic decided by the memory store and by
+#           the Redis store (a redis-server the test starts), which must
+#           agree decision for decision (CASES / 10 cases: each is a trace)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CASES=${CASES:-100000}
@@ -35,4 +38,12 @@ for crate in tollgate-core tollgate-http tollgate-sim tollgate-egress; do
     echo "$out" | grep -E -A30 'minimal failing input|panicked' | head -60
   fi
 done
+start=$(date +%s)
+if out=$(TOLLGATE_DIFF_CASES=$(( CASES / 10 )) cargo test --release -q -p tollgate-store --test differential 2>&1); then
+  echo "tollgate-store (Redis vs memory): $(echo "$out" | grep -E '^test result' | sed 's/; finished.*//'), $(( CASES / 10 )) cases ($(( $(date +%s) - start )) s with the build)"
+else
+  status=1
+  echo "tollgate-store (Redis vs memory): FAILED"
+  echo "$out" | grep -E -A30 'minimal failing input|panicked' | head -60
+fi
 exit $status

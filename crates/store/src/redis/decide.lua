@@ -369,7 +369,10 @@ function FIXED.reservable(s, x, at)
 end
 function FIXED.commit(s, cost, at)
   local st = win_start(s.p.cal, s.v, at)
-  s.counts[st] = fw_used(s, st) + cost -- fw_used made s.counts
+  -- fw_used first: it makes s.counts (a completion's debit comes here
+  -- with none; Lua may evaluate `s.counts` before the right-hand side)
+  local used = fw_used(s, st)
+  s.counts[st] = used + cost
   local adds = s.adds or {}
   adds[st] = (adds[st] or 0) + cost
   s.adds = adds

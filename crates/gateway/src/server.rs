@@ -107,6 +107,15 @@ pub async fn serve_workers(
     for t in threads {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
+    // Leased limits: what this process's slices did not use goes back to the fleet.
+    let generation = gateway.current();
+    let returned = generation
+        .engine
+        .give_back_leases(gateway.clock.now(), true)
+        .await;
+    if returned > 0 {
+        tracing::info!("gave back the unused units of {returned} leased slices");
+    }
     Ok(())
 }
 
@@ -159,6 +168,9 @@ async fn upkeep(gateway: Arc<Gateway>) {
     every.tick().await;
     loop {
         every.tick().await;
+        // Slices of keys that went quiet go back to the fleet's quota.
+        let engine = gateway.current().engine.clone();
+        engine.give_back_leases(gateway.clock.now(), false).await;
         let gw = gateway.clone();
         // Sweeping locks shards one at a time; keep it off the request threads.
         let _ = tokio::task::spawn_blocking(move || {

@@ -413,6 +413,17 @@ impl Engine {
             .finish(self.local_policy(), committed, now, latency_us);
     }
 
+    /// Fleet mode with leased limits: give back the unused units of this
+    /// process's slices to the shared quota, all of them (`all`: before
+    /// shutting down) or those of keys that went quiet (periodic upkeep).
+    /// How many slices went back.
+    pub async fn give_back_leases(&self, now: Nanos, all: bool) -> usize {
+        match &self.shared {
+            Some(shared) => shared.give_back(&self.policy, now, all).await,
+            None => 0,
+        }
+    }
+
     /// Forget the keys whose state is at rest at `now` (a fresh state would
     /// decide the same); how many went.
     pub fn sweep(&self, now: Nanos) -> usize {

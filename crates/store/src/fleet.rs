@@ -109,6 +109,25 @@ impl Shared {
         self.health.note(result)
     }
 
+    /// Give back the unused units of this process's slices: all of them
+    /// (`all`, at shutdown), or those of keys that went quiet. How many
+    /// slices went back (0 if Redis did not take them: the units are then
+    /// lost to the quota until its window or bucket moves on, never added).
+    pub(crate) async fn give_back(&self, policy: &Policy, now: Nanos, all: bool) -> usize {
+        let Some(leases) = &self.leases else {
+            return 0;
+        };
+        let (items, asks) = leases.take_back(now, all);
+        if items.is_empty() {
+            return 0;
+        }
+        let result = self.redis.give_back(policy, &items, &asks, now).await;
+        match self.health.note(result) {
+            Ok(()) => items.len(),
+            Err(_) => 0,
+        }
+    }
+
     /// Forget slices whose keys went quiet.
     pub(crate) fn sweep(&self, now: Nanos) {
         if let Some(leases) = &self.leases {

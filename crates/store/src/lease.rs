@@ -4,7 +4,8 @@
 //! request of that key, then admits the key's next requests from the slice
 //! without a round trip, until the slice is spent or no longer usable. Its
 //! next call for the key gives back what the slice did not use (decide.lua's
-//! `lease` says how each algorithm takes it back exactly).
+//! `lease` says how each algorithm takes it back exactly); so do the
+//! gateway's upkeep, for slices of keys that went quiet, and its shutdown.
 //!
 //! The bound: a slice is taken from the key's counter before any of it is
 //! used, and is used only while its units still count there (within the
@@ -198,8 +199,34 @@ impl Leases {
         })
     }
 
-    /// Forget slices unusable for a while (their keys went quiet): their
-    /// units are not given back, so the key admits less, never more.
+    /// The slices to give back now, taken out of this process: every one
+    /// with units left (`all`, at shutdown), or those no longer usable
+    /// (their keys went quiet). Per slice, its key as an item and the refund.
+    pub(crate) fn take_back(&self, now: Nanos, all: bool) -> (Vec<Item>, Vec<Option<Ask>>) {
+        let mut slices = self.slices.lock();
+        slices
+            .iter_mut()
+            .filter(|(_, s)| s.units > 0 && s.asking.is_none() && (all || now > s.until))
+            .map(|(key, s)| {
+                let item = Item {
+                    limit: key.limit,
+                    class: key.class,
+                    key: key.key.clone(),
+                    cost: 0,
+                    charge: 0,
+                };
+                let ask = Ask {
+                    want: 0,
+                    refund: std::mem::take(&mut s.units),
+                    mark: s.mark,
+                };
+                (item, Some(ask))
+            })
+            .unzip()
+    }
+
+    /// Forget slices unusable for a while and empty (their keys went quiet;
+    /// `take_back` gave their units back).
     pub(crate) fn sweep(&self, now: Nanos) {
         self.slices.lock().retain(|_, s| {
             now <= s.until.saturating_add(s.ttl)

@@ -124,6 +124,50 @@ fn unused_units_of_a_slice_go_back_to_the_key() {
     });
 }
 
+/// A node's unused units go back without another request of the key: at
+/// shutdown (all of them) and once a slice is no longer usable (the
+/// gateway's periodic upkeep), so another node can use them.
+#[test]
+fn slices_go_back_at_shutdown_and_once_unusable() {
+    runtime().block_on(async {
+        for (name, limit) in LIMITS {
+            let nodes = fleet(limit, 2);
+            let (a, b) = (&nodes[0], &nodes[1]);
+            assert!(
+                admitted(a, T0).await,
+                "{name}: A takes a slice of 10 and uses 1"
+            );
+            assert_eq!(
+                a.give_back_leases(T0, false).await,
+                0,
+                "{name}: still usable, kept"
+            );
+            assert_eq!(
+                a.give_back_leases(T0, true).await,
+                1,
+                "{name}: shutting down"
+            );
+            assert_eq!(
+                a.give_back_leases(T0, true).await,
+                0,
+                "{name}: nothing left"
+            );
+            assert_eq!(until_denied(b, T0).await, 19, "{name}: all but A's one");
+
+            let nodes = fleet(limit, 2);
+            let (a, b) = (&nodes[0], &nodes[1]);
+            assert!(admitted(a, T0).await);
+            let later = T0 + 2 * SEC;
+            assert_eq!(
+                a.give_back_leases(later, false).await,
+                1,
+                "{name}: past its ttl"
+            );
+            assert_eq!(until_denied(b, later).await, 19, "{name}: all but A's one");
+        }
+    });
+}
+
 /// Three nodes take turns on one hot key, many requests per instant, over
 /// several windows: per window, admissions never exceed the quota plus the
 /// slices outstanding at once (3 nodes x max 10), and a fixed window admits

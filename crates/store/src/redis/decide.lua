@@ -44,10 +44,11 @@
 --          "d" decide, "h" decide and the request may be held (reserve a
 --          future instant), "u" usage only (writes nothing), "f" finish:
 --          debit latency (latency limits) or release (concurrency), "l"
---          and "m" decide as "d" and "h" taking leases (see `lease`)
+--          and "m" decide as "d" and "h" taking leases (see `lease`), "r"
+--          gives back slices' unused units (see `give_back`)
 --   (f)    for "f" only: the latency to debit, in microseconds
 --   then per slot, in KEYS order, two values: spec, and "cost" (the charge
---   is the same) or "cost/charge"; for "l" and "m" a third, the lease
+--   is the same) or "cost/charge"; for "l", "m" and "r" a third, the lease
 --   argument: "-", "want", or "want:refund:markS:markN".
 --   spec   the limit's static fields, comma-separated (parsed once and kept):
 --          algorithm, hold (ns), shadow (0/1), latency (0/1: debited at finish),
@@ -69,7 +70,7 @@
 --   admits: {3, then per slot: remaining, reset}.
 -- Returns for "l" and "m": the decision's reply, then per slot four values:
 --   units lent, the slice's mark (whole second, ns), until (ns from now).
--- Returns for "f": {0}.
+-- Returns for "f" and "r": {0}.
 -- Keys expire on their own once their state is at rest (a fresh state would
 -- decide the same); an in-flight count lives CONCURRENCY_TTL past its last change.
 
@@ -1037,6 +1038,17 @@ local function lease(out, slots, asks, may_hold)
   end
 end
 
+-- Op "r": give back slices' unused units (as `lease` does first), nothing else.
+local function give_back(slots, asks)
+  for i, s in ipairs(slots) do
+    local a = asks[i]
+    if a and a.refund > 0 and s.p.alg.refund then
+      s.p.alg.refund(s, a.refund, since(a.markS) + a.markN)
+      if s.dirty then save(s) end
+    end
+  end
+end
+
 -- A lease argument: "-" (none), or "want" or "want:refund:markS:markN".
 local function ask(text)
   if text == '-' then return false end
@@ -1118,7 +1130,7 @@ local function run(keys, argv)
     local slots = SLOTS
     for i = n + 1, slots_n do slots[i] = nil end
     slots_n = n
-    local leasing = op == 'l' or op == 'm'
+    local leasing = op == 'l' or op == 'm' or op == 'r'
     local asks = leasing and {}
     for i = 1, n do
       local s = slot(i)
@@ -1136,6 +1148,9 @@ local function run(keys, argv)
     keybase = keybase + n
     if op == 'f' then
       finish(slots, latency)
+      out[#out + 1] = 0
+    elseif op == 'r' then
+      give_back(slots, asks)
       out[#out + 1] = 0
     elseif leasing then
       lease(out, slots, asks, op == 'm')

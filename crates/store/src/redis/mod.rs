@@ -130,6 +130,7 @@ struct Part {
     args: Vec<u8>,
     /// Where each argument in `args` ends.
     ends: Vec<usize>,
+    /// A settlement or a give-back: the reply is one value.
     finish: bool,
     /// A lease call: four more values per slot after the decision's.
     lease: bool,
@@ -279,6 +280,20 @@ impl RedisStore {
     /// decision, or several that queued together).
     pub fn calls(&self) -> u64 {
         self.conns.calls.load(Ordering::Relaxed)
+    }
+
+    /// Give back the unused units of slices (`asks`' refunds, one per item)
+    /// in one call, taking nothing.
+    pub(crate) async fn give_back(
+        &self,
+        policy: &Policy,
+        items: &[Item],
+        asks: &[Option<Ask>],
+        now: Nanos,
+    ) -> Result<(), RedisError> {
+        self.run(self.part(policy, items, now, Op::GiveBack { asks }))
+            .await
+            .map(|_| ())
     }
 
     /// `[store] timeout`: the longest a call may take.
@@ -565,7 +580,7 @@ impl RedisStore {
             keys: Vec::with_capacity(items.len()),
             args: Vec::with_capacity(16 + 64 * items.len()),
             ends: Vec::with_capacity(2 + 3 * items.len()),
-            finish: matches!(op, Op::Finish { .. }),
+            finish: matches!(op, Op::Finish { .. } | Op::GiveBack { .. }),
             lease: matches!(op, Op::Lease { .. }),
         };
         let mut head = format!("{}{}", op.code(), items.len());
@@ -593,7 +608,7 @@ impl RedisStore {
                 }
             }
             part.push_amounts(item.cost, item.charge);
-            if let Op::Lease { asks, .. } = op {
+            if let Op::Lease { asks, .. } | Op::GiveBack { asks } = op {
                 let ask = asks.get(part.keys.len() - 1).and_then(Option::as_ref);
                 part.push(Ask::argument(ask).as_bytes());
             }
@@ -787,10 +802,21 @@ async fn serve_queue(
 
 #[derive(Debug, Clone, Copy)]
 enum Op<'a> {
-    Decide { hold: bool },
-    Lease { hold: bool, asks: &'a [Option<Ask>] },
+    Decide {
+        hold: bool,
+    },
+    Lease {
+        hold: bool,
+        asks: &'a [Option<Ask>],
+    },
+    /// Give back the unused units of slices (the asks' refunds), nothing else.
+    GiveBack {
+        asks: &'a [Option<Ask>],
+    },
     Usage,
-    Finish { latency_us: u64 },
+    Finish {
+        latency_us: u64,
+    },
 }
 
 impl Op<'_> {
@@ -800,6 +826,7 @@ impl Op<'_> {
             Op::Decide { hold: true } => "h",
             Op::Lease { hold: false, .. } => "l",
             Op::Lease { hold: true, .. } => "m",
+            Op::GiveBack { .. } => "r",
             Op::Usage => "u",
             Op::Finish { .. } => "f",
         }

@@ -19,6 +19,9 @@
 #   egress: job lines, bulk templates (in the config) and bulk records
 #           damaged byte by byte; what is read is sent only under the
 #           upstream's base URL
+#   gateway: request heads damaged byte by byte, and paths climbing out of
+#           a route's path_prefix, written raw to the gateway's socket: an
+#           HTTP answer or a close, never a relay outside the prefix
 #   store:  random policies and traffic decided by the memory store and by
 #           the Redis store (a redis-server the test starts), which must
 #           agree decision for decision (CASES / 10 cases: each is a trace)
@@ -28,7 +31,7 @@ CASES=${CASES:-100000}
 export TOLLGATE_FUZZ_CASES=$CASES
 echo "$(date -u '+%Y-%m-%d %H:%M UTC'): $CASES cases per property, at $(git rev-parse --short HEAD)"
 status=0
-for crate in tollgate-core tollgate-http tollgate-sim tollgate-egress; do
+for crate in tollgate-core tollgate-http tollgate-sim tollgate-egress tollgate-gateway; do
   start=$(date +%s)
   if out=$(cargo test --release -q -p "$crate" --test hostile_input 2>&1); then
     echo "$crate: $(echo "$out" | grep -E '^test result' | sed 's/; finished.*//') ($(( $(date +%s) - start )) s with the build)"

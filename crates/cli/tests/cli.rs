@@ -349,7 +349,6 @@ fn a_last_line_without_newline_is_decided() {
 /// SIGHUP reload, JSON access log, and a clean exit on SIGTERM.
 #[test]
 fn serve_runs_the_readme_gateway_and_reloads_on_sighup() {
-    use std::io::BufRead;
     let config = temp_file(
         "serve.toml",
         &std::fs::read_to_string(repo().join("examples/gateway.toml")).expect("example"),
@@ -373,22 +372,8 @@ fn serve_runs_the_readme_gateway_and_reloads_on_sighup() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn serve");
-    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    while !line.contains("tollgate serving on") {
-        line.clear();
-        assert!(
-            stderr.read_line(&mut line).expect("log") > 0,
-            "serve exited early"
-        );
-    }
-    // "... serving on http://PROXY (admin on http://ADMIN), ..."
-    let addrs: Vec<&str> = line
-        .split("http://")
-        .skip(1)
-        .map(|s| s.split([' ', ')']).next().expect("addr"))
-        .collect();
-    let (proxy, admin) = (addrs[0], addrs[1]);
+    let (proxy, admin) = common::wait_serving(&mut child);
+    let (proxy, admin) = (proxy.as_str(), admin.as_str());
 
     let tenant = [("x-tenant-id", "acme")];
     for _ in 0..5 {

@@ -156,15 +156,8 @@ where
     B::Error: Into<BoxError>,
 {
     let _ = stream.set_nodelay(true);
-    let mut builder =
-        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .http1_only();
-    builder
-        .http1()
-        .max_buf_size(MAX_HEAD_BYTES)
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    let connection = builder
+    let connection = any_version_server()
+        .http1_only()
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .into_owned();
     tokio::spawn(graceful.watch(connection));

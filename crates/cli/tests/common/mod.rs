@@ -181,11 +181,22 @@ pub fn serve_command(config: &Path) -> std::process::Command {
     cmd
 }
 
-/// Start `serve_command(config)` and wait until it serves; its addresses
-/// from its log line (host:port, without the scheme).
+/// Start `serve_command(config)` and wait until it serves.
 pub fn serve(config: &Path) -> Serve {
-    use std::io::BufRead;
     let mut child = serve_command(config).spawn().expect("spawn serve");
+    let (proxy, admin) = wait_serving(&mut child);
+    Serve {
+        child,
+        proxy,
+        admin,
+    }
+}
+
+/// Wait until a spawned `tollgate serve` (its stderr piped) serves: its
+/// proxy and admin addresses from its log line (host:port, without the
+/// scheme). Its log is drained from then on.
+pub fn wait_serving(child: &mut std::process::Child) -> (String, String) {
+    use std::io::BufRead;
     let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
     let mut line = String::new();
     while !line.contains("tollgate serving on") {
@@ -202,9 +213,5 @@ pub fn serve(config: &Path) -> Serve {
         .skip(1)
         .map(|s| s.split([' ', ')']).next().expect("addr").to_string())
         .collect();
-    Serve {
-        child,
-        proxy: addrs[0].clone(),
-        admin: addrs[1].clone(),
-    }
+    (addrs[0].clone(), addrs[1].clone())
 }

@@ -218,7 +218,16 @@ impl Gateway {
         // Kept even when the config is rejected, so a broken file is
         // reported once, not at every poll.
         *last_modified = modified_time(&self.source);
+        let previous = self.current();
         let result = self.load_next();
+        if result.is_ok() {
+            // The new generation starts without slices of leased limits:
+            // the old one's unused units go back to the fleet's quota.
+            previous
+                .engine
+                .give_back_leases(tollgate_core::Clock::now(&self.clock), true)
+                .await;
+        }
         self.metrics.reload(result.is_ok());
         match &result {
             Ok(r) => tracing::info!(

@@ -19,7 +19,7 @@ pub(crate) struct Shared {
     local_policy: Policy,
     health: Arc<StoreHealth>,
     /// Slices of leased limits' quotas (None: no limit has `lease`). A
-    /// reload starts with none: the old slices' units are not given back.
+    /// reload starts with none (the gateway gives the old ones back).
     leases: Option<Leases>,
 }
 

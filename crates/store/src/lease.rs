@@ -8,11 +8,12 @@
 //! gateway's upkeep, for slices of keys that went quiet, and its shutdown.
 //!
 //! The bound: a slice is taken from the key's counter before any of it is
-//! used, and is used only while its units still count there (within the
-//! fixed window it came from, before a sliding window drops its segment,
-//! before a bucket's TAT passes it), so over any span admissions exceed what
-//! the limit admits by at most the units of the slices outstanding at once:
-//! one per process and key, each at most `max`.
+//! used, so over any span admissions exceed what the limit admits by at most
+//! the units the slices held at the span's start: one slice per process and
+//! key, each at most `max`. A window's slice is used only while its units
+//! still count there (within the fixed window it came from, before a sliding
+//! window drops its segment), which makes that excess 0; a bucket's is used
+//! for its `ttl`.
 //!
 //! A process keeps at most one slice per key and one refill in flight: a
 //! request that finds the slice short while another refill is on its way

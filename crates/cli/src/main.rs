@@ -264,7 +264,16 @@ fn other(command: Command) -> Result<()> {
             let names: Vec<_> = policy
                 .limits
                 .iter()
-                .map(|l| format!("{} ({})", l.name, l.algorithm.name()))
+                .map(|l| match l.lease {
+                    Some(lease) => format!(
+                        "{} ({}, leased in slices of {} for {} ms)",
+                        l.name,
+                        l.algorithm.name(),
+                        lease.max,
+                        lease.ttl / 1_000_000
+                    ),
+                    None => format!("{} ({})", l.name, l.algorithm.name()),
+                })
                 .collect();
             println!("{}: ok, {} limits: {}", config.display(), names.len(), names.join(", "));
             Ok(())

@@ -83,6 +83,26 @@ fn version_names_the_commit() {
     );
 }
 
+/// `check` says which limits are leased, and how.
+#[test]
+fn check_names_leased_limits() {
+    let config = temp_file(
+        "leased.toml",
+        "[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:1\"\n\n[[limit]]\nname = \"hot\"\nalgorithm = \"token_bucket\"\ncapacity = 100\nrefill = \"100/s\"\nlease = { max = 10, ttl = \"1s\" }\n",
+    );
+    let out = tollgate(&["check", config.to_str().expect("utf8")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("hot (token_bucket, leased in slices of 10 for 1000 ms)"),
+        "{text}"
+    );
+}
+
 #[test]
 fn check_accepts_the_examples() {
     for config in [

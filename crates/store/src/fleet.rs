@@ -82,8 +82,16 @@ impl Shared {
             // round trip it would otherwise make itself) before deciding
             // on Redis as without a lease.
             for _ in 0..MOST_REFILL_WAITS {
-                if let Some(decision) = leases.take(policy, items, now) {
+                if let Some((decision, ahead)) = leases.take(policy, items, now) {
                     self.health.leased.fetch_add(1, Ordering::Relaxed);
+                    if let Some(refill) = ahead {
+                        // This request's answer waits one round trip (as
+                        // without a lease); the key's others go on meanwhile.
+                        let lent = self.redis.prefetch(policy, items, refill.asks(), now).await;
+                        if let Ok(grants) = self.health.note(lent) {
+                            refill.settle_ahead(&grants, now);
+                        }
+                    }
                     return Ok(decision);
                 }
                 match leases.ask(policy, items, now) {

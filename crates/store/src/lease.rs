@@ -15,12 +15,16 @@
 //! window drops its segment), which makes that excess 0; a bucket's is used
 //! for its `ttl`.
 //!
-//! A process keeps at most one slice per key and one refill in flight: a
-//! request that finds the slice short while another refill is on its way
-//! waits for that refill (one round trip, as its own would take) and tries
-//! the new slice.
+//! A process keeps one slice per key and at most one refill in flight. The
+//! request that leaves a slice at a quarter or less asks for the next one
+//! ahead of need (one round trip, as without a lease), while the key's other
+//! requests keep using what is left; the slice it replaces is given back
+//! with the key's next call. A request that finds the slice short while a
+//! refill is on its way waits for that refill (one round trip, as its own
+//! would take) and tries the new slice.
 
 use compact_str::CompactString;
+use smallvec::SmallVec;
 use std::collections::HashMap;
 use tollgate_core::{Decision, Item, Nanos, Outcome, Policy, Verdict};
 
@@ -32,23 +36,28 @@ pub(crate) struct Mark {
     pub nanos: u64,
 }
 
+/// Unused units of a slice, with the slice's mark: what is given back.
+pub(crate) type Refund = (u64, Mark);
+
 /// What one item asks of Redis: a slice of at most `want` units, after
-/// giving back `refund` units of the slice marked `mark`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// giving back `refunds` (earlier slices' unused units).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Ask {
     pub want: u64,
-    pub refund: u64,
-    pub mark: Mark,
+    pub refunds: SmallVec<[Refund; 2]>,
 }
 
 impl Ask {
     /// decide.lua's lease argument.
     pub(crate) fn argument(ask: Option<&Ask>) -> String {
-        match ask {
-            None => "-".into(),
-            Some(a) if a.refund == 0 => a.want.to_string(),
-            Some(a) => format!("{}:{}:{}:{}", a.want, a.refund, a.mark.secs, a.mark.nanos),
+        let Some(a) = ask else {
+            return "-".into();
+        };
+        let mut text = a.want.to_string();
+        for (units, mark) in &a.refunds {
+            text.push_str(&format!(":{units}:{}:{}", mark.secs, mark.nanos));
         }
+        text
     }
 }
 
@@ -92,7 +101,41 @@ struct Slice {
     /// A refill for this key is in flight since then; waiters subscribe to
     /// the sender, which is dropped (waking them) when the refill ends.
     asking: Option<(Nanos, std::sync::Arc<tokio::sync::watch::Sender<()>>)>,
+    /// Units of slices this one replaced, to give back with the next call.
+    stale: SmallVec<[Refund; 2]>,
     ttl: Nanos,
+    max: u64,
+}
+
+impl Slice {
+    fn empty(lease: tollgate_core::policy::Lease) -> Slice {
+        Slice {
+            units: 0,
+            until: 0,
+            mark: Mark::default(),
+            remaining: 0,
+            reset_at: 0,
+            asking: None,
+            stale: SmallVec::new(),
+            ttl: lease.ttl,
+            max: lease.max,
+        }
+    }
+
+    /// Mark a refill in flight.
+    fn start_refill(&mut self, now: Nanos) {
+        self.asking = Some((now, std::sync::Arc::new(tokio::sync::watch::channel(()).0)));
+    }
+
+    /// Everything to give back now: replaced slices' units, and this
+    /// slice's when `with_current` (taken out of it).
+    fn refunds(&mut self, with_current: bool) -> SmallVec<[Refund; 2]> {
+        let mut refunds = std::mem::take(&mut self.stale);
+        if with_current && self.units > 0 {
+            refunds.push((std::mem::take(&mut self.units), self.mark));
+        }
+        refunds
+    }
 }
 
 /// This process's slices, by key.
@@ -109,8 +152,16 @@ fn leasable(policy: &Policy, item: &Item) -> Option<tollgate_core::policy::Lease
 
 impl Leases {
     /// Admit `items` at `now` from this process's slices, if every item is
-    /// leased and its slice covers its cost: the decision, made without Redis.
-    pub(crate) fn take(&self, policy: &Policy, items: &[Item], now: Nanos) -> Option<Decision> {
+    /// leased and its slice covers its cost: the decision, made without
+    /// Redis, and, when this leaves a slice at a quarter or less with no
+    /// refill in flight, the refill to make ahead of need (the caller makes
+    /// it with `RedisStore::prefetch` and `Refill::settle_ahead`).
+    pub(crate) fn take<'a>(
+        &'a self,
+        policy: &Policy,
+        items: &[Item],
+        now: Nanos,
+    ) -> Option<(Decision, Option<Refill<'a>>)> {
         if items.is_empty() || !items.iter().all(|i| leasable(policy, i).is_some()) {
             return None;
         }
@@ -118,7 +169,7 @@ impl Leases {
         let covered = items.iter().all(|item| {
             slices
                 .get(&SliceKey::of(item))
-                .is_some_and(|s| s.asking.is_none() && now <= s.until && s.units >= item.cost)
+                .is_some_and(|s| now <= s.until && s.units >= item.cost)
         });
         if !covered {
             return None;
@@ -139,10 +190,38 @@ impl Leases {
                 }
             })
             .collect();
-        Some(Decision {
+        let decision = Decision {
             verdict: Verdict::Admit { delay: 0 },
             outcomes,
-        })
+        };
+        let slice = |item: &Item| slices.get(&SliceKey::of(item));
+        let low = items
+            .iter()
+            .any(|i| slice(i).is_some_and(|s| s.units.saturating_mul(4) <= s.max));
+        let idle = items
+            .iter()
+            .all(|i| slice(i).is_some_and(|s| s.asking.is_none()));
+        if !(low && idle) {
+            return Some((decision, None));
+        }
+        let asks = items
+            .iter()
+            .map(|item| {
+                let slice = slices.get_mut(&SliceKey::of(item))?;
+                slice.start_refill(now);
+                Some(Ask {
+                    want: slice.max,
+                    refunds: slice.refunds(false),
+                })
+            })
+            .collect();
+        let refill = Refill {
+            leases: self,
+            keys: items.iter().map(SliceKey::of).collect(),
+            asks,
+            settled: false,
+        };
+        Some((decision, Some(refill)))
     }
 
     /// What each item asks of Redis with the request: a new slice (giving
@@ -170,25 +249,17 @@ impl Leases {
             .iter()
             .map(|item| {
                 let lease = leasable(policy, item).filter(|_| all)?;
-                let slice = slices.entry(SliceKey::of(item)).or_insert(Slice {
-                    units: 0,
-                    until: 0,
-                    mark: Mark::default(),
-                    remaining: 0,
-                    reset_at: 0,
-                    asking: None,
-                    ttl: lease.ttl,
-                });
+                let slice = slices
+                    .entry(SliceKey::of(item))
+                    .or_insert_with(|| Slice::empty(lease));
                 if now <= slice.until && slice.units >= item.cost {
                     // Enough here: another item of the request is what is short.
                     return None;
                 }
-                let refund = std::mem::take(&mut slice.units);
-                slice.asking = Some((now, std::sync::Arc::new(tokio::sync::watch::channel(()).0)));
+                slice.start_refill(now);
                 Some(Ask {
                     want: lease.max.max(item.cost),
-                    refund,
-                    mark: slice.mark,
+                    refunds: slice.refunds(true),
                 })
             })
             .collect();
@@ -207,7 +278,9 @@ impl Leases {
         let mut slices = self.slices.lock();
         slices
             .iter_mut()
-            .filter(|(_, s)| s.units > 0 && s.asking.is_none() && (all || now > s.until))
+            .filter(|(_, s)| {
+                s.asking.is_none() && (!s.stale.is_empty() || s.units > 0 && (all || now > s.until))
+            })
             .map(|(key, s)| {
                 let item = Item {
                     limit: key.limit,
@@ -216,10 +289,10 @@ impl Leases {
                     cost: 0,
                     charge: 0,
                 };
+                let with_current = all || now > s.until;
                 let ask = Ask {
                     want: 0,
-                    refund: std::mem::take(&mut s.units),
-                    mark: s.mark,
+                    refunds: s.refunds(with_current),
                 };
                 (item, Some(ask))
             })
@@ -231,6 +304,7 @@ impl Leases {
     pub(crate) fn sweep(&self, now: Nanos) {
         self.slices.lock().retain(|_, s| {
             now <= s.until.saturating_add(s.ttl)
+                || !s.stale.is_empty()
                 || s.asking.as_ref().is_some_and(|(t, _)| now <= t + s.ttl)
         });
     }
@@ -303,6 +377,33 @@ impl Refill<'_> {
             slice.reset_at = now.saturating_add(outcome.reset);
             // The client sees the key's remaining with this process's slice in it.
             outcome.remaining += slice.units;
+        }
+    }
+}
+
+impl Refill<'_> {
+    /// Keep what a refill ahead of need (`RedisStore::prefetch`) lent as
+    /// the items' next slices; the slices they replace, still in use until
+    /// now, are given back with the keys' next calls.
+    pub(crate) fn settle_ahead(mut self, grants: &[Grant], now: Nanos) {
+        self.settled = true;
+        let mut slices = self.leases.slices.lock();
+        for (i, key) in self.keys.iter().enumerate() {
+            let Some(slice) = slices.get_mut(key) else {
+                continue;
+            };
+            slice.asking = None;
+            let grant = grants.get(i).copied().unwrap_or_default();
+            if grant.units == 0 {
+                continue;
+            }
+            if slice.units > 0 {
+                let replaced = (std::mem::take(&mut slice.units), slice.mark);
+                slice.stale.push(replaced);
+            }
+            slice.units = grant.units;
+            slice.mark = grant.mark;
+            slice.until = now.saturating_add(grant.usable.map_or(slice.ttl, |u| u.min(slice.ttl)));
         }
     }
 }

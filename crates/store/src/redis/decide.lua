@@ -44,12 +44,13 @@
 --          "d" decide, "h" decide and the request may be held (reserve a
 --          future instant), "u" usage only (writes nothing), "f" finish:
 --          debit latency (latency limits) or release (concurrency), "l"
---          and "m" decide as "d" and "h" taking leases (see `lease`), "r"
---          gives back slices' unused units (see `give_back`)
+--          and "m" decide as "d" and "h" taking leases (see `lease`), "p"
+--          takes slices ahead of need (see `prefetch`), "r" gives back
+--          slices' unused units (see `give_back`)
 --   (f)    for "f" only: the latency to debit, in microseconds
 --   then per slot, in KEYS order, two values: spec, and "cost" (the charge
---   is the same) or "cost/charge"; for "l", "m" and "r" a third, the lease
---   argument: "-", "want", or "want:refund:markS:markN".
+--   is the same) or "cost/charge"; for "l", "m", "p" and "r" a third, the
+--   lease argument: "-", or "want" then ":units:markS:markN" per refund.
 --   spec   the limit's static fields, comma-separated (parsed once and kept):
 --          algorithm, hold (ns), shadow (0/1), latency (0/1: debited at finish),
 --          then the algorithm's parameters:
@@ -70,6 +71,7 @@
 --   admits: {3, then per slot: remaining, reset}.
 -- Returns for "l" and "m": the decision's reply, then per slot four values:
 --   units lent, the slice's mark (whole second, ns), until (ns from now).
+--   For "p", those four values per slot alone.
 -- Returns for "f" and "r": {0}.
 -- Keys expire on their own once their state is at rest (a fresh state would
 -- decide the same); an in-flight count lives CONCURRENCY_TTL past its last change.
@@ -993,13 +995,36 @@ end
 -- request is decided as "d" ("h") decides it. After the decision's reply,
 -- per slot: units granted (0: none), the mark (whole second, ns) and until
 -- when the slice may be used (ns from now).
-local function lease(out, slots, asks, may_hold)
+-- Give back what each asking slot's argument returns (its earlier slices'
+-- unused units, each with its mark).
+local function refund_all(slots, asks)
   for i, s in ipairs(slots) do
     local a = asks[i]
-    if a and a.refund > 0 and s.p.alg.refund then
-      s.p.alg.refund(s, a.refund, since(a.markS) + a.markN)
+    if a and s.p.alg.refund then
+      for _, r in ipairs(a.refunds) do
+        s.p.alg.refund(s, r[1], since(r[2]) + r[3])
+      end
     end
   end
+end
+
+-- The reply's four values per slot: units lent, the mark, until.
+local function grants(out, slots, lent)
+  for _, s in ipairs(slots) do
+    local n = #out
+    if lent and s.lent then
+      local mark, until_ = s.p.alg.grant(s)
+      local total = nowN + mark
+      local sec = floor(total / BIL)
+      out[n + 1], out[n + 2], out[n + 3], out[n + 4] = s.cost, nowS + sec, total - sec * BIL, until_
+    else
+      out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 0, 0, 0, -1
+    end
+  end
+end
+
+local function lease(out, slots, asks, may_hold)
+  refund_all(slots, asks)
   local base, asked = #out, false
   for i, s in ipairs(slots) do
     local a = asks[i]
@@ -1025,37 +1050,52 @@ local function lease(out, slots, asks, may_hold)
   for _, s in ipairs(slots) do
     if s.dirty then save(s) end
   end
-  for _, s in ipairs(slots) do
-    local n = #out
-    if lent and s.lent then
-      local mark, until_ = s.p.alg.grant(s)
-      local total = nowN + mark
-      local sec = floor(total / BIL)
-      out[n + 1], out[n + 2], out[n + 3], out[n + 4] = s.cost, nowS + sec, total - sec * BIL, until_
-    else
-      out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 0, 0, 0, -1
-    end
+  grants(out, slots, lent)
+end
+
+-- Op "p": a slice for each asking slot ahead of need (its current one runs
+-- low), with no request of its own: the most of `want` the key has now, at
+-- least one unit, all-or-nothing over the slots; nothing is taken when that
+-- cannot be had. The reply is the four values per slot alone.
+local function prefetch(out, slots, asks)
+  refund_all(slots, asks)
+  local lent = true
+  for i, s in ipairs(slots) do
+    local a = asks[i]
+    local k = a and s.p.alg.grant and min(a.want, (s.p.alg.usage(s))) or 0
+    s.lent = k >= 1 and 1
+    if s.lent then s.cost, s.charge = k, k else lent = false end
   end
+  if lent then
+    local scratch = {}
+    decide(scratch, slots, 'd')
+    lent = scratch[1] == 3 or (scratch[1] == 0 and scratch[2] == 0)
+  end
+  for _, s in ipairs(slots) do
+    if s.dirty then save(s) end
+  end
+  grants(out, slots, lent)
 end
 
 -- Op "r": give back slices' unused units (as `lease` does first), nothing else.
 local function give_back(slots, asks)
-  for i, s in ipairs(slots) do
-    local a = asks[i]
-    if a and a.refund > 0 and s.p.alg.refund then
-      s.p.alg.refund(s, a.refund, since(a.markS) + a.markN)
-      if s.dirty then save(s) end
-    end
+  refund_all(slots, asks)
+  for _, s in ipairs(slots) do
+    if s.dirty then save(s) end
   end
 end
 
--- A lease argument: "-" (none), or "want" or "want:refund:markS:markN".
+-- A lease argument: "-" (none), or "want" followed by any number of
+-- ":units:markS:markN" refunds.
 local function ask(text)
   if text == '-' then return false end
-  local want, refund, ms, mn = match(text, '^(%d+):?(%d*):?(%d*):?(%d*)$')
+  local want, rest = match(text, '^(%d+)(.*)$')
   if not want then error('tollgate: bad lease argument ' .. text) end
-  return { want = tonumber(want), refund = tonumber(refund) or 0, markS = tonumber(ms) or 0,
-    markN = tonumber(mn) or 0 }
+  local refunds = {}
+  for units, ms, mn in gmatch(rest, ':(%d+):(%d+):(%d+)') do
+    refunds[#refunds + 1] = { tonumber(units), tonumber(ms), tonumber(mn) }
+  end
+  return { want = tonumber(want), refunds = refunds }
 end
 
 -- Settle a completed request: release concurrency, debit latency.
@@ -1130,7 +1170,7 @@ local function run(keys, argv)
     local slots = SLOTS
     for i = n + 1, slots_n do slots[i] = nil end
     slots_n = n
-    local leasing = op == 'l' or op == 'm' or op == 'r'
+    local leasing = op == 'l' or op == 'm' or op == 'r' or op == 'p'
     local asks = leasing and {}
     for i = 1, n do
       local s = slot(i)
@@ -1152,6 +1192,8 @@ local function run(keys, argv)
     elseif op == 'r' then
       give_back(slots, asks)
       out[#out + 1] = 0
+    elseif op == 'p' then
+      prefetch(out, slots, asks)
     elseif leasing then
       lease(out, slots, asks, op == 'm')
     else

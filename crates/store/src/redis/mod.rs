@@ -134,6 +134,8 @@ struct Part {
     finish: bool,
     /// A lease call: four more values per slot after the decision's.
     lease: bool,
+    /// A refill ahead of need: the four values per slot alone.
+    grants_only: bool,
 }
 
 impl Part {
@@ -162,6 +164,8 @@ impl Part {
     fn share(&self, rest: &[i64]) -> usize {
         if self.finish {
             1
+        } else if self.grants_only {
+            4 * self.keys.len()
         } else {
             let leases = if self.lease { 4 * self.keys.len() } else { 0 };
             reply_len(rest.first().copied(), self.keys.len()) + leases
@@ -294,6 +298,22 @@ impl RedisStore {
         self.run(self.part(policy, items, now, Op::GiveBack { asks }))
             .await
             .map(|_| ())
+    }
+
+    /// Take slices for `items` ahead of need (their current ones run low),
+    /// giving back `asks`' refunds: per item, what was lent (nothing when
+    /// the keys cannot lend all of them at least one unit).
+    pub(crate) async fn prefetch(
+        &self,
+        policy: &Policy,
+        items: &[Item],
+        asks: &[Option<Ask>],
+        now: Nanos,
+    ) -> Result<Vec<Grant>, RedisError> {
+        let reply = self
+            .run(self.part(policy, items, now, Op::Prefetch { asks }))
+            .await?;
+        Ok(grants(&reply))
     }
 
     /// `[store] timeout`: the longest a call may take.
@@ -463,7 +483,7 @@ impl RedisStore {
         hold: bool,
     ) -> Result<(Decision, Vec<Grant>), RedisError> {
         let remember = self.conns.settings.remember_denials;
-        let refunds = asks.iter().flatten().any(|a| a.refund > 0);
+        let refunds = asks.iter().flatten().any(|a| !a.refunds.is_empty());
         if let Some(denied) = (remember && !refunds)
             .then(|| self.denials.get(items, hold, now))
             .flatten()
@@ -475,17 +495,7 @@ impl RedisStore {
             .await?;
         let (head, lent) = reply.split_at(reply.len().saturating_sub(4 * items.len()));
         let decision = self.decoded(policy, items, head)?;
-        let grants = lent
-            .chunks_exact(4)
-            .map(|g| Grant {
-                units: u64::try_from(g[0]).unwrap_or(0),
-                mark: Mark {
-                    secs: u64::try_from(g[1]).unwrap_or(0),
-                    nanos: u64::try_from(g[2]).unwrap_or(0),
-                },
-                usable: u64::try_from(g[3]).ok(),
-            })
-            .collect();
+        let grants = grants(lent);
         self.remember(policy, items, now, hold, &decision);
         Ok((decision, grants))
     }
@@ -582,6 +592,7 @@ impl RedisStore {
             ends: Vec::with_capacity(2 + 3 * items.len()),
             finish: matches!(op, Op::Finish { .. } | Op::GiveBack { .. }),
             lease: matches!(op, Op::Lease { .. }),
+            grants_only: matches!(op, Op::Prefetch { .. }),
         };
         let mut head = format!("{}{}", op.code(), items.len());
         if self.time == TimeSource::Caller {
@@ -608,7 +619,7 @@ impl RedisStore {
                 }
             }
             part.push_amounts(item.cost, item.charge);
-            if let Op::Lease { asks, .. } | Op::GiveBack { asks } = op {
+            if let Op::Lease { asks, .. } | Op::GiveBack { asks } | Op::Prefetch { asks } = op {
                 let ask = asks.get(part.keys.len() - 1).and_then(Option::as_ref);
                 part.push(Ask::argument(ask).as_bytes());
             }
@@ -813,6 +824,10 @@ enum Op<'a> {
     GiveBack {
         asks: &'a [Option<Ask>],
     },
+    /// Take slices ahead of need, with no request of their own.
+    Prefetch {
+        asks: &'a [Option<Ask>],
+    },
     Usage,
     Finish {
         latency_us: u64,
@@ -827,10 +842,26 @@ impl Op<'_> {
             Op::Lease { hold: false, .. } => "l",
             Op::Lease { hold: true, .. } => "m",
             Op::GiveBack { .. } => "r",
+            Op::Prefetch { .. } => "p",
             Op::Usage => "u",
             Op::Finish { .. } => "f",
         }
     }
+}
+
+/// The four values per slot of a lease reply: what each item was lent.
+fn grants(reply: &[i64]) -> Vec<Grant> {
+    reply
+        .chunks_exact(4)
+        .map(|g| Grant {
+            units: u64::try_from(g[0]).unwrap_or(0),
+            mark: Mark {
+                secs: u64::try_from(g[1]).unwrap_or(0),
+                nanos: u64::try_from(g[2]).unwrap_or(0),
+            },
+            usable: u64::try_from(g[3]).ok(),
+        })
+        .collect()
 }
 
 /// Whether a limit's spec depends on now: a calendar with DST carries the

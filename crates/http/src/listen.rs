@@ -31,6 +31,35 @@ pub fn check_head_size(headers: &hyper::HeaderMap) -> Result<(), crate::Refusal>
     Ok(())
 }
 
+/// What the listeners serve a connection with: a hyper service whose
+/// futures can move between threads (the bounds every `serve_*` needs).
+pub trait ConnectionService<B>:
+    Service<
+        Request<Incoming>,
+        Response = Response<B>,
+        Future: Send + 'static,
+        Error: Into<BoxError>,
+    > + Send
+    + 'static
+{
+}
+
+impl<S, B> ConnectionService<B> for S where
+    S: Service<
+            Request<Incoming>,
+            Response = Response<B>,
+            Future: Send + 'static,
+            Error: Into<BoxError>,
+        > + Send
+        + 'static
+{
+}
+
+/// A response body the listeners can send from any thread.
+pub trait ResponseBody: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+
+impl<B> ResponseBody for B where B: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+
 /// A client has this long to send a request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -131,12 +160,8 @@ pub fn http1_server() -> http1::Builder {
 /// `graceful` so a shutdown lets its request finish.
 pub fn serve_http1<S, B>(stream: TcpStream, service: S, graceful: &GracefulShutdown)
 where
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ConnectionService<B>,
+    B: ResponseBody,
 {
     let _ = stream.set_nodelay(true);
     let connection = http1_server().serve_connection(TokioIo::new(stream), service);
@@ -148,12 +173,8 @@ where
 /// over with `hyper::upgrade::on`.
 pub fn serve_http1_with_upgrades<S, B>(stream: TcpStream, service: S, graceful: &GracefulShutdown)
 where
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ConnectionService<B>,
+    B: ResponseBody,
 {
     let _ = stream.set_nodelay(true);
     let connection = any_version_server()
@@ -191,12 +212,8 @@ fn any_version_server() -> hyper_util::server::conn::auto::Builder<hyper_util::r
 /// `hyper::upgrade::on`.
 pub fn serve_any_version<S, B>(stream: TcpStream, service: S, graceful: &GracefulShutdown)
 where
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ConnectionService<B>,
+    B: ResponseBody,
 {
     let _ = stream.set_nodelay(true);
     let connection = any_version_server()
@@ -214,12 +231,8 @@ pub fn serve_tls<S, B>(
     service: S,
     graceful: &GracefulShutdown,
 ) where
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ConnectionService<B>,
+    B: ResponseBody,
 {
     let _ = stream.set_nodelay(true);
     let watcher = graceful.watcher();

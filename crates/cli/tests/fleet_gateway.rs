@@ -162,6 +162,39 @@ fn leased_hot_key_on_three_gateways_stays_within_the_stated_bound() {
     }
 }
 
+/// A gateway stopped gracefully (SIGTERM) gives its slices back: a fixed
+/// window of 100, a gateway that used 1 of its slice of 50 and stops, and
+/// another gateway then admits the other 99.
+#[test]
+fn a_gateway_that_stops_gives_its_slices_back() {
+    let redis = RedisServer::start();
+    let config = common::config_file(
+        "stopping.toml",
+        &format!(
+            "{}[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"fixed_window\"\nevery = \"1d\"\nquota = 100\nlease = {{ max = 50, ttl = \"1h\" }}\n",
+            store(&redis.url(), "")
+        ),
+    );
+    let mut first = common::serve(&config);
+    assert_eq!(
+        http(&first.proxy, "/v1/jobs", &[("x-tenant-id", "acme")]).0,
+        200
+    );
+    let stopped = std::process::Command::new("kill")
+        .args(["-TERM", &first.child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(stopped.success());
+    let exit = first.child.wait().expect("the gateway exits");
+    assert!(exit.success(), "a graceful stop: {exit:?}");
+
+    let second = common::serve(&config);
+    let admitted = (0..120)
+        .filter(|_| http(&second.proxy, "/v1/jobs", &[("x-tenant-id", "acme")]).0 == 200)
+        .count();
+    assert_eq!(admitted, 99, "all but the stopped gateway's one request");
+}
+
 /// While Redis is down, `fail = "open"` admits (and counts it) and
 /// `fail = "local"` enforces this node's share in process.
 #[test]

@@ -151,8 +151,9 @@ pub struct Limit {
 /// up to `max` units of a key's quota in one call and admits requests of
 /// that key locally until they are spent or `ttl` has passed, returning what
 /// it did not use with its next call for the key. Admissions then exceed the
-/// limit by at most the units of the slices outstanding at once (at most
-/// `max` per process and key).
+/// limit by at most the units of the slices outstanding at once (per process
+/// and key, a slice and the last quarter of the one it replaces: at most
+/// `1.25 × max`; 0 for windows).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lease {
     /// Most units in one slice.

@@ -9,8 +9,9 @@
 //!
 //! The bound: a slice is taken from the key's counter before any of it is
 //! used, so over any span admissions exceed what the limit admits by at most
-//! the units the slices held at the span's start: one slice per process and
-//! key, each at most `max`. A window's slice is used only while its units
+//! the units the slices held at the span's start: per process and key, a
+//! slice of at most `max` and what is left (at most a quarter) of the one it
+//! replaces. A window's slice is used only while its units
 //! still count there (within the fixed window it came from, before a sliding
 //! window drops its segment), which makes that excess 0; a bucket's is used
 //! for its `ttl`.

@@ -194,8 +194,8 @@ fn a_slice_replaced_ahead_of_need_is_given_back_too() {
 
 /// Three nodes take turns on one hot key, many requests per instant, over
 /// several windows: per window, admissions never exceed the quota plus the
-/// slices outstanding at once (3 nodes x max 10), and a fixed window admits
-/// exactly its quota (a slice never outlives its window).
+/// slices outstanding at once (3 nodes x 1.25 x max 10), and a fixed window
+/// admits exactly its quota (a slice never outlives its window).
 #[test]
 fn three_nodes_stay_within_the_quota_plus_the_outstanding_slices() {
     runtime().block_on(async {
@@ -232,15 +232,17 @@ fn three_nodes_stay_within_the_quota_plus_the_outstanding_slices() {
             for node in &nodes {
                 leased += node.health().map_or(0, |h| h.leased());
             }
-            let bound = 100 + 3 * 10;
+            // Per node, a slice of 10 and the last quarter of the one it replaced.
+            let slack = 3 * (10 + 10 / 4);
+            let bound = 100 + slack;
             for (s, &n) in per_second.iter().enumerate() {
                 // A bucket admits its capacity and then its refill: 100 + 100 in the first second.
                 let allowed = if name == "token bucket" && s == 0 { 200 } else { 100 };
-                assert!(n <= allowed + 3 * 10, "{name}: second {s}: {n} admitted, bound {bound}");
+                assert!(n <= allowed + slack, "{name}: second {s}: {n} admitted, bound {bound}");
                 if name == "fixed window" {
                     assert_eq!(n, 100, "{name}: second {s}: a window admits exactly its quota");
                 } else {
-                    assert!(n >= allowed - 3 * 10, "{name}: second {s}: only {n} admitted");
+                    assert!(n >= allowed - slack, "{name}: second {s}: only {n} admitted");
                 }
             }
             // (At saturation a bucket has only its refill to lend: slices

@@ -227,6 +227,8 @@ pub struct StoreHealth {
     fail_local: AtomicU64,
     fail_closed: AtomicU64,
     leased: AtomicU64,
+    /// A script error was logged (once: it would repeat per request).
+    script_failed: AtomicBool,
 }
 
 impl StoreHealth {
@@ -239,6 +241,7 @@ impl StoreHealth {
             fail_local: AtomicU64::new(0),
             fail_closed: AtomicU64::new(0),
             leased: AtomicU64::new(0),
+            script_failed: AtomicBool::new(false),
         }
     }
 
@@ -251,6 +254,16 @@ impl StoreHealth {
                     tracing::info!(store = %self.url, "redis answers again: decisions are shared again");
                 }
                 Ok(v)
+            }
+            Err(e @ RedisError::Script { .. }) => {
+                // Redis answers: it is not down, but this decision could not
+                // be made there (the limits' fail modes decide it).
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                let reason = e.to_string();
+                if !self.script_failed.swap(true, Ordering::Relaxed) {
+                    tracing::error!(store = %self.url, error = %reason, "a decision failed on Redis (logged once); its limits followed their fail mode");
+                }
+                Err(reason)
             }
             Err(e) => {
                 self.errors.fetch_add(1, Ordering::Relaxed);

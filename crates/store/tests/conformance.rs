@@ -1082,3 +1082,36 @@ async fn decide_for(
         .expect("decided")
         .verdict
 }
+
+/// A key that something else overwrote makes the decision script fail on
+/// Redis: the limit follows its fail mode (closed: an error naming the
+/// script, not an outage), and the store is not marked down.
+#[test]
+fn a_script_error_is_named_and_does_not_mark_the_store_down() {
+    let shared =
+        RedisEngine::open(parse(&bucket("token_bucket", ""), &NoProfiles).expect("policy"));
+    let r = tenant("a");
+    assert!(admitted(&decide(&shared, &r, T0)));
+    let mut conn = redis_conn();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", shared.prefix))
+        .query(&mut conn)
+        .expect("KEYS");
+    assert!(!keys.is_empty());
+    for key in keys {
+        let () = redis::cmd("SET")
+            .arg(key)
+            .arg("not|a|state")
+            .query(&mut conn)
+            .expect("SET");
+    }
+    let err = shared.engine.check(&r, T0 + SEC).expect_err("fails closed");
+    assert!(
+        err.to_string().contains("the decision script failed"),
+        "{err}"
+    );
+    let health = shared.engine.health().expect("fleet mode");
+    assert!(health.up(), "Redis answered: not down");
+    assert!(health.errors() >= 1);
+    assert_eq!(health.fail_closed(), 1);
+}

@@ -69,6 +69,15 @@ pub enum RedisError {
         /// What the client said.
         reason: String,
     },
+    /// Redis answered, but the decision script failed (a tollgate bug, or a
+    /// key that something else wrote).
+    #[error("redis at {url}: the decision script failed: {reason}")]
+    Script {
+        /// The server's URL, its password hidden.
+        url: String,
+        /// The script's error, as Redis reported it.
+        reason: String,
+    },
 }
 
 /// Where the instant of a decision comes from.
@@ -632,6 +641,18 @@ impl Conns {
     fn unavailable(&self, e: &redis::RedisError) -> RedisError {
         if e.is_timeout() {
             return self.timed_out();
+        }
+        // An error raised inside the script: Redis itself is fine.
+        let detail = e.detail().unwrap_or("");
+        if e.code() == Some("ERR")
+            && ["user_function", "user_script", "tollgate:"]
+                .iter()
+                .any(|m| detail.contains(m))
+        {
+            return RedisError::Script {
+                url: self.url.clone(),
+                reason: e.to_string(),
+            };
         }
         let reason = match e.kind() {
             redis::ErrorKind::AuthenticationFailed => {

@@ -402,6 +402,9 @@ impl Refill<'_> {
                 let replaced = (std::mem::take(&mut slice.units), slice.mark);
                 slice.stale.push(replaced);
             }
+            // The key's remaining as last known, less what this slice took
+            // (what others took meanwhile shows at the next grant).
+            slice.remaining = slice.remaining.saturating_sub(grant.units);
             slice.units = grant.units;
             slice.mark = grant.mark;
             slice.until = now.saturating_add(grant.usable.map_or(slice.ttl, |u| u.min(slice.ttl)));

@@ -104,7 +104,7 @@ impl Shared {
                             .lease(policy, items, refill.asks(), now, hold)
                             .await;
                         let result = result.map(|(mut decision, grants)| {
-                            refill.settle(items, Some((&mut decision, &grants)), now);
+                            refill.settle(items, &mut decision, &grants, now);
                             decision
                         });
                         return self.health.note(result);

@@ -123,6 +123,13 @@ impl Slice {
         }
     }
 
+    /// Use `units` of what `grant` lent from `now` on.
+    fn install(&mut self, units: u64, grant: &Grant, now: Nanos) {
+        self.units = units;
+        self.mark = grant.mark;
+        self.until = now.saturating_add(grant.usable.map_or(self.ttl, |u| u.min(self.ttl)));
+    }
+
     /// Mark a refill in flight.
     fn start_refill(&mut self, now: Nanos) {
         self.asking = Some((now, std::sync::Arc::new(tokio::sync::watch::channel(()).0)));
@@ -166,49 +173,44 @@ impl Leases {
         if items.is_empty() || !items.iter().all(|i| leasable(policy, i).is_some()) {
             return None;
         }
+        let keys: Vec<SliceKey> = items.iter().map(SliceKey::of).collect();
         let mut slices = self.slices.lock();
-        let covered = items.iter().all(|item| {
+        let covered = keys.iter().zip(items).all(|(key, item)| {
             slices
-                .get(&SliceKey::of(item))
+                .get(key)
                 .is_some_and(|s| now <= s.until && s.units >= item.cost)
         });
         if !covered {
             return None;
         }
-        let outcomes = items
-            .iter()
-            .map(|item| {
-                let slice = slices
-                    .get_mut(&SliceKey::of(item))
-                    .expect("checked above under the same lock");
-                slice.units -= item.cost;
-                Outcome {
-                    allowed: true,
-                    remaining: slice.remaining + slice.units,
-                    reset: slice.reset_at.saturating_sub(now),
-                    retry_after: None,
-                    shadow: policy.limits[item.limit].mode == tollgate_core::policy::Mode::Shadow,
-                }
-            })
-            .collect();
+        let (mut low, mut idle) = (false, true);
+        let mut outcomes = SmallVec::new();
+        for (key, item) in keys.iter().zip(items) {
+            let slice = slices
+                .get_mut(key)
+                .expect("checked above under the same lock");
+            slice.units -= item.cost;
+            low |= slice.units.saturating_mul(4) <= slice.max;
+            idle &= slice.asking.is_none();
+            outcomes.push(Outcome {
+                allowed: true,
+                remaining: slice.remaining + slice.units,
+                reset: slice.reset_at.saturating_sub(now),
+                retry_after: None,
+                shadow: policy.limits[item.limit].mode == tollgate_core::policy::Mode::Shadow,
+            });
+        }
         let decision = Decision {
             verdict: Verdict::Admit { delay: 0 },
             outcomes,
         };
-        let slice = |item: &Item| slices.get(&SliceKey::of(item));
-        let low = items
-            .iter()
-            .any(|i| slice(i).is_some_and(|s| s.units.saturating_mul(4) <= s.max));
-        let idle = items
-            .iter()
-            .all(|i| slice(i).is_some_and(|s| s.asking.is_none()));
         if !(low && idle) {
             return Some((decision, None));
         }
-        let asks = items
+        let asks = keys
             .iter()
-            .map(|item| {
-                let slice = slices.get_mut(&SliceKey::of(item))?;
+            .map(|key| {
+                let slice = slices.get_mut(key)?;
                 slice.start_refill(now);
                 Some(Ask {
                     want: slice.max,
@@ -216,9 +218,10 @@ impl Leases {
                 })
             })
             .collect();
+        drop(slices);
         let refill = Refill {
             leases: self,
-            keys: items.iter().map(SliceKey::of).collect(),
+            keys,
             asks,
             settled: false,
         };
@@ -340,20 +343,18 @@ impl Refill<'_> {
         self.asks.iter().any(Option::is_some)
     }
 
-    /// Keep what Redis lent (`grants`, per item, with the request's own cost
-    /// in it) as the items' slices; None: nothing was lent.
+    /// Keep what Redis lent with the request (`grants`, per item, with the
+    /// request's own cost in it) as the items' slices, and show the client
+    /// the key's remaining with them.
     pub(crate) fn settle(
         mut self,
         items: &[Item],
-        decision: Option<(&mut Decision, &[Grant])>,
+        decision: &mut Decision,
+        grants: &[Grant],
         now: Nanos,
     ) {
         self.settled = true;
         let mut slices = self.leases.slices.lock();
-        let (mut decision, grants) = match decision {
-            Some((d, g)) => (Some(d), g),
-            None => (None, &[][..]),
-        };
         for (i, ask) in self.asks.iter().enumerate() {
             if ask.is_none() {
                 continue;
@@ -364,25 +365,21 @@ impl Refill<'_> {
             slice.asking = None;
             let grant = grants.get(i).copied().unwrap_or_default();
             let Some(outcome) = decision
-                .as_deref_mut()
-                .and_then(|d| d.outcomes.get_mut(i))
+                .outcomes
+                .get_mut(i)
                 .filter(|_| grant.units >= items[i].cost && grant.units > 0)
             else {
                 slice.units = 0;
                 continue;
             };
-            slice.units = grant.units - items[i].cost;
-            slice.mark = grant.mark;
-            slice.until = now.saturating_add(grant.usable.map_or(slice.ttl, |u| u.min(slice.ttl)));
+            slice.install(grant.units - items[i].cost, &grant, now);
             slice.remaining = outcome.remaining;
             slice.reset_at = now.saturating_add(outcome.reset);
             // The client sees the key's remaining with this process's slice in it.
             outcome.remaining += slice.units;
         }
     }
-}
 
-impl Refill<'_> {
     /// Keep what a refill ahead of need (`RedisStore::prefetch`) lent as
     /// the items' next slices; the slices they replace, still in use until
     /// now, are given back with the keys' next calls.
@@ -405,9 +402,7 @@ impl Refill<'_> {
             // The key's remaining as last known, less what this slice took
             // (what others took meanwhile shows at the next grant).
             slice.remaining = slice.remaining.saturating_sub(grant.units);
-            slice.units = grant.units;
-            slice.mark = grant.mark;
-            slice.until = now.saturating_add(grant.usable.map_or(slice.ttl, |u| u.min(slice.ttl)));
+            slice.install(grant.units, &grant, now);
         }
     }
 }

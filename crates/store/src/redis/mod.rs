@@ -139,12 +139,22 @@ struct Part {
     args: Vec<u8>,
     /// Where each argument in `args` ends.
     ends: Vec<usize>,
-    /// A settlement or a give-back: the reply is one value.
-    finish: bool,
-    /// A lease call: four more values per slot after the decision's.
-    lease: bool,
-    /// A refill ahead of need: the four values per slot alone.
-    grants_only: bool,
+    /// What the script answers this part with.
+    reply: Reply,
+}
+
+/// The shape of a part's reply (decide.lua's header).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Reply {
+    /// A decision.
+    #[default]
+    Decision,
+    /// A decision, then four values per slot (what was lent).
+    DecisionAndGrants,
+    /// Four values per slot alone (a refill ahead of need).
+    Grants,
+    /// One value (a settlement or a give-back).
+    Done,
 }
 
 impl Part {
@@ -171,13 +181,13 @@ impl Part {
 
     /// How many values of a call's reply, from `rest` on, are this part's.
     fn share(&self, rest: &[i64]) -> usize {
-        if self.finish {
-            1
-        } else if self.grants_only {
-            4 * self.keys.len()
-        } else {
-            let leases = if self.lease { 4 * self.keys.len() } else { 0 };
-            reply_len(rest.first().copied(), self.keys.len()) + leases
+        let slots = self.keys.len();
+        let decision = || reply_len(rest.first().copied(), slots);
+        match self.reply {
+            Reply::Decision => decision(),
+            Reply::DecisionAndGrants => decision() + 4 * slots,
+            Reply::Grants => 4 * slots,
+            Reply::Done => 1,
         }
     }
 
@@ -295,8 +305,8 @@ impl RedisStore {
         self.conns.calls.load(Ordering::Relaxed)
     }
 
-    /// Give back the unused units of slices (`asks`' refunds, one per item)
-    /// in one call, taking nothing.
+    /// Give back the unused units of slices (`asks`' refunds) in one call,
+    /// taking nothing.
     pub(crate) async fn give_back(
         &self,
         policy: &Policy,
@@ -385,17 +395,22 @@ impl RedisStore {
         now: Nanos,
         hold: bool,
     ) -> Result<Decision, RedisError> {
-        let remember = self.conns.settings.remember_denials;
-        if let Some(denied) = remember
-            .then(|| self.denials.get(items, hold, now))
-            .flatten()
-        {
+        if let Some(denied) = self.remembered(items, hold, now) {
             return Ok(denied);
         }
         let reply = self.run(self.decide_call(policy, items, now, hold)).await?;
         let decision = self.decoded(policy, items, &reply)?;
         self.remember(policy, items, now, hold, &decision);
         Ok(decision)
+    }
+
+    /// A denial of this request still standing (with `remember_denials`).
+    fn remembered(&self, items: &[Item], hold: bool, now: Nanos) -> Option<Decision> {
+        self.conns
+            .settings
+            .remember_denials
+            .then(|| self.denials.get(items, hold, now))
+            .flatten()
     }
 
     /// Note a denial (with `remember_denials`) to answer it again locally.
@@ -491,10 +506,10 @@ impl RedisStore {
         now: Nanos,
         hold: bool,
     ) -> Result<(Decision, Vec<Grant>), RedisError> {
-        let remember = self.conns.settings.remember_denials;
+        // (Units to give back are sent whatever was remembered.)
         let refunds = asks.iter().flatten().any(|a| !a.refunds.is_empty());
-        if let Some(denied) = (remember && !refunds)
-            .then(|| self.denials.get(items, hold, now))
+        if let Some(denied) = (!refunds)
+            .then(|| self.remembered(items, hold, now))
             .flatten()
         {
             return Ok((denied, Vec::new()));
@@ -599,9 +614,12 @@ impl RedisStore {
             keys: Vec::with_capacity(items.len()),
             args: Vec::with_capacity(16 + 64 * items.len()),
             ends: Vec::with_capacity(2 + 3 * items.len()),
-            finish: matches!(op, Op::Finish { .. } | Op::GiveBack { .. }),
-            lease: matches!(op, Op::Lease { .. }),
-            grants_only: matches!(op, Op::Prefetch { .. }),
+            reply: match op {
+                Op::Decide { .. } | Op::Usage => Reply::Decision,
+                Op::Lease { .. } => Reply::DecisionAndGrants,
+                Op::Prefetch { .. } => Reply::Grants,
+                Op::Finish { .. } | Op::GiveBack { .. } => Reply::Done,
+            },
         };
         let mut head = format!("{}{}", op.code(), items.len());
         if self.time == TimeSource::Caller {

@@ -988,8 +988,8 @@ local function decide(out, slots, op)
 end
 
 -- Leases: op "l" ("m" when the request may be held). A slot with a lease
--- argument first gives back the units its previous slice did not use (with
--- the mark that slice's grant returned), then asks for a slice: the most of
+-- argument first gives back the units its earlier slices did not use (each
+-- with the mark its grant returned), then asks for a slice: the most of
 -- `want` units its key has now, at least the request's cost, taken with the
 -- request's other limits all-or-nothing. When no slice can be had the
 -- request is decided as "d" ("h") decides it. After the decision's reply,
@@ -1006,6 +1006,19 @@ local function refund_all(slots, asks)
       end
     end
   end
+end
+
+-- Write back the slots a refund changed and nothing else saved.
+local function save_dirty(slots)
+  for _, s in ipairs(slots) do
+    if s.dirty then save(s) end
+  end
+end
+
+-- Whether a decision's reply (from `base` in `out`) admits at once.
+local function admits_now(out, base)
+  local kind = out[base + 1]
+  return kind == 3 or (kind == 0 and out[base + 2] == 0)
 end
 
 -- The reply's four values per slot: units lent, the mark, until.
@@ -1037,8 +1050,7 @@ local function lease(out, slots, asks, may_hold)
   local lent = false
   if asked then
     decide(out, slots, 'd')
-    local kind = out[base + 1]
-    lent = kind == 3 or (kind == 0 and out[base + 2] == 0)
+    lent = admits_now(out, base)
     if not lent then
       for i = #out, base + 1, -1 do out[i] = nil end
       for _, s in ipairs(slots) do
@@ -1047,9 +1059,7 @@ local function lease(out, slots, asks, may_hold)
     end
   end
   if not lent then decide(out, slots, may_hold and 'h' or 'd') end
-  for _, s in ipairs(slots) do
-    if s.dirty then save(s) end
-  end
+  save_dirty(slots)
   grants(out, slots, lent)
 end
 
@@ -1069,20 +1079,16 @@ local function prefetch(out, slots, asks)
   if lent then
     local scratch = {}
     decide(scratch, slots, 'd')
-    lent = scratch[1] == 3 or (scratch[1] == 0 and scratch[2] == 0)
+    lent = admits_now(scratch, 0)
   end
-  for _, s in ipairs(slots) do
-    if s.dirty then save(s) end
-  end
+  save_dirty(slots)
   grants(out, slots, lent)
 end
 
 -- Op "r": give back slices' unused units (as `lease` does first), nothing else.
 local function give_back(slots, asks)
   refund_all(slots, asks)
-  for _, s in ipairs(slots) do
-    if s.dirty then save(s) end
-  end
+  save_dirty(slots)
 end
 
 -- A lease argument: "-" (none), or "want" followed by any number of

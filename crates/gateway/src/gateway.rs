@@ -443,23 +443,19 @@ fn parse_all(
             })
         })
     };
+    // Checked here, as `tollgate check` checks them (the system's roots are
+    // read once, when the upstream clients are built).
     if let Some(files) = &mut settings.tls {
-        files.cert = dir.join(&files.cert);
-        files.key = dir.join(&files.key);
+        *files = files.under(dir);
         checked("", tollgate_http::tls::load(files).map(|_| ()))?;
-    }
-    if let Some(files) = &mut settings.upstream_client_cert {
-        files.cert = dir.join(&files.cert);
-        files.key = dir.join(&files.key);
     }
     if let Some(path) = &mut settings.upstream_ca_file {
         *path = dir.join(&*path);
+        let certs = tollgate_http::tls::read_ca_file(path);
+        checked("upstream_", certs.map(|_| ()))?;
     }
-    if let Some(path) = &settings.upstream_ca_file {
-        let config = tollgate_http::tls::client_config(Some(path), None);
-        checked("upstream_", config.map(|_| ()))?;
-    }
-    if let Some(files) = &settings.upstream_client_cert {
+    if let Some(files) = &mut settings.upstream_client_cert {
+        *files = files.under(dir);
         let pair = tollgate_http::tls::load(files);
         checked("upstream_client_cert: ", pair.map(|_| ()))?;
     }

@@ -39,8 +39,20 @@ fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-/// Read and check a pair; errors name the file and what is wrong with it.
-pub fn load(files: &CertFiles) -> Result<CertifiedKey, String> {
+impl CertFiles {
+    /// The same files, relative paths taken from `dir`.
+    pub fn under(&self, dir: &Path) -> CertFiles {
+        CertFiles {
+            cert: dir.join(&self.cert),
+            key: dir.join(&self.key),
+        }
+    }
+}
+
+type Pair = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+/// The chain and the key as the files hold them, each file read once.
+fn read_pair(files: &CertFiles) -> Result<Pair, String> {
     let cert = files.cert.display();
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .map_err(|e| format!("tls cert {cert}: {e}"))?
@@ -49,19 +61,44 @@ pub fn load(files: &CertFiles) -> Result<CertifiedKey, String> {
     if chain.is_empty() {
         return Err(format!("tls cert {cert}: no CERTIFICATE in the file"));
     }
-    let key_path = files.key.display();
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
-        format!("tls key {key_path}: {e} (a PEM private key: PKCS#8, PKCS#1 or SEC1)")
+        format!(
+            "tls key {}: {e} (a PEM private key: PKCS#8, PKCS#1 or SEC1)",
+            files.key.display()
+        )
     })?;
+    Ok((chain, key))
+}
+
+/// Read and check a pair; errors name the file and what is wrong with it.
+pub fn load(files: &CertFiles) -> Result<CertifiedKey, String> {
+    let (chain, key) = read_pair(files)?;
+    let key_path = files.key.display();
     let signing = provider()
         .key_provider
         .load_private_key(key)
         .map_err(|e| format!("tls key {key_path}: {e}"))?;
     let pair = CertifiedKey::new(chain, signing);
     pair.keys_match().map_err(|e| {
-        format!("tls key {key_path} does not belong to the certificate in {cert}: {e}")
+        format!(
+            "tls key {key_path} does not belong to the certificate in {}: {e}",
+            files.cert.display()
+        )
     })?;
     Ok(pair)
+}
+
+/// The certificates (PEM) in a CA file; errors name the file.
+pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let named = |what: String| format!("ca_file {}: {what}", path.display());
+    let pem = std::fs::read(path).map_err(|e| named(e.to_string()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| named(format!("not a PEM certificate ({e})")))?;
+    if certs.is_empty() {
+        return Err(named("holds no PEM certificate".into()));
+    }
+    Ok(certs)
 }
 
 impl Certificates {
@@ -131,16 +168,10 @@ pub fn client_config(
         let _ = roots.add(cert);
     }
     if let Some(path) = ca_file {
-        let named = |what: String| format!("ca_file {}: {what}", path.display());
-        let pem = std::fs::read(path).map_err(|e| named(e.to_string()))?;
-        let mut added = 0;
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| named(format!("not a PEM certificate ({e})")))?;
-            roots.add(cert).map_err(|e| named(e.to_string()))?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(named("holds no PEM certificate".into()));
+        for cert in read_ca_file(path)? {
+            roots
+                .add(cert)
+                .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
         }
     }
     let builder = rustls::ClientConfig::builder_with_provider(provider())
@@ -150,11 +181,9 @@ pub fn client_config(
     match client_cert {
         None => Ok(builder.with_no_client_auth()),
         Some(files) => {
-            let pair = load(files)?;
-            let key = PrivateKeyDer::from_pem_file(&files.key)
-                .map_err(|e| format!("tls key {}: {e}", files.key.display()))?;
+            let (chain, key) = read_pair(files)?;
             builder
-                .with_client_auth_cert(pair.cert.clone(), key)
+                .with_client_auth_cert(chain, key)
                 .map_err(|e| format!("client certificate {}: {e}", files.cert.display()))
         }
     }

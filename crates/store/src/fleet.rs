@@ -109,7 +109,7 @@ impl Shared {
                         });
                         return self.health.note(result);
                     }
-                    Asked::Refill(_) => break,
+                    Asked::Refill(_) | Asked::Nothing => break,
                 }
             }
         }

@@ -237,22 +237,22 @@ impl Leases {
     /// The refill ends with `Refill::settle`, or, if the caller gives up,
     /// when it is dropped.
     pub(crate) fn ask<'a>(&'a self, policy: &Policy, items: &[Item], now: Nanos) -> Asked<'a> {
-        let all = items.iter().all(|i| leasable(policy, i).is_some());
+        if !items.iter().all(|i| leasable(policy, i).is_some()) {
+            return Asked::Nothing;
+        }
         let mut slices = self.slices.lock();
-        if all {
-            let busy = items.iter().find_map(|item| {
-                let lease = leasable(policy, item)?;
-                let (since, refill) = slices.get(&SliceKey::of(item))?.asking.as_ref()?;
-                (now <= since + lease.ttl).then(|| refill.subscribe())
-            });
-            if let Some(refill) = busy {
-                return Asked::Wait(refill);
-            }
+        let busy = items.iter().find_map(|item| {
+            let lease = leasable(policy, item)?;
+            let (since, refill) = slices.get(&SliceKey::of(item))?.asking.as_ref()?;
+            (now <= since + lease.ttl).then(|| refill.subscribe())
+        });
+        if let Some(refill) = busy {
+            return Asked::Wait(refill);
         }
         let asks = items
             .iter()
             .map(|item| {
-                let lease = leasable(policy, item).filter(|_| all)?;
+                let lease = leasable(policy, item)?;
                 let slice = slices
                     .entry(SliceKey::of(item))
                     .or_insert_with(|| Slice::empty(lease));
@@ -321,6 +321,8 @@ pub(crate) enum Asked<'a> {
     Refill(Refill<'a>),
     /// Wait for another request's refill of one of its keys, then look again.
     Wait(tokio::sync::watch::Receiver<()>),
+    /// Nothing to ask: a limit of the request is not leased.
+    Nothing,
 }
 
 /// One request's refills in flight.

@@ -6,19 +6,18 @@
 //! The scheduler, the `[[upstream]]` settings and what a response means are
 //! the comply engine's (`tollgate-comply`), shared with `tollgate proxy`.
 //!
-//! - `job`: jobs from a JSONL file or cut from records by a bulk template.
-//! - `state`: SQLite state, results.jsonl, dead letters.
+//! - `job`, `state`: the job format and the durable state, shared with the
+//!   proxy's job intake (`tollgate-jobs`).
 //! - `plan`: the least time the limits allow, on a virtual clock.
 //! - `run`: the tokio driver.
 //! - `fleet`: fleet mode: N runners, one job queue and one quota in Redis.
 
 pub mod fleet;
-pub mod job;
 pub mod plan;
 pub mod run;
-pub mod state;
 
-pub use job::{read_bulk, read_jobs, Job, JobsError, Routed};
+pub use tollgate_jobs::{job, state};
+pub use tollgate_jobs::{read_bulk, read_jobs, Job, JobsError, Routed};
 pub use run::{run, FleetTotals, Options, ProgressMode, RunError, Summary};
 pub use state::State;
 pub use tollgate_comply::settings::{self, parse as parse_config, Upstream, UpstreamsConfig};

@@ -20,9 +20,6 @@ use tollgate_http::ratelimit as signals;
 use tollgate_store::redis::SharedCache;
 use tollgate_store::{Engine, TokioClock};
 
-/// A response body up to this size goes into `results.jsonl` as is; a longer
-/// one as its SHA-256.
-const BODY_INLINE: usize = 2048;
 /// Without a terminal, a progress line every this many finished jobs (as a
 /// CRM's rate-limit page suggests).
 const LOG_EVERY: u64 = 500;
@@ -1058,71 +1055,21 @@ fn finish(
     body: Option<&[u8]>,
     now: Nanos,
 ) {
-    let attempts = a.attempts;
-    let dead = !matches!(settled, Settled::Done);
-    let reason = match settled {
-        Settled::Dead { reason } => Some(reason.clone()),
-        _ => None,
-    };
-    let (body_json, body_sha256, body_bytes) = match body {
-        Some(b) if b.len() <= BODY_INLINE => (
-            Some(
-                serde_json::from_slice(b)
-                    .unwrap_or_else(|_| String::from_utf8_lossy(b).into_owned().into()),
-            ),
-            None,
-            None,
-        ),
-        Some(b) => (None, Some(crate::job::digest_bytes(b)), Some(b.len())),
-        None => (None, None, None),
-    };
-    let line = ResultLine {
+    let outcome = tollgate_jobs::result::Outcome {
         id: &a.job.id,
         upstream: &config.upstreams[a.upstream].name,
-        outcome: if dead { "dead" } else { "done" },
+        dead: !matches!(settled, Settled::Done),
+        reason: match settled {
+            Settled::Dead { reason } => Some(reason.clone()),
+            _ => None,
+        },
         status,
-        attempts,
+        attempts: a.attempts,
         elapsed_ms: a.first_sent.map(|f| now.saturating_sub(f) as f64 / 1e6),
         latency_ms: (a.sent > 0).then(|| now.saturating_sub(a.sent) as f64 / 1e6),
-        error: reason.as_deref(),
-        body: body_json,
-        body_sha256,
-        body_bytes,
+        body,
     };
-    let line = serde_json::to_string(&line).unwrap_or_default();
-    sink.record(
-        a,
-        Record::Final {
-            seq,
-            dead,
-            attempts,
-            sent_at: (a.sent > 0).then_some(a.sent),
-            status,
-            reason,
-            excerpt: body.filter(|_| dead).map(excerpt),
-            line,
-        },
-    );
-}
-
-/// One line of `results.jsonl`, fields in this order.
-#[derive(serde::Serialize)]
-struct ResultLine<'a> {
-    id: &'a str,
-    upstream: &'a str,
-    outcome: &'static str,
-    status: Option<u16>,
-    attempts: u32,
-    elapsed_ms: Option<f64>,
-    latency_ms: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    body: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    body_sha256: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    body_bytes: Option<usize>,
+    sink.record(a, outcome.record(seq, (a.sent > 0).then_some(a.sent)));
 }
 
 /// Progress: a bar on a terminal, a line every 500 jobs otherwise.
@@ -1198,10 +1145,6 @@ impl Progress {
 }
 
 /// The start of a body, as text, kept with a dead letter.
-fn excerpt(body: &[u8]) -> String {
-    String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned()
-}
-
 /// The wall time a clock reading stands for (for `Retry-After` dates).
 fn wall(now: Nanos) -> SystemTime {
     UNIX_EPOCH + Duration::from_nanos(now)

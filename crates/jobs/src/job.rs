@@ -2,7 +2,7 @@
 //! by a bulk template. Bad lines are errors naming the line; nothing is sent
 //! until every line is good.
 
-use crate::settings::{Upstream, UpstreamsConfig, RECORDS_PLACEHOLDER};
+use tollgate_comply::settings::{Upstream, UpstreamsConfig, RECORDS_PLACEHOLDER};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
@@ -179,7 +179,7 @@ fn job_from_line(
 ) -> Result<Routed, String> {
     let raw: JobLine = serde_json::from_str(line).map_err(|e| format!("not a job: {e}"))?;
     let method = raw.method.to_ascii_uppercase();
-    if reqwest::Method::from_bytes(method.as_bytes()).is_err() || method.is_empty() {
+    if http::Method::from_bytes(method.as_bytes()).is_err() || method.is_empty() {
         return Err(format!("method '{}' is not an HTTP method", raw.method));
     }
     let url = Url::parse(&raw.url).map_err(|e| format!("url '{}': {e}", raw.url))?;
@@ -197,10 +197,10 @@ fn job_from_line(
     })?;
     let mut headers = Vec::with_capacity(raw.headers.len());
     for (name, value) in raw.headers {
-        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+        if http::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
             return Err(format!("header '{name}' is not a valid header name"));
         }
-        if reqwest::header::HeaderValue::from_str(&value).is_err() {
+        if http::header::HeaderValue::from_str(&value).is_err() {
             return Err(format!(
                 "header {name}: the value is not a valid header value"
             ));
@@ -232,7 +232,7 @@ fn job_from_line(
         }
     };
     let idempotency_key = match raw.idempotency_key {
-        Some(key) if reqwest::header::HeaderValue::from_str(&key).is_err() || key.is_empty() => {
+        Some(key) if http::header::HeaderValue::from_str(&key).is_err() || key.is_empty() => {
             return Err("idempotency_key is not a valid header value".into())
         }
         Some(key) => key,

@@ -9,7 +9,7 @@
 //! order, so at startup it is a prefix of the table and the rest is appended.
 
 use crate::job::{Job, Routed};
-use crate::settings::UpstreamsConfig;
+use tollgate_comply::settings::UpstreamsConfig;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};

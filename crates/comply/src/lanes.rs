@@ -46,6 +46,9 @@ pub(crate) struct Entry {
     /// Attempts allowed (the upstream's `max_attempts`, or 1 for a request
     /// that is not safe to send twice).
     pub(crate) max_attempts: u32,
+    /// Queued work (a job), not a live request: served after the live
+    /// requests waiting, and only above the upstream's reserve.
+    pub(crate) queued: bool,
     pub(crate) items: Vec<Item>,
     /// The items the admitting decision charged (settled at completion),
     /// with what each had left just after: a window limit with more left at
@@ -79,9 +82,11 @@ impl Lane {
     }
 }
 
-/// A lane's limits and keys (inline: most calls have one or two limits,
-/// and looking a lane up then allocates nothing).
-type LaneKey = SmallVec<[(usize, usize, CompactString); 2]>;
+/// A lane's limits and keys, and whether it holds queued work (inline:
+/// most calls have one or two limits, and looking a lane up then allocates
+/// nothing). Live requests and queued jobs never share a lane: a job held
+/// back by the reserve must not hold back the live request behind it.
+type LaneKey = (bool, SmallVec<[(usize, usize, CompactString); 2]>);
 
 /// Every lane of one upstream, and which of them have a job queued.
 #[derive(Debug, Default)]
@@ -94,12 +99,16 @@ pub(crate) struct Lanes {
 }
 
 impl Lanes {
-    /// The lane of jobs touching exactly these limits and keys.
-    pub(crate) fn lane_for(&mut self, items: &[Item]) -> usize {
-        let key: LaneKey = items
-            .iter()
-            .map(|i| (i.limit, i.class, i.key.clone()))
-            .collect();
+    /// The lane of jobs touching exactly these limits and keys (live
+    /// requests, or queued work).
+    pub(crate) fn lane_for(&mut self, items: &[Item], queued: bool) -> usize {
+        let key: LaneKey = (
+            queued,
+            items
+                .iter()
+                .map(|i| (i.limit, i.class, i.key.clone()))
+                .collect(),
+        );
         let next = self.lanes.len();
         let lane = *self.lane_of.entry(key).or_insert(next);
         if lane == next {
@@ -123,16 +132,20 @@ impl Lanes {
         self.lanes[lane].head()
     }
 
-    /// The heads of the busy lanes, in the order they are served: by
-    /// priority, then age.
+    /// The heads of the busy lanes, in the order they are served: live
+    /// requests before queued work, then by priority, then age.
     pub(crate) fn heads_in_order(&self) -> SmallVec<[usize; 8]> {
-        let mut heads: SmallVec<[(Priority, u64, usize); 8]> = self
+        let mut heads: SmallVec<[(bool, Priority, u64, usize); 8]> = self
             .busy
             .iter()
-            .filter_map(|&lane| self.lanes[lane].head().map(|e| (e.priority, e.seq, lane)))
+            .filter_map(|&lane| {
+                self.lanes[lane]
+                    .head()
+                    .map(|e| (e.queued, e.priority, e.seq, lane))
+            })
             .collect();
         heads.sort_unstable();
-        heads.into_iter().map(|(_, _, lane)| lane).collect()
+        heads.into_iter().map(|(_, _, _, lane)| lane).collect()
     }
 
     pub(crate) fn pop(&mut self, lane: usize) -> Option<Entry> {

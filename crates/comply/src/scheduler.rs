@@ -158,6 +158,9 @@ pub struct Scheduler {
     /// The shared store last said it cannot decide (logged once per outage).
     store_down: bool,
     waiting: Option<Waiting>,
+    /// Per limit, the share of its capacity kept for live requests
+    /// (`reserve`): queued work is admitted only while more is left.
+    reserve: Vec<f64>,
 }
 
 impl Scheduler {
@@ -188,7 +191,16 @@ impl Scheduler {
             waits: vec![0; limits],
             store_down: false,
             waiting: None,
+            reserve: vec![0.0; limits],
         }
+    }
+
+    /// Keep these shares (per limit, 0 to below 1) of each limit for live
+    /// requests: queued work is admitted only while a limit has more than
+    /// its share left, and live requests may use all of it.
+    pub fn with_reserve(mut self, shares: Vec<f64>) -> Self {
+        self.reserve = shares;
+        self
     }
 
     pub fn engine(&self) -> &Engine {
@@ -269,28 +281,32 @@ impl Scheduler {
         std::mem::take(&mut self.events)
     }
 
-    /// Queue a job: `items` from `Policy::plan`, `attempts` already made (a
-    /// resumed job keeps its count).
+    /// Queue a job (queued work, as `tollgate run`'s and `plan`'s are):
+    /// `items` from `Policy::plan`, `attempts` already made (a resumed job
+    /// keeps its count).
     pub fn push(&mut self, seq: u64, priority: Priority, attempts: u32, items: Vec<Item>) {
-        self.push_capped(seq, priority, attempts, self.max_attempts, items);
+        self.push_capped(seq, priority, attempts, self.max_attempts, true, items);
     }
 
-    /// `push`, allowing this job at most `max_attempts` (1 for a request that
-    /// is not safe to send twice).
+    /// `push`, allowing this call at most `max_attempts` (1 for a request
+    /// that is not safe to send twice); `queued`: queued work (a job) rather
+    /// than a live request.
     pub fn push_capped(
         &mut self,
         seq: u64,
         priority: Priority,
         attempts: u32,
         max_attempts: u32,
+        queued: bool,
         items: Vec<Item>,
     ) {
-        let lane = self.lanes.lane_for(&items);
+        let lane = self.lanes.lane_for(&items, queued);
         self.lanes.enqueue(Entry {
             seq,
             priority,
             attempts,
             max_attempts: max_attempts.clamp(1, self.max_attempts.max(1)),
+            queued,
             items,
             committed: Vec::new(),
             lane,
@@ -367,7 +383,12 @@ impl Scheduler {
                 }
                 continue;
             }
-            let (decision, local) = match self.engine.decide_where(&head.items, now, false) {
+            let above_reserve = match head.queued {
+                true => self.above_reserve(&head.items),
+                false => None,
+            };
+            let asked = above_reserve.as_deref().unwrap_or(&head.items);
+            let (decision, local) = match self.engine.decide_where(asked, now, false) {
                 Ok(d) => d,
                 Err(e) if store_unavailable(&e) => {
                     // Not the job's fault: wait for the store, lose nothing.
@@ -436,6 +457,33 @@ impl Scheduler {
             None if waits_for_release && !self.in_flight.is_empty() => Next::Blocked,
             None => Next::Wait(now + IDLE_RECHECK),
         }
+    }
+
+    /// Queued work's items as asked of the engine when a reserve is kept:
+    /// each must fit with its limit's reserve still left after it (what is
+    /// charged is unchanged). None when no limit it touches keeps one.
+    fn above_reserve(&self, items: &[Item]) -> Option<Vec<Item>> {
+        let policy = self.engine.policy();
+        let mut raised = None;
+        for (i, item) in items.iter().enumerate() {
+            let share = self.reserve.get(item.limit).copied().unwrap_or(0.0);
+            // (a latency budget charges nothing at admission: no reserve)
+            if share <= 0.0 || item.charge == 0 {
+                continue;
+            }
+            let limit = &policy.limits[item.limit];
+            let Some(params) = limit.variants.get(item.class) else {
+                continue;
+            };
+            let capacity = params.policy().0;
+            let kept =
+                ((capacity as f64 * share).ceil() as u64).min(capacity.saturating_sub(item.charge));
+            if kept > 0 {
+                let items = raised.get_or_insert_with(|| items.to_vec());
+                items[i].cost = item.cost.max(item.charge) + kept;
+            }
+        }
+        raised
     }
 
     fn send(&mut self, lane: usize, committed: Vec<(Item, u64)>, local: bool, now: Nanos) -> Next {
@@ -742,6 +790,82 @@ mod tests {
             Next::Send { seq, .. } => seq,
             other => panic!("expected a send, got {other:?}"),
         }
+    }
+
+    fn push_live(s: &mut Scheduler, seq: u64) {
+        let req = Attrs::new("GET", "/x", &[]);
+        let mut items = Vec::new();
+        s.engine().policy().plan(&req, &mut items).unwrap();
+        s.push_capped(seq, Priority::Normal, 0, 1, false, items);
+    }
+
+    const WINDOW: &str =
+        "[[limit]]\nname = \"api\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 10\n";
+
+    #[test]
+    fn queued_work_stops_at_the_reserve_and_live_requests_use_it() {
+        let mut s = scheduler(WINDOW, 100).with_reserve(vec![0.2]);
+        for seq in 0..20 {
+            push(&mut s, seq, Priority::High, "batch");
+        }
+        // 10 a minute, 20% kept: the batch gets 8 now.
+        for want in 0..8 {
+            assert_eq!(sent(s.next(0)), want);
+        }
+        // The 9th waits for the next window (when it fits above the reserve).
+        assert_eq!(s.next(0), Next::Wait(60 * SEC));
+        // A live request takes the reserve, even behind older, higher jobs.
+        push_live(&mut s, 100);
+        assert_eq!(sent(s.next(0)), 100);
+        push_live(&mut s, 101);
+        assert_eq!(sent(s.next(0)), 101);
+        push_live(&mut s, 102);
+        assert!(matches!(s.next(0), Next::Wait(_)), "the window is spent");
+        // Next window: live first, then the batch up to the reserve again.
+        let mut next_window = Vec::new();
+        while let Next::Send { seq, .. } = s.next(60 * SEC) {
+            next_window.push(seq);
+        }
+        assert_eq!(next_window, vec![102, 8, 9, 10, 11, 12, 13, 14]);
+    }
+
+    #[test]
+    fn without_live_traffic_the_batch_gets_everything_above_the_reserve() {
+        // A bucket of 10 refilled at 10/s, 20% kept: after its burst down to
+        // the reserve, the batch goes at the full refill rate.
+        let limits = "[[limit]]\nname = \"api\"\nalgorithm = \"token_bucket\"\ncapacity = 10\nrefill = \"10/s\"\n";
+        let mut s = scheduler(limits, 100).with_reserve(vec![0.2]);
+        for seq in 0..100 {
+            push(&mut s, seq, Priority::Normal, "batch");
+        }
+        let mut now = 0;
+        let mut sent_at = Vec::new();
+        while sent_at.len() < 100 {
+            match s.next(now) {
+                Next::Send { .. } => sent_at.push(now),
+                Next::Wait(at) => now = at,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(sent_at.iter().filter(|&&t| t == 0).count(), 8);
+        // 92 more at 10/s: 9.2 s.
+        assert_eq!(sent_at[99], 9_200_000_000);
+    }
+
+    #[test]
+    fn a_reserve_never_makes_a_call_impossible() {
+        // Cost 9 of a quota of 10 with 20% kept: it waits for a full window
+        // (the reserve shrinks to what fits), it is not rejected.
+        let limits = "[[limit]]\nname = \"api\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 10\ncost = { header = \"x-cost\" }\n";
+        let mut s = scheduler(limits, 100).with_reserve(vec![0.2]);
+        let req = Attrs::new("POST", "/x", &[("x-cost", "9")]);
+        let mut items = Vec::new();
+        s.engine().policy().plan(&req, &mut items).unwrap();
+        s.push(0, Priority::Normal, 0, items.clone());
+        assert_eq!(sent(s.next(0)), 0);
+        s.push(1, Priority::Normal, 0, items);
+        assert_eq!(s.next(0), Next::Wait(60 * SEC));
+        assert_eq!(sent(s.next(60 * SEC)), 1);
     }
 
     const BUCKET: &str = "[[limit]]\nname = \"account\"\nalgorithm = \"token_bucket\"\ncapacity = 2\nrefill = \"1/s\"\n";

@@ -59,6 +59,9 @@ pub struct Upstream {
     pub cache_store: tollgate_http::cache::CacheStore,
     /// `dedup`, `skip_unchanged`: writes done once (docs/cache.md).
     pub dedup: tollgate_http::dedup::DedupSettings,
+    /// `reserve`: per limit (policy order), the share of its capacity kept
+    /// for live requests; queued work only uses what is above it (0: none).
+    pub reserve: Vec<f64>,
 }
 
 /// Request headers that say who is calling, besides an upstream's own
@@ -462,7 +465,9 @@ fn upstream(
             }
         },
     };
+    let reserve = reserve_of(u.reserve.as_ref(), &policy, &err)?;
     Ok(Upstream {
+        reserve,
         base_url,
         policy,
         timeout: duration(&u.timeout, "timeout", Duration::from_secs(30))?,
@@ -484,6 +489,57 @@ fn upstream(
         dedup,
         name,
     })
+}
+
+/// `reserve`: one share for every limit, or a share per limit named.
+fn reserve_of(
+    raw: Option<&Spanned<toml::Value>>,
+    policy: &Policy,
+    err: &dyn Fn(usize, String) -> ConfigError,
+) -> Result<Vec<f64>, ConfigError> {
+    let mut shares = vec![0.0; policy.limits.len()];
+    let Some(raw) = raw else {
+        return Ok(shares);
+    };
+    let at = raw.span().start;
+    let share = |value: &toml::Value, what: &str| -> Result<f64, ConfigError> {
+        value
+            .as_str()
+            .and_then(|t| t.trim().strip_suffix('%'))
+            .and_then(|n| n.trim().parse::<f64>().ok())
+            .filter(|n| *n > 0.0 && *n < 100.0)
+            .map(|n| n / 100.0)
+            .ok_or_else(|| {
+                err(
+                    at,
+                    format!(
+                        "{what} must be a share like \"20%\" (above 0%, below 100%), got {}",
+                        match value {
+                            toml::Value::String(t) => format!("\"{t}\""),
+                            toml::Value::Integer(n) => n.to_string(),
+                            toml::Value::Float(n) => n.to_string(),
+                            other => format!("a {}", other.type_str()),
+                        }
+                    ),
+                )
+            })
+    };
+    match raw.get_ref() {
+        toml::Value::Table(per_limit) => {
+            for (name, value) in per_limit {
+                let Some(i) = policy.limits.iter().position(|l| &l.name == name) else {
+                    let known: Vec<&str> = policy.limits.iter().map(|l| l.name.as_str()).collect();
+                    return Err(err(
+                        at,
+                        format!("reserve names limit '{name}', which this upstream does not have (its limits: {})", known.join(", ")),
+                    ));
+                };
+                shares[i] = share(value, &format!("reserve {name}"))?;
+            }
+        }
+        value => shares.fill(share(value, "reserve")?),
+    }
+    Ok(shares)
 }
 
 /// How long a write's answer is remembered when `dedup` does not say:
@@ -686,6 +742,8 @@ struct RawUpstream {
     #[serde(default)]
     skip_unchanged: Vec<Spanned<String>>,
     dedup_max_bytes: Option<Spanned<u64>>,
+    /// `"20%"` for every limit, or `{ LIMIT = "20%", ... }`.
+    reserve: Option<Spanned<toml::Value>>,
     /// Read by the policy parser.
     #[serde(rename = "profile")]
     _profile: Option<toml::Value>,
@@ -977,6 +1035,38 @@ mod tests {
         assert_eq!(
             err(&with("dedup = \"10m\"\ndedup_max_bytes = 1")),
             "line 5: upstream 'crm': dedup_max_bytes must be at least 4096, got 1"
+        );
+    }
+
+    #[test]
+    fn a_reserve_is_a_share_of_every_limit_or_of_the_limits_named() {
+        let with = |line: &str| {
+            BASE.replace(
+                "[[upstream.limit]]",
+                &format!("{line}\n[[upstream.limit]]"),
+            ) + "[[upstream.limit]]\nname = \"daily\"\nalgorithm = \"fixed_window\"\nevery = \"1d\"\nquota = 1000\n"
+        };
+        let shares = |line: &str| {
+            parse(&with(line), &NoProfiles, &|_| None)
+                .unwrap()
+                .upstreams[0]
+                .reserve
+                .clone()
+        };
+        assert_eq!(shares(""), vec![0.0, 0.0]);
+        assert_eq!(shares("reserve = \"20%\""), vec![0.2, 0.2]);
+        assert_eq!(shares("reserve = { daily = \"30%\" }"), vec![0.0, 0.3]);
+        assert_eq!(
+            err(&with("reserve = { weekly = \"30%\" }")),
+            "line 4: upstream 'crm': reserve names limit 'weekly', which this upstream does not have (its limits: api, daily)"
+        );
+        assert_eq!(
+            err(&with("reserve = \"100%\"")),
+            "line 4: upstream 'crm': reserve must be a share like \"20%\" (above 0%, below 100%), got \"100%\""
+        );
+        assert_eq!(
+            err(&with("reserve = { api = 0.2 }")),
+            "line 4: upstream 'crm': reserve api must be a share like \"20%\" (above 0%, below 100%), got 0.2"
         );
     }
 }

@@ -29,6 +29,9 @@ pub struct Ask {
     /// At most this many attempts (1: not safe to send twice); capped by
     /// the upstream's `max_attempts`.
     pub max_attempts: u32,
+    /// Queued work (a job), not a live request: served after the live
+    /// requests waiting, and only above the upstream's reserve.
+    pub queued: bool,
 }
 
 /// Why a caller gets no turn.
@@ -190,8 +193,14 @@ impl SharedScheduler {
         let seq = self.inner.seqs.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.inner.step(|line| {
-            line.core
-                .push_capped(seq, ask.priority, 0, ask.max_attempts, ask.items);
+            line.core.push_capped(
+                seq,
+                ask.priority,
+                0,
+                ask.max_attempts,
+                ask.queued,
+                ask.items,
+            );
             line.waiters.insert(seq, tx);
         });
         Ticket {
@@ -471,6 +480,7 @@ mod tests {
             priority,
             items,
             max_attempts: 3,
+            queued: false,
         }
     }
 

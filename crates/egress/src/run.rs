@@ -769,6 +769,7 @@ impl<'a> Driver<'a> {
                         Duration::ZERO,
                         u.concurrency,
                         None,
+                        &u.reserve,
                     );
                     UpstreamSummary {
                         name: u.name.clone(),
@@ -843,6 +844,7 @@ pub async fn run(
                 u.breaker,
                 options.seed.wrapping_add(i as u64),
             )
+            .with_reserve(u.reserve.clone())
         })
         .collect();
     let writer = state.writer()?;

@@ -123,6 +123,9 @@ pub struct Counters {
     pub retried: u64,
     pub throttled: u64,
     pub failures: u64,
+    /// Live calls admitted from the reserve: with less left after them
+    /// than queued work may leave.
+    pub reserve_used: u64,
 }
 
 /// What the scheduler last waited for: the instant, and the limit a lane
@@ -408,6 +411,9 @@ impl Scheduler {
             }
             match decision.verdict {
                 Verdict::Admit { .. } => {
+                    if !head.queued && self.took_reserve(&head.items, &decision) {
+                        self.counters.reserve_used += 1;
+                    }
                     let committed = tollgate_store::committed(&head.items, &decision)
                         .cloned()
                         .zip(
@@ -484,6 +490,23 @@ impl Scheduler {
             }
         }
         raised
+    }
+
+    /// Whether an admitted live call left some limit with less than its
+    /// reserve (so it used quota queued work may not).
+    fn took_reserve(&self, items: &[Item], decision: &tollgate_core::Decision) -> bool {
+        let Some(raised) = self.above_reserve(items) else {
+            return false;
+        };
+        // (one outcome per item; a shadow limit that would deny charged nothing)
+        items
+            .iter()
+            .zip(&raised)
+            .zip(&decision.outcomes)
+            .any(|((item, r), outcome)| {
+                outcome.allowed
+                    && outcome.remaining < r.cost.saturating_sub(item.cost.max(item.charge))
+            })
     }
 
     fn send(&mut self, lane: usize, committed: Vec<(Item, u64)>, local: bool, now: Nanos) -> Next {

@@ -2,13 +2,13 @@
 //! by a bulk template. Bad lines are errors naming the line; nothing is sent
 //! until every line is good.
 
-use tollgate_comply::settings::{Upstream, UpstreamsConfig, RECORDS_PLACEHOLDER};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::io::BufRead;
+use tollgate_comply::settings::{Upstream, UpstreamsConfig, RECORDS_PLACEHOLDER};
 pub use tollgate_comply::Priority;
 use url::Url;
 

@@ -9,7 +9,6 @@
 //! order, so at startup it is a prefix of the table and the rest is appended.
 
 use crate::job::{Job, Routed};
-use tollgate_comply::settings::UpstreamsConfig;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -17,6 +16,7 @@ use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use tollgate_comply::settings::UpstreamsConfig;
 
 /// Most outcomes committed in one transaction.
 const BATCH: usize = 4096;
@@ -58,6 +58,17 @@ pub struct DeadLetter {
     pub excerpt: Option<String>,
     pub finished: Option<String>,
     pub job: Job,
+}
+
+/// A job's place in the state (`State::job_status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobStatus {
+    pub seq: u64,
+    /// pending, done or dead.
+    pub state: String,
+    pub attempts: u32,
+    /// Its `results.jsonl` line, once final.
+    pub result: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -231,9 +242,21 @@ impl State {
         jobs: &[Routed],
         config: &UpstreamsConfig,
     ) -> Result<(u64, u64), StateError> {
+        let seqs = self.enqueue(jobs, config)?;
+        let added = seqs.iter().flatten().count() as u64;
+        Ok((added, jobs.len() as u64 - added))
+    }
+
+    /// `import`, telling each job's row: `Some(seq)` for a job added now,
+    /// None for one that was already there.
+    pub fn enqueue(
+        &mut self,
+        jobs: &[Routed],
+        config: &UpstreamsConfig,
+    ) -> Result<Vec<Option<u64>>, StateError> {
         let dir = self.dir.clone();
         let tx = self.conn.transaction().map_err(|e| sql_err(&dir, e))?;
-        let mut added = 0;
+        let mut seqs = Vec::with_capacity(jobs.len());
         {
             let mut insert = tx
                 .prepare("INSERT OR IGNORE INTO jobs (id, upstream, priority, spec) VALUES (?1, ?2, ?3, ?4)")
@@ -250,7 +273,7 @@ impl State {
                         routed.job.priority.rank() as i64,
                         spec
                     ])
-                    .map_err(|e| sql_err(&dir, e))? as u64;
+                    .map_err(|e| sql_err(&dir, e))?;
                 if inserted == 0 {
                     // Resuming is fine; the same id for another request is
                     // a mistake that would silently skip the new one.
@@ -263,12 +286,35 @@ impl State {
                             message: format!("job id '{}' is already in this state for a different request; nothing was queued (give the new job another id, or use another --state)", routed.job.id),
                         });
                     }
+                    seqs.push(None);
+                } else {
+                    // (seq is the row id)
+                    seqs.push(Some(tx.last_insert_rowid() as u64));
                 }
-                added += inserted;
             }
         }
         tx.commit().map_err(|e| sql_err(&dir, e))?;
-        Ok((added, jobs.len() as u64 - added))
+        Ok(seqs)
+    }
+
+    /// Where a job is: its row, state (pending, done or dead), attempts
+    /// recorded, and its `results.jsonl` line once it has one.
+    pub fn job_status(&self, id: &str) -> Result<Option<JobStatus>, StateError> {
+        self.conn
+            .query_row(
+                "SELECT j.seq, j.state, j.attempts, r.line FROM jobs j LEFT JOIN results r ON r.seq = j.seq WHERE j.id = ?1",
+                [id],
+                |r| {
+                    Ok(JobStatus {
+                        seq: r.get::<_, i64>(0)? as u64,
+                        state: r.get(1)?,
+                        attempts: r.get(2)?,
+                        result: r.get(3)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.sql(e))
     }
 
     pub fn counts(&self) -> Result<Counts, StateError> {

@@ -51,12 +51,14 @@ impl Proxy {
                             limits_rate: s.limits_rate(),
                             cache: (!l.cache.is_empty() && !l.cache.is_shared())
                                 .then(|| l.cache.sizes().into_iter().sum()),
+                            reserve_calls: s.counters().reserve_used,
                         })
                     });
+                let jobs = self.jobs.now(self.clock.now());
                 reply(
                     StatusCode::OK,
                     admin::OPENMETRICS,
-                    self.metrics.render(lines),
+                    self.metrics.render(lines, &jobs),
                 )
             }
             (Method::GET, "/v1/usage") => self.usage(req.uri().query().unwrap_or("")),

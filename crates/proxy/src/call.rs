@@ -76,9 +76,32 @@ impl Drop for Finish {
 /// What a request asks of its line.
 #[derive(Debug)]
 pub(crate) struct Control {
-    priority: Priority,
-    workflow: Option<String>,
+    pub(crate) priority: Priority,
+    pub(crate) workflow: Option<String>,
     pub(crate) max_wait: Duration,
+    /// Queued work (a job), not a live request: served after the live
+    /// requests waiting, and only above the upstream's reserve.
+    queued: bool,
+    /// Told each attempt's number as it is sent (a job's status shows it).
+    sent: Option<Arc<std::sync::atomic::AtomicU32>>,
+}
+
+impl Control {
+    /// A job's: queued work that waits up to `max_wait` in line.
+    pub(crate) fn queued(
+        priority: Priority,
+        workflow: Option<String>,
+        max_wait: Duration,
+        sent: &Arc<std::sync::atomic::AtomicU32>,
+    ) -> Control {
+        Control {
+            priority,
+            workflow,
+            max_wait,
+            queued: true,
+            sent: Some(sent.clone()),
+        }
+    }
 }
 
 /// The request body, kept whole up to the replay cap, or streamed once.
@@ -209,6 +232,11 @@ impl Outcome<'_> {
         self.upstream_ms = fetch.upstream_ms;
         self.cache = fetch.cache;
         self.dedup = fetch.dedup;
+    }
+
+    /// How long its last call to the upstream took to answer.
+    pub(crate) fn upstream_ms(&self) -> Option<f64> {
+        self.upstream_ms
     }
 
     /// The same, without the borrows of its generation (to leave a task).
@@ -351,6 +379,10 @@ impl Proxy {
             Some(tunnel) => tunnel.client(generation)?,
             None => client(generation, &parts.headers, forward)?,
         };
+        if !forward && via.is_none() && is_own_path(parts.uri.path()) {
+            outcome.metric = "jobs";
+            return Ok(self.jobs_endpoint(parts, body, client).await);
+        }
         let Routed { upstream, url } = route::route(generation, parts)?;
         let settings = &generation.config.upstreams[upstream];
         let line = &generation.lines[upstream];
@@ -374,6 +406,12 @@ impl Proxy {
             return Err(Refusal::MethodNotAllowed(parts.method.to_string()));
         }
         let control = control(&parts.headers, generation, client)?;
+        if crate::jobs::prefers_async(&parts.headers) {
+            outcome.metric = "queued";
+            return self
+                .queue_live(generation, upstream, &url, parts, body, control)
+                .await;
+        }
         let cache = &line.cache;
         if !cache.is_empty() {
             let has_body = !http_body::Body::is_end_stream(&body);
@@ -493,6 +531,7 @@ impl Proxy {
             parked_a_key: false,
             suspect: None,
             attempts_before: 0,
+            sent: control.sent.clone(),
         };
         // With a key pool, a key the vendor refuses is parked and the
         // request, if it may be sent again, goes with another (judge_key).
@@ -540,6 +579,7 @@ impl Proxy {
                 priority: control.priority,
                 items,
                 max_attempts,
+                queued: control.queued,
             });
             if let Some(answer) = self.with_key(&mut calls, ticket, key, outcome).await {
                 return answer;
@@ -594,6 +634,9 @@ impl Proxy {
             }
             let attempt = calls.attempts_before + attempt;
             outcome.attempts = attempt;
+            if let Some(sent) = &calls.sent {
+                sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             let sent = self.clock.now();
             if attempt == 1 {
                 outcome.waited = sent - calls.arrived;
@@ -725,6 +768,8 @@ struct Calls<'g> {
     _kept: Option<KeptBytes>,
     /// Attempts made with keys parked since.
     attempts_before: u32,
+    /// Told each attempt's number as it is sent (`Control::sent`).
+    sent: Option<Arc<std::sync::atomic::AtomicU32>>,
 }
 
 impl<'g> Calls<'g> {
@@ -1068,7 +1113,16 @@ fn control(
         priority,
         workflow,
         max_wait,
+        queued: false,
+        sent: None,
     })
+}
+
+/// A path under tollgate's own first segment (`/_tollgate/...`).
+fn is_own_path(path: &str) -> bool {
+    path.strip_prefix('/')
+        .and_then(|p| p.strip_prefix(crate::RESERVED))
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// `5s`, `500ms`, `2m`, or plain seconds (`5`, `0.5`); at most a day.

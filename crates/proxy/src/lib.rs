@@ -15,6 +15,7 @@
 //! - `keys`: an upstream's pool of vendor keys.
 //! - `route`: which upstream a request is for (alias or forward proxy).
 //! - `call`: one request: wait in line, send, retry, relay.
+//! - `jobs`: job intake (`/_tollgate/jobs`): queued work in the same lines.
 //! - `admin`: health, metrics, usage, config, reload.
 //! - `server`: listeners and lifecycle.
 
@@ -23,6 +24,7 @@ mod cached;
 pub mod call;
 mod deduped;
 pub mod intercept;
+mod jobs;
 mod keys;
 mod metrics;
 pub mod route;

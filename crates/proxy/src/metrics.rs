@@ -27,6 +27,13 @@ struct UpstreamLabels {
     upstream: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkflowLabels {
+    upstream: String,
+    /// "" for jobs of no workflow.
+    workflow: String,
+}
+
 /// How a status counts: 2xx, 3xx, 4xx, 429 or 5xx.
 pub fn status_class(status: u16) -> &'static str {
     match status {
@@ -113,6 +120,20 @@ pub struct Metrics {
     in_flight: Family<UpstreamLabels, Gauge>,
     effective_rate: Family<UpstreamLabels, Gauge<f64, AtomicU64>>,
     limits_rate: Family<UpstreamLabels, Gauge<f64, AtomicU64>>,
+    reserve_calls: Family<UpstreamLabels, Counter>,
+    jobs_pending: Family<WorkflowLabels, Gauge>,
+    jobs_oldest: Family<WorkflowLabels, Gauge<f64, AtomicU64>>,
+    jobs_finished: Family<OutcomeLabels, Counter>,
+}
+
+/// The pending jobs of one upstream and workflow right now.
+#[derive(Debug, Clone)]
+pub struct JobsNow {
+    pub upstream: String,
+    pub workflow: String,
+    pub pending: usize,
+    /// How long the oldest has waited, in seconds.
+    pub oldest_seconds: f64,
 }
 
 /// One upstream's line right now, as `/metrics` shows it.
@@ -127,6 +148,8 @@ pub struct LineNow {
     pub limits_rate: Option<f64>,
     /// What its cache holds (None without `[[upstream.cache]]`).
     pub cache: Option<tollgate_http::cache::Size>,
+    /// Live calls admitted from its reserve so far.
+    pub reserve_calls: u64,
 }
 
 impl Default for Metrics {
@@ -147,6 +170,31 @@ impl Default for Metrics {
         let in_flight = Family::<UpstreamLabels, Gauge>::default();
         let effective_rate = Family::<UpstreamLabels, Gauge<f64, AtomicU64>>::default();
         let limits_rate = Family::<UpstreamLabels, Gauge<f64, AtomicU64>>::default();
+        let reserve_calls = Family::<UpstreamLabels, Counter>::default();
+        let jobs_pending = Family::<WorkflowLabels, Gauge>::default();
+        let jobs_oldest = Family::<WorkflowLabels, Gauge<f64, AtomicU64>>::default();
+        let jobs_finished = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "proxy_jobs_pending",
+            "Jobs pushed to /_tollgate/jobs (or queued with Prefer: respond-async) not yet done or dead, by upstream and workflow",
+            jobs_pending.clone(),
+        );
+        registry.register_with_unit(
+            "proxy_jobs_oldest_age",
+            "How long the oldest pending job of an upstream and workflow has waited (since it was queued, or since this process resumed it)",
+            prometheus_client::registry::Unit::Seconds,
+            jobs_oldest.clone(),
+        );
+        registry.register(
+            "proxy_jobs_finished",
+            "Jobs that reached their final outcome, by upstream (done, or dead: see tollgate dlq)",
+            jobs_finished.clone(),
+        );
+        registry.register(
+            "proxy_reserve_calls",
+            "Live calls admitted from an upstream's reserve (what queued work may not use)",
+            reserve_calls.clone(),
+        );
         registry.register(
             "proxy_requests",
             "Client requests by upstream and what the client got (2xx, 3xx, 4xx, 429, 5xx; wait_exceeded and breaker_open are tollgate's own answers, network_error a call that never got a response)",
@@ -209,6 +257,10 @@ impl Default for Metrics {
             in_flight,
             effective_rate,
             limits_rate,
+            reserve_calls,
+            jobs_pending,
+            jobs_oldest,
+            jobs_finished,
         }
     }
 }
@@ -252,12 +304,43 @@ impl Metrics {
         }
     }
 
-    /// The text exposition, with each upstream's line as it is now.
-    pub fn render(&self, lines: impl Iterator<Item = LineNow>) -> String {
+    /// A job of `upstream` reached its final outcome.
+    pub fn job_finished(&self, upstream: &str, dead: bool) {
+        self.jobs_finished
+            .get_or_create(&OutcomeLabels {
+                upstream: upstream.to_string(),
+                outcome: if dead { "dead" } else { "done" },
+            })
+            .inc();
+    }
+
+    /// The text exposition, with each upstream's line and the pending jobs
+    /// as they are now.
+    pub fn render(&self, lines: impl Iterator<Item = LineNow>, jobs: &[JobsNow]) -> String {
+        // (a queue that emptied shows no series, rather than a stale one)
+        self.jobs_pending.clear();
+        self.jobs_oldest.clear();
+        for j in jobs {
+            let labels = WorkflowLabels {
+                upstream: j.upstream.clone(),
+                workflow: j.workflow.clone(),
+            };
+            self.jobs_pending
+                .get_or_create(&labels)
+                .set(j.pending as i64);
+            self.jobs_oldest
+                .get_or_create(&labels)
+                .set(j.oldest_seconds);
+        }
         for line in lines {
             let labels = UpstreamLabels {
                 upstream: line.upstream,
             };
+            // (the line counts; the series only ever rises, across reloads)
+            let reserve_calls = self.reserve_calls.get_or_create(&labels);
+            if line.reserve_calls > reserve_calls.get() {
+                reserve_calls.inc_by(line.reserve_calls - reserve_calls.get());
+            }
             self.waiting.get_or_create(&labels).set(line.waiting as i64);
             self.in_flight
                 .get_or_create(&labels)

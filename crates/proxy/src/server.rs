@@ -26,6 +26,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let reloads = tokio::spawn(reload_on_hangup(proxy.clone()));
+    proxy.jobs.resume(&proxy);
     let grace = proxy.current().settings.shutdown_grace;
     let served = proxy.clone();
     let serving = listen::accept_loop(
@@ -59,6 +60,7 @@ pub async fn serve(
         }
     }
     reloads.abort();
+    proxy.jobs.close();
     Ok(())
 }
 

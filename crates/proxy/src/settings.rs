@@ -9,6 +9,9 @@ use std::path::PathBuf;
 
 /// Where `tollgate proxy ca init` puts the local CA unless told otherwise.
 pub const DEFAULT_CA_DIR: &str = ".tollgate/proxy-ca";
+/// The jobs' state unless `[proxy] state` says otherwise: `tollgate run`'s
+/// default too, so `dlq` and `results` read it without being told.
+pub const DEFAULT_STATE: &str = ".tollgate";
 use std::time::Duration;
 use tollgate_comply::Priority;
 use tollgate_core::config::{line_of, read_tables, socket_address, ConfigError};
@@ -37,6 +40,9 @@ pub struct ProxySettings {
     pub clients: Vec<Client>,
     /// Where the local CA for interception lives (`tollgate proxy ca init`).
     pub ca_dir: PathBuf,
+    /// The durable state of the jobs pushed to `/_tollgate/jobs` (the same
+    /// SQLite state `tollgate run --state` keeps).
+    pub state: PathBuf,
 }
 
 /// A client allowed to use the proxy, known by its token.
@@ -77,6 +83,7 @@ impl Default for ProxySettings {
             shutdown_grace: Duration::from_secs(10),
             clients: Vec::new(),
             ca_dir: PathBuf::from(DEFAULT_CA_DIR),
+            state: PathBuf::from(DEFAULT_STATE),
         }
     }
 }
@@ -98,6 +105,7 @@ struct RawProxy {
     access_log: Option<Spanned<String>>,
     shutdown_grace: Option<Spanned<String>>,
     ca_dir: Option<String>,
+    state: Option<String>,
     #[serde(default)]
     client: Vec<Spanned<RawClient>>,
 }
@@ -150,6 +158,9 @@ impl ProxySettings {
         }
         if let Some(v) = p.ca_dir {
             s.ca_dir = PathBuf::from(v);
+        }
+        if let Some(v) = p.state {
+            s.state = PathBuf::from(v);
         }
         if let Some(v) = &p.max_wait {
             s.max_wait = duration(v, "max_wait")?;

@@ -125,6 +125,8 @@ pub struct Proxy {
     /// Bytes of request bodies kept now, over every request waiting or in
     /// flight (bounded by `[proxy] max_kept_bytes`).
     pub(crate) kept_bytes: Arc<std::sync::atomic::AtomicUsize>,
+    /// The jobs pushed to `/_tollgate/jobs`, in `[proxy] state`.
+    pub(crate) jobs: crate::jobs::Desk,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -229,6 +231,7 @@ impl Proxy {
             admin_token,
             ids: AtomicU64::new(0),
             kept_bytes: Arc::default(),
+            jobs: crate::jobs::Desk::new(),
             id_prefix: id_prefix & 0xffff_ffff,
             reload_lock: tokio::sync::Mutex::new(()),
         })
@@ -361,7 +364,8 @@ fn start_line(
         u.concurrency,
         u.breaker,
         fastrand_seed(),
-    );
+    )
+    .with_reserve(u.reserve.clone());
     let client = upstream_client(u)?;
     let line = SharedScheduler::start(&u.name, core, clock.clone());
     let pause_listener = match &u.policy.store.redis {

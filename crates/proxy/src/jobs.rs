@@ -1,0 +1,798 @@
+//! Job intake: producers push work to the proxy instead of writing files.
+//!
+//! `POST /_tollgate/jobs` takes jobs in `tollgate run`'s format (JSONL, or
+//! one JSON object), records them in the same durable state as `run`
+//! (`[proxy] state`) before it answers 202, and the proxy sends them
+//! through the same line as its live requests: as queued work, after the
+//! live requests waiting and only above an upstream's `reserve`. A live
+//! request sent with `Prefer: respond-async` is queued the same way.
+//! `GET /_tollgate/jobs/ID` tells where a job is. A restart resumes every
+//! job still pending (at least once: one in flight at a crash goes again,
+//! with the same `Idempotency-Key`).
+
+use crate::call::{Control, Outcome, Outgoing, ResponseBody};
+use crate::state::{Generation, Proxy};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE, LOCATION};
+use hyper::{Method, Response, StatusCode};
+use parking_lot::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::sync::{Notify, Semaphore};
+use tollgate_comply::retry::{classify, Class};
+use tollgate_core::{Clock, Nanos};
+use tollgate_http::admin::{json, problem};
+use tollgate_http::{Peer, Refusal};
+use tollgate_jobs::state::{Pending, Record, Writer};
+use tollgate_jobs::{Job, JobsError, Routed, State};
+
+/// The intake's path (under the reserved first segment).
+pub(crate) const JOBS_PATH: &str = "/_tollgate/jobs";
+/// The most bytes one intake request may carry.
+const MAX_INTAKE_BYTES: usize = 64 << 20;
+/// Jobs in the upstreams' lines at once; the rest wait in the state, in
+/// order (memory stays bounded however many are queued).
+const IN_LINE: usize = 10_000;
+/// How long a job waits in line before it is entered again (it never
+/// expires: queued work waits as long as the limits say).
+const LINE_WAIT: Duration = Duration::from_secs(86_400);
+/// The longest pause before a job that could not be sent now (breaker
+/// open, store down, keys parked) tries again.
+const MOST_LATER: Duration = Duration::from_secs(30);
+/// The most of a job's response body read for its result.
+const MAX_RESULT_BODY: usize = 16 << 20;
+
+/// The jobs of one proxy: opened on the first job pushed, or at start when
+/// the state already exists (its pending jobs are resumed).
+#[derive(Debug)]
+pub(crate) struct Desk {
+    open: Mutex<Option<Arc<Open>>>,
+}
+
+/// An open state and the jobs this process is sending.
+struct Open {
+    dir: PathBuf,
+    /// Intake and lookups (the writer thread has its own connection).
+    state: Mutex<State>,
+    /// Outcomes and attempts (taken at shutdown, to commit what is left).
+    writer: Mutex<Option<Writer>>,
+    /// Jobs not yet in a line, oldest first.
+    waiting: Mutex<VecDeque<Pending>>,
+    more: Notify,
+    in_line: Arc<Semaphore>,
+    /// Every pending job this process knows, by seq.
+    tracked: Mutex<HashMap<u64, Tracked>>,
+}
+
+impl std::fmt::Debug for Open {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Open")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A pending job as the metrics and `GET /_tollgate/jobs/ID` see it.
+#[derive(Debug, Clone)]
+pub(crate) struct Tracked {
+    pub(crate) upstream: String,
+    pub(crate) workflow: Option<String>,
+    /// When it was queued here (resumed jobs: when this process took them).
+    pub(crate) since: Nanos,
+    /// Attempts sent so far by this process (0: still queued).
+    pub(crate) attempts: Arc<AtomicU32>,
+}
+
+/// How a job's try ended.
+enum Tried {
+    Final(Record),
+    /// It could not be sent now and goes again after this wait.
+    Later(Duration),
+}
+
+impl Desk {
+    pub(crate) fn new() -> Desk {
+        Desk {
+            open: Mutex::new(None),
+        }
+    }
+
+    /// The open state, opening it (and resuming its pending jobs) on first
+    /// use. Blocking: SQLite.
+    fn ensure(&self, proxy: &Arc<Proxy>, dir: &Path) -> Result<Arc<Open>, String> {
+        let mut open = self.open.lock();
+        if let Some(o) = open.as_ref() {
+            return Ok(o.clone());
+        }
+        let state = State::open(dir).map_err(|e| e.to_string())?;
+        let writer = state.writer().map_err(|e| e.to_string())?;
+        let pending = state.pending().map_err(|e| e.to_string())?;
+        let o = Arc::new(Open {
+            dir: dir.to_path_buf(),
+            state: Mutex::new(state),
+            writer: Mutex::new(Some(writer)),
+            waiting: Mutex::new(VecDeque::new()),
+            more: Notify::new(),
+            in_line: Arc::new(Semaphore::new(IN_LINE)),
+            tracked: Mutex::new(HashMap::new()),
+        });
+        if !pending.is_empty() {
+            tracing::info!(
+                "jobs: resuming {} pending job(s) from {}",
+                pending.len(),
+                dir.display()
+            );
+        }
+        o.queue(pending, proxy.clock.now());
+        tokio::spawn(pump(Arc::downgrade(proxy), o.clone()));
+        *open = Some(o.clone());
+        Ok(o)
+    }
+
+    /// At start: resume the state's pending jobs if it exists.
+    pub(crate) fn resume(&self, proxy: &Arc<Proxy>) {
+        let dir = proxy.current().settings.state.clone();
+        if !dir.join("state.sqlite").exists() {
+            return;
+        }
+        let proxy = proxy.clone();
+        // (SQLite: off the runtime's threads)
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = proxy.jobs.ensure(&proxy, &dir) {
+                tracing::error!("jobs: cannot open the state {}: {e}", dir.display());
+            }
+        });
+    }
+
+    /// At shutdown: commit the outcomes recorded so far. Jobs still pending
+    /// stay in the state for the next start.
+    pub(crate) fn close(&self) {
+        let Some(open) = self.open.lock().clone() else {
+            return;
+        };
+        let writer = open.writer.lock().take();
+        if let Some(Err(e)) = writer.map(Writer::finish) {
+            tracing::error!("jobs: recording outcomes failed: {e}");
+        }
+    }
+
+    /// The pending jobs this process knows, per upstream and workflow, at
+    /// `now` (for the metrics).
+    pub(crate) fn now(&self, now: Nanos) -> Vec<crate::metrics::JobsNow> {
+        let Some(open) = self.open.lock().clone() else {
+            return Vec::new();
+        };
+        let mut per: std::collections::BTreeMap<(String, String), (usize, Nanos)> =
+            std::collections::BTreeMap::new();
+        for t in open.tracked.lock().values() {
+            let key = (t.upstream.clone(), t.workflow.clone().unwrap_or_default());
+            let entry = per.entry(key).or_insert((0, t.since));
+            entry.0 += 1;
+            entry.1 = entry.1.min(t.since);
+        }
+        per.into_iter()
+            .map(
+                |((upstream, workflow), (pending, since))| crate::metrics::JobsNow {
+                    upstream,
+                    workflow,
+                    pending,
+                    oldest_seconds: now.saturating_sub(since) as f64 / 1e9,
+                },
+            )
+            .collect()
+    }
+}
+
+impl Open {
+    fn queue(&self, jobs: Vec<Pending>, now: Nanos) {
+        if jobs.is_empty() {
+            return;
+        }
+        {
+            let mut tracked = self.tracked.lock();
+            for p in &jobs {
+                tracked.insert(
+                    p.seq,
+                    Tracked {
+                        upstream: p.upstream.clone(),
+                        workflow: p.job.workflow.clone(),
+                        since: now,
+                        attempts: Arc::default(),
+                    },
+                );
+            }
+        }
+        self.waiting.lock().extend(jobs);
+        self.more.notify_one();
+    }
+
+    fn record(&self, record: Record) {
+        if let Some(writer) = self.writer.lock().as_ref() {
+            writer.record(record);
+        }
+    }
+}
+
+/// Hands the waiting jobs to the lines, at most `IN_LINE` at once.
+async fn pump(proxy: Weak<Proxy>, open: Arc<Open>) {
+    loop {
+        let Ok(slot) = open.in_line.clone().acquire_owned().await else {
+            return;
+        };
+        let next = loop {
+            let next = open.waiting.lock().pop_front();
+            match next {
+                Some(p) => break p,
+                None => open.more.notified().await,
+            }
+        };
+        let Some(proxy) = proxy.upgrade() else {
+            return;
+        };
+        let open = open.clone();
+        tokio::spawn(async move {
+            send_until_final(proxy, &open, next).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Send one job until it has a final outcome, and record it.
+async fn send_until_final(proxy: Arc<Proxy>, open: &Open, p: Pending) {
+    let Some(attempts) = open.tracked.lock().get(&p.seq).map(|t| t.attempts.clone()) else {
+        return;
+    };
+    let first = proxy.clock.now();
+    loop {
+        let generation = proxy.current();
+        match proxy.try_job(&generation, &p, &attempts, first).await {
+            Tried::Final(record) => {
+                if let Record::Final { dead, .. } = &record {
+                    proxy.metrics.job_finished(&p.upstream, *dead);
+                }
+                open.record(record);
+                open.tracked.lock().remove(&p.seq);
+                return;
+            }
+            Tried::Later(wait) => tokio::time::sleep(wait).await,
+        }
+    }
+}
+
+impl Proxy {
+    /// `/_tollgate/jobs` on the proxy listener (its client already
+    /// admitted).
+    pub(crate) async fn jobs_endpoint(
+        self: &Arc<Self>,
+        parts: &hyper::http::request::Parts,
+        body: Incoming,
+        client: Option<&crate::Client>,
+    ) -> Response<ResponseBody> {
+        let path = parts.uri.path();
+        if path == JOBS_PATH {
+            if parts.method != Method::POST {
+                return problem(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "Method not allowed",
+                    format!("{JOBS_PATH} takes POST (jobs as JSONL or one JSON object); GET {JOBS_PATH}/ID tells where one is"),
+                );
+            }
+            return self.intake(parts, body, client).await;
+        }
+        match path.strip_prefix(JOBS_PATH).and_then(|r| r.strip_prefix('/')) {
+            Some(id) if !id.is_empty() && parts.method == Method::GET => self.job_status(id).await,
+            _ => problem(
+                StatusCode::NOT_FOUND,
+                "Not found",
+                format!("tollgate's own paths on this listener are POST {JOBS_PATH} and GET {JOBS_PATH}/ID"),
+            ),
+        }
+    }
+
+    /// `POST /_tollgate/jobs`: every line good, or nothing queued.
+    async fn intake(
+        self: &Arc<Self>,
+        parts: &hyper::http::request::Parts,
+        body: Incoming,
+        client: Option<&crate::Client>,
+    ) -> Response<ResponseBody> {
+        let kind = parts
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            });
+        let one = match kind.as_deref() {
+            Some("application/x-ndjson" | "application/jsonl" | "application/ndjson") => false,
+            Some("application/json") => true,
+            other => {
+                return problem(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "Unsupported media type",
+                    format!(
+                        "Content-Type {}: send jobs as application/x-ndjson (one job per line) or application/json (one job)",
+                        other.unwrap_or("(none)")
+                    ),
+                )
+            }
+        };
+        let bytes = match http_body_util::Limited::new(body, MAX_INTAKE_BYTES)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return problem(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "Too many jobs at once",
+                    format!(
+                    "an intake request carries at most {MAX_INTAKE_BYTES} bytes; split the batch"
+                ),
+                )
+            }
+            Err(e) => {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    "Body not read",
+                    format!("the request body could not be read: {e}"),
+                )
+            }
+        };
+        let text: Bytes = if one {
+            // One object, as one line.
+            match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                Ok(v @ serde_json::Value::Object(_)) => Bytes::from(v.to_string()),
+                Ok(_) => {
+                    return problem(
+                        StatusCode::BAD_REQUEST,
+                        "Not a job",
+                        "application/json takes one job, a JSON object; send several as application/x-ndjson".into(),
+                    )
+                }
+                Err(e) => {
+                    return problem(
+                        StatusCode::BAD_REQUEST,
+                        "Not a job",
+                        format!("the body is not JSON: {e}"),
+                    )
+                }
+            }
+        } else {
+            bytes
+        };
+        let generation = self.current();
+        let mut routed = match tollgate_jobs::read_jobs(text.as_ref(), &generation.config) {
+            Ok(r) => r,
+            Err(JobsError::Lines(errors)) => {
+                let detail = errors
+                    .iter()
+                    .map(|e| format!("line {}: {}", e.line, e.message))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    "Jobs refused; nothing was queued",
+                    detail,
+                );
+            }
+            Err(e) => {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    "Jobs refused; nothing was queued",
+                    e.to_string(),
+                )
+            }
+        };
+        if let Some(workflow) = client.and_then(|c| c.workflow.as_ref()) {
+            // A client's workflow is its jobs' unless they name one.
+            for r in routed.iter_mut().filter(|r| r.job.workflow.is_none()) {
+                r.job.workflow = Some(workflow.clone());
+            }
+        }
+        match self.enqueue(&generation, routed).await {
+            Ok((ids, added)) => {
+                let mut r: Response<ResponseBody> = json(
+                    StatusCode::ACCEPTED,
+                    serde_json::json!({ "ids": ids, "queued": added, "already": ids.len() as u64 - added }),
+                );
+                if ids.len() == 1 {
+                    if let Ok(v) = HeaderValue::from_str(&format!("{JOBS_PATH}/{}", ids[0])) {
+                        r.headers_mut().insert(LOCATION, v);
+                    }
+                }
+                r
+            }
+            Err(e) => e,
+        }
+    }
+
+    /// Record jobs in the state and hand them to the lines; their ids, and
+    /// how many were new.
+    pub(crate) async fn enqueue(
+        self: &Arc<Self>,
+        generation: &Arc<Generation>,
+        routed: Vec<Routed>,
+    ) -> Result<(Vec<String>, u64), Response<ResponseBody>> {
+        let proxy = self.clone();
+        let generation = generation.clone();
+        let dir = generation.settings.state.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            let open = proxy.jobs.ensure(&proxy, &dir)?;
+            let seqs = open
+                .state
+                .lock()
+                .enqueue(&routed, &generation.config)
+                .map_err(|e| e.to_string())?;
+            let ids: Vec<String> = routed.iter().map(|r| r.job.id.clone()).collect();
+            let fresh: Vec<Pending> = routed
+                .into_iter()
+                .zip(&seqs)
+                .filter_map(|(r, seq)| {
+                    Some(Pending {
+                        seq: (*seq)?,
+                        upstream: generation.config.upstreams[r.upstream].name.clone(),
+                        attempts: 0,
+                        job: r.job,
+                    })
+                })
+                .collect();
+            let added = fresh.len() as u64;
+            open.queue(fresh, proxy.clock.now());
+            Ok::<_, String>((ids, added))
+        })
+        .await;
+        match stored {
+            Ok(Ok(done)) => Ok(done),
+            Ok(Err(e)) if e.contains("already in this state for a different request") => {
+                Err(problem(StatusCode::CONFLICT, "Job id in use", e))
+            }
+            Ok(Err(e)) => {
+                tracing::error!("jobs: cannot record jobs: {e}");
+                Err(problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Jobs not recorded; nothing was queued",
+                    e,
+                ))
+            }
+            Err(e) => Err(problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Jobs not recorded; nothing was queued",
+                e.to_string(),
+            )),
+        }
+    }
+
+    /// `GET /_tollgate/jobs/ID`.
+    async fn job_status(self: &Arc<Self>, id: &str) -> Response<ResponseBody> {
+        let open = self.jobs.open.lock().clone();
+        let unknown = || {
+            problem(
+                StatusCode::NOT_FOUND,
+                "No such job",
+                format!("no job '{id}' was pushed to this proxy's state"),
+            )
+        };
+        let Some(open) = open else {
+            return unknown();
+        };
+        let (lookup, wanted) = (open.clone(), id.to_string());
+        let found =
+            tokio::task::spawn_blocking(move || lookup.state.lock().job_status(&wanted)).await;
+        let status = match found {
+            Ok(Ok(Some(s))) => s,
+            Ok(Ok(None)) => return unknown(),
+            Ok(Err(e)) => {
+                return problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "State not read",
+                    e.to_string(),
+                )
+            }
+            Err(e) => {
+                return problem(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "State not read",
+                    e.to_string(),
+                )
+            }
+        };
+        let sent_here = open
+            .tracked
+            .lock()
+            .get(&status.seq)
+            .map(|t| t.attempts.load(Ordering::Relaxed));
+        let (shown, attempts) = match (status.state.as_str(), sent_here) {
+            ("pending", Some(n)) if n > 0 => ("running", status.attempts.max(n)),
+            (state, _) => (state, status.attempts),
+        };
+        let result = status
+            .result
+            .and_then(|line| serde_json::from_str::<serde_json::Value>(&line).ok());
+        let attempts = result
+            .as_ref()
+            .and_then(|r| r.get("attempts"))
+            .and_then(|a| a.as_u64())
+            .map_or(attempts, |a| a as u32);
+        json(
+            StatusCode::OK,
+            serde_json::json!({
+                "id": id,
+                "status": shown,
+                "attempts": attempts,
+                "result": result,
+            }),
+        )
+    }
+
+    /// One try of a job: wait in its upstream's line as queued work, send,
+    /// retry as the upstream says; the final outcome, or when to try again.
+    async fn try_job(
+        &self,
+        generation: &Generation,
+        p: &Pending,
+        attempts: &Arc<AtomicU32>,
+        first: Nanos,
+    ) -> Tried {
+        let job = &p.job;
+        let dead = |reason: String, attempts: u32| {
+            Tried::Final(
+                tollgate_jobs::result::Outcome {
+                    id: &job.id,
+                    upstream: &p.upstream,
+                    dead: true,
+                    reason: Some(reason),
+                    status: None,
+                    attempts,
+                    elapsed_ms: None,
+                    latency_ms: None,
+                    body: None,
+                }
+                .record(p.seq, None),
+            )
+        };
+        let sent_before = attempts.load(Ordering::Relaxed);
+        let Some(upstream) = generation.upstream(&p.upstream) else {
+            return dead(
+                format!("upstream '{}' is no longer in the config", p.upstream),
+                sent_before,
+            );
+        };
+        let url = match url::Url::parse(&job.url) {
+            Ok(u) if generation.config.upstream_for(&u) == Some(upstream) => u,
+            _ => {
+                return dead(
+                    format!(
+                        "url '{}' is no longer under upstream '{}''s base_url",
+                        job.url, p.upstream
+                    ),
+                    sent_before,
+                )
+            }
+        };
+        let (mut parts, body) = match job_request(job) {
+            Ok(r) => r,
+            Err(e) => return dead(e, sent_before),
+        };
+        let control = Control::queued(job.priority, job.workflow.clone(), LINE_WAIT, attempts);
+        let mut outcome = Outcome::new();
+        let held = body.len();
+        let answer = self
+            .fetch(
+                generation,
+                upstream,
+                &url,
+                &mut parts,
+                Outgoing::Kept(body),
+                held,
+                &job_peer(),
+                &control,
+                &mut outcome,
+            )
+            .await;
+        let sent = attempts.load(Ordering::Relaxed);
+        match answer {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let bytes = read_result(response.into_body()).await;
+                let now = self.clock.now();
+                let reason = match classify(status) {
+                    Class::Success => None,
+                    Class::Rejected => Some(format!(
+                        "status {status}: the upstream refused the request (not retried)"
+                    )),
+                    Class::Redirect => Some(format!("status {status}: redirects are not followed")),
+                    Class::Throttled | Class::Transient => {
+                        Some(format!("status {status} after {sent} attempt(s)"))
+                    }
+                };
+                Tried::Final(
+                    tollgate_jobs::result::Outcome {
+                        id: &job.id,
+                        upstream: &p.upstream,
+                        dead: reason.is_some(),
+                        reason,
+                        status: Some(status),
+                        attempts: sent,
+                        elapsed_ms: Some(now.saturating_sub(first) as f64 / 1e6),
+                        latency_ms: outcome.upstream_ms(),
+                        body: Some(&bytes),
+                    }
+                    .record(p.seq, Some(wall_nanos())),
+                )
+            }
+            Err(refusal) => match later(&refusal) {
+                Some(wait) => Tried::Later(wait),
+                None => dead(refusal.detail(), sent),
+            },
+        }
+    }
+}
+
+/// A job's response body, up to `MAX_RESULT_BODY` (a body that breaks
+/// off is what came).
+async fn read_result(mut body: ResponseBody) -> Bytes {
+    let mut kept = bytes::BytesMut::new();
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(data) = frame.into_data() {
+            let room = MAX_RESULT_BODY - kept.len();
+            kept.extend_from_slice(&data[..data.len().min(room)]);
+            if kept.len() == MAX_RESULT_BODY {
+                break;
+            }
+        }
+    }
+    kept.freeze()
+}
+
+/// `Prefer: respond-async` (RFC 7240): queue the request, answer 202.
+pub(crate) fn prefers_async(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get_all(hyper::header::HeaderName::from_static("prefer"))
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| {
+            p.split(';')
+                .next()
+                .is_some_and(|name| name.trim().eq_ignore_ascii_case("respond-async"))
+        })
+}
+
+impl Proxy {
+    /// A live request sent with `Prefer: respond-async`: kept as a job (its
+    /// method, URL, headers and body, as the client sent them), answered
+    /// 202 with the job's `Location`.
+    pub(crate) async fn queue_live(
+        self: &Arc<Self>,
+        generation: &Arc<Generation>,
+        upstream: usize,
+        url: &url::Url,
+        parts: &hyper::http::request::Parts,
+        body: Incoming,
+        control: Control,
+    ) -> Result<Response<ResponseBody>, Refusal> {
+        let max = generation.settings.max_replay_bytes;
+        let bytes = match crate::call::read_body(body, max).await? {
+            (Outgoing::Kept(bytes), _) => bytes,
+            (Outgoing::Once(_), _) => return Err(Refusal::BodyTooLarge { max }),
+        };
+        let body = match bytes.is_empty() {
+            true => None,
+            false => Some(String::from_utf8(bytes.to_vec()).map_err(|_| {
+                Refusal::BadRequest(
+                    "a request queued with Prefer: respond-async keeps its body as text: this one is not UTF-8".into(),
+                )
+            })?),
+        };
+        let mut kept = parts.headers.clone();
+        tollgate_http::strip_hop_by_hop(&mut kept);
+        let mut headers = Vec::new();
+        for (name, value) in &kept {
+            let name = name.as_str();
+            if matches!(
+                name,
+                "host" | "proxy-authorization" | "prefer" | "content-length"
+            ) || name.starts_with("tollgate-")
+            {
+                continue;
+            }
+            let value = value.to_str().map_err(|_| {
+                Refusal::BadRequest(format!("header {name} must be visible ASCII to be queued"))
+            })?;
+            headers.push((name.to_string(), value.to_string()));
+        }
+        headers.sort();
+        let id = format!("job_{}", &self.next_request_id()["req_".len()..]);
+        let idempotency_key = match kept.get("idempotency-key").and_then(|v| v.to_str().ok()) {
+            Some(key) if !key.is_empty() => key.to_string(),
+            _ => format!("tollgate-{}", &tollgate_jobs::job::digest(&[&id])[..32]),
+        };
+        let job = Job {
+            id,
+            method: parts.method.as_str().to_string(),
+            url: url.to_string(),
+            headers,
+            body,
+            // (its Content-Type is among its headers, as the client sent it)
+            json: false,
+            priority: control.priority,
+            workflow: control.workflow,
+            idempotency_key,
+        };
+        let routed = vec![Routed { upstream, job }];
+        match self.enqueue(generation, routed).await {
+            Ok((ids, _)) => {
+                let mut r: Response<ResponseBody> =
+                    json(StatusCode::ACCEPTED, serde_json::json!({ "ids": ids }));
+                if let Ok(v) = HeaderValue::from_str(&format!("{JOBS_PATH}/{}", ids[0])) {
+                    r.headers_mut().insert(LOCATION, v);
+                }
+                Ok(r)
+            }
+            Err(refused) => Ok(refused),
+        }
+    }
+}
+
+/// A refusal that says "not now" rather than "never": how long to wait.
+fn later(refusal: &Refusal) -> Option<Duration> {
+    match refusal {
+        Refusal::WaitExceeded { .. }
+        | Refusal::StoreUnavailable(_)
+        | Refusal::StoreFull(_)
+        | Refusal::BodiesFull { .. }
+        | Refusal::KeysParked { .. } => Some(Duration::from_secs(1)),
+        Refusal::BreakerOpen { retry_after, .. } => {
+            Some(Duration::from_nanos(*retry_after).clamp(Duration::from_millis(10), MOST_LATER))
+        }
+        _ => None,
+    }
+}
+
+/// What a job sends: its method, URL and headers (with its idempotency key
+/// and JSON type unless it set them), as the runner sends it.
+fn job_request(job: &Job) -> Result<(hyper::http::request::Parts, Bytes), String> {
+    let mut builder = hyper::Request::builder()
+        .method(job.method.as_str())
+        .uri(job.url.as_str());
+    for (name, value) in &job.headers {
+        builder = builder.header(name.as_str(), value.as_str());
+    }
+    let (mut parts, ()) = builder
+        .body(())
+        .map_err(|e| format!("the job cannot be sent as stored: {e}"))?
+        .into_parts();
+    if let Ok(key) = HeaderValue::from_str(&job.idempotency_key) {
+        parts.headers.entry("idempotency-key").or_insert(key);
+    }
+    if job.body.is_some() && job.json {
+        parts
+            .headers
+            .entry(CONTENT_TYPE)
+            .or_insert(HeaderValue::from_static("application/json"));
+    }
+    let body = Bytes::from(job.body.clone().unwrap_or_default());
+    Ok((parts, body))
+}
+
+/// Jobs come from the proxy itself, as far as an `ip` key part goes.
+fn job_peer() -> Peer {
+    Peer::new(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+/// Now, in ns since the epoch (when a job's last attempt went).
+fn wall_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}

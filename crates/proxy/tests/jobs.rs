@@ -1,0 +1,342 @@
+//! Job intake on the proxy: producers push jobs over HTTP; they are kept in
+//! the durable state, sent through the same line as live requests (after
+//! them, above the reserve), and their results can be asked for.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+use tokio::time::Instant;
+use tollgate_testkit::upstream::{scripted, scripted_seen, Answer};
+
+thread_local! {
+    /// One client per test (each test has its own thread and runtime):
+    /// building one reads the system's roots, too slow to do per poll.
+    static CLIENT: reqwest::Client = client();
+}
+
+fn http() -> reqwest::Client {
+    CLIENT.with(|c| c.clone())
+}
+
+/// A proxy config whose jobs live in `dir`.
+fn with_state(dir: &std::path::Path, rest: &str) -> String {
+    format!(
+        "[proxy]\naccess_log = \"off\"\nstate = \"{}\"\n{rest}",
+        dir.display()
+    )
+}
+
+async fn push(proxy: &Running, content_type: &str, body: String) -> reqwest::Response {
+    http()
+        .post(format!("http://{}/_tollgate/jobs", proxy.addr))
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .expect("intake answers")
+}
+
+async fn status(proxy: &Running, id: &str) -> serde_json::Value {
+    http()
+        .get(format!("http://{}/_tollgate/jobs/{id}", proxy.addr))
+        .send()
+        .await
+        .expect("status answers")
+        .json()
+        .await
+        .expect("json")
+}
+
+/// Wait (on the test's clock, up to 10 minutes of it) until job `id` is
+/// done or dead.
+async fn settled(proxy: &Running, id: &str) -> serde_json::Value {
+    for _ in 0..3000 {
+        let s = status(proxy, id).await;
+        if s["status"] == "done" || s["status"] == "dead" {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("job {id} never settled");
+}
+
+#[tokio::test(start_paused = true)]
+async fn jobs_pushed_as_jsonl_are_sent_once_and_their_results_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = scripted_seen(|seen, _| match seen.path.as_str() {
+        "/v1/missing" => Answer::Status(404, vec![], "{\"error\":\"no such contact\"}"),
+        _ => Answer::Text(200, vec![], format!("{{\"echo\":{}}}", seen.body.len())),
+    })
+    .await;
+    let proxy = start(&with_state(
+        dir.path(),
+        &upstream("crm", up.addr, &bucket("api", 10, "10/s")),
+    ))
+    .await;
+    let base = format!("http://{}", up.addr);
+    let lines = format!(
+        "{{\"id\":\"c1\",\"method\":\"POST\",\"url\":\"{base}/v1/contacts\",\"body\":{{\"name\":\"Ada\"}},\"workflow\":\"sync\"}}\n\
+         {{\"id\":\"c2\",\"method\":\"GET\",\"url\":\"{base}/v1/missing\"}}\n\
+         {{\"method\":\"GET\",\"url\":\"{base}/v1/contacts?page=2\"}}\n"
+    );
+    let answer = push(&proxy, "application/x-ndjson", lines.clone()).await;
+    assert_eq!(answer.status(), 202);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(body["queued"], 3);
+    let ids: Vec<String> = body["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(&ids[..2], ["c1", "c2"]);
+
+    let done = settled(&proxy, "c1").await;
+    assert_eq!(done["status"], "done");
+    assert_eq!(done["attempts"], 1);
+    assert_eq!(done["result"]["status"], 200);
+    assert_eq!(done["result"]["body"]["echo"], 14);
+    let dead = settled(&proxy, "c2").await;
+    assert_eq!(dead["status"], "dead");
+    assert_eq!(dead["result"]["status"], 404);
+    assert!(dead["result"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("not retried"));
+    assert_eq!(settled(&proxy, &ids[2]).await["status"], "done");
+
+    // Sent as the runner sends: the job's body as JSON, its idempotency key.
+    let sent = up.seen("/v1/contacts");
+    assert_eq!(sent.len(), 2);
+    let post = sent.iter().find(|s| s.method == "POST").unwrap();
+    assert_eq!(&post.body[..], b"{\"name\":\"Ada\"}");
+    assert!(post.idempotency_key.starts_with("tollgate-"));
+    assert!(post
+        .headers
+        .iter()
+        .all(|(name, _)| !name.starts_with("tollgate-")));
+
+    // The same batch again: nothing new is queued or sent.
+    let again: serde_json::Value = push(&proxy, "application/x-ndjson", lines)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (again["queued"].clone(), again["already"].clone()),
+        (0.into(), 3.into())
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(up.seen("/v1/contacts").len(), 2);
+
+    // Results land in the state's results.jsonl, one line per job.
+    for _ in 0..1000 {
+        let text = std::fs::read_to_string(dir.path().join("results.jsonl")).unwrap_or_default();
+        if text.lines().count() == 3 {
+            let ids_seen: std::collections::BTreeSet<String> = text
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                        .as_str()
+                        .unwrap()
+                        .to_string()
+                })
+                .collect();
+            assert_eq!(ids_seen.len(), 3);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("results.jsonl never had its three lines");
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_job_as_json_answers_with_its_location() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = scripted(|_, _| tollgate_testkit::upstream::ok()).await;
+    let proxy = start(&with_state(
+        dir.path(),
+        &upstream("crm", up.addr, &bucket("api", 100, "100/s")),
+    ))
+    .await;
+    let job = format!(
+        "{{\"id\":\"one\",\"method\":\"DELETE\",\"url\":\"http://{}/v1/deals/7\"}}",
+        up.addr
+    );
+    let answer = push(&proxy, "application/json", job).await;
+    assert_eq!(answer.status(), 202);
+    assert_eq!(answer.headers()["location"], "/_tollgate/jobs/one");
+    assert_eq!(settled(&proxy, "one").await["status"], "done");
+    assert_eq!(up.seen("/v1/deals/7")[0].method, "DELETE");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bad_batch_is_refused_whole_naming_each_bad_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = scripted(|_, _| tollgate_testkit::upstream::ok()).await;
+    let proxy = start(&with_state(
+        dir.path(),
+        &upstream("crm", up.addr, &bucket("api", 100, "100/s")),
+    ))
+    .await;
+    let base = format!("http://{}", up.addr);
+    let lines = format!(
+        "{{\"method\":\"GET\",\"url\":\"{base}/v1/a\"}}\n\
+         {{\"method\":\"GET\",\"url\":\n\
+         {{\"method\":\"GET\",\"url\":\"http://elsewhere.example/v1/b\"}}\n"
+    );
+    let answer = push(&proxy, "application/x-ndjson", lines).await;
+    assert_eq!(answer.status(), 400);
+    assert_eq!(answer.headers()["content-type"], "application/problem+json");
+    let problem: serde_json::Value = answer.json().await.unwrap();
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("line 2: not a job"), "{detail}");
+    assert!(
+        detail.contains(
+            "line 3: url 'http://elsewhere.example/v1/b' is under no [[upstream]] base_url"
+        ),
+        "{detail}"
+    );
+    assert_eq!(problem["title"], "Jobs refused; nothing was queued");
+    // Nothing was queued, nothing sent.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(up.seen("/v1/a").is_empty());
+    assert_eq!(status(&proxy, "anything").await["title"], "No such job");
+
+    let wrong_type = push(&proxy, "text/csv", "a,b\n".into()).await;
+    assert_eq!(wrong_type.status(), 415);
+    let not_an_object = push(&proxy, "application/json", "[1,2]".into()).await;
+    assert_eq!(not_an_object.status(), 400);
+    let elsewhere = get(&format!("http://{}/_tollgate/other", proxy.addr), &[]).await;
+    assert_eq!(elsewhere.status(), 404);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_live_request_preferring_async_is_queued_as_a_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = scripted(|_, _| Answer::Status(201, vec![], "{\"id\":42}")).await;
+    let proxy = start(&with_state(
+        dir.path(),
+        &upstream("crm", up.addr, &bucket("api", 100, "100/s")),
+    ))
+    .await;
+    let answer = client()
+        .post(proxy.url("crm", "/v1/contacts"))
+        .header("prefer", "respond-async")
+        .header("content-type", "application/json")
+        .header("tollgate-workflow", "enrichment")
+        .body("{\"name\":\"Grace\"}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 202);
+    let location = answer.headers()["location"].to_str().unwrap().to_string();
+    let id = location
+        .strip_prefix("/_tollgate/jobs/")
+        .unwrap()
+        .to_string();
+    let done = settled(&proxy, &id).await;
+    assert_eq!(done["result"]["status"], 201);
+    assert_eq!(done["result"]["body"]["id"], 42);
+    let sent = up.seen("/v1/contacts");
+    assert_eq!(sent.len(), 1);
+    assert_eq!(&sent[0].body[..], b"{\"name\":\"Grace\"}");
+    assert!(sent[0].headers.iter().all(|(n, _)| n != "prefer"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn live_requests_go_ahead_of_queued_jobs_and_use_the_reserve() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = scripted(|_, _| tollgate_testkit::upstream::ok()).await;
+    // 10 a minute, 20% of it kept for live requests.
+    let limits = "reserve = \"20%\"\n[[upstream.limit]]\nname = \"api\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 10\n";
+    let proxy = start(&with_state(dir.path(), &upstream("crm", up.addr, limits))).await;
+    let base = format!("http://{}", up.addr);
+    let lines: String = (0..30)
+        .map(|i| {
+            format!("{{\"id\":\"j{i}\",\"method\":\"GET\",\"url\":\"{base}/v1/batch/{i}\"}}\n")
+        })
+        .collect();
+    assert_eq!(
+        push(&proxy, "application/x-ndjson", lines).await.status(),
+        202
+    );
+    // The batch takes what is above the reserve, and no more.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let batch = || {
+        up.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path.starts_with("/v1/batch/"))
+            .count()
+    };
+    // (the proxy keeps its limits a little inside the profile: 9 a window)
+    let first_window = batch();
+    assert!((6..=8).contains(&first_window), "{first_window}");
+    // Live requests take the reserve at once, ahead of 20-odd queued jobs.
+    let started = Instant::now();
+    for path in ["/v1/live/1", "/v1/live/2"] {
+        let r = get(&proxy.url("crm", path), &[]).await;
+        assert_eq!(r.status(), 200);
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "live requests did not wait: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(batch(), first_window, "the reserve is not the batch's");
+    // Visible: the reserve's calls, the queue and its oldest job's age.
+    let metrics = scrape(&proxy).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "tollgate_proxy_reserve_calls_total{upstream=\"crm\"}"
+        ),
+        2.0
+    );
+    let queued = "{upstream=\"crm\",workflow=\"\"}";
+    assert_eq!(
+        metric(&metrics, &format!("tollgate_proxy_jobs_pending{queued}")),
+        (30 - first_window) as f64
+    );
+    let age = metric(
+        &metrics,
+        &format!("tollgate_proxy_jobs_oldest_age_seconds{queued}"),
+    );
+    assert!((1.0..2.0).contains(&age), "{age}");
+    // Every job is done in the end, none lost.
+    assert_eq!(settled(&proxy, "j29").await["status"], "done");
+    assert_eq!(batch(), 30);
+    let metrics = scrape(&proxy).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "tollgate_proxy_jobs_finished_total{upstream=\"crm\",outcome=\"done\"}"
+        ),
+        30.0
+    );
+    assert!(
+        !metrics.contains("tollgate_proxy_jobs_pending{"),
+        "an empty queue shows no series"
+    );
+}
+
+async fn scrape(proxy: &Running) -> String {
+    http()
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
+/// The value of the series named exactly so (name and labels).
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}

@@ -34,6 +34,11 @@ pub struct Job {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workflow: Option<String>,
     pub idempotency_key: String,
+    /// Where its result is POSTed when it is final (`callback`, or the
+    /// intake's `Tollgate-Callback`); a coordinator (`tollgate proxy`)
+    /// delivers it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<String>,
 }
 
 /// The upstream index of each job, next to it.
@@ -92,6 +97,7 @@ struct JobLine {
     priority: Option<String>,
     workflow: Option<String>,
     idempotency_key: Option<String>,
+    callback: Option<String>,
     /// Written by `tollgate dlq export` (why it failed); ignored on input.
     #[serde(rename = "dead_letter")]
     _dead_letter: Option<serde_json::Value>,
@@ -250,8 +256,24 @@ fn job_from_line(
             priority,
             workflow: raw.workflow,
             idempotency_key,
+            callback: match raw.callback {
+                Some(url) => Some(callback_url(&url).map_err(|m| format!("callback {m}"))?),
+                None => None,
+            },
         },
     })
+}
+
+/// A callback URL as given (a job's `callback`, the `Tollgate-Callback`
+/// header): an http(s) URL with a host, or why not.
+pub fn callback_url(text: &str) -> Result<String, String> {
+    match Url::parse(text) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host_str().is_some() => {
+            Ok(url.to_string())
+        }
+        Ok(_) => Err(format!("'{text}' is not an http(s) URL with a host")),
+        Err(e) => Err(format!("'{text}' is not a URL: {e}")),
+    }
 }
 
 /// Cut records (one JSON value per line) into calls of `bulk.max_items`.
@@ -314,6 +336,7 @@ pub fn read_bulk(
                 upstream,
                 job: Job {
                     idempotency_key: format!("tollgate-{}", &digest(&[&id, &content])[..32]),
+                    callback: None,
                     id,
                     method: bulk.method.clone(),
                     url: url.clone(),

@@ -92,6 +92,7 @@ impl Outcome<'_> {
                 .map(|b| String::from_utf8_lossy(&b[..b.len().min(EXCERPT)]).into_owned()),
             reason: self.reason,
             line,
+            callback: None,
         }
     }
 }

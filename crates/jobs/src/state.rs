@@ -101,7 +101,22 @@ pub enum Record {
         reason: Option<String>,
         excerpt: Option<String>,
         line: String,
+        /// Its result to POST to the job's callback (kept until delivered).
+        callback: Option<Callback>,
     },
+    /// A callback reached its receiver (2xx).
+    Delivered { seq: u64 },
+    /// A callback's receiver never took it: recorded, not retried.
+    Undelivered { seq: u64, error: String },
+}
+
+/// A job's result on its way to the job's callback URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Callback {
+    pub seq: u64,
+    pub url: String,
+    /// The JSON POSTed (the job's id, status, attempts and result).
+    pub body: String,
 }
 
 #[derive(Debug)]
@@ -149,7 +164,8 @@ impl State {
             );
             CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
             CREATE TABLE IF NOT EXISTS results (n INTEGER PRIMARY KEY, seq INTEGER NOT NULL, line TEXT NOT NULL);
-            CREATE TABLE IF NOT EXISTS paces (upstream TEXT PRIMARY KEY, rate REAL NOT NULL, learnt TEXT NOT NULL);",
+            CREATE TABLE IF NOT EXISTS paces (upstream TEXT PRIMARY KEY, rate REAL NOT NULL, learnt TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS callbacks (seq INTEGER PRIMARY KEY, url TEXT NOT NULL, body TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'pending', error TEXT);",
         )
         .map_err(|e| sql_err(dir, e))?;
         let state = State {
@@ -295,6 +311,39 @@ impl State {
         }
         tx.commit().map_err(|e| sql_err(&dir, e))?;
         Ok(seqs)
+    }
+
+    /// Callbacks not yet delivered nor given up on, oldest first (a restart
+    /// delivers them: at least once).
+    pub fn pending_callbacks(&self) -> Result<Vec<Callback>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, url, body FROM callbacks WHERE state = 'pending' ORDER BY seq")
+            .map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(Callback {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    url: r.get(1)?,
+                    body: r.get(2)?,
+                })
+            })
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
+    }
+
+    /// Callbacks by state (pending, delivered, undelivered).
+    pub fn callback_counts(&self) -> Result<HashMap<String, u64>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT state, COUNT(*) FROM callbacks GROUP BY state")
+            .map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
     }
 
     /// Where a job is: its row, state (pending, done or dead), attempts
@@ -597,6 +646,14 @@ fn write_records(
             let mut forgotten = tx
                 .prepare_cached("DELETE FROM paces WHERE upstream = ?1")
                 .map_err(|e| sql_err(dir, e))?;
+            let mut callback = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO callbacks (seq, url, body) VALUES (?1, ?2, ?3)",
+                )
+                .map_err(|e| sql_err(dir, e))?;
+            let mut delivered = tx
+                .prepare_cached("UPDATE callbacks SET state = ?2, error = ?3 WHERE seq = ?1")
+                .map_err(|e| sql_err(dir, e))?;
             let now = jiff::Timestamp::now().to_string();
             for record in batch.drain(..) {
                 match record {
@@ -625,6 +682,7 @@ fn write_records(
                         reason,
                         excerpt,
                         line,
+                        callback: to_deliver,
                     } => {
                         let state = if dead { "dead" } else { "done" };
                         let changed = finish
@@ -645,7 +703,22 @@ fn write_records(
                                 .execute(params![seq as i64, line])
                                 .map_err(|e| sql_err(dir, e))?;
                             lines.push(line);
+                            if let Some(c) = to_deliver {
+                                callback
+                                    .execute(params![c.seq as i64, c.url, c.body])
+                                    .map_err(|e| sql_err(dir, e))?;
+                            }
                         }
+                    }
+                    Record::Delivered { seq } => {
+                        delivered
+                            .execute(params![seq as i64, "delivered", None::<String>])
+                            .map_err(|e| sql_err(dir, e))?;
+                    }
+                    Record::Undelivered { seq, error } => {
+                        delivered
+                            .execute(params![seq as i64, "undelivered", error])
+                            .map_err(|e| sql_err(dir, e))?;
                     }
                 }
             }

@@ -11,6 +11,7 @@
 //! with the same `Idempotency-Key`).
 
 use crate::call::{Control, Outcome, Outgoing, ResponseBody};
+use crate::callbacks::{callback_header, Courier};
 use crate::state::{Generation, Proxy};
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -28,7 +29,7 @@ use tollgate_comply::retry::{classify, Class};
 use tollgate_core::{Clock, Nanos};
 use tollgate_http::admin::{json, problem};
 use tollgate_http::{Peer, Refusal};
-use tollgate_jobs::state::{Pending, Record, Writer};
+use tollgate_jobs::state::{Callback, Pending, Record, Writer};
 use tollgate_jobs::{Job, JobsError, Routed, State};
 
 /// The intake's path (under the reserved first segment).
@@ -67,6 +68,8 @@ struct Open {
     in_line: Arc<Semaphore>,
     /// Every pending job this process knows, by seq.
     tracked: Mutex<HashMap<u64, Tracked>>,
+    /// Delivers results to the jobs' callback URLs.
+    courier: Courier,
 }
 
 impl std::fmt::Debug for Open {
@@ -112,15 +115,41 @@ impl Desk {
         let state = State::open(dir).map_err(|e| e.to_string())?;
         let writer = state.writer().map_err(|e| e.to_string())?;
         let pending = state.pending().map_err(|e| e.to_string())?;
-        let o = Arc::new(Open {
-            dir: dir.to_path_buf(),
-            state: Mutex::new(state),
-            writer: Mutex::new(Some(writer)),
-            waiting: Mutex::new(VecDeque::new()),
-            more: Notify::new(),
-            in_line: Arc::new(Semaphore::new(IN_LINE)),
-            tracked: Mutex::new(HashMap::new()),
+        let callbacks = state.pending_callbacks().map_err(|e| e.to_string())?;
+        let o = Arc::new_cyclic(|weak: &Weak<Open>| {
+            let (recorder, metrics) = (weak.clone(), Arc::downgrade(proxy));
+            let secret_env = &proxy.current().settings.callback_secret_env;
+            let secret = std::env::var(secret_env).ok().filter(|s| !s.is_empty());
+            if secret.is_none() {
+                tracing::info!("jobs: callbacks go unsigned ({secret_env} is not set)");
+            }
+            Open {
+                dir: dir.to_path_buf(),
+                state: Mutex::new(state),
+                writer: Mutex::new(Some(writer)),
+                waiting: Mutex::new(VecDeque::new()),
+                more: Notify::new(),
+                in_line: Arc::new(Semaphore::new(IN_LINE)),
+                tracked: Mutex::new(HashMap::new()),
+                courier: Courier::start(
+                    secret,
+                    move |record| {
+                        if let Some(open) = recorder.upgrade() {
+                            open.record(record);
+                        }
+                    },
+                    move |delivered| {
+                        if let Some(proxy) = metrics.upgrade() {
+                            proxy.metrics.callback(delivered);
+                        }
+                    },
+                ),
+            }
         });
+        for callback in callbacks {
+            let id = callback_job_id(&callback.body);
+            o.courier.send(callback, id);
+        }
         if !pending.is_empty() {
             tracing::info!(
                 "jobs: resuming {} pending job(s) from {}",
@@ -251,11 +280,32 @@ async fn send_until_final(proxy: Arc<Proxy>, open: &Open, p: Pending) {
     loop {
         let generation = proxy.current();
         match proxy.try_job(&generation, &p, &attempts, first).await {
-            Tried::Final(record) => {
-                if let Record::Final { dead, .. } = &record {
+            Tried::Final(mut record) => {
+                let mut deliver = None;
+                if let Record::Final {
+                    dead,
+                    attempts,
+                    line,
+                    callback,
+                    ..
+                } = &mut record
+                {
                     proxy.metrics.job_finished(&p.upstream, *dead);
+                    if let Some(url) = &p.job.callback {
+                        let body = crate::callbacks::payload(&p.job.id, *dead, *attempts, line);
+                        *callback = Some(Callback {
+                            seq: p.seq,
+                            url: url.clone(),
+                            body,
+                        });
+                        deliver = callback.clone();
+                    }
                 }
+                // (recorded first: the delivery's own record comes after it)
                 open.record(record);
+                if let Some(callback) = deliver {
+                    open.courier.send(callback, p.job.id.clone());
+                }
                 open.tracked.lock().remove(&p.seq);
                 return;
             }
@@ -393,6 +443,19 @@ impl Proxy {
                 )
             }
         };
+        let callback = match callback_header(&parts.headers) {
+            Ok(c) => c,
+            Err(refusal) => {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    "Jobs refused; nothing was queued",
+                    refusal.detail(),
+                )
+            }
+        };
+        for r in routed.iter_mut().filter(|r| r.job.callback.is_none()) {
+            r.job.callback = callback.clone();
+        }
         if let Some(workflow) = client.and_then(|c| c.workflow.as_ref()) {
             // A client's workflow is its jobs' unless they name one.
             for r in routed.iter_mut().filter(|r| r.job.workflow.is_none()) {
@@ -654,6 +717,14 @@ async fn read_result(mut body: ResponseBody) -> Bytes {
     kept.freeze()
 }
 
+/// The job id in a stored callback's payload.
+fn callback_job_id(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("id")?.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 /// `Prefer: respond-async` (RFC 7240): queue the request, answer 202.
 pub(crate) fn prefers_async(headers: &hyper::HeaderMap) -> bool {
     headers
@@ -728,6 +799,7 @@ impl Proxy {
             priority: control.priority,
             workflow: control.workflow,
             idempotency_key,
+            callback: callback_header(&parts.headers)?,
         };
         let routed = vec![Routed { upstream, job }];
         match self.enqueue(generation, routed).await {

@@ -16,12 +16,14 @@
 //! - `route`: which upstream a request is for (alias or forward proxy).
 //! - `call`: one request: wait in line, send, retry, relay.
 //! - `jobs`: job intake (`/_tollgate/jobs`): queued work in the same lines.
+//! - `callbacks`: jobs' results POSTed (signed) to their callback URLs.
 //! - `admin`: health, metrics, usage, config, reload.
 //! - `server`: listeners and lifecycle.
 
 mod admin;
 mod cached;
 pub mod call;
+mod callbacks;
 mod deduped;
 pub mod intercept;
 mod jobs;
@@ -32,6 +34,7 @@ mod server;
 pub mod settings;
 mod state;
 
+pub use callbacks::signature as callback_signature;
 pub use server::serve;
 pub use settings::{Client, ProxySettings};
 pub use state::{load, Generation, Overrides, Proxy, Reloaded, Source};

@@ -124,6 +124,12 @@ pub struct Metrics {
     jobs_pending: Family<WorkflowLabels, Gauge>,
     jobs_oldest: Family<WorkflowLabels, Gauge<f64, AtomicU64>>,
     jobs_finished: Family<OutcomeLabels, Counter>,
+    callbacks: Family<CallbackLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallbackLabels {
+    outcome: &'static str,
 }
 
 /// The pending jobs of one upstream and workflow right now.
@@ -174,6 +180,12 @@ impl Default for Metrics {
         let jobs_pending = Family::<WorkflowLabels, Gauge>::default();
         let jobs_oldest = Family::<WorkflowLabels, Gauge<f64, AtomicU64>>::default();
         let jobs_finished = Family::<OutcomeLabels, Counter>::default();
+        let callbacks = Family::<CallbackLabels, Counter>::default();
+        registry.register(
+            "proxy_callbacks",
+            "Jobs' results POSTed to their callback URLs, by outcome (delivered: the receiver answered 2xx; undelivered: it never did, after every retry)",
+            callbacks.clone(),
+        );
         registry.register(
             "proxy_jobs_pending",
             "Jobs pushed to /_tollgate/jobs (or queued with Prefer: respond-async) not yet done or dead, by upstream and workflow",
@@ -261,6 +273,7 @@ impl Default for Metrics {
             jobs_pending,
             jobs_oldest,
             jobs_finished,
+            callbacks,
         }
     }
 }
@@ -310,6 +323,19 @@ impl Metrics {
             .get_or_create(&OutcomeLabels {
                 upstream: upstream.to_string(),
                 outcome: if dead { "dead" } else { "done" },
+            })
+            .inc();
+    }
+
+    /// A callback was delivered, or given up on.
+    pub fn callback(&self, delivered: bool) {
+        self.callbacks
+            .get_or_create(&CallbackLabels {
+                outcome: if delivered {
+                    "delivered"
+                } else {
+                    "undelivered"
+                },
             })
             .inc();
     }

@@ -43,6 +43,9 @@ pub struct ProxySettings {
     /// The durable state of the jobs pushed to `/_tollgate/jobs` (the same
     /// SQLite state `tollgate run --state` keeps).
     pub state: PathBuf,
+    /// The environment variable holding the secret callbacks are signed
+    /// with (HMAC-SHA256 in `Tollgate-Signature`).
+    pub callback_secret_env: String,
 }
 
 /// A client allowed to use the proxy, known by its token.
@@ -84,6 +87,7 @@ impl Default for ProxySettings {
             clients: Vec::new(),
             ca_dir: PathBuf::from(DEFAULT_CA_DIR),
             state: PathBuf::from(DEFAULT_STATE),
+            callback_secret_env: "TOLLGATE_CALLBACK_SECRET".into(),
         }
     }
 }
@@ -106,6 +110,7 @@ struct RawProxy {
     shutdown_grace: Option<Spanned<String>>,
     ca_dir: Option<String>,
     state: Option<String>,
+    callback_secret_env: Option<String>,
     #[serde(default)]
     client: Vec<Spanned<RawClient>>,
 }
@@ -161,6 +166,9 @@ impl ProxySettings {
         }
         if let Some(v) = p.state {
             s.state = PathBuf::from(v);
+        }
+        if let Some(v) = p.callback_secret_env {
+            s.callback_secret_env = v;
         }
         if let Some(v) = &p.max_wait {
             s.max_wait = duration(v, "max_wait")?;

@@ -340,3 +340,101 @@ fn metric(text: &str, series: &str) -> f64 {
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {series} in\n{text}"))
 }
+
+#[tokio::test(start_paused = true)]
+async fn results_are_posted_to_the_callback_signed_and_retried_until_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = scripted(|_, _| Answer::Status(200, vec![], "{\"ok\":true}")).await;
+    // The producer's receiver: down twice, then takes it; another never does.
+    let receiver = scripted(|path, n| match (path, n) {
+        ("/hooks/flaky", 1 | 2) => Answer::Status(503, vec![], ""),
+        ("/hooks/down", _) => Answer::Status(500, vec![], ""),
+        _ => Answer::Status(204, vec![], ""),
+    })
+    .await;
+    std::env::set_var("JOBS_TEST_CALLBACK_SECRET", "s3cret");
+    let config = with_state(
+        dir.path(),
+        &format!(
+            "callback_secret_env = \"JOBS_TEST_CALLBACK_SECRET\"\n{}",
+            upstream("crm", up.addr, &bucket("api", 100, "100/s"))
+        ),
+    );
+    let proxy = start(&config).await;
+    let base = format!("http://{}", up.addr);
+    let hooks = format!("http://{}/hooks", receiver.addr);
+    let lines = format!(
+        "{{\"id\":\"a\",\"method\":\"GET\",\"url\":\"{base}/v1/a\"}}\n\
+         {{\"id\":\"b\",\"method\":\"GET\",\"url\":\"{base}/v1/b\",\"callback\":\"{hooks}/down\"}}\n"
+    );
+    let answer = http()
+        .post(format!("http://{}/_tollgate/jobs", proxy.addr))
+        .header("content-type", "application/x-ndjson")
+        .header("tollgate-callback", format!("{hooks}/flaky"))
+        .body(lines)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 202);
+    settled(&proxy, "a").await;
+    settled(&proxy, "b").await;
+    // 1 + 2 + 4 + 8 + 16 s of retries, and some.
+    tokio::time::sleep(Duration::from_secs(40)).await;
+
+    let flaky = receiver.seen("/hooks/flaky");
+    assert_eq!(flaky.len(), 3, "taken at the third attempt");
+    let last = &flaky[2];
+    let header = |name: &str| {
+        last.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(header("tollgate-job-id"), "a");
+    assert_eq!(header("tollgate-delivery-attempt"), "3");
+    let body: serde_json::Value = serde_json::from_slice(&last.body).unwrap();
+    assert_eq!(body["id"], "a");
+    assert_eq!(body["status"], "done");
+    assert_eq!(body["result"]["status"], 200);
+    assert_eq!(
+        header("tollgate-signature"),
+        tollgate_proxy::callback_signature(b"s3cret", &last.body)
+    );
+    // The other receiver never takes it: retried, then recorded, not lost.
+    assert_eq!(receiver.seen("/hooks/down").len(), 6);
+    let metrics = scrape(&proxy).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "tollgate_proxy_callbacks_total{outcome=\"delivered\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tollgate_proxy_callbacks_total{outcome=\"undelivered\"}"
+        ),
+        1.0
+    );
+    let counts = (0..100).find_map(|_| {
+        let state = tollgate_jobs::State::open_read_only(dir.path()).ok()?;
+        let counts = state.callback_counts().ok()?;
+        (counts.get("undelivered") == Some(&1) && counts.get("delivered") == Some(&1))
+            .then_some(counts)
+    });
+    assert!(counts.is_some(), "both outcomes are in the state");
+
+    // A callback that is not http(s) is refused, naming the line.
+    let bad = format!(
+        "{{\"method\":\"GET\",\"url\":\"{base}/v1/c\",\"callback\":\"ftp://files.example/x\"}}\n"
+    );
+    let refused = push(&proxy, "application/x-ndjson", bad).await;
+    assert_eq!(refused.status(), 400);
+    let problem: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(
+        problem["detail"],
+        "line 1: callback 'ftp://files.example/x' is not an http(s) URL with a host"
+    );
+}

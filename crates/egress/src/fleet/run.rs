@@ -184,8 +184,9 @@ impl Recorder {
 impl Sink for Recorder {
     fn record(&self, a: &Active, record: Record) {
         self.send(match record {
-            // Not kept in a fleet: each runner learns its own pace.
-            Record::Pace { .. } => return,
+            // Not kept in a fleet: each runner learns its own pace (and a
+            // runner delivers no callbacks).
+            Record::Pace { .. } | Record::Delivered { .. } | Record::Undelivered { .. } => return,
             Record::Retry { attempts, .. } => Write::Attempts {
                 id: a.job.id.clone(),
                 attempts,
@@ -314,6 +315,7 @@ fn unreadable(id: &str) -> Job {
         priority: Priority::Normal,
         workflow: None,
         idempotency_key: String::new(),
+        callback: None,
     }
 }
 

@@ -1,0 +1,221 @@
+//! Results pushed to producers: a job with a callback URL (its `callback`,
+//! or the intake's `Tollgate-Callback` header) has its final result POSTed
+//! there, signed with HMAC-SHA256 over the body when `[proxy]
+//! callback_secret_env` names a set secret, the job id in the payload and
+//! in `Tollgate-Job-Id` so receivers can deduplicate. A callback is kept
+//! in the state with the job's result (one transaction) until its receiver
+//! answers 2xx; a receiver that never does is retried, then recorded as
+//! undelivered (`tollgate_proxy_callbacks_total{outcome="undelivered"}`),
+//! never dropped silently. A restart delivers what was pending: at least
+//! once.
+
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use http_body_util::Full;
+use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use hyper::{HeaderMap, Method, Request};
+use sha2::Sha256;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Semaphore};
+use tollgate_http::Refusal;
+use tollgate_jobs::state::{Callback, Record};
+
+/// The header a producer names a batch's callback URL in.
+static CALLBACK: HeaderName = HeaderName::from_static("tollgate-callback");
+/// Attempts per callback before it is recorded as undelivered.
+const ATTEMPTS: u32 = 6;
+/// The wait after the first failed attempt; doubled after each.
+const FIRST_WAIT: Duration = Duration::from_secs(1);
+/// How long a receiver has to answer one attempt.
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// Deliveries in flight at once.
+const AT_ONCE: usize = 64;
+
+type Client = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
+/// `Tollgate-Callback` on an intake or a request queued with `Prefer:
+/// respond-async`: checked, None when absent.
+pub(crate) fn callback_header(headers: &HeaderMap) -> Result<Option<String>, Refusal> {
+    let Some(value) = headers.get(&CALLBACK) else {
+        return Ok(None);
+    };
+    let text = value.to_str().map_err(|_| {
+        Refusal::BadRequest("header Tollgate-Callback must be visible ASCII".into())
+    })?;
+    tollgate_jobs::job::callback_url(text.trim())
+        .map(Some)
+        .map_err(|m| Refusal::BadRequest(format!("header Tollgate-Callback: {m}")))
+}
+
+/// The payload POSTed for a job: what `GET /_tollgate/jobs/ID` shows once
+/// it is final.
+pub(crate) fn payload(id: &str, dead: bool, attempts: u32, line: &str) -> String {
+    let result = serde_json::from_str::<serde_json::Value>(line).unwrap_or_default();
+    serde_json::json!({
+        "id": id,
+        "status": if dead { "dead" } else { "done" },
+        "attempts": attempts,
+        "result": result,
+    })
+    .to_string()
+}
+
+/// `sha256=` and the hex HMAC-SHA256 of `body` under `secret`.
+pub fn signature(secret: &[u8], body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
+    mac.update(body);
+    let digest = mac.finalize().into_bytes();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256={hex}")
+}
+
+/// Delivers callbacks, each on a task of its own, and records how each
+/// ended through `record`.
+pub(crate) struct Courier {
+    tx: mpsc::UnboundedSender<(Callback, String)>,
+}
+
+impl std::fmt::Debug for Courier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Courier").finish_non_exhaustive()
+    }
+}
+
+impl Courier {
+    /// Start delivering; `secret` signs each body (None: unsigned).
+    pub(crate) fn start(
+        secret: Option<String>,
+        record: impl Fn(Record) + Send + Sync + 'static,
+        delivered: impl Fn(bool) + Send + Sync + 'static,
+    ) -> Courier {
+        let (tx, mut rx) = mpsc::unbounded_channel::<(Callback, String)>();
+        let client = client();
+        let record = Arc::new(record);
+        let delivered = Arc::new(delivered);
+        let secret = secret.map(|s| Arc::new(s.into_bytes()));
+        tokio::spawn(async move {
+            let at_once = Arc::new(Semaphore::new(AT_ONCE));
+            while let Some((callback, id)) = rx.recv().await {
+                let Ok(slot) = at_once.clone().acquire_owned().await else {
+                    return;
+                };
+                let (client, record, delivered, secret) = (
+                    client.clone(),
+                    record.clone(),
+                    delivered.clone(),
+                    secret.clone(),
+                );
+                tokio::spawn(async move {
+                    let seq = callback.seq;
+                    let outcome = deliver(
+                        &client,
+                        &callback,
+                        &id,
+                        secret.as_ref().map(|s| s.as_slice()),
+                    )
+                    .await;
+                    delivered(outcome.is_ok());
+                    record(match outcome {
+                        Ok(()) => Record::Delivered { seq },
+                        Err(error) => {
+                            tracing::warn!(job = %id, url = %callback.url, "callback undelivered after {ATTEMPTS} attempts: {error}");
+                            Record::Undelivered { seq, error }
+                        }
+                    });
+                    drop(slot);
+                });
+            }
+        });
+        Courier { tx }
+    }
+
+    /// Deliver `callback` of job `id`.
+    pub(crate) fn send(&self, callback: Callback, id: String) {
+        let _ = self.tx.send((callback, id));
+    }
+}
+
+/// Every attempt of one callback; the last error if none was taken.
+async fn deliver(
+    client: &Client,
+    callback: &Callback,
+    id: &str,
+    secret: Option<&[u8]>,
+) -> Result<(), String> {
+    let body = Bytes::from(callback.body.clone());
+    let signed = secret.map(|s| signature(s, &body));
+    let mut wait = FIRST_WAIT;
+    let mut error = String::new();
+    for attempt in 1..=ATTEMPTS {
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri(callback.url.as_str())
+            .header(CONTENT_TYPE, "application/json")
+            .header("tollgate-delivery-attempt", attempt);
+        if let Ok(id) = HeaderValue::from_str(id) {
+            request = request.header("tollgate-job-id", id);
+        }
+        if let Some(signed) = &signed {
+            request = request.header("tollgate-signature", signed.as_str());
+        }
+        let request = match request.body(Full::new(body.clone())) {
+            Ok(r) => r,
+            Err(e) => return Err(format!("the callback cannot be sent: {e}")),
+        };
+        error = match tokio::time::timeout(TIMEOUT, client.request(request)).await {
+            Ok(Ok(response)) if response.status().is_success() => return Ok(()),
+            Ok(Ok(response)) => format!("the receiver answered {}", response.status()),
+            Ok(Err(e)) => format!("the receiver could not be reached: {e}"),
+            Err(_) => format!("the receiver did not answer within {}s", TIMEOUT.as_secs()),
+        };
+        if attempt < ATTEMPTS {
+            tokio::time::sleep(wait).await;
+            wait *= 2;
+        }
+    }
+    Err(error)
+}
+
+/// An HTTP(S) client with the system's roots.
+fn client() -> Client {
+    let tls = tollgate_http::tls::client_config(None, None).unwrap_or_else(|_| rustls_default());
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(TIMEOUT));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https)
+}
+
+/// A TLS config with no roots (when the system's cannot be read: https
+/// callbacks then fail, and are recorded as undelivered).
+fn rustls_default() -> rustls::ClientConfig {
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map(|b| {
+            b.with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        })
+        .expect("ring supports the default protocol versions")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_signature_is_rfc_4231s_hmac_sha256() {
+        // RFC 4231, test case 2.
+        assert_eq!(
+            signature(b"Jefe", b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+}

@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// An upstream on its own runtime: 200 (or 400 to paths under /bad while
-/// `failing`), recording each request's arrival and Idempotency-Key.
+/// `failing`), recording each request's arrival and Idempotency-Key (or,
+/// for a callback a coordinator delivers, its Tollgate-Job-Id).
 pub struct Upstream {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<(Instant, String)>>>,
@@ -48,10 +49,9 @@ impl Upstream {
                         let (log, f) = (log.clone(), f.clone());
                         async move {
                             let at = Instant::now();
-                            let key = req
-                                .headers()
-                                .get("idempotency-key")
-                                .and_then(|v| v.to_str().ok())
+                            let key = ["idempotency-key", "tollgate-job-id"]
+                                .iter()
+                                .find_map(|name| req.headers().get(*name)?.to_str().ok())
                                 .unwrap_or("")
                                 .to_string();
                             let bad =
@@ -92,6 +92,12 @@ impl Upstream {
             .collect();
         at.sort();
         at
+    }
+
+    /// Every key seen (Idempotency-Key or Tollgate-Job-Id), repeats included.
+    pub fn keys(&self) -> Vec<String> {
+        let seen = self.seen.lock().expect("lock");
+        seen.iter().map(|s| s.1.clone()).collect()
     }
 
     pub fn distinct_keys(&self) -> usize {

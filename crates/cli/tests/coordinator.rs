@@ -1,0 +1,149 @@
+//! The proxy as a coordinator, as users run it: `tollgate proxy` (the built
+//! binary) takes jobs pushed with curl, is killed with SIGKILL while
+//! thousands are queued and their callbacks pending, and is started again
+//! on the same state: every job ends with exactly one result, and every
+//! callback reaches its receiver at least once.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+mod common;
+use common::{http, write, Upstream};
+use tollgate_testkit::free_port;
+
+const JOBS: usize = 10_000;
+const BATCH: usize = 1_000;
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn proxy(config: &Path, admin: &str) -> Running {
+    let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["proxy", "--config"])
+        .arg(config)
+        .env("TOLLGATE_CALLBACK_SECRET", "coordinator-test")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn tollgate proxy");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(admin).is_ok() && http(admin, "GET", "/healthz", &[]).0 == 200 {
+            return Running(child);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the proxy did not start");
+}
+
+fn results(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("state").join("results.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a whole results line"))
+        .collect()
+}
+
+#[test]
+fn a_killed_coordinator_loses_no_job_and_no_callback() {
+    let dir = std::env::temp_dir().join(format!("tollgate-coordinator-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let vendor = Upstream::start();
+    let receiver = Upstream::start();
+    let (listen, admin) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let config = write(
+        &dir,
+        "proxy.toml",
+        &format!(
+            "[proxy]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\naccess_log = \"off\"\nstate = \"{}\"\n\
+             [[upstream]]\nname = \"crm\"\nbase_url = \"http://{}\"\n\
+             [[upstream.limit]]\nname = \"api\"\nalgorithm = \"token_bucket\"\ncapacity = 50\nrefill = \"2500/s\"\n",
+            dir.join("state").display(),
+            vendor.addr
+        ),
+    );
+    let config = Path::new(&config);
+    let mut running = proxy(config, &admin);
+
+    // Producers push 10 batches of 1,000 with curl, results to a callback.
+    let callback = format!("http://{}/hooks/crm", receiver.addr);
+    for batch in 0..JOBS / BATCH {
+        let lines: String = (0..BATCH)
+            .map(|i| {
+                let n = batch * BATCH + i;
+                format!(
+                    "{{\"id\":\"job-{n}\",\"method\":\"POST\",\"url\":\"http://{}/v1/contacts/{n}\",\"body\":{{\"n\":{n}}}}}\n",
+                    vendor.addr
+                )
+            })
+            .collect();
+        let file = write(&dir, "batch.jsonl", &lines);
+        let out = Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", "content-type: application/x-ndjson"])
+            .args(["-H", &format!("tollgate-callback: {callback}")])
+            .args(["--data-binary", &format!("@{file}")])
+            .arg(format!("http://{listen}/_tollgate/jobs"))
+            .output()
+            .expect("curl");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "202", "batch {batch}");
+    }
+
+    // Kill it mid-way: some results recorded, most jobs still queued.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while results(&dir).len() < JOBS / 5 {
+        assert!(Instant::now() < deadline, "no progress before the kill");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    running.0.kill().expect("SIGKILL");
+    let _ = running.0.wait();
+    let at_kill = results(&dir).len();
+    assert!(at_kill < JOBS, "killed with jobs still queued ({at_kill} done)");
+
+    // Started again on the same state: it finishes what was pending.
+    let _again = proxy(config, &admin);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while results(&dir).len() < JOBS {
+        assert!(Instant::now() < deadline, "only {} results after the restart", results(&dir).len());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let lines = results(&dir);
+    assert_eq!(lines.len(), JOBS, "exactly one result per job");
+    let ids: BTreeSet<String> = lines.iter().map(|l| l["id"].as_str().expect("id").to_string()).collect();
+    assert_eq!(ids.len(), JOBS, "no job has two results");
+    assert!(lines.iter().all(|l| l["outcome"] == "done"));
+
+    // Every callback at least once, each with its job's id.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let delivered: BTreeSet<String> = receiver.keys().into_iter().collect();
+        if delivered == ids {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {JOBS} callbacks delivered",
+            delivered.intersection(&ids).count()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The vendor saw each job's idempotency key (a job in flight at the
+    // kill may have gone twice, with the same key).
+    let mut per_key: HashMap<String, usize> = HashMap::new();
+    for key in vendor.keys() {
+        *per_key.entry(key).or_default() += 1;
+    }
+    assert_eq!(per_key.len(), JOBS);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -159,6 +159,78 @@ fn read_jobs(args: &JobArgs, config: &UpstreamsConfig) -> Result<Option<Vec<Rout
     })
 }
 
+/// Jobs per intake request of `run --submit`.
+const SUBMIT_BATCH: usize = 1000;
+
+/// `tollgate run --submit URL`: check the jobs against the config, then
+/// push them to a running coordinator (`tollgate proxy`) in batches; it
+/// keeps and sends them. Ids already there are kept as they were, so
+/// submitting again after a failure is safe.
+pub fn submit(config_path: &Path, jobs: &JobArgs, url: &str) -> Result<ExitCode> {
+    let config = load_config(config_path)?;
+    let Some(routed) = read_jobs(jobs, &config)? else {
+        bail!("--submit sends jobs: give --jobs FILE, or --records FILE --bulk NAME");
+    };
+    let base = url.trim_end_matches('/');
+    if !(base.starts_with("http://") || base.starts_with("https://")) {
+        bail!("--submit '{url}' is not an http(s) URL (the coordinator's listener, e.g. http://127.0.0.1:7070)");
+    }
+    let endpoint = format!("{base}/_tollgate/jobs");
+    let token = std::env::var("TOLLGATE_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let (mut queued, mut already) = (0u64, 0u64);
+    for (n, batch) in routed.chunks(SUBMIT_BATCH).enumerate() {
+        let lines: String = batch.iter().map(|r| r.job.to_line() + "\n").collect();
+        let mut request = client
+            .post(&endpoint)
+            .header("content-type", "application/x-ndjson")
+            .body(lines);
+        if let Some(token) = &token {
+            request = request.header("tollgate-token", token);
+        }
+        let first = n * SUBMIT_BATCH;
+        let sent = runtime.block_on(async {
+            let response = request.send().await?;
+            let status = response.status();
+            let body = response.text().await?;
+            Ok::<_, reqwest::Error>((status, body))
+        });
+        let (status, body) = sent.map_err(|e| {
+            anyhow::anyhow!(
+                "{endpoint}: {e} ({first} of {} job(s) submitted before this; submitting again is safe)",
+                routed.len()
+            )
+        })?;
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if status.as_u16() != 202 {
+            let detail = answer["detail"].as_str().unwrap_or(&body);
+            bail!(
+                "{endpoint} refused jobs {}..{} (status {status}): {detail} ({first} job(s) submitted before them; submitting again is safe)",
+                first + 1,
+                first + batch.len()
+            );
+        }
+        queued += answer["queued"].as_u64().unwrap_or(0);
+        already += answer["already"].as_u64().unwrap_or(0);
+    }
+    println!(
+        "tollgate run: {} job(s) submitted to {base}: {queued} queued{}",
+        routed.len(),
+        if already > 0 {
+            format!(", {already} already there (kept as they were)")
+        } else {
+            String::new()
+        }
+    );
+    println!("follow one: GET {base}/_tollgate/jobs/ID; results: `tollgate results` on the coordinator's state");
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `tollgate run`: queue the jobs in the state (or the fleet's queue), then
 /// send every pending one.
 pub fn run(
@@ -178,6 +250,12 @@ pub fn run(
         );
     }
     let routed = read_jobs(jobs, &config)?;
+    if let Some(job) = routed.iter().flatten().find(|r| r.job.callback.is_some()) {
+        bail!(
+            "job '{}' has a callback, which a coordinator delivers: push these jobs to `tollgate proxy` with --submit URL",
+            job.job.id
+        );
+    }
     if let Some(settings) = config.redis() {
         if let Some(dir) = state_dir {
             bail!(

@@ -138,6 +138,11 @@ enum Command {
         /// After Ctrl-C, how long requests in flight may take to finish.
         #[arg(long, default_value = "10s")]
         grace: String,
+        /// Send the jobs to a running coordinator (`tollgate proxy` at this
+        /// URL, e.g. http://127.0.0.1:7070) instead of running them here; a
+        /// client token, if it needs one, is read from TOLLGATE_TOKEN.
+        #[arg(long, conflicts_with_all = ["state", "queue"])]
+        submit: Option<String>,
     },
     /// How many calls a job set makes, and the least time the limits allow
     /// for them, before anything is sent.
@@ -215,10 +220,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run {
             config,
             jobs,
+            submit: Some(url),
+            ..
+        } => comply::submit(&config, &jobs, &url),
+        Command::Run {
+            config,
+            jobs,
             state,
             fleet,
             progress,
             grace,
+            submit: None,
         } => comply::run(
             &config,
             &jobs,

@@ -35,7 +35,9 @@ fn proxy(config: &Path, admin: &str) -> Running {
         .expect("spawn tollgate proxy");
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        if std::net::TcpStream::connect(admin).is_ok() && http(admin, "GET", "/healthz", &[]).0 == 200 {
+        if std::net::TcpStream::connect(admin).is_ok()
+            && http(admin, "GET", "/healthz", &[]).0 == 200
+        {
             return Running(child);
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -76,9 +78,35 @@ fn a_killed_coordinator_loses_no_job_and_no_callback() {
     let config = Path::new(&config);
     let mut running = proxy(config, &admin);
 
-    // Producers push 10 batches of 1,000 with curl, results to a callback.
+    // Producers push 9 batches of 1,000 with curl, results to a callback,
+    // and `tollgate run --submit` hands over a last file.
     let callback = format!("http://{}/hooks/crm", receiver.addr);
-    for batch in 0..JOBS / BATCH {
+    let last: String = (JOBS - BATCH..JOBS)
+        .map(|n| {
+            format!(
+                "{{\"id\":\"job-{n}\",\"method\":\"POST\",\"url\":\"http://{}/v1/contacts/{n}\",\"body\":{{\"n\":{n}}},\"callback\":\"{callback}\"}}\n",
+                vendor.addr
+            )
+        })
+        .collect();
+    let last = write(&dir, "last.jsonl", &last);
+    let submitted = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["run", "--config"])
+        .arg(config)
+        .args(["--jobs", &last, "--submit", &format!("http://{listen}")])
+        .output()
+        .expect("tollgate run --submit");
+    assert!(
+        submitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&submitted.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&submitted.stdout).contains(&format!("{BATCH} job(s) submitted")),
+        "{}",
+        String::from_utf8_lossy(&submitted.stdout)
+    );
+    for batch in 0..JOBS / BATCH - 1 {
         let lines: String = (0..BATCH)
             .map(|i| {
                 let n = batch * BATCH + i;
@@ -90,7 +118,15 @@ fn a_killed_coordinator_loses_no_job_and_no_callback() {
             .collect();
         let file = write(&dir, "batch.jsonl", &lines);
         let out = Command::new("curl")
-            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", "content-type: application/x-ndjson"])
+            .args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                "content-type: application/x-ndjson",
+            ])
             .args(["-H", &format!("tollgate-callback: {callback}")])
             .args(["--data-binary", &format!("@{file}")])
             .arg(format!("http://{listen}/_tollgate/jobs"))
@@ -108,19 +144,29 @@ fn a_killed_coordinator_loses_no_job_and_no_callback() {
     running.0.kill().expect("SIGKILL");
     let _ = running.0.wait();
     let at_kill = results(&dir).len();
-    assert!(at_kill < JOBS, "killed with jobs still queued ({at_kill} done)");
+    assert!(
+        at_kill < JOBS,
+        "killed with jobs still queued ({at_kill} done)"
+    );
 
     // Started again on the same state: it finishes what was pending.
     let _again = proxy(config, &admin);
     let deadline = Instant::now() + Duration::from_secs(120);
     while results(&dir).len() < JOBS {
-        assert!(Instant::now() < deadline, "only {} results after the restart", results(&dir).len());
+        assert!(
+            Instant::now() < deadline,
+            "only {} results after the restart",
+            results(&dir).len()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(500));
     let lines = results(&dir);
     assert_eq!(lines.len(), JOBS, "exactly one result per job");
-    let ids: BTreeSet<String> = lines.iter().map(|l| l["id"].as_str().expect("id").to_string()).collect();
+    let ids: BTreeSet<String> = lines
+        .iter()
+        .map(|l| l["id"].as_str().expect("id").to_string())
+        .collect();
     assert_eq!(ids.len(), JOBS, "no job has two results");
     assert!(lines.iter().all(|l| l["outcome"] == "done"));
 
@@ -145,5 +191,18 @@ fn a_killed_coordinator_loses_no_job_and_no_callback() {
         *per_key.entry(key).or_default() += 1;
     }
     assert_eq!(per_key.len(), JOBS);
+    // Run here, jobs with callbacks are refused: only a coordinator delivers.
+    let alone = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["run", "--config"])
+        .arg(config)
+        .args(["--jobs", &last, "--state"])
+        .arg(dir.join("alone"))
+        .output()
+        .expect("tollgate run");
+    assert!(!alone.status.success());
+    assert!(String::from_utf8_lossy(&alone.stderr).contains(&format!(
+        "job 'job-{}' has a callback, which a coordinator delivers",
+        JOBS - BATCH
+    )));
     let _ = std::fs::remove_dir_all(&dir);
 }

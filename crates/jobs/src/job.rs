@@ -41,6 +41,51 @@ pub struct Job {
     pub callback: Option<String>,
 }
 
+impl Job {
+    /// The job as a line of a jobs file: read back by `read_jobs`, it is
+    /// this job again (how `tollgate run --submit` hands jobs, even ones cut
+    /// by a bulk template, to a coordinator).
+    pub fn to_line(&self) -> String {
+        let mut line = serde_json::Map::new();
+        let text = |s: &str| serde_json::Value::String(s.to_string());
+        line.insert("id".into(), text(&self.id));
+        line.insert("method".into(), text(&self.method));
+        line.insert("url".into(), text(&self.url));
+        if !self.headers.is_empty() {
+            let headers = self
+                .headers
+                .iter()
+                .map(|(n, v)| (n.clone(), text(v)))
+                .collect();
+            line.insert("headers".into(), serde_json::Value::Object(headers));
+        }
+        match (&self.body, self.json) {
+            (Some(body), true) => {
+                let value = serde_json::from_str(body).unwrap_or_else(|_| text(body));
+                line.insert("body".into(), value);
+            }
+            (Some(body), false) => {
+                line.insert("body_text".into(), text(body));
+            }
+            (None, _) => {}
+        }
+        let priority = match self.priority {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        };
+        line.insert("priority".into(), text(priority));
+        if let Some(w) = &self.workflow {
+            line.insert("workflow".into(), text(w));
+        }
+        line.insert("idempotency_key".into(), text(&self.idempotency_key));
+        if let Some(c) = &self.callback {
+            line.insert("callback".into(), text(c));
+        }
+        serde_json::Value::Object(line).to_string()
+    }
+}
+
 /// The upstream index of each job, next to it.
 #[derive(Debug, Clone)]
 pub struct Routed {
@@ -590,5 +635,19 @@ mod tests {
             e.to_string(),
             "bulk 'nope' is not in the config; known: probability"
         );
+    }
+
+    #[test]
+    fn a_job_written_as_a_line_reads_back_as_itself() {
+        let config = config();
+        let text = "{\"method\":\"patch\",\"url\":\"http://127.0.0.1:9/rest/1\",\"body\":{\"p\":75,\"a\":[1,2]},\"headers\":{\"X-Trace\":\"t1\"},\"workflow\":\"sync\",\"priority\":\"low\"}\n{\"id\":\"b\",\"method\":\"POST\",\"url\":\"http://127.0.0.1:9/x\",\"body_text\":\"a=1&b=2\",\"callback\":\"https://hooks.example/done\"}\n";
+        let jobs = read_jobs(text.as_bytes(), &config).unwrap();
+        let lines: String = jobs.iter().map(|r| r.job.to_line() + "\n").collect();
+        let again = read_jobs(lines.as_bytes(), &config).unwrap();
+        let (a, b): (Vec<_>, Vec<_>) = (
+            jobs.iter().map(|r| &r.job).collect(),
+            again.iter().map(|r| &r.job).collect(),
+        );
+        assert_eq!(a, b);
     }
 }

@@ -25,20 +25,22 @@ impl Drop for Running {
 }
 
 fn proxy(config: &Path, admin: &str) -> Running {
-    let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["proxy", "--config"])
-        .arg(config)
-        .env("TOLLGATE_CALLBACK_SECRET", "coordinator-test")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn tollgate proxy");
+    let running = Running(
+        Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["proxy", "--config"])
+            .arg(config)
+            .env("TOLLGATE_CALLBACK_SECRET", "coordinator-test")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tollgate proxy"),
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if std::net::TcpStream::connect(admin).is_ok()
             && http(admin, "GET", "/healthz", &[]).0 == 200
         {
-            return Running(child);
+            return running;
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -22,6 +22,10 @@ pub mod scheduler;
 pub mod settings;
 pub mod shared;
 
+/// The header through which a call's workflow reaches the policy (a job's
+/// `workflow`, a live request's `Tollgate-Workflow`); never sent upstream.
+pub const WORKFLOW_HEADER: &str = "tollgate-workflow";
+
 pub use breaker::BreakerSettings;
 pub use lanes::Priority;
 pub use scheduler::{Counters, Event, Next, Reply, Scheduler, Settled, Waiting};

@@ -15,6 +15,7 @@
 use crate::breaker::{Breaker, BreakerSettings, Gate};
 use crate::lanes::{Entry, Lanes, Priority};
 use crate::retry::{classify, nanos, Backoff, Class};
+use smallvec::SmallVec;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::time::Duration;
@@ -126,6 +127,8 @@ pub struct Counters {
     /// Live calls admitted from the reserve: with less left after them
     /// than queued work may leave.
     pub reserve_used: u64,
+    /// Calls admitted past their workflow's spent budget (`borrow`).
+    pub borrowed: u64,
 }
 
 /// What the scheduler last waited for: the instant, and the limit a lane
@@ -164,6 +167,8 @@ pub struct Scheduler {
     /// Per limit, the share of its capacity kept for live requests
     /// (`reserve`): queued work is admitted only while more is left.
     reserve: Vec<f64>,
+    /// Per limit: a workflow's budget that may borrow (`borrow = true`).
+    borrowing: Vec<bool>,
 }
 
 impl Scheduler {
@@ -195,7 +200,16 @@ impl Scheduler {
             store_down: false,
             waiting: None,
             reserve: vec![0.0; limits],
+            borrowing: vec![false; limits],
         }
+    }
+
+    /// Per limit, whether it is a workflow's budget that may borrow: when
+    /// every call waiting is held back, a call held back only by such
+    /// budgets goes if the other limits it touches have quota left.
+    pub fn with_borrowing(mut self, flags: Vec<bool>) -> Self {
+        self.borrowing = flags;
+        self
     }
 
     /// Keep these shares (per limit, 0 to below 1) of each limit for live
@@ -361,6 +375,8 @@ impl Scheduler {
 
         let mut wake = later.map(|until| Waiting { until, limit: None });
         let mut waits_for_release = false;
+        // Heads held back by a budget that may borrow, in serving order.
+        let mut borrowers: SmallVec<[usize; 4]> = SmallVec::new();
         // A limit and key an earlier head (by priority, then age) waits
         // for: later heads must not take it first, or a big bulk call
         // would starve behind a stream of small ones.
@@ -428,6 +444,9 @@ impl Scheduler {
                 }
                 Verdict::Deny { limit, retry_after } => {
                     let item = &head.items[limit];
+                    if self.borrowing.get(item.limit) == Some(&true) {
+                        borrowers.push(lane);
+                    }
                     self.waits[item.limit] += 1;
                     claimed.push((item.limit, item.class, &item.key));
                     match retry_after {
@@ -455,6 +474,13 @@ impl Scheduler {
                 }
             }
         }
+        // Every head is held back: a budget that may borrow lends its
+        // workflow what the limits have left (what other budgets leave idle).
+        for lane in borrowers {
+            if let Some(sent) = self.borrow(lane, now) {
+                return sent;
+            }
+        }
         match wake {
             Some(w) => {
                 self.waiting = Some(w);
@@ -463,6 +489,40 @@ impl Scheduler {
             None if waits_for_release && !self.in_flight.is_empty() => Next::Blocked,
             None => Next::Wait(now + IDLE_RECHECK),
         }
+    }
+
+    /// Send lane's head without its borrowing budgets, if the limits it
+    /// touches besides them admit it now.
+    fn borrow(&mut self, lane: usize, now: Nanos) -> Option<Next> {
+        let head = self.lanes.head(lane)?;
+        let without: Vec<Item> = head
+            .items
+            .iter()
+            .filter(|i| self.borrowing.get(i.limit) != Some(&true))
+            .cloned()
+            .collect();
+        let asked = match head.queued {
+            true => self
+                .above_reserve(&without)
+                .unwrap_or_else(|| without.clone()),
+            false => without.clone(),
+        };
+        let (decision, local) = self.engine.decide_where(&asked, now, false).ok()?;
+        if !decision.allowed() {
+            return None;
+        }
+        let committed = tollgate_store::committed(&without, &decision)
+            .cloned()
+            .zip(
+                decision
+                    .outcomes
+                    .iter()
+                    .filter(|o| o.allowed)
+                    .map(|o| o.remaining),
+            )
+            .collect();
+        self.counters.borrowed += 1;
+        Some(self.send(lane, committed, local, now))
     }
 
     /// Queued work's items as asked of the engine when a reserve is kept:

@@ -62,6 +62,39 @@ pub struct Upstream {
     /// `reserve`: per limit (policy order), the share of its capacity kept
     /// for live requests; queued work only uses what is above it (0: none).
     pub reserve: Vec<f64>,
+    /// `[[upstream.budget]]`: a workflow's share of a limit, each a limit of
+    /// the policy (after the configured ones).
+    pub budgets: Vec<Budget>,
+}
+
+/// `[[upstream.budget]] workflow, share, of, borrow`: the calls of one
+/// workflow may use at most `share` of limit `of`, as a limit of their own
+/// (named `OF/WORKFLOW`: the same algorithm, key and windows, every number
+/// scaled by the share, matched on the workflow). A spent budget holds back
+/// only its workflow. With `borrow`, a workflow whose budget is spent may
+/// still go when every other call waiting is held back too (by its own
+/// budget or the limits) and `of` has quota left: it uses what the other
+/// budgets leave idle at that moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Budget {
+    pub workflow: String,
+    pub share: f64,
+    /// The limit it is a share of.
+    pub of: String,
+    /// Its own limit's index in the policy.
+    pub limit: usize,
+    pub borrow: bool,
+}
+
+impl Upstream {
+    /// Per limit of the policy: whether it is a budget that may borrow.
+    pub fn borrowing(&self) -> Vec<bool> {
+        let mut flags = vec![false; self.policy.limits.len()];
+        for b in &self.budgets {
+            flags[b.limit] = b.borrow;
+        }
+        flags
+    }
 }
 
 /// Request headers that say who is calling, besides an upstream's own
@@ -259,7 +292,7 @@ pub fn parse(
 fn upstream(
     text: &str,
     raw: &Spanned<RawUpstream>,
-    policy: Policy,
+    mut policy: Policy,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Upstream, ConfigError> {
     let u = raw.get_ref();
@@ -465,9 +498,11 @@ fn upstream(
             }
         },
     };
+    let budgets = budgets_of(text, &u.budget, &mut policy, &err)?;
     let reserve = reserve_of(u.reserve.as_ref(), &policy, &err)?;
     Ok(Upstream {
         reserve,
+        budgets,
         base_url,
         policy,
         timeout: duration(&u.timeout, "timeout", Duration::from_secs(30))?,
@@ -489,6 +524,109 @@ fn upstream(
         dedup,
         name,
     })
+}
+
+/// A share written `"40%"`: above 0, at most 100% (`below_all`: under 100%).
+fn percent(text: &str, below_all: bool) -> Option<f64> {
+    let n: f64 = text.trim().strip_suffix('%')?.trim().parse().ok()?;
+    let fits = n > 0.0 && (n < 100.0 || (!below_all && n == 100.0));
+    fits.then_some(n / 100.0)
+}
+
+/// `[[upstream.budget]]`: each one a limit added to the policy.
+fn budgets_of(
+    text: &str,
+    raw: &[Spanned<RawBudget>],
+    policy: &mut Policy,
+    err: &dyn Fn(usize, String) -> ConfigError,
+) -> Result<Vec<Budget>, ConfigError> {
+    let mut budgets: Vec<Budget> = Vec::new();
+    for b in raw {
+        let r = b.get_ref();
+        let workflow = r.workflow.get_ref().trim().to_string();
+        if workflow.is_empty() || workflow.len() > 128 {
+            return Err(err(
+                r.workflow.span().start,
+                "budget workflow must be a name of 1 to 128 characters".into(),
+            ));
+        }
+        let of = r.of.get_ref().clone();
+        let share = percent(r.share.get_ref(), false).ok_or_else(|| {
+            err(
+                r.share.span().start,
+                format!(
+                    "budget share must be a share like \"40%\" (above 0%, at most 100%), got \"{}\"",
+                    r.share.get_ref()
+                ),
+            )
+        })?;
+        let Some(parent) = policy.limits.iter().position(|l| l.name == of) else {
+            let known: Vec<&str> = policy.limits.iter().map(|l| l.name.as_str()).collect();
+            return Err(err(
+                r.of.span().start,
+                format!(
+                    "budget of = \"{of}\": this upstream has no such limit (its limits: {})",
+                    known.join(", ")
+                ),
+            ));
+        };
+        if policy.limits[parent].cost == tollgate_core::policy::Cost::Latency {
+            return Err(err(
+                r.of.span().start,
+                format!("budget of = \"{of}\": a latency budget cannot be shared out by workflow"),
+            ));
+        }
+        if budgets.iter().any(|o| o.of == of && o.workflow == workflow) {
+            return Err(err(
+                r.workflow.span().start,
+                format!("workflow '{workflow}' has two budgets of limit '{of}'"),
+            ));
+        }
+        let mut limit = policy.limits[parent].clone();
+        limit.name = format!("{of}/{workflow}");
+        limit.variants = limit.variants.iter().map(|v| v.scaled(share)).collect();
+        limit
+            .matcher
+            .headers
+            .push((crate::WORKFLOW_HEADER.to_string(), workflow.clone()));
+        limit.lease = None;
+        limit.line = line_of(text, b.span().start);
+        limit.fingerprint = format!("{}|budget {workflow} {share}", limit.fingerprint);
+        policy.limits.push(limit);
+        budgets.push(Budget {
+            workflow,
+            share,
+            of,
+            limit: policy.limits.len() - 1,
+            borrow: r.borrow,
+        });
+    }
+    let mut parents: Vec<&str> = budgets.iter().map(|b| b.of.as_str()).collect();
+    parents.dedup();
+    for of in parents {
+        let shares: Vec<&Budget> = budgets.iter().filter(|b| b.of == of).collect();
+        let total: f64 = shares.iter().map(|b| b.share).sum();
+        // (shares are whole hundredths in practice: compare in basis points)
+        if (total * 10_000.0).round() > 10_000.0 {
+            let parts: Vec<String> = shares
+                .iter()
+                .map(|b| format!("{} {}%", b.workflow, b.share * 100.0))
+                .collect();
+            let at = raw
+                .iter()
+                .rfind(|b| b.get_ref().of.get_ref() == of)
+                .map_or(0, |b| b.span().start);
+            return Err(err(
+                at,
+                format!(
+                    "the budgets of limit '{of}' add up to {}% ({}); they may share at most 100% of it",
+                    (total * 1000.0).round() / 10.0,
+                    parts.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(budgets)
 }
 
 /// `reserve`: one share for every limit, or a share per limit named.
@@ -744,6 +882,8 @@ struct RawUpstream {
     dedup_max_bytes: Option<Spanned<u64>>,
     /// `"20%"` for every limit, or `{ LIMIT = "20%", ... }`.
     reserve: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    budget: Vec<Spanned<RawBudget>>,
     /// Read by the policy parser.
     #[serde(rename = "profile")]
     _profile: Option<toml::Value>,
@@ -751,6 +891,16 @@ struct RawUpstream {
     _limit: Option<toml::Value>,
     #[serde(rename = "class")]
     _class: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    workflow: Spanned<String>,
+    share: Spanned<String>,
+    of: Spanned<String>,
+    #[serde(default)]
+    borrow: bool,
 }
 
 #[derive(Deserialize)]
@@ -1067,6 +1217,41 @@ mod tests {
         assert_eq!(
             err(&with("reserve = { api = 0.2 }")),
             "line 4: upstream 'crm': reserve api must be a share like \"20%\" (above 0%, below 100%), got 0.2"
+        );
+    }
+
+    #[test]
+    fn budgets_are_shares_of_a_limit_that_add_up_to_at_most_all_of_it() {
+        let with = |budgets: &str| format!("{BASE}{budgets}");
+        let budget = |workflow: &str, share: &str| {
+            format!("[[upstream.budget]]\nworkflow = \"{workflow}\"\nshare = \"{share}\"\nof = \"api\"\n")
+        };
+        let c = parse(&with(&budget("sync", "40%")), &NoProfiles, &|_| None).unwrap();
+        let u = &c.upstreams[0];
+        assert_eq!(u.budgets[0].limit, 1);
+        let own = &u.policy.limits[1];
+        assert_eq!(own.name, "api/sync");
+        assert_eq!(own.variants[0].policy().0, 40);
+        assert_eq!(
+            own.matcher.headers,
+            vec![("tollgate-workflow".to_string(), "sync".to_string())]
+        );
+        assert_ne!(own.fingerprint, u.policy.limits[0].fingerprint);
+        assert_eq!(
+            err(&with(&(budget("sync", "60%") + &budget("enrich", "50%")))),
+            "line 13: upstream 'crm': the budgets of limit 'api' add up to 110% (sync 60%, enrich 50%); they may share at most 100% of it"
+        );
+        assert_eq!(
+            err(&with(&(budget("sync", "10%") + &budget("sync", "20%")))),
+            "line 14: upstream 'crm': workflow 'sync' has two budgets of limit 'api'"
+        );
+        assert_eq!(
+            err(&with(&budget("sync", "0.4"))),
+            "line 11: upstream 'crm': budget share must be a share like \"40%\" (above 0%, at most 100%), got \"0.4\""
+        );
+        assert_eq!(
+            err(&with("[[upstream.budget]]\nworkflow = \"sync\"\nshare = \"40%\"\nof = \"daily\"\n")),
+            "line 12: upstream 'crm': budget of = \"daily\": this upstream has no such limit (its limits: api)"
         );
     }
 }

@@ -5,7 +5,7 @@
 
 use crate::job::Priority;
 use crate::job::Routed;
-use crate::settings::UpstreamsConfig;
+use crate::settings::{Upstream, UpstreamsConfig};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::time::Duration;
@@ -30,7 +30,8 @@ pub struct Estimate {
 /// Schedule `calls` from `start` as the runner would, with fresh counters,
 /// `concurrency` in flight at most, each reply `latency` after its call,
 /// no faster than `learnt` per second when a run learnt that pace, and
-/// each limit's `reserve` share kept (the calls are queued work).
+/// (given the upstream) its reserve kept and its budgets' borrowing (the
+/// calls are queued work).
 pub fn estimate(
     policy: &Policy,
     calls: impl IntoIterator<Item = (Priority, Vec<Item>)>,
@@ -38,11 +39,15 @@ pub fn estimate(
     latency: Duration,
     concurrency: usize,
     learnt: Option<f64>,
-    reserve: &[f64],
+    upstream: Option<&Upstream>,
 ) -> Estimate {
     let engine = Engine::new(policy.clone());
-    let mut scheduler = Scheduler::new(engine, 1, concurrency, BreakerSettings::default(), 0)
-        .with_reserve(reserve.to_vec());
+    let mut scheduler = Scheduler::new(engine, 1, concurrency, BreakerSettings::default(), 0);
+    if let Some(u) = upstream {
+        scheduler = scheduler
+            .with_reserve(u.reserve.clone())
+            .with_borrowing(u.borrowing());
+    }
     if let Some(rate) = learnt {
         scheduler.hold_pace(rate);
     }
@@ -137,7 +142,7 @@ pub fn plan_jobs(
                     latency,
                     u.concurrency,
                     paces.get(&u.name).copied(),
-                    &u.reserve,
+                    Some(u),
                 ),
                 invalid,
                 profile_rate: tollgate_comply::pace::sustained_rate(&u.policy),
@@ -169,12 +174,12 @@ mod tests {
     #[test]
     fn crm_fifty_calls_fit_one_window() {
         let p = policy("[[limit]]\nname = \"api\"\nkey = [\"header:authorization\"]\nalgorithm = \"sliding_window\"\nevery = \"60s\"\nquota = 100\nsegments = 60\n");
-        let e = estimate(&p, calls(&p, 50), 0, Duration::ZERO, 16, None, &[]);
+        let e = estimate(&p, calls(&p, 50), 0, Duration::ZERO, 16, None, None);
         assert_eq!(e.shortest, Duration::ZERO);
         assert_eq!(e.binding, None);
         // 250 calls: 100 now, 100 a window later, 50 two windows later;
         // each window is up to one 1 s sub-window longer (the stated precision).
-        let e = estimate(&p, calls(&p, 250), 0, Duration::ZERO, 16, None, &[]);
+        let e = estimate(&p, calls(&p, 250), 0, Duration::ZERO, 16, None, None);
         assert!(
             e.shortest >= Duration::from_secs(120) && e.shortest <= Duration::from_secs(122),
             "{:?}",
@@ -187,7 +192,7 @@ mod tests {
     fn celigo_burst_then_the_refill_rate() {
         let p = policy("[[limit]]\nname = \"account\"\nalgorithm = \"leaky_bucket\"\ncapacity = 1000\nrefill = \"300/s\"\n");
         // 1,000 at once, then 3,000 more at 300/s: 10 s.
-        let e = estimate(&p, calls(&p, 4000), 0, Duration::ZERO, 16, None, &[]);
+        let e = estimate(&p, calls(&p, 4000), 0, Duration::ZERO, 16, None, None);
         assert_eq!(e.shortest, Duration::from_secs(10));
     }
 
@@ -195,16 +200,24 @@ mod tests {
     fn a_learnt_pace_slows_the_plan_below_the_profile() {
         let p = policy("[[limit]]\nname = \"account\"\nalgorithm = \"token_bucket\"\ncapacity = 20\nrefill = \"100/s\"\n");
         // The profile: 20 at once, then 100/s: 1,020 calls in 10 s.
-        let e = estimate(&p, calls(&p, 1020), 0, Duration::ZERO, 32, None, &[]);
+        let e = estimate(&p, calls(&p, 1020), 0, Duration::ZERO, 32, None, None);
         assert_eq!(e.shortest, Duration::from_secs(10));
         assert_eq!(e.paced_at, None);
         // A run learnt 50/s: the plan holds to it (the first call goes at once).
-        let e = estimate(&p, calls(&p, 1020), 0, Duration::ZERO, 32, Some(50.0), &[]);
+        let e = estimate(&p, calls(&p, 1020), 0, Duration::ZERO, 32, Some(50.0), None);
         assert_eq!(e.paced_at, Some(50.0));
         let secs = e.shortest.as_secs_f64();
         assert!((20.3..20.4).contains(&secs), "{secs} s");
         // A learnt rate at or above the limits' is no pace at all.
-        let e = estimate(&p, calls(&p, 1020), 0, Duration::ZERO, 32, Some(150.0), &[]);
+        let e = estimate(
+            &p,
+            calls(&p, 1020),
+            0,
+            Duration::ZERO,
+            32,
+            Some(150.0),
+            None,
+        );
         assert_eq!((e.shortest, e.paced_at), (Duration::from_secs(10), None));
     }
 
@@ -219,11 +232,19 @@ mod tests {
             Duration::from_secs(2),
             100,
             None,
-            &[],
+            None,
         );
         assert_eq!(e.shortest, Duration::from_secs(8));
         // The runner's own concurrency binds first when lower.
-        let e = estimate(&p, calls(&p, 100), 0, Duration::from_secs(2), 10, None, &[]);
+        let e = estimate(
+            &p,
+            calls(&p, 100),
+            0,
+            Duration::from_secs(2),
+            10,
+            None,
+            None,
+        );
         assert_eq!(e.shortest, Duration::from_secs(20));
     }
 }

@@ -769,7 +769,7 @@ impl<'a> Driver<'a> {
                         Duration::ZERO,
                         u.concurrency,
                         None,
-                        &u.reserve,
+                        Some(u),
                     );
                     UpstreamSummary {
                         name: u.name.clone(),
@@ -845,6 +845,7 @@ pub async fn run(
                 options.seed.wrapping_add(i as u64),
             )
             .with_reserve(u.reserve.clone())
+            .with_borrowing(u.borrowing())
         })
         .collect();
     let writer = state.writer()?;

@@ -14,8 +14,7 @@ use url::Url;
 
 /// Most bad lines reported at once.
 const MAX_ERRORS: usize = 20;
-/// The header through which a job's workflow reaches the policy (never sent).
-pub const WORKFLOW_HEADER: &str = "tollgate-workflow";
+pub use tollgate_comply::WORKFLOW_HEADER;
 
 /// A job as stored: what is sent, and how it is scheduled.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -52,6 +52,7 @@ impl Proxy {
                             cache: (!l.cache.is_empty() && !l.cache.is_shared())
                                 .then(|| l.cache.sizes().into_iter().sum()),
                             reserve_calls: s.counters().reserve_used,
+                            remaining: limits_remaining(u, s.engine(), now),
                         })
                     });
                 let jobs = self.jobs.now(self.clock.now());
@@ -219,23 +220,7 @@ impl Proxy {
                             .collect()
                     };
                     let own = |limit: &tollgate_core::policy::Limit, pooled: Option<&str>| {
-                        let values: Option<Vec<&str>> = limit
-                            .key
-                            .iter()
-                            .map(|part| match part {
-                                KeyPart::Header(name) if pooled.is_some() && *name == u.key_header => {
-                                    pooled
-                                }
-                                KeyPart::Header(name) => u
-                                    .limit_headers
-                                    .iter()
-                                    .find(|(n, _)| n == name)
-                                    .map(|(_, v)| v.as_str()),
-                                KeyPart::Const(text) => Some(text.as_str()),
-                                _ => None,
-                            })
-                            .collect();
-                        values.map(|v| tollgate_core::request::encode_key(&v))
+                        own_key(u, limit, pooled)
                     };
                     let mut limits: Vec<serde_json::Value> = Vec::new();
                     for (i, limit) in engine.policy().limits.iter().enumerate() {
@@ -293,6 +278,8 @@ impl Proxy {
                         "sent": c.sent,
                         "throttled": c.throttled,
                         "retried": c.retried,
+                        "reserve_calls": c.reserve_used,
+                        "borrowed": c.borrowed,
                         "limits": limits,
                         "keys": keys,
                     })
@@ -384,6 +371,63 @@ fn from_environment(value: &str) -> bool {
         && literal
             .split(|c: char| !c.is_ascii_alphanumeric())
             .all(|word| word.len() <= 12)
+}
+
+/// The key a limit counts the upstream's own calls under: its parts from
+/// the upstream's configured headers (or the pooled key's stand-in) and
+/// constants; None when a part depends on the request.
+fn own_key(
+    u: &tollgate_comply::Upstream,
+    limit: &tollgate_core::policy::Limit,
+    pooled: Option<&str>,
+) -> Option<compact_str::CompactString> {
+    let values: Option<Vec<&str>> = limit
+        .key
+        .iter()
+        .map(|part| match part {
+            KeyPart::Header(name) if pooled.is_some() && *name == u.key_header => pooled,
+            KeyPart::Header(name) => u
+                .limit_headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str()),
+            KeyPart::Const(text) => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    values.map(|v| tollgate_core::request::encode_key(&v))
+}
+
+/// What each limit (budgets included) has left for the upstream's own
+/// calls, where that needs no request to know: (limit, remaining, quota).
+fn limits_remaining(
+    u: &tollgate_comply::Upstream,
+    engine: &tollgate_store::Engine,
+    now: tollgate_core::Nanos,
+) -> Vec<(String, u64, u64)> {
+    engine
+        .policy()
+        .limits
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.algorithm != tollgate_core::policy::AlgorithmKind::Concurrency)
+        .filter_map(|(i, limit)| {
+            let key = own_key(u, limit, None)?;
+            let item = Item {
+                limit: i,
+                class: 0,
+                key,
+                cost: 1,
+                charge: 1,
+            };
+            let usage = engine.usage(&item, now);
+            Some((
+                limit.name.clone(),
+                usage.remaining,
+                limit.params(0).policy().0,
+            ))
+        })
+        .collect()
 }
 
 #[cfg(test)]

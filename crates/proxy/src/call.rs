@@ -46,9 +46,6 @@ static TOKEN: HeaderName = HeaderName::from_static("tollgate-token");
 /// On every answer: how many calls to the upstream it took (0: none).
 pub static ATTEMPTS: HeaderName = HeaderName::from_static("tollgate-attempts");
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-/// The header through which a request's workflow reaches the policy (as
-/// `tollgate run` passes a job's).
-const WORKFLOW_KEY: &str = "tollgate-workflow";
 /// The longest `Tollgate-Max-Wait` taken: a day.
 const LONGEST_WAIT: Duration = Duration::from_secs(86_400);
 /// A failed attempt's body (429, 5xx) kept to relay if it is the last one.
@@ -165,7 +162,7 @@ impl tollgate_core::Request for View<'_> {
         Some(self.ip)
     }
     fn header(&self, name: &str) -> Option<&str> {
-        if name == WORKFLOW_KEY {
+        if name == tollgate_comply::WORKFLOW_HEADER {
             return self.workflow;
         }
         if self.key.is_some() && name == self.upstream.key_header {

@@ -125,6 +125,14 @@ pub struct Metrics {
     jobs_oldest: Family<WorkflowLabels, Gauge<f64, AtomicU64>>,
     jobs_finished: Family<OutcomeLabels, Counter>,
     callbacks: Family<CallbackLabels, Counter>,
+    limit_remaining: Family<LimitLabels, Gauge>,
+    limit_quota: Family<LimitLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    upstream: String,
+    limit: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -156,6 +164,9 @@ pub struct LineNow {
     pub cache: Option<tollgate_http::cache::Size>,
     /// Live calls admitted from its reserve so far.
     pub reserve_calls: u64,
+    /// Per limit (budgets included) the upstream's own calls count under:
+    /// (name, remaining, quota).
+    pub remaining: Vec<(String, u64, u64)>,
 }
 
 impl Default for Metrics {
@@ -181,6 +192,18 @@ impl Default for Metrics {
         let jobs_oldest = Family::<WorkflowLabels, Gauge<f64, AtomicU64>>::default();
         let jobs_finished = Family::<OutcomeLabels, Counter>::default();
         let callbacks = Family::<CallbackLabels, Counter>::default();
+        let limit_remaining = Family::<LimitLabels, Gauge>::default();
+        let limit_quota = Family::<LimitLabels, Gauge>::default();
+        registry.register(
+            "upstream_limit_remaining",
+            "What a limit of an upstream has left for its calls right now (a workflow's budget is the limit OF/WORKFLOW); only limits whose key needs no request",
+            limit_remaining.clone(),
+        );
+        registry.register(
+            "upstream_limit_quota",
+            "A limit's quota (a bucket's capacity, a window's quota)",
+            limit_quota.clone(),
+        );
         registry.register(
             "proxy_callbacks",
             "Jobs' results POSTed to their callback URLs, by outcome (delivered: the receiver answered 2xx; undelivered: it never did, after every retry)",
@@ -274,6 +297,8 @@ impl Default for Metrics {
             jobs_oldest,
             jobs_finished,
             callbacks,
+            limit_remaining,
+            limit_quota,
         }
     }
 }
@@ -362,6 +387,17 @@ impl Metrics {
             let labels = UpstreamLabels {
                 upstream: line.upstream,
             };
+            for (limit, remaining, quota) in &line.remaining {
+                let l = LimitLabels {
+                    upstream: labels.upstream.clone(),
+                    limit: limit.clone(),
+                };
+                let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+                self.limit_remaining
+                    .get_or_create(&l)
+                    .set(gauge(*remaining));
+                self.limit_quota.get_or_create(&l).set(gauge(*quota));
+            }
             // (the line counts; the series only ever rises, across reloads)
             let reserve_calls = self.reserve_calls.get_or_create(&labels);
             if line.reserve_calls > reserve_calls.get() {

@@ -365,7 +365,8 @@ fn start_line(
         u.breaker,
         fastrand_seed(),
     )
-    .with_reserve(u.reserve.clone());
+    .with_reserve(u.reserve.clone())
+    .with_borrowing(u.borrowing());
     let client = upstream_client(u)?;
     let line = SharedScheduler::start(&u.name, core, clock.clone());
     let pause_listener = match &u.policy.store.redis {

@@ -438,3 +438,63 @@ async fn results_are_posted_to_the_callback_signed_and_retried_until_taken() {
         "line 1: callback 'ftp://files.example/x' is not an http(s) URL with a host"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_spent_budget_holds_back_only_its_workflows_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = scripted(|_, _| tollgate_testkit::upstream::ok()).await;
+    let limits = "[[upstream.limit]]\nname = \"api\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 100\n\
+                  [[upstream.budget]]\nworkflow = \"backfill\"\nshare = \"10%\"\nof = \"api\"\n";
+    let proxy = start(&with_state(dir.path(), &upstream("crm", up.addr, limits))).await;
+    let base = format!("http://{}", up.addr);
+    let lines: String = (0..40)
+        .map(|i| {
+            let workflow = if i % 2 == 0 { "backfill" } else { "sync" };
+            format!("{{\"id\":\"j{i}\",\"method\":\"GET\",\"url\":\"{base}/v1/{workflow}/{i}\",\"workflow\":\"{workflow}\"}}\n")
+        })
+        .collect();
+    assert_eq!(
+        push(&proxy, "application/x-ndjson", lines).await.status(),
+        202
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let sent = |prefix: &str| {
+        up.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path.starts_with(prefix))
+            .count()
+    };
+    // The backfill's 10% of the minute (a little less: the proxy keeps
+    // inside the profile), while every sync job went.
+    let backfill = sent("/v1/backfill/");
+    assert!((8..=10).contains(&backfill), "{backfill}");
+    assert_eq!(sent("/v1/sync/"), 20);
+    let metrics = scrape(&proxy).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "tollgate_upstream_limit_remaining{upstream=\"crm\",limit=\"api/backfill\"}"
+        ),
+        0.0
+    );
+    let usage: serde_json::Value = http()
+        .get(proxy.admin_url("/v1/usage"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let budget = usage["upstreams"][0]["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["limit"] == "api/backfill")
+        .cloned()
+        .unwrap();
+    assert_eq!(budget["remaining"], 0);
+    // The rest go in the next minutes.
+    assert_eq!(settled(&proxy, "j38").await["status"], "done");
+}

@@ -365,7 +365,8 @@ pub async fn run(
                 u.breaker,
                 options.seed.wrapping_add(i as u64),
             )
-            .with_reserve(u.reserve.clone()),
+            .with_reserve(u.reserve.clone())
+            .with_borrowing(u.borrowing()),
         );
     }
 

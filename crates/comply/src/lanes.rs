@@ -49,6 +49,8 @@ pub(crate) struct Entry {
     /// Queued work (a job), not a live request: served after the live
     /// requests waiting, and only above the upstream's reserve.
     pub(crate) queued: bool,
+    /// A queued job's workflow (its schedule applies).
+    pub(crate) workflow: Option<CompactString>,
     pub(crate) items: Vec<Item>,
     /// The items the admitting decision charged (settled at completion),
     /// with what each had left just after: a window limit with more left at
@@ -82,11 +84,16 @@ impl Lane {
     }
 }
 
-/// A lane's limits and keys, and whether it holds queued work (inline:
-/// most calls have one or two limits, and looking a lane up then allocates
-/// nothing). Live requests and queued jobs never share a lane: a job held
-/// back by the reserve must not hold back the live request behind it.
-type LaneKey = (bool, SmallVec<[(usize, usize, CompactString); 2]>);
+/// A lane's limits and keys, and whether it holds queued work and of which
+/// workflow (inline: most calls have one or two limits, and looking a lane
+/// up then allocates nothing). Live requests and queued jobs never share a
+/// lane, nor do jobs of two workflows: a job held back by the reserve or
+/// its workflow's schedule must not hold back the calls behind it.
+type LaneKey = (
+    bool,
+    Option<CompactString>,
+    SmallVec<[(usize, usize, CompactString); 2]>,
+);
 
 /// Every lane of one upstream, and which of them have a job queued.
 #[derive(Debug, Default)]
@@ -100,10 +107,16 @@ pub(crate) struct Lanes {
 
 impl Lanes {
     /// The lane of jobs touching exactly these limits and keys (live
-    /// requests, or queued work).
-    pub(crate) fn lane_for(&mut self, items: &[Item], queued: bool) -> usize {
+    /// requests, or queued work of `workflow`).
+    pub(crate) fn lane_for(
+        &mut self,
+        items: &[Item],
+        queued: bool,
+        workflow: Option<&CompactString>,
+    ) -> usize {
         let key: LaneKey = (
             queued,
+            workflow.filter(|_| queued).cloned(),
             items
                 .iter()
                 .map(|i| (i.limit, i.class, i.key.clone()))

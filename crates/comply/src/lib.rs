@@ -18,6 +18,7 @@ mod corrections;
 pub mod lanes;
 pub mod pace;
 pub mod retry;
+pub mod schedule;
 pub mod scheduler;
 pub mod settings;
 pub mod shared;

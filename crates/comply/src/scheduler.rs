@@ -15,6 +15,8 @@
 use crate::breaker::{Breaker, BreakerSettings, Gate};
 use crate::lanes::{Entry, Lanes, Priority};
 use crate::retry::{classify, nanos, Backoff, Class};
+use crate::schedule::Schedule;
+use compact_str::CompactString;
 use smallvec::SmallVec;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -169,6 +171,8 @@ pub struct Scheduler {
     reserve: Vec<f64>,
     /// Per limit: a workflow's budget that may borrow (`borrow = true`).
     borrowing: Vec<bool>,
+    /// Workflows whose queued work goes only inside their windows.
+    schedules: HashMap<String, Schedule>,
 }
 
 impl Scheduler {
@@ -201,7 +205,17 @@ impl Scheduler {
             waiting: None,
             reserve: vec![0.0; limits],
             borrowing: vec![false; limits],
+            schedules: HashMap::new(),
         }
+    }
+
+    /// Release queued work of these workflows only inside their windows.
+    pub fn with_schedules(mut self, schedules: &[Schedule]) -> Self {
+        self.schedules = schedules
+            .iter()
+            .map(|s| (s.workflow.clone(), s.clone()))
+            .collect();
+        self
     }
 
     /// Per limit, whether it is a workflow's budget that may borrow: when
@@ -302,12 +316,26 @@ impl Scheduler {
     /// `items` from `Policy::plan`, `attempts` already made (a resumed job
     /// keeps its count).
     pub fn push(&mut self, seq: u64, priority: Priority, attempts: u32, items: Vec<Item>) {
-        self.push_capped(seq, priority, attempts, self.max_attempts, true, items);
+        self.push_job(seq, priority, attempts, None, items);
+    }
+
+    /// `push`, for a job of `workflow` (its schedule applies).
+    pub fn push_job(
+        &mut self,
+        seq: u64,
+        priority: Priority,
+        attempts: u32,
+        workflow: Option<&str>,
+        items: Vec<Item>,
+    ) {
+        let max = self.max_attempts;
+        self.push_capped(seq, priority, attempts, max, true, workflow, items);
     }
 
     /// `push`, allowing this call at most `max_attempts` (1 for a request
-    /// that is not safe to send twice); `queued`: queued work (a job) rather
-    /// than a live request.
+    /// that is not safe to send twice); `queued`: queued work (a job of
+    /// `workflow`) rather than a live request.
+    #[allow(clippy::too_many_arguments)]
     pub fn push_capped(
         &mut self,
         seq: u64,
@@ -315,15 +343,20 @@ impl Scheduler {
         attempts: u32,
         max_attempts: u32,
         queued: bool,
+        workflow: Option<&str>,
         items: Vec<Item>,
     ) {
-        let lane = self.lanes.lane_for(&items, queued);
+        let workflow = workflow
+            .filter(|w| queued && self.schedules.contains_key(*w))
+            .map(CompactString::from);
+        let lane = self.lanes.lane_for(&items, queued, workflow.as_ref());
         self.lanes.enqueue(Entry {
             seq,
             priority,
             attempts,
             max_attempts: max_attempts.clamp(1, self.max_attempts.max(1)),
             queued,
+            workflow,
             items,
             committed: Vec::new(),
             lane,
@@ -391,6 +424,22 @@ impl Scheduler {
                 .any(|i| claimed.contains(&(i.limit, i.class, &i.key)))
             {
                 continue;
+            }
+            // Its workflow's window, for queued work.
+            if let Some(schedule) = head
+                .workflow
+                .as_ref()
+                .and_then(|w| self.schedules.get(w.as_str()))
+            {
+                if let Err(opens) = schedule.opens(now) {
+                    if wake.is_none_or(|w| opens < w.until) {
+                        wake = Some(Waiting {
+                            until: opens,
+                            limit: None,
+                        });
+                    }
+                    continue;
+                }
             }
             // Its key's pace, learnt from the vendor, on top of the limits.
             if let Some(at) = self.paces.gate(self.paces.key_of(&head.items), now) {
@@ -879,7 +928,7 @@ mod tests {
         let req = Attrs::new("GET", "/x", &[]);
         let mut items = Vec::new();
         s.engine().policy().plan(&req, &mut items).unwrap();
-        s.push_capped(seq, Priority::Normal, 0, 1, false, items);
+        s.push_capped(seq, Priority::Normal, 0, 1, false, None, items);
     }
 
     const WINDOW: &str =

@@ -20,6 +20,32 @@ pub const RECORDS_PLACEHOLDER: &str = "{{records}}";
 #[derive(Debug, Clone)]
 pub struct UpstreamsConfig {
     pub upstreams: Vec<Upstream>,
+    /// `[[workflow]]`: schedules and callbacks by workflow name.
+    pub workflows: Vec<Workflow>,
+}
+
+/// `[[workflow]] name, start, end, timezone, days, callback`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workflow {
+    pub name: String,
+    /// When its queued work may go (None: any time).
+    pub schedule: Option<crate::schedule::Schedule>,
+    /// Where its jobs' results are POSTed unless a job names its own.
+    pub callback: Option<String>,
+}
+
+impl UpstreamsConfig {
+    /// The schedules of the workflows that have one.
+    pub fn schedules(&self) -> Vec<crate::schedule::Schedule> {
+        self.workflows
+            .iter()
+            .filter_map(|w| w.schedule.clone())
+            .collect()
+    }
+
+    pub fn workflow(&self, name: &str) -> Option<&Workflow> {
+        self.workflows.iter().find(|w| w.name == name)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -286,7 +312,11 @@ pub fn parse(
         }
         upstreams.push(upstream);
     }
-    Ok(UpstreamsConfig { upstreams })
+    let workflows = workflows(text, &raw.workflow)?;
+    Ok(UpstreamsConfig {
+        upstreams,
+        workflows,
+    })
 }
 
 fn upstream(
@@ -524,6 +554,101 @@ fn upstream(
         dedup,
         name,
     })
+}
+
+/// `[[workflow]]` entries: each name once; a window needs both ends.
+fn workflows(text: &str, raw: &[Spanned<RawWorkflow>]) -> Result<Vec<Workflow>, ConfigError> {
+    let mut out: Vec<Workflow> = Vec::new();
+    for w in raw {
+        let r = w.get_ref();
+        let name = r.name.get_ref().clone();
+        let err = |offset: usize, msg: String| ConfigError {
+            line: Some(line_of(text, offset)),
+            message: format!("workflow '{name}': {msg}"),
+        };
+        if out.iter().any(|o| o.name == name) {
+            return Err(err(r.name.span().start, "is defined twice".into()));
+        }
+        let time = |v: &Spanned<String>, field: &str| {
+            crate::schedule::parse_time(v.get_ref())
+                .map_err(|m| err(v.span().start, format!("{field}: {m}")))
+        };
+        let schedule = match (&r.start, &r.end) {
+            (None, None) => {
+                if let Some(v) = r
+                    .timezone
+                    .as_ref()
+                    .map(|v| v.span().start)
+                    .or(r.days.as_ref().map(|v| v.span().start))
+                {
+                    return Err(err(
+                        v,
+                        "timezone and days go with a window: give start and end".into(),
+                    ));
+                }
+                None
+            }
+            (Some(start), Some(end)) => {
+                let (s, e) = (time(start, "start")?, time(end, "end")?);
+                if s == e {
+                    return Err(err(
+                        end.span().start,
+                        "start and end are the same time: the window would be empty".into(),
+                    ));
+                }
+                let tz_name = r.timezone.as_ref().map_or("UTC", |v| v.get_ref().as_str());
+                let timezone = jiff::tz::TimeZone::get(tz_name).map_err(|_| {
+                    err(
+                        r.timezone.as_ref().map_or(w.span().start, |v| v.span().start),
+                        format!("timezone '{tz_name}' is not a known IANA time zone (e.g. Europe/Paris, America/New_York)"),
+                    )
+                })?;
+                let days = match &r.days {
+                    Some(d) => crate::schedule::parse_days(d.get_ref())
+                        .map_err(|m| err(d.span().start, m))?,
+                    None => [true; 7],
+                };
+                Some(crate::schedule::Schedule {
+                    workflow: name.clone(),
+                    start: s,
+                    end: e,
+                    timezone,
+                    days,
+                })
+            }
+            (Some(v), None) | (None, Some(v)) => {
+                return Err(err(
+                    v.span().start,
+                    "a window needs both start and end".into(),
+                ))
+            }
+        };
+        let callback = match &r.callback {
+            Some(c) => Some(
+                callback_url(c.get_ref())
+                    .map_err(|m| err(c.span().start, format!("callback {m}")))?,
+            ),
+            None => None,
+        };
+        out.push(Workflow {
+            name,
+            schedule,
+            callback,
+        });
+    }
+    Ok(out)
+}
+
+/// A callback URL as given (a workflow's or a job's `callback`, the
+/// `Tollgate-Callback` header): an http(s) URL with a host, or why not.
+pub fn callback_url(text: &str) -> Result<String, String> {
+    match Url::parse(text) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host_str().is_some() => {
+            Ok(url.to_string())
+        }
+        Ok(_) => Err(format!("'{text}' is not an http(s) URL with a host")),
+        Err(e) => Err(format!("'{text}' is not a URL: {e}")),
+    }
 }
 
 /// A share written `"40%"`: above 0, at most 100% (`below_all`: under 100%).
@@ -852,6 +977,19 @@ fn expand_env(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String
 struct RawRunner {
     #[serde(default)]
     upstream: Vec<Spanned<RawUpstream>>,
+    #[serde(default)]
+    workflow: Vec<Spanned<RawWorkflow>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkflow {
+    name: Spanned<String>,
+    start: Option<Spanned<String>>,
+    end: Option<Spanned<String>>,
+    timezone: Option<Spanned<String>>,
+    days: Option<Spanned<Vec<String>>>,
+    callback: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1252,6 +1390,44 @@ mod tests {
         assert_eq!(
             err(&with("[[upstream.budget]]\nworkflow = \"sync\"\nshare = \"40%\"\nof = \"daily\"\n")),
             "line 12: upstream 'crm': budget of = \"daily\": this upstream has no such limit (its limits: api)"
+        );
+    }
+
+    #[test]
+    fn workflows_have_a_window_in_a_time_zone_and_a_callback() {
+        let c = parse(
+            &format!("{BASE}[[workflow]]\nname = \"enrichment\"\nstart = \"06:00\"\nend = \"08:00\"\ntimezone = \"America/New_York\"\ndays = [\"mon\", \"fri\"]\ncallback = \"https://hooks.example/done\"\n[[workflow]]\nname = \"sync\"\n"),
+            &NoProfiles,
+            &|_| None,
+        )
+        .unwrap();
+        let w = c.workflow("enrichment").unwrap();
+        let s = w.schedule.as_ref().unwrap();
+        assert_eq!((s.start, s.end), (360, 480));
+        assert_eq!(s.days, [true, false, false, false, true, false, false]);
+        assert_eq!(w.callback.as_deref(), Some("https://hooks.example/done"));
+        assert!(c.workflow("sync").unwrap().schedule.is_none());
+        assert_eq!(c.schedules().len(), 1);
+        let bad = |lines: &str| err(&format!("{BASE}[[workflow]]\nname = \"w\"\n{lines}\n"));
+        assert_eq!(
+            bad("start = \"06:00\""),
+            "line 11: workflow 'w': a window needs both start and end"
+        );
+        assert_eq!(
+            bad("start = \"6\"\nend = \"08:00\""),
+            "line 11: workflow 'w': start: '6' is not a time of day like \"06:00\""
+        );
+        assert_eq!(
+            bad("start = \"06:00\"\nend = \"08:00\"\ntimezone = \"Mars/Olympus\""),
+            "line 13: workflow 'w': timezone 'Mars/Olympus' is not a known IANA time zone (e.g. Europe/Paris, America/New_York)"
+        );
+        assert_eq!(
+            bad("callback = \"mailto:a@b.example\""),
+            "line 11: workflow 'w': callback 'mailto:a@b.example' is not an http(s) URL with a host"
+        );
+        assert_eq!(
+            bad("timezone = \"UTC\""),
+            "line 11: workflow 'w': timezone and days go with a window: give start and end"
         );
     }
 }

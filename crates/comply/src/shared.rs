@@ -32,6 +32,8 @@ pub struct Ask {
     /// Queued work (a job), not a live request: served after the live
     /// requests waiting, and only above the upstream's reserve.
     pub queued: bool,
+    /// Its workflow (a queued job's schedule applies).
+    pub workflow: Option<String>,
 }
 
 /// Why a caller gets no turn.
@@ -199,6 +201,7 @@ impl SharedScheduler {
                 0,
                 ask.max_attempts,
                 ask.queued,
+                ask.workflow.as_deref(),
                 ask.items,
             );
             line.waiters.insert(seq, tx);
@@ -481,6 +484,7 @@ mod tests {
             items,
             max_attempts: 3,
             queued: false,
+            workflow: None,
         }
     }
 

@@ -505,6 +505,8 @@ struct RawConfig {
     _proxy: Option<toml::Value>,
     #[serde(rename = "rls")]
     _rls: Option<toml::Value>,
+    #[serde(rename = "workflow")]
+    _workflow: Option<toml::Value>,
     /// A runner's upstreams: their limits are read here, their other
     /// fields by the runner.
     #[serde(default)]

@@ -462,7 +462,8 @@ impl<'a> Driver<'a> {
                     self.reading.insert(id, seq);
                 }
                 active.read = read;
-                self.schedulers[upstream].push(seq, active.job.priority, attempts, items);
+                let (priority, workflow) = (active.job.priority, active.job.workflow.as_deref());
+                self.schedulers[upstream].push_job(seq, priority, attempts, workflow, items);
                 self.active.insert(seq, active);
             }
             Err(reason) => self.dead_on_arrival(seq, upstream, job, attempts, reason, sink),
@@ -695,7 +696,9 @@ impl<'a> Driver<'a> {
             for follower in followers {
                 if let Some(f) = self.active.get_mut(&follower) {
                     let items = f.items.to_vec();
-                    self.schedulers[upstream].push(follower, f.job.priority, f.attempts, items);
+                    let (priority, workflow) = (f.job.priority, f.job.workflow.as_deref());
+                    self.schedulers[upstream]
+                        .push_job(follower, priority, f.attempts, workflow, items);
                 }
             }
             return;
@@ -846,6 +849,7 @@ pub async fn run(
             )
             .with_reserve(u.reserve.clone())
             .with_borrowing(u.borrowing())
+            .with_schedules(&config.schedules())
         })
         .collect();
     let writer = state.writer()?;

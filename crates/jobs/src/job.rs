@@ -14,6 +14,7 @@ use url::Url;
 
 /// Most bad lines reported at once.
 const MAX_ERRORS: usize = 20;
+pub use tollgate_comply::settings::callback_url;
 pub use tollgate_comply::WORKFLOW_HEADER;
 
 /// A job as stored: what is sent, and how it is scheduled.
@@ -306,18 +307,6 @@ fn job_from_line(
             },
         },
     })
-}
-
-/// A callback URL as given (a job's `callback`, the `Tollgate-Callback`
-/// header): an http(s) URL with a host, or why not.
-pub fn callback_url(text: &str) -> Result<String, String> {
-    match Url::parse(text) {
-        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host_str().is_some() => {
-            Ok(url.to_string())
-        }
-        Ok(_) => Err(format!("'{text}' is not an http(s) URL with a host")),
-        Err(e) => Err(format!("'{text}' is not a URL: {e}")),
-    }
 }
 
 /// Cut records (one JSON value per line) into calls of `bulk.max_items`.

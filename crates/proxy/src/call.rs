@@ -577,6 +577,7 @@ impl Proxy {
                 items,
                 max_attempts,
                 queued: control.queued,
+                workflow: control.workflow.clone(),
             });
             if let Some(answer) = self.with_key(&mut calls, ticket, key, outcome).await {
                 return answer;

@@ -64,6 +64,8 @@ struct Open {
     writer: Mutex<Option<Writer>>,
     /// Jobs not yet in a line, oldest first.
     waiting: Mutex<VecDeque<Pending>>,
+    /// Jobs whose workflow's window is closed, by when it opens.
+    aside: Mutex<std::collections::BTreeMap<Nanos, Vec<Pending>>>,
     more: Notify,
     in_line: Arc<Semaphore>,
     /// Every pending job this process knows, by seq.
@@ -128,6 +130,7 @@ impl Desk {
                 state: Mutex::new(state),
                 writer: Mutex::new(Some(writer)),
                 waiting: Mutex::new(VecDeque::new()),
+                aside: Mutex::new(std::collections::BTreeMap::new()),
                 more: Notify::new(),
                 in_line: Arc::new(Semaphore::new(IN_LINE)),
                 tracked: Mutex::new(HashMap::new()),
@@ -247,21 +250,27 @@ impl Open {
     }
 }
 
-/// Hands the waiting jobs to the lines, at most `IN_LINE` at once.
+/// Hands the waiting jobs to the lines, at most `IN_LINE` at once. A job
+/// whose workflow's window is closed is set aside until it opens, so it
+/// holds no place in line meanwhile.
 async fn pump(proxy: Weak<Proxy>, open: Arc<Open>) {
     loop {
         let Ok(slot) = open.in_line.clone().acquire_owned().await else {
             return;
         };
-        let next = loop {
+        let (proxy, next) = loop {
             let next = open.waiting.lock().pop_front();
-            match next {
-                Some(p) => break p,
-                None => open.more.notified().await,
+            let Some(p) = next else {
+                open.more.notified().await;
+                continue;
+            };
+            let Some(proxy) = proxy.upgrade() else {
+                return;
+            };
+            match closed_until(&proxy, &p.job) {
+                Some(opens) => set_aside(&proxy, &open, p, opens),
+                None => break (proxy, p),
             }
-        };
-        let Some(proxy) = proxy.upgrade() else {
-            return;
         };
         let open = open.clone();
         tokio::spawn(async move {
@@ -269,6 +278,42 @@ async fn pump(proxy: Weak<Proxy>, open: Arc<Open>) {
             drop(slot);
         });
     }
+}
+
+/// When the window of the job's workflow opens, if it is closed now.
+fn closed_until(proxy: &Proxy, job: &Job) -> Option<Nanos> {
+    let generation = proxy.current();
+    let schedule = generation
+        .config
+        .workflow(job.workflow.as_deref()?)?
+        .schedule
+        .as_ref()?;
+    schedule.opens(proxy.clock.now()).err()
+}
+
+/// Keep `p` aside until `opens`, then put it back at the head of the jobs
+/// waiting (before the ones queued since).
+fn set_aside(proxy: &Arc<Proxy>, open: &Arc<Open>, p: Pending, opens: Nanos) {
+    let first = {
+        let mut aside = open.aside.lock();
+        let first = !aside.contains_key(&opens);
+        aside.entry(opens).or_default().push(p);
+        first
+    };
+    if !first {
+        return;
+    }
+    let (open, wait) = (open.clone(), opens.saturating_sub(proxy.clock.now()));
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_nanos(wait)).await;
+        let due = open.aside.lock().remove(&opens).unwrap_or_default();
+        let mut waiting = open.waiting.lock();
+        for p in due.into_iter().rev() {
+            waiting.push_front(p);
+        }
+        drop(waiting);
+        open.more.notify_one();
+    });
 }
 
 /// Send one job until it has a final outcome, and record it.
@@ -486,6 +531,16 @@ impl Proxy {
         generation: &Arc<Generation>,
         routed: Vec<Routed>,
     ) -> Result<(Vec<String>, u64), Response<ResponseBody>> {
+        let mut routed = routed;
+        for r in routed.iter_mut().filter(|r| r.job.callback.is_none()) {
+            // A workflow's callback, unless the job names its own.
+            let workflow = r
+                .job
+                .workflow
+                .as_deref()
+                .and_then(|w| generation.config.workflow(w));
+            r.job.callback = workflow.and_then(|w| w.callback.clone());
+        }
         let proxy = self.clone();
         let generation = generation.clone();
         let dir = generation.settings.state.clone();

@@ -210,7 +210,7 @@ impl Proxy {
         let lines = upstreams
             .upstreams
             .iter()
-            .map(|u| start_line(u, &clock, &metrics).map(Arc::new))
+            .map(|u| start_line(u, &upstreams, &clock, &metrics).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let admin_token = std::env::var(&settings.admin_token_env)
             .ok()
@@ -299,7 +299,10 @@ impl Proxy {
         let mut kept = Vec::new();
         let mut lines = Vec::new();
         for u in &upstreams.upstreams {
-            let same = old.lines.iter().find(|o| o.fingerprint == fingerprint(u));
+            let same = old
+                .lines
+                .iter()
+                .find(|o| o.fingerprint == fingerprint(u, &upstreams));
             match same {
                 Some(line) => {
                     kept.push(u.name.clone());
@@ -309,7 +312,12 @@ impl Proxy {
                     }
                     lines.push(line.clone());
                 }
-                None => lines.push(Arc::new(start_line(u, &self.clock, &self.metrics)?)),
+                None => lines.push(Arc::new(start_line(
+                    u,
+                    &upstreams,
+                    &self.clock,
+                    &self.metrics,
+                )?)),
             }
         }
         let names = upstreams.upstreams.iter().map(|u| u.name.clone()).collect();
@@ -341,8 +349,9 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-fn fingerprint(u: &Upstream) -> String {
-    format!("{u:?}")
+/// What a line is built from: the upstream, and the workflows' schedules.
+fn fingerprint(u: &Upstream, config: &UpstreamsConfig) -> String {
+    format!("{u:?} {:?}", config.schedules())
 }
 
 /// An upstream's line: its engine (memory, or the fleet's Redis under the
@@ -350,6 +359,7 @@ fn fingerprint(u: &Upstream) -> String {
 /// quota), its scheduler, and its HTTP client.
 fn start_line(
     u: &Upstream,
+    config: &UpstreamsConfig,
     clock: &TokioClock,
     metrics: &Metrics,
 ) -> Result<UpstreamLine, LoadError> {
@@ -366,7 +376,8 @@ fn start_line(
         fastrand_seed(),
     )
     .with_reserve(u.reserve.clone())
-    .with_borrowing(u.borrowing());
+    .with_borrowing(u.borrowing())
+    .with_schedules(&config.schedules());
     let client = upstream_client(u)?;
     let line = SharedScheduler::start(&u.name, core, clock.clone());
     let pause_listener = match &u.policy.store.redis {
@@ -376,7 +387,7 @@ fn start_line(
     Ok(UpstreamLine {
         metrics: metrics.upstream(&u.name),
         pause_listener,
-        fingerprint: fingerprint(u),
+        fingerprint: fingerprint(u, config),
         keys: crate::keys::KeyPool::new(u.keys.len()),
         cache: cache_of(u)?,
         writes: tollgate_http::dedup::Writes::new(&u.dedup),

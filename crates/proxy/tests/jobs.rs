@@ -498,3 +498,59 @@ async fn a_spent_budget_holds_back_only_its_workflows_jobs() {
     // The rest go in the next minutes.
     assert_eq!(settled(&proxy, "j38").await["status"], "done");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_scheduled_workflows_jobs_wait_for_its_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = scripted(|_, _| tollgate_testkit::upstream::ok()).await;
+    let receiver = scripted(|_, _| Answer::Status(204, vec![], "")).await;
+    // The test clock starts at 2026-01-01T00:00:00Z (a Thursday): the
+    // enrichment window is 01:10-01:20 in Paris (UTC+1 in winter).
+    let workflows = format!(
+        "[[workflow]]\nname = \"enrichment\"\nstart = \"01:10\"\nend = \"01:20\"\ntimezone = \"Europe/Paris\"\ndays = [\"thu\"]\ncallback = \"http://{}/hooks\"\n",
+        receiver.addr
+    );
+    let config = with_state(
+        dir.path(),
+        &format!(
+            "{}{workflows}",
+            upstream("crm", up.addr, &bucket("api", 100, "100/s"))
+        ),
+    );
+    let began = Instant::now();
+    let proxy = start(&config).await;
+    let base = format!("http://{}", up.addr);
+    let lines: String = (0..10)
+        .map(|i| {
+            let workflow = if i < 5 { "enrichment" } else { "sync" };
+            format!("{{\"id\":\"j{i}\",\"method\":\"GET\",\"url\":\"{base}/v1/{workflow}/{i}\",\"workflow\":\"{workflow}\"}}\n")
+        })
+        .collect();
+    assert_eq!(
+        push(&proxy, "application/x-ndjson", lines).await.status(),
+        202
+    );
+    let sent = |prefix: &str| {
+        up.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path.starts_with(prefix))
+            .count()
+    };
+    // The unscheduled workflow goes at once; the other waits for 00:10 UTC.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!((sent("/v1/sync/"), sent("/v1/enrichment/")), (5, 0));
+    tokio::time::sleep(Duration::from_secs(597)).await;
+    assert_eq!(sent("/v1/enrichment/"), 0, "not before its window");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(sent("/v1/enrichment/"), 5, "all of them once it opens");
+    let first = up.seen("/v1/enrichment/0")[0].at;
+    assert!(
+        first >= began + Duration::from_secs(600),
+        "sent at the window's start"
+    );
+    // The workflow's callback gets their results (and not the other's).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(receiver.seen("/hooks").len(), 5);
+}

@@ -366,7 +366,8 @@ pub async fn run(
                 options.seed.wrapping_add(i as u64),
             )
             .with_reserve(u.reserve.clone())
-            .with_borrowing(u.borrowing()),
+            .with_borrowing(u.borrowing())
+            .with_schedules(&config.schedules()),
         );
     }
 

@@ -115,6 +115,54 @@ pub fn check(path: &Path, text: &str) -> Result<()> {
             }
         );
     }
+    for u in &config.upstreams {
+        let kept: Vec<String> = u
+            .reserve
+            .iter()
+            .zip(&u.policy.limits)
+            .filter(|(share, _)| **share > 0.0)
+            .map(|(share, l)| format!("{}% of {}", share * 100.0, l.name))
+            .collect();
+        if !kept.is_empty() {
+            println!("  {}: reserve for live calls: {}", u.name, kept.join(", "));
+        }
+        for b in &u.budgets {
+            println!(
+                "  {}: budget of workflow {}: {}% of {} (limit {}){}",
+                u.name,
+                b.workflow,
+                b.share * 100.0,
+                b.of,
+                u.policy.limits[b.limit].name,
+                if b.borrow {
+                    ", borrows what others leave idle"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    for w in &config.workflows {
+        if let Some(s) = &w.schedule {
+            const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+            let days: Vec<&str> = DAYS
+                .iter()
+                .zip(s.days)
+                .filter(|(_, on)| *on)
+                .map(|(d, _)| *d)
+                .collect();
+            println!(
+                "  workflow {}: queued work goes {:02}:{:02}-{:02}:{:02} {} on {}",
+                w.name,
+                s.start / 60,
+                s.start % 60,
+                s.end / 60,
+                s.end % 60,
+                s.timezone.iana_name().unwrap_or("UTC"),
+                days.join(", ")
+            );
+        }
+    }
     if text.contains("[proxy") {
         // What `tollgate proxy` reads besides: [proxy] and its clients.
         let proxy = tollgate_proxy::ProxySettings::parse(text, &|name| {
@@ -513,6 +561,18 @@ pub fn plan(
                 ),
             }
         }
+        let upstream = config.upstreams.iter().find(|u| u.name == p.upstream);
+        for w in &e.workflows {
+            println!("  {}", workflow_plan(w, &config, upstream, start));
+        }
+        if !e.peaks.is_empty() {
+            let peaks: Vec<String> = e
+                .peaks
+                .iter()
+                .map(|(limit, peak)| format!("{limit} {:.0}%", peak * 100.0))
+                .collect();
+            println!("  peak quota use: {}", peaks.join(", "));
+        }
         if e.impossible > 0 {
             println!("  {} call(s) can never be admitted (cost above a limit's capacity): they would be dead-lettered", e.impossible);
         }
@@ -527,6 +587,61 @@ pub fn plan(
         human(slowest)
     );
     Ok(())
+}
+
+/// One workflow's line of `tollgate plan`: when its calls would go, and
+/// whether they fit its window and budget.
+fn workflow_plan(
+    w: &tollgate_egress::plan::WorkflowEstimate,
+    config: &UpstreamsConfig,
+    upstream: Option<&tollgate_egress::Upstream>,
+    start: tollgate_core::Nanos,
+) -> String {
+    let schedule = config.workflow(&w.name).and_then(|c| c.schedule.as_ref());
+    let tz = schedule.map_or(jiff::tz::TimeZone::UTC, |s| s.timezone.clone());
+    let at = |ns: u64| {
+        jiff::Timestamp::from_nanosecond(i128::from(ns))
+            .map(|t| {
+                t.to_zoned(tz.clone())
+                    .strftime("%Y-%m-%d %H:%M:%S %Z")
+                    .to_string()
+            })
+            .unwrap_or_default()
+    };
+    let mut line = format!(
+        "workflow {}: {} call(s), first {} (in {}), last {}",
+        w.name,
+        w.calls,
+        at(w.first),
+        human(std::time::Duration::from_nanos(
+            w.first.saturating_sub(start)
+        )),
+        at(w.last)
+    );
+    if let Some(s) = schedule {
+        let inside =
+            s.window_end(w.first).is_some() && s.window_end(w.first) == s.window_end(w.last);
+        line += if inside {
+            "; fits its window"
+        } else {
+            "; does NOT fit one window (the rest waits for the next)"
+        };
+    }
+    let budget = upstream.and_then(|u| {
+        let b = u.budgets.iter().find(|b| b.workflow == w.name)?;
+        Some((b, u.policy.limits[b.limit].params(0).policy().0))
+    });
+    if let Some((b, quota)) = budget {
+        line += &match w.calls <= quota {
+            true => format!("; within its budget ({}% of {}: {quota})", b.share * 100.0, b.of),
+            false => format!(
+                "; over its budget ({}% of {}: {quota}): the rest waits for the budget's next window",
+                b.share * 100.0,
+                b.of
+            ),
+        };
+    }
+    line
 }
 
 #[derive(clap::Subcommand, Debug)]

@@ -26,22 +26,11 @@ impl Schedule {
     /// Whether the window is open at `now` (ns since the epoch); if not,
     /// when it next opens.
     pub fn opens(&self, now: Nanos) -> Result<(), Nanos> {
-        let Ok(at) = Timestamp::from_nanosecond(i128::from(now)) else {
+        let Some(today) = self.local_date(now) else {
             return Ok(());
         };
-        let zoned = at.to_zoned(self.timezone.clone());
-        let today = zoned.date();
-        // The window that opened today, or yesterday (one that runs past
-        // midnight).
-        for back in [0i64, 1] {
-            let Some(date) = today.checked_sub(jiff::Span::new().days(back)).ok() else {
-                continue;
-            };
-            if let (Some(open), Some(close)) = (self.opening(date), self.closing(date)) {
-                if open <= now && now < close {
-                    return Ok(());
-                }
-            }
+        if self.window_end(now).is_some() {
+            return Ok(());
         }
         // The next opening, within the next eight days.
         (0i64..=8)
@@ -49,6 +38,24 @@ impl Schedule {
             .filter_map(|date| self.opening(date))
             .find(|&open| open > now)
             .map_or(Ok(()), Err)
+    }
+
+    /// When the window open at `at` closes (None: no window is open then).
+    pub fn window_end(&self, at: Nanos) -> Option<Nanos> {
+        let today = self.local_date(at)?;
+        // The window that opened today, or yesterday (one that runs past
+        // midnight).
+        [0i64, 1].into_iter().find_map(|back| {
+            let date = today.checked_sub(jiff::Span::new().days(back)).ok()?;
+            let (open, close) = (self.opening(date)?, self.closing(date)?);
+            (open <= at && at < close).then_some(close)
+        })
+    }
+
+    /// The local date at `at`.
+    fn local_date(&self, at: Nanos) -> Option<Date> {
+        let t = Timestamp::from_nanosecond(i128::from(at)).ok()?;
+        Some(t.to_zoned(self.timezone.clone()).date())
     }
 
     /// When the window of `date` opens (None: no window that day).

@@ -528,8 +528,11 @@ fn upstream(
             }
         },
     };
+    // (the reserve is of the configured limits; a budget's calls count
+    // against its limit `of`, which keeps the reserve)
+    let mut reserve = reserve_of(u.reserve.as_ref(), &policy, &err)?;
     let budgets = budgets_of(text, &u.budget, &mut policy, &err)?;
-    let reserve = reserve_of(u.reserve.as_ref(), &policy, &err)?;
+    reserve.resize(policy.limits.len(), 0.0);
     Ok(Upstream {
         reserve,
         budgets,

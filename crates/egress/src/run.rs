@@ -773,6 +773,7 @@ impl<'a> Driver<'a> {
                         u.concurrency,
                         None,
                         Some(u),
+                        &self.config.schedules(),
                     );
                     UpstreamSummary {
                         name: u.name.clone(),

@@ -253,8 +253,9 @@ impl ProxySettings {
             ));
         }
         if let Some(admin) = self.admin_listen {
-            let token = env(&self.admin_token_env).filter(|t| !t.is_empty());
-            if !admin.ip().is_loopback() && token.is_none() {
+            // (the token is read only where it is needed: off loopback)
+            let token = || env(&self.admin_token_env).filter(|t| !t.is_empty());
+            if !admin.ip().is_loopback() && token().is_none() {
                 return Err(format!(
                     "proxy admin_listen {admin} is not a loopback address: set {} to an admin token first",
                     self.admin_token_env

@@ -193,6 +193,30 @@ fn a_killed_coordinator_loses_no_job_and_no_callback() {
         *per_key.entry(key).or_default() += 1;
     }
     assert_eq!(per_key.len(), JOBS);
+    // `tollgate results` and `tollgate dlq` read the coordinator's state
+    // while it runs.
+    let state = dir.join("state");
+    let results = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["results", "--state"])
+        .arg(&state)
+        .output()
+        .expect("tollgate results");
+    assert!(results.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&results.stdout).lines().count(),
+        JOBS
+    );
+    let dlq = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["dlq", "list", "--state"])
+        .arg(&state)
+        .output()
+        .expect("tollgate dlq list");
+    assert!(
+        dlq.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dlq.stderr)
+    );
+
     // Run here, jobs with callbacks are refused: only a coordinator delivers.
     let alone = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["run", "--config"])

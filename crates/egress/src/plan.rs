@@ -378,6 +378,7 @@ mod tests {
             workflow: Some(workflow.into()),
             idempotency_key: format!("k{i}"),
             callback: None,
+            client: None,
         };
         let jobs: Vec<Routed> = (0..400)
             .map(|i| Routed {

@@ -39,6 +39,10 @@ pub struct Job {
     /// delivers it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback: Option<String>,
+    /// The proxy client that pushed it: only that client may ask for its
+    /// status and result (None: pushed without client tokens, or a file's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
 }
 
 impl Job {
@@ -305,6 +309,7 @@ fn job_from_line(
                 Some(url) => Some(callback_url(&url).map_err(|m| format!("callback {m}"))?),
                 None => None,
             },
+            client: None,
         },
     })
 }
@@ -370,6 +375,7 @@ pub fn read_bulk(
                 job: Job {
                     idempotency_key: format!("tollgate-{}", &digest(&[&id, &content])[..32]),
                     callback: None,
+                    client: None,
                     id,
                     method: bulk.method.clone(),
                     url: url.clone(),

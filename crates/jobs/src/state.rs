@@ -69,6 +69,8 @@ pub struct JobStatus {
     pub attempts: u32,
     /// Its `results.jsonl` line, once final.
     pub result: Option<String>,
+    /// The proxy client that pushed it, if any.
+    pub client: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -351,14 +353,16 @@ impl State {
     pub fn job_status(&self, id: &str) -> Result<Option<JobStatus>, StateError> {
         self.conn
             .query_row(
-                "SELECT j.seq, j.state, j.attempts, r.line FROM jobs j LEFT JOIN results r ON r.seq = j.seq WHERE j.id = ?1",
+                "SELECT j.seq, j.state, j.attempts, r.line, j.spec FROM jobs j LEFT JOIN results r ON r.seq = j.seq WHERE j.id = ?1",
                 [id],
                 |r| {
+                    let spec: String = r.get(4)?;
                     Ok(JobStatus {
                         seq: r.get::<_, i64>(0)? as u64,
                         state: r.get(1)?,
                         attempts: r.get(2)?,
                         result: r.get(3)?,
+                        client: serde_json::from_str::<Job>(&spec).ok().and_then(|j| j.client),
                     })
                 },
             )

@@ -406,7 +406,7 @@ impl Proxy {
         if crate::jobs::prefers_async(&parts.headers) {
             outcome.metric = "queued";
             return self
-                .queue_live(generation, upstream, &url, parts, body, control)
+                .queue_live(generation, upstream, &url, parts, body, control, client)
                 .await;
         }
         let cache = &line.cache;

@@ -380,7 +380,9 @@ impl Proxy {
             return self.intake(parts, body, client).await;
         }
         match path.strip_prefix(JOBS_PATH).and_then(|r| r.strip_prefix('/')) {
-            Some(id) if !id.is_empty() && parts.method == Method::GET => self.job_status(id).await,
+            Some(id) if !id.is_empty() && parts.method == Method::GET => {
+                self.job_status(id, client).await
+            }
             _ => problem(
                 StatusCode::NOT_FOUND,
                 "Not found",
@@ -501,6 +503,9 @@ impl Proxy {
         for r in routed.iter_mut().filter(|r| r.job.callback.is_none()) {
             r.job.callback = callback.clone();
         }
+        for r in routed.iter_mut() {
+            r.job.client = client.map(|c| c.name.clone());
+        }
         if let Some(workflow) = client.and_then(|c| c.workflow.as_ref()) {
             // A client's workflow is its jobs' unless they name one.
             for r in routed.iter_mut().filter(|r| r.job.workflow.is_none()) {
@@ -591,7 +596,13 @@ impl Proxy {
     }
 
     /// `GET /_tollgate/jobs/ID`.
-    async fn job_status(self: &Arc<Self>, id: &str) -> Response<ResponseBody> {
+    /// (Another client's job is answered as unknown: a client sees only
+    /// what it pushed.)
+    async fn job_status(
+        self: &Arc<Self>,
+        id: &str,
+        client: Option<&crate::Client>,
+    ) -> Response<ResponseBody> {
         let open = self.jobs.open.lock().clone();
         let unknown = || {
             problem(
@@ -607,8 +618,8 @@ impl Proxy {
         let found =
             tokio::task::spawn_blocking(move || lookup.state.lock().job_status(&wanted)).await;
         let status = match found {
-            Ok(Ok(Some(s))) => s,
-            Ok(Ok(None)) => return unknown(),
+            Ok(Ok(Some(s))) if s.client.as_deref() == client.map(|c| c.name.as_str()) => s,
+            Ok(Ok(_)) => return unknown(),
             Ok(Err(e)) => {
                 return problem(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -798,6 +809,7 @@ impl Proxy {
     /// A live request sent with `Prefer: respond-async`: kept as a job (its
     /// method, URL, headers and body, as the client sent them), answered
     /// 202 with the job's `Location`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn queue_live(
         self: &Arc<Self>,
         generation: &Arc<Generation>,
@@ -806,6 +818,7 @@ impl Proxy {
         parts: &hyper::http::request::Parts,
         body: Incoming,
         control: Control,
+        client: Option<&crate::Client>,
     ) -> Result<Response<ResponseBody>, Refusal> {
         let max = generation.settings.max_replay_bytes;
         let bytes = match crate::call::read_body(body, max).await? {
@@ -855,6 +868,7 @@ impl Proxy {
             workflow: control.workflow,
             idempotency_key,
             callback: callback_header(&parts.headers)?,
+            client: client.map(|c| c.name.clone()),
         };
         let routed = vec![Routed { upstream, job }];
         match self.enqueue(generation, routed).await {

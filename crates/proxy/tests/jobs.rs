@@ -48,6 +48,14 @@ async fn status(proxy: &Running, id: &str) -> serde_json::Value {
         .expect("json")
 }
 
+/// Let real time pass (the state's outcomes are committed by a thread of
+/// its own, which the test's paused clock does not wait for).
+async fn real_pause() {
+    tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(5)))
+        .await
+        .expect("pause");
+}
+
 /// Wait (on the test's clock, up to 10 minutes of it) until job `id` is
 /// done or dead.
 async fn settled(proxy: &Running, id: &str) -> serde_json::Value {
@@ -132,6 +140,7 @@ async fn jobs_pushed_as_jsonl_are_sent_once_and_their_results_kept() {
 
     // Results land in the state's results.jsonl, one line per job.
     for _ in 0..1000 {
+        real_pause().await;
         let text = std::fs::read_to_string(dir.path().join("results.jsonl")).unwrap_or_default();
         if text.lines().count() == 3 {
             let ids_seen: std::collections::BTreeSet<String> = text
@@ -418,12 +427,20 @@ async fn results_are_posted_to_the_callback_signed_and_retried_until_taken() {
         ),
         1.0
     );
-    let counts = (0..100).find_map(|_| {
-        let state = tollgate_jobs::State::open_read_only(dir.path()).ok()?;
-        let counts = state.callback_counts().ok()?;
-        (counts.get("undelivered") == Some(&1) && counts.get("delivered") == Some(&1))
-            .then_some(counts)
-    });
+    let mut counts = None;
+    for _ in 0..1000 {
+        real_pause().await;
+        let Some(state) = tollgate_jobs::State::open_read_only(dir.path()).ok() else {
+            continue;
+        };
+        let Ok(now) = state.callback_counts() else {
+            continue;
+        };
+        if now.get("undelivered") == Some(&1) && now.get("delivered") == Some(&1) {
+            counts = Some(now);
+            break;
+        }
+    }
     assert!(counts.is_some(), "both outcomes are in the state");
 
     // A callback that is not http(s) is refused, naming the line.
@@ -553,4 +570,72 @@ async fn a_scheduled_workflows_jobs_wait_for_its_window() {
     // The workflow's callback gets their results (and not the other's).
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(receiver.seen("/hooks").len(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_sees_only_the_jobs_it_pushed() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = scripted(|_, _| Answer::Status(200, vec![], "{\"secret\":\"a's data\"}")).await;
+    std::env::set_var("JOBS_TEST_TOKEN_A", "token-a");
+    std::env::set_var("JOBS_TEST_TOKEN_B", "token-b");
+    let config = with_state(
+        dir.path(),
+        &format!(
+            "[[proxy.client]]\nname = \"a\"\ntoken_env = \"JOBS_TEST_TOKEN_A\"\nworkflow = \"sync\"\n\
+             [[proxy.client]]\nname = \"b\"\ntoken_env = \"JOBS_TEST_TOKEN_B\"\n{}",
+            upstream("crm", up.addr, &bucket("api", 100, "100/s"))
+        ),
+    );
+    let proxy = start(&config).await;
+    let job = format!(
+        "{{\"id\":\"mine\",\"method\":\"GET\",\"url\":\"http://{}/v1/a\"}}",
+        up.addr
+    );
+    let intake = format!("http://{}/_tollgate/jobs", proxy.addr);
+    let without = http()
+        .post(&intake)
+        .header("content-type", "application/json")
+        .body(job.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(without.status(), 401, "the intake needs a client token");
+    let pushed = http()
+        .post(&intake)
+        .header("content-type", "application/json")
+        .header("tollgate-token", "token-a")
+        .body(job)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pushed.status(), 202);
+    let ask = |token: &'static str| {
+        http()
+            .get(format!("{intake}/mine"))
+            .header("tollgate-token", token)
+            .send()
+    };
+    // (the outcome is committed by the state's own thread: poll for it)
+    let mut a = serde_json::Value::Null;
+    for _ in 0..1000 {
+        a = ask("token-a").await.unwrap().json().await.unwrap();
+        if a["status"] == "done" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(a["status"], "done");
+    assert_eq!(a["result"]["body"]["secret"], "a's data");
+    let b = ask("token-b").await.unwrap();
+    assert_eq!(b.status(), 404, "another client's job is not shown");
+    assert!(!b.text().await.unwrap().contains("a's data"));
+    // Sent with client a's workflow.
+    let metrics = scrape(&proxy).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "tollgate_proxy_jobs_finished_total{upstream=\"crm\",outcome=\"done\"}"
+        ),
+        1.0
+    );
 }

@@ -316,6 +316,7 @@ fn unreadable(id: &str) -> Job {
         workflow: None,
         idempotency_key: String::new(),
         callback: None,
+        client: None,
     }
 }
 

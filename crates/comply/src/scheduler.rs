@@ -226,6 +226,21 @@ impl Scheduler {
         self
     }
 
+    /// The scheduler of upstream `u` of `config`, as the runner and the
+    /// proxy run it: its attempts, concurrency and breaker, its reserve and
+    /// budgets, and the workflows' schedules.
+    pub fn for_upstream(
+        engine: Engine,
+        u: &crate::Upstream,
+        config: &crate::UpstreamsConfig,
+        seed: u64,
+    ) -> Self {
+        Scheduler::new(engine, u.max_attempts, u.concurrency, u.breaker, seed)
+            .with_reserve(u.reserve.clone())
+            .with_borrowing(u.borrowing())
+            .with_schedules(&config.schedules())
+    }
+
     /// Keep these shares (per limit, 0 to below 1) of each limit for live
     /// requests: queued work is admitted only while a limit has more than
     /// its share left, and live requests may use all of it.
@@ -425,6 +440,12 @@ impl Scheduler {
             {
                 continue;
             }
+            // Queued work leaves the reserve's share of the upstream's
+            // concurrency to live requests too.
+            if head.queued && self.queued_in_flight() >= self.slots_for_queued() {
+                waits_for_release = true;
+                continue;
+            }
             // Its workflow's window, for queued work.
             if let Some(schedule) = head
                 .workflow
@@ -479,16 +500,7 @@ impl Scheduler {
                     if !head.queued && self.took_reserve(&head.items, &decision) {
                         self.counters.reserve_used += 1;
                     }
-                    let committed = tollgate_store::committed(&head.items, &decision)
-                        .cloned()
-                        .zip(
-                            decision
-                                .outcomes
-                                .iter()
-                                .filter(|o| o.allowed)
-                                .map(|o| o.remaining),
-                        )
-                        .collect();
+                    let committed = committed_with_remaining(&head.items, &decision);
                     return self.send(lane, committed, local, now);
                 }
                 Verdict::Deny { limit, retry_after } => {
@@ -560,18 +572,25 @@ impl Scheduler {
         if !decision.allowed() {
             return None;
         }
-        let committed = tollgate_store::committed(&without, &decision)
-            .cloned()
-            .zip(
-                decision
-                    .outcomes
-                    .iter()
-                    .filter(|o| o.allowed)
-                    .map(|o| o.remaining),
-            )
-            .collect();
+        let committed = committed_with_remaining(&without, &decision);
         self.counters.borrowed += 1;
         Some(self.send(lane, committed, local, now))
+    }
+
+    /// Calls of queued work in flight now.
+    fn queued_in_flight(&self) -> usize {
+        self.in_flight.values().filter(|e| e.queued).count()
+    }
+
+    /// How many calls queued work may have in flight: the upstream's
+    /// concurrency less its largest reserve share of it (at least one).
+    fn slots_for_queued(&self) -> usize {
+        let share = self.reserve.iter().copied().fold(0.0, f64::max);
+        if share <= 0.0 {
+            return self.concurrency;
+        }
+        let kept = (self.concurrency as f64 * share).ceil() as usize;
+        self.concurrency.saturating_sub(kept).max(1)
     }
 
     /// Queued work's items as asked of the engine when a reserve is kept:
@@ -880,6 +899,24 @@ impl Scheduler {
     }
 }
 
+/// The items an admitting decision charged, each with what its limit had
+/// left just after.
+fn committed_with_remaining(
+    items: &[Item],
+    decision: &tollgate_core::Decision,
+) -> Vec<(Item, u64)> {
+    tollgate_store::committed(items, decision)
+        .cloned()
+        .zip(
+            decision
+                .outcomes
+                .iter()
+                .filter(|o| o.allowed)
+                .map(|o| o.remaining),
+        )
+        .collect()
+}
+
 /// The store could not answer (Redis down, and a limit of the request fails
 /// closed): wait and ask again.
 fn store_unavailable(e: &tollgate_store::EngineError) -> bool {
@@ -974,7 +1011,10 @@ mod tests {
         let mut sent_at = Vec::new();
         while sent_at.len() < 100 {
             match s.next(now) {
-                Next::Send { .. } => sent_at.push(now),
+                Next::Send { seq, .. } => {
+                    sent_at.push(now);
+                    s.complete(seq, &status(200, None), Duration::ZERO, now);
+                }
                 Next::Wait(at) => now = at,
                 other => panic!("{other:?}"),
             }
@@ -982,6 +1022,26 @@ mod tests {
         assert_eq!(sent_at.iter().filter(|&&t| t == 0).count(), 8);
         // 92 more at 10/s: 9.2 s.
         assert_eq!(sent_at[99], 9_200_000_000);
+    }
+
+    #[test]
+    fn queued_work_leaves_the_reserve_s_share_of_the_concurrency_to_live_calls() {
+        let limits = "[[limit]]\nname = \"api\"\nalgorithm = \"token_bucket\"\ncapacity = 1000\nrefill = \"1000/s\"\n";
+        let mut s = scheduler(limits, 10).with_reserve(vec![0.2]);
+        for seq in 0..20 {
+            push(&mut s, seq, Priority::High, "batch");
+        }
+        // 10 at once, 20% of them kept: the batch has 8 in flight at most.
+        for want in 0..8 {
+            assert_eq!(sent(s.next(0)), want);
+        }
+        assert_eq!(s.next(0), Next::Blocked);
+        // A live call still finds a slot.
+        push_live(&mut s, 100);
+        assert_eq!(sent(s.next(0)), 100);
+        // A reply frees a slot for the batch again.
+        s.complete(0, &status(200, None), Duration::ZERO, 1);
+        assert_eq!(sent(s.next(1)), 8);
     }
 
     #[test]

@@ -841,16 +841,8 @@ pub async fn run(
         .iter()
         .enumerate()
         .map(|(i, u)| {
-            Scheduler::new(
-                Engine::new(tollgate_comply::pace::with_margin(&u.policy)),
-                u.max_attempts,
-                u.concurrency,
-                u.breaker,
-                options.seed.wrapping_add(i as u64),
-            )
-            .with_reserve(u.reserve.clone())
-            .with_borrowing(u.borrowing())
-            .with_schedules(&config.schedules())
+            let engine = Engine::new(tollgate_comply::pace::with_margin(&u.policy));
+            Scheduler::for_upstream(engine, u, config, options.seed.wrapping_add(i as u64))
         })
         .collect();
     let writer = state.writer()?;

@@ -235,14 +235,7 @@ impl Proxy {
                             } else {
                                 continue;
                             };
-                            let item = Item {
-                                limit: i,
-                                class: 0,
-                                key,
-                                cost: 1,
-                                charge: 1,
-                            };
-                            let usage = engine.usage(&item, now);
+                            let usage = usage_of(engine, i, key, now);
                             let mut row = serde_json::json!({
                                 "limit": limit.name,
                                 "quota": limit.params(0).policy().0,
@@ -398,6 +391,23 @@ fn own_key(
     values.map(|v| tollgate_core::request::encode_key(&v))
 }
 
+/// Limit `limit`'s usage under `key` now (its default class).
+fn usage_of(
+    engine: &tollgate_store::Engine,
+    limit: usize,
+    key: compact_str::CompactString,
+    now: tollgate_core::Nanos,
+) -> tollgate_core::algo::Usage {
+    let item = Item {
+        limit,
+        class: 0,
+        key,
+        cost: 1,
+        charge: 1,
+    };
+    engine.usage(&item, now)
+}
+
 /// What each limit (budgets included) has left for the upstream's own
 /// calls, where that needs no request to know: (limit, remaining, quota).
 fn limits_remaining(
@@ -413,14 +423,7 @@ fn limits_remaining(
         .filter(|(_, l)| l.algorithm != tollgate_core::policy::AlgorithmKind::Concurrency)
         .filter_map(|(i, limit)| {
             let key = own_key(u, limit, None)?;
-            let item = Item {
-                limit: i,
-                class: 0,
-                key,
-                cost: 1,
-                charge: 1,
-            };
-            let usage = engine.usage(&item, now);
+            let usage = usage_of(engine, i, key, now);
             Some((
                 limit.name.clone(),
                 usage.remaining,

@@ -368,16 +368,7 @@ fn start_line(
         &format!("upstream:{}", u.name),
     )
     .map_err(|e| LoadError::Io(format!("upstream '{}': {e}", u.name)))?;
-    let core = Scheduler::new(
-        engine,
-        u.max_attempts,
-        u.concurrency,
-        u.breaker,
-        fastrand_seed(),
-    )
-    .with_reserve(u.reserve.clone())
-    .with_borrowing(u.borrowing())
-    .with_schedules(&config.schedules());
+    let core = Scheduler::for_upstream(engine, u, config, fastrand_seed());
     let client = upstream_client(u)?;
     let line = SharedScheduler::start(&u.name, core, clock.clone());
     let pause_listener = match &u.policy.store.redis {

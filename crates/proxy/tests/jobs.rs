@@ -273,14 +273,7 @@ async fn live_requests_go_ahead_of_queued_jobs_and_use_the_reserve() {
     );
     // The batch takes what is above the reserve, and no more.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let batch = || {
-        up.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|s| s.path.starts_with("/v1/batch/"))
-            .count()
-    };
+    let batch = || up.seen_under("/v1/batch/");
     // (the proxy keeps its limits a little inside the profile: 9 a window)
     let first_window = batch();
     assert!((6..=8).contains(&first_window), "{first_window}");
@@ -475,14 +468,7 @@ async fn a_spent_budget_holds_back_only_its_workflows_jobs() {
         202
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let sent = |prefix: &str| {
-        up.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|s| s.path.starts_with(prefix))
-            .count()
-    };
+    let sent = |prefix: &str| up.seen_under(prefix);
     // The backfill's 10% of the minute (a little less: the proxy keeps
     // inside the profile), while every sync job went.
     let backfill = sent("/v1/backfill/");
@@ -547,14 +533,7 @@ async fn a_scheduled_workflows_jobs_wait_for_its_window() {
         push(&proxy, "application/x-ndjson", lines).await.status(),
         202
     );
-    let sent = |prefix: &str| {
-        up.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|s| s.path.starts_with(prefix))
-            .count()
-    };
+    let sent = |prefix: &str| up.seen_under(prefix);
     // The unscheduled workflow goes at once; the other waits for 00:10 UTC.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!((sent("/v1/sync/"), sent("/v1/enrichment/")), (5, 0));

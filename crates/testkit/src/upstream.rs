@@ -56,6 +56,12 @@ pub struct Scripted {
 }
 
 impl Scripted {
+    /// How many requests came to paths under `prefix` so far.
+    pub fn seen_under(&self, prefix: &str) -> usize {
+        let seen = self.seen.lock().expect("lock");
+        seen.iter().filter(|s| s.path.starts_with(prefix)).count()
+    }
+
     /// The requests to `path` so far.
     pub fn seen(&self, path: &str) -> Vec<Seen> {
         self.seen

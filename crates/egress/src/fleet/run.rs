@@ -358,18 +358,8 @@ pub async fn run(
         )
         .map_err(engine_error)?;
         engine.connect().await.map_err(engine_error)?;
-        schedulers.push(
-            Scheduler::new(
-                engine,
-                u.max_attempts,
-                u.concurrency,
-                u.breaker,
-                options.seed.wrapping_add(i as u64),
-            )
-            .with_reserve(u.reserve.clone())
-            .with_borrowing(u.borrowing())
-            .with_schedules(&config.schedules()),
-        );
+        let seed = options.seed.wrapping_add(i as u64);
+        schedulers.push(Scheduler::for_upstream(engine, u, config, seed));
     }
 
     let health = Arc::new(Health::default());

@@ -618,3 +618,100 @@ async fn a_client_sees_only_the_jobs_it_pushed() {
         1.0
     );
 }
+
+/// A live client at `rate` a second for `calls` calls through `proxy`: how
+/// long each waited (on the test's clock), and its status.
+async fn live_client(proxy: &Running, rate: u64, calls: u64) -> Vec<(Duration, u16)> {
+    let began = Instant::now();
+    let mut out = Vec::new();
+    for i in 0..calls {
+        tokio::time::sleep_until(began + Duration::from_millis(i * 1000 / rate)).await;
+        let sent = Instant::now();
+        let r = http()
+            .get(proxy.url("vendor", &format!("/live/{i}")))
+            .send()
+            .await
+            .expect("live answer");
+        out.push((sent.elapsed(), r.status().as_u16()));
+    }
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_live_client_beside_a_batch_waits_no_longer_and_the_batch_fills_the_rest() {
+    // The vendor: a bucket of 20 refilling 200/s, enforced by a gateway the
+    // proxy does not share (429 past it). The proxy: the same limit, 20% of
+    // it kept for live calls.
+    let limit = "[[limit]]\nname = \"api\"\nalgorithm = \"token_bucket\"\ncapacity = 20\nrefill = \"200/s\"\n";
+    let clock = tollgate_store::TokioClock::starting_at(EPOCH);
+    let (vendor, _gateway) = tollgate_testkit::vendor::gateway_enforcing(limit, clock).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = with_state(
+        dir.path(),
+        &upstream(
+            "vendor",
+            vendor,
+            &format!(
+                "reserve = \"20%\"\nconcurrency = 32\n{}",
+                limit.replace("[[limit]]", "[[upstream.limit]]")
+            ),
+        ),
+    );
+    let proxy = start(&config).await;
+
+    // Live alone: 20 a second for 5 s.
+    let alone = live_client(&proxy, 20, 100).await;
+    assert!(alone.iter().all(|(_, s)| *s == 200));
+    let worst_alone = alone.iter().map(|(w, _)| *w).max().unwrap();
+
+    // The same live client while 4,000 jobs drain.
+    let jobs = 4000;
+    let lines: String = (0..jobs)
+        .map(|i| {
+            format!(
+                "{{\"id\":\"b{i}\",\"method\":\"POST\",\"url\":\"http://{vendor}/batch/{i}\"}}\n"
+            )
+        })
+        .collect();
+    let pushed = Instant::now();
+    assert_eq!(
+        push(&proxy, "application/x-ndjson", lines).await.status(),
+        202
+    );
+    let live = live_client(&proxy, 20, 100).await;
+    assert!(live.iter().all(|(_, s)| *s == 200));
+    let worst = live.iter().map(|(w, _)| *w).max().unwrap();
+    // Within one token interval (5 ms) of the live-only run.
+    assert!(
+        worst <= worst_alone + Duration::from_millis(5),
+        "live calls waited up to {worst:?} beside the batch, {worst_alone:?} alone"
+    );
+    // The batch drains, with no 429 from the vendor.
+    let finished = "tollgate_proxy_jobs_finished_total{upstream=\"vendor\",outcome=\"done\"}";
+    let mut metrics = scrape(&proxy).await;
+    while !metrics.contains(&format!("{finished} {jobs}")) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        metrics = scrape(&proxy).await;
+    }
+    let elapsed = pushed.elapsed().as_secs_f64();
+    let calls = |outcome: &str| {
+        metric(
+            &metrics,
+            &format!(
+                "tollgate_proxy_upstream_calls_total{{upstream=\"vendor\",outcome=\"{outcome}\"}}"
+            ),
+        )
+    };
+    assert_eq!(calls("429"), 0.0, "the vendor answered no 429");
+    // Utilisation: the calls sent since the push (the batch and 100 live
+    // ones) against what the bucket allowed (its burst, less what the
+    // first live run left spent, and 200 a second).
+    let sent = jobs as f64 + 100.0;
+    let allowed = 20.0 + 200.0 * elapsed;
+    let used = sent / allowed;
+    assert!(
+        used >= 0.98,
+        "{sent} calls in {elapsed:.2} s: {:.1}% of what the vendor allowed",
+        used * 100.0
+    );
+}

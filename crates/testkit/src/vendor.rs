@@ -13,9 +13,18 @@ pub async fn gateway(
     profile: &str,
     clock: TokioClock,
 ) -> (SocketAddr, Arc<tollgate_gateway::Gateway>) {
+    gateway_enforcing(&format!("profile = \"{profile}\"\n"), clock).await
+}
+
+/// The gateway enforcing `limits` (a profile line or `[[limit]]` tables)
+/// in front of an echo upstream.
+pub async fn gateway_enforcing(
+    limits: &str,
+    clock: TokioClock,
+) -> (SocketAddr, Arc<tollgate_gateway::Gateway>) {
     let echo = scripted(|_, _| ok()).await;
     let config = format!(
-        "profile = \"{profile}\"\n[gateway]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\naccess_log = \"off\"\nupstream = \"http://{}\"\n",
+        "{limits}[gateway]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\naccess_log = \"off\"\nupstream = \"http://{}\"\n",
         echo.addr
     );
     let gateway = Arc::new(

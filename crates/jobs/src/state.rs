@@ -143,7 +143,7 @@ impl State {
             Err(std::fs::TryLockError::WouldBlock) => {
                 return Err(StateError::Invalid {
                     path: dir.display().to_string(),
-                    message: "another tollgate process is using this state (wait for it, or give another --state)".into(),
+                    message: "another tollgate process is using this state (wait for it, or give another --state; a `tollgate proxy` on it retries dead letters with POST /v1/dlq/retry on its admin listener)".into(),
                 })
             }
             Err(std::fs::TryLockError::Error(source)) => return Err(io_err(&lock_path, source)),
@@ -353,7 +353,8 @@ impl State {
     pub fn job_status(&self, id: &str) -> Result<Option<JobStatus>, StateError> {
         self.conn
             .query_row(
-                "SELECT j.seq, j.state, j.attempts, r.line, j.spec FROM jobs j LEFT JOIN results r ON r.seq = j.seq WHERE j.id = ?1",
+                // (a dead letter retried has a line per outcome: the latest)
+                "SELECT j.seq, j.state, j.attempts, (SELECT line FROM results r WHERE r.seq = j.seq ORDER BY r.n DESC LIMIT 1), j.spec FROM jobs j WHERE j.id = ?1",
                 [id],
                 |r| {
                     let spec: String = r.get(4)?;
@@ -652,7 +653,7 @@ fn write_records(
                 .map_err(|e| sql_err(dir, e))?;
             let mut callback = tx
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO callbacks (seq, url, body) VALUES (?1, ?2, ?3)",
+                    "INSERT OR REPLACE INTO callbacks (seq, url, body) VALUES (?1, ?2, ?3)",
                 )
                 .map_err(|e| sql_err(dir, e))?;
             let mut delivered = tx

@@ -16,7 +16,8 @@ use tollgate_core::{Clock, Item};
 use tollgate_http::admin::{self, json, problem, reply};
 use tollgate_http::Refusal;
 
-const PATHS: &str = "/healthz, /metrics, /v1/usage, /v1/config, /v1/reload, /v1/cache/purge";
+const PATHS: &str =
+    "/healthz, /metrics, /v1/usage, /v1/config, /v1/reload, /v1/cache/purge, /v1/dlq/retry";
 /// The most of a purge request's body read.
 const MAX_PURGE_BODY: usize = 64 * 1024;
 
@@ -83,10 +84,11 @@ impl Proxy {
                 ),
             },
             (Method::POST, "/v1/cache/purge") => self.purge(req).await,
+            (Method::POST, "/v1/dlq/retry") => self.retry_dead(req).await,
             (
                 _,
                 "/healthz" | "/metrics" | "/v1/usage" | "/v1/config" | "/v1/reload"
-                | "/v1/cache/purge",
+                | "/v1/cache/purge" | "/v1/dlq/retry",
             ) => problem(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "Method not allowed",
@@ -102,6 +104,54 @@ impl Proxy {
 
     /// `POST /v1/cache/purge {"upstream": NAME, "prefix": "/path"}`: the
     /// upstream's cached entries at or under the prefix go (`/`: all).
+    /// `POST /v1/dlq/retry {"ids": [...]}`: the dead letters named (all
+    /// when `ids` is empty or absent) are queued again with a fresh attempt
+    /// count, as `tollgate dlq retry` does on a state no process holds.
+    async fn retry_dead(self: &Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
+        #[derive(serde::Deserialize, Default)]
+        #[serde(deny_unknown_fields)]
+        struct Retry {
+            #[serde(default)]
+            ids: Vec<String>,
+        }
+        let shape = "the body must be {\"ids\": [ID, ...]} (or empty: every dead letter)";
+        let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(
+            req.into_body(),
+            MAX_PURGE_BODY,
+        ))
+        .await
+        {
+            Ok(body) => body.to_bytes(),
+            Err(e) => {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    "Bad request",
+                    format!("{shape}; it could not be read: {e}"),
+                )
+            }
+        };
+        let retry: Retry = match body.is_empty() {
+            true => Retry::default(),
+            false => match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return problem(
+                        StatusCode::BAD_REQUEST,
+                        "Bad request",
+                        format!("{shape}: {e}"),
+                    )
+                }
+            },
+        };
+        match self.requeue_dead(retry.ids).await {
+            Ok((requeued, unknown)) => json(
+                StatusCode::OK,
+                serde_json::json!({ "requeued": requeued, "not_dead_letters": unknown }),
+            ),
+            Err(e) => problem(StatusCode::NOT_FOUND, "No dead letters here", e),
+        }
+    }
+
     async fn purge(&self, req: Request<Incoming>) -> Response<ResponseBody> {
         #[derive(serde::Deserialize)]
         #[serde(deny_unknown_fields)]

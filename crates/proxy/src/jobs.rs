@@ -595,6 +595,34 @@ impl Proxy {
         }
     }
 
+    /// Queue dead letters of the jobs' state again (all when `ids` is
+    /// empty): the ids requeued, and those that are not dead letters.
+    pub(crate) async fn requeue_dead(
+        self: &Arc<Self>,
+        ids: Vec<String>,
+    ) -> Result<(Vec<String>, Vec<String>), String> {
+        let Some(open) = self.jobs.open.lock().clone() else {
+            return Err("this proxy has no jobs' state open: no job was pushed to it".into());
+        };
+        let now = self.clock.now();
+        tokio::task::spawn_blocking(move || {
+            let mut state = open.state.lock();
+            let (requeued, unknown) = state.requeue_dead(&ids).map_err(|e| e.to_string())?;
+            let wanted: std::collections::HashSet<&String> = requeued.iter().collect();
+            let again: Vec<Pending> = state
+                .pending()
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .filter(|p| wanted.contains(&p.job.id))
+                .collect();
+            drop(state);
+            open.queue(again, now);
+            Ok((requeued, unknown))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
     /// `GET /_tollgate/jobs/ID`.
     /// (Another client's job is answered as unknown: a client sees only
     /// what it pushed.)

@@ -37,7 +37,7 @@ async fn push(proxy: &Running, content_type: &str, body: String) -> reqwest::Res
         .expect("intake answers")
 }
 
-async fn status(proxy: &Running, id: &str) -> serde_json::Value {
+async fn status_of(proxy: &Running, id: &str) -> serde_json::Value {
     http()
         .get(format!("http://{}/_tollgate/jobs/{id}", proxy.addr))
         .send()
@@ -60,7 +60,7 @@ async fn real_pause() {
 /// done or dead.
 async fn settled(proxy: &Running, id: &str) -> serde_json::Value {
     for _ in 0..3000 {
-        let s = status(proxy, id).await;
+        let s = status_of(proxy, id).await;
         if s["status"] == "done" || s["status"] == "dead" {
             return s;
         }
@@ -211,7 +211,7 @@ async fn a_bad_batch_is_refused_whole_naming_each_bad_line() {
     // Nothing was queued, nothing sent.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(up.seen("/v1/a").is_empty());
-    assert_eq!(status(&proxy, "anything").await["title"], "No such job");
+    assert_eq!(status_of(&proxy, "anything").await["title"], "No such job");
 
     let wrong_type = push(&proxy, "text/csv", "a,b\n".into()).await;
     assert_eq!(wrong_type.status(), 415);
@@ -714,4 +714,50 @@ async fn a_live_client_beside_a_batch_waits_no_longer_and_the_batch_fills_the_re
         "{sent} calls in {elapsed:.2} s: {:.1}% of what the vendor allowed",
         used * 100.0
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn dead_letters_are_retried_through_the_admin_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    // The upstream refuses the first call, then takes it.
+    let up = scripted(|_, n| match n {
+        1 => Answer::Status(422, vec![], "{\"error\":\"stage not ready\"}"),
+        _ => Answer::Status(200, vec![], "{\"ok\":true}"),
+    })
+    .await;
+    let proxy = start(&with_state(
+        dir.path(),
+        &upstream("crm", up.addr, &bucket("api", 100, "100/s")),
+    ))
+    .await;
+    let job = format!("{{\"id\":\"d1\",\"method\":\"PATCH\",\"url\":\"http://{}/v1/deals/1\",\"body\":{{\"stage\":\"won\"}}}}", up.addr);
+    assert_eq!(push(&proxy, "application/json", job).await.status(), 202);
+    assert_eq!(settled(&proxy, "d1").await["status"], "dead");
+    let retry = |body: &'static str| {
+        http()
+            .post(proxy.admin_url("/v1/dlq/retry"))
+            .body(body)
+            .send()
+    };
+    let answer: serde_json::Value = retry("{\"ids\":[\"d1\",\"nope\"]}")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["requeued"], serde_json::json!(["d1"]));
+    assert_eq!(answer["not_dead_letters"], serde_json::json!(["nope"]));
+    // (the requeued job goes again; wait for its new outcome)
+    let mut status = serde_json::Value::Null;
+    for _ in 0..1000 {
+        real_pause().await;
+        status = status_of(&proxy, "d1").await;
+        if status["status"] == "done" {
+            break;
+        }
+    }
+    assert_eq!(status["result"]["status"], 200);
+    assert_eq!(up.seen("/v1/deals/1").len(), 2);
+    let bad = retry("{\"id\":\"d1\"}").await.unwrap();
+    assert_eq!(bad.status(), 400);
 }

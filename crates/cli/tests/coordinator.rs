@@ -13,6 +13,21 @@ use common::{http, write, Upstream};
 use tollgate_testkit::free_port;
 
 const JOBS: usize = 10_000;
+
+/// A producer in Python: a live call queued with `Prefer: respond-async`,
+/// then its status polled at its Location.
+const PYTHON_ASYNC: &str = r#"
+import sys, time, requests
+base = sys.argv[1]
+r = requests.post(base + "/crm/v1/contacts", json={"name": "Ada"}, headers={"Prefer": "respond-async"})
+location = r.headers["Location"]
+for _ in range(600):
+    job = requests.get(base + location).json()
+    if job["status"] in ("done", "dead"):
+        break
+    time.sleep(0.05)
+print(r.status_code, job["status"], job["result"]["status"])
+"#;
 const BATCH: usize = 1_000;
 
 struct Running(Child);
@@ -193,6 +208,22 @@ fn a_killed_coordinator_loses_no_job_and_no_callback() {
         *per_key.entry(key).or_default() += 1;
     }
     assert_eq!(per_key.len(), JOBS);
+    // A Python producer (requests) hands a live call over with
+    // `Prefer: respond-async` and follows its Location until it is done.
+    let python = Command::new("python3")
+        .args(["-c", PYTHON_ASYNC, &format!("http://{listen}")])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        python.status.success(),
+        "{}",
+        String::from_utf8_lossy(&python.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&python.stdout).trim(),
+        "202 done 200"
+    );
+
     // `tollgate results` and `tollgate dlq` read the coordinator's state
     // while it runs.
     let state = dir.join("state");
@@ -202,9 +233,10 @@ fn a_killed_coordinator_loses_no_job_and_no_callback() {
         .output()
         .expect("tollgate results");
     assert!(results.status.success());
+    // (the batches' jobs and the Python producer's one)
     assert_eq!(
         String::from_utf8_lossy(&results.stdout).lines().count(),
-        JOBS
+        JOBS + 1
     );
     let dlq = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["dlq", "list", "--state"])

@@ -866,9 +866,16 @@ impl Proxy {
         let mut headers = Vec::new();
         for (name, value) in &kept {
             let name = name.as_str();
+            // (what belongs to this exchange, not to the job; and no
+            // Accept-Encoding: the job's result keeps the body as sent)
             if matches!(
                 name,
-                "host" | "proxy-authorization" | "prefer" | "content-length"
+                "host"
+                    | "proxy-authorization"
+                    | "prefer"
+                    | "content-length"
+                    | "expect"
+                    | "accept-encoding"
             ) || name.starts_with("tollgate-")
             {
                 continue;

@@ -39,13 +39,15 @@ impl Drop for Running {
     }
 }
 
-fn proxy(config: &Path, admin: &str) -> Running {
+/// `tollgate proxy` on `config`, its access log (stdout) into `log`.
+fn proxy(config: &Path, admin: &str, log: &Path) -> Running {
+    let log = std::fs::File::create(log).expect("log file");
     let running = Running(
         Command::new(env!("CARGO_BIN_EXE_tollgate"))
             .args(["proxy", "--config"])
             .arg(config)
             .env("TOLLGATE_CALLBACK_SECRET", "coordinator-test")
-            .stdout(Stdio::null())
+            .stdout(log)
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn tollgate proxy"),
@@ -85,7 +87,7 @@ fn a_killed_coordinator_loses_no_job_and_no_callback() {
         &dir,
         "proxy.toml",
         &format!(
-            "[proxy]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\naccess_log = \"off\"\nstate = \"{}\"\n\
+            "[proxy]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\naccess_log = \"json\"\nstate = \"{}\"\n\
              [[upstream]]\nname = \"crm\"\nbase_url = \"http://{}\"\n\
              [[upstream.limit]]\nname = \"api\"\nalgorithm = \"token_bucket\"\ncapacity = 50\nrefill = \"2500/s\"\n",
             dir.join("state").display(),
@@ -93,7 +95,7 @@ fn a_killed_coordinator_loses_no_job_and_no_callback() {
         ),
     );
     let config = Path::new(&config);
-    let mut running = proxy(config, &admin);
+    let mut running = proxy(config, &admin, &dir.join("first.log"));
 
     // Producers push 9 batches of 1,000 with curl, results to a callback,
     // and `tollgate run --submit` hands over a last file.
@@ -167,7 +169,7 @@ fn a_killed_coordinator_loses_no_job_and_no_callback() {
     );
 
     // Started again on the same state: it finishes what was pending.
-    let _again = proxy(config, &admin);
+    let _again = proxy(config, &admin, &dir.join("again.log"));
     let deadline = Instant::now() + Duration::from_secs(120);
     while results(&dir).len() < JOBS {
         assert!(
@@ -208,6 +210,17 @@ fn a_killed_coordinator_loses_no_job_and_no_callback() {
         *per_key.entry(key).or_default() += 1;
     }
     assert_eq!(per_key.len(), JOBS);
+    // Each job's end is in the access log, under its id.
+    let log = std::fs::read_to_string(dir.join("again.log")).expect("access log");
+    let ended = log
+        .lines()
+        .filter(|l| l.contains("\"decision\":\"job_done\"") && l.contains("\"request_id\":\"job-"))
+        .count();
+    assert!(
+        ended > 0 && ended <= JOBS - at_kill,
+        "{ended} jobs logged as done after the restart"
+    );
+
     // A Python producer (requests) hands a live call over with
     // `Prefer: respond-async` and follows its Location until it is done.
     let python = Command::new("python3")

@@ -280,6 +280,41 @@ async fn pump(proxy: Weak<Proxy>, open: Arc<Open>) {
     }
 }
 
+/// A job's final outcome in the access log (as `job_done` or `job_dead`,
+/// its request id the job's id).
+fn log_final(proxy: &Proxy, p: &Pending, record: &Record, first: Nanos) {
+    let Record::Final {
+        dead,
+        attempts,
+        status,
+        ..
+    } = record
+    else {
+        return;
+    };
+    if !proxy.access.enabled() {
+        return;
+    }
+    let path = url::Url::parse(&p.job.url).map_or_else(|_| String::new(), |u| u.path().to_string());
+    proxy.access.log(&tollgate_http::access::Entry {
+        enabled: true,
+        request_id: &p.job.id,
+        ip: "-",
+        method: &p.job.method,
+        path: &path,
+        status: status.unwrap_or(0),
+        decision: if *dead { "job_dead" } else { "job_done" },
+        limit: None,
+        key: None,
+        remaining: Vec::new(),
+        // (from this process taking it to its final answer)
+        hold_ms: proxy.clock.now().saturating_sub(first) as f64 / 1e6,
+        upstream_ms: None,
+        upstream: Some(&p.upstream),
+        attempts: Some(*attempts),
+    });
+}
+
 /// When the window of the job's workflow opens, if it is closed now.
 fn closed_until(proxy: &Proxy, job: &Job) -> Option<Nanos> {
     let generation = proxy.current();
@@ -346,6 +381,7 @@ async fn send_until_final(proxy: Arc<Proxy>, open: &Open, p: Pending) {
                         deliver = callback.clone();
                     }
                 }
+                log_final(&proxy, &p, &record, first);
                 // (recorded first: the delivery's own record comes after it)
                 open.record(record);
                 if let Some(callback) = deliver {

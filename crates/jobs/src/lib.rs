@@ -7,7 +7,9 @@
 //! - `state`: SQLite state (jobs, attempts, outcomes, learnt paces),
 //!   `results.jsonl`, dead letters.
 //! - `result`: a job's final outcome as its `results.jsonl` line.
+//! - `fleet`: the fleet's job queue in Redis.
 
+pub mod fleet;
 pub mod job;
 pub mod result;
 pub mod state;

@@ -2,16 +2,14 @@
 //! job set from Redis and share each upstream's quota through the Redis
 //! store, so together they never exceed the profile.
 //!
-//! - `scripts`: the queue's Lua scripts, with their KEYS and ARGV.
 //! - `queue`: the queue in Redis (import, lease, renew, finish, dead
-//!   letters), a thin adapter over the scripts.
+//!   letters), shared with the proxy (`tollgate-jobs`).
 //! - `run`: the driver: leases jobs, hands them to the same schedulers as
 //!   a runner on its own, and records outcomes through a writer task that
 //!   keeps them in memory while Redis is unreachable.
 
-pub mod queue;
 mod run;
-mod scripts;
 
-pub use queue::{Lease, Leased, Queue, QueueError, Recorded, Write};
 pub use run::{run, FleetOptions};
+pub use tollgate_jobs::fleet::queue;
+pub use tollgate_jobs::fleet::{Lease, Leased, Queue, QueueError, Recorded, Write};

@@ -5,13 +5,13 @@
 
 use super::scripts::Scripts;
 use crate::job::{Job, Routed};
-use crate::settings::UpstreamsConfig;
 use crate::state::{Counts, DeadLetter};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, FromRedisValue, ToRedisArgs};
 use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
+use tollgate_comply::settings::UpstreamsConfig;
 use tollgate_core::policy::RedisSettings;
 use tollgate_store::redis::redacted;
 
@@ -20,9 +20,9 @@ use tollgate_store::redis::redacted;
 const IMPORT_BATCH: usize = 500;
 /// Most ids per call: leases renewed or given back per script call, fields
 /// read per HMGET.
-pub(crate) const IDS_PER_CALL: usize = 1000;
+pub const IDS_PER_CALL: usize = 1000;
 /// Most writes a runner makes in one call (`Queue::write`).
-pub(crate) const WRITES_PER_CALL: usize = 100;
+pub const WRITES_PER_CALL: usize = 100;
 /// How much of a stored job that cannot be read a dead letter quotes.
 const QUOTE: usize = 200;
 /// How long one queue command may take before Redis counts as unreachable.

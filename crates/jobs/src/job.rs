@@ -46,6 +46,24 @@ pub struct Job {
 }
 
 impl Job {
+    /// A stand-in for a stored job that cannot be read: only its id is
+    /// known, for its dead letter (which says why).
+    pub fn unreadable(id: &str) -> Job {
+        Job {
+            id: id.to_string(),
+            method: String::new(),
+            url: String::new(),
+            headers: Vec::new(),
+            body: None,
+            json: false,
+            priority: Priority::Normal,
+            workflow: None,
+            idempotency_key: String::new(),
+            callback: None,
+            client: None,
+        }
+    }
+
     /// The job as a line of a jobs file: read back by `read_jobs`, it is
     /// this job again (how `tollgate run --submit` hands jobs, even ones cut
     /// by a bulk template, to a coordinator).

@@ -12,6 +12,7 @@
 
 use crate::call::{Control, Outcome, Outgoing, ResponseBody};
 use crate::callbacks::{callback_header, Courier};
+use crate::fleet_jobs::FleetJobs;
 use crate::state::{Generation, Proxy};
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -29,6 +30,7 @@ use tollgate_comply::retry::{classify, Class};
 use tollgate_core::{Clock, Nanos};
 use tollgate_http::admin::{json, problem};
 use tollgate_http::{Peer, Refusal};
+use tollgate_jobs::fleet::QueueError;
 use tollgate_jobs::state::{Callback, Pending, Record, Writer};
 use tollgate_jobs::{Job, JobsError, Routed, State};
 
@@ -53,6 +55,8 @@ const MAX_RESULT_BODY: usize = 16 << 20;
 #[derive(Debug)]
 pub(crate) struct Desk {
     open: Mutex<Option<Arc<Open>>>,
+    /// On a fleet config: the fleet's queue in Redis, instead of `open`.
+    fleet: tokio::sync::OnceCell<Arc<FleetJobs>>,
 }
 
 /// An open state and the jobs this process is sending.
@@ -94,7 +98,7 @@ pub(crate) struct Tracked {
 }
 
 /// How a job's try ended.
-enum Tried {
+pub(crate) enum Tried {
     Final(Record),
     /// It could not be sent now and goes again after this wait.
     Later(Duration),
@@ -104,6 +108,7 @@ impl Desk {
     pub(crate) fn new() -> Desk {
         Desk {
             open: Mutex::new(None),
+            fleet: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -166,8 +171,29 @@ impl Desk {
         Ok(o)
     }
 
-    /// At start: resume the state's pending jobs if it exists.
+    /// The fleet's queue (connected, and leased from, on first use).
+    async fn fleet(&self, proxy: &Arc<Proxy>) -> Result<&Arc<FleetJobs>, QueueError> {
+        self.fleet.get_or_try_init(|| FleetJobs::start(proxy)).await
+    }
+
+    /// At start: on a fleet config, work the fleet's queue; else resume the
+    /// state's pending jobs if it exists.
     pub(crate) fn resume(&self, proxy: &Arc<Proxy>) {
+        if proxy.current().config.redis().is_some() {
+            let proxy = proxy.clone();
+            tokio::spawn(async move {
+                loop {
+                    match proxy.jobs.fleet(&proxy).await {
+                        Ok(_) => return,
+                        Err(e) => {
+                            tracing::warn!("jobs: the fleet's queue cannot be reached yet: {e}");
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                        }
+                    }
+                }
+            });
+            return;
+        }
         let dir = proxy.current().settings.state.clone();
         if !dir.join("state.sqlite").exists() {
             return;
@@ -196,12 +222,16 @@ impl Desk {
     /// The pending jobs this process knows, per upstream and workflow, at
     /// `now` (for the metrics).
     pub(crate) fn now(&self, now: Nanos) -> Vec<crate::metrics::JobsNow> {
-        let Some(open) = self.open.lock().clone() else {
-            return Vec::new();
-        };
+        let mut tracked: Vec<Tracked> = Vec::new();
+        if let Some(open) = self.open.lock().clone() {
+            tracked.extend(open.tracked.lock().values().cloned());
+        }
+        if let Some(fleet) = self.fleet.get() {
+            tracked.extend(fleet.tracked.lock().values().cloned());
+        }
         let mut per: std::collections::BTreeMap<(String, String), (usize, Nanos)> =
             std::collections::BTreeMap::new();
-        for t in open.tracked.lock().values() {
+        for t in &tracked {
             let key = (t.upstream.clone(), t.workflow.clone().unwrap_or_default());
             let entry = per.entry(key).or_insert((0, t.since));
             entry.0 += 1;
@@ -282,7 +312,7 @@ async fn pump(proxy: Weak<Proxy>, open: Arc<Open>) {
 
 /// A job's final outcome in the access log (as `job_done` or `job_dead`,
 /// its request id the job's id).
-fn log_final(proxy: &Proxy, p: &Pending, record: &Record, first: Nanos) {
+pub(crate) fn log_final(proxy: &Proxy, p: &Pending, record: &Record, first: Nanos) {
     let Record::Final {
         dead,
         attempts,
@@ -582,6 +612,9 @@ impl Proxy {
                 .and_then(|w| generation.config.workflow(w));
             r.job.callback = workflow.and_then(|w| w.callback.clone());
         }
+        if generation.config.redis().is_some() {
+            return self.enqueue_in_fleet(generation, routed).await;
+        }
         let proxy = self.clone();
         let generation = generation.clone();
         let dir = generation.settings.state.clone();
@@ -631,12 +664,112 @@ impl Proxy {
         }
     }
 
+    /// `enqueue` on a fleet config: into the fleet's queue in Redis.
+    async fn enqueue_in_fleet(
+        self: &Arc<Self>,
+        generation: &Arc<Generation>,
+        routed: Vec<Routed>,
+    ) -> Result<(Vec<String>, u64), Response<ResponseBody>> {
+        if let Some(r) = routed.iter().find(|r| r.job.callback.is_some()) {
+            return Err(problem(
+                StatusCode::BAD_REQUEST,
+                "Jobs refused; nothing was queued",
+                format!(
+                    "job '{}' has a callback: on a fleet config jobs live in the fleet's queue in Redis, which keeps no callbacks yet (poll GET {JOBS_PATH}/ID instead)",
+                    r.job.id
+                ),
+            ));
+        }
+        let fleet = self.jobs.fleet(self).await.map_err(|e| {
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Jobs not recorded; nothing was queued",
+                e.to_string(),
+            )
+        })?;
+        match fleet.queue.import(&routed, &generation.config).await {
+            Ok((added, _)) => Ok((routed.iter().map(|r| r.job.id.clone()).collect(), added)),
+            Err(e @ QueueError::Conflict { .. }) => Err(problem(
+                StatusCode::CONFLICT,
+                "Job id in use",
+                e.to_string(),
+            )),
+            Err(e) => Err(problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Jobs not recorded; nothing was queued",
+                e.to_string(),
+            )),
+        }
+    }
+
+    /// `GET /_tollgate/jobs/ID` on a fleet config.
+    async fn job_status_in_fleet(
+        self: &Arc<Self>,
+        id: &str,
+        client: Option<&crate::Client>,
+    ) -> Response<ResponseBody> {
+        let unknown = || {
+            problem(
+                StatusCode::NOT_FOUND,
+                "No such job",
+                format!("no job '{id}' is in the fleet's queue"),
+            )
+        };
+        let fleet = match self.jobs.fleet(self).await {
+            Ok(f) => f,
+            Err(e) => {
+                return problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Queue not read",
+                    e.to_string(),
+                )
+            }
+        };
+        let (state, line, job) = match fleet.queue.status(id).await {
+            Ok(Some(found)) => found,
+            Ok(None) => return unknown(),
+            Err(e) => {
+                return problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Queue not read",
+                    e.to_string(),
+                )
+            }
+        };
+        if job.as_ref().and_then(|j| j.client.as_deref()) != client.map(|c| c.name.as_str()) {
+            return unknown();
+        }
+        let result = line.and_then(|l| serde_json::from_str::<serde_json::Value>(&l).ok());
+        let attempts = result
+            .as_ref()
+            .and_then(|r| r.get("attempts"))
+            .and_then(|a| a.as_u64())
+            .unwrap_or(0);
+        let shown = match state.as_str() {
+            "done" | "dead" | "pending" => state.as_str(),
+            _ => "running",
+        };
+        json(
+            StatusCode::OK,
+            serde_json::json!({ "id": id, "status": shown, "attempts": attempts, "result": result }),
+        )
+    }
+
     /// Queue dead letters of the jobs' state again (all when `ids` is
     /// empty): the ids requeued, and those that are not dead letters.
     pub(crate) async fn requeue_dead(
         self: &Arc<Self>,
         ids: Vec<String>,
     ) -> Result<(Vec<String>, Vec<String>), String> {
+        if self.current().config.redis().is_some() {
+            // (the leases of the proxies of the fleet take them from there)
+            let fleet = self.jobs.fleet(self).await.map_err(|e| e.to_string())?;
+            return fleet
+                .queue
+                .requeue_dead(&ids)
+                .await
+                .map_err(|e| e.to_string());
+        }
         let Some(open) = self.jobs.open.lock().clone() else {
             return Err("this proxy has no jobs' state open: no job was pushed to it".into());
         };
@@ -667,6 +800,9 @@ impl Proxy {
         id: &str,
         client: Option<&crate::Client>,
     ) -> Response<ResponseBody> {
+        if self.current().config.redis().is_some() {
+            return self.job_status_in_fleet(id, client).await;
+        }
         let open = self.jobs.open.lock().clone();
         let unknown = || {
             problem(
@@ -729,7 +865,7 @@ impl Proxy {
 
     /// One try of a job: wait in its upstream's line as queued work, send,
     /// retry as the upstream says; the final outcome, or when to try again.
-    async fn try_job(
+    pub(crate) async fn try_job(
         &self,
         generation: &Generation,
         p: &Pending,

@@ -17,6 +17,7 @@
 //! - `call`: one request: wait in line, send, retry, relay.
 //! - `jobs`: job intake (`/_tollgate/jobs`): queued work in the same lines.
 //! - `callbacks`: jobs' results POSTed (signed) to their callback URLs.
+//! - `fleet_jobs`: on a fleet config, jobs in the fleet's queue in Redis.
 //! - `admin`: health, metrics, usage, config, reload.
 //! - `server`: listeners and lifecycle.
 
@@ -25,6 +26,7 @@ mod cached;
 pub mod call;
 mod callbacks;
 mod deduped;
+mod fleet_jobs;
 pub mod intercept;
 mod jobs;
 mod keys;

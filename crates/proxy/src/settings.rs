@@ -46,6 +46,9 @@ pub struct ProxySettings {
     /// The environment variable holding the secret callbacks are signed
     /// with (HMAC-SHA256 in `Tollgate-Signature`).
     pub callback_secret_env: String,
+    /// On a fleet config: the fleet's job queue in Redis pushed jobs go to
+    /// (`tollgate run --queue`'s).
+    pub queue: String,
 }
 
 /// A client allowed to use the proxy, known by its token.
@@ -88,6 +91,7 @@ impl Default for ProxySettings {
             ca_dir: PathBuf::from(DEFAULT_CA_DIR),
             state: PathBuf::from(DEFAULT_STATE),
             callback_secret_env: "TOLLGATE_CALLBACK_SECRET".into(),
+            queue: "default".into(),
         }
     }
 }
@@ -111,6 +115,7 @@ struct RawProxy {
     ca_dir: Option<String>,
     state: Option<String>,
     callback_secret_env: Option<String>,
+    queue: Option<Spanned<String>>,
     #[serde(default)]
     client: Vec<Spanned<RawClient>>,
 }
@@ -169,6 +174,24 @@ impl ProxySettings {
         }
         if let Some(v) = p.callback_secret_env {
             s.callback_secret_env = v;
+        }
+        if let Some(v) = &p.queue {
+            let name = v.get_ref();
+            // (part of Redis key names, as `run --queue`'s)
+            let fits = !name.is_empty()
+                && name.len() <= 100
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            if !fits {
+                return Err(err(
+                    v.span().start,
+                    format!(
+                        "proxy queue '{name}' must be 1 to 100 letters, digits, '-', '_' or '.'"
+                    ),
+                ));
+            }
+            s.queue = name.clone();
         }
         if let Some(v) = &p.max_wait {
             s.max_wait = duration(v, "max_wait")?;

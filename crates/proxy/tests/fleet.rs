@@ -189,3 +189,113 @@ async fn reads_still_go_through_when_the_shared_cache_cannot_be_reached() {
     }
     patch_as(&proxy, "/v1/sites", "tenant-a").await;
 }
+
+/// Two proxies on one Redis: jobs pushed to one go into the fleet's queue,
+/// both lease and send them, each is sent once, and either tells a job's
+/// status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_pushed_to_one_proxy_of_a_fleet_are_worked_by_all() {
+    let up = scripted(|_, _| ok()).await;
+    let config = format!(
+        "[store]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{}\"\n{}",
+        redis_url(),
+        unique_prefix("proxy-jobs"),
+        upstream(
+            "crm",
+            up.addr,
+            "[[upstream.limit]]\nname = \"api\"\nalgorithm = \"token_bucket\"\ncapacity = 50\nrefill = \"500/s\"\n"
+        )
+    );
+    let one = start_at(&config, TokioClock::system()).await;
+    let two = start_at(&config, TokioClock::system()).await;
+    one.proxy.connect().await.expect("redis");
+    two.proxy.connect().await.expect("redis");
+    let jobs = 400;
+    let lines: String = (0..jobs)
+        .map(|i| {
+            format!(
+                "{{\"id\":\"f{i}\",\"method\":\"GET\",\"url\":\"http://{}/v1/{i}\"}}\n",
+                up.addr
+            )
+        })
+        .collect();
+    let pushed = client()
+        .post(format!("http://{}/_tollgate/jobs", one.addr))
+        .header("content-type", "application/x-ndjson")
+        .body(lines)
+        .send()
+        .await
+        .expect("intake");
+    assert_eq!(pushed.status(), 202);
+    // Every job done, asked of the other proxy (one client: building one
+    // reads the system's roots).
+    let asking = client();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0..jobs {
+        loop {
+            let status: serde_json::Value = asking
+                .get(format!("http://{}/_tollgate/jobs/f{i}", two.addr))
+                .send()
+                .await
+                .expect("status")
+                .json()
+                .await
+                .expect("json");
+            if status["status"] == "done" {
+                assert_eq!(status["result"]["status"], 200);
+                break;
+            }
+            assert!(Instant::now() < deadline, "job f{i}: {status}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Each sent once, by one proxy or the other (both took some).
+    assert_eq!(up.seen.lock().expect("lock").len(), jobs);
+    let (a, b) = (metrics_of(&one).await, metrics_of(&two).await);
+    let done = |t: &str| {
+        t.lines()
+            .find_map(|l| {
+                l.strip_prefix(
+                    "tollgate_proxy_jobs_finished_total{upstream=\"crm\",outcome=\"done\"} ",
+                )
+            })
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(done(&a) + done(&b), jobs as f64);
+    assert!(
+        done(&a) > 0.0 && done(&b) > 0.0,
+        "both proxies worked the queue: {} and {}",
+        done(&a),
+        done(&b)
+    );
+    // A callback cannot be kept in the fleet's queue: refused, said why.
+    let refused = client()
+        .post(format!("http://{}/_tollgate/jobs", one.addr))
+        .header("content-type", "application/json")
+        .header("tollgate-callback", "http://127.0.0.1:9/hook")
+        .body(format!(
+            "{{\"method\":\"GET\",\"url\":\"http://{}/v1/x\"}}",
+            up.addr
+        ))
+        .send()
+        .await
+        .expect("intake");
+    assert_eq!(refused.status(), 400);
+    assert!(refused
+        .text()
+        .await
+        .expect("text")
+        .contains("keeps no callbacks yet"));
+}
+
+async fn metrics_of(p: &common::Running) -> String {
+    client()
+        .get(p.admin_url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}

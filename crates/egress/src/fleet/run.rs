@@ -15,7 +15,7 @@
 
 use super::queue::{Queue, QueueError, Recorded, Write, IDS_PER_CALL, WRITES_PER_CALL};
 use crate::human;
-use crate::job::{Job, Priority};
+use crate::job::Job;
 use crate::run::{sleep_until, Active, Driver, FleetTotals, Progress, RunError, Sink};
 use crate::settings::UpstreamsConfig;
 use crate::state::{DeadLetter, Record};
@@ -302,24 +302,6 @@ fn batch(backlog: &VecDeque<Write>) -> usize {
     backlog.len().min(WRITES_PER_CALL)
 }
 
-/// A job whose stored JSON cannot be read: only its id is known, for its
-/// dead letter.
-fn unreadable(id: &str) -> Job {
-    Job {
-        id: id.to_string(),
-        method: String::new(),
-        url: String::new(),
-        headers: Vec::new(),
-        body: None,
-        json: false,
-        priority: Priority::Normal,
-        workflow: None,
-        idempotency_key: String::new(),
-        callback: None,
-        client: None,
-    }
-}
-
 /// Run jobs leased from `queue` until no job of this config's upstreams is
 /// pending or leased anywhere in the fleet, or `shutdown` resolves.
 pub async fn run(
@@ -481,7 +463,7 @@ pub async fn run(
                     // A job that cannot run as stored, or not here, is
                     // dead-lettered with why.
                     let (job, refused) = match leased.job {
-                        Err(reason) => (unreadable(&leased.id), Some(reason)),
+                        Err(reason) => (Job::unreadable(&leased.id), Some(reason)),
                         Ok(job) => {
                             let routed = url::Url::parse(&job.url)
                                 .ok()

@@ -563,6 +563,27 @@ impl Queue {
         })
     }
 
+    /// Where one job is, as `job_state` says, with its final result line
+    /// (once it has one) and the job as stored.
+    pub async fn status(
+        &self,
+        id: &str,
+    ) -> Result<Option<(String, Option<String>, Option<Job>)>, QueueError> {
+        let Some(state) = self.job_state(id).await? else {
+            return Ok(None);
+        };
+        let (result, stored): (Option<String>, Option<String>) = self
+            .timed(
+                redis::pipe()
+                    .hget(self.keys.key("results"), id)
+                    .hget(self.keys.key("jobs"), id)
+                    .query_async(&mut self.conn()),
+            )
+            .await?;
+        let job = stored.and_then(|s| serde_json::from_str(&s).ok());
+        Ok(Some((state, result, job)))
+    }
+
     /// Queue dead letters again with a fresh attempt count: the ones named,
     /// or all when `ids` is empty. Returns the ids requeued, and the ids
     /// named that are not dead letters.

@@ -237,7 +237,7 @@ async fn import_is_idempotent_and_a_reused_id_for_another_request_queues_nothing
     // A finished job imported again stays finished.
     let leased = a.lease("crm", 5, LONG).await.unwrap();
     assert_eq!(ids(&leased), ["j1", "j2"]);
-    a.finish("crm", "j1", "{\"id\":\"j1\"}", 1, None)
+    a.finish("crm", "j1", "{\"id\":\"j1\"}", 1, None, None)
         .await
         .unwrap();
     assert_eq!(a.import(&set, &config()).await.unwrap(), (0, 3));
@@ -255,12 +255,12 @@ async fn every_job_gets_exactly_one_final_result_whoever_sends_it() {
     let leased = a.lease("crm", 2, LONG).await.unwrap();
     let line = "{\"id\":\"j1\",\"outcome\":\"done\"}";
     assert_eq!(
-        a.finish("crm", "j1", line, 1, None).await.unwrap(),
+        a.finish("crm", "j1", line, 1, None, None).await.unwrap(),
         Recorded::New
     );
     // The same write again (its reply was lost): still one result.
     assert_eq!(
-        a.finish("crm", "j1", line, 1, None).await.unwrap(),
+        a.finish("crm", "j1", line, 1, None, None).await.unwrap(),
         Recorded::Again
     );
     // Another runner that also sent it (after a takeover) and made it a
@@ -268,7 +268,9 @@ async fn every_job_gets_exactly_one_final_result_whoever_sends_it() {
     let other = "{\"id\":\"j1\",\"outcome\":\"dead\",\"attempts\":2}";
     let dead = letter("j1", job(&leased, 0));
     assert_eq!(
-        b.finish("crm", "j1", other, 2, Some(&dead)).await.unwrap(),
+        b.finish("crm", "j1", other, 2, Some(&dead), None)
+            .await
+            .unwrap(),
         Recorded::Other
     );
     assert_eq!(a.results().await.unwrap(), [line]);
@@ -296,6 +298,7 @@ async fn dead_letters_are_listed_and_requeued_with_a_fresh_count() {
         "{\"id\":\"j2\",\"outcome\":\"dead\"}",
         5,
         Some(&letter),
+        None,
     )
     .await
     .unwrap();
@@ -417,7 +420,10 @@ async fn a_command_redis_refuses_is_refused_with_its_message_and_the_writes_afte
         .query_async(&mut raw().await)
         .await
         .unwrap();
-    let err = a.finish("crm", "j1", "{}", 1, None).await.unwrap_err();
+    let err = a
+        .finish("crm", "j1", "{}", 1, None, None)
+        .await
+        .unwrap_err();
     assert!(matches!(err, QueueError::Refused { .. }), "{err:?}");
     let text = err.to_string();
     assert!(

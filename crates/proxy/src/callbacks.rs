@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 use tollgate_http::Refusal;
-use tollgate_jobs::state::{Callback, Record};
+use tollgate_jobs::state::Callback;
 
 /// The header a producer names a batch's callback URL in.
 static CALLBACK: HeaderName = HeaderName::from_static("tollgate-callback");
@@ -64,6 +64,17 @@ pub(crate) fn payload(id: &str, dead: bool, attempts: u32, line: &str) -> String
     .to_string()
 }
 
+/// The secret callbacks are signed with (`[proxy] callback_secret_env`),
+/// if it is set.
+pub(crate) fn secret(settings: &crate::ProxySettings) -> Option<String> {
+    let name = &settings.callback_secret_env;
+    let secret = std::env::var(name).ok().filter(|s| !s.is_empty());
+    if secret.is_none() {
+        tracing::info!("jobs: callbacks go unsigned ({name} is not set)");
+    }
+    secret
+}
+
 /// `sha256=` and the hex HMAC-SHA256 of `body` under `secret`.
 pub fn signature(secret: &[u8], body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
@@ -87,15 +98,15 @@ impl std::fmt::Debug for Courier {
 
 impl Courier {
     /// Start delivering; `secret` signs each body (None: unsigned).
+    /// `settled` is told how each delivery ended (the callback, its job's
+    /// id, and the last error if the receiver never took it).
     pub(crate) fn start(
         secret: Option<String>,
-        record: impl Fn(Record) + Send + Sync + 'static,
-        delivered: impl Fn(bool) + Send + Sync + 'static,
+        settled: impl Fn(&Callback, &str, Result<(), String>) + Send + Sync + 'static,
     ) -> Courier {
         let (tx, mut rx) = mpsc::unbounded_channel::<(Callback, String)>();
         let client = client();
-        let record = Arc::new(record);
-        let delivered = Arc::new(delivered);
+        let settled = Arc::new(settled);
         let secret = secret.map(|s| Arc::new(s.into_bytes()));
         tokio::spawn(async move {
             let at_once = Arc::new(Semaphore::new(AT_ONCE));
@@ -103,29 +114,14 @@ impl Courier {
                 let Ok(slot) = at_once.clone().acquire_owned().await else {
                     return;
                 };
-                let (client, record, delivered, secret) = (
-                    client.clone(),
-                    record.clone(),
-                    delivered.clone(),
-                    secret.clone(),
-                );
+                let (client, settled, secret) = (client.clone(), settled.clone(), secret.clone());
                 tokio::spawn(async move {
-                    let seq = callback.seq;
-                    let outcome = deliver(
-                        &client,
-                        &callback,
-                        &id,
-                        secret.as_ref().map(|s| s.as_slice()),
-                    )
-                    .await;
-                    delivered(outcome.is_ok());
-                    record(match outcome {
-                        Ok(()) => Record::Delivered { seq },
-                        Err(error) => {
-                            tracing::warn!(job = %id, url = %callback.url, "callback undelivered after {ATTEMPTS} attempts: {error}");
-                            Record::Undelivered { seq, error }
-                        }
-                    });
+                    let secret = secret.as_ref().map(|s| s.as_slice());
+                    let outcome = deliver(&client, &callback, &id, secret).await;
+                    if let Err(error) = &outcome {
+                        tracing::warn!(job = %id, url = %callback.url, "callback undelivered after {ATTEMPTS} attempts: {error}");
+                    }
+                    settled(&callback, &id, outcome);
                     drop(slot);
                 });
             }

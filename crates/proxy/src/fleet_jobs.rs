@@ -6,6 +6,7 @@
 //! the others when their leases end (at least once, with the same
 //! `Idempotency-Key`); fleet runners may drain the same queue.
 
+use crate::callbacks::Courier;
 use crate::jobs::{Tracked, Tried};
 use crate::state::Proxy;
 use parking_lot::Mutex;
@@ -15,8 +16,8 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tollgate_core::Clock;
-use tollgate_jobs::fleet::{Leased, Queue, QueueError};
-use tollgate_jobs::state::{DeadLetter, Pending, Record};
+use tollgate_jobs::fleet::{Leased, Queue, QueueError, Recorded};
+use tollgate_jobs::state::{Callback, DeadLetter, Pending, Record};
 
 /// How long a lease lasts unless renewed (renewed at a third of it).
 const LEASE: Duration = Duration::from_secs(30);
@@ -32,6 +33,17 @@ pub(crate) struct FleetJobs {
     pub(crate) queue: Queue,
     /// The jobs this process holds, by their place in the queue.
     pub(crate) tracked: Mutex<HashMap<u64, Tracked>>,
+    /// Delivers the callbacks of the jobs this process finishes (and, at
+    /// start, the ones the queue still keeps).
+    courier: Courier,
+}
+
+/// A callback as the queue keeps it (with the job's result, until
+/// delivered).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Kept {
+    url: String,
+    body: String,
 }
 
 impl std::fmt::Debug for FleetJobs {
@@ -53,10 +65,39 @@ impl FleetJobs {
             });
         };
         let queue = Queue::connect(settings, &generation.settings.queue).await?;
+        let (settling, metrics) = (queue.clone(), Arc::downgrade(proxy));
+        let courier = Courier::start(
+            crate::callbacks::secret(&generation.settings),
+            move |_, id, outcome| {
+                if let Some(proxy) = metrics.upgrade() {
+                    proxy.metrics.callback(outcome.is_ok());
+                }
+                let (queue, id) = (settling.clone(), id.to_string());
+                tokio::spawn(async move {
+                    let error = outcome.err();
+                    if let Err(e) = queue.callback_settled(&id, error.as_deref()).await {
+                        tracing::warn!(job = %id, "jobs: a callback's delivery was not recorded (it may be delivered again): {e}");
+                    }
+                });
+            },
+        );
         let fleet = Arc::new(FleetJobs {
             queue,
             tracked: Mutex::new(HashMap::new()),
+            courier,
         });
+        // Callbacks kept and not delivered (their proxy stopped): again,
+        // at least once.
+        for (id, kept) in fleet.queue.pending_callbacks().await? {
+            if let Ok(kept) = serde_json::from_str::<Kept>(&kept) {
+                let callback = Callback {
+                    seq: 0,
+                    url: kept.url,
+                    body: kept.body,
+                };
+                fleet.courier.send(callback, id);
+            }
+        }
         for u in &generation.config.upstreams {
             tokio::spawn(lease_loop(
                 Arc::downgrade(proxy),
@@ -168,6 +209,7 @@ async fn send_leased(proxy: &Arc<Proxy>, fleet: &FleetJobs, upstream: &str, leas
                 return;
             };
             proxy.metrics.job_finished(upstream, *dead);
+            // (its callback, if any, goes once the result is recorded)
             return finish(fleet, upstream, &leased.id, record, Some(p.job)).await;
         }
     };
@@ -190,9 +232,9 @@ fn dead_as_stored(id: &str, upstream: &str, attempts: u32, reason: String) -> Re
     .record(u64::MAX, None)
 }
 
-/// Record a final outcome in the queue (tried again while Redis cannot be
-/// reached, for as long as the lease lasts; after that another process
-/// takes the job over).
+/// Record a final outcome in the queue, with its callback (tried again
+/// while Redis cannot be reached, for as long as the lease lasts; after that
+/// another process takes the job over), then deliver the callback.
 async fn finish(
     fleet: &FleetJobs,
     upstream: &str,
@@ -212,6 +254,21 @@ async fn finish(
     else {
         return;
     };
+    let callback = job
+        .as_ref()
+        .and_then(|j| j.callback.clone())
+        .map(|url| Callback {
+            seq: 0,
+            url,
+            body: crate::callbacks::payload(id, dead, attempts, &line),
+        });
+    let kept = callback.as_ref().and_then(|c| {
+        serde_json::to_string(&Kept {
+            url: c.url.clone(),
+            body: c.body.clone(),
+        })
+        .ok()
+    });
     let letter = dead.then(|| DeadLetter {
         id: id.to_string(),
         upstream: upstream.to_string(),
@@ -224,11 +281,26 @@ async fn finish(
     });
     let deadline = tokio::time::Instant::now() + LEASE;
     loop {
-        match fleet
+        let recorded = fleet
             .queue
-            .finish(upstream, id, &line, attempts, letter.as_ref())
-            .await
-        {
+            .finish(
+                upstream,
+                id,
+                &line,
+                attempts,
+                letter.as_ref(),
+                kept.as_deref(),
+            )
+            .await;
+        match recorded {
+            Ok(Recorded::New) => {
+                if let Some(callback) = callback {
+                    fleet.courier.send(callback, id.to_string());
+                }
+                return;
+            }
+            // (recorded before, by this process or another: its callback
+            // is theirs)
             Ok(_) => return,
             Err(QueueError::Unavailable { .. }) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_secs(1)).await;

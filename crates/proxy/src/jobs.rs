@@ -125,11 +125,7 @@ impl Desk {
         let callbacks = state.pending_callbacks().map_err(|e| e.to_string())?;
         let o = Arc::new_cyclic(|weak: &Weak<Open>| {
             let (recorder, metrics) = (weak.clone(), Arc::downgrade(proxy));
-            let secret_env = &proxy.current().settings.callback_secret_env;
-            let secret = std::env::var(secret_env).ok().filter(|s| !s.is_empty());
-            if secret.is_none() {
-                tracing::info!("jobs: callbacks go unsigned ({secret_env} is not set)");
-            }
+            let secret = crate::callbacks::secret(&proxy.current().settings);
             Open {
                 dir: dir.to_path_buf(),
                 state: Mutex::new(state),
@@ -139,19 +135,18 @@ impl Desk {
                 more: Notify::new(),
                 in_line: Arc::new(Semaphore::new(IN_LINE)),
                 tracked: Mutex::new(HashMap::new()),
-                courier: Courier::start(
-                    secret,
-                    move |record| {
-                        if let Some(open) = recorder.upgrade() {
-                            open.record(record);
-                        }
-                    },
-                    move |delivered| {
-                        if let Some(proxy) = metrics.upgrade() {
-                            proxy.metrics.callback(delivered);
-                        }
-                    },
-                ),
+                courier: Courier::start(secret, move |callback, _, outcome| {
+                    if let Some(proxy) = metrics.upgrade() {
+                        proxy.metrics.callback(outcome.is_ok());
+                    }
+                    if let Some(open) = recorder.upgrade() {
+                        let seq = callback.seq;
+                        open.record(match outcome {
+                            Ok(()) => Record::Delivered { seq },
+                            Err(error) => Record::Undelivered { seq, error },
+                        });
+                    }
+                }),
             }
         });
         for callback in callbacks {
@@ -670,16 +665,6 @@ impl Proxy {
         generation: &Arc<Generation>,
         routed: Vec<Routed>,
     ) -> Result<(Vec<String>, u64), Response<ResponseBody>> {
-        if let Some(r) = routed.iter().find(|r| r.job.callback.is_some()) {
-            return Err(problem(
-                StatusCode::BAD_REQUEST,
-                "Jobs refused; nothing was queued",
-                format!(
-                    "job '{}' has a callback: on a fleet config jobs live in the fleet's queue in Redis, which keeps no callbacks yet (poll GET {JOBS_PATH}/ID instead)",
-                    r.job.id
-                ),
-            ));
-        }
         let fleet = self.jobs.fleet(self).await.map_err(|e| {
             problem(
                 StatusCode::SERVICE_UNAVAILABLE,

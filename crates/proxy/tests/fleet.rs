@@ -191,8 +191,8 @@ async fn reads_still_go_through_when_the_shared_cache_cannot_be_reached() {
 }
 
 /// Two proxies on one Redis: jobs pushed to one go into the fleet's queue,
-/// both lease and send them, each is sent once, and either tells a job's
-/// status.
+/// both lease and send them, each is sent once, either tells a job's
+/// status, and every job's callback is delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_pushed_to_one_proxy_of_a_fleet_are_worked_by_all() {
     let up = scripted(|_, _| ok()).await;
@@ -210,6 +210,7 @@ async fn jobs_pushed_to_one_proxy_of_a_fleet_are_worked_by_all() {
     let two = start_at(&config, TokioClock::system()).await;
     one.proxy.connect().await.expect("redis");
     two.proxy.connect().await.expect("redis");
+    let receiver = scripted(|_, _| Answer::Status(204, vec![], "")).await;
     let jobs = 400;
     let lines: String = (0..jobs)
         .map(|i| {
@@ -222,6 +223,10 @@ async fn jobs_pushed_to_one_proxy_of_a_fleet_are_worked_by_all() {
     let pushed = client()
         .post(format!("http://{}/_tollgate/jobs", one.addr))
         .header("content-type", "application/x-ndjson")
+        .header(
+            "tollgate-callback",
+            format!("http://{}/hooks", receiver.addr),
+        )
         .body(lines)
         .send()
         .await
@@ -269,24 +274,25 @@ async fn jobs_pushed_to_one_proxy_of_a_fleet_are_worked_by_all() {
         done(&a),
         done(&b)
     );
-    // A callback cannot be kept in the fleet's queue: refused, said why.
-    let refused = client()
-        .post(format!("http://{}/_tollgate/jobs", one.addr))
-        .header("content-type", "application/json")
-        .header("tollgate-callback", "http://127.0.0.1:9/hook")
-        .body(format!(
-            "{{\"method\":\"GET\",\"url\":\"http://{}/v1/x\"}}",
-            up.addr
-        ))
-        .send()
-        .await
-        .expect("intake");
-    assert_eq!(refused.status(), 400);
-    assert!(refused
-        .text()
-        .await
-        .expect("text")
-        .contains("keeps no callbacks yet"));
+    // Their callbacks were kept with their results, and delivered.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let delivered = loop {
+        let ids: std::collections::BTreeSet<String> = receiver
+            .seen("/hooks")
+            .iter()
+            .filter_map(|s| {
+                s.headers
+                    .iter()
+                    .find(|(n, _)| n == "tollgate-job-id")
+                    .map(|(_, v)| v.clone())
+            })
+            .collect();
+        if ids.len() == jobs || Instant::now() > deadline {
+            break ids;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(delivered.len(), jobs, "every job's callback, with its id");
 }
 
 async fn metrics_of(p: &common::Running) -> String {

@@ -408,8 +408,9 @@ impl Queue {
         Ok(())
     }
 
-    /// Record a job's final result (`line`, as in results.jsonl) and, when
-    /// it is a dead letter, the dead letter. The first result recorded for
+    /// Record a job's final result (`line`, as in results.jsonl), when it
+    /// is a dead letter the dead letter, and a callback to deliver (JSON,
+    /// kept until `callback_settled`). The first result recorded for
     /// a job is its only one.
     pub async fn finish(
         &self,
@@ -418,9 +419,10 @@ impl Queue {
         line: &str,
         attempts: u32,
         dead: Option<&DeadLetter>,
+        callback: Option<&str>,
     ) -> Result<Recorded, QueueError> {
         let n: i64 = self
-            .invoke(&self.finish_call(upstream, id, line, attempts, dead))
+            .invoke(&self.finish_call(upstream, id, line, attempts, dead, callback))
             .await?;
         Ok(recorded(n))
     }
@@ -561,6 +563,24 @@ impl Queue {
             (_, _, _, true) => Some("leased by a runner".into()),
             _ => Some("pending".into()),
         })
+    }
+
+    /// The callbacks kept and not yet delivered: (job id, their JSON).
+    pub async fn pending_callbacks(&self) -> Result<Vec<(String, String)>, QueueError> {
+        self.timed(self.conn().hgetall(self.keys.key("callbacks")))
+            .await
+    }
+
+    /// A kept callback was delivered, or given up on (`error`: why, kept
+    /// in `Q:callbacks:undelivered`).
+    pub async fn callback_settled(&self, id: &str, error: Option<&str>) -> Result<(), QueueError> {
+        let mut pipe = redis::pipe();
+        pipe.hdel(self.keys.key("callbacks"), id).ignore();
+        if let Some(error) = error {
+            pipe.hset(self.keys.key("callbacks:undelivered"), id, error)
+                .ignore();
+        }
+        self.timed(pipe.query_async::<()>(&mut self.conn())).await
     }
 
     /// Where one job is, as `job_state` says, with its final result line
@@ -708,7 +728,7 @@ impl Queue {
                 dead,
             } => (
                 &scripts.finish,
-                self.finish_call(upstream, id, line, *attempts, dead.as_deref()),
+                self.finish_call(upstream, id, line, *attempts, dead.as_deref(), None),
             ),
             Write::Release { upstream, ids } => {
                 (&scripts.release, self.release_call(upstream, ids))
@@ -734,6 +754,7 @@ impl Queue {
         line: &str,
         attempts: u32,
         dead: Option<&DeadLetter>,
+        callback: Option<&str>,
     ) -> redis::ScriptInvocation<'static> {
         let dead = dead
             .map(|d| serde_json::to_string(d).unwrap_or_default())
@@ -747,10 +768,12 @@ impl Queue {
             .key(self.keys.leases(upstream))
             .key(self.keys.pending(upstream))
             .key(self.keys.key("owner"))
+            .key(self.keys.key("callbacks"))
             .arg(id)
             .arg(line)
             .arg(attempts)
-            .arg(dead);
+            .arg(dead)
+            .arg(callback.unwrap_or(""));
         invocation
     }
 

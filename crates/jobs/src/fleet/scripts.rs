@@ -194,9 +194,10 @@ return 1
 /// runner sends it, so every job has exactly one.
 ///
 /// KEYS: 1 `Q:results`, 2 `Q:log`, 3 `Q:dead`, 4 `Q:attempts`,
-///       5 `Q:leases:U`, 6 `Q:pending:U`, 7 `Q:owner`
+///       5 `Q:leases:U`, 6 `Q:pending:U`, 7 `Q:owner`, 8 `Q:callbacks`
 /// ARGV: 1 id, 2 the results.jsonl line, 3 attempts, 4 the dead letter's
-///       JSON ("" when done)
+///       JSON ("" when done), 5 its callback to deliver, as JSON ("" for
+///       none): kept with the result, until delivered
 /// Returns 1 recorded; 2 this very line was already recorded (a retried
 /// write whose first reply was lost); 0 another result was recorded first.
 const FINISH: &str = r#"
@@ -211,6 +212,9 @@ if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
 end
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[3])
+if ARGV[5] and ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[8], ARGV[1], ARGV[5])
+end
 redis.call('ZREM', KEYS[5], ARGV[1])
 redis.call('ZREM', KEYS[6], ARGV[1])
 redis.call('HDEL', KEYS[7], ARGV[1])

@@ -249,6 +249,8 @@ impl Proxy {
         }
         let now = self.clock.now();
         let secs = |ns: u64| ns as f64 / NANOS_PER_SEC as f64;
+        // The pending jobs this process holds, per workflow.
+        let jobs = self.jobs.now(now);
         let upstreams: Vec<serde_json::Value> = generation
             .config
             .upstreams
@@ -325,6 +327,15 @@ impl Proxy {
                         "borrowed": c.borrowed,
                         "limits": limits,
                         "keys": keys,
+                        "jobs": jobs
+                            .iter()
+                            .filter(|j| j.upstream == u.name)
+                            .map(|j| serde_json::json!({
+                                "workflow": j.workflow,
+                                "pending": j.pending,
+                                "oldest_seconds": j.oldest_seconds,
+                            }))
+                            .collect::<Vec<_>>(),
                     })
                 })
             })

@@ -308,6 +308,17 @@ async fn live_requests_go_ahead_of_queued_jobs_and_use_the_reserve() {
         &format!("tollgate_proxy_jobs_oldest_age_seconds{queued}"),
     );
     assert!((1.0..2.0).contains(&age), "{age}");
+    let usage: serde_json::Value = http()
+        .get(proxy.admin_url("/v1/usage"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let crm = &usage["upstreams"][0];
+    assert_eq!(crm["jobs"][0]["pending"], 30 - first_window);
+    assert_eq!(crm["reserve_calls"], 2);
     // Every job is done in the end, none lost.
     assert_eq!(settled(&proxy, "j29").await["status"], "done");
     assert_eq!(batch(), 30);

@@ -45,7 +45,28 @@ struct ResultLine<'a> {
     body_bytes: Option<usize>,
 }
 
-impl Outcome<'_> {
+impl<'a> Outcome<'a> {
+    /// A job dead before any answer came (it cannot be sent, or is gone
+    /// from the config): why, and the attempts made.
+    pub fn dead_before_an_answer(
+        id: &'a str,
+        upstream: &'a str,
+        reason: String,
+        attempts: u32,
+    ) -> Outcome<'a> {
+        Outcome {
+            id,
+            upstream,
+            dead: true,
+            reason: Some(reason),
+            status: None,
+            attempts,
+            elapsed_ms: None,
+            latency_ms: None,
+            body: None,
+        }
+    }
+
     /// Its line for `results.jsonl`.
     pub fn line(&self) -> String {
         let (body, body_sha256, body_bytes) = match self.body {

@@ -18,8 +18,8 @@ use tollgate_http::Refusal;
 
 const PATHS: &str =
     "/healthz, /metrics, /v1/usage, /v1/config, /v1/reload, /v1/cache/purge, /v1/dlq/retry";
-/// The most of a purge request's body read.
-const MAX_PURGE_BODY: usize = 64 * 1024;
+/// The most of an admin request's body read (a purge, a retry).
+const MAX_ADMIN_BODY: usize = 64 * 1024;
 
 impl Proxy {
     pub async fn admin(
@@ -115,20 +115,9 @@ impl Proxy {
             ids: Vec<String>,
         }
         let shape = "the body must be {\"ids\": [ID, ...]} (or empty: every dead letter)";
-        let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(
-            req.into_body(),
-            MAX_PURGE_BODY,
-        ))
-        .await
-        {
-            Ok(body) => body.to_bytes(),
-            Err(e) => {
-                return problem(
-                    StatusCode::BAD_REQUEST,
-                    "Bad request",
-                    format!("{shape}; it could not be read: {e}"),
-                )
-            }
+        let body = match read_body(req, shape).await {
+            Ok(body) => body,
+            Err(refused) => return refused,
         };
         let retry: Retry = match body.is_empty() {
             true => Retry::default(),
@@ -160,20 +149,9 @@ impl Proxy {
             prefix: String,
         }
         let shape = "the body must be {\"upstream\": NAME, \"prefix\": \"/path\"}";
-        let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(
-            req.into_body(),
-            MAX_PURGE_BODY,
-        ))
-        .await
-        {
-            Ok(body) => body.to_bytes(),
-            Err(e) => {
-                return problem(
-                    StatusCode::BAD_REQUEST,
-                    "Bad request",
-                    format!("{shape}; it could not be read: {e}"),
-                )
-            }
+        let body = match read_body(req, shape).await {
+            Ok(body) => body,
+            Err(refused) => return refused,
         };
         let purge: Purge = match serde_json::from_slice(&body) {
             Ok(p) => p,
@@ -425,6 +403,23 @@ fn from_environment(value: &str) -> bool {
         && literal
             .split(|c: char| !c.is_ascii_alphanumeric())
             .all(|word| word.len() <= 12)
+}
+
+/// An admin request's body (at most `MAX_ADMIN_BODY`), or a 400 saying
+/// what `shape` it must have.
+async fn read_body(
+    req: Request<Incoming>,
+    shape: &str,
+) -> Result<bytes::Bytes, Response<ResponseBody>> {
+    let limited = http_body_util::Limited::new(req.into_body(), MAX_ADMIN_BODY);
+    match http_body_util::BodyExt::collect(limited).await {
+        Ok(body) => Ok(body.to_bytes()),
+        Err(e) => Err(problem(
+            StatusCode::BAD_REQUEST,
+            "Bad request",
+            format!("{shape}; it could not be read: {e}"),
+        )),
+    }
 }
 
 /// The key a limit counts the upstream's own calls under: its parts from

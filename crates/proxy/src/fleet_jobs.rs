@@ -218,18 +218,8 @@ async fn send_leased(proxy: &Arc<Proxy>, fleet: &FleetJobs, upstream: &str, leas
 
 /// A job the queue holds but cannot be read: dead, with why.
 fn dead_as_stored(id: &str, upstream: &str, attempts: u32, reason: String) -> Record {
-    tollgate_jobs::result::Outcome {
-        id,
-        upstream,
-        dead: true,
-        reason: Some(reason),
-        status: None,
-        attempts,
-        elapsed_ms: None,
-        latency_ms: None,
-        body: None,
-    }
-    .record(u64::MAX, None)
+    tollgate_jobs::result::Outcome::dead_before_an_answer(id, upstream, reason, attempts)
+        .record(u64::MAX, None)
 }
 
 /// Record a final outcome in the queue, with its callback (tried again

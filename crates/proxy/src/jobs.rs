@@ -860,17 +860,12 @@ impl Proxy {
         let job = &p.job;
         let dead = |reason: String, attempts: u32| {
             Tried::Final(
-                tollgate_jobs::result::Outcome {
-                    id: &job.id,
-                    upstream: &p.upstream,
-                    dead: true,
-                    reason: Some(reason),
-                    status: None,
+                tollgate_jobs::result::Outcome::dead_before_an_answer(
+                    &job.id,
+                    &p.upstream,
+                    reason,
                     attempts,
-                    elapsed_ms: None,
-                    latency_ms: None,
-                    body: None,
-                }
+                )
                 .record(p.seq, None),
             )
         };

@@ -46,8 +46,10 @@ pub struct ProxySettings {
     /// The environment variable holding the secret callbacks are signed
     /// with (HMAC-SHA256 in `Tollgate-Signature`).
     pub callback_secret_env: String,
-    /// On a fleet config: the fleet's job queue in Redis pushed jobs go to
-    /// (`tollgate run --queue`'s).
+    /// On a fleet config: the fleet's job queue in Redis pushed jobs go to,
+    /// and the proxies of the fleet work (`tollgate run --queue NAME` works
+    /// the same queue). Not `run`'s default queue, so proxies never take a
+    /// runner's jobs unless told to.
     pub queue: String,
 }
 
@@ -91,7 +93,7 @@ impl Default for ProxySettings {
             ca_dir: PathBuf::from(DEFAULT_CA_DIR),
             state: PathBuf::from(DEFAULT_STATE),
             callback_secret_env: "TOLLGATE_CALLBACK_SECRET".into(),
-            queue: "default".into(),
+            queue: "proxy".into(),
         }
     }
 }

@@ -378,6 +378,7 @@ impl Proxy {
         };
         if !forward && via.is_none() && is_own_path(parts.uri.path()) {
             outcome.metric = "jobs";
+            outcome.decision = "jobs";
             return Ok(self.jobs_endpoint(parts, body, client).await);
         }
         let Routed { upstream, url } = route::route(generation, parts)?;
@@ -405,6 +406,7 @@ impl Proxy {
         let control = control(&parts.headers, generation, client)?;
         if crate::jobs::prefers_async(&parts.headers) {
             outcome.metric = "queued";
+            outcome.decision = "queued";
             return self
                 .queue_live(generation, upstream, &url, parts, body, control, client)
                 .await;

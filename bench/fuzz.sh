@@ -22,6 +22,9 @@
 #   gateway: request heads damaged byte by byte, and paths climbing out of
 #           a route's path_prefix, written raw to the gateway's socket: an
 #           HTTP answer or a close, never a relay outside the prefix
+#   proxy:  job batches damaged byte by byte, POSTed to the proxy's job
+#           intake (crates/proxy/tests/jobs.rs): a 202 or a refusal that
+#           names why, never a 5xx, and the proxy keeps serving
 #   store:  random policies and traffic decided by the memory store and by
 #           the Redis store (a redis-server the test starts), which must
 #           agree decision for decision (CASES / 10 cases: each is a trace)
@@ -41,6 +44,14 @@ for crate in tollgate-core tollgate-http tollgate-sim tollgate-egress tollgate-g
     echo "$out" | grep -E -A30 'minimal failing input|panicked' | head -60
   fi
 done
+start=$(date +%s)
+if out=$(cargo test --release -q -p tollgate-proxy --test jobs hostile 2>&1); then
+  echo "tollgate-proxy (job intake): $(echo "$out" | grep -E '^test result' | sed 's/; finished.*//') ($(( $(date +%s) - start )) s with the build)"
+else
+  status=1
+  echo "tollgate-proxy (job intake): FAILED"
+  echo "$out" | grep -E -A30 'panicked' | head -60
+fi
 start=$(date +%s)
 if out=$(TOLLGATE_DIFF_CASES=$(( CASES / 10 )) cargo test --release -q -p tollgate-store --test differential 2>&1); then
   echo "tollgate-store (Redis vs memory): $(echo "$out" | grep -E '^test result' | sed 's/; finished.*//'), $(( CASES / 10 )) cases ($(( $(date +%s) - start )) s with the build)"

@@ -16,6 +16,7 @@ const LINES: &[&str] = &[
     r#"{"id": "a1", "method": "POST", "url": "http://127.0.0.1:9/api/v1/jobs", "body": {"n": 1}, "headers": {"x-trace": "t"}}"#,
     r#"{"id": 7, "url": "http://127.0.0.1:9/api/v1/sites?page=2", "priority": "high"}"#,
     r#"{"method": "PATCH", "url": "http://127.0.0.1:9/api/v1/sites/5", "body": "text", "workflow": "sync"}"#,
+    r#"{"id": "c", "method": "GET", "url": "http://127.0.0.1:9/api/v1/x", "callback": "https://hooks.example/done?x=1"}"#,
 ];
 
 /// A config with a bulk template (its body holds the placeholder once).

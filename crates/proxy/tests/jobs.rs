@@ -772,3 +772,89 @@ async fn dead_letters_are_retried_through_the_admin_listener() {
     let bad = retry("{\"id\":\"d1\"}").await.unwrap();
     assert_eq!(bad.status(), 400);
 }
+
+/// Hostile bodies at the intake: a valid batch damaged byte by byte
+/// (`TOLLGATE_FUZZ_CASES` cases, 256 by default). Every answer is a 202 or
+/// a refusal that says why (never a 5xx), nothing queued goes anywhere but
+/// the configured upstream, and the proxy keeps serving.
+#[tokio::test(start_paused = true)]
+async fn hostile_batches_are_queued_or_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = scripted(|_, _| tollgate_testkit::upstream::ok()).await;
+    let proxy = start(&with_state(
+        dir.path(),
+        &upstream("crm", up.addr, &bucket("api", 1000, "1000/s")),
+    ))
+    .await;
+    let base = format!("http://{}", up.addr);
+    let valid = format!(
+        "{{\"id\":\"a\",\"method\":\"POST\",\"url\":\"{base}/v1/a\",\"body\":{{\"n\":1}},\"workflow\":\"w\"}}\n\
+         {{\"method\":\"GET\",\"url\":\"{base}/v1/b?x=%20\",\"headers\":{{\"x-t\":\"1\"}},\"callback\":\"http://127.0.0.1:9/h\"}}\n"
+    );
+    let cases: u64 = std::env::var("TOLLGATE_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    // (a small xorshift: the same damage on every run)
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    const PIECES: &[&[u8]] = &[
+        b"\"",
+        b"{",
+        b"}",
+        b":",
+        b"\n",
+        b"\\",
+        b"\xff",
+        b"\0",
+        b"http://elsewhere.example/",
+        b"%",
+    ];
+    for case in 0..cases {
+        let mut body = valid.clone().into_bytes();
+        for _ in 0..(1 + next() % 4) {
+            let at = (next() as usize) % body.len();
+            match next() % 3 {
+                0 => {
+                    body.remove(at);
+                }
+                1 => body
+                    .splice(
+                        at..at,
+                        PIECES[(next() as usize) % PIECES.len()].iter().copied(),
+                    )
+                    .for_each(drop),
+                _ => body[at] = PIECES[(next() as usize) % PIECES.len()][0],
+            }
+        }
+        let answer = http()
+            .post(format!("http://{}/_tollgate/jobs", proxy.addr))
+            .header("content-type", "application/x-ndjson")
+            .body(body.clone())
+            .send()
+            .await
+            .expect("an answer");
+        let status = answer.status().as_u16();
+        let text = answer.text().await.expect("text");
+        assert!(
+            matches!(status, 202 | 400 | 409),
+            "case {case}: {status} {text} for {:?}",
+            String::from_utf8_lossy(&body)
+        );
+        if status != 202 {
+            let problem: serde_json::Value = serde_json::from_str(&text).expect("problem+json");
+            assert!(
+                !problem["detail"].as_str().unwrap_or("").is_empty(),
+                "{text}"
+            );
+        }
+    }
+    // The proxy still serves (and sends what it accepted).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(get(&proxy.url("crm", "/v1/alive"), &[]).await.status(), 200);
+}

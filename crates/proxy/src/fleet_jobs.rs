@@ -98,14 +98,39 @@ impl FleetJobs {
                 fleet.courier.send(callback, id);
             }
         }
-        for u in &generation.config.upstreams {
-            tokio::spawn(lease_loop(
-                Arc::downgrade(proxy),
-                fleet.clone(),
-                u.name.clone(),
-            ));
-        }
+        tokio::spawn(lease_every_upstream(Arc::downgrade(proxy), fleet.clone()));
         Ok(fleet)
+    }
+}
+
+/// How often the upstreams of the config in force are looked at (one a
+/// reload adds is leased for within this long).
+const UPSTREAMS_CHECK: Duration = Duration::from_secs(5);
+
+/// A lease loop for every upstream of the config in force, as reloads add
+/// them; a loop ends when a reload removes its upstream.
+async fn lease_every_upstream(proxy: Weak<Proxy>, fleet: Arc<FleetJobs>) {
+    let running: Arc<Mutex<HashSet<String>>> = Arc::default();
+    loop {
+        let Some(strong) = proxy.upgrade() else {
+            return;
+        };
+        for u in &strong.current().config.upstreams {
+            if running.lock().insert(u.name.clone()) {
+                let (proxy, fleet, running, name) = (
+                    proxy.clone(),
+                    fleet.clone(),
+                    running.clone(),
+                    u.name.clone(),
+                );
+                tokio::spawn(async move {
+                    lease_loop(proxy, fleet, name.clone()).await;
+                    running.lock().remove(&name);
+                });
+            }
+        }
+        drop(strong);
+        tokio::time::sleep(UPSTREAMS_CHECK).await;
     }
 }
 
@@ -133,6 +158,16 @@ async fn lease_loop(proxy: Weak<Proxy>, fleet: Arc<FleetJobs>, upstream: String)
                 () = tokio::time::sleep(LEASE / 3) => {}
             }
             continue;
+        }
+        let Some(gone) = proxy
+            .upgrade()
+            .map(|p| p.current().upstream(&upstream).is_none())
+        else {
+            return;
+        };
+        if gone {
+            // (a reload removed it; its jobs wait for a process that has it)
+            return;
         }
         let leased = fleet
             .queue

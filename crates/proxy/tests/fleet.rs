@@ -305,3 +305,65 @@ async fn metrics_of(p: &common::Running) -> String {
         .await
         .expect("text")
 }
+
+/// An upstream a reload adds is leased for too: its pushed jobs get done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_proxy_leases_for_an_upstream_a_reload_adds() {
+    let first = scripted(|_, _| ok()).await;
+    let added = scripted(|_, _| ok()).await;
+    let limit = "[[upstream.limit]]\nname = \"api\"\nalgorithm = \"token_bucket\"\ncapacity = 50\nrefill = \"500/s\"\n";
+    let store = format!(
+        "[proxy]\naccess_log = \"off\"\n[store]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{}\"\n",
+        redis_url(),
+        unique_prefix("proxy-jobs-reload")
+    );
+    let dir = std::env::temp_dir().join(unique_prefix("proxy-jobs-reload"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("proxy.toml");
+    std::fs::write(
+        &path,
+        format!("{store}{}", upstream("one", first.addr, limit)),
+    )
+    .expect("config");
+    let proxy = common::start_from(
+        tollgate_proxy::Source::File(path.clone()),
+        TokioClock::system(),
+    )
+    .await;
+    proxy.proxy.connect().await.expect("redis");
+    std::fs::write(
+        &path,
+        format!(
+            "{store}{}{}",
+            upstream("one", first.addr, limit),
+            upstream("two", added.addr, limit)
+        ),
+    )
+    .expect("config");
+    proxy.proxy.reload().await.expect("reload");
+    let lines: String = (0..20)
+        .map(|i| {
+            format!(
+                "{{\"id\":\"r{i}\",\"method\":\"GET\",\"url\":\"http://{}/v1/{i}\"}}\n",
+                added.addr
+            )
+        })
+        .collect();
+    let pushed = client()
+        .post(format!("http://{}/_tollgate/jobs", proxy.addr))
+        .header("content-type", "application/x-ndjson")
+        .body(lines)
+        .send()
+        .await
+        .expect("intake");
+    assert_eq!(pushed.status(), 202);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while added.seen.lock().expect("lock").len() < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "the added upstream's jobs were not leased"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -288,8 +288,17 @@ pub fn run(
     fleet: &FleetArgs,
     progress: Progress,
     grace: Duration,
+    admin: Option<std::net::SocketAddr>,
 ) -> Result<ExitCode> {
     let config = load_config(config_path)?;
+    if let Some(addr) = admin {
+        let token = std::env::var(ADMIN_TOKEN_ENV)
+            .ok()
+            .filter(|t| !t.is_empty());
+        if !addr.ip().is_loopback() && token.is_none() {
+            bail!("--admin {addr} is not a loopback address: set {ADMIN_TOKEN_ENV} to an admin token first");
+        }
+    }
     if let Some(u) = config.upstreams.iter().find(|u| !u.keys.is_empty()) {
         bail!(
             "{}: upstream '{}' has a key pool (keys), which `tollgate proxy` serves; `tollgate run` sends with one key: give it in headers instead",
@@ -328,6 +337,7 @@ pub fn run(
             lease,
             progress,
             grace,
+            admin,
         );
     }
     if fleet.queue.is_some() {
@@ -350,7 +360,7 @@ pub fn run(
             }
         );
     }
-    execute(&config, &state, config_path, progress, grace)
+    execute(&config, &state, config_path, progress, grace, admin)
 }
 
 fn parse_duration(text: &str, flag: &str) -> Result<Duration> {
@@ -373,8 +383,15 @@ fn queue_name(name: Option<&str>) -> Result<String> {
     Ok(name.to_string())
 }
 
-fn options(progress: Progress, grace: Duration) -> Options {
+/// The admin token of `run --admin`, read as `serve` reads its own.
+const ADMIN_TOKEN_ENV: &str = "TOLLGATE_ADMIN_TOKEN";
+
+fn options(progress: Progress, grace: Duration, admin: Option<std::net::SocketAddr>) -> Options {
     Options {
+        admin,
+        admin_token: std::env::var(ADMIN_TOKEN_ENV)
+            .ok()
+            .filter(|t| !t.is_empty()),
         progress: match progress {
             Progress::Auto => ProgressMode::Auto,
             Progress::Lines => ProgressMode::Lines,
@@ -405,6 +422,7 @@ fn run_fleet(
     lease: Duration,
     progress: Progress,
     grace: Duration,
+    admin: Option<std::net::SocketAddr>,
 ) -> Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -435,7 +453,7 @@ fn run_fleet(
             config,
             &queue,
             TokioClock::system(),
-            options(progress, grace),
+            options(progress, grace, admin),
             FleetOptions { lease },
             crate::shutdown_signal(),
         )
@@ -478,12 +496,13 @@ fn execute(
     config_path: &Path,
     progress: Progress,
     grace: Duration,
+    admin: Option<std::net::SocketAddr>,
 ) -> Result<ExitCode> {
     let pending = state.counts()?.pending;
     if pending == 0 {
         eprintln!("tollgate run: nothing pending in {}", state.dir().display());
     }
-    let options = options(progress, grace);
+    let options = options(progress, grace, admin);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -846,6 +865,7 @@ pub fn dlq(command: DlqCommand) -> Result<ExitCode> {
                     FleetOptions::default().lease,
                     progress,
                     grace,
+                    None,
                 );
             }
             if queue.is_some() {
@@ -859,7 +879,7 @@ pub fn dlq(command: DlqCommand) -> Result<ExitCode> {
             let mut opened = State::open(&state)?;
             let (requeued, unknown) = opened.requeue_dead(&ids)?;
             say_requeued(requeued.len(), &unknown);
-            return execute(&runner, &opened, &config, progress, grace);
+            return execute(&runner, &opened, &config, progress, grace, None);
         }
         DlqCommand::Export { from, out } => {
             let letters = dead_letters(&from)?;

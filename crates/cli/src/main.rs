@@ -143,6 +143,11 @@ enum Command {
         /// client token, if it needs one, is read from TOLLGATE_TOKEN.
         #[arg(long, conflicts_with_all = ["state", "queue"])]
         submit: Option<String>,
+        /// Open an admin listener here for the length of the run: /healthz
+        /// and Prometheus /metrics (behind TOLLGATE_ADMIN_TOKEN when set;
+        /// required off loopback).
+        #[arg(long, conflicts_with = "submit")]
+        admin: Option<std::net::SocketAddr>,
     },
     /// How many calls a job set makes, and the least time the limits allow
     /// for them, before anything is sent.
@@ -231,6 +236,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             progress,
             grace,
             submit: None,
+            admin,
         } => comply::run(
             &config,
             &jobs,
@@ -238,6 +244,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             &fleet,
             progress,
             duration(&grace, "--grace")?,
+            admin,
         ),
         Command::Plan {
             config,

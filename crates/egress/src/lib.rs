@@ -13,6 +13,7 @@
 //! - `fleet`: fleet mode: N runners, one job queue and one quota in Redis.
 
 pub mod fleet;
+pub mod metrics;
 pub mod plan;
 pub mod run;
 

@@ -31,6 +31,10 @@ pub struct Options {
     pub grace: Duration,
     /// Seeds the retry jitter.
     pub seed: u64,
+    /// An admin listener for the length of the run (`/healthz`,
+    /// `/metrics`), and the bearer token `/metrics` needs.
+    pub admin: Option<std::net::SocketAddr>,
+    pub admin_token: Option<String>,
 }
 
 impl Default for Options {
@@ -39,6 +43,8 @@ impl Default for Options {
             progress: ProgressMode::Auto,
             grace: Duration::from_secs(10),
             seed: fastrand::u64(..),
+            admin: None,
+            admin_token: None,
         }
     }
 }
@@ -55,6 +61,9 @@ pub enum ProgressMode {
 pub enum RunError {
     #[error(transparent)]
     State(#[from] StateError),
+    /// The admin listener could not be opened.
+    #[error("{0}")]
+    Admin(String),
     #[error("the state has {jobs} pending job(s) for upstream '{upstream}', which the config no longer has")]
     UnknownUpstream { upstream: String, jobs: usize },
     #[error("pending job '{id}' of upstream '{upstream}' has url {url}, which is no longer under that upstream's base_url; tollgate only sends to configured upstreams (restore the base_url, or use another --state)")]
@@ -263,10 +272,18 @@ pub(crate) struct Active {
     pub(crate) attempts: u32,
     /// A read under a cache route: what its answer is kept by.
     read: Option<Read>,
+    /// When this run took it.
+    pub(crate) taken: Nanos,
 }
 
 impl Active {
-    pub(crate) fn new(upstream: usize, job: Job, items: Vec<Item>, attempts: u32) -> Self {
+    pub(crate) fn new(
+        upstream: usize,
+        job: Job,
+        items: Vec<Item>,
+        attempts: u32,
+        taken: Nanos,
+    ) -> Self {
         Active {
             upstream,
             job: Arc::new(job),
@@ -275,6 +292,7 @@ impl Active {
             sent: 0,
             attempts,
             read: None,
+            taken,
         }
     }
 }
@@ -358,6 +376,8 @@ pub(crate) struct Driver<'a> {
     followers: HashMap<u64, Vec<u64>>,
     /// Per upstream, jobs answered without a call: done, dead.
     saved: Vec<(u64, u64)>,
+    /// What the admin listener of `run --admin` shows.
+    pub(crate) metrics: Option<Arc<crate::metrics::RunMetrics>>,
 }
 
 impl<'a> Driver<'a> {
@@ -410,6 +430,7 @@ impl<'a> Driver<'a> {
             reading: HashMap::new(),
             followers: HashMap::new(),
             saved: vec![(0, 0); config.upstreams.len()],
+            metrics: None,
         })
     }
 
@@ -430,7 +451,11 @@ impl<'a> Driver<'a> {
         match crate::job::items(&self.config.upstreams[upstream], &job) {
             Ok(items) => {
                 let read = self.read_of(upstream, &job);
-                let mut active = Active::new(upstream, job, items.clone(), attempts);
+                let taken = self.now();
+                if let Some(m) = &self.metrics {
+                    m.taken(upstream, seq, taken);
+                }
+                let mut active = Active::new(upstream, job, items.clone(), attempts, taken);
                 if let Some(read) = &read {
                     let now = self.now();
                     let kept = self.caches[upstream].fresh(read.route, &read.key, &read.sent, now);
@@ -446,6 +471,7 @@ impl<'a> Driver<'a> {
                             Some(kept.status.as_u16()),
                             Some(&kept.body),
                             now,
+                            self.metrics.as_deref(),
                         );
                         self.saved[upstream].0 += 1;
                         self.progress.finished(false);
@@ -502,8 +528,11 @@ impl<'a> Driver<'a> {
         reason: String,
         sink: &impl Sink,
     ) {
-        let dead = Active::new(upstream, job, Vec::new(), attempts);
         let now = self.now();
+        if let Some(m) = &self.metrics {
+            m.taken(upstream, seq, now);
+        }
+        let dead = Active::new(upstream, job, Vec::new(), attempts, now);
         finish(
             sink,
             seq,
@@ -513,6 +542,7 @@ impl<'a> Driver<'a> {
             None,
             None,
             now,
+            self.metrics.as_deref(),
         );
         self.early_dead[upstream] += 1;
         self.progress.finished(true);
@@ -554,6 +584,7 @@ impl<'a> Driver<'a> {
                                 None,
                                 None,
                                 now,
+                                self.metrics.as_deref(),
                             );
                             self.progress.finished(true);
                         }
@@ -605,6 +636,52 @@ impl<'a> Driver<'a> {
         }
     }
 
+    /// `run --admin`: the admin listener for the length of the run (it
+    /// stops when what this returns is dropped), and the metrics it shows.
+    pub(crate) async fn open_admin(
+        &mut self,
+        options: &Options,
+    ) -> Result<Option<AbortOnDrop>, RunError> {
+        let Some(addr) = options.admin else {
+            return Ok(None);
+        };
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| RunError::Admin(format!("--admin {addr}: {e}")))?;
+        let names = self
+            .config
+            .upstreams
+            .iter()
+            .map(|u| u.name.clone())
+            .collect();
+        let metrics = Arc::new(crate::metrics::RunMetrics::new(names));
+        self.metrics = Some(metrics.clone());
+        let serving = crate::metrics::serve_admin(
+            listener,
+            metrics,
+            self.clock.clone(),
+            options.admin_token.clone(),
+        );
+        Ok(Some(AbortOnDrop(tokio::spawn(serving))))
+    }
+
+    /// Each upstream's line into the metrics, when an admin listener shows them.
+    pub(crate) fn show_lines(&self) {
+        let Some(m) = &self.metrics else {
+            return;
+        };
+        let now = self.now();
+        m.lines(self.schedulers.iter().enumerate().map(|(i, s)| {
+            let line = crate::metrics::UpstreamNow {
+                pending: s.queued() + s.in_flight(),
+                breaker_open: s.breaker_open_until().is_some_and(|t| t > now),
+                effective_rate: s.pacing_rate(now),
+                limits_rate: s.limits_rate(),
+            };
+            (i, line)
+        }));
+    }
+
     /// Nothing queued, waiting out a backoff or in flight.
     pub(crate) fn idle(&self) -> bool {
         self.in_flight.is_empty() && self.schedulers.iter().all(|s| s.queued() == 0)
@@ -619,6 +696,15 @@ impl<'a> Driver<'a> {
             return;
         };
         let latency = Duration::from_nanos(now.saturating_sub(a.sent));
+        if let Some(m) = &self.metrics {
+            m.call(
+                a.upstream,
+                match &c.reply {
+                    Reply::Status { status, .. } => Some(*status),
+                    Reply::Failed { .. } => None,
+                },
+            );
+        }
         let settled = self.schedulers[a.upstream].complete(c.seq, &c.reply, latency, now);
         if let Settled::Retry { .. } = settled {
             sink.record(
@@ -645,6 +731,7 @@ impl<'a> Driver<'a> {
             status,
             c.body.as_deref(),
             now,
+            self.metrics.as_deref(),
         );
         self.progress.finished(dead);
         let Some(a) = self.active.remove(&c.seq) else {
@@ -723,6 +810,7 @@ impl<'a> Driver<'a> {
                     Some(status.as_u16()),
                     Some(&body),
                     now,
+                    self.metrics.as_deref(),
                 );
                 let saved = &mut self.saved[upstream];
                 if dead {
@@ -848,6 +936,7 @@ pub async fn run(
     let writer = state.writer()?;
     let progress = Progress::new(options.progress, pending.len() as u64);
     let mut driver = Driver::new(config, schedulers, clock, progress)?;
+    let admin = driver.open_admin(&options).await?;
     driver.resume_paces(&state.paces()?);
     replay_sends(config, state, &driver.schedulers, &index, driver.start)?;
     for p in pending {
@@ -873,6 +962,7 @@ pub async fn run(
         if !stopping {
             wake = driver.dispatch(now, &writer);
         }
+        driver.show_lines();
         if driver.in_flight.is_empty() && (stopping || (wake.is_none() && driver.idle())) {
             break;
         }
@@ -898,6 +988,7 @@ pub async fn run(
         }
     }
     driver.evicted().await;
+    drop(admin);
     for (u, s) in config.upstreams.iter().zip(&driver.schedulers) {
         writer.learnt(&u.name, s.effective_rate());
     }
@@ -910,6 +1001,15 @@ pub async fn run(
         pending: state.counts()?.pending,
         ..summary
     })
+}
+
+/// A task stopped when this is dropped (the run's admin listener).
+pub(crate) struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Longest any window looks back (a day's quota, a rolling 24 h); sends
@@ -1054,7 +1154,17 @@ fn finish(
     status: Option<u16>,
     body: Option<&[u8]>,
     now: Nanos,
+    metrics: Option<&crate::metrics::RunMetrics>,
 ) {
+    if let Some(m) = metrics {
+        m.finished(
+            a.upstream,
+            seq,
+            a.taken,
+            !matches!(settled, Settled::Done),
+            now,
+        );
+    }
     let outcome = tollgate_jobs::result::Outcome {
         id: &a.job.id,
         upstream: &config.upstreams[a.upstream].name,

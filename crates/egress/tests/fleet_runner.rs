@@ -149,6 +149,7 @@ async fn run(
         progress: ProgressMode::Quiet,
         grace: Duration::from_secs(5),
         seed: 7,
+        ..Options::default()
     };
     let run = tollgate_egress::fleet::run(
         config,

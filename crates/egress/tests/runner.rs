@@ -74,6 +74,7 @@ async fn import_and_run(
         progress: ProgressMode::Quiet,
         grace: Duration::from_secs(1),
         seed: 1,
+        ..Options::default()
     };
     let summary = tollgate_egress::run(config, &state, clock, options, std::future::pending())
         .await

@@ -355,6 +355,7 @@ pub async fn run(
     let writer = tokio::spawn(write_all(queue.clone(), rx, ledger.clone(), health.clone()));
     let progress = Progress::new(options.progress, unfinished_at_start);
     let mut driver = Driver::new(config, schedulers, clock, progress)?;
+    let _admin = driver.open_admin(&options).await?;
     // A 429 any process of the fleet gets pauses the upstream here too.
     let (pause_tx, mut pause_rx) = mpsc::unbounded_channel::<(usize, tollgate_core::Nanos)>();
     let mut listeners = Vec::new();
@@ -503,6 +504,7 @@ pub async fn run(
         } else {
             blocking(|| driver.dispatch(now, &recorder))
         };
+        driver.show_lines();
         if stopping && driver.in_flight.is_empty() {
             break;
         }

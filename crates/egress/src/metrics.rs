@@ -1,0 +1,265 @@
+//! A run's metrics, and the admin listener `tollgate run --admin ADDR` opens
+//! for the length of a run: `/healthz`, and Prometheus text at `/metrics`
+//! (behind the admin token, read as `serve` and `proxy` read it).
+//!
+//! The names are those of the comply face, shared with the proxy where they
+//! mean the same: `tollgate_upstream_calls_total{upstream,outcome}`,
+//! `tollgate_upstream_effective_rate`, `tollgate_upstream_limits_rate`.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use parking_lot::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+use std::collections::BTreeSet;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use tollgate_core::Nanos;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    upstream: String,
+    outcome: &'static str,
+}
+
+/// One upstream's line, as the run's loop sees it now.
+#[derive(Debug, Clone)]
+pub(crate) struct UpstreamNow {
+    /// Jobs queued or backing off, and calls in flight.
+    pub(crate) pending: usize,
+    pub(crate) breaker_open: bool,
+    pub(crate) effective_rate: Option<f64>,
+    pub(crate) limits_rate: Option<f64>,
+}
+
+/// What a run counts, shared by its loop and its admin listener.
+#[derive(Debug)]
+pub struct RunMetrics {
+    registry: Registry,
+    upstreams: Vec<String>,
+    calls: Family<OutcomeLabels, Counter>,
+    finished: Family<OutcomeLabels, Counter>,
+    pending: Family<UpstreamLabels, Gauge>,
+    oldest: Family<UpstreamLabels, Gauge<f64, AtomicU64>>,
+    job_seconds: Family<UpstreamLabels, Histogram>,
+    breaker_open: Family<UpstreamLabels, Gauge>,
+    effective_rate: Family<UpstreamLabels, Gauge<f64, AtomicU64>>,
+    limits_rate: Family<UpstreamLabels, Gauge<f64, AtomicU64>>,
+    /// Per upstream, the jobs not yet final: (queued at, seq).
+    waiting: Mutex<Vec<BTreeSet<(Nanos, u64)>>>,
+}
+
+impl RunMetrics {
+    pub fn new(upstreams: Vec<String>) -> RunMetrics {
+        let mut registry = Registry::with_prefix("tollgate");
+        let calls = Family::<OutcomeLabels, Counter>::default();
+        let finished = Family::<OutcomeLabels, Counter>::default();
+        let pending = Family::<UpstreamLabels, Gauge>::default();
+        let oldest = Family::<UpstreamLabels, Gauge<f64, AtomicU64>>::default();
+        // 10 ms .. ~11 days
+        let job_seconds = Family::<UpstreamLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.01, 4.0, 14))
+        });
+        let breaker_open = Family::<UpstreamLabels, Gauge>::default();
+        let effective_rate = Family::<UpstreamLabels, Gauge<f64, AtomicU64>>::default();
+        let limits_rate = Family::<UpstreamLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "upstream_calls",
+            "Calls sent to an upstream, by what came back (2xx, 3xx, 4xx, 429, 5xx; network_error: no response), retries included",
+            calls.clone(),
+        );
+        registry.register(
+            "jobs_finished",
+            "Jobs that reached their final outcome (done, or dead: a dead letter)",
+            finished.clone(),
+        );
+        registry.register(
+            "jobs_pending",
+            "Jobs of an upstream not yet final: queued, backing off or in flight",
+            pending.clone(),
+        );
+        registry.register_with_unit(
+            "jobs_oldest_age",
+            "How long the oldest job not yet final has waited since this run took it",
+            Unit::Seconds,
+            oldest.clone(),
+        );
+        registry.register_with_unit(
+            "job",
+            "From when this run took a job to its final outcome (end to end: queued to done)",
+            Unit::Seconds,
+            job_seconds.clone(),
+        );
+        registry.register(
+            "upstream_breaker_open",
+            "1 while an upstream's circuit breaker is open (calls wait for its probe)",
+            breaker_open.clone(),
+        );
+        registry.register(
+            "upstream_effective_rate",
+            "Calls per second sent to an upstream right now (below its limits' rate while a learnt pace holds it lower)",
+            effective_rate.clone(),
+        );
+        registry.register(
+            "upstream_limits_rate",
+            "The fastest sustained calls per second an upstream's limits allow",
+            limits_rate.clone(),
+        );
+        let waiting = Mutex::new(vec![BTreeSet::new(); upstreams.len()]);
+        RunMetrics {
+            registry,
+            upstreams,
+            calls,
+            finished,
+            pending,
+            oldest,
+            job_seconds,
+            breaker_open,
+            effective_rate,
+            limits_rate,
+            waiting,
+        }
+    }
+
+    fn labels(&self, upstream: usize) -> UpstreamLabels {
+        UpstreamLabels {
+            upstream: self.upstreams.get(upstream).cloned().unwrap_or_default(),
+        }
+    }
+
+    /// A call to `upstream` came back so (`None`: no response).
+    pub(crate) fn call(&self, upstream: usize, status: Option<u16>) {
+        let outcome = match status {
+            None => "network_error",
+            Some(429) => "429",
+            Some(200..=299) => "2xx",
+            Some(300..=399) => "3xx",
+            Some(400..=499) => "4xx",
+            Some(_) => "5xx",
+        };
+        let upstream = self.labels(upstream).upstream;
+        self.calls
+            .get_or_create(&OutcomeLabels { upstream, outcome })
+            .inc();
+    }
+
+    /// The run took job `seq` of `upstream` at `at`.
+    pub(crate) fn taken(&self, upstream: usize, seq: u64, at: Nanos) {
+        if let Some(set) = self.waiting.lock().get_mut(upstream) {
+            set.insert((at, seq));
+        }
+    }
+
+    /// Job `seq` of `upstream`, taken at `at`, is final at `now`.
+    pub(crate) fn finished(&self, upstream: usize, seq: u64, at: Nanos, dead: bool, now: Nanos) {
+        if let Some(set) = self.waiting.lock().get_mut(upstream) {
+            set.remove(&(at, seq));
+        }
+        let labels = self.labels(upstream);
+        self.job_seconds
+            .get_or_create(&labels)
+            .observe(now.saturating_sub(at) as f64 / 1e9);
+        let outcome = if dead { "dead" } else { "done" };
+        self.finished
+            .get_or_create(&OutcomeLabels {
+                upstream: labels.upstream,
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Each upstream's line as the loop sees it now.
+    pub(crate) fn lines(&self, lines: impl Iterator<Item = (usize, UpstreamNow)>) {
+        for (i, line) in lines {
+            let labels = self.labels(i);
+            let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+            self.pending.get_or_create(&labels).set(gauge(line.pending));
+            self.breaker_open
+                .get_or_create(&labels)
+                .set(i64::from(line.breaker_open));
+            if let Some(limits) = line.limits_rate {
+                self.limits_rate.get_or_create(&labels).set(limits);
+                let effective = line.effective_rate.unwrap_or(limits);
+                self.effective_rate.get_or_create(&labels).set(effective);
+            }
+        }
+    }
+
+    /// The text exposition at `now`.
+    pub fn render(&self, now: Nanos) -> String {
+        {
+            let waiting = self.waiting.lock();
+            for (i, set) in waiting.iter().enumerate() {
+                let age = set
+                    .first()
+                    .map_or(0.0, |(at, _)| now.saturating_sub(*at) as f64 / 1e9);
+                self.oldest.get_or_create(&self.labels(i)).set(age);
+            }
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out = "# metrics could not be encoded\n".into();
+        }
+        out
+    }
+}
+
+/// Serve `/healthz` and `/metrics` on `listener` until the task is
+/// dropped; `/metrics` needs `token` as a bearer token when one is set.
+pub(crate) async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<RunMetrics>,
+    clock: tollgate_store::TokioClock,
+    token: Option<String>,
+) {
+    let token = Arc::new(token);
+    while let Ok((stream, _)) = listener.accept().await {
+        let (metrics, clock, token) = (metrics.clone(), clock.clone(), token.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let answer = answer(&req, &metrics, &clock, token.as_deref());
+                async move { Ok::<_, std::convert::Infallible>(answer) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn answer(
+    req: &Request<hyper::body::Incoming>,
+    metrics: &RunMetrics,
+    clock: &tollgate_store::TokioClock,
+    token: Option<&str>,
+) -> Response<Full<Bytes>> {
+    use tollgate_core::Clock;
+    use tollgate_http::admin::{bearer_allowed, problem, reply, OPENMETRICS};
+    let path = req.uri().path();
+    if path != "/healthz" && !bearer_allowed(req.headers(), token) {
+        return problem(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "this admin listener needs the admin token as a bearer token".into(),
+        );
+    }
+    match path {
+        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/metrics" => reply(StatusCode::OK, OPENMETRICS, metrics.render(clock.now())),
+        other => problem(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            format!("{other} is not an admin path; see /healthz, /metrics"),
+        ),
+    }
+}

@@ -256,7 +256,10 @@ async fn jobs_pushed_to_one_proxy_of_a_fleet_are_worked_by_all() {
     }
     // Each sent once, by one proxy or the other (both took some).
     assert_eq!(up.seen.lock().expect("lock").len(), jobs);
-    let (a, b) = (metrics_of(&one).await, metrics_of(&two).await);
+    let (a, b) = (
+        common::text(&one.admin_url("/metrics")).await,
+        common::text(&two.admin_url("/metrics")).await,
+    );
     let done = |t: &str| {
         t.lines()
             .find_map(|l| {
@@ -293,17 +296,6 @@ async fn jobs_pushed_to_one_proxy_of_a_fleet_are_worked_by_all() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(delivered.len(), jobs, "every job's callback, with its id");
-}
-
-async fn metrics_of(p: &common::Running) -> String {
-    client()
-        .get(p.admin_url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text")
 }
 
 /// An upstream a reload adds is leased for too: its pushed jobs get done.

@@ -19,6 +19,16 @@ fn http() -> reqwest::Client {
     CLIENT.with(|c| c.clone())
 }
 
+/// A proxy whose jobs live in `dir`, with one upstream `crm` at `up` (a
+/// bucket of 100 refilling 100/s).
+async fn crm_proxy(dir: &std::path::Path, up: &tollgate_testkit::upstream::Scripted) -> Running {
+    start(&with_state(
+        dir,
+        &upstream("crm", up.addr, &bucket("api", 100, "100/s")),
+    ))
+    .await
+}
+
 /// A proxy config whose jobs live in `dir`.
 fn with_state(dir: &std::path::Path, rest: &str) -> String {
     format!(
@@ -164,11 +174,7 @@ async fn jobs_pushed_as_jsonl_are_sent_once_and_their_results_kept() {
 async fn one_job_as_json_answers_with_its_location() {
     let dir = tempfile::tempdir().unwrap();
     let up = scripted(|_, _| tollgate_testkit::upstream::ok()).await;
-    let proxy = start(&with_state(
-        dir.path(),
-        &upstream("crm", up.addr, &bucket("api", 100, "100/s")),
-    ))
-    .await;
+    let proxy = crm_proxy(dir.path(), &up).await;
     let job = format!(
         "{{\"id\":\"one\",\"method\":\"DELETE\",\"url\":\"http://{}/v1/deals/7\"}}",
         up.addr
@@ -184,11 +190,7 @@ async fn one_job_as_json_answers_with_its_location() {
 async fn a_bad_batch_is_refused_whole_naming_each_bad_line() {
     let dir = tempfile::tempdir().unwrap();
     let up = scripted(|_, _| tollgate_testkit::upstream::ok()).await;
-    let proxy = start(&with_state(
-        dir.path(),
-        &upstream("crm", up.addr, &bucket("api", 100, "100/s")),
-    ))
-    .await;
+    let proxy = crm_proxy(dir.path(), &up).await;
     let base = format!("http://{}", up.addr);
     let lines = format!(
         "{{\"method\":\"GET\",\"url\":\"{base}/v1/a\"}}\n\
@@ -225,11 +227,7 @@ async fn a_bad_batch_is_refused_whole_naming_each_bad_line() {
 async fn a_live_request_preferring_async_is_queued_as_a_job() {
     let dir = tempfile::tempdir().unwrap();
     let up = scripted(|_, _| Answer::Status(201, vec![], "{\"id\":42}")).await;
-    let proxy = start(&with_state(
-        dir.path(),
-        &upstream("crm", up.addr, &bucket("api", 100, "100/s")),
-    ))
-    .await;
+    let proxy = crm_proxy(dir.path(), &up).await;
     let answer = client()
         .post(proxy.url("crm", "/v1/contacts"))
         .header("prefer", "respond-async")
@@ -336,6 +334,8 @@ async fn live_requests_go_ahead_of_queued_jobs_and_use_the_reserve() {
     );
 }
 
+/// The proxy's /metrics (with this test's client: `common::text` builds
+/// one per call, too slow to poll with).
 async fn scrape(proxy: &Running) -> String {
     http()
         .get(proxy.admin_url("/metrics"))
@@ -736,11 +736,7 @@ async fn dead_letters_are_retried_through_the_admin_listener() {
         _ => Answer::Status(200, vec![], "{\"ok\":true}"),
     })
     .await;
-    let proxy = start(&with_state(
-        dir.path(),
-        &upstream("crm", up.addr, &bucket("api", 100, "100/s")),
-    ))
-    .await;
+    let proxy = crm_proxy(dir.path(), &up).await;
     let job = format!("{{\"id\":\"d1\",\"method\":\"PATCH\",\"url\":\"http://{}/v1/deals/1\",\"body\":{{\"stage\":\"won\"}}}}", up.addr);
     assert_eq!(push(&proxy, "application/json", job).await.status(), 202);
     assert_eq!(settled(&proxy, "d1").await["status"], "dead");

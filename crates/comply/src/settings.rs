@@ -113,6 +113,58 @@ pub struct Budget {
 }
 
 impl Upstream {
+    /// The key a limit counts this upstream's own calls under: its parts
+    /// from the upstream's configured headers (or the pooled key's
+    /// stand-in) and constants; None when a part depends on the request.
+    pub fn own_key(
+        &self,
+        limit: &tollgate_core::policy::Limit,
+        pooled: Option<&str>,
+    ) -> Option<compact_str::CompactString> {
+        use tollgate_core::policy::KeyPart;
+        let values: Option<Vec<&str>> = limit
+            .key
+            .iter()
+            .map(|part| match part {
+                KeyPart::Header(name) if pooled.is_some() && *name == self.key_header => pooled,
+                KeyPart::Header(name) => self
+                    .limit_headers
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| v.as_str()),
+                KeyPart::Const(text) => Some(text.as_str()),
+                _ => None,
+            })
+            .collect();
+        values.map(|v| tollgate_core::request::encode_key(&v))
+    }
+
+    /// What each limit (budgets included) has left for this upstream's own
+    /// calls in `engine`, where that needs no request to know: (limit,
+    /// remaining, quota). Concurrency limits are left out.
+    pub fn limits_remaining(
+        &self,
+        engine: &tollgate_store::Engine,
+        now: tollgate_core::Nanos,
+    ) -> Vec<(String, u64, u64)> {
+        engine
+            .policy()
+            .limits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.algorithm != tollgate_core::policy::AlgorithmKind::Concurrency)
+            .filter_map(|(i, limit)| {
+                let key = self.own_key(limit, None)?;
+                let usage = usage_of(engine, i, key, now);
+                Some((
+                    limit.name.clone(),
+                    usage.remaining,
+                    limit.params(0).policy().0,
+                ))
+            })
+            .collect()
+    }
+
     /// Per limit of the policy: whether it is a budget that may borrow.
     pub fn borrowing(&self) -> Vec<bool> {
         let mut flags = vec![false; self.policy.limits.len()];
@@ -755,6 +807,23 @@ fn budgets_of(
         }
     }
     Ok(budgets)
+}
+
+/// Limit `limit`'s usage under `key` now (its default class).
+pub fn usage_of(
+    engine: &tollgate_store::Engine,
+    limit: usize,
+    key: compact_str::CompactString,
+    now: tollgate_core::Nanos,
+) -> tollgate_core::algo::Usage {
+    let item = tollgate_core::Item {
+        limit,
+        class: 0,
+        key,
+        cost: 1,
+        charge: 1,
+    };
+    engine.usage(&item, now)
 }
 
 /// `reserve`: one share for every limit, or a share per limit named.

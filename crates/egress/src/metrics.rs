@@ -27,6 +27,12 @@ struct UpstreamLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    upstream: String,
+    limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     upstream: String,
     outcome: &'static str,
@@ -57,10 +63,20 @@ pub struct RunMetrics {
     limits_rate: Family<UpstreamLabels, Gauge<f64, AtomicU64>>,
     /// Per upstream, the jobs not yet final: (queued at, seq).
     waiting: Mutex<Vec<BTreeSet<(Nanos, u64)>>>,
+    limit_remaining: Family<LimitLabels, Gauge>,
+    limit_quota: Family<LimitLabels, Gauge>,
+    /// Each upstream and its engine: what its limits have left is read at
+    /// each scrape.
+    engines: Vec<(tollgate_comply::Upstream, Arc<tollgate_store::Engine>)>,
 }
 
 impl RunMetrics {
-    pub fn new(upstreams: Vec<String>) -> RunMetrics {
+    /// The metrics of a run over `engines` (each upstream and the engine
+    /// its scheduler decides in).
+    pub fn new(
+        engines: Vec<(tollgate_comply::Upstream, Arc<tollgate_store::Engine>)>,
+    ) -> RunMetrics {
+        let upstreams: Vec<String> = engines.iter().map(|(u, _)| u.name.clone()).collect();
         let mut registry = Registry::with_prefix("tollgate");
         let calls = Family::<OutcomeLabels, Counter>::default();
         let finished = Family::<OutcomeLabels, Counter>::default();
@@ -115,6 +131,18 @@ impl RunMetrics {
             "The fastest sustained calls per second an upstream's limits allow",
             limits_rate.clone(),
         );
+        let limit_remaining = Family::<LimitLabels, Gauge>::default();
+        let limit_quota = Family::<LimitLabels, Gauge>::default();
+        registry.register(
+            "upstream_limit_remaining",
+            "What a limit of an upstream has left for its calls right now (a workflow's budget is the limit OF/WORKFLOW); only limits whose key needs no request",
+            limit_remaining.clone(),
+        );
+        registry.register(
+            "upstream_limit_quota",
+            "A limit's quota (a bucket's capacity, a window's quota)",
+            limit_quota.clone(),
+        );
         let waiting = Mutex::new(vec![BTreeSet::new(); upstreams.len()]);
         RunMetrics {
             registry,
@@ -128,6 +156,9 @@ impl RunMetrics {
             effective_rate,
             limits_rate,
             waiting,
+            limit_remaining,
+            limit_quota,
+            engines,
         }
     }
 
@@ -204,6 +235,19 @@ impl RunMetrics {
                     .first()
                     .map_or(0.0, |(at, _)| now.saturating_sub(*at) as f64 / 1e9);
                 self.oldest.get_or_create(&self.labels(i)).set(age);
+            }
+        }
+        for (u, engine) in &self.engines {
+            for (limit, remaining, quota) in u.limits_remaining(engine, now) {
+                let labels = LimitLabels {
+                    upstream: u.name.clone(),
+                    limit,
+                };
+                let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+                self.limit_remaining
+                    .get_or_create(&labels)
+                    .set(gauge(remaining));
+                self.limit_quota.get_or_create(&labels).set(gauge(quota));
             }
         }
         let mut out = String::new();

@@ -648,13 +648,14 @@ impl<'a> Driver<'a> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| RunError::Admin(format!("--admin {addr}: {e}")))?;
-        let names = self
+        let engines = self
             .config
             .upstreams
             .iter()
-            .map(|u| u.name.clone())
+            .cloned()
+            .zip(self.schedulers.iter().map(|s| s.shared_engine()))
             .collect();
-        let metrics = Arc::new(crate::metrics::RunMetrics::new(names));
+        let metrics = Arc::new(crate::metrics::RunMetrics::new(engines));
         self.metrics = Some(metrics.clone());
         let serving = crate::metrics::serve_admin(
             listener,

@@ -116,6 +116,22 @@ async fn a_run_shows_its_calls_queue_and_outcomes_while_it_lasts() {
         metric(&text, "tollgate_upstream_limits_rate{upstream=\"crm\"}").is_some_and(|r| r > 19.0),
         "{text}"
     );
+    // Quota used against the limit: the bucket is spent while the run goes.
+    assert_eq!(
+        metric(
+            &text,
+            "tollgate_upstream_limit_quota{upstream=\"crm\",limit=\"api\"}"
+        ),
+        Some(1.0)
+    );
+    assert!(
+        metric(
+            &text,
+            "tollgate_upstream_limit_remaining{upstream=\"crm\",limit=\"api\"}"
+        )
+        .is_some_and(|r| r <= 1.0),
+        "{text}"
+    );
 
     assert_eq!((summary.done(), summary.dead()), (27, 3));
     // The listener lives as long as the run.

@@ -9,10 +9,9 @@ use hyper::header::HeaderValue;
 use hyper::{Method, Request, Response, StatusCode};
 use std::borrow::Cow;
 use std::sync::Arc;
-use tollgate_core::policy::KeyPart;
 use tollgate_core::request::query_param;
 use tollgate_core::units::NANOS_PER_SEC;
-use tollgate_core::{Clock, Item};
+use tollgate_core::Clock;
 use tollgate_http::admin::{self, json, problem, reply};
 use tollgate_http::Refusal;
 
@@ -53,7 +52,7 @@ impl Proxy {
                             cache: (!l.cache.is_empty() && !l.cache.is_shared())
                                 .then(|| l.cache.sizes().into_iter().sum()),
                             reserve_calls: s.counters().reserve_used,
-                            remaining: limits_remaining(u, s.engine(), now),
+                            remaining: u.limits_remaining(s.engine(), now),
                         })
                     });
                 let jobs = self.jobs.now(self.clock.now());
@@ -250,7 +249,7 @@ impl Proxy {
                             .collect()
                     };
                     let own = |limit: &tollgate_core::policy::Limit, pooled: Option<&str>| {
-                        own_key(u, limit, pooled)
+                        u.own_key(limit, pooled)
                     };
                     let mut limits: Vec<serde_json::Value> = Vec::new();
                     for (i, limit) in engine.policy().limits.iter().enumerate() {
@@ -265,7 +264,7 @@ impl Proxy {
                             } else {
                                 continue;
                             };
-                            let usage = usage_of(engine, i, key, now);
+                            let usage = tollgate_comply::settings::usage_of(engine, i, key, now);
                             let mut row = serde_json::json!({
                                 "limit": limit.name,
                                 "quota": limit.params(0).policy().0,
@@ -420,73 +419,6 @@ async fn read_body(
             format!("{shape}; it could not be read: {e}"),
         )),
     }
-}
-
-/// The key a limit counts the upstream's own calls under: its parts from
-/// the upstream's configured headers (or the pooled key's stand-in) and
-/// constants; None when a part depends on the request.
-fn own_key(
-    u: &tollgate_comply::Upstream,
-    limit: &tollgate_core::policy::Limit,
-    pooled: Option<&str>,
-) -> Option<compact_str::CompactString> {
-    let values: Option<Vec<&str>> = limit
-        .key
-        .iter()
-        .map(|part| match part {
-            KeyPart::Header(name) if pooled.is_some() && *name == u.key_header => pooled,
-            KeyPart::Header(name) => u
-                .limit_headers
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| v.as_str()),
-            KeyPart::Const(text) => Some(text.as_str()),
-            _ => None,
-        })
-        .collect();
-    values.map(|v| tollgate_core::request::encode_key(&v))
-}
-
-/// Limit `limit`'s usage under `key` now (its default class).
-fn usage_of(
-    engine: &tollgate_store::Engine,
-    limit: usize,
-    key: compact_str::CompactString,
-    now: tollgate_core::Nanos,
-) -> tollgate_core::algo::Usage {
-    let item = Item {
-        limit,
-        class: 0,
-        key,
-        cost: 1,
-        charge: 1,
-    };
-    engine.usage(&item, now)
-}
-
-/// What each limit (budgets included) has left for the upstream's own
-/// calls, where that needs no request to know: (limit, remaining, quota).
-fn limits_remaining(
-    u: &tollgate_comply::Upstream,
-    engine: &tollgate_store::Engine,
-    now: tollgate_core::Nanos,
-) -> Vec<(String, u64, u64)> {
-    engine
-        .policy()
-        .limits
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.algorithm != tollgate_core::policy::AlgorithmKind::Concurrency)
-        .filter_map(|(i, limit)| {
-            let key = own_key(u, limit, None)?;
-            let usage = usage_of(engine, i, key, now);
-            Some((
-                limit.name.clone(),
-                usage.remaining,
-                limit.params(0).policy().0,
-            ))
-        })
-        .collect()
 }
 
 #[cfg(test)]

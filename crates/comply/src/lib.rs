@@ -16,6 +16,7 @@
 mod breaker;
 mod corrections;
 pub mod lanes;
+pub mod metrics;
 pub mod pace;
 pub mod retry;
 pub mod schedule;

@@ -27,12 +27,6 @@ struct UpstreamLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct LimitLabels {
-    upstream: String,
-    limit: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     upstream: String,
     outcome: &'static str,
@@ -59,12 +53,10 @@ pub struct RunMetrics {
     oldest: Family<UpstreamLabels, Gauge<f64, AtomicU64>>,
     job_seconds: Family<UpstreamLabels, Histogram>,
     breaker_open: Family<UpstreamLabels, Gauge>,
-    effective_rate: Family<UpstreamLabels, Gauge<f64, AtomicU64>>,
-    limits_rate: Family<UpstreamLabels, Gauge<f64, AtomicU64>>,
+    /// The pace and each limit's remaining, as the proxy shows them.
+    upstream: tollgate_comply::metrics::UpstreamSeries,
     /// Per upstream, the jobs not yet final: (queued at, seq).
     waiting: Mutex<Vec<BTreeSet<(Nanos, u64)>>>,
-    limit_remaining: Family<LimitLabels, Gauge>,
-    limit_quota: Family<LimitLabels, Gauge>,
     /// Each upstream and its engine: what its limits have left is read at
     /// each scrape.
     engines: Vec<(tollgate_comply::Upstream, Arc<tollgate_store::Engine>)>,
@@ -87,8 +79,6 @@ impl RunMetrics {
             Histogram::new(exponential_buckets(0.01, 4.0, 14))
         });
         let breaker_open = Family::<UpstreamLabels, Gauge>::default();
-        let effective_rate = Family::<UpstreamLabels, Gauge<f64, AtomicU64>>::default();
-        let limits_rate = Family::<UpstreamLabels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "upstream_calls",
             "Calls sent to an upstream, by what came back (2xx, 3xx, 4xx, 429, 5xx; network_error: no response), retries included",
@@ -121,28 +111,7 @@ impl RunMetrics {
             "1 while an upstream's circuit breaker is open (calls wait for its probe)",
             breaker_open.clone(),
         );
-        registry.register(
-            "upstream_effective_rate",
-            "Calls per second sent to an upstream right now (below its limits' rate while a learnt pace holds it lower)",
-            effective_rate.clone(),
-        );
-        registry.register(
-            "upstream_limits_rate",
-            "The fastest sustained calls per second an upstream's limits allow",
-            limits_rate.clone(),
-        );
-        let limit_remaining = Family::<LimitLabels, Gauge>::default();
-        let limit_quota = Family::<LimitLabels, Gauge>::default();
-        registry.register(
-            "upstream_limit_remaining",
-            "What a limit of an upstream has left for its calls right now (a workflow's budget is the limit OF/WORKFLOW); only limits whose key needs no request",
-            limit_remaining.clone(),
-        );
-        registry.register(
-            "upstream_limit_quota",
-            "A limit's quota (a bucket's capacity, a window's quota)",
-            limit_quota.clone(),
-        );
+        let upstream = tollgate_comply::metrics::UpstreamSeries::register(&mut registry);
         let waiting = Mutex::new(vec![BTreeSet::new(); upstreams.len()]);
         RunMetrics {
             registry,
@@ -153,11 +122,8 @@ impl RunMetrics {
             oldest,
             job_seconds,
             breaker_open,
-            effective_rate,
-            limits_rate,
+            upstream,
             waiting,
-            limit_remaining,
-            limit_quota,
             engines,
         }
     }
@@ -218,11 +184,8 @@ impl RunMetrics {
             self.breaker_open
                 .get_or_create(&labels)
                 .set(i64::from(line.breaker_open));
-            if let Some(limits) = line.limits_rate {
-                self.limits_rate.get_or_create(&labels).set(limits);
-                let effective = line.effective_rate.unwrap_or(limits);
-                self.effective_rate.get_or_create(&labels).set(effective);
-            }
+            self.upstream
+                .set(&labels.upstream, line.effective_rate, line.limits_rate, &[]);
         }
     }
 
@@ -238,17 +201,8 @@ impl RunMetrics {
             }
         }
         for (u, engine) in &self.engines {
-            for (limit, remaining, quota) in u.limits_remaining(engine, now) {
-                let labels = LimitLabels {
-                    upstream: u.name.clone(),
-                    limit,
-                };
-                let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-                self.limit_remaining
-                    .get_or_create(&labels)
-                    .set(gauge(remaining));
-                self.limit_quota.get_or_create(&labels).set(gauge(quota));
-            }
+            let limits = u.limits_remaining(engine, now);
+            self.upstream.set(&u.name, None, None, &limits);
         }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {

@@ -118,21 +118,13 @@ pub struct Metrics {
     wait_seconds: Family<UpstreamLabels, Histogram>,
     waiting: Family<UpstreamLabels, Gauge>,
     in_flight: Family<UpstreamLabels, Gauge>,
-    effective_rate: Family<UpstreamLabels, Gauge<f64, AtomicU64>>,
-    limits_rate: Family<UpstreamLabels, Gauge<f64, AtomicU64>>,
+    /// The pace and each limit's remaining, as the runner shows them.
+    upstream: tollgate_comply::metrics::UpstreamSeries,
     reserve_calls: Family<UpstreamLabels, Counter>,
     jobs_pending: Family<WorkflowLabels, Gauge>,
     jobs_oldest: Family<WorkflowLabels, Gauge<f64, AtomicU64>>,
     jobs_finished: Family<OutcomeLabels, Counter>,
     callbacks: Family<CallbackLabels, Counter>,
-    limit_remaining: Family<LimitLabels, Gauge>,
-    limit_quota: Family<LimitLabels, Gauge>,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct LimitLabels {
-    upstream: String,
-    limit: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -185,25 +177,11 @@ impl Default for Metrics {
         });
         let waiting = Family::<UpstreamLabels, Gauge>::default();
         let in_flight = Family::<UpstreamLabels, Gauge>::default();
-        let effective_rate = Family::<UpstreamLabels, Gauge<f64, AtomicU64>>::default();
-        let limits_rate = Family::<UpstreamLabels, Gauge<f64, AtomicU64>>::default();
         let reserve_calls = Family::<UpstreamLabels, Counter>::default();
         let jobs_pending = Family::<WorkflowLabels, Gauge>::default();
         let jobs_oldest = Family::<WorkflowLabels, Gauge<f64, AtomicU64>>::default();
         let jobs_finished = Family::<OutcomeLabels, Counter>::default();
         let callbacks = Family::<CallbackLabels, Counter>::default();
-        let limit_remaining = Family::<LimitLabels, Gauge>::default();
-        let limit_quota = Family::<LimitLabels, Gauge>::default();
-        registry.register(
-            "upstream_limit_remaining",
-            "What a limit of an upstream has left for its calls right now (a workflow's budget is the limit OF/WORKFLOW); only limits whose key needs no request",
-            limit_remaining.clone(),
-        );
-        registry.register(
-            "upstream_limit_quota",
-            "A limit's quota (a bucket's capacity, a window's quota)",
-            limit_quota.clone(),
-        );
         registry.register(
             "proxy_callbacks",
             "Jobs' results POSTed to their callback URLs, by outcome (delivered: the receiver answered 2xx; undelivered: it never did, after every retry)",
@@ -270,16 +248,7 @@ impl Default for Metrics {
             "Calls sent to an upstream and not yet answered",
             in_flight.clone(),
         );
-        registry.register(
-            "upstream_effective_rate",
-            "Calls per second sent to an upstream right now: below its limits' rate while 429s the limits did not predict, or another client's calls counted in its rate-limit headers, keep the pace lower",
-            effective_rate.clone(),
-        );
-        registry.register(
-            "upstream_limits_rate",
-            "The fastest sustained calls per second an upstream's limits allow",
-            limits_rate.clone(),
-        );
+        let upstream = tollgate_comply::metrics::UpstreamSeries::register(&mut registry);
         Metrics {
             registry,
             requests,
@@ -290,15 +259,12 @@ impl Default for Metrics {
             wait_seconds,
             waiting,
             in_flight,
-            effective_rate,
-            limits_rate,
+            upstream,
             reserve_calls,
             jobs_pending,
             jobs_oldest,
             jobs_finished,
             callbacks,
-            limit_remaining,
-            limit_quota,
         }
     }
 }
@@ -387,17 +353,12 @@ impl Metrics {
             let labels = UpstreamLabels {
                 upstream: line.upstream,
             };
-            for (limit, remaining, quota) in &line.remaining {
-                let l = LimitLabels {
-                    upstream: labels.upstream.clone(),
-                    limit: limit.clone(),
-                };
-                let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-                self.limit_remaining
-                    .get_or_create(&l)
-                    .set(gauge(*remaining));
-                self.limit_quota.get_or_create(&l).set(gauge(*quota));
-            }
+            self.upstream.set(
+                &labels.upstream,
+                line.effective_rate,
+                line.limits_rate,
+                &line.remaining,
+            );
             // (the line counts; the series only ever rises, across reloads)
             let reserve_calls = self.reserve_calls.get_or_create(&labels);
             if line.reserve_calls > reserve_calls.get() {
@@ -415,11 +376,6 @@ impl Metrics {
                 self.cache_bytes
                     .get_or_create(&labels)
                     .set(gauge(size.bytes));
-            }
-            if let Some(limits) = line.limits_rate {
-                self.limits_rate.get_or_create(&labels).set(limits);
-                let effective = line.effective_rate.unwrap_or(limits);
-                self.effective_rate.get_or_create(&labels).set(effective);
             }
         }
         let mut out = String::new();

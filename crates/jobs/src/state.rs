@@ -112,6 +112,34 @@ pub enum Record {
     Undelivered { seq: u64, error: String },
 }
 
+impl Record {
+    /// The dead letter a final record of `job` (of `upstream`) makes, if it
+    /// is dead.
+    pub fn dead_letter(&self, upstream: &str, job: &Job) -> Option<DeadLetter> {
+        let Record::Final {
+            dead: true,
+            attempts,
+            status,
+            reason,
+            excerpt,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        Some(DeadLetter {
+            id: job.id.clone(),
+            upstream: upstream.to_string(),
+            attempts: *attempts,
+            status: *status,
+            reason: reason.clone().unwrap_or_default(),
+            excerpt: excerpt.clone(),
+            finished: Some(jiff::Timestamp::now().to_string()),
+            job: job.clone(),
+        })
+    }
+}
+
 /// A job's result on its way to the job's callback URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Callback {

@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tollgate_core::Clock;
 use tollgate_jobs::fleet::{Leased, Queue, QueueError, Recorded};
-use tollgate_jobs::state::{Callback, DeadLetter, Pending, Record};
+use tollgate_jobs::state::{Callback, Pending, Record};
 
 /// How long a lease lasts unless renewed (renewed at a third of it).
 const LEASE: Duration = Duration::from_secs(30);
@@ -267,42 +267,28 @@ async fn finish(
     record: Record,
     job: Option<tollgate_jobs::Job>,
 ) {
+    let job = job.unwrap_or_else(|| tollgate_jobs::Job::unreadable(id));
+    let letter = record.dead_letter(upstream, &job);
     let Record::Final {
         dead,
         attempts,
-        status,
-        reason,
-        excerpt,
         line,
         ..
     } = record
     else {
         return;
     };
-    let callback = job
-        .as_ref()
-        .and_then(|j| j.callback.clone())
-        .map(|url| Callback {
-            seq: 0,
-            url,
-            body: crate::callbacks::payload(id, dead, attempts, &line),
-        });
+    let callback = job.callback.clone().map(|url| Callback {
+        seq: 0,
+        url,
+        body: crate::callbacks::payload(id, dead, attempts, &line),
+    });
     let kept = callback.as_ref().and_then(|c| {
         serde_json::to_string(&Kept {
             url: c.url.clone(),
             body: c.body.clone(),
         })
         .ok()
-    });
-    let letter = dead.then(|| DeadLetter {
-        id: id.to_string(),
-        upstream: upstream.to_string(),
-        attempts,
-        status,
-        reason: reason.clone().unwrap_or_default(),
-        excerpt,
-        finished: Some(jiff::Timestamp::now().to_string()),
-        job: job.unwrap_or_else(|| tollgate_jobs::Job::unreadable(id)),
     });
     let deadline = tokio::time::Instant::now() + LEASE;
     loop {

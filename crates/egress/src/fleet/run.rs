@@ -18,7 +18,7 @@ use crate::human;
 use crate::job::Job;
 use crate::run::{sleep_until, Active, Driver, FleetTotals, Progress, RunError, Sink};
 use crate::settings::UpstreamsConfig;
-use crate::state::{DeadLetter, Record};
+use crate::state::Record;
 use crate::{Options, Summary};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -191,32 +191,20 @@ impl Sink for Recorder {
                 id: a.job.id.clone(),
                 attempts,
             },
-            Record::Final {
-                dead,
-                attempts,
-                status,
-                reason,
-                excerpt,
-                line,
-                ..
-            } => Write::Finish {
-                upstream: self.upstreams[a.upstream].clone(),
-                id: a.job.id.clone(),
-                line,
-                attempts,
-                dead: dead.then(|| {
-                    Box::new(DeadLetter {
-                        id: a.job.id.clone(),
-                        upstream: self.upstreams[a.upstream].clone(),
-                        attempts,
-                        status,
-                        reason: reason.unwrap_or_default(),
-                        excerpt,
-                        finished: Some(jiff::Timestamp::now().to_string()),
-                        job: (*a.job).clone(),
-                    })
-                }),
-            },
+            record @ Record::Final { .. } => {
+                let upstream = self.upstreams[a.upstream].clone();
+                let dead = record.dead_letter(&upstream, &a.job).map(Box::new);
+                let Record::Final { attempts, line, .. } = record else {
+                    return;
+                };
+                Write::Finish {
+                    upstream,
+                    id: a.job.id.clone(),
+                    line,
+                    attempts,
+                    dead,
+                }
+            }
         });
     }
 }

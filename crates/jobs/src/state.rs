@@ -35,6 +35,9 @@ pub enum StateError {
     },
     #[error("state {path}: {message}")]
     Invalid { path: String, message: String },
+    /// A job's id is in the state already, for another request.
+    #[error("state {path}: job id '{id}' is already in this state for a different request; nothing was queued (give the new job another id, or use another --state)")]
+    IdInUse { path: String, id: String },
 }
 
 /// A job still to be sent, as stored.
@@ -327,9 +330,9 @@ impl State {
                         .query_row([&routed.job.id], |r| r.get(0))
                         .map_err(|e| sql_err(&dir, e))?;
                     if before != spec {
-                        return Err(StateError::Invalid {
+                        return Err(StateError::IdInUse {
                             path: dir.display().to_string(),
-                            message: format!("job id '{}' is already in this state for a different request; nothing was queued (give the new job another id, or use another --state)", routed.job.id),
+                            id: routed.job.id.clone(),
                         });
                     }
                     seqs.push(None);

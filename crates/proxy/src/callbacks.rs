@@ -32,7 +32,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// Deliveries in flight at once.
 const AT_ONCE: usize = 64;
 
-type Client = hyper_util::client::legacy::Client<
+pub(crate) type Client = hyper_util::client::legacy::Client<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
     Full<Bytes>,
 >;
@@ -101,11 +101,11 @@ impl Courier {
     /// `settled` is told how each delivery ended (the callback, its job's
     /// id, and the last error if the receiver never took it).
     pub(crate) fn start(
+        client: Client,
         secret: Option<String>,
         settled: impl Fn(&Callback, &str, Result<(), String>) + Send + Sync + 'static,
     ) -> Courier {
         let (tx, mut rx) = mpsc::unbounded_channel::<(Callback, String)>();
-        let client = client();
         let settled = Arc::new(settled);
         let secret = secret.map(|s| Arc::new(s.into_bytes()));
         tokio::spawn(async move {
@@ -176,9 +176,10 @@ async fn deliver(
     Err(error)
 }
 
-/// An HTTP(S) client with the system's roots.
-fn client() -> Client {
-    let tls = tollgate_http::tls::client_config(None, None).unwrap_or_else(|_| rustls_default());
+/// The client callbacks are delivered with: HTTP, or TLS with the
+/// system's roots (built once, with the proxy's upstream clients).
+pub(crate) fn client() -> Result<Client, String> {
+    let tls = tollgate_http::tls::client_config(None, None)?;
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(TIMEOUT));
@@ -187,19 +188,10 @@ fn client() -> Client {
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https)
-}
-
-/// A TLS config with no roots (when the system's cannot be read: https
-/// callbacks then fail, and are recorded as undelivered).
-fn rustls_default() -> rustls::ClientConfig {
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map(|b| {
-            b.with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth()
-        })
-        .expect("ring supports the default protocol versions")
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https),
+    )
 }
 
 #[cfg(test)]

@@ -67,6 +67,7 @@ impl FleetJobs {
         let queue = Queue::connect(settings, &generation.settings.queue).await?;
         let (settling, metrics) = (queue.clone(), Arc::downgrade(proxy));
         let courier = Courier::start(
+            proxy.callback_client.clone(),
             crate::callbacks::secret(&generation.settings),
             move |_, id, outcome| {
                 if let Some(proxy) = metrics.upgrade() {

@@ -31,7 +31,7 @@ use tollgate_core::{Clock, Nanos};
 use tollgate_http::admin::{json, problem};
 use tollgate_http::{Peer, Refusal};
 use tollgate_jobs::fleet::QueueError;
-use tollgate_jobs::state::{Callback, Pending, Record, Writer};
+use tollgate_jobs::state::{Callback, Pending, Record, StateError, Writer};
 use tollgate_jobs::{Job, JobsError, Routed, State};
 
 /// The intake's path (under the reserved first segment).
@@ -114,15 +114,15 @@ impl Desk {
 
     /// The open state, opening it (and resuming its pending jobs) on first
     /// use. Blocking: SQLite.
-    fn ensure(&self, proxy: &Arc<Proxy>, dir: &Path) -> Result<Arc<Open>, String> {
+    fn ensure(&self, proxy: &Arc<Proxy>, dir: &Path) -> Result<Arc<Open>, StateError> {
         let mut open = self.open.lock();
         if let Some(o) = open.as_ref() {
             return Ok(o.clone());
         }
-        let state = State::open(dir).map_err(|e| e.to_string())?;
-        let writer = state.writer().map_err(|e| e.to_string())?;
-        let pending = state.pending().map_err(|e| e.to_string())?;
-        let callbacks = state.pending_callbacks().map_err(|e| e.to_string())?;
+        let state = State::open(dir)?;
+        let writer = state.writer()?;
+        let pending = state.pending()?;
+        let callbacks = state.pending_callbacks()?;
         let o = Arc::new_cyclic(|weak: &Weak<Open>| {
             let (recorder, metrics) = (weak.clone(), Arc::downgrade(proxy));
             let secret = crate::callbacks::secret(&proxy.current().settings);
@@ -135,18 +135,22 @@ impl Desk {
                 more: Notify::new(),
                 in_line: Arc::new(Semaphore::new(IN_LINE)),
                 tracked: Mutex::new(HashMap::new()),
-                courier: Courier::start(secret, move |callback, _, outcome| {
-                    if let Some(proxy) = metrics.upgrade() {
-                        proxy.metrics.callback(outcome.is_ok());
-                    }
-                    if let Some(open) = recorder.upgrade() {
-                        let seq = callback.seq;
-                        open.record(match outcome {
-                            Ok(()) => Record::Delivered { seq },
-                            Err(error) => Record::Undelivered { seq, error },
-                        });
-                    }
-                }),
+                courier: Courier::start(
+                    proxy.callback_client.clone(),
+                    secret,
+                    move |callback, _, outcome| {
+                        if let Some(proxy) = metrics.upgrade() {
+                            proxy.metrics.callback(outcome.is_ok());
+                        }
+                        if let Some(open) = recorder.upgrade() {
+                            let seq = callback.seq;
+                            open.record(match outcome {
+                                Ok(()) => Record::Delivered { seq },
+                                Err(error) => Record::Undelivered { seq, error },
+                            });
+                        }
+                    },
+                ),
             }
         });
         for callback in callbacks {
@@ -615,11 +619,7 @@ impl Proxy {
         let dir = generation.settings.state.clone();
         let stored = tokio::task::spawn_blocking(move || {
             let open = proxy.jobs.ensure(&proxy, &dir)?;
-            let seqs = open
-                .state
-                .lock()
-                .enqueue(&routed, &generation.config)
-                .map_err(|e| e.to_string())?;
+            let seqs = open.state.lock().enqueue(&routed, &generation.config)?;
             let ids: Vec<String> = routed.iter().map(|r| r.job.id.clone()).collect();
             let fresh: Vec<Pending> = routed
                 .into_iter()
@@ -635,20 +635,22 @@ impl Proxy {
                 .collect();
             let added = fresh.len() as u64;
             open.queue(fresh, proxy.clock.now());
-            Ok::<_, String>((ids, added))
+            Ok::<_, StateError>((ids, added))
         })
         .await;
         match stored {
             Ok(Ok(done)) => Ok(done),
-            Ok(Err(e)) if e.contains("already in this state for a different request") => {
-                Err(problem(StatusCode::CONFLICT, "Job id in use", e))
-            }
+            Ok(Err(e @ StateError::IdInUse { .. })) => Err(problem(
+                StatusCode::CONFLICT,
+                "Job id in use",
+                e.to_string(),
+            )),
             Ok(Err(e)) => {
                 tracing::error!("jobs: cannot record jobs: {e}");
                 Err(problem(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "Jobs not recorded; nothing was queued",
-                    e,
+                    e.to_string(),
                 ))
             }
             Err(e) => Err(problem(

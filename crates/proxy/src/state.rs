@@ -127,6 +127,8 @@ pub struct Proxy {
     pub(crate) kept_bytes: Arc<std::sync::atomic::AtomicUsize>,
     /// The jobs pushed to `/_tollgate/jobs`, in `[proxy] state`.
     pub(crate) jobs: crate::jobs::Desk,
+    /// What jobs' callbacks are delivered with.
+    pub(crate) callback_client: crate::callbacks::Client,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -215,6 +217,8 @@ impl Proxy {
         let admin_token = std::env::var(&settings.admin_token_env)
             .ok()
             .filter(|t| !t.is_empty());
+        let callback_client =
+            crate::callbacks::client().map_err(|e| LoadError::Io(format!("callbacks: {e}")))?;
         let access = AccessLogger::start(settings.access_log);
         let id_prefix = std::time::SystemTime::now()
             .duration_since(std::time::SystemTime::UNIX_EPOCH)
@@ -232,6 +236,7 @@ impl Proxy {
             ids: AtomicU64::new(0),
             kept_bytes: Arc::default(),
             jobs: crate::jobs::Desk::new(),
+            callback_client,
             id_prefix: id_prefix & 0xffff_ffff,
             reload_lock: tokio::sync::Mutex::new(()),
         })

@@ -184,6 +184,18 @@ async fn one_job_as_json_answers_with_its_location() {
     assert_eq!(answer.headers()["location"], "/_tollgate/jobs/one");
     assert_eq!(settled(&proxy, "one").await["status"], "done");
     assert_eq!(up.seen("/v1/deals/7")[0].method, "DELETE");
+    // The same id for another request is refused, and nothing is queued.
+    let other = format!(
+        "{{\"id\":\"one\",\"method\":\"GET\",\"url\":\"http://{}/v1/deals/8\"}}",
+        up.addr
+    );
+    let conflict = push(&proxy, "application/json", other).await;
+    assert_eq!(conflict.status(), 409);
+    let problem: serde_json::Value = conflict.json().await.unwrap();
+    assert!(problem["detail"]
+        .as_str()
+        .unwrap()
+        .contains("job id 'one' is already in this state for a different request"));
 }
 
 #[tokio::test(start_paused = true)]

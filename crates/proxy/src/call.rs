@@ -579,7 +579,9 @@ impl Proxy {
                 items,
                 max_attempts,
                 queued: control.queued,
-                workflow: control.workflow.clone(),
+                // (only queued work has a schedule: a live request's
+                // workflow stays out of the line)
+                workflow: control.workflow.clone().filter(|_| control.queued),
             });
             if let Some(answer) = self.with_key(&mut calls, ticket, key, outcome).await {
                 return answer;

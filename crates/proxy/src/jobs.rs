@@ -647,15 +647,10 @@ impl Proxy {
             )),
             Ok(Err(e)) => {
                 tracing::error!("jobs: cannot record jobs: {e}");
-                Err(problem(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "Jobs not recorded; nothing was queued",
-                    e.to_string(),
-                ))
+                Err(not_recorded(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
             }
-            Err(e) => Err(problem(
+            Err(e) => Err(not_recorded(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "Jobs not recorded; nothing was queued",
                 e.to_string(),
             )),
         }
@@ -667,13 +662,11 @@ impl Proxy {
         generation: &Arc<Generation>,
         routed: Vec<Routed>,
     ) -> Result<(Vec<String>, u64), Response<ResponseBody>> {
-        let fleet = self.jobs.fleet(self).await.map_err(|e| {
-            problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Jobs not recorded; nothing was queued",
-                e.to_string(),
-            )
-        })?;
+        let fleet = self
+            .jobs
+            .fleet(self)
+            .await
+            .map_err(|e| not_recorded(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
         match fleet.queue.import(&routed, &generation.config).await {
             Ok((added, _)) => Ok((routed.iter().map(|r| r.job.id.clone()).collect(), added)),
             Err(e @ QueueError::Conflict { .. }) => Err(problem(
@@ -681,11 +674,7 @@ impl Proxy {
                 "Job id in use",
                 e.to_string(),
             )),
-            Err(e) => Err(problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Jobs not recorded; nothing was queued",
-                e.to_string(),
-            )),
+            Err(e) => Err(not_recorded(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
         }
     }
 
@@ -726,20 +715,11 @@ impl Proxy {
         if job.as_ref().and_then(|j| j.client.as_deref()) != client.map(|c| c.name.as_str()) {
             return unknown();
         }
-        let result = line.and_then(|l| serde_json::from_str::<serde_json::Value>(&l).ok());
-        let attempts = result
-            .as_ref()
-            .and_then(|r| r.get("attempts"))
-            .and_then(|a| a.as_u64())
-            .unwrap_or(0);
         let shown = match state.as_str() {
             "done" | "dead" | "pending" => state.as_str(),
             _ => "running",
         };
-        json(
-            StatusCode::OK,
-            serde_json::json!({ "id": id, "status": shown, "attempts": attempts, "result": result }),
-        )
+        status_answer(id, shown, 0, line)
     }
 
     /// Queue dead letters of the jobs' state again (all when `ids` is
@@ -831,23 +811,7 @@ impl Proxy {
             ("pending", Some(n)) if n > 0 => ("running", status.attempts.max(n)),
             (state, _) => (state, status.attempts),
         };
-        let result = status
-            .result
-            .and_then(|line| serde_json::from_str::<serde_json::Value>(&line).ok());
-        let attempts = result
-            .as_ref()
-            .and_then(|r| r.get("attempts"))
-            .and_then(|a| a.as_u64())
-            .map_or(attempts, |a| a as u32);
-        json(
-            StatusCode::OK,
-            serde_json::json!({
-                "id": id,
-                "status": shown,
-                "attempts": attempts,
-                "result": result,
-            }),
-        )
+        status_answer(id, shown, attempts, status.result)
     }
 
     /// One try of a job: wait in its upstream's line as queued work, send,
@@ -947,6 +911,32 @@ impl Proxy {
             },
         }
     }
+}
+
+/// Jobs that could not be recorded (the state or queue failed): nothing
+/// was queued.
+fn not_recorded(status: StatusCode, detail: String) -> Response<ResponseBody> {
+    problem(status, "Jobs not recorded; nothing was queued", detail)
+}
+
+/// `GET /_tollgate/jobs/ID`'s answer: the job's status, and once it is
+/// final its result line (whose attempts are the job's).
+fn status_answer(
+    id: &str,
+    status: &str,
+    attempts: u32,
+    result: Option<String>,
+) -> Response<ResponseBody> {
+    let result = result.and_then(|line| serde_json::from_str::<serde_json::Value>(&line).ok());
+    let attempts = result
+        .as_ref()
+        .and_then(|r| r.get("attempts"))
+        .and_then(|a| a.as_u64())
+        .map_or(attempts, |a| a as u32);
+    json(
+        StatusCode::OK,
+        serde_json::json!({ "id": id, "status": status, "attempts": attempts, "result": result }),
+    )
 }
 
 /// A job's response body, up to `MAX_RESULT_BODY` (a body that breaks

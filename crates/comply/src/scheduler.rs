@@ -425,6 +425,13 @@ impl Scheduler {
         let mut waits_for_release = false;
         // Heads held back by a budget that may borrow, in serving order.
         let mut borrowers: SmallVec<[usize; 4]> = SmallVec::new();
+        // Queued work leaves the reserve's share of the upstream's
+        // concurrency to live requests too (counted once: a pass sends one
+        // call at most).
+        let queued_full = match self.slots_for_queued() {
+            slots if slots >= self.concurrency => false,
+            slots => self.queued_in_flight() >= slots,
+        };
         // A limit and key an earlier head (by priority, then age) waits
         // for: later heads must not take it first, or a big bulk call
         // would starve behind a stream of small ones.
@@ -440,9 +447,7 @@ impl Scheduler {
             {
                 continue;
             }
-            // Queued work leaves the reserve's share of the upstream's
-            // concurrency to live requests too.
-            if head.queued && self.queued_in_flight() >= self.slots_for_queued() {
+            if head.queued && queued_full {
                 waits_for_release = true;
                 continue;
             }

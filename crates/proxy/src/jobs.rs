@@ -221,30 +221,45 @@ impl Desk {
     /// The pending jobs this process knows, per upstream and workflow, at
     /// `now` (for the metrics).
     pub(crate) fn now(&self, now: Nanos) -> Vec<crate::metrics::JobsNow> {
-        let mut tracked: Vec<Tracked> = Vec::new();
+        // upstream -> workflow -> (pending, the oldest's queued time); the
+        // names are copied once per pair, not per job
+        type Per =
+            std::collections::BTreeMap<String, std::collections::BTreeMap<String, (usize, Nanos)>>;
+        let mut per = Per::new();
+        let mut count = |tracked: &HashMap<u64, Tracked>| {
+            for t in tracked.values() {
+                if !per.contains_key(&t.upstream) {
+                    per.insert(t.upstream.clone(), Default::default());
+                }
+                let workflows = per.get_mut(&t.upstream).expect("inserted above");
+                let workflow = t.workflow.as_deref().unwrap_or("");
+                if !workflows.contains_key(workflow) {
+                    workflows.insert(workflow.to_string(), (0, t.since));
+                }
+                let entry = workflows.get_mut(workflow).expect("inserted above");
+                entry.0 += 1;
+                entry.1 = entry.1.min(t.since);
+            }
+        };
         if let Some(open) = self.open.lock().clone() {
-            tracked.extend(open.tracked.lock().values().cloned());
+            count(&open.tracked.lock());
         }
         if let Some(fleet) = self.fleet.get() {
-            tracked.extend(fleet.tracked.lock().values().cloned());
-        }
-        let mut per: std::collections::BTreeMap<(String, String), (usize, Nanos)> =
-            std::collections::BTreeMap::new();
-        for t in &tracked {
-            let key = (t.upstream.clone(), t.workflow.clone().unwrap_or_default());
-            let entry = per.entry(key).or_insert((0, t.since));
-            entry.0 += 1;
-            entry.1 = entry.1.min(t.since);
+            count(&fleet.tracked.lock());
         }
         per.into_iter()
-            .map(
-                |((upstream, workflow), (pending, since))| crate::metrics::JobsNow {
-                    upstream,
-                    workflow,
-                    pending,
-                    oldest_seconds: now.saturating_sub(since) as f64 / 1e9,
-                },
-            )
+            .flat_map(|(upstream, workflows)| {
+                workflows
+                    .into_iter()
+                    .map(
+                        move |(workflow, (pending, since))| crate::metrics::JobsNow {
+                            upstream: upstream.clone(),
+                            workflow,
+                            pending,
+                            oldest_seconds: now.saturating_sub(since) as f64 / 1e9,
+                        },
+                    )
+            })
             .collect()
     }
 }

@@ -53,7 +53,7 @@ pub(crate) fn callback_header(headers: &HeaderMap) -> Result<Option<String>, Ref
 
 /// The payload POSTed for a job: what `GET /_tollgate/jobs/ID` shows once
 /// it is final.
-pub(crate) fn payload(id: &str, dead: bool, attempts: u32, line: &str) -> String {
+fn payload(id: &str, dead: bool, attempts: u32, line: &str) -> String {
     let result = serde_json::from_str::<serde_json::Value>(line).unwrap_or_default();
     serde_json::json!({
         "id": id,
@@ -73,6 +73,23 @@ pub(crate) fn secret(settings: &crate::ProxySettings) -> Option<String> {
         tracing::info!("jobs: callbacks go unsigned ({name} is not set)");
     }
     secret
+}
+
+/// The callback of `job` (row or place `seq`) once it is final, if it has
+/// a callback URL.
+pub(crate) fn for_job(
+    job: &tollgate_jobs::Job,
+    seq: u64,
+    dead: bool,
+    attempts: u32,
+    line: &str,
+) -> Option<Callback> {
+    let url = job.callback.clone()?;
+    Some(Callback {
+        seq,
+        url,
+        body: payload(&job.id, dead, attempts, line),
+    })
 }
 
 /// `sha256=` and the hex HMAC-SHA256 of `body` under `secret`.

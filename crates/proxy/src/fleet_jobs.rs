@@ -7,7 +7,7 @@
 //! `Idempotency-Key`); fleet runners may drain the same queue.
 
 use crate::callbacks::Courier;
-use crate::jobs::{Tracked, Tried};
+use crate::jobs::Tracked;
 use crate::state::Proxy;
 use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
@@ -222,29 +222,10 @@ async fn send_leased(proxy: &Arc<Proxy>, fleet: &FleetJobs, upstream: &str, leas
                 job,
             };
             let attempts = Arc::new(AtomicU32::new(0));
-            fleet.tracked.lock().insert(
-                p.seq,
-                Tracked {
-                    upstream: p.upstream.clone(),
-                    workflow: p.job.workflow.clone(),
-                    since: proxy.clock.now(),
-                    attempts: attempts.clone(),
-                },
-            );
-            let first = proxy.clock.now();
-            let record = loop {
-                let generation = proxy.current();
-                match proxy.try_job(&generation, &p, &attempts, first).await {
-                    Tried::Final(record) => break record,
-                    Tried::Later(wait) => tokio::time::sleep(wait).await,
-                }
-            };
+            let tracked = Tracked::new(&p, proxy.clock.now(), attempts.clone());
+            fleet.tracked.lock().insert(p.seq, tracked);
+            let record = proxy.job_until_final(&p, &attempts).await;
             fleet.tracked.lock().remove(&p.seq);
-            crate::jobs::log_final(proxy, &p, &record, first);
-            let Record::Final { dead, .. } = &record else {
-                return;
-            };
-            proxy.metrics.job_finished(upstream, *dead);
             // (its callback, if any, goes once the result is recorded)
             return finish(fleet, upstream, &leased.id, record, Some(p.job)).await;
         }
@@ -279,11 +260,7 @@ async fn finish(
     else {
         return;
     };
-    let callback = job.callback.clone().map(|url| Callback {
-        seq: 0,
-        url,
-        body: crate::callbacks::payload(id, dead, attempts, &line),
-    });
+    let callback = crate::callbacks::for_job(&job, 0, dead, attempts, &line);
     let kept = callback.as_ref().and_then(|c| {
         serde_json::to_string(&Kept {
             url: c.url.clone(),

@@ -31,7 +31,7 @@ use tollgate_core::{Clock, Nanos};
 use tollgate_http::admin::{json, problem};
 use tollgate_http::{Peer, Refusal};
 use tollgate_jobs::fleet::QueueError;
-use tollgate_jobs::state::{Callback, Pending, Record, StateError, Writer};
+use tollgate_jobs::state::{Pending, Record, StateError, Writer};
 use tollgate_jobs::{Job, JobsError, Routed, State};
 
 /// The intake's path (under the reserved first segment).
@@ -98,7 +98,7 @@ pub(crate) struct Tracked {
 }
 
 /// How a job's try ended.
-pub(crate) enum Tried {
+enum Tried {
     Final(Record),
     /// It could not be sent now and goes again after this wait.
     Later(Duration),
@@ -272,15 +272,7 @@ impl Open {
         {
             let mut tracked = self.tracked.lock();
             for p in &jobs {
-                tracked.insert(
-                    p.seq,
-                    Tracked {
-                        upstream: p.upstream.clone(),
-                        workflow: p.job.workflow.clone(),
-                        since: now,
-                        attempts: Arc::default(),
-                    },
-                );
+                tracked.insert(p.seq, Tracked::new(p, now, Arc::default()));
             }
         }
         self.waiting.lock().extend(jobs);
@@ -326,7 +318,7 @@ async fn pump(proxy: Weak<Proxy>, open: Arc<Open>) {
 
 /// A job's final outcome in the access log (as `job_done` or `job_dead`,
 /// its request id the job's id).
-pub(crate) fn log_final(proxy: &Proxy, p: &Pending, record: &Record, first: Nanos) {
+fn log_final(proxy: &Proxy, p: &Pending, record: &Record, first: Nanos) {
     let Record::Final {
         dead,
         attempts,
@@ -400,41 +392,36 @@ async fn send_until_final(proxy: Arc<Proxy>, open: &Open, p: Pending) {
     let Some(attempts) = open.tracked.lock().get(&p.seq).map(|t| t.attempts.clone()) else {
         return;
     };
-    let first = proxy.clock.now();
-    loop {
-        let generation = proxy.current();
-        match proxy.try_job(&generation, &p, &attempts, first).await {
-            Tried::Final(mut record) => {
-                let mut deliver = None;
-                if let Record::Final {
-                    dead,
-                    attempts,
-                    line,
-                    callback,
-                    ..
-                } = &mut record
-                {
-                    proxy.metrics.job_finished(&p.upstream, *dead);
-                    if let Some(url) = &p.job.callback {
-                        let body = crate::callbacks::payload(&p.job.id, *dead, *attempts, line);
-                        *callback = Some(Callback {
-                            seq: p.seq,
-                            url: url.clone(),
-                            body,
-                        });
-                        deliver = callback.clone();
-                    }
-                }
-                log_final(&proxy, &p, &record, first);
-                // (recorded first: the delivery's own record comes after it)
-                open.record(record);
-                if let Some(callback) = deliver {
-                    open.courier.send(callback, p.job.id.clone());
-                }
-                open.tracked.lock().remove(&p.seq);
-                return;
-            }
-            Tried::Later(wait) => tokio::time::sleep(wait).await,
+    let mut record = proxy.job_until_final(&p, &attempts).await;
+    let deliver = match &mut record {
+        Record::Final {
+            dead,
+            attempts,
+            line,
+            callback,
+            ..
+        } => {
+            *callback = crate::callbacks::for_job(&p.job, p.seq, *dead, *attempts, line);
+            callback.clone()
+        }
+        _ => None,
+    };
+    // (recorded first: the delivery's own record comes after it)
+    open.record(record);
+    if let Some(callback) = deliver {
+        open.courier.send(callback, p.job.id.clone());
+    }
+    open.tracked.lock().remove(&p.seq);
+}
+
+impl Tracked {
+    /// A pending job as taken by this process at `now`.
+    pub(crate) fn new(p: &Pending, now: Nanos, attempts: Arc<AtomicU32>) -> Tracked {
+        Tracked {
+            upstream: p.upstream.clone(),
+            workflow: p.job.workflow.clone(),
+            since: now,
+            attempts,
         }
     }
 }
@@ -829,9 +816,27 @@ impl Proxy {
         status_answer(id, shown, attempts, status.result)
     }
 
+    /// Try a job until it has a final outcome (logged and counted): its
+    /// record. Used alike for jobs in a state and in a fleet's queue.
+    pub(crate) async fn job_until_final(&self, p: &Pending, attempts: &Arc<AtomicU32>) -> Record {
+        let first = self.clock.now();
+        let record = loop {
+            let generation = self.current();
+            match self.try_job(&generation, p, attempts, first).await {
+                Tried::Final(record) => break record,
+                Tried::Later(wait) => tokio::time::sleep(wait).await,
+            }
+        };
+        log_final(self, p, &record, first);
+        if let Record::Final { dead, .. } = &record {
+            self.metrics.job_finished(&p.upstream, *dead);
+        }
+        record
+    }
+
     /// One try of a job: wait in its upstream's line as queued work, send,
     /// retry as the upstream says; the final outcome, or when to try again.
-    pub(crate) async fn try_job(
+    async fn try_job(
         &self,
         generation: &Generation,
         p: &Pending,

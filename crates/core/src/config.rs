@@ -507,6 +507,13 @@ struct RawConfig {
     _rls: Option<toml::Value>,
     #[serde(rename = "workflow")]
     _workflow: Option<toml::Value>,
+    /// History and alerts, read by every face (tollgate-watch).
+    #[serde(rename = "history")]
+    _history: Option<toml::Value>,
+    #[serde(rename = "alerts")]
+    _alerts: Option<toml::Value>,
+    #[serde(rename = "alert")]
+    _alert: Option<toml::Value>,
     /// A runner's upstreams: their limits are read here, their other
     /// fields by the runner.
     #[serde(default)]

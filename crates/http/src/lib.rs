@@ -23,6 +23,7 @@ pub mod listen;
 pub mod ratelimit;
 pub mod refusal;
 pub mod tls;
+pub mod webhook;
 
 pub use access::{AccessLog, AccessLogger};
 pub use forward::{normalize_path, strip_hop_by_hop, HttpRequest, Peer};

@@ -11,31 +11,30 @@
 
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
-use http_body_util::Full;
-use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
-use hyper::{HeaderMap, Method, Request};
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::HeaderMap;
 use sha2::Sha256;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
+use tollgate_http::webhook::Retries;
 use tollgate_http::Refusal;
 use tollgate_jobs::state::Callback;
 
 /// The header a producer names a batch's callback URL in.
 static CALLBACK: HeaderName = HeaderName::from_static("tollgate-callback");
-/// Attempts per callback before it is recorded as undelivered.
-const ATTEMPTS: u32 = 6;
-/// The wait after the first failed attempt; doubled after each.
-const FIRST_WAIT: Duration = Duration::from_secs(1);
-/// How long a receiver has to answer one attempt.
-const TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts per callback before it is recorded as undelivered (6), the
+/// wait after the first failed one (1 s, doubled after each), and how long
+/// a receiver has to answer one attempt (10 s).
+const RETRIES: Retries = Retries {
+    attempts: 6,
+    first_wait: Duration::from_secs(1),
+    timeout: Duration::from_secs(10),
+};
 /// Deliveries in flight at once.
 const AT_ONCE: usize = 64;
 
-pub(crate) type Client = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    Full<Bytes>,
->;
+pub(crate) use tollgate_http::webhook::Client;
 
 /// `Tollgate-Callback` on an intake or a request queued with `Prefer:
 /// respond-async`: checked, None when absent.
@@ -136,7 +135,7 @@ impl Courier {
                     let secret = secret.as_ref().map(|s| s.as_slice());
                     let outcome = deliver(&client, &callback, &id, secret).await;
                     if let Err(error) = &outcome {
-                        tracing::warn!(job = %id, url = %callback.url, "callback undelivered after {ATTEMPTS} attempts: {error}");
+                        tracing::warn!(job = %id, url = %callback.url, "callback undelivered after {} attempts: {error}", RETRIES.attempts);
                     }
                     settled(&callback, &id, outcome);
                     drop(slot);
@@ -160,55 +159,20 @@ async fn deliver(
     secret: Option<&[u8]>,
 ) -> Result<(), String> {
     let body = Bytes::from(callback.body.clone());
-    let signed = secret.map(|s| signature(s, &body));
-    let mut wait = FIRST_WAIT;
-    let mut error = String::new();
-    for attempt in 1..=ATTEMPTS {
-        let mut request = Request::builder()
-            .method(Method::POST)
-            .uri(callback.url.as_str())
-            .header(CONTENT_TYPE, "application/json")
-            .header("tollgate-delivery-attempt", attempt);
-        if let Ok(id) = HeaderValue::from_str(id) {
-            request = request.header("tollgate-job-id", id);
-        }
-        if let Some(signed) = &signed {
-            request = request.header("tollgate-signature", signed.as_str());
-        }
-        let request = match request.body(Full::new(body.clone())) {
-            Ok(r) => r,
-            Err(e) => return Err(format!("the callback cannot be sent: {e}")),
-        };
-        error = match tokio::time::timeout(TIMEOUT, client.request(request)).await {
-            Ok(Ok(response)) if response.status().is_success() => return Ok(()),
-            Ok(Ok(response)) => format!("the receiver answered {}", response.status()),
-            Ok(Err(e)) => format!("the receiver could not be reached: {e}"),
-            Err(_) => format!("the receiver did not answer within {}s", TIMEOUT.as_secs()),
-        };
-        if attempt < ATTEMPTS {
-            tokio::time::sleep(wait).await;
-            wait *= 2;
-        }
+    let mut headers = Vec::new();
+    if let Ok(id) = HeaderValue::from_str(id) {
+        headers.push((HeaderName::from_static("tollgate-job-id"), id));
     }
-    Err(error)
+    if let Some(signed) = secret.and_then(|s| HeaderValue::from_str(&signature(s, &body)).ok()) {
+        headers.push((HeaderName::from_static("tollgate-signature"), signed));
+    }
+    tollgate_http::webhook::post_json(client, &callback.url, body, &headers, RETRIES).await
 }
 
 /// The client callbacks are delivered with: HTTP, or TLS with the
 /// system's roots (built once, with the proxy's upstream clients).
 pub(crate) fn client() -> Result<Client, String> {
-    let tls = tollgate_http::tls::client_config(None, None)?;
-    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(TIMEOUT));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Ok(
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build(https),
-    )
+    tollgate_http::webhook::client(RETRIES.timeout)
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@
 #         [[upstream.cache]] path_prefix = "/crm/v3/objects/companies",
 #         ttl = "5m".
 #      Each prints the reads, the upstream calls (the proxy's
-#      tollgate_proxy_upstream_calls_total and the gateway's admitted
+#      tollgate_upstream_calls_total and the gateway's admitted
 #      tollgate_decisions_total), the proxy's
 #      tollgate_proxy_calls_saved_total{reason="hit"|"coalesced"}, the
 #      elapsed time, calls saved as a share of reads, the Tollgate-Cache
@@ -185,7 +185,7 @@ watch_line() {
   ( t0=$(date +%s.%N)
     while :; do
       curl -s -m 1 "$PX_ADMIN/metrics" | awk -v t="$(python3 -c "import time; print(f'{time.time() - $t0:.2f}')")" '
-        $1 ~ /^tollgate_proxy_upstream_calls_total/ { c += $2; if ($1 ~ /outcome="429"/) r += $2 }
+        $1 ~ /^tollgate_upstream_calls_total/ { c += $2; if ($1 ~ /outcome="429"/) r += $2 }
         $1 ~ /^tollgate_proxy_waiting/ { w = $2 }
         $1 ~ /upstream_effective_rate/ { e = $2 }
         END { printf "%s %d %d %d %s\n", t, c, r, w, (e == "" ? "-" : e) }' >> "$out"
@@ -239,7 +239,7 @@ replay() {
   stop "$WATCH_PID"
   curl -s -m 5 "$PX_ADMIN/metrics" | grep -E '^tollgate_proxy_(requests|upstream_calls|calls_saved)_total|^tollgate_proxy_cache_(entries|bytes)|upstream_(effective|limits)_rate' \
     > "$work/$name.proxy-metrics" || true
-  UP_CALLS=$(prom_sum "$PX_ADMIN/metrics" '^tollgate_proxy_upstream_calls_total')
+  UP_CALLS=$(prom_sum "$PX_ADMIN/metrics" '^tollgate_upstream_calls_total')
   HIT=$(prom_sum "$PX_ADMIN/metrics" '^tollgate_proxy_calls_saved_total.*reason="hit"')
   COAL=$(prom_sum "$PX_ADMIN/metrics" '^tollgate_proxy_calls_saved_total.*reason="coalesced"')
   GW_ADMITTED=$(prom_sum "$GW_ADMIN/metrics" '^tollgate_decisions_total.*limit="per-second".*outcome="admitted"')
@@ -300,7 +300,7 @@ warm() { taskset -c "$LOAD_CPU" "$OHA" --no-tui -z 2s -c "$CONNS" "$@" > /dev/nu
 # cache_of URL: the Tollgate-Cache header of one GET (none: -)
 cache_of() { curl -s -m 5 -o /dev/null -D - "$1" | awk -F': *' 'tolower($1) == "tollgate-cache" { v = $2 } END { gsub(/\r/, "", v); print (v == "" ? "-" : v) }'; }
 px_saved() { prom_sum "$PX_ADMIN/metrics" '^tollgate_proxy_calls_saved_total.*reason="hit"'; }
-px_calls() { prom_sum "$PX_ADMIN/metrics" '^tollgate_proxy_upstream_calls_total'; }
+px_calls() { prom_sum "$PX_ADMIN/metrics" '^tollgate_upstream_calls_total'; }
 
 if want 2; then
   log ""

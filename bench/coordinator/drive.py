@@ -52,7 +52,7 @@ def pending(admin):
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
-        if line.startswith("tollgate_proxy_jobs_pending{")
+        if line.startswith("tollgate_jobs_pending{")
     )
 
 

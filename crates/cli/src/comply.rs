@@ -402,6 +402,14 @@ fn options(progress: Progress, grace: Duration, admin: Option<std::net::SocketAd
     }
 }
 
+/// The config's `[history]`, `[alerts]` and `[[alert]]`.
+fn watch_settings(config_path: &Path) -> Result<tollgate_watch::settings::WatchSettings> {
+    let text = std::fs::read_to_string(config_path)
+        .with_context(|| format!("cannot read {}", config_path.display()))?;
+    tollgate_watch::settings::WatchSettings::parse(&text, &|v| std::env::var(v).ok())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))
+}
+
 /// What a fleet run does with the queue before it works it.
 enum Prepare {
     Import(Vec<Routed>),
@@ -453,7 +461,10 @@ fn run_fleet(
             config,
             &queue,
             TokioClock::system(),
-            options(progress, grace, admin),
+            Options {
+                watch: watch_settings(config_path)?,
+                ..options(progress, grace, admin)
+            },
             FleetOptions { lease },
             crate::shutdown_signal(),
         )
@@ -502,7 +513,9 @@ fn execute(
     if pending == 0 {
         eprintln!("tollgate run: nothing pending in {}", state.dir().display());
     }
-    let options = options(progress, grace, admin);
+    let mut options = options(progress, grace, admin);
+    options.watch = watch_settings(config_path)?;
+    options.state_dir = Some(state.dir().to_path_buf());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -490,6 +490,8 @@ fn serve(
             admin_listen: admin,
             upstream,
             access_log,
+            // (run and proxy keep theirs in their state directory, also .tollgate)
+            history_dir: Some(PathBuf::from(".tollgate")),
         };
         let gateway = Gateway::new(source, overrides, Box::new(tollgate_profiles::Bundled), TokioClock::system())?;
         let generation = gateway.current();

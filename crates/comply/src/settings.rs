@@ -165,6 +165,18 @@ impl Upstream {
             .collect()
     }
 
+    /// `upstream/limit` of each of its limits whose quota is per day or
+    /// longer: what the daily-quota alert watches.
+    pub fn daily_limits(&self) -> Vec<String> {
+        self.policy
+            .limits
+            .iter()
+            .filter(|l| l.algorithm != tollgate_core::policy::AlgorithmKind::Concurrency)
+            .filter(|l| l.params(0).policy().1 >= 86_400)
+            .map(|l| format!("{}/{}", self.name, l.name))
+            .collect()
+    }
+
     /// Per limit of the policy: whether it is a budget that may borrow.
     pub fn borrowing(&self) -> Vec<bool> {
         let mut flags = vec![false; self.policy.limits.len()];

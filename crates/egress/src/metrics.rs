@@ -217,15 +217,26 @@ impl RunMetrics {
 pub(crate) async fn serve_admin(
     listener: tokio::net::TcpListener,
     metrics: Arc<RunMetrics>,
+    watch: Arc<tollgate_watch::Watch>,
     clock: tollgate_store::TokioClock,
     token: Option<String>,
 ) {
     let token = Arc::new(token);
+    let listen = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     while let Ok((stream, _)) = listener.accept().await {
-        let (metrics, clock, token) = (metrics.clone(), clock.clone(), token.clone());
+        let (metrics, watch, clock, token, listen) = (
+            metrics.clone(),
+            watch.clone(),
+            clock.clone(),
+            token.clone(),
+            listen.clone(),
+        );
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let answer = answer(&req, &metrics, &clock, token.as_deref());
+                let answer = answer(&req, &metrics, &watch, &listen, &clock, token.as_deref());
                 async move { Ok::<_, std::convert::Infallible>(answer) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
@@ -238,18 +249,28 @@ pub(crate) async fn serve_admin(
 fn answer(
     req: &Request<hyper::body::Incoming>,
     metrics: &RunMetrics,
+    watch: &tollgate_watch::Watch,
+    listen: &str,
     clock: &tollgate_store::TokioClock,
     token: Option<&str>,
 ) -> Response<Full<Bytes>> {
     use tollgate_core::Clock;
-    use tollgate_http::admin::{bearer_allowed, problem, reply, OPENMETRICS};
+    use tollgate_http::admin::{admin_allowed, problem, reply, OPENMETRICS};
     let path = req.uri().path();
-    if path != "/healthz" && !bearer_allowed(req.headers(), token) {
-        return problem(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized",
-            "this admin listener needs the admin token as a bearer token".into(),
-        );
+    if path != "/healthz" && !admin_allowed(req.headers(), token) {
+        return tollgate_http::Refusal::Unauthorized
+            .response(&tollgate_http::ResponseSettings::default(), "admin");
+    }
+    let render = || metrics.render(clock.now());
+    let extras = |_: Option<&str>| tollgate_watch::dashboard::Extras {
+        listen: listen.to_string(),
+        ..Default::default()
+    };
+    let query = req.uri().query().unwrap_or("");
+    if let Some(r) =
+        tollgate_watch::admin::route(watch, req.method(), path, query, &render, &extras)
+    {
+        return r;
     }
     match path {
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
@@ -257,7 +278,7 @@ fn answer(
         other => problem(
             StatusCode::NOT_FOUND,
             "Not found",
-            format!("{other} is not an admin path; see /healthz, /metrics"),
+            format!("{other} is not an admin path; see /, /healthz, /metrics, /v1/alerts"),
         ),
     }
 }

@@ -35,6 +35,11 @@ pub struct Options {
     /// `/metrics`), and the bearer token `/metrics` needs.
     pub admin: Option<std::net::SocketAddr>,
     pub admin_token: Option<String>,
+    /// The config's `[history]`, `[alerts]` and `[[alert]]`, for the admin
+    /// listener's dashboard and alerts; history is kept in the state
+    /// directory `state_dir` unless `[history] path` says otherwise.
+    pub watch: tollgate_watch::settings::WatchSettings,
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -45,6 +50,8 @@ impl Default for Options {
             seed: fastrand::u64(..),
             admin: None,
             admin_token: None,
+            watch: Default::default(),
+            state_dir: None,
         }
     }
 }
@@ -641,7 +648,7 @@ impl<'a> Driver<'a> {
     pub(crate) async fn open_admin(
         &mut self,
         options: &Options,
-    ) -> Result<Option<AbortOnDrop>, RunError> {
+    ) -> Result<Option<Admin>, RunError> {
         let Some(addr) = options.admin else {
             return Ok(None);
         };
@@ -657,13 +664,50 @@ impl<'a> Driver<'a> {
             .collect();
         let metrics = Arc::new(crate::metrics::RunMetrics::new(engines));
         self.metrics = Some(metrics.clone());
+        let daily = self
+            .config
+            .upstreams
+            .iter()
+            .flat_map(|u| u.daily_limits())
+            .collect();
+        let watch = tollgate_watch::Watch::open(
+            tollgate_watch::dashboard::Face::Run,
+            &options.watch,
+            options.state_dir.as_deref(),
+            daily,
+            tollgate_watch::unix_now(),
+        )
+        .map(Arc::new)
+        .map_err(RunError::Admin)?;
+        let scraping = {
+            let (metrics, clock) = (metrics.clone(), self.clock.clone());
+            tokio::spawn(watch.clone().run(move || {
+                use tollgate_core::Clock;
+                metrics.render(clock.now())
+            }))
+        };
         let serving = crate::metrics::serve_admin(
             listener,
             metrics,
+            watch.clone(),
             self.clock.clone(),
             options.admin_token.clone(),
         );
-        Ok(Some(AbortOnDrop(tokio::spawn(serving))))
+        Ok(Some(Admin {
+            watch,
+            _tasks: [AbortOnDrop(tokio::spawn(serving)), AbortOnDrop(scraping)],
+        }))
+    }
+
+    /// The run's last figures into the history, before its admin listener
+    /// goes.
+    pub(crate) fn last_figures(&self, admin: Option<&Admin>) {
+        if let (Some(admin), Some(metrics)) = (admin, &self.metrics) {
+            self.show_lines();
+            admin
+                .watch
+                .tick(tollgate_watch::unix_now(), &metrics.render(self.now()));
+        }
     }
 
     /// Each upstream's line into the metrics, when an admin listener shows them.
@@ -989,6 +1033,7 @@ pub async fn run(
         }
     }
     driver.evicted().await;
+    driver.last_figures(admin.as_ref());
     drop(admin);
     for (u, s) in config.upstreams.iter().zip(&driver.schedulers) {
         writer.learnt(&u.name, s.effective_rate());
@@ -1002,6 +1047,12 @@ pub async fn run(
         pending: state.counts()?.pending,
         ..summary
     })
+}
+
+/// The admin listener of `run --admin` and its watch, stopped when dropped.
+pub(crate) struct Admin {
+    watch: Arc<tollgate_watch::Watch>,
+    _tasks: [AbortOnDrop; 2],
 }
 
 /// A task stopped when this is dropped (the run's admin listener).

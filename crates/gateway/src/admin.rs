@@ -19,6 +19,36 @@ use tollgate_core::{Attrs, Clock, Item};
 use tollgate_http::admin::{self, json, problem, reply};
 use tollgate_http::Refusal;
 
+/// Keys the dashboard lists as the busiest.
+const BUSIEST_SHOWN: usize = 10;
+
+/// What one key has left of one limit.
+struct LimitLeft {
+    name: String,
+    algorithm: &'static str,
+    remaining: u64,
+    quota: u64,
+    window: u64,
+    reset_seconds: f64,
+    unit: &'static str,
+}
+
+/// A store key as people read it: its parts separated by `|`.
+fn shown_key(key: &str) -> String {
+    key.chars()
+        .filter(|c| *c != '\u{1d}')
+        .map(|c| {
+            if c == '\u{1f}' {
+                '|'
+            } else if c == '\u{1e}' {
+                '-'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
 /// Largest admin request body (a check's attributes, a report).
 const MAX_ADMIN_BODY: usize = 1 << 20;
 
@@ -59,17 +89,19 @@ impl Gateway {
                 .response(&generation.settings.response, "admin")
                 .map(Into::into));
         }
+        let query = req.uri().query().unwrap_or("");
+        let render = || self.metrics_text();
+        let extras = |key: Option<&str>| self.dashboard_extras(key);
+        if let Some(r) =
+            tollgate_watch::admin::route(&self.watch, req.method(), &path, query, &render, &extras)
+        {
+            return Ok(r);
+        }
         let method = req.method().clone();
         Ok(match (method, path.as_str()) {
             (Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", "ok\n".into()),
             (Method::GET, "/metrics") => {
-                let generation = self.current();
-                let stats = generation.engine.store().stats();
-                self.metrics.held_now.set(self.holds.held() as i64);
-                if let Some(health) = generation.engine.health() {
-                    self.metrics.shared_store(health);
-                }
-                reply(StatusCode::OK, admin::OPENMETRICS, self.metrics.render(stats))
+                reply(StatusCode::OK, admin::OPENMETRICS, self.metrics_text())
             }
             (Method::GET, "/v1/usage") => self.usage(req.uri().query().unwrap_or("")),
             (Method::GET, "/v1/config") => {
@@ -113,8 +145,105 @@ impl Gateway {
         })
     }
 
+    /// The text `/metrics` serves, with the store's and holds' figures as
+    /// they are now.
+    pub fn metrics_text(&self) -> String {
+        let generation = self.current();
+        let stats = generation.engine.store().stats();
+        self.metrics.held_now.set(self.holds.held() as i64);
+        if let Some(health) = generation.engine.health() {
+            self.metrics.shared_store(health);
+        }
+        self.metrics.render(stats)
+    }
+
+    /// What the gateway's dashboard adds: its busiest keys, and what the
+    /// key searched (parts separated by `|`) has left of each limit.
+    fn dashboard_extras(&self, key: Option<&str>) -> tollgate_watch::dashboard::Extras {
+        let generation = self.current();
+        let policy = generation.engine.policy();
+        let now = self.clock.now();
+        let busiest = generation
+            .engine
+            .store()
+            .busiest(policy, now, BUSIEST_SHOWN)
+            .into_iter()
+            .map(
+                |(limit, key, remaining, quota)| tollgate_watch::dashboard::BusyKey {
+                    limit: policy.limits[limit].name.clone(),
+                    key: shown_key(&key),
+                    used: (quota - remaining) as f64,
+                    quota: quota as f64,
+                },
+            )
+            .collect();
+        let lookup = key.map(|key| {
+            let parts: Vec<&str> = key.split('|').map(str::trim).collect();
+            let left = self
+                .limits_left(&parts, 0, None)
+                .into_iter()
+                .map(|l| {
+                    (
+                        l.name,
+                        l.remaining as f64,
+                        l.quota as f64,
+                        l.unit.to_string(),
+                    )
+                })
+                .collect();
+            (key.to_string(), Ok(left))
+        });
+        tollgate_watch::dashboard::Extras {
+            listen: generation
+                .settings
+                .admin_listen
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            busiest,
+            lookup,
+        }
+    }
+
+    /// What the key of `parts` has left of each limit keyed by that many
+    /// parts (only `only` when given), in class `class` (0: the default).
+    fn limits_left(&self, parts: &[&str], class: usize, only: Option<&str>) -> Vec<LimitLeft> {
+        let generation = self.current();
+        let policy = generation.engine.policy();
+        let key = encode_key(parts);
+        let now = self.clock.now();
+        let mut out = Vec::new();
+        for (index, limit) in policy.limits.iter().enumerate() {
+            if limit.key.len() != parts.len() || only.is_some_and(|o| o != limit.name) {
+                continue;
+            }
+            let item = Item {
+                limit: index,
+                class: limit.variant_for(&key, class),
+                key: key.clone(),
+                cost: 1,
+                charge: 1,
+            };
+            let usage = generation.engine.usage(&item, now);
+            let (quota, window) = limit.params(item.class).policy();
+            out.push(LimitLeft {
+                name: limit.name.clone(),
+                algorithm: limit.algorithm.name(),
+                remaining: usage.remaining,
+                quota,
+                window,
+                reset_seconds: usage.reset as f64 / NANOS_PER_SEC as f64,
+                unit: if limit.is_latency() {
+                    "microseconds"
+                } else {
+                    "requests"
+                },
+            });
+        }
+        out
+    }
+
     fn authorized(&self, req: &Request<Incoming>) -> bool {
-        admin::bearer_allowed(req.headers(), self.admin_token.as_deref())
+        admin::admin_allowed(req.headers(), self.admin_token.as_deref())
     }
 
     /// `GET /v1/usage?key=PART[&key=PART..][&class=NAME][&limit=NAME]`: what
@@ -149,31 +278,17 @@ impl Gateway {
         };
         let only = query_param(query, "limit");
         let refs: Vec<&str> = parts.iter().map(|p| p.as_ref()).collect();
-        let key = encode_key(&refs);
-        let now = self.clock.now();
         let mut limits = serde_json::Map::new();
-        for (index, limit) in policy.limits.iter().enumerate() {
-            if limit.key.len() != parts.len() || only.as_deref().is_some_and(|o| o != limit.name) {
-                continue;
-            }
-            let item = Item {
-                limit: index,
-                class: limit.variant_for(&key, class),
-                key: key.clone(),
-                cost: 1,
-                charge: 1,
-            };
-            let usage = generation.engine.usage(&item, now);
-            let (quota, window) = limit.params(item.class).policy();
+        for l in self.limits_left(&refs, class, only.as_deref()) {
             limits.insert(
-                limit.name.clone(),
+                l.name,
                 serde_json::json!({
-                    "algorithm": limit.algorithm.name(),
-                    "remaining": usage.remaining,
-                    "quota": quota,
-                    "window_seconds": window,
-                    "reset_seconds": usage.reset as f64 / NANOS_PER_SEC as f64,
-                    "unit": if limit.is_latency() { "microseconds" } else { "requests" },
+                    "algorithm": l.algorithm,
+                    "remaining": l.remaining,
+                    "quota": l.quota,
+                    "window_seconds": l.window,
+                    "reset_seconds": l.reset_seconds,
+                    "unit": l.unit,
                 }),
             );
         }

@@ -41,6 +41,9 @@ pub struct Overrides {
     pub admin_listen: Option<SocketAddr>,
     pub upstream: Option<Upstream>,
     pub access_log: Option<crate::settings::AccessLog>,
+    /// Where the dashboard's history is kept when `[history] path` names
+    /// no file (`tollgate serve`: `.tollgate`); None: in memory only.
+    pub history_dir: Option<std::path::PathBuf>,
 }
 
 /// Everything read from one version of the config.
@@ -99,6 +102,8 @@ pub struct Gateway {
     /// `[gateway] tls`: the certificate the listener presents (a restart
     /// turns TLS on or off; a reload or a change of the files replaces it).
     pub tls: Option<Arc<tollgate_http::tls::Certificates>>,
+    /// History, alerts and the dashboard of the admin listener.
+    pub watch: Arc<tollgate_watch::Watch>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -164,6 +169,15 @@ impl Gateway {
             .ok()
             .filter(|t| !t.is_empty());
         let access = AccessLogger::start(generation.settings.access_log);
+        let watch = tollgate_watch::Watch::open(
+            tollgate_watch::dashboard::Face::Gateway,
+            &generation.settings.watch,
+            overrides.history_dir.as_deref(),
+            Default::default(),
+            tollgate_watch::unix_now(),
+        )
+        .map(Arc::new)
+        .map_err(LoadError::Io)?;
         let id_prefix = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
@@ -184,6 +198,7 @@ impl Gateway {
             pending: Mutex::default(),
             reload_lock: tokio::sync::Mutex::new(modified),
             tls,
+            watch,
         })
     }
 
@@ -418,6 +433,15 @@ fn parse_all(
         None => Settings::default(),
     };
     let mut settings = base.parse_onto(text).map_err(fail)?;
+    settings.watch =
+        tollgate_watch::settings::WatchSettings::parse(text, &|v| std::env::var(v).ok()).map_err(
+            |message| {
+                fail(ConfigError {
+                    line: None,
+                    message,
+                })
+            },
+        )?;
     if let Some(a) = overrides.listen {
         settings.listen = a;
     }

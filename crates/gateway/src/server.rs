@@ -84,6 +84,10 @@ pub async fn serve_workers(
     });
     let upkeep = tokio::spawn(upkeep(gateway.clone()));
     let reloads = tokio::spawn(reload_triggers(gateway.clone()));
+    let scraping = {
+        let scraped = gateway.clone();
+        tokio::spawn(gateway.watch.clone().run(move || scraped.metrics_text()))
+    };
     let serving = accept_loop(
         gateway.clone(),
         listeners.proxy,
@@ -101,6 +105,7 @@ pub async fn serve_workers(
     }
     upkeep.abort();
     reloads.abort();
+    scraping.abort();
     if let Some(rls) = rls {
         let _ = rls.await;
     }
@@ -116,6 +121,10 @@ pub async fn serve_workers(
     if returned > 0 {
         tracing::info!("gave back the unused units of {returned} leased slices");
     }
+    // The last figures into the history before the process goes.
+    gateway
+        .watch
+        .tick(tollgate_watch::unix_now(), &gateway.metrics_text());
     Ok(())
 }
 

@@ -52,6 +52,9 @@ pub struct Settings {
     /// `[gateway] upstream_client_cert = { cert, key }`: presented to
     /// `https` upstreams that ask for a client certificate.
     pub upstream_client_cert: Option<tollgate_http::tls::CertFiles>,
+    /// `[history]`, `[alerts]` and `[[alert]]`: the admin listener's
+    /// dashboard and alerts.
+    pub watch: tollgate_watch::settings::WatchSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +96,7 @@ impl Default for Settings {
             tls: None,
             upstream_ca_file: None,
             upstream_client_cert: None,
+            watch: Default::default(),
         }
     }
 }

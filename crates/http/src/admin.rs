@@ -40,17 +40,29 @@ pub fn problem<B: From<Full<Bytes>>>(
 /// Prometheus' text format, as `/metrics` serves it.
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Whether `headers` carry `Authorization: Bearer TOKEN` for this token
-/// (always true when no token is configured).
-pub fn bearer_allowed(headers: &HeaderMap, token: Option<&str>) -> bool {
+/// Whether `headers` carry this token as `Authorization: Bearer TOKEN`, or
+/// as the password of `Authorization: Basic` (what a browser sends for the
+/// dashboard; any user name). Always true when no token is configured.
+pub fn admin_allowed(headers: &HeaderMap, token: Option<&str>) -> bool {
     let Some(token) = token else {
         return true;
     };
-    headers
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|given| same_secret(given, token))
+    let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    if let Some(given) = value.strip_prefix("Bearer ") {
+        return same_secret(given, token);
+    }
+    let Some(encoded) = value.strip_prefix("Basic ") else {
+        return false;
+    };
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()
+        .and_then(|raw| String::from_utf8(raw).ok())
+        .and_then(|pair| pair.split_once(':').map(|(_, pw)| same_secret(pw, token)))
+        .unwrap_or(false)
 }
 
 /// Compare a secret in constant time in its length: no timing hint of a
@@ -62,4 +74,27 @@ pub fn same_secret(given: &str, secret: &str) -> bool {
             .zip(secret.bytes())
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_is_taken_as_a_bearer_or_as_a_basic_password() {
+        let with = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(AUTHORIZATION, HeaderValue::from_str(value).expect("ascii"));
+            admin_allowed(&h, Some("s3cret"))
+        };
+        assert!(with("Bearer s3cret"));
+        assert!(!with("Bearer s3cre"));
+        // "admin:s3cret", "anyone:s3cret", "admin:wrong"
+        assert!(with("Basic YWRtaW46czNjcmV0"));
+        assert!(with("Basic YW55b25lOnMzY3JldA=="));
+        assert!(!with("Basic YWRtaW46d3Jvbmc="));
+        assert!(!with("Basic !!!"));
+        assert!(!admin_allowed(&HeaderMap::new(), Some("s3cret")));
+        assert!(admin_allowed(&HeaderMap::new(), None));
+    }
 }

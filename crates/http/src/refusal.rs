@@ -256,7 +256,7 @@ impl Refusal {
             }
             Refusal::UpstreamTimeout => "The upstream did not answer in time.".into(),
             Refusal::Unauthorized => {
-                "Send the admin token as 'Authorization: Bearer TOKEN'.".into()
+                "Send the admin token as 'Authorization: Bearer TOKEN' (a browser: as the password, any user name).".into()
             }
             Refusal::WaitExceeded {
                 upstream,
@@ -376,6 +376,13 @@ impl Refusal {
                 headers.insert(
                     WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer realm=\"tollgate\""),
+                );
+            }
+            // Basic too, so a browser opening the dashboard asks for it.
+            Refusal::Unauthorized => {
+                headers.insert(
+                    WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"tollgate admin\", charset=\"UTF-8\""),
                 );
             }
             _ => {}

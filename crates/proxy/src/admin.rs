@@ -16,7 +16,7 @@ use tollgate_http::admin::{self, json, problem, reply};
 use tollgate_http::Refusal;
 
 const PATHS: &str =
-    "/healthz, /metrics, /v1/usage, /v1/config, /v1/reload, /v1/cache/purge, /v1/dlq/retry";
+    "/, /healthz, /metrics, /v1/alerts, /v1/usage, /v1/config, /v1/reload, /v1/cache/purge, /v1/dlq/retry";
 /// The most of an admin request's body read (a purge, a retry).
 const MAX_ADMIN_BODY: usize = 64 * 1024;
 
@@ -26,41 +26,27 @@ impl Proxy {
         req: Request<Incoming>,
     ) -> Result<Response<ResponseBody>, std::convert::Infallible> {
         let path = req.uri().path().to_string();
-        if path != "/healthz" && !admin::bearer_allowed(req.headers(), self.admin_token.as_deref())
-        {
+        if path != "/healthz" && !admin::admin_allowed(req.headers(), self.admin_token.as_deref()) {
             return Ok(Refusal::Unauthorized
                 .response(&tollgate_http::ResponseSettings::default(), "admin")
                 .map(Into::into));
         }
+        let listen = generation_listen(&self);
+        let render = || self.metrics_text();
+        let extras = |_: Option<&str>| tollgate_watch::dashboard::Extras {
+            listen: listen.clone(),
+            ..Default::default()
+        };
+        let query = req.uri().query().unwrap_or("");
+        if let Some(r) =
+            tollgate_watch::admin::route(&self.watch, req.method(), &path, query, &render, &extras)
+        {
+            return Ok(r);
+        }
         Ok(match (req.method().clone(), path.as_str()) {
             (Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", "ok\n".into()),
             (Method::GET, "/metrics") => {
-                let generation = self.current();
-                let lines = generation
-                    .config
-                    .upstreams
-                    .iter()
-                    .zip(&generation.lines)
-                    .map(|(u, l)| {
-                        let now = l.line.clock().now();
-                        l.line.inspect(|s| crate::metrics::LineNow {
-                            upstream: u.name.clone(),
-                            waiting: s.queued(),
-                            in_flight: s.in_flight(),
-                            effective_rate: s.pacing_rate(now),
-                            limits_rate: s.limits_rate(),
-                            cache: (!l.cache.is_empty() && !l.cache.is_shared())
-                                .then(|| l.cache.sizes().into_iter().sum()),
-                            reserve_calls: s.counters().reserve_used,
-                            remaining: u.limits_remaining(s.engine(), now),
-                        })
-                    });
-                let jobs = self.jobs.now(self.clock.now());
-                reply(
-                    StatusCode::OK,
-                    admin::OPENMETRICS,
-                    self.metrics.render(lines, &jobs),
-                )
+                reply(StatusCode::OK, admin::OPENMETRICS, self.metrics_text())
             }
             (Method::GET, "/v1/usage") => self.usage(req.uri().query().unwrap_or("")),
             (Method::GET, "/v1/config") => {
@@ -99,6 +85,33 @@ impl Proxy {
                 format!("{path} is not an admin path; see {PATHS}"),
             ),
         })
+    }
+
+    /// The text `/metrics` serves: the counters, and each line and the
+    /// jobs as they are now.
+    pub fn metrics_text(&self) -> String {
+        let generation = self.current();
+        let lines = generation
+            .config
+            .upstreams
+            .iter()
+            .zip(&generation.lines)
+            .map(|(u, l)| {
+                let now = l.line.clock().now();
+                l.line.inspect(|s| crate::metrics::LineNow {
+                    upstream: u.name.clone(),
+                    waiting: s.queued(),
+                    in_flight: s.in_flight(),
+                    effective_rate: s.pacing_rate(now),
+                    limits_rate: s.limits_rate(),
+                    cache: (!l.cache.is_empty() && !l.cache.is_shared())
+                        .then(|| l.cache.sizes().into_iter().sum()),
+                    reserve_calls: s.counters().reserve_used,
+                    remaining: u.limits_remaining(s.engine(), now),
+                })
+            });
+        let jobs = self.jobs.now(self.clock.now());
+        self.metrics.render(lines, &jobs)
     }
 
     /// `POST /v1/cache/purge {"upstream": NAME, "prefix": "/path"}`: the
@@ -332,6 +345,16 @@ impl Proxy {
 /// - `[store] url` shows no password.
 ///
 /// (Pool keys and client tokens come from the environment only.)
+/// The admin listener's address, for the dashboard's title.
+fn generation_listen(proxy: &Proxy) -> String {
+    proxy
+        .current()
+        .settings
+        .admin_listen
+        .map(|a| a.to_string())
+        .unwrap_or_default()
+}
+
 fn shown(text: &str) -> String {
     let Ok(mut doc) = text.parse::<toml_edit::DocumentMut>() else {
         return "# the config in force cannot be shown\n".into();

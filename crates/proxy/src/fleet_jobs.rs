@@ -222,9 +222,10 @@ async fn send_leased(proxy: &Arc<Proxy>, fleet: &FleetJobs, upstream: &str, leas
                 job,
             };
             let attempts = Arc::new(AtomicU32::new(0));
-            let tracked = Tracked::new(&p, proxy.clock.now(), attempts.clone());
+            let since = proxy.clock.now();
+            let tracked = Tracked::new(&p, since, attempts.clone());
             fleet.tracked.lock().insert(p.seq, tracked);
-            let record = proxy.job_until_final(&p, &attempts).await;
+            let record = proxy.job_until_final(&p, &attempts, since).await;
             fleet.tracked.lock().remove(&p.seq);
             // (its callback, if any, goes once the result is recorded)
             return finish(fleet, upstream, &leased.id, record, Some(p.job)).await;

@@ -389,10 +389,15 @@ fn set_aside(proxy: &Arc<Proxy>, open: &Arc<Open>, p: Pending, opens: Nanos) {
 
 /// Send one job until it has a final outcome, and record it.
 async fn send_until_final(proxy: Arc<Proxy>, open: &Open, p: Pending) {
-    let Some(attempts) = open.tracked.lock().get(&p.seq).map(|t| t.attempts.clone()) else {
+    let Some((attempts, since)) = open
+        .tracked
+        .lock()
+        .get(&p.seq)
+        .map(|t| (t.attempts.clone(), t.since))
+    else {
         return;
     };
-    let mut record = proxy.job_until_final(&p, &attempts).await;
+    let mut record = proxy.job_until_final(&p, &attempts, since).await;
     let deliver = match &mut record {
         Record::Final {
             dead,
@@ -816,9 +821,15 @@ impl Proxy {
         status_answer(id, shown, attempts, status.result)
     }
 
-    /// Try a job until it has a final outcome (logged and counted): its
-    /// record. Used alike for jobs in a state and in a fleet's queue.
-    pub(crate) async fn job_until_final(&self, p: &Pending, attempts: &Arc<AtomicU32>) -> Record {
+    /// Try a job (queued at `since`) until it has a final outcome (logged
+    /// and counted): its record. Used alike for jobs in a state and in a
+    /// fleet's queue.
+    pub(crate) async fn job_until_final(
+        &self,
+        p: &Pending,
+        attempts: &Arc<AtomicU32>,
+        since: Nanos,
+    ) -> Record {
         let first = self.clock.now();
         let record = loop {
             let generation = self.current();
@@ -829,7 +840,8 @@ impl Proxy {
         };
         log_final(self, p, &record, first);
         if let Record::Final { dead, .. } = &record {
-            self.metrics.job_finished(&p.upstream, *dead);
+            let seconds = self.clock.now().saturating_sub(since) as f64 / 1e9;
+            self.metrics.job_finished(&p.upstream, *dead, seconds);
         }
         record
     }

@@ -124,6 +124,7 @@ pub struct Metrics {
     jobs_pending: Family<WorkflowLabels, Gauge>,
     jobs_oldest: Family<WorkflowLabels, Gauge<f64, AtomicU64>>,
     jobs_finished: Family<OutcomeLabels, Counter>,
+    job_seconds: Family<UpstreamLabels, Histogram>,
     callbacks: Family<CallbackLabels, Counter>,
 }
 
@@ -163,8 +164,9 @@ pub struct LineNow {
 
 impl Default for Metrics {
     fn default() -> Self {
-        // `tollgate_proxy_*`, and the pace of each upstream under the name both
-        // comply faces use (`tollgate_upstream_*`).
+        // `tollgate_proxy_*` for what only the proxy has; what both comply
+        // faces have (calls, jobs, the pace and limits of each upstream)
+        // under the names `tollgate run --admin` uses too.
         let mut registry = Registry::with_prefix("tollgate");
         let requests = Family::<OutcomeLabels, Counter>::default();
         let calls = Family::<OutcomeLabels, Counter>::default();
@@ -182,24 +184,34 @@ impl Default for Metrics {
         let jobs_oldest = Family::<WorkflowLabels, Gauge<f64, AtomicU64>>::default();
         let jobs_finished = Family::<OutcomeLabels, Counter>::default();
         let callbacks = Family::<CallbackLabels, Counter>::default();
+        // 10 ms .. ~11 days, as the runner's
+        let job_seconds = Family::<UpstreamLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.01, 4.0, 14))
+        });
+        registry.register_with_unit(
+            "job",
+            "From when a job was queued (or this process resumed it) to its final outcome",
+            prometheus_client::registry::Unit::Seconds,
+            job_seconds.clone(),
+        );
         registry.register(
             "proxy_callbacks",
             "Jobs' results POSTed to their callback URLs, by outcome (delivered: the receiver answered 2xx; undelivered: it never did, after every retry)",
             callbacks.clone(),
         );
         registry.register(
-            "proxy_jobs_pending",
+            "jobs_pending",
             "Jobs pushed to /_tollgate/jobs (or queued with Prefer: respond-async) not yet done or dead, by upstream and workflow",
             jobs_pending.clone(),
         );
         registry.register_with_unit(
-            "proxy_jobs_oldest_age",
+            "jobs_oldest_age",
             "How long the oldest pending job of an upstream and workflow has waited (since it was queued, or since this process resumed it)",
             prometheus_client::registry::Unit::Seconds,
             jobs_oldest.clone(),
         );
         registry.register(
-            "proxy_jobs_finished",
+            "jobs_finished",
             "Jobs that reached their final outcome, by upstream (done, or dead: see tollgate dlq)",
             jobs_finished.clone(),
         );
@@ -214,7 +226,7 @@ impl Default for Metrics {
             requests.clone(),
         );
         registry.register(
-            "proxy_upstream_calls",
+            "upstream_calls",
             "Calls sent to upstreams, by what the upstream answered (retries included)",
             calls.clone(),
         );
@@ -264,6 +276,7 @@ impl Default for Metrics {
             jobs_pending,
             jobs_oldest,
             jobs_finished,
+            job_seconds,
             callbacks,
         }
     }
@@ -308,8 +321,14 @@ impl Metrics {
         }
     }
 
-    /// A job of `upstream` reached its final outcome.
-    pub fn job_finished(&self, upstream: &str, dead: bool) {
+    /// A job of `upstream` reached its final outcome, `seconds` after it
+    /// was queued.
+    pub fn job_finished(&self, upstream: &str, dead: bool, seconds: f64) {
+        self.job_seconds
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_string(),
+            })
+            .observe(seconds);
         self.jobs_finished
             .get_or_create(&OutcomeLabels {
                 upstream: upstream.to_string(),

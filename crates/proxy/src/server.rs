@@ -26,6 +26,10 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let reloads = tokio::spawn(reload_on_hangup(proxy.clone()));
+    let scraping = {
+        let scraped = proxy.clone();
+        tokio::spawn(proxy.watch.clone().run(move || scraped.metrics_text()))
+    };
     proxy.jobs.resume(&proxy);
     let grace = proxy.current().settings.shutdown_grace;
     let served = proxy.clone();
@@ -60,7 +64,12 @@ pub async fn serve(
         }
     }
     reloads.abort();
+    scraping.abort();
     proxy.jobs.close();
+    // The last figures into the history before the process goes.
+    proxy
+        .watch
+        .tick(tollgate_watch::unix_now(), &proxy.metrics_text());
     Ok(())
 }
 

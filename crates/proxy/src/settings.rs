@@ -51,6 +51,9 @@ pub struct ProxySettings {
     /// the same queue). Not `run`'s default queue, so proxies never take a
     /// runner's jobs unless told to.
     pub queue: String,
+    /// `[history]`, `[alerts]` and `[[alert]]`: the admin listener's
+    /// dashboard and alerts.
+    pub watch: tollgate_watch::settings::WatchSettings,
 }
 
 /// A client allowed to use the proxy, known by its token.
@@ -94,6 +97,7 @@ impl Default for ProxySettings {
             state: PathBuf::from(DEFAULT_STATE),
             callback_secret_env: "TOLLGATE_CALLBACK_SECRET".into(),
             queue: "proxy".into(),
+            watch: Default::default(),
         }
     }
 }
@@ -145,7 +149,15 @@ impl ProxySettings {
             message,
         };
         let raw: RawFile = read_tables(text)?;
-        let mut s = ProxySettings::default();
+        let mut s = ProxySettings {
+            watch: tollgate_watch::settings::WatchSettings::parse(text, env).map_err(
+                |message| ConfigError {
+                    line: None,
+                    message,
+                },
+            )?,
+            ..ProxySettings::default()
+        };
         let Some(raw) = raw.proxy else {
             return Ok(s);
         };

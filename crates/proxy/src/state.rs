@@ -129,6 +129,8 @@ pub struct Proxy {
     pub(crate) jobs: crate::jobs::Desk,
     /// What jobs' callbacks are delivered with.
     pub(crate) callback_client: crate::callbacks::Client,
+    /// History, alerts and the dashboard of the admin listener.
+    pub watch: Arc<tollgate_watch::Watch>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -197,6 +199,15 @@ pub fn load(
     Ok((text, upstreams, settings))
 }
 
+/// `upstream/limit` of the limits whose quota is per day or longer.
+fn daily_limits(config: &tollgate_comply::UpstreamsConfig) -> std::collections::BTreeSet<String> {
+    config
+        .upstreams
+        .iter()
+        .flat_map(|u| u.daily_limits())
+        .collect()
+}
+
 impl Proxy {
     /// Load the config and start a line per upstream (on the current tokio
     /// runtime). `clock` is the engine's time.
@@ -220,6 +231,15 @@ impl Proxy {
         let callback_client =
             crate::callbacks::client().map_err(|e| LoadError::Io(format!("callbacks: {e}")))?;
         let access = AccessLogger::start(settings.access_log);
+        let watch = tollgate_watch::Watch::open(
+            tollgate_watch::dashboard::Face::Proxy,
+            &settings.watch,
+            Some(&settings.state),
+            daily_limits(&upstreams),
+            tollgate_watch::unix_now(),
+        )
+        .map(Arc::new)
+        .map_err(LoadError::Io)?;
         let id_prefix = std::time::SystemTime::now()
             .duration_since(std::time::SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
@@ -237,6 +257,7 @@ impl Proxy {
             kept_bytes: Arc::default(),
             jobs: crate::jobs::Desk::new(),
             callback_client,
+            watch,
             id_prefix: id_prefix & 0xffff_ffff,
             reload_lock: tokio::sync::Mutex::new(()),
         })
@@ -326,6 +347,7 @@ impl Proxy {
             }
         }
         let names = upstreams.upstreams.iter().map(|u| u.name.clone()).collect();
+        self.watch.set_daily(daily_limits(&upstreams));
         self.current.store(Arc::new(Generation::new(
             settings, upstreams, lines, ca, text,
         )));

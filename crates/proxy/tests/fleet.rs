@@ -263,9 +263,7 @@ async fn jobs_pushed_to_one_proxy_of_a_fleet_are_worked_by_all() {
     let done = |t: &str| {
         t.lines()
             .find_map(|l| {
-                l.strip_prefix(
-                    "tollgate_proxy_jobs_finished_total{upstream=\"crm\",outcome=\"done\"} ",
-                )
+                l.strip_prefix("tollgate_jobs_finished_total{upstream=\"crm\",outcome=\"done\"} ")
             })
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or(0.0)

@@ -310,12 +310,12 @@ async fn live_requests_go_ahead_of_queued_jobs_and_use_the_reserve() {
     );
     let queued = "{upstream=\"crm\",workflow=\"\"}";
     assert_eq!(
-        metric(&metrics, &format!("tollgate_proxy_jobs_pending{queued}")),
+        metric(&metrics, &format!("tollgate_jobs_pending{queued}")),
         (30 - first_window) as f64
     );
     let age = metric(
         &metrics,
-        &format!("tollgate_proxy_jobs_oldest_age_seconds{queued}"),
+        &format!("tollgate_jobs_oldest_age_seconds{queued}"),
     );
     assert!((1.0..2.0).contains(&age), "{age}");
     let usage: serde_json::Value = http()
@@ -336,12 +336,12 @@ async fn live_requests_go_ahead_of_queued_jobs_and_use_the_reserve() {
     assert_eq!(
         metric(
             &metrics,
-            "tollgate_proxy_jobs_finished_total{upstream=\"crm\",outcome=\"done\"}"
+            "tollgate_jobs_finished_total{upstream=\"crm\",outcome=\"done\"}"
         ),
         30.0
     );
     assert!(
-        !metrics.contains("tollgate_proxy_jobs_pending{"),
+        !metrics.contains("tollgate_jobs_pending{"),
         "an empty queue shows no series"
     );
 }
@@ -636,7 +636,7 @@ async fn a_client_sees_only_the_jobs_it_pushed() {
     assert_eq!(
         metric(
             &metrics,
-            "tollgate_proxy_jobs_finished_total{upstream=\"crm\",outcome=\"done\"}"
+            "tollgate_jobs_finished_total{upstream=\"crm\",outcome=\"done\"}"
         ),
         1.0
     );
@@ -710,7 +710,7 @@ async fn a_live_client_beside_a_batch_waits_no_longer_and_the_batch_fills_the_re
         "live calls waited up to {worst:?} beside the batch, {worst_alone:?} alone"
     );
     // The batch drains, with no 429 from the vendor.
-    let finished = "tollgate_proxy_jobs_finished_total{upstream=\"vendor\",outcome=\"done\"}";
+    let finished = "tollgate_jobs_finished_total{upstream=\"vendor\",outcome=\"done\"}";
     let mut metrics = scrape(&proxy).await;
     while !metrics.contains(&format!("{finished} {jobs}")) {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -720,9 +720,7 @@ async fn a_live_client_beside_a_batch_waits_no_longer_and_the_batch_fills_the_re
     let calls = |outcome: &str| {
         metric(
             &metrics,
-            &format!(
-                "tollgate_proxy_upstream_calls_total{{upstream=\"vendor\",outcome=\"{outcome}\"}}"
-            ),
+            &format!("tollgate_upstream_calls_total{{upstream=\"vendor\",outcome=\"{outcome}\"}}"),
         )
     };
     assert_eq!(calls("429"), 0.0, "the vendor answered no 429");

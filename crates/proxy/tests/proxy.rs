@@ -76,7 +76,7 @@ async fn sixty_four_clients_with(
     let metrics = text(&proxy.admin_url("/metrics")).await;
     let calls = |outcome: &str| {
         let series = format!(
-            "tollgate_proxy_upstream_calls_total{{upstream=\"{profile}\",outcome=\"{outcome}\"}} "
+            "tollgate_upstream_calls_total{{upstream=\"{profile}\",outcome=\"{outcome}\"}} "
         );
         metrics
             .lines()

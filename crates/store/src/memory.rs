@@ -532,6 +532,64 @@ impl MemoryStore {
         }
     }
 
+    /// The `n` keys that have used the largest share of a limit right now,
+    /// most used first: (limit, key, remaining, quota). Concurrency limits
+    /// count too (slots in use of their maximum). Each shard is locked only
+    /// while it is read.
+    pub fn busiest(
+        &self,
+        policy: &Policy,
+        now: Nanos,
+        n: usize,
+    ) -> Vec<(usize, CompactString, u64, u64)> {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        // A min-heap on the used share keeps the n largest.
+        let mut top: BinaryHeap<Reverse<(u64, usize, CompactString, u64, u64)>> = BinaryHeap::new();
+        for t in &self.tables {
+            let params = policy.limits[t.limit].params(t.class);
+            let quota = params.policy().0;
+            if quota == 0 {
+                continue;
+            }
+            for shard in t.table.shards.iter() {
+                let mut shard = shard.0.lock();
+                for entry in shard.iter_mut() {
+                    let remaining = entry.state.meter(params).usage(now).remaining.min(quota);
+                    let used = quota - remaining;
+                    if used == 0 {
+                        continue;
+                    }
+                    // Parts per million of the quota: comparable across limits.
+                    let share = used.saturating_mul(1_000_000) / quota;
+                    if top.len() < n {
+                        top.push(Reverse((
+                            share,
+                            t.limit,
+                            entry.key.clone(),
+                            remaining,
+                            quota,
+                        )));
+                    } else if top.peek().is_some_and(|Reverse(least)| share > least.0) {
+                        top.pop();
+                        top.push(Reverse((
+                            share,
+                            t.limit,
+                            entry.key.clone(),
+                            remaining,
+                            quota,
+                        )));
+                    }
+                }
+            }
+        }
+        let mut out: Vec<_> = top.into_iter().map(|Reverse(k)| k).collect();
+        out.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.2.cmp(&b.2)));
+        out.into_iter()
+            .map(|(_, limit, key, remaining, quota)| (limit, key, remaining, quota))
+            .collect()
+    }
+
     /// Evict every key at rest. Adapters call this periodically; it also runs
     /// when the store is full.
     pub fn sweep(&self, policy: &Policy, now: Nanos) -> usize {

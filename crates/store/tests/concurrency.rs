@@ -263,3 +263,20 @@ fn max_keys_holds_under_contention() {
         );
     }
 }
+
+#[test]
+fn the_busiest_keys_are_those_with_the_largest_share_of_a_limit_used() {
+    let engine = engine(&bucket(10, "10/s"));
+    for (name, calls) in [("a", 2), ("b", 9), ("c", 5), ("d", 0)] {
+        for _ in 0..calls {
+            assert!(admitted(&engine, &tenant(name), T0));
+        }
+    }
+    let busiest = engine.store().busiest(engine.policy(), T0, 2);
+    let shown: Vec<(usize, &str, u64, u64)> = busiest
+        .iter()
+        .map(|(l, k, r, q)| (*l, k.as_str(), *r, *q))
+        .collect();
+    assert_eq!(shown, vec![(0, "b", 1, 10), (0, "c", 5, 10)]);
+    assert_eq!(engine.store().busiest(engine.policy(), T0, 10).len(), 3);
+}

@@ -8,6 +8,7 @@
 //! keys); everything else is here, so a chart, an alert and `/metrics`
 //! always agree.
 
+pub mod admin;
 pub mod alerts;
 pub mod dashboard;
 pub mod history;

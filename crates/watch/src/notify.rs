@@ -18,10 +18,20 @@ pub enum Format {
 }
 
 /// One receiver of alerts.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Webhook {
     pub url: String,
     pub format: Format,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL is often a secret (Slack's are): its host only.
+        f.debug_struct("Webhook")
+            .field("to", &self.shown())
+            .field("format", &self.format)
+            .finish()
+    }
 }
 
 impl Webhook {

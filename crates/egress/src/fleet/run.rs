@@ -343,7 +343,7 @@ pub async fn run(
     let writer = tokio::spawn(write_all(queue.clone(), rx, ledger.clone(), health.clone()));
     let progress = Progress::new(options.progress, unfinished_at_start);
     let mut driver = Driver::new(config, schedulers, clock, progress)?;
-    let _admin = driver.open_admin(&options).await?;
+    let admin = driver.open_admin(&options).await?;
     // A 429 any process of the fleet gets pauses the upstream here too.
     let (pause_tx, mut pause_rx) = mpsc::unbounded_channel::<(usize, tollgate_core::Nanos)>();
     let mut listeners = Vec::new();
@@ -559,6 +559,7 @@ pub async fn run(
     }
 
     driver.evicted().await;
+    driver.last_figures(admin.as_ref());
     // Jobs still held (stopped early) go back to the queue at once, rather
     // than when their leases expire: through the writer, after the writes
     // queued before (a release first would clear the owner, and Redis

@@ -30,6 +30,10 @@ fi
 missing=""
 command -v curl >/dev/null || missing="$missing curl"
 command -v node >/dev/null || missing="$missing nodejs"
+# The dashboards as a browser shows them (crates/cli/tests/dashboard.rs:
+# headless Chromium) and the alerts as Prometheus rules (promtool).
+command -v chromium >/dev/null || missing="$missing chromium"
+command -v promtool >/dev/null || missing="$missing prometheus"
 if [ -n "$missing" ]; then
   echo "installing$missing (apt-get)"
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"

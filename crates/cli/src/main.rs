@@ -184,6 +184,34 @@ enum Command {
         #[command(subcommand)]
         command: ProfilesCommand,
     },
+    /// Alerts for teams that run Prometheus: the alerts a config's faces
+    /// raise (defaults and [[alert]]), as Prometheus alerting rules.
+    Alerts {
+        #[command(subcommand)]
+        command: AlertsCommand,
+    },
+    /// A Grafana dashboard over the metrics every face serves.
+    Dashboard {
+        #[command(subcommand)]
+        command: DashboardCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AlertsCommand {
+    /// Print the alerting rules (YAML; check them with `promtool check
+    /// rules FILE`).
+    Rules {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DashboardCommand {
+    /// Print the dashboard's JSON model (Grafana: Dashboards, Import; pick
+    /// the Prometheus data source that scrapes tollgate).
+    Grafana,
 }
 
 #[derive(Subcommand)]
@@ -203,6 +231,40 @@ struct PolicyArgs {
     /// A bundled profile instead of a config file.
     #[arg(long)]
     profile: Option<String>,
+}
+
+/// The Prometheus rules of `config`'s alerts: the comply face's when it has
+/// `[[upstream]]` entries (each daily limit's quota alert named), the
+/// gateway's when it has limits of its own.
+fn alert_rules(config: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(config)
+        .with_context(|| format!("cannot read config {}", config.display()))?;
+    let settings =
+        tollgate_watch::settings::WatchSettings::parse(&text, &|v| std::env::var(v).ok())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+    let faces = tollgate_watch::rules::Faces {
+        comply: table.contains_key("upstream"),
+        gateway: table.contains_key("limit") || table.contains_key("profile"),
+    };
+    let daily = if faces.comply {
+        // (the limits only: a header's unset ${VAR} does not matter here)
+        tollgate_egress::parse_config(&text, &tollgate_profiles::Bundled, &|_| Some(String::new()))
+            .with_context(|| config.display().to_string())?
+            .upstreams
+            .iter()
+            .flat_map(|u| u.daily_limits())
+            .collect()
+    } else {
+        Default::default()
+    };
+    Ok(tollgate_watch::rules::prometheus_rules(
+        &settings.rules,
+        faces,
+        &daily,
+    ))
 }
 
 fn main() -> ExitCode {
@@ -266,6 +328,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 fn other(command: Command) -> Result<()> {
     match command {
+        Command::Alerts {
+            command: AlertsCommand::Rules { config },
+        } => {
+            print!("{}", alert_rules(&config)?);
+            Ok(())
+        }
+        Command::Dashboard {
+            command: DashboardCommand::Grafana,
+        } => {
+            let model = tollgate_watch::rules::grafana_dashboard();
+            println!("{}", serde_json::to_string_pretty(&model)?);
+            Ok(())
+        }
         Command::Check { config } => {
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("cannot read config {}", config.display()))?;

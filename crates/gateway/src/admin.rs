@@ -182,16 +182,14 @@ impl Gateway {
             let left = self
                 .limits_left(&parts, 0, None)
                 .into_iter()
-                .map(|l| {
-                    (
-                        l.name,
-                        l.remaining as f64,
-                        l.quota as f64,
-                        l.unit.to_string(),
-                    )
+                .map(|l| tollgate_watch::dashboard::KeyLimit {
+                    limit: l.name,
+                    remaining: l.remaining as f64,
+                    quota: l.quota as f64,
+                    unit: l.unit.to_string(),
                 })
                 .collect();
-            (key.to_string(), Ok(left))
+            (key.to_string(), left)
         });
         tollgate_watch::dashboard::Extras {
             listen: generation

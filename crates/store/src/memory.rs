@@ -545,7 +545,9 @@ impl MemoryStore {
         use std::cmp::Reverse;
         use std::collections::BinaryHeap;
         // A min-heap on the used share keeps the n largest.
-        let mut top: BinaryHeap<Reverse<(u64, usize, CompactString, u64, u64)>> = BinaryHeap::new();
+        // (share of the quota used, limit, key, remaining, quota)
+        type Ranked = (u64, usize, CompactString, u64, u64);
+        let mut top: BinaryHeap<Reverse<Ranked>> = BinaryHeap::new();
         for t in &self.tables {
             let params = policy.limits[t.limit].params(t.class);
             let quota = params.policy().0;

@@ -423,7 +423,8 @@ mod tests {
     use super::*;
     use crate::sample::parse;
 
-    const T0: i64 = 1_800_000_000 - 1_800_000_000 % 3600;
+    /// 2027-01-15T08:00:00Z, the start of an hour.
+    const T0: i64 = 1_800_000_000;
 
     fn scrape(h: &mut History, at: i64, text: &str) {
         h.record(at, parse(text));

@@ -96,9 +96,18 @@ pub struct Extras {
     pub listen: String,
     /// The gateway's keys nearest their limits.
     pub busiest: Vec<BusyKey>,
-    /// The key searched (`?key=`), and each limit it has: (limit,
-    /// remaining, quota, unit).
-    pub lookup: Option<(String, Result<Vec<(String, f64, f64, String)>, String>)>,
+    /// The key searched (`?key=`), and each of its limits.
+    pub lookup: Option<(String, Vec<KeyLimit>)>,
+}
+
+/// What a key has left of one limit.
+#[derive(Debug, Clone)]
+pub struct KeyLimit {
+    pub limit: String,
+    pub remaining: f64,
+    pub quota: f64,
+    /// "requests", or "microseconds" for a latency budget.
+    pub unit: String,
 }
 
 /// Sum the series named `name` into one line per `group(series)` over
@@ -130,18 +139,11 @@ fn lines(
 
 fn label(range: &Range) -> impl Fn(i64) -> String {
     let hourly = range.resolution == Resolution::Hour;
-    let days = range.seconds > 2 * 86_400;
     move |t: i64| {
         let Ok(ts) = jiff::Timestamp::from_second(t) else {
             return t.to_string();
         };
-        let fmt = if days {
-            "%m-%d %H:00"
-        } else if hourly {
-            "%m-%d %H:00"
-        } else {
-            "%H:%M"
-        };
+        let fmt = if hourly { "%m-%d %H:00" } else { "%H:%M" };
         format!("{} UTC", ts.strftime(fmt))
     }
 }
@@ -152,7 +154,7 @@ header h1{font-size:17px;margin:0}header a{color:#9cd3ff;margin-right:8px}header
 main{padding:10px;display:grid;grid-template-columns:repeat(auto-fit,minmax(330px,1fr));gap:10px}\
 section,figure{background:#fff;border:1px solid #ddd;border-radius:6px;margin:0;padding:8px}\
 figcaption,h2{font-weight:600;font-size:14px;margin:0 0 4px}svg{width:100%;height:auto;display:block}\
-.grid{stroke:#eee}.axis{font-size:10px;fill:#666}.track{fill:#eee}\
+.grid{stroke:#eee}.axis{font-size:12px;fill:#666}.label{font-size:14px;fill:#333}.track{fill:#eee}\
 .legend{list-style:none;padding:0;margin:4px 0 0;display:flex;flex-wrap:wrap;gap:2px 12px;font-size:12px}\
 .swatch{display:inline-block;width:10px;height:10px;margin-right:4px;border-radius:2px}\
 .tiles{display:grid;grid-template-columns:repeat(auto-fit,minmax(120px,1fr));gap:6px}\
@@ -547,23 +549,20 @@ fn gateway(
     );
     match &extras.lookup {
         None => {}
-        Some((_, Err(e))) => {
-            let _ = write!(html, "<p class=\"empty\">{}</p>", escape(e));
-        }
-        Some((key, Ok(limits))) if limits.is_empty() => {
+        Some((key, limits)) if limits.is_empty() => {
             let _ = write!(
                 html,
                 "<p class=\"empty\">no limit is keyed by {} part(s)</p>",
                 key.split('|').count()
             );
         }
-        Some((_, Ok(limits))) => {
+        Some((_, limits)) => {
             let bars: Vec<Bar> = limits
                 .iter()
-                .map(|(name, remaining, quota, unit)| Bar {
-                    name: format!("{name} ({} {unit} left)", number(*remaining)),
-                    used: (quota - remaining).max(0.0),
-                    of: *quota,
+                .map(|l| Bar {
+                    name: format!("{} ({} {} left)", l.limit, number(l.remaining), l.unit),
+                    used: (l.quota - l.remaining).max(0.0),
+                    of: l.quota,
                 })
                 .collect();
             html.push_str(&quota_bars("key-limits", "Used of each limit", &bars));

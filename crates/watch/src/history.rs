@@ -299,7 +299,8 @@ mod tests {
     use super::*;
     use crate::sample::parse;
 
-    const T0: i64 = 1_800_000_000 - 1_800_000_000 % 3600;
+    /// 2027-01-15T08:00:00Z, the start of an hour.
+    const T0: i64 = 1_800_000_000;
 
     fn calls(n: u64) -> Vec<Sample> {
         parse(&format!(

@@ -80,6 +80,15 @@ impl Watch {
         })
     }
 
+    /// The same watch, its webhooks retried so (tests: short waits).
+    pub fn with_retries(
+        mut self,
+        retries: tollgate_http::webhook::Retries,
+    ) -> Result<Watch, String> {
+        self.notifier = self.notifier.with_retries(retries)?;
+        Ok(self)
+    }
+
     pub fn face(&self) -> Face {
         self.face
     }

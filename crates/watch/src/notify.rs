@@ -95,6 +95,11 @@ impl Notifier {
         })
     }
 
+    /// The same receivers, retried so.
+    pub fn with_retries(self, retries: Retries) -> Result<Notifier, String> {
+        Notifier::new(self.webhooks.as_ref().clone(), retries)
+    }
+
     /// Log `events` and deliver each to every webhook (on tasks of their
     /// own: a slow receiver delays nothing else).
     pub fn send(&self, events: &[Event]) {

@@ -140,8 +140,11 @@ pub fn parse(text: &str) -> Vec<Sample> {
     samples
 }
 
+/// A series' labels, in the order `/metrics` writes them.
+pub type Labels = Vec<(String, String)>;
+
 /// `name{labels} rest` into its name, labels and the rest of the line.
-fn split_line(line: &str) -> Option<(String, Vec<(String, String)>, &str)> {
+fn split_line(line: &str) -> Option<(String, Labels, &str)> {
     let end = line
         .find(|c: char| c == '{' || c.is_whitespace())
         .unwrap_or(line.len());

@@ -67,6 +67,8 @@ pub fn escape(text: &str) -> String {
 /// A number as charts print it: whole numbers plain, others to 2 places,
 /// large ones with k/M.
 pub fn number(v: f64) -> String {
+    // (an empty sum is -0)
+    let v = v + 0.0;
     let a = v.abs();
     if a >= 1e6 {
         format!("{:.1}M", v / 1e6)
@@ -81,6 +83,7 @@ pub fn number(v: f64) -> String {
 
 /// A value as data attributes carry it: exact, and short for whole numbers.
 fn datum(v: f64) -> String {
+    let v = v + 0.0;
     if v.fract() == 0.0 && v.abs() < 1e15 {
         format!("{v:.0}")
     } else {
@@ -259,15 +262,15 @@ pub struct Bar {
 /// Horizontal bars of how much of each quota is used, each with its
 /// percentage; past 70 % amber, past 90 % red.
 pub fn quota_bars(id: &str, title: &str, bars: &[Bar]) -> String {
-    let row = 22.0;
+    let row = 34.0;
     let h = (bars.len().max(1) as f64) * row + 4.0;
     let mut svg = format!(
         "<figure class=\"chart\" id=\"{id}\"><figcaption>{}</figcaption><svg viewBox=\"0 0 {W} {h}\" role=\"img\" aria-label=\"{}\" data-chart=\"{id}\" data-style=\"bars\">",
         escape(title),
         escape(title)
     );
-    let label_w = 220.0;
-    let bar_w = W - label_w - 60.0;
+    let label_w = 0.0;
+    let bar_w = W - 70.0;
     for (i, bar) in bars.iter().enumerate() {
         let share = if bar.of > 0.0 {
             (bar.used / bar.of).clamp(0.0, 1.0)
@@ -284,20 +287,22 @@ pub fn quota_bars(id: &str, title: &str, bars: &[Bar]) -> String {
         let top = 2.0 + i as f64 * row;
         let _ = write!(
             svg,
-            "<g class=\"bar\" data-series=\"{}\" data-used=\"{}\" data-of=\"{}\"><text class=\"axis\" x=\"0\" y=\"{:.1}\">{}</text>\
-<rect class=\"track\" x=\"{label_w}\" y=\"{top:.1}\" width=\"{bar_w:.1}\" height=\"{:.1}\"/>\
-<rect x=\"{label_w}\" y=\"{top:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{color}\"/>\
-<text class=\"axis\" x=\"{:.1}\" y=\"{:.1}\">{:.0}%</text></g>",
+            "<g class=\"bar\" data-series=\"{}\" data-used=\"{}\" data-of=\"{}\"><text class=\"label\" x=\"0\" y=\"{:.1}\">{} · {} of {}</text>\
+<rect class=\"track\" x=\"{label_w}\" y=\"{:.1}\" width=\"{bar_w:.1}\" height=\"12\"/>\
+<rect x=\"{label_w}\" y=\"{:.1}\" width=\"{:.1}\" height=\"12\" fill=\"{color}\"/>\
+<text class=\"label\" x=\"{:.1}\" y=\"{:.1}\">{:.0}%</text></g>",
             escape(&bar.name),
             datum(bar.used),
             datum(bar.of),
-            top + 14.0,
-            escape(&truncate(&bar.name, 34)),
-            row - 6.0,
+            top + 12.0,
+            escape(&truncate(&bar.name, 60)),
+            number(bar.used),
+            number(bar.of),
+            top + 17.0,
+            top + 17.0,
             bar_w * share,
-            row - 6.0,
             label_w + bar_w + 6.0,
-            top + 14.0,
+            top + 28.0,
             share * 100.0
         );
     }

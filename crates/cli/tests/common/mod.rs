@@ -184,6 +184,10 @@ pub fn serve_command(config: &Path) -> std::process::Command {
         ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
+    // (its history file, .tollgate/, goes next to the config)
+    if let Some(dir) = config.parent() {
+        cmd.current_dir(dir);
+    }
     cmd
 }
 

@@ -86,24 +86,6 @@ wait_http() { # wait_http URL [PID]: until it answers at all
   log "ERROR: $1 did not come up"; return 1
 }
 
-start_upstream() {
-  local dir="$work/upstream"
-  mkdir -p "$dir"
-  { nginx_common "$dir"
-    echo "http {"; nginx_http_common "$dir"
-    cat <<EOF
-  server {
-    listen 127.0.0.1:$UP_PORT backlog=4096;
-    location / { default_type text/plain; return 200 "ok\n"; }
-  }
-}
-EOF
-  } > "$dir/nginx.conf"
-  taskset -c "$LOAD_CPU" "$NGINX" -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" &
-  UP_PID=$!; pids+=("$UP_PID")
-  wait_http "$UPSTREAM/" "$UP_PID"
-}
-
 # start_nginx_proxy RATE BURST: limit_req keyed by x-tenant-id, 429 when denied
 start_nginx_proxy() {
   local rate=$1 burst=$2 dir="$work/nginx-proxy"
@@ -201,7 +183,7 @@ TENANT=(-H "x-tenant-id: acme")
 
 foreign_begin; sleep 2; foreign_end
 R[foreign_start]=$FOREIGN; FOREIGN_MAX=0
-start_upstream
+start_upstream "$UP_PORT" "$LOAD_CPU"
 log "upstream $UPSTREAM (nginx, cpu $LOAD_CPU), proxies on $PROXY (cpu $PROXY_CPU), load: wrk/oha -c $CONNS on cpu $LOAD_CPU"
 
 # ---------------------------------------------------------------- 1. never deny

@@ -103,6 +103,27 @@ EOT
 }
 
 # prom_value URL NAME{LABELS}: one sample of a Prometheus text page (0 if absent)
+# start_upstream PORT CPU: the shared upstream the proxies under test relay
+# to, nginx with one worker answering `200 ok` on 127.0.0.1:PORT, pinned to
+# CPU; its pid in STARTED (and in $pids).
+start_upstream() {
+  local dir="$work/upstream"
+  mkdir -p "$dir"
+  { nginx_common "$dir"
+    echo "http {"; nginx_http_common "$dir"
+    cat <<EOF
+  server {
+    listen 127.0.0.1:$1 backlog=4096;
+    location / { default_type text/plain; return 200 "ok\n"; }
+  }
+}
+EOF
+  } > "$dir/nginx.conf"
+  taskset -c "$2" "$NGINX" -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" &
+  STARTED=$!; pids+=("$STARTED")
+  wait_http "http://127.0.0.1:$1/" "$STARTED"
+}
+
 prom_value() {
   curl -s -m 5 "$1" | awk -v m="$2" '$1 == m { v = $2 } END { print (v == "" ? 0 : v) }'
 }

@@ -556,6 +556,7 @@ pub fn plan(
     jobs: &JobArgs,
     latency: Duration,
     state: Option<&Path>,
+    report: Option<&Path>,
 ) -> Result<()> {
     let config = load_config(config_path)?;
     let Some(routed) = read_jobs(jobs, &config)? else {
@@ -618,7 +619,39 @@ pub fn plan(
         routed.len(),
         human(slowest)
     );
+    if let Some(path) = report {
+        let seconds = |ns: u64| ns as f64 / 1e9;
+        let upstreams: Vec<tollgate_watch::report::PlanUpstream> = plans
+            .iter()
+            .map(|p| tollgate_watch::report::PlanUpstream {
+                name: p.upstream.clone(),
+                calls: p.estimate.calls,
+                shortest: p.estimate.shortest.as_secs_f64(),
+                binding: p.estimate.binding.clone(),
+                peaks: p.estimate.peaks.clone(),
+                sends: p
+                    .estimate
+                    .sends
+                    .iter()
+                    .map(|(w, at)| (w.clone(), at.iter().map(|t| seconds(*t)).collect()))
+                    .collect(),
+            })
+            .collect();
+        let title = jobs_title(jobs);
+        let html = tollgate_watch::report::plan(&title, seconds(start) as i64, &upstreams);
+        std::fs::write(path, html).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("report: {}", path.display());
+    }
     Ok(())
+}
+
+/// What a job set is called in a report: its file.
+fn jobs_title(jobs: &JobArgs) -> String {
+    jobs.jobs
+        .as_ref()
+        .or(jobs.records.as_ref())
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
 }
 
 /// One workflow's line of `tollgate plan`: when its calls would go, and

@@ -79,6 +79,11 @@ enum Command {
         /// Write decisions here instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Draw the replay in an HTML file: admitted, held and denied over
+        /// time per limit, the busiest keys, when each quota ran out.
+        /// Decisions are then only written when --out is given.
+        #[arg(long)]
+        report: Option<PathBuf>,
     },
     /// Enforce a config's limits in front of an HTTP API (reverse proxy,
     /// admin listener with metrics, usage, reload and the check API).
@@ -164,6 +169,10 @@ enum Command {
         /// directory (a vendor that allowed less than its profile says).
         #[arg(long)]
         state: Option<PathBuf>,
+        /// Draw the job set's calls over time, per upstream and workflow,
+        /// in an HTML file.
+        #[arg(long)]
+        report: Option<PathBuf>,
     },
     /// Dead letters: list, show, retry, export.
     Dlq {
@@ -231,6 +240,78 @@ struct PolicyArgs {
     /// A bundled profile instead of a config file.
     #[arg(long)]
     profile: Option<String>,
+}
+
+/// What `simulate --report` draws, from the replay's summary (kept with
+/// its timeline).
+fn replay_of(summary: &tollgate_sim::Summary, title: String) -> tollgate_watch::report::Replay {
+    let seconds = |ns: u64| ns as f64 / 1e9;
+    let timeline = summary.timeline.as_ref();
+    let limits = summary
+        .limits
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let buckets = timeline.map(|t| t.limits[i].as_slice()).unwrap_or_default();
+            let of =
+                |f: fn(&tollgate_sim::Counts) -> u64| buckets.iter().map(|c| f(c) as f64).collect();
+            tollgate_watch::report::ReplayLimit {
+                name: l.name.clone(),
+                admitted: of(|c| c.admitted),
+                held: of(|c| c.held),
+                denied: of(|c| c.denied),
+                ran_out: timeline.and_then(|t| t.first_denied[i]).map(seconds),
+            }
+        })
+        .collect();
+    let mut busiest: Vec<tollgate_watch::report::ReplayKey> = summary
+        .limits
+        .iter()
+        .flat_map(|l| {
+            l.keys
+                .iter()
+                .map(|(key, c)| tollgate_watch::report::ReplayKey {
+                    limit: l.name.clone(),
+                    key: if key.is_empty() {
+                        "(anonymous)".into()
+                    } else {
+                        key.replace('\u{1f}', "|")
+                    },
+                    admitted: c.admitted,
+                    held: c.held,
+                    denied: c.denied,
+                })
+        })
+        .collect();
+    busiest.sort_by(|a, b| {
+        (b.admitted + b.held + b.denied)
+            .cmp(&(a.admitted + a.held + a.denied))
+            .then_with(|| a.key.cmp(&b.key))
+    });
+    busiest.truncate(20);
+    tollgate_watch::report::Replay {
+        title,
+        start: timeline
+            .and_then(|t| t.start)
+            .map_or(0, |s| seconds(s) as i64),
+        width: timeline.map_or(1, |t| (t.width / 1_000_000_000).max(1) as i64),
+        requests: summary.requests,
+        admitted: summary.admitted,
+        held: summary.held,
+        denied: summary.denied,
+        errors: summary.errors,
+        limits,
+        busiest,
+    }
+}
+
+/// A `--config FILE` or `--profile NAME` as a report names it.
+fn policy_name(policy: &PolicyArgs) -> String {
+    match (&policy.config, &policy.profile) {
+        (Some(path), _) => path.display().to_string(),
+        (None, Some(name)) => format!("profile {name}"),
+        (None, None) => String::new(),
+    }
 }
 
 /// The Prometheus rules of `config`'s alerts: the comply face's when it has
@@ -313,11 +394,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             jobs,
             latency,
             state,
+            report,
         } => comply::plan(
             &config,
             &jobs,
             duration(&latency, "--latency")?,
             state.as_deref(),
+            report.as_deref(),
         )
         .map(|()| ExitCode::SUCCESS),
         Command::Dlq { command } => comply::dlq(command),
@@ -378,7 +461,9 @@ fn other(command: Command) -> Result<()> {
             start,
             summary,
             out,
+            report,
         } => {
+            let title = format!("{} on {}", trace.display(), policy_name(&policy));
             let policy = load_policy(&source_of(&policy)?)?;
             let start = parse_start(&start)?;
             let engine = Engine::new(policy);
@@ -388,7 +473,7 @@ fn other(command: Command) -> Result<()> {
                 let file = File::open(&trace).with_context(|| format!("cannot open trace {}", trace.display()))?;
                 Box::new(BufReader::with_capacity(1 << 20, file))
             };
-            let decisions = out.is_some() || !summary;
+            let decisions = out.is_some() || (!summary && report.is_none());
             let output: Box<dyn Write> = match &out {
                 Some(path) => Box::new(File::create(path).with_context(|| format!("cannot write {}", path.display()))?),
                 None => Box::new(io::stdout().lock()),
@@ -396,12 +481,18 @@ fn other(command: Command) -> Result<()> {
             let options = tollgate_sim::Options {
                 start,
                 decisions,
-                per_key: summary,
+                per_key: summary || report.is_some(),
+                timeline: report.is_some(),
             };
             let result = tollgate_sim::simulate(&engine, options, input, output)
                 .with_context(|| format!("{}", trace.display()))?;
             if summary {
                 print!("{result}");
+            }
+            if let Some(path) = report {
+                let html = tollgate_watch::report::replay(&replay_of(&result, title));
+                std::fs::write(&path, html).with_context(|| format!("cannot write {}", path.display()))?;
+                eprintln!("report: {}", path.display());
             }
             Ok(())
         }

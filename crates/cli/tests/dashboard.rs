@@ -88,11 +88,16 @@ fn chromium() -> &'static str {
 /// request the page made went to the admin listener; a screenshot is saved
 /// at `screenshot`.
 fn browse(admin: &str, query: &str, screenshot: &Path) -> String {
-    let url = format!("http://{admin}/{query}");
+    load(&format!("http://{admin}/{query}"), screenshot)
+}
+
+/// Chromium's DOM of the page at `url`, after checking that it fetched
+/// nothing else; a screenshot at `screenshot`.
+fn load(url: &str, screenshot: &Path) -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browse.py");
     let out = Command::new("python3")
         .arg(script)
-        .args([chromium(), url.as_str(), TOKEN])
+        .args([chromium(), url, TOKEN])
         .arg(screenshot)
         .output()
         .expect("run tests/browse.py");
@@ -108,7 +113,7 @@ fn browse(admin: &str, query: &str, screenshot: &Path) -> String {
         .iter()
         .filter_map(|r| r.as_str())
         .collect();
-    assert_eq!(requests, vec![url.as_str()], "the page fetched only itself");
+    assert_eq!(requests, vec![url], "the page fetched only itself");
     assert!(
         std::fs::metadata(screenshot).is_ok_and(|m| m.len() > 1000),
         "no screenshot at {}",
@@ -444,4 +449,92 @@ fn the_grafana_dashboard_is_a_dashboard_model_over_tollgate_metrics() {
         let expr = p["targets"][0]["expr"].as_str().expect("a query");
         assert!(expr.contains("tollgate_"), "{expr}");
     }
+}
+
+#[test]
+fn simulate_and_plan_reports_draw_what_they_count() {
+    let dir = temp_dir("reports");
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let report = dir.join("replay.html");
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["simulate", "--config"])
+        .arg(examples.join("quickstart.toml"))
+        .arg("--trace")
+        .arg(examples.join("quickstart.jsonl"))
+        .arg("--summary")
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .expect("run simulate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // --summary's line for the first limit: "tenant (all keys) A H D".
+    let text = String::from_utf8_lossy(&out.stdout);
+    let tenant: Vec<f64> = text
+        .lines()
+        .find(|l| l.starts_with("tenant ") && l.contains("(all keys)"))
+        .expect("the tenant line")
+        .split_whitespace()
+        .rev()
+        .take(3)
+        .map(|n| n.parse().expect("a count"))
+        .collect();
+    let dom = load(
+        &format!("file://{}", report.display()),
+        &dir.join("replay.png"),
+    );
+    assert_eq!(total(&dom, "limit-0", "denied"), tenant[0]);
+    assert_eq!(total(&dom, "limit-0", "held"), tenant[1]);
+    assert_eq!(total(&dom, "limit-0", "admitted"), tenant[2]);
+    assert!(
+        dom.contains("data-limit=\"tenant\" data-key=\"acme\""),
+        "acme among the busiest"
+    );
+    assert!(
+        dom.contains("data-limit=\"daily\" data-ran-out=\"\""),
+        "the daily quota never ran out"
+    );
+
+    let config = write(
+        &dir,
+        "plan.toml",
+        "[[upstream]]\nname = \"crm\"\nbase_url = \"https://api.example.com\"\n\
+         [[upstream.limit]]\nname = \"burst\"\nalgorithm = \"token_bucket\"\ncapacity = 10\nrefill = \"10/s\"\n\
+         [[workflow]]\nname = \"nightly\"\n",
+    );
+    let jobs: String = (0..300)
+        .map(|n| {
+            let workflow = if n % 3 == 0 { ",\"workflow\":\"nightly\"" } else { "" };
+            format!("{{\"id\":\"j{n}\",\"method\":\"GET\",\"url\":\"https://api.example.com/v1/items/{n}\"{workflow}}}\n")
+        })
+        .collect();
+    let jobs = write(&dir, "jobs.jsonl", &jobs);
+    let report = dir.join("plan.html");
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args([
+            "plan",
+            "--config",
+            config.as_str(),
+            "--jobs",
+            jobs.as_str(),
+            "--report",
+        ])
+        .arg(&report)
+        .output()
+        .expect("run plan");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dom = load(
+        &format!("file://{}", report.display()),
+        &dir.join("plan.png"),
+    );
+    assert!(dom.contains("data-upstream=\"crm\" data-calls=\"300\""));
+    assert_eq!(total(&dom, "upstream-0", "nightly"), 100.0);
+    assert_eq!(total(&dom, "upstream-0", "(no workflow)"), 200.0);
 }

@@ -198,6 +198,26 @@ pub fn encode_key(parts: &[&str]) -> CompactString {
     key
 }
 
+/// A key as people read it (dashboards, reports): its parts separated by
+/// `|`, a missing part shown as `-`.
+pub fn shown_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    let mut escaped = false;
+    for c in key.chars() {
+        match c {
+            _ if escaped => {
+                out.push(c);
+                escaped = false;
+            }
+            KEY_ESCAPE => escaped = true,
+            KEY_SEPARATOR => out.push('|'),
+            KEY_MISSING => out.push('-'),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn push_escaped(key: &mut CompactString, value: &str) {
     // The three reserved chars are the bytes 0x1d..=0x1f.
     if !value.bytes().any(|b| (0x1d..=0x1f).contains(&b)) {
@@ -402,6 +422,18 @@ mod tests {
 
     fn req(method: &str, path: &str, headers: &[(&str, &str)]) -> Attrs {
         Attrs::new(method, path, headers)
+    }
+
+    #[test]
+    fn a_key_is_shown_with_its_parts_separated_by_a_bar() {
+        assert_eq!(
+            shown_key(&encode_key(&["acme", "/v1/jobs"])),
+            "acme|/v1/jobs"
+        );
+        assert_eq!(shown_key(&encode_key(&["a\u{1f}b"])), "a\u{1f}b");
+        let mut missing = CompactString::default();
+        missing.push(KEY_MISSING);
+        assert_eq!(shown_key(&missing), "-");
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub struct Estimate {
     /// Per limit, the most of its quota in use at once (0 to 1): for a
     /// daily window, the day's peak.
     pub peaks: Vec<(String, f64)>,
+    /// When each call would go, per workflow ("" for calls of none), in
+    /// order: what `plan --report` draws.
+    pub sends: Vec<(String, Vec<Nanos>)>,
 }
 
 /// When one workflow's calls would go.
@@ -104,6 +107,7 @@ pub fn estimate<C: Into<Call>>(
         count += 1;
     }
     let mut workflows: Vec<WorkflowEstimate> = Vec::new();
+    let mut sends: Vec<(String, Vec<Nanos>)> = Vec::new();
     let mut peaks: Vec<f64> = vec![0.0; policy.limits.len()];
     let ok = Reply::Status {
         status: 200,
@@ -128,6 +132,11 @@ pub fn estimate<C: Into<Call>>(
                 replies.push(Reverse((now + latency_ns, seq)));
                 let call = &planned[seq as usize];
                 sent(&mut workflows, call, now);
+                let workflow = call.workflow.as_deref().unwrap_or("");
+                match sends.iter_mut().find(|(w, _)| w == workflow) {
+                    Some((_, at)) => at.push(now),
+                    None => sends.push((workflow.to_string(), vec![now])),
+                }
                 for item in &call.items {
                     let limit = &policy.limits[item.limit];
                     let quota = limit.params(item.class).policy().0;
@@ -163,6 +172,7 @@ pub fn estimate<C: Into<Call>>(
             .filter(|(_, peak)| *peak > 0.0)
             .map(|(l, peak)| (l.name.clone(), peak))
             .collect(),
+        sends,
     }
 }
 

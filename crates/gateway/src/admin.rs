@@ -33,22 +33,6 @@ struct LimitLeft {
     unit: &'static str,
 }
 
-/// A store key as people read it: its parts separated by `|`.
-fn shown_key(key: &str) -> String {
-    key.chars()
-        .filter(|c| *c != '\u{1d}')
-        .map(|c| {
-            if c == '\u{1f}' {
-                '|'
-            } else if c == '\u{1e}' {
-                '-'
-            } else {
-                c
-            }
-        })
-        .collect()
-}
-
 /// Largest admin request body (a check's attributes, a report).
 const MAX_ADMIN_BODY: usize = 1 << 20;
 
@@ -171,7 +155,7 @@ impl Gateway {
             .map(
                 |(limit, key, remaining, quota)| tollgate_watch::dashboard::BusyKey {
                     limit: policy.limits[limit].name.clone(),
-                    key: shown_key(&key),
+                    key: tollgate_core::request::shown_key(&key),
                     used: (quota - remaining) as f64,
                     quota: quota as f64,
                 },

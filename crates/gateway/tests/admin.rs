@@ -264,6 +264,7 @@ async fn admits_exactly_what_simulate_admits(gw: &Running, up: &Upstream) {
         start: EPOCH,
         decisions: false,
         per_key: false,
+        timeline: false,
     };
     let summary = tollgate_sim::simulate(&engine, options, trace.as_bytes(), std::io::sink())
         .expect("simulate");

@@ -252,6 +252,7 @@ async fn thirty_two_streams_get_exactly_what_the_limits_allow() {
         start: common::EPOCH,
         decisions: false,
         per_key: false,
+        timeline: false,
     };
     let simulated = tollgate_sim::simulate(
         &tollgate_store::Engine::new(policy),

@@ -9,7 +9,7 @@
 mod summary;
 mod trace;
 
-pub use summary::{Counts, LimitSummary, Summary, MAX_SUMMARY_KEYS};
+pub use summary::{Counts, LimitSummary, Summary, Timeline, MAX_BUCKETS, MAX_SUMMARY_KEYS};
 pub use trace::{TraceLine, TraceRequest};
 
 use std::cmp::Reverse;
@@ -40,6 +40,8 @@ pub struct Options {
     pub decisions: bool,
     /// Count per key too (for `--summary`); totals per limit are always kept.
     pub per_key: bool,
+    /// Keep what each limit did over time (for `--report`).
+    pub timeline: bool,
 }
 
 /// A request still in flight: what to settle when it completes.
@@ -85,7 +87,11 @@ pub fn simulate(
         .iter()
         .map(|l| l.settles_at_completion())
         .collect();
-    let mut summary = Summary::new(&policy);
+    let mut summary = if options.timeline {
+        Summary::with_timeline(&policy)
+    } else {
+        Summary::new(&policy)
+    };
     let mut pending: BinaryHeap<Reverse<Pending>> = BinaryHeap::new();
     let mut items = Vec::with_capacity(policy.limits.len());
     // Decisions are written here and handed to `output` in large chunks.
@@ -195,7 +201,7 @@ pub fn simulate(
                 let result = engine.check_into(&request, now, &mut items);
                 match &result {
                     Ok(decision) => {
-                        summary.record(&items, decision, options.per_key);
+                        summary.record(now, &items, decision, options.per_key);
                         if let Verdict::Admit { delay } = decision.verdict {
                             if items.iter().any(|i| settles[i.limit]) {
                                 seq += 1;

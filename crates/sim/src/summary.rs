@@ -5,6 +5,7 @@ use compact_str::CompactString;
 use std::collections::HashMap;
 use std::fmt;
 use tollgate_core::policy::{Mode, Policy};
+use tollgate_core::units::{Nanos, NANOS_PER_SEC};
 use tollgate_core::{Decision, Item, Verdict};
 
 /// Keys listed individually per limit; the rest are summed as "(other keys)".
@@ -30,6 +31,60 @@ pub struct LimitSummary {
     pub other_keys: Counts,
 }
 
+/// Buckets a timeline keeps at most: past them, neighbours merge and the
+/// width doubles (a trace of any length stays a small picture).
+pub const MAX_BUCKETS: usize = 240;
+
+/// `--report`: per limit, what it admitted, held and denied over the
+/// trace's time, and when it first denied.
+#[derive(Debug, Clone)]
+pub struct Timeline {
+    /// The first request's instant; buckets start there.
+    pub start: Option<Nanos>,
+    /// Each bucket's width (1 s, doubled as the trace goes on).
+    pub width: Nanos,
+    /// Per limit, per bucket.
+    pub limits: Vec<Vec<Counts>>,
+    /// Per limit, its first denial (its quota running out).
+    pub first_denied: Vec<Option<Nanos>>,
+}
+
+impl Timeline {
+    fn new(limits: usize) -> Timeline {
+        Timeline {
+            start: None,
+            width: NANOS_PER_SEC,
+            limits: vec![Vec::new(); limits],
+            first_denied: vec![None; limits],
+        }
+    }
+
+    fn bucket(&mut self, at: Nanos) -> usize {
+        let start = *self.start.get_or_insert(at);
+        loop {
+            let i = (at.saturating_sub(start) / self.width) as usize;
+            if i < MAX_BUCKETS {
+                return i;
+            }
+            // Merge neighbours: the same picture at half the detail.
+            for buckets in &mut self.limits {
+                let merged: Vec<Counts> = buckets
+                    .chunks(2)
+                    .map(|pair| {
+                        pair.iter().fold(Counts::default(), |a, c| Counts {
+                            admitted: a.admitted + c.admitted,
+                            held: a.held + c.held,
+                            denied: a.denied + c.denied,
+                        })
+                    })
+                    .collect();
+                *buckets = merged;
+            }
+            self.width *= 2;
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Summary {
     pub requests: u64,
@@ -39,11 +94,22 @@ pub struct Summary {
     /// Requests that could not be decided (bad request, never fits, store full).
     pub errors: u64,
     pub limits: Vec<LimitSummary>,
+    /// Kept for `--report` only.
+    pub timeline: Option<Timeline>,
 }
 
 impl Summary {
+    /// A summary that also keeps the timeline `--report` draws.
+    pub fn with_timeline(policy: &Policy) -> Self {
+        Summary {
+            timeline: Some(Timeline::new(policy.limits.len())),
+            ..Summary::new(policy)
+        }
+    }
+
     pub fn new(policy: &Policy) -> Self {
         Summary {
+            timeline: None,
             requests: 0,
             admitted: 0,
             held: 0,
@@ -65,7 +131,8 @@ impl Summary {
         }
     }
 
-    pub fn record(&mut self, items: &[Item], decision: &Decision, per_key: bool) {
+    /// Count one decision, made at `at`.
+    pub fn record(&mut self, at: Nanos, items: &[Item], decision: &Decision, per_key: bool) {
         self.requests += 1;
         let bump: fn(&mut Counts) = match decision.verdict {
             Verdict::Admit { delay: 0 } => {
@@ -99,6 +166,17 @@ impl Summary {
                 continue;
             }
             bump(&mut limit.counts);
+            if let Some(timeline) = &mut self.timeline {
+                let b = timeline.bucket(at);
+                let buckets = &mut timeline.limits[item.limit];
+                if buckets.len() <= b {
+                    buckets.resize(b + 1, Counts::default());
+                }
+                bump(&mut buckets[b]);
+                if denied_by.is_some() && timeline.first_denied[item.limit].is_none() {
+                    timeline.first_denied[item.limit] = Some(at);
+                }
+            }
             if !per_key || !limit.keyed {
                 continue;
             }

@@ -36,7 +36,7 @@ proptest! {
         // (an edit may be a newline: count the lines the reader sees)
         let count = trace.lines().count();
         let engine = Engine::new(parse(POLICY, &NoProfiles).expect("policy"));
-        let options = Options { start: 1_767_225_600_000_000_000, decisions: true, per_key: true };
+        let options = Options { start: 1_767_225_600_000_000_000, decisions: true, per_key: true, timeline: true };
         let mut out = Vec::new();
         match simulate(&engine, options, trace.as_bytes(), &mut out) {
             Ok(summary) => prop_assert!(summary.requests as usize <= count),

@@ -102,6 +102,7 @@ async fn under_concurrent_load_it_admits_what_simulate_admits() {
         start: EPOCH,
         decisions: false,
         per_key: false,
+        timeline: false,
     };
     let simulated = tollgate_sim::simulate(&engine, options, trace.as_bytes(), std::io::sink())
         .expect("simulate");

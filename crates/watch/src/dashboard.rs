@@ -138,14 +138,12 @@ fn lines(
 }
 
 fn label(range: &Range) -> impl Fn(i64) -> String {
-    let hourly = range.resolution == Resolution::Hour;
-    move |t: i64| {
-        let Ok(ts) = jiff::Timestamp::from_second(t) else {
-            return t.to_string();
-        };
-        let fmt = if hourly { "%m-%d %H:00" } else { "%H:%M" };
-        format!("{} UTC", ts.strftime(fmt))
-    }
+    let format = if range.resolution == Resolution::Hour {
+        "%m-%d %H:00 UTC"
+    } else {
+        "%H:%M UTC"
+    };
+    move |t: i64| utc(t, format)
 }
 
 const STYLE: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#222;background:#fafafa}\
@@ -177,16 +175,8 @@ pub fn page(
     let label = label(&range);
     let mut html = String::with_capacity(64 * 1024);
     let title = format!("{} · {}", face.name(), extras.listen);
-    let _ = write!(
-        html,
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
-<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
-<meta http-equiv=\"refresh\" content=\"30\"><title>{}</title><style>{STYLE}</style></head><body>\
-<header><h1>{}</h1><span>{}</span><nav>",
-        escape(&title),
-        escape(&title),
-        escape(&label(now).replace(":00 UTC", &format!(":{:02} UTC", (now % 3600) / 60)))
-    );
+    html.push_str(&head(&title, &utc(now, "%Y-%m-%d %H:%M UTC"), true));
+    html.push_str("<nav>");
     let key_query = extras
         .lookup
         .as_ref()
@@ -212,6 +202,31 @@ pub fn page(
     html
 }
 
+/// The page's head and the top of its header (title, then `subtitle`);
+/// `refresh`: the browser reloads it every 30 seconds. Reports share it.
+pub fn head(title: &str, subtitle: &str, refresh: bool) -> String {
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">{}\
+<title>{}</title><style>{STYLE}</style></head><body><header><h1>{}</h1><span>{}</span>",
+        if refresh {
+            "<meta http-equiv=\"refresh\" content=\"30\">"
+        } else {
+            ""
+        },
+        escape(title),
+        escape(title),
+        escape(subtitle)
+    )
+}
+
+/// Unix seconds as `format` writes them in UTC.
+pub fn utc(at: i64, format: &str) -> String {
+    jiff::Timestamp::from_second(at)
+        .map(|t| t.strftime(format).to_string())
+        .unwrap_or_else(|_| at.to_string())
+}
+
 fn alerts_section(active: &[Active]) -> String {
     let mut out = String::from("<section class=\"wide\" id=\"alerts\"><h2>Alerts</h2>");
     if active.is_empty() {
@@ -222,9 +237,7 @@ fn alerts_section(active: &[Active]) -> String {
             Level::Critical => "critical",
             _ => "warning",
         };
-        let since = jiff::Timestamp::from_second(a.since)
-            .map(|t| t.strftime("%Y-%m-%d %H:%M UTC").to_string())
-            .unwrap_or_default();
+        let since = utc(a.since, "%Y-%m-%d %H:%M UTC");
         let _ = write!(
             out,
             "<div class=\"alert {level}\" data-alert=\"{}\" data-subject=\"{}\" data-severity=\"{level}\"><b>{level}</b> {} · {}: {} (since {since})</div>",

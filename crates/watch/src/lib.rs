@@ -14,6 +14,7 @@ pub mod dashboard;
 pub mod history;
 pub mod notify;
 pub mod persist;
+pub mod report;
 pub mod rules;
 pub mod sample;
 pub mod settings;
@@ -114,8 +115,11 @@ impl Watch {
     }
 
     /// Scrape `metrics()` every `[history] every` until the task is
-    /// dropped.
+    /// dropped (at once when it is "off").
     pub async fn run(self: Arc<Self>, metrics: impl Fn() -> String + Send + 'static) {
+        if self.every.is_zero() {
+            return;
+        }
         let mut every = tokio::time::interval(self.every);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

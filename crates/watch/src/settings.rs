@@ -15,7 +15,9 @@ pub struct WatchSettings {
     /// Where history is kept: None for the face's default, `Some(None)` for
     /// in memory only (`path = "off"`).
     pub history_path: Option<Option<PathBuf>>,
-    /// Seconds between two scrapes of the face's own metrics.
+    /// Seconds between two scrapes of the face's own metrics; 0: none in
+    /// the background (`every = "off"`: the page still records when it is
+    /// viewed, and alerts are only evaluated then).
     pub every: u64,
     pub rules: Vec<Rule>,
     pub webhooks: Vec<Webhook>,
@@ -94,17 +96,21 @@ impl WatchSettings {
                     _ => Some(PathBuf::from(path)),
                 });
             }
-            if let Some(every) = h.every {
-                let line = line_of(text, every.span().start);
-                let nanos = tollgate_core::units::parse_duration(every.get_ref())
-                    .map_err(|e| format!("line {line}: [history] every: {e}"))?;
-                let secs = nanos / 1_000_000_000;
-                if !(1..=3600).contains(&secs) {
-                    return Err(format!(
-                        "line {line}: [history] every must be between 1s and 1h"
-                    ));
+            match h.every {
+                Some(every) if every.get_ref() == "off" => s.every = 0,
+                Some(every) => {
+                    let line = line_of(text, every.span().start);
+                    let nanos = tollgate_core::units::parse_duration(every.get_ref())
+                        .map_err(|e| format!("line {line}: [history] every: {e}"))?;
+                    let secs = nanos / 1_000_000_000;
+                    if !(1..=3600).contains(&secs) {
+                        return Err(format!(
+                            "line {line}: [history] every must be between 1s and 1h (or \"off\")"
+                        ));
+                    }
+                    s.every = secs;
                 }
-                s.every = secs;
+                None => {}
             }
         }
         for hook in raw.alerts.map(|a| a.webhook).unwrap_or_default() {

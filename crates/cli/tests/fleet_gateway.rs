@@ -298,3 +298,44 @@ fn bad_redis_urls_and_passwords_are_clear_errors() {
         );
     }
 }
+
+/// Every node's dashboard shows the fleet: two gateways on one Redis, each
+/// page draws both nodes' responses.
+#[test]
+fn every_gateway_dashboard_shows_the_whole_fleet() {
+    let redis = RedisServer::start();
+    let config = common::config_file(
+        "fleet-dashboard.toml",
+        &format!(
+            "{}[history]\npath = \"off\"\nevery = \"1s\"\n\
+             [[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 100\nrefill = \"1/h\"\n",
+            store(&redis.url(), "")
+        ),
+    );
+    let (a, b) = (common::serve(&config), common::serve(&config));
+    for _ in 0..5 {
+        assert_eq!(http(&a.proxy, "/v1/jobs", &[("x-tenant-id", "acme")]).0, 200);
+    }
+    for _ in 0..3 {
+        assert_eq!(http(&b.proxy, "/v1/jobs", &[("x-tenant-id", "globex")]).0, 200);
+    }
+    // The page's 2xx total: both nodes' once each has written its buckets
+    // (every second).
+    let drawn = |admin: &str| -> f64 {
+        let (status, page) = http(admin, "/?range=1h", &[]);
+        assert_eq!(status, 200);
+        assert!(page.contains("· the fleet"), "a fleet page");
+        let at = "data-series=\"2xx\" data-total=\"";
+        page.find(at)
+            .and_then(|i| page[i + at.len()..].split('"').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    for admin in [&a.admin, &b.admin] {
+        while drawn(admin) < 8.0 {
+            assert!(std::time::Instant::now() < deadline, "the fleet's total never reached 8");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(drawn(admin), 8.0, "5 on one node and 3 on the other, counted once each");
+    }
+}

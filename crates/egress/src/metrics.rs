@@ -236,8 +236,18 @@ pub(crate) async fn serve_admin(
         );
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let answer = answer(&req, &metrics, &watch, &listen, &clock, token.as_deref());
-                async move { Ok::<_, std::convert::Infallible>(answer) }
+                let (metrics, watch, clock, token, listen) = (
+                    metrics.clone(),
+                    watch.clone(),
+                    clock.clone(),
+                    token.clone(),
+                    listen.clone(),
+                );
+                async move {
+                    let answer =
+                        answer(&req, &metrics, &watch, &listen, &clock, token.as_deref()).await;
+                    Ok::<_, std::convert::Infallible>(answer)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -246,7 +256,7 @@ pub(crate) async fn serve_admin(
     }
 }
 
-fn answer(
+async fn answer(
     req: &Request<hyper::body::Incoming>,
     metrics: &RunMetrics,
     watch: &tollgate_watch::Watch,
@@ -268,7 +278,7 @@ fn answer(
     };
     let query = req.uri().query().unwrap_or("");
     if let Some(r) =
-        tollgate_watch::admin::route(watch, req.method(), path, query, &render, &extras)
+        tollgate_watch::admin::route(watch, req.method(), path, query, &render, &extras).await
     {
         return r;
     }

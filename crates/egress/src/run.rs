@@ -677,6 +677,10 @@ impl<'a> Driver<'a> {
             daily,
             tollgate_watch::unix_now(),
         )
+        .and_then(|w| match self.config.redis() {
+            Some(store) => w.with_fleet(store),
+            None => Ok(w),
+        })
         .map(Arc::new)
         .map_err(RunError::Admin)?;
         let scraping = {

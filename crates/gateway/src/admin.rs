@@ -78,6 +78,7 @@ impl Gateway {
         let extras = |key: Option<&str>| self.dashboard_extras(key);
         if let Some(r) =
             tollgate_watch::admin::route(&self.watch, req.method(), &path, query, &render, &extras)
+                .await
         {
             return Ok(r);
         }

@@ -176,6 +176,10 @@ impl Gateway {
             Default::default(),
             tollgate_watch::unix_now(),
         )
+        .and_then(|w| match &generation.engine.policy().store.redis {
+            Some(store) => w.with_fleet(store),
+            None => Ok(w),
+        })
         .map(Arc::new)
         .map_err(LoadError::Io)?;
         let id_prefix = SystemTime::now()

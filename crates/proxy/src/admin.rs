@@ -40,6 +40,7 @@ impl Proxy {
         let query = req.uri().query().unwrap_or("");
         if let Some(r) =
             tollgate_watch::admin::route(&self.watch, req.method(), &path, query, &render, &extras)
+                .await
         {
             return Ok(r);
         }

@@ -238,6 +238,10 @@ impl Proxy {
             daily_limits(&upstreams),
             tollgate_watch::unix_now(),
         )
+        .and_then(|w| match upstreams.redis() {
+            Some(store) => w.with_fleet(store),
+            None => Ok(w),
+        })
         .map(Arc::new)
         .map_err(LoadError::Io)?;
         let id_prefix = std::time::SystemTime::now()

@@ -21,13 +21,13 @@ const CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; form-action 's
 /// gives the face's `/metrics` text: the page records it first, so what it
 /// draws includes this moment; `extras` gives what the face adds for the
 /// `?key=` searched.
-pub fn route<B: From<Full<Bytes>>>(
+pub async fn route<B: From<Full<Bytes>>>(
     watch: &Watch,
     method: &Method,
     path: &str,
     query: &str,
-    metrics: &dyn Fn() -> String,
-    extras: &dyn Fn(Option<&str>) -> Extras,
+    metrics: &(dyn Fn() -> String + Sync),
+    extras: &(dyn Fn(Option<&str>) -> Extras + Sync),
 ) -> Option<Response<B>> {
     match (method, path) {
         (&Method::GET | &Method::HEAD, "/") => {
@@ -40,7 +40,7 @@ pub fn route<B: From<Full<Bytes>>>(
             let mut r: Response<B> = reply(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
-                watch.page(now, range.as_deref(), &extras),
+                watch.page(now, range.as_deref(), &extras).await,
             );
             let h = r.headers_mut();
             h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -275,6 +275,23 @@ impl History {
         }
     }
 
+    /// Every bucket kept, as the state keeps them.
+    pub fn rows(&self) -> Vec<Row> {
+        let mut out = Vec::new();
+        for (key, series) in &self.series {
+            for resolution in Resolution::ALL {
+                out.extend(series.ring(resolution).iter().map(|(bucket, value)| Row {
+                    key: key.clone(),
+                    kind: series.kind,
+                    resolution,
+                    bucket: *bucket,
+                    value: *value,
+                }));
+            }
+        }
+        out
+    }
+
     /// The series named `name`, whatever their labels.
     pub fn named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Series> + 'a {
         let prefix_end = format!("{name}{{");

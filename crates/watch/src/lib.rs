@@ -22,7 +22,7 @@ pub mod svg;
 
 use alerts::{Alerts, Event};
 use dashboard::{Extras, Face, Range};
-use history::History;
+use history::{History, Resolution};
 use parking_lot::Mutex;
 use persist::HistoryFile;
 use settings::WatchSettings;
@@ -43,7 +43,22 @@ pub struct Watch {
     file: Option<Mutex<HistoryFile>>,
     notifier: notify::Notifier,
     every: Duration,
+    /// Fleet mode: the fleet's history on Redis, and what this process
+    /// changed since it last wrote there.
+    fleet: Option<Fleet>,
 }
+
+#[derive(Debug)]
+struct Fleet {
+    store: tollgate_store::redis::FleetHistory,
+    /// This process among the fleet's (host, pid, start).
+    node: String,
+    unsent: Mutex<Vec<history::Row>>,
+}
+
+/// Rows kept for Redis while it is down; past this the oldest go (the
+/// local history and file keep them).
+const MAX_UNSENT: usize = 200_000;
 
 impl Watch {
     /// A face's watch: history kept in `settings`' `[history] path`, or in
@@ -78,7 +93,29 @@ impl Watch {
             file,
             notifier,
             every: Duration::from_secs(settings.every),
+            fleet: None,
         })
+    }
+
+    /// Fleet mode: also keep the history in the fleet's Redis (`[store]`),
+    /// and draw pages from every node's.
+    pub fn with_fleet(
+        mut self,
+        store: &tollgate_core::policy::RedisSettings,
+    ) -> Result<Watch, String> {
+        let store = tollgate_store::redis::FleetHistory::new(store).map_err(|e| e.to_string())?;
+        let host = std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "node".into());
+        self.fleet = Some(Fleet {
+            store,
+            node: format!("{host}:{}:{}", std::process::id(), unix_now()),
+            unsent: Mutex::new(Vec::new()),
+        });
+        Ok(self)
     }
 
     /// The same watch, its webhooks retried so (tests: short waits).
@@ -111,7 +148,44 @@ impl Watch {
                 tracing::warn!("history not written: {e}");
             }
         }
+        if let Some(fleet) = &self.fleet {
+            let mut unsent = fleet.unsent.lock();
+            unsent.extend(changed);
+            if unsent.len() > MAX_UNSENT {
+                let over = unsent.len() - MAX_UNSENT;
+                unsent.drain(..over);
+            }
+        }
         events
+    }
+
+    /// Fleet mode: write what changed here to the fleet's Redis.
+    pub async fn send_to_fleet(&self) {
+        let Some(fleet) = &self.fleet else { return };
+        let rows = std::mem::take(&mut *fleet.unsent.lock());
+        if rows.is_empty() {
+            return;
+        }
+        let written: Vec<(i64, i64, &str, &str, f64)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.resolution.code(),
+                    r.bucket,
+                    r.kind.as_str(),
+                    r.key.as_str(),
+                    r.value,
+                )
+            })
+            .collect();
+        let keep =
+            Resolution::ALL.map(|r| Duration::from_secs((r.kept() * r.seconds() + 3600) as u64));
+        if let Err(e) = fleet.store.write(&fleet.node, &written, keep).await {
+            tracing::warn!("history not written to the fleet's store (kept for the next try): {e}");
+            let mut unsent = fleet.unsent.lock();
+            let newer = std::mem::replace(&mut *unsent, rows);
+            unsent.extend(newer);
+        }
     }
 
     /// Scrape `metrics()` every `[history] every` until the task is
@@ -125,6 +199,7 @@ impl Watch {
         loop {
             every.tick().await;
             self.tick(unix_now(), &metrics());
+            self.send_to_fleet().await;
         }
     }
 
@@ -133,18 +208,32 @@ impl Watch {
         self.alerts.lock().daily = daily;
     }
 
-    /// The dashboard page for `?range=`.
-    pub fn page(&self, now: i64, range: Option<&str>, extras: &Extras) -> String {
-        let history = self.history.lock();
+    /// The dashboard page for `?range=`: this process's history, or in
+    /// fleet mode every node's (this one's when the fleet's store does not
+    /// answer, and the page says so).
+    pub async fn page(&self, now: i64, range: Option<&str>, extras: &Extras) -> String {
+        let range = Range::named(range);
+        let Some(fleet) = &self.fleet else {
+            let history = self.history.lock();
+            let alerts = self.alerts.lock();
+            return dashboard::page(self.face, &history, &alerts, extras, range, now);
+        };
+        self.send_to_fleet().await;
+        let (history, listen) = match fleet_history(&fleet.store, &range, now).await {
+            Ok(history) => (history, format!("{} · the fleet", extras.listen)),
+            Err(e) => {
+                tracing::warn!("the dashboard shows this node only: {e}");
+                let mut own = History::default();
+                own.restore(self.history.lock().rows(), now);
+                (own, format!("{} · this node only (the fleet's store: {e})", extras.listen))
+            }
+        };
+        let extras = Extras {
+            listen,
+            ..extras.clone()
+        };
         let alerts = self.alerts.lock();
-        dashboard::page(
-            self.face,
-            &history,
-            &alerts,
-            extras,
-            Range::named(range),
-            now,
-        )
+        dashboard::page(self.face, &history, &alerts, &extras, range, now)
     }
 
     /// `GET /v1/alerts`: what fires now, the last events, and the rules.
@@ -174,6 +263,64 @@ impl Watch {
         let h = self.history.lock();
         (h.len(), h.dropped)
     }
+}
+
+/// Every node's history for a page of `range`: its buckets, and the last
+/// 24 hours by the minute (the tiles' windows), each series added up over
+/// the nodes, but figures every node reads alike from the shared store (a
+/// limit's remaining and quota, a pace) taken once (the largest).
+async fn fleet_history(
+    store: &tollgate_store::redis::FleetHistory,
+    range: &Range,
+    now: i64,
+) -> Result<History, tollgate_store::redis::RedisError> {
+    let mut wanted = vec![(range.resolution, range.buckets(now))];
+    if range.resolution != Resolution::Minute || range.seconds < 86_400 {
+        let day = Range {
+            name: "24h",
+            seconds: 86_400,
+            resolution: Resolution::Minute,
+        };
+        if range.resolution == Resolution::Minute {
+            wanted.clear();
+        }
+        wanted.push((Resolution::Minute, day.buckets(now)));
+    }
+    let mut merged: std::collections::BTreeMap<(Resolution, i64, String), (sample::Kind, f64)> =
+        Default::default();
+    for (resolution, buckets) in wanted {
+        for (bucket, row) in store.read(resolution.code(), &buckets).await? {
+            let Some(kind) = sample::Kind::parse(&row.kind) else {
+                continue;
+            };
+            let shared = kind == sample::Kind::Gauge
+                && (row.series.starts_with("tollgate_upstream_limit_")
+                    || row.series.starts_with("tollgate_upstream_effective_rate")
+                    || row.series.starts_with("tollgate_upstream_limits_rate"));
+            let slot = merged
+                .entry((resolution, bucket, row.series))
+                .or_insert((kind, if shared { f64::MIN } else { 0.0 }));
+            slot.1 = if shared {
+                slot.1.max(row.value)
+            } else {
+                slot.1 + row.value
+            };
+        }
+    }
+    let mut history = History::default();
+    history.restore(
+        merged
+            .into_iter()
+            .map(|((resolution, bucket, key), (kind, value))| history::Row {
+                key,
+                kind,
+                resolution,
+                bucket,
+                value,
+            }),
+        now,
+    );
+    Ok(history)
 }
 
 fn finite(v: f64) -> Option<f64> {

@@ -25,9 +25,11 @@
 //! about 52 days of now (`check_policy` refuses the rest, naming the limit).
 
 mod denials;
+mod history;
 mod pauses;
 mod shelf;
 
+pub use history::{FleetHistory, HistoryRow};
 pub use pauses::Pauses;
 pub use shelf::{SharedCache, Stamp, MAX_DEPTH};
 

@@ -6,10 +6,10 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 mod common;
-use common::{http, write, Upstream};
+use common::{write, Running, Upstream};
 use tollgate_testkit::free_port;
 
 const JOBS: usize = 10_000;
@@ -30,15 +30,6 @@ print(r.status_code, job["status"], job["result"]["status"])
 "#;
 const BATCH: usize = 1_000;
 
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `tollgate proxy` on `config`, its access log (stdout) into `log`.
 fn proxy(config: &Path, admin: &str, log: &Path) -> Running {
     let log = std::fs::File::create(log).expect("log file");
@@ -52,16 +43,8 @@ fn proxy(config: &Path, admin: &str, log: &Path) -> Running {
             .spawn()
             .expect("spawn tollgate proxy"),
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(admin).is_ok()
-            && http(admin, "GET", "/healthz", &[]).0 == 200
-        {
-            return running;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("the proxy did not start");
+    common::ready(admin);
+    running
 }
 
 fn results(dir: &Path) -> Vec<serde_json::Value> {

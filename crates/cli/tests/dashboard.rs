@@ -7,22 +7,13 @@
 
 mod common;
 
-use common::{http, write, Upstream};
+use common::{http, write, Running, Upstream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tollgate_testkit::free_port;
 
 const TOKEN: &str = "dashboard-test-token";
-
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir =
@@ -42,16 +33,8 @@ fn start(args: &[&str], admin: &str) -> Running {
             .spawn()
             .expect("spawn tollgate"),
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(admin).is_ok()
-            && http(admin, "GET", "/healthz", &[]).0 == 200
-        {
-            return running;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("tollgate {args:?} did not start");
+    common::ready(admin);
+    running
 }
 
 fn bearer() -> String {

@@ -314,10 +314,16 @@ fn every_gateway_dashboard_shows_the_whole_fleet() {
     );
     let (a, b) = (common::serve(&config), common::serve(&config));
     for _ in 0..5 {
-        assert_eq!(http(&a.proxy, "/v1/jobs", &[("x-tenant-id", "acme")]).0, 200);
+        assert_eq!(
+            http(&a.proxy, "/v1/jobs", &[("x-tenant-id", "acme")]).0,
+            200
+        );
     }
     for _ in 0..3 {
-        assert_eq!(http(&b.proxy, "/v1/jobs", &[("x-tenant-id", "globex")]).0, 200);
+        assert_eq!(
+            http(&b.proxy, "/v1/jobs", &[("x-tenant-id", "globex")]).0,
+            200
+        );
     }
     // The page's 2xx total: both nodes' once each has written its buckets
     // (every second).
@@ -333,9 +339,16 @@ fn every_gateway_dashboard_shows_the_whole_fleet() {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     for admin in [&a.admin, &b.admin] {
         while drawn(admin) < 8.0 {
-            assert!(std::time::Instant::now() < deadline, "the fleet's total never reached 8");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the fleet's total never reached 8"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
-        assert_eq!(drawn(admin), 8.0, "5 on one node and 3 on the other, counted once each");
+        assert_eq!(
+            drawn(admin),
+            8.0,
+            "5 on one node and 3 on the other, counted once each"
+        );
     }
 }

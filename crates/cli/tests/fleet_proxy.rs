@@ -5,25 +5,15 @@
 //! runner works its jobs; the vendor must never deny one.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Instant;
 mod common;
-use common::{http, text, write};
+use common::{http, ready, text, write, Running};
 use tollgate_testkit::{free_port, redis_url, unique_prefix};
 
 /// The vendor's quota: a burst of 10, then 40 a second, for everyone.
 const LIMIT: &str =
     "name = \"rate\"\nalgorithm = \"token_bucket\"\ncapacity = 10\nrefill = \"40/s\"\n";
-
-/// A child process stopped (and reaped) on drop.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn tollgate(args: &[&str], env: &[(&str, &str)]) -> Running {
     Running(
@@ -35,19 +25,6 @@ fn tollgate(args: &[&str], env: &[(&str, &str)]) -> Running {
             .spawn()
             .expect("spawn tollgate"),
     )
-}
-
-/// Wait until `addr` answers `/healthz`.
-fn ready(addr: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(addr).is_ok() && http(addr, "GET", "/healthz", &[]).0 == 200
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{addr} did not answer /healthz");
 }
 
 /// A counter of the vendor's Prometheus text, 0 when absent.

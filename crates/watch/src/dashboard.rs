@@ -252,10 +252,25 @@ fn alerts_section(active: &[Active]) -> String {
     out
 }
 
-fn tile(html: &mut String, id: &str, name: &str, value: String) {
+/// `part` of `total` as a percentage ("–" of nothing).
+fn share(part: f64, total: f64) -> String {
+    if total > 0.0 {
+        format!("{:.2}%", 100.0 * part / total)
+    } else {
+        "–".into()
+    }
+}
+
+/// A figure and what it is, in the row of tiles above the charts.
+pub(crate) fn tile(html: &mut String, id: &str, name: &str, value: String) {
+    let id = if id.is_empty() {
+        String::new()
+    } else {
+        format!(" id=\"{id}\"")
+    };
     let _ = write!(
         html,
-        "<div class=\"tile\" id=\"{id}\"><b>{}</b>{}</div>",
+        "<div class=\"tile\"{id}><b>{}</b>{}</div>",
         escape(&value),
         escape(name)
     );
@@ -344,16 +359,7 @@ fn comply(
         &format!("calls in {}", range.name),
         number(total),
     );
-    tile(
-        html,
-        "tile-429",
-        "answered 429",
-        if total > 0.0 {
-            format!("{:.2}%", 100.0 * throttled / total)
-        } else {
-            "–".into()
-        },
-    );
+    tile(html, "tile-429", "answered 429", share(throttled, total));
     tile(html, "tile-pending", "jobs pending now", number(pending));
     tile(html, "tile-dead", "dead letters (24 h)", number(dead));
     tile(
@@ -476,16 +482,7 @@ fn gateway(
         &format!("responses in {}", range.name),
         number(total),
     );
-    tile(
-        html,
-        "tile-429",
-        "answered 429",
-        if total > 0.0 {
-            format!("{:.2}%", 100.0 * denied / total)
-        } else {
-            "–".into()
-        },
-    );
+    tile(html, "tile-429", "answered 429", share(denied, total));
     tile(html, "tile-held", "held now", number(held_now));
     tile(html, "tile-keys", "keys tracked", number(keys));
     html.push_str("</div></section>");

@@ -225,7 +225,13 @@ impl Watch {
                 tracing::warn!("the dashboard shows this node only: {e}");
                 let mut own = History::default();
                 own.restore(self.history.lock().rows(), now);
-                (own, format!("{} · this node only (the fleet's store: {e})", extras.listen))
+                (
+                    own,
+                    format!(
+                        "{} · this node only (the fleet's store: {e})",
+                        extras.listen
+                    ),
+                )
             }
         };
         let extras = Extras {

@@ -5,7 +5,7 @@
 //! upstream and workflow). The same page and charts as the dashboard, drawn
 //! once, with no script and nothing fetched.
 
-use crate::dashboard::{head, utc};
+use crate::dashboard::{head, tile, utc};
 use crate::svg::{escape, number, time_chart, Line, Style};
 use std::fmt::Write;
 
@@ -57,15 +57,6 @@ fn time_label(width: i64) -> impl Fn(i64) -> String {
     move |t| utc(t, format)
 }
 
-fn tile(html: &mut String, value: String, name: &str) {
-    let _ = write!(
-        html,
-        "<div class=\"tile\"><b>{}</b>{}</div>",
-        escape(&value),
-        escape(name)
-    );
-}
-
 /// The replay's page.
 pub fn replay(r: &Replay) -> String {
     let mut html = head(
@@ -78,10 +69,25 @@ pub fn replay(r: &Replay) -> String {
         false,
     );
     html.push_str("</header><main><section class=\"wide\"><div class=\"tiles\">");
-    tile(&mut html, number(r.admitted as f64), "admitted at once");
-    tile(&mut html, number(r.held as f64), "held, then admitted");
-    tile(&mut html, number(r.denied as f64), "denied");
-    tile(&mut html, number(r.errors as f64), "not decided (errors)");
+    tile(
+        &mut html,
+        "tile-admitted",
+        "admitted at once",
+        number(r.admitted as f64),
+    );
+    tile(
+        &mut html,
+        "tile-held",
+        "held, then admitted",
+        number(r.held as f64),
+    );
+    tile(&mut html, "tile-denied", "denied", number(r.denied as f64));
+    tile(
+        &mut html,
+        "tile-errors",
+        "not decided (errors)",
+        number(r.errors as f64),
+    );
     html.push_str("</div></section>");
     let label = time_label(r.width);
     let per = crate::format_duration(r.width);
@@ -220,22 +226,25 @@ pub fn plan(title: &str, start: i64, upstreams: &[PlanUpstream]) -> String {
             u.calls,
             escape(&u.name)
         );
-        tile(&mut html, number(u.calls as f64), "calls");
+        tile(&mut html, "", "calls", number(u.calls as f64));
         tile(
             &mut html,
-            crate::format_duration(u.shortest.ceil() as i64),
+            "",
             "the least time the limits allow",
+            crate::format_duration(u.shortest.ceil() as i64),
         );
         tile(
             &mut html,
-            u.binding.clone().unwrap_or_else(|| "none".into()),
+            "",
             "the limit calls wait for",
+            u.binding.clone().unwrap_or_else(|| "none".into()),
         );
         for (limit, peak) in &u.peaks {
             tile(
                 &mut html,
-                format!("{:.0}%", peak * 100.0),
+                "",
                 &format!("peak use of {limit}"),
+                format!("{:.0}%", peak * 100.0),
             );
         }
         html.push_str("</div></section>");

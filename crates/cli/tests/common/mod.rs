@@ -225,3 +225,26 @@ pub fn wait_serving(child: &mut std::process::Child) -> (String, String) {
         .collect();
     (addrs[0].clone(), addrs[1].clone())
 }
+
+/// A `tollgate` process a test started; killed when dropped.
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Wait until the admin listener at `addr` answers `/healthz` (30 s at most).
+pub fn ready(addr: &str) {
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(addr).is_ok() && http(addr, "GET", "/healthz", &[]).0 == 200
+        {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("{addr} did not answer /healthz");
+}

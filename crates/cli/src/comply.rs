@@ -163,6 +163,25 @@ pub fn check(path: &Path, text: &str) -> Result<()> {
             );
         }
     }
+    // [history], [alerts] and [[alert]], as every face reads them (a
+    // webhook's unset url_env is reported like a token's).
+    let watch = tollgate_watch::settings::WatchSettings::parse(text, &|name| {
+        std::env::var(name).ok().or_else(|| {
+            missing.borrow_mut().push(name.to_string());
+            Some("https://unset.invalid/".to_string())
+        })
+    })
+    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    println!(
+        "  alerts: {}; {} webhook(s)",
+        watch
+            .rules
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        watch.webhooks.len()
+    );
     if text.contains("[proxy") {
         // What `tollgate proxy` reads besides: [proxy] and its clients.
         let proxy = tollgate_proxy::ProxySettings::parse(text, &|name| {

@@ -521,3 +521,47 @@ fn simulate_and_plan_reports_draw_what_they_count() {
     assert_eq!(total(&dom, "upstream-0", "nightly"), 100.0);
     assert_eq!(total(&dom, "upstream-0", "(no workflow)"), 200.0);
 }
+
+#[test]
+fn check_names_a_bad_alert_by_line_and_field_and_notes_an_unset_webhook_url() {
+    let dir = temp_dir("check");
+    let base = "[[upstream]]\nname = \"crm\"\nbase_url = \"https://api.example.com\"\n\
+                [[upstream.limit]]\nname = \"day\"\nalgorithm = \"fixed_window\"\nquota = 10\nevery = \"1d\"\n\
+                [[alerts.webhook]]\nurl_env = \"TOLLGATE_TEST_UNSET_WEBHOOK\"\nformat = \"slack\"\n";
+    let check = |text: &str| {
+        let config = write(&dir, "check.toml", text);
+        Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["check", config.as_str()])
+            .env_remove("TOLLGATE_TEST_UNSET_WEBHOOK")
+            .output()
+            .expect("run tollgate check")
+    };
+    let ok = check(base);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let shown = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        shown.contains(
+            "alerts: quota_used, rate_429, queue_depth, dead_letters, latency; 1 webhook(s)"
+        ),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("TOLLGATE_TEST_UNSET_WEBHOOK is not set"),
+        "{shown}"
+    );
+    let bad = check(&format!(
+        "{base}[[alert]]\nname = \"queue_depth\"\nwarning = -1\n"
+    ));
+    assert!(!bad.status.success());
+    let error = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        error.contains(
+            "line 12: [[alert]] 'queue_depth' warning: must be a number 0 or above, not -1"
+        ),
+        "{error}"
+    );
+}

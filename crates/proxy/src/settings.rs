@@ -52,7 +52,7 @@ pub struct ProxySettings {
     /// runner's jobs unless told to.
     pub queue: String,
     /// `[history]`, `[alerts]` and `[[alert]]`: the admin listener's
-    /// dashboard and alerts.
+    /// dashboard and alerts (read by `load`, beside `[proxy]`).
     pub watch: tollgate_watch::settings::WatchSettings,
 }
 
@@ -149,15 +149,7 @@ impl ProxySettings {
             message,
         };
         let raw: RawFile = read_tables(text)?;
-        let mut s = ProxySettings {
-            watch: tollgate_watch::settings::WatchSettings::parse(text, env).map_err(
-                |message| ConfigError {
-                    line: None,
-                    message,
-                },
-            )?,
-            ..ProxySettings::default()
-        };
+        let mut s = ProxySettings::default();
         let Some(raw) = raw.proxy else {
             return Ok(s);
         };

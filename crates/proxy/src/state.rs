@@ -165,6 +165,13 @@ pub fn load(
     };
     let upstreams = tollgate_comply::parse_config(&text, profiles, env).map_err(fail)?;
     let mut settings = ProxySettings::parse(&text, env).map_err(fail)?;
+    settings.watch =
+        tollgate_watch::settings::WatchSettings::parse(&text, env).map_err(|message| {
+            fail(ConfigError {
+                line: None,
+                message,
+            })
+        })?;
     if let Some(a) = overrides.listen {
         settings.listen = a;
     }

@@ -372,6 +372,26 @@ fn comply(
             "–".into()
         },
     );
+    if face == Face::Proxy {
+        // Answered without a call: a cache hit, a coalesced read, a
+        // repeated Idempotency-Key or an unchanged write.
+        let saved: f64 = lines(
+            history,
+            "tollgate_proxy_calls_saved_total",
+            range,
+            buckets,
+            &|_| Some(String::new()),
+        )
+        .iter()
+        .map(Line::total)
+        .sum();
+        tile(
+            html,
+            "tile-saved",
+            &format!("calls saved in {}", range.name),
+            number(saved),
+        );
+    }
     html.push_str("</div></section>");
     let per = if range.resolution == Resolution::Hour {
         "hour"

@@ -72,17 +72,25 @@ impl Watch {
         daily: BTreeSet<String>,
         now: i64,
     ) -> Result<Watch, String> {
-        let path: Option<PathBuf> = match &settings.history_path {
-            Some(explicit) => explicit.clone(),
-            None => state_dir.map(|d| d.join(HISTORY_FILE)),
+        let (path, explicit): (Option<PathBuf>, bool) = match &settings.history_path {
+            Some(path) => (path.clone(), true),
+            None => (state_dir.map(|d| d.join(HISTORY_FILE)), false),
         };
         let mut history = History::default();
-        let file = match path {
+        let opened = path.map(|path| -> Result<HistoryFile, String> {
+            let file = HistoryFile::open(&path).map_err(|e| e.to_string())?;
+            history.restore(file.load(now).map_err(|e| e.to_string())?, now);
+            Ok(file)
+        });
+        let file = match opened {
             None => None,
-            Some(path) => {
-                let file = HistoryFile::open(&path).map_err(|e| e.to_string())?;
-                history.restore(file.load(now).map_err(|e| e.to_string())?, now);
-                Some(Mutex::new(file))
+            Some(Ok(file)) => Some(Mutex::new(file)),
+            Some(Err(e)) if explicit => return Err(e),
+            // The default place is not writable (a read-only directory):
+            // the dashboard still works, its history lasts until a restart.
+            Some(Err(e)) => {
+                tracing::warn!("{e}; history kept in memory only (set [history] path to keep it)");
+                None
             }
         };
         let notifier = notify::Notifier::new(settings.webhooks.clone(), Default::default())?;
@@ -355,4 +363,37 @@ pub fn format_duration(seconds: i64) -> String {
         out.push_str(&format!("{s}s"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unwritable_default_place_keeps_history_in_memory_but_a_named_one_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("tollgate-watch-open-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        // A file where the state directory would be.
+        let blocked = dir.join("state");
+        std::fs::write(&blocked, "").expect("file");
+        let settings = WatchSettings::default();
+        let watch = Watch::open(
+            Face::Gateway,
+            &settings,
+            Some(&blocked),
+            Default::default(),
+            0,
+        )
+        .expect("the default place may fail");
+        assert!(watch.file.is_none());
+        let named = WatchSettings {
+            history_path: Some(Some(blocked.join(HISTORY_FILE))),
+            ..WatchSettings::default()
+        };
+        let error = Watch::open(Face::Gateway, &named, None, Default::default(), 0)
+            .expect_err("a path the config names must work");
+        assert!(error.contains("history file"), "{error}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -19,14 +19,25 @@ struct LimitLabels {
     limit: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyLimitLabels {
+    upstream: String,
+    /// How the config names a pooled key (`${HS_KEY_1}`), never its value.
+    key: String,
+    limit: String,
+}
+
 /// `tollgate_upstream_effective_rate`, `_limits_rate`, `_limit_remaining`
-/// and `_limit_quota`.
+/// and `_limit_quota`, and with a key pool `_key_limit_remaining` and
+/// `_key_limit_quota`.
 #[derive(Debug, Clone, Default)]
 pub struct UpstreamSeries {
     effective_rate: Family<UpstreamLabels, Gauge<f64, AtomicU64>>,
     limits_rate: Family<UpstreamLabels, Gauge<f64, AtomicU64>>,
     limit_remaining: Family<LimitLabels, Gauge>,
     limit_quota: Family<LimitLabels, Gauge>,
+    key_limit_remaining: Family<KeyLimitLabels, Gauge>,
+    key_limit_quota: Family<KeyLimitLabels, Gauge>,
 }
 
 impl UpstreamSeries {
@@ -53,7 +64,34 @@ impl UpstreamSeries {
             "A limit's quota (a bucket's capacity, a window's quota)",
             s.limit_quota.clone(),
         );
+        registry.register(
+            "upstream_key_limit_remaining",
+            "With a key pool: what a limit keyed by the pooled key has left for each key (named as the config names it, never by its value)",
+            s.key_limit_remaining.clone(),
+        );
+        registry.register(
+            "upstream_key_limit_quota",
+            "With a key pool: a per-key limit's quota",
+            s.key_limit_quota.clone(),
+        );
         s
+    }
+
+    /// Each pooled key's limits now: (key's label, limit, remaining,
+    /// quota), as `Upstream::key_limits_remaining` gives them.
+    pub fn set_keys(&self, upstream: &str, keys: &[(String, String, u64, u64)]) {
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        for (key, limit, remaining, quota) in keys {
+            let l = KeyLimitLabels {
+                upstream: upstream.to_string(),
+                key: key.clone(),
+                limit: limit.clone(),
+            };
+            self.key_limit_remaining
+                .get_or_create(&l)
+                .set(gauge(*remaining));
+            self.key_limit_quota.get_or_create(&l).set(gauge(*quota));
+        }
     }
 
     /// Upstream `upstream` now: its pace (per second; the effective rate is

@@ -165,6 +165,40 @@ impl Upstream {
             .collect()
     }
 
+    /// With a key pool: what each limit keyed by the pooled key has left
+    /// for each key, (key's label, limit, remaining, quota). The label is
+    /// how the config names the key (`${HS_KEY_1}`), never its value.
+    pub fn key_limits_remaining(
+        &self,
+        engine: &tollgate_store::Engine,
+        now: tollgate_core::Nanos,
+    ) -> Vec<(String, String, u64, u64)> {
+        use tollgate_core::policy::{AlgorithmKind, KeyPart};
+        let mut out = Vec::new();
+        for (i, limit) in engine.policy().limits.iter().enumerate() {
+            let per_key = limit
+                .key
+                .iter()
+                .any(|p| matches!(p, KeyPart::Header(name) if *name == self.key_header));
+            if !per_key || limit.algorithm == AlgorithmKind::Concurrency {
+                continue;
+            }
+            for k in &self.keys {
+                let Some(key) = self.own_key(limit, Some(&k.stand_in)) else {
+                    continue;
+                };
+                let usage = usage_of(engine, i, key, now);
+                out.push((
+                    k.label.clone(),
+                    limit.name.clone(),
+                    usage.remaining,
+                    limit.params(0).policy().0,
+                ));
+            }
+        }
+        out
+    }
+
     /// `upstream/limit` of each of its limits whose quota is per day or
     /// longer: what the daily-quota alert watches.
     pub fn daily_limits(&self) -> Vec<String> {

@@ -109,6 +109,7 @@ impl Proxy {
                         .then(|| l.cache.sizes().into_iter().sum()),
                     reserve_calls: s.counters().reserve_used,
                     remaining: u.limits_remaining(s.engine(), now),
+                    key_remaining: u.key_limits_remaining(s.engine(), now),
                 })
             });
         let jobs = self.jobs.now(self.clock.now());

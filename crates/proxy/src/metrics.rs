@@ -160,6 +160,8 @@ pub struct LineNow {
     /// Per limit (budgets included) the upstream's own calls count under:
     /// (name, remaining, quota).
     pub remaining: Vec<(String, u64, u64)>,
+    /// With a key pool: (key's label, limit, remaining, quota).
+    pub key_remaining: Vec<(String, String, u64, u64)>,
 }
 
 impl Default for Metrics {
@@ -378,6 +380,8 @@ impl Metrics {
                 line.limits_rate,
                 &line.remaining,
             );
+            self.upstream
+                .set_keys(&labels.upstream, &line.key_remaining);
             // (the line counts; the series only ever rises, across reloads)
             let reserve_calls = self.reserve_calls.get_or_create(&labels);
             if line.reserve_calls > reserve_calls.get() {

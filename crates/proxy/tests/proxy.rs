@@ -656,6 +656,49 @@ async fn three_keys_give_three_times_the_rate_of_one_with_no_429() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn each_pooled_key_shows_what_its_limits_have_left_by_its_name_never_its_value() {
+    let up = tollgate_testkit::upstream::scripted(|_, _| ok()).await;
+    let limits = format!("{}\n[[upstream.limit]]\nname = \"per-key\"\nkey = [\"header:authorization\"]\nalgorithm = \"token_bucket\"\ncapacity = 5\nrefill = \"1/h\"\n", pool_keys());
+    let proxy = start(&upstream("crm", up.addr, &limits)).await;
+    for i in 0..4 {
+        assert_eq!(
+            get(&proxy.url("crm", &format!("/r/{i}")), &[])
+                .await
+                .status(),
+            200
+        );
+    }
+    let metrics = text(&proxy.admin_url("/metrics")).await;
+    let per_key = |name: &str| -> Vec<f64> {
+        (1..=3)
+            .map(|i| {
+                let series = format!(
+                    "{name}{{upstream=\"crm\",key=\"${{TOLLGATE_TEST_POOL_K{i}}}\",limit=\"per-key\"}} "
+                );
+                metrics
+                    .lines()
+                    .find_map(|l| l.strip_prefix(series.as_str()))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or_else(|| panic!("no {series} in {metrics}"))
+            })
+            .collect()
+    };
+    let remaining = per_key("tollgate_upstream_key_limit_remaining");
+    let quota = per_key("tollgate_upstream_key_limit_quota");
+    let used: f64 = quota.iter().zip(&remaining).map(|(q, r)| q - r).sum();
+    assert_eq!(
+        used, 4.0,
+        "the 4 calls spread over the keys: {remaining:?} of {quota:?}"
+    );
+    for i in 1..=3 {
+        assert!(
+            !metrics.contains(&format!("k-{i}")),
+            "a key's value in /metrics"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_key_the_vendor_revokes_is_parked_and_its_share_moves_to_the_others() {
     let revoked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let gone = revoked.clone();

@@ -426,7 +426,7 @@ fn comply(
         .named("tollgate_upstream_limit_quota")
         .filter_map(|s| Some((limit_name(s)?, s.latest()?)))
         .collect();
-    let bars: Vec<Bar> = history
+    let mut bars: Vec<Bar> = history
         .named("tollgate_upstream_limit_remaining")
         .filter_map(|s| {
             let name = limit_name(s)?;
@@ -438,6 +438,26 @@ fn comply(
             })
         })
         .collect();
+    // A key pool's limits, key by key.
+    let key_name =
+        |s: &crate::history::Series| Some(format!("{} key {}", limit_name(s)?, s.label("key")?));
+    let key_quotas: BTreeMap<String, f64> = history
+        .named("tollgate_upstream_key_limit_quota")
+        .filter_map(|s| Some((key_name(s)?, s.latest()?)))
+        .collect();
+    bars.extend(
+        history
+            .named("tollgate_upstream_key_limit_remaining")
+            .filter_map(|s| {
+                let name = key_name(s)?;
+                let of = *key_quotas.get(&name)?;
+                Some(Bar {
+                    used: (of - s.latest()?).max(0.0),
+                    of,
+                    name,
+                })
+            }),
+    );
     html.push_str(&quota_bars(
         "quota",
         "Quota used now, by upstream, limit and workflow (a budget is LIMIT/WORKFLOW)",

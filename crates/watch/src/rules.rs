@@ -172,7 +172,7 @@ pub fn grafana_dashboard() -> serde_json::Value {
         panel(3, "Queue depth (jobs not yet final)", "line",
             &[("sum by (upstream) (tollgate_jobs_pending)", "{{upstream}}"), ("sum by (upstream) (tollgate_proxy_waiting)", "{{upstream}} (live)")], true, 0, 8),
         panel(4, "Quota used now (%)", "bargauge",
-            &[("100 * (1 - tollgate_upstream_limit_remaining / tollgate_upstream_limit_quota)", "{{upstream}} {{limit}}")], false, 12, 8),
+            &[("100 * (1 - tollgate_upstream_limit_remaining / tollgate_upstream_limit_quota)", "{{upstream}} {{limit}}"), ("100 * (1 - tollgate_upstream_key_limit_remaining / tollgate_upstream_key_limit_quota)", "{{upstream}} {{limit}} key {{key}}")], false, 12, 8),
         panel(5, "Average queued to done (s), 15 min", "line",
             &[("sum by (upstream) (increase(tollgate_job_seconds_sum[15m])) / sum by (upstream) (increase(tollgate_job_seconds_count[15m]))", "{{upstream}}")], false, 0, 16),
         panel(6, "Gateway: responses by status", "line",

@@ -564,24 +564,19 @@ impl MemoryStore {
                     }
                     // Parts per million of the quota: comparable across limits.
                     let share = used.saturating_mul(1_000_000) / quota;
-                    if top.len() < n {
-                        top.push(Reverse((
-                            share,
-                            t.limit,
-                            entry.key.clone(),
-                            remaining,
-                            quota,
-                        )));
-                    } else if top.peek().is_some_and(|Reverse(least)| share > least.0) {
+                    if top.len() >= n {
+                        if n == 0 || top.peek().is_some_and(|Reverse(least)| share <= least.0) {
+                            continue;
+                        }
                         top.pop();
-                        top.push(Reverse((
-                            share,
-                            t.limit,
-                            entry.key.clone(),
-                            remaining,
-                            quota,
-                        )));
                     }
+                    top.push(Reverse((
+                        share,
+                        t.limit,
+                        entry.key.clone(),
+                        remaining,
+                        quota,
+                    )));
                 }
             }
         }

@@ -172,16 +172,7 @@ pub fn time_chart(
                 for (i, v) in line.values.iter().enumerate() {
                     let _ = write!(svg, "{:.1},{:.1} ", x(i), y(*v));
                 }
-                svg.push_str("\" data-values=\"");
-                for (i, v) in line.values.iter().enumerate() {
-                    let _ = write!(
-                        svg,
-                        "{}:{} ",
-                        buckets.get(i).copied().unwrap_or(0),
-                        datum(*v)
-                    );
-                }
-                svg.push_str("\"/>");
+                data_values(&mut svg, buckets, &line.values);
             }
             Style::StackedBars => {
                 for (i, v) in line.values.iter().enumerate() {
@@ -212,17 +203,10 @@ pub fn time_chart(
                 for i in (0..line.values.len()).rev() {
                     let _ = write!(svg, "{:.1},{:.1} ", x(i), y(base[i]));
                 }
-                svg.push_str("\" data-values=\"");
-                for (i, v) in line.values.iter().enumerate() {
-                    let _ = write!(
-                        svg,
-                        "{}:{} ",
-                        buckets.get(i).copied().unwrap_or(0),
-                        datum(*v)
-                    );
-                    base[i] += v;
+                data_values(&mut svg, buckets, &line.values);
+                for (b, v) in base.iter_mut().zip(&line.values) {
+                    *b += v;
                 }
-                svg.push_str("\"/>");
             }
         }
         svg.push_str("</g>");
@@ -231,6 +215,20 @@ pub fn time_chart(
     svg.push_str(&legend(lines));
     svg.push_str("</figure>");
     svg
+}
+
+/// Close a shape's points with its values, `bucket:value` each.
+fn data_values(svg: &mut String, buckets: &[i64], values: &[f64]) {
+    svg.push_str("\" data-values=\"");
+    for (i, v) in values.iter().enumerate() {
+        let _ = write!(
+            svg,
+            "{}:{} ",
+            buckets.get(i).copied().unwrap_or(0),
+            datum(*v)
+        );
+    }
+    svg.push_str("\"/>");
 }
 
 fn legend(lines: &[Line]) -> String {

@@ -230,7 +230,8 @@ fn the_gateway_dashboard_draws_its_denials_and_its_busiest_keys() {
         "serve.toml",
         &format!(
             "[history]\npath = \"{}\"\nevery = \"1s\"\n\
-             [[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"token_bucket\"\ncapacity = 5\nrefill = \"1/min\"\n",
+             [[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"token_bucket\"\ncapacity = 5\nrefill = \"1/min\"\n\
+             [[limit]]\nname = \"per-token\"\nkey = [\"header:authorization\"]\nalgorithm = \"token_bucket\"\ncapacity = 100\nrefill = \"1/min\"\n",
             dir.join("history.sqlite").display()
         ),
     );
@@ -242,10 +243,18 @@ fn the_gateway_dashboard_draws_its_denials_and_its_busiest_keys() {
     let _running = Running(child);
     assert_protected(&admin);
     for _ in 0..8 {
-        http(&proxy, "GET", "/v1/jobs", &[("x-tenant", "acme")]);
+        let acme = [
+            ("x-tenant", "acme"),
+            ("authorization", "Bearer secret-acme"),
+        ];
+        http(&proxy, "GET", "/v1/jobs", &acme);
     }
     for _ in 0..2 {
-        http(&proxy, "GET", "/v1/jobs", &[("x-tenant", "globex")]);
+        let globex = [
+            ("x-tenant", "globex"),
+            ("authorization", "Bearer secret-globex"),
+        ];
+        http(&proxy, "GET", "/v1/jobs", &globex);
     }
     let denied = metric(&admin, "tollgate_responses_total", &["code=\"429\""]);
     let ok = metric(&admin, "tollgate_responses_total", &["code=\"200\""]);
@@ -270,6 +279,15 @@ fn the_gateway_dashboard_draws_its_denials_and_its_busiest_keys() {
     assert!(
         dom.contains("data-series=\"tenant (0 requests left)\""),
         "the key searched"
+    );
+    // A key taken from a credential header is shown as a digest, never as it is.
+    assert!(
+        dom.contains("data-limit=\"per-token\" data-key=\"sha256:"),
+        "the token's key listed"
+    );
+    assert!(
+        !dom.contains("secret-acme") && !dom.contains("secret-globex"),
+        "a client token on the page"
     );
 }
 

@@ -282,12 +282,7 @@ impl std::fmt::Debug for Headers {
 
 /// What a limit keyed by a secret header sees instead of the secret: a
 /// digest, the same in every process (runners and proxies share buckets).
-pub fn stand_in(secret: &str) -> String {
-    use sha2::Digest;
-    let hash = sha2::Sha256::digest(secret.as_bytes());
-    let hex: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
-}
+pub use tollgate_http::admin::stand_in;
 
 /// FNV-1a: tells secrets apart (a reload notices a changed key) without
 /// showing them.

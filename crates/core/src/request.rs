@@ -198,24 +198,35 @@ pub fn encode_key(parts: &[&str]) -> CompactString {
     key
 }
 
-/// A key as people read it (dashboards, reports): its parts separated by
-/// `|`, a missing part shown as `-`.
-pub fn shown_key(key: &str) -> String {
-    let mut out = String::with_capacity(key.len());
+/// A key's parts as they were given (None: a part the request did not
+/// have), the inverse of `encode_key`.
+pub fn key_parts(key: &str) -> Vec<Option<String>> {
+    let mut parts = vec![Some(String::new())];
     let mut escaped = false;
     for c in key.chars() {
+        let last = parts.last_mut().expect("one part at least");
         match c {
             _ if escaped => {
-                out.push(c);
+                last.get_or_insert_with(String::new).push(c);
                 escaped = false;
             }
             KEY_ESCAPE => escaped = true,
-            KEY_SEPARATOR => out.push('|'),
-            KEY_MISSING => out.push('-'),
-            c => out.push(c),
+            KEY_SEPARATOR => parts.push(Some(String::new())),
+            KEY_MISSING => *last = None,
+            c => last.get_or_insert_with(String::new).push(c),
         }
     }
-    out
+    parts
+}
+
+/// A key as people read it (dashboards, reports): its parts separated by
+/// `|`, a missing part shown as `-`.
+pub fn shown_key(key: &str) -> String {
+    key_parts(key)
+        .into_iter()
+        .map(|p| p.unwrap_or_else(|| "-".into()))
+        .collect::<Vec<_>>()
+        .join("|")
 }
 
 fn push_escaped(key: &mut CompactString, value: &str) {
@@ -434,6 +445,9 @@ mod tests {
         let mut missing = CompactString::default();
         missing.push(KEY_MISSING);
         assert_eq!(shown_key(&missing), "-");
+        let parts = ["acme", "a\u{1f}b\u{1d}", ""];
+        let back: Vec<Option<String>> = key_parts(&encode_key(&parts));
+        assert_eq!(back, parts.map(|p| Some(p.to_string())).to_vec());
     }
 
     #[test]

@@ -258,8 +258,8 @@ pub(crate) async fn serve_admin(
 
 async fn answer(
     req: &Request<hyper::body::Incoming>,
-    metrics: &RunMetrics,
-    watch: &tollgate_watch::Watch,
+    metrics: &Arc<RunMetrics>,
+    watch: &Arc<tollgate_watch::Watch>,
     listen: &str,
     clock: &tollgate_store::TokioClock,
     token: Option<&str>,
@@ -267,18 +267,24 @@ async fn answer(
     use tollgate_core::Clock;
     use tollgate_http::admin::{admin_allowed, problem, reply, OPENMETRICS};
     let path = req.uri().path();
-    if path != "/healthz" && !admin_allowed(req.headers(), token) {
+    if path != "/healthz" && !admin_allowed(req, token) {
         return tollgate_http::Refusal::Unauthorized
             .response(&tollgate_http::ResponseSettings::default(), "admin");
     }
-    let render = || metrics.render(clock.now());
-    let extras = |_: Option<&str>| tollgate_watch::dashboard::Extras {
-        listen: listen.to_string(),
-        ..Default::default()
-    };
     let query = req.uri().query().unwrap_or("");
-    if let Some(r) =
-        tollgate_watch::admin::route(watch, req.method(), path, query, &render, &extras).await
+    let (scraped, at, listen) = (metrics.clone(), clock.clone(), listen.to_string());
+    if let Some(r) = tollgate_watch::admin::route(
+        watch,
+        req.method(),
+        path,
+        query,
+        Arc::new(move || scraped.render(at.now())),
+        Arc::new(move |_| tollgate_watch::dashboard::Extras {
+            listen: listen.clone(),
+            ..Default::default()
+        }),
+    )
+    .await
     {
         return r;
     }

@@ -710,7 +710,7 @@ impl<'a> Driver<'a> {
             self.show_lines();
             admin
                 .watch
-                .tick(tollgate_watch::unix_now(), &metrics.render(self.now()));
+                .tick(tollgate_watch::unix_now(), || metrics.render(self.now()));
         }
     }
 

@@ -19,6 +19,43 @@ use tollgate_core::{Attrs, Clock, Item};
 use tollgate_http::admin::{self, json, problem, reply};
 use tollgate_http::Refusal;
 
+/// The config in force as `/v1/config` shows it: as written, but for
+/// webhook URLs and the store's password.
+fn shown_config(text: &str) -> String {
+    match text.parse::<toml_edit::DocumentMut>() {
+        Ok(mut doc) => {
+            tollgate_watch::settings::hide_secrets(&mut doc);
+            doc.to_string()
+        }
+        Err(_) => "# the config in force cannot be shown\n".into(),
+    }
+}
+
+/// A store key as the dashboard shows it: its parts separated by `|`, a
+/// part taken from a credential header (a client's token or key) as a
+/// digest, never as it is.
+fn shown_part_by_part(parts: &[tollgate_core::policy::KeyPart], key: &str) -> String {
+    use tollgate_core::policy::KeyPart;
+    let credential = |name: &str| {
+        matches!(name, "authorization" | "proxy-authorization" | "cookie")
+            || ["token", "secret", "key", "auth", "session", "password"]
+                .iter()
+                .any(|w| name.contains(w))
+    };
+    tollgate_core::request::key_parts(key)
+        .into_iter()
+        .enumerate()
+        .map(|(i, part)| match (part, parts.get(i)) {
+            (None, _) => "-".to_string(),
+            (Some(v), Some(KeyPart::Header(name))) if credential(name) => {
+                tollgate_http::admin::stand_in(&v)
+            }
+            (Some(v), _) => v,
+        })
+        .collect::<Vec<_>>()
+        .join("|")
+}
+
 /// Keys the dashboard lists as the busiest.
 const BUSIEST_SHOWN: usize = 10;
 
@@ -74,11 +111,16 @@ impl Gateway {
                 .map(Into::into));
         }
         let query = req.uri().query().unwrap_or("");
-        let render = || self.metrics_text();
-        let extras = |key: Option<&str>| self.dashboard_extras(key);
-        if let Some(r) =
-            tollgate_watch::admin::route(&self.watch, req.method(), &path, query, &render, &extras)
-                .await
+        let (scraped, searched) = (self.clone(), self.clone());
+        if let Some(r) = tollgate_watch::admin::route(
+            &self.watch,
+            req.method(),
+            &path,
+            query,
+            Arc::new(move || scraped.metrics_text()),
+            Arc::new(move |key| searched.dashboard_extras(key)),
+        )
+        .await
         {
             return Ok(r);
         }
@@ -94,7 +136,7 @@ impl Gateway {
                 let mut r = reply(
                     StatusCode::OK,
                     "application/toml",
-                    generation.text.clone(),
+                    shown_config(&generation.text),
                 );
                 if let Ok(v) = HeaderValue::from_str(&generation.loaded_at.to_string()) {
                     r.headers_mut().insert("x-tollgate-loaded-at", v);
@@ -156,7 +198,7 @@ impl Gateway {
             .map(
                 |(limit, key, remaining, quota)| tollgate_watch::dashboard::BusyKey {
                     limit: policy.limits[limit].name.clone(),
-                    key: tollgate_core::request::shown_key(&key),
+                    key: shown_part_by_part(&policy.limits[limit].key, &key),
                     used: (quota - remaining) as f64,
                     quota: quota as f64,
                 },
@@ -226,7 +268,7 @@ impl Gateway {
     }
 
     fn authorized(&self, req: &Request<Incoming>) -> bool {
-        admin::admin_allowed(req.headers(), self.admin_token.as_deref())
+        admin::admin_allowed(req, self.admin_token.as_deref())
     }
 
     /// `GET /v1/usage?key=PART[&key=PART..][&class=NAME][&limit=NAME]`: what

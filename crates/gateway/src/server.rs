@@ -124,7 +124,7 @@ pub async fn serve_workers(
     // The last figures into the history before the process goes.
     gateway
         .watch
-        .tick(tollgate_watch::unix_now(), &gateway.metrics_text());
+        .tick(tollgate_watch::unix_now(), || gateway.metrics_text());
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 
 pub fn reply<B: From<Full<Bytes>>>(
@@ -40,20 +40,34 @@ pub fn problem<B: From<Full<Bytes>>>(
 /// Prometheus' text format, as `/metrics` serves it.
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Whether `headers` carry this token as `Authorization: Bearer TOKEN`, or
+/// The admin paths a browser opens (the dashboard, its alerts): only they
+/// take the token as a Basic password.
+pub const BROWSER_PATHS: [&str; 2] = ["/", "/v1/alerts"];
+
+/// Whether a request to an admin listener carries this token: as
+/// `Authorization: Bearer TOKEN`, or, for a GET or HEAD of `BROWSER_PATHS`,
 /// as the password of `Authorization: Basic` (what a browser sends for the
-/// dashboard; any user name). Always true when no token is configured.
-pub fn admin_allowed(headers: &HeaderMap, token: Option<&str>) -> bool {
+/// dashboard; any user name). A browser resends Basic credentials on its
+/// own, so they never authorize a change (a reload, a retry, a purge): no
+/// other site can make a visitor's browser do one. Always true when no
+/// token is configured.
+pub fn admin_allowed<B>(req: &hyper::Request<B>, token: Option<&str>) -> bool {
     let Some(token) = token else {
         return true;
     };
-    let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+    let Some(value) = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
         return false;
     };
     if let Some(given) = value.strip_prefix("Bearer ") {
         return same_secret(given, token);
     }
-    let Some(encoded) = value.strip_prefix("Basic ") else {
+    let browsing = matches!(*req.method(), hyper::Method::GET | hyper::Method::HEAD)
+        && BROWSER_PATHS.contains(&req.uri().path());
+    let Some(encoded) = value.strip_prefix("Basic ").filter(|_| browsing) else {
         return false;
     };
     use base64::Engine;
@@ -63,6 +77,16 @@ pub fn admin_allowed(headers: &HeaderMap, token: Option<&str>) -> bool {
         .and_then(|raw| String::from_utf8(raw).ok())
         .and_then(|pair| pair.split_once(':').map(|(_, pw)| same_secret(pw, token)))
         .unwrap_or(false)
+}
+
+/// What is shown of a secret (a vendor key, a client token): the first 8
+/// bytes of its SHA-256, `sha256:0123456789abcdef`. Tells secrets apart
+/// without showing any.
+pub fn stand_in(secret: &str) -> String {
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(secret.as_bytes());
+    let hex: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
 }
 
 /// Compare a secret in constant time in its length: no timing hint of a
@@ -81,20 +105,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_token_is_taken_as_a_bearer_or_as_a_basic_password() {
-        let with = |value: &str| {
-            let mut h = HeaderMap::new();
-            h.insert(AUTHORIZATION, HeaderValue::from_str(value).expect("ascii"));
-            admin_allowed(&h, Some("s3cret"))
+    fn the_token_is_taken_as_a_bearer_or_for_the_pages_as_a_basic_password() {
+        let with = |method: &str, path: &str, value: &str| {
+            let req = hyper::Request::builder()
+                .method(method)
+                .uri(path)
+                .header(AUTHORIZATION, value)
+                .body(())
+                .expect("request");
+            admin_allowed(&req, Some("s3cret"))
         };
-        assert!(with("Bearer s3cret"));
-        assert!(!with("Bearer s3cre"));
+        assert!(with("POST", "/v1/reload", "Bearer s3cret"));
+        assert!(!with("GET", "/", "Bearer s3cre"));
         // "admin:s3cret", "anyone:s3cret", "admin:wrong"
-        assert!(with("Basic YWRtaW46czNjcmV0"));
-        assert!(with("Basic YW55b25lOnMzY3JldA=="));
-        assert!(!with("Basic YWRtaW46d3Jvbmc="));
-        assert!(!with("Basic !!!"));
-        assert!(!admin_allowed(&HeaderMap::new(), Some("s3cret")));
-        assert!(admin_allowed(&HeaderMap::new(), None));
+        assert!(with("GET", "/", "Basic YWRtaW46czNjcmV0"));
+        assert!(with("GET", "/v1/alerts", "Basic YW55b25lOnMzY3JldA=="));
+        assert!(!with("GET", "/", "Basic YWRtaW46d3Jvbmc="));
+        assert!(!with("GET", "/", "Basic !!!"));
+        // A browser resends Basic on its own: never for a change, nor for
+        // the other paths.
+        assert!(!with("POST", "/v1/dlq/retry", "Basic YWRtaW46czNjcmV0"));
+        assert!(!with("POST", "/", "Basic YWRtaW46czNjcmV0"));
+        assert!(!with("GET", "/v1/config", "Basic YWRtaW46czNjcmV0"));
+        let bare = hyper::Request::builder()
+            .uri("/")
+            .body(())
+            .expect("request");
+        assert!(!admin_allowed(&bare, Some("s3cret")));
+        assert!(admin_allowed(&bare, None));
     }
 }

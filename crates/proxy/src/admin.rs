@@ -26,21 +26,26 @@ impl Proxy {
         req: Request<Incoming>,
     ) -> Result<Response<ResponseBody>, std::convert::Infallible> {
         let path = req.uri().path().to_string();
-        if path != "/healthz" && !admin::admin_allowed(req.headers(), self.admin_token.as_deref()) {
+        if path != "/healthz" && !admin::admin_allowed(&req, self.admin_token.as_deref()) {
             return Ok(Refusal::Unauthorized
                 .response(&tollgate_http::ResponseSettings::default(), "admin")
                 .map(Into::into));
         }
         let listen = generation_listen(&self);
-        let render = || self.metrics_text();
-        let extras = |_: Option<&str>| tollgate_watch::dashboard::Extras {
-            listen: listen.clone(),
-            ..Default::default()
-        };
+        let scraped = self.clone();
         let query = req.uri().query().unwrap_or("");
-        if let Some(r) =
-            tollgate_watch::admin::route(&self.watch, req.method(), &path, query, &render, &extras)
-                .await
+        if let Some(r) = tollgate_watch::admin::route(
+            &self.watch,
+            req.method(),
+            &path,
+            query,
+            Arc::new(move || scraped.metrics_text()),
+            Arc::new(move |_| tollgate_watch::dashboard::Extras {
+                listen: listen.clone(),
+                ..Default::default()
+            }),
+        )
+        .await
         {
             return Ok(r);
         }
@@ -395,15 +400,7 @@ fn shown(text: &str) -> String {
         }
         _ => {}
     }
-    let url = doc
-        .get_mut("store")
-        .and_then(|s| s.as_table_like_mut())
-        .and_then(|s| s.get_mut("url"));
-    if let Some(url) = url {
-        if let Some(written) = url.as_str().map(tollgate_store::redis::redacted) {
-            *url = toml_edit::value(written);
-        }
-    }
+    tollgate_watch::settings::hide_secrets(&mut doc);
     doc.to_string()
 }
 

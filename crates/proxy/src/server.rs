@@ -69,7 +69,7 @@ pub async fn serve(
     // The last figures into the history before the process goes.
     proxy
         .watch
-        .tick(tollgate_watch::unix_now(), &proxy.metrics_text());
+        .tick(tollgate_watch::unix_now(), || proxy.metrics_text());
     Ok(())
 }
 

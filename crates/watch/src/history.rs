@@ -193,12 +193,20 @@ pub struct Row {
 }
 
 impl History {
-    /// Record a scrape taken at `now`.
+    /// Record a scrape taken at `now`. A gauge that the scrape no longer
+    /// has (a queue that emptied, a limit a reload removed) reads 0 from
+    /// then on, rather than its last value forever.
     pub fn record(&mut self, now: i64, samples: Vec<Sample>) {
+        let mut seen = std::collections::HashSet::with_capacity(samples.len());
         for sample in samples {
             let key = sample.key();
             if !self.series.contains_key(&key) {
                 if self.series.len() >= MAX_SERIES {
+                    if self.dropped == 0 {
+                        tracing::warn!(
+                            "history keeps {MAX_SERIES} series at most: new ones (first: {key}) are not kept until old ones age out"
+                        );
+                    }
                     self.dropped += 1;
                     continue;
                 }
@@ -207,6 +215,7 @@ impl History {
                     Series::new(sample.name, sample.labels, sample.kind),
                 );
             }
+            seen.insert(key.clone());
             let Some(series) = self.series.get_mut(&key) else {
                 continue;
             };
@@ -230,9 +239,28 @@ impl History {
                 self.changed.insert((key.clone(), resolution, bucket));
             }
         }
+        for (key, series) in self.series.iter_mut() {
+            if series.kind == Kind::Gauge
+                && !seen.contains(key)
+                && series.latest().is_some_and(|v| v != 0.0)
+            {
+                for resolution in Resolution::ALL {
+                    let bucket = series.put(resolution, now, 0.0);
+                    self.changed.insert((key.clone(), resolution, bucket));
+                }
+            }
+        }
+        self.prune(now);
+    }
+
+    /// Drop buckets no longer kept, and series left without any (so the
+    /// bound on series counts what is alive).
+    fn prune(&mut self, now: i64) {
         for series in self.series.values_mut() {
             series.prune(now);
         }
+        self.series
+            .retain(|_, s| !(s.minutes.is_empty() && s.hours.is_empty()));
     }
 
     /// The buckets changed since the last call, to be written to the state.
@@ -270,9 +298,7 @@ impl History {
                 series.set_bucket(row.resolution, row.bucket, row.value);
             }
         }
-        for series in self.series.values_mut() {
-            series.prune(now);
-        }
+        self.prune(now);
     }
 
     /// Every bucket kept, as the state keeps them.
@@ -412,6 +438,22 @@ mod tests {
         assert_eq!(
             minutes(&back, "tollgate_upstream_calls_total"),
             vec![(0, 3.0), (1, 6.0), (2, 2.0)]
+        );
+    }
+
+    #[test]
+    fn a_gauge_the_scrape_no_longer_has_reads_zero() {
+        let mut h = History::default();
+        h.record(T0, calls(3));
+        h.record(T0 + 70, parse("# TYPE tollgate_upstream_calls counter\ntollgate_upstream_calls_total{upstream=\"crm\",outcome=\"2xx\"} 3\n"));
+        let pending: Vec<f64> = h
+            .named("tollgate_jobs_pending")
+            .filter_map(|s| s.latest())
+            .collect();
+        assert_eq!(pending, vec![0.0]);
+        assert_eq!(
+            minutes(&h, "tollgate_jobs_pending"),
+            vec![(0, 6.0), (1, 0.0)]
         );
     }
 

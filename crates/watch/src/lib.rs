@@ -31,8 +31,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The history file's name inside a state directory.
+/// The history file's name inside a state directory (`run` and `proxy`,
+/// which never share one state at once).
 pub const HISTORY_FILE: &str = "history.sqlite";
+/// `serve`'s, so a gateway and a proxy started in one directory keep
+/// their own.
+pub const GATEWAY_HISTORY_FILE: &str = "history-serve.sqlite";
 
 /// One face's history, alerts and dashboard.
 #[derive(Debug)]
@@ -74,7 +78,13 @@ impl Watch {
     ) -> Result<Watch, String> {
         let (path, explicit): (Option<PathBuf>, bool) = match &settings.history_path {
             Some(path) => (path.clone(), true),
-            None => (state_dir.map(|d| d.join(HISTORY_FILE)), false),
+            None => {
+                let name = match face {
+                    Face::Gateway => GATEWAY_HISTORY_FILE,
+                    Face::Proxy | Face::Run => HISTORY_FILE,
+                };
+                (state_dir.map(|d| d.join(name)), false)
+            }
         };
         let mut history = History::default();
         let opened = path.map(|path| -> Result<HistoryFile, String> {
@@ -118,9 +128,15 @@ impl Watch {
             .filter(|h| !h.is_empty())
             .or_else(|| std::env::var("HOSTNAME").ok())
             .unwrap_or_else(|| "node".into());
+        let fresh = || format!("{host}:{}:{}", std::process::id(), unix_now());
+        let node = match &self.file {
+            // (kept in the history file: a restart writes over what it restored)
+            Some(file) => file.lock().node(fresh).map_err(|e| e.to_string())?,
+            None => fresh(),
+        };
         self.fleet = Some(Fleet {
             store,
-            node: format!("{host}:{}:{}", std::process::id(), unix_now()),
+            node,
             unsent: Mutex::new(Vec::new()),
         });
         Ok(self)
@@ -139,20 +155,23 @@ impl Watch {
         self.face
     }
 
-    /// Record the scrape `metrics` (the face's `/metrics` text) taken at
+    /// Record the scrape `metrics()` (the face's `/metrics` text) taken at
     /// `now` (Unix seconds), evaluate the alerts, send what fired or
-    /// resolved, and write what changed to the history file.
-    pub fn tick(&self, now: i64, metrics: &str) -> Vec<Event> {
-        let samples = sample::parse(metrics);
-        let (events, changed) = {
+    /// resolved, and write what changed to the history file. The text is
+    /// taken under the history's lock, so two scrapes (the page's and the
+    /// background's) are recorded in the order they were taken.
+    pub fn tick(&self, now: i64, metrics: impl FnOnce() -> String) -> Vec<Event> {
+        let (events, changed, file) = {
             let mut history = self.history.lock();
-            history.record(now, samples);
+            history.record(now, sample::parse(&metrics()));
             let events = self.alerts.lock().evaluate(&history, now);
-            (events, history.take_changed())
+            // (the file's lock before the history's goes: saves keep the order)
+            let file = self.file.as_ref().map(|f| f.lock());
+            (events, history.take_changed(), file)
         };
         self.notifier.send(&events);
-        if let Some(file) = &self.file {
-            if let Err(e) = file.lock().save(&changed, now) {
+        if let Some(mut file) = file {
+            if let Err(e) = file.save(&changed, now) {
                 tracing::warn!("history not written: {e}");
             }
         }
@@ -198,15 +217,19 @@ impl Watch {
 
     /// Scrape `metrics()` every `[history] every` until the task is
     /// dropped (at once when it is "off").
-    pub async fn run(self: Arc<Self>, metrics: impl Fn() -> String + Send + 'static) {
+    /// Each scrape runs on a blocking thread (it writes SQLite), never on
+    /// the runtime serving requests.
+    pub async fn run(self: Arc<Self>, metrics: impl Fn() -> String + Send + Sync + 'static) {
         if self.every.is_zero() {
             return;
         }
+        let metrics = Arc::new(metrics);
         let mut every = tokio::time::interval(self.every);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             every.tick().await;
-            self.tick(unix_now(), &metrics());
+            let (watch, metrics) = (self.clone(), metrics.clone());
+            let _ = tokio::task::spawn_blocking(move || watch.tick(unix_now(), || metrics())).await;
             self.send_to_fleet().await;
         }
     }
@@ -218,36 +241,43 @@ impl Watch {
 
     /// The dashboard page for `?range=`: this process's history, or in
     /// fleet mode every node's (this one's when the fleet's store does not
-    /// answer, and the page says so).
-    pub async fn page(&self, now: i64, range: Option<&str>, extras: &Extras) -> String {
+    /// answer, and the page says so). Drawn on a blocking thread.
+    pub async fn page(self: &Arc<Self>, now: i64, range: Option<&str>, extras: Extras) -> String {
         let range = Range::named(range);
+        let watch = self.clone();
         let Some(fleet) = &self.fleet else {
-            let history = self.history.lock();
-            let alerts = self.alerts.lock();
-            return dashboard::page(self.face, &history, &alerts, extras, range, now);
+            return tokio::task::spawn_blocking(move || {
+                let history = watch.history.lock();
+                let alerts = watch.alerts.lock();
+                dashboard::page(watch.face, &history, &alerts, &extras, range, now)
+            })
+            .await
+            .unwrap_or_default();
         };
         self.send_to_fleet().await;
-        let (history, listen) = match fleet_history(&fleet.store, &range, now).await {
-            Ok(history) => (history, format!("{} · the fleet", extras.listen)),
-            Err(e) => {
-                tracing::warn!("the dashboard shows this node only: {e}");
-                let mut own = History::default();
-                own.restore(self.history.lock().rows(), now);
-                (
-                    own,
-                    format!(
-                        "{} · this node only (the fleet's store: {e})",
-                        extras.listen
-                    ),
-                )
-            }
-        };
-        let extras = Extras {
-            listen,
-            ..extras.clone()
-        };
-        let alerts = self.alerts.lock();
-        dashboard::page(self.face, &history, &alerts, &extras, range, now)
+        let fleet_wide = fleet_history(&fleet.store, &range, now).await;
+        tokio::task::spawn_blocking(move || {
+            let (history, listen) = match fleet_wide {
+                Ok(history) => (history, format!("{} · the fleet", extras.listen)),
+                Err(e) => {
+                    tracing::warn!("the dashboard shows this node only: {e}");
+                    let mut own = History::default();
+                    own.restore(watch.history.lock().rows(), now);
+                    (
+                        own,
+                        format!(
+                            "{} · this node only (the fleet's store: {e})",
+                            extras.listen
+                        ),
+                    )
+                }
+            };
+            let extras = Extras { listen, ..extras };
+            let alerts = watch.alerts.lock();
+            dashboard::page(watch.face, &history, &alerts, &extras, range, now)
+        })
+        .await
+        .unwrap_or_default()
     }
 
     /// `GET /v1/alerts`: what fires now, the last events, and the rules.
@@ -309,6 +339,7 @@ async fn fleet_history(
             };
             let shared = kind == sample::Kind::Gauge
                 && (row.series.starts_with("tollgate_upstream_limit_")
+                    || row.series.starts_with("tollgate_upstream_key_limit_")
                     || row.series.starts_with("tollgate_upstream_effective_rate")
                     || row.series.starts_with("tollgate_upstream_limits_rate"));
             let slot = merged

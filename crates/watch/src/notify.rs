@@ -35,17 +35,26 @@ impl std::fmt::Debug for Webhook {
 }
 
 impl Webhook {
-    /// How the log names a receiver: its host only (a webhook URL is often
-    /// a secret).
-    pub fn shown(&self) -> String {
-        let host = self
-            .url
+    /// Its host, without user, path or query (a webhook URL is often a
+    /// secret).
+    fn host(&self) -> &str {
+        self.url
             .split("://")
             .nth(1)
-            .and_then(|rest| rest.split(['/', '?']).next())
+            .and_then(|rest| rest.split(['/', '?', '#']).next())
             .map(|authority| authority.rsplit('@').next().unwrap_or(authority))
-            .unwrap_or("?");
-        format!("webhook to {host}")
+            .unwrap_or("?")
+    }
+
+    /// How the log names a receiver: its host only.
+    pub fn shown(&self) -> String {
+        format!("webhook to {}", self.host())
+    }
+
+    /// How a shown config writes its URL: `https://host/…`.
+    pub fn scheme_and_host(&self) -> String {
+        let scheme = self.url.split("://").next().unwrap_or("https");
+        format!("{scheme}://{}/…", self.host())
     }
 
     /// The body for `event`.
@@ -58,7 +67,14 @@ impl Webhook {
                     (_, Level::Critical) => ":rotating_light:",
                     _ => ":warning:",
                 };
-                serde_json::json!({ "text": format!("{mark} tollgate: {}", event.summary) })
+                // Slack reads <...> as links and mentions: the summary
+                // (label values may come from clients) is escaped as it asks.
+                let summary = event
+                    .summary
+                    .replace('&', "&amp;")
+                    .replace('<', "&lt;")
+                    .replace('>', "&gt;");
+                serde_json::json!({ "text": format!("{mark} tollgate: {summary}") })
             }
         };
         Bytes::from(value.to_string())

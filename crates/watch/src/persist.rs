@@ -35,10 +35,18 @@ impl HistoryFile {
                 .map_err(|e| fail(format!("cannot create its directory: {e}")))?;
         }
         let conn = Connection::open(path).map_err(|e| fail(e.to_string()))?;
+        // One process per history file: the lock is taken now and kept
+        // (two gateways started in one directory would otherwise write over
+        // each other's buckets); the second is told so at once.
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = NORMAL;
-             PRAGMA busy_timeout = 5000;
+            "PRAGMA busy_timeout = 0;
+             PRAGMA locking_mode = EXCLUSIVE;
+             PRAGMA journal_mode = WAL;
+             BEGIN EXCLUSIVE; COMMIT;",
+        )
+        .map_err(|e| fail(format!("in use by another process? ({e})")))?;
+        conn.execute_batch(
+            "PRAGMA synchronous = NORMAL;
              CREATE TABLE IF NOT EXISTS history (
                  series TEXT NOT NULL,
                  kind TEXT NOT NULL,
@@ -46,7 +54,8 @@ impl HistoryFile {
                  bucket INTEGER NOT NULL,
                  value REAL NOT NULL,
                  PRIMARY KEY (series, resolution, bucket)
-             ) WITHOUT ROWID;",
+             ) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);",
         )
         .map_err(|e| fail(e.to_string()))?;
         Ok(HistoryFile {
@@ -61,6 +70,29 @@ impl HistoryFile {
             path: self.path.clone(),
             message: e.to_string(),
         }
+    }
+
+    /// This history's name among a fleet's, kept in the file: a restarted
+    /// process writes its buckets to Redis under the same name, so the
+    /// buckets it restored are replaced there, not counted twice.
+    pub fn node(&self, fresh: impl FnOnce() -> String) -> Result<String, PersistError> {
+        let kept: Option<String> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE name = 'node'", [], |r| {
+                r.get(0)
+            })
+            .ok();
+        if let Some(node) = kept {
+            return Ok(node);
+        }
+        let node = fresh();
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO meta (name, value) VALUES ('node', ?1)",
+                params![node],
+            )
+            .map_err(|e| self.fail(e))?;
+        Ok(node)
     }
 
     /// Every bucket still kept at `now`.
@@ -186,6 +218,14 @@ mod tests {
         }
         // Past what is kept, nothing loads.
         assert!(file.load(now + 31 * 86_400).expect("load").is_empty());
+        // One process per file.
+        let other = HistoryFile::open(&path).expect_err("a second opener");
+        assert!(
+            other.to_string().contains("in use by another process"),
+            "{other}"
+        );
+        drop(file);
+        HistoryFile::open(&path).expect("free again once closed");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

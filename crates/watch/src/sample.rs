@@ -112,7 +112,13 @@ pub fn parse(text: &str) -> Vec<Sample> {
         if name.ends_with("_created") || name.ends_with("_bucket") {
             continue;
         }
-        let Some(value) = rest.split_whitespace().next().and_then(|v| v.parse().ok()) else {
+        // (NaN and infinities have no place in a sum or a chart)
+        let Some(value) = rest
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| v.is_finite())
+        else {
             continue;
         };
         let kind = match &family {

@@ -243,6 +243,50 @@ impl WatchSettings {
     }
 }
 
+/// Hide what a config's text holds that `/v1/config` must not show: each
+/// webhook's URL (Slack's are secrets) down to its scheme and host, and the
+/// password in `[store] url`.
+pub fn hide_secrets(doc: &mut toml_edit::DocumentMut) {
+    let host_only = |url: &mut toml_edit::Value| {
+        if let Some(text) = url.as_str() {
+            let hidden = crate::notify::Webhook {
+                url: text.to_string(),
+                format: crate::notify::Format::Json,
+            }
+            .scheme_and_host();
+            *url = toml_edit::Value::from(hidden);
+        }
+    };
+    if let Some(alerts) = doc.get_mut("alerts").and_then(|a| a.as_table_like_mut()) {
+        match alerts.get_mut("webhook") {
+            Some(toml_edit::Item::ArrayOfTables(hooks)) => {
+                for hook in hooks.iter_mut() {
+                    if let Some(url) = hook.get_mut("url").and_then(|u| u.as_value_mut()) {
+                        host_only(url);
+                    }
+                }
+            }
+            Some(toml_edit::Item::Value(toml_edit::Value::Array(hooks))) => {
+                for hook in hooks.iter_mut() {
+                    if let Some(url) = hook.as_inline_table_mut().and_then(|h| h.get_mut("url")) {
+                        host_only(url);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let url = doc
+        .get_mut("store")
+        .and_then(|s| s.as_table_like_mut())
+        .and_then(|s| s.get_mut("url"));
+    if let Some(url) = url {
+        if let Some(written) = url.as_str().map(tollgate_store::redis::redacted) {
+            *url = toml_edit::value(written);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,6 +325,29 @@ mod tests {
         );
         assert_eq!((s.rules[2].warning, s.rules[2].critical), (10.0, 20.0));
         assert!(s.rules[4].warning.is_infinite());
+    }
+
+    #[test]
+    fn shown_configs_hide_webhook_urls_and_the_store_password() {
+        let text = "[store]\nkind = \"redis\"\nurl = \"redis://:hunter2@10.0.0.5:6379/0\"\n\
+[[alerts.webhook]]\nurl = \"https://hooks.slack.com/services/T0/B0/SECRET\"\nformat = \"slack\"\n";
+        let mut doc: toml_edit::DocumentMut = text.parse().expect("toml");
+        hide_secrets(&mut doc);
+        let shown = doc.to_string();
+        assert!(
+            !shown.contains("SECRET") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        assert!(shown.contains("https://hooks.slack.com/…"), "{shown}");
+        let mut inline: toml_edit::DocumentMut =
+            "[alerts]\nwebhook = [{ url = \"http://u:p@10.1.1.1:9000/hook?t=x\" }]\n"
+                .parse()
+                .expect("toml");
+        hide_secrets(&mut inline);
+        assert!(
+            inline.to_string().contains("\"http://10.1.1.1:9000/…\""),
+            "{inline}"
+        );
     }
 
     #[test]

@@ -55,7 +55,7 @@ async fn each_alert_reaches_every_receiver_once_fired_once_resolved_through_fail
 
     let mut events = Vec::new();
     for (i, depth) in [10, 1_500, 1_200, 950, 1_010, 500].into_iter().enumerate() {
-        events.extend(watch.tick(T0 + 10 * i as i64, &queue(depth)));
+        events.extend(watch.tick(T0 + 10 * i as i64, || queue(depth)));
     }
     let shown: Vec<(&str, i64)> = events.iter().map(|e| (e.status, e.at)).collect();
     assert_eq!(shown, vec![("firing", T0 + 10), ("resolved", T0 + 50)]);

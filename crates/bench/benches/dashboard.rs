@@ -172,7 +172,68 @@ fn bench(c: &mut Criterion) {
             ))
         })
     });
+    // One scrape as a face records it every `[history] every`: a gateway's
+    // /metrics text (10 limits), parsed, recorded, the alerts evaluated,
+    // the changed buckets written to the SQLite file.
+    let dir = std::env::temp_dir().join(format!("tollgate-bench-tick-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let settings = tollgate_watch::settings::WatchSettings {
+        history_path: Some(Some(dir.join("history.sqlite"))),
+        ..Default::default()
+    };
+    let watch =
+        tollgate_watch::Watch::open(Face::Gateway, &settings, None, Default::default(), NOW)
+            .expect("watch");
+    let mut n = 0u64;
+    let mut at = NOW;
+    group.bench_function(
+        "one scrape of a gateway's /metrics, recorded and written",
+        |b| {
+            b.iter(|| {
+                n += 1;
+                at += 1;
+                let text = gateway_metrics(n);
+                black_box(watch.tick(at, || text))
+            })
+        },
+    );
     group.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A gateway's `/metrics` as its encoder writes it, its counters at `n`
+/// and growing (so each scrape changes every bucket).
+fn gateway_metrics(n: u64) -> String {
+    let mut out = String::from("# TYPE tollgate_decisions counter\n");
+    for l in 0..10 {
+        for o in ["admitted", "held", "denied", "shadow_denied"] {
+            out.push_str(&format!(
+                "tollgate_decisions_total{{limit=\"l{l}\",outcome=\"{o}\"}} {}\n",
+                n * 7
+            ));
+        }
+    }
+    out.push_str("# TYPE tollgate_responses counter\n");
+    for c in [200, 201, 404, 429, 500, 503] {
+        out.push_str(&format!(
+            "tollgate_responses_total{{code=\"{c}\"}} {}\n",
+            n * 11
+        ));
+    }
+    out.push_str("# TYPE tollgate_hold_seconds histogram\n");
+    for le in [
+        "0.0001", "0.0004", "0.0016", "0.0064", "0.0256", "0.1024", "+Inf",
+    ] {
+        out.push_str(&format!(
+            "tollgate_hold_seconds_bucket{{le=\"{le}\"}} {n}\n"
+        ));
+    }
+    out.push_str(&format!(
+        "tollgate_hold_seconds_sum {}\ntollgate_hold_seconds_count {n}\n",
+        n as f64 * 0.01
+    ));
+    out.push_str(&format!("# TYPE tollgate_held gauge\ntollgate_held {}\n# TYPE tollgate_keys gauge\ntollgate_keys 10000\n# EOF\n", n % 5));
+    out
 }
 
 criterion_group!(benches, bench);

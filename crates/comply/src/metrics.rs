@@ -80,17 +80,19 @@ impl UpstreamSeries {
     /// Each pooled key's limits now: (key's label, limit, remaining,
     /// quota), as `Upstream::key_limits_remaining` gives them.
     pub fn set_keys(&self, upstream: &str, keys: &[(String, String, u64, u64)]) {
-        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         for (key, limit, remaining, quota) in keys {
             let l = KeyLimitLabels {
                 upstream: upstream.to_string(),
                 key: key.clone(),
                 limit: limit.clone(),
             };
-            self.key_limit_remaining
-                .get_or_create(&l)
-                .set(gauge(*remaining));
-            self.key_limit_quota.get_or_create(&l).set(gauge(*quota));
+            left_of(
+                &self.key_limit_remaining,
+                &self.key_limit_quota,
+                &l,
+                *remaining,
+                *quota,
+            );
         }
     }
 
@@ -112,16 +114,33 @@ impl UpstreamSeries {
             let effective = effective_rate.unwrap_or(limits);
             self.effective_rate.get_or_create(&labels).set(effective);
         }
-        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         for (limit, remaining, quota) in limits {
             let l = LimitLabels {
                 upstream: upstream.to_string(),
                 limit: limit.clone(),
             };
-            self.limit_remaining
-                .get_or_create(&l)
-                .set(gauge(*remaining));
-            self.limit_quota.get_or_create(&l).set(gauge(*quota));
+            left_of(
+                &self.limit_remaining,
+                &self.limit_quota,
+                &l,
+                *remaining,
+                *quota,
+            );
         }
     }
+}
+
+/// Set a limit's remaining and quota gauges (saturated at i64's range).
+fn left_of<
+    L: Clone + std::hash::Hash + Eq + prometheus_client::encoding::EncodeLabelSet + std::fmt::Debug,
+>(
+    remaining_of: &Family<L, Gauge>,
+    quota_of: &Family<L, Gauge>,
+    labels: &L,
+    remaining: u64,
+    quota: u64,
+) {
+    let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    remaining_of.get_or_create(labels).set(gauge(remaining));
+    quota_of.get_or_create(labels).set(gauge(quota));
 }

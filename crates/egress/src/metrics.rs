@@ -212,8 +212,17 @@ impl RunMetrics {
     }
 }
 
-/// Serve `/healthz` and `/metrics` on `listener` until the task is
-/// dropped; `/metrics` needs `token` as a bearer token when one is set.
+/// What the run's admin listener answers from.
+struct Admin {
+    metrics: Arc<RunMetrics>,
+    watch: Arc<tollgate_watch::Watch>,
+    clock: tollgate_store::TokioClock,
+    token: Option<String>,
+    listen: String,
+}
+
+/// Serve `/`, `/healthz`, `/metrics` and `/v1/alerts` on `listener` until
+/// the task is dropped; all but `/healthz` need `token` when one is set.
 pub(crate) async fn serve_admin(
     listener: tokio::net::TcpListener,
     metrics: Arc<RunMetrics>,
@@ -221,33 +230,23 @@ pub(crate) async fn serve_admin(
     clock: tollgate_store::TokioClock,
     token: Option<String>,
 ) {
-    let token = Arc::new(token);
     let listen = listener
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
+    let admin = Arc::new(Admin {
+        metrics,
+        watch,
+        clock,
+        token,
+        listen,
+    });
     while let Ok((stream, _)) = listener.accept().await {
-        let (metrics, watch, clock, token, listen) = (
-            metrics.clone(),
-            watch.clone(),
-            clock.clone(),
-            token.clone(),
-            listen.clone(),
-        );
+        let admin = admin.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (metrics, watch, clock, token, listen) = (
-                    metrics.clone(),
-                    watch.clone(),
-                    clock.clone(),
-                    token.clone(),
-                    listen.clone(),
-                );
-                async move {
-                    let answer =
-                        answer(&req, &metrics, &watch, &listen, &clock, token.as_deref()).await;
-                    Ok::<_, std::convert::Infallible>(answer)
-                }
+                let admin = admin.clone();
+                async move { Ok::<_, std::convert::Infallible>(admin.answer(&req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -256,45 +255,47 @@ pub(crate) async fn serve_admin(
     }
 }
 
-async fn answer(
-    req: &Request<hyper::body::Incoming>,
-    metrics: &Arc<RunMetrics>,
-    watch: &Arc<tollgate_watch::Watch>,
-    listen: &str,
-    clock: &tollgate_store::TokioClock,
-    token: Option<&str>,
-) -> Response<Full<Bytes>> {
-    use tollgate_core::Clock;
-    use tollgate_http::admin::{admin_allowed, problem, reply, OPENMETRICS};
-    let path = req.uri().path();
-    if path != "/healthz" && !admin_allowed(req, token) {
-        return tollgate_http::Refusal::Unauthorized
-            .response(&tollgate_http::ResponseSettings::default(), "admin");
-    }
-    let query = req.uri().query().unwrap_or("");
-    let (scraped, at, listen) = (metrics.clone(), clock.clone(), listen.to_string());
-    if let Some(r) = tollgate_watch::admin::route(
-        watch,
-        req.method(),
-        path,
-        query,
-        Arc::new(move || scraped.render(at.now())),
-        Arc::new(move |_| tollgate_watch::dashboard::Extras {
-            listen: listen.clone(),
-            ..Default::default()
-        }),
-    )
-    .await
-    {
-        return r;
-    }
-    match path {
-        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/metrics" => reply(StatusCode::OK, OPENMETRICS, metrics.render(clock.now())),
-        other => problem(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            format!("{other} is not an admin path; see /, /healthz, /metrics, /v1/alerts"),
-        ),
+impl Admin {
+    async fn answer(
+        self: Arc<Self>,
+        req: &Request<hyper::body::Incoming>,
+    ) -> Response<Full<Bytes>> {
+        use tollgate_core::Clock;
+        use tollgate_http::admin::{admin_allowed, problem, reply, OPENMETRICS};
+        let path = req.uri().path();
+        if path != "/healthz" && !admin_allowed(req, self.token.as_deref()) {
+            return tollgate_http::Refusal::Unauthorized
+                .response(&tollgate_http::ResponseSettings::default(), "admin");
+        }
+        let query = req.uri().query().unwrap_or("");
+        let (scraped, titled) = (self.clone(), self.clone());
+        if let Some(r) = tollgate_watch::admin::route(
+            &self.watch,
+            req.method(),
+            path,
+            query,
+            Arc::new(move || scraped.metrics.render(scraped.clock.now())),
+            Arc::new(move |_| tollgate_watch::dashboard::Extras {
+                listen: titled.listen.clone(),
+                ..Default::default()
+            }),
+        )
+        .await
+        {
+            return r;
+        }
+        match path {
+            "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+            "/metrics" => reply(
+                StatusCode::OK,
+                OPENMETRICS,
+                self.metrics.render(self.clock.now()),
+            ),
+            other => problem(
+                StatusCode::NOT_FOUND,
+                "Not found",
+                format!("{other} is not an admin path; see /, /healthz, /metrics, /v1/alerts"),
+            ),
+        }
     }
 }

@@ -151,15 +151,10 @@ impl Gateway {
         .map_err(|e| LoadError::Io(format!("[gateway] upstream {e}")))?;
         let clients = (0..MAX_WORKERS)
             .map(|_| {
-                let mut connector = HttpConnector::new();
-                connector.set_connect_timeout(Some(generation.settings.connect_timeout));
-                connector.set_nodelay(true);
-                connector.enforce_http(false);
-                let connector = hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_tls_config(upstream_tls.clone())
-                    .https_or_http()
-                    .enable_http1()
-                    .wrap_connector(connector);
+                let connector = tollgate_http::tls::https_connector(
+                    upstream_tls.clone(),
+                    generation.settings.connect_timeout,
+                );
                 Client::builder(TokioExecutor::new())
                     .pool_idle_timeout(std::time::Duration::from_secs(60))
                     .build(connector)

@@ -188,3 +188,21 @@ pub fn client_config(
         }
     }
 }
+
+/// HTTP, or TLS with `tls`, to any host; no Nagle (a request written in
+/// pieces must not wait for an ACK). Upstream clients and receivers'
+/// clients alike are built on it.
+pub fn https_connector(
+    tls: rustls::ClientConfig,
+    connect_timeout: std::time::Duration,
+) -> hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector> {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http)
+}

@@ -38,17 +38,9 @@ impl Default for Retries {
 /// A client for receivers (built once and shared).
 pub fn client(connect_timeout: Duration) -> Result<Client, String> {
     let tls = crate::tls::client_config(None, None)?;
-    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(connect_timeout));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
     Ok(
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build(https),
+            .build(crate::tls::https_connector(tls, connect_timeout)),
     )
 }
 

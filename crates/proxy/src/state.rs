@@ -442,15 +442,7 @@ fn cache_of(u: &Upstream) -> Result<tollgate_http::cache::Cache, LoadError> {
 fn upstream_client(u: &Upstream) -> Result<UpstreamClient, LoadError> {
     let tls = tollgate_http::tls::client_config(u.ca_file.as_deref(), None)
         .map_err(|e| LoadError::Io(format!("upstream '{}': {e}", u.name)))?;
-    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(u.timeout.min(Duration::from_secs(10))));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
+    let https = tollgate_http::tls::https_connector(tls, u.timeout.min(Duration::from_secs(10)));
     Ok(
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))

@@ -318,14 +318,8 @@ async fn live_requests_go_ahead_of_queued_jobs_and_use_the_reserve() {
         &format!("tollgate_jobs_oldest_age_seconds{queued}"),
     );
     assert!((1.0..2.0).contains(&age), "{age}");
-    let usage: serde_json::Value = http()
-        .get(proxy.admin_url("/v1/usage"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage: serde_json::Value =
+        serde_json::from_str(&text(&proxy.admin_url("/v1/usage")).await).expect("usage JSON");
     let crm = &usage["upstreams"][0];
     assert_eq!(crm["jobs"][0]["pending"], 30 - first_window);
     assert_eq!(crm["reserve_calls"], 2);
@@ -505,14 +499,8 @@ async fn a_spent_budget_holds_back_only_its_workflows_jobs() {
         ),
         0.0
     );
-    let usage: serde_json::Value = http()
-        .get(proxy.admin_url("/v1/usage"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage: serde_json::Value =
+        serde_json::from_str(&text(&proxy.admin_url("/v1/usage")).await).expect("usage JSON");
     let budget = usage["upstreams"][0]["limits"]
         .as_array()
         .unwrap()

@@ -11,10 +11,6 @@ use hyper::{Method, Response, StatusCode};
 use std::sync::Arc;
 use tollgate_http::admin::{json, reply};
 
-/// The admin paths answered here (the token is taken as a browser sends
-/// it, a Basic password, for GETs of these only).
-pub use tollgate_http::admin::BROWSER_PATHS as PATHS;
-
 /// The page's policy: nothing is fetched from anywhere, not even the
 /// listener itself (styles are inline, there is no script or image).
 const CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
@@ -24,7 +20,7 @@ const CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; form-action 's
 pub type Metrics = Arc<dyn Fn() -> String + Send + Sync>;
 pub type AddExtras = Arc<dyn Fn(Option<&str>) -> Extras + Send + Sync>;
 
-/// Answer `path` if it is one of `PATHS` (None otherwise). The page first
+/// Answer `path` if it is `/` or `/v1/alerts` (None otherwise). The page first
 /// records the face's metrics, so what it draws includes this moment.
 pub async fn route<B: From<Full<Bytes>>>(
     watch: &Arc<Watch>,

@@ -339,10 +339,16 @@ fn comply(
         .named("tollgate_jobs_pending")
         .filter_map(|s| s.latest())
         .sum();
+    // (by the hour: the last 24 hours and the current one)
+    let day_ago = Resolution::Hour.bucket(now - 86_400);
     let dead: f64 = history
         .named("tollgate_jobs_finished_total")
         .filter(|s| s.label("outcome") == Some("dead"))
-        .map(|s| s.increase_since(now - 86_400 + 1))
+        .map(|s| {
+            s.points(Resolution::Hour, day_ago + 3600)
+                .map(|(_, v)| v)
+                .sum::<f64>()
+        })
         .sum();
     let sum: f64 = history
         .named("tollgate_job_seconds_sum")

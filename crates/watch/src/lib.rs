@@ -151,10 +151,6 @@ impl Watch {
         Ok(self)
     }
 
-    pub fn face(&self) -> Face {
-        self.face
-    }
-
     /// Record the scrape `metrics()` (the face's `/metrics` text) taken at
     /// `now` (Unix seconds), evaluate the alerts, send what fired or
     /// resolved, and write what changed to the history file. The text is
@@ -301,16 +297,10 @@ impl Watch {
             "rules": rules,
         })
     }
-
-    /// Series kept, and series not kept because too many were.
-    pub fn series(&self) -> (usize, usize) {
-        let h = self.history.lock();
-        (h.len(), h.dropped)
-    }
 }
 
-/// Every node's history for a page of `range`: its buckets, and the last
-/// 24 hours by the minute (the tiles' windows), each series added up over
+/// Every node's history for a page of `range`: its buckets and the tiles'
+/// (a few dozen hashes besides the range's), each series added up over
 /// the nodes, but figures every node reads alike from the shared store (a
 /// limit's remaining and quota, a pace) taken once (the largest).
 async fn fleet_history(
@@ -318,18 +308,22 @@ async fn fleet_history(
     range: &Range,
     now: i64,
 ) -> Result<History, tollgate_store::redis::RedisError> {
-    let mut wanted = vec![(range.resolution, range.buckets(now))];
-    if range.resolution != Resolution::Minute || range.seconds < 86_400 {
-        let day = Range {
-            name: "24h",
-            seconds: 86_400,
-            resolution: Resolution::Minute,
-        };
-        if range.resolution == Resolution::Minute {
-            wanted.clear();
-        }
-        wanted.push((Resolution::Minute, day.buckets(now)));
-    }
+    // The range's buckets, and what the tiles read besides: the last 15
+    // minutes by the minute (latency, gauges now), the last day by the
+    // hour (dead letters).
+    let (other, seconds) = match range.resolution {
+        Resolution::Hour => (Resolution::Minute, 15 * 60),
+        Resolution::Minute => (Resolution::Hour, 25 * 3600),
+    };
+    let tiles = Range {
+        name: "tiles",
+        seconds,
+        resolution: other,
+    };
+    let wanted = [
+        (range.resolution, range.buckets(now)),
+        (other, tiles.buckets(now)),
+    ];
     let mut merged: std::collections::BTreeMap<(Resolution, i64, String), (sample::Kind, f64)> =
         Default::default();
     for (resolution, buckets) in wanted {

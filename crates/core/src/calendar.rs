@@ -125,6 +125,17 @@ impl Calendar {
         self.every
     }
 
+    /// What draws its boundaries, as text ("3600s@+0", "86400s@Europe/Amsterdam"):
+    /// two calendars with the same identity draw the same windows, so a count
+    /// kept under one means the same under the other.
+    pub fn identity(&self) -> String {
+        let every = self.every / NANOS_PER_SEC;
+        match &self.zone {
+            Zone::Fixed { offset } => format!("{every}s@{:+}", offset / NANOS_PER_SEC as i64),
+            Zone::Named(tz) => format!("{every}s@{}", tz.iana_name().unwrap_or("?")),
+        }
+    }
+
     /// The zone's offset from UTC in ns if it never changes (UTC, fixed
     /// offsets), so windows are pure arithmetic; `None` for zones with DST.
     pub fn fixed_offset(&self) -> Option<i64> {

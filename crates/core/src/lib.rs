@@ -8,6 +8,7 @@
 
 pub mod algo;
 pub mod calendar;
+pub mod carry;
 pub mod clock;
 pub mod config;
 pub mod decide;

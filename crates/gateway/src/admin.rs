@@ -144,7 +144,16 @@ impl Gateway {
                 r
             }
             (Method::POST, "/v1/reload") => match self.reload().await {
-                Ok(r) => json(StatusCode::OK, serde_json::json!({ "reloaded": true, "limits": r.limits, "kept": r.kept })),
+                Ok(r) => json(
+                    StatusCode::OK,
+                    serde_json::json!({
+                        "reloaded": true,
+                        "limits": r.limits,
+                        "kept": r.kept,
+                        "carried": r.carried,
+                        "fresh": r.fresh,
+                    }),
+                ),
                 Err(e) => problem(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "Config rejected; the previous config keeps serving",

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
+use tollgate_core::carry::Carry;
 use tollgate_core::config::{ConfigError, LoadError};
 use tollgate_core::policy::{Cost, KeyPart};
 use tollgate_core::{Item, ProfileSource};
@@ -120,6 +121,18 @@ pub struct Reloaded {
     pub limits: Vec<String>,
     /// Limits whose definition did not change: their counters were kept.
     pub kept: Vec<String>,
+    /// Limits whose definition changed and whose counted use was carried
+    /// into the new one (see `tollgate_core::carry`).
+    pub carried: Vec<String>,
+    /// Limits that start from fresh counters, and why.
+    pub fresh: Vec<Fresh>,
+}
+
+/// A limit a reload started from fresh counters.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Fresh {
+    pub limit: String,
+    pub why: String,
 }
 
 impl Gateway {
@@ -224,7 +237,8 @@ impl Gateway {
     }
 
     /// Read the config again and swap it in. An invalid config is rejected
-    /// and the old one keeps serving. Counters of unchanged limits are kept;
+    /// and the old one keeps serving. Counters of unchanged limits are kept,
+    /// changed limits carry their use over where it means the same;
     /// requests in flight finish on the generation they started in.
     pub async fn reload(&self) -> Result<Reloaded, LoadError> {
         let mut last_modified = self.reload_lock.lock().await;
@@ -247,7 +261,14 @@ impl Gateway {
             Ok(r) => tracing::info!(
                 limits = ?r.limits,
                 kept = ?r.kept,
-                "config reloaded; counters kept for unchanged limits"
+                carried = ?r.carried,
+                fresh = %r
+                    .fresh
+                    .iter()
+                    .map(|f| format!("{} ({})", f.limit, f.why))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                "config reloaded; unchanged limits kept their counters, changed ones carried their use over where it means the same"
             ),
             Err(e) => {
                 tracing::error!("config reload rejected, the previous config keeps serving: {e}")
@@ -296,30 +317,28 @@ impl Gateway {
         }
         let engine = old
             .engine
-            .reloaded(policy)
+            .reloaded(policy, tollgate_core::Clock::now(&self.clock))
             .map_err(|e| LoadError::Io(e.to_string()))?;
-        let old_policy = old.engine.policy();
-        let kept = engine
-            .policy()
-            .limits
-            .iter()
-            .filter(|l| {
-                old_policy
-                    .limits
-                    .iter()
-                    .any(|o| o.name == l.name && o.fingerprint == l.fingerprint)
-            })
-            .map(|l| l.name.clone())
-            .collect();
-        let limits = engine
-            .policy()
-            .limits
-            .iter()
-            .map(|l| l.name.clone())
-            .collect();
+        let mut reloaded = Reloaded {
+            limits: Vec::new(),
+            kept: Vec::new(),
+            carried: Vec::new(),
+            fresh: Vec::new(),
+        };
+        for (limit, carry) in tollgate_core::carry::plan(old.engine.policy(), engine.policy()) {
+            match carry {
+                Carry::Unchanged => reloaded.kept.push(limit.clone()),
+                Carry::Carried => reloaded.carried.push(limit.clone()),
+                Carry::Fresh(why) => reloaded.fresh.push(Fresh {
+                    limit: limit.clone(),
+                    why,
+                }),
+            }
+            reloaded.limits.push(limit);
+        }
         let next = Generation::new(engine, settings, text, &self.metrics);
         self.current.store(Arc::new(next));
-        Ok(Reloaded { limits, kept })
+        Ok(reloaded)
     }
 }
 

@@ -39,17 +39,31 @@ async fn a_reload_keeps_counters_of_unchanged_limits_and_rejects_bad_configs() {
     }
     assert_eq!(get(&client, &gw.url("/"), "acme").await.status(), 429);
 
-    // Change only the daily limit: tenant keeps its count (still exhausted),
-    // daily starts over with its new quota.
-    std::fs::write(&path, limits(up.addr, 2, &daily.replace("100", "50"))).unwrap();
+    // Change only the daily quota: tenant keeps its count (still exhausted),
+    // daily carries the 2 used into its new quota; a new limit starts fresh.
+    let weekly = "[[limit]]\nname = \"weekly\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"fixed_window\"\nevery = \"7d\"\nquota = 500\n";
+    std::fs::write(
+        &path,
+        limits(
+            up.addr,
+            2,
+            &format!("{}{weekly}", daily.replace("100", "50")),
+        ),
+    )
+    .unwrap();
     let (status, body) = post(&client, &gw.admin_url("/v1/reload"), "").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["kept"], serde_json::json!(["tenant"]));
+    assert_eq!(body["carried"], serde_json::json!(["daily"]));
+    assert_eq!(
+        body["fresh"],
+        serde_json::json!([{ "limit": "weekly", "why": "a new limit" }])
+    );
     let denied = get(&client, &gw.url("/"), "acme").await;
     assert_eq!(denied.status(), 429);
     assert_eq!(
         header(&denied, "ratelimit").as_deref(),
-        Some("\"tenant\";r=0;t=3600, \"daily\";r=50;t=0")
+        Some("\"tenant\";r=0;t=3600, \"daily\";r=48;t=86400, \"weekly\";r=500;t=0")
     );
 
     // An invalid config is rejected with its line; the old one keeps serving.
@@ -85,6 +99,95 @@ async fn a_reload_keeps_counters_of_unchanged_limits_and_rejects_bad_configs() {
     let reloaded = gw.gateway.reload_if_changed().await;
     assert!(matches!(reloaded, Some(Ok(_))), "{reloaded:?}");
     assert_eq!(get(&client, &gw.url("/"), "acme").await.status(), 200);
+}
+
+/// A bucket's quota raised, then its capacity and rate lowered, while 8
+/// clients keep asking: every admission across both reloads is what the
+/// limit in force allows for the use already counted (50 in all: a reload
+/// that handed out fresh quota would admit 30 + 50 + 40), on both stores.
+async fn reload_under_load(store: &str) {
+    let up = upstream().await;
+    let dir = TempDir::new("reload-load");
+    let path = dir.0.join("gateway.toml");
+    let config = |capacity: u64, refill: &str| {
+        format!(
+            "{}{store}[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = {capacity}\nrefill = \"{refill}\"\n",
+            gateway_section(up.addr)
+        )
+    };
+    std::fs::write(&path, config(30, "1/d")).expect("config written");
+    let gw = start_file(path.clone()).await;
+    let admitted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (admitted, stop, url) = (admitted.clone(), stop.clone(), gw.url("/"));
+            tokio::spawn(async move {
+                let client = client();
+                // Bounded: at most 2,000 requests a client.
+                for _ in 0..2_000 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let status = get(&client, &url, "acme").await.status().as_u16();
+                    assert!(status == 200 || status == 429, "{status}");
+                    if status == 200 {
+                        admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let reached = |n: u64| {
+        let admitted = admitted.clone();
+        async move {
+            for _ in 0..500 {
+                if admitted.load(std::sync::atomic::Ordering::Relaxed) >= n {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("the clients never reached {n} admissions");
+        }
+    };
+    let admin = client();
+    reached(30).await;
+    std::fs::write(&path, config(50, "1/d")).expect("config written");
+    let (status, body) = post(&admin, &gw.admin_url("/v1/reload"), "").await;
+    assert_eq!(
+        (status, &body["carried"]),
+        (200, &serde_json::json!(["tenant"]))
+    );
+    reached(50).await;
+    std::fs::write(&path, config(40, "2/d")).expect("config written");
+    let (status, body) = post(&admin, &gw.admin_url("/v1/reload"), "").await;
+    assert_eq!(
+        (status, &body["carried"]),
+        (200, &serde_json::json!(["tenant"]))
+    );
+    // 50 units owed at 2 a day, with room for 40: nothing more today.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        c.await.expect("client");
+    }
+    assert_eq!(admitted.load(std::sync::atomic::Ordering::Relaxed), 50);
+    assert_eq!(up.received(), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_under_load_carries_use_in_memory() {
+    reload_under_load("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_under_load_carries_use_on_redis() {
+    let store = format!(
+        "[store]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{}\"\n",
+        tollgate_testkit::redis_url(),
+        tollgate_testkit::unique_prefix("reload")
+    );
+    reload_under_load(&store).await;
 }
 
 #[tokio::test]

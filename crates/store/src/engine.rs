@@ -112,22 +112,28 @@ impl Engine {
         Ok(Self::new(policy))
     }
 
-    /// The engine for a reloaded `policy`: limits whose definition did not
-    /// change keep their counters (their tables are shared with this engine,
-    /// so requests still finishing here settle on the same state; in Redis
-    /// their keys are the same).
-    pub fn reloaded(&self, policy: Policy) -> Result<Self, EngineError> {
+    /// The engine for a reloaded `policy`, at `now`: limits whose definition
+    /// did not change keep their counters, and those changed in quota, rate
+    /// or tiers carry what each key used into the new definition (see
+    /// `tollgate_core::carry`, which also says what starts fresh and why).
+    /// Their tables are shared with this engine, so requests still finishing
+    /// here settle on the same state; in Redis their keys are the same.
+    pub fn reloaded(&self, policy: Policy, now: Nanos) -> Result<Self, EngineError> {
         if let Some(shared) = &self.shared {
-            let next = shared.reloaded(&policy)?;
-            let store =
-                MemoryStore::carry_over(next.local_policy(), &self.store, shared.local_policy());
+            let next = shared.reloaded(&self.policy, &policy, now)?;
+            let store = MemoryStore::carry_over(
+                next.local_policy(),
+                &self.store,
+                shared.local_policy(),
+                now,
+            );
             return Ok(Engine {
                 policy: Arc::new(policy),
                 store,
                 shared: Some(next),
             });
         }
-        let store = MemoryStore::carry_over(&policy, &self.store, &self.policy);
+        let store = MemoryStore::carry_over(&policy, &self.store, &self.policy, now);
         Ok(Engine {
             policy: Arc::new(policy),
             store,
@@ -448,21 +454,43 @@ mod tests {
     }
 
     #[test]
-    fn a_reload_keeps_the_counters_of_unchanged_limits_only() {
+    fn a_reload_keeps_unchanged_counters_and_carries_changed_ones() {
         let engine = Engine::new(policy(100));
         let req = Attrs::new("GET", "/", &[("k", "a")]);
         for _ in 0..3 {
             assert!(engine.check(&req, 0).unwrap().decision.allowed());
         }
         assert_eq!(engine.store().stats().keys, 2);
-        let next = engine.reloaded(policy(50)).unwrap();
+        let next = engine.reloaded(policy(50), 0).unwrap();
         let checked = next.check(&req, 0).unwrap();
-        // burst kept its counter (empty); daily started over.
+        // burst kept its counter (empty); daily carried its 3 into the new quota.
         assert!(!checked.decision.allowed());
-        assert_eq!(checked.decision.outcomes[1].remaining, 50);
+        assert_eq!(checked.decision.outcomes[1].remaining, 47);
         drop(engine);
-        // The old daily table is gone with the old engine; burst's is shared.
-        assert_eq!(next.store().stats().keys, 1);
+        // Both tables are shared.
+        assert_eq!(next.store().stats().keys, 2);
+    }
+
+    #[test]
+    fn the_old_engine_decides_a_reshaped_key_by_the_new_definition() {
+        let bucket = |capacity: u64, refill: &str| {
+            tollgate_core::parse(
+                &format!("[[limit]]\nname = \"b\"\nkey = [\"header:k\"]\nalgorithm = \"token_bucket\"\ncapacity = {capacity}\nrefill = \"{refill}\"\n"),
+                &NoProfiles,
+            )
+            .unwrap()
+        };
+        let old = Engine::new(bucket(50, "1/d"));
+        let req = Attrs::new("GET", "/", &[("k", "a")]);
+        for _ in 0..50 {
+            assert!(old.check(&req, 0).unwrap().decision.allowed());
+        }
+        // 50 units owed at 2 a day is 25 days of debt: under the old
+        // definition (room for 50 days) that would admit more, so a request
+        // still deciding on the old engine reads the key by the new one.
+        let new = old.reloaded(bucket(40, "2/d"), 0).unwrap();
+        assert!(!old.check(&req, 0).unwrap().decision.allowed());
+        assert!(!new.check(&req, 0).unwrap().decision.allowed());
     }
 
     #[test]
@@ -471,7 +499,10 @@ mod tests {
         let b = "[[limit]]\nname = \"b\"\nkey = [\"header:k\"]\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 1000000\n";
         let first = Engine::new(tollgate_core::parse(&format!("{a}{b}"), &NoProfiles).unwrap());
         let second = first
-            .reloaded(tollgate_core::parse(&format!("{b}{a}"), &NoProfiles).unwrap())
+            .reloaded(
+                tollgate_core::parse(&format!("{b}{a}"), &NoProfiles).unwrap(),
+                0,
+            )
             .unwrap();
         assert_eq!(second.store().stats().keys, 0);
         // Both engines share both tables, in opposite policy orders: one
@@ -491,10 +522,11 @@ mod tests {
 
     #[test]
     fn keys_of_a_changed_limit_stop_counting_at_the_reload() {
-        let text = |quota: u64| {
-            format!("[store]\nmax_keys = 3\n[[limit]]\nname = \"w\"\nkey = [\"header:k\"]\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = {quota}\n")
+        // A changed window: the limit starts fresh.
+        let text = |every: &str| {
+            format!("[store]\nmax_keys = 3\n[[limit]]\nname = \"w\"\nkey = [\"header:k\"]\nalgorithm = \"fixed_window\"\nevery = \"{every}\"\nquota = 5\n")
         };
-        let old = Engine::new(tollgate_core::parse(&text(5), &NoProfiles).unwrap());
+        let old = Engine::new(tollgate_core::parse(&text("1h"), &NoProfiles).unwrap());
         for k in ["a", "b", "c"] {
             assert!(old
                 .check(&Attrs::new("GET", "/", &[("k", k)]), 0)
@@ -510,7 +542,7 @@ mod tests {
         // The old engine stays alive (requests still finishing on it), yet
         // the new one has room: the old table's keys no longer count.
         let new = old
-            .reloaded(tollgate_core::parse(&text(6), &NoProfiles).unwrap())
+            .reloaded(tollgate_core::parse(&text("2h"), &NoProfiles).unwrap(), 0)
             .unwrap();
         assert_eq!(new.store().stats().keys, 0);
         for k in ["d", "e", "f"] {

@@ -44,8 +44,13 @@ impl Shared {
         })
     }
 
-    pub(crate) fn reloaded(&self, policy: &Policy) -> Result<Self, EngineError> {
-        let redis = self.redis.reloaded(policy).map_err(config)?;
+    pub(crate) fn reloaded(
+        &self,
+        old: &Policy,
+        policy: &Policy,
+        now: Nanos,
+    ) -> Result<Self, EngineError> {
+        let redis = self.redis.reloaded(old, policy, now).map_err(config)?;
         let share = policy.store.redis.as_ref().map_or(1.0, |s| s.local_share);
         Ok(Shared {
             local_policy: scaled(policy, share),

@@ -6,8 +6,10 @@
 //! decides over all of them, and the locks are released together.
 //!
 //! Reload: a store built by `carry_over` shares the tables of limits whose
-//! definition did not change; the old store's other tables are retired (their
-//! keys stop counting against `max_keys`) and freed with the old store.
+//! definition did not change, and of those whose counts carry over into a
+//! changed definition (`tollgate_core::carry`); the old store's other tables
+//! are retired (their keys stop counting against `max_keys`) and freed with
+//! the old store.
 //!
 //! Memory: an entry is the key (`CompactString`, 24 bytes, inline up to 24
 //! bytes of key) and an `AnyState` (24 bytes; a token bucket's exact state is
@@ -24,11 +26,13 @@ use compact_str::CompactString;
 use hashbrown::{hash_table, HashTable};
 use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
+use std::borrow::Cow;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tollgate_core::algo::{Meter, Usage};
-use tollgate_core::policy::{AlgorithmKind, Policy};
+use tollgate_core::carry::{self, Carry};
+use tollgate_core::policy::{AlgorithmKind, Params, Policy};
 use tollgate_core::{decide, Decision, Item, Nanos, Slot};
 
 const SHARDS: usize = 64;
@@ -63,7 +67,26 @@ struct Entry {
     state: AnyState,
 }
 
-type Shard = HashTable<Entry>;
+/// One shard's keys, and which of its table's shapes their states are in
+/// (see `Table::reshaped`).
+#[derive(Debug, Default)]
+struct Shard {
+    keys: HashTable<Entry>,
+    shape: u32,
+}
+
+impl std::ops::Deref for Shard {
+    type Target = HashTable<Entry>;
+    fn deref(&self) -> &HashTable<Entry> {
+        &self.keys
+    }
+}
+
+impl std::ops::DerefMut for Shard {
+    fn deref_mut(&mut self) -> &mut HashTable<Entry> {
+        &mut self.keys
+    }
+}
 /// A locked shard and the key's hash.
 type Locked<'a> = (MutexGuard<'a, Shard>, u64);
 
@@ -87,6 +110,13 @@ struct Table {
     /// finishing on the old policy, and its keys no longer count against
     /// `max_keys`. Changed only with every shard locked, and read under one.
     retired: AtomicBool,
+    /// The parameters of each reload that carried this table's counts into
+    /// a changed limit: shape n (n >= 1) is `reshaped[n - 1]`. A store
+    /// decides with its own policy's parameters on shards in its own shape;
+    /// on a shard a later reload reshaped (the old store, finishing up) it
+    /// decides with the reshaped ones, so no state is ever read in another
+    /// shape than it is in.
+    reshaped: Mutex<Vec<Params>>,
 }
 
 static NEXT_TABLE_ID: AtomicU64 = AtomicU64::new(0);
@@ -96,11 +126,23 @@ impl Table {
         Table {
             id: NEXT_TABLE_ID.fetch_add(1, Ordering::Relaxed),
             shards: (0..SHARDS)
-                .map(|_| Padded(Mutex::new(HashTable::new())))
+                .map(|_| Padded(Mutex::new(Shard::default())))
                 .collect(),
             counters: counters.clone(),
             retired: AtomicBool::new(false),
+            reshaped: Mutex::default(),
         }
+    }
+
+    /// The shape its shards are in once every reload so far is done.
+    fn shape(&self) -> u32 {
+        self.reshaped.lock().len() as u32
+    }
+
+    /// The parameters of shape `shape`, if a reload made it.
+    fn params_at(&self, shape: u32) -> Option<Params> {
+        let i = (shape as usize).checked_sub(1)?;
+        self.reshaped.lock().get(i).cloned()
     }
 
     /// Count one new key (the caller holds its shard's lock): false if the
@@ -129,6 +171,12 @@ impl Table {
         if n > 0 && !self.retired.load(Ordering::Relaxed) {
             self.counters.keys.fetch_sub(n, Ordering::Relaxed);
         }
+    }
+
+    /// The shard that holds keys of this hash.
+    fn shard(&self, hash: u64) -> &Mutex<Shard> {
+        // Middle bits: hashbrown uses the top 7 as its tag, the bottom for the bucket.
+        &self.shards[(hash >> 32) as usize % SHARDS].0
     }
 
     /// Stop counting this table's keys (a reload dropped it).
@@ -171,6 +219,8 @@ struct Placed {
     limit: usize,
     class: usize,
     table: Arc<Table>,
+    /// The table's shape this store's parameters are for.
+    shape: u32,
 }
 
 /// The embedded store: one sharded table per limit and class, each key's
@@ -198,22 +248,53 @@ impl MemoryStore {
     }
 
     /// A store for `policy` after a reload from `old` (built for
-    /// `old_policy`): limits whose definition is unchanged keep their keys and
-    /// counters; the others start fresh.
-    pub fn carry_over(policy: &Policy, old: &MemoryStore, old_policy: &Policy) -> Self {
-        let store = Self::build(
+    /// `old_policy`), at `now`: each limit keeps or carries its counters as
+    /// `tollgate_core::carry` says. A carried limit's tables are shared, so
+    /// requests still finishing on the old policy settle on the same state;
+    /// its keys are reshaped in place (a request decided on the old policy
+    /// while that happens counts in the old units); a key given an override,
+    /// or losing one, takes its state along. Tables no limit keeps are retired.
+    pub fn carry_over(policy: &Policy, old: &MemoryStore, old_policy: &Policy, now: Nanos) -> Self {
+        // Per new (limit, variant): the old (limit, variant) it continues.
+        let mut from: Vec<Vec<Option<(usize, usize)>>> = Vec::new();
+        for limit in &policy.limits {
+            let (how, was) = carry::carry(old_policy, limit);
+            from.push(
+                (0..limit.variants.len())
+                    .map(|v| match (&how, was) {
+                        (Carry::Unchanged, Some(o)) => Some((o, v)),
+                        (Carry::Carried, Some(o)) => {
+                            let was = &old_policy.limits[o];
+                            carry::find_variant(old_policy, was, carry::variant(policy, limit, v))
+                                .map(|ov| (o, ov))
+                        }
+                        _ => None,
+                    })
+                    .collect(),
+            );
+        }
+        let mut store = Self::build(
             policy,
             old.counters.clone(),
             old.hasher.clone(),
-            |limit, class| {
-                let new = &policy.limits[limit];
-                let same = old_policy
-                    .limits
-                    .iter()
-                    .position(|l| l.name == new.name && l.fingerprint == new.fingerprint)?;
-                Some(old.tables[old.first[same] + class].table.clone())
-            },
+            |limit, v| from[limit][v].map(|(o, ov)| old.tables[old.first[o] + ov].table.clone()),
         );
+        for (limit, variants) in from.iter().enumerate() {
+            for (v, was) in variants.iter().enumerate() {
+                let new_params = policy.limits[limit].params(v);
+                match *was {
+                    Some((o, ov))
+                        if old_policy.limits[o].fingerprint != policy.limits[limit].fingerprint =>
+                    {
+                        let old_params = old_policy.limits[o].params(ov);
+                        store.carry_table(store.first[limit] + v, old_params, new_params, now);
+                    }
+                    Some(_) => {}
+                    None => store.carry_override_keys(policy, old, old_policy, limit, v, now),
+                }
+            }
+            store.return_override_keys(policy, old, old_policy, limit, now);
+        }
         for old_table in &old.tables {
             if !store
                 .tables
@@ -224,6 +305,126 @@ impl MemoryStore {
             }
         }
         store
+    }
+
+    /// A shared table whose limit changed: from now on every decision on it,
+    /// this store's or the old one's, uses the new parameters, and each key's
+    /// state is carried into them (a bucket's debt to a new rate, tiered
+    /// pools to new tiers), shard by shard under its lock.
+    fn carry_table(&mut self, placed: usize, old: &Params, new: &Params, now: Nanos) {
+        let table = self.tables[placed].table.clone();
+        let shape = {
+            let mut reshaped = table.reshaped.lock();
+            reshaped.push(new.clone());
+            reshaped.len() as u32
+        };
+        self.tables[placed].shape = shape;
+        let reshape = match (old, new) {
+            (Params::Gcra(a), Params::Gcra(b)) => (a.amount, a.period) != (b.amount, b.period),
+            (Params::Tiered(_), Params::Tiered(_)) => true,
+            // Windows and in-flight counts mean the same under any quota.
+            _ => false,
+        };
+        for shard in table.shards.iter() {
+            let mut shard = shard.0.lock();
+            if reshape {
+                for entry in shard.iter_mut() {
+                    entry.state.carry(old, new, now);
+                }
+            }
+            shard.shape = shape;
+        }
+    }
+
+    /// A new override (variant `v` of `limit`, with no table to continue):
+    /// its key's state comes from the old limit's default variant.
+    fn carry_override_keys(
+        &self,
+        policy: &Policy,
+        old: &MemoryStore,
+        old_policy: &Policy,
+        limit: usize,
+        v: usize,
+        now: Nanos,
+    ) {
+        let new = &policy.limits[limit];
+        let (Carry::Carried, Some(o)) = carry::carry(old_policy, new) else {
+            return;
+        };
+        if let carry::Variant::Override(key) = carry::variant(policy, new, v) {
+            let was = &old_policy.limits[o];
+            let at = (old.first[o], was.params(0));
+            self.move_key(old, at, (self.first[limit] + v, new.params(v)), key, now);
+        }
+    }
+
+    /// Overrides a reload removed: each key's state goes back to its
+    /// limit's default variant.
+    fn return_override_keys(
+        &self,
+        policy: &Policy,
+        old: &MemoryStore,
+        old_policy: &Policy,
+        limit: usize,
+        now: Nanos,
+    ) {
+        let new = &policy.limits[limit];
+        let (Carry::Carried, Some(o)) = carry::carry(old_policy, new) else {
+            return;
+        };
+        let was = &old_policy.limits[o];
+        for ov in 0..was.variants.len() {
+            let carry::Variant::Override(key) = carry::variant(old_policy, was, ov) else {
+                continue;
+            };
+            if carry::find_variant(policy, new, carry::Variant::Override(key)).is_none() {
+                let at = (old.first[o] + ov, was.params(ov));
+                self.move_key(old, at, (self.first[limit], new.params(0)), key, now);
+            }
+        }
+    }
+
+    /// Copy `key`'s state from `old`'s table `from` into this store's table
+    /// `to`, reshaped from the one's parameters to the other's.
+    fn move_key(
+        &self,
+        old: &MemoryStore,
+        (from, old_params): (usize, &Params),
+        (to, new_params): (usize, &Params),
+        key: &str,
+        now: Nanos,
+    ) {
+        let hash = self.hasher.hash_one(key);
+        let Some(mut state) = old.tables[from]
+            .table
+            .shard(hash)
+            .lock()
+            .find(hash, |e| e.key == key)
+            .map(|e| e.state.clone())
+        else {
+            return;
+        };
+        if std::mem::discriminant(&state) != std::mem::discriminant(&AnyState::fresh(new_params)) {
+            return;
+        }
+        state.carry(old_params, new_params, now);
+        let table = &self.tables[to].table;
+        let mut shard = table.shard(hash).lock();
+        match shard.find_mut(hash, |e| e.key == key) {
+            Some(entry) => entry.state = state,
+            None => {
+                table.claim_over(); // use already counted: never refused
+                let hasher = &self.hasher;
+                shard.insert_unique(
+                    hash,
+                    Entry {
+                        key: key.into(),
+                        state,
+                    },
+                    |e| hasher.hash_one(e.key.as_str()),
+                );
+            }
+        }
     }
 
     fn build(
@@ -241,6 +442,7 @@ impl MemoryStore {
                 tables.push(Placed {
                     limit,
                     class,
+                    shape: table.shape(),
                     table,
                 });
             }
@@ -263,15 +465,30 @@ impl MemoryStore {
         }
     }
 
+    fn placed(&self, item: &Item) -> &Placed {
+        &self.tables[self.first[item.limit] + item.class]
+    }
+
     fn table(&self, item: &Item) -> &Table {
-        &self.tables[self.first[item.limit] + item.class].table
+        &self.placed(item).table
+    }
+
+    /// The parameters a key of `placed` in `shard` is decided with: this
+    /// store's (`ours`), unless a later reload reshaped the shard (this is
+    /// the old store, finishing up): then the reshaped ones.
+    fn params<'p>(&self, placed: &Placed, shard: &Shard, ours: &'p Params) -> Cow<'p, Params> {
+        if shard.shape == placed.shape {
+            return Cow::Borrowed(ours);
+        }
+        placed
+            .table
+            .params_at(shard.shape)
+            .map_or(Cow::Borrowed(ours), Cow::Owned)
     }
 
     fn lock(&self, item: &Item) -> Locked<'_> {
         let hash = self.hasher.hash_one(item.key.as_str());
-        // Middle bits: hashbrown uses the top 7 as its tag, the bottom for the bucket.
-        let shard = (hash >> 32) as usize % SHARDS;
-        (self.table(item).shards[shard].0.lock(), hash)
+        (self.table(item).shard(hash).lock(), hash)
     }
 
     /// Decide and commit all of a request's limits at `now`, atomically.
@@ -311,8 +528,9 @@ impl MemoryStore {
         hold: bool,
     ) -> Result<Decision, StoreError> {
         let limit = &policy.limits[item.limit];
-        let params = limit.params(item.class);
         let (mut shard, hash) = self.lock(item);
+        let params = self.params(self.placed(item), &shard, limit.params(item.class));
+        let params = &*params;
         let key = item.key.as_str();
         let hasher = &self.hasher;
         let mut added = false;
@@ -416,6 +634,14 @@ impl MemoryStore {
         added: &mut [bool],
     ) -> Result<(Decision, SmallVec<[bool; 4]>), usize> {
         let hasher = &self.hasher;
+        let params: SmallVec<[Cow<'_, Params>; 4]> = guards
+            .iter()
+            .zip(items)
+            .map(|((shard, _), item)| {
+                let ours = policy.limits[item.limit].params(item.class);
+                self.params(self.placed(item), shard, ours)
+            })
+            .collect();
         let mut entries: SmallVec<[&mut Entry; 4]> = SmallVec::new();
         for (i, ((shard, hash), item)) in guards.iter_mut().zip(items).enumerate() {
             let key = item.key.as_str();
@@ -423,10 +649,9 @@ impl MemoryStore {
                 hash_table::Entry::Occupied(found) => entries.push(found.into_mut()),
                 hash_table::Entry::Vacant(place) if self.table(item).claim(self.max_keys) => {
                     added[i] = true;
-                    let params = policy.limits[item.limit].params(item.class);
                     let fresh = Entry {
                         key: item.key.clone(),
-                        state: AnyState::fresh(params),
+                        state: AnyState::fresh(&params[i]),
                     };
                     entries.push(place.insert(fresh).into_mut());
                 }
@@ -435,12 +660,8 @@ impl MemoryStore {
         }
         let mut meters: SmallVec<[_; 4]> = entries
             .iter_mut()
-            .zip(items)
-            .map(|(entry, item)| {
-                entry
-                    .state
-                    .meter(policy.limits[item.limit].params(item.class))
-            })
+            .zip(&params)
+            .map(|(entry, params)| entry.state.meter(params))
             .collect();
         let mut slots: SmallVec<[Slot<'_>; 4]> = meters
             .iter_mut()
@@ -483,16 +704,16 @@ impl MemoryStore {
             if !concurrency && !limit.is_latency() {
                 continue;
             }
-            let params = limit.params(item.class);
+            let (mut shard, hash) = self.lock(item);
+            let params = self.params(self.placed(item), &shard, limit.params(item.class));
             let settle = |state: &mut AnyState| {
-                let mut meter = state.meter(params);
+                let mut meter = state.meter(&params);
                 if concurrency {
                     meter.release(item.charge);
                 } else {
                     meter.debit(now, latency_us);
                 }
             };
-            let (mut shard, hash) = self.lock(item);
             let key = item.key.as_str();
             if let Some(entry) = shard.find_mut(hash, |e| e.key == key) {
                 settle(&mut entry.state);
@@ -507,7 +728,7 @@ impl MemoryStore {
             if self.make_room(policy, &mut shard, item, now).is_err() {
                 self.table(item).claim_over();
             }
-            let mut state = AnyState::fresh(params);
+            let mut state = AnyState::fresh(&params);
             settle(&mut state);
             let hasher = &self.hasher;
             shard.insert_unique(
@@ -523,12 +744,13 @@ impl MemoryStore {
 
     /// What one key has left of one limit, without changing anything.
     pub fn usage(&self, policy: &Policy, item: &Item, now: Nanos) -> Usage {
-        let params = policy.limits[item.limit].params(item.class);
         let (mut shard, hash) = self.lock(item);
+        let ours = policy.limits[item.limit].params(item.class);
+        let params = self.params(self.placed(item), &shard, ours);
         let key = item.key.as_str();
         match shard.find_mut(hash, |e| e.key == key) {
-            Some(entry) => entry.state.meter(params).usage(now),
-            None => AnyState::fresh(params).meter(params).usage(now),
+            Some(entry) => entry.state.meter(&params).usage(now),
+            None => AnyState::fresh(&params).meter(&params).usage(now),
         }
     }
 
@@ -549,15 +771,16 @@ impl MemoryStore {
         type Ranked = (u64, usize, CompactString, u64, u64);
         let mut top: BinaryHeap<Reverse<Ranked>> = BinaryHeap::new();
         for t in &self.tables {
-            let params = policy.limits[t.limit].params(t.class);
-            let quota = params.policy().0;
-            if quota == 0 {
-                continue;
-            }
+            let ours = policy.limits[t.limit].params(t.class);
             for shard in t.table.shards.iter() {
                 let mut shard = shard.0.lock();
+                let params = self.params(t, &shard, ours);
+                let quota = params.policy().0;
+                if quota == 0 {
+                    continue;
+                }
                 for entry in shard.iter_mut() {
-                    let remaining = entry.state.meter(params).usage(now).remaining.min(quota);
+                    let remaining = entry.state.meter(&params).usage(now).remaining.min(quota);
                     let used = quota - remaining;
                     if used == 0 {
                         continue;
@@ -603,9 +826,10 @@ impl MemoryStore {
     }
 
     fn sweep_shard(&self, policy: &Policy, at: &Placed, shard: &mut Shard, now: Nanos) -> usize {
-        let params = policy.limits[at.limit].params(at.class);
+        let ours = policy.limits[at.limit].params(at.class);
+        let params = self.params(at, shard, ours);
         let before = shard.len();
-        shard.retain(|e| !e.state.meter(params).at_rest(now));
+        shard.retain(|e| !e.state.meter(&params).at_rest(now));
         let evicted = before - shard.len();
         if evicted > 0 {
             at.table.forget(evicted);

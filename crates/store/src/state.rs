@@ -3,9 +3,9 @@
 
 use tollgate_core::algo::concurrency::{Concurrency, ConcurrencyState};
 use tollgate_core::algo::fixed_window::{FixedWindow, FixedWindowState};
-use tollgate_core::algo::gcra::{Gcra, GcraState};
+use tollgate_core::algo::gcra::{self, Gcra, GcraState};
 use tollgate_core::algo::sliding_window::{SlidingWindow, SlidingWindowState};
-use tollgate_core::algo::tiered::{Tiered, TieredState};
+use tollgate_core::algo::tiered::{self, Tiered, TieredState};
 use tollgate_core::algo::{Earliest, Meter, Usage};
 use tollgate_core::policy::Params;
 use tollgate_core::Nanos;
@@ -35,6 +35,22 @@ impl AnyState {
             Params::SlidingWindow(_) => AnyState::SlidingWindow(Box::default()),
             Params::Tiered(_) => AnyState::Tiered(TieredState::default()),
             Params::Concurrency(_) => AnyState::Concurrency(0),
+        }
+    }
+
+    /// This key's state after a reload changed its limit from `old` to
+    /// `new` at `now` (same algorithm; see `tollgate_core::carry`): a
+    /// bucket's debt and tiered pools are reshaped; a window's count and the
+    /// requests in flight mean the same under any quota.
+    pub fn carry(&mut self, old: &Params, new: &Params, now: Nanos) {
+        match (old, new, self) {
+            (Params::Gcra(old), Params::Gcra(new), AnyState::Gcra(tat)) => {
+                *tat = gcra::carried(old, new, *tat, now);
+            }
+            (Params::Tiered(old), Params::Tiered(new), AnyState::Tiered(pools)) => {
+                *pools = tiered::carried(old, new, pools);
+            }
+            _ => {}
         }
     }
 

@@ -31,6 +31,9 @@ pub trait Backend: Sized {
     /// Keys tracked right now, over all limits.
     fn keys(&self) -> usize;
     fn sweep(&self, now: Nanos) -> usize;
+    /// This store's counters under a reloaded `policy`, at `now` (this one
+    /// stays usable for requests still finishing on it).
+    fn reload(&self, policy: Policy, now: Nanos) -> Self;
 }
 
 impl Backend for Engine {
@@ -48,6 +51,9 @@ impl Backend for Engine {
     }
     fn sweep(&self, now: Nanos) -> usize {
         Engine::sweep(self, now)
+    }
+    fn reload(&self, policy: Policy, now: Nanos) -> Self {
+        self.reloaded(policy, now).expect("a reload")
     }
 }
 
@@ -74,6 +80,12 @@ macro_rules! conformance {
             cost_from_header,
             cost_from_json_array,
             class_scales_limits,
+            a_reload_carries_a_windows_count_into_a_changed_quota,
+            a_reload_carries_a_buckets_debt_into_its_new_capacity_and_rate,
+            a_reload_that_adds_a_tier_keeps_each_pools_use,
+            a_reload_keeps_requests_in_flight,
+            a_reload_moves_a_keys_use_into_and_out_of_its_override,
+            a_reload_that_changes_what_counts_mean_starts_fresh,
         );
     };
     (@each $store:ident: $backend:ty; $($test:ident),* $(,)?) => {
@@ -104,6 +116,7 @@ fn memory_max_keys_bounds_memory_and_never_changes_a_decision() {
 pub struct RedisEngine {
     engine: Engine,
     prefix: String,
+    url: String,
 }
 
 /// The test server, one connection, a generous timeout, keys under `prefix`.
@@ -133,7 +146,11 @@ impl RedisEngine {
         policy.store.redis = Some(redis_settings_at(prefix.clone(), url.to_string()));
         let engine = Engine::open_with(policy, "conformance", TimeSource::Caller)
             .expect("a policy the Redis store can run");
-        RedisEngine { engine, prefix }
+        RedisEngine {
+            engine,
+            prefix,
+            url: url.to_string(),
+        }
     }
 }
 
@@ -158,6 +175,14 @@ impl Backend for RedisEngine {
     }
     fn sweep(&self, _now: Nanos) -> usize {
         0 // keys at rest are deleted by the script, the rest expire
+    }
+    fn reload(&self, mut policy: Policy, now: Nanos) -> Self {
+        policy.store.redis = Some(redis_settings_at(self.prefix.clone(), self.url.clone()));
+        RedisEngine {
+            engine: self.engine.reloaded(policy, now).expect("a reload"),
+            prefix: self.prefix.clone(),
+            url: self.url.clone(),
+        }
     }
 }
 
@@ -188,6 +213,28 @@ fn redis_keys_at_rest_are_deleted_and_busy_ones_expire() {
     // Released: the in-flight count is back to zero, so the key is gone.
     c.finish(&first, T0, 0);
     assert_eq!(c.keys(), 0);
+}
+
+/// Two nodes half-way through a change of a tiered limit's tiers share its
+/// keys: each decides by its own tiers against the same use, and a pool only
+/// one of them knows is kept for it by the other's writes, never reset.
+#[test]
+fn redis_nodes_on_two_definitions_keep_each_others_pools() {
+    let tiered = |tiers: &str| {
+        format!("[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"tiered\"\ntiers = [{tiers}]\n")
+    };
+    let (minute, hour, day) = (
+        "{ every = \"1m\", quota = 2 }",
+        "{ every = \"1h\", quota = 3 }",
+        "{ every = \"1d\", quota = 5 }",
+    );
+    let a = tenant("a");
+    let old: RedisEngine = open(&tiered(&format!("{minute}, {day}")));
+    let new = reload(&old, &tiered(&format!("{minute}, {hour}, {day}")), T0);
+    assert_eq!(admits(&new, &a, T0), 2 + 3 + 5);
+    assert_eq!(admits(&old, &a, T0 + MINUTE), 2, "the minute refilled");
+    // The old node wrote the key without knowing the hour pool: still used.
+    assert_eq!(admits(&new, &a, T0 + 2 * MINUTE), 2);
 }
 
 // ---------------------------------------------------------------------------
@@ -738,6 +785,140 @@ fn class_scales_limits<B: Backend>() {
         assert_eq!(decide(&b, &tenant("acme"), t).outcomes[0].remaining, left);
     }
     assert_eq!(decide(&b, &tenant("acme"), t).verdict, denied(0, 100 * MS));
+}
+
+// ---------------------------------------------------------------------------
+// Reloads: a changed limit keeps what each key used (docs/config.md, "Reload")
+// ---------------------------------------------------------------------------
+
+fn reload<B: Backend>(b: &B, toml: &str, now: Nanos) -> B {
+    b.reload(parse(toml, &NoProfiles).expect("a valid policy"), now)
+}
+
+/// Admissions of `r` at `now` until the first denial.
+fn admits<B: Backend>(b: &B, r: &Attrs, now: Nanos) -> u64 {
+    let mut n = 0;
+    while admitted(&decide(b, r, now)) {
+        n += 1;
+        assert!(n < 1_000, "never denied");
+    }
+    n
+}
+
+fn hourly(quota: u64, extra: &str) -> String {
+    format!("[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"fixed_window\"\nquota = {quota}\nevery = \"1h\"\n{extra}")
+}
+
+fn a_reload_carries_a_windows_count_into_a_changed_quota<B: Backend>() {
+    let a = tenant("a");
+    let b: B = open(&hourly(3, ""));
+    assert_eq!(admits(&b, &a, T0 + 10 * MINUTE), 3);
+    // Raised mid-window: 2 more, not 5 more.
+    let raised = reload(&b, &hourly(5, ""), T0 + 20 * MINUTE);
+    assert_eq!(admits(&raised, &a, T0 + 20 * MINUTE), 2);
+    // Lowered below what was used: nothing until the next window, then 2.
+    let lowered = reload(&raised, &hourly(2, ""), T0 + 30 * MINUTE);
+    assert_eq!(admits(&lowered, &a, T0 + 30 * MINUTE), 0);
+    assert_eq!(admits(&lowered, &a, T0 + HOUR), 2);
+    // A sliding window's count carries the same way.
+    let sliding = |quota: u64| {
+        format!("[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"sliding_window\"\nquota = {quota}\nevery = \"1m\"\n")
+    };
+    let s: B = open(&sliding(4));
+    assert_eq!(admits(&s, &a, T0 + 10 * SEC), 4);
+    let s = reload(&s, &sliding(6), T0 + 20 * SEC);
+    assert_eq!(admits(&s, &a, T0 + 20 * SEC), 2);
+}
+
+fn a_reload_carries_a_buckets_debt_into_its_new_capacity_and_rate<B: Backend>() {
+    let a = tenant("a");
+    let bucket = |capacity: u64, refill: &str| {
+        format!("[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"token_bucket\"\ncapacity = {capacity}\nrefill = \"{refill}\"\n")
+    };
+    let b: B = open(&bucket(10, "10/s"));
+    for _ in 0..8 {
+        assert!(admitted(&decide(&b, &a, T0)));
+    }
+    // Capacity raised, same rate: the 8 used stay used.
+    let bigger = reload(&b, &bucket(20, "10/s"), T0);
+    assert_eq!(
+        decide(&bigger, &tenant("other"), T0).outcomes[0].remaining,
+        19
+    );
+    assert_eq!(admits(&bigger, &a, T0), 12);
+    // Capacity and rate lowered: the 20 units owed are owed at 1/s, and
+    // with room for 5 the next one comes once 16 are paid.
+    let smaller = reload(&bigger, &bucket(5, "1/s"), T0);
+    assert_eq!(decide(&smaller, &a, T0).verdict, denied(0, 16 * SEC));
+    assert_eq!(admits(&smaller, &a, T0 + 15 * SEC), 0);
+    assert_eq!(admits(&smaller, &a, T0 + 16 * SEC), 1);
+    assert_eq!(admits(&smaller, &a, T0 + 18 * SEC), 2);
+}
+
+fn a_reload_that_adds_a_tier_keeps_each_pools_use<B: Backend>() {
+    let a = tenant("a");
+    let tiered = |tiers: &str| {
+        format!("[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"tiered\"\ntiers = [{tiers}]\n")
+    };
+    let minute = "{ every = \"1m\", quota = 2 }";
+    let hour = "{ every = \"1h\", quota = 3 }";
+    let day = "{ every = \"1d\", quota = 5 }";
+    let b: B = open(&tiered(&format!("{minute}, {day}")));
+    for _ in 0..4 {
+        assert!(admitted(&decide(&b, &a, T0)));
+    }
+    // The hour pool added starts full; the minute's and the day's use stays.
+    let added = reload(&b, &tiered(&format!("{minute}, {hour}, {day}")), T0);
+    assert_eq!(admits(&added, &a, T0), 3 + 3);
+    // Removed again: the day pool's use (5 of 5) stays, the minute refills.
+    let removed = reload(&added, &tiered(&format!("{minute}, {day}")), T0);
+    assert_eq!(admits(&removed, &a, T0), 0);
+    assert_eq!(admits(&removed, &a, T0 + MINUTE), 2);
+}
+
+fn a_reload_keeps_requests_in_flight<B: Backend>() {
+    let a = tenant("a");
+    let limit = |max: u64| {
+        format!("[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"concurrency\"\nmax = {max}\n")
+    };
+    let old: B = open(&limit(2));
+    let first = check(&old, &a, T0);
+    let _second = check(&old, &a, T0);
+    let new = reload(&old, &limit(3), T0);
+    assert!(admitted(&decide(&new, &a, T0)), "one more of 3");
+    assert!(!admitted(&decide(&new, &a, T0)), "3 in flight");
+    // A request admitted before the reload finishes on the old engine: its
+    // slot is free for the new one.
+    old.finish(&first, T0 + SEC, 0);
+    assert!(admitted(&decide(&new, &a, T0 + SEC)));
+}
+
+fn a_reload_moves_a_keys_use_into_and_out_of_its_override<B: Backend>() {
+    let acme = tenant("acme");
+    let b: B = open(&hourly(3, ""));
+    assert_eq!(admits(&b, &acme, T0), 3);
+    // acme's own quota, twice the default: 3 more.
+    let premium = reload(
+        &b,
+        &hourly(3, "overrides = [{ key = \"acme\", scale = 2 }]\n"),
+        T0,
+    );
+    assert_eq!(admits(&premium, &acme, T0), 3);
+    assert_eq!(admits(&premium, &tenant("other"), T0), 3);
+    // The override taken away: 6 used of the default 3.
+    let plain = reload(&premium, &hourly(3, ""), T0);
+    assert_eq!(admits(&plain, &acme, T0), 0);
+    assert_eq!(admits(&plain, &acme, T0 + HOUR), 3);
+}
+
+fn a_reload_that_changes_what_counts_mean_starts_fresh<B: Backend>() {
+    let a = tenant("a");
+    let b: B = open(&hourly(3, ""));
+    assert_eq!(admits(&b, &a, T0), 3);
+    let longer = reload(&b, &hourly(3, "").replace("\"1h\"", "\"2h\""), T0);
+    assert_eq!(admits(&longer, &a, T0), 3, "another window: fresh");
+    let by_ip = reload(&longer, &hourly(3, "").replace("header:x-tenant", "ip"), T0);
+    assert_eq!(admits(&by_ip, &a, T0), 3, "another key: fresh");
 }
 
 // ---------------------------------------------------------------------------

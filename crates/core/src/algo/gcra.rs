@@ -224,6 +224,26 @@ impl Meter for Gcra<'_> {
     }
 }
 
+/// A key's bucket after a reload changed its limit from `old` to `new`, at
+/// `now`: the units it owes (its TAT ahead of now, in old intervals) are
+/// owed at the new rate, whatever the new capacity (use is never forgiven:
+/// a bucket owing more than its new capacity stays empty until its debt is
+/// back under it, as a window's count above a lowered quota does). In
+/// doubles, rounded up to a whole nanosecond: the Redis store's script
+/// computes the same, operation for operation, so both stores carry a
+/// bucket alike.
+pub fn carried(old: &GcraParams, new: &GcraParams, tat: GcraState, now: Nanos) -> GcraState {
+    if (old.amount, old.period) == (new.amount, new.period) {
+        return tat; // the same interval: a TAT means the same under any capacity
+    }
+    if tat <= at(now) {
+        return GcraState::default(); // a full bucket stays full
+    }
+    let debt = (tat.ns - now) as f64 * old.amount as f64 + tat.frac as f64;
+    let ns = (debt / old.period as f64 * new.period as f64 / new.amount as f64).ceil();
+    at(now.saturating_add(ns as u64))
+}
+
 /// The single-key, single-limit path over a whole-nanosecond TAT, for the
 /// lock-free `DirectLimiter` (one atomic word). Its interval is rounded up to
 /// a whole nanosecond, so it never runs faster than configured (300/s is one
@@ -312,6 +332,67 @@ mod tests {
             }
             assert_eq!(admitted, 300, "second {second}");
         }
+    }
+
+    fn used(p: &GcraParams, tat: &mut GcraState, now: Nanos, n: u64) {
+        let mut m = Gcra { params: p, tat };
+        for _ in 0..n {
+            assert_eq!(m.earliest(now, 1, now), Earliest::At(now));
+            m.commit(now, 1, now);
+        }
+    }
+
+    #[test]
+    fn a_reload_carries_the_debt_into_the_new_bucket() {
+        let now = 1_000 * S;
+        let ten = GcraParams::with_rate(10, Rate { amount: 10, per: S });
+        let mut tat = GcraState::default();
+        used(&ten, &mut tat, now, 8);
+        // Raised capacity, same rate: the 8 used stay used.
+        let twenty = GcraParams::with_rate(20, Rate { amount: 10, per: S });
+        let mut bigger = carried(&ten, &twenty, tat, now);
+        let m = Gcra {
+            params: &twenty,
+            tat: &mut bigger,
+        };
+        assert_eq!(m.usage(now).remaining, 12);
+        // Lowered capacity and rate: the 8 units are owed at 1/s; with room
+        // for 5, the next unit comes once 4 are paid, in 4 s.
+        let five = GcraParams::with_rate(5, Rate { amount: 1, per: S });
+        let mut smaller = carried(&ten, &five, tat, now);
+        let m = Gcra {
+            params: &five,
+            tat: &mut smaller,
+        };
+        assert_eq!(
+            m.usage(now),
+            Usage {
+                remaining: 0,
+                reset: 4 * S
+            }
+        );
+        assert_eq!(m.earliest(now, 1, now), Earliest::At(now + 4 * S));
+        // A rate raised tenfold: the 8 units owed refill in 80 ms.
+        let fast = GcraParams::with_rate(
+            10,
+            Rate {
+                amount: 100,
+                per: S,
+            },
+        );
+        let mut quick = carried(&ten, &fast, tat, now);
+        let m = Gcra {
+            params: &fast,
+            tat: &mut quick,
+        };
+        assert_eq!(m.usage(now).remaining, 2);
+        assert!(m.at_rest(now + 80 * S / 1000));
+        // The same rate under any capacity changes nothing; a full bucket stays full.
+        assert_eq!(carried(&ten, &ten, tat, now), tat);
+        assert_eq!(
+            carried(&ten, &five, GcraState::default(), now),
+            GcraState::default()
+        );
     }
 
     #[test]

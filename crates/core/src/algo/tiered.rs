@@ -65,8 +65,12 @@ impl Tiered<'_> {
 
     /// Take `amount` from the pools at instant `at`, most frequent first.
     fn spill(&mut self, now: Nanos, at: Nanos, mut amount: u64) {
-        if self.state.is_empty() {
-            *self.state = vec![TwoWindows::default(); self.params.tiers.len()].into_boxed_slice();
+        if self.state.len() != self.params.tiers.len() {
+            // A fresh key, or (for a request decided on the old definition
+            // as a reload converts the key) pools of another shape.
+            let mut pools = std::mem::take(self.state).into_vec();
+            pools.resize(self.params.tiers.len(), TwoWindows::default());
+            *self.state = pools.into_boxed_slice();
         }
         for (i, tier) in self.params.tiers.iter().enumerate() {
             if amount == 0 {
@@ -86,6 +90,28 @@ impl Tiered<'_> {
             }
         }
     }
+}
+
+/// A key's pools after a reload changed its limit from `old` to `new`:
+/// each new pool keeps the use of the old pool refilling at the same
+/// interval (its quota may have changed: a pool used beyond a lowered quota
+/// is empty until it refills); a pool that is new starts full. A pool whose
+/// boundaries moved (another zone) finds no count for its window, so it
+/// starts full too.
+pub fn carried(old: &TieredParams, new: &TieredParams, state: &TieredState) -> TieredState {
+    if state.is_empty() {
+        return TieredState::default();
+    }
+    new.tiers
+        .iter()
+        .map(|tier| {
+            old.tiers
+                .iter()
+                .position(|o| o.calendar.every() == tier.calendar.every())
+                .and_then(|i| state.get(i).copied())
+                .unwrap_or_default()
+        })
+        .collect()
 }
 
 impl Meter for Tiered<'_> {
@@ -173,6 +199,41 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[test]
+    fn a_reload_keeps_each_pools_use_and_an_added_pool_starts_full() {
+        let full = data_api_count();
+        let mut minute_and_day = data_api_count();
+        minute_and_day.tiers.remove(1);
+        let t0 = 86_400 * S * 100;
+        let mut st = TieredState::default();
+        let mut m = Tiered {
+            params: &minute_and_day,
+            state: &mut st,
+        };
+        m.commit(t0, 100 + 150, t0); // the minute pool and 150 of the day's
+                                     // The hour pool added: the minute and day pools keep their use.
+        let mut carried_state = carried(&minute_and_day, &full, &st);
+        let m = Tiered {
+            params: &full,
+            state: &mut carried_state,
+        };
+        assert_eq!(m.usage(t0).remaining, 2600 + 1000);
+        // And removed again: what the day pool used is still used.
+        let mut back = carried(&full, &minute_and_day, &carried_state);
+        let m = Tiered {
+            params: &minute_and_day,
+            state: &mut back,
+        };
+        assert_eq!(m.usage(t0).remaining, 1000);
+        // A request decided on the old shape meanwhile finds pools of
+        // another length: it is counted, never a panic.
+        let mut m = Tiered {
+            params: &full,
+            state: &mut back,
+        };
+        m.commit(t0, 1, t0);
     }
 
     #[test]

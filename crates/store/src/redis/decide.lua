@@ -22,9 +22,15 @@
 -- State: numbers separated by "|", the first the whole second B it was
 -- written at, every instant after it in ns from B (so it stays small and
 -- exact, and costs no "S:N" parsing):
---   g  B|tat|tat_frac
+--   g  B|tat|tat_frac|amount|period       (the rate it was written for)
 --   f  no state of its own: a counter per window under "KEY|START" (see FIXED)
---   t  B then per tier: start|used|start|used (used 0: nothing)
+--   t  B then per pool: start|used|start|used (used 0: nothing), then each
+--      pool's window length in ns (the tiers it was written for, then any
+--      pool of another node's definition that this one does not know)
+-- A bucket or tiered state written for other parameters (a reload changed
+-- the limit's rate, capacity or tiers: its key is named by what its counts
+-- mean, see tollgate_core::carry) is carried into the new ones when it is
+-- read, as the memory store does at the reload, and written back.
 --   s  B|head_start|count|count|..       (newest segment first)
 --   c  n                                  (in flight)
 -- A key's expiry is the whole second after its state comes to rest, plus a
@@ -55,6 +61,8 @@
 --          algorithm, hold (ns), shadow (0/1), latency (0/1: debited at finish),
 --          then the algorithm's parameters:
 --   g  token/leaky bucket (GCRA): capacity amount period whole rem tau_ns tau_frac
+--      since ("S:N" when a reload carried the limit's counts into this rate,
+--      or "-")
 --   f  fixed window: quota CALENDAR
 --   s  sliding window: quota every segment segments
 --   t  tiered: tiers, then per tier: quota CALENDAR
@@ -240,11 +248,32 @@ local GCRA = { reservable = yes, release = nothing }
 function GCRA.parse(f, i)
   return { cap = tonumber(f[i]), amount = tonumber(f[i + 1]), period = tonumber(f[i + 2]),
     whole = tonumber(f[i + 3]), rem = tonumber(f[i + 4]), taun = tonumber(f[i + 5]),
-    tauf = tonumber(f[i + 6]) }
+    tauf = tonumber(f[i + 6]), since = f[i + 7] ~= '-' and f[i + 7] }
+end
+-- A bucket written for another rate: the units it owed at instant c (when
+-- the reload here carried the limit into this rate, or the state's own
+-- second if it was written later), owed at this one from then on
+-- (algo::gcra::carried: the same doubles, rounded up to a whole ns).
+local function g_carry(s, amount, period, c)
+  local p = s.p
+  if g_le(s.tn, s.tf, c, 0) then
+    s.tn, s.tf = -INF, 0
+  else
+    local debt = (s.tn - c) * amount + s.tf
+    s.tn, s.tf = c + ceil(debt / period * p.period / p.amount), 0
+  end
+  s.dirty = true
 end
 function GCRA.load(s, a)
   if a then
-    s.tn, s.tf = since(a[1]) + a[2], a[3]
+    local written = since(a[1])
+    s.tn, s.tf = written + a[2], a[3]
+    local p = s.p
+    if a[4] ~= p.amount or a[5] ~= p.period then
+      local c = written
+      if p.since then c = max(c, rel(p.since)) end
+      g_carry(s, a[4] or p.amount, a[5] or p.period, min(c, 0))
+    end
   else
     s.tn, s.tf = -INF, 0
   end
@@ -283,7 +312,8 @@ function GCRA.usage(s)
 end
 function GCRA.save(s)
   if g_le(s.tn, s.tf, 0, 0) then return nil end
-  return { nowS, s.tn + nowN, s.tf }
+  local p = s.p
+  return { nowS, s.tn + nowN, s.tf, p.amount, p.period }
 end
 -- Leases (see `lease` below). A slice's units sit on the bucket's timeline
 -- just before its mark, the TAT its grant left. Units whose place there is
@@ -555,21 +585,43 @@ function TIERED.parse(f, i)
   end
   return { tiers = tiers, total = total }
 end
+-- Stored pool j of state `a` (of `pools` pools), as windows relative to now.
+local function t_pool(a, j, shift)
+  local w, i = two_new(), 4 * j - 2
+  two_set(w, 1, shift, a[i], a[i + 1])
+  two_set(w, 3, shift, a[i + 2], a[i + 3])
+  return w
+end
+-- Pools are matched to tiers by window length: a state written for other
+-- tiers (a reload changed them, here or on another node) keeps each
+-- matching pool's use, an added pool starts full, and a pool this
+-- definition does not know is kept (`s.x`) for the nodes that do, so a
+-- fleet in the middle of a change never resets a pool.
 function TIERED.load(s, a)
   local tiers = s.p.tiers
-  local w, v = {}, {}
-  local n, shift = a or {}, 0
-  if a then shift = since(a[1]) end
+  local w, v, x = {}, {}, {}
+  local pools = a and (#a - 1) / 5 or 0
+  local shift = a and since(a[1])
+  local known = {}
   for k, tier in ipairs(tiers) do
-    local i = 4 * k - 2
-    w[k] = two_new()
-    if n[i] then
-      two_set(w[k], 1, shift, n[i], n[i + 1])
-      two_set(w[k], 3, shift, n[i + 2], n[i + 3])
+    local j = pools == #tiers and a[4 * pools + 1 + k] == tier.cal.every and k
+    if a and not j then
+      s.dirty = true
+      for i = 1, pools do
+        if a[4 * pools + 1 + i] == tier.cal.every then j = i end
+      end
     end
+    w[k] = j and t_pool(a, j, shift) or two_new()
+    if j then known[j] = true end
     v[k] = view(tier.cal)
   end
-  s.w, s.v = w, v
+  for j = 1, pools do
+    if not known[j] then
+      local pool = t_pool(a, j, shift)
+      if pool[2] > 0 or pool[4] > 0 then x[#x + 1] = { every = a[4 * pools + 1 + j], w = pool } end
+    end
+  end
+  s.w, s.v, s.x = w, v, x
 end
 local function t_available_at(s, t)
   local sum = 0
@@ -634,13 +686,26 @@ function TIERED.rest(s)
     if not two_rest(w, win_start(tier.cal, v, 0)) then rest = false end
     until_ = max(until_, two_busy_until(w, tier.cal, v) or 0)
   end
+  -- Pools of another definition: busy until a window length (and an hour,
+  -- for a day of DST) past their window's start.
+  for _, pool in ipairs(s.x) do
+    for j = 1, 3, 2 do
+      local ends = pool.w[j + 1] > 0 and pool.w[j] + pool.every + 3600 * BIL
+      if ends and ends > 0 then rest, until_ = false, max(until_, ends) end
+    end
+  end
   if rest then return nil end
   return until_
 end
 function TIERED.save(s)
   if not TIERED.rest(s) then return nil end
   local a = { nowS }
+  local tiers, x = s.p.tiers, s.x
+  local pools = #tiers + #x
   for k, w in ipairs(s.w) do two_put(a, 4 * k - 2, w) end
+  for k, pool in ipairs(x) do two_put(a, 4 * (#tiers + k) - 2, pool.w) end
+  for k, tier in ipairs(tiers) do a[4 * pools + 1 + k] = tier.cal.every end
+  for k, pool in ipairs(x) do a[4 * pools + 1 + #tiers + k] = pool.every end
   return a
 end
 
@@ -789,7 +854,7 @@ function GCRA.fast(s, out, may_hold)
   end
   tat = max(tat, start) + span
   s.tn = tat
-  write(s, { nowS, tat + nowN, 0 }, second_after(tat))
+  write(s, { nowS, tat + nowN, 0, p.amount, p.period }, second_after(tat))
   -- GCRA.usage without fractions (tat > 0 here)
   local remaining, reset = 0, max(0, tat + p.whole - taun)
   if tat < taun then
@@ -1147,7 +1212,7 @@ local function slot(i)
   if not s then
     s = { key = false, p = false, cost = 0, charge = 0, stored = false, expiry = false,
       tn = false, tf = false, v = false, w = false, counts = false, adds = false,
-      mod = false, head = false, c = false, n = false, dirty = false, lent = false }
+      mod = false, head = false, c = false, n = false, dirty = false, lent = false, x = false }
     POOL[i] = s
   end
   return s
@@ -1205,6 +1270,8 @@ local function run(keys, argv)
     else
       decide(out, slots, op)
     end
+    -- A state carried into new parameters is written even by a denial.
+    if op ~= 'u' then save_dirty(slots) end
   end
   return out
 end

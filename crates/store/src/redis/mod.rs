@@ -13,12 +13,18 @@
 //!
 //! Key layout (one string per tracked key, expiring once at rest; a fixed
 //! window keeps a counter per window under that name plus `|START`):
-//! `{prefix}:{namespace}:{limit}:{fingerprint}:{variant}:{key}`, where
+//! `{prefix}:{namespace}:{limit}:{shape}:{variant}:{key}`, where
 //! `namespace` separates the faces and upstreams sharing one Redis
-//! ("gateway", "upstream:NAME"), `fingerprint` (8 hex digits) changes with
-//! the limit's definition (and the script's state format), so an edited
-//! limit starts from fresh counters as a reload does in memory, and
-//! `variant` is the class or override index.
+//! ("gateway", "upstream:NAME"), `shape` (8 hex digits) changes with what
+//! the limit's counts mean (`tollgate_core::carry::state_shape`: its
+//! algorithm, key, unit of cost and windows, and the script's state format),
+//! so a limit whose quota, rate or tiers a reload changed keeps its keys and
+//! carries their use over (the script reshapes a state written for other
+//! parameters when it reads it), while one whose counts would mean something
+//! else starts fresh, as a reload does in memory; `variant` is `0`, or
+//! `c.NAME` for a `[[class]]`. An override's key shares its default
+//! variant's name (the key tells it apart), so a key given an override, or
+//! losing one, keeps its use.
 //!
 //! Precision: the script computes in Lua's doubles, exact below 2^53; every
 //! instant in it is relative to now, so limits must keep their state within
@@ -43,6 +49,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, OnceCell};
 use tollgate_core::algo::Usage;
 use tollgate_core::calendar::Calendar;
+use tollgate_core::carry::{self, Variant};
 use tollgate_core::policy::{AlgorithmKind, Limit, Mode, Params, Policy, RedisSettings};
 use tollgate_core::units::NANOS_PER_SEC;
 use tollgate_core::{Decision, Item, Nanos, Outcome, Verdict};
@@ -52,7 +59,7 @@ const SOURCE: &str = include_str!("decide.lua");
 const FUNCTION_PLACEHOLDER: &str = "TOLLGATE_FUNCTION";
 /// The version of the states `decide.lua` writes, part of every key's
 /// fingerprint: a version that stores them differently uses other keys.
-const STATE_FORMAT: &str = "state 2;";
+const STATE_FORMAT: &str = "state 3;";
 /// Doubles are exact below 2^53; instants relative to now stay below 2^52.
 const EXACT: u64 = 1 << 52;
 
@@ -97,11 +104,15 @@ pub enum TimeSource {
 pub struct RedisStore {
     conns: Arc<Conns>,
     namespace: String,
-    /// `{prefix}:{namespace}:{limit}:{fingerprint}:` per limit, then the variant.
-    key_prefixes: Vec<String>,
+    /// `{prefix}:{namespace}:{limit}:{shape}:{variant}:` per limit and variant.
+    key_prefixes: Vec<Vec<String>>,
     /// Per limit, per variant: its spec as the script reads it, or None
     /// when it depends on now (a calendar with DST) and is built per call.
     specs: Vec<Vec<Option<Box<[u8]>>>>,
+    /// Per limit: when a reload here carried its counts into its current
+    /// definition (the script carries a bucket written for an older rate as
+    /// of then, as the memory store does at the reload).
+    since: Vec<Option<Nanos>>,
     time: TimeSource,
     /// Denials that hold until a known instant (the async path's).
     denials: Denials,
@@ -242,19 +253,39 @@ impl RedisStore {
             calls: AtomicU64::new(0),
             blocking: parking_lot::Mutex::new(None),
         });
-        Self::over(conns, policy, namespace, time)
+        let since = vec![None; policy.limits.len()];
+        Self::over(conns, policy, namespace, time, since)
     }
 
-    /// The store for a reloaded `policy`: the same connections; limits whose
-    /// definition did not change keep their keys (and so their counters).
-    pub fn reloaded(&self, policy: &Policy) -> Result<RedisStore, RedisError> {
-        if policy.store.redis.as_ref() != Some(&self.conns.settings) {
-            let settings = policy.store.redis.as_ref().ok_or_else(|| {
-                RedisError::Config("a reload cannot leave Redis for memory; restart instead".into())
-            })?;
-            return Self::new(settings, policy, &self.namespace, self.time);
-        }
-        Self::over(self.conns.clone(), policy, &self.namespace, self.time)
+    /// The store for `policy`, reloaded at `now` from `old` (this store's
+    /// policy): the same connections; limits whose counts mean the same keep
+    /// their keys, so an unchanged limit keeps its counters and a changed
+    /// one carries them over (see `tollgate_core::carry`).
+    pub fn reloaded(
+        &self,
+        old: &Policy,
+        policy: &Policy,
+        now: Nanos,
+    ) -> Result<RedisStore, RedisError> {
+        let since = policy
+            .limits
+            .iter()
+            .map(|limit| match carry::carry(old, limit) {
+                (carry::Carry::Carried, _) => Some(now),
+                (carry::Carry::Unchanged, Some(i)) => self.since.get(i).copied().flatten(),
+                _ => None,
+            })
+            .collect();
+        let conns = match policy.store.redis.as_ref() {
+            Some(settings) if *settings == self.conns.settings => self.conns.clone(),
+            Some(settings) => return Self::new(settings, policy, &self.namespace, self.time),
+            None => {
+                return Err(RedisError::Config(
+                    "a reload cannot leave Redis for memory; restart instead".into(),
+                ))
+            }
+        };
+        Self::over(conns, policy, &self.namespace, self.time, since)
     }
 
     fn over(
@@ -262,29 +293,38 @@ impl RedisStore {
         policy: &Policy,
         namespace: &str,
         time: TimeSource,
+        since: Vec<Option<Nanos>>,
     ) -> Result<RedisStore, RedisError> {
         check_policy(policy)?;
         let key_prefixes = policy
             .limits
             .iter()
             .map(|l| {
-                format!(
-                    "{}:{namespace}:{}:{:08x}:",
-                    conns.settings.prefix,
-                    l.name,
-                    fnv32(&format!("{STATE_FORMAT}{}", l.fingerprint))
-                )
+                let shape = fnv32(&format!("{STATE_FORMAT}{}", carry::state_shape(l)));
+                (0..l.variants.len())
+                    .map(|v| {
+                        let variant = match carry::variant(policy, l, v) {
+                            Variant::Class(name) => format!("c.{name}"),
+                            Variant::Default | Variant::Override(_) => "0".into(),
+                        };
+                        format!(
+                            "{}:{namespace}:{}:{shape:08x}:{variant}:",
+                            conns.settings.prefix, l.name
+                        )
+                    })
+                    .collect()
             })
             .collect();
         let specs = policy
             .limits
             .iter()
-            .map(|limit| {
+            .zip(&since)
+            .map(|(limit, since)| {
                 (limit.variants.iter())
                     .map(|params| {
                         (!params_need_now(params)).then(|| {
                             let mut spec = Vec::new();
-                            write_spec(limit, params, 0, &mut spec);
+                            write_spec(limit, params, *since, 0, &mut spec);
                             spec.into_boxed_slice()
                         })
                     })
@@ -296,6 +336,7 @@ impl RedisStore {
             namespace: namespace.to_string(),
             key_prefixes,
             specs,
+            since,
             time,
             denials: Denials::default(),
         })
@@ -634,16 +675,17 @@ impl RedisStore {
         let mut spec = Vec::new();
         for item in items {
             let limit = &policy.limits[item.limit];
-            part.keys.push(format!(
-                "{}{}:{}",
-                self.key_prefixes[item.limit], item.class, item.key
-            ));
             let variant = item.class.min(limit.variants.len() - 1);
+            part.keys.push(format!(
+                "{}{}",
+                self.key_prefixes[item.limit][variant], item.key
+            ));
             match &self.specs[item.limit][variant] {
                 Some(fixed) => part.push(fixed),
                 None => {
                     spec.clear();
-                    write_spec(limit, limit.params(item.class), now, &mut spec);
+                    let since = self.since[item.limit];
+                    write_spec(limit, limit.params(item.class), since, now, &mut spec);
                     part.push(&spec);
                 }
             }
@@ -917,7 +959,7 @@ fn params_need_now(params: &Params) -> bool {
 
 /// A limit's spec as the script reads it (see its header): algorithm, hold,
 /// shadow, latency, then the algorithm's parameters, comma-separated.
-fn write_spec(limit: &Limit, params: &Params, now: Nanos, out: &mut Vec<u8>) {
+fn write_spec(limit: &Limit, params: &Params, since: Option<Nanos>, now: Nanos, out: &mut Vec<u8>) {
     let code = match params {
         Params::Gcra(_) => "g",
         Params::FixedWindow(_) => "f",
@@ -938,6 +980,9 @@ fn write_spec(limit: &Limit, params: &Params, now: Nanos, out: &mut Vec<u8>) {
                 [p.capacity, p.amount, p.period, whole, rem, tau.ns, tau.frac]
                     .map(|n| n.to_string()),
             );
+            fields.push(since.map_or("-".into(), |t| {
+                format!("{}:{}", t / NANOS_PER_SEC, t % NANOS_PER_SEC)
+            }));
         }
         Params::FixedWindow(p) => {
             fields.push(p.quota.to_string());

@@ -12,8 +12,8 @@
 //! the old store.
 //!
 //! Memory: an entry is the key (`CompactString`, 24 bytes, inline up to 24
-//! bytes of key) and an `AnyState` (24 bytes; a token bucket's exact state is
-//! inline, larger windowed states are boxed). Measured per token-bucket key including the
+//! bytes of key) and an `AnyState` (16 bytes; a token bucket's exact state is
+//! inline, larger states are behind one thin pointer). Measured per token-bucket key including the
 //! table's slack: see `bench/RESULTS.md`.
 //!
 //! Bounded keys: at most `max_keys` entries over all tables. A new key that
@@ -404,10 +404,10 @@ impl MemoryStore {
         else {
             return;
         };
-        if std::mem::discriminant(&state) != std::mem::discriminant(&AnyState::fresh(new_params)) {
-            return;
-        }
         state.carry(old_params, new_params, now);
+        if std::mem::discriminant(&state) != std::mem::discriminant(&AnyState::fresh(new_params)) {
+            return; // not a state of this limit's algorithm: nothing to carry
+        }
         let table = &self.tables[to].table;
         let mut shard = table.shard(hash).lock();
         match shard.find_mut(hash, |e| e.key == key) {
@@ -561,6 +561,7 @@ impl MemoryStore {
         };
         let decision = decide(now, std::slice::from_mut(&mut slot));
         let unused = added && slot.meter.at_rest(now);
+        drop(meter); // writes an inline state back before the entry may go
         if unused {
             // A key added for this request that it left untouched is not kept.
             if let Ok(found) = shard.find_entry(hash, |e| e.key == key) {

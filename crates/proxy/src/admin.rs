@@ -66,7 +66,13 @@ impl Proxy {
             (Method::POST, "/v1/reload") => match self.reload().await {
                 Ok(r) => json(
                     StatusCode::OK,
-                    serde_json::json!({ "reloaded": true, "upstreams": r.upstreams, "kept": r.kept }),
+                    serde_json::json!({
+                        "reloaded": true,
+                        "upstreams": r.upstreams,
+                        "kept": r.kept,
+                        "carried": r.carried,
+                        "fresh": r.fresh,
+                    }),
                 ),
                 Err(e) => problem(
                     StatusCode::UNPROCESSABLE_ENTITY,

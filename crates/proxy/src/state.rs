@@ -108,6 +108,20 @@ pub struct Reloaded {
     /// Upstreams whose definition did not change: their lines (queue,
     /// quota, breaker) were kept.
     pub kept: Vec<String>,
+    /// Upstreams whose definition changed: a new line, whose limits carried
+    /// what each key used under the old one (see `tollgate_core::carry`), so
+    /// a reload never spends a vendor's quota twice.
+    pub carried: Vec<String>,
+    /// Limits of changed upstreams that start from fresh counters, and why.
+    pub fresh: Vec<FreshLimit>,
+}
+
+/// A limit of an upstream that a reload started from fresh counters.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FreshLimit {
+    pub upstream: String,
+    pub limit: String,
+    pub why: String,
 }
 
 pub struct Proxy {
@@ -230,7 +244,7 @@ impl Proxy {
         let lines = upstreams
             .upstreams
             .iter()
-            .map(|u| start_line(u, &upstreams, &clock, &metrics).map(Arc::new))
+            .map(|u| start_line(u, &upstreams, &clock, &metrics, None).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let admin_token = std::env::var(&settings.admin_token_env)
             .ok()
@@ -307,7 +321,18 @@ impl Proxy {
         let _one_at_a_time = self.reload_lock.lock().await;
         let result = self.load_next();
         match &result {
-            Ok(r) => tracing::info!(upstreams = ?r.upstreams, kept = ?r.kept, "config reloaded"),
+            Ok(r) => tracing::info!(
+                upstreams = ?r.upstreams,
+                kept = ?r.kept,
+                carried = ?r.carried,
+                fresh = %r
+                    .fresh
+                    .iter()
+                    .map(|f| format!("{}/{} ({})", f.upstream, f.limit, f.why))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                "config reloaded"
+            ),
             Err(e) => {
                 tracing::error!("config reload rejected, the previous config keeps serving: {e}")
             }
@@ -334,12 +359,20 @@ impl Proxy {
                 .map_err(|message| LoadError::Io(format!("config rejected: {message}")))?;
         }
         let mut kept = Vec::new();
+        let (mut carried, mut fresh) = (Vec::new(), Vec::new());
         let mut lines = Vec::new();
         for u in &upstreams.upstreams {
             let same = old
                 .lines
                 .iter()
                 .find(|o| o.fingerprint == fingerprint(u, &upstreams));
+            // A changed upstream's engine carries the old one's counters.
+            let previous = old
+                .config
+                .upstreams
+                .iter()
+                .position(|o| o.name == u.name)
+                .and_then(|i| old.lines.get(i));
             match same {
                 Some(line) => {
                     kept.push(u.name.clone());
@@ -349,12 +382,40 @@ impl Proxy {
                     }
                     lines.push(line.clone());
                 }
-                None => lines.push(Arc::new(start_line(
-                    u,
-                    &upstreams,
-                    &self.clock,
-                    &self.metrics,
-                )?)),
+                None => {
+                    let engine = match previous {
+                        Some(line) => {
+                            let now = tollgate_core::Clock::now(&self.clock);
+                            let policy = tollgate_comply::pace::with_margin(&u.policy);
+                            let engine = line.line.inspect(|s| {
+                                for (limit, carry) in
+                                    tollgate_core::carry::plan(s.engine().policy(), &policy)
+                                {
+                                    if let tollgate_core::carry::Carry::Fresh(why) = carry {
+                                        fresh.push(FreshLimit {
+                                            upstream: u.name.clone(),
+                                            limit,
+                                            why,
+                                        });
+                                    }
+                                }
+                                s.engine().reloaded(policy, now)
+                            });
+                            carried.push(u.name.clone());
+                            Some(engine.map_err(|e| {
+                                LoadError::Io(format!("upstream '{}': {e}", u.name))
+                            })?)
+                        }
+                        None => None,
+                    };
+                    lines.push(Arc::new(start_line(
+                        u,
+                        &upstreams,
+                        &self.clock,
+                        &self.metrics,
+                        engine,
+                    )?))
+                }
             }
         }
         let names = upstreams.upstreams.iter().map(|u| u.name.clone()).collect();
@@ -365,6 +426,8 @@ impl Proxy {
         Ok(Reloaded {
             upstreams: names,
             kept,
+            carried,
+            fresh,
         })
     }
 }
@@ -394,18 +457,23 @@ fn fingerprint(u: &Upstream, config: &UpstreamsConfig) -> String {
 
 /// An upstream's line: its engine (memory, or the fleet's Redis under the
 /// same namespace `tollgate run` uses, so proxies and runners share one
-/// quota), its scheduler, and its HTTP client.
+/// quota; `engine` when a reload carried the old line's counters into it),
+/// its scheduler, and its HTTP client.
 fn start_line(
     u: &Upstream,
     config: &UpstreamsConfig,
     clock: &TokioClock,
     metrics: &Metrics,
+    engine: Option<Engine>,
 ) -> Result<UpstreamLine, LoadError> {
-    let engine = Engine::open(
-        tollgate_comply::pace::with_margin(&u.policy),
-        &format!("upstream:{}", u.name),
-    )
-    .map_err(|e| LoadError::Io(format!("upstream '{}': {e}", u.name)))?;
+    let engine = match engine {
+        Some(engine) => engine,
+        None => Engine::open(
+            tollgate_comply::pace::with_margin(&u.policy),
+            &format!("upstream:{}", u.name),
+        )
+        .map_err(|e| LoadError::Io(format!("upstream '{}': {e}", u.name)))?,
+    };
     let core = Scheduler::for_upstream(engine, u, config, fastrand_seed());
     let client = upstream_client(u)?;
     let line = SharedScheduler::start(&u.name, core, clock.clone());

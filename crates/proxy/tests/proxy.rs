@@ -639,6 +639,67 @@ async fn the_admin_listener_shows_the_lines_and_reloads() {
     assert!(config.contains("name = \"crm\""));
 }
 
+/// A vendor's quota does not reset because the proxy's config changed: an
+/// upstream whose limits a reload changes gets a new line whose limits carry
+/// what was already sent (5 of an hourly 5, raised to 8: 3 more, not 8).
+#[tokio::test(start_paused = true)]
+async fn a_reload_that_changes_an_upstreams_limits_carries_what_was_sent() {
+    let up = scripted(|_, _| ok()).await;
+    let dir = std::env::temp_dir().join(tollgate_testkit::unique_prefix("tollgate-requota"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("proxy.toml");
+    let config = |quota: u64, burst: &str| {
+        format!(
+            "[proxy]\naccess_log = \"off\"\n{}[[upstream.limit]]\nname = \"hourly\"\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = {quota}\n[[upstream.limit]]\nname = \"burst\"\nalgorithm = \"{burst}\"\ncapacity = 100\nrefill = \"100/s\"\n",
+            upstream("crm", up.addr, "")
+        )
+    };
+    std::fs::write(&path, config(5, "token_bucket")).expect("config");
+    let proxy = common::start_from(
+        tollgate_proxy::Source::File(path.clone()),
+        TokioClock::starting_at(EPOCH),
+    )
+    .await;
+    for i in 0..5 {
+        let r = get(&proxy.url("crm", &format!("/a/{i}")), &[]).await;
+        assert_eq!(r.status(), 200);
+    }
+    std::fs::write(&path, config(8, "leaky_bucket")).expect("config");
+    let reloaded: serde_json::Value = client()
+        .post(proxy.admin_url("/v1/reload"))
+        .send()
+        .await
+        .expect("reload")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        reloaded["carried"],
+        serde_json::json!(["crm"]),
+        "{reloaded}"
+    );
+    assert_eq!(
+        reloaded["fresh"],
+        serde_json::json!([{ "upstream": "crm", "limit": "burst", "why": "its algorithm changed from token_bucket to leaky_bucket" }])
+    );
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        let r = get(
+            &proxy.url("crm", &format!("/b/{i}")),
+            &[("tollgate-max-wait", "2s")],
+        )
+        .await;
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 429],
+        "3 more of 8, then a wait past max_wait"
+    );
+    assert_eq!(up.seen_under("/a/") + up.seen_under("/b/"), 8);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A pool of three keys, k-1 to k-3, from the environment (as keys must be).
 fn pool_keys() -> String {
     for i in 1..=3 {

@@ -251,9 +251,9 @@ impl MemoryStore {
     /// `old_policy`), at `now`: each limit keeps or carries its counters as
     /// `tollgate_core::carry` says. A carried limit's tables are shared, so
     /// requests still finishing on the old policy settle on the same state;
-    /// its keys are reshaped in place (a request decided on the old policy
-    /// while that happens counts in the old units); a key given an override,
-    /// or losing one, takes its state along. Tables no limit keeps are retired.
+    /// its keys are reshaped in place, shard by shard (the old store reads
+    /// each shard in the shape it is in); a key given an override, or losing
+    /// one, takes its state along. Tables no limit keeps are retired.
     pub fn carry_over(policy: &Policy, old: &MemoryStore, old_policy: &Policy, now: Nanos) -> Self {
         // Per new (limit, variant): the old (limit, variant) it continues.
         let mut from: Vec<Vec<Option<(usize, usize)>>> = Vec::new();
@@ -395,16 +395,17 @@ impl MemoryStore {
         now: Nanos,
     ) {
         let hash = self.hasher.hash_one(key);
-        let Some(mut state) = old.tables[from]
-            .table
-            .shard(hash)
-            .lock()
-            .find(hash, |e| e.key == key)
-            .map(|e| e.state.clone())
-        else {
-            return;
+        let placed = &old.tables[from];
+        let (mut state, old_params) = {
+            let shard = placed.table.shard(hash).lock();
+            let Some(entry) = shard.find(hash, |e| e.key == key) else {
+                return;
+            };
+            // A table this reload shares has been reshaped already.
+            let params = old.params(placed, &shard, old_params).into_owned();
+            (entry.state.clone(), params)
         };
-        state.carry(old_params, new_params, now);
+        state.carry(&old_params, new_params, now);
         if std::mem::discriminant(&state) != std::mem::discriminant(&AnyState::fresh(new_params)) {
             return; // not a state of this limit's algorithm: nothing to carry
         }

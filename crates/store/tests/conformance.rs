@@ -85,6 +85,7 @@ macro_rules! conformance {
             a_reload_that_adds_a_tier_keeps_each_pools_use,
             a_reload_keeps_requests_in_flight,
             a_reload_moves_a_keys_use_into_and_out_of_its_override,
+            a_reload_that_adds_an_override_and_a_rate_carries_the_keys_units,
             a_reload_that_changes_what_counts_mean_starts_fresh,
         );
     };
@@ -909,6 +910,26 @@ fn a_reload_moves_a_keys_use_into_and_out_of_its_override<B: Backend>() {
     let plain = reload(&premium, &hourly(3, ""), T0);
     assert_eq!(admits(&plain, &acme, T0), 0);
     assert_eq!(admits(&plain, &acme, T0 + HOUR), 3);
+}
+
+fn a_reload_that_adds_an_override_and_a_rate_carries_the_keys_units<B: Backend>() {
+    let acme = tenant("acme");
+    let bucket = |refill: &str, extra: &str| {
+        format!("[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"token_bucket\"\ncapacity = 10\nrefill = \"{refill}\"\n{extra}")
+    };
+    let b: B = open(&bucket("10/s", ""));
+    for _ in 0..8 {
+        assert!(admitted(&decide(&b, &acme, T0)));
+    }
+    // The default rate lowered and acme given twice it (20 at 2/s): its 8
+    // units are owed at acme's own rate, whatever happened to the default.
+    let next = reload(
+        &b,
+        &bucket("1/s", "overrides = [{ key = \"acme\", scale = 2 }]\n"),
+        T0,
+    );
+    assert_eq!(admits(&next, &acme, T0), 12);
+    assert_eq!(admits(&next, &tenant("other"), T0), 10);
 }
 
 fn a_reload_that_changes_what_counts_mean_starts_fresh<B: Backend>() {

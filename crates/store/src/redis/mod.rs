@@ -58,7 +58,7 @@ const SOURCE: &str = include_str!("decide.lua");
 /// The placeholder in `decide.lua` for the name it registers its function under.
 const FUNCTION_PLACEHOLDER: &str = "TOLLGATE_FUNCTION";
 /// The version of the states `decide.lua` writes, part of every key's
-/// fingerprint: a version that stores them differently uses other keys.
+/// shape: a version that stores them differently uses other keys.
 const STATE_FORMAT: &str = "state 3;";
 /// Doubles are exact below 2^53; instants relative to now stay below 2^52.
 const EXACT: u64 = 1 << 52;

@@ -101,21 +101,24 @@ async fn a_reload_keeps_counters_of_unchanged_limits_and_rejects_bad_configs() {
     assert_eq!(get(&client, &gw.url("/"), "acme").await.status(), 200);
 }
 
-/// A bucket's quota raised, then its capacity and rate lowered, while 8
-/// clients keep asking: every admission across both reloads is what the
-/// limit in force allows for the use already counted (50 in all: a reload
-/// that handed out fresh quota would admit 30 + 50 + 40), on both stores.
-async fn reload_under_load(store: &str) {
+/// One limit named "tenant", its definition changed twice while 8 clients
+/// keep asking: `phases` are each definition (after `gateway_section` and
+/// `store`) and the admissions to reach before the next reload; every
+/// admission across both reloads is what the definition in force allows for
+/// the use already counted, `total` in all (a reload that handed out a fresh
+/// quota would admit the sum of the phases).
+async fn reload_under_load(store: &str, phases: [(&str, u64); 3], total: u64) {
+    use std::sync::atomic::Ordering::Relaxed;
     let up = upstream().await;
     let dir = TempDir::new("reload-load");
     let path = dir.0.join("gateway.toml");
-    let config = |capacity: u64, refill: &str| {
+    let config = |limit: &str| {
         format!(
-            "{}{store}[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = {capacity}\nrefill = \"{refill}\"\n",
+            "{}{store}[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\n{limit}",
             gateway_section(up.addr)
         )
     };
-    std::fs::write(&path, config(30, "1/d")).expect("config written");
+    std::fs::write(&path, config(phases[0].0)).expect("config written");
     let gw = start_file(path.clone()).await;
     let admitted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -126,68 +129,120 @@ async fn reload_under_load(store: &str) {
                 let client = client();
                 // Bounded: at most 2,000 requests a client.
                 for _ in 0..2_000 {
-                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if stop.load(Relaxed) {
                         break;
                     }
                     let status = get(&client, &url, "acme").await.status().as_u16();
                     assert!(status == 200 || status == 429, "{status}");
                     if status == 200 {
-                        admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        admitted.fetch_add(1, Relaxed);
                     }
                 }
             })
         })
         .collect();
-    let reached = |n: u64| {
-        let admitted = admitted.clone();
-        async move {
-            for _ in 0..500 {
-                if admitted.load(std::sync::atomic::Ordering::Relaxed) >= n {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            panic!("the clients never reached {n} admissions");
-        }
-    };
     let admin = client();
-    reached(30).await;
-    std::fs::write(&path, config(50, "1/d")).expect("config written");
-    let (status, body) = post(&admin, &gw.admin_url("/v1/reload"), "").await;
-    assert_eq!(
-        (status, &body["carried"]),
-        (200, &serde_json::json!(["tenant"]))
-    );
-    reached(50).await;
-    std::fs::write(&path, config(40, "2/d")).expect("config written");
-    let (status, body) = post(&admin, &gw.admin_url("/v1/reload"), "").await;
-    assert_eq!(
-        (status, &body["carried"]),
-        (200, &serde_json::json!(["tenant"]))
-    );
-    // 50 units owed at 2 a day, with room for 40: nothing more today.
+    for (i, (_, reach)) in phases.iter().enumerate().take(2) {
+        for _ in 0..500 {
+            if admitted.load(Relaxed) >= *reach {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(admitted.load(Relaxed) >= *reach, "never reached {reach}");
+        std::fs::write(&path, config(phases[i + 1].0)).expect("config written");
+        let (status, body) = post(&admin, &gw.admin_url("/v1/reload"), "").await;
+        assert_eq!(
+            (status, &body["carried"]),
+            (200, &serde_json::json!(["tenant"]))
+        );
+    }
+    // The clients keep asking a while under the last definition.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, Relaxed);
     for c in clients {
         c.await.expect("client");
     }
-    assert_eq!(admitted.load(std::sync::atomic::Ordering::Relaxed), 50);
-    assert_eq!(up.received(), 50);
+    assert_eq!(admitted.load(Relaxed), total);
+    assert_eq!(up.received() as u64, total);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reload_under_load_carries_use_in_memory() {
-    reload_under_load("").await;
-}
+const BUCKET: [(&str, u64); 3] = [
+    (
+        "algorithm = \"token_bucket\"\ncapacity = 30\nrefill = \"1/d\"\n",
+        30,
+    ),
+    // Capacity raised: 20 more.
+    (
+        "algorithm = \"token_bucket\"\ncapacity = 50\nrefill = \"1/d\"\n",
+        50,
+    ),
+    // Capacity and rate lowered: 50 units owed at 2 a day, room for 40: none.
+    (
+        "algorithm = \"token_bucket\"\ncapacity = 40\nrefill = \"2/d\"\n",
+        0,
+    ),
+];
+const WINDOW: [(&str, u64); 3] = [
+    (
+        "algorithm = \"fixed_window\"\nevery = \"1d\"\nquota = 30\n",
+        30,
+    ),
+    // The quota raised mid-window: 20 more.
+    (
+        "algorithm = \"fixed_window\"\nevery = \"1d\"\nquota = 50\n",
+        50,
+    ),
+    // Lowered below what was used: none until the window ends.
+    (
+        "algorithm = \"fixed_window\"\nevery = \"1d\"\nquota = 20\n",
+        0,
+    ),
+];
+const TIERS: [(&str, u64); 3] = [
+    ("algorithm = \"tiered\"\ntiers = [{ every = \"1d\", quota = 30 }]\n", 30),
+    // A two-day pool added: it starts full, 10 more.
+    ("algorithm = \"tiered\"\ntiers = [{ every = \"1d\", quota = 30 }, { every = \"2d\", quota = 10 }]\n", 40),
+    // The two-day pool lowered below its use: none.
+    ("algorithm = \"tiered\"\ntiers = [{ every = \"1d\", quota = 30 }, { every = \"2d\", quota = 5 }]\n", 0),
+];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reload_under_load_carries_use_on_redis() {
-    let store = format!(
+fn redis_store() -> String {
+    format!(
         "[store]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{}\"\n",
         tollgate_testkit::redis_url(),
         tollgate_testkit::unique_prefix("reload")
-    );
-    reload_under_load(&store).await;
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_under_load_carries_a_buckets_use_in_memory() {
+    reload_under_load("", BUCKET, 50).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_under_load_carries_a_buckets_use_on_redis() {
+    reload_under_load(&redis_store(), BUCKET, 50).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_under_load_carries_a_windows_count_in_memory() {
+    reload_under_load("", WINDOW, 50).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_under_load_carries_a_windows_count_on_redis() {
+    reload_under_load(&redis_store(), WINDOW, 50).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_under_load_keeps_each_pools_use_in_memory() {
+    reload_under_load("", TIERS, 40).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_under_load_keeps_each_pools_use_on_redis() {
+    reload_under_load(&redis_store(), TIERS, 40).await;
 }
 
 #[tokio::test]

@@ -279,11 +279,13 @@ async fn the_slot_is_held_until_the_body_ends_or_is_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layers_on_one_redis_share_one_quota() {
     let config = format!(
-        "[store]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{}\"\n[[limit]]\nname = \"fleet\"\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 50\n",
+        "[store]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{}\"\ntimeout = \"2s\"\n[[limit]]\nname = \"fleet\"\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 50\n",
         tollgate_testkit::redis_url(),
         tollgate_testkit::unique_prefix("tower-fleet")
     );
-    // Two services, as two processes of a fleet would run them.
+    // Two services, as two processes of a fleet would run them. (A timeout
+    // of 2 s: on a loaded CI machine a first connection can take longer
+    // than the default 100 ms, and this test is about the shared quota.)
     let one = serve(app(RateLimitLayer::from_toml(&config).expect("layer"))).await;
     let two = serve(app(RateLimitLayer::from_toml(&config).expect("layer"))).await;
     let client = reqwest::Client::new();

@@ -623,14 +623,7 @@ async fn the_admin_listener_shows_the_lines_and_reloads() {
             "{metrics}"
         );
     }
-    let reloaded: serde_json::Value = client()
-        .post(proxy.admin_url("/v1/reload"))
-        .send()
-        .await
-        .expect("reload")
-        .json()
-        .await
-        .expect("json");
+    let reloaded = reload(&proxy).await;
     assert_eq!(
         reloaded["kept"][0], "crm",
         "an unchanged upstream keeps its line"
@@ -665,14 +658,7 @@ async fn a_reload_that_changes_an_upstreams_limits_carries_what_was_sent() {
         assert_eq!(r.status(), 200);
     }
     std::fs::write(&path, config(8, "leaky_bucket")).expect("config");
-    let reloaded: serde_json::Value = client()
-        .post(proxy.admin_url("/v1/reload"))
-        .send()
-        .await
-        .expect("reload")
-        .json()
-        .await
-        .expect("json");
+    let reloaded = reload(&proxy).await;
     assert_eq!(
         reloaded["carried"],
         serde_json::json!(["crm"]),
@@ -698,6 +684,18 @@ async fn a_reload_that_changes_an_upstreams_limits_carries_what_was_sent() {
     );
     assert_eq!(up.seen_under("/a/") + up.seen_under("/b/"), 8);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `POST /v1/reload` on the proxy's admin listener: its JSON answer.
+async fn reload(proxy: &common::Running) -> serde_json::Value {
+    client()
+        .post(proxy.admin_url("/v1/reload"))
+        .send()
+        .await
+        .expect("reload")
+        .json()
+        .await
+        .expect("json")
 }
 
 /// A pool of three keys, k-1 to k-3, from the environment (as keys must be).

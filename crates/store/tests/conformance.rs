@@ -236,6 +236,23 @@ fn redis_nodes_on_two_definitions_keep_each_others_pools() {
     assert_eq!(admits(&old, &a, T0 + MINUTE), 2, "the minute refilled");
     // The old node wrote the key without knowing the hour pool: still used.
     assert_eq!(admits(&new, &a, T0 + 2 * MINUTE), 2);
+    // Once the hour pool's window is long over, the old node stops keeping
+    // it: its writes hold its own two pools only (1 + 5 numbers each).
+    let pools = || {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", old.prefix))
+            .query(&mut redis_conn())
+            .expect("KEYS");
+        let value: String = redis::cmd("GET")
+            .arg(&keys[0])
+            .query(&mut redis_conn())
+            .expect("GET");
+        (value.split('|').count() - 1) / 5
+    };
+    assert_eq!(admits(&old, &a, T0 + 3 * MINUTE), 2, "the minute refilled");
+    assert_eq!(pools(), 3);
+    assert_eq!(admits(&old, &a, T0 + 3 * HOUR), 2, "the minute refilled");
+    assert_eq!(pools(), 2);
 }
 
 // ---------------------------------------------------------------------------

@@ -27,12 +27,12 @@
 --   t  B then per pool: start|used|start|used (used 0: nothing), then each
 --      pool's window length in ns (the tiers it was written for, then any
 --      pool of another node's definition that this one does not know)
--- A bucket or tiered state written for other parameters (a reload changed
--- the limit's rate, capacity or tiers: its key is named by what its counts
--- mean, see tollgate_core::carry) is carried into the new ones when it is
--- read, as the memory store does at the reload, and written back.
 --   s  B|head_start|count|count|..       (newest segment first)
 --   c  n                                  (in flight)
+-- A bucket or tiered state written for other parameters (a reload changed
+-- the limit's rate or tiers: its key is named by what its counts mean, see
+-- tollgate_core::carry) is carried into the new ones when it is read, as
+-- the memory store does at the reload, and written back.
 -- A key's expiry is the whole second after its state comes to rest, plus a
 -- second; a write that leaves that second unchanged keeps the TTL (SET
 -- KEEPTTL costs half a SET PX).
@@ -592,11 +592,21 @@ local function t_pool(a, j, shift)
   two_set(w, 3, shift, a[i + 2], a[i + 3])
   return w
 end
+-- Until when a pool of another definition (window length `every`) is
+-- busy: a window length, and an hour for a day of DST, past the start of
+-- its latest window with a count (relative ns; nil or <= 0: at rest).
+local function t_foreign_until(w, every)
+  local last
+  for j = 1, 3, 2 do
+    if w[j + 1] > 0 then last = max(last or -INF, w[j] + every + 3600 * BIL) end
+  end
+  return last
+end
 -- Pools are matched to tiers by window length: a state written for other
 -- tiers (a reload changed them, here or on another node) keeps each
 -- matching pool's use, an added pool starts full, and a pool this
--- definition does not know is kept (`s.x`) for the nodes that do, so a
--- fleet in the middle of a change never resets a pool.
+-- definition does not know is kept (`s.x`) while it is busy, for the nodes
+-- that know it, so a fleet in the middle of a change never resets a pool.
 function TIERED.load(s, a)
   local tiers = s.p.tiers
   local w, v, x = {}, {}, {}
@@ -617,8 +627,9 @@ function TIERED.load(s, a)
   end
   for j = 1, pools do
     if not known[j] then
-      local pool = t_pool(a, j, shift)
-      if pool[2] > 0 or pool[4] > 0 then x[#x + 1] = { every = a[4 * pools + 1 + j], w = pool } end
+      local pool, every = t_pool(a, j, shift), a[4 * pools + 1 + j]
+      local busy = t_foreign_until(pool, every)
+      if busy and busy > 0 then x[#x + 1] = { every = every, w = pool } end
     end
   end
   s.w, s.v, s.x = w, v, x
@@ -686,13 +697,8 @@ function TIERED.rest(s)
     if not two_rest(w, win_start(tier.cal, v, 0)) then rest = false end
     until_ = max(until_, two_busy_until(w, tier.cal, v) or 0)
   end
-  -- Pools of another definition: busy until a window length (and an hour,
-  -- for a day of DST) past their window's start.
   for _, pool in ipairs(s.x) do
-    for j = 1, 3, 2 do
-      local ends = pool.w[j + 1] > 0 and pool.w[j] + pool.every + 3600 * BIL
-      if ends and ends > 0 then rest, until_ = false, max(until_, ends) end
-    end
+    rest, until_ = false, max(until_, t_foreign_until(pool.w, pool.every))
   end
   if rest then return nil end
   return until_

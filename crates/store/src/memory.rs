@@ -255,13 +255,14 @@ impl MemoryStore {
     /// each shard in the shape it is in); a key given an override, or losing
     /// one, takes its state along. Tables no limit keeps are retired.
     pub fn carry_over(policy: &Policy, old: &MemoryStore, old_policy: &Policy, now: Nanos) -> Self {
+        let plans: Vec<(Carry, Option<usize>)> = (policy.limits.iter())
+            .map(|limit| carry::carry(old_policy, limit))
+            .collect();
         // Per new (limit, variant): the old (limit, variant) it continues.
-        let mut from: Vec<Vec<Option<(usize, usize)>>> = Vec::new();
-        for limit in &policy.limits {
-            let (how, was) = carry::carry(old_policy, limit);
-            from.push(
+        let from: Vec<Vec<Option<(usize, usize)>>> = (policy.limits.iter().zip(&plans))
+            .map(|(limit, plan)| {
                 (0..limit.variants.len())
-                    .map(|v| match (&how, was) {
+                    .map(|v| match *plan {
                         (Carry::Unchanged, Some(o)) => Some((o, v)),
                         (Carry::Carried, Some(o)) => {
                             let was = &old_policy.limits[o];
@@ -270,30 +271,54 @@ impl MemoryStore {
                         }
                         _ => None,
                     })
-                    .collect(),
-            );
-        }
+                    .collect()
+            })
+            .collect();
         let mut store = Self::build(
             policy,
             old.counters.clone(),
             old.hasher.clone(),
             |limit, v| from[limit][v].map(|(o, ov)| old.tables[old.first[o] + ov].table.clone()),
         );
-        for (limit, variants) in from.iter().enumerate() {
-            for (v, was) in variants.iter().enumerate() {
-                let new_params = policy.limits[limit].params(v);
-                match *was {
-                    Some((o, ov))
-                        if old_policy.limits[o].fingerprint != policy.limits[limit].fingerprint =>
-                    {
-                        let old_params = old_policy.limits[o].params(ov);
-                        store.carry_table(store.first[limit] + v, old_params, new_params, now);
+        // Unchanged limits share their tables as they are, fresh ones have
+        // new tables: only carried ones have work to do.
+        for (limit, plan) in plans.iter().enumerate() {
+            let (Carry::Carried, Some(o)) = *plan else {
+                continue;
+            };
+            let (was, new) = (&old_policy.limits[o], &policy.limits[limit]);
+            for (v, continues) in from[limit].iter().enumerate() {
+                match *continues {
+                    Some((_, ov)) => {
+                        let placed = store.first[limit] + v;
+                        store.carry_table(placed, was.params(ov), new.params(v), now);
                     }
-                    Some(_) => {}
-                    None => store.carry_override_keys(policy, old, old_policy, limit, v, now),
+                    // A new override: its key's state comes from the old
+                    // default variant.
+                    None => {
+                        if let carry::Variant::Override(key) = carry::variant(policy, new, v) {
+                            let at = (old.first[o], was.params(0));
+                            store.move_key(
+                                old,
+                                at,
+                                (store.first[limit] + v, new.params(v)),
+                                key,
+                                now,
+                            );
+                        }
+                    }
                 }
             }
-            store.return_override_keys(policy, old, old_policy, limit, now);
+            // Overrides this reload removed: each key's state goes back to
+            // the default variant.
+            for ov in 0..was.variants.len() {
+                if let carry::Variant::Override(key) = carry::variant(old_policy, was, ov) {
+                    if carry::find_variant(policy, new, carry::Variant::Override(key)).is_none() {
+                        let at = (old.first[o] + ov, was.params(ov));
+                        store.move_key(old, at, (store.first[limit], new.params(0)), key, now);
+                    }
+                }
+            }
         }
         for old_table in &old.tables {
             if !store
@@ -333,54 +358,6 @@ impl MemoryStore {
                 }
             }
             shard.shape = shape;
-        }
-    }
-
-    /// A new override (variant `v` of `limit`, with no table to continue):
-    /// its key's state comes from the old limit's default variant.
-    fn carry_override_keys(
-        &self,
-        policy: &Policy,
-        old: &MemoryStore,
-        old_policy: &Policy,
-        limit: usize,
-        v: usize,
-        now: Nanos,
-    ) {
-        let new = &policy.limits[limit];
-        let (Carry::Carried, Some(o)) = carry::carry(old_policy, new) else {
-            return;
-        };
-        if let carry::Variant::Override(key) = carry::variant(policy, new, v) {
-            let was = &old_policy.limits[o];
-            let at = (old.first[o], was.params(0));
-            self.move_key(old, at, (self.first[limit] + v, new.params(v)), key, now);
-        }
-    }
-
-    /// Overrides a reload removed: each key's state goes back to its
-    /// limit's default variant.
-    fn return_override_keys(
-        &self,
-        policy: &Policy,
-        old: &MemoryStore,
-        old_policy: &Policy,
-        limit: usize,
-        now: Nanos,
-    ) {
-        let new = &policy.limits[limit];
-        let (Carry::Carried, Some(o)) = carry::carry(old_policy, new) else {
-            return;
-        };
-        let was = &old_policy.limits[o];
-        for ov in 0..was.variants.len() {
-            let carry::Variant::Override(key) = carry::variant(old_policy, was, ov) else {
-                continue;
-            };
-            if carry::find_variant(policy, new, carry::Variant::Override(key)).is_none() {
-                let at = (old.first[o] + ov, was.params(ov));
-                self.move_key(old, at, (self.first[limit], new.params(0)), key, now);
-            }
         }
     }
 

@@ -142,8 +142,16 @@ pub fn simulate(
                     line: line_no,
                     message,
                 };
+                // One UTF-8 check for the whole line, so the parser need not
+                // check each string again.
+                let text = std::str::from_utf8(bytes).map_err(|e| {
+                    fail(format!(
+                        "the line is not UTF-8 (a bad byte at column {})",
+                        e.valid_up_to() + 1
+                    ))
+                })?;
                 let parsed: TraceLine<'_> =
-                    serde_json::from_slice(bytes).map_err(|e| fail(describe_json_error(&e)))?;
+                    serde_json::from_str(text).map_err(|e| fail(describe_json_error(&e)))?;
                 let t_text = parsed.t.get();
                 let t: f64 = match t_text.parse() {
                     Ok(t) if t >= 0.0 && f64::is_finite(t) => t,

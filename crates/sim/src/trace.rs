@@ -16,15 +16,15 @@ pub struct TraceLine<'a> {
     #[serde(borrow)]
     pub t: &'a serde_json::value::RawValue,
     #[serde(borrow, default)]
-    pub method: Option<Cow<'a, str>>,
+    pub method: Option<Text<'a>>,
     #[serde(borrow, default)]
-    pub path: Option<Cow<'a, str>>,
+    pub path: Option<Text<'a>>,
     #[serde(borrow, default)]
-    pub host: Option<Cow<'a, str>>,
+    pub host: Option<Text<'a>>,
     #[serde(borrow, default)]
-    pub ip: Option<Cow<'a, str>>,
+    pub ip: Option<Text<'a>>,
     #[serde(borrow, default)]
-    pub query: Option<Cow<'a, str>>,
+    pub query: Option<Text<'a>>,
     #[serde(borrow, default)]
     pub headers: Headers<'a>,
     #[serde(borrow, default)]
@@ -32,7 +32,7 @@ pub struct TraceLine<'a> {
     /// An Envoy rate limit request's domain and one of its descriptors'
     /// entries (what `tollgate serve`'s RLS listener decides).
     #[serde(borrow, default)]
-    pub domain: Option<Cow<'a, str>>,
+    pub domain: Option<Text<'a>>,
     #[serde(borrow, default)]
     pub descriptor: Headers<'a>,
     /// Seconds the upstream took; charged (latency limits) and released
@@ -41,10 +41,45 @@ pub struct TraceLine<'a> {
     pub latency: Option<f64>,
 }
 
+/// A string of the line: borrowed from it unless it has escapes. (serde's own
+/// `Cow<str>` is always owned unless it is a field marked `borrow`, so inside
+/// an `Option` or a map every string would be copied to the heap.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Text<'a>(pub Cow<'a, str>);
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Text<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V(std::marker::PhantomData))
+    }
+}
+
 /// Header names as given; looked up case-insensitively. Inline up to two,
 /// so a typical line allocates nothing.
 #[derive(Debug, Default)]
-pub struct Headers<'a>(pub SmallVec<[(Cow<'a, str>, Cow<'a, str>); 2]>);
+pub struct Headers<'a>(pub SmallVec<[(Text<'a>, Text<'a>); 2]>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for Headers<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -56,7 +91,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Headers<'a> {
             }
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Headers<'a>, M::Error> {
                 let mut out = SmallVec::new();
-                while let Some((k, v)) = map.next_entry::<Cow<'a, str>, Cow<'a, str>>()? {
+                while let Some((k, v)) = map.next_entry::<Text<'a>, Text<'a>>()? {
                     out.push((k, v));
                 }
                 Ok(Headers(out))
@@ -91,8 +126,10 @@ impl Request for TraceRequest<'_, '_> {
             .headers
             .0
             .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_ref())
+            // Names are mostly written as the policy spells them: compare
+            // the bytes first.
+            .find(|(n, _)| **n == *name || n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| &**v)
     }
     fn query(&self, name: &str) -> Option<Cow<'_, str>> {
         query_param(self.line.query.as_deref()?, name)
@@ -105,7 +142,7 @@ impl Request for TraceRequest<'_, '_> {
     }
     fn descriptor(&self, key: &str) -> Option<&str> {
         (self.line.descriptor.0.iter())
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_ref())
+            .find(|(k, _)| &**k == key)
+            .map(|(_, v)| &**v)
     }
 }

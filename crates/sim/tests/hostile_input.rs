@@ -51,3 +51,46 @@ proptest! {
         }
     }
 }
+
+fn run(trace: &[u8]) -> (Result<tollgate_sim::Summary, SimError>, String) {
+    let engine = Engine::new(parse(POLICY, &NoProfiles).expect("policy"));
+    let options = Options {
+        start: 1_767_225_600_000_000_000,
+        decisions: true,
+        per_key: true,
+        timeline: false,
+    };
+    let mut out = Vec::new();
+    let result = simulate(&engine, options, trace, &mut out);
+    (result, String::from_utf8_lossy(&out).into_owned())
+}
+
+#[test]
+fn a_line_that_is_not_utf8_is_named_with_its_column() {
+    let mut trace = LINES[0].as_bytes().to_vec();
+    trace.extend_from_slice(b"\n{\"t\": 1, \"path\": \"/v1/\xff\"}\n");
+    let (result, out) = run(&trace);
+    match result {
+        Err(SimError::Line { line, message }) => {
+            assert_eq!(line, 2);
+            assert_eq!(message, "the line is not UTF-8 (a bad byte at column 23)");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(out.lines().count(), 1, "the first line was decided: {out}");
+}
+
+#[test]
+fn escaped_strings_are_read_as_their_text() {
+    // Strings with escapes cannot be borrowed from the line; they decide the
+    // same as the plain spelling.
+    let plain = r#"{"t": 0, "headers": {"x-tenant-id": "acme"}}"#;
+    let escaped = r#"{"t": 0, "headers": {"x-tenant\u002did": "\u0061cme"}}"#;
+    let trace = [plain; 5].join("\n") + "\n" + escaped + "\n";
+    let (result, out) = run(trace.as_bytes());
+    assert_eq!(result.expect("trace").requests, 6);
+    let last = out.lines().last().expect("decisions");
+    // The 6th request of one tenant, against a bucket of 5.
+    assert!(last.contains(r#""allowed":false"#), "{last}");
+    assert!(last.contains(r#""limit":"tenant""#), "{last}");
+}

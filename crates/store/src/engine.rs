@@ -584,4 +584,31 @@ mod tests {
             .allowed());
         assert_eq!(engine.store().stats().refused, 100);
     }
+
+    #[test]
+    fn a_refused_request_gives_back_the_room_made_for_its_other_keys() {
+        // Two limits per key: a new key needs two places. With room for one,
+        // a place is made for one of them, the other is refused: the place
+        // made must be given back, or the store would count a key it lacks.
+        let limit = |name: &str| {
+            format!("[[limit]]\nname = \"{name}\"\nkey = [\"header:k\"]\nalgorithm = \"token_bucket\"\ncapacity = 1\nrefill = \"1/h\"\n")
+        };
+        let text = format!("[store]\nmax_keys = 3\n{}{}", limit("a"), limit("b"));
+        let engine = Engine::new(tollgate_core::parse(&text, &NoProfiles).unwrap());
+        let req = |k: &str| Attrs::new("GET", "/", &[("k", k)]);
+        assert!(engine.check(&req("one"), 1).unwrap().decision.allowed());
+        assert_eq!(engine.store().stats().keys, 2);
+        for n in 0..5 {
+            assert!(engine.check(&req(&format!("new{n}")), 2 + n).is_err());
+            assert_eq!(engine.store().stats().keys, 2, "after refusal {n}");
+        }
+        // A known key is decided as ever, and one new key per limit fits.
+        assert!(!engine.check(&req("one"), 10).unwrap().decision.allowed());
+        let limit_c = "[[limit]]\nname = \"c\"\nkey = [\"header:j\"]\nalgorithm = \"token_bucket\"\ncapacity = 1\nrefill = \"1/h\"\n";
+        let engine =
+            Engine::new(tollgate_core::parse(&format!("{text}{limit_c}"), &NoProfiles).unwrap());
+        let both = Attrs::new("GET", "/", &[("k", "x"), ("j", "y")]);
+        assert!(engine.check(&both, 1).unwrap().decision.allowed());
+        assert_eq!(engine.store().stats().keys, 3);
+    }
 }

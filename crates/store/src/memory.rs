@@ -90,6 +90,22 @@ impl std::ops::DerefMut for Shard {
 /// A locked shard and the key's hash.
 type Locked<'a> = (MutexGuard<'a, Shard>, u64);
 
+/// A request's key in its locked shard: tracked already, or new (decided on
+/// a fresh state, which is stored only if the request used it).
+enum Found<'a> {
+    Kept(&'a mut Entry),
+    New(hash_table::VacantEntry<'a, Entry>, AnyState),
+}
+
+impl Found<'_> {
+    fn state(&mut self) -> &mut AnyState {
+        match self {
+            Found::Kept(entry) => &mut entry.state,
+            Found::New(_, state) => state,
+        }
+    }
+}
+
 /// One shard per cache line pair (128 bytes, what x86 prefetches together),
 /// so threads locking neighbouring shards do not contend on the line.
 #[derive(Debug)]
@@ -497,7 +513,7 @@ impl MemoryStore {
         }
     }
 
-    /// One limit: one lock and, for a known key, one probe of the table.
+    /// One limit: one lock and one probe of the table.
     fn decide_one(
         &self,
         policy: &Policy,
@@ -508,28 +524,15 @@ impl MemoryStore {
         let limit = &policy.limits[item.limit];
         let (mut shard, hash) = self.lock(item);
         let params = self.params(self.placed(item), &shard, limit.params(item.class));
-        let params = &*params;
-        let key = item.key.as_str();
-        let hasher = &self.hasher;
-        let mut added = false;
-        let entry = match shard.entry(hash, |e| e.key == key, |e| hasher.hash_one(e.key.as_str())) {
-            hash_table::Entry::Occupied(found) => Some(found.into_mut()),
-            hash_table::Entry::Vacant(place) if self.table(item).claim(self.max_keys) => {
-                added = true;
-                let fresh = Entry {
-                    key: item.key.clone(),
-                    state: AnyState::fresh(params),
-                };
-                Some(place.insert(fresh).into_mut())
-            }
+        let mut found = match self.find(&mut shard, hash, item, &params, false) {
+            Some(found) => found,
             // Full: the general path evicts what it can, or refuses.
-            hash_table::Entry::Vacant(_) => None,
+            None => {
+                drop(shard);
+                return self.decide_many(policy, std::slice::from_ref(item), now, hold);
+            }
         };
-        let Some(entry) = entry else {
-            drop(shard);
-            return self.decide_many(policy, std::slice::from_ref(item), now, hold);
-        };
-        let mut meter = entry.state.meter(params);
+        let mut meter = found.state().meter(&params);
         let mut slot = Slot {
             meter: &mut meter,
             cost: item.cost,
@@ -538,20 +541,14 @@ impl MemoryStore {
             shadow: limit.mode == tollgate_core::policy::Mode::Shadow,
         };
         let decision = decide(now, std::slice::from_mut(&mut slot));
-        let unused = added && slot.meter.at_rest(now);
-        drop(meter); // writes an inline state back before the entry may go
-        if unused {
-            // A key added for this request that it left untouched is not kept.
-            if let Ok(found) = shard.find_entry(hash, |e| e.key == key) {
-                found.remove();
-                self.table(item).forget(1);
-            }
-        }
+        let used = !slot.meter.at_rest(now);
+        drop(meter); // writes an inline state back
+        self.keep(found, item, used);
         Ok(decision)
     }
 
     /// Several limits: their shards are locked in table order, each key is
-    /// found (or added) with one probe, and the core decides over all of them.
+    /// found with one probe, and the core decides over all of them.
     fn decide_many(
         &self,
         policy: &Policy,
@@ -559,50 +556,43 @@ impl MemoryStore {
         now: Nanos,
         hold: bool,
     ) -> Result<Decision, StoreError> {
-        // Locked in table-id order; kept in item order.
+        let mut guards = self.lock_all(items);
+        // Items whose new key already has its place counted (by `make_room`).
+        let mut claimed: SmallVec<[bool; 4]> = smallvec::smallvec![false; items.len()];
+        loop {
+            match self.try_decide(policy, items, now, hold, &mut guards, &claimed) {
+                Ok(decision) => return Ok(decision),
+                Err(full) => {
+                    let (shard, _) = &mut guards[full];
+                    if let Err(e) = self.make_room(policy, shard, &items[full], now) {
+                        // Give back the places made for its other new keys.
+                        for (item, _) in items.iter().zip(&claimed).filter(|(_, c)| **c) {
+                            self.table(item).forget(1);
+                        }
+                        return Err(e);
+                    }
+                    claimed[full] = true;
+                }
+            }
+        }
+    }
+
+    /// The shards of `items`, locked in table-id order, in item order.
+    fn lock_all(&self, items: &[Item]) -> SmallVec<[Locked<'_>; 4]> {
+        if items.is_sorted_by_key(|item| self.table(item).id) {
+            return items.iter().map(|item| self.lock(item)).collect();
+        }
         let mut order: SmallVec<[usize; 4]> = (0..items.len()).collect();
         order.sort_unstable_by_key(|&i| self.table(&items[i]).id);
         let mut locked: SmallVec<[Option<Locked<'_>>; 4]> = items.iter().map(|_| None).collect();
         for i in order {
             locked[i] = Some(self.lock(&items[i]));
         }
-        let mut guards: SmallVec<[Locked<'_>; 4]> = locked.into_iter().flatten().collect();
-        // Keys this request added; if it leaves them untouched they go again.
-        let mut added: SmallVec<[bool; 4]> = smallvec::smallvec![false; items.len()];
-        loop {
-            match self.try_decide(policy, items, now, hold, &mut guards, &mut added) {
-                Ok((decision, unused)) => {
-                    for (i, _) in unused.iter().enumerate().filter(|(_, u)| **u) {
-                        self.remove(&mut guards[i], &items[i]);
-                    }
-                    return Ok(decision);
-                }
-                Err(full) => {
-                    let (shard, hash) = &mut guards[full];
-                    if let Err(e) = self.make_room(policy, shard, &items[full], now) {
-                        for (i, _) in added.clone().iter().enumerate().filter(|(_, a)| **a) {
-                            self.remove(&mut guards[i], &items[i]);
-                        }
-                        return Err(e);
-                    }
-                    let params = policy.limits[items[full].limit].params(items[full].class);
-                    let hasher = &self.hasher;
-                    shard.insert_unique(
-                        *hash,
-                        Entry {
-                            key: items[full].key.clone(),
-                            state: AnyState::fresh(params),
-                        },
-                        |e| hasher.hash_one(e.key.as_str()),
-                    );
-                    added[full] = true;
-                }
-            }
-        }
+        locked.into_iter().flatten().collect()
     }
 
-    /// Decide with every key present or addable; `Err(i)` if item `i` is new
-    /// and the store is full (the caller makes room and tries again).
+    /// Decide with every key found or placed; `Err(i)` if item `i`'s key is
+    /// new and the store is full (the caller makes room and tries again).
     fn try_decide(
         &self,
         policy: &Policy,
@@ -610,9 +600,8 @@ impl MemoryStore {
         now: Nanos,
         hold: bool,
         guards: &mut [Locked<'_>],
-        added: &mut [bool],
-    ) -> Result<(Decision, SmallVec<[bool; 4]>), usize> {
-        let hasher = &self.hasher;
+        claimed: &[bool],
+    ) -> Result<Decision, usize> {
         let params: SmallVec<[Cow<'_, Params>; 4]> = guards
             .iter()
             .zip(items)
@@ -621,56 +610,91 @@ impl MemoryStore {
                 self.params(self.placed(item), shard, ours)
             })
             .collect();
-        let mut entries: SmallVec<[&mut Entry; 4]> = SmallVec::new();
+        let mut found: SmallVec<[Found<'_>; 4]> = SmallVec::new();
         for (i, ((shard, hash), item)) in guards.iter_mut().zip(items).enumerate() {
-            let key = item.key.as_str();
-            match shard.entry(*hash, |e| e.key == key, |e| hasher.hash_one(e.key.as_str())) {
-                hash_table::Entry::Occupied(found) => entries.push(found.into_mut()),
-                hash_table::Entry::Vacant(place) if self.table(item).claim(self.max_keys) => {
-                    added[i] = true;
-                    let fresh = Entry {
-                        key: item.key.clone(),
-                        state: AnyState::fresh(&params[i]),
-                    };
-                    entries.push(place.insert(fresh).into_mut());
+            match self.find(shard, *hash, item, &params[i], claimed[i]) {
+                Some(f) => found.push(f),
+                None => {
+                    // Give back the places this attempt counted (those made
+                    // by `make_room` stay counted for the next).
+                    for ((f, item), _) in
+                        (found.into_iter().zip(items).zip(claimed)).filter(|(_, made)| !**made)
+                    {
+                        self.keep(f, item, false);
+                    }
+                    return Err(i);
                 }
-                hash_table::Entry::Vacant(_) => return Err(i),
             }
         }
-        let mut meters: SmallVec<[_; 4]> = entries
-            .iter_mut()
-            .zip(&params)
-            .map(|(entry, params)| entry.state.meter(params))
-            .collect();
-        let mut slots: SmallVec<[Slot<'_>; 4]> = meters
-            .iter_mut()
-            .zip(items)
-            .map(|(meter, item)| {
-                let limit = &policy.limits[item.limit];
-                Slot {
-                    meter,
-                    cost: item.cost,
-                    charge: item.charge,
-                    hold: if hold { limit.hold } else { 0 },
-                    shadow: limit.mode == tollgate_core::policy::Mode::Shadow,
-                }
-            })
-            .collect();
-        let decision = decide(now, &mut slots);
-        let unused = slots
-            .iter()
-            .zip(added.iter())
-            .map(|(s, added)| *added && s.meter.at_rest(now))
-            .collect();
-        Ok((decision, unused))
+        let (decision, used) = {
+            let mut meters: SmallVec<[_; 4]> = found
+                .iter_mut()
+                .zip(&params)
+                .map(|(f, params)| f.state().meter(params))
+                .collect();
+            let mut slots: SmallVec<[Slot<'_>; 4]> = meters
+                .iter_mut()
+                .zip(items)
+                .map(|(meter, item)| {
+                    let limit = &policy.limits[item.limit];
+                    Slot {
+                        meter,
+                        cost: item.cost,
+                        charge: item.charge,
+                        hold: if hold { limit.hold } else { 0 },
+                        shadow: limit.mode == tollgate_core::policy::Mode::Shadow,
+                    }
+                })
+                .collect();
+            let decision = decide(now, &mut slots);
+            let used: SmallVec<[bool; 4]> = slots.iter().map(|s| !s.meter.at_rest(now)).collect();
+            (decision, used)
+        }; // the meters write inline states back here
+        for ((f, item), used) in found.into_iter().zip(items).zip(used) {
+            self.keep(f, item, used);
+        }
+        Ok(decision)
     }
 
-    /// Forget a key this request added (it is still fresh).
-    fn remove(&self, (shard, hash): &mut Locked<'_>, item: &Item) {
+    /// `item`'s key in its locked shard, or a fresh state and the place for
+    /// it if the key is new; `None` if it is new and the store is full.
+    /// `counted`: the new key's place is counted already.
+    #[inline]
+    fn find<'s>(
+        &self,
+        shard: &'s mut Shard,
+        hash: u64,
+        item: &Item,
+        params: &Params,
+        counted: bool,
+    ) -> Option<Found<'s>> {
         let key = item.key.as_str();
-        if let Ok(found) = shard.find_entry(*hash, |e| e.key == key) {
-            found.remove();
-            self.table(item).forget(1);
+        let hasher = &self.hasher;
+        match shard.entry(hash, |e| e.key == key, |e| hasher.hash_one(e.key.as_str())) {
+            hash_table::Entry::Occupied(entry) => Some(Found::Kept(entry.into_mut())),
+            hash_table::Entry::Vacant(place)
+                if counted || self.table(item).claim(self.max_keys) =>
+            {
+                Some(Found::New(place, AnyState::fresh(params)))
+            }
+            hash_table::Entry::Vacant(_) => None,
+        }
+    }
+
+    /// Store a new key's state if the request used it (a state at rest is
+    /// what a new key starts with: keeping it would only take room), else
+    /// give its place back.
+    #[inline]
+    fn keep(&self, found: Found<'_>, item: &Item, used: bool) {
+        if let Found::New(place, state) = found {
+            if used {
+                place.insert(Entry {
+                    key: item.key.clone(),
+                    state,
+                });
+            } else {
+                self.table(item).forget(1);
+            }
         }
     }
 

@@ -541,9 +541,8 @@ impl MemoryStore {
             shadow: limit.mode == tollgate_core::policy::Mode::Shadow,
         };
         let decision = decide(now, std::slice::from_mut(&mut slot));
-        let used = !slot.meter.at_rest(now);
         drop(meter); // writes an inline state back
-        self.keep(found, item, used);
+        self.keep(found, item, &params, now);
         Ok(decision)
     }
 
@@ -557,10 +556,24 @@ impl MemoryStore {
         hold: bool,
     ) -> Result<Decision, StoreError> {
         let mut guards = self.lock_all(items);
+        // Shards a later reload reshaped (this is the old store, finishing
+        // up) are decided with the reshaped parameters; usually none.
+        let reshaped: Vec<(usize, Params)> = (guards.iter().zip(items).enumerate())
+            .filter(|(_, ((shard, _), item))| shard.shape != self.placed(item).shape)
+            .filter_map(|(i, ((shard, _), item))| {
+                Some((i, self.placed(item).table.params_at(shard.shape)?))
+            })
+            .collect();
+        let params: SmallVec<[&Params; 4]> = (items.iter().enumerate())
+            .map(|(i, item)| match reshaped.iter().find(|(j, _)| *j == i) {
+                Some((_, reshaped)) => reshaped,
+                None => policy.limits[item.limit].params(item.class),
+            })
+            .collect();
         // Items whose new key already has its place counted (by `make_room`).
         let mut claimed: SmallVec<[bool; 4]> = smallvec::smallvec![false; items.len()];
         loop {
-            match self.try_decide(policy, items, now, hold, &mut guards, &claimed) {
+            match self.try_decide(policy, items, &params, now, hold, &mut guards, &claimed) {
                 Ok(decision) => return Ok(decision),
                 Err(full) => {
                     let (shard, _) = &mut guards[full];
@@ -593,48 +606,38 @@ impl MemoryStore {
 
     /// Decide with every key found or placed; `Err(i)` if item `i`'s key is
     /// new and the store is full (the caller makes room and tries again).
+    #[allow(clippy::too_many_arguments)]
     fn try_decide(
         &self,
         policy: &Policy,
         items: &[Item],
+        params: &[&Params],
         now: Nanos,
         hold: bool,
         guards: &mut [Locked<'_>],
         claimed: &[bool],
     ) -> Result<Decision, usize> {
-        let params: SmallVec<[Cow<'_, Params>; 4]> = guards
-            .iter()
-            .zip(items)
-            .map(|((shard, _), item)| {
-                let ours = policy.limits[item.limit].params(item.class);
-                self.params(self.placed(item), shard, ours)
-            })
-            .collect();
         let mut found: SmallVec<[Found<'_>; 4]> = SmallVec::new();
-        for (i, ((shard, hash), item)) in guards.iter_mut().zip(items).enumerate() {
-            match self.find(shard, *hash, item, &params[i], claimed[i]) {
+        for (i, (shard, hash)) in guards.iter_mut().enumerate() {
+            match self.find(shard, *hash, &items[i], params[i], claimed[i]) {
                 Some(f) => found.push(f),
                 None => {
                     // Give back the places this attempt counted (those made
                     // by `make_room` stay counted for the next).
-                    for ((f, item), _) in
-                        (found.into_iter().zip(items).zip(claimed)).filter(|(_, made)| !**made)
-                    {
-                        self.keep(f, item, false);
+                    for (k, f) in found.into_iter().enumerate() {
+                        if matches!(f, Found::New(..)) && !claimed[k] {
+                            self.table(&items[k]).forget(1);
+                        }
                     }
                     return Err(i);
                 }
             }
         }
-        let (decision, used) = {
-            let mut meters: SmallVec<[_; 4]> = found
-                .iter_mut()
-                .zip(&params)
+        let decision = {
+            let mut meters: SmallVec<[_; 4]> = (found.iter_mut().zip(params))
                 .map(|(f, params)| f.state().meter(params))
                 .collect();
-            let mut slots: SmallVec<[Slot<'_>; 4]> = meters
-                .iter_mut()
-                .zip(items)
+            let mut slots: SmallVec<[Slot<'_>; 4]> = (meters.iter_mut().zip(items))
                 .map(|(meter, item)| {
                     let limit = &policy.limits[item.limit];
                     Slot {
@@ -646,12 +649,10 @@ impl MemoryStore {
                     }
                 })
                 .collect();
-            let decision = decide(now, &mut slots);
-            let used: SmallVec<[bool; 4]> = slots.iter().map(|s| !s.meter.at_rest(now)).collect();
-            (decision, used)
+            decide(now, &mut slots)
         }; // the meters write inline states back here
-        for ((f, item), used) in found.into_iter().zip(items).zip(used) {
-            self.keep(f, item, used);
+        for ((f, item), params) in found.into_iter().zip(items).zip(params) {
+            self.keep(f, item, params, now);
         }
         Ok(decision)
     }
@@ -685,15 +686,15 @@ impl MemoryStore {
     /// what a new key starts with: keeping it would only take room), else
     /// give its place back.
     #[inline]
-    fn keep(&self, found: Found<'_>, item: &Item, used: bool) {
-        if let Found::New(place, state) = found {
-            if used {
+    fn keep(&self, found: Found<'_>, item: &Item, params: &Params, now: Nanos) {
+        if let Found::New(place, mut state) = found {
+            if state.meter(params).at_rest(now) {
+                self.table(item).forget(1);
+            } else {
                 place.insert(Entry {
                     key: item.key.clone(),
                     state,
                 });
-            } else {
-                self.table(item).forget(1);
             }
         }
     }

@@ -195,6 +195,18 @@ impl Meter for Gcra<'_> {
                 reset: p.sub_ceil(next, full),
             };
         }
+        // A whole-nanosecond interval (most rates: 1000/s, 2/s, 100/min):
+        // every instant is whole, and one 64-bit division does.
+        if p.rem == 0 && tat.frac == 0 {
+            let slack = full.ns - tat.ns;
+            let remaining = slack / p.whole;
+            if let Some(next) = (remaining + 1).checked_mul(p.whole) {
+                return Usage {
+                    remaining,
+                    reset: next - slack,
+                };
+            }
+        }
         // slack = full - tat in units of 1/amount ns; one unit is `period` of them.
         let amount = u128::from(p.amount);
         let scaled = |e: Exact| u128::from(e.ns) * amount + u128::from(e.frac);

@@ -130,8 +130,16 @@ impl Policy {
             if !limit.matcher.matches(req) {
                 continue;
             }
+            // Limits keyed alike (a tenant's bucket and its daily quota) take
+            // the key the one before built.
+            let key = match out.last() {
+                Some(prev) if keyed_alike(&self.limits[prev.limit], limit) => {
+                    Ok(Some(prev.key.clone()))
+                }
+                _ => key_of(limit, req),
+            };
             // A shadow limit never fails a request: if it cannot apply, it is skipped.
-            let planned = key_of(limit, req).and_then(|key| Ok((key, cost_of(limit, req)?)));
+            let planned = key.and_then(|key| Ok((key, cost_of(limit, req)?)));
             let (key, (cost, charge)) = match planned {
                 Ok((Some(key), cost)) => (key, cost),
                 Ok((None, _)) => continue,
@@ -152,6 +160,11 @@ impl Policy {
         }
         Ok(())
     }
+}
+
+/// Whether two limits build the same key from any request.
+fn keyed_alike(a: &Limit, b: &Limit) -> bool {
+    a.key == b.key && a.missing_key == b.missing_key
 }
 
 fn key_of(limit: &Limit, req: &impl Request) -> Result<Option<CompactString>, RequestError> {
@@ -433,6 +446,42 @@ mod tests {
 
     fn req(method: &str, path: &str, headers: &[(&str, &str)]) -> Attrs {
         Attrs::new(method, path, headers)
+    }
+
+    #[test]
+    fn limits_keyed_alike_get_the_same_key_and_others_their_own() {
+        let limit = |name: &str, key: &str, missing: &str| {
+            format!("[[limit]]\nname = \"{name}\"\nkey = [{key}]\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 5\nmissing_key = \"{missing}\"\n")
+        };
+        let text = [
+            limit("a", r#""header:t""#, "anonymous"),
+            limit("b", r#""header:t""#, "anonymous"),
+            limit("c", r#""header:t", "method""#, "anonymous"),
+            limit("d", r#""header:t""#, "skip"),
+            limit("e", r#""header:t""#, "anonymous"),
+        ]
+        .concat();
+        let policy = parse(&text, &NoProfiles).unwrap();
+        let mut items = Vec::new();
+        let keys = |items: &[Item]| -> Vec<(usize, String)> {
+            items.iter().map(|i| (i.limit, shown_key(&i.key))).collect()
+        };
+        policy
+            .plan(&req("GET", "/", &[("t", "acme")]), &mut items)
+            .unwrap();
+        let acme = |l: usize| (l, "acme".to_string());
+        assert_eq!(
+            keys(&items),
+            [acme(0), acme(1), (2, "acme|GET".into()), acme(3), acme(4)]
+        );
+        // Without the header: "skip" drops d, and e (after it) still gets
+        // the anonymous key, as a and b do.
+        policy.plan(&req("GET", "/", &[]), &mut items).unwrap();
+        let anon = |l: usize| (l, "-".to_string());
+        assert_eq!(
+            keys(&items),
+            [anon(0), anon(1), (2, "-|GET".into()), anon(4)]
+        );
     }
 
     #[test]

@@ -558,12 +558,13 @@ impl MemoryStore {
         let mut guards = self.lock_all(items);
         // Shards a later reload reshaped (this is the old store, finishing
         // up) are decided with the reshaped parameters; usually none.
-        let reshaped: Vec<(usize, Params)> = (guards.iter().zip(items).enumerate())
-            .filter(|(_, ((shard, _), item))| shard.shape != self.placed(item).shape)
-            .filter_map(|(i, ((shard, _), item))| {
-                Some((i, self.placed(item).table.params_at(shard.shape)?))
-            })
-            .collect();
+        let mut reshaped: Vec<(usize, Params)> = Vec::new();
+        for (i, ((shard, _), item)) in guards.iter().zip(items).enumerate() {
+            let placed = self.placed(item);
+            if shard.shape != placed.shape {
+                reshaped.extend(placed.table.params_at(shard.shape).map(|p| (i, p)));
+            }
+        }
         let params: SmallVec<[&Params; 4]> = (items.iter().enumerate())
             .map(|(i, item)| match reshaped.iter().find(|(j, _)| *j == i) {
                 Some((_, reshaped)) => reshaped,

@@ -524,26 +524,35 @@ impl MemoryStore {
         let limit = &policy.limits[item.limit];
         let (mut shard, hash) = self.lock(item);
         let params = self.params(self.placed(item), &shard, limit.params(item.class));
-        let mut found = match self.find(&mut shard, hash, item, &params, false) {
-            Some(found) => found,
-            // Full: the general path evicts what it can, or refuses.
-            None => {
-                drop(shard);
-                return self.decide_many(policy, std::slice::from_ref(item), now, hold);
+        let params = &*params;
+        let decide_on = |state: &mut AnyState| {
+            let mut meter = state.meter(params);
+            let mut slot = Slot {
+                meter: &mut meter,
+                cost: item.cost,
+                charge: item.charge,
+                hold: if hold { limit.hold } else { 0 },
+                shadow: limit.mode == tollgate_core::policy::Mode::Shadow,
+            };
+            decide(now, std::slice::from_mut(&mut slot))
+            // (the meter writes an inline state back as it goes)
+        };
+        let key = item.key.as_str();
+        let hasher = &self.hasher;
+        match shard.entry(hash, |e| e.key == key, |e| hasher.hash_one(e.key.as_str())) {
+            hash_table::Entry::Occupied(found) => Ok(decide_on(&mut found.into_mut().state)),
+            hash_table::Entry::Vacant(place) if self.table(item).claim(self.max_keys) => {
+                let mut state = AnyState::fresh(params);
+                let decision = decide_on(&mut state);
+                self.keep(Found::New(place, state), item, params, now);
+                Ok(decision)
             }
-        };
-        let mut meter = found.state().meter(&params);
-        let mut slot = Slot {
-            meter: &mut meter,
-            cost: item.cost,
-            charge: item.charge,
-            hold: if hold { limit.hold } else { 0 },
-            shadow: limit.mode == tollgate_core::policy::Mode::Shadow,
-        };
-        let decision = decide(now, std::slice::from_mut(&mut slot));
-        drop(meter); // writes an inline state back
-        self.keep(found, item, &params, now);
-        Ok(decision)
+            // Full: the general path evicts what it can, or refuses.
+            hash_table::Entry::Vacant(_) => {
+                drop(shard);
+                self.decide_many(policy, std::slice::from_ref(item), now, hold)
+            }
+        }
     }
 
     /// Several limits: their shards are locked in table order, each key is

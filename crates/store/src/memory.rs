@@ -16,6 +16,10 @@
 //! inline, larger states are behind one thin pointer). Measured per token-bucket key including the
 //! table's slack: see `bench/RESULTS.md`.
 //!
+//! New keys: a request decides a key it finds absent on a state of its own,
+//! and stores it only if the request used it (a state at rest is what a new
+//! key starts with), so requests refused elsewhere leave no keys behind.
+//!
 //! Bounded keys: at most `max_keys` entries over all tables. A new key that
 //! finds the store full first evicts keys at rest (a state equal to a fresh
 //! one, so eviction never changes a decision); if none are, the request gets

@@ -539,7 +539,7 @@ impl MemoryStore {
                 shadow: limit.mode == tollgate_core::policy::Mode::Shadow,
             };
             decide(now, std::slice::from_mut(&mut slot))
-            // (the meter writes an inline state back as it goes)
+            // (the meter, dropped here, writes an inline state back)
         };
         let key = item.key.as_str();
         let hasher = &self.hasher;

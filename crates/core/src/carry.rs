@@ -31,6 +31,22 @@ pub enum Carry {
     Fresh(String),
 }
 
+/// A limit a reload started from fresh counters, and why (what a reload
+/// reports, in its log line and its answer).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FreshLimit {
+    /// The limit's name.
+    pub limit: String,
+    /// Why its old counts could not be carried (`Carry::Fresh`).
+    pub why: String,
+}
+
+impl std::fmt::Display for FreshLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.limit, self.why)
+    }
+}
+
 /// What each limit of `new` does with the counters of `old`, in `new`'s order.
 pub fn plan(old: &Policy, new: &Policy) -> Vec<(String, Carry)> {
     new.limits

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
-use tollgate_core::carry::Carry;
+use tollgate_core::carry::{Carry, FreshLimit};
 use tollgate_core::config::{ConfigError, LoadError};
 use tollgate_core::policy::{Cost, KeyPart};
 use tollgate_core::{Item, ProfileSource};
@@ -125,14 +125,7 @@ pub struct Reloaded {
     /// into the new one (see `tollgate_core::carry`).
     pub carried: Vec<String>,
     /// Limits that start from fresh counters, and why.
-    pub fresh: Vec<Fresh>,
-}
-
-/// A limit a reload started from fresh counters.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Fresh {
-    pub limit: String,
-    pub why: String,
+    pub fresh: Vec<FreshLimit>,
 }
 
 impl Gateway {
@@ -265,7 +258,7 @@ impl Gateway {
                 fresh = %r
                     .fresh
                     .iter()
-                    .map(|f| format!("{} ({})", f.limit, f.why))
+                    .map(FreshLimit::to_string)
                     .collect::<Vec<_>>()
                     .join(", "),
                 "config reloaded; unchanged limits kept their counters, changed ones carried their use over where it means the same"
@@ -329,7 +322,7 @@ impl Gateway {
             match carry {
                 Carry::Unchanged => reloaded.kept.push(limit.clone()),
                 Carry::Carried => reloaded.carried.push(limit.clone()),
-                Carry::Fresh(why) => reloaded.fresh.push(Fresh {
+                Carry::Fresh(why) => reloaded.fresh.push(FreshLimit {
                     limit: limit.clone(),
                     why,
                 }),

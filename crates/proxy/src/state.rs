@@ -120,8 +120,8 @@ pub struct Reloaded {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FreshLimit {
     pub upstream: String,
-    pub limit: String,
-    pub why: String,
+    #[serde(flatten)]
+    pub limit: tollgate_core::carry::FreshLimit,
 }
 
 pub struct Proxy {
@@ -328,7 +328,7 @@ impl Proxy {
                 fresh = %r
                     .fresh
                     .iter()
-                    .map(|f| format!("{}/{} ({})", f.upstream, f.limit, f.why))
+                    .map(|f| format!("{}/{}", f.upstream, f.limit))
                     .collect::<Vec<_>>()
                     .join(", "),
                 "config reloaded"
@@ -394,8 +394,7 @@ impl Proxy {
                                     if let tollgate_core::carry::Carry::Fresh(why) = carry {
                                         fresh.push(FreshLimit {
                                             upstream: u.name.clone(),
-                                            limit,
-                                            why,
+                                            limit: tollgate_core::carry::FreshLimit { limit, why },
                                         });
                                     }
                                 }

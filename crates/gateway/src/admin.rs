@@ -187,6 +187,9 @@ impl Gateway {
         let generation = self.current();
         let stats = generation.engine.store().stats();
         self.metrics.held_now.set(self.holds.held() as i64);
+        self.metrics
+            .upstream_idle
+            .set(self.idle_upstream_connections() as i64);
         if let Some(health) = generation.engine.health() {
             self.metrics.shared_store(health);
         }

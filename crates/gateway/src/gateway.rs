@@ -3,11 +3,9 @@
 
 use crate::metrics::{LimitCounters, Metrics};
 use crate::settings::{Settings, Upstream};
+use crate::upstream::WorkerUpstreams;
 use arc_swap::ArcSwap;
 use hyper::header::HeaderName;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -77,10 +75,7 @@ pub struct PendingCheck {
 /// concurrency limits answers 503.
 pub const MAX_PENDING_CHECKS: usize = 100_000;
 
-pub type UpstreamClient =
-    Client<hyper_rustls::HttpsConnector<HttpConnector>, crate::proxy::ProxyBody>;
-
-/// Most worker threads (`serve_workers`); more share clients round robin.
+/// Most worker threads (`serve_workers`); more share upstreams round robin.
 pub const MAX_WORKERS: usize = 64;
 
 pub struct Gateway {
@@ -89,9 +84,9 @@ pub struct Gateway {
     overrides: Overrides,
     profiles: Box<dyn ProfileSource + Send + Sync>,
     pub clock: TokioClock,
-    /// One upstream client (and connection pool) per worker thread, so a
-    /// worker's requests use connections driven on its own runtime.
-    clients: Box<[UpstreamClient]>,
+    /// The upstream connections of each worker thread, so a worker's
+    /// requests use connections driven on its own runtime.
+    upstreams: Box<[Arc<WorkerUpstreams>]>,
     pub metrics: Metrics,
     pub holds: Arc<Holds>,
     pub access: AccessLogger,
@@ -155,15 +150,16 @@ impl Gateway {
             generation.settings.upstream_client_cert.as_ref(),
         )
         .map_err(|e| LoadError::Io(format!("[gateway] upstream {e}")))?;
-        let clients = (0..MAX_WORKERS)
+        let upstreams = (0..MAX_WORKERS)
             .map(|_| {
                 let connector = tollgate_http::tls::https_connector(
                     upstream_tls.clone(),
                     generation.settings.connect_timeout,
                 );
-                Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(std::time::Duration::from_secs(60))
-                    .build(connector)
+                Arc::new(WorkerUpstreams::new(
+                    connector,
+                    metrics.upstream_opened.clone(),
+                ))
             })
             .collect();
         let admin_token = std::env::var(&generation.settings.admin_token_env)
@@ -193,7 +189,7 @@ impl Gateway {
             overrides,
             profiles,
             clock,
-            clients,
+            upstreams,
             metrics,
             holds: Arc::default(),
             access,
@@ -207,9 +203,21 @@ impl Gateway {
         })
     }
 
-    /// The upstream client of a worker thread.
-    pub fn client(&self, worker: usize) -> &UpstreamClient {
-        &self.clients[worker % self.clients.len()]
+    /// The upstream connections of a worker thread.
+    pub fn upstreams(&self, worker: usize) -> &Arc<WorkerUpstreams> {
+        &self.upstreams[worker % self.upstreams.len()]
+    }
+
+    /// Close the upstream connections idle too long or closed by the upstream.
+    pub fn prune_idle_upstreams(&self) {
+        for worker in self.upstreams.iter() {
+            worker.prune();
+        }
+    }
+
+    /// Upstream connections open and kept for the next client connection.
+    pub fn idle_upstream_connections(&self) -> usize {
+        self.upstreams.iter().map(|w| w.idle()).sum()
     }
 
     pub fn current(&self) -> Arc<Generation> {

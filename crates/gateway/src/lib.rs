@@ -14,6 +14,7 @@ mod proxy;
 mod rls;
 mod server;
 pub mod settings;
+mod upstream;
 
 pub use gateway::{load, Gateway, Overrides, Reloaded, Source, MAX_WORKERS};
 pub use server::serve_workers;

@@ -66,6 +66,10 @@ pub struct Metrics {
     pub hold_seconds: Histogram,
     pub upstream_seconds: Histogram,
     pub held_now: Gauge,
+    /// Connections opened to upstreams (a client connection reuses its own).
+    pub upstream_opened: Counter,
+    /// Upstream connections open and waiting for the next client connection.
+    pub upstream_idle: Gauge,
     keys: Gauge,
     evictions: Counter,
     refused: Counter,
@@ -116,6 +120,18 @@ impl Default for Metrics {
             upstream_seconds.clone(),
         );
         registry.register("held", "Requests held right now", held_now.clone());
+        let upstream_opened = Counter::default();
+        let upstream_idle = Gauge::default();
+        registry.register(
+            "upstream_connections_opened",
+            "Connections opened to upstreams",
+            upstream_opened.clone(),
+        );
+        registry.register(
+            "upstream_connections_idle",
+            "Upstream connections open and kept for the next client connection",
+            upstream_idle.clone(),
+        );
         registry.register("keys", "Keys tracked by the store", keys.clone());
         registry.register(
             "evictions",
@@ -170,6 +186,8 @@ impl Default for Metrics {
             hold_seconds,
             upstream_seconds,
             held_now,
+            upstream_opened,
+            upstream_idle,
             keys,
             evictions,
             refused,

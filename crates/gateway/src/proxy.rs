@@ -10,6 +10,7 @@
 use crate::gateway::{Gateway, Generation};
 use crate::metrics::Outcome;
 use crate::settings::Upstream;
+use crate::upstream::{ClientConnection, UpstreamError};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
@@ -72,8 +73,7 @@ impl Gateway {
     pub async fn proxy(
         self: Arc<Self>,
         req: Request<Incoming>,
-        peer: Arc<Peer>,
-        worker: usize,
+        connection: Arc<ClientConnection>,
     ) -> Result<Response<ResponseBody>, std::convert::Infallible> {
         let generation = self.current();
         let request_id = self.next_request_id();
@@ -82,7 +82,8 @@ impl Gateway {
         // A WebSocket handshake: the connection is taken over once the upstream agrees.
         let upgrade = websocket_upgrade(&headers)
             .and_then(|protocol| Some((protocol, parts.extensions.remove::<OnUpgrade>()?)));
-        let ip = client_ip(&generation, &headers, &peer);
+        let peer = &connection.peer;
+        let ip = client_ip(&generation, &headers, peer);
         let path = normalize_path(parts.uri.path());
         let mut log = Entry {
             enabled: self.access.enabled()
@@ -108,11 +109,18 @@ impl Gateway {
             headers,
             path: &path,
             ip: &ip,
-            peer: &peer,
+            peer,
             upgrade,
         };
         let response = self
-            .proxy_inner(&generation, &request_id, request, body, worker, &mut log)
+            .proxy_inner(
+                &generation,
+                &request_id,
+                request,
+                body,
+                &connection,
+                &mut log,
+            )
             .await;
         abandoned.entry = None;
         let response = response.unwrap_or_else(|refusal| {
@@ -134,7 +142,7 @@ impl Gateway {
         request_id: &str,
         mut request: Incoming_<'a>,
         body: Incoming,
-        worker: usize,
+        connection: &ClientConnection,
         log: &mut Entry<'a>,
     ) -> Result<Response<ResponseBody>, Refusal> {
         let settings = &generation.settings;
@@ -287,17 +295,15 @@ impl Gateway {
         }
         let refusal = match tokio::time::timeout(
             settings.upstream_timeout,
-            self.client(worker).request(outgoing),
+            connection.send(&upstream, outgoing),
         )
         .await
         {
             Err(_) => Refusal::UpstreamTimeout,
             Ok(Err(e)) => {
-                let cause =
-                    std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
                 // The detail goes to clients: the upstream's address stays in the log.
-                tracing::warn!(upstream = %upstream.authority, "upstream request failed: {cause}");
-                Refusal::UpstreamFailed(if e.is_connect() {
+                tracing::warn!(upstream = %upstream.authority, "upstream request failed: {e}");
+                Refusal::UpstreamFailed(if matches!(e, UpstreamError::Connect(_)) {
                     "The upstream could not be reached.".into()
                 } else {
                     "The upstream connection failed before a response (or the request body was cut short).".into()
@@ -477,15 +483,10 @@ fn upstream_request(
             })?
         }
     };
-    let mut uri = hyper::http::uri::Parts::default();
-    uri.scheme = Some(upstream.scheme.clone());
-    uri.authority = Some(upstream.authority.clone());
-    uri.path_and_query = Some(target);
-    let uri = Uri::from_parts(uri)
-        .map_err(|e| Refusal::BadRequest(format!("the request target cannot be forwarded: {e}")))?;
     let mut outgoing = Request::new(body);
     *outgoing.method_mut() = parts.method.clone();
-    *outgoing.uri_mut() = uri;
+    // Origin form: the connection is the upstream's own.
+    *outgoing.uri_mut() = Uri::from(target);
     *outgoing.headers_mut() = request.headers;
     let headers = outgoing.headers_mut();
     strip_hop_by_hop(headers);

@@ -4,6 +4,7 @@
 //! `shutdown_grace`).
 
 use crate::gateway::Gateway;
+use crate::upstream::ClientConnection;
 use hyper::service::service_fn;
 use std::future::Future;
 use std::sync::Arc;
@@ -159,8 +160,11 @@ async fn accept_loop(
                 let service = service_fn(move |req| gw.clone().admin(req));
                 listen::serve_http1(accepted.stream, service, graceful);
             } else {
-                let peer = Arc::new(Peer::new(accepted.peer));
-                let service = service_fn(move |req| gw.clone().proxy(req, peer.clone(), worker));
+                let connection = Arc::new(ClientConnection::new(
+                    Peer::new(accepted.peer),
+                    gw.upstreams(worker).clone(),
+                ));
+                let service = service_fn(move |req| gw.clone().proxy(req, connection.clone()));
                 match &acceptor {
                     Some(tls) => listen::serve_tls(accepted.stream, tls.clone(), service, graceful),
                     None => listen::serve_any_version(accepted.stream, service, graceful),
@@ -186,6 +190,7 @@ async fn upkeep(gateway: Arc<Gateway>) {
             let now = gw.clock.now();
             gw.current().engine.sweep(now);
             gw.expire_checks(CHECK_TTL);
+            gw.prune_idle_upstreams();
         })
         .await;
     }

@@ -65,6 +65,10 @@ async fn a_reload_keeps_counters_of_unchanged_limits_and_rejects_bad_configs() {
         header(&denied, "ratelimit").as_deref(),
         Some("\"tenant\";r=0;t=3600, \"daily\";r=48;t=86400, \"weekly\";r=500;t=0")
     );
+    assert_eq!(
+        header(&denied, "ratelimit-policy").as_deref(),
+        Some("\"tenant\";q=2;w=3600, \"daily\";q=50;w=86400, \"weekly\";q=500;w=604800")
+    );
 
     // An invalid config is rejected with its line; the old one keeps serving.
     std::fs::write(

@@ -487,6 +487,79 @@ async fn upstream_failures_are_502_and_504_problems() {
     assert_eq!(body["title"], "Upstream timed out");
 }
 
+/// The gateway's `upstream_connections_*` metrics, read from /metrics.
+async fn upstream_connections(client: &reqwest::Client, gw: &Running) -> (u64, u64) {
+    let text = send(client.get(gw.admin_url("/metrics")))
+        .await
+        .text()
+        .await
+        .expect("the metrics page");
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
+    };
+    (
+        value("tollgate_upstream_connections_opened_total "),
+        value("tollgate_upstream_connections_idle "),
+    )
+}
+
+#[tokio::test]
+async fn a_client_connection_keeps_one_upstream_connection_and_hands_it_on() {
+    let up = upstream().await;
+    let config = format!(
+        "{}[[limit]]\nname = \"all\"\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 100\n",
+        gateway_section(up.addr)
+    );
+    let gw = start(&config).await;
+    let admin = client();
+    // One kept-alive client connection: its requests share one upstream connection.
+    let first = client();
+    for i in 0..10 {
+        let r = send(first.get(gw.url(&format!("/a/{i}")))).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.text().await.unwrap(),
+            format!("ok /a/{i} body=0 xff=127.0.0.1")
+        );
+    }
+    assert_eq!((up.received(), up.connections()), (10, 1));
+    assert_eq!(upstream_connections(&admin, &gw).await, (1, 0));
+
+    // When it closes, its upstream connection waits for the next client's.
+    drop(first);
+    let mut idle = 0;
+    for _ in 0..200 {
+        idle = upstream_connections(&admin, &gw).await.1;
+        if idle == 1 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        idle, 1,
+        "the closed client's upstream connection was not kept"
+    );
+    let second = client();
+    for _ in 0..5 {
+        assert_eq!(send(second.get(gw.url("/b"))).await.status(), 200);
+    }
+    assert_eq!((up.received(), up.connections()), (15, 1));
+    assert_eq!(upstream_connections(&admin, &gw).await, (1, 0));
+
+    // An upstream that closes after each answer: every request still gets
+    // through, each on a new connection.
+    for _ in 0..5 {
+        let r = send(second.get(gw.url("/close"))).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), "closing");
+    }
+    // (the first on the kept connection, then 4 new ones)
+    assert_eq!((up.received(), up.connections()), (20, 5));
+    assert_eq!(upstream_connections(&admin, &gw).await.0, 5);
+}
+
 #[tokio::test]
 async fn routes_pick_the_upstream_by_path_prefix() {
     let default = upstream().await;

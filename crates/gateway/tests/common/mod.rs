@@ -52,17 +52,22 @@ impl http_body::Body for Trickle {
 }
 
 /// The test upstream: `/slow/MS` answers after MS ms (tokio time),
-/// `/trickle` streams slowly, `/status/CODE` answers CODE, anything else 200
-/// with `ok <path>`. It counts the requests it received.
+/// `/trickle` streams slowly, `/status/CODE` answers CODE, `/close` answers
+/// 200 and closes the connection, anything else 200 with `ok <path>`. It
+/// counts the requests it received and the connections they came on.
 #[derive(Debug, Clone)]
 pub struct Upstream {
     pub addr: SocketAddr,
     pub received: Arc<AtomicUsize>,
+    pub connections: Arc<AtomicUsize>,
 }
 
 impl Upstream {
     pub fn received(&self) -> usize {
         self.received.load(Ordering::SeqCst)
+    }
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 }
 
@@ -72,12 +77,14 @@ pub async fn upstream() -> Upstream {
         .expect("bind upstream");
     let addr = listener.local_addr().expect("addr");
     let received = Arc::new(AtomicUsize::new(0));
-    let counter = received.clone();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let (counter, accepted) = (received.clone(), connections.clone());
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            accepted.fetch_add(1, Ordering::SeqCst);
             let counter = counter.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -90,7 +97,11 @@ pub async fn upstream() -> Upstream {
             });
         }
     });
-    Upstream { addr, received }
+    Upstream {
+        addr,
+        received,
+        connections,
+    }
 }
 
 type UpBody = Either<Full<Bytes>, Trickle>;
@@ -120,6 +131,14 @@ async fn answer(req: Request<hyper::body::Incoming>) -> Result<Response<UpBody>,
     }
     if let Some(code) = path.strip_prefix("/status/") {
         return full(code.parse().unwrap_or(500), format!("status {code}"));
+    }
+    if path == "/close" {
+        let mut r = full(200, "closing".into())?;
+        r.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+        return Ok(r);
     }
     if path == "/trickle" {
         let tick = tokio::time::interval(Duration::from_millis(50));

@@ -1,0 +1,267 @@
+//! Connections to the upstreams. A client's connection keeps the upstream
+//! connection its last request used and sends its next request on it: on
+//! HTTP/1.1 a client's requests come one after another, so that connection
+//! is free again by the time the next request arrives, and no pool is
+//! consulted per request (a shared pool locks, looks up, and hands each
+//! connection back when its response body ends). When the client's
+//! connection closes, its upstream connection goes to its worker's idle list,
+//! where the next client connection finds it.
+//!
+//! Requests that find the kept connection busy (concurrent HTTP/2 streams of
+//! one client) take an idle one or open another; the spare goes to the idle
+//! list when they are done.
+
+use crate::proxy::ProxyBody;
+use crate::settings::Upstream;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{HeaderValue, HOST};
+use hyper::http::uri::{Authority, Scheme};
+use hyper::{Request, Response, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tollgate_http::Peer;
+
+/// Most idle connections a worker keeps; past it, a returned one is closed.
+const MAX_IDLE: usize = 1024;
+/// An idle connection unused this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// Why a request got no response from its upstream.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// No connection could be opened (refused, timed out, TLS failed).
+    Connect(String),
+    /// The connection failed before the response head came.
+    Failed(hyper::Error),
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::Connect(cause) => write!(f, "cannot connect: {cause}"),
+            UpstreamError::Failed(e) => match std::error::Error::source(e) {
+                Some(cause) => write!(f, "{e}: {cause}"),
+                None => write!(f, "{e}"),
+            },
+        }
+    }
+}
+
+/// One worker's way to its upstreams: the connector, and the open
+/// connections no client connection holds.
+pub struct WorkerUpstreams {
+    connector: Connector,
+    idle: Mutex<Vec<Kept>>,
+    /// Connections opened (shared by every worker: a metric).
+    opened: Counter,
+}
+
+impl std::fmt::Debug for WorkerUpstreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerUpstreams")
+            .field("idle", &self.idle())
+            .finish_non_exhaustive()
+    }
+}
+
+/// An open HTTP/1.1 connection to one upstream.
+#[derive(Debug)]
+struct Kept {
+    scheme: Scheme,
+    authority: Authority,
+    sender: SendRequest<ProxyBody>,
+    /// When it was last handed back (idle since).
+    since: Instant,
+    /// It served a request before: a request it fails to send can be
+    /// retried on a new connection (the upstream may have closed it idle).
+    reused: bool,
+}
+
+impl Kept {
+    fn serves(&self, upstream: &Upstream) -> bool {
+        // (bytes, not `Authority`'s case-insensitive compare: both come from the config)
+        self.authority.as_str() == upstream.authority.as_str() && self.scheme == upstream.scheme
+    }
+}
+
+impl WorkerUpstreams {
+    pub fn new(connector: Connector, opened: Counter) -> WorkerUpstreams {
+        WorkerUpstreams {
+            connector,
+            idle: Mutex::default(),
+            opened,
+        }
+    }
+
+    /// How many connections wait in the idle list.
+    pub fn idle(&self) -> usize {
+        self.idle.lock().len()
+    }
+
+    /// An idle connection to `upstream` still open, the most recently used.
+    fn take_idle(&self, upstream: &Upstream) -> Option<Kept> {
+        let mut idle = self.idle.lock();
+        let now = Instant::now();
+        while let Some(i) = idle.iter().rposition(|k| k.serves(upstream)) {
+            let kept = idle.swap_remove(i);
+            if !kept.sender.is_closed() && now.duration_since(kept.since) < IDLE_TIMEOUT {
+                return Some(kept);
+            }
+        }
+        None
+    }
+
+    fn give_back(&self, mut kept: Kept) {
+        if kept.sender.is_closed() {
+            return;
+        }
+        kept.since = Instant::now();
+        let mut idle = self.idle.lock();
+        if idle.len() < MAX_IDLE {
+            idle.push(kept);
+        }
+    }
+
+    /// Close the connections idle too long or closed by the upstream.
+    pub fn prune(&self) {
+        let now = Instant::now();
+        self.idle
+            .lock()
+            .retain(|k| !k.sender.is_closed() && now.duration_since(k.since) < IDLE_TIMEOUT);
+    }
+
+    /// A new connection to `upstream`, driven by a task of its own on this
+    /// runtime (upgrades allowed: a WebSocket takes it over).
+    async fn connect(&self, upstream: &Upstream) -> Result<Kept, UpstreamError> {
+        use tower_service::Service;
+        let uri = Uri::builder()
+            .scheme(upstream.scheme.clone())
+            .authority(upstream.authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        let io = connector
+            .call(uri)
+            .await
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        self.opened.inc();
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!("an upstream connection ended: {e}");
+            }
+        });
+        Ok(Kept {
+            scheme: upstream.scheme.clone(),
+            authority: upstream.authority.clone(),
+            sender,
+            since: Instant::now(),
+            reused: false,
+        })
+    }
+}
+
+/// A client's connection as the proxy sees it: who it is, and the upstream
+/// connection it keeps between its requests.
+#[derive(Debug)]
+pub struct ClientConnection {
+    pub peer: Peer,
+    worker: Arc<WorkerUpstreams>,
+    kept: Mutex<Option<Kept>>,
+}
+
+impl ClientConnection {
+    pub fn new(peer: Peer, worker: Arc<WorkerUpstreams>) -> ClientConnection {
+        ClientConnection {
+            peer,
+            worker,
+            kept: Mutex::new(None),
+        }
+    }
+
+    /// Send `request` (its target in origin form) to `upstream` and wait for
+    /// the response head. A request that a reused connection could not send
+    /// at all is sent once more on a new connection.
+    pub async fn send(
+        &self,
+        upstream: &Upstream,
+        mut request: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        if !request.headers().contains_key(HOST) {
+            // (an HTTP/2 client names the host in :authority, not Host)
+            if let Ok(host) = HeaderValue::from_str(upstream.authority.as_str()) {
+                request.headers_mut().insert(HOST, host);
+            }
+        }
+        let mine = match self.kept.lock().take() {
+            Some(kept) if kept.serves(upstream) => Some(kept),
+            Some(other) => {
+                self.worker.give_back(other);
+                None
+            }
+            None => None,
+        };
+        let mut kept = match mine.or_else(|| self.worker.take_idle(upstream)) {
+            Some(kept) => kept,
+            None => self.worker.connect(upstream).await?,
+        };
+        loop {
+            let sent = match kept.sender.ready().await {
+                Ok(()) => kept.sender.try_send_request(request).await,
+                Err(e) if kept.reused => {
+                    tracing::debug!("an idle upstream connection was closed: {e}");
+                    kept = self.worker.connect(upstream).await?;
+                    continue;
+                }
+                Err(e) => return Err(UpstreamError::Failed(e)),
+            };
+            match sent {
+                Ok(response) => {
+                    kept.reused = true;
+                    self.keep(kept);
+                    return Ok(response);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if kept.reused => {
+                        tracing::debug!(
+                            "a request was not sent on a reused upstream connection: {}",
+                            e.error()
+                        );
+                        request = unsent;
+                        kept = self.worker.connect(upstream).await?;
+                    }
+                    _ => return Err(UpstreamError::Failed(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// Keep `kept` for this client's next request; a spare goes to the idle list.
+    fn keep(&self, kept: Kept) {
+        let spare = self.kept.lock().replace(kept);
+        if let Some(spare) = spare {
+            self.worker.give_back(spare);
+        }
+    }
+}
+
+impl Drop for ClientConnection {
+    fn drop(&mut self) {
+        if let Some(kept) = self.kept.get_mut().take() {
+            self.worker.give_back(kept);
+        }
+    }
+}

@@ -17,15 +17,19 @@ static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
-/// `"name";q=Q;w=W` for every (limit, variant) of a policy, built once per
-/// config: the `RateLimit-Policy` items a response is assembled from.
+/// `"name";q=Q;w=W` for every (limit, variant) of a policy, and each
+/// limit's `"name";r=`, built once per config: a response's `RateLimit-Policy`
+/// is one of them (or several joined), and its `RateLimit` starts from them.
 #[derive(Debug)]
-pub struct PolicyItems(Vec<Vec<String>>);
+pub struct PolicyItems {
+    policy: Vec<Vec<HeaderValue>>,
+    state_prefix: Vec<Box<[u8]>>,
+}
 
 impl PolicyItems {
     pub fn new(policy: &Policy) -> Self {
-        PolicyItems(
-            policy
+        PolicyItems {
+            policy: policy
                 .limits
                 .iter()
                 .map(|limit| {
@@ -38,12 +42,19 @@ impl PolicyItems {
                             if w > 0 {
                                 let _ = write!(item, ";w={w}");
                             }
-                            item
+                            // (a limit's name is printable ASCII: the config says so)
+                            HeaderValue::from_str(&item)
+                                .unwrap_or(HeaderValue::from_static("\"?\""))
                         })
                         .collect()
                 })
                 .collect(),
-        )
+            state_prefix: policy
+                .limits
+                .iter()
+                .map(|limit| format!("\"{}\";r=", limit.name).into_bytes().into())
+                .collect(),
+        }
     }
 }
 
@@ -60,8 +71,11 @@ pub fn add_rate_headers(
     if !settings.ratelimit_headers && !settings.legacy_headers {
         return;
     }
-    let mut policy_field = String::new();
-    let mut state_field = String::new();
+    // One enforcing limit (the usual case) takes its prebuilt policy value.
+    let mut policy_value: Option<&HeaderValue> = None;
+    let mut policy_field: Vec<u8> = Vec::new();
+    let mut state_field: Vec<u8> = Vec::with_capacity(48);
+    let mut digits = itoa::Buffer::new();
     // (remaining, quota, reset) of the limit with the least left.
     let mut tightest: Option<(u64, u64, u64)> = None;
     for (item, outcome) in items.iter().zip(&decision.outcomes) {
@@ -69,17 +83,22 @@ pub fn add_rate_headers(
             continue;
         }
         let limit = &policy.limits[item.limit];
-        if !policy_field.is_empty() {
-            policy_field.push_str(", ");
-            state_field.push_str(", ");
+        let this_policy = &items_text.policy[item.limit][item.class];
+        if state_field.is_empty() {
+            policy_value = Some(this_policy);
+        } else {
+            if let Some(first) = policy_value.take() {
+                policy_field.extend_from_slice(first.as_bytes());
+            }
+            policy_field.extend_from_slice(b", ");
+            policy_field.extend_from_slice(this_policy.as_bytes());
+            state_field.extend_from_slice(b", ");
         }
-        policy_field.push_str(&items_text.0[item.limit][item.class]);
         let reset = whole_seconds(outcome.reset);
-        let _ = write!(
-            state_field,
-            "\"{}\";r={};t={reset}",
-            limit.name, outcome.remaining
-        );
+        state_field.extend_from_slice(&items_text.state_prefix[item.limit]);
+        state_field.extend_from_slice(digits.format(outcome.remaining).as_bytes());
+        state_field.extend_from_slice(b";t=");
+        state_field.extend_from_slice(digits.format(reset).as_bytes());
         if tightest.is_none_or(|(r, _, _)| outcome.remaining < r) {
             tightest = Some((
                 outcome.remaining,
@@ -88,14 +107,16 @@ pub fn add_rate_headers(
             ));
         }
     }
-    if policy_field.is_empty() {
+    if state_field.is_empty() {
         return;
     }
     if settings.ratelimit_headers {
-        if let (Ok(p), Ok(s)) = (
-            HeaderValue::from_str(&policy_field),
-            HeaderValue::from_str(&state_field),
-        ) {
+        let policy_value = match policy_value {
+            Some(one) => Ok(one.clone()),
+            None => HeaderValue::from_maybe_shared(bytes::Bytes::from(policy_field)),
+        };
+        let state_value = HeaderValue::from_maybe_shared(bytes::Bytes::from(state_field));
+        if let (Ok(p), Ok(s)) = (policy_value, state_value) {
             headers.insert(RATELIMIT_POLICY.clone(), p);
             headers.insert(RATELIMIT.clone(), s);
         }

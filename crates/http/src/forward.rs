@@ -20,34 +20,63 @@ static HOP_BY_HOP: [HeaderName; 7] = [
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the (few) names first: a lookup per hop-by-hop name
-    // would cost a hash each, and most messages carry only `Connection`.
-    let present: SmallVec<[HeaderName; 4]> = headers
-        .keys()
-        .filter(|name| HOP_BY_HOP.contains(name))
-        .cloned()
-        .collect();
-    if present.is_empty() {
+    // One pass over the (few) names first, noting which hop-by-hop ones are
+    // there: a lookup per hop-by-hop name would cost a hash each, and most
+    // messages carry only `Connection` (a response's `keep-alive`).
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = hop_by_hop_index(name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    // Headers `Connection` names are hop-by-hop too (`keep-alive` and
-    // `close`, the usual values, name none beyond the list).
-    let named: SmallVec<[HeaderName; 2]> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|n| !n.eq_ignore_ascii_case("close"))
-        .filter(|n| {
-            !HOP_BY_HOP
-                .iter()
-                .any(|h| h.as_str().eq_ignore_ascii_case(n))
-        })
-        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-        .collect();
-    for name in present.iter().chain(&named) {
-        headers.remove(name);
+    if present & 1 != 0 {
+        // Headers `Connection` names are hop-by-hop too (`keep-alive` and
+        // `close`, the usual values, name none beyond the list).
+        let mut named: SmallVec<[HeaderName; 2]> = SmallVec::new();
+        for value in headers.get_all(CONNECTION) {
+            let value = value.as_bytes();
+            if value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close") {
+                continue;
+            }
+            let Ok(value) = std::str::from_utf8(value) else {
+                continue;
+            };
+            named.extend(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.eq_ignore_ascii_case("close"))
+                    .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+                    .filter(|n| hop_by_hop_index(n).is_none()),
+            );
+        }
+        for name in &named {
+            headers.remove(name);
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Where `name` is in `HOP_BY_HOP`, if it is there.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    // (names are lower case; a match on the text is a length check and a
+    // compare, cheaper than comparing `HeaderName`s one by one)
+    match name.as_str() {
+        "connection" => Some(0),
+        "keep-alive" => Some(1),
+        "proxy-connection" => Some(2),
+        "te" => Some(3),
+        "trailer" => Some(4),
+        "transfer-encoding" => Some(5),
+        "upgrade" => Some(6),
+        _ => None,
     }
 }
 
@@ -68,18 +97,21 @@ impl Peer {
 
     /// One X-Forwarded-For value: the client's chain, then this hop's peer.
     pub fn append_forwarded_for(&self, headers: &mut HeaderMap) {
-        if headers.contains_key(&X_FORWARDED_FOR) {
-            let chain: Vec<&str> = headers
-                .get_all(&X_FORWARDED_FOR)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .chain([self.ip.as_str()])
-                .collect();
-            if let Ok(v) = HeaderValue::from_str(&chain.join(", ")) {
-                headers.insert(X_FORWARDED_FOR.clone(), v);
+        // (one lookup: the name is hashed once)
+        match headers.entry(&X_FORWARDED_FOR) {
+            hyper::header::Entry::Vacant(none) => {
+                none.insert(self.ip_header.clone());
             }
-        } else {
-            headers.insert(X_FORWARDED_FOR.clone(), self.ip_header.clone());
+            hyper::header::Entry::Occupied(mut given) => {
+                let chain: Vec<&str> = given
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .chain([self.ip.as_str()])
+                    .collect();
+                if let Ok(v) = HeaderValue::from_str(&chain.join(", ")) {
+                    given.insert(v);
+                }
+            }
         }
     }
 }
@@ -193,8 +225,18 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
 
 #[cfg(test)]
 mod tests {
-    use super::{normalize_path, strip_hop_by_hop};
-    use hyper::header::{HeaderMap, HeaderValue};
+    use super::{hop_by_hop_index, normalize_path, strip_hop_by_hop, HOP_BY_HOP};
+    use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+
+    #[test]
+    fn the_hop_by_hop_index_agrees_with_the_list() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name), Some(i), "{name}");
+        }
+        for other in ["accept", "x-trace", "host", "content-length"] {
+            assert_eq!(hop_by_hop_index(&HeaderName::from_static(other)), None);
+        }
+    }
 
     #[test]
     fn hop_by_hop_headers_and_those_connection_names_are_removed() {

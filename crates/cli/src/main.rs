@@ -9,6 +9,9 @@ use std::process::ExitCode;
 use tollgate_core::{Nanos, Policy};
 use tollgate_store::Engine;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod comply;
 
 /// `tollgate --version`: the release and the commit it was built from.

@@ -193,8 +193,9 @@ impl Refusal {
 
     pub fn title(&self) -> String {
         match self {
+            // (joined, not formatted: every 429 says it)
             Refusal::RateLimited { limit, .. } => {
-                format!("Rate-limit budget for purpose '{limit}' exhausted")
+                ["Rate-limit budget for purpose '", limit, "' exhausted"].concat()
             }
             Refusal::CostTooLarge { limit, .. } => {
                 format!("Request costs more than limit '{limit}' can ever admit")
@@ -231,10 +232,12 @@ impl Refusal {
     pub fn detail(&self) -> String {
         match self {
             Refusal::RateLimited { retry_after, .. } => match retry_after {
-                Some(r) => format!(
-                    "Too many requests. Retry after {} seconds.",
-                    whole_seconds(*r)
-                ),
+                Some(r) => [
+                    "Too many requests. Retry after ",
+                    itoa::Buffer::new().format(whole_seconds(*r)),
+                    " seconds.",
+                ]
+                .concat(),
                 None => "Too many requests in flight. Retry when one completes.".into(),
             },
             Refusal::CostTooLarge { cost, capacity, .. } => {
@@ -330,7 +333,7 @@ impl Refusal {
                     detail: &detail,
                     instance: request_id,
                 };
-                ("application/problem+json", serde_json::to_vec(&problem))
+                ("application/problem+json", Ok(problem.to_json()))
             }
             ErrorFormat::Errors => {
                 let errors = Errors {
@@ -405,6 +408,46 @@ struct Problem<'a> {
     instance: &'a str,
 }
 
+impl Problem<'_> {
+    /// The JSON of `serde_json::to_vec(self)`, written without its
+    /// serializer: a 429's body is on the hot path, and its strings rarely
+    /// need escaping (those that do go through serde_json).
+    fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(
+            80 + self.kind.len() + self.title.len() + self.detail.len() + self.instance.len(),
+        );
+        out.extend_from_slice(b"{\"type\":");
+        json_string(&mut out, self.kind);
+        out.extend_from_slice(b",\"title\":");
+        json_string(&mut out, self.title);
+        out.extend_from_slice(b",\"status\":");
+        out.extend_from_slice(itoa::Buffer::new().format(self.status).as_bytes());
+        out.extend_from_slice(b",\"detail\":");
+        json_string(&mut out, self.detail);
+        out.extend_from_slice(b",\"instance\":");
+        json_string(&mut out, self.instance);
+        out.push(b'}');
+        out
+    }
+}
+
+/// `text` as a JSON string: copied between quotes when nothing in it needs
+/// escaping, else written by serde_json.
+fn json_string(out: &mut Vec<u8>, text: &str) {
+    // (no early exit: the loop is vectorized)
+    let plain = text.bytes().fold(true, |plain, b| {
+        plain & (b >= 0x20) & (b != b'"') & (b != b'\\')
+    });
+    if plain {
+        out.push(b'"');
+        out.extend_from_slice(text.as_bytes());
+        out.push(b'"');
+    } else {
+        // Writing into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, text);
+    }
+}
+
 /// Celigo's error body.
 #[derive(serde::Serialize)]
 struct Errors<'a> {
@@ -420,4 +463,28 @@ struct ErrorItem<'a> {
 /// Seconds rounded up: waiting that long is always enough.
 pub fn whole_seconds(ns: Nanos) -> u64 {
     ns.div_ceil(NANOS_PER_SEC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Problem;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn a_problem_is_written_as_serde_json_writes_it(
+            kind in ".{0,40}",
+            title in "[ -~]{0,40}|.{0,40}",
+            status in any::<u16>(),
+            detail in "[ -~]{0,60}|.{0,60}|[\"\\\\\u{0}-\u{1f}]{0,8}",
+            instance in "[0-9a-f_]{0,20}|.{0,20}",
+        ) {
+            let problem = Problem { kind: &kind, title: &title, status, detail: &detail, instance: &instance };
+            let ours = problem.to_json();
+            prop_assert_eq!(
+                String::from_utf8(ours).expect("UTF-8"),
+                serde_json::to_string(&problem).expect("serializable")
+            );
+        }
+    }
 }

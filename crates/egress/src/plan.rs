@@ -389,7 +389,6 @@ mod tests {
             idempotency_key: format!("k{i}"),
             callback: None,
             client: None,
-            parsed: Default::default(),
         };
         let jobs: Vec<Routed> = (0..400)
             .map(|i| Routed {

@@ -509,7 +509,7 @@ impl<'a> Driver<'a> {
         if cache.is_empty() || job.body.is_some() {
             return None;
         }
-        let url = job.url().ok()?;
+        let url = url::Url::parse(&job.url).ok()?;
         let (route, _) = cache.route_for(&job.method, url.path())?;
         let u = &self.config.upstreams[upstream];
         let sent = sent_headers(u, job);
@@ -789,7 +789,7 @@ impl<'a> Driver<'a> {
         let cache = &self.caches[a.upstream];
         if !cache.is_empty() && !matches!(a.job.method.as_str(), "GET" | "HEAD") {
             // What a write changed is not answered from the cache again.
-            if let Ok(url) = a.job.url() {
+            if let Ok(url) = url::Url::parse(&a.job.url) {
                 let touched = cache.written(url.path());
                 if let (Some(shared), true) = (&self.shared[a.upstream], touched > 0) {
                     let (shared, path) = (shared.clone(), url.path().to_string());
@@ -962,7 +962,9 @@ pub async fn run(
                 upstream: p.upstream.clone(),
             });
         };
-        let routed = p.job.url().ok().and_then(|url| config.upstream_for(url));
+        let routed = url::Url::parse(&p.job.url)
+            .ok()
+            .and_then(|url| config.upstream_for(&url));
         if routed != Some(upstream) {
             return Err(RunError::Moved {
                 id: p.job.id.clone(),
@@ -1140,12 +1142,10 @@ fn send(
             reqwest::header::HeaderValue::from_static("application/json"),
         );
     }
-    // (the parsed url: a string would be parsed again)
-    let request = match job.url() {
-        Ok(url) => client.request(method, url.clone()),
-        Err(_) => client.request(method, job.url.as_str()),
-    };
-    let mut request = request.timeout(upstream.timeout).headers(headers);
+    let mut request = client
+        .request(method, &job.url)
+        .timeout(upstream.timeout)
+        .headers(headers);
     if let Some(body) = &job.body {
         request = request.body(body.clone());
     }

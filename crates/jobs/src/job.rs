@@ -42,41 +42,9 @@ pub struct Job {
     /// status and result (None: pushed without client tokens, or a file's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
-    /// `url` parsed, once (not stored).
-    #[serde(skip)]
-    pub parsed: ParsedUrl,
-}
-
-/// A job's url parsed the first time something asks: the runner reads it to
-/// check the route, to plan the limits and to send, and the url crate takes
-/// some 6,000 instructions a parse. Jobs compare equal whatever it holds.
-#[derive(Debug, Clone, Default)]
-pub struct ParsedUrl(std::sync::OnceLock<Result<Url, String>>);
-
-impl PartialEq for ParsedUrl {
-    fn eq(&self, _: &ParsedUrl) -> bool {
-        true
-    }
-}
-
-impl ParsedUrl {
-    /// Already parsed (a job just read from its line).
-    fn of(url: Url) -> ParsedUrl {
-        ParsedUrl(std::sync::OnceLock::from(Ok(url)))
-    }
 }
 
 impl Job {
-    /// `url`, parsed (the first call parses it). `url` is not changed once
-    /// a job is made.
-    pub fn url(&self) -> Result<&Url, String> {
-        self.parsed
-            .0
-            .get_or_init(|| Url::parse(&self.url).map_err(|e| format!("url '{}': {e}", self.url)))
-            .as_ref()
-            .map_err(Clone::clone)
-    }
-
     /// A stand-in for a stored job that cannot be read: only its id is
     /// known, for its dead letter (which says why).
     pub fn unreadable(id: &str) -> Job {
@@ -92,7 +60,6 @@ impl Job {
             idempotency_key: String::new(),
             callback: None,
             client: None,
-            parsed: ParsedUrl::default(),
         }
     }
 
@@ -360,7 +327,6 @@ fn job_from_line(
                 None => None,
             },
             client: None,
-            parsed: ParsedUrl::of(url),
         },
     })
 }
@@ -435,7 +401,6 @@ pub fn read_bulk(
                     json: true,
                     priority,
                     workflow: bulk.workflow.clone(),
-                    parsed: ParsedUrl::default(),
                 },
             }
         })
@@ -495,7 +460,7 @@ pub struct JobRequest<'a> {
 
 impl<'a> JobRequest<'a> {
     pub fn new(job: &'a Job, defaults: &'a [(String, String)]) -> Result<Self, String> {
-        let url = job.url()?.clone();
+        let url = Url::parse(&job.url).map_err(|e| format!("url '{}': {e}", job.url))?;
         let body = match (&job.body, job.json) {
             (Some(text), true) => {
                 Some(serde_json::from_str(text).map_err(|e| format!("body: {e}"))?)
@@ -561,29 +526,6 @@ pub fn items(upstream: &Upstream, job: &Job) -> Result<Vec<tollgate_core::Item>,
 mod tests {
     use super::*;
     use tollgate_core::NoProfiles;
-
-    #[test]
-    fn a_jobs_url_is_parsed_once_and_never_stored() {
-        let mut job = Job::unreadable("j1");
-        job.url = "http://127.0.0.1:9/v1/items?x=1".into();
-        let stored = serde_json::to_string(&job).expect("serializable");
-        assert!(!stored.contains("parsed"), "{stored}");
-        let back: Job = serde_json::from_str(&stored).expect("readable");
-        assert_eq!(back, job);
-        let url = back.url().expect("a url");
-        assert_eq!((url.path(), url.query()), ("/v1/items", Some("x=1")));
-        // The same parse, not another one.
-        assert!(std::ptr::eq(url, back.url().expect("a url")));
-        job.url = "not a url".into();
-        let bad = Job {
-            parsed: ParsedUrl::default(),
-            ..job
-        };
-        assert_eq!(
-            bad.url().expect_err("not a url"),
-            "url 'not a url': relative URL without a base"
-        );
-    }
 
     #[test]
     fn digests_are_lower_case_hex_sha256() {

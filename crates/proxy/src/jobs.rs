@@ -331,10 +331,7 @@ fn log_final(proxy: &Proxy, p: &Pending, record: &Record, first: Nanos) {
     if !proxy.access.enabled() {
         return;
     }
-    let path = p
-        .job
-        .url()
-        .map_or_else(|_| String::new(), |u| u.path().to_string());
+    let path = url::Url::parse(&p.job.url).map_or_else(|_| String::new(), |u| u.path().to_string());
     proxy.access.log(&tollgate_http::access::Entry {
         enabled: true,
         request_id: &p.job.id,
@@ -877,8 +874,8 @@ impl Proxy {
                 sent_before,
             );
         };
-        let url = match job.url() {
-            Ok(u) if generation.config.upstream_for(u) == Some(upstream) => u.clone(),
+        let url = match url::Url::parse(&job.url) {
+            Ok(u) if generation.config.upstream_for(&u) == Some(upstream) => u,
             _ => {
                 return dead(
                     format!(
@@ -1083,7 +1080,6 @@ impl Proxy {
             idempotency_key,
             callback: callback_header(&parts.headers)?,
             client: client.map(|c| c.name.clone()),
-            parsed: Default::default(),
         };
         let routed = vec![Routed { upstream, job }];
         match self.enqueue(generation, routed).await {

@@ -454,7 +454,9 @@ pub async fn run(
                     let (job, refused) = match leased.job {
                         Err(reason) => (Job::unreadable(&leased.id), Some(reason)),
                         Ok(job) => {
-                            let routed = job.url().ok().and_then(|url| config.upstream_for(url));
+                            let routed = url::Url::parse(&job.url)
+                                .ok()
+                                .and_then(|url| config.upstream_for(&url));
                             let refused = (routed != Some(u)).then(|| format!(
                                 "its url {} is not under upstream '{}''s base_url in this runner's config; tollgate only sends to configured upstreams (fix the config, then tollgate dlq retry)",
                                 job.url, names[u]

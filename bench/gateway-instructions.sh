@@ -65,22 +65,8 @@ tollgate() {
 nginx_proxy() {
   local dir="$work/nginx-proxy"; rm -rf "$dir"; mkdir -p "$dir"
   { nginx_common "$dir"; echo "master_process off;"; echo "http {"; nginx_http_common "$dir"
-    cat <<EOF
-  upstream shared { server 127.0.0.1:$UP; keepalive 256; }
-  limit_req_zone \$http_x_tenant_id zone=tenant:64m rate=$1;
-  limit_req_status 429;
-  server {
-    listen 127.0.0.1:$PX backlog=4096;
-    location / {
-      limit_req zone=tenant burst=$2 nodelay;
-      proxy_pass http://shared;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-    }
-  }
-}
-EOF
+    nginx_limit_req "$UP" "$PX" "$1" "$2"
+    echo "}"
   } > "$dir/nginx.conf"
   taskset -c 1 valgrind --tool=callgrind --callgrind-out-file="$work/nginx.cg" \
     "$NGINX" -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" 2> /dev/null &

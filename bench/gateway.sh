@@ -92,25 +92,8 @@ start_nginx_proxy() {
   rm -rf "$dir"; mkdir -p "$dir"
   { nginx_common "$dir"
     echo "http {"; nginx_http_common "$dir"
-    cat <<EOF
-  upstream shared { server 127.0.0.1:$UP_PORT; keepalive 256; keepalive_requests 100000000; keepalive_timeout 300s; }
-  limit_req_zone \$http_x_tenant_id zone=tenant:64m rate=${rate}r/s;
-  limit_req_status 429;
-  server {
-    listen 127.0.0.1:$PROXY_PORT backlog=4096$NGINX_TLS;
-    location / {
-      limit_req zone=tenant burst=$burst nodelay;
-      proxy_pass http://shared;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      # tollgate adds this too. It also sends an x-request-id both ways; that
-      # is left out here: nginx's \$request_id calls OpenSSL's RAND_bytes per
-      # request, which cost nginx about 20% in a (noisy) trial.
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-    }
-  }
-}
-EOF
+    nginx_limit_req "$UP_PORT" "$PROXY_PORT" "${rate}r/s" "$burst" "$NGINX_TLS"
+    echo "}"
   } > "$dir/nginx.conf"
   "$NGINX" -t -q -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log"
   taskset -c "$PROXY_CPU" "$NGINX" -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" &

@@ -102,6 +102,32 @@ nginx_http_common() { # nginx_http_common DIR: the http-context lines (no access
 EOT
 }
 
+# nginx_limit_req UP_PORT PROXY_PORT RATE BURST [LISTEN_EXTRA]: the http-context
+# lines of nginx as the peer of `tollgate serve` (bench/gateway.sh,
+# bench/gateway-instructions.sh): limit_req keyed by x-tenant-id at RATE
+# (e.g. 1000r/s) with BURST, 429 when denied, relaying to 127.0.0.1:UP_PORT
+# over kept-alive connections.
+nginx_limit_req() {
+  cat <<EOF
+  upstream shared { server 127.0.0.1:$1; keepalive 256; keepalive_requests 100000000; keepalive_timeout 300s; }
+  limit_req_zone \$http_x_tenant_id zone=tenant:64m rate=$3;
+  limit_req_status 429;
+  server {
+    listen 127.0.0.1:$2 backlog=4096${5:-};
+    location / {
+      limit_req zone=tenant burst=$4 nodelay;
+      proxy_pass http://shared;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      # tollgate adds this too. It also sends an x-request-id both ways; that
+      # is left out here: nginx's \$request_id calls OpenSSL's RAND_bytes per
+      # request, which cost nginx about 20% in a (noisy) trial.
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    }
+  }
+EOF
+}
+
 # prom_value URL NAME{LABELS}: one sample of a Prometheus text page (0 if absent)
 # start_upstream PORT CPU: the shared upstream the proxies under test relay
 # to, nginx with one worker answering `200 ok` on 127.0.0.1:PORT, pinned to

@@ -230,8 +230,11 @@ impl ClientConnection {
             };
             match sent {
                 Ok(response) => {
-                    kept.reused = true;
-                    self.keep(kept);
+                    // (a switched connection is the tunnel's now)
+                    if response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+                        kept.reused = true;
+                        self.keep(kept);
+                    }
                     return Ok(response);
                 }
                 Err(mut e) => match e.take_message() {

@@ -1,5 +1,5 @@
 //! The gateway's shared state: the config in force (a `Generation`, swapped
-//! whole on reload), the clock, the upstream client, metrics and bounds.
+//! whole on reload), the clock, the upstream connections, metrics and bounds.
 
 use crate::metrics::{LimitCounters, Metrics};
 use crate::settings::{Settings, Upstream};
@@ -487,7 +487,7 @@ fn parse_all(
         })
     };
     // Checked here, as `tollgate check` checks them (the system's roots are
-    // read once, when the upstream clients are built).
+    // read once, when the upstream connectors are built).
     if let Some(files) = &mut settings.tls {
         *files = files.under(dir);
         checked("", tollgate_http::tls::load(files).map(|_| ()))?;

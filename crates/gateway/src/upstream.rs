@@ -85,6 +85,11 @@ struct Kept {
 }
 
 impl Kept {
+    /// Still open, and not idle too long.
+    fn usable(&self, now: Instant) -> bool {
+        !self.sender.is_closed() && now.duration_since(self.since) < IDLE_TIMEOUT
+    }
+
     fn serves(&self, upstream: &Upstream) -> bool {
         // (bytes, not `Authority`'s case-insensitive compare: both come from the config)
         self.authority.as_str() == upstream.authority.as_str() && self.scheme == upstream.scheme
@@ -111,7 +116,7 @@ impl WorkerUpstreams {
         let now = Instant::now();
         while let Some(i) = idle.iter().rposition(|k| k.serves(upstream)) {
             let kept = idle.swap_remove(i);
-            if !kept.sender.is_closed() && now.duration_since(kept.since) < IDLE_TIMEOUT {
+            if kept.usable(now) {
                 return Some(kept);
             }
         }
@@ -132,9 +137,7 @@ impl WorkerUpstreams {
     /// Close the connections idle too long or closed by the upstream.
     pub fn prune(&self) {
         let now = Instant::now();
-        self.idle
-            .lock()
-            .retain(|k| !k.sender.is_closed() && now.duration_since(k.since) < IDLE_TIMEOUT);
+        self.idle.lock().retain(|k| k.usable(now));
     }
 
     /// A new connection to `upstream`, driven by a task of its own on this

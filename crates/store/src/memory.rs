@@ -475,13 +475,16 @@ impl MemoryStore {
     /// store's (`ours`), unless a later reload reshaped the shard (this is
     /// the old store, finishing up): then the reshaped ones.
     fn params<'p>(&self, placed: &Placed, shard: &Shard, ours: &'p Params) -> Cow<'p, Params> {
+        Self::reshaped(placed, shard).map_or(Cow::Borrowed(ours), Cow::Owned)
+    }
+
+    /// The parameters a later reload reshaped `shard` of `placed` to, if it
+    /// did (usually not).
+    fn reshaped(placed: &Placed, shard: &Shard) -> Option<Params> {
         if shard.shape == placed.shape {
-            return Cow::Borrowed(ours);
+            return None;
         }
-        placed
-            .table
-            .params_at(shard.shape)
-            .map_or(Cow::Borrowed(ours), Cow::Owned)
+        placed.table.params_at(shard.shape)
     }
 
     fn lock(&self, item: &Item) -> Locked<'_> {
@@ -573,10 +576,7 @@ impl MemoryStore {
         // up) are decided with the reshaped parameters; usually none.
         let mut reshaped: Vec<(usize, Params)> = Vec::new();
         for (i, ((shard, _), item)) in guards.iter().zip(items).enumerate() {
-            let placed = self.placed(item);
-            if shard.shape != placed.shape {
-                reshaped.extend(placed.table.params_at(shard.shape).map(|p| (i, p)));
-            }
+            reshaped.extend(Self::reshaped(self.placed(item), shard).map(|p| (i, p)));
         }
         let params: SmallVec<[&Params; 4]> = (items.iter().enumerate())
             .map(|(i, item)| match reshaped.iter().find(|(j, _)| *j == i) {

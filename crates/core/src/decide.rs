@@ -13,11 +13,13 @@ use crate::algo::{Earliest, Meter};
 use crate::units::Nanos;
 use smallvec::SmallVec;
 
-/// One limit's part in a decision.
+/// One limit's part in a decision. `M` is the algorithm bound to the key's
+/// state: a store's own meter type (decided without a virtual call), or
+/// `&mut dyn Meter`.
 #[derive(Debug)]
-pub struct Slot<'a> {
+pub struct Slot<M> {
     /// The algorithm bound to the key's state.
-    pub meter: &'a mut dyn Meter,
+    pub meter: M,
     /// Units that must fit to admit (1 for latency limits: "some time left").
     pub cost: u64,
     /// Units recorded at admission (0 for latency limits, debited at completion).
@@ -91,7 +93,7 @@ const MAX_ROUNDS: usize = 64;
 /// Decide the limits of one request at `now`, all or nothing: admitted
 /// only if every enforcing limit admits it (after a hold, when one allows
 /// it), and then charged to all of them.
-pub fn decide(now: Nanos, slots: &mut [Slot<'_>]) -> Decision {
+pub fn decide<M: Meter>(now: Nanos, slots: &mut [Slot<M>]) -> Decision {
     // The common case, one enforcing limit with room now, needs none of the
     // combination below.
     if let [slot] = slots {
@@ -99,10 +101,10 @@ pub fn decide(now: Nanos, slots: &mut [Slot<'_>]) -> Decision {
             return decision;
         }
     }
-    let own: SmallVec<[Earliest; 4]> = slots
-        .iter()
-        .map(|s| s.meter.earliest(now, s.cost, now))
-        .collect();
+    let mut own: SmallVec<[Earliest; 4]> = SmallVec::new();
+    for s in slots.iter() {
+        own.push(s.meter.earliest(now, s.cost, now));
+    }
 
     if let Some((i, capacity)) = own.iter().enumerate().find_map(|(i, e)| match e {
         Earliest::Never { capacity } if !slots[i].shadow => Some((i, *capacity)),
@@ -171,7 +173,7 @@ pub fn decide(now: Nanos, slots: &mut [Slot<'_>]) -> Decision {
 /// One enforcing slot that admits at `now`: commit and report, or `None` to
 /// take the general path (shadow, hold, denial, never).
 #[inline]
-pub fn admit_single_now(now: Nanos, s: &mut Slot<'_>) -> Option<Decision> {
+pub fn admit_single_now<M: Meter>(now: Nanos, s: &mut Slot<M>) -> Option<Decision> {
     if s.shadow || s.meter.earliest(now, s.cost, now) != Earliest::At(now) {
         return None;
     }
@@ -193,7 +195,7 @@ pub fn admit_single_now(now: Nanos, s: &mut Slot<'_>) -> Option<Decision> {
 
 /// The smallest instant at which every enforcing slot admits, and whether
 /// some slot can only admit after a release.
-fn fixpoint(now: Nanos, slots: &[Slot<'_>], own: &[Earliest]) -> (Nanos, bool) {
+fn fixpoint<M: Meter>(now: Nanos, slots: &[Slot<M>], own: &[Earliest]) -> (Nanos, bool) {
     let mut t = now;
     for (s, e) in slots.iter().zip(own) {
         match e {
@@ -233,7 +235,7 @@ fn fixpoint(now: Nanos, slots: &[Slot<'_>], own: &[Earliest]) -> (Nanos, bool) {
 /// `start` from `x`. Walk `x` forward from `now` through the instants where
 /// that can become true: a limit starts admitting on its own, the wait falls
 /// to the hold in force, or `start` comes within reach of a reservation.
-fn retry_instant(now: Nanos, start: Nanos, slots: &[Slot<'_>]) -> Nanos {
+fn retry_instant<M: Meter>(now: Nanos, start: Nanos, slots: &[Slot<M>]) -> Nanos {
     let reservable = |x: Nanos| {
         slots
             .iter()
@@ -281,7 +283,7 @@ fn retry_instant(now: Nanos, start: Nanos, slots: &[Slot<'_>]) -> Nanos {
 }
 
 /// The enforcing slot that alone would make the request wait longest.
-fn binding_slot(now: Nanos, slots: &[Slot<'_>], own: &[Earliest]) -> usize {
+fn binding_slot<M: Meter>(now: Nanos, slots: &[Slot<M>], own: &[Earliest]) -> usize {
     let rank = |e: &Earliest| match e {
         Earliest::At(t) => t.saturating_sub(now),
         _ => Nanos::MAX,
@@ -293,7 +295,7 @@ fn binding_slot(now: Nanos, slots: &[Slot<'_>], own: &[Earliest]) -> usize {
 }
 
 /// Outcomes for a request that is not admitted: nothing is committed.
-fn report(now: Nanos, slots: &[Slot<'_>], own: &[Earliest], verdict: Verdict) -> Decision {
+fn report<M: Meter>(now: Nanos, slots: &[Slot<M>], own: &[Earliest], verdict: Verdict) -> Decision {
     let outcomes = slots
         .iter()
         .zip(own)
@@ -325,7 +327,7 @@ mod tests {
     use crate::units::NANOS_PER_SEC;
     const S: Nanos = NANOS_PER_SEC;
 
-    fn slot(meter: &mut dyn Meter, hold: Nanos) -> Slot<'_> {
+    fn slot(meter: &mut dyn Meter, hold: Nanos) -> Slot<&mut dyn Meter> {
         Slot {
             meter,
             cost: 1,

@@ -173,6 +173,7 @@ pub struct Override {
 
 impl Limit {
     /// The parameters that apply to `class` (a class or override variant).
+    #[inline]
     pub fn params(&self, class: usize) -> &Params {
         &self.variants[class.min(self.variants.len() - 1)]
     }

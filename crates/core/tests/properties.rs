@@ -266,7 +266,7 @@ fn run(now: Nanos, lims: &[Lim], states: &mut [St], parts: &[Part]) -> Decision 
         .zip(states.iter_mut())
         .map(|(l, s)| meter(l, s))
         .collect();
-    let mut slots: Vec<Slot<'_>> = meters
+    let mut slots: Vec<Slot<&mut dyn Meter>> = meters
         .iter_mut()
         .zip(parts)
         .map(|(m, p)| Slot {

@@ -25,7 +25,7 @@
 //! one, so eviction never changes a decision); if none are, the request gets
 //! `StoreError::Full` rather than an untracked admission.
 
-use crate::state::AnyState;
+use crate::state::{AnyMeter, AnyState};
 use compact_str::CompactString;
 use hashbrown::{hash_table, HashTable};
 use parking_lot::{Mutex, MutexGuard};
@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tollgate_core::algo::{Meter, Usage};
 use tollgate_core::carry::{self, Carry};
-use tollgate_core::policy::{AlgorithmKind, Params, Policy};
+use tollgate_core::policy::{AlgorithmKind, Limit, Params, Policy};
 use tollgate_core::{decide, Decision, Item, Nanos, Slot};
 
 const SHARDS: usize = 64;
@@ -533,14 +533,7 @@ impl MemoryStore {
         let params = self.params(self.placed(item), &shard, limit.params(item.class));
         let params = &*params;
         let decide_on = |state: &mut AnyState| {
-            let mut meter = state.meter(params);
-            let mut slot = Slot {
-                meter: &mut meter,
-                cost: item.cost,
-                charge: item.charge,
-                hold: if hold { limit.hold } else { 0 },
-                shadow: limit.mode == tollgate_core::policy::Mode::Shadow,
-            };
+            let mut slot = Self::slot(state, params, item, limit, hold);
             decide(now, std::slice::from_mut(&mut slot))
             // (the meter, dropped here, writes an inline state back)
         };
@@ -573,19 +566,26 @@ impl MemoryStore {
     ) -> Result<Decision, StoreError> {
         let mut guards = self.lock_all(items);
         // Shards a later reload reshaped (this is the old store, finishing
-        // up) are decided with the reshaped parameters; usually none.
-        let mut reshaped: Vec<(usize, Params)> = Vec::new();
-        for (i, ((shard, _), item)) in guards.iter().zip(items).enumerate() {
-            reshaped.extend(Self::reshaped(self.placed(item), shard).map(|p| (i, p)));
+        // up) are decided with the reshaped parameters; usually none is.
+        let reshaped: Vec<Option<Params>> = if (guards.iter().zip(items))
+            .all(|((shard, _), item)| shard.shape == self.placed(item).shape)
+        {
+            Vec::new()
+        } else {
+            (guards.iter().zip(items))
+                .map(|((shard, _), item)| Self::reshaped(self.placed(item), shard))
+                .collect()
+        };
+        let mut params: SmallVec<[&Params; 4]> = SmallVec::new();
+        for (i, item) in items.iter().enumerate() {
+            params.push(match reshaped.get(i) {
+                Some(Some(reshaped)) => reshaped,
+                _ => policy.limits[item.limit].params(item.class),
+            });
         }
-        let params: SmallVec<[&Params; 4]> = (items.iter().enumerate())
-            .map(|(i, item)| match reshaped.iter().find(|(j, _)| *j == i) {
-                Some((_, reshaped)) => reshaped,
-                None => policy.limits[item.limit].params(item.class),
-            })
-            .collect();
-        // Items whose new key already has its place counted (by `make_room`).
-        let mut claimed: SmallVec<[bool; 4]> = smallvec::smallvec![false; items.len()];
+        // Items whose new key already has its place counted (by
+        // `make_room`); empty until one has.
+        let mut claimed: SmallVec<[bool; 4]> = SmallVec::new();
         loop {
             match self.try_decide(policy, items, &params, now, hold, &mut guards, &claimed) {
                 Ok(decision) => return Ok(decision),
@@ -598,6 +598,7 @@ impl MemoryStore {
                         }
                         return Err(e);
                     }
+                    claimed.resize(items.len(), false);
                     claimed[full] = true;
                 }
             }
@@ -620,26 +621,28 @@ impl MemoryStore {
 
     /// Decide with every key found or placed; `Err(i)` if item `i`'s key is
     /// new and the store is full (the caller makes room and tries again).
+    /// `claimed[i]`: item `i`'s new key has its place counted already.
     #[allow(clippy::too_many_arguments)]
-    fn try_decide(
+    fn try_decide<'p>(
         &self,
-        policy: &Policy,
+        policy: &'p Policy,
         items: &[Item],
-        params: &[&Params],
+        params: &[&'p Params],
         now: Nanos,
         hold: bool,
         guards: &mut [Locked<'_>],
         claimed: &[bool],
     ) -> Result<Decision, usize> {
+        let claimed = |i: usize| claimed.get(i).copied().unwrap_or(false);
         let mut found: SmallVec<[Found<'_>; 4]> = SmallVec::new();
         for (i, (shard, hash)) in guards.iter_mut().enumerate() {
-            match self.find(shard, *hash, &items[i], params[i], claimed[i]) {
+            match self.find(shard, *hash, &items[i], params[i], claimed(i)) {
                 Some(f) => found.push(f),
                 None => {
                     // Give back the places this attempt counted (those made
                     // by `make_room` stay counted for the next).
                     for (k, f) in found.into_iter().enumerate() {
-                        if matches!(f, Found::New(..)) && !claimed[k] {
+                        if matches!(f, Found::New(..)) && !claimed(k) {
                             self.table(&items[k]).forget(1);
                         }
                     }
@@ -648,27 +651,37 @@ impl MemoryStore {
             }
         }
         let decision = {
-            let mut meters: SmallVec<[_; 4]> = (found.iter_mut().zip(params))
-                .map(|(f, params)| f.state().meter(params))
-                .collect();
-            let mut slots: SmallVec<[Slot<'_>; 4]> = (meters.iter_mut().zip(items))
-                .map(|(meter, item)| {
-                    let limit = &policy.limits[item.limit];
-                    Slot {
-                        meter,
-                        cost: item.cost,
-                        charge: item.charge,
-                        hold: if hold { limit.hold } else { 0 },
-                        shadow: limit.mode == tollgate_core::policy::Mode::Shadow,
-                    }
-                })
-                .collect();
+            let mut slots: SmallVec<[Slot<AnyMeter<'_>>; 4]> = SmallVec::new();
+            for ((f, item), params) in found.iter_mut().zip(items).zip(params) {
+                let limit = &policy.limits[item.limit];
+                slots.push(Self::slot(f.state(), params, item, limit, hold));
+            }
             decide(now, &mut slots)
         }; // the meters write inline states back here
-        for ((f, item), params) in found.into_iter().zip(items).zip(params) {
-            self.keep(f, item, params, now);
+        if found.iter().any(|f| matches!(f, Found::New(..))) {
+            for ((f, item), params) in found.into_iter().zip(items).zip(params) {
+                self.keep(f, item, params, now);
+            }
         }
         Ok(decision)
+    }
+
+    /// `item`'s part in a decision, its key's state metered by `params`.
+    #[inline]
+    fn slot<'a>(
+        state: &'a mut AnyState,
+        params: &'a Params,
+        item: &Item,
+        limit: &Limit,
+        hold: bool,
+    ) -> Slot<AnyMeter<'a>> {
+        Slot {
+            meter: state.meter(params),
+            cost: item.cost,
+            charge: item.charge,
+            hold: if hold { limit.hold } else { 0 },
+            shadow: limit.mode == tollgate_core::policy::Mode::Shadow,
+        }
     }
 
     /// `item`'s key in its locked shard, or a fresh state and the place for

@@ -54,6 +54,31 @@ pub trait Meter: std::fmt::Debug {
     fn at_rest(&self, now: Nanos) -> bool;
 }
 
+/// A borrowed meter (`&mut dyn Meter` in a `Slot`) meters as what it borrows.
+impl<M: Meter + ?Sized> Meter for &mut M {
+    fn earliest(&self, now: Nanos, cost: u64, from: Nanos) -> Earliest {
+        (**self).earliest(now, cost, from)
+    }
+    fn reservable(&self, now: Nanos, at: Nanos) -> bool {
+        (**self).reservable(now, at)
+    }
+    fn commit(&mut self, now: Nanos, cost: u64, at: Nanos) {
+        (**self).commit(now, cost, at)
+    }
+    fn debit(&mut self, now: Nanos, amount: u64) {
+        (**self).debit(now, amount)
+    }
+    fn release(&mut self, amount: u64) {
+        (**self).release(amount)
+    }
+    fn usage(&self, now: Nanos) -> Usage {
+        (**self).usage(now)
+    }
+    fn at_rest(&self, now: Nanos) -> bool {
+        (**self).at_rest(now)
+    }
+}
+
 /// A counter for one clock-aligned window, keyed by the window's start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WindowCount {

@@ -296,25 +296,23 @@ fn binding_slot<M: Meter>(now: Nanos, slots: &[Slot<M>], own: &[Earliest]) -> us
 
 /// Outcomes for a request that is not admitted: nothing is committed.
 fn report<M: Meter>(now: Nanos, slots: &[Slot<M>], own: &[Earliest], verdict: Verdict) -> Decision {
-    let outcomes = slots
-        .iter()
-        .zip(own)
-        .map(|(s, e)| {
-            let usage = s.meter.usage(now);
-            let (allowed, retry_after) = match e {
-                Earliest::At(t) if *t == now => (true, None),
-                Earliest::At(t) => (false, Some(t - now)),
-                _ => (false, None),
-            };
-            Outcome {
-                allowed,
-                remaining: usage.remaining,
-                reset: usage.reset,
-                retry_after,
-                shadow: s.shadow,
-            }
-        })
-        .collect();
+    // (pushed one by one: collecting into a SmallVec costs more)
+    let mut outcomes = SmallVec::new();
+    for (s, e) in slots.iter().zip(own) {
+        let usage = s.meter.usage(now);
+        let (allowed, retry_after) = match e {
+            Earliest::At(t) if *t == now => (true, None),
+            Earliest::At(t) => (false, Some(t - now)),
+            _ => (false, None),
+        };
+        outcomes.push(Outcome {
+            allowed,
+            remaining: usage.remaining,
+            reset: usage.reset,
+            retry_after,
+            shadow: s.shadow,
+        });
+    }
     Decision { verdict, outcomes }
 }
 

@@ -480,6 +480,7 @@ impl MemoryStore {
 
     /// The parameters a later reload reshaped `shard` of `placed` to, if it
     /// did (usually not).
+    #[inline]
     fn reshaped(placed: &Placed, shard: &Shard) -> Option<Params> {
         if shard.shape == placed.shape {
             return None;

@@ -334,10 +334,15 @@ pub struct Bulk {
 impl UpstreamsConfig {
     /// The upstream a URL belongs to: the longest matching base URL.
     pub fn upstream_for(&self, url: &Url) -> Option<usize> {
+        self.upstream_for_parts(&UrlParts::of(url))
+    }
+
+    /// `upstream_for`, given what routing reads of the URL.
+    pub fn upstream_for_parts(&self, url: &UrlParts<'_>) -> Option<usize> {
         self.upstreams
             .iter()
             .enumerate()
-            .filter(|(_, u)| under(url, &u.base_url))
+            .filter(|(_, u)| under_parts(url, &u.base_url))
             .max_by_key(|(_, u)| u.base_url.path().len())
             .map(|(i, _)| i)
     }
@@ -356,18 +361,61 @@ impl UpstreamsConfig {
     }
 }
 
+/// What routing reads of a URL: its origin (scheme, host, port, the
+/// scheme's default when none is written) and its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UrlParts<'a> {
+    pub scheme: &'a str,
+    pub host: Option<&'a str>,
+    pub port: Option<u16>,
+    pub path: &'a str,
+}
+
+impl<'a> UrlParts<'a> {
+    pub fn of(url: &'a Url) -> Self {
+        UrlParts {
+            scheme: url.scheme(),
+            host: url.host_str(),
+            port: url.port_or_known_default(),
+            path: url.path(),
+        }
+    }
+
+    /// The parts of a URL `url::Url` normalized (lower-case scheme and
+    /// host, no default port, dot segments resolved), as `http::Uri`
+    /// splits its text.
+    pub fn of_normalized(uri: &'a http::Uri) -> Self {
+        let scheme = uri.scheme_str().unwrap_or("");
+        UrlParts {
+            scheme,
+            host: uri.host(),
+            port: uri.port_u16().or(match scheme {
+                "http" | "ws" => Some(80),
+                "https" | "wss" => Some(443),
+                "ftp" => Some(21),
+                _ => None,
+            }),
+            path: uri.path(),
+        }
+    }
+}
+
 /// Whether `url` is `base` or below it: same origin, and the path continues
 /// base's path at a segment boundary.
 pub fn under(url: &Url, base: &Url) -> bool {
-    if url.scheme() != base.scheme()
-        || url.host_str() != base.host_str()
-        || url.port_or_known_default() != base.port_or_known_default()
+    under_parts(&UrlParts::of(url), base)
+}
+
+fn under_parts(url: &UrlParts<'_>, base: &Url) -> bool {
+    if url.scheme != base.scheme()
+        || url.host != base.host_str()
+        || url.port != base.port_or_known_default()
     {
         return false;
     }
     let prefix = base.path().trim_end_matches('/');
-    let path = url.path();
-    path.strip_prefix(prefix)
+    url.path
+        .strip_prefix(prefix)
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 

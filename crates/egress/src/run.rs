@@ -509,7 +509,7 @@ impl<'a> Driver<'a> {
         if cache.is_empty() || job.body.is_some() {
             return None;
         }
-        let url = url::Url::parse(&job.url).ok()?;
+        let url = tollgate_jobs::JobUrl::new(&job.url).ok()?;
         let (route, _) = cache.route_for(&job.method, url.path())?;
         let u = &self.config.upstreams[upstream];
         let sent = sent_headers(u, job);
@@ -789,7 +789,7 @@ impl<'a> Driver<'a> {
         let cache = &self.caches[a.upstream];
         if !cache.is_empty() && !matches!(a.job.method.as_str(), "GET" | "HEAD") {
             // What a write changed is not answered from the cache again.
-            if let Ok(url) = url::Url::parse(&a.job.url) {
+            if let Ok(url) = tollgate_jobs::JobUrl::new(&a.job.url) {
                 let touched = cache.written(url.path());
                 if let (Some(shared), true) = (&self.shared[a.upstream], touched > 0) {
                     let (shared, path) = (shared.clone(), url.path().to_string());
@@ -962,9 +962,9 @@ pub async fn run(
                 upstream: p.upstream.clone(),
             });
         };
-        let routed = url::Url::parse(&p.job.url)
+        let routed = tollgate_jobs::JobUrl::new(&p.job.url)
             .ok()
-            .and_then(|url| config.upstream_for(&url));
+            .and_then(|url| url.upstream(config));
         if routed != Some(upstream) {
             return Err(RunError::Moved {
                 id: p.job.id.clone(),

@@ -371,6 +371,56 @@ async fn one_process_owns_a_state_and_a_reused_id_for_another_request_is_refused
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_resumed_run_sends_a_pending_job_only_where_its_config_still_would() {
+    let up = scripted(|_, _| ok()).await;
+    let config_at = |base: &str| {
+        let text = upstream(up.addr, "").replace(
+            &format!("base_url = \"http://{}\"", up.addr),
+            &format!("base_url = \"http://{}{base}\"", up.addr),
+        );
+        tollgate_egress::parse_config(&text, &tollgate_profiles::Bundled, &|_| None)
+            .expect("config")
+    };
+    let (before, moved, kept) = (config_at("/v1"), config_at("/v2"), config_at("/V1/../v1/"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let mut state = State::open(dir.path()).expect("state");
+        let lines = job("a", up.addr, "/v1/items?x=1") + &job("b", up.addr, "/v1");
+        let routed = tollgate_egress::read_jobs(lines.as_bytes(), &before).expect("jobs");
+        state.import(&routed, &before).expect("import");
+    }
+    let state = State::open(dir.path()).expect("state");
+    let options = || Options {
+        progress: ProgressMode::Quiet,
+        seed: 1,
+        ..Options::default()
+    };
+    let clock = TokioClock::starting_at(EPOCH);
+    // The upstream's base_url moved: its pending jobs are not sent there.
+    let e = tollgate_egress::run(
+        &moved,
+        &state,
+        clock.clone(),
+        options(),
+        std::future::pending(),
+    )
+    .await
+    .expect_err("moved");
+    assert!(
+        e.to_string()
+            .contains("which is no longer under that upstream's base_url"),
+        "{e}"
+    );
+    assert_eq!(up.seen_under("/"), 0);
+    // The same base_url written another way: both go.
+    let summary = tollgate_egress::run(&kept, &state, clock, options(), std::future::pending())
+        .await
+        .expect("run");
+    assert_eq!(summary.upstreams[0].done, 2);
+    assert_eq!(up.seen_under("/v1"), 2);
+}
+
 /// A config for the vendor at `addr` whose profile is a token bucket of 20
 /// refilling at `per_second`.
 fn bucket_profile(addr: SocketAddr, per_second: u32) -> tollgate_egress::UpstreamsConfig {

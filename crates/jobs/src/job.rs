@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::BufRead;
-use tollgate_comply::settings::{Upstream, UpstreamsConfig, RECORDS_PLACEHOLDER};
+use tollgate_comply::settings::{Upstream, UpstreamsConfig, UrlParts, RECORDS_PLACEHOLDER};
 pub use tollgate_comply::Priority;
 use url::Url;
 
@@ -458,18 +458,20 @@ pub struct JobRequest<'a> {
     body: Option<serde_json::Value>,
 }
 
-/// The parts of a job's URL the policy reads. A job's URL was normalized by
+/// A job's URL as the runner reads it again (its path, host and query for
+/// the policy, its origin for routing). A job's URL was normalized by
 /// `url::Url` when the job was read, so `http::Uri`, which only splits it
-/// (about a tenth of a full parse, which this is done for every decision),
+/// (about a tenth of a full parse, and this is done for every decision),
 /// finds the same parts; a URL it does not take is parsed in full.
 #[derive(Debug)]
-enum JobUrl {
+pub enum JobUrl {
     Split(http::Uri),
     Parsed(Url),
 }
 
 impl JobUrl {
-    fn new(normalized: &str) -> Result<Self, String> {
+    /// `normalized`: a `Job`'s `url`.
+    pub fn new(normalized: &str) -> Result<Self, String> {
         match normalized.parse::<http::Uri>() {
             Ok(uri) if uri.host().is_some() => Ok(JobUrl::Split(uri)),
             _ => Url::parse(normalized)
@@ -477,10 +479,17 @@ impl JobUrl {
                 .map_err(|e| format!("url '{normalized}': {e}")),
         }
     }
-    fn path(&self) -> &str {
+    pub fn path(&self) -> &str {
         match self {
             JobUrl::Split(uri) => uri.path(),
             JobUrl::Parsed(url) => url.path(),
+        }
+    }
+    /// The upstream `config` sends this URL to.
+    pub fn upstream(&self, config: &UpstreamsConfig) -> Option<usize> {
+        match self {
+            JobUrl::Split(uri) => config.upstream_for_parts(&UrlParts::of_normalized(uri)),
+            JobUrl::Parsed(url) => config.upstream_for(url),
         }
     }
     fn host(&self) -> Option<&str> {
@@ -567,8 +576,8 @@ mod tests {
     use tollgate_core::NoProfiles;
 
     proptest::proptest! {
-        /// Split from its normalized text, a job's URL has the path, host
-        /// and query a full parse finds.
+        /// Split from its normalized text, a job's URL has the path, host,
+        /// query and origin a full parse finds.
         #[test]
         fn a_normalized_url_splits_into_the_parts_a_full_parse_finds(
             scheme in proptest::sample::select(vec!["http", "https", "HTTP"]),
@@ -599,6 +608,10 @@ mod tests {
             proptest::prop_assert_eq!(split.path(), full.path(), "{}", full);
             proptest::prop_assert_eq!(split.host(), full.host_str(), "{}", full);
             proptest::prop_assert_eq!(split.query(), full.query(), "{}", full);
+            if let JobUrl::Split(uri) = &split {
+                // (what routing compares with each upstream's base_url)
+                proptest::prop_assert_eq!(UrlParts::of_normalized(uri), UrlParts::of(&full), "{}", full);
+            }
         }
     }
 

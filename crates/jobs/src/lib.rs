@@ -14,5 +14,5 @@ pub mod job;
 pub mod result;
 pub mod state;
 
-pub use job::{read_bulk, read_jobs, Job, JobsError, Routed};
+pub use job::{read_bulk, read_jobs, Job, JobUrl, JobsError, Routed};
 pub use state::State;

@@ -454,6 +454,8 @@ pub async fn run(
                     let (job, refused) = match leased.job {
                         Err(reason) => (Job::unreadable(&leased.id), Some(reason)),
                         Ok(job) => {
+                            // (parsed in full, not split as `JobUrl` does:
+                            // the shared queue is checked as any input is)
                             let routed = url::Url::parse(&job.url)
                                 .ok()
                                 .and_then(|url| config.upstream_for(&url));

@@ -21,5 +21,6 @@ pub use run::{run, FleetTotals, Options, ProgressMode, RunError, Summary};
 pub use state::State;
 pub use tollgate_comply::settings::{self, parse as parse_config, Upstream, UpstreamsConfig};
 pub use tollgate_comply::{human, Priority};
+pub use tollgate_http::client::Proxies;
 pub use tollgate_jobs::{job, state};
 pub use tollgate_jobs::{read_bulk, read_jobs, Job, JobsError, Routed};

@@ -1,5 +1,6 @@
 //! `tollgate run`: drive every pending job of a state to a final outcome, at
-//! the pace the schedulers allow, on tokio with reqwest. One task decides
+//! the pace the schedulers allow, on tokio, each upstream through its
+//! `tollgate_http::client::UpstreamClient` (hyper). One task decides
 //! (the schedulers are not shared); each request runs in its own task and
 //! reports back on a channel. Outcomes go to the state's writer thread.
 
@@ -7,6 +8,8 @@ use crate::job::{Job, Priority};
 use crate::plan;
 use crate::settings::{Upstream, UpstreamsConfig};
 use crate::state::{Record, State, StateError, Writer};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::IsTerminal;
@@ -16,6 +19,7 @@ use tokio::sync::mpsc;
 use tollgate_comply::{human, Event, Next, Reply, Scheduler, Settled};
 use tollgate_core::{Clock, Item, Nanos};
 use tollgate_http::cache::{freshness, shared_store, Cache, CacheStore, Key, Stored};
+use tollgate_http::client::{Proxies, UpstreamClient};
 use tollgate_http::ratelimit as signals;
 use tollgate_store::redis::SharedCache;
 use tollgate_store::{Engine, TokioClock};
@@ -40,6 +44,9 @@ pub struct Options {
     /// directory `state_dir` unless `[history] path` says otherwise.
     pub watch: tollgate_watch::settings::WatchSettings,
     pub state_dir: Option<std::path::PathBuf>,
+    /// Which upstreams are reached through a proxy: by default the
+    /// environment's `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and `NO_PROXY`.
+    pub proxies: Arc<Proxies>,
 }
 
 impl Default for Options {
@@ -52,6 +59,7 @@ impl Default for Options {
             admin_token: None,
             watch: Default::default(),
             state_dir: None,
+            proxies: Arc::new(Proxies::from_env()),
         }
     }
 }
@@ -311,7 +319,7 @@ struct Read {
     route: usize,
     key: Key,
     /// The headers it is sent with (what a kept answer varies on).
-    sent: reqwest::header::HeaderMap,
+    sent: http::HeaderMap,
     /// The route's epoch when it was admitted: a write since, and its
     /// answer is not kept.
     epoch: u64,
@@ -320,7 +328,7 @@ struct Read {
 pub(crate) struct Completion {
     pub(crate) seq: u64,
     reply: Reply,
-    headers: Option<reqwest::header::HeaderMap>,
+    headers: Option<http::HeaderMap>,
     body: Option<bytes::Bytes>,
 }
 
@@ -359,7 +367,8 @@ pub(crate) struct Driver<'a> {
     pub(crate) active: HashMap<u64, Active>,
     sent_calls: Vec<Vec<(Priority, Arc<Vec<Item>>)>>,
     pub(crate) in_flight: HashMap<u64, tokio::task::JoinHandle<()>>,
-    client: reqwest::Client,
+    /// Per upstream, its HTTP client.
+    clients: Vec<UpstreamClient>,
     tx: mpsc::UnboundedSender<Completion>,
     pub(crate) rx: mpsc::UnboundedReceiver<Completion>,
     pub(crate) progress: Progress,
@@ -393,12 +402,18 @@ impl<'a> Driver<'a> {
         schedulers: Vec<Scheduler>,
         clock: TokioClock,
         progress: Progress,
+        proxies: &Proxies,
     ) -> Result<Self, RunError> {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .pool_max_idle_per_host(256)
-            .build()
-            .map_err(|e| RunError::Client(e.to_string()))?;
+        let clients = (config.upstreams.iter())
+            .map(|u| {
+                let base = u.base_url.as_str().parse::<http::Uri>();
+                base.map_err(|e| e.to_string())
+                    .and_then(|base| {
+                        UpstreamClient::new(&base, u.ca_file.as_deref(), u.timeout, proxies)
+                    })
+                    .map_err(|e| RunError::Client(format!("upstream '{}': {e}", u.name)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let start = clock.now();
         Ok(Driver {
@@ -408,7 +423,7 @@ impl<'a> Driver<'a> {
             active: HashMap::new(),
             sent_calls: vec![Vec::new(); config.upstreams.len()],
             in_flight: HashMap::new(),
-            client,
+            clients,
             tx,
             rx,
             progress,
@@ -571,7 +586,7 @@ impl<'a> Driver<'a> {
                         a.attempts = attempt;
                         self.sent_calls[u].push((a.job.priority, a.items.clone()));
                         let task = send(
-                            &self.client,
+                            &self.clients[u],
                             &self.config.upstreams[u],
                             &a.job,
                             seq,
@@ -817,7 +832,7 @@ impl<'a> Driver<'a> {
         read: Read,
         settled: &Settled,
         status: Option<u16>,
-        headers: Option<reqwest::header::HeaderMap>,
+        headers: Option<http::HeaderMap>,
         body: Option<bytes::Bytes>,
         now: Nanos,
         sink: &impl Sink,
@@ -826,7 +841,7 @@ impl<'a> Driver<'a> {
             .remove(&(upstream, read.route, read.key.clone()));
         let followers = self.followers.remove(&seq).unwrap_or_default();
         let answered = status
-            .and_then(|s| reqwest::StatusCode::from_u16(s).ok())
+            .and_then(|s| http::StatusCode::from_u16(s).ok())
             .zip(headers);
         let Some((status, headers)) = answered else {
             for follower in followers {
@@ -984,7 +999,7 @@ pub async fn run(
         .collect();
     let writer = state.writer()?;
     let progress = Progress::new(options.progress, pending.len() as u64);
-    let mut driver = Driver::new(config, schedulers, clock, progress)?;
+    let mut driver = Driver::new(config, schedulers, clock, progress, &options.proxies)?;
     let admin = driver.open_admin(&options).await?;
     driver.resume_paces(&state.paces()?);
     replay_sends(config, state, &driver.schedulers, &index, driver.start)?;
@@ -1109,12 +1124,12 @@ pub(crate) async fn sleep_until(clock: &TokioClock, at: Option<Nanos>) {
 
 /// A job's headers as sent, one value per name: the upstream's, then the
 /// job's (which win).
-fn sent_headers(upstream: &Upstream, job: &Job) -> reqwest::header::HeaderMap {
-    let mut headers = reqwest::header::HeaderMap::new();
+fn sent_headers(upstream: &Upstream, job: &Job) -> http::HeaderMap {
+    let mut headers = http::HeaderMap::new();
     for (name, value) in upstream.headers.iter().chain(&job.headers) {
         if let (Ok(name), Ok(value)) = (
-            reqwest::header::HeaderName::from_bytes(name.as_bytes()),
-            reqwest::header::HeaderValue::from_str(value),
+            http::HeaderName::from_bytes(name.as_bytes()),
+            http::HeaderValue::from_str(value),
         ) {
             headers.insert(name, value);
         }
@@ -1123,54 +1138,44 @@ fn sent_headers(upstream: &Upstream, job: &Job) -> reqwest::header::HeaderMap {
 }
 
 /// One attempt of a job: a future that sends it and reports how it came back.
+/// `timeout` bounds the whole attempt, its response body included.
 fn send(
-    client: &reqwest::Client,
+    client: &UpstreamClient,
     upstream: &Upstream,
     job: &Job,
     seq: u64,
     clock: TokioClock,
     tx: mpsc::UnboundedSender<Completion>,
 ) -> impl Future<Output = ()> + Send + 'static {
-    let method = reqwest::Method::from_bytes(job.method.as_bytes()).unwrap_or(reqwest::Method::GET);
-    // What the runner adds goes on unless the job set it.
-    let mut headers = sent_headers(upstream, job);
-    if let Ok(key) = reqwest::header::HeaderValue::from_str(&job.idempotency_key) {
-        headers.entry("idempotency-key").or_insert(key);
-    }
-    if job.body.is_some() && job.json {
-        headers.entry(reqwest::header::CONTENT_TYPE).or_insert(
-            reqwest::header::HeaderValue::from_static("application/json"),
-        );
-    }
-    let mut request = client
-        .request(method, &job.url)
-        .timeout(upstream.timeout)
-        .headers(headers);
-    if let Some(body) = &job.body {
-        request = request.body(body.clone());
-    }
+    let request = attempt(upstream, job);
+    let (client, timeout) = (client.clone(), upstream.timeout);
     async move {
-        let (reply, headers, body) = match request.send().await {
-            Ok(response) => {
-                let status = response.status().as_u16();
-                let headers = response.headers().clone();
-                let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let exchange = async {
+            let response = client.request(request?).await.map_err(|e| failure(&e))?;
+            let (head, body) = response.into_parts();
+            let body = body.collect().await.map_err(|e| failure(&e))?;
+            Ok::<_, String>((head, body.to_bytes()))
+        };
+        let (reply, headers, body) = match tokio::time::timeout(timeout, exchange).await {
+            Ok(Ok((head, body))) => {
+                let get = |name: &str| head.headers.get(name).and_then(|v| v.to_str().ok());
                 let retry_after = signals::retry_after(get("retry-after"), wall(clock.now()));
-                let corrections = signals::corrections_in(&headers);
-                match response.bytes().await {
-                    Ok(body) => (
-                        Reply::Status {
-                            status,
-                            retry_after,
-                            corrections,
-                        },
-                        Some(headers),
-                        Some(body),
-                    ),
-                    Err(e) => (Reply::Failed { error: failure(&e) }, None, None),
-                }
+                let corrections = signals::corrections_in(&head.headers);
+                let reply = Reply::Status {
+                    status: head.status.as_u16(),
+                    retry_after,
+                    corrections,
+                };
+                (reply, Some(head.headers), Some(body))
             }
-            Err(e) => (Reply::Failed { error: failure(&e) }, None, None),
+            Ok(Err(error)) => (Reply::Failed { error }, None, None),
+            Err(_) => (
+                Reply::Failed {
+                    error: "timed out".into(),
+                },
+                None,
+                None,
+            ),
         };
         let _ = tx.send(Completion {
             seq,
@@ -1181,17 +1186,45 @@ fn send(
     }
 }
 
-fn failure(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "timed out".into()
-    } else if e.is_connect() {
+/// A job's request as sent: the upstream's and the job's headers, what the
+/// runner adds unless the job set it, and its body.
+fn attempt(upstream: &Upstream, job: &Job) -> Result<http::Request<Full<Bytes>>, String> {
+    let method = http::Method::from_bytes(job.method.as_bytes()).unwrap_or(http::Method::GET);
+    let uri = (job.url.parse::<http::Uri>()).map_err(|e| format!("request failed (url: {e})"))?;
+    let mut headers = sent_headers(upstream, job);
+    if let Ok(key) = http::HeaderValue::from_str(&job.idempotency_key) {
+        headers.entry("idempotency-key").or_insert(key);
+    }
+    if job.body.is_some() && job.json {
+        headers
+            .entry(http::header::CONTENT_TYPE)
+            .or_insert(http::HeaderValue::from_static("application/json"));
+    }
+    // (what the runner's requests have always carried)
+    headers
+        .entry(http::header::ACCEPT)
+        .or_insert(http::HeaderValue::from_static("*/*"));
+    let body = job.body.clone().map(Bytes::from).unwrap_or_default();
+    let mut request = http::Request::new(Full::new(body));
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    Ok(request)
+}
+
+/// Why an attempt got no response, for its record.
+fn failure(e: &(dyn std::error::Error + 'static)) -> String {
+    let connect = e
+        .downcast_ref::<hyper_util::client::legacy::Error>()
+        .is_some_and(|e| e.is_connect());
+    if connect {
         format!("connection failed ({})", root_cause(e))
     } else {
         format!("request failed ({})", root_cause(e))
     }
 }
 
-fn root_cause(e: &dyn std::error::Error) -> String {
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cause = e;
     while let Some(next) = cause.source() {
         cause = next;

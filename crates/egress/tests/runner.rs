@@ -421,6 +421,97 @@ async fn a_resumed_run_sends_a_pending_job_only_where_its_config_still_would() {
     assert_eq!(up.seen_under("/v1"), 2);
 }
 
+/// Run `jobs` (one per path) to `up` under `config`, reaching upstreams as `proxies` says.
+async fn run_through(
+    config: &str,
+    scheme: &str,
+    up: SocketAddr,
+    paths: &[&str],
+    proxies: tollgate_egress::Proxies,
+) -> Summary {
+    let config = tollgate_egress::parse_config(config, &tollgate_profiles::Bundled, &|_| None)
+        .expect("config");
+    let lines: String = (paths.iter().enumerate())
+        .map(|(i, path)| {
+            job(&format!("j{i}"), up, path).replace("http://", &format!("{scheme}://"))
+        })
+        .collect();
+    let routed = tollgate_egress::read_jobs(lines.as_bytes(), &config).expect("jobs");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut state = State::open(dir.path()).expect("state");
+    state.import(&routed, &config).expect("import");
+    let options = Options {
+        progress: ProgressMode::Quiet,
+        seed: 1,
+        proxies: Arc::new(proxies),
+        ..Options::default()
+    };
+    let clock = TokioClock::starting_at(EPOCH);
+    tollgate_egress::run(&config, &state, clock, options, std::future::pending())
+        .await
+        .expect("run")
+}
+
+#[tokio::test]
+async fn jobs_reach_an_https_upstream_through_a_proxy_s_tunnel_trusting_its_ca_file() {
+    let (up, ca) = tollgate_testkit::upstream::scripted_tls(|_, _| ok()).await;
+    let proxy = tollgate_testkit::proxy::proxy().await;
+    let config = upstream(up.addr, &format!("ca_file = \"{}\"", ca.path.display()))
+        .replace("http://", "https://");
+    let proxies = tollgate_egress::Proxies::builder()
+        .https(format!("http://runner:s3cret@{}", proxy.addr))
+        .build();
+    let summary = run_through(&config, "https", up.addr, &["/a", "/b", "/c"], proxies).await;
+    assert_eq!(summary.upstreams[0].done, 3);
+    assert_eq!(up.seen_under("/"), 3);
+    let opened = proxy.opened();
+    assert!(!opened.is_empty());
+    for o in &opened {
+        assert_eq!(o.line, format!("CONNECT {} HTTP/1.1", up.addr));
+        // base64("runner:s3cret")
+        assert_eq!(
+            o.authorization.as_deref(),
+            Some("Basic cnVubmVyOnMzY3JldA==")
+        );
+    }
+}
+
+#[tokio::test]
+async fn jobs_reach_an_http_upstream_through_a_forwarding_proxy_or_directly_when_no_proxy_names_it()
+{
+    let up = scripted(|_, _| ok()).await;
+    let proxy = tollgate_testkit::proxy::proxy().await;
+    let config = upstream(up.addr, "");
+    let proxies = tollgate_egress::Proxies::builder()
+        .http(format!("http://runner:s3cret@{}", proxy.addr))
+        .build();
+    let summary = run_through(&config, "http", up.addr, &["/a", "/b"], proxies).await;
+    assert_eq!(summary.upstreams[0].done, 2);
+    assert_eq!(up.seen_under("/"), 2);
+    let opened = proxy.opened();
+    assert!(!opened.is_empty());
+    assert!(
+        opened[0]
+            .line
+            .starts_with(&format!("POST http://{}/", up.addr)),
+        "{opened:?}"
+    );
+    assert_eq!(
+        opened[0].authorization.as_deref(),
+        Some("Basic cnVubmVyOnMzY3JldA==")
+    );
+
+    // NO_PROXY names the upstream's host: straight to it.
+    let proxies = tollgate_egress::Proxies::builder()
+        .all(proxy.url())
+        .no("127.0.0.1")
+        .build();
+    let summary = run_through(&config, "http", up.addr, &["/c"], proxies).await;
+    assert_eq!(summary.upstreams[0].done, 1);
+    assert_eq!(up.seen_under("/c"), 1);
+    assert_eq!(proxy.opened().len(), opened.len());
+}
+
 /// A config for the vendor at `addr` whose profile is a token bucket of 20
 /// refilling at `per_second`.
 fn bucket_profile(addr: SocketAddr, per_second: u32) -> tollgate_egress::UpstreamsConfig {

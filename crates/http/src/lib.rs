@@ -17,6 +17,7 @@ pub mod access;
 pub mod admin;
 pub mod body;
 pub mod cache;
+pub mod client;
 pub mod dedup;
 pub mod forward;
 pub mod listen;

@@ -196,13 +196,25 @@ pub fn https_connector(
     tls: rustls::ClientConfig,
     connect_timeout: std::time::Duration,
 ) -> hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector> {
+    tls_over(&tls, tcp_connector(connect_timeout))
+}
+
+/// TCP to any host and port, no Nagle, giving up after `connect_timeout`.
+pub(crate) fn tcp_connector(
+    connect_timeout: std::time::Duration,
+) -> hyper_util::client::legacy::connect::HttpConnector {
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
+    http
+}
+
+/// TLS with `tls` for `https` URIs (plain for `http`), over what `inner` connects.
+pub(crate) fn tls_over<C>(tls: &rustls::ClientConfig, inner: C) -> hyper_rustls::HttpsConnector<C> {
     hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
+        .with_tls_config(tls.clone())
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http)
+        .wrap_connector(inner)
 }

@@ -1,5 +1,6 @@
 //! Test support: a real `redis-server` on a free 127.0.0.1 port, a scripted
-//! HTTP upstream (`upstream`), and the gateway playing a vendor (`vendor`).
+//! HTTP upstream (`upstream`), the gateway playing a vendor (`vendor`), and
+//! an HTTP proxy (`proxy`).
 //!
 //! `bash scripts/test.sh` starts one server for the whole run and exports
 //! `TOLLGATE_TEST_REDIS` (its URL); tests that only need *a* Redis use it
@@ -9,6 +10,7 @@
 //! test process (stopped once the process is gone), so `cargo test` alone
 //! works wherever `redis-server` is installed.
 
+pub mod proxy;
 pub mod tls;
 pub mod upstream;
 pub mod vendor;

@@ -342,7 +342,7 @@ pub async fn run(
     };
     let writer = tokio::spawn(write_all(queue.clone(), rx, ledger.clone(), health.clone()));
     let progress = Progress::new(options.progress, unfinished_at_start);
-    let mut driver = Driver::new(config, schedulers, clock, progress)?;
+    let mut driver = Driver::new(config, schedulers, clock, progress, &options.proxies)?;
     let admin = driver.open_admin(&options).await?;
     // A 429 any process of the fleet gets pauses the upstream here too.
     let (pause_tx, mut pause_rx) = mpsc::unbounded_channel::<(usize, tollgate_core::Nanos)>();

@@ -17,6 +17,7 @@ ensure_tools() {
       { apt-get update -q >/dev/null && apt-get install -y -q "${need_apt[@]}" >/dev/null; }
   fi
   NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+  [ "${NO_OHA:-}" = 1 ] && return 0 # (a script that sends no load of its own)
   OHA=$(command -v oha || true)
   if [ -z "$OHA" ]; then
     OHA="$OHA_ROOT/bin/oha"

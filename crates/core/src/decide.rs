@@ -72,6 +72,21 @@ pub struct Outcome {
     pub shadow: bool,
 }
 
+impl Outcome {
+    /// `s`'s outcome: whether it admits, and what it has left at `now`.
+    #[inline]
+    fn of<M: Meter>(s: &Slot<M>, now: Nanos, allowed: bool, retry_after: Option<Nanos>) -> Outcome {
+        let usage = s.meter.usage(now);
+        Outcome {
+            allowed,
+            remaining: usage.remaining,
+            reset: usage.reset,
+            retry_after,
+            shadow: s.shadow,
+        }
+    }
+}
+
 /// A request's decision: the verdict, and each limit's outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
@@ -155,14 +170,7 @@ pub fn decide<M: Meter>(now: Nanos, slots: &mut [Slot<M>]) -> Decision {
         } else {
             s.meter.commit(now, s.charge, start);
         }
-        let usage = s.meter.usage(now);
-        outcomes.push(Outcome {
-            allowed,
-            remaining: usage.remaining,
-            reset: usage.reset,
-            retry_after,
-            shadow: s.shadow,
-        });
+        outcomes.push(Outcome::of(s, now, allowed, retry_after));
     }
     Decision {
         verdict: Verdict::Admit { delay: wait },
@@ -180,6 +188,7 @@ pub fn admit_single_now<M: Meter>(now: Nanos, s: &mut Slot<M>) -> Option<Decisio
     s.meter.commit(now, s.charge, now);
     let usage = s.meter.usage(now);
     let mut outcomes = SmallVec::new();
+    // (not `Outcome::of`: written out, the one-limit path keeps its inlining)
     outcomes.push(Outcome {
         allowed: true,
         remaining: usage.remaining,
@@ -299,19 +308,12 @@ fn report<M: Meter>(now: Nanos, slots: &[Slot<M>], own: &[Earliest], verdict: Ve
     // (pushed one by one: collecting into a SmallVec costs more)
     let mut outcomes = SmallVec::new();
     for (s, e) in slots.iter().zip(own) {
-        let usage = s.meter.usage(now);
         let (allowed, retry_after) = match e {
             Earliest::At(t) if *t == now => (true, None),
             Earliest::At(t) => (false, Some(t - now)),
             _ => (false, None),
         };
-        outcomes.push(Outcome {
-            allowed,
-            remaining: usage.remaining,
-            reset: usage.reset,
-            retry_after,
-            shadow: s.shadow,
-        });
+        outcomes.push(Outcome::of(s, now, allowed, retry_after));
     }
     Decision { verdict, outcomes }
 }

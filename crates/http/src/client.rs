@@ -1,4 +1,5 @@
-//! The comply face's client to one upstream: HTTP/1.1 over TCP or TLS (the
+//! The comply face's client to one upstream (`tollgate run`'s and `tollgate
+//! proxy`'s): HTTP/1.1 over TCP or TLS (the
 //! system's roots plus the upstream's `ca_file`), with a pool of idle
 //! connections, reached directly or through the proxy the environment names
 //! for the upstream's base URL (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and
@@ -29,25 +30,49 @@ use tower_service::Service;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// One upstream's client (cheap to clone: the pool is shared).
-#[derive(Clone, Debug)]
-pub struct UpstreamClient {
-    client: Client<Route, Full<Bytes>>,
+/// One upstream's client, sending bodies of type `B` (cheap to clone: the
+/// pool is shared). `tollgate run` sends whole bodies; `tollgate proxy`
+/// streams its clients'.
+pub struct UpstreamClient<B = Full<Bytes>> {
+    client: Client<Route, B>,
     /// `Proxy-Authorization` for a proxy that gets each request (an `http`
     /// upstream behind one with credentials).
     forward_auth: Option<HeaderValue>,
 }
 
-impl UpstreamClient {
+impl<B> Clone for UpstreamClient<B> {
+    fn clone(&self) -> Self {
+        UpstreamClient {
+            client: self.client.clone(),
+            forward_auth: self.forward_auth.clone(),
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for UpstreamClient<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamClient")
+            .field("proxy_credentials", &self.forward_auth.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> UpstreamClient<B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     /// The client for the upstream at `base_url`: `proxies` decides whether it
     /// is reached through a proxy (`Proxies::from_env()` reads the
-    /// environment). Errors name what was wrong (the `ca_file`, the proxy).
+    /// environment, `Proxies::builder().build()` names none). Errors name
+    /// what was wrong (the `ca_file`, the proxy).
     pub fn new(
         base_url: &Uri,
         ca_file: Option<&Path>,
         connect_timeout: Duration,
         proxies: &Proxies,
-    ) -> Result<UpstreamClient, String> {
+    ) -> Result<Self, String> {
         let tls = crate::tls::client_config(ca_file, None)?;
         let http = tcp_connector(connect_timeout);
         let mut forward_auth = None;
@@ -88,7 +113,7 @@ impl UpstreamClient {
     }
 
     /// Send `request` (its URI absolute) and wait for the response head.
-    pub fn request(&self, mut request: Request<Full<Bytes>>) -> ResponseFuture {
+    pub fn request(&self, mut request: Request<B>) -> ResponseFuture {
         if let Some(auth) = &self.forward_auth {
             request
                 .headers_mut()
@@ -218,6 +243,10 @@ impl Write for Io {
 #[cfg(test)]
 mod tests {
     use super::{Proxies, UpstreamClient};
+    use bytes::Bytes;
+    use http_body_util::Full;
+
+    type Client = UpstreamClient<Full<Bytes>>;
     use std::time::Duration;
 
     #[test]
@@ -226,8 +255,7 @@ mod tests {
         let proxies = Proxies::builder()
             .all("socks5://alice:s3cret@proxy.internal:1080")
             .build();
-        let e =
-            UpstreamClient::new(&base, None, Duration::from_secs(1), &proxies).expect_err("socks5");
+        let e = Client::new(&base, None, Duration::from_secs(1), &proxies).expect_err("socks5");
         assert!(e.contains("socks5://proxy.internal:1080"), "{e}");
         assert!(e.contains("not an http:// proxy"), "{e}");
         assert!(!e.contains("s3cret") && !e.contains("alice"), "{e}");
@@ -236,6 +264,6 @@ mod tests {
             .all("socks5://proxy.internal:1080")
             .no("api.example.com")
             .build();
-        assert!(UpstreamClient::new(&base, None, Duration::from_secs(1), &proxies).is_ok());
+        assert!(Client::new(&base, None, Duration::from_secs(1), &proxies).is_ok());
     }
 }

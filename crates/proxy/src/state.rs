@@ -24,11 +24,8 @@ pub enum Source {
 }
 
 /// An upstream's HTTP client: its own connection pool, TLS with the
-/// system's roots and its `ca_file`.
-pub type UpstreamClient = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    tollgate_http::body::AnyBody,
->;
+/// system's roots and its `ca_file`, the clients' bodies streamed.
+pub type UpstreamClient = tollgate_http::client::UpstreamClient<tollgate_http::body::AnyBody>;
 
 /// One upstream as the proxy serves it: its line (the scheduler every
 /// request to it waits in) and its HTTP client.
@@ -506,16 +503,18 @@ fn cache_of(u: &Upstream) -> Result<tollgate_http::cache::Cache, LoadError> {
 
 /// The upstream's client: HTTP/1.1 over TCP or TLS (rustls: the system's
 /// roots plus the upstream's `ca_file`), with a pool of idle connections.
+/// Always direct: the proxy's own clients point `HTTP_PROXY` at it, so
+/// following the environment's proxy could send requests back to itself.
 fn upstream_client(u: &Upstream) -> Result<UpstreamClient, LoadError> {
-    let tls = tollgate_http::tls::client_config(u.ca_file.as_deref(), None)
-        .map_err(|e| LoadError::Io(format!("upstream '{}': {e}", u.name)))?;
-    let https = tollgate_http::tls::https_connector(tls, u.timeout.min(Duration::from_secs(10)));
-    Ok(
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .build(https),
-    )
+    let error = |e: String| LoadError::Io(format!("upstream '{}': {e}", u.name));
+    let base = u
+        .base_url
+        .as_str()
+        .parse()
+        .map_err(|e| error(format!("{e}")))?;
+    let direct = tollgate_http::client::Proxies::builder().build();
+    let connect_timeout = u.timeout.min(Duration::from_secs(10));
+    UpstreamClient::new(&base, u.ca_file.as_deref(), connect_timeout, &direct).map_err(error)
 }
 
 /// Fleet mode: a 429 this process gets pauses the upstream in every

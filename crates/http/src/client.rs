@@ -1,11 +1,10 @@
 //! The comply face's client to one upstream (`tollgate run`'s and `tollgate
-//! proxy`'s): HTTP/1.1 over TCP or TLS (the
-//! system's roots plus the upstream's `ca_file`), with a pool of idle
-//! connections, reached directly or through the proxy the environment names
-//! for the upstream's base URL (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and
-//! `NO_PROXY`, read as curl and reqwest read them): an `https` upstream
-//! through a `CONNECT` tunnel (TLS end to end), an `http` one by sending
-//! the proxy each request in absolute form.
+//! proxy`'s): HTTP/1.1 over TCP or TLS (the system's roots plus the
+//! upstream's `ca_file`), with a pool of idle connections, reached directly
+//! or through a proxy. `run` follows the environment's (`HTTPS_PROXY`,
+//! `HTTP_PROXY`, `ALL_PROXY` and `NO_PROXY`, read as curl and reqwest read
+//! them): an `https` upstream through a `CONNECT` tunnel (TLS end to end),
+//! an `http` one by sending the proxy each request in absolute form.
 
 use crate::tls::{tcp_connector, tls_over};
 use bytes::Bytes;

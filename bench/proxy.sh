@@ -5,6 +5,7 @@
 #   bench/proxy.sh                        # about 2 min (plus the build: 2-3 min when the code changed)
 #   CLIENTS=32 CALLS=4000 DUR=5 bench/proxy.sh
 #   SCENARIOS=1 bench/proxy.sh            # a subset: 1 (= 1a 1b), 1a, 1b, 2
+#   BIN=/path/to/tollgate bench/proxy.sh  # another build of tollgate (an older commit's)
 #
 # Scenarios and targets:
 #   1. $CLIENTS client threads (bench/proxy/client.py: Python, one keep-alive
@@ -69,7 +70,7 @@ OHA_ROOT=${OHA_ROOT:-/work/tools-oha}
 # KEEP_WORK=1: keep the work directory (configs, client and oha output, logs)
 target=${CARGO_TARGET_DIR:-target}
 case $target in /*) ;; *) target="$ROOT/$target" ;; esac
-TOLLGATE="$target/release/tollgate"
+TOLLGATE=${BIN:-$target/release/tollgate}   # BIN=/path/to/tollgate: another build
 BARE="$target/release/bare-proxy"
 PX="$ROOT/bench/proxy"
 CAPACITY=1000 RATE=300                    # Celigo's limits (the bundled profile)

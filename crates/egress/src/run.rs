@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tollgate_comply::{human, Event, Next, Reply, Scheduler, Settled};
 use tollgate_core::{Clock, Item, Nanos};
 use tollgate_http::cache::{freshness, shared_store, Cache, CacheStore, Key, Stored};
-use tollgate_http::client::{Proxies, UpstreamClient};
+use tollgate_http::client::{failure, Proxies, UpstreamClient};
 use tollgate_http::ratelimit as signals;
 use tollgate_store::redis::SharedCache;
 use tollgate_store::{Engine, TokioClock};
@@ -1210,26 +1210,6 @@ fn attempt(upstream: &Upstream, job: &Job) -> Result<http::Request<Full<Bytes>>,
     *request.uri_mut() = uri;
     *request.headers_mut() = headers;
     Ok(request)
-}
-
-/// Why an attempt got no response, for its record.
-fn failure(e: &(dyn std::error::Error + 'static)) -> String {
-    let connect = e
-        .downcast_ref::<hyper_util::client::legacy::Error>()
-        .is_some_and(|e| e.is_connect());
-    if connect {
-        format!("connection failed ({})", root_cause(e))
-    } else {
-        format!("request failed ({})", root_cause(e))
-    }
-}
-
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = e;
-    while let Some(next) = cause.source() {
-        cause = next;
-    }
-    cause.to_string()
 }
 
 /// Record a final outcome with its `results.jsonl` line.

@@ -122,6 +122,22 @@ where
     }
 }
 
+/// Why a call got no answer, for a record or a log line: "connection failed"
+/// (no connection could be opened) or "request failed", with the innermost
+/// cause (e.g. "Connection refused (os error 111)").
+pub fn failure(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    let connect =
+        (e.downcast_ref::<hyper_util::client::legacy::Error>()).is_some_and(|e| e.is_connect());
+    match connect {
+        true => format!("connection failed ({cause})"),
+        false => format!("request failed ({cause})"),
+    }
+}
+
 /// A proxy's address without its credentials, for messages.
 fn redacted(uri: &Uri) -> String {
     let host = uri.host().unwrap_or("");
@@ -241,7 +257,7 @@ impl Write for Io {
 
 #[cfg(test)]
 mod tests {
-    use super::{Proxies, UpstreamClient};
+    use super::{failure, Proxies, UpstreamClient};
     use bytes::Bytes;
     use http_body_util::Full;
 
@@ -264,5 +280,34 @@ mod tests {
             .no("api.example.com")
             .build();
         assert!(Client::new(&base, None, Duration::from_secs(1), &proxies).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_call_that_got_no_answer_says_whether_it_could_connect_and_why() {
+        // A port nothing listens on (bound, then let go).
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            listener.local_addr().expect("addr").port()
+        };
+        let base: hyper::Uri = format!("http://127.0.0.1:{port}/").parse().expect("uri");
+        let client = Client::new(
+            &base,
+            None,
+            Duration::from_secs(1),
+            &Proxies::builder().build(),
+        )
+        .expect("client");
+        let request = hyper::Request::get(base)
+            .body(Full::default())
+            .expect("request");
+        let e = client.request(request).await.expect_err("nothing listens");
+        let said = failure(&e);
+        assert!(
+            said.starts_with("connection failed (") && said.contains("refused"),
+            "{said}"
+        );
+        // Any other error: the request failed, with its innermost cause.
+        let other = std::io::Error::other("the body was cut short");
+        assert_eq!(failure(&other), "request failed (the body was cut short)");
     }
 }

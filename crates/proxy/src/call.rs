@@ -795,7 +795,7 @@ impl<'g> Calls<'g> {
         let call = self.line.client.request(request);
         match tokio::time::timeout(self.settings.timeout, call).await {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err((false, failure(&e))),
+            Ok(Err(e)) => Err((false, tollgate_http::client::failure(&e))),
             Err(_) => Err((true, "timed out".to_string())),
         }
     }
@@ -1250,18 +1250,6 @@ async fn read_capped(mut body: Incoming, cap: usize, within: Duration) -> Bytes 
         }
     }
     kept.freeze()
-}
-
-fn failure(e: &hyper_util::client::legacy::Error) -> String {
-    let mut cause: &dyn std::error::Error = e;
-    while let Some(next) = cause.source() {
-        cause = next;
-    }
-    if e.is_connect() {
-        format!("connection failed ({cause})")
-    } else {
-        format!("request failed ({cause})")
-    }
 }
 
 #[cfg(test)]

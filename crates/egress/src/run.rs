@@ -1190,7 +1190,7 @@ fn send(
 /// runner adds unless the job set it, and its body.
 fn attempt(upstream: &Upstream, job: &Job) -> Result<http::Request<Full<Bytes>>, String> {
     let method = http::Method::from_bytes(job.method.as_bytes()).unwrap_or(http::Method::GET);
-    let uri = (job.url.parse::<http::Uri>()).map_err(|e| format!("request failed (url: {e})"))?;
+    let url = tollgate_jobs::JobUrl::new(&job.url).map_err(|e| format!("request failed ({e})"))?;
     let mut headers = sent_headers(upstream, job);
     if let Ok(key) = http::HeaderValue::from_str(&job.idempotency_key) {
         headers.entry("idempotency-key").or_insert(key);
@@ -1207,7 +1207,7 @@ fn attempt(upstream: &Upstream, job: &Job) -> Result<http::Request<Full<Bytes>>,
     let body = job.body.clone().map(Bytes::from).unwrap_or_default();
     let mut request = http::Request::new(Full::new(body));
     *request.method_mut() = method;
-    *request.uri_mut() = uri;
+    *request.uri_mut() = url.into_uri();
     *request.headers_mut() = headers;
     Ok(request)
 }

@@ -624,11 +624,11 @@ impl MemoryStore {
     /// new and the store is full (the caller makes room and tries again).
     /// `claimed[i]`: item `i`'s new key has its place counted already.
     #[allow(clippy::too_many_arguments)]
-    fn try_decide<'p>(
+    fn try_decide(
         &self,
-        policy: &'p Policy,
+        policy: &Policy,
         items: &[Item],
-        params: &[&'p Params],
+        params: &[&Params],
         now: Nanos,
         hold: bool,
         guards: &mut [Locked<'_>],

@@ -53,6 +53,9 @@ redis-cli -p "$redis_port" ping >/dev/null || { echo "redis-server did not start
 export TOLLGATE_TEST_REDIS="redis://127.0.0.1:$redis_port"
 echo "redis-server $(redis-server --version | awk '{print $3}') on $TOLLGATE_TEST_REDIS"
 
+# A fresh clone gains nothing from incremental compilation, and its caches
+# would double what target/ takes on disk.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 log=$(mktemp)

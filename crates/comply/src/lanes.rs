@@ -6,9 +6,11 @@
 //! own jobs, never another lane's.
 
 use compact_str::CompactString;
+use hashbrown::HashTable;
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{BuildHasher, Hash, Hasher};
 use tollgate_core::{Item, Nanos};
 
 /// How urgent a job or request is: high before normal before low, then oldest.
@@ -85,21 +87,51 @@ impl Lane {
 }
 
 /// A lane's limits and keys, and whether it holds queued work and of which
-/// workflow (inline: most calls have one or two limits, and looking a lane
-/// up then allocates nothing). Live requests and queued jobs never share a
-/// lane, nor do jobs of two workflows: a job held back by the reserve or
-/// its workflow's schedule must not hold back the calls behind it.
-type LaneKey = (
-    bool,
-    Option<CompactString>,
-    SmallVec<[(usize, usize, CompactString); 2]>,
-);
+/// workflow (inline: most calls have one or two limits). Live requests and
+/// queued jobs never share a lane, nor do jobs of two workflows: a job held
+/// back by the reserve or its workflow's schedule must not hold back the
+/// calls behind it.
+#[derive(Debug)]
+struct LaneKey {
+    queued: bool,
+    workflow: Option<CompactString>,
+    items: SmallVec<[(usize, usize, CompactString); 2]>,
+    lane: usize,
+}
+
+impl LaneKey {
+    fn is(&self, queued: bool, workflow: Option<&str>, items: &[Item]) -> bool {
+        self.queued == queued
+            && self.workflow.as_deref() == workflow
+            && self.items.len() == items.len()
+            && (self.items.iter().zip(items)).all(|((limit, class, key), i)| {
+                *limit == i.limit && *class == i.class && *key == i.key
+            })
+    }
+}
+
+fn lane_hash<'a>(
+    hasher: &foldhash::fast::RandomState,
+    queued: bool,
+    workflow: Option<&str>,
+    items: impl Iterator<Item = (usize, usize, &'a str)>,
+) -> u64 {
+    let mut h = hasher.build_hasher();
+    (queued, workflow).hash(&mut h);
+    for item in items {
+        item.hash(&mut h);
+    }
+    h.finish()
+}
 
 /// Every lane of one upstream, and which of them have a job queued.
 #[derive(Debug, Default)]
 pub(crate) struct Lanes {
     lanes: Vec<Lane>,
-    lane_of: HashMap<LaneKey, usize>,
+    /// Looked up by the request's own items, so finding a lane copies
+    /// nothing (this runs for every call).
+    lane_of: HashTable<LaneKey>,
+    hasher: foldhash::fast::RandomState,
     /// Lanes with a job queued: the ones the scheduler asks.
     busy: BTreeSet<usize>,
     queued: usize,
@@ -114,19 +146,27 @@ impl Lanes {
         queued: bool,
         workflow: Option<&CompactString>,
     ) -> usize {
-        let key: LaneKey = (
+        let workflow = workflow.filter(|_| queued).map(CompactString::as_str);
+        let parts = items.iter().map(|i| (i.limit, i.class, i.key.as_str()));
+        let hash = lane_hash(&self.hasher, queued, workflow, parts);
+        if let Some(found) = self.lane_of.find(hash, |k| k.is(queued, workflow, items)) {
+            return found.lane;
+        }
+        let lane = self.lanes.len();
+        self.lanes.push(Lane::default());
+        let key = LaneKey {
             queued,
-            workflow.filter(|_| queued).cloned(),
-            items
-                .iter()
+            workflow: workflow.map(CompactString::from),
+            items: (items.iter())
                 .map(|i| (i.limit, i.class, i.key.clone()))
                 .collect(),
-        );
-        let next = self.lanes.len();
-        let lane = *self.lane_of.entry(key).or_insert(next);
-        if lane == next {
-            self.lanes.push(Lane::default());
-        }
+            lane,
+        };
+        let hasher = &self.hasher;
+        self.lane_of.insert_unique(hash, key, |k| {
+            let parts = k.items.iter().map(|(l, c, key)| (*l, *c, key.as_str()));
+            lane_hash(hasher, k.queued, k.workflow.as_deref(), parts)
+        });
         lane
     }
 
@@ -187,5 +227,66 @@ impl Lanes {
             }
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(limit: usize, class: usize, key: &str) -> Item {
+        Item {
+            limit,
+            class,
+            key: key.into(),
+            cost: 1,
+            charge: 1,
+        }
+    }
+
+    #[test]
+    fn a_lane_is_one_set_of_limits_and_keys_live_or_of_one_workflow() {
+        let mut lanes = Lanes::default();
+        let two = [item(0, 0, "tenant-1"), item(1, 0, "tenant-1")];
+        let nightly = CompactString::from("nightly");
+        let hourly = CompactString::from("hourly");
+        let live = lanes.lane_for(&two, false, None);
+        // The same limits and keys find the same lane, without a new one.
+        assert_eq!(lanes.lane_for(&two, false, None), live);
+        // A workflow names a lane only for queued work.
+        assert_eq!(lanes.lane_for(&two, false, Some(&nightly)), live);
+        let others = [
+            lanes.lane_for(&two, true, None),
+            lanes.lane_for(&two, true, Some(&nightly)),
+            lanes.lane_for(&two, true, Some(&hourly)),
+            lanes.lane_for(&[item(0, 0, "tenant-1")], false, None),
+            lanes.lane_for(
+                &[item(0, 0, "tenant-2"), item(1, 0, "tenant-1")],
+                false,
+                None,
+            ),
+            lanes.lane_for(
+                &[item(0, 1, "tenant-1"), item(1, 0, "tenant-1")],
+                false,
+                None,
+            ),
+            lanes.lane_for(
+                &[item(1, 0, "tenant-1"), item(0, 0, "tenant-1")],
+                false,
+                None,
+            ),
+            lanes.lane_for(&[], false, None),
+        ];
+        let mut all = vec![live];
+        all.extend(others);
+        let mut distinct = all.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), all.len(), "lanes: {all:?}");
+        assert_eq!(lanes.lanes.len(), all.len());
+        // Each is found again, many lanes later.
+        assert_eq!(lanes.lane_for(&two, true, Some(&hourly)), others[2]);
+        assert_eq!(lanes.lane_for(&[], false, None), others[7]);
+        assert_eq!(lanes.lanes.len(), all.len());
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tollgate_core::policy::RedisSettings;
 use tollgate_core::Clock;
 use tollgate_egress::fleet::{FleetOptions, Queue};
-use tollgate_egress::state::DeadLetter;
+use tollgate_egress::state::{DeadLetter, Pending};
 use tollgate_egress::{human, Options, ProgressMode, Routed, State, Summary, UpstreamsConfig};
 use tollgate_store::TokioClock;
 
@@ -367,19 +367,31 @@ pub fn run(
     }
     let state_dir = state_dir.unwrap_or(Path::new(DEFAULT_STATE));
     let mut state = State::open(state_dir)?;
-    if let Some(routed) = &routed {
-        let (added, already) = state.import(routed, &config)?;
-        eprintln!(
-            "tollgate run: {added} job(s) queued in {}{}",
-            state_dir.display(),
-            if already > 0 {
-                format!(" ({already} already there, resumed as they were)")
-            } else {
-                String::new()
-            }
-        );
-    }
-    execute(&config, &state, config_path, progress, grace, admin)
+    let pending = match routed {
+        Some(routed) => {
+            let (added, already, pending) = state.import_pending(routed, &config)?;
+            eprintln!(
+                "tollgate run: {added} job(s) queued in {}{}",
+                state_dir.display(),
+                if already > 0 {
+                    format!(" ({already} already there, resumed as they were)")
+                } else {
+                    String::new()
+                }
+            );
+            pending
+        }
+        None => state.pending()?,
+    };
+    execute(
+        &config,
+        &state,
+        pending,
+        config_path,
+        progress,
+        grace,
+        admin,
+    )
 }
 
 fn parse_duration(text: &str, flag: &str) -> Result<Duration> {
@@ -523,13 +535,13 @@ fn run_fleet(
 fn execute(
     config: &UpstreamsConfig,
     state: &State,
+    pending: Vec<Pending>,
     config_path: &Path,
     progress: Progress,
     grace: Duration,
     admin: Option<std::net::SocketAddr>,
 ) -> Result<ExitCode> {
-    let pending = state.counts()?.pending;
-    if pending == 0 {
+    if pending.is_empty() {
         eprintln!("tollgate run: nothing pending in {}", state.dir().display());
     }
     let mut options = options(progress, grace, admin);
@@ -539,9 +551,10 @@ fn execute(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let summary = runtime.block_on(tollgate_egress::run(
+    let summary = runtime.block_on(tollgate_egress::run_pending(
         config,
         state,
+        pending,
         TokioClock::system(),
         options,
         crate::shutdown_signal(),
@@ -944,7 +957,8 @@ pub fn dlq(command: DlqCommand) -> Result<ExitCode> {
             let mut opened = State::open(&state)?;
             let (requeued, unknown) = opened.requeue_dead(&ids)?;
             say_requeued(requeued.len(), &unknown);
-            return execute(&runner, &opened, &config, progress, grace, None);
+            let pending = opened.pending()?;
+            return execute(&runner, &opened, pending, &config, progress, grace, None);
         }
         DlqCommand::Export { from, out } => {
             let letters = dead_letters(&from)?;

@@ -17,7 +17,7 @@ pub mod metrics;
 pub mod plan;
 pub mod run;
 
-pub use run::{run, FleetTotals, Options, ProgressMode, RunError, Summary};
+pub use run::{run, run_pending, FleetTotals, Options, ProgressMode, RunError, Summary};
 pub use state::State;
 pub use tollgate_comply::settings::{self, parse as parse_config, Upstream, UpstreamsConfig};
 pub use tollgate_comply::{human, Priority};

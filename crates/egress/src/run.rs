@@ -7,7 +7,7 @@
 use crate::job::{Job, Priority};
 use crate::plan;
 use crate::settings::{Upstream, UpstreamsConfig};
-use crate::state::{Record, State, StateError, Writer};
+use crate::state::{Pending, Record, State, StateError, Writer};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use std::collections::HashMap;
@@ -963,6 +963,19 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<Summary, RunError> {
     let pending = state.pending()?;
+    run_pending(config, state, pending, clock, options, shutdown).await
+}
+
+/// `run`, given `state`'s pending jobs (from `State::import_pending`, which
+/// hands over the jobs it has just added instead of reading them back).
+pub async fn run_pending(
+    config: &UpstreamsConfig,
+    state: &State,
+    pending: Vec<Pending>,
+    clock: TokioClock,
+    options: Options,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Summary, RunError> {
     let index: HashMap<&str, usize> = config
         .upstreams
         .iter()

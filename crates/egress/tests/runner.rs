@@ -372,6 +372,49 @@ async fn one_process_owns_a_state_and_a_reused_id_for_another_request_is_refused
 }
 
 #[tokio::test(start_paused = true)]
+async fn importing_hands_over_the_pending_jobs_as_reading_them_back_would() {
+    let up = scripted(|_, _| ok()).await;
+    let config =
+        tollgate_egress::parse_config(&upstream(up.addr, ""), &tollgate_profiles::Bundled, &|_| {
+            None
+        })
+        .expect("config");
+    let read = |lines: String| tollgate_egress::read_jobs(lines.as_bytes(), &config).expect("jobs");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // An earlier run finished "done" and left "a" and "b" pending.
+    import_and_run(
+        dir.path(),
+        &config,
+        &read(job("done", up.addr, "/d")),
+        TokioClock::starting_at(EPOCH),
+    )
+    .await;
+    let mut state = State::open(dir.path()).expect("state");
+    state
+        .import(
+            &read(job("a", up.addr, "/a") + &job("b", up.addr, "/b")),
+            &config,
+        )
+        .expect("import");
+    // Given again with two new jobs (one with headers, a priority and a
+    // workflow, so every stored field goes through the round trip).
+    let rich = r#"{"id":"d","method":"PUT","url":"http://ADDR/x?q=1","headers":{"x-a":"1"},"body":"text","priority":"high","workflow":"nightly"}"#
+        .replace("ADDR", &up.addr.to_string());
+    let again = read(job("b", up.addr, "/b") + &job("c", up.addr, "/c") + &rich + "\n");
+    let (added, already, pending) = state.import_pending(again, &config).expect("import");
+    assert_eq!((added, already), (2, 1));
+    let ids: Vec<&str> = pending.iter().map(|p| p.job.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b", "c", "d"]);
+    assert_eq!(pending, state.pending().expect("pending"), "as read back");
+    // Nothing new: every pending job is read back.
+    let (added, already, again) = state
+        .import_pending(read(job("a", up.addr, "/a")), &config)
+        .expect("import");
+    assert_eq!((added, already), (0, 1));
+    assert_eq!(again, pending);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_resumed_run_sends_a_pending_job_only_where_its_config_still_would() {
     let up = scripted(|_, _| ok()).await;
     let config_at = |base: &str| {

@@ -41,7 +41,7 @@ pub enum StateError {
 }
 
 /// A job still to be sent, as stored.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Pending {
     pub seq: u64,
     pub upstream: String,
@@ -426,12 +426,46 @@ impl State {
 
     /// Every pending job, oldest first.
     pub fn pending(&self) -> Result<Vec<Pending>, StateError> {
+        self.pending_before(i64::MAX)
+    }
+
+    /// `import`, then every pending job, oldest first, as `pending` would
+    /// read them: the jobs added now are taken from `jobs` rather than read
+    /// back and parsed again (a run of many jobs would hold them twice, and
+    /// parse each a second time). Returns (added, already there, pending).
+    pub fn import_pending(
+        &mut self,
+        jobs: Vec<Routed>,
+        config: &UpstreamsConfig,
+    ) -> Result<(u64, u64, Vec<Pending>), StateError> {
+        let seqs = self.enqueue(&jobs, config)?;
+        // Rows added now have the highest seqs: the ones before them are the
+        // jobs pending from earlier runs (including any that were given again).
+        let first_added = seqs.iter().flatten().min().map_or(i64::MAX, |&s| s as i64);
+        let mut pending = self.pending_before(first_added)?;
+        let older = pending.len();
+        for (routed, seq) in jobs.into_iter().zip(&seqs) {
+            if let Some(seq) = *seq {
+                pending.push(Pending {
+                    seq,
+                    upstream: config.upstreams[routed.upstream].name.clone(),
+                    attempts: 0,
+                    job: routed.job,
+                });
+            }
+        }
+        let added = (pending.len() - older) as u64;
+        Ok((added, seqs.len() as u64 - added, pending))
+    }
+
+    /// The pending jobs of a seq below `end`, oldest first.
+    fn pending_before(&self, end: i64) -> Result<Vec<Pending>, StateError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT seq, upstream, attempts, spec FROM jobs WHERE state = 'pending' ORDER BY seq")
+            .prepare("SELECT seq, upstream, attempts, spec FROM jobs WHERE state = 'pending' AND seq < ?1 ORDER BY seq")
             .map_err(|e| self.sql(e))?;
         let rows = stmt
-            .query_map([], |r| {
+            .query_map([end], |r| {
                 Ok((
                     r.get::<_, i64>(0)? as u64,
                     r.get::<_, String>(1)?,

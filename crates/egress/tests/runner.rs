@@ -372,6 +372,41 @@ async fn one_process_owns_a_state_and_a_reused_id_for_another_request_is_refused
 }
 
 #[tokio::test(start_paused = true)]
+async fn calls_go_on_few_connections_kept_open_and_past_ones_the_upstream_closed() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let up = scripted(|path, _| match path.starts_with("/close/") {
+        true => Answer::Status(200, vec![("connection", "close")], "bye"),
+        false => ok(),
+    })
+    .await;
+    let jobs = |prefix: &str, n: usize| -> String {
+        (0..n)
+            .map(|i| job(&format!("{prefix}{i}"), up.addr, &format!("/{prefix}/{i}")))
+            .collect()
+    };
+    // One call at a time: every call on the one connection.
+    let ran = run(&upstream(up.addr, "concurrency = 1"), &jobs("a", 20)).await;
+    assert_eq!(ran.summary.upstreams[0].done, 20);
+    assert_eq!((up.seen_under("/a/"), up.connections.load(SeqCst)), (20, 1));
+    // Four at a time: never more connections than calls in flight.
+    let ran = run(&upstream(up.addr, "concurrency = 4"), &jobs("b", 40)).await;
+    assert_eq!(ran.summary.upstreams[0].done, 40);
+    let opened = up.connections.load(SeqCst) - 1;
+    assert!(
+        (1..=4).contains(&opened),
+        "{opened} connections for 4 in flight"
+    );
+    // An upstream that closes each connection after its answer: every call
+    // still gets through, each on a connection of its own.
+    let before = up.connections.load(SeqCst);
+    let ran = run(&upstream(up.addr, "concurrency = 1"), &jobs("close", 5)).await;
+    assert_eq!(ran.summary.upstreams[0].done, 5);
+    assert_eq!(ran.summary.retried(), 0);
+    assert_eq!(up.seen_under("/close/"), 5);
+    assert_eq!(up.connections.load(SeqCst) - before, 5);
+}
+
+#[tokio::test(start_paused = true)]
 async fn importing_hands_over_the_pending_jobs_as_reading_them_back_would() {
     let up = scripted(|_, _| ok()).await;
     let config =

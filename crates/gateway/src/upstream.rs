@@ -14,7 +14,6 @@
 use crate::proxy::ProxyBody;
 use crate::settings::Upstream;
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HeaderValue, HOST};
 use hyper::http::uri::{Authority, Scheme};
 use hyper::{Request, Response, Uri};
@@ -22,37 +21,15 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::time::Instant;
+pub use tollgate_http::conn::UpstreamError;
+use tollgate_http::conn::{self, Conn};
 use tollgate_http::Peer;
 
 /// Most idle connections a worker keeps; past it, a returned one is closed.
 const MAX_IDLE: usize = 1024;
-/// An idle connection unused this long is closed.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
-
-/// Why a request got no response from its upstream.
-#[derive(Debug)]
-pub enum UpstreamError {
-    /// No connection could be opened (refused, timed out, TLS failed).
-    Connect(String),
-    /// The connection failed before the response head came.
-    Failed(hyper::Error),
-}
-
-impl std::fmt::Display for UpstreamError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            UpstreamError::Connect(cause) => write!(f, "cannot connect: {cause}"),
-            UpstreamError::Failed(e) => match std::error::Error::source(e) {
-                Some(cause) => write!(f, "{e}: {cause}"),
-                None => write!(f, "{e}"),
-            },
-        }
-    }
-}
 
 /// One worker's way to its upstreams: the connector, and the open
 /// connections no client connection holds.
@@ -71,25 +48,15 @@ impl std::fmt::Debug for WorkerUpstreams {
     }
 }
 
-/// An open HTTP/1.1 connection to one upstream.
+/// An open connection, and the upstream it goes to.
 #[derive(Debug)]
 struct Kept {
     scheme: Scheme,
     authority: Authority,
-    sender: SendRequest<ProxyBody>,
-    /// When it was last handed back (idle since).
-    since: Instant,
-    /// It served a request before: a request it fails to send can be
-    /// retried on a new connection (the upstream may have closed it idle).
-    reused: bool,
+    conn: Conn<ProxyBody>,
 }
 
 impl Kept {
-    /// Still open, and not idle too long.
-    fn usable(&self, now: Instant) -> bool {
-        !self.sender.is_closed() && now.duration_since(self.since) < IDLE_TIMEOUT
-    }
-
     fn serves(&self, upstream: &Upstream) -> bool {
         // (bytes, not `Authority`'s case-insensitive compare: both come from the config)
         self.authority.as_str() == upstream.authority.as_str() && self.scheme == upstream.scheme
@@ -116,7 +83,7 @@ impl WorkerUpstreams {
         let now = Instant::now();
         while let Some(i) = idle.iter().rposition(|k| k.serves(upstream)) {
             let kept = idle.swap_remove(i);
-            if kept.usable(now) {
+            if kept.conn.usable(now) {
                 return Some(kept);
             }
         }
@@ -124,10 +91,10 @@ impl WorkerUpstreams {
     }
 
     fn give_back(&self, mut kept: Kept) {
-        if kept.sender.is_closed() {
+        if kept.conn.is_closed() {
             return;
         }
-        kept.since = Instant::now();
+        kept.conn.idle_from_now();
         let mut idle = self.idle.lock();
         if idle.len() < MAX_IDLE {
             idle.push(kept);
@@ -137,42 +104,33 @@ impl WorkerUpstreams {
     /// Close the connections idle too long or closed by the upstream.
     pub fn prune(&self) {
         let now = Instant::now();
-        self.idle.lock().retain(|k| k.usable(now));
+        self.idle.lock().retain(|k| k.conn.usable(now));
     }
 
-    /// A new connection to `upstream`, driven by a task of its own on this
-    /// runtime (upgrades allowed: a WebSocket takes it over).
+    /// A new connection to `upstream`.
     async fn connect(&self, upstream: &Upstream) -> Result<Kept, UpstreamError> {
         use tower_service::Service;
+        let connect = |e: String| UpstreamError::Connect(e.into());
         let uri = Uri::builder()
             .scheme(upstream.scheme.clone())
             .authority(upstream.authority.clone())
             .path_and_query("/")
             .build()
-            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+            .map_err(|e| connect(e.to_string()))?;
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx))
             .await
-            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+            .map_err(|e| connect(e.to_string()))?;
         let io = connector
             .call(uri)
             .await
-            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
-        let (sender, connection) = hyper::client::conn::http1::handshake(io)
-            .await
-            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+            .map_err(|e| connect(e.to_string()))?;
+        let conn = Conn::open(io).await?;
         self.opened.inc();
-        tokio::spawn(async move {
-            if let Err(e) = connection.with_upgrades().await {
-                tracing::debug!("an upstream connection ended: {e}");
-            }
-        });
         Ok(Kept {
             scheme: upstream.scheme.clone(),
             authority: upstream.authority.clone(),
-            sender,
-            since: Instant::now(),
-            reused: false,
+            conn,
         })
     }
 }
@@ -217,42 +175,25 @@ impl ClientConnection {
             }
             None => None,
         };
-        let mut kept = match mine.or_else(|| self.worker.take_idle(upstream)) {
+        let kept = match mine.or_else(|| self.worker.take_idle(upstream)) {
             Some(kept) => kept,
             None => self.worker.connect(upstream).await?,
         };
-        loop {
-            let sent = match kept.sender.ready().await {
-                Ok(()) => kept.sender.try_send_request(request).await,
-                Err(e) if kept.reused => {
-                    tracing::debug!("an idle upstream connection was closed: {e}");
-                    kept = self.worker.connect(upstream).await?;
-                    continue;
-                }
-                Err(e) => return Err(UpstreamError::Failed(e)),
-            };
-            match sent {
-                Ok(response) => {
-                    // (a switched connection is the tunnel's now)
-                    if response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
-                        kept.reused = true;
-                        self.keep(kept);
-                    }
-                    return Ok(response);
-                }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if kept.reused => {
-                        tracing::debug!(
-                            "a request was not sent on a reused upstream connection: {}",
-                            e.error()
-                        );
-                        request = unsent;
-                        kept = self.worker.connect(upstream).await?;
-                    }
-                    _ => return Err(UpstreamError::Failed(e.into_error())),
-                },
-            }
+        let (scheme, authority) = (kept.scheme, kept.authority);
+        let connect = || async {
+            let kept = self.worker.connect(upstream).await?;
+            Ok(kept.conn)
+        };
+        let (conn, response) = conn::send(kept.conn, request, connect).await?;
+        // (a switched connection is the tunnel's now)
+        if response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+            self.keep(Kept {
+                scheme,
+                authority,
+                conn,
+            });
         }
+        Ok(response)
     }
 
     /// Keep `kept` for this client's next request; a spare goes to the idle list.

@@ -1,49 +1,73 @@
 //! The comply face's client to one upstream (`tollgate run`'s and `tollgate
 //! proxy`'s): HTTP/1.1 over TCP or TLS (the system's roots plus the
-//! upstream's `ca_file`), with a pool of idle connections, reached directly
+//! upstream's `ca_file`), with its own idle connections, reached directly
 //! or through a proxy. `run` follows the environment's (`HTTPS_PROXY`,
 //! `HTTP_PROXY`, `ALL_PROXY` and `NO_PROXY`, read as curl and reqwest read
 //! them): an `https` upstream through a `CONNECT` tunnel (TLS end to end),
 //! an `http` one by sending the proxy each request in absolute form.
+//!
+//! Connections: a client goes to one origin, so its idle connections are
+//! one list, not a pool keyed by host (hyper-util's pool hashed the origin
+//! with SipHash twice a request and spawned a task per response to hand its
+//! connection back). A connection goes back to the list with its response
+//! head, and is taken again only once that response has been read to the
+//! end; a request that finds none free opens another.
 
+use crate::conn::{self, Conn, UpstreamError};
 use crate::tls::{tcp_connector, tls_over};
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, PROXY_AUTHORIZATION};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, HOST, PROXY_AUTHORIZATION};
+use hyper::http::uri::{Authority, Scheme};
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper::{Request, Uri};
+use hyper::{Request, Response, Uri};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::proxy::Tunnel;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::client::legacy::{Client, ResponseFuture};
+use hyper_util::client::legacy::connect::HttpConnector;
 pub use hyper_util::client::proxy::matcher::Matcher as Proxies;
 use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tower_service::Service;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Most connections a client keeps for its next requests (at most as many
+/// are open at once as requests were in flight at once).
+const MAX_KEPT: usize = 256;
+
 /// One upstream's client, sending bodies of type `B` (cheap to clone: the
-/// pool is shared). `tollgate run` sends whole bodies; `tollgate proxy`
-/// streams its clients'.
+/// connections are shared). `tollgate run` sends whole bodies; `tollgate
+/// proxy` streams its clients'.
 pub struct UpstreamClient<B = Full<Bytes>> {
-    client: Client<Route, B>,
-    /// `Proxy-Authorization` for a proxy that gets each request (an `http`
-    /// upstream behind one with credentials).
-    forward_auth: Option<HeaderValue>,
+    shared: Arc<Shared<B>>,
+}
+
+struct Shared<B> {
+    route: Route,
+    /// The upstream's origin: every request goes there, and nowhere else.
+    scheme: Scheme,
+    authority: Authority,
+    /// `Host`, for requests that do not name it.
+    host: Option<HeaderValue>,
+    /// Connections free or still reading a response, oldest first.
+    kept: Mutex<VecDeque<Conn<B>>>,
 }
 
 impl<B> Clone for UpstreamClient<B> {
     fn clone(&self) -> Self {
         UpstreamClient {
-            client: self.client.clone(),
-            forward_auth: self.forward_auth.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -51,7 +75,11 @@ impl<B> Clone for UpstreamClient<B> {
 impl<B> std::fmt::Debug for UpstreamClient<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamClient")
-            .field("proxy_credentials", &self.forward_auth.is_some())
+            .field("origin", &self.shared.authority)
+            .field(
+                "forward",
+                &matches!(self.shared.route, Route::Forward { .. }),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -72,9 +100,11 @@ where
         connect_timeout: Duration,
         proxies: &Proxies,
     ) -> Result<Self, String> {
+        let (Some(scheme), Some(authority)) = (base_url.scheme(), base_url.authority()) else {
+            return Err(format!("{base_url} is not an absolute http(s) URL"));
+        };
         let tls = crate::tls::client_config(ca_file, None)?;
         let http = tcp_connector(connect_timeout);
-        let mut forward_auth = None;
         let route = match proxies.intercept(base_url) {
             None => Route::Direct(tls_over(&tls, http)),
             Some(proxy) if proxy.uri().scheme_str() != Some("http") => {
@@ -90,35 +120,146 @@ where
                 }
                 Route::Tunnel(tls_over(&tls, tunnel))
             }
-            Some(proxy) => {
-                forward_auth = proxy.basic_auth().cloned().map(|mut auth| {
+            Some(proxy) => Route::Forward {
+                proxy: proxy.uri().clone(),
+                http,
+                auth: proxy.basic_auth().cloned().map(|mut auth| {
                     auth.set_sensitive(true);
                     auth
-                });
-                Route::Forward {
-                    proxy: proxy.uri().clone(),
-                    http,
-                }
-            }
+                }),
+            },
         };
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .build(route);
         Ok(UpstreamClient {
-            client,
-            forward_auth,
+            shared: Arc::new(Shared {
+                route,
+                scheme: scheme.clone(),
+                host: HeaderValue::from_str(&host_of(scheme, authority)).ok(),
+                authority: authority.clone(),
+                kept: Mutex::new(VecDeque::new()),
+            }),
         })
     }
 
-    /// Send `request` (its URI absolute) and wait for the response head.
-    pub fn request(&self, mut request: Request<B>) -> ResponseFuture {
-        if let Some(auth) = &self.forward_auth {
-            request
-                .headers_mut()
-                .insert(PROXY_AUTHORIZATION, auth.clone());
+    /// Send `request` (its URI absolute, at the upstream's origin) and wait
+    /// for the response head.
+    pub async fn request(
+        &self,
+        mut request: Request<B>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let shared = &self.shared;
+        if !shared.is_origin_of(request.uri()) {
+            // (a guard: callers build targets under the upstream's base_url)
+            return Err(UpstreamError::Connect(
+                format!("{} is not at this upstream's origin", request.uri().path()).into(),
+            ));
         }
-        self.client.request(request)
+        if !request.headers().contains_key(HOST) {
+            if let Some(host) = &shared.host {
+                request.headers_mut().insert(HOST, host.clone());
+            }
+        }
+        match &shared.route {
+            Route::Forward {
+                auth: Some(auth), ..
+            } => {
+                request
+                    .headers_mut()
+                    .insert(PROXY_AUTHORIZATION, auth.clone());
+            }
+            Route::Forward { auth: None, .. } => {}
+            // Origin form, as a server expects it (absolute form is for proxies).
+            _ => {
+                let target = request.uri().path_and_query().cloned();
+                *request.uri_mut() = target.map_or_else(|| Uri::from_static("/"), Uri::from);
+            }
+        }
+        let conn = match self.take_free() {
+            Some(conn) => conn,
+            None => self.connect().await?,
+        };
+        let (conn, response) = conn::send(conn, request, || self.connect()).await?;
+        // (a connection switched to another protocol is the caller's now)
+        if response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+            self.keep(conn);
+        }
+        Ok(response)
+    }
+
+    /// The oldest kept connection that is free, dropping those closed or
+    /// idle too long on the way; connections still reading a response stay.
+    fn take_free(&self) -> Option<Conn<B>> {
+        let mut kept = self.shared.kept.lock();
+        let now = Instant::now();
+        for _ in 0..kept.len() {
+            let conn = kept.pop_front()?;
+            if !conn.usable(now) {
+                continue;
+            }
+            if conn.is_ready() {
+                return Some(conn);
+            }
+            kept.push_back(conn);
+        }
+        None
+    }
+
+    fn keep(&self, mut conn: Conn<B>) {
+        conn.idle_from_now();
+        let mut kept = self.shared.kept.lock();
+        if kept.len() < MAX_KEPT {
+            kept.push_back(conn);
+        }
+    }
+
+    /// A new connection to the upstream (or to the proxy in between).
+    async fn connect(&self) -> Result<Conn<B>, UpstreamError> {
+        let shared = &self.shared;
+        let origin = Uri::builder()
+            .scheme(shared.scheme.clone())
+            .authority(shared.authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| UpstreamError::Connect(e.into()))?;
+        let mut route = shared.route.clone();
+        std::future::poll_fn(|cx| route.poll_ready(cx))
+            .await
+            .map_err(UpstreamError::Connect)?;
+        let io = route.call(origin).await.map_err(UpstreamError::Connect)?;
+        Conn::open(io).await
+    }
+}
+
+impl<B> Shared<B> {
+    /// `uri` is at this client's origin (hosts compared as DNS compares
+    /// them, a default port written or not).
+    fn is_origin_of(&self, uri: &Uri) -> bool {
+        let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
+            return false;
+        };
+        *scheme == self.scheme
+            && authority.host().eq_ignore_ascii_case(self.authority.host())
+            && port_of(scheme, authority) == port_of(&self.scheme, &self.authority)
+    }
+}
+
+/// An origin's port, its scheme's default when it names none.
+fn port_of(scheme: &Scheme, authority: &Authority) -> u16 {
+    authority.port_u16().unwrap_or(default_port(scheme))
+}
+
+fn default_port(scheme: &Scheme) -> u16 {
+    if *scheme == Scheme::HTTPS {
+        443
+    } else {
+        80
+    }
+}
+
+/// `Host` for an origin: its host, and its port unless the scheme's default.
+fn host_of(scheme: &Scheme, authority: &Authority) -> String {
+    match authority.port_u16() {
+        Some(port) if port != default_port(scheme) => format!("{}:{port}", authority.host()),
+        _ => authority.host().to_string(),
     }
 }
 
@@ -130,8 +271,7 @@ pub fn failure(e: &(dyn std::error::Error + 'static)) -> String {
     while let Some(next) = cause.source() {
         cause = next;
     }
-    let connect =
-        (e.downcast_ref::<hyper_util::client::legacy::Error>()).is_some_and(|e| e.is_connect());
+    let connect = matches!(e.downcast_ref(), Some(UpstreamError::Connect(_)));
     match connect {
         true => format!("connection failed ({cause})"),
         false => format!("request failed ({cause})"),
@@ -153,10 +293,12 @@ enum Route {
     Direct(HttpsConnector<HttpConnector>),
     /// `CONNECT` through the proxy, then TLS with the upstream.
     Tunnel(HttpsConnector<Tunnel<HttpConnector>>),
-    /// To the proxy, which gets each request in absolute form.
+    /// To the proxy, which gets each request in absolute form (with
+    /// `Proxy-Authorization` when the proxy's URL has credentials).
     Forward {
         proxy: Uri,
         http: HttpConnector,
+        auth: Option<HeaderValue>,
     },
 }
 
@@ -179,45 +321,23 @@ impl Service<Uri> for Route {
         match self {
             Route::Direct(c) => {
                 let connecting = c.call(dst);
-                Box::pin(async move { Ok(Io::new(connecting.await?, false)) })
+                Box::pin(async move { Ok(Io(connecting.await?)) })
             }
             Route::Tunnel(c) => {
                 let connecting = c.call(dst);
-                Box::pin(async move { Ok(Io::new(connecting.await?, false)) })
+                Box::pin(async move { Ok(Io(connecting.await?)) })
             }
-            Route::Forward { proxy, http } => {
+            Route::Forward { proxy, http, .. } => {
                 let connecting = http.call(proxy.clone());
-                Box::pin(async move {
-                    let stream = connecting.await?;
-                    Ok(Io::new(MaybeHttpsStream::Http(stream), true))
-                })
+                Box::pin(async move { Ok(Io(MaybeHttpsStream::Http(connecting.await?))) })
             }
         }
     }
 }
 
-/// A connection to the upstream, or to the proxy that forwards to it (then
-/// the client writes each request's target in absolute form).
+/// A connection to the upstream, or to the proxy that forwards to it.
 #[derive(Debug)]
-pub struct Io {
-    stream: MaybeHttpsStream<TokioIo<TcpStream>>,
-    through_proxy: bool,
-}
-
-impl Io {
-    fn new(stream: MaybeHttpsStream<TokioIo<TcpStream>>, through_proxy: bool) -> Io {
-        Io {
-            stream,
-            through_proxy,
-        }
-    }
-}
-
-impl Connection for Io {
-    fn connected(&self) -> Connected {
-        self.stream.connected().proxy(self.through_proxy)
-    }
-}
+pub struct Io(MaybeHttpsStream<TokioIo<TcpStream>>);
 
 impl Read for Io {
     fn poll_read(
@@ -225,7 +345,7 @@ impl Read for Io {
         cx: &mut Context<'_>,
         buf: ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        Pin::new(&mut self.0).poll_read(cx, buf)
     }
 }
 
@@ -235,23 +355,23 @@ impl Write for Io {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        Pin::new(&mut self.0).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        Pin::new(&mut self.0).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        Pin::new(&mut self.0).poll_shutdown(cx)
     }
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        self.0.is_write_vectored()
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
     }
 }
 

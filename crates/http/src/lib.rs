@@ -12,12 +12,15 @@
 //! - `access`: the access log, written off the request path.
 //! - `admin`: admin replies and the bearer-token check.
 //! - `body`: a response body that settles its request when it ends.
+//! - `conn`: one upstream connection, used again request after request.
+//! - `client`: the comply face's client to one upstream.
 
 pub mod access;
 pub mod admin;
 pub mod body;
 pub mod cache;
 pub mod client;
+pub mod conn;
 pub mod dedup;
 pub mod forward;
 pub mod listen;

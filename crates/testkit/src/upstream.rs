@@ -53,6 +53,8 @@ type Script = Arc<dyn Fn(&Seen, usize) -> Answer + Send + Sync>;
 pub struct Scripted {
     pub addr: SocketAddr,
     pub seen: Shared<Vec<Seen>>,
+    /// Connections accepted so far.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Scripted {
@@ -105,8 +107,11 @@ async fn scripted_with(script: Script, tls: Option<tokio_rustls::TlsAcceptor>) -
     let seen: Shared<Vec<Seen>> = Default::default();
     let counts: Shared<HashMap<String, usize>> = Default::default();
     let log = seen.clone();
+    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let accepted = connections.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let (log, counts, script) = (log.clone(), counts.clone(), script.clone());
             let tls = tls.clone();
             tokio::spawn(async move {
@@ -198,7 +203,11 @@ async fn scripted_with(script: Script, tls: Option<tokio_rustls::TlsAcceptor>) -
             });
         }
     });
-    Scripted { addr, seen }
+    Scripted {
+        addr,
+        seen,
+        connections,
+    }
 }
 
 fn response<K: AsRef<str>, V: AsRef<str>>(

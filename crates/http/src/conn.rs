@@ -1,0 +1,151 @@
+//! One HTTP/1.1 connection to an upstream, as both faces keep them: opened
+//! on a connector's stream and driven by a task of its own, and used again
+//! for request after request. The gateway keeps one per client connection
+//! (`tollgate serve`), the comply face's client a few per upstream
+//! (`client::UpstreamClient`); both send through `send`, which gives a
+//! request that a reused connection could not send at all one more try on
+//! a new connection (the upstream may have closed it while it was idle).
+
+use hyper::body::{Body, Incoming};
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Request, Response};
+use std::future::Future;
+use std::time::Duration;
+use tokio::time::Instant;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A connection unused this long is not used again (the upstream has
+/// likely closed it, or will while a request is on its way).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a request got no response from its upstream.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// No connection could be opened (refused, timed out, TLS failed).
+    Connect(BoxError),
+    /// The connection failed before the response head came.
+    Failed(hyper::Error),
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::Connect(cause) => write!(f, "cannot connect: {cause}"),
+            UpstreamError::Failed(e) => match std::error::Error::source(e) {
+                Some(cause) => write!(f, "{e}: {cause}"),
+                None => write!(f, "{e}"),
+            },
+        }
+    }
+}
+
+impl std::error::Error for UpstreamError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            UpstreamError::Connect(cause) => Some(cause.as_ref()),
+            UpstreamError::Failed(e) => Some(e),
+        }
+    }
+}
+
+/// An open HTTP/1.1 connection to one upstream.
+#[derive(Debug)]
+pub struct Conn<B> {
+    sender: SendRequest<B>,
+    /// When it was last handed back (idle since).
+    since: Instant,
+    /// It served a request before: a request it fails to send can be
+    /// retried on a new connection.
+    reused: bool,
+}
+
+impl<B: Body + 'static> Conn<B> {
+    /// A connection over `io` (a connector's stream), driven by a task of
+    /// its own on this runtime (upgrades allowed: a WebSocket takes it over).
+    pub async fn open<IO>(io: IO) -> Result<Conn<B>, UpstreamError>
+    where
+        IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        B: Send,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let (sender, connection) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| UpstreamError::Connect(e.into()))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!("an upstream connection ended: {e}");
+            }
+        });
+        Ok(Conn {
+            sender,
+            since: Instant::now(),
+            reused: false,
+        })
+    }
+
+    /// Still open, and not idle too long.
+    pub fn usable(&self, now: Instant) -> bool {
+        !self.sender.is_closed() && now.duration_since(self.since) < IDLE_TIMEOUT
+    }
+
+    /// Free for a request now (its last response has been read to the end).
+    pub fn is_ready(&self) -> bool {
+        self.sender.is_ready()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
+    /// Mark it idle from now (when it is handed back).
+    pub fn idle_from_now(&mut self) {
+        self.since = Instant::now();
+    }
+}
+
+/// Send `request` on `conn` and wait for the response head, returning the
+/// connection with it (for the next request: on HTTP/1.1 it is free once
+/// this response's body has been read). A request that a reused connection
+/// could not send at all goes once more on a connection from `connect`; one
+/// that was sent is never repeated.
+pub async fn send<B, C, F>(
+    mut conn: Conn<B>,
+    mut request: Request<B>,
+    mut connect: C,
+) -> Result<(Conn<B>, Response<Incoming>), UpstreamError>
+where
+    B: Body + 'static,
+    C: FnMut() -> F,
+    F: Future<Output = Result<Conn<B>, UpstreamError>>,
+{
+    loop {
+        let sent = match conn.sender.ready().await {
+            Ok(()) => conn.sender.try_send_request(request).await,
+            Err(e) if conn.reused => {
+                tracing::debug!("an idle upstream connection was closed: {e}");
+                conn = connect().await?;
+                continue;
+            }
+            Err(e) => return Err(UpstreamError::Failed(e)),
+        };
+        match sent {
+            Ok(response) => {
+                conn.reused = true;
+                return Ok((conn, response));
+            }
+            Err(mut e) => match e.take_message() {
+                Some(unsent) if conn.reused => {
+                    tracing::debug!(
+                        "a request was not sent on a reused upstream connection: {}",
+                        e.error()
+                    );
+                    request = unsent;
+                    conn = connect().await?;
+                }
+                _ => return Err(UpstreamError::Failed(e.into_error())),
+            },
+        }
+    }
+}

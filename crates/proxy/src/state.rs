@@ -502,7 +502,7 @@ fn cache_of(u: &Upstream) -> Result<tollgate_http::cache::Cache, LoadError> {
 }
 
 /// The upstream's client: HTTP/1.1 over TCP or TLS (rustls: the system's
-/// roots plus the upstream's `ca_file`), with a pool of idle connections.
+/// roots plus the upstream's `ca_file`), with the connections it keeps.
 /// Always direct: the proxy's own clients point `HTTP_PROXY` at it, so
 /// following the environment's proxy could send requests back to itself.
 fn upstream_client(u: &Upstream) -> Result<UpstreamClient, LoadError> {

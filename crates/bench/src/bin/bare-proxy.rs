@@ -1,6 +1,6 @@
 //! bench/proxy.sh's floor: the least a reverse proxy built on the same
-//! crates as `tollgate proxy` (a hyper HTTP/1.1 server, hyper-util's pooled
-//! client, a tokio runtime) costs per request, with nothing else: no route,
+//! crates as `tollgate proxy` (a hyper HTTP/1.1 server, the comply face's
+//! client `tollgate_http::client::UpstreamClient`, a tokio runtime) costs per request, with nothing else: no route,
 //! no line, no limits, no headers changed. tollgate's figures are read
 //! against it and against nginx.
 //!
@@ -10,9 +10,10 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
+use std::time::Duration;
+use tollgate_http::client::{Proxies, UpstreamClient};
 
 type Body = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, hyper::Error>;
 
@@ -29,8 +30,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&listen).await?;
-        let client: Client<HttpConnector, Body> =
-            Client::builder(TokioExecutor::new()).build_http();
+        let direct = Proxies::builder().build();
+        let client: UpstreamClient<Body> =
+            UpstreamClient::new(&upstream, None, Duration::from_secs(10), &direct)?;
         loop {
             let (stream, _) = listener.accept().await?;
             let _ = stream.set_nodelay(true);
@@ -48,7 +50,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 async fn relay(
-    client: &Client<HttpConnector, Body>,
+    client: &UpstreamClient<Body>,
     upstream: &hyper::Uri,
     req: Request<Incoming>,
 ) -> Response<Body> {

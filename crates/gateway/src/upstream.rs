@@ -177,7 +177,8 @@ impl ClientConnection {
         };
         let kept = match mine.or_else(|| self.worker.take_idle(upstream)) {
             Some(kept) => kept,
-            None => self.worker.connect(upstream).await?,
+            // (boxed: a large future, rarely made)
+            None => Box::pin(self.worker.connect(upstream)).await?,
         };
         let (scheme, authority) = (kept.scheme, kept.authority);
         let connect = || async {

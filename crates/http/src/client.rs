@@ -175,7 +175,8 @@ where
         }
         let conn = match self.take_free() {
             Some(conn) => conn,
-            None => self.connect().await?,
+            // (boxed: a large future, rarely made)
+            None => Box::pin(self.connect()).await?,
         };
         let (conn, response) = conn::send(conn, request, || self.connect()).await?;
         // (a connection switched to another protocol is the caller's now)

@@ -109,7 +109,8 @@ impl<B: Body + 'static> Conn<B> {
 /// connection with it (for the next request: on HTTP/1.1 it is free once
 /// this response's body has been read). A request that a reused connection
 /// could not send at all goes once more on a connection from `connect`; one
-/// that was sent is never repeated.
+/// that was sent is never repeated. (Connecting is boxed: it is rare, and
+/// its future is large, so this one stays small to move.)
 pub async fn send<B, C, F>(
     mut conn: Conn<B>,
     mut request: Request<B>,
@@ -125,7 +126,7 @@ where
             Ok(()) => conn.sender.try_send_request(request).await,
             Err(e) if conn.reused => {
                 tracing::debug!("an idle upstream connection was closed: {e}");
-                conn = connect().await?;
+                conn = Box::pin(connect()).await?;
                 continue;
             }
             Err(e) => return Err(UpstreamError::Failed(e)),
@@ -142,7 +143,7 @@ where
                         e.error()
                     );
                     request = unsent;
-                    conn = connect().await?;
+                    conn = Box::pin(connect()).await?;
                 }
                 _ => return Err(UpstreamError::Failed(e.into_error())),
             },

@@ -237,9 +237,14 @@ impl<B> Shared<B> {
         let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
             return false;
         };
+        // Written alike (the usual case: both come from the config's
+        // base_url), or alike once hosts and ports are read out.
         *scheme == self.scheme
-            && authority.host().eq_ignore_ascii_case(self.authority.host())
-            && port_of(scheme, authority) == port_of(&self.scheme, &self.authority)
+            && (authority
+                .as_str()
+                .eq_ignore_ascii_case(self.authority.as_str())
+                || authority.host().eq_ignore_ascii_case(self.authority.host())
+                    && port_of(scheme, authority) == port_of(&self.scheme, &self.authority))
     }
 }
 
@@ -403,6 +408,33 @@ mod tests {
         assert!(Client::new(&base, None, Duration::from_secs(1), &proxies).is_ok());
     }
 
+    #[test]
+    fn a_client_sends_only_to_its_upstreams_origin() {
+        let direct = Proxies::builder().build();
+        let client = |base: &'static str| {
+            let base = hyper::Uri::from_static(base);
+            Client::new(&base, None, Duration::from_secs(1), &direct).expect("client")
+        };
+        let https = client("https://api.example.com/v3/");
+        let http = client("http://127.0.0.1:8080/");
+        for (client, uri, at) in [
+            (&https, "https://api.example.com/v3/x", true),
+            (&https, "https://API.Example.com/other", true),
+            (&https, "https://api.example.com:443/v3/x", true),
+            (&https, "http://api.example.com/v3/x", false),
+            (&https, "https://api.example.com:8443/v3/x", false),
+            (&https, "https://api.example.com.evil.test/v3/x", false),
+            (&https, "https://evil.test/api.example.com/v3", false),
+            (&http, "http://127.0.0.1:8080/x", true),
+            (&http, "http://127.0.0.1/x", false),
+            (&http, "http://127.0.0.2:8080/x", false),
+            (&http, "/x", false),
+        ] {
+            let uri = hyper::Uri::from_static(uri);
+            assert_eq!(client.shared.is_origin_of(&uri), at, "{uri}");
+        }
+    }
+
     #[tokio::test]
     async fn a_call_that_got_no_answer_says_whether_it_could_connect_and_why() {
         // A port nothing listens on (bound, then let go).
@@ -426,6 +458,15 @@ mod tests {
         assert!(
             said.starts_with("connection failed (") && said.contains("refused"),
             "{said}"
+        );
+        // A target at another origin is refused before any connection.
+        let elsewhere = hyper::Request::get("http://127.0.0.2:9/x")
+            .body(Full::default())
+            .expect("request");
+        let e = client.request(elsewhere).await.expect_err("another origin");
+        assert_eq!(
+            failure(&e),
+            "connection failed (/x is not at this upstream's origin)"
         );
         // Any other error: the request failed, with its innermost cause.
         let other = std::io::Error::other("the body was cut short");

@@ -3,7 +3,6 @@
 //! view is lowered to match. It is never raised: a higher count is old news.
 
 use crate::lanes::Entry;
-use std::collections::HashMap;
 use tollgate_core::policy::AlgorithmKind;
 use tollgate_core::{Item, Nanos};
 use tollgate_http::ratelimit::{Correction, Target};
@@ -20,7 +19,7 @@ pub(crate) fn apply(
     committed: &[(Item, u64)],
     sent_order: u64,
     corrections: &[Correction],
-    in_flight: &HashMap<u64, Entry>,
+    in_flight: &crate::scheduler::BySeq<Entry>,
     now: Nanos,
 ) -> u64 {
     // On a shared (Redis) engine the counters are the fleet's, kept exact

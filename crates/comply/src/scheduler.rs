@@ -20,6 +20,10 @@ use compact_str::CompactString;
 use smallvec::SmallVec;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+
+/// Calls by their seq (looked up a few times a call: foldhash, not SipHash;
+/// seqs are the scheduler's own numbers, not an attacker's).
+pub(crate) type BySeq<V> = HashMap<u64, V, foldhash::fast::RandomState>;
 use std::time::Duration;
 use tollgate_core::decide::Verdict;
 use tollgate_core::{Item, Nanos};
@@ -151,8 +155,8 @@ pub struct Scheduler {
     breaker: Breaker,
     lanes: Lanes,
     backoff: BinaryHeap<Reverse<(Nanos, u64)>>,
-    backing_off: HashMap<u64, Entry>,
-    in_flight: HashMap<u64, Entry>,
+    backing_off: BySeq<Entry>,
+    in_flight: BySeq<Entry>,
     paused_until: Nanos,
     retry: Backoff,
     /// The effective pace per key, when 429s showed the profile too fast
@@ -192,8 +196,8 @@ impl Scheduler {
             breaker: Breaker::new(breaker),
             lanes: Lanes::default(),
             backoff: BinaryHeap::new(),
-            backing_off: HashMap::new(),
-            in_flight: HashMap::new(),
+            backing_off: BySeq::default(),
+            in_flight: BySeq::default(),
             paused_until: 0,
             retry: Backoff::new(seed),
             paces,

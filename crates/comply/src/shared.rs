@@ -10,9 +10,8 @@
 //! counting as an answer.
 
 use crate::lanes::Priority;
-use crate::scheduler::{Event, Next, Reply, Scheduler, Settled, Waiting};
+use crate::scheduler::{BySeq, Event, Next, Reply, Scheduler, Settled, Waiting};
 use parking_lot::Mutex;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -57,7 +56,7 @@ enum Turn {
 struct Line {
     core: Scheduler,
     /// The callers waiting for a turn, by seq.
-    waiters: HashMap<u64, oneshot::Sender<Turn>>,
+    waiters: BySeq<oneshot::Sender<Turn>>,
 }
 
 impl Line {
@@ -179,7 +178,7 @@ impl SharedScheduler {
             shared: core.engine().is_shared(),
             line: Mutex::new(Line {
                 core,
-                waiters: HashMap::new(),
+                waiters: BySeq::default(),
             }),
             wake: Arc::new(Notify::new()),
             clock,

@@ -42,9 +42,11 @@ use tower_service::Service;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Most connections a client keeps for its next requests (at most as many
-/// are open at once as requests were in flight at once).
-const MAX_KEPT: usize = 256;
+/// Most connections a client keeps. It opens one only when none it keeps is
+/// free, so it keeps about as many as calls were in flight at once, which an
+/// upstream's `concurrency` bounds (4,096 at most): past this, connections
+/// would be closed after one call while the upstream is that busy.
+const MAX_KEPT: usize = 4096;
 
 /// One upstream's client, sending bodies of type `B` (cheap to clone: the
 /// connections are shared). `tollgate run` sends whole bodies; `tollgate

@@ -31,12 +31,17 @@ impl Ran {
     }
 }
 
-/// Queue `jobs` (JSONL lines) under `config` and run them to the end.
-async fn run(config: &str, jobs: &str) -> Ran {
-    let config = tollgate_egress::parse_config(config, &tollgate_profiles::Bundled, &|name| {
+/// `text` as a config (with `${TOKEN}` set).
+fn parsed(text: &str) -> tollgate_egress::UpstreamsConfig {
+    tollgate_egress::parse_config(text, &tollgate_profiles::Bundled, &|name| {
         (name == "TOKEN").then(|| "t0ken".to_string())
     })
-    .expect("config");
+    .expect("config")
+}
+
+/// Queue `jobs` (JSONL lines) under `config` and run them to the end.
+async fn run(config: &str, jobs: &str) -> Ran {
+    let config = parsed(config);
     let routed = tollgate_egress::read_jobs(jobs.as_bytes(), &config).expect("jobs");
     run_routed(&config, &routed).await
 }
@@ -342,11 +347,7 @@ async fn a_resumed_run_starts_from_the_quota_the_last_run_left() {
 #[tokio::test(start_paused = true)]
 async fn one_process_owns_a_state_and_a_reused_id_for_another_request_is_refused() {
     let up = scripted(|_, _| ok()).await;
-    let config =
-        tollgate_egress::parse_config(&upstream(up.addr, ""), &tollgate_profiles::Bundled, &|_| {
-            None
-        })
-        .expect("config");
+    let config = parsed(&upstream(up.addr, ""));
     let dir = tempfile::tempdir().expect("tempdir");
     let mut state = State::open(dir.path()).expect("state");
     let second = State::open(dir.path()).expect_err("locked");
@@ -409,11 +410,7 @@ async fn calls_go_on_few_connections_kept_open_and_past_ones_the_upstream_closed
 #[tokio::test(start_paused = true)]
 async fn importing_hands_over_the_pending_jobs_as_reading_them_back_would() {
     let up = scripted(|_, _| ok()).await;
-    let config =
-        tollgate_egress::parse_config(&upstream(up.addr, ""), &tollgate_profiles::Bundled, &|_| {
-            None
-        })
-        .expect("config");
+    let config = parsed(&upstream(up.addr, ""));
     let read = |lines: String| tollgate_egress::read_jobs(lines.as_bytes(), &config).expect("jobs");
     let dir = tempfile::tempdir().expect("tempdir");
     // An earlier run finished "done" and left "a" and "b" pending.

@@ -9,7 +9,9 @@
 //!
 //! Requests that find the kept connection busy (concurrent HTTP/2 streams of
 //! one client) take an idle one or open another; the spare goes to the idle
-//! list when they are done.
+//! list when they are done. A connection itself (opened, sent on, a request
+//! tried once more on a new one) is `tollgate_http::conn`'s, as the comply
+//! face's client's are.
 
 use crate::proxy::ProxyBody;
 use crate::settings::Upstream;

@@ -17,7 +17,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A connection unused this long is not used again (the upstream has
 /// likely closed it, or will while a request is on its way).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a request got no response from its upstream.
 #[derive(Debug)]

@@ -242,9 +242,7 @@ impl<B> Shared<B> {
         // Written alike (the usual case: both come from the config's
         // base_url), or alike once hosts and ports are read out.
         *scheme == self.scheme
-            && (authority
-                .as_str()
-                .eq_ignore_ascii_case(self.authority.as_str())
+            && (authority.as_str() == self.authority.as_str()
                 || authority.host().eq_ignore_ascii_case(self.authority.host())
                     && port_of(scheme, authority) == port_of(&self.scheme, &self.authority))
     }

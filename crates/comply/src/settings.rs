@@ -113,6 +113,27 @@ pub struct Budget {
 }
 
 impl Upstream {
+    /// Its HTTP client (`run`'s and the proxy's): to its `base_url`, with its
+    /// `ca_file`, reached as `proxies` say. Errors name the upstream.
+    pub fn client<B>(
+        &self,
+        connect_timeout: Duration,
+        proxies: &tollgate_http::client::Proxies,
+    ) -> Result<tollgate_http::client::UpstreamClient<B>, String>
+    where
+        B: http_body::Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let base = self.base_url.as_str().parse::<http::Uri>();
+        base.map_err(|e| e.to_string())
+            .and_then(|base| {
+                let ca_file = self.ca_file.as_deref();
+                tollgate_http::client::UpstreamClient::new(&base, ca_file, connect_timeout, proxies)
+            })
+            .map_err(|e| format!("upstream '{}': {e}", self.name))
+    }
+
     /// The key a limit counts this upstream's own calls under: its parts
     /// from the upstream's configured headers (or the pooled key's
     /// stand-in) and constants; None when a part depends on the request.

@@ -405,14 +405,7 @@ impl<'a> Driver<'a> {
         proxies: &Proxies,
     ) -> Result<Self, RunError> {
         let clients = (config.upstreams.iter())
-            .map(|u| {
-                let base = u.base_url.as_str().parse::<http::Uri>();
-                base.map_err(|e| e.to_string())
-                    .and_then(|base| {
-                        UpstreamClient::new(&base, u.ca_file.as_deref(), u.timeout, proxies)
-                    })
-                    .map_err(|e| RunError::Client(format!("upstream '{}': {e}", u.name)))
-            })
+            .map(|u| u.client(u.timeout, proxies).map_err(RunError::Client))
             .collect::<Result<Vec<_>, _>>()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let start = clock.now();

@@ -23,7 +23,7 @@ pub enum Source {
     Text(String),
 }
 
-/// An upstream's HTTP client: its own connection pool, TLS with the
+/// An upstream's HTTP client: the connections it keeps, TLS with the
 /// system's roots and its `ca_file`, the clients' bodies streamed.
 pub type UpstreamClient = tollgate_http::client::UpstreamClient<tollgate_http::body::AnyBody>;
 
@@ -506,15 +506,9 @@ fn cache_of(u: &Upstream) -> Result<tollgate_http::cache::Cache, LoadError> {
 /// Always direct: the proxy's own clients point `HTTP_PROXY` at it, so
 /// following the environment's proxy could send requests back to itself.
 fn upstream_client(u: &Upstream) -> Result<UpstreamClient, LoadError> {
-    let error = |e: String| LoadError::Io(format!("upstream '{}': {e}", u.name));
-    let base = u
-        .base_url
-        .as_str()
-        .parse()
-        .map_err(|e| error(format!("{e}")))?;
     let direct = tollgate_http::client::Proxies::builder().build();
-    let connect_timeout = u.timeout.min(Duration::from_secs(10));
-    UpstreamClient::new(&base, u.ca_file.as_deref(), connect_timeout, &direct).map_err(error)
+    u.client(u.timeout.min(Duration::from_secs(10)), &direct)
+        .map_err(LoadError::Io)
 }
 
 /// Fleet mode: a 429 this process gets pauses the upstream in every

@@ -18,6 +18,7 @@ use tollgate_core::config::{ConfigError, LoadError};
 use tollgate_core::policy::{Cost, KeyPart};
 use tollgate_core::{Item, ProfileSource};
 use tollgate_http::ratelimit::PolicyItems;
+use tollgate_http::refusal::RateLimitedAnswers;
 use tollgate_http::AccessLogger;
 use tollgate_store::Engine;
 use tollgate_store::Holds;
@@ -54,6 +55,8 @@ pub struct Generation {
     pub text: String,
     pub loaded_at: jiff::Timestamp,
     pub policy_items: PolicyItems,
+    /// Each limit's 429, made ahead.
+    pub rate_limited: RateLimitedAnswers,
     pub counters: Vec<LimitCounters>,
     /// Some limit's cost reads the JSON body.
     pub reads_body: bool,
@@ -368,6 +371,7 @@ impl Generation {
         read_headers.dedup();
         Generation {
             policy_items: PolicyItems::new(&policy),
+            rate_limited: RateLimitedAnswers::new(&policy, &settings.response),
             counters: metrics.limit_counters(&policy),
             reads_body: policy
                 .limits

@@ -234,15 +234,12 @@ impl Gateway {
         let delay = match decision.verdict {
             Verdict::Admit { delay } => delay,
             Verdict::Deny { limit, retry_after } => {
-                let name = &policy.limits[items[limit].limit].name;
-                generation.counters[items[limit].limit].count(Outcome::Denied);
+                let limit = items[limit].limit;
+                generation.counters[limit].count(Outcome::Denied);
                 log.decision = "denied";
-                log.limit = Some(name);
-                let refusal = Refusal::RateLimited {
-                    limit: name.clone(),
-                    retry_after,
-                };
-                return Ok(generation.answer(refusal, request_id, &items, decision));
+                log.limit = Some(&policy.limits[limit].name);
+                let answer = (generation.rate_limited).response(limit, retry_after, request_id);
+                return Ok(generation.with_rate_headers(answer, &items, decision));
             }
             Verdict::Never {
                 limit,
@@ -331,7 +328,8 @@ impl Gateway {
             }
         };
         // Admitted, so it used quota: the answer still says what is left.
-        Ok(generation.answer(refusal, request_id, &items, decision))
+        let answer = refusal.response(&settings.response, request_id);
+        Ok(generation.with_rate_headers(answer, &items, decision))
     }
 
     /// The upstream's response, with the rate-limit headers, streamed back;
@@ -369,16 +367,13 @@ impl Generation {
     }
 
     /// The gateway's own answer to a decided request, with its rate-limit headers.
-    fn answer(
+    fn with_rate_headers(
         &self,
-        refusal: Refusal,
-        request_id: &str,
+        answer: Response<Full<Bytes>>,
         items: &[Item],
         decision: &Decision,
     ) -> Response<ResponseBody> {
-        let mut response = refusal
-            .response(&self.settings.response, request_id)
-            .map(Into::into);
+        let mut response = answer.map(Into::into);
         self.add_rate_headers(response.headers_mut(), items, decision);
         response
     }

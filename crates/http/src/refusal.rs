@@ -397,6 +397,97 @@ impl Refusal {
     }
 }
 
+/// Every limit's 429 made once per config up to what differs from one
+/// 429 to the next (the seconds to wait and the request id): a refusal
+/// then costs one copy and a number, not its title, detail and four JSON
+/// strings written again. Its answers are `Refusal::RateLimited`'s, byte
+/// for byte.
+#[derive(Debug)]
+pub struct RateLimitedAnswers {
+    /// Per limit of the policy: the body before its detail (problem+json)
+    /// or message (`errors`) string.
+    heads: Vec<Box<[u8]>>,
+    format: ErrorFormat,
+    retry_after: bool,
+}
+
+impl RateLimitedAnswers {
+    pub fn new(policy: &tollgate_core::Policy, settings: &ResponseSettings) -> Self {
+        let heads = (policy.limits.iter())
+            .map(|limit| {
+                let mut head = Vec::new();
+                match settings.format {
+                    ErrorFormat::Problem => {
+                        let title = Refusal::RateLimited {
+                            limit: limit.name.clone(),
+                            retry_after: None,
+                        }
+                        .title();
+                        head.extend_from_slice(b"{\"type\":");
+                        json_string(&mut head, &settings.problem_type);
+                        head.extend_from_slice(b",\"title\":");
+                        json_string(&mut head, &title);
+                        head.extend_from_slice(b",\"status\":429,\"detail\":");
+                    }
+                    ErrorFormat::Errors => head
+                        .extend_from_slice(b"{\"errors\":[{\"code\":\"rate_limited\",\"message\":"),
+                }
+                head.into_boxed_slice()
+            })
+            .collect();
+        RateLimitedAnswers {
+            heads,
+            format: settings.format,
+            retry_after: settings.retry_after,
+        }
+    }
+
+    /// The 429 of `Refusal::RateLimited` for the policy's limit `limit`.
+    pub fn response(
+        &self,
+        limit: usize,
+        retry_after: Option<Nanos>,
+        request_id: &str,
+    ) -> Response<Full<Bytes>> {
+        let head = &self.heads[limit];
+        let mut body = Vec::with_capacity(head.len() + 80 + request_id.len());
+        body.extend_from_slice(head);
+        // The detail needs no escaping: fixed words and digits.
+        match retry_after {
+            Some(r) => {
+                body.extend_from_slice(b"\"Too many requests. Retry after ");
+                body.extend_from_slice(itoa::Buffer::new().format(whole_seconds(r)).as_bytes());
+                body.extend_from_slice(b" seconds.\"");
+            }
+            None => body
+                .extend_from_slice(b"\"Too many requests in flight. Retry when one completes.\""),
+        }
+        let content_type = match self.format {
+            ErrorFormat::Problem => {
+                body.extend_from_slice(b",\"instance\":");
+                json_string(&mut body, request_id);
+                body.push(b'}');
+                "application/problem+json"
+            }
+            ErrorFormat::Errors => {
+                body.extend_from_slice(b"}]}");
+                "application/json"
+            }
+        };
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        if let (Some(r), true) = (retry_after, self.retry_after) {
+            headers.insert(RETRY_AFTER, HeaderValue::from(whole_seconds(r)));
+        }
+        if let Ok(id) = HeaderValue::from_str(request_id) {
+            headers.insert(X_REQUEST_ID.clone(), id);
+        }
+        response
+    }
+}
+
 /// RFC 9457 problem details, in the RFC's field order.
 #[derive(serde::Serialize)]
 struct Problem<'a> {
@@ -467,10 +558,67 @@ pub fn whole_seconds(ns: Nanos) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::Problem;
+    use super::{ErrorFormat, Problem, RateLimitedAnswers, Refusal, ResponseSettings};
+    use http_body_util::BodyExt;
     use proptest::prelude::*;
 
+    fn parts(
+        response: hyper::Response<http_body_util::Full<bytes::Bytes>>,
+    ) -> (hyper::StatusCode, hyper::HeaderMap, bytes::Bytes) {
+        let (head, body) = response.into_parts();
+        let body = ready_bytes(body);
+        (head.status, head.headers, body)
+    }
+
+    /// A `Full` body's bytes (it is ready at once).
+    fn ready_bytes(body: http_body_util::Full<bytes::Bytes>) -> bytes::Bytes {
+        use std::future::Future;
+        let mut collect = std::pin::pin!(body.collect());
+        let waker = std::task::Waker::noop();
+        match collect
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(waker))
+        {
+            std::task::Poll::Ready(Ok(c)) => c.to_bytes(),
+            _ => panic!("a full body is ready at once"),
+        }
+    }
+
     proptest! {
+        #[test]
+        fn a_429_made_ahead_is_the_refusals_own(
+            names in proptest::collection::vec("[a-zA-Z0-9_.:/-]{1,12}", 1..4),
+            which in 0usize..4,
+            problem_type in "[ -~]{0,40}|.{0,20}",
+            errors in any::<bool>(),
+            retry_after_header in any::<bool>(),
+            retry_after in proptest::option::of(0u64..10_000_000_000_000),
+            request_id in "req_[0-9a-f]{16}|[ -~]{0,12}|.{0,8}",
+        ) {
+            let mut names = names;
+            names.sort();
+            names.dedup();
+            let limit = which % names.len();
+            let config: String = names
+                .iter()
+                .map(|n| format!("[[limit]]\nname = \"{n}\"\nkey = [\"ip\"]\nalgorithm = \"token_bucket\"\ncapacity = 1\nrefill = \"1/s\"\n"))
+                .collect();
+            let policy = tollgate_core::parse(&config, &tollgate_core::NoProfiles).expect("policy");
+            let settings = ResponseSettings {
+                format: if errors { ErrorFormat::Errors } else { ErrorFormat::Problem },
+                retry_after: retry_after_header,
+                problem_type,
+                ..ResponseSettings::default()
+            };
+            let ahead = RateLimitedAnswers::new(&policy, &settings).response(limit, retry_after, &request_id);
+            let refusal = Refusal::RateLimited { limit: names[limit].clone(), retry_after };
+            let (status, headers, body) = parts(ahead);
+            let (want_status, want_headers, want_body) = parts(refusal.response(&settings, &request_id));
+            prop_assert_eq!(status, want_status);
+            prop_assert_eq!(headers, want_headers);
+            prop_assert_eq!(body, want_body);
+        }
+
         #[test]
         fn a_problem_is_written_as_serde_json_writes_it(
             kind in ".{0,40}",

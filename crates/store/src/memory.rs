@@ -25,7 +25,7 @@
 //! one, so eviction never changes a decision); if none are, the request gets
 //! `StoreError::Full` rather than an untracked admission.
 
-use crate::state::{AnyMeter, AnyState};
+use crate::state::{AnyMeter, AnyState, WithMeter};
 use compact_str::CompactString;
 use hashbrown::{hash_table, HashTable};
 use parking_lot::{Mutex, MutexGuard};
@@ -216,6 +216,36 @@ impl Drop for Table {
             let keys: usize = self.shards.iter_mut().map(|s| s.0.get_mut().len()).sum();
             self.counters.keys.fetch_sub(keys, Ordering::Relaxed);
         }
+    }
+}
+
+/// `item`'s part in a decision, its key's state read by `meter`.
+#[inline]
+fn slot<M: Meter>(meter: M, item: &Item, limit: &Limit, hold: bool) -> Slot<M> {
+    Slot {
+        meter,
+        cost: item.cost,
+        charge: item.charge,
+        hold: if hold { limit.hold } else { 0 },
+        shadow: limit.mode == tollgate_core::policy::Mode::Shadow,
+    }
+}
+
+/// One limit's decision on its key's meter, whichever type that is.
+struct DecideOne<'a> {
+    now: Nanos,
+    item: &'a Item,
+    limit: &'a Limit,
+    hold: bool,
+}
+
+impl WithMeter for DecideOne<'_> {
+    type Out = Decision;
+    #[inline]
+    fn run<M: Meter>(self, meter: M) -> Decision {
+        let mut slot = slot(meter, self.item, self.limit, self.hold);
+        decide(self.now, std::slice::from_mut(&mut slot))
+        // (the meter, dropped here, writes an inline state back)
     }
 }
 
@@ -534,9 +564,15 @@ impl MemoryStore {
         let params = self.params(self.placed(item), &shard, limit.params(item.class));
         let params = &*params;
         let decide_on = |state: &mut AnyState| {
-            let mut slot = Self::slot(state, params, item, limit, hold);
-            decide(now, std::slice::from_mut(&mut slot))
-            // (the meter, dropped here, writes an inline state back)
+            state.with_meter(
+                params,
+                DecideOne {
+                    now,
+                    item,
+                    limit,
+                    hold,
+                },
+            )
         };
         let key = item.key.as_str();
         let hasher = &self.hasher;
@@ -655,7 +691,7 @@ impl MemoryStore {
             let mut slots: SmallVec<[Slot<AnyMeter<'_>>; 4]> = SmallVec::new();
             for ((f, item), params) in found.iter_mut().zip(items).zip(params) {
                 let limit = &policy.limits[item.limit];
-                slots.push(Self::slot(f.state(), params, item, limit, hold));
+                slots.push(slot(f.state().meter(params), item, limit, hold));
             }
             decide(now, &mut slots)
         }; // the meters write inline states back here
@@ -665,24 +701,6 @@ impl MemoryStore {
             }
         }
         Ok(decision)
-    }
-
-    /// `item`'s part in a decision, its key's state metered by `params`.
-    #[inline]
-    fn slot<'a>(
-        state: &'a mut AnyState,
-        params: &'a Params,
-        item: &Item,
-        limit: &Limit,
-        hold: bool,
-    ) -> Slot<AnyMeter<'a>> {
-        Slot {
-            meter: state.meter(params),
-            cost: item.cost,
-            charge: item.charge,
-            hold: if hold { limit.hold } else { 0 },
-            shadow: limit.mode == tollgate_core::policy::Mode::Shadow,
-        }
     }
 
     /// `item`'s key in its locked shard, or a fresh state and the place for

@@ -91,6 +91,26 @@ impl AnyState {
         }
     }
 
+    /// `then` run on this state's meter under `params`: a bucket kept
+    /// inline on its own type (one limit's decision, the usual case, then
+    /// goes without `AnyMeter`'s dispatch at every step), any other state
+    /// on `AnyMeter`.
+    #[inline]
+    pub fn with_meter<T: WithMeter>(&mut self, params: &Params, then: T) -> T::Out {
+        match (params, self) {
+            (Params::Gcra(params), AnyState::Gcra { ns, frac }) => then.run(InlineGcra {
+                tat: GcraState {
+                    ns: *ns,
+                    frac: u64::from(*frac),
+                },
+                ns,
+                frac,
+                params,
+            }),
+            (params, state) => then.run(state.meter(params)),
+        }
+    }
+
     /// This state under its limit's parameters, as a meter.
     pub fn meter<'a>(&'a mut self, params: &'a Params) -> AnyMeter<'a> {
         match (params, self) {
@@ -126,6 +146,14 @@ impl AnyState {
             }
         }
     }
+}
+
+/// What is done with a key's meter, whichever type it has (`AnyState::with_meter`).
+pub trait WithMeter {
+    /// What it gives.
+    type Out;
+    /// Do it with `meter`.
+    fn run<M: Meter>(self, meter: M) -> Self::Out;
 }
 
 /// A bucket kept inline: the meter works on the whole TAT and writes it

@@ -51,7 +51,11 @@ impl Meter for FixedWindow<'_> {
 
     fn commit(&mut self, now: Nanos, cost: u64, at: Nanos) {
         let current = self.params.calendar.window(now).start;
-        let target = self.params.calendar.window(at).start;
+        let target = if at == now {
+            current // (the usual case: admitted at once, no second lookup)
+        } else {
+            self.params.calendar.window(at).start
+        };
         self.state.add(target, current, cost);
     }
 

@@ -997,12 +997,8 @@ impl Proxy {
                     .clone()
                     .handle_inside(inner, peer.clone(), tunnel.clone())
             });
-            let inside = tollgate_http::listen::http1_server()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            let _ = match watcher {
-                Some(watcher) => watcher.watch(inside).await,
-                None => inside.await,
-            };
+            let inside = hyper_util::rt::TokioIo::new(stream);
+            tollgate_http::listen::serve_http1_io(inside, service, watcher);
         });
         Response::new(Full::new(Bytes::new()).into())
     }

@@ -135,16 +135,19 @@ pub fn decide<M: Meter>(now: Nanos, slots: &mut [Slot<M>]) -> Decision {
 
     let (start, blocked) = fixpoint(now, slots, &own);
     let wait = start.saturating_sub(now);
-    let hold = slots
-        .iter()
-        .zip(&own)
-        .filter(|(s, e)| !s.shadow && **e != Earliest::At(now))
-        .map(|(s, _)| s.hold)
-        .min()
-        .unwrap_or(0);
+    // (the hold in force matters only to a request that would wait)
+    let hold = || {
+        slots
+            .iter()
+            .zip(&own)
+            .filter(|(s, e)| !s.shadow && **e != Earliest::At(now))
+            .map(|(s, _)| s.hold)
+            .min()
+            .unwrap_or(0)
+    };
     let fits = !blocked
         && (wait == 0
-            || (wait <= hold
+            || (wait <= hold()
                 && slots
                     .iter()
                     .all(|s| s.shadow || s.meter.reservable(now, start))));

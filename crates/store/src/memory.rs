@@ -219,6 +219,25 @@ impl Drop for Table {
     }
 }
 
+/// The parameters each item of a request is decided with: its limit's, or
+/// those a later reload reshaped its shard to (`reshaped[i]`; empty when
+/// none was, the usual case).
+#[derive(Clone, Copy)]
+struct ParamsOf<'a> {
+    policy: &'a Policy,
+    reshaped: &'a [Option<Params>],
+}
+
+impl<'a> ParamsOf<'a> {
+    #[inline]
+    fn of(&self, i: usize, item: &Item) -> &'a Params {
+        match self.reshaped.get(i) {
+            Some(Some(reshaped)) => reshaped,
+            _ => self.policy.limits[item.limit].params(item.class),
+        }
+    }
+}
+
 /// `item`'s part in a decision, its key's state read by `meter`.
 #[inline]
 fn slot<M: Meter>(meter: M, item: &Item, limit: &Limit, hold: bool) -> Slot<M> {
@@ -613,18 +632,15 @@ impl MemoryStore {
                 .map(|((shard, _), item)| Self::reshaped(self.placed(item), shard))
                 .collect()
         };
-        let mut params: SmallVec<[&Params; 4]> = SmallVec::new();
-        for (i, item) in items.iter().enumerate() {
-            params.push(match reshaped.get(i) {
-                Some(Some(reshaped)) => reshaped,
-                _ => policy.limits[item.limit].params(item.class),
-            });
-        }
+        let params = ParamsOf {
+            policy,
+            reshaped: &reshaped,
+        };
         // Items whose new key already has its place counted (by
         // `make_room`); empty until one has.
         let mut claimed: SmallVec<[bool; 4]> = SmallVec::new();
         loop {
-            match self.try_decide(policy, items, &params, now, hold, &mut guards, &claimed) {
+            match self.try_decide(policy, items, params, now, hold, &mut guards, &claimed) {
                 Ok(decision) => return Ok(decision),
                 Err(full) => {
                     let (shard, _) = &mut guards[full];
@@ -645,7 +661,12 @@ impl MemoryStore {
     /// The shards of `items`, locked in table-id order, in item order.
     fn lock_all(&self, items: &[Item]) -> SmallVec<[Locked<'_>; 4]> {
         if items.is_sorted_by_key(|item| self.table(item).id) {
-            return items.iter().map(|item| self.lock(item)).collect();
+            // (pushed, not collected: `collect` builds the vector aside and copies it)
+            let mut locked = SmallVec::new();
+            for item in items {
+                locked.push(self.lock(item));
+            }
+            return locked;
         }
         let mut order: SmallVec<[usize; 4]> = (0..items.len()).collect();
         order.sort_unstable_by_key(|&i| self.table(&items[i]).id);
@@ -664,7 +685,7 @@ impl MemoryStore {
         &self,
         policy: &Policy,
         items: &[Item],
-        params: &[&Params],
+        params: ParamsOf<'_>,
         now: Nanos,
         hold: bool,
         guards: &mut [Locked<'_>],
@@ -673,7 +694,7 @@ impl MemoryStore {
         let claimed = |i: usize| claimed.get(i).copied().unwrap_or(false);
         let mut found: SmallVec<[Found<'_>; 4]> = SmallVec::new();
         for (i, (shard, hash)) in guards.iter_mut().enumerate() {
-            match self.find(shard, *hash, &items[i], params[i], claimed(i)) {
+            match self.find(shard, *hash, &items[i], params.of(i, &items[i]), claimed(i)) {
                 Some(f) => found.push(f),
                 None => {
                     // Give back the places this attempt counted (those made
@@ -689,15 +710,15 @@ impl MemoryStore {
         }
         let decision = {
             let mut slots: SmallVec<[Slot<AnyMeter<'_>>; 4]> = SmallVec::new();
-            for ((f, item), params) in found.iter_mut().zip(items).zip(params) {
+            for (i, (f, item)) in found.iter_mut().zip(items).enumerate() {
                 let limit = &policy.limits[item.limit];
-                slots.push(slot(f.state().meter(params), item, limit, hold));
+                slots.push(slot(f.state().meter(params.of(i, item)), item, limit, hold));
             }
             decide(now, &mut slots)
         }; // the meters write inline states back here
         if found.iter().any(|f| matches!(f, Found::New(..))) {
-            for ((f, item), params) in found.into_iter().zip(items).zip(params) {
-                self.keep(f, item, params, now);
+            for (i, (f, item)) in found.into_iter().zip(items).enumerate() {
+                self.keep(f, item, params.of(i, item), now);
             }
         }
         Ok(decision)

@@ -158,7 +158,11 @@ pub fn decide<M: Meter>(now: Nanos, slots: &mut [Slot<M>]) -> Decision {
         return report(now, slots, &own, Verdict::Deny { limit, retry_after });
     }
 
-    let mut outcomes = SmallVec::with_capacity(slots.len());
+    // (built in place: a vector of outcomes moved into it is a copy of its 160 bytes)
+    let mut decision = Decision {
+        verdict: Verdict::Admit { delay: wait },
+        outcomes: SmallVec::new(),
+    };
     for s in slots.iter_mut() {
         let mut allowed = true;
         let mut retry_after = None;
@@ -173,12 +177,11 @@ pub fn decide<M: Meter>(now: Nanos, slots: &mut [Slot<M>]) -> Decision {
         } else {
             s.meter.commit(now, s.charge, start);
         }
-        outcomes.push(Outcome::of(s, now, allowed, retry_after));
+        decision
+            .outcomes
+            .push(Outcome::of(s, now, allowed, retry_after));
     }
-    Decision {
-        verdict: Verdict::Admit { delay: wait },
-        outcomes,
-    }
+    decision
 }
 
 /// One enforcing slot that admits at `now`: commit and report, or `None` to
@@ -190,19 +193,19 @@ pub fn admit_single_now<M: Meter>(now: Nanos, s: &mut Slot<M>) -> Option<Decisio
     }
     s.meter.commit(now, s.charge, now);
     let usage = s.meter.usage(now);
-    let mut outcomes = SmallVec::new();
+    let mut decision = Decision {
+        verdict: Verdict::Admit { delay: 0 },
+        outcomes: SmallVec::new(),
+    };
     // (not `Outcome::of`: written out, the one-limit path keeps its inlining)
-    outcomes.push(Outcome {
+    decision.outcomes.push(Outcome {
         allowed: true,
         remaining: usage.remaining,
         reset: usage.reset,
         retry_after: None,
         shadow: false,
     });
-    Some(Decision {
-        verdict: Verdict::Admit { delay: 0 },
-        outcomes,
-    })
+    Some(decision)
 }
 
 /// The smallest instant at which every enforcing slot admits, and whether
@@ -308,17 +311,23 @@ fn binding_slot<M: Meter>(now: Nanos, slots: &[Slot<M>], own: &[Earliest]) -> us
 
 /// Outcomes for a request that is not admitted: nothing is committed.
 fn report<M: Meter>(now: Nanos, slots: &[Slot<M>], own: &[Earliest], verdict: Verdict) -> Decision {
-    // (pushed one by one: collecting into a SmallVec costs more)
-    let mut outcomes = SmallVec::new();
+    // (pushed one by one, in place: collecting into a SmallVec, or moving
+    // one in, costs more)
+    let mut decision = Decision {
+        verdict,
+        outcomes: SmallVec::new(),
+    };
     for (s, e) in slots.iter().zip(own) {
         let (allowed, retry_after) = match e {
             Earliest::At(t) if *t == now => (true, None),
             Earliest::At(t) => (false, Some(t - now)),
             _ => (false, None),
         };
-        outcomes.push(Outcome::of(s, now, allowed, retry_after));
+        decision
+            .outcomes
+            .push(Outcome::of(s, now, allowed, retry_after));
     }
-    Decision { verdict, outcomes }
+    decision
 }
 
 #[cfg(test)]
@@ -444,13 +453,7 @@ mod tests {
                 now,
                 &mut [
                     slot(&mut Gcra { params: &pg, tat }, 0),
-                    slot(
-                        &mut FixedWindow {
-                            params: &pw,
-                            state: win,
-                        },
-                        0,
-                    ),
+                    slot(&mut FixedWindow::new(&pw, win), 0),
                 ],
             )
         };

@@ -232,7 +232,7 @@ impl Lim {
 fn meter<'a>(lim: &'a Lim, st: &'a mut St) -> Box<dyn Meter + 'a> {
     match (lim, st) {
         (Lim::Gcra(params), St::Gcra(tat)) => Box::new(Gcra { params, tat }),
-        (Lim::Fixed { params, .. }, St::Fixed(state)) => Box::new(FixedWindow { params, state }),
+        (Lim::Fixed { params, .. }, St::Fixed(state)) => Box::new(FixedWindow::new(params, state)),
         (Lim::Sliding { params, .. }, St::Sliding(state)) => {
             Box::new(SlidingWindow { params, state })
         }

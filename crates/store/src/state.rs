@@ -127,7 +127,7 @@ impl AnyState {
                 AnyMeter::WideGcra(Gcra { params, tat })
             }
             (Params::FixedWindow(params), AnyState::FixedWindow(state)) => {
-                AnyMeter::FixedWindow(FixedWindow { params, state })
+                AnyMeter::FixedWindow(FixedWindow::new(params, state))
             }
             (Params::SlidingWindow(params), AnyState::SlidingWindow(state)) => {
                 AnyMeter::SlidingWindow(SlidingWindow { params, state })

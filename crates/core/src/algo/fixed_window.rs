@@ -2,8 +2,9 @@
 //! The state keeps the current window's count and, for held requests, the next one's.
 
 use super::{Earliest, Meter, TwoWindows, Usage};
-use crate::calendar::Calendar;
+use crate::calendar::{Calendar, Window};
 use crate::units::Nanos;
+use std::cell::Cell;
 
 /// A `fixed_window` limit's parameters.
 #[derive(Debug, Clone)]
@@ -24,6 +25,34 @@ pub struct FixedWindow<'a> {
     pub params: &'a FixedWindowParams,
     /// The key's counts.
     pub state: &'a mut FixedWindowState,
+    /// The window last looked up: one decision asks for its instant's
+    /// window several times (earliest, commit, usage), and a window holds
+    /// every instant between its bounds.
+    last: Cell<Option<Window>>,
+}
+
+impl<'a> FixedWindow<'a> {
+    /// `state` under `params`.
+    pub fn new(params: &'a FixedWindowParams, state: &'a mut FixedWindowState) -> Self {
+        FixedWindow {
+            params,
+            state,
+            last: Cell::new(None),
+        }
+    }
+
+    /// The window that holds `t`.
+    #[inline]
+    fn window(&self, t: Nanos) -> Window {
+        match self.last.get() {
+            Some(w) if w.start <= t && t < w.end => w,
+            _ => {
+                let w = self.params.calendar.window(t);
+                self.last.set(Some(w));
+                w
+            }
+        }
+    }
 }
 
 impl Meter for FixedWindow<'_> {
@@ -33,7 +62,7 @@ impl Meter for FixedWindow<'_> {
                 capacity: self.params.quota,
             };
         }
-        let mut w = self.params.calendar.window(from);
+        let mut w = self.window(from);
         // At most the current and the next window hold counts; the third is empty.
         for _ in 0..3 {
             if self.state.used(w.start).saturating_add(cost) <= self.params.quota {
@@ -45,27 +74,23 @@ impl Meter for FixedWindow<'_> {
     }
 
     fn reservable(&self, now: Nanos, at: Nanos) -> bool {
-        let next = self.params.calendar.next(self.params.calendar.window(now));
+        let next = self.params.calendar.next(self.window(now));
         at < next.end
     }
 
     fn commit(&mut self, now: Nanos, cost: u64, at: Nanos) {
-        let current = self.params.calendar.window(now).start;
-        let target = if at == now {
-            current // (the usual case: admitted at once, no second lookup)
-        } else {
-            self.params.calendar.window(at).start
-        };
+        let current = self.window(now).start;
+        let target = self.window(at).start;
         self.state.add(target, current, cost);
     }
 
     fn debit(&mut self, now: Nanos, amount: u64) {
-        let current = self.params.calendar.window(now).start;
+        let current = self.window(now).start;
         self.state.add(current, current, amount);
     }
 
     fn usage(&self, now: Nanos) -> Usage {
-        let w = self.params.calendar.window(now);
+        let w = self.window(now);
         let used = self.state.used(w.start);
         Usage {
             remaining: self.params.quota.saturating_sub(used),
@@ -74,7 +99,7 @@ impl Meter for FixedWindow<'_> {
     }
 
     fn at_rest(&self, now: Nanos) -> bool {
-        self.state.at_rest(self.params.calendar.window(now).start)
+        self.state.at_rest(self.window(now).start)
     }
 }
 
@@ -92,10 +117,7 @@ mod tests {
         };
         let mut st = FixedWindowState::default();
         let t0 = 600 * S + 58 * S; // two seconds before a minute boundary
-        let mut m = FixedWindow {
-            params: &p,
-            state: &mut st,
-        };
+        let mut m = FixedWindow::new(&p, &mut st);
         m.commit(t0, 1, t0);
         m.commit(t0, 1, t0);
         assert_eq!(m.earliest(t0, 1, t0), Earliest::At(660 * S));

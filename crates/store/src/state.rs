@@ -98,15 +98,9 @@ impl AnyState {
     #[inline]
     pub fn with_meter<T: WithMeter>(&mut self, params: &Params, then: T) -> T::Out {
         match (params, self) {
-            (Params::Gcra(params), AnyState::Gcra { ns, frac }) => then.run(InlineGcra {
-                tat: GcraState {
-                    ns: *ns,
-                    frac: u64::from(*frac),
-                },
-                ns,
-                frac,
-                params,
-            }),
+            (Params::Gcra(params), AnyState::Gcra { ns, frac }) => {
+                then.run(InlineGcra::new(ns, frac, params))
+            }
             (params, state) => then.run(state.meter(params)),
         }
     }
@@ -114,15 +108,9 @@ impl AnyState {
     /// This state under its limit's parameters, as a meter.
     pub fn meter<'a>(&'a mut self, params: &'a Params) -> AnyMeter<'a> {
         match (params, self) {
-            (Params::Gcra(params), AnyState::Gcra { ns, frac }) => AnyMeter::Gcra(InlineGcra {
-                tat: GcraState {
-                    ns: *ns,
-                    frac: u64::from(*frac),
-                },
-                ns,
-                frac,
-                params,
-            }),
+            (Params::Gcra(params), AnyState::Gcra { ns, frac }) => {
+                AnyMeter::Gcra(InlineGcra::new(ns, frac, params))
+            }
             (Params::Gcra(params), AnyState::WideGcra(tat)) => {
                 AnyMeter::WideGcra(Gcra { params, tat })
             }
@@ -166,7 +154,25 @@ pub struct InlineGcra<'a> {
     params: &'a tollgate_core::algo::gcra::GcraParams,
 }
 
-impl InlineGcra<'_> {
+impl<'a> InlineGcra<'a> {
+    /// The TAT kept in `ns` and `frac`, under `params`.
+    #[inline]
+    fn new(
+        ns: &'a mut Nanos,
+        frac: &'a mut u32,
+        params: &'a tollgate_core::algo::gcra::GcraParams,
+    ) -> Self {
+        InlineGcra {
+            tat: GcraState {
+                ns: *ns,
+                frac: u64::from(*frac),
+            },
+            ns,
+            frac,
+            params,
+        }
+    }
+
     fn read<T>(&self, f: impl FnOnce(&Gcra<'_>) -> T) -> T {
         let mut tat = self.tat;
         f(&Gcra {

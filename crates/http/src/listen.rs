@@ -170,7 +170,7 @@ fn http1_server() -> http1::Builder {
 /// many are in flight (from the service's call until the response body
 /// ends or is dropped).
 #[derive(Debug, Default)]
-pub struct Activity {
+struct Activity {
     began: AtomicU64,
     in_flight: AtomicUsize,
     /// The connection's task ended.
@@ -179,7 +179,7 @@ pub struct Activity {
 
 impl Activity {
     /// `service`, counting its requests here.
-    pub fn count<S>(self: &Arc<Self>, service: S) -> Counted<S> {
+    fn count<S>(self: &Arc<Self>, service: S) -> Counted<S> {
         Counted {
             inner: service,
             activity: self.clone(),
@@ -199,7 +199,7 @@ impl Drop for InFlight {
 
 /// A service whose requests an `Activity` counts.
 #[derive(Debug, Clone)]
-pub struct Counted<S> {
+struct Counted<S> {
     inner: S,
     activity: Arc<Activity>,
 }
@@ -224,7 +224,7 @@ where
 
 pin_project_lite::pin_project! {
     /// A counted request's answer: its body keeps the request in flight.
-    pub struct CountedFuture<F> {
+    struct CountedFuture<F> {
         #[pin]
         inner: F,
         in_flight: Option<InFlight>,
@@ -247,7 +247,7 @@ where
 
 pin_project_lite::pin_project! {
     /// A response body; its request is in flight until it ends or is dropped.
-    pub struct InFlightBody<B> {
+    struct InFlightBody<B> {
         #[pin]
         inner: B,
         in_flight: Option<InFlight>,
@@ -286,7 +286,7 @@ impl<B: Body> Body for InFlightBody<B> {
 /// nothing, or sends a head slower than that (slowloris), loses the
 /// connection one to two `idle`s after its last request ended. One timer per
 /// connection, not per request.
-pub fn spawn_bounded<C>(
+fn spawn_bounded<C>(
     connection: C,
     activity: Arc<Activity>,
     watcher: Option<Watcher>,

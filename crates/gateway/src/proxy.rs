@@ -238,7 +238,9 @@ impl Gateway {
                 generation.counters[limit].count(Outcome::Denied);
                 log.decision = "denied";
                 log.limit = Some(&policy.limits[limit].name);
-                let answer = (generation.rate_limited).response(limit, retry_after, request_id);
+                let answer = generation
+                    .rate_limited
+                    .response(limit, retry_after, request_id);
                 return Ok(generation.with_rate_headers(answer, &items, decision));
             }
             Verdict::Never {

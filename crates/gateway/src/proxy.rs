@@ -292,14 +292,14 @@ impl Gateway {
                 .insert(CONNECTION, HeaderValue::from_static("upgrade"));
             outgoing.headers_mut().insert(UPGRADE, protocol.clone());
         }
-        let refusal = match tokio::time::timeout(
-            settings.upstream_timeout,
-            connection.send(&upstream, outgoing),
-        )
-        .await
+        let answer = std::pin::pin!(connection.send(&upstream, outgoing));
+        let refusal = match connection
+            .deadline
+            .within(settings.upstream_timeout, answer)
+            .await
         {
-            Err(_) => Refusal::UpstreamTimeout,
-            Ok(Err(e)) => {
+            None => Refusal::UpstreamTimeout,
+            Some(Err(e)) => {
                 // The detail goes to clients: the upstream's address stays in the log.
                 tracing::warn!(upstream = %upstream.authority, "upstream request failed: {e}");
                 Refusal::UpstreamFailed(if matches!(e, UpstreamError::Connect(_)) {
@@ -308,7 +308,7 @@ impl Gateway {
                     "The upstream connection failed before a response (or the request body was cut short).".into()
                 })
             }
-            Ok(Ok(mut response)) => {
+            Some(Ok(mut response)) => {
                 let upstream_time = sent.elapsed().as_secs_f64();
                 self.metrics.upstream_seconds.observe(upstream_time);
                 log.upstream_ms = Some(upstream_time * 1e3);

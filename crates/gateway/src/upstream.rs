@@ -144,6 +144,8 @@ pub struct ClientConnection {
     pub peer: Peer,
     worker: Arc<WorkerUpstreams>,
     kept: Mutex<Option<Kept>>,
+    /// The timer of its requests' `upstream_timeout`.
+    pub deadline: tollgate_http::conn::Deadline,
 }
 
 impl ClientConnection {
@@ -152,6 +154,7 @@ impl ClientConnection {
             peer,
             worker,
             kept: Mutex::new(None),
+            deadline: Default::default(),
         }
     }
 

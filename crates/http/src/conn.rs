@@ -150,3 +150,80 @@ where
         }
     }
 }
+
+/// A timer a client connection keeps for its requests' deadlines (the
+/// upstream's answer within `upstream_timeout`). `tokio::time::timeout`
+/// puts a new timer into tokio's wheel per request and takes it out again
+/// (~500 instructions); this one is taken by a request, moved to its
+/// deadline (a later deadline only updates the timer the wheel already
+/// holds) and given back. A request made while another holds it (HTTP/2)
+/// makes its own.
+#[derive(Debug, Default)]
+pub struct Deadline(parking_lot::Mutex<Option<std::pin::Pin<Box<tokio::time::Sleep>>>>);
+
+impl Deadline {
+    /// `future`'s output, or None if it takes longer than `limit`. (Pinned
+    /// by the caller: a send's future is large, and moving it in would copy it.)
+    pub async fn within<F: Future>(
+        &self,
+        limit: Duration,
+        future: std::pin::Pin<&mut F>,
+    ) -> Option<F::Output> {
+        let at = Instant::now() + limit;
+        let kept = self.0.lock().take();
+        let mut sleep = match kept {
+            Some(mut sleep) => {
+                sleep.as_mut().reset(at);
+                sleep
+            }
+            None => Box::pin(tokio::time::sleep_until(at)),
+        };
+        let output = tokio::select! {
+            biased;
+            output = future => Some(output),
+            () = sleep.as_mut() => None,
+        };
+        *self.0.lock() = Some(sleep);
+        output
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Deadline;
+    use std::time::Duration;
+
+    /// On tokio's paused clock: an answer in time is given, one that is late
+    /// is not, and the kept timer serves the next request with its own
+    /// deadline (moved later, and earlier again after one has passed).
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_deadline_times_each_request_on_its_own() {
+        let deadline = Deadline::default();
+        let answer = |after: u64| {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(after)).await;
+                after
+            })
+        };
+        let limit = Duration::from_millis(100);
+        assert_eq!(deadline.within(limit, answer(99).as_mut()).await, Some(99));
+        assert_eq!(
+            deadline.within(limit, answer(99).as_mut()).await,
+            Some(99),
+            "moved later"
+        );
+        assert_eq!(deadline.within(limit, answer(101).as_mut()).await, None);
+        assert_eq!(
+            deadline.within(limit, answer(50).as_mut()).await,
+            Some(50),
+            "after one passed"
+        );
+        assert_eq!(
+            deadline
+                .within(Duration::from_millis(10), answer(20).as_mut())
+                .await,
+            None,
+            "earlier"
+        );
+    }
+}

@@ -20,15 +20,15 @@ use compact_str::CompactString;
 use smallvec::SmallVec;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-
-/// Calls by their seq (looked up a few times a call: foldhash, not SipHash;
-/// seqs are the scheduler's own numbers, not an attacker's).
-pub(crate) type BySeq<V> = HashMap<u64, V, foldhash::fast::RandomState>;
 use std::time::Duration;
 use tollgate_core::decide::Verdict;
 use tollgate_core::{Item, Nanos};
 use tollgate_http::ratelimit::{Correction, Target};
 use tollgate_store::Engine;
+
+/// Calls by their seq (looked up a few times a call: foldhash, not SipHash;
+/// seqs are the scheduler's own numbers, not an attacker's).
+pub(crate) type BySeq<V> = HashMap<u64, V, foldhash::fast::RandomState>;
 
 /// When only a release could admit a job yet nothing is in flight (which
 /// the engine should never answer), look again after this long rather than

@@ -410,12 +410,9 @@ impl<'a> UrlParts<'a> {
         UrlParts {
             scheme,
             host: uri.host(),
-            port: uri.port_u16().or(match scheme {
-                "http" | "ws" => Some(80),
-                "https" | "wss" => Some(443),
-                "ftp" => Some(21),
-                _ => None,
-            }),
+            port: uri
+                .port_u16()
+                .or(tollgate_http::client::default_port(scheme)),
             path: uri.path(),
         }
     }

@@ -18,7 +18,7 @@ use crate::settings::Upstream;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, HOST};
 use hyper::http::uri::{Authority, Scheme};
-use hyper::{Request, Response, Uri};
+use hyper::{Request, Response};
 use hyper_util::client::legacy::connect::HttpConnector;
 use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
@@ -111,23 +111,8 @@ impl WorkerUpstreams {
 
     /// A new connection to `upstream`.
     async fn connect(&self, upstream: &Upstream) -> Result<Kept, UpstreamError> {
-        use tower_service::Service;
-        let connect = |e: String| UpstreamError::Connect(e.into());
-        let uri = Uri::builder()
-            .scheme(upstream.scheme.clone())
-            .authority(upstream.authority.clone())
-            .path_and_query("/")
-            .build()
-            .map_err(|e| connect(e.to_string()))?;
-        let mut connector = self.connector.clone();
-        std::future::poll_fn(|cx| connector.poll_ready(cx))
-            .await
-            .map_err(|e| connect(e.to_string()))?;
-        let io = connector
-            .call(uri)
-            .await
-            .map_err(|e| connect(e.to_string()))?;
-        let conn = Conn::open(io).await?;
+        let connector = self.connector.clone();
+        let conn = Conn::connect(connector, &upstream.scheme, &upstream.authority).await?;
         self.opened.inc();
         Ok(Kept {
             scheme: upstream.scheme.clone(),

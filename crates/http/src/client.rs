@@ -20,7 +20,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, HOST, PROXY_AUTHORIZATION};
 use hyper::http::uri::{Authority, Scheme};
-use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::{Request, Response, Uri};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::proxy::Tunnel;
@@ -30,7 +29,6 @@ use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::future::Future;
-use std::io;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -217,18 +215,7 @@ where
     /// A new connection to the upstream (or to the proxy in between).
     async fn connect(&self) -> Result<Conn<B>, UpstreamError> {
         let shared = &self.shared;
-        let origin = Uri::builder()
-            .scheme(shared.scheme.clone())
-            .authority(shared.authority.clone())
-            .path_and_query("/")
-            .build()
-            .map_err(|e| UpstreamError::Connect(e.into()))?;
-        let mut route = shared.route.clone();
-        std::future::poll_fn(|cx| route.poll_ready(cx))
-            .await
-            .map_err(UpstreamError::Connect)?;
-        let io = route.call(origin).await.map_err(UpstreamError::Connect)?;
-        Conn::open(io).await
+        Conn::connect(shared.route.clone(), &shared.scheme, &shared.authority).await
     }
 }
 
@@ -248,23 +235,28 @@ impl<B> Shared<B> {
     }
 }
 
-/// An origin's port, its scheme's default when it names none.
-fn port_of(scheme: &Scheme, authority: &Authority) -> u16 {
-    authority.port_u16().unwrap_or(default_port(scheme))
+/// The port a URL of `scheme` means when it names none (as `url::Url`
+/// knows them).
+pub fn default_port(scheme: &str) -> Option<u16> {
+    match scheme {
+        "http" | "ws" => Some(80),
+        "https" | "wss" => Some(443),
+        "ftp" => Some(21),
+        _ => None,
+    }
 }
 
-fn default_port(scheme: &Scheme) -> u16 {
-    if *scheme == Scheme::HTTPS {
-        443
-    } else {
-        80
-    }
+/// An origin's port, its scheme's default when it names none.
+fn port_of(scheme: &Scheme, authority: &Authority) -> Option<u16> {
+    authority.port_u16().or(default_port(scheme.as_str()))
 }
 
 /// `Host` for an origin: its host, and its port unless the scheme's default.
 fn host_of(scheme: &Scheme, authority: &Authority) -> String {
     match authority.port_u16() {
-        Some(port) if port != default_port(scheme) => format!("{}:{port}", authority.host()),
+        Some(port) if Some(port) != default_port(scheme.as_str()) => {
+            format!("{}:{port}", authority.host())
+        }
         _ => authority.host().to_string(),
     }
 }
@@ -325,61 +317,18 @@ impl Service<Uri> for Route {
 
     fn call(&mut self, dst: Uri) -> Connecting {
         match self {
-            Route::Direct(c) => {
-                let connecting = c.call(dst);
-                Box::pin(async move { Ok(Io(connecting.await?)) })
-            }
-            Route::Tunnel(c) => {
-                let connecting = c.call(dst);
-                Box::pin(async move { Ok(Io(connecting.await?)) })
-            }
+            Route::Direct(c) => Box::pin(c.call(dst)),
+            Route::Tunnel(c) => Box::pin(c.call(dst)),
             Route::Forward { proxy, http, .. } => {
                 let connecting = http.call(proxy.clone());
-                Box::pin(async move { Ok(Io(MaybeHttpsStream::Http(connecting.await?))) })
+                Box::pin(async move { Ok(MaybeHttpsStream::Http(connecting.await?)) })
             }
         }
     }
 }
 
 /// A connection to the upstream, or to the proxy that forwards to it.
-#[derive(Debug)]
-pub struct Io(MaybeHttpsStream<TokioIo<TcpStream>>);
-
-impl Read for Io {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl Write for Io {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
-    }
-}
+type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
 
 #[cfg(test)]
 mod tests {

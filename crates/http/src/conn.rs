@@ -8,10 +8,12 @@
 
 use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1::SendRequest;
-use hyper::{Request, Response};
+use hyper::http::uri::{Authority, Scheme};
+use hyper::{Request, Response, Uri};
 use std::future::Future;
 use std::time::Duration;
 use tokio::time::Instant;
+use tower_service::Service;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -83,6 +85,38 @@ impl<B: Body + 'static> Conn<B> {
             since: Instant::now(),
             reused: false,
         })
+    }
+
+    /// A new connection to `scheme://authority` over what `connector`
+    /// opens (TCP, TLS, a proxy's tunnel).
+    pub async fn connect<S>(
+        mut connector: S,
+        scheme: &Scheme,
+        authority: &Authority,
+    ) -> Result<Conn<B>, UpstreamError>
+    where
+        S: Service<Uri>,
+        S::Response: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Send,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let connect = |e: BoxError| UpstreamError::Connect(e);
+        let origin = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| connect(e.into()))?;
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(|e| connect(e.into()))?;
+        let io = connector
+            .call(origin)
+            .await
+            .map_err(|e| connect(e.into()))?;
+        Conn::open(io).await
     }
 
     /// Still open, and not idle too long.

@@ -10,7 +10,7 @@ mod summary;
 mod trace;
 
 pub use summary::{Counts, LimitSummary, Summary, Timeline, MAX_BUCKETS, MAX_SUMMARY_KEYS};
-pub use trace::{TraceLine, TraceRequest};
+pub use trace::{scan as trace_scan, TraceLine, TraceRequest};
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -150,9 +150,8 @@ pub fn simulate(
                         e.valid_up_to() + 1
                     ))
                 })?;
-                let parsed: TraceLine<'_> =
-                    serde_json::from_str(text).map_err(|e| fail(describe_json_error(&e)))?;
-                let t_text = parsed.t.get();
+                let parsed = TraceLine::parse(text).map_err(|e| fail(describe_json_error(&e)))?;
+                let t_text = parsed.t;
                 let t: f64 = match t_text.parse() {
                     Ok(t) if t >= 0.0 && f64::is_finite(t) => t,
                     _ => {

@@ -9,7 +9,7 @@ mod hostile;
 
 use proptest::prelude::*;
 use tollgate_core::{parse, NoProfiles};
-use tollgate_sim::{simulate, Options, SimError};
+use tollgate_sim::{simulate, Options, SimError, TraceLine};
 use tollgate_store::Engine;
 
 const POLICY: &str = "[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 5\nrefill = \"1/s\"\n[[limit]]\nname = \"rows\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 100\ncost = { json_array = \"/rows\" }\n[[limit]]\nname = \"slow\"\nalgorithm = \"concurrency\"\nmax = 2\n";
@@ -49,6 +49,99 @@ proptest! {
             }
             Err(e) => prop_assert!(false, "{e}"),
         }
+    }
+}
+
+/// How serde_json reads `line`, as text to compare (a line or an error).
+fn serde_reads(line: &str) -> Result<String, ()> {
+    serde_json::from_str::<TraceLine<'_>>(line)
+        .map(|read| format!("{read:?}"))
+        .map_err(|_| ())
+}
+
+/// A field of a line, written out: `clean` if the scanner should take it
+/// (a known field, a plain string, a number as JSON writes it).
+fn field() -> impl Strategy<Value = (String, bool)> {
+    let names = ["method", "path", "host", "ip", "query", "domain"];
+    let plain = "[ -!#-\\[\\]-~é€😀]{0,10}"; // printable, no quote or backslash
+    let any_text = "\\PC{0,6}|[\"\\\\\u{0}-\u{1f}a]{0,4}";
+    let string = prop_oneof![
+        plain.prop_map(|s| (format!("\"{s}\""), true)),
+        // Escaped, written by serde_json or by hand: for serde_json.
+        any_text.prop_map(|s| (serde_json::to_string(&s).expect("string"), false)),
+        Just(("\"\\u0061b\"".to_string(), false)),
+        Just(("null".to_string(), false)),
+        Just(("7".to_string(), false)),
+    ];
+    let number = prop_oneof![
+        (0u64..2_000_000, 0u32..1_000_000).prop_map(|(a, b)| (format!("{a}.{b:06}"), true)),
+        any::<u32>().prop_map(|n| (n.to_string(), true)),
+        (1u32..99, -30i32..30).prop_map(|(m, e)| (format!("{m}e{e}"), true)),
+        (1u32..99, 0u32..9).prop_map(|(m, e)| (format!("-0.{m}E+{e}"), true)),
+        Just((
+            "12345678901234567890123.000000000000000000001".to_string(),
+            true
+        )),
+        // Not JSON, or not a number: for serde_json (which refuses them).
+        prop::sample::select(vec![
+            "01", "1.", ".5", "+1", "-", "1e", "1e+", "0x10", "1e999", "\"3\"", "NaN"
+        ])
+        .prop_map(|n| (n.to_string(), false)),
+    ];
+    let entries =
+        prop::collection::vec((string.clone(), string.clone()), 0..3).prop_map(|entries| {
+            let clean = entries.iter().all(|((_, k), (_, v))| *k && *v);
+            let written: Vec<String> = entries
+                .into_iter()
+                .map(|((k, _), (v, _))| format!("{k}:{v}"))
+                .collect();
+            (format!("{{{}}}", written.join(",")), clean)
+        });
+    prop_oneof![
+        4 => (prop::sample::select(names.to_vec()), string).prop_map(|(n, (v, c))| (format!("\"{n}\":{v}"), c)),
+        2 => (prop::sample::select(vec!["headers", "descriptor"]), entries).prop_map(|(n, (v, c))| (format!("\"{n}\":{v}"), c)),
+        2 => number.prop_map(|(v, c)| (format!("\"latency\":{v}"), c)),
+        1 => Just((r#""body":{"rows":[1,2]}"#.to_string(), false)),
+        1 => Just((r#""other":1"#.to_string(), false)),
+    ]
+}
+
+proptest! {
+    #![proptest_config(hostile::cases())]
+
+    /// Whatever the line, `TraceLine::parse` reads it as serde_json does
+    /// (the same fields, or an error), and a clean line is read by the
+    /// scanner, not handed to serde_json.
+    #[test]
+    fn a_line_is_read_as_serde_json_reads_it(
+        t in prop_oneof![Just(("12.5".to_string(), true)), Just(("0".to_string(), true)), Just(("1e-3".to_string(), true)), Just(("-1".to_string(), true)), Just(("\"x\"".to_string(), false)), Just(("01".to_string(), false))],
+        t_at in 0usize..8,
+        fields in prop::collection::vec(field(), 0..7),
+        spaces in prop::collection::vec(prop::sample::select(vec!["", "", "", " ", "\t", "\r\n"]), 24),
+        edits in prop::collection::vec(hostile::edit(SPECIAL), 0..2),
+    ) {
+        let mut parts: Vec<(String, bool)> = fields;
+        parts.insert(t_at.min(parts.len()), (format!("\"t\":{}", t.0), t.1));
+        let mut seen = std::collections::HashSet::new();
+        let unique = parts.iter().all(|(p, _)| seen.insert(p.split(':').next().unwrap_or("").to_string()));
+        let clean = unique && parts.iter().all(|(_, c)| *c);
+        // Space before and after each token the scanner skips over.
+        let mut line = format!("{}{{", spaces[0]);
+        for (i, (part, _)) in parts.iter().enumerate() {
+            let sep = if i == 0 { "" } else { "," };
+            let spaced = part.replacen(':', &format!("{}:{}", spaces[(2 * i + 1) % 24], spaces[(2 * i + 2) % 24]), 1);
+            line.push_str(&format!("{sep}{}{spaced}{}", spaces[(3 * i) % 24], spaces[(3 * i + 5) % 24]));
+        }
+        line.push_str(&format!("}}{}", spaces[23]));
+        let read = TraceLine::parse(&line).map(|read| format!("{read:?}")).map_err(|_| ());
+        prop_assert_eq!(&read, &serde_reads(&line), "{}", line);
+        if clean {
+            prop_assert!(tollgate_sim::trace_scan(&line).is_some(), "not scanned: {}", line);
+        }
+        // The same line damaged: still read as serde_json reads it.
+        let damaged = hostile::damaged(&line, &edits);
+        let read = TraceLine::parse(&damaged).map(|read| format!("{read:?}")).map_err(|_| ());
+        prop_assert_eq!(read, serde_reads(&damaged), "{}", damaged);
     }
 }
 

@@ -276,33 +276,38 @@ pub fn write_decision(
         Verdict::Deny { limit, retry_after } => (false, 0, Some(limit), retry_after),
         Verdict::Never { limit, .. } => (false, 0, Some(limit), None),
     };
+    // (few and whole pieces: each append is a call and a capacity check)
     out.extend_from_slice(b"{\"t\":");
     out.extend_from_slice(t.as_bytes());
-    out.extend_from_slice(if allowed {
-        b",\"allowed\":true"
-    } else {
-        b",\"allowed\":false"
-    });
-    out.extend_from_slice(b",\"delay\":");
-    push_f64(out, delay as f64 / NANOS_PER_SEC as f64);
-    out.extend_from_slice(b",\"limit\":");
+    match (allowed, delay) {
+        (false, _) => out.extend_from_slice(b",\"allowed\":false,\"delay\":0.0,\"limit\":"),
+        (true, 0) => out.extend_from_slice(b",\"allowed\":true,\"delay\":0.0,\"limit\":"),
+        (true, delay) => {
+            out.extend_from_slice(b",\"allowed\":true,\"delay\":");
+            push_f64(out, delay as f64 / NANOS_PER_SEC as f64);
+            out.extend_from_slice(b",\"limit\":");
+        }
+    }
     match limit {
         Some(i) => push_name(out, &policy.limits[items[i].limit].name),
         None => out.extend_from_slice(b"null"),
     }
-    out.extend_from_slice(b",\"retry_after\":");
     match retry_after {
-        Some(r) => push_f64(out, r as f64 / NANOS_PER_SEC as f64),
-        None => out.extend_from_slice(b"null"),
+        Some(r) => {
+            out.extend_from_slice(b",\"retry_after\":");
+            push_f64(out, r as f64 / NANOS_PER_SEC as f64);
+            out.extend_from_slice(b",\"remaining\":{");
+        }
+        None => out.extend_from_slice(b",\"retry_after\":null,\"remaining\":{"),
     }
-    out.extend_from_slice(b",\"remaining\":{");
     for (n, (item, outcome)) in items.iter().zip(&d.outcomes).enumerate() {
         if n > 0 {
             out.push(b',');
         }
         let limit = &policy.limits[item.limit];
-        push_name(out, &limit.name);
-        out.push(b':');
+        out.push(b'"');
+        out.extend_from_slice(limit.name.as_bytes());
+        out.extend_from_slice(b"\":");
         if limit.is_latency() {
             push_f64(out, outcome.remaining as f64 / 1e6);
         } else {

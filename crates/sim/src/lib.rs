@@ -10,7 +10,7 @@ mod summary;
 mod trace;
 
 pub use summary::{Counts, LimitSummary, Summary, Timeline, MAX_BUCKETS, MAX_SUMMARY_KEYS};
-pub use trace::{scan as trace_scan, TraceLine, TraceRequest};
+pub use trace::{exact_decimal, scan as trace_scan, TraceLine, TraceRequest};
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -152,7 +152,8 @@ pub fn simulate(
                 })?;
                 let parsed = TraceLine::parse(text).map_err(|e| fail(describe_json_error(&e)))?;
                 let t_text = parsed.t;
-                let t: f64 = match t_text.parse() {
+                let t = trace::exact_decimal(t_text).map_or_else(|| t_text.parse(), Ok);
+                let t: f64 = match t {
                     Ok(t) if t >= 0.0 && f64::is_finite(t) => t,
                     _ => {
                         return Err(fail(format!(

@@ -145,6 +145,37 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(hostile::cases())]
+
+    /// A number read by the shortcut is the f64 serde_json and std read,
+    /// to the bit; the usual numbers of a trace take the shortcut.
+    #[test]
+    fn a_number_is_read_as_serde_json_and_std_read_it(
+        negative in any::<bool>(),
+        whole in prop_oneof!["0", "[1-9][0-9]{0,20}"],
+        fraction in prop::option::of("[0-9]{1,20}"),
+        exponent in prop::option::of("[eE][+-]?[0-9]{1,3}|e-2147483648|E\\+2147483647"),
+    ) {
+        let number = format!("{}{whole}{}{}", if negative { "-" } else { "" },
+            fraction.as_ref().map_or(String::new(), |f| format!(".{f}")), exponent.unwrap_or_default());
+        let by_std: f64 = number.parse().expect("a number");
+        if let Some(read) = tollgate_sim::exact_decimal(&number) {
+            prop_assert_eq!(read.to_bits(), by_std.to_bits(), "{}", number);
+            let by_serde: f64 = serde_json::from_str(&number).expect("a number");
+            prop_assert_eq!(read.to_bits(), by_serde.to_bits(), "{}", number);
+        }
+    }
+
+    #[test]
+    fn a_trace_s_usual_numbers_take_the_shortcut(seconds in 0u64..1_000_000_000, micros in 0u32..1_000_000) {
+        for number in [format!("{seconds}.{micros:06}"), seconds.to_string(), format!("{}.{:03}", seconds % 1000, micros % 1000)] {
+            let read = tollgate_sim::exact_decimal(&number);
+            prop_assert_eq!(read.map(f64::to_bits), Some(number.parse::<f64>().expect("a number").to_bits()), "{}", number);
+        }
+    }
+}
+
 fn run(trace: &[u8]) -> (Result<tollgate_sim::Summary, SimError>, String) {
     let engine = Engine::new(parse(POLICY, &NoProfiles).expect("policy"));
     let options = Options {

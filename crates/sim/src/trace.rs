@@ -216,10 +216,19 @@ impl<'a> Cursor<'a> {
 
     /// Past `byte` (after any space), if it is next.
     fn eat(&mut self, byte: u8) -> bool {
-        self.skip_space();
-        let next = self.peek() == Some(byte);
-        self.at += usize::from(next);
-        next
+        match self.peek() {
+            Some(next) if next == byte => {
+                self.at += 1;
+                true
+            }
+            Some(b' ' | b'\t' | b'\n' | b'\r') => {
+                self.skip_space();
+                let next = self.peek() == Some(byte);
+                self.at += usize::from(next);
+                next
+            }
+            _ => false,
+        }
     }
 
     /// A string without escapes or control characters, borrowed.

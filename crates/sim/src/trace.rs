@@ -121,19 +121,22 @@ const EXACT_POWERS_OF_TEN: [f64; 23] = [
     1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
 ];
 
-/// A JSON number's (as `Cursor::number` reads one) value where one exact operation gives it: at most 15
+/// A JSON number's value where one exact operation gives it: at most 15
 /// significant digits (exact in an f64) times or over a power of ten up to
-/// 10^22 (exact too), so the one multiplication or division rounds once,
-/// to the nearest f64, as serde_json and `str::parse` both read it. `None`
-/// for any other number. Most of
-/// a trace's numbers (`t`, `latency`) are of this kind, and reading them
-/// here costs a tenth of what either parser does.
+/// 10^22 (exact too), so the one multiplication or division rounds once, to
+/// the nearest f64, as serde_json and `str::parse` both read it. `None` for
+/// any other number, and for text that does not start as a number does.
+/// Most of a trace's numbers (`t`, `latency`) are of this kind, and reading
+/// them here costs a fraction of what either parser does.
 #[doc(hidden)] // public for the property test that holds it to both parsers
 pub fn exact_decimal(number: &str) -> Option<f64> {
     let (negative, unsigned) = match number.strip_prefix('-') {
         Some(rest) => (true, rest),
         None => (false, number),
     };
+    if !unsigned.starts_with(|c: char| c.is_ascii_digit()) {
+        return None;
+    }
     let (mut mantissa, mut significant, mut exponent, mut fraction) = (0u64, 0, 0i32, false);
     for (i, byte) in unsigned.bytes().enumerate() {
         match byte {

@@ -134,7 +134,7 @@ pub fn exact_decimal(number: &str) -> Option<f64> {
         Some(rest) => (true, rest),
         None => (false, number),
     };
-    if !unsigned.starts_with(|c: char| c.is_ascii_digit()) {
+    if !unsigned.as_bytes().first().is_some_and(u8::is_ascii_digit) {
         return None;
     }
     let (mut mantissa, mut significant, mut exponent, mut fraction) = (0u64, 0, 0i32, false);

@@ -717,12 +717,15 @@ impl MemoryStore {
             decide(now, &mut slots)
         }; // the meters write inline states back here
         if found.iter().any(|f| matches!(f, Found::New(..))) {
-            // A refusal commits nothing: its new keys are as fresh as they
-            // came, so each gives its place back without a look.
-            let committed = decision.allowed();
+            // A request not admitted commits nothing: its new keys are as
+            // fresh as they came, so each gives its place back unlooked at.
+            let admitted = decision.allowed();
             for (i, (f, item)) in found.into_iter().zip(items).enumerate() {
                 match f {
-                    Found::New(..) if !committed => self.table(item).forget(1),
+                    Found::New(_, mut state) if !admitted => {
+                        debug_assert!(state.meter(params.of(i, item)).at_rest(now));
+                        self.table(item).forget(1);
+                    }
                     f => self.keep(f, item, params.of(i, item), now),
                 }
             }

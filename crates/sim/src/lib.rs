@@ -152,7 +152,7 @@ pub fn simulate(
                 })?;
                 let parsed = TraceLine::parse(text).map_err(|e| fail(describe_json_error(&e)))?;
                 let t_text = parsed.t;
-                let t = trace::exact_decimal(t_text).map_or_else(|| t_text.parse(), Ok);
+                let t = trace::exact_value(t_text).map_or_else(|| t_text.parse(), Ok);
                 let t: f64 = match t {
                     Ok(t) if t >= 0.0 && f64::is_finite(t) => t,
                     _ => {

@@ -40,7 +40,7 @@ pub struct TraceLine<'a> {
     #[serde(borrow, default)]
     pub domain: Option<Text<'a>>,
     /// (Boxed: few traces have one, and every line is moved about.)
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "boxed")]
     pub descriptor: Option<Box<Headers<'a>>>,
     /// Seconds the upstream took; charged (latency limits) and released
     /// (concurrency) at completion.
@@ -57,6 +57,11 @@ impl<'a> TraceLine<'a> {
             None => serde_json::from_str(line),
         }
     }
+}
+
+/// A descriptor's entries, boxed (`null` refused, as for `headers`).
+fn boxed<'de: 'a, 'a, D: Deserializer<'de>>(d: D) -> Result<Option<Box<Headers<'a>>>, D::Error> {
+    Headers::deserialize(d).map(|entries| Some(Box::new(entries)))
 }
 
 /// Any JSON value, as written.
@@ -89,7 +94,7 @@ fn scan_into<'a>(line: &'a str, parsed: &mut TraceLine<'a>) -> Option<()> {
             _ => return None, // `body`, or a field serde_json refuses
         };
         if seen & (1 << bit) != 0 || !at.eat(b':') {
-            return None; // twice: serde_json refuses it
+            return None; // twice, or no colon: serde_json refuses it
         }
         seen |= 1 << bit;
         match (bit, text) {
@@ -100,7 +105,7 @@ fn scan_into<'a>(line: &'a str, parsed: &mut TraceLine<'a>) -> Option<()> {
             // (as serde_json reads it, to the last bit)
             _ => {
                 let number = at.number()?;
-                let read = exact_decimal(number).or_else(|| serde_json::from_str(number).ok());
+                let read = exact_value(number).or_else(|| serde_json::from_str(number).ok());
                 parsed.latency = Some(read?);
             }
         }
@@ -125,16 +130,28 @@ const EXACT_POWERS_OF_TEN: [f64; 23] = [
 /// significant digits (exact in an f64) times or over a power of ten up to
 /// 10^22 (exact too), so the one multiplication or division rounds once, to
 /// the nearest f64, as serde_json and `str::parse` both read it. `None` for
-/// any other number, and for text that does not start as a number does.
+/// any other number, and for text that is not a JSON number.
 /// Most of a trace's numbers (`t`, `latency`) are of this kind, and reading
 /// them here costs a fraction of what either parser does.
 #[doc(hidden)] // public for the property test that holds it to both parsers
-pub fn exact_decimal(number: &str) -> Option<f64> {
+pub fn exact_decimal(text: &str) -> Option<f64> {
+    let mut at = Cursor { text, at: 0 };
+    match at.number() {
+        Some(number) if at.at == text.len() => exact_value(number),
+        _ => None,
+    }
+}
+
+/// `exact_decimal` of a JSON value known to be well formed (the scanner's
+/// numbers, serde_json's raw `t`): `None` at once for one that is not a
+/// number, without checking the grammar of one that is.
+pub(crate) fn exact_value(number: &str) -> Option<f64> {
     let (negative, unsigned) = match number.strip_prefix('-') {
         Some(rest) => (true, rest),
         None => (false, number),
     };
-    if !unsigned.as_bytes().first().is_some_and(u8::is_ascii_digit) {
+    // (a longer number is left to the parsers, and the exponent cannot overflow)
+    if unsigned.len() > 64 || !unsigned.as_bytes().first().is_some_and(u8::is_ascii_digit) {
         return None;
     }
     let (mut mantissa, mut significant, mut exponent, mut fraction) = (0u64, 0, 0i32, false);

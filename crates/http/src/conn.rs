@@ -102,20 +102,19 @@ impl<B: Body + 'static> Conn<B> {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        let connect = |e: BoxError| UpstreamError::Connect(e);
         let origin = Uri::builder()
             .scheme(scheme.clone())
             .authority(authority.clone())
             .path_and_query("/")
             .build()
-            .map_err(|e| connect(e.into()))?;
+            .map_err(|e| UpstreamError::Connect(e.into()))?;
         std::future::poll_fn(|cx| connector.poll_ready(cx))
             .await
-            .map_err(|e| connect(e.into()))?;
+            .map_err(|e| UpstreamError::Connect(e.into()))?;
         let io = connector
             .call(origin)
             .await
-            .map_err(|e| connect(e.into()))?;
+            .map_err(|e| UpstreamError::Connect(e.into()))?;
         Conn::open(io).await
     }
 

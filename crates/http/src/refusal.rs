@@ -233,12 +233,12 @@ impl Refusal {
         match self {
             Refusal::RateLimited { retry_after, .. } => match retry_after {
                 Some(r) => [
-                    "Too many requests. Retry after ",
+                    RETRY_AFTER_DETAIL[0],
                     itoa::Buffer::new().format(whole_seconds(*r)),
-                    " seconds.",
+                    RETRY_AFTER_DETAIL[1],
                 ]
                 .concat(),
-                None => "Too many requests in flight. Retry when one completes.".into(),
+                None => IN_FLIGHT_DETAIL.into(),
             },
             Refusal::CostTooLarge { cost, capacity, .. } => {
                 format!("The request costs {cost} units; the most this limit admits is {capacity}. Split it.")
@@ -397,6 +397,11 @@ impl Refusal {
     }
 }
 
+/// A 429's detail, around the whole seconds to wait.
+const RETRY_AFTER_DETAIL: [&str; 2] = ["Too many requests. Retry after ", " seconds."];
+/// A 429's detail when no wait is known (a concurrency limit).
+const IN_FLIGHT_DETAIL: &str = "Too many requests in flight. Retry when one completes.";
+
 /// Every limit's 429 made once per config up to what differs from one
 /// 429 to the next (the seconds to wait and the request id): a refusal
 /// then costs one copy and a number, not its title, detail and four JSON
@@ -453,15 +458,16 @@ impl RateLimitedAnswers {
         let mut body = Vec::with_capacity(head.len() + 80 + request_id.len());
         body.extend_from_slice(head);
         // The detail needs no escaping: fixed words and digits.
+        body.push(b'"');
         match retry_after {
             Some(r) => {
-                body.extend_from_slice(b"\"Too many requests. Retry after ");
+                body.extend_from_slice(RETRY_AFTER_DETAIL[0].as_bytes());
                 body.extend_from_slice(itoa::Buffer::new().format(whole_seconds(r)).as_bytes());
-                body.extend_from_slice(b" seconds.\"");
+                body.extend_from_slice(RETRY_AFTER_DETAIL[1].as_bytes());
             }
-            None => body
-                .extend_from_slice(b"\"Too many requests in flight. Retry when one completes.\""),
+            None => body.extend_from_slice(IN_FLIGHT_DETAIL.as_bytes()),
         }
+        body.push(b'"');
         let content_type = match self.format {
             ErrorFormat::Problem => {
                 body.extend_from_slice(b",\"instance\":");

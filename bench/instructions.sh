@@ -27,15 +27,16 @@ count() { # subject decisions -> instructions
         awk '/I *refs:/ { gsub(",", "", $NF); print $NF }'
 }
 declare -A per
-for subject in governor tollgate tollgate-three; do
+for subject in governor tollgate tollgate-three tollgate-three-buckets; do
     base=$(count "$subject" 0)
     total=$(count "$subject" "$n")
     per[$subject]=$(( (total - base) / n ))
-    printf '%-15s %6d instructions a decision\n' "$subject" "${per[$subject]}"
+    printf '%-22s %6d instructions a decision\n' "$subject" "${per[$subject]}"
 done
-python3 - "${per[governor]}" "${per[tollgate]}" "${per[tollgate-three]}" <<'PY'
+python3 - "${per[governor]}" "${per[tollgate]}" "${per[tollgate-three]}" "${per[tollgate-three-buckets]}" <<'PY'
 import sys
-gov, one, three = map(int, sys.argv[1:])
+gov, one, three, buckets = map(int, sys.argv[1:])
 print(f"keyed token bucket: tollgate / governor = {one / gov:.2f}x")
 print(f"three limits (token bucket + fixed + sliding window, one key) / one token bucket = {three / one:.2f}x")
+print(f"three token buckets (one key) / one = {buckets / one:.2f}x (what combining limits costs, without the windows' own work)")
 PY

@@ -109,12 +109,14 @@ const MAX_ROUNDS: usize = 64;
 /// only if every enforcing limit admits it (after a hold, when one allows
 /// it), and then charged to all of them.
 pub fn decide<M: Meter>(now: Nanos, slots: &mut [Slot<M>]) -> Decision {
-    // The common case, one enforcing limit with room now, needs none of the
-    // combination below.
+    // The usual request, every limit enforcing with room now, needs none of
+    // the combination below.
     if let [slot] = slots {
         if let Some(decision) = admit_single_now(now, slot) {
             return decision;
         }
+    } else if let Some(decision) = admit_all_now(now, slots) {
+        return decision;
     }
     let mut own: SmallVec<[Earliest; 4]> = SmallVec::new();
     for s in slots.iter() {
@@ -205,6 +207,26 @@ pub fn admit_single_now<M: Meter>(now: Nanos, s: &mut Slot<M>) -> Option<Decisio
         retry_after: None,
         shadow: false,
     });
+    Some(decision)
+}
+
+/// Every slot enforcing and admitting at `now`, the usual request under
+/// several limits: commit each and report (what the general path would,
+/// without its bookkeeping), or `None` to take the general path.
+fn admit_all_now<M: Meter>(now: Nanos, slots: &mut [Slot<M>]) -> Option<Decision> {
+    let admits_now =
+        |s: &Slot<M>| !s.shadow && s.meter.earliest(now, s.cost, now) == Earliest::At(now);
+    if !slots.iter().all(admits_now) {
+        return None;
+    }
+    let mut decision = Decision {
+        verdict: Verdict::Admit { delay: 0 },
+        outcomes: SmallVec::new(),
+    };
+    for s in slots.iter_mut() {
+        s.meter.commit(now, s.charge, now);
+        decision.outcomes.push(Outcome::of(s, now, true, None));
+    }
     Some(decision)
 }
 

@@ -448,7 +448,7 @@ impl MemoryStore {
                 return;
             };
             // A table this reload shares has been reshaped already.
-            let params = old.params(placed, &shard, old_params).into_owned();
+            let params = old.params(placed, shard.shape, old_params).into_owned();
             (entry.state.clone(), params)
         };
         state.carry(&old_params, new_params, now);
@@ -523,18 +523,18 @@ impl MemoryStore {
     /// The parameters a key of `placed` in `shard` is decided with: this
     /// store's (`ours`), unless a later reload reshaped the shard (this is
     /// the old store, finishing up): then the reshaped ones.
-    fn params<'p>(&self, placed: &Placed, shard: &Shard, ours: &'p Params) -> Cow<'p, Params> {
-        Self::reshaped(placed, shard).map_or(Cow::Borrowed(ours), Cow::Owned)
+    fn params<'p>(&self, placed: &Placed, shape: u32, ours: &'p Params) -> Cow<'p, Params> {
+        Self::reshaped(placed, shape).map_or(Cow::Borrowed(ours), Cow::Owned)
     }
 
     /// The parameters a later reload reshaped `shard` of `placed` to, if it
     /// did (usually not).
     #[inline]
-    fn reshaped(placed: &Placed, shard: &Shard) -> Option<Params> {
-        if shard.shape == placed.shape {
+    fn reshaped(placed: &Placed, shape: u32) -> Option<Params> {
+        if shape == placed.shape {
             return None;
         }
-        placed.table.params_at(shard.shape)
+        placed.table.params_at(shape)
     }
 
     fn lock(&self, item: &Item) -> Locked<'_> {
@@ -580,7 +580,7 @@ impl MemoryStore {
     ) -> Result<Decision, StoreError> {
         let limit = &policy.limits[item.limit];
         let (mut shard, hash) = self.lock(item);
-        let params = self.params(self.placed(item), &shard, limit.params(item.class));
+        let params = self.params(self.placed(item), shard.shape, limit.params(item.class));
         let params = &*params;
         let decide_on = |state: &mut AnyState| {
             state.with_meter(
@@ -612,7 +612,8 @@ impl MemoryStore {
     }
 
     /// Several limits: their shards are locked in table order, each key is
-    /// found with one probe, and the core decides over all of them.
+    /// found with one probe (or placed, room made for it if the store is
+    /// full), and the core decides over all of them.
     fn decide_many(
         &self,
         policy: &Policy,
@@ -629,82 +630,25 @@ impl MemoryStore {
             Vec::new()
         } else {
             (guards.iter().zip(items))
-                .map(|((shard, _), item)| Self::reshaped(self.placed(item), shard))
+                .map(|((shard, _), item)| Self::reshaped(self.placed(item), shard.shape))
                 .collect()
         };
         let params = ParamsOf {
             policy,
             reshaped: &reshaped,
         };
-        // Items whose new key already has its place counted (by
-        // `make_room`); empty until one has.
-        let mut claimed: SmallVec<[bool; 4]> = SmallVec::new();
-        loop {
-            match self.try_decide(policy, items, params, now, hold, &mut guards, &claimed) {
-                Ok(decision) => return Ok(decision),
+        let mut found: SmallVec<[Found<'_>; 4]> = SmallVec::new();
+        for (i, ((shard, hash), item)) in guards.iter_mut().zip(items).enumerate() {
+            match self.find(policy, shard, *hash, item, params.of(i, item), now) {
+                Ok(f) => found.push(f),
                 Err(full) => {
-                    let (shard, _) = &mut guards[full];
-                    if let Err(e) = self.make_room(policy, shard, &items[full], now) {
-                        // Give back the places made for its other new keys.
-                        for (item, _) in items.iter().zip(&claimed).filter(|(_, c)| **c) {
+                    // Give back the places counted for the new keys before it.
+                    for (f, item) in found.into_iter().zip(items) {
+                        if matches!(f, Found::New(..)) {
                             self.table(item).forget(1);
                         }
-                        return Err(e);
                     }
-                    claimed.resize(items.len(), false);
-                    claimed[full] = true;
-                }
-            }
-        }
-    }
-
-    /// The shards of `items`, locked in table-id order, in item order.
-    fn lock_all(&self, items: &[Item]) -> SmallVec<[Locked<'_>; 4]> {
-        if items.is_sorted_by_key(|item| self.table(item).id) {
-            // (pushed, not collected: `collect` builds the vector aside and copies it)
-            let mut locked = SmallVec::new();
-            for item in items {
-                locked.push(self.lock(item));
-            }
-            return locked;
-        }
-        let mut order: SmallVec<[usize; 4]> = (0..items.len()).collect();
-        order.sort_unstable_by_key(|&i| self.table(&items[i]).id);
-        let mut locked: SmallVec<[Option<Locked<'_>>; 4]> = items.iter().map(|_| None).collect();
-        for i in order {
-            locked[i] = Some(self.lock(&items[i]));
-        }
-        locked.into_iter().flatten().collect()
-    }
-
-    /// Decide with every key found or placed; `Err(i)` if item `i`'s key is
-    /// new and the store is full (the caller makes room and tries again).
-    /// `claimed[i]`: item `i`'s new key has its place counted already.
-    #[allow(clippy::too_many_arguments)]
-    fn try_decide(
-        &self,
-        policy: &Policy,
-        items: &[Item],
-        params: ParamsOf<'_>,
-        now: Nanos,
-        hold: bool,
-        guards: &mut [Locked<'_>],
-        claimed: &[bool],
-    ) -> Result<Decision, usize> {
-        let claimed = |i: usize| claimed.get(i).copied().unwrap_or(false);
-        let mut found: SmallVec<[Found<'_>; 4]> = SmallVec::new();
-        for (i, (shard, hash)) in guards.iter_mut().enumerate() {
-            match self.find(shard, *hash, &items[i], params.of(i, &items[i]), claimed(i)) {
-                Some(f) => found.push(f),
-                None => {
-                    // Give back the places this attempt counted (those made
-                    // by `make_room` stay counted for the next).
-                    for (k, f) in found.into_iter().enumerate() {
-                        if matches!(f, Found::New(..)) && !claimed(k) {
-                            self.table(&items[k]).forget(1);
-                        }
-                    }
-                    return Err(i);
+                    return Err(full);
                 }
             }
         }
@@ -733,29 +677,74 @@ impl MemoryStore {
         Ok(decision)
     }
 
+    /// The shards of `items`, locked in table-id order, in item order.
+    fn lock_all(&self, items: &[Item]) -> SmallVec<[Locked<'_>; 4]> {
+        // Items usually come in table order: lock as they come, and only if
+        // one does not, let go and lock them again in order.
+        // (pushed, not collected: `collect` builds the vector aside and copies it)
+        let mut locked = SmallVec::new();
+        let mut last = None;
+        for item in items {
+            let table = self.table(item);
+            if last.is_some_and(|last| last > table.id) {
+                drop(locked);
+                return self.lock_in_table_order(items);
+            }
+            last = Some(table.id);
+            let hash = self.hasher.hash_one(item.key.as_str());
+            locked.push((table.shard(hash).lock(), hash));
+        }
+        locked
+    }
+
+    /// `lock_all` for items out of table order.
+    #[cold]
+    fn lock_in_table_order(&self, items: &[Item]) -> SmallVec<[Locked<'_>; 4]> {
+        let mut order: SmallVec<[usize; 4]> = (0..items.len()).collect();
+        order.sort_unstable_by_key(|&i| self.table(&items[i]).id);
+        let mut locked: SmallVec<[Option<Locked<'_>>; 4]> = items.iter().map(|_| None).collect();
+        for i in order {
+            locked[i] = Some(self.lock(&items[i]));
+        }
+        locked.into_iter().flatten().collect()
+    }
+
     /// `item`'s key in its locked shard, or a fresh state and the place for
-    /// it if the key is new; `None` if it is new and the store is full.
-    /// `counted`: the new key's place is counted already.
+    /// it if the key is new (room made for it if the store is full: the
+    /// error if none can be).
     #[inline]
     fn find<'s>(
         &self,
+        policy: &Policy,
         shard: &'s mut Shard,
         hash: u64,
         item: &Item,
         params: &Params,
-        counted: bool,
-    ) -> Option<Found<'s>> {
+        now: Nanos,
+    ) -> Result<Found<'s>, StoreError> {
         let key = item.key.as_str();
         let hasher = &self.hasher;
-        match shard.entry(hash, |e| e.key == key, |e| hasher.hash_one(e.key.as_str())) {
-            hash_table::Entry::Occupied(entry) => Some(Found::Kept(entry.into_mut())),
-            hash_table::Entry::Vacant(place)
-                if counted || self.table(item).claim(self.max_keys) =>
-            {
-                Some(Found::New(place, AnyState::fresh(params)))
+        let shape = shard.shape;
+        let entry = |keys: &'s mut HashTable<Entry>| {
+            keys.entry(hash, |e| e.key == key, |e| hasher.hash_one(e.key.as_str()))
+        };
+        let place = match entry(&mut shard.keys) {
+            hash_table::Entry::Occupied(entry) => return Ok(Found::Kept(entry.into_mut())),
+            hash_table::Entry::Vacant(place) if self.table(item).claim(self.max_keys) => place,
+            hash_table::Entry::Vacant(place) => {
+                let keys = place.into_table();
+                self.make_room(policy, keys, shape, item, now)?;
+                match entry(keys) {
+                    hash_table::Entry::Vacant(place) => place,
+                    // (cannot be: making room only takes keys out)
+                    hash_table::Entry::Occupied(entry) => {
+                        self.table(item).forget(1);
+                        return Ok(Found::Kept(entry.into_mut()));
+                    }
+                }
             }
-            hash_table::Entry::Vacant(_) => None,
-        }
+        };
+        Ok(Found::New(place, AnyState::fresh(params)))
     }
 
     /// Store a new key's state if the request used it (a state at rest is
@@ -785,7 +774,7 @@ impl MemoryStore {
                 continue;
             }
             let (mut shard, hash) = self.lock(item);
-            let params = self.params(self.placed(item), &shard, limit.params(item.class));
+            let params = self.params(self.placed(item), shard.shape, limit.params(item.class));
             let settle = |state: &mut AnyState| {
                 let mut meter = state.meter(&params);
                 if concurrency {
@@ -805,7 +794,11 @@ impl MemoryStore {
             // A debit is owed for work already done: it is never dropped.
             // If the store is full it goes in over the bound, which is then
             // exceeded by at most the requests in flight.
-            if self.make_room(policy, &mut shard, item, now).is_err() {
+            let shape = shard.shape;
+            if self
+                .make_room(policy, &mut shard.keys, shape, item, now)
+                .is_err()
+            {
                 self.table(item).claim_over();
             }
             let mut state = AnyState::fresh(&params);
@@ -826,7 +819,7 @@ impl MemoryStore {
     pub fn usage(&self, policy: &Policy, item: &Item, now: Nanos) -> Usage {
         let (mut shard, hash) = self.lock(item);
         let ours = policy.limits[item.limit].params(item.class);
-        let params = self.params(self.placed(item), &shard, ours);
+        let params = self.params(self.placed(item), shard.shape, ours);
         let key = item.key.as_str();
         match shard.find_mut(hash, |e| e.key == key) {
             Some(entry) => entry.state.meter(&params).usage(now),
@@ -854,7 +847,7 @@ impl MemoryStore {
             let ours = policy.limits[t.limit].params(t.class);
             for shard in t.table.shards.iter() {
                 let mut shard = shard.0.lock();
-                let params = self.params(t, &shard, ours);
+                let params = self.params(t, shard.shape, ours);
                 let quota = params.policy().0;
                 if quota == 0 {
                     continue;
@@ -899,18 +892,30 @@ impl MemoryStore {
                 t.table
                     .shards
                     .iter()
-                    .map(|s| self.sweep_shard(policy, t, &mut s.0.lock(), now))
+                    .map(|s| {
+                        let mut shard = s.0.lock();
+                        let shape = shard.shape;
+                        self.sweep_shard(policy, t, &mut shard.keys, shape, now)
+                    })
                     .sum::<usize>()
             })
             .sum()
     }
 
-    fn sweep_shard(&self, policy: &Policy, at: &Placed, shard: &mut Shard, now: Nanos) -> usize {
+    /// Evict the keys at rest of one shard (its `keys`, in `shape`).
+    fn sweep_shard(
+        &self,
+        policy: &Policy,
+        at: &Placed,
+        keys: &mut HashTable<Entry>,
+        shape: u32,
+        now: Nanos,
+    ) -> usize {
         let ours = policy.limits[at.limit].params(at.class);
-        let params = self.params(at, shard, ours);
-        let before = shard.len();
-        shard.retain(|e| !e.state.meter(&params).at_rest(now));
-        let evicted = before - shard.len();
+        let params = self.params(at, shape, ours);
+        let before = keys.len();
+        keys.retain(|e| !e.state.meter(&params).at_rest(now));
+        let evicted = before - keys.len();
         if evicted > 0 {
             at.table.forget(evicted);
             self.counters
@@ -930,25 +935,27 @@ impl MemoryStore {
                 .is_ok()
     }
 
-    /// Claim a place for a new key; if the store is full, first evict at-rest
-    /// keys from this shard, then (at most once a second) from every shard
-    /// not locked right now.
+    /// Claim a place for a new key in a shard (its `keys`, in `shape`); if
+    /// the store is full, first evict at-rest keys from this shard, then (at
+    /// most once a second) from every shard not locked right now.
     fn make_room(
         &self,
         policy: &Policy,
-        shard: &mut Shard,
+        keys: &mut HashTable<Entry>,
+        shape: u32,
         item: &Item,
         now: Nanos,
     ) -> Result<(), StoreError> {
-        let at = &self.tables[self.first[item.limit] + item.class];
+        let at = self.placed(item);
         if at.table.claim(self.max_keys) {
             return Ok(());
         }
-        if self.sweep_shard(policy, at, shard, now) == 0 && self.full_sweep_due(now) {
+        if self.sweep_shard(policy, at, keys, shape, now) == 0 && self.full_sweep_due(now) {
             for t in &self.tables {
                 for s in t.table.shards.iter() {
                     if let Some(mut other) = s.0.try_lock() {
-                        self.sweep_shard(policy, t, &mut other, now);
+                        let shape = other.shape;
+                        self.sweep_shard(policy, t, &mut other.keys, shape, now);
                     }
                 }
             }

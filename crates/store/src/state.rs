@@ -106,6 +106,7 @@ impl AnyState {
     }
 
     /// This state under its limit's parameters, as a meter.
+    #[inline]
     pub fn meter<'a>(&'a mut self, params: &'a Params) -> AnyMeter<'a> {
         match (params, self) {
             (Params::Gcra(params), AnyState::Gcra { ns, frac }) => {

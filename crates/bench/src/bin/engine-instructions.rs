@@ -5,7 +5,8 @@
 //! instructions N decisions take: a count that, unlike time on a shared VM,
 //! does not move from run to run.
 //!
-//! usage: engine-instructions governor|tollgate|tollgate-three N
+//! usage: engine-instructions governor|tollgate|tollgate-three|tollgate-three-buckets N
+//! (three buckets: what combining three limits costs over the algorithms' own work)
 
 use governor::{Quota, RateLimiter};
 use std::hint::black_box;
@@ -16,16 +17,22 @@ use tollgate_store::{MemoryStore, SystemClock};
 
 const KEYS: usize = 10_000;
 
-/// The quotas of `crates/bench/benches/engine.rs`: large enough that every
-/// call is admitted, so both sides do the same work.
-const TOKEN_BUCKET: &str = "[[limit]]\nname = \"tb\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 1000\nrefill = \"1000000/s\"\n";
+// The quotas of `crates/bench/benches/engine.rs`: large enough that every
+// call is admitted, so both sides do the same work.
+
+/// A token bucket named `name`.
+fn token_bucket(name: &str) -> String {
+    format!("[[limit]]\nname = \"{name}\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 1000\nrefill = \"1000000/s\"\n")
+}
 const FIXED_WINDOW: &str = "[[limit]]\nname = \"fw\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 1000000000\n";
 const SLIDING_WINDOW: &str = "[[limit]]\nname = \"sw\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"sliding_window\"\nevery = \"1m\"\nquota = 1000000000\n";
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(which), Some(Ok(n))) = (args.get(1), args.get(2).map(|n| n.parse::<usize>())) else {
-        eprintln!("usage: engine-instructions governor|tollgate|tollgate-three N");
+        eprintln!(
+            "usage: engine-instructions governor|tollgate|tollgate-three|tollgate-three-buckets N"
+        );
         std::process::exit(2);
     };
     let keys: Vec<String> = (0..KEYS).map(|k| format!("tenant-{k:06}")).collect();
@@ -41,11 +48,11 @@ fn main() {
                 .filter(|i| black_box(gov.check_key(&keys[i % KEYS]).is_ok()))
                 .count()
         }
-        "tollgate" | "tollgate-three" => {
-            let limits = if which == "tollgate" {
-                TOKEN_BUCKET.to_string()
-            } else {
-                format!("{TOKEN_BUCKET}{FIXED_WINDOW}{SLIDING_WINDOW}")
+        "tollgate" | "tollgate-three" | "tollgate-three-buckets" => {
+            let limits = match which.as_str() {
+                "tollgate" => token_bucket("tb"),
+                "tollgate-three" => format!("{}{FIXED_WINDOW}{SLIDING_WINDOW}", token_bucket("tb")),
+                _ => ["tb", "tb2", "tb3"].map(token_bucket).concat(),
             };
             let text = format!("[store]\nmax_keys = 10000000\n{limits}");
             let policy = parse(&text, &NoProfiles).expect("policy");
@@ -70,7 +77,7 @@ fn main() {
                 .count()
         }
         other => {
-            eprintln!("unknown limiter {other}: governor, tollgate or tollgate-three");
+            eprintln!("unknown limiter {other}: governor, tollgate, tollgate-three or tollgate-three-buckets");
             std::process::exit(2);
         }
     };

@@ -48,9 +48,10 @@ impl SlidingWindowParams {
 }
 
 /// `head` is the newest sub-window written; `counts` is a ring over
-/// sub-windows `head + 1 - ring ..= head`; `total` is their sum and `oldest`
-/// the oldest one holding anything (or `head`), so the usual decision costs
-/// O(1), not O(segments).
+/// sub-windows `head + 1 - ring ..= head`, the head's at `head_slot` and each
+/// older one a place behind; `total` is their sum and `oldest` the oldest one
+/// holding anything (or `head`), so the usual decision costs O(1), not
+/// O(segments), and no division by the ring's length.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SlidingWindowState {
     /// The newest sub-window written.
@@ -61,6 +62,33 @@ pub struct SlidingWindowState {
     pub total: u64,
     /// The oldest sub-window holding anything.
     pub oldest: u64,
+    /// Where in `counts` the head's count is.
+    pub head_slot: u32,
+}
+
+impl SlidingWindowState {
+    /// Where in `counts` sub-window `segment` is kept: it must be one of
+    /// the ring's (`head - segment < counts.len()`).
+    #[inline]
+    fn slot(&self, segment: u64) -> usize {
+        let back = (self.head - segment) as usize;
+        let head = self.head_slot as usize;
+        if back <= head {
+            head - back
+        } else {
+            head + self.counts.len() - back
+        }
+    }
+
+    /// The slot after `slot`, around the ring.
+    #[inline]
+    fn next(&self, slot: usize) -> usize {
+        if slot + 1 == self.counts.len() {
+            0
+        } else {
+            slot + 1
+        }
+    }
 }
 
 /// A sliding window bound to one key's state, as the decision reads it.
@@ -78,7 +106,7 @@ impl SlidingWindow<'_> {
         if s.counts.is_empty() || segment > s.head || s.head - segment >= self.params.ring() {
             return 0;
         }
-        s.counts[(segment % self.params.ring()) as usize]
+        s.counts[s.slot(segment)]
     }
 
     /// The oldest sub-window from `first` on that holds anything.
@@ -89,28 +117,25 @@ impl SlidingWindow<'_> {
             return None;
         }
         let first = first.max(s.oldest).max((s.head + 1).saturating_sub(ring));
-        // Walk the ring without a division per step.
-        let mut slot = (first % ring) as usize;
+        let mut slot = s.slot(first);
         for segment in first..=s.head {
             if s.counts[slot] > 0 {
                 return Some(segment);
             }
-            slot += 1;
-            if slot == s.counts.len() {
-                slot = 0;
-            }
+            slot = s.next(slot);
         }
         None
     }
 
     /// Units counted by a decision at `t`: sub-windows `first(t) ..= head`.
     fn counted(&self, t: Nanos) -> u64 {
+        self.counted_from(self.params.first(t))
+    }
+
+    /// Units in sub-windows `first ..= head`.
+    fn counted_from(&self, first: u64) -> u64 {
         let s = &self.state;
-        if s.counts.is_empty() {
-            return 0;
-        }
-        let first = self.params.first(t);
-        if first > s.head {
+        if s.counts.is_empty() || first > s.head {
             return 0;
         }
         let oldest = (s.head + 1).saturating_sub(self.params.ring());
@@ -124,22 +149,30 @@ impl SlidingWindow<'_> {
         if s.counts.is_empty() {
             s.counts = vec![0; ring as usize].into_boxed_slice();
             s.head = segment;
+            s.head_slot = 0;
             s.oldest = segment;
         }
         if segment > s.head {
-            let gap = (segment - s.head).min(ring);
-            for i in 1..=gap {
-                let slot = &mut s.counts[((s.head + i) % ring) as usize];
-                s.total = s.total.saturating_sub(*slot);
-                *slot = 0;
+            // The sub-windows from the head's on to `segment` start empty.
+            if segment - s.head >= ring {
+                s.counts.fill(0);
+                s.total = 0;
+            } else {
+                let mut slot = s.head_slot as usize;
+                for _ in s.head..segment {
+                    slot = s.next(slot);
+                    s.total = s.total.saturating_sub(s.counts[slot]);
+                    s.counts[slot] = 0;
+                }
+                s.head_slot = slot as u32;
             }
             s.head = segment;
         }
         if s.head - segment >= ring {
             return; // older than any window that is still counted
         }
-        let slot = &mut s.counts[(segment % ring) as usize];
-        *slot = slot.saturating_add(amount);
+        let slot = s.slot(segment);
+        s.counts[slot] = s.counts[slot].saturating_add(amount);
         s.total = s.total.saturating_add(amount);
         // Keep `oldest` on the oldest sub-window holding anything (it only
         // moves forward, so this is O(1) amortised).
@@ -147,8 +180,12 @@ impl SlidingWindow<'_> {
         if amount > 0 && segment < s.oldest {
             s.oldest = segment;
         }
-        while s.oldest < s.head && s.counts[(s.oldest % ring) as usize] == 0 {
-            s.oldest += 1;
+        if s.oldest < s.head {
+            let mut slot = s.slot(s.oldest);
+            while s.oldest < s.head && s.counts[slot] == 0 {
+                s.oldest += 1;
+                slot = s.next(slot);
+            }
         }
     }
 }
@@ -188,10 +225,11 @@ impl Meter for SlidingWindow<'_> {
 
     fn usage(&self, now: Nanos) -> Usage {
         let p = self.params;
-        let counted = self.counted(now);
+        let first = p.first(now);
+        let counted = self.counted_from(first);
         let reset = match counted {
             0 => 0,
-            _ => self.oldest_counted(p.first(now)).map_or(0, |i| {
+            _ => self.oldest_counted(first).map_or(0, |i| {
                 ((i + 1) * p.segment + p.every - 1).saturating_sub(now)
             }),
         };
@@ -265,5 +303,118 @@ mod tests {
         };
         m.commit(0, 1, 0);
         assert_eq!(m.earliest(0, 1, 0), Earliest::At(18));
+    }
+
+    /// The sub-windows as a plain map, for the ring to be held to.
+    #[derive(Default)]
+    struct Model {
+        counts: std::collections::BTreeMap<u64, u64>,
+        head: Option<u64>,
+    }
+
+    impl Model {
+        fn add(&mut self, p: &SlidingWindowParams, segment: u64, amount: u64) {
+            let head = self.head.map_or(segment, |head| head.max(segment));
+            self.head = Some(head);
+            self.counts.retain(|&s, _| s + p.ring() > head);
+            if segment + p.ring() > head {
+                *self.counts.entry(segment).or_default() += amount;
+            }
+        }
+        /// Units a decision at `t` counts.
+        fn counted(&self, p: &SlidingWindowParams, t: Nanos) -> u64 {
+            self.counts.range(p.first(t)..).map(|(_, c)| c).sum()
+        }
+        /// The first instant from `from` on that admits `cost`, found by
+        /// trying every nanosecond.
+        fn earliest(&self, p: &SlidingWindowParams, cost: u64, from: Nanos) -> Earliest {
+            if cost > p.quota {
+                return Earliest::Never { capacity: p.quota };
+            }
+            let within = from + p.every + 3 * p.segment;
+            let t = (from..=within).find(|&t| self.counted(p, t) + cost <= p.quota);
+            Earliest::At(t.expect("a window empties within every + a sub-window"))
+        }
+        fn usage(&self, p: &SlidingWindowParams, now: Nanos) -> Usage {
+            let counted = self.counted(p, now);
+            let oldest = (self.counts.range(p.first(now)..)).find(|(_, &c)| c > 0);
+            Usage {
+                remaining: p.quota.saturating_sub(counted),
+                reset: match (counted, oldest) {
+                    (0, _) | (_, None) => 0,
+                    (_, Some((&i, _))) => ((i + 1) * p.segment + p.every - 1).saturating_sub(now),
+                },
+            }
+        }
+        fn at_rest(&self, p: &SlidingWindowParams, now: Nanos) -> bool {
+            self.head.is_none_or(|head| p.first(now) > head)
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// Commit `cost` now.
+        Now(u64),
+        /// Commit `cost` at the start of the next sub-window, if reservable.
+        Ahead(u64),
+        /// Debit `amount` now (a latency limit's completion).
+        Debit(u64),
+    }
+
+    fn any_step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (0u64..=4).prop_map(Step::Now),
+            (1u64..=3).prop_map(Step::Ahead),
+            (0u64..=3).prop_map(Step::Debit),
+        ]
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+
+        /// The ring, its head's place and its running sums say what the
+        /// plain map says, at every step, however far time jumps.
+        #[test]
+        fn the_ring_reads_as_a_plain_map_of_sub_windows(
+            quota in 1u64..=6,
+            every in 2u64..=60,
+            segments in 1u32..=12,
+            steps in proptest::collection::vec((0u64..=90, any_step()), 1..60),
+        ) {
+            let p = SlidingWindowParams::new(quota, every.max(u64::from(segments)), segments);
+            let mut st = SlidingWindowState::default();
+            let mut model = Model::default();
+            let mut now = 0;
+            for (dt, step) in steps {
+                now += dt;
+                let mut m = SlidingWindow { params: &p, state: &mut st };
+                match step {
+                    Step::Now(cost) => {
+                        m.commit(now, cost, now);
+                        model.add(&p, now / p.segment, cost);
+                    }
+                    Step::Ahead(cost) => {
+                        let at = (now / p.segment + 1) * p.segment;
+                        if m.reservable(now, at) {
+                            m.commit(now, cost, at);
+                            model.add(&p, at / p.segment, cost);
+                        }
+                    }
+                    Step::Debit(amount) => {
+                        m.debit(now, amount);
+                        model.add(&p, now / p.segment, amount);
+                    }
+                }
+                for cost in 1..=quota + 1 {
+                    prop_assert_eq!(m.earliest(now, cost, now), model.earliest(&p, cost, now), "cost {} at {}", cost, now);
+                }
+                prop_assert_eq!(m.usage(now), model.usage(&p, now), "usage at {}", now);
+                prop_assert_eq!(m.at_rest(now), model.at_rest(&p, now), "at rest at {}", now);
+                let later = now + p.every / 2;
+                prop_assert_eq!(m.usage(later), model.usage(&p, later), "usage at {}", later);
+            }
+        }
     }
 }

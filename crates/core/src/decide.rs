@@ -109,17 +109,42 @@ const MAX_ROUNDS: usize = 64;
 /// only if every enforcing limit admits it (after a hold, when one allows
 /// it), and then charged to all of them.
 pub fn decide<M: Meter>(now: Nanos, slots: &mut [Slot<M>]) -> Decision {
-    // The usual request, every limit enforcing with room now, needs none of
-    // the combination below.
-    if let [slot] = slots {
-        if let Some(decision) = admit_single_now(now, slot) {
-            return decision;
-        }
-    } else if let Some(decision) = admit_all_now(now, slots) {
-        return decision;
+    match slots {
+        [slot] => decide_one(now, slot),
+        _ => decide_several(now, slots),
     }
+}
+
+/// `decide` for a request under one limit.
+#[inline]
+pub fn decide_one<M: Meter>(now: Nanos, slot: &mut Slot<M>) -> Decision {
+    // The usual request, with room now, needs none of the combination.
+    match admit_single_now(now, slot) {
+        Some(decision) => decision,
+        None => combine(now, std::slice::from_mut(slot), 0),
+    }
+}
+
+/// `decide` for a request under several limits.
+fn decide_several<M: Meter>(now: Nanos, slots: &mut [Slot<M>]) -> Decision {
+    // The usual request, every limit enforcing with room now, needs none of
+    // the combination. (Asked in order up to the first that does not admit
+    // now: `combine` asks only from that one on.)
+    let admitting = (slots.iter())
+        .take_while(|s| !s.shadow && s.meter.earliest(now, s.cost, now) == Earliest::At(now))
+        .count();
+    if admitting == slots.len() {
+        return admit_all_now(now, slots);
+    }
+    combine(now, slots, admitting)
+}
+
+/// The decision over every limit, the first `admitting` of which are
+/// enforcing and admit at `now`.
+fn combine<M: Meter>(now: Nanos, slots: &mut [Slot<M>], admitting: usize) -> Decision {
     let mut own: SmallVec<[Earliest; 4]> = SmallVec::new();
-    for s in slots.iter() {
+    own.resize(admitting, Earliest::At(now));
+    for s in &slots[admitting..] {
         own.push(s.meter.earliest(now, s.cost, now));
     }
 
@@ -189,7 +214,7 @@ pub fn decide<M: Meter>(now: Nanos, slots: &mut [Slot<M>]) -> Decision {
 /// One enforcing slot that admits at `now`: commit and report, or `None` to
 /// take the general path (shadow, hold, denial, never).
 #[inline]
-pub fn admit_single_now<M: Meter>(now: Nanos, s: &mut Slot<M>) -> Option<Decision> {
+fn admit_single_now<M: Meter>(now: Nanos, s: &mut Slot<M>) -> Option<Decision> {
     if s.shadow || s.meter.earliest(now, s.cost, now) != Earliest::At(now) {
         return None;
     }
@@ -211,14 +236,9 @@ pub fn admit_single_now<M: Meter>(now: Nanos, s: &mut Slot<M>) -> Option<Decisio
 }
 
 /// Every slot enforcing and admitting at `now`, the usual request under
-/// several limits: commit each and report (what the general path would,
-/// without its bookkeeping), or `None` to take the general path.
-fn admit_all_now<M: Meter>(now: Nanos, slots: &mut [Slot<M>]) -> Option<Decision> {
-    let admits_now =
-        |s: &Slot<M>| !s.shadow && s.meter.earliest(now, s.cost, now) == Earliest::At(now);
-    if !slots.iter().all(admits_now) {
-        return None;
-    }
+/// several limits: commit each and report (what `combine` would, without
+/// its bookkeeping).
+fn admit_all_now<M: Meter>(now: Nanos, slots: &mut [Slot<M>]) -> Decision {
     let mut decision = Decision {
         verdict: Verdict::Admit { delay: 0 },
         outcomes: SmallVec::new(),
@@ -227,7 +247,7 @@ fn admit_all_now<M: Meter>(now: Nanos, slots: &mut [Slot<M>]) -> Option<Decision
         s.meter.commit(now, s.charge, now);
         decision.outcomes.push(Outcome::of(s, now, true, None));
     }
-    Some(decision)
+    decision
 }
 
 /// The smallest instant at which every enforcing slot admits, and whether

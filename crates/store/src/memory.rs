@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tollgate_core::algo::{Meter, Usage};
 use tollgate_core::carry::{self, Carry};
+use tollgate_core::decide::decide_one;
 use tollgate_core::policy::{AlgorithmKind, Limit, Params, Policy};
 use tollgate_core::{decide, Decision, Item, Nanos, Slot};
 
@@ -263,7 +264,7 @@ impl WithMeter for DecideOne<'_> {
     #[inline]
     fn run<M: Meter>(self, meter: M) -> Decision {
         let mut slot = slot(meter, self.item, self.limit, self.hold);
-        decide(self.now, std::slice::from_mut(&mut slot))
+        decide_one(self.now, &mut slot)
         // (the meter, dropped here, writes an inline state back)
     }
 }

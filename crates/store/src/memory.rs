@@ -521,15 +521,15 @@ impl MemoryStore {
         &self.placed(item).table
     }
 
-    /// The parameters a key of `placed` in `shard` is decided with: this
-    /// store's (`ours`), unless a later reload reshaped the shard (this is
-    /// the old store, finishing up): then the reshaped ones.
+    /// The parameters a key of `placed` in a shard in `shape` is decided
+    /// with: this store's (`ours`), unless a later reload reshaped the shard
+    /// (this is the old store, finishing up): then the reshaped ones.
     fn params<'p>(&self, placed: &Placed, shape: u32, ours: &'p Params) -> Cow<'p, Params> {
         Self::reshaped(placed, shape).map_or(Cow::Borrowed(ours), Cow::Owned)
     }
 
-    /// The parameters a later reload reshaped `shard` of `placed` to, if it
-    /// did (usually not).
+    /// The parameters a later reload reshaped a shard of `placed` to, if its
+    /// `shape` says it did (usually not).
     #[inline]
     fn reshaped(placed: &Placed, shape: u32) -> Option<Params> {
         if shape == placed.shape {

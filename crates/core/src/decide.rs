@@ -121,8 +121,14 @@ pub fn decide_one<M: Meter>(now: Nanos, s: &mut Slot<M>) -> Decision {
     // The usual request, enforced and with room now, needs none of the
     // combination. (Built and returned here, not through an `Option`: each
     // move of the decision's 208 bytes is a copy.)
-    if s.shadow || s.meter.earliest(now, s.cost, now) != Earliest::At(now) {
-        return combine(now, std::slice::from_mut(s), 0);
+    if s.shadow {
+        return combine(now, std::slice::from_mut(s), SmallVec::new());
+    }
+    let earliest = s.meter.earliest(now, s.cost, now);
+    if earliest != Earliest::At(now) {
+        let mut asked = SmallVec::new();
+        asked.push(earliest);
+        return combine(now, std::slice::from_mut(s), asked);
     }
     s.meter.commit(now, s.charge, now);
     let usage = s.meter.usage(now);
@@ -145,22 +151,37 @@ pub fn decide_one<M: Meter>(now: Nanos, s: &mut Slot<M>) -> Decision {
 fn decide_several<M: Meter>(now: Nanos, slots: &mut [Slot<M>]) -> Decision {
     // The usual request, every limit enforcing with room now, needs none of
     // the combination. (Asked in order up to the first that does not admit
-    // now: `combine` asks only from that one on.)
+    // now, whose answer `combine` is given with theirs.)
+    let mut refusing = None;
     let admitting = (slots.iter())
-        .take_while(|s| !s.shadow && s.meter.earliest(now, s.cost, now) == Earliest::At(now))
+        .take_while(|s| {
+            if s.shadow {
+                return false;
+            }
+            let earliest = s.meter.earliest(now, s.cost, now);
+            let admits = earliest == Earliest::At(now);
+            refusing = (!admits).then_some(earliest);
+            admits
+        })
         .count();
     if admitting == slots.len() {
         return admit_all_now(now, slots);
     }
-    combine(now, slots, admitting)
+    let mut asked = SmallVec::new();
+    asked.resize(admitting, Earliest::At(now));
+    asked.extend(refusing);
+    combine(now, slots, asked)
 }
 
-/// The decision over every limit, the first `admitting` of which are
-/// enforcing and admit at `now`.
-fn combine<M: Meter>(now: Nanos, slots: &mut [Slot<M>], admitting: usize) -> Decision {
-    let mut own: SmallVec<[Earliest; 4]> = SmallVec::new();
-    own.resize(admitting, Earliest::At(now));
-    for s in &slots[admitting..] {
+/// The decision over every limit, given what the first few were asked
+/// already (`asked`: their earliest instants from `now`, in slot order).
+fn combine<M: Meter>(
+    now: Nanos,
+    slots: &mut [Slot<M>],
+    asked: SmallVec<[Earliest; 4]>,
+) -> Decision {
+    let mut own = asked;
+    for s in &slots[own.len()..] {
         own.push(s.meter.earliest(now, s.cost, now));
     }
 

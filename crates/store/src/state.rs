@@ -127,13 +127,19 @@ impl AnyState {
             (Params::Concurrency(params), AnyState::Concurrency(in_flight)) => {
                 AnyMeter::Concurrency(Concurrency { params, in_flight })
             }
-            (params, state) => {
-                // A table is built for one algorithm, so this cannot happen.
-                debug_assert!(false, "state {state:?} under params {params:?}");
-                *state = AnyState::fresh(params);
-                state.meter(params)
-            }
+            (params, state) => state.refreshed(params),
         }
+    }
+
+    /// A state that does not fit `params` made fresh under them, as a
+    /// meter. A table is built for one algorithm, so this cannot happen.
+    /// (apart and cold: kept in `meter`, its recursion stops `meter` being inlined)
+    #[cold]
+    #[inline(never)]
+    fn refreshed<'a>(&'a mut self, params: &'a Params) -> AnyMeter<'a> {
+        debug_assert!(false, "state {self:?} under params {params:?}");
+        *self = AnyState::fresh(params);
+        self.meter(params)
     }
 }
 

@@ -150,26 +150,28 @@ pub fn decide_one<M: Meter>(now: Nanos, s: &mut Slot<M>) -> Decision {
 /// `decide` for a request under several limits.
 fn decide_several<M: Meter>(now: Nanos, slots: &mut [Slot<M>]) -> Decision {
     // The usual request, every limit enforcing with room now, needs none of
-    // the combination. (Asked in order up to the first that does not admit
-    // now, whose answer `combine` is given with theirs.)
-    let mut refusing = None;
-    let admitting = (slots.iter())
-        .take_while(|s| {
-            if s.shadow {
-                return false;
-            }
-            let earliest = s.meter.earliest(now, s.cost, now);
-            let admits = earliest == Earliest::At(now);
-            refusing = (!admits).then_some(earliest);
-            admits
-        })
-        .count();
+    // the combination. The limits are asked in order up to the first that
+    // does not admit now (a hold may still let it wait) or that only
+    // reports (a shadow, left unasked); `combine` is given the answers.
+    let mut admitting = 0;
+    let mut first_not_now = None;
+    for s in slots.iter() {
+        if s.shadow {
+            break;
+        }
+        let earliest = s.meter.earliest(now, s.cost, now);
+        if earliest != Earliest::At(now) {
+            first_not_now = Some(earliest);
+            break;
+        }
+        admitting += 1;
+    }
     if admitting == slots.len() {
         return admit_all_now(now, slots);
     }
     let mut asked = SmallVec::new();
     asked.resize(admitting, Earliest::At(now));
-    asked.extend(refusing);
+    asked.extend(first_not_now);
     combine(now, slots, asked)
 }
 
@@ -574,5 +576,52 @@ mod tests {
             }
         );
         assert_eq!(tat, GcraState::default());
+    }
+
+    proptest::proptest! {
+        /// The shortcuts (one limit; several, each asked once) decide as
+        /// the general path asked afresh, and leave the same states.
+        #[test]
+        fn the_shortcuts_decide_as_the_general_path(
+            limits in proptest::collection::vec(
+                // (capacity, seconds per unit, shadow, hold in seconds, cost)
+                (1u64..=4, 1u64..=5, proptest::bool::weighted(0.2), 0u64..=3, 1u64..=5),
+                1..=4,
+            ),
+            steps in proptest::collection::vec(0u64..=3, 1..30),
+        ) {
+            let params: Vec<GcraParams> = (limits.iter())
+                .map(|&(capacity, per, ..)| GcraParams::new(capacity, per * S))
+                .collect();
+            let mut shortcut = vec![GcraState::default(); limits.len()];
+            let mut general = shortcut.clone();
+            let mut now = 100 * S;
+            for dt in steps {
+                now += dt * S / 2;
+                let decide_on = |states: &mut [GcraState], general_path: bool| {
+                    let mut meters: Vec<Gcra> = (params.iter().zip(states.iter_mut()))
+                        .map(|(params, tat)| Gcra { params, tat })
+                        .collect();
+                    let mut slots: Vec<Slot<&mut dyn Meter>> = (meters.iter_mut().zip(&limits))
+                        .map(|(meter, &(_, _, shadow, hold, cost))| Slot {
+                            meter: meter as &mut dyn Meter,
+                            cost,
+                            charge: cost,
+                            hold: hold * S,
+                            shadow,
+                        })
+                        .collect();
+                    if general_path {
+                        combine(now, &mut slots, SmallVec::new())
+                    } else {
+                        decide(now, &mut slots)
+                    }
+                };
+                let by_shortcut = decide_on(&mut shortcut, false);
+                let by_general_path = decide_on(&mut general, true);
+                proptest::prop_assert_eq!(by_shortcut, by_general_path);
+                proptest::prop_assert_eq!(&shortcut, &general);
+            }
+        }
     }
 }

@@ -18,7 +18,7 @@ pub mod units;
 
 pub use clock::{Clock, FakeClock};
 pub use config::{parse, parse_upstreams, ConfigError, NoProfiles, ProfileSource, UpstreamPolicy};
-pub use decide::{decide, Decision, Outcome, Slot, Verdict};
+pub use decide::{decide, decide_one, Decision, Outcome, Slot, Verdict};
 pub use policy::Policy;
 pub use request::{Attrs, Descriptor, Item, Request, RequestError};
 pub use units::Nanos;

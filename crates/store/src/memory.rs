@@ -36,9 +36,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tollgate_core::algo::{Meter, Usage};
 use tollgate_core::carry::{self, Carry};
-use tollgate_core::decide::decide_one;
 use tollgate_core::policy::{AlgorithmKind, Limit, Params, Policy};
-use tollgate_core::{decide, Decision, Item, Nanos, Slot};
+use tollgate_core::{decide, decide_one, Decision, Item, Nanos, Slot};
 
 const SHARDS: usize = 64;
 
@@ -304,6 +303,10 @@ pub struct MemoryStore {
     hasher: foldhash::fast::RandomState,
     counters: Arc<Counters>,
     max_keys: usize,
+    /// Whether the tables' ids rise with their place in `tables`, so that
+    /// items in limit order (as `plan` gives them) come in table order.
+    /// Not after a reload that put a new table before a shared one.
+    ids_in_place_order: bool,
 }
 
 impl MemoryStore {
@@ -495,12 +498,14 @@ impl MemoryStore {
                 });
             }
         }
+        let ids_in_place_order = tables.windows(2).all(|w| w[0].table.id < w[1].table.id);
         MemoryStore {
             tables,
             first,
             hasher,
             counters,
             max_keys: policy.store.max_keys,
+            ids_in_place_order,
         }
     }
 
@@ -665,14 +670,14 @@ impl MemoryStore {
         for (i, ((shard, hash), item)) in guards.iter_mut().zip(items).enumerate() {
             match self.find(policy, shard, *hash, item, params.of(i, item), now) {
                 Ok(f) => found.push(f),
-                Err(full) => {
+                Err(error) => {
                     // Give back the places counted for the new keys before it.
                     for (f, item) in found.into_iter().zip(items) {
                         if matches!(f, Found::New(..)) {
                             self.table(item).forget(1);
                         }
                     }
-                    return Err(full);
+                    return Err(error);
                 }
             }
         }
@@ -704,8 +709,12 @@ impl MemoryStore {
     /// The shards of `items`, locked in table-id order, in item order.
     fn lock_all(&self, items: &[Item]) -> SmallVec<[Locked<'_>; 4]> {
         // Items usually come in table order: lock as they come, and only if
-        // one does not, let go and lock them again in order.
+        // one does not, let go and lock them again in order. (A store whose
+        // tables are out of order, after some reloads, sorts them at once.)
         // (pushed, not collected: `collect` builds the vector aside and copies it)
+        if !self.ids_in_place_order {
+            return self.lock_in_table_order(items);
+        }
         let mut locked = SmallVec::new();
         let mut last = None;
         for item in items {
@@ -722,7 +731,6 @@ impl MemoryStore {
     }
 
     /// `lock_all` for items out of table order.
-    #[cold]
     fn lock_in_table_order(&self, items: &[Item]) -> SmallVec<[Locked<'_>; 4]> {
         let mut order: SmallVec<[usize; 4]> = (0..items.len()).collect();
         order.sort_unstable_by_key(|&i| self.table(&items[i]).id);
@@ -762,6 +770,7 @@ impl MemoryStore {
                     hash_table::Entry::Vacant(place) => place,
                     // (cannot be: making room only takes keys out)
                     hash_table::Entry::Occupied(entry) => {
+                        debug_assert!(false, "making room put a key in");
                         self.table(item).forget(1);
                         return Ok(Found::Kept(entry.into_mut()));
                     }

@@ -87,6 +87,7 @@ macro_rules! conformance {
             a_reload_moves_a_keys_use_into_and_out_of_its_override,
             a_reload_that_adds_an_override_and_a_rate_carries_the_keys_units,
             a_reload_that_changes_what_counts_mean_starts_fresh,
+            a_reload_that_puts_a_new_limit_before_a_kept_one_decides_both,
         );
     };
     (@each $store:ident: $backend:ty; $($test:ident),* $(,)?) => {
@@ -892,6 +893,33 @@ fn a_reload_that_adds_a_tier_keeps_each_pools_use<B: Backend>() {
     let removed = reload(&added, &tiered(&format!("{minute}, {day}")), T0);
     assert_eq!(admits(&removed, &a, T0), 0);
     assert_eq!(admits(&removed, &a, T0 + MINUTE), 2);
+}
+
+fn a_reload_that_puts_a_new_limit_before_a_kept_one_decides_both<B: Backend>() {
+    let a = tenant("a");
+    let b: B = open(&hourly(3, ""));
+    assert_eq!(admits(&b, &a, T0), 3);
+    let b = reload(&b, &hourly(5, ""), T0 + HOUR);
+    assert!(admitted(&decide(&b, &a, T0 + HOUR)));
+    // A new limit placed first, the hourly one kept as it is: a request is
+    // decided by both, all or nothing (in the memory store the new limit's
+    // table comes after the kept one's in locking order).
+    let burst = "[[limit]]\nname = \"burst\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"token_bucket\"\ncapacity = 2\nrefill = \"1/h\"\n\n";
+    let both = reload(&b, &format!("{burst}{}", hourly(5, "")), T0 + HOUR);
+    assert_eq!(
+        admits(&both, &a, T0 + HOUR),
+        2,
+        "the new bucket binds first"
+    );
+    let d = decide(&both, &a, T0 + HOUR);
+    assert!(!admitted(&d));
+    assert_eq!(d.outcomes.len(), 2);
+    assert_eq!(
+        d.outcomes[1].remaining, 2,
+        "the hour kept its 1 and took 2 more"
+    );
+    // In the next hour the hourly window is whole, the bucket has 1 token.
+    assert_eq!(admits(&both, &a, T0 + 2 * HOUR), 1);
 }
 
 fn a_reload_keeps_requests_in_flight<B: Backend>() {

@@ -62,7 +62,8 @@ pub struct SlidingWindowState {
     pub total: u64,
     /// The oldest sub-window holding anything.
     pub oldest: u64,
-    /// Where in `counts` the head's count is.
+    /// Where in `counts` the head's count is (below `counts.len()`, at
+    /// most 1000 segments; a state built by hand with a ring starts at 0).
     pub head_slot: u32,
 }
 
@@ -155,6 +156,8 @@ impl SlidingWindow<'_> {
         if segment > s.head {
             // The sub-windows from the head's on to `segment` start empty.
             if segment - s.head >= ring {
+                // Every sub-window is empty: any slot can hold the head, so
+                // the head's stays where it is.
                 s.counts.fill(0);
                 s.total = 0;
             } else {

@@ -618,8 +618,9 @@ impl MemoryStore {
     }
 
     /// Several limits: their shards are locked in table order, each key is
-    /// found with one probe (or placed, room made for it if the store is
-    /// full), and the core decides over all of them.
+    /// found with one probe (a request with a new key probes again, to
+    /// place it, room made for it if the store is full), and the core
+    /// decides over all of them.
     fn decide_many(
         &self,
         policy: &Policy,

@@ -338,15 +338,21 @@ mod tests {
             let t = (from..=within).find(|&t| self.counted(p, t) + cost <= p.quota);
             Earliest::At(t.expect("a window empties within every + a sub-window"))
         }
+        /// What is left at `now`, and how long until some of what is
+        /// counted rolls off, found by trying every nanosecond.
         fn usage(&self, p: &SlidingWindowParams, now: Nanos) -> Usage {
             let counted = self.counted(p, now);
-            let oldest = (self.counts.range(p.first(now)..)).find(|(_, &c)| c > 0);
+            let reset = match counted {
+                0 => 0,
+                _ => {
+                    let within = now + p.every + 3 * p.segment;
+                    let t = (now + 1..=within).find(|&t| self.counted(p, t) < counted);
+                    t.expect("a sub-window rolls off within every + a sub-window") - now
+                }
+            };
             Usage {
                 remaining: p.quota.saturating_sub(counted),
-                reset: match (counted, oldest) {
-                    (0, _) | (_, None) => 0,
-                    (_, Some((&i, _))) => ((i + 1) * p.segment + p.every - 1).saturating_sub(now),
-                },
+                reset,
             }
         }
         fn at_rest(&self, p: &SlidingWindowParams, now: Nanos) -> bool {

@@ -971,7 +971,9 @@ impl MemoryStore {
 
     /// Claim a place for a new key in a shard (its `keys`, in `shape`); if
     /// the store is full, first evict at-rest keys from this shard, then (at
-    /// most once a second) from every shard not locked right now.
+    /// most once a second) from every shard not locked right now. (A caller
+    /// whose own claim failed comes here: the claim is tried once more
+    /// first, as another request may have given a place back since.)
     fn make_room(
         &self,
         policy: &Policy,

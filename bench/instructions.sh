@@ -27,16 +27,17 @@ count() { # subject decisions -> instructions
         awk '/I *refs:/ { gsub(",", "", $NF); print $NF }'
 }
 declare -A per
-for subject in governor tollgate tollgate-three tollgate-three-buckets; do
+for subject in governor tollgate tollgate-three tollgate-three-buckets tollgate-tiered; do
     base=$(count "$subject" 0)
     total=$(count "$subject" "$n")
     per[$subject]=$(( (total - base) / n ))
     printf '%-22s %6d instructions a decision\n' "$subject" "${per[$subject]}"
 done
-python3 - "${per[governor]}" "${per[tollgate]}" "${per[tollgate-three]}" "${per[tollgate-three-buckets]}" <<'PY'
+python3 - "${per[governor]}" "${per[tollgate]}" "${per[tollgate-three]}" "${per[tollgate-three-buckets]}" "${per[tollgate-tiered]}" <<'PY'
 import sys
-gov, one, three, buckets = map(int, sys.argv[1:])
+gov, one, three, buckets, tiered = map(int, sys.argv[1:])
 print(f"keyed token bucket: tollgate / governor = {one / gov:.2f}x")
 print(f"three limits (token bucket + fixed + sliding window, one key) / one token bucket = {three / one:.2f}x")
 print(f"three token buckets (one key) / one = {buckets / one:.2f}x (what combining limits costs, without the windows' own work)")
+print(f"tiered (minute, hour and day pools) / one token bucket = {tiered / one:.2f}x")
 PY

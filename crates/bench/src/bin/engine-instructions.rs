@@ -5,8 +5,9 @@
 //! instructions N decisions take: a count that, unlike time on a shared VM,
 //! does not move from run to run.
 //!
-//! usage: engine-instructions governor|tollgate|tollgate-three|tollgate-three-buckets N
+//! usage: engine-instructions governor|tollgate|tollgate-three|tollgate-three-buckets|tollgate-tiered N
 //! (three buckets: what combining three limits costs over the algorithms' own work)
+//! (tiered: one limit of minute, hour and day pools)
 
 use governor::{Quota, RateLimiter};
 use std::hint::black_box;
@@ -26,12 +27,13 @@ fn token_bucket(name: &str) -> String {
 }
 const FIXED_WINDOW: &str = "[[limit]]\nname = \"fw\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 1000000000\n";
 const SLIDING_WINDOW: &str = "[[limit]]\nname = \"sw\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"sliding_window\"\nevery = \"1m\"\nquota = 1000000000\n";
+const TIERED: &str = "[[limit]]\nname = \"tiers\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"tiered\"\ntiers = [ { every = \"1m\", quota = 1000000000 }, { every = \"1h\", quota = 1000000000 }, { every = \"1d\", quota = 1000000000 } ]\n";
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(which), Some(Ok(n))) = (args.get(1), args.get(2).map(|n| n.parse::<usize>())) else {
         eprintln!(
-            "usage: engine-instructions governor|tollgate|tollgate-three|tollgate-three-buckets N"
+            "usage: engine-instructions governor|tollgate|tollgate-three|tollgate-three-buckets|tollgate-tiered N"
         );
         std::process::exit(2);
     };
@@ -48,10 +50,11 @@ fn main() {
                 .filter(|i| black_box(gov.check_key(&keys[i % KEYS]).is_ok()))
                 .count()
         }
-        "tollgate" | "tollgate-three" | "tollgate-three-buckets" => {
+        "tollgate" | "tollgate-three" | "tollgate-three-buckets" | "tollgate-tiered" => {
             let limits = match which.as_str() {
                 "tollgate" => token_bucket("tb"),
                 "tollgate-three" => format!("{}{FIXED_WINDOW}{SLIDING_WINDOW}", token_bucket("tb")),
+                "tollgate-tiered" => TIERED.to_string(),
                 _ => ["tb", "tb2", "tb3"].map(token_bucket).concat(),
             };
             let text = format!("[store]\nmax_keys = 10000000\n{limits}");
@@ -77,7 +80,7 @@ fn main() {
                 .count()
         }
         other => {
-            eprintln!("unknown limiter {other}: governor, tollgate, tollgate-three or tollgate-three-buckets");
+            eprintln!("unknown limiter {other}: governor, tollgate, tollgate-three, tollgate-three-buckets or tollgate-tiered");
             std::process::exit(2);
         }
     };

@@ -390,6 +390,7 @@ fn report<M: Meter>(now: Nanos, slots: &[Slot<M>], own: &[Earliest], verdict: Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::algo::concurrency::{Concurrency, ConcurrencyParams};
     use crate::algo::fixed_window::{FixedWindow, FixedWindowParams, FixedWindowState};
     use crate::algo::gcra::{Gcra, GcraParams, GcraState};
     use crate::calendar::Calendar;
@@ -580,33 +581,57 @@ mod tests {
 
     proptest::proptest! {
         /// The shortcuts (one limit; several, each asked once) decide as
-        /// the general path asked afresh, and leave the same states.
+        /// the general path asked afresh, and leave the same states:
+        /// buckets and concurrency limits (which only a release makes room
+        /// in), shadows, holds, costs that never fit, and a charge that is
+        /// not the cost (a latency limit's is 0).
         #[test]
         fn the_shortcuts_decide_as_the_general_path(
             limits in proptest::collection::vec(
-                // (capacity, seconds per unit, shadow, hold in seconds, cost)
-                (1u64..=4, 1u64..=5, proptest::bool::weighted(0.2), 0u64..=3, 1u64..=5),
+                // (a concurrency limit, capacity, seconds per unit, shadow,
+                // hold in seconds, cost, charge as a share of the cost)
+                (
+                    proptest::bool::weighted(0.3),
+                    1u64..=4,
+                    1u64..=5,
+                    proptest::bool::weighted(0.2),
+                    0u64..=3,
+                    1u64..=5,
+                    0u64..=2,
+                ),
                 1..=4,
             ),
-            steps in proptest::collection::vec(0u64..=3, 1..30),
+            steps in proptest::collection::vec((0u64..=3, proptest::bool::ANY), 1..30),
         ) {
-            let params: Vec<GcraParams> = (limits.iter())
-                .map(|&(capacity, per, ..)| GcraParams::new(capacity, per * S))
+            let buckets: Vec<GcraParams> = (limits.iter())
+                .map(|&(_, capacity, per, ..)| GcraParams::new(capacity, per * S))
                 .collect();
-            let mut shortcut = vec![GcraState::default(); limits.len()];
-            let mut general = shortcut.clone();
+            let most: Vec<ConcurrencyParams> = (limits.iter())
+                .map(|&(_, capacity, ..)| ConcurrencyParams { max: capacity })
+                .collect();
+            // (each limit's bucket and count; a limit uses one of them)
+            let fresh = vec![(GcraState::default(), 0u64); limits.len()];
+            let (mut shortcut, mut general) = (fresh.clone(), fresh);
             let mut now = 100 * S;
-            for dt in steps {
+            for (dt, release) in steps {
                 now += dt * S / 2;
-                let decide_on = |states: &mut [GcraState], general_path: bool| {
-                    let mut meters: Vec<Gcra> = (params.iter().zip(states.iter_mut()))
-                        .map(|(params, tat)| Gcra { params, tat })
-                        .collect();
+                let decide_on = |states: &mut [(GcraState, u64)], general_path: bool| {
+                    let mut meters: Vec<Box<dyn Meter + '_>> = Vec::new();
+                    for (i, (tat, in_flight)) in states.iter_mut().enumerate() {
+                        if limits[i].0 {
+                            if release {
+                                *in_flight = in_flight.saturating_sub(1);
+                            }
+                            meters.push(Box::new(Concurrency { params: &most[i], in_flight }));
+                        } else {
+                            meters.push(Box::new(Gcra { params: &buckets[i], tat }));
+                        }
+                    }
                     let mut slots: Vec<Slot<&mut dyn Meter>> = (meters.iter_mut().zip(&limits))
-                        .map(|(meter, &(_, _, shadow, hold, cost))| Slot {
-                            meter: meter as &mut dyn Meter,
+                        .map(|(meter, &(_, _, _, shadow, hold, cost, share))| Slot {
+                            meter: meter.as_mut(),
                             cost,
-                            charge: cost,
+                            charge: cost * share / 2,
                             hold: hold * S,
                             shadow,
                         })

@@ -305,7 +305,9 @@ pub struct MemoryStore {
     max_keys: usize,
     /// Whether the tables' ids rise with their place in `tables`, so that
     /// items in limit order (as `plan` gives them) come in table order.
-    /// Not after a reload that put a new table before a shared one.
+    /// Not when some table has a lower id than one before it, as after a
+    /// reload that put a new limit (or a new class's table) before a kept
+    /// one, or reordered kept limits: such a store sorts every time.
     ids_in_place_order: bool,
 }
 
@@ -618,9 +620,9 @@ impl MemoryStore {
     }
 
     /// Several limits: their shards are locked in table order, each key is
-    /// found with one probe (a request with a new key probes again, to
-    /// place it, room made for it if the store is full), and the core
-    /// decides over all of them.
+    /// found with one probe (a request with a new key probes again, for
+    /// the keys found before it too, to place it, room made for it if the
+    /// store is full), and the core decides over all of them.
     fn decide_many(
         &self,
         policy: &Policy,

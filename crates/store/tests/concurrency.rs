@@ -280,3 +280,31 @@ fn the_busiest_keys_are_those_with_the_largest_share_of_a_limit_used() {
     assert_eq!(shown, vec![(0, "b", 1, 10), (0, "c", 5, 10)]);
     assert_eq!(engine.store().busiest(engine.policy(), T0, 10).len(), 3);
 }
+
+#[test]
+fn stores_that_share_tables_in_another_order_lock_them_alike_and_admit_exactly_the_quota() {
+    // A reload that swaps two kept limits: the new store shares both tables
+    // with the old one, in the other order. Requests on both at once must
+    // neither deadlock (each store locks the shared shards in one order) nor
+    // count twice: together they admit the window's quota exactly.
+    let window = "[[limit]]\nname = \"hourly\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 3000\n";
+    let burst = bucket(100_000, "1/h");
+    let old = engine(&format!("{burst}{window}"));
+    let new = old
+        .reloaded(
+            parse(&format!("{window}{burst}"), &NoProfiles).expect("valid"),
+            T0,
+        )
+        .expect("a reload");
+    let req = tenant("acme");
+    let admitted_total = hammer(|i| {
+        let engine = if i % 2 == 0 { &old } else { &new };
+        (0..1_000).filter(|_| admitted(engine, &req, T0)).count() as u64
+    });
+    assert_eq!(admitted_total, 3000);
+    let burst_left = |e: &Engine, slot: usize| {
+        e.check(&req, T0).expect("well-formed").decision.outcomes[slot].remaining
+    };
+    assert_eq!(burst_left(&old, 0), 100_000 - 3000);
+    assert_eq!(burst_left(&new, 1), 100_000 - 3000);
+}

@@ -620,9 +620,9 @@ impl MemoryStore {
     }
 
     /// Several limits: their shards are locked in table order, each key is
-    /// found with one probe (a request with a new key probes again, for
-    /// the keys found before it too, to place it, room made for it if the
-    /// store is full), and the core decides over all of them.
+    /// found with one probe, and the core decides over all of them. A
+    /// request with a new key looks its keys up again (those found before
+    /// it too), to place it, room made for it if the store is full.
     fn decide_many(
         &self,
         policy: &Policy,

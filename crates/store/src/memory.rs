@@ -91,6 +91,15 @@ impl std::ops::DerefMut for Shard {
         &mut self.keys
     }
 }
+
+impl Shard {
+    /// `key`'s entry (its hash `hash`), if the key is tracked here.
+    #[inline]
+    fn tracked(&mut self, hash: u64, key: &str) -> Option<&mut Entry> {
+        self.keys.find_mut(hash, |e| e.key == key)
+    }
+}
+
 /// A locked shard and the key's hash.
 type Locked<'a> = (MutexGuard<'a, Shard>, u64);
 
@@ -463,7 +472,7 @@ impl MemoryStore {
         }
         let table = &self.tables[to].table;
         let mut shard = table.shard(hash).lock();
-        match shard.find_mut(hash, |e| e.key == key) {
+        match shard.tracked(hash, key) {
             Some(entry) => entry.state = state,
             None => {
                 table.claim_over(); // use already counted: never refused
@@ -546,8 +555,14 @@ impl MemoryStore {
     }
 
     fn lock(&self, item: &Item) -> Locked<'_> {
+        self.lock_in(self.table(item), item)
+    }
+
+    /// `item`'s shard of `table` (its own), locked, and its key's hash.
+    #[inline]
+    fn lock_in<'t>(&self, table: &'t Table, item: &Item) -> Locked<'t> {
         let hash = self.hasher.hash_one(item.key.as_str());
-        (self.table(item).shard(hash).lock(), hash)
+        (table.shard(hash).lock(), hash)
     }
 
     /// Decide and commit all of a request's limits at `now`, atomically.
@@ -642,8 +657,7 @@ impl MemoryStore {
             // decision out of an `Option` is a copy of its 208 bytes)
             let mut slots: SmallVec<[Slot<AnyMeter<'_>>; 4]> = SmallVec::new();
             for ((shard, hash), item) in guards.iter_mut().zip(items) {
-                let key = item.key.as_str();
-                let Some(entry) = shard.keys.find_mut(*hash, |e| e.key == key) else {
+                let Some(entry) = shard.tracked(*hash, &item.key) else {
                     break;
                 };
                 let limit = &policy.limits[item.limit];
@@ -727,8 +741,7 @@ impl MemoryStore {
                 return self.lock_in_table_order(items);
             }
             last = Some(table.id);
-            let hash = self.hasher.hash_one(item.key.as_str());
-            locked.push((table.shard(hash).lock(), hash));
+            locked.push(self.lock_in(table, item));
         }
         locked
     }
@@ -819,8 +832,7 @@ impl MemoryStore {
                     meter.debit(now, latency_us);
                 }
             };
-            let key = item.key.as_str();
-            if let Some(entry) = shard.find_mut(hash, |e| e.key == key) {
+            if let Some(entry) = shard.tracked(hash, &item.key) {
                 settle(&mut entry.state);
                 continue;
             }
@@ -856,8 +868,7 @@ impl MemoryStore {
         let (mut shard, hash) = self.lock(item);
         let ours = policy.limits[item.limit].params(item.class);
         let params = self.params(self.placed(item), shard.shape, ours);
-        let key = item.key.as_str();
-        match shard.find_mut(hash, |e| e.key == key) {
+        match shard.tracked(hash, &item.key) {
             Some(entry) => entry.state.meter(&params).usage(now),
             None => AnyState::fresh(&params).meter(&params).usage(now),
         }

@@ -119,31 +119,28 @@ pub fn decide<M: Meter>(now: Nanos, slots: &mut [Slot<M>]) -> Decision {
 #[inline]
 pub fn decide_one<M: Meter>(now: Nanos, s: &mut Slot<M>) -> Decision {
     // The usual request, enforced and with room now, needs none of the
-    // combination. (Built and returned here, not through an `Option`: each
-    // move of the decision's 208 bytes is a copy.)
-    if s.shadow {
-        return combine(now, std::slice::from_mut(s), SmallVec::new());
-    }
-    let earliest = s.meter.earliest(now, s.cost, now);
-    if earliest != Earliest::At(now) {
-        let mut asked = SmallVec::new();
-        asked.push(earliest);
-        return combine(now, std::slice::from_mut(s), asked);
-    }
-    s.meter.commit(now, s.charge, now);
-    let usage = s.meter.usage(now);
+    // combination. (One decision, returned from one place: built in its
+    // caller's place, not aside and copied there, as the decision's 208
+    // bytes were when each path returned its own.)
     let mut decision = Decision {
         verdict: Verdict::Admit { delay: 0 },
         outcomes: SmallVec::new(),
     };
-    // (not `Outcome::of`: written out, the one-limit path keeps its inlining)
-    decision.outcomes.push(Outcome {
-        allowed: true,
-        remaining: usage.remaining,
-        reset: usage.reset,
-        retry_after: None,
-        shadow: false,
-    });
+    let earliest = (!s.shadow).then(|| s.meter.earliest(now, s.cost, now));
+    if earliest == Some(Earliest::At(now)) {
+        s.meter.commit(now, s.charge, now);
+        let usage = s.meter.usage(now);
+        // (not `Outcome::of`: written out, the one-limit path keeps its inlining)
+        decision.outcomes.push(Outcome {
+            allowed: true,
+            remaining: usage.remaining,
+            reset: usage.reset,
+            retry_after: None,
+            shadow: false,
+        });
+    } else {
+        decision = combine(now, std::slice::from_mut(s), earliest.into_iter().collect());
+    }
     decision
 }
 

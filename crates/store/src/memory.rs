@@ -667,32 +667,35 @@ impl MemoryStore {
         hold: bool,
     ) -> Result<Decision, StoreError> {
         let mut guards = self.lock_all(items);
+        // The usual request, every key tracked already and no shard
+        // reshaped by a later reload: decided on the stored states, with
+        // nothing to place or give back, in one pass over the items.
+        // (written here, not in a function of its own: each move of the
+        // decision out of an `Option` is a copy of its 208 bytes)
+        let mut slots: SmallVec<[Slot<AnyMeter<'_>>; 4]> = SmallVec::new();
+        for ((shard, hash), item) in guards.iter_mut().zip(items) {
+            if shard.shape != self.placed(item).shape {
+                break;
+            }
+            let Some(entry) = shard.tracked(*hash, &item.key) else {
+                break;
+            };
+            let limit = &policy.limits[item.limit];
+            slots.push(slot(
+                entry.state.meter(limit.params(item.class)),
+                item,
+                limit,
+                hold,
+            ));
+        }
+        if slots.len() == items.len() {
+            return Ok(decide(now, &mut slots));
+        }
+        drop(slots);
         // Shards a later reload reshaped (this is the old store, finishing
         // up) are decided with the reshaped parameters; usually none is.
         let unreshaped = (guards.iter().zip(items))
             .all(|((shard, _), item)| shard.shape == self.placed(item).shape);
-        if unreshaped {
-            // The usual request, every key tracked already: decided on the
-            // stored states, with nothing to place or give back.
-            // (written here, not in a function of its own: each move of the
-            // decision out of an `Option` is a copy of its 208 bytes)
-            let mut slots: SmallVec<[Slot<AnyMeter<'_>>; 4]> = SmallVec::new();
-            for ((shard, hash), item) in guards.iter_mut().zip(items) {
-                let Some(entry) = shard.tracked(*hash, &item.key) else {
-                    break;
-                };
-                let limit = &policy.limits[item.limit];
-                slots.push(slot(
-                    entry.state.meter(limit.params(item.class)),
-                    item,
-                    limit,
-                    hold,
-                ));
-            }
-            if slots.len() == items.len() {
-                return Ok(decide(now, &mut slots));
-            }
-        }
         let reshaped: Vec<Option<Params>> = if unreshaped {
             Vec::new()
         } else {

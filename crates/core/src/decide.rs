@@ -119,9 +119,10 @@ pub fn decide<M: Meter>(now: Nanos, slots: &mut [Slot<M>]) -> Decision {
 #[inline]
 pub fn decide_one<M: Meter>(now: Nanos, s: &mut Slot<M>) -> Decision {
     // The usual request, enforced and with room now, needs none of the
-    // combination. (One decision, returned from one place: built in its
-    // caller's place, not aside and copied there, as the decision's 208
-    // bytes were when each path returned its own.)
+    // combination. (One decision, returned from one place: the usual one,
+    // admitted now, is built in its caller's place, not aside and copied
+    // there, as the decision's 208 bytes were when each path returned its
+    // own; a combined one is still moved in.)
     let mut decision = Decision {
         verdict: Verdict::Admit { delay: 0 },
         outcomes: SmallVec::new(),

@@ -314,29 +314,49 @@ fn a_store_whose_table_a_reload_reshaped_decides_several_limits_with_the_new_par
     // The bucket's rate lowered by a reload: its table is shared and its
     // keys' debt carried to the new rate. The old store, still deciding
     // requests under both limits, must read that state with the new rate
-    // (its own would see the carried debt as ten times larger).
+    // (its own would see the carried debt as ten times larger). Both
+    // orders: the reshaped table first, and after a key already found.
     let window = "[[limit]]\nname = \"hourly\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 100\n";
-    let old = engine(&format!("{}{window}", bucket(10, "10/s")));
-    let req = tenant("acme");
-    for _ in 0..10 {
-        assert!(admitted(&old, &req, T0));
+    for bucket_first in [true, false] {
+        let policy = |refill: &str| {
+            let bucket = bucket(10, refill);
+            if bucket_first {
+                format!("{bucket}{window}")
+            } else {
+                format!("{window}{bucket}")
+            }
+        };
+        let old = engine(&policy("10/s"));
+        let req = tenant("acme");
+        for _ in 0..10 {
+            assert!(admitted(&old, &req, T0));
+        }
+        let new = old
+            .reloaded(parse(&policy("1/s"), &NoProfiles).expect("valid"), T0)
+            .expect("a reload");
+        // The 10 used are owed at 1/s: 2 s later, 2 are paid back.
+        let at = T0 + 2 * SEC;
+        let order = if bucket_first {
+            "bucket first"
+        } else {
+            "window first"
+        };
+        assert!(admitted(&old, &req, at), "{order}: the old store, 1 of 2");
+        assert!(admitted(&old, &req, at), "{order}: the old store, 2 of 2");
+        assert!(
+            !admitted(&old, &req, at),
+            "{order}: the old store, none left"
+        );
+        assert!(
+            !admitted(&new, &req, at),
+            "{order}: the new store, none left"
+        );
+        let denied = new.check(&req, at).expect("well-formed").decision;
+        let window_at = usize::from(bucket_first);
+        assert_eq!(
+            denied.outcomes[window_at].remaining,
+            100 - 12,
+            "{order}: the new store reads the window the old one counted in"
+        );
     }
-    let new = old
-        .reloaded(
-            parse(&format!("{}{window}", bucket(10, "1/s")), &NoProfiles).expect("valid"),
-            T0,
-        )
-        .expect("a reload");
-    // The 10 used are owed at 1/s: 2 s later, 2 are paid back.
-    let at = T0 + 2 * SEC;
-    assert!(admitted(&old, &req, at), "the old store, 1 of 2");
-    assert!(admitted(&old, &req, at), "the old store, 2 of 2");
-    assert!(!admitted(&old, &req, at), "the old store, none left");
-    assert!(!admitted(&new, &req, at), "the new store, none left");
-    let denied = new.check(&req, at).expect("well-formed").decision;
-    assert_eq!(
-        denied.outcomes[1].remaining,
-        100 - 12,
-        "the window counted both stores"
-    );
 }

@@ -695,9 +695,9 @@ impl MemoryStore {
         drop(slots);
         // Shards a later reload reshaped (this is the old store, finishing
         // up) are decided with the reshaped parameters; usually none is.
-        let unreshaped = (guards.iter().zip(items))
-            .all(|((shard, _), item)| shard.shape == self.placed(item).shape);
-        let reshaped: Vec<Option<Params>> = if unreshaped {
+        let reshaped: Vec<Option<Params>> = if (guards.iter().zip(items))
+            .all(|((shard, _), item)| shard.shape == self.placed(item).shape)
+        {
             Vec::new()
         } else {
             (guards.iter().zip(items))

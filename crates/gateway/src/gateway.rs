@@ -10,7 +10,6 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 use tollgate_core::carry::{Carry, FreshLimit};
@@ -19,7 +18,7 @@ use tollgate_core::policy::{Cost, KeyPart};
 use tollgate_core::{Item, ProfileSource};
 use tollgate_http::ratelimit::PolicyItems;
 use tollgate_http::refusal::RateLimitedAnswers;
-use tollgate_http::AccessLogger;
+use tollgate_http::{AccessLogger, RequestIds};
 use tollgate_store::Engine;
 use tollgate_store::Holds;
 use tollgate_store::TokioClock;
@@ -94,8 +93,7 @@ pub struct Gateway {
     pub holds: Arc<Holds>,
     pub access: AccessLogger,
     pub admin_token: Option<String>,
-    ids: AtomicU64,
-    id_prefix: u64,
+    ids: RequestIds,
     pub pending: Mutex<HashMap<String, PendingCheck>>,
     reload_lock: tokio::sync::Mutex<Option<SystemTime>>,
     /// `[gateway] tls`: the certificate the listener presents (a restart
@@ -182,10 +180,6 @@ impl Gateway {
         })
         .map(Arc::new)
         .map_err(LoadError::Io)?;
-        let id_prefix = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-            ^ u64::from(std::process::id()).rotate_left(32);
         Ok(Gateway {
             current: ArcSwap::from_pointee(generation),
             source,
@@ -197,8 +191,7 @@ impl Gateway {
             holds: Arc::default(),
             access,
             admin_token,
-            ids: AtomicU64::new(0),
-            id_prefix: id_prefix & 0xffff_ffff,
+            ids: RequestIds::default(),
             pending: Mutex::default(),
             reload_lock: tokio::sync::Mutex::new(modified),
             tls,
@@ -229,15 +222,7 @@ impl Gateway {
 
     /// `req_` and 16 hex digits: unique per process, and across restarts.
     pub fn next_request_id(&self) -> String {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let n = self.ids.fetch_add(1, Ordering::Relaxed);
-        let v = (self.id_prefix << 32) | (n & 0xffff_ffff);
-        let mut id = String::with_capacity(20);
-        id.push_str("req_");
-        for shift in (0..16).rev() {
-            id.push(char::from(HEX[((v >> (shift * 4)) & 0xf) as usize]));
-        }
-        id
+        self.ids.next()
     }
 
     /// Read the config again and swap it in. An invalid config is rejected

@@ -14,6 +14,7 @@
 //! - `body`: a response body that settles its request when it ends.
 //! - `conn`: one upstream connection, used again request after request.
 //! - `client`: the comply face's client to one upstream.
+//! - `request_id`: the ids both faces give requests.
 
 pub mod access;
 pub mod admin;
@@ -26,9 +27,11 @@ pub mod forward;
 pub mod listen;
 pub mod ratelimit;
 pub mod refusal;
+pub mod request_id;
 pub mod tls;
 pub mod webhook;
 
 pub use access::{AccessLog, AccessLogger};
 pub use forward::{normalize_path, strip_hop_by_hop, HttpRequest, Peer};
 pub use refusal::{ErrorFormat, Refusal, ResponseSettings, X_REQUEST_ID};
+pub use request_id::RequestIds;

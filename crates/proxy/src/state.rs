@@ -6,13 +6,12 @@ use crate::metrics::Metrics;
 use crate::settings::ProxySettings;
 use arc_swap::ArcSwap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tollgate_comply::{Scheduler, SharedScheduler, Upstream, UpstreamsConfig};
 use tollgate_core::config::{ConfigError, LoadError};
 use tollgate_core::ProfileSource;
-use tollgate_http::AccessLogger;
+use tollgate_http::{AccessLogger, RequestIds};
 use tollgate_store::{Engine, TokioClock};
 
 /// Where the config comes from; read again on every reload.
@@ -130,8 +129,7 @@ pub struct Proxy {
     pub metrics: Metrics,
     pub access: AccessLogger,
     pub admin_token: Option<String>,
-    ids: AtomicU64,
-    id_prefix: u64,
+    ids: RequestIds,
     reload_lock: tokio::sync::Mutex<()>,
     /// Bytes of request bodies kept now, over every request waiting or in
     /// flight (bounded by `[proxy] max_kept_bytes`).
@@ -262,10 +260,6 @@ impl Proxy {
         })
         .map(Arc::new)
         .map_err(LoadError::Io)?;
-        let id_prefix = std::time::SystemTime::now()
-            .duration_since(std::time::SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-            ^ u64::from(std::process::id()).rotate_left(32);
         Ok(Proxy {
             current: ArcSwap::from_pointee(Generation::new(settings, upstreams, lines, ca, text)),
             source,
@@ -275,12 +269,11 @@ impl Proxy {
             metrics,
             access,
             admin_token,
-            ids: AtomicU64::new(0),
+            ids: RequestIds::default(),
             kept_bytes: Arc::default(),
             jobs: crate::jobs::Desk::new(),
             callback_client,
             watch,
-            id_prefix: id_prefix & 0xffff_ffff,
             reload_lock: tokio::sync::Mutex::new(()),
         })
     }
@@ -306,8 +299,7 @@ impl Proxy {
 
     /// `req_` and 16 hex digits: unique per process, and across restarts.
     pub fn next_request_id(&self) -> String {
-        let n = self.ids.fetch_add(1, Ordering::Relaxed);
-        format!("req_{:016x}", (self.id_prefix << 32) | (n & 0xffff_ffff))
+        self.ids.next()
     }
 
     /// Read the config again and swap it in. An invalid config is rejected

@@ -12,6 +12,7 @@ pub mod carry;
 pub mod clock;
 pub mod config;
 pub mod decide;
+pub mod hex;
 pub mod policy;
 pub mod request;
 pub mod units;

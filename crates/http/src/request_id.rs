@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
+use tollgate_core::hex::hex_after;
 
 /// The ids of one process: the high 32 bits come from its start time and
 /// process id, the low 32 count its requests.
@@ -34,27 +35,9 @@ impl RequestIds {
     pub fn next(&self) -> String {
         let n = self.count.fetch_add(1, Ordering::Relaxed);
         let v = (self.prefix << 32) | (n & 0xffff_ffff);
-        // (two digits a byte, from a table: pushed as chars one at a time,
-        // or formatted, the digits cost ~250 instructions a request)
-        let mut id = *b"req_0000000000000000";
-        for (pair, byte) in id[4..].chunks_exact_mut(2).zip(v.to_be_bytes()) {
-            pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
-        }
-        std::str::from_utf8(&id).unwrap_or("req_").to_owned()
+        hex_after("req_", &v.to_be_bytes())
     }
 }
-
-/// Each byte's two lowercase hex digits.
-const HEX_PAIRS: [[u8; 2]; 256] = {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut pairs = [[0; 2]; 256];
-    let mut byte = 0;
-    while byte < 256 {
-        pairs[byte] = [HEX[byte >> 4], HEX[byte & 0xf]];
-        byte += 1;
-    }
-    pairs
-};
 
 #[cfg(test)]
 mod tests {

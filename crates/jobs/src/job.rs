@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::io::BufRead;
 use tollgate_comply::settings::{Upstream, UpstreamsConfig, UrlParts, RECORDS_PLACEHOLDER};
 pub use tollgate_comply::Priority;
+use tollgate_core::hex::hex_after;
 use url::Url;
 
 /// Most bad lines reported at once.
@@ -429,23 +430,12 @@ pub fn digest(parts: &[&str]) -> String {
         hash.update(part.as_bytes());
         hash.update([0]);
     }
-    hex(&hash.finalize())
+    hex_after("", &hash.finalize())
 }
 
 /// Hex SHA-256 of bytes.
 pub fn digest_bytes(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    // (by table: `write!("{b:02x}")` per byte cost more than the hash itself)
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(2 * bytes.len());
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
-    }
-    out
+    hex_after("", &Sha256::digest(bytes))
 }
 
 /// A job as the policy sees it: method, path, host, query, headers (the
@@ -611,7 +601,7 @@ mod tests {
             digest_bytes(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
-        assert_eq!(hex(&[0x00, 0x0f, 0xf0, 0xff, 0x9a]), "000ff0ff9a");
+        assert_eq!(hex_after("", &[0x00, 0x0f, 0xf0, 0xff, 0x9a]), "000ff0ff9a");
     }
 
     fn config() -> UpstreamsConfig {

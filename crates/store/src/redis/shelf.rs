@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::OnceCell;
+use tollgate_core::hex::hex_after;
 use tollgate_core::policy::RedisSettings;
 
 /// Paths deeper than this many segments are not kept (each level is a
@@ -364,27 +365,9 @@ fn levels(path: &str) -> Vec<&str> {
     levels
 }
 
-/// `bytes` in lower-case hex, after `prefix` (one allocation: this is on
-/// every read's path).
-fn hex_after(prefix: &str, bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(prefix.len() + 2 * bytes.len());
-    out.push_str(prefix);
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 15)] as char);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hex_is_two_lower_case_digits_a_byte() {
-        assert_eq!(hex_after("e:", &[0, 9, 10, 255]), "e:00090aff");
-    }
 
     #[test]
     fn levels_run_from_the_root_to_the_path() {

@@ -6,8 +6,11 @@
 pub fn hex_after(prefix: &str, bytes: &[u8]) -> String {
     let mut out = Vec::with_capacity(prefix.len() + 2 * bytes.len());
     out.extend_from_slice(prefix.as_bytes());
-    for &byte in bytes {
-        out.extend_from_slice(&HEX_PAIRS[usize::from(byte)]);
+    // (sized first, then filled: extended pair by pair, each pair checked
+    // the capacity again)
+    out.resize(prefix.len() + 2 * bytes.len(), 0);
+    for (pair, &byte) in out[prefix.len()..].chunks_exact_mut(2).zip(bytes) {
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
     }
     // (a str followed by ASCII digits: always UTF-8)
     String::from_utf8(out).unwrap_or_default()

@@ -126,11 +126,12 @@ const EXACT_POWERS_OF_TEN: [f64; 23] = [
     1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
 ];
 
-/// A JSON number's value where one exact operation gives it: at most 15
-/// significant digits (exact in an f64) times or over a power of ten up to
-/// 10^22 (exact too), so the one multiplication or division rounds once, to
-/// the nearest f64, as serde_json and `str::parse` both read it. `None` for
-/// any other number, and for text that is not a JSON number.
+/// A JSON number's value where one exact operation gives it: its digits as
+/// an integer an f64 holds exactly (at most 2^53), times or over a power of
+/// ten up to 10^22 (exact too), so the one multiplication or division rounds
+/// once, to the nearest f64, as serde_json and `str::parse` both read it
+/// (Clinger's fast path, which both parsers take first too). `None` for any
+/// other number, and for text that is not a JSON number.
 /// Most of a trace's numbers (`t`, `latency`) are of this kind, and reading
 /// them here costs a fraction of what either parser does.
 #[doc(hidden)] // public for the property test that holds it to both parsers
@@ -150,32 +151,37 @@ pub(crate) fn exact_value(number: &str) -> Option<f64> {
         Some(rest) => (true, rest),
         None => (false, number),
     };
+    let bytes = unsigned.as_bytes();
     // (a longer number is left to the parsers, and the exponent cannot overflow)
-    if unsigned.len() > 64 || !unsigned.as_bytes().first().is_some_and(u8::is_ascii_digit) {
+    if bytes.len() > 64 || !bytes.first().is_some_and(u8::is_ascii_digit) {
         return None;
     }
-    let (mut mantissa, mut significant, mut exponent, mut fraction) = (0u64, 0, 0i32, false);
-    for (i, byte) in unsigned.bytes().enumerate() {
-        match byte {
-            b'0'..=b'9' => {
-                if mantissa == 0 && byte == b'0' {
-                    // a leading zero: not significant
-                } else if significant == 15 {
-                    return None;
-                } else {
-                    mantissa = mantissa * 10 + u64::from(byte - b'0');
-                    significant += 1;
-                }
-                exponent -= i32::from(fraction);
-            }
-            b'.' => fraction = true,
-            b'e' | b'E' => {
-                let written: i32 = unsigned.get(i + 1..)?.parse().ok()?;
-                exponent = exponent.checked_add(written)?;
-                break;
-            }
-            _ => return None,
+    // The digits before and after the point as one integer (a run too long
+    // for 64 bits is left to the parsers), each digit after the point moving
+    // the point one place left.
+    let (mut mantissa, mut exponent, mut at) = (0u64, 0i32, 0);
+    while let Some(digit) = digit_at(bytes, at) {
+        mantissa = mantissa.checked_mul(10)?.checked_add(digit)?;
+        at += 1;
+    }
+    if bytes.get(at) == Some(&b'.') {
+        at += 1;
+        while let Some(digit) = digit_at(bytes, at) {
+            mantissa = mantissa.checked_mul(10)?.checked_add(digit)?;
+            exponent -= 1;
+            at += 1;
         }
+    }
+    match bytes.get(at) {
+        None => {}
+        Some(b'e' | b'E') => {
+            let written: i32 = unsigned.get(at + 1..)?.parse().ok()?;
+            exponent = exponent.checked_add(written)?;
+        }
+        Some(_) => return None,
+    }
+    if mantissa > 1 << 53 {
+        return None;
     }
     let power = *EXACT_POWERS_OF_TEN.get(exponent.unsigned_abs() as usize)?;
     let value = match exponent >= 0 {
@@ -183,6 +189,13 @@ pub(crate) fn exact_value(number: &str) -> Option<f64> {
         false => mantissa as f64 / power,
     };
     Some(if negative { -value } else { value })
+}
+
+/// The decimal digit at `bytes[at]`, if there is one.
+#[inline]
+fn digit_at(bytes: &[u8], at: usize) -> Option<u64> {
+    let digit = bytes.get(at)?.wrapping_sub(b'0');
+    (digit < 10).then_some(u64::from(digit))
 }
 
 /// `line` read by the scanner alone: `None` where it leaves the line to

@@ -216,6 +216,19 @@ proptest! {
     }
 }
 
+/// The shortcut takes digits up to 2^53 as one integer (what an f64 holds
+/// exactly) and leaves a longer run to the parsers, wherever the point is.
+#[test]
+fn the_shortcut_takes_digits_up_to_two_to_the_53() {
+    for taken in ["9007199254740992", "900719925474099.2", "0.9007199254740992", "-9007199254740992e-22"] {
+        let read = tollgate_sim::exact_decimal(taken).map(f64::to_bits);
+        assert_eq!(read, Some(taken.parse::<f64>().expect("a number").to_bits()), "{taken}");
+    }
+    for left in ["9007199254740993", "900719925474099.3", "18446744073709551616", "1.00000000000000000000"] {
+        assert_eq!(tollgate_sim::exact_decimal(left), None, "{left}");
+    }
+}
+
 fn run(trace: &[u8]) -> (Result<tollgate_sim::Summary, SimError>, String) {
     let engine = Engine::new(parse(POLICY, &NoProfiles).expect("policy"));
     let options = Options {

@@ -150,7 +150,9 @@ pub fn simulate(
                         e.valid_up_to() + 1
                     ))
                 })?;
-                let parsed = TraceLine::parse(text).map_err(|e| fail(describe_json_error(&e)))?;
+                let mut parsed = TraceLine::default();
+                TraceLine::parse_into(text, &mut parsed)
+                    .map_err(|e| fail(describe_json_error(&e)))?;
                 let t_text = parsed.t;
                 let t = trace::exact_value(t_text).map_or_else(|| t_text.parse(), Ok);
                 let t: f64 = match t {

@@ -220,11 +220,25 @@ proptest! {
 /// exactly) and leaves a longer run to the parsers, wherever the point is.
 #[test]
 fn the_shortcut_takes_digits_up_to_two_to_the_53() {
-    for taken in ["9007199254740992", "900719925474099.2", "0.9007199254740992", "-9007199254740992e-22"] {
+    for taken in [
+        "9007199254740992",
+        "900719925474099.2",
+        "0.9007199254740992",
+        "-9007199254740992e-22",
+    ] {
         let read = tollgate_sim::exact_decimal(taken).map(f64::to_bits);
-        assert_eq!(read, Some(taken.parse::<f64>().expect("a number").to_bits()), "{taken}");
+        assert_eq!(
+            read,
+            Some(taken.parse::<f64>().expect("a number").to_bits()),
+            "{taken}"
+        );
     }
-    for left in ["9007199254740993", "900719925474099.3", "18446744073709551616", "1.00000000000000000000"] {
+    for left in [
+        "9007199254740993",
+        "900719925474099.3",
+        "18446744073709551616",
+        "1.00000000000000000000",
+    ] {
         assert_eq!(tollgate_sim::exact_decimal(left), None, "{left}");
     }
 }

@@ -48,7 +48,8 @@ def report(best_path, memory_out, runs):
     row("a. one key, 1 thread: MemoryStore::decide", ns(D, "governor"), ns(D, "tollgate_store"))
     row("a. one key, 1 thread: Engine::check_into", ns(D, "governor"), ns(D, "tollgate_engine"))
     row("a. one key, denial path", ns(D, "governor_deny"), ns(D, "tollgate_deny"))
-    row("b. 10k keys, 1 thread: decide, 1 token bucket", gov_keyed, ns(K, "tollgate"), 2.0)
+    # (issue 20's target for a keyed bucket: governor's time or less; each algorithm <= 2x)
+    row("b. 10k keys, 1 thread: decide, 1 token bucket", gov_keyed, ns(K, "tollgate"), 1.0)
     row("b. 10k keys, 1 thread: Engine::check_into", gov_keyed, ns(K, "tollgate_engine"))
     row("c. 10k keys, 2 threads (wall ns/decision)", ns(T, "governor"), ns(T, "tollgate"))
     for algo in ["token_bucket", "leaky_bucket", "fixed_window", "fixed_window_amsterdam",
@@ -76,20 +77,33 @@ def report(best_path, memory_out, runs):
     if g2 and t2:
         print(f"\n2 threads: governor {1e9 / g2 / 1e6:.2f} M decisions/s, "
               f"tollgate {1e9 / t2 / 1e6:.2f} M decisions/s "
-              f"(tollgate/governor throughput {g2 / t2:.2f})")
+              f"(tollgate/governor throughput {g2 / t2:.2f}, >= 1.0 "
+              f"{'met' if g2 / t2 >= 1.0 else 'MISSED'})")
 
-    mem = {}
+    mem, uuid = {}, {}
     with open(memory_out) as f:
         for line in f:
             m = re.match(r"RESULT memory/(\w+) heap_bytes_per_key=([\d.]+) rss_bytes_per_key=([\d.]+)", line)
             if m:
                 mem[m.group(1)] = (float(m.group(2)), float(m.group(3)))
+            # the table's row of 36-byte keys (a UUID each): `STORE uuid COUNT HEAP RSS`
+            m = re.match(r"(\w+)\s+uuid\s+\d+\s+([\d.]+)\s+([\d.]+)", line)
+            if m:
+                uuid[m.group(1)] = (float(m.group(2)), float(m.group(3)))
     if "tollgate" in mem and "governor" in mem:
         (th, tr), (gh, gr) = mem["tollgate"], mem["governor"]
         print(f"\nmemory, 1,000,000 token-bucket keys   {'governor':>10} {'tollgate':>10} {'ratio':>7}  target")
         print(f"{'  heap bytes/key (requested)':<38} {gh:>10.1f} {th:>10.1f} {th / gh:>6.2f}x  "
               f"<= 128 B {'met' if th <= 128 else 'MISSED'}")
         print(f"{'  resident bytes/key (RSS growth)':<38} {gr:>10.1f} {tr:>10.1f} {tr / gr:>6.2f}x  "
+              f"<= 128 B {'met' if tr <= 128 else 'MISSED'}")
+    if "tollgate" in uuid and "governor" in uuid:
+        # (issue 20's target is for 36-byte keys, counted on the heap; the RSS also
+        # pays the allocator's rounding of each key string, governor's too)
+        (th, tr), (gh, gr) = uuid["tollgate"], uuid["governor"]
+        print(f"{'  36-byte keys: heap bytes/key':<38} {gh:>10.1f} {th:>10.1f} {th / gh:>6.2f}x  "
+              f"<= 128 B {'met' if th <= 128 else 'MISSED'}")
+        print(f"{'  36-byte keys: resident bytes/key':<38} {gr:>10.1f} {tr:>10.1f} {tr / gr:>6.2f}x  "
               f"<= 128 B {'met' if tr <= 128 else 'MISSED'}")
 
 

@@ -32,23 +32,25 @@ for mode in decisions summary; do
   /usr/bin/time -f "%M" -o "$work/rss" taskset -c 0 "$target/release/tollgate" simulate \
     --config examples/quickstart.toml --trace "$work/trace.jsonl" "${args[@]}" > "$work/out"
   end=$(date +%s.%N)
-  python3 - "$lines" "$start" "$end" "$(cat "$work/rss")" "$mode" "$run" >> "$work/runs" <<'PY'
+  python3 - "$lines" "$start" "$end" "$(cat "$work/rss")" "$mode" "$run" "$work/runs" <<'PY'
 import sys
 n, s, e, rss, mode, run = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
-print(f"{mode} {n / (e - s) / 1e6:.4f} simulate ({mode:9}): {e - s:6.2f} s, {n / (e - s) / 1e6:5.2f} M lines/s on one core, peak RSS {rss / 1024:.1f} MiB (run {run})")
+rate = n / (e - s) / 1e6
+print(f"simulate ({mode:9}): {e - s:6.2f} s, {rate:5.2f} M lines/s on one core, peak RSS {rss / 1024:.1f} MiB (run {run})")
+with open(sys.argv[7], "a") as runs:
+    runs.write(f"{mode} {rate}\n")
 PY
-  tail -n 1 "$work/runs" | cut -d' ' -f3-
 done
 done
 if [ "$runs" -gt 1 ]; then
   python3 - "$work/runs" <<'PY'
-import sys
+import statistics, sys
 rates = {}
 for line in open(sys.argv[1]):
-    mode, rate = line.split()[:2]
+    mode, rate = line.split()
     rates.setdefault(mode, []).append(float(rate))
 for mode, r in rates.items():
     met = sum(x >= 1.0 for x in r)
-    print(f"{mode:9}: >= 1 M lines/s in {met} of {len(r)} runs (lowest {min(r):.2f}, median {sorted(r)[len(r) // 2]:.2f}, highest {max(r):.2f})")
+    print(f"{mode:9}: >= 1 M lines/s in {met} of {len(r)} runs (lowest {min(r):.2f}, median {statistics.median(r):.2f}, highest {max(r):.2f})")
 PY
 fi

@@ -3,10 +3,12 @@
 //! real clock (governor: its quanta clock; tollgate: `SystemClock`, also
 //! quanta). Run under cachegrind at N = 0 and N > 0, the difference is the
 //! instructions N decisions take: a count that, unlike time on a shared VM,
-//! does not move from run to run.
+//! moves little from run to run (the clock's calibration at start-up varies
+//! by about a million instructions, so N is best a million or more).
 //!
-//! usage: engine-instructions governor|tollgate|tollgate-three|tollgate-three-buckets|tollgate-tiered N
-//! (three buckets: what combining three limits costs over the algorithms' own work)
+//! usage: engine-instructions governor|tollgate|tollgate-three|tollgate-three-buckets|tollgate-tiered|tollgate-fixed|tollgate-sliding N
+//! (three buckets: what combining three limits costs over the algorithms' own work;
+//! fixed and sliding: the three limits' windows alone)
 //! (tiered: one limit of minute, hour and day pools)
 
 use governor::{Quota, RateLimiter};
@@ -50,11 +52,18 @@ fn main() {
                 .filter(|i| black_box(gov.check_key(&keys[i % KEYS]).is_ok()))
                 .count()
         }
-        "tollgate" | "tollgate-three" | "tollgate-three-buckets" | "tollgate-tiered" => {
+        "tollgate"
+        | "tollgate-three"
+        | "tollgate-three-buckets"
+        | "tollgate-tiered"
+        | "tollgate-fixed"
+        | "tollgate-sliding" => {
             let limits = match which.as_str() {
                 "tollgate" => token_bucket("tb"),
                 "tollgate-three" => format!("{}{FIXED_WINDOW}{SLIDING_WINDOW}", token_bucket("tb")),
                 "tollgate-tiered" => TIERED.to_string(),
+                "tollgate-fixed" => FIXED_WINDOW.to_string(),
+                "tollgate-sliding" => SLIDING_WINDOW.to_string(),
                 _ => ["tb", "tb2", "tb3"].map(token_bucket).concat(),
             };
             let text = format!("[store]\nmax_keys = 10000000\n{limits}");
@@ -80,7 +89,7 @@ fn main() {
                 .count()
         }
         other => {
-            eprintln!("unknown limiter {other}: governor, tollgate, tollgate-three, tollgate-three-buckets or tollgate-tiered");
+            eprintln!("unknown limiter {other}: governor, tollgate, tollgate-three, tollgate-three-buckets, tollgate-tiered, tollgate-fixed or tollgate-sliding");
             std::process::exit(2);
         }
     };

@@ -494,14 +494,35 @@ fn upstream(
         .ok()
         .filter(|b| matches!(b.scheme(), "http" | "https") && b.host_str().is_some())
         .ok_or_else(|| {
+            // (not echoed when it may hold a credential)
+            let shown = match u.base_url.get_ref() {
+                raw if raw.contains('@') => String::new(),
+                raw => format!(" '{raw}'"),
+            };
             err(
                 u.base_url.span().start,
-                format!(
-                    "base_url '{}' is not an http(s) URL with a host",
-                    u.base_url.get_ref()
-                ),
+                format!("base_url{shown} is not an http(s) URL with a host"),
             )
         })?;
+    // A credential or a query in the base URL would be dropped from every
+    // request, and shown by `check` and /v1/config: refused, not echoed.
+    if !base_url.username().is_empty() || base_url.password().is_some() {
+        return Err(err(
+            u.base_url.span().start,
+            "base_url carries a user name or password, which requests do not send and the \
+             admin listener would show: put the credential in `headers` \
+             (e.g. authorization = \"Basic ${VENDOR_BASIC}\")"
+                .into(),
+        ));
+    }
+    if base_url.query().is_some() || base_url.fragment().is_some() {
+        return Err(err(
+            u.base_url.span().start,
+            "base_url has a query string or fragment, which requests do not carry: \
+             a key goes in `headers`, other parameters in each request's URL"
+                .into(),
+        ));
+    }
     let duration = |raw: &Option<Spanned<String>>, field: &str, default: Duration| match raw {
         None => Ok(default),
         Some(v) => match parse_duration(v.get_ref()) {
@@ -1368,6 +1389,20 @@ mod tests {
             err(&BASE.replace("http://127.0.0.1:9/api", "ftp://x")),
             "line 3: upstream 'crm': base_url 'ftp://x' is not an http(s) URL with a host"
         );
+        // A credential or query in the base URL is refused and never echoed.
+        for (url, says) in [
+            (
+                "http://user:s3cretpw@127.0.0.1:9/api",
+                "user name or password",
+            ),
+            ("http://s3cretpw@127.0.0.1:9/api", "user name or password"),
+            ("http://127.0.0.1:9/api?api_key=s3cretpw", "query string"),
+            ("ftp://user:s3cretpw@x", "is not an http(s) URL"),
+        ] {
+            let e = err(&BASE.replace("http://127.0.0.1:9/api", url));
+            assert!(e.starts_with("line 3: upstream 'crm': base_url"), "{e}");
+            assert!(e.contains(says) && !e.contains("s3cretpw"), "{e}");
+        }
         assert!(
             err(&BASE.replace("base_url", "base_ur")).contains("line 3"),
             "{}",

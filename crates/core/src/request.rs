@@ -87,6 +87,39 @@ const KEY_SEPARATOR: char = '\u{1f}';
 const KEY_MISSING: char = '\u{1e}';
 const KEY_ESCAPE: char = '\u{1d}';
 
+/// Whether `path` (normalized) starts with `prefix` as the most lenient
+/// upstream reads it (`match_view`): a limit on `/v1/` also holds
+/// `/v1%2Fx` and `/v1;a=b/x`, which nginx, a WSGI server or Tomcat serve as
+/// `/v1/x`.
+pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    path.starts_with(prefix)
+        || (path.bytes().any(|b| b == b'%' || b == b';') && match_view(path).starts_with(prefix))
+}
+
+/// `path` as the most lenient upstream reads it: an encoded separator
+/// (`%2F`, `%5C`) taken as one, `;` parameters dropped from each segment,
+/// and the empty segments that leaves merged.
+pub fn match_view(path: &str) -> String {
+    let mut separated = path.to_string();
+    for encoded in ["%2F", "%2f", "%5C", "%5c"] {
+        if separated.contains(encoded) {
+            separated = separated.replace(encoded, "/");
+        }
+    }
+    let mut view = String::with_capacity(separated.len());
+    for segment in separated.split('/') {
+        let name = segment.split(';').next().unwrap_or_default();
+        if !name.is_empty() {
+            view.push('/');
+            view.push_str(name);
+        }
+    }
+    if view.is_empty() || separated.ends_with('/') {
+        view.push('/');
+    }
+    view
+}
+
 impl Matcher {
     /// Whether the request meets every condition given.
     pub fn matches(&self, req: &impl Request) -> bool {
@@ -98,7 +131,7 @@ impl Matcher {
             && self
                 .path_prefix
                 .as_deref()
-                .is_none_or(|p| req.path().starts_with(p))
+                .is_none_or(|p| path_has_prefix(req.path(), p))
             && self
                 .host
                 .as_deref()
@@ -446,6 +479,20 @@ mod tests {
 
     fn req(method: &str, path: &str, headers: &[(&str, &str)]) -> Attrs {
         Attrs::new(method, path, headers)
+    }
+
+    #[test]
+    fn a_path_prefix_reads_an_encoded_separator_as_one() {
+        use super::path_has_prefix;
+        assert!(path_has_prefix("/v1/x", "/v1/"));
+        assert!(path_has_prefix("/v1%2Fx", "/v1/"));
+        assert!(path_has_prefix("/v1%2fx", "/v1/"));
+        assert!(path_has_prefix("/v1%5Cx", "/v1/"));
+        assert!(!path_has_prefix("/v2%2Fx", "/v1/"));
+        assert!(!path_has_prefix("/v1x", "/v1/"));
+        assert!(path_has_prefix("/%2F/v1/x", "/v1/"));
+        assert!(path_has_prefix("/v1;a=b/x", "/v1/"));
+        assert!(!path_has_prefix("/v1;a=b", "/v1/"));
     }
 
     #[test]

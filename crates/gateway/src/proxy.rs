@@ -20,6 +20,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, Uri};
 use hyper_util::rt::TokioIo;
 use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use tollgate_core::policy::Cost;
 use tollgate_core::{Decision, Item, Verdict};
@@ -38,19 +39,43 @@ pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 /// carries the request's admission, settled when the body ends or is dropped.
 pub type ResponseBody = GuardedBody<EitherBody, Admission>;
 
+/// The client's address: the peer's, or, behind a trusted proxy, the last
+/// `X-Forwarded-For` entry. That proxy appends the address it saw at the
+/// end; everything before it is the client's own writing, so a limit keyed
+/// on it could be dodged by varying it. An entry that is not an address (an
+/// IPv4 one may carry a port) leaves the peer's. Written in its canonical
+/// form, so `2001:DB8::1` and `2001:db8:0::1` share one key.
 fn client_ip<'p>(gen: &Generation, headers: &HeaderMap, peer: &'p Peer) -> Cow<'p, str> {
     if gen.settings.trust_forwarded_for {
-        let first = headers
-            .get(&X_FORWARDED_FOR)
+        let last = (headers.get_all(&X_FORWARDED_FOR).iter().next_back())
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.rsplit(',').next())
             .map(str::trim)
-            .filter(|v| !v.is_empty());
-        if let Some(ip) = first {
+            .and_then(|v| {
+                (v.parse::<IpAddr>().ok()).or_else(|| v.parse::<SocketAddr>().ok().map(|a| a.ip()))
+            });
+        if let Some(ip) = last {
             return Cow::Owned(ip.to_string());
         }
     }
     Cow::Borrowed(&peer.ip)
+}
+
+/// A body read for a JSON cost: none when empty; a body that is not JSON
+/// is refused, not charged as if it held no array (a body some readers
+/// take as JSON, with a BOM or nested too deep for this one, would
+/// otherwise cost 1 whatever its array's length). A leading UTF-8 BOM is
+/// skipped, as RFC 8259 allows.
+fn json_of(bytes: &[u8]) -> Result<Option<serde_json::Value>, Refusal> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(bytes).map(Some).map_err(|e| {
+        Refusal::BadRequest(format!(
+            "the request body is not JSON ({e}), and a limit counts the array in it"
+        ))
+    })
 }
 
 /// The request's first key, readable: parts separated by '|'.
@@ -193,7 +218,7 @@ impl Gateway {
                     )))
                 }
             };
-            json = serde_json::from_slice::<serde_json::Value>(&bytes).ok();
+            json = json_of(&bytes)?;
             view.body = json.as_ref();
             Either::Right(Full::new(bytes))
         } else {

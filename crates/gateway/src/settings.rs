@@ -356,6 +356,20 @@ impl Upstream {
         if uri.query().is_some() {
             return Err(format!("'{url}' must not have a query"));
         }
+        if authority.as_str().contains('@') {
+            // (not echoed: it may hold a password)
+            return Err(
+                "the URL must not carry a user name or password: the gateway would not \
+                 send it (clients send their own credentials)"
+                    .into(),
+            );
+        }
+        let port = authority.as_str().rsplit_once(':').map(|(_, p)| p);
+        if port.is_some_and(|p| !p.ends_with(']')) && authority.port_u16().is_none() {
+            return Err(format!(
+                "'{url}' has a port that is not a number from 1 to 65535"
+            ));
+        }
         Ok(Upstream {
             scheme,
             authority,
@@ -415,6 +429,15 @@ mod tests {
             e.to_string(),
             "line 3: gateway upstream: 'ftp://x' must start with http:// or https://"
         );
+        let e = Settings::parse("[gateway]\nupstream = \"http://x:notaport\"\n").unwrap_err();
+        assert!(e.to_string().contains("port that is not a number"), "{e}");
+        let e = Settings::parse("[gateway]\nupstream = \"http://u:s3cret@x:80\"\n").unwrap_err();
+        assert!(
+            e.to_string().contains("user name or password") && !e.to_string().contains("s3cret"),
+            "{e}"
+        );
+        assert!(Settings::parse("[gateway]\nupstream = \"http://[::1]:8080/base\"\n").is_ok());
+        assert!(Settings::parse("[gateway]\nupstream = \"http://[::1]/base\"\n").is_ok());
         let e = Settings::parse("[gateway]\nlisten = \"localhost\"\n").unwrap_err();
         assert!(e
             .to_string()

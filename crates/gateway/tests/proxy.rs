@@ -417,6 +417,39 @@ async fn malformed_requests_get_clear_errors() {
     )
     .await;
     assert_eq!(r.status(), 429, "6 + 5 > 10");
+    // A body that is not JSON is refused, not charged as one unit.
+    for body in ["{\"ids\":[1,2,NaN]}", "{\"ids\":[1e999]}", "not json"] {
+        let r = send(
+            client
+                .post(gw.url("/bulk"))
+                .header("x-tenant-id", "b")
+                .body(body.to_string()),
+        )
+        .await;
+        assert_eq!(r.status(), 400, "{body}");
+        let problem: serde_json::Value = r.json().await.unwrap();
+        assert!(
+            problem["detail"].as_str().unwrap().contains("not JSON"),
+            "{problem}"
+        );
+    }
+    // A BOM before it is skipped: this body costs its 10 ids.
+    let r = send(
+        client
+            .post(gw.url("/bulk"))
+            .header("x-tenant-id", "b")
+            .body("\u{feff}{\"ids\":[1,2,3,4,5,6,7,8,9,10]}"),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let r = send(
+        client
+            .post(gw.url("/bulk"))
+            .header("x-tenant-id", "b")
+            .body(r#"{"ids":[1]}"#),
+    )
+    .await;
+    assert_eq!(r.status(), 429, "10 of 10 taken by the body with a BOM");
     // ... a cost above capacity is not a 429 ...
     let r = send(
         client
@@ -692,6 +725,36 @@ async fn forwarded_for_names_the_real_hop_and_connect_is_refused() {
     )
     .await;
     assert_eq!(r.status(), 200, "another client address has its own quota");
+    // The trusted proxy appends what it saw: entries before it are the
+    // client's own writing and cannot buy a fresh quota.
+    let r = send(
+        client
+            .get(gw.url("/"))
+            .header("x-forwarded-for", "10.9.9.1, 203.0.113.7"),
+    )
+    .await;
+    assert_eq!(r.status(), 429, "keyed on the last entry, 203.0.113.7");
+    // An address is keyed in its canonical form, however it is spelled.
+    for spelling in ["2001:DB8::1", "2001:db8:0:0::1"] {
+        let r = send(client.get(gw.url("/")).header("x-forwarded-for", spelling)).await;
+        let expected = if spelling == "2001:DB8::1" { 200 } else { 429 };
+        assert_eq!(r.status(), expected, "{spelling}");
+    }
+    // An entry that is no address leaves the peer's (127.0.0.1, unused so far).
+    let r = send(
+        client
+            .get(gw.url("/"))
+            .header("x-forwarded-for", "not-an-ip"),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let r = send(
+        client
+            .get(gw.url("/"))
+            .header("x-forwarded-for", "not-an-ip-2"),
+    )
+    .await;
+    assert_eq!(r.status(), 429, "both keyed on the peer's address");
     let r = send(client.request(reqwest::Method::CONNECT, gw.url("/"))).await;
     assert_eq!(r.status(), 405);
 }

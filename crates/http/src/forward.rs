@@ -171,6 +171,14 @@ pub fn request_host<'a>(uri: &'a hyper::Uri, headers: &'a hyper::HeaderMap) -> O
 /// merged and dot segments removed (RFC 3986 6.2.2), so that `/v1/x`,
 /// `//v1/x`, `/%76%31/x` and `/a/../v1/x` all match, key and reach the
 /// upstream as `/v1/x`: a path prefix cannot be sidestepped by spelling.
+///
+/// Dot segments are also found where some upstreams see them: behind an
+/// encoded separator (`..%2F..%2Fadmin`: nginx decodes `%2F`, IIS reads
+/// `%5C` as one too) and with path parameters (`..;/`: Tomcat and Spring
+/// drop `;...` from a segment). Such a path is resolved as those upstreams
+/// would, so no limit and no base path is climbed out of. An encoded
+/// separator hiding no dot segment is kept as written (GitLab's
+/// `/projects/group%2Fproject` names one project).
 pub fn normalize_path(path: &str) -> Cow<'_, str> {
     // One pass over the bytes (a `contains` of a two-byte pattern sets up a
     // substring search each time): no escape, no empty or dot segment.
@@ -204,16 +212,28 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
         decoded.push(bytes[i]);
         i += 1;
     }
-    let decoded = String::from_utf8(decoded)
+    let mut decoded = String::from_utf8(decoded)
         .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+    // (escapes are upper case by now)
+    let encoded_separator = |s: &str| s.contains("%2F") || s.contains("%5C");
+    let hides_dot = |segment: &str| {
+        encoded_separator(segment)
+            && (segment.split("%2F"))
+                .flat_map(|s| s.split("%5C"))
+                .any(|s| dot_segment(s).is_some())
+    };
+    if encoded_separator(&decoded) && decoded.split('/').any(hides_dot) {
+        decoded = decoded.replace("%2F", "/").replace("%5C", "/");
+    }
     let mut segments: Vec<&str> = Vec::new();
     for segment in decoded.split('/') {
-        match segment {
-            "" | "." => {}
-            ".." => {
+        match dot_segment(segment) {
+            _ if segment.is_empty() => {}
+            Some(Dot::Here) => {}
+            Some(Dot::Up) => {
                 segments.pop();
             }
-            s => segments.push(s),
+            None => segments.push(segment),
         }
     }
     let mut out = String::with_capacity(decoded.len());
@@ -221,11 +241,36 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
         out.push('/');
         out.push_str(s);
     }
-    let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    let trailing = decoded.ends_with('/')
+        || decoded
+            .rsplit('/')
+            .next()
+            .is_some_and(|last| dot_segment(last).is_some());
     if out.is_empty() || (trailing && !segments.is_empty()) {
         out.push('/');
     }
     Cow::Owned(out)
+}
+
+/// A dot segment, as an upstream may read one.
+enum Dot {
+    /// `.`
+    Here,
+    /// `..`
+    Up,
+}
+
+/// Whether `segment` is a dot segment: `.` or `..`, alone or with path
+/// parameters after them (`..;jsessionid=x`, read as `..` by servers that
+/// drop parameters before resolving; `;x` alone, read as an empty segment,
+/// goes as `.` does).
+fn dot_segment(segment: &str) -> Option<Dot> {
+    match segment.split(';').next() {
+        Some(".") => Some(Dot::Here),
+        Some("") if segment.starts_with(';') => Some(Dot::Here),
+        Some("..") => Some(Dot::Up),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -282,6 +327,25 @@ mod tests {
             ("/", "/"),
             ("/v1/..", "/"),
             ("/crm//café", "/crm/café"),
+            // A dot segment behind an encoded separator, or with path
+            // parameters, is resolved as the upstreams that see one do.
+            ("/api/v1/..%2F..%2Fadmin/x", "/admin/x"),
+            ("/api/v1/..%2f..%2fadmin/x", "/admin/x"),
+            ("/api/v1/..%5C..%5Cadmin", "/admin"),
+            ("/api/v1/x%2F..", "/api/v1/"),
+            ("/crm/..;/x", "/x"),
+            ("/crm/..;jsessionid=1/x", "/x"),
+            ("/crm/.;/x", "/crm/x"),
+            ("/crm/;x/../y", "/y"),
+            // An encoded separator hiding none is kept: one segment.
+            (
+                "/projects/group%2Fproject/issues",
+                "/projects/group%2Fproject/issues",
+            ),
+            (
+                "/projects/group%2fproject/./issues",
+                "/projects/group%2Fproject/issues",
+            ),
         ] {
             assert_eq!(normalize_path(raw), normal, "{raw}");
         }

@@ -373,7 +373,7 @@ where
 }
 
 /// Longest a client may take to complete a TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A connection builder for HTTP/1.1 and HTTP/2 under the shared bounds: the
 /// head size (HTTP/2's header list too); served with `spawn_bounded` (see

@@ -8,6 +8,7 @@ use hyper::header::{
     HeaderName, HeaderValue, CONTENT_TYPE, PROXY_AUTHENTICATE, RETRY_AFTER, WWW_AUTHENTICATE,
 };
 use hyper::{Response, StatusCode};
+use std::time::Duration;
 use tollgate_core::units::NANOS_PER_SEC;
 use tollgate_core::Nanos;
 
@@ -64,6 +65,9 @@ pub enum Refusal {
     },
     /// 413: a body read for a JSON cost is larger than `max_body_bytes`.
     BodyTooLarge { max: usize },
+    /// 408: the client stopped sending its body for `idle` (a body read
+    /// whole is bounded, so a stalled one cannot hold its bytes for good).
+    BodyStalled { idle: Duration },
     /// 400: the request cannot be keyed or costed (names the header or field).
     BadRequest(String),
     /// 431: the request's headers add up to more than `max` bytes.
@@ -142,6 +146,7 @@ impl Refusal {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Refusal::BodyStalled { .. } => StatusCode::REQUEST_TIMEOUT,
             Refusal::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refusal::NoRoute => StatusCode::NOT_FOUND,
             Refusal::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -171,6 +176,7 @@ impl Refusal {
             Refusal::CostTooLarge { .. } => "cost_too_large",
             Refusal::BodyTooLarge { .. } => "body_too_large",
             Refusal::BadRequest(_) => "bad_request",
+            Refusal::BodyStalled { .. } => "body_stalled",
             Refusal::HeadersTooLarge { .. } => "headers_too_large",
             Refusal::NoRoute => "no_route",
             Refusal::MethodNotAllowed(_) => "method_not_allowed",
@@ -202,6 +208,7 @@ impl Refusal {
             }
             Refusal::BodyTooLarge { .. } => "Request body too large".into(),
             Refusal::BadRequest(_) => "Bad request".into(),
+            Refusal::BodyStalled { .. } => "Request body stalled".into(),
             Refusal::HeadersTooLarge { .. } => "Request headers too large".into(),
             Refusal::NoRoute => "No upstream for this request".into(),
             Refusal::MethodNotAllowed(_) => "Method not allowed".into(),
@@ -249,6 +256,10 @@ impl Refusal {
             Refusal::BodyTooLarge { max } => {
                 format!("A body read to count its cost may be at most {max} bytes.")
             }
+            Refusal::BodyStalled { idle } => format!(
+                "No part of the request body came for {} s; send the whole body, or a Content-Length that matches it.",
+                idle.as_secs()
+            ),
             Refusal::BadRequest(m)
             | Refusal::StoreFull(m)
             | Refusal::StoreUnavailable(m)
@@ -284,7 +295,7 @@ impl Refusal {
                 whole_seconds(*retry_after)
             ),
             Refusal::HostNotConfigured { host } => format!(
-                "No upstream names host '{host}'; tollgate relays only to the upstreams of its config."
+                "No upstream's base URL holds this URL (host '{host}'); tollgate relays only to URLs under the base URLs of its config."
             ),
             Refusal::NotIntercepted { host, upstream } => format!(
                 "CONNECT to {host}: upstream '{upstream}' does not intercept its tunnels, and tollgate paces only the requests it sees; call http://PROXY/{upstream}/<path>, or set intercept = true on the upstream and trust the proxy's CA (tollgate proxy ca init)."

@@ -981,14 +981,26 @@ impl Proxy {
                 }
             };
             let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-            let stream = match acceptor
-                .accept(hyper_util::rt::TokioIo::new(upgraded))
-                .await
+            // (bounded as the listeners' handshakes are: a tunnel opened and
+            // left silent would otherwise hold its socket for good)
+            let handshake = acceptor.accept(hyper_util::rt::TokioIo::new(upgraded));
+            let stream = match tokio::time::timeout(
+                tollgate_http::listen::HANDSHAKE_TIMEOUT,
+                handshake,
+            )
+            .await
             {
-                Ok(stream) => stream,
-                Err(e) => {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
                     // Most often: the client does not trust the local CA.
                     tracing::warn!("a client did not complete TLS in its tunnel (does it trust the proxy's CA?): {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(
+                        "a client sent no TLS handshake in its tunnel within {:?}",
+                        tollgate_http::listen::HANDSHAKE_TIMEOUT
+                    );
                     return;
                 }
             };
@@ -1195,6 +1207,10 @@ impl Drop for KeptBytes {
     }
 }
 
+/// Longest a client may pause while sending a body the proxy reads (as
+/// nginx's `client_body_timeout`).
+pub(crate) const BODY_IDLE: Duration = Duration::from_secs(60);
+
 /// The client's body: kept whole up to `cap` (so it can be sent again), or
 /// streamed once when larger; and the bytes held of it.
 pub(crate) async fn read_body(
@@ -1202,9 +1218,18 @@ pub(crate) async fn read_body(
     cap: usize,
 ) -> Result<(Outgoing, usize), Refusal> {
     let mut kept = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame
-            .map_err(|e| Refusal::BadRequest(format!("the request body could not be read: {e}")))?;
+    loop {
+        // (a client that stops sending would otherwise hold what it sent, and
+        // its connection, for good: no idle bound applies while a request runs)
+        let Ok(next) = tokio::time::timeout(BODY_IDLE, body.frame()).await else {
+            return Err(Refusal::BodyStalled { idle: BODY_IDLE });
+        };
+        let Some(frame) = next else { break };
+        let frame = frame.map_err(|e| {
+            let cause =
+                std::error::Error::source(&e).map_or_else(String::new, |c| format!(" ({c})"));
+            Refusal::BadRequest(format!("the request body could not be read: {e}{cause}"))
+        })?;
         let Ok(data) = frame.into_data() else {
             continue; // trailers are not relayed
         };

@@ -414,7 +414,7 @@ async fn bad_input_and_unknown_destinations_are_refused_naming_what_was_wrong() 
     assert!(problem(other).await["detail"]
         .as_str()
         .expect("detail")
-        .contains("No upstream names host 'example.com'"));
+        .contains("No upstream's base URL holds this URL (host 'example.com')"));
     // A CONNECT is refused: a tunnel would carry requests tollgate cannot pace.
     let mut raw = tokio::net::TcpStream::connect(proxy.addr)
         .await
@@ -984,6 +984,12 @@ async fn an_alias_path_cannot_climb_out_of_its_upstreams_base_path() {
         "/crm/..\\..\\admin",
         "/crm/%2e%2e/admin",
         "/crm/../../admin",
+        // Dot segments where nginx (`%2F`), IIS (`%5C`) or Tomcat (`;`) see them.
+        "/crm/..%2F..%2Fadmin",
+        "/crm/x/..%2f..%2f..%2fadmin",
+        "/crm/..%5C..%5Cadmin",
+        "/crm/..;/admin",
+        "/crm/x/..;/..;/admin",
     ] {
         let mut raw = tokio::net::TcpStream::connect(proxy.addr)
             .await
@@ -996,13 +1002,38 @@ async fn an_alias_path_cannot_climb_out_of_its_upstreams_base_path() {
         let served = answer.starts_with("HTTP/1.1 200");
         let seen = up.seen.lock().expect("lock").clone();
         assert!(
-            seen.iter().all(|s| s.path.starts_with("/v3/")),
+            seen.iter().all(|s| s.path.starts_with("/v3/")
+                && !s.path.contains("..")
+                && !s.path.contains(";")),
             "{target} reached {:?} ({answer})",
             seen.iter().map(|s| &s.path).collect::<Vec<_>>()
         );
         let refused = answer.starts_with("HTTP/1.1 400") || answer.starts_with("HTTP/1.1 404");
         assert!(served || refused, "{target}: {answer}");
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_that_stops_coming_is_answered_408_and_lets_its_bytes_go() {
+    let up = scripted(|_, _| ok()).await;
+    let config = format!(
+        "[proxy]\naccess_log = \"off\"\n{}",
+        upstream("crm", up.addr, &bucket("api", 10, "1/s"))
+    );
+    let proxy = start(&config).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut raw = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    // 100 bytes announced, 10 sent, then nothing.
+    let head = "POST /crm/stall HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789";
+    raw.write_all(head.as_bytes()).await.expect("write");
+    let mut answer = vec![0; 4096];
+    let n = raw.read(&mut answer).await.expect("read");
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_stalled"), "{answer}");
+    assert!(up.seen("/stall").is_empty(), "nothing of it was sent");
 }
 
 #[tokio::test]

@@ -19,6 +19,12 @@ pub trait Request {
     fn header(&self, name: &str) -> Option<&str>;
     /// A query parameter's first value, percent-decoded.
     fn query(&self, name: &str) -> Option<Cow<'_, str>>;
+    /// Whether a query parameter is given twice with different values (the
+    /// request is then refused by a limit keyed on it: upstreams differ on
+    /// which value counts, so a key on either could be dodged).
+    fn query_repeated(&self, _name: &str) -> bool {
+        false
+    }
     /// The body as JSON, when a limit's cost reads it.
     fn json_body(&self) -> Option<&serde_json::Value>;
     /// The domain of an Envoy rate limit request (none for HTTP requests).
@@ -59,6 +65,14 @@ pub enum RequestError {
         limit: String,
         /// The part, as written in `key`.
         part: String,
+    },
+    /// A query parameter a limit keys on is given twice, with different values.
+    #[error("limit '{limit}': the query parameter {param} is given more than once with different values; give it once")]
+    RepeatedQuery {
+        /// The limit.
+        limit: String,
+        /// The parameter's name.
+        param: String,
     },
     /// A `cost = { header = ... }` header is not a whole number.
     #[error("limit '{limit}': header {header} must be a whole number of units, got '{value}'")]
@@ -208,6 +222,12 @@ fn key_of(limit: &Limit, req: &impl Request) -> Result<Option<CompactString>, Re
         }
         let value: Option<Cow<'_, str>> = match part {
             KeyPart::Header(name) => req.header(name).map(Cow::Borrowed),
+            KeyPart::Query(name) if req.query_repeated(name) => {
+                return Err(RequestError::RepeatedQuery {
+                    limit: limit.name.clone(),
+                    param: name.clone(),
+                })
+            }
             KeyPart::Query(name) => req.query(name),
             KeyPart::Ip => req.ip().map(Cow::Borrowed),
             KeyPart::Method => Some(Cow::Borrowed(req.method())),
@@ -386,6 +406,9 @@ impl Request for Attrs {
     fn query(&self, name: &str) -> Option<Cow<'_, str>> {
         query_param(self.query.as_deref()?, name)
     }
+    fn query_repeated(&self, name: &str) -> bool {
+        (self.query.as_deref()).is_some_and(|q| query_param_repeated(q, name))
+    }
     fn json_body(&self) -> Option<&serde_json::Value> {
         self.body.as_ref()
     }
@@ -435,11 +458,26 @@ impl Request for Descriptor<'_> {
     }
 }
 
-/// The first value of `name` in a query string (percent-decoding `%XX` and `+`).
+/// The first value of `name` in a query string (names and values
+/// percent-decoded, `%XX` and `+`: `api%5Fkey` is `api_key`, as upstreams
+/// read it).
 pub fn query_param<'a>(query: &'a str, name: &str) -> Option<Cow<'a, str>> {
-    query.split('&').find_map(|pair| {
+    pairs(query).find_map(|(k, v)| (k == name).then(|| percent_decode(v)))
+}
+
+/// Whether `name` is given more than once in a query string with different
+/// values.
+pub fn query_param_repeated(query: &str, name: &str) -> bool {
+    let mut values = pairs(query).filter_map(|(k, v)| (k == name).then(|| percent_decode(v)));
+    let first = values.next();
+    first.is_some_and(|first| values.any(|v| v != first))
+}
+
+/// A query string's pairs: each name decoded, each value as written.
+fn pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, &str)> {
+    query.split('&').map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then(|| percent_decode(v))
+        (percent_decode(k), v)
     })
 }
 
@@ -728,5 +766,41 @@ cost = { header = "X-Cost" }
         );
         assert_eq!(query_param("a=1", "key"), None);
         assert_eq!(query_param("k=%zz%4", "k").as_deref(), Some("%zz%4"));
+    }
+
+    #[test]
+    fn a_query_key_cannot_be_spelled_around_or_given_twice() {
+        use super::query_param_repeated;
+        // A name is read as upstreams decode it.
+        assert_eq!(
+            query_param("api%5Fkey=real&api_key=junk", "api_key").as_deref(),
+            Some("real")
+        );
+        assert!(query_param_repeated(
+            "api%5Fkey=real&api_key=junk",
+            "api_key"
+        ));
+        assert!(query_param_repeated("api_key=real&api_key=junk", "api_key"));
+        assert!(!query_param_repeated(
+            "api_key=real&api_key=real",
+            "api_key"
+        ));
+        assert!(!query_param_repeated("api_key=real&other=1", "api_key"));
+        let policy = crate::parse(
+            "[[limit]]\nname = \"per-key\"\nkey = [\"query:api_key\"]\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 2\n",
+            &crate::NoProfiles,
+        )
+        .expect("policy");
+        let mut items = Vec::new();
+        let mut req = Attrs::new("GET", "/", &[]);
+        req.query = Some("api_key=real&api_key=junk1".into());
+        let e = policy.plan(&req, &mut items).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "limit 'per-key': the query parameter api_key is given more than once with different values; give it once"
+        );
+        req.query = Some("api%5Fkey=real".into());
+        policy.plan(&req, &mut items).expect("one value");
+        assert_eq!(items[0].key.as_str(), "real");
     }
 }

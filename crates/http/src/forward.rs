@@ -149,6 +149,10 @@ impl tollgate_core::Request for HttpRequest<'_> {
     fn query(&self, name: &str) -> Option<Cow<'_, str>> {
         tollgate_core::request::query_param(self.parts.uri.query()?, name)
     }
+    fn query_repeated(&self, name: &str) -> bool {
+        (self.parts.uri.query())
+            .is_some_and(|q| tollgate_core::request::query_param_repeated(q, name))
+    }
     fn json_body(&self) -> Option<&serde_json::Value> {
         self.body
     }

@@ -531,6 +531,9 @@ impl tollgate_core::Request for JobRequest<'_> {
             .query()
             .and_then(|q| tollgate_core::request::query_param(q, name))
     }
+    fn query_repeated(&self, name: &str) -> bool {
+        (self.url.query()).is_some_and(|q| tollgate_core::request::query_param_repeated(q, name))
+    }
     fn json_body(&self) -> Option<&serde_json::Value> {
         self.body.as_ref()
     }

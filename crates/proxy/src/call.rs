@@ -180,6 +180,9 @@ impl tollgate_core::Request for View<'_> {
     fn query(&self, name: &str) -> Option<Cow<'_, str>> {
         query_param(self.url.query()?, name)
     }
+    fn query_repeated(&self, name: &str) -> bool {
+        (self.url.query()).is_some_and(|q| tollgate_core::request::query_param_repeated(q, name))
+    }
     fn json_body(&self) -> Option<&serde_json::Value> {
         self.body
     }

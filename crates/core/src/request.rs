@@ -248,7 +248,24 @@ fn key_of(limit: &Limit, req: &impl Request) -> Result<Option<CompactString>, Re
             }
         }
     }
-    Ok(Some(key))
+    Ok(Some(bounded(key)))
+}
+
+/// Keys longer than this are kept as their SHA-256 digest.
+pub const MAX_KEY_BYTES: usize = 256;
+
+/// `key`, or its digest (`sha256:` and 64 hex digits) when it is longer
+/// than `MAX_KEY_BYTES`: a tenant id or an address is kept as it is, while a
+/// client sending 60 KB header values cannot make each key cost 60 KB
+/// (`max_keys` counts keys, not bytes), and a long token used as a key is
+/// not written out in logs.
+fn bounded(key: CompactString) -> CompactString {
+    use sha2::Digest;
+    if key.len() <= MAX_KEY_BYTES {
+        return key;
+    }
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    CompactString::from(crate::hex::hex_after("sha256:", &digest))
 }
 
 /// The key a limit builds from these part values (for overrides, the usage
@@ -261,7 +278,7 @@ pub fn encode_key(parts: &[&str]) -> CompactString {
         }
         push_escaped(&mut key, part);
     }
-    key
+    bounded(key)
 }
 
 /// A key's parts as they were given (None: a part the request did not
@@ -766,6 +783,30 @@ cost = { header = "X-Cost" }
         );
         assert_eq!(query_param("a=1", "key"), None);
         assert_eq!(query_param("k=%zz%4", "k").as_deref(), Some("%zz%4"));
+    }
+
+    #[test]
+    fn a_long_key_is_kept_as_its_digest_the_same_way_everywhere() {
+        let policy = crate::parse(
+            "[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 2\n",
+            &crate::NoProfiles,
+        )
+        .expect("policy");
+        let plan = |value: &str| {
+            let mut items = Vec::new();
+            let req = Attrs::new("GET", "/", &[("x-tenant-id", value)]);
+            policy.plan(&req, &mut items).expect("plan");
+            items.remove(0).key
+        };
+        let short = "t".repeat(super::MAX_KEY_BYTES);
+        assert_eq!(plan(&short).as_str(), short, "kept as it is");
+        let long = "t".repeat(60_000);
+        let key = plan(&long);
+        assert!(key.starts_with("sha256:") && key.len() == 71, "{key}");
+        assert_eq!(key, plan(&long), "the same value, the same key");
+        assert_ne!(key, plan(&format!("{long}x")));
+        // The usage API and overrides build keys with `encode_key`.
+        assert_eq!(key, encode_key(&[long.as_str()]));
     }
 
     #[test]

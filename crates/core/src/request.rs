@@ -134,6 +134,14 @@ pub fn match_view(path: &str) -> String {
     view
 }
 
+/// Whether two host names are one: case aside, and a trailing dot (the
+/// fully qualified `api.example.com.` is `api.example.com`).
+fn same_host(a: &str, b: &str) -> bool {
+    let bare = |h: &str| h.strip_suffix('.').unwrap_or(h).len();
+    let (a, b) = (&a[..bare(a)], &b[..bare(b)]);
+    a.eq_ignore_ascii_case(b)
+}
+
 impl Matcher {
     /// Whether the request meets every condition given.
     pub fn matches(&self, req: &impl Request) -> bool {
@@ -149,7 +157,7 @@ impl Matcher {
             && self
                 .host
                 .as_deref()
-                .is_none_or(|h| req.host().is_some_and(|rh| rh.eq_ignore_ascii_case(h)))
+                .is_none_or(|h| req.host().is_some_and(|rh| same_host(rh, h)))
             && self
                 .headers
                 .iter()

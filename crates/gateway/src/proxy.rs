@@ -176,6 +176,18 @@ impl Gateway {
         if parts.method == hyper::Method::CONNECT {
             return Err(Refusal::MethodNotAllowed("CONNECT".into()));
         }
+        // (RFC 9112 3.2: the limits would read one, the upstream maybe the other)
+        if request
+            .headers
+            .get_all(hyper::header::HOST)
+            .iter()
+            .nth(1)
+            .is_some()
+        {
+            return Err(Refusal::BadRequest(
+                "the request has more than one Host header".into(),
+            ));
+        }
         let mut view = HttpRequest {
             parts,
             headers: &request.headers,
@@ -512,6 +524,15 @@ fn upstream_request(
     *outgoing.headers_mut() = request.headers;
     let headers = outgoing.headers_mut();
     strip_hop_by_hop(headers);
+    // The host the limits saw is the host the upstream is told: a target in
+    // absolute form, or HTTP/2's :authority, names it rather than a Host
+    // header (RFC 9112 3.2.2), and the origin form sent on loses it.
+    if let Some(authority) = parts.uri.authority() {
+        let host = authority.as_str().rsplit('@').next().unwrap_or_default();
+        if let Ok(host) = HeaderValue::from_str(host) {
+            headers.insert(hyper::header::HOST, host);
+        }
+    }
     request.peer.append_forwarded_for(headers);
     if let Some(id) = id_header {
         headers.insert(X_REQUEST_ID.clone(), id);

@@ -759,6 +759,53 @@ async fn forwarded_for_names_the_real_hop_and_connect_is_refused() {
     assert_eq!(r.status(), 405);
 }
 
+#[tokio::test]
+async fn the_host_a_limit_reads_is_the_host_the_upstream_is_told() {
+    let up = upstream().await;
+    let config = format!(
+        "{}[[limit]]\nname = \"api-host\"\nkey = [\"host\"]\nmatch = {{ host = \"api.example.com\" }}\nalgorithm = \"fixed_window\"\nevery = \"1h\"\nquota = 1\n",
+        gateway_section(up.addr)
+    );
+    let gw = start(&config).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let raw = |head: String| async move {
+        let mut s = tokio::net::TcpStream::connect(gw.proxy)
+            .await
+            .expect("connect");
+        s.write_all(head.as_bytes()).await.expect("write");
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await.expect("read");
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    // A target in absolute form names the host: the upstream is told that one.
+    let answer = raw(
+        "GET http://other.example/host HTTP/1.1\r\nhost: api.example.com\r\nconnection: close\r\n\r\n".into(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("host other.example"), "{answer}");
+    // The fully qualified spelling is the same host: one quota.
+    for (i, host) in ["api.example.com", "API.example.com."].iter().enumerate() {
+        let answer = raw(format!(
+            "GET /host HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"
+        ))
+        .await;
+        let expected = if i == 0 {
+            "HTTP/1.1 200"
+        } else {
+            "HTTP/1.1 429"
+        };
+        assert!(answer.starts_with(expected), "{host}: {answer}");
+    }
+    // Two Host headers are refused.
+    let answer = raw(
+        "GET /host HTTP/1.1\r\nhost: a.example\r\nhost: api.example.com\r\nconnection: close\r\n\r\n".into(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("more than one Host header"), "{answer}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_client_that_leaves_while_held_is_not_charged_latency() {
     let up = upstream().await;

@@ -108,6 +108,10 @@ type UpBody = Either<Full<Bytes>, Trickle>;
 
 async fn answer(req: Request<hyper::body::Incoming>) -> Result<Response<UpBody>, Infallible> {
     let path = req.uri().path().to_string();
+    let seen_host = (req.headers().get(hyper::header::HOST))
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     let seen_forwarded = req
         .headers()
         .get("x-forwarded-for")
@@ -131,6 +135,9 @@ async fn answer(req: Request<hyper::body::Incoming>) -> Result<Response<UpBody>,
     }
     if let Some(code) = path.strip_prefix("/status/") {
         return full(code.parse().unwrap_or(500), format!("status {code}"));
+    }
+    if path == "/host" {
+        return full(200, format!("host {seen_host}"));
     }
     if path == "/close" {
         let mut r = full(200, "closing".into())?;

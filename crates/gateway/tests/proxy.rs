@@ -73,6 +73,33 @@ async fn a_token_bucket_answers_429_problem_json_with_headers() {
     assert_eq!(up.received(), 4);
 }
 
+#[tokio::test(start_paused = true)]
+async fn retry_after_names_the_arrival_a_hold_would_admit() {
+    let up = upstream().await;
+    // A slot every 10 s, held for up to 5 s: a request refused now is
+    // admitted (held) if it comes back 5 s before the next slot, and the
+    // header says so, as `tollgate simulate` does.
+    let config = format!(
+        "{}[[limit]]\nname = \"api\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 1\nrefill = \"1/10s\"\nhold = \"5s\"\n",
+        gateway_section(up.addr)
+    );
+    let gw = start(&config).await;
+    let client = client();
+    assert_eq!(get(&client, &gw.url("/"), "a").await.status(), 200);
+    let denied = get(&client, &gw.url("/"), "a").await;
+    assert_eq!(denied.status(), 429);
+    assert_eq!(header(&denied, "retry-after").as_deref(), Some("5"));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let started = tokio::time::Instant::now();
+    let held = get(&client, &gw.url("/"), "a").await;
+    assert_eq!(held.status(), 200, "admitted after a hold");
+    let waited = started.elapsed();
+    assert!(
+        waited > Duration::from_secs(4) && waited <= Duration::from_secs(5),
+        "{waited:?}"
+    );
+}
+
 #[tokio::test]
 async fn the_errors_format_has_retry_after_and_legacy_headers() {
     let up = upstream().await;

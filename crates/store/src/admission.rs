@@ -83,6 +83,15 @@ pub async fn decide_holding(
             .map(|(i, _)| i)
             .collect();
         let hold = blocking.iter().map(|i| policy.limits[i.limit].hold).min();
+        if let Some(hold) = hold.filter(|hold| wait > *hold && *hold > 0) {
+            // Too long to hold now, but one that comes `hold` before its
+            // slot is held into it: that arrival is what Retry-After says
+            // (as `decide` with holds says it; exact for one limit, and
+            // for several the shortest hold, never too early).
+            if let Verdict::Deny { retry_after, .. } = &mut decision.verdict {
+                *retry_after = Some(wait - hold);
+            }
+        }
         if hold.is_some_and(|hold| wait <= hold) {
             places = blocking
                 .iter()

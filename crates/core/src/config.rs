@@ -727,11 +727,11 @@ impl Ctx<'_> {
             ));
         }
         Ok(Class {
-            matcher: c
-                .matcher
-                .as_ref()
-                .map(|m| matcher(m.get_ref()))
-                .unwrap_or_default(),
+            matcher: match &c.matcher {
+                Some(m) => matcher(m.get_ref())
+                    .map_err(|e| self.err(m.span().start, format!("class '{name}': {e}")))?,
+                None => Matcher::default(),
+            },
             name,
             scale,
         })
@@ -777,7 +777,12 @@ impl Ctx<'_> {
             Some(c) => match c.get_ref() {
                 RawCost::Name(n) if n == "requests" => Cost::Requests,
                 RawCost::Name(n) if n == "latency" => Cost::Latency,
-                RawCost::Table(t) if t.len() == 1 && t.contains_key("header") => Cost::Header(t["header"].to_ascii_lowercase()),
+                RawCost::Table(t) if t.len() == 1 && t.contains_key("header") => {
+                    if !is_token(&t["header"]) {
+                        return Err(fail(c.span(), format!("cost header '{}' is not a header name", t["header"])));
+                    }
+                    Cost::Header(t["header"].to_ascii_lowercase())
+                }
                 RawCost::Table(t) if t.len() == 1 && t.contains_key("json_array") => {
                     let pointer = t["json_array"].clone();
                     if !(pointer.is_empty() || pointer.starts_with('/')) {
@@ -1031,14 +1036,14 @@ impl Ctx<'_> {
             });
         }
         overrides.sort_by(|a, b| a.key.cmp(&b.key));
+        let limit_matcher = match &l.matcher {
+            Some(m) => matcher(m.get_ref()).map_err(|e| fail(m.span(), e))?,
+            None => Matcher::default(),
+        };
         Ok(Limit {
             name,
             key,
-            matcher: l
-                .matcher
-                .as_ref()
-                .map(|m| matcher(m.get_ref()))
-                .unwrap_or_default(),
+            matcher: limit_matcher,
             algorithm,
             // The default class; `parse` adds one variant per class once all are known.
             variants: vec![params],
@@ -1097,8 +1102,64 @@ fn lease(
     })
 }
 
-fn matcher(raw: &RawMatch) -> Matcher {
-    Matcher {
+/// Whether `name` is an HTTP token (RFC 9110 5.6.2): what a header name or
+/// a method may be.
+pub(crate) fn is_token(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Why a `path_prefix` can never match a request, if it cannot: requests
+/// are matched on their normalized path (no `//`, no dot segments, no
+/// escaped letters or digits), so a prefix must be written that way.
+fn path_prefix_problem(prefix: &str) -> Option<String> {
+    if !prefix.starts_with('/') {
+        return Some(format!("path_prefix '{prefix}' must start with '/'"));
+    }
+    let dot = |s: &str| s == "." || s == "..";
+    let segments: Vec<&str> = prefix[1..].split('/').collect();
+    let inner = &segments[..segments.len().saturating_sub(1)];
+    if inner.iter().any(|s| s.is_empty() || dot(s)) || segments.last().is_some_and(|s| dot(s)) {
+        return Some(format!(
+            "path_prefix '{prefix}' can never match: requests are matched on their normalized path, which has no '//', '.' or '..' segments"
+        ));
+    }
+    let bytes = prefix.as_bytes();
+    let escaped_unreserved = bytes.windows(3).any(|w| {
+        w[0] == b'%'
+            && std::str::from_utf8(&w[1..])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .is_some_and(|c| c.is_ascii_alphanumeric() || b"-._~".contains(&c))
+    });
+    if escaped_unreserved {
+        return Some(format!(
+            "path_prefix '{prefix}' can never match: requests are matched with escaped letters, digits and '-._~' decoded; write them plainly"
+        ));
+    }
+    None
+}
+
+fn matcher(raw: &RawMatch) -> Result<Matcher, String> {
+    if let Some(m) = raw.methods.iter().find(|m| !is_token(m)) {
+        return Err(format!("match: '{m}' is not a method name"));
+    }
+    if let Some(problem) = raw.path_prefix.as_deref().and_then(path_prefix_problem) {
+        return Err(format!("match: {problem}"));
+    }
+    if let Some(host) = &raw.host {
+        if host.is_empty() || host.contains(['/', ':', '@', ' ']) && !host.starts_with('[') {
+            return Err(format!(
+                "match: host '{host}' must be a host name alone (no scheme, port or path): requests are matched on their host without the port"
+            ));
+        }
+    }
+    if let Some(name) = raw.headers.keys().find(|n| !is_token(n)) {
+        return Err(format!("match: '{name}' is not a header name"));
+    }
+    Ok(Matcher {
         methods: raw.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
         path_prefix: raw.path_prefix.clone(),
         host: raw.host.as_ref().map(|h| h.to_ascii_lowercase()),
@@ -1114,7 +1175,7 @@ fn matcher(raw: &RawMatch) -> Matcher {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
-    }
+    })
 }
 
 #[cfg(test)]
@@ -1134,6 +1195,62 @@ mod tests {
             panic!("tiered")
         };
         assert_eq!(t.tiers[2].quota, 172_500_000);
+    }
+
+    #[test]
+    fn a_match_or_key_that_could_never_apply_is_refused() {
+        let limit = |extra: &str| {
+            err(&format!("[[limit]]\nname = \"t\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 5\n{extra}\n"))
+        };
+        for (extra, says) in [
+            (
+                "match = { path_prefix = \"v1/\" }",
+                "line 7: limit 't': match: path_prefix 'v1/' must start with '/'",
+            ),
+            (
+                "match = { path_prefix = \"/v1//x\" }",
+                "line 7: limit 't': match: path_prefix '/v1//x' can never match",
+            ),
+            (
+                "match = { path_prefix = \"/v1/../x\" }",
+                "line 7: limit 't': match: path_prefix '/v1/../x' can never match",
+            ),
+            (
+                "match = { path_prefix = \"/v1/%7e\" }",
+                "line 7: limit 't': match: path_prefix '/v1/%7e' can never match",
+            ),
+            (
+                "match = { methods = [\"G E T\"] }",
+                "line 7: limit 't': match: 'G E T' is not a method name",
+            ),
+            (
+                "match = { host = \"api.example.com:443\" }",
+                "line 7: limit 't': match: host 'api.example.com:443' must be a host name alone",
+            ),
+            (
+                "match = { headers = { \"bad name\" = \"x\" } }",
+                "line 7: limit 't': match: 'bad name' is not a header name",
+            ),
+            (
+                "cost = { header = \"x cost\" }",
+                "line 7: limit 't': cost header 'x cost' is not a header name",
+            ),
+        ] {
+            let e = limit(extra);
+            assert!(e.starts_with(says), "{extra}: {e}");
+        }
+        let e = err("[[limit]]\nname = \"t\"\nkey = [\"header:bad name\"]\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 5\n");
+        assert!(e.contains("'header:bad name' names no header"), "{e}");
+        // What is fine stays fine: a trailing '/', an encoded separator, a host with a trailing dot.
+        for extra in [
+            "match = { path_prefix = \"/v1/\" }",
+            "match = { path_prefix = \"/\" }",
+            "match = { path_prefix = \"/projects/a%2Fb\" }",
+            "match = { host = \"api.example.com.\", methods = [\"get\"] }",
+        ] {
+            let text = format!("[[limit]]\nname = \"t\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 5\n{extra}\n");
+            assert!(parse(&text, &NoProfiles).is_ok(), "{extra}");
+        }
     }
 
     #[test]

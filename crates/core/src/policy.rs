@@ -359,9 +359,12 @@ impl KeyPart {
             format!("'{text}' is not a key part; use header:NAME, query:NAME, descriptor:NAME, ip, method, path, host or const:TEXT")
         };
         Ok(match text.split_once(':') {
-            Some(("header", name)) if !name.is_empty() => {
-                KeyPart::Header(name.to_ascii_lowercase())
+            Some(("header", name)) if !crate::config::is_token(name) => {
+                return Err(format!(
+                    "'{text}' names no header: a header name is letters, digits and !#$%&'*+-.^_`|~"
+                ))
             }
+            Some(("header", name)) => KeyPart::Header(name.to_ascii_lowercase()),
             Some(("query", name)) if !name.is_empty() => KeyPart::Query(name.to_string()),
             Some(("const", value)) => KeyPart::Const(value.to_string()),
             Some(("descriptor", name)) if !name.is_empty() => KeyPart::Descriptor(name.to_string()),

@@ -63,7 +63,14 @@ enum Command {
     /// Validate a config; errors name the line, the limit and the field.
     Check {
         /// The policy file (TOML).
-        config: PathBuf,
+        #[arg(
+            required_unless_present = "config_flag",
+            conflicts_with = "config_flag"
+        )]
+        config: Option<PathBuf>,
+        /// The same, written as `serve`, `proxy` and `run` take it.
+        #[arg(long = "config", id = "config_flag", value_name = "CONFIG")]
+        config_flag: Option<PathBuf>,
     },
     /// Replay a trace (JSONL) through the engine on a virtual clock.
     Simulate {
@@ -427,7 +434,13 @@ fn other(command: Command) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&model)?);
             Ok(())
         }
-        Command::Check { config } => {
+        Command::Check {
+            config,
+            config_flag,
+        } => {
+            let config = config
+                .or(config_flag)
+                .ok_or_else(|| anyhow::anyhow!("check needs a config file"))?;
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("cannot read config {}", config.display()))?;
             if text.contains("[[upstream]]") {

@@ -111,13 +111,16 @@ fn check_accepts_the_examples() {
         "examples/runner.toml",
         "examples/proxy.toml",
     ] {
-        let out = tollgate(&["check", config]);
-        assert!(out.status.success(), "{config}: {}", text(&out.stderr));
-        assert!(
-            text(&out.stdout).starts_with(&format!("{config}: ok")),
-            "{}",
-            text(&out.stdout)
-        );
+        // (as a path, or with --config as the other commands take it)
+        for args in [vec!["check", config], vec!["check", "--config", config]] {
+            let out = tollgate(&args);
+            assert!(out.status.success(), "{config}: {}", text(&out.stderr));
+            assert!(
+                text(&out.stdout).starts_with(&format!("{config}: ok")),
+                "{}",
+                text(&out.stdout)
+            );
+        }
     }
 }
 

@@ -452,10 +452,66 @@ fn enclosing_limit(text: &str, offset: usize) -> Option<String> {
 /// Read a face's own tables (`[gateway]`, `[proxy]`, `[[upstream]]`) from
 /// a config's text; a TOML error names its line.
 pub fn read_tables<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError {
-        line: e.span().map(|s| line_of(text, s.start)),
-        message: e.message().to_string(),
+    toml::from_str(text).map_err(|e| {
+        let field = e.span().and_then(|s| field_at(text, s.start));
+        let message = plain_types(e.message());
+        ConfigError {
+            line: e.span().map(|s| line_of(text, s.start)),
+            message: match field {
+                // (serde's message names the value, not where it is; an
+                // unknown field's names the field already)
+                Some((field, key)) if !message.contains(&format!("`{key}`")) => {
+                    format!("{field}: {message}")
+                }
+                _ => message,
+            },
+        }
     })
+}
+
+/// The field written at byte `offset` of a TOML text, with its table (e.g.
+/// `[gateway] max_held`), and its key alone, for an error about its value.
+fn field_at(text: &str, offset: usize) -> Option<(String, String)> {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    if key.is_empty() || key.starts_with('[') || key.starts_with('#') {
+        return None;
+    }
+    let table = text[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| {
+            l.trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or_default()
+                .trim()
+        });
+    let field = match table {
+        Some(table) if !table.is_empty() => format!("[{table}] {key}"),
+        _ => key.to_string(),
+    };
+    Some((field, key.to_string()))
+}
+
+/// serde's type names as a config's reader knows them.
+fn plain_types(message: &str) -> String {
+    let mut m = message.to_string();
+    for (rust, plain) in [
+        ("expected usize", "expected a whole number, 0 or more"),
+        ("expected u64", "expected a whole number, 0 or more"),
+        ("expected u32", "expected a whole number, 0 or more"),
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        ("expected f64", "expected a number"),
+    ] {
+        m = m.replace(rust, plain);
+    }
+    m
 }
 
 /// A `host:port` field (`what` names it, e.g. "proxy listen"), or an error

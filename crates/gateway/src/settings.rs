@@ -429,6 +429,17 @@ mod tests {
             e.to_string(),
             "line 3: gateway upstream: 'ftp://x' must start with http:// or https://"
         );
+        // A value of the wrong type names its table and field, in plain words.
+        let e = Settings::parse("[gateway]\nmax_held = -1\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "line 2: [gateway] max_held: invalid value: integer `-1`, expected a whole number, 0 or more"
+        );
+        let e = Settings::parse("[response]\nformat = 5\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "line 2: [response] format: invalid type: integer `5`, expected a string"
+        );
         let e = Settings::parse("[gateway]\nupstream = \"http://x:notaport\"\n").unwrap_err();
         assert!(e.to_string().contains("port that is not a number"), "{e}");
         let e = Settings::parse("[gateway]\nupstream = \"http://u:s3cret@x:80\"\n").unwrap_err();

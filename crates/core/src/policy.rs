@@ -265,10 +265,13 @@ impl Params {
             Params::Gcra(p) => (p.capacity, secs(p.tau())),
             Params::FixedWindow(p) => (p.quota, secs(p.calendar.every())),
             Params::SlidingWindow(p) => (p.quota, secs(p.segment * u64::from(p.segments))),
+            // All pools together, which `remaining` counts too (a request
+            // spills from one pool into the next), by the window of the
+            // pool that refills first.
             Params::Tiered(p) => p
                 .tiers
                 .first()
-                .map_or((0, 0), |t| (t.quota, secs(t.calendar.every()))),
+                .map_or((0, 0), |t| (p.total(), secs(t.calendar.every()))),
             Params::Concurrency(p) => (p.max, 0),
         }
     }

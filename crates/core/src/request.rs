@@ -229,14 +229,17 @@ fn key_of(limit: &Limit, req: &impl Request) -> Result<Option<CompactString>, Re
             key.push(KEY_SEPARATOR);
         }
         let value: Option<Cow<'_, str>> = match part {
-            KeyPart::Header(name) => req.header(name).map(Cow::Borrowed),
+            // (an empty value is no value: `missing_key` says what to do)
+            KeyPart::Header(name) => (req.header(name))
+                .filter(|v| !v.trim().is_empty())
+                .map(Cow::Borrowed),
             KeyPart::Query(name) if req.query_repeated(name) => {
                 return Err(RequestError::RepeatedQuery {
                     limit: limit.name.clone(),
                     param: name.clone(),
                 })
             }
-            KeyPart::Query(name) => req.query(name),
+            KeyPart::Query(name) => req.query(name).filter(|v| !v.trim().is_empty()),
             KeyPart::Ip => req.ip().map(Cow::Borrowed),
             KeyPart::Method => Some(Cow::Borrowed(req.method())),
             KeyPart::Path => Some(Cow::Borrowed(req.path())),
@@ -744,10 +747,16 @@ cost = { header = "X-Cost" }
             key("user=a%1Fb&org=c", None, "x").0,
             key("user=a&org=b%1Fc", None, "x").0
         );
-        // A missing part is not an empty one.
-        assert_ne!(
+        // An empty part is a missing one (`missing_key` applies to both:
+        // an empty header cannot pass a limit that rejects requests without it).
+        assert_eq!(
             key("user=a&org=b", None, "x").0,
             key("user=a&org=b", Some(""), "x").0
+        );
+        // And neither is the part written out.
+        assert_ne!(
+            key("user=a&org=b", None, "x").0,
+            key("user=a&org=b", Some("-"), "x").0
         );
         // Hosts are case-insensitive.
         assert_eq!(
@@ -815,6 +824,24 @@ cost = { header = "X-Cost" }
         assert_ne!(key, plan(&format!("{long}x")));
         // The usage API and overrides build keys with `encode_key`.
         assert_eq!(key, encode_key(&[long.as_str()]));
+    }
+
+    #[test]
+    fn an_empty_key_value_is_a_missing_one() {
+        let policy = crate::parse(
+            "[[limit]]\nname = \"t\"\nkey = [\"header:x-tenant-id\"]\nmissing_key = \"reject\"\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 2\n",
+            &crate::NoProfiles,
+        )
+        .expect("policy");
+        for value in ["", "  "] {
+            let mut items = Vec::new();
+            let req = Attrs::new("GET", "/", &[("x-tenant-id", value)]);
+            let e = policy.plan(&req, &mut items).unwrap_err();
+            assert!(
+                matches!(e, RequestError::MissingKey { .. }),
+                "{value:?}: {e}"
+            );
+        }
     }
 
     #[test]

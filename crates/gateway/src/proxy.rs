@@ -201,10 +201,17 @@ impl Gateway {
             .ok_or(Refusal::NoRoute)?;
         tollgate_http::listen::check_head_size(view.headers)?;
         for name in &generation.read_headers {
-            if let Some(v) = view.headers.get(name) {
+            let mut values = view.headers.get_all(name).iter();
+            if let Some(v) = values.next() {
                 if v.to_str().is_err() {
                     return Err(Refusal::BadRequest(format!(
                         "header {name} must be visible ASCII; its value has other bytes"
+                    )));
+                }
+                // (the limits read the first; an upstream may read the last, or both)
+                if values.any(|other| other != v) {
+                    return Err(Refusal::BadRequest(format!(
+                        "header {name} is given more than once with different values; the limits read it, give it once"
                     )));
                 }
             }

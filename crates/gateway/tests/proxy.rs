@@ -406,6 +406,24 @@ async fn malformed_requests_get_clear_errors() {
             .contains("header x-tenant-id"),
         "{body}"
     );
+    // A key header given twice with different values: the limits would
+    // read one, the upstream maybe the other.
+    let r = send(
+        client
+            .get(gw.url("/"))
+            .header("x-tenant-id", "a")
+            .header("x-tenant-id", "b"),
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("header x-tenant-id is given more than once"),
+        "{body}"
+    );
     // A cost header that is not a number.
     let r = send(
         client

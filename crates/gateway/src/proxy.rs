@@ -61,23 +61,6 @@ fn client_ip<'p>(gen: &Generation, headers: &HeaderMap, peer: &'p Peer) -> Cow<'
     Cow::Borrowed(&peer.ip)
 }
 
-/// A body read for a JSON cost: none when empty; a body that is not JSON
-/// is refused, not charged as if it held no array (a body some readers
-/// take as JSON, with a BOM or nested too deep for this one, would
-/// otherwise cost 1 whatever its array's length). A leading UTF-8 BOM is
-/// skipped, as RFC 8259 allows.
-fn json_of(bytes: &[u8]) -> Result<Option<serde_json::Value>, Refusal> {
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Ok(None);
-    }
-    serde_json::from_slice(bytes).map(Some).map_err(|e| {
-        Refusal::BadRequest(format!(
-            "the request body is not JSON ({e}), and a limit counts the array in it"
-        ))
-    })
-}
-
 /// The request's first key, readable: parts separated by '|'.
 fn key_text(items: &[Item]) -> Option<String> {
     items.first().map(|i| {
@@ -237,7 +220,7 @@ impl Gateway {
                     )))
                 }
             };
-            json = json_of(&bytes)?;
+            json = tollgate_http::forward::body_json(&bytes)?;
             view.body = json.as_ref();
             Either::Right(Full::new(bytes))
         } else {

@@ -2,6 +2,7 @@
 //! through: hop-by-hop headers removed (RFC 9110 7.6.1), the path
 //! normalized before it is matched, and this hop added to X-Forwarded-For.
 
+use crate::Refusal;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION};
 use smallvec::SmallVec;
 use std::borrow::Cow;
@@ -156,6 +157,23 @@ impl tollgate_core::Request for HttpRequest<'_> {
     fn json_body(&self) -> Option<&serde_json::Value> {
         self.body
     }
+}
+
+/// A body read for a JSON cost: none when empty; a body that is not JSON
+/// is refused, not charged as if it held no array (a body some readers
+/// take as JSON, with a BOM or nested too deep for this one, would
+/// otherwise cost 1 whatever its array's length). A leading UTF-8 BOM is
+/// skipped, as RFC 8259 allows.
+pub fn body_json(bytes: &[u8]) -> Result<Option<serde_json::Value>, Refusal> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(bytes).map(Some).map_err(|e| {
+        Refusal::BadRequest(format!(
+            "the request body is not JSON ({e}), and a limit counts the array in it"
+        ))
+    })
 }
 
 /// The host a request is for: the URI's (absolute form), else its `Host`
@@ -314,6 +332,26 @@ mod tests {
         plain.insert("x-trace", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut plain);
         assert_eq!(plain.len(), 2, "nothing hop-by-hop: nothing removed");
+    }
+
+    #[test]
+    fn a_body_read_for_its_json_is_json_or_refused() {
+        use super::body_json;
+        assert_eq!(body_json(b"").unwrap(), None);
+        assert_eq!(body_json(b" \n").unwrap(), None);
+        assert_eq!(
+            body_json(b"{\"ids\":[1,2]}").unwrap(),
+            Some(serde_json::json!({"ids": [1, 2]}))
+        );
+        assert_eq!(
+            body_json(b"\xEF\xBB\xBF[1]").unwrap(),
+            Some(serde_json::json!([1]))
+        );
+        for bad in [&b"{\"ids\":[NaN]}"[..], b"[1e999]", b"not json"] {
+            let e = body_json(bad).unwrap_err();
+            assert_eq!(e.status(), 400);
+            assert!(e.detail().contains("not JSON"), "{}", e.detail());
+        }
     }
 
     #[test]

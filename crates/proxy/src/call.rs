@@ -476,7 +476,7 @@ impl Proxy {
             .any(|l| matches!(l.cost, Cost::JsonArray(_)));
         let kept = KeptBytes::count(&self.kept_bytes, held, generation.settings.max_kept_bytes)?;
         let json = match (&outgoing, needs_json) {
-            (Outgoing::Kept(bytes), true) => serde_json::from_slice(bytes).ok(),
+            (Outgoing::Kept(bytes), true) => tollgate_http::forward::body_json(bytes)?,
             // A limit counts the body's JSON: it must be read whole.
             (Outgoing::Once(_), true) => {
                 return Err(Refusal::BodyTooLarge {

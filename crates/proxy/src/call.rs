@@ -438,10 +438,10 @@ impl Proxy {
                 )
                 .await;
         }
-        let (outgoing, held) = read_body(body, generation.settings.max_replay_bytes).await?;
+        let (outgoing, kept) = read_body(body, &self.body_budget(generation)).await?;
         let answer = self
             .fetch(
-                generation, upstream, &url, parts, outgoing, held, peer, &control, outcome,
+                generation, upstream, &url, parts, outgoing, kept, peer, &control, outcome,
             )
             .await;
         if write {
@@ -462,7 +462,7 @@ impl Proxy {
         url: &url::Url,
         parts: &mut hyper::http::request::Parts,
         outgoing: Outgoing,
-        held: usize,
+        kept: Option<KeptBytes>,
         peer: &Peer,
         control: &Control,
         outcome: &mut Outcome<'g>,
@@ -474,7 +474,6 @@ impl Proxy {
             .limits
             .iter()
             .any(|l| matches!(l.cost, Cost::JsonArray(_)));
-        let kept = KeptBytes::count(&self.kept_bytes, held, generation.settings.max_kept_bytes)?;
         let json = match (&outgoing, needs_json) {
             (Outgoing::Kept(bytes), true) => tollgate_http::forward::body_json(bytes)?,
             // A limit counts the body's JSON: it must be read whole.
@@ -1176,31 +1175,54 @@ pub(crate) fn outgoing_headers(client: HeaderMap, upstream: &Upstream) -> Header
 }
 
 /// Bytes of one request's body counted in the proxy's total until dropped.
-struct KeptBytes {
+pub(crate) struct KeptBytes {
     total: Arc<AtomicUsize>,
     bytes: usize,
 }
 
 impl KeptBytes {
-    /// Count `bytes` in `total`, unless that would pass `max` (503: the
+    /// Count `more` bytes too, unless the total would pass `max` (503: the
     /// request waits nowhere and nothing of it is sent).
-    fn count(
-        total: &Arc<AtomicUsize>,
-        bytes: usize,
-        max: usize,
-    ) -> Result<Option<KeptBytes>, Refusal> {
-        if bytes == 0 {
-            return Ok(None);
-        }
-        let before = total.fetch_add(bytes, Ordering::Relaxed);
-        if before.saturating_add(bytes) > max {
-            total.fetch_sub(bytes, Ordering::Relaxed);
+    fn grow(&mut self, more: usize, max: usize) -> Result<(), Refusal> {
+        let before = self.total.fetch_add(more, Ordering::Relaxed);
+        if before.saturating_add(more) > max {
+            self.total.fetch_sub(more, Ordering::Relaxed);
             return Err(Refusal::BodiesFull { max });
         }
-        Ok(Some(KeptBytes {
-            total: total.clone(),
-            bytes,
-        }))
+        self.bytes += more;
+        Ok(())
+    }
+}
+
+/// How much of a body is kept whole (`cap`, `[proxy] max_replay_bytes`), and
+/// the bytes all kept bodies may add up to (`[proxy] max_kept_bytes`).
+pub(crate) struct BodyBudget {
+    pub(crate) cap: usize,
+    pub(crate) total: Arc<AtomicUsize>,
+    pub(crate) max: usize,
+}
+
+impl BodyBudget {
+    /// `bytes` of a body already whole (a queued job's), counted; none for
+    /// an empty one.
+    pub(crate) fn claim(&self, bytes: usize) -> Result<Option<KeptBytes>, Refusal> {
+        let mut counted = KeptBytes {
+            total: self.total.clone(),
+            bytes: 0,
+        };
+        counted.grow(bytes, self.max)?;
+        Ok((bytes > 0).then_some(counted))
+    }
+}
+
+impl Proxy {
+    /// `generation`'s body budget over the proxy's count of kept bytes.
+    pub(crate) fn body_budget(&self, generation: &Generation) -> BodyBudget {
+        BodyBudget {
+            cap: generation.settings.max_replay_bytes,
+            total: self.kept_bytes.clone(),
+            max: generation.settings.max_kept_bytes,
+        }
     }
 }
 
@@ -1218,8 +1240,15 @@ pub(crate) const BODY_IDLE: Duration = Duration::from_secs(60);
 /// streamed once when larger; and the bytes held of it.
 pub(crate) async fn read_body(
     mut body: Incoming,
-    cap: usize,
-) -> Result<(Outgoing, usize), Refusal> {
+    budget: &BodyBudget,
+) -> Result<(Outgoing, Option<KeptBytes>), Refusal> {
+    let cap = budget.cap;
+    // (counted as it comes, not once it is whole: bodies on their way in
+    // are bounded by `max_kept_bytes` too)
+    let mut counted = KeptBytes {
+        total: budget.total.clone(),
+        bytes: 0,
+    };
     let mut kept = BytesMut::new();
     loop {
         // (a client that stops sending would otherwise hold what it sent, and
@@ -1236,11 +1265,11 @@ pub(crate) async fn read_body(
         let Ok(data) = frame.into_data() else {
             continue; // trailers are not relayed
         };
+        counted.grow(data.len(), budget.max)?;
         if kept.len() + data.len() > cap {
             kept.extend_from_slice(&data);
-            // (counted at the cap: what a streamed body keeps at most, give
-            // or take one read)
-            let held = kept.len().min(cap);
+            // (counted as read: what a streamed body keeps at most, the cap
+            // give or take one read)
             let first = futures_util::stream::once(std::future::ready(Ok::<Bytes, hyper::Error>(
                 kept.freeze(),
             )));
@@ -1250,12 +1279,12 @@ pub(crate) async fn read_body(
                 .map_ok(Frame::data)
                 .map_err(BoxError::from);
             let once = Outgoing::Once(Some(StreamBody::new(stream).boxed_unsync()));
-            return Ok((once, held));
+            return Ok((once, Some(counted)));
         }
         kept.extend_from_slice(&data);
     }
-    let held = kept.len();
-    Ok((Outgoing::Kept(kept.freeze()), held))
+    let counted = (counted.bytes > 0).then_some(counted);
+    Ok((Outgoing::Kept(kept.freeze()), counted))
 }
 
 /// A response body, up to `cap` bytes (the rest is dropped), read for at

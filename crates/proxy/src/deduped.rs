@@ -71,7 +71,7 @@ impl Proxy {
             _ => None,
         };
         let watched = writes.watches(parts.method.as_str(), url.path());
-        let (outgoing, held) = read_body(body, generation.settings.max_replay_bytes).await?;
+        let (outgoing, kept) = read_body(body, &self.body_budget(generation)).await?;
         let body = match &outgoing {
             Outgoing::Kept(bytes) if key.is_some() || watched => bytes.clone(),
             // Nothing to remember it by (or a body too large to compare):
@@ -79,7 +79,7 @@ impl Proxy {
             _ => {
                 let answer = self
                     .fetch(
-                        generation, upstream, url, parts, outgoing, held, peer, &control, outcome,
+                        generation, upstream, url, parts, outgoing, kept, peer, &control, outcome,
                     )
                     .await;
                 line.cache.written_through(url.path()).await;
@@ -129,7 +129,7 @@ impl Proxy {
             url.clone(),
             copy_of(parts),
             outgoing,
-            held,
+            kept,
             peer.clone(),
             control,
             memo,
@@ -163,7 +163,7 @@ impl Proxy {
         url: url::Url,
         mut parts: Parts,
         outgoing: Outgoing,
-        held: usize,
+        kept: Option<crate::call::KeptBytes>,
         peer: Arc<Peer>,
         control: Control,
         memo: Memo,
@@ -180,7 +180,7 @@ impl Proxy {
                 &url,
                 &mut parts,
                 outgoing,
-                held,
+                kept,
                 &peer,
                 &control,
                 &mut outcome,

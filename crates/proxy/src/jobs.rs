@@ -892,20 +892,23 @@ impl Proxy {
         };
         let control = Control::queued(job.priority, job.workflow.clone(), LINE_WAIT, attempts);
         let mut outcome = Outcome::new();
-        let held = body.len();
-        let answer = self
-            .fetch(
-                generation,
-                upstream,
-                &url,
-                &mut parts,
-                Outgoing::Kept(body),
-                held,
-                &job_peer(),
-                &control,
-                &mut outcome,
-            )
-            .await;
+        let answer = match self.body_budget(generation).claim(body.len()) {
+            Ok(kept) => {
+                self.fetch(
+                    generation,
+                    upstream,
+                    &url,
+                    &mut parts,
+                    Outgoing::Kept(body),
+                    kept,
+                    &job_peer(),
+                    &control,
+                    &mut outcome,
+                )
+                .await
+            }
+            Err(refusal) => Err(refusal),
+        };
         let sent = attempts.load(Ordering::Relaxed);
         match answer {
             Ok(response) => {
@@ -1024,8 +1027,9 @@ impl Proxy {
         control: Control,
         client: Option<&crate::Client>,
     ) -> Result<Response<ResponseBody>, Refusal> {
-        let max = generation.settings.max_replay_bytes;
-        let bytes = match crate::call::read_body(body, max).await? {
+        let budget = self.body_budget(generation);
+        let max = budget.cap;
+        let bytes = match crate::call::read_body(body, &budget).await? {
             (Outgoing::Kept(bytes), _) => bytes,
             (Outgoing::Once(_), _) => return Err(Refusal::BodyTooLarge { max }),
         };

@@ -1013,6 +1013,59 @@ async fn an_alias_path_cannot_climb_out_of_its_upstreams_base_path() {
     }
 }
 
+#[tokio::test]
+async fn bodies_on_their_way_in_count_against_the_bytes_kept() {
+    let up = scripted(|_, _| ok()).await;
+    let config = format!(
+        "[proxy]\naccess_log = \"off\"\nmax_replay_bytes = 1000\nmax_kept_bytes = 1500\n{}",
+        upstream("crm", up.addr, &bucket("api", 10, "1/s"))
+    );
+    let proxy = start(&config).await;
+    use tokio::io::AsyncWriteExt;
+    // 600 of 1,000 bytes sent, the rest still to come.
+    let mut slow = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "PUT /crm/slow HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{}",
+        "x".repeat(600)
+    );
+    slow.write_all(head.as_bytes()).await.expect("write");
+    // Once the proxy holds them, a whole body of 1,000 would pass 1,500.
+    let mut status = 0;
+    for _ in 0..100 {
+        let r = client()
+            .put(proxy.url("crm", "/whole"))
+            .body(vec![b'y'; 1000])
+            .send()
+            .await
+            .expect("response");
+        status = r.status().as_u16();
+        if status == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(status, 503, "refused while the slow body is on its way");
+    // Its bytes go when it does.
+    drop(slow);
+    let mut status = 0;
+    for _ in 0..100 {
+        let r = client()
+            .put(proxy.url("crm", "/after"))
+            .body(vec![b'y'; 1000])
+            .send()
+            .await
+            .expect("response");
+        status = r.status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(status, 200);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_body_that_stops_coming_is_answered_408_and_lets_its_bytes_go() {
     let up = scripted(|_, _| ok()).await;

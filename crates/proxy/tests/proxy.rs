@@ -1031,39 +1031,32 @@ async fn bodies_on_their_way_in_count_against_the_bytes_kept() {
         "x".repeat(600)
     );
     slow.write_all(head.as_bytes()).await.expect("write");
-    // Once the proxy holds them, a whole body of 1,000 would pass 1,500.
-    let mut status = 0;
-    for _ in 0..100 {
-        let r = client()
-            .put(proxy.url("crm", "/whole"))
-            .body(vec![b'y'; 1000])
-            .send()
-            .await
-            .expect("response");
-        status = r.status().as_u16();
-        if status == 503 {
-            break;
+    // A whole body of 1,000 sent until the answer is `want` (the proxy
+    // reads the slow body's bytes when it gets to them).
+    let put_until = |path: &'static str, want: u16| {
+        let url = proxy.url("crm", path);
+        async move {
+            let mut status = 0;
+            for _ in 0..100 {
+                let r = client().put(&url).body(vec![b'y'; 1000]).send().await;
+                status = r.expect("response").status().as_u16();
+                if status == want {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            status
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(status, 503, "refused while the slow body is on its way");
+    };
+    // Once the proxy holds its 600, a whole body of 1,000 would pass 1,500.
+    assert_eq!(
+        put_until("/whole", 503).await,
+        503,
+        "refused while the slow body is on its way"
+    );
     // Its bytes go when it does.
     drop(slow);
-    let mut status = 0;
-    for _ in 0..100 {
-        let r = client()
-            .put(proxy.url("crm", "/after"))
-            .body(vec![b'y'; 1000])
-            .send()
-            .await
-            .expect("response");
-        status = r.status().as_u16();
-        if status == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(status, 200);
+    assert_eq!(put_until("/after", 200).await, 200);
 }
 
 #[tokio::test(start_paused = true)]

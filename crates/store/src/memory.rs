@@ -667,7 +667,9 @@ impl MemoryStore {
         now: Nanos,
         hold: bool,
     ) -> Result<Decision, StoreError> {
-        let mut guards = self.lock_all(items);
+        let Some(mut guards) = self.lock_all(items) else {
+            return self.decide_sharing(policy, items, now, hold);
+        };
         // The usual request, every key tracked already and no shard
         // reshaped by a later reload: decided on the stored states, with
         // nothing to place or give back, in one pass over the items.
@@ -748,8 +750,10 @@ impl MemoryStore {
         Ok(decision)
     }
 
-    /// The shards of `items`, locked in table-id order, in item order.
-    fn lock_all(&self, items: &[Item]) -> SmallVec<[Locked<'_>; 4]> {
+    /// The shards of `items`, locked in table-id order, in item order; None
+    /// (nothing locked) if two items are of one table: one shard may hold
+    /// both keys, and a lock is taken once (see `decide_sharing`).
+    fn lock_all(&self, items: &[Item]) -> Option<SmallVec<[Locked<'_>; 4]>> {
         // Items usually come in table order: lock as they come, and only if
         // one does not, let go and lock them again in order. (A store whose
         // tables are out of order, after some reloads, sorts them at once.)
@@ -761,25 +765,119 @@ impl MemoryStore {
         let mut last = None;
         for item in items {
             let table = self.table(item);
-            if last.is_some_and(|last| last > table.id) {
+            if last.is_some_and(|last| last >= table.id) {
                 drop(locked);
                 return self.lock_in_table_order(items);
             }
             last = Some(table.id);
             locked.push(self.lock_in(table, item));
         }
-        locked
+        Some(locked)
     }
 
     /// `lock_all` for items out of table order.
-    fn lock_in_table_order(&self, items: &[Item]) -> SmallVec<[Locked<'_>; 4]> {
+    fn lock_in_table_order(&self, items: &[Item]) -> Option<SmallVec<[Locked<'_>; 4]>> {
         let mut order: SmallVec<[usize; 4]> = (0..items.len()).collect();
         order.sort_unstable_by_key(|&i| self.table(&items[i]).id);
+        let id = |i: &usize| self.table(&items[*i]).id;
+        if order.windows(2).any(|w| id(&w[0]) == id(&w[1])) {
+            return None;
+        }
         let mut locked: SmallVec<[Option<Locked<'_>>; 4]> = items.iter().map(|_| None).collect();
         for i in order {
             locked[i] = Some(self.lock(&items[i]));
         }
-        locked.into_iter().flatten().collect()
+        Some(locked.into_iter().flatten().collect())
+    }
+
+    /// `decide_many` for items of which two or more are of one table (an
+    /// Envoy rate limit request whose descriptors give one limit two keys):
+    /// each shard is locked once, in (table id, shard) order, and the
+    /// request is decided on copies of its keys' states, written back after.
+    /// Rare, so plain rather than fast.
+    fn decide_sharing(
+        &self,
+        policy: &Policy,
+        items: &[Item],
+        now: Nanos,
+        hold: bool,
+    ) -> Result<Decision, StoreError> {
+        let hashes: Vec<u64> = (items.iter())
+            .map(|item| self.hasher.hash_one(item.key.as_str()))
+            .collect();
+        let shard_of = |i: usize| self.table(&items[i]).shard(hashes[i]) as *const Mutex<Shard>;
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        order.sort_by_key(|&i| (self.table(&items[i]).id, shard_of(i) as usize));
+        // (each distinct shard once; `at[i]` is item i's guard)
+        let mut guards: Vec<MutexGuard<'_, Shard>> = Vec::new();
+        let mut at = vec![0; items.len()];
+        let mut last = None;
+        for &i in &order {
+            if last != Some(shard_of(i)) {
+                guards.push(self.table(&items[i]).shard(hashes[i]).lock());
+                last = Some(shard_of(i));
+            }
+            at[i] = guards.len() - 1;
+        }
+        // Copies of the states (a new key's fresh, its place claimed first).
+        let mut copies: Vec<(AnyState, Cow<'_, Params>, bool)> = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let shard = &mut guards[at[i]];
+            let limit = &policy.limits[item.limit];
+            let params = self.params(self.placed(item), shard.shape, limit.params(item.class));
+            let copy = match shard.tracked(hashes[i], &item.key) {
+                Some(entry) => (entry.state.clone(), params, false),
+                None => {
+                    let shape = shard.shape;
+                    if let Err(full) = self.make_room(policy, &mut shard.keys, shape, item, now) {
+                        for ((_, _, new), item) in copies.iter().zip(items) {
+                            if *new {
+                                self.table(item).forget(1);
+                            }
+                        }
+                        return Err(full);
+                    }
+                    (AnyState::fresh(&params), params, true)
+                }
+            };
+            copies.push(copy);
+        }
+        let decision = {
+            let mut slots: Vec<Slot<AnyMeter<'_>>> = (copies.iter_mut().zip(items))
+                .map(|((state, params, _), item)| {
+                    let limit = &policy.limits[item.limit];
+                    slot(state.meter(params), item, limit, hold)
+                })
+                .collect();
+            decide(now, &mut slots)
+        };
+        for (i, ((mut state, params, new), item)) in copies.into_iter().zip(items).enumerate() {
+            let shard = &mut guards[at[i]];
+            let at_rest = state.meter(&params).at_rest(now);
+            if let (false, Some(entry)) = (new, shard.tracked(hashes[i], &item.key)) {
+                entry.state = state;
+            } else if at_rest {
+                if new {
+                    self.table(item).forget(1);
+                }
+            } else {
+                // (a tracked key that making room for another let go is
+                // kept again, over the bound if need be: its use happened)
+                if !new {
+                    self.table(item).claim_over();
+                }
+                let hasher = &self.hasher;
+                shard.keys.insert_unique(
+                    hashes[i],
+                    Entry {
+                        key: item.key.clone(),
+                        state,
+                    },
+                    |e| hasher.hash_one(e.key.as_str()),
+                );
+            }
+        }
+        Ok(decision)
     }
 
     /// `item`'s key in its locked shard, or a fresh state and the place for

@@ -360,3 +360,49 @@ fn a_store_whose_table_a_reload_reshaped_decides_several_limits_with_the_new_par
         );
     }
 }
+
+/// One request with two keys of one limit (an Envoy rate limit request whose
+/// two descriptors name two tenants): one shard may hold both, and its lock
+/// is taken once. Decided all or nothing, on whichever shards they land.
+#[test]
+fn two_keys_of_one_limit_in_one_request_are_decided_together() {
+    use tollgate_core::request::encode_key;
+    use tollgate_core::Item;
+    use tollgate_store::MemoryStore;
+    let policy = parse(&bucket(2, "1/h"), &NoProfiles).expect("policy");
+    let item = |key: &str| Item {
+        limit: 0,
+        class: 0,
+        key: encode_key(&[key]),
+        cost: 1,
+        charge: 1,
+    };
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let store = MemoryStore::new(&policy);
+        // 200 pairs: with 64 shards a table, some pairs share one.
+        for n in 0..200 {
+            let (a, b) = (format!("a{n}"), format!("b{n}"));
+            let both = [item(&a), item(&b)];
+            // b's bucket emptied alone first: the pair is refused and a
+            // is charged nothing.
+            for _ in 0..2 {
+                let d = store.decide(&policy, &both[1..], 0).expect("decide");
+                assert!(d.allowed());
+            }
+            let d = store.decide(&policy, &both, 0).expect("decide");
+            assert!(!d.allowed(), "pair {n}");
+            assert_eq!(store.usage(&policy, &both[0], 0).remaining, 2, "pair {n}");
+            // A fresh pair is admitted, both charged.
+            let (c, e) = (format!("c{n}"), format!("e{n}"));
+            let fresh = [item(&c), item(&e)];
+            assert!(store.decide(&policy, &fresh, 0).expect("decide").allowed());
+            assert_eq!(store.usage(&policy, &fresh[0], 0).remaining, 1);
+            assert_eq!(store.usage(&policy, &fresh[1], 0).remaining, 1);
+        }
+        done.send(()).expect("send");
+    });
+    finished
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the decisions finish (a shard locked twice would hang them)");
+}

@@ -196,14 +196,15 @@ fn a_gateway_that_stops_gives_its_slices_back() {
 }
 
 /// While Redis is down, `fail = "open"` admits (and counts it) and
-/// `fail = "local"` enforces this node's share in process.
+/// `fail = "local"` enforces this node's share in process; a shadow limit,
+/// which never denies, does not deny then either (though it fails closed).
 #[test]
 fn open_and_local_limits_keep_serving_while_redis_is_down() {
     let mut redis = RedisServer::start();
     let config = common::config_file(
         "modes.toml",
         &format!(
-            "{}[[limit]]\nname = \"per-tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 30\nrefill = \"1/h\"\nfail = \"local\"\n\n[[limit]]\nname = \"global\"\nkey = [\"const:all\"]\nalgorithm = \"token_bucket\"\ncapacity = 2\nrefill = \"1/d\"\nfail = \"open\"\n",
+            "{}[[limit]]\nname = \"per-tenant\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"token_bucket\"\ncapacity = 30\nrefill = \"1/h\"\nfail = \"local\"\n\n[[limit]]\nname = \"global\"\nkey = [\"const:all\"]\nalgorithm = \"token_bucket\"\ncapacity = 2\nrefill = \"1/d\"\nfail = \"open\"\n\n[[limit]]\nname = \"observe\"\nkey = [\"header:x-tenant-id\"]\nalgorithm = \"fixed_window\"\nevery = \"1m\"\nquota = 1\nmode = \"shadow\"\n",
             // The third request below is denied for a day: not remembered,
             // so that once Redis is down it meets the fail modes.
             store(&redis.url(), "local_share = 0.34\nremember_denials = false")

@@ -6,7 +6,7 @@
 
 use crate::memory::{MemoryStore, StoreError};
 use std::sync::Arc;
-use tollgate_core::policy::FailMode;
+use tollgate_core::policy::{FailMode, Mode};
 use tollgate_core::{Decision, Item, Nanos, Outcome, Policy, Request, RequestError, Verdict};
 
 /// Why the engine could not decide a request.
@@ -292,7 +292,9 @@ impl Engine {
     ) -> Result<Decision, EngineError> {
         let health = self.health().map(Arc::as_ref);
         let fail = |item: &Item| self.policy.limits[item.limit].fail;
-        if let Some(item) = items.iter().find(|i| fail(i) == FailMode::Closed) {
+        // (a shadow limit never denies, so its store being down does not either)
+        let shadow = |item: &Item| self.policy.limits[item.limit].mode == Mode::Shadow;
+        if let Some(item) = (items.iter()).find(|i| fail(i) == FailMode::Closed && !shadow(i)) {
             if let Some(h) = health {
                 h.count_closed();
             }
@@ -342,7 +344,7 @@ impl Engine {
                         remaining: limit.params(item.class).policy().0,
                         reset: 0,
                         retry_after: None,
-                        shadow: limit.mode == tollgate_core::policy::Mode::Shadow,
+                        shadow: limit.mode == Mode::Shadow,
                     }
                 }
             })

@@ -12,6 +12,7 @@
 //! - `pace`: 429s the profile did not predict lower an effective rate.
 //! - `scheduler`: one upstream's scheduler, without I/O (one driver).
 //! - `shared`: the same scheduler for many callers at once (async).
+//! - `sendable`: what a call may not carry (methods, framing headers).
 
 mod breaker;
 mod corrections;
@@ -21,6 +22,7 @@ pub mod pace;
 pub mod retry;
 pub mod schedule;
 pub mod scheduler;
+pub mod sendable;
 pub mod settings;
 pub mod shared;
 

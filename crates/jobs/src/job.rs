@@ -255,6 +255,9 @@ fn job_from_line(
     if http::Method::from_bytes(method.as_bytes()).is_err() || method.is_empty() {
         return Err(format!("method '{}' is not an HTTP method", raw.method));
     }
+    if let Some(why) = tollgate_comply::sendable::unsent_method(&method) {
+        return Err(format!("method {method}: {why}"));
+    }
     let url = Url::parse(&raw.url).map_err(|e| format!("url '{}': {e}", raw.url))?;
     let upstream = config.upstream_for(&url).ok_or_else(|| {
         let known: Vec<String> = config
@@ -278,7 +281,13 @@ fn job_from_line(
                 "header {name}: the value is not a valid header value"
             ));
         }
-        headers.push((name.to_ascii_lowercase(), value));
+        let name = name.to_ascii_lowercase();
+        if tollgate_comply::sendable::framing_header(&name) {
+            return Err(format!(
+                "header {name} is set by tollgate (from the body and the upstream's base_url); leave it out"
+            ));
+        }
+        headers.push((name, value));
     }
     headers.sort();
     let (body, json) = match (raw.body, raw.body_text) {
@@ -668,6 +677,35 @@ mod tests {
         assert_ne!(a[0].job.id, a[1].job.id);
         assert_eq!(a[0].job.id, b[1].job.id);
         assert_eq!(a[1].job.idempotency_key, b[2].job.idempotency_key);
+    }
+
+    #[test]
+    fn a_job_cannot_send_what_is_never_sent() {
+        let text = "{\"method\":\"TRACE\",\"url\":\"http://127.0.0.1:9/t\"}\n{\"method\":\"connect\",\"url\":\"http://127.0.0.1:9/c\"}\n{\"method\":\"POST\",\"url\":\"http://127.0.0.1:9/x\",\"headers\":{\"Content-Length\":\"0\"},\"body\":{\"a\":1}}\n{\"method\":\"GET\",\"url\":\"http://127.0.0.1:9/x\",\"headers\":{\"host\":\"evil.example\"}}\n{\"method\":\"GET\",\"url\":\"http://127.0.0.1:9/ok\",\"headers\":{\"x-trace\":\"1\"}}\n";
+        let JobsError::Lines(errors) = read_jobs(text.as_bytes(), &config()).unwrap_err() else {
+            panic!("expected line errors")
+        };
+        let said: Vec<(usize, &str)> = errors
+            .iter()
+            .map(|e| (e.line, e.message.as_str()))
+            .collect();
+        assert_eq!(said.len(), 4, "{said:?}");
+        assert!(
+            said[0].1.starts_with("method TRACE: it is echoed back"),
+            "{said:?}"
+        );
+        assert!(
+            said[1].1.starts_with("method CONNECT: it opens a tunnel"),
+            "{said:?}"
+        );
+        assert_eq!(
+            said[2],
+            (3, "header content-length is set by tollgate (from the body and the upstream's base_url); leave it out")
+        );
+        assert!(
+            said[3].1.starts_with("header host is set by tollgate"),
+            "{said:?}"
+        );
     }
 
     #[test]

@@ -398,12 +398,7 @@ impl Proxy {
         outcome.upstream = Some(&settings.name);
         outcome.metrics = Some(&line.metrics);
         let method = parts.method.as_str();
-        if ["TRACE", "TRACK", "CONNECT"]
-            .iter()
-            .any(|m| m.eq_ignore_ascii_case(method))
-        {
-            // A TRACE (or IIS's TRACK) is echoed back with the credentials
-            // the proxy adds; a CONNECT inside a tunnel has nowhere to go.
+        if tollgate_comply::sendable::unsent_method(method).is_some() {
             return Err(Refusal::MethodNotAllowed(parts.method.to_string()));
         }
         let control = control(&parts.headers, generation, client)?;

@@ -15,6 +15,7 @@
 
 use crate::gateway::Gateway;
 use crate::metrics::Outcome;
+use compact_str::CompactString;
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
@@ -24,6 +25,8 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
     RateLimitService, RateLimitServiceServer,
 };
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
 use std::sync::Arc;
 use tollgate_core::policy::Cost;
 use tollgate_core::units::NANOS_PER_SEC;
@@ -51,18 +54,22 @@ impl RateLimitService for Rls {
         let request = request.into_inner();
         let generation = self.gateway.current();
         let policy = generation.engine.policy();
-        // (0 means 1, at the request's level and the descriptor's)
+        // (0 means 1 at the request's level, which cannot say "unset"; a
+        // descriptor's own 0, which can, checks without counting, as
+        // Envoy's reference service does)
         let request_hits = u64::from(request.hits_addend.max(1));
         // One item per (limit, class, key): two descriptors that meet the
         // same counter charge it once, with both costs.
         let mut items: Vec<Item> = Vec::new();
+        let mut item_at: HashMap<(usize, usize, CompactString), usize> = HashMap::new();
         let mut of_descriptor: Vec<Vec<usize>> = vec![Vec::new(); request.descriptors.len()];
         let mut planned = Vec::new();
         for (index, descriptor) in request.descriptors.iter().enumerate() {
-            let hits = (descriptor.hits_addend.as_ref())
-                .map(|h| h.value)
-                .filter(|&v| v > 0)
-                .unwrap_or(request_hits);
+            let (cost, charge) = match descriptor.hits_addend.as_ref().map(|h| h.value) {
+                Some(0) => (1, 0),
+                Some(hits) => (hits, hits),
+                None => (request_hits, request_hits),
+            };
             let view = Descriptor {
                 domain: &request.domain,
                 entries: (descriptor.entries.iter())
@@ -78,17 +85,18 @@ impl RateLimitService for Rls {
                     continue;
                 }
                 if limit.cost == Cost::Requests {
-                    (item.cost, item.charge) = (hits, hits);
+                    (item.cost, item.charge) = (cost, charge);
                 }
-                let same =
-                    |i: &Item| (i.limit, i.class, &i.key) == (item.limit, item.class, &item.key);
-                let at = match items.iter().position(same) {
-                    Some(at) => {
+                // (found by a map: thousands of descriptors cost no more than linear)
+                let at = match item_at.entry((item.limit, item.class, item.key.clone())) {
+                    Entry::Occupied(at) => {
+                        let at = *at.get();
                         items[at].cost = items[at].cost.saturating_add(item.cost);
                         items[at].charge = items[at].charge.saturating_add(item.charge);
                         at
                     }
-                    None => {
+                    Entry::Vacant(place) => {
+                        place.insert(items.len());
                         items.push(item);
                         items.len() - 1
                     }

@@ -153,6 +153,47 @@ async fn descriptors_are_decided_all_or_nothing_with_statuses_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tenants_in_one_request_and_a_descriptor_that_only_checks() {
+    let gateway = start(&format!("{GATEWAY}{LIMITS}")).await;
+    let addr = gateway.rls.expect("rls listener");
+    // Two descriptors naming two tenants of one limit: two keys of one
+    // table, some pairs in one shard (which once locked it twice, and hung).
+    let pairs: Vec<_> = (0..100)
+        .map(|n| {
+            request(
+                "edge",
+                &[
+                    descriptor(&[("tenant", &format!("t{n}"))]),
+                    descriptor(&[("tenant", &format!("u{n}"))]),
+                ],
+            )
+        })
+        .collect();
+    let answers = ask(addr, 1, &pairs).await;
+    assert!(answers.iter().all(|a| a["overall"] == "OK"));
+    assert!(answers.iter().all(|a| codes(a) == ["OK", "OK"]));
+    assert!(answers.iter().all(|a| a["statuses"][1]["remaining"] == 4));
+    // A descriptor's own hits_addend of 0 asks without counting.
+    let mut check = descriptor(&[("tenant", "zeta")]);
+    check["hits_addend"] = json!(0);
+    let answers = ask(
+        addr,
+        1,
+        &[
+            request("edge", &[check.clone()]),
+            request("edge", &[check]),
+            request("edge", &[descriptor(&[("tenant", "zeta")])]),
+        ],
+    )
+    .await;
+    let left: Vec<_> = answers
+        .iter()
+        .map(|a| a["statuses"][0]["remaining"].clone())
+        .collect();
+    assert_eq!(left, [json!(5), json!(5), json!(4)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hits_addend_is_the_cost_and_domains_and_values_pick_the_limits() {
     let gateway = start(&format!("{GATEWAY}{LIMITS}")).await;
     let addr = gateway.rls.expect("rls listener");

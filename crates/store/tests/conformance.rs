@@ -217,6 +217,35 @@ fn redis_keys_at_rest_are_deleted_and_busy_ones_expire() {
     assert_eq!(c.keys(), 0);
 }
 
+/// A reload that slows a bucket carries its debt at the new rate: the key,
+/// once read, lives as long as that debt does, not the old rate's second
+/// (kept with KEEPTTL, it expired with its debt, and another node then
+/// admitted a fresh bucket).
+#[test]
+fn redis_a_carried_buckets_key_lives_as_long_as_its_new_debt() {
+    let bucket = |refill: &str| {
+        format!("[[limit]]\nname = \"tenant\"\nkey = [\"header:x-tenant\"]\nalgorithm = \"token_bucket\"\ncapacity = 10\nrefill = \"{refill}\"\n")
+    };
+    let b: RedisEngine = open(&bucket("10/s"));
+    let a = tenant("a");
+    for _ in 0..10 {
+        assert!(admitted(&decide(&b, &a, T0)));
+    }
+    let slower = b.reload(parse(&bucket("1/min"), &NoProfiles).expect("policy"), T0);
+    assert!(!admitted(&decide(&slower, &a, T0)), "10 owed at 1/min");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:*", slower.prefix))
+        .query(&mut redis_conn())
+        .expect("KEYS");
+    assert_eq!(keys.len(), 1);
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&keys[0])
+        .query(&mut redis_conn())
+        .expect("PTTL");
+    // The first unit comes back in a minute (9 of 10 still owed after it).
+    assert!(ttl > 60_000, "ttl {ttl} ms");
+}
+
 /// Two nodes half-way through a change of a tiered limit's tiers share its
 /// keys: each decides by its own tiers against the same use, and a pool only
 /// one of them knows is kept for it by the other's writes, never reset.

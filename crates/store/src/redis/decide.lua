@@ -828,8 +828,10 @@ local function load(s)
   if text then
     s.stored = true
     alg.load(s, decode(text))
+    -- (a state a reload carried is dirty, its rest moved: its key's TTL was
+    -- set for the rest before, so the write sets a new one, not KEEPTTL)
     local rest = alg.rest(s)
-    if rest then s.expiry = second_after(rest) end
+    if rest and not s.dirty then s.expiry = second_after(rest) end
   else
     alg.load(s, nil)
   end

@@ -1374,7 +1374,7 @@ fn a_script_error_is_named_and_does_not_mark_the_store_down() {
         .query(&mut conn)
         .expect("KEYS");
     assert!(!keys.is_empty());
-    for key in keys {
+    for key in &keys {
         let () = redis::cmd("SET")
             .arg(key)
             .arg("not|a|state")
@@ -1390,4 +1390,21 @@ fn a_script_error_is_named_and_does_not_mark_the_store_down() {
     assert!(health.up(), "Redis answered: not down");
     assert!(health.errors() >= 1);
     assert_eq!(health.fail_closed(), 1);
+    // A key of another type there (a list): Redis says WRONGTYPE, which is
+    // no outage either.
+    for key in &keys {
+        let () = redis::cmd("DEL").arg(key).query(&mut conn).expect("DEL");
+        let _: i64 = redis::cmd("RPUSH")
+            .arg(key)
+            .arg("x")
+            .query(&mut conn)
+            .expect("RPUSH");
+    }
+    let err = shared
+        .engine
+        .check(&r, T0 + 2 * SEC)
+        .expect_err("fails closed");
+    assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+    assert!(health.up(), "Redis answered: not down");
+    assert_eq!(health.fail_closed(), 2);
 }

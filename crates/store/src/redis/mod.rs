@@ -704,13 +704,14 @@ impl Conns {
         if e.is_timeout() {
             return self.timed_out();
         }
-        // An error raised inside the script: Redis itself is fine.
+        // An error raised inside the script, or a key of another type that
+        // something else wrote under tollgate's prefix: Redis itself is fine.
         let detail = e.detail().unwrap_or("");
-        if e.code() == Some("ERR")
+        let in_script = e.code() == Some("ERR")
             && ["user_function", "user_script", "tollgate:"]
                 .iter()
-                .any(|m| detail.contains(m))
-        {
+                .any(|m| detail.contains(m));
+        if in_script || e.code() == Some("WRONGTYPE") {
             return RedisError::Script {
                 url: self.url.clone(),
                 reason: e.to_string(),

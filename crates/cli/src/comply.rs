@@ -561,7 +561,8 @@ fn execute(
     ))?;
     println!("tollgate run: {}", summary.describe());
     println!("results: {}", state.results_path().display());
-    if summary.interrupted {
+    // (stopped, but every job finished within the grace: a run like any other)
+    if summary.interrupted && summary.pending > 0 {
         println!(
             "stopped with {} job(s) pending; resume with: tollgate run --config {} --state {}",
             summary.pending,

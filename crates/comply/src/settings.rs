@@ -1110,10 +1110,25 @@ fn bulk_template(text: &str, raw: &Spanned<RawBulk>, upstream: &str) -> Result<B
             format!("'{}' is not an HTTP method", b.method.get_ref()),
         ));
     }
+    if let Some(why) = crate::sendable::unsent_method(&method) {
+        return Err(err(
+            b.method.span().start,
+            format!("method {method}: {why}"),
+        ));
+    }
     if !b.path.get_ref().starts_with('/') {
         return Err(err(
             b.path.span().start,
             format!("path '{}' must start with '/'", b.path.get_ref()),
+        ));
+    }
+    if http::uri::PathAndQuery::try_from(b.path.get_ref().as_str()).is_err() {
+        return Err(err(
+            b.path.span().start,
+            format!(
+                "path '{}' is not a URL path: write a space or another such character percent-encoded (a space is %20)",
+                b.path.get_ref()
+            ),
         ));
     }
     let body = serde_json::to_value(b.body.get_ref())
@@ -1411,6 +1426,10 @@ mod tests {
         assert_eq!(
             err(&format!("{BASE}[[upstream.bulk]]\nname = \"b\"\nmethod = \"POST\"\npath = \"/graphql\"\nmax_items = 200\nbody = {{ ids = \"records\" }}\n")),
             "line 14: upstream 'crm', bulk 'b': body must hold the string \"{{records}}\" exactly once (where each chunk of records goes), found it 0 times"
+        );
+        assert_eq!(
+            err(&format!("{BASE}[[upstream.bulk]]\nname = \"b\"\nmethod = \"POST\"\npath = \"/bulk import\"\nmax_items = 200\nbody = {{ ids = \"{{{{records}}}}\" }}\n")),
+            "line 12: upstream 'crm', bulk 'b': path '/bulk import' is not a URL path: write a space or another such character percent-encoded (a space is %20)"
         );
         assert!(err(&BASE.replace("quota = 100", "quota = 0"))
             .starts_with("line 8: upstream 'crm': limit 'api': quota must be at least 1"));

@@ -839,7 +839,12 @@ impl Scheduler {
                         (wait, format!("HTTP 429 after {} attempts", entry.attempts))
                     }
                     Class::Transient => (
-                        self.retry.after_failure(entry.attempts),
+                        // A 503 that says when to come back (a maintenance
+                        // window, RFC 9110 10.2.3) is waited out at least
+                        // that long, not retried on the usual backoff.
+                        self.retry
+                            .after_failure(entry.attempts)
+                            .max(retry_after.unwrap_or_default()),
                         format!("HTTP {status} after {} attempts", entry.attempts),
                     ),
                     Class::Redirect => {
@@ -1425,6 +1430,13 @@ mod tests {
         ));
         assert_eq!(s.counters().dead, 1);
         assert_eq!(s.counters().retried, 1);
+        // A 503 that says when to come back is waited out that long.
+        push(&mut s, 3, Priority::Normal, "");
+        sent(s.next(0));
+        let Settled::Retry { at } = s.complete(3, &status(503, Some(30)), Duration::ZERO, 0) else {
+            panic!("expected a retry")
+        };
+        assert!(at >= 30 * SEC, "{at}");
     }
 
     #[test]

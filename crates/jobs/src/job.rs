@@ -203,18 +203,55 @@ impl<'de> Deserialize<'de> for IdText {
     }
 }
 
+/// The key of the JSON member whose value ends before `column` (1-based)
+/// of `line`: where serde says a value of the wrong type is, the field it
+/// belongs to (`"workflow": 1` names `workflow`).
+fn json_key_before(line: &str, column: usize) -> Option<&str> {
+    let before = line.get(..column.min(line.len()))?;
+    let colon = before.rfind("\":")?;
+    let start = before[..colon].rfind('"')?;
+    Some(&before[start + 1..colon])
+}
+
+/// A line of a JSONL file as text (without its `\r\n` or `\n`, and a
+/// byte-order mark at the start of the first skipped), or an error naming
+/// the line and where its bytes stop being UTF-8: one such line is reported
+/// with the others, not the end of the reading.
+fn text_of(mut bytes: Vec<u8>, line_no: usize) -> Result<String, LineError> {
+    if bytes.last() == Some(&b'\r') {
+        bytes.pop();
+    }
+    if line_no == 1 && bytes.starts_with(b"\xEF\xBB\xBF") {
+        bytes.drain(..3);
+    }
+    String::from_utf8(bytes).map_err(|e| LineError {
+        line: line_no,
+        message: format!(
+            "the line is not UTF-8 text (from byte {})",
+            e.utf8_error().valid_up_to() + 1
+        ),
+    })
+}
+
 /// Read a JSONL jobs file: every line a job, routed to its upstream.
 pub fn read_jobs(input: impl BufRead, config: &UpstreamsConfig) -> Result<Vec<Routed>, JobsError> {
     let mut jobs = Vec::new();
     let mut errors = Vec::new();
     let mut ids: HashMap<String, usize> = HashMap::new();
     let mut seen_content: HashMap<String, u32> = HashMap::new();
-    for (i, line) in input.lines().enumerate() {
+    for (i, line) in input.split(b'\n').enumerate() {
         let line_no = i + 1;
         let line = line.map_err(|source| JobsError::Io {
             what: "the jobs file".into(),
             source,
         })?;
+        let line = match text_of(line, line_no) {
+            Ok(line) => line,
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
+        };
         if line.trim().is_empty() {
             continue;
         }
@@ -250,7 +287,11 @@ fn job_from_line(
     config: &UpstreamsConfig,
     seen_content: &mut HashMap<String, u32>,
 ) -> Result<Routed, String> {
-    let raw: JobLine = serde_json::from_str(line).map_err(|e| format!("not a job: {e}"))?;
+    let raw: JobLine =
+        serde_json::from_str(line).map_err(|e| match json_key_before(line, e.column()) {
+            Some(key) if e.is_data() => format!("not a job: field {key}: {e}"),
+            _ => format!("not a job: {e}"),
+        })?;
     let method = raw.method.to_ascii_uppercase();
     if http::Method::from_bytes(method.as_bytes()).is_err() || method.is_empty() {
         return Err(format!("method '{}' is not an HTTP method", raw.method));
@@ -360,11 +401,18 @@ pub fn read_bulk(
     };
     let mut records = Vec::new();
     let mut errors = Vec::new();
-    for (i, line) in input.lines().enumerate() {
+    for (i, line) in input.split(b'\n').enumerate() {
         let line = line.map_err(|source| JobsError::Io {
             what: "the records file".into(),
             source,
         })?;
+        let line = match text_of(line, i + 1) {
+            Ok(line) => line,
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
+        };
         if line.trim().is_empty() {
             continue;
         }
@@ -677,6 +725,50 @@ mod tests {
         assert_ne!(a[0].job.id, a[1].job.id);
         assert_eq!(a[0].job.id, b[1].job.id);
         assert_eq!(a[1].job.idempotency_key, b[2].job.idempotency_key);
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_field() {
+        let text = "{\"method\":\"GET\",\"url\":\"http://127.0.0.1:9/ok\",\"workflow\":1}\n{\"method\":\"GET\",\"url\":\"http://127.0.0.1:9/ok\",\"headers\":{\"x-a\":1}}\n";
+        let JobsError::Lines(errors) = read_jobs(text.as_bytes(), &config()).unwrap_err() else {
+            panic!("expected line errors")
+        };
+        assert!(
+            errors[0]
+                .message
+                .starts_with("not a job: field workflow: invalid type: integer `1`"),
+            "{}",
+            errors[0].message
+        );
+        assert!(
+            errors[1]
+                .message
+                .starts_with("not a job: field x-a: invalid type: integer `1`"),
+            "{}",
+            errors[1].message
+        );
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf8_is_named_with_the_others() {
+        let mut text =
+            b"\xEF\xBB\xBF{\"method\":\"GET\",\"url\":\"http://127.0.0.1:9/ok\"}\r\n".to_vec();
+        text.extend_from_slice(b"{\"method\":\"GET\",\"url\":\"http://127.0.0.1:9/\xff\"}\n");
+        text.extend_from_slice(b"not json\n");
+        let JobsError::Lines(errors) = read_jobs(&text[..], &config()).unwrap_err() else {
+            panic!("expected line errors")
+        };
+        let said: Vec<(usize, &str)> = errors
+            .iter()
+            .map(|e| (e.line, e.message.as_str()))
+            .collect();
+        assert_eq!(
+            said.len(),
+            2,
+            "the first line, BOM and CRLF aside, is a job: {said:?}"
+        );
+        assert_eq!(said[0], (2, "the line is not UTF-8 text (from byte 43)"));
+        assert_eq!(said[1].0, 3);
     }
 
     #[test]

@@ -472,8 +472,8 @@ pub fn read_tables<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Conf
 /// The field written at byte `offset` of a TOML text, with its table (e.g.
 /// `[gateway] max_held`), and its key alone, for an error about its value.
 fn field_at(text: &str, offset: usize) -> Option<(String, String)> {
-    let offset = offset.min(text.len());
-    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let before = text.get(..offset.min(text.len()))?;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
     let line = text[start..].lines().next()?;
     let (key, _) = line.split_once('=')?;
     let key = key.trim().trim_matches('"');

@@ -106,8 +106,17 @@ const KEY_ESCAPE: char = '\u{1d}';
 /// `/v1%2Fx` and `/v1;a=b/x`, which nginx, a WSGI server or Tomcat serve as
 /// `/v1/x`.
 pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
-    path.starts_with(prefix)
-        || (path.bytes().any(|b| b == b'%' || b == b';') && match_view(path).starts_with(prefix))
+    let same = (path.bytes().zip(prefix.bytes()))
+        .take_while(|(a, b)| a == b)
+        .count();
+    if same == prefix.len() {
+        return true;
+    }
+    // The view is the path itself up to its first '%' or ';': if none comes
+    // by the first byte that differs, the view differs there too.
+    let special = |b: &u8| *b == b'%' || *b == b';';
+    let upto = (same + 1).min(path.len());
+    path.as_bytes()[..upto].iter().any(special) && match_view(path).starts_with(prefix)
 }
 
 /// `path` as the most lenient upstream reads it: an encoded separator
@@ -270,11 +279,20 @@ pub const MAX_KEY_BYTES: usize = 256;
 /// client sending 60 KB header values cannot make each key cost 60 KB
 /// (`max_keys` counts keys, not bytes), and a long token used as a key is
 /// not written out in logs.
+#[inline]
 fn bounded(key: CompactString) -> CompactString {
-    use sha2::Digest;
     if key.len() <= MAX_KEY_BYTES {
-        return key;
+        key
+    } else {
+        digest_of(&key)
     }
+}
+
+/// A long key's stand-in (apart and cold: the usual key is short).
+#[cold]
+#[inline(never)]
+fn digest_of(key: &str) -> CompactString {
+    use sha2::Digest;
     let digest = sha2::Sha256::digest(key.as_bytes());
     CompactString::from(crate::hex::hex_after("sha256:", &digest))
 }
@@ -559,6 +577,10 @@ mod tests {
         assert!(path_has_prefix("/%2F/v1/x", "/v1/"));
         assert!(path_has_prefix("/v1;a=b/x", "/v1/"));
         assert!(!path_has_prefix("/v1;a=b", "/v1/"));
+        assert!(path_has_prefix("/a;x/../v1/x", "/a/"));
+        assert!(!path_has_prefix("/v2/x%2Fy", "/v1/"));
+        assert!(path_has_prefix("/v1", "/v1"));
+        assert!(!path_has_prefix("/v", "/v1"));
     }
 
     #[test]

@@ -105,18 +105,22 @@ const KEY_ESCAPE: char = '\u{1d}';
 /// upstream reads it (`match_view`): a limit on `/v1/` also holds
 /// `/v1%2Fx` and `/v1;a=b/x`, which nginx, a WSGI server or Tomcat serve as
 /// `/v1/x`.
+#[inline]
 pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
-    let same = (path.bytes().zip(prefix.bytes()))
-        .take_while(|(a, b)| a == b)
-        .count();
-    if same == prefix.len() {
+    if path.starts_with(prefix) {
         return true;
     }
     // The view is the path itself up to its first '%' or ';': if none comes
-    // by the first byte that differs, the view differs there too.
-    let special = |b: &u8| *b == b'%' || *b == b';';
-    let upto = (same + 1).min(path.len());
-    path.as_bytes()[..upto].iter().any(special) && match_view(path).starts_with(prefix)
+    // within the prefix's length, the view does not start with it either.
+    let near = &path.as_bytes()[..prefix.len().min(path.len())];
+    near.iter().any(|&b| b == b'%' || b == b';') && view_has_prefix(path, prefix)
+}
+
+/// `path_has_prefix` on the view (apart: rarely needed).
+#[cold]
+#[inline(never)]
+fn view_has_prefix(path: &str, prefix: &str) -> bool {
+    match_view(path).starts_with(prefix)
 }
 
 /// `path` as the most lenient upstream reads it: an encoded separator
@@ -145,6 +149,7 @@ pub fn match_view(path: &str) -> String {
 
 /// Whether two host names are one: case aside, and a trailing dot (the
 /// fully qualified `api.example.com.` is `api.example.com`).
+#[inline]
 fn same_host(a: &str, b: &str) -> bool {
     let bare = |h: &str| h.strip_suffix('.').unwrap_or(h).len();
     let (a, b) = (&a[..bare(a)], &b[..bare(b)]);
@@ -153,6 +158,7 @@ fn same_host(a: &str, b: &str) -> bool {
 
 impl Matcher {
     /// Whether the request meets every condition given.
+    #[inline]
     pub fn matches(&self, req: &impl Request) -> bool {
         (self.methods.is_empty()
             || self
@@ -239,8 +245,9 @@ fn key_of(limit: &Limit, req: &impl Request) -> Result<Option<CompactString>, Re
         }
         let value: Option<Cow<'_, str>> = match part {
             // (an empty value is no value: `missing_key` says what to do)
+            // (a field value's only whitespace is spaces and tabs)
             KeyPart::Header(name) => (req.header(name))
-                .filter(|v| !v.trim().is_empty())
+                .filter(|v| !v.bytes().all(|b| b == b' ' || b == b'\t'))
                 .map(Cow::Borrowed),
             KeyPart::Query(name) if req.query_repeated(name) => {
                 return Err(RequestError::RepeatedQuery {

@@ -21,6 +21,7 @@ use tollgate_core::{Clock, Item, Nanos};
 use tollgate_http::cache::{freshness, shared_store, Cache, CacheStore, Key, Stored};
 use tollgate_http::client::{failure, Proxies, UpstreamClient};
 use tollgate_http::ratelimit as signals;
+use tollgate_jobs::result::Seen;
 use tollgate_store::redis::SharedCache;
 use tollgate_store::{Engine, TokioClock};
 
@@ -329,7 +330,75 @@ pub(crate) struct Completion {
     pub(crate) seq: u64,
     reply: Reply,
     headers: Option<http::HeaderMap>,
-    body: Option<bytes::Bytes>,
+    body: Option<Received>,
+}
+
+/// A response body as read: whole when it fits what is kept of one (what a
+/// cache route keeps, or a result line shows), else digested as it comes
+/// and only its start kept, so a 200 MB export is hashed, not held.
+#[derive(Debug, Default)]
+pub(crate) struct Received {
+    kept: Bytes,
+    whole: bool,
+    sha256: String,
+    len: usize,
+}
+
+impl Received {
+    /// Read `body`, keeping up to `keep` bytes of it.
+    async fn read(mut body: hyper::body::Incoming, keep: usize) -> Result<Received, String> {
+        use sha2::Digest;
+        let mut kept = bytes::BytesMut::new();
+        let mut digest: Option<sha2::Sha256> = None;
+        let mut len = 0;
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame.map_err(|e| failure(&e))?.into_data() else {
+                continue; // trailers are not kept
+            };
+            len += data.len();
+            match &mut digest {
+                Some(d) => d.update(&data),
+                None if kept.len() + data.len() <= keep => kept.extend_from_slice(&data),
+                None => {
+                    // Past what is kept: from here on only digested (the
+                    // start is kept for a dead letter's excerpt).
+                    let mut d = sha2::Sha256::new();
+                    d.update(&kept);
+                    d.update(&data);
+                    digest = Some(d);
+                    let excerpt = tollgate_jobs::result::EXCERPT;
+                    kept.truncate(excerpt);
+                    let room = excerpt.saturating_sub(kept.len()).min(data.len());
+                    kept.extend_from_slice(&data[..room]);
+                }
+            }
+        }
+        Ok(Received {
+            whole: digest.is_none(),
+            sha256: digest.map_or_else(String::new, |d| {
+                tollgate_core::hex::hex_after("", &d.finalize())
+            }),
+            kept: kept.freeze(),
+            len,
+        })
+    }
+
+    /// The whole body, if it was kept whole.
+    fn whole(&self) -> Option<&Bytes> {
+        self.whole.then_some(&self.kept)
+    }
+
+    /// As a result line takes it.
+    fn seen(&self) -> Seen<'_> {
+        match self.whole {
+            true => Seen::Whole(&self.kept),
+            false => Seen::Digest {
+                sha256: &self.sha256,
+                bytes: self.len,
+                start: &self.kept,
+            },
+        }
+    }
 }
 
 /// Where a run's records go: the SQLite writer, or the fleet's Redis queue.
@@ -484,7 +553,7 @@ impl<'a> Driver<'a> {
                             self.config,
                             &settled,
                             Some(kept.status.as_u16()),
-                            Some(&kept.body),
+                            Some(Seen::Whole(&kept.body)),
                             now,
                             self.metrics.as_deref(),
                         );
@@ -786,7 +855,7 @@ impl<'a> Driver<'a> {
             self.config,
             &settled,
             status,
-            c.body.as_deref(),
+            c.body.as_ref().map(Received::seen),
             now,
             self.metrics.as_deref(),
         );
@@ -826,7 +895,7 @@ impl<'a> Driver<'a> {
         settled: &Settled,
         status: Option<u16>,
         headers: Option<http::HeaderMap>,
-        body: Option<bytes::Bytes>,
+        body: Option<Received>,
         now: Nanos,
         sink: &impl Sink,
     ) {
@@ -851,8 +920,9 @@ impl<'a> Driver<'a> {
         let route = cache.route(read.route);
         let ttl = freshness(route, status, &read.sent, &headers, wall(now));
         let body = body.unwrap_or_default();
-        if let (Some(ttl), Settled::Done) = (ttl, settled) {
-            let stored = Stored::new(status, headers, body.clone(), &read.sent, ttl, now);
+        // (a body longer than any route keeps is not kept: it was only digested)
+        if let (Some(ttl), Settled::Done, Some(whole)) = (ttl, settled, body.whole()) {
+            let stored = Stored::new(status, headers, whole.clone(), &read.sent, ttl, now);
             cache.put(read.route, read.key, Arc::new(stored), read.epoch);
         }
         let dead = matches!(settled, Settled::Dead { .. });
@@ -865,7 +935,7 @@ impl<'a> Driver<'a> {
                     self.config,
                     settled,
                     Some(status.as_u16()),
-                    Some(&body),
+                    Some(body.seen()),
                     now,
                     self.metrics.as_deref(),
                 );
@@ -1155,12 +1225,19 @@ fn send(
 ) -> impl Future<Output = ()> + Send + 'static {
     let request = attempt(upstream, job);
     let (client, timeout) = (client.clone(), upstream.timeout);
+    // What is kept of a body: what a cache route of the upstream keeps of
+    // one, or what a result line shows.
+    let keep = (upstream.cache.iter())
+        .map(|r| usize::try_from(r.max_entry_bytes).unwrap_or(usize::MAX))
+        .max()
+        .unwrap_or(0)
+        .max(tollgate_jobs::result::BODY_INLINE);
     async move {
         let exchange = async {
             let response = client.request(request?).await.map_err(|e| failure(&e))?;
             let (head, body) = response.into_parts();
-            let body = body.collect().await.map_err(|e| failure(&e))?;
-            Ok::<_, String>((head, body.to_bytes()))
+            let body = Received::read(body, keep).await?;
+            Ok::<_, String>((head, body))
         };
         let (reply, headers, body) = match tokio::time::timeout(timeout, exchange).await {
             Ok(Ok((head, body))) => {
@@ -1227,7 +1304,7 @@ fn finish(
     config: &UpstreamsConfig,
     settled: &Settled,
     status: Option<u16>,
-    body: Option<&[u8]>,
+    body: Option<Seen<'_>>,
     now: Nanos,
     metrics: Option<&crate::metrics::RunMetrics>,
 ) {

@@ -295,6 +295,46 @@ async fn a_quota_shared_with_another_client_is_corrected_from_the_rate_limit_hea
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_long_answer_is_digested_as_it_comes_not_held() {
+    use sha2::Digest;
+    // 3 MB: past what the runner keeps of a body with no cache route.
+    let big: String = (0..3_000_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let expected = format!("{:x}", sha2::Sha256::digest(big.as_bytes()));
+    let answer = big.clone();
+    let up = scripted(move |path, _| match path {
+        "/big" => Answer::Text(200, vec![], answer.clone()),
+        _ => Answer::Text(
+            400,
+            vec![],
+            format!("{{\"refused\":\"{}\"}}", "x".repeat(3_000)),
+        ),
+    })
+    .await;
+    let jobs = format!(
+        "{{\"id\":\"big\",\"method\":\"GET\",\"url\":\"http://{0}/big\"}}\n{{\"id\":\"refused\",\"method\":\"GET\",\"url\":\"http://{0}/no\"}}\n",
+        up.addr
+    );
+    let ran = run(&upstream(up.addr, ""), &jobs).await;
+    let big = ran.result("big");
+    assert_eq!(big["body_sha256"], expected.as_str());
+    assert_eq!(big["body_bytes"], 3_000_000);
+    // A dead letter still keeps the start of a body too long to hold.
+    let refused = ran.result("refused");
+    assert_eq!(refused["outcome"], "dead");
+    assert_eq!(refused["body_bytes"], 3_014);
+    let letters = ran.state.dead_letters().expect("dead letters");
+    assert!(
+        letters[0]
+            .excerpt
+            .as_deref()
+            .is_some_and(|e| e.starts_with("{\"refused\":\"xxx")),
+        "{letters:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn upstream_headers_and_the_job_s_own_headers_are_sent() {
     let up = scripted(|_, _| ok()).await;
     let jobs = format!(

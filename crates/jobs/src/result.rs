@@ -5,9 +5,9 @@ use crate::state::Record;
 
 /// A response body up to this size is put in the result line; a larger
 /// one is summarised by its SHA-256 and length.
-const BODY_INLINE: usize = 2048;
+pub const BODY_INLINE: usize = 2048;
 /// The start of a dead job's last body kept with its dead letter.
-const EXCERPT: usize = 512;
+pub const EXCERPT: usize = 512;
 
 /// How a job ended.
 #[derive(Debug, Clone)]
@@ -22,7 +22,30 @@ pub struct Outcome<'a> {
     /// From its first send to its final answer, and of its last attempt.
     pub elapsed_ms: Option<f64>,
     pub latency_ms: Option<f64>,
-    pub body: Option<&'a [u8]>,
+    pub body: Option<Seen<'a>>,
+}
+
+/// What was kept of a response body: the body whole, or (one longer than
+/// was kept, read only to be digested) its SHA-256 in hex, its length and
+/// its first bytes (at least `EXCERPT` of them, for a dead letter).
+#[derive(Debug, Clone, Copy)]
+pub enum Seen<'a> {
+    Whole(&'a [u8]),
+    Digest {
+        sha256: &'a str,
+        bytes: usize,
+        start: &'a [u8],
+    },
+}
+
+impl<'a> Seen<'a> {
+    /// Its first bytes kept: all of a whole body.
+    fn start(&self) -> &'a [u8] {
+        match *self {
+            Seen::Whole(b) => b,
+            Seen::Digest { start, .. } => start,
+        }
+    }
 }
 
 /// One line of `results.jsonl`, fields in this order.
@@ -70,7 +93,10 @@ impl<'a> Outcome<'a> {
     /// Its line for `results.jsonl`.
     pub fn line(&self) -> String {
         let (body, body_sha256, body_bytes) = match self.body {
-            Some(b) if b.len() <= BODY_INLINE => (
+            Some(Seen::Digest { sha256, bytes, .. }) => {
+                (None, Some(sha256.to_string()), Some(bytes))
+            }
+            Some(Seen::Whole(b)) if b.len() <= BODY_INLINE => (
                 Some(
                     serde_json::from_slice(b)
                         .unwrap_or_else(|_| String::from_utf8_lossy(b).into_owned().into()),
@@ -78,7 +104,7 @@ impl<'a> Outcome<'a> {
                 None,
                 None,
             ),
-            Some(b) => (None, Some(crate::job::digest_bytes(b)), Some(b.len())),
+            Some(Seen::Whole(b)) => (None, Some(crate::job::digest_bytes(b)), Some(b.len())),
             None => (None, None, None),
         };
         let line = ResultLine {
@@ -110,6 +136,7 @@ impl<'a> Outcome<'a> {
             excerpt: self
                 .body
                 .filter(|_| self.dead)
+                .map(|b| b.start())
                 .map(|b| String::from_utf8_lossy(&b[..b.len().min(EXCERPT)]).into_owned()),
             reason: self.reason,
             line,

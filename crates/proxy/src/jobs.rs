@@ -935,7 +935,7 @@ impl Proxy {
                         attempts: sent,
                         elapsed_ms: Some(now.saturating_sub(first) as f64 / 1e6),
                         latency_ms: outcome.upstream_ms(),
-                        body: Some(&bytes),
+                        body: Some(tollgate_jobs::result::Seen::Whole(&bytes)),
                     }
                     .record(p.seq, Some(wall_nanos())),
                 )

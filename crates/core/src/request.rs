@@ -244,8 +244,8 @@ fn key_of(limit: &Limit, req: &impl Request) -> Result<Option<CompactString>, Re
             key.push(KEY_SEPARATOR);
         }
         let value: Option<Cow<'_, str>> = match part {
-            // (an empty value is no value: `missing_key` says what to do)
-            // (a field value's only whitespace is spaces and tabs)
+            // (an empty value is no value: `missing_key` says what to do;
+            // a field value's only whitespace is spaces and tabs)
             KeyPart::Header(name) => (req.header(name))
                 .filter(|v| !v.bytes().all(|b| b == b' ' || b == b'\t'))
                 .map(Cow::Borrowed),

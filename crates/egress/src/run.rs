@@ -338,9 +338,10 @@ pub(crate) struct Completion {
 /// and only its start kept, so a 200 MB export is hashed, not held.
 #[derive(Debug, Default)]
 pub(crate) struct Received {
+    /// The body whole, or (when `digest` is set) its start.
     kept: Bytes,
-    whole: bool,
-    sha256: String,
+    /// The SHA-256 in hex of a body longer than was kept.
+    digest: Option<String>,
     len: usize,
 }
 
@@ -374,10 +375,7 @@ impl Received {
             }
         }
         Ok(Received {
-            whole: digest.is_none(),
-            sha256: digest.map_or_else(String::new, |d| {
-                tollgate_core::hex::hex_after("", &d.finalize())
-            }),
+            digest: digest.map(|d| tollgate_core::hex::hex_after("", &d.finalize())),
             kept: kept.freeze(),
             len,
         })
@@ -385,15 +383,15 @@ impl Received {
 
     /// The whole body, if it was kept whole.
     fn whole(&self) -> Option<&Bytes> {
-        self.whole.then_some(&self.kept)
+        self.digest.is_none().then_some(&self.kept)
     }
 
     /// As a result line takes it.
     fn seen(&self) -> Seen<'_> {
-        match self.whole {
-            true => Seen::Whole(&self.kept),
-            false => Seen::Digest {
-                sha256: &self.sha256,
+        match &self.digest {
+            None => Seen::Whole(&self.kept),
+            Some(sha256) => Seen::Digest {
+                sha256,
                 bytes: self.len,
                 start: &self.kept,
             },

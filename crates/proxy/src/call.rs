@@ -1187,6 +1187,11 @@ impl KeptBytes {
         self.bytes += more;
         Ok(())
     }
+
+    /// Itself, if it counts anything.
+    fn held(self) -> Option<KeptBytes> {
+        (self.bytes > 0).then_some(self)
+    }
 }
 
 /// How much of a body is kept whole (`cap`, `[proxy] max_replay_bytes`), and
@@ -1201,12 +1206,17 @@ impl BodyBudget {
     /// `bytes` of a body already whole (a queued job's), counted; none for
     /// an empty one.
     pub(crate) fn claim(&self, bytes: usize) -> Result<Option<KeptBytes>, Refusal> {
-        let mut counted = KeptBytes {
+        let mut counted = self.counter();
+        counted.grow(bytes, self.max)?;
+        Ok(counted.held())
+    }
+
+    /// A count of no bytes yet, in this budget's total.
+    fn counter(&self) -> KeptBytes {
+        KeptBytes {
             total: self.total.clone(),
             bytes: 0,
-        };
-        counted.grow(bytes, self.max)?;
-        Ok((bytes > 0).then_some(counted))
+        }
     }
 }
 
@@ -1240,10 +1250,7 @@ pub(crate) async fn read_body(
     let cap = budget.cap;
     // (counted as it comes, not once it is whole: bodies on their way in
     // are bounded by `max_kept_bytes` too)
-    let mut counted = KeptBytes {
-        total: budget.total.clone(),
-        bytes: 0,
-    };
+    let mut counted = budget.counter();
     let mut kept = BytesMut::new();
     loop {
         // (a client that stops sending would otherwise hold what it sent, and
@@ -1274,12 +1281,11 @@ pub(crate) async fn read_body(
                 .map_ok(Frame::data)
                 .map_err(BoxError::from);
             let once = Outgoing::Once(Some(StreamBody::new(stream).boxed_unsync()));
-            return Ok((once, Some(counted)));
+            return Ok((once, counted.held()));
         }
         kept.extend_from_slice(&data);
     }
-    let counted = (counted.bytes > 0).then_some(counted);
-    Ok((Outgoing::Kept(kept.freeze()), counted))
+    Ok((Outgoing::Kept(kept.freeze()), counted.held()))
 }
 
 /// A response body, up to `cap` bytes (the rest is dropped), read for at
